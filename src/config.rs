@@ -1,0 +1,766 @@
+//! The YAML configuration: schema, defaults and one validation pass.
+//!
+//! Parsing (serde, `deny_unknown_fields`, real types) rejects what is malformed; [`Config::validate`] then
+//! rejects what is well-formed but wrong. Both name the key path (`services[0].backends[1].weight`) so a user
+//! can find the line, and both run before anything is bound. The contract for every key is
+//! `../shared/INTERFACES.md`; keys that belong to features not built yet are parsed and validated, and a
+//! config that turns them on is refused as "not supported yet" rather than silently ignored.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// Upper bound on a backend weight. Smooth weighted round-robin precomputes one period of its schedule
+/// (the sum of the weights), so the bound keeps that table small; HAProxy caps weights at 256.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// Everything wrong with a config file, each problem with the key path it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+/// One validation problem: the key path and what is wrong with its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.reason)
+    }
+}
+
+/// A duration written as `500ms`, `2s`, `1m`, `1h` (a decimal number and a unit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn secs(s: u64) -> Self {
+        Dur(Duration::from_secs(s))
+    }
+    pub const fn millis(ms: u64) -> Self {
+        Dur(Duration::from_millis(ms))
+    }
+    pub fn is_zero(&self) -> bool {
+        self.0.is_zero()
+    }
+}
+
+impl std::str::FromStr for Dur {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("invalid duration {s:?}: expected a number and a unit (ms, s, m, h), like 500ms or 2s")
+        };
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let (num, unit) = t.split_at(split);
+        let n: f64 = num.parse().map_err(|_| bad())?;
+        let scale = match unit.trim() {
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        let secs = n * scale;
+        if !secs.is_finite() || secs > 365.0 * 86400.0 {
+            return Err(format!("invalid duration {s:?}: longer than a year"));
+        }
+        Ok(Dur(Duration::from_secs_f64(secs)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// Where a backend lives: a literal socket address, or a DNS name and port (one backend per record).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BackendAddress {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl fmt::Display for BackendAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendAddress::Ip(a) => write!(f, "{a}"),
+            BackendAddress::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl std::str::FromStr for BackendAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(BackendAddress::Ip(a));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?}: port must be a number from 1 to 65535"))?;
+        if port == 0 {
+            return Err(format!("{s:?}: port must be a number from 1 to 65535"));
+        }
+        if host.parse::<IpAddr>().is_ok() || host.starts_with('[') {
+            return Err(format!("{s:?} is not a valid socket address"));
+        }
+        let valid_name = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+        if !valid_name {
+            return Err(format!(
+                "{s:?}: {host:?} is neither an IP address nor a DNS name"
+            ));
+        }
+        Ok(BackendAddress::Name {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The admin HTTP API; absent = disabled.
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub resolver: ResolverConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for mutations; mandatory when `listen` is not loopback.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub level: LogLevel,
+    #[serde(default)]
+    pub format: LogFormat,
+    /// Log to this file, rotated daily, instead of stdout.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolverConfig {
+    /// `ip:port` name servers; empty means the system's `/etc/resolv.conf`.
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+    #[serde(default = "default_resolver_timeout")]
+    pub timeout: Dur,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        ResolverConfig {
+            nameservers: Vec::new(),
+            timeout: default_resolver_timeout(),
+        }
+    }
+}
+
+fn default_resolver_timeout() -> Dur {
+    Dur::secs(1)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// From the stop signal to the forced close of every remaining connection (includes `delay`).
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Dur,
+    /// Keep accepting this long after the signal, so a load balancer in front can notice first.
+    #[serde(default)]
+    pub delay: Dur,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: default_drain_timeout(),
+            delay: Dur::default(),
+        }
+    }
+}
+
+fn default_drain_timeout() -> Dur {
+    Dur::secs(30)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    #[default]
+    LeastConn,
+    RoundRobin,
+    WeightedRoundRobin,
+    P2c,
+    SourceHash,
+}
+
+impl Policy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Policy::LeastConn => "least_conn",
+            Policy::RoundRobin => "round_robin",
+            Policy::WeightedRoundRobin => "weighted_round_robin",
+            Policy::P2c => "p2c",
+            Policy::SourceHash => "source_hash",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// Copy small exchanges, switch a direction to splice once it moves bulk data.
+    #[default]
+    Auto,
+    Splice,
+    Copy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: BackendAddress,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRemoved {
+    Keep,
+    #[default]
+    Drain,
+    Close,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    #[serde(default = "default_refresh")]
+    pub refresh: Dur,
+    #[serde(default)]
+    pub on_removed: OnRemoved,
+}
+
+fn default_refresh() -> Dur {
+    Dur::secs(2)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    #[default]
+    None,
+    Tcp,
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    #[default]
+    Keep,
+    Close,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(default)]
+    pub kind: HealthKind,
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default = "default_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_probe_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    #[serde(default)]
+    pub on_down: OnDown,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            kind: HealthKind::None,
+            path: default_health_path(),
+            port: None,
+            interval: default_interval(),
+            timeout: default_probe_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+            on_down: OnDown::Keep,
+        }
+    }
+}
+
+fn default_health_path() -> String {
+    "/health".into()
+}
+fn default_interval() -> Dur {
+    Dur::secs(2)
+}
+fn default_probe_timeout() -> Dur {
+    Dur::secs(1)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveConfig {
+    /// Consecutive connect failures that eject a backend; 0 disables passive ejection.
+    #[serde(default = "default_max_fails")]
+    pub max_fails: u32,
+    /// How long an ejected backend gets no new connections.
+    #[serde(default = "default_cooldown")]
+    pub cooldown: Dur,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        PassiveConfig {
+            max_fails: default_max_fails(),
+            cooldown: default_cooldown(),
+        }
+    }
+}
+
+fn default_max_fails() -> u32 {
+    3
+}
+fn default_cooldown() -> Dur {
+    Dur::secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub balance: Policy,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    #[serde(default)]
+    pub discovery: Option<DiscoveryConfig>,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub passive: PassiveConfig,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    #[serde(default = "default_connect_attempts")]
+    pub connect_attempts: u32,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Dur,
+    #[serde(default = "default_idle_timeout")]
+    pub half_close_timeout: Dur,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    #[serde(default)]
+    pub slow_start: Dur,
+    #[serde(default)]
+    pub relay: RelayMode,
+}
+
+fn default_connect_timeout() -> Dur {
+    Dur::secs(2)
+}
+fn default_connect_attempts() -> u32 {
+    2
+}
+fn default_idle_timeout() -> Dur {
+    Dur::secs(3600)
+}
+fn default_max_connections() -> u32 {
+    10_000
+}
+
+const NOT_YET_DISCOVERY: &str = "not supported yet: DNS discovery is not built in this version";
+const NOT_YET_HEALTH: &str =
+    "not supported yet: active health checks are not built in this version (use kind: none)";
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_yaml(&text)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Every semantic problem of a parsed config, each naming its key path; empty when valid.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut p = Problems::default();
+        if let Some(admin) = &self.admin {
+            let loopback = admin.listen.ip().is_loopback();
+            match &admin.token {
+                Some(t) if t.trim().is_empty() => p.add("admin.token", "must not be empty"),
+                None if !loopback => p.add(
+                    "admin.token",
+                    format!(
+                        "required when admin.listen ({}) is not a loopback address",
+                        admin.listen
+                    ),
+                ),
+                _ => {}
+            }
+            p.add(
+                "admin",
+                "not supported yet: the admin API is not built in this version",
+            );
+        }
+        if let Some(file) = &self.log.file {
+            if file.as_os_str().is_empty() || file.file_name().is_none() {
+                p.add("log.file", "must be a file path");
+            }
+        }
+        if self.resolver.timeout.is_zero() {
+            p.add("resolver.timeout", "must be greater than 0");
+        }
+        if !self.resolver.nameservers.is_empty() {
+            p.add("resolver.nameservers", NOT_YET_DISCOVERY);
+        }
+        if self.shutdown.delay > self.shutdown.drain_timeout {
+            p.add(
+                "shutdown.delay",
+                format!(
+                    "must not exceed shutdown.drain_timeout ({}), which bounds the whole shutdown",
+                    self.shutdown.drain_timeout
+                ),
+            );
+        }
+        if self.services.is_empty() {
+            p.add("services", "at least one service is required");
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |key: &str| format!("services[{i}].{key}");
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                p.add(
+                    at("name"),
+                    "must be non-empty and use only letters, digits, '-', '_' and '.'",
+                );
+            }
+            if let Some(j) = self.services[..i].iter().position(|o| o.name == s.name) {
+                p.add(
+                    at("name"),
+                    format!("duplicate of services[{j}].name ({:?})", s.name),
+                );
+            }
+            if s.listen.port() != 0 {
+                if let Some(j) = self.services[..i].iter().position(|o| o.listen == s.listen) {
+                    p.add(
+                        at("listen"),
+                        format!("{} is already used by services[{j}]", s.listen),
+                    );
+                }
+            }
+            if s.backends.is_empty() {
+                p.add(at("backends"), "at least one backend is required");
+            }
+            for (k, b) in s.backends.iter().enumerate() {
+                let bat = |key: &str| format!("services[{i}].backends[{k}].{key}");
+                if let Some(j) = s.backends[..k].iter().position(|o| o.address == b.address) {
+                    p.add(
+                        bat("address"),
+                        format!("duplicate of backends[{j}] ({})", b.address),
+                    );
+                }
+                if let BackendAddress::Name { .. } = b.address {
+                    p.add(
+                        bat("address"),
+                        format!("{} is a DNS name: {NOT_YET_DISCOVERY}", b.address),
+                    );
+                }
+                if let BackendAddress::Ip(a) = b.address {
+                    if a.port() == 0 {
+                        p.add(bat("address"), "port must be a number from 1 to 65535");
+                    }
+                    if a.ip().is_unspecified() {
+                        p.add(
+                            bat("address"),
+                            format!("{} is not a connectable address", a.ip()),
+                        );
+                    }
+                }
+                if b.weight == 0 || b.weight > MAX_WEIGHT {
+                    p.add(
+                        bat("weight"),
+                        format!("must be from 1 to {MAX_WEIGHT}, got {}", b.weight),
+                    );
+                }
+            }
+            if s.discovery.is_some() {
+                p.add(at("discovery"), NOT_YET_DISCOVERY);
+            }
+            if let Some(d) = &s.discovery {
+                if d.refresh < Dur::millis(100) {
+                    p.add(at("discovery.refresh"), "must be at least 100ms");
+                }
+            }
+            let h = &s.health;
+            if h.kind != HealthKind::None {
+                p.add(at("health.kind"), NOT_YET_HEALTH);
+            }
+            if h.interval.is_zero() {
+                p.add(at("health.interval"), "must be greater than 0");
+            }
+            if h.timeout.is_zero() {
+                p.add(at("health.timeout"), "must be greater than 0");
+            }
+            if h.rise == 0 {
+                p.add(at("health.rise"), "must be at least 1");
+            }
+            if h.fall == 0 {
+                p.add(at("health.fall"), "must be at least 1");
+            }
+            if !h.path.starts_with('/') || h.path.chars().any(|c| c.is_ascii_control() || c == ' ')
+            {
+                p.add(
+                    at("health.path"),
+                    "must start with '/' and contain no spaces or control characters",
+                );
+            }
+            if h.port == Some(0) {
+                p.add(at("health.port"), "must be a number from 1 to 65535");
+            }
+            if s.passive.max_fails > 0 && s.passive.cooldown.is_zero() {
+                p.add(
+                    at("passive.cooldown"),
+                    "must be greater than 0 when passive.max_fails is set",
+                );
+            }
+            if s.connect_timeout.is_zero() {
+                p.add(at("connect_timeout"), "must be greater than 0");
+            }
+            if s.connect_attempts == 0 {
+                p.add(at("connect_attempts"), "must be at least 1");
+            }
+            if s.idle_timeout.is_zero() {
+                p.add(at("idle_timeout"), "must be greater than 0");
+            }
+            if s.half_close_timeout.is_zero() {
+                p.add(at("half_close_timeout"), "must be greater than 0");
+            }
+            if s.max_connections == 0 {
+                p.add(at("max_connections"), "must be at least 1");
+            }
+            if !s.slow_start.is_zero() {
+                p.add(
+                    at("slow_start"),
+                    "not supported yet: slow start arrives with health checks",
+                );
+            }
+        }
+        p.0
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_service(extra: &str) -> String {
+        format!(
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    backends:\n      - address: 127.0.0.1:9001\n{extra}"
+        )
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!("500ms".parse::<Dur>().unwrap(), Dur::millis(500));
+        assert_eq!("2s".parse::<Dur>().unwrap(), Dur::secs(2));
+        assert_eq!("1m".parse::<Dur>().unwrap(), Dur::secs(60));
+        assert_eq!("1h".parse::<Dur>().unwrap(), Dur::secs(3600));
+        assert_eq!("1.5s".parse::<Dur>().unwrap(), Dur::millis(1500));
+        for bad in ["", "5", "s", "5 sec", "-1s", "1d"] {
+            assert!(bad.parse::<Dur>().is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::from_yaml(&one_service("")).unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.balance, Policy::LeastConn);
+        assert_eq!(s.connect_timeout, Dur::secs(2));
+        assert_eq!(s.connect_attempts, 2);
+        assert_eq!(s.passive.max_fails, 3);
+        assert_eq!(s.passive.cooldown, Dur::secs(10));
+        assert_eq!(s.idle_timeout, Dur::secs(3600));
+        assert_eq!(s.max_connections, 10_000);
+        assert_eq!(s.relay, RelayMode::Auto);
+        assert_eq!(s.backends[0].weight, 1);
+        assert_eq!(c.shutdown.drain_timeout, Dur::secs(30));
+        assert_eq!(c.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn backend_addresses_distinguish_ips_and_names() {
+        assert!(matches!("127.0.0.1:80".parse(), Ok(BackendAddress::Ip(_))));
+        assert!(matches!("[::1]:80".parse(), Ok(BackendAddress::Ip(_))));
+        assert!(matches!(
+            "backend:5000".parse(),
+            Ok(BackendAddress::Name { .. })
+        ));
+        assert!("backend:99999".parse::<BackendAddress>().is_err());
+        assert!("backend".parse::<BackendAddress>().is_err());
+        assert!("1.2.3.4:x".parse::<BackendAddress>().is_err());
+        assert!("bad host:80".parse::<BackendAddress>().is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let yaml =
+            one_service("        weight: 0\n    connect_attempts: 0\n    health:\n      rise: 0\n");
+        let err = Config::from_yaml(&yaml).unwrap_err().to_string();
+        assert!(err.contains("services[0].backends[0].weight"), "{err}");
+        assert!(err.contains("services[0].connect_attempts"), "{err}");
+        assert!(err.contains("services[0].health.rise"), "{err}");
+    }
+
+    #[test]
+    fn later_features_are_refused_not_ignored() {
+        let err = Config::from_yaml(&one_service("    health:\n      kind: tcp\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("services[0].health.kind: not supported yet"),
+            "{err}"
+        );
+        let err = Config::from_yaml(&format!(
+            "admin:\n  listen: 127.0.0.1:9090\n{}",
+            one_service("")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("admin: not supported yet"), "{err}");
+    }
+}

@@ -1,0 +1,35 @@
+//! sluicegate: a layer-4 TCP load balancer.
+//!
+//! A connection flows through the modules in this order:
+//!
+//! - [`listener`]: binds the service sockets and runs the accept loop, which never dies (backs off on
+//!   EMFILE/ENFILE, rate-limits its error logs) and enforces `max_connections`.
+//! - [`session`]: one client's life: select, connect with retry on another backend, relay, account.
+//! - [`balance`]: the selection policies (least_conn, round_robin, weighted_round_robin, p2c,
+//!   source_hash), built per pool snapshot and lock-free on the hot path.
+//! - [`pool`]: backends, their counters and passive ejection, and the snapshot the hot path reads.
+//! - [`relay`]: moving bytes both ways with half-close and reset propagation, by copy or splice.
+//! - [`routelog`]: the one routing-decision line per connection.
+//!
+//! Around them:
+//!
+//! - [`config`]: the YAML schema and its validation, with key paths in every error.
+//! - [`service`]: a configured service at run time: settings, pool, counters.
+//! - [`lifecycle`]: bind, serve, and drain on stop with a deadline.
+//! - [`logging`]: text or JSON lines to stdout or a daily-rotated file.
+//!
+//! `main.rs` only parses the command line, loads the config, sets up logging and signals, and calls
+//! [`lifecycle::run`]; tests drive [`lifecycle::Server`] directly.
+
+pub mod balance;
+pub mod config;
+pub mod lifecycle;
+pub mod listener;
+pub mod logging;
+pub mod pool;
+pub mod relay;
+pub mod routelog;
+pub mod service;
+pub mod session;
+
+pub use lifecycle::{run, Server, Stopped};

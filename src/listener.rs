@@ -1,0 +1,165 @@
+//! Listening sockets and the accept loop.
+//!
+//! The accept loop never gives up: a failed accept is logged (at most once a second, with a count of
+//! what was suppressed) and retried. Running out of descriptors or memory backs off exponentially up to
+//! a cap instead of spinning on a listener that stays readable; a per-connection error (the client reset
+//! before we accepted) is retried at once.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::routelog::{self, Route};
+use crate::service::Service;
+use crate::session::{self, ClientSlot, Refused};
+
+const BACKLOG: i32 = 1024;
+const BACKOFF_START: Duration = Duration::from_millis(5);
+const BACKOFF_CAP: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for service {service:?}: {source}")]
+pub struct BindError {
+    pub service: String,
+    pub addr: SocketAddr,
+    pub source: io::Error,
+}
+
+/// Binds `addr` with SO_REUSEADDR, so a restart succeeds while old connections sit in TIME_WAIT.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Accepts until `stop` is cancelled, then drops the listener (new connections are refused from then).
+pub async fn accept_loop(
+    listener: TcpListener,
+    service: Arc<Service>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    deadline: CancellationToken,
+) {
+    let mut backoff = BACKOFF_START;
+    let mut errors = RateLimited::new(Duration::from_secs(1));
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                backoff = BACKOFF_START;
+                service
+                    .stats
+                    .accepted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match ClientSlot::take(&service) {
+                    Some(slot) => {
+                        tracker.spawn(session::serve(
+                            client,
+                            peer,
+                            service.clone(),
+                            slot,
+                            deadline.clone(),
+                        ));
+                    }
+                    None => refuse_over_limit(&service, peer),
+                }
+            }
+            Err(e) if is_per_connection(&e) => continue,
+            Err(e) => {
+                if let Some(suppressed) = errors.allow() {
+                    tracing::error!(
+                        service = %service.name,
+                        error = %e,
+                        backoff_ms = backoff.as_millis() as u64,
+                        suppressed,
+                        "accept failed; backing off"
+                    );
+                }
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_CAP);
+            }
+        }
+    }
+}
+
+fn refuse_over_limit(service: &Service, peer: SocketAddr) {
+    service
+        .stats
+        .over_limit
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut route = Route::new(service, peer);
+    route.finish_refused(Refused::OverLimit, Instant::now());
+    routelog::emit(&route);
+}
+
+/// Errors that concern only the connection being accepted (it died in the backlog).
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EINTR | libc::EPROTO | libc::EPERM)
+    )
+}
+
+/// Allows one event per period and counts the ones it suppressed.
+pub struct RateLimited {
+    period: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    pub fn new(period: Duration) -> RateLimited {
+        RateLimited {
+            period,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` when this event may be logged, `n` being how many were suppressed since the last one.
+    pub fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t) < self.period => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_suppresses_within_the_period() {
+        let mut r = RateLimited::new(Duration::from_secs(3600));
+        assert_eq!(r.allow(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(r.allow(), None);
+        }
+        r.last = Some(Instant::now() - Duration::from_secs(7200));
+        assert_eq!(r.allow(), Some(5));
+    }
+}

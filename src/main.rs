@@ -1,0 +1,130 @@
+//! The `sluicegate` binary: command line, config, logging, signals, exit codes. Nothing else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use clap::Parser;
+use sluicegate::config::Config;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tracing_appender::non_blocking::WorkerGuard;
+
+/// Exit code for a config that cannot be used (sysexits' EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Exit code for a runtime failure (a port that cannot be bound, a log file that cannot be opened).
+const EXIT_RUNTIME: u8 = 1;
+
+/// A layer-4 TCP load balancer.
+#[derive(Parser, Debug)]
+#[command(name = "sluicegate", version, about)]
+struct Cli {
+    /// The YAML config file.
+    #[arg(long, short = 'c', env = "SLUICEGATE_CONFIG", value_name = "FILE")]
+    config: PathBuf,
+    /// Validate the config, print what is wrong, bind nothing.
+    #[arg(long)]
+    check: bool,
+}
+
+/// The log writer's guard, reachable from the forced-exit path so buffered lines are flushed even then.
+static LOG_GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = cli.config.display().to_string();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluicegate: invalid config {path}:\n{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if cli.check {
+        println!("{path}: ok");
+        return ExitCode::SUCCESS;
+    }
+    match sluicegate::logging::init(&config.log) {
+        Ok(g) => *LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()) = Some(g),
+        Err(e) => {
+            eprintln!("sluicegate: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluicegate: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let code = runtime.block_on(async {
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("sluicegate: cannot install signal handlers: {e}");
+                return EXIT_RUNTIME;
+            }
+        };
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path, "starting");
+        match sluicegate::run(&config, signals.first_stop()).await {
+            Ok(_) => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "startup failed");
+                eprintln!("sluicegate: {e}");
+                EXIT_RUNTIME
+            }
+        }
+    });
+    // Sessions still parked (none after a completed drain) are dropped with the runtime.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
+    ExitCode::from(code)
+}
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Completes on the first SIGTERM or SIGINT. From then on a second one forces exit at once; SIGHUP
+    /// never kills the process.
+    async fn first_stop(mut self) {
+        let name = self.next_stop().await;
+        tracing::info!(
+            signal = name,
+            "stop requested; a second SIGTERM or SIGINT forces exit"
+        );
+        tokio::spawn(async move {
+            let name = self.next_stop().await;
+            tracing::warn!(signal = name, "second stop signal: forcing exit");
+            drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
+            let code = if name == "SIGINT" { 130 } else { 143 };
+            std::process::exit(code);
+        });
+    }
+
+    async fn next_stop(&mut self) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => {
+                    tracing::warn!("SIGHUP: config reload is not available in this version; the running config is kept");
+                }
+            }
+        }
+    }
+}

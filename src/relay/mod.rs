@@ -1,0 +1,287 @@
+//! Moving bytes between a client and its backend, both directions at once, until both are done.
+//!
+//! The contract, whatever the engine:
+//! - **Half-close.** EOF read from one side becomes `shutdown(SHUT_WR)` on the other; the opposite
+//!   direction keeps flowing until it ends too (or `half_close_timeout` passes).
+//! - **Resets.** An error on one side (RST, EPIPE) is passed on as a reset (SO_LINGER 0) on the other,
+//!   so a peer never mistakes a broken stream for a complete one.
+//! - **Bounded buffering.** At most one buffer (or one pipe) per direction; a slow reader stalls its
+//!   writer through TCP back-pressure instead of growing memory.
+//! - **Exact counts.** Bytes are counted when written to the destination, so the totals are exact even
+//!   when the connection ends in an error or a timeout.
+//!
+//! Engines: `copy` moves bytes through a user-space buffer; `splice` (Linux) moves them socket → pipe →
+//! socket in the kernel; `auto` copies and switches a direction to splice once it carries bulk data (a
+//! read fills the whole buffer), which keeps small request/response traffic on the cheaper copy path.
+//! A direction that cannot get a pipe copies.
+
+#[cfg(target_os = "linux")]
+pub mod splice;
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayMode;
+
+/// Copy buffer per direction, allocated on the direction's first read so an idle connection holds none.
+const COPY_BUF: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOptions {
+    pub mode: RelayMode,
+    pub idle_timeout: Duration,
+    pub half_close_timeout: Duration,
+}
+
+/// Why a relayed connection ended; the names are the routing log's `end` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished; the client sent its FIN first.
+    ClientClosed,
+    /// Both directions finished; the backend sent its FIN first.
+    BackendClosed,
+    ClientReset,
+    BackendReset,
+    IdleTimeout,
+    HalfCloseTimeout,
+    DrainDeadline,
+}
+
+impl End {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::BackendClosed => "backend_closed",
+            End::ClientReset => "client_reset",
+            End::BackendReset => "backend_reset",
+            End::IdleTimeout => "idle_timeout",
+            End::HalfCloseTimeout => "half_close_timeout",
+            End::DrainDeadline => "drain_deadline",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayOutcome {
+    /// Bytes written to the backend.
+    pub bytes_up: u64,
+    /// Bytes written to the client.
+    pub bytes_down: u64,
+    pub end: End,
+}
+
+/// How one direction ended.
+#[derive(Debug)]
+enum DirEnd {
+    /// The source sent FIN; the destination's write side has been shut down.
+    Eof,
+    /// Reading the source failed: the source side broke.
+    SourceError(io::Error),
+    /// Writing the destination failed: the destination side broke.
+    DestError(io::Error),
+}
+
+/// Shared between the two directions and the timers of one connection.
+struct Flow {
+    bytes: AtomicU64,
+    /// Milliseconds since the relay started at the last successful write, for the idle timer.
+    last_active_ms: AtomicU64,
+}
+
+/// Relays until both directions end, one side fails, a timeout fires or `deadline` is cancelled.
+/// On return, resets have been armed (SO_LINGER 0) on the side that must see one; the caller closes both
+/// sockets by dropping them.
+pub async fn relay(
+    client: &TcpStream,
+    backend: &TcpStream,
+    opts: &RelayOptions,
+    deadline: &CancellationToken,
+) -> RelayOutcome {
+    let start = Instant::now();
+    let up = Flow::new();
+    let down = Flow::new();
+    let mut up_fut = std::pin::pin!(pump(client, backend, &up, opts.mode, start));
+    let mut down_fut = std::pin::pin!(pump(backend, client, &down, opts.mode, start));
+    let idle = tokio::time::sleep(opts.idle_timeout);
+    let half_close = tokio::time::sleep(Duration::ZERO);
+    let cancelled = deadline.cancelled();
+    tokio::pin!(idle, half_close, cancelled);
+    let (mut up_done, mut down_done) = (false, false);
+    let mut first_fin: Option<End> = None;
+
+    let end = loop {
+        tokio::select! {
+            r = &mut up_fut, if !up_done => {
+                up_done = true;
+                match r {
+                    DirEnd::Eof => { first_fin.get_or_insert(End::ClientClosed); }
+                    DirEnd::SourceError(e) => break reset(backend, End::ClientReset, Some(e)),
+                    DirEnd::DestError(e) => break reset(client, End::BackendReset, Some(e)),
+                };
+                if down_done { break first_fin.unwrap_or(End::ClientClosed); }
+                half_close.as_mut().reset(Instant::now() + opts.half_close_timeout);
+            }
+            r = &mut down_fut, if !down_done => {
+                down_done = true;
+                match r {
+                    DirEnd::Eof => { first_fin.get_or_insert(End::BackendClosed); }
+                    DirEnd::SourceError(e) => break reset(client, End::BackendReset, Some(e)),
+                    DirEnd::DestError(e) => break reset(backend, End::ClientReset, Some(e)),
+                };
+                if up_done { break first_fin.unwrap_or(End::BackendClosed); }
+                half_close.as_mut().reset(Instant::now() + opts.half_close_timeout);
+            }
+            () = &mut idle => {
+                let last = up.last_active_ms.load(Relaxed).max(down.last_active_ms.load(Relaxed));
+                let quiet_since = start + Duration::from_millis(last);
+                if Instant::now() >= quiet_since + opts.idle_timeout {
+                    break End::IdleTimeout;
+                }
+                idle.as_mut().reset(quiet_since + opts.idle_timeout);
+            }
+            () = &mut half_close, if up_done != down_done => break End::HalfCloseTimeout,
+            () = &mut cancelled => {
+                // Cut at the drain deadline: a reset on both sides, so neither mistakes the cut for the end.
+                reset(client, End::DrainDeadline, None);
+                break reset(backend, End::DrainDeadline, None);
+            }
+        }
+    };
+    RelayOutcome {
+        bytes_up: up.bytes.load(Relaxed),
+        bytes_down: down.bytes.load(Relaxed),
+        end,
+    }
+}
+
+/// Arms a reset on `side`: when the socket is dropped the kernel sends RST instead of FIN.
+fn reset(side: &TcpStream, end: End, cause: Option<io::Error>) -> End {
+    if let Some(e) = cause {
+        tracing::debug!(end = end.as_str(), error = %e, "relay broken");
+    }
+    // Best effort: if the option cannot be set the socket still closes, with a FIN.
+    let _ = socket2::SockRef::from(side).set_linger(Some(Duration::ZERO));
+    end
+}
+
+impl Flow {
+    fn new() -> Flow {
+        Flow {
+            bytes: AtomicU64::new(0),
+            last_active_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn wrote(&self, n: usize, start: Instant) {
+        self.bytes.fetch_add(n as u64, Relaxed);
+        self.last_active_ms
+            .store(start.elapsed().as_millis() as u64, Relaxed);
+    }
+}
+
+/// One direction: read from `src`, write everything to `dst`, until EOF or an error.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    flow: &Flow,
+    mode: RelayMode,
+    start: Instant,
+) -> DirEnd {
+    #[cfg(target_os = "linux")]
+    if mode == RelayMode::Splice {
+        if let Some(pipe) = splice::PipeLease::acquire() {
+            return pump_splice(src, dst, flow, pipe, start).await;
+        }
+    }
+    let mut buf: Option<Box<[u8]>> = None;
+    loop {
+        if let Err(e) = src.readable().await {
+            return DirEnd::SourceError(e);
+        }
+        let b = buf.get_or_insert_with(|| vec![0u8; COPY_BUF].into_boxed_slice());
+        let n = match src.try_read(b) {
+            Ok(0) => return finish(dst),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return DirEnd::SourceError(e),
+        };
+        let mut off = 0;
+        while off < n {
+            if let Err(e) = dst.writable().await {
+                return DirEnd::DestError(e);
+            }
+            match dst.try_write(&b[off..n]) {
+                Ok(k) => {
+                    off += k;
+                    flow.wrote(k, start);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return DirEnd::DestError(e),
+            }
+        }
+        // A full buffer means bulk data: from here on splice, if a pipe is to be had.
+        #[cfg(target_os = "linux")]
+        if mode == RelayMode::Auto && n == COPY_BUF {
+            if let Some(pipe) = splice::PipeLease::acquire() {
+                drop(buf);
+                return pump_splice(src, dst, flow, pipe, start).await;
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+async fn pump_splice(
+    src: &TcpStream,
+    dst: &TcpStream,
+    flow: &Flow,
+    mut pipe: splice::PipeLease,
+    start: Instant,
+) -> DirEnd {
+    use std::os::fd::AsRawFd;
+    use tokio::io::Interest;
+    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    loop {
+        // The pipe is empty here: fill it from the socket.
+        if let Err(e) = src.readable().await {
+            return DirEnd::SourceError(e);
+        }
+        match src.try_io(Interest::READABLE, || {
+            pipe.fill_from(src_fd, splice::PIPE_SIZE)
+        }) {
+            Ok(0) => return finish(dst),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return DirEnd::SourceError(e),
+        }
+        // Drain it completely before reading again, so `pending` bytes are the only ones in flight.
+        while pipe.pending > 0 {
+            if let Err(e) = dst.writable().await {
+                return DirEnd::DestError(e);
+            }
+            match dst.try_io(Interest::WRITABLE, || pipe.drain_to(dst_fd)) {
+                Ok(k) => flow.wrote(k, start),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return DirEnd::DestError(e),
+            }
+        }
+    }
+}
+
+/// The source sent FIN: pass it on and leave the other direction running.
+fn finish(dst: &TcpStream) -> DirEnd {
+    match socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
+        // ENOTCONN: the destination is already gone; the other direction will see it.
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => DirEnd::DestError(e),
+        _ => DirEnd::Eof,
+    }
+}

@@ -1,0 +1,166 @@
+//! Linux `splice(2)`: socket → pipe → socket without copying through user space. The only `unsafe` in
+//! the crate lives here.
+//!
+//! Pipes are the scarce resource: without CAP_SYS_RESOURCE a user's pipes beyond
+//! `/proc/sys/fs/pipe-user-pages-soft` shrink to one page, and every pipe costs two descriptors. So pipes
+//! are reused from a pool, the number lent out is capped, a pipe that comes back short is refused, and a
+//! connection that cannot get a pipe copies instead.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock};
+
+/// Default pipe capacity on Linux (16 pages); what a splice moves at most per call.
+pub const PIPE_SIZE: usize = 64 * 1024;
+/// Idle pipes kept for reuse.
+const MAX_IDLE: usize = 256;
+
+#[derive(Debug)]
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` is a valid, writable array of two ints, as pipe2 requires.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else; each OwnedFd
+        // becomes their single owner and closes it exactly once.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_GETPIPE_SZ only reads the state of an open descriptor we own.
+        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        if size < PIPE_SIZE as i32 {
+            // The per-user pipe budget is spent: a one-page pipe would make splice slower than copying.
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "pipe shrunk: per-user pipe budget exhausted",
+            ));
+        }
+        Ok(Pipe { read, write })
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the duration of the call (the caller holds the socket and
+    // the pipe); null offsets are required for pipes and sockets; no user memory is passed.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+struct PipePool {
+    idle: Mutex<Vec<Pipe>>,
+    lent: AtomicUsize,
+    cap: usize,
+}
+
+fn pool() -> &'static PipePool {
+    static POOL: OnceLock<PipePool> = OnceLock::new();
+    POOL.get_or_init(|| PipePool {
+        idle: Mutex::new(Vec::new()),
+        lent: AtomicUsize::new(0),
+        cap: default_cap(),
+    })
+}
+
+/// Pipes lent at most: three quarters of the per-user soft budget of full-size pipes, leaving room for
+/// other processes of the same user. (Root with CAP_SYS_RESOURCE is not bound by it, but the cap also
+/// bounds descriptors: two per pipe.)
+fn default_cap() -> usize {
+    let pages = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|&p| p > 0)
+        .unwrap_or(16384);
+    (pages / (PIPE_SIZE / 4096) * 3 / 4).max(2)
+}
+
+/// A pipe lent from the pool for one direction of one connection. Dropping it returns the pipe for
+/// reuse when it is known to be empty, and closes it otherwise.
+#[derive(Debug)]
+pub struct PipeLease {
+    pipe: Option<Pipe>,
+    /// Bytes spliced into the pipe and not yet out of it.
+    pub pending: usize,
+}
+
+impl PipeLease {
+    /// A pipe, or `None` when the cap is reached or the system cannot give a full-size one.
+    pub fn acquire() -> Option<PipeLease> {
+        let p = pool();
+        if p.lent.fetch_add(1, Relaxed) >= p.cap {
+            p.lent.fetch_sub(1, Relaxed);
+            return None;
+        }
+        let reused = p.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match reused.map(Ok).unwrap_or_else(Pipe::new) {
+            Ok(pipe) => Some(PipeLease {
+                pipe: Some(pipe),
+                pending: 0,
+            }),
+            Err(_) => {
+                p.lent.fetch_sub(1, Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Moves up to `len` bytes from socket `from` into the pipe and counts them as pending. `Ok(0)` is end
+    /// of stream; `WouldBlock` means the socket has nothing to read now.
+    pub fn fill_from(&mut self, from: RawFd, len: usize) -> io::Result<usize> {
+        let pipe = self.pipe.as_ref().ok_or_else(gone)?;
+        let n = splice(from, pipe.write.as_raw_fd(), len)?;
+        self.pending += n;
+        Ok(n)
+    }
+
+    /// Moves pending bytes from the pipe into socket `to`; `WouldBlock` means its send buffer is full.
+    pub fn drain_to(&mut self, to: RawFd) -> io::Result<usize> {
+        let pipe = self.pipe.as_ref().ok_or_else(gone)?;
+        let n = splice(pipe.read.as_raw_fd(), to, self.pending)?;
+        self.pending -= n;
+        Ok(n)
+    }
+}
+
+impl Drop for PipeLease {
+    fn drop(&mut self) {
+        let p = pool();
+        if let Some(pipe) = self.pipe.take() {
+            if self.pending == 0 {
+                let mut idle = p.idle.lock().unwrap_or_else(|e| e.into_inner());
+                if idle.len() < MAX_IDLE {
+                    idle.push(pipe);
+                }
+            }
+        }
+        p.lent.fetch_sub(1, Relaxed);
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::other("pipe already returned")
+}
+
+/// Pipes currently lent out (for tests and metrics).
+pub fn pipes_lent() -> usize {
+    pool().lent.load(Relaxed)
+}

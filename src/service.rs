@@ -1,0 +1,91 @@
+//! A configured service at run time: its settings, its pool and its counters.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{BackendAddress, Policy, ServiceConfig};
+use crate::pool::{Backend, Passive, Pool};
+use crate::relay::RelayOptions;
+
+pub struct Service {
+    pub name: Arc<str>,
+    pub policy: Policy,
+    pub pool: Arc<Pool>,
+    pub connect_timeout: Duration,
+    pub connect_attempts: u32,
+    pub max_connections: u64,
+    pub relay: RelayOptions,
+    pub stats: ServiceStats,
+}
+
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Client connections open now.
+    pub active: AtomicU64,
+    /// Clients closed at once because no backend was available.
+    pub no_backend: AtomicU64,
+    /// Clients whose every connect attempt failed.
+    pub connect_failed: AtomicU64,
+    /// Clients closed at once because `max_connections` were open.
+    pub over_limit: AtomicU64,
+    /// Whether the last selection found no backend; logged only when it flips.
+    no_backend_now: AtomicBool,
+    /// Times the service went into or out of "no backend available".
+    pub no_backend_transitions: AtomicU64,
+}
+
+impl Service {
+    pub fn from_config(cfg: &ServiceConfig) -> Service {
+        let name: Arc<str> = cfg.name.as_str().into();
+        let members = cfg
+            .backends
+            .iter()
+            .filter_map(|b| match b.address {
+                BackendAddress::Ip(a) => Some(Arc::new(Backend::new(a, b.weight))),
+                // Validation refuses names until discovery exists.
+                BackendAddress::Name { .. } => None,
+            })
+            .collect();
+        let passive = Passive {
+            max_fails: cfg.passive.max_fails,
+            cooldown: cfg.passive.cooldown.0,
+        };
+        Service {
+            pool: Arc::new(Pool::new(name.clone(), cfg.balance, passive, members)),
+            name,
+            policy: cfg.balance,
+            connect_timeout: cfg.connect_timeout.0,
+            connect_attempts: cfg.connect_attempts,
+            max_connections: cfg.max_connections as u64,
+            relay: RelayOptions {
+                mode: cfg.relay,
+                idle_timeout: cfg.idle_timeout.0,
+                half_close_timeout: cfg.half_close_timeout.0,
+            },
+            stats: ServiceStats::default(),
+        }
+    }
+
+    /// Notes whether a selection found a backend, logging only the transitions into and out of
+    /// "no backend available". The common case is one relaxed load.
+    pub fn note_selection(&self, found: bool) {
+        if self.stats.no_backend_now.load(Relaxed) == found
+            && self.stats.no_backend_now.swap(!found, Relaxed) == found
+        {
+            self.stats.no_backend_transitions.fetch_add(1, Relaxed);
+            if found {
+                tracing::info!(service = %self.name, "backends available again");
+            } else {
+                tracing::warn!(service = %self.name, "no backend available: closing new clients at once");
+            }
+        }
+    }
+
+    pub fn backend_addrs(&self) -> Vec<SocketAddr> {
+        self.pool.members().iter().map(|b| b.addr).collect()
+    }
+}
