@@ -277,6 +277,16 @@ pub enum Policy {
     SourceHash,
 }
 
+impl RelayMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RelayMode::Auto => "auto",
+            RelayMode::Splice => "splice",
+            RelayMode::Copy => "copy",
+        }
+    }
+}
+
 impl Policy {
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -489,8 +499,23 @@ impl Config {
 
     /// Parses and validates YAML text.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config =
-            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        // serde_path_to_error names the full key path even for errors raised inside a field's own
+        // deserializer (a bad duration), where the YAML error stops at the enclosing mapping.
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            // The YAML error may carry its own, shorter path prefix: keep only the full one.
+            let reason = match inner.split_once(": ") {
+                Some((prefix, rest)) if path.starts_with(prefix) => rest.to_string(),
+                _ => inner,
+            };
+            if path.is_empty() || path == "." {
+                ConfigError::Parse(reason)
+            } else {
+                ConfigError::Parse(format!("{path}: {reason}"))
+            }
+        })?;
         let problems = config.validate();
         if problems.is_empty() {
             Ok(config)

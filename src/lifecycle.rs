@@ -79,7 +79,7 @@ impl Server {
                 service = %service.name,
                 listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                 policy = service.policy.as_str(),
-                relay = ?service.relay.mode,
+                relay = service.relay.mode.as_str(),
                 backends = service.pool.members().len(),
                 "listening"
             );
