@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::config::{BackendAddress, Policy, ServiceConfig};
 use crate::pool::{Backend, Passive, Pool};
-use crate::relay::RelayOptions;
+use crate::relay::{End, RelayOptions};
 
 pub struct Service {
     pub name: Arc<str>,
@@ -36,6 +36,18 @@ pub struct ServiceStats {
     no_backend_now: AtomicBool,
     /// Times the service went into or out of "no backend available".
     pub no_backend_transitions: AtomicU64,
+    /// Relayed connections by how they ended, indexed like [`End::ALL`].
+    pub ends: [AtomicU64; End::ALL.len()],
+}
+
+impl ServiceStats {
+    pub fn count_end(&self, end: End) {
+        self.ends[end as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn ended(&self, end: End) -> u64 {
+        self.ends[end as usize].load(Relaxed)
+    }
 }
 
 impl Service {

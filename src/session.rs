@@ -98,6 +98,7 @@ pub async fn serve(
         .stats
         .bytes_down
         .fetch_add(outcome.bytes_down, Relaxed);
+    service.stats.count_end(outcome.end);
     route.finish(outcome, started);
     routelog::emit(&route);
 }

@@ -53,6 +53,16 @@ pub enum End {
 }
 
 impl End {
+    pub const ALL: [End; 7] = [
+        End::ClientClosed,
+        End::BackendClosed,
+        End::ClientReset,
+        End::BackendReset,
+        End::IdleTimeout,
+        End::HalfCloseTimeout,
+        End::DrainDeadline,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             End::ClientClosed => "client_closed",
@@ -107,10 +117,16 @@ pub async fn relay(
     let down = Flow::new();
     let mut up_fut = std::pin::pin!(pump(client, backend, &up, opts.mode, start));
     let mut down_fut = std::pin::pin!(pump(backend, client, &down, opts.mode, start));
-    let idle = tokio::time::sleep(opts.idle_timeout);
-    let half_close = tokio::time::sleep(Duration::ZERO);
+    // One inactivity timer: `idle_timeout` while both directions flow, `half_close_timeout` once one has
+    // ended (HAProxy's `timeout client-fin`: a half-closed connection may still stream for hours as long
+    // as bytes keep moving).
+    let mut limit = opts.idle_timeout;
+    let mut timeout_end = End::IdleTimeout;
+    // Half-closing restarts the inactivity clock.
+    let mut quiet_floor = start;
+    let timer = tokio::time::sleep(limit);
     let cancelled = deadline.cancelled();
-    tokio::pin!(idle, half_close, cancelled);
+    tokio::pin!(timer, cancelled);
     let (mut up_done, mut down_done) = (false, false);
     let mut first_fin: Option<End> = None;
 
@@ -123,8 +139,6 @@ pub async fn relay(
                     DirEnd::SourceError(e) => break reset(backend, End::ClientReset, Some(e)),
                     DirEnd::DestError(e) => break reset(client, End::BackendReset, Some(e)),
                 };
-                if down_done { break first_fin.unwrap_or(End::ClientClosed); }
-                half_close.as_mut().reset(Instant::now() + opts.half_close_timeout);
             }
             r = &mut down_fut, if !down_done => {
                 down_done = true;
@@ -133,24 +147,30 @@ pub async fn relay(
                     DirEnd::SourceError(e) => break reset(client, End::BackendReset, Some(e)),
                     DirEnd::DestError(e) => break reset(backend, End::ClientReset, Some(e)),
                 };
-                if up_done { break first_fin.unwrap_or(End::BackendClosed); }
-                half_close.as_mut().reset(Instant::now() + opts.half_close_timeout);
             }
-            () = &mut idle => {
+            () = &mut timer => {
                 let last = up.last_active_ms.load(Relaxed).max(down.last_active_ms.load(Relaxed));
-                let quiet_since = start + Duration::from_millis(last);
-                if Instant::now() >= quiet_since + opts.idle_timeout {
-                    break End::IdleTimeout;
+                let quiet_since = (start + Duration::from_millis(last)).max(quiet_floor);
+                if Instant::now() >= quiet_since + limit {
+                    break timeout_end;
                 }
-                idle.as_mut().reset(quiet_since + opts.idle_timeout);
+                timer.as_mut().reset(quiet_since + limit);
+                continue;
             }
-            () = &mut half_close, if up_done != down_done => break End::HalfCloseTimeout,
             () = &mut cancelled => {
                 // Cut at the drain deadline: a reset on both sides, so neither mistakes the cut for the end.
                 reset(client, End::DrainDeadline, None);
                 break reset(backend, End::DrainDeadline, None);
             }
         }
+        // A direction ended with EOF.
+        if up_done && down_done {
+            break first_fin.unwrap_or(End::ClientClosed);
+        }
+        limit = opts.half_close_timeout;
+        timeout_end = End::HalfCloseTimeout;
+        quiet_floor = Instant::now();
+        timer.as_mut().reset(quiet_floor + limit);
     };
     RelayOutcome {
         bytes_up: up.bytes.load(Relaxed),
