@@ -503,7 +503,9 @@ impl Config {
         // deserializer (a bad duration), where the YAML error stops at the enclosing mapping.
         let de = serde_yaml::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
+            // A syntax error inside a collection ends the path in `.?` (an unknown element): drop it.
+            let full = e.path().to_string();
+            let path = full.trim_end_matches(".?").to_string();
             let inner = e.into_inner().to_string();
             // The YAML error may carry its own, shorter path prefix: keep only the full one.
             let reason = match inner.split_once(": ") {
