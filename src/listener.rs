@@ -18,7 +18,9 @@ use crate::routelog::{self, Route};
 use crate::service::Service;
 use crate::session::{self, ClientSlot, Refused};
 
-const BACKLOG: i32 = 1024;
+/// Accept queue depth; the kernel caps it at net.core.somaxconn. A burst beyond the queue makes the
+/// kernel drop handshakes, which clients see as multi-second stalls.
+const BACKLOG: i32 = 4096;
 const BACKOFF_START: Duration = Duration::from_millis(5);
 const BACKOFF_CAP: Duration = Duration::from_millis(500);
 
@@ -30,11 +32,14 @@ pub struct BindError {
     pub source: io::Error,
 }
 
-/// Binds `addr` with SO_REUSEADDR, so a restart succeeds while old connections sit in TIME_WAIT.
+/// Binds `addr` with SO_REUSEADDR, so a restart succeeds while old connections sit in TIME_WAIT, and
+/// with TCP_NODELAY, which accepted sockets inherit: a proxy must not add Nagle delay to small writes.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt per connection saved.
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
@@ -151,6 +156,18 @@ impl RateLimited {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let l = TcpListener::from_std(bind("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert!(
+            s.nodelay().unwrap(),
+            "the session relies on the listener's TCP_NODELAY"
+        );
+    }
 
     #[test]
     fn rate_limit_suppresses_within_the_period() {
