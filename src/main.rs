@@ -69,6 +69,11 @@ fn main() -> ExitCode {
             }
         };
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path, "starting");
+        // Every proxied connection costs two descriptors (four with splice pipes): use all we may.
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(n) => tracing::info!(nofile = n, "descriptor limit"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
+        }
         match sluicegate::run(&config, signals.first_stop()).await {
             Ok(_) => 0,
             Err(e) => {
