@@ -48,6 +48,22 @@ impl ServiceStats {
     pub fn ended(&self, end: End) -> u64 {
         self.ends[end as usize].load(Relaxed)
     }
+
+    /// Every counter on one line, for diagnostics.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "accepted={} active={} no_backend={} connect_failed={} over_limit={}",
+            self.accepted.load(Relaxed),
+            self.active.load(Relaxed),
+            self.no_backend.load(Relaxed),
+            self.connect_failed.load(Relaxed),
+            self.over_limit.load(Relaxed)
+        );
+        for e in End::ALL {
+            s += &format!(" {}={}", e.as_str(), self.ended(e));
+        }
+        s
+    }
 }
 
 impl Service {

@@ -69,7 +69,7 @@ pub async fn serve(
 ) {
     let started = Instant::now();
     let _slot = slot;
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY is inherited from the listening socket (listener::bind).
     let mut route = Route::new(&service, peer);
 
     let connected = tokio::select! {

@@ -119,6 +119,15 @@ pub struct Proxy {
 impl Proxy {
     pub async fn start(yaml: &str) -> Proxy {
         raise_fd_limit();
+        // SLUICEGATE_TEST_LOG=debug shows the proxy's own log on stderr (the first test to start wins).
+        if let Ok(level) = std::env::var("SLUICEGATE_TEST_LOG") {
+            if let Ok(level) = level.parse::<tracing::Level>() {
+                let _ = tracing_subscriber::fmt()
+                    .with_max_level(level)
+                    .with_writer(std::io::stderr)
+                    .try_init();
+            }
+        }
         let config =
             Config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
         let server = Server::bind(&config).expect("bind");
@@ -190,10 +199,7 @@ impl Backend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind(SocketAddr::from((ip, 0)))
-            .await
-            .expect("bind backend");
-        Backend::serve(listener, handler)
+        Backend::serve(listen(SocketAddr::from((ip, 0))), handler)
     }
 
     pub fn serve<F, Fut>(listener: TcpListener, handler: F) -> Backend
@@ -252,6 +258,18 @@ pub async fn echo(mut s: TcpStream) {
     if tokio::io::copy(&mut r, &mut w).await.is_ok() {
         let _ = w.shutdown().await;
     }
+}
+
+/// A listener with a deep accept queue. `TcpListener::bind` uses a backlog of 128, which a burst of a
+/// thousand connects overflows: the kernel then drops handshakes and clients stall for seconds.
+pub fn listen(addr: SocketAddr) -> TcpListener {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+    s.set_reuse_address(true).expect("reuseaddr");
+    s.bind(&addr.into()).expect("bind backend");
+    s.listen(4096).expect("listen");
+    s.set_nonblocking(true).expect("nonblocking");
+    TcpListener::from_std(s.into()).expect("tokio listener")
 }
 
 /// An address on which nothing listens (bound, then released).
