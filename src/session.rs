@@ -92,7 +92,7 @@ pub async fn serve(
         }
     };
     let _ = stream.set_nodelay(true);
-        let outcome: RelayOutcome = relay::relay(&client, &stream, &service.relay, &deadline).await;
+    let outcome: RelayOutcome = relay::relay(&client, &stream, &service.relay, &deadline).await;
     // Close both now (the relay may have left a FIN, or an armed reset, to this close).
     drop(stream);
     drop(client);

@@ -651,3 +651,185 @@ async fn slow_readers_and_stalled_writers_are_bounded() {
         assert_eq!(got, sha(&data), "{relay}: every byte arrives later");
     }
 }
+
+/// Several services in one process, each with its own listener and pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_services_in_one_process() {
+    let a = Backend::start([127, 0, 0, 2], |mut s| async move {
+        let _ = s.write_all(b"A").await;
+    })
+    .await;
+    let b = Backend::start([127, 0, 0, 3], |mut s| async move {
+        let _ = s.write_all(b"B").await;
+    })
+    .await;
+    let y = format!(
+        "log: {{level: info, format: json}}\nservices:\n  - name: a\n    listen: 127.0.0.1:0\n    backends: [{{address: \"{}\"}}]\n  - name: b\n    listen: 127.0.0.1:0\n    backends: [{{address: \"{}\"}}]\n",
+        a.addr, b.addr
+    );
+    let mut sg = Sg::start(&y);
+    let addr_of = |sg: &mut Sg, name: &str| -> SocketAddr {
+        let l = sg.wait_line(SECS(5), |l| l["msg"] == "listening" && l["service"] == name);
+        l["listen"].as_str().unwrap().parse().unwrap()
+    };
+    let (addr_a, addr_b) = (addr_of(&mut sg, "a"), addr_of(&mut sg, "b"));
+    assert_ne!(addr_a, addr_b);
+    for (addr, want) in [(addr_a, b"A"), (addr_b, b"B")] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(read_all(&mut s).await.unwrap(), want);
+    }
+    sg.signal(libc::SIGTERM);
+    assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(10))), 0);
+    let services: Vec<_> = sg
+        .routes()
+        .iter()
+        .map(|r| r["service"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        services.contains(&"a".to_string()) && services.contains(&"b".to_string()),
+        "{services:?}"
+    );
+}
+
+/// `log.file`: lines go to a daily-rotated file (named `FILE.YYYY-MM-DD`), none to stdout, and the
+/// last ones are flushed before exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_file_receives_every_line() {
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let path = tmp_file("placeholder", "").with_file_name("sluicegate.log");
+    let dir = path.parent().unwrap().to_path_buf();
+    let y = format!(
+        "log: {{level: info, format: json, file: \"{}\"}}\nshutdown: {{drain_timeout: 5s}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    backends: [{{address: \"{}\"}}]\n",
+        path.display(),
+        backend.addr
+    );
+    let cfg = tmp_file("file-log.yaml", &y);
+    let mut child = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read_log = || -> Vec<Value> {
+        let mut lines = Vec::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("sluicegate.log.")
+            {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                lines.extend(
+                    text.lines()
+                        .filter_map(|l| serde_json::from_str::<Value>(l).ok()),
+                );
+            }
+        }
+        lines
+    };
+    let mut listen = None;
+    let t = Instant::now();
+    while listen.is_none() {
+        listen = read_log().into_iter().find(|l| l["msg"] == "listening");
+        assert!(t.elapsed() < SECS(10), "no listening line in the log file");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let addr: SocketAddr = listen.unwrap()["listen"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        round_trip(addr, b"to the file").await.unwrap(),
+        b"to the file"
+    );
+    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    assert!(
+        stdout.is_empty(),
+        "nothing on stdout when logging to a file: {stdout}"
+    );
+    let lines = read_log();
+    assert!(lines
+        .iter()
+        .any(|l| l["target"] == "sluicegate::route" && l["bytes_up"] == 11));
+    assert!(
+        lines.iter().any(|l| l["msg"] == "drained: exiting"),
+        "last lines flushed before exit"
+    );
+}
+
+/// `format: text`: one `key=value` line per event, the routing fields included, `null` where unset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_format_writes_key_value_lines() {
+    let dead = refusing_addr([127, 0, 0, 3]).await;
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let y = format!(
+        "log: {{level: info, format: text}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    balance: round_robin\n    connect_attempts: 1\n    passive: {{max_fails: 0}}\n    backends: [{{address: \"{}\"}}, {{address: \"{dead}\"}}]\n",
+        backend.addr
+    );
+    let cfg = tmp_file("text.yaml", &y);
+    let mut child = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = Sg::collect(child.stdout.take().unwrap());
+    let raw = |v: Value| v["raw"].as_str().unwrap_or_default().to_string();
+    let listening = loop {
+        let l = raw(lines.recv_timeout(SECS(10)).expect("a log line"));
+        if l.contains(": listening ") {
+            break l;
+        }
+    };
+    let addr: SocketAddr = listening
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("listen="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // round robin: one connection served, one to the refusing backend
+    for _ in 0..2 {
+        let _ = round_trip(addr, b"hi").await;
+    }
+    let mut routes = Vec::new();
+    while routes.len() < 2 {
+        let l = raw(lines.recv_timeout(SECS(10)).expect("route lines"));
+        if l.contains("sluicegate::route") {
+            routes.push(l);
+        }
+    }
+    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert_eq!(
+        tokio::task::block_in_place(|| child.wait()).unwrap().code(),
+        Some(0)
+    );
+    let served = routes
+        .iter()
+        .find(|l| l.contains("end=client_closed"))
+        .expect("served line");
+    for key in [
+        "service=t",
+        "client=127.0.0.1:",
+        "policy=round_robin",
+        "attempts=1",
+        "bytes_up=2",
+        "bytes_down=2",
+    ] {
+        assert!(served.contains(key), "{key} missing: {served}");
+    }
+    assert!(
+        served.contains(&format!("backend={}", backend.addr)),
+        "{served}"
+    );
+    let failed = routes
+        .iter()
+        .find(|l| l.contains("end=connect_failed"))
+        .expect("failed line");
+    assert!(failed.contains("connect_ms=null"), "{failed}");
+}

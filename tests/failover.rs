@@ -497,3 +497,45 @@ async fn every_ending_with(mode: RelayMode, n: usize) {
         );
     }
 }
+
+/// `max_connections`: beyond it new clients are closed at once and counted; a freed slot serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_closes_the_excess_at_once() {
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let proxy = Proxy::start(&service_yaml(
+        &[backend.addr],
+        RelayMode::Copy,
+        "max_connections: 2",
+    ))
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        within(SECS(5), "held connection served", s.read_exact(&mut b))
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    for _ in 0..5 {
+        let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+        let mut b = [0u8; 1];
+        let r = within(SECS(2), "excess client closed at once", c.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(0) | Err(_)),
+            "excess client must be closed, got {r:?}"
+        );
+    }
+    assert_eq!(proxy.service.stats.over_limit.load(Relaxed), 5);
+    assert_eq!(backend.accepted(), 2, "the excess never reached a backend");
+    drop(held.pop());
+    wait_for(SECS(5), "slot freed", || {
+        proxy.service.stats.active.load(Relaxed) == 1
+    })
+    .await;
+    assert_eq!(
+        round_trip(proxy.addr, b"room again").await.unwrap(),
+        b"room again"
+    );
+}

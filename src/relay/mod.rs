@@ -197,7 +197,7 @@ impl Flow {
     fn new() -> Flow {
         Flow {
             bytes: AtomicU64::new(0),
-                        last_active_ms: AtomicU64::new(0),
+            last_active_ms: AtomicU64::new(0),
             eof: AtomicBool::new(false),
         }
     }
@@ -231,7 +231,7 @@ async fn pump(
         }
         let b = buf.get_or_insert_with(|| vec![0u8; COPY_BUF].into_boxed_slice());
         let n = match read_once(src, b) {
-                        Ok(0) => return finish(dst, flow, other),
+            Ok(0) => return finish(dst, flow, other),
             Ok(n) => n,
             Err(e) if retry(&e) => continue,
             Err(e) => return DirEnd::SourceError(e),
@@ -282,7 +282,7 @@ async fn pump_splice(
         match src.try_io(Interest::READABLE, || {
             pipe.fill_from(src_fd, splice::PIPE_SIZE)
         }) {
-                        Ok(0) => return finish(dst, flow, other),
+            Ok(0) => return finish(dst, flow, other),
             Ok(_) => {}
             Err(e) if retry(&e) => continue,
             Err(e) => return DirEnd::SourceError(e),

@@ -66,7 +66,8 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-struct PipePool {
+/// Pipes kept for reuse, and how many are lent out, against a cap.
+pub struct PipePool {
     idle: Mutex<Vec<Pipe>>,
     lent: AtomicUsize,
     cap: usize,
@@ -74,11 +75,7 @@ struct PipePool {
 
 fn pool() -> &'static PipePool {
     static POOL: OnceLock<PipePool> = OnceLock::new();
-    POOL.get_or_init(|| PipePool {
-        idle: Mutex::new(Vec::new()),
-        lent: AtomicUsize::new(0),
-        cap: default_cap(),
-    })
+    POOL.get_or_init(|| PipePool::new(default_cap()))
 }
 
 /// Pipes lent at most: three quarters of the per-user soft budget of full-size pipes, leaving room for
@@ -93,34 +90,59 @@ fn default_cap() -> usize {
     (pages / (PIPE_SIZE / 4096) * 3 / 4).max(2)
 }
 
-/// A pipe lent from the pool for one direction of one connection. Dropping it returns the pipe for
-/// reuse when it is known to be empty, and closes it otherwise.
-#[derive(Debug)]
+impl PipePool {
+    pub fn new(cap: usize) -> PipePool {
+        PipePool {
+            idle: Mutex::new(Vec::new()),
+            lent: AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    /// A pipe, or `None` when the cap is reached or the system cannot give a full-size one.
+    pub fn lend(&'static self) -> Option<PipeLease> {
+        if self.lent.fetch_add(1, Relaxed) >= self.cap {
+            self.lent.fetch_sub(1, Relaxed);
+            return None;
+        }
+        let reused = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match reused.map(Ok).unwrap_or_else(Pipe::new) {
+            Ok(pipe) => Some(PipeLease {
+                pool: self,
+                pipe: Some(pipe),
+                pending: 0,
+            }),
+            Err(_) => {
+                self.lent.fetch_sub(1, Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Pipes lent out now.
+    pub fn lent(&self) -> usize {
+        self.lent.load(Relaxed)
+    }
+
+    /// Pipes waiting for reuse.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// A pipe lent from a pool for one direction of one connection. Dropping it returns the pipe for reuse
+/// when it is known to be empty, and closes it otherwise.
 pub struct PipeLease {
+    pool: &'static PipePool,
     pipe: Option<Pipe>,
     /// Bytes spliced into the pipe and not yet out of it.
     pub pending: usize,
 }
 
 impl PipeLease {
-    /// A pipe, or `None` when the cap is reached or the system cannot give a full-size one.
+    /// A pipe from the process-wide pool (see [`PipePool::lend`]).
     pub fn acquire() -> Option<PipeLease> {
-        let p = pool();
-        if p.lent.fetch_add(1, Relaxed) >= p.cap {
-            p.lent.fetch_sub(1, Relaxed);
-            return None;
-        }
-        let reused = p.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        match reused.map(Ok).unwrap_or_else(Pipe::new) {
-            Ok(pipe) => Some(PipeLease {
-                pipe: Some(pipe),
-                pending: 0,
-            }),
-            Err(_) => {
-                p.lent.fetch_sub(1, Relaxed);
-                None
-            }
-        }
+        pool().lend()
     }
 
     /// Moves up to `len` bytes from socket `from` into the pipe and counts them as pending. `Ok(0)` is end
@@ -143,16 +165,16 @@ impl PipeLease {
 
 impl Drop for PipeLease {
     fn drop(&mut self) {
-        let p = pool();
         if let Some(pipe) = self.pipe.take() {
+            // A pipe with bytes still in it would hand them to the next connection: close it instead.
             if self.pending == 0 {
-                let mut idle = p.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
                 if idle.len() < MAX_IDLE {
                     idle.push(pipe);
                 }
             }
         }
-        p.lent.fetch_sub(1, Relaxed);
+        self.pool.lent.fetch_sub(1, Relaxed);
     }
 }
 
@@ -160,7 +182,65 @@ fn gone() -> io::Error {
     io::Error::other("pipe already returned")
 }
 
-/// Pipes currently lent out (for tests and metrics).
+/// Pipes currently lent out by the process-wide pool (for metrics).
 pub fn pipes_lent() -> usize {
-    pool().lent.load(Relaxed)
+    pool().lent()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+
+    fn small_pool(cap: usize) -> &'static PipePool {
+        Box::leak(Box::new(PipePool::new(cap)))
+    }
+
+    #[test]
+    fn the_cap_bounds_lending_and_frees_on_drop() {
+        let p = small_pool(2);
+        let a = p.lend().expect("first");
+        let b = p.lend().expect("second");
+        assert!(
+            p.lend().is_none(),
+            "beyond the cap: the caller copies instead"
+        );
+        assert_eq!(p.lent(), 2);
+        drop(a);
+        assert_eq!(p.lent(), 1);
+        assert_eq!(p.idle(), 1, "an empty pipe is kept for reuse");
+        let c = p.lend().expect("reused");
+        assert_eq!(p.idle(), 0);
+        drop((b, c));
+        assert_eq!(p.lent(), 0);
+    }
+
+    #[test]
+    fn a_pipe_with_bytes_in_it_is_closed_not_reused() {
+        let p = small_pool(4);
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        // splice needs a pipe on one side; a socket pair stands in for the TCP socket.
+        tx.write_all(b"left over").unwrap();
+        let mut lease = p.lend().unwrap();
+        let n = lease
+            .fill_from(rx.as_raw_fd(), PIPE_SIZE)
+            .expect("splice in");
+        assert_eq!(n, 9);
+        assert_eq!(lease.pending, 9);
+        drop(lease);
+        assert_eq!(p.idle(), 0, "dirty pipe closed");
+        assert_eq!(p.lent(), 0);
+        // and a drained one is reused
+        let mut lease = p.lend().unwrap();
+        tx.write_all(b"abc").unwrap();
+        lease.fill_from(rx.as_raw_fd(), PIPE_SIZE).unwrap();
+        let (out_r, out_w) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(lease.drain_to(out_w.as_raw_fd()).unwrap(), 3);
+        let mut got = [0u8; 3];
+        (&out_r).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"abc");
+        drop(lease);
+        assert_eq!(p.idle(), 1);
+    }
 }
