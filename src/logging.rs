@@ -161,11 +161,19 @@ where
     ) -> std::fmt::Result {
         let mut v = Fields::default();
         event.record(&mut v);
+        // Declared order, with `null` for a field declared without a value, so lines keep one shape.
+        let mut ordered = Vec::with_capacity(v.fields.len() + 2);
         for f in event.metadata().fields() {
-            if f.name() != "message" && !v.fields.iter().any(|(n, _)| *n == f.name()) {
-                v.fields.push((f.name(), Val::Null));
+            if f.name() == "message" {
+                continue;
+            }
+            match v.fields.iter().position(|(n, _)| *n == f.name()) {
+                Some(i) => ordered.push(v.fields.swap_remove(i)),
+                None => ordered.push((f.name(), Val::Null)),
             }
         }
+        ordered.append(&mut v.fields);
+        v.fields = ordered;
         let mut ts = String::new();
         SystemTime.format_time(&mut Writer::new(&mut ts))?;
         let meta = event.metadata();

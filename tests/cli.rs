@@ -832,4 +832,9 @@ async fn text_format_writes_key_value_lines() {
         .find(|l| l.contains("end=connect_failed"))
         .expect("failed line");
     assert!(failed.contains("connect_ms=null"), "{failed}");
+    let at = |k: &str| failed.find(k).unwrap_or(usize::MAX);
+    assert!(
+        at("attempts=") < at("connect_ms=") && at("connect_ms=") < at("bytes_up="),
+        "declared order: {failed}"
+    );
 }
