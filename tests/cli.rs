@@ -183,6 +183,16 @@ impl Drop for Sg {
     }
 }
 
+/// Starts the binary on a config written from `yaml`, stdout piped.
+fn spawn(name: &str, yaml: &str) -> Child {
+    let cfg = tmp_file(name, yaml);
+    Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn sluicegate")
+}
+
 fn yaml(backends: &[SocketAddr], extra: &str, shutdown: &str) -> String {
     let mut y = format!("log: {{level: info, format: json}}\nshutdown: {shutdown}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n");
     for l in extra.lines().filter(|l| !l.trim().is_empty()) {
@@ -703,12 +713,7 @@ async fn log_file_receives_every_line() {
         path.display(),
         backend.addr
     );
-    let cfg = tmp_file("file-log.yaml", &y);
-    let mut child = Command::new(BIN)
-        .args(["--config", cfg.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn("file-log.yaml", &y);
     let read_log = || -> Vec<Value> {
         let mut lines = Vec::new();
         for e in std::fs::read_dir(&dir).unwrap() {
@@ -770,12 +775,7 @@ async fn text_format_writes_key_value_lines() {
         "log: {{level: info, format: text}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    balance: round_robin\n    connect_attempts: 1\n    passive: {{max_fails: 0}}\n    backends: [{{address: \"{}\"}}, {{address: \"{dead}\"}}]\n",
         backend.addr
     );
-    let cfg = tmp_file("text.yaml", &y);
-    let mut child = Command::new(BIN)
-        .args(["--config", cfg.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn("text.yaml", &y);
     let lines = Sg::collect(child.stdout.take().unwrap());
     let raw = |v: Value| v["raw"].as_str().unwrap_or_default().to_string();
     let listening = loop {

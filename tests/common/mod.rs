@@ -41,10 +41,10 @@ pub fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
-/// Descriptors of this process that are TCP sockets with a local or remote port in `ports`. Unlike a
-/// count of all descriptors, this is not disturbed by other tests running in the same process.
-pub fn socket_fds_on_ports(ports: &[u16]) -> usize {
-    let mut inodes = std::collections::HashSet::new();
+/// TCP sockets of this network namespace with a local or remote port in `ports`: (state, inode) pairs
+/// read from /proc/net/tcp and tcp6 (state in the kernel's hex code, e.g. [`TCP_TIME_WAIT`]).
+pub fn tcp_sockets_on_ports(ports: &[u16]) -> Vec<(u8, String)> {
+    let mut out = Vec::new();
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(file) else {
             continue;
@@ -60,11 +60,23 @@ pub fn socket_fds_on_ports(ports: &[u16]) -> usize {
                     .and_then(|p| u16::from_str_radix(p, 16).ok())
             };
             let on = |c: &str| port_of(c).is_some_and(|p| ports.contains(&p));
-            if (on(cols[1]) || on(cols[2])) && cols[9] != "0" {
-                inodes.insert(format!("socket:[{}]", cols[9]));
+            if let (true, Ok(state)) = (on(cols[1]) || on(cols[2]), u8::from_str_radix(cols[3], 16))
+            {
+                out.push((state, cols[9].to_string()));
             }
         }
     }
+    out
+}
+
+/// Descriptors of this process that are TCP sockets with a local or remote port in `ports`. Unlike a
+/// count of all descriptors, this is not disturbed by other tests running in the same process.
+pub fn socket_fds_on_ports(ports: &[u16]) -> usize {
+    let inodes: std::collections::HashSet<String> = tcp_sockets_on_ports(ports)
+        .into_iter()
+        .filter(|(_, inode)| inode != "0")
+        .map(|(_, inode)| format!("socket:[{inode}]"))
+        .collect();
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return 0;
     };
@@ -319,31 +331,12 @@ pub async fn read_all(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(v)
 }
 
-/// Socket states in /proc/net/tcp (hex state code) for sockets whose local or remote port is `port`.
+/// States of the TCP sockets with `port` as local or remote port.
 pub fn tcp_states_on_port(port: u16) -> Vec<u8> {
-    let mut out = Vec::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 4 {
-                continue;
-            }
-            let port_of = |c: &str| {
-                c.rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok())
-            };
-            if port_of(cols[1]) == Some(port) || port_of(cols[2]) == Some(port) {
-                if let Ok(st) = u8::from_str_radix(cols[3], 16) {
-                    out.push(st);
-                }
-            }
-        }
-    }
-    out
+    tcp_sockets_on_ports(&[port])
+        .into_iter()
+        .map(|(state, _)| state)
+        .collect()
 }
 
 pub const TCP_FIN_WAIT2: u8 = 0x05;
