@@ -1,6 +1,5 @@
 //! A configured service at run time: its settings, its pool and its counters.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,9 +110,5 @@ impl Service {
                 tracing::warn!(service = %self.name, "no backend available: closing new clients at once");
             }
         }
-    }
-
-    pub fn backend_addrs(&self) -> Vec<SocketAddr> {
-        self.pool.members().iter().map(|b| b.addr).collect()
     }
 }

@@ -182,11 +182,6 @@ fn gone() -> io::Error {
     io::Error::other("pipe already returned")
 }
 
-/// Pipes currently lent out by the process-wide pool (for metrics).
-pub fn pipes_lent() -> usize {
-    pool().lent()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

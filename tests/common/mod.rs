@@ -34,13 +34,6 @@ pub fn raise_fd_limit() {
     }
 }
 
-/// Open descriptors of this process.
-pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 /// TCP sockets of this network namespace with a local or remote port in `ports`: (state, inode) pairs
 /// read from /proc/net/tcp and tcp6 (state in the kernel's hex code, e.g. [`TCP_TIME_WAIT`]).
 pub fn tcp_sockets_on_ports(ports: &[u16]) -> Vec<(u8, String)> {
