@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::pool::{ActiveGuard, Backend};
-use crate::relay::{self, RelayOutcome};
+use crate::relay::{self, End, RelayOutcome};
 use crate::routelog::{self, Route};
 use crate::service::Service;
 
@@ -83,7 +83,8 @@ pub async fn serve(
                 Refused::NoBackend => &service.stats.no_backend,
                 Refused::ConnectFailed => &service.stats.connect_failed,
                 Refused::OverLimit => &service.stats.over_limit,
-                Refused::DrainDeadline => &service.stats.connect_failed,
+                // Cut while connecting: counted with the relays the deadline cut.
+                Refused::DrainDeadline => &service.stats.ends[End::DrainDeadline as usize],
             };
             counter.fetch_add(1, Relaxed);
             route.finish_refused(refused, started);
