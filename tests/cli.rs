@@ -838,3 +838,19 @@ async fn text_format_writes_key_value_lines() {
         "declared order: {failed}"
     );
 }
+
+/// IPv6: a service on [::1] in front of a backend on [::1].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_listen_and_backend() {
+    let backend = Backend::serve(listen("[::1]:0".parse().unwrap()), echo);
+    let y = format!(
+        "log: {{level: info, format: json}}\nservices:\n  - name: v6\n    listen: \"[::1]:0\"\n    backends: [{{address: \"{}\"}}]\n",
+        backend.addr
+    );
+    let mut sg = Sg::start(&y);
+    assert!(sg.addr.is_ipv6());
+    assert_eq!(round_trip(sg.addr, b"over v6").await.unwrap(), b"over v6");
+    sg.signal(libc::SIGTERM);
+    assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(10))), 0);
+    assert_eq!(sg.routes()[0]["backend"], backend.addr.to_string());
+}
