@@ -37,15 +37,17 @@ pub struct ServiceStats {
     pub no_backend_transitions: AtomicU64,
     /// Relayed connections by how they ended, indexed like [`End::ALL`].
     pub ends: [AtomicU64; End::ALL.len()],
+    /// Relayed connections in which at least one direction ran on splice.
+    pub spliced: AtomicU64,
 }
 
 impl ServiceStats {
     pub fn count_end(&self, end: End) {
-        self.ends[end as usize].fetch_add(1, Relaxed);
+        self.ends[end.index()].fetch_add(1, Relaxed);
     }
 
     pub fn ended(&self, end: End) -> u64 {
-        self.ends[end as usize].load(Relaxed)
+        self.ends[end.index()].load(Relaxed)
     }
 
     /// Every counter on one line, for diagnostics.

@@ -84,7 +84,7 @@ pub async fn serve(
                 Refused::ConnectFailed => &service.stats.connect_failed,
                 Refused::OverLimit => &service.stats.over_limit,
                 // Cut while connecting: counted with the relays the deadline cut.
-                Refused::DrainDeadline => &service.stats.ends[End::DrainDeadline as usize],
+                Refused::DrainDeadline => &service.stats.ends[End::DrainDeadline.index()],
             };
             counter.fetch_add(1, Relaxed);
             route.finish_refused(refused, started);
@@ -103,6 +103,9 @@ pub async fn serve(
         .bytes_down
         .fetch_add(outcome.bytes_down, Relaxed);
     service.stats.count_end(outcome.end);
+    if outcome.spliced {
+        service.stats.spliced.fetch_add(1, Relaxed);
+    }
     route.finish(outcome, started);
     routelog::emit(&route);
 }

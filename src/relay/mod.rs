@@ -65,6 +65,11 @@ impl End {
         End::DrainDeadline,
     ];
 
+    /// Position in [`End::ALL`], for per-end counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             End::ClientClosed => "client_closed",
@@ -85,6 +90,8 @@ pub struct RelayOutcome {
     /// Bytes written to the client.
     pub bytes_down: u64,
     pub end: End,
+    /// Whether either direction ran on splice, i.e. held a pipe (for `auto`: carried bulk data).
+    pub spliced: bool,
 }
 
 /// How one direction ended.
@@ -103,6 +110,8 @@ struct Flow {
     bytes: AtomicU64,
     /// This direction read EOF from its source.
     eof: AtomicBool,
+    /// This direction runs on splice (holds a pipe).
+    spliced: AtomicBool,
     /// Milliseconds since the relay started at the last successful write, for the idle timer.
     last_active_ms: AtomicU64,
 }
@@ -180,6 +189,7 @@ pub async fn relay(
         bytes_up: up.bytes.load(Relaxed),
         bytes_down: down.bytes.load(Relaxed),
         end,
+        spliced: up.spliced.load(Relaxed) || down.spliced.load(Relaxed),
     }
 }
 
@@ -199,6 +209,7 @@ impl Flow {
             bytes: AtomicU64::new(0),
             last_active_ms: AtomicU64::new(0),
             eof: AtomicBool::new(false),
+            spliced: AtomicBool::new(false),
         }
     }
 
@@ -271,13 +282,14 @@ async fn pump_splice(
     start: Instant,
 ) -> DirEnd {
     use std::os::fd::AsRawFd;
+    flow.spliced.store(true, Relaxed);
     let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
     loop {
         // The pipe is empty here: fill it from the socket.
         if let Err(e) = src.readable().await {
             return DirEnd::SourceError(e);
         }
-        // Plain try_io, not io_once: a short splice does not mean the socket is drained (the pipe's 16
+        // Plain try_io, not read_once: a short splice does not mean the socket is drained (the pipe's 16
         // buffer slots can fill with small segments first), and clearing readiness then would stall.
         match src.try_io(Interest::READABLE, || {
             pipe.fill_from(src_fd, splice::PIPE_SIZE)
@@ -334,8 +346,8 @@ fn read_once(sock: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 
 /// The source sent FIN: pass it on and leave the other direction running. When the other direction has
 /// already ended, the relay is over and the caller closes `dst` at once, which sends the FIN anyway
-/// (nothing unread can remain: its own EOF was read), so the shutdown call is skipped: one syscall, and
-/// about a tenth of the proxy's CPU per short connection.
+/// (nothing unread can remain: its own EOF was read), so the shutdown call is skipped. Measured with perf on a
+/// connection-per-request load: the FIN's work moves into close(), so only the syscall is saved (~1 %).
 fn finish(dst: &TcpStream, flow: &Flow, other: &Flow) -> DirEnd {
     flow.eof.store(true, Relaxed);
     if other.eof.load(Relaxed) {
@@ -345,5 +357,17 @@ fn finish(dst: &TcpStream, flow: &Flow, other: &Flow) -> DirEnd {
         // ENOTCONN: the destination is already gone; the other direction will see it.
         Err(e) if e.kind() != io::ErrorKind::NotConnected => DirEnd::DestError(e),
         _ => DirEnd::Eof,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::End;
+
+    #[test]
+    fn end_indices_follow_all() {
+        for (i, e) in End::ALL.iter().enumerate() {
+            assert_eq!(e.index(), i, "{e:?}");
+        }
     }
 }
