@@ -176,6 +176,15 @@ impl Proxy {
             .expect("known backend")
     }
 
+    /// Waits until `n` relayed connections ended as `end`.
+    pub async fn wait_ended(&self, end: sluicegate::relay::End, n: u64) {
+        let what = format!("{n} connection(s) ended as {}", end.as_str());
+        wait_for(Duration::from_secs(5), &what, || {
+            self.service.stats.ended(end) == n
+        })
+        .await;
+    }
+
     /// Sum of every backend's active count.
     pub fn active_to_backends(&self) -> u64 {
         self.service.pool.members().iter().map(|b| b.active()).sum()
