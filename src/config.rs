@@ -333,10 +333,37 @@ pub enum OnRemoved {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
+    /// Re-resolution period of every DNS name of the service (jittered by ±10 %).
     #[serde(default = "default_refresh")]
     pub refresh: Dur,
+    /// What happens to the sessions of a backend that left DNS.
     #[serde(default)]
     pub on_removed: OnRemoved,
+    /// With `on_removed: drain`: how long those sessions may still run before they are closed.
+    #[serde(default = "default_removed_drain")]
+    pub drain_timeout: Dur,
+    /// Consecutive NXDOMAIN / no-record answers before a name's backends are removed (a timeout or
+    /// SERVFAIL never removes anything).
+    #[serde(default = "default_empty_after")]
+    pub empty_after: u32,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            refresh: default_refresh(),
+            on_removed: OnRemoved::default(),
+            drain_timeout: default_removed_drain(),
+            empty_after: default_empty_after(),
+        }
+    }
+}
+
+fn default_removed_drain() -> Dur {
+    Dur::secs(30)
+}
+fn default_empty_after() -> u32 {
+    3
 }
 
 fn default_refresh() -> Dur {
@@ -483,10 +510,6 @@ fn default_max_connections() -> u32 {
     10_000
 }
 
-const NOT_YET_DISCOVERY: &str = "not supported yet: DNS discovery is not built in this version";
-const NOT_YET_HEALTH: &str =
-    "not supported yet: active health checks are not built in this version (use kind: none)";
-
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -555,8 +578,13 @@ impl Config {
         if self.resolver.timeout.is_zero() {
             p.add("resolver.timeout", "must be greater than 0");
         }
-        if !self.resolver.nameservers.is_empty() {
-            p.add("resolver.nameservers", NOT_YET_DISCOVERY);
+        for (k, ns) in self.resolver.nameservers.iter().enumerate() {
+            if ns.port() == 0 || ns.ip().is_unspecified() {
+                p.add(
+                    format!("resolver.nameservers[{k}]"),
+                    format!("{ns} is not a usable name server address"),
+                );
+            }
         }
         if self.shutdown.delay > self.shutdown.drain_timeout {
             p.add(
@@ -608,12 +636,6 @@ impl Config {
                         format!("duplicate of backends[{j}] ({})", b.address),
                     );
                 }
-                if let BackendAddress::Name { .. } = b.address {
-                    p.add(
-                        bat("address"),
-                        format!("{} is a DNS name: {NOT_YET_DISCOVERY}", b.address),
-                    );
-                }
                 if let BackendAddress::Ip(a) = b.address {
                     if a.port() == 0 {
                         p.add(bat("address"), "port must be a number from 1 to 65535");
@@ -632,17 +654,26 @@ impl Config {
                     );
                 }
             }
-            if s.discovery.is_some() {
-                p.add(at("discovery"), NOT_YET_DISCOVERY);
-            }
             if let Some(d) = &s.discovery {
                 if d.refresh < Dur::millis(100) {
                     p.add(at("discovery.refresh"), "must be at least 100ms");
                 }
+                if d.empty_after == 0 {
+                    p.add(at("discovery.empty_after"), "must be at least 1");
+                }
+                if d.drain_timeout.is_zero() {
+                    p.add(at("discovery.drain_timeout"), "must be greater than 0");
+                }
             }
             let h = &s.health;
-            if h.kind != HealthKind::None {
-                p.add(at("health.kind"), NOT_YET_HEALTH);
+            if h.kind != HealthKind::None && h.timeout > h.interval {
+                p.add(
+                    at("health.timeout"),
+                    format!(
+                        "must not exceed health.interval ({}): one probe per backend at a time",
+                        h.interval
+                    ),
+                );
             }
             if h.interval.is_zero() {
                 p.add(at("health.interval"), "must be greater than 0");
@@ -686,12 +717,6 @@ impl Config {
             }
             if s.max_connections == 0 {
                 p.add(at("max_connections"), "must be at least 1");
-            }
-            if !s.slow_start.is_zero() {
-                p.add(
-                    at("slow_start"),
-                    "not supported yet: slow start arrives with health checks",
-                );
             }
         }
         p.0
@@ -775,13 +800,6 @@ mod tests {
 
     #[test]
     fn later_features_are_refused_not_ignored() {
-        let err = Config::from_yaml(&one_service("    health:\n      kind: tcp\n"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("services[0].health.kind: not supported yet"),
-            "{err}"
-        );
         let err = Config::from_yaml(&format!(
             "admin:\n  listen: 127.0.0.1:9090\n{}",
             one_service("")

@@ -7,12 +7,15 @@
 //! - [`session`]: one client's life: select, connect with retry on another backend, relay, account.
 //! - [`balance`]: the selection policies (least_conn, round_robin, weighted_round_robin, p2c,
 //!   source_hash), built per pool snapshot and lock-free on the hot path.
-//! - [`pool`]: backends, their counters and passive ejection, and the snapshot the hot path reads.
+//! - [`pool`]: backends and their counters, membership by diff, eligibility (health, passive ejection,
+//!   drain, slow start), and the snapshot the hot path reads.
 //! - [`relay`]: moving bytes both ways with half-close and reset propagation, by copy or splice.
 //! - [`routelog`]: the one routing-decision line per connection.
 //!
 //! Around them:
 //!
+//! - [`discovery`]: DNS names re-resolved on a timer into each pool's desired backend set.
+//! - [`health`]: active probes (TCP, HTTP) and the rise/fall state machine that returns transitions.
 //! - [`config`]: the YAML schema and its validation, with key paths in every error.
 //! - [`service`]: a configured service at run time: settings, pool, counters.
 //! - [`lifecycle`]: bind, serve, and drain on stop with a deadline.
@@ -23,6 +26,8 @@
 
 pub mod balance;
 pub mod config;
+pub mod discovery;
+pub mod health;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;
@@ -32,4 +37,4 @@ pub mod routelog;
 pub mod service;
 pub mod session;
 
-pub use lifecycle::{run, Server, Stopped};
+pub use lifecycle::{run, Server, StartError, Stopped};

@@ -4,8 +4,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{BackendAddress, Policy, ServiceConfig};
-use crate::pool::{Backend, Passive, Pool};
+use crate::config::{BackendAddress, DiscoveryConfig, Policy, ServiceConfig};
+use crate::discovery::{self, NameSpec, Watcher};
+use crate::health::ProbeSpec;
+use crate::pool::{Passive, Pool, PoolSettings, Source};
 use crate::relay::{End, RelayOptions};
 
 pub struct Service {
@@ -17,6 +19,11 @@ pub struct Service {
     pub max_connections: u64,
     pub relay: RelayOptions,
     pub stats: ServiceStats,
+    /// The DNS names among the configured backends, each watched by a [`discovery`] task.
+    pub names: Vec<NameSpec>,
+    pub discovery: DiscoveryConfig,
+    /// The running DNS watchers (filled when the service starts).
+    pub watchers: std::sync::Mutex<Vec<Watcher>>,
 }
 
 #[derive(Debug, Default)]
@@ -70,21 +77,34 @@ impl ServiceStats {
 impl Service {
     pub fn from_config(cfg: &ServiceConfig) -> Service {
         let name: Arc<str> = cfg.name.as_str().into();
-        let members = cfg
+        let statics: Vec<_> = cfg
             .backends
             .iter()
             .filter_map(|b| match b.address {
-                BackendAddress::Ip(a) => Some(Arc::new(Backend::new(a, b.weight))),
-                // Validation refuses names until discovery exists.
-                BackendAddress::Name { .. } => None,
+                BackendAddress::Ip(a) => Some((a, b.weight)),
+                BackendAddress::Name { .. } => None, // claimed by its DNS watcher
             })
             .collect();
-        let passive = Passive {
-            max_fails: cfg.passive.max_fails,
-            cooldown: cfg.passive.cooldown.0,
+        let discovery = cfg.discovery.clone().unwrap_or_default();
+        let settings = PoolSettings {
+            policy: cfg.balance,
+            passive: Passive {
+                max_fails: cfg.passive.max_fails,
+                cooldown: cfg.passive.cooldown.0,
+            },
+            probes: ProbeSpec::from_config(&cfg.health).map(Arc::new),
+            on_down: cfg.health.on_down,
+            on_removed: discovery.on_removed,
+            removed_drain: discovery.drain_timeout.0,
+            slow_start: cfg.slow_start.0,
         };
+        let pool = Pool::new(name.clone(), settings);
+        pool.reconcile(Source::Static, statics);
         Service {
-            pool: Arc::new(Pool::new(name.clone(), cfg.balance, passive, members)),
+            pool: Arc::new(pool),
+            names: discovery::names(cfg),
+            discovery,
+            watchers: std::sync::Mutex::new(Vec::new()),
             name,
             policy: cfg.balance,
             connect_timeout: cfg.connect_timeout.0,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::pool::{ActiveGuard, Backend};
+use crate::pool::{ActiveGuard, Backend, CutSignal};
 use crate::relay::{self, End, RelayOutcome};
 use crate::routelog::{self, Route};
 use crate::service::Service;
@@ -76,7 +76,7 @@ pub async fn serve(
         c = connect(&service, peer, &mut route) => c,
         () = deadline.cancelled() => Err(Refused::DrainDeadline),
     };
-    let (backend, stream, _active) = match connected {
+    let (backend, stream, _active, signal) = match connected {
         Ok(c) => c,
         Err(refused) => {
             let counter = match refused {
@@ -93,7 +93,14 @@ pub async fn serve(
         }
     };
     let _ = stream.set_nodelay(true);
-    let outcome: RelayOutcome = relay::relay(&client, &stream, &service.relay, &deadline).await;
+    // Cut at the drain deadline, or when the backend's sessions are closed (health, discovery).
+    let cut = async {
+        tokio::select! {
+            () = deadline.cancelled() => End::DrainDeadline,
+            end = signal.cut() => end,
+        }
+    };
+    let outcome: RelayOutcome = relay::relay(&client, &stream, &service.relay, cut).await;
     // Close both now (the relay may have left a FIN, or an armed reset, to this close).
     drop(stream);
     drop(client);
@@ -116,7 +123,7 @@ async fn connect(
     service: &Arc<Service>,
     peer: SocketAddr,
     route: &mut Route,
-) -> Result<(Arc<Backend>, TcpStream, ActiveGuard), Refused> {
+) -> Result<(Arc<Backend>, TcpStream, ActiveGuard, Arc<CutSignal>), Refused> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     let connect_start = Instant::now();
     loop {
@@ -135,12 +142,14 @@ async fn connect(
         route.backend = Some(backend.addr);
         // Counted from the start of the connect, for least-connections.
         let active = ActiveGuard::new(backend.clone());
+        // Taken before connecting, so a cut that happens meanwhile still reaches this session.
+        let signal = backend.cut_signal();
         match tokio::time::timeout(service.connect_timeout, TcpStream::connect(backend.addr)).await
         {
             Ok(Ok(stream)) => {
                 service.pool.connect_succeeded(&backend);
                 route.connect_ms = Some(connect_start.elapsed().as_secs_f64() * 1e3);
-                return Ok((backend, stream, active));
+                return Ok((backend, stream, active, signal));
             }
             Ok(Err(e)) if is_local_exhaustion(&e) => {
                 // Our own descriptors or ports ran out: not the backend's fault, so no ejection.

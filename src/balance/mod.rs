@@ -118,7 +118,7 @@ impl Rng {
 /// `a.active / a.weight < b.active / b.weight`, compared without division.
 #[inline]
 fn less_loaded(a: &Backend, a_active: u64, b: &Backend, b_active: u64) -> std::cmp::Ordering {
-    (a_active as u128 * b.weight as u128).cmp(&(b_active as u128 * a.weight as u128))
+    (a_active as u128 * b.eff_weight() as u128).cmp(&(b_active as u128 * a.eff_weight() as u128))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ impl P2c {
         let prefix = ready
             .iter()
             .map(|b| {
-                sum += b.weight as u64;
+                sum += b.eff_weight() as u64;
                 sum
             })
             .collect();

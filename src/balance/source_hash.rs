@@ -98,14 +98,18 @@ fn maglev_table(ready: &[Arc<Backend>]) -> Vec<u32> {
             (offset, skip)
         })
         .collect();
-    let max_w = ready.iter().map(|b| b.weight as u64).max().unwrap_or(1);
+    let max_w = ready
+        .iter()
+        .map(|b| b.eff_weight() as u64)
+        .max()
+        .unwrap_or(1);
     let mut next = vec![0usize; n];
     let mut credit = vec![0u64; n];
     let mut table = vec![u32::MAX; m];
     let mut filled = 0;
     while filled < m {
         for i in 0..n {
-            credit[i] += ready[i].weight as u64;
+            credit[i] += ready[i].eff_weight() as u64;
             while credit[i] >= max_w && filled < m {
                 credit[i] -= max_w;
                 let (offset, skip) = perms[i];

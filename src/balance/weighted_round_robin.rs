@@ -54,6 +54,9 @@ impl Balancer for WeightedRoundRobin {
     }
 }
 
+/// Longest schedule kept per snapshot.
+const MAX_PERIOD: i64 = 1 << 16;
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a
@@ -66,9 +69,20 @@ fn gcd(a: u64, b: u64) -> u64 {
 fn smooth_schedule(ready: &[Arc<Backend>]) -> Vec<u32> {
     let g = ready
         .iter()
-        .fold(0u64, |g, b| gcd(g, b.weight as u64))
+        .fold(0u64, |g, b| gcd(g, b.eff_weight() as u64))
         .max(1);
-    let weights: Vec<i64> = ready.iter().map(|b| (b.weight as u64 / g) as i64).collect();
+    let mut weights: Vec<i64> = ready
+        .iter()
+        .map(|b| (b.eff_weight() as u64 / g) as i64)
+        .collect();
+    let sum: i64 = weights.iter().sum();
+    if sum > MAX_PERIOD {
+        // Slow start can make the weights coprime and the period huge: scale it down, keeping every
+        // backend in it (shares move by at most 1/MAX_PERIOD each).
+        for w in &mut weights {
+            *w = (*w * MAX_PERIOD / sum).max(1);
+        }
+    }
     let total: i64 = weights.iter().sum();
     let mut current = vec![0i64; ready.len()];
     let mut schedule = Vec::with_capacity(total as usize);

@@ -26,7 +26,6 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayMode;
 
@@ -52,10 +51,14 @@ pub enum End {
     IdleTimeout,
     HalfCloseTimeout,
     DrainDeadline,
+    /// Cut because health checks marked the backend down (`on_down: close`).
+    BackendDown,
+    /// Cut because the backend left discovery (`on_removed: close`, or its drain deadline passed).
+    BackendRemoved,
 }
 
 impl End {
-    pub const ALL: [End; 7] = [
+    pub const ALL: [End; 9] = [
         End::ClientClosed,
         End::BackendClosed,
         End::ClientReset,
@@ -63,6 +66,8 @@ impl End {
         End::IdleTimeout,
         End::HalfCloseTimeout,
         End::DrainDeadline,
+        End::BackendDown,
+        End::BackendRemoved,
     ];
 
     /// Position in [`End::ALL`], for per-end counters.
@@ -79,6 +84,8 @@ impl End {
             End::IdleTimeout => "idle_timeout",
             End::HalfCloseTimeout => "half_close_timeout",
             End::DrainDeadline => "drain_deadline",
+            End::BackendDown => "backend_down",
+            End::BackendRemoved => "backend_removed",
         }
     }
 }
@@ -116,14 +123,15 @@ struct Flow {
     last_active_ms: AtomicU64,
 }
 
-/// Relays until both directions end, one side fails, a timeout fires or `deadline` is cancelled.
+/// Relays until both directions end, one side fails, a timeout fires or `cut` completes (the drain
+/// deadline, or the backend's sessions being closed), which ends the relay with the `End` it yields.
 /// On return, resets have been armed (SO_LINGER 0) on the side that must see one; the caller closes both
 /// sockets by dropping them.
 pub async fn relay(
     client: &TcpStream,
     backend: &TcpStream,
     opts: &RelayOptions,
-    deadline: &CancellationToken,
+    cut: impl std::future::Future<Output = End>,
 ) -> RelayOutcome {
     let start = Instant::now();
     let up = Flow::new();
@@ -138,8 +146,7 @@ pub async fn relay(
     // Half-closing restarts the inactivity clock.
     let mut quiet_floor = start;
     let timer = tokio::time::sleep(limit);
-    let cancelled = deadline.cancelled();
-    tokio::pin!(timer, cancelled);
+    tokio::pin!(timer, cut);
     let (mut up_done, mut down_done) = (false, false);
     let mut first_fin: Option<End> = None;
 
@@ -170,10 +177,10 @@ pub async fn relay(
                 timer.as_mut().reset(quiet_since + limit);
                 continue;
             }
-            () = &mut cancelled => {
-                // Cut at the drain deadline: a reset on both sides, so neither mistakes the cut for the end.
-                reset(client, End::DrainDeadline, None);
-                break reset(backend, End::DrainDeadline, None);
+            end = &mut cut => {
+                // A reset on both sides, so neither mistakes the cut for the end of the stream.
+                reset(client, end, None);
+                break reset(backend, end, None);
             }
         }
         // A direction ended with EOF.

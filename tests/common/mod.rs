@@ -2,6 +2,9 @@
 //! and waits that end on a condition or a timeout (never a fixed sleep for readiness).
 #![allow(dead_code)]
 
+pub mod dns;
+pub mod fleet;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -138,10 +141,13 @@ impl Proxy {
         let server = Server::bind(&config).expect("bind");
         let addr = server.local_addrs()[0].1;
         let service = server.services()[0].clone();
+        let readiness = server.readiness();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = rx.await;
         }));
+        // Start-up waits for the first DNS answers and probes; the tests start from a served state.
+        within(Duration::from_secs(10), "proxy ready", readiness.wait_ready()).await;
         Proxy {
             addr,
             service,

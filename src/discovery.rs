@@ -1,0 +1,372 @@
+//! DNS discovery: a backend address whose host is a name becomes one backend per A/AAAA record.
+//!
+//! One watcher task per (service, name) re-resolves every `discovery.refresh` (±10 % jitter) and hands
+//! the answer to the pool as that name's claim ([`Pool::reconcile`]), which applies the difference.
+//! Resolution never runs on the connection path: sessions only read the pool's snapshot.
+//!
+//! Answers are trusted by kind (facts about Docker's embedded DNS in ../shared/DESIGN.md):
+//! - records: the name's set is exactly them;
+//! - a timeout, SERVFAIL or any transport error: the last good set stays (a resolver hiccup must not
+//!   empty a pool);
+//! - NXDOMAIN or no records (a service scaled to 0): the set is emptied only after `empty_after`
+//!   consecutive such answers.
+//!
+//! The resolver's cache is off (Docker answers with TTL 600, which would hide scaling for ten
+//! minutes); the watcher owns the timing instead. A watcher has at most one query in flight, and an
+//! early refresh asked for by the pool (a backend of the name failed) waits until `refresh / 4` after
+//! the previous query, so nothing that happens to backends can raise the query rate per name above
+//! one per `max(refresh / 4, 250 ms)`.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::config::{
+    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig as HickoryConfig,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::TokioResolver;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::Rng;
+use crate::config::{BackendAddress, DiscoveryConfig, ResolverConfig, ServiceConfig};
+use crate::pool::{Pool, Source};
+
+/// The resolver could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the DNS resolver ({what}): {reason}")]
+pub struct ResolverError {
+    what: String,
+    reason: String,
+}
+
+/// Builds the resolver: the configured name servers, or the system's (`/etc/resolv.conf`).
+pub fn resolver(cfg: &ResolverConfig) -> Result<TokioResolver, ResolverError> {
+    let provider = TokioRuntimeProvider::default();
+    let mut builder = if cfg.nameservers.is_empty() {
+        TokioResolver::builder_tokio().map_err(|e| ResolverError {
+            what: "system configuration".into(),
+            reason: e.to_string(),
+        })?
+    } else {
+        let servers = cfg
+            .nameservers
+            .iter()
+            .map(|ns| {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = ns.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = ns.port();
+                let mut c = NameServerConfig::udp_and_tcp(ns.ip());
+                c.connections = vec![udp, tcp];
+                c
+            })
+            .collect();
+        TokioResolver::builder_with_config(HickoryConfig::from_name_servers(servers), provider)
+    };
+    let o = builder.options_mut();
+    o.cache_size = 0;
+    o.timeout = cfg.timeout.0;
+    // One try per refresh: the next refresh is the retry, and a slow resolver must not stack queries.
+    o.attempts = 1;
+    o.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    builder.build().map_err(|e| ResolverError {
+        what: "options".into(),
+        reason: e.to_string(),
+    })
+}
+
+/// One DNS name of a service, as configured.
+#[derive(Debug, Clone)]
+pub struct NameSpec {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    /// `host:port`, the name's identity as a [`Source`].
+    pub label: Arc<str>,
+}
+
+/// The DNS names among a service's backends.
+pub fn names(cfg: &ServiceConfig) -> Vec<NameSpec> {
+    cfg.backends
+        .iter()
+        .filter_map(|b| match &b.address {
+            BackendAddress::Name { host, port } => Some(NameSpec {
+                host: host.clone(),
+                port: *port,
+                weight: b.weight,
+                label: b.address.to_string().into(),
+            }),
+            BackendAddress::Ip(_) => None,
+        })
+        .collect()
+}
+
+/// What one query said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Records(BTreeSet<IpAddr>),
+    /// NXDOMAIN or no A/AAAA records.
+    Empty(String),
+    /// Timeout, SERVFAIL, transport error: says nothing about the name.
+    Failed(String),
+}
+
+/// Counters of a watcher, for metrics.
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    pub queries: AtomicU64,
+    pub records: AtomicU64,
+    pub empty: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// The decision logic of a watcher, apart from the network: what the name's set becomes after each
+/// answer.
+#[derive(Debug)]
+pub struct NameState {
+    /// The set the pool has for this name; `None` before the first usable answer.
+    current: Option<BTreeSet<IpAddr>>,
+    empties: u32,
+    empty_after: u32,
+    failing: bool,
+}
+
+/// What the watcher must do after an answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Claim exactly this set (it changed).
+    Set(BTreeSet<IpAddr>),
+    /// Nothing changes.
+    Keep,
+}
+
+impl NameState {
+    pub fn new(empty_after: u32) -> NameState {
+        NameState {
+            current: None,
+            empties: 0,
+            empty_after: empty_after.max(1),
+            failing: false,
+        }
+    }
+
+    pub fn apply(&mut self, answer: &Answer) -> Verdict {
+        match answer {
+            Answer::Records(set) => {
+                self.empties = 0;
+                self.failing = false;
+                if self.current.as_ref() == Some(set) {
+                    Verdict::Keep
+                } else {
+                    self.current = Some(set.clone());
+                    Verdict::Set(set.clone())
+                }
+            }
+            Answer::Empty(_) => {
+                self.failing = false;
+                self.empties = self.empties.saturating_add(1);
+                let has = self.current.as_ref().is_some_and(|c| !c.is_empty());
+                if self.empties >= self.empty_after && (has || self.current.is_none()) {
+                    self.current = Some(BTreeSet::new());
+                    Verdict::Set(BTreeSet::new())
+                } else {
+                    Verdict::Keep
+                }
+            }
+            Answer::Failed(_) => {
+                self.failing = true;
+                Verdict::Keep
+            }
+        }
+    }
+}
+
+/// Asks the resolver once, bounded by `limit`.
+pub async fn query(resolver: &TokioResolver, host: &str, limit: Duration) -> Answer {
+    match tokio::time::timeout(limit, resolver.lookup_ip(host)).await {
+        Err(_) => Answer::Failed("timed out".into()),
+        Ok(Ok(lookup)) => {
+            let set: BTreeSet<IpAddr> = lookup.iter().collect();
+            if set.is_empty() {
+                Answer::Empty("no A/AAAA records".into())
+            } else {
+                Answer::Records(set)
+            }
+        }
+        Ok(Err(e)) if e.is_no_records_found() => Answer::Empty(e.to_string()),
+        Ok(Err(e)) => Answer::Failed(e.to_string()),
+    }
+}
+
+/// A running watcher's handle.
+pub struct Watcher {
+    pub label: Arc<str>,
+    pub stats: Arc<WatchStats>,
+}
+
+/// Everything a watcher needs.
+pub struct WatchSpec {
+    pub service: Arc<str>,
+    pub pool: Arc<Pool>,
+    pub resolver: TokioResolver,
+    pub name: NameSpec,
+    pub settings: DiscoveryConfig,
+    /// Bound on one query, whatever the resolver does.
+    pub query_limit: Duration,
+}
+
+/// Starts the watcher of `spec.name` for `spec.pool` until `stop`; `first` fires after its first answer
+/// (whatever it was).
+pub fn watch(spec: WatchSpec, stop: CancellationToken, first: oneshot::Sender<()>) -> Watcher {
+    let WatchSpec {
+        service,
+        pool,
+        resolver,
+        name,
+        settings,
+        query_limit,
+    } = spec;
+    let stats = Arc::new(WatchStats::default());
+    let nudge = Arc::new(Notify::new());
+    pool.register_dns_nudge(name.label.clone(), nudge.clone());
+    let watcher = Watcher {
+        label: name.label.clone(),
+        stats: stats.clone(),
+    };
+    tokio::spawn(async move {
+        let rng = Rng::from_entropy();
+        let refresh = settings.refresh.0;
+        let min_gap = (refresh / 4).max(Duration::from_millis(250));
+        let mut state = NameState::new(settings.empty_after);
+        let mut first = Some(first);
+        let mut last_query: Option<Instant> = None;
+        let mut next = Instant::now();
+        let source = Source::Dns(name.label.clone());
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep_until(next) => {}
+                () = nudge.notified() => {
+                    if let Some(t) = last_query {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep_until(t + min_gap) => {}
+                        }
+                    }
+                }
+            }
+            let started = Instant::now();
+            last_query = Some(started);
+            stats.queries.fetch_add(1, Relaxed);
+            let answer = tokio::select! {
+                () = stop.cancelled() => return,
+                a = query(&resolver, &name.host, query_limit) => a,
+            };
+            let was_failing = state.failing;
+            let verdict = state.apply(&answer);
+            match &answer {
+                Answer::Records(set) => {
+                    stats.records.fetch_add(1, Relaxed);
+                    if was_failing {
+                        tracing::info!(service = %service, name = %name.label, records = set.len(), "DNS answers again");
+                    }
+                    let addrs: Vec<SocketAddr> = set
+                        .iter()
+                        .map(|ip| SocketAddr::new(*ip, name.port))
+                        .collect();
+                    if let Verdict::Set(_) = verdict {
+                        tracing::info!(service = %service, name = %name.label, records = %join(&addrs), "DNS answer changed");
+                        pool.reconcile(
+                            source.clone(),
+                            addrs.iter().map(|a| (*a, name.weight)).collect(),
+                        );
+                    }
+                    pool.dns_seen(&addrs);
+                }
+                Answer::Empty(why) => {
+                    stats.empty.fetch_add(1, Relaxed);
+                    if let Verdict::Set(_) = verdict {
+                        tracing::warn!(service = %service, name = %name.label, answer = %why, times = state.empties, "DNS name has no records: removing its backends");
+                        pool.reconcile(source.clone(), Vec::new());
+                    } else {
+                        tracing::debug!(service = %service, name = %name.label, answer = %why, times = state.empties, "DNS name has no records");
+                    }
+                }
+                Answer::Failed(why) => {
+                    stats.failed.fetch_add(1, Relaxed);
+                    if !was_failing {
+                        tracing::warn!(service = %service, name = %name.label, error = %why, "DNS query failed: keeping the last known backends");
+                    } else {
+                        tracing::debug!(service = %service, name = %name.label, error = %why, "DNS query failed");
+                    }
+                }
+            }
+            if let Some(tx) = first.take() {
+                let _ = tx.send(());
+            }
+            let jitter = 0.9 + rng.below(201) as f64 / 1000.0;
+            next = started + refresh.mul_f64(jitter);
+        }
+    });
+    watcher
+}
+
+fn join(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ips: &[[u8; 4]]) -> BTreeSet<IpAddr> {
+        ips.iter().map(|ip| IpAddr::from(*ip)).collect()
+    }
+
+    #[test]
+    fn records_replace_the_set_and_repeat_answers_change_nothing() {
+        let mut s = NameState::new(3);
+        let a = Answer::Records(set(&[[10, 0, 0, 1]]));
+        assert_eq!(s.apply(&a), Verdict::Set(set(&[[10, 0, 0, 1]])));
+        assert_eq!(s.apply(&a), Verdict::Keep);
+        let b = Answer::Records(set(&[[10, 0, 0, 1], [10, 0, 0, 2]]));
+        assert_eq!(
+            s.apply(&b),
+            Verdict::Set(set(&[[10, 0, 0, 1], [10, 0, 0, 2]]))
+        );
+    }
+
+    #[test]
+    fn failures_keep_the_last_good_set() {
+        let mut s = NameState::new(3);
+        s.apply(&Answer::Records(set(&[[10, 0, 0, 1]])));
+        for _ in 0..100 {
+            assert_eq!(s.apply(&Answer::Failed("SERVFAIL".into())), Verdict::Keep);
+        }
+    }
+
+    #[test]
+    fn empty_answers_remove_only_after_empty_after_in_a_row() {
+        let mut s = NameState::new(3);
+        s.apply(&Answer::Records(set(&[[10, 0, 0, 1]])));
+        let nx = Answer::Empty("NXDOMAIN".into());
+        assert_eq!(s.apply(&nx), Verdict::Keep);
+        assert_eq!(s.apply(&nx), Verdict::Keep);
+        // a failure in between does not reset the count, records do
+        assert_eq!(s.apply(&Answer::Failed("timeout".into())), Verdict::Keep);
+        s.apply(&Answer::Records(set(&[[10, 0, 0, 1]])));
+        assert_eq!(s.apply(&nx), Verdict::Keep);
+        assert_eq!(s.apply(&nx), Verdict::Keep);
+        assert_eq!(s.apply(&nx), Verdict::Set(BTreeSet::new()));
+        assert_eq!(s.apply(&nx), Verdict::Keep);
+    }
+}
