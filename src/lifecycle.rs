@@ -248,6 +248,7 @@ impl Server {
             if let Some(spec) = &service.pool.settings().probes {
                 service.pool.wait_probed(spec.timeout + STARTUP_GRACE).await;
             }
+            service.pool.warmed_up();
         }
     }
 }

@@ -120,6 +120,10 @@ pub struct Backend {
     probes: Mutex<std::collections::VecDeque<ProbeRecord>>,
     /// When the current slow-start ramp began.
     ramp_since: Mutex<Option<Instant>>,
+    /// Has taken traffic before: becoming eligible again is a recovery, which slow start ramps.
+    ever_ready: AtomicBool,
+    /// Joined after start-up: its first eligibility is ramped too.
+    joined_late: AtomicBool,
     cut: ArcSwap<CutSignal>,
 }
 
@@ -155,6 +159,8 @@ impl Backend {
             dns_last_seen_ms: AtomicU64::new(0),
             probes: Mutex::new(std::collections::VecDeque::with_capacity(PROBE_HISTORY)),
             ramp_since: Mutex::new(None),
+            ever_ready: AtomicBool::new(false),
+            joined_late: AtomicBool::new(false),
             cut: ArcSwap::from_pointee(CutSignal::default()),
         }
     }
@@ -381,6 +387,8 @@ struct Inner {
     /// The probe loop of each member, by address.
     probe_tasks: HashMap<SocketAddr, CancellationToken>,
     ramp_task: bool,
+    /// Start-up is over: backends added from now on are new arrivals (slow start ramps them).
+    warm: bool,
     /// The `Arc` this pool lives in, set by `start`, for the tasks it spawns.
     me: Weak<Pool>,
 }
@@ -396,7 +404,11 @@ impl Inner {
         let now = Instant::now();
         self.departed
             .retain(|(b, at)| b.active() > 0 || now.duration_since(*at) < REMEMBER_REMOVED);
-        let mut idle = self.departed.iter().filter(|(b, _)| b.active() == 0).count();
+        let mut idle = self
+            .departed
+            .iter()
+            .filter(|(b, _)| b.active() == 0)
+            .count();
         if idle > MAX_REMEMBERED {
             // Oldest first, as pushed.
             self.departed.retain(|(b, _)| {
@@ -440,6 +452,7 @@ impl Pool {
                 background: None,
                 probe_tasks: HashMap::new(),
                 ramp_task: false,
+                warm: false,
                 me: Weak::new(),
             }),
             snapshot: ArcSwap::from_pointee(Snapshot {
@@ -513,6 +526,11 @@ impl Pool {
         for b in &members {
             self.spawn_probes(&mut inner, b);
         }
+    }
+
+    /// Marks the end of start-up: from now on a backend that joins is ramped by slow start.
+    pub fn warmed_up(&self) {
+        lock(&self.inner).warm = true;
     }
 
     /// Waits until every member has been probed once, or `limit` passes. Without probes, returns at once.
@@ -626,6 +644,7 @@ impl Pool {
                 None => Arc::new(Backend::new(addr, w)),
             };
             b.weight.store(w, Relaxed);
+            b.joined_late.store(inner.warm, Relaxed);
             b.health.store(Health::Unknown as u8, Relaxed);
             b.state.store(State::Active as u8, Relaxed);
             let srcs: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
@@ -804,8 +823,10 @@ impl Pool {
         for b in &ready {
             let mut since = lock(&b.ramp_since);
             let newly = !previous.ready.iter().any(|p| Arc::ptr_eq(p, b));
-            // Only after start: the first members all start together, so a ramp would change nothing.
-            if newly && !slow.is_zero() && inner.background.is_some() {
+            // A recovery, or a backend that joined after start-up. The members present at start-up
+            // are not ramped: they start together, and a ramp would only slow the start.
+            let ramp = b.ever_ready.swap(true, Relaxed) || b.joined_late.load(Relaxed);
+            if newly && ramp && !slow.is_zero() {
                 *since = Some(now);
             }
             let full = b.weight() * WEIGHT_SCALE;

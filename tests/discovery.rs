@@ -63,7 +63,12 @@ async fn scale_1_to_3_to_1_spreads_then_concentrates() {
     let (port, _r) = replicas(2, 3);
     let dns = FakeDns::start().await;
     dns.set_ips("backend", &[[127, 0, 0, 2]]);
-    let proxy = Proxy::start(&yaml(dns.addr, port, "balance: round_robin\ndiscovery: {refresh: 200ms}")).await;
+    let proxy = Proxy::start(&yaml(
+        dns.addr,
+        port,
+        "balance: round_robin\ndiscovery: {refresh: 200ms}",
+    ))
+    .await;
     // The first answer is awaited before serving: the very first client finds the backend.
     assert_eq!(ips(&proxy), vec![ip(2)]);
     assert_eq!(spread(proxy.addr, 20).await, HashMap::from([(ip(2), 20)]));
@@ -100,7 +105,13 @@ async fn scale_3_to_5_to_1_follows() {
     fleet.push(replica_at(6, port));
     dns.set_ips(
         "backend",
-        &[[127, 0, 0, 2], [127, 0, 0, 3], [127, 0, 0, 4], [127, 0, 0, 5], [127, 0, 0, 6]],
+        &[
+            [127, 0, 0, 2],
+            [127, 0, 0, 3],
+            [127, 0, 0, 4],
+            [127, 0, 0, 5],
+            [127, 0, 0, 6],
+        ],
     );
     wait_members(&proxy, &[2, 3, 4, 5, 6], Duration::from_secs(3)).await;
     let counts = spread(proxy.addr, 250).await;
@@ -125,13 +136,19 @@ async fn a_moved_name_is_followed_and_the_old_address_gets_nothing() {
 
     dns.set_ips("backend", &[[127, 0, 0, 3]]);
     let moved = Instant::now();
-    within(Duration::from_millis(500 + 2000), "traffic follows the move", async {
-        while who(proxy.addr).await.expect("served") != ip(3) {}
-    })
+    within(
+        Duration::from_millis(500 + 2000),
+        "traffic follows the move",
+        async { while who(proxy.addr).await.expect("served") != ip(3) {} },
+    )
     .await;
     let old = fleet[0].data_connections();
     assert_eq!(spread(proxy.addr, 50).await, HashMap::from([(ip(3), 50)]));
-    assert_eq!(fleet[0].data_connections(), old, "no connection to the old address");
+    assert_eq!(
+        fleet[0].data_connections(),
+        old,
+        "no connection to the old address"
+    );
     eprintln!("followed after {:?}", moved.elapsed());
 }
 
@@ -141,7 +158,8 @@ async fn sessions_after_removal(policy: &str) -> (Vec<Session>, Proxy, FakeDns) 
     std::mem::forget(fleet); // the replicas outlive the proxy's verdict
     let dns = FakeDns::start().await;
     dns.set_ips("backend", &[[127, 0, 0, 2]]);
-    let extra = format!("discovery: {{refresh: 200ms, on_removed: {policy}, drain_timeout: 1500ms}}");
+    let extra =
+        format!("discovery: {{refresh: 200ms, on_removed: {policy}, drain_timeout: 1500ms}}");
     let proxy = Proxy::start(&yaml(dns.addr, port, &extra)).await;
     let mut sessions = Vec::new();
     for _ in 0..5 {
@@ -180,10 +198,16 @@ async fn on_removed_drain_runs_sessions_until_the_deadline() {
         s.ping().await.expect("draining session still works");
     }
     for s in &mut sessions {
-        assert!(s.closed_within(Duration::from_secs(4)).await, "cut at the deadline");
+        assert!(
+            s.closed_within(Duration::from_secs(4)).await,
+            "cut at the deadline"
+        );
     }
     let after = removed.elapsed();
-    assert!(after >= Duration::from_millis(1000), "not before the deadline: {after:?}");
+    assert!(
+        after >= Duration::from_millis(1000),
+        "not before the deadline: {after:?}"
+    );
     proxy.wait_ended(End::BackendRemoved, 5).await;
 }
 
@@ -209,7 +233,9 @@ async fn dns_outage_keeps_the_last_good_set() {
         let until = Instant::now() + Duration::from_secs(2);
         let mut n = 0;
         while Instant::now() < until {
-            who(proxy.addr).await.unwrap_or_else(|e| panic!("{reply:?}: connection failed: {e}"));
+            who(proxy.addr)
+                .await
+                .unwrap_or_else(|e| panic!("{reply:?}: connection failed: {e}"));
             n += 1;
         }
         assert!(dns.queries("backend") > q0, "the outage was queried");
@@ -233,7 +259,10 @@ async fn slow_dns_adds_no_latency() {
         worst = worst.max(t.elapsed());
     }
     // A query on the connection path would cost 300 ms (the resolver timeout) or 3 s.
-    assert!(worst < Duration::from_millis(250), "worst connection {worst:?}");
+    assert!(
+        worst < Duration::from_millis(250),
+        "worst connection {worst:?}"
+    );
     assert_eq!(ips(&proxy), vec![ip(2), ip(3)]);
 }
 
@@ -243,7 +272,12 @@ async fn nxdomain_empties_only_after_repeated_answers() {
     let (port, _fleet) = replicas(2, 1);
     let dns = FakeDns::start().await;
     dns.set_ips("backend", &[[127, 0, 0, 2]]);
-    let proxy = Proxy::start(&yaml(dns.addr, port, "discovery: {refresh: 1s, empty_after: 3}")).await;
+    let proxy = Proxy::start(&yaml(
+        dns.addr,
+        port,
+        "discovery: {refresh: 1s, empty_after: 3}",
+    ))
+    .await;
     let q0 = dns.queries("backend");
     dns.set("backend", Reply::NxDomain);
     // Two refreshes (A and AAAA each) answered NXDOMAIN: still there.

@@ -43,7 +43,9 @@ impl FakeDns {
     pub async fn start() -> FakeDns {
         let state = Arc::new(Mutex::new(State::default()));
         for _ in 0..50 {
-            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("udp");
             let addr = udp.local_addr().expect("addr");
             let Ok(tcp) = tokio::net::TcpListener::bind(addr).await else {
                 continue; // the TCP port is taken: try another

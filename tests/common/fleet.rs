@@ -110,7 +110,10 @@ fn replica_on(l: tokio::net::TcpListener) -> Replica {
 }
 
 async fn serve(mut s: TcpStream, p: Arc<Probes>) {
-    let me = s.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let me = s
+        .local_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     let mut first = [0u8; 11];
     if s.read_exact(&mut first).await.is_err() {
         return;
@@ -140,7 +143,8 @@ async fn serve(mut s: TcpStream, p: Arc<Probes>) {
         }
     }
     let mode = p.mode.load(Relaxed);
-    let status = |code: u16| format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let status =
+        |code: u16| format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     match mode {
         m if m == HealthMode::Hang as u8 => {
             let _ = s.read(&mut buf).await; // until the prober gives up and closes
@@ -197,7 +201,10 @@ impl Session {
         let mut line = String::new();
         r.read_line(&mut line).await?;
         let ip = line.trim().parse().map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("no backend answered ({line:?})"))
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("no backend answered ({line:?})"),
+            )
         })?;
         Ok((Session { r, w }, ip))
     }
@@ -210,7 +217,10 @@ impl Session {
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no echo"))??;
         if n == 0 || line != "ping\n" {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cut"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "cut",
+            ));
         }
         Ok(())
     }

@@ -147,7 +147,12 @@ impl Proxy {
             let _ = rx.await;
         }));
         // Start-up waits for the first DNS answers and probes; the tests start from a served state.
-        within(Duration::from_secs(10), "proxy ready", readiness.wait_ready()).await;
+        within(
+            Duration::from_secs(10),
+            "proxy ready",
+            readiness.wait_ready(),
+        )
+        .await;
         Proxy {
             addr,
             service,
