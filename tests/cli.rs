@@ -854,3 +854,46 @@ async fn ipv6_listen_and_backend() {
     assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(10))), 0);
     assert_eq!(sg.routes()[0]["backend"], backend.addr.to_string());
 }
+
+/// Discovery and health through the binary: backends come from the name server in the config, changes
+/// and health transitions are logged once each, and routing lines name the discovered addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_and_health_through_the_binary() {
+    use common::fleet::{replicas, who};
+    let (port, fleet) = replicas(2, 2);
+    let dns = common::dns::FakeDns::start().await;
+    dns.set_ips("backend", &[[127, 0, 0, 2]]);
+    let y = format!(
+        "log: {{level: info, format: json}}\nshutdown: {{drain_timeout: 5s}}\nresolver: {{nameservers: [\"{}\"], timeout: 500ms}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    discovery: {{refresh: 200ms}}\n    health: {{kind: http, interval: 200ms, timeout: 200ms, fall: 2}}\n    backends: [{{address: \"backend:{port}\"}}]\n",
+        dns.addr
+    );
+    let mut sg = Sg::start(&y);
+    let added = sg.wait_line(SECS(5), |l| l["msg"] == "backend added");
+    assert_eq!(added["source"], format!("dns:backend:{port}"));
+    assert_eq!(who(sg.addr).await.expect("served"), fleet[0].ip());
+
+    dns.set_ips("backend", &[[127, 0, 0, 3]]);
+    let ok = |l: &Value, msg: &str, ip: &str| {
+        l["msg"] == msg && l["backend"].as_str().is_some_and(|b| b.starts_with(ip))
+    };
+    tokio::task::block_in_place(|| {
+        sg.wait_line(SECS(5), |l| ok(l, "backend removed", "127.0.0.2:"));
+        sg.wait_line(SECS(5), |l| ok(l, "backend healthy", "127.0.0.3:"));
+    });
+    assert_eq!(who(sg.addr).await.expect("served"), fleet[1].ip());
+
+    fleet[1].set_status(503);
+    tokio::task::block_in_place(|| {
+        sg.wait_line(SECS(5), |l| ok(l, "backend unhealthy", "127.0.0.3:"));
+    });
+    // Probes keep failing, but the transition is logged once.
+    let n = fleet[1].health_requests();
+    wait_for(SECS(5), "more failing probes", || fleet[1].health_requests() >= n + 3).await;
+    sg.signal(libc::SIGTERM);
+    assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(10))), 0);
+    let downs = sg.seen.iter().filter(|l| l["msg"] == "backend unhealthy").count();
+    assert_eq!(downs, 1, "one line per transition");
+    let routes = sg.routes();
+    assert_eq!(routes[0]["backend"], fleet[0].addr().to_string());
+    assert_eq!(routes[1]["backend"], fleet[1].addr().to_string());
+}
