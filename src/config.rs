@@ -666,15 +666,6 @@ impl Config {
                 }
             }
             let h = &s.health;
-            if h.kind != HealthKind::None && h.timeout > h.interval {
-                p.add(
-                    at("health.timeout"),
-                    format!(
-                        "must not exceed health.interval ({}): one probe per backend at a time",
-                        h.interval
-                    ),
-                );
-            }
             if h.interval.is_zero() {
                 p.add(at("health.interval"), "must be greater than 0");
             }
@@ -796,6 +787,32 @@ mod tests {
         assert!(err.contains("services[0].backends[0].weight"), "{err}");
         assert!(err.contains("services[0].connect_attempts"), "{err}");
         assert!(err.contains("services[0].health.rise"), "{err}");
+    }
+
+    #[test]
+    fn discovery_and_health_defaults() {
+        let c = Config::from_yaml(
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    discovery: {}\n    health: {kind: http}\n    backends: [{address: backend:5000}]\n",
+        )
+        .unwrap();
+        let s = &c.services[0];
+        let d = s.discovery.as_ref().unwrap();
+        assert_eq!(d.refresh, Dur::secs(2));
+        assert_eq!(d.on_removed, OnRemoved::Drain);
+        assert_eq!(d.drain_timeout, Dur::secs(30));
+        assert_eq!(d.empty_after, 3);
+        let h = &s.health;
+        assert_eq!(
+            (h.kind, h.path.as_str(), h.port),
+            (HealthKind::Http, "/health", None)
+        );
+        assert_eq!((h.interval, h.timeout), (Dur::secs(2), Dur::secs(1)));
+        assert_eq!((h.rise, h.fall, h.on_down), (2, 3, OnDown::Keep));
+        assert_eq!(c.resolver.timeout, Dur::secs(1));
+        assert!(matches!(
+            &s.backends[0].address,
+            BackendAddress::Name { host, port: 5000 } if host == "backend"
+        ));
     }
 
     #[test]

@@ -888,10 +888,17 @@ async fn discovery_and_health_through_the_binary() {
     });
     // Probes keep failing, but the transition is logged once.
     let n = fleet[1].health_requests();
-    wait_for(SECS(5), "more failing probes", || fleet[1].health_requests() >= n + 3).await;
+    wait_for(SECS(5), "more failing probes", || {
+        fleet[1].health_requests() >= n + 3
+    })
+    .await;
     sg.signal(libc::SIGTERM);
     assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(10))), 0);
-    let downs = sg.seen.iter().filter(|l| l["msg"] == "backend unhealthy").count();
+    let downs = sg
+        .seen
+        .iter()
+        .filter(|l| l["msg"] == "backend unhealthy")
+        .count();
     assert_eq!(downs, 1, "one line per transition");
     let routes = sg.routes();
     assert_eq!(routes[0]["backend"], fleet[0].addr().to_string());

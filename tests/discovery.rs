@@ -322,3 +322,38 @@ async fn failures_cannot_flood_the_resolver() {
     assert!(lookups <= cap, "{lookups} lookups in 2 s");
     assert!(lookups >= 2, "the timer still runs");
 }
+
+/// A and AAAA records both become backends (same port).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aaaa_records_become_backends_too() {
+    let (port, _fleet) = replicas(2, 1);
+    let v6 = common::listen(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
+    let _v6 = common::Backend::serve(v6, common::echo);
+    let dns = FakeDns::start().await;
+    dns.set(
+        "backend",
+        Reply::Records(vec![ip(2), "::1".parse().unwrap()]),
+    );
+    let proxy = Proxy::start(&yaml(dns.addr, port, "balance: round_robin")).await;
+    let mut members = ips(&proxy);
+    members.sort();
+    assert_eq!(members, vec![ip(2), "::1".parse::<IpAddr>().unwrap()]);
+    // Both serve: the replica says who it is, the v6 echo returns what it got.
+    let mut v4 = 0;
+    for _ in 0..10 {
+        match who(proxy.addr).await {
+            Ok(a) if a == ip(2) => v4 += 1,
+            Ok(a) => panic!("unexpected {a}"),
+            Err(_) => {} // the echo backend echoes the hello instead of naming itself
+        }
+    }
+    assert_eq!(v4, 5, "round robin over both");
+    let v6_backend = proxy.backend(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
+    assert_eq!(
+        v6_backend
+            .stats
+            .total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        5
+    );
+}

@@ -115,7 +115,7 @@ async fn only_2xx_is_healthy_whatever_the_endpoint_does() {
     let (port, fleet) = replicas(2, 1);
     let proxy = Proxy::start(&yaml(
         &fleet,
-        "health: {kind: http, interval: 50ms, timeout: 50ms, rise: 1, fall: 1}",
+        "health: {kind: http, interval: 5ms, timeout: 5ms, rise: 1, fall: 1}",
     ))
     .await;
     let b = proxy.backend(fleet[0].addr());
@@ -176,13 +176,24 @@ async fn only_2xx_is_healthy_whatever_the_endpoint_does() {
         let last = b.probes().pop().expect("probed");
         eprintln!("{what}: {:?} {:?}", b.health(), last.error);
     }
-    // Hanging probes, many rounds: still one in flight at most, and no descriptors left behind.
-    fleet[0].set_mode(HealthMode::Hang);
-    let n = fleet[0].health_requests();
-    wait_for(Duration::from_secs(20), "100 hanging probes", || {
-        fleet[0].health_requests() >= n + 100
-    })
-    .await;
+    // 1000 rounds of misbehaving endpoints: still one probe in flight at most, and no descriptor
+    // left behind.
+    let modes = [
+        HealthMode::Hang,
+        HealthMode::Huge,
+        HealthMode::Garbage,
+        HealthMode::Close,
+    ];
+    for (i, mode) in modes.iter().enumerate() {
+        fleet[0].set_mode(*mode);
+        let n = fleet[0].health_requests();
+        wait_for(
+            Duration::from_secs(30),
+            &format!("250 probes of round {i}"),
+            || fleet[0].health_requests() >= n + 250,
+        )
+        .await;
+    }
     assert_eq!(
         fleet[0].probes.max_open.load(Relaxed),
         1,
@@ -194,9 +205,45 @@ async fn only_2xx_is_healthy_whatever_the_endpoint_does() {
     })
     .await;
     wait_for(Duration::from_secs(2), "probe sockets closed", || {
-        common::socket_fds_on_ports(&[port]) <= 2 // the listener, and at most one probe's two ends
+        // the listener, and at most one probe's two ends
+        common::socket_fds_on_ports(&[port]) <= 3
     })
     .await;
+}
+
+/// RELIABILITY 17 with probes: every backend unhealthy: clients are closed at once, and traffic
+/// resumes when one recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_down_closes_clients_at_once() {
+    let (_port, fleet) = replicas(2, 2);
+    let proxy = Proxy::start(&yaml(
+        &fleet,
+        "health: {kind: http, interval: 50ms, timeout: 50ms, rise: 1, fall: 1}",
+    ))
+    .await;
+    for r in &fleet {
+        r.set_status(503);
+    }
+    wait_for(Duration::from_secs(2), "all down", || {
+        proxy.service.pool.snapshot().ready.is_empty()
+    })
+    .await;
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert!(who(proxy.addr).await.is_err(), "refused");
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "closed at once: {:?}",
+            t.elapsed()
+        );
+    }
+    assert_eq!(proxy.service.stats.no_backend.load(Relaxed), 20);
+    fleet[1].set_status(200);
+    wait_for(Duration::from_secs(2), "one back", || {
+        !proxy.service.pool.snapshot().ready.is_empty()
+    })
+    .await;
+    assert_eq!(spread(proxy.addr, 10).await, HashMap::from([(ip(3), 10)]));
 }
 
 /// A TCP probe: a listener is healthy, a closed port is not.
