@@ -250,7 +250,10 @@ async fn slow_dns_adds_no_latency() {
     let (port, _fleet) = replicas(2, 2);
     let dns = FakeDns::start().await;
     dns.set_ips("backend", &[[127, 0, 0, 2], [127, 0, 0, 3]]);
-    let proxy = Proxy::start(&yaml(dns.addr, port, "discovery: {refresh: 100ms}")).await;
+    // A resolver timeout of 2 s: a query on the connection path would cost seconds.
+    let y = yaml(dns.addr, port, "discovery: {refresh: 100ms}")
+        .replace("timeout: 300ms", "timeout: 2s");
+    let proxy = Proxy::start(&y).await;
     dns.set_delay(Duration::from_secs(3));
     let mut worst = Duration::ZERO;
     for _ in 0..200 {
@@ -258,9 +261,8 @@ async fn slow_dns_adds_no_latency() {
         who(proxy.addr).await.expect("served");
         worst = worst.max(t.elapsed());
     }
-    // A query on the connection path would cost 300 ms (the resolver timeout) or 3 s.
     assert!(
-        worst < Duration::from_millis(250),
+        worst < Duration::from_millis(1000),
         "worst connection {worst:?}"
     );
     assert_eq!(ips(&proxy), vec![ip(2), ip(3)]);

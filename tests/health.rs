@@ -228,15 +228,20 @@ async fn every_backend_down_closes_clients_at_once() {
         proxy.service.pool.snapshot().ready.is_empty()
     })
     .await;
+    let mut took = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
         assert!(who(proxy.addr).await.is_err(), "refused");
-        assert!(
-            t.elapsed() < Duration::from_millis(100),
-            "closed at once: {:?}",
-            t.elapsed()
-        );
+        took.push(t.elapsed());
     }
+    took.sort();
+    // Closed at once, not after a connect attempt or a timeout (the max allows for a noisy machine).
+    assert!(
+        took[10] < Duration::from_millis(100),
+        "median {:?}",
+        took[10]
+    );
+    assert!(took[19] < Duration::from_millis(500), "max {:?}", took[19]);
     assert_eq!(proxy.service.stats.no_backend.load(Relaxed), 20);
     fleet[1].set_status(200);
     wait_for(Duration::from_secs(2), "one back", || {
