@@ -3,8 +3,7 @@
 //! Parsing (serde, `deny_unknown_fields`, real types) rejects what is malformed; [`Config::validate`] then
 //! rejects what is well-formed but wrong. Both name the key path (`services[0].backends[1].weight`) so a user
 //! can find the line, and both run before anything is bound. The contract for every key is
-//! `../shared/INTERFACES.md`; keys that belong to features not built yet are parsed and validated, and a
-//! config that turns them on is refused as "not supported yet" rather than silently ignored.
+//! `../shared/INTERFACES.md`.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -164,7 +163,7 @@ impl<'de> Deserialize<'de> for BackendAddress {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The admin HTTP API; absent = disabled.
@@ -179,7 +178,7 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
@@ -207,7 +206,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
@@ -219,7 +218,7 @@ pub struct LogConfig {
     pub file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResolverConfig {
     /// `ip:port` name servers; empty means the system's `/etc/resolv.conf`.
@@ -242,7 +241,7 @@ fn default_resolver_timeout() -> Dur {
     Dur::secs(1)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// From the stop signal to the forced close of every remaining connection (includes `delay`).
@@ -309,7 +308,7 @@ pub enum RelayMode {
     Copy,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub address: BackendAddress,
@@ -330,7 +329,7 @@ pub enum OnRemoved {
     Close,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
     /// Re-resolution period of every DNS name of the service (jittered by ±10 %).
@@ -387,7 +386,7 @@ pub enum OnDown {
     Close,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     #[serde(default)]
@@ -439,7 +438,7 @@ fn default_fall() -> u32 {
     3
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PassiveConfig {
     /// Consecutive connect failures that eject a backend; 0 disables passive ejection.
@@ -466,7 +465,7 @@ fn default_cooldown() -> Dur {
     Dur::secs(10)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
@@ -565,10 +564,6 @@ impl Config {
                 ),
                 _ => {}
             }
-            p.add(
-                "admin",
-                "not supported yet: the admin API is not built in this version",
-            );
         }
         if let Some(file) = &self.log.file {
             if file.as_os_str().is_empty() || file.file_name().is_none() {
@@ -816,13 +811,23 @@ mod tests {
     }
 
     #[test]
-    fn later_features_are_refused_not_ignored() {
+    fn an_open_admin_bind_needs_a_token() {
         let err = Config::from_yaml(&format!(
-            "admin:\n  listen: 127.0.0.1:9090\n{}",
+            "admin:\n  listen: 0.0.0.0:9090\n{}",
             one_service("")
         ))
         .unwrap_err()
         .to_string();
-        assert!(err.contains("admin: not supported yet"), "{err}");
+        assert!(err.contains("admin.token: required"), "{err}");
+        Config::from_yaml(&format!(
+            "admin:\n  listen: 0.0.0.0:9090\n  token: s3cret\n{}",
+            one_service("")
+        ))
+        .unwrap();
+        Config::from_yaml(&format!(
+            "admin:\n  listen: 127.0.0.1:9090\n{}",
+            one_service("")
+        ))
+        .unwrap();
     }
 }

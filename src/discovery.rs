@@ -204,6 +204,7 @@ pub async fn query(resolver: &TokioResolver, host: &str, limit: Duration) -> Ans
 }
 
 /// A running watcher's handle.
+#[derive(Clone)]
 pub struct Watcher {
     pub label: Arc<str>,
     pub stats: Arc<WatchStats>,

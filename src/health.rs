@@ -85,6 +85,14 @@ impl Machine {
         }
     }
 
+    /// A machine that continues from `state` (probes restarted by a reload keep each backend's health).
+    pub fn starting_at(rise: u32, fall: u32, state: Health) -> Machine {
+        Machine {
+            state,
+            ..Machine::new(rise, fall)
+        }
+    }
+
     pub fn state(&self) -> Health {
         self.state
     }
@@ -169,6 +177,21 @@ impl ProbeSpec {
         })
     }
 
+    /// Whether two specs probe the same way (a reload that keeps them keeps the probe loops).
+    pub fn same_as(&self, o: &ProbeSpec) -> bool {
+        (
+            self.kind,
+            &self.path,
+            self.port,
+            self.interval,
+            self.timeout,
+            self.rise,
+            self.fall,
+        ) == (
+            o.kind, &o.path, o.port, o.interval, o.timeout, o.rise, o.fall,
+        )
+    }
+
     /// Probes `target` once; `host` goes into the HTTP `Host` header. Bounded by `timeout` in all.
     pub async fn probe(&self, target: SocketAddr, host: &str) -> Result<(), ProbeError> {
         let target = match self.port {
@@ -246,10 +269,10 @@ pub async fn probe_loop(
     pool: Arc<Pool>,
     backend: Arc<Backend>,
     spec: Arc<ProbeSpec>,
+    mut machine: Machine,
     stop: CancellationToken,
 ) {
     let rng = Rng::from_entropy();
-    let mut machine = Machine::new(spec.rise, spec.fall);
     let mut next = Instant::now();
     let mut first = true;
     loop {

@@ -16,25 +16,31 @@
 //!
 //! - [`discovery`]: DNS names re-resolved on a timer into each pool's desired backend set.
 //! - [`health`]: active probes (TCP, HTTP) and the rise/fall state machine that returns transitions.
+//! - [`admin`]: the admin HTTP API, event stream and dashboard, on a thread of its own.
+//! - [`metrics`]: Prometheus text rendering of every counter.
+//! - [`events`]: the state-change events the admin API streams.
 //! - [`config`]: the YAML schema and its validation, with key paths in every error.
 //! - [`service`]: a configured service at run time: settings, pool, counters.
-//! - [`lifecycle`]: bind, serve, and drain on stop with a deadline.
+//! - [`lifecycle`]: bind, serve, reload as a difference, and drain on stop with a deadline.
 //! - [`logging`]: text or JSON lines to stdout or a daily-rotated file.
 //!
 //! `main.rs` only parses the command line, loads the config, sets up logging and signals, and calls
 //! [`lifecycle::run`]; tests drive [`lifecycle::Server`] directly.
 
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod discovery;
+pub mod events;
 pub mod health;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod pool;
 pub mod relay;
 pub mod routelog;
 pub mod service;
 pub mod session;
 
-pub use lifecycle::{run, Server, StartError, Stopped};
+pub use lifecycle::{run, Control, Server, StartError, Stopped};

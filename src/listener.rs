@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -49,7 +51,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// Accepts until `stop` is cancelled, then drops the listener (new connections are refused from then).
 pub async fn accept_loop(
     listener: TcpListener,
-    service: Arc<Service>,
+    current: Arc<ArcSwap<Service>>,
     tracker: TaskTracker,
     stop: CancellationToken,
     deadline: CancellationToken,
@@ -62,6 +64,8 @@ pub async fn accept_loop(
             () = stop.cancelled() => break,
             r = listener.accept() => r,
         };
+        // The service as configured now (a reload swaps it); the connection keeps this version.
+        let service = current.load_full();
         match accepted {
             Ok((client, peer)) => {
                 backoff = BACKOFF_START;

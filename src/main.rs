@@ -74,14 +74,27 @@ fn main() -> ExitCode {
             Ok(n) => tracing::info!(nofile = n, "descriptor limit"),
             Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
         }
-        match sluicegate::run(&config, signals.first_stop()).await {
-            Ok(_) => 0,
+        let server = match sluicegate::Server::bind(&config) {
+            Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "startup failed");
                 eprintln!("sluicegate: {e}");
-                EXIT_RUNTIME
+                return EXIT_RUNTIME;
             }
-        }
+        };
+        server.set_config_path(cli.config.clone());
+        let control = server.control();
+        let Signals { term, int, mut hup } = signals;
+        // SIGHUP reloads; a rejected file is logged and the running config kept.
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = control.reload_from_file();
+            }
+        });
+        let stops = Stops { term, int };
+        server.run(stops.first_stop()).await;
+        0
     });
     // Sessions still parked (none after a completed drain) are dropped with the runtime.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -103,9 +116,16 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
         })
     }
+}
 
-    /// Completes on the first SIGTERM or SIGINT. From then on a second one forces exit at once; SIGHUP
-    /// never kills the process.
+/// SIGTERM and SIGINT: the first drains, a second forces exit.
+struct Stops {
+    term: Signal,
+    int: Signal,
+}
+
+impl Stops {
+    /// Completes on the first SIGTERM or SIGINT. From then on a second one forces exit at once.
     async fn first_stop(mut self) {
         let name = self.next_stop().await;
         tracing::info!(
@@ -122,14 +142,9 @@ impl Signals {
     }
 
     async fn next_stop(&mut self) -> &'static str {
-        loop {
-            tokio::select! {
-                _ = self.term.recv() => return "SIGTERM",
-                _ = self.int.recv() => return "SIGINT",
-                _ = self.hup.recv() => {
-                    tracing::warn!("SIGHUP: config reload is not available in this version; the running config is kept");
-                }
-            }
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
     }
 }

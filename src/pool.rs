@@ -18,13 +18,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
+use serde_json::json;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::Selector;
 use crate::config::{OnDown, OnRemoved, Policy};
+use crate::events::EventBus;
 use crate::health::{self, Health, ProbeError, ProbeRecord, ProbeSpec, PROBE_HISTORY};
+use crate::metrics::Histogram;
 use crate::relay::End;
 
 /// Effective weights are kept in tenths of a configured weight, so slow start can ramp even a weight
@@ -70,6 +73,14 @@ pub enum State {
 }
 
 impl State {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            State::Active => "active",
+            State::Draining => "draining",
+            State::Removed => "removed",
+        }
+    }
+
     fn from_u8(v: u8) -> State {
         match v {
             1 => State::Draining,
@@ -135,10 +146,12 @@ pub struct BackendStats {
     pub total: AtomicU64,
     /// Connect attempts that failed (timeout, refused, reset).
     pub failed: AtomicU64,
-    /// Bytes forwarded client → backend, added when a connection ends.
+    /// Bytes forwarded client → backend, counted as they move.
     pub bytes_up: AtomicU64,
-    /// Bytes forwarded backend → client, added when a connection ends.
+    /// Bytes forwarded backend → client, counted as they move.
     pub bytes_down: AtomicU64,
+    /// Time of successful connects.
+    pub connect: Histogram,
 }
 
 impl Backend {
@@ -250,6 +263,7 @@ impl Backend {
             failed: self.stats.failed.load(Relaxed),
             bytes_up: self.stats.bytes_up.load(Relaxed),
             bytes_down: self.stats.bytes_down.load(Relaxed),
+            connect_ms_mean: self.stats.connect.mean_ms(),
             dns_first_seen_ms: ms(&self.dns_first_seen_ms),
             dns_last_seen_ms: ms(&self.dns_last_seen_ms),
             probes: self.probes(),
@@ -274,6 +288,8 @@ pub struct BackendView {
     pub failed: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Mean time of successful connects.
+    pub connect_ms_mean: Option<f64>,
     pub dns_first_seen_ms: Option<u64>,
     pub dns_last_seen_ms: Option<u64>,
     /// The latest probe results, oldest first.
@@ -357,6 +373,17 @@ pub enum Transition {
     Returned,
 }
 
+/// Why an admin operation on a pool was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdminError {
+    #[error("{0} is already a backend of this service")]
+    Exists(SocketAddr),
+    #[error("{0} is not a backend of this service")]
+    NotFound(SocketAddr),
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// One membership change made by [`Pool::reconcile`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -367,7 +394,9 @@ pub enum Change {
 
 pub struct Pool {
     service: Arc<str>,
-    settings: PoolSettings,
+    /// Replaced as a whole on reload.
+    settings: ArcSwap<PoolSettings>,
+    events: EventBus,
     inner: Mutex<Inner>,
     snapshot: ArcSwap<Snapshot>,
     /// Woken after every probe, for the start-up wait.
@@ -391,11 +420,24 @@ struct Inner {
     warm: bool,
     /// The `Arc` this pool lives in, set by `start`, for the tasks it spawns.
     me: Weak<Pool>,
+    /// The data plane's runtime, set by `start`: the admin API calls in from another one.
+    rt: Option<tokio::runtime::Handle>,
+    /// Addresses removed through the admin API: no source brings them back until re-added there.
+    excluded: std::collections::HashSet<SocketAddr>,
+    /// Weights set through the admin API, over what the sources say.
+    weight_overrides: HashMap<SocketAddr, u32>,
 }
 
 impl Inner {
     fn me(&self) -> Option<Arc<Pool>> {
         self.me.upgrade()
+    }
+
+    /// Spawns `fut` on the data plane's runtime (once started).
+    fn spawn(&self, fut: impl std::future::Future<Output = ()> + Send + 'static) {
+        if let Some(rt) = &self.rt {
+            rt.spawn(fut);
+        }
     }
 
     /// Drops removed backends without sessions that left long ago, or beyond the most recent
@@ -440,11 +482,12 @@ fn now_ms() -> u64 {
 }
 
 impl Pool {
-    pub fn new(service: Arc<str>, settings: PoolSettings) -> Pool {
+    pub fn new(service: Arc<str>, settings: PoolSettings, events: EventBus) -> Pool {
         let selector = Selector::new(settings.policy, &[]);
         Pool {
             service,
-            settings,
+            settings: ArcSwap::from_pointee(settings),
+            events,
             inner: Mutex::new(Inner {
                 members: Vec::new(),
                 claims: BTreeMap::new(),
@@ -454,6 +497,9 @@ impl Pool {
                 ramp_task: false,
                 warm: false,
                 me: Weak::new(),
+                rt: None,
+                excluded: Default::default(),
+                weight_overrides: HashMap::new(),
             }),
             snapshot: ArcSwap::from_pointee(Snapshot {
                 ready: Vec::new(),
@@ -471,7 +517,11 @@ impl Pool {
         passive: Passive,
         members: &[(SocketAddr, u32)],
     ) -> Pool {
-        let pool = Pool::new(service, PoolSettings::basic(policy, passive));
+        let pool = Pool::new(
+            service,
+            PoolSettings::basic(policy, passive),
+            EventBus::default(),
+        );
         pool.reconcile(Source::Static, members.to_vec());
         pool
     }
@@ -509,11 +559,11 @@ impl Pool {
     }
 
     pub fn policy(&self) -> Policy {
-        self.settings.policy
+        self.settings().policy
     }
 
-    pub fn settings(&self) -> &PoolSettings {
-        &self.settings
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.settings.load_full()
     }
 
     /// Starts the pool's background work (probes, timers) under `background`; members added later get
@@ -522,6 +572,7 @@ impl Pool {
         let mut inner = lock(&self.inner);
         inner.background = Some(background);
         inner.me = Arc::downgrade(self);
+        inner.rt = Some(tokio::runtime::Handle::current());
         let members = inner.members.clone();
         for b in &members {
             self.spawn_probes(&mut inner, b);
@@ -535,7 +586,7 @@ impl Pool {
 
     /// Waits until every member has been probed once, or `limit` passes. Without probes, returns at once.
     pub async fn wait_probed(&self, limit: Duration) {
-        if self.settings.probes.is_none() {
+        if self.settings().probes.is_none() {
             return;
         }
         let _ = tokio::time::timeout(limit, async {
@@ -592,22 +643,42 @@ impl Pool {
 
     /// Replaces what `source` claims with `desired` (address, weight) and applies the difference to the
     /// members. Returns the changes; each was logged once.
-    pub fn reconcile(self: &Pool, source: Source, desired: Vec<(SocketAddr, u32)>) -> Vec<Change> {
+    pub fn reconcile(&self, source: Source, desired: Vec<(SocketAddr, u32)>) -> Vec<Change> {
         let mut inner = lock(&self.inner);
         if desired.is_empty() {
             inner.claims.remove(&source);
         } else {
             inner.claims.insert(source, desired);
         }
-        // The union of every claim: an address keeps the highest weight any source gives it.
+        let on_removed = self.settings().on_removed;
+        self.apply_locked(&mut inner, |_| on_removed)
+    }
+
+    /// Makes the members the union of every claim, minus the excluded addresses; a removed backend's
+    /// sessions follow `removal(addr)`.
+    fn apply_locked(
+        &self,
+        inner: &mut Inner,
+        removal: impl Fn(SocketAddr) -> OnRemoved,
+    ) -> Vec<Change> {
+        // The union of every claim: an address keeps the highest weight any source gives it, unless
+        // the admin API set one.
         let mut union: BTreeMap<SocketAddr, (u32, Vec<Source>)> = BTreeMap::new();
         for (src, set) in &inner.claims {
             for &(addr, w) in set {
+                if inner.excluded.contains(&addr) {
+                    continue;
+                }
                 let e = union.entry(addr).or_insert((0, Vec::new()));
                 e.0 = e.0.max(w.max(1));
                 if !e.1.contains(src) {
                     e.1.push(src.clone());
                 }
+            }
+        }
+        for (addr, e) in union.iter_mut() {
+            if let Some(&w) = inner.weight_overrides.get(addr) {
+                e.0 = w;
             }
         }
         let mut changes = Vec::new();
@@ -620,12 +691,16 @@ impl Pool {
                     if b.weight() != *w {
                         b.weight.store(*w, Relaxed);
                         tracing::info!(service = %self.service, backend = %b.addr, weight = *w, "backend weight changed");
+                        self.events.publish(
+                            "backend_weight",
+                            json!({"service": &*self.service, "backend": b.addr, "weight": *w}),
+                        );
                         changes.push(Change::Reweighted(b.addr, *w));
                     }
                     kept.push(b);
                 }
                 None => {
-                    self.depart(&mut inner, &b);
+                    self.depart(inner, &b, removal(b.addr));
                     changes.push(Change::Removed(b.addr));
                 }
             }
@@ -649,33 +724,37 @@ impl Pool {
             b.state.store(State::Active as u8, Relaxed);
             let srcs: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
             *lock(&b.sources) = sources;
+            let probed = self.settings().probes.is_some();
             tracing::info!(
                 service = %self.service,
                 backend = %addr,
                 weight = w,
                 source = srcs.join(","),
-                probed = self.settings.probes.is_some(),
+                probed,
                 "backend added"
             );
+            self.events.publish(
+                "backend_added",
+                json!({"service": &*self.service, "backend": addr, "weight": w, "sources": srcs}),
+            );
             changes.push(Change::Added(addr));
-            self.spawn_probes(&mut inner, &b);
+            self.spawn_probes(inner, &b);
             kept.push(b);
         }
         inner.members = kept;
         if !changes.is_empty() {
-            self.rebuild_locked(&mut inner);
+            self.rebuild_locked(inner);
         }
         changes
     }
 
-    /// Takes `b` out of the members' role according to `on_removed`. Called with the lock held.
-    fn depart(&self, inner: &mut Inner, b: &Arc<Backend>) {
+    /// Takes `b` out of the members, its sessions following `policy`. Called with the lock held.
+    fn depart(&self, inner: &mut Inner, b: &Arc<Backend>, policy: OnRemoved) {
         b.state.store(State::Removed as u8, Relaxed);
         let generation = b.generation.fetch_add(1, Relaxed) + 1;
         if let Some(stop) = inner.probe_tasks.remove(&b.addr) {
             stop.cancel();
         }
-        let policy = self.settings.on_removed;
         tracing::info!(
             service = %self.service,
             backend = %b.addr,
@@ -683,15 +762,19 @@ impl Pool {
             on_removed = ?policy,
             "backend removed"
         );
+        self.events.publish(
+            "backend_removed",
+            json!({"service": &*self.service, "backend": b.addr, "sessions": b.active(), "on_removed": format!("{policy:?}").to_lowercase()}),
+        );
         match policy {
             OnRemoved::Close => b.cut_sessions(End::BackendRemoved),
             OnRemoved::Keep => {}
             OnRemoved::Drain => {
                 if let Some(bg) = inner.background.clone() {
                     let b = b.clone();
-                    let limit = self.settings.removed_drain;
+                    let limit = self.settings().removed_drain;
                     let service = self.service.clone();
-                    tokio::spawn(async move {
+                    inner.spawn(async move {
                         tokio::select! {
                             () = bg.cancelled() => return,
                             () = tokio::time::sleep(limit) => {}
@@ -708,8 +791,119 @@ impl Pool {
         inner.departed.push((b.clone(), Instant::now()));
     }
 
+    /// Adds `addr` as a backend claimed by the admin API (it also lifts an earlier API removal).
+    pub fn add_api(&self, addr: SocketAddr, weight: u32) -> Result<(), AdminError> {
+        let mut inner = lock(&self.inner);
+        if inner.members.iter().any(|b| b.addr == addr) {
+            return Err(AdminError::Exists(addr));
+        }
+        inner.excluded.remove(&addr);
+        inner.weight_overrides.remove(&addr);
+        let mut claim = inner.claims.get(&Source::Api).cloned().unwrap_or_default();
+        claim.retain(|(a, _)| *a != addr);
+        claim.push((addr, weight));
+        inner.claims.insert(Source::Api, claim);
+        let on_removed = self.settings().on_removed;
+        self.apply_locked(&mut inner, |_| on_removed);
+        Ok(())
+    }
+
+    /// Removes `addr` whatever its sources, until the admin API adds it again; its sessions are
+    /// drained (until `discovery.drain_timeout`) or, with `close`, cut at once.
+    pub fn remove_api(&self, addr: SocketAddr, close: bool) -> Result<(), AdminError> {
+        let mut inner = lock(&self.inner);
+        if !inner.members.iter().any(|b| b.addr == addr) {
+            return Err(AdminError::NotFound(addr));
+        }
+        inner.excluded.insert(addr);
+        if let Some(claim) = inner.claims.get_mut(&Source::Api) {
+            claim.retain(|(a, _)| *a != addr);
+        }
+        let policy = if close {
+            OnRemoved::Close
+        } else {
+            OnRemoved::Drain
+        };
+        let on_removed = self.settings().on_removed;
+        self.apply_locked(&mut inner, |a| if a == addr { policy } else { on_removed });
+        Ok(())
+    }
+
+    /// Sets whether `addr` takes new connections (`Draining` keeps its sessions, sends it none).
+    pub fn set_state(&self, addr: SocketAddr, state: State) -> Result<(), AdminError> {
+        let mut inner = lock(&self.inner);
+        let b = inner
+            .members
+            .iter()
+            .find(|b| b.addr == addr)
+            .cloned()
+            .ok_or(AdminError::NotFound(addr))?;
+        if state == State::Removed {
+            return Err(AdminError::Invalid(
+                "state must be active or draining".into(),
+            ));
+        }
+        if b.state.swap(state as u8, Relaxed) != state as u8 {
+            tracing::info!(service = %self.service, backend = %addr, state = ?state, sessions = b.active(), "backend state changed");
+            self.events.publish(
+                "backend_state",
+                json!({"service": &*self.service, "backend": addr, "state": state}),
+            );
+            self.rebuild_locked(&mut inner);
+        }
+        Ok(())
+    }
+
+    /// Sets `addr`'s weight over what its sources say (kept across reconciles and reloads).
+    pub fn set_weight(&self, addr: SocketAddr, weight: u32) -> Result<(), AdminError> {
+        let mut inner = lock(&self.inner);
+        if !inner.members.iter().any(|b| b.addr == addr) {
+            return Err(AdminError::NotFound(addr));
+        }
+        inner.weight_overrides.insert(addr, weight);
+        let on_removed = self.settings().on_removed;
+        self.apply_locked(&mut inner, |_| on_removed);
+        Ok(())
+    }
+
+    /// Replaces the pool's settings (a reload): the snapshot is rebuilt for a new policy, and probes
+    /// restart when their settings changed (keeping each backend's health).
+    pub fn update_settings(&self, new: PoolSettings) {
+        let mut inner = lock(&self.inner);
+        let old = self.settings.swap(Arc::new(new));
+        let probes_changed = match (&old.probes, &self.settings().probes) {
+            (None, None) => false,
+            (Some(a), Some(b)) => !a.same_as(b),
+            _ => true,
+        };
+        if probes_changed {
+            for (_, stop) in inner.probe_tasks.drain() {
+                stop.cancel();
+            }
+            let members = inner.members.clone();
+            for b in &members {
+                if self.settings().probes.is_none() {
+                    b.health.store(Health::Unknown as u8, Relaxed);
+                }
+                self.spawn_probes(&mut inner, b);
+            }
+        }
+        self.rebuild_locked(&mut inner);
+    }
+
+    /// Stops the pool's probes and timers (its service was removed by a reload).
+    pub fn stop(&self) {
+        let mut inner = lock(&self.inner);
+        for (_, stop) in inner.probe_tasks.drain() {
+            stop.cancel();
+        }
+        if let Some(bg) = inner.background.take() {
+            bg.cancel();
+        }
+    }
+
     fn spawn_probes(self: &Pool, inner: &mut Inner, b: &Arc<Backend>) {
-        let (Some(spec), Some(bg)) = (&self.settings.probes, &inner.background) else {
+        let (Some(spec), Some(bg)) = (&self.settings().probes, &inner.background) else {
             return;
         };
         let Some(pool) = inner.me() else { return };
@@ -717,7 +911,14 @@ impl Pool {
         if let Some(old) = inner.probe_tasks.insert(b.addr, stop.clone()) {
             old.cancel();
         }
-        tokio::spawn(health::probe_loop(pool, b.clone(), spec.clone(), stop));
+        let machine = health::Machine::starting_at(spec.rise, spec.fall, b.health());
+        inner.spawn(health::probe_loop(
+            pool,
+            b.clone(),
+            spec.clone(),
+            machine,
+            stop,
+        ));
     }
 
     /// Applies a health transition reported by `b`'s probe loop.
@@ -728,14 +929,19 @@ impl Pool {
         }
         let was = b.health();
         b.health.store(health as u8, Relaxed);
+        self.events.publish(
+            "backend_health",
+            json!({"service": &*self.service, "backend": b.addr, "health": health, "was": was,
+                   "error": error.as_ref().map(|e| e.to_string())}),
+        );
         match health {
             Health::Healthy => {
                 tracing::info!(service = %self.service, backend = %b.addr, was = was.as_str(), "backend healthy")
             }
             _ => {
                 let error = error.map(|e| e.to_string()).unwrap_or_default();
-                tracing::warn!(service = %self.service, backend = %b.addr, was = was.as_str(), error, on_down = ?self.settings.on_down, sessions = b.active(), "backend unhealthy");
-                if self.settings.on_down == OnDown::Close {
+                tracing::warn!(service = %self.service, backend = %b.addr, was = was.as_str(), error, on_down = ?self.settings().on_down, sessions = b.active(), "backend unhealthy");
+                if self.settings().on_down == OnDown::Close {
                     b.cut_sessions(End::BackendDown);
                 }
                 self.nudge_dns(b);
@@ -757,7 +963,7 @@ impl Pool {
     /// schedules its return after the cool-down. Returns the transition, if any.
     pub fn connect_failed(self: &Arc<Self>, backend: &Arc<Backend>) -> Option<Transition> {
         backend.stats.failed.fetch_add(1, Relaxed);
-        let passive = self.settings.passive;
+        let passive = self.settings().passive;
         let fails = backend.consecutive_fails.fetch_add(1, Relaxed) + 1;
         if passive.max_fails == 0 || fails < passive.max_fails {
             return None;
@@ -772,6 +978,10 @@ impl Pool {
             consecutive_fails = fails,
             cooldown_ms = passive.cooldown.as_millis() as u64,
             "backend ejected after consecutive connect failures"
+        );
+        self.events.publish(
+            "backend_ejected",
+            json!({"service": &*self.service, "backend": backend.addr, "consecutive_fails": fails}),
         );
         self.nudge_dns(backend);
         let pool = Arc::clone(self);
@@ -788,10 +998,14 @@ impl Pool {
     fn reinstate(&self, backend: &Backend) {
         backend
             .consecutive_fails
-            .store(self.settings.passive.max_fails.saturating_sub(1), Relaxed);
+            .store(self.settings().passive.max_fails.saturating_sub(1), Relaxed);
         if backend.ejected.swap(false, Relaxed) {
             self.rebuild();
             tracing::info!(service = %self.service, backend = %backend.addr, "backend returned after cool-down");
+            self.events.publish(
+                "backend_returned",
+                json!({"service": &*self.service, "backend": backend.addr}),
+            );
         }
     }
 
@@ -799,7 +1013,7 @@ impl Pool {
     fn eligible(&self, b: &Backend) -> bool {
         b.state() == State::Active
             && !b.is_ejected()
-            && (self.settings.probes.is_none() || b.health() == Health::Healthy)
+            && (self.settings().probes.is_none() || b.health() == Health::Healthy)
     }
 
     fn rebuild(&self) {
@@ -817,7 +1031,7 @@ impl Pool {
             .filter(|b| self.eligible(b))
             .cloned()
             .collect();
-        let slow = self.settings.slow_start;
+        let slow = self.settings().slow_start;
         let now = Instant::now();
         let mut ramping = false;
         for b in &ready {
@@ -843,14 +1057,14 @@ impl Pool {
             };
             b.effective.store(eff, Relaxed);
         }
-        let selector = Selector::new(self.settings.policy, &ready);
+        let selector = Selector::new(self.settings().policy, &ready);
         self.snapshot.store(Arc::new(Snapshot { ready, selector }));
         if ramping && !inner.ramp_task {
             if let (Some(bg), Some(pool)) = (inner.background.clone(), inner.me()) {
                 inner.ramp_task = true;
                 // Ten steps over the window, never more often than every 50 ms.
                 let step = (slow / 10).max(Duration::from_millis(50));
-                tokio::spawn(async move {
+                inner.spawn(async move {
                     loop {
                         tokio::select! {
                             () = bg.cancelled() => return,

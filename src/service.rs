@@ -1,11 +1,19 @@
 //! A configured service at run time: its settings, its pool and its counters.
+//!
+//! A `Service` is immutable: a reload builds a new one that shares the old one's pool (members, health,
+//! counters) and stats, and the accept loop switches to it; connections already open keep the settings
+//! they started with.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
 
 use crate::config::{BackendAddress, DiscoveryConfig, Policy, ServiceConfig};
-use crate::discovery::{self, NameSpec, Watcher};
+use crate::discovery::{self, NameSpec};
+use crate::events::EventBus;
 use crate::health::ProbeSpec;
 use crate::pool::{Passive, Pool, PoolSettings, Source};
 use crate::relay::{End, RelayOptions};
@@ -18,12 +26,12 @@ pub struct Service {
     pub connect_attempts: u32,
     pub max_connections: u64,
     pub relay: RelayOptions,
-    pub stats: ServiceStats,
+    /// Shared by every version of the service across reloads.
+    pub stats: Arc<ServiceStats>,
     /// The DNS names among the configured backends, each watched by a [`discovery`] task.
     pub names: Vec<NameSpec>,
     pub discovery: DiscoveryConfig,
-    /// The running DNS watchers (filled when the service starts).
-    pub watchers: std::sync::Mutex<Vec<Watcher>>,
+    events: EventBus,
 }
 
 #[derive(Debug, Default)]
@@ -46,6 +54,43 @@ pub struct ServiceStats {
     pub ends: [AtomicU64; End::ALL.len()],
     /// Relayed connections in which at least one direction ran on splice.
     pub spliced: AtomicU64,
+    /// Bytes of finished connections, client → backend and back.
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    /// The open client connections' start times, for the oldest connection's age.
+    pub sessions: Sessions,
+}
+
+/// Start times of the open client connections. Ids grow with time, so the smallest open id is the
+/// oldest connection; a short uncontended lock per connection start and end.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, Instant>>,
+}
+
+impl Sessions {
+    pub fn enter(&self) -> u64 {
+        let id = self.next.fetch_add(1, Relaxed);
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Instant::now());
+        id
+    }
+
+    pub fn leave(&self, id: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// Age of the oldest open connection.
+    pub fn oldest_age(&self) -> Option<Duration> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.first_key_value().map(|(_, t)| t.elapsed())
+    }
 }
 
 impl ServiceStats {
@@ -75,7 +120,13 @@ impl ServiceStats {
 }
 
 impl Service {
-    pub fn from_config(cfg: &ServiceConfig) -> Service {
+    /// The service for `cfg`. With `previous` (a reload), its pool and stats carry over: the pool takes
+    /// the new settings and static backends by diff, and no counter is reset.
+    pub fn from_config(
+        cfg: &ServiceConfig,
+        events: &EventBus,
+        previous: Option<&Service>,
+    ) -> Service {
         let name: Arc<str> = cfg.name.as_str().into();
         let statics: Vec<_> = cfg
             .backends
@@ -98,13 +149,22 @@ impl Service {
             removed_drain: discovery.drain_timeout.0,
             slow_start: cfg.slow_start.0,
         };
-        let pool = Pool::new(name.clone(), settings);
+        let (pool, stats) = match previous {
+            Some(p) => {
+                p.pool.update_settings(settings);
+                (p.pool.clone(), p.stats.clone())
+            }
+            None => (
+                Arc::new(Pool::new(name.clone(), settings, events.clone())),
+                Arc::new(ServiceStats::default()),
+            ),
+        };
         pool.reconcile(Source::Static, statics);
         Service {
-            pool: Arc::new(pool),
+            pool,
             names: discovery::names(cfg),
             discovery,
-            watchers: std::sync::Mutex::new(Vec::new()),
+            events: events.clone(),
             name,
             policy: cfg.balance,
             connect_timeout: cfg.connect_timeout.0,
@@ -115,7 +175,7 @@ impl Service {
                 idle_timeout: cfg.idle_timeout.0,
                 half_close_timeout: cfg.half_close_timeout.0,
             },
-            stats: ServiceStats::default(),
+            stats,
         }
     }
 
@@ -131,6 +191,10 @@ impl Service {
             } else {
                 tracing::warn!(service = %self.name, "no backend available: closing new clients at once");
             }
+            self.events.publish(
+                "service_backends",
+                json!({"service": &*self.name, "available": found}),
+            );
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::pool::{ActiveGuard, Backend, CutSignal};
-use crate::relay::{self, End, RelayOutcome};
+use crate::relay::{self, End, LiveCounters, RelayOutcome};
 use crate::routelog::{self, Route};
 use crate::service::Service;
 
@@ -38,8 +38,9 @@ impl Refused {
     }
 }
 
-/// Counts the service's open client connections for `max_connections`; released on drop.
-pub struct ClientSlot(Arc<Service>);
+/// Counts the service's open client connections for `max_connections` and keeps their start time;
+/// released on drop.
+pub struct ClientSlot(Arc<Service>, u64);
 
 impl ClientSlot {
     /// Takes a slot, or `None` when the service is full.
@@ -49,13 +50,15 @@ impl ClientSlot {
             service.stats.active.fetch_sub(1, Relaxed);
             return None;
         }
-        Some(ClientSlot(service.clone()))
+        let id = service.stats.sessions.enter();
+        Some(ClientSlot(service.clone(), id))
     }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.stats.active.fetch_sub(1, Relaxed);
+        self.0.stats.sessions.leave(self.1);
     }
 }
 
@@ -100,12 +103,16 @@ pub async fn serve(
             end = signal.cut() => end,
         }
     };
-    let outcome: RelayOutcome = relay::relay(&client, &stream, &service.relay, cut).await;
+    let live = LiveCounters {
+        up: &backend.stats.bytes_up,
+        down: &backend.stats.bytes_down,
+    };
+    let outcome: RelayOutcome = relay::relay(&client, &stream, &service.relay, cut, live).await;
     // Close both now (the relay may have left a FIN, or an armed reset, to this close).
     drop(stream);
     drop(client);
-    backend.stats.bytes_up.fetch_add(outcome.bytes_up, Relaxed);
-    backend
+    service.stats.bytes_up.fetch_add(outcome.bytes_up, Relaxed);
+    service
         .stats
         .bytes_down
         .fetch_add(outcome.bytes_down, Relaxed);
@@ -144,9 +151,11 @@ async fn connect(
         let active = ActiveGuard::new(backend.clone());
         // Taken before connecting, so a cut that happens meanwhile still reaches this session.
         let signal = backend.cut_signal();
+        let attempt = Instant::now();
         match tokio::time::timeout(service.connect_timeout, TcpStream::connect(backend.addr)).await
         {
             Ok(Ok(stream)) => {
+                backend.stats.connect.observe(attempt.elapsed());
                 service.pool.connect_succeeded(&backend);
                 route.connect_ms = Some(connect_start.elapsed().as_secs_f64() * 1e3);
                 return Ok((backend, stream, active, signal));
