@@ -181,10 +181,16 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    /// Loopback unless a token is set (validation enforces it).
+    #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
     /// Bearer token for mutations; mandatory when `listen` is not loopback.
     #[serde(default)]
     pub token: Option<String>,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

@@ -582,9 +582,10 @@ impl Control {
         let mut resolving = lock(&self.resolving);
 
         // Everything that can fail comes first, so a failure changes nothing.
-        let resolver_changed = resolving
-            .as_ref()
-            .is_none_or(|r| r.settings != new.resolver);
+        let resolver_changed = needs_dns(&new)
+            && resolving
+                .as_ref()
+                .is_none_or(|r| r.settings != new.resolver);
         let new_resolving = if !needs_dns(&new) {
             None
         } else if resolver_changed {

@@ -36,6 +36,8 @@ fn tmp_file(name: &str, text: &str) -> PathBuf {
 /// A sluicegate process with JSON logs on stdout, collected line by line.
 struct Sg {
     child: Child,
+    /// The config file it runs with (a reload re-reads it).
+    cfg: PathBuf,
     lines: mpsc::Receiver<Value>,
     seen: Vec<Value>,
     addr: SocketAddr,
@@ -60,6 +62,7 @@ impl Sg {
         let mut sg = Sg {
             lines: Sg::collect(stdout),
             child,
+            cfg,
             seen: Vec::new(),
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
@@ -456,18 +459,61 @@ async fn drain_deadline_then_second_signal() {
     assert_eq!(code, 130, "forced exit reports the signal");
 }
 
+/// SIGHUP and `POST /reload` re-read the file: an invalid one is rejected with its reason (log and API
+/// answer) and the running config kept; a valid one is applied (a new service binds and serves).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_does_not_kill() {
+async fn sighup_and_post_reload_apply_or_reject_the_file() {
     let backend = Backend::echo([127, 0, 0, 2]).await;
-    let mut sg = Sg::start(&yaml(&[backend.addr], "", "{drain_timeout: 5s}"));
+    let base = yaml(&[backend.addr], "", "{drain_timeout: 5s}");
+    let with_admin = format!("admin: {{listen: \"127.0.0.1:0\"}}\n{base}");
+    let mut sg = Sg::start(&with_admin);
+    let admin: SocketAddr = sg.wait_line(SECS(5), |l| l["msg"] == "admin API listening")["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    std::fs::write(&sg.cfg, format!("{with_admin}    weight: 0\n")).unwrap();
     sg.signal(libc::SIGHUP);
-    sg.wait_line(SECS(5), |l| {
-        l["msg"].as_str().is_some_and(|m| m.starts_with("SIGHUP"))
+    let rejected = sg.wait_line(SECS(5), |l| {
+        l["msg"] == "config reload rejected: the running config is kept"
     });
+    assert!(
+        rejected["error"].as_str().unwrap().contains("weight"),
+        "{rejected}"
+    );
     assert_eq!(
         round_trip(sg.addr, b"still here").await.unwrap(),
         b"still here"
     );
+    let api = common::http::send(admin, "POST", "/reload", "").await;
+    assert_eq!(api.status, 400);
+    assert!(
+        api.json()["error"].as_str().unwrap().contains("weight"),
+        "{}",
+        api.body
+    );
+
+    let second = format!(
+        "{with_admin}  - name: second\n    listen: 127.0.0.1:0\n    backends: [{{address: \"{}\"}}]\n",
+        backend.addr
+    );
+    std::fs::write(&sg.cfg, &second).unwrap();
+    sg.signal(libc::SIGHUP);
+    let reloaded = sg.wait_line(SECS(5), |l| l["msg"] == "config reloaded");
+    assert!(
+        reloaded["added"].as_str().unwrap().contains("second"),
+        "{reloaded}"
+    );
+    let listening = sg.wait_line(SECS(5), |l| {
+        l["msg"] == "listening" && l["service"] == "second"
+    });
+    let addr: SocketAddr = listening["listen"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        round_trip(addr, b"new service").await.unwrap(),
+        b"new service"
+    );
+    assert_eq!(round_trip(sg.addr, b"old one").await.unwrap(), b"old one");
     sg.signal(libc::SIGTERM);
     assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(10))), 0);
 }

@@ -104,8 +104,11 @@ async fn serve(listener: std::net::TcpListener, control: Arc<Control>, stop: Can
             return;
         }
     };
-    let addr = listener.local_addr().ok();
-    tracing::info!(listen = ?addr, "admin API listening");
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(listen = %addr, "admin API listening");
     let sampler = Sampler::start(control.clone(), stop.clone());
     let admin = Arc::new(Admin {
         control,
@@ -548,7 +551,7 @@ impl Admin {
         let mut changes = self.control.events().subscribe();
         let mut frames = self.sampler.subscribe();
         let stop = self.stop.clone();
-        let first = self.sampler.latest();
+        let first = frames.borrow_and_update().clone();
         tokio::spawn(async move {
             let _permit = permit;
             let send =

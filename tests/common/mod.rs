@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod fleet;
+pub mod http;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -119,6 +120,9 @@ pub fn service_yaml(backends: &[SocketAddr], relay: RelayMode, extra: &str) -> S
 /// sluicegate running in this process.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin API's address, when the config enables it.
+    pub admin: Option<SocketAddr>,
+    pub control: Arc<sluicegate::Control>,
     pub service: Arc<Service>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Stopped>>,
@@ -140,6 +144,8 @@ impl Proxy {
             Config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
         let server = Server::bind(&config).expect("bind");
         let addr = server.local_addrs()[0].1;
+        let admin = server.admin_addr();
+        let control = server.control();
         let service = server.services()[0].clone();
         let readiness = server.readiness();
         let (tx, rx) = oneshot::channel::<()>();
@@ -155,6 +161,8 @@ impl Proxy {
         .await;
         Proxy {
             addr,
+            admin,
+            control,
             service,
             stop: Some(tx),
             task: Some(task),

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Opens the sluicegate dashboard in headless Chromium and checks it from the DOM.
+
+Usage: check.py URL BACKEND[,BACKEND...] SCREENSHOT.png
+
+Chromium is driven through the DevTools protocol (a minimal WebSocket client from the standard
+library, so nothing needs installing besides Debian's `chromium`). The check passes when, within the
+time limits:
+  1. every backend listed is shown as a row of the table,
+  2. the page receives the live event stream (the header says "(live)"),
+  3. the connection counters shown move while the caller generates traffic,
+  4. the charts have data (history of at least 8 frames) and the fairness index is shown.
+A screenshot is written to SCREENSHOT (keep it out of git). Exit status 0 on success, 1 with a
+message on failure, 77 when no Chromium is installed.
+"""
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+class WebSocket:
+    def __init__(self, url):
+        assert url.startswith("ws://")
+        hostport, _, path = url[5:].partition("/")
+        host, _, port = hostport.partition(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nUpgrade: websocket\r\n"
+             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise RuntimeError("websocket handshake failed")
+            head += chunk
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"websocket handshake refused: {head[:80]!r}")
+
+    def _exact(self, n):
+        b = b""
+        while len(b) < n:
+            chunk = self.sock.recv(n - len(b))
+            if not chunk:
+                raise RuntimeError("websocket closed")
+            b += chunk
+        return b
+
+    def send(self, text):
+        data = text.encode()
+        header = bytes([0x81])
+        n = len(data)
+        if n < 126:
+            header += bytes([0x80 | n])
+        elif n < 65536:
+            header += bytes([0x80 | 126]) + struct.pack(">H", n)
+        else:
+            header += bytes([0x80 | 127]) + struct.pack(">Q", n)
+        mask = os.urandom(4)
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    def recv(self):
+        message = b""
+        while True:
+            b0, b1 = self._exact(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._exact(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._exact(8))[0]
+            payload = self._exact(n)
+            opcode = b0 & 0x0F
+            if opcode == 8:
+                raise RuntimeError("websocket closed by Chromium")
+            if opcode in (0, 1, 2):
+                message += payload
+                if b0 & 0x80:
+                    return message.decode()
+
+
+class Cdp:
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 0
+
+    def call(self, method, params=None):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params or {}}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def eval(self, expr):
+        r = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True})
+        return r.get("result", {}).get("value")
+
+
+STATE_JS = """JSON.stringify({
+  transport: (document.getElementById('transport') || {}).textContent || '',
+  rows: [...document.querySelectorAll('tr[data-backend]')].map(r => ({
+    backend: r.dataset.backend, total: +r.querySelector('.total').textContent,
+    active: +r.querySelector('.active').textContent })),
+  history: typeof history === 'object' ? history.length : 0,
+  jain: [...document.querySelectorAll('.jain')].map(e => e.textContent),
+})"""
+
+
+def wait(limit, what, fn):
+    end = time.time() + limit
+    last = None
+    while time.time() < end:
+        last = fn()
+        if last is not None:
+            return last
+        time.sleep(0.2)
+    raise SystemExit(f"dashboard check failed: {what} (within {limit}s)")
+
+
+def main():
+    if len(sys.argv) != 4:
+        raise SystemExit(__doc__)
+    url, backends, shot = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not chromium:
+        print("no chromium installed", file=sys.stderr)
+        sys.exit(77)
+    profile = tempfile.mkdtemp(prefix="sg-chromium-")
+    proc = subprocess.Popen(
+        [chromium, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}",
+         "--window-size=1400,1200", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port_file = os.path.join(profile, "DevToolsActivePort")
+        port = wait(30, "Chromium's DevTools port", lambda: open(port_file).read().split()[0]
+                    if os.path.exists(port_file) and open(port_file).read().strip() else None)
+        pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
+        ws_url = next(p["webSocketDebuggerUrl"] for p in pages if p.get("type") == "page")
+        cdp = Cdp(WebSocket(ws_url))
+        cdp.call("Page.enable")
+        cdp.call("Page.navigate", {"url": url})
+
+        def state():
+            v = cdp.eval(STATE_JS)
+            return json.loads(v) if v else None
+
+        def all_shown():
+            s = state()
+            if not s:
+                return None
+            shown = {r["backend"] for r in s["rows"]}
+            return s if all(b in shown for b in backends) and s["transport"] == "(live)" else None
+
+        first = wait(20, f"every backend ({', '.join(backends)}) shown with the live stream", all_shown)
+        base = {r["backend"]: r["total"] for r in first["rows"]}
+
+        def moved():
+            s = state()
+            if not s:
+                return None
+            now = {r["backend"]: r["total"] for r in s["rows"]}
+            grew = [b for b in backends if now.get(b, 0) > base.get(b, 0)]
+            return s if len(grew) == len(backends) and s["history"] >= 8 else None
+
+        last = wait(30, "every backend's counter moved and the charts have 8 frames", moved)
+        if not last["jain"] or last["jain"][0] in ("", "–"):
+            raise SystemExit("dashboard check failed: no fairness index shown")
+        png = cdp.call("Page.captureScreenshot", {"format": "png"})["data"]
+        with open(shot, "wb") as f:
+            f.write(base64.b64decode(png))
+        print(json.dumps({"ok": True, "first": first["rows"], "last": last["rows"],
+                          "frames": last["history"], "fairness": last["jain"], "screenshot": shot}))
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
