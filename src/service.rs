@@ -61,35 +61,38 @@ pub struct ServiceStats {
     pub sessions: Sessions,
 }
 
-/// Start times of the open client connections. Ids grow with time, so the smallest open id is the
-/// oldest connection; a short uncontended lock per connection start and end.
+/// Start times of the open client connections. Ids grow with time, so the smallest open id of a shard
+/// is its oldest connection; sharded so the data plane's threads rarely meet on one lock.
 #[derive(Debug, Default)]
 pub struct Sessions {
     next: AtomicU64,
-    open: Mutex<BTreeMap<u64, Instant>>,
+    shards: [Mutex<BTreeMap<u64, Instant>>; SESSION_SHARDS],
 }
 
+const SESSION_SHARDS: usize = 8;
+
 impl Sessions {
-    pub fn enter(&self) -> u64 {
-        let id = self.next.fetch_add(1, Relaxed);
-        self.open
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, BTreeMap<u64, Instant>> {
+        self.shards[id as usize % SESSION_SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Instant::now());
+    }
+
+    pub fn enter(&self) -> u64 {
+        let id = self.next.fetch_add(1, Relaxed);
+        self.shard(id).insert(id, Instant::now());
         id
     }
 
     pub fn leave(&self, id: u64) {
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        self.shard(id).remove(&id);
     }
 
     /// Age of the oldest open connection.
     pub fn oldest_age(&self) -> Option<Duration> {
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.first_key_value().map(|(_, t)| t.elapsed())
+        (0..SESSION_SHARDS as u64)
+            .filter_map(|i| self.shard(i).first_key_value().map(|(_, t)| t.elapsed()))
+            .max()
     }
 }
 

@@ -5,8 +5,8 @@
 //! runtime, so whatever it is asked (a flood of connections, a slow client, a large metrics page) uses
 //! at most that thread. Limits: [`MAX_CONNECTIONS`] connections (more are closed at once),
 //! [`MAX_EVENT_STREAMS`] event streams, headers of at most [`MAX_HEADER_BYTES`] (431 beyond), bodies of
-//! at most [`MAX_BODY_BYTES`] (413), [`HEADER_TIMEOUT`] to send a request head and [`BODY_TIMEOUT`] for
-//! its body (408).
+//! at most [`MAX_BODY_BYTES`] (413), [`HEADER_TIMEOUT`] to send a request head (which also closes idle
+//! keep-alive connections), [`BODY_TIMEOUT`] for its body (408), and [`CONNECTION_LIFETIME`] in all.
 //!
 //! Security: reads are open; every mutation (POST, PUT, DELETE) needs `Authorization: Bearer TOKEN`
 //! when `admin.token` is set (401 otherwise; compared in constant time). A method a path does not take
@@ -53,7 +53,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time to send a request body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Any admin connection other than an event stream is closed after this long.
+/// Any admin connection, event streams included, is closed after this long.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -149,8 +149,9 @@ async fn serve(listener: std::net::TcpListener, control: Arc<Control>, stop: Can
                 .max_header_size(MAX_HEADER_BYTES)
                 .max_buf_size(MAX_HEADER_BYTES.max(8192))
                 .serve_connection(TokioIo::new(stream), service);
-            // Event streams hold their connection; everything else is bounded.
-            let _ = conn.await;
+            // Every connection, event streams included, ends after CONNECTION_LIFETIME: a client that
+            // stops reading cannot hold a slot for ever (EventSource reconnects by itself).
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
         });
     }
 }

@@ -29,6 +29,9 @@ use tokio::time::Instant;
 
 use crate::config::RelayMode;
 
+/// Live byte counters are updated at least this often (in bytes moved) and when the relay ends.
+const LIVE_FLUSH: u64 = 64 * 1024;
+
 /// Copy buffer per direction, allocated on the direction's first read so an idle connection holds none.
 const COPY_BUF: usize = 16 * 1024;
 
@@ -122,8 +125,11 @@ enum DirEnd {
 /// Shared between the two directions and the timers of one connection.
 struct Flow<'a> {
     bytes: AtomicU64,
-    /// Also counts the bytes as they move, for whoever watches live (the backend's counters).
+    /// Also counts the bytes as they move, for whoever watches live (the backend's counters): flushed
+    /// every [`LIVE_FLUSH`] bytes and at the end, so small exchanges do not write a shared cache line
+    /// per message.
     live: &'a AtomicU64,
+    unflushed: AtomicU64,
     /// This direction read EOF from its source.
     eof: AtomicBool,
     /// This direction runs on splice (holds a pipe).
@@ -202,6 +208,8 @@ pub async fn relay(
         quiet_floor = Instant::now();
         timer.as_mut().reset(quiet_floor + limit);
     };
+    up.flush_live();
+    down.flush_live();
     RelayOutcome {
         bytes_up: up.bytes.load(Relaxed),
         bytes_down: down.bytes.load(Relaxed),
@@ -225,15 +233,26 @@ impl<'a> Flow<'a> {
         Flow {
             bytes: AtomicU64::new(0),
             live,
+            unflushed: AtomicU64::new(0),
             last_active_ms: AtomicU64::new(0),
             eof: AtomicBool::new(false),
             spliced: AtomicBool::new(false),
         }
     }
 
+    fn flush_live(&self) {
+        let pending = self.unflushed.swap(0, Relaxed);
+        if pending > 0 {
+            self.live.fetch_add(pending, Relaxed);
+        }
+    }
+
     fn wrote(&self, n: usize, start: Instant) {
         self.bytes.fetch_add(n as u64, Relaxed);
-        self.live.fetch_add(n as u64, Relaxed);
+        let pending = self.unflushed.fetch_add(n as u64, Relaxed) + n as u64;
+        if pending >= LIVE_FLUSH {
+            self.flush_live();
+        }
         self.last_active_ms
             .store(start.elapsed().as_millis() as u64, Relaxed);
     }
