@@ -73,11 +73,16 @@ async fn every_read_endpoint_answers() {
             "dns_first_seen_ms",
             "dns_last_seen_ms",
             "connect_ms_mean",
+            "source",
+            "bytes_in",
+            "bytes_out",
+            "failed_connects",
         ] {
             assert!(b.get(key).is_some(), "backend view lacks {key}: {b}");
         }
         assert_eq!(b["service"], "web");
         assert_eq!(b["sources"][0], "static");
+        assert_eq!(b["source"], "static");
         assert_eq!(b["total"], 2);
         assert!(b["connect_ms_mean"].as_f64().is_some());
     }

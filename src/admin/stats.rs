@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::unix_ms;
 use crate::lifecycle::Control;
-use crate::pool::{Backend, State};
+use crate::pool::{Backend, Source, State};
 use crate::relay::End;
 
 /// Frames kept for the dashboard's charts: five minutes.
@@ -27,6 +27,19 @@ pub fn backend_json(service: &str, b: &Backend) -> Value {
     v["service"] = Value::from(service);
     let probes = v["probes"].as_array().cloned().unwrap_or_default();
     v["last_probe"] = probes.last().cloned().unwrap_or(Value::Null);
+    // INTERFACES.md's names: the primary source as `static`, `dns` (with `dns_name`) or `api`, and
+    // bytes in (client → backend) / out, failed connects.
+    let primary = b.sources().into_iter().next();
+    let (source, dns_name) = match &primary {
+        Some(Source::Dns(name)) => ("dns", Value::from(&**name)),
+        Some(Source::Api) => ("api", Value::Null),
+        _ => ("static", Value::Null),
+    };
+    v["source"] = Value::from(source);
+    v["dns_name"] = dns_name;
+    v["bytes_in"] = v["bytes_up"].clone();
+    v["bytes_out"] = v["bytes_down"].clone();
+    v["failed_connects"] = v["failed"].clone();
     v
 }
 
