@@ -1,0 +1,443 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of sluicegate against HAProxy, nginx `stream` and no proxy at all.
+
+Usage (from the repository root; needs wrk, iperf3, haproxy, nginx with the stream module, taskset):
+    python3 benchmarks/bench.py [--rounds 2] [--duration 10] [--proxies a,b] [--workloads a,b]
+
+Proxies: direct, sg-copy, sg-splice, sg-auto (target/release/sluicegate, built if missing), haproxy,
+haproxy-splice (`option splice-auto`), nginx (`stream`). Workloads, in this order:
+    ka      wrk -t1 -c64 keep-alive GET /tiny (16 bytes)            req/s, p50/p99, CPU-s per 100k
+    bulk    wrk -t1 -c16 GET /1m.bin (1 MiB)                        MB/s, p50/p99, CPU-s per GB
+    stream  one iperf3 stream for the whole duration                Gbit/s, CPU-s per GB
+    idle    10 000 idle connections held through the proxy          RSS per connection
+    churn   wrk -t1 -c64 with `Connection: close` (runs last: it leaves TIME_WAIT behind)
+            req/s, p50/p99, CPU-s per 100k
+
+Fixture: three nginx backends on 127.0.0.1:19001-19003 and an iperf3 server on 19201, started once.
+Every proxy listens on 127.0.0.1:18080 (HTTP backends) and 18081 (iperf3). Pinning on a 2-core machine:
+the proxy on CPU 1, the load generators on CPU 0, the backends unpinned (`direct` has no proxy, so its
+"proxy CPU" column is empty). Rounds are interleaved (every proxy once per round, the order rotated),
+so machine noise shows as spread between rounds instead of a bias for one proxy.
+
+Measured per (round, proxy, workload): throughput, p50/p99 latency (wrk), proxy CPU seconds (utime +
+stime of every process in the proxy's session, from /proc), proxy RSS (sum of VmRSS; for `idle`, the
+growth per held connection). Writes bench-DATE.json, bench-DATE.md (means, both rounds, ratios against
+HAProxy and against direct) and bench-DATE-*.svg charts to --out. All traffic is on loopback; every
+workload is bounded in time.
+"""
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROXIES = ["direct", "sg-copy", "sg-splice", "sg-auto", "haproxy", "haproxy-splice", "nginx"]
+WORKLOADS = ["ka", "bulk", "stream", "idle", "churn"]
+BACKENDS = [19001, 19002, 19003]
+IPERF_BACKEND = 19201
+LISTEN, IPERF_LISTEN = 18080, 18081
+PROXY_CPU, CLIENT_CPU = "1", "0"
+IDLE_CONNECTIONS = 10_000
+# Set from the descriptor limit in main(): a proxy holds two descriptors per connection.
+MAXCONN = 40_000
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def need(*tools):
+    missing = [t for t in tools if not shutil.which(t)]
+    if missing:
+        raise SystemExit(f"missing tools: {', '.join(missing)} (Debian: apt install wrk iperf3 haproxy "
+                         f"nginx-light libnginx-mod-stream util-linux)")
+
+
+def listening(port):
+    """Whether a socket listens on 127.0.0.1:port (read from /proc, without connecting: a probe
+    connection would count as a test run for iperf3's server)."""
+    want = f"0100007F:{port:04X}"
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        cols = line.split()
+        if cols[1] == want and cols[3] == "0A":
+            return True
+    return False
+
+
+def wait_port(port, limit=10.0):
+    end = time.time() + limit
+    while time.time() < end:
+        if listening(port):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def session_pids(sid):
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+                fields = stat[stat.rindex(")") + 2:].split()
+                if int(fields[3]) == sid:
+                    pids.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return pids
+
+
+def cpu_seconds(sid):
+    total = 0
+    for pid in session_pids(sid):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            f = stat[stat.rindex(")") + 2:].split()
+            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / TICK
+
+
+def open_fds(sid):
+    total = 0
+    for pid in session_pids(sid):
+        try:
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            pass
+    return total
+
+
+def rss_kib(sid):
+    total = 0
+    for pid in session_pids(sid):
+        try:
+            total += int(open(f"/proc/{pid}/statm").read().split()[1]) * PAGE // 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+class Fixture:
+    def __init__(self, work):
+        self.work = work
+        self.procs = []
+        www = os.path.join(work, "www")
+        os.makedirs(www)
+        with open(os.path.join(www, "1m.bin"), "wb") as f:
+            f.write(os.urandom(1 << 20))
+        for port in BACKENDS:
+            d = os.path.join(work, f"b{port}")
+            os.makedirs(d)
+            conf = os.path.join(d, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(f"""worker_processes 1; daemon off; pid {d}/pid; error_log {d}/error.log;
+worker_rlimit_nofile 30000;
+events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{port} reuseport backlog=4096;
+    location = /tiny {{ add_header X-Backend b{port}; return 200 "0123456789abcde\\n"; }}
+    location / {{ root {www}; }} }} }}
+""")
+            self.procs.append(subprocess.Popen(["nginx", "-c", conf, "-p", d], stderr=subprocess.DEVNULL,
+                                               start_new_session=True))
+        self.procs.append(subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_BACKEND)],
+                                           stdout=subprocess.DEVNULL, start_new_session=True))
+        for port in BACKENDS + [IPERF_BACKEND]:
+            wait_port(port)
+
+    def close(self):
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            p.wait(timeout=10)
+
+
+def proxy_command(name, work, binary):
+    """The command that runs `name` in the foreground, or None for direct."""
+    d = os.path.join(work, name)
+    os.makedirs(d, exist_ok=True)
+    if name.startswith("sg-"):
+        cfg = os.path.join(d, "sg.yaml")
+        relay = name[3:]
+        lines = ["log: {level: warn}", "shutdown: {drain_timeout: 1s}", "services:"]
+        for svc, port, backends in [("http", LISTEN, BACKENDS), ("iperf", IPERF_LISTEN, [IPERF_BACKEND])]:
+            lines += [f"  - name: {svc}", f"    listen: 127.0.0.1:{port}", "    balance: round_robin",
+                      f"    relay: {relay}", "    max_connections: 100000", "    backends:"]
+            lines += [f"      - {{address: \"127.0.0.1:{b}\"}}" for b in backends]
+        open(cfg, "w").write("\n".join(lines) + "\n")
+        return [binary, "--config", cfg]
+    if name.startswith("haproxy"):
+        cfg = os.path.join(d, "haproxy.cfg")
+        splice = "  option splice-auto\n" if name == "haproxy-splice" else ""
+        servers = "".join(f"  server b{b} 127.0.0.1:{b}\n" for b in BACKENDS)
+        open(cfg, "w").write(f"""global
+  nbthread 1
+  maxconn {MAXCONN}
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1m
+  timeout server 1m
+{splice}frontend http
+  bind 127.0.0.1:{LISTEN}
+  default_backend http
+backend http
+  balance roundrobin
+{servers}frontend iperf
+  bind 127.0.0.1:{IPERF_LISTEN}
+  default_backend iperf
+backend iperf
+  server i 127.0.0.1:{IPERF_BACKEND}
+""")
+        return ["haproxy", "-db", "-f", cfg]
+    if name == "nginx":
+        cfg = os.path.join(d, "nginx.conf")
+        module = next((m for m in ["/usr/lib/nginx/modules/ngx_stream_module.so"] if os.path.exists(m)), None)
+        load = f"load_module {module};\n" if module else ""
+        servers = "".join(f"    server 127.0.0.1:{b};\n" for b in BACKENDS)
+        open(cfg, "w").write(f"""{load}worker_processes 1; daemon off; pid {d}/pid; error_log {d}/error.log;
+events {{ worker_connections {MAXCONN}; }}
+stream {{
+  upstream http {{
+{servers}  }}
+  server {{ listen 127.0.0.1:{LISTEN} backlog=4096; proxy_pass http; }}
+  server {{ listen 127.0.0.1:{IPERF_LISTEN}; proxy_pass 127.0.0.1:{IPERF_BACKEND}; }}
+}}
+""")
+        return ["nginx", "-c", cfg, "-p", d]
+    return None
+
+
+def parse_wrk(out):
+    def dur(v):
+        m = re.match(r"([\d.]+)(us|ms|s|m)", v)
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)] if m else None
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    bytes_read = re.search(r"requests in [\d.]+\w+, ([\d.]+)(\w+) read", out)
+    scale = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+    read = float(bytes_read.group(1)) * scale.get(bytes_read.group(2), 1)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = (sum(int(x) for x in errors.groups()) if errors else 0) + (int(non2xx.group(1)) if non2xx else 0)
+    return {"rps": rps, "requests": total, "bytes": read, "p50_ms": dur(p50.group(1)) if p50 else None,
+            "p99_ms": dur(p99.group(1)) if p99 else None, "errors": errs}
+
+
+def hold_idle(port, n):
+    """Opens n idle connections through the proxy; returns them (the caller closes them)."""
+    socks = []
+    for i in range(n):
+        s = socket.socket()
+        s.setblocking(True)
+        s.settimeout(5)
+        try:
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            break
+        socks.append(s)
+    return socks
+
+
+def run_workload(name, proxy, port, iperf_port, duration, sid):
+    pin = ["taskset", "-c", CLIENT_CPU]
+    url = f"http://127.0.0.1:{port}"
+    cpu0 = cpu_seconds(sid) if sid else None
+    row = {"workload": name}
+    if name in ("ka", "churn", "bulk"):
+        args = {"ka": ["-c64", f"{url}/tiny"], "churn": ["-c64", "-H", "Connection: close", f"{url}/tiny"],
+                "bulk": ["-c16", f"{url}/1m.bin"]}[name]
+        out = subprocess.run(pin + ["wrk", "-t1", f"-d{duration}s", "--latency", "--timeout", "5s"] + args,
+                             capture_output=True, text=True, timeout=duration + 60).stdout
+        w = parse_wrk(out)
+        row.update(w)
+        row["mb_s"] = w["bytes"] / duration / 1e6
+    elif name == "stream":
+        out = subprocess.run(pin + ["iperf3", "-c", "127.0.0.1", "-p", str(iperf_port), "-t", str(duration),
+                                    "-J"], capture_output=True, text=True, timeout=duration + 60).stdout
+        j = json.loads(out)
+        end = j["end"]["sum_received"]
+        row.update({"gbit_s": end["bits_per_second"] / 1e9, "bytes": end["bytes"]})
+    elif name == "idle":
+        before, fds0 = (rss_kib(sid), open_fds(sid)) if sid else (None, None)
+        socks = hold_idle(port, min(IDLE_CONNECTIONS, MAXCONN - 100))
+        time.sleep(2.0)  # let the proxy accept everything and connect upstream
+        after, fds1 = (rss_kib(sid), open_fds(sid)) if sid else (None, None)
+        row["held"] = len(socks)
+        if sid and socks:
+            # Connections the proxy really holds (two descriptors each), not just queued ones.
+            row["proxied"] = (fds1 - fds0) // 2
+            row["rss_kib_per_conn"] = (after - before) / max(row["proxied"], 1)
+        for s in socks:
+            s.close()
+    if sid:
+        row["cpu_s"] = cpu_seconds(sid) - cpu0
+        row["rss_kib"] = rss_kib(sid)
+        if name in ("ka", "churn") and row.get("requests"):
+            row["cpu_per_100k"] = row["cpu_s"] / row["requests"] * 1e5
+        if name in ("bulk", "stream") and row.get("bytes"):
+            row["cpu_per_gb"] = row["cpu_s"] / row["bytes"] * 1e9
+    return row
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+HEADLINE = {"ka": ("cpu_per_100k", "rps"), "churn": ("cpu_per_100k", "rps"), "bulk": ("cpu_per_gb", "mb_s"),
+            "stream": ("cpu_per_gb", "gbit_s"), "idle": ("rss_kib_per_conn", None)}
+
+
+def svg_bars(title, unit, values):
+    """A horizontal bar chart of {proxy: value}."""
+    items = [(k, v) for k, v in values.items() if v is not None]
+    if not items:
+        return None
+    width, row, left = 640, 24, 130
+    height = 40 + row * len(items)
+    top = max(v for _, v in items) or 1
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="10" y="18" font-size="13">{title} ({unit})</text>']
+    for i, (k, v) in enumerate(items):
+        y = 30 + i * row
+        w = (width - left - 90) * v / top
+        color = "#d29922" if k.startswith("sg-") else "#8b949e" if k == "direct" else "#58a6ff"
+        out.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end">{k}</text>')
+        out.append(f'<rect x="{left}" y="{y + 3}" width="{w:.1f}" height="{row - 8}" fill="{color}"/>')
+        out.append(f'<text x="{left + w + 4:.1f}" y="{y + 15}">{v:.3g}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def report(rows, meta, out_dir):
+    stamp = meta["stamp"]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"bench-{stamp}.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    md = [f"# sluicegate against HAProxy, nginx and direct ({meta['date']})", "",
+          f"Command: `{meta['command']}`. Machine: {meta['cpus']} CPUs, {meta['kernel']}; proxy pinned to "
+          f"CPU {PROXY_CPU}, load on CPU {CLIENT_CPU}, backends unpinned; {meta['rounds']} interleaved rounds of "
+          f"{meta['duration']} s per workload. Peers: {meta['versions']}.", ""]
+    proxies = [p for p in meta["proxies"]]
+    means = {}
+    for w in meta["workloads"]:
+        key, thr = HEADLINE[w]
+        md += [f"## {w}", "", "| proxy | throughput | p50 ms | p99 ms | proxy CPU | RSS KiB | × HAProxy | × direct |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        means[w] = {}
+        for p in proxies:
+            rs = [r for r in rows if r["proxy"] == p and r["workload"] == w]
+            if not rs:
+                continue
+            m = {k: mean([r.get(k) for r in rs]) for k in ("rps", "mb_s", "gbit_s", "p50_ms", "p99_ms", key, "rss_kib")}
+            means[w][p] = m
+        for p, m in means[w].items():
+            tv = m.get(thr) if thr else None
+            hv = means[w].get("haproxy", {})
+            dv = means[w].get("direct", {})
+            ratio_h = (m[key] / hv[key]) if m.get(key) and hv.get(key) else None
+            ratio_d = (tv / dv[thr]) if thr and tv and dv.get(thr) else None
+            fmt = lambda v, f="{:.3g}": "–" if v is None else f.format(v)  # noqa: E731
+            md.append(f"| {p} | {fmt(tv)} {thr or ''} | {fmt(m['p50_ms'])} | {fmt(m['p99_ms'])} | "
+                      f"{fmt(m[key])} {key} | {fmt(m['rss_kib'], '{:.0f}')} | {fmt(ratio_h, '{:.2f}')} | "
+                      f"{fmt(ratio_d, '{:.2f}')} |")
+        md += ["", "Per round:", "", "```"]
+        for r in rows:
+            if r["workload"] == w:
+                md.append(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+        md += ["```", ""]
+        svg = svg_bars(f"{w}: {key.replace('_', ' ')}", "lower is better",
+                       {p: m.get(key) for p, m in means[w].items()})
+        if svg:
+            name = f"bench-{stamp}-{w}.svg"
+            open(os.path.join(out_dir, name), "w").write(svg)
+            md.insert(md.index(f"## {w}") + 2, f"![{w}]({name})\n")
+    path = os.path.join(out_dir, f"bench-{stamp}.md")
+    open(path, "w").write("\n".join(md) + "\n")
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--proxies", default=",".join(PROXIES))
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "sluicegate"))
+    a = ap.parse_args()
+    proxies = a.proxies.split(",")
+    workloads = [w for w in WORKLOADS if w in a.workloads.split(",")]
+    a.duration = max(2, min(a.duration, 120))
+    need("wrk", "iperf3", "taskset", "nginx", *(["haproxy"] if any(p.startswith("haproxy") for p in proxies) else []))
+    if any(p.startswith("sg-") for p in proxies) and not os.path.exists(a.bin):
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    # 10 000 idle connections need 20 000 descriptors in the proxy: raise the limit where allowed.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 100_000), max(hard, 100_000)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    global MAXCONN
+    MAXCONN = min(40_000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200) // 2)
+    work = tempfile.mkdtemp(prefix="sg-bench-")
+    os.chmod(work, 0o755)  # nginx workers run as an unprivileged user and must read the files
+    fixture = Fixture(work)
+    rows = []
+    try:
+        for rnd in range(1, a.rounds + 1):
+            order = proxies[rnd - 1:] + proxies[:rnd - 1]
+            for p in order:
+                cmd = proxy_command(p, work, a.bin)
+                proc = None
+                if cmd:
+                    proc = subprocess.Popen(["taskset", "-c", PROXY_CPU] + cmd, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, start_new_session=True)
+                    wait_port(LISTEN)
+                    wait_port(IPERF_LISTEN)
+                port = LISTEN if cmd else BACKENDS[0]
+                iperf_port = IPERF_LISTEN if cmd else IPERF_BACKEND
+                for w in workloads:
+                    if w == "idle" and not cmd:
+                        continue
+                    row = run_workload(w, p, port, iperf_port, a.duration, proc.pid if proc else None)
+                    row.update({"round": rnd, "proxy": p})
+                    rows.append(row)
+                    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
+                          file=sys.stderr)
+                if proc:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=15)
+                time.sleep(1)
+    finally:
+        fixture.close()
+        shutil.rmtree(work, ignore_errors=True)
+    version = lambda c: subprocess.run(c, capture_output=True, text=True).stderr.strip().split("\n")[0] or \
+        subprocess.run(c, capture_output=True, text=True).stdout.strip().split("\n")[0]  # noqa: E731
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "stamp": time.strftime("%Y-%m-%d-%H%M"),
+            "rounds": a.rounds, "duration": a.duration, "proxies": proxies, "workloads": workloads,
+            "cpus": os.cpu_count(), "kernel": os.uname().release,
+            "command": "python3 benchmarks/bench.py " + " ".join(sys.argv[1:]),
+            "versions": "; ".join(v for v in [version(["haproxy", "-v"]), version(["nginx", "-v"])] if v)}
+    print(report(rows, meta, a.out))
+
+
+if __name__ == "__main__":
+    main()
