@@ -176,8 +176,7 @@ async fn only_2xx_is_healthy_whatever_the_endpoint_does() {
         let last = b.probes().pop().expect("probed");
         eprintln!("{what}: {:?} {:?}", b.health(), last.error);
     }
-    // 1000 rounds of misbehaving endpoints: still one probe in flight at most, and no descriptor
-    // left behind.
+    // 1000 rounds of misbehaving endpoints: no descriptor left behind.
     let modes = [
         HealthMode::Hang,
         HealthMode::Huge,
@@ -194,11 +193,6 @@ async fn only_2xx_is_healthy_whatever_the_endpoint_does() {
         )
         .await;
     }
-    assert_eq!(
-        fleet[0].probes.max_open.load(Relaxed),
-        1,
-        "one probe in flight at most"
-    );
     fleet[0].set_status(200);
     wait_for(Duration::from_secs(2), "healthy", || {
         b.health() == Health::Healthy
@@ -209,6 +203,27 @@ async fn only_2xx_is_healthy_whatever_the_endpoint_does() {
         common::socket_fds_on_ports(&[port]) <= 3
     })
     .await;
+}
+
+/// At most one probe in flight per backend: probes that hang for ten intervals do not pile up. (The
+/// backend sees the previous probe's close a moment late, hence at most 2 open from its side; without
+/// the guarantee about ten would be.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_probe_in_flight_even_when_probes_hang() {
+    let (_port, fleet) = replicas(2, 1);
+    let _p = Proxy::start(&yaml(
+        &fleet,
+        "health: {kind: http, interval: 10ms, timeout: 100ms, rise: 1, fall: 1}",
+    ))
+    .await;
+    fleet[0].set_mode(HealthMode::Hang);
+    let n = fleet[0].health_requests();
+    wait_for(Duration::from_secs(10), "20 hanging probes", || {
+        fleet[0].health_requests() >= n + 20
+    })
+    .await;
+    let max = fleet[0].probes.max_open.load(Relaxed);
+    assert!(max <= 2, "{max} probes open at once");
 }
 
 /// RELIABILITY 17 with probes: every backend unhealthy: clients are closed at once, and traffic
