@@ -407,6 +407,22 @@ impl Control {
             .collect()
     }
 
+    /// Every backend of every service (members and removed ones still holding sessions), with its
+    /// service's name.
+    pub fn backends(&self) -> Vec<(Arc<str>, Arc<crate::pool::Backend>)> {
+        self.services()
+            .iter()
+            .flat_map(|s| {
+                let name = s.service.name.clone();
+                s.service
+                    .pool
+                    .all_backends()
+                    .into_iter()
+                    .map(move |b| (name.clone(), b))
+            })
+            .collect()
+    }
+
     pub fn service(&self, name: &str) -> Option<Arc<Service>> {
         lock(&self.running)
             .iter()

@@ -208,16 +208,7 @@ pub fn render(control: &Control) -> String {
     }
 
     // Per backend.
-    let backends: Vec<_> = services
-        .iter()
-        .flat_map(|s| {
-            s.service
-                .pool
-                .all_backends()
-                .into_iter()
-                .map(move |b| (s.service.name.clone(), b))
-        })
-        .collect();
+    let backends = control.backends();
     type BackendGet = fn(&crate::pool::Backend) -> u64;
     let per_backend: [(&str, &str, &str, BackendGet); 4] = [
         (

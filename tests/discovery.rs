@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::dns::{FakeDns, Reply};
-use common::fleet::{replica_at, replicas, who, Session};
+use common::fleet::{replica_at, replicas, spread, who, Session};
 use common::{wait_for, within, Proxy};
 use sluicegate::relay::End;
 
@@ -44,18 +44,6 @@ async fn wait_members(proxy: &Proxy, want: &[u8], limit: Duration) {
     let want: Vec<IpAddr> = want.iter().map(|&l| ip(l)).collect();
     let what = format!("members {want:?}");
     wait_for(limit, &what, || ips(proxy) == want).await;
-}
-
-/// Who answers `n` sequential connections, counted per address. Every connection must succeed.
-async fn spread(addr: SocketAddr, n: usize) -> HashMap<IpAddr, usize> {
-    let mut counts = HashMap::new();
-    for i in 0..n {
-        let who = within(Duration::from_secs(5), "connection", who(addr))
-            .await
-            .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
-        *counts.entry(who).or_default() += 1;
-    }
-    counts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

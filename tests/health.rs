@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use common::dns::FakeDns;
-use common::fleet::{replicas, who, HealthMode, Replica, Session};
-use common::{wait_for, within, Proxy};
+use common::fleet::{replicas, spread, who, HealthMode, Replica, Session};
+use common::{wait_for, Proxy};
 use sluicegate::health::Health;
 use sluicegate::relay::End;
 
@@ -26,17 +26,6 @@ fn yaml(fleet: &[Replica], extra: &str) -> String {
 
 fn health_of(proxy: &Proxy, r: &Replica) -> Health {
     proxy.backend(r.addr()).health()
-}
-
-async fn spread(addr: SocketAddr, n: usize) -> HashMap<IpAddr, usize> {
-    let mut counts = HashMap::new();
-    for i in 0..n {
-        let who = within(Duration::from_secs(5), "connection", who(addr))
-            .await
-            .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
-        *counts.entry(who).or_default() += 1;
-    }
-    counts
 }
 
 /// A `/health` turning 503 stops new traffic within fall × interval + 1 s; back within

@@ -627,17 +627,10 @@ fn drain_json(c: &Control) -> Value {
     let mut v = serde_json::to_value(&d).unwrap_or(Value::Null);
     if d.draining {
         let per_backend: Vec<Value> = c
-            .services()
-            .iter()
-            .flat_map(|s| {
-                s.service
-                    .pool
-                    .all_backends()
-                    .into_iter()
-                    .filter(|b| b.active() > 0)
-                    .map(|b| json!({"service": &*s.service.name, "backend": b.addr, "remaining": b.active()}))
-                    .collect::<Vec<_>>()
-            })
+            .backends()
+            .into_iter()
+            .filter(|(_, b)| b.active() > 0)
+            .map(|(svc, b)| json!({"service": &*svc, "backend": b.addr, "remaining": b.active()}))
             .collect();
         v["backends"] = Value::Array(per_backend);
         v["oldest_connection_s"] = c

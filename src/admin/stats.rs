@@ -45,16 +45,9 @@ pub fn backend_json(service: &str, b: &Backend) -> Value {
 
 /// Every backend of every service (members and removed ones still holding sessions).
 pub fn backends(c: &Control) -> Vec<Value> {
-    c.services()
+    c.backends()
         .iter()
-        .flat_map(|s| {
-            s.service
-                .pool
-                .all_backends()
-                .iter()
-                .map(|b| backend_json(&s.service.name, b))
-                .collect::<Vec<_>>()
-        })
+        .map(|(svc, b)| backend_json(svc, b))
         .collect()
 }
 

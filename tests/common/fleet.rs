@@ -234,3 +234,15 @@ impl Session {
         )
     }
 }
+
+/// Who answers `n` sequential connections through `addr`, counted per address; every one must succeed.
+pub async fn spread(addr: SocketAddr, n: usize) -> std::collections::HashMap<IpAddr, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for i in 0..n {
+        let who = super::within(Duration::from_secs(5), "connection", who(addr))
+            .await
+            .unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
+        *counts.entry(who).or_default() += 1;
+    }
+    counts
+}
