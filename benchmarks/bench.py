@@ -180,11 +180,14 @@ def proxy_command(name, work, binary):
     if name.startswith("haproxy"):
         cfg = os.path.join(d, "haproxy.cfg")
         splice = "  option splice-auto\n" if name == "haproxy-splice" else ""
+        # Splicing HAProxy also reserves two descriptors per pipe: fewer connections fit the limit.
+        maxconn = MAXCONN - 1100 if splice else MAXCONN
+        pipes = "  maxpipes 1000\n" if splice else ""
         servers = "".join(f"  server b{b} 127.0.0.1:{b}\n" for b in BACKENDS)
         open(cfg, "w").write(f"""global
   nbthread 1
-  maxconn {MAXCONN}
-defaults
+  maxconn {maxconn}
+{pipes}defaults
   mode tcp
   timeout connect 5s
   timeout client 1m
@@ -275,7 +278,8 @@ def run_workload(name, proxy, port, iperf_port, duration, sid):
         row.update({"gbit_s": end["bits_per_second"] / 1e9, "bytes": end["bytes"]})
     elif name == "idle":
         before, fds0 = (rss_kib(sid), open_fds(sid)) if sid else (None, None)
-        socks = hold_idle(port, min(IDLE_CONNECTIONS, MAXCONN - 100))
+        # The same number for every proxy, within every proxy's descriptor budget.
+        socks = hold_idle(port, min(IDLE_CONNECTIONS, MAXCONN - 1200))
         time.sleep(2.0)  # let the proxy accept everything and connect upstream
         after, fds1 = (rss_kib(sid), open_fds(sid)) if sid else (None, None)
         row["held"] = len(socks)
@@ -408,10 +412,25 @@ def main():
                 cmd = proxy_command(p, work, a.bin)
                 proc = None
                 if cmd:
-                    proc = subprocess.Popen(["taskset", "-c", PROXY_CPU] + cmd, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL, start_new_session=True)
-                    wait_port(LISTEN)
-                    wait_port(IPERF_LISTEN)
+                    log = open(os.path.join(work, f"{p}-r{rnd}.log"), "w")
+                    for attempt in range(3):
+                        proc = subprocess.Popen(["taskset", "-c", PROXY_CPU] + cmd, stdout=log, stderr=log,
+                                                start_new_session=True)
+                        try:
+                            wait_port(LISTEN)
+                            wait_port(IPERF_LISTEN)
+                            break
+                        except RuntimeError:
+                            # The previous proxy's sockets may still be closing: try again shortly.
+                            try:
+                                os.killpg(proc.pid, signal.SIGKILL)
+                            except ProcessLookupError:
+                                pass
+                            proc.wait(timeout=10)
+                            time.sleep(3)
+                    else:
+                        log.flush()
+                        raise SystemExit(f"{p} did not start: {open(log.name).read()[-800:]}")
                 port = LISTEN if cmd else BACKENDS[0]
                 iperf_port = IPERF_LISTEN if cmd else IPERF_BACKEND
                 for w in workloads:
