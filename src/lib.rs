@@ -11,6 +11,7 @@
 //!   drain, slow start), and the snapshot the hot path reads.
 //! - [`relay`]: moving bytes both ways with half-close and reset propagation, by copy or splice.
 //! - [`routelog`]: the one routing-decision line per connection.
+//! - [`workers`]: the data-plane threads (one single-threaded runtime per core) that accept and relay.
 //!
 //! Around them:
 //!
@@ -42,5 +43,6 @@ pub mod relay;
 pub mod routelog;
 pub mod service;
 pub mod session;
+pub mod workers;
 
 pub use lifecycle::{run, Control, Server, StartError, Stopped};

@@ -27,7 +27,7 @@ use arc_swap::ArcSwap;
 use hickory_resolver::TokioResolver;
 use serde::Serialize;
 use serde_json::json;
-use tokio::net::TcpListener;
+use std::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,7 @@ use crate::events::EventBus;
 use crate::listener::{self, BindError};
 use crate::pool::Source;
 use crate::service::Service;
+use crate::workers::{self, Workers};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,8 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error(transparent)]
     Resolver(#[from] ResolverError),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// Why a reload was rejected; the running config stays.
@@ -170,6 +173,8 @@ struct Resolving {
 /// The running server's state, shared with the admin API and the signal handler.
 pub struct Control {
     rt: tokio::runtime::Handle,
+    /// The data plane: accept loops and sessions run there.
+    workers: Workers,
     running: Mutex<Vec<Running>>,
     config: Mutex<Config>,
     config_path: Mutex<Option<PathBuf>>,
@@ -213,7 +218,7 @@ fn bind_service(s: &ServiceConfig) -> Result<(TcpListener, SocketAddr), BindErro
         addr: s.listen,
         source,
     };
-    let l = TcpListener::from_std(listener::bind(s.listen).map_err(err)?).map_err(err)?;
+    let l = listener::bind(s.listen).map_err(err)?;
     let local = l.local_addr().map_err(err)?;
     Ok((l, local))
 }
@@ -261,8 +266,10 @@ impl Server {
             })?),
             None => None,
         };
+        let workers = Workers::start(workers::default_count()).map_err(StartError::Workers)?;
         let control = Arc::new(Control {
             rt: tokio::runtime::Handle::current(),
+            workers,
             running: Mutex::new(running),
             config: Mutex::new(config.clone()),
             config_path: Mutex::new(None),
@@ -381,6 +388,9 @@ impl Server {
         }
         c.background.cancel();
         admin_stop.cancel();
+        // Every session has ended: the worker threads have nothing left to run.
+        let c2 = c.clone();
+        let _ = tokio::task::spawn_blocking(move || c2.workers.stop()).await;
         tracing::info!(cut, "drained: exiting");
         Stopped { cut }
     }
@@ -468,14 +478,40 @@ impl Control {
             dns_names = s.names.len(),
             "listening"
         );
-        let accept = listener::accept_loop(
-            l,
-            r.current.clone(),
-            self.tracker.clone(),
-            r.stop.clone(),
-            self.deadline.clone(),
-        );
-        self.rt.spawn(self.accepting.track_future(accept));
+        // One accept loop per worker, each on its own descriptor of the one listening socket.
+        let handles = self.workers.handles();
+        let mut socket = Some(l);
+        for (i, handle) in handles.iter().enumerate() {
+            let mine = if i + 1 == handles.len() {
+                socket.take()
+            } else {
+                match socket.as_ref().map(TcpListener::try_clone) {
+                    Some(Ok(dup)) => Some(dup),
+                    Some(Err(e)) => {
+                        // Out of descriptors: the workers that have one accept for all.
+                        tracing::warn!(service = %s.name, error = %e, "cannot share the listener with every worker");
+                        continue;
+                    }
+                    None => None,
+                }
+            };
+            let Some(mine) = mine else { break };
+            let (current, tracker, stop, deadline) = (
+                r.current.clone(),
+                self.tracker.clone(),
+                r.stop.clone(),
+                self.deadline.clone(),
+            );
+            let name = s.name.clone();
+            let accept = async move {
+                // Registered with this worker's runtime, which is why it is converted here.
+                match tokio::net::TcpListener::from_std(mine) {
+                    Ok(l) => listener::accept_loop(l, current, tracker, stop, deadline).await,
+                    Err(e) => tracing::error!(service = %name, error = %e, "cannot register the listener"),
+                }
+            };
+            handle.spawn(self.accepting.track_future(accept));
+        }
     }
 
     /// Starts the DNS watchers of `r`'s service; returns receivers that fire on each first answer.

@@ -50,7 +50,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The control plane (signals, probes, DNS, reload, drain); connections run on `workers`' threads.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

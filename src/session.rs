@@ -108,9 +108,8 @@ pub async fn serve(
         down: &backend.stats.bytes_down,
     };
     let outcome: RelayOutcome = relay::relay(&client, &stream, &service.relay, cut, live).await;
-    // Close both now (the relay may have left a FIN, or an armed reset, to this close).
-    drop(stream);
-    drop(client);
+    // Counted before the close, so whoever sees the close (a client, a test on another thread) finds
+    // the connection in the totals.
     service.stats.bytes_up.fetch_add(outcome.bytes_up, Relaxed);
     service
         .stats
@@ -120,6 +119,9 @@ pub async fn serve(
     if outcome.spliced {
         service.stats.spliced.fetch_add(1, Relaxed);
     }
+    // Close both now (the relay may have left a FIN, or an armed reset, to this close).
+    drop(stream);
+    drop(client);
     route.finish(outcome, started);
     routelog::emit(&route);
 }

@@ -66,8 +66,9 @@ pub fn tcp_sockets_on_ports(ports: &[u16]) -> Vec<(u8, String)> {
     out
 }
 
-/// Descriptors of this process that are TCP sockets with a local or remote port in `ports`. Unlike a
-/// count of all descriptors, this is not disturbed by other tests running in the same process.
+/// Open TCP sockets of this process with a local or remote port in `ports` (distinct sockets: every
+/// data-plane worker holds its own descriptor of a service's one listening socket). Unlike a count of
+/// all descriptors, this is not disturbed by other tests running in the same process.
 pub fn socket_fds_on_ports(ports: &[u16]) -> usize {
     let inodes: std::collections::HashSet<String> = tcp_sockets_on_ports(ports)
         .into_iter()
@@ -79,8 +80,12 @@ pub fn socket_fds_on_ports(ports: &[u16]) -> usize {
     };
     dir.filter_map(|e| e.ok())
         .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter(|l| inodes.contains(l.to_string_lossy().as_ref()))
-        .count()
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            inodes.contains(&l).then_some(l)
+        })
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 /// Polls `cond` every 5 ms until it holds; panics with `what` after `limit`.
