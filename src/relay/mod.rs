@@ -18,6 +18,7 @@
 #[cfg(target_os = "linux")]
 pub mod splice;
 
+use std::cell::RefCell;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -32,7 +33,7 @@ use crate::config::RelayMode;
 /// Live byte counters are updated at least this often (in bytes moved) and when the relay ends.
 const LIVE_FLUSH: u64 = 64 * 1024;
 
-/// Copy buffer per direction, allocated on the direction's first read so an idle connection holds none.
+/// Copy buffer size: the thread's scratch buffer, and a direction's own once its destination pushes back.
 const COPY_BUF: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy)]
@@ -273,19 +274,34 @@ async fn pump(
             return pump_splice(src, dst, flow, other, pipe, start).await;
         }
     }
-    let mut buf: Option<Box<[u8]>> = None;
+    // Bytes read but not yet written, once the destination has pushed back (see `copy_through_scratch`).
+    let mut held: Option<Box<[u8]>> = None;
     loop {
         if let Err(e) = src.readable().await {
             return DirEnd::SourceError(e);
         }
-        let b = buf.get_or_insert_with(|| vec![0u8; COPY_BUF].into_boxed_slice());
-        let n = match read_once(src, b) {
-            Ok(0) => return finish(dst, flow, other),
-            Ok(n) => n,
-            Err(e) if retry(&e) => continue,
-            Err(e) => return DirEnd::SourceError(e),
+        let (n, mut off) = if let Some(b) = held.as_deref_mut() {
+            // Under back-pressure: this direction has a buffer of its own.
+            match read_once(src, b) {
+                Ok(0) => return finish(dst, flow, other),
+                Ok(n) => (n, 0),
+                Err(e) if retry(&e) => continue,
+                Err(e) => return DirEnd::SourceError(e),
+            }
+        } else {
+            match copy_through_scratch(src, dst, flow, start) {
+                Scratch::Eof => return finish(dst, flow, other),
+                Scratch::Again => continue,
+                Scratch::SourceError(e) => return DirEnd::SourceError(e),
+                Scratch::DestError(e) => return DirEnd::DestError(e),
+                Scratch::Done(n) => (n, n),
+                Scratch::Held { read, written, buf } => {
+                    held = Some(buf);
+                    (read, written)
+                }
+            }
         };
-        let mut off = 0;
+        let b = held.as_deref().unwrap_or(&[]);
         while off < n {
             if let Err(e) = dst.writable().await {
                 return DirEnd::DestError(e);
@@ -303,11 +319,69 @@ async fn pump(
         #[cfg(target_os = "linux")]
         if mode == RelayMode::Auto && n == COPY_BUF {
             if let Some(pipe) = splice::PipeLease::acquire() {
-                drop(buf);
+                drop(held);
                 return pump_splice(src, dst, flow, other, pipe, start).await;
             }
         }
     }
+}
+
+thread_local! {
+    /// One read buffer per thread, shared by every connection on it: a message that the destination takes
+    /// at once (requests and responses, almost always) needs no buffer of the connection's own, so
+    /// connections cost no buffer memory and no allocation until a destination pushes back.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; COPY_BUF].into_boxed_slice());
+}
+
+enum Scratch {
+    Eof,
+    /// Nothing to read after all.
+    Again,
+    /// Read and written completely.
+    Done(usize),
+    /// Read `read` bytes, of which the destination took `written`; `buf[written..read]` holds the rest.
+    Held {
+        read: usize,
+        written: usize,
+        buf: Box<[u8]>,
+    },
+    SourceError(io::Error),
+    DestError(io::Error),
+}
+
+/// Reads once into the thread's scratch buffer and writes what it can without waiting. Whatever the
+/// destination does not take is moved into a buffer of the direction's own, which it then keeps.
+fn copy_through_scratch(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>, start: Instant) -> Scratch {
+    SCRATCH.with_borrow_mut(|b| {
+        let n = match read_once(src, b) {
+            Ok(0) => return Scratch::Eof,
+            Ok(n) => n,
+            Err(e) if retry(&e) => return Scratch::Again,
+            Err(e) => return Scratch::SourceError(e),
+        };
+        let mut off = 0;
+        while off < n {
+            match dst.try_write(&b[off..n]) {
+                Ok(k) => {
+                    off += k;
+                    flow.wrote(k, start);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Scratch::DestError(e),
+            }
+        }
+        if off == n {
+            return Scratch::Done(n);
+        }
+        let mut buf = vec![0u8; COPY_BUF].into_boxed_slice();
+        buf[off..n].copy_from_slice(&b[off..n]);
+        Scratch::Held {
+            read: n,
+            written: off,
+            buf,
+        }
+    })
 }
 
 #[cfg(target_os = "linux")]
