@@ -4,9 +4,13 @@
 Usage (from the repository root; needs wrk, iperf3, haproxy, nginx with the stream module, taskset):
     python3 benchmarks/bench.py [--rounds 2] [--duration 10] [--proxies a,b] [--workloads a,b]
 
-Proxies: direct, sg-copy, sg-splice, sg-auto (target/release/sluicegate, built if missing), haproxy,
-haproxy-splice (`option splice-auto`), nginx (`stream`). Workloads, in this order:
+Proxies: direct, sg-copy, sg-splice, sg-auto (target/release/sluicegate, built if missing), sg-auto-log
+(sg-auto writing the routing-decision line of every connection, JSON, to a file), haproxy, haproxy-splice
+(`option splice-auto`), haproxy-splice-all (`option splice-request` + `splice-response`), nginx
+(`stream`). Workloads, in this order:
     ka      wrk -t1 -c64 keep-alive GET /tiny (16 bytes)            req/s, p50/p99, CPU-s per 100k
+    lat     64 keep-alive connections at 2000 req/s in all (a paced Python client: wrk cannot pace)
+            p50/p99 latency; the same client for every proxy, so the difference to direct is the hop
     bulk    wrk -t1 -c16 GET /1m.bin (1 MiB)                        MB/s, p50/p99, CPU-s per GB
     stream  one iperf3 stream for the whole duration                Gbit/s, CPU-s per GB
     idle    10 000 idle connections held through the proxy          RSS per connection
@@ -39,8 +43,13 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROXIES = ["direct", "sg-copy", "sg-splice", "sg-auto", "haproxy", "haproxy-splice", "nginx"]
-WORKLOADS = ["ka", "bulk", "stream", "idle", "churn"]
+DEFAULT_BIN = os.path.join(ROOT, "target", "release", "sluicegate")
+PROXIES = ["direct", "sg-copy", "sg-splice", "sg-auto", "sg-auto-log", "haproxy", "haproxy-splice",
+           "haproxy-splice-all", "nginx"]
+WORKLOADS = ["ka", "lat", "bulk", "stream", "idle", "churn"]
+# The `lat` workload: 64 keep-alive connections at a fixed total rate, far below saturation, so the
+# latency is the proxy's added hop rather than queueing behind a saturated CPU (what wrk's p99 shows).
+LAT_CONNECTIONS, LAT_RATE = 64, 2000
 BACKENDS = [19001, 19002, 19003]
 IPERF_BACKEND = 19201
 LISTEN, IPERF_LISTEN = 18080, 18081
@@ -169,8 +178,12 @@ def proxy_command(name, work, binary):
     os.makedirs(d, exist_ok=True)
     if name.startswith("sg-"):
         cfg = os.path.join(d, "sg.yaml")
-        relay = name[3:]
-        lines = ["log: {level: warn}", "shutdown: {drain_timeout: 1s}", "services:"]
+        relay = name[3:].removesuffix("-log")
+        # sg-auto-log: the routing-decision line of every connection written (JSON, to a file), to show
+        # what it costs; the other variants log warnings only, like the peers' configs.
+        log = (f"log: {{level: info, format: json, file: {d}/route.log}}" if name.endswith("-log")
+               else "log: {level: warn}")
+        lines = [log, "shutdown: {drain_timeout: 1s}", "services:"]
         for svc, port, backends in [("http", LISTEN, BACKENDS), ("iperf", IPERF_LISTEN, [IPERF_BACKEND])]:
             lines += [f"  - name: {svc}", f"    listen: 127.0.0.1:{port}", "    balance: round_robin",
                       f"    relay: {relay}", "    max_connections: 100000", "    backends:"]
@@ -179,7 +192,8 @@ def proxy_command(name, work, binary):
         return [binary, "--config", cfg]
     if name.startswith("haproxy"):
         cfg = os.path.join(d, "haproxy.cfg")
-        splice = "  option splice-auto\n" if name == "haproxy-splice" else ""
+        splice = {"haproxy-splice": "  option splice-auto\n",
+                  "haproxy-splice-all": "  option splice-request\n  option splice-response\n"}.get(name, "")
         # Splicing HAProxy also reserves two descriptors per pipe: fewer connections fit the limit.
         maxconn = MAXCONN - 1100 if splice else MAXCONN
         pipes = "  maxpipes 1000\n" if splice else ""
@@ -257,6 +271,43 @@ def hold_idle(port, n):
     return socks
 
 
+def latency_client(port, duration):
+    """Runs in a child process pinned to the client CPU: paced requests, prints latencies as JSON."""
+    import asyncio
+
+    async def conn(lat, start, stop_at, offset):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        interval = LAT_CONNECTIONS / LAT_RATE
+        due = start + offset
+        req = b"GET /tiny HTTP/1.1\r\nHost: bench\r\n\r\n"
+        while True:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            if time.perf_counter() >= stop_at:
+                break
+            t0 = time.perf_counter()
+            w.write(req)
+            head = await r.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            await r.readexactly(length)
+            if t0 - start > 1.0:  # the first second warms up
+                lat.append(time.perf_counter() - t0)
+            due += interval
+        w.close()
+
+    async def main():
+        lat = []
+        start = time.perf_counter()
+        stop_at = start + duration
+        # Start times spread evenly over one interval, so requests do not arrive in bursts of 64.
+        await asyncio.gather(*(conn(lat, start, stop_at, i / LAT_RATE) for i in range(LAT_CONNECTIONS)))
+        return lat
+
+    lat = sorted(asyncio.run(main()))
+    q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] * 1e3 if lat else None  # noqa: E731
+    print(json.dumps({"requests": len(lat), "p50_ms": q(0.5), "p99_ms": q(0.99),
+                      "rps": len(lat) / max(duration - 1, 1), "errors": 0}))
+
+
 def run_workload(name, proxy, port, iperf_port, duration, sid):
     pin = ["taskset", "-c", CLIENT_CPU]
     url = f"http://127.0.0.1:{port}"
@@ -270,6 +321,10 @@ def run_workload(name, proxy, port, iperf_port, duration, sid):
         w = parse_wrk(out)
         row.update(w)
         row["mb_s"] = w["bytes"] / duration / 1e6
+    elif name == "lat":
+        out = subprocess.run(pin + [sys.executable, os.path.abspath(__file__), "--latency-client", str(port),
+                                    str(duration)], capture_output=True, text=True, timeout=duration + 60)
+        row.update(json.loads(out.stdout))
     elif name == "stream":
         out = subprocess.run(pin + ["iperf3", "-c", "127.0.0.1", "-p", str(iperf_port), "-t", str(duration),
                                     "-J"], capture_output=True, text=True, timeout=duration + 60).stdout
@@ -292,7 +347,7 @@ def run_workload(name, proxy, port, iperf_port, duration, sid):
     if sid:
         row["cpu_s"] = cpu_seconds(sid) - cpu0
         row["rss_kib"] = rss_kib(sid)
-        if name in ("ka", "churn") and row.get("requests"):
+        if name in ("ka", "churn", "lat") and row.get("requests"):
             row["cpu_per_100k"] = row["cpu_s"] / row["requests"] * 1e5
         if name in ("bulk", "stream") and row.get("bytes"):
             row["cpu_per_gb"] = row["cpu_s"] / row["bytes"] * 1e9
@@ -304,7 +359,19 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-HEADLINE = {"ka": ("cpu_per_100k", "rps"), "churn": ("cpu_per_100k", "rps"), "bulk": ("cpu_per_gb", "mb_s"),
+PEERS = ("haproxy", "haproxy-splice", "haproxy-splice-all", "nginx")
+# The issue's targets (issue 6), checked against each run: (workload, metric, kind, bound, text).
+TARGETS = [
+    ("ka", "cpu_per_100k", "peer", 1 / 1.2, "CPU per 100k keep-alive requests ≤ best peer / 1.2"),
+    ("churn", "cpu_per_100k", "peer", 1 / 1.2, "CPU per 100k new connections ≤ best peer / 1.2"),
+    ("bulk", "cpu_per_gb", "peer", 1 / 1.2, "CPU per GB of 1 MiB responses ≤ best peer / 1.2"),
+    ("stream", "gbit_s", "direct", 0.65, "one long stream ≥ 0.65 × direct"),
+    ("bulk", "mb_s", "direct", 0.8, "1 MiB responses ≥ 0.8 × direct throughput"),
+    ("lat", "p99_ms", "added", 0.1, "added p99 over direct ≤ 0.1 ms at 64 keep-alive connections"),
+    ("idle", "rss_kib_per_conn", "abs", 16, "≤ 16 KiB RSS per idle proxied connection"),
+]
+
+HEADLINE = {"ka": ("cpu_per_100k", "rps"), "lat": ("p99_ms", "rps"), "churn": ("cpu_per_100k", "rps"), "bulk": ("cpu_per_gb", "mb_s"),
             "stream": ("cpu_per_gb", "gbit_s"), "idle": ("rss_kib_per_conn", None)}
 
 
@@ -330,6 +397,42 @@ def svg_bars(title, unit, values):
     return "\n".join(out)
 
 
+def targets_table(means):
+    """The issue's targets against the best sluicegate variant of this run (sg-auto-log excluded: it
+    does extra work the peers are not asked to do)."""
+    out = ["## Targets", "", "| target | sluicegate (best variant) | reference | met |", "| --- | --- | --- | --- |"]
+    for w, key, kind, bound, text in TARGETS:
+        m = means.get(w, {})
+        ours = {p: v[key] for p, v in m.items() if p.startswith("sg-") and not p.endswith("-log")
+                and v.get(key) is not None}
+        if not ours:
+            continue
+        higher_better = key in ("gbit_s", "mb_s")
+        best = (max if higher_better else min)(ours, key=ours.get)
+        val = ours[best]
+        if kind == "peer":
+            peers = {p: v[key] for p, v in m.items() if p in PEERS and v.get(key)}
+            if not peers:
+                continue
+            ref_name = min(peers, key=peers.get)
+            ref, ok = peers[ref_name], val <= peers[ref_name] * bound
+            ref_text = f"{ref_name} {ref:.3g} (target ≤ {ref * bound:.3g})"
+        elif kind == "direct":
+            ref = m.get("direct", {}).get(key)
+            if not ref:
+                continue
+            ok, ref_text = val >= ref * bound, f"direct {ref:.3g} (×{val / ref:.2f})"
+        elif kind == "added":
+            ref = m.get("direct", {}).get(key)
+            if ref is None:
+                continue
+            ok, ref_text = val - ref <= bound, f"direct {ref:.3g} (added {val - ref:.3g} ms)"
+        else:
+            ok, ref_text = val <= bound, f"≤ {bound}"
+        out.append(f"| {text} | {best} {val:.3g} {key} | {ref_text} | {'yes' if ok else 'no'} |")
+    return "\n".join(out)
+
+
 def report(rows, meta, out_dir):
     stamp = meta["stamp"]
     os.makedirs(out_dir, exist_ok=True)
@@ -340,28 +443,39 @@ def report(rows, meta, out_dir):
           f"CPU {PROXY_CPU}, load on CPU {CLIENT_CPU}, backends unpinned; {meta['rounds']} interleaved rounds of "
           f"{meta['duration']} s per workload. Peers: {meta['versions']}.", ""]
     proxies = [p for p in meta["proxies"]]
+    fmt = lambda v, f="{:.3g}": "–" if v is None else f.format(v)  # noqa: E731
     means = {}
     for w in meta["workloads"]:
         key, thr = HEADLINE[w]
-        md += [f"## {w}", "", "| proxy | throughput | p50 ms | p99 ms | proxy CPU | RSS KiB | × HAProxy | × direct |",
-               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         means[w] = {}
         for p in proxies:
             rs = [r for r in rows if r["proxy"] == p and r["workload"] == w]
-            if not rs:
-                continue
-            m = {k: mean([r.get(k) for r in rs]) for k in ("rps", "mb_s", "gbit_s", "p50_ms", "p99_ms", key, "rss_kib")}
-            means[w][p] = m
+            if rs:
+                means[w][p] = {k: mean([r.get(k) for r in rs])
+                               for k in ("rps", "mb_s", "gbit_s", "p50_ms", "p99_ms", key, "rss_kib")}
+    md += targets_table(means), ""
+    for w in meta["workloads"]:
+        key, thr = HEADLINE[w]
+        peer_vals = [m[key] for p, m in means[w].items() if p in PEERS and m.get(key)]
+        best_peer = min(peer_vals) if peer_vals else None
+        md += [f"## {w}", "", "| proxy | throughput | p50 ms | p99 ms | proxy CPU | RSS KiB | × HAProxy | "
+               "× best peer | × direct |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p, m in means[w].items():
             tv = m.get(thr) if thr else None
             hv = means[w].get("haproxy", {})
             dv = means[w].get("direct", {})
             ratio_h = (m[key] / hv[key]) if m.get(key) and hv.get(key) else None
+            ratio_b = (m[key] / best_peer) if m.get(key) and best_peer else None
             ratio_d = (tv / dv[thr]) if thr and tv and dv.get(thr) else None
-            fmt = lambda v, f="{:.3g}": "–" if v is None else f.format(v)  # noqa: E731
             md.append(f"| {p} | {fmt(tv)} {thr or ''} | {fmt(m['p50_ms'])} | {fmt(m['p99_ms'])} | "
                       f"{fmt(m[key])} {key} | {fmt(m['rss_kib'], '{:.0f}')} | {fmt(ratio_h, '{:.2f}')} | "
-                      f"{fmt(ratio_d, '{:.2f}')} |")
+                      f"{fmt(ratio_b, '{:.2f}')} | {fmt(ratio_d, '{:.2f}')} |")
+        rounds = sorted({r["round"] for r in rows})
+        md += ["", f"{key} by round:", "", "| proxy | " + " | ".join(f"round {n}" for n in rounds) + " |",
+               "| --- |" + " --- |" * len(rounds)]
+        for p in means[w]:
+            by = {r["round"]: r.get(key) for r in rows if r["proxy"] == p and r["workload"] == w}
+            md.append(f"| {p} | " + " | ".join(fmt(by.get(n)) for n in rounds) + " |")
         md += ["", "Per round:", "", "```"]
         for r in rows:
             if r["workload"] == w:
@@ -379,19 +493,22 @@ def report(rows, meta, out_dir):
 
 
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--latency-client":
+        return latency_client(int(sys.argv[2]), int(sys.argv[3]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--proxies", default=",".join(PROXIES))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "sluicegate"))
+    ap.add_argument("--bin", default=DEFAULT_BIN)
     a = ap.parse_args()
     proxies = a.proxies.split(",")
     workloads = [w for w in WORKLOADS if w in a.workloads.split(",")]
     a.duration = max(2, min(a.duration, 120))
     need("wrk", "iperf3", "taskset", "nginx", *(["haproxy"] if any(p.startswith("haproxy") for p in proxies) else []))
-    if any(p.startswith("sg-") for p in proxies) and not os.path.exists(a.bin):
+    if any(p.startswith("sg-") for p in proxies) and a.bin == DEFAULT_BIN:
+        # Always (a no-op when up to date): a stale binary would measure old code.
         subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     # 10 000 idle connections need 20 000 descriptors in the proxy: raise the limit where allowed.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -4,9 +4,10 @@
 //! Why not one multi-threaded runtime: a connection's two sockets and both relay directions are always
 //! polled on the thread that accepted it, so the work-stealing scheduler's cross-thread bookkeeping buys
 //! nothing on the hot path and costs atomics on every wake-up. Measured on the keep-alive benchmark (proxy
-//! pinned to one core, five interleaved rounds): 1.69 CPU-s per 100k requests against 1.83 with the
-//! multi-threaded scheduler, and a lower p99 (benchmarks/results/, issue 6 notes). The control plane
-//! (probes, DNS, reload, drain) stays on the caller's runtime.
+//! pinned to one core, two A/B runs of four and five interleaved rounds): median 1.69 CPU-s per 100k
+//! requests against 1.83, and 1.69 against 2.19, with the multi-threaded scheduler, and a lower p99;
+//! connection churn unchanged. The control plane (probes, DNS, reload, drain) stays on the caller's
+//! runtime.
 //!
 //! Every worker accepts from the same listening socket (a duplicated descriptor registered with its own
 //! runtime): the kernel wakes the idle workers and one wins each connection. No SO_REUSEPORT, so a second
