@@ -507,7 +507,9 @@ impl Control {
                 // Registered with this worker's runtime, which is why it is converted here.
                 match tokio::net::TcpListener::from_std(mine) {
                     Ok(l) => listener::accept_loop(l, current, tracker, stop, deadline).await,
-                    Err(e) => tracing::error!(service = %name, error = %e, "cannot register the listener"),
+                    Err(e) => {
+                        tracing::error!(service = %name, error = %e, "cannot register the listener")
+                    }
                 }
             };
             handle.spawn(self.accepting.track_future(accept));

@@ -174,6 +174,22 @@ mod tests {
     }
 
     #[test]
+    fn no_other_socket_can_share_the_port() {
+        // The workers share one socket by descriptor, so SO_REUSEPORT is never set: another process
+        // (another sluicegate started by mistake) must fail to bind instead of taking a share.
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let other =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        other.set_reuse_address(true).unwrap();
+        other.set_reuse_port(true).unwrap();
+        let err = other
+            .bind(&addr.into())
+            .expect_err("the port is ours alone");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
     fn rate_limit_suppresses_within_the_period() {
         let mut r = RateLimited::new(Duration::from_secs(3600));
         assert_eq!(r.allow(), Some(0));

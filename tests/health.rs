@@ -41,7 +41,9 @@ async fn a_failing_health_endpoint_stops_and_resumes_traffic() {
     // Start-up waits for the first probes, but only up to timeout + 0.5 s: on a machine loaded by the
     // other tests a first probe can take longer, so wait for it rather than assume it.
     wait_for(Duration::from_secs(3), "first probes passed", || {
-        fleet.iter().all(|r| health_of(&proxy, r) == Health::Healthy)
+        fleet
+            .iter()
+            .all(|r| health_of(&proxy, r) == Health::Healthy)
     })
     .await;
     assert_eq!(spread(proxy.addr, 30).await.len(), 3);

@@ -351,7 +351,12 @@ enum Scratch {
 
 /// Reads once into the thread's scratch buffer and writes what it can without waiting. Whatever the
 /// destination does not take is moved into a buffer of the direction's own, which it then keeps.
-fn copy_through_scratch(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>, start: Instant) -> Scratch {
+fn copy_through_scratch(
+    src: &TcpStream,
+    dst: &TcpStream,
+    flow: &Flow<'_>,
+    start: Instant,
+) -> Scratch {
     SCRATCH.with_borrow_mut(|b| {
         let n = match read_once(src, b) {
             Ok(0) => return Scratch::Eof,
