@@ -1,10 +1,11 @@
 //! DNS discovery: a backend address whose host is a name becomes one backend per A/AAAA record.
 //!
 //! One watcher task per (service, name) re-resolves every `discovery.refresh` (±10 % jitter) and hands
-//! the answer to the pool as that name's claim ([`Pool::reconcile`]), which applies the difference.
-//! Resolution never runs on the connection path: sessions only read the pool's snapshot.
+//! the answer to its [`Claims`] (the service's pool) as that name's claim; the pool applies the
+//! difference. Resolution never runs on the connection path: sessions only read the pool's snapshot.
 //!
-//! Answers are trusted by kind (facts about Docker's embedded DNS in ../shared/DESIGN.md):
+//! Answers are trusted by kind (Docker's embedded DNS answers with TTL 600, shuffles the records per
+//! query, drops a stopped container at once and keeps a paused one; `docs/architecture.md`):
 //! - records: the name's set is exactly them;
 //! - a timeout, SERVFAIL or any transport error: the last good set stays (a resolver hiccup must not
 //!   empty a pool);
@@ -32,9 +33,16 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::Rng;
 use crate::config::{BackendAddress, DiscoveryConfig, ResolverConfig, ServiceConfig};
-use crate::pool::{Pool, Source};
+use crate::util::Rng;
+
+/// Where a watcher's answers go: the service's pool.
+pub(crate) trait Claims: Send + Sync + 'static {
+    /// The name `label` now lists exactly `addrs` (an empty list withdraws its claim).
+    fn claim(&self, label: &Arc<str>, addrs: Vec<(SocketAddr, u32)>);
+    /// An answer listed `addrs` just now (for first and last seen times).
+    fn seen(&self, addrs: &[SocketAddr]);
+}
 
 /// The resolver could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +53,7 @@ pub struct ResolverError {
 }
 
 /// Builds the resolver: the configured name servers, or the system's (`/etc/resolv.conf`).
-pub fn resolver(cfg: &ResolverConfig) -> Result<TokioResolver, ResolverError> {
+pub(crate) fn resolver(cfg: &ResolverConfig) -> Result<TokioResolver, ResolverError> {
     let provider = TokioRuntimeProvider::default();
     let mut builder = if cfg.nameservers.is_empty() {
         TokioResolver::builder_tokio().map_err(|e| ResolverError {
@@ -82,16 +90,16 @@ pub fn resolver(cfg: &ResolverConfig) -> Result<TokioResolver, ResolverError> {
 
 /// One DNS name of a service, as configured.
 #[derive(Debug, Clone)]
-pub struct NameSpec {
-    pub host: String,
-    pub port: u16,
-    pub weight: u32,
-    /// `host:port`, the name's identity as a [`Source`].
-    pub label: Arc<str>,
+pub(crate) struct NameSpec {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) weight: u32,
+    /// `host:port`, as written in the config: the name's identity as a backend source.
+    pub(crate) label: Arc<str>,
 }
 
 /// The DNS names among a service's backends.
-pub fn names(cfg: &ServiceConfig) -> Vec<NameSpec> {
+pub(crate) fn names(cfg: &ServiceConfig) -> Vec<NameSpec> {
     cfg.backends
         .iter()
         .filter_map(|b| match &b.address {
@@ -108,7 +116,7 @@ pub fn names(cfg: &ServiceConfig) -> Vec<NameSpec> {
 
 /// What one query said.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
+pub(crate) enum Answer {
     Records(BTreeSet<IpAddr>),
     /// NXDOMAIN or no A/AAAA records.
     Empty(String),
@@ -118,17 +126,17 @@ pub enum Answer {
 
 /// Counters of a watcher, for metrics.
 #[derive(Debug, Default)]
-pub struct WatchStats {
-    pub queries: AtomicU64,
-    pub records: AtomicU64,
-    pub empty: AtomicU64,
-    pub failed: AtomicU64,
+pub(crate) struct WatchStats {
+    pub(crate) queries: AtomicU64,
+    pub(crate) records: AtomicU64,
+    pub(crate) empty: AtomicU64,
+    pub(crate) failed: AtomicU64,
 }
 
 /// The decision logic of a watcher, apart from the network: what the name's set becomes after each
 /// answer.
 #[derive(Debug)]
-pub struct NameState {
+pub(crate) struct NameState {
     /// The set the pool has for this name; `None` before the first usable answer.
     current: Option<BTreeSet<IpAddr>>,
     empties: u32,
@@ -138,7 +146,7 @@ pub struct NameState {
 
 /// What the watcher must do after an answer.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Claim exactly this set (it changed).
     Set(BTreeSet<IpAddr>),
     /// Nothing changes.
@@ -146,7 +154,7 @@ pub enum Verdict {
 }
 
 impl NameState {
-    pub fn new(empty_after: u32) -> NameState {
+    pub(crate) fn new(empty_after: u32) -> NameState {
         NameState {
             current: None,
             empties: 0,
@@ -155,7 +163,7 @@ impl NameState {
         }
     }
 
-    pub fn apply(&mut self, answer: &Answer) -> Verdict {
+    pub(crate) fn apply(&mut self, answer: &Answer) -> Verdict {
         match answer {
             Answer::Records(set) => {
                 self.empties = 0;
@@ -187,7 +195,7 @@ impl NameState {
 }
 
 /// Asks the resolver once, bounded by `limit`.
-pub async fn query(resolver: &TokioResolver, host: &str, limit: Duration) -> Answer {
+pub(crate) async fn query(resolver: &TokioResolver, host: &str, limit: Duration) -> Answer {
     match tokio::time::timeout(limit, resolver.lookup_ip(host)).await {
         Err(_) => Answer::Failed("timed out".into()),
         Ok(Ok(lookup)) => {
@@ -205,36 +213,41 @@ pub async fn query(resolver: &TokioResolver, host: &str, limit: Duration) -> Ans
 
 /// A running watcher's handle.
 #[derive(Clone)]
-pub struct Watcher {
-    pub label: Arc<str>,
-    pub stats: Arc<WatchStats>,
+pub(crate) struct Watcher {
+    pub(crate) label: Arc<str>,
+    pub(crate) stats: Arc<WatchStats>,
 }
 
 /// Everything a watcher needs.
-pub struct WatchSpec {
-    pub service: Arc<str>,
-    pub pool: Arc<Pool>,
-    pub resolver: TokioResolver,
-    pub name: NameSpec,
-    pub settings: DiscoveryConfig,
+pub(crate) struct WatchSpec {
+    pub(crate) service: Arc<str>,
+    pub(crate) claims: Arc<dyn Claims>,
+    pub(crate) resolver: TokioResolver,
+    pub(crate) name: NameSpec,
+    pub(crate) settings: DiscoveryConfig,
     /// Bound on one query, whatever the resolver does.
-    pub query_limit: Duration,
+    pub(crate) query_limit: Duration,
+    /// Asks for an early refresh (a backend of the name failed); rate-capped here.
+    pub(crate) nudge: Arc<Notify>,
 }
 
-/// Starts the watcher of `spec.name` for `spec.pool` until `stop`; `first` fires after its first answer
-/// (whatever it was).
-pub fn watch(spec: WatchSpec, stop: CancellationToken, first: oneshot::Sender<()>) -> Watcher {
+/// Starts the watcher of `spec.name` until `stop`; `first` fires after its first answer (whatever it
+/// was).
+pub(crate) fn watch(
+    spec: WatchSpec,
+    stop: CancellationToken,
+    first: oneshot::Sender<()>,
+) -> Watcher {
     let WatchSpec {
         service,
-        pool,
+        claims,
         resolver,
         name,
         settings,
         query_limit,
+        nudge,
     } = spec;
     let stats = Arc::new(WatchStats::default());
-    let nudge = Arc::new(Notify::new());
-    pool.register_dns_nudge(name.label.clone(), nudge.clone());
     let watcher = Watcher {
         label: name.label.clone(),
         stats: stats.clone(),
@@ -247,7 +260,6 @@ pub fn watch(spec: WatchSpec, stop: CancellationToken, first: oneshot::Sender<()
         let mut first = Some(first);
         let mut last_query: Option<Instant> = None;
         let mut next = Instant::now();
-        let source = Source::Dns(name.label.clone());
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -282,18 +294,18 @@ pub fn watch(spec: WatchSpec, stop: CancellationToken, first: oneshot::Sender<()
                         .collect();
                     if let Verdict::Set(_) = verdict {
                         tracing::info!(service = %service, name = %name.label, records = %join(&addrs), "DNS answer changed");
-                        pool.reconcile(
-                            source.clone(),
+                        claims.claim(
+                            &name.label,
                             addrs.iter().map(|a| (*a, name.weight)).collect(),
                         );
                     }
-                    pool.dns_seen(&addrs);
+                    claims.seen(&addrs);
                 }
                 Answer::Empty(why) => {
                     stats.empty.fetch_add(1, Relaxed);
                     if let Verdict::Set(_) = verdict {
                         tracing::warn!(service = %service, name = %name.label, answer = %why, times = state.empties, "DNS name has no records: removing its backends");
-                        pool.reconcile(source.clone(), Vec::new());
+                        claims.claim(&name.label, Vec::new());
                     } else {
                         tracing::debug!(service = %service, name = %name.label, answer = %why, times = state.empties, "DNS name has no records");
                     }

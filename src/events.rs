@@ -1,21 +1,22 @@
-//! State changes as events: every transition the pool, a service or the lifecycle logs is also
-//! published here, for the admin API's event stream (`GET /events`) and the dashboard.
+//! State changes as events: every transition a pool, a service or the control logs is also published
+//! here, for the admin API's event stream (`GET /events`) and the dashboard.
 //!
 //! Publishing never blocks and never fails: a broadcast channel keeps the latest [`CAPACITY`] events, and
 //! a subscriber that falls behind skips what it missed (it still gets the next stats frame).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
+
+use crate::util::unix_ms;
 
 /// Events kept for slow subscribers.
 const CAPACITY: usize = 1024;
 
 /// A cheap handle to publish events; clones share one channel.
 #[derive(Clone, Debug)]
-pub struct EventBus(broadcast::Sender<Arc<str>>);
+pub(crate) struct EventBus(broadcast::Sender<Arc<str>>);
 
 impl Default for EventBus {
     fn default() -> Self {
@@ -26,7 +27,7 @@ impl Default for EventBus {
 impl EventBus {
     /// Publishes `kind` with `fields` (a JSON object) and the time; serialised once for every
     /// subscriber. Without subscribers this costs one serialisation, and events are rare.
-    pub fn publish(&self, kind: &str, fields: Value) {
+    pub(crate) fn publish(&self, kind: &str, fields: Value) {
         if self.0.receiver_count() == 0 {
             return;
         }
@@ -39,14 +40,7 @@ impl EventBus {
         let _ = self.0.send(Value::Object(obj).to_string().into());
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
         self.0.subscribe()
     }
-}
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -1,36 +1,30 @@
-//! Whether a backend may take new connections: active probes (TCP connect or HTTP `GET`), the rise/fall
-//! state machine that turns probe results into *transitions*, and the probe loop of one backend.
+//! Active health checks: one probe (TCP connect or HTTP `GET`) and the rise/fall state machine that
+//! turns probe results into *transitions*. Pure of any pool: the pool's probe loop
+//! (`pool/probes.rs`) schedules the probes and acts on the transitions.
 //!
-//! Passive health (consecutive connect failures, in [`crate::pool`]) and active health are two inputs of
-//! one eligibility rule (`Pool::eligible`): a backend takes new connections when it is active (not
-//! draining or gone from discovery), not ejected, and, where probes run, healthy. Both inputs return
-//! transitions, and the pool rebuilds its snapshot, logs and counts only on a transition.
+//! Passive health (consecutive connect failures, in the pool) and active health are two inputs of one
+//! eligibility rule: a backend takes new connections when it is active (not draining or gone from its
+//! source), not ejected, and, where probes run, healthy. Both inputs change the pool's view only on a
+//! transition.
 //!
-//! Probe rules: at most one probe in flight per backend (the loop awaits each probe, bounded by
-//! `timeout`); at most [`MAX_RESPONSE_READ`] bytes read; the probe connection is always closed. A new
-//! backend is probed at once, so it gets traffic as soon as it answers; after that its probes keep a
-//! random phase within the interval, so many backends are not probed in the same instant.
+//! Probe rules: bounded by `timeout` in all; at most [`MAX_RESPONSE_READ`] bytes read; the probe
+//! connection is always closed.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::balance::Rng;
 use crate::config::{HealthConfig, HealthKind};
-use crate::pool::{Backend, Pool};
 
 /// Bytes of a probe's HTTP response read at most: the status line must fit.
-pub const MAX_RESPONSE_READ: usize = 4096;
+pub(crate) const MAX_RESPONSE_READ: usize = 4096;
 
 /// Probe results kept per backend for the admin view.
-pub const PROBE_HISTORY: usize = 10;
+pub(crate) const PROBE_HISTORY: usize = 10;
 
 /// What the active probes last concluded about a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -66,7 +60,7 @@ impl Health {
 /// unhealthy after `fall` failures; after that it takes `rise` straight passes to come up and `fall`
 /// straight failures to go down, so alternating results never flap.
 #[derive(Debug, Clone)]
-pub struct Machine {
+pub(crate) struct Machine {
     state: Health,
     passes: u32,
     fails: u32,
@@ -75,7 +69,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn new(rise: u32, fall: u32) -> Machine {
+    pub(crate) fn new(rise: u32, fall: u32) -> Machine {
         Machine {
             state: Health::Unknown,
             passes: 0,
@@ -86,19 +80,20 @@ impl Machine {
     }
 
     /// A machine that continues from `state` (probes restarted by a reload keep each backend's health).
-    pub fn starting_at(rise: u32, fall: u32, state: Health) -> Machine {
+    pub(crate) fn starting_at(rise: u32, fall: u32, state: Health) -> Machine {
         Machine {
             state,
             ..Machine::new(rise, fall)
         }
     }
 
-    pub fn state(&self) -> Health {
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> Health {
         self.state
     }
 
     /// Records one probe result; returns the new state when it changed.
-    pub fn record(&mut self, ok: bool) -> Option<Health> {
+    pub(crate) fn record(&mut self, ok: bool) -> Option<Health> {
         let next = if ok {
             self.fails = 0;
             self.passes = self.passes.saturating_add(1);
@@ -124,7 +119,7 @@ impl Machine {
 
 /// Why a probe failed; the text goes into the backend's probe history.
 #[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
+pub(crate) enum ProbeError {
     #[error("connect: {0}")]
     Connect(io::Error),
     #[error("timed out")]
@@ -151,9 +146,28 @@ pub struct ProbeRecord {
     pub error: Option<String>,
 }
 
+impl ProbeRecord {
+    /// The record of a probe that started at `at`, took `latency` and failed with `error`, if it did.
+    pub(crate) fn new(
+        at: SystemTime,
+        latency: Duration,
+        error: Option<&ProbeError>,
+    ) -> ProbeRecord {
+        ProbeRecord {
+            at_ms: at
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            ok: error.is_none(),
+            latency_ms: latency.as_secs_f64() * 1e3,
+            error: error.map(|e| e.to_string()),
+        }
+    }
+}
+
 /// A service's probe settings.
 #[derive(Debug, Clone)]
-pub struct ProbeSpec {
+pub(crate) struct ProbeSpec {
     pub kind: HealthKind,
     pub path: String,
     pub port: Option<u16>,
@@ -165,7 +179,7 @@ pub struct ProbeSpec {
 
 impl ProbeSpec {
     /// The settings, or `None` when probes are off.
-    pub fn from_config(h: &HealthConfig) -> Option<ProbeSpec> {
+    pub(crate) fn from_config(h: &HealthConfig) -> Option<ProbeSpec> {
         (h.kind != HealthKind::None).then(|| ProbeSpec {
             kind: h.kind,
             path: h.path.clone(),
@@ -178,7 +192,7 @@ impl ProbeSpec {
     }
 
     /// Whether two specs probe the same way (a reload that keeps them keeps the probe loops).
-    pub fn same_as(&self, o: &ProbeSpec) -> bool {
+    pub(crate) fn same_as(&self, o: &ProbeSpec) -> bool {
         (
             self.kind,
             &self.path,
@@ -193,7 +207,7 @@ impl ProbeSpec {
     }
 
     /// Probes `target` once; `host` goes into the HTTP `Host` header. Bounded by `timeout` in all.
-    pub async fn probe(&self, target: SocketAddr, host: &str) -> Result<(), ProbeError> {
+    pub(crate) async fn probe(&self, target: SocketAddr, host: &str) -> Result<(), ProbeError> {
         let target = match self.port {
             Some(p) => SocketAddr::new(target.ip(), p),
             None => target,
@@ -254,60 +268,6 @@ fn status_code(head: &[u8]) -> Option<Result<(), ProbeError>> {
         Some(c) => Err(ProbeError::Status(c)),
         None => Err(ProbeError::Malformed),
     })
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Probes `backend` until `stop` is cancelled, reporting every transition to `pool`. The first probe
-/// runs at once; the second after a random fraction of the interval, which spreads the probes of
-/// backends added together; then one every interval.
-pub async fn probe_loop(
-    pool: Arc<Pool>,
-    backend: Arc<Backend>,
-    spec: Arc<ProbeSpec>,
-    mut machine: Machine,
-    stop: CancellationToken,
-) {
-    let rng = Rng::from_entropy();
-    let mut next = Instant::now();
-    let mut first = true;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep_until(next) => {}
-        }
-        let started = Instant::now();
-        let at = SystemTime::now();
-        let host = backend.host_header();
-        let result = tokio::select! {
-            () = stop.cancelled() => return,
-            r = spec.probe(backend.addr, &host) => r,
-        };
-        let record = ProbeRecord {
-            at_ms: unix_ms(at),
-            ok: result.is_ok(),
-            latency_ms: started.elapsed().as_secs_f64() * 1e3,
-            error: result.as_ref().err().map(|e| e.to_string()),
-        };
-        let ok = record.ok;
-        backend.record_probe(record);
-        if let Some(health) = machine.record(ok) {
-            pool.health_changed(&backend, health, result.err());
-        }
-        pool.probed();
-        let interval = spec.interval;
-        next = if first {
-            first = false;
-            let phase = interval.mul_f64((rng.below(1000) + 1) as f64 / 1000.0);
-            started + phase
-        } else {
-            (next + interval).max(Instant::now())
-        };
-    }
 }
 
 #[cfg(test)]

@@ -1,48 +1,62 @@
 //! sluicegate: a layer-4 TCP load balancer.
 //!
-//! A connection flows through the modules in this order:
+//! The modules in the order a connection meets them (each imports only modules further down this
+//! list, never one above it; `.ci/modgraph.py` checks that the graph has no cycle):
 //!
-//! - [`listener`]: binds the service sockets and runs the accept loop, which never dies (backs off on
-//!   EMFILE/ENFILE, rate-limits its error logs) and enforces `max_connections`.
-//! - [`session`]: one client's life: select, connect with retry on another backend, relay, account.
-//! - [`balance`]: the selection policies (least_conn, round_robin, weighted_round_robin, p2c,
-//!   source_hash), built per pool snapshot and lock-free on the hot path.
-//! - [`pool`]: backends and their counters, membership by diff, eligibility (health, passive ejection,
-//!   drain, slow start), and the snapshot the hot path reads.
-//! - [`relay`]: moving bytes both ways with half-close and reset propagation, by copy or splice.
-//! - [`routelog`]: the one routing-decision line per connection.
-//! - [`workers`]: the data-plane threads (one single-threaded runtime per core) that accept and relay.
-//!
-//! Around them:
-//!
-//! - [`discovery`]: DNS names re-resolved on a timer into each pool's desired backend set.
-//! - [`health`]: active probes (TCP, HTTP) and the rise/fall state machine that returns transitions.
-//! - [`admin`]: the admin HTTP API, event stream and dashboard, on a thread of its own.
-//! - [`metrics`]: Prometheus text rendering of every counter.
-//! - [`events`]: the state-change events the admin API streams.
-//! - [`config`]: the YAML schema and its validation, with key paths in every error.
+//! - [`app`]: the application root: binds every service and the admin API, serves, drains.
+//! - `admin`: the admin HTTP API, `/metrics`, the event stream and the dashboard, on a thread of its
+//!   own; `metrics` renders the counters as Prometheus text.
+//! - `control`: the registry of running services, reload as a pure plan and its application, the
+//!   drain on stop.
+//! - `workers`: the data-plane threads (one single-threaded runtime per core) that accept and relay.
+//! - `listener`: binds the service sockets and runs the accept loop, which never dies.
+//! - `session`: one client's life: select, connect with retry on another backend, relay, account.
 //! - [`service`]: a configured service at run time: settings, pool, counters.
-//! - [`lifecycle`]: bind, serve, reload as a difference, and drain on stop with a deadline.
-//! - [`logging`]: text or JSON lines to stdout or a daily-rotated file.
+//! - [`pool`]: a service's backends and their counters, membership by difference, eligibility
+//!   (health, passive ejection, drain, slow start), the probe loops, and the snapshot the hot path
+//!   reads.
+//! - `balance`: the selection policies (least_conn, round_robin, weighted_round_robin, p2c,
+//!   source_hash), pure, over any backend-like `Candidate`.
+//! - `health`: one active probe (TCP, HTTP) and the rise/fall state machine that returns transitions.
+//! - `discovery`: DNS names re-resolved on a timer into claims on a pool.
+//! - `relay`: moving bytes both ways with half-close and reset propagation, by copy or splice.
+//! - [`routelog`]: the one routing-decision line per connection.
+//! - [`outcome`]: how a connection ended, one type for the log, the counters and the metrics.
+//! - `events`, [`logging`], [`config`], `util`: the state-change stream, log output, the YAML schema
+//!   and its validation, and small shared pieces.
 //!
-//! `main.rs` only parses the command line, loads the config, sets up logging and signals, and calls
-//! [`lifecycle::run`]; tests drive [`lifecycle::Server`] directly.
+//! `docs/architecture.md` walks one connection through these modules by file and function.
+//! `main.rs` only parses the command line, loads the config, sets up logging and signals, and runs an
+//! [`app::Server`]; tests drive the `Server` directly.
 
-pub mod admin;
-pub mod balance;
+#![deny(unsafe_code)]
+#![warn(unreachable_pub)]
+
+mod admin;
+pub mod app;
+mod balance;
 pub mod config;
-pub mod discovery;
-pub mod events;
-pub mod health;
-pub mod lifecycle;
-pub mod listener;
+mod control;
+mod discovery;
+mod events;
+mod health;
+mod listener;
 pub mod logging;
-pub mod metrics;
+mod metrics;
+pub mod outcome;
 pub mod pool;
-pub mod relay;
+mod relay;
 pub mod routelog;
 pub mod service;
-pub mod session;
-pub mod workers;
+mod session;
+mod util;
+mod workers;
 
-pub use lifecycle::{run, Control, Server, StartError, Stopped};
+pub use app::{Server, Stopped};
+pub use control::{
+    Control, DrainProgress, Readiness, ReloadError, ReloadReport, ServiceView, StartError,
+};
+pub use health::Health;
+pub use listener::BindError;
+pub use outcome::Outcome;
+pub use service::{Service, ServiceStats};

@@ -7,8 +7,9 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -16,9 +17,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::routelog::{self, Route};
 use crate::service::Service;
-use crate::session::{self, ClientSlot, Refused};
+use crate::session::{self, ClientSlot};
+use crate::util::RateLimited;
 
 /// Accept queue depth; the kernel caps it at net.core.somaxconn. A burst beyond the queue makes the
 /// kernel drop handshakes, which clients see as multi-second stalls.
@@ -36,7 +37,7 @@ pub struct BindError {
 
 /// Binds `addr` with SO_REUSEADDR, so a restart succeeds while old connections sit in TIME_WAIT, and
 /// with TCP_NODELAY, which accepted sockets inherit: a proxy must not add Nagle delay to small writes.
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -49,7 +50,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// Accepts until `stop` is cancelled, then drops the listener (new connections are refused from then).
-pub async fn accept_loop(
+pub(crate) async fn accept_loop(
     listener: TcpListener,
     current: Arc<ArcSwap<Service>>,
     tracker: TaskTracker,
@@ -69,10 +70,7 @@ pub async fn accept_loop(
         match accepted {
             Ok((client, peer)) => {
                 backoff = BACKOFF_START;
-                service
-                    .stats
-                    .accepted
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                service.stats.accepted.fetch_add(1, Relaxed);
                 match ClientSlot::take(&service) {
                     Some(slot) => {
                         tracker.spawn(session::serve(
@@ -83,7 +81,7 @@ pub async fn accept_loop(
                             deadline.clone(),
                         ));
                     }
-                    None => refuse_over_limit(&service, peer),
+                    None => session::refuse_over_limit(&service, peer),
                 }
             }
             Err(e) if is_per_connection(&e) => continue,
@@ -107,54 +105,12 @@ pub async fn accept_loop(
     }
 }
 
-fn refuse_over_limit(service: &Service, peer: SocketAddr) {
-    service
-        .stats
-        .over_limit
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut route = Route::new(service, peer);
-    route.finish_refused(Refused::OverLimit, Instant::now());
-    routelog::emit(&route);
-}
-
 /// Errors that concern only the connection being accepted (it died in the backlog).
 fn is_per_connection(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EINTR | libc::EPROTO | libc::EPERM)
     )
-}
-
-/// Allows one event per period and counts the ones it suppressed.
-pub struct RateLimited {
-    period: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimited {
-    pub fn new(period: Duration) -> RateLimited {
-        RateLimited {
-            period,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// `Some(n)` when this event may be logged, `n` being how many were suppressed since the last one.
-    pub fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.last {
-            Some(t) if now.duration_since(t) < self.period => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -187,16 +143,5 @@ mod tests {
             .bind(&addr.into())
             .expect_err("the port is ours alone");
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
-    }
-
-    #[test]
-    fn rate_limit_suppresses_within_the_period() {
-        let mut r = RateLimited::new(Duration::from_secs(3600));
-        assert_eq!(r.allow(), Some(0));
-        for _ in 0..5 {
-            assert_eq!(r.allow(), None);
-        }
-        r.last = Some(Instant::now() - Duration::from_secs(7200));
-        assert_eq!(r.allow(), Some(5));
     }
 }

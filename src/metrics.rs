@@ -1,68 +1,17 @@
-//! Counters rendered as Prometheus text (`GET /metrics`), and the lock-free histogram they use.
+//! Counters rendered as Prometheus text (`GET /metrics`).
 //!
 //! Every number comes from the atomics the data plane already keeps (service, backend, DNS watcher);
 //! rendering reads them without stopping anything. Names start with `sluicegate_`; counters end in
 //! `_total`, durations are in seconds.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::sync::atomic::Ordering::Relaxed;
 
+use crate::control::{Control, DrainProgress};
 use crate::health::Health;
-use crate::lifecycle::{Control, DrainProgress};
-use crate::pool::State;
-use crate::relay::End;
-
-/// Upper bounds of the connect-latency buckets, in seconds.
-pub const CONNECT_BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
-
-/// A histogram of durations with fixed buckets: one relaxed increment per observation.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Non-cumulative counts per bucket; the last is above every bound.
-    buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
-    sum_us: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = CONNECT_BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(CONNECT_BUCKETS.len());
-        self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
-        self.count.fetch_add(1, Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
-
-    /// Mean in milliseconds, if anything was observed.
-    pub fn mean_ms(&self) -> Option<f64> {
-        let n = self.count();
-        (n > 0).then(|| self.sum_us.load(Relaxed) as f64 / 1e3 / n as f64)
-    }
-
-    /// Cumulative counts per bound (the last is +Inf), the sum in seconds, the count.
-    pub fn cumulative(&self) -> (Vec<u64>, f64, u64) {
-        let mut acc = 0;
-        let c = self
-            .buckets
-            .iter()
-            .map(|b| {
-                acc += b.load(Relaxed);
-                acc
-            })
-            .collect();
-        (c, self.sum_us.load(Relaxed) as f64 / 1e6, self.count())
-    }
-}
+use crate::outcome::Outcome;
+use crate::pool::{Backend, State, CONNECT_BUCKETS, WEIGHT_SCALE};
+use crate::service::ServiceStats;
 
 /// Label values escaped as the text format requires.
 fn esc(v: &str) -> String {
@@ -97,7 +46,7 @@ impl Out {
 }
 
 /// Renders every metric of the running server.
-pub fn render(control: &Control) -> String {
+pub(crate) fn render(control: &Control) -> String {
     let mut o = Out {
         text: String::with_capacity(16 * 1024),
     };
@@ -114,7 +63,7 @@ pub fn render(control: &Control) -> String {
         u8::from(!control.readiness().is_draining()),
     );
 
-    type ServiceGet = fn(&crate::service::ServiceStats) -> u64;
+    type ServiceGet = fn(&ServiceStats) -> u64;
     let per_service: [(&str, &str, &str, ServiceGet); 6] = [
         (
             "sluicegate_connections_accepted_total",
@@ -132,19 +81,19 @@ pub fn render(control: &Control) -> String {
             "sluicegate_connections_no_backend_total",
             "counter",
             "Clients closed at once because no backend was available.",
-            |s| s.no_backend.load(Relaxed),
+            |s| s.ended(Outcome::NoBackend),
         ),
         (
             "sluicegate_connections_connect_failed_total",
             "counter",
             "Clients whose every connect attempt failed.",
-            |s| s.connect_failed.load(Relaxed),
+            |s| s.ended(Outcome::ConnectFailed),
         ),
         (
             "sluicegate_connections_over_limit_total",
             "counter",
             "Clients closed at once because max_connections were open.",
-            |s| s.over_limit.load(Relaxed),
+            |s| s.ended(Outcome::MaxConnections),
         ),
         (
             "sluicegate_connections_spliced_total",
@@ -162,10 +111,10 @@ pub fn render(control: &Control) -> String {
     o.family(
         "sluicegate_connections_ended_total",
         "counter",
-        "Relayed connections by how they ended.",
+        "Client connections by how they ended (the routing log's end values, refusals included).",
     );
     for s in &services {
-        for e in End::ALL {
+        for e in Outcome::ALL {
             o.sample(
                 "sluicegate_connections_ended_total",
                 &[("service", &s.service.name), ("end", e.as_str())],
@@ -209,7 +158,7 @@ pub fn render(control: &Control) -> String {
 
     // Per backend.
     let backends = control.backends();
-    type BackendGet = fn(&crate::pool::Backend) -> u64;
+    type BackendGet = fn(&Backend) -> u64;
     let per_backend: [(&str, &str, &str, BackendGet); 4] = [
         (
             "sluicegate_backend_connections_active",
@@ -253,7 +202,7 @@ pub fn render(control: &Control) -> String {
         o.sample(
             "sluicegate_backend_effective_weight",
             &[("service", svc), ("backend", &addr)],
-            b.eff_weight() as f64 / crate::pool::WEIGHT_SCALE as f64,
+            b.eff_weight() as f64 / WEIGHT_SCALE as f64,
         );
     }
     o.family(
@@ -443,20 +392,6 @@ pub fn render(control: &Control) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(300));
-        h.observe(Duration::from_millis(3));
-        h.observe(Duration::from_secs(10));
-        let (c, sum, n) = h.cumulative();
-        assert_eq!(n, 3);
-        assert_eq!(c[0], 1); // ≤ 0.5 ms
-        assert_eq!(c[3], 2); // ≤ 5 ms
-        assert_eq!(*c.last().unwrap(), 3);
-        assert!((sum - 10.0033).abs() < 1e-6);
-    }
 
     #[test]
     fn labels_are_escaped() {

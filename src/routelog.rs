@@ -1,74 +1,64 @@
 //! The routing-decision log: one line per client connection, written when it ends.
 //!
-//! Fields (INTERFACES.md): `service, client, backend, policy, attempts, connect_ms, bytes_up, bytes_down,
-//! duration_ms, end`. A field without a value (no backend was chosen, no connect succeeded) is written as
-//! `null`. Lines go through `tracing` at INFO with target [`TARGET`], so `log.level: warn` skips their
-//! formatting entirely.
+//! Fields: `service, client, backend, policy, attempts, connect_ms, bytes_up, bytes_down, duration_ms,
+//! end` (documented in `docs/configuration.md`, "Routing log"). A field without a value (no backend
+//! was chosen, no connect succeeded) is written as `null`. Lines go through `tracing` at INFO with
+//! target [`TARGET`], so `log.level: warn` skips their formatting entirely. The session writes the line
+//! (`session::account`), whatever way the connection ended.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::relay::RelayOutcome;
-use crate::service::Service;
-use crate::session::Refused;
+use crate::outcome::Outcome;
 
+/// The `tracing` target of routing lines, which tells them apart from the application log.
 pub const TARGET: &str = "sluicegate::route";
 
 /// What is known about one connection's routing, filled in as it progresses.
 #[derive(Debug, Clone)]
-pub struct Route {
-    pub service: Arc<str>,
-    pub client: SocketAddr,
+pub(crate) struct Route {
+    pub(crate) service: Arc<str>,
+    pub(crate) client: SocketAddr,
     /// The backend connected to, or the last one tried.
-    pub backend: Option<SocketAddr>,
-    pub policy: &'static str,
-    pub attempts: u32,
-    pub connect_ms: Option<f64>,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub duration_ms: f64,
-    pub end: &'static str,
+    pub(crate) backend: Option<SocketAddr>,
+    pub(crate) policy: &'static str,
+    pub(crate) attempts: u32,
+    pub(crate) connect_ms: Option<f64>,
+    pub(crate) started: Instant,
+}
+
+/// How the connection ended, for its line.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ending {
+    pub(crate) bytes_up: u64,
+    pub(crate) bytes_down: u64,
+    pub(crate) end: Outcome,
 }
 
 impl Route {
-    pub fn new(service: &Service, client: SocketAddr) -> Route {
+    pub(crate) fn new(service: Arc<str>, policy: &'static str, client: SocketAddr) -> Route {
         Route {
-            service: service.name.clone(),
+            service,
             client,
             backend: None,
-            policy: service.policy.as_str(),
+            policy,
             attempts: 0,
             connect_ms: None,
-            bytes_up: 0,
-            bytes_down: 0,
-            duration_ms: 0.0,
-            end: "",
+            started: Instant::now(),
         }
     }
-
-    pub fn finish(&mut self, outcome: RelayOutcome, started: Instant) {
-        self.bytes_up = outcome.bytes_up;
-        self.bytes_down = outcome.bytes_down;
-        self.end = outcome.end.as_str();
-        self.duration_ms = ms(started);
-    }
-
-    pub fn finish_refused(&mut self, refused: Refused, started: Instant) {
-        if refused == Refused::NoBackend {
-            self.backend = None;
-        }
-        self.end = refused.as_str();
-        self.duration_ms = ms(started);
-    }
-}
-
-fn ms(since: Instant) -> f64 {
-    (since.elapsed().as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// Writes the line (a no-op when INFO is filtered out).
-pub fn emit(r: &Route) {
+pub(crate) fn emit(r: &Route, e: Ending) {
+    let duration_ms = (r.started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+    // A refusal for want of a backend names none, even if one was tried before.
+    let backend = if e.end == Outcome::NoBackend {
+        None
+    } else {
+        r.backend
+    };
     macro_rules! line {
         ($backend:expr, $connect_ms:expr) => {
             tracing::info!(
@@ -79,16 +69,16 @@ pub fn emit(r: &Route) {
                 policy = r.policy,
                 attempts = r.attempts,
                 connect_ms = $connect_ms,
-                bytes_up = r.bytes_up,
-                bytes_down = r.bytes_down,
-                duration_ms = r.duration_ms,
-                end = r.end,
+                bytes_up = e.bytes_up,
+                bytes_down = e.bytes_down,
+                duration_ms,
+                end = e.end.as_str(),
                 "route"
             )
         };
     }
     let connect_ms = r.connect_ms.map(|c| (c * 1e3).round() / 1e3);
-    match (r.backend, connect_ms) {
+    match (backend, connect_ms) {
         (Some(b), Some(c)) => line!(tracing::field::display(b), c),
         (Some(b), None) => line!(tracing::field::display(b), tracing::field::Empty),
         (None, _) => line!(tracing::field::Empty, tracing::field::Empty),

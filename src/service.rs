@@ -1,10 +1,12 @@
 //! A configured service at run time: its settings, its pool and its counters.
 //!
-//! A `Service` is immutable: a reload builds a new one that shares the old one's pool (members, health,
-//! counters) and stats, and the accept loop switches to it; connections already open keep the settings
-//! they started with.
+//! A `Service` is immutable. A reload builds the next version with [`Service::next`], which shares the
+//! pool (members, health, counters) and stats of the current one; the reload applies the new pool
+//! settings and static backends to that pool itself (`control/reload.rs`), then the accept loop
+//! switches to the new version. Connections already open keep the settings they started with.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,9 +17,11 @@ use crate::config::{BackendAddress, DiscoveryConfig, Policy, ServiceConfig};
 use crate::discovery::{self, NameSpec};
 use crate::events::EventBus;
 use crate::health::ProbeSpec;
+use crate::outcome::Outcome;
 use crate::pool::{Passive, Pool, PoolSettings, Source};
-use crate::relay::{End, RelayOptions};
+use crate::relay::RelayOptions;
 
+/// One service as configured now: a listening address's settings, its backends and its counters.
 pub struct Service {
     pub name: Arc<str>,
     pub policy: Policy,
@@ -25,12 +29,12 @@ pub struct Service {
     pub connect_timeout: Duration,
     pub connect_attempts: u32,
     pub max_connections: u64,
-    pub relay: RelayOptions,
+    pub(crate) relay: RelayOptions,
     /// Shared by every version of the service across reloads.
     pub stats: Arc<ServiceStats>,
-    /// The DNS names among the configured backends, each watched by a [`discovery`] task.
-    pub names: Vec<NameSpec>,
-    pub discovery: DiscoveryConfig,
+    /// The DNS names among the configured backends, each watched by a `discovery` task.
+    pub(crate) names: Vec<NameSpec>,
+    pub(crate) discovery: DiscoveryConfig,
     events: EventBus,
 }
 
@@ -40,18 +44,12 @@ pub struct ServiceStats {
     pub accepted: AtomicU64,
     /// Client connections open now.
     pub active: AtomicU64,
-    /// Clients closed at once because no backend was available.
-    pub no_backend: AtomicU64,
-    /// Clients whose every connect attempt failed.
-    pub connect_failed: AtomicU64,
-    /// Clients closed at once because `max_connections` were open.
-    pub over_limit: AtomicU64,
     /// Whether the last selection found no backend; logged only when it flips.
     no_backend_now: AtomicBool,
     /// Times the service went into or out of "no backend available".
     pub no_backend_transitions: AtomicU64,
-    /// Relayed connections by how they ended, indexed like [`End::ALL`].
-    pub ends: [AtomicU64; End::ALL.len()],
+    /// Client connections by how they ended (relayed or refused), indexed like [`Outcome::ALL`].
+    ends: [AtomicU64; Outcome::ALL.len()],
     /// Relayed connections in which at least one direction ran on splice.
     pub spliced: AtomicU64,
     /// Bytes of finished connections, client → backend and back.
@@ -78,13 +76,13 @@ impl Sessions {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn enter(&self) -> u64 {
+    pub(crate) fn enter(&self) -> u64 {
         let id = self.next.fetch_add(1, Relaxed);
         self.shard(id).insert(id, Instant::now());
         id
     }
 
-    pub fn leave(&self, id: u64) {
+    pub(crate) fn leave(&self, id: u64) {
         self.shard(id).remove(&id);
     }
 
@@ -97,78 +95,87 @@ impl Sessions {
 }
 
 impl ServiceStats {
-    pub fn count_end(&self, end: End) {
-        self.ends[end.index()].fetch_add(1, Relaxed);
+    pub(crate) fn count(&self, outcome: Outcome) {
+        self.ends[outcome.index()].fetch_add(1, Relaxed);
     }
 
-    pub fn ended(&self, end: End) -> u64 {
-        self.ends[end.index()].load(Relaxed)
+    /// Client connections that ended with `outcome`.
+    pub fn ended(&self, outcome: Outcome) -> u64 {
+        self.ends[outcome.index()].load(Relaxed)
     }
 
     /// Every counter on one line, for diagnostics.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "accepted={} active={} no_backend={} connect_failed={} over_limit={}",
+            "accepted={} active={}",
             self.accepted.load(Relaxed),
             self.active.load(Relaxed),
-            self.no_backend.load(Relaxed),
-            self.connect_failed.load(Relaxed),
-            self.over_limit.load(Relaxed)
         );
-        for e in End::ALL {
+        for e in Outcome::ALL {
             s += &format!(" {}={}", e.as_str(), self.ended(e));
         }
         s
     }
 }
 
+/// The pool settings `cfg` asks for.
+pub(crate) fn pool_settings(cfg: &ServiceConfig) -> PoolSettings {
+    let discovery = cfg.discovery.clone().unwrap_or_default();
+    PoolSettings {
+        policy: cfg.balance,
+        passive: Passive {
+            max_fails: cfg.passive.max_fails,
+            cooldown: cfg.passive.cooldown.0,
+        },
+        probes: ProbeSpec::from_config(&cfg.health).map(Arc::new),
+        on_down: cfg.health.on_down,
+        on_removed: discovery.on_removed,
+        removed_drain: discovery.drain_timeout.0,
+        slow_start: cfg.slow_start.0,
+    }
+}
+
+/// The backends `cfg` lists by address (the names are claimed by their DNS watchers).
+pub(crate) fn static_backends(cfg: &ServiceConfig) -> Vec<(SocketAddr, u32)> {
+    cfg.backends
+        .iter()
+        .filter_map(|b| match b.address {
+            BackendAddress::Ip(a) => Some((a, b.weight)),
+            BackendAddress::Name { .. } => None,
+        })
+        .collect()
+}
+
 impl Service {
-    /// The service for `cfg`. With `previous` (a reload), its pool and stats carry over: the pool takes
-    /// the new settings and static backends by diff, and no counter is reset.
-    pub fn from_config(
+    /// A new service for `cfg`: a new pool holding the static backends, and counters from zero.
+    pub(crate) fn new(cfg: &ServiceConfig, events: &EventBus) -> Service {
+        let pool = Arc::new(Pool::new(
+            cfg.name.as_str().into(),
+            pool_settings(cfg),
+            events.clone(),
+        ));
+        pool.reconcile(Source::Static, static_backends(cfg));
+        Service::with(cfg, pool, Arc::new(ServiceStats::default()), events)
+    }
+
+    /// The next version of this service for `cfg` (a reload): the same pool and counters. The caller
+    /// has already applied `cfg`'s pool settings and static backends to the pool.
+    pub(crate) fn next(&self, cfg: &ServiceConfig) -> Service {
+        Service::with(cfg, self.pool.clone(), self.stats.clone(), &self.events)
+    }
+
+    fn with(
         cfg: &ServiceConfig,
+        pool: Arc<Pool>,
+        stats: Arc<ServiceStats>,
         events: &EventBus,
-        previous: Option<&Service>,
     ) -> Service {
-        let name: Arc<str> = cfg.name.as_str().into();
-        let statics: Vec<_> = cfg
-            .backends
-            .iter()
-            .filter_map(|b| match b.address {
-                BackendAddress::Ip(a) => Some((a, b.weight)),
-                BackendAddress::Name { .. } => None, // claimed by its DNS watcher
-            })
-            .collect();
-        let discovery = cfg.discovery.clone().unwrap_or_default();
-        let settings = PoolSettings {
-            policy: cfg.balance,
-            passive: Passive {
-                max_fails: cfg.passive.max_fails,
-                cooldown: cfg.passive.cooldown.0,
-            },
-            probes: ProbeSpec::from_config(&cfg.health).map(Arc::new),
-            on_down: cfg.health.on_down,
-            on_removed: discovery.on_removed,
-            removed_drain: discovery.drain_timeout.0,
-            slow_start: cfg.slow_start.0,
-        };
-        let (pool, stats) = match previous {
-            Some(p) => {
-                p.pool.update_settings(settings);
-                (p.pool.clone(), p.stats.clone())
-            }
-            None => (
-                Arc::new(Pool::new(name.clone(), settings, events.clone())),
-                Arc::new(ServiceStats::default()),
-            ),
-        };
-        pool.reconcile(Source::Static, statics);
         Service {
             pool,
             names: discovery::names(cfg),
-            discovery,
+            discovery: cfg.discovery.clone().unwrap_or_default(),
             events: events.clone(),
-            name,
+            name: cfg.name.as_str().into(),
             policy: cfg.balance,
             connect_timeout: cfg.connect_timeout.0,
             connect_attempts: cfg.connect_attempts,
@@ -184,7 +191,7 @@ impl Service {
 
     /// Notes whether a selection found a backend, logging only the transitions into and out of
     /// "no backend available". The common case is one relaxed load.
-    pub fn note_selection(&self, found: bool) {
+    pub(crate) fn note_selection(&self, found: bool) {
         if self.stats.no_backend_now.load(Relaxed) == found
             && self.stats.no_backend_now.swap(!found, Relaxed) == found
         {

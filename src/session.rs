@@ -1,4 +1,6 @@
-//! One client connection's life: select a backend, connect (retrying elsewhere), relay, account, log.
+//! One client connection's life: select a backend, connect (retrying elsewhere), relay, and account:
+//! count how it ended and write its routing line. Every accepted connection ends in [`account`],
+//! refused or relayed, so the counters and the log always agree.
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,42 +11,19 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
-use crate::relay::{self, End, LiveCounters, RelayOutcome};
-use crate::routelog::{self, Route};
+use crate::relay::{self, LiveCounters};
+use crate::routelog::{self, Ending, Route};
 use crate::service::Service;
-
-/// How a client's connection ended before any relaying.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
-    /// No ready backend to try.
-    NoBackend,
-    /// Every attempt failed.
-    ConnectFailed,
-    /// The service already had `max_connections` open.
-    OverLimit,
-    /// The drain deadline passed while connecting.
-    DrainDeadline,
-}
-
-impl Refused {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Refused::NoBackend => "no_backend",
-            Refused::ConnectFailed => "connect_failed",
-            Refused::OverLimit => "max_connections",
-            Refused::DrainDeadline => "drain_deadline",
-        }
-    }
-}
 
 /// Counts the service's open client connections for `max_connections` and keeps their start time;
 /// released on drop.
-pub struct ClientSlot(Arc<Service>, u64);
+pub(crate) struct ClientSlot(Arc<Service>, u64);
 
 impl ClientSlot {
     /// Takes a slot, or `None` when the service is full.
-    pub fn take(service: &Arc<Service>) -> Option<ClientSlot> {
+    pub(crate) fn take(service: &Arc<Service>) -> Option<ClientSlot> {
         let prev = service.stats.active.fetch_add(1, Relaxed);
         if prev >= service.max_connections {
             service.stats.active.fetch_sub(1, Relaxed);
@@ -62,68 +41,88 @@ impl Drop for ClientSlot {
     }
 }
 
-/// Serves one accepted client to completion. Never panics on network errors; every path logs one line.
-pub async fn serve(
+/// A connected backend: the stream, the guard that counts it as active, and the signal that cuts it.
+struct Connected {
+    backend: Arc<Backend>,
+    stream: TcpStream,
+    _active: ActiveGuard,
+    cut: Arc<CutSignal>,
+}
+
+/// Serves one accepted client to completion. Never panics on network errors; every path ends in
+/// [`account`].
+pub(crate) async fn serve(
     client: TcpStream,
     peer: SocketAddr,
     service: Arc<Service>,
     slot: ClientSlot,
     deadline: CancellationToken,
 ) {
-    let started = Instant::now();
     let _slot = slot;
     // TCP_NODELAY is inherited from the listening socket (listener::bind).
-    let mut route = Route::new(&service, peer);
+    let mut route = Route::new(service.name.clone(), service.policy.as_str(), peer);
 
     let connected = tokio::select! {
         c = connect(&service, peer, &mut route) => c,
-        () = deadline.cancelled() => Err(Refused::DrainDeadline),
+        () = deadline.cancelled() => Err(Outcome::DrainDeadline),
     };
-    let (backend, stream, _active, signal) = match connected {
+    let c = match connected {
         Ok(c) => c,
         Err(refused) => {
-            let counter = match refused {
-                Refused::NoBackend => &service.stats.no_backend,
-                Refused::ConnectFailed => &service.stats.connect_failed,
-                Refused::OverLimit => &service.stats.over_limit,
-                // Cut while connecting: counted with the relays the deadline cut.
-                Refused::DrainDeadline => &service.stats.ends[End::DrainDeadline.index()],
-            };
-            counter.fetch_add(1, Relaxed);
-            route.finish_refused(refused, started);
-            routelog::emit(&route);
-            return; // dropping `client` closes it at once
+            // Dropping `client` closes it at once.
+            return account(&service, &route, refused_ending(refused));
         }
     };
-    let _ = stream.set_nodelay(true);
+    let _ = c.stream.set_nodelay(true);
     // Cut at the drain deadline, or when the backend's sessions are closed (health, discovery).
     let cut = async {
         tokio::select! {
-            () = deadline.cancelled() => End::DrainDeadline,
-            end = signal.cut() => end,
+            () = deadline.cancelled() => Outcome::DrainDeadline,
+            end = c.cut.cut() => end,
         }
     };
     let live = LiveCounters {
-        up: &backend.stats.bytes_up,
-        down: &backend.stats.bytes_down,
+        up: &c.backend.stats.bytes_up,
+        down: &c.backend.stats.bytes_down,
     };
-    let outcome: RelayOutcome = relay::relay(&client, &stream, &service.relay, cut, live).await;
-    // Counted before the close, so whoever sees the close (a client, a test on another thread) finds
-    // the connection in the totals.
-    service.stats.bytes_up.fetch_add(outcome.bytes_up, Relaxed);
-    service
-        .stats
-        .bytes_down
-        .fetch_add(outcome.bytes_down, Relaxed);
-    service.stats.count_end(outcome.end);
-    if outcome.spliced {
-        service.stats.spliced.fetch_add(1, Relaxed);
+    let relayed = relay::relay(&client, &c.stream, &service.relay, cut, live).await;
+    // Counted and logged before the close, so whoever sees the close (a client, a test on another
+    // thread) finds the connection in the totals.
+    let stats = &service.stats;
+    stats.bytes_up.fetch_add(relayed.bytes_up, Relaxed);
+    stats.bytes_down.fetch_add(relayed.bytes_down, Relaxed);
+    if relayed.spliced {
+        stats.spliced.fetch_add(1, Relaxed);
     }
+    let ending = Ending {
+        bytes_up: relayed.bytes_up,
+        bytes_down: relayed.bytes_down,
+        end: relayed.end,
+    };
+    account(&service, &route, ending);
     // Close both now (the relay may have left a FIN, or an armed reset, to this close).
-    drop(stream);
+    drop(c);
     drop(client);
-    route.finish(outcome, started);
-    routelog::emit(&route);
+}
+
+/// Refuses a client because the service already has `max_connections` open (the caller closes it).
+pub(crate) fn refuse_over_limit(service: &Service, peer: SocketAddr) {
+    let route = Route::new(service.name.clone(), service.policy.as_str(), peer);
+    account(service, &route, refused_ending(Outcome::MaxConnections));
+}
+
+fn refused_ending(end: Outcome) -> Ending {
+    Ending {
+        bytes_up: 0,
+        bytes_down: 0,
+        end,
+    }
+}
+
+/// The end of every client connection: counts its outcome and writes its routing line.
+fn account(service: &Service, route: &Route, ending: Ending) {
+    service.stats.count(ending.end);
+    routelog::emit(route, ending);
 }
 
 /// Picks and connects, retrying on a backend not yet tried, up to `connect_attempts`. Nothing of the
@@ -132,7 +131,7 @@ async fn connect(
     service: &Arc<Service>,
     peer: SocketAddr,
     route: &mut Route,
-) -> Result<(Arc<Backend>, TcpStream, ActiveGuard, Arc<CutSignal>), Refused> {
+) -> Result<Connected, Outcome> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     let connect_start = Instant::now();
     loop {
@@ -142,9 +141,9 @@ async fn connect(
         }
         let Some(backend) = picked else {
             return Err(if route.attempts == 0 {
-                Refused::NoBackend
+                Outcome::NoBackend
             } else {
-                Refused::ConnectFailed
+                Outcome::ConnectFailed
             });
         };
         route.attempts += 1;
@@ -152,7 +151,7 @@ async fn connect(
         // Counted from the start of the connect, for least-connections.
         let active = ActiveGuard::new(backend.clone());
         // Taken before connecting, so a cut that happens meanwhile still reaches this session.
-        let signal = backend.cut_signal();
+        let cut = backend.cut_signal();
         let attempt = Instant::now();
         match tokio::time::timeout(service.connect_timeout, TcpStream::connect(backend.addr)).await
         {
@@ -160,7 +159,12 @@ async fn connect(
                 backend.stats.connect.observe(attempt.elapsed());
                 service.pool.connect_succeeded(&backend);
                 route.connect_ms = Some(connect_start.elapsed().as_secs_f64() * 1e3);
-                return Ok((backend, stream, active, signal));
+                return Ok(Connected {
+                    backend,
+                    stream,
+                    _active: active,
+                    cut,
+                });
             }
             Ok(Err(e)) if is_local_exhaustion(&e) => {
                 // Our own descriptors or ports ran out: not the backend's fault, so no ejection.
@@ -177,7 +181,7 @@ async fn connect(
         }
         drop(active);
         if route.attempts >= service.connect_attempts {
-            return Err(Refused::ConnectFailed);
+            return Err(Outcome::ConnectFailed);
         }
         tried.push(backend.addr);
     }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The worker runtimes. Dropping (or [`Workers::stop`]) ends the threads; tasks still on them are
 /// dropped with their runtime.
-pub struct Workers {
+pub(crate) struct Workers {
     handles: Vec<Handle>,
     stop: CancellationToken,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -31,7 +31,7 @@ pub struct Workers {
 
 /// One worker per CPU this process may run on (sched affinity and cgroup quota respected), or the
 /// `SLUICEGATE_WORKERS` environment variable when set to a positive number.
-pub fn default_count() -> usize {
+pub(crate) fn default_count() -> usize {
     std::env::var("SLUICEGATE_WORKERS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
@@ -41,7 +41,7 @@ pub fn default_count() -> usize {
 
 impl Workers {
     /// Starts `n` (at least one) worker threads, each with a current-thread runtime.
-    pub fn start(n: usize) -> io::Result<Workers> {
+    pub(crate) fn start(n: usize) -> io::Result<Workers> {
         let stop = CancellationToken::new();
         let mut handles = Vec::new();
         let mut threads = Vec::new();
@@ -72,12 +72,12 @@ impl Workers {
         })
     }
 
-    pub fn handles(&self) -> &[Handle] {
+    pub(crate) fn handles(&self) -> &[Handle] {
         &self.handles
     }
 
     /// Ends every worker and waits for its thread. Must not be called from a worker.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.cancel();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::dns::{FakeDns, Reply};
 use common::fleet::{replica_at, replicas, spread, who, Session};
 use common::{wait_for, within, Proxy};
-use sluicegate::relay::End;
+use sluicegate::Outcome;
 
 /// One service `t` whose only backend is the name `backend` on `port`, resolved through `dns`.
 fn yaml(dns: SocketAddr, port: u16, extra: &str) -> String {
@@ -168,7 +168,7 @@ async fn on_removed_keep_leaves_sessions_running() {
     for s in &mut sessions {
         s.ping().await.expect("kept session still works");
     }
-    assert_eq!(proxy.service.stats.ended(End::BackendRemoved), 0);
+    assert_eq!(proxy.service.stats.ended(Outcome::BackendRemoved), 0);
     // The removed backend stays visible while its sessions run.
     assert!(proxy
         .service
@@ -196,7 +196,7 @@ async fn on_removed_drain_runs_sessions_until_the_deadline() {
         after >= Duration::from_millis(1000),
         "not before the deadline: {after:?}"
     );
-    proxy.wait_ended(End::BackendRemoved, 5).await;
+    proxy.wait_ended(Outcome::BackendRemoved, 5).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,7 +205,7 @@ async fn on_removed_close_cuts_sessions_at_once() {
     for s in &mut sessions {
         assert!(s.closed_within(Duration::from_secs(1)).await, "cut at once");
     }
-    proxy.wait_ended(End::BackendRemoved, 5).await;
+    proxy.wait_ended(Outcome::BackendRemoved, 5).await;
 }
 
 /// RELIABILITY 22: SERVFAIL and timeouts keep the last good set; every connection succeeds.

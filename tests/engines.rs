@@ -28,9 +28,7 @@ async fn spliced_after(mode: RelayMode, answer: usize) -> u64 {
     let got = round_trip(proxy.addr, b"request").await.expect("served");
     assert_eq!(sha(&got), sha(&payload(1, answer)), "{mode:?}: content");
     // round_trip sends its FIN first
-    proxy
-        .wait_ended(sluicegate::relay::End::ClientClosed, 1)
-        .await;
+    proxy.wait_ended(sluicegate::Outcome::ClientClosed, 1).await;
     proxy.service.stats.spliced.load(Relaxed)
 }
 
@@ -75,8 +73,6 @@ async fn auto_keeps_request_response_traffic_on_copy() {
         assert_eq!(buf[..], msg[..]);
     }
     drop(s);
-    proxy
-        .wait_ended(sluicegate::relay::End::ClientClosed, 1)
-        .await;
+    proxy.wait_ended(sluicegate::Outcome::ClientClosed, 1).await;
     assert_eq!(proxy.service.stats.spliced.load(Relaxed), 0);
 }

@@ -295,7 +295,7 @@ async fn all_backends_down_closes_clients_at_once_and_recovers() {
         1,
         "one transition into no-backend"
     );
-    assert!(stats.no_backend.load(Relaxed) >= 45);
+    assert!(stats.ended(sluicegate::Outcome::NoBackend) >= 45);
     // Recovery: a backend comes up at a's address; after the cool-down traffic resumes.
     let back = Backend::serve(listen(a), echo);
     let t = Instant::now();
@@ -527,7 +527,13 @@ async fn max_connections_closes_the_excess_at_once() {
             "excess client must be closed, got {r:?}"
         );
     }
-    assert_eq!(proxy.service.stats.over_limit.load(Relaxed), 5);
+    assert_eq!(
+        proxy
+            .service
+            .stats
+            .ended(sluicegate::Outcome::MaxConnections),
+        5
+    );
     assert_eq!(backend.accepted(), 2, "the excess never reached a backend");
     drop(held.pop());
     wait_for(SECS(5), "slot freed", || {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use common::dns::FakeDns;
 use common::fleet::{replicas, spread, who, HealthMode, Replica, Session};
 use common::{wait_for, Proxy};
-use sluicegate::health::Health;
-use sluicegate::relay::End;
+use sluicegate::Health;
+use sluicegate::Outcome;
 
 fn ip(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
@@ -250,7 +250,10 @@ async fn every_backend_down_closes_clients_at_once() {
         took[10]
     );
     assert!(took[19] < Duration::from_millis(500), "max {:?}", took[19]);
-    assert_eq!(proxy.service.stats.no_backend.load(Relaxed), 20);
+    assert_eq!(
+        proxy.service.stats.ended(sluicegate::Outcome::NoBackend),
+        20
+    );
     fleet[1].set_status(200);
     wait_for(Duration::from_secs(2), "one back", || {
         !proxy.service.pool.snapshot().ready.is_empty()
@@ -324,7 +327,7 @@ async fn a_down_backend_keeps_its_sessions_by_default() {
     for s in &mut sessions {
         s.ping().await.expect("kept");
     }
-    assert_eq!(proxy.service.stats.ended(End::BackendDown), 0);
+    assert_eq!(proxy.service.stats.ended(Outcome::BackendDown), 0);
 }
 
 /// … and closes them within one interval with `on_down: close`.
@@ -351,7 +354,7 @@ async fn on_down_close_cuts_the_sessions() {
         assert!(s.closed_within(Duration::from_millis(500)).await, "cut");
     }
     assert!(down.elapsed() < Duration::from_millis(100 + 500));
-    proxy.wait_ended(End::BackendDown, 100).await;
+    proxy.wait_ended(Outcome::BackendDown, 100).await;
 }
 
 /// A backend discovered before its app is healthy (Docker adds the record first) gets no traffic

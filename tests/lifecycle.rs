@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sluicegate::config::RelayMode;
-use sluicegate::relay::End;
+use sluicegate::Outcome;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -94,7 +94,7 @@ async fn drain_with(mode: RelayMode) {
         "the run ended {:?} after the last transfer",
         last_done.elapsed()
     );
-    assert_eq!(proxy.service.stats.ended(End::BackendClosed), 200);
+    assert_eq!(proxy.service.stats.ended(Outcome::BackendClosed), 200);
 }
 
 /// `shutdown.delay`: new connections are still accepted during the delay, refused after it.
@@ -154,7 +154,7 @@ async fn drain_deadline_cuts_what_remains() {
             "ended after {took:?}"
         );
         assert_eq!(stopped.cut, 20);
-        assert_eq!(proxy.service.stats.ended(End::DrainDeadline), 20);
+        assert_eq!(proxy.service.stats.ended(Outcome::DrainDeadline), 20);
         for mut c in clients {
             let r = within(SECS(2), "client sees the cut", read_all(&mut c)).await;
             assert!(

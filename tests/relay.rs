@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use sluicegate::config::RelayMode;
-use sluicegate::relay::End;
+use sluicegate::Outcome;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -137,7 +137,7 @@ async fn client_half_close_then_large_answer(mode: RelayMode) {
         .expect("clean EOF");
     assert_eq!(sha(&got), sha(&expect));
     assert_eq!(seen_rx.recv_timeout(SECS(5)).unwrap(), 64 << 10);
-    proxy.wait_ended(End::ClientClosed, 1).await;
+    proxy.wait_ended(Outcome::ClientClosed, 1).await;
 }
 
 /// Scenario 3: the backend sends a 1 MiB banner and half-closes while it keeps reading; both directions
@@ -185,7 +185,7 @@ async fn backend_speaks_first_and_half_closes(mode: RelayMode) {
         },
     )
     .await;
-    proxy.wait_ended(End::BackendClosed, 1).await;
+    proxy.wait_ended(Outcome::BackendClosed, 1).await;
 }
 
 /// Scenario 4: the backend writes 8 MiB and closes at once; the client reads slowly; nothing is lost.
@@ -236,7 +236,7 @@ async fn backend_reset_reaches_the_client_as_a_reset(mode: RelayMode) {
     let r = within(SECS(10), "reset reaches client", read_all(&mut c)).await;
     let e = r.expect_err("client must see a reset, not a clean EOF");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
-    proxy.wait_ended(End::BackendReset, 1).await;
+    proxy.wait_ended(Outcome::BackendReset, 1).await;
 }
 
 /// Scenario 5b: the client aborts with RST mid-stream; the backend must see a reset.
@@ -261,7 +261,7 @@ async fn client_reset_reaches_the_backend_as_a_reset(mode: RelayMode) {
     let r = rx.recv_timeout(SECS(10)).expect("backend finished");
     let e = r.expect_err("backend must see a reset, not a clean EOF");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
-    proxy.wait_ended(End::ClientReset, 1).await;
+    proxy.wait_ended(Outcome::ClientReset, 1).await;
 }
 
 /// Scenario 6: the client half-closes and the backend never answers; after `half_close_timeout` of
@@ -316,7 +316,7 @@ async fn half_close_timeout_closes_both_sides(mode: RelayMode) {
             .unwrap(),
         "backend side left open"
     );
-    proxy.wait_ended(End::HalfCloseTimeout, 1).await;
+    proxy.wait_ended(Outcome::HalfCloseTimeout, 1).await;
 }
 
 /// A half-closed connection that keeps streaming is not cut by `half_close_timeout`: the timer measures
@@ -394,5 +394,5 @@ async fn idle_timeout_closes_silence_but_not_a_trickle(mode: RelayMode) {
         "closed too early: {:?}",
         t1.elapsed()
     );
-    assert_eq!(proxy.service.stats.ended(End::IdleTimeout), 2);
+    assert_eq!(proxy.service.stats.ended(Outcome::IdleTimeout), 2);
 }

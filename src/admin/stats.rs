@@ -12,23 +12,23 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::events::unix_ms;
-use crate::lifecycle::Control;
+use crate::control::Control;
+use crate::outcome::Outcome;
 use crate::pool::{Backend, Source, State};
-use crate::relay::End;
+use crate::util::{lock, unix_ms};
 
 /// Frames kept for the dashboard's charts: five minutes.
 const HISTORY: usize = 300;
 const PERIOD: Duration = Duration::from_secs(1);
 
 /// One backend as JSON: its view plus the service it belongs to.
-pub fn backend_json(service: &str, b: &Backend) -> Value {
+pub(super) fn backend_json(service: &str, b: &Backend) -> Value {
     let mut v = serde_json::to_value(b.view()).unwrap_or(Value::Null);
     v["service"] = Value::from(service);
     let probes = v["probes"].as_array().cloned().unwrap_or_default();
     v["last_probe"] = probes.last().cloned().unwrap_or(Value::Null);
-    // INTERFACES.md's names: the primary source as `static`, `dns` (with `dns_name`) or `api`, and
-    // bytes in (client → backend) / out, failed connects.
+    // The flat names scripts read (docs/admin-api.md): the primary source as `static`, `dns` (with
+    // `dns_name`) or `api`, and bytes in (client → backend) / out, failed connects.
     let primary = b.sources().into_iter().next();
     let (source, dns_name) = match &primary {
         Some(Source::Dns(name)) => ("dns", Value::from(&**name)),
@@ -44,7 +44,7 @@ pub fn backend_json(service: &str, b: &Backend) -> Value {
 }
 
 /// Every backend of every service (members and removed ones still holding sessions).
-pub fn backends(c: &Control) -> Vec<Value> {
+pub(super) fn backends(c: &Control) -> Vec<Value> {
     c.backends()
         .iter()
         .map(|(svc, b)| backend_json(svc, b))
@@ -53,7 +53,7 @@ pub fn backends(c: &Control) -> Vec<Value> {
 
 /// Jain's fairness index of the connections each backend got against its weight: 1 when every
 /// backend's share matches its weight, down to 1/n when one backend got everything.
-pub fn jain(totals_and_weights: &[(u64, u32)]) -> Option<f64> {
+pub(super) fn jain(totals_and_weights: &[(u64, u32)]) -> Option<f64> {
     let x: Vec<f64> = totals_and_weights
         .iter()
         .map(|&(t, w)| t as f64 / w.max(1) as f64)
@@ -65,7 +65,7 @@ pub fn jain(totals_and_weights: &[(u64, u32)]) -> Option<f64> {
 
 /// Computes a frame every second; keeps the latest and the last five minutes.
 #[derive(Clone)]
-pub struct Sampler {
+pub(super) struct Sampler {
     latest: watch::Receiver<Arc<str>>,
     shared: Arc<Mutex<Shared>>,
 }
@@ -85,7 +85,7 @@ struct Previous {
 
 impl Sampler {
     /// Starts sampling on the current (admin) runtime until `stop`.
-    pub fn start(control: Arc<Control>, stop: CancellationToken) -> Sampler {
+    pub(super) fn start(control: Arc<Control>, stop: CancellationToken) -> Sampler {
         let mut prev = Previous::default();
         let first = frame(&control, &mut prev);
         let (tx, rx) = watch::channel::<Arc<str>>(first.to_string().into());
@@ -105,7 +105,7 @@ impl Sampler {
                 let f = frame(&control, &mut prev);
                 let text: Arc<str> = f.to_string().into();
                 {
-                    let mut sh = s.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut sh = lock(&s);
                     if sh.history.len() == HISTORY {
                         sh.history.pop_front();
                     }
@@ -118,31 +118,15 @@ impl Sampler {
         Sampler { latest: rx, shared }
     }
 
-    pub fn latest(&self) -> Arc<str> {
-        self.latest.borrow().clone()
+    pub(super) fn latest_value(&self) -> Value {
+        lock(&self.shared).latest.clone()
     }
 
-    pub fn latest_value(&self) -> Value {
-        self.shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .latest
-            .clone()
+    pub(super) fn history(&self) -> Value {
+        Value::Array(lock(&self.shared).history.iter().cloned().collect())
     }
 
-    pub fn history(&self) -> Value {
-        Value::Array(
-            self.shared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .history
-                .iter()
-                .cloned()
-                .collect(),
-        )
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<Arc<str>> {
+    pub(super) fn subscribe(&self) -> watch::Receiver<Arc<str>> {
         self.latest.clone()
     }
 }
@@ -214,7 +198,7 @@ fn frame(c: &Control, prev: &mut Previous) -> Value {
         let before = prev
             .services
             .insert(s.name.clone(), (accepted, bytes_total));
-        let ends: serde_json::Map<String, Value> = End::ALL
+        let ends: serde_json::Map<String, Value> = Outcome::ALL
             .iter()
             .map(|e| (e.as_str().to_string(), json!(st.ended(*e))))
             .collect();
@@ -225,9 +209,9 @@ fn frame(c: &Control, prev: &mut Previous) -> Value {
             "relay": s.relay.mode.as_str(),
             "accepted": accepted,
             "active": st.active.load(Relaxed),
-            "no_backend": st.no_backend.load(Relaxed),
-            "connect_failed": st.connect_failed.load(Relaxed),
-            "over_limit": st.over_limit.load(Relaxed),
+            "no_backend": st.ended(Outcome::NoBackend),
+            "connect_failed": st.ended(Outcome::ConnectFailed),
+            "over_limit": st.ended(Outcome::MaxConnections),
             "spliced": st.spliced.load(Relaxed),
             "ends": ends,
             "bytes_up": st.bytes_up.load(Relaxed),

@@ -5,30 +5,23 @@
 //! go in smooth weighted round-robin order, as in nginx, so sequential traffic still follows the weights.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use super::{allowed, less_loaded, Balancer, WeightedRoundRobin};
-use crate::pool::Backend;
+use super::{allowed, less_loaded, Balancer, Candidate, WeightedRoundRobin};
 
-pub struct LeastConn {
+pub(crate) struct LeastConn {
     ties: WeightedRoundRobin,
 }
 
 impl LeastConn {
-    pub fn new(ready: &[Arc<Backend>]) -> LeastConn {
+    pub(crate) fn new<C: Candidate>(ready: &[C]) -> LeastConn {
         LeastConn {
             ties: WeightedRoundRobin::new(ready),
         }
     }
 }
 
-impl Balancer for LeastConn {
-    fn pick(
-        &self,
-        ready: &[Arc<Backend>],
-        _client: SocketAddr,
-        avoid: &[SocketAddr],
-    ) -> Option<usize> {
+impl<C: Candidate> Balancer<C> for LeastConn {
+    fn pick(&self, ready: &[C], _client: SocketAddr, avoid: &[SocketAddr]) -> Option<usize> {
         let mut best: Option<(usize, u64)> = None;
         for (i, b) in ready.iter().enumerate() {
             if !allowed(b, avoid) {
@@ -59,7 +52,6 @@ impl Balancer for LeastConn {
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use crate::pool::ActiveGuard;
 
     #[test]
     fn contract() {
@@ -70,10 +62,7 @@ mod tests {
     fn picks_the_least_loaded() {
         let r = backends(&[1, 1, 1]);
         let b = LeastConn::new(&r);
-        let _g: Vec<_> = [0, 0, 1]
-            .iter()
-            .map(|&i| ActiveGuard::new(r[i].clone()))
-            .collect();
+        let _g: Vec<_> = [0, 0, 1].iter().map(|&i| Open::new(r[i].clone())).collect();
         for i in 0..10 {
             assert_eq!(b.pick(&r, client(i), &[]), Some(2));
         }
@@ -84,10 +73,10 @@ mod tests {
         // 4 active on a weight-4 backend is as loaded as 1 on weight 1; 3 on weight 4 is less.
         let r = backends(&[1, 4]);
         let b = LeastConn::new(&r);
-        let _a = ActiveGuard::new(r[0].clone());
-        let g: Vec<_> = (0..3).map(|_| ActiveGuard::new(r[1].clone())).collect();
+        let _a = Open::new(r[0].clone());
+        let g: Vec<_> = (0..3).map(|_| Open::new(r[1].clone())).collect();
         assert_eq!(b.pick(&r, client(0), &[]), Some(1));
-        let _more = ActiveGuard::new(r[1].clone());
+        let _more = Open::new(r[1].clone());
         assert_eq!(g.len(), 3);
         let picks: Vec<_> = (0..5)
             .map(|i| b.pick(&r, client(i), &[]).unwrap())
@@ -112,7 +101,7 @@ mod tests {
         let r = backends(&[1, 1, 1]);
         let b = LeastConn::new(&r);
         let held: Vec<_> = (0..30)
-            .map(|i| ActiveGuard::new(r[b.pick(&r, client(i), &[]).unwrap()].clone()))
+            .map(|i| Open::new(r[b.pick(&r, client(i), &[]).unwrap()].clone()))
             .collect();
         assert!(r.iter().all(|x| x.active() == 10));
         drop(held);

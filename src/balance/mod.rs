@@ -13,32 +13,51 @@ mod source_hash;
 mod weighted_round_robin;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-pub use least_conn::LeastConn;
-pub use p2c::P2c;
-pub use round_robin::RoundRobin;
-pub use source_hash::SourceHash;
-pub use weighted_round_robin::WeightedRoundRobin;
+pub(crate) use least_conn::LeastConn;
+pub(crate) use p2c::P2c;
+pub(crate) use round_robin::RoundRobin;
+pub(crate) use source_hash::SourceHash;
+pub(crate) use weighted_round_robin::WeightedRoundRobin;
 
 use crate::config::Policy;
-use crate::pool::Backend;
+use crate::util::Rng;
+
+/// What a policy needs to know of a backend. The pool's backends implement it; the policies never see
+/// more, so they can be read and tested without a pool.
+pub(crate) trait Candidate {
+    fn addr(&self) -> SocketAddr;
+    /// The weight in use now, in the pool's fixed-point units (slow start lowers it).
+    fn weight_units(&self) -> u32;
+    /// Connections open (or connecting) to it now.
+    fn active(&self) -> u64;
+}
+
+impl<T: Candidate + ?Sized> Candidate for Arc<T> {
+    #[inline]
+    fn addr(&self) -> SocketAddr {
+        (**self).addr()
+    }
+    #[inline]
+    fn weight_units(&self) -> u32 {
+        (**self).weight_units()
+    }
+    #[inline]
+    fn active(&self) -> u64 {
+        (**self).active()
+    }
+}
 
 /// A selection policy over one snapshot's ready backends.
-pub trait Balancer: Send + Sync {
+pub(crate) trait Balancer<C: Candidate> {
     /// Index into `ready` of the chosen backend, never one whose address is in `avoid`; `None` when no
     /// backend qualifies.
-    fn pick(
-        &self,
-        ready: &[Arc<Backend>],
-        client: SocketAddr,
-        avoid: &[SocketAddr],
-    ) -> Option<usize>;
+    fn pick(&self, ready: &[C], client: SocketAddr, avoid: &[SocketAddr]) -> Option<usize>;
 }
 
 /// The configured policy, dispatched statically.
-pub enum Selector {
+pub(crate) enum Selector {
     RoundRobin(RoundRobin),
     WeightedRoundRobin(WeightedRoundRobin),
     LeastConn(LeastConn),
@@ -47,7 +66,7 @@ pub enum Selector {
 }
 
 impl Selector {
-    pub fn new(policy: Policy, ready: &[Arc<Backend>]) -> Selector {
+    pub(crate) fn new<C: Candidate>(policy: Policy, ready: &[C]) -> Selector {
         match policy {
             Policy::RoundRobin => Selector::RoundRobin(RoundRobin::new(ready)),
             Policy::WeightedRoundRobin => {
@@ -59,9 +78,10 @@ impl Selector {
         }
     }
 
-    pub fn pick(
+    #[inline]
+    pub(crate) fn pick<C: Candidate>(
         &self,
-        ready: &[Arc<Backend>],
+        ready: &[C],
         client: SocketAddr,
         avoid: &[SocketAddr],
     ) -> Option<usize> {
@@ -76,74 +96,80 @@ impl Selector {
 }
 
 #[inline]
-fn allowed(b: &Backend, avoid: &[SocketAddr]) -> bool {
-    avoid.is_empty() || !avoid.contains(&b.addr)
-}
-
-/// A shared, lock-free random source (SplitMix64 over an atomic counter): one `fetch_add` per draw, so
-/// threads never wait on each other and a fixed seed gives a fixed sequence in a single-threaded test.
-#[derive(Debug)]
-pub struct Rng(AtomicU64);
-
-impl Rng {
-    pub fn seeded(seed: u64) -> Rng {
-        Rng(AtomicU64::new(seed))
-    }
-
-    pub fn from_entropy() -> Rng {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        let local = 0u8;
-        Rng::seeded(t ^ ((&local as *const u8 as u64).rotate_left(32)))
-    }
-
-    pub fn next_u64(&self) -> u64 {
-        let mut z = self
-            .0
-            .fetch_add(0x9E37_79B9_7F4A_7C15, Relaxed)
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0), by multiply-shift (no modulo bias worth measuring at these sizes).
-    pub fn below(&self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
+fn allowed<C: Candidate>(b: &C, avoid: &[SocketAddr]) -> bool {
+    avoid.is_empty() || !avoid.contains(&b.addr())
 }
 
 /// `a.active / a.weight < b.active / b.weight`, compared without division.
 #[inline]
-fn less_loaded(a: &Backend, a_active: u64, b: &Backend, b_active: u64) -> std::cmp::Ordering {
-    (a_active as u128 * b.eff_weight() as u128).cmp(&(b_active as u128 * a.eff_weight() as u128))
+fn less_loaded<C: Candidate>(a: &C, a_active: u64, b: &C, b_active: u64) -> std::cmp::Ordering {
+    (a_active as u128 * b.weight_units() as u128)
+        .cmp(&(b_active as u128 * a.weight_units() as u128))
 }
 
 #[cfg(test)]
 pub(crate) mod testutil {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-    pub fn backends(weights: &[u32]) -> Vec<Arc<Backend>> {
+    /// A backend as the policies see it, with an open-connection count the test sets.
+    #[derive(Debug)]
+    pub(crate) struct TestBackend {
+        pub(crate) addr: SocketAddr,
+        pub(crate) weight: u32,
+        pub(crate) active: AtomicU64,
+    }
+
+    impl Candidate for TestBackend {
+        fn addr(&self) -> SocketAddr {
+            self.addr
+        }
+        fn weight_units(&self) -> u32 {
+            self.weight
+        }
+        fn active(&self) -> u64 {
+            self.active.load(Relaxed)
+        }
+    }
+
+    /// One open connection to a test backend, while it lives.
+    pub(crate) struct Open(Arc<TestBackend>);
+
+    impl Open {
+        pub(crate) fn new(b: Arc<TestBackend>) -> Open {
+            b.active.fetch_add(1, Relaxed);
+            Open(b)
+        }
+    }
+
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.active.fetch_sub(1, Relaxed);
+        }
+    }
+
+    pub(crate) fn backends(weights: &[u32]) -> Vec<Arc<TestBackend>> {
         weights
             .iter()
             .enumerate()
             .map(|(i, &w)| {
-                Arc::new(Backend::new(
-                    SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
-                    w,
-                ))
+                Arc::new(TestBackend {
+                    addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+                    weight: w,
+                    active: AtomicU64::new(0),
+                })
             })
             .collect()
     }
 
-    pub fn client(n: u32) -> SocketAddr {
+    pub(crate) fn client(n: u32) -> SocketAddr {
         SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + n), 40000))
     }
 
+    type Ready = [Arc<TestBackend>];
+
     /// Counts picks per backend over `n` sequential picks (each connection ends before the next).
-    pub fn shares(b: &dyn Balancer, ready: &[Arc<Backend>], n: u32) -> Vec<u32> {
+    pub(crate) fn shares(b: &dyn Balancer<Arc<TestBackend>>, ready: &Ready, n: u32) -> Vec<u32> {
         let mut counts = vec![0; ready.len()];
         for i in 0..n {
             counts[b.pick(ready, client(i), &[]).unwrap()] += 1;
@@ -152,7 +178,7 @@ pub(crate) mod testutil {
     }
 
     /// Every policy: empty → None, one backend → it, avoid everything → None.
-    pub fn basic_contract(make: impl Fn(&[Arc<Backend>]) -> Box<dyn Balancer>) {
+    pub(crate) fn basic_contract(make: impl Fn(&Ready) -> Box<dyn Balancer<Arc<TestBackend>>>) {
         let none = backends(&[]);
         assert_eq!(make(&none).pick(&none, client(1), &[]), None);
         let one = backends(&[5]);
@@ -169,24 +195,5 @@ pub(crate) mod testutil {
             let got = b.pick(&three, client(i), &all[..2]).unwrap();
             assert_eq!(got, 2, "avoid must be honoured");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rng_is_reproducible_and_in_range() {
-        let a = Rng::seeded(7);
-        let b = Rng::seeded(7);
-        for _ in 0..100 {
-            assert_eq!(a.next_u64(), b.next_u64());
-        }
-        let mut seen = [false; 5];
-        for _ in 0..1000 {
-            seen[a.below(5) as usize] = true;
-        }
-        assert!(seen.iter().all(|s| *s));
     }
 }

@@ -3,24 +3,23 @@
 //! scanning the pool, and without the herd that a stale least-loaded view sends to one backend.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use super::{allowed, less_loaded, Balancer, Rng};
-use crate::pool::Backend;
+use super::{allowed, less_loaded, Balancer, Candidate};
+use crate::util::Rng;
 
-pub struct P2c {
+pub(crate) struct P2c {
     /// Cumulative weights: backend i owns draws in `prefix[i] - weight_i .. prefix[i]`.
     prefix: Vec<u64>,
     rng: Rng,
 }
 
 impl P2c {
-    pub fn new(ready: &[Arc<Backend>], rng: Rng) -> P2c {
+    pub(crate) fn new<C: Candidate>(ready: &[C], rng: Rng) -> P2c {
         let mut sum = 0;
         let prefix = ready
             .iter()
             .map(|b| {
-                sum += b.eff_weight() as u64;
+                sum += b.weight_units() as u64;
                 sum
             })
             .collect();
@@ -47,13 +46,8 @@ impl P2c {
     }
 }
 
-impl Balancer for P2c {
-    fn pick(
-        &self,
-        ready: &[Arc<Backend>],
-        _client: SocketAddr,
-        avoid: &[SocketAddr],
-    ) -> Option<usize> {
+impl<C: Candidate> Balancer<C> for P2c {
+    fn pick(&self, ready: &[C], _client: SocketAddr, avoid: &[SocketAddr]) -> Option<usize> {
         match ready.len() {
             0 => return None,
             1 => return allowed(&ready[0], avoid).then_some(0),
@@ -89,7 +83,6 @@ impl Balancer for P2c {
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use crate::pool::ActiveGuard;
 
     #[test]
     fn contract() {
@@ -111,7 +104,7 @@ mod tests {
         // With two distinct draws out of three, the single most loaded backend always loses.
         let r = backends(&[1, 1, 1]);
         let p = P2c::new(&r, Rng::seeded(5));
-        let _g: Vec<_> = (0..5).map(|_| ActiveGuard::new(r[1].clone())).collect();
+        let _g: Vec<_> = (0..5).map(|_| Open::new(r[1].clone())).collect();
         for i in 0..1000 {
             assert_ne!(p.pick(&r, client(i), &[]), Some(1));
         }

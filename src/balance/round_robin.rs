@@ -2,30 +2,23 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
 
-use super::{allowed, Balancer};
-use crate::pool::Backend;
+use super::{allowed, Balancer, Candidate};
 
-pub struct RoundRobin {
+pub(crate) struct RoundRobin {
     next: AtomicUsize,
 }
 
 impl RoundRobin {
-    pub fn new(_ready: &[Arc<Backend>]) -> RoundRobin {
+    pub(crate) fn new<C: Candidate>(_ready: &[C]) -> RoundRobin {
         RoundRobin {
             next: AtomicUsize::new(0),
         }
     }
 }
 
-impl Balancer for RoundRobin {
-    fn pick(
-        &self,
-        ready: &[Arc<Backend>],
-        _client: SocketAddr,
-        avoid: &[SocketAddr],
-    ) -> Option<usize> {
+impl<C: Candidate> Balancer<C> for RoundRobin {
+    fn pick(&self, ready: &[C], _client: SocketAddr, avoid: &[SocketAddr]) -> Option<usize> {
         let n = ready.len();
         if n == 0 {
             return None;

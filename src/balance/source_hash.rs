@@ -6,12 +6,10 @@
 //! `RandomState`, so a client maps to the same backend across restarts and across balancer replicas.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
-use super::{allowed, Balancer};
-use crate::pool::Backend;
+use super::{allowed, Balancer, Candidate};
 
-pub struct SourceHash {
+pub(crate) struct SourceHash {
     table: Vec<u32>,
 }
 
@@ -19,20 +17,15 @@ pub struct SourceHash {
 const MIN_TABLE: usize = 65_537;
 
 impl SourceHash {
-    pub fn new(ready: &[Arc<Backend>]) -> SourceHash {
+    pub(crate) fn new<C: Candidate>(ready: &[C]) -> SourceHash {
         SourceHash {
             table: maglev_table(ready),
         }
     }
 }
 
-impl Balancer for SourceHash {
-    fn pick(
-        &self,
-        ready: &[Arc<Backend>],
-        client: SocketAddr,
-        avoid: &[SocketAddr],
-    ) -> Option<usize> {
+impl<C: Candidate> Balancer<C> for SourceHash {
+    fn pick(&self, ready: &[C], client: SocketAddr, avoid: &[SocketAddr]) -> Option<usize> {
         let m = self.table.len();
         if m == 0 {
             return None;
@@ -79,11 +72,11 @@ fn table_size(backends: usize) -> usize {
     m
 }
 
-fn backend_key(b: &Backend) -> Vec<u8> {
-    b.addr.to_string().into_bytes()
+fn backend_key<C: Candidate>(b: &C) -> Vec<u8> {
+    b.addr().to_string().into_bytes()
 }
 
-fn maglev_table(ready: &[Arc<Backend>]) -> Vec<u32> {
+fn maglev_table<C: Candidate>(ready: &[C]) -> Vec<u32> {
     let n = ready.len();
     if n == 0 {
         return Vec::new();
@@ -100,7 +93,7 @@ fn maglev_table(ready: &[Arc<Backend>]) -> Vec<u32> {
         .collect();
     let max_w = ready
         .iter()
-        .map(|b| b.eff_weight() as u64)
+        .map(|b| b.weight_units() as u64)
         .max()
         .unwrap_or(1);
     let mut next = vec![0usize; n];
@@ -109,7 +102,7 @@ fn maglev_table(ready: &[Arc<Backend>]) -> Vec<u32> {
     let mut filled = 0;
     while filled < m {
         for i in 0..n {
-            credit[i] += ready[i].eff_weight() as u64;
+            credit[i] += ready[i].weight_units() as u64;
             while credit[i] >= max_w && filled < m {
                 credit[i] -= max_w;
                 let (offset, skip) = perms[i];

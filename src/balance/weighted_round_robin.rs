@@ -7,18 +7,16 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
 
-use super::{allowed, Balancer};
-use crate::pool::Backend;
+use super::{allowed, Balancer, Candidate};
 
-pub struct WeightedRoundRobin {
+pub(crate) struct WeightedRoundRobin {
     schedule: Vec<u32>,
     cursor: AtomicUsize,
 }
 
 impl WeightedRoundRobin {
-    pub fn new(ready: &[Arc<Backend>]) -> WeightedRoundRobin {
+    pub(crate) fn new<C: Candidate>(ready: &[C]) -> WeightedRoundRobin {
         WeightedRoundRobin {
             schedule: smooth_schedule(ready),
             cursor: AtomicUsize::new(0),
@@ -36,13 +34,8 @@ impl WeightedRoundRobin {
     }
 }
 
-impl Balancer for WeightedRoundRobin {
-    fn pick(
-        &self,
-        ready: &[Arc<Backend>],
-        _client: SocketAddr,
-        avoid: &[SocketAddr],
-    ) -> Option<usize> {
+impl<C: Candidate> Balancer<C> for WeightedRoundRobin {
+    fn pick(&self, ready: &[C], _client: SocketAddr, avoid: &[SocketAddr]) -> Option<usize> {
         let len = self.schedule.len();
         if len == 0 {
             return None;
@@ -66,14 +59,14 @@ fn gcd(a: u64, b: u64) -> u64 {
 }
 
 /// One period of nginx's smooth weighted round-robin over `ready`.
-fn smooth_schedule(ready: &[Arc<Backend>]) -> Vec<u32> {
+fn smooth_schedule<C: Candidate>(ready: &[C]) -> Vec<u32> {
     let g = ready
         .iter()
-        .fold(0u64, |g, b| gcd(g, b.eff_weight() as u64))
+        .fold(0u64, |g, b| gcd(g, b.weight_units() as u64))
         .max(1);
     let mut weights: Vec<i64> = ready
         .iter()
-        .map(|b| (b.eff_weight() as u64 / g) as i64)
+        .map(|b| (b.weight_units() as u64 / g) as i64)
         .collect();
     let sum: i64 = weights.iter().sum();
     if sum > MAX_PERIOD {

@@ -16,7 +16,7 @@
 //! A direction that cannot get a pipe copies.
 
 #[cfg(target_os = "linux")]
-pub mod splice;
+mod splice;
 
 use std::cell::RefCell;
 use std::io::{self, Read};
@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::RelayMode;
+use crate::outcome::Outcome;
 
 /// Live byte counters are updated at least this often (in bytes moved) and when the relay ends.
 const LIVE_FLUSH: u64 = 64 * 1024;
@@ -36,80 +37,31 @@ const LIVE_FLUSH: u64 = 64 * 1024;
 /// Copy buffer size: the thread's scratch buffer, and a direction's own once its destination pushes back.
 const COPY_BUF: usize = 16 * 1024;
 
+/// How one service relays: the engine and the inactivity timeouts.
 #[derive(Debug, Clone, Copy)]
-pub struct RelayOptions {
-    pub mode: RelayMode,
-    pub idle_timeout: Duration,
-    pub half_close_timeout: Duration,
-}
-
-/// Why a relayed connection ended; the names are the routing log's `end` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Both directions finished; the client sent its FIN first.
-    ClientClosed,
-    /// Both directions finished; the backend sent its FIN first.
-    BackendClosed,
-    ClientReset,
-    BackendReset,
-    IdleTimeout,
-    HalfCloseTimeout,
-    DrainDeadline,
-    /// Cut because health checks marked the backend down (`on_down: close`).
-    BackendDown,
-    /// Cut because the backend left discovery (`on_removed: close`, or its drain deadline passed).
-    BackendRemoved,
-}
-
-impl End {
-    pub const ALL: [End; 9] = [
-        End::ClientClosed,
-        End::BackendClosed,
-        End::ClientReset,
-        End::BackendReset,
-        End::IdleTimeout,
-        End::HalfCloseTimeout,
-        End::DrainDeadline,
-        End::BackendDown,
-        End::BackendRemoved,
-    ];
-
-    /// Position in [`End::ALL`], for per-end counters.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            End::ClientClosed => "client_closed",
-            End::BackendClosed => "backend_closed",
-            End::ClientReset => "client_reset",
-            End::BackendReset => "backend_reset",
-            End::IdleTimeout => "idle_timeout",
-            End::HalfCloseTimeout => "half_close_timeout",
-            End::DrainDeadline => "drain_deadline",
-            End::BackendDown => "backend_down",
-            End::BackendRemoved => "backend_removed",
-        }
-    }
+pub(crate) struct RelayOptions {
+    pub(crate) mode: RelayMode,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) half_close_timeout: Duration,
 }
 
 /// Counters that see every byte as it is written: client → backend (`up`) and back (`down`).
 #[derive(Debug, Clone, Copy)]
-pub struct LiveCounters<'a> {
-    pub up: &'a AtomicU64,
-    pub down: &'a AtomicU64,
+pub(crate) struct LiveCounters<'a> {
+    pub(crate) up: &'a AtomicU64,
+    pub(crate) down: &'a AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RelayOutcome {
+pub(crate) struct Relayed {
     /// Bytes written to the backend.
-    pub bytes_up: u64,
+    pub(crate) bytes_up: u64,
     /// Bytes written to the client.
-    pub bytes_down: u64,
-    pub end: End,
+    pub(crate) bytes_down: u64,
+    /// How it ended: one of the relay's outcomes, never a refusal.
+    pub(crate) end: Outcome,
     /// Whether either direction ran on splice, i.e. held a pipe (for `auto`: carried bulk data).
-    pub spliced: bool,
+    pub(crate) spliced: bool,
 }
 
 /// How one direction ended.
@@ -140,16 +92,16 @@ struct Flow<'a> {
 }
 
 /// Relays until both directions end, one side fails, a timeout fires or `cut` completes (the drain
-/// deadline, or the backend's sessions being closed), which ends the relay with the `End` it yields.
+/// deadline, or the backend's sessions being closed), which ends the relay with the `Outcome` it yields.
 /// On return, resets have been armed (SO_LINGER 0) on the side that must see one; the caller closes both
 /// sockets by dropping them.
-pub async fn relay(
+pub(crate) async fn relay(
     client: &TcpStream,
     backend: &TcpStream,
     opts: &RelayOptions,
-    cut: impl std::future::Future<Output = End>,
+    cut: impl std::future::Future<Output = Outcome>,
     live: LiveCounters<'_>,
-) -> RelayOutcome {
+) -> Relayed {
     let start = Instant::now();
     let up = Flow::new(live.up);
     let down = Flow::new(live.down);
@@ -159,30 +111,30 @@ pub async fn relay(
     // ended (HAProxy's `timeout client-fin`: a half-closed connection may still stream for hours as long
     // as bytes keep moving).
     let mut limit = opts.idle_timeout;
-    let mut timeout_end = End::IdleTimeout;
+    let mut timeout_end = Outcome::IdleTimeout;
     // Half-closing restarts the inactivity clock.
     let mut quiet_floor = start;
     let timer = tokio::time::sleep(limit);
     tokio::pin!(timer, cut);
     let (mut up_done, mut down_done) = (false, false);
-    let mut first_fin: Option<End> = None;
+    let mut first_fin: Option<Outcome> = None;
 
     let end = loop {
         tokio::select! {
             r = &mut up_fut, if !up_done => {
                 up_done = true;
                 match r {
-                    DirEnd::Eof => { first_fin.get_or_insert(End::ClientClosed); }
-                    DirEnd::SourceError(e) => break reset(backend, End::ClientReset, Some(e)),
-                    DirEnd::DestError(e) => break reset(client, End::BackendReset, Some(e)),
+                    DirEnd::Eof => { first_fin.get_or_insert(Outcome::ClientClosed); }
+                    DirEnd::SourceError(e) => break reset(backend, Outcome::ClientReset, Some(e)),
+                    DirEnd::DestError(e) => break reset(client, Outcome::BackendReset, Some(e)),
                 };
             }
             r = &mut down_fut, if !down_done => {
                 down_done = true;
                 match r {
-                    DirEnd::Eof => { first_fin.get_or_insert(End::BackendClosed); }
-                    DirEnd::SourceError(e) => break reset(client, End::BackendReset, Some(e)),
-                    DirEnd::DestError(e) => break reset(backend, End::ClientReset, Some(e)),
+                    DirEnd::Eof => { first_fin.get_or_insert(Outcome::BackendClosed); }
+                    DirEnd::SourceError(e) => break reset(client, Outcome::BackendReset, Some(e)),
+                    DirEnd::DestError(e) => break reset(backend, Outcome::ClientReset, Some(e)),
                 };
             }
             () = &mut timer => {
@@ -202,16 +154,16 @@ pub async fn relay(
         }
         // A direction ended with EOF.
         if up_done && down_done {
-            break first_fin.unwrap_or(End::ClientClosed);
+            break first_fin.unwrap_or(Outcome::ClientClosed);
         }
         limit = opts.half_close_timeout;
-        timeout_end = End::HalfCloseTimeout;
+        timeout_end = Outcome::HalfCloseTimeout;
         quiet_floor = Instant::now();
         timer.as_mut().reset(quiet_floor + limit);
     };
     up.flush_live();
     down.flush_live();
-    RelayOutcome {
+    Relayed {
         bytes_up: up.bytes.load(Relaxed),
         bytes_down: down.bytes.load(Relaxed),
         end,
@@ -220,7 +172,7 @@ pub async fn relay(
 }
 
 /// Arms a reset on `side`: when the socket is dropped the kernel sends RST instead of FIN.
-fn reset(side: &TcpStream, end: End, cause: Option<io::Error>) -> End {
+fn reset(side: &TcpStream, end: Outcome, cause: Option<io::Error>) -> Outcome {
     if let Some(e) = cause {
         tracing::debug!(end = end.as_str(), error = %e, "relay broken");
     }
@@ -474,17 +426,5 @@ fn finish(dst: &TcpStream, flow: &Flow<'_>, other: &Flow<'_>) -> DirEnd {
         // ENOTCONN: the destination is already gone; the other direction will see it.
         Err(e) if e.kind() != io::ErrorKind::NotConnected => DirEnd::DestError(e),
         _ => DirEnd::Eof,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::End;
-
-    #[test]
-    fn end_indices_follow_all() {
-        for (i, e) in End::ALL.iter().enumerate() {
-            assert_eq!(e.index(), i, "{e:?}");
-        }
     }
 }

@@ -6,18 +6,21 @@
 //! are reused from a pool, the number lent out is capped, a pipe that comes back short is refused, and a
 //! connection that cannot get a pipe copies instead.
 
+// With io_uring's module, the only code allowed `unsafe`: each block says why it is sound.
+#![allow(unsafe_code)]
+
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
 
 /// Default pipe capacity on Linux (16 pages); what a splice moves at most per call.
-pub const PIPE_SIZE: usize = 64 * 1024;
+pub(super) const PIPE_SIZE: usize = 64 * 1024;
 /// Idle pipes kept for reuse.
 const MAX_IDLE: usize = 256;
 
 #[derive(Debug)]
-pub struct Pipe {
+pub(super) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
@@ -67,7 +70,7 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 /// Pipes kept for reuse, and how many are lent out, against a cap.
-pub struct PipePool {
+pub(super) struct PipePool {
     idle: Mutex<Vec<Pipe>>,
     lent: AtomicUsize,
     cap: usize,
@@ -91,7 +94,7 @@ fn default_cap() -> usize {
 }
 
 impl PipePool {
-    pub fn new(cap: usize) -> PipePool {
+    pub(super) fn new(cap: usize) -> PipePool {
         PipePool {
             idle: Mutex::new(Vec::new()),
             lent: AtomicUsize::new(0),
@@ -100,7 +103,7 @@ impl PipePool {
     }
 
     /// A pipe, or `None` when the cap is reached or the system cannot give a full-size one.
-    pub fn lend(&'static self) -> Option<PipeLease> {
+    pub(super) fn lend(&'static self) -> Option<PipeLease> {
         if self.lent.fetch_add(1, Relaxed) >= self.cap {
             self.lent.fetch_sub(1, Relaxed);
             return None;
@@ -120,19 +123,21 @@ impl PipePool {
     }
 
     /// Pipes lent out now.
-    pub fn lent(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn lent(&self) -> usize {
         self.lent.load(Relaxed)
     }
 
     /// Pipes waiting for reuse.
-    pub fn idle(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn idle(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
 /// A pipe lent from a pool for one direction of one connection. Dropping it returns the pipe for reuse
 /// when it is known to be empty, and closes it otherwise.
-pub struct PipeLease {
+pub(super) struct PipeLease {
     pool: &'static PipePool,
     pipe: Option<Pipe>,
     /// Bytes spliced into the pipe and not yet out of it.
@@ -141,13 +146,13 @@ pub struct PipeLease {
 
 impl PipeLease {
     /// A pipe from the process-wide pool (see [`PipePool::lend`]).
-    pub fn acquire() -> Option<PipeLease> {
+    pub(super) fn acquire() -> Option<PipeLease> {
         pool().lend()
     }
 
     /// Moves up to `len` bytes from socket `from` into the pipe and counts them as pending. `Ok(0)` is end
     /// of stream; `WouldBlock` means the socket has nothing to read now.
-    pub fn fill_from(&mut self, from: RawFd, len: usize) -> io::Result<usize> {
+    pub(super) fn fill_from(&mut self, from: RawFd, len: usize) -> io::Result<usize> {
         let pipe = self.pipe.as_ref().ok_or_else(gone)?;
         let n = splice(from, pipe.write.as_raw_fd(), len)?;
         self.pending += n;
@@ -155,7 +160,7 @@ impl PipeLease {
     }
 
     /// Moves pending bytes from the pipe into socket `to`; `WouldBlock` means its send buffer is full.
-    pub fn drain_to(&mut self, to: RawFd) -> io::Result<usize> {
+    pub(super) fn drain_to(&mut self, to: RawFd) -> io::Result<usize> {
         let pipe = self.pipe.as_ref().ok_or_else(gone)?;
         let n = splice(pipe.read.as_raw_fd(), to, self.pending)?;
         self.pending -= n;

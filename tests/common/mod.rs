@@ -201,7 +201,7 @@ impl Proxy {
     }
 
     /// Waits until `n` relayed connections ended as `end`.
-    pub async fn wait_ended(&self, end: sluicegate::relay::End, n: u64) {
+    pub async fn wait_ended(&self, end: sluicegate::Outcome, n: u64) {
         let what = format!("{n} connection(s) ended as {}", end.as_str());
         wait_for(Duration::from_secs(5), &what, || {
             self.service.stats.ended(end) == n

@@ -1,9 +1,11 @@
 //! The YAML configuration: schema, defaults and one validation pass.
 //!
 //! Parsing (serde, `deny_unknown_fields`, real types) rejects what is malformed; [`Config::validate`] then
-//! rejects what is well-formed but wrong. Both name the key path (`services[0].backends[1].weight`) so a user
-//! can find the line, and both run before anything is bound. The contract for every key is
-//! `../shared/INTERFACES.md`.
+//! rejects what is well-formed but wrong (`validate.rs`). Both name the key path
+//! (`services[0].backends[1].weight`) so a user can find the line, and both run before anything is
+//! bound. Every key is documented in `docs/configuration.md`.
+
+mod validate;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -335,6 +337,16 @@ pub enum OnRemoved {
     Close,
 }
 
+impl OnRemoved {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnRemoved::Keep => "keep",
+            OnRemoved::Drain => "drain",
+            OnRemoved::Close => "close",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
@@ -390,6 +402,15 @@ pub enum OnDown {
     #[default]
     Keep,
     Close,
+}
+
+impl OnDown {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnDown::Keep => "keep",
+            OnDown::Close => "close",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -552,178 +573,6 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(problems))
         }
-    }
-
-    /// Every semantic problem of a parsed config, each naming its key path; empty when valid.
-    pub fn validate(&self) -> Vec<Problem> {
-        let mut p = Problems::default();
-        if let Some(admin) = &self.admin {
-            let loopback = admin.listen.ip().is_loopback();
-            match &admin.token {
-                Some(t) if t.trim().is_empty() => p.add("admin.token", "must not be empty"),
-                None if !loopback => p.add(
-                    "admin.token",
-                    format!(
-                        "required when admin.listen ({}) is not a loopback address",
-                        admin.listen
-                    ),
-                ),
-                _ => {}
-            }
-        }
-        if let Some(file) = &self.log.file {
-            if file.as_os_str().is_empty() || file.file_name().is_none() {
-                p.add("log.file", "must be a file path");
-            }
-        }
-        if self.resolver.timeout.is_zero() {
-            p.add("resolver.timeout", "must be greater than 0");
-        }
-        for (k, ns) in self.resolver.nameservers.iter().enumerate() {
-            if ns.port() == 0 || ns.ip().is_unspecified() {
-                p.add(
-                    format!("resolver.nameservers[{k}]"),
-                    format!("{ns} is not a usable name server address"),
-                );
-            }
-        }
-        if self.shutdown.delay > self.shutdown.drain_timeout {
-            p.add(
-                "shutdown.delay",
-                format!(
-                    "must not exceed shutdown.drain_timeout ({}), which bounds the whole shutdown",
-                    self.shutdown.drain_timeout
-                ),
-            );
-        }
-        if self.services.is_empty() {
-            p.add("services", "at least one service is required");
-        }
-        for (i, s) in self.services.iter().enumerate() {
-            let at = |key: &str| format!("services[{i}].{key}");
-            if s.name.is_empty()
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-            {
-                p.add(
-                    at("name"),
-                    "must be non-empty and use only letters, digits, '-', '_' and '.'",
-                );
-            }
-            if let Some(j) = self.services[..i].iter().position(|o| o.name == s.name) {
-                p.add(
-                    at("name"),
-                    format!("duplicate of services[{j}].name ({:?})", s.name),
-                );
-            }
-            if s.listen.port() != 0 {
-                if let Some(j) = self.services[..i].iter().position(|o| o.listen == s.listen) {
-                    p.add(
-                        at("listen"),
-                        format!("{} is already used by services[{j}]", s.listen),
-                    );
-                }
-            }
-            if s.backends.is_empty() {
-                p.add(at("backends"), "at least one backend is required");
-            }
-            for (k, b) in s.backends.iter().enumerate() {
-                let bat = |key: &str| format!("services[{i}].backends[{k}].{key}");
-                if let Some(j) = s.backends[..k].iter().position(|o| o.address == b.address) {
-                    p.add(
-                        bat("address"),
-                        format!("duplicate of backends[{j}] ({})", b.address),
-                    );
-                }
-                if let BackendAddress::Ip(a) = b.address {
-                    if a.port() == 0 {
-                        p.add(bat("address"), "port must be a number from 1 to 65535");
-                    }
-                    if a.ip().is_unspecified() {
-                        p.add(
-                            bat("address"),
-                            format!("{} is not a connectable address", a.ip()),
-                        );
-                    }
-                }
-                if b.weight == 0 || b.weight > MAX_WEIGHT {
-                    p.add(
-                        bat("weight"),
-                        format!("must be from 1 to {MAX_WEIGHT}, got {}", b.weight),
-                    );
-                }
-            }
-            if let Some(d) = &s.discovery {
-                if d.refresh < Dur::millis(100) {
-                    p.add(at("discovery.refresh"), "must be at least 100ms");
-                }
-                if d.empty_after == 0 {
-                    p.add(at("discovery.empty_after"), "must be at least 1");
-                }
-                if d.drain_timeout.is_zero() {
-                    p.add(at("discovery.drain_timeout"), "must be greater than 0");
-                }
-            }
-            let h = &s.health;
-            if h.interval.is_zero() {
-                p.add(at("health.interval"), "must be greater than 0");
-            }
-            if h.timeout.is_zero() {
-                p.add(at("health.timeout"), "must be greater than 0");
-            }
-            if h.rise == 0 {
-                p.add(at("health.rise"), "must be at least 1");
-            }
-            if h.fall == 0 {
-                p.add(at("health.fall"), "must be at least 1");
-            }
-            if !h.path.starts_with('/') || h.path.chars().any(|c| c.is_ascii_control() || c == ' ')
-            {
-                p.add(
-                    at("health.path"),
-                    "must start with '/' and contain no spaces or control characters",
-                );
-            }
-            if h.port == Some(0) {
-                p.add(at("health.port"), "must be a number from 1 to 65535");
-            }
-            if s.passive.max_fails > 0 && s.passive.cooldown.is_zero() {
-                p.add(
-                    at("passive.cooldown"),
-                    "must be greater than 0 when passive.max_fails is set",
-                );
-            }
-            if s.connect_timeout.is_zero() {
-                p.add(at("connect_timeout"), "must be greater than 0");
-            }
-            if s.connect_attempts == 0 {
-                p.add(at("connect_attempts"), "must be at least 1");
-            }
-            if s.idle_timeout.is_zero() {
-                p.add(at("idle_timeout"), "must be greater than 0");
-            }
-            if s.half_close_timeout.is_zero() {
-                p.add(at("half_close_timeout"), "must be greater than 0");
-            }
-            if s.max_connections == 0 {
-                p.add(at("max_connections"), "must be at least 1");
-            }
-        }
-        p.0
-    }
-}
-
-#[derive(Default)]
-struct Problems(Vec<Problem>);
-
-impl Problems {
-    fn add(&mut self, path: impl Into<String>, reason: impl Into<String>) {
-        self.0.push(Problem {
-            path: path.into(),
-            reason: reason.into(),
-        });
     }
 }
 

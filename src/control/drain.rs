@@ -1,0 +1,104 @@
+//! The stop sequence: keep accepting for `shutdown.delay` (so a balancer in front can take us out
+//! first), close every listener, let in-flight connections finish, and when `shutdown.drain_timeout`
+//! (counted from the signal) runs out, cut what remains with a reset. Connections are tracked with a
+//! `TaskTracker`, so the drain ends right after the last one, never after a fixed sleep.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::Control;
+use crate::util::lock;
+
+/// How often drain progress is logged while connections remain.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Where a drain stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrainProgress {
+    pub draining: bool,
+    /// Client connections still open.
+    pub remaining: u64,
+    /// Until the deadline cuts what remains.
+    #[serde(serialize_with = "ser_secs")]
+    pub deadline_in: Option<Duration>,
+    /// Since the stop signal.
+    #[serde(serialize_with = "ser_secs")]
+    pub elapsed: Option<Duration>,
+}
+
+fn ser_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        None => s.serialize_none(),
+    }
+}
+
+impl Control {
+    pub fn drain_progress(&self) -> DrainProgress {
+        let drain = *lock(&self.drain);
+        let now = Instant::now();
+        DrainProgress {
+            draining: drain.is_some(),
+            remaining: self.tracker.len() as u64,
+            deadline_in: drain.map(|(_, cut)| cut.saturating_duration_since(now)),
+            elapsed: drain.map(|(t, _)| now.duration_since(t)),
+        }
+    }
+
+    /// Drains as described in the module docs; returns how many connections the deadline cut. Ends
+    /// with every background task stopped and the worker threads joined.
+    pub(crate) async fn drain(self: &Arc<Self>) -> usize {
+        self.readiness.set(false, true);
+        let shutdown = lock(&self.config).shutdown.clone();
+        let signalled = Instant::now();
+        let cut_at = signalled + shutdown.drain_timeout.0;
+        *lock(&self.drain) = Some((signalled, cut_at));
+        tracing::info!(
+            delay_ms = shutdown.delay.0.as_millis() as u64,
+            drain_timeout_ms = shutdown.drain_timeout.0.as_millis() as u64,
+            in_flight = self.tracker.len(),
+            "stop signal: draining"
+        );
+        self.events.publish(
+            "draining",
+            json!({"in_flight": self.tracker.len(), "deadline_s": shutdown.drain_timeout.0.as_secs_f64()}),
+        );
+        tokio::time::sleep(shutdown.delay.0).await;
+        for r in lock(&self.running).iter() {
+            r.stop.cancel();
+        }
+        self.accepting.close();
+        self.accepting.wait().await;
+        self.tracker.close();
+        tracing::info!(in_flight = self.tracker.len(), "listeners closed");
+
+        let mut cut = 0;
+        let mut progress =
+            tokio::time::interval_at(Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        loop {
+            tokio::select! {
+                () = self.tracker.wait() => break,
+                () = tokio::time::sleep_until(cut_at) => {
+                    cut = self.tracker.len();
+                    tracing::warn!(remaining = cut, "drain deadline reached: cutting remaining connections");
+                    self.deadline.cancel();
+                    self.tracker.wait().await;
+                    break;
+                }
+                _ = progress.tick() => {
+                    let left = cut_at.saturating_duration_since(Instant::now());
+                    tracing::info!(remaining = self.tracker.len(), deadline_in_ms = left.as_millis() as u64, "draining");
+                }
+            }
+        }
+        self.background.cancel();
+        // Every session has ended: the worker threads have nothing left to run.
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.workers.stop()).await;
+        cut
+    }
+}

@@ -1,0 +1,105 @@
+//! How a client connection ended: one type for the relay's endings and the refusals before any byte
+//! moved. Its names are the routing log's `end` values and the `end` label of
+//! `sluicegate_connections_ended_total`, so the log, the counters and the metrics can never disagree.
+
+use std::fmt;
+
+/// How a client connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Both directions finished; the client sent its FIN first.
+    ClientClosed,
+    /// Both directions finished; the backend sent its FIN first.
+    BackendClosed,
+    /// The client broke the stream (RST, or a write to it failed); passed on to the backend as a reset.
+    ClientReset,
+    /// The backend broke the stream; passed on to the client as a reset.
+    BackendReset,
+    /// Silent both ways for `idle_timeout`.
+    IdleTimeout,
+    /// Half-closed and silent for `half_close_timeout`.
+    HalfCloseTimeout,
+    /// Still open (or still connecting) at `shutdown.drain_timeout`.
+    DrainDeadline,
+    /// Cut because health checks marked the backend down (`on_down: close`).
+    BackendDown,
+    /// Cut because the backend left its source (`on_removed: close`, or its drain deadline passed).
+    BackendRemoved,
+    /// Refused: no backend was available.
+    NoBackend,
+    /// Refused: every connect attempt failed.
+    ConnectFailed,
+    /// Refused: the service already had `max_connections` open.
+    MaxConnections,
+}
+
+impl Outcome {
+    /// Every outcome, in the order of [`Outcome::index`].
+    pub const ALL: [Outcome; 12] = [
+        Outcome::ClientClosed,
+        Outcome::BackendClosed,
+        Outcome::ClientReset,
+        Outcome::BackendReset,
+        Outcome::IdleTimeout,
+        Outcome::HalfCloseTimeout,
+        Outcome::DrainDeadline,
+        Outcome::BackendDown,
+        Outcome::BackendRemoved,
+        Outcome::NoBackend,
+        Outcome::ConnectFailed,
+        Outcome::MaxConnections,
+    ];
+
+    /// Position in [`Outcome::ALL`], for per-outcome counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The routing log's `end` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::ClientClosed => "client_closed",
+            Outcome::BackendClosed => "backend_closed",
+            Outcome::ClientReset => "client_reset",
+            Outcome::BackendReset => "backend_reset",
+            Outcome::IdleTimeout => "idle_timeout",
+            Outcome::HalfCloseTimeout => "half_close_timeout",
+            Outcome::DrainDeadline => "drain_deadline",
+            Outcome::BackendDown => "backend_down",
+            Outcome::BackendRemoved => "backend_removed",
+            Outcome::NoBackend => "no_backend",
+            Outcome::ConnectFailed => "connect_failed",
+            Outcome::MaxConnections => "max_connections",
+        }
+    }
+
+    /// Whether the connection was refused before a backend connection carried any byte.
+    pub fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            Outcome::NoBackend | Outcome::ConnectFailed | Outcome::MaxConnections
+        )
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Outcome;
+
+    #[test]
+    fn indices_follow_all_and_names_are_distinct() {
+        for (i, e) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(e.index(), i, "{e:?}");
+        }
+        let mut names: Vec<_> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Outcome::ALL.len());
+    }
+}
