@@ -1,5 +1,5 @@
-//! The admin API (INTERFACES.md) in process: every endpoint, token enforcement, garbage, metrics that
-//! match the traffic, the event stream, drain progress, and runtime backend changes (RELIABILITY 31–32).
+//! The admin API (docs/admin-api.md) in process: every endpoint, token enforcement, garbage, metrics that
+//! match the traffic, the event stream, drain progress, and runtime backend changes (docs/reliability.md: `admin-token`, `admin-garbage`).
 
 mod common;
 
@@ -363,7 +363,7 @@ async fn wrong_methods_get_405_and_change_nothing() {
     assert_eq!(p.control.reload_counts(), (0, 0), "no reload happened");
 }
 
-/// RELIABILITY 32: garbage is answered 4xx or closed, within caps, and the data plane keeps serving.
+/// reliability.md `admin-garbage`: garbage is answered 4xx or closed, within caps, and the data plane keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_garbage_is_refused_and_the_data_plane_keeps_its_latency() {
     common::raise_fd_limit();

@@ -1,6 +1,6 @@
-//! The binary as users and outside suites drive it (INTERFACES.md): command line, exit codes, config
+//! The binary as users and outside suites drive it (docs/configuration.md, docs/admin-api.md): command line, exit codes, config
 //! errors, signals, the JSON routing log; and the scenarios that need a process of their own to measure
-//! (RELIABILITY.md 8, 9, 28, 33).
+//! (docs/reliability.md: `slow-readers`, `out-of-descriptors`, `config-errors`).
 
 mod common;
 
@@ -240,7 +240,7 @@ fn every_example_config_is_valid() {
     assert!(n >= 2);
 }
 
-/// Scenario 33: each file in tests/invalid-configs names the key its error must name (`# expect: KEY`).
+/// reliability.md `config-errors`: each file in tests/invalid-configs names the key its error must name (`# expect: KEY`).
 #[test]
 fn every_invalid_config_fails_naming_its_key() {
     let mut n = 0;
@@ -264,7 +264,7 @@ fn every_invalid_config_fails_naming_its_key() {
     assert!(n >= 20);
 }
 
-/// Scenario 33: an invalid config exits 64 before any port is bound (the port is held by the test, so
+/// reliability.md `config-errors`: an invalid config exits 64 before any port is bound (the port is held by the test, so
 /// binding first would have failed differently).
 #[test]
 fn invalid_config_exits_before_binding() {
@@ -315,7 +315,7 @@ fn unbindable_port_exits_nonzero_naming_the_address() {
     assert!(err.contains(&addr.to_string()), "{err}");
 }
 
-/// Scenario 25 through the binary: SIGTERM closes the listener at once, in-flight transfers finish, exit
+/// reliability.md `drain-completes` through the binary: SIGTERM closes the listener at once, in-flight transfers finish, exit
 /// code 0 right after, and every connection has its routing line with exactly the documented fields.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_exits_zero_with_complete_routing_log() {
@@ -413,7 +413,7 @@ async fn sigterm_drains_then_exits_zero_with_complete_routing_log() {
     }
 }
 
-/// Scenario 26 through the binary: never-ending transfers are cut at the deadline and the exit code is
+/// reliability.md `drain-deadline` through the binary: never-ending transfers are cut at the deadline and the exit code is
 /// 0; and a second signal forces exit at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_deadline_then_second_signal() {
@@ -557,7 +557,7 @@ async fn refused_connections_are_logged() {
     assert_eq!(transitions.len(), 1, "logged once per transition");
 }
 
-/// Scenario 28: out of descriptors. With `ulimit -n 256` and 600 clients held open, the accept loop
+/// reliability.md `out-of-descriptors`: out of descriptors. With `ulimit -n 256` and 600 clients held open, the accept loop
 /// backs off instead of spinning, logs at most about once a second, and serves again once descriptors
 /// free up; none leak.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -609,7 +609,7 @@ async fn descriptor_exhaustion_backs_off_and_recovers() {
     .await;
 }
 
-/// Scenarios 8 and 9: slow readers and a backend that stops reading. Memory grows by no more than the
+/// reliability.md `slow-readers`: slow readers and a backend that stops reading. Memory grows by no more than the
 /// fixed buffers, the proxy idles while blocked, and every byte arrives later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_readers_and_stalled_writers_are_bounded() {

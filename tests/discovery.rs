@@ -1,5 +1,5 @@
 //! DNS discovery against an in-process DNS server whose answers change while sluicegate runs, with
-//! replicas on 127.0.0.2, .3, … sharing one port, as Docker runs them (RELIABILITY.md 21–24).
+//! replicas on 127.0.0.2, .3, … sharing one port, as Docker runs them (docs/reliability.md, "Discovery").
 
 mod common;
 
@@ -112,7 +112,7 @@ async fn scale_3_to_5_to_1_follows() {
     assert_eq!(spread(proxy.addr, 20).await, HashMap::from([(ip(6), 20)]));
 }
 
-/// RELIABILITY 21: the name moves; new connections follow within refresh + 2 s and none reaches the
+/// reliability.md `dns-move`: the name moves; new connections follow within refresh + 2 s and none reaches the
 /// old address afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_name_is_followed_and_the_old_address_gets_nothing() {
@@ -208,7 +208,7 @@ async fn on_removed_close_cuts_sessions_at_once() {
     proxy.wait_ended(Outcome::BackendRemoved, 5).await;
 }
 
-/// RELIABILITY 22: SERVFAIL and timeouts keep the last good set; every connection succeeds.
+/// reliability.md `dns-outage`: SERVFAIL and timeouts keep the last good set; every connection succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_outage_keeps_the_last_good_set() {
     let (port, _fleet) = replicas(2, 2);
@@ -232,7 +232,7 @@ async fn dns_outage_keeps_the_last_good_set() {
     }
 }
 
-/// RELIABILITY 23: answers that take 3 s add nothing to connections to known backends.
+/// reliability.md `slow-dns`: answers that take 3 s add nothing to connections to known backends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_dns_adds_no_latency() {
     let (port, _fleet) = replicas(2, 2);

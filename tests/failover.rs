@@ -1,4 +1,4 @@
-//! Backend failure and balancing through the real proxy (RELIABILITY.md scenarios 10, 12, 13, 17, 19, 20).
+//! Backend failure and balancing through the real proxy (docs/reliability.md, "Backend failure").
 
 mod common;
 
@@ -37,7 +37,7 @@ async fn syn_blackhole(ip: [u8; 4]) -> (SocketAddr, socket2::Socket, Vec<TcpStre
     (addr, s, fill)
 }
 
-/// Scenario 10: one backend silently drops SYNs. With 2 attempts every client is served; passive
+/// reliability.md `syn-blackhole`: one backend silently drops SYNs. With 2 attempts every client is served; passive
 /// ejection stops further attempts to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syn_dropping_backend_is_retried_then_ejected() {
@@ -71,7 +71,7 @@ async fn syn_dropping_backend_is_retried_then_ejected() {
     assert_eq!(good.accepted(), 20);
 }
 
-/// Scenario 12: one backend refuses. With retry every connection succeeds and each payload is delivered
+/// reliability.md `refusing-backend`: one backend refuses. With retry every connection succeeds and each payload is delivered
 /// exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusing_backend_costs_no_client() {
@@ -118,7 +118,7 @@ async fn refusing_backend_costs_no_client() {
     );
 }
 
-/// Scenario 13: a backend is killed during 1000 concurrent transfers. Survivors complete intact, streams
+/// reliability.md `backend-killed`: a backend is killed during 1000 concurrent transfers. Survivors complete intact, streams
 /// to the dead one end within a second, every new connection succeeds, and once detected the dead
 /// backend is not tried again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,7 +268,7 @@ async fn killed_backend_during_transfers_with(mode: RelayMode) {
     assert!(proxy.backend(backends[1].addr).is_ejected());
 }
 
-/// Scenario 17: every backend down. New clients are closed at once, counted, and the state is logged
+/// reliability.md `all-backends-down`: every backend down. New clients are closed at once, counted, and the state is logged
 /// once per transition; traffic resumes when a backend recovers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_backends_down_closes_clients_at_once_and_recovers() {
@@ -316,7 +316,7 @@ async fn all_backends_down_closes_clients_at_once_and_recovers() {
     assert!(back.accepted() >= 1);
 }
 
-/// Scenario 19: weights 1:2:7 over 10 000 connections; each share within 3 percentage points, for every
+/// reliability.md `weighted-shares`: weights 1:2:7 over 10 000 connections; each share within 3 percentage points, for every
 /// weighted policy. Weighted round-robin holds under concurrency (8 clients at a time). Least-connections
 /// and p2c balance *active connections per weight*, so weights decide their shares of new connections only
 /// where loads tie, as with sequential traffic; under concurrency they track load instead (by design).
@@ -379,7 +379,7 @@ async fn weighted_shares_over_ten_thousand_connections() {
     }
 }
 
-/// Scenario 20 (scaled: SLUICEGATE_SOAK_CONNECTIONS, default 6000; 100 000 passes but leaves the machine's
+/// reliability.md `every-ending` (scaled: SLUICEGATE_SOAK_CONNECTIONS, default 6000; 100 000 passes but leaves the machine's
 /// loopback full of TIME_WAIT sockets, which slows every test after it): connections ending every way
 /// (clean close either side first, resets either side, idle timeout, refused backend) leave every
 /// counter at 0, and a fresh burst still splits evenly.

@@ -1,4 +1,4 @@
-//! Active health checks and their effect on traffic (RELIABILITY.md 13–18), against replicas on
+//! Active health checks and their effect on traffic (docs/reliability.md, "Backend failure"), against replicas on
 //! 127.0.0.2, .3, … whose `/health` the tests steer.
 
 mod common;
@@ -74,7 +74,7 @@ async fn a_failing_health_endpoint_stops_and_resumes_traffic() {
     assert_eq!(spread(proxy.addr, 30).await.len(), 3);
 }
 
-/// RELIABILITY 15: alternating results never flap; three straight failures do mark it down.
+/// reliability.md `no-flap`: alternating results never flap; three straight failures do mark it down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alternating_probe_results_do_not_flap() {
     let (_port, fleet) = replicas(2, 1);
@@ -101,7 +101,7 @@ async fn alternating_probe_results_do_not_flap() {
     .await;
 }
 
-/// RELIABILITY 16: only 2xx is healthy; hangs, floods, redirects, errors, garbage and silent closes
+/// reliability.md `bad-health-endpoints`: only 2xx is healthy; hangs, floods, redirects, errors, garbage and silent closes
 /// are not; reads are bounded; one probe in flight; no descriptor growth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_2xx_is_healthy_whatever_the_endpoint_does() {
@@ -219,7 +219,7 @@ async fn one_probe_in_flight_even_when_probes_hang() {
     assert!(max <= 2, "{max} probes open at once");
 }
 
-/// RELIABILITY 17 with probes: every backend unhealthy: clients are closed at once, and traffic
+/// reliability.md `all-backends-down` with probes: every backend unhealthy: clients are closed at once, and traffic
 /// resumes when one recovers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_backend_down_closes_clients_at_once() {
@@ -303,7 +303,7 @@ async fn probes_can_use_another_port() {
     .await;
 }
 
-/// RELIABILITY 14: a backend marked down keeps its idle sessions by default…
+/// reliability.md `down-keeps-sessions`: a backend marked down keeps its idle sessions by default…
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_backend_keeps_its_sessions_by_default() {
     let (_port, fleet) = replicas(2, 1);
@@ -394,7 +394,7 @@ async fn a_new_backend_waits_for_its_first_passing_probe() {
     assert!(!view.probes.is_empty());
 }
 
-/// RELIABILITY 13 with discovery and probes: one of three backends killed under 40 new connections a
+/// reliability.md `backend-killed` with discovery and probes: one of three backends killed under 40 new connections a
 /// second; no connection is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_one_of_three_under_load_loses_nothing() {
@@ -428,7 +428,7 @@ async fn killing_one_of_three_under_load_loses_nothing() {
     .await;
 }
 
-/// RELIABILITY 18: with slow start, a recovered backend's share ramps over the window, for every
+/// reliability.md `slow-start`: with slow start, a recovered backend's share ramps over the window, for every
 /// policy that uses weights or counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_start_ramps_a_recovered_backend() {

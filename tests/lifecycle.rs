@@ -1,4 +1,4 @@
-//! Drain and restart (RELIABILITY.md scenarios 25, 26, 27), in process; the signal handling of the
+//! Drain and restart (docs/reliability.md, "Lifecycle"), in process; the signal handling of the
 //! binary itself is covered in `cli.rs`.
 
 mod common;
@@ -38,7 +38,7 @@ async fn slow_streamer(ip: [u8; 4], chunks: usize, pause: Duration) -> Backend {
     .await
 }
 
-/// Scenario 25: stop with 200 in-flight transfers: the listener closes at once, all 200 complete
+/// reliability.md `drain-completes`: stop with 200 in-flight transfers: the listener closes at once, all 200 complete
 /// intact, and the run ends right after the last one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_lets_in_flight_transfers_finish() {
@@ -125,7 +125,7 @@ async fn shutdown_delay_keeps_accepting() {
     );
 }
 
-/// Scenario 26: transfers that never end; at the drain deadline they are cut with a reset and the run
+/// reliability.md `drain-deadline`: transfers that never end; at the drain deadline they are cut with a reset and the run
 /// ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_deadline_cuts_what_remains() {
@@ -167,7 +167,7 @@ async fn drain_deadline_cuts_what_remains() {
     }
 }
 
-/// Scenario 27: restart on the same port right after many connections left TIME_WAIT sockets on it.
+/// reliability.md `restart-time-wait`: restart on the same port right after many connections left TIME_WAIT sockets on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_binds_despite_time_wait() {
     // The backend closes first, so the proxy closes the client side first: TIME_WAIT on the listen port.

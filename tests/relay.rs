@@ -1,4 +1,4 @@
-//! Data integrity and TCP semantics through the proxy (RELIABILITY.md scenarios 1–6 and 11), each run
+//! Data integrity and TCP semantics through the proxy (docs/reliability.md, "Data integrity and TCP semantics"), each run
 //! against both relay engines.
 
 mod common;
@@ -45,7 +45,7 @@ both_engines!(
     idle_timeout_closes_silence_but_not_a_trickle,
 );
 
-/// Scenario 1: 3 echo backends, 1000 concurrent clients each send 1 MiB then FIN.
+/// reliability.md `concurrent-echoes`: 3 echo backends, 1000 concurrent clients each send 1 MiB then FIN.
 async fn concurrent_echoes_are_exact_and_leave_nothing_behind(mode: RelayMode) {
     let backends = [
         Backend::echo([127, 0, 0, 2]).await,
@@ -112,7 +112,7 @@ async fn concurrent_echoes_are_exact_and_leave_nothing_behind(mode: RelayMode) {
     assert_eq!(down, clients << 20, "bytes down counted exactly");
 }
 
-/// Scenario 2: the client sends 64 KiB and shuts its write side; the backend answers 4 MiB after EOF.
+/// reliability.md `half-close-then-answer`: the client sends 64 KiB and shuts its write side; the backend answers 4 MiB after EOF.
 async fn client_half_close_then_large_answer(mode: RelayMode) {
     let answer = payload(2, 4 << 20);
     let expect = answer.clone();
@@ -140,7 +140,7 @@ async fn client_half_close_then_large_answer(mode: RelayMode) {
     proxy.wait_ended(Outcome::ClientClosed, 1).await;
 }
 
-/// Scenario 3: the backend sends a 1 MiB banner and half-closes while it keeps reading; both directions
+/// reliability.md `backend-speaks-first`: the backend sends a 1 MiB banner and half-closes while it keeps reading; both directions
 /// complete and no socket is left in CLOSE_WAIT or FIN_WAIT2.
 async fn backend_speaks_first_and_half_closes(mode: RelayMode) {
     let banner = payload(3, 1 << 20);
@@ -188,7 +188,7 @@ async fn backend_speaks_first_and_half_closes(mode: RelayMode) {
     proxy.wait_ended(Outcome::BackendClosed, 1).await;
 }
 
-/// Scenario 4: the backend writes 8 MiB and closes at once; the client reads slowly; nothing is lost.
+/// reliability.md `write-and-close`: the backend writes 8 MiB and closes at once; the client reads slowly; nothing is lost.
 async fn backend_writes_and_closes_while_client_reads_slowly(mode: RelayMode) {
     let data = payload(5, 8 << 20);
     let d = data.clone();
@@ -219,7 +219,7 @@ async fn backend_writes_and_closes_while_client_reads_slowly(mode: RelayMode) {
     assert_eq!(sha(&got), sha(&data));
 }
 
-/// Scenario 5a: the backend aborts with RST mid-stream; the client must see a reset, not a clean EOF.
+/// reliability.md `reset-passed-on`: the backend aborts with RST mid-stream; the client must see a reset, not a clean EOF.
 async fn backend_reset_reaches_the_client_as_a_reset(mode: RelayMode) {
     let backend = Backend::start([127, 0, 0, 2], |s| async move {
         let mut s = s;
@@ -239,7 +239,7 @@ async fn backend_reset_reaches_the_client_as_a_reset(mode: RelayMode) {
     proxy.wait_ended(Outcome::BackendReset, 1).await;
 }
 
-/// Scenario 5b: the client aborts with RST mid-stream; the backend must see a reset.
+/// reliability.md `reset-passed-on`: the client aborts with RST mid-stream; the backend must see a reset.
 async fn client_reset_reaches_the_backend_as_a_reset(mode: RelayMode) {
     let (tx, rx) = std::sync::mpsc::channel();
     let backend = Backend::start([127, 0, 0, 2], move |mut s| {
@@ -264,7 +264,7 @@ async fn client_reset_reaches_the_backend_as_a_reset(mode: RelayMode) {
     proxy.wait_ended(Outcome::ClientReset, 1).await;
 }
 
-/// Scenario 6: the client half-closes and the backend never answers; after `half_close_timeout` of
+/// reliability.md `half-close-timeout`: the client half-closes and the backend never answers; after `half_close_timeout` of
 /// silence both sockets are closed.
 async fn half_close_timeout_closes_both_sides(mode: RelayMode) {
     let (probe_tx, probe_rx) = oneshot::channel::<()>();
@@ -350,7 +350,7 @@ async fn half_closed_stream_outlives_the_half_close_timeout(mode: RelayMode) {
     );
 }
 
-/// Scenario 11: a silent connection is closed at `idle_timeout`; a trickle keeps one alive.
+/// reliability.md `idle-timeout`: a silent connection is closed at `idle_timeout`; a trickle keeps one alive.
 async fn idle_timeout_closes_silence_but_not_a_trickle(mode: RelayMode) {
     let backend = Backend::echo([127, 0, 0, 2]).await;
     let proxy = Proxy::start(&service_yaml(&[backend.addr], mode, "idle_timeout: 300ms")).await;
