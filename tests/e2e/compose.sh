@@ -92,7 +92,7 @@ step "3. a killed backend costs no new connection"
 within 10 healthy_is 3 >/dev/null || fail "back to 3 replicas after the failover ($(counts))"
 
 step "4. a paused backend is marked down by health checks, stays in DNS, comes back"
-victim=$(compose ps -q backend | head -1)
+victim=$(compose ps -q backend | sed -n 1p)
 addr="$(ip_of "$victim"):5000"
 docker pause "$victim" >/dev/null
 t=$(within 5 health_is "$addr" unhealthy) || { docker unpause "$victim"; fail "paused $addr not marked down"; }
