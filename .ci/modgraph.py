@@ -3,8 +3,8 @@
 
 A top-level module is src/X.rs or src/X/ (its children count as X). An arrow A -> B means a file of A
 names `crate::B` (in a `use`, a grouped `use crate::{B, ...}`, or a path). Unit tests (`#[cfg(test)]
-mod tests { ... }` to the end of a file) may reach anywhere and are left out. `main.rs` and `lib.rs`
-are the roots, not modules.
+mod tests { ... }` to the end of a file) may reach anywhere and are left out. `main.rs`, `lib.rs` and
+`bin/` (other binaries) are roots, not modules.
 
     python3 .ci/modgraph.py            # prints the layers, exits 1 on a cycle
     python3 .ci/modgraph.py --dot      # the graph in Graphviz form
@@ -17,7 +17,7 @@ src = pathlib.Path(__file__).resolve().parent.parent / "src"
 mods = {}
 for p in sorted(src.rglob("*.rs")):
     top = p.relative_to(src).parts[0].removesuffix(".rs")
-    if top not in ("main", "lib"):
+    if top not in ("main", "lib", "bin"):  # the roots, and the other binaries (not modules)
         mods.setdefault(top, []).append(p)
 
 path_ref = re.compile(r"\bcrate::([a-z_][a-z0-9_]*)")

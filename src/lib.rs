@@ -40,6 +40,7 @@ mod control;
 mod discovery;
 mod events;
 mod health;
+pub mod healthcheck;
 mod listener;
 pub mod logging;
 mod metrics;

@@ -1,82 +1,161 @@
-//! Log output: level filter, text or JSON lines, stdout or a daily-rotated file.
+//! Log output: the application log and the routing log, each to stdout, a daily-rotated file, or (the
+//! routing log) nowhere; text or JSON lines; a level or a `RUST_LOG`-style filter.
 //!
 //! Writing goes through `tracing-appender`'s background worker so a slow terminal or disk never blocks a
 //! connection, in blocking mode (`lossy(false)`) so that no routing line is ever dropped; the returned
-//! guard flushes on drop and must live until exit.
+//! guards flush on drop and must live until exit. Rotated files are named `FILE.YYYY-MM-DD` (UTC) and
+//! the oldest beyond `log.keep` are deleted when a new one is opened (at start and at midnight).
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use tracing_subscriber::filter::{EnvFilter, Targets};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
 
-use crate::config::{LogConfig, LogFormat, LogLevel};
+use crate::config::{AccessLog, LogConfig, LogFormat, LogLevel};
+use crate::routelog;
+
+/// The environment variable whose `RUST_LOG`-style filter overrides `log.level` and `log.filter`.
+pub const FILTER_ENV: &str = "SLUICEGATE_LOG";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("log.file {path}: {reason}")]
-    File { path: String, reason: String },
+    #[error("{key} {path}: {reason}")]
+    File {
+        key: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("{from}: invalid filter {filter:?}: {reason}")]
+    Filter {
+        from: &'static str,
+        filter: String,
+        reason: String,
+    },
     #[error("a global logger is already installed")]
     AlreadySet,
 }
 
-/// Installs the global subscriber described by `cfg`.
-pub fn init(cfg: &LogConfig) -> Result<WorkerGuard, LogError> {
-    let (writer, guard) = match &cfg.file {
+/// Flushes the log writers when dropped: keep it until exit.
+#[must_use]
+pub struct Guards(#[allow(dead_code)] Vec<WorkerGuard>);
+
+/// A writer on its own background thread: stdout, or the daily-rotated file `path`.
+fn writer(
+    key: &'static str,
+    path: Option<&Path>,
+    keep: u32,
+) -> Result<(NonBlocking, WorkerGuard), LogError> {
+    let builder = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false);
+    Ok(match path {
+        None => builder.finish(std::io::stdout()),
         Some(path) => {
-            let (dir, name) = split_path(path)?;
+            let err = |reason: String| LogError::File {
+                key,
+                path: path.display().to_string(),
+                reason,
+            };
+            let (dir, name) = split_path(path).map_err(err)?;
             let appender = tracing_appender::rolling::Builder::new()
                 .rotation(tracing_appender::rolling::Rotation::DAILY)
                 .filename_prefix(name)
+                .max_log_files(keep.max(1) as usize)
                 .build(dir)
-                .map_err(|e| LogError::File {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-            tracing_appender::non_blocking::NonBlockingBuilder::default()
-                .lossy(false)
-                .finish(appender)
+                .map_err(|e| err(e.to_string()))?;
+            builder.finish(appender)
         }
-        None => tracing_appender::non_blocking::NonBlockingBuilder::default()
-            .lossy(false)
-            .finish(std::io::stdout()),
-    };
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(level(cfg.level))
-        .with_writer(writer)
-        .event_format(LineFormat {
-            json: cfg.format == LogFormat::Json,
-        })
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).map_err(|_| LogError::AlreadySet)?;
-    Ok(guard)
+    })
 }
 
-fn split_path(path: &Path) -> Result<(&Path, &str), LogError> {
-    let err = |reason: &str| LogError::File {
-        path: path.display().to_string(),
-        reason: reason.to_string(),
+/// The application log's filter: `SLUICEGATE_LOG`, else `log.filter`, else `log.level`.
+fn app_filter(cfg: &LogConfig) -> Result<EnvFilter, LogError> {
+    let (text, from) = match std::env::var(FILTER_ENV) {
+        Ok(v) if !v.trim().is_empty() => (v, FILTER_ENV),
+        _ => match &cfg.filter {
+            Some(f) => (f.clone(), "log.filter"),
+            None => (level(cfg.level).as_str().to_ascii_lowercase(), "log.level"),
+        },
     };
+    EnvFilter::builder()
+        .parse(&text)
+        .map_err(|e| LogError::Filter {
+            from,
+            reason: e.to_string(),
+            filter: text.clone(),
+        })
+}
+
+/// Installs the global subscriber described by `cfg`.
+pub fn init(cfg: &LogConfig) -> Result<Guards, LogError> {
+    let json = cfg.format == LogFormat::Json;
+    let mut guards = Vec::new();
+    let (app_writer, g) = writer("log.file", cfg.file.as_deref(), cfg.keep)?;
+    guards.push(g);
+    let mut app = app_filter(cfg)?;
+    if cfg.access != AccessLog::WithApplication {
+        // The routing log has a stream of its own (or none): keep it out of the application log.
+        let off = format!("{}=off", routelog::TARGET);
+        app = app.add_directive(off.parse().map_err(
+            |e: tracing_subscriber::filter::ParseError| LogError::Filter {
+                from: "log.access",
+                reason: e.to_string(),
+                filter: off.clone(),
+            },
+        )?);
+    }
+    let app_layer = tracing_subscriber::fmt::layer()
+        .with_writer(app_writer)
+        .event_format(LineFormat { json })
+        .with_filter(app);
+    let access_path = match &cfg.access {
+        AccessLog::Stdout => Some(None),
+        AccessLog::File(p) => Some(Some(p.as_path())),
+        AccessLog::WithApplication | AccessLog::Off => None,
+    };
+    let access_layer = match access_path {
+        Some(path) => {
+            let (w, g) = writer("log.access", path, cfg.keep)?;
+            guards.push(g);
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(w)
+                    .event_format(LineFormat { json })
+                    .with_filter(Targets::new().with_target(routelog::TARGET, Level::INFO)),
+            )
+        }
+        None => None,
+    };
+    let subscriber = tracing_subscriber::registry()
+        .with(app_layer)
+        .with(access_layer);
+    tracing::subscriber::set_global_default(subscriber).map_err(|_| LogError::AlreadySet)?;
+    Ok(Guards(guards))
+}
+
+fn split_path(path: &Path) -> Result<(&Path, &str), String> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| err("not a file name"))?;
+        .ok_or_else(|| "not a file name".to_string())?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     if !dir.is_dir() {
-        return Err(err("its directory does not exist"));
+        return Err("its directory does not exist".into());
     }
     Ok((dir, name))
 }
 
-pub fn level(l: LogLevel) -> Level {
+fn level(l: LogLevel) -> Level {
     match l {
         LogLevel::Error => Level::ERROR,
         LogLevel::Warn => Level::WARN,
@@ -88,8 +167,8 @@ pub fn level(l: LogLevel) -> Level {
 
 /// One line per event: `TIME LEVEL target: message key=value ...` or a flat JSON object with `ts`,
 /// `level`, `target`, `msg` and every field. Fields declared without a value are written as null.
-pub struct LineFormat {
-    pub json: bool,
+struct LineFormat {
+    json: bool,
 }
 
 enum Val {

@@ -4,10 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use clap::Parser;
-use sluicegate::config::Config;
+use clap::{CommandFactory, Parser, Subcommand};
+use sluicegate::config::{Config, Dur};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tracing_appender::non_blocking::WorkerGuard;
 
 /// Exit code for a config that cannot be used (sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -16,23 +15,63 @@ const EXIT_RUNTIME: u8 = 1;
 
 /// A layer-4 TCP load balancer.
 #[derive(Parser, Debug)]
-#[command(name = "sluicegate", version, about)]
+#[command(
+    name = "sluicegate",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
-    /// The YAML config file.
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The YAML config file (required to run).
     #[arg(long, short = 'c', env = "SLUICEGATE_CONFIG", value_name = "FILE")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Validate the config, print what is wrong, bind nothing.
     #[arg(long)]
     check: bool,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Ask a running sluicegate whether it is ready (GET /ready on its admin API): exit 0 when it
+    /// is, 1 when it is not or does not answer. For container health checks.
+    Healthcheck {
+        /// The config of the running sluicegate: its admin.listen is asked.
+        #[arg(long, short = 'c', env = "SLUICEGATE_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The admin API's address, instead of reading it from the config.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_name = "DURATION")]
+        timeout: Dur,
+    },
+}
+
 /// The log writer's guard, reachable from the forced-exit path so buffered lines are flushed even then.
-static LOG_GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+static LOG_GUARD: Mutex<Option<sluicegate::logging::Guards>> = Mutex::new(None);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let path = cli.config.display().to_string();
-    let config = match Config::load(&cli.config) {
+    if let Some(Command::Healthcheck {
+        config,
+        admin,
+        timeout,
+    }) = cli.command
+    {
+        return healthcheck(config, admin, timeout);
+    }
+    let Some(config_path) = cli.config else {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--config FILE (or SLUICEGATE_CONFIG) is required to run",
+            )
+            .exit()
+    };
+    let path = config_path.display().to_string();
+    let config = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sluicegate: invalid config {path}:\n{e}");
@@ -83,7 +122,7 @@ fn main() -> ExitCode {
                 return EXIT_RUNTIME;
             }
         };
-        server.set_config_path(cli.config.clone());
+        server.set_config_path(config_path.clone());
         let control = server.control();
         let Signals { term, int, mut hup } = signals;
         // SIGHUP reloads; a rejected file is logged and the running config kept.
@@ -101,6 +140,50 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
     ExitCode::from(code)
+}
+
+/// `sluicegate healthcheck`: 0 when the admin API says ready, 1 when not, 64 for a bad config.
+fn healthcheck(
+    config: Option<PathBuf>,
+    admin: Option<std::net::SocketAddr>,
+    timeout: Dur,
+) -> ExitCode {
+    use sluicegate::healthcheck;
+    let addr = match (admin, config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => match Config::load(&path) {
+            Ok(c) => match healthcheck::admin_address(&c) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("sluicegate healthcheck: {e}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            },
+            Err(e) => {
+                eprintln!(
+                    "sluicegate healthcheck: invalid config {}:\n{e}",
+                    path.display()
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        (None, None) => Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "healthcheck needs --config FILE (or SLUICEGATE_CONFIG) or --admin ADDR",
+            )
+            .exit(),
+    };
+    match healthcheck::check(addr, timeout.0) {
+        Ok(body) => {
+            println!("ready: {body}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluicegate healthcheck: not ready: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 struct Signals {

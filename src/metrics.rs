@@ -53,15 +53,32 @@ pub(crate) fn render(control: &Control) -> String {
     let services = control.services();
 
     o.family(
-        "sluicegate_up",
+        "sluicegate_build_info",
+        "gauge",
+        "The running build: always 1, with the version and target as labels.",
+    );
+    o.sample(
+        "sluicegate_build_info",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            (
+                "target",
+                &format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+            ),
+        ],
+        1,
+    );
+    o.family(
+        "sluicegate_serving",
         "gauge",
         "1 while the process serves; 0 once it drains.",
     );
     o.sample(
-        "sluicegate_up",
+        "sluicegate_serving",
         &[],
         u8::from(!control.readiness().is_draining()),
     );
+    process_metrics(&mut o);
 
     type ServiceGet = fn(&ServiceStats) -> u64;
     let per_service: [(&str, &str, &str, ServiceGet); 6] = [
@@ -389,9 +406,142 @@ pub(crate) fn render(control: &Control) -> String {
     o.text
 }
 
+/// What `/proc` says about this process. Linux reports CPU times in USER_HZ, which is 100 on every
+/// architecture Linux supports for user space.
+#[derive(Debug, Default, PartialEq)]
+struct ProcessStats {
+    cpu_seconds: Option<f64>,
+    start_time_seconds: Option<f64>,
+    resident_bytes: Option<u64>,
+    virtual_bytes: Option<u64>,
+    open_fds: Option<u64>,
+    max_fds: Option<u64>,
+    threads: Option<u64>,
+}
+
+const USER_HZ: f64 = 100.0;
+
+/// The fields after the command name of `/proc/PID/stat` (the name may contain spaces and parentheses).
+fn stat_fields(stat: &str) -> Vec<&str> {
+    stat.rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default()
+}
+
+/// A `Name:   N kB` line of `/proc/PID/status`, in bytes (or the bare number for counts).
+fn status_value(status: &str, name: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(name))?;
+    let mut parts = line[name.len()..].split_whitespace();
+    let n: u64 = parts.next()?.parse().ok()?;
+    Some(if parts.next() == Some("kB") {
+        n * 1024
+    } else {
+        n
+    })
+}
+
+fn process_stats() -> ProcessStats {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let (stat, status, proc_stat) = (
+        read("/proc/self/stat"),
+        read("/proc/self/status"),
+        read("/proc/stat"),
+    );
+    let f = stat_fields(&stat);
+    // After the name: state is field 3 of the man page, so utime (14) is index 11 here, stime 12,
+    // starttime (22) 19.
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+    let boot = proc_stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    ProcessStats {
+        cpu_seconds: ticks(11).zip(ticks(12)).map(|(u, s)| (u + s) / USER_HZ),
+        start_time_seconds: boot.zip(ticks(19)).map(|(b, t)| b + t / USER_HZ),
+        resident_bytes: status_value(&status, "VmRSS:"),
+        virtual_bytes: status_value(&status, "VmSize:"),
+        threads: status_value(&status, "Threads:"),
+        open_fds: std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as u64),
+        max_fds: rlimit::getrlimit(rlimit::Resource::NOFILE)
+            .ok()
+            .map(|(soft, _)| soft),
+    }
+}
+
+/// The process metrics every Prometheus client library exports, under their usual names.
+fn process_metrics(o: &mut Out) {
+    let p = process_stats();
+    let rows: [(&str, &str, &str, Option<f64>); 7] = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time spent, in seconds.",
+            p.cpu_seconds,
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since the Unix epoch, in seconds.",
+            p.start_time_seconds,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size, in bytes.",
+            p.resident_bytes.map(|v| v as f64),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size, in bytes.",
+            p.virtual_bytes.map(|v| v as f64),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors.",
+            p.open_fds.map(|v| v as f64),
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "The soft limit on open file descriptors.",
+            p.max_fds.map(|v| v as f64),
+        ),
+        (
+            "process_threads",
+            "gauge",
+            "Threads of the process.",
+            p.threads.map(|v| v as f64),
+        ),
+    ];
+    for (name, kind, help, value) in rows {
+        if let Some(v) = value {
+            o.family(name, kind, help);
+            o.sample(name, &[], v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_fields_are_read_past_the_command_name() {
+        let stat = "1234 (sluice gate (w)) S 1 1234 1234 0 -1 4194560 500 0 0 0 250 50 0 0 20 0 5 0 1000 123 456";
+        let f = stat_fields(stat);
+        assert_eq!((f[11], f[12], f[19]), ("250", "50", "1000"));
+        let status = "Name:\tsluicegate\nVmSize:\t  2048 kB\nVmRSS:\t    12 kB\nThreads:\t5\n";
+        assert_eq!(status_value(status, "VmRSS:"), Some(12 * 1024));
+        assert_eq!(status_value(status, "Threads:"), Some(5));
+        assert_eq!(status_value(status, "VmSwap:"), None);
+        let me = process_stats();
+        assert!(me.cpu_seconds.is_some() && me.start_time_seconds.is_some());
+        assert!(me.open_fds.unwrap() > 2 && me.resident_bytes.unwrap() > 0);
+    }
 
     #[test]
     fn labels_are_escaped() {

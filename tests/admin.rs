@@ -530,7 +530,60 @@ async fn metrics_match_generated_traffic() {
     }
     assert_eq!(total, N as f64);
     assert_eq!(m("sluicegate_draining"), 0.0);
-    assert_eq!(m("sluicegate_up"), 1.0);
+    assert_eq!(m("sluicegate_serving"), 1.0);
+    assert!(
+        !values.keys().any(|k| k.starts_with("sluicegate_up")),
+        "Prometheus's own `up` is not shadowed"
+    );
+    let build = format!(
+        "sluicegate_build_info{{version=\"{}\",target=\"{}-{}\"}}",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    );
+    assert_eq!(m(&build), 1.0);
+    assert!(m("process_open_fds") > 2.0);
+    assert!(m("process_resident_memory_bytes") > 1e6);
+    assert!(m("process_cpu_seconds_total") >= 0.0);
+    assert!(m("process_start_time_seconds") > 1.7e9);
+    assert!(m("process_max_fds") >= m("process_open_fds"));
+    promtool_check(&text);
+}
+
+/// Lints a metrics page with Prometheus's own `promtool check metrics`. Without promtool the check says
+/// loudly that it did not run, unless `SLUICEGATE_REQUIRE_PROMTOOL=1` (CI) makes that a failure.
+fn promtool_check(page: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var("SLUICEGATE_REQUIRE_PROMTOOL").is_err(),
+                "promtool is required here: {e}"
+            );
+            eprintln!("*** SKIPPED: promtool not found ({e}); the metrics page was not linted ***");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(page.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `GET /events`: a stats frame every second, and state changes as they happen.

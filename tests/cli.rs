@@ -459,6 +459,49 @@ async fn drain_deadline_then_second_signal() {
     assert_eq!(code, 130, "forced exit reports the signal");
 }
 
+/// `sluicegate healthcheck` follows `/ready`: 0 while serving, 1 while draining and once the process is
+/// gone; a config without an admin API cannot be checked and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_follows_ready() {
+    let backend = Backend::start([127, 0, 0, 2], |mut s| async move {
+        // Holds the connection open, so the drain below has something to wait for.
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b).await;
+    })
+    .await;
+    let base = yaml(&[backend.addr], "", "{drain_timeout: 30s}");
+    let mut sg = Sg::start(&format!("admin: {{listen: \"127.0.0.1:0\"}}\n{base}"));
+    let admin = sg.wait_line(SECS(5), |l| l["msg"] == "admin API listening")["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let check = |admin: &str| run(&["healthcheck", "--admin", admin, "--timeout", "2s"], &[]);
+    let (code, out, err) = check(&admin);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("ready"), "{out}");
+
+    let held = TcpStream::connect(sg.addr).await.unwrap();
+    sg.signal(libc::SIGTERM);
+    sg.wait_line(SECS(5), |l| l["msg"] == "listeners closed");
+    let (code, _, err) = check(&admin);
+    assert_eq!(code, 1, "draining is not ready");
+    assert!(err.contains("503"), "{err}");
+    drop(held);
+    assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(10))), 0);
+    let (code, _, err) = check(&admin);
+    assert_eq!(code, 1, "a stopped process is not ready");
+    assert!(err.contains("cannot reach"), "{err}");
+
+    let no_admin = tmp_file("no-admin.yaml", &base);
+    let (code, _, err) = run(
+        &["healthcheck", "--config", no_admin.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("no admin section"), "{err}");
+    assert_eq!(run(&["healthcheck"], &[]).0, 2, "nothing to ask");
+}
+
 /// SIGHUP and `POST /reload` re-read the file: an invalid one is rejected with its reason (log and API
 /// answer) and the running config kept; a valid one is applied (a new service binds and serves).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -809,6 +852,132 @@ async fn log_file_receives_every_line() {
     assert!(
         lines.iter().any(|l| l["msg"] == "drained: exiting"),
         "last lines flushed before exit"
+    );
+}
+
+/// `log.access`: the routing log in a file of its own, the application log in another, each rotated
+/// with `log.keep` files kept; `access: off` drops routing lines only; `log.filter` and `SLUICEGATE_LOG`
+/// choose what the application log says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_streams_are_separate_filtered_and_kept() {
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let dir = tmp_file("placeholder", "").parent().unwrap().to_path_buf();
+    // Rotated files of earlier days: with keep 2 only one of them may remain beside today's.
+    for day in 1..=4 {
+        std::fs::write(dir.join(format!("app.log.2026-01-0{day}")), "old\n").unwrap();
+    }
+    let lines_of = |prefix: &str| -> Vec<Value> {
+        let mut lines = Vec::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().unwrap().to_string_lossy().starts_with(prefix) {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                lines.extend(
+                    text.lines()
+                        .filter_map(|l| serde_json::from_str::<Value>(l).ok()),
+                );
+            }
+        }
+        lines
+    };
+    let y = format!(
+        "log: {{format: json, file: \"{}\", access: \"{}\", keep: 2}}\nshutdown: {{drain_timeout: 5s}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    backends: [{{address: \"{}\"}}]\n",
+        dir.join("app.log").display(),
+        dir.join("access.log").display(),
+        backend.addr
+    );
+    let mut child = spawn("streams.yaml", &y);
+    let t = Instant::now();
+    let addr: SocketAddr = loop {
+        if let Some(l) = lines_of("app.log.")
+            .into_iter()
+            .find(|l| l["msg"] == "listening")
+        {
+            break l["listen"].as_str().unwrap().parse().unwrap();
+        }
+        assert!(
+            t.elapsed() < SECS(10),
+            "no listening line in the application log"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for _ in 0..3 {
+        assert_eq!(round_trip(addr, b"abc").await.unwrap(), b"abc");
+    }
+    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    assert_eq!(status.code(), Some(0));
+    let (app, access) = (lines_of("app.log."), lines_of("access.log."));
+    assert_eq!(
+        access.len(),
+        3,
+        "one routing line per connection: {access:?}"
+    );
+    assert!(access.iter().all(|l| l["target"] == "sluicegate::route"));
+    assert!(app.iter().all(|l| l["target"] != "sluicegate::route"));
+    assert!(app.iter().any(|l| l["msg"] == "drained: exiting"));
+    let kept = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("app.log.")
+        })
+        .count();
+    assert!(kept <= 2, "log.keep: 2, found {kept} files");
+    assert!(
+        !dir.join("app.log.2026-01-01").exists(),
+        "the oldest is deleted"
+    );
+
+    // access: off, and a filter that keeps only the control's info lines and every warning.
+    let y = yaml(&[backend.addr], "", "{drain_timeout: 5s}").replace(
+        "log: {level: info, format: json}",
+        "log: {format: json, access: off, filter: \"warn,sluicegate::control=info\"}",
+    );
+    let mut sg = Sg::start(&y);
+    assert_eq!(round_trip(sg.addr, b"x").await.unwrap(), b"x");
+    sg.signal(libc::SIGTERM);
+    assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(10))), 0);
+    while let Ok(l) = sg.lines.try_recv() {
+        sg.seen.push(l);
+    }
+    assert!(sg.routes().is_empty(), "access: off");
+    assert!(
+        sg.seen.iter().all(|l| l["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("sluicegate::control"))
+            || l["level"] == "warn"
+            || l["level"] == "error"),
+        "the filter: {:?}",
+        sg.seen
+    );
+    assert!(sg.seen.iter().any(|l| l["msg"] == "listeners closed"));
+
+    // SLUICEGATE_LOG overrides the config: only the control's lines, no routing line.
+    let mut sg = Sg::start_with(
+        &yaml(&[backend.addr], "", "{drain_timeout: 5s}"),
+        "SLUICEGATE_LOG=error,sluicegate::control=info",
+    );
+    assert_eq!(round_trip(sg.addr, b"y").await.unwrap(), b"y");
+    sg.signal(libc::SIGTERM);
+    assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(10))), 0);
+    while let Ok(l) = sg.lines.try_recv() {
+        sg.seen.push(l);
+    }
+    assert!(
+        sg.routes().is_empty(),
+        "routing lines are info in sluicegate::route"
+    );
+    assert!(
+        !sg.seen.iter().any(|l| l["msg"] == "starting"),
+        "{:?}",
+        sg.seen
     );
 }
 

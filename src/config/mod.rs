@@ -192,7 +192,7 @@ pub struct AdminConfig {
 }
 
 fn default_admin_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9090))
+    SocketAddr::from(([127, 0, 0, 1], 9901))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -214,16 +214,67 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
     pub level: LogLevel,
+    /// Directives in `RUST_LOG` syntax (`warn,sluicegate::pool=debug`) over `level`; the environment
+    /// variable `SLUICEGATE_LOG` overrides both.
+    #[serde(default)]
+    pub filter: Option<String>,
     #[serde(default)]
     pub format: LogFormat,
-    /// Log to this file, rotated daily, instead of stdout.
+    /// Log to this file, rotated daily (`FILE.YYYY-MM-DD`), instead of stdout.
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// Rotated files kept per log file (the oldest are deleted).
+    #[serde(default = "default_keep")]
+    pub keep: u32,
+    /// Where the routing log goes: with the application log (absent), `stdout`, `off`, or a file.
+    #[serde(default)]
+    pub access: AccessLog,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: LogLevel::default(),
+            filter: None,
+            format: LogFormat::default(),
+            file: None,
+            keep: default_keep(),
+            access: AccessLog::default(),
+        }
+    }
+}
+
+fn default_keep() -> u32 {
+    7
+}
+
+/// The routing log's destination.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessLog {
+    /// With the application log, under its level and filter.
+    #[default]
+    WithApplication,
+    Stdout,
+    Off,
+    /// A file of its own, rotated daily like `log.file`.
+    File(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for AccessLog {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Option::<String>::deserialize(d)?.as_deref() {
+            None => AccessLog::WithApplication,
+            Some("stdout") => AccessLog::Stdout,
+            Some("off") => AccessLog::Off,
+            Some("") => return Err(de::Error::custom("expected stdout, off or a file path")),
+            Some(path) => AccessLog::File(PathBuf::from(path)),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -613,6 +664,13 @@ mod tests {
         assert_eq!(s.backends[0].weight, 1);
         assert_eq!(c.shutdown.drain_timeout, Dur::secs(30));
         assert_eq!(c.log.format, LogFormat::Text);
+        assert!(c.admin.is_none(), "no admin section, no admin API");
+        let a = Config::from_yaml(&format!("admin: {{}}\n{}", one_service(""))).unwrap();
+        assert_eq!(
+            a.admin.unwrap().listen,
+            "127.0.0.1:9901".parse().unwrap(),
+            "not 9090, Prometheus's own port"
+        );
     }
 
     #[test]
@@ -668,19 +726,19 @@ mod tests {
     #[test]
     fn an_open_admin_bind_needs_a_token() {
         let err = Config::from_yaml(&format!(
-            "admin:\n  listen: 0.0.0.0:9090\n{}",
+            "admin:\n  listen: 0.0.0.0:9901\n{}",
             one_service("")
         ))
         .unwrap_err()
         .to_string();
         assert!(err.contains("admin.token: required"), "{err}");
         Config::from_yaml(&format!(
-            "admin:\n  listen: 0.0.0.0:9090\n  token: s3cret\n{}",
+            "admin:\n  listen: 0.0.0.0:9901\n  token: s3cret\n{}",
             one_service("")
         ))
         .unwrap();
         Config::from_yaml(&format!(
-            "admin:\n  listen: 127.0.0.1:9090\n{}",
+            "admin:\n  listen: 127.0.0.1:9901\n{}",
             one_service("")
         ))
         .unwrap();

@@ -1,7 +1,7 @@
 //! The semantic checks of a parsed config: what is well-formed but wrong. Every problem names its
 //! key path (`services[0].health.rise: must be at least 1`), and all of them are reported at once.
 
-use super::{BackendAddress, Config, Dur, Problem, MAX_WEIGHT};
+use super::{AccessLog, BackendAddress, Config, Dur, Problem, MAX_WEIGHT};
 
 impl Config {
     /// Every semantic problem of a parsed config, each naming its key path; empty when valid.
@@ -24,6 +24,28 @@ impl Config {
         if let Some(file) = &self.log.file {
             if file.as_os_str().is_empty() || file.file_name().is_none() {
                 p.add("log.file", "must be a file path");
+            }
+        }
+        if let AccessLog::File(access) = &self.log.access {
+            if access.file_name().is_none() {
+                p.add("log.access", "must be stdout, off or a file path");
+            } else if self.log.file.as_ref() == Some(access) {
+                p.add(
+                    "log.access",
+                    "must not be log.file: give the routing log a file of its own",
+                );
+            }
+        }
+        if self.log.keep == 0 {
+            p.add(
+                "log.keep",
+                "must be at least 1 (rotated files kept per log file)",
+            );
+        }
+        if let Some(f) = &self.log.filter {
+            // The same parser the logger uses (RUST_LOG syntax).
+            if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(f) {
+                p.add("log.filter", format!("invalid filter {f:?}: {e}"));
             }
         }
         if self.resolver.timeout.is_zero() {

@@ -82,3 +82,41 @@ pub async fn send(addr: SocketAddr, method: &str, path: &str, body: &str) -> Rep
         .await
         .expect("request")
 }
+
+/// A keep-alive HTTP/1.1 server on `ip` that answers every request `200 Hello from Server: NAME` with
+/// `X-Backend: NAME`, NAME being its address; it counts the requests it answered.
+pub async fn hello_server(
+    ip: [u8; 4],
+) -> (super::Backend, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let served = std::sync::Arc::new(AtomicU64::new(0));
+    let count = served.clone();
+    let listener = super::listen(SocketAddr::from((ip, 0)));
+    let name = listener.local_addr().unwrap().to_string();
+    let backend = super::Backend::serve(listener, move |mut s| {
+        let (name, count) = (name.clone(), count.clone());
+        async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    buf.drain(..end + 4);
+                    let body = format!("Hello from Server: {name}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nX-Backend: {name}\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    count.fetch_add(1, Relaxed);
+                }
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        }
+    });
+    (backend, served)
+}
