@@ -1,6 +1,10 @@
 """A small backend for the sluicegate demo: it says who it is and lets a demo steer its health.
 
 GET  /             {"hostname": ..., "requests": N} (N counts this process's requests)
+GET  /home         Hello from Server: <hostname>   (the seed systems' route; counted like /)
+GET  /heartbeat    200 while the process runs (not counted)
+GET  /stats        {"hostname": ..., "requests": N} without counting itself, for demos that compare
+                   the requests each backend served
 GET  /health       200 {"healthy": true}, or 503 after POST /health/fail until POST /health/ok
 POST /health/fail  make /health answer 503
 POST /health/ok    make /health answer 200 again
@@ -35,11 +39,44 @@ def pattern(offset, n):
     return _BLOCK[start:start + n]
 
 
+# Every answer says who served it, for load tools that count per backend.
+@app.after_request
+def name_the_backend(response):
+    response.headers["X-Backend"] = HOSTNAME
+    return response
+
+
+_served = 0
+
+
+def count():
+    global _served
+    with _lock:
+        _served = next(_requests)
+        return _served
+
+
 @app.get("/")
 def index():
+    return jsonify(hostname=HOSTNAME, requests=count(), pid=os.getpid())
+
+
+@app.get("/home")
+def home():
+    count()
+    return f"Hello from Server: {HOSTNAME}"
+
+
+@app.get("/heartbeat")
+def heartbeat():
+    return jsonify(alive=True, hostname=HOSTNAME)
+
+
+@app.get("/stats")
+def stats():
     with _lock:
-        n = next(_requests)
-    return jsonify(hostname=HOSTNAME, requests=n, pid=os.getpid())
+        served = _served
+    return jsonify(hostname=HOSTNAME, requests=served)
 
 
 @app.get("/health")

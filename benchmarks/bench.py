@@ -9,7 +9,7 @@ Proxies: direct, sg-copy, sg-splice, sg-auto (target/release/sluicegate, built i
 (`option splice-auto`), haproxy-splice-all (`option splice-request` + `splice-response`), nginx
 (`stream`). Workloads, in this order:
     ka      wrk -t1 -c64 keep-alive GET /tiny (16 bytes)            req/s, p50/p99, CPU-s per 100k
-    lat     64 keep-alive connections at 2000 req/s in all (a paced Python client: wrk cannot pace)
+    lat     64 keep-alive connections at 2000 req/s in all (sluicegate-load, open loop: wrk cannot pace)
             p50/p99 latency; the same client for every proxy, so the difference to direct is the hop
     bulk    wrk -t1 -c16 GET /1m.bin (1 MiB)                        MB/s, p50/p99, CPU-s per GB
     stream  one iperf3 stream for the whole duration                Gbit/s, CPU-s per GB
@@ -44,6 +44,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BIN = os.path.join(ROOT, "target", "release", "sluicegate")
+LOAD_BIN = os.path.join(ROOT, "target", "release", "sluicegate-load")
 PROXIES = ["direct", "sg-copy", "sg-splice", "sg-auto", "sg-auto-log", "haproxy", "haproxy-splice",
            "haproxy-splice-all", "nginx"]
 WORKLOADS = ["ka", "lat", "bulk", "stream", "idle", "churn"]
@@ -272,40 +273,15 @@ def hold_idle(port, n):
 
 
 def latency_client(port, duration):
-    """Runs in a child process pinned to the client CPU: paced requests, prints latencies as JSON."""
-    import asyncio
-
-    async def conn(lat, start, stop_at, offset):
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        interval = LAT_CONNECTIONS / LAT_RATE
-        due = start + offset
-        req = b"GET /tiny HTTP/1.1\r\nHost: bench\r\n\r\n"
-        while True:
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            if time.perf_counter() >= stop_at:
-                break
-            t0 = time.perf_counter()
-            w.write(req)
-            head = await r.readuntil(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
-            await r.readexactly(length)
-            if t0 - start > 1.0:  # the first second warms up
-                lat.append(time.perf_counter() - t0)
-            due += interval
-        w.close()
-
-    async def main():
-        lat = []
-        start = time.perf_counter()
-        stop_at = start + duration
-        # Start times spread evenly over one interval, so requests do not arrive in bursts of 64.
-        await asyncio.gather(*(conn(lat, start, stop_at, i / LAT_RATE) for i in range(LAT_CONNECTIONS)))
-        return lat
-
-    lat = sorted(asyncio.run(main()))
-    q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] * 1e3 if lat else None  # noqa: E731
-    print(json.dumps({"requests": len(lat), "p50_ms": q(0.5), "p99_ms": q(0.99),
-                      "rps": len(lat) / max(duration - 1, 1), "errors": 0}))
+    """The paced latency workload through sluicegate-load (open loop, latency from when each request was
+    due, HdrHistogram percentiles), pinned to the client CPU; the first second warms up."""
+    out = subprocess.run(["taskset", "-c", CLIENT_CPU, LOAD_BIN, f"127.0.0.1:{port}", "--path", "/tiny",
+                          "-c", str(LAT_CONNECTIONS), "--rate", str(LAT_RATE), "--duration", f"{duration}s",
+                          "--warmup", "1s", "--json"], capture_output=True, text=True, timeout=duration + 60)
+    r = json.loads(out.stdout)
+    lat = r.get("latency") or {}
+    return {"requests": r["ok"], "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"),
+            "p999_ms": lat.get("p999_ms"), "rps": r["rps"], "errors": r["failed"]}
 
 
 def run_workload(name, proxy, port, iperf_port, duration, sid):
@@ -322,9 +298,7 @@ def run_workload(name, proxy, port, iperf_port, duration, sid):
         row.update(w)
         row["mb_s"] = w["bytes"] / duration / 1e6
     elif name == "lat":
-        out = subprocess.run(pin + [sys.executable, os.path.abspath(__file__), "--latency-client", str(port),
-                                    str(duration)], capture_output=True, text=True, timeout=duration + 60)
-        row.update(json.loads(out.stdout))
+        row.update(latency_client(port, duration))
     elif name == "stream":
         out = subprocess.run(pin + ["iperf3", "-c", "127.0.0.1", "-p", str(iperf_port), "-t", str(duration),
                                     "-J"], capture_output=True, text=True, timeout=duration + 60).stdout
@@ -493,8 +467,6 @@ def report(rows, meta, out_dir):
 
 
 def main():
-    if len(sys.argv) == 4 and sys.argv[1] == "--latency-client":
-        return latency_client(int(sys.argv[2]), int(sys.argv[3]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--duration", type=int, default=10)
@@ -507,8 +479,9 @@ def main():
     workloads = [w for w in WORKLOADS if w in a.workloads.split(",")]
     a.duration = max(2, min(a.duration, 120))
     need("wrk", "iperf3", "taskset", "nginx", *(["haproxy"] if any(p.startswith("haproxy") for p in proxies) else []))
-    if any(p.startswith("sg-") for p in proxies) and a.bin == DEFAULT_BIN:
-        # Always (a no-op when up to date): a stale binary would measure old code.
+    if (any(p.startswith("sg-") for p in proxies) and a.bin == DEFAULT_BIN) or "lat" in workloads:
+        # Always (a no-op when up to date): a stale binary would measure old code, and the paced
+        # latency workload runs sluicegate-load.
         subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     # 10 000 idle connections need 20 000 descriptors in the proxy: raise the limit where allowed.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -2,11 +2,11 @@
 """Clients for the compose demo (standard library only).
 
   democlient.py spread N               N sequential requests to GET /; prints who answered
-  democlient.py load SECONDS RATE      new connection per request at RATE/s for SECONDS; prints failures
   democlient.py downloads K BYTES RATE K parallel GET /bytes downloads paced at RATE bytes/s each;
                                        verifies every byte against the backend's pattern; prints results
   democlient.py refused                succeeds when a new connection to the proxy is refused or reset
 
+Load (many requests at a paced rate) is sluicegate-load's job, the load tool built with sluicegate.
 Every command prints one JSON line and exits 1 when its guarantee does not hold. The target is
 SG_ADDR (default 127.0.0.1:8080). Every loop is bounded in count and time.
 """
@@ -59,46 +59,6 @@ def spread(n):
         except Exception:
             failed += 1
     print(json.dumps({"requests": n, "failed": failed, "by_backend": dict(sorted(seen.items()))}))
-    return failed == 0
-
-
-def load(seconds, rate):
-    seconds, rate = float(seconds), float(rate)
-    end = time.monotonic() + min(seconds, 600)
-    interval = 1.0 / rate
-    ok = failed = 0
-    errors = Counter()
-    seen = Counter()
-    lock = threading.Lock()
-    threads = []
-
-    def one():
-        nonlocal ok, failed
-        try:
-            status, body = get("/", timeout=10)
-            with lock:
-                if status == 200:
-                    ok += 1
-                    seen[json.loads(body)["hostname"]] += 1
-                else:
-                    failed += 1
-                    errors[f"status {status}"] += 1
-        except Exception as e:
-            with lock:
-                failed += 1
-                errors[type(e).__name__] += 1
-
-    next_at = time.monotonic()
-    while time.monotonic() < end and len(threads) < 100000:
-        t = threading.Thread(target=one)
-        t.start()
-        threads.append(t)
-        next_at += interval
-        time.sleep(max(0.0, next_at - time.monotonic()))
-    for t in threads:
-        t.join(timeout=15)
-    print(json.dumps({"requests": ok + failed, "failed": failed, "errors": dict(errors),
-                      "by_backend": dict(sorted(seen.items()))}))
     return failed == 0
 
 
@@ -156,5 +116,5 @@ def refused():
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    fn = {"spread": spread, "load": load, "downloads": downloads, "refused": refused}[cmd]
+    fn = {"spread": spread, "downloads": downloads, "refused": refused}[cmd]
     sys.exit(0 if fn(*args) else 1)

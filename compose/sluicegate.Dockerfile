@@ -4,6 +4,6 @@
 FROM scratch
 COPY rootfs/ /
 USER 65534:65534
-EXPOSE 8080 9090
+EXPOSE 8080 9901
 ENTRYPOINT ["/usr/local/bin/sluicegate"]
 CMD ["--config", "/etc/sluicegate/sluicegate.yaml"]

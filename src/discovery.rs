@@ -42,6 +42,8 @@ pub(crate) trait Claims: Send + Sync + 'static {
     fn claim(&self, label: &Arc<str>, addrs: Vec<(SocketAddr, u32)>);
     /// An answer listed `addrs` just now (for first and last seen times).
     fn seen(&self, addrs: &[SocketAddr]);
+    /// A reverse lookup names the backend at `addr` (in Docker: its container's name).
+    fn named(&self, addr: SocketAddr, name: Arc<str>);
 }
 
 /// The resolver could not be set up.
@@ -211,6 +213,27 @@ pub(crate) async fn query(resolver: &TokioResolver, host: &str, limit: Duration)
     }
 }
 
+/// The name a reverse lookup of `ip` gives, bounded by `limit`: the first label of the PTR record's
+/// target, which in Docker's embedded DNS is the container's name (`web-1.demo_net.` → `web-1`).
+pub(crate) async fn reverse_name(
+    resolver: &TokioResolver,
+    ip: IpAddr,
+    limit: Duration,
+) -> Option<Arc<str>> {
+    let lookup = tokio::time::timeout(limit, resolver.reverse_lookup(ip))
+        .await
+        .ok()?
+        .ok()?;
+    lookup.answers().iter().find_map(|r| match &r.data {
+        hickory_resolver::proto::rr::RData::PTR(ptr) => {
+            let full = ptr.0.to_string();
+            let first = full.trim_end_matches('.').split('.').next()?;
+            (!first.is_empty()).then(|| Arc::from(first))
+        }
+        _ => None,
+    })
+}
+
 /// A running watcher's handle.
 #[derive(Clone)]
 pub(crate) struct Watcher {
@@ -259,6 +282,8 @@ pub(crate) fn watch(
         let mut state = NameState::new(settings.empty_after);
         let mut first = Some(first);
         let mut last_query: Option<Instant> = None;
+        // Addresses whose name was asked for already (only new ones are looked up).
+        let mut named: BTreeSet<IpAddr> = BTreeSet::new();
         let mut next = Instant::now();
         loop {
             tokio::select! {
@@ -298,6 +323,22 @@ pub(crate) fn watch(
                             &name.label,
                             addrs.iter().map(|a| (*a, name.weight)).collect(),
                         );
+                        named.retain(|ip| set.contains(ip));
+                        let new: Vec<IpAddr> = set.difference(&named).copied().collect();
+                        named.extend(new.iter().copied());
+                        if !new.is_empty() {
+                            // Off the watcher's loop: a slow reverse zone must not delay refreshes.
+                            let (claims, resolver, port) =
+                                (claims.clone(), resolver.clone(), name.port);
+                            tokio::spawn(async move {
+                                for ip in new {
+                                    if let Some(n) = reverse_name(&resolver, ip, query_limit).await
+                                    {
+                                        claims.named(SocketAddr::new(ip, port), n);
+                                    }
+                                }
+                            });
+                        }
                     }
                     claims.seen(&addrs);
                 }

@@ -1,7 +1,7 @@
 //! The routing-decision log: one line per client connection, written when it ends.
 //!
-//! Fields: `service, client, backend, policy, attempts, connect_ms, bytes_up, bytes_down, duration_ms,
-//! end` (documented in `docs/configuration.md`, "Routing log"). A field without a value (no backend
+//! Fields: `service, client, backend, backend_name, policy, attempts, connect_ms, bytes_up, bytes_down,
+//! duration_ms, end` (documented in `docs/configuration.md`, "Routing log"). A field without a value (no backend
 //! was chosen, no connect succeeded) is written as `null`. Lines go through `tracing` at INFO with
 //! target [`TARGET`], so `log.level: warn` skips their formatting entirely. The session writes the line
 //! (`session::account`), whatever way the connection ended.
@@ -22,6 +22,8 @@ pub(crate) struct Route {
     pub(crate) client: SocketAddr,
     /// The backend connected to, or the last one tried.
     pub(crate) backend: Option<SocketAddr>,
+    /// Its reverse-DNS name, when known.
+    pub(crate) backend_name: Option<Arc<String>>,
     pub(crate) policy: &'static str,
     pub(crate) attempts: u32,
     pub(crate) connect_ms: Option<f64>,
@@ -42,6 +44,7 @@ impl Route {
             service,
             client,
             backend: None,
+            backend_name: None,
             policy,
             attempts: 0,
             connect_ms: None,
@@ -59,6 +62,7 @@ pub(crate) fn emit(r: &Route, e: Ending) {
     } else {
         r.backend
     };
+    let name = backend.and(r.backend_name.as_deref()).map(String::as_str);
     macro_rules! line {
         ($backend:expr, $connect_ms:expr) => {
             tracing::info!(
@@ -66,6 +70,7 @@ pub(crate) fn emit(r: &Route, e: Ending) {
                 service = %r.service,
                 client = %r.client,
                 backend = $backend,
+                backend_name = name,
                 policy = r.policy,
                 attempts = r.attempts,
                 connect_ms = $connect_ms,

@@ -159,6 +159,7 @@ async fn connect(
                 backend.stats.connect.observe(attempt.elapsed());
                 service.pool.connect_succeeded(&backend);
                 route.connect_ms = Some(connect_start.elapsed().as_secs_f64() * 1e3);
+                route.backend_name = backend.name();
                 return Ok(Connected {
                     backend,
                     stream,

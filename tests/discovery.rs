@@ -347,3 +347,36 @@ async fn aaaa_records_become_backends_too() {
         5
     );
 }
+
+/// Where the DNS server answers reverse lookups (Docker's does, with the container's name), every
+/// discovered backend is named in `/backends`. (The resolver answers reverse lookups of 127.0.0.0/8
+/// itself, with `localhost`, so the named backend here is a documentation address that never gets a
+/// connection: the test only reads the pool.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reverse_dns_names_the_backends() {
+    let dns = FakeDns::start().await;
+    let (port, _fleet) = replicas(2, 1);
+    dns.set_ips(
+        "backend",
+        &[[127, 0, 0, 2], [192, 0, 2, 10], [192, 0, 2, 11]],
+    );
+    dns.set_ptr([192, 0, 2, 10], "demo_backend_1.demo_net");
+    // 192.0.2.11 has no PTR record: it stays unnamed.
+    let proxy = Proxy::start(&yaml(dns.addr, port, "")).await;
+    let named = SocketAddr::new(IpAddr::from([192, 0, 2, 10]), port);
+    let unnamed = SocketAddr::new(IpAddr::from([192, 0, 2, 11]), port);
+    wait_for(Duration::from_secs(5), "the reverse lookup", || {
+        proxy.backend(named).name().is_some()
+    })
+    .await;
+    assert_eq!(
+        proxy.backend(named).name().as_deref().map(String::as_str),
+        Some("demo_backend_1"),
+        "the first label: the container's name"
+    );
+    assert_eq!(
+        proxy.backend(named).view().name.as_deref(),
+        Some("demo_backend_1")
+    );
+    assert!(proxy.backend(unnamed).name().is_none());
+}

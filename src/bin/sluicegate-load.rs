@@ -56,6 +56,9 @@ struct Args {
     /// A new connection for every request (the default keeps connections alive).
     #[arg(long)]
     new_connection: bool,
+    /// Send requests but record nothing for this long at the start (connections, caches warm up).
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    warmup: Duration,
     /// Give up on one request after this long (counted as a timeout).
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     timeout: Duration,
@@ -395,21 +398,30 @@ async fn run_connection(
         };
         // From when it was due: time waiting behind a slow earlier answer counts.
         let micros = sent_at.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
-        match result {
-            Ok(backend) => {
-                tally.ok += 1;
-                tally.latency.saturating_record(micros);
-                if let Some(b) = backend {
-                    *tally.backends.entry(b).or_default() += 1;
-                }
-            }
-            Err(f) => {
-                conn.stream = None;
-                *tally.failures.entry(f).or_default() += 1;
-            }
+        if result.is_err() {
+            conn.stream = None;
+        }
+        if sent_at >= start + args.warmup {
+            record(&mut tally, result, micros);
         }
         if let (Some(d), Some(p)) = (due.as_mut(), period) {
             *d += p;
+        }
+    }
+}
+
+/// Counts one request's result.
+fn record(tally: &mut Tally, result: Result<Option<String>, Failure>, micros: u64) {
+    match result {
+        Ok(backend) => {
+            tally.ok += 1;
+            tally.latency.saturating_record(micros);
+            if let Some(b) = backend {
+                *tally.backends.entry(b).or_default() += 1;
+            }
+        }
+        Err(f) => {
+            *tally.failures.entry(f).or_default() += 1;
         }
     }
 }
@@ -486,7 +498,8 @@ fn main() -> ExitCode {
                 all.merge(t);
             }
         }
-        (all, start.elapsed())
+        // What was recorded: the run after the warm-up.
+        (all, start.elapsed().saturating_sub(args.warmup))
     });
     report(&args, &tally, elapsed);
     if tally.ok == 0 {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Re
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -169,6 +169,8 @@ pub struct Backend {
     /// Joined after start-up: its first eligibility is ramped too.
     pub(super) joined_late: AtomicBool,
     cut: ArcSwap<CutSignal>,
+    /// What a reverse DNS lookup calls it (a container's name in Docker), once known.
+    name: ArcSwapOption<String>,
 }
 
 impl Backend {
@@ -192,7 +194,17 @@ impl Backend {
             ever_ready: AtomicBool::new(false),
             joined_late: AtomicBool::new(false),
             cut: ArcSwap::from_pointee(CutSignal::default()),
+            name: ArcSwapOption::empty(),
         }
+    }
+
+    /// Its name, when a reverse lookup gave one.
+    pub fn name(&self) -> Option<Arc<String>> {
+        self.name.load_full()
+    }
+
+    pub(super) fn set_name(&self, name: &str) {
+        self.name.store(Some(Arc::new(name.to_string())));
     }
 
     pub fn active(&self) -> u64 {
@@ -270,6 +282,7 @@ impl Backend {
         let ms = |a: &AtomicU64| Some(a.load(Relaxed)).filter(|&v| v != 0);
         BackendView {
             address: self.addr,
+            name: self.name().map(|n| n.to_string()),
             sources: self.sources(),
             weight: self.weight(),
             effective_weight: self.eff_weight() as f64 / WEIGHT_SCALE as f64,
@@ -308,6 +321,8 @@ impl Candidate for Backend {
 #[derive(Debug, Clone, Serialize)]
 pub struct BackendView {
     pub address: SocketAddr,
+    /// Its reverse-DNS name (the container's name in Docker), when known.
+    pub name: Option<String>,
     pub sources: Vec<Source>,
     pub weight: u32,
     /// The weight in use now (lower than `weight` during slow start).

@@ -764,6 +764,13 @@ impl Claims for Pool {
     fn seen(&self, addrs: &[SocketAddr]) {
         self.dns_seen(addrs);
     }
+
+    fn named(&self, addr: SocketAddr, name: Arc<str>) {
+        if let Some(b) = self.member(addr) {
+            tracing::debug!(service = %self.service, backend = %addr, name = %name, "backend named by reverse DNS");
+            b.set_name(&name);
+        }
+    }
 }
 
 #[cfg(test)]

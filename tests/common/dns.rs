@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
-use hickory_server::proto::rr::rdata::{A, AAAA};
+use hickory_server::proto::rr::rdata::{A, AAAA, PTR};
 use hickory_server::proto::rr::{RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -23,6 +23,8 @@ pub enum Reply {
     ServFail,
     /// No answer for a long time: the resolver times out.
     Silent,
+    /// A PTR record naming this host (for reverse lookups).
+    Ptr(String),
 }
 
 #[derive(Default)]
@@ -69,6 +71,12 @@ impl FakeDns {
             .unwrap()
             .zone
             .insert(name.to_lowercase(), reply);
+    }
+
+    /// Makes a reverse lookup of `ip` answer `name`, as Docker's DNS names a container's address.
+    pub fn set_ptr(&self, ip: [u8; 4], name: &str) {
+        let arpa = format!("{}.{}.{}.{}.in-addr.arpa", ip[3], ip[2], ip[1], ip[0]);
+        self.set(&arpa, Reply::Ptr(name.to_string()));
     }
 
     pub fn set_ips(&self, name: &str, ips: &[[u8; 4]]) {
@@ -134,6 +142,24 @@ impl RequestHandler for Handler {
             Reply::ServFail => {
                 response
                     .send_response(builder.error_msg(&request.metadata, ResponseCode::ServFail))
+                    .await
+            }
+            Reply::Ptr(target) => {
+                let owner = q.original().name().clone();
+                let records: Vec<Record> = match (
+                    qtype,
+                    hickory_server::proto::rr::Name::from_ascii(format!("{target}.")),
+                ) {
+                    (RecordType::PTR, Ok(t)) => {
+                        vec![Record::from_rdata(owner, 600, RData::PTR(PTR(t)))]
+                    }
+                    _ => Vec::new(),
+                };
+                let mut metadata = Metadata::response_from_request(&request.metadata);
+                metadata.authoritative = true;
+                metadata.recursion_available = true;
+                response
+                    .send_response(builder.build(metadata, records.iter(), [], [], []))
                     .await
             }
             Reply::Records(ips) => {

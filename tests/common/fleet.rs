@@ -165,7 +165,7 @@ async fn serve(mut s: TcpStream, p: Arc<Probes>) {
             let _ = s.write_all(&[0xff; 300]).await;
         }
         m if m == HealthMode::Alternate as u8 => {
-            let code = if n % 2 == 0 { 503 } else { 200 };
+            let code = if n.is_multiple_of(2) { 503 } else { 200 };
             let _ = s.write_all(status(code).as_bytes()).await;
         }
         _ => {

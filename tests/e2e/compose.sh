@@ -8,12 +8,19 @@
 #      traffic, and comes back when unpaused;
 #   5. a backend whose /health fails stops receiving traffic within fall × interval + 1 s;
 #   6. the drain demo: every download completes with the right checksum, new connections are
-#      refused, sluicegate exits 0.
+#      refused, sluicegate exits 0;
+#   7. container health: sluicegate's own healthcheck (`sluicegate healthcheck`) reports healthy, the
+#      backends' too, every service restarts unless stopped;
+#   8. monitoring: Prometheus scrapes sluicegate (its targets API says `up`) and its recording rules
+#      produce the connection rate;
+#   9. backend names: Docker's DNS names each backend in reverse, and /backends and the routing log
+#      show the container's name.
 # Skips (exit 0, saying so loudly) only when no Docker engine answers. Tears the stack down at the end.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 demo="$root/compose/demo"
-ADMIN=http://127.0.0.1:9090
+ADMIN=http://127.0.0.1:9901
+PROMETHEUS=http://127.0.0.1:9090
 started=$SECONDS
 
 if ! docker info >/dev/null 2>&1; then
@@ -119,5 +126,63 @@ echo "$addr healthy again in $t"
 
 step "6. drain: downloads complete, new connections refused, exit 0"
 "$demo" drain || fail "drain guarantees broken"
+
+step "7. container health: healthchecks and restart policies"
+health() { docker inspect -f '{{.State.Health.Status}}' "$1"; }
+sg=$(compose ps -q sluicegate)
+t=$(within 40 sh -c "[ \"\$(docker inspect -f '{{.State.Health.Status}}' $sg)\" = healthy ]") \
+  || fail "sluicegate's healthcheck does not report healthy: $(health "$sg")"
+echo "sluicegate healthy (its own healthcheck) after $t more"
+for c in $(compose ps -q backend); do
+  within 30 sh -c "[ \"\$(docker inspect -f '{{.State.Health.Status}}' $c)\" = healthy ]" >/dev/null \
+    || fail "backend $c is $(health "$c")"
+done
+for c in $(compose ps -q); do
+  p=$(docker inspect -f '{{.HostConfig.RestartPolicy.Name}}' "$c")
+  [ "$p" = unless-stopped ] || fail "$(docker inspect -f '{{.Name}}' "$c") restart policy is '$p'"
+done
+echo "every backend healthy; restart: unless-stopped everywhere"
+
+step "8. monitoring: Prometheus scrapes sluicegate"
+prom_target_up() {
+  curl -sf "$PROMETHEUS/api/v1/targets" | python3 -c '
+import json, sys
+t = json.load(sys.stdin)["data"]["activeTargets"]
+sys.exit(0 if any(x["labels"]["job"] == "sluicegate" and x["health"] == "up" for x in t) else 1)'
+}
+t=$(within 60 prom_target_up) || fail "Prometheus does not scrape sluicegate: $(curl -s "$PROMETHEUS/api/v1/targets")"
+echo "Prometheus target sluicegate is up (after $t)"
+python3 "$root/compose/democlient.py" spread 30 >/dev/null
+rule_has_data() {
+  curl -sf "$PROMETHEUS/api/v1/query?query=service:sluicegate_connections_accepted:rate1m" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)["data"]["result"]
+sys.exit(0 if r and float(r[0]["value"][1]) > 0 else 1)'
+}
+t=$(within 60 rule_has_data) || fail "the recording rule service:sluicegate_connections_accepted:rate1m has no data"
+echo "recording rules evaluate (connection rate after $t)"
+
+step "9. backends named by their containers"
+names_ok() {
+  local want
+  want=$(for c in $(compose ps -q backend); do docker inspect -f '{{.Name}}' "$c" | tr -d /; done | sort | tr '\n' ' ')
+  [ "$(backends_json | python3 -c 'import json, sys; print(" ".join(sorted(b["name"] or "" for b in json.load(sys.stdin) if b["state"] != "removed")) + " ")')" = "$want" ]
+}
+t=$(within 10 names_ok) || fail "/backends does not name the containers: $(backends_json)"
+echo "/backends names every backend by its container (after $t)"
+python3 "$root/compose/democlient.py" spread 6 >/dev/null
+named_routes=$(docker logs "$(compose ps -q sluicegate)" 2>/dev/null | python3 -c '
+import json, sys
+n = 0
+for line in sys.stdin:
+    try:
+        l = json.loads(line)
+    except ValueError:
+        continue
+    if l.get("target") == "sluicegate::route" and l.get("backend_name"):
+        n += 1
+print(n)')
+[ "$named_routes" -ge 6 ] || fail "routing lines without backend_name ($named_routes named)"
+echo "routing lines name the backend's container ($named_routes lines)"
 
 step "all compose end-to-end checks passed in $((SECONDS - started)) s"
