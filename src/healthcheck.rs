@@ -97,10 +97,17 @@ mod tests {
     fn only_200_is_ready() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
+        // Reads the whole request before answering: closing with unread bytes would send a reset.
         let serve = |answer: &'static str| {
             let (mut c, _) = l.accept().unwrap();
+            let mut req = Vec::new();
             let mut buf = [0u8; 1024];
-            let _ = c.read(&mut buf);
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
             c.write_all(answer.as_bytes()).unwrap();
         };
         let t = std::thread::scope(|sc| {
