@@ -10,6 +10,13 @@ REQUESTS connections from CLIENTS concurrent clients. Each client thread cycles 
 source addresses (127.0.K.x), so source_hash sees about a thousand distinct clients. Each backend names itself and closes; the
 counts come from what the clients were told, checked against sluicegate's own /backends totals.
 
+Then it measures what moves when a backend joins or leaves: sluicegate with source_hash over four equal
+backends, each of 1024 client addresses asked once, a fifth backend added through the admin API and
+every client asked again, then it and one of the first four removed. Next to it, the same changes on a
+512-slot ring with 9 virtual nodes per server, as the L7 balancers this project grew from map request
+ids (slots i + 2i² + 17 for request i, i + j + 2j² + 25 for virtual node j of server i, mod 512, with
+linear probing), simulated here.
+
 Writes distribution.md, distribution.json and distribution.svg (a bar chart of each backend's share
 against its weight's share) to --out. Everything stays on loopback and every loop is bounded.
 Jain's fairness index is computed on count/weight per backend: 1.0 when every backend got exactly its
@@ -30,6 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICIES = ["round_robin", "weighted_round_robin", "least_conn", "p2c", "source_hash"]
 WEIGHTS = [1, 2, 3, 4]
 BACKEND_IPS = [f"127.0.0.{i}" for i in range(2, 2 + len(WEIGHTS))]
+# The backend the join/leave measurement adds.
+EXTRA_IP = "127.0.0.6"
 
 
 def free_port(ips):
@@ -59,7 +68,7 @@ class Backends:
     def __init__(self, port):
         self.socks = []
         self.stop = False
-        for ip in BACKEND_IPS:
+        for ip in BACKEND_IPS + [EXTRA_IP]:
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((ip, port))
@@ -87,29 +96,8 @@ class Backends:
 
 
 def run_policy(binary, policy, port, requests, clients):
-    listen_port = free_port(["127.0.0.1"])
-    admin_port = free_port(["127.0.0.1"])
-    cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    cfg.write(
-        f"log: {{level: warn}}\nadmin: {{listen: \"127.0.0.1:{admin_port}\"}}\n"
-        f"shutdown: {{drain_timeout: 2s}}\nservices:\n  - name: dist\n"
-        f"    listen: 127.0.0.1:{listen_port}\n    balance: {policy}\n    backends:\n"
-    )
-    for ip, w in zip(BACKEND_IPS, WEIGHTS):
-        cfg.write(f"      - {{address: \"{ip}:{port}\", weight: {w}}}\n")
-    cfg.close()
-    proc = subprocess.Popen([binary, "--config", cfg.name], stdout=subprocess.DEVNULL)
+    proc, listen_port, admin_port, cfg = start_sluicegate(binary, policy, port, WEIGHTS)
     try:
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            raise SystemExit(f"{policy}: sluicegate did not become ready")
         counts = {ip: 0 for ip in BACKEND_IPS}
         failed = 0
         lock = threading.Lock()
@@ -147,7 +135,120 @@ def run_policy(binary, policy, port, requests, clients):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        os.unlink(cfg.name)
+        os.unlink(cfg)
+
+
+def start_sluicegate(binary, policy, port, weights):
+    """sluicegate in front of BACKEND_IPS with `weights`: (process, listen port, admin port, config)."""
+    listen_port = free_port(["127.0.0.1"])
+    admin_port = free_port(["127.0.0.1"])
+    cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    cfg.write(
+        f"log: {{level: warn}}\nadmin: {{listen: \"127.0.0.1:{admin_port}\"}}\n"
+        f"shutdown: {{drain_timeout: 2s}}\nservices:\n  - name: dist\n"
+        f"    listen: 127.0.0.1:{listen_port}\n    balance: {policy}\n    backends:\n"
+    )
+    for ip, w in zip(BACKEND_IPS, weights):
+        cfg.write(f"      - {{address: \"{ip}:{port}\", weight: {w}}}\n")
+    cfg.close()
+    proc = subprocess.Popen([binary, "--config", cfg.name], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return proc, listen_port, admin_port, cfg.name
+        except OSError:
+            time.sleep(0.05)
+    proc.terminate()
+    raise SystemExit(f"{policy}: sluicegate did not become ready")
+
+
+def admin_call(admin_port, method, path, body=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{admin_port}{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.status
+
+
+def clients_map(listen_port, clients):
+    """Which backend each client address lands on (one connection each)."""
+    out = {}
+    for k in range(clients // 64):
+        for j in range(64):
+            src = f"127.0.{1 + k}.{2 + j}"
+            s = socket.socket()
+            s.settimeout(10)
+            try:
+                s.bind((src, 0))
+                s.connect(("127.0.0.1", listen_port))
+                out[src] = s.makefile().readline().strip()
+            except OSError:
+                out[src] = None
+            finally:
+                s.close()
+    return out
+
+
+def moved(before, after):
+    return sum(1 for c in before if before[c] != after.get(c)) / max(len(before), 1)
+
+
+def seed_ring(servers, m=512, k=9):
+    """The L7 seed systems' ring: virtual node j of server i at slot i + j + 2j² + 25 (mod m), linear
+    probing on collisions; a request goes clockwise to the next virtual node."""
+    slots = [None] * m
+    for i in servers:
+        for j in range(k):
+            s = (i + j + 2 * j * j + 25) % m
+            while slots[s] is not None:
+                s = (s + 1) % m
+            slots[s] = i
+    return slots
+
+
+def ring_lookup(slots, rid):
+    m = len(slots)
+    s = (rid + 2 * rid * rid + 17) % m
+    while slots[s] is None:
+        s = (s + 1) % m
+    return slots[s]
+
+
+def ring_moves(requests=100_000):
+    """Share of request ids that change server on the same joins and leaves."""
+    def mapping(servers):
+        slots = seed_ring(servers)
+        return {r: ring_lookup(slots, r) for r in range(requests)}
+    four, five, three = mapping([1, 2, 3, 4]), mapping([1, 2, 3, 4, 5]), mapping([2, 3, 4])
+    share = lambda m: {s: sum(1 for v in m.values() if v == s) / requests for s in sorted(set(m.values()))}  # noqa: E731
+    return {"add 4 → 5": moved(four, five), "remove the 5th: 5 → 4": moved(five, four),
+            "remove server 1: 4 → 3": moved(four, three), "shares with 4 servers": share(four)}
+
+
+def measure_moves(binary, port, clients):
+    """sluicegate's source_hash: the clients that move on each join and leave through the admin API."""
+    proc, listen_port, admin_port, cfg = start_sluicegate(binary, "source_hash", port, [1] * len(BACKEND_IPS))
+    try:
+        four = clients_map(listen_port, clients)
+        admin_call(admin_port, "POST", "/backends", {"service": "dist", "address": f"{EXTRA_IP}:{port}"})
+        five = clients_map(listen_port, clients)
+        admin_call(admin_port, "DELETE", f"/backends/dist/{EXTRA_IP}:{port}?mode=close")
+        back = clients_map(listen_port, clients)
+        admin_call(admin_port, "DELETE", f"/backends/dist/{BACKEND_IPS[0]}:{port}?mode=close")
+        three = clients_map(listen_port, clients)
+        failed = sum(1 for m in (four, five, back, three) for v in m.values() if v is None)
+        return {"add 4 → 5": moved(four, five), "remove the 5th: 5 → 4": moved(five, back),
+                "back where they were after add and remove": moved(four, back) == 0,
+                "remove one of 4: 4 → 3": moved(back, three),
+                # Maglev's table is near-minimal: a few clients of the other backends move too.
+                "others moved": sum(1 for c in back if back[c] != BACKEND_IPS[0] and three[c] != back[c]) / max(len(back), 1),
+                "joined got": sum(1 for v in five.values() if v == EXTRA_IP) / max(len(five), 1),
+                "clients": len(four), "failed": failed}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        os.unlink(cfg)
 
 
 def jain(counts, weights):
@@ -221,14 +322,17 @@ def main():
                 "max_deviation_pp": max(abs(c / total - e) for c, e in zip(n, expected)) * 100,
             })
             print(f"{policy:<22} {n} failed={failed} J={rows[-1]['jain']:.4f}", file=sys.stderr)
+        moves = measure_moves(a.bin, port, a.clients * 64)
+        print(f"source_hash moves: {moves}", file=sys.stderr)
     finally:
         backends.close()
+    ring = ring_moves()
     os.makedirs(a.out, exist_ok=True)
     meta = {"requests_per_policy": a.requests, "clients": a.clients, "weights": WEIGHTS,
             "backends": BACKEND_IPS, "date": time.strftime("%Y-%m-%d"), "machine": os.uname().machine,
             "cpus": os.cpu_count()}
     with open(os.path.join(a.out, "distribution.json"), "w") as f:
-        json.dump({"meta": meta, "policies": rows}, f, indent=1)
+        json.dump({"meta": meta, "policies": rows, "moves": moves, "seed_ring_moves": ring}, f, indent=1)
     with open(os.path.join(a.out, "distribution.svg"), "w") as f:
         f.write(svg_chart(rows))
     md = ["# Load distribution by policy", "",
@@ -253,7 +357,30 @@ def main():
            "sends more than its weight's share to a light backend whenever it is idle. source_hash "
            "maps each client address to one backend on a weighted Maglev table: its split follows the "
            "weights as far as the client addresses hash evenly, and a client always lands on the same "
-           "backend."]
+           "backend.",
+           "", "## What moves when a backend joins or leaves", "",
+           f"sluicegate, `source_hash` over four equal backends, {moves['clients']} client addresses each "
+           "asked once before and after each change made through the admin API "
+           f"({moves['failed']} failed):", "",
+           "| change | clients that moved | ideal |", "| --- | --- | --- |",
+           f"| add a 5th backend (`POST /backends`) | {moves['add 4 → 5'] * 100:.1f} % "
+           f"(the new one got {moves['joined got'] * 100:.1f} %) | 20 % (1/5) |",
+           f"| remove it again (`DELETE /backends/…`) | {moves['remove the 5th: 5 → 4'] * 100:.1f} % "
+           f"(every client back where it was: {'yes' if moves['back where they were after add and remove'] else 'no'}) | 20 % |",
+           f"| remove one of the four | {moves['remove one of 4: 4 → 3'] * 100:.1f} % (of which clients of "
+           f"the other three: {moves['others moved'] * 100:.1f} %) | 25 % (1/4) |",
+           "", "The L7 seed systems' ring (512 slots, 9 virtual nodes per server, request ids 0–99 999), "
+           "simulated with the same changes:", "",
+           "| change | requests that moved |", "| --- | --- |",
+           f"| add a 5th server | {ring['add 4 → 5'] * 100:.1f} % |",
+           f"| remove it again | {ring['remove the 5th: 5 → 4'] * 100:.1f} % |",
+           f"| remove server 1 of 4 | {ring['remove server 1: 4 → 3'] * 100:.1f} % |",
+           "| shares with 4 servers | " + ", ".join(f"{v * 100:.1f} %" for v in ring["shares with 4 servers"].values()) + " |",
+           "", "Both are consistent hashing: a change moves only the keys of the server that joined or "
+           "left. The ring hashes request ids and places 9 virtual nodes per server, so shares and "
+           "moves follow where those few nodes fall; sluicegate's Maglev table (65 537 slots, weighted) "
+           "hashes client addresses, so shares follow the weights and a join or leave of one of N moves "
+           "close to 1/N."]
     with open(os.path.join(a.out, "distribution.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print(os.path.join(a.out, "distribution.md"))

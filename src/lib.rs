@@ -47,6 +47,7 @@ mod metrics;
 pub mod outcome;
 pub mod pool;
 mod relay;
+mod replicas;
 pub mod routelog;
 pub mod service;
 mod session;

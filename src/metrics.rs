@@ -316,6 +316,53 @@ pub(crate) fn render(control: &Control) -> String {
         );
     }
 
+    // Replicas sluicegate runs.
+    o.family(
+        "sluicegate_replicas",
+        "gauge",
+        "Replicas sluicegate runs for the service, by state (running, draining).",
+    );
+    for s in &services {
+        if let Some(set) = control.replicas(&s.service.name) {
+            let (running, draining) = set.counts();
+            for (state, n) in [("running", running), ("draining", draining)] {
+                o.sample(
+                    "sluicegate_replicas",
+                    &[("service", &s.service.name), ("state", state)],
+                    n,
+                );
+            }
+        }
+    }
+    o.family(
+        "sluicegate_replica_replacements_total",
+        "counter",
+        "Replicas replaced because their container stopped, vanished or stayed unhealthy.",
+    );
+    for s in &services {
+        if let Some(set) = control.replicas(&s.service.name) {
+            o.sample(
+                "sluicegate_replica_replacements_total",
+                &[("service", &s.service.name)],
+                set.replaced.load(Relaxed),
+            );
+        }
+    }
+    o.family(
+        "sluicegate_docker_errors_total",
+        "counter",
+        "Docker Engine calls that failed (unreachable, refused, timed out).",
+    );
+    for s in &services {
+        if let Some(set) = control.replicas(&s.service.name) {
+            o.sample(
+                "sluicegate_docker_errors_total",
+                &[("service", &s.service.name)],
+                set.docker_errors.load(Relaxed),
+            );
+        }
+    }
+
     // DNS.
     o.family(
         "sluicegate_dns_queries_total",

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use super::{error, full, json_response, stats, Admin, BoxBody, DASHBOARD};
 use crate::config::MAX_WEIGHT;
 use crate::control::Control;
-use crate::pool::{AdminError, State};
+use crate::pool::{AdminError, Source, State};
+use crate::replicas::{ScaleError, ScaleRequest};
 use crate::service::Service;
 
 /// Splits a percent-encoded path segment back into text (`%5B%3A%3A1%5D%3A80` → `[::1]:80`).
@@ -46,6 +47,11 @@ pub(super) enum Route {
     Metrics,
     Events,
     Reload,
+    /// The seed systems' routes: replicas of a service (named, or the only one).
+    Rep(Option<String>),
+    Add(Option<String>),
+    Rm(Option<String>),
+    Heartbeat,
 }
 
 impl Route {
@@ -64,6 +70,13 @@ impl Route {
             ["metrics"] => Route::Metrics,
             ["events"] => Route::Events,
             ["reload"] => Route::Reload,
+            ["rep"] => Route::Rep(None),
+            ["add"] => Route::Add(None),
+            ["rm"] => Route::Rm(None),
+            ["heartbeat"] => Route::Heartbeat,
+            ["services", s, "rep"] => Route::Rep(Some(percent_decode(s)?)),
+            ["services", s, "add"] => Route::Add(Some(percent_decode(s)?)),
+            ["services", s, "rm"] => Route::Rm(Some(percent_decode(s)?)),
             _ => return None,
         })
     }
@@ -72,7 +85,8 @@ impl Route {
         match self {
             Route::Backends => &[Method::GET, Method::POST],
             Route::Backend(..) => &[Method::GET, Method::PUT, Method::DELETE],
-            Route::BackendDrain(..) | Route::Reload => &[Method::POST],
+            Route::BackendDrain(..) | Route::Reload | Route::Add(_) => &[Method::POST],
+            Route::Rm(_) => &[Method::DELETE],
             _ => &[Method::GET],
         }
     }
@@ -141,7 +155,11 @@ impl Admin {
                 Ok((svc, addr)) => {
                     match svc.pool.all_backends().into_iter().find(|b| b.addr == addr) {
                         Some(b) => {
-                            json_response(StatusCode::OK, &stats::backend_json(&svc.name, &b))
+                            let mut v = stats::backend_json(&svc.name, &b);
+                            if let Some(r) = stats::replica_info(c).get(&(svc.name.clone(), addr)) {
+                                v["replica"] = r.clone();
+                            }
+                            json_response(StatusCode::OK, &v)
                         }
                         None => error(
                             StatusCode::NOT_FOUND,
@@ -185,6 +203,13 @@ impl Admin {
                 },
                 Err(r) => r,
             },
+            (Route::Heartbeat, _) => seed_answer(StatusCode::OK, json!("alive"), true),
+            (Route::Rep(name), _) => match self.seed_service(name, query) {
+                Ok(svc) => seed_list(self.replica_names(&svc)),
+                Err(r) => r,
+            },
+            (Route::Add(name), _) => self.scale(name, query, body, true).await,
+            (Route::Rm(name), _) => self.scale(name, query, body, false).await,
             (Route::Stats, _) => {
                 let mut frame = self.sampler.latest_value();
                 if query_param(query, "history").is_some() {
@@ -212,6 +237,108 @@ impl Admin {
                         &json!({"reloaded": false, "error": e.to_string()}),
                     ),
                 }
+            }
+        }
+    }
+
+    /// The service a seed route is about: the one it names (in the path or `?service=`), or the only
+    /// one there is.
+    #[allow(clippy::result_large_err)]
+    fn seed_service(
+        &self,
+        named: Option<String>,
+        query: &str,
+    ) -> Result<String, Response<BoxBody>> {
+        let named = named.or_else(|| query_param(query, "service").map(str::to_string));
+        let services = self.control.services();
+        match named {
+            Some(n) if services.iter().any(|s| *s.service.name == *n) => Ok(n),
+            Some(n) => Err(seed_fail(
+                StatusCode::BAD_REQUEST,
+                format!("no service named {n:?}"),
+            )),
+            None if services.len() == 1 => Ok(services[0].service.name.to_string()),
+            None => Err(seed_fail(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "there are {} services: name one, as /services/NAME/rep or ?service=NAME",
+                    services.len()
+                ),
+            )),
+        }
+    }
+
+    /// The hostnames of a service's replicas: the ones sluicegate runs, then every other backend by
+    /// its name (reverse DNS), else its address.
+    fn replica_names(&self, service: &str) -> Vec<String> {
+        let c = &self.control;
+        let mut names = c
+            .replicas(service)
+            .map(|set| set.hostnames())
+            .unwrap_or_default();
+        if let Some(svc) = c.service(service) {
+            let mut others: Vec<String> = svc
+                .pool
+                .members()
+                .iter()
+                .filter(|b| !b.sources().contains(&Source::Docker))
+                .map(|b| {
+                    b.name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| b.addr.to_string())
+                })
+                .collect();
+            others.sort();
+            names.extend(others);
+        }
+        names
+    }
+
+    /// `POST /add` and `DELETE /rm`: validated whole, then done on the control runtime.
+    async fn scale(
+        &self,
+        named: Option<String>,
+        query: &str,
+        body: &[u8],
+        add: bool,
+    ) -> Response<BoxBody> {
+        let service = match self.seed_service(named, query) {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        let Some(set) = self.control.replicas(&service) else {
+            return seed_fail(
+                StatusCode::BAD_REQUEST,
+                format!("service {service:?} has no replicas section: sluicegate does not run its containers"),
+            );
+        };
+        let req = match parse_scale(body) {
+            Ok(r) => r,
+            Err(e) => return seed_fail(StatusCode::BAD_REQUEST, e),
+        };
+        let done = self
+            .control
+            .on_control(async move {
+                if add {
+                    set.add(req).await
+                } else {
+                    set.remove(req).await
+                }
+            })
+            .await;
+        match done {
+            None => seed_fail(StatusCode::SERVICE_UNAVAILABLE, "sluicegate is stopping"),
+            Some(Ok(list)) => seed_list(list),
+            Some(Err(ScaleError::Refused(r))) => seed_fail(StatusCode::BAD_REQUEST, r.to_string()),
+            Some(Err(e @ ScaleError::Docker { .. })) => {
+                let status = match &e {
+                    ScaleError::Docker { error, .. } => error.http_status(),
+                    ScaleError::Refused(_) => 400,
+                };
+                seed_fail(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                    e.to_string(),
+                )
             }
         }
     }
@@ -318,6 +445,59 @@ impl Admin {
             ),
         }
     }
+}
+
+/// The seed systems' answer shape: `{"message": …, "status": "successful" | "failure"}`.
+fn seed_answer(status: StatusCode, message: Value, ok: bool) -> Response<BoxBody> {
+    json_response(
+        status,
+        &json!({"message": message, "status": if ok { "successful" } else { "failure" }}),
+    )
+}
+
+fn seed_list(replicas: Vec<String>) -> Response<BoxBody> {
+    seed_answer(
+        StatusCode::OK,
+        json!({"N": replicas.len(), "replicas": replicas}),
+        true,
+    )
+}
+
+fn seed_fail(status: StatusCode, message: impl Into<String>) -> Response<BoxBody> {
+    seed_answer(status, Value::from(message.into()), false)
+}
+
+/// `{"n": 2, "hostnames": ["S5"]}`: `n` an integer, `hostnames` an optional list of strings, nothing
+/// else.
+fn parse_scale(body: &[u8]) -> Result<ScaleRequest, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or("the body must be a JSON object like {\"n\": 1, \"hostnames\": []}")?;
+    if let Some(k) = obj.keys().find(|k| *k != "n" && *k != "hostnames") {
+        return Err(format!(
+            "unknown field {k:?}: the fields are n and hostnames"
+        ));
+    }
+    let n = match obj.get("n") {
+        None => return Err("n is required: the number of replicas".into()),
+        Some(n) => n
+            .as_i64()
+            .ok_or_else(|| format!("n must be an integer, not {n}"))?,
+    };
+    let hostnames = match obj.get("hostnames") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|h| {
+                h.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("hostnames must be strings, not {h}"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => return Err(format!("hostnames must be a list of strings, not {other}")),
+    };
+    Ok(ScaleRequest { n, hostnames })
 }
 
 fn admin_error(e: AdminError) -> Response<BoxBody> {

@@ -33,6 +33,7 @@ pub(super) fn backend_json(service: &str, b: &Backend) -> Value {
     let (source, dns_name) = match &primary {
         Some(Source::Dns(name)) => ("dns", Value::from(&**name)),
         Some(Source::Api) => ("api", Value::Null),
+        Some(Source::Docker) => ("docker", Value::Null),
         _ => ("static", Value::Null),
     };
     v["source"] = Value::from(source);
@@ -43,11 +44,38 @@ pub(super) fn backend_json(service: &str, b: &Backend) -> Value {
     v
 }
 
-/// Every backend of every service (members and removed ones still holding sessions).
+/// What the replicas of every service say about themselves, by (service, address).
+pub(super) fn replica_info(c: &Control) -> HashMap<(Arc<str>, SocketAddr), Value> {
+    let mut m = HashMap::new();
+    for view in c.services() {
+        let name = view.service.name.clone();
+        if let Some(set) = c.replicas(&name) {
+            for r in set.replicas() {
+                if let Some(a) = r.address {
+                    m.insert(
+                        (name.clone(), a),
+                        serde_json::to_value(&r).unwrap_or(Value::Null),
+                    );
+                }
+            }
+        }
+    }
+    m
+}
+
+/// Every backend of every service (members and removed ones still holding sessions); a replica
+/// sluicegate runs also says which (`replica`: hostname, container, state, what it replaced and why).
 pub(super) fn backends(c: &Control) -> Vec<Value> {
+    let replicas = replica_info(c);
     c.backends()
         .iter()
-        .map(|(svc, b)| backend_json(svc, b))
+        .map(|(svc, b)| {
+            let mut v = backend_json(svc, b);
+            if let Some(r) = replicas.get(&(svc.clone(), b.addr)) {
+                v["replica"] = r.clone();
+            }
+            v
+        })
         .collect()
 }
 
@@ -220,6 +248,7 @@ fn frame(c: &Control, prev: &mut Previous) -> Value {
             "bytes_rate": rate(bytes_total, before.map(|p| p.1), secs),
             "oldest_connection_s": st.sessions.oldest_age().map(|d| d.as_secs_f64()),
             "fairness": jain(&fairness_input),
+            "replicas": c.replicas(&s.name).map(|set| serde_json::to_value(set.replicas()).unwrap_or(Value::Null)),
             "dns": view.watchers.iter().map(|w| json!({
                 "name": &*w.label,
                 "queries": w.stats.queries.load(Relaxed),

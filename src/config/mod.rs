@@ -5,7 +5,13 @@
 //! (`services[0].backends[1].weight`) so a user can find the line, and both run before anything is
 //! bound. Every key is documented in `docs/configuration.md`.
 
+mod replicas;
 mod validate;
+
+pub use replicas::{
+    is_container_name, is_hostname, AutoscaleConfig, AutoscaleMetric, HealConfig, ReplicasConfig,
+    LABEL_PREFIX,
+};
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -572,6 +578,12 @@ pub struct ServiceConfig {
     pub slow_start: Dur,
     #[serde(default)]
     pub relay: RelayMode,
+    /// Backend containers sluicegate starts, removes and heals itself.
+    #[serde(default)]
+    pub replicas: Option<ReplicasConfig>,
+    /// Scaling those replicas with the load.
+    #[serde(default)]
+    pub autoscale: Option<AutoscaleConfig>,
 }
 
 fn default_connect_timeout() -> Dur {

@@ -1,7 +1,10 @@
 //! The semantic checks of a parsed config: what is well-formed but wrong. Every problem names its
 //! key path (`services[0].health.rise: must be at least 1`), and all of them are reported at once.
 
-use super::{AccessLog, BackendAddress, Config, Dur, Problem, MAX_WEIGHT};
+use super::{
+    is_container_name, AccessLog, AutoscaleConfig, BackendAddress, Config, Dur, HealthKind,
+    Problem, ReplicasConfig, ServiceConfig, LABEL_PREFIX, MAX_WEIGHT,
+};
 
 impl Config {
     /// Every semantic problem of a parsed config, each naming its key path; empty when valid.
@@ -98,8 +101,17 @@ impl Config {
                     );
                 }
             }
-            if s.backends.is_empty() {
-                p.add(at("backends"), "at least one backend is required");
+            if s.backends.is_empty() && s.replicas.is_none() {
+                p.add(
+                    at("backends"),
+                    "at least one backend is required (or a replicas section)",
+                );
+            }
+            if let Some(r) = &s.replicas {
+                validate_replicas(&mut p, i, s, r);
+            }
+            if let Some(a) = &s.autoscale {
+                validate_autoscale(&mut p, i, s.replicas.as_ref(), a);
             }
             for (k, b) in s.backends.iter().enumerate() {
                 let bat = |key: &str| format!("services[{i}].backends[{k}].{key}");
@@ -186,6 +198,142 @@ impl Config {
         p.0
     }
 }
+
+fn validate_replicas(p: &mut Problems, i: usize, s: &ServiceConfig, r: &ReplicasConfig) {
+    let at = |key: &str| format!("services[{i}].replicas.{key}");
+    if let Some(d) = &r.docker {
+        if !(d.starts_with("unix:///") || d.starts_with("tcp://") || d.starts_with("http://")) {
+            p.add(
+                at("docker"),
+                format!("{d:?}: must be unix:///path/to/docker.sock or tcp://host:port"),
+            );
+        }
+    }
+    if r.image.trim().is_empty() || r.image.contains(char::is_whitespace) {
+        p.add(at("image"), "must name an image (no spaces)");
+    }
+    if r.network.trim().is_empty() {
+        p.add(at("network"), "must name a Docker network");
+    }
+    if r.port == 0 {
+        p.add(at("port"), "must be a number from 1 to 65535");
+    }
+    if let Some(prefix) = &r.name_prefix {
+        if !is_container_name(prefix) {
+            p.add(
+                at("name_prefix"),
+                "must start with a letter or digit and use only letters, digits, '_', '.' and '-'",
+            );
+        }
+    }
+    if r.max == 0 || r.max > MAX_REPLICAS {
+        p.add(at("max"), format!("must be from 1 to {MAX_REPLICAS}"));
+    }
+    if r.min > r.max {
+        p.add(
+            at("min"),
+            format!("must not exceed replicas.max ({})", r.max),
+        );
+    }
+    if let Some(start) = r.start {
+        if start < r.min || start > r.max {
+            p.add(
+                at("start"),
+                format!(
+                    "must be from replicas.min ({}) to replicas.max ({})",
+                    r.min, r.max
+                ),
+            );
+        }
+    }
+    for k in r.env.keys() {
+        if k.is_empty() || k.contains('=') {
+            p.add(at("env"), format!("{k:?} is not a variable name"));
+        }
+    }
+    for k in r.labels.keys() {
+        if k.starts_with(LABEL_PREFIX) {
+            p.add(
+                at("labels"),
+                format!("{k:?}: labels starting with {LABEL_PREFIX} are sluicegate's own"),
+            );
+        }
+    }
+    if r.command.as_ref().is_some_and(|c| c.is_empty()) {
+        p.add(
+            at("command"),
+            "must not be empty (leave it out for the image's own)",
+        );
+    }
+    if !is_container_name(&r.balancer) {
+        p.add(
+            at("balancer"),
+            "must start with a letter or digit and use only letters, digits, '_', '.' and '-'",
+        );
+    }
+    if r.check_interval < Dur::millis(200) {
+        p.add(at("check_interval"), "must be at least 200ms");
+    }
+    if r.timeout.is_zero() {
+        p.add(at("timeout"), "must be greater than 0");
+    }
+    if r.heal.max_per_minute == 0 {
+        p.add(at("heal.max_per_minute"), "must be at least 1");
+    }
+    if s.health.kind == HealthKind::None {
+        p.add(
+            format!("services[{i}].health.kind"),
+            "must be tcp or http with replicas: a replica takes traffic only after its probe passes",
+        );
+    }
+}
+
+fn validate_autoscale(
+    p: &mut Problems,
+    i: usize,
+    replicas: Option<&ReplicasConfig>,
+    a: &AutoscaleConfig,
+) {
+    let at = |key: &str| format!("services[{i}].autoscale.{key}");
+    let Some(r) = replicas else {
+        p.add(
+            format!("services[{i}].autoscale"),
+            "needs a replicas section: the autoscaler starts and removes replicas",
+        );
+        return;
+    };
+    if !(a.target.is_finite() && a.target > 0.0) {
+        p.add(at("target"), "must be a number greater than 0");
+    }
+    let (min, max) = (a.min.unwrap_or(r.min), a.max.unwrap_or(r.max));
+    if min < r.min.max(1) {
+        p.add(
+            at("min"),
+            format!("must be at least replicas.min ({}) and at least 1", r.min),
+        );
+    }
+    if max > r.max {
+        p.add(
+            at("max"),
+            format!("must not exceed replicas.max ({})", r.max),
+        );
+    }
+    if min > max {
+        p.add(at("min"), format!("must not exceed autoscale.max ({max})"));
+    }
+    for (key, d) in [
+        ("window", a.window),
+        ("up_cooldown", a.up_cooldown),
+        ("down_cooldown", a.down_cooldown),
+    ] {
+        if d.is_zero() {
+            p.add(at(key), "must be greater than 0");
+        }
+    }
+}
+
+/// Replicas one service may have at most.
+const MAX_REPLICAS: u32 = 100;
 
 #[derive(Default)]
 struct Problems(Vec<Problem>);

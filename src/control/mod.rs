@@ -30,6 +30,7 @@ use crate::discovery::{self, ResolverError, Watcher};
 use crate::events::EventBus;
 use crate::listener::{self, BindError};
 use crate::pool::Backend;
+use crate::replicas::ReplicaSet;
 use crate::service::Service;
 use crate::util::lock;
 use crate::workers::{self, Workers};
@@ -106,6 +107,8 @@ struct Running {
     /// The pool's background work (probes, timers).
     pool_bg: CancellationToken,
     watchers: Vec<(Watcher, CancellationToken)>,
+    /// The replicas sluicegate runs for this service, and what stops their checks.
+    replicas: Option<(Arc<ReplicaSet>, CancellationToken)>,
 }
 
 /// The DNS resolver and the settings it was built with.
@@ -171,7 +174,14 @@ fn resolving_for(config: &Config) -> Result<Option<Resolving>, ResolverError> {
 }
 
 impl Running {
-    fn new(config: &ServiceConfig, service: Service, bound: (TcpListener, SocketAddr)) -> Running {
+    fn new(
+        config: &ServiceConfig,
+        service: Service,
+        bound: (TcpListener, SocketAddr),
+        events: &EventBus,
+    ) -> Running {
+        let replicas = ReplicaSet::new(config, service.pool.clone(), events.clone())
+            .map(|set| (set, CancellationToken::new()));
         Running {
             config: config.clone(),
             current: Arc::new(ArcSwap::from_pointee(service)),
@@ -180,6 +190,7 @@ impl Running {
             stop: CancellationToken::new(),
             pool_bg: CancellationToken::new(),
             watchers: Vec::new(),
+            replicas,
         }
     }
 }
@@ -192,7 +203,7 @@ impl Control {
         let mut running = Vec::with_capacity(config.services.len());
         for s in &config.services {
             let bound = bind_service(s)?;
-            running.push(Running::new(s, Service::new(s, &events), bound));
+            running.push(Running::new(s, Service::new(s, &events), bound, &events));
         }
         let workers = Workers::start(workers::default_count()).map_err(StartError::Workers)?;
         Ok(Control {
@@ -275,6 +286,23 @@ impl Control {
                     .map(move |b| (name.clone(), b))
             })
             .collect()
+    }
+
+    /// The replicas sluicegate runs for service `name`, if it has a `replicas:` section.
+    pub(crate) fn replicas(&self, name: &str) -> Option<Arc<ReplicaSet>> {
+        lock(&self.running)
+            .iter()
+            .find(|r| r.config.name == name)
+            .and_then(|r| r.replicas.as_ref().map(|(set, _)| set.clone()))
+    }
+
+    /// Runs `fut` on the control runtime and waits for it: Docker calls and pool changes stay on the
+    /// runtime that owns their connections and timers, whoever asks (the admin API's thread).
+    pub(crate) async fn on_control<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
+        self.rt.spawn(fut).await.ok()
     }
 
     pub fn service(&self, name: &str) -> Option<Arc<Service>> {
@@ -389,11 +417,15 @@ impl Control {
         }
     }
 
-    /// Starts the pool's background work of a service that starts after start-up (a reload added it).
+    /// Starts the pool's background work of a service, and its replicas' checks.
     fn start_pool(&self, r: &mut Running) {
         r.pool_bg = self.background.child_token();
         let service = r.current.load();
         service.pool.start(r.pool_bg.clone());
+        if let Some((set, stop)) = &mut r.replicas {
+            *stop = self.background.child_token();
+            set.start(stop.clone());
+        }
     }
 
     /// Starts every pool's probes and every DNS watcher, then waits (bounded) for the first DNS answers
@@ -413,6 +445,16 @@ impl Control {
                 .map(|r| r.current.load().pool.clone())
                 .collect()
         };
+        // The replicas' first check (adopting what runs, starting what is missing) before the start-up
+        // waits for probes, so the first clients find the replicas that are up. Bounded: a Docker that
+        // does not answer must not hold the start.
+        let sets: Vec<Arc<ReplicaSet>> = lock(&self.running)
+            .iter()
+            .filter_map(|r| r.replicas.as_ref().map(|(s, _)| s.clone()))
+            .collect();
+        for set in sets {
+            let _ = tokio::time::timeout(set.first_check_limit(), set.check()).await;
+        }
         let dns_by = Instant::now() + resolver_timeout + STARTUP_GRACE;
         for rx in firsts {
             let _ = tokio::time::timeout_at(dns_by, rx).await;

@@ -22,6 +22,7 @@ use crate::config::{Config, ConfigError};
 use crate::discovery::{self, ResolverError};
 use crate::listener::BindError;
 use crate::pool::Source;
+use crate::replicas::ReplicaSet;
 use crate::service::{self, Service};
 use crate::util::lock;
 
@@ -152,6 +153,15 @@ pub(crate) fn plan(old: &Config, new: &Config) -> Plan {
 }
 
 impl Control {
+    fn stop_replicas(r: &mut Running) {
+        if let Some((set, stop)) = r.replicas.take() {
+            stop.cancel();
+            set.stopped();
+            // Its replicas leave the pool with it (drained as the service's on_removed says).
+            r.current.load().pool.reconcile(Source::Docker, Vec::new());
+        }
+    }
+
     /// Reads the config file again and applies it (SIGHUP, `POST /reload`).
     pub fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
         let path = lock(&self.config_path).clone();
@@ -240,7 +250,7 @@ impl Control {
             let mut r = match step {
                 Step::Add => {
                     let Some(b) = fresh.take() else { continue };
-                    let mut r = Running::new(s, Service::new(s, &self.events), b);
+                    let mut r = Running::new(s, Service::new(s, &self.events), b, &self.events);
                     // Before `serve`, its start-up starts every pool and watcher.
                     if started {
                         self.start_pool(&mut r);
@@ -270,6 +280,18 @@ impl Control {
                     prev.pool.reconcile(Source::Dns(label.clone()), Vec::new());
                 }
                 r.current.store(Arc::new(prev.next(s)));
+                if r.config.replicas != s.replicas || r.config.autoscale != s.autoscale {
+                    // New replica settings: a new set, which adopts the running containers.
+                    Self::stop_replicas(&mut r);
+                    r.replicas = ReplicaSet::new(s, prev.pool.clone(), self.events.clone())
+                        .map(|set| (set, CancellationToken::new()));
+                    if started {
+                        if let Some((set, stop)) = &mut r.replicas {
+                            *stop = self.background.child_token();
+                            set.start(stop.clone());
+                        }
+                    }
+                }
                 if *rewatch && started {
                     Self::stop_watchers(&mut r);
                     self.start_watchers(&mut r, resolving.as_ref());

@@ -20,6 +20,8 @@ pub enum Source {
     /// A DNS name with its port, as written in the config (`backend:5000`).
     Dns(Arc<str>),
     Api,
+    /// Containers sluicegate runs itself (`replicas:`).
+    Docker,
 }
 
 impl fmt::Display for Source {
@@ -28,6 +30,7 @@ impl fmt::Display for Source {
             Source::Static => f.write_str("static"),
             Source::Dns(name) => write!(f, "dns:{name}"),
             Source::Api => f.write_str("api"),
+            Source::Docker => f.write_str("docker"),
         }
     }
 }

@@ -331,6 +331,16 @@ impl Pool {
         }
     }
 
+    /// Names the member at `addr` (reverse DNS, or a replica's container name).
+    pub(crate) fn name_backend(&self, addr: SocketAddr, name: &str) {
+        if let Some(b) = self.member(addr) {
+            if b.name().as_deref().map(String::as_str) != Some(name) {
+                tracing::debug!(service = %self.service, backend = %addr, name, "backend named");
+                b.set_name(name);
+            }
+        }
+    }
+
     /// Logs and streams `transitions` (after the pool's lock is released), and hands them back.
     fn publish(&self, transitions: Vec<Transition>) -> Vec<Transition> {
         for t in &transitions {
@@ -766,10 +776,7 @@ impl Claims for Pool {
     }
 
     fn named(&self, addr: SocketAddr, name: Arc<str>) {
-        if let Some(b) = self.member(addr) {
-            tracing::debug!(service = %self.service, backend = %addr, name = %name, "backend named by reverse DNS");
-            b.set_name(&name);
-        }
+        self.name_backend(addr, &name);
     }
 }
 

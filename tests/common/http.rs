@@ -25,13 +25,25 @@ impl Reply {
     }
 }
 
-/// Sends one request (`extra` are full header lines) and reads the whole reply.
+/// Sends one request (`extra` are full header lines) and reads the whole reply (within 10 s).
 pub async fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     extra: &[&str],
     body: &[u8],
+) -> std::io::Result<Reply> {
+    request_within(addr, method, path, extra, body, Duration::from_secs(10)).await
+}
+
+/// [`request`], waiting up to `limit` for the reply.
+pub async fn request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &[&str],
+    body: &[u8],
+    limit: Duration,
 ) -> std::io::Result<Reply> {
     let mut s = TcpStream::connect(addr).await?;
     let mut head = format!(
@@ -47,7 +59,7 @@ pub async fn request(
     // A server may answer (413) before the whole body is sent and close: that is fine.
     let _ = s.write_all(body).await;
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+    tokio::time::timeout(limit, s.read_to_end(&mut raw))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply"))??;
     parse(&raw)

@@ -9,6 +9,10 @@
 //! prints the same as one JSON object for scripts.
 //!
 //! Traffic goes only where it is pointed, and every run is bounded by `--duration` or `--requests`.
+//!
+//! `sluicegate-load serve` is the other end: a small backend that says who it is (`serve.rs`).
+
+mod serve;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,7 +20,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,10 +29,16 @@ use tokio::time::Instant;
 
 /// Load a TCP or HTTP service: closed or open loop, with latency percentiles and per-backend shares.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "sluicegate-load", version)]
+#[command(
+    name = "sluicegate-load",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The service to load: ip:port (host names are resolved once, at start).
-    target: String,
+    target: Option<String>,
     /// What a request is: an HTTP/1.1 GET, or a TCP message echoed back.
     #[arg(long, value_enum, default_value_t = Mode::Http)]
     mode: Mode,
@@ -65,6 +75,20 @@ struct Args {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+enum Command {
+    /// Be a backend instead: a small HTTP server that says who it is (GET /, /home, /health,
+    /// /heartbeat, /stats, /bytes?n=N&rate=R).
+    Serve {
+        /// Where to listen.
+        #[arg(long, default_value = "0.0.0.0:5000")]
+        listen: SocketAddr,
+        /// The name it answers with (default: the host's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -427,8 +451,31 @@ fn record(tally: &mut Tally, result: Result<Option<String>, Failure>, micros: u6
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let target: SocketAddr = match std::net::ToSocketAddrs::to_socket_addrs(&args.target)
+    let mut args = Args::parse();
+    if let Some(Command::Serve { listen, name }) = args.command.take() {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("sluicegate-load: cannot start a runtime: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        return match rt.block_on(serve::serve(listen, serve::own_name(name))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sluicegate-load serve: cannot listen on {listen}: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let Some(target_text) = args.target.clone() else {
+        eprintln!("sluicegate-load: give the target ip:port (or `serve` to be a backend)");
+        return ExitCode::from(2);
+    };
+    let target: SocketAddr = match std::net::ToSocketAddrs::to_socket_addrs(&target_text)
         .ok()
         .and_then(|mut a| a.next())
     {
@@ -451,7 +498,7 @@ fn main() -> ExitCode {
     };
     let request = Arc::new(match args.mode {
         Mode::Http => {
-            let host = args.host.clone().unwrap_or_else(|| args.target.clone());
+            let host = args.host.clone().unwrap_or_else(|| target_text.clone());
             let conn = if args.new_connection {
                 "close"
             } else {
@@ -542,7 +589,7 @@ fn report(args: &Args, t: &Tally, elapsed: Duration) {
         println!(
             "{}",
             json!({
-                "target": args.target,
+                "target": args.target.as_deref().unwrap_or(""),
                 "mode": format!("{:?}", args.mode).to_lowercase(),
                 "connections": args.connections,
                 "rate": args.rate,
@@ -568,7 +615,7 @@ fn report(args: &Args, t: &Tally, elapsed: Duration) {
     println!(
         "{} {} for {secs:.2} s, {} connections, {mode}",
         format!("{:?}", args.mode).to_uppercase(),
-        args.target,
+        args.target.as_deref().unwrap_or(""),
         args.connections
     );
     println!(
