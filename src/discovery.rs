@@ -28,6 +28,7 @@ use hickory_resolver::config::{
     ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig as HickoryConfig,
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::Name;
 use hickory_resolver::TokioResolver;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
@@ -198,7 +199,13 @@ impl NameState {
 
 /// Asks the resolver once, bounded by `limit`.
 pub(crate) async fn query(resolver: &TokioResolver, host: &str, limit: Duration) -> Answer {
-    match tokio::time::timeout(limit, resolver.lookup_ip(host)).await {
+    // Parsed as ASCII, not through IDNA (what a `&str` gets): Docker's names carry underscores
+    // (`tasks.stack_service`, `project_web_1`), which IDNA rejects.
+    let name = match Name::from_ascii(host) {
+        Ok(name) => name,
+        Err(e) => return Answer::Failed(format!("{host:?} is not a DNS name: {e}")),
+    };
+    match tokio::time::timeout(limit, resolver.lookup_ip(name)).await {
         Err(_) => Answer::Failed("timed out".into()),
         Ok(Ok(lookup)) => {
             let set: BTreeSet<IpAddr> = lookup.iter().collect();

@@ -380,3 +380,17 @@ async fn reverse_dns_names_the_backends() {
     );
     assert!(proxy.backend(unnamed).name().is_none());
 }
+
+/// Docker's names carry underscores (Swarm's `tasks.<stack>_<service>`, Compose v1's `project_web_1`),
+/// which IDNA parsing rejects: they must still resolve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_with_underscores_resolve() {
+    let (port, _r) = replicas(2, 2);
+    let dns = FakeDns::start().await;
+    dns.set_ips("tasks.demo_backend", &[[127, 0, 0, 2], [127, 0, 0, 3]]);
+    let y = yaml(dns.addr, port, "discovery: {refresh: 200ms}")
+        .replace("\"backend:", "\"tasks.demo_backend:");
+    let proxy = Proxy::start(&y).await;
+    wait_members(&proxy, &[2, 3], Duration::from_secs(3)).await;
+    assert_eq!(spread(proxy.addr, 20).await.len(), 2, "both replicas serve");
+}
