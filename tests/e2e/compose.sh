@@ -17,19 +17,12 @@
 #      show the container's name.
 # Skips (exit 0, saying so loudly) only when no Docker engine answers. Tears the stack down at the end.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-demo="$root/compose/demo"
+. "$(dirname "$0")/lib.sh"
 ADMIN=http://127.0.0.1:9901
 PROMETHEUS=http://127.0.0.1:9090
-started=$SECONDS
-
-if ! docker info >/dev/null 2>&1; then
-  printf '\n*** SKIPPED: no Docker engine answers; the compose end-to-end tests did NOT run ***\n\n'
-  exit 0
-fi
+need_docker_or_skip "the compose end-to-end tests"
 
 step() { printf '\n=== e2e: %s (at %ds)\n' "$*" $((SECONDS - started)); }
-fail() { printf '\n\033[31mE2E FAILED: %s\033[0m\n' "$*" >&2; exit 1; }
 compose() {
   if docker compose version >/dev/null 2>&1; then
     docker compose -p sluicegate-demo -f "$root/compose/compose.yaml" "$@"

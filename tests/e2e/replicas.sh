@@ -6,15 +6,8 @@
 # demo fails loudly at the first broken guarantee; this script then checks that the teardown left no
 # container behind. Skips (exit 0, saying so loudly) only when no Docker engine answers.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-demo="$root/compose/demo"
-started=$SECONDS
-
-if ! docker info >/dev/null 2>&1; then
-  printf '\n*** SKIPPED: no Docker engine answers; the replicas end-to-end test did NOT run ***\n\n'
-  exit 0
-fi
-fail() { printf '\n\033[31mE2E FAILED: %s\033[0m\n' "$*" >&2; exit 1; }
+. "$(dirname "$0")/lib.sh"
+need_docker_or_skip "the replicas end-to-end test"
 trap '"$demo" replicas-down >/dev/null 2>&1 || true' EXIT
 
 printf '\n=== e2e: compose/demo replicas\n'
