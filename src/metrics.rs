@@ -69,6 +69,16 @@ pub(crate) fn render(control: &Control) -> String {
         1,
     );
     o.family(
+        "sluicegate_instance_info",
+        "gauge",
+        "Always 1: which balancer replica this is (its host's name), to tell replicas apart.",
+    );
+    o.sample(
+        "sluicegate_instance_info",
+        &[("hostname", control.instance())],
+        1,
+    );
+    o.family(
         "sluicegate_serving",
         "gauge",
         "1 while the process serves; 0 once it drains.",

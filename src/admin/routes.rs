@@ -52,6 +52,8 @@ pub(super) enum Route {
     Add(Option<String>),
     Rm(Option<String>),
     Heartbeat,
+    /// Which backend a client would get: `?client=IP[&service=NAME]`.
+    Where,
 }
 
 impl Route {
@@ -74,6 +76,7 @@ impl Route {
             ["add"] => Route::Add(None),
             ["rm"] => Route::Rm(None),
             ["heartbeat"] => Route::Heartbeat,
+            ["route"] => Route::Where,
             ["services", s, "rep"] => Route::Rep(Some(percent_decode(s)?)),
             ["services", s, "add"] => Route::Add(Some(percent_decode(s)?)),
             ["services", s, "rm"] => Route::Rm(Some(percent_decode(s)?)),
@@ -204,6 +207,7 @@ impl Admin {
                 Err(r) => r,
             },
             (Route::Heartbeat, _) => seed_answer(StatusCode::OK, json!("alive"), true),
+            (Route::Where, _) => self.route_of(query),
             (Route::Rep(name), _) => match self.seed_service(name, query) {
                 Ok(svc) => seed_list(self.replica_names(&svc)),
                 Err(r) => r,
@@ -239,6 +243,53 @@ impl Admin {
                 }
             }
         }
+    }
+
+    /// `GET /route?client=IP[&service=NAME]`: the backend a new connection from `IP` would get now.
+    /// With `source_hash` it is exact and changes nothing, which is how balancer replicas are checked
+    /// for agreement; with the other policies it is the next pick, and counts as one.
+    fn route_of(&self, query: &str) -> Response<BoxBody> {
+        let Some(client) = query_param(query, "client") else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give ?client=IP (and &service=NAME with several services)",
+            );
+        };
+        let Ok(ip) = percent_decode(client)
+            .unwrap_or_default()
+            .parse::<std::net::IpAddr>()
+        else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{client:?} is not an IP address"),
+            );
+        };
+        let service = match self.seed_service(query_param(query, "service").map(str::to_string), "")
+        {
+            Ok(s) => s,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "name the service: &service=NAME (there is none by that name, or several)",
+                )
+            }
+        };
+        let Some(svc) = self.control.service(&service) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no service named {service:?}"),
+            );
+        };
+        let backend = svc.pool.snapshot().route(SocketAddr::new(ip, 0));
+        let name = backend
+            .and_then(|a| svc.pool.member(a))
+            .and_then(|b| b.name())
+            .map(|n| n.to_string());
+        json_response(
+            StatusCode::OK,
+            &json!({"service": service, "client": ip, "policy": svc.policy.as_str(),
+                    "backend": backend, "name": name, "instance": self.control.instance()}),
+        )
     }
 
     /// The service a seed route is about: the one it names (in the path or `?service=`), or the only

@@ -67,10 +67,12 @@ pub(super) fn replica_info(c: &Control) -> HashMap<(Arc<str>, SocketAddr), Value
 /// sluicegate runs also says which (`replica`: hostname, container, state, what it replaced and why).
 pub(super) fn backends(c: &Control) -> Vec<Value> {
     let replicas = replica_info(c);
+    let instance = c.instance();
     c.backends()
         .iter()
         .map(|(svc, b)| {
             let mut v = backend_json(svc, b);
+            v["instance"] = Value::from(instance);
             if let Some(r) = replicas.get(&(svc.clone(), b.addr)) {
                 v["replica"] = r.clone();
             }
@@ -271,6 +273,7 @@ fn frame(c: &Control, prev: &mut Previous) -> Value {
     let d = c.drain_progress();
     json!({
         "at_ms": unix_ms(),
+        "instance": c.instance(),
         "ready": c.readiness().is_ready(),
         "draining": d.draining,
         "drain": d,

@@ -28,6 +28,8 @@ use crate::util::Rng;
 /// more, so they can be read and tested without a pool.
 pub(crate) trait Candidate {
     fn addr(&self) -> SocketAddr;
+    /// The configured weight (what `source_hash`'s table uses: never slow start's).
+    fn weight(&self) -> u32;
     /// The weight in use now, in the pool's fixed-point units (slow start lowers it).
     fn weight_units(&self) -> u32;
     /// Connections open (or connecting) to it now.
@@ -38,6 +40,10 @@ impl<T: Candidate + ?Sized> Candidate for Arc<T> {
     #[inline]
     fn addr(&self) -> SocketAddr {
         (**self).addr()
+    }
+    #[inline]
+    fn weight(&self) -> u32 {
+        (**self).weight()
     }
     #[inline]
     fn weight_units(&self) -> u32 {
@@ -66,7 +72,9 @@ pub(crate) enum Selector {
 }
 
 impl Selector {
-    pub(crate) fn new<C: Candidate>(policy: Policy, ready: &[C]) -> Selector {
+    /// The policy over the backends ready now. `source_hash` indexes every member instead: see
+    /// [`Selector::over_members`].
+    pub(crate) fn over_ready<C: Candidate>(policy: Policy, ready: &[C]) -> Selector {
         match policy {
             Policy::RoundRobin => Selector::RoundRobin(RoundRobin::new(ready)),
             Policy::WeightedRoundRobin => {
@@ -74,8 +82,17 @@ impl Selector {
             }
             Policy::LeastConn => Selector::LeastConn(LeastConn::new(ready)),
             Policy::P2c => Selector::P2c(P2c::new(ready, Rng::from_entropy())),
-            Policy::SourceHash => Selector::SourceHash(SourceHash::new(ready)),
+            Policy::SourceHash => {
+                let all = vec![true; ready.len()];
+                Selector::SourceHash(SourceHash::new(ready, all))
+            }
         }
+    }
+
+    /// `source_hash` over every member (sorted by address), `eligible` saying which may take new
+    /// connections: the table depends on the members alone, so balancers with the same members agree.
+    pub(crate) fn over_members<C: Candidate>(members: &[C], eligible: Vec<bool>) -> Selector {
+        Selector::SourceHash(SourceHash::new(members, eligible))
     }
 
     #[inline]
@@ -117,6 +134,8 @@ pub(crate) mod testutil {
     pub(crate) struct TestBackend {
         pub(crate) addr: SocketAddr,
         pub(crate) weight: u32,
+        /// The weight in use (below `weight` while slow-starting).
+        pub(crate) effective: std::sync::atomic::AtomicU32,
         pub(crate) active: AtomicU64,
     }
 
@@ -124,8 +143,11 @@ pub(crate) mod testutil {
         fn addr(&self) -> SocketAddr {
             self.addr
         }
-        fn weight_units(&self) -> u32 {
+        fn weight(&self) -> u32 {
             self.weight
+        }
+        fn weight_units(&self) -> u32 {
+            self.effective.load(Relaxed)
         }
         fn active(&self) -> u64 {
             self.active.load(Relaxed)
@@ -156,6 +178,7 @@ pub(crate) mod testutil {
                 Arc::new(TestBackend {
                     addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
                     weight: w,
+                    effective: std::sync::atomic::AtomicU32::new(w),
                     active: AtomicU64::new(0),
                 })
             })

@@ -4,6 +4,13 @@
 //! weight; a client IP hashes to a slot. Adding or removing one of N backends changes about 1/N of the
 //! slots, so about 1/N of clients move. The hash is a fixed FNV-1a + mixer, not Rust's per-process
 //! `RandomState`, so a client maps to the same backend across restarts and across balancer replicas.
+//!
+//! Agreement between balancers: the table is a function of the set of members and their *configured*
+//! weights only. It is built over every member, sorted by address, whatever order they arrived in, and
+//! whether or not they are healthy, ejected, draining or slow-starting now; a member that cannot take
+//! the connection is skipped at lookup (the walk goes on to the next slot). So two balancers with the
+//! same members send every client to the same backend, and one that sees a backend down moves only
+//! that backend's clients.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -11,30 +18,40 @@ use super::{allowed, Balancer, Candidate};
 
 pub(crate) struct SourceHash {
     table: Vec<u32>,
+    /// Per member (as the table indexes them): whether it may take new connections now.
+    eligible: Vec<bool>,
 }
 
 /// Smallest table: a prime well above 100 × backends keeps each backend's share within about 1 %.
 const MIN_TABLE: usize = 65_537;
 
 impl SourceHash {
-    pub(crate) fn new<C: Candidate>(ready: &[C]) -> SourceHash {
-        SourceHash {
-            table: maglev_table(ready),
-        }
+    /// The table over `members`, which must be sorted by address; `eligible` says which may take new
+    /// connections now.
+    pub(crate) fn new<C: Candidate>(members: &[C], eligible: Vec<bool>) -> SourceHash {
+        debug_assert!(members.windows(2).all(|w| w[0].addr() < w[1].addr()));
+        debug_assert_eq!(members.len(), eligible.len());
+        let table = if eligible.iter().any(|e| *e) {
+            maglev_table(members)
+        } else {
+            Vec::new()
+        };
+        SourceHash { table, eligible }
     }
 }
 
 impl<C: Candidate> Balancer<C> for SourceHash {
-    fn pick(&self, ready: &[C], client: SocketAddr, avoid: &[SocketAddr]) -> Option<usize> {
+    fn pick(&self, members: &[C], client: SocketAddr, avoid: &[SocketAddr]) -> Option<usize> {
         let m = self.table.len();
         if m == 0 {
             return None;
         }
         let slot = (hash_ip(client.ip()) % m as u64) as usize;
-        // A tried backend: walk on through the table, which lands on a deterministic next choice.
+        // A member that cannot take it, or was tried: walk on through the table, which lands on a
+        // deterministic next choice.
         (0..m)
             .map(|k| self.table[(slot + k) % m] as usize)
-            .find(|&i| allowed(&ready[i], avoid))
+            .find(|&i| self.eligible[i] && allowed(&members[i], avoid))
     }
 }
 
@@ -79,7 +96,9 @@ fn backend_key<C: Candidate>(b: &C) -> Vec<u8> {
     b.addr().to_string().into_bytes()
 }
 
-fn maglev_table<C: Candidate>(ready: &[C]) -> Vec<u32> {
+/// The lookup table over `members`, in their order, by configured weight.
+fn maglev_table<C: Candidate>(members: &[C]) -> Vec<u32> {
+    let ready = members;
     let n = ready.len();
     if n == 0 {
         return Vec::new();
@@ -94,18 +113,14 @@ fn maglev_table<C: Candidate>(ready: &[C]) -> Vec<u32> {
             (offset, skip)
         })
         .collect();
-    let max_w = ready
-        .iter()
-        .map(|b| b.weight_units() as u64)
-        .max()
-        .unwrap_or(1);
+    let max_w = ready.iter().map(|b| b.weight() as u64).max().unwrap_or(1);
     let mut next = vec![0usize; n];
     let mut credit = vec![0u64; n];
     let mut table = vec![u32::MAX; m];
     let mut filled = 0;
     while filled < m {
         for i in 0..n {
-            credit[i] += ready[i].weight_units() as u64;
+            credit[i] += ready[i].weight() as u64;
             while credit[i] >= max_w && filled < m {
                 credit[i] -= max_w;
                 let (offset, skip) = perms[i];
@@ -131,13 +146,13 @@ mod tests {
 
     #[test]
     fn contract() {
-        basic_contract(|r| Box::new(SourceHash::new(r)));
+        basic_contract(|r| Box::new(SourceHash::new(r, vec![true; r.len()])));
     }
 
     #[test]
     fn same_client_same_backend() {
         let r = backends(&[1, 1, 1, 1]);
-        let h = SourceHash::new(&r);
+        let h = SourceHash::new(&r, vec![true; r.len()]);
         for i in 0..100 {
             let first = h.pick(&r, client(i), &[]);
             let other_port = SocketAddr::new(client(i).ip(), 1234);
@@ -148,7 +163,7 @@ mod tests {
     #[test]
     fn shares_follow_weights() {
         let r = backends(&[1, 2, 7]);
-        let s = shares(&SourceHash::new(&r), &r, 20_000);
+        let s = shares(&SourceHash::new(&r, vec![true; r.len()]), &r, 20_000);
         for (got, want) in s.iter().zip([2000.0, 4000.0, 14000.0]) {
             assert!((*got as f64 - want).abs() / 20_000.0 < 0.03, "{s:?}");
         }
@@ -163,9 +178,9 @@ mod tests {
         let ten: Vec<_> = all[..n].to_vec();
         let nine: Vec<_> = all[..n - 1].to_vec();
         let (h10, h9, h11) = (
-            SourceHash::new(&ten),
-            SourceHash::new(&nine),
-            SourceHash::new(&all),
+            SourceHash::new(&ten, vec![true; n]),
+            SourceHash::new(&nine, vec![true; n - 1]),
+            SourceHash::new(&all, vec![true; n + 1]),
         );
         let clients = 20_000;
         let (mut moved_rm, mut moved_add) = (0, 0);
@@ -185,5 +200,44 @@ mod tests {
         );
         assert!(rm > 0.07 && rm < 0.15, "removal moved {rm}");
         assert!(add > 0.06 && add < 0.14, "addition moved {add}");
+    }
+
+    /// A member that cannot take connections is skipped: only its own clients move, and they come
+    /// back when it does. The table itself does not change.
+    #[test]
+    fn an_ineligible_member_moves_only_its_own_clients() {
+        let r = backends(&[1, 1, 1, 1]);
+        let all = SourceHash::new(&r, vec![true; 4]);
+        let third_down = SourceHash::new(&r, vec![true, true, false, true]);
+        for i in 0..5_000 {
+            let (a, b) = (
+                all.pick(&r, client(i), &[]),
+                third_down.pick(&r, client(i), &[]),
+            );
+            if a == Some(2) {
+                assert_ne!(b, Some(2));
+            } else {
+                assert_eq!(a, b, "client {i} of another backend moved");
+            }
+        }
+        let none = SourceHash::new(&r, vec![false; 4]);
+        assert_eq!(none.pick(&r, client(1), &[]), None);
+    }
+
+    /// The table reads configured weights only: a backend slow-starting (a lower weight in use)
+    /// keeps its share of the table, so a balancer ramping it agrees with one that is not.
+    #[test]
+    fn slow_start_does_not_change_the_table() {
+        let r = backends(&[2, 2, 2]);
+        let before = SourceHash::new(&r, vec![true; 3]);
+        r[1].effective
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        let ramping = SourceHash::new(&r, vec![true; 3]);
+        for i in 0..2_000 {
+            assert_eq!(
+                before.pick(&r, client(i), &[]),
+                ramping.pick(&r, client(i), &[])
+            );
+        }
     }
 }

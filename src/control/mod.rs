@@ -143,6 +143,8 @@ pub struct Control {
     reloads_rejected: AtomicU64,
     /// Accept loops run (set by `serve`); before that, a reload leaves new listeners pending.
     serving: AtomicBool,
+    /// This host's name: which balancer replica this is, in `/backends`, `/stats` and `/metrics`.
+    instance: String,
 }
 
 fn bind_service(s: &ServiceConfig) -> Result<(TcpListener, SocketAddr), BindError> {
@@ -223,7 +225,13 @@ impl Control {
             reloads_applied: AtomicU64::new(0),
             reloads_rejected: AtomicU64::new(0),
             serving: AtomicBool::new(false),
+            instance: crate::util::hostname(),
         })
+    }
+
+    /// Which balancer replica this is (its host's name).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// Starts probes and DNS watchers, waits (bounded) for their first results, then starts every

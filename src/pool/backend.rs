@@ -308,6 +308,10 @@ impl Candidate for Backend {
         self.addr
     }
     #[inline]
+    fn weight(&self) -> u32 {
+        Backend::weight(self)
+    }
+    #[inline]
     fn weight_units(&self) -> u32 {
         self.eff_weight()
     }

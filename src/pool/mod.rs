@@ -53,6 +53,9 @@ use membership::{Desired, Membership};
 /// What the hot path sees: the backends eligible for new connections and the policy state built for them.
 pub struct Snapshot {
     pub ready: Vec<Arc<Backend>>,
+    /// What the selector indexes: the ready backends, or, for `source_hash`, every member sorted by
+    /// address (its table skips the ineligible ones).
+    candidates: Vec<Arc<Backend>>,
     selector: Selector,
 }
 
@@ -61,8 +64,14 @@ impl Snapshot {
     #[inline]
     pub(crate) fn pick(&self, client: SocketAddr, avoid: &[SocketAddr]) -> Option<&Arc<Backend>> {
         self.selector
-            .pick(&self.ready, client, avoid)
-            .map(|i| &self.ready[i])
+            .pick(&self.candidates, client, avoid)
+            .map(|i| &self.candidates[i])
+    }
+
+    /// The backend a new connection from `client` would get now. With `source_hash` this is exact
+    /// and changes nothing; with the other policies it is the next pick (and counts as one).
+    pub fn route(&self, client: SocketAddr) -> Option<SocketAddr> {
+        self.pick(client, &[]).map(|b| b.addr)
     }
 }
 
@@ -194,7 +203,7 @@ fn ramped(weight: u32, elapsed: Duration, window: Duration) -> Option<u32> {
 
 impl Pool {
     pub(crate) fn new(service: Arc<str>, settings: PoolSettings, events: EventBus) -> Pool {
-        let selector = Selector::new::<Arc<Backend>>(settings.policy, &[]);
+        let selector = Selector::over_ready::<Arc<Backend>>(settings.policy, &[]);
         Pool {
             service,
             settings: ArcSwap::from_pointee(settings),
@@ -210,6 +219,7 @@ impl Pool {
             }),
             snapshot: ArcSwap::from_pointee(Snapshot {
                 ready: Vec::new(),
+                candidates: Vec::new(),
                 selector,
             }),
             probed: Notify::new(),
@@ -740,8 +750,21 @@ impl Pool {
             };
             b.effective.store(eff, Relaxed);
         }
-        let selector = Selector::new(self.settings().policy, &ready);
-        self.snapshot.store(Arc::new(Snapshot { ready, selector }));
+        let policy = self.settings().policy;
+        let (candidates, selector) = if policy == Policy::SourceHash {
+            let mut members = inner.members.clone();
+            members.sort_by_key(|b| b.addr);
+            let eligible = members.iter().map(|b| self.eligible(b)).collect();
+            let selector = Selector::over_members(&members, eligible);
+            (members, selector)
+        } else {
+            (ready.clone(), Selector::over_ready(policy, &ready))
+        };
+        self.snapshot.store(Arc::new(Snapshot {
+            ready,
+            candidates,
+            selector,
+        }));
         if ramping && !inner.ramp_task && inner.tasks.is_some() {
             inner.ramp_task = true;
             // Ten steps over the window, never more often than every 50 ms.

@@ -167,6 +167,9 @@ impl Tally {
     }
 }
 
+/// Set by SIGINT or SIGTERM: the run ends early, and still reports.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The shared budget of requests, when `--requests` bounds the run.
 struct Budget(Option<std::sync::atomic::AtomicU64>);
 
@@ -380,7 +383,10 @@ async fn run_connection(
         .map(|r| Duration::from_secs_f64(args.connections as f64 / r));
     let mut due = period.map(|p| start + p.mul_f64(index as f64 / args.connections as f64));
     loop {
-        if until.is_some_and(|u| Instant::now() >= u) || !budget.take() {
+        if until.is_some_and(|u| Instant::now() >= u)
+            || STOP.load(std::sync::atomic::Ordering::Relaxed)
+            || !budget.take()
+        {
             return tally;
         }
         let sent_at = match due {
@@ -527,6 +533,20 @@ fn main() -> ExitCode {
         let start = Instant::now();
         let until = duration.map(|d| start + d);
         let budget = Arc::new(Budget(args.requests.map(std::sync::atomic::AtomicU64::new)));
+        // Ctrl-C (or SIGTERM) ends the run early; the report still comes.
+        tokio::spawn(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..args.connections {
             tasks.spawn(run_connection(
