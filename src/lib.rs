@@ -10,7 +10,11 @@
 //!   drain on stop.
 //! - `workers`: the data-plane threads (one single-threaded runtime per core) that accept and relay.
 //! - `listener`: binds the service sockets and runs the accept loop, which never dies.
-//! - `session`: one client's life: select, connect with retry on another backend, relay, account.
+//! - `session`: one client's life: the PROXY header in, admission, select, connect with retry on
+//!   another backend, the PROXY header out, relay, account.
+//! - `admission`: who may come in and how much they may take: the top-level cap, allow and deny
+//!   lists, per-source limits, per-backend caps and their queue.
+//! - [`proxy_protocol`]: PROXY protocol v1 and v2 headers, parsed and written.
 //! - [`service`]: a configured service at run time: settings, pool, counters.
 //! - [`pool`]: a service's backends and their counters, membership by difference, eligibility
 //!   (health, passive ejection, drain, slow start), the probe loops, and the snapshot the hot path
@@ -33,6 +37,7 @@
 #![warn(unreachable_pub)]
 
 mod admin;
+mod admission;
 pub mod app;
 mod balance;
 pub mod config;
@@ -46,6 +51,7 @@ pub mod logging;
 mod metrics;
 pub mod outcome;
 pub mod pool;
+pub mod proxy_protocol;
 mod relay;
 mod replicas;
 pub mod routelog;

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Gate;
 use crate::service::Service;
 use crate::session::{self, ClientSlot};
 use crate::util::RateLimited;
@@ -53,6 +54,7 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     current: Arc<ArcSwap<Service>>,
+    gate: Arc<Gate>,
     tracker: TaskTracker,
     stop: CancellationToken,
     deadline: CancellationToken,
@@ -71,8 +73,8 @@ pub(crate) async fn accept_loop(
             Ok((client, peer)) => {
                 backoff = BACKOFF_START;
                 service.stats.accepted.fetch_add(1, Relaxed);
-                match ClientSlot::take(&service) {
-                    Some(slot) => {
+                match ClientSlot::take(&service, gate.enter()) {
+                    Ok(slot) => {
                         tracker.spawn(session::serve(
                             client,
                             peer,
@@ -81,7 +83,7 @@ pub(crate) async fn accept_loop(
                             deadline.clone(),
                         ));
                     }
-                    None => session::refuse_over_limit(&service, peer),
+                    Err(end) => session::refuse_over_limit(&service, peer, end),
                 }
             }
             Err(e) if is_per_connection(&e) => continue,

@@ -89,9 +89,15 @@ pub(crate) fn render(control: &Control) -> String {
         u8::from(!control.readiness().is_draining()),
     );
     process_metrics(&mut o);
+    o.family(
+        "sluicegate_connections_open",
+        "gauge",
+        "Client connections open now over every service (what the top-level max_connections caps).",
+    );
+    o.sample("sluicegate_connections_open", &[], control.gate.open());
 
     type ServiceGet = fn(&ServiceStats) -> u64;
-    let per_service: [(&str, &str, &str, ServiceGet); 6] = [
+    let per_service: [(&str, &str, &str, ServiceGet); 8] = [
         (
             "sluicegate_connections_accepted_total",
             "counter",
@@ -121,6 +127,18 @@ pub(crate) fn render(control: &Control) -> String {
             "counter",
             "Clients closed at once because max_connections were open.",
             |s| s.ended(Outcome::MaxConnections),
+        ),
+        (
+            "sluicegate_queue_waiting",
+            "gauge",
+            "Clients waiting for a backend below its max_connections (queue).",
+            |s| s.queue.waiting(),
+        ),
+        (
+            "sluicegate_source_entries",
+            "gauge",
+            "Client addresses the per-source limits are tracking now (bounded).",
+            |s| s.sources.len() as u64,
         ),
         (
             "sluicegate_connections_spliced_total",

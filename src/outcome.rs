@@ -31,11 +31,23 @@ pub enum Outcome {
     ConnectFailed,
     /// Refused: the service already had `max_connections` open.
     MaxConnections,
+    /// Refused: every service together already had the top-level `max_connections` open.
+    GlobalMaxConnections,
+    /// Refused: every backend was at its `max_connections` (after the queue's wait, if any).
+    BackendsFull,
+    /// Refused: the client address had `limits.per_source_connections` open, or exceeded
+    /// `limits.per_source_rate`.
+    SourceLimit,
+    /// Refused: the client address is in `limits.deny`, or outside `limits.allow`.
+    Denied,
+    /// Closed: `accept_proxy` is on and the connection came from outside `from`, or sent a malformed
+    /// or truncated header, or none within the timeout.
+    ProxyHeader,
 }
 
 impl Outcome {
     /// Every outcome, in the order of [`Outcome::index`].
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 17] = [
         Outcome::ClientClosed,
         Outcome::BackendClosed,
         Outcome::ClientReset,
@@ -48,6 +60,11 @@ impl Outcome {
         Outcome::NoBackend,
         Outcome::ConnectFailed,
         Outcome::MaxConnections,
+        Outcome::GlobalMaxConnections,
+        Outcome::BackendsFull,
+        Outcome::SourceLimit,
+        Outcome::Denied,
+        Outcome::ProxyHeader,
     ];
 
     /// Position in [`Outcome::ALL`], for per-outcome counters.
@@ -70,6 +87,11 @@ impl Outcome {
             Outcome::NoBackend => "no_backend",
             Outcome::ConnectFailed => "connect_failed",
             Outcome::MaxConnections => "max_connections",
+            Outcome::GlobalMaxConnections => "global_max_connections",
+            Outcome::BackendsFull => "backends_full",
+            Outcome::SourceLimit => "source_limit",
+            Outcome::Denied => "denied",
+            Outcome::ProxyHeader => "proxy_header",
         }
     }
 
@@ -77,7 +99,14 @@ impl Outcome {
     pub fn is_refusal(self) -> bool {
         matches!(
             self,
-            Outcome::NoBackend | Outcome::ConnectFailed | Outcome::MaxConnections
+            Outcome::NoBackend
+                | Outcome::ConnectFailed
+                | Outcome::MaxConnections
+                | Outcome::GlobalMaxConnections
+                | Outcome::BackendsFull
+                | Outcome::SourceLimit
+                | Outcome::Denied
+                | Outcome::ProxyHeader
         )
     }
 }

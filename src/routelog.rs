@@ -1,7 +1,7 @@
 //! The routing-decision log: one line per client connection, written when it ends.
 //!
-//! Fields: `service, client, backend, backend_name, policy, attempts, connect_ms, bytes_up, bytes_down,
-//! duration_ms, end` (documented in `docs/configuration.md`, "Routing log"). A field without a value (no backend
+//! Fields: `service, client, via, backend, backend_name, policy, attempts, connect_ms, bytes_up,
+//! bytes_down, duration_ms, end` (documented in `docs/configuration.md`, "Routing log"). A field without a value (no backend
 //! was chosen, no connect succeeded) is written as `null`. Lines go through `tracing` at INFO with
 //! target [`TARGET`], so `log.level: warn` skips their formatting entirely. The session writes the line
 //! (`session::account`), whatever way the connection ended.
@@ -20,6 +20,8 @@ pub const TARGET: &str = "sluicegate::route";
 pub(crate) struct Route {
     pub(crate) service: Arc<str>,
     pub(crate) client: SocketAddr,
+    /// The balancer in front whose PROXY header named `client` (`accept_proxy`).
+    pub(crate) via: Option<SocketAddr>,
     /// The backend connected to, or the last one tried.
     pub(crate) backend: Option<SocketAddr>,
     /// Its reverse-DNS name, when known.
@@ -43,6 +45,7 @@ impl Route {
         Route {
             service,
             client,
+            via: None,
             backend: None,
             backend_name: None,
             policy,
@@ -63,12 +66,14 @@ pub(crate) fn emit(r: &Route, e: Ending) {
         r.backend
     };
     let name = backend.and(r.backend_name.as_deref()).map(String::as_str);
+    let via = r.via.map(|v| v.to_string());
     macro_rules! line {
         ($backend:expr, $connect_ms:expr) => {
             tracing::info!(
                 target: TARGET,
                 service = %r.service,
                 client = %r.client,
+                via = via.as_deref(),
                 backend = $backend,
                 backend_name = name,
                 policy = r.policy,

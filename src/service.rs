@@ -13,7 +13,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::config::{BackendAddress, DiscoveryConfig, Policy, ServiceConfig};
+use crate::admission::{BackendCaps, Limits, Queue, SourceTable};
+use crate::config::{
+    AcceptProxyConfig, BackendAddress, DiscoveryConfig, Policy, ProxyVersion, QueueConfig,
+    ServiceConfig,
+};
 use crate::discovery::{self, NameSpec};
 use crate::events::EventBus;
 use crate::health::ProbeSpec;
@@ -30,6 +34,13 @@ pub struct Service {
     pub connect_attempts: u32,
     pub max_connections: u64,
     pub(crate) relay: RelayOptions,
+    /// The PROXY header sent to backends.
+    pub(crate) proxy_protocol: Option<ProxyVersion>,
+    /// Reading a PROXY header from the balancers in front.
+    pub(crate) accept_proxy: Option<AcceptProxyConfig>,
+    pub(crate) limits: Limits,
+    pub(crate) caps: BackendCaps,
+    pub(crate) queue: Option<QueueConfig>,
     /// Shared by every version of the service across reloads.
     pub stats: Arc<ServiceStats>,
     /// The DNS names among the configured backends, each watched by a `discovery` task.
@@ -57,6 +68,12 @@ pub struct ServiceStats {
     pub bytes_down: AtomicU64,
     /// The open client connections' start times, for the oldest connection's age.
     pub sessions: Sessions,
+    /// Open connections and recent rates per client address (`limits`).
+    pub(crate) sources: Arc<SourceTable>,
+    /// Connections waiting for a backend below its cap (`queue`).
+    pub(crate) queue: Arc<Queue>,
+    /// Refused PROXY headers are logged at most once a second.
+    pub(crate) proxy_warnings: Mutex<crate::util::RateLimited>,
 }
 
 /// Start times of the open client connections. Ids grow with time, so the smallest open id of a shard
@@ -97,6 +114,11 @@ impl Sessions {
 impl ServiceStats {
     pub(crate) fn count(&self, outcome: Outcome) {
         self.ends[outcome.index()].fetch_add(1, Relaxed);
+    }
+
+    /// Clients waiting in the queue for a backend below its cap.
+    pub fn queue_waiting(&self) -> u64 {
+        self.queue.waiting()
     }
 
     /// Client connections that ended with `outcome`.
@@ -185,6 +207,11 @@ impl Service {
                 idle_timeout: cfg.idle_timeout.0,
                 half_close_timeout: cfg.half_close_timeout.0,
             },
+            proxy_protocol: cfg.proxy_protocol,
+            accept_proxy: cfg.accept_proxy.clone(),
+            limits: Limits::from_config(&cfg.limits),
+            caps: BackendCaps::from_config(cfg),
+            queue: cfg.queue,
             stats,
         }
     }

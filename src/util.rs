@@ -68,10 +68,18 @@ impl Rng {
 
 /// Allows one event per period and counts the ones it suppressed (error logs of a loop that must
 /// keep going, like an accept loop out of descriptors).
+#[derive(Debug)]
 pub(crate) struct RateLimited {
     period: Duration,
     last: Option<Instant>,
     suppressed: u64,
+}
+
+impl Default for RateLimited {
+    /// At most one a second.
+    fn default() -> Self {
+        RateLimited::new(Duration::from_secs(1))
+    }
 }
 
 impl RateLimited {

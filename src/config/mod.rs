@@ -183,6 +183,9 @@ pub struct Config {
     pub resolver: ResolverConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Client connections open at once over every service; absent = only the per-service caps.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -379,6 +382,118 @@ pub struct BackendConfig {
     pub address: BackendAddress,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Connections open at once to each address of this entry; a full backend is skipped.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+}
+
+/// An address block written `10.0.0.0/8`, `2001:db8::/32`, or a single address (`192.0.2.7`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr(pub ipnet::IpNet);
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 client reached over an IPv6 socket arrives as ::ffff:a.b.c.d.
+        self.0.contains(&ip) || ip_v4_mapped(ip).is_some_and(|v4| self.0.contains(&v4))
+    }
+}
+
+/// `a.b.c.d` for `::ffff:a.b.c.d`.
+pub fn ip_v4_mapped(ip: IpAddr) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
+        IpAddr::V4(_) => None,
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if let Ok(ip) = t.parse::<IpAddr>() {
+            return Ok(Cidr(ipnet::IpNet::from(ip)));
+        }
+        let net: ipnet::IpNet = t.parse().map_err(|_| {
+            format!("{s:?} is not an address block: write 10.0.0.0/8, 2001:db8::/32 or one address")
+        })?;
+        if net.trunc() != net {
+            return Err(format!(
+                "{s:?} has host bits set: did you mean {}?",
+                net.trunc()
+            ));
+        }
+        Ok(Cidr(net))
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The PROXY protocol version sent to backends (`proxy_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+/// `accept_proxy`: read a PROXY header (v1 or v2) from these sources and take its client address.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptProxyConfig {
+    /// Only these may connect, and each must send a header.
+    pub from: Vec<Cidr>,
+    /// The whole header must arrive within this.
+    #[serde(default = "default_proxy_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_proxy_timeout() -> Dur {
+    Dur::secs(3)
+}
+
+/// `limits`: who may connect, and how much one client address may take.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections open at once from one client address.
+    #[serde(default)]
+    pub per_source_connections: Option<u32>,
+    /// New connections per second from one client address (a token bucket, a second's worth deep).
+    #[serde(default)]
+    pub per_source_rate: Option<u32>,
+    /// Only these client addresses may connect (absent or empty: any).
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// These may not, whatever `allow` says.
+    #[serde(default)]
+    pub deny: Vec<Cidr>,
+}
+
+impl LimitsConfig {
+    pub fn is_empty(&self) -> bool {
+        *self == LimitsConfig::default()
+    }
+}
+
+/// `queue`: when every backend is at its `max_connections`, wait this long for a free one.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Connections waiting at once; more are refused at once.
+    pub max: u32,
+    pub timeout: Dur,
 }
 
 fn one() -> u32 {
@@ -584,6 +699,17 @@ pub struct ServiceConfig {
     /// Scaling those replicas with the load.
     #[serde(default)]
     pub autoscale: Option<AutoscaleConfig>,
+    /// Send a PROXY protocol header to backends.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyVersion>,
+    /// Read a PROXY protocol header from balancers in front.
+    #[serde(default)]
+    pub accept_proxy: Option<AcceptProxyConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Wait for a backend below its `max_connections` instead of refusing at once.
+    #[serde(default)]
+    pub queue: Option<QueueConfig>,
 }
 
 fn default_connect_timeout() -> Dur {

@@ -74,6 +74,9 @@ impl Config {
         if self.services.is_empty() {
             p.add("services", "at least one service is required");
         }
+        if self.max_connections == Some(0) {
+            p.add("max_connections", "must be at least 1");
+        }
         for (i, s) in self.services.iter().enumerate() {
             let at = |key: &str| format!("services[{i}].{key}");
             if s.name.is_empty()
@@ -131,6 +134,9 @@ impl Config {
                             format!("{} is not a connectable address", a.ip()),
                         );
                     }
+                }
+                if b.max_connections == Some(0) {
+                    p.add(bat("max_connections"), "must be at least 1");
                 }
                 if b.weight == 0 || b.weight > MAX_WEIGHT {
                     p.add(
@@ -194,6 +200,7 @@ impl Config {
             if s.max_connections == 0 {
                 p.add(at("max_connections"), "must be at least 1");
             }
+            validate_edge(&mut p, i, s);
         }
         p.0
     }
@@ -344,5 +351,45 @@ impl Problems {
             path: path.into(),
             reason: reason.into(),
         });
+    }
+}
+
+/// `accept_proxy`, `limits` and `queue` of services[i].
+fn validate_edge(p: &mut Problems, i: usize, s: &ServiceConfig) {
+    let at = |key: &str| format!("services[{i}].{key}");
+    if let Some(a) = &s.accept_proxy {
+        if a.from.is_empty() {
+            p.add(
+                at("accept_proxy.from"),
+                "must list the balancers in front (a header from anyone else would be a spoofed client address)",
+            );
+        }
+        if a.timeout.is_zero() || a.timeout > Dur::secs(60) {
+            p.add(at("accept_proxy.timeout"), "must be from 1ms to 60s");
+        }
+    }
+    let l = &s.limits;
+    if l.per_source_connections == Some(0) {
+        p.add(at("limits.per_source_connections"), "must be at least 1");
+    }
+    if l.per_source_rate == Some(0) {
+        p.add(
+            at("limits.per_source_rate"),
+            "must be at least 1 (new connections per second)",
+        );
+    }
+    if let Some(q) = &s.queue {
+        if q.max == 0 {
+            p.add(at("queue.max"), "must be at least 1");
+        }
+        if q.timeout.is_zero() || q.timeout > Dur::secs(300) {
+            p.add(at("queue.timeout"), "must be from 1ms to 5m");
+        }
+        if !s.backends.iter().any(|b| b.max_connections.is_some()) {
+            p.add(
+                at("queue"),
+                "waits for a backend below its max_connections, but no backend sets max_connections",
+            );
+        }
     }
 }

@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 pub use drain::DrainProgress;
 pub use reload::{ReloadError, ReloadReport};
 
+use crate::admission::Gate;
 use crate::config::{Config, ResolverConfig, ServiceConfig};
 use crate::discovery::{self, ResolverError, Watcher};
 use crate::events::EventBus;
@@ -140,6 +141,8 @@ pub struct Control {
     /// Set when the stop signal arrives: (signal time, deadline).
     drain: Mutex<Option<(Instant, Instant)>>,
     reloads_applied: AtomicU64,
+    /// The top-level `max_connections` over every service.
+    pub(crate) gate: Arc<Gate>,
     reloads_rejected: AtomicU64,
     /// Accept loops run (set by `serve`); before that, a reload leaves new listeners pending.
     serving: AtomicBool,
@@ -223,6 +226,7 @@ impl Control {
             background: CancellationToken::new(),
             drain: Mutex::new(None),
             reloads_applied: AtomicU64::new(0),
+            gate: Arc::new(Gate::new(config.max_connections)),
             reloads_rejected: AtomicU64::new(0),
             serving: AtomicBool::new(false),
             instance: crate::util::hostname(),
@@ -365,8 +369,9 @@ impl Control {
                 }
             };
             let Some(mine) = mine else { break };
-            let (current, tracker, stop, deadline) = (
+            let (current, gate, tracker, stop, deadline) = (
                 r.current.clone(),
+                self.gate.clone(),
                 self.tracker.clone(),
                 r.stop.clone(),
                 self.deadline.clone(),
@@ -375,7 +380,7 @@ impl Control {
             let accept = async move {
                 // Registered with this worker's runtime, which is why it is converted here.
                 match tokio::net::TcpListener::from_std(mine) {
-                    Ok(l) => listener::accept_loop(l, current, tracker, stop, deadline).await,
+                    Ok(l) => listener::accept_loop(l, current, gate, tracker, stop, deadline).await,
                     Err(e) => {
                         tracing::error!(service = %name, error = %e, "cannot register the listener")
                     }

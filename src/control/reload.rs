@@ -229,6 +229,7 @@ impl Control {
         }
 
         // From here on nothing fails.
+        self.gate.set_max(new.max_connections);
         match fresh_resolver {
             Some(r) => *resolving = r,
             None if !needs_dns(&new) => *resolving = None,

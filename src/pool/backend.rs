@@ -354,9 +354,15 @@ pub struct BackendView {
 pub(crate) struct ActiveGuard(Arc<Backend>);
 
 impl ActiveGuard {
-    pub(crate) fn new(backend: Arc<Backend>) -> ActiveGuard {
-        backend.stats.active.fetch_add(1, Relaxed);
-        ActiveGuard(backend)
+    /// Counts a connection unless `cap` are already open (`backends[].max_connections`). Counted
+    /// first and taken back when over, so two sessions racing for the last place cannot both win.
+    pub(crate) fn within(backend: Arc<Backend>, cap: Option<u64>) -> Option<ActiveGuard> {
+        let prev = backend.stats.active.fetch_add(1, Relaxed);
+        if cap.is_some_and(|c| prev >= c) {
+            backend.stats.active.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(ActiveGuard(backend))
     }
 }
 
@@ -373,8 +379,8 @@ mod tests {
     #[test]
     fn active_guard_counts_and_returns() {
         let b = Arc::new(Backend::new(SocketAddr::from(([127, 0, 0, 1], 1)), 1));
-        let g1 = ActiveGuard::new(b.clone());
-        let g2 = ActiveGuard::new(b.clone());
+        let g1 = ActiveGuard::within(b.clone(), None).unwrap();
+        let g2 = ActiveGuard::within(b.clone(), None).unwrap();
         assert_eq!(b.active(), 2);
         drop(g1);
         drop(g2);

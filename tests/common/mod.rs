@@ -126,6 +126,8 @@ pub fn service_yaml(backends: &[SocketAddr], relay: RelayMode, extra: &str) -> S
 /// sluicegate running in this process.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// Every service's listening address, in config order.
+    pub addrs: Vec<SocketAddr>,
     /// The admin API's address, when the config enables it.
     pub admin: Option<SocketAddr>,
     pub control: Arc<sluicegate::Control>,
@@ -149,7 +151,8 @@ impl Proxy {
         let config =
             Config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
         let server = Server::bind(&config).expect("bind");
-        let addr = server.local_addrs()[0].1;
+        let addrs: Vec<SocketAddr> = server.local_addrs().iter().map(|(_, a)| *a).collect();
+        let addr = addrs[0];
         let admin = server.admin_addr();
         let control = server.control();
         let service = server.services()[0].clone();
@@ -167,6 +170,7 @@ impl Proxy {
         .await;
         Proxy {
             addr,
+            addrs,
             admin,
             control,
             service,
