@@ -97,7 +97,7 @@ pub(crate) fn render(control: &Control) -> String {
     o.sample("sluicegate_connections_open", &[], control.gate.open());
 
     type ServiceGet = fn(&ServiceStats) -> u64;
-    let per_service: [(&str, &str, &str, ServiceGet); 8] = [
+    let per_service: [(&str, &str, &str, ServiceGet); 9] = [
         (
             "sluicegate_connections_accepted_total",
             "counter",
@@ -145,6 +145,12 @@ pub(crate) fn render(control: &Control) -> String {
             "counter",
             "Relayed connections in which a direction ran on splice.",
             |s| s.spliced.load(Relaxed),
+        ),
+        (
+            "sluicegate_connections_uring_total",
+            "counter",
+            "Relayed connections that ran on the io_uring engine.",
+            |s| s.uring.load(Relaxed),
         ),
     ];
     for (name, kind, help, get) in per_service {

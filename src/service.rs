@@ -63,6 +63,8 @@ pub struct ServiceStats {
     ends: [AtomicU64; Outcome::ALL.len()],
     /// Relayed connections in which at least one direction ran on splice.
     pub spliced: AtomicU64,
+    /// Relayed connections that ran on the io_uring engine.
+    pub uring: AtomicU64,
     /// Bytes of finished connections, client → backend and back.
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
@@ -203,7 +205,7 @@ impl Service {
             connect_attempts: cfg.connect_attempts,
             max_connections: cfg.max_connections as u64,
             relay: RelayOptions {
-                mode: cfg.relay,
+                mode: crate::relay::engine_for(cfg.relay, &cfg.name),
                 idle_timeout: cfg.idle_timeout.0,
                 half_close_timeout: cfg.half_close_timeout.0,
             },

@@ -176,6 +176,9 @@ pub(crate) async fn serve(
     if relayed.spliced {
         stats.spliced.fetch_add(1, Relaxed);
     }
+    if relayed.uring {
+        stats.uring.fetch_add(1, Relaxed);
+    }
     let ending = Ending {
         bytes_up: relayed.bytes_up,
         bytes_down: relayed.bytes_down,

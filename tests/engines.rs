@@ -57,7 +57,7 @@ async fn auto_splices_bulk_and_copies_small() {
     );
 }
 
-/// A trickle of small messages never leaves the copy path in `auto`.
+/// A trickle of small messages is never spliced in `auto`; it moves to the ring instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_keeps_request_response_traffic_on_copy() {
     let backend = Backend::echo([127, 0, 0, 3]).await;
@@ -75,4 +75,45 @@ async fn auto_keeps_request_response_traffic_on_copy() {
     drop(s);
     proxy.wait_ended(sluicegate::Outcome::ClientClosed, 1).await;
     assert_eq!(proxy.service.stats.spliced.load(Relaxed), 0);
+    // After a few messages the flow runs on the io_uring ring (where the kernel offers one).
+    assert_eq!(
+        proxy.service.stats.uring.load(Relaxed),
+        1,
+        "moved to the ring"
+    );
+}
+
+/// A connection that carries one request and its answer (churn) never moves to the ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_keeps_short_connections_off_the_ring() {
+    let backend = sender(100).await;
+    let proxy = Proxy::start(&service_yaml(&[backend.addr], RelayMode::Auto, "")).await;
+    for _ in 0..5 {
+        round_trip(proxy.addr, b"request").await.expect("served");
+    }
+    proxy.wait_ended(sluicegate::Outcome::ClientClosed, 5).await;
+    assert_eq!(proxy.service.stats.uring.load(Relaxed), 0);
+}
+
+/// `uring` really runs on the ring (it counts only connections whose directions ran there), and, like
+/// `auto`, moves a direction that carries bulk data to splice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uring_relays_through_the_ring() {
+    for answer in [100, 4 << 20] {
+        let backend = sender(answer).await;
+        let proxy = Proxy::start(&service_yaml(&[backend.addr], RelayMode::Uring, "")).await;
+        for _ in 0..3 {
+            let got = round_trip(proxy.addr, b"request").await.expect("served");
+            assert_eq!(sha(&got), sha(&payload(1, answer)), "content");
+        }
+        proxy.wait_ended(sluicegate::Outcome::ClientClosed, 3).await;
+        let stats = &proxy.service.stats;
+        assert_eq!(stats.uring.load(Relaxed), 3, "every connection on the ring");
+        let bulk = answer > 16 << 10;
+        assert_eq!(
+            stats.spliced.load(Relaxed),
+            if bulk { 3 } else { 0 },
+            "{answer} B answers"
+        );
+    }
 }

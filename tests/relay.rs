@@ -30,6 +30,10 @@ macro_rules! both_engines {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name(sluicegate::config::RelayMode::Auto).await })*
         }
+        mod uring {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(sluicegate::config::RelayMode::Uring).await })*
+        }
     };
 }
 

@@ -243,6 +243,7 @@ fn frame(c: &Control, prev: &mut Previous) -> Value {
             "connect_failed": st.ended(Outcome::ConnectFailed),
             "over_limit": st.ended(Outcome::MaxConnections),
             "spliced": st.spliced.load(Relaxed),
+            "uring": st.uring.load(Relaxed),
             "ends": ends,
             "bytes_up": st.bytes_up.load(Relaxed),
             "bytes_down": st.bytes_down.load(Relaxed),

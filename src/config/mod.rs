@@ -350,6 +350,7 @@ impl RelayMode {
             RelayMode::Auto => "auto",
             RelayMode::Splice => "splice",
             RelayMode::Copy => "copy",
+            RelayMode::Uring => "uring",
         }
     }
 }
@@ -374,6 +375,8 @@ pub enum RelayMode {
     Auto,
     Splice,
     Copy,
+    /// io_uring (Linux): receives and sends batched through the worker's ring.
+    Uring,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -12,11 +12,16 @@
 //!
 //! Engines: `copy` moves bytes through a user-space buffer; `splice` (Linux) moves them socket → pipe →
 //! socket in the kernel; `auto` copies and switches a direction to splice once it carries bulk data (a
-//! read fills the whole buffer), which keeps small request/response traffic on the cheaper copy path.
-//! A direction that cannot get a pipe copies.
+//! read fills the whole buffer), and to the io_uring ring once it has carried a few small messages
+//! (a long-lived request/response flow), so a short connection stays on the cheaper copy path.
+//! A direction that cannot get a pipe copies. `uring` keeps one receive or send per direction in
+//! flight on the worker's io_uring ring (`uring.rs`) and, like `auto`, splices a direction once it
+//! carries bulk data; where io_uring is unavailable it runs as `auto`.
 
 #[cfg(target_os = "linux")]
 mod splice;
+#[cfg(target_os = "linux")]
+pub(crate) mod uring;
 
 use std::cell::RefCell;
 use std::io::{self, Read};
@@ -62,6 +67,8 @@ pub(crate) struct Relayed {
     pub(crate) end: Outcome,
     /// Whether either direction ran on splice, i.e. held a pipe (for `auto`: carried bulk data).
     pub(crate) spliced: bool,
+    /// Whether the connection ran on the io_uring engine.
+    pub(crate) uring: bool,
 }
 
 /// How one direction ended.
@@ -87,8 +94,34 @@ struct Flow<'a> {
     eof: AtomicBool,
     /// This direction runs on splice (holds a pipe).
     spliced: AtomicBool,
+    /// This direction runs on the io_uring ring.
+    uring: AtomicBool,
     /// Milliseconds since the relay started at the last successful write, for the idle timer.
     last_active_ms: AtomicU64,
+}
+
+/// The engine a service configured with `mode` runs: `uring` where io_uring is unavailable falls
+/// back to `auto` (epoll), saying so once per process.
+pub(crate) fn engine_for(mode: RelayMode, service: &str) -> RelayMode {
+    if mode != RelayMode::Uring {
+        return mode;
+    }
+    #[cfg(target_os = "linux")]
+    let why = match uring::availability() {
+        Ok(()) => return mode,
+        Err(why) => why.as_str(),
+    };
+    #[cfg(not(target_os = "linux"))]
+    let why = "io_uring is Linux only";
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Relaxed) {
+        tracing::warn!(
+            service,
+            reason = why,
+            "relay: uring is unavailable; falling back to the epoll engine (auto)"
+        );
+    }
+    RelayMode::Auto
 }
 
 /// Relays until both directions end, one side fails, a timeout fires or `cut` completes (the drain
@@ -168,6 +201,7 @@ pub(crate) async fn relay(
         bytes_down: down.bytes.load(Relaxed),
         end,
         spliced: up.spliced.load(Relaxed) || down.spliced.load(Relaxed),
+        uring: up.uring.load(Relaxed) || down.uring.load(Relaxed),
     }
 }
 
@@ -190,6 +224,7 @@ impl<'a> Flow<'a> {
             last_active_ms: AtomicU64::new(0),
             eof: AtomicBool::new(false),
             spliced: AtomicBool::new(false),
+            uring: AtomicBool::new(false),
         }
     }
 
@@ -221,6 +256,12 @@ async fn pump(
     start: Instant,
 ) -> DirEnd {
     #[cfg(target_os = "linux")]
+    if mode == RelayMode::Uring && uring::usable() {
+        if let Some(end) = on_ring(src, dst, flow, other, start).await {
+            return end;
+        }
+    }
+    #[cfg(target_os = "linux")]
     if mode == RelayMode::Splice {
         if let Some(pipe) = splice::PipeLease::acquire() {
             return pump_splice(src, dst, flow, other, pipe, start).await;
@@ -228,6 +269,8 @@ async fn pump(
     }
     // Bytes read but not yet written, once the destination has pushed back (see `copy_through_scratch`).
     let mut held: Option<Box<[u8]>> = None;
+    // `auto`: small messages copied so far, until the direction moves to the ring.
+    let mut small = 0u32;
     loop {
         if let Err(e) = src.readable().await {
             return DirEnd::SourceError(e);
@@ -267,15 +310,51 @@ async fn pump(
                 Err(e) => return DirEnd::DestError(e),
             }
         }
-        // A full buffer means bulk data: from here on splice, if a pipe is to be had.
+        // A full buffer means bulk data: from here on splice, if a pipe is to be had. (`uring` lands
+        // here only where io_uring is unavailable, or with no pipe free, and then behaves as `auto`.)
         #[cfg(target_os = "linux")]
-        if mode == RelayMode::Auto && n == COPY_BUF {
+        if matches!(mode, RelayMode::Auto | RelayMode::Uring) && n == COPY_BUF {
             if let Some(pipe) = splice::PipeLease::acquire() {
                 drop(held);
                 return pump_splice(src, dst, flow, other, pipe, start).await;
             }
         }
+        // `auto`: a direction that keeps exchanging small messages is a long-lived request/response
+        // flow, where the ring costs less per message; a connection that carries a request or two
+        // (churn) never pays for the ring's setup. Measured in docs/architecture.md.
+        #[cfg(target_os = "linux")]
+        if mode == RelayMode::Auto && n < COPY_BUF && held.is_none() {
+            small += 1;
+            if small == AUTO_RING_AFTER && uring::usable() {
+                if let Some(end) = on_ring(src, dst, flow, other, start).await {
+                    return end;
+                }
+            }
+        }
     }
+}
+
+/// `auto` moves a direction to the io_uring ring after this many small messages.
+#[cfg(target_os = "linux")]
+const AUTO_RING_AFTER: u32 = 4;
+
+/// Runs a direction on the ring until it ends (`Some`), or until it carries bulk data, which then
+/// goes to splice as `auto` does; `None` when no pipe is free, and the caller copies on.
+#[cfg(target_os = "linux")]
+async fn on_ring(
+    src: &TcpStream,
+    dst: &TcpStream,
+    flow: &Flow<'_>,
+    other: &Flow<'_>,
+    start: Instant,
+) -> Option<DirEnd> {
+    flow.uring.store(true, Relaxed);
+    if let Some(end) = uring::pump(src, dst, flow, other, start).await {
+        return Some(end);
+    }
+    // Bulk. The socket is still registered with the reactor, so the epoll engines can take it over.
+    let pipe = splice::PipeLease::acquire()?;
+    Some(pump_splice(src, dst, flow, other, pipe, start).await)
 }
 
 thread_local! {

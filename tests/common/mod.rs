@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinHandle};
 
-pub const ENGINES: [RelayMode; 2] = [RelayMode::Copy, RelayMode::Splice];
+pub const ENGINES: [RelayMode; 3] = [RelayMode::Copy, RelayMode::Splice, RelayMode::Uring];
 
 /// Lifts the soft descriptor limit to the hard one: the large scenarios hold thousands of sockets.
 pub fn raise_fd_limit() {
