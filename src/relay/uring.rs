@@ -130,11 +130,11 @@ fn driver() -> Option<Rc<Driver>> {
 impl Driver {
     fn new() -> io::Result<Driver> {
         tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-        // COOP_TASKRUN: completions are processed when the thread next enters the kernel instead of
-        // interrupting it; SINGLE_ISSUER: only this thread submits. Older kernels lack them.
+        // SINGLE_ISSUER: only this thread submits (older kernels lack it). Not COOP_TASKRUN nor
+        // DEFER_TASKRUN: both leave a completion's work for the thread's next entry into the kernel
+        // without waking it, and this thread sleeps in epoll_wait, not in io_uring_enter.
         let ring = IoUring::builder()
             .setup_cqsize(CQ_ENTRIES)
-            .setup_coop_taskrun()
             .setup_single_issuer()
             .build(SQ_ENTRIES)
             .or_else(|_| {
@@ -244,6 +244,18 @@ impl Driver {
             }
         }
         n
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // The thread is ending with operations in flight: closing the ring cancels them, but not
+        // before this returns, so their buffers are leaked rather than freed under the kernel.
+        for slot in self.slots.get_mut().drain(..) {
+            if let Some(Slot::Orphaned(buf)) = slot {
+                std::mem::forget(buf);
+            }
+        }
     }
 }
 
