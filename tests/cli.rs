@@ -389,6 +389,7 @@ async fn sigterm_drains_then_exits_zero_with_complete_routing_log() {
     let fields = [
         "service",
         "client",
+        "via",
         "backend",
         "backend_name",
         "policy",
