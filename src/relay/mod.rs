@@ -12,8 +12,9 @@
 //!
 //! Engines: `copy` moves bytes through a user-space buffer; `splice` (Linux) moves them socket → pipe →
 //! socket in the kernel; `auto` copies and switches a direction to splice once it carries bulk data (a
-//! read fills the whole buffer), and to the io_uring ring once it has carried a few small messages
-//! (a long-lived request/response flow), so a short connection stays on the cheaper copy path.
+//! read fills the whole buffer), which keeps small request/response traffic on the cheaper copy path.
+//! `auto` does not use io_uring: in side-by-side runs the ring did not reliably cost less machine CPU
+//! (benchmarks/results/2026-11-23-io-uring.md).
 //! A direction that cannot get a pipe copies. `uring` keeps one receive or send per direction in
 //! flight on the worker's io_uring ring (`uring.rs`) and, like `auto`, splices a direction once it
 //! carries bulk data; where io_uring is unavailable it runs as `auto`.
@@ -269,8 +270,6 @@ async fn pump(
     }
     // Bytes read but not yet written, once the destination has pushed back (see `copy_through_scratch`).
     let mut held: Option<Box<[u8]>> = None;
-    // `auto`: small messages copied so far, until the direction moves to the ring.
-    let mut small = 0u32;
     loop {
         if let Err(e) = src.readable().await {
             return DirEnd::SourceError(e);
@@ -319,24 +318,8 @@ async fn pump(
                 return pump_splice(src, dst, flow, other, pipe, start).await;
             }
         }
-        // `auto`: a direction that keeps exchanging small messages is a long-lived request/response
-        // flow, where the ring costs less per message; a connection that carries a request or two
-        // (churn) never pays for the ring's setup. Measured in docs/architecture.md.
-        #[cfg(target_os = "linux")]
-        if mode == RelayMode::Auto && n < COPY_BUF && held.is_none() {
-            small += 1;
-            if small == AUTO_RING_AFTER && uring::usable() {
-                if let Some(end) = on_ring(src, dst, flow, other, start).await {
-                    return end;
-                }
-            }
-        }
     }
 }
-
-/// `auto` moves a direction to the io_uring ring after this many small messages.
-#[cfg(target_os = "linux")]
-const AUTO_RING_AFTER: u32 = 4;
 
 /// Runs a direction on the ring until it ends (`Some`), or until it carries bulk data, which then
 /// goes to splice as `auto` does; `None` when no pipe is free, and the caller copies on.
