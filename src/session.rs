@@ -225,10 +225,16 @@ async fn connect(
     let mut queued: Option<(QueuePlace, tokio::time::Instant)> = None;
     let connect_start = Instant::now();
     loop {
-        // Armed before looking, so a slot freed between the look and the wait is not missed.
-        let freed = service.stats.queue.freed.notified();
+        // With a queue: armed before looking, so a slot freed between the look and the wait is not
+        // missed. Without one, no waiter is registered (it takes the Notify's lock).
+        let freed = service
+            .queue
+            .is_some()
+            .then(|| service.stats.queue.freed.notified());
         tokio::pin!(freed);
-        freed.as_mut().enable();
+        if let Some(f) = freed.as_mut().as_pin_mut() {
+            f.enable();
+        }
         let picked = service.pool.snapshot().pick(client, &tried).cloned();
         if route.attempts == 0 && full == 0 {
             service.note_selection(picked.is_some());
@@ -242,7 +248,7 @@ async fn connect(
                 });
             }
             // Every backend left is at its cap.
-            let Some(q) = service.queue else {
+            let (Some(q), Some(freed)) = (service.queue, freed.as_mut().as_pin_mut()) else {
                 return Err(Outcome::BackendsFull);
             };
             if queued.is_none() {
@@ -258,7 +264,7 @@ async fn connect(
                 .map(|(_, t)| *t)
                 .unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
-                () = &mut freed => {}
+                () = freed => {}
                 () = tokio::time::sleep_until(until) => return Err(Outcome::BackendsFull),
             }
             // Look at the full ones again (the ones that failed a connect stay excluded).

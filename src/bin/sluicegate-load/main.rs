@@ -140,8 +140,13 @@ struct Tally {
     latency: Histogram<u64>,
     ok: u64,
     failures: BTreeMap<Failure, u64>,
+    /// When each failed request was due (Unix seconds), the first [`FAILED_AT_MAX`]: lets a caller tell
+    /// requests in flight at a fault from ones started after it.
+    failed_at: Vec<f64>,
     backends: BTreeMap<String, u64>,
 }
+
+const FAILED_AT_MAX: usize = 1000;
 
 impl Tally {
     fn new() -> Tally {
@@ -151,6 +156,7 @@ impl Tally {
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant, valid bounds"),
             ok: 0,
             failures: BTreeMap::new(),
+            failed_at: Vec::new(),
             backends: BTreeMap::new(),
         }
     }
@@ -161,6 +167,8 @@ impl Tally {
         for (k, v) in o.failures {
             *self.failures.entry(k).or_default() += v;
         }
+        self.failed_at.extend(o.failed_at);
+        self.failed_at.truncate(FAILED_AT_MAX);
         for (k, v) in o.backends {
             *self.backends.entry(k).or_default() += v;
         }
@@ -432,6 +440,13 @@ async fn run_connection(
             conn.stream = None;
         }
         if sent_at >= start + args.warmup {
+            if result.is_err() && tally.failed_at.len() < FAILED_AT_MAX {
+                let due = std::time::SystemTime::now() - sent_at.elapsed();
+                let unix = due
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                tally.failed_at.push(unix);
+            }
             record(&mut tally, result, micros);
         }
         if let (Some(d), Some(p)) = (due.as_mut(), period) {
@@ -619,6 +634,7 @@ fn report(args: &Args, t: &Tally, elapsed: Duration) {
                 "ok": t.ok,
                 "failed": failed,
                 "failures": failures,
+                "failed_at": t.failed_at,
                 "rps": t.ok as f64 / secs,
                 "latency": latency,
                 "backends": backends,
