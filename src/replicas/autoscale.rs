@@ -153,6 +153,24 @@ mod tests {
         a.decide(*t, replicas)
     }
 
+    /// `/add` and `/rm` call `changed`: an idle service that would be scaled down is held for the
+    /// down cool-down after an operator's change, then scaled down.
+    #[test]
+    fn a_change_holds_the_next_decision_for_its_cool_down() {
+        let mut t = Instant::now();
+        let mut a = Autoscaler::new(policy(), t);
+        assert!(matches!(
+            run(&mut a, &mut t, 20, 0.0, 5),
+            Decision::Down { to: 1, .. }
+        ));
+        a.changed(t);
+        assert_eq!(run(&mut a, &mut t, 59, 0.0, 5), Decision::Hold);
+        assert!(matches!(
+            run(&mut a, &mut t, 1, 0.0, 5),
+            Decision::Down { to: 1, .. }
+        ));
+    }
+
     #[test]
     fn nothing_before_the_window_fills() {
         let mut t = Instant::now();

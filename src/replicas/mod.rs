@@ -97,6 +97,14 @@ pub(crate) enum ScaleError {
     },
 }
 
+/// An operator's `/add` or `/rm` starts the autoscaler's cool-downs and a fresh window, as its own
+/// changes do; otherwise an idle service would be scaled back within one window of the request.
+fn operator_changed(ops: &mut Ops) {
+    if let Some(scaler) = ops.autoscaler.as_mut() {
+        scaler.changed(Instant::now());
+    }
+}
+
 /// What the autoscaler and the healer keep between checks.
 struct Ops {
     autoscaler: Option<Autoscaler>,
@@ -353,7 +361,7 @@ impl ReplicaSet {
 
     /// `POST /add`: starts `n` replicas, the named ones first; answers once they are started.
     pub(crate) async fn add(&self, req: ScaleRequest) -> Result<Vec<String>, ScaleError> {
-        let _ops = self.ops.lock().await;
+        let mut ops = self.ops.lock().await;
         let current = self.hostnames();
         let names = plan::plan_add(&current, &req, self.cfg.max, plan::numbered(&self.service))?;
         let engine = match self.engine().await {
@@ -366,7 +374,9 @@ impl ReplicaSet {
                 });
             }
         };
-        self.start_many(&engine, &names).await?;
+        let started = self.start_many(&engine, &names).await;
+        operator_changed(&mut ops);
+        started?;
         self.docker_answered();
         Ok(self.hostnames())
     }
@@ -375,7 +385,7 @@ impl ReplicaSet {
     /// stops; answers once they are gone.
     pub(crate) async fn remove(&self, req: ScaleRequest) -> Result<Vec<String>, ScaleError> {
         let chosen = {
-            let _ops = self.ops.lock().await;
+            let mut ops = self.ops.lock().await;
             let current = self.hostnames();
             let names = plan::plan_remove(&current, &req, self.cfg.min, &self.rng)?;
             // Docker must answer before anything is drained: a refused request changes nothing.
@@ -386,6 +396,7 @@ impl ReplicaSet {
                     done: Vec::new(),
                 });
             }
+            operator_changed(&mut ops);
             self.mark_draining(&names)
         };
         let engine = self.engine().await.map_err(|error| ScaleError::Docker {
