@@ -406,49 +406,46 @@ fn request(
     Some(Answer { status })
 }
 
+/// The admin API's top-level paths.
+const ROUTES: [&str; 12] = [
+    "",
+    "live",
+    "ready",
+    "backends",
+    "stats",
+    "metrics",
+    "reload",
+    "rep",
+    "add",
+    "rm",
+    "heartbeat",
+    "route",
+];
+
 fn admin_request() -> impl Strategy<Value = (String, String, String, Vec<u8>, bool)> {
     let seg = prop_oneof![
-        prop::sample::select(vec![
-            "",
-            "live",
-            "ready",
-            "backends",
-            "stats",
-            "metrics",
-            "reload",
-            "rep",
-            "add",
-            "rm",
-            "heartbeat",
-            "route",
-            "services",
-            "t",
-            "drain",
-            "127.0.0.1%3A9",
-            "%5B%3A%3A1%5D%3A80",
-            "%ZZ",
-            "%",
-            "..",
-            "%00",
-            "%C3%28",
-        ])
+        prop::sample::select(
+            [
+                ROUTES.as_slice(),
+                &[
+                    "services",
+                    "t",
+                    "drain",
+                    "127.0.0.1%3A9",
+                    "%5B%3A%3A1%5D%3A80",
+                    "%ZZ",
+                    "%",
+                    "..",
+                    "%00",
+                    "%C3%28",
+                ]
+            ]
+            .concat()
+        )
         .prop_map(str::to_string),
         "[a-zA-Z0-9%._~-]{0,12}",
     ];
-    let single = prop::sample::select(vec![
-        "",
-        "live",
-        "ready",
-        "backends",
-        "stats",
-        "metrics",
-        "reload",
-        "rep",
-        "add",
-        "rm",
-        "heartbeat",
-        "route",
-    ]);
+    let single = prop::sample::select(ROUTES.to_vec());
     let name = prop_oneof![Just("t".to_string()), "[a-z%0-9]{0,4}"];
     let backend = prop_oneof![
         prop::sample::select(vec![
