@@ -258,8 +258,14 @@ async fn pump(
 ) -> DirEnd {
     #[cfg(target_os = "linux")]
     if mode == RelayMode::Uring && uring::usable() {
-        if let Some(end) = on_ring(src, dst, flow, other, start).await {
+        flow.uring.store(true, Relaxed);
+        if let Some(end) = uring::pump(src, dst, flow, other, start).await {
             return end;
+        }
+        // Bulk: spliced, as `auto` does (the socket is still registered with the reactor, so the
+        // epoll engines can take it over); with no pipe free, copied below.
+        if let Some(pipe) = splice::PipeLease::acquire() {
+            return pump_splice(src, dst, flow, other, pipe, start).await;
         }
     }
     #[cfg(target_os = "linux")]
@@ -319,25 +325,6 @@ async fn pump(
             }
         }
     }
-}
-
-/// Runs a direction on the ring until it ends (`Some`), or until it carries bulk data, which then
-/// goes to splice as `auto` does; `None` when no pipe is free, and the caller copies on.
-#[cfg(target_os = "linux")]
-async fn on_ring(
-    src: &TcpStream,
-    dst: &TcpStream,
-    flow: &Flow<'_>,
-    other: &Flow<'_>,
-    start: Instant,
-) -> Option<DirEnd> {
-    flow.uring.store(true, Relaxed);
-    if let Some(end) = uring::pump(src, dst, flow, other, start).await {
-        return Some(end);
-    }
-    // Bulk. The socket is still registered with the reactor, so the epoll engines can take it over.
-    let pipe = splice::PipeLease::acquire()?;
-    Some(pump_splice(src, dst, flow, other, pipe, start).await)
 }
 
 thread_local! {
