@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -256,6 +256,12 @@ impl BackendCaps {
                 name @ BackendAddress::Name { .. } => {
                     caps.by_name.insert(name.to_string(), u64::from(max));
                 }
+                BackendAddress::Srv { name } => {
+                    caps.by_name.insert(name.clone(), u64::from(max));
+                }
+                BackendAddress::Docker(d) => {
+                    caps.by_name.insert(d.labels_text(), u64::from(max));
+                }
             }
         }
         caps
@@ -272,9 +278,11 @@ impl BackendCaps {
         }
         let by_name = b
             .sources()
-            .into_iter()
+            .iter()
             .filter_map(|s| match s {
-                Source::Dns(label) => self.by_name.get(&*label).copied(),
+                Source::Dns(label) | Source::Srv(label) | Source::Labels(label) => {
+                    self.by_name.get(&**label).copied()
+                }
                 _ => None,
             })
             .min();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{AdminSettings, Config, ProcessEnv};
 use crate::control::{Control, Readiness, StartError};
 use crate::events::EventBus;
 use crate::listener::BindError;
@@ -30,18 +30,30 @@ pub struct Stopped {
 impl Server {
     /// Binds every service's listener and the admin API's; nothing is served until [`Server::run`].
     /// Must be called inside a tokio runtime, which becomes the control runtime. On error nothing
-    /// stays bound.
+    /// stays bound. The admin token is read from the environment or its file here.
     pub fn bind(config: &Config) -> Result<Server, StartError> {
-        let admin = match &config.admin {
-            Some(a) => Some(crate::admin::bind(a.listen).map_err(|source| BindError {
+        let admin = config
+            .admin_settings(&ProcessEnv)
+            .map_err(StartError::Admin)?;
+        Server::bind_with(config, admin)
+    }
+
+    /// [`Server::bind`] with the admin API's settings already resolved (`main` resolves them first,
+    /// to exit with the config's exit code when the token is missing or bad).
+    pub fn bind_with(config: &Config, admin: Option<AdminSettings>) -> Result<Server, StartError> {
+        let listener = match &admin {
+            Some(a) => Some(crate::admin::bind(a.listen).map_err(|error| BindError {
                 service: "admin".into(),
                 addr: a.listen,
-                source,
+                error,
             })?),
             None => None,
         };
-        let control = Arc::new(Control::bind(config, EventBus::default())?);
-        Ok(Server { control, admin })
+        let control = Arc::new(Control::bind(config, admin, EventBus::default())?);
+        Ok(Server {
+            control,
+            admin: listener,
+        })
     }
 
     /// The file a reload (SIGHUP, `POST /reload`) reads.
@@ -83,8 +95,8 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Stopped {
         let c = self.control;
         let admin_stop = CancellationToken::new();
-        if let Some(l) = self.admin {
-            crate::admin::start(l, c.clone(), admin_stop.clone());
+        if let (Some(l), Some(settings)) = (self.admin, c.admin_settings()) {
+            crate::admin::start(l, c.clone(), settings, admin_stop.clone());
         }
         c.serve().await;
         shutdown.await;

@@ -1,39 +1,75 @@
 //! sluicegate: a layer-4 TCP load balancer.
 //!
-//! The modules in the order a connection meets them (each imports only modules further down this
-//! list, never one above it; `.ci/modgraph.py` checks that the graph has no cycle):
+//! A connection goes accept → (admit) → select → connect → relay → account, on the data-plane
+//! threads; the control plane keeps what it selects from current; the surfaces show and steer both.
 //!
-//! - [`app`]: the application root: binds every service and the admin API, serves, drains.
-//! - `admin`: the admin HTTP API, `/metrics`, the event stream and the dashboard, on a thread of its
-//!   own; `metrics` renders the counters as Prometheus text.
-//! - `control`: the registry of running services, reload as a pure plan and its application, the
-//!   drain on stop.
-//! - `workers`: the data-plane threads (one single-threaded runtime per core) that accept and relay.
-//! - `listener`: binds the service sockets and runs the accept loop, which never dies.
-//! - `session`: one client's life: the PROXY header in, admission, select, connect with retry on
-//!   another backend, the PROXY header out, relay, account.
+//! **Data plane** (one single-threaded runtime per core, `workers`):
+//! - `workers`: the data-plane threads.
+//! - `listener`: binds the listening sockets and runs the accept loop, which never dies; one tracing
+//!   span per connection.
+//! - `session`: one client's life: on a shared address its route (the PROXY header, the TLS
+//!   ClientHello), the PROXY header in, admission, TLS termination, select, connect with retry on
+//!   another backend, the PROXY header out, TLS origination, relay, account.
+//! - `route`: the routes of a listen address: which service a client's server name and protocols
+//!   choose (pure), and the table the accept loops read.
+//! - `tls`: TLS with rustls: the ClientHello parser (pure), termination, origination, PEM files.
 //! - `admission`: who may come in and how much they may take: the top-level cap, allow and deny
 //!   lists, per-source limits, per-backend caps and their queue.
 //! - [`proxy_protocol`]: PROXY protocol v1 and v2 headers, parsed and written.
 //! - [`service`]: a configured service at run time: settings, pool, counters.
-//! - [`pool`]: a service's backends and their counters, membership by difference, eligibility
-//!   (health, passive ejection, drain, slow start), the probe loops, and the snapshot the hot path
-//!   reads.
-//! - `balance`: the selection policies (least_conn, round_robin, weighted_round_robin, p2c,
-//!   source_hash), pure, over any backend-like `Candidate`.
-//! - `health`: one active probe (TCP, HTTP) and the rise/fall state machine that returns transitions.
-//! - `discovery`: DNS names re-resolved on a timer into claims on a pool.
-//! - `relay`: moving bytes both ways with half-close and reset propagation, by copy or splice.
+//! - [`pool`]: a service's backends and their state machines, membership by difference, eligibility
+//!   (health, passive ejection, drain, slow start), and the snapshot the hot path reads.
+//! - `balance`: the selection policies, pure, over any backend-like `Candidate`.
+//! - `relay`: moving bytes both ways with half-close and reset propagation: copy, splice, io_uring.
 //! - [`routelog`]: the one routing-decision line per connection.
 //! - [`outcome`]: how a connection ended, one type for the log, the counters and the metrics.
-//! - `events`, [`logging`], [`config`], `util`: the state-change stream, log output, the YAML schema
-//!   and its validation, and small shared pieces.
+//!
+//! **Control plane** (the control runtime, on the main thread):
+//! - `control`: the registry of running services, start-up, reload as a pure plan and its
+//!   application, the drain on stop.
+//! - `health`: one active probe and the rise/fall machine that returns transitions.
+//! - `discovery`: DNS names re-resolved on a timer, and Docker containers found by their labels and
+//!   followed through the Engine's events, into claims on a pool.
+//! - `replicas`: backend containers sluicegate runs through the Docker Engine.
+//! - `docker`: the Docker Engine API client (list, events, run, stop, remove), every call bounded,
+//!   its errors typed; what `replicas` and `discovery` speak to the Engine through.
+//! - `events`: the state-change stream, one `Event` type for every kind.
+//!
+//! **Surfaces**:
+//! - [`app`]: the application root: binds every service and the admin API, serves, drains.
+//! - `admin`: the admin HTTP API, `/metrics`, the event stream and the dashboard, on a thread of its
+//!   own.
+//! - [`logging`]: log output (the application and routing streams, never blocking a worker).
+//! - [`selfcheck`]: the `healthcheck` subcommand's client (asks a running sluicegate's `/ready`).
+//!
+//! **Shared**: [`config`] (the YAML schema and its validation), `metrics` (how a subsystem declares
+//! the metrics it exports, a `Table` next to its typed view, and the Prometheus text format; the admin
+//! API asks each subsystem for its samples) and `util` (small pieces every layer uses).
+//!
+//! ## Import order
+//!
+//! Each line imports only from the lines below it (`python3 .ci/modgraph.py` checks that this list
+//! names every module once and that no import goes up or sideways):
+//!
+//! 1. `app`
+//! 2. `admin`
+//! 3. `control`
+//! 4. `listener`
+//! 5. `session`
+//! 6. `route`
+//! 7. `service`
+//! 8. `admission`, `replicas`
+//! 9. `logging`, `pool`, `tls`
+//! 10. `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `routelog`, `selfcheck`
+//! 11. `docker`
+//! 12. `config`, `metrics`, `outcome`, `util`, `workers`
 //!
 //! `docs/architecture.md` walks one connection through these modules by file and function.
 //! `main.rs` only parses the command line, loads the config, sets up logging and signals, and runs an
 //! [`app::Server`]; tests drive the `Server` directly.
 
 #![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
 #![warn(unreachable_pub)]
 
 mod admin;
@@ -43,9 +79,9 @@ mod balance;
 pub mod config;
 mod control;
 mod discovery;
+mod docker;
 mod events;
-mod health;
-pub mod healthcheck;
+pub mod health;
 mod listener;
 pub mod logging;
 mod metrics;
@@ -54,17 +90,20 @@ pub mod pool;
 pub mod proxy_protocol;
 mod relay;
 mod replicas;
+mod route;
 pub mod routelog;
+pub mod selfcheck;
 pub mod service;
 mod session;
+pub mod tls;
 mod util;
 mod workers;
 
 pub use app::{Server, Stopped};
 pub use control::{
-    Control, DrainProgress, Readiness, ReloadError, ReloadReport, ServiceView, StartError,
+    Control, DrainProgress, Readiness, ReloadError, ReloadReport, RunningService, StartError,
 };
-pub use health::Health;
+pub use health::{AgentSays, Health};
 pub use listener::BindError;
 pub use outcome::Outcome;
 pub use service::{Service, ServiceStats};

@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Gate;
-use crate::service::Service;
+use crate::outcome::Outcome;
+use crate::route::Routes;
+use crate::routelog::{self, Ending, Record};
 use crate::session::{self, ClientSlot};
 use crate::util::RateLimited;
 
@@ -28,12 +30,14 @@ const BACKLOG: i32 = 4096;
 const BACKOFF_START: Duration = Duration::from_millis(5);
 const BACKOFF_CAP: Duration = Duration::from_millis(500);
 
+/// A listener could not be bound. Its message carries the cause, which is therefore not also its
+/// `source` (an error reporter would print it twice).
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} for service {service:?}: {source}")]
+#[error("cannot listen on {addr} for service {service:?}: {error}")]
 pub struct BindError {
     pub service: String,
     pub addr: SocketAddr,
-    pub source: io::Error,
+    pub error: io::Error,
 }
 
 /// Binds `addr` with SO_REUSEADDR, so a restart succeeds while old connections sit in TIME_WAIT, and
@@ -51,9 +55,11 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// Accepts until `stop` is cancelled, then drops the listener (new connections are refused from then).
+/// Each connection goes to the address's one service, or, on a shared address, to the session that
+/// reads its route.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
-    current: Arc<ArcSwap<Service>>,
+    current: Arc<ArcSwap<Routes>>,
     gate: Arc<Gate>,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -61,36 +67,28 @@ pub(crate) async fn accept_loop(
 ) {
     let mut backoff = BACKOFF_START;
     let mut errors = RateLimited::new(Duration::from_secs(1));
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     loop {
         let accepted = tokio::select! {
             biased;
             () = stop.cancelled() => break,
             r = listener.accept() => r,
         };
-        // The service as configured now (a reload swaps it); the connection keeps this version.
-        let service = current.load_full();
         match accepted {
             Ok((client, peer)) => {
                 backoff = BACKOFF_START;
-                service.stats.accepted.fetch_add(1, Relaxed);
-                match ClientSlot::take(&service, gate.enter()) {
-                    Ok(slot) => {
-                        tracker.spawn(session::serve(
-                            client,
-                            peer,
-                            service.clone(),
-                            slot,
-                            deadline.clone(),
-                        ));
-                    }
-                    Err(end) => session::refuse_over_limit(&service, peer, end),
-                }
+                // The routes as they are now (a reload swaps them); the connection keeps these.
+                let routes = current.load_full();
+                dispatch(client, peer, routes, &local, &gate, &tracker, &deadline);
             }
             Err(e) if is_per_connection(&e) => continue,
             Err(e) => {
                 if let Some(suppressed) = errors.allow() {
                     tracing::error!(
-                        service = %service.name,
+                        listen = %local,
                         error = %e,
                         backoff_ms = backoff.as_millis() as u64,
                         suppressed,
@@ -103,6 +101,67 @@ pub(crate) async fn accept_loop(
                 }
                 backoff = (backoff * 2).min(BACKOFF_CAP);
             }
+        }
+    }
+}
+
+/// Hands an accepted connection to its session, in a span of its own: every line about it names
+/// it. Its backend (and, with accept_proxy, its real client; on a shared address, its service) are
+/// recorded in the span as they become known.
+fn dispatch(
+    client: tokio::net::TcpStream,
+    peer: SocketAddr,
+    routes: Arc<Routes>,
+    local: &str,
+    gate: &Arc<Gate>,
+    tracker: &TaskTracker,
+    deadline: &CancellationToken,
+) {
+    if let Some(current) = routes.table.only() {
+        // The address's one service: no route to read.
+        let service = current.load_full();
+        service.stats.accepted.fetch_add(1, Relaxed);
+        let span = tracing::info_span!(
+            "conn",
+            service = %service.name,
+            client = %peer,
+            listen = %local,
+            via = tracing::field::Empty,
+            backend = tracing::field::Empty,
+        );
+        match ClientSlot::take(&service, gate.enter()) {
+            Ok(slot) => {
+                let serve =
+                    session::serve(client, peer, service.clone(), slot, deadline.clone(), span);
+                tracker.spawn(serve);
+            }
+            Err(end) => span.in_scope(|| session::refuse_over_limit(&service, peer, end)),
+        }
+        return;
+    }
+    let span = tracing::info_span!(
+        "conn",
+        service = tracing::field::Empty,
+        client = %peer,
+        listen = %local,
+        via = tracing::field::Empty,
+        backend = tracing::field::Empty,
+    );
+    match gate.enter() {
+        Some(slot) => {
+            let serve = session::serve_routed(client, peer, routes, slot, deadline.clone(), span);
+            tracker.spawn(serve);
+        }
+        None => {
+            let end = Outcome::GlobalMaxConnections;
+            routes.unrouted.count(end);
+            let record = Record::new(Arc::from(""), "", peer);
+            let ending = Ending {
+                bytes_up: 0,
+                bytes_down: 0,
+                end,
+            };
+            span.in_scope(|| routelog::emit(&record, ending));
         }
     }
 }

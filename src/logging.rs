@@ -1,17 +1,25 @@
 //! Log output: the application log and the routing log, each to stdout, a daily-rotated file, or (the
 //! routing log) nowhere; text or JSON lines; a level or a `RUST_LOG`-style filter.
 //!
-//! Writing goes through `tracing-appender`'s background worker so a slow terminal or disk never blocks a
-//! connection, in blocking mode (`lossy(false)`) so that no routing line is ever dropped; the returned
-//! guards flush on drop and must live until exit. Rotated files are named `FILE.YYYY-MM-DD` (UTC) and
-//! the oldest beyond `log.keep` are deleted when a new one is opened (at start and at midnight).
+//! No thread that relays connections ever waits on a log write: each stream has a bounded queue
+//! (`log.buffer_lines`) drained by a writer thread of its own. When the destination cannot keep up
+//! (a full pipe, a paused log driver) the queue fills and further lines are dropped; when it cannot
+//! be written at all (a full disk) the line is dropped too. Both are counted per stream and reason
+//! ([`dropped`], `sluicegate_log_lines_dropped_total`) and said once per streak by a warning, also on
+//! stderr. The returned guards flush on drop and must live until exit. Rotated files are named
+//! `FILE.YYYY-MM-DD` (UTC) and the oldest beyond `log.keep` are deleted when a new one is opened (at
+//! start and at midnight).
 
 use std::fmt::Write as _;
+use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, WorkerGuard};
 use tracing_subscriber::filter::{EnvFilter, Targets};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
@@ -21,7 +29,9 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
 use crate::config::{AccessLog, LogConfig, LogFormat, LogLevel};
+use crate::metrics::{Family, Kind, Subject, Table};
 use crate::routelog;
+use crate::util::lock;
 
 /// The environment variable whose `RUST_LOG`-style filter overrides `log.level` and `log.filter`.
 pub const FILTER_ENV: &str = "SLUICEGATE_LOG";
@@ -48,15 +58,156 @@ pub enum LogError {
 #[must_use]
 pub struct Guards(#[allow(dead_code)] Vec<WorkerGuard>);
 
-/// A writer on its own background thread: stdout, or the daily-rotated file `path`.
+/// A log stream, for the drop counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Application,
+    Routing,
+}
+
+impl Stream {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Stream::Application => "application",
+            Stream::Routing => "routing",
+        }
+    }
+}
+
+/// Why a line was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The stream's queue was full: its destination did not keep up.
+    QueueFull,
+    /// Writing the line failed (a full disk, a closed pipe).
+    WriteError,
+}
+
+impl DropReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::WriteError => "write_error",
+        }
+    }
+}
+
+/// The drop counters of one stream.
+struct Counters {
+    stream: Stream,
+    queue: ErrorCounter,
+    write_errors: Arc<AtomicU64>,
+    /// The latest write error, for the warning.
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+/// Every stream's counters, set by [`init`].
+static STREAMS: OnceLock<Vec<Counters>> = OnceLock::new();
+
+/// Lines dropped so far, per stream and reason (every stream the process logs to, zeros included).
+pub fn dropped() -> Vec<(Stream, DropReason, u64)> {
+    STREAMS
+        .get()
+        .map(|streams| {
+            streams
+                .iter()
+                .flat_map(|c| {
+                    [
+                        (
+                            c.stream,
+                            DropReason::QueueFull,
+                            c.queue.dropped_lines() as u64,
+                        ),
+                        (
+                            c.stream,
+                            DropReason::WriteError,
+                            c.write_errors.load(Relaxed),
+                        ),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Lines dropped so far, as `/metrics` exports them ([`METRICS`]).
+pub(crate) struct Dropped(pub(crate) Vec<(Stream, DropReason, u64)>);
+
+impl Subject for Dropped {
+    fn label_values(&self) -> impl Iterator<Item = &str> {
+        std::iter::empty()
+    }
+}
+
+/// What `/metrics` exports about the log streams.
+pub(crate) const METRICS: Table<Dropped> = Table {
+    subject: &[],
+    families: &[Family::new(
+        Kind::Counter,
+        "sluicegate_log_lines_dropped_total",
+        "Log lines dropped rather than wait: the stream's queue was full (queue_full) or the line could not be written (write_error).",
+        &["stream", "reason"],
+        |d, o| {
+            for (stream, reason, n) in &d.0 {
+                o.put(&[stream.as_str(), reason.as_str()], *n);
+            }
+        },
+    )],
+};
+
+/// The destination of a stream, counting the lines it fails to write instead of failing the writer
+/// thread (which would lose the error silently).
+struct Counted<W> {
+    inner: W,
+    errors: Arc<AtomicU64>,
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl<W: io::Write> io::Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.inner.write(buf) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => {
+                self.errors.fetch_add(1, Relaxed);
+                *lock(&self.last_error) = Some(e.to_string());
+                // The line is given up: reporting it written ends this line's write_all.
+                Ok(buf.len())
+            }
+            r => r,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // A failed flush lost lines already counted by `write`, or will fail the next write.
+        let _ = self.inner.flush();
+        Ok(())
+    }
+}
+
+/// A writer on its own background thread with a queue of `lines`: stdout, or the daily-rotated file
+/// `path`.
 fn writer(
     key: &'static str,
+    stream: Stream,
     path: Option<&Path>,
     keep: u32,
-) -> Result<(NonBlocking, WorkerGuard), LogError> {
-    let builder = tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false);
-    Ok(match path {
-        None => builder.finish(std::io::stdout()),
+    lines: usize,
+) -> Result<(NonBlocking, WorkerGuard, Counters), LogError> {
+    let builder = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(lines.max(1))
+        .thread_name(match stream {
+            Stream::Application => "sluicegate-log",
+            Stream::Routing => "sluicegate-routelog",
+        });
+    let errors = Arc::new(AtomicU64::new(0));
+    let last_error = Arc::new(Mutex::new(None));
+    let counted = |inner| Counted {
+        inner,
+        errors: errors.clone(),
+        last_error: last_error.clone(),
+    };
+    let (nb, guard) = match path {
+        None => builder.finish(counted(Box::new(io::stdout()) as Box<dyn io::Write + Send>)),
         Some(path) => {
             let err = |reason: String| LogError::File {
                 key,
@@ -70,9 +221,69 @@ fn writer(
                 .max_log_files(keep.max(1) as usize)
                 .build(dir)
                 .map_err(|e| err(e.to_string()))?;
-            builder.finish(appender)
+            builder.finish(counted(Box::new(appender)))
         }
-    })
+    };
+    let counters = Counters {
+        stream,
+        queue: nb.error_counter(),
+        write_errors: errors,
+        last_error,
+    };
+    Ok((nb, guard, counters))
+}
+
+/// How often the drop counters are looked at for the warning.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// A streak of drops ends after this long without one.
+const STREAK_ENDS: u32 = 10;
+
+/// Says once per streak, per stream, that lines are being dropped and why, and once when the streak
+/// ends: through the application log and on stderr (the application log may be the stream that
+/// drops). Runs on a thread of its own, so a stalled stderr stalls nothing else.
+fn watch_drops() {
+    let spawned = std::thread::Builder::new()
+        .name("sluicegate-logwatch".into())
+        .spawn(|| {
+            let Some(streams) = STREAMS.get() else { return };
+            let mut seen: Vec<(u64, u64, u32, bool)> = vec![(0, 0, 0, false); streams.len()];
+            loop {
+                std::thread::sleep(WATCH_EVERY);
+                for (c, (queue_was, errors_was, quiet, streak)) in streams.iter().zip(&mut seen) {
+                    let queue = c.queue.dropped_lines() as u64;
+                    let errors = c.write_errors.load(Relaxed);
+                    if queue == *queue_was && errors == *errors_was {
+                        *quiet += 1;
+                        if *streak && *quiet >= STREAK_ENDS {
+                            *streak = false;
+                            let msg = format!("{} log: lines are written again ({queue} dropped for a full queue, {errors} for write errors so far)", c.stream.as_str());
+                            tracing::info!(stream = c.stream.as_str(), "{msg}");
+                            eprintln!("sluicegate: {msg}");
+                        }
+                        continue;
+                    }
+                    *quiet = 0;
+                    if !*streak {
+                        *streak = true;
+                        let why = if errors > *errors_was {
+                            format!(
+                                "cannot be written ({})",
+                                lock(&c.last_error).clone().unwrap_or_default()
+                            )
+                        } else {
+                            "cannot keep up (its queue is full)".to_string()
+                        };
+                        let msg = format!("{} log {why}: lines are being dropped and counted in sluicegate_log_lines_dropped_total", c.stream.as_str());
+                        tracing::warn!(stream = c.stream.as_str(), "{msg}");
+                        eprintln!("sluicegate: {msg}");
+                    }
+                    (*queue_was, *errors_was) = (queue, errors);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("sluicegate: cannot start the log watcher: {e}");
+    }
 }
 
 /// The application log's filter: `SLUICEGATE_LOG`, else `log.filter`, else `log.level`.
@@ -97,8 +308,17 @@ fn app_filter(cfg: &LogConfig) -> Result<EnvFilter, LogError> {
 pub fn init(cfg: &LogConfig) -> Result<Guards, LogError> {
     let json = cfg.format == LogFormat::Json;
     let mut guards = Vec::new();
-    let (app_writer, g) = writer("log.file", cfg.file.as_deref(), cfg.keep)?;
+    let mut counters = Vec::new();
+    let lines = cfg.buffer_lines as usize;
+    let (app_writer, g, c) = writer(
+        "log.file",
+        Stream::Application,
+        cfg.file.as_deref(),
+        cfg.keep,
+        lines,
+    )?;
     guards.push(g);
+    counters.push(c);
     let mut app = app_filter(cfg)?;
     if cfg.access != AccessLog::WithApplication {
         // The routing log has a stream of its own (or none): keep it out of the application log.
@@ -122,8 +342,9 @@ pub fn init(cfg: &LogConfig) -> Result<Guards, LogError> {
     };
     let access_layer = match access_path {
         Some(path) => {
-            let (w, g) = writer("log.access", path, cfg.keep)?;
+            let (w, g, c) = writer("log.access", Stream::Routing, path, cfg.keep, lines)?;
             guards.push(g);
+            counters.push(c);
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_writer(w)
@@ -134,9 +355,13 @@ pub fn init(cfg: &LogConfig) -> Result<Guards, LogError> {
         None => None,
     };
     let subscriber = tracing_subscriber::registry()
+        .with(SpanFields::layer())
         .with(app_layer)
         .with(access_layer);
     tracing::subscriber::set_global_default(subscriber).map_err(|_| LogError::AlreadySet)?;
+    if STREAMS.set(counters).is_ok() {
+        watch_drops();
+    }
     Ok(Guards(guards))
 }
 
@@ -171,6 +396,63 @@ struct LineFormat {
     json: bool,
 }
 
+/// Keeps the fields of sluicegate's own spans (one per connection: `listener.rs`) as values, so every
+/// line written inside a span can carry them, structured in JSON. Only sluicegate's spans are kept: a
+/// filter that enabled every span would enable the dependencies' debug spans too.
+struct SpanFields(Vec<(&'static str, Val)>);
+
+impl SpanFields {
+    fn layer<S>() -> impl Layer<S>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        SpanFieldsLayer.with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.is_span() && meta.target().starts_with("sluicegate")
+        }))
+    }
+}
+
+struct SpanFieldsLayer;
+
+impl<S> Layer<S> for SpanFieldsLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut v = Fields::default();
+        attrs.record(&mut v);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(SpanFields(v.fields));
+        }
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut v = Fields::default();
+        values.record(&mut v);
+        if let Some(span) = ctx.span(id) {
+            if let Some(SpanFields(fields)) = span.extensions_mut().get_mut::<SpanFields>() {
+                for (name, val) in v.fields {
+                    match fields.iter_mut().find(|(n, _)| *n == name) {
+                        Some(slot) => slot.1 = val,
+                        None => fields.push((name, val)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
 enum Val {
     Str(String),
     Num(String),
@@ -234,12 +516,28 @@ where
 {
     fn format_event(
         &self,
-        _ctx: &FmtContext<'_, S, N>,
+        ctx: &FmtContext<'_, S, N>,
         mut w: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
         let mut v = Fields::default();
         event.record(&mut v);
+        // The fields of the spans it happened in (the connection's), unless the event names them
+        // itself. The routing line is complete on its own and keeps its documented fields.
+        if event.metadata().target() != routelog::TARGET {
+            if let Some(scope) = ctx.event_scope() {
+                for span in scope.from_root() {
+                    if let Some(SpanFields(fields)) = span.extensions().get::<SpanFields>() {
+                        for (name, val) in fields {
+                            let named = event.metadata().fields().field(name).is_some();
+                            if !named && !v.fields.iter().any(|(n, _)| n == name) {
+                                v.fields.push((name, val.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
         // Declared order, with `null` for a field declared without a value, so lines keep one shape.
         let mut ordered = Vec::with_capacity(v.fields.len() + 2);
         for f in event.metadata().fields() {

@@ -71,7 +71,7 @@ fn main() -> ExitCode {
             .exit()
     };
     let path = config_path.display().to_string();
-    let config = match Config::load(&config_path) {
+    let (config, admin) = match checked_config(&config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sluicegate: invalid config {path}:\n{e}");
@@ -114,7 +114,7 @@ fn main() -> ExitCode {
             Ok(n) => tracing::info!(nofile = n, "descriptor limit"),
             Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
         }
-        let server = match sluicegate::Server::bind(&config) {
+        let server = match sluicegate::Server::bind_with(&config, admin) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "startup failed");
@@ -142,17 +142,30 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// The config at `path`, checked whole before anything starts: parsed and validated, the admin token
+/// read (from the environment or its file), and every certificate, key and CA file read.
+fn checked_config(
+    path: &std::path::Path,
+) -> Result<(Config, Option<sluicegate::config::AdminSettings>), String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let admin = config
+        .admin_settings(&sluicegate::config::ProcessEnv)
+        .map_err(|e| e.to_string())?;
+    sluicegate::tls::check_files(&config)?;
+    Ok((config, admin))
+}
+
 /// `sluicegate healthcheck`: 0 when the admin API says ready, 1 when not, 64 for a bad config.
 fn healthcheck(
     config: Option<PathBuf>,
     admin: Option<std::net::SocketAddr>,
     timeout: Dur,
 ) -> ExitCode {
-    use sluicegate::healthcheck;
+    use sluicegate::selfcheck;
     let addr = match (admin, config) {
         (Some(a), _) => a,
         (None, Some(path)) => match Config::load(&path) {
-            Ok(c) => match healthcheck::admin_address(&c) {
+            Ok(c) => match selfcheck::admin_address(&c) {
                 Ok(a) => a,
                 Err(e) => {
                     eprintln!("sluicegate healthcheck: {e}");
@@ -174,7 +187,7 @@ fn healthcheck(
             )
             .exit(),
     };
-    match healthcheck::check(addr, timeout.0) {
+    match selfcheck::check(addr, timeout.0) {
         Ok(body) => {
             println!("ready: {body}");
             ExitCode::SUCCESS
@@ -202,26 +215,41 @@ impl Signals {
     }
 }
 
-/// SIGTERM and SIGINT: the first drains, a second forces exit.
+/// A stop signal this soon after the first is the same request: a process-group kill, or a supervisor
+/// and a terminal both passing one on, must not skip the drain.
+const SAME_STOP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// SIGTERM and SIGINT: the first drains, a later one forces exit.
 struct Stops {
     term: Signal,
     int: Signal,
 }
 
 impl Stops {
-    /// Completes on the first SIGTERM or SIGINT. From then on a second one forces exit at once.
+    /// Completes on the first SIGTERM or SIGINT. From then on another one forces exit at once, unless
+    /// it comes within [`SAME_STOP`] of the first.
     async fn first_stop(mut self) {
         let name = self.next_stop().await;
+        let first = tokio::time::Instant::now();
         tracing::info!(
             signal = name,
-            "stop requested; a second SIGTERM or SIGINT forces exit"
+            "stop requested; another SIGTERM or SIGINT (a second or more later) forces exit"
         );
         tokio::spawn(async move {
-            let name = self.next_stop().await;
-            tracing::warn!(signal = name, "second stop signal: forcing exit");
-            drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
-            let code = if name == "SIGINT" { 130 } else { 143 };
-            std::process::exit(code);
+            loop {
+                let name = self.next_stop().await;
+                if first.elapsed() < SAME_STOP {
+                    tracing::info!(
+                        signal = name,
+                        "stop signal within a second of the first: the same request, still draining"
+                    );
+                    continue;
+                }
+                tracing::warn!(signal = name, "second stop signal: forcing exit");
+                drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
+                let code = if name == "SIGINT" { 130 } else { 143 };
+                std::process::exit(code);
+            }
         });
     }
 

@@ -1,496 +1,232 @@
-//! Counters rendered as Prometheus text (`GET /metrics`).
+//! How a subsystem declares what it exports to Prometheus, and the text format (`GET /metrics`).
 //!
-//! Every number comes from the atomics the data plane already keeps (service, backend, DNS watcher);
-//! rendering reads them without stopping anything. Names start with `sluicegate_`; counters end in
-//! `_total`, durations are in seconds.
+//! Each subsystem that owns numbers declares its metric families once, in a `const` [`Table`] next
+//! to the typed view it reads them from: the name, the kind, the help, the labels and how to read the
+//! samples from one view (`service::METRICS` over `ServiceView`, `discovery::METRICS` over
+//! `WatchView`, ...). The admin API asks each subsystem for its views and writes each table over them
+//! with a [`Page`]; `/stats` serialises the same views. This module knows none of them: it owns the
+//! format, and the process's own numbers ([`PROCESS`]).
+//!
+//! Names start with `sluicegate_` (the process metrics keep the names every client library gives
+//! them); counters end in `_total`, durations are in seconds.
 
 use std::fmt::Write;
-use std::sync::atomic::Ordering::Relaxed;
 
-use crate::control::{Control, DrainProgress};
-use crate::health::Health;
-use crate::outcome::Outcome;
-use crate::pool::{Backend, State, CONNECT_BUCKETS, WEIGHT_SCALE};
-use crate::service::ServiceStats;
-
-/// Label values escaped as the text format requires.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A family's type, as the text format names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
 }
 
-struct Out {
+impl Kind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric family, read from a view of type `T`.
+pub(crate) struct Family<T> {
+    pub(crate) name: &'static str,
+    pub(crate) kind: Kind,
+    pub(crate) help: &'static str,
+    /// The family's own labels, after its table's (`end`, `direction`, ...).
+    pub(crate) labels: &'static [&'static str],
+    /// Writes the samples of one view (none is fine: the family is still declared).
+    pub(crate) read: fn(&T, &mut Samples<'_>),
+}
+
+impl<T> Family<T> {
+    pub(crate) const fn new(
+        kind: Kind,
+        name: &'static str,
+        help: &'static str,
+        labels: &'static [&'static str],
+        read: fn(&T, &mut Samples<'_>),
+    ) -> Family<T> {
+        Family {
+            name,
+            kind,
+            help,
+            labels,
+            read,
+        }
+    }
+}
+
+/// The families a subsystem exports about one kind of subject (the process, a service, a backend,
+/// a DNS name), every sample labelled first by the subject.
+pub(crate) struct Table<T: 'static> {
+    /// The labels naming a subject (`service`; `service`, `backend`; none for the process).
+    pub(crate) subject: &'static [&'static str],
+    pub(crate) families: &'static [Family<T>],
+}
+
+/// A view a table reads: it names its subject.
+pub(crate) trait Subject {
+    /// The values of its table's `subject` labels, in their order.
+    fn label_values(&self) -> impl Iterator<Item = &str>;
+}
+
+/// A number as the text format writes it (a flag is 1 or 0).
+pub(crate) trait Value {
+    fn write_to(self, out: &mut String);
+}
+
+macro_rules! integer_value {
+    ($($t:ty),*) => {$(
+        impl Value for $t {
+            fn write_to(self, out: &mut String) {
+                let _ = write!(out, "{self}");
+            }
+        }
+    )*};
+}
+integer_value!(u64, u32, usize, f64);
+
+impl Value for bool {
+    fn write_to(self, out: &mut String) {
+        out.push(if self { '1' } else { '0' });
+    }
+}
+
+/// The samples of one family for one subject, as its `read` writes them.
+pub(crate) struct Samples<'a> {
+    text: &'a mut String,
+    name: &'static str,
+    own: &'static [&'static str],
+    /// The subject's labels, already written out (`service="web"`), or empty.
+    subject: &'a str,
+}
+
+impl Samples<'_> {
+    /// One sample; `values` are those of the family's own labels, in order.
+    pub(crate) fn put(&mut self, values: &[&str], v: impl Value) {
+        self.line("", values, None, v);
+    }
+
+    /// A histogram: cumulative `counts` per bound (`les`, the last `+Inf`), the sum and the count.
+    pub(crate) fn histogram(
+        &mut self,
+        values: &[&str],
+        les: &[String],
+        counts: &[u64],
+        sum: f64,
+        count: u64,
+    ) {
+        for (le, &c) in les.iter().zip(counts) {
+            self.line("_bucket", values, Some(("le", le)), c);
+        }
+        self.line("_sum", values, None, sum);
+        self.line("_count", values, None, count);
+    }
+
+    fn line(&mut self, suffix: &str, values: &[&str], extra: Option<(&str, &str)>, v: impl Value) {
+        debug_assert_eq!(values.len(), self.own.len(), "{}", self.name);
+        let t = &mut *self.text;
+        t.push_str(self.name);
+        t.push_str(suffix);
+        let own = self.own.iter().zip(values).map(|(k, v)| (*k, *v));
+        let mut labels = own.chain(extra).peekable();
+        if !self.subject.is_empty() || labels.peek().is_some() {
+            t.push('{');
+            t.push_str(self.subject);
+            let mut first = self.subject.is_empty();
+            for (k, v) in labels {
+                if !first {
+                    t.push(',');
+                }
+                first = false;
+                push_label(t, k, v);
+            }
+            t.push('}');
+        }
+        t.push(' ');
+        v.write_to(t);
+        t.push('\n');
+    }
+}
+
+/// Appends `k="v"`, `v` escaped as the text format requires, without allocating (a page has a few
+/// labels for every backend).
+fn push_label(out: &mut String, k: &str, v: &str) {
+    out.push_str(k);
+    out.push_str("=\"");
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A metrics page being written.
+pub(crate) struct Page {
     text: String,
 }
 
-impl Out {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.text.push(',');
-                }
-                let _ = write!(self.text, "{k}=\"{}\"", esc(v));
-            }
-            self.text.push('}');
+impl Default for Page {
+    fn default() -> Self {
+        Page {
+            text: String::with_capacity(16 * 1024),
         }
-        let _ = writeln!(self.text, " {value}");
     }
 }
 
-/// Renders every metric of the running server.
-pub(crate) fn render(control: &Control) -> String {
-    let mut o = Out {
-        text: String::with_capacity(16 * 1024),
-    };
-    let services = control.services();
-
-    o.family(
-        "sluicegate_build_info",
-        "gauge",
-        "The running build: always 1, with the version and target as labels.",
-    );
-    o.sample(
-        "sluicegate_build_info",
-        &[
-            ("version", env!("CARGO_PKG_VERSION")),
-            (
-                "target",
-                &format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
-            ),
-        ],
-        1,
-    );
-    o.family(
-        "sluicegate_instance_info",
-        "gauge",
-        "Always 1: which balancer replica this is (its host's name), to tell replicas apart.",
-    );
-    o.sample(
-        "sluicegate_instance_info",
-        &[("hostname", control.instance())],
-        1,
-    );
-    o.family(
-        "sluicegate_serving",
-        "gauge",
-        "1 while the process serves; 0 once it drains.",
-    );
-    o.sample(
-        "sluicegate_serving",
-        &[],
-        u8::from(!control.readiness().is_draining()),
-    );
-    process_metrics(&mut o);
-    o.family(
-        "sluicegate_connections_open",
-        "gauge",
-        "Client connections open now over every service (what the top-level max_connections caps).",
-    );
-    o.sample("sluicegate_connections_open", &[], control.gate.open());
-
-    type ServiceGet = fn(&ServiceStats) -> u64;
-    let per_service: [(&str, &str, &str, ServiceGet); 9] = [
-        (
-            "sluicegate_connections_accepted_total",
-            "counter",
-            "Client connections accepted.",
-            |s| s.accepted.load(Relaxed),
-        ),
-        (
-            "sluicegate_connections_active",
-            "gauge",
-            "Client connections open now.",
-            |s| s.active.load(Relaxed),
-        ),
-        (
-            "sluicegate_connections_no_backend_total",
-            "counter",
-            "Clients closed at once because no backend was available.",
-            |s| s.ended(Outcome::NoBackend),
-        ),
-        (
-            "sluicegate_connections_connect_failed_total",
-            "counter",
-            "Clients whose every connect attempt failed.",
-            |s| s.ended(Outcome::ConnectFailed),
-        ),
-        (
-            "sluicegate_connections_over_limit_total",
-            "counter",
-            "Clients closed at once because max_connections were open.",
-            |s| s.ended(Outcome::MaxConnections),
-        ),
-        (
-            "sluicegate_queue_waiting",
-            "gauge",
-            "Clients waiting for a backend below its max_connections (queue).",
-            |s| s.queue.waiting(),
-        ),
-        (
-            "sluicegate_source_entries",
-            "gauge",
-            "Client addresses the per-source limits are tracking now (bounded).",
-            |s| s.sources.len() as u64,
-        ),
-        (
-            "sluicegate_connections_spliced_total",
-            "counter",
-            "Relayed connections in which a direction ran on splice.",
-            |s| s.spliced.load(Relaxed),
-        ),
-        (
-            "sluicegate_connections_uring_total",
-            "counter",
-            "Relayed connections that ran on the io_uring engine.",
-            |s| s.uring.load(Relaxed),
-        ),
-    ];
-    for (name, kind, help, get) in per_service {
-        o.family(name, kind, help);
-        for s in &services {
-            o.sample(name, &[("service", &s.service.name)], get(&s.service.stats));
-        }
-    }
-    o.family(
-        "sluicegate_connections_ended_total",
-        "counter",
-        "Client connections by how they ended (the routing log's end values, refusals included).",
-    );
-    for s in &services {
-        for e in Outcome::ALL {
-            o.sample(
-                "sluicegate_connections_ended_total",
-                &[("service", &s.service.name), ("end", e.as_str())],
-                s.service.stats.ended(e),
+impl Page {
+    /// Writes every family of `table` with the samples of every subject: family by family, as the
+    /// format requires, each subject's labels written out once. Linear in subjects × families.
+    pub(crate) fn write<T: Subject>(&mut self, table: &Table<T>, subjects: &[T]) {
+        let prefixes: Vec<String> = subjects
+            .iter()
+            .map(|s| {
+                let mut p = String::new();
+                for (i, (k, v)) in table.subject.iter().zip(s.label_values()).enumerate() {
+                    if i > 0 {
+                        p.push(',');
+                    }
+                    push_label(&mut p, k, v);
+                }
+                p
+            })
+            .collect();
+        for f in table.families {
+            let _ = writeln!(
+                self.text,
+                "# HELP {name} {help}\n# TYPE {name} {kind}",
+                name = f.name,
+                help = f.help,
+                kind = f.kind.as_str()
             );
-        }
-    }
-    o.family(
-        "sluicegate_service_bytes_total",
-        "counter",
-        "Bytes relayed by the service's finished connections, by direction (up = client to backend).",
-    );
-    for s in &services {
-        for (dir, v) in [
-            ("up", s.service.stats.bytes_up.load(Relaxed)),
-            ("down", s.service.stats.bytes_down.load(Relaxed)),
-        ] {
-            o.sample(
-                "sluicegate_service_bytes_total",
-                &[("service", &s.service.name), ("direction", dir)],
-                v,
-            );
-        }
-    }
-    o.family(
-        "sluicegate_relay_info",
-        "gauge",
-        "The relay engine a service is configured with (auto, splice, copy).",
-    );
-    for s in &services {
-        o.sample(
-            "sluicegate_relay_info",
-            &[
-                ("service", &s.service.name),
-                ("relay", s.service.relay.mode.as_str()),
-                ("policy", s.service.policy.as_str()),
-            ],
-            1,
-        );
-    }
-
-    // Per backend.
-    let backends = control.backends();
-    type BackendGet = fn(&Backend) -> u64;
-    let per_backend: [(&str, &str, &str, BackendGet); 4] = [
-        (
-            "sluicegate_backend_connections_active",
-            "gauge",
-            "Connections to the backend open now (counted from the start of the connect).",
-            |b| b.active(),
-        ),
-        (
-            "sluicegate_backend_connections_total",
-            "counter",
-            "Connections established to the backend.",
-            |b| b.stats.total.load(Relaxed),
-        ),
-        (
-            "sluicegate_backend_connect_failures_total",
-            "counter",
-            "Connect attempts to the backend that failed.",
-            |b| b.stats.failed.load(Relaxed),
-        ),
-        (
-            "sluicegate_backend_weight",
-            "gauge",
-            "Configured weight.",
-            |b| b.weight() as u64,
-        ),
-    ];
-    for (name, kind, help, get) in per_backend {
-        o.family(name, kind, help);
-        for (svc, b) in &backends {
-            let addr = b.addr.to_string();
-            o.sample(name, &[("service", svc), ("backend", &addr)], get(b));
-        }
-    }
-    o.family(
-        "sluicegate_backend_effective_weight",
-        "gauge",
-        "Weight in use now (below the configured weight during slow start).",
-    );
-    for (svc, b) in &backends {
-        let addr = b.addr.to_string();
-        o.sample(
-            "sluicegate_backend_effective_weight",
-            &[("service", svc), ("backend", &addr)],
-            b.eff_weight() as f64 / WEIGHT_SCALE as f64,
-        );
-    }
-    o.family(
-        "sluicegate_backend_bytes_total",
-        "counter",
-        "Bytes relayed to (up) and from (down) the backend, counted as they move.",
-    );
-    for (svc, b) in &backends {
-        let addr = b.addr.to_string();
-        for (dir, v) in [
-            ("up", b.stats.bytes_up.load(Relaxed)),
-            ("down", b.stats.bytes_down.load(Relaxed)),
-        ] {
-            o.sample(
-                "sluicegate_backend_bytes_total",
-                &[("service", svc), ("backend", &addr), ("direction", dir)],
-                v,
-            );
-        }
-    }
-    o.family(
-        "sluicegate_backend_health",
-        "gauge",
-        "1 for the backend's current health (unknown, healthy, unhealthy), 0 for the others.",
-    );
-    for (svc, b) in &backends {
-        let addr = b.addr.to_string();
-        let now = b.health();
-        for h in [Health::Unknown, Health::Healthy, Health::Unhealthy] {
-            o.sample(
-                "sluicegate_backend_health",
-                &[("service", svc), ("backend", &addr), ("health", h.as_str())],
-                u8::from(now == h),
-            );
-        }
-    }
-    o.family(
-        "sluicegate_backend_state",
-        "gauge",
-        "1 for the backend's current state (active, draining, removed), 0 for the others.",
-    );
-    for (svc, b) in &backends {
-        let addr = b.addr.to_string();
-        let now = b.state();
-        for st in [State::Active, State::Draining, State::Removed] {
-            o.sample(
-                "sluicegate_backend_state",
-                &[("service", svc), ("backend", &addr), ("state", st.as_str())],
-                u8::from(now == st),
-            );
-        }
-    }
-    o.family(
-        "sluicegate_backend_ejected",
-        "gauge",
-        "1 while the backend is passively ejected after consecutive connect failures.",
-    );
-    for (svc, b) in &backends {
-        let addr = b.addr.to_string();
-        o.sample(
-            "sluicegate_backend_ejected",
-            &[("service", svc), ("backend", &addr)],
-            u8::from(b.is_ejected()),
-        );
-    }
-    o.family(
-        "sluicegate_backend_connect_seconds",
-        "histogram",
-        "Time of successful connects to the backend.",
-    );
-    for (svc, b) in &backends {
-        let addr = b.addr.to_string();
-        let (cum, sum, count) = b.stats.connect.cumulative();
-        for (i, c) in cum.iter().enumerate() {
-            let le = CONNECT_BUCKETS
-                .get(i)
-                .map(|v| v.to_string())
-                .unwrap_or_else(|| "+Inf".into());
-            o.sample(
-                "sluicegate_backend_connect_seconds_bucket",
-                &[("service", svc), ("backend", &addr), ("le", &le)],
-                c,
-            );
-        }
-        o.sample(
-            "sluicegate_backend_connect_seconds_sum",
-            &[("service", svc), ("backend", &addr)],
-            sum,
-        );
-        o.sample(
-            "sluicegate_backend_connect_seconds_count",
-            &[("service", svc), ("backend", &addr)],
-            count,
-        );
-    }
-
-    // Replicas sluicegate runs.
-    o.family(
-        "sluicegate_replicas",
-        "gauge",
-        "Replicas sluicegate runs for the service, by state (running, draining).",
-    );
-    for s in &services {
-        if let Some(set) = control.replicas(&s.service.name) {
-            let (running, draining) = set.counts();
-            for (state, n) in [("running", running), ("draining", draining)] {
-                o.sample(
-                    "sluicegate_replicas",
-                    &[("service", &s.service.name), ("state", state)],
-                    n,
-                );
-            }
-        }
-    }
-    o.family(
-        "sluicegate_replica_replacements_total",
-        "counter",
-        "Replicas replaced because their container stopped, vanished or stayed unhealthy.",
-    );
-    for s in &services {
-        if let Some(set) = control.replicas(&s.service.name) {
-            o.sample(
-                "sluicegate_replica_replacements_total",
-                &[("service", &s.service.name)],
-                set.replaced.load(Relaxed),
-            );
-        }
-    }
-    o.family(
-        "sluicegate_docker_errors_total",
-        "counter",
-        "Docker Engine calls that failed (unreachable, refused, timed out).",
-    );
-    for s in &services {
-        if let Some(set) = control.replicas(&s.service.name) {
-            o.sample(
-                "sluicegate_docker_errors_total",
-                &[("service", &s.service.name)],
-                set.docker_errors.load(Relaxed),
-            );
-        }
-    }
-
-    // DNS.
-    o.family(
-        "sluicegate_dns_queries_total",
-        "counter",
-        "DNS lookups of a backend name by result (records, empty, failed).",
-    );
-    for s in &services {
-        for w in &s.watchers {
-            for (result, v) in [
-                ("records", w.stats.records.load(Relaxed)),
-                ("empty", w.stats.empty.load(Relaxed)),
-                ("failed", w.stats.failed.load(Relaxed)),
-            ] {
-                o.sample(
-                    "sluicegate_dns_queries_total",
-                    &[
-                        ("service", &s.service.name),
-                        ("name", &w.label),
-                        ("result", result),
-                    ],
-                    v,
-                );
+            for (s, prefix) in subjects.iter().zip(&prefixes) {
+                let mut samples = Samples {
+                    text: &mut self.text,
+                    name: f.name,
+                    own: f.labels,
+                    subject: prefix,
+                };
+                (f.read)(s, &mut samples);
             }
         }
     }
 
-    // Drain progress.
-    let drain: DrainProgress = control.drain_progress();
-    o.family(
-        "sluicegate_draining",
-        "gauge",
-        "1 while the process drains after a stop signal.",
-    );
-    o.sample("sluicegate_draining", &[], u8::from(drain.draining));
-    o.family(
-        "sluicegate_drain_remaining_connections",
-        "gauge",
-        "Client connections still open during the drain.",
-    );
-    o.sample(
-        "sluicegate_drain_remaining_connections",
-        &[],
-        drain.remaining,
-    );
-    o.family(
-        "sluicegate_drain_deadline_seconds",
-        "gauge",
-        "Seconds until the drain deadline cuts what remains (0 when not draining).",
-    );
-    o.sample(
-        "sluicegate_drain_deadline_seconds",
-        &[],
-        drain.deadline_in.map(|d| d.as_secs_f64()).unwrap_or(0.0),
-    );
-    o.family(
-        "sluicegate_oldest_connection_seconds",
-        "gauge",
-        "Age of the oldest open client connection, per service.",
-    );
-    for s in &services {
-        o.sample(
-            "sluicegate_oldest_connection_seconds",
-            &[("service", &s.service.name)],
-            s.service
-                .stats
-                .sessions
-                .oldest_age()
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
-        );
+    pub(crate) fn finish(self) -> String {
+        self.text
     }
-    o.family(
-        "sluicegate_config_reloads_total",
-        "counter",
-        "Config reloads by result (applied, rejected).",
-    );
-    let (ok, bad) = control.reload_counts();
-    o.sample(
-        "sluicegate_config_reloads_total",
-        &[("result", "applied")],
-        ok,
-    );
-    o.sample(
-        "sluicegate_config_reloads_total",
-        &[("result", "rejected")],
-        bad,
-    );
-    o.text
 }
 
 /// What `/proc` says about this process. Linux reports CPU times in USER_HZ, which is 100 on every
 /// architecture Linux supports for user space.
 #[derive(Debug, Default, PartialEq)]
-struct ProcessStats {
+pub(crate) struct ProcessStats {
     cpu_seconds: Option<f64>,
     start_time_seconds: Option<f64>,
     resident_bytes: Option<u64>,
@@ -521,90 +257,118 @@ fn status_value(status: &str, name: &str) -> Option<u64> {
     })
 }
 
-fn process_stats() -> ProcessStats {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let (stat, status, proc_stat) = (
-        read("/proc/self/stat"),
-        read("/proc/self/status"),
-        read("/proc/stat"),
-    );
-    let f = stat_fields(&stat);
-    // After the name: state is field 3 of the man page, so utime (14) is index 11 here, stime 12,
-    // starttime (22) 19.
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
-    let boot = proc_stat
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))
-        .and_then(|v| v.trim().parse::<f64>().ok());
-    ProcessStats {
-        cpu_seconds: ticks(11).zip(ticks(12)).map(|(u, s)| (u + s) / USER_HZ),
-        start_time_seconds: boot.zip(ticks(19)).map(|(b, t)| b + t / USER_HZ),
-        resident_bytes: status_value(&status, "VmRSS:"),
-        virtual_bytes: status_value(&status, "VmSize:"),
-        threads: status_value(&status, "Threads:"),
-        open_fds: std::fs::read_dir("/proc/self/fd")
-            .ok()
-            .map(|d| d.count() as u64),
-        max_fds: rlimit::getrlimit(rlimit::Resource::NOFILE)
-            .ok()
-            .map(|(soft, _)| soft),
-    }
-}
-
-/// The process metrics every Prometheus client library exports, under their usual names.
-fn process_metrics(o: &mut Out) {
-    let p = process_stats();
-    let rows: [(&str, &str, &str, Option<f64>); 7] = [
-        (
-            "process_cpu_seconds_total",
-            "counter",
-            "User and system CPU time spent, in seconds.",
-            p.cpu_seconds,
-        ),
-        (
-            "process_start_time_seconds",
-            "gauge",
-            "Start time of the process since the Unix epoch, in seconds.",
-            p.start_time_seconds,
-        ),
-        (
-            "process_resident_memory_bytes",
-            "gauge",
-            "Resident memory size, in bytes.",
-            p.resident_bytes.map(|v| v as f64),
-        ),
-        (
-            "process_virtual_memory_bytes",
-            "gauge",
-            "Virtual memory size, in bytes.",
-            p.virtual_bytes.map(|v| v as f64),
-        ),
-        (
-            "process_open_fds",
-            "gauge",
-            "Open file descriptors.",
-            p.open_fds.map(|v| v as f64),
-        ),
-        (
-            "process_max_fds",
-            "gauge",
-            "The soft limit on open file descriptors.",
-            p.max_fds.map(|v| v as f64),
-        ),
-        (
-            "process_threads",
-            "gauge",
-            "Threads of the process.",
-            p.threads.map(|v| v as f64),
-        ),
-    ];
-    for (name, kind, help, value) in rows {
-        if let Some(v) = value {
-            o.family(name, kind, help);
-            o.sample(name, &[], v);
+impl ProcessStats {
+    /// Reads them now.
+    pub(crate) fn read() -> ProcessStats {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let (stat, status, proc_stat) = (
+            read("/proc/self/stat"),
+            read("/proc/self/status"),
+            read("/proc/stat"),
+        );
+        let f = stat_fields(&stat);
+        // After the name: state is field 3 of the man page, so utime (14) is index 11 here, stime 12,
+        // starttime (22) 19.
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+        let boot = proc_stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        ProcessStats {
+            cpu_seconds: ticks(11).zip(ticks(12)).map(|(u, s)| (u + s) / USER_HZ),
+            start_time_seconds: boot.zip(ticks(19)).map(|(b, t)| b + t / USER_HZ),
+            resident_bytes: status_value(&status, "VmRSS:"),
+            virtual_bytes: status_value(&status, "VmSize:"),
+            threads: status_value(&status, "Threads:"),
+            open_fds: std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|d| d.count() as u64),
+            max_fds: rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .ok()
+                .map(|(soft, _)| soft),
         }
     }
 }
+
+impl Subject for ProcessStats {
+    fn label_values(&self) -> impl Iterator<Item = &str> {
+        std::iter::empty()
+    }
+}
+
+/// Writes `v` when `/proc` had it.
+fn some(o: &mut Samples<'_>, v: Option<impl Value>) {
+    if let Some(v) = v {
+        o.put(&[], v);
+    }
+}
+
+/// The build, and the process metrics every Prometheus client library exports, under their usual
+/// names.
+pub(crate) const PROCESS: Table<ProcessStats> = Table {
+    subject: &[],
+    families: &[
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_build_info",
+            "The running build: always 1, with the version and target as labels.",
+            &["version", "target"],
+            |_, o| {
+                let target = format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS);
+                o.put(&[env!("CARGO_PKG_VERSION"), &target], 1u64);
+            },
+        ),
+        Family::new(
+            Kind::Counter,
+            "process_cpu_seconds_total",
+            "User and system CPU time spent, in seconds.",
+            &[],
+            |p, o| some(o, p.cpu_seconds),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds.",
+            &[],
+            |p, o| some(o, p.start_time_seconds),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "process_resident_memory_bytes",
+            "Resident memory size, in bytes.",
+            &[],
+            |p, o| some(o, p.resident_bytes),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "process_virtual_memory_bytes",
+            "Virtual memory size, in bytes.",
+            &[],
+            |p, o| some(o, p.virtual_bytes),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "process_open_fds",
+            "Open file descriptors.",
+            &[],
+            |p, o| some(o, p.open_fds),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "process_max_fds",
+            "The soft limit on open file descriptors.",
+            &[],
+            |p, o| some(o, p.max_fds),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "process_threads",
+            "Threads of the process.",
+            &[],
+            |p, o| some(o, p.threads),
+        ),
+    ],
+};
 
 #[cfg(test)]
 mod tests {
@@ -619,13 +383,108 @@ mod tests {
         assert_eq!(status_value(status, "VmRSS:"), Some(12 * 1024));
         assert_eq!(status_value(status, "Threads:"), Some(5));
         assert_eq!(status_value(status, "VmSwap:"), None);
-        let me = process_stats();
+        let me = ProcessStats::read();
         assert!(me.cpu_seconds.is_some() && me.start_time_seconds.is_some());
         assert!(me.open_fds.unwrap() > 2 && me.resident_bytes.unwrap() > 0);
     }
 
     #[test]
     fn labels_are_escaped() {
-        assert_eq!(esc("a\"b\\c\n"), "a\\\"b\\\\c\\n");
+        let mut out = String::new();
+        push_label(&mut out, "k", "a\"b\\c\n");
+        assert_eq!(out, "k=\"a\\\"b\\\\c\\n\"");
+    }
+
+    struct Thing {
+        service: &'static str,
+        name: &'static str,
+        n: u64,
+    }
+
+    impl Subject for Thing {
+        fn label_values(&self) -> impl Iterator<Item = &str> {
+            [self.service, self.name].into_iter()
+        }
+    }
+
+    const THINGS: Table<Thing> = Table {
+        subject: &["service", "name"],
+        families: &[
+            Family::new(Kind::Counter, "t_total", "Things.", &[], |t, o| {
+                o.put(&[], t.n)
+            }),
+            Family::new(Kind::Gauge, "t_by", "Things by kind.", &["kind"], |t, o| {
+                o.put(&["a"], t.n);
+                o.put(&["b"], t.n > 1);
+            }),
+            Family::new(Kind::Histogram, "t_seconds", "Time.", &[], |t, o| {
+                o.histogram(&[], &["0.5".into(), "+Inf".into()], &[1, t.n], 0.25, t.n)
+            }),
+        ],
+    };
+
+    /// Families come out whole and in order, each sample with the subject's labels first, then
+    /// the family's own; a family without subjects is still declared.
+    #[test]
+    fn a_table_is_written_family_by_family() {
+        let mut page = Page::default();
+        let things = [
+            Thing {
+                service: "web",
+                name: "a\"b",
+                n: 2,
+            },
+            Thing {
+                service: "db",
+                name: "c",
+                n: 1,
+            },
+        ];
+        page.write(&THINGS, &things);
+        page.write(&THINGS, &[]);
+        let text = page.finish();
+        let first = "\
+# HELP t_total Things.
+# TYPE t_total counter
+t_total{service=\"web\",name=\"a\\\"b\"} 2
+t_total{service=\"db\",name=\"c\"} 1
+# HELP t_by Things by kind.
+# TYPE t_by gauge
+t_by{service=\"web\",name=\"a\\\"b\",kind=\"a\"} 2
+t_by{service=\"web\",name=\"a\\\"b\",kind=\"b\"} 1
+t_by{service=\"db\",name=\"c\",kind=\"a\"} 1
+t_by{service=\"db\",name=\"c\",kind=\"b\"} 0
+# HELP t_seconds Time.
+# TYPE t_seconds histogram
+t_seconds_bucket{service=\"web\",name=\"a\\\"b\",le=\"0.5\"} 1
+t_seconds_bucket{service=\"web\",name=\"a\\\"b\",le=\"+Inf\"} 2
+t_seconds_sum{service=\"web\",name=\"a\\\"b\"} 0.25
+t_seconds_count{service=\"web\",name=\"a\\\"b\"} 2
+t_seconds_bucket{service=\"db\",name=\"c\",le=\"0.5\"} 1
+t_seconds_bucket{service=\"db\",name=\"c\",le=\"+Inf\"} 1
+t_seconds_sum{service=\"db\",name=\"c\"} 0.25
+t_seconds_count{service=\"db\",name=\"c\"} 1
+";
+        let empty = "\
+# HELP t_total Things.
+# TYPE t_total counter
+# HELP t_by Things by kind.
+# TYPE t_by gauge
+# HELP t_seconds Time.
+# TYPE t_seconds histogram
+";
+        assert_eq!(text, format!("{first}{empty}"));
+    }
+
+    #[test]
+    fn process_samples_have_no_labels_but_the_builds() {
+        let mut page = Page::default();
+        page.write(&PROCESS, &[ProcessStats::read()]);
+        let text = page.finish();
+        assert!(text.contains("\nprocess_threads "), "{text}");
+        assert!(text.contains(&format!(
+            "sluicegate_build_info{{version=\"{}\",target=",
+            env!("CARGO_PKG_VERSION")
+        )));
     }
 }

@@ -43,11 +43,21 @@ pub enum Outcome {
     /// Closed: `accept_proxy` is on and the connection came from outside `from`, or sent a malformed
     /// or truncated header, or none within the timeout.
     ProxyHeader,
+    /// Closed: on a shared address, no service takes this client (no name matched, no default).
+    NoRoute,
+    /// Closed: on a routed address, the first bytes began a TLS ClientHello that was malformed,
+    /// larger than 16 KiB, or not whole within `client_hello_timeout`.
+    TlsHello,
+    /// Closed: the TLS handshake with the client failed (protocol error, no shared version or cipher,
+    /// timeout).
+    TlsHandshake,
+    /// Closed: `tls.client_ca` requires a client certificate and none, or one it did not sign, came.
+    TlsClientCert,
 }
 
 impl Outcome {
     /// Every outcome, in the order of [`Outcome::index`].
-    pub const ALL: [Outcome; 17] = [
+    pub const ALL: [Outcome; 21] = [
         Outcome::ClientClosed,
         Outcome::BackendClosed,
         Outcome::ClientReset,
@@ -65,6 +75,10 @@ impl Outcome {
         Outcome::SourceLimit,
         Outcome::Denied,
         Outcome::ProxyHeader,
+        Outcome::NoRoute,
+        Outcome::TlsHello,
+        Outcome::TlsHandshake,
+        Outcome::TlsClientCert,
     ];
 
     /// Position in [`Outcome::ALL`], for per-outcome counters.
@@ -92,6 +106,10 @@ impl Outcome {
             Outcome::SourceLimit => "source_limit",
             Outcome::Denied => "denied",
             Outcome::ProxyHeader => "proxy_header",
+            Outcome::NoRoute => "no_route",
+            Outcome::TlsHello => "tls_hello",
+            Outcome::TlsHandshake => "tls_handshake",
+            Outcome::TlsClientCert => "tls_client_cert",
         }
     }
 
@@ -107,6 +125,10 @@ impl Outcome {
                 | Outcome::SourceLimit
                 | Outcome::Denied
                 | Outcome::ProxyHeader
+                | Outcome::NoRoute
+                | Outcome::TlsHello
+                | Outcome::TlsHandshake
+                | Outcome::TlsClientCert
         )
     }
 }

@@ -1,7 +1,7 @@
 //! The PROXY protocol (HAProxy's spec, versions 1 and 2, TCP over IPv4 and IPv6): the header a
 //! balancer sends before a connection's first byte to say whose connection it is.
 //!
-//! [`parse`] and [`encode`] are pure (and fuzzed: `tests/fuzz.rs`); [`read`] takes a header off an
+//! [`parse`] and [`encode`] are pure (and fuzzed: `tests/it/fuzz.rs`); [`read`] takes a header off an
 //! accepted socket without consuming a byte past it, so what follows reaches the backend untouched.
 
 use std::fmt;
@@ -271,6 +271,77 @@ fn same_family(client: SocketAddr, dst: SocketAddr) -> (SocketAddr, SocketAddr) 
 
 /// The header announcing that `client` reached `dst`.
 pub fn encode(version: ProxyVersion, client: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    encode_with(version, client, dst, &Tls::default())
+}
+
+/// What a version 2 header says about the client's TLS, as HAProxy's `send-proxy-v2-ssl-cn` says
+/// it (proxy-protocol.txt 2.2.5 and 2.2.6): an SSL TLV when the balancer terminated TLS, with the
+/// version and the client certificate's common name, and the server name and protocol the client
+/// asked for (AUTHORITY, ALPN), which a balancer passing TLS through knows too.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    /// The balancer terminated the client's TLS with this version (`TLSv1.3`).
+    pub version: Option<&'static str>,
+    /// The client presented a certificate (verified: the handshake succeeded).
+    pub client_cert: bool,
+    /// Its subject's common name.
+    pub client_cn: Option<String>,
+    /// The server name (SNI) it asked for.
+    pub authority: Option<String>,
+    /// The protocol agreed (or, passed through, the first one offered).
+    pub alpn: Option<Vec<u8>>,
+}
+
+const PP2_TYPE_ALPN: u8 = 0x01;
+const PP2_TYPE_AUTHORITY: u8 = 0x02;
+const PP2_TYPE_SSL: u8 = 0x20;
+const PP2_SUBTYPE_SSL_VERSION: u8 = 0x21;
+const PP2_SUBTYPE_SSL_CN: u8 = 0x22;
+const PP2_CLIENT_SSL: u8 = 0x01;
+const PP2_CLIENT_CERT_CONN: u8 = 0x02;
+const PP2_CLIENT_CERT_SESS: u8 = 0x04;
+
+/// A TLV: type, 2-byte length, value (values longer than 64 KiB - 1 are cut; none here come close).
+fn tlv(out: &mut Vec<u8>, kind: u8, value: &[u8]) {
+    let v = &value[..value.len().min(u16::MAX as usize)];
+    out.push(kind);
+    out.extend_from_slice(&(v.len() as u16).to_be_bytes());
+    out.extend_from_slice(v);
+}
+
+/// The TLVs of `tls`, in the order HAProxy writes them.
+fn tls_tlvs(tls: &Tls) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(p) = &tls.alpn {
+        tlv(&mut out, PP2_TYPE_ALPN, p);
+    }
+    if let Some(a) = &tls.authority {
+        tlv(&mut out, PP2_TYPE_AUTHORITY, a.as_bytes());
+    }
+    if let Some(version) = tls.version {
+        let mut ssl = vec![PP2_CLIENT_SSL];
+        if tls.client_cert {
+            ssl[0] |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS;
+        }
+        // verify: 0, the certificate (if any) was verified.
+        ssl.extend_from_slice(&0u32.to_be_bytes());
+        tlv(&mut ssl, PP2_SUBTYPE_SSL_VERSION, version.as_bytes());
+        if let Some(cn) = &tls.client_cn {
+            tlv(&mut ssl, PP2_SUBTYPE_SSL_CN, cn.as_bytes());
+        }
+        tlv(&mut out, PP2_TYPE_SSL, &ssl);
+    }
+    out
+}
+
+/// A header naming `client` and the address it reached; version 2 also carries `tls`'s TLVs
+/// (version 1 has no room for them).
+pub fn encode_with(
+    version: ProxyVersion,
+    client: SocketAddr,
+    dst: SocketAddr,
+    tls: &Tls,
+) -> Vec<u8> {
     let (c, d) = same_family(client, dst);
     match version {
         ProxyVersion::V1 => {
@@ -285,13 +356,14 @@ pub fn encode(version: ProxyVersion, client: SocketAddr, dst: SocketAddr) -> Vec
             .into_bytes()
         }
         ProxyVersion::V2 => {
-            let mut out = Vec::with_capacity(16 + 36);
+            let tlvs = tls_tlvs(tls);
+            let mut out = Vec::with_capacity(16 + 36 + tlvs.len());
             out.extend_from_slice(&V2_SIGNATURE);
             out.push(0x21); // version 2, PROXY
             match (c.ip(), d.ip()) {
                 (IpAddr::V4(ci), IpAddr::V4(di)) => {
                     out.push(0x11); // AF_INET, STREAM
-                    out.extend_from_slice(&12u16.to_be_bytes());
+                    out.extend_from_slice(&((12 + tlvs.len()) as u16).to_be_bytes());
                     out.extend_from_slice(&ci.octets());
                     out.extend_from_slice(&di.octets());
                 }
@@ -301,13 +373,14 @@ pub fn encode(version: ProxyVersion, client: SocketAddr, dst: SocketAddr) -> Vec
                         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
                     };
                     out.push(0x21); // AF_INET6, STREAM
-                    out.extend_from_slice(&36u16.to_be_bytes());
+                    out.extend_from_slice(&((36 + tlvs.len()) as u16).to_be_bytes());
                     out.extend_from_slice(&v6(ci));
                     out.extend_from_slice(&v6(di));
                 }
             }
             out.extend_from_slice(&c.port().to_be_bytes());
             out.extend_from_slice(&d.port().to_be_bytes());
+            out.extend_from_slice(&tlvs);
             out
         }
     }
@@ -499,5 +572,54 @@ mod tests {
         let mut big = V2_SIGNATURE.to_vec();
         big.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
         assert!(matches!(parse(&big), Parsed::Malformed(Malformed::V2(_))));
+    }
+
+    #[test]
+    fn v2_carries_the_tls_tlvs_as_haproxy_writes_them() {
+        let tls = Tls {
+            version: Some("TLSv1.3"),
+            client_cert: true,
+            client_cn: Some("alice".into()),
+            authority: Some("a.example".into()),
+            alpn: Some(b"h2".to_vec()),
+        };
+        let h = encode_with(
+            ProxyVersion::V2,
+            sa("192.0.2.1:1000"),
+            sa("192.0.2.2:443"),
+            &tls,
+        );
+        // Our own parser reads the addresses and skips the TLVs.
+        assert_eq!(
+            parse(&h),
+            Parsed::Done(
+                Header::Proxy {
+                    client: sa("192.0.2.1:1000"),
+                    dst: sa("192.0.2.2:443")
+                },
+                h.len()
+            )
+        );
+        let tlvs = &h[16 + 12..];
+        let expected: Vec<u8> = [
+            &[0x01, 0, 2][..],
+            b"h2",
+            &[0x02, 0, 9],
+            b"a.example",
+            // PP2_TYPE_SSL: 5 + (3 + 7) + (3 + 5) bytes: client bits, verify 0, version, CN.
+            &[0x20, 0, 23, 0x07, 0, 0, 0, 0, 0x21, 0, 7],
+            b"TLSv1.3",
+            &[0x22, 0, 5],
+            b"alice",
+        ]
+        .concat();
+        assert_eq!(tlvs, &expected[..]);
+        // Version 1 has no room for them; without TLS facts version 2 is as before.
+        assert_eq!(
+            encode_with(ProxyVersion::V1, sa("192.0.2.1:1"), sa("192.0.2.2:2"), &tls),
+            encode(ProxyVersion::V1, sa("192.0.2.1:1"), sa("192.0.2.2:2"))
+        );
+        let plain = encode(ProxyVersion::V2, sa("192.0.2.1:1"), sa("192.0.2.2:2"));
+        assert_eq!(plain.len(), 16 + 12);
     }
 }

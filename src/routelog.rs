@@ -1,14 +1,15 @@
 //! The routing-decision log: one line per client connection, written when it ends.
 //!
 //! Fields: `service, client, via, backend, backend_name, policy, attempts, connect_ms, bytes_up,
-//! bytes_down, duration_ms, end` (documented in `docs/configuration.md`, "Routing log"). A field without a value (no backend
-//! was chosen, no connect succeeded) is written as `null`. Lines go through `tracing` at INFO with
+//! bytes_down, duration_ms, end`, and on shared addresses and TLS services `sni, alpn, route, tls`
+//! (documented in `docs/configuration.md`, "Routing log"). A field without a value (no backend was
+//! chosen, no connect succeeded, no service took the connection) is written as `null`. Lines go through `tracing` at INFO with
 //! target [`TARGET`], so `log.level: warn` skips their formatting entirely. The session writes the line
 //! (`session::account`), whatever way the connection ended.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use crate::outcome::Outcome;
 
@@ -17,7 +18,7 @@ pub const TARGET: &str = "sluicegate::route";
 
 /// What is known about one connection's routing, filled in as it progresses.
 #[derive(Debug, Clone)]
-pub(crate) struct Route {
+pub(crate) struct Record {
     pub(crate) service: Arc<str>,
     pub(crate) client: SocketAddr,
     /// The balancer in front whose PROXY header named `client` (`accept_proxy`).
@@ -30,6 +31,14 @@ pub(crate) struct Route {
     pub(crate) attempts: u32,
     pub(crate) connect_ms: Option<f64>,
     pub(crate) started: Instant,
+    /// The server name of its ClientHello (routed, or TLS terminated).
+    pub(crate) sni: Option<String>,
+    /// The protocols its ClientHello offered (routed), or the one agreed (TLS terminated).
+    pub(crate) alpn: Option<String>,
+    /// Why its route took it (`exact`, `wildcard`, `alpn`, `default`, ...), on a shared address.
+    pub(crate) route: Option<&'static str>,
+    /// The TLS version agreed with the client, when the service terminates TLS.
+    pub(crate) tls: Option<&'static str>,
 }
 
 /// How the connection ended, for its line.
@@ -40,9 +49,9 @@ pub(crate) struct Ending {
     pub(crate) end: Outcome,
 }
 
-impl Route {
-    pub(crate) fn new(service: Arc<str>, policy: &'static str, client: SocketAddr) -> Route {
-        Route {
+impl Record {
+    pub(crate) fn new(service: Arc<str>, policy: &'static str, client: SocketAddr) -> Record {
+        Record {
             service,
             client,
             via: None,
@@ -52,12 +61,16 @@ impl Route {
             attempts: 0,
             connect_ms: None,
             started: Instant::now(),
+            sni: None,
+            alpn: None,
+            route: None,
+            tls: None,
         }
     }
 }
 
 /// Writes the line (a no-op when INFO is filtered out).
-pub(crate) fn emit(r: &Route, e: Ending) {
+pub(crate) fn emit(r: &Record, e: Ending) {
     let duration_ms = (r.started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
     // A refusal for want of a backend names none, even if one was tried before.
     let backend = if e.end == Outcome::NoBackend {
@@ -71,18 +84,22 @@ pub(crate) fn emit(r: &Route, e: Ending) {
         ($backend:expr, $connect_ms:expr) => {
             tracing::info!(
                 target: TARGET,
-                service = %r.service,
+                service = (!r.service.is_empty()).then_some(&*r.service),
                 client = %r.client,
                 via = via.as_deref(),
                 backend = $backend,
                 backend_name = name,
-                policy = r.policy,
+                policy = (!r.policy.is_empty()).then_some(r.policy),
                 attempts = r.attempts,
                 connect_ms = $connect_ms,
                 bytes_up = e.bytes_up,
                 bytes_down = e.bytes_down,
                 duration_ms,
                 end = e.end.as_str(),
+                sni = r.sni.as_deref(),
+                alpn = r.alpn.as_deref(),
+                route = r.route,
+                tls = r.tls,
                 "route"
             )
         };

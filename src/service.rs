@@ -6,24 +6,30 @@
 //! switches to the new version. Connections already open keep the settings they started with.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::json;
+use tokio::time::Instant;
+
+use serde::{Serialize, Serializer};
 
 use crate::admission::{BackendCaps, Limits, Queue, SourceTable};
+use crate::config::Weight;
 use crate::config::{
-    AcceptProxyConfig, BackendAddress, DiscoveryConfig, Policy, ProxyVersion, QueueConfig,
-    ServiceConfig,
+    AcceptProxyConfig, BackendAddress, BackendPort, DiscoveryConfig, Policy, ProxyVersion,
+    QueueConfig, ServiceConfig,
 };
-use crate::discovery::{self, NameSpec};
-use crate::events::EventBus;
-use crate::health::ProbeSpec;
+use crate::discovery::{self, Claimed, NameSpec};
+use crate::events::{Event, EventBus};
+use crate::health::{AgentSays, Health, ProbeSpec};
+use crate::metrics::{Family, Kind, Subject, Table};
 use crate::outcome::Outcome;
-use crate::pool::{Passive, Pool, PoolSettings, Source};
+use crate::pool::{
+    Backend, BackendView, Histogram, Passive, Pool, PoolSettings, Source, State, CONNECT_BUCKETS,
+};
 use crate::relay::RelayOptions;
+use crate::tls::ServiceTls;
 
 /// One service as configured now: a listening address's settings, its backends and its counters.
 pub struct Service {
@@ -41,8 +47,15 @@ pub struct Service {
     pub(crate) limits: Limits,
     pub(crate) caps: BackendCaps,
     pub(crate) queue: Option<QueueConfig>,
-    /// Shared by every version of the service across reloads.
+    /// Which port a connection goes to on its backend.
+    pub(crate) backend_port: BackendPort,
+    /// Its TLS, both ways, as read when this version was made (a reload reads the files again).
+    pub(crate) tls: ServiceTls,
+    /// Counters, shared by every version of the service across reloads.
     pub stats: Arc<ServiceStats>,
+    /// Who is in the service now (open connections, per-source counts, the queue), shared by every
+    /// version across reloads like the counters.
+    pub(crate) occupancy: Arc<Occupancy>,
     /// The DNS names among the configured backends, each watched by a `discovery` task.
     pub(crate) names: Vec<NameSpec>,
     pub(crate) discovery: DiscoveryConfig,
@@ -68,8 +81,47 @@ pub struct ServiceStats {
     /// Bytes of finished connections, client → backend and back.
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+    /// TLS handshakes with clients, by result, indexed like [`TlsResult::ALL`].
+    tls_handshakes: [AtomicU64; TlsResult::ALL.len()],
+    /// How long the successful ones took.
+    pub(crate) tls_handshake_time: Histogram,
+}
+
+/// How a TLS handshake with a client ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsResult {
+    Ok,
+    /// A client certificate was required and none, or a bad one, came.
+    ClientCert,
+    /// Any other failure: no shared version or cipher, a protocol error, the client gone.
+    Failed,
+    Timeout,
+}
+
+impl TlsResult {
+    pub(crate) const ALL: [TlsResult; 4] = [
+        TlsResult::Ok,
+        TlsResult::ClientCert,
+        TlsResult::Failed,
+        TlsResult::Timeout,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            TlsResult::Ok => "ok",
+            TlsResult::ClientCert => "client_cert",
+            TlsResult::Failed => "failed",
+            TlsResult::Timeout => "timeout",
+        }
+    }
+}
+
+/// Who is in a service now, and the state that decides who may come in: kept apart from the counters
+/// ([`ServiceStats`]), which only count.
+#[derive(Debug, Default)]
+pub(crate) struct Occupancy {
     /// The open client connections' start times, for the oldest connection's age.
-    pub sessions: Sessions,
+    pub(crate) sessions: Sessions,
     /// Open connections and recent rates per client address (`limits`).
     pub(crate) sources: Arc<SourceTable>,
     /// Connections waiting for a backend below its cap (`queue`).
@@ -118,9 +170,12 @@ impl ServiceStats {
         self.ends[outcome.index()].fetch_add(1, Relaxed);
     }
 
-    /// Clients waiting in the queue for a backend below its cap.
-    pub fn queue_waiting(&self) -> u64 {
-        self.queue.waiting()
+    /// A TLS handshake with a client ended so, after `took`.
+    pub(crate) fn tls_handshake(&self, result: TlsResult, took: Duration) {
+        self.tls_handshakes[result as usize].fetch_add(1, Relaxed);
+        if result == TlsResult::Ok {
+            self.tls_handshake_time.observe(took);
+        }
     }
 
     /// Client connections that ended with `outcome`.
@@ -142,8 +197,9 @@ impl ServiceStats {
     }
 }
 
-/// The pool settings `cfg` asks for.
-pub(crate) fn pool_settings(cfg: &ServiceConfig) -> PoolSettings {
+/// The pool settings `cfg` asks for; `tls` is its TLS as read (probes of `kind: tls` and `https`
+/// speak its `backend_tls`).
+pub(crate) fn pool_settings(cfg: &ServiceConfig, tls: &ServiceTls) -> PoolSettings {
     let discovery = cfg.discovery.clone().unwrap_or_default();
     PoolSettings {
         policy: cfg.balance,
@@ -151,49 +207,97 @@ pub(crate) fn pool_settings(cfg: &ServiceConfig) -> PoolSettings {
             max_fails: cfg.passive.max_fails,
             cooldown: cfg.passive.cooldown.0,
         },
-        probes: ProbeSpec::from_config(&cfg.health).map(Arc::new),
+        probes: ProbeSpec::from_config(
+            &cfg.name,
+            &cfg.health,
+            tls.originate
+                .clone()
+                .map(|o| o as Arc<dyn crate::health::ProbeTls>),
+        )
+        .map(Arc::new),
         on_down: cfg.health.on_down,
         on_removed: discovery.on_removed,
         removed_drain: discovery.drain_timeout.0,
         slow_start: cfg.slow_start.0,
+        agent: cfg.agent.clone(),
+        all_backups: cfg.all_backups,
+        failback: cfg.failback,
     }
 }
 
-/// The backends `cfg` lists by address (the names are claimed by their DNS watchers).
-pub(crate) fn static_backends(cfg: &ServiceConfig) -> Vec<(SocketAddr, u32)> {
+/// The backends `cfg` lists by address, in its order, each in its tier (the names are claimed by
+/// their DNS watchers, the labels by their Docker watchers).
+pub(crate) fn static_backends(cfg: &ServiceConfig) -> Vec<Claimed> {
     cfg.backends
         .iter()
         .filter_map(|b| match b.address {
-            BackendAddress::Ip(a) => Some((a, b.weight)),
-            BackendAddress::Name { .. } => None,
+            // Validated already: within its bounds.
+            BackendAddress::Ip(a) => {
+                Some(Claimed::new(a, Weight::saturating(b.weight)).in_tier(b.priority))
+            }
+            BackendAddress::Name { .. }
+            | BackendAddress::Srv { .. }
+            | BackendAddress::Docker(_) => None,
         })
         .collect()
 }
 
 impl Service {
-    /// A new service for `cfg`: a new pool holding the static backends, and counters from zero.
-    pub(crate) fn new(cfg: &ServiceConfig, events: &EventBus) -> Service {
+    /// A new service for `cfg` (its TLS files read into `tls`): a new pool holding the static
+    /// backends, and counters from zero.
+    pub(crate) fn new(cfg: &ServiceConfig, tls: ServiceTls, events: &EventBus) -> Service {
         let pool = Arc::new(Pool::new(
             cfg.name.as_str().into(),
-            pool_settings(cfg),
+            pool_settings(cfg, &tls),
             events.clone(),
         ));
         pool.reconcile(Source::Static, static_backends(cfg));
-        Service::with(cfg, pool, Arc::new(ServiceStats::default()), events)
+        let shared = (Arc::default(), Arc::default());
+        Service::with(cfg, pool, shared, tls, events)
     }
 
     /// The next version of this service for `cfg` (a reload): the same pool and counters. The caller
     /// has already applied `cfg`'s pool settings and static backends to the pool.
-    pub(crate) fn next(&self, cfg: &ServiceConfig) -> Service {
-        Service::with(cfg, self.pool.clone(), self.stats.clone(), &self.events)
+    pub(crate) fn next(&self, cfg: &ServiceConfig, tls: ServiceTls) -> Service {
+        let shared = (self.stats.clone(), self.occupancy.clone());
+        Service::with(cfg, self.pool.clone(), shared, tls, &self.events)
+    }
+
+    /// This version with its TLS files read again (a reload that changed nothing else).
+    pub(crate) fn with_tls(&self, tls: ServiceTls) -> Service {
+        Service {
+            name: self.name.clone(),
+            policy: self.policy,
+            pool: self.pool.clone(),
+            connect_timeout: self.connect_timeout,
+            connect_attempts: self.connect_attempts,
+            max_connections: self.max_connections,
+            relay: self.relay,
+            proxy_protocol: self.proxy_protocol,
+            accept_proxy: self.accept_proxy.clone(),
+            limits: self.limits.clone(),
+            caps: self.caps.clone(),
+            queue: self.queue,
+            backend_port: self.backend_port,
+            tls,
+            stats: self.stats.clone(),
+            occupancy: self.occupancy.clone(),
+            names: self.names.clone(),
+            discovery: self.discovery.clone(),
+            events: self.events.clone(),
+        }
     }
 
     fn with(
         cfg: &ServiceConfig,
         pool: Arc<Pool>,
-        stats: Arc<ServiceStats>,
+        (stats, occupancy): (Arc<ServiceStats>, Arc<Occupancy>),
+        tls: ServiceTls,
         events: &EventBus,
     ) -> Service {
+        if tls.originate.as_ref().is_some_and(|o| o.insecure) {
+            tracing::warn!(service = %cfg.name, "backend_tls.verify is false: any certificate a backend presents is accepted");
+        }
         Service {
             pool,
             names: discovery::names(cfg),
@@ -214,7 +318,10 @@ impl Service {
             limits: Limits::from_config(&cfg.limits),
             caps: BackendCaps::from_config(cfg),
             queue: cfg.queue,
+            backend_port: cfg.backend_port,
+            tls,
             stats,
+            occupancy,
         }
     }
 
@@ -230,10 +337,431 @@ impl Service {
             } else {
                 tracing::warn!(service = %self.name, "no backend available: closing new clients at once");
             }
-            self.events.publish(
-                "service_backends",
-                json!({"service": &*self.name, "available": found}),
-            );
+            self.events.publish(Event::ServiceBackends {
+                service: &self.name,
+                available: found,
+            });
+        }
+    }
+
+    /// Its numbers now, read once.
+    pub fn view(&self) -> ServiceView {
+        let st = &self.stats;
+        let ends = std::array::from_fn(|i| st.ends[i].load(Relaxed));
+        ServiceView {
+            name: self.name.clone(),
+            policy: self.policy.as_str(),
+            relay: self.relay.mode.as_str(),
+            accepted: st.accepted.load(Relaxed),
+            active: st.active.load(Relaxed),
+            no_backend: ends[Outcome::NoBackend.index()],
+            connect_failed: ends[Outcome::ConnectFailed.index()],
+            over_limit: ends[Outcome::MaxConnections.index()],
+            spliced: st.spliced.load(Relaxed),
+            uring: st.uring.load(Relaxed),
+            ends,
+            bytes_up: st.bytes_up.load(Relaxed),
+            bytes_down: st.bytes_down.load(Relaxed),
+            oldest_connection_s: self
+                .occupancy
+                .sessions
+                .oldest_age()
+                .map(|d| d.as_secs_f64()),
+            queue_waiting: self.occupancy.queue.waiting(),
+            source_entries: self.occupancy.sources.len() as u64,
+            tls: self.tls_view(),
+            serving_tier: self.pool.snapshot().serving_tier,
+            failback: self.pool.settings().failback.as_str(),
+            failback_held: self.pool.failback_held(),
+        }
+    }
+
+    /// With `tls`: its handshakes so far and the certificate it presents now.
+    fn tls_view(&self) -> Option<TlsView> {
+        let cert = &self.tls.terminate.as_ref()?.certificate;
+        let st = &self.stats;
+        let now = crate::util::unix_ms() as i64 / 1000;
+        Some(TlsView {
+            handshakes: TlsResult::ALL
+                .iter()
+                .map(|r| (r.as_str(), st.tls_handshakes[*r as usize].load(Relaxed)))
+                .collect(),
+            certificate: cert.name.clone(),
+            not_after: cert.not_after,
+            days_left: (cert.not_after - now).div_euclid(86_400),
+            time: st.tls_handshake_time.cumulative(),
+        })
+    }
+}
+
+/// A service's numbers at one moment, read once: what `/stats` shows of it (these field names;
+/// docs/admin-api.md) and what `/metrics` exports ([`METRICS`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    pub name: Arc<str>,
+    pub policy: &'static str,
+    pub relay: &'static str,
+    pub accepted: u64,
+    /// Client connections open now.
+    pub active: u64,
+    pub no_backend: u64,
+    pub connect_failed: u64,
+    pub over_limit: u64,
+    pub spliced: u64,
+    pub uring: u64,
+    /// Client connections by how they ended, indexed like [`Outcome::ALL`] (by name in JSON).
+    #[serde(serialize_with = "ends_by_name")]
+    pub ends: [u64; Outcome::ALL.len()],
+    /// Bytes of finished connections, client → backend and back.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub oldest_connection_s: Option<f64>,
+    /// Clients waiting in the queue for a backend below its cap (metrics only).
+    #[serde(skip)]
+    pub queue_waiting: u64,
+    /// Client addresses the per-source limits track (metrics only).
+    #[serde(skip)]
+    pub source_entries: u64,
+    /// With `tls`: its handshakes and its certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsView>,
+    /// The tier that takes new connections (0 unless backups serve); none before any backend was
+    /// eligible.
+    pub serving_tier: Option<u32>,
+    /// The `failback` policy (`immediate`, `never`, `after 5m`).
+    pub failback: String,
+    /// A better tier is eligible and `failback` keeps traffic on the serving one.
+    pub failback_held: bool,
+}
+
+/// A TLS-terminating service's handshakes and certificate at one moment.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsView {
+    /// Handshakes by result: `ok`, `client_cert`, `failed`, `timeout`.
+    pub handshakes: BTreeMap<&'static str, u64>,
+    /// The presented certificate's name (its common name, else its first DNS name).
+    pub certificate: String,
+    /// When it expires, in seconds since the Unix epoch.
+    pub not_after: i64,
+    /// Whole days until then (negative once expired), for the dashboard.
+    pub days_left: i64,
+    /// Histogram of successful handshakes (metrics only): cumulative counts, sum in seconds, count.
+    #[serde(skip)]
+    pub(crate) time: (Vec<u64>, f64, u64),
+}
+
+fn ends_by_name<S: Serializer>(ends: &[u64; Outcome::ALL.len()], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(Outcome::ALL.iter().map(|e| (e.as_str(), ends[e.index()])))
+}
+
+impl Subject for ServiceView {
+    fn label_values(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(&*self.name)
+    }
+}
+
+/// What `/metrics` exports about each service.
+pub(crate) const METRICS: Table<ServiceView> = Table {
+    subject: &["service"],
+    families: &[
+        Family::new(
+            Kind::Counter,
+            "sluicegate_connections_accepted_total",
+            "Client connections accepted.",
+            &[],
+            |s, o| o.put(&[], s.accepted),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_connections_active",
+            "Client connections open now.",
+            &[],
+            |s, o| o.put(&[], s.active),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_connections_no_backend_total",
+            "Clients closed at once because no backend was available.",
+            &[],
+            |s, o| o.put(&[], s.no_backend),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_connections_connect_failed_total",
+            "Clients whose every connect attempt failed.",
+            &[],
+            |s, o| o.put(&[], s.connect_failed),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_connections_over_limit_total",
+            "Clients closed at once because max_connections were open.",
+            &[],
+            |s, o| o.put(&[], s.over_limit),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_queue_waiting",
+            "Clients waiting for a backend below its max_connections (queue).",
+            &[],
+            |s, o| o.put(&[], s.queue_waiting),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_source_entries",
+            "Client addresses the per-source limits are tracking now (bounded).",
+            &[],
+            |s, o| o.put(&[], s.source_entries),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_serving_tier",
+            "The tier that takes new connections (0 unless backups serve; absent before any backend was eligible).",
+            &[],
+            |s, o| {
+                if let Some(t) = s.serving_tier {
+                    o.put(&[], t);
+                }
+            },
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_failback_held",
+            "1 while a better tier is eligible and failback keeps traffic on the serving tier.",
+            &[],
+            |s, o| o.put(&[], s.failback_held),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_connections_spliced_total",
+            "Relayed connections in which a direction ran on splice.",
+            &[],
+            |s, o| o.put(&[], s.spliced),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_connections_uring_total",
+            "Relayed connections that ran on the io_uring engine.",
+            &[],
+            |s, o| o.put(&[], s.uring),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_connections_ended_total",
+            "Client connections by how they ended (the routing log's end values, refusals included).",
+            &["end"],
+            |s, o| {
+                for e in Outcome::ALL {
+                    o.put(&[e.as_str()], s.ends[e.index()]);
+                }
+            },
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_service_bytes_total",
+            "Bytes relayed by the service's finished connections, by direction (up = client to backend).",
+            &["direction"],
+            |s, o| {
+                o.put(&["up"], s.bytes_up);
+                o.put(&["down"], s.bytes_down);
+            },
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_relay_info",
+            "The relay engine a service is configured with (auto, splice, copy, uring).",
+            &["relay", "policy"],
+            |s, o| o.put(&[s.relay, s.policy], 1u64),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_oldest_connection_seconds",
+            "Age of the oldest open client connection, per service.",
+            &[],
+            |s, o| o.put(&[], s.oldest_connection_s.unwrap_or(0.0)),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_tls_handshakes_total",
+            "TLS handshakes with clients of a service with tls, by result (ok, client_cert, failed, timeout).",
+            &["result"],
+            |s, o| {
+                for (result, n) in s.tls.iter().flat_map(|t| &t.handshakes) {
+                    o.put(&[result], *n);
+                }
+            },
+        ),
+        Family::new(
+            Kind::Histogram,
+            "sluicegate_tls_handshake_duration_seconds",
+            "Time of successful TLS handshakes with clients, from the first byte of the hello.",
+            &[],
+            |s, o| {
+                if let Some(t) = &s.tls {
+                    let (counts, sum, count) = &t.time;
+                    o.histogram(&[], connect_les(), counts, *sum, *count);
+                }
+            },
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate a service with tls presents expires (Unix time), by its name.",
+            &["name"],
+            |s, o| {
+                if let Some(t) = &s.tls {
+                    o.put(&[&t.certificate], t.not_after as f64);
+                }
+            },
+        ),
+    ],
+};
+
+/// A backend as `/metrics` reads it: its view (the one `/backends` and `/stats` serialise), and
+/// the backend itself for its connect histogram, which the view does not carry.
+///
+/// Declared here rather than beside `Backend` in `pool/`: the service is what exports its pool.
+pub(crate) struct BackendSubject {
+    service: Arc<str>,
+    address: String,
+    view: BackendView,
+    backend: Arc<Backend>,
+}
+
+impl BackendSubject {
+    pub(crate) fn new(service: Arc<str>, backend: Arc<Backend>) -> BackendSubject {
+        BackendSubject {
+            service,
+            address: backend.addr.to_string(),
+            view: backend.view(),
+            backend,
         }
     }
 }
+
+impl Subject for BackendSubject {
+    fn label_values(&self) -> impl Iterator<Item = &str> {
+        [&*self.service, self.address.as_str()].into_iter()
+    }
+}
+
+/// The `le` labels of the connect histogram, written out once.
+fn connect_les() -> &'static [String] {
+    static LES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    LES.get_or_init(|| {
+        let bounds = CONNECT_BUCKETS.iter().map(|v| v.to_string());
+        bounds.chain(["+Inf".to_string()]).collect()
+    })
+}
+
+/// What `/metrics` exports about each backend of a service (members, and removed ones still
+/// holding sessions).
+pub(crate) const BACKEND_METRICS: Table<BackendSubject> = Table {
+    subject: &["service", "backend"],
+    families: &[
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_backend_connections_active",
+            "Connections to the backend open now (counted from the start of the connect).",
+            &[],
+            |b, o| o.put(&[], b.view.active),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_backend_connections_total",
+            "Connections established to the backend.",
+            &[],
+            |b, o| o.put(&[], b.view.total),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_backend_connect_failures_total",
+            "Connect attempts to the backend that failed.",
+            &[],
+            |b, o| o.put(&[], b.view.failed),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_backend_weight",
+            "Configured weight.",
+            &[],
+            |b, o| o.put(&[], b.view.weight),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_backend_effective_weight",
+            "Weight in use now (below the configured weight during slow start).",
+            &[],
+            |b, o| o.put(&[], b.view.effective_weight),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_backend_bytes_total",
+            "Bytes relayed to (up) and from (down) the backend, counted as they move.",
+            &["direction"],
+            |b, o| {
+                o.put(&["up"], b.view.bytes_up);
+                o.put(&["down"], b.view.bytes_down);
+            },
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_backend_health",
+            "1 for the backend's current health (unknown, healthy, unhealthy), 0 for the others.",
+            &["health"],
+            |b, o| {
+                for h in [Health::Unknown, Health::Healthy, Health::Unhealthy] {
+                    o.put(&[h.as_str()], b.view.health == h);
+                }
+            },
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_backend_state",
+            "1 for the backend's current state (active, draining, maint, removed), 0 for the others.",
+            &["state"],
+            |b, o| {
+                for st in [State::Active, State::Draining, State::Maint, State::Removed] {
+                    o.put(&[st.as_str()], b.view.state == st);
+                }
+            },
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_backend_tier",
+            "The backend's tier: lower first (0 unless backup or priority).",
+            &[],
+            |b, o| o.put(&[], b.view.tier),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_backend_agent",
+            "1 for what the backend's agent says now (up, down, drain, maint), 0 for the others; absent without an agent.",
+            &["says"],
+            |b, o| {
+                if let Some(a) = &b.view.agent {
+                    for s in [AgentSays::Up, AgentSays::Down, AgentSays::Drain, AgentSays::Maint] {
+                        o.put(&[s.as_str()], a.says == s);
+                    }
+                }
+            },
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_backend_ejected",
+            "1 while the backend is passively ejected after consecutive connect failures.",
+            &[],
+            |b, o| o.put(&[], b.view.ejected),
+        ),
+        Family::new(
+            Kind::Histogram,
+            "sluicegate_backend_connect_seconds",
+            "Time of successful connects to the backend.",
+            &[],
+            |b, o| {
+                let (counts, sum, count) = b.backend.stats.connect.cumulative();
+                o.histogram(&[], connect_les(), &counts, sum, count);
+            },
+        ),
+    ],
+};

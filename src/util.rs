@@ -3,7 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 /// Locks `m`, taking over the data of a holder that panicked: every guarded structure here stays
 /// consistent between statements, so a poisoned lock carries nothing half-written.
@@ -19,6 +21,45 @@ pub(crate) fn hostname() -> String {
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// An enum stored as one byte: what [`AtomicEnum`] holds.
+pub(crate) trait ByteEnum: Copy {
+    fn to_byte(self) -> u8;
+    /// The value for `b`; a byte no value maps to cannot be stored, so any fallback is unreachable.
+    fn from_byte(b: u8) -> Self;
+}
+
+/// An enum in an `AtomicU8`, read and written only as the enum (a backend's health and state).
+#[derive(Debug)]
+pub(crate) struct AtomicEnum<T>(std::sync::atomic::AtomicU8, std::marker::PhantomData<T>);
+
+impl<T: ByteEnum> AtomicEnum<T> {
+    pub(crate) fn new(v: T) -> AtomicEnum<T> {
+        AtomicEnum(
+            std::sync::atomic::AtomicU8::new(v.to_byte()),
+            std::marker::PhantomData,
+        )
+    }
+
+    pub(crate) fn load(&self) -> T {
+        T::from_byte(self.0.load(Relaxed))
+    }
+
+    /// Stores `v`; returns what was there.
+    pub(crate) fn swap(&self, v: T) -> T {
+        T::from_byte(self.0.swap(v.to_byte(), Relaxed))
+    }
+}
+
+/// Whether `e` says this process or host ran out of something (descriptors, buffers, memory, local
+/// ports): the peer is not to blame, so neither a connect nor a probe that fails this way counts
+/// against a backend.
+pub(crate) fn is_local_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -107,9 +148,70 @@ impl RateLimited {
     }
 }
 
+/// The rows of the Markdown table under `header` in `docs/FILE`, each as its trimmed cells: for
+/// tests that check a documented table against the code.
+#[cfg(test)]
+pub(crate) fn doc_table(file: &str, header: &str) -> Vec<Vec<String>> {
+    let path = format!("{}/docs/{file}", env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(&path).unwrap();
+    let (_, table) = doc.split_once(header).expect(header);
+    let rows = table.lines().skip(2).take_while(|l| l.starts_with('|'));
+    let cells = |l: &str| l.split('|').skip(1).map(|c| c.trim().to_string()).collect();
+    rows.map(|l| {
+        let mut c: Vec<String> = cells(l);
+        c.pop(); // after the closing bar
+        c
+    })
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `e` and its sources as an error reporter prints them (`a: b: c`).
+    fn report(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            text += ": ";
+            text += &c.to_string();
+            cause = c.source();
+        }
+        text
+    }
+
+    /// The errors that name their cause in their message print it once, whether shown alone (logs,
+    /// the admin API) or with their sources (a reporter).
+    #[test]
+    fn errors_print_each_cause_once() {
+        use crate::config::ConfigError;
+        use crate::control::ReloadError;
+        use crate::listener::BindError;
+        use crate::replicas::{ScaleError, ScaleRefusal};
+        use crate::selfcheck::NotReady;
+        let io = || std::io::Error::other("CAUSE");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
+        let read = || ConfigError::Read {
+            path: "/x".into(),
+            error: io(),
+        };
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(BindError {
+                service: "web".into(),
+                addr,
+                error: io(),
+            }),
+            Box::new(read()),
+            Box::new(ReloadError::from(read())),
+            Box::new(NotReady::Unreachable { addr, error: io() }),
+            Box::new(ScaleError::from(ScaleRefusal::Busy("CAUSE".into()))),
+        ];
+        for e in errors {
+            let all = report(e.as_ref());
+            assert_eq!(all.matches("CAUSE").count(), 1, "{all}");
+        }
+    }
 
     #[test]
     fn rng_is_reproducible_and_in_range() {
@@ -125,14 +227,17 @@ mod tests {
         assert!(seen.iter().all(|s| *s));
     }
 
-    #[test]
-    fn rate_limit_suppresses_within_the_period() {
+    /// Under tokio's paused clock: the hour passes at once.
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_suppresses_within_the_period() {
         let mut r = RateLimited::new(Duration::from_secs(3600));
         assert_eq!(r.allow(), Some(0));
         for _ in 0..5 {
             assert_eq!(r.allow(), None);
         }
-        r.last = Some(Instant::now() - Duration::from_secs(7200));
-        assert_eq!(r.allow(), Some(5));
+        tokio::time::advance(Duration::from_secs(3599)).await;
+        assert_eq!(r.allow(), None, "still within the period");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(r.allow(), Some(6), "the suppressed ones are counted");
     }
 }

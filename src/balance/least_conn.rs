@@ -20,8 +20,14 @@ impl LeastConn {
     }
 }
 
-impl<C: Candidate> Balancer<C> for LeastConn {
-    fn pick(&self, ready: &[C], _client: SocketAddr, avoid: &[SocketAddr]) -> Option<usize> {
+impl LeastConn {
+    /// The least loaded backend not in `avoid`; ties go in weighted order from position `start`.
+    fn choose<C: Candidate>(
+        &self,
+        ready: &[C],
+        avoid: &[SocketAddr],
+        start: usize,
+    ) -> Option<usize> {
         let mut best: Option<(usize, u64)> = None;
         for (i, b) in ready.iter().enumerate() {
             if !allowed(b, avoid) {
@@ -37,7 +43,6 @@ impl<C: Candidate> Balancer<C> for LeastConn {
         // Among the backends as lightly loaded as the best, take the next in weighted order. Counts may
         // move under us; if no tied backend is found within one period, the first pass's answer stands.
         let schedule = self.ties.schedule();
-        let start = self.ties.advance();
         (0..schedule.len())
             .map(|k| schedule[(start + k) % schedule.len()] as usize)
             .find(|&i| {
@@ -45,6 +50,16 @@ impl<C: Candidate> Balancer<C> for LeastConn {
                     && less_loaded(&ready[i], ready[i].active(), &ready[min_i], min_a).is_eq()
             })
             .or(Some(min_i))
+    }
+}
+
+impl<C: Candidate> Balancer<C> for LeastConn {
+    fn pick(&self, ready: &[C], _client: SocketAddr, avoid: &[SocketAddr]) -> Option<usize> {
+        self.choose(ready, avoid, self.ties.advance())
+    }
+
+    fn peek(&self, ready: &[C], _client: SocketAddr) -> Option<usize> {
+        self.choose(ready, &[], self.ties.position())
     }
 }
 

@@ -34,6 +34,12 @@ pub(crate) trait Candidate {
     fn weight_units(&self) -> u32;
     /// Connections open (or connecting) to it now.
     fn active(&self) -> u64;
+    /// False once it is passively ejected: a worker that saw its connects fail flips this at once,
+    /// and the snapshot without it is built later on the control runtime, so every policy skips an
+    /// unavailable backend until then.
+    fn available(&self) -> bool {
+        true
+    }
 }
 
 impl<T: Candidate + ?Sized> Candidate for Arc<T> {
@@ -53,6 +59,10 @@ impl<T: Candidate + ?Sized> Candidate for Arc<T> {
     fn active(&self) -> u64 {
         (**self).active()
     }
+    #[inline]
+    fn available(&self) -> bool {
+        (**self).available()
+    }
 }
 
 /// A selection policy over one snapshot's ready backends.
@@ -60,6 +70,13 @@ pub(crate) trait Balancer<C: Candidate> {
     /// Index into `ready` of the chosen backend, never one whose address is in `avoid`; `None` when no
     /// backend qualifies.
     fn pick(&self, ready: &[C], client: SocketAddr, avoid: &[SocketAddr]) -> Option<usize>;
+
+    /// What `pick` would answer for `client` now, moving nothing: no cursor advanced, no random draw
+    /// spent (`GET /route` asks without sending a connection). Policies without state to move answer
+    /// as `pick` does.
+    fn peek(&self, ready: &[C], client: SocketAddr) -> Option<usize> {
+        self.pick(ready, client, &[])
+    }
 }
 
 /// The configured policy, dispatched statically.
@@ -110,11 +127,23 @@ impl Selector {
             Selector::SourceHash(b) => b.pick(ready, client, avoid),
         }
     }
+
+    /// See [`Balancer::peek`].
+    pub(crate) fn peek<C: Candidate>(&self, ready: &[C], client: SocketAddr) -> Option<usize> {
+        match self {
+            Selector::RoundRobin(b) => b.peek(ready, client),
+            Selector::WeightedRoundRobin(b) => b.peek(ready, client),
+            Selector::LeastConn(b) => b.peek(ready, client),
+            Selector::P2c(b) => b.peek(ready, client),
+            Selector::SourceHash(b) => b.peek(ready, client),
+        }
+    }
 }
 
+/// Whether `b` may be picked: available now and not tried already.
 #[inline]
 fn allowed<C: Candidate>(b: &C, avoid: &[SocketAddr]) -> bool {
-    avoid.is_empty() || !avoid.contains(&b.addr())
+    b.available() && (avoid.is_empty() || !avoid.contains(&b.addr()))
 }
 
 /// `a.active / a.weight < b.active / b.weight`, compared without division.
@@ -137,6 +166,8 @@ pub(crate) mod testutil {
         /// The weight in use (below `weight` while slow-starting).
         pub(crate) effective: std::sync::atomic::AtomicU32,
         pub(crate) active: AtomicU64,
+        /// Cleared to stand for a backend ejected after the policy was built.
+        pub(crate) available: std::sync::atomic::AtomicBool,
     }
 
     impl Candidate for TestBackend {
@@ -151,6 +182,9 @@ pub(crate) mod testutil {
         }
         fn active(&self) -> u64 {
             self.active.load(Relaxed)
+        }
+        fn available(&self) -> bool {
+            self.available.load(Relaxed)
         }
     }
 
@@ -180,6 +214,7 @@ pub(crate) mod testutil {
                     weight: w,
                     effective: std::sync::atomic::AtomicU32::new(w),
                     active: AtomicU64::new(0),
+                    available: std::sync::atomic::AtomicBool::new(true),
                 })
             })
             .collect()
@@ -218,5 +253,28 @@ pub(crate) mod testutil {
             let got = b.pick(&three, client(i), &all[..2]).unwrap();
             assert_eq!(got, 2, "avoid must be honoured");
         }
+        // peek: the same answer however often asked, and what the next pick then gives.
+        let fresh = make(&three);
+        for i in 0..5 {
+            let peeked = fresh.peek(&three, client(i));
+            assert!(peeked.is_some());
+            assert_eq!(fresh.peek(&three, client(i)), peeked, "peek moves nothing");
+            assert_eq!(
+                fresh.pick(&three, client(i), &[]),
+                peeked,
+                "then the pick agrees"
+            );
+        }
+        assert_eq!(make(&none).peek(&none, client(1)), None);
+        // A backend ejected after the policy was built is skipped at once, on first tries and
+        // retries alike; with none left there is no pick.
+        three[1].available.store(false, Relaxed);
+        for i in 0..30 {
+            assert_ne!(b.pick(&three, client(i), &[]), Some(1), "ejected: skipped");
+            assert_eq!(b.pick(&three, client(i), &all[..1]), Some(2));
+        }
+        three[0].available.store(false, Relaxed);
+        three[2].available.store(false, Relaxed);
+        assert_eq!(b.pick(&three, client(1), &[]), None);
     }
 }

@@ -53,10 +53,16 @@ impl<C: Candidate> Balancer<C> for P2c {
             1 => return allowed(&ready[0], avoid).then_some(0),
             _ => {}
         }
-        let (a, b) = if avoid.is_empty() {
-            self.two()
+        // The two draws, unless a retry must avoid some or a draw hit a backend ejected since the
+        // snapshot was built.
+        let drawn = avoid
+            .is_empty()
+            .then(|| self.two())
+            .filter(|&(a, b)| ready[a].available() && ready[b].available());
+        let (a, b) = if let Some(pair) = drawn {
+            pair
         } else {
-            // Retry path (rare): draw among the backends not tried yet.
+            // Rare path: draw among the backends that may still be picked.
             let left: Vec<usize> = (0..ready.len())
                 .filter(|&i| allowed(&ready[i], avoid))
                 .collect();
@@ -77,6 +83,17 @@ impl<C: Candidate> Balancer<C> for P2c {
             a
         })
     }
+
+    /// The draw is random, so no answer is what the next pick gives; the least loaded backend per unit
+    /// of weight (heaviest first among equals) is what p2c leans to, and costs no draw.
+    fn peek(&self, ready: &[C], _client: SocketAddr) -> Option<usize> {
+        (0..ready.len())
+            .filter(|&i| allowed(&ready[i], &[]))
+            .min_by(|&i, &j| {
+                less_loaded(&ready[i], ready[i].active(), &ready[j], ready[j].active())
+                    .then(ready[j].weight_units().cmp(&ready[i].weight_units()))
+            })
+    }
 }
 
 #[cfg(test)]
@@ -86,7 +103,27 @@ mod tests {
 
     #[test]
     fn contract() {
-        basic_contract(|r| Box::new(P2c::new(r, Rng::seeded(1))));
+        let b = backends(&[1, 1]);
+        let p = P2c::new(&b, Rng::seeded(1));
+        assert_eq!(p.peek(&b, client(1)), p.peek(&b, client(1)));
+        let _busy = Open::new(b[0].clone());
+        assert_eq!(p.peek(&b, client(1)), Some(1), "the least loaded");
+    }
+
+    #[test]
+    fn contract_of_pick() {
+        let none = backends(&[]);
+        assert_eq!(
+            P2c::new(&none, Rng::seeded(1)).pick(&none, client(1), &[]),
+            None
+        );
+        let three = backends(&[1, 1, 1]);
+        let p = P2c::new(&three, Rng::seeded(1));
+        let all: Vec<_> = three.iter().map(|b| b.addr).collect();
+        assert_eq!(p.pick(&three, client(1), &all), None);
+        for i in 0..30 {
+            assert_eq!(p.pick(&three, client(i), &all[..2]), Some(2));
+        }
     }
 
     #[test]

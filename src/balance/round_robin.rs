@@ -28,6 +28,13 @@ impl<C: Candidate> Balancer<C> for RoundRobin {
             .map(|k| (start + k) % n)
             .find(|&i| allowed(&ready[i], avoid))
     }
+
+    fn peek(&self, ready: &[C], _client: SocketAddr) -> Option<usize> {
+        let (n, start) = (ready.len(), self.next.load(Relaxed));
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| allowed(&ready[i], &[]))
+    }
 }
 
 #[cfg(test)]

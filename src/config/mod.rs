@@ -5,12 +5,31 @@
 //! (`services[0].backends[1].weight`) so a user can find the line, and both run before anything is
 //! bound. Every key is documented in `docs/configuration.md`.
 
+mod admin;
+mod health;
+mod listen;
 mod replicas;
+mod tls;
 mod validate;
 
+pub use admin::{
+    AdminConfig, AdminSettings, Env, ProcessEnv, Secret, TokenSource, MIN_TOKEN_LEN, TOKEN_ENV,
+    TOKEN_FILE_ENV,
+};
+
+pub use health::{
+    AgentConfig, HealthConfig, HealthKind, Hex, OnDown, Pattern, ProbeStep, StatusRange,
+    MAX_READ_CAP,
+};
+pub use listen::{
+    overlap as route_overlap, parse_listen_entry, Listen, Protocol, RouteKeys, SniName,
+    MAX_LISTEN_ADDRESSES,
+};
+pub use tls::{BackendTlsConfig, TlsConfig, TlsVersion};
+
 pub use replicas::{
-    is_container_name, is_hostname, AutoscaleConfig, AutoscaleMetric, HealConfig, ReplicasConfig,
-    LABEL_PREFIX,
+    capability, is_container_name, is_hostname, AutoscaleConfig, AutoscaleMetric, DockerEnv,
+    DockerTransport, EngineKeys, HealConfig, MemSize, ReplicaLimits, ReplicasConfig, LABEL_PREFIX,
 };
 
 use std::fmt;
@@ -25,13 +44,129 @@ use serde::Deserialize;
 /// (the sum of the weights), so the bound keeps that table small; HAProxy caps weights at 256.
 pub const MAX_WEIGHT: u32 = 1000;
 
+/// A backend's weight: from 1 to [`MAX_WEIGHT`], the rule written here only. The config's validation
+/// checks `backends[].weight` with it (so every problem of a file is reported at once), and the admin
+/// API's bodies are read as it (`POST /backends`, `PUT /backends/...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "u32")]
+pub struct Weight(u32);
+
+impl Weight {
+    pub const ONE: Weight = Weight(1);
+
+    pub fn new(w: u32) -> Result<Weight, WeightError> {
+        if (1..=MAX_WEIGHT).contains(&w) {
+            Ok(Weight(w))
+        } else {
+            Err(WeightError(w))
+        }
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    /// `w` brought within the bounds. For weights already validated (a loaded config) and weights
+    /// from elsewhere that have their own range (a DNS record's).
+    pub fn saturating(w: u32) -> Weight {
+        Weight(w.clamp(1, MAX_WEIGHT))
+    }
+}
+
+impl Default for Weight {
+    fn default() -> Self {
+        Weight::ONE
+    }
+}
+
+impl TryFrom<u32> for Weight {
+    type Error = WeightError;
+
+    fn try_from(w: u32) -> Result<Weight, WeightError> {
+        Weight::new(w)
+    }
+}
+
+/// A weight out of range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("must be from 1 to {MAX_WEIGHT}, got {0}")]
+pub struct WeightError(u32);
+
+/// The largest config file read: far beyond any real one, small enough that parsing it is cheap.
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+/// The deepest nesting (block indentation and flow brackets together) a config may have: the schema
+/// needs about six levels.
+pub const MAX_CONFIG_DEPTH: usize = 64;
+
+/// Refuses a text too large or too deeply nested before the YAML parser sees it (the parser builds
+/// every event of a document in memory first).
+fn check_shape(text: &str) -> Result<(), ConfigError> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::Parse(format!(
+            "the config is larger than {MAX_CONFIG_BYTES} bytes"
+        )));
+    }
+    let depth = nesting(text);
+    if depth > MAX_CONFIG_DEPTH {
+        return Err(ConfigError::Parse(format!(
+            "the config nests deeper than {MAX_CONFIG_DEPTH} levels"
+        )));
+    }
+    Ok(())
+}
+
+/// The deepest nesting in `text`, counted roughly: block levels by indentation (and `- ` items),
+/// plus flow brackets outside quotes and comments. Exact enough to refuse what no config needs.
+fn nesting(text: &str) -> usize {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    let mut deepest = 0;
+    for line in text.lines() {
+        let body = line.trim_start_matches(' ');
+        if flow == 0 && !body.is_empty() && !body.starts_with('#') {
+            let mut col = line.len() - body.len();
+            let mut rest = body;
+            indents.retain(|&i| i < col);
+            indents.push(col);
+            while let Some(r) = rest.strip_prefix("- ") {
+                let r2 = r.trim_start_matches(' ');
+                col += rest.len() - r2.len();
+                rest = r2;
+                indents.push(col);
+            }
+        }
+        let (mut quote, mut prev) = (None, ' ');
+        for c in body.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q && !(q == '"' && prev == '\\') => quote = None,
+                (Some(_), _) => {}
+                (None, '#') if prev == ' ' => break,
+                (None, '\'' | '"') => quote = Some(c),
+                (None, '[' | '{') => {
+                    flow += 1;
+                    deepest = deepest.max(indents.len() + flow);
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+        deepest = deepest.max(indents.len() + flow);
+    }
+    deepest
+}
+
+/// Upper bound on `discovery.max_records`: backends one DNS name may bring, whatever it answers.
+pub const MAX_DNS_RECORDS: u32 = 10_000;
+
 /// Everything wrong with a config file, each problem with the key path it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    /// The message carries the cause (not also a `source`, printed twice by a reporter).
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0}")]
     Parse(String),
@@ -109,11 +244,22 @@ impl fmt::Display for Dur {
     }
 }
 
-/// Where a backend lives: a literal socket address, or a DNS name and port (one backend per record).
+/// Where a backend lives: a literal socket address, a DNS name and port (one backend per record), an
+/// SRV name (its records give hosts, ports, weights and priorities), or the Docker containers that
+/// carry some labels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BackendAddress {
     Ip(SocketAddr),
-    Name { host: String, port: u16 },
+    Name {
+        host: String,
+        port: u16,
+    },
+    /// `srv: _db._tcp.service.consul`.
+    Srv {
+        name: String,
+    },
+    /// `docker: {labels, port, network}`.
+    Docker(DockerSelector),
 }
 
 impl fmt::Display for BackendAddress {
@@ -121,8 +267,74 @@ impl fmt::Display for BackendAddress {
         match self {
             BackendAddress::Ip(a) => write!(f, "{a}"),
             BackendAddress::Name { host, port } => write!(f, "{host}:{port}"),
+            BackendAddress::Srv { name } => write!(f, "srv:{name}"),
+            BackendAddress::Docker(d) => write!(f, "{d}"),
         }
     }
+}
+
+/// The Docker containers that are backends of a service: those carrying every label of `labels`,
+/// at their address on `network` (the first they are on, if absent) and `port` (unless a container's
+/// `sluicegate.port` label says another).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSelector {
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub port: u16,
+    #[serde(default)]
+    pub network: Option<String>,
+    /// The Engine's endpoint, as `replicas.docker` (absent: `DOCKER_HOST`, else the local socket).
+    #[serde(default)]
+    pub docker: Option<String>,
+    /// TLS certificates for a TCP endpoint, as `replicas.docker_cert_path`.
+    #[serde(default)]
+    pub docker_cert_path: Option<std::path::PathBuf>,
+    /// Allows plaintext TCP to an Engine beyond loopback, as `replicas.docker_insecure`.
+    #[serde(default)]
+    pub docker_insecure: bool,
+}
+
+impl DockerSelector {
+    /// Its labels as `k=v,...` (in key order): its identity as a backend source.
+    pub fn labels_text(&self) -> String {
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        labels.join(",")
+    }
+
+    /// The Engine endpoint and how to reach it, by the rules of `replicas.docker`
+    /// ([`EngineKeys::transport`]); the error is the reason, for `docker.docker`.
+    pub fn docker_transport(&self, env: &DockerEnv) -> Result<DockerTransport, String> {
+        EngineKeys {
+            docker: self.docker.as_deref(),
+            cert_path: self.docker_cert_path.as_deref(),
+            insecure: self.docker_insecure,
+            section: "docker",
+        }
+        .transport(env)
+    }
+}
+
+impl fmt::Display for DockerSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "docker:{}:{}", self.labels_text(), self.port)
+    }
+}
+
+/// An SRV name: the DNS name of SRV records (`_service._proto.name`).
+pub fn srv_name_problem(name: &str) -> Option<String> {
+    let labels: Vec<&str> = name.trim_end_matches('.').split('.').collect();
+    let ok = labels.len() >= 3
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    (!ok).then(|| format!("{name:?} is not an SRV name (_service._proto.domain)"))
 }
 
 impl std::str::FromStr for BackendAddress {
@@ -189,21 +401,6 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminConfig {
-    /// Loopback unless a token is set (validation enforces it).
-    #[serde(default = "default_admin_listen")]
-    pub listen: SocketAddr,
-    /// Bearer token for mutations; mandatory when `listen` is not loopback.
-    #[serde(default)]
-    pub token: Option<String>,
-}
-
-fn default_admin_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9901))
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
@@ -243,6 +440,10 @@ pub struct LogConfig {
     /// Where the routing log goes: with the application log (absent), `stdout`, `off`, or a file.
     #[serde(default)]
     pub access: AccessLog,
+    /// Lines each stream may queue for its writer; beyond, lines are dropped (and counted) rather
+    /// than making a connection wait.
+    #[serde(default = "default_buffer_lines")]
+    pub buffer_lines: u32,
 }
 
 impl Default for LogConfig {
@@ -254,12 +455,17 @@ impl Default for LogConfig {
             file: None,
             keep: default_keep(),
             access: AccessLog::default(),
+            buffer_lines: default_buffer_lines(),
         }
     }
 }
 
 fn default_keep() -> u32 {
     7
+}
+
+fn default_buffer_lines() -> u32 {
+    8192
 }
 
 /// The routing log's destination.
@@ -379,15 +585,118 @@ pub enum RelayMode {
     Uring,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendConfig {
+    /// Written `address:`, `srv:` or `docker:` (exactly one).
     pub address: BackendAddress,
-    #[serde(default = "one")]
+    /// Checked by validation ([`Weight::new`]), not here, so the file's other problems are reported too.
     pub weight: u32,
     /// Connections open at once to each address of this entry; a full backend is skipped.
-    #[serde(default)]
     pub max_connections: Option<u32>,
+    /// Its tier: lower first. `backup: true` is priority 1 over the default 0.
+    pub priority: u32,
+}
+
+impl<'de> Deserialize<'de> for BackendConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            #[serde(default)]
+            address: Option<BackendAddress>,
+            #[serde(default)]
+            srv: Option<String>,
+            #[serde(default)]
+            docker: Option<DockerSelector>,
+            #[serde(default)]
+            weight: Option<u32>,
+            #[serde(default)]
+            max_connections: Option<u32>,
+            #[serde(default)]
+            backup: bool,
+            #[serde(default)]
+            priority: Option<u32>,
+        }
+        let r = Raw::deserialize(d)?;
+        if r.srv.is_some() && r.weight.is_some() {
+            return Err(de::Error::custom(
+                "an srv backend's weights come from its SRV records: no weight here",
+            ));
+        }
+        let address = match (r.address, r.srv, r.docker) {
+            (Some(a), None, None) => a,
+            (None, Some(name), None) => match srv_name_problem(&name) {
+                Some(why) => return Err(de::Error::custom(why)),
+                None => BackendAddress::Srv {
+                    name: name.trim_end_matches('.').to_ascii_lowercase(),
+                },
+            },
+            (None, None, Some(sel)) => BackendAddress::Docker(sel),
+            _ => {
+                return Err(de::Error::custom(
+                    "a backend is exactly one of address, srv or docker",
+                ))
+            }
+        };
+        let priority = match (r.backup, r.priority) {
+            (true, Some(_)) => {
+                return Err(de::Error::custom(
+                    "backup and priority together: backup: true is priority: 1",
+                ))
+            }
+            (true, None) => 1,
+            (false, p) => p.unwrap_or(0),
+        };
+        Ok(BackendConfig {
+            address,
+            weight: r.weight.unwrap_or(1),
+            max_connections: r.max_connections,
+            priority,
+        })
+    }
+}
+
+/// When traffic goes back to a better tier that has recovered (`failback`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Failback {
+    /// At once.
+    #[default]
+    Immediate,
+    /// Not until an operator says (`POST /services/NAME/failback`).
+    Never,
+    /// Once the better tier has been eligible this long.
+    After(Dur),
+}
+
+impl Failback {
+    pub fn as_str(&self) -> String {
+        match self {
+            Failback::Immediate => "immediate".into(),
+            Failback::Never => "never".into(),
+            Failback::After(d) => format!("after {d}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Failback {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            After { after: Dur },
+        }
+        match Raw::deserialize(d)
+            .map_err(|_| de::Error::custom("expected immediate, never, or {after: DURATION}"))?
+        {
+            Raw::Word(w) if w == "immediate" => Ok(Failback::Immediate),
+            Raw::Word(w) if w == "never" => Ok(Failback::Never),
+            Raw::Word(w) => Err(de::Error::custom(format!(
+                "{w:?}: expected immediate, never, or {{after: DURATION}}"
+            ))),
+            Raw::After { after } => Ok(Failback::After(after)),
+        }
+    }
 }
 
 /// An address block written `10.0.0.0/8`, `2001:db8::/32`, or a single address (`192.0.2.7`).
@@ -460,6 +769,10 @@ pub struct AcceptProxyConfig {
     /// The whole header must arrive within this.
     #[serde(default = "default_proxy_timeout")]
     pub timeout: Dur,
+    /// Allow a `/0` in `from`: every peer may name any client address. Only for a port no client can
+    /// reach except through balancers.
+    #[serde(default)]
+    pub trust_any: bool,
 }
 
 fn default_proxy_timeout() -> Dur {
@@ -499,10 +812,6 @@ pub struct QueueConfig {
     pub timeout: Dur,
 }
 
-fn one() -> u32 {
-    1
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OnRemoved {
@@ -538,6 +847,10 @@ pub struct DiscoveryConfig {
     /// SERVFAIL never removes anything).
     #[serde(default = "default_empty_after")]
     pub empty_after: u32,
+    /// Records of one answer that become backends; a larger answer is cut to the lowest addresses
+    /// (so balancer replicas agree), with a warning and a count.
+    #[serde(default = "default_max_records")]
+    pub max_records: u32,
 }
 
 impl Default for DiscoveryConfig {
@@ -547,6 +860,7 @@ impl Default for DiscoveryConfig {
             on_removed: OnRemoved::default(),
             drain_timeout: default_removed_drain(),
             empty_after: default_empty_after(),
+            max_records: default_max_records(),
         }
     }
 }
@@ -557,87 +871,12 @@ fn default_removed_drain() -> Dur {
 fn default_empty_after() -> u32 {
     3
 }
+fn default_max_records() -> u32 {
+    1000
+}
 
 fn default_refresh() -> Dur {
     Dur::secs(2)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum HealthKind {
-    #[default]
-    None,
-    Tcp,
-    Http,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OnDown {
-    #[default]
-    Keep,
-    Close,
-}
-
-impl OnDown {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            OnDown::Keep => "keep",
-            OnDown::Close => "close",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    #[serde(default)]
-    pub kind: HealthKind,
-    #[serde(default = "default_health_path")]
-    pub path: String,
-    #[serde(default)]
-    pub port: Option<u16>,
-    #[serde(default = "default_interval")]
-    pub interval: Dur,
-    #[serde(default = "default_probe_timeout")]
-    pub timeout: Dur,
-    #[serde(default = "default_rise")]
-    pub rise: u32,
-    #[serde(default = "default_fall")]
-    pub fall: u32,
-    #[serde(default)]
-    pub on_down: OnDown,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        HealthConfig {
-            kind: HealthKind::None,
-            path: default_health_path(),
-            port: None,
-            interval: default_interval(),
-            timeout: default_probe_timeout(),
-            rise: default_rise(),
-            fall: default_fall(),
-            on_down: OnDown::Keep,
-        }
-    }
-}
-
-fn default_health_path() -> String {
-    "/health".into()
-}
-fn default_interval() -> Dur {
-    Dur::secs(2)
-}
-fn default_probe_timeout() -> Dur {
-    Dur::secs(1)
-}
-fn default_rise() -> u32 {
-    2
-}
-fn default_fall() -> u32 {
-    3
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -671,7 +910,35 @@ fn default_cooldown() -> Dur {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
-    pub listen: SocketAddr,
+    /// One address, or several and port ranges; services may share one with `sni`/`alpn`.
+    pub listen: Listen,
+    /// The server names (TLS SNI) this service answers for on a shared address; none: any.
+    #[serde(default)]
+    pub sni: Vec<SniName>,
+    /// The ALPN protocols that narrow this service's route; none: any.
+    #[serde(default)]
+    pub alpn: Vec<Protocol>,
+    /// How long a client on a routed address may take to send its whole ClientHello.
+    #[serde(default = "default_client_hello_timeout")]
+    pub client_hello_timeout: Dur,
+    /// `same`: connect to each backend at the port the client reached (port ranges).
+    #[serde(default)]
+    pub backend_port: BackendPort,
+    /// Terminate the clients' TLS.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Connect to the backends over TLS.
+    #[serde(default)]
+    pub backend_tls: Option<BackendTlsConfig>,
+    /// An agent on each backend's host that reports its state and weight.
+    #[serde(default)]
+    pub agent: Option<AgentConfig>,
+    /// Spread over every backend of a backup tier instead of its first.
+    #[serde(default)]
+    pub all_backups: bool,
+    /// When traffic returns to a better tier that recovered.
+    #[serde(default)]
+    pub failback: Failback,
     #[serde(default)]
     pub balance: Policy,
     #[serde(default)]
@@ -715,6 +982,32 @@ pub struct ServiceConfig {
     pub queue: Option<QueueConfig>,
 }
 
+/// Which port a connection goes to on its backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendPort {
+    /// The backend's own (`backends[].address`).
+    #[default]
+    Configured,
+    /// The port the client reached on the balancer (FTP passive ranges, TURN): the backend's
+    /// configured port is then only where it is probed.
+    Same,
+}
+
+impl ServiceConfig {
+    /// What this service answers for on a shared address.
+    pub fn route_keys(&self) -> RouteKeys {
+        RouteKeys {
+            sni: self.sni.clone(),
+            alpn: self.alpn.clone(),
+        }
+    }
+}
+
+fn default_client_hello_timeout() -> Dur {
+    Dur::secs(5)
+}
+
 fn default_connect_timeout() -> Dur {
     Dur::secs(2)
 }
@@ -731,15 +1024,24 @@ fn default_max_connections() -> u32 {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read;
+        let read = |error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
-        })?;
+            error,
+        };
+        // Read at most one byte past the limit: a huge file is refused without being read whole.
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .map_err(read)?
+            .take(MAX_CONFIG_BYTES as u64 + 1)
+            .read_to_string(&mut text)
+            .map_err(read)?;
         Config::from_yaml(&text)
     }
 
     /// Parses and validates YAML text.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        check_shape(text)?;
         // serde_path_to_error names the full key path even for errors raised inside a field's own
         // deserializer (a bad duration), where the YAML error stops at the enclosing mapping.
         let de = serde_yaml::Deserializer::from_str(text);
@@ -765,6 +1067,17 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+
+    /// The admin API's settings with its token read from wherever it is (the environment, a file, the
+    /// config); `None` without an `admin` section. Reads files: called at start and on reload, not by
+    /// [`Config::from_yaml`].
+    pub fn admin_settings(&self, env: &dyn Env) -> Result<Option<AdminSettings>, ConfigError> {
+        self.admin
+            .as_ref()
+            .map(|a| a.resolve(env))
+            .transpose()
+            .map_err(ConfigError::Invalid)
     }
 }
 
@@ -829,6 +1142,19 @@ mod tests {
     }
 
     #[test]
+    fn weights_are_one_to_the_maximum() {
+        assert_eq!(Weight::new(0), Err(WeightError(0)));
+        assert_eq!(Weight::new(1).map(Weight::get), Ok(1));
+        assert_eq!(Weight::new(MAX_WEIGHT).map(Weight::get), Ok(MAX_WEIGHT));
+        assert_eq!(
+            Weight::new(MAX_WEIGHT + 1).unwrap_err().to_string(),
+            format!("must be from 1 to {MAX_WEIGHT}, got {}", MAX_WEIGHT + 1)
+        );
+        assert!(serde_json::from_str::<Weight>("0").is_err());
+        assert_eq!(serde_json::from_str::<Weight>("7").unwrap().get(), 7);
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_path() {
         let yaml =
             one_service("        weight: 0\n    connect_attempts: 0\n    health:\n      rise: 0\n");
@@ -850,6 +1176,7 @@ mod tests {
         assert_eq!(d.on_removed, OnRemoved::Drain);
         assert_eq!(d.drain_timeout, Dur::secs(30));
         assert_eq!(d.empty_after, 3);
+        assert_eq!(d.max_records, 1000);
         let h = &s.health;
         assert_eq!(
             (h.kind, h.path.as_str(), h.port),
@@ -865,23 +1192,82 @@ mod tests {
     }
 
     #[test]
+    fn oversized_and_overdeep_files_are_refused_before_parsing() {
+        let big = format!("# {}\n{}", "x".repeat(MAX_CONFIG_BYTES), one_service(""));
+        let err = Config::from_yaml(&big).unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
+        let deep_flow = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let err = Config::from_yaml(&deep_flow).unwrap_err().to_string();
+        assert!(err.contains("nests deeper"), "{err}");
+        let deep_block: String = (0..100)
+            .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+            .collect();
+        let err = Config::from_yaml(&deep_block).unwrap_err().to_string();
+        assert!(err.contains("nests deeper"), "{err}");
+        // Brackets inside quotes and comments are not nesting.
+        let quoted = format!(
+            "{}    health: {{kind: http, path: \"/{}\"}} # {}\n",
+            one_service(""),
+            "[".repeat(100),
+            "{".repeat(100)
+        );
+        Config::from_yaml(&quoted).unwrap();
+        assert!(nesting(&one_service("")) < 8);
+        for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/conf")).unwrap() {
+            let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+            assert!(
+                nesting(&text) < 16,
+                "a shipped config is far below the limit"
+            );
+        }
+    }
+
+    #[test]
     fn an_open_admin_bind_needs_a_token() {
-        let err = Config::from_yaml(&format!(
+        struct NoEnv;
+        impl Env for NoEnv {
+            fn var(&self, _: &str) -> Option<String> {
+                None
+            }
+        }
+        let open = Config::from_yaml(&format!(
             "admin:\n  listen: 0.0.0.0:9901\n{}",
             one_service("")
         ))
-        .unwrap_err()
-        .to_string();
+        .unwrap();
+        let err = open.admin_settings(&NoEnv).unwrap_err().to_string();
         assert!(err.contains("admin.token: required"), "{err}");
-        Config::from_yaml(&format!(
-            "admin:\n  listen: 0.0.0.0:9901\n  token: s3cret\n{}",
+        let guarded = Config::from_yaml(&format!(
+            "admin:\n  listen: 0.0.0.0:9901\n  token: s3cret-s3cret-s3cret\n{}",
             one_service("")
         ))
         .unwrap();
-        Config::from_yaml(&format!(
+        assert!(guarded
+            .admin_settings(&NoEnv)
+            .unwrap()
+            .unwrap()
+            .token
+            .is_some());
+        let local = Config::from_yaml(&format!(
             "admin:\n  listen: 127.0.0.1:9901\n{}",
             one_service("")
         ))
         .unwrap();
+        assert!(local
+            .admin_settings(&NoEnv)
+            .unwrap()
+            .unwrap()
+            .token
+            .is_none());
+        let short = Config::from_yaml(&format!(
+            "admin:\n  listen: 127.0.0.1:9901\n  token: s3cret\n{}",
+            one_service("")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            short.contains("admin.token: must be at least 16"),
+            "{short}"
+        );
     }
 }

@@ -1,9 +1,14 @@
 //! The semantic checks of a parsed config: what is well-formed but wrong. Every problem names its
 //! key path (`services[0].health.rise: must be at least 1`), and all of them are reported at once.
 
+use std::collections::HashMap;
+
+use super::admin::{is_host_name, token_problem};
+use super::replicas::{capability, forbidden_network, DockerEnv, MIN_MEMORY};
 use super::{
-    is_container_name, AccessLog, AutoscaleConfig, BackendAddress, Config, Dur, HealthKind,
-    Problem, ReplicasConfig, ServiceConfig, LABEL_PREFIX, MAX_WEIGHT,
+    is_container_name, AccessLog, AdminConfig, AutoscaleConfig, BackendAddress, Config,
+    DockerSelector, Dur, Failback, HealthKind, Problem, ReplicasConfig, ServiceConfig, Weight,
+    LABEL_PREFIX, MAX_DNS_RECORDS, MAX_READ_CAP,
 };
 
 impl Config {
@@ -11,19 +16,21 @@ impl Config {
     pub fn validate(&self) -> Vec<Problem> {
         let mut p = Problems::default();
         if let Some(admin) = &self.admin {
-            let loopback = admin.listen.ip().is_loopback();
-            match &admin.token {
-                Some(t) if t.trim().is_empty() => p.add("admin.token", "must not be empty"),
-                None if !loopback => p.add(
-                    "admin.token",
-                    format!(
-                        "required when admin.listen ({}) is not a loopback address",
-                        admin.listen
-                    ),
-                ),
-                _ => {}
-            }
+            validate_admin(&mut p, admin);
         }
+        self.validate_log(&mut p);
+        self.validate_globals(&mut p);
+        for (i, s) in self.services.iter().enumerate() {
+            self.validate_identity(&mut p, i, s);
+            validate_service(&mut p, i, s);
+        }
+        self.validate_listen_overlaps(&mut p);
+        self.validate_shared(&mut p);
+        p.0
+    }
+
+    /// The `log` section.
+    fn validate_log(&self, p: &mut Problems) {
         if let Some(file) = &self.log.file {
             if file.as_os_str().is_empty() || file.file_name().is_none() {
                 p.add("log.file", "must be a file path");
@@ -39,6 +46,12 @@ impl Config {
                 );
             }
         }
+        if !(16..=1_000_000).contains(&self.log.buffer_lines) {
+            p.add(
+                "log.buffer_lines",
+                format!("must be from 16 to 1000000, got {}", self.log.buffer_lines),
+            );
+        }
         if self.log.keep == 0 {
             p.add(
                 "log.keep",
@@ -51,6 +64,10 @@ impl Config {
                 p.add("log.filter", format!("invalid filter {f:?}: {e}"));
             }
         }
+    }
+
+    /// `resolver`, `shutdown`, `services` as a list and the top-level `max_connections`.
+    fn validate_globals(&self, p: &mut Problems) {
         if self.resolver.timeout.is_zero() {
             p.add("resolver.timeout", "must be greater than 0");
         }
@@ -77,150 +94,487 @@ impl Config {
         if self.max_connections == Some(0) {
             p.add("max_connections", "must be at least 1");
         }
-        for (i, s) in self.services.iter().enumerate() {
-            let at = |key: &str| format!("services[{i}].{key}");
-            if s.name.is_empty()
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    }
+
+    /// What services[i] must not share with the services before it, or with the admin API: its name
+    /// and its listening address.
+    fn validate_identity(&self, p: &mut Problems, i: usize, s: &ServiceConfig) {
+        let at = |key: &str| format!("services[{i}].{key}");
+        if s.name.is_empty()
+            || !s
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            p.add(
+                at("name"),
+                "must be non-empty and use only letters, digits, '-', '_' and '.'",
+            );
+        }
+        if let Some(j) = self.services[..i].iter().position(|o| o.name == s.name) {
+            p.add(
+                at("name"),
+                format!("duplicate of services[{j}].name ({:?})", s.name),
+            );
+        }
+        if let Some(admin) = &self.admin {
+            if let Some(a) = s
+                .listen
+                .addrs()
+                .iter()
+                .find(|a| overlaps(admin.listen, **a))
             {
                 p.add(
-                    at("name"),
-                    "must be non-empty and use only letters, digits, '-', '_' and '.'",
+                    at("listen"),
+                    format!(
+                        "{a} overlaps admin.listen ({}): the admin API and a service cannot share a port",
+                        admin.listen
+                    ),
                 );
             }
-            if let Some(j) = self.services[..i].iter().position(|o| o.name == s.name) {
-                p.add(
-                    at("name"),
-                    format!("duplicate of services[{j}].name ({:?})", s.name),
-                );
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = s.listen.addrs().iter().find(|a| !seen.insert(**a)) {
+            p.add(at("listen"), format!("{dup} is listed twice"));
+        }
+    }
+
+    /// Listen addresses of different services: the same address is shared (by the routing rules of
+    /// [`Config::validate_shared`]); an unspecified address and a specific one on the same port
+    /// cannot both be bound.
+    fn validate_listen_overlaps(&self, p: &mut Problems) {
+        // By port: a config may have port ranges, and only addresses of one port can overlap.
+        let mut by_port: HashMap<u16, Vec<(usize, std::net::SocketAddr)>> = HashMap::new();
+        for (i, s) in self.services.iter().enumerate() {
+            for a in s.listen.addrs() {
+                by_port.entry(a.port()).or_default().push((i, *a));
             }
-            if s.listen.port() != 0 {
-                if let Some(j) = self.services[..i].iter().position(|o| o.listen == s.listen) {
-                    p.add(
-                        at("listen"),
-                        format!("{} is already used by services[{j}]", s.listen),
-                    );
-                }
-            }
-            if s.backends.is_empty() && s.replicas.is_none() {
-                p.add(
-                    at("backends"),
-                    "at least one backend is required (or a replicas section)",
-                );
-            }
-            if let Some(r) = &s.replicas {
-                validate_replicas(&mut p, i, s, r);
-            }
-            if let Some(a) = &s.autoscale {
-                validate_autoscale(&mut p, i, s.replicas.as_ref(), a);
-            }
-            for (k, b) in s.backends.iter().enumerate() {
-                let bat = |key: &str| format!("services[{i}].backends[{k}].{key}");
-                if let Some(j) = s.backends[..k].iter().position(|o| o.address == b.address) {
-                    p.add(
-                        bat("address"),
-                        format!("duplicate of backends[{j}] ({})", b.address),
-                    );
-                }
-                if let BackendAddress::Ip(a) = b.address {
-                    if a.port() == 0 {
-                        p.add(bat("address"), "port must be a number from 1 to 65535");
-                    }
-                    if a.ip().is_unspecified() {
+        }
+        let mut said = std::collections::HashSet::new();
+        let mut ports: Vec<_> = by_port.into_iter().collect();
+        ports.sort();
+        for (_, addrs) in ports {
+            for (x, &(i, a)) in addrs.iter().enumerate() {
+                for &(j, b) in &addrs[..x] {
+                    if i != j && a != b && overlaps(a, b) && said.insert((j, i)) {
                         p.add(
-                            bat("address"),
-                            format!("{} is not a connectable address", a.ip()),
+                            format!("services[{i}].listen"),
+                            format!(
+                                "{a} overlaps services[{j}].listen ({b}): an unspecified address takes the port on every address of its family (and [::] on IPv4 too)"
+                            ),
                         );
                     }
                 }
-                if b.max_connections == Some(0) {
-                    p.add(bat("max_connections"), "must be at least 1");
-                }
-                if b.weight == 0 || b.weight > MAX_WEIGHT {
-                    p.add(
-                        bat("weight"),
-                        format!("must be from 1 to {MAX_WEIGHT}, got {}", b.weight),
-                    );
-                }
             }
-            if let Some(d) = &s.discovery {
-                if d.refresh < Dur::millis(100) {
-                    p.add(at("discovery.refresh"), "must be at least 100ms");
-                }
-                if d.empty_after == 0 {
-                    p.add(at("discovery.empty_after"), "must be at least 1");
-                }
-                if d.drain_timeout.is_zero() {
-                    p.add(at("discovery.drain_timeout"), "must be greater than 0");
-                }
-            }
-            let h = &s.health;
-            if h.interval.is_zero() {
-                p.add(at("health.interval"), "must be greater than 0");
-            }
-            if h.timeout.is_zero() {
-                p.add(at("health.timeout"), "must be greater than 0");
-            }
-            if h.rise == 0 {
-                p.add(at("health.rise"), "must be at least 1");
-            }
-            if h.fall == 0 {
-                p.add(at("health.fall"), "must be at least 1");
-            }
-            if !h.path.starts_with('/') || h.path.chars().any(|c| c.is_ascii_control() || c == ' ')
-            {
-                p.add(
-                    at("health.path"),
-                    "must start with '/' and contain no spaces or control characters",
-                );
-            }
-            if h.port == Some(0) {
-                p.add(at("health.port"), "must be a number from 1 to 65535");
-            }
-            if s.passive.max_fails > 0 && s.passive.cooldown.is_zero() {
-                p.add(
-                    at("passive.cooldown"),
-                    "must be greater than 0 when passive.max_fails is set",
-                );
-            }
-            if s.connect_timeout.is_zero() {
-                p.add(at("connect_timeout"), "must be greater than 0");
-            }
-            if s.connect_attempts == 0 {
-                p.add(at("connect_attempts"), "must be at least 1");
-            }
-            if s.idle_timeout.is_zero() {
-                p.add(at("idle_timeout"), "must be greater than 0");
-            }
-            if s.half_close_timeout.is_zero() {
-                p.add(at("half_close_timeout"), "must be greater than 0");
-            }
-            if s.max_connections == 0 {
-                p.add(at("max_connections"), "must be at least 1");
-            }
-            validate_edge(&mut p, i, s);
         }
-        p.0
     }
-}
 
-fn validate_replicas(p: &mut Problems, i: usize, s: &ServiceConfig, r: &ReplicasConfig) {
-    let at = |key: &str| format!("services[{i}].replicas.{key}");
-    if let Some(d) = &r.docker {
-        if !(d.starts_with("unix:///") || d.starts_with("tcp://") || d.starts_with("http://")) {
+    /// Services sharing a listen address: each a route the address can tell apart (by `sni`, then
+    /// `alpn`; at most one default without either), and the same listener-level settings (what is
+    /// read before the route is known: the PROXY header and the ClientHello). Each pair is named
+    /// once, whatever number of addresses it shares.
+    fn validate_shared(&self, p: &mut Problems) {
+        let shared =
+            super::listen::shared_addresses(self.services.iter().map(|s| &s.listen).enumerate());
+        let mut said = std::collections::HashSet::new();
+        for (addr, services) in shared {
+            for (x, &i) in services.iter().enumerate() {
+                for &j in &services[..x] {
+                    if said.insert((j, i)) {
+                        self.validate_pair(p, addr, j, i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Services `a` (earlier) and `b` both on `addr`.
+    fn validate_pair(&self, p: &mut Problems, addr: std::net::SocketAddr, a: usize, b: usize) {
+        let (sa, sb) = (&self.services[a], &self.services[b]);
+        let at = |key: &str| format!("services[{b}].{key}");
+        let both = format!(
+            "services[{a}] ({:?}) and services[{b}] ({:?})",
+            sa.name, sb.name
+        );
+        if let Some(what) = super::route_overlap(&sa.route_keys(), &sb.route_keys()) {
+            let (key, why) = if sa.route_keys().is_default() && sb.route_keys().is_default() {
+                ("listen", format!("{both} are both the default of {addr} (neither has sni nor alpn): at most one may be"))
+            } else {
+                ("sni", format!("{both} both answer {what} on {addr}: give them distinct sni names or alpn protocols"))
+            };
+            p.add(at(key), why);
+        }
+        if sa.accept_proxy != sb.accept_proxy {
             p.add(
-                at("docker"),
-                format!("{d:?}: must be unix:///path/to/docker.sock or tcp://host:port"),
+                at("accept_proxy"),
+                format!("{both} share {addr} but not accept_proxy: the PROXY header is read before the route is known, so it must be the same"),
+            );
+        }
+        if sa.client_hello_timeout != sb.client_hello_timeout {
+            p.add(
+                at("client_hello_timeout"),
+                format!("{both} share {addr} but not client_hello_timeout: the hello is read before the route is known, so it must be the same"),
             );
         }
     }
+}
+
+/// Everything of services[i] on its own.
+fn validate_service(p: &mut Problems, i: usize, s: &ServiceConfig) {
+    let at = |key: &str| format!("services[{i}].{key}");
+    if s.backends.is_empty() && s.replicas.is_none() {
+        p.add(
+            at("backends"),
+            "at least one backend is required (or a replicas section)",
+        );
+    }
+    if let Some(r) = &s.replicas {
+        validate_replicas(p, i, s, r);
+    }
+    if let Some(a) = &s.autoscale {
+        validate_autoscale(p, i, s.replicas.as_ref(), a);
+    }
+    validate_backends(p, i, s);
+    validate_discovery_and_health(p, i, s);
+    validate_connecting(p, i, s);
+    validate_edge(p, i, s);
+    validate_tls(p, i, s);
+}
+
+/// services[i]'s TLS settings and its route keys (the files are read when the service starts).
+fn validate_tls(p: &mut Problems, i: usize, s: &ServiceConfig) {
+    let at = |key: &str| format!("services[{i}].{key}");
+    if s.client_hello_timeout.is_zero() {
+        p.add(at("client_hello_timeout"), "must be greater than 0");
+    }
+    if let Some(t) = &s.tls {
+        if t.handshake_timeout.is_zero() {
+            p.add(at("tls.handshake_timeout"), "must be greater than 0");
+        }
+    }
+    if matches!(s.health.kind, HealthKind::Tls | HealthKind::Https) && s.backend_tls.is_none() {
+        p.add(
+            at("health.kind"),
+            "tls and https probes speak the service's backend_tls: add a backend_tls section",
+        );
+    }
+    if let Some(b) = &s.backend_tls {
+        if b.cert.is_some() != b.key.is_some() {
+            p.add(
+                at("backend_tls"),
+                "cert and key go together: give both (a client certificate) or neither",
+            );
+        }
+        if b.handshake_timeout.is_zero() {
+            p.add(
+                at("backend_tls.handshake_timeout"),
+                "must be greater than 0",
+            );
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(n) = s.sni.iter().find(|n| !seen.insert(*n)) {
+        p.add(at("sni"), format!("{n} is listed twice"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(a) = s.alpn.iter().find(|a| !seen.insert(*a)) {
+        p.add(at("alpn"), format!("{a} is listed twice"));
+    }
+}
+
+/// services[i].backends.
+fn validate_backends(p: &mut Problems, i: usize, s: &ServiceConfig) {
+    // First index of each address: a config may list thousands of backends.
+    let mut first: HashMap<&BackendAddress, usize> = HashMap::new();
+    for (k, b) in s.backends.iter().enumerate() {
+        let bat = |key: &str| format!("services[{i}].backends[{k}].{key}");
+        if let Some(j) = first.get(&b.address) {
+            p.add(
+                bat("address"),
+                format!("duplicate of backends[{j}] ({})", b.address),
+            );
+        } else {
+            first.insert(&b.address, k);
+        }
+        if let BackendAddress::Ip(a) = b.address {
+            if a.port() == 0 {
+                p.add(bat("address"), "port must be a number from 1 to 65535");
+            }
+            if a.ip().is_unspecified() {
+                p.add(
+                    bat("address"),
+                    format!("{} is not a connectable address", a.ip()),
+                );
+            }
+        }
+        if b.max_connections == Some(0) {
+            p.add(bat("max_connections"), "must be at least 1");
+        }
+        if b.priority > 1000 {
+            p.add(bat("priority"), "must be from 0 to 1000 (lower first)");
+        }
+        if let BackendAddress::Docker(sel) = &b.address {
+            if sel.labels.is_empty() {
+                p.add(
+                    bat("docker.labels"),
+                    "at least one label to select the containers by",
+                );
+            }
+            if sel.port == 0 {
+                p.add(bat("docker.port"), "must be a number from 1 to 65535");
+            }
+            if !cfg!(feature = "docker") {
+                p.add(
+                    bat("docker"),
+                    "this build has no Docker client (built without the docker feature)",
+                );
+            }
+            validate_selector_engine(p, &bat, sel);
+        }
+        if let Err(e) = Weight::new(b.weight) {
+            p.add(bat("weight"), e.to_string());
+        }
+    }
+}
+
+/// A `docker:` backend's Engine endpoint: the rules of `replicas.docker` (the same hardening), read
+/// with the same environment start-up reads.
+fn validate_selector_engine(p: &mut Problems, bat: &dyn Fn(&str) -> String, sel: &DockerSelector) {
+    if let Err(reason) = sel.docker_transport(&DockerEnv::current()) {
+        p.add(bat("docker.docker"), reason);
+    }
+    if sel
+        .docker_cert_path
+        .as_ref()
+        .is_some_and(|d| d.as_os_str().is_empty())
+    {
+        p.add(
+            bat("docker.docker_cert_path"),
+            "must be a directory (with ca.pem, cert.pem and key.pem)",
+        );
+    }
+}
+
+/// services[i].discovery and .health.
+fn validate_discovery_and_health(p: &mut Problems, i: usize, s: &ServiceConfig) {
+    let at = |key: &str| format!("services[{i}].{key}");
+    if let Some(d) = &s.discovery {
+        if d.refresh < Dur::millis(100) {
+            p.add(at("discovery.refresh"), "must be at least 100ms");
+        }
+        if d.empty_after == 0 {
+            p.add(at("discovery.empty_after"), "must be at least 1");
+        }
+        if d.drain_timeout.is_zero() {
+            p.add(at("discovery.drain_timeout"), "must be greater than 0");
+        }
+        if d.max_records == 0 || d.max_records > MAX_DNS_RECORDS {
+            p.add(
+                at("discovery.max_records"),
+                format!("must be from 1 to {MAX_DNS_RECORDS}, got {}", d.max_records),
+            );
+        }
+    }
+    let h = &s.health;
+    if h.interval.is_zero() {
+        p.add(at("health.interval"), "must be greater than 0");
+    }
+    if h.timeout.is_zero() {
+        p.add(at("health.timeout"), "must be greater than 0");
+    }
+    if h.rise == 0 {
+        p.add(at("health.rise"), "must be at least 1");
+    }
+    if h.fall == 0 {
+        p.add(at("health.fall"), "must be at least 1");
+    }
+    if !h.path.starts_with('/') || h.path.chars().any(|c| c.is_ascii_control() || c == ' ') {
+        p.add(
+            at("health.path"),
+            "must start with '/' and contain no spaces or control characters",
+        );
+    }
+    if h.port == Some(0) {
+        p.add(at("health.port"), "must be a number from 1 to 65535");
+    }
+    validate_probe_kind(p, i, s);
+    if let Some(a) = &s.agent {
+        if a.port == 0 {
+            p.add(at("agent.port"), "must be a number from 1 to 65535");
+        }
+        if a.interval.is_zero() {
+            p.add(at("agent.interval"), "must be greater than 0");
+        }
+        if a.timeout.is_zero() {
+            p.add(at("agent.timeout"), "must be greater than 0");
+        }
+    }
+    if let Failback::After(d) = s.failback {
+        if d.is_zero() {
+            p.add(at("failback.after"), "must be greater than 0");
+        }
+    }
+}
+
+/// The most `send`/`expect` steps a probe takes.
+const MAX_STEPS: usize = 64;
+
+/// services[i].health's keys that belong to its kind only: steps to tcp, the HTTP expectations to
+/// http and https, the command to exec.
+fn validate_probe_kind(p: &mut Problems, i: usize, s: &ServiceConfig) {
+    let at = |key: &str| format!("services[{i}].health.{key}");
+    let h = &s.health;
+    let http = matches!(h.kind, HealthKind::Http | HealthKind::Https);
+    if !h.steps.is_empty() && h.kind != HealthKind::Tcp {
+        p.add(at("steps"), "send/expect steps go with kind: tcp");
+    }
+    if h.steps.len() > MAX_STEPS {
+        p.add(at("steps"), format!("at most {MAX_STEPS} steps"));
+    }
+    for (k, step) in h.steps.iter().enumerate() {
+        if step.keys() != 1 {
+            p.add(
+                at(&format!("steps[{k}]")),
+                "a step is exactly one of send, send_hex, expect, expect_regex, expect_hex",
+            );
+        }
+    }
+    let http_keys =
+        !h.expect_status.is_empty() || h.expect_body.is_some() || h.expect_body_regex.is_some();
+    if http_keys && !http {
+        p.add(
+            at("expect_status"),
+            "expect_status, expect_body and expect_body_regex go with kind: http or https",
+        );
+    }
+    match (h.kind == HealthKind::Exec, h.command.first()) {
+        (true, None) => p.add(
+            at("command"),
+            "kind: exec needs a command: [PROGRAM, ARGS...]",
+        ),
+        (true, Some(prog)) if prog.is_empty() => {
+            p.add(at("command"), "the program must not be empty")
+        }
+        (false, Some(_)) => p.add(at("command"), "a command goes with kind: exec"),
+        _ => {}
+    }
+    if !(16..=MAX_READ_CAP).contains(&h.read_cap) {
+        p.add(
+            at("read_cap"),
+            format!("must be from 16 to {MAX_READ_CAP} bytes"),
+        );
+    }
+}
+
+/// services[i]'s passive health, timeouts, attempts and cap.
+fn validate_connecting(p: &mut Problems, i: usize, s: &ServiceConfig) {
+    let at = |key: &str| format!("services[{i}].{key}");
+    if s.passive.max_fails > 0 && s.passive.cooldown.is_zero() {
+        p.add(
+            at("passive.cooldown"),
+            "must be greater than 0 when passive.max_fails is set",
+        );
+    }
+    if s.connect_timeout.is_zero() {
+        p.add(at("connect_timeout"), "must be greater than 0");
+    }
+    if s.connect_attempts == 0 {
+        p.add(at("connect_attempts"), "must be at least 1");
+    }
+    if s.idle_timeout.is_zero() {
+        p.add(at("idle_timeout"), "must be greater than 0");
+    }
+    if s.half_close_timeout.is_zero() {
+        p.add(at("half_close_timeout"), "must be greater than 0");
+    }
+    if s.max_connections == 0 {
+        p.add(at("max_connections"), "must be at least 1");
+    }
+}
+
+/// services[i].replicas: how the Engine is reached, what the replicas run as, how many there are,
+/// and how sluicegate watches them (a replica takes traffic only after its probe passes).
+fn validate_replicas(p: &mut Problems, i: usize, s: &ServiceConfig, r: &ReplicasConfig) {
+    let at = |key: &str| format!("services[{i}].replicas.{key}");
+    if !cfg!(feature = "docker") {
+        p.add(
+            format!("services[{i}].replicas"),
+            "this sluicegate was built without Docker support (the `docker` cargo feature): it cannot run replicas",
+        );
+    }
+    validate_replicas_engine(p, &at, r);
+    validate_replicas_container(p, i, &at, r);
+    validate_replicas_counts(p, &at, r);
+    validate_replicas_rest(p, &at, r);
+    if s.health.kind == HealthKind::None {
+        p.add(
+            format!("services[{i}].health.kind"),
+            "must be tcp or http with replicas: a replica takes traffic only after its probe passes",
+        );
+    }
+}
+
+fn validate_replicas_engine(p: &mut Problems, at: &dyn Fn(&str) -> String, r: &ReplicasConfig) {
+    // The Docker CLI's variables fill in what the section leaves out, at start-up as here, so
+    // `--check` reads them too and says what start-up would.
+    if let Err(reason) = r.docker_transport(&DockerEnv::current()) {
+        p.add(at("docker"), reason);
+    }
+    if r.docker_cert_path
+        .as_ref()
+        .is_some_and(|d| d.as_os_str().is_empty())
+    {
+        p.add(
+            at("docker_cert_path"),
+            "must be a directory (with ca.pem, cert.pem and key.pem)",
+        );
+    }
+}
+
+/// What a replica's container is made of and what it may do.
+fn validate_replicas_container(
+    p: &mut Problems,
+    i: usize,
+    at: &dyn Fn(&str) -> String,
+    r: &ReplicasConfig,
+) {
     if r.image.trim().is_empty() || r.image.contains(char::is_whitespace) {
         p.add(at("image"), "must name an image (no spaces)");
     }
     if r.network.trim().is_empty() {
         p.add(at("network"), "must name a Docker network");
+    } else if let Some(why) = forbidden_network(&r.network) {
+        p.add(
+            at("network"),
+            format!(
+                "{:?} would give the replicas {why}; use a bridge or user-defined network",
+                r.network
+            ),
+        );
+    }
+    for (k, cap) in r.capabilities.iter().enumerate() {
+        if capability(cap).is_none() {
+            p.add(
+                format!("services[{i}].replicas.capabilities[{k}]"),
+                format!("{cap:?} is not a Linux capability (NET_BIND_SERVICE, CHOWN, …; ALL is not allowed: list the ones needed)"),
+            );
+        }
+    }
+    if let Some(m) = r.limits.memory {
+        if m.0 < MIN_MEMORY {
+            p.add(
+                at("limits.memory"),
+                "must be at least 6M (Docker's smallest memory limit)",
+            );
+        }
+    }
+    if let Some(c) = r.limits.cpus {
+        if !c.is_finite() || c < 0.01 {
+            p.add(at("limits.cpus"), "must be at least 0.01 (CPUs)");
+        }
+    }
+    if r.limits.pids == Some(0) {
+        p.add(at("limits.pids"), "must be at least 1");
     }
     if r.port == 0 {
         p.add(at("port"), "must be a number from 1 to 65535");
@@ -233,6 +587,9 @@ fn validate_replicas(p: &mut Problems, i: usize, s: &ServiceConfig, r: &Replicas
             );
         }
     }
+}
+
+fn validate_replicas_counts(p: &mut Problems, at: &dyn Fn(&str) -> String, r: &ReplicasConfig) {
     if r.max == 0 || r.max > MAX_REPLICAS {
         p.add(at("max"), format!("must be from 1 to {MAX_REPLICAS}"));
     }
@@ -253,6 +610,10 @@ fn validate_replicas(p: &mut Problems, i: usize, s: &ServiceConfig, r: &Replicas
             );
         }
     }
+}
+
+/// Environment, labels, command, owner and timing.
+fn validate_replicas_rest(p: &mut Problems, at: &dyn Fn(&str) -> String, r: &ReplicasConfig) {
     for k in r.env.keys() {
         if k.is_empty() || k.contains('=') {
             p.add(at("env"), format!("{k:?} is not a variable name"));
@@ -286,12 +647,6 @@ fn validate_replicas(p: &mut Problems, i: usize, s: &ServiceConfig, r: &Replicas
     }
     if r.heal.max_per_minute == 0 {
         p.add(at("heal.max_per_minute"), "must be at least 1");
-    }
-    if s.health.kind == HealthKind::None {
-        p.add(
-            format!("services[{i}].health.kind"),
-            "must be tcp or http with replicas: a replica takes traffic only after its probe passes",
-        );
     }
 }
 
@@ -358,6 +713,14 @@ impl Problems {
 fn validate_edge(p: &mut Problems, i: usize, s: &ServiceConfig) {
     let at = |key: &str| format!("services[{i}].{key}");
     if let Some(a) = &s.accept_proxy {
+        for (k, c) in a.from.iter().enumerate() {
+            if c.0.prefix_len() == 0 && !a.trust_any {
+                p.add(
+                    at(&format!("accept_proxy.from[{k}]")),
+                    format!("{c} lets any peer name any client address: list the balancers in front, or set accept_proxy.trust_any: true if every peer is one"),
+                );
+            }
+        }
         if a.from.is_empty() {
             p.add(
                 at("accept_proxy.from"),
@@ -391,5 +754,94 @@ fn validate_edge(p: &mut Problems, i: usize, s: &ServiceConfig) {
                 "waits for a backend below its max_connections, but no backend sets max_connections",
             );
         }
+    }
+}
+
+/// What can be checked of the `admin` section without reading the token (`AdminConfig::resolve`
+/// does the rest, including "a non-loopback address needs a token").
+fn validate_admin(p: &mut Problems, a: &AdminConfig) {
+    if a.token.is_some() && a.token_file.is_some() {
+        p.add(
+            "admin.token_file",
+            "give the token one way: admin.token or admin.token_file, not both",
+        );
+    }
+    if let Some(t) = &a.token {
+        if let Err(why) = token_problem(t) {
+            p.add("admin.token", why);
+        }
+    }
+    if let Some(f) = &a.token_file {
+        if f.as_os_str().is_empty() {
+            p.add("admin.token_file", "must be a file path");
+        }
+    }
+    for (k, h) in a.hosts.iter().enumerate() {
+        if !is_host_name(h) {
+            p.add(
+                format!("admin.hosts[{k}]"),
+                format!("{h:?} is not a DNS name (IP addresses and localhost are always allowed)"),
+            );
+        }
+    }
+}
+
+/// Whether two listening addresses take the same port somewhere. Services bind without
+/// IPV6_V6ONLY, so `[::]` covers IPv4 as well; `0.0.0.0` covers every IPv4 address. Port 0 (any free
+/// port) never clashes.
+pub(super) fn overlaps(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    use std::net::IpAddr;
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let (x, y) = (plain(a.ip()), plain(b.ip()));
+    let covers = |u: IpAddr, o: IpAddr| match u {
+        IpAddr::V6(v6) => v6.is_unspecified(),
+        IpAddr::V4(v4) => v4.is_unspecified() && (o.is_ipv4() || o.is_unspecified()),
+    };
+    x == y || covers(x, y) || covers(y, x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overlaps;
+
+    /// Built without the `docker` feature (`.ci/run` runs this test so), a `replicas:` section is a
+    /// config error, not a replica set that can never reach an Engine.
+    #[cfg(not(feature = "docker"))]
+    #[test]
+    fn replicas_need_the_docker_feature() {
+        let err = crate::config::Config::from_yaml(
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    health: {kind: tcp}\n    replicas: {image: i, port: 5000}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("services[0].replicas: this sluicegate was built without Docker support"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listen_addresses_overlap_through_unspecified_ones() {
+        let o = |a: &str, b: &str| overlaps(a.parse().unwrap(), b.parse().unwrap());
+        assert!(o("127.0.0.1:80", "127.0.0.1:80"));
+        assert!(o("0.0.0.0:80", "127.0.0.1:80"));
+        assert!(o("127.0.0.2:80", "0.0.0.0:80"));
+        assert!(
+            o("[::]:80", "127.0.0.1:80"),
+            "dual-stack [::] takes IPv4 too"
+        );
+        assert!(o("[::]:80", "[::1]:80"));
+        assert!(o("0.0.0.0:80", "[::]:80"));
+        assert!(o("[::ffff:127.0.0.1]:80", "127.0.0.1:80"));
+        assert!(!o("0.0.0.0:80", "[::1]:80"), "0.0.0.0 is IPv4 only");
+        assert!(!o("127.0.0.1:80", "127.0.0.2:80"));
+        assert!(!o("0.0.0.0:80", "0.0.0.0:81"));
+        assert!(!o("127.0.0.1:0", "127.0.0.1:0"), "port 0: any free port");
     }
 }

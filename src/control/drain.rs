@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::json;
 use tokio::time::Instant;
 
 use super::Control;
+use crate::events::Event;
 use crate::util::lock;
 
 /// How often drain progress is logged while connections remain.
@@ -63,13 +63,13 @@ impl Control {
             in_flight = self.tracker.len(),
             "stop signal: draining"
         );
-        self.events.publish(
-            "draining",
-            json!({"in_flight": self.tracker.len(), "deadline_s": shutdown.drain_timeout.0.as_secs_f64()}),
-        );
+        self.events.publish(Event::Draining {
+            in_flight: self.tracker.len(),
+            deadline_s: shutdown.drain_timeout.0.as_secs_f64(),
+        });
         tokio::time::sleep(shutdown.delay.0).await;
-        for r in lock(&self.running).iter() {
-            r.stop.cancel();
+        for b in lock(&self.listeners).iter() {
+            b.stop.cancel();
         }
         self.accepting.close();
         self.accepting.wait().await;

@@ -7,9 +7,11 @@
 //! the drain) on the control runtime, the one [`Control::bind`] is called on.
 
 mod drain;
+mod listeners;
 mod reload;
+mod view;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -24,17 +26,21 @@ use tokio_util::task::TaskTracker;
 
 pub use drain::DrainProgress;
 pub use reload::{ReloadError, ReloadReport};
+pub(crate) use view::{ControlView, METRICS};
 
 use crate::admission::Gate;
-use crate::config::{Config, ResolverConfig, ServiceConfig};
+use crate::config::{AdminSettings, Config, ResolverConfig, ServiceConfig};
+use crate::discovery::docker::{self as labels, LabelWatcher};
 use crate::discovery::{self, ResolverError, Watcher};
-use crate::events::EventBus;
+use crate::events::{Event, EventBus};
 use crate::listener::{self, BindError};
 use crate::pool::Backend;
 use crate::replicas::ReplicaSet;
 use crate::service::Service;
+use crate::tls::{self, ServiceTls, TlsError};
 use crate::util::lock;
 use crate::workers::{self, Workers};
+use listeners::Bound;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,10 +51,19 @@ pub enum StartError {
     Resolver(#[from] ResolverError),
     #[error("cannot start the worker threads: {0}")]
     Workers(std::io::Error),
+    /// The admin section cannot be used (its token is missing, unreadable or too short).
+    #[error("invalid admin settings:\n{0}")]
+    Admin(crate::config::ConfigError),
+    /// A service's certificate, key or CA file cannot be used.
+    #[error("{0}: {1}")]
+    Tls(String, TlsError),
 }
 
 /// Start-up waits for the first DNS answers and probes at most their timeout plus this.
 const STARTUP_GRACE: Duration = Duration::from_millis(500);
+
+/// A watcher's first answer, and how long start-up waits for it.
+type First = (oneshot::Receiver<()>, Duration);
 
 /// Whether the server serves: ready once every listener is bound and the first DNS answers and probes
 /// are in (or their start-up wait ran out); not ready again once draining.
@@ -88,26 +103,30 @@ impl Readiness {
     }
 }
 
-/// A running service, as the admin API and metrics see it.
+/// A running service: its current version, where it listens and its DNS watchers (the admin API reads
+/// its numbers through them).
 #[derive(Clone)]
-pub struct ServiceView {
+pub struct RunningService {
     pub service: Arc<Service>,
+    /// The first address it listens on, as bound.
     pub listen: SocketAddr,
+    /// Every address it listens on, as bound.
+    pub listens: Vec<SocketAddr>,
     pub(crate) watchers: Vec<Watcher>,
+    /// Its `docker:` backend sources' watchers.
+    pub(crate) label_watchers: Vec<LabelWatcher>,
 }
 
-/// A service that runs: its current version and what keeps it running.
+/// A service that runs: its current version and what keeps it running. Where it listens is the
+/// listeners' business (`listeners.rs`): an address may be shared.
 struct Running {
     config: ServiceConfig,
     current: Arc<ArcSwap<Service>>,
-    local: SocketAddr,
-    /// Bound, its accept loop not started yet (between `bind` and `serve`).
-    pending: Option<TcpListener>,
-    /// Stops this service's accept loop, which closes its listener.
-    stop: CancellationToken,
     /// The pool's background work (probes, timers).
     pool_bg: CancellationToken,
     watchers: Vec<(Watcher, CancellationToken)>,
+    /// Its `docker:` backend sources' watchers (started and stopped with the DNS ones).
+    label_watchers: Vec<(LabelWatcher, CancellationToken)>,
     /// The replicas sluicegate runs for this service, and what stops their checks.
     replicas: Option<(Arc<ReplicaSet>, CancellationToken)>,
 }
@@ -125,6 +144,8 @@ pub struct Control {
     /// The data plane: accept loops and sessions run there.
     workers: Workers,
     running: Mutex<Vec<Running>>,
+    /// Every bound address; locked after `running` when both are.
+    listeners: Mutex<Vec<Bound>>,
     config: Mutex<Config>,
     config_path: Mutex<Option<PathBuf>>,
     readiness: Arc<Readiness>,
@@ -148,17 +169,19 @@ pub struct Control {
     serving: AtomicBool,
     /// This host's name: which balancer replica this is, in `/backends`, `/stats` and `/metrics`.
     instance: String,
+    /// The admin API as bound at start (its address, token and names): in force until restart,
+    /// whatever a reload says.
+    admin: Option<Arc<AdminSettings>>,
 }
 
-fn bind_service(s: &ServiceConfig) -> Result<(TcpListener, SocketAddr), BindError> {
-    let err = |source| BindError {
-        service: s.name.clone(),
-        addr: s.listen,
-        source,
-    };
-    let l = listener::bind(s.listen).map_err(err)?;
-    let local = l.local_addr().map_err(err)?;
-    Ok((l, local))
+/// Loads every service's TLS files, in config order; the error names the service's key and file.
+fn load_tls(config: &Config) -> Result<Vec<ServiceTls>, (String, TlsError)> {
+    config
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| tls::load(i, s))
+        .collect()
 }
 
 fn needs_dns(config: &Config) -> bool {
@@ -179,22 +202,15 @@ fn resolving_for(config: &Config) -> Result<Option<Resolving>, ResolverError> {
 }
 
 impl Running {
-    fn new(
-        config: &ServiceConfig,
-        service: Service,
-        bound: (TcpListener, SocketAddr),
-        events: &EventBus,
-    ) -> Running {
+    fn new(config: &ServiceConfig, service: Service, events: &EventBus) -> Running {
         let replicas = ReplicaSet::new(config, service.pool.clone(), events.clone())
             .map(|set| (set, CancellationToken::new()));
         Running {
             config: config.clone(),
             current: Arc::new(ArcSwap::from_pointee(service)),
-            local: bound.1,
-            pending: Some(bound.0),
-            stop: CancellationToken::new(),
             pool_bg: CancellationToken::new(),
             watchers: Vec::new(),
+            label_watchers: Vec::new(),
             replicas,
         }
     }
@@ -203,18 +219,29 @@ impl Running {
 impl Control {
     /// Binds every service's listener and starts the worker threads; nothing is served until
     /// [`Control::serve`]. Must be called on the control runtime. On error nothing stays bound.
-    pub(crate) fn bind(config: &Config, events: EventBus) -> Result<Control, StartError> {
+    pub(crate) fn bind(
+        config: &Config,
+        admin: Option<AdminSettings>,
+        events: EventBus,
+    ) -> Result<Control, StartError> {
         let resolving = resolving_for(config)?;
-        let mut running = Vec::with_capacity(config.services.len());
-        for s in &config.services {
-            let bound = bind_service(s)?;
-            running.push(Running::new(s, Service::new(s, &events), bound, &events));
+        let tls = load_tls(config).map_err(|(key, e)| StartError::Tls(key, e))?;
+        let bound = listeners::bind_missing(&listeners::keys(config), &[], config)?;
+        let running: Vec<Running> = config
+            .services
+            .iter()
+            .zip(tls)
+            .map(|(s, tls)| Running::new(s, Service::new(s, tls, &events), &events))
+            .collect();
+        for b in &bound {
+            b.set_routes(&running);
         }
         let workers = Workers::start(workers::default_count()).map_err(StartError::Workers)?;
         Ok(Control {
             rt: tokio::runtime::Handle::current(),
             workers,
             running: Mutex::new(running),
+            listeners: Mutex::new(bound),
             config: Mutex::new(config.clone()),
             config_path: Mutex::new(None),
             readiness: Arc::new(Readiness::default()),
@@ -230,6 +257,7 @@ impl Control {
             reloads_rejected: AtomicU64::new(0),
             serving: AtomicBool::new(false),
             instance: crate::util::hostname(),
+            admin: admin.map(Arc::new),
         })
     }
 
@@ -238,21 +266,86 @@ impl Control {
         &self.instance
     }
 
-    /// Starts probes and DNS watchers, waits (bounded) for their first results, then starts every
-    /// accept loop and reports ready.
-    pub(crate) async fn serve(&self) {
+    /// Starts probes, DNS watchers and the replicas' checks, waits (bounded) for the first DNS answers
+    /// and probes, then starts every accept loop and reports ready. Nothing here waits for Docker: a
+    /// service with replicas starts accepting on its own once its first check is done (bounded by
+    /// `replicas.timeout`), its first clients held in the listen backlog meanwhile
+    /// ([`Control::serve_after_first_check`]).
+    pub(crate) async fn serve(self: &Arc<Self>) {
         self.start_background().await;
+        let mut held = Vec::new();
         {
-            let mut running = lock(&self.running);
-            for r in running.iter_mut() {
-                if let Some(l) = r.pending.take() {
-                    self.spawn_accept(r, l);
+            let running = lock(&self.running);
+            let mut listeners = lock(&self.listeners);
+            for b in listeners.iter_mut() {
+                let names = b.service_names();
+                let sets: Vec<(String, Arc<ReplicaSet>)> = running
+                    .iter()
+                    .filter(|r| names.iter().any(|n| **n == *r.config.name))
+                    .filter_map(|r| {
+                        r.replicas
+                            .as_ref()
+                            .map(|(set, _)| (r.config.name.clone(), set.clone()))
+                    })
+                    .collect();
+                if sets.is_empty() {
+                    self.spawn_accept(b);
+                } else {
+                    held.push((b.key.clone(), sets));
                 }
             }
             self.serving.store(true, Relaxed);
         }
         self.readiness.set(true, false);
-        self.events.publish("ready", serde_json::json!({}));
+        self.events.publish(Event::Ready);
+        for (key, sets) in held {
+            let me = self.clone();
+            tokio::spawn(async move {
+                for (name, set) in &sets {
+                    me.wait_first_check(name, set).await;
+                }
+                me.start_listener(&key);
+            });
+        }
+    }
+
+    /// Waits until service `name`'s replica set has done its first check (or `replicas.timeout` has
+    /// passed) and the replicas it found have been probed once; the addresses it listens on accept
+    /// only then.
+    ///
+    /// Why wait at all: after a restart the replicas still run, and accepting before they are adopted
+    /// would refuse the first clients although healthy replicas exist; held in the listen backlog,
+    /// those clients are served a few milliseconds later instead. Why only this service's addresses,
+    /// and not the readiness: an Engine that hangs must not hold services that do not use it, nor the
+    /// signal that the balancer serves them.
+    async fn wait_first_check(&self, name: &str, set: &ReplicaSet) {
+        let limit = set.first_check_limit();
+        if tokio::time::timeout(limit, set.first_check())
+            .await
+            .is_err()
+        {
+            tracing::warn!(service = %name, timeout_ms = limit.as_millis() as u64, "Docker did not finish the first check of the replicas in time: accepting with the replicas known so far");
+        }
+        let pool = match self.service(name) {
+            Some(s) => s.pool.clone(),
+            None => return,
+        };
+        if let Some(spec) = &pool.settings().probes {
+            pool.wait_probed(spec.timeout + STARTUP_GRACE).await;
+        }
+        pool.warmed_up();
+    }
+
+    /// Starts the accept loops of the address `key`, unless a reload closed it meanwhile or the drain
+    /// has begun.
+    fn start_listener(&self, key: &listeners::ListenKey) {
+        let mut listeners = lock(&self.listeners);
+        if let Some(b) = listeners
+            .iter_mut()
+            .find(|b| &b.key == key && !b.stop.is_cancelled())
+        {
+            self.spawn_accept(b);
+        }
     }
 
     /// The file a reload (SIGHUP, `POST /reload`) reads.
@@ -273,13 +366,23 @@ impl Control {
     }
 
     /// The running services, in config order.
-    pub fn services(&self) -> Vec<ServiceView> {
-        lock(&self.running)
+    pub fn services(&self) -> Vec<RunningService> {
+        let running = lock(&self.running);
+        let locals = listeners::locals(&lock(&self.listeners));
+        running
             .iter()
-            .map(|r| ServiceView {
-                service: r.current.load_full(),
-                listen: r.local,
-                watchers: r.watchers.iter().map(|(w, _)| w.clone()).collect(),
+            .map(|r| {
+                let listens: Vec<SocketAddr> = listeners::keys_of(&r.config)
+                    .iter()
+                    .filter_map(|k| locals.get(k).copied())
+                    .collect();
+                RunningService {
+                    service: r.current.load_full(),
+                    listen: listens.first().copied().unwrap_or(r.config.listen.first()),
+                    listens,
+                    watchers: r.watchers.iter().map(|(w, _)| w.clone()).collect(),
+                    label_watchers: r.label_watchers.iter().map(|(w, _)| w.clone()).collect(),
+                }
             })
             .collect()
     }
@@ -324,12 +427,50 @@ impl Control {
             .find(|s| &*s.name == name)
     }
 
-    /// The admin token in force (reloads may change it).
-    pub(crate) fn admin_token(&self) -> Option<String> {
-        lock(&self.config)
-            .admin
-            .as_ref()
-            .and_then(|a| a.token.clone())
+    /// Where a client reaching `listen` (an address as bound, or as configured) with server name `sni`
+    /// and protocols `alpn` would go now, and why, changing nothing: `None` when nothing listens there;
+    /// `Some(None)` when no route takes it.
+    pub(crate) fn explain_route(
+        &self,
+        listen: SocketAddr,
+        sni: Option<&str>,
+        alpn: &[Vec<u8>],
+    ) -> Option<Option<(Arc<Service>, &'static str)>> {
+        let listeners = lock(&self.listeners);
+        let b = listeners
+            .iter()
+            .find(|b| b.local == listen)
+            .or_else(|| listeners.iter().find(|b| b.key.addr() == listen))?;
+        let routes = b.routes.load();
+        if let Some(only) = routes.table.only() {
+            return Some(Some((only.load_full(), "only")));
+        }
+        Some(
+            routes
+                .table
+                .choose(sni, alpn)
+                .map(|c| (c.target.load_full(), c.why.as_str())),
+        )
+    }
+
+    /// The connections of each shared address that no service took.
+    pub(crate) fn unrouted(&self) -> Vec<crate::route::UnroutedView> {
+        lock(&self.listeners)
+            .iter()
+            .filter_map(|b| {
+                let routes = b.routes.load();
+                routes
+                    .table
+                    .only()
+                    .is_none()
+                    .then(|| crate::route::UnroutedView::of(b.local, &routes.unrouted))
+            })
+            .collect()
+    }
+
+    /// The admin API's settings as bound at start.
+    pub(crate) fn admin_settings(&self) -> Option<Arc<AdminSettings>> {
+        self.admin.clone()
     }
 
     /// (applied, rejected) reloads so far.
@@ -340,17 +481,29 @@ impl Control {
         )
     }
 
-    fn spawn_accept(&self, r: &Running, l: TcpListener) {
-        let s = r.current.load();
-        tracing::info!(
-            service = %s.name,
-            listen = %r.local,
-            policy = s.policy.as_str(),
-            relay = s.relay.mode.as_str(),
-            backends = s.pool.members().len(),
-            dns_names = s.names.len(),
-            "listening"
-        );
+    /// Starts an accept loop per worker on `b`'s socket, if it has not started yet.
+    fn spawn_accept(&self, b: &mut Bound) {
+        let Some(l) = b.pending.take() else { return };
+        let routes = b.routes.load();
+        let names: Vec<String> = b.service_names().iter().map(|n| n.to_string()).collect();
+        match routes.table.only().map(|s| s.load_full()) {
+            Some(s) => tracing::info!(
+                service = %s.name,
+                listen = %b.local,
+                policy = s.policy.as_str(),
+                relay = s.relay.mode.as_str(),
+                tls = s.tls.terminate.is_some(),
+                backends = s.pool.members().len(),
+                dns_names = s.names.len(),
+                "listening"
+            ),
+            None => tracing::info!(
+                service = %names.join(","),
+                listen = %b.local,
+                routes = names.len(),
+                "listening"
+            ),
+        }
         // One accept loop per worker, each on its own descriptor of the one listening socket.
         let handles = self.workers.handles();
         let mut socket = Some(l);
@@ -358,31 +511,31 @@ impl Control {
             let mine = if i + 1 == handles.len() {
                 socket.take()
             } else {
-                match socket.as_ref().map(TcpListener::try_clone) {
+                match socket.as_ref().map(std::net::TcpListener::try_clone) {
                     Some(Ok(dup)) => Some(dup),
                     Some(Err(e)) => {
                         // Out of descriptors: the workers that have one accept for all.
-                        tracing::warn!(service = %s.name, error = %e, "cannot share the listener with every worker");
+                        tracing::warn!(listen = %b.local, error = %e, "cannot share the listener with every worker");
                         continue;
                     }
                     None => None,
                 }
             };
             let Some(mine) = mine else { break };
-            let (current, gate, tracker, stop, deadline) = (
-                r.current.clone(),
+            let (routes, gate, tracker, stop, deadline) = (
+                b.routes.clone(),
                 self.gate.clone(),
                 self.tracker.clone(),
-                r.stop.clone(),
+                b.stop.clone(),
                 self.deadline.clone(),
             );
-            let name = s.name.clone();
+            let local = b.local;
             let accept = async move {
                 // Registered with this worker's runtime, which is why it is converted here.
                 match tokio::net::TcpListener::from_std(mine) {
-                    Ok(l) => listener::accept_loop(l, current, gate, tracker, stop, deadline).await,
+                    Ok(l) => listener::accept_loop(l, routes, gate, tracker, stop, deadline).await,
                     Err(e) => {
-                        tracing::error!(service = %name, error = %e, "cannot register the listener")
+                        tracing::error!(listen = %local, error = %e, "cannot register the listener")
                     }
                 }
             };
@@ -390,16 +543,14 @@ impl Control {
         }
     }
 
-    /// Starts the DNS watchers of `r`'s service; returns receivers that fire on each first answer.
-    fn start_watchers(
-        &self,
-        r: &mut Running,
-        resolving: Option<&Resolving>,
-    ) -> Vec<oneshot::Receiver<()>> {
-        let mut firsts = Vec::new();
+    /// Starts the DNS and Docker label watchers of `r`'s service; returns receivers that fire on
+    /// each first answer, each with how long start-up waits for it.
+    fn start_watchers(&self, r: &mut Running, resolving: Option<&Resolving>) -> Vec<First> {
+        let mut firsts = self.start_label_watchers(r);
         let Some(res) = resolving else {
             return firsts;
         };
+        let dns_wait = res.settings.timeout.0 + STARTUP_GRACE;
         let service = r.current.load_full();
         for name in &service.names {
             let (tx, rx) = oneshot::channel();
@@ -419,13 +570,38 @@ impl Control {
             let stop = self.background.child_token();
             let watcher = discovery::watch(spec, stop.clone(), tx);
             r.watchers.push((watcher, stop));
-            firsts.push(rx);
+            firsts.push((rx, dns_wait));
+        }
+        firsts
+    }
+
+    /// Starts a watcher per `docker:` backend source of `r`'s service.
+    fn start_label_watchers(&self, r: &mut Running) -> Vec<First> {
+        let service = r.current.load_full();
+        let mut firsts = Vec::new();
+        for spec in labels::selectors(&r.config) {
+            let (tx, rx) = oneshot::channel();
+            let spec = labels::LabelWatchSpec {
+                service: service.name.clone(),
+                claims: service.pool.clone(),
+                spec,
+                settings: service.discovery.clone(),
+            };
+            let stop = self.background.child_token();
+            r.label_watchers
+                .push((labels::watch(spec, stop.clone(), tx), stop));
+            // A healthy Engine connects and lists in milliseconds; one that hangs holds start-up
+            // no longer than one call's bound.
+            firsts.push((rx, labels::CALL_LIMIT + STARTUP_GRACE));
         }
         firsts
     }
 
     fn stop_watchers(r: &mut Running) {
         for (_, stop) in r.watchers.drain(..) {
+            stop.cancel();
+        }
+        for (_, stop) in r.label_watchers.drain(..) {
             stop.cancel();
         }
     }
@@ -441,11 +617,13 @@ impl Control {
         }
     }
 
-    /// Starts every pool's probes and every DNS watcher, then waits (bounded) for the first DNS answers
-    /// and the first probe of every backend, so the first clients find the backends that are up.
+    /// Starts every pool's probes, every DNS and Docker label watcher and every replica set's checks,
+    /// then waits (bounded) for the first DNS answers and Docker lists and the first probe of every
+    /// backend, so the first clients
+    /// find the backends that are up. A service with replicas is warmed up once its first check is
+    /// done ([`Control::serve_after_first_check`]), so the replicas it adopts are not slow-started.
     async fn start_background(&self) {
         let mut firsts = Vec::new();
-        let resolver_timeout = lock(&self.config).resolver.timeout.0;
         let pools: Vec<_> = {
             let mut running = lock(&self.running);
             let resolving = lock(&self.resolving);
@@ -455,22 +633,13 @@ impl Control {
             }
             running
                 .iter()
+                .filter(|r| r.replicas.is_none())
                 .map(|r| r.current.load().pool.clone())
                 .collect()
         };
-        // The replicas' first check (adopting what runs, starting what is missing) before the start-up
-        // waits for probes, so the first clients find the replicas that are up. Bounded: a Docker that
-        // does not answer must not hold the start.
-        let sets: Vec<Arc<ReplicaSet>> = lock(&self.running)
-            .iter()
-            .filter_map(|r| r.replicas.as_ref().map(|(s, _)| s.clone()))
-            .collect();
-        for set in sets {
-            let _ = tokio::time::timeout(set.first_check_limit(), set.check()).await;
-        }
-        let dns_by = Instant::now() + resolver_timeout + STARTUP_GRACE;
-        for rx in firsts {
-            let _ = tokio::time::timeout_at(dns_by, rx).await;
+        let started = Instant::now();
+        for (rx, wait) in firsts {
+            let _ = tokio::time::timeout_at(started + wait, rx).await;
         }
         for pool in pools {
             if let Some(spec) = &pool.settings().probes {

@@ -1,44 +1,56 @@
 //! Reload: a validated config applied to the running server as a difference.
 //!
 //! [`plan`] is pure: from the running config and the new one it decides, per service, whether it is
-//! added, removed, unchanged or changed (and then whether its listener is rebound, its DNS watchers
-//! restarted, and which DNS names it dropped), whether the resolver is rebuilt, and which settings need
-//! a restart. [`Control::apply`] then carries the plan out: everything that can fail (building a
-//! resolver, binding new listeners) comes first, so a failed reload changes nothing; then services are
-//! removed (their listeners close, their connections finish), changed (same pool and counters, new
-//! settings for new connections) and added.
+//! added, removed, unchanged or changed (and then whether its DNS watchers restart, and which DNS
+//! names it dropped), whether the resolver is rebuilt, and which settings need a restart.
+//! [`Control::apply`] then carries the plan out: everything that can fail (building a resolver,
+//! reading every service's TLS files, binding the addresses no service listened on before) comes
+//! first, so a failed reload changes nothing; then services are removed (their connections finish),
+//! changed (same pool and counters, new settings for new connections) and added; then every address
+//! gets its new routes, and the addresses no service names any more close.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{bind_service, needs_dns, resolving_for, Control, Running};
-use crate::config::{Config, ConfigError};
-use crate::discovery::{self, ResolverError};
+use super::listeners::{self, Bound};
+use super::{load_tls, needs_dns, resolving_for, Control, Resolving, Running};
+use crate::config::{AdminSettings, Config, ConfigError, ProcessEnv, ServiceConfig};
+use crate::discovery::docker as labels;
+use crate::discovery::{self, Claimed, Finder, ResolverError};
+use crate::events::Event;
 use crate::listener::BindError;
 use crate::pool::Source;
 use crate::replicas::ReplicaSet;
 use crate::service::{self, Service};
+use crate::tls::{ServiceTls, TlsError};
 use crate::util::lock;
 
 /// Why a reload was rejected; the running config stays.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
+    /// Carries its cause in its message (not also as a source, which would print it twice).
     #[error("invalid config: {0}")]
-    Config(#[from] ConfigError),
+    Config(ConfigError),
     #[error(transparent)]
     Bind(#[from] BindError),
     #[error(transparent)]
     Resolver(#[from] ResolverError),
+    #[error("{0}: {1}")]
+    Tls(String, TlsError),
     #[error("no config file to reload from")]
     NoFile,
     #[error("draining: no reload during shutdown")]
     Draining,
+}
+
+impl From<ConfigError> for ReloadError {
+    fn from(e: ConfigError) -> ReloadError {
+        ReloadError::Config(e)
+    }
 }
 
 /// What a reload changed.
@@ -59,14 +71,14 @@ pub(crate) enum Step {
     Add,
     /// Same config, same resolver: nothing to do.
     Keep,
-    /// Changed: new settings on the same pool and counters.
+    /// Changed: new settings on the same pool and counters (where it listens is the listeners'
+    /// business).
     Change {
-        /// Its `listen` changed: bind the new address (before anything else), then close the old.
-        rebind: bool,
-        /// Its DNS names, discovery settings or the resolver changed: restart its watchers.
+        /// Its DNS names, Docker label selectors, discovery settings or the resolver changed:
+        /// restart its watchers.
         rewatch: bool,
-        /// DNS names it no longer has: their backends leave.
-        dropped_names: Vec<Arc<str>>,
+        /// DNS names and Docker label selectors it no longer has: their backends leave.
+        dropped_names: Vec<Finder>,
     },
 }
 
@@ -117,13 +129,24 @@ pub(crate) fn plan(old: &Config, new: &Config) -> Plan {
                 Some(o) if *o == s && !new_resolver => Step::Keep,
                 Some(o) => {
                     let (old_names, new_names) = (discovery::names(o), discovery::names(s));
-                    let labels = |n: &[discovery::NameSpec]| -> Vec<Arc<str>> {
-                        n.iter().map(|n| n.label.clone()).collect()
+                    let finders = |n: &[discovery::NameSpec]| -> Vec<Finder> {
+                        n.iter().map(discovery::NameSpec::finder).collect()
                     };
-                    let (ol, nl) = (labels(&old_names), labels(&new_names));
+                    // What a watcher claims with: a new weight or tier re-claims too.
+                    let claims = |n: &[discovery::NameSpec]| -> Vec<(Finder, u32, u32)> {
+                        n.iter().map(|n| (n.finder(), n.weight, n.tier)).collect()
+                    };
+                    let (mut ol, mut nl) = (finders(&old_names), finders(&new_names));
+                    // Docker label sources: any change of a selector or its entry restarts them.
+                    let (old_labels, new_labels) = (labels::selectors(o), labels::selectors(s));
+                    ol.extend(old_labels.iter().map(labels::LabelSpec::finder));
+                    nl.extend(new_labels.iter().map(labels::LabelSpec::finder));
+                    let rewatch = new_resolver
+                        || claims(&old_names) != claims(&new_names)
+                        || old_labels != new_labels
+                        || o.discovery != s.discovery;
                     Step::Change {
-                        rebind: o.listen != s.listen,
-                        rewatch: new_resolver || ol != nl || o.discovery != s.discovery,
+                        rewatch,
                         dropped_names: ol.into_iter().filter(|l| !nl.contains(l)).collect(),
                     }
                 }
@@ -141,14 +164,37 @@ pub(crate) fn plan(old: &Config, new: &Config) -> Plan {
     if new.log != old.log {
         restart_needed.push("log (level, format, file)".to_string());
     }
-    if new.admin.as_ref().map(|a| a.listen) != old.admin.as_ref().map(|a| a.listen) {
-        restart_needed.push("admin.listen".to_string());
-    }
     Plan {
         steps,
         removed,
         new_resolver,
         restart_needed,
+    }
+}
+
+/// What a reload asks of the admin API that only a restart can do: the admin listener keeps the
+/// address, token and names it was started with (`bound`), so a reload can never open it up.
+pub(crate) fn admin_changes(
+    bound: Option<&AdminSettings>,
+    new: Option<&AdminSettings>,
+) -> Vec<String> {
+    match (bound, new) {
+        (None, None) => Vec::new(),
+        (None, Some(_)) => vec!["admin (enabling the admin API)".into()],
+        (Some(_), None) => vec!["admin (disabling the admin API)".into()],
+        (Some(b), Some(n)) => {
+            let mut c = Vec::new();
+            if b.listen != n.listen {
+                c.push("admin.listen".into());
+            }
+            if b.token.as_ref().map(|t| &t.0) != n.token.as_ref().map(|t| &t.0) {
+                c.push("admin.token".into());
+            }
+            if b.hosts != n.hosts {
+                c.push("admin.hosts".into());
+            }
+            c
+        }
     }
 }
 
@@ -158,7 +204,10 @@ impl Control {
             stop.cancel();
             set.stopped();
             // Its replicas leave the pool with it (drained as the service's on_removed says).
-            r.current.load().pool.reconcile(Source::Docker, Vec::new());
+            r.current
+                .load()
+                .pool
+                .reconcile(Source::Docker, Vec::<Claimed>::new());
         }
     }
 
@@ -193,14 +242,20 @@ impl Control {
                     restart_needed = ?report.restart_needed,
                     "config reloaded"
                 );
-                self.events
-                    .publish("reload", json!({"ok": true, "report": report}));
+                self.events.publish(Event::Reload {
+                    ok: true,
+                    report: serde_json::to_value(report).ok(),
+                    error: None,
+                });
             }
             Err(e) => {
                 self.reloads_rejected.fetch_add(1, Relaxed);
                 tracing::error!(error = %e, "config reload rejected: the running config is kept");
-                self.events
-                    .publish("reload", json!({"ok": false, "error": e.to_string()}));
+                self.events.publish(Event::Reload {
+                    ok: false,
+                    report: None,
+                    error: Some(e.to_string()),
+                });
             }
         }
     }
@@ -211,9 +266,11 @@ impl Control {
         }
         let _rt = self.rt.enter();
         let mut running = lock(&self.running);
+        let mut bound = lock(&self.listeners);
         let mut config = lock(&self.config);
         let mut resolving = lock(&self.resolving);
-        let plan = plan(&config, &new);
+        let mut plan = plan(&config, &new);
+        plan.restart_needed.extend(self.admin_restart_needed(&new)?);
 
         // Everything that can fail comes first, so a failure changes nothing.
         let fresh_resolver = if plan.new_resolver {
@@ -221,12 +278,9 @@ impl Control {
         } else {
             None
         };
-        let mut bound: BTreeMap<String, (TcpListener, SocketAddr)> = BTreeMap::new();
-        for ((name, step), s) in plan.steps.iter().zip(&new.services) {
-            if matches!(step, Step::Add | Step::Change { rebind: true, .. }) {
-                bound.insert(name.clone(), bind_service(s)?);
-            }
-        }
+        let tls = load_tls(&new).map_err(|(key, e)| ReloadError::Tls(key, e))?;
+        let keys = listeners::keys(&new);
+        let fresh = listeners::bind_missing(&keys, &bound, &new)?;
 
         // From here on nothing fails.
         self.gate.set_max(new.max_connections);
@@ -235,88 +289,178 @@ impl Control {
             None if !needs_dns(&new) => *resolving = None,
             None => {}
         }
+        let old = std::mem::take(&mut *running);
+        *running = self.apply_steps(&plan, &new, old, tls, resolving.as_ref());
+        self.apply_listeners(&mut bound, fresh, &keys, &running);
+        let report = plan.report();
+        // What only a restart changes stays as it runs, so the next reload is compared with what is
+        // in force.
+        let (log, admin) = (config.log.clone(), config.admin.clone());
+        *config = new;
+        config.log = log;
+        config.admin = admin;
+        Ok(report)
+    }
+
+    /// Carries out the plan's steps on the running services (`old`), in the new config's order:
+    /// removed ones stop, kept ones stay as they are (with their TLS files read again), changed ones
+    /// take their new settings, added ones start. Returns the services now running.
+    fn apply_steps(
+        &self,
+        plan: &Plan,
+        new: &Config,
+        mut old: Vec<Running>,
+        tls: Vec<ServiceTls>,
+        resolving: Option<&Resolving>,
+    ) -> Vec<Running> {
         let started = self.serving.load(Relaxed);
-        let mut old: Vec<Running> = std::mem::take(&mut *running);
         for r in old
             .iter_mut()
             .filter(|r| plan.removed.contains(&r.config.name))
         {
-            r.stop.cancel();
-            Self::stop_watchers(r);
-            r.current.load().pool.stop();
-            tracing::info!(service = %r.config.name, "service removed: its connections finish");
+            Self::remove_service(r);
         }
-        for ((name, step), s) in plan.steps.iter().zip(&new.services) {
-            let mut fresh = bound.remove(name);
-            let mut r = match step {
-                Step::Add => {
-                    let Some(b) = fresh.take() else { continue };
-                    let mut r = Running::new(s, Service::new(s, &self.events), b, &self.events);
-                    // Before `serve`, its start-up starts every pool and watcher.
-                    if started {
-                        self.start_pool(&mut r);
-                        r.current.load().pool.warmed_up();
-                        self.start_watchers(&mut r, resolving.as_ref());
+        let mut running = Vec::with_capacity(new.services.len());
+        for (((name, step), s), tls) in plan.steps.iter().zip(&new.services).zip(tls) {
+            let taken = old.iter().position(|r| &r.config.name == name);
+            let r = match (step, taken) {
+                (Step::Add, _) => self.add_service(s, tls, started, resolving),
+                (Step::Keep, Some(i)) => {
+                    let r = old.swap_remove(i);
+                    if tls.terminate.is_some() || tls.originate.is_some() {
+                        // Certificates renewed on disk take effect for new connections (and probes).
+                        let current = r.current.load_full();
+                        if tls.originate.is_some() {
+                            current
+                                .pool
+                                .update_settings(service::pool_settings(s, &tls));
+                        }
+                        r.current.store(Arc::new(current.with_tls(tls)));
                     }
                     r
                 }
-                Step::Keep | Step::Change { .. } => {
-                    let Some(i) = old.iter().position(|r| &r.config.name == name) else {
-                        continue;
-                    };
-                    old.swap_remove(i)
+                (Step::Change { .. }, Some(i)) => {
+                    let mut r = old.swap_remove(i);
+                    self.change_service(&mut r, s, step, tls, started, resolving);
+                    r
                 }
+                (_, None) => continue,
             };
-            if let Step::Change {
-                rebind,
-                rewatch,
-                dropped_names,
-            } = step
-            {
-                let prev = r.current.load_full();
-                prev.pool.update_settings(service::pool_settings(s));
-                prev.pool
-                    .reconcile(Source::Static, service::static_backends(s));
-                for label in dropped_names {
-                    prev.pool.reconcile(Source::Dns(label.clone()), Vec::new());
-                }
-                r.current.store(Arc::new(prev.next(s)));
-                if r.config.replicas != s.replicas || r.config.autoscale != s.autoscale {
-                    // New replica settings: a new set, which adopts the running containers.
-                    Self::stop_replicas(&mut r);
-                    r.replicas = ReplicaSet::new(s, prev.pool.clone(), self.events.clone())
-                        .map(|set| (set, CancellationToken::new()));
-                    if started {
-                        if let Some((set, stop)) = &mut r.replicas {
-                            *stop = self.background.child_token();
-                            set.start(stop.clone());
-                        }
-                    }
-                }
-                if *rewatch && started {
-                    Self::stop_watchers(&mut r);
-                    self.start_watchers(&mut r, resolving.as_ref());
-                }
-                if *rebind {
-                    if let Some((l, local)) = fresh {
-                        r.stop.cancel();
-                        r.stop = CancellationToken::new();
-                        r.local = local;
-                        r.pending = Some(l);
-                    }
-                }
-                r.config = s.clone();
-            }
-            if started {
-                if let Some(l) = r.pending.take() {
-                    self.spawn_accept(&r, l);
-                }
-            }
             running.push(r);
         }
-        let report = plan.report();
-        *config = new;
-        Ok(report)
+        running
+    }
+
+    /// The addresses after a reload: those no service names any more close, the `fresh` ones join
+    /// (and accept at once once the server serves), and every one gets its new routes.
+    fn apply_listeners(
+        &self,
+        bound: &mut Vec<Bound>,
+        fresh: Vec<Bound>,
+        keys: &std::collections::BTreeSet<listeners::ListenKey>,
+        running: &[Running],
+    ) {
+        bound.retain(|b| {
+            let kept = keys.contains(&b.key);
+            if !kept {
+                b.stop.cancel();
+                tracing::info!(listen = %b.local, "listener closed: no service listens there any more");
+            }
+            kept
+        });
+        bound.extend(fresh);
+        let started = self.serving.load(Relaxed);
+        for b in bound.iter_mut() {
+            b.set_routes(running);
+            if started {
+                self.spawn_accept(b);
+            }
+        }
+    }
+
+    /// What the new config asks of the admin API that waits for a restart, said once. Its token is
+    /// read (and checked) even so: a token that cannot be read now would stop the next start.
+    fn admin_restart_needed(&self, new: &Config) -> Result<Vec<String>, ReloadError> {
+        let new_admin = new.admin_settings(&ProcessEnv)?;
+        let admin = admin_changes(self.admin.as_deref(), new_admin.as_ref());
+        if !admin.is_empty() {
+            tracing::warn!(
+                changed = ?admin,
+                "the admin API keeps the address, token and names it was started with until a restart"
+            );
+        }
+        Ok(admin)
+    }
+
+    /// A service the new config no longer has: its listener closes, its connections finish.
+    fn remove_service(r: &mut Running) {
+        Self::stop_watchers(r);
+        r.current.load().pool.stop();
+        tracing::info!(service = %r.config.name, "service removed: its connections finish");
+    }
+
+    /// A new service, bound already. Before `serve`, start-up starts every pool and watcher.
+    fn add_service(
+        &self,
+        s: &ServiceConfig,
+        tls: ServiceTls,
+        started: bool,
+        resolving: Option<&Resolving>,
+    ) -> Running {
+        let mut r = Running::new(s, Service::new(s, tls, &self.events), &self.events);
+        if started {
+            self.start_pool(&mut r);
+            r.current.load().pool.warmed_up();
+            self.start_watchers(&mut r, resolving);
+        }
+        r
+    }
+
+    /// A changed service: new settings on the same pool and counters, its static backends and DNS
+    /// names reconciled, its replicas, watchers and listener replaced where the plan says.
+    fn change_service(
+        &self,
+        r: &mut Running,
+        s: &ServiceConfig,
+        step: &Step,
+        tls: ServiceTls,
+        started: bool,
+        resolving: Option<&Resolving>,
+    ) {
+        let Step::Change {
+            rewatch,
+            dropped_names,
+        } = step
+        else {
+            return;
+        };
+        let prev = r.current.load_full();
+        prev.pool.update_settings(service::pool_settings(s, &tls));
+        prev.pool
+            .reconcile(Source::Static, service::static_backends(s));
+        for finder in dropped_names {
+            prev.pool
+                .reconcile(Source::from(finder), Vec::<Claimed>::new());
+        }
+        r.current.store(Arc::new(prev.next(s, tls)));
+        if r.config.replicas != s.replicas || r.config.autoscale != s.autoscale {
+            // New replica settings: a new set, which adopts the running containers.
+            Self::stop_replicas(r);
+            r.replicas = ReplicaSet::new(s, prev.pool.clone(), self.events.clone())
+                .map(|set| (set, CancellationToken::new()));
+            if started {
+                if let Some((set, stop)) = &mut r.replicas {
+                    *stop = self.background.child_token();
+                    set.start(stop.clone());
+                }
+            }
+        }
+        // The new config first: the label watchers are started from it.
+        r.config = s.clone();
+        if *rewatch && started {
+            Self::stop_watchers(r);
+            self.start_watchers(r, resolving);
+        }
     }
 }
 
@@ -359,26 +503,16 @@ mod tests {
     }
 
     #[test]
-    fn a_new_listen_address_rebinds_and_nothing_else_does() {
+    fn a_new_listen_address_or_timeout_is_a_change() {
         let old = config(WEB, "");
         let moved = config(&WEB.replace("8080", "8090"), "");
-        assert_eq!(
-            plan(&old, &moved).steps[0].1,
-            Step::Change {
-                rebind: true,
-                rewatch: false,
-                dropped_names: vec![]
-            }
-        );
+        let change = Step::Change {
+            rewatch: false,
+            dropped_names: vec![],
+        };
+        assert_eq!(plan(&old, &moved).steps[0].1, change);
         let retimed = config(&WEB.replace("}]}", "}], connect_timeout: 5s}"), "");
-        assert_eq!(
-            plan(&old, &retimed).steps[0].1,
-            Step::Change {
-                rebind: false,
-                rewatch: false,
-                dropped_names: vec![]
-            }
-        );
+        assert_eq!(plan(&old, &retimed).steps[0].1, change);
     }
 
     #[test]
@@ -389,12 +523,35 @@ mod tests {
         assert_eq!(
             p.steps[0].1,
             Step::Change {
-                rebind: false,
                 rewatch: true,
-                dropped_names: vec!["backend:5000".into()]
+                dropped_names: vec![Finder::Name("backend:5000".into())]
             }
         );
         assert!(!p.new_resolver, "same resolver settings");
+    }
+
+    /// A changed or removed `docker:` selector restarts the watchers and withdraws the old claim.
+    #[cfg(feature = "docker")]
+    #[test]
+    fn dropped_docker_selectors_leave_and_watchers_restart() {
+        let db = "  - {name: db, listen: 127.0.0.1:5432, backends: [{docker: {labels: {app: db}, port: 5432}}]}\n";
+        let old = config(db, "");
+        let p = plan(&old, &config(&db.replace("app: db", "app: pg"), ""));
+        assert_eq!(
+            p.steps[0].1,
+            Step::Change {
+                rewatch: true,
+                dropped_names: vec![Finder::Labels("app=db".into())]
+            }
+        );
+        let reweighted = config(&db.replace("5432}}", "5432}, weight: 3}"), "");
+        assert_eq!(
+            plan(&old, &reweighted).steps[0].1,
+            Step::Change {
+                rewatch: true,
+                dropped_names: vec![]
+            }
+        );
     }
 
     #[test]
@@ -415,7 +572,7 @@ mod tests {
     }
 
     #[test]
-    fn log_and_admin_listen_need_a_restart() {
+    fn log_needs_a_restart() {
         let old = config(WEB, "admin: {listen: 127.0.0.1:9901}\n");
         let new = config(
             WEB,
@@ -424,11 +581,37 @@ mod tests {
         let p = plan(&old, &new);
         assert_eq!(
             p.restart_needed,
-            vec![
-                "log (level, format, file)".to_string(),
-                "admin.listen".to_string()
-            ]
+            vec!["log (level, format, file)".to_string()]
         );
         assert_eq!(p.steps, vec![("web".into(), Step::Keep)]);
+    }
+
+    #[test]
+    fn the_admin_api_keeps_what_it_was_bound_with() {
+        let settings = |listen: &str, token: Option<&str>, hosts: &[&str]| AdminSettings {
+            listen: listen.parse().unwrap(),
+            token: token.map(|t| {
+                (
+                    crate::config::Secret::new(t),
+                    crate::config::TokenSource::Config,
+                )
+            }),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        };
+        let bound = settings("0.0.0.0:9901", Some("a-long-enough-token"), &[]);
+        assert!(admin_changes(Some(&bound), Some(&bound.clone())).is_empty());
+        // The reload of the security issue: a loopback address and no token.
+        let open = settings("127.0.0.1:9901", None, &[]);
+        assert_eq!(
+            admin_changes(Some(&bound), Some(&open)),
+            vec!["admin.listen".to_string(), "admin.token".to_string()]
+        );
+        let other = settings("0.0.0.0:9901", Some("another-long-token"), &["lb"]);
+        assert_eq!(
+            admin_changes(Some(&bound), Some(&other)),
+            vec!["admin.token".to_string(), "admin.hosts".to_string()]
+        );
+        assert_eq!(admin_changes(Some(&bound), None).len(), 1);
+        assert_eq!(admin_changes(None, Some(&open)).len(), 1);
     }
 }

@@ -1,10 +1,33 @@
 //! One upstream address and everything known about it: weight, health, state, counters, the latest
 //! probes, and the signal that cuts its sessions. Counters live as long as the backend does, so
 //! rebuilding snapshots, reconciling sources or reloading never resets them.
+//!
+//! A backend owns its state machine. Its fields are private; the pool changes them only through the
+//! transitions below, each of which says what flipped (so the pool logs, streams and rebuilds only on
+//! a change), and the invariants live here, not in the pool's control flow:
+//!
+//! ```text
+//!            join ──▶ Active ◀──set_state──▶ Draining, Maint (probes paused)
+//!              ▲        │ depart              │ depart
+//!              │        ▼                     ▼
+//!              └──── Removed (sessions drain; timers carry the generation they were started in)
+//!
+//! eligible = Active ∧ ¬ejected ∧ (no probes ∨ Healthy) ∧ the agent says nothing against it
+//!   health: observe_health (Unknown → Healthy/Unhealthy …), forget_health (probes turned off)
+//!   ejected: connect_failed (the streak reaches max_fails) ⇄ reinstate (after the cool-down, on probation)
+//!   agent: observe_agent (up, down, drain, maint, and a weight share)
+//!   effective weight: ramp (slow start) of the agent's share of the weight, each time a snapshot is built
+//! ```
+//!
+//! Its tier (lower first) and rank (its place among the claims) decide, with the other members'
+//! eligibility, whether its tier serves (`tiers.rs`).
+//!
+//! A backend that (re)joins gets a new generation, unknown health, `Active`, its sources and weight,
+//! all in [`Backend::join`].
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -14,10 +37,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::membership::Source;
+use super::slow_start::Ramp;
 use crate::balance::Candidate;
-use crate::health::{Health, ProbeRecord, PROBE_HISTORY};
+use crate::config::Weight;
+use crate::health::{AgentSays, Health, ProbeRecord, PROBE_HISTORY};
 use crate::outcome::Outcome;
-use crate::util::lock;
+use crate::util::{lock, AtomicEnum, ByteEnum};
 
 /// Effective weights are kept in tenths of a configured weight, so slow start can ramp even a weight
 /// of 1 in steps: a full-weight backend has `weight * WEIGHT_SCALE`.
@@ -34,6 +59,8 @@ pub enum State {
     Draining = 1,
     /// No longer claimed by any source; kept only while sessions remain (`on_removed`).
     Removed = 2,
+    /// Under maintenance (admin API): no new connections, probes paused; its sessions go on.
+    Maint = 3,
 }
 
 impl State {
@@ -42,13 +69,20 @@ impl State {
             State::Active => "active",
             State::Draining => "draining",
             State::Removed => "removed",
+            State::Maint => "maint",
         }
     }
+}
 
-    fn from_u8(v: u8) -> State {
+impl ByteEnum for State {
+    fn to_byte(self) -> u8 {
+        self as u8
+    }
+    fn from_byte(v: u8) -> State {
         match v {
             1 => State::Draining,
             2 => State::Removed,
+            3 => State::Maint,
             _ => State::Active,
         }
     }
@@ -145,66 +179,74 @@ pub struct BackendStats {
 pub struct Backend {
     pub addr: SocketAddr,
     /// Configured weight.
-    pub(super) weight: AtomicU32,
+    weight: AtomicU32,
+    /// Its tier: lower first.
+    tier: AtomicU32,
+    /// Its place among the claims (a one-at-a-time backup tier serves the first).
+    rank: AtomicU32,
+    /// What its agent last said (`Unknown` without an agent), and its share of the weight in percent.
+    agent: AtomicEnum<AgentSays>,
+    agent_pct: AtomicU32,
     /// Weight the policies use, in `WEIGHT_SCALE` units; below full only during slow start.
-    pub(super) effective: AtomicU32,
+    effective: AtomicU32,
     pub stats: BackendStats,
     /// Consecutive connect failures; reset by a successful connect.
-    pub(super) consecutive_fails: AtomicU32,
+    consecutive_fails: AtomicU32,
     /// Passive ejection: no new connections until the cool-down ends.
-    pub(super) ejected: AtomicBool,
-    pub(super) health: AtomicU8,
-    pub(super) state: AtomicU8,
+    ejected: AtomicBool,
+    health: AtomicEnum<Health>,
+    state: AtomicEnum<State>,
     /// Bumped whenever the backend leaves or rejoins, so timers of an earlier departure do nothing.
-    pub(super) generation: AtomicU64,
-    pub(super) sources: Mutex<Vec<Source>>,
+    generation: AtomicU64,
+    /// Read on the hot path (per-backend caps by DNS name): swapped, never locked.
+    sources: ArcSwap<Vec<Source>>,
     /// Unix ms of the first and latest DNS answer that listed this backend; 0 = never.
-    pub(super) dns_first_seen_ms: AtomicU64,
-    pub(super) dns_last_seen_ms: AtomicU64,
+    dns_first_seen_ms: AtomicU64,
+    dns_last_seen_ms: AtomicU64,
     probes: Mutex<VecDeque<ProbeRecord>>,
-    /// When the current slow-start ramp began.
-    pub(super) ramp_since: Mutex<Option<Instant>>,
-    /// Has taken traffic before: becoming eligible again is a recovery, which slow start ramps.
-    pub(super) ever_ready: AtomicBool,
-    /// Joined after start-up: its first eligibility is ramped too.
-    pub(super) joined_late: AtomicBool,
+    ramp: Mutex<Ramp>,
     cut: ArcSwap<CutSignal>,
     /// What a reverse DNS lookup calls it (a container's name in Docker), once known.
     name: ArcSwapOption<String>,
+    /// The DNS name it was found under (without a port), when it was.
+    host: ArcSwapOption<String>,
+    agent_history: Mutex<VecDeque<ProbeRecord>>,
 }
 
 impl Backend {
-    pub(crate) fn new(addr: SocketAddr, weight: u32) -> Backend {
-        let weight = weight.max(1);
+    pub(crate) fn new(addr: SocketAddr, weight: Weight) -> Backend {
+        let weight = weight.get();
         Backend {
             addr,
             weight: AtomicU32::new(weight),
+            tier: AtomicU32::new(0),
+            rank: AtomicU32::new(0),
+            agent: AtomicEnum::new(AgentSays::Unknown),
+            agent_pct: AtomicU32::new(100),
             effective: AtomicU32::new(weight * WEIGHT_SCALE),
             stats: BackendStats::default(),
             consecutive_fails: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
-            health: AtomicU8::new(Health::Unknown as u8),
-            state: AtomicU8::new(State::Active as u8),
+            health: AtomicEnum::new(Health::Unknown),
+            state: AtomicEnum::new(State::Active),
             generation: AtomicU64::new(0),
-            sources: Mutex::new(Vec::new()),
+            sources: ArcSwap::from_pointee(Vec::new()),
             dns_first_seen_ms: AtomicU64::new(0),
             dns_last_seen_ms: AtomicU64::new(0),
             probes: Mutex::new(VecDeque::with_capacity(PROBE_HISTORY)),
-            ramp_since: Mutex::new(None),
-            ever_ready: AtomicBool::new(false),
-            joined_late: AtomicBool::new(false),
+            ramp: Mutex::new(Ramp::default()),
             cut: ArcSwap::from_pointee(CutSignal::default()),
             name: ArcSwapOption::empty(),
+            host: ArcSwapOption::empty(),
+            agent_history: Mutex::new(VecDeque::with_capacity(PROBE_HISTORY)),
         }
     }
+
+    // --- What anyone may read.
 
     /// Its name, when a reverse lookup gave one.
     pub fn name(&self) -> Option<Arc<String>> {
         self.name.load_full()
-    }
-
-    pub(super) fn set_name(&self, name: &str) {
-        self.name.store(Some(Arc::new(name.to_string())));
     }
 
     pub fn active(&self) -> u64 {
@@ -213,6 +255,20 @@ impl Backend {
 
     pub fn weight(&self) -> u32 {
         self.weight.load(Relaxed)
+    }
+
+    /// Its tier: lower first.
+    pub fn tier(&self) -> u32 {
+        self.tier.load(Relaxed)
+    }
+
+    pub(super) fn rank(&self) -> u32 {
+        self.rank.load(Relaxed)
+    }
+
+    /// What its agent last said, and its share of the weight in percent.
+    pub fn agent(&self) -> (AgentSays, u32) {
+        (self.agent.load(), self.agent_pct.load(Relaxed))
     }
 
     /// The weight the policies use, in [`WEIGHT_SCALE`] units.
@@ -226,15 +282,29 @@ impl Backend {
     }
 
     pub fn health(&self) -> Health {
-        Health::from_u8(self.health.load(Relaxed))
+        self.health.load()
     }
 
     pub fn state(&self) -> State {
-        State::from_u8(self.state.load(Relaxed))
+        self.state.load()
     }
 
-    pub fn sources(&self) -> Vec<Source> {
-        lock(&self.sources).clone()
+    pub fn sources(&self) -> Arc<Vec<Source>> {
+        self.sources.load_full()
+    }
+
+    /// The latest probe results, oldest first.
+    pub fn probes(&self) -> Vec<ProbeRecord> {
+        lock(&self.probes).iter().cloned().collect()
+    }
+
+    /// Whether it may take new connections now, given whether its pool probes its backends.
+    pub(super) fn eligible(&self, probed: bool) -> bool {
+        self.state() == State::Active
+            && !self.is_ejected()
+            && (!probed || self.health() == Health::Healthy)
+            && self.agent.load().allows()
+            && self.agent_pct.load(Relaxed) > 0
     }
 
     /// The signal a new session of this backend waits on to be cut.
@@ -242,22 +312,88 @@ impl Backend {
         self.cut.load_full()
     }
 
-    /// Cuts every session that picked this backend so far.
-    pub(super) fn cut_sessions(&self, reason: Outcome) {
-        let old = self.cut.swap(Arc::new(CutSignal::default()));
-        let _ = old.reason.set(reason);
-        old.token.cancel();
+    // --- Membership: the pool's transitions, under its lock.
+
+    /// (Re)joins the members as its sources claim it: a new generation (timers of an earlier
+    /// departure do nothing), unknown health, nothing heard from its agent, `Active`. `late` when
+    /// start-up is over (slow start ramps its first eligibility).
+    pub(super) fn join(&self, claim: Claim, late: bool) {
+        self.generation.fetch_add(1, Relaxed);
+        self.claim(claim);
+        self.health.swap(Health::Unknown);
+        self.agent.swap(AgentSays::Unknown);
+        self.agent_pct.store(100, Relaxed);
+        self.state.swap(State::Active);
+        lock(&self.ramp).joined(late);
     }
 
-    /// `Host` for HTTP probes: the DNS name the backend came from, else its address.
-    pub(super) fn host_header(&self) -> String {
-        lock(&self.sources)
-            .iter()
-            .find_map(|s| match s {
-                Source::Dns(name) => Some(name.to_string()),
-                _ => None,
-            })
-            .unwrap_or_else(|| self.addr.to_string())
+    /// Its sources' claim, kept: returns what changed of its weight and tier.
+    pub(super) fn claim(&self, claim: Claim) -> Reclaimed {
+        self.sources.store(Arc::new(claim.sources));
+        self.rank.store(claim.rank, Relaxed);
+        if self.host.load().as_deref().map(String::as_str) != claim.host.as_deref() {
+            self.host.store(claim.host.map(|h| Arc::new(h.to_string())));
+        }
+        Reclaimed {
+            weight: self.weight.swap(claim.weight.get(), Relaxed) != claim.weight.get(),
+            tier: self.tier.swap(claim.tier, Relaxed) != claim.tier,
+        }
+    }
+
+    /// Leaves the members: `Removed` (its sessions drain as the pool says). Returns the generation a
+    /// drain deadline must still find for it to apply ([`Backend::same_generation`]).
+    pub(super) fn depart(&self) -> u64 {
+        self.state.swap(State::Removed);
+        self.generation.fetch_add(1, Relaxed) + 1
+    }
+
+    /// Whether nothing has left or rejoined since `generation` was handed out.
+    pub(super) fn same_generation(&self, generation: u64) -> bool {
+        self.generation.load(Relaxed) == generation
+    }
+
+    /// The admin API sets a member `Active`, `Draining` or `Maint`; returns whether that flipped it.
+    pub(super) fn set_state(&self, state: State) -> bool {
+        self.state.swap(state) != state
+    }
+
+    // --- Agent.
+
+    /// Its agent answered: returns what it said before, if that is a change.
+    pub(super) fn observe_agent(
+        &self,
+        says: AgentSays,
+        pct: Option<u32>,
+    ) -> Option<(AgentSays, u32)> {
+        let was = (
+            self.agent.swap(says),
+            match pct {
+                Some(p) => self.agent_pct.swap(p, Relaxed),
+                None => self.agent_pct.load(Relaxed),
+            },
+        );
+        (was != (says, pct.unwrap_or(was.1))).then_some(was)
+    }
+
+    pub(super) fn record_agent(&self, r: ProbeRecord) {
+        let mut p = lock(&self.agent_history);
+        if p.len() == PROBE_HISTORY {
+            p.pop_front();
+        }
+        p.push_back(r);
+    }
+
+    // --- Health.
+
+    /// A probe verdict changed its health: returns what it was, if that is a change.
+    pub(super) fn observe_health(&self, health: Health) -> Option<Health> {
+        let was = self.health.swap(health);
+        (was != health).then_some(was)
+    }
+
+    /// Probes were turned off: health is unknown again.
+    pub(super) fn forget_health(&self) {
+        self.health.swap(Health::Unknown);
     }
 
     pub(super) fn record_probe(&self, r: ProbeRecord) {
@@ -268,13 +404,92 @@ impl Backend {
         p.push_back(r);
     }
 
-    /// The latest probe results, oldest first.
-    pub fn probes(&self) -> Vec<ProbeRecord> {
-        lock(&self.probes).iter().cloned().collect()
-    }
-
     pub(super) fn probed_once(&self) -> bool {
         !lock(&self.probes).is_empty()
+    }
+
+    /// The DNS name (without its port) the backend was found under, if it was: the name its TLS
+    /// certificate is expected to carry.
+    pub fn dns_name(&self) -> Option<String> {
+        self.host.load().as_deref().cloned()
+    }
+
+    /// `Host` for HTTP probes: the DNS name the backend came from with its port, else its address.
+    pub(super) fn host_header(&self) -> String {
+        match self.host.load().as_deref() {
+            Some(h) => format!("{h}:{}", self.addr.port()),
+            None => self.addr.to_string(),
+        }
+    }
+
+    // --- Passive health: on the data plane, lock-free.
+
+    /// A connect succeeded: counted, and a failure streak cleared. Writes shared state only when there
+    /// was a streak, so the common path stays a read.
+    pub(super) fn connect_succeeded(&self) {
+        self.stats.total.fetch_add(1, Relaxed);
+        if self.consecutive_fails.load(Relaxed) != 0 {
+            self.consecutive_fails.store(0, Relaxed);
+        }
+    }
+
+    /// A connect failed: counted; when the streak reaches `max_fails` (0: never) this ejects it.
+    /// Returns the streak when this very call ejected it (a concurrent failure that also reached it
+    /// returns `None`).
+    pub(super) fn connect_failed(&self, max_fails: u32) -> Option<u32> {
+        self.stats.failed.fetch_add(1, Relaxed);
+        let fails = self.consecutive_fails.fetch_add(1, Relaxed) + 1;
+        if max_fails == 0 || fails < max_fails || self.ejected.swap(true, Relaxed) {
+            return None;
+        }
+        Some(fails)
+    }
+
+    /// Ends an ejection, on probation: one more failure ejects it again, so a backend that is still
+    /// dead costs one connect attempt per cool-down, not `max_fails`. Returns whether it was ejected.
+    pub(super) fn reinstate(&self, max_fails: u32) -> bool {
+        self.consecutive_fails
+            .store(max_fails.saturating_sub(1), Relaxed);
+        self.ejected.swap(false, Relaxed)
+    }
+
+    // --- Slow start, when a snapshot is built.
+
+    /// Sets the weight the policies use for an eligible backend (`newly` eligible or not): its
+    /// agent's share of its weight, ramped over `window` after a recovery. Returns whether it is
+    /// still ramping.
+    pub(super) fn ramp(&self, newly: bool, window: Duration, now: Instant) -> bool {
+        let full = self.weight() * WEIGHT_SCALE;
+        let share = (u64::from(full) * u64::from(self.agent_pct.load(Relaxed)) / 100).max(1);
+        let share = share.min(u64::from(crate::config::MAX_WEIGHT * WEIGHT_SCALE)) as u32;
+        let (effective, ramping) = lock(&self.ramp).step(share, newly, window, now);
+        self.effective.store(effective, Relaxed);
+        ramping
+    }
+
+    pub(super) fn ramping(&self) -> bool {
+        lock(&self.ramp).ramping()
+    }
+
+    // --- Naming and sessions.
+
+    pub(super) fn set_name(&self, name: &str) {
+        self.name.store(Some(Arc::new(name.to_string())));
+    }
+
+    /// A DNS answer listed it at `now_ms`.
+    pub(super) fn seen_in_dns(&self, now_ms: u64) {
+        let _ = self
+            .dns_first_seen_ms
+            .compare_exchange(0, now_ms, Relaxed, Relaxed);
+        self.dns_last_seen_ms.store(now_ms, Relaxed);
+    }
+
+    /// Cuts every session that picked this backend so far.
+    pub(super) fn cut_sessions(&self, reason: Outcome) {
+        let old = self.cut.swap(Arc::new(CutSignal::default()));
+        let _ = old.reason.set(reason);
+        old.token.cancel();
     }
 
     /// Everything known about the backend, for the admin API.
@@ -283,11 +498,13 @@ impl Backend {
         BackendView {
             address: self.addr,
             name: self.name().map(|n| n.to_string()),
-            sources: self.sources(),
+            sources: self.sources().to_vec(),
             weight: self.weight(),
             effective_weight: self.eff_weight() as f64 / WEIGHT_SCALE as f64,
+            tier: self.tier(),
             health: self.health(),
             state: self.state(),
+            agent: self.agent_view(),
             ejected: self.is_ejected(),
             active: self.active(),
             total: self.stats.total.load(Relaxed),
@@ -298,6 +515,70 @@ impl Backend {
             dns_first_seen_ms: ms(&self.dns_first_seen_ms),
             dns_last_seen_ms: ms(&self.dns_last_seen_ms),
             probes: self.probes(),
+        }
+    }
+
+    /// What its agent said, when it has one that answered.
+    fn agent_view(&self) -> Option<AgentView> {
+        let history: Vec<ProbeRecord> = lock(&self.agent_history).iter().cloned().collect();
+        (!history.is_empty()).then(|| {
+            let (says, weight_pct) = self.agent();
+            AgentView {
+                says,
+                weight_pct,
+                history,
+            }
+        })
+    }
+}
+
+/// What a member's sources claim for it, as the pool hands it over.
+#[derive(Debug)]
+pub(super) struct Claim {
+    pub(super) weight: Weight,
+    pub(super) tier: u32,
+    pub(super) rank: u32,
+    pub(super) host: Option<Arc<str>>,
+    pub(super) sources: Vec<Source>,
+}
+
+/// What a claim changed of a kept member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Reclaimed {
+    pub(super) weight: bool,
+    pub(super) tier: bool,
+}
+
+/// What a backend's agent says, for the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentView {
+    pub says: AgentSays,
+    /// Its share of the configured weight.
+    pub weight_pct: u32,
+    /// The latest answers (or failures to get one), oldest first.
+    pub history: Vec<ProbeRecord>,
+}
+
+impl From<super::membership::Desired> for Claim {
+    fn from(d: super::membership::Desired) -> Claim {
+        Claim {
+            weight: d.weight,
+            tier: d.tier,
+            rank: d.rank,
+            host: d.host,
+            sources: d.sources,
+        }
+    }
+}
+
+impl From<(Weight, Vec<Source>)> for Claim {
+    fn from((weight, sources): (Weight, Vec<Source>)) -> Claim {
+        Claim {
+            weight,
+            tier: 0,
+            rank: 0,
+            host: None,
+            sources,
         }
     }
 }
@@ -319,6 +600,10 @@ impl Candidate for Backend {
     fn active(&self) -> u64 {
         Backend::active(self)
     }
+    #[inline]
+    fn available(&self) -> bool {
+        !self.is_ejected()
+    }
 }
 
 /// A point-in-time view of one backend.
@@ -329,10 +614,15 @@ pub struct BackendView {
     pub name: Option<String>,
     pub sources: Vec<Source>,
     pub weight: u32,
-    /// The weight in use now (lower than `weight` during slow start).
+    /// The weight in use now (lower than `weight` during slow start or when its agent says so).
     pub effective_weight: f64,
+    /// Its tier: lower first (0 unless `backup` or `priority`).
+    pub tier: u32,
     pub health: Health,
     pub state: State,
+    /// What its agent says (`agent:`), once it answered or failed to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentView>,
     /// Passively ejected after consecutive connect failures.
     pub ejected: bool,
     pub active: u64,
@@ -378,13 +668,85 @@ mod tests {
 
     #[test]
     fn active_guard_counts_and_returns() {
-        let b = Arc::new(Backend::new(SocketAddr::from(([127, 0, 0, 1], 1)), 1));
+        let b = Arc::new(Backend::new(
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            Weight::ONE,
+        ));
         let g1 = ActiveGuard::within(b.clone(), None).unwrap();
         let g2 = ActiveGuard::within(b.clone(), None).unwrap();
         assert_eq!(b.active(), 2);
         drop(g1);
         drop(g2);
         assert_eq!(b.active(), 0);
+    }
+
+    #[test]
+    fn transitions_say_what_flipped() {
+        let b = Backend::new(SocketAddr::from(([127, 0, 0, 1], 1)), Weight::ONE);
+        b.join(
+            (Weight::new(2).unwrap(), vec![Source::Static]).into(),
+            false,
+        );
+        assert!(
+            b.eligible(false) && !b.eligible(true),
+            "unknown health: only without probes"
+        );
+        assert_eq!(b.observe_health(Health::Healthy), Some(Health::Unknown));
+        assert_eq!(
+            b.observe_health(Health::Healthy),
+            None,
+            "no change, no transition"
+        );
+        assert!(b.eligible(true));
+        assert!(b.set_state(State::Draining) && !b.set_state(State::Draining));
+        assert!(!b.eligible(false));
+        assert!(b.set_state(State::Active));
+        assert!(
+            !b.claim((Weight::new(2).unwrap(), vec![Source::Static]).into())
+                .weight
+                && b.claim((Weight::new(3).unwrap(), vec![Source::Api]).into())
+                    .weight
+        );
+        // The agent: down, drain or a 0 % share take it out; up and a share bring it back.
+        assert_eq!(
+            b.observe_agent(AgentSays::Up, None),
+            Some((AgentSays::Unknown, 100))
+        );
+        assert_eq!(b.observe_agent(AgentSays::Up, Some(100)), None, "no change");
+        assert!(b.observe_agent(AgentSays::Down, None).is_some() && !b.eligible(false));
+        b.observe_agent(AgentSays::Up, Some(0));
+        assert!(!b.eligible(false), "a 0 % share is a drain");
+        b.observe_agent(AgentSays::Up, Some(50));
+        assert!(b.eligible(false));
+        b.ramp(false, Duration::ZERO, Instant::now());
+        assert_eq!(b.eff_weight(), 3 * WEIGHT_SCALE / 2, "half of weight 3");
+        assert!(b.set_state(State::Maint) && !b.eligible(false));
+        b.set_state(State::Active);
+        // Ejection: the streak, the one call that ejects, probation after the cool-down.
+        assert_eq!(b.connect_failed(3), None);
+        assert_eq!(b.connect_failed(3), None);
+        assert_eq!(b.connect_failed(3), Some(3));
+        assert_eq!(b.connect_failed(3), None, "already ejected");
+        assert!(!b.eligible(false));
+        assert!(b.reinstate(3) && !b.reinstate(3));
+        assert_eq!(
+            b.connect_failed(3),
+            Some(3),
+            "on probation: one failure ejects"
+        );
+        b.reinstate(3);
+        b.connect_succeeded();
+        assert_eq!(b.connect_failed(3), None, "a success clears the streak");
+        assert_eq!(b.connect_failed(0), None, "max_fails 0 never ejects");
+        // Leaving and rejoining: a new generation, health unknown again, active.
+        let g = b.depart();
+        assert!(b.same_generation(g) && b.state() == State::Removed);
+        b.join((Weight::new(1).unwrap(), vec![Source::Static]).into(), true);
+        assert!(
+            !b.same_generation(g),
+            "a drain deadline of the departure does nothing now"
+        );
+        assert_eq!((b.health(), b.state()), (Health::Unknown, State::Active));
     }
 
     #[test]

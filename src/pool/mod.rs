@@ -4,51 +4,68 @@
 //! The hot path (select → connect) loads one [`Snapshot`] through `ArcSwap` and touches only per-backend
 //! atomics. Everything that changes who is eligible (sources, probes, passive ejection, slow start,
 //! the admin API) builds a new snapshot off the hot path under the pool's mutex, and only when something
-//! changed.
+//! changed. A passive ejection is seen on a worker: there it only flips the backend's flag, which
+//! every policy reads at pick time, and the snapshot without it is built on the control runtime.
 //!
-//! The parts:
-//! - `backend.rs`: one backend, its counters and connect histogram, the guard that counts its open
-//!   connections, the signal that cuts its sessions;
+//! The parts, by concern:
+//! - `backend.rs`: one backend and its state machine (every transition says what flipped), its
+//!   counters and connect histogram, the guard that counts its open connections, the signal that cuts
+//!   its sessions;
 //! - `membership.rs`: the sources' claims and the admin API's overrides, and the pure difference
 //!   between the members and what they should be;
-//! - `probes.rs`: the probe loop of one backend (the probe and the rise/fall machine are `health`'s);
+//! - `api.rs`: what the admin API changes (add, remove, reweight, drain), with its limits;
+//! - `ejection.rs`: passive health (consecutive connect failures, the cool-down, probation);
+//! - `probing.rs`: active health in the pool: each backend's probe loop and its transitions (the probe
+//!   and the rise/fall machine are the `health` module's);
+//! - `agent.rs`: each backend's agent loop (what its agent says adjusts it);
+//! - `slow_start.rs`: the ramp of a recovered or late backend's weight;
+//! - `tiers.rs`: which tier serves (backup tiers) and when traffic fails back (pure);
 //! - `transition.rs`: what changed, as values, and the one place that logs and streams them;
-//! - this file: applying differences and transitions to the live backends, the timers that follow
-//!   from them (cool-downs, drain deadlines of removed backends, the slow-start ramp), and the snapshot.
+//! - this file: settings, the one membership path (`Pool::mutate_membership`: every source's claim
+//!   and every API change), departures and their drain deadlines, and the snapshot.
 //!
 //! Every background task of a pool (probes and timers) runs on the control runtime that started it,
 //! under the token it was started with, whichever thread reported the change.
 
+mod agent;
+mod api;
 mod backend;
+mod ejection;
 mod membership;
-mod probes;
+mod probing;
+mod slow_start;
+mod tiers;
 mod transition;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::runtime::Handle;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use api::AdminError;
+#[cfg(test)]
+use api::{MAX_API_BACKENDS, MAX_API_POOL};
 pub(crate) use backend::{ActiveGuard, CutSignal, CONNECT_BUCKETS};
-pub use backend::{Backend, BackendStats, BackendView, Histogram, State, WEIGHT_SCALE};
+pub use backend::{AgentView, Backend, BackendStats, BackendView, Histogram, State, WEIGHT_SCALE};
 pub use membership::Source;
+pub(crate) use tiers::{Reason as TierReason, TierChange};
 pub(crate) use transition::Transition;
 
 use crate::balance::Selector;
-use crate::config::{OnDown, OnRemoved, Policy};
-use crate::discovery::Claims;
+use crate::config::{AgentConfig, Failback, OnDown, OnRemoved, Policy};
+use crate::discovery::{Claimed, Claims, Finder};
 use crate::events::EventBus;
-use crate::health::{self, Health, ProbeError, ProbeSpec};
+use crate::health::ProbeSpec;
 use crate::outcome::Outcome;
 use crate::util::{lock, unix_ms};
-use membership::{Desired, Membership};
+use membership::Membership;
+use tiers::Tiers;
 
 /// What the hot path sees: the backends eligible for new connections and the policy state built for them.
 pub struct Snapshot {
@@ -57,6 +74,8 @@ pub struct Snapshot {
     /// address (its table skips the ineligible ones).
     candidates: Vec<Arc<Backend>>,
     selector: Selector,
+    /// The tier that takes new connections.
+    pub serving_tier: Option<u32>,
 }
 
 impl Snapshot {
@@ -68,10 +87,13 @@ impl Snapshot {
             .map(|i| &self.candidates[i])
     }
 
-    /// The backend a new connection from `client` would get now. With `source_hash` this is exact
-    /// and changes nothing; with the other policies it is the next pick (and counts as one).
-    pub fn route(&self, client: SocketAddr) -> Option<SocketAddr> {
-        self.pick(client, &[]).map(|b| b.addr)
+    /// The backend a new connection from `client` would get now, changing nothing (no cursor moves):
+    /// exact for `source_hash`, `round_robin`, `weighted_round_robin` and `least_conn` until the next
+    /// connection or change; for `p2c`, whose draw is random, the least loaded backend.
+    pub fn peek(&self, client: SocketAddr) -> Option<SocketAddr> {
+        self.selector
+            .peek(&self.candidates, client)
+            .map(|i| self.candidates[i].addr)
     }
 }
 
@@ -95,17 +117,11 @@ pub(crate) struct PoolSettings {
     /// How long the sessions of a removed backend may run with `on_removed: drain`.
     pub(crate) removed_drain: Duration,
     pub(crate) slow_start: Duration,
-}
-
-/// Why an admin operation on a pool was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub(crate) enum AdminError {
-    #[error("{0} is already a backend of this service")]
-    Exists(SocketAddr),
-    #[error("{0} is not a backend of this service")]
-    NotFound(SocketAddr),
-    #[error("{0}")]
-    Invalid(String),
+    /// Each backend's agent, when the service has one.
+    pub(crate) agent: Option<AgentConfig>,
+    /// A backup tier spreads over all its eligible backends, not only its first.
+    pub(crate) all_backups: bool,
+    pub(crate) failback: Failback,
 }
 
 /// How long a removed backend without sessions is remembered.
@@ -124,7 +140,17 @@ pub struct Pool {
     probed: Notify,
     /// Per DNS name, a nudge that asks its watcher for an early (rate-capped) refresh.
     dns_nudges: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
+    /// Backends a worker just ejected, for the control runtime to rebuild the snapshot without them
+    /// and start their cool-downs: a worker never takes the pool's lock. At most one message per
+    /// ejection, and a backend is ejected again only after its cool-down, so this holds at most one
+    /// per member.
+    ejections: mpsc::UnboundedSender<Ejected>,
+    /// Its receiving end, until `start` hands it to the task that applies ejections.
+    ejections_rx: Mutex<Option<mpsc::UnboundedReceiver<Ejected>>>,
 }
+
+/// A backend a worker ejected, with the streak of connect failures that did.
+type Ejected = (Arc<Backend>, u32);
 
 /// Where a started pool runs its background work.
 struct Tasks {
@@ -146,7 +172,16 @@ struct Inner {
     tasks: Option<Tasks>,
     /// The probe loop of each member, by address.
     probe_tasks: HashMap<SocketAddr, CancellationToken>,
+    /// The agent loop of each member, by address.
+    agent_tasks: HashMap<SocketAddr, CancellationToken>,
     ramp_task: bool,
+    /// Which tier serves; kept across reloads (the pool is).
+    tiers: Tiers,
+    /// When a task will rebuild the snapshot for an `after` failback, if one is scheduled.
+    tier_wake: Option<Instant>,
+    /// Changes of the serving tier decided by a rebuild, published (after the transitions that
+    /// caused them) once the lock is released.
+    pending: Vec<Transition>,
     /// Start-up is over: backends added from now on are new arrivals (slow start ramps them).
     warm: bool,
 }
@@ -189,21 +224,10 @@ impl Inner {
     }
 }
 
-/// Slow start: the effective weight, in [`WEIGHT_SCALE`] units, of a backend of configured `weight`
-/// whose ramp began `elapsed` ago over a `window`; `None` once the ramp is over. Starts at a tenth of
-/// the full weight and grows linearly.
-fn ramped(weight: u32, elapsed: Duration, window: Duration) -> Option<u32> {
-    if elapsed >= window {
-        return None;
-    }
-    let full = weight * WEIGHT_SCALE;
-    let frac = elapsed.as_secs_f64() / window.as_secs_f64();
-    Some(((full as f64 * frac) as u32).clamp(weight, full))
-}
-
 impl Pool {
     pub(crate) fn new(service: Arc<str>, settings: PoolSettings, events: EventBus) -> Pool {
         let selector = Selector::over_ready::<Arc<Backend>>(settings.policy, &[]);
+        let (ejections, ejections_rx) = mpsc::unbounded_channel();
         Pool {
             service,
             settings: ArcSwap::from_pointee(settings),
@@ -214,16 +238,23 @@ impl Pool {
                 departed: Vec::new(),
                 tasks: None,
                 probe_tasks: HashMap::new(),
+                agent_tasks: HashMap::new(),
                 ramp_task: false,
+                tiers: Tiers::default(),
+                tier_wake: None,
+                pending: Vec::new(),
                 warm: false,
             }),
             snapshot: ArcSwap::from_pointee(Snapshot {
                 ready: Vec::new(),
                 candidates: Vec::new(),
                 selector,
+                serving_tier: None,
             }),
             probed: Notify::new(),
             dns_nudges: Mutex::new(HashMap::new()),
+            ejections,
+            ejections_rx: Mutex::new(Some(ejections_rx)),
         }
     }
 
@@ -264,8 +295,8 @@ impl Pool {
         self.settings.load_full()
     }
 
-    /// Starts the pool's background work (probes, timers) on the current (control) runtime under
-    /// `stop`; members added later get their probes at once.
+    /// Starts the pool's background work (probes, agents, timers) on the current (control) runtime
+    /// under `stop`; members added later get their probes and agents at once.
     pub(crate) fn start(self: &Arc<Pool>, stop: CancellationToken) {
         let mut inner = lock(&self.inner);
         inner.tasks = Some(Tasks {
@@ -276,35 +307,16 @@ impl Pool {
         let members = inner.members.clone();
         for b in &members {
             self.spawn_probes(&mut inner, b);
+            self.spawn_agent(&mut inner, b);
+        }
+        if let Some(rx) = lock(&self.ejections_rx).take() {
+            inner.spawn(move |pool, stop| pool.apply_ejections(rx, stop));
         }
     }
 
     /// Marks the end of start-up: from now on a backend that joins is ramped by slow start.
     pub(crate) fn warmed_up(&self) {
         lock(&self.inner).warm = true;
-    }
-
-    /// Waits until every member has been probed once, or `limit` passes. Without probes, returns at once.
-    pub(crate) async fn wait_probed(&self, limit: Duration) {
-        if self.settings().probes.is_none() {
-            return;
-        }
-        let _ = tokio::time::timeout(limit, async {
-            loop {
-                let notified = self.probed.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if self.members().iter().all(|b| b.probed_once()) {
-                    return;
-                }
-                notified.await;
-            }
-        })
-        .await;
-    }
-
-    fn probed(&self) {
-        self.probed.notify_waiters();
     }
 
     /// Registers the nudge of the DNS watcher for `name`.
@@ -319,9 +331,9 @@ impl Pool {
         if nudges.is_empty() {
             return;
         }
-        for s in backend.sources() {
-            if let Source::Dns(name) = s {
-                if let Some(n) = nudges.get(&name) {
+        for s in backend.sources().iter() {
+            if let Source::Dns(name) | Source::Srv(name) = s {
+                if let Some(n) = nudges.get(name) {
                     n.notify_one();
                 }
             }
@@ -331,12 +343,10 @@ impl Pool {
     /// Marks the addresses a DNS answer listed as seen now.
     fn dns_seen(&self, addrs: &[SocketAddr]) {
         let now = unix_ms();
+        let listed: HashSet<&SocketAddr> = addrs.iter().collect();
         for b in lock(&self.inner).members.iter() {
-            if addrs.contains(&b.addr) {
-                let _ = b
-                    .dns_first_seen_ms
-                    .compare_exchange(0, now, Relaxed, Relaxed);
-                b.dns_last_seen_ms.store(now, Relaxed);
+            if listed.contains(&b.addr) {
+                b.seen_in_dns(now);
             }
         }
     }
@@ -351,118 +361,50 @@ impl Pool {
         }
     }
 
-    /// Logs and streams `transitions` (after the pool's lock is released), and hands them back.
-    fn publish(&self, transitions: Vec<Transition>) -> Vec<Transition> {
+    /// Logs and streams `transitions` (after the pool's lock is released), then the tier changes they
+    /// caused, and hands them all back.
+    fn publish(&self, mut transitions: Vec<Transition>) -> Vec<Transition> {
+        transitions.append(&mut lock(&self.inner).pending);
         for t in &transitions {
             t.publish(&self.service, &self.events);
         }
         transitions
     }
 
-    /// Replaces what `source` claims with `desired` (address, weight) and applies the difference to the
-    /// members.
+    /// Replaces what `source` claims with `desired` (address, weight and tier) and applies the
+    /// difference to the members.
     pub(crate) fn reconcile(
         &self,
         source: Source,
-        desired: Vec<(SocketAddr, u32)>,
+        desired: Vec<impl Into<Claimed>>,
     ) -> Vec<Transition> {
-        let ts = {
-            let mut inner = lock(&self.inner);
-            inner.membership.claim(source, desired);
-            let on_removed = self.settings().on_removed;
-            self.apply_locked(&mut inner, |_| on_removed)
-        };
-        self.publish(ts)
-    }
-
-    /// Adds `addr` as a backend claimed by the admin API (it also lifts an earlier API removal).
-    pub(crate) fn add_api(
-        &self,
-        addr: SocketAddr,
-        weight: u32,
-    ) -> Result<Vec<Transition>, AdminError> {
-        let ts = {
-            let mut inner = lock(&self.inner);
-            if inner.members.iter().any(|b| b.addr == addr) {
-                return Err(AdminError::Exists(addr));
-            }
-            inner.membership.add_api(addr, weight);
-            let on_removed = self.settings().on_removed;
-            self.apply_locked(&mut inner, |_| on_removed)
-        };
-        Ok(self.publish(ts))
-    }
-
-    /// Removes `addr` whatever its sources, until the admin API adds it again; its sessions are
-    /// drained (until `discovery.drain_timeout`) or, with `close`, cut at once.
-    pub(crate) fn remove_api(
-        &self,
-        addr: SocketAddr,
-        close: bool,
-    ) -> Result<Vec<Transition>, AdminError> {
-        let ts = {
-            let mut inner = lock(&self.inner);
-            if !inner.members.iter().any(|b| b.addr == addr) {
-                return Err(AdminError::NotFound(addr));
-            }
-            inner.membership.remove_api(addr);
-            let policy = if close {
-                OnRemoved::Close
-            } else {
-                OnRemoved::Drain
-            };
-            let on_removed = self.settings().on_removed;
-            self.apply_locked(&mut inner, |a| if a == addr { policy } else { on_removed })
-        };
-        Ok(self.publish(ts))
-    }
-
-    /// Sets whether `addr` takes new connections (`Draining` keeps its sessions, sends it none).
-    pub(crate) fn set_state(
-        &self,
-        addr: SocketAddr,
-        state: State,
-    ) -> Result<Vec<Transition>, AdminError> {
-        if state == State::Removed {
-            return Err(AdminError::Invalid(
-                "state must be active or draining".into(),
-            ));
+        let on_removed = self.settings().on_removed;
+        let done = self.mutate_membership(
+            |inner| {
+                inner.membership.claim(source, desired);
+                Ok::<(), std::convert::Infallible>(())
+            },
+            |_| on_removed,
+        );
+        match done {
+            Ok(ts) => ts,
+            Err(never) => match never {},
         }
-        let ts = {
-            let mut inner = lock(&self.inner);
-            let b = inner
-                .members
-                .iter()
-                .find(|b| b.addr == addr)
-                .cloned()
-                .ok_or(AdminError::NotFound(addr))?;
-            if b.state.swap(state as u8, Relaxed) == state as u8 {
-                return Ok(Vec::new());
-            }
-            self.rebuild_locked(&mut inner);
-            vec![Transition::State {
-                backend: addr,
-                state,
-                sessions: b.active(),
-            }]
-        };
-        Ok(self.publish(ts))
     }
 
-    /// Sets `addr`'s weight over what its sources say (kept across reconciles and reloads).
-    pub(crate) fn set_weight(
+    /// The one path by which the members change, whoever asks (a source's claim, the admin API):
+    /// `change` edits the claims under the pool's lock (or refuses, changing nothing), then the members
+    /// are made what the claims want, a removed backend's sessions following `removal(addr)`. The
+    /// transitions are published after the lock is released, and returned.
+    fn mutate_membership<E>(
         &self,
-        addr: SocketAddr,
-        weight: u32,
-    ) -> Result<Vec<Transition>, AdminError> {
+        change: impl FnOnce(&mut Inner) -> Result<(), E>,
+        removal: impl Fn(SocketAddr) -> OnRemoved,
+    ) -> Result<Vec<Transition>, E> {
         let ts = {
             let mut inner = lock(&self.inner);
-            if !inner.members.iter().any(|b| b.addr == addr) {
-                return Err(AdminError::NotFound(addr));
-            }
-            inner.membership.override_weight(addr, weight);
-            let on_removed = self.settings().on_removed;
-            self.apply_locked(&mut inner, |_| on_removed)
+            change(&mut inner)?;
+            self.apply_locked(&mut inner, removal)
         };
         Ok(self.publish(ts))
     }
@@ -484,132 +426,40 @@ impl Pool {
             let members = inner.members.clone();
             for b in &members {
                 if self.settings().probes.is_none() {
-                    b.health.store(Health::Unknown as u8, Relaxed);
+                    b.forget_health();
                 }
                 self.spawn_probes(&mut inner, b);
             }
         }
+        if old.agent != self.settings().agent {
+            for (_, stop) in inner.agent_tasks.drain() {
+                stop.cancel();
+            }
+            let members = inner.members.clone();
+            for b in &members {
+                if self.settings().agent.is_none() {
+                    b.observe_agent(crate::health::AgentSays::Unknown, Some(100));
+                }
+                self.spawn_agent(&mut inner, b);
+            }
+        }
         self.rebuild_locked(&mut inner);
+        drop(inner);
+        self.publish(Vec::new());
     }
 
     /// Stops the pool's probes and timers (its service was removed by a reload).
     pub(crate) fn stop(&self) {
         let mut inner = lock(&self.inner);
-        for (_, stop) in inner.probe_tasks.drain() {
+        let tasks = std::mem::take(&mut inner.probe_tasks)
+            .into_values()
+            .chain(std::mem::take(&mut inner.agent_tasks).into_values());
+        for stop in tasks {
             stop.cancel();
         }
         if let Some(t) = inner.tasks.take() {
             t.stop.cancel();
         }
-    }
-
-    fn spawn_probes(&self, inner: &mut Inner, b: &Arc<Backend>) {
-        let (Some(spec), Some(tasks)) = (self.settings().probes.clone(), &inner.tasks) else {
-            return;
-        };
-        let stop = tasks.stop.child_token();
-        if let Some(old) = inner.probe_tasks.insert(b.addr, stop.clone()) {
-            old.cancel();
-        }
-        let machine = health::Machine::starting_at(spec.rise, spec.fall, b.health());
-        let b = b.clone();
-        inner.spawn(move |pool, _| probes::probe_loop(pool, b, spec, machine, stop));
-    }
-
-    /// Applies a health transition reported by `b`'s probe loop.
-    fn health_changed(
-        &self,
-        b: &Arc<Backend>,
-        health: Health,
-        error: Option<ProbeError>,
-    ) -> Vec<Transition> {
-        let ts = {
-            let mut inner = lock(&self.inner);
-            if !inner.members.iter().any(|m| Arc::ptr_eq(m, b)) {
-                return Vec::new(); // removed meanwhile
-            }
-            let was = b.health();
-            b.health.store(health as u8, Relaxed);
-            let on_down = self.settings().on_down;
-            if health != Health::Healthy {
-                if on_down == OnDown::Close {
-                    b.cut_sessions(Outcome::BackendDown);
-                }
-                self.nudge_dns(b);
-            }
-            self.rebuild_locked(&mut inner);
-            vec![Transition::Health {
-                backend: b.addr,
-                health,
-                was,
-                error: error.map(|e| e.to_string()),
-                on_down,
-                sessions: b.active(),
-            }]
-        };
-        self.publish(ts)
-    }
-
-    /// Records a successful connect. Writes shared state only when there was a failure streak to clear,
-    /// so the common path stays a read.
-    pub(crate) fn connect_succeeded(&self, backend: &Backend) {
-        backend.stats.total.fetch_add(1, Relaxed);
-        if backend.consecutive_fails.load(Relaxed) != 0 {
-            backend.consecutive_fails.store(0, Relaxed);
-        }
-    }
-
-    /// Records a failed connect attempt to `backend`; ejects it when the streak reaches `max_fails` and
-    /// schedules its return after the cool-down. Returns the transition, if any.
-    pub(crate) fn connect_failed(&self, backend: &Arc<Backend>) -> Option<Transition> {
-        backend.stats.failed.fetch_add(1, Relaxed);
-        let passive = self.settings().passive;
-        let fails = backend.consecutive_fails.fetch_add(1, Relaxed) + 1;
-        if passive.max_fails == 0 || fails < passive.max_fails {
-            return None;
-        }
-        if backend.ejected.swap(true, Relaxed) {
-            return None; // already ejected by a concurrent failure
-        }
-        {
-            let mut inner = lock(&self.inner);
-            self.rebuild_locked(&mut inner);
-            let b = backend.clone();
-            inner.spawn(move |pool, stop| async move {
-                tokio::select! {
-                    () = stop.cancelled() => {}
-                    () = tokio::time::sleep(passive.cooldown) => { pool.reinstate(&b); }
-                }
-            });
-        }
-        self.nudge_dns(backend);
-        let t = Transition::Ejected {
-            backend: backend.addr,
-            consecutive_fails: fails,
-            cooldown: passive.cooldown,
-        };
-        self.publish(vec![t]).pop()
-    }
-
-    /// Ends an ejection. The backend comes back on probation: one more failure ejects it again, so a
-    /// backend that is still dead costs one connect attempt per cool-down, not `max_fails`.
-    fn reinstate(&self, backend: &Backend) {
-        backend
-            .consecutive_fails
-            .store(self.settings().passive.max_fails.saturating_sub(1), Relaxed);
-        if backend.ejected.swap(false, Relaxed) {
-            self.rebuild_locked(&mut lock(&self.inner));
-            self.publish(vec![Transition::Returned {
-                backend: backend.addr,
-            }]);
-        }
-    }
-
-    /// Whether `b` may take new connections now.
-    fn eligible(&self, b: &Backend) -> bool {
-        b.state() == State::Active
-            && !b.is_ejected()
-            && (self.settings().probes.is_none() || b.health() == Health::Healthy)
     }
 
     /// Makes the members what the membership wants; a removed backend's sessions follow
@@ -633,41 +483,37 @@ impl Pool {
             }
         }
         // Kept members stay in their order; the new ones follow in address order.
-        for (addr, Desired { weight, sources }) in diff.kept {
+        for (addr, desired) in diff.kept {
             let Some(b) = by_addr.remove(&addr) else {
                 continue;
             };
-            *lock(&b.sources) = sources;
-            if b.weight.swap(weight, Relaxed) != weight {
+            let (weight, tier) = (desired.weight.get(), desired.tier);
+            let changed = b.claim(desired.into());
+            if changed.weight || changed.tier {
                 ts.push(Transition::Reweighted {
                     backend: addr,
                     weight,
+                    tier,
                 });
             }
             kept.push(b);
         }
-        for (addr, Desired { weight, sources }) in diff.added {
+        for (addr, desired) in diff.added {
             // A backend that left recently comes back with its counters (and its live sessions).
             let b = match inner.departed.iter().position(|(d, _)| d.addr == addr) {
-                Some(i) => {
-                    let (b, _) = inner.departed.swap_remove(i);
-                    b.generation.fetch_add(1, Relaxed);
-                    b
-                }
-                None => Arc::new(Backend::new(addr, weight)),
+                Some(i) => inner.departed.swap_remove(i).0,
+                None => Arc::new(Backend::new(addr, desired.weight)),
             };
-            b.weight.store(weight, Relaxed);
-            b.joined_late.store(inner.warm, Relaxed);
-            b.health.store(Health::Unknown as u8, Relaxed);
-            b.state.store(State::Active as u8, Relaxed);
-            *lock(&b.sources) = sources.clone();
             ts.push(Transition::Added {
                 backend: addr,
-                weight,
-                sources,
+                weight: desired.weight.get(),
+                tier: desired.tier,
+                sources: desired.sources.clone(),
                 probed: self.settings().probes.is_some(),
             });
+            b.join(desired.into(), inner.warm);
             self.spawn_probes(inner, &b);
+            self.spawn_agent(inner, &b);
             kept.push(b);
         }
         inner.members = kept;
@@ -679,10 +525,11 @@ impl Pool {
 
     /// Takes `b` out of the members, its sessions following `policy`. Called with the lock held.
     fn depart(&self, inner: &mut Inner, b: &Arc<Backend>, policy: OnRemoved) -> Transition {
-        b.state.store(State::Removed as u8, Relaxed);
-        let generation = b.generation.fetch_add(1, Relaxed) + 1;
-        if let Some(stop) = inner.probe_tasks.remove(&b.addr) {
-            stop.cancel();
+        let generation = b.depart();
+        for tasks in [&mut inner.probe_tasks, &mut inner.agent_tasks] {
+            if let Some(stop) = tasks.remove(&b.addr) {
+                stop.cancel();
+            }
         }
         let t = Transition::Removed {
             backend: b.addr,
@@ -700,7 +547,7 @@ impl Pool {
                         () = stop.cancelled() => return,
                         () = tokio::time::sleep(limit) => {}
                     }
-                    if b.generation.load(Relaxed) == generation && b.active() > 0 {
+                    if b.same_generation(generation) && b.active() > 0 {
                         let sessions = b.active();
                         b.cut_sessions(Outcome::BackendRemoved);
                         pool.publish(vec![Transition::DrainDeadline {
@@ -716,82 +563,168 @@ impl Pool {
         t
     }
 
-    /// Publishes a new snapshot from the members' current state. Newly eligible backends start their
-    /// slow-start ramp here, whatever made them eligible.
+    /// Publishes a new snapshot from the members' current state: the serving tier decided anew,
+    /// and its eligible backends. Newly eligible backends start their slow-start ramp here, whatever
+    /// made them eligible. A change of the serving tier is queued for the next `publish`, which every
+    /// caller makes once it has released the lock.
     fn rebuild_locked(&self, inner: &mut Inner) {
         let previous = self.snapshot.load();
+        let was_ready: HashSet<*const Backend> = previous.ready.iter().map(Arc::as_ptr).collect();
+        let settings = self.settings();
+        let probed = settings.probes.is_some();
+        let eligible: Vec<bool> = inner.members.iter().map(|b| b.eligible(probed)).collect();
+        let available: BTreeSet<u32> = inner
+            .members
+            .iter()
+            .zip(&eligible)
+            .filter(|(_, e)| **e)
+            .map(|(b, _)| b.tier())
+            .collect();
+        let now = Instant::now();
+        let decision = inner
+            .tiers
+            .decide(&available, settings.failback, !inner.warm, now);
+        let serving = self.serving_set(inner, &eligible, decision.serving, &settings);
         let ready: Vec<Arc<Backend>> = inner
             .members
             .iter()
-            .filter(|b| self.eligible(b))
-            .cloned()
+            .zip(&serving)
+            .filter(|(_, s)| **s)
+            .map(|(b, _)| b.clone())
             .collect();
-        let slow = self.settings().slow_start;
-        let now = Instant::now();
         let mut ramping = false;
         for b in &ready {
-            let mut since = lock(&b.ramp_since);
-            let newly = !previous.ready.iter().any(|p| Arc::ptr_eq(p, b));
-            // A recovery, or a backend that joined after start-up. The members present at start-up
-            // are not ramped: they start together, and a ramp would only slow the start.
-            let ramp = b.ever_ready.swap(true, Relaxed) || b.joined_late.load(Relaxed);
-            if newly && ramp && !slow.is_zero() {
-                *since = Some(now);
-            }
-            let eff = match since.and_then(|t| ramped(b.weight(), now.duration_since(t), slow)) {
-                Some(w) => {
-                    ramping = true;
-                    w
-                }
-                None => {
-                    *since = None;
-                    b.weight() * WEIGHT_SCALE
-                }
-            };
-            b.effective.store(eff, Relaxed);
+            let newly = !was_ready.contains(&Arc::as_ptr(b));
+            ramping |= b.ramp(newly, settings.slow_start, now);
         }
-        let policy = self.settings().policy;
-        let (candidates, selector) = if policy == Policy::SourceHash {
-            let mut members = inner.members.clone();
-            members.sort_by_key(|b| b.addr);
-            let eligible = members.iter().map(|b| self.eligible(b)).collect();
-            let selector = Selector::over_members(&members, eligible);
+        let (candidates, selector) = if settings.policy == Policy::SourceHash {
+            // Every member, sorted, with the serving ones marked: balancers that see the same
+            // members in the same states pick alike, whichever tier serves.
+            let mut members: Vec<(Arc<Backend>, bool)> =
+                inner.members.iter().cloned().zip(serving).collect();
+            members.sort_by_key(|(b, _)| b.addr);
+            let (members, marks): (Vec<Arc<Backend>>, Vec<bool>) = members.into_iter().unzip();
+            let selector = Selector::over_members(&members, marks);
             (members, selector)
         } else {
-            (ready.clone(), Selector::over_ready(policy, &ready))
+            (ready.clone(), Selector::over_ready(settings.policy, &ready))
         };
         self.snapshot.store(Arc::new(Snapshot {
             ready,
             candidates,
             selector,
+            serving_tier: decision.serving,
         }));
-        if ramping && !inner.ramp_task && inner.tasks.is_some() {
-            inner.ramp_task = true;
-            // Ten steps over the window, never more often than every 50 ms.
-            let step = (slow / 10).max(Duration::from_millis(50));
-            inner.spawn(move |pool, stop| async move {
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(step) => {}
-                    }
-                    let mut inner = lock(&pool.inner);
-                    pool.rebuild_locked(&mut inner);
-                    let still = inner.members.iter().any(|b| lock(&b.ramp_since).is_some());
-                    if !still {
-                        inner.ramp_task = false;
-                        return;
-                    }
-                }
+        if ramping {
+            self.keep_ramping(inner, settings.slow_start);
+        }
+        if let Some(at) = decision.wake_at {
+            self.wake_for_failback(inner, at);
+        }
+        if let Some(change) = decision.change {
+            inner.pending.push(Transition::Tier {
+                change,
+                held: false,
+            });
+        } else if let (true, Some(serving)) = (decision.held_began, decision.serving) {
+            inner.pending.push(Transition::Tier {
+                change: TierChange {
+                    from: Some(serving),
+                    to: serving,
+                    reason: TierReason::Failback,
+                },
+                held: true,
             });
         }
+    }
+
+    /// Which members take new connections: the eligible ones of the serving tier; of a backup tier
+    /// (worse than the best among the members) only the first by rank, unless `all_backups`.
+    fn serving_set(
+        &self,
+        inner: &Inner,
+        eligible: &[bool],
+        serving: Option<u32>,
+        settings: &PoolSettings,
+    ) -> Vec<bool> {
+        let mut set: Vec<bool> = inner
+            .members
+            .iter()
+            .zip(eligible)
+            .map(|(b, e)| *e && Some(b.tier()) == serving)
+            .collect();
+        let primary = inner.members.iter().map(|b| b.tier()).min();
+        if serving.is_some() && serving != primary && !settings.all_backups {
+            let first = inner
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| set[*i])
+                .min_by_key(|(_, b)| (b.rank(), b.addr))
+                .map(|(i, _)| i);
+            for (i, s) in set.iter_mut().enumerate() {
+                *s = Some(i) == first;
+            }
+        }
+        set
+    }
+
+    /// Rebuilds the snapshot at `at` (an `after` failback's wait ends), unless a wake-up at or
+    /// before it is scheduled already. Called with the lock held.
+    fn wake_for_failback(&self, inner: &mut Inner, at: Instant) {
+        if inner.tier_wake.is_some_and(|w| w <= at) {
+            return;
+        }
+        inner.tier_wake = Some(at);
+        inner.spawn(move |pool, stop| async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep_until(at) => {
+                    {
+                        let mut inner = lock(&pool.inner);
+                        if inner.tier_wake == Some(at) {
+                            inner.tier_wake = None;
+                        }
+                        pool.rebuild_locked(&mut inner);
+                    }
+                    pool.publish(Vec::new());
+                }
+            }
+        });
+    }
+
+    /// An operator's failback (`POST /services/{name}/failback`): traffic goes to the best tier
+    /// with an eligible backend, if it is better than the serving one. Returns the change, or
+    /// `None` when the best tier serves already.
+    pub(crate) fn failback(&self) -> Option<TierChange> {
+        let mut inner = lock(&self.inner);
+        let probed = self.settings().probes.is_some();
+        let available: BTreeSet<u32> = inner
+            .members
+            .iter()
+            .filter(|b| b.eligible(probed))
+            .map(|b| b.tier())
+            .collect();
+        let change = inner.tiers.failback(&available)?;
+        self.rebuild_locked(&mut inner);
+        drop(inner);
+        self.publish(vec![Transition::Tier {
+            change,
+            held: false,
+        }]);
+        Some(change)
+    }
+
+    /// Whether failback holds traffic on a worse tier than the best eligible one.
+    pub fn failback_held(&self) -> bool {
+        lock(&self.inner).tiers.held()
     }
 }
 
 /// A DNS watcher's answers become the claim of its name.
 impl Claims for Pool {
-    fn claim(&self, label: &Arc<str>, addrs: Vec<(SocketAddr, u32)>) {
-        self.reconcile(Source::Dns(label.clone()), addrs);
+    fn claim(&self, finder: &Finder, found: Vec<Claimed>) {
+        self.reconcile(Source::from(finder), found);
     }
 
     fn seen(&self, addrs: &[SocketAddr]) {
@@ -806,57 +739,149 @@ impl Claims for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Weight;
+    use std::sync::atomic::Ordering::Relaxed;
 
     fn pool(max_fails: u32) -> Arc<Pool> {
         let settings = PoolSettings {
             policy: Policy::RoundRobin,
             passive: Passive {
                 max_fails,
-                cooldown: Duration::from_millis(50),
+                cooldown: Duration::from_secs(10),
             },
             probes: None,
             on_down: OnDown::Keep,
             on_removed: OnRemoved::Drain,
             removed_drain: Duration::from_secs(30),
             slow_start: Duration::ZERO,
+            agent: None,
+            all_backups: false,
+            failback: Failback::Immediate,
         };
         let p = Arc::new(Pool::new("t".into(), settings, EventBus::default()));
         let members: Vec<_> = (1..=3)
-            .map(|i| (SocketAddr::from(([127, 0, 0, i], 80)), 1))
+            .map(|i| (SocketAddr::from(([127, 0, 0, i], 80)), Weight::ONE))
             .collect();
         p.reconcile(Source::Static, members);
         p.start(CancellationToken::new());
         p
     }
 
-    #[tokio::test]
+    /// Under tokio's paused clock: the backend stays out for exactly its cool-down (10 s, passed
+    /// without waiting), then returns on probation.
+    #[tokio::test(start_paused = true)]
     async fn ejection_after_max_fails_and_return_on_probation() {
         let p = pool(2);
+        let cooldown = p.settings().passive.cooldown;
         let b = p.members()[0].clone();
         assert_eq!(p.connect_failed(&b), None);
-        assert!(matches!(
-            p.connect_failed(&b),
-            Some(Transition::Ejected {
-                consecutive_fails: 2,
-                ..
-            })
-        ));
+        assert_eq!(p.connect_failed(&b), Some(2), "the second failure ejects");
+        // The control runtime (this test's) rebuilds the snapshot without it.
+        tokio::task::yield_now().await;
         assert_eq!(p.snapshot().ready.len(), 2);
         assert!(p.snapshot().ready.iter().all(|r| r.addr != b.addr));
-        // returns after the cool-down
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while p.snapshot().ready.len() != 3 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("backend returned");
+        tokio::time::sleep(cooldown - Duration::from_millis(1)).await;
+        assert_eq!(
+            p.snapshot().ready.len(),
+            2,
+            "still out just before the cool-down ends"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(p.snapshot().ready.len(), 3, "back after the cool-down");
         // on probation: one more failure ejects again
-        assert!(matches!(
+        assert_eq!(
             p.connect_failed(&b),
-            Some(Transition::Ejected { .. })
-        ));
+            Some(2),
+            "on probation: one failure ejects"
+        );
         assert_eq!(b.stats.failed.load(Relaxed), 3);
+    }
+
+    /// An ejection seen on a worker takes effect on the very next pick, though the worker builds
+    /// nothing: the snapshot it sees is the old one until the control runtime rebuilds it.
+    #[tokio::test]
+    async fn ejection_is_immediate_and_the_rebuild_runs_on_the_control_runtime() {
+        for policy in [
+            Policy::RoundRobin,
+            Policy::WeightedRoundRobin,
+            Policy::LeastConn,
+            Policy::P2c,
+            Policy::SourceHash,
+        ] {
+            let p = pool(1);
+            let mut settings = (*p.settings()).clone();
+            settings.policy = policy;
+            p.update_settings(settings);
+            let b = p.members()[1].clone();
+            let snapshot_id = |p: &Pool| Arc::as_ptr(&*p.snapshot()) as usize;
+            let before = snapshot_id(&p);
+            // A worker thread: it cannot run the control runtime's tasks (this one, which is
+            // blocked in `join` meanwhile).
+            let (pool2, b2) = (p.clone(), b.clone());
+            let picks = std::thread::spawn(move || {
+                assert!(pool2.connect_failed(&b2).is_some());
+                let unchanged = snapshot_id(&pool2) == before;
+                let picks: Vec<SocketAddr> = (0..100u32)
+                    .filter_map(|i| {
+                        let client = SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 4000));
+                        pool2.snapshot().pick(client, &[]).map(|b| b.addr)
+                    })
+                    .collect();
+                (unchanged, picks)
+            })
+            .join()
+            .unwrap();
+            let (unchanged, picks) = picks;
+            assert!(unchanged, "{policy:?}: the worker built no snapshot");
+            assert_eq!(
+                picks.len(),
+                100,
+                "{policy:?}: the others still take clients"
+            );
+            assert!(
+                picks.iter().all(|a| *a != b.addr),
+                "{policy:?}: the ejected backend got no new connection"
+            );
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while p.snapshot().ready.iter().any(|r| r.addr == b.addr) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("the control runtime rebuilt the snapshot");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_admin_api_adds_up_to_its_limit() {
+        let p = pool(1);
+        let a = |i: usize| SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 80));
+        for i in 0..MAX_API_BACKENDS {
+            p.add_api(a(i), Weight::ONE).unwrap();
+        }
+        assert_eq!(
+            p.add_api(a(MAX_API_BACKENDS), Weight::ONE),
+            Err(AdminError::ApiLimit(MAX_API_BACKENDS))
+        );
+        assert_eq!(p.members().len(), MAX_API_BACKENDS + 3, "nothing added");
+        // A removal makes room again.
+        p.remove_api(a(0), true).unwrap();
+        p.add_api(a(MAX_API_BACKENDS), Weight::ONE).unwrap();
+        // The whole pool is capped too, whatever the sources of its members.
+        let many: Vec<_> = (0..MAX_API_POOL)
+            .map(|i| {
+                (
+                    SocketAddr::from(([10, 2, (i >> 8) as u8, i as u8], 80)),
+                    Weight::ONE,
+                )
+            })
+            .collect();
+        let p = pool(1);
+        p.reconcile(Source::Static, many);
+        assert_eq!(
+            p.add_api(a(0), Weight::ONE),
+            Err(AdminError::PoolFull(MAX_API_POOL))
+        );
     }
 
     #[tokio::test]
@@ -883,12 +908,14 @@ mod tests {
     async fn reconcile_returns_each_change_once_and_keeps_counters() {
         let p = pool(3);
         let a = |i| SocketAddr::from(([127, 0, 0, i], 80));
+        let w = |n| Weight::new(n).unwrap();
         p.member(a(2)).unwrap().stats.total.store(7, Relaxed);
-        let ts = p.reconcile(Source::Static, vec![(a(2), 4), (a(4), 1)]);
+        let ts = p.reconcile(Source::Static, vec![(a(2), w(4)), (a(4), w(1))]);
         assert_eq!(ts.len(), 4, "{ts:?}");
         assert!(ts.contains(&Transition::Reweighted {
             backend: a(2),
-            weight: 4
+            weight: 4,
+            tier: 0,
         }));
         assert!(ts
             .iter()
@@ -902,21 +929,12 @@ mod tests {
         assert_eq!(p.member(a(2)).unwrap().stats.total.load(Relaxed), 7);
         // The same claim again changes nothing.
         assert!(p
-            .reconcile(Source::Static, vec![(a(2), 4), (a(4), 1)])
+            .reconcile(Source::Static, vec![(a(2), w(4)), (a(4), w(1))])
             .is_empty());
         // A backend that comes back within the memory window gets its counters back.
         p.member(a(4)).unwrap().stats.total.store(5, Relaxed);
-        p.reconcile(Source::Static, vec![(a(2), 4)]);
-        p.reconcile(Source::Static, vec![(a(2), 4), (a(4), 1)]);
+        p.reconcile(Source::Static, vec![(a(2), w(4))]);
+        p.reconcile(Source::Static, vec![(a(2), w(4)), (a(4), w(1))]);
         assert_eq!(p.member(a(4)).unwrap().stats.total.load(Relaxed), 5);
-    }
-
-    #[test]
-    fn slow_start_ramps_from_a_tenth_to_full() {
-        let w = Duration::from_secs(10);
-        assert_eq!(ramped(3, Duration::ZERO, w), Some(3), "a tenth of 3 × 10");
-        assert_eq!(ramped(3, Duration::from_secs(5), w), Some(15));
-        assert_eq!(ramped(3, Duration::from_millis(9_999), w), Some(29));
-        assert_eq!(ramped(3, w, w), None, "over: full weight");
     }
 }

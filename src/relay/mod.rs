@@ -21,18 +21,23 @@
 
 #[cfg(target_os = "linux")]
 mod splice;
+mod stream;
 #[cfg(target_os = "linux")]
 pub(crate) mod uring;
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::task::Poll;
 use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+pub(crate) use stream::{relay_streams, Endpoint};
 
 use crate::config::RelayMode;
 use crate::outcome::Outcome;
@@ -58,7 +63,7 @@ pub(crate) struct LiveCounters<'a> {
     pub(crate) down: &'a AtomicU64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct Relayed {
     /// Bytes written to the backend.
     pub(crate) bytes_up: u64,
@@ -70,6 +75,8 @@ pub(crate) struct Relayed {
     pub(crate) spliced: bool,
     /// Whether the connection ran on the io_uring engine.
     pub(crate) uring: bool,
+    /// What broke it, when a side failed (the relay logs nothing: the session does, in its span).
+    pub(crate) broken: Option<io::Error>,
 }
 
 /// How one direction ended.
@@ -141,79 +148,132 @@ pub(crate) async fn relay(
     let down = Flow::new(live.down);
     let mut up_fut = std::pin::pin!(pump(client, backend, &up, &down, opts.mode, start));
     let mut down_fut = std::pin::pin!(pump(backend, client, &down, &up, opts.mode, start));
-    // One inactivity timer: `idle_timeout` while both directions flow, `half_close_timeout` once one has
-    // ended (HAProxy's `timeout client-fin`: a half-closed connection may still stream for hours as long
-    // as bytes keep moving).
+    let (mut up_done, mut down_done) = (false, false);
+    let directions = std::future::poll_fn(|cx| {
+        if !up_done {
+            if let Poll::Ready(end) = up_fut.as_mut().poll(cx) {
+                up_done = true;
+                return Poll::Ready((Side::Up, end));
+            }
+        }
+        if !down_done {
+            if let Poll::Ready(end) = down_fut.as_mut().poll(cx) {
+                down_done = true;
+                return Poll::Ready((Side::Down, end));
+            }
+        }
+        Poll::Pending
+    });
+    let supervised = supervise(directions, &up, &down, opts, start, cut).await;
+    if supervised.reset_client {
+        arm_reset(client);
+    }
+    if supervised.reset_backend {
+        arm_reset(backend);
+    }
+    up.flush_live();
+    down.flush_live();
+    Relayed {
+        bytes_up: up.bytes(),
+        bytes_down: down.bytes(),
+        end: supervised.end,
+        spliced: up.spliced.load(Relaxed) || down.spliced.load(Relaxed),
+        uring: up.uring.load(Relaxed) || down.uring.load(Relaxed),
+        broken: supervised.broken,
+    }
+}
+
+/// A direction of a connection: client → backend, or back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Up,
+    Down,
+}
+
+/// How a supervised relay ended, and which sockets must be reset when closed.
+struct Supervised {
+    end: Outcome,
+    reset_client: bool,
+    reset_backend: bool,
+    /// What broke it, when a side failed.
+    broken: Option<io::Error>,
+}
+
+/// The part of a relay every engine shares: waits on `directions` (which yields each direction's end
+/// once) and on the inactivity timer and the cut, and decides how the connection ends. One inactivity
+/// timer: `idle_timeout` while both directions flow, `half_close_timeout` once one has ended
+/// (HAProxy's `timeout client-fin`: a half-closed connection may still stream for hours as long as
+/// bytes keep moving); half-closing restarts the clock.
+async fn supervise(
+    directions: impl std::future::Future<Output = (Side, DirEnd)>,
+    up: &Flow<'_>,
+    down: &Flow<'_>,
+    opts: &RelayOptions,
+    start: Instant,
+    cut: impl std::future::Future<Output = Outcome>,
+) -> Supervised {
     let mut limit = opts.idle_timeout;
     let mut timeout_end = Outcome::IdleTimeout;
-    // Half-closing restarts the inactivity clock.
     let mut quiet_floor = start;
     let timer = tokio::time::sleep(limit);
-    tokio::pin!(timer, cut);
-    let (mut up_done, mut down_done) = (false, false);
+    tokio::pin!(timer, cut, directions);
+    let mut done = 0;
     let mut first_fin: Option<Outcome> = None;
-
-    let end = loop {
+    let broken = |end, reset_client, cause| Supervised {
+        end,
+        reset_client,
+        reset_backend: !reset_client,
+        broken: Some(cause),
+    };
+    loop {
         tokio::select! {
-            r = &mut up_fut, if !up_done => {
-                up_done = true;
-                match r {
-                    DirEnd::Eof => { first_fin.get_or_insert(Outcome::ClientClosed); }
-                    DirEnd::SourceError(e) => break reset(backend, Outcome::ClientReset, Some(e)),
-                    DirEnd::DestError(e) => break reset(client, Outcome::BackendReset, Some(e)),
-                };
-            }
-            r = &mut down_fut, if !down_done => {
-                down_done = true;
-                match r {
-                    DirEnd::Eof => { first_fin.get_or_insert(Outcome::BackendClosed); }
-                    DirEnd::SourceError(e) => break reset(client, Outcome::BackendReset, Some(e)),
-                    DirEnd::DestError(e) => break reset(backend, Outcome::ClientReset, Some(e)),
+            (side, r) = &mut directions => {
+                done += 1;
+                match (side, r) {
+                    (Side::Up, DirEnd::Eof) => { first_fin.get_or_insert(Outcome::ClientClosed); }
+                    (Side::Down, DirEnd::Eof) => { first_fin.get_or_insert(Outcome::BackendClosed); }
+                    // The side that failed is gone; the other must see a reset.
+                    (Side::Up, DirEnd::SourceError(e)) => return broken(Outcome::ClientReset, false, e),
+                    (Side::Up, DirEnd::DestError(e)) => return broken(Outcome::BackendReset, true, e),
+                    (Side::Down, DirEnd::SourceError(e)) => return broken(Outcome::BackendReset, true, e),
+                    (Side::Down, DirEnd::DestError(e)) => return broken(Outcome::ClientReset, false, e),
                 };
             }
             () = &mut timer => {
                 let last = up.last_active_ms.load(Relaxed).max(down.last_active_ms.load(Relaxed));
                 let quiet_since = (start + Duration::from_millis(last)).max(quiet_floor);
                 if Instant::now() >= quiet_since + limit {
-                    break timeout_end;
+                    return Supervised { end: timeout_end, reset_client: false, reset_backend: false, broken: None };
                 }
                 timer.as_mut().reset(quiet_since + limit);
                 continue;
             }
             end = &mut cut => {
                 // A reset on both sides, so neither mistakes the cut for the end of the stream.
-                reset(client, end, None);
-                break reset(backend, end, None);
+                return Supervised { end, reset_client: true, reset_backend: true, broken: None };
             }
         }
         // A direction ended with EOF.
-        if up_done && down_done {
-            break first_fin.unwrap_or(Outcome::ClientClosed);
+        if done == 2 {
+            let end = first_fin.unwrap_or(Outcome::ClientClosed);
+            return Supervised {
+                end,
+                reset_client: false,
+                reset_backend: false,
+                broken: None,
+            };
         }
         limit = opts.half_close_timeout;
         timeout_end = Outcome::HalfCloseTimeout;
         quiet_floor = Instant::now();
         timer.as_mut().reset(quiet_floor + limit);
-    };
-    up.flush_live();
-    down.flush_live();
-    Relayed {
-        bytes_up: up.bytes.load(Relaxed),
-        bytes_down: down.bytes.load(Relaxed),
-        end,
-        spliced: up.spliced.load(Relaxed) || down.spliced.load(Relaxed),
-        uring: up.uring.load(Relaxed) || down.uring.load(Relaxed),
     }
 }
 
 /// Arms a reset on `side`: when the socket is dropped the kernel sends RST instead of FIN.
-fn reset(side: &TcpStream, end: Outcome, cause: Option<io::Error>) -> Outcome {
-    if let Some(e) = cause {
-        tracing::debug!(end = end.as_str(), error = %e, "relay broken");
-    }
+fn arm_reset(side: &TcpStream) {
     // Best effort: if the option cannot be set the socket still closes, with a FIN.
     let _ = SockRef::from(side).set_linger(Some(Duration::ZERO));
-    end
 }
 
 impl<'a> Flow<'a> {
@@ -227,6 +287,10 @@ impl<'a> Flow<'a> {
             spliced: AtomicBool::new(false),
             uring: AtomicBool::new(false),
         }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Relaxed)
     }
 
     fn flush_live(&self) {
@@ -399,9 +463,8 @@ async fn pump_splice(
     mut pipe: splice::PipeLease,
     start: Instant,
 ) -> DirEnd {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     flow.spliced.store(true, Relaxed);
-    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
     loop {
         // The pipe is empty here: fill it from the socket.
         if let Err(e) = src.readable().await {
@@ -410,7 +473,7 @@ async fn pump_splice(
         // Plain try_io, not read_once: a short splice does not mean the socket is drained (the pipe's 16
         // buffer slots can fill with small segments first), and clearing readiness then would stall.
         match src.try_io(Interest::READABLE, || {
-            pipe.fill_from(src_fd, splice::PIPE_SIZE)
+            pipe.fill_from(src.as_fd(), splice::PIPE_SIZE)
         }) {
             Ok(0) => return finish(dst, flow, other),
             Ok(_) => {}
@@ -422,7 +485,7 @@ async fn pump_splice(
             if let Err(e) = dst.writable().await {
                 return DirEnd::DestError(e);
             }
-            match dst.try_io(Interest::WRITABLE, || pipe.drain_to(dst_fd)) {
+            match dst.try_io(Interest::WRITABLE, || pipe.drain_to(dst.as_fd())) {
                 Ok(k) => flow.wrote(k, start),
                 Err(e) if retry(&e) => continue,
                 Err(e) => return DirEnd::DestError(e),

@@ -1,16 +1,18 @@
-//! Linux `splice(2)`: socket → pipe → socket without copying through user space. The only `unsafe` in
-//! the crate lives here.
+//! Linux `splice(2)`: socket → pipe → socket without copying through user space. One of the two
+//! modules allowed `unsafe` (with `uring.rs`): the `pipe2`, `fcntl` and `splice` calls, each behind a
+//! safe function whose descriptors are owned or borrowed (`OwnedFd`, `BorrowedFd`), so none can name
+//! a closed one.
 //!
 //! Pipes are the scarce resource: without CAP_SYS_RESOURCE a user's pipes beyond
 //! `/proc/sys/fs/pipe-user-pages-soft` shrink to one page, and every pipe costs two descriptors. So pipes
 //! are reused from a pool, the number lent out is capped, a pipe that comes back short is refused, and a
 //! connection that cannot get a pipe copies instead.
 
-// With io_uring's module, the only code allowed `unsafe`: each block says why it is sound.
+// Each `unsafe` block says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
 
@@ -49,14 +51,14 @@ impl Pipe {
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: both descriptors are open for the duration of the call (the caller holds the socket and
-    // the pipe); null offsets are required for pipes and sockets; no user memory is passed.
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the duration of the call (borrowed for it); null offsets
+    // are required for pipes and sockets; no user memory is passed.
     let n = unsafe {
         libc::splice(
-            from,
+            from.as_raw_fd(),
             std::ptr::null_mut(),
-            to,
+            to.as_raw_fd(),
             std::ptr::null_mut(),
             len,
             libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
@@ -152,17 +154,17 @@ impl PipeLease {
 
     /// Moves up to `len` bytes from socket `from` into the pipe and counts them as pending. `Ok(0)` is end
     /// of stream; `WouldBlock` means the socket has nothing to read now.
-    pub(super) fn fill_from(&mut self, from: RawFd, len: usize) -> io::Result<usize> {
+    pub(super) fn fill_from(&mut self, from: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
         let pipe = self.pipe.as_ref().ok_or_else(gone)?;
-        let n = splice(from, pipe.write.as_raw_fd(), len)?;
+        let n = splice(from, pipe.write.as_fd(), len)?;
         self.pending += n;
         Ok(n)
     }
 
     /// Moves pending bytes from the pipe into socket `to`; `WouldBlock` means its send buffer is full.
-    pub(super) fn drain_to(&mut self, to: RawFd) -> io::Result<usize> {
+    pub(super) fn drain_to(&mut self, to: BorrowedFd<'_>) -> io::Result<usize> {
         let pipe = self.pipe.as_ref().ok_or_else(gone)?;
-        let n = splice(pipe.read.as_raw_fd(), to, self.pending)?;
+        let n = splice(pipe.read.as_fd(), to, self.pending)?;
         self.pending -= n;
         Ok(n)
     }
@@ -191,7 +193,6 @@ fn gone() -> io::Error {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::os::fd::AsRawFd;
 
     fn small_pool(cap: usize) -> &'static PipePool {
         Box::leak(Box::new(PipePool::new(cap)))
@@ -223,9 +224,7 @@ mod tests {
         // splice needs a pipe on one side; a socket pair stands in for the TCP socket.
         tx.write_all(b"left over").unwrap();
         let mut lease = p.lend().unwrap();
-        let n = lease
-            .fill_from(rx.as_raw_fd(), PIPE_SIZE)
-            .expect("splice in");
+        let n = lease.fill_from(rx.as_fd(), PIPE_SIZE).expect("splice in");
         assert_eq!(n, 9);
         assert_eq!(lease.pending, 9);
         drop(lease);
@@ -234,9 +233,9 @@ mod tests {
         // and a drained one is reused
         let mut lease = p.lend().unwrap();
         tx.write_all(b"abc").unwrap();
-        lease.fill_from(rx.as_raw_fd(), PIPE_SIZE).unwrap();
+        lease.fill_from(rx.as_fd(), PIPE_SIZE).unwrap();
         let (out_r, out_w) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert_eq!(lease.drain_to(out_w.as_raw_fd()).unwrap(), 3);
+        assert_eq!(lease.drain_to(out_w.as_fd()).unwrap(), 3);
         let mut got = [0u8; 3];
         (&out_r).read_exact(&mut got).unwrap();
         assert_eq!(&got, b"abc");

@@ -7,48 +7,87 @@
 //! How it lives beside tokio: every worker thread owns one ring (created on first use). The ring's
 //! descriptor is registered with the worker's tokio reactor (`AsyncFd`), so a completion wakes the
 //! thread like any socket would, and a driver task on the same thread reaps completions and wakes the
-//! futures waiting for them. A future that starts an operation wakes the driver, which runs after
-//! the tasks already woken in this tick, so their submissions go in together.
+//! futures waiting for them. A future that starts an operation stages its entry with the driver and
+//! wakes it; the driver runs after the tasks already woken in this tick, so their entries go into the
+//! kernel's submission queue together, right before the `io_uring_enter` that submits them.
 //!
 //! Ownership: the kernel writes into a receive buffer and reads a send buffer until the completion
-//! arrives, so an operation owns its buffer while in flight. A future dropped before its completion
-//! (a timeout, the drain's cut, the other direction's reset) leaves the buffer with the driver and
-//! asks the kernel to cancel; the buffer is freed when the cancelled operation completes. Sockets are
-//! borrowed from the session, which closes them only after the relay returns; an operation dropped
-//! before it was submitted is submitted at once, while its socket is still open (the kernel takes its
-//! own reference to the file on submission), so a closed and reused descriptor number can never be
-//! the target of a late submission.
+//! arrives, so an operation ([`Op`]) is built by a constructor that takes its buffer and borrows its
+//! socket: the borrow outlives the operation, so the session cannot close the socket while it exists.
+//! A future dropped before its completion (a timeout, the drain's cut, the other direction's reset)
+//! leaves nothing that can reach the socket once the session closes it and the number is reused:
+//! - still staged (the kernel never saw it): removed, and its buffer freed;
+//! - in the submission queue but not consumed by the kernel (only after a failed or partial
+//!   submission): its entry is rewritten in place into a no-op, and its buffer freed;
+//! - consumed (in flight): cancelled; the kernel holds its own reference to the socket's file, so the
+//!   operation can only complete on that socket, and the driver keeps the buffer until it does.
+//!
+//! Rewriting the entry was chosen over the alternatives: a submission forced from `drop` can fail for
+//! as long as the kernel is short of memory and cannot wait without blocking the thread; registered
+//! files (IORING_REGISTER_FILES) need each socket installed, either by an entry (the same late
+//! submission problem) or by a synchronous `io_uring_register` per socket (two to four more system
+//! calls per connection, where churn already costs the ring most), and the table's reference keeps a
+//! closed socket open, its FIN or RST delayed, until the slot is released.
+//!
+//! Submission failures: what the kernel did not take stays queued and is retried after a back-off
+//! (1 ms, doubling up to 100 ms, on a tokio timer), never by polling again at once; the failures are
+//! logged at most once every 10 s. When the completion queue overflows, the kernel keeps completions
+//! in its overflow list (IORING_FEAT_NODROP) until an `io_uring_enter` moves them back; the driver
+//! makes that call whenever the ring reports an overflow.
 //!
 //! Memory: a direction's buffer starts at 2 KiB (requests and responses fit) and grows to 16 KiB
 //! only after a receive fills it, so an idle connection holds 4 KiB, and at most 32 KiB in bulk.
 #![allow(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
+use std::ptr::NonNull;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::{finish, DirEnd, Flow, COPY_BUF};
 
-/// Submission queue entries per ring; a full queue is submitted at once, so this bounds a batch.
+#[cfg(test)]
+mod tests;
+
+/// Submission queue entries per ring: one `io_uring_enter` submits at most this many.
 const SQ_ENTRIES: u32 = 1024;
 /// Completion queue entries: two operations in flight per connection fit for 8k connections; past
-/// that the kernel keeps completions in its overflow list (IORING_FEAT_NODROP) until reaped.
+/// that the kernel keeps completions in its overflow list (IORING_FEAT_NODROP) until the driver
+/// moves them back.
 const CQ_ENTRIES: u32 = 16 * 1024;
 /// A direction's first buffer; it grows to [`COPY_BUF`] after a receive fills it.
 const SMALL_BUF: usize = 2 * 1024;
-/// `user_data` of cancellation requests, whose completions are ignored.
-const CANCEL: u64 = u64::MAX;
+/// `user_data` of entries whose completions are ignored: cancellations, and operations rewritten
+/// into no-ops. (An operation's `user_data` has its slot in the low 32 bits, never all ones.)
+const IGNORED: u64 = u64::MAX;
+/// Submissions in one driver pass at most; a pass that has not emptied the queue by then yields to
+/// the thread's other tasks and continues on its next poll.
+const FLUSH_ROUNDS: usize = 16;
+/// Rounds of reaping and submitting in one poll of the driver task before it yields.
+const DRIVER_ROUNDS: usize = 64;
+/// The first wait after a failed submission; each further failure in a row doubles it, up to
+/// [`BACKOFF_CAP`].
+const BACKOFF_FIRST: Duration = Duration::from_millis(1);
+const BACKOFF_CAP: Duration = Duration::from_millis(100);
+/// Failed submissions are logged at most this often (with the count since the last line).
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// The `mmap` offset of a ring's submission entries (`IORING_OFF_SQES` in linux/io_uring.h).
+const IORING_OFF_SQES: libc::off_t = 0x1000_0000;
 
 /// Whether io_uring can be used in this process, probed once: `Err` names why not.
 pub(crate) fn availability() -> &'static Result<(), String> {
@@ -76,24 +115,151 @@ pub(crate) fn availability() -> &'static Result<(), String> {
 }
 
 enum Slot {
-    /// In flight, with the waker of the future waiting for it.
-    Waiting(Option<Waker>),
+    /// Started and not completed, with the waker of the future waiting for it. `pos` is the ring
+    /// position its entry was pushed at, `None` while the entry is staged in the driver.
+    Waiting {
+        waker: Option<Waker>,
+        pos: Option<u32>,
+    },
     /// Completed; the result waits for its future.
     Done(i32),
     /// Its future is gone: the buffer stays here until the kernel has finished with it.
     Orphaned(#[allow(dead_code)] Box<[u8]>),
 }
 
+/// A slot and the `user_data` of the operation in it: the slot's index in the low 32 bits and a
+/// generation above, so a late cancellation can never hit the next operation to use the slot.
+struct SlotEntry {
+    user_data: u64,
+    slot: Option<Slot>,
+}
+
+/// An entry waiting for the driver's next pass, with the slot of its operation (`None` for a
+/// cancellation).
+struct Staged {
+    slot: Option<usize>,
+    entry: squeue::Entry,
+}
+
+/// What the driver did, for tests and diagnostics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Stats {
+    /// `io_uring_enter` calls made to submit (or to move overflowed completions back).
+    submits: u64,
+    /// Of which failed or took nothing: each is followed by a back-off.
+    failed_submits: u64,
+    /// Of which the kernel took some entries but not all.
+    partial_submits: u64,
+    /// Calls made because the completion queue had overflowed.
+    overflow_flushes: u64,
+    /// Back-off waits started.
+    backoffs: u64,
+    /// Operations dropped while staged: never seen by the kernel.
+    dropped_staged: u64,
+    /// Operations dropped while in the submission queue, unconsumed: rewritten into no-ops.
+    neutralised: u64,
+    /// Operations dropped in flight: cancelled.
+    cancelled: u64,
+}
+
+/// A second mapping of the ring's submission entries (the `io-uring` crate keeps its own private),
+/// used for one thing only: rewriting an entry the kernel has not consumed yet.
+struct SqeMap {
+    sqes: NonNull<squeue::Entry>,
+    /// Entries in the array (a power of two: a ring position `p` is entry `p & (entries - 1)`).
+    entries: u32,
+}
+
+impl SqeMap {
+    fn new(ring: &IoUring) -> io::Result<SqeMap> {
+        const _: () = assert!(size_of::<squeue::Entry>() == 64);
+        let entries = ring.params().sq_entries();
+        if !entries.is_power_of_two() {
+            return Err(io::Error::other(
+                "io_uring submission queue size not a power of two",
+            ));
+        }
+        let len = entries as usize * size_of::<squeue::Entry>();
+        // SAFETY: maps the ring's own submission entries (the descriptor is open, the offset and the
+        // length are the ones the kernel defines and reported) into a new, shared mapping that
+        // overlaps no Rust object; the pointer is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                ring.as_raw_fd(),
+                IORING_OFF_SQES,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let sqes = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(SqeMap { sqes, entries })
+    }
+
+    /// Rewrites the entry at ring position `pos` into a no-op whose completion is ignored.
+    ///
+    /// # Safety
+    ///
+    /// `pos` must be in the submission queue and not consumed by the kernel, and no submission may
+    /// run during the call. The kernel reads an entry only inside an `io_uring_enter` (the ring has
+    /// no SQPOLL thread), and only the driver's thread makes that call.
+    unsafe fn neutralise(&self, pos: u32) {
+        let nop = opcode::Nop::new().build().user_data(IGNORED);
+        let i = (pos & (self.entries - 1)) as usize;
+        // SAFETY: `i` is within the mapping's `entries` entries; the ring's array maps each position
+        // to the entry of the same index (the `io-uring` crate sets it up so, as liburing does), so
+        // this is the unconsumed entry at `pos`, which the kernel has not read and, by the caller's
+        // promise, cannot read during the write.
+        unsafe { self.sqes.as_ptr().add(i).write_volatile(nop) };
+    }
+}
+
+impl Drop for SqeMap {
+    fn drop(&mut self) {
+        let len = self.entries as usize * size_of::<squeue::Entry>();
+        // SAFETY: unmaps exactly the mapping `new` created, once; nothing refers to it afterwards.
+        unsafe { libc::munmap(self.sqes.as_ptr().cast(), len) };
+    }
+}
+
+/// Whether the entry pushed at ring position `pos` is still in the submission queue, unconsumed:
+/// the queue holds the `len` positions before `tail`.
+fn still_queued(pos: u32, tail: u32, len: usize) -> bool {
+    (tail.wrapping_sub(pos) as usize) <= len && tail != pos
+}
+
+/// How a driver pass over the submission queue ended.
+#[derive(Debug)]
+enum Flushed {
+    /// Nothing left to submit.
+    Done,
+    /// Entries left after the pass's rounds: the next pass continues.
+    More,
+    /// A submission failed; `progressed` if ones before it in the pass went through.
+    Failed { error: io::Error, progressed: bool },
+}
+
 /// One worker thread's ring and the operations in flight on it.
 struct Driver {
     /// Declared before `ring`, so it is deregistered before the ring's descriptor closes.
     ready: AsyncFd<RawFd>,
+    sqes: SqeMap,
     ring: RefCell<IoUring>,
-    /// Indexed by `user_data`.
-    slots: RefCell<Vec<Option<Slot>>>,
+    /// Indexed by the low 32 bits of `user_data`.
+    slots: RefCell<Vec<SlotEntry>>,
     free: RefCell<Vec<usize>>,
-    /// Entries pushed but not yet submitted.
-    unsubmitted: Cell<bool>,
+    /// Entries waiting for the driver's next pass, in the order they were started.
+    staged: RefCell<VecDeque<Staged>>,
+    /// Entries pushed into the submission queue since the ring was created, which is the queue's
+    /// tail (the kernel starts it at 0, and every push goes through [`Driver::push_staged`]).
+    pushed: Cell<u32>,
+    /// The generation of the next operation's `user_data`.
+    generation: Cell<u32>,
+    stats: Cell<Stats>,
     /// The driver task, woken to submit.
     task: RefCell<Option<Waker>>,
     /// Identifies this thread's driver in the operations it started.
@@ -127,21 +293,40 @@ fn driver() -> Option<Rc<Driver>> {
     })
 }
 
+/// This thread's driver if it exists (and, with `id`, is that one).
+fn existing_driver(id: Option<u64>) -> Option<Rc<Driver>> {
+    DRIVER.with(|d| match d.borrow().as_ref() {
+        Some(Ok(d)) if id.is_none_or(|id| d.id == id) => Some(d.clone()),
+        _ => None,
+    })
+}
+
+/// The submission and completion queue sizes of a new ring (tests shrink them for their thread).
+fn ring_sizes() -> (u32, u32) {
+    #[cfg(test)]
+    if let Some(sizes) = tests::ring_sizes() {
+        return sizes;
+    }
+    (SQ_ENTRIES, CQ_ENTRIES)
+}
+
 impl Driver {
     fn new() -> io::Result<Driver> {
         tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-        // SINGLE_ISSUER: only this thread submits (older kernels lack it). Not COOP_TASKRUN nor
+        let (sq, cq) = ring_sizes();
+        // SINGLE_ISSUER: only this thread submits (older kernels lack it). SUBMIT_ALL: an entry that
+        // fails at submission does not stop the rest of the batch. Not COOP_TASKRUN nor
         // DEFER_TASKRUN: both leave a completion's work for the thread's next entry into the kernel
-        // without waking it, and this thread sleeps in epoll_wait, not in io_uring_enter.
+        // without waking it, and this thread sleeps in epoll_wait, not in io_uring_enter. Never
+        // SQPOLL: `SqeMap::neutralise` relies on the kernel reading entries only when this thread
+        // enters it.
         let ring = IoUring::builder()
-            .setup_cqsize(CQ_ENTRIES)
+            .setup_cqsize(cq)
             .setup_single_issuer()
-            .build(SQ_ENTRIES)
-            .or_else(|_| {
-                IoUring::builder()
-                    .setup_cqsize(CQ_ENTRIES)
-                    .build(SQ_ENTRIES)
-            })?;
+            .setup_submit_all()
+            .build(sq)
+            .or_else(|_| IoUring::builder().setup_cqsize(cq).build(sq))?;
+        let sqes = SqeMap::new(&ring)?;
         // SAFETY: the descriptor is the ring's, which the same `Driver` owns; `ready` is declared
         // first, so it is deregistered before the ring closes the descriptor.
         let ready = unsafe {
@@ -149,72 +334,160 @@ impl Driver {
         };
         let driver = Driver {
             ready,
+            sqes,
             ring: RefCell::new(ring),
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
-            unsubmitted: Cell::new(false),
+            staged: RefCell::new(VecDeque::new()),
+            pushed: Cell::new(0),
+            generation: Cell::new(0),
+            stats: Cell::new(Stats::default()),
             task: RefCell::new(None),
             id: next_id(),
         };
-        tokio::spawn(DriverTask);
+        tokio::spawn(DriverTask::default());
         Ok(driver)
     }
 
-    /// Queues `entry` for the operation in a new slot and returns the slot.
-    fn push(&self, entry: io_uring::squeue::Entry) -> io::Result<usize> {
-        let idx = {
-            let mut slots = self.slots.borrow_mut();
-            match self.free.borrow_mut().pop() {
-                Some(i) => {
-                    slots[i] = Some(Slot::Waiting(None));
-                    i
-                }
-                None => {
-                    slots.push(Some(Slot::Waiting(None)));
-                    slots.len() - 1
-                }
-            }
-        };
-        if let Err(e) = self.push_entry(entry.user_data(idx as u64)) {
-            self.release(idx);
-            return Err(e);
-        }
-        Ok(idx)
+    fn count(&self, f: impl FnOnce(&mut Stats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
     }
 
-    fn push_entry(&self, entry: io_uring::squeue::Entry) -> io::Result<()> {
-        let mut ring = self.ring.borrow_mut();
-        // SAFETY: the entry's buffer is owned by the operation (or by its orphaned slot) until the
-        // completion for it is reaped, and its descriptor is open now and, if not submitted at once,
-        // stays open until submission (see the module's header and `Op::drop`).
-        if unsafe { ring.submission().push(&entry) }.is_err() {
-            // The queue is full: submit it now and retry.
-            ring.submit()?;
-            // SAFETY: as above.
-            unsafe { ring.submission().push(&entry) }
-                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
-        }
-        if !self.unsubmitted.replace(true) {
+    /// Takes a slot for an operation whose entry is `entry`, stages the entry, and returns the slot.
+    fn start(&self, entry: squeue::Entry) -> usize {
+        let generation = self.generation.get();
+        self.generation.set(generation.wrapping_add(1));
+        let mut slots = self.slots.borrow_mut();
+        let idx = self.free.borrow_mut().pop().unwrap_or_else(|| {
+            slots.push(SlotEntry {
+                user_data: IGNORED,
+                slot: None,
+            });
+            slots.len() - 1
+        });
+        let user_data = (u64::from(generation) << 32) | idx as u64;
+        slots[idx] = SlotEntry {
+            user_data,
+            slot: Some(Slot::Waiting {
+                waker: None,
+                pos: None,
+            }),
+        };
+        drop(slots);
+        self.stage(Some(idx), entry.user_data(user_data));
+        idx
+    }
+
+    fn stage(&self, slot: Option<usize>, entry: squeue::Entry) {
+        let mut staged = self.staged.borrow_mut();
+        staged.push_back(Staged { slot, entry });
+        if staged.len() == 1 {
             if let Some(w) = self.task.borrow().as_ref() {
                 w.wake_by_ref();
-            }
-        }
-        Ok(())
-    }
-
-    fn submit(&self) {
-        if self.unsubmitted.replace(false) {
-            // An error here (EBUSY with the completion queue overflowing, EINTR) leaves the entries
-            // queued; the next pass submits them again.
-            if self.ring.borrow().submit().is_err() {
-                self.unsubmitted.set(true);
             }
         }
     }
 
     fn release(&self, idx: usize) {
-        self.slots.borrow_mut()[idx] = None;
+        self.slots.borrow_mut()[idx].slot = None;
         self.free.borrow_mut().push(idx);
+    }
+
+    /// Moves staged entries into the submission queue while it has room; records where each went.
+    fn push_staged(&self) {
+        let mut ring = self.ring.borrow_mut();
+        let mut sq = ring.submission();
+        let mut staged = self.staged.borrow_mut();
+        let mut slots = self.slots.borrow_mut();
+        while !sq.is_full() {
+            let Some(s) = staged.pop_front() else { break };
+            // SAFETY: an operation's entry was built by one of `Op`'s constructors, under
+            // `Op::start`'s contract: its memory is the operation's buffer, kept (by the operation
+            // or, once dropped, by its orphaned slot) until the completion is reaped, and its
+            // descriptor is borrowed by the operation, whose drop leaves nothing of it to reach the
+            // kernel. A cancellation points at no memory and no descriptor.
+            if unsafe { sq.push(&s.entry) }.is_err() {
+                staged.push_front(s);
+                break;
+            }
+            let pos = self.pushed.get();
+            self.pushed.set(pos.wrapping_add(1));
+            if let Some(Slot::Waiting { pos: p, .. }) = s.slot.and_then(|i| slots[i].slot.as_mut())
+            {
+                *p = Some(pos);
+            }
+        }
+    }
+
+    /// Pushes staged entries and submits them, moving overflowed completions back when the ring
+    /// asks for it, for at most [`FLUSH_ROUNDS`] submissions. A partial submission is retried at
+    /// once: the kernel took something, so it is not stuck. A failed one, or one the kernel took
+    /// nothing of, ends the pass: the entries stay queued and the caller backs off.
+    fn flush(&self) -> Flushed {
+        let mut progressed = false;
+        for _ in 0..FLUSH_ROUNDS {
+            self.push_staged();
+            let (queued, overflow) = {
+                let mut ring = self.ring.borrow_mut();
+                let sq = ring.submission();
+                (sq.len(), sq.cq_overflow())
+            };
+            if queued == 0 && !overflow {
+                return Flushed::Done;
+            }
+            let r = self.enter(queued);
+            let left = self.ring.borrow_mut().submission().len();
+            self.count(|s| {
+                s.submits += 1;
+                s.overflow_flushes += u64::from(overflow);
+            });
+            let error = match r {
+                Err(e) => Some(e),
+                Ok(_) if queued > 0 && left == queued => {
+                    Some(io::Error::other("the kernel took no submission"))
+                }
+                Ok(_) => None,
+            };
+            if let Some(error) = error {
+                self.count(|s| s.failed_submits += 1);
+                return Flushed::Failed { error, progressed };
+            }
+            if left > 0 {
+                self.count(|s| s.partial_submits += 1);
+            }
+            progressed = true;
+            if overflow {
+                // Room for the next part of the overflow list.
+                self.reap();
+            }
+        }
+        Flushed::More
+    }
+
+    /// One `io_uring_enter` for the `queued` entries (the crate adds GETEVENTS on an overflow).
+    fn enter(&self, queued: usize) -> io::Result<usize> {
+        let ring = self.ring.borrow();
+        #[cfg(test)]
+        match tests::next_fault() {
+            Some(tests::Fault::Fail) => return Err(io::Error::from_raw_os_error(libc::EAGAIN)),
+            Some(tests::Fault::Partial) if queued > 1 => {
+                let half = (queued / 2) as u32;
+                // SAFETY: asks the kernel to consume the first half of the queued entries, with no
+                // wait and no argument: a real submission, only shorter.
+                return unsafe { ring.submitter().enter::<libc::sigset_t>(half, 0, 0, None) };
+            }
+            _ => {}
+        }
+        let _ = queued; // only the tests' fault injection needs it
+        ring.submit()
+    }
+
+    /// Whether the entry pushed at `pos` is still in the submission queue, unconsumed.
+    fn unconsumed(&self, pos: u32) -> bool {
+        let len = self.ring.borrow_mut().submission().len();
+        still_queued(pos, self.pushed.get(), len)
     }
 
     /// Takes every completion: stores its result and wakes its future, or frees an orphan's buffer.
@@ -225,25 +498,88 @@ impl Driver {
         for cqe in ring.completion() {
             n += 1;
             let ud = cqe.user_data();
-            if ud == CANCEL {
+            let Some(e) = slots
+                .get_mut(ud as u32 as usize)
+                .filter(|e| ud != IGNORED && e.user_data == ud)
+            else {
                 continue;
-            }
-            let idx = ud as usize;
-            match slots.get_mut(idx).and_then(Option::take) {
-                Some(Slot::Waiting(w)) => {
-                    slots[idx] = Some(Slot::Done(cqe.result()));
-                    if let Some(w) = w {
+            };
+            match e.slot.take() {
+                Some(Slot::Waiting { waker, .. }) => {
+                    e.slot = Some(Slot::Done(cqe.result()));
+                    if let Some(w) = waker {
                         w.wake();
                     }
                 }
                 Some(Slot::Orphaned(buf)) => {
                     drop(buf);
-                    self.free.borrow_mut().push(idx);
+                    self.free.borrow_mut().push(ud as u32 as usize);
                 }
-                other => slots[idx] = other,
+                other => e.slot = other,
             }
         }
         n
+    }
+
+    /// The operation in `idx` was dropped with `buf` before its future took the result: make sure
+    /// nothing of it reaches the kernel after this returns (see the module's header).
+    fn abandon(&self, idx: usize, buf: Box<[u8]>) {
+        let (state, user_data) = {
+            let mut slots = self.slots.borrow_mut();
+            (slots[idx].slot.take(), slots[idx].user_data)
+        };
+        match state {
+            Some(Slot::Done(_)) => self.release(idx),
+            Some(Slot::Waiting { pos: None, .. }) => {
+                self.staged.borrow_mut().retain(|s| s.slot != Some(idx));
+                self.release(idx);
+                self.count(|s| s.dropped_staged += 1);
+                drop(buf);
+            }
+            Some(Slot::Waiting { pos: Some(pos), .. }) if self.unconsumed(pos) => {
+                // SAFETY: the entry at `pos` is in the queue and unconsumed (just checked), and no
+                // submission runs during this call: only this thread submits.
+                unsafe { self.sqes.neutralise(pos) };
+                self.release(idx);
+                self.count(|s| s.neutralised += 1);
+                drop(buf);
+            }
+            Some(Slot::Waiting { .. }) => {
+                self.slots.borrow_mut()[idx].slot = Some(Slot::Orphaned(buf));
+                let cancel = opcode::AsyncCancel::new(user_data)
+                    .build()
+                    .user_data(IGNORED);
+                self.stage(None, cancel);
+                self.count(|s| s.cancelled += 1);
+            }
+            other => {
+                // Not a pending operation of this request's (a slot already free or orphaned): the
+                // bookkeeping is wrong, and whether the kernel may still write into `buf` is unknown,
+                // so it is leaked rather than freed. Unreachable while every request owns its slot.
+                self.slots.borrow_mut()[idx].slot = other;
+                std::mem::forget(buf);
+            }
+        }
+    }
+
+    /// Registers `cx`'s waker for the operation in `idx`, or returns its result and frees the slot.
+    fn poll_op(&self, idx: usize, cx: &mut Context<'_>) -> Poll<i32> {
+        let mut slots = self.slots.borrow_mut();
+        match slots[idx].slot.as_mut() {
+            Some(Slot::Done(r)) => {
+                let r = *r;
+                drop(slots);
+                self.release(idx);
+                Poll::Ready(r)
+            }
+            Some(Slot::Waiting { waker, .. }) => {
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            _ => Poll::Ready(-libc::EINVAL),
+        }
     }
 }
 
@@ -251,25 +587,96 @@ impl Drop for Driver {
     fn drop(&mut self) {
         // The thread is ending with operations in flight: closing the ring cancels them, but not
         // before this returns, so their buffers are leaked rather than freed under the kernel.
-        for slot in self.slots.get_mut().drain(..) {
-            if let Some(Slot::Orphaned(buf)) = slot {
+        for e in self.slots.get_mut().drain(..) {
+            if let Some(Slot::Orphaned(buf)) = e.slot {
                 std::mem::forget(buf);
             }
         }
     }
 }
 
-/// Submits what the thread's sessions queued and reaps completions, for as long as the thread runs.
-struct DriverTask;
+/// Consecutive failed submissions: how long to wait before the next try, and whether to log.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// Failures since the last success.
+    streak: u32,
+    /// When a failure was last logged.
+    logged_at: Option<Instant>,
+    /// Failures not logged yet.
+    unlogged: u64,
+}
+
+impl Backoff {
+    /// A submission failed at `now`: the wait before the next try, and `Some(failures)` when a line
+    /// is due, covering the `failures` since the last one.
+    fn failed(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        self.streak = self.streak.saturating_add(1);
+        self.unlogged += 1;
+        let due = self
+            .logged_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= LOG_EVERY);
+        let log = due.then(|| {
+            self.logged_at = Some(now);
+            std::mem::take(&mut self.unlogged)
+        });
+        (backoff_delay(self.streak), log)
+    }
+
+    /// A submission went through: the next failure waits the shortest time again.
+    fn succeeded(&mut self) {
+        self.streak = 0;
+    }
+}
+
+/// The wait after the `streak`-th failure in a row: 1 ms, 2 ms, 4 ms … at most [`BACKOFF_CAP`].
+fn backoff_delay(streak: u32) -> Duration {
+    let doublings = streak.saturating_sub(1).min(16);
+    BACKOFF_FIRST
+        .saturating_mul(1 << doublings)
+        .min(BACKOFF_CAP)
+}
+
+/// Submits what the thread's sessions staged and reaps completions, for as long as the thread runs.
+#[derive(Default)]
+struct DriverTask {
+    backoff: Backoff,
+    /// Set while backing off: no submission before it fires.
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl DriverTask {
+    /// Whether the back-off (if any) is over.
+    fn may_submit(&mut self, cx: &mut Context<'_>) -> bool {
+        match self.sleep.as_mut().map(|s| s.as_mut().poll(cx)) {
+            Some(Poll::Pending) => false,
+            Some(Poll::Ready(())) => {
+                self.sleep = None;
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn back_off(&mut self, d: &Driver, e: &io::Error, cx: &mut Context<'_>) {
+        let now = Instant::now();
+        let (delay, log) = self.backoff.failed(now);
+        if let Some(failures) = log {
+            tracing::warn!(error = %e, failures, retry_in = ?delay, "io_uring submission failed; backing off");
+        }
+        d.count(|s| s.backoffs += 1);
+        let mut sleep = Box::pin(tokio::time::sleep_until(now + delay));
+        // Registers the waker; a zero wait is not possible (the first is 1 ms).
+        let _ = sleep.as_mut().poll(cx);
+        self.sleep = Some(sleep);
+    }
+}
 
 impl Future for DriverTask {
     type Output = ();
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(d) = DRIVER.with(|d| match d.borrow().as_ref() {
-            Some(Ok(d)) => Some(d.clone()),
-            _ => None,
-        }) else {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let Some(d) = existing_driver(None) else {
             return Poll::Ready(());
         };
         {
@@ -278,14 +685,35 @@ impl Future for DriverTask {
                 *task = Some(cx.waker().clone());
             }
         }
-        loop {
-            d.submit();
-            d.reap();
+        for _ in 0..DRIVER_ROUNDS {
+            let mut reaped = d.reap();
+            // Entries left after a pass that ran out of rounds: nothing else wakes this task for
+            // them (staging wakes it only when nothing was staged).
+            let mut more = false;
+            if this.may_submit(cx) {
+                match d.flush() {
+                    Flushed::Done => this.backoff.succeeded(),
+                    Flushed::More => {
+                        this.backoff.succeeded();
+                        more = true;
+                    }
+                    Flushed::Failed { error, progressed } => {
+                        // Only failures in a row, with nothing submitted between them, lengthen
+                        // the wait.
+                        if progressed {
+                            this.backoff.succeeded();
+                        }
+                        this.back_off(&d, &error, cx);
+                    }
+                }
+                reaped += d.reap();
+            }
             match d.ready.poll_read_ready(cx) {
                 Poll::Ready(Ok(mut guard)) => {
                     // Readiness is cleared only once the queue is seen empty; a completion posted
-                    // after this check raises a new edge.
-                    if d.reap() == 0 && !d.unsubmitted.get() {
+                    // after this check raises a new edge. Entries left unsubmitted do not keep it
+                    // set: the back-off timer or the next staged entry wakes this task for them.
+                    if reaped == 0 && d.reap() == 0 {
                         guard.clear_ready();
                     }
                 }
@@ -293,99 +721,102 @@ impl Future for DriverTask {
                     tracing::error!(error = %e, "io_uring ring cannot be polled");
                     return Poll::Ready(());
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if more {
+                        cx.waker().wake_by_ref();
+                    }
+                    return Poll::Pending;
+                }
             }
         }
+        // Completions keep coming: let the thread's other tasks run before the next round.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
-/// One receive or send in flight, owning its buffer until it completes.
-struct Op {
+/// One receive or send in flight, owning its buffer until it completes and borrowing the socket it
+/// targets for `'fd`. Built only by [`Op::recv`] and [`Op::send`]; never leaked (`pump` awaits or
+/// drops every one), since `Drop` is what keeps a dropped operation away from a reused descriptor.
+struct Op<'fd> {
     driver: u64,
     idx: usize,
     buf: Option<Box<[u8]>>,
+    _fd: PhantomData<BorrowedFd<'fd>>,
 }
 
-impl Op {
-    /// Queues `entry` on this thread's ring; `buf` is the memory it points into.
-    fn start(entry: io_uring::squeue::Entry, buf: Box<[u8]>) -> io::Result<Op> {
+impl<'fd> Op<'fd> {
+    /// A receive from `fd` into the whole of `buf`.
+    fn recv(fd: BorrowedFd<'fd>, mut buf: Box<[u8]>) -> io::Result<Op<'fd>> {
+        let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+        let entry = opcode::Recv::new(types::Fd(fd.as_raw_fd()), buf.as_mut_ptr(), len).build();
+        // SAFETY: the entry points at the first `len` bytes of `buf`'s heap allocation, which
+        // `start` takes (moving the box does not move the allocation), and targets `fd`, borrowed
+        // for `'fd`.
+        unsafe { Op::start(entry, buf) }
+    }
+
+    /// A send of `buf[range]` to `fd` (no SIGPIPE: a broken socket is an error).
+    fn send(fd: BorrowedFd<'fd>, buf: Box<[u8]>, range: Range<usize>) -> io::Result<Op<'fd>> {
+        let bytes = buf.get(range).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "send range outside the buffer")
+        })?;
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        let entry = opcode::Send::new(types::Fd(fd.as_raw_fd()), bytes.as_ptr(), len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        // SAFETY: the entry points at bytes within `buf`'s heap allocation, which `start` takes,
+        // and targets `fd`, borrowed for `'fd`.
+        unsafe { Op::start(entry, buf) }
+    }
+
+    /// Stages `entry` on this thread's ring, as an operation owning `buf`.
+    ///
+    /// # Safety
+    ///
+    /// All memory `entry` points at must lie within `buf`'s heap allocation, and the only
+    /// descriptor it names must stay open for `'fd`.
+    unsafe fn start(entry: squeue::Entry, buf: Box<[u8]>) -> io::Result<Op<'fd>> {
         let d = driver().ok_or_else(|| io::Error::other("io_uring ring unavailable"))?;
-        let idx = d.push(entry)?;
+        let idx = d.start(entry);
         Ok(Op {
             driver: d.id,
             idx,
             buf: Some(buf),
+            _fd: PhantomData,
         })
     }
 }
 
-fn this_driver(id: u64) -> Option<Rc<Driver>> {
-    DRIVER.with(|d| match d.borrow().as_ref() {
-        Some(Ok(d)) if d.id == id => Some(d.clone()),
-        _ => None,
-    })
-}
-
-impl Future for Op {
+impl Future for Op<'_> {
     /// The completion's result (bytes moved, or a negative errno), and the buffer back.
     type Output = (i32, Box<[u8]>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(d) = this_driver(self.driver) else {
+        let Some(d) = existing_driver(Some(self.driver)) else {
             // Polled on a thread that is not the ring's: never expected (sessions stay on the worker
             // that accepted them). Report it as an error; `drop` keeps the buffer alive.
             return Poll::Ready((-libc::EXDEV, vec![0u8; 0].into_boxed_slice()));
         };
-        let mut slots = d.slots.borrow_mut();
-        match slots[self.idx].as_mut() {
-            Some(Slot::Done(r)) => {
-                let r = *r;
-                drop(slots);
-                d.release(self.idx);
-                let buf = self.buf.take().unwrap_or_default();
-                Poll::Ready((r, buf))
-            }
-            Some(Slot::Waiting(w)) => {
-                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *w = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-            _ => Poll::Ready((-libc::EINVAL, self.buf.take().unwrap_or_default())),
+        match d.poll_op(self.idx, cx) {
+            Poll::Ready(r) => Poll::Ready((r, self.buf.take().unwrap_or_default())),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
 
-impl Drop for Op {
+impl Drop for Op<'_> {
     fn drop(&mut self) {
         let Some(buf) = self.buf.take() else {
             return; // completed and returned
         };
-        let Some(d) = this_driver(self.driver) else {
+        let Some(d) = existing_driver(Some(self.driver)) else {
             // Not on the ring's thread: the kernel may still write into the buffer, so it is never
             // freed (a leak, not a use after free).
             std::mem::forget(buf);
             return;
         };
-        let state = d.slots.borrow_mut()[self.idx].take();
-        match state {
-            Some(Slot::Done(_)) => d.release(self.idx),
-            Some(Slot::Waiting(_)) => {
-                d.slots.borrow_mut()[self.idx] = Some(Slot::Orphaned(buf));
-                // Submit now, while the borrowed socket is still open, then cancel.
-                d.submit();
-                let cancel = opcode::AsyncCancel::new(self.idx as u64)
-                    .build()
-                    .user_data(CANCEL);
-                if d.push_entry(cancel).is_err() {
-                    // Without a cancel the operation still completes when its socket closes.
-                }
-            }
-            other => {
-                d.slots.borrow_mut()[self.idx] = other;
-                std::mem::forget(buf);
-            }
-        }
+        d.abandon(self.idx, buf);
     }
 }
 
@@ -405,12 +836,9 @@ pub(super) async fn pump(
     other: &Flow<'_>,
     start: Instant,
 ) -> Option<DirEnd> {
-    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut buf: Box<[u8]> = vec![0u8; SMALL_BUF].into_boxed_slice();
     loop {
-        let len = buf.len();
-        let recv = opcode::Recv::new(types::Fd(sfd), buf.as_mut_ptr(), len as u32).build();
-        let op = match Op::start(recv, buf) {
+        let op = match Op::recv(src.as_fd(), buf) {
             Ok(op) => op,
             Err(e) => return Some(DirEnd::SourceError(e)),
         };
@@ -424,12 +852,7 @@ pub(super) async fn pump(
         };
         let mut off = 0;
         while off < n {
-            // SAFETY of the pointer: `buf` moves into the operation and is not touched until the
-            // completion gives it back.
-            let send = opcode::Send::new(types::Fd(dfd), buf[off..].as_ptr(), (n - off) as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build();
-            let op = match Op::start(send, buf) {
+            let op = match Op::send(dst.as_fd(), buf, off..n) {
                 Ok(op) => op,
                 Err(e) => return Some(DirEnd::DestError(e)),
             };

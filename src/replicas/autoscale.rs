@@ -21,7 +21,7 @@ pub(crate) const DOWN_RATIO: f64 = 0.7;
 
 /// The autoscaler's settings, from `autoscale:`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Policy {
+pub(crate) struct AutoscalePolicy {
     pub(crate) target: f64,
     pub(crate) min: u32,
     pub(crate) max: u32,
@@ -48,7 +48,7 @@ pub(crate) enum Decision {
 /// Samples of the summed metric and the time of the last change.
 #[derive(Debug)]
 pub(crate) struct Autoscaler {
-    policy: Policy,
+    policy: AutoscalePolicy,
     samples: VecDeque<(Instant, f64)>,
     /// Since when the window has been filling (reset by every change).
     since: Instant,
@@ -56,7 +56,7 @@ pub(crate) struct Autoscaler {
 }
 
 impl Autoscaler {
-    pub(crate) fn new(policy: Policy, now: Instant) -> Autoscaler {
+    pub(crate) fn new(policy: AutoscalePolicy, now: Instant) -> Autoscaler {
         Autoscaler {
             policy,
             samples: VecDeque::new(),
@@ -133,8 +133,8 @@ impl Autoscaler {
 mod tests {
     use super::*;
 
-    fn policy() -> Policy {
-        Policy {
+    fn policy() -> AutoscalePolicy {
+        AutoscalePolicy {
             target: 10.0,
             min: 1,
             max: 8,
@@ -258,7 +258,7 @@ mod tests {
     #[test]
     fn below_min_scales_up_at_once() {
         let mut t = Instant::now();
-        let mut a = Autoscaler::new(Policy { min: 2, ..policy() }, t);
+        let mut a = Autoscaler::new(AutoscalePolicy { min: 2, ..policy() }, t);
         assert!(matches!(
             run(&mut a, &mut t, 20, 0.0, 1),
             Decision::Up { to: 2, .. }

@@ -1,0 +1,315 @@
+//! Connecting a client to a backend: pick one (never one already tried, none above its cap), connect,
+//! retry elsewhere, wait in the queue when every backend is full; then what goes before the relay
+//! (the PROXY header, the TLS handshake with the backend, the bytes read for the route).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::futures::Notified;
+use tokio::time::Instant;
+
+use crate::admission::QueuePlace;
+use crate::config::BackendPort;
+use crate::outcome::Outcome;
+use crate::pool::{ActiveGuard, Backend, CutSignal};
+use crate::routelog::Record;
+use crate::service::Service;
+use crate::tls::ClientStream;
+use crate::util::is_local_exhaustion;
+
+/// A backend connection counted against its backend's cap; when the service has a queue, its end
+/// wakes the connections waiting there.
+struct BackendSlot {
+    active: Option<ActiveGuard>,
+    service: Option<Arc<Service>>,
+}
+
+impl BackendSlot {
+    /// Counts a connection to `backend` from the start of its connect (least-connections depends on
+    /// it), unless the backend is at its `max_connections`.
+    fn take(service: &Arc<Service>, backend: &Arc<Backend>) -> Option<BackendSlot> {
+        let cap = service.caps.cap_of(backend);
+        let active = ActiveGuard::within(backend.clone(), cap)?;
+        Some(BackendSlot {
+            active: Some(active),
+            service: (cap.is_some() && service.queue.is_some()).then(|| service.clone()),
+        })
+    }
+}
+
+impl Drop for BackendSlot {
+    fn drop(&mut self) {
+        self.active.take();
+        if let Some(s) = &self.service {
+            s.occupancy.queue.freed.notify_waiters();
+        }
+    }
+}
+
+/// A connected backend: the stream, the slot that counts it as active, and the signal that cuts it.
+pub(super) struct Connected {
+    pub(super) backend: Arc<Backend>,
+    pub(super) stream: BackendStream,
+    _active: BackendSlot,
+    pub(super) cut: Arc<CutSignal>,
+}
+
+/// The backend's side of a connection: its socket, or TLS over it (`backend_tls`).
+pub(super) enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<ClientStream>),
+}
+
+impl BackendStream {
+    /// Writes `bytes` whole (through the TLS, encrypted) and flushes them.
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            BackendStream::Plain(s) => s.write_all(bytes).await,
+            BackendStream::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
+    }
+}
+
+/// What goes to the backend before the relay: in the clear, the PROXY `header`; then (over the TLS,
+/// with `backend_tls`) the bytes the client sent first and the route read (`forward`). And the port
+/// the client reached, for `backend_port: same`.
+pub(super) struct Outbound<'a> {
+    pub(super) header: Option<&'a [u8]>,
+    pub(super) forward: &'a [u8],
+    pub(super) reached_port: Option<u16>,
+}
+
+/// Picks and connects, retrying on a backend not yet tried, up to `connect_attempts`, then sends what
+/// `out` holds. Nothing of the client's has been relayed yet (what `out` forwards goes to the backend
+/// that takes the connection), so a retry can never duplicate data. A backend at its `max_connections` is skipped without an attempt; when every one
+/// is, the connection waits in the queue (if the service has one) for one to free up.
+pub(super) async fn connect(
+    service: &Arc<Service>,
+    client: SocketAddr,
+    record: &mut Record,
+    out: &Outbound<'_>,
+) -> Result<Connected, Outcome> {
+    let mut tried = Tried::default();
+    let mut queued: Option<(QueuePlace, tokio::time::Instant)> = None;
+    let connect_start = Instant::now();
+    loop {
+        // With a queue: armed before looking, so a slot freed between the look and the wait is not
+        // missed. Without one, no waiter is registered (it takes the Notify's lock).
+        let freed = service
+            .queue
+            .is_some()
+            .then(|| service.occupancy.queue.freed.notified());
+        tokio::pin!(freed);
+        if let Some(f) = freed.as_mut().as_pin_mut() {
+            f.enable();
+        }
+        let picked = service.pool.snapshot().pick(client, tried.avoid()).cloned();
+        if record.attempts == 0 && !tried.any_full() {
+            service.note_selection(picked.is_some());
+        }
+        let Some(backend) = picked else {
+            if !tried.any_full() {
+                return Err(if record.attempts == 0 {
+                    Outcome::NoBackend
+                } else {
+                    Outcome::ConnectFailed
+                });
+            }
+            // Every backend left is at its cap: wait for one to free a slot, then look at the full
+            // ones again.
+            wait_in_queue(service, freed.as_mut().as_pin_mut(), &mut queued).await?;
+            tried.retry_full();
+            continue;
+        };
+        let Some(slot) = BackendSlot::take(service, &backend) else {
+            tried.full(backend.addr);
+            continue;
+        };
+        record.attempts += 1;
+        record.backend = Some(backend.addr);
+        if let Some(connected) = attempt(service, backend.clone(), slot, out).await {
+            record.connect_ms = Some(connect_start.elapsed().as_secs_f64() * 1e3);
+            record.backend_name = backend.name();
+            tracing::Span::current().record("backend", tracing::field::display(backend.addr));
+            return Ok(connected);
+        }
+        if record.attempts >= service.connect_attempts {
+            return Err(Outcome::ConnectFailed);
+        }
+        tried.failed(backend.addr);
+    }
+}
+
+/// The backends a connection must not pick again: those whose connect failed, and those found at
+/// their cap (which may free a slot, so the queue looks at them again).
+#[derive(Debug, Default)]
+struct Tried {
+    /// The failed ones first, then the `full` ones at the end.
+    addrs: Vec<SocketAddr>,
+    full: usize,
+}
+
+impl Tried {
+    fn avoid(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    fn any_full(&self) -> bool {
+        self.full > 0
+    }
+
+    fn full(&mut self, addr: SocketAddr) {
+        self.addrs.push(addr);
+        self.full += 1;
+    }
+
+    fn failed(&mut self, addr: SocketAddr) {
+        let failed_upto = self.addrs.len() - self.full;
+        self.addrs.insert(failed_upto, addr);
+    }
+
+    /// Forgets the full ones (one may have a free slot now); the failed ones stay excluded.
+    fn retry_full(&mut self) {
+        self.addrs.truncate(self.addrs.len() - self.full);
+        self.full = 0;
+    }
+}
+
+/// Waits in the service's queue for a backend slot (`freed`, armed by the caller), joining it first;
+/// `Err(BackendsFull)` without a queue, when it is full, or once the connection's wait times out.
+async fn wait_in_queue(
+    service: &Service,
+    freed: Option<Pin<&mut Notified<'_>>>,
+    queued: &mut Option<(QueuePlace, tokio::time::Instant)>,
+) -> Result<(), Outcome> {
+    let (Some(q), Some(freed)) = (service.queue, freed) else {
+        return Err(Outcome::BackendsFull);
+    };
+    if queued.is_none() {
+        let place = service
+            .occupancy
+            .queue
+            .join(q.max)
+            .ok_or(Outcome::BackendsFull)?;
+        *queued = Some((place, tokio::time::Instant::now() + q.timeout.0));
+    }
+    let until = queued
+        .as_ref()
+        .map(|(_, t)| *t)
+        .unwrap_or_else(tokio::time::Instant::now);
+    tokio::select! {
+        () = freed => Ok(()),
+        () = tokio::time::sleep_until(until) => Err(Outcome::BackendsFull),
+    }
+}
+
+/// One connect attempt to `backend` (counted in `slot` from its start), then the PROXY `header` in
+/// the clear, then, with `backend_tls`, the TLS handshake, then the bytes the client sent first and
+/// the route read (`forward`). `None` when it failed, counted against the backend unless the failure
+/// was our own exhaustion, the header or the forward (a backend that accepts and closes is not dead);
+/// a certificate the backend fails with is a failed connect like any other.
+async fn attempt(
+    service: &Service,
+    backend: Arc<Backend>,
+    slot: BackendSlot,
+    out: &Outbound<'_>,
+) -> Option<Connected> {
+    // Taken before connecting, so a cut that happens meanwhile still reaches this session.
+    let cut = backend.cut_signal();
+    let started = Instant::now();
+    let addr = match (service.backend_port, out.reached_port) {
+        (BackendPort::Same, Some(port)) => SocketAddr::new(backend.addr.ip(), port),
+        _ => backend.addr,
+    };
+    let mut stream =
+        match tokio::time::timeout(service.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) if is_local_exhaustion(&e) => {
+                // Our own descriptors or ports ran out: not the backend's fault, so no ejection.
+                tracing::debug!(backend = %addr, error = %e, "connect failed locally");
+                return None;
+            }
+            result => {
+                let why = match result {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_string(),
+                };
+                tracing::debug!(backend = %addr, error = %why, "connect failed");
+                service.pool.connect_failed(&backend);
+                return None;
+            }
+        };
+    let _ = stream.set_nodelay(true);
+    if let Some(h) = out.header {
+        if let Err(e) = within(service.connect_timeout, stream.write_all(h)).await {
+            tracing::debug!(backend = %addr, error = %e, "sending the PROXY header failed");
+            return None;
+        }
+    }
+    let mut stream = match &service.tls.originate {
+        None => BackendStream::Plain(stream),
+        Some(tls) => {
+            let name = tls.name_for(backend.dns_name().as_deref(), addr.ip());
+            match tls.connect(stream, name).await {
+                Ok(s) => BackendStream::Tls(Box::new(s)),
+                Err(e) => {
+                    tracing::debug!(backend = %addr, error = %e, "TLS handshake with the backend failed");
+                    service.pool.connect_failed(&backend);
+                    return None;
+                }
+            }
+        }
+    };
+    backend.stats.connect.observe(started.elapsed());
+    service.pool.connect_succeeded(&backend);
+    if !out.forward.is_empty() {
+        if let Err(e) = within(service.connect_timeout, stream.send(out.forward)).await {
+            tracing::debug!(backend = %addr, error = %e, "forwarding the client's first bytes failed");
+            return None;
+        }
+    }
+    Some(Connected {
+        backend,
+        stream,
+        _active: slot,
+        cut,
+    })
+}
+
+/// `fut` within `limit`, a timeout being an error like the others.
+async fn within<T>(
+    limit: std::time::Duration,
+    fut: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tried_keeps_failed_backends_out_and_full_ones_until_the_queue_retries() {
+        let a = |i: u8| SocketAddr::from(([127, 0, 0, i], 80));
+        let mut t = Tried::default();
+        t.full(a(1));
+        t.failed(a(2));
+        t.full(a(3));
+        t.failed(a(4));
+        assert!(t.any_full());
+        let mut avoid = t.avoid().to_vec();
+        avoid.sort();
+        assert_eq!(avoid, [a(1), a(2), a(3), a(4)]);
+        t.retry_full();
+        assert!(!t.any_full());
+        assert_eq!(t.avoid(), [a(2), a(4)], "the failed ones stay excluded");
+    }
+}

@@ -1,0 +1,458 @@
+//! Health that knows the protocol (issue 23): `send`/`expect` exchanges against the real
+//! `redis-server` and PostgreSQL (the shipped `conf/databases.yaml`), commands run as checks
+//! (`kind: exec`), the agent a backend runs to report its own state and weight, and maintenance
+//! from the admin API. docs/reliability.md names each scenario.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::databases::{self, Postgres, Redis};
+use crate::common::fleet::{replicas, spread, Replica};
+use crate::common::http::{get, send};
+use crate::common::{listen, wait_for, wait_until, within, Backend, Proxy};
+use sluicegate::pool::State;
+use sluicegate::{AgentSays, Health};
+
+/// The service `name` of `conf/databases.yaml`, listening on an ephemeral port, over `backends`
+/// (in the file's order), with `tweak` applied to its `health` (faster intervals for the test).
+fn shipped(name: &str, backends: &[SocketAddr], tweak: &[(&str, serde_yaml::Value)]) -> String {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/databases.yaml"))
+        .expect("conf/databases.yaml");
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+    let mut service = doc["services"]
+        .as_sequence()
+        .and_then(|s| s.iter().find(|s| s["name"].as_str() == Some(name)))
+        .cloned()
+        .unwrap_or_else(|| panic!("no service {name} in conf/databases.yaml"));
+    service["listen"] = "127.0.0.1:0".into();
+    let listed = service["backends"].as_sequence_mut().expect("backends");
+    assert_eq!(
+        listed.len(),
+        backends.len(),
+        "one address per listed backend"
+    );
+    for (b, addr) in listed.iter_mut().zip(backends) {
+        b["address"] = addr.to_string().into();
+    }
+    for (k, v) in tweak {
+        service["health"][*k] = v.clone();
+    }
+    let config = serde_yaml::to_string(&serde_json::json!({"log": {"level": "warn"}})).unwrap();
+    let service = serde_yaml::to_string(&vec![service]).unwrap();
+    format!("{config}services:\n{service}")
+}
+
+fn ms(n: u64) -> serde_yaml::Value {
+    format!("{n}ms").into()
+}
+
+/// reliability.md `redis-primary`: the shipped Redis check (`INFO replication` / `role:master`)
+/// sends traffic to the primary only; promoting the replica (`REPLICAOF NO ONE`) and demoting the
+/// old primary moves it within `rise` intervals, and the demoted node's sessions are cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_traffic_follows_the_primary() {
+    if !Redis::available("redis_traffic_follows_the_primary") {
+        return;
+    }
+    let primary = Redis::start(None);
+    let replica = Redis::start(Some(primary.addr));
+    let y = shipped(
+        "redis",
+        &[primary.addr, replica.addr],
+        &[("interval", ms(200)), ("timeout", ms(500))],
+    );
+    let proxy = Proxy::start(&y).await;
+    let health = |a: SocketAddr| proxy.backend(a).health();
+    wait_for(Duration::from_secs(5), "primary up, replica down", || {
+        health(primary.addr) == Health::Healthy && health(replica.addr) == Health::Unhealthy
+    })
+    .await;
+    let err = proxy
+        .backend(replica.addr)
+        .probes()
+        .last()
+        .unwrap()
+        .error
+        .clone()
+        .unwrap();
+    assert!(
+        err.contains("role:master"),
+        "the failure says what was expected: {err}"
+    );
+    for i in 0..10 {
+        assert_eq!(
+            databases::command(proxy.addr, &format!("SET k{i} v")).await,
+            "+OK"
+        );
+    }
+    // A held session on the primary, to see it cut when the primary is demoted.
+    let mut held = TcpStream::connect(proxy.addr).await.unwrap();
+    held.write_all(b"PING\r\n").await.unwrap();
+    let mut pong = [0u8; 7];
+    held.read_exact(&mut pong).await.unwrap();
+
+    // The failover: the replica promoted, the old primary made its replica.
+    assert_eq!(replica.command("REPLICAOF NO ONE").await, "+OK");
+    wait_for(Duration::from_secs(3), "the promoted node healthy", || {
+        health(replica.addr) == Health::Healthy
+    })
+    .await;
+    let demote = format!("REPLICAOF 127.0.0.1 {}", replica.addr.port());
+    assert_eq!(primary.command(&demote).await, "+OK");
+    wait_for(Duration::from_secs(3), "the demoted node down", || {
+        health(primary.addr) == Health::Unhealthy
+    })
+    .await;
+    let mut buf = [0u8; 16];
+    let cut = within(
+        Duration::from_secs(5),
+        "held session cut",
+        held.read(&mut buf),
+    )
+    .await;
+    assert!(
+        matches!(cut, Ok(0) | Err(_)),
+        "on_down: close cut the demoted node's session"
+    );
+    for i in 0..10 {
+        assert_eq!(
+            databases::command(proxy.addr, &format!("SET n{i} v")).await,
+            "+OK"
+        );
+    }
+    assert_eq!(replica.role().await, "master");
+    assert_eq!(
+        replica.command("GET n9").await,
+        "$1",
+        "the writes went to the new primary"
+    );
+}
+
+/// reliability.md `postgres-check`: the shipped Postgres check (an SSLRequest, answered S or N)
+/// and the stricter startup exchange of docs/configuration.md pass against a real server and fail
+/// once it stops; the backup takes over while the primary is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_answers_the_startup_exchange() {
+    if !Postgres::available("postgres_answers_the_startup_exchange") {
+        return;
+    }
+    let mut pg = Postgres::start();
+    // The backup: something that answers an SSLRequest with N and nothing more.
+    let spare = Backend::start([127, 0, 0, 3], |mut s: TcpStream| async move {
+        let mut request = [0u8; 8];
+        if s.read_exact(&mut request).await.is_ok() {
+            let _ = s.write_all(b"N").await;
+        }
+        let _ = s.read(&mut request).await;
+    })
+    .await;
+    let y = shipped(
+        "postgres",
+        &[pg.addr, spare.addr],
+        &[("interval", ms(200)), ("fall", 2.into())],
+    );
+    let proxy = Proxy::start(&y).await;
+    let health = |a: SocketAddr| proxy.backend(a).health();
+    wait_for(Duration::from_secs(5), "postgres healthy", || {
+        health(pg.addr) == Health::Healthy
+    })
+    .await;
+    assert_eq!(proxy.service.pool.snapshot().serving_tier, Some(0));
+    // Through sluicegate, the server itself answers.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert!(matches!(&answer, b"N" | b"S"), "{answer:?}");
+    drop(s);
+
+    // The stricter check: SSLRequest, then a startup message for user postgres, answered R.
+    let strict = format!(
+        "log: {{level: warn}}\nservices:\n  - name: pg\n    listen: 127.0.0.1:0\n    health:\n      kind: tcp\n      interval: 200ms\n      fall: 2\n      steps:\n        - send_hex: \"00000008 04d2162f\"\n        - expect_regex: \"^N\"\n        - send_hex: \"00000017 00030000 7573657200 706f737467726573 00 00\"\n        - expect_hex: \"52\"\n    backends: [{{address: \"{}\"}}]\n",
+        pg.addr
+    );
+    let strict = Proxy::start(&strict).await;
+    wait_for(
+        Duration::from_secs(5),
+        "the startup exchange passes",
+        || strict.backend(pg.addr).health() == Health::Healthy,
+    )
+    .await;
+
+    pg.stop();
+    wait_for(
+        Duration::from_secs(5),
+        "both checks fail once it stops",
+        || {
+            health(pg.addr) == Health::Unhealthy
+                && strict.backend(pg.addr).health() == Health::Unhealthy
+        },
+    )
+    .await;
+    assert_eq!(
+        proxy.service.pool.snapshot().serving_tier,
+        Some(1),
+        "the backup serves"
+    );
+}
+
+/// A script the test writes, run as `kind: exec`: exit 0 is up; its output and the backend's
+/// address are in the probe history; a command that hangs fails at the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_checks_run_the_command_with_the_backend_in_its_environment() {
+    let (_port, fleet) = replicas(2, 2);
+    let dir = std::env::temp_dir().join(format!("sg-exec-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("check.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "echo \"checking $SLUICEGATE_SERVICE $SLUICEGATE_BACKEND_ADDRESS\"\ntest -e {}/up-$SLUICEGATE_BACKEND_HOST\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let up = |r: &Replica| dir.join(format!("up-{}", r.ip()));
+    std::fs::write(up(&fleet[0]), "").unwrap();
+    std::fs::write(up(&fleet[1]), "").unwrap();
+    let addrs: Vec<SocketAddr> = fleet.iter().map(|r| r.addr()).collect();
+    let y = crate::common::service_yaml(
+        &addrs,
+        sluicegate::config::RelayMode::Auto,
+        &format!(
+            "health: {{kind: exec, command: [/bin/sh, \"{}\"], interval: 200ms, timeout: 2s, fall: 2}}",
+            script.display()
+        ),
+    );
+    let proxy = Proxy::start(&y).await;
+    let health = |r: &Replica| proxy.backend(r.addr()).health();
+    wait_for(Duration::from_secs(5), "both healthy", || {
+        fleet.iter().all(|r| health(r) == Health::Healthy)
+    })
+    .await;
+    let last = proxy
+        .backend(fleet[0].addr())
+        .probes()
+        .last()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        last.output.as_deref(),
+        Some(format!("checking t {}\\n", fleet[0].addr()).as_str()),
+        "the output, escaped, in the history"
+    );
+    std::fs::remove_file(up(&fleet[1])).unwrap();
+    wait_for(Duration::from_secs(5), "the second down", || {
+        health(&fleet[1]) == Health::Unhealthy
+    })
+    .await;
+    let err = proxy
+        .backend(fleet[1].addr())
+        .probes()
+        .last()
+        .unwrap()
+        .error
+        .clone()
+        .unwrap();
+    assert!(err.contains("exit status: 1"), "{err}");
+    assert_eq!(spread(proxy.addr, 10).await.len(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A command that hangs: each probe fails at its timeout, bounded.
+    let y = crate::common::service_yaml(
+        &addrs[..1],
+        sluicegate::config::RelayMode::Auto,
+        "health: {kind: exec, command: [sleep, \"30\"], interval: 200ms, timeout: 300ms, fall: 2}",
+    );
+    let hanging = Proxy::start(&y).await;
+    wait_for(Duration::from_secs(5), "a hanging check fails", || {
+        hanging.backend(addrs[0]).health() == Health::Unhealthy
+    })
+    .await;
+    let err = hanging
+        .backend(addrs[0])
+        .probes()
+        .last()
+        .unwrap()
+        .error
+        .clone()
+        .unwrap();
+    assert_eq!(err, "timed out");
+}
+
+/// An agent the test plays: it answers every connection with the line it is given (or nothing,
+/// once closed), on one address.
+struct Agent {
+    line: Arc<Mutex<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    fn start(addr: SocketAddr, first: &str) -> Agent {
+        let listener = listen(addr);
+        let line = Arc::new(Mutex::new(first.as_bytes().to_vec()));
+        let l = line.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let bytes = l.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let _ = s.write_all(&bytes).await;
+                });
+            }
+        });
+        Agent { line, task }
+    }
+
+    fn say(&self, line: &[u8]) {
+        *self.line.lock().unwrap() = line.to_vec();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// reliability.md `agent`: a backend's agent takes it out (`drain`, `down`, `maint`), sets its
+/// weight share (`NN%`) and brings it back (`up`); garbage, an answer of 1 MiB without a line end,
+/// and an agent that stops answering change nothing and are recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_adjusts_its_backend_and_garbage_changes_nothing() {
+    let (_port, fleet) = replicas(2, 2);
+    let agent_port = listen(SocketAddr::from(([127, 0, 0, 2], 0)))
+        .local_addr()
+        .unwrap()
+        .port();
+    let a2 = Agent::start(SocketAddr::from(([127, 0, 0, 2], agent_port)), "up 100%\n");
+    let _a3 = Agent::start(SocketAddr::from(([127, 0, 0, 3], agent_port)), "ready\n");
+    let addrs: Vec<SocketAddr> = fleet.iter().map(|r| r.addr()).collect();
+    let y = crate::common::service_yaml(
+        &addrs,
+        sluicegate::config::RelayMode::Auto,
+        &format!("balance: weighted_round_robin\nagent: {{port: {agent_port}, interval: 100ms, timeout: 500ms}}"),
+    );
+    let proxy = Proxy::start(&y).await;
+    let b2 = proxy.backend(addrs[0]);
+    let says = || b2.agent().0;
+    wait_for(Duration::from_secs(3), "the agent heard", || {
+        says() == AgentSays::Up
+    })
+    .await;
+    assert_eq!(spread(proxy.addr, 20).await.len(), 2);
+
+    a2.say(b"drain # deploying\n");
+    wait_for(Duration::from_secs(3), "drained by its agent", || {
+        says() == AgentSays::Drain
+    })
+    .await;
+    let got = spread(proxy.addr, 20).await;
+    assert_eq!(got.get(&addrs[0].ip()), None, "{got:?}");
+    assert_eq!(
+        b2.state(),
+        State::Active,
+        "the agent's drain is not the API's state"
+    );
+
+    a2.say(b"up 50%\n");
+    wait_for(Duration::from_secs(3), "half weight", || {
+        says() == AgentSays::Up && (b2.view().effective_weight - 0.5).abs() < 1e-9
+    })
+    .await;
+    let got = spread(proxy.addr, 30).await;
+    assert_eq!(
+        got.get(&addrs[0].ip()),
+        Some(&10),
+        "a third of the traffic: {got:?}"
+    );
+
+    // Garbage, then 1 MiB without a line end: refused, recorded, nothing changes.
+    let history_len = |b: &sluicegate::pool::Backend| b.view().agent.map_or(0, |a| a.history.len());
+    let huge = vec![b'x'; 1 << 20];
+    for (bad, error) in [
+        (&b"sideways\n"[..], "\"sideways\" is not an agent word"),
+        (&huge[..], "no line end in the first 512 bytes"),
+    ] {
+        a2.say(bad);
+        wait_until(Duration::from_secs(3), error, || async {
+            let h = b2.view().agent.unwrap().history;
+            h.last()
+                .and_then(|r| r.error.clone())
+                .is_some_and(|e| e.contains(error))
+        })
+        .await;
+        assert_eq!(b2.agent(), (AgentSays::Up, 50), "unchanged by garbage");
+    }
+    assert!(history_len(&b2) <= 10, "the history is bounded");
+    let last = b2.view().agent.unwrap().history.last().cloned().unwrap();
+    assert_eq!(last.output.unwrap().len(), 512, "the first 512 bytes kept");
+
+    // An agent that stops answering changes nothing either.
+    drop(a2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b2.agent(), (AgentSays::Up, 50));
+    assert_eq!(proxy.backend(addrs[1]).agent(), (AgentSays::Up, 100));
+}
+
+/// reliability.md `maint`: `POST /backends/{svc}/{addr}/maint` takes a backend out of rotation and
+/// pauses its probes, unlike drain; `PUT` `{"state": "active"}` brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_pauses_probes_and_traffic() {
+    let (_port, fleet) = replicas(2, 2);
+    let addrs: Vec<SocketAddr> = fleet.iter().map(|r| r.addr()).collect();
+    let y = format!(
+        "admin: {{listen: \"127.0.0.1:0\"}}\n{}",
+        crate::common::service_yaml(
+            &addrs,
+            sluicegate::config::RelayMode::Auto,
+            "health: {kind: http, interval: 100ms}",
+        )
+    );
+    let proxy = Proxy::start(&y).await;
+    let admin = proxy.admin.expect("admin");
+    let path = format!("/backends/t/{}/maint", addrs[0]);
+    let r = send(admin, "POST", &path, "").await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.json()["state"], "maint");
+    assert_eq!(proxy.backend(addrs[0]).state(), State::Maint);
+    let probes = fleet[0].health_requests();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        fleet[0].health_requests() <= probes + 1,
+        "probes paused (one may be in flight)"
+    );
+    let got = spread(proxy.addr, 10).await;
+    assert_eq!(got.get(&addrs[0].ip()), None, "{got:?}");
+    let listed = get(admin, &format!("/backends/t/{}", addrs[0]))
+        .await
+        .json();
+    assert_eq!(listed["state"], "maint");
+    let metrics = get(admin, "/metrics").await.body;
+    let line = format!(
+        "sluicegate_backend_state{{service=\"t\",backend=\"{}\",state=\"maint\"}} 1",
+        addrs[0]
+    );
+    assert!(metrics.contains(&line), "{line}");
+
+    let r = send(
+        admin,
+        "PUT",
+        &format!("/backends/t/{}", addrs[0]),
+        r#"{"state":"active"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_until(Duration::from_secs(3), "probes resumed", || async {
+        fleet[0].health_requests() > probes + 2
+    })
+    .await;
+    assert_eq!(spread(proxy.addr, 10).await.len(), 2);
+    let ip: IpAddr = addrs[0].ip();
+    assert!(spread(proxy.addr, 10).await.contains_key(&ip));
+}

@@ -1,0 +1,409 @@
+//! Shared test fixtures: an in-process sluicegate, fake backends on 127.0.0.x, deterministic payloads,
+//! and waits that end on a condition or a timeout (never a fixed sleep for readiness).
+#![allow(dead_code)]
+
+pub mod databases;
+pub mod dns;
+pub mod docker;
+pub mod fleet;
+pub mod http;
+pub mod load_tool;
+pub mod pki;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sluicegate::config::{Config, RelayMode};
+use sluicegate::service::Service;
+use sluicegate::{Server, Stopped};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::{AbortHandle, JoinHandle};
+
+pub const ENGINES: [RelayMode; 3] = [RelayMode::Copy, RelayMode::Splice, RelayMode::Uring];
+
+/// Lifts the soft descriptor limit to the hard one: the large scenarios hold thousands of sockets.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max.min(1 << 20);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// TCP sockets of this network namespace with a local or remote port in `ports`: (state, inode) pairs
+/// read from /proc/net/tcp and tcp6 (state in the kernel's hex code, e.g. [`TCP_TIME_WAIT`]).
+pub fn tcp_sockets_on_ports(ports: &[u16]) -> Vec<(u8, String)> {
+    let mut out = Vec::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 {
+                continue;
+            }
+            let port_of = |c: &str| {
+                c.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            };
+            let on = |c: &str| port_of(c).is_some_and(|p| ports.contains(&p));
+            if let (true, Ok(state)) = (on(cols[1]) || on(cols[2]), u8::from_str_radix(cols[3], 16))
+            {
+                out.push((state, cols[9].to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Open TCP sockets of this process with a local or remote port in `ports` (distinct sockets: every
+/// data-plane worker holds its own descriptor of a service's one listening socket). Unlike a count of
+/// all descriptors, this is not disturbed by other tests running in the same process.
+pub fn socket_fds_on_ports(ports: &[u16]) -> usize {
+    let inodes: std::collections::HashSet<String> = tcp_sockets_on_ports(ports)
+        .into_iter()
+        .filter(|(_, inode)| inode != "0")
+        .map(|(_, inode)| format!("socket:[{inode}]"))
+        .collect();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            inodes.contains(&l).then_some(l)
+        })
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+/// Whether a test that needs an outside tool runs, `missing` saying why the tool is not here (`None`:
+/// it is). Without it the test says loudly that it did not run, and passes, unless
+/// `SLUICEGATE_REQUIRE_<WHAT>=1` makes that a failure (`.ci/run` sets it for every tool it installs).
+/// Only `1` requires: unset, empty, `0` or anything else does not.
+pub fn require_tool(what: &str, missing: Option<String>) -> bool {
+    let Some(why) = missing else {
+        return true;
+    };
+    let var = format!("SLUICEGATE_REQUIRE_{what}");
+    let required = std::env::var(&var).is_ok_and(|v| v.trim() == "1");
+    assert!(!required, "{why}, and {var}=1 requires it");
+    eprintln!("\n*** SKIPPED: {why}; this check did NOT run ({var}=1 makes it a failure) ***\n");
+    false
+}
+
+/// Polls the async `cond` every 5 ms until it holds; panics with `what` after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let r = tokio::time::timeout(limit, async {
+        while !cond().await {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "timed out after {limit:?} waiting for: {what}");
+}
+
+/// Polls `cond` every 5 ms until it holds; panics with `what` after `limit`.
+pub async fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    wait_until(limit, what, || std::future::ready(cond())).await
+}
+
+/// Runs `fut` under a timeout, panicking with `what`.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?}: {what}"),
+    }
+}
+
+/// A service config for one service named `t` on 127.0.0.1:0 with these backends, relay engine and
+/// extra service keys (one `key: value` per line).
+pub fn service_yaml(backends: &[SocketAddr], relay: RelayMode, extra: &str) -> String {
+    let mut y = String::from("shutdown: {drain_timeout: 10s}\nlog: {level: warn}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n");
+    y += &format!("    relay: {}\n", relay.as_str());
+    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+        y += &format!("    {}\n", line.trim());
+    }
+    y += "    backends:\n";
+    for b in backends {
+        y += &format!("      - {{address: \"{b}\"}}\n");
+    }
+    y
+}
+
+/// sluicegate running in this process.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    /// Every service's listening address, in config order.
+    pub addrs: Vec<SocketAddr>,
+    /// The admin API's address, when the config enables it.
+    pub admin: Option<SocketAddr>,
+    pub control: Arc<sluicegate::Control>,
+    pub service: Arc<Service>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Stopped>>,
+}
+
+impl Proxy {
+    pub async fn start(yaml: &str) -> Proxy {
+        raise_fd_limit();
+        // SLUICEGATE_TEST_LOG=debug shows the proxy's own log on stderr (the first test to start wins).
+        if let Ok(level) = std::env::var("SLUICEGATE_TEST_LOG") {
+            if let Ok(level) = level.parse::<tracing::Level>() {
+                let _ = tracing_subscriber::fmt()
+                    .with_max_level(level)
+                    .with_writer(std::io::stderr)
+                    .try_init();
+            }
+        }
+        let config =
+            Config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
+        let server = Server::bind(&config).expect("bind");
+        let addrs: Vec<SocketAddr> = server.local_addrs().iter().map(|(_, a)| *a).collect();
+        let addr = addrs[0];
+        let admin = server.admin_addr();
+        let control = server.control();
+        let service = server.services()[0].clone();
+        let readiness = server.readiness();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        // Start-up waits for the first DNS answers and probes; the tests start from a served state.
+        within(
+            Duration::from_secs(10),
+            "proxy ready",
+            readiness.wait_ready(),
+        )
+        .await;
+        Proxy {
+            addr,
+            addrs,
+            admin,
+            control,
+            service,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Sends the stop signal (drain begins).
+    pub fn signal_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for the run to end after `signal_stop`.
+    pub async fn stopped(&mut self) -> Stopped {
+        self.task
+            .take()
+            .expect("stopped once")
+            .await
+            .expect("run task")
+    }
+
+    pub fn backend(&self, addr: SocketAddr) -> Arc<sluicegate::pool::Backend> {
+        self.service
+            .pool
+            .members()
+            .iter()
+            .find(|b| b.addr == addr)
+            .cloned()
+            .expect("known backend")
+    }
+
+    /// Waits until `n` relayed connections ended as `end`.
+    pub async fn wait_ended(&self, end: sluicegate::Outcome, n: u64) {
+        let what = format!("{n} connection(s) ended as {}", end.as_str());
+        wait_for(Duration::from_secs(5), &what, || {
+            self.service.stats.ended(end) == n
+        })
+        .await;
+    }
+
+    /// Sum of every backend's active count.
+    pub fn active_to_backends(&self) -> u64 {
+        self.service.pool.members().iter().map(|b| b.active()).sum()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// A fake backend: a listener on 127.0.0.x and a task per connection; `kill` aborts them all at once,
+/// like `kill -9` (the sockets are closed by their owner disappearing).
+pub struct Backend {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Backend {
+    pub async fn start<F, Fut>(ip: [u8; 4], handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Backend::serve(listen(SocketAddr::from((ip, 0))), handler)
+    }
+
+    pub fn serve<F, Fut>(listener: TcpListener, handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicU64::new(0));
+        let tasks = Arc::new(Mutex::new(Vec::new()));
+        let (acc, ts) = (accepted.clone(), tasks.clone());
+        let handler = Arc::new(handler);
+        let listen_task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
+                acc.fetch_add(1, Relaxed);
+                let h = handler.clone();
+                let t = tokio::spawn(async move { h(s).await });
+                ts.lock().unwrap().push(t.abort_handle());
+            }
+        });
+        tasks.lock().unwrap().push(listen_task.abort_handle());
+        Backend {
+            addr,
+            accepted,
+            tasks,
+        }
+    }
+
+    pub async fn echo(ip: [u8; 4]) -> Backend {
+        Backend::start(ip, echo).await
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Relaxed)
+    }
+
+    pub fn kill(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Echoes until EOF, then half-closes.
+pub async fn echo(mut s: TcpStream) {
+    let (mut r, mut w) = s.split();
+    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+        let _ = w.shutdown().await;
+    }
+}
+
+/// A listener with a deep accept queue. `TcpListener::bind` uses a backlog of 128, which a burst of a
+/// thousand connects overflows: the kernel then drops handshakes and clients stall for seconds.
+pub fn listen(addr: SocketAddr) -> TcpListener {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
+    s.set_reuse_address(true).expect("reuseaddr");
+    s.bind(&addr.into()).expect("bind backend");
+    s.listen(4096).expect("listen");
+    s.set_nonblocking(true).expect("nonblocking");
+    TcpListener::from_std(s.into()).expect("tokio listener")
+}
+
+/// An address on which nothing listens (bound, then released).
+pub async fn refusing_addr(ip: [u8; 4]) -> SocketAddr {
+    let l = std::net::TcpListener::bind(SocketAddr::from((ip, 0))).expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// `n` deterministic pseudo-random bytes for `seed`.
+pub fn payload(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+pub fn sha(b: &[u8]) -> [u8; 32] {
+    Sha256::digest(b).into()
+}
+
+/// Sends `data` and FIN, reads everything back until EOF, concurrently. Returns what was read.
+pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(data).await?;
+        w.shutdown().await
+    };
+    let mut got = Vec::with_capacity(data.len());
+    let recv = r.read_to_end(&mut got);
+    let (a, b) = tokio::join!(send, recv);
+    a?;
+    b?;
+    Ok(got)
+}
+
+/// Reads until EOF, failing on an error (a reset shows up as `Err`).
+pub async fn read_all(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).await?;
+    Ok(v)
+}
+
+/// States of the TCP sockets with `port` as local or remote port.
+pub fn tcp_states_on_port(port: u16) -> Vec<u8> {
+    tcp_sockets_on_ports(&[port])
+        .into_iter()
+        .map(|(state, _)| state)
+        .collect()
+}
+
+pub const TCP_FIN_WAIT2: u8 = 0x05;
+pub const TCP_TIME_WAIT: u8 = 0x06;
+pub const TCP_CLOSE_WAIT: u8 = 0x08;
+
+/// Makes dropping `s` send RST instead of FIN (SO_LINGER 0, which never blocks).
+pub fn rst_on_drop(s: &TcpStream) {
+    socket2::SockRef::from(s)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+}

@@ -1,0 +1,101 @@
+//! Which relay engine a connection actually runs on. A file of its own, hence a process of its own: the
+//! splice pipe pool is process-wide, and the 1000-client tests elsewhere exhaust it on purpose (those
+//! connections fall back to copying), which would make these counts depend on test timing.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use crate::common::*;
+use sluicegate::config::RelayMode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A backend that answers `n` bytes after reading the request to EOF.
+async fn sender(n: usize) -> Backend {
+    Backend::start([127, 0, 0, 2], move |mut s| async move {
+        if read_all(&mut s).await.is_ok() {
+            let _ = s.write_all(&payload(1, n)).await;
+        }
+    })
+    .await
+}
+
+async fn spliced_after(mode: RelayMode, answer: usize) -> u64 {
+    let backend = sender(answer).await;
+    let proxy = Proxy::start(&service_yaml(&[backend.addr], mode, "")).await;
+    let got = round_trip(proxy.addr, b"request").await.expect("served");
+    assert_eq!(sha(&got), sha(&payload(1, answer)), "{mode:?}: content");
+    // round_trip sends its FIN first
+    proxy.wait_ended(sluicegate::Outcome::ClientClosed, 1).await;
+    proxy.service.stats.spliced.load(Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_never_splices() {
+    assert_eq!(spliced_after(RelayMode::Copy, 4 << 20).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_splices_even_small_exchanges() {
+    assert_eq!(spliced_after(RelayMode::Splice, 100).await, 1);
+}
+
+/// `auto` copies small exchanges and switches to splice once a direction carries bulk data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_splices_bulk_and_copies_small() {
+    assert_eq!(
+        spliced_after(RelayMode::Auto, 100).await,
+        0,
+        "small answer copied"
+    );
+    assert_eq!(
+        spliced_after(RelayMode::Auto, 4 << 20).await,
+        1,
+        "bulk answer spliced"
+    );
+}
+
+/// A trickle of small messages never leaves the copy path in `auto`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_keeps_request_response_traffic_on_copy() {
+    let backend = Backend::echo([127, 0, 0, 3]).await;
+    let proxy = Proxy::start(&service_yaml(&[backend.addr], RelayMode::Auto, "")).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = [0u8; 512];
+    for i in 0..200u64 {
+        let msg = payload(i, 512);
+        s.write_all(&msg).await.unwrap();
+        within(Duration::from_secs(5), "echo", s.read_exact(&mut buf))
+            .await
+            .unwrap();
+        assert_eq!(buf[..], msg[..]);
+    }
+    drop(s);
+    proxy.wait_ended(sluicegate::Outcome::ClientClosed, 1).await;
+    assert_eq!(proxy.service.stats.spliced.load(Relaxed), 0);
+    // `auto` never uses the ring (only `relay: uring` does).
+    assert_eq!(proxy.service.stats.uring.load(Relaxed), 0);
+}
+
+/// `uring` really runs on the ring (it counts only connections whose directions ran there), and, like
+/// `auto`, moves a direction that carries bulk data to splice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uring_relays_through_the_ring() {
+    for answer in [100, 4 << 20] {
+        let backend = sender(answer).await;
+        let proxy = Proxy::start(&service_yaml(&[backend.addr], RelayMode::Uring, "")).await;
+        for _ in 0..3 {
+            let got = round_trip(proxy.addr, b"request").await.expect("served");
+            assert_eq!(sha(&got), sha(&payload(1, answer)), "content");
+        }
+        proxy.wait_ended(sluicegate::Outcome::ClientClosed, 3).await;
+        let stats = &proxy.service.stats;
+        assert_eq!(stats.uring.load(Relaxed), 3, "every connection on the ring");
+        let bulk = answer > 16 << 10;
+        assert_eq!(
+            stats.spliced.load(Relaxed),
+            if bulk { 3 } else { 0 },
+            "{answer} B answers"
+        );
+    }
+}

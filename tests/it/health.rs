@@ -1,0 +1,492 @@
+//! Active health checks and their effect on traffic (docs/reliability.md, "Backend failure"), against replicas on
+//! 127.0.0.2, .3, … whose `/health` the tests steer.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::time::Instant;
+
+use crate::common::dns::FakeDns;
+use crate::common::fleet::{replicas, spread, who, HealthMode, Replica, Session};
+use crate::common::{wait_for, Proxy};
+use sluicegate::Health;
+use sluicegate::Outcome;
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+/// One service `t` over `fleet` with these extra service keys.
+fn yaml(fleet: &[Replica], extra: &str) -> String {
+    let addrs: Vec<SocketAddr> = fleet.iter().map(|r| r.addr()).collect();
+    crate::common::service_yaml(&addrs, sluicegate::config::RelayMode::Auto, extra)
+}
+
+fn health_of(proxy: &Proxy, r: &Replica) -> Health {
+    proxy.backend(r.addr()).health()
+}
+
+/// A `/health` turning 503 stops new traffic within fall × interval + 1 s; back within
+/// rise × interval + 1 s after it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_health_endpoint_stops_and_resumes_traffic() {
+    let (_port, fleet) = replicas(2, 3);
+    let proxy = Proxy::start(&yaml(
+        &fleet,
+        "balance: round_robin\nhealth: {kind: http, interval: 300ms, timeout: 200ms, rise: 2, fall: 3}",
+    ))
+    .await;
+    // Start-up waits for the first probes, but only up to timeout + 0.5 s: on a machine loaded by the
+    // other tests a first probe can take longer, so wait for it rather than assume it.
+    wait_for(Duration::from_secs(3), "first probes passed", || {
+        fleet
+            .iter()
+            .all(|r| health_of(&proxy, r) == Health::Healthy)
+    })
+    .await;
+    assert_eq!(spread(proxy.addr, 30).await.len(), 3);
+
+    fleet[1].set_status(503);
+    let t = Instant::now();
+    wait_for(Duration::from_millis(3 * 300 + 1000), "marked down", || {
+        health_of(&proxy, &fleet[1]) == Health::Unhealthy
+    })
+    .await;
+    eprintln!("down after {:?}", t.elapsed());
+    let before = fleet[1].data_connections();
+    let counts = spread(proxy.addr, 60).await;
+    assert_eq!(
+        counts.get(&ip(3)),
+        None,
+        "no traffic to the unhealthy backend: {counts:?}"
+    );
+    assert_eq!(fleet[1].data_connections(), before);
+
+    fleet[1].set_status(200);
+    let t = Instant::now();
+    wait_for(Duration::from_millis(2 * 300 + 1000), "back up", || {
+        health_of(&proxy, &fleet[1]) == Health::Healthy
+    })
+    .await;
+    eprintln!("up after {:?}", t.elapsed());
+    assert_eq!(spread(proxy.addr, 30).await.len(), 3);
+}
+
+/// reliability.md `no-flap`: alternating results never flap; three straight failures do mark it down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alternating_probe_results_do_not_flap() {
+    let (_port, fleet) = replicas(2, 1);
+    let proxy = Proxy::start(&yaml(
+        &fleet,
+        "health: {kind: http, interval: 20ms, timeout: 20ms, rise: 2, fall: 3}",
+    ))
+    .await;
+    assert_eq!(health_of(&proxy, &fleet[0]), Health::Healthy);
+    fleet[0].set_mode(HealthMode::Alternate);
+    let start = fleet[0].health_requests();
+    let b = proxy.backend(fleet[0].addr());
+    wait_for(Duration::from_secs(10), "40 alternating probes", || {
+        assert_eq!(b.health(), Health::Healthy, "flapped");
+        fleet[0].health_requests() >= start + 40
+    })
+    .await;
+    let history = b.probes();
+    assert!(history.iter().any(|p| !p.ok) && history.iter().any(|p| p.ok));
+    fleet[0].set_status(500);
+    wait_for(Duration::from_secs(2), "down after 3 failures", || {
+        b.health() == Health::Unhealthy
+    })
+    .await;
+}
+
+/// reliability.md `bad-health-endpoints`: only 2xx is healthy; hangs, floods, redirects, errors, garbage and silent closes
+/// are not; reads are bounded; one probe in flight; no descriptor growth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_2xx_is_healthy_whatever_the_endpoint_does() {
+    let (port, fleet) = replicas(2, 1);
+    let proxy = Proxy::start(&yaml(
+        &fleet,
+        "health: {kind: http, interval: 5ms, timeout: 5ms, rise: 1, fall: 1}",
+    ))
+    .await;
+    let b = proxy.backend(fleet[0].addr());
+    type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, Health);
+    let cases: [Case; 6] = [
+        (
+            "hang",
+            Box::new(|| fleet[0].set_mode(HealthMode::Hang)),
+            Health::Unhealthy,
+        ),
+        (
+            "10 MB 200",
+            Box::new(|| fleet[0].set_mode(HealthMode::Huge)),
+            Health::Healthy,
+        ),
+        (
+            "301",
+            Box::new(|| fleet[0].set_status(301)),
+            Health::Unhealthy,
+        ),
+        (
+            "204",
+            Box::new(|| fleet[0].set_status(204)),
+            Health::Healthy,
+        ),
+        (
+            "500",
+            Box::new(|| fleet[0].set_status(500)),
+            Health::Unhealthy,
+        ),
+        (
+            "garbage",
+            Box::new(|| fleet[0].set_mode(HealthMode::Garbage)),
+            Health::Unhealthy,
+        ),
+    ];
+    for (what, set, want) in cases.iter() {
+        // From the opposite state, so each case is a transition.
+        if *want == Health::Healthy {
+            fleet[0].set_mode(HealthMode::Close);
+            wait_for(Duration::from_secs(2), "down first", || {
+                b.health() == Health::Unhealthy
+            })
+            .await;
+        } else {
+            fleet[0].set_status(200);
+            wait_for(Duration::from_secs(2), "up first", || {
+                b.health() == Health::Healthy
+            })
+            .await;
+        }
+        set();
+        let n = fleet[0].health_requests();
+        wait_for(Duration::from_secs(2), what, || {
+            b.health() == *want && fleet[0].health_requests() >= n + 2
+        })
+        .await;
+        let last = b.probes().pop().expect("probed");
+        eprintln!("{what}: {:?} {:?}", b.health(), last.error);
+    }
+    // 1000 rounds of misbehaving endpoints: no descriptor left behind.
+    let modes = [
+        HealthMode::Hang,
+        HealthMode::Huge,
+        HealthMode::Garbage,
+        HealthMode::Close,
+    ];
+    for (i, mode) in modes.iter().enumerate() {
+        fleet[0].set_mode(*mode);
+        let n = fleet[0].health_requests();
+        wait_for(
+            Duration::from_secs(30),
+            &format!("250 probes of round {i}"),
+            || fleet[0].health_requests() >= n + 250,
+        )
+        .await;
+    }
+    fleet[0].set_status(200);
+    wait_for(Duration::from_secs(2), "healthy", || {
+        b.health() == Health::Healthy
+    })
+    .await;
+    wait_for(Duration::from_secs(2), "probe sockets closed", || {
+        // the listener, and at most one probe's two ends
+        crate::common::socket_fds_on_ports(&[port]) <= 3
+    })
+    .await;
+}
+
+/// At most one probe in flight per backend: probes that hang for ten intervals do not pile up. (The
+/// backend sees the previous probe's close a moment late, hence at most 2 open from its side; without
+/// the guarantee about ten would be.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_probe_in_flight_even_when_probes_hang() {
+    let (_port, fleet) = replicas(2, 1);
+    let _p = Proxy::start(&yaml(
+        &fleet,
+        "health: {kind: http, interval: 10ms, timeout: 100ms, rise: 1, fall: 1}",
+    ))
+    .await;
+    fleet[0].set_mode(HealthMode::Hang);
+    let n = fleet[0].health_requests();
+    wait_for(Duration::from_secs(10), "20 hanging probes", || {
+        fleet[0].health_requests() >= n + 20
+    })
+    .await;
+    let max = fleet[0].probes.max_open.load(Relaxed);
+    assert!(max <= 2, "{max} probes open at once");
+}
+
+/// reliability.md `all-backends-down` with probes: every backend unhealthy: clients are closed at once, and traffic
+/// resumes when one recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_down_closes_clients_at_once() {
+    let (_port, fleet) = replicas(2, 2);
+    let proxy = Proxy::start(&yaml(
+        &fleet,
+        "health: {kind: http, interval: 50ms, timeout: 50ms, rise: 1, fall: 1}",
+    ))
+    .await;
+    for r in &fleet {
+        r.set_status(503);
+    }
+    wait_for(Duration::from_secs(2), "all down", || {
+        proxy.service.pool.snapshot().ready.is_empty()
+    })
+    .await;
+    let mut took = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert!(who(proxy.addr).await.is_err(), "refused");
+        took.push(t.elapsed());
+    }
+    took.sort();
+    // Closed at once, not after a connect attempt or a timeout (the max allows for a noisy machine).
+    assert!(
+        took[10] < Duration::from_millis(100),
+        "median {:?}",
+        took[10]
+    );
+    assert!(took[19] < Duration::from_millis(500), "max {:?}", took[19]);
+    assert_eq!(
+        proxy.service.stats.ended(sluicegate::Outcome::NoBackend),
+        20
+    );
+    fleet[1].set_status(200);
+    wait_for(Duration::from_secs(2), "one back", || {
+        !proxy.service.pool.snapshot().ready.is_empty()
+    })
+    .await;
+    assert_eq!(spread(proxy.addr, 10).await, HashMap::from([(ip(3), 10)]));
+}
+
+/// A TCP probe: a listener is healthy, a closed port is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_probes_follow_the_listener() {
+    let (_port, fleet) = replicas(2, 2);
+    let proxy = Proxy::start(&yaml(
+        &fleet,
+        "health: {kind: tcp, interval: 50ms, timeout: 50ms, rise: 2, fall: 2}",
+    ))
+    .await;
+    assert_eq!(health_of(&proxy, &fleet[0]), Health::Healthy);
+    let b = proxy.backend(fleet[1].addr());
+    fleet[1].backend.kill();
+    wait_for(Duration::from_secs(2), "closed port is down", || {
+        b.health() == Health::Unhealthy
+    })
+    .await;
+    assert_eq!(spread(proxy.addr, 20).await, HashMap::from([(ip(2), 20)]));
+}
+
+/// `health.port` probes another port than the traffic port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_can_use_another_port() {
+    let (_port, fleet) = replicas(2, 1);
+    let (health_port, health) = replicas(2, 1);
+    let proxy = Proxy::start(&yaml(
+        &fleet,
+        &format!(
+            "health: {{kind: http, port: {health_port}, interval: 50ms, timeout: 50ms, fall: 1}}"
+        ),
+    ))
+    .await;
+    assert!(health[0].health_requests() >= 1);
+    assert_eq!(fleet[0].health_requests(), 0);
+    health[0].set_status(503);
+    let b = proxy.backend(fleet[0].addr());
+    wait_for(Duration::from_secs(2), "down by the other port", || {
+        b.health() == Health::Unhealthy
+    })
+    .await;
+}
+
+/// reliability.md `down-keeps-sessions`: a backend marked down keeps its idle sessions by default…
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_backend_keeps_its_sessions_by_default() {
+    let (_port, fleet) = replicas(2, 1);
+    let proxy = Proxy::start(&yaml(
+        &fleet,
+        "health: {kind: http, interval: 100ms, timeout: 100ms, fall: 1}",
+    ))
+    .await;
+    let mut sessions = Vec::new();
+    for _ in 0..100 {
+        sessions.push(Session::open(proxy.addr).await.expect("session").0);
+    }
+    fleet[0].set_status(503);
+    let b = proxy.backend(fleet[0].addr());
+    wait_for(Duration::from_secs(2), "down", || {
+        b.health() == Health::Unhealthy
+    })
+    .await;
+    // Well past one interval.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for s in &mut sessions {
+        s.ping().await.expect("kept");
+    }
+    assert_eq!(proxy.service.stats.ended(Outcome::BackendDown), 0);
+}
+
+/// … and closes them within one interval with `on_down: close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_down_close_cuts_the_sessions() {
+    let (_port, fleet) = replicas(2, 1);
+    let proxy = Proxy::start(&yaml(
+        &fleet,
+        "health: {kind: http, interval: 100ms, timeout: 100ms, fall: 1, on_down: close}",
+    ))
+    .await;
+    let mut sessions = Vec::new();
+    for _ in 0..100 {
+        sessions.push(Session::open(proxy.addr).await.expect("session").0);
+    }
+    fleet[0].set_status(503);
+    let b = proxy.backend(fleet[0].addr());
+    wait_for(Duration::from_secs(2), "down", || {
+        b.health() == Health::Unhealthy
+    })
+    .await;
+    for s in &mut sessions {
+        assert!(s.closed_within(Duration::from_secs(5)).await, "cut");
+    }
+    proxy.wait_ended(Outcome::BackendDown, 100).await;
+}
+
+/// A backend discovered before its app is healthy (Docker adds the record first) gets no traffic
+/// until its first probe passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_backend_waits_for_its_first_passing_probe() {
+    let (port, fleet) = replicas(2, 2);
+    fleet[1].set_status(503);
+    let dns = FakeDns::start().await;
+    dns.set_ips("backend", &[[127, 0, 0, 2]]);
+    let yaml = format!(
+        "log: {{level: warn}}\nresolver: {{nameservers: [\"{}\"]}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    balance: round_robin\n    discovery: {{refresh: 100ms}}\n    health: {{kind: http, interval: 100ms, timeout: 100ms, rise: 2, fall: 3}}\n    backends: [{{address: \"backend:{port}\"}}]\n",
+        dns.addr
+    );
+    let proxy = Proxy::start(&yaml).await;
+    dns.set_ips("backend", &[[127, 0, 0, 2], [127, 0, 0, 3]]);
+    wait_for(Duration::from_secs(2), "discovered", || {
+        proxy.service.pool.members().len() == 2
+    })
+    .await;
+    wait_for(Duration::from_secs(2), "probed", || {
+        fleet[1].health_requests() >= 2
+    })
+    .await;
+    assert_eq!(spread(proxy.addr, 30).await, HashMap::from([(ip(2), 30)]));
+    assert_eq!(fleet[1].data_connections(), 0);
+    fleet[1].set_status(200);
+    wait_for(Duration::from_secs(2), "first pass", || {
+        proxy.backend(fleet[1].addr()).health() == Health::Healthy
+    })
+    .await;
+    assert_eq!(spread(proxy.addr, 30).await.len(), 2);
+    // The view says where it came from and when DNS listed it.
+    let view = proxy.backend(fleet[1].addr()).view();
+    assert_eq!(view.sources[0].to_string(), format!("dns:backend:{port}"));
+    assert!(view.dns_first_seen_ms.is_some() && view.dns_last_seen_ms >= view.dns_first_seen_ms);
+    assert!(!view.probes.is_empty());
+}
+
+/// reliability.md `backend-killed` with discovery and probes: one of three backends killed under 40 new connections a
+/// second; no connection is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_of_three_under_load_loses_nothing() {
+    let (_port, fleet) = replicas(2, 3);
+    let proxy = Proxy::start(&yaml(
+        &fleet,
+        "health: {kind: http, interval: 500ms, timeout: 200ms}\nconnect_attempts: 3",
+    ))
+    .await;
+    let mut tick = tokio::time::interval(Duration::from_millis(25));
+    let mut failed = 0;
+    let mut served = HashMap::<IpAddr, usize>::new();
+    for i in 0..120 {
+        tick.tick().await;
+        if i == 40 {
+            fleet[2].backend.kill();
+        }
+        match who(proxy.addr).await {
+            Ok(ip) => *served.entry(ip).or_default() += 1,
+            Err(e) => {
+                eprintln!("connection {i}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, 0, "{served:?}");
+    let b = proxy.backend(fleet[2].addr());
+    wait_for(Duration::from_secs(3), "killed backend out", || {
+        b.is_ejected() || b.health() == Health::Unhealthy
+    })
+    .await;
+}
+
+/// reliability.md `slow-start`: with slow start, a recovered backend's share ramps over the window, for every
+/// policy that uses weights or counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_ramps_a_recovered_backend() {
+    for policy in ["weighted_round_robin", "least_conn", "p2c"] {
+        slow_start_ramps(policy).await;
+    }
+}
+
+async fn slow_start_ramps(policy: &str) {
+    let (_port, fleet) = replicas(2, 2);
+    let proxy = Proxy::start(&yaml(
+        &fleet,
+        &format!("balance: {policy}\nslow_start: 2s\nhealth: {{kind: http, interval: 50ms, timeout: 50ms, rise: 1, fall: 1}}"),
+    ))
+    .await;
+    let b = proxy.backend(fleet[1].addr());
+    // Members present at start-up are not ramped.
+    assert_eq!(b.eff_weight(), b.weight() * sluicegate::pool::WEIGHT_SCALE);
+    fleet[1].set_status(503);
+    wait_for(Duration::from_secs(2), "down", || {
+        b.health() == Health::Unhealthy
+    })
+    .await;
+    fleet[1].set_status(200);
+    wait_for(Duration::from_secs(2), "up", || {
+        b.health() == Health::Healthy
+    })
+    .await;
+    // Shares of the recovered backend among 40 sessions held open at once (least-connections
+    // balances what is open, not what was opened), sampled at 0, 0.5, 1 and 1.5 s.
+    let up = Instant::now();
+    let mut shares = Vec::new();
+    for k in 0..4u32 {
+        tokio::time::sleep_until(up + Duration::from_millis(500) * k).await;
+        let mut held = Vec::new();
+        let mut mine = 0;
+        for _ in 0..40 {
+            let (s, who) = Session::open(proxy.addr).await.expect("served");
+            if who == ip(3) {
+                mine += 1;
+            }
+            held.push(s);
+        }
+        shares.push(mine as f64 / 40.0);
+        drop(held);
+        wait_for(Duration::from_secs(2), "sessions closed", || {
+            proxy.active_to_backends() == 0
+        })
+        .await;
+    }
+    eprintln!("{policy}: shares of the recovered backend per 500 ms: {shares:?}");
+    assert!(shares[0] < 0.25, "{policy} starts low: {shares:?}");
+    assert!(shares[0] < shares[2], "{policy} ramps: {shares:?}");
+    // After the window: full weight (1:1).
+    wait_for(Duration::from_secs(3), "full weight", || {
+        b.eff_weight() == b.weight() * sluicegate::pool::WEIGHT_SCALE
+    })
+    .await;
+    let counts = spread(proxy.addr, 200).await;
+    assert!(
+        counts.values().all(|&n| (70..=130).contains(&n)),
+        "{policy}: {counts:?}"
+    );
+}

@@ -1,0 +1,757 @@
+//! TLS at layer 4 (docs/configuration.md "Shared addresses and TLS"): routes on a shared address by
+//! the ClientHello's server name and protocols, passthrough that leaves each backend its own
+//! certificate, termination with per-service certificates and client certificates, origination to
+//! TLS backends, certificates read again on reload, port ranges. Certificates are made by `openssl`
+//! for each test (common/pki.rs); clients and TLS backends are rustls.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sluicegate::config::Config;
+use sluicegate::tls::hello::build::{client_hello, records};
+use sluicegate::Outcome;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::common::http::get;
+use crate::common::pki::{connector, tls_connect, tls_echo_backend, Pair, Pki};
+use crate::common::*;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// A free port on `ip` now (bound, then released): a shared address needs a real port, and port 0
+/// is never shared.
+fn free_addr(ip: [u8; 4]) -> SocketAddr {
+    let l = std::net::TcpListener::bind(SocketAddr::from((ip, 0))).expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// A backend that says its name on a line of its own, then echoes everything until EOF.
+async fn tagged(ip: [u8; 4], name: &'static str) -> Backend {
+    Backend::start(ip, move |mut s| async move {
+        if s.write_all(format!("{name}\n").as_bytes()).await.is_ok() {
+            echo(s).await;
+        }
+    })
+    .await
+}
+
+/// Sends `first` (in pieces of `piece` bytes, pausing between them), then reads the backend's name
+/// and the echo of exactly what was sent: which backend took the connection and whether it received
+/// every byte, from the first.
+async fn who_echoes(addr: SocketAddr, first: &[u8], piece: usize) -> std::io::Result<String> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (r, mut w) = s.into_split();
+    for chunk in first.chunks(piece) {
+        w.write_all(chunk).await?;
+        if piece < first.len() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let mut r = BufReader::new(r);
+    let mut name = String::new();
+    r.read_line(&mut name).await?;
+    if name.is_empty() {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let mut back = vec![0u8; first.len()];
+    r.read_exact(&mut back).await?;
+    assert_eq!(
+        back, first,
+        "{name}: the backend got every byte, from the first"
+    );
+    Ok(name.trim().to_string())
+}
+
+fn service(name: &str, listen: SocketAddr, keys: &str, backend: SocketAddr) -> String {
+    format!("  - {{name: {name}, listen: \"{listen}\", {keys} backends: [{{address: \"{backend}\"}}]}}\n")
+}
+
+fn config(services: &str) -> String {
+    format!("shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nadmin: {{listen: \"127.0.0.1:0\"}}\nservices:\n{services}")
+}
+
+/// docs/reliability.md `sni-routes`: one address, five services: exact names, a wildcard, an ALPN
+/// route and the default. Each client reaches the service its hello names, even a hello written 7
+/// bytes at a time; a client that sends no name, or is not TLS at all, reaches the default; the
+/// backend receives every byte from the first. `/route` explains each choice without a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_routes_exact_wildcard_alpn_and_default() {
+    let addr = free_addr([127, 0, 0, 1]);
+    let a = tagged([127, 0, 0, 2], "a").await;
+    let acme = tagged([127, 0, 0, 2], "acme").await;
+    let wild = tagged([127, 0, 0, 2], "wild").await;
+    let db = tagged([127, 0, 0, 2], "db").await;
+    let dflt = tagged([127, 0, 0, 2], "default").await;
+    let yaml = config(
+        &[
+            service("a", addr, "sni: [a.example.com, www.example.com],", a.addr),
+            service(
+                "acme",
+                addr,
+                "sni: [a.example.com], alpn: [acme-tls/1],",
+                acme.addr,
+            ),
+            service("wild", addr, "sni: [\"*.b.example\"],", wild.addr),
+            service("db", addr, "sni: [db.b.example],", db.addr),
+            service("default", addr, "", dflt.addr),
+        ]
+        .concat(),
+    );
+    let p = Proxy::start(&yaml).await;
+    let cases: [(Option<&str>, &[&str], &str); 9] = [
+        (Some("a.example.com"), &["h2"], "a"),
+        (Some("WWW.Example.Com"), &[], "a"),
+        (Some("a.example.com"), &["acme-tls/1"], "acme"),
+        (Some("x.b.example"), &[], "wild"),
+        (Some("db.b.example"), &[], "db"),
+        (Some("y.x.b.example"), &[], "default"),
+        (Some("unknown.example"), &[], "default"),
+        (None, &[], "default"),
+        (None, &["acme-tls/1"], "default"),
+    ];
+    for (sni, alpn, want) in cases {
+        let hello = client_hello(sni, alpn);
+        assert_eq!(
+            who_echoes(addr, &hello, hello.len()).await.unwrap(),
+            want,
+            "{sni:?} {alpn:?}"
+        );
+    }
+    // A hello in 7-byte pieces, and one in 7-byte records.
+    let hello = client_hello(Some("x.b.example"), &[]);
+    assert_eq!(who_echoes(addr, &hello, 7).await.unwrap(), "wild");
+    let in_records = records(&hello[5..], 7);
+    assert_eq!(who_echoes(addr, &in_records, 64).await.unwrap(), "wild");
+    // Not TLS: the default, every byte passed on.
+    assert_eq!(
+        who_echoes(addr, b"GET / HTTP/1.1\r\n\r\n", 100)
+            .await
+            .unwrap(),
+        "default"
+    );
+
+    let admin = p.admin.unwrap();
+    for (query, service, why) in [
+        ("sni=a.example.com&alpn=h2", "a", "exact"),
+        ("sni=a.example.com&alpn=h2,acme-tls/1", "acme", "exact+alpn"),
+        ("sni=x.b.example", "wild", "wildcard"),
+        ("sni=nobody.example", "default", "default"),
+        ("", "default", "default"),
+    ] {
+        let r = get(admin, &format!("/route?listen={addr}&{query}")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        assert_eq!(v["service"], service, "{query}: {v}");
+        assert_eq!(v["route"], why, "{query}: {v}");
+    }
+    // Asking changed nothing: the services' counts are the connections made above.
+    let db_svc = p.control.service("db").unwrap();
+    assert_eq!(
+        db_svc
+            .stats
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+/// docs/reliability.md `sni-no-route`: an address without a default closes a client no route takes
+/// (`no_route`) and a malformed, oversized, cut or late hello (`tls_hello`), and none of them reaches
+/// a backend; the address counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_and_bad_hellos_reach_no_backend() {
+    let addr = free_addr([127, 0, 0, 1]);
+    let a = tagged([127, 0, 0, 2], "a").await;
+    let yaml = config(&service(
+        "a",
+        addr,
+        "sni: [a.example], client_hello_timeout: 300ms,",
+        a.addr,
+    ));
+    let p = Proxy::start(&yaml).await;
+    let closed = |first: Vec<u8>| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&first).await.unwrap();
+        let mut got = Vec::new();
+        let r = within(SECS(5), "closed", s.read_to_end(&mut got)).await;
+        assert!(r.is_err() || got.is_empty(), "nothing comes back: {got:?}");
+    };
+    closed(client_hello(Some("b.example"), &[])).await;
+    closed(client_hello(None, &[])).await;
+    closed(b"SSH-2.0-OpenSSH\r\n".to_vec()).await;
+    let no_route = 3;
+    let good = client_hello(Some("a.example"), &["h2"]);
+    let mut not_a_hello = good.clone();
+    not_a_hello[5] = 2; // a ServerHello
+    let mut alert_inside = records(&good[5..], 20);
+    alert_inside[25] = 21;
+    let mut oversized = vec![22, 3, 1, 0x40, 0x00, 1, 0, 0x50, 0x00];
+    oversized.resize(17 * 1024, 0);
+    for bad in [not_a_hello, alert_inside, oversized] {
+        closed(bad).await;
+    }
+    // Cut short: half a hello, then the client closes its side.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&good[..good.len() / 2]).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    let _ = within(SECS(5), "closed", s.read_to_end(&mut got)).await;
+    // Late: a part of the hello, then nothing for longer than client_hello_timeout.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&good[..10]).await.unwrap();
+    let r = within(SECS(5), "closed after the timeout", s.read_to_end(&mut got)).await;
+    assert!(r.is_err() || got.is_empty());
+    let bad_hellos = 5;
+    assert_eq!(a.accepted(), 0, "no backend was contacted");
+    let admin = p.admin.unwrap();
+    wait_until(SECS(5), "counted", || async move {
+        let m = get(admin, "/metrics").await.body;
+        let line = |end: &str| {
+            format!("sluicegate_unrouted_connections_total{{listen=\"{addr}\",end=\"{end}\"}} ")
+        };
+        let count = |end: &str| {
+            m.lines()
+                .find_map(|l| l.strip_prefix(&line(end)))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        count("no_route") == Some(no_route) && count("tls_hello") == Some(bad_hellos)
+    })
+    .await;
+    // And the good one goes through.
+    assert_eq!(who_echoes(addr, &good, good.len()).await.unwrap(), "a");
+}
+
+/// docs/reliability.md `sni-passthrough`: two TLS backends with certificates of their own behind one
+/// address, routed by name: each client verifies the backend's certificate for the name it asked
+/// (sluicegate holds no key) and 1 MiB echoes back exactly; `relay: auto` still splices after the
+/// hello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_leaves_each_backend_its_own_certificate() {
+    let pki = Pki::new("passthrough CA");
+    let addr = free_addr([127, 0, 0, 1]);
+    let a = tls_echo_backend([127, 0, 0, 2], &pki.server("a", &["a.example"])).await;
+    let b = tls_echo_backend([127, 0, 0, 3], &pki.server("b", &["b.example"])).await;
+    let yaml = config(
+        &[
+            service("a", addr, "sni: [a.example], relay: auto,", a.addr),
+            service("b", addr, "sni: [b.example], relay: auto,", b.addr),
+        ]
+        .concat(),
+    );
+    let p = Proxy::start(&yaml).await;
+    let c = connector(&pki, &[], None);
+    for (name, backend) in [("a.example", &a), ("b.example", &b)] {
+        let before = backend.accepted();
+        let mut tls = tls_connect(&c, addr, name)
+            .await
+            .expect("the backend's own certificate");
+        let data = payload(7, 1 << 20);
+        let (mut r, mut w) = tokio::io::split(&mut tls);
+        let send = async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let recv = r.read_to_end(&mut got);
+        let (_, n) = within(SECS(30), "1 MiB echo", async { tokio::join!(send, recv) }).await;
+        n.unwrap();
+        assert_eq!(sha(&got), sha(&data), "{name}: exact");
+        assert_eq!(backend.accepted(), before + 1, "{name} went to its backend");
+    }
+    // A name no route takes (no default here): closed before any backend or certificate.
+    assert!(
+        tls_connect(&c, addr, "c.example").await.is_err(),
+        "no route"
+    );
+    let a_svc = p.control.service("a").unwrap();
+    assert_eq!(
+        a_svc
+            .stats
+            .spliced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "spliced after the hello"
+    );
+}
+
+/// A TLS service's numbers from `/metrics`: the handshakes by result.
+async fn handshakes(admin: SocketAddr, service: &str, result: &str) -> u64 {
+    let m = get(admin, "/metrics").await.body;
+    let prefix =
+        format!("sluicegate_tls_handshakes_total{{service=\"{service}\",result=\"{result}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads one echo through a TLS stream.
+async fn tls_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    msg: &[u8],
+) -> Vec<u8> {
+    s.write_all(msg).await.unwrap();
+    s.flush().await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    within(SECS(5), "echo", s.read_exact(&mut back))
+        .await
+        .unwrap();
+    back
+}
+
+/// The common name of the certificate a TLS client got.
+fn peer_cn(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> String {
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, x509) = x509_parser::parse_x509_certificate(&cert).unwrap();
+    let cn = x509
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    cn
+}
+
+/// docs/reliability.md `tls-termination`: two services terminating TLS on one address, each with its
+/// certificate, chosen by the client's name; the one without `sni` presents its own to every other
+/// name; plaintext reaches the backends; half-close goes through as close_notify then FIN; the
+/// handshakes and the certificate's expiry are in `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn termination_presents_each_services_certificate() {
+    let pki = Pki::new("termination CA");
+    let addr = free_addr([127, 0, 0, 1]);
+    let a = pki.server("term-a", &["a.example"]);
+    let other = pki.server("term-other", &["other.example", "b.example"]);
+    let (ba, bo) = (
+        Backend::echo([127, 0, 0, 2]).await,
+        Backend::echo([127, 0, 0, 3]).await,
+    );
+    let tls = |p: &Pair| {
+        format!(
+            "tls: {{cert: \"{}\", key: \"{}\", alpn: [h2, http/1.1]}},",
+            p.cert.display(),
+            p.key.display()
+        )
+    };
+    let yaml = config(
+        &[
+            service(
+                "a",
+                addr,
+                &format!("sni: [a.example], {}", tls(&a)),
+                ba.addr,
+            ),
+            service("other", addr, &tls(&other), bo.addr),
+        ]
+        .concat(),
+    );
+    let p = Proxy::start(&yaml).await;
+    let c = connector(&pki, &["h2"], None);
+    let mut ta = tls_connect(&c, addr, "a.example").await.unwrap();
+    assert_eq!(peer_cn(&ta), "a.example");
+    assert_eq!(ta.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(tls_round_trip(&mut ta, b"to a").await, b"to a");
+    let mut tb = tls_connect(&c, addr, "b.example").await.unwrap();
+    assert_eq!(peer_cn(&tb), "other.example", "the default's certificate");
+    assert_eq!(tls_round_trip(&mut tb, b"to other").await, b"to other");
+    // Half-close: the client's close_notify ends its direction; the echo backend then closes, and
+    // the client reads EOF (the balancer's close_notify), not an error.
+    ta.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within(
+        SECS(5),
+        "EOF after the backend's FIN",
+        ta.read_to_end(&mut rest),
+    )
+    .await
+    .unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(ba.accepted(), 1);
+    assert_eq!(bo.accepted(), 1);
+    let admin = p.admin.unwrap();
+    assert_eq!(handshakes(admin, "a", "ok").await, 1);
+    let m = get(admin, "/metrics").await.body;
+    let expiry = m
+        .lines()
+        .find(|l| l.starts_with("sluicegate_tls_certificate_expiry_timestamp_seconds{service=\"a\",name=\"a.example\"}"))
+        .expect("expiry of a's certificate");
+    let at: f64 = expiry.rsplit(' ').next().unwrap().parse().unwrap();
+    let in_days = (at - sluicegate_now()) / 86400.0;
+    assert!(
+        (88.0..=90.5).contains(&in_days),
+        "90 days from now: {in_days}"
+    );
+    let stats = get(admin, "/stats").await.json();
+    let days = &stats["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "a")
+        .unwrap()["tls"]["days_left"];
+    assert!(
+        days.as_i64().is_some_and(|d| (88..=90).contains(&d)),
+        "{days}"
+    );
+}
+
+fn sluicegate_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Reads a PROXY v2 header whole (its length is in its first 16 bytes).
+async fn read_v2(s: &mut TcpStream) -> Vec<u8> {
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head).await.unwrap();
+    let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+    let mut rest = vec![0u8; len];
+    s.read_exact(&mut rest).await.unwrap();
+    [head.to_vec(), rest].concat()
+}
+
+/// docs/reliability.md `tls-client-cert`: `tls.client_ca` requires a client certificate: a client
+/// without one and a client with another CA's are closed (`tls_client_cert`) and the backend never
+/// sees them; a good one is relayed, and with `proxy_protocol: v2` the backend reads the client's
+/// common name and the TLS version in the header's SSL TLV, as HAProxy sends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_none_another_cas_and_good() {
+    let pki = Pki::new("client CA");
+    let other = Pki::new("someone else");
+    let server = pki.server("cc-server", &["svc.example"]);
+    let good = pki.client("cc-good", "alice");
+    let foreign = other.client("cc-foreign", "mallory");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let backend = Backend::start([127, 0, 0, 2], move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let header = read_v2(&mut s).await;
+            let _ = tx.send(header);
+            echo(s).await;
+        }
+    })
+    .await;
+    let yaml = format!(
+        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nadmin: {{listen: \"127.0.0.1:0\"}}\nservices:\n  - name: cc\n    listen: 127.0.0.1:0\n    proxy_protocol: v2\n    tls: {{cert: \"{}\", key: \"{}\", client_ca: \"{}\"}}\n    backends: [{{address: \"{}\"}}]\n",
+        server.cert.display(),
+        server.key.display(),
+        pki.ca.display(),
+        backend.addr
+    );
+    let p = Proxy::start(&yaml).await;
+    for (who, client) in [("none", None), ("another CA's", Some(&foreign))] {
+        let c = connector(&pki, &[], client);
+        // TLS 1.3: the client's handshake may finish before the server refuses its certificate; the
+        // refusal shows on the first read.
+        let refused = match tls_connect(&c, p.addr, "svc.example").await {
+            Err(_) => true,
+            Ok(mut s) => {
+                let _ = s.write_all(b"x").await;
+                let mut b = [0u8; 1];
+                !matches!(within(SECS(5), "refusal", s.read(&mut b)).await, Ok(1))
+            }
+        };
+        assert!(refused, "{who}: refused");
+    }
+    p.wait_ended(Outcome::TlsClientCert, 2).await;
+    assert_eq!(backend.accepted(), 0, "the backend never sees them");
+    let c = connector(&pki, &[], Some(&good));
+    let mut s = tls_connect(&c, p.addr, "svc.example").await.unwrap();
+    assert_eq!(tls_round_trip(&mut s, b"hello").await, b"hello");
+    let header = within(SECS(5), "the header", rx.recv()).await.unwrap();
+    let tlvs = &header[16 + 12..];
+    // PP2_TYPE_SSL (0x20) with client = SSL | CERT_CONN | CERT_SESS, verify 0, then its sub-TLVs.
+    let at = tlvs
+        .windows(1)
+        .position(|w| w[0] == 0x20)
+        .expect("an SSL TLV");
+    let ssl = &tlvs[at + 3..];
+    assert_eq!(ssl[0], 0x07, "client bits");
+    assert_eq!(&ssl[1..5], &[0, 0, 0, 0], "verified");
+    let sub = &ssl[5..];
+    let find = |kind: u8| {
+        let mut i = 0;
+        while i + 3 <= sub.len() {
+            let len = u16::from_be_bytes([sub[i + 1], sub[i + 2]]) as usize;
+            if sub[i] == kind {
+                return Some(String::from_utf8_lossy(&sub[i + 3..i + 3 + len]).into_owned());
+            }
+            i += 3 + len;
+        }
+        None
+    };
+    assert_eq!(
+        find(0x21).as_deref(),
+        Some("TLSv1.3"),
+        "PP2_SUBTYPE_SSL_VERSION"
+    );
+    assert_eq!(find(0x22).as_deref(), Some("alice"), "PP2_SUBTYPE_SSL_CN");
+    assert_eq!(handshakes(p.admin.unwrap(), "cc", "client_cert").await, 2);
+}
+
+/// docs/reliability.md `tls-origination`: `backend_tls` with the test CA: a backend whose certificate
+/// the CA signed serves; one with another CA's certificate is a failed connect (counted against it,
+/// retried on the other, ejected after `max_fails`), and no client sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origination_trusts_its_ca_and_fails_over_from_others() {
+    let pki = Pki::new("origination CA");
+    let stranger = Pki::new("stranger CA");
+    let trusted = tls_echo_backend(
+        [127, 0, 0, 2],
+        &pki.server("orig-good", &["backend.example"]),
+    )
+    .await;
+    let untrusted = tls_echo_backend(
+        [127, 0, 0, 3],
+        &stranger.server("orig-bad", &["backend.example"]),
+    )
+    .await;
+    let yaml = format!(
+        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: o\n    listen: 127.0.0.1:0\n    balance: round_robin\n    connect_attempts: 2\n    passive: {{max_fails: 2, cooldown: 60s}}\n    backend_tls: {{ca: \"{}\", server_name: backend.example}}\n    backends: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n",
+        pki.ca.display(),
+        trusted.addr,
+        untrusted.addr
+    );
+    let p = Proxy::start(&yaml).await;
+    for i in 0..6 {
+        let msg = format!("message {i}");
+        let back = round_trip(p.addr, msg.as_bytes()).await.expect("served");
+        assert_eq!(back, msg.as_bytes());
+    }
+    let bad = p.backend(untrusted.addr);
+    assert!(bad.stats.failed.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    assert!(bad.is_ejected(), "its certificate fails every connect");
+    assert_eq!(
+        p.backend(trusted.addr)
+            .stats
+            .total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        6
+    );
+}
+
+/// docs/reliability.md `tls-cert-reload`: a reload reads the certificate again: new connections get
+/// the new one, a connection open since before keeps working; a reload whose certificate file is
+/// broken is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reads_certificates_again_and_open_connections_go_on() {
+    let pki = Pki::new("reload CA");
+    let first = pki.server("reload-1", &["svc.example", "first.example"]);
+    let second = pki.server("reload-2", &["svc.example", "second.example"]);
+    let live = Pair {
+        cert: pki.dir.join("live.pem"),
+        key: pki.dir.join("live.key"),
+    };
+    std::fs::copy(&first.cert, &live.cert).unwrap();
+    std::fs::copy(&first.key, &live.key).unwrap();
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let yaml = format!(
+        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: r\n    listen: 127.0.0.1:0\n    tls: {{cert: \"{}\", key: \"{}\"}}\n    backends: [{{address: \"{}\"}}]\n",
+        live.cert.display(),
+        live.key.display(),
+        backend.addr
+    );
+    let p = Proxy::start(&yaml).await;
+    let c = connector(&pki, &[], None);
+    let mut open = tls_connect(&c, p.addr, "svc.example").await.unwrap();
+    assert_eq!(peer_cn(&open), "svc.example");
+    let sans = |s: &tokio_rustls::client::TlsStream<TcpStream>| {
+        let cert = s.get_ref().1.peer_certificates().unwrap()[0].clone();
+        let (_, x509) = x509_parser::parse_x509_certificate(&cert).unwrap();
+        format!(
+            "{:?}",
+            x509.subject_alternative_name()
+                .unwrap()
+                .unwrap()
+                .value
+                .general_names
+        )
+    };
+    assert!(sans(&open).contains("first.example"));
+    assert_eq!(tls_round_trip(&mut open, b"before").await, b"before");
+
+    std::fs::copy(&second.cert, &live.cert).unwrap();
+    std::fs::copy(&second.key, &live.key).unwrap();
+    let report = p
+        .control
+        .reload(Config::from_yaml(&yaml).unwrap())
+        .expect("reloaded");
+    assert_eq!(report.unchanged, vec!["r".to_string()], "{report:?}");
+    let fresh = tls_connect(&c, p.addr, "svc.example").await.unwrap();
+    assert!(
+        sans(&fresh).contains("second.example"),
+        "the new certificate"
+    );
+    assert_eq!(
+        tls_round_trip(&mut open, b"after").await,
+        b"after",
+        "the open connection goes on"
+    );
+
+    std::fs::write(&live.cert, "not a certificate").unwrap();
+    let err = p
+        .control
+        .reload(Config::from_yaml(&yaml).unwrap())
+        .expect_err("refused");
+    assert!(err.to_string().contains("live.pem"), "{err}");
+    let again = tls_connect(&c, p.addr, "svc.example").await.unwrap();
+    assert!(sans(&again).contains("second.example"), "nothing changed");
+}
+
+/// docs/reliability.md `port-range`: `listen` over a range of ports with `backend_port: same`: each
+/// client reaches the backend's port equal to the one it reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_range_keeps_the_port_the_client_reached() {
+    // Three consecutive ports free on both addresses (bound, then released).
+    let (range, backends) = loop {
+        let base = free_addr([127, 0, 0, 1]).port();
+        if base > 65000 {
+            continue;
+        }
+        let ports: Vec<u16> = (base..base + 3).collect();
+        let free = ports.iter().all(|&p| {
+            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.2", p)).is_ok()
+        });
+        if !free {
+            continue;
+        }
+        let mut backends = Vec::new();
+        for &port in &ports {
+            let l = listen(SocketAddr::from(([127, 0, 0, 2], port)));
+            backends.push(Backend::serve(l, move |mut s| async move {
+                let _ = s.write_all(format!("{port}\n").as_bytes()).await;
+            }));
+        }
+        break (ports, backends);
+    };
+    let yaml = format!(
+        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: ftp\n    listen: \"127.0.0.1:{}-{}\"\n    backend_port: same\n    backends: [{{address: \"127.0.0.2:{}\"}}]\n",
+        range[0], range[2], range[0]
+    );
+    let _p = Proxy::start(&yaml).await;
+    for &port in &range {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut got = String::new();
+        within(SECS(5), "the backend's port", s.read_to_string(&mut got))
+            .await
+            .unwrap();
+        assert_eq!(got.trim(), port.to_string());
+    }
+    drop(backends);
+}
+
+/// docs/reliability.md `tls-probes`: `kind: https` speaks HTTP over the service's `backend_tls` and
+/// `kind: tls` does the handshake: a backend with a certificate the CA signed is healthy, one with a
+/// stranger's is unhealthy (its handshake fails), and only the healthy one takes clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_https_probes_use_the_backend_tls() {
+    let pki = Pki::new("probe CA");
+    let stranger = Pki::new("probe stranger");
+    let good = pki.server("probe-good", &["127.0.0.2"]);
+    let bad = stranger.server("probe-bad", &["127.0.0.3"]);
+    // HTTPS backends: a 200 to anything, over TLS.
+    let https = |pair: &Pair, ip: [u8; 4]| {
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(crate::common::pki::server_config(pair, &[]));
+        Backend::serve(listen(SocketAddr::from((ip, 0))), move |s| {
+            let acceptor = acceptor.clone();
+            async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut buf = [0u8; 1024];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
+                    .await;
+                let _ = tls.shutdown().await;
+            }
+        })
+    };
+    let (g, b) = (https(&good, [127, 0, 0, 2]), https(&bad, [127, 0, 0, 3]));
+    for kind in ["https", "tls"] {
+        let yaml = format!(
+            "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: p\n    listen: 127.0.0.1:0\n    health: {{kind: {kind}, path: /health, interval: 200ms, timeout: 1s, rise: 1, fall: 1}}\n    backend_tls: {{ca: \"{}\"}}\n    backends: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n",
+            pki.ca.display(),
+            g.addr,
+            b.addr
+        );
+        let p = Proxy::start(&yaml).await;
+        let (good_b, bad_b) = (p.backend(g.addr), p.backend(b.addr));
+        wait_for(SECS(5), "both probed", || {
+            good_b.health() == sluicegate::Health::Healthy
+                && bad_b.health() == sluicegate::Health::Unhealthy
+        })
+        .await;
+        let probes = bad_b.probes();
+        let last = probes.last().unwrap();
+        assert!(
+            last.error.as_deref().is_some_and(|e| e.starts_with("TLS")),
+            "{kind}: {last:?}"
+        );
+        assert_eq!(
+            p.service.pool.snapshot().ready.len(),
+            1,
+            "{kind}: only the healthy one"
+        );
+    }
+}
+
+/// docs/reliability.md `tls-reset`: through a terminating service, a backend's reset reaches the
+/// client as a reset (an error, not the close_notify of a complete stream), and the routing line's
+/// end says whose; a client's reset reaches the backend as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_crosses_the_tls_relay_as_a_reset() {
+    let pki = Pki::new("reset CA");
+    let cert = pki.server("reset", &["svc.example"]);
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<usize>>();
+    // Echoes one message, then resets; or, when the client resets, reports what its read saw.
+    let backend = Backend::start([127, 0, 0, 2], move |mut s| {
+        let seen = seen_tx.clone();
+        async move {
+            let mut b = [0u8; 64];
+            let Ok(n) = s.read(&mut b).await else { return };
+            if &b[..n] == b"reset me" {
+                rst_on_drop(&s);
+                return;
+            }
+            let _ = s.write_all(&b[..n]).await;
+            let mut rest = Vec::new();
+            let _ = seen.send(s.read_to_end(&mut rest).await);
+        }
+    })
+    .await;
+    let yaml = format!(
+        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: r\n    listen: 127.0.0.1:0\n    tls: {{cert: \"{}\", key: \"{}\"}}\n    backends: [{{address: \"{}\"}}]\n",
+        cert.cert.display(),
+        cert.key.display(),
+        backend.addr
+    );
+    let p = Proxy::start(&yaml).await;
+    let c = connector(&pki, &[], None);
+    let mut t = tls_connect(&c, p.addr, "svc.example").await.unwrap();
+    t.write_all(b"reset me").await.unwrap();
+    t.flush().await.unwrap();
+    let mut buf = Vec::new();
+    let r = within(SECS(5), "the reset", t.read_to_end(&mut buf)).await;
+    assert!(r.is_err(), "a reset, not a complete stream: {r:?} {buf:?}");
+    p.wait_ended(Outcome::BackendReset, 1).await;
+
+    let mut t = tls_connect(&c, p.addr, "svc.example").await.unwrap();
+    assert_eq!(tls_round_trip(&mut t, b"hello").await, b"hello");
+    rst_on_drop(t.get_ref().0);
+    drop(t);
+    let seen = within(SECS(5), "the backend's read", seen_rx.recv())
+        .await
+        .unwrap();
+    assert!(seen.is_err(), "the backend sees a reset: {seen:?}");
+    p.wait_ended(Outcome::ClientReset, 1).await;
+}
