@@ -33,7 +33,7 @@ def replica_ips():
 
 
 def get_json(ip, path):
-    with urllib.request.urlopen("http://%s:%d%s" % (ip, ADMIN, path), timeout=5) as r:
+    with urllib.request.urlopen(f"http://{ip}:{ADMIN}{path}", timeout=5) as r:
         return json.load(r)
 
 
@@ -49,7 +49,7 @@ def ready(replicas, backends):
                                   if b["health"] == "healthy" and b["state"] == "active")
             except (OSError, ValueError, KeyError):
                 healthy[ip] = 0
-        seen = "replicas %s healthy backends %s" % (len(ips), sorted(healthy.values()))
+        seen = f"replicas {len(ips)} healthy backends {sorted(healthy.values())}"
         if len(ips) >= replicas and all(n >= backends for n in healthy.values()):
             print(seen)
             return 0
@@ -63,11 +63,11 @@ def routes(clients):
     for ip in replica_ips():
         table, name = {}, ip
         for i in range(clients):
-            c = "10.%d.%d.7" % (i // 50, i % 50 * 5)
+            c = f"10.{i // 50}.{i % 50 * 5}.7"
             r = get_json(ip, "/route?client=" + c)
             table[c] = r["backend"]
             name = r.get("instance") or ip
-        with urllib.request.urlopen("http://%s:%d/" % (ip, PORT), timeout=5) as r:
+        with urllib.request.urlopen(f"http://{ip}:{PORT}/", timeout=5) as r:
             served = r.headers["X-Backend"]
         out[name] = {"routes": table, "served_by": served}
     print(json.dumps(out))
@@ -81,7 +81,7 @@ def one_request(report, lock):
     except socket.gaierror as e:
         with lock:
             report["failed"] += 1
-            report["failures"].append("resolve: %s" % e)
+            report["failures"].append(f"resolve: {e}")
         return
     random.shuffle(addrs)
     last = "no address"
@@ -92,7 +92,7 @@ def one_request(report, lock):
             # A replica that no longer accepts: the next address is tried, and this is counted.
             with lock:
                 report["refused_attempts"] += 1
-            last = "connect %s: %s" % (addr[0], e)
+            last = f"connect {addr[0]}: {e}"
             continue
         try:
             s.sendall(b"GET / HTTP/1.0\r\nHost: demo\r\n\r\n")
@@ -103,7 +103,7 @@ def one_request(report, lock):
                     break
                 data += chunk
         except OSError as e:
-            last = "request via %s: %s" % (addr[0], e)
+            last = f"request via {addr[0]}: {e}"
             data = b""
         finally:
             s.close()
@@ -111,7 +111,7 @@ def one_request(report, lock):
             with lock:
                 report["ok"] += 1
             return
-        last = last if not data else "via %s: %r" % (addr[0], data[:60])
+        last = last if not data else f"via {addr[0]}: {data[:60]!r}"
         break
     with lock:
         report["failed"] += 1

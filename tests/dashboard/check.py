@@ -10,10 +10,13 @@ time limits:
   2. the page receives the live event stream (the header says "(live)"),
   3. the connection counters shown move while the caller generates traffic,
   4. the charts have data (history of at least 8 frames) and the fairness index is shown.
+It also prints the days to expiry shown for each TLS-terminating service (`tls_days`), for the
+caller to check.
 A screenshot is written to SCREENSHOT (keep it out of git). Exit status 0 on success, 1 with a
 message on failure, 77 when no Chromium is installed.
 """
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -116,6 +119,7 @@ STATE_JS = """JSON.stringify({
     active: +r.querySelector('.active').textContent })),
   history: typeof history === 'object' ? history.length : 0,
   jain: [...document.querySelectorAll('.jain')].map(e => e.textContent),
+  tls_days: [...document.querySelectorAll('.tls-days')].map(e => e.textContent),
 })"""
 
 
@@ -145,8 +149,15 @@ def main():
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         port_file = os.path.join(profile, "DevToolsActivePort")
-        port = wait(30, "Chromium's DevTools port", lambda: open(port_file).read().split()[0]
-                    if os.path.exists(port_file) and open(port_file).read().strip() else None)
+
+        def devtools_port():
+            # Chromium writes the file once it listens; until then it is missing or empty.
+            with contextlib.suppress(OSError), open(port_file) as f:
+                text = f.read()
+                return text.split()[0] if text.strip() else None
+            return None
+
+        port = wait(30, "Chromium's DevTools port", devtools_port)
         pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
         ws_url = next(p["webSocketDebuggerUrl"] for p in pages if p.get("type") == "page")
         cdp = Cdp(WebSocket(ws_url))
@@ -182,12 +193,11 @@ def main():
         with open(shot, "wb") as f:
             f.write(base64.b64decode(png))
         print(json.dumps({"ok": True, "first": first["rows"], "last": last["rows"],
-                          "frames": last["history"], "fairness": last["jain"], "screenshot": shot}))
+                          "frames": last["history"], "fairness": last["jain"],
+                          "tls_days": last["tls_days"], "screenshot": shot}))
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=10)
         shutil.rmtree(profile, ignore_errors=True)
 
