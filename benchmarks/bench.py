@@ -27,15 +27,18 @@ Measured per (round, proxy, workload): throughput, p50/p99 latency (wrk), proxy 
 stime of every process in the proxy's session, from /proc), machine CPU seconds (every CPU's busy time
 from /proc/stat, which also counts kernel work a proxy causes outside its own process), proxy RSS (sum
 of VmRSS; for `idle`, the growth per held connection). The report compares proxies by **added machine
-CPU**: machine CPU per unit of work minus the `direct` run's. Writes bench-DATE.json, bench-DATE.md (means, both rounds, ratios against
-HAProxy and against direct) and bench-DATE-*.svg charts to --out. All traffic is on loopback; every
-workload is bounded in time.
+CPU**: machine CPU per unit of work minus the `direct` run's. Writes bench-DATE.json, bench-DATE.md
+(means, both rounds, ratios against HAProxy and against direct) and bench-DATE-*.svg charts to --out.
+All traffic is on loopback; every workload is bounded in time. A tool that fails (its exit code), a
+backend or a proxy that dies, or an output that does not parse stops the run with what the tool said.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -64,6 +67,47 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+class ToolError(RuntimeError):
+    """A tool the benchmark runs failed or died: its command, how it ended and what it said. The run
+    stops: a measurement taken with a broken tool or server is not a measurement."""
+
+
+def tail(text, n=2000):
+    text = (text or "").strip()
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+def run_tool(cmd, timeout):
+    """Runs `cmd` to its end: the CompletedProcess, or ToolError with its exit code and stderr (its
+    stdout when stderr is empty: iperf3 -J reports errors there)."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise ToolError(f"{shlex.join(cmd)}: still running after {timeout} s") from e
+    except OSError as e:
+        raise ToolError(f"{shlex.join(cmd)}: {e}") from e
+    if p.returncode != 0:
+        raise ToolError(f"{shlex.join(cmd)} exited with {p.returncode}: {tail(p.stderr or p.stdout)}")
+    return p
+
+
+def parsed(parser, p):
+    """`parser` on a finished tool's stdout; ToolError naming the tool when the output is not what
+    it should be."""
+    try:
+        return parser(p.stdout)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ToolError(f"{shlex.join(p.args)}: {e}") from e
+
+
+def read_log(path):
+    try:
+        with open(path, errors="replace") as f:
+            return tail(f.read())
+    except OSError as e:
+        return f"(no log: {e})"
+
+
 def need(*tools):
     missing = [t for t in tools if not shutil.which(t)]
     if missing:
@@ -71,82 +115,120 @@ def need(*tools):
                          f"nginx-light libnginx-mod-stream util-linux)")
 
 
-def listening(port):
-    """Whether a socket listens on 127.0.0.1:port (read from /proc, without connecting: a probe
-    connection would count as a test run for iperf3's server)."""
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def listens_in(proc_net_tcp, port):
+    """Whether /proc/net/tcp's text has a socket listening (state 0A) on 127.0.0.1:port."""
     want = f"0100007F:{port:04X}"
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+    for line in proc_net_tcp.splitlines()[1:]:
         cols = line.split()
-        if cols[1] == want and cols[3] == "0A":
+        if len(cols) > 3 and cols[1] == want and cols[3] == "0A":
             return True
     return False
 
 
-def wait_port(port, limit=10.0):
+def listening(port):
+    """Whether a socket listens on 127.0.0.1:port (read from /proc, without connecting: a probe
+    connection would count as a test run for iperf3's server)."""
+    return listens_in(read("/proc/net/tcp"), port)
+
+
+def wait_port(port, proc=None, limit=10.0):
+    """Waits until something listens on `port`; ToolError when `proc` (what should listen) exits first."""
     end = time.time() + limit
     while time.time() < end:
         if listening(port):
             return
+        if proc is not None and proc.poll() is not None:
+            raise ToolError(f"{shlex.join(proc.args)} exited with {proc.returncode} before listening on {port}")
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port}")
+
+
+def stat_fields(stat):
+    """The fields of /proc/PID/stat after the command name, which may hold spaces and parentheses:
+    [0] is field 3 (state), [3] the session, [11:15] utime, stime, cutime, cstime (in ticks)."""
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def stat_session(stat):
+    return int(stat_fields(stat)[3])
+
+
+def stat_cpu_ticks(stat):
+    """utime + stime + cutime + cstime: the CPU of the process and of its children it waited for."""
+    f = stat_fields(stat)
+    return int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+
+
+def busy_ticks(proc_stat):
+    """Busy ticks of every CPU from /proc/stat's first line: user, nice, system, irq, softirq and
+    steal (idle and iowait are not busy; guest time is already counted in user)."""
+    f = [int(x) for x in proc_stat.splitlines()[0].split()[1:]]
+    return sum(f[:8]) - f[3] - f[4]
+
+
+def statm_rss_kib(statm, page=PAGE):
+    """The resident set of /proc/PID/statm (its second field, in pages), in KiB."""
+    return int(statm.split()[1]) * page // 1024
 
 
 def session_pids(sid):
     pids = []
     for d in os.listdir("/proc"):
+        # A process may end between the listing and the read.
         if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-                fields = stat[stat.rindex(")") + 2:].split()
-                if int(fields[3]) == sid:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if stat_session(read(f"/proc/{d}/stat")) == sid:
                     pids.append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
     return pids
 
 
 def machine_busy_seconds():
     """Busy seconds of every CPU (all but idle and iowait), from /proc/stat."""
-    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    return (sum(f[:8]) - f[3] - f[4]) / TICK
+    return busy_ticks(read("/proc/stat")) / TICK
 
 
 def cpu_seconds(sid):
     total = 0
     for pid in session_pids(sid):
-        try:
-            stat = open(f"/proc/{pid}/stat").read()
-            f = stat[stat.rindex(")") + 2:].split()
-            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-        except (OSError, ValueError, IndexError):
-            pass
+        # A process of the session may end between the listing and the read.
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += stat_cpu_ticks(read(f"/proc/{pid}/stat"))
     return total / TICK
 
 
 def open_fds(sid):
     total = 0
     for pid in session_pids(sid):
-        try:
+        with contextlib.suppress(OSError):
             total += len(os.listdir(f"/proc/{pid}/fd"))
-        except OSError:
-            pass
     return total
 
 
 def rss_kib(sid):
     total = 0
     for pid in session_pids(sid):
-        try:
-            total += int(open(f"/proc/{pid}/statm").read().split()[1]) * PAGE // 1024
-        except (OSError, ValueError, IndexError):
-            pass
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += statm_rss_kib(read(f"/proc/{pid}/statm"))
     return total
 
 
 class Fixture:
+    """The backends every proxy is measured against: three nginx and an iperf3 server, each logging to
+    a file of its own in `work`."""
+
     def __init__(self, work):
         self.work = work
-        self.procs = []
+        self.procs = []  # (process, its log file)
         www = os.path.join(work, "www")
         os.makedirs(www)
         with open(os.path.join(www, "1m.bin"), "wb") as f:
@@ -164,20 +246,30 @@ http {{ access_log off; keepalive_requests 1000000;
     location = /tiny {{ add_header X-Backend b{port}; return 200 "0123456789abcde\\n"; }}
     location / {{ root {www}; }} }} }}
 """)
-            self.procs.append(subprocess.Popen(["nginx", "-c", conf, "-p", d], stderr=subprocess.DEVNULL,
-                                               start_new_session=True))
-        self.procs.append(subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_BACKEND)],
-                                           stdout=subprocess.DEVNULL, start_new_session=True))
-        for port in BACKENDS + [IPERF_BACKEND]:
-            wait_port(port)
+            self.start(["nginx", "-c", conf, "-p", d], port, os.path.join(d, "error.log"))
+        self.start(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_BACKEND)], IPERF_BACKEND,
+                   os.path.join(work, "iperf3.log"))
+
+    def start(self, cmd, port, log):
+        with open(log, "a") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+        self.procs.append((proc, log))
+        try:
+            wait_port(port, proc)
+        except (ToolError, RuntimeError) as e:
+            raise ToolError(f"{e}: {read_log(log)}") from e
+
+    def check(self):
+        """ToolError if a backend has died (what was measured since is not a measurement)."""
+        for p, log in self.procs:
+            if p.poll() is not None:
+                raise ToolError(f"backend {shlex.join(p.args)} exited with {p.returncode}: {read_log(log)}")
 
     def close(self):
-        for p in self.procs:
-            try:
+        for p, _ in self.procs:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in self.procs:
+        for p, _ in self.procs:
             p.wait(timeout=10)
 
 
@@ -197,7 +289,7 @@ def proxy_command(name, work, binary):
             lines += [f"  - name: {svc}", f"    listen: 127.0.0.1:{port}", "    balance: round_robin",
                       f"    relay: {relay}", "    max_connections: 100000", "    backends:"]
             lines += [f"      - {{address: \"127.0.0.1:{b}\"}}" for b in backends]
-        open(cfg, "w").write("\n".join(lines) + "\n")
+        write(cfg, "\n".join(lines) + "\n")
         return [binary, "--config", cfg]
     if name.startswith("haproxy"):
         cfg = os.path.join(d, "haproxy.cfg")
@@ -207,7 +299,7 @@ def proxy_command(name, work, binary):
         maxconn = MAXCONN - 1100 if splice else MAXCONN
         pipes = "  maxpipes 1000\n" if splice else ""
         servers = "".join(f"  server b{b} 127.0.0.1:{b}\n" for b in BACKENDS)
-        open(cfg, "w").write(f"""global
+        write(cfg, f"""global
   nbthread 1
   maxconn {maxconn}
 {pipes}defaults
@@ -232,7 +324,7 @@ backend iperf
         module = next((m for m in ["/usr/lib/nginx/modules/ngx_stream_module.so"] if os.path.exists(m)), None)
         load = f"load_module {module};\n" if module else ""
         servers = "".join(f"    server 127.0.0.1:{b};\n" for b in BACKENDS)
-        open(cfg, "w").write(f"""{load}worker_processes 1; daemon off; pid {d}/pid; error_log {d}/error.log;
+        write(cfg, f"""{load}worker_processes 1; daemon off; pid {d}/pid; error_log {d}/error.log;
 events {{ worker_connections {MAXCONN}; }}
 stream {{
   upstream http {{
@@ -245,29 +337,114 @@ stream {{
     return None
 
 
-def parse_wrk(out):
-    def dur(v):
-        m = re.match(r"([\d.]+)(us|ms|s|m)", v)
-        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)] if m else None
+def wrk_duration_ms(v):
+    """wrk's duration ("812.00us", "1.50ms", "2.01s", "1.00m", "1.00h") in milliseconds."""
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", v)
+    if not m:
+        raise ValueError(f"not a wrk duration: {v!r}")
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}[m.group(2)]
 
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    bytes_read = re.search(r"requests in [\d.]+\w+, ([\d.]+)(\w+) read", out)
-    scale = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
-    read = float(bytes_read.group(1)) * scale.get(bytes_read.group(2), 1)
-    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
-    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+
+# wrk's sizes are binary: "1.23MB" is 1.23 × 2^20 bytes.
+WRK_SIZES = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+class Proxy:
+    """One proxy under test: pinned to PROXY_CPU, in a session of its own (its CPU and memory are the
+    session's), its output in a log file."""
+
+    def __init__(self, name, cmd, log):
+        self.name, self.cmd, self.log, self.proc = name, ["taskset", "-c", PROXY_CPU, *cmd], log, None
+        # sluicegate drains on SIGTERM and exits 0; HAProxy in the foreground (-db) dies of it.
+        self.stopped = {0} if name.startswith("sg-") else {0, -signal.SIGTERM}
+
+    def start(self):
+        with open(self.log, "a") as out:
+            for _ in range(3):
+                self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=out, start_new_session=True)
+                try:
+                    wait_port(LISTEN, self.proc)
+                    wait_port(IPERF_LISTEN, self.proc)
+                    return
+                except (ToolError, RuntimeError):
+                    # The previous proxy's sockets may still be closing: try again shortly.
+                    self.kill()
+                    time.sleep(3)
+        raise ToolError(f"{self.name} did not start ({shlex.join(self.cmd)}): {read_log(self.log)}")
+
+    def check(self):
+        """ToolError if the proxy has died (what was measured since is not a measurement)."""
+        if self.proc.poll() is not None:
+            raise ToolError(f"{self.name} exited with {self.proc.returncode} during the run: {read_log(self.log)}")
+
+    def stop(self):
+        """SIGTERM, as a service manager stops it; ToolError unless it ends as it should within 15 s."""
+        self.check()
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise ToolError(f"{self.name} did not exit within 15 s of SIGTERM: {read_log(self.log)}") from None
+        if code not in self.stopped:
+            raise ToolError(f"{self.name} exited with {code} on SIGTERM: {read_log(self.log)}")
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def parse_wrk(out):
+    """wrk --latency's report: requests/s, requests, bytes read, p50/p99 in ms, and errors (socket
+    errors plus non-2xx/3xx answers). ValueError when it is not one, or when no request completed
+    (wrk then still exits 0, with latencies of 0)."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)$", out, re.M)
+    total = re.search(r"^\s*(\d+) requests in [\d.]+\w+, ([\d.]+)([KMGT]?B) read$", out, re.M)
+    if not rps or not total:
+        raise ValueError(f"not a wrk report: {tail(out, 600)!r}")
+    if int(total.group(1)) == 0:
+        raise ValueError(f"wrk completed no request: {tail(out, 600)!r}")
+    p50 = re.search(r"^\s+50%\s+(\S+)$", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)$", out, re.M)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errs = (sum(int(x) for x in errors.groups()) if errors else 0) + (int(non2xx.group(1)) if non2xx else 0)
-    return {"rps": rps, "requests": total, "bytes": read, "p50_ms": dur(p50.group(1)) if p50 else None,
-            "p99_ms": dur(p99.group(1)) if p99 else None, "errors": errs}
+    return {"rps": float(rps.group(1)), "requests": int(total.group(1)),
+            "bytes": float(total.group(2)) * WRK_SIZES[total.group(3)],
+            "p50_ms": wrk_duration_ms(p50.group(1)) if p50 else None,
+            "p99_ms": wrk_duration_ms(p99.group(1)) if p99 else None, "errors": errs}
+
+
+def parse_iperf3(out):
+    """iperf3 -J's report of one client run: what the receiver got, in Gbit/s and bytes. ValueError
+    when iperf3 reported an error or no result."""
+    j = json.loads(out)
+    if j.get("error"):
+        raise ValueError(f"iperf3: {j['error']}")
+    end = j["end"]["sum_received"]
+    return {"gbit_s": end["bits_per_second"] / 1e9, "bytes": end["bytes"]}
+
+
+def parse_load(out):
+    """sluicegate-load --json's report: successes, latency percentiles (none when nothing succeeded),
+    requests/s and failures."""
+    r = json.loads(out)
+    lat = r.get("latency") or {}
+    return {"requests": r["ok"], "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"),
+            "p999_ms": lat.get("p999_ms"), "rps": r["rps"], "errors": r["failed"]}
+
+
+def first_line(p):
+    """The first line a version command printed (nginx -v writes to stderr, haproxy -v to stdout)."""
+    return (p.stderr.strip() or p.stdout.strip()).split("\n")[0]
 
 
 def hold_idle(port, n):
     """Opens n idle connections through the proxy; returns them (the caller closes them)."""
     socks = []
-    for i in range(n):
+    for _ in range(n):
         s = socket.socket()
         s.setblocking(True)
         s.settimeout(5)
@@ -283,13 +460,10 @@ def hold_idle(port, n):
 def latency_client(port, duration):
     """The paced latency workload through sluicegate-load (open loop, latency from when each request was
     due, HdrHistogram percentiles), pinned to the client CPU; the first second warms up."""
-    out = subprocess.run(["taskset", "-c", CLIENT_CPU, LOAD_BIN, f"127.0.0.1:{port}", "--path", "/tiny",
-                          "-c", str(LAT_CONNECTIONS), "--rate", str(LAT_RATE), "--duration", f"{duration}s",
-                          "--warmup", "1s", "--json"], capture_output=True, text=True, timeout=duration + 60)
-    r = json.loads(out.stdout)
-    lat = r.get("latency") or {}
-    return {"requests": r["ok"], "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"),
-            "p999_ms": lat.get("p999_ms"), "rps": r["rps"], "errors": r["failed"]}
+    out = run_tool(["taskset", "-c", CLIENT_CPU, LOAD_BIN, f"127.0.0.1:{port}", "--path", "/tiny",
+                    "-c", str(LAT_CONNECTIONS), "--rate", str(LAT_RATE), "--duration", f"{duration}s",
+                    "--warmup", "1s", "--json"], timeout=duration + 60)
+    return parsed(parse_load, out)
 
 
 def run_workload(name, proxy, port, iperf_port, duration, sid):
@@ -301,19 +475,15 @@ def run_workload(name, proxy, port, iperf_port, duration, sid):
     if name in ("ka", "churn", "bulk"):
         args = {"ka": ["-c64", f"{url}/tiny"], "churn": ["-c64", "-H", "Connection: close", f"{url}/tiny"],
                 "bulk": ["-c16", f"{url}/1m.bin"]}[name]
-        out = subprocess.run(pin + ["wrk", "-t1", f"-d{duration}s", "--latency", "--timeout", "5s"] + args,
-                             capture_output=True, text=True, timeout=duration + 60).stdout
-        w = parse_wrk(out)
+        w = parsed(parse_wrk, run_tool([*pin, "wrk", "-t1", f"-d{duration}s", "--latency", "--timeout", "5s",
+                                         *args], timeout=duration + 60))
         row.update(w)
         row["mb_s"] = w["bytes"] / duration / 1e6
     elif name == "lat":
         row.update(latency_client(port, duration))
     elif name == "stream":
-        out = subprocess.run(pin + ["iperf3", "-c", "127.0.0.1", "-p", str(iperf_port), "-t", str(duration),
-                                    "-J"], capture_output=True, text=True, timeout=duration + 60).stdout
-        j = json.loads(out)
-        end = j["end"]["sum_received"]
-        row.update({"gbit_s": end["bits_per_second"] / 1e9, "bytes": end["bytes"]})
+        row.update(parsed(parse_iperf3, run_tool([*pin, "iperf3", "-c", "127.0.0.1", "-p", str(iperf_port),
+                                                   "-t", str(duration), "-J"], timeout=duration + 60)))
     elif name == "idle":
         before, fds0 = (rss_kib(sid), open_fds(sid)) if sid else (None, None)
         # The same number for every proxy, within every proxy's descriptor budget.
@@ -328,18 +498,25 @@ def run_workload(name, proxy, port, iperf_port, duration, sid):
         for s in socks:
             s.close()
     row["machine_cpu_s"] = machine_busy_seconds() - machine0
-    if name in ("ka", "churn", "lat") and row.get("requests"):
-        row["machine_per_100k"] = row["machine_cpu_s"] / row["requests"] * 1e5
-    if name in ("bulk", "stream") and row.get("bytes"):
-        row["machine_per_gb"] = row["machine_cpu_s"] / row["bytes"] * 1e9
     if sid:
         row["cpu_s"] = cpu_seconds(sid) - cpu0
         row["rss_kib"] = rss_kib(sid)
-        if name in ("ka", "churn", "lat") and row.get("requests"):
-            row["cpu_per_100k"] = row["cpu_s"] / row["requests"] * 1e5
-        if name in ("bulk", "stream") and row.get("bytes"):
-            row["cpu_per_gb"] = row["cpu_s"] / row["bytes"] * 1e9
+    row.update(per_unit(name, row))
     return row
+
+
+def per_unit(name, row):
+    """CPU per unit of work: per 100k requests (ka, churn, lat) or per GB (bulk, stream), for the
+    machine and, when measured, the proxy; nothing for a run that did no work."""
+    out = {}
+    for cpu, prefix in (("machine_cpu_s", "machine"), ("cpu_s", "cpu")):
+        if row.get(cpu) is None:
+            continue
+        if name in ("ka", "churn", "lat") and row.get("requests"):
+            out[f"{prefix}_per_100k"] = row[cpu] / row["requests"] * 1e5
+        if name in ("bulk", "stream") and row.get("bytes"):
+            out[f"{prefix}_per_gb"] = row[cpu] / row["bytes"] * 1e9
+    return out
 
 
 def mean(xs):
@@ -364,8 +541,8 @@ TARGETS = [
 # Added machine CPU per unit, by workload (computed in `report`).
 ADDED = {"ka": "added_per_100k", "churn": "added_per_100k", "lat": "added_per_100k", "bulk": "added_per_gb",
          "stream": "added_per_gb"}
-HEADLINE = {"ka": ("cpu_per_100k", "rps"), "lat": ("p99_ms", "rps"), "churn": ("cpu_per_100k", "rps"), "bulk": ("cpu_per_gb", "mb_s"),
-            "stream": ("cpu_per_gb", "gbit_s"), "idle": ("rss_kib_per_conn", None)}
+HEADLINE = {"ka": ("cpu_per_100k", "rps"), "lat": ("p99_ms", "rps"), "churn": ("cpu_per_100k", "rps"),
+            "bulk": ("cpu_per_gb", "mb_s"), "stream": ("cpu_per_gb", "gbit_s"), "idle": ("rss_kib_per_conn", None)}
 
 
 def svg_bars(title, unit, values):
@@ -410,7 +587,8 @@ def targets_table(means):
             ref_name = (max if higher_better else min)(peers, key=peers.get)
             ref = peers[ref_name]
             ok = val >= ref * bound if higher_better else val <= ref * bound
-            ref_text = f"{ref_name} {ref:.3g} (target {'≥' if higher_better else '≤'} {ref * bound:.3g}; ×{val / ref:.2f})"
+            ref_text = (f"{ref_name} {ref:.3g} (target {'≥' if higher_better else '≤'} {ref * bound:.3g}; "
+                        f"×{val / ref:.2f})")
         elif kind == "direct":
             ref = m.get("direct", {}).get(key)
             if not ref:
@@ -436,7 +614,7 @@ def report(rows, meta, out_dir):
           f"Command: `{meta['command']}`. Machine: {meta['cpus']} CPUs, {meta['kernel']}; proxy pinned to "
           f"CPU {PROXY_CPU}, load on CPU {CLIENT_CPU}, backends unpinned; {meta['rounds']} interleaved rounds of "
           f"{meta['duration']} s per workload. Peers: {meta['versions']}.", ""]
-    proxies = [p for p in meta["proxies"]]
+    proxies = list(meta["proxies"])
     fmt = lambda v, f="{:.3g}": "–" if v is None else f.format(v)  # noqa: E731
     means = {}
     for w in meta["workloads"]:
@@ -499,10 +677,10 @@ def report(rows, meta, out_dir):
                        {p: m.get(key) for p, m in means[w].items()})
         if svg:
             name = f"bench-{stamp}-{w}.svg"
-            open(os.path.join(out_dir, name), "w").write(svg)
+            write(os.path.join(out_dir, name), svg)
             md.insert(md.index(f"## {w}") + 2, f"![{w}]({name})\n")
     path = os.path.join(out_dir, f"bench-{stamp}.md")
-    open(path, "w").write("\n".join(md) + "\n")
+    write(path, "\n".join(md) + "\n")
     return path
 
 
@@ -524,68 +702,66 @@ def main():
         # latency workload runs sluicegate-load.
         subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     # 10 000 idle connections need 20 000 descriptors in the proxy: raise the limit where allowed.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 100_000), max(hard, 100_000)))
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     global MAXCONN
     MAXCONN = min(40_000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200) // 2)
+    try:
+        rows = measure(proxies, workloads, a)
+        peers = [["haproxy", "-v"]] * any(p.startswith("haproxy") for p in proxies) + [["nginx", "-v"]]
+        versions = "; ".join(first_line(run_tool(c, timeout=10)) for c in peers)
+    except ToolError as e:
+        raise SystemExit(f"bench.py: {e}") from None
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "stamp": time.strftime("%Y-%m-%d-%H%M"),
+            "rounds": a.rounds, "duration": a.duration, "proxies": proxies, "workloads": workloads,
+            "cpus": os.cpu_count(), "kernel": os.uname().release,
+            "command": "python3 benchmarks/bench.py " + " ".join(sys.argv[1:]), "versions": versions}
+    print(report(rows, meta, a.out))
+
+
+def measure(proxies, workloads, a):
+    """Every (round, proxy, workload): the rows of the report. ToolError, with every process it started
+    ended, when a tool, a backend or a proxy fails."""
     work = tempfile.mkdtemp(prefix="sg-bench-")
     os.chmod(work, 0o755)  # nginx workers run as an unprivileged user and must read the files
-    fixture = Fixture(work)
-    rows = []
+    rows, fixture, proxy = [], None, None
     try:
+        fixture = Fixture(work)
         for rnd in range(1, a.rounds + 1):
             order = proxies[rnd - 1:] + proxies[:rnd - 1]
             for p in order:
                 cmd = proxy_command(p, work, a.bin)
-                proc = None
-                if cmd:
-                    log = open(os.path.join(work, f"{p}-r{rnd}.log"), "w")
-                    for attempt in range(3):
-                        proc = subprocess.Popen(["taskset", "-c", PROXY_CPU] + cmd, stdout=log, stderr=log,
-                                                start_new_session=True)
-                        try:
-                            wait_port(LISTEN)
-                            wait_port(IPERF_LISTEN)
-                            break
-                        except RuntimeError:
-                            # The previous proxy's sockets may still be closing: try again shortly.
-                            try:
-                                os.killpg(proc.pid, signal.SIGKILL)
-                            except ProcessLookupError:
-                                pass
-                            proc.wait(timeout=10)
-                            time.sleep(3)
-                    else:
-                        log.flush()
-                        raise SystemExit(f"{p} did not start: {open(log.name).read()[-800:]}")
+                proxy = Proxy(p, cmd, os.path.join(work, f"{p}-r{rnd}.log")) if cmd else None
+                if proxy:
+                    proxy.start()
                 port = LISTEN if cmd else BACKENDS[0]
                 iperf_port = IPERF_LISTEN if cmd else IPERF_BACKEND
                 for w in workloads:
                     if w == "idle" and not cmd:
                         continue
-                    row = run_workload(w, p, port, iperf_port, a.duration, proc.pid if proc else None)
+                    row = run_workload(w, p, port, iperf_port, a.duration, proxy.proc.pid if proxy else None)
+                    # A backend or the proxy that died during the workload invalidates it.
+                    fixture.check()
+                    if proxy:
+                        proxy.check()
                     row.update({"round": rnd, "proxy": p})
                     rows.append(row)
                     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
                           file=sys.stderr)
-                if proc:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=15)
+                if proxy:
+                    proxy.stop()
+                    proxy = None
                 time.sleep(1)
     finally:
-        fixture.close()
+        if proxy:
+            proxy.kill()
+        if fixture:
+            fixture.close()
         shutil.rmtree(work, ignore_errors=True)
-    version = lambda c: subprocess.run(c, capture_output=True, text=True).stderr.strip().split("\n")[0] or \
-        subprocess.run(c, capture_output=True, text=True).stdout.strip().split("\n")[0]  # noqa: E731
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "stamp": time.strftime("%Y-%m-%d-%H%M"),
-            "rounds": a.rounds, "duration": a.duration, "proxies": proxies, "workloads": workloads,
-            "cpus": os.cpu_count(), "kernel": os.uname().release,
-            "command": "python3 benchmarks/bench.py " + " ".join(sys.argv[1:]),
-            "versions": "; ".join(v for v in [version(["haproxy", "-v"]), version(["nginx", "-v"])] if v)}
-    print(report(rows, meta, a.out))
+    return rows
 
 
 if __name__ == "__main__":

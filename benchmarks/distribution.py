@@ -7,8 +7,9 @@ Usage (from the repository root):
 Starts four backends on 127.0.0.2-5 (one port, as Docker replicas) with weights 1:2:3:4, then for
 every policy runs sluicegate (target/release/sluicegate, built if missing) in front of them and sends
 REQUESTS connections from CLIENTS concurrent clients. Each client thread cycles through 64 loopback
-source addresses (127.0.K.x), so source_hash sees about a thousand distinct clients. Each backend names itself and closes; the
-counts come from what the clients were told, checked against sluicegate's own /backends totals.
+source addresses (127.0.K.x), so source_hash sees about a thousand distinct clients. Each backend names
+itself and closes; the counts come from what the clients were told, checked against sluicegate's own
+/backends totals.
 
 Then it measures what moves when a backend joins or leaves: sluicegate with source_hash over four equal
 backends, each of 1024 client addresses asked once, a fifth backend added through the admin API and
@@ -23,6 +24,7 @@ Jain's fairness index is computed on count/weight per backend: 1.0 when every ba
 weighted share (round_robin is judged against equal shares, since it ignores weights).
 """
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -68,7 +70,7 @@ class Backends:
     def __init__(self, port):
         self.socks = []
         self.stop = False
-        for ip in BACKEND_IPS + [EXTRA_IP]:
+        for ip in [*BACKEND_IPS, EXTRA_IP]:
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((ip, port))
@@ -81,12 +83,10 @@ class Backends:
         while not self.stop:
             try:
                 c, _ = s.accept()
-            except (socket.timeout, OSError):
+            except OSError:  # the accept timeout (socket.timeout is an OSError), or closed
                 continue
-            try:
+            with contextlib.suppress(OSError):
                 c.sendall(ip.encode() + b"\n")
-            except OSError:
-                pass
             c.close()
 
     def close(self):
@@ -98,7 +98,7 @@ class Backends:
 def run_policy(binary, policy, port, requests, clients):
     proc, listen_port, admin_port, cfg = start_sluicegate(binary, policy, port, WEIGHTS)
     try:
-        counts = {ip: 0 for ip in BACKEND_IPS}
+        counts = dict.fromkeys(BACKEND_IPS, 0)
         failed = 0
         lock = threading.Lock()
         per_client = requests // clients
@@ -142,18 +142,19 @@ def start_sluicegate(binary, policy, port, weights):
     """sluicegate in front of BACKEND_IPS with `weights`: (process, listen port, admin port, config)."""
     listen_port = free_port(["127.0.0.1"])
     admin_port = free_port(["127.0.0.1"])
-    cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    cfg.write(
-        f"log: {{level: warn}}\nadmin: {{listen: \"127.0.0.1:{admin_port}\"}}\n"
-        f"shutdown: {{drain_timeout: 2s}}\nservices:\n  - name: dist\n"
-        f"    listen: 127.0.0.1:{listen_port}\n    balance: {policy}\n    backends:\n"
-    )
-    for ip, w in zip(BACKEND_IPS, weights):
-        cfg.write(f"      - {{address: \"{ip}:{port}\", weight: {w}}}\n")
-    cfg.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as cfg:
+        cfg.write(
+            f"log: {{level: warn}}\nadmin: {{listen: \"127.0.0.1:{admin_port}\"}}\n"
+            f"shutdown: {{drain_timeout: 2s}}\nservices:\n  - name: dist\n"
+            f"    listen: 127.0.0.1:{listen_port}\n    balance: {policy}\n    backends:\n"
+        )
+        for ip, w in zip(BACKEND_IPS, weights, strict=True):
+            cfg.write(f"      - {{address: \"{ip}:{port}\", weight: {w}}}\n")
     proc = subprocess.Popen([binary, "--config", cfg.name], stdout=subprocess.DEVNULL)
     deadline = time.time() + 20
     while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{policy}: sluicegate exited with {proc.returncode} (its error is above)")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
                 if r.status == 200:
@@ -242,7 +243,8 @@ def measure_moves(binary, port, clients):
                 "back where they were after add and remove": moved(four, back) == 0,
                 "remove one of 4: 4 → 3": moved(back, three),
                 # Maglev's table is near-minimal: a few clients of the other backends move too.
-                "others moved": sum(1 for c in back if back[c] != BACKEND_IPS[0] and three[c] != back[c]) / max(len(back), 1),
+                "others moved": sum(1 for c in back if back[c] != BACKEND_IPS[0] and three[c] != back[c])
+                / max(len(back), 1),
                 "joined got": sum(1 for v in five.values() if v == EXTRA_IP) / max(len(five), 1),
                 "clients": len(four), "failed": failed}
     finally:
@@ -252,7 +254,7 @@ def measure_moves(binary, port, clients):
 
 
 def jain(counts, weights):
-    x = [c / w for c, w in zip(counts, weights)]
+    x = [c / w for c, w in zip(counts, weights, strict=True)]
     s, q = sum(x), sum(v * v for v in x)
     return s * s / (len(x) * q) if q else None
 
@@ -263,7 +265,7 @@ def svg_chart(rows):
     width, height, left, bottom, top = 900, 360, 50, 300, 30
     group = (width - left - 20) / len(rows)
     bar = group / (len(WEIGHTS) + 1.5)
-    maxshare = max(max(r["shares"]) for r in rows + [{"shares": [w / sum(WEIGHTS) for w in WEIGHTS]}])
+    maxshare = max(max(r["shares"]) for r in [*rows, {"shares": [w / sum(WEIGHTS) for w in WEIGHTS]}])
     maxshare = min(1.0, maxshare * 1.15)
     y = lambda v: bottom - (bottom - top) * v / maxshare  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -288,7 +290,7 @@ def svg_chart(rows):
         out.append(f'<text x="{cx:.1f}" y="{bottom + 16}" text-anchor="middle">{r["policy"]}</text>')
         j = "–" if r["jain"] is None else f'{r["jain"]:.3f}'
         out.append(f'<text x="{cx:.1f}" y="{bottom + 30}" text-anchor="middle" fill="#555">J = {j}</text>')
-    for i, (ip, w) in enumerate(zip(BACKEND_IPS, WEIGHTS)):
+    for i, (ip, w) in enumerate(zip(BACKEND_IPS, WEIGHTS, strict=True)):
         out.append(f'<rect x="{left + i * 150}" y="{height - 14}" width="10" height="10" fill="{colors[i]}"/>')
         out.append(f'<text x="{left + i * 150 + 14}" y="{height - 5}">{ip} (weight {w})</text>')
     out.append("</svg>")
@@ -319,7 +321,7 @@ def main():
                 "policy": policy, "counts": n, "failed": failed, "seconds": round(elapsed, 2),
                 "shares": [c / total for c in n], "expected": expected, "jain": jain(n, weights),
                 "admin_totals": [admin.get(ip, 0) for ip in BACKEND_IPS],
-                "max_deviation_pp": max(abs(c / total - e) for c, e in zip(n, expected)) * 100,
+                "max_deviation_pp": max(abs(c / total - e) for c, e in zip(n, expected, strict=True)) * 100,
             })
             print(f"{policy:<22} {n} failed={failed} J={rows[-1]['jain']:.4f}", file=sys.stderr)
         moves = measure_moves(a.bin, port, a.clients * 64)
@@ -342,11 +344,12 @@ def main():
           "Expected shares are the weights' (equal shares for round_robin, which ignores weights). "
           "Jain's index is computed on connections ÷ weight: 1.0 is a perfect weighted split.", "",
           "![shares per backend](distribution.svg)", "",
-          "| policy | 127.0.0.2 (w1) | 127.0.0.3 (w2) | 127.0.0.4 (w3) | 127.0.0.5 (w4) | max deviation | Jain | failed |",
+          "| policy | 127.0.0.2 (w1) | 127.0.0.3 (w2) | 127.0.0.4 (w3) | 127.0.0.5 (w4) | max deviation | Jain "
+          "| failed |",
           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         cells = [f"{c} ({s * 100:.1f} % / {e * 100:.1f} %)" for c, s, e in
-                 zip(r["counts"], r["shares"], r["expected"])]
+                 zip(r["counts"], r["shares"], r["expected"], strict=True)]
         md.append(f"| {r['policy']} | " + " | ".join(cells) +
                   f" | {r['max_deviation_pp']:.2f} pp | {r['jain']:.4f} | {r['failed']} |")
     md += ["", "Cells: connections (share / expected share). The counts are what the clients were told by "
@@ -366,7 +369,8 @@ def main():
            f"| add a 5th backend (`POST /backends`) | {moves['add 4 → 5'] * 100:.1f} % "
            f"(the new one got {moves['joined got'] * 100:.1f} %) | 20 % (1/5) |",
            f"| remove it again (`DELETE /backends/…`) | {moves['remove the 5th: 5 → 4'] * 100:.1f} % "
-           f"(every client back where it was: {'yes' if moves['back where they were after add and remove'] else 'no'}) | 20 % |",
+           f"(every client back where it was: "
+           f"{'yes' if moves['back where they were after add and remove'] else 'no'}) | 20 % |",
            f"| remove one of the four | {moves['remove one of 4: 4 → 3'] * 100:.1f} % (of which clients of "
            f"the other three: {moves['others moved'] * 100:.1f} %) | 25 % (1/4) |",
            "", "The L7 seed systems' ring (512 slots, 9 virtual nodes per server, request ids 0–99 999), "
@@ -375,7 +379,8 @@ def main():
            f"| add a 5th server | {ring['add 4 → 5'] * 100:.1f} % |",
            f"| remove it again | {ring['remove the 5th: 5 → 4'] * 100:.1f} % |",
            f"| remove server 1 of 4 | {ring['remove server 1: 4 → 3'] * 100:.1f} % |",
-           "| shares with 4 servers | " + ", ".join(f"{v * 100:.1f} %" for v in ring["shares with 4 servers"].values()) + " |",
+           "| shares with 4 servers | "
+           + ", ".join(f"{v * 100:.1f} %" for v in ring["shares with 4 servers"].values()) + " |",
            "", "Both are consistent hashing: a change moves only the keys of the server that joined or "
            "left. The ring hashes request ids and places 9 virtual nodes per server, so shares and "
            "moves follow where those few nodes fall; sluicegate's Maglev table (65 537 slots, weighted) "

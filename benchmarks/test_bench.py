@@ -1,0 +1,171 @@
+"""Unit tests of bench.py's parsers (they make the published numbers) and of how it runs tools.
+
+The fixtures in testdata/ are real outputs, captured on Debian bookworm: wrk 4.1.0, iperf3 3.12,
+HAProxy 2.6, nginx 1.22, this repository's sluicegate-load, and /proc of Linux 6.18.
+
+    python3 -m unittest discover -s benchmarks -p 'test_*.py'
+"""
+
+import os
+import sys
+import unittest
+
+import bench
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
+
+
+def fixture(name):
+    with open(os.path.join(DATA, name)) as f:
+        return f.read()
+
+
+class Wrk(unittest.TestCase):
+    def test_keepalive(self):
+        r = bench.parse_wrk(fixture("wrk-keepalive.txt"))
+        self.assertEqual(r["rps"], 54967.58)
+        self.assertEqual(r["requests"], 110100)
+        self.assertAlmostEqual(r["bytes"], 19.21 * 2**20)
+        self.assertAlmostEqual(r["p50_ms"], 0.19)  # "190.00us"
+        self.assertAlmostEqual(r["p99_ms"], 4.31)  # "4.31ms"
+        self.assertEqual(r["errors"], 0)
+
+    def test_bulk_reads_gigabytes(self):
+        r = bench.parse_wrk(fixture("wrk-bulk.txt"))
+        self.assertEqual(r["requests"], 2153)
+        self.assertAlmostEqual(r["bytes"], 2.10 * 2**30)
+        self.assertAlmostEqual(r["p50_ms"], 3.36)
+
+    def test_churn(self):
+        r = bench.parse_wrk(fixture("wrk-churn.txt"))
+        self.assertEqual((r["requests"], r["rps"], r["p50_ms"]), (20905, 10404.23, 0.74))
+        self.assertAlmostEqual(r["bytes"], 3.55 * 2**20)
+
+    def test_non_2xx_answers_are_errors(self):
+        self.assertEqual(bench.parse_wrk(fixture("wrk-non2xx.txt"))["errors"], 25603)
+
+    def test_socket_errors_are_errors(self):
+        r = bench.parse_wrk(fixture("wrk-socket-errors.txt"))
+        self.assertEqual((r["requests"], r["errors"]), (1369, 2738))
+        self.assertAlmostEqual(r["bytes"], 53.48 * 2**10)
+
+    def test_a_run_that_completed_nothing_is_not_a_measurement(self):
+        # wrk exits 0 here, with latencies of 0.
+        with self.assertRaisesRegex(ValueError, "wrk completed no request"):
+            bench.parse_wrk(fixture("wrk-nothing-completed.txt"))
+
+    def test_not_a_report(self):
+        with self.assertRaisesRegex(ValueError, "not a wrk report"):
+            bench.parse_wrk(fixture("wrk-refused.stderr"))
+
+    def test_durations(self):
+        for text, ms in [("812.00us", 0.812), ("1.50ms", 1.5), ("2.01s", 2010.0), ("1.00m", 60000.0),
+                         ("1.00h", 3600000.0)]:
+            self.assertAlmostEqual(bench.wrk_duration_ms(text), ms, msg=text)
+        for bad in ["", "1.5", "ms", "1.5ns", "-nan%"]:
+            with self.assertRaises(ValueError, msg=bad):
+                bench.wrk_duration_ms(bad)
+
+
+class Iperf3(unittest.TestCase):
+    def test_received(self):
+        r = bench.parse_iperf3(fixture("iperf3.json"))
+        self.assertEqual(r["bytes"], 2527985664)
+        self.assertAlmostEqual(r["gbit_s"], 20.067997110446056)
+
+    def test_an_error_reported_with_exit_code_0(self):
+        # iperf3 3.12 -J exits 0 when it cannot connect: only the JSON says so.
+        with self.assertRaisesRegex(ValueError, "iperf3: unable to connect to server: Connection refused"):
+            bench.parse_iperf3(fixture("iperf3-refused.json"))
+
+
+class Load(unittest.TestCase):
+    def test_report(self):
+        self.assertEqual(bench.parse_load(fixture("load.json")),
+                         {"requests": 400, "p50_ms": 1.484, "p99_ms": 9.167, "p999_ms": 13.255,
+                          "rps": 400.55900893722054, "errors": 0})
+
+    def test_nothing_succeeded(self):
+        r = bench.parse_load(fixture("load-refused.json"))
+        self.assertEqual((r["requests"], r["errors"], r["p99_ms"]), (0, 5, None))
+
+
+class Versions(unittest.TestCase):
+    def test_first_line_of_stdout_or_stderr(self):
+        class Done:
+            def __init__(self, stdout, stderr):
+                self.stdout, self.stderr = stdout, stderr
+
+        self.assertEqual(bench.first_line(Done(fixture("haproxy-v.stdout"), "")),
+                         "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/")
+        self.assertEqual(bench.first_line(Done("", fixture("nginx-v.stderr"))), "nginx version: nginx/1.22.1")
+
+
+class Proc(unittest.TestCase):
+    def test_listening_sockets_only(self):
+        text = fixture("proc-net-tcp.txt")
+        self.assertTrue(bench.listens_in(text, 19001))  # 4A39: listening, and a TIME_WAIT
+        self.assertTrue(bench.listens_in(text, 19002))
+        self.assertFalse(bench.listens_in(text, 19003))  # 4A3B: TIME_WAIT only
+        self.assertFalse(bench.listens_in(text, 19004))  # absent
+
+    def test_stat_of_a_process_whose_name_has_spaces_and_parentheses(self):
+        stat = fixture("proc-pid-stat.txt")  # comm "sg) worker (1"
+        self.assertEqual(bench.stat_session(stat), 18406)
+        self.assertEqual(bench.stat_cpu_ticks(stat), 3 + 0 + 5 + 0)
+
+    def test_machine_busy_ticks(self):
+        # cpu  1155487 61173 190658 132532 4273 0 18605 1034 0 0: all but idle and iowait.
+        self.assertEqual(bench.busy_ticks(fixture("proc-stat.txt")), 1155487 + 61173 + 190658 + 0 + 18605 + 1034)
+
+    def test_rss(self):
+        self.assertEqual(bench.statm_rss_kib(fixture("proc-pid-statm.txt"), page=4096), 3380 * 4)
+
+
+class PerUnit(unittest.TestCase):
+    def test_requests_and_bytes(self):
+        self.assertEqual(bench.per_unit("ka", {"requests": 200_000, "machine_cpu_s": 4.0, "cpu_s": 1.0}),
+                         {"machine_per_100k": 2.0, "cpu_per_100k": 0.5})
+        self.assertEqual(bench.per_unit("stream", {"bytes": 2e9, "machine_cpu_s": 3.0}), {"machine_per_gb": 1.5})
+
+    def test_no_work_no_rate(self):
+        self.assertEqual(bench.per_unit("ka", {"requests": 0, "machine_cpu_s": 4.0}), {})
+        self.assertEqual(bench.per_unit("idle", {"held": 10, "machine_cpu_s": 1.0, "cpu_s": 0.1}), {})
+
+
+class Tools(unittest.TestCase):
+    """run_tool and parsed on real processes."""
+
+    def test_output_of_a_tool_that_succeeds(self):
+        p = bench.run_tool([sys.executable, "-c", "print('ok')"], timeout=30)
+        self.assertEqual(p.stdout, "ok\n")
+
+    def test_a_failing_tool_stops_the_run_with_its_stderr(self):
+        with self.assertRaises(bench.ToolError) as e:
+            bench.run_tool([sys.executable, "-c", "import sys; print('partial'); sys.exit('no backend answers')"],
+                           timeout=30)
+        self.assertIn("exited with 1: no backend answers", str(e.exception))
+
+    def test_stdout_when_stderr_is_empty(self):
+        with self.assertRaisesRegex(bench.ToolError, "exited with 2: .*unable to connect"):
+            bench.run_tool([sys.executable, "-c", "import sys; print('{\"error\": \"unable to connect\"}'); "
+                                                  "sys.exit(2)"], timeout=30)
+
+    def test_a_tool_that_does_not_end(self):
+        with self.assertRaisesRegex(bench.ToolError, "still running after 0.5 s"):
+            bench.run_tool([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
+
+    def test_a_tool_that_is_not_there(self):
+        with self.assertRaisesRegex(bench.ToolError, "no-such-tool-here"):
+            bench.run_tool(["no-such-tool-here"], timeout=5)
+
+    def test_output_that_does_not_parse_names_the_tool(self):
+        p = bench.run_tool([sys.executable, "-c", "print('garbage')"], timeout=30)
+        with self.assertRaises(bench.ToolError) as e:
+            bench.parsed(bench.parse_wrk, p)
+        self.assertTrue(str(e.exception).startswith(sys.executable), e.exception)
+        self.assertIn(": not a wrk report: 'garbage'", str(e.exception))
+
+
+if __name__ == "__main__":
+    unittest.main()
