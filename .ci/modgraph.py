@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""The top-level module graph of src/ and its cycles: fails when a cycle appears.
+"""The top-level module graph of src/: fails on a cycle, and when an import breaks the order documented
+in src/lib.rs ("## Import order": numbered lines of modules; each imports only from lines below it) or
+that list misses or repeats a module.
 
 A top-level module is src/X.rs or src/X/ (its children count as X). An arrow A -> B means a file of A
 names `crate::B` (in a `use`, a grouped `use crate::{B, ...}`, or a path). Unit tests (`#[cfg(test)]
@@ -79,6 +81,32 @@ if cycles:
         print(f"CYCLE between {len(c)} modules: {' '.join(c)}\n  " + "\n  ".join(inner))
     sys.exit(1)
 
+# The documented order (src/lib.rs): line number of each module; each may import only later lines.
+doc = (src / "lib.rs").read_text()
+section = doc.split("## Import order", 1)[1] if "## Import order" in doc else ""
+order = {}
+problems = []
+for m in re.finditer(r"^//! (\d+)\. (.*)$", section, re.M):
+    for name in re.findall(r"`([a-z_][a-z0-9_]*)`", m.group(2)):
+        if name in order:
+            problems.append(f"{name} is listed twice in src/lib.rs's import order")
+        order[name] = int(m.group(1))
+for m in sorted(mods):
+    if m not in order:
+        problems.append(f"{m} is missing from src/lib.rs's import order")
+for m in sorted(order):
+    if m not in mods:
+        problems.append(f"src/lib.rs's import order names {m}, which is not a module")
+for a in sorted(edges):
+    for b in sorted(edges[a]):
+        if a in order and b in order and order[b] <= order[a]:
+            problems.append(f"{a} (line {order[a]}) imports {b} (line {order[b]}): not below it")
+if problems:
+    print("The documented import order (src/lib.rs) is not what the code does:")
+    for p in problems:
+        print(f"  {p}")
+    sys.exit(1)
+
 # Layers: a module's layer is one above the highest module it imports.
 layer = {}
 
@@ -91,6 +119,7 @@ def depth(m):
 
 for m in mods:
     depth(m)
-print(f"{len(mods)} top-level modules, {sum(map(len, edges.values()))} imports, no cycle. Layers, top first:")
+imports = sum(map(len, edges.values()))
+print(f"{len(mods)} top-level modules, {imports} imports, no cycle, in the documented order. Layers, top first:")
 for d in range(max(layer.values()), -1, -1):
     print(f"  {d}: {' '.join(sorted(m for m in mods if layer[m] == d))}")
