@@ -166,8 +166,10 @@ def start_sluicegate(binary, policy, port, weights):
 
 
 def admin_call(admin_port, method, path, body=None):
+    # The admin API refuses a POST that is not JSON (415), body or not.
     req = urllib.request.Request(f"http://127.0.0.1:{admin_port}{path}", method=method,
-                                 data=json.dumps(body).encode() if body is not None else None)
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=5) as r:
         return r.status
 

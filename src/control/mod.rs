@@ -11,6 +11,7 @@ mod listeners;
 mod reload;
 mod view;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -64,6 +65,14 @@ const STARTUP_GRACE: Duration = Duration::from_millis(500);
 
 /// A watcher's first answer, and how long start-up waits for it.
 type First = (oneshot::Receiver<()>, Duration);
+
+/// What a service that uses Docker waits for before its addresses accept: its replica set's first
+/// check, and its label watchers' first lists.
+struct DockerWait {
+    service: String,
+    set: Option<Arc<ReplicaSet>>,
+    lists: Vec<First>,
+}
 
 /// Whether the server serves: ready once every listener is bound and the first DNS answers and probes
 /// are in (or their start-up wait ran out); not ready again once draining.
@@ -266,65 +275,80 @@ impl Control {
         &self.instance
     }
 
-    /// Starts probes, DNS watchers and the replicas' checks, waits (bounded) for the first DNS answers
-    /// and probes, then starts every accept loop and reports ready. Nothing here waits for Docker: a
-    /// service with replicas starts accepting on its own once its first check is done (bounded by
-    /// `replicas.timeout`), its first clients held in the listen backlog meanwhile
-    /// ([`Control::serve_after_first_check`]).
+    /// Starts probes, DNS watchers, Docker label watchers and the replicas' checks, waits (bounded)
+    /// for the first DNS answers and probes, then starts every accept loop and reports ready. Nothing
+    /// here waits for Docker: a service with replicas or Docker-label backends starts accepting on its
+    /// own once its first check or list is done (bounded), its first clients held in the listen
+    /// backlog meanwhile ([`Control::wait_for_docker`]).
     pub(crate) async fn serve(self: &Arc<Self>) {
-        self.start_background().await;
+        let mut docker_firsts = self.start_background().await;
         let mut held = Vec::new();
         {
             let running = lock(&self.running);
             let mut listeners = lock(&self.listeners);
             for b in listeners.iter_mut() {
                 let names = b.service_names();
-                let sets: Vec<(String, Arc<ReplicaSet>)> = running
+                let mut waits: Vec<DockerWait> = Vec::new();
+                for r in running
                     .iter()
                     .filter(|r| names.iter().any(|n| **n == *r.config.name))
-                    .filter_map(|r| {
-                        r.replicas
-                            .as_ref()
-                            .map(|(set, _)| (r.config.name.clone(), set.clone()))
-                    })
-                    .collect();
-                if sets.is_empty() {
+                {
+                    let lists = docker_firsts.remove(&r.config.name).unwrap_or_default();
+                    let set = r.replicas.as_ref().map(|(set, _)| set.clone());
+                    if set.is_some() || !lists.is_empty() {
+                        waits.push(DockerWait {
+                            service: r.config.name.clone(),
+                            set,
+                            lists,
+                        });
+                    }
+                }
+                if waits.is_empty() {
                     self.spawn_accept(b);
                 } else {
-                    held.push((b.key.clone(), sets));
+                    held.push((b.key.clone(), waits));
                 }
             }
             self.serving.store(true, Relaxed);
         }
         self.readiness.set(true, false);
         self.events.publish(Event::Ready);
-        for (key, sets) in held {
+        for (key, waits) in held {
             let me = self.clone();
             tokio::spawn(async move {
-                for (name, set) in &sets {
-                    me.wait_first_check(name, set).await;
+                for wait in waits {
+                    me.wait_for_docker(wait).await;
                 }
                 me.start_listener(&key);
             });
         }
     }
 
-    /// Waits until service `name`'s replica set has done its first check (or `replicas.timeout` has
-    /// passed) and the replicas it found have been probed once; the addresses it listens on accept
-    /// only then.
+    /// Waits until a service's replica set has done its first check (or `replicas.timeout` has
+    /// passed) and its Docker label watchers have listed once (each bounded by one call's limit), and
+    /// the backends found have been probed once; the addresses it listens on accept only then.
     ///
-    /// Why wait at all: after a restart the replicas still run, and accepting before they are adopted
-    /// would refuse the first clients although healthy replicas exist; held in the listen backlog,
-    /// those clients are served a few milliseconds later instead. Why only this service's addresses,
-    /// and not the readiness: an Engine that hangs must not hold services that do not use it, nor the
-    /// signal that the balancer serves them.
-    async fn wait_first_check(&self, name: &str, set: &ReplicaSet) {
-        let limit = set.first_check_limit();
-        if tokio::time::timeout(limit, set.first_check())
-            .await
-            .is_err()
-        {
-            tracing::warn!(service = %name, timeout_ms = limit.as_millis() as u64, "Docker did not finish the first check of the replicas in time: accepting with the replicas known so far");
+    /// Why wait at all: after a restart the replicas and labelled containers still run, and
+    /// accepting before they are known would refuse the first clients although healthy backends
+    /// exist; held in the listen backlog, those clients are served a few milliseconds later instead.
+    /// Why only this service's addresses, and not the readiness: an Engine that hangs must not hold
+    /// services that do not use it, nor the signal that the balancer serves them.
+    async fn wait_for_docker(&self, wait: DockerWait) {
+        let name = wait.service.as_str();
+        if let Some(set) = &wait.set {
+            let limit = set.first_check_limit();
+            if tokio::time::timeout(limit, set.first_check())
+                .await
+                .is_err()
+            {
+                tracing::warn!(service = %name, timeout_ms = limit.as_millis() as u64, "Docker did not finish the first check of the replicas in time: accepting with the replicas known so far");
+            }
+        }
+        let started = Instant::now();
+        for (rx, limit) in wait.lists {
+            if tokio::time::timeout_at(started + limit, rx).await.is_err() {
+                tracing::warn!(service = %name, timeout_ms = limit.as_millis() as u64, "Docker did not list the labelled containers in time: accepting with the backends known so far");
+            }
         }
         let pool = match self.service(name) {
             Some(s) => s.pool.clone(),
@@ -545,10 +569,17 @@ impl Control {
 
     /// Starts the DNS and Docker label watchers of `r`'s service; returns receivers that fire on
     /// each first answer, each with how long start-up waits for it.
-    fn start_watchers(&self, r: &mut Running, resolving: Option<&Resolving>) -> Vec<First> {
-        let mut firsts = self.start_label_watchers(r);
+    /// Starts a watcher per DNS name and per `docker:` source of `r`'s service; returns the first
+    /// answers to wait for, DNS and Docker apart (only the service itself waits for Docker).
+    fn start_watchers(
+        &self,
+        r: &mut Running,
+        resolving: Option<&Resolving>,
+    ) -> (Vec<First>, Vec<First>) {
+        let lists = self.start_label_watchers(r);
+        let mut firsts = Vec::new();
         let Some(res) = resolving else {
-            return firsts;
+            return (firsts, lists);
         };
         let dns_wait = res.settings.timeout.0 + STARTUP_GRACE;
         let service = r.current.load_full();
@@ -572,7 +603,7 @@ impl Control {
             r.watchers.push((watcher, stop));
             firsts.push((rx, dns_wait));
         }
-        firsts
+        (firsts, lists)
     }
 
     /// Starts a watcher per `docker:` backend source of `r`'s service.
@@ -618,22 +649,27 @@ impl Control {
     }
 
     /// Starts every pool's probes, every DNS and Docker label watcher and every replica set's checks,
-    /// then waits (bounded) for the first DNS answers and Docker lists and the first probe of every
-    /// backend, so the first clients
-    /// find the backends that are up. A service with replicas is warmed up once its first check is
-    /// done ([`Control::serve_after_first_check`]), so the replicas it adopts are not slow-started.
-    async fn start_background(&self) {
+    /// then waits (bounded) for the first DNS answers and the first probe of every backend, so the
+    /// first clients find the backends that are up. Returns, by service, the first Docker lists it
+    /// did not wait for: a service with replicas or Docker-label backends is warmed up once those
+    /// are in ([`Control::wait_for_docker`]), so the backends it finds are not slow-started.
+    async fn start_background(&self) -> HashMap<String, Vec<First>> {
         let mut firsts = Vec::new();
+        let mut docker = HashMap::new();
         let pools: Vec<_> = {
             let mut running = lock(&self.running);
             let resolving = lock(&self.resolving);
             for r in running.iter_mut() {
                 self.start_pool(r);
-                firsts.extend(self.start_watchers(r, resolving.as_ref()));
+                let (dns, lists) = self.start_watchers(r, resolving.as_ref());
+                firsts.extend(dns);
+                if !lists.is_empty() {
+                    docker.insert(r.config.name.clone(), lists);
+                }
             }
             running
                 .iter()
-                .filter(|r| r.replicas.is_none())
+                .filter(|r| r.replicas.is_none() && !docker.contains_key(&r.config.name))
                 .map(|r| r.current.load().pool.clone())
                 .collect()
         };
@@ -647,5 +683,6 @@ impl Control {
             }
             pool.warmed_up();
         }
+        docker
     }
 }

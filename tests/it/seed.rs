@@ -192,6 +192,47 @@ async fn refusals_and_a_missing_docker_change_nothing() {
     );
 }
 
+/// reliability.md `docker-hung-labels`: a service whose backends come from Docker labels, on an
+/// Engine that accepts and never answers, holds neither the service beside it nor the readiness: the
+/// balancer is ready and the static service serves while the Engine's first list is still
+/// unanswered (neither listed nor failed yet). Before, start-up waited for that list to time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_engine_holds_no_service_beside_a_docker_label_one() {
+    let engine = crate::common::docker::FaultyEngine::start();
+    engine.hang(true);
+    let (_port, fleet) = replicas(2, 1);
+    let labelled = format!(
+        "backends: [{{docker: {{labels: {{sluicegate.test: hung}}, port: 5000, docker: \"{}\"}}}}]",
+        engine.endpoint
+    );
+    // Proxy::start returns once the balancer is ready.
+    let p = Proxy::start(&config(&[
+        service("static", &[fleet[0].addr()], ""),
+        service("labelled", &[], &labelled),
+    ]))
+    .await;
+    within(
+        Duration::from_secs(5),
+        "the static service serves",
+        crate::common::fleet::who(p.addrs[0]),
+    )
+    .await
+    .expect("served");
+    let stats = get(p.admin.unwrap(), "/stats").await.json();
+    let watcher = stats["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "labelled")
+        .expect("the labelled service")["docker_labels"][0]
+        .clone();
+    assert_eq!(
+        (watcher["lists"].as_u64(), watcher["failed"].as_u64()),
+        (Some(0), Some(0)),
+        "served before the hung Engine's first list ended: {watcher}"
+    );
+}
+
 /// reliability.md `docker-hung`: an Engine that accepts and never answers holds neither the service
 /// without replicas (it serves at once, and the balancer is ready) nor the replica set: while an
 /// `/add` waits for Docker, a refusal is answered at once, and the `/add` itself ends in 503 within
