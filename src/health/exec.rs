@@ -6,7 +6,8 @@
 //! `SLUICEGATE_BACKEND_ADDRESS`, `SLUICEGATE_BACKEND_HOST`, `SLUICEGATE_BACKEND_PORT` and
 //! `SLUICEGATE_SERVICE` (nothing of sluicegate's own environment, such as its admin token, leaks to
 //! it). At the timeout its whole process group is killed, so a command that forks cannot leave work
-//! running. At most [`MAX_RUNNING`] commands run at once in the process: a probe that finds no slot
+//! running; so is a group whose leader exited while a child it left holds its output open (the
+//! leader's exit status decides). Its output is kept, a timed-out command's too. At most [`MAX_RUNNING`] commands run at once in the process: a probe that finds no slot
 //! within its timeout fails without a verdict (`ProbeError::Local`), like a probe out of sockets.
 
 use std::net::SocketAddr;
@@ -23,6 +24,9 @@ use super::{ProbeError, Probed, OUTPUT_KEPT};
 pub(crate) const MAX_RUNNING: usize = 16;
 
 static SLOTS: Semaphore = Semaphore::const_new(MAX_RUNNING);
+
+/// How long the pipes may stay open after the command exited (held by a child it left running).
+const PIPE_GRACE: Duration = Duration::from_millis(100);
 
 /// `PATH` when sluicegate's own has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -83,33 +87,56 @@ pub(super) async fn run(command: &[String], env: &Env<'_>, timeout: Duration) ->
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return failed(ProbeError::Spawn(format!("{program}: {e}"))),
+        Err(e) => return failed(spawn_failure(program, e)),
     };
     let group = child.id();
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-    let work = async {
-        let (out, err) = tokio::join!(capture(stdout), capture(stderr));
-        let status = child.wait().await;
-        (status, out, err)
-    };
-    match tokio::time::timeout_at(deadline, work).await {
-        Ok((status, mut out, err)) => {
-            out.extend_from_slice(&err);
-            out.truncate(OUTPUT_KEPT);
-            let result = match status {
-                Ok(s) if s.success() => Ok(()),
-                Ok(s) => Err(ProbeError::Exit(s.to_string())),
-                Err(e) => Err(ProbeError::Spawn(format!("{program}: {e}"))),
-            };
-            Probed {
-                result,
-                output: Some(out),
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let (status, pipes_open) = {
+        let pipes = async { tokio::join!(capture(stdout, &mut out), capture(stderr, &mut err)) };
+        let work = async {
+            tokio::pin!(pipes);
+            tokio::select! {
+                () = async { (&mut pipes).await; } => (child.wait().await, false),
+                status = child.wait() => {
+                    // A child of the command may hold the pipes after the command exited: its
+                    // status decides, and what it wrote so far is kept.
+                    let open = tokio::time::timeout(PIPE_GRACE, pipes).await.is_err();
+                    (status, open)
+                }
             }
+        };
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(done) => done,
+            Err(_) => (Err(std::io::ErrorKind::TimedOut.into()), true),
         }
-        Err(_) => {
-            kill_group(group);
-            failed(ProbeError::Timeout)
-        }
+    };
+    if pipes_open {
+        // Something in the group still runs: the probe is over, so is it.
+        kill_group(group);
+    }
+    out.extend_from_slice(&err);
+    out.truncate(OUTPUT_KEPT);
+    let result = match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(ProbeError::Exit(s.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(ProbeError::Timeout),
+        Err(e) => Err(ProbeError::Spawn(format!("{program}: {e}"))),
+    };
+    Probed {
+        result,
+        output: Some(out),
+    }
+}
+
+/// What a failure to start the command says: out of descriptors, processes (`EAGAIN` from fork) or
+/// memory is the balancer's own trouble and gives no verdict; anything else (no such program, not
+/// executable) is the check's failure.
+fn spawn_failure(program: &str, e: std::io::Error) -> ProbeError {
+    if crate::util::is_local_exhaustion(&e) || e.raw_os_error() == Some(libc::EAGAIN) {
+        ProbeError::Local(e)
+    } else {
+        ProbeError::Spawn(format!("{program}: {e}"))
     }
 }
 
@@ -132,12 +159,12 @@ fn kill_group(leader: Option<u32>) {
     }
 }
 
-/// Reads a pipe to its end, keeping the first [`OUTPUT_KEPT`] bytes (the rest is read and dropped,
-/// so a chatty command never blocks on a full pipe).
-async fn capture(pipe: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
-    let mut kept = Vec::new();
+/// Reads a pipe to its end into `kept`, keeping the first [`OUTPUT_KEPT`] bytes (the rest is read
+/// and dropped, so a chatty command never blocks on a full pipe). What was read stays in `kept` when
+/// the read is cut short.
+async fn capture(pipe: Option<impl AsyncRead + Unpin>, kept: &mut Vec<u8>) {
     let Some(mut pipe) = pipe else {
-        return kept;
+        return;
     };
     let mut buf = [0u8; 4096];
     while let Ok(n) = pipe.read(&mut buf).await {
@@ -147,7 +174,6 @@ async fn capture(pipe: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
         let room = OUTPUT_KEPT.saturating_sub(kept.len());
         kept.extend_from_slice(&buf[..n.min(room)]);
     }
-    kept
 }
 
 #[cfg(test)]
@@ -212,6 +238,63 @@ mod tests {
         );
     }
 
+    #[test]
+    fn our_own_exhaustion_at_spawn_gives_no_verdict() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::EAGAIN] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(
+                matches!(spawn_failure("check", e), ProbeError::Local(_)),
+                "errno {errno}"
+            );
+        }
+        for errno in [libc::ENOENT, libc::EACCES, libc::ENOEXEC] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert!(
+                matches!(spawn_failure("check", e), ProbeError::Spawn(m) if m.starts_with("check: ")),
+                "errno {errno}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_command_keeps_what_it_wrote() {
+        let p = run(
+            &sh("echo waiting for quorum; exec sleep 300"),
+            &env(),
+            Duration::from_millis(500),
+        )
+        .await;
+        assert!(
+            matches!(p.result, Err(ProbeError::Timeout)),
+            "{:?}",
+            p.result
+        );
+        assert_eq!(p.output.unwrap(), b"waiting for quorum\n");
+    }
+
+    /// The command's own exit decides, even when a child it left behind holds its output open; the
+    /// child is killed with the group.
+    #[tokio::test]
+    async fn the_commands_exit_decides_when_a_child_holds_its_output() {
+        let dir = std::env::temp_dir().join(format!("sluicegate-exec-bg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("bg.pid");
+        let script = format!("sleep 300 & echo $! > {}; echo ok", pidfile.display());
+        let p = run(&sh(&script), &env(), Duration::from_secs(30)).await;
+        assert!(p.result.is_ok(), "{:?}", p.result);
+        assert_eq!(p.output.unwrap(), b"ok\n");
+        let child: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            gone_within_5s(child),
+            "the background sleep outlived the check"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A command that hangs, and a child of it that would outlive it, are killed at the timeout.
     #[tokio::test]
     async fn a_hanging_command_and_its_children_are_killed_at_the_timeout() {
@@ -230,12 +313,17 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        // Gone (or a zombie about to be reaped by init) within a bounded wait.
-        // A real process, so a real clock: the paused clock would not wait for it.
-        #[allow(clippy::disallowed_types)]
+        assert!(gone_within_5s(child), "the forked sleep outlived the check");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Whether process `pid` is gone (or a zombie about to be reaped by init) within 5 s. A real
+    /// process, so a real clock: the paused clock would not wait for it.
+    #[allow(clippy::disallowed_types)]
+    fn gone_within_5s(pid: i32) -> bool {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        while std::time::Instant::now() < deadline {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let state = stat
                 .rsplit(')')
                 .next()
@@ -244,13 +332,10 @@ mod tests {
                 .chars()
                 .next();
             if stat.is_empty() || state == Some('Z') {
-                break;
+                return true;
             }
-            #[allow(clippy::disallowed_types)]
-            let now = std::time::Instant::now();
-            assert!(now < deadline, "the forked sleep outlived the check");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = std::fs::remove_dir_all(&dir);
+        false
     }
 }
