@@ -42,9 +42,17 @@ pub struct BindError {
 
 /// Binds `addr` with SO_REUSEADDR, so a restart succeeds while old connections sit in TIME_WAIT, and
 /// with TCP_NODELAY, which accepted sockets inherit: a proxy must not add Nagle delay to small writes.
+/// An IPv6 address is bound IPv6-only (as nginx does), so `[::]:P` and `0.0.0.0:P` can both be bound
+/// and a `listen` list says which families it takes; an IPv4-mapped one (`[::ffff:a.b.c.d]`) cannot
+/// be, and takes IPv4.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if let SocketAddr::V6(v6) = addr {
+        if v6.ip().to_ipv4_mapped().is_none() {
+            socket.set_only_v6(true)?;
+        }
+    }
     socket.set_reuse_address(true)?;
     // Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt per connection saved.
     socket.set_tcp_nodelay(true)?;

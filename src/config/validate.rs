@@ -156,11 +156,23 @@ impl Config {
         for (_, addrs) in ports {
             for (x, &(i, a)) in addrs.iter().enumerate() {
                 for &(j, b) in &addrs[..x] {
-                    if i != j && a != b && overlaps(a, b) && said.insert((j, i)) {
+                    // The same address in two services is sharing (validate_shared); twice in one
+                    // list, or overlapping within it, cannot be bound.
+                    let clash = if i == j {
+                        overlaps(a, b)
+                    } else {
+                        a != b && overlaps(a, b)
+                    };
+                    if clash && said.insert((j, i)) {
+                        let other = if i == j {
+                            "another address of the same list".to_string()
+                        } else {
+                            format!("services[{j}].listen")
+                        };
                         p.add(
                             format!("services[{i}].listen"),
                             format!(
-                                "{a} overlaps services[{j}].listen ({b}): an unspecified address takes the port on every address of its family (and [::] on IPv4 too)"
+                                "{a} overlaps {other} ({b}): an unspecified address takes the port on every address of its family"
                             ),
                         );
                     }
@@ -786,9 +798,10 @@ fn validate_admin(p: &mut Problems, a: &AdminConfig) {
     }
 }
 
-/// Whether two listening addresses take the same port somewhere. Services bind without
-/// IPV6_V6ONLY, so `[::]` covers IPv4 as well; `0.0.0.0` covers every IPv4 address. Port 0 (any free
-/// port) never clashes.
+/// Whether two listening addresses take the same port somewhere. `0.0.0.0` covers every IPv4
+/// address and `[::]` every IPv6 one: IPv6 listeners are bound IPV6_V6ONLY (`listener::bind`), so
+/// `[::]:P` and `0.0.0.0:P` do not clash. An IPv4-mapped IPv6 address is the IPv4 address. Port 0
+/// (any free port) never clashes.
 pub(super) fn overlaps(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
     use std::net::IpAddr;
     if a.port() != b.port() || a.port() == 0 {
@@ -799,10 +812,7 @@ pub(super) fn overlaps(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool
         v4 => v4,
     };
     let (x, y) = (plain(a.ip()), plain(b.ip()));
-    let covers = |u: IpAddr, o: IpAddr| match u {
-        IpAddr::V6(v6) => v6.is_unspecified(),
-        IpAddr::V4(v4) => v4.is_unspecified() && (o.is_ipv4() || o.is_unspecified()),
-    };
+    let covers = |u: IpAddr, o: IpAddr| u.is_unspecified() && u.is_ipv4() == o.is_ipv4();
     x == y || covers(x, y) || covers(y, x)
 }
 
@@ -832,13 +842,12 @@ mod tests {
         assert!(o("127.0.0.1:80", "127.0.0.1:80"));
         assert!(o("0.0.0.0:80", "127.0.0.1:80"));
         assert!(o("127.0.0.2:80", "0.0.0.0:80"));
-        assert!(
-            o("[::]:80", "127.0.0.1:80"),
-            "dual-stack [::] takes IPv4 too"
-        );
+        assert!(!o("[::]:80", "127.0.0.1:80"), "[::] is bound IPv6-only");
         assert!(o("[::]:80", "[::1]:80"));
-        assert!(o("0.0.0.0:80", "[::]:80"));
+        assert!(!o("0.0.0.0:80", "[::]:80"), "one family each");
         assert!(o("[::ffff:127.0.0.1]:80", "127.0.0.1:80"));
+        assert!(o("[::ffff:127.0.0.1]:80", "0.0.0.0:80"));
+        assert!(!o("[::ffff:127.0.0.1]:80", "[::]:80"));
         assert!(!o("0.0.0.0:80", "[::1]:80"), "0.0.0.0 is IPv4 only");
         assert!(!o("127.0.0.1:80", "127.0.0.2:80"));
         assert!(!o("0.0.0.0:80", "0.0.0.0:81"));

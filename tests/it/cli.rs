@@ -47,7 +47,7 @@ impl Sg {
     /// "listening" line.
     fn start_with(yaml: &str, prefix: &str) -> Sg {
         let cfg = tmp_file("sg.yaml", yaml);
-        let mut child = Command::new("sh")
+        let mut child = without_callers_env(Command::new("sh"))
             .arg("-c")
             .arg(format!(
                 "{prefix} exec \"{BIN}\" --config \"{}\"",
@@ -185,10 +185,31 @@ impl Drop for Sg {
     }
 }
 
+/// The binary, without the variables of the caller's environment that it reads.
+fn sluicegate() -> Command {
+    without_callers_env(Command::new(BIN))
+}
+
+/// `c` without the variables of the caller's environment that sluicegate reads (the config path, the
+/// admin token, the Docker CLI's): each test says what it runs with.
+fn without_callers_env(mut c: Command) -> Command {
+    for var in [
+        "SLUICEGATE_CONFIG",
+        "SLUICEGATE_ADMIN_TOKEN",
+        "SLUICEGATE_ADMIN_TOKEN_FILE",
+        "DOCKER_HOST",
+        "DOCKER_TLS_VERIFY",
+        "DOCKER_CERT_PATH",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
 /// Starts the binary on a config written from `yaml`, stdout piped.
 fn spawn(name: &str, yaml: &str) -> Child {
     let cfg = tmp_file(name, yaml);
-    Command::new(BIN)
+    sluicegate()
         .args(["--config", cfg.to_str().unwrap()])
         .stdout(Stdio::piped())
         .spawn()
@@ -208,9 +229,8 @@ fn yaml(backends: &[SocketAddr], extra: &str, shutdown: &str) -> String {
 }
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(BIN)
+    let out = sluicegate()
         .args(args)
-        .env_remove("SLUICEGATE_CONFIG")
         .envs(env.iter().copied())
         .output()
         .expect("run");
@@ -996,7 +1016,7 @@ async fn spawn_logging_to(
     );
     let cfg = dir.join("sg.yaml");
     std::fs::write(&cfg, yaml).unwrap();
-    let child = Command::new(BIN)
+    let child = sluicegate()
         .args(["--config", cfg.to_str().unwrap()])
         .stdout(stdout)
         .stderr(Stdio::piped())

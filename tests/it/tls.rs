@@ -646,6 +646,46 @@ async fn a_port_range_keeps_the_port_the_client_reached() {
     drop(backends);
 }
 
+/// docs/reliability.md `listen-both-families`: `listen: ["0.0.0.0:P", "[::]:P"]` binds both (the
+/// IPv6 one IPv6-only) and serves a client of each family. Before, `[::]` was bound dual-stack: the
+/// second bind failed with EADDRINUSE, or validation refused the pair across services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_list_takes_both_families_on_one_port() {
+    let backend = Backend::start([127, 0, 0, 2], |mut s| async move {
+        let _ = s.write_all(b"served\n").await;
+    })
+    .await;
+    let port = loop {
+        let p = free_addr([127, 0, 0, 1]).port();
+        let v4 = std::net::TcpListener::bind(("0.0.0.0", p));
+        let v6 = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).and_then(
+            |s| {
+                s.set_only_v6(true)?;
+                s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, p)).into())
+            },
+        );
+        if v4.is_ok() && v6.is_ok() {
+            break p;
+        }
+    };
+    let yaml = format!(
+        "log: {{level: warn}}\nservices:\n  - name: both\n    listen: [\"0.0.0.0:{port}\", \"[::]:{port}\"]\n    backends: [{{address: \"{}\"}}]\n",
+        backend.addr
+    );
+    let _p = Proxy::start(&yaml).await;
+    for client in [
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+    ] {
+        let mut s = TcpStream::connect(client).await.unwrap();
+        let mut got = String::new();
+        within(SECS(5), "served", s.read_to_string(&mut got))
+            .await
+            .unwrap();
+        assert_eq!(got, "served\n", "{client}");
+    }
+}
+
 /// docs/reliability.md `tls-probes`: `kind: https` speaks HTTP over the service's `backend_tls` and
 /// `kind: tls` does the handshake: a backend with a certificate the CA signed is healthy, one with a
 /// stranger's is unhealthy (its handshake fails), and only the healthy one takes clients.
