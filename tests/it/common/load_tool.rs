@@ -31,14 +31,16 @@ fn build() -> Result<PathBuf, String> {
     let cargo = env!("CARGO");
     let out = Command::new(cargo)
         .args(["build", "--quiet", "--message-format=json"])
-        .args(["--package", "sluicegate-load", "--bin", "sluicegate-load"])
+        // The workspace's features (the library with `docker`, as these tests built it): with
+        // `--package` alone Cargo would build the library a second time without them.
+        .args(["--workspace", "--bin", "sluicegate-load"])
         .args(["--profile", &profile])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .map_err(|e| format!("{cargo}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "cargo build --package sluicegate-load --profile {profile}: {}",
+            "cargo build --workspace --bin sluicegate-load --profile {profile}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
