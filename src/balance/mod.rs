@@ -73,7 +73,7 @@ pub(crate) trait Balancer<C: Candidate> {
 
     /// What `pick` would answer for `client` now, moving nothing: no cursor advanced, no random draw
     /// spent (`GET /route` asks without sending a connection). Policies without state to move answer
-    /// as `pick` does.
+    /// as `pick` does; a random one (p2c) answers what it leans to, not what its next draw gives.
     fn peek(&self, ready: &[C], client: SocketAddr) -> Option<usize> {
         self.pick(ready, client, &[])
     }

@@ -1029,13 +1029,25 @@ impl Config {
             path: path.to_path_buf(),
             error,
         };
-        // Read at most one byte past the limit: a huge file is refused without being read whole.
-        let mut text = String::new();
+        // Read at most one byte past the limit: a huge file is refused without being read whole
+        // (as bytes: the cut may fall inside a UTF-8 character, which is not the file's fault).
+        let mut bytes = Vec::new();
         std::fs::File::open(path)
             .map_err(read)?
             .take(MAX_CONFIG_BYTES as u64 + 1)
-            .read_to_string(&mut text)
+            .read_to_end(&mut bytes)
             .map_err(read)?;
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Parse(format!(
+                "the config is larger than {MAX_CONFIG_BYTES} bytes"
+            )));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8 text (at byte {})", e.utf8_error().valid_up_to()),
+            ))
+        })?;
         Config::from_yaml(&text)
     }
 
@@ -1212,6 +1224,12 @@ mod tests {
             "{".repeat(100)
         );
         Config::from_yaml(&quoted).unwrap();
+        // A file past the limit whose cut falls inside a UTF-8 character is still "larger than".
+        let path = std::env::temp_dir().join(format!("sluicegate-big-{}.yaml", std::process::id()));
+        std::fs::write(&path, format!("# {}", "é".repeat(MAX_CONFIG_BYTES / 2 + 1))).unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(err.contains("larger than"), "{err}");
         assert!(nesting(&one_service("")) < 8);
         for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/conf")).unwrap() {
             let text = std::fs::read_to_string(f.unwrap().path()).unwrap();

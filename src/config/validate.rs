@@ -820,6 +820,27 @@ pub(super) fn overlaps(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool
 mod tests {
     use super::overlaps;
 
+    /// `accept_proxy.from` with a /0 is refused unless `trust_any: true` says it is meant, and then
+    /// accepted.
+    #[test]
+    fn a_zero_prefix_needs_trust_any() {
+        let yaml = |from: &str, extra: &str| {
+            format!("services:\n  - name: web\n    listen: 127.0.0.1:0\n    accept_proxy: {{from: [{from}]{extra}}}\n    backends: [{{address: 127.0.0.1:9001}}]\n")
+        };
+        for from in ["0.0.0.0/0", "\"::/0\""] {
+            let err = crate::config::Config::from_yaml(&yaml(from, ""))
+                .expect_err("a /0 alone")
+                .to_string();
+            assert!(
+                err.contains("services[0].accept_proxy.from[0]") && err.contains("trust_any"),
+                "{err}"
+            );
+            crate::config::Config::from_yaml(&yaml(from, ", trust_any: true"))
+                .expect("trust_any allows it");
+        }
+        crate::config::Config::from_yaml(&yaml("10.0.0.0/8", "")).expect("a narrower block");
+    }
+
     /// Built without the `docker` feature (`.ci/run` runs this test so), a `replicas:` section is a
     /// config error, not a replica set that can never reach an Engine.
     #[cfg(not(feature = "docker"))]

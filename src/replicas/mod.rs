@@ -61,13 +61,19 @@ const REMOVING: &str = ".removing-";
 
 /// The name that records the removal of container `id`, named `name`.
 fn removing_name(name: &str, id: &str) -> String {
-    format!("{name}{REMOVING}{}", &id[..id.len().min(12)])
+    format!("{name}{REMOVING}{}", short_id(id))
 }
 
 /// Whether container `id`'s name records its removal. The id in the name makes it unambiguous: no
 /// configured name can carry the id of a container not yet created.
 fn is_removing_name(name: &str, id: &str) -> bool {
-    !id.is_empty() && name.ends_with(&format!("{REMOVING}{}", &id[..id.len().min(12)]))
+    !id.is_empty() && name.ends_with(&format!("{REMOVING}{}", short_id(id)))
+}
+
+/// The first 12 characters of a container id (hex from a real Engine; counted in characters, so an
+/// Engine's odd answer cannot cut one in half).
+fn short_id(id: &str) -> &str {
+    id.char_indices().nth(12).map_or(id, |(at, _)| &id[..at])
 }
 
 /// Where a replica is in its life.
@@ -1262,5 +1268,8 @@ mod tests {
         assert!(!is_removing_name(&marked, "0123456789abcdef"));
         assert!(!is_removing_name("sluicegate-web.removing-", id));
         assert!(!is_removing_name("x.removing-", ""));
+        // An Engine's odd id is cut by characters, never inside one.
+        assert_eq!(short_id("ééééééééééééé"), "éééééééééééé");
+        assert_eq!(short_id("abc"), "abc");
     }
 }

@@ -1085,6 +1085,14 @@ async fn a_stalled_stdout_drops_and_counts_lines_and_traffic_flows() {
     .await;
     let n = dropped_lines(admin, "routing", "queue_full").await;
     assert!(n > 0, "routing lines dropped and counted");
+    // Still stalled: more traffic flows, and every line of it is dropped and counted.
+    within(SECS(60), "500 more round trips", round_trips(addr, 500, 16)).await;
+    wait_until(
+        SECS(10),
+        "the 500 lines counted as dropped",
+        || async move { dropped_lines(admin, "routing", "queue_full").await >= n + 500 },
+    )
+    .await;
     assert_eq!(dropped_lines(admin, "routing", "write_error").await, 0);
     let warned = || {
         log_file_lines(&dir, "app.log")
