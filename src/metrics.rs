@@ -171,12 +171,49 @@ fn push_label(out: &mut String, k: &str, v: &str) {
 /// A metrics page being written.
 pub(crate) struct Page {
     text: String,
+    /// Per family written: its type and every label (the subject's, then its own). Kept only by a
+    /// test's page ([`Page::recording`]), which checks the page against the documentation.
+    #[cfg(test)]
+    declared: Option<Declared>,
 }
+
+/// Per family name: its type and its labels, as a page declares them.
+#[cfg(test)]
+pub(crate) type Declared = std::collections::BTreeMap<String, (String, Vec<String>)>;
 
 impl Default for Page {
     fn default() -> Self {
         Page {
             text: String::with_capacity(16 * 1024),
+            #[cfg(test)]
+            declared: None,
+        }
+    }
+}
+
+#[cfg(test)]
+impl Page {
+    /// A page that also records what it declares.
+    pub(crate) fn recording() -> Page {
+        Page {
+            declared: Some(Declared::new()),
+            ..Page::default()
+        }
+    }
+
+    /// Every family written so far (a recording page's).
+    pub(crate) fn declared(&self) -> Declared {
+        self.declared.clone().unwrap_or_default()
+    }
+
+    fn record<T>(&mut self, table: &Table<T>) {
+        let Some(d) = &mut self.declared else {
+            return;
+        };
+        for f in table.families {
+            let labels = table.subject.iter().chain(f.labels).map(|l| l.to_string());
+            let entry = (f.kind.as_str().to_string(), labels.collect());
+            assert!(d.insert(f.name.to_string(), entry).is_none(), "{} declared twice", f.name);
         }
     }
 }
@@ -185,6 +222,8 @@ impl Page {
     /// Writes every family of `table` with the samples of every subject: family by family, as the
     /// format requires, each subject's labels written out once. Linear in subjects × families.
     pub(crate) fn write<T: Subject>(&mut self, table: &Table<T>, subjects: &[T]) {
+        #[cfg(test)]
+        self.record(table);
         let prefixes: Vec<String> = subjects
             .iter()
             .map(|s| {

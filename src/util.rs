@@ -23,6 +23,48 @@ pub(crate) fn hostname() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Declares an enum of named states stored as one byte: `#[repr(u8)]`, its name for the logs, events
+/// and the admin API (`as_str`, and its serde name), and [`ByteEnum`] for [`AtomicEnum`]. Each
+/// variant is written once, with its byte and its name. Byte 0 is the first variant, and a byte no
+/// variant has (which [`AtomicEnum`] never stores) reads as it.
+macro_rules! byte_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $byte:literal => $text:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+        #[repr(u8)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant = $byte,)+
+        }
+
+        impl $name {
+            /// Its name in the logs, the events and the admin API.
+            pub fn as_str(&self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl $crate::util::ByteEnum for $name {
+            fn to_byte(self) -> u8 {
+                self as u8
+            }
+            fn from_byte(b: u8) -> $name {
+                match b {
+                    $($byte => $name::$variant,)+
+                    _ => [$($name::$variant),+][0],
+                }
+            }
+        }
+    };
+}
+pub(crate) use byte_enum;
+
 /// An enum stored as one byte: what [`AtomicEnum`] holds.
 pub(crate) trait ByteEnum: Copy {
     fn to_byte(self) -> u8;

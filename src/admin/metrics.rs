@@ -1,72 +1,88 @@
 //! `GET /metrics`: each subsystem's table (declared where its numbers live) written over its views,
 //! read now.
 
-use crate::control::{self, Control};
+use crate::control::{self, Control, ControlView};
+use crate::discovery::{docker::LabelView, WatchView};
+use crate::logging::Dropped;
 use crate::metrics::{Page, ProcessStats, PROCESS};
-use crate::service::{self, BackendSubject};
+use crate::replicas::ReplicaCounts;
+use crate::route::UnroutedView;
+use crate::service::{self, BackendSubject, ServiceView};
 use crate::{discovery, logging, replicas, route};
 
-/// The metrics page of the running server. Linear in the backends: each is read once (its view)
-/// and its labels written out once.
+/// Every subject of the page, by table: what each subsystem's views say now.
+#[derive(Default)]
+struct Views {
+    process: Vec<ProcessStats>,
+    logging: Vec<Dropped>,
+    control: Vec<ControlView>,
+    services: Vec<ServiceView>,
+    backends: Vec<BackendSubject>,
+    replicas: Vec<ReplicaCounts>,
+    dns: Vec<WatchView>,
+    docker_labels: Vec<LabelView>,
+    unrouted: Vec<UnroutedView>,
+}
+
+impl Views {
+    /// Reads every view of the running server. Linear in the backends: each is read once.
+    fn read(c: &Control) -> Views {
+        let running = c.services();
+        Views {
+            process: vec![ProcessStats::read()],
+            logging: vec![logging::Dropped(logging::dropped())],
+            control: vec![c.view()],
+            services: running.iter().map(|r| r.service.view()).collect(),
+            backends: running
+                .iter()
+                .flat_map(|r| {
+                    let name = &r.service.name;
+                    let all = r.service.pool.all_backends().into_iter();
+                    all.map(|b| BackendSubject::new(name.clone(), b))
+                })
+                .collect(),
+            replicas: running
+                .iter()
+                .filter_map(|r| c.replicas(&r.service.name))
+                .map(|set| set.counts())
+                .collect(),
+            dns: running
+                .iter()
+                .flat_map(|r| r.watchers.iter().map(|w| w.view(&r.service.name)))
+                .collect(),
+            docker_labels: running
+                .iter()
+                .flat_map(|r| r.label_watchers.iter().map(|w| w.view(&r.service.name)))
+                .collect(),
+            unrouted: c.unrouted(),
+        }
+    }
+
+    /// Writes every table over its subjects: the one list of the tables on the page.
+    fn write(&self, page: &mut Page) {
+        page.write(&PROCESS, &self.process);
+        page.write(&logging::METRICS, &self.logging);
+        page.write(&control::METRICS, &self.control);
+        page.write(&service::METRICS, &self.services);
+        page.write(&service::BACKEND_METRICS, &self.backends);
+        page.write(&replicas::METRICS, &self.replicas);
+        page.write(&discovery::METRICS, &self.dns);
+        page.write(&discovery::docker::METRICS, &self.docker_labels);
+        page.write(&route::METRICS, &self.unrouted);
+    }
+}
+
+/// The metrics page of the running server, its labels written out once per subject.
 pub(super) fn render(c: &Control) -> String {
-    let running = c.services();
-    let services: Vec<_> = running.iter().map(|r| r.service.view()).collect();
-    let backends: Vec<_> = running
-        .iter()
-        .flat_map(|r| {
-            let name = &r.service.name;
-            let all = r.service.pool.all_backends().into_iter();
-            all.map(|b| BackendSubject::new(name.clone(), b))
-        })
-        .collect();
-    let replicas: Vec<_> = running
-        .iter()
-        .filter_map(|r| c.replicas(&r.service.name))
-        .map(|set| set.counts())
-        .collect();
-    let dns: Vec<_> = running
-        .iter()
-        .flat_map(|r| r.watchers.iter().map(|w| w.view(&r.service.name)))
-        .collect();
-    let docker_labels: Vec<_> = running
-        .iter()
-        .flat_map(|r| r.label_watchers.iter().map(|w| w.view(&r.service.name)))
-        .collect();
     let mut page = Page::default();
-    page.write(&PROCESS, &[ProcessStats::read()]);
-    page.write(&logging::METRICS, &[logging::Dropped(logging::dropped())]);
-    page.write(&control::METRICS, &[c.view()]);
-    page.write(&service::METRICS, &services);
-    page.write(&service::BACKEND_METRICS, &backends);
-    page.write(&replicas::METRICS, &replicas);
-    page.write(&discovery::METRICS, &dns);
-    page.write(&discovery::docker::METRICS, &docker_labels);
-    page.write(&route::METRICS, &c.unrouted());
+    Views::read(c).write(&mut page);
     page.finish()
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use crate::metrics::Table;
-
     use super::*;
-
-    /// Per family: its type and every label (the subject's, then its own).
-    type Declared = BTreeMap<String, (String, Vec<String>)>;
-
-    fn declared<T>(t: &Table<T>, out: &mut Declared) {
-        for f in t.families {
-            let labels = t.subject.iter().chain(f.labels).map(|l| l.to_string());
-            let entry = (f.kind.as_str().to_string(), labels.collect());
-            assert!(
-                out.insert(f.name.to_string(), entry).is_none(),
-                "{}",
-                f.name
-            );
-        }
-    }
+    use crate::metrics::Declared;
 
     /// The metrics table of docs/admin-api.md: per name, its type and labels.
     fn documented() -> Declared {
@@ -86,19 +102,11 @@ mod tests {
         rows
     }
 
-    /// Every family a table declares is documented with its type and labels, and nothing else is.
+    /// Every family the page declares is documented with its type and labels, and nothing else is.
     #[test]
     fn every_family_is_documented() {
-        let mut d = Declared::new();
-        declared(&PROCESS, &mut d);
-        declared(&logging::METRICS, &mut d);
-        declared(&control::METRICS, &mut d);
-        declared(&service::METRICS, &mut d);
-        declared(&service::BACKEND_METRICS, &mut d);
-        declared(&replicas::METRICS, &mut d);
-        declared(&discovery::METRICS, &mut d);
-        declared(&discovery::docker::METRICS, &mut d);
-        declared(&route::METRICS, &mut d);
-        assert_eq!(d, documented());
+        let mut page = Page::recording();
+        Views::default().write(&mut page);
+        assert_eq!(page.declared(), documented());
     }
 }

@@ -21,7 +21,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -35,48 +34,23 @@ pub(crate) const AGENT_READ: usize = 512;
 /// The largest weight share an agent may ask for, in percent.
 pub(crate) const MAX_PCT: u32 = 1000;
 
-/// What a backend's agent last said about its state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-#[repr(u8)]
-pub enum AgentSays {
-    /// No agent, or it has not answered yet.
-    Unknown = 0,
-    Up = 1,
-    Down = 2,
-    Drain = 3,
-    Maint = 4,
+crate::util::byte_enum! {
+    /// What a backend's agent last said about its state.
+    #[derive(PartialOrd, Ord)]
+    pub enum AgentSays {
+        /// No agent, or it has not answered yet.
+        Unknown = 0 => "unknown",
+        Up = 1 => "up",
+        Down = 2 => "down",
+        Drain = 3 => "drain",
+        Maint = 4 => "maint",
+    }
 }
 
 impl AgentSays {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            AgentSays::Unknown => "unknown",
-            AgentSays::Up => "up",
-            AgentSays::Down => "down",
-            AgentSays::Drain => "drain",
-            AgentSays::Maint => "maint",
-        }
-    }
-
     /// Whether the backend may take new connections as far as its agent is concerned.
     pub(crate) fn allows(self) -> bool {
         matches!(self, AgentSays::Unknown | AgentSays::Up)
-    }
-}
-
-impl crate::util::ByteEnum for AgentSays {
-    fn to_byte(self) -> u8 {
-        self as u8
-    }
-    fn from_byte(v: u8) -> AgentSays {
-        match v {
-            1 => AgentSays::Up,
-            2 => AgentSays::Down,
-            3 => AgentSays::Drain,
-            4 => AgentSays::Maint,
-            _ => AgentSays::Unknown,
-        }
     }
 }
 

@@ -61,37 +61,13 @@ pub(crate) const OUTPUT_KEPT: usize = 512;
 /// Probe results kept per backend for the admin view.
 pub(crate) const PROBE_HISTORY: usize = 10;
 
-/// What the active probes last concluded about a backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-#[repr(u8)]
-pub enum Health {
-    /// Not probed yet (or probes are off).
-    Unknown = 0,
-    Healthy = 1,
-    Unhealthy = 2,
-}
-
-impl Health {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Health::Unknown => "unknown",
-            Health::Healthy => "healthy",
-            Health::Unhealthy => "unhealthy",
-        }
-    }
-}
-
-impl crate::util::ByteEnum for Health {
-    fn to_byte(self) -> u8 {
-        self as u8
-    }
-    fn from_byte(v: u8) -> Health {
-        match v {
-            1 => Health::Healthy,
-            2 => Health::Unhealthy,
-            _ => Health::Unknown,
-        }
+crate::util::byte_enum! {
+    /// What the active probes last concluded about a backend.
+    pub enum Health {
+        /// Not probed yet (or probes are off).
+        Unknown = 0 => "unknown",
+        Healthy = 1 => "healthy",
+        Unhealthy = 2 => "unhealthy",
     }
 }
 

@@ -42,49 +42,23 @@ use crate::balance::Candidate;
 use crate::config::Weight;
 use crate::health::{AgentSays, Health, ProbeRecord, PROBE_HISTORY};
 use crate::outcome::Outcome;
-use crate::util::{lock, AtomicEnum, ByteEnum};
+use crate::util::{lock, AtomicEnum};
 
 /// Effective weights are kept in tenths of a configured weight, so slow start can ramp even a weight
 /// of 1 in steps: a full-weight backend has `weight * WEIGHT_SCALE`.
 pub const WEIGHT_SCALE: u32 = 10;
 
-/// Whether a backend is a member taking new connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-#[repr(u8)]
-pub enum State {
-    /// A member; takes new connections when healthy and not ejected.
-    Active = 0,
-    /// A member that takes no new connections; its sessions go on (admin drain).
-    Draining = 1,
-    /// No longer claimed by any source; kept only while sessions remain (`on_removed`).
-    Removed = 2,
-    /// Under maintenance (admin API): no new connections, probes paused; its sessions go on.
-    Maint = 3,
-}
-
-impl State {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            State::Active => "active",
-            State::Draining => "draining",
-            State::Removed => "removed",
-            State::Maint => "maint",
-        }
-    }
-}
-
-impl ByteEnum for State {
-    fn to_byte(self) -> u8 {
-        self as u8
-    }
-    fn from_byte(v: u8) -> State {
-        match v {
-            1 => State::Draining,
-            2 => State::Removed,
-            3 => State::Maint,
-            _ => State::Active,
-        }
+crate::util::byte_enum! {
+    /// Whether a backend is a member taking new connections.
+    pub enum State {
+        /// A member; takes new connections when healthy and not ejected.
+        Active = 0 => "active",
+        /// A member that takes no new connections; its sessions go on (admin drain).
+        Draining = 1 => "draining",
+        /// No longer claimed by any source; kept only while sessions remain (`on_removed`).
+        Removed = 2 => "removed",
+        /// Under maintenance (admin API): no new connections, probes paused; its sessions go on.
+        Maint = 3 => "maint",
     }
 }
 
@@ -161,7 +135,8 @@ impl Histogram {
 #[derive(Debug, Default)]
 pub struct BackendStats {
     /// Connections counted from the start of their connect (least-connections relies on that).
-    pub active: AtomicU64,
+    /// Written only by [`ActiveGuard`]; read with [`Backend::active`].
+    active: AtomicU64,
     /// Connections established to this backend.
     pub total: AtomicU64,
     /// Connect attempts that failed (timeout, refused, reset).
@@ -391,9 +366,9 @@ impl Backend {
         (was != health).then_some(was)
     }
 
-    /// Probes were turned off: health is unknown again.
-    pub(super) fn forget_health(&self) {
-        self.health.swap(Health::Unknown);
+    /// Probes were turned off: health is unknown again. Returns what it was, if that is a change.
+    pub(super) fn forget_health(&self) -> Option<Health> {
+        self.observe_health(Health::Unknown)
     }
 
     pub(super) fn record_probe(&self, r: ProbeRecord) {

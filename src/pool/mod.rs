@@ -61,7 +61,7 @@ use crate::balance::Selector;
 use crate::config::{AgentConfig, Failback, OnDown, OnRemoved, Policy};
 use crate::discovery::{Claimed, Claims, Finder};
 use crate::events::EventBus;
-use crate::health::ProbeSpec;
+use crate::health::{AgentSays, Health, ProbeSpec};
 use crate::outcome::Outcome;
 use crate::util::{lock, unix_ms};
 use membership::Membership;
@@ -410,8 +410,10 @@ impl Pool {
     }
 
     /// Replaces the pool's settings (a reload): the snapshot is rebuilt for a new policy, and probes
-    /// restart when their settings changed (keeping each backend's health).
+    /// restart when their settings changed (keeping each backend's health, unless probes or the
+    /// agent are turned off: then what they said is forgotten, and that is published).
     pub(crate) fn update_settings(&self, new: PoolSettings) {
+        let mut ts = Vec::new();
         let mut inner = lock(&self.inner);
         let old = self.settings.swap(Arc::new(new));
         let probes_changed = match (&old.probes, &self.settings().probes) {
@@ -426,7 +428,16 @@ impl Pool {
             let members = inner.members.clone();
             for b in &members {
                 if self.settings().probes.is_none() {
-                    b.forget_health();
+                    if let Some(was) = b.forget_health() {
+                        ts.push(Transition::Health {
+                            backend: b.addr,
+                            health: Health::Unknown,
+                            was,
+                            error: None,
+                            on_down: self.settings().on_down,
+                            sessions: b.active(),
+                        });
+                    }
                 }
                 self.spawn_probes(&mut inner, b);
             }
@@ -438,14 +449,22 @@ impl Pool {
             let members = inner.members.clone();
             for b in &members {
                 if self.settings().agent.is_none() {
-                    b.observe_agent(crate::health::AgentSays::Unknown, Some(100));
+                    if let Some((was, _)) = b.observe_agent(AgentSays::Unknown, Some(100)) {
+                        ts.push(Transition::Agent {
+                            backend: b.addr,
+                            says: AgentSays::Unknown,
+                            was,
+                            weight_pct: 100,
+                            sessions: b.active(),
+                        });
+                    }
                 }
                 self.spawn_agent(&mut inner, b);
             }
         }
         self.rebuild_locked(&mut inner);
         drop(inner);
-        self.publish(Vec::new());
+        self.publish(ts);
     }
 
     /// Stops the pool's probes and timers (its service was removed by a reload).
@@ -850,6 +869,39 @@ mod tests {
             .await
             .expect("the control runtime rebuilt the snapshot");
         }
+    }
+
+    /// A reload that turns probes or the agent off forgets what they said, and says so: the backend's
+    /// health back to unknown and its agent's word gone are published like any other transition.
+    #[tokio::test]
+    async fn a_reload_that_turns_probes_and_the_agent_off_publishes_what_it_forgets() {
+        let p = pool(1);
+        let mut events = p.events.subscribe();
+        let b = p.members()[0].clone();
+        b.observe_health(Health::Unhealthy);
+        b.observe_agent(AgentSays::Drain, Some(50));
+        let mut settings = (*p.settings()).clone();
+        // Probes and the agent on, then off again with no await between: on this test's one thread
+        // no probe runs meanwhile.
+        let health = serde_yaml::from_str("{kind: tcp, interval: 1h}").unwrap();
+        settings.probes = ProbeSpec::from_config("t", &health, None).map(Arc::new);
+        settings.agent = Some(serde_yaml::from_str("{port: 9, interval: 1h}").unwrap());
+        p.update_settings(settings.clone());
+        settings.probes = None;
+        settings.agent = None;
+        p.update_settings(settings);
+        assert_eq!(b.health(), Health::Unknown);
+        let mut seen = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            seen.push(e.to_string());
+        }
+        let about_b = |kind: &str| {
+            seen.iter()
+                .filter(|e| e.contains(kind) && e.contains(&b.addr.to_string()))
+                .count()
+        };
+        assert_eq!(about_b("\"backend_health\""), 1, "{seen:?}");
+        assert_eq!(about_b("\"backend_agent\""), 1, "{seen:?}");
     }
 
     #[tokio::test]

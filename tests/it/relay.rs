@@ -1,5 +1,5 @@
 //! Data integrity and TCP semantics through the proxy (docs/reliability.md, "Data integrity and TCP semantics"), each run
-//! against both relay engines.
+//! against every relay mode (copy, splice, auto, uring).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
