@@ -748,9 +748,7 @@ def measure(proxies, workloads, a):
                     if proxy:
                         proxy.check()
                     row.update({"round": rnd, "proxy": p})
-                    rows.append(row)
-                    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
-                          file=sys.stderr)
+                    keep_row(rows, row)
                 if proxy:
                     proxy.stop()
                     proxy = None
@@ -762,6 +760,13 @@ def measure(proxies, workloads, a):
             fixture.close()
         shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def keep_row(rows, row):
+    """Keeps a measured row, and shows it on stderr as it comes (floats to 3 places)."""
+    rows.append(row)
+    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

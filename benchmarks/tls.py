@@ -269,9 +269,7 @@ def measure(a):
                     if proxy:
                         proxy.check()
                     row["round"] = rnd
-                    rows.append(row)
-                    print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
-                          file=sys.stderr)
+                    bench.keep_row(rows, row)
                 if proxy:
                     proxy.stop()
                     proxy = None

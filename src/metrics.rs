@@ -213,7 +213,11 @@ impl Page {
         for f in table.families {
             let labels = table.subject.iter().chain(f.labels).map(|l| l.to_string());
             let entry = (f.kind.as_str().to_string(), labels.collect());
-            assert!(d.insert(f.name.to_string(), entry).is_none(), "{} declared twice", f.name);
+            assert!(
+                d.insert(f.name.to_string(), entry).is_none(),
+                "{} declared twice",
+                f.name
+            );
         }
     }
 }

@@ -472,18 +472,24 @@ fn record(tally: &mut Tally, result: Result<Option<String>, Failure>, micros: u6
     }
 }
 
+/// The tool's one runtime (current-thread: one core's worth of load per process), or the exit code
+/// that says it could not start.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("sluicegate-load: cannot start a runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
 fn main() -> ExitCode {
     let mut args = Args::parse();
     if let Some(Command::Serve { listen, name }) = args.command.take() {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
+        let rt = match runtime() {
             Ok(r) => r,
-            Err(e) => {
-                eprintln!("sluicegate-load: cannot start a runtime: {e}");
-                return ExitCode::from(1);
-            }
+            Err(code) => return code,
         };
         return match rt.block_on(serve::serve(listen, serve::own_name(name))) {
             Ok(()) => ExitCode::SUCCESS,
@@ -534,15 +540,9 @@ fn main() -> ExitCode {
         }
         Mode::Tcp => (0..args.size).map(|i| (i % 251) as u8).collect(),
     });
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("sluicegate-load: cannot start a runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let args = Arc::new(args);
     let (tally, elapsed) = runtime.block_on(async {

@@ -290,14 +290,18 @@ fn seen(c: ContainerSummary, network: &str) -> Seen {
         id: c.id.unwrap_or_default(),
         name: first_name(c.names),
         labels: c.labels.unwrap_or_default(),
-        state: c
-            .state
-            .map(|s| s.to_string())
-            .unwrap_or_default()
-            .to_lowercase(),
+        state: state_of(c.state),
         status: c.status.unwrap_or_default(),
         ip,
     }
+}
+
+/// A container's state as the Engine words it, in lower case (`running`, `exited`; empty if absent).
+fn state_of(state: Option<impl ToString>) -> String {
+    state
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+        .to_lowercase()
 }
 
 /// The list and event filter that matches containers with all of `labels`.
@@ -326,11 +330,7 @@ fn labelled(c: ContainerSummary, network: Option<&str>) -> Labelled {
         id: c.id.unwrap_or_default(),
         name: first_name(c.names),
         labels: c.labels.unwrap_or_default(),
-        state: c
-            .state
-            .map(|s| s.to_string())
-            .unwrap_or_default()
-            .to_lowercase(),
+        state: state_of(c.state),
         health: ContainerHealth::from_status(&status),
         ip,
     }

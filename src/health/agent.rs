@@ -26,7 +26,6 @@ use tokio::net::TcpStream;
 
 use super::exchange::quote;
 use super::ProbeError;
-use crate::util::is_local_exhaustion;
 
 /// The most of an agent's answer read.
 pub(crate) const AGENT_READ: usize = 512;
@@ -117,13 +116,9 @@ pub(crate) async fn ask(
 }
 
 async fn read_line(addr: SocketAddr, got: &mut Vec<u8>) -> Result<(), ProbeError> {
-    let mut s = TcpStream::connect(addr).await.map_err(|e| {
-        if is_local_exhaustion(&e) {
-            ProbeError::Local(e)
-        } else {
-            ProbeError::Connect(e)
-        }
-    })?;
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(ProbeError::connecting)?;
     let mut buf = [0u8; AGENT_READ];
     loop {
         if let Some(end) = got.iter().position(|b| *b == b'\n') {

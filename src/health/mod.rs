@@ -168,6 +168,17 @@ pub(crate) enum ProbeError {
     Exit(String),
 }
 
+impl ProbeError {
+    /// A failed connect: the backend's fault, unless this process ran out of its own resources.
+    pub(crate) fn connecting(e: io::Error) -> ProbeError {
+        if is_local_exhaustion(&e) {
+            ProbeError::Local(e)
+        } else {
+            ProbeError::Connect(e)
+        }
+    }
+}
+
 /// A stream a probe speaks HTTP over: a socket, or TLS over one.
 pub(crate) trait ProbeIo: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> ProbeIo for T {}
@@ -328,13 +339,9 @@ impl ProbeSpec {
 
     /// Connects to `addr` and runs the check's exchange over the connection.
     async fn connected(&self, addr: SocketAddr, target: Target<'_>) -> Result<(), ProbeError> {
-        let mut s = TcpStream::connect(addr).await.map_err(|e| {
-            if is_local_exhaustion(&e) {
-                ProbeError::Local(e)
-            } else {
-                ProbeError::Connect(e)
-            }
-        })?;
+        let mut s = TcpStream::connect(addr)
+            .await
+            .map_err(ProbeError::connecting)?;
         let handshake = |s| async move {
             let Some(tls) = &self.tls else {
                 return Err(ProbeError::Tls(io::Error::other("no backend_tls")));

@@ -165,6 +165,18 @@ pub(crate) async fn relay(
         Poll::Pending
     });
     let supervised = supervise(directions, &up, &down, opts, start, cut).await;
+    conclude(supervised, &up, &down, client, backend)
+}
+
+/// How a relay of any engine ends: resets armed on the sockets that must see one, the live counters
+/// flushed, and what moved.
+fn conclude(
+    supervised: Supervised,
+    up: &Flow<'_>,
+    down: &Flow<'_>,
+    client: &TcpStream,
+    backend: &TcpStream,
+) -> Relayed {
     if supervised.reset_client {
         arm_reset(client);
     }

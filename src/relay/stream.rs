@@ -172,20 +172,5 @@ pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint>(
         Poll::Pending
     });
     let supervised = supervise(directions, &up, &down, opts, start, cut).await;
-    if supervised.reset_client {
-        super::arm_reset(client.socket());
-    }
-    if supervised.reset_backend {
-        super::arm_reset(backend.socket());
-    }
-    up.flush_live();
-    down.flush_live();
-    Relayed {
-        bytes_up: up.bytes(),
-        bytes_down: down.bytes(),
-        end: supervised.end,
-        spliced: false,
-        uring: false,
-        broken: supervised.broken,
-    }
+    super::conclude(supervised, &up, &down, client.socket(), backend.socket())
 }
