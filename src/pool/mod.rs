@@ -816,6 +816,55 @@ mod tests {
         assert_eq!(b.stats.failed.load(Relaxed), 3);
     }
 
+    /// Under tokio's paused clock: a backend that joins a warm pool ramps over `slow_start` (10 s)
+    /// from a tenth of its weight, grows while the window runs, and is at full weight, ramping no
+    /// more, once the window has passed.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_joiner_ramps_over_the_slow_start_window() {
+        let p = pool(1);
+        let mut settings = (*p.settings()).clone();
+        settings.slow_start = Duration::from_secs(10);
+        p.update_settings(settings);
+        p.warmed_up();
+        let mut members: Vec<_> = p.members().iter().map(|b| (b.addr, Weight::ONE)).collect();
+        let new = SocketAddr::from(([127, 0, 0, 9], 80));
+        members.push((new, Weight::new(10).unwrap()));
+        p.reconcile(Source::Static, members);
+        let b = p.members().into_iter().find(|b| b.addr == new).unwrap();
+        let full = 10 * WEIGHT_SCALE;
+        let start = b.eff_weight();
+        assert!(start < full / 5, "starts low: {start}");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let half = b.eff_weight();
+        assert!(start < half && half < full, "grows: {start} → {half}");
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(b.eff_weight(), full, "full once the window passed");
+        assert!(!b.ramping());
+    }
+
+    /// Under tokio's paused clock: a removed backend with a session open is drained for
+    /// `removed_drain` (30 s); its sessions are cut at that deadline, not a moment before.
+    #[tokio::test(start_paused = true)]
+    async fn a_removed_backend_is_cut_at_its_drain_deadline() {
+        let p = pool(1);
+        let b = p.members()[0].clone();
+        let session = ActiveGuard::within(b.clone(), None).unwrap();
+        let cut = b.cut_signal();
+        let keep: Vec<_> = p.members()[1..]
+            .iter()
+            .map(|b| (b.addr, Weight::ONE))
+            .collect();
+        p.reconcile(Source::Static, keep);
+        let mut cut_at = std::pin::pin!(cut.cut());
+        let early = tokio::time::timeout(Duration::from_secs(29), &mut cut_at).await;
+        assert!(early.is_err(), "still draining before the deadline");
+        let reason = tokio::time::timeout(Duration::from_secs(2), cut_at)
+            .await
+            .expect("cut at the deadline");
+        assert_eq!(reason, Outcome::BackendRemoved);
+        drop(session);
+    }
+
     /// An ejection seen on a worker takes effect on the very next pick, though the worker builds
     /// nothing: the snapshot it sees is the old one until the control runtime rebuilds it.
     #[tokio::test]
