@@ -298,6 +298,9 @@ impl Service {
         if tls.originate.as_ref().is_some_and(|o| o.insecure) {
             tracing::warn!(service = %cfg.name, "backend_tls.verify is false: any certificate a backend presents is accepted");
         }
+        if tls.terminate.is_some() || tls.originate.is_some() {
+            crate::tls::say_where_records_are_relayed();
+        }
         Service {
             pool,
             names: discovery::names(cfg),

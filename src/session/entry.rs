@@ -72,9 +72,10 @@ pub(super) struct FirstBytes {
 }
 
 /// Reads until the bytes hold a whole ClientHello (however many segments and records it came in),
-/// are not TLS at all (another protocol: no hello), or the client closed having sent nothing. A hello
-/// that is malformed, larger than [`MAX_HELLO`], cut short by the client or not whole within
-/// `timeout`: `Err(TlsHello)`, said at most once a second; the drain deadline: `Err(DrainDeadline)`.
+/// are not TLS at all (another protocol: no hello), or the client closed or stayed silent for
+/// `timeout` having sent nothing (no hello either). A hello that is malformed, larger than
+/// [`MAX_HELLO`], cut short by the client or begun and not whole within `timeout`: `Err(TlsHello)`,
+/// said at most once a second; the drain deadline: `Err(DrainDeadline)`.
 pub(super) async fn read_hello(
     client: &mut TcpStream,
     timeout: Duration,
@@ -114,13 +115,17 @@ pub(super) async fn read_hello(
             }
         }
     };
-    let hello = tokio::select! {
-        r = tokio::time::timeout(timeout, read) => match r {
-            Ok(Ok(hello)) => hello,
-            Ok(Err(why)) => return Err(refuse(why)),
-            Err(_) => return Err(refuse(format!("no whole ClientHello within {timeout:?}"))),
-        },
+    let read = tokio::select! {
+        r = tokio::time::timeout(timeout, read) => r,
         () = deadline.cancelled() => return Err(Outcome::DrainDeadline),
+    };
+    let hello = match read {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(why)) => return Err(refuse(why)),
+        // Silent for the whole timeout: no hello at all, as from a client of a protocol where the
+        // server speaks first (SMTP, SSH, MySQL). It goes where a client without a name goes.
+        Err(_) if bytes.is_empty() => None,
+        Err(_) => return Err(refuse(format!("no whole ClientHello within {timeout:?}"))),
     };
     Ok(FirstBytes { bytes, hello })
 }

@@ -85,6 +85,35 @@ pub fn check_files(config: &crate::config::Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the kernel offers TLS offload (kTLS): `tls` among the upper-layer protocols TCP can take
+/// (`/proc/sys/net/ipv4/tcp_available_ulp`, as `setsockopt(TCP_ULP, "tls")` needs); `None` when
+/// that cannot be read.
+pub(crate) fn kernel_tls() -> Option<bool> {
+    let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").ok()?;
+    Some(ulps.split_whitespace().any(|u| u == "tls"))
+}
+
+/// Says once per process, when the first service with TLS starts, that its records are encrypted
+/// and relayed in user space, and why: the kernel has no kTLS, or it has but sluicegate does not
+/// hand it session keys (terminated and originated bytes are then copied, never spliced).
+pub(crate) fn say_where_records_are_relayed() {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| match kernel_tls() {
+        Some(true) => tracing::info!(
+            ktls = true,
+            "TLS is relayed in user space: the kernel offers kTLS, but sluicegate does not hand it session keys"
+        ),
+        Some(false) => tracing::info!(
+            ktls = false,
+            "TLS is relayed in user space: the kernel offers no kTLS (tcp_available_ulp has no tls)"
+        ),
+        None => tracing::info!(
+            ktls = false,
+            "TLS is relayed in user space: /proc/sys/net/ipv4/tcp_available_ulp cannot be read"
+        ),
+    });
+}
+
 /// The crypto every TLS configuration here uses.
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

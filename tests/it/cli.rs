@@ -1735,6 +1735,49 @@ async fn uring_falls_back_to_epoll_with_one_line() {
     }
 }
 
+/// reliability.md `ktls`: a service that terminates TLS says once, at start, that its records are
+/// relayed in user space and whether the kernel offers kTLS (this machine's does not: `ktls: false`),
+/// as `/proc/sys/net/ipv4/tcp_available_ulp` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_says_once_where_its_records_are_relayed() {
+    let pki = crate::common::pki::Pki::new("ktls line");
+    let pair = pki.server("web", &["web.test"]);
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let service = |name: &str| {
+        format!(
+            "  - name: {name}\n    listen: 127.0.0.1:0\n    tls: {{cert: \"{}\", key: \"{}\"}}\n    backends: [{{address: \"{}\"}}]\n",
+            pair.cert.display(),
+            pair.key.display(),
+            backend.addr
+        )
+    };
+    let yaml = format!(
+        "log: {{level: info, format: json}}\nservices:\n{}{}",
+        service("one"),
+        service("two")
+    );
+    let mut sg = Sg::start(&yaml);
+    let offered = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .map(|u| u.split_whitespace().any(|u| u == "tls"))
+        .unwrap_or(false);
+    let line = sg.wait_line(SECS(5), |l| {
+        l["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("TLS is relayed in user space"))
+    });
+    assert_eq!(line["ktls"], offered, "{line}");
+    let said = sg
+        .seen
+        .iter()
+        .filter(|l| {
+            l["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("TLS is relayed in user space"))
+        })
+        .count();
+    assert_eq!(said, 1, "once for two TLS services");
+}
+
 /// reliability.md `sni-explained`: on a shared address the routing line says why a connection went
 /// where it did (`sni`, `alpn`, `route`), and a connection no service took is logged with
 /// `service: null` and its end.

@@ -181,7 +181,9 @@ async fn no_route_and_bad_hellos_reach_no_backend() {
     closed(client_hello(Some("b.example"), &[])).await;
     closed(client_hello(None, &[])).await;
     closed(b"SSH-2.0-OpenSSH\r\n".to_vec()).await;
-    let no_route = 3;
+    // Silent past client_hello_timeout: no hello, so no route here either.
+    closed(Vec::new()).await;
+    let no_route = 4;
     let good = client_hello(Some("a.example"), &["h2"]);
     let mut not_a_hello = good.clone();
     not_a_hello[5] = 2; // a ServerHello
@@ -221,6 +223,43 @@ async fn no_route_and_bad_hellos_reach_no_backend() {
     .await;
     // And the good one goes through.
     assert_eq!(who_echoes(addr, &good, good.len()).await.unwrap(), "a");
+}
+
+/// docs/reliability.md `sni-server-first`: a client that sends nothing (a protocol where the server
+/// speaks first: SMTP, SSH) has no hello, and goes to the address's default once
+/// `client_hello_timeout` has passed; the default's greeting reaches it, and it is served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_goes_to_the_default_after_the_hello_timeout() {
+    let addr = free_addr([127, 0, 0, 1]);
+    let a = tagged([127, 0, 0, 2], "a").await;
+    let smtp = Backend::start([127, 0, 0, 3], |mut s| async move {
+        let _ = s.write_all(b"220 mail.example ESMTP\r\n").await;
+        let mut line = [0u8; 64];
+        if let Ok(n) = s.read(&mut line).await {
+            let _ = s.write_all(&line[..n]).await;
+        }
+    })
+    .await;
+    let yaml = config(
+        &[
+            service("a", addr, "sni: [a.example], client_hello_timeout: 300ms,", a.addr),
+            service("mail", addr, "client_hello_timeout: 300ms,", smtp.addr),
+        ]
+        .concat(),
+    );
+    let _p = Proxy::start(&yaml).await;
+    let s = TcpStream::connect(addr).await.unwrap();
+    let mut s = BufReader::new(s);
+    let mut greeting = String::new();
+    within(SECS(5), "the default's greeting", s.read_line(&mut greeting))
+        .await
+        .unwrap();
+    assert_eq!(greeting, "220 mail.example ESMTP\r\n");
+    s.get_mut().write_all(b"EHLO c\r\n").await.unwrap();
+    let mut echo = String::new();
+    within(SECS(5), "the echo", s.read_line(&mut echo)).await.unwrap();
+    assert_eq!(echo, "EHLO c\r\n");
+    assert_eq!(a.accepted(), 0);
 }
 
 /// docs/reliability.md `sni-passthrough`: two TLS backends with certificates of their own behind one
