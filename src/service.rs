@@ -597,7 +597,7 @@ pub(crate) const METRICS: Table<ServiceView> = Table {
         Family::new(
             Kind::Histogram,
             "sluicegate_tls_handshake_duration_seconds",
-            "Time of successful TLS handshakes with clients, from the first byte of the hello.",
+            "Time of successful TLS handshakes with clients, from the server side's start (on a shared address, after the hello was read for the route).",
             &[],
             |s, o| {
                 if let Some(t) = &s.tls {

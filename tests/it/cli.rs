@@ -1735,6 +1735,42 @@ async fn uring_falls_back_to_epoll_with_one_line() {
     }
 }
 
+/// reliability.md `tls-origination-defaults`: `backend_tls: {}` verifies a backend against the
+/// system's roots (here `SSL_CERT_FILE`, which the OS trust store loader reads, names the test's CA)
+/// and the DNS name the backend was found under (`db.test`, from the in-process DNS server): the
+/// client is served. A service with `verify: false` beside it warns at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_tls_defaults_to_the_system_roots_and_the_backends_dns_name() {
+    let pki = crate::common::pki::Pki::new("system roots");
+    let backend =
+        crate::common::pki::tls_echo_backend([127, 0, 0, 2], &pki.server("db", &["db.test"])).await;
+    let dns = crate::common::dns::FakeDns::start().await;
+    dns.set_ips("db.test", &[[127, 0, 0, 2]]);
+    let port = backend.addr.port();
+    let yaml = format!(
+        "log: {{level: info, format: json}}\nresolver: {{nameservers: [\"{}\"], timeout: 300ms}}\nservices:\n  - name: strict\n    listen: 127.0.0.1:0\n    backend_tls: {{}}\n    backends: [{{address: \"db.test:{port}\"}}]\n  - name: lax\n    listen: 127.0.0.1:0\n    backend_tls: {{verify: false}}\n    backends: [{{address: \"{}\"}}]\n",
+        dns.addr, backend.addr
+    );
+    let mut sg = Sg::start_with(&yaml, &format!("SSL_CERT_FILE={}", pki.ca.display()));
+    let warned = sg.wait_line(SECS(5), |l| {
+        l["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("backend_tls.verify is false"))
+    });
+    assert_eq!(warned["service"], "lax");
+    let strict: SocketAddr = sg.wait_line(SECS(5), |l| {
+        l["msg"] == "listening" && l["service"] == "strict"
+    })["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let served = within(SECS(10), "served", round_trip(strict, b"hello over TLS"))
+        .await
+        .expect("verified against the system roots and db.test");
+    assert_eq!(served, b"hello over TLS");
+}
+
 /// reliability.md `ktls`: a service that terminates TLS says once, at start, that its records are
 /// relayed in user space and whether the kernel offers kTLS (this machine's does not: `ktls: false`),
 /// as `/proc/sys/net/ipv4/tcp_available_ulp` says.

@@ -14,7 +14,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::common::http::get;
-use crate::common::pki::{connector, tls_connect, tls_echo_backend, Pair, Pki};
+use crate::common::pki::{
+    connector, connector_tls12_only, tls_connect, tls_echo_backend, Pair, Pki,
+};
 use crate::common::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -242,7 +244,12 @@ async fn a_silent_client_goes_to_the_default_after_the_hello_timeout() {
     .await;
     let yaml = config(
         &[
-            service("a", addr, "sni: [a.example], client_hello_timeout: 300ms,", a.addr),
+            service(
+                "a",
+                addr,
+                "sni: [a.example], client_hello_timeout: 300ms,",
+                a.addr,
+            ),
             service("mail", addr, "client_hello_timeout: 300ms,", smtp.addr),
         ]
         .concat(),
@@ -251,15 +258,90 @@ async fn a_silent_client_goes_to_the_default_after_the_hello_timeout() {
     let s = TcpStream::connect(addr).await.unwrap();
     let mut s = BufReader::new(s);
     let mut greeting = String::new();
-    within(SECS(5), "the default's greeting", s.read_line(&mut greeting))
-        .await
-        .unwrap();
+    within(
+        SECS(5),
+        "the default's greeting",
+        s.read_line(&mut greeting),
+    )
+    .await
+    .unwrap();
     assert_eq!(greeting, "220 mail.example ESMTP\r\n");
     s.get_mut().write_all(b"EHLO c\r\n").await.unwrap();
     let mut echo = String::new();
-    within(SECS(5), "the echo", s.read_line(&mut echo)).await.unwrap();
+    within(SECS(5), "the echo", s.read_line(&mut echo))
+        .await
+        .unwrap();
     assert_eq!(echo, "EHLO c\r\n");
     assert_eq!(a.accepted(), 0);
+}
+
+/// docs/reliability.md `sni-reload-routes`: a reload adds a route to a shared address and removes
+/// its default while a connection routed there is open: the open one keeps relaying, the new name
+/// reaches its new service, and a client without a name finds no route any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_and_removes_routes_under_an_open_connection() {
+    let addr = free_addr([127, 0, 0, 1]);
+    let a = tagged([127, 0, 0, 2], "a").await;
+    let b = tagged([127, 0, 0, 3], "b").await;
+    let d = tagged([127, 0, 0, 4], "d").await;
+    let before = config(
+        &[
+            service("a", addr, "sni: [a.example],", a.addr),
+            service("d", addr, "", d.addr),
+        ]
+        .concat(),
+    );
+    let p = Proxy::start(&before).await;
+    assert_eq!(
+        who_echoes(addr, &client_hello(None, &[]), 4096)
+            .await
+            .unwrap(),
+        "d"
+    );
+    // Open through the reload: the name line read, then an echo on each side of it.
+    let hello = client_hello(Some("a.example"), &[]);
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    w.write_all(&hello).await.unwrap();
+    let mut name = String::new();
+    r.read_line(&mut name).await.unwrap();
+    assert_eq!(name, "a\n");
+    let mut back = vec![0u8; hello.len()];
+    r.read_exact(&mut back).await.unwrap();
+    let after = config(
+        &[
+            service("a", addr, "sni: [a.example],", a.addr),
+            service("b", addr, "sni: [b.example],", b.addr),
+        ]
+        .concat(),
+    );
+    p.control
+        .reload(Config::from_yaml(&after).unwrap())
+        .expect("reloaded");
+    w.write_all(b"still here").await.unwrap();
+    let mut more = [0u8; 10];
+    within(
+        SECS(5),
+        "the open connection relays",
+        r.read_exact(&mut more),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&more, b"still here");
+    assert_eq!(
+        who_echoes(addr, &client_hello(Some("b.example"), &[]), 4096)
+            .await
+            .unwrap(),
+        "b"
+    );
+    assert!(
+        who_echoes(addr, &client_hello(None, &[]), 4096)
+            .await
+            .is_err(),
+        "no default any more"
+    );
+    assert_eq!(d.accepted(), 1);
 }
 
 /// docs/reliability.md `sni-passthrough`: two TLS backends with certificates of their own behind one
@@ -434,6 +516,58 @@ async fn termination_presents_each_services_certificate() {
     assert!(
         days.as_i64().is_some_and(|d| (88..=90).contains(&d)),
         "{days}"
+    );
+}
+
+/// docs/reliability.md `tls-rsa-min-version`: termination with an RSA key, `min_version: "1.3"`: a
+/// client of TLS 1.3 verifies the certificate and is relayed, its handshake timed in the histogram;
+/// a client that speaks only TLS 1.2 is refused in the handshake (`failed`), no backend contacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn termination_with_an_rsa_key_holds_its_minimum_version() {
+    let pki = Pki::new("rsa CA");
+    let pair = pki.server_rsa("rsa", &["rsa.example"]);
+    let backend = tagged([127, 0, 0, 2], "plain").await;
+    let yaml = format!(
+        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nadmin: {{listen: \"127.0.0.1:0\"}}\nservices:\n  - name: r\n    listen: 127.0.0.1:0\n    tls: {{cert: \"{}\", key: \"{}\", min_version: \"1.3\"}}\n    backends: [{{address: \"{}\"}}]\n",
+        pair.cert.display(),
+        pair.key.display(),
+        backend.addr
+    );
+    let p = Proxy::start(&yaml).await;
+    let mut tls = tls_connect(&connector(&pki, &[], None), p.addr, "rsa.example")
+        .await
+        .expect("TLS 1.3 with the RSA certificate");
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let mut name = String::new();
+    within(SECS(5), "the backend's name", async {
+        let mut r = BufReader::new(&mut tls);
+        r.read_line(&mut name).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(name, "plain\n");
+    drop(tls);
+    let old = tls_connect(&connector_tls12_only(&pki), p.addr, "rsa.example").await;
+    assert!(old.is_err(), "a TLS 1.2 client is refused");
+    let admin = p.admin.unwrap();
+    wait_until(SECS(5), "the refusal counted", || async move {
+        handshakes(admin, "r", "failed").await == 1
+    })
+    .await;
+    assert_eq!(handshakes(admin, "r", "ok").await, 1);
+    assert_eq!(
+        backend.accepted(),
+        1,
+        "the refused client reached no backend"
+    );
+    let m = get(admin, "/metrics").await.body;
+    assert!(
+        m.lines()
+            .any(|l| l == "sluicegate_tls_handshake_duration_seconds_count{service=\"r\"} 1"),
+        "one handshake timed"
     );
 }
 

@@ -94,20 +94,23 @@ impl Pki {
     }
 
     fn sign(&self, file: &str, cn: &str, ext: &str, days: u32) -> Pair {
+        self.sign_key(
+            file,
+            cn,
+            ext,
+            days,
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        )
+    }
+
+    /// Signs a certificate for a new key made with `genpkey`'s `alg` options.
+    fn sign_key(&self, file: &str, cn: &str, ext: &str, days: u32, alg: &[&str]) -> Pair {
         let key = format!("{file}.key");
         let cert = format!("{file}.pem");
-        openssl(
-            &self.dir,
-            &[
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-out",
-                &key,
-            ],
-        );
+        let mut genpkey = vec!["genpkey"];
+        genpkey.extend_from_slice(alg);
+        genpkey.extend_from_slice(&["-out", &key]);
+        openssl(&self.dir, &genpkey);
         openssl(
             &self.dir,
             &[
@@ -153,20 +156,15 @@ impl Pki {
         self.server_for_days(file, names, 90)
     }
 
+    /// [`Pki::server`] with an RSA 2048 key instead of an EC one.
+    pub fn server_rsa(&self, file: &str, names: &[&str]) -> Pair {
+        let alg = ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
+        self.sign_key(file, names[0], &server_ext(names), 90, &alg)
+    }
+
     /// [`Pki::server`] valid for `days`.
     pub fn server_for_days(&self, file: &str, names: &[&str], days: u32) -> Pair {
-        let san: Vec<String> = names
-            .iter()
-            .map(|n| match n.parse::<std::net::IpAddr>() {
-                Ok(_) => format!("IP:{n}"),
-                Err(_) => format!("DNS:{n}"),
-            })
-            .collect();
-        let ext = format!(
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName={}\n",
-            san.join(",")
-        );
-        self.sign(file, names[0], &ext, days)
+        self.sign(file, names[0], &server_ext(names), days)
     }
 
     /// A client certificate with common name `cn`.
@@ -183,6 +181,21 @@ impl Pki {
         }
         roots
     }
+}
+
+/// The extensions of a server certificate for `names` (DNS names, or IP addresses).
+fn server_ext(names: &[&str]) -> String {
+    let san: Vec<String> = names
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(_) => format!("IP:{n}"),
+            Err(_) => format!("DNS:{n}"),
+        })
+        .collect();
+    format!(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName={}\n",
+        san.join(",")
+    )
 }
 
 impl Drop for Pki {
@@ -218,6 +231,16 @@ pub fn connector(pki: &Pki, alpn: &[&str], client: Option<&Pair>) -> TlsConnecto
         None => b.with_no_client_auth(),
     };
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// A TLS client trusting `pki`'s CA that speaks only TLS 1.2.
+pub fn connector_tls12_only(pki: &Pki) -> TlsConnector {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(pki.roots())
+        .with_no_client_auth();
     TlsConnector::from(Arc::new(config))
 }
 
