@@ -451,7 +451,11 @@ impl Admin {
         let ip = client.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         let answer = match chosen {
             Some((svc, why)) => {
-                let (backend, name) = peek(&svc, ip);
+                let (mut backend, name) = peek(&svc, ip);
+                if svc.backend_port == crate::config::BackendPort::Same {
+                    // Connected at the port the client reached, as the session would.
+                    backend = backend.map(|b| SocketAddr::new(b.ip(), addr.port()));
+                }
                 json!({"listen": addr, "sni": sni, "alpn": alpn, "service": &*svc.name,
                        "route": why, "policy": svc.policy.as_str(), "backend": backend,
                        "name": name, "instance": self.control.instance()})

@@ -76,6 +76,9 @@ struct Entry {
     proxied: Option<Option<SocketAddr>>,
     /// The bytes read for the route, forwarded first.
     first: Vec<u8>,
+    /// The first protocol (ALPN) the client's hello offered: a PROXY v2 header of a service passing
+    /// TLS through says it (a terminating one says what was agreed).
+    offered_alpn: Option<Vec<u8>>,
 }
 
 /// Serves one accepted client of a service alone on its address to completion. Never panics on
@@ -163,6 +166,7 @@ async fn route(
         None => (None, &[][..]),
     };
     record.sni = sni.map(str::to_string);
+    let offered_alpn = alpn.first().cloned();
     record.alpn = (!alpn.is_empty()).then(|| {
         alpn.iter()
             .map(|p| String::from_utf8_lossy(p))
@@ -177,6 +181,7 @@ async fn route(
         Entry {
             proxied: Some(reached),
             first: first.bytes,
+            offered_alpn,
         },
     ))
 }
@@ -255,6 +260,7 @@ async fn admit_and_connect(
     })?;
     let mut facts = proxy_protocol::Tls {
         authority: record.sni.clone(),
+        alpn: entry.offered_alpn,
         ..Default::default()
     };
     let (client, forward) = match &service.tls.terminate {

@@ -588,6 +588,56 @@ async fn read_v2(s: &mut TcpStream) -> Vec<u8> {
     [head.to_vec(), rest].concat()
 }
 
+/// The TLVs of a version 2 PROXY header (after its 16 + 12 bytes of IPv4 addresses): (type, value).
+fn tlvs(header: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut rest = &header[16 + 12..];
+    let mut out = Vec::new();
+    while rest.len() >= 3 {
+        let len = u16::from_be_bytes([rest[1], rest[2]]) as usize;
+        out.push((rest[0], rest[3..3 + len].to_vec()));
+        rest = &rest[3 + len..];
+    }
+    out
+}
+
+/// docs/reliability.md `sni-proxy-tlvs`: a route passing TLS through with `proxy_protocol: v2` tells
+/// its backend the server name and the first protocol the client offered (`PP2_TYPE_AUTHORITY`,
+/// `PP2_TYPE_ALPN`), as HAProxy does; no SSL TLV, since nothing was terminated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_tells_its_backend_the_name_and_protocol_offered() {
+    let addr = free_addr([127, 0, 0, 1]);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let backend = Backend::start([127, 0, 0, 2], move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let header = read_v2(&mut s).await;
+            let _ = tx.send(header);
+            echo(s).await;
+        }
+    })
+    .await;
+    let yaml = config(&service(
+        "a",
+        addr,
+        "sni: [a.example], proxy_protocol: v2,",
+        backend.addr,
+    ));
+    let _p = Proxy::start(&yaml).await;
+    let hello = client_hello(Some("a.example"), &["h2", "http/1.1"]);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    let mut back = vec![0u8; hello.len()];
+    within(SECS(5), "the hello echoed", s.read_exact(&mut back))
+        .await
+        .unwrap();
+    assert_eq!(back, hello);
+    let header = within(SECS(5), "the header", rx.recv()).await.unwrap();
+    let tlvs = tlvs(&header);
+    assert!(tlvs.contains(&(0x02, b"a.example".to_vec())), "{tlvs:?}");
+    assert!(tlvs.contains(&(0x01, b"h2".to_vec())), "{tlvs:?}");
+    assert!(tlvs.iter().all(|(t, _)| *t != 0x20), "no SSL TLV: {tlvs:?}");
+}
+
 /// docs/reliability.md `tls-client-cert`: `tls.client_ca` requires a client certificate: a client
 /// without one and a client with another CA's are closed (`tls_client_cert`) and the backend never
 /// sees them; a good one is relayed, and with `proxy_protocol: v2` the backend reads the client's
@@ -804,10 +854,10 @@ async fn a_port_range_keeps_the_port_the_client_reached() {
         break (ports, backends);
     };
     let yaml = format!(
-        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: ftp\n    listen: \"127.0.0.1:{}-{}\"\n    backend_port: same\n    backends: [{{address: \"127.0.0.2:{}\"}}]\n",
+        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nadmin: {{listen: \"127.0.0.1:0\"}}\nservices:\n  - name: ftp\n    listen: \"127.0.0.1:{}-{}\"\n    backend_port: same\n    backends: [{{address: \"127.0.0.2:{}\"}}]\n",
         range[0], range[2], range[0]
     );
-    let _p = Proxy::start(&yaml).await;
+    let p = Proxy::start(&yaml).await;
     for &port in &range {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let mut got = String::new();
@@ -816,6 +866,18 @@ async fn a_port_range_keeps_the_port_the_client_reached() {
             .unwrap();
         assert_eq!(got.trim(), port.to_string());
     }
+    // /route says the same without a connection.
+    let asked = get(
+        p.admin.unwrap(),
+        &format!("/route?listen=127.0.0.1:{}", range[2]),
+    )
+    .await
+    .json();
+    assert_eq!(
+        asked["backend"],
+        format!("127.0.0.2:{}", range[2]),
+        "{asked}"
+    );
     drop(backends);
 }
 
