@@ -7,7 +7,10 @@
 //! (source `docker:k=v,...`). Then every followed event (start, die, stop, kill, pause, unpause,
 //! health_status, destroy) asks for a new list, a burst of them one list after [`DEBOUNCE`]; and every
 //! `discovery.refresh` (±10 %) the containers are listed anyway, which heals a missed event. A list,
-//! not the event, is what is believed: it is always the whole truth, however events were ordered.
+//! not the event, is what is believed: it is the whole truth, however events were ordered, with one
+//! exception ([`Stopped`]): the Engine still lists a container as running for a moment after its
+//! `die` event, so a container whose latest event says it stopped is left out of a list that still
+//! shows it, until an event starts it again or a list no longer shows it.
 //!
 //! What a list means ([`take`], pure):
 //! - only running containers count, and of those not one whose Docker healthcheck says `unhealthy` or
@@ -335,12 +338,44 @@ pub(crate) fn watch(
         named: HashMap::new(),
         told: HashSet::new(),
         failing: false,
+        stopped: Stopped::default(),
         truncation_warnings: RateLimited::new(Duration::from_secs(60)),
         rng: Rng::from_entropy(),
         backoff: FIRST_BACKOFF,
     };
     tokio::spawn(w.run(stop, first));
     watcher
+}
+
+/// The containers whose latest event says they stopped serving (`die`, `destroy`, `pause`), by id,
+/// for as long as a list still shows them running: the Engine updates its list a moment after the
+/// event (a list 10 ms after `die` was seen to show the container running). Pure.
+#[derive(Debug, Default)]
+pub(crate) struct Stopped(HashSet<String>);
+
+impl Stopped {
+    /// Notes an event: a stop adds the container, a start or unpause takes it out again.
+    pub(crate) fn event(&mut self, action: &str, id: &str) {
+        match action {
+            "die" | "destroy" | "pause" => {
+                self.0.insert(id.to_string());
+            }
+            "start" | "unpause" => {
+                self.0.remove(id);
+            }
+            _ => {}
+        }
+    }
+
+    /// `list` without the containers known to have stopped; forgets those the list no longer shows
+    /// (the Engine caught up).
+    pub(crate) fn filter(&mut self, list: &[Labelled]) -> Vec<Labelled> {
+        self.0.retain(|id| list.iter().any(|c| &c.id == id));
+        list.iter()
+            .filter(|c| !self.0.contains(&c.id))
+            .cloned()
+            .collect()
+    }
 }
 
 /// One selector's watcher: what it claimed, what it told, and the counters it keeps.
@@ -355,6 +390,8 @@ struct LabelWatch {
     told: HashSet<(String, String)>,
     /// In a failure streak (logged at its start and at its end).
     failing: bool,
+    /// Containers stopped by their events that a list may still show running.
+    stopped: Stopped,
     truncation_warnings: RateLimited,
     rng: Rng,
     /// The wait before the next reconnect.
@@ -389,6 +426,8 @@ impl LabelWatch {
         first: &mut Option<oneshot::Sender<()>>,
     ) -> Result<Infallible, DockerError> {
         let engine = self.connect().await?;
+        // Events were missed while disconnected: the next list is believed whole.
+        self.stopped = Stopped::default();
         let since = (unix_ms() / 1000) as i64 - EVENTS_OVERLAP_SECS;
         let mut events = engine.events(&self.spec.spec.selector.labels, since);
         self.list(&engine).await?;
@@ -410,7 +449,7 @@ impl LabelWatch {
     }
 
     /// Reads the rest of a burst of events for [`DEBOUNCE`], so the burst costs one list.
-    async fn gather(&self, events: &mut Events) -> Result<(), DockerError> {
+    async fn gather(&mut self, events: &mut Events) -> Result<(), DockerError> {
         let until = Instant::now() + DEBOUNCE;
         loop {
             tokio::select! {
@@ -420,14 +459,16 @@ impl LabelWatch {
         }
     }
 
-    /// Counts one item of the event stream; its end or error ends the connection.
+    /// Counts one item of the event stream and notes a stop or start; its end or error ends the
+    /// connection.
     fn on_event(
-        &self,
+        &mut self,
         event: Option<Result<crate::docker::ContainerEvent, DockerError>>,
     ) -> Result<(), DockerError> {
         match event {
             Some(Ok(e)) => {
                 self.stats.events.fetch_add(1, Relaxed);
+                self.stopped.event(&e.action, &e.id);
                 tracing::debug!(service = %self.spec.service, labels = %self.spec.spec.label, container = %e.name, action = %e.action, "Docker event");
                 Ok(())
             }
@@ -473,6 +514,7 @@ impl LabelWatch {
         let list = engine
             .list_labelled(&sel.labels, sel.network.as_deref())
             .await?;
+        let list = self.stopped.filter(&list);
         self.apply(&list);
         Ok(())
     }
@@ -580,6 +622,39 @@ mod tests {
 
     fn addr(ip: [u8; 4], port: u16) -> SocketAddr {
         SocketAddr::from((ip, port))
+    }
+
+    /// A list taken just after a `die` event that still shows the container running leaves it out;
+    /// once a list no longer shows it, or an event starts it again, it counts as the list says.
+    #[test]
+    fn a_container_stopped_by_its_event_is_left_out_of_a_late_list() {
+        let a = container("a", [10, 0, 0, 1], &[]);
+        let b = container("b", [10, 0, 0, 2], &[]);
+        let names = |l: Vec<Labelled>| l.into_iter().map(|c| c.name).collect::<Vec<_>>();
+        let mut stopped = Stopped::default();
+        stopped.event("kill", &a.id);
+        assert_eq!(
+            names(stopped.filter(&[a.clone(), b.clone()])),
+            ["a", "b"],
+            "kill alone is no stop"
+        );
+        stopped.event("die", &a.id);
+        assert_eq!(
+            names(stopped.filter(&[a.clone(), b.clone()])),
+            ["b"],
+            "the list lags"
+        );
+        // A list without it: the Engine caught up, and it is forgotten.
+        assert_eq!(names(stopped.filter(&[b.clone()])), ["b"]);
+        assert_eq!(names(stopped.filter(&[a.clone(), b.clone()])), ["a", "b"]);
+        // Stopped, then started again (docker restart): listed as it is.
+        stopped.event("die", &b.id);
+        stopped.event("start", &b.id);
+        assert_eq!(names(stopped.filter(&[a.clone(), b.clone()])), ["a", "b"]);
+        stopped.event("pause", &a.id);
+        assert_eq!(names(stopped.filter(&[a.clone(), b.clone()])), ["b"]);
+        stopped.event("unpause", &a.id);
+        assert_eq!(names(stopped.filter(&[a, b])), ["a", "b"]);
     }
 
     #[test]

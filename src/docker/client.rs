@@ -354,13 +354,18 @@ fn first_name(names: Option<Vec<String>>) -> String {
 }
 
 fn container_event(m: EventMessage) -> ContainerEvent {
-    let name = m
-        .actor
-        .and_then(|a| a.attributes)
-        .and_then(|mut a| a.remove("name"))
-        .unwrap_or_default();
+    let (id, name) = match m.actor {
+        Some(a) => (
+            a.id.unwrap_or_default(),
+            a.attributes
+                .and_then(|mut a| a.remove("name"))
+                .unwrap_or_default(),
+        ),
+        None => Default::default(),
+    };
     ContainerEvent {
         action: m.action.unwrap_or_default(),
+        id,
         name,
     }
 }

@@ -115,6 +115,8 @@ impl ContainerHealth {
 #[cfg_attr(not(feature = "docker"), allow(dead_code))]
 pub(crate) struct ContainerEvent {
     pub(crate) action: String,
+    /// The container's id.
+    pub(crate) id: String,
     /// The container's name, where the Engine says it.
     pub(crate) name: String,
 }

@@ -22,6 +22,7 @@ mod failover;
 mod full_size;
 mod fuzz;
 mod health;
+mod labels;
 mod lifecycle;
 mod load;
 mod monitoring;

@@ -120,6 +120,37 @@ impl Scope {
     pub fn kill(&self, container: &str) {
         docker(&["kill", container]).expect("docker kill");
     }
+
+    /// Starts a container of [`image`] named and host-named `NETWORK-name` on this scope's network,
+    /// with this scope's label (so it is removed with the scope), hardened, and `labels`; returns its
+    /// name (what `sluicegate-load serve` answers with in `X-Backend`).
+    pub fn run(&self, name: &str, labels: &[(&str, &str)]) -> String {
+        let name = format!("{}-{name}", self.network);
+        let mut args = vec![
+            "run".to_string(),
+            "-d".into(),
+            "--name".into(),
+            name.clone(),
+            "--hostname".into(),
+            name.clone(),
+            "--network".into(),
+            self.network.clone(),
+            "--cap-drop".into(),
+            "ALL".into(),
+            "--security-opt".into(),
+            "no-new-privileges".into(),
+            "--label".into(),
+            format!("io.sluicegate.balancer={}", self.balancer),
+        ];
+        for (k, v) in labels {
+            args.push("--label".into());
+            args.push(format!("{k}={v}"));
+        }
+        args.push(image().to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker(&args).expect("docker run");
+        name
+    }
 }
 
 impl Drop for Scope {
