@@ -645,7 +645,7 @@ mod tests {
             "the list lags"
         );
         // A list without it: the Engine caught up, and it is forgotten.
-        assert_eq!(names(stopped.filter(&[b.clone()])), ["b"]);
+        assert_eq!(names(stopped.filter(std::slice::from_ref(&b))), ["b"]);
         assert_eq!(names(stopped.filter(&[a.clone(), b.clone()])), ["a", "b"]);
         // Stopped, then started again (docker restart): listed as it is.
         stopped.event("die", &b.id);
