@@ -410,8 +410,16 @@ impl Control {
         let mut r = Running::new(s, Service::new(s, tls, &self.events), &self.events);
         if started {
             self.start_pool(&mut r);
-            r.current.load().pool.warmed_up();
             self.start_watchers(&mut r, resolving);
+            // Started once its backends' first probes are in, as at start-up: until then the order
+            // in which they answer moves no tier (a backup healthy first is no failover).
+            let pool = r.current.load().pool.clone();
+            self.rt.spawn(async move {
+                if let Some(spec) = &pool.settings().probes {
+                    pool.wait_probed(spec.timeout + super::STARTUP_GRACE).await;
+                }
+                pool.warmed_up();
+            });
         }
         r
     }

@@ -1,4 +1,4 @@
-//! Health that knows the protocol (issue 23): `send`/`expect` exchanges against the real
+//! Health that knows the protocol: `send`/`expect` exchanges against the real
 //! `redis-server` and PostgreSQL (the shipped `conf/databases.yaml`), commands run as checks
 //! (`kind: exec`), the agent a backend runs to report its own state and weight, and maintenance
 //! from the admin API. docs/reliability.md names each scenario.
@@ -202,8 +202,78 @@ async fn postgres_answers_the_startup_exchange() {
     );
 }
 
-/// A script the test writes, run as `kind: exec`: exit 0 is up; its output and the backend's
-/// address are in the probe history; a command that hangs fails at the timeout.
+/// An HTTP backend on `ip` that answers every request with `status` and `body`.
+async fn answering(ip: [u8; 4], status: &'static str, body: &'static str) -> Backend {
+    Backend::start(ip, move |mut s| async move {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        let answer = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.write_all(answer.as_bytes()).await;
+    })
+    .await
+}
+
+/// reliability.md `http-expect`: `kind: http` with `expect_status` (a range) and `expect_body_regex`:
+/// only the backend whose answer has an expected status and a body that matches is healthy; one
+/// with the right body and a status outside the range, and one with the wrong body, are not, each
+/// with what came in its probe history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_checks_expect_a_status_and_a_body() {
+    let primary = answering([127, 0, 0, 2], "200 OK", "role=primary\n").await;
+    let replica = answering([127, 0, 0, 3], "200 OK", "role=replica\n").await;
+    let moved = answering([127, 0, 0, 4], "302 Found", "role=primary\n").await;
+    let addrs = [primary.addr, replica.addr, moved.addr];
+    let y = crate::common::service_yaml(
+        &addrs,
+        sluicegate::config::RelayMode::Auto,
+        "health: {kind: http, path: /role, expect_status: [\"200-299\"], expect_body_regex: \"^role=prim\", interval: 100ms, timeout: 1s, rise: 1, fall: 1}",
+    );
+    let proxy = Proxy::start(&y).await;
+    wait_for(Duration::from_secs(5), "every backend probed", || {
+        addrs
+            .iter()
+            .all(|a| proxy.backend(*a).health() != Health::Unknown)
+    })
+    .await;
+    let health: Vec<Health> = addrs.iter().map(|a| proxy.backend(*a).health()).collect();
+    assert_eq!(
+        health,
+        [Health::Healthy, Health::Unhealthy, Health::Unhealthy]
+    );
+    let last_error = |a: SocketAddr| {
+        proxy
+            .backend(a)
+            .view()
+            .probes
+            .last()
+            .and_then(|r| r.error.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        last_error(replica.addr).contains("role=replica"),
+        "{}",
+        last_error(replica.addr)
+    );
+    assert!(
+        last_error(moved.addr).contains("302"),
+        "{}",
+        last_error(moved.addr)
+    );
+    assert_eq!(proxy.service.pool.snapshot().ready.len(), 1);
+}
+
+/// reliability.md `exec-check`: a script the test writes, run as `kind: exec`: exit 0 is up; its
+/// output and the backend's address are in the probe history; a command that hangs fails at the
+/// timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_checks_run_the_command_with_the_backend_in_its_environment() {
     let (_port, fleet) = replicas(2, 2);
@@ -359,6 +429,17 @@ async fn the_agent_adjusts_its_backend_and_garbage_changes_nothing() {
         State::Active,
         "the agent's drain is not the API's state"
     );
+
+    // down and maint take it out too, each its own word.
+    for (word, want) in [
+        (&b"down\n"[..], AgentSays::Down),
+        (b"MAINT\n", AgentSays::Maint),
+    ] {
+        a2.say(word);
+        wait_for(Duration::from_secs(3), want.as_str(), || says() == want).await;
+        let got = spread(proxy.addr, 10).await;
+        assert_eq!(got.get(&addrs[0].ip()), None, "{}: {got:?}", want.as_str());
+    }
 
     a2.say(b"up 50%\n");
     wait_for(Duration::from_secs(3), "half weight", || {

@@ -437,7 +437,7 @@ async fn an_oversized_answer_is_cut_to_its_lowest_addresses() {
     wait_members(&proxy, &[40, 41], Duration::from_secs(3)).await;
 }
 
-/// SRV discovery (issue 23): the records give each backend its port and weight, and their priority
+/// reliability.md `srv-tiers`: the SRV records give each backend its port and weight, and their priority
 /// its tier; only the best priority takes traffic, the next one when the best is gone, and a target
 /// without addresses is left out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

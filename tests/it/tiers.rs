@@ -1,4 +1,4 @@
-//! Backup tiers (issue 23): a tier takes new connections only while no better tier has an eligible
+//! Backup tiers: a tier takes new connections only while no better tier has an eligible
 //! backend; `failback` says when traffic goes back (`immediate`, `never` until the admin API says,
 //! `after` a wait); a backup tier serves its first backend unless `all_backups`; balancers using
 //! `source_hash` agree across tiers. Replicas on 127.0.0.2, .3, .4 whose `/health` the tests steer.
@@ -55,6 +55,40 @@ async fn up(proxy: &Proxy, r: &Replica) {
     .await;
 }
 
+/// Collects the `service_tier` changes of `/events` (as JSON) as they come, once the stream has
+/// answered (returns then).
+async fn tier_events(
+    admin: SocketAddr,
+) -> std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = seen.clone();
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(s).lines();
+    let status = crate::common::within(Duration::from_secs(5), "the stream", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+                continue;
+            };
+            if v["type"] == "service_tier" {
+                into.lock().unwrap().push(v);
+            }
+        }
+    });
+    seen
+}
+
 fn serving(proxy: &Proxy) -> Option<u32> {
     proxy.service.pool.snapshot().serving_tier
 }
@@ -90,6 +124,7 @@ async fn failback_never_waits_for_the_operator() {
     let y = yaml(&fleet, "failback: never");
     let proxy = Proxy::start(&y).await;
     let admin = proxy.admin.expect("admin");
+    let events = tier_events(admin).await;
     let r = send(admin, "POST", "/services/t/failback", "").await;
     assert_eq!(r.status, 409, "the best tier serves already: {}", r.body);
     down(&proxy, &fleet[0]).await;
@@ -117,6 +152,83 @@ async fn failback_never_waits_for_the_operator() {
     assert_eq!(r.json()["serving_tier"], 0);
     only(&proxy, &[2], "back on the primary").await;
     assert!(!proxy.service.pool.failback_held());
+    // Each step streamed: the failover, the hold, and the operator's failback.
+    crate::common::wait_for(Duration::from_secs(3), "the tier events", || {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"] == "operator")
+    })
+    .await;
+    let seen: Vec<(u64, bool, String)> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["serving"].as_u64().unwrap(),
+                e["held"].as_bool().unwrap(),
+                e["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen.first(),
+        Some(&(1, false, "failover".to_string())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|(tier, held, _)| *tier == 1 && *held),
+        "the hold: {seen:?}"
+    );
+    assert_eq!(
+        seen.last(),
+        Some(&(0, false, "operator".to_string())),
+        "{seen:?}"
+    );
+}
+
+/// reliability.md `failback-never-reload`: a service that a reload adds with `failback: never`,
+/// whose primary answers its first probe after its backup does, starts on the primary: the order of
+/// first probes is no failover (as at start-up). Before, the pool counted as started at once and the
+/// backup, healthy first, kept the traffic for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_added_by_reload_starts_on_its_best_tier() {
+    let (_port, fleet) = replicas(2, 2);
+    fleet[0].set_mode(crate::common::fleet::HealthMode::Slow);
+    let other = replicas(5, 1).1;
+    let first = yaml(&other, "").replace("name: t", "name: other");
+    let proxy = Proxy::start(&first).await;
+    let both = format!(
+        "{first}{}",
+        yaml(&fleet, "failback: never")
+            .split_once("services:\n")
+            .unwrap()
+            .1
+    );
+    let config = sluicegate::config::Config::from_yaml(&both).expect("config");
+    proxy.control.reload(config).expect("reload");
+    let t = proxy
+        .control
+        .services()
+        .into_iter()
+        .find(|v| &*v.service.name == "t")
+        .expect("t added")
+        .service;
+    wait_for(Duration::from_secs(3), "both probed", || {
+        t.pool
+            .members()
+            .iter()
+            .all(|b| b.health() == Health::Healthy)
+    })
+    .await;
+    assert_eq!(
+        t.pool.snapshot().serving_tier,
+        Some(0),
+        "the primary serves"
+    );
+    assert!(!t.pool.failback_held());
 }
 
 /// reliability.md `failback-after`: the primary must stay healthy for the wait before traffic

@@ -27,6 +27,8 @@ pub enum HealthMode {
     Garbage = 4,
     /// Each probe alternates 200 / 503.
     Alternate = 5,
+    /// The current status code, 200 ms late.
+    Slow = 6,
 }
 
 pub struct Probes {
@@ -166,6 +168,11 @@ async fn serve(mut s: TcpStream, p: Arc<Probes>) {
         }
         m if m == HealthMode::Alternate as u8 => {
             let code = if n.is_multiple_of(2) { 503 } else { 200 };
+            let _ = s.write_all(status(code).as_bytes()).await;
+        }
+        m if m == HealthMode::Slow as u8 => {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let code = p.status.load(Relaxed);
             let _ = s.write_all(status(code).as_bytes()).await;
         }
         _ => {
