@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use super::{Inner, Pool, State, Transition};
 use crate::config::OnRemoved;
 use crate::config::Weight;
+use crate::health::Health;
 use crate::util::lock;
 
 /// Why an admin operation on a pool was refused.
@@ -115,7 +116,8 @@ impl Pool {
     }
 
     /// Sets whether `addr` takes new connections (`Draining` keeps its sessions, sends it none;
-    /// `Maint` also pauses its probes and its agent).
+    /// `Maint` also pauses its probes and its agent; leaving `Maint`, it takes new connections again
+    /// once a probe passes).
     pub(crate) fn set_state(
         &self,
         addr: SocketAddr,
@@ -134,15 +136,32 @@ impl Pool {
                 .find(|b| b.addr == addr)
                 .cloned()
                 .ok_or(AdminError::NotFound(addr))?;
+            let was = b.state();
             if !b.set_state(state) {
                 return Ok(Vec::new());
             }
-            self.rebuild_locked(&mut inner);
-            vec![Transition::State {
+            let mut ts = vec![Transition::State {
                 backend: addr,
                 state,
                 sessions: b.active(),
-            }]
+            }];
+            if was == State::Maint && self.settings().probes.is_some() {
+                // What its probes said before the maintenance says nothing of it now: it needs a
+                // fresh pass (its probe loop starts again at once) before new connections.
+                if let Some(was) = b.forget_health() {
+                    ts.push(Transition::Health {
+                        backend: addr,
+                        health: Health::Unknown,
+                        was,
+                        error: None,
+                        on_down: self.settings().on_down,
+                        sessions: b.active(),
+                    });
+                }
+                self.spawn_probes(&mut inner, &b);
+            }
+            self.rebuild_locked(&mut inner);
+            ts
         };
         Ok(self.publish(ts))
     }

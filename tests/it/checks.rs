@@ -521,6 +521,9 @@ async fn maintenance_pauses_probes_and_traffic() {
     );
     assert!(metrics.contains(&line), "{line}");
 
+    // Its health check fails after the maintenance (it came back broken): leaving maintenance does
+    // not trust what the probes said before it.
+    fleet[0].set_status(503);
     let r = send(
         admin,
         "PUT",
@@ -529,11 +532,19 @@ async fn maintenance_pauses_probes_and_traffic() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
+    assert_ne!(proxy.backend(addrs[0]).health(), Health::Healthy);
+    let ip: IpAddr = addrs[0].ip();
+    let got = spread(proxy.addr, 10).await;
+    assert!(!got.contains_key(&ip), "not before a probe passes: {got:?}");
     wait_until(Duration::from_secs(3), "probes resumed", || async {
         fleet[0].health_requests() > probes + 2
     })
     .await;
+    fleet[0].set_status(200);
+    wait_for(Duration::from_secs(3), "healthy again", || {
+        proxy.backend(addrs[0]).health() == Health::Healthy
+    })
+    .await;
     assert_eq!(spread(proxy.addr, 10).await.len(), 2);
-    let ip: IpAddr = addrs[0].ip();
     assert!(spread(proxy.addr, 10).await.contains_key(&ip));
 }
