@@ -120,6 +120,8 @@ STATE_JS = """JSON.stringify({
   history: typeof history === 'object' ? history.length : 0,
   jain: [...document.querySelectorAll('.jain')].map(e => e.textContent),
   tls_days: [...document.querySelectorAll('.tls-days')].map(e => e.textContent),
+  serving_tier: [...document.querySelectorAll('.serving-tier')].map(e => e.textContent),
+  tiers: [...document.querySelectorAll('.tier')].map(e => e.textContent),
 })"""
 
 
@@ -194,7 +196,8 @@ def main():
             f.write(base64.b64decode(png))
         print(json.dumps({"ok": True, "first": first["rows"], "last": last["rows"],
                           "frames": last["history"], "fairness": last["jain"],
-                          "tls_days": last["tls_days"], "screenshot": shot}))
+                          "tls_days": last["tls_days"], "serving_tier": last["serving_tier"],
+                          "tiers": last["tiers"], "screenshot": shot}))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

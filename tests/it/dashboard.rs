@@ -1,7 +1,7 @@
 //! The dashboard in a real browser: sluicegate with three backends under traffic, the page opened in
 //! headless Chromium (tests/dashboard/check.py drives it over the DevTools protocol), and the DOM must
-//! show every backend, the live event stream, counters that move and charts with data, and the days
-//! left on a TLS service's certificate. The screenshot goes to the target directory, never into git.
+//! show every backend, the live event stream, counters that move and charts with data, the days
+//! left on a TLS service's certificate, and which tier of a service with backups serves. The screenshot goes to the target directory, never into git.
 //!
 //! Without Chromium the test says so loudly and passes, unless SLUICEGATE_REQUIRE_CHROMIUM=1 (CI sets
 //! it after installing Debian's `chromium`), when it fails.
@@ -30,6 +30,13 @@ async fn the_dashboard_shows_every_backend_and_live_counters() {
         cert.cert.display(),
         cert.key.display(),
         secure_backend.addr
+    );
+    // A service with a backup tier, its primary down (nothing listens there): the backup serves.
+    let backup = crate::common::Backend::echo([127, 0, 0, 10]).await;
+    let gone = crate::common::refusing_addr([127, 0, 0, 11]).await;
+    y += &format!(
+        "  - name: tiered\n    listen: 127.0.0.1:0\n    health: {{kind: tcp, interval: 1s}}\n    backends: [{{address: \"{gone}\"}}, {{address: \"{}\", backup: true}}]\n",
+        backup.addr
     );
     let p = Proxy::start(&y).await;
     let url = format!("http://{}/", p.admin.unwrap());
@@ -76,6 +83,12 @@ async fn the_dashboard_shows_every_backend_and_live_counters() {
                 ["89 d", "90 d"].contains(&days[0].as_str().unwrap_or("")),
                 "the certificate's days left: {shown}"
             );
+            assert_eq!(
+                shown["serving_tier"],
+                serde_json::json!(["1"]),
+                "the backup tier serves: {shown}"
+            );
+            assert_eq!(shown["tiers"], serde_json::json!(["tier 1"]), "{shown}");
         }
         Some(77) => {
             crate::common::require_tool(
