@@ -4,7 +4,8 @@
 Each command prints what it found and exits 1 when its guarantee does not hold (2 on a bad command
 line). Where things are: SG_ADDR, the proxy (default 127.0.0.1:8080); SG_ADMIN, sluicegate's admin API
 (default http://127.0.0.1:9901); SG_PROMETHEUS (default http://127.0.0.1:9090); SG_SERVICE, the
-service whose backends the checks read (default web). Every loop is bounded
+service whose backends the checks read (default web); SG_REDIS, sluicegate's Redis service (default
+127.0.0.1:6380). Every loop is bounded
 in count and time. `democlient.py COMMAND --help` describes each command.
 
 Traffic through the proxy:
@@ -12,6 +13,8 @@ Traffic through the proxy:
   downloads K BYTES RATE     K parallel GET /bytes downloads paced at RATE bytes/s each; verifies every
                              byte against the backend's pattern
   refused                    succeeds when a new connection to the proxy is refused or reset
+  redis-role                 "ROLE RUN_ID" of the Redis server sluicegate's Redis service reaches
+  redis-set KEY VALUE        SET through sluicegate answers +OK (a replica would answer -READONLY)
 sluicegate's admin API:
   status                     the backends, one line each
   healthy                    the number of healthy active backends (0 when the API does not answer)
@@ -507,6 +510,46 @@ def named_routes(_a):
     return True
 
 
+REDIS = os.environ.get("SG_REDIS", "127.0.0.1:6380")
+
+
+def redis_exchange(commands, timeout=5):
+    """Sends RESP inline commands to sluicegate's Redis service, then QUIT; returns all it answered."""
+    host, port = REDIS.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall("".join(c + "\r\n" for c in [*commands, "QUIT"]).encode())
+        chunks = []
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            chunks.append(b)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def info_fields(text):
+    """The `key:value` lines of INFO answers."""
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
+
+
+def redis_role(_a):
+    """Through sluicegate: the role and run_id of the Redis server that answers ("ROLE RUN_ID")."""
+    f = info_fields(redis_exchange(["INFO server", "INFO replication"]))
+    if "role" not in f or "run_id" not in f:
+        raise Failed("no INFO answer through sluicegate's Redis service")
+    print(f["role"], f["run_id"])
+    return True
+
+
+def redis_set(a):
+    """Through sluicegate: SET KEY VALUE must answer +OK (a replica would say -READONLY)."""
+    answer = redis_exchange([f"SET {a.key} {a.value}"])
+    if not answer.startswith("+OK"):
+        raise Failed(f"SET {a.key} answered {answer.strip()!r}")
+    print(f"SET {a.key}: OK")
+    return True
+
+
 def parser():
     # The description: the docstring up to its list of commands (argparse lists them).
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
@@ -557,6 +600,10 @@ def parser():
     c.add_argument("inspect")
     c.add_argument("mode", nargs="?", choices=["", "swarm"], default="")
     cmd("named-routes", named_routes)
+    cmd("redis-role", redis_role)
+    c = cmd("redis-set", redis_set)
+    c.add_argument("key")
+    c.add_argument("value")
     return p
 
 

@@ -327,6 +327,74 @@ class Commands(unittest.TestCase):
         self.assertEqual(e.exception.code, 2)
 
 
+class FakeRedis:
+    """A one-thread fake of a Redis server behind sluicegate (loopback, an ephemeral port): reads inline
+    commands until QUIT and answers INFO with `role`, SET with +OK, or -READONLY as a replica does."""
+
+    def __init__(self, role):
+        self.role = role
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                with conn:
+                    self.answer(conn)
+
+    def answer(self, conn):
+        buf = b""
+        while b"QUIT\r\n" not in buf:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            buf += chunk
+        for line in buf.decode().split("\r\n"):
+            if line.startswith("INFO"):
+                body = f"# Server\r\nrun_id:{self.role}0123\r\n# Replication\r\nrole:{self.role}\r\n"
+                conn.sendall(b"$%d\r\n%s\r\n" % (len(body), body.encode()))
+            elif line.startswith("SET"):
+                conn.sendall(b"+OK\r\n" if self.role == "master" else
+                             b"-READONLY You can't write against a read only replica.\r\n")
+            elif line == "QUIT":
+                conn.sendall(b"+OK\r\n")
+
+    def close(self):
+        self.sock.close()
+
+
+class Redis(unittest.TestCase):
+    def run_main(self, addr, *argv):
+        out = io.StringIO()
+        old = dc.REDIS
+        dc.REDIS = addr
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+                code = dc.main(list(argv))
+        finally:
+            dc.REDIS = old
+        return code, out.getvalue()
+
+    def test_role_and_run_id(self):
+        r = FakeRedis("master")
+        self.addCleanup(r.close)
+        self.assertEqual(self.run_main(r.addr, "redis-role"), (0, "master master0123\n"))
+
+    def test_a_write_to_a_replica_fails(self):
+        for role, code in (("master", 0), ("slave", 1)):
+            r = FakeRedis(role)
+            self.addCleanup(r.close)
+            self.assertEqual(self.run_main(r.addr, "redis-set", "k", "v")[0], code, role)
+
+    def test_nothing_listening_fails(self):
+        self.assertEqual(self.run_main(f"127.0.0.1:{refusing_port()}", "redis-role")[0], 1)
+
+
 def refusing_port():
     """A loopback port on which nothing listens (bound, then released)."""
     with socket.socket() as s:

@@ -19,7 +19,10 @@
 #      show the container's name;
 #  10. TLS: web.demo.test and api.demo.test on one port, each answered with its own certificate
 #      (verified by curl against the demo CA), a name neither lists refused, and the routing log
-#      saying which name routed each connection and why.
+#      saying which name routed each connection and why;
+#  11. Redis: sluicegate's `role:master` check sends clients to the primary only; after the replica is
+#      promoted by hand, writes follow it, and come back when the roles are put back (compose/demo
+#      redis).
 # Skips (exit 0, saying so loudly) only when no Docker engine answers. Tears the stack down at the end.
 set -euo pipefail
 # shellcheck source=tests/e2e/lib.sh
@@ -176,5 +179,8 @@ routed=$(docker logs "$sg" 2>/dev/null | grep '"msg":"route"' | grep '"sni":"web
   | grep -c '"route":"exact"' || true)
 [ "$routed" -ge 1 ] || fail "no routing line names the route of web.demo.test"
 echo "routing lines name the SNI and the route ($routed for web.demo.test)"
+
+step "11. Redis: traffic follows the primary"
+"$demo" redis || fail "Redis traffic did not follow the primary"
 
 step "all compose end-to-end checks passed in $((SECONDS - started)) s"
