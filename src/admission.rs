@@ -53,6 +53,12 @@ impl Gate {
         }
         Some(GateSlot(self.clone()))
     }
+
+    /// A connection that is open already (carried in by an upgrade): counted even above the cap.
+    pub(crate) fn enter_anyway(self: &Arc<Gate>) -> GateSlot {
+        self.open.fetch_add(1, Relaxed);
+        GateSlot(self.clone())
+    }
 }
 
 /// One connection counted by the [`Gate`]; released on drop.

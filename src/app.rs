@@ -93,16 +93,91 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains (`control/drain.rs`).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Stopped {
+        let (_tx, upgrades) = tokio::sync::mpsc::channel(1);
+        self.run_upgradable(
+            shutdown,
+            Upgrades {
+                requests: upgrades,
+                origin: None,
+                incoming: None,
+            },
+        )
+        .await
+    }
+
+    /// [`Server::run`], and on each upgrade request, an upgrade (`upgrade`): when it succeeds this
+    /// process hands everything over and returns; when it fails it goes on serving. With `incoming`
+    /// (this process is an upgrade's new one) it takes over from the old one once it serves.
+    pub async fn run_upgradable(self, shutdown: impl Future<Output = ()>, up: Upgrades) -> Stopped {
         let c = self.control;
         let admin_stop = CancellationToken::new();
+        // A descriptor of the admin API's socket, for an upgrade to pass on.
+        let admin_kept = self.admin.as_ref().and_then(|l| l.try_clone().ok());
         if let (Some(l), Some(settings)) = (self.admin, c.admin_settings()) {
             crate::admin::start(l, c.clone(), settings, admin_stop.clone());
         }
         c.serve().await;
-        shutdown.await;
+        for (name, local) in crate::sockets::leftover() {
+            tracing::warn!(name = name.as_deref(), listen = %local,
+                "a listening socket given to this process is for no address in its config: closed");
+        }
+        let Upgrades {
+            mut requests,
+            origin,
+            incoming,
+        } = up;
+        if let Some(incoming) = incoming {
+            incoming.take_over(c.clone());
+        }
+        // After an upgrade, MAINPID moves systemd's eye to this process (NotifyAccess=all).
+        crate::upgrade::notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
+        let limit = c.upgrade_settings().timeout.0;
+        tokio::pin!(shutdown);
+        loop {
+            let request = tokio::select! {
+                () = &mut shutdown => break,
+                r = requests.recv() => r,
+            };
+            let Some(mut request) = request else {
+                // Nothing asks for upgrades: serve until the stop.
+                (&mut shutdown).await;
+                break;
+            };
+            let Some(origin) = &origin else {
+                if let Some(r) = request.reply.take() {
+                    let _ = r.send(Err("this process cannot upgrade (no binary path)".into()));
+                }
+                continue;
+            };
+            tracing::info!("upgrade requested: starting the new process");
+            match crate::upgrade::start(origin, &c, admin_kept.as_ref(), limit).await {
+                Err(e) => {
+                    tracing::error!(error = %e, "upgrade failed: still serving");
+                    if let Some(r) = request.reply.take() {
+                        let _ = r.send(Err(e.to_string()));
+                    }
+                }
+                Ok(handing) => {
+                    if let Some(r) = request.reply.take() {
+                        let _ = r.send(Ok(handing.pid()));
+                    }
+                    admin_stop.cancel();
+                    let cut = crate::upgrade::finish(handing, &c, limit).await;
+                    return Stopped { cut };
+                }
+            }
+        }
         let cut = c.drain().await;
         admin_stop.cancel();
         tracing::info!(cut, "drained: exiting");
         Stopped { cut }
     }
+}
+
+/// What [`Server::run_upgradable`] needs for upgrades: where requests come from, the binary to
+/// start, and, in an upgrade's new process, the old process it takes over from.
+pub struct Upgrades {
+    pub requests: tokio::sync::mpsc::Receiver<crate::upgrade::Request>,
+    pub origin: Option<crate::upgrade::Origin>,
+    pub incoming: Option<crate::upgrade::Incoming>,
 }

@@ -36,13 +36,18 @@
 //! - `events`: the state-change stream, one `Event` type for every kind.
 //!
 //! **Surfaces**:
-//! - [`app`]: the application root: binds every service and the admin API, serves, drains.
+//! - [`app`]: the application root: binds every service and the admin API, serves, drains, and
+//!   upgrades in place.
+//! - [`upgrade`]: replacing the binary: the new process started and handed every listening socket,
+//!   the connections carried over at a quiet point, the counters sent along (`upgrade/wire.rs`: the
+//!   versioned messages between the two).
 //! - `admin`: the admin HTTP API, `/metrics`, the event stream and the dashboard, on a thread of its
 //!   own.
 //! - [`logging`]: log output (the application and routing streams, never blocking a worker).
 //! - [`selfcheck`]: the `healthcheck` subcommand's client (asks a running sluicegate's `/ready`).
 //!
-//! **Shared**: [`config`] (the YAML schema and its validation), `metrics` (how a subsystem declares
+//! **Shared**: [`config`] (the YAML schema and its validation), [`sockets`] (listening sockets given
+//! to the process by the one it replaced or by systemd, taken before binding), `metrics` (how a subsystem declares
 //! the metrics it exports, a `Table` next to its typed view, and the Prometheus text format; the admin
 //! API asks each subsystem for its samples) and `util` (small pieces every layer uses).
 //!
@@ -52,7 +57,7 @@
 //! names every module once and that no import goes up or sideways):
 //!
 //! 1. `app`
-//! 2. `admin`
+//! 2. `admin`, `upgrade`
 //! 3. `control`
 //! 4. `listener`
 //! 5. `session`
@@ -62,7 +67,7 @@
 //! 9. `logging`, `pool`, `tls`
 //! 10. `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `routelog`, `selfcheck`
 //! 11. `docker`
-//! 12. `config`, `metrics`, `outcome`, `util`, `workers`
+//! 12. `config`, `metrics`, `outcome`, `sockets`, `util`, `workers`
 //!
 //! `docs/architecture.md` walks one connection through these modules by file and function.
 //! `main.rs` only parses the command line, loads the config, sets up logging and signals, and runs an
@@ -95,11 +100,13 @@ pub mod routelog;
 pub mod selfcheck;
 pub mod service;
 mod session;
+pub mod sockets;
 pub mod tls;
+pub mod upgrade;
 mod util;
 mod workers;
 
-pub use app::{Server, Stopped};
+pub use app::{Server, Stopped, Upgrades};
 pub use control::{
     Control, DrainProgress, Readiness, ReloadError, ReloadReport, RunningService, StartError,
 };

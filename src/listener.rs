@@ -21,7 +21,7 @@ use crate::admission::Gate;
 use crate::outcome::Outcome;
 use crate::route::Routes;
 use crate::routelog::{self, Ending, Record};
-use crate::session::{self, ClientSlot};
+use crate::session::{self, ClientSlot, Leaving};
 use crate::util::RateLimited;
 
 /// Accept queue depth; the kernel caps it at net.core.somaxconn. A burst beyond the queue makes the
@@ -62,6 +62,21 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// The listening socket for `addr`: one given to this process (by the process it replaced, or by
+/// systemd) bound there or named any of `names`, else a new one ([`bind`]). A given socket gets
+/// what `bind` would have set on the accepted connections' behalf.
+pub(crate) fn open(addr: SocketAddr, names: &[&str]) -> io::Result<std::net::TcpListener> {
+    match crate::sockets::take(addr, names) {
+        Some(l) => {
+            socket2::SockRef::from(&l).set_tcp_nodelay(true)?;
+            l.set_nonblocking(true)?;
+            tracing::info!(listen = %addr, "taking over a listening socket given to this process");
+            Ok(l)
+        }
+        None => bind(addr),
+    }
+}
+
 /// Accepts until `stop` is cancelled, then drops the listener (new connections are refused from then).
 /// Each connection goes to the address's one service, or, on a shared address, to the session that
 /// reads its route.
@@ -71,7 +86,7 @@ pub(crate) async fn accept_loop(
     gate: Arc<Gate>,
     tracker: TaskTracker,
     stop: CancellationToken,
-    deadline: CancellationToken,
+    leaving: Arc<Leaving>,
 ) {
     let mut backoff = BACKOFF_START;
     let mut errors = RateLimited::new(Duration::from_secs(1));
@@ -90,7 +105,7 @@ pub(crate) async fn accept_loop(
                 backoff = BACKOFF_START;
                 // The routes as they are now (a reload swaps them); the connection keeps these.
                 let routes = current.load_full();
-                dispatch(client, peer, routes, &local, &gate, &tracker, &deadline);
+                dispatch(client, peer, routes, &local, &gate, &tracker, &leaving);
             }
             Err(e) if is_per_connection(&e) => continue,
             Err(e) => {
@@ -123,7 +138,7 @@ fn dispatch(
     local: &str,
     gate: &Arc<Gate>,
     tracker: &TaskTracker,
-    deadline: &CancellationToken,
+    leaving: &Arc<Leaving>,
 ) {
     if let Some(current) = routes.table.only() {
         // The address's one service: no route to read.
@@ -140,7 +155,7 @@ fn dispatch(
         match ClientSlot::take(&service, gate.enter()) {
             Ok(slot) => {
                 let serve =
-                    session::serve(client, peer, service.clone(), slot, deadline.clone(), span);
+                    session::serve(client, peer, service.clone(), slot, leaving.clone(), span);
                 tracker.spawn(serve);
             }
             Err(end) => span.in_scope(|| session::refuse_over_limit(&service, peer, end)),
@@ -157,7 +172,7 @@ fn dispatch(
     );
     match gate.enter() {
         Some(slot) => {
-            let serve = session::serve_routed(client, peer, routes, slot, deadline.clone(), span);
+            let serve = session::serve_routed(client, peer, routes, slot, leaving.clone(), span);
             tracker.spawn(serve);
         }
         None => {

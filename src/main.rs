@@ -47,6 +47,17 @@ enum Command {
         #[arg(long, default_value = "2s", value_name = "DURATION")]
         timeout: Dur,
     },
+    /// Ask a running sluicegate to replace itself with the binary now at its path (as SIGUSR2 does)
+    /// and wait for the outcome: exit 0 once the new process serves (it prints its pid), 1 when the
+    /// upgrade failed (the old process goes on serving; the reason is printed).
+    Upgrade {
+        /// The running sluicegate's pid.
+        #[arg(long)]
+        pid: u32,
+        /// How long to wait for the new process to be ready.
+        #[arg(long, default_value = "120s", value_name = "DURATION")]
+        timeout: Dur,
+    },
 }
 
 /// The log writer's guard, reachable from the forced-exit path so buffered lines are flushed even then.
@@ -62,6 +73,18 @@ fn main() -> ExitCode {
     {
         return healthcheck(config, admin, timeout);
     }
+    if let Some(Command::Upgrade { pid, timeout }) = cli.command {
+        return match sluicegate::upgrade::request(pid, timeout.0) {
+            Ok(new) => {
+                println!("upgraded: pid {pid} handed over to pid {new}");
+                ExitCode::SUCCESS
+            }
+            Err(why) => {
+                eprintln!("sluicegate upgrade: failed: {why}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        };
+    }
     let Some(config_path) = cli.config else {
         Cli::command()
             .error(
@@ -71,21 +94,57 @@ fn main() -> ExitCode {
             .exit()
     };
     let path = config_path.display().to_string();
+    if cli.check {
+        return match checked_config(&config_path) {
+            Ok(_) => {
+                println!("{path}: ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sluicegate: invalid config {path}:\n{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
+    // Started by an upgrade: the old process's listening sockets first, then the config (a config
+    // this build rejects is said to the old process, which goes on serving).
+    let incoming = match sluicegate::upgrade::Incoming::from_env() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("sluicegate: cannot take over from the old process: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    // Started by systemd with sockets (socket activation): offered to the services and admin API.
+    if let Err(e) = sluicegate::sockets::adopt_systemd() {
+        eprintln!("sluicegate: {e}");
+        if let Some(i) = incoming {
+            i.fail(&e.to_string());
+        }
+        return ExitCode::from(EXIT_RUNTIME);
+    }
     let (config, admin) = match checked_config(&config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sluicegate: invalid config {path}:\n{e}");
+            if let Some(i) = incoming {
+                i.fail(&format!("invalid config {path}: {e}"));
+            }
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if cli.check {
-        println!("{path}: ok");
-        return ExitCode::SUCCESS;
-    }
+    let origin = sluicegate::upgrade::Origin::of_this_process()
+        .map_err(|e| {
+            eprintln!("sluicegate: upgrades disabled: cannot find this binary's path: {e}")
+        })
+        .ok();
     match sluicegate::logging::init(&config.log) {
         Ok(g) => *LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()) = Some(g),
         Err(e) => {
             eprintln!("sluicegate: {e}");
+            if let Some(i) = incoming {
+                i.fail(&e.to_string());
+            }
             return ExitCode::from(EXIT_RUNTIME);
         }
     }
@@ -105,10 +164,16 @@ fn main() -> ExitCode {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("sluicegate: cannot install signal handlers: {e}");
+                if let Some(i) = incoming {
+                    i.fail(&format!("cannot install signal handlers: {e}"));
+                }
                 return EXIT_RUNTIME;
             }
         };
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path, "starting");
+        match &incoming {
+            Some(i) => tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path, from = i.from_pid(), "starting: taking over from the old process"),
+            None => tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path, "starting"),
+        }
         // Every proxied connection costs two descriptors (four with splice pipes): use all we may.
         match rlimit::increase_nofile_limit(u64::MAX) {
             Ok(n) => tracing::info!(nofile = n, "descriptor limit"),
@@ -119,12 +184,31 @@ fn main() -> ExitCode {
             Err(e) => {
                 tracing::error!(error = %e, "startup failed");
                 eprintln!("sluicegate: {e}");
+                if let Some(i) = incoming {
+                    i.fail(&e.to_string());
+                }
                 return EXIT_RUNTIME;
             }
         };
         server.set_config_path(config_path.clone());
         let control = server.control();
-        let Signals { term, int, mut hup } = signals;
+        let Signals {
+            term,
+            int,
+            mut hup,
+            mut usr2,
+        } = signals;
+        // SIGUSR2 and `sluicegate upgrade --pid` upgrade in place.
+        let (upgrade_tx, requests) = tokio::sync::mpsc::channel(4);
+        if let Err(e) = sluicegate::upgrade::listen_for_requests(upgrade_tx.clone()) {
+            tracing::warn!(error = %e, "cannot take `sluicegate upgrade` requests (SIGUSR2 still upgrades)");
+        }
+        tokio::spawn(async move {
+            while usr2.recv().await.is_some() {
+                tracing::info!("SIGUSR2: upgrading");
+                let _ = upgrade_tx.send(sluicegate::upgrade::Request { reply: None }).await;
+            }
+        });
         // SIGHUP reloads; a rejected file is logged and the running config kept.
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
@@ -133,7 +217,12 @@ fn main() -> ExitCode {
             }
         });
         let stops = Stops { term, int };
-        server.run(stops.first_stop()).await;
+        let upgrades = sluicegate::Upgrades {
+            requests,
+            origin,
+            incoming,
+        };
+        server.run_upgradable(stops.first_stop(), upgrades).await;
         0
     });
     // Sessions still parked (none after a completed drain) are dropped with the runtime.
@@ -203,6 +292,7 @@ struct Signals {
     term: Signal,
     int: Signal,
     hup: Signal,
+    usr2: Signal,
 }
 
 impl Signals {
@@ -211,6 +301,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 }

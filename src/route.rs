@@ -131,6 +131,23 @@ impl Why {
     }
 }
 
+impl Why {
+    /// The `&'static` name of a reason given as text (a connection carried in from another process).
+    pub(crate) fn named(s: &str) -> Option<&'static str> {
+        [
+            Why::Exact { alpn: false },
+            Why::Exact { alpn: true },
+            Why::Wildcard { alpn: false },
+            Why::Wildcard { alpn: true },
+            Why::Alpn,
+            Why::Default,
+        ]
+        .iter()
+        .map(Why::as_str)
+        .find(|n| *n == s)
+    }
+}
+
 impl fmt::Display for Why {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

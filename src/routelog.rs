@@ -39,6 +39,8 @@ pub(crate) struct Record {
     pub(crate) route: Option<&'static str>,
     /// The TLS version agreed with the client, when the service terminates TLS.
     pub(crate) tls: Option<&'static str>,
+    /// Carried in from the process this one replaced (an upgrade): the line covers its whole life.
+    pub(crate) handed_over: bool,
 }
 
 /// How the connection ended, for its line.
@@ -65,6 +67,7 @@ impl Record {
             alpn: None,
             route: None,
             tls: None,
+            handed_over: false,
         }
     }
 }
@@ -100,6 +103,7 @@ pub(crate) fn emit(r: &Record, e: Ending) {
                 alpn = r.alpn.as_deref(),
                 route = r.route,
                 tls = r.tls,
+                handed_over = r.handed_over,
                 "route"
             )
         };

@@ -166,6 +166,60 @@ impl Sessions {
 }
 
 impl ServiceStats {
+    /// Every total by name, for an upgrade to carry into the new process ([`ServiceStats::add`]).
+    pub(crate) fn totals(&self) -> BTreeMap<String, u64> {
+        let mut t = BTreeMap::new();
+        for (k, v) in [
+            ("accepted", &self.accepted),
+            ("no_backend_transitions", &self.no_backend_transitions),
+            ("spliced", &self.spliced),
+            ("uring", &self.uring),
+            ("bytes_up", &self.bytes_up),
+            ("bytes_down", &self.bytes_down),
+        ] {
+            t.insert(k.to_string(), v.load(Relaxed));
+        }
+        for e in Outcome::ALL {
+            t.insert(format!("end.{}", e.as_str()), self.ended(e));
+        }
+        for r in TlsResult::ALL {
+            t.insert(
+                format!("tls.{}", r.as_str()),
+                self.tls_handshakes[r as usize].load(Relaxed),
+            );
+        }
+        t
+    }
+
+    /// Adds totals another process counted; names this build does not know are skipped.
+    pub(crate) fn add(&self, totals: &BTreeMap<String, u64>) {
+        let counter = |k: &str| -> Option<&AtomicU64> {
+            Some(match k {
+                "accepted" => &self.accepted,
+                "no_backend_transitions" => &self.no_backend_transitions,
+                "spliced" => &self.spliced,
+                "uring" => &self.uring,
+                "bytes_up" => &self.bytes_up,
+                "bytes_down" => &self.bytes_down,
+                _ => {
+                    if let Some(e) = k.strip_prefix("end.") {
+                        let e = Outcome::ALL.into_iter().find(|o| o.as_str() == e)?;
+                        &self.ends[e.index()]
+                    } else {
+                        let r = k.strip_prefix("tls.")?;
+                        let r = TlsResult::ALL.into_iter().find(|t| t.as_str() == r)?;
+                        &self.tls_handshakes[r as usize]
+                    }
+                }
+            })
+        };
+        for (k, v) in totals {
+            if let Some(c) = counter(k) {
+                c.fetch_add(*v, Relaxed);
+            }
+        }
+    }
+
     pub(crate) fn count(&self, outcome: Outcome) {
         self.ends[outcome.index()].fetch_add(1, Relaxed);
     }

@@ -81,7 +81,7 @@ type BoxBody = Pin<Box<dyn Body<Data = Bytes, Error = Infallible> + Send>>;
 
 /// Binds the admin listener (at start, so a taken port fails start-up).
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let l = crate::listener::bind(addr)?;
+    let l = crate::listener::open(addr, &["admin"])?;
     l.set_nonblocking(true)?;
     Ok(l)
 }

@@ -395,6 +395,8 @@ pub struct Config {
     pub resolver: ResolverConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub upgrade: UpgradeConfig,
     /// Client connections open at once over every service; absent = only the per-service caps.
     #[serde(default)]
     pub max_connections: Option<u32>,
@@ -524,6 +526,28 @@ pub struct ShutdownConfig {
     /// Keep accepting this long after the signal, so a load balancer in front can notice first.
     #[serde(default)]
     pub delay: Dur,
+}
+
+/// Replacing the binary in place (SIGUSR2, `sluicegate upgrade`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeConfig {
+    /// How long the old process waits for the new one to be ready, and then for its connections to
+    /// be carried over; what could not be carried then drains as on a stop (`shutdown`).
+    #[serde(default = "default_upgrade_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_upgrade_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+impl Default for UpgradeConfig {
+    fn default() -> Self {
+        UpgradeConfig {
+            timeout: default_upgrade_timeout(),
+        }
+    }
 }
 
 impl Default for ShutdownConfig {

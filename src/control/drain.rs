@@ -52,6 +52,12 @@ impl Control {
     /// Drains as described in the module docs; returns how many connections the deadline cut. Ends
     /// with every background task stopped and the worker threads joined.
     pub(crate) async fn drain(self: &Arc<Self>) -> usize {
+        self.drain_from(false).await
+    }
+
+    /// [`Control::drain`]; after an upgrade handed the listeners over (`upgraded`) there is nothing
+    /// to keep accepting for, so `shutdown.delay` is skipped.
+    pub(crate) async fn drain_from(self: &Arc<Self>, upgraded: bool) -> usize {
         self.readiness.set(false, true);
         let shutdown = lock(&self.config).shutdown.clone();
         let signalled = Instant::now();
@@ -67,7 +73,9 @@ impl Control {
             in_flight: self.tracker.len(),
             deadline_s: shutdown.drain_timeout.0.as_secs_f64(),
         });
-        tokio::time::sleep(shutdown.delay.0).await;
+        if !upgraded {
+            tokio::time::sleep(shutdown.delay.0).await;
+        }
         for b in lock(&self.listeners).iter() {
             b.stop.cancel();
         }
@@ -85,7 +93,7 @@ impl Control {
                 () = tokio::time::sleep_until(cut_at) => {
                     cut = self.tracker.len();
                     tracing::warn!(remaining = cut, "drain deadline reached: cutting remaining connections");
-                    self.deadline.cancel();
+                    self.leaving.deadline.cancel();
                     self.tracker.wait().await;
                     break;
                 }

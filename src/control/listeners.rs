@@ -35,6 +35,28 @@ impl ListenKey {
             ListenKey::Addr(a) | ListenKey::Ephemeral { addr: a, .. } => *a,
         }
     }
+
+    /// The name an upgrade gives its socket: a port-0 address is found again only by it.
+    pub(super) fn handover_name(&self) -> Option<String> {
+        match self {
+            ListenKey::Addr(_) => None,
+            ListenKey::Ephemeral { service, index, .. } => Some(format!("{service}#{index}")),
+        }
+    }
+
+    /// The names a given socket may carry to be this address's (`sockets::take`): its hand-over
+    /// name, and the names of the services on it (systemd's `FileDescriptorName=`).
+    fn names(&self, config: &Config) -> Vec<String> {
+        let mut names: Vec<String> = self.handover_name().into_iter().collect();
+        names.extend(
+            config
+                .services
+                .iter()
+                .filter(|s| keys_of(s).contains(self))
+                .map(|s| s.name.clone()),
+        );
+        names
+    }
 }
 
 /// The listen keys of a service, in its order.
@@ -68,6 +90,8 @@ pub(super) struct Bound {
     pub(super) local: SocketAddr,
     /// Bound, its accept loops not started yet.
     pub(super) pending: Option<TcpListener>,
+    /// A descriptor of the socket kept for handing it to an upgrade's new process.
+    pub(super) kept: TcpListener,
     /// Stops its accept loops, which closes it.
     pub(super) stop: CancellationToken,
     pub(super) routes: Arc<ArcSwap<Routes>>,
@@ -87,13 +111,17 @@ pub(super) fn bind(key: &ListenKey, config: &Config) -> Result<Bound, BindError>
         addr: key.addr(),
         error,
     };
-    let l = listener::bind(key.addr()).map_err(err)?;
+    let names = key.names(config);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let l = listener::open(key.addr(), &names).map_err(err)?;
     let local = l.local_addr().map_err(err)?;
+    let kept = l.try_clone().map_err(err)?;
     let unrouted = Arc::new(Unrouted::default());
     Ok(Bound {
         key: key.clone(),
         local,
         pending: Some(l),
+        kept,
         stop: CancellationToken::new(),
         routes: Arc::new(ArcSwap::from_pointee(Routes {
             table: Table::new(Vec::new()),

@@ -7,6 +7,7 @@
 //! the drain) on the control runtime, the one [`Control::bind`] is called on.
 
 mod drain;
+mod handover;
 mod listeners;
 mod reload;
 mod view;
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use drain::DrainProgress;
+pub(crate) use handover::Totals;
 pub use reload::{ReloadError, ReloadReport};
 pub(crate) use view::{ControlView, METRICS};
 
@@ -164,8 +166,8 @@ pub struct Control {
     tracker: TaskTracker,
     /// Every accept loop, for closing the listeners.
     accepting: TaskTracker,
-    /// Cut every remaining connection (drain deadline).
-    deadline: CancellationToken,
+    /// How sessions leave early: the drain deadline cuts them, an upgrade carries them.
+    pub(crate) leaving: Arc<crate::session::Leaving>,
     /// Probes, DNS watchers, pool timers.
     background: CancellationToken,
     /// Set when the stop signal arrives: (signal time, deadline).
@@ -258,7 +260,7 @@ impl Control {
             resolving: Mutex::new(resolving),
             tracker: TaskTracker::new(),
             accepting: TaskTracker::new(),
-            deadline: CancellationToken::new(),
+            leaving: Arc::default(),
             background: CancellationToken::new(),
             drain: Mutex::new(None),
             reloads_applied: AtomicU64::new(0),
@@ -493,6 +495,11 @@ impl Control {
     }
 
     /// The admin API's settings as bound at start.
+    /// The `upgrade` settings now.
+    pub(crate) fn upgrade_settings(&self) -> crate::config::UpgradeConfig {
+        lock(&self.config).upgrade.clone()
+    }
+
     pub(crate) fn admin_settings(&self) -> Option<Arc<AdminSettings>> {
         self.admin.clone()
     }
@@ -546,18 +553,18 @@ impl Control {
                 }
             };
             let Some(mine) = mine else { break };
-            let (routes, gate, tracker, stop, deadline) = (
+            let (routes, gate, tracker, stop, leaving) = (
                 b.routes.clone(),
                 self.gate.clone(),
                 self.tracker.clone(),
                 b.stop.clone(),
-                self.deadline.clone(),
+                self.leaving.clone(),
             );
             let local = b.local;
             let accept = async move {
                 // Registered with this worker's runtime, which is why it is converted here.
                 match tokio::net::TcpListener::from_std(mine) {
-                    Ok(l) => listener::accept_loop(l, routes, gate, tracker, stop, deadline).await,
+                    Ok(l) => listener::accept_loop(l, routes, gate, tracker, stop, leaving).await,
                     Err(e) => {
                         tracing::error!(listen = %local, error = %e, "cannot register the listener")
                     }

@@ -149,6 +149,34 @@ pub struct BackendStats {
     pub connect: Histogram,
 }
 
+impl BackendStats {
+    /// Every total by name, for an upgrade to carry into the new process ([`BackendStats::add`]).
+    pub(crate) fn totals(&self) -> std::collections::BTreeMap<String, u64> {
+        self.counters()
+            .map(|(k, c)| (k.to_string(), c.load(Relaxed)))
+            .collect()
+    }
+
+    /// Adds totals another process counted; names this build does not know are skipped.
+    pub(crate) fn add(&self, totals: &std::collections::BTreeMap<String, u64>) {
+        for (k, c) in self.counters() {
+            if let Some(v) = totals.get(k) {
+                c.fetch_add(*v, Relaxed);
+            }
+        }
+    }
+
+    fn counters(&self) -> impl Iterator<Item = (&'static str, &AtomicU64)> {
+        [
+            ("total", &self.total),
+            ("failed", &self.failed),
+            ("bytes_up", &self.bytes_up),
+            ("bytes_down", &self.bytes_down),
+        ]
+        .into_iter()
+    }
+}
+
 /// One upstream address and everything known about it.
 #[derive(Debug)]
 pub struct Backend {

@@ -19,6 +19,8 @@
 //! flight on the worker's io_uring ring (`uring.rs`) and, like `auto`, splices a direction once it
 //! carries bulk data; where io_uring is unavailable it runs as `auto`.
 
+#[cfg(all(test, target_os = "linux"))]
+mod carry_tests;
 #[cfg(target_os = "linux")]
 mod splice;
 mod stream;
@@ -28,6 +30,7 @@ pub(crate) mod uring;
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, Read};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::Poll;
 use std::time::Duration;
@@ -36,6 +39,7 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 pub(crate) use stream::{relay_streams, Endpoint};
 
@@ -77,7 +81,30 @@ pub(crate) struct Relayed {
     pub(crate) uring: bool,
     /// What broke it, when a side failed (the relay logs nothing: the session does, in its span).
     pub(crate) broken: Option<io::Error>,
+    /// The relay stopped at a quiet point because `carry` fired: the connection is to go on in another
+    /// process, with this. `end` means nothing then, and neither socket was touched.
+    pub(crate) carried: Option<Quiesced>,
 }
+
+/// A relay stopped at a quiet point (no read in flight, no operation in the kernel): what each
+/// direction had read and not yet written, and which had ended. Together with the two sockets, all
+/// another process needs to go on relaying the connection exactly.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Quiesced {
+    /// Read from the client, not yet written to the backend.
+    pub(crate) to_backend: Vec<u8>,
+    /// Read from the backend, not yet written to the client.
+    pub(crate) to_client: Vec<u8>,
+    /// The client's EOF was read (and passed on as the backend's write side shut down).
+    pub(crate) up_done: bool,
+    /// The backend's EOF was read (and passed on).
+    pub(crate) down_done: bool,
+    /// How long both directions had been silent.
+    pub(crate) quiet_for: Duration,
+}
+
+/// Where a carried connection's relay starts again: [`Quiesced`] as another process left it.
+pub(crate) type Resumed = Quiesced;
 
 /// How one direction ended.
 #[derive(Debug)]
@@ -88,6 +115,8 @@ enum DirEnd {
     SourceError(io::Error),
     /// Writing the destination failed: the destination side broke.
     DestError(io::Error),
+    /// Stopped at a quiet point for `carry`: what it had read and not written is in its `Flow`.
+    Carried,
 }
 
 /// Shared between the two directions and the timers of one connection.
@@ -106,6 +135,44 @@ struct Flow<'a> {
     uring: AtomicBool,
     /// Milliseconds since the relay started at the last successful write, for the idle timer.
     last_active_ms: AtomicU64,
+    /// Bytes read and not yet written, kept here (not in the pump's own variables) whenever the pump
+    /// waits with some, so a relay stopped for `carry` finds them; and where a carried connection's
+    /// bytes start. Touched only under back-pressure: a message written at once never comes here.
+    pending: Parked<Pending>,
+    /// The direction's pipe while it holds bytes and waits for the destination, for the same reason.
+    #[cfg(target_os = "linux")]
+    pipe: Parked<splice::PipeLease>,
+    /// `carry` fired: a ring pump stops at its next completion instead of starting another operation.
+    carrying: AtomicBool,
+    /// The ring operation this direction waits for, if any (`uring.rs`), so `carry` can cancel it.
+    #[cfg(target_os = "linux")]
+    op: uring::InFlight,
+}
+
+/// A value a pump leaves where its relay can take it while the pump waits. The pump and its relay
+/// run on one thread, one at a time, so the lock is never contended; a `Mutex` only because relay
+/// futures must be `Send` (sessions are tokio tasks).
+struct Parked<T>(std::sync::Mutex<Option<T>>);
+
+impl<T> Parked<T> {
+    fn new(v: Option<T>) -> Parked<T> {
+        Parked(std::sync::Mutex::new(v))
+    }
+
+    fn put(&self, v: T) {
+        *crate::util::lock(&self.0) = Some(v);
+    }
+
+    fn take(&self) -> Option<T> {
+        crate::util::lock(&self.0).take()
+    }
+}
+
+/// Bytes a direction read and has not yet written: `buf[off..end]`.
+struct Pending {
+    buf: Box<[u8]>,
+    off: usize,
+    end: usize,
 }
 
 /// The engine a service configured with `mode` runs: `uring` where io_uring is unavailable falls
@@ -133,22 +200,35 @@ pub(crate) fn engine_for(mode: RelayMode, service: &str) -> RelayMode {
 }
 
 /// Relays until both directions end, one side fails, a timeout fires or `cut` completes (the drain
-/// deadline, or the backend's sessions being closed), which ends the relay with the `Outcome` it yields.
-/// On return, resets have been armed (SO_LINGER 0) on the side that must see one; the caller closes both
-/// sockets by dropping them.
+/// deadline, or the backend's sessions being closed), which ends the relay with the `Outcome` it yields;
+/// or until `carry` fires (an upgrade carries the connection into another process): then it stops at a
+/// quiet point and returns what it had read and not written ([`Relayed::carried`]), the sockets
+/// untouched. `resumed` starts a relay where another process left it. On return, resets have been armed
+/// (SO_LINGER 0) on the side that must see one; the caller closes both sockets by dropping them.
 pub(crate) async fn relay(
     client: &TcpStream,
     backend: &TcpStream,
     opts: &RelayOptions,
     cut: impl std::future::Future<Output = Outcome>,
+    carry: Option<&CancellationToken>,
     live: LiveCounters<'_>,
+    resumed: Option<Resumed>,
 ) -> Relayed {
     let start = Instant::now();
     let up = Flow::new(live.up);
     let down = Flow::new(live.down);
+    let mut done = (false, false);
+    let mut quiet_for = Duration::ZERO;
+    if let Some(r) = resumed {
+        up.resume(r.to_backend, r.up_done);
+        down.resume(r.to_client, r.down_done);
+        done = (r.up_done, r.down_done);
+        quiet_for = r.quiet_for;
+    }
     let mut up_fut = std::pin::pin!(pump(client, backend, &up, &down, opts.mode, start));
     let mut down_fut = std::pin::pin!(pump(backend, client, &down, &up, opts.mode, start));
-    let (mut up_done, mut down_done) = (false, false);
+    let (ended_up, ended_down) = done;
+    let (mut up_done, mut down_done) = done;
     let directions = std::future::poll_fn(|cx| {
         if !up_done {
             if let Poll::Ready(end) = up_fut.as_mut().poll(cx) {
@@ -164,12 +244,31 @@ pub(crate) async fn relay(
         }
         Poll::Pending
     });
-    let supervised = supervise(directions, &up, &down, opts, start, cut).await;
+    let ended = Ended {
+        up: ended_up,
+        down: ended_down,
+        quiet_for,
+    };
+    let carry = async {
+        match carry {
+            Some(c) => c.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let supervised = supervise(directions, &up, &down, opts, start, cut, carry, ended).await;
     conclude(supervised, &up, &down, client, backend)
 }
 
+/// Which directions a relay starts with ended (a carried connection), and how long it had been quiet.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ended {
+    up: bool,
+    down: bool,
+    quiet_for: Duration,
+}
+
 /// How a relay of any engine ends: resets armed on the sockets that must see one, the live counters
-/// flushed, and what moved.
+/// flushed, and what moved; for a relay stopped for `carry`, what each direction holds.
 fn conclude(
     supervised: Supervised,
     up: &Flow<'_>,
@@ -185,6 +284,28 @@ fn conclude(
     }
     up.flush_live();
     down.flush_live();
+    let mut supervised = supervised;
+    let carried = match supervised.carried.map(|quiet_for| {
+        Ok::<_, io::Error>(Quiesced {
+            to_backend: up.held_bytes()?,
+            to_client: down.held_bytes()?,
+            up_done: up.eof.load(Relaxed),
+            down_done: down.eof.load(Relaxed),
+            quiet_for,
+        })
+    }) {
+        Some(Ok(q)) => Some(q),
+        // Bytes held in a pipe that cannot be read cannot go along: neither side may take what it
+        // got for the whole stream, so both are reset.
+        Some(Err(e)) => {
+            arm_reset(client);
+            arm_reset(backend);
+            supervised.end = Outcome::BackendReset;
+            supervised.broken = Some(e);
+            None
+        }
+        None => None,
+    };
     Relayed {
         bytes_up: up.bytes(),
         bytes_down: down.bytes(),
@@ -192,6 +313,7 @@ fn conclude(
         spliced: up.spliced.load(Relaxed) || down.spliced.load(Relaxed),
         uring: up.uring.load(Relaxed) || down.uring.load(Relaxed),
         broken: supervised.broken,
+        carried,
     }
 }
 
@@ -209,13 +331,29 @@ struct Supervised {
     reset_backend: bool,
     /// What broke it, when a side failed.
     broken: Option<io::Error>,
+    /// Stopped for `carry`, quiet for this long: to go on in another process.
+    carried: Option<Duration>,
+}
+
+impl Supervised {
+    fn ended(end: Outcome) -> Supervised {
+        Supervised {
+            end,
+            reset_client: false,
+            reset_backend: false,
+            broken: None,
+            carried: None,
+        }
+    }
 }
 
 /// The part of a relay every engine shares: waits on `directions` (which yields each direction's end
-/// once) and on the inactivity timer and the cut, and decides how the connection ends. One inactivity
-/// timer: `idle_timeout` while both directions flow, `half_close_timeout` once one has ended
-/// (HAProxy's `timeout client-fin`: a half-closed connection may still stream for hours as long as
-/// bytes keep moving); half-closing restarts the clock.
+/// once) and on the inactivity timer, the cut and `carry`, and decides how the connection ends. One
+/// inactivity timer: `idle_timeout` while both directions flow, `half_close_timeout` once one has
+/// ended (HAProxy's `timeout client-fin`: a half-closed connection may still stream for hours as long
+/// as bytes keep moving); half-closing restarts the clock. `ended` is where a carried connection
+/// starts: directions already ended, and the silence it brings along.
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
     directions: impl std::future::Future<Output = (Side, DirEnd)>,
     up: &Flow<'_>,
@@ -223,19 +361,37 @@ async fn supervise(
     opts: &RelayOptions,
     start: Instant,
     cut: impl std::future::Future<Output = Outcome>,
+    carry: impl std::future::Future<Output = ()>,
+    ended: Ended,
 ) -> Supervised {
-    let mut limit = opts.idle_timeout;
-    let mut timeout_end = Outcome::IdleTimeout;
-    let mut quiet_floor = start;
-    let timer = tokio::time::sleep(limit);
-    tokio::pin!(timer, cut, directions);
-    let mut done = 0;
-    let mut first_fin: Option<Outcome> = None;
+    let mut done = u8::from(ended.up) + u8::from(ended.down);
+    let mut first_fin: Option<Outcome> = match (ended.up, ended.down) {
+        (true, _) => Some(Outcome::ClientClosed),
+        (false, true) => Some(Outcome::BackendClosed),
+        _ => None,
+    };
+    let (mut limit, mut timeout_end) = if done == 0 {
+        (opts.idle_timeout, Outcome::IdleTimeout)
+    } else {
+        (opts.half_close_timeout, Outcome::HalfCloseTimeout)
+    };
+    // Silence carried in counts: the timers run on from where the other process left them.
+    let mut quiet_floor = start.checked_sub(ended.quiet_for).unwrap_or(start);
+    let timer = tokio::time::sleep_until(quiet_floor + limit);
+    tokio::pin!(timer, cut, directions, carry);
     let broken = |end, reset_client, cause| Supervised {
         end,
         reset_client,
         reset_backend: !reset_client,
         broken: Some(cause),
+        carried: None,
+    };
+    let quiet_since = |floor: Instant| {
+        let last = up
+            .last_active_ms
+            .load(Relaxed)
+            .max(down.last_active_ms.load(Relaxed));
+        (start + Duration::from_millis(last)).max(floor)
     };
     loop {
         tokio::select! {
@@ -249,37 +405,75 @@ async fn supervise(
                     (Side::Up, DirEnd::DestError(e)) => return broken(Outcome::BackendReset, true, e),
                     (Side::Down, DirEnd::SourceError(e)) => return broken(Outcome::BackendReset, true, e),
                     (Side::Down, DirEnd::DestError(e)) => return broken(Outcome::ClientReset, false, e),
+                    // Only after `carry` fired, which is handled below.
+                    (_, DirEnd::Carried) => {}
                 };
             }
             () = &mut timer => {
-                let last = up.last_active_ms.load(Relaxed).max(down.last_active_ms.load(Relaxed));
-                let quiet_since = (start + Duration::from_millis(last)).max(quiet_floor);
-                if Instant::now() >= quiet_since + limit {
-                    return Supervised { end: timeout_end, reset_client: false, reset_backend: false, broken: None };
+                let quiet = quiet_since(quiet_floor);
+                if Instant::now() >= quiet + limit {
+                    return Supervised::ended(timeout_end);
                 }
-                timer.as_mut().reset(quiet_since + limit);
+                timer.as_mut().reset(quiet + limit);
                 continue;
             }
             end = &mut cut => {
                 // A reset on both sides, so neither mistakes the cut for the end of the stream.
-                return Supervised { end, reset_client: true, reset_backend: true, broken: None };
+                return Supervised { end, reset_client: true, reset_backend: true, broken: None, carried: None };
+            }
+            () = &mut carry => {
+                return match quiesce(directions.as_mut(), up, down).await {
+                    Ok(()) => Supervised {
+                        carried: Some(Instant::now().saturating_duration_since(quiet_since(quiet_floor))),
+                        ..Supervised::ended(Outcome::ClientClosed)
+                    },
+                    // A side broke while the relay was being stopped: it ends here, as it would have.
+                    Err((Side::Up, DirEnd::SourceError(e))) | Err((Side::Down, DirEnd::DestError(e))) => {
+                        broken(Outcome::ClientReset, false, e)
+                    }
+                    Err((_, DirEnd::SourceError(e) | DirEnd::DestError(e))) => {
+                        broken(Outcome::BackendReset, true, e)
+                    }
+                    Err((_, DirEnd::Eof | DirEnd::Carried)) => Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed)),
+                };
             }
         }
         // A direction ended with EOF.
         if done == 2 {
-            let end = first_fin.unwrap_or(Outcome::ClientClosed);
-            return Supervised {
-                end,
-                reset_client: false,
-                reset_backend: false,
-                broken: None,
-            };
+            return Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed));
         }
         limit = opts.half_close_timeout;
         timeout_end = Outcome::HalfCloseTimeout;
         quiet_floor = Instant::now();
         timer.as_mut().reset(quiet_floor + limit);
     }
+}
+
+/// Brings both directions to a quiet point for `carry`: an epoll pump is at one whenever it waits (what
+/// it holds is in its `Flow`); a ring pump has an operation in the kernel, which is cancelled and
+/// awaited (its completion may still carry bytes, which then go along). `Err` is a direction that
+/// broke (or ended otherwise) meanwhile.
+async fn quiesce(
+    mut directions: Pin<&mut impl std::future::Future<Output = (Side, DirEnd)>>,
+    up: &Flow<'_>,
+    down: &Flow<'_>,
+) -> Result<(), (Side, DirEnd)> {
+    for f in [up, down] {
+        f.carrying.store(true, Relaxed);
+        #[cfg(target_os = "linux")]
+        f.op.cancel();
+    }
+    #[cfg(target_os = "linux")]
+    while up.op.busy() || down.op.busy() {
+        match directions.as_mut().await {
+            // An EOF passed on meanwhile is part of the state carried (the direction's `eof`).
+            (_, DirEnd::Carried | DirEnd::Eof) => {}
+            other => return Err(other),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = directions;
+    Ok(())
 }
 
 /// Arms a reset on `side`: when the socket is dropped the kernel sends RST instead of FIN.
@@ -298,7 +492,42 @@ impl<'a> Flow<'a> {
             eof: AtomicBool::new(false),
             spliced: AtomicBool::new(false),
             uring: AtomicBool::new(false),
+            pending: Parked::new(None),
+            #[cfg(target_os = "linux")]
+            pipe: Parked::new(None),
+            carrying: AtomicBool::new(false),
+            #[cfg(target_os = "linux")]
+            op: uring::InFlight::default(),
         }
+    }
+
+    /// Starts this direction where another process left it: `held` is written first; `ended` means
+    /// its EOF was read (and passed on) already.
+    fn resume(&self, held: Vec<u8>, ended: bool) {
+        self.eof.store(ended, Relaxed);
+        if !held.is_empty() {
+            let end = held.len();
+            self.pending.put(Pending {
+                buf: held.into_boxed_slice(),
+                off: 0,
+                end,
+            });
+        }
+    }
+
+    /// What this direction read and has not written, once its pump is stopped: its held bytes, then
+    /// those in its pipe (read out of it, so the pipe goes back to the pool empty).
+    fn held_bytes(&self) -> io::Result<Vec<u8>> {
+        let mut out = self
+            .pending
+            .take()
+            .map(|p| p.buf[p.off..p.end].to_vec())
+            .unwrap_or_default();
+        #[cfg(target_os = "linux")]
+        if let Some(mut pipe) = self.pipe.take() {
+            out.extend_from_slice(&pipe.take_pending()?);
+        }
+        Ok(out)
     }
 
     fn bytes(&self) -> u64 {
@@ -323,7 +552,9 @@ impl<'a> Flow<'a> {
     }
 }
 
-/// One direction: read from `src`, write everything to `dst`, until EOF or an error.
+/// One direction: read from `src`, write everything to `dst`, until EOF or an error. Whenever it waits
+/// holding bytes it has not written, they are parked in `flow` (so a relay stopped for `carry` finds
+/// them there), and bytes parked there before it starts (a carried connection's) go out first.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -350,57 +581,101 @@ async fn pump(
             return pump_splice(src, dst, flow, other, pipe, start).await;
         }
     }
-    // Bytes read but not yet written, once the destination has pushed back (see `copy_through_scratch`).
-    let mut held: Option<Box<[u8]>> = None;
+    // The direction's own buffer, once the destination has pushed back (see `copy_through_scratch`).
+    let mut own: Option<Box<[u8]>> = None;
+    let mut last_read = 0;
     loop {
-        if let Err(e) = src.readable().await {
-            return DirEnd::SourceError(e);
-        }
-        let (n, mut off) = if let Some(b) = held.as_deref_mut() {
-            // Under back-pressure: this direction has a buffer of its own.
-            match read_once(src, b) {
-                Ok(0) => return finish(dst, flow, other),
-                Ok(n) => (n, 0),
-                Err(e) if retry(&e) => continue,
-                Err(e) => return DirEnd::SourceError(e),
-            }
-        } else {
-            match copy_through_scratch(src, dst, flow, start) {
-                Scratch::Eof => return finish(dst, flow, other),
-                Scratch::Again => continue,
-                Scratch::SourceError(e) => return DirEnd::SourceError(e),
-                Scratch::DestError(e) => return DirEnd::DestError(e),
-                Scratch::Done(n) => (n, n),
-                Scratch::Held { read, written, buf } => {
-                    held = Some(buf);
-                    (read, written)
-                }
-            }
-        };
-        let b = held.as_deref().unwrap_or(&[]);
-        while off < n {
-            if let Err(e) = dst.writable().await {
-                return DirEnd::DestError(e);
-            }
-            match dst.try_write(&b[off..n]) {
-                Ok(k) => {
-                    off += k;
-                    flow.wrote(k, start);
-                }
-                Err(e) if retry(&e) => continue,
-                Err(e) => return DirEnd::DestError(e),
-            }
+        match write_pending(dst, flow, start).await {
+            Ok(Some(buf)) => own = Some(buf),
+            Ok(None) => {}
+            Err(e) => return DirEnd::DestError(e),
         }
         // A full buffer means bulk data: from here on splice, if a pipe is to be had. (`uring` lands
         // here only where io_uring is unavailable, or with no pipe free, and then behaves as `auto`.)
         #[cfg(target_os = "linux")]
-        if matches!(mode, RelayMode::Auto | RelayMode::Uring) && n == COPY_BUF {
+        if matches!(mode, RelayMode::Auto | RelayMode::Uring) && last_read == COPY_BUF {
             if let Some(pipe) = splice::PipeLease::acquire() {
-                drop(held);
+                drop(own);
                 return pump_splice(src, dst, flow, other, pipe, start).await;
             }
         }
+        if let Err(e) = src.readable().await {
+            return DirEnd::SourceError(e);
+        }
+        if let Some(mut b) = own.take() {
+            // Under back-pressure once: this direction reads into a buffer of its own.
+            match read_once(src, &mut b) {
+                Ok(0) => return finish(dst, flow, other),
+                Ok(n) => {
+                    last_read = n;
+                    flow.pending.put(Pending {
+                        buf: b,
+                        off: 0,
+                        end: n,
+                    });
+                }
+                Err(e) if retry(&e) => own = Some(b),
+                Err(e) => return DirEnd::SourceError(e),
+            }
+            continue;
+        }
+        match copy_through_scratch(src, dst, flow, start) {
+            Scratch::Eof => return finish(dst, flow, other),
+            Scratch::Again => {}
+            Scratch::SourceError(e) => return DirEnd::SourceError(e),
+            Scratch::DestError(e) => return DirEnd::DestError(e),
+            Scratch::Done(n) => last_read = n,
+            Scratch::Held { read, written, buf } => {
+                last_read = read;
+                flow.pending.put(Pending {
+                    buf,
+                    off: written,
+                    end: read,
+                });
+            }
+        }
     }
+}
+
+/// Writes out what the direction holds (`flow.pending`: what a carried connection brought, or what
+/// the destination pushed back), waiting for the destination with it parked in `flow`, where a relay
+/// stopped for `carry` finds it. Returns the emptied buffer, for reuse.
+async fn write_pending(
+    dst: &TcpStream,
+    flow: &Flow<'_>,
+    start: Instant,
+) -> io::Result<Option<Box<[u8]>>> {
+    let mut freed = None;
+    while let Some(mut p) = flow.pending.take() {
+        if write_held(dst, &mut p, flow, start)? {
+            freed = Some(p.buf);
+        } else {
+            flow.pending.put(p);
+            dst.writable().await?;
+        }
+    }
+    Ok(freed)
+}
+
+/// Writes what it can of `p` without waiting: `Ok(true)` when all of it is out.
+fn write_held(
+    dst: &TcpStream,
+    p: &mut Pending,
+    flow: &Flow<'_>,
+    start: Instant,
+) -> io::Result<bool> {
+    while p.off < p.end {
+        match dst.try_write(&p.buf[p.off..p.end]) {
+            Ok(k) => {
+                p.off += k;
+                flow.wrote(k, start);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 thread_local! {
@@ -477,6 +752,10 @@ async fn pump_splice(
 ) -> DirEnd {
     use std::os::fd::AsFd;
     flow.spliced.store(true, Relaxed);
+    // What a carried connection brought along goes out before anything is read.
+    if let Err(e) = write_pending(dst, flow, start).await {
+        return DirEnd::DestError(e);
+    }
     loop {
         // The pipe is empty here: fill it from the socket.
         if let Err(e) = src.readable().await {
@@ -494,13 +773,23 @@ async fn pump_splice(
         }
         // Drain it completely before reading again, so `pending` bytes are the only ones in flight.
         while pipe.pending > 0 {
-            if let Err(e) = dst.writable().await {
-                return DirEnd::DestError(e);
-            }
             match dst.try_io(Interest::WRITABLE, || pipe.drain_to(dst.as_fd())) {
-                Ok(k) => flow.wrote(k, start),
-                Err(e) if retry(&e) => continue,
+                Ok(k) => {
+                    flow.wrote(k, start);
+                    continue;
+                }
+                Err(e) if retry(&e) => {}
                 Err(e) => return DirEnd::DestError(e),
+            }
+            // Waiting with bytes in the pipe: parked where a relay stopped for `carry` finds them.
+            flow.pipe.put(pipe);
+            let ready = dst.writable().await;
+            let Some(back) = flow.pipe.take() else {
+                return DirEnd::Carried;
+            };
+            pipe = back;
+            if let Err(e) = ready {
+                return DirEnd::DestError(e);
             }
         }
     }

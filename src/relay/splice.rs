@@ -168,6 +168,34 @@ impl PipeLease {
         self.pending -= n;
         Ok(n)
     }
+
+    /// Reads every pending byte out of the pipe into user memory (a connection carried into another
+    /// process takes them along), leaving the pipe empty and fit for reuse.
+    pub(super) fn take_pending(&mut self) -> io::Result<Vec<u8>> {
+        let pipe = self.pipe.as_ref().ok_or_else(gone)?;
+        let mut out = vec![0u8; self.pending];
+        let mut got = 0;
+        while got < out.len() {
+            let rest = &mut out[got..];
+            // SAFETY: `rest` is valid writable memory of `rest.len()` bytes for the whole call, and
+            // the pipe's read end is open (owned by the lease).
+            let n =
+                unsafe { libc::read(pipe.read.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
+            match n {
+                n if n > 0 => got += n as usize,
+                0 => break,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        out.truncate(got);
+        self.pending -= got;
+        Ok(out)
+    }
 }
 
 impl Drop for PipeLease {
@@ -241,5 +269,18 @@ mod tests {
         assert_eq!(&got, b"abc");
         drop(lease);
         assert_eq!(p.idle(), 1);
+    }
+
+    #[test]
+    fn pending_bytes_are_taken_out_whole() {
+        let p = small_pool(4);
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        tx.write_all(b"carried along").unwrap();
+        let mut lease = p.lend().unwrap();
+        lease.fill_from(rx.as_fd(), PIPE_SIZE).unwrap();
+        assert_eq!(lease.take_pending().unwrap(), b"carried along");
+        assert_eq!(lease.pending, 0);
+        drop(lease);
+        assert_eq!(p.idle(), 1, "emptied, so reused");
     }
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{supervise, DirEnd, Flow, LiveCounters, RelayOptions, Relayed, Side};
+use super::{supervise, DirEnd, Ended, Flow, LiveCounters, RelayOptions, Relayed, Side};
 use crate::outcome::Outcome;
 
 /// A byte stream the relay moves through, and the TCP socket under it (where a reset is armed).
@@ -171,6 +171,18 @@ pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint>(
         }
         Poll::Pending
     });
-    let supervised = supervise(directions, &up, &down, opts, start, cut).await;
+    // Never carried: the TLS state lives in this process (the connection drains here instead).
+    let carry = std::future::pending();
+    let supervised = supervise(
+        directions,
+        &up,
+        &down,
+        opts,
+        start,
+        cut,
+        carry,
+        Ended::default(),
+    )
+    .await;
     super::conclude(supervised, &up, &down, client.socket(), backend.socket())
 }

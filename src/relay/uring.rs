@@ -521,6 +521,49 @@ impl Driver {
         n
     }
 
+    /// Asks that the operation in `idx` stop early, its future still waiting for it: it completes
+    /// with -ECANCELED, or with what it did before the cancellation reached it (a receive that got
+    /// bytes returns them). Nothing happens to an operation already done.
+    fn cancel(&self, idx: usize) {
+        let (pos, user_data) = {
+            let slots = self.slots.borrow();
+            match slots.get(idx).map(|e| (&e.slot, e.user_data)) {
+                Some((Some(Slot::Waiting { pos, .. }), ud)) => (*pos, ud),
+                _ => return,
+            }
+        };
+        match pos {
+            // Staged, never seen by the kernel: withdrawn.
+            None => {
+                self.staged.borrow_mut().retain(|s| s.slot != Some(idx));
+                self.complete(idx, -libc::ECANCELED);
+            }
+            Some(pos) if self.unconsumed(pos) => {
+                // SAFETY: the entry at `pos` is in the queue and unconsumed (just checked), and no
+                // submission runs during this call: only this thread submits.
+                unsafe { self.sqes.neutralise(pos) };
+                self.complete(idx, -libc::ECANCELED);
+            }
+            Some(_) => {
+                let cancel = opcode::AsyncCancel::new(user_data)
+                    .build()
+                    .user_data(IGNORED);
+                self.stage(None, cancel);
+            }
+        }
+    }
+
+    /// Completes the operation in `idx` with `result` without the kernel, and wakes its future.
+    fn complete(&self, idx: usize, result: i32) {
+        let mut slots = self.slots.borrow_mut();
+        if let Some(Slot::Waiting { waker, .. }) = slots[idx].slot.take() {
+            slots[idx].slot = Some(Slot::Done(result));
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+
     /// The operation in `idx` was dropped with `buf` before its future took the result: make sure
     /// nothing of it reaches the kernel after this returns (see the module's header).
     fn abandon(&self, idx: usize, buf: Box<[u8]>) {
@@ -820,6 +863,38 @@ impl Drop for Op<'_> {
     }
 }
 
+/// The operation a direction waits for, if any (its driver and slot), so that a relay stopped for
+/// `carry` can cancel it and wait for what it did. Written only by the direction's pump.
+#[derive(Debug, Default)]
+pub(super) struct InFlight(AtomicU64);
+
+impl InFlight {
+    fn set(&self, op: &Op<'_>) {
+        self.0
+            .store((op.driver << 32) | (op.idx as u64 & 0xffff_ffff), Relaxed);
+    }
+
+    fn clear(&self) {
+        self.0.store(0, Relaxed);
+    }
+
+    /// Whether an operation is in flight.
+    pub(super) fn busy(&self) -> bool {
+        self.0.load(Relaxed) != 0
+    }
+
+    /// Cancels the operation in flight, if any (on the thread that started it: the relay's).
+    pub(super) fn cancel(&self) {
+        let v = self.0.load(Relaxed);
+        if v == 0 {
+            return;
+        }
+        if let Some(d) = existing_driver(Some(v >> 32)) {
+            d.cancel((v & 0xffff_ffff) as usize);
+        }
+    }
+}
+
 /// Whether this thread can relay through a ring (creating it on first use).
 pub(super) fn usable() -> bool {
     availability().is_ok() && driver().is_some()
@@ -836,44 +911,102 @@ pub(super) async fn pump(
     other: &Flow<'_>,
     start: Instant,
 ) -> Option<DirEnd> {
-    let mut buf: Box<[u8]> = vec![0u8; SMALL_BUF].into_boxed_slice();
+    // A carried connection's held bytes, if any, are sent first.
+    let (mut buf, mut n, mut off) = match flow.pending.take() {
+        Some(p) => (p.buf, p.end, p.off),
+        None => (vec![0u8; SMALL_BUF].into_boxed_slice(), 0, 0),
+    };
     loop {
+        buf = match send_all(dst, flow, buf, off, n, start).await {
+            Ok(b) => b,
+            Err(end) => return Some(end),
+        };
+        if flow.carrying.load(Relaxed) {
+            return Some(DirEnd::Carried);
+        }
+        if buf.len() < SMALL_BUF {
+            buf = vec![0u8; SMALL_BUF].into_boxed_slice();
+        }
         let op = match Op::recv(src.as_fd(), buf) {
             Ok(op) => op,
             Err(e) => return Some(DirEnd::SourceError(e)),
         };
-        let (r, b) = op.await;
+        let (r, b) = flow.wait(op).await;
         buf = b;
-        let n = match r {
+        off = 0;
+        n = match r {
             0 => return Some(finish(dst, flow, other)),
             r if r > 0 => r as usize,
-            e if -e == libc::EINTR || -e == libc::EAGAIN => continue,
+            e if -e == libc::EINTR || -e == libc::EAGAIN || -e == libc::ECANCELED => 0,
             e => return Some(DirEnd::SourceError(io::Error::from_raw_os_error(-e))),
         };
-        let mut off = 0;
-        while off < n {
-            let op = match Op::send(dst.as_fd(), buf, off..n) {
-                Ok(op) => op,
-                Err(e) => return Some(DirEnd::DestError(e)),
-            };
-            let (r, b) = op.await;
-            buf = b;
-            match r {
-                r if r > 0 => {
-                    off += r as usize;
-                    flow.wrote(r as usize, start);
-                }
-                e if -e == libc::EINTR || -e == libc::EAGAIN => continue,
-                0 => return Some(DirEnd::DestError(io::ErrorKind::WriteZero.into())),
-                e => return Some(DirEnd::DestError(io::Error::from_raw_os_error(-e))),
-            }
+        if flow.carrying.load(Relaxed) {
+            // Received as the relay stopped: these bytes go along, unsent.
+            return Some(flow.park(buf, 0, n));
+        }
+        if n == 0 {
+            continue;
         }
         // A full buffer means more is coming: take the bigger one; a full big one means bulk.
         if n == buf.len() {
-            if buf.len() >= COPY_BUF {
+            // Everything received is sent first (the send loop above runs before the next receive).
+            let bulk = buf.len() >= COPY_BUF;
+            if let Err(end) = send_all(dst, flow, buf, off, n, start).await {
+                return Some(end);
+            }
+            if bulk {
                 return None;
             }
-            buf = vec![0u8; COPY_BUF].into_boxed_slice();
+            // All of it sent: nothing is left for the send at the top.
+            (buf, off, n) = (vec![0u8; COPY_BUF].into_boxed_slice(), 0, 0);
         }
+    }
+}
+
+/// Sends `buf[off..n]` whole through the ring, counting as it goes; `Err` is how the direction
+/// ends: the destination failed, or the relay stopped for `carry` (what is unsent parked in `flow`).
+async fn send_all(
+    dst: &TcpStream,
+    flow: &Flow<'_>,
+    mut buf: Box<[u8]>,
+    mut off: usize,
+    n: usize,
+    start: Instant,
+) -> Result<Box<[u8]>, DirEnd> {
+    while off < n {
+        let op = Op::send(dst.as_fd(), buf, off..n).map_err(DirEnd::DestError)?;
+        let (r, b) = flow.wait(op).await;
+        buf = b;
+        match r {
+            r if r > 0 => {
+                off += r as usize;
+                flow.wrote(r as usize, start);
+            }
+            e if -e == libc::EINTR || -e == libc::EAGAIN || -e == libc::ECANCELED => {}
+            0 => return Err(DirEnd::DestError(io::ErrorKind::WriteZero.into())),
+            e => return Err(DirEnd::DestError(io::Error::from_raw_os_error(-e))),
+        }
+        if flow.carrying.load(Relaxed) {
+            return Err(flow.park(buf, off, n));
+        }
+    }
+    Ok(buf)
+}
+
+impl Flow<'_> {
+    /// Awaits `op`, marked in flight meanwhile so that a relay stopped for `carry` can cancel it.
+    async fn wait(&self, op: Op<'_>) -> (i32, Box<[u8]>) {
+        self.op.set(&op);
+        let r = op.await;
+        self.op.clear();
+        r
+    }
+
+    /// Stops for `carry` holding `buf[off..end]` unsent: parked for the relay to take along.
+    fn park(&self, buf: Box<[u8]>, off: usize, end: usize) -> DirEnd {
+        if off < end {
+            self.pending.put(super::Pending { buf, off, end });
+        }
+        DirEnd::Carried
     }
 }

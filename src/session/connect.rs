@@ -283,6 +283,35 @@ async fn attempt(
     })
 }
 
+impl Connected {
+    /// A backend connection carried in from the process this one replaced: counted as active on
+    /// its backend (above its cap if need be: the connection exists already), cut with it. A
+    /// backend this config no longer has gets a detached record, so it is relayed all the same.
+    pub(super) fn carried(
+        service: &Arc<Service>,
+        addr: SocketAddr,
+        stream: TcpStream,
+    ) -> Connected {
+        let backend = service
+            .pool
+            .all_backends()
+            .into_iter()
+            .find(|b| b.addr == addr)
+            .unwrap_or_else(|| Arc::new(Backend::new(addr, crate::config::Weight::default())));
+        let cut = backend.cut_signal();
+        let active = ActiveGuard::within(backend.clone(), None);
+        Connected {
+            backend,
+            stream: BackendStream::Plain(stream),
+            _active: BackendSlot {
+                active,
+                service: service.queue.is_some().then(|| service.clone()),
+            },
+            cut,
+        }
+    }
+}
+
 /// `fut` within `limit`, a timeout being an error like the others.
 async fn within<T>(
     limit: std::time::Duration,

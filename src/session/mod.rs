@@ -14,13 +14,14 @@ mod entry;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::admission::{GateSlot, Refusal, SourceSlot};
+use crate::admission::{Gate, GateSlot, Refusal, SourceSlot};
 use crate::outcome::Outcome;
 use crate::proxy_protocol;
 use crate::relay::{self, LiveCounters, Relayed};
@@ -29,6 +30,83 @@ use crate::routelog::{self, Ending, Record};
 use crate::service::{Service, TlsResult};
 use crate::tls::{HandshakeError, Prefixed, ServerStream};
 use connect::{connect, BackendStream, Connected, Outbound};
+
+/// How sessions leave this process before they end: the drain's deadline cuts them; an upgrade
+/// carries them into the new process (`carry`, then each relayed one is sent to `carried`). One per
+/// process (per [`crate::Control`]), shared by every session.
+#[derive(Debug, Default)]
+pub(crate) struct Leaving {
+    /// Cut every session still open (the drain deadline).
+    pub(crate) deadline: CancellationToken,
+    /// Stop every relay at a quiet point and send the connection to `carried`.
+    pub(crate) carry: CancellationToken,
+    /// Where carried connections go: set before `carry` fires, taken away once the upgrade no
+    /// longer takes any (a relay that stops then goes on where it stopped).
+    pub(crate) carried: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Carried>>>,
+}
+
+impl Leaving {
+    /// From now on every relay stops at a quiet point and its connection goes to `to`.
+    pub(crate) fn carry_to(&self, to: tokio::sync::mpsc::UnboundedSender<Carried>) {
+        *crate::util::lock(&self.carried) = Some(to);
+        self.carry.cancel();
+    }
+
+    /// No more connections are carried (the receiver learns it when its channel closes).
+    pub(crate) fn stop_carrying(&self) {
+        crate::util::lock(&self.carried).take();
+    }
+}
+
+/// A connection stopped at a quiet point, to be relayed on by another process: its two sockets,
+/// what its relay held, and what its routing line says so far.
+#[derive(Debug)]
+pub(crate) struct Carried {
+    pub(crate) client: std::net::TcpStream,
+    pub(crate) backend: std::net::TcpStream,
+    pub(crate) held: relay::Quiesced,
+    pub(crate) facts: CarriedFacts,
+}
+
+/// What a carried connection's routing line and counters need from the process it left.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct CarriedFacts {
+    pub(crate) service: String,
+    pub(crate) client: SocketAddr,
+    pub(crate) via: Option<SocketAddr>,
+    pub(crate) backend: SocketAddr,
+    pub(crate) backend_name: Option<String>,
+    pub(crate) attempts: u32,
+    pub(crate) connect_ms: Option<f64>,
+    /// How long it had been open.
+    pub(crate) age_ms: u64,
+    pub(crate) bytes_up: u64,
+    pub(crate) bytes_down: u64,
+    pub(crate) sni: Option<String>,
+    pub(crate) alpn: Option<String>,
+    pub(crate) route: Option<String>,
+}
+
+impl CarriedFacts {
+    /// The routing record the connection goes on with, its start as long ago as it was accepted.
+    fn record(&self, service: &Service) -> Record {
+        let mut r = Record::new(service.name.clone(), service.policy.as_str(), self.client);
+        r.via = self.via;
+        r.backend = Some(self.backend);
+        r.backend_name = self.backend_name.clone().map(Arc::new);
+        r.attempts = self.attempts;
+        r.connect_ms = self.connect_ms;
+        r.started = r
+            .started
+            .checked_sub(Duration::from_millis(self.age_ms))
+            .unwrap_or(r.started);
+        r.sni = self.sni.clone();
+        r.alpn = self.alpn.clone();
+        r.route = self.route.as_deref().and_then(crate::route::Why::named);
+        r.handed_over = true;
+        r
+    }
+}
 
 /// Counts the service's open client connections for `max_connections` (and the top-level cap) and
 /// keeps their start time; released on drop.
@@ -58,6 +136,18 @@ impl ClientSlot {
             id,
             _gate: gate,
         })
+    }
+}
+
+impl ClientSlot {
+    /// A slot for a connection carried in from another process: counted, never refused.
+    fn carried(service: &Arc<Service>, gate: &Arc<Gate>) -> ClientSlot {
+        service.stats.active.fetch_add(1, Relaxed);
+        ClientSlot {
+            service: service.clone(),
+            id: service.occupancy.sessions.enter(),
+            _gate: gate.enter_anyway(),
+        }
     }
 }
 
@@ -92,7 +182,7 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     service: Arc<Service>,
     slot: ClientSlot,
-    deadline: CancellationToken,
+    leaving: Arc<Leaving>,
     span: tracing::Span,
 ) {
     let record = Record::new(service.name.clone(), service.policy.as_str(), peer);
@@ -103,7 +193,7 @@ pub(crate) async fn serve(
         slot,
         record,
         Entry::default(),
-        deadline,
+        leaving,
         span,
     )
     .await
@@ -117,11 +207,11 @@ pub(crate) async fn serve_routed(
     peer: SocketAddr,
     routes: Arc<Routes>,
     gate: GateSlot,
-    deadline: CancellationToken,
+    leaving: Arc<Leaving>,
     span: tracing::Span,
 ) {
     let mut record = Record::new(Arc::from(""), "", peer);
-    let routed = route(&mut client, peer, &routes, &mut record, &deadline)
+    let routed = route(&mut client, peer, &routes, &mut record, &leaving.deadline)
         .instrument(span.clone())
         .await;
     let (service, entry) = match routed {
@@ -136,7 +226,7 @@ pub(crate) async fn serve_routed(
     record.policy = service.policy.as_str();
     service.stats.accepted.fetch_add(1, Relaxed);
     match ClientSlot::take(&service, Some(gate)) {
-        Ok(slot) => serve_taken(client, peer, service, slot, record, entry, deadline, span).await,
+        Ok(slot) => serve_taken(client, peer, service, slot, record, entry, leaving, span).await,
         Err(end) => span.in_scope(|| account(&service, &record, refused_ending(end))),
     }
 }
@@ -211,16 +301,23 @@ async fn serve_taken(
     slot: ClientSlot,
     mut record: Record,
     entry: Entry,
-    deadline: CancellationToken,
+    leaving: Arc<Leaving>,
     span: tracing::Span,
 ) {
     let _slot = slot;
     // TCP_NODELAY is inherited from the listening socket (listener::bind).
-    let admitted = admit_and_connect(client, peer, &service, &mut record, entry, &deadline)
-        .instrument(span.clone())
-        .await;
+    let admitted = admit_and_connect(
+        client,
+        peer,
+        &service,
+        &mut record,
+        entry,
+        &leaving.deadline,
+    )
+    .instrument(span.clone())
+    .await;
     match admitted {
-        Ok(a) => relay_and_account(a, &service, &record, &deadline, &span).await,
+        Ok(a) => relay_and_account(a, &service, &record, &leaving, &span, None).await,
         // Dropping the client closes it at once; nothing was relayed.
         Err(refused) => span.in_scope(|| account(&service, &record, refused_ending(refused))),
     }
@@ -344,13 +441,16 @@ async fn terminate(
 
 /// Relays a connected client until the relay ends (or the drain deadline, or its backend's sessions
 /// are cut), then counts and logs it, before both sockets close: whoever sees the close (a client,
-/// a test on another thread) finds the connection in the totals.
+/// a test on another thread) finds the connection in the totals. A relay stopped for `carry` (an
+/// upgrade) hands the connection to the new process instead, neither counted nor logged here: its
+/// routing line is the new process's.
 async fn relay_and_account(
     a: Admitted,
     service: &Service,
     record: &Record,
-    deadline: &CancellationToken,
+    leaving: &Leaving,
     span: &tracing::Span,
+    resumed: Option<Resumed>,
 ) {
     let Admitted {
         mut client,
@@ -358,32 +458,57 @@ async fn relay_and_account(
         _source,
         forwarded,
     } = a;
-    let cut_signal = c.cut.clone();
-    let cut = async {
-        tokio::select! {
-            () = deadline.cancelled() => Outcome::DrainDeadline,
-            end = cut_signal.cut() => end,
-        }
-    };
-    let stats = &c.backend.stats;
+    let backend = c.backend.clone();
+    let stats = &backend.stats;
     let live = LiveCounters {
         up: &stats.bytes_up,
         down: &stats.bytes_down,
     };
     live.up.fetch_add(forwarded, Relaxed);
     let opts = &service.relay;
+    let cut = || {
+        let cut_signal = c.cut.clone();
+        async move {
+            tokio::select! {
+                () = leaving.deadline.cancelled() => Outcome::DrainDeadline,
+                end = cut_signal.cut() => end,
+            }
+        }
+    };
     let mut relayed: Relayed = match (&mut client, &mut c.stream) {
         (ClientStream::Plain(cl), BackendStream::Plain(b)) => {
-            relay::relay(cl, b, opts, cut, live).await
+            let mut carry = Some(&leaving.carry);
+            let (mut resumed, mut so_far) = match resumed {
+                Some(r) => (Some(r.held), r.so_far),
+                None => (None, (0, 0)),
+            };
+            loop {
+                let mut r = relay::relay(cl, b, opts, cut(), carry, live, resumed.take()).await;
+                r.bytes_up += so_far.0;
+                r.bytes_down += so_far.1;
+                let Some(held) = r.carried.take() else {
+                    break r;
+                };
+                // Stopped for an upgrade: the connection goes to the new process, unless it cannot
+                // (the upgrade is over): then it goes on here, where it stopped.
+                match carry_away(cl, b, held, record, &r, forwarded, leaving) {
+                    Ok(()) => return,
+                    Err(held) => {
+                        carry = None;
+                        so_far = (r.bytes_up, r.bytes_down);
+                        resumed = Some(held);
+                    }
+                }
+            }
         }
         (ClientStream::Plain(cl), BackendStream::Tls(b)) => {
-            relay::relay_streams(cl, &mut **b, opts, cut, live).await
+            relay::relay_streams(cl, &mut **b, opts, cut(), live).await
         }
         (ClientStream::Tls(cl), BackendStream::Plain(b)) => {
-            relay::relay_streams(&mut **cl, b, opts, cut, live).await
+            relay::relay_streams(&mut **cl, b, opts, cut(), live).await
         }
         (ClientStream::Tls(cl), BackendStream::Tls(b)) => {
-            relay::relay_streams(&mut **cl, &mut **b, opts, cut, live).await
+            relay::relay_streams(&mut **cl, &mut **b, opts, cut(), live).await
         }
     };
     relayed.bytes_up += forwarded;
@@ -410,6 +535,109 @@ async fn relay_and_account(
     // Close both now (the relay may have left a FIN, or an armed reset, to this close).
     drop(c);
     drop(client);
+}
+
+/// Where a carried connection's relay starts: what it held, and the bytes it had moved.
+struct Resumed {
+    held: relay::Quiesced,
+    so_far: (u64, u64),
+}
+
+/// Relays a connection carried in from the process this one replaced (an upgrade) to its end, then
+/// counts and logs it as any other, its routing line covering its whole life (`handed_over`). It
+/// is not refused for a cap: it is open already.
+pub(crate) async fn resume(
+    carried: Carried,
+    service: Arc<Service>,
+    gate: Arc<Gate>,
+    leaving: Arc<Leaving>,
+) {
+    let Carried {
+        client,
+        backend,
+        held,
+        facts,
+    } = carried;
+    let span = tracing::info_span!("conn", client = %facts.client, service = %service.name, handed_over = true);
+    let tokio_stream = |s: std::net::TcpStream| {
+        s.set_nonblocking(true)?;
+        TcpStream::from_std(s)
+    };
+    let (client, backend) = match (tokio_stream(client), tokio_stream(backend)) {
+        (Ok(c), Ok(b)) => (c, b),
+        (Err(e), _) | (_, Err(e)) => {
+            // Both descriptors close here: the connection cannot go on without its relay.
+            span.in_scope(|| tracing::warn!(error = %e, "cannot take a carried connection"));
+            return;
+        }
+    };
+    let _slot = ClientSlot::carried(&service, &gate);
+    let record = facts.record(&service);
+    let a = Admitted {
+        client: ClientStream::Plain(client),
+        backend: connect::Connected::carried(&service, facts.backend, backend),
+        _source: None,
+        forwarded: 0,
+    };
+    let resumed = Resumed {
+        held,
+        so_far: (facts.bytes_up, facts.bytes_down),
+    };
+    relay_and_account(a, &service, &record, &leaving, &span, Some(resumed)).await;
+}
+
+/// Sends a connection stopped for `carry` to the upgrade's new process: both sockets (duplicated:
+/// ours close when the session ends, which the kernel does not turn into a FIN while the other
+/// process holds them), what the relay held, and what its routing line needs. `Err` gives `held`
+/// back when nothing takes carried connections.
+fn carry_away(
+    client: &TcpStream,
+    backend: &TcpStream,
+    held: relay::Quiesced,
+    record: &Record,
+    relayed: &Relayed,
+    forwarded: u64,
+    leaving: &Leaving,
+) -> Result<(), relay::Quiesced> {
+    let Some(to) = crate::util::lock(&leaving.carried).clone() else {
+        return Err(held);
+    };
+    let (Ok(client), Ok(backend)) = (dup_stream(client), dup_stream(backend)) else {
+        return Err(held);
+    };
+    let facts = CarriedFacts {
+        service: record.service.to_string(),
+        client: record.client,
+        via: record.via,
+        backend: record.backend.unwrap_or(backend_addr(&backend)),
+        backend_name: record.backend_name.as_deref().cloned(),
+        attempts: record.attempts,
+        connect_ms: record.connect_ms,
+        age_ms: record.started.elapsed().as_millis() as u64,
+        bytes_up: relayed.bytes_up + forwarded,
+        bytes_down: relayed.bytes_down,
+        sni: record.sni.clone(),
+        alpn: record.alpn.clone(),
+        route: record.route.map(str::to_string),
+    };
+    to.send(Carried {
+        client,
+        backend,
+        held,
+        facts,
+    })
+    .map_err(|e| e.0.held)
+}
+
+/// A second descriptor of `s`'s socket, for another owner (the same socket: closing one of the two
+/// does not close it).
+fn dup_stream(s: &TcpStream) -> std::io::Result<std::net::TcpStream> {
+    Ok(socket2::SockRef::from(s).try_clone()?.into())
+}
+
+fn backend_addr(s: &std::net::TcpStream) -> SocketAddr {
+    s.peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// Refuses a client because a connection cap is reached (the caller closes it).

@@ -440,6 +440,7 @@ async fn sigterm_drains_then_exits_zero_with_complete_routing_log() {
         "alpn",
         "route",
         "tls",
+        "handed_over",
     ];
     for r in routes {
         for f in fields {

@@ -394,7 +394,7 @@ async fn tiny_ring_relay(
         up: &up,
         down: &down,
     };
-    let r = relay(&proxy_c, &proxy_b, &opts, cut, live).await;
+    let r = relay(&proxy_c, &proxy_b, &opts, cut, None, live, None).await;
     drop((proxy_c, proxy_b));
     ended.fetch_add(1, Relaxed);
     (i, r)

@@ -1,0 +1,179 @@
+//! What an upgrade needs of the running server (the `upgrade` module runs the hand-over itself):
+//! the listening sockets to pass on, accepting stopped once the new process accepts, the
+//! connections carried in resumed on the workers, and the totals the dashboard and `/metrics` show,
+//! taken in the old process and added in the new.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use serde::{Deserialize, Serialize};
+
+use super::Control;
+use crate::session::{self, Carried};
+use crate::util::lock;
+
+/// The totals of every service and backend, by name: what an upgrade carries so that counters go
+/// on from where the old process left them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Totals {
+    pub(crate) services: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Service name → backend address → totals.
+    pub(crate) backends: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
+}
+
+impl Totals {
+    /// What grew since `earlier` (each counter only grows).
+    pub(crate) fn since(&self, earlier: &Totals) -> Totals {
+        fn minus(
+            now: &BTreeMap<String, u64>,
+            then: Option<&BTreeMap<String, u64>>,
+        ) -> BTreeMap<String, u64> {
+            now.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.saturating_sub(then.and_then(|t| t.get(k)).copied().unwrap_or(0)),
+                    )
+                })
+                .collect()
+        }
+        Totals {
+            services: self
+                .services
+                .iter()
+                .map(|(s, t)| (s.clone(), minus(t, earlier.services.get(s))))
+                .collect(),
+            backends: self
+                .backends
+                .iter()
+                .map(|(s, bs)| {
+                    let then = earlier.backends.get(s);
+                    let bs = bs
+                        .iter()
+                        .map(|(b, t)| (b.clone(), minus(t, then.and_then(|m| m.get(b)))))
+                        .collect();
+                    (s.clone(), bs)
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Control {
+    /// A descriptor of every listening socket, named as the new process finds it again
+    /// (`sockets::take`): by address, or a port-0 one by `SERVICE#INDEX`.
+    pub(crate) fn handover_sockets(
+        &self,
+    ) -> std::io::Result<Vec<(Option<String>, std::net::TcpListener)>> {
+        lock(&self.listeners)
+            .iter()
+            .map(|b| Ok((b.key.handover_name(), b.kept.try_clone()?)))
+            .collect()
+    }
+
+    /// Stops every accept loop and closes this process's descriptors of the listening sockets (the
+    /// new process holds its own: the sockets, and what waits in their queues, stay).
+    pub(crate) async fn stop_accepting(&self) {
+        self.readiness.set(false, true);
+        for b in lock(&self.listeners).iter_mut() {
+            b.stop.cancel();
+            b.pending.take();
+        }
+        self.accepting.close();
+        self.accepting.wait().await;
+        // The kept descriptors too: nothing in this process accepts any more.
+        let closed = std::mem::take(&mut *lock(&self.listeners));
+        drop(closed);
+    }
+
+    /// Resumes a connection carried in from the process this one replaced, on a worker, tracked
+    /// like any other (a drain waits for it). A service this config does not have is relayed by
+    /// none: its connection closes, and says so.
+    pub(crate) fn resume(&self, carried: Carried) {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let service = lock(&self.running)
+            .iter()
+            .map(|r| r.current.load_full())
+            .find(|s| *s.name == *carried.facts.service);
+        let Some(service) = service else {
+            tracing::warn!(service = %carried.facts.service, client = %carried.facts.client,
+                "a carried connection's service is not in this config: closing it");
+            return;
+        };
+        let handles = self.workers.handles();
+        let Some(handle) = handles.get(NEXT.fetch_add(1, Relaxed) % handles.len().max(1)) else {
+            return;
+        };
+        let run = session::resume(carried, service, self.gate.clone(), self.leaving.clone());
+        handle.spawn(self.tracker.track_future(run));
+    }
+
+    /// Every service's and backend's totals now.
+    pub(crate) fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for r in lock(&self.running).iter() {
+            let s = r.current.load_full();
+            t.services.insert(s.name.to_string(), s.stats.totals());
+            let backends = s
+                .pool
+                .all_backends()
+                .iter()
+                .map(|b| (b.addr.to_string(), b.stats.totals()))
+                .collect();
+            t.backends.insert(s.name.to_string(), backends);
+        }
+        t
+    }
+
+    /// Adds totals the process this one replaced counted, to the services and backends of the same
+    /// names (and addresses) here.
+    pub(crate) fn add_totals(&self, t: &Totals) {
+        for r in lock(&self.running).iter() {
+            let s = r.current.load_full();
+            if let Some(st) = t.services.get(&*s.name) {
+                s.stats.add(st);
+            }
+            let Some(bs) = t.backends.get(&*s.name) else {
+                continue;
+            };
+            for b in s.pool.all_backends() {
+                if let Some(bt) = bs.get(&b.addr.to_string()) {
+                    b.stats.add(bt);
+                }
+            }
+        }
+    }
+
+    /// Connections this process holds now.
+    pub(crate) fn open_connections(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Waits until every connection this process holds has ended or been carried away.
+    pub(crate) async fn all_gone(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_since_count_only_what_grew() {
+        let mut a = Totals::default();
+        a.services
+            .insert("s".into(), [("accepted".to_string(), 5u64)].into());
+        let mut b = a.clone();
+        b.services
+            .get_mut("s")
+            .unwrap()
+            .insert("accepted".into(), 9);
+        b.services
+            .insert("new".into(), [("accepted".to_string(), 2u64)].into());
+        let d = b.since(&a);
+        assert_eq!(d.services["s"]["accepted"], 4);
+        assert_eq!(d.services["new"]["accepted"], 2);
+    }
+}

@@ -1,0 +1,272 @@
+//! A relay stopped for `carry` and resumed where it stopped, on real loopback sockets, for each
+//! engine: every byte arrives exactly once and in order, whether it was in the kernel, in the relay's
+//! own buffer, in a pipe or in a ring operation when the relay stopped, and a half-close before the
+//! stop carries over.
+
+use std::sync::atomic::AtomicU64;
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::*;
+
+/// (client, proxy's client side, proxy's backend side, backend): two loopback connections, every
+/// socket with a small receive buffer, so that the kernel cannot take a whole transfer at once and the
+/// slow readers below set its pace (loopback's buffers would otherwise swallow megabytes).
+async fn quartet() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+    const RCVBUF: u32 = 32 << 10;
+    let ls = tokio::net::TcpSocket::new_v4().unwrap();
+    ls.set_recv_buffer_size(RCVBUF).unwrap();
+    ls.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = ls.listen(16).unwrap();
+    let addr = l.local_addr().unwrap();
+    let connect = || async move {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_recv_buffer_size(RCVBUF).unwrap();
+        s.connect(addr).await.unwrap()
+    };
+    let client = connect().await;
+    let (proxy_c, _) = l.accept().await.unwrap();
+    let proxy_b = connect().await;
+    let (backend, _) = l.accept().await.unwrap();
+    (client, proxy_c, proxy_b, backend)
+}
+
+fn payload(seed: u8, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn opts(mode: RelayMode) -> RelayOptions {
+    RelayOptions {
+        mode,
+        idle_timeout: Duration::from_secs(30),
+        half_close_timeout: Duration::from_secs(30),
+    }
+}
+
+/// One end of the connection: sends `data` then its FIN, while reading slowly (`chunk` bytes at a
+/// time, so the relay's writes to it push back) until the other side's FIN; returns what it read.
+async fn end(mut s: TcpStream, data: Vec<u8>, chunk: usize) -> Vec<u8> {
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let recv = async {
+        let mut got = Vec::new();
+        let mut b = vec![0u8; chunk];
+        loop {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            match r.read(&mut b).await.unwrap() {
+                0 => break got,
+                n => got.extend_from_slice(&b[..n]),
+            }
+        }
+    };
+    tokio::join!(send, recv).1
+}
+
+/// 4 MiB each way while both readers are slow (so the relay holds bytes when it stops), the client's
+/// side half-closed after its data; the relay is stopped for `carry` after `stop_after` and resumed,
+/// then both ends check everything they read.
+async fn carried_mid_stream(mode: RelayMode, stop_after: Duration) {
+    let (client, proxy_c, proxy_b, backend) = quartet().await;
+    let up_data = payload(1, 4 << 20);
+    let down_data = payload(2, 4 << 20);
+    let (up_live, down_live) = (AtomicU64::new(0), AtomicU64::new(0));
+    let live = LiveCounters {
+        up: &up_live,
+        down: &down_live,
+    };
+    let (cw, dw) = (up_data.clone(), down_data.clone());
+    let client_side = end(client, cw, 7000);
+    let backend_side = end(backend, dw, 5000);
+    let proxy = async move {
+        let carry = CancellationToken::new();
+        let stop = carry.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(stop_after).await;
+            stop.cancel();
+        });
+        let first = relay(
+            &proxy_c,
+            &proxy_b,
+            &opts(mode),
+            std::future::pending(),
+            Some(&carry),
+            live,
+            None,
+        )
+        .await;
+        let Some(held) = first.carried else {
+            panic!(
+                "{mode:?} after {stop_after:?}: ended ({:?}, {:?}), not stopped for carry",
+                first.end, first.broken
+            )
+        };
+        // Another relay picks it up where it stopped (another process would, on the same sockets).
+        let second = relay(
+            &proxy_c,
+            &proxy_b,
+            &opts(mode),
+            std::future::pending(),
+            None,
+            live,
+            Some(held.clone()),
+        )
+        .await;
+        // The relay may leave the last FIN to the close, as a session does.
+        drop((proxy_c, proxy_b));
+        assert!(second.carried.is_none());
+        // Both ends send and close: whichever FIN came first names the end.
+        assert!(
+            matches!(second.end, Outcome::ClientClosed | Outcome::BackendClosed),
+            "{:?} {:?}",
+            second.end,
+            second.broken
+        );
+        (
+            first.bytes_up + second.bytes_up,
+            first.bytes_down + second.bytes_down,
+            held,
+        )
+    };
+    let (to_client, to_backend, (up, down, held)) = tokio::join!(client_side, backend_side, proxy);
+    assert_eq!(
+        to_backend.len(),
+        up_data.len(),
+        "{mode:?}: up length (held {held:?})"
+    );
+    assert_eq!(
+        Sha256::digest(&to_backend),
+        Sha256::digest(&up_data),
+        "{mode:?}: up bytes"
+    );
+    assert_eq!(to_client.len(), down_data.len(), "{mode:?}: down length");
+    assert_eq!(
+        Sha256::digest(&to_client),
+        Sha256::digest(&down_data),
+        "{mode:?}: down bytes"
+    );
+    assert_eq!(
+        (up, down),
+        (up_data.len() as u64, down_data.len() as u64),
+        "counted once"
+    );
+}
+
+fn run(mode: RelayMode, stop_after: Duration) {
+    // A thread and runtime of its own: the ring engine's ring is per thread.
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(carried_mid_stream(mode, stop_after));
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+}
+
+#[test]
+fn a_copied_relay_is_carried_exactly() {
+    for ms in [0, 3, 30] {
+        run(RelayMode::Copy, Duration::from_millis(ms));
+    }
+}
+
+#[test]
+fn a_spliced_relay_is_carried_exactly() {
+    for ms in [0, 3, 30] {
+        run(RelayMode::Splice, Duration::from_millis(ms));
+    }
+}
+
+#[test]
+fn an_auto_relay_is_carried_exactly() {
+    for ms in [0, 3, 30] {
+        run(RelayMode::Auto, Duration::from_millis(ms));
+    }
+}
+
+#[test]
+fn a_ring_relay_is_carried_exactly() {
+    if uring::availability().is_err() {
+        return;
+    }
+    for ms in [0, 3, 30] {
+        run(RelayMode::Uring, Duration::from_millis(ms));
+    }
+}
+
+/// A connection half-closed by the client before the stop: the new relay does not read the client
+/// again, and the backend's answer still arrives, then the backend's FIN ends it.
+#[test]
+fn a_half_closed_relay_carries_its_half_close() {
+    std::thread::spawn(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let (mut client, proxy_c, proxy_b, mut backend) = quartet().await;
+                let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+                let live = LiveCounters { up: &a, down: &b };
+                let carry = CancellationToken::new();
+                let relayed = async {
+                    relay(
+                        &proxy_c,
+                        &proxy_b,
+                        &opts(RelayMode::Auto),
+                        std::future::pending(),
+                        Some(&carry),
+                        live,
+                        None,
+                    )
+                    .await
+                };
+                let ends = async {
+                    client.write_all(b"request").await.unwrap();
+                    client.shutdown().await.unwrap();
+                    let mut got = Vec::new();
+                    backend.read_to_end(&mut got).await.unwrap();
+                    assert_eq!(got, b"request", "the FIN came through before the stop");
+                    carry.cancel();
+                };
+                let (first, ()) = tokio::join!(relayed, ends);
+                let held = first.carried.expect("carried");
+                assert!(held.up_done && !held.down_done, "{held:?}");
+                let o = opts(RelayMode::Auto);
+                let second = async {
+                    let r = relay(
+                        &proxy_c,
+                        &proxy_b,
+                        &o,
+                        std::future::pending(),
+                        None,
+                        live,
+                        Some(held),
+                    )
+                    .await;
+                    // The relay may leave the last FIN to the close, as a session does.
+                    drop((proxy_c, proxy_b));
+                    r
+                };
+                let answer = async {
+                    backend.write_all(b"answer").await.unwrap();
+                    backend.shutdown().await.unwrap();
+                    let mut got = Vec::new();
+                    client.read_to_end(&mut got).await.unwrap();
+                    got
+                };
+                let (second, got) = tokio::join!(second, answer);
+                assert_eq!(got, b"answer");
+                assert_eq!(second.end, Outcome::ClientClosed);
+            });
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+}

@@ -1,0 +1,625 @@
+//! Replacing the binary without losing a connection.
+//!
+//! The old process (on SIGUSR2, or asked by `sluicegate upgrade --pid`) starts the binary at its own
+//! path with its own arguments and environment, plus [`FROM_ENV`] naming a hand-over socket. The new
+//! process connects, receives every listening socket (`wire`), reads the config, binds what is new,
+//! accepts, and says it is ready; only then does the old one stop accepting, so no connection attempt
+//! is refused: the sockets, and their queues, are the same. A new process that fails says why (or just
+//! exits) and the old one goes on serving.
+//!
+//! Then the old process carries its connections over: each relay stops at a quiet point
+//! (`relay::Quiesced`) and its two descriptors, what it held and its routing facts go to the new
+//! process, which relays on (`session::resume`) and logs it once, `handed_over`. What cannot be carried
+//! (TLS the process terminates or originates, a connection still connecting, a new process of another
+//! session format) stays and drains as on a stop. The old process sends its totals, so counters go on,
+//! and exits 0.
+
+pub mod wire;
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::control::{Control, Totals};
+use crate::relay::Quiesced;
+use crate::session::Carried;
+use wire::{Channel, Done, Frame, Peer, SessionMeta, WireError, FORMAT};
+
+/// The environment variable that tells a new process which hand-over socket to connect to.
+pub const FROM_ENV: &str = "SLUICEGATE_UPGRADE_FROM";
+
+/// The binary and arguments this process started with: what an upgrade starts again. The path is
+/// noted at start, since `/proc/self/exe` names the old, replaced file afterwards.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    exe: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl Origin {
+    pub fn of_this_process() -> std::io::Result<Origin> {
+        let exe = std::env::current_exe()?;
+        // A binary replaced since start shows as "PATH (deleted)": the path is what is wanted.
+        let exe = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+            Some(p) => PathBuf::from(p),
+            None => exe,
+        };
+        Ok(Origin {
+            exe,
+            args: std::env::args_os().skip(1).collect(),
+        })
+    }
+}
+
+/// Why an upgrade did not happen; the old process goes on serving.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("an upgrade is already under way")]
+    Busy,
+    #[error("cannot open the hand-over socket: {0}")]
+    Socket(std::io::Error),
+    #[error("cannot start {exe}: {error}")]
+    Spawn { exe: String, error: std::io::Error },
+    #[error("the new process (pid {pid}) exited with {status} before it was ready")]
+    Exited {
+        pid: u32,
+        status: std::process::ExitStatus,
+    },
+    #[error("the new process (pid {pid}) was not ready within {limit:?}; it was stopped")]
+    Timeout { pid: u32, limit: Duration },
+    #[error("the new process (pid {pid}) failed: {reason}")]
+    Failed { pid: u32, reason: String },
+    #[error("a process other than the one started (pid {got}, not {want}) connected")]
+    Stranger { got: u32, want: u32 },
+    #[error("the hand-over with pid {pid} broke: {error}")]
+    Wire { pid: u32, error: WireError },
+}
+
+/// A request to upgrade (SIGUSR2, or `sluicegate upgrade`), answered with the new process's pid or
+/// why there is none.
+pub struct Request {
+    pub reply: Option<oneshot::Sender<Result<u32, String>>>,
+}
+
+/// The old side once the new process accepts: the channel to it, and whether it takes connections.
+pub(crate) struct Handing {
+    channel: Arc<Channel>,
+    pid: u32,
+    carry: bool,
+}
+
+impl Handing {
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// Starts the new process and hands it every listening socket (the services', and `admin`'s);
+/// returns once it accepts on them. On an error the new process is gone (stopped if need be) and
+/// nothing changed here.
+pub(crate) async fn start(
+    origin: &Origin,
+    control: &Arc<Control>,
+    admin: Option<&std::net::TcpListener>,
+    limit: Duration,
+) -> Result<Handing, UpgradeError> {
+    let mut sockets = control.handover_sockets().map_err(UpgradeError::Socket)?;
+    if let Some(a) = admin {
+        sockets.push((
+            Some("admin".to_string()),
+            a.try_clone().map_err(UpgradeError::Socket)?,
+        ));
+    }
+    let origin = origin.clone();
+    tokio::task::spawn_blocking(move || start_blocking(&origin, sockets, limit))
+        .await
+        .map_err(|e| UpgradeError::Socket(std::io::Error::other(e)))?
+}
+
+fn start_blocking(
+    origin: &Origin,
+    sockets: Vec<(Option<String>, std::net::TcpListener)>,
+    limit: Duration,
+) -> Result<Handing, UpgradeError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let nonce: u64 = rand_nonce();
+    let name = format!("sluicegate-upgrade-{}-{nonce:016x}", std::process::id());
+    let listener = wire::listen(&name).map_err(UpgradeError::Socket)?;
+    let mut child = std::process::Command::new(&origin.exe)
+        .args(&origin.args)
+        .env(FROM_ENV, &name)
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|error| UpgradeError::Spawn {
+            exe: origin.exe.display().to_string(),
+            error,
+        })?;
+    let pid = child.id();
+    tracing::info!(pid, exe = %origin.exe.display(), "upgrade: started the new process");
+    let result = (|| {
+        let channel = loop {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                return Err(UpgradeError::Exited { pid, status });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(UpgradeError::Timeout { pid, limit });
+            }
+            match wire::accept(&listener, Duration::from_millis(100)) {
+                Ok(c) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+                Err(e) => return Err(UpgradeError::Socket(e)),
+            }
+        };
+        let wire = |error| UpgradeError::Wire { pid, error };
+        let got = channel.peer_pid().map_err(|e| wire(e.into()))?;
+        if got != pid {
+            return Err(UpgradeError::Stranger { got, want: pid });
+        }
+        channel
+            .set_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| wire(e.into()))?;
+        channel
+            .send(&Frame::Hello(Peer::me()))
+            .map_err(|e| wire(e.into()))?;
+        for (name, socket) in sockets {
+            let socket = OwnedFd::from(socket);
+            channel
+                .send(&Frame::Listener { name, socket })
+                .map_err(|e| wire(e.into()))?;
+        }
+        channel
+            .send(&Frame::ListenersEnd)
+            .map_err(|e| wire(e.into()))?;
+        // Its config read, its listeners bound: ready, or why not. Waited for in short steps, so
+        // that a process that dies without a word is seen at once.
+        channel
+            .set_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| wire(e.into()))?;
+        loop {
+            match channel.recv() {
+                Ok(Frame::Ready(r)) => {
+                    channel.set_timeout(None).map_err(|e| wire(e.into()))?;
+                    let carry = r.format == FORMAT;
+                    if !carry {
+                        tracing::warn!(pid, theirs = r.format, ours = FORMAT,
+                            "upgrade: the new process speaks another session format: connections stay and drain here");
+                    }
+                    return Ok(Handing {
+                        channel: Arc::new(channel),
+                        pid,
+                        carry,
+                    });
+                }
+                Ok(Frame::Failed { reason }) => return Err(UpgradeError::Failed { pid, reason }),
+                Ok(other) => {
+                    return Err(wire(WireError::Kind(
+                        other.encode().0.get(2).copied().unwrap_or(0),
+                    )))
+                }
+                Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    if let Some(status) = child.try_wait().ok().flatten() {
+                        return Err(UpgradeError::Exited { pid, status });
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(UpgradeError::Timeout { pid, limit });
+                    }
+                }
+                Err(WireError::Closed) => {
+                    // It closed the socket: it is exiting; wait for its status, briefly.
+                    for _ in 0..50 {
+                        if let Some(status) = child.try_wait().ok().flatten() {
+                            return Err(UpgradeError::Exited { pid, status });
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    return Err(wire(WireError::Closed));
+                }
+                Err(error) => return Err(wire(error)),
+            }
+        }
+    })();
+    if result.is_err() {
+        // Not taking over: it must not go on holding the sockets (its own accepts would take
+        // clients from us), so it is stopped and reaped.
+        if child.try_wait().ok().flatten().is_none() {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+    result
+}
+
+/// A nonce for the socket's name, so another process cannot guess it in advance.
+fn rand_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// The old side, after [`start`]: stops accepting (the new process accepts), carries every
+/// connection it can, lets the rest drain, and sends the totals and the end. Returns how many
+/// connections the drain cut.
+pub(crate) async fn finish(h: Handing, control: &Arc<Control>, limit: Duration) -> usize {
+    control.stop_accepting().await;
+    tracing::info!(
+        pid = h.pid,
+        open = control.open_connections(),
+        "upgrade: the new process accepts; carrying connections over"
+    );
+    let before = control.totals();
+    let channel = h.channel.clone();
+    let sent = send(&channel, Frame::Totals(to_json(&before))).await;
+    let mut carried = 0u64;
+    if h.carry && sent {
+        let (tx, rx) = mpsc::unbounded_channel();
+        control.leaving.carry_to(tx);
+        let forwarder = {
+            let (channel, control) = (channel.clone(), control.clone());
+            tokio::task::spawn_blocking(move || forward(rx, &channel, &control))
+        };
+        // Every connection ends here, or goes: bounded by `limit`, after which what stays drains.
+        let _ = tokio::time::timeout(limit, control.all_gone()).await;
+        control.leaving.stop_carrying();
+        carried = forwarder.await.unwrap_or(0);
+    }
+    let stayed = control.open_connections() as u64;
+    let cut = control.drain_from(true).await;
+    let after = control.totals().since(&before);
+    if send(&channel, Frame::Totals(to_json(&after))).await {
+        send(&channel, Frame::Done(Done { carried, stayed })).await;
+    }
+    tracing::info!(
+        pid = h.pid,
+        carried,
+        stayed,
+        cut,
+        "upgrade: handed over; exiting"
+    );
+    cut
+}
+
+fn to_json(t: &Totals) -> serde_json::Value {
+    serde_json::to_value(t).unwrap_or_default()
+}
+
+async fn send(channel: &Arc<Channel>, frame: Frame) -> bool {
+    let c = channel.clone();
+    match tokio::task::spawn_blocking(move || c.send(&frame)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upgrade: cannot reach the new process");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+/// Sends each carried connection to the new process; one that cannot be sent (the new process gone)
+/// goes on here. Returns how many went. Runs until the channel closes (`stop_carrying`).
+fn forward(mut rx: mpsc::UnboundedReceiver<Carried>, channel: &Channel, control: &Control) -> u64 {
+    let mut sent = 0;
+    let mut broken = false;
+    while let Some(c) = rx.blocking_recv() {
+        if broken {
+            control.resume(c);
+            continue;
+        }
+        match send_session(channel, c) {
+            Ok(()) => sent += 1,
+            Err(failed) => {
+                let (e, c) = *failed;
+                tracing::warn!(error = %e, "upgrade: cannot carry a connection over; it goes on here");
+                broken = true;
+                control.leaving.stop_carrying();
+                control.resume(c);
+            }
+        }
+    }
+    sent
+}
+
+fn send_session(channel: &Channel, c: Carried) -> Result<(), Box<(std::io::Error, Carried)>> {
+    let meta = Box::new(SessionMeta {
+        facts: c.facts.clone(),
+        to_backend: c.held.to_backend.len(),
+        to_client: c.held.to_client.len(),
+        up_done: c.held.up_done,
+        down_done: c.held.down_done,
+        quiet_ms: c.held.quiet_for.as_millis() as u64,
+    });
+    let (client, backend) = match (c.client.try_clone(), c.backend.try_clone()) {
+        (Ok(a), Ok(b)) => (OwnedFd::from(a), OwnedFd::from(b)),
+        (Err(e), _) | (_, Err(e)) => return Err(Box::new((e, c))),
+    };
+    if let Err(e) = channel.send(&Frame::Session {
+        meta,
+        client,
+        backend,
+    }) {
+        return Err(Box::new((e, c)));
+    }
+    // Once the session is sent, its bytes must follow: a failure now loses the connection (the
+    // new process drops a session whose bytes do not arrive).
+    for f in wire::chunks(&c.held.to_backend).chain(wire::chunks(&c.held.to_client)) {
+        if let Err(e) = channel.send(&f) {
+            tracing::warn!(error = %e, client = %c.facts.client, "upgrade: a carried connection's held bytes could not follow it");
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// The new side: connected to the old process, its listening sockets offered for binding.
+pub struct Incoming {
+    channel: Channel,
+    hello: Peer,
+}
+
+impl Incoming {
+    /// When this process was started by an upgrade ([`FROM_ENV`]): connects to the old process and
+    /// takes its listening sockets (offered to `sockets::take`). The variable is removed, so that a
+    /// later upgrade of this process does not inherit it.
+    pub fn from_env() -> Result<Option<Incoming>, UpgradeError> {
+        let Some(name) = std::env::var_os(FROM_ENV) else {
+            return Ok(None);
+        };
+        std::env::remove_var(FROM_ENV);
+        let name = name.to_string_lossy().into_owned();
+        let channel = wire::connect(&name).map_err(UpgradeError::Socket)?;
+        let pid = channel.peer_pid().unwrap_or(0);
+        let wire = |error| UpgradeError::Wire { pid, error };
+        channel
+            .set_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| wire(e.into()))?;
+        let hello = match channel.recv().map_err(wire)? {
+            Frame::Hello(h) => h,
+            other => return Err(wire(WireError::Kind(kind_of(&other)))),
+        };
+        loop {
+            match channel.recv().map_err(wire)? {
+                Frame::Listener { name, socket } => {
+                    let socket = std::net::TcpListener::from(socket);
+                    crate::sockets::offer(name, socket).map_err(UpgradeError::Socket)?;
+                }
+                Frame::ListenersEnd => break,
+                other => return Err(wire(WireError::Kind(kind_of(&other)))),
+            }
+        }
+        Ok(Some(Incoming { channel, hello }))
+    }
+
+    /// The pid of the process this one replaces.
+    pub fn from_pid(&self) -> u32 {
+        self.hello.pid
+    }
+
+    /// Tells the old process this one cannot take over (it goes on serving), and why.
+    pub fn fail(self, reason: &str) {
+        let _ = self.channel.send(&Frame::Failed {
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Tells the old process this one accepts (it stops accepting), then takes the connections it
+    /// carries over and its totals, on a thread of its own, until it is done.
+    pub(crate) fn take_over(self, control: Arc<Control>) {
+        let from = self.hello.pid;
+        let ready = Frame::Ready(Peer::me());
+        if let Err(e) = self.channel.send(&ready) {
+            tracing::error!(from, error = %e, "upgrade: cannot tell the old process this one is ready");
+            return;
+        }
+        let _ = self.channel.set_timeout(None);
+        let spawned = std::thread::Builder::new()
+            .name("sluicegate-upgrade".into())
+            .spawn(move || receive(&self.channel, &control, from));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "upgrade: cannot start the thread that takes connections over");
+        }
+    }
+}
+
+fn kind_of(f: &Frame) -> u8 {
+    f.encode().0.get(2).copied().unwrap_or(0)
+}
+
+/// Takes what the old process sends until it is done (or gone).
+fn receive(channel: &Channel, control: &Control, from: u32) {
+    let mut resumed = 0u64;
+    loop {
+        match channel.recv() {
+            Ok(Frame::Session {
+                meta,
+                client,
+                backend,
+            }) => match session_bytes(channel, &meta) {
+                Ok(held) => {
+                    let carried = Carried {
+                        client: std::net::TcpStream::from(client),
+                        backend: std::net::TcpStream::from(backend),
+                        held: Quiesced {
+                            to_backend: held.0,
+                            to_client: held.1,
+                            up_done: meta.up_done,
+                            down_done: meta.down_done,
+                            quiet_for: Duration::from_millis(meta.quiet_ms),
+                        },
+                        facts: meta.facts,
+                    };
+                    control.resume(carried);
+                    resumed += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(from, error = %e, client = %meta.facts.client, "upgrade: a carried connection's bytes did not arrive; closing it");
+                }
+            },
+            Ok(Frame::Totals(v)) => match serde_json::from_value::<Totals>(v) {
+                Ok(t) => control.add_totals(&t),
+                Err(e) => {
+                    tracing::warn!(from, error = %e, "upgrade: the old process's totals do not parse")
+                }
+            },
+            Ok(Frame::Done(d)) => {
+                tracing::info!(
+                    from,
+                    carried = d.carried,
+                    stayed = d.stayed,
+                    resumed,
+                    "upgrade: the old process is done"
+                );
+                return;
+            }
+            Ok(other) => {
+                tracing::warn!(
+                    from,
+                    kind = kind_of(&other),
+                    "upgrade: unexpected message; ignored"
+                );
+            }
+            Err(WireError::Closed) => {
+                tracing::info!(
+                    from,
+                    resumed,
+                    "upgrade: the old process closed the hand-over"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(from, error = %e, resumed, "upgrade: the hand-over broke");
+                return;
+            }
+        }
+    }
+}
+
+/// The held bytes that follow a `Session`, both directions.
+fn session_bytes(channel: &Channel, meta: &SessionMeta) -> Result<(Vec<u8>, Vec<u8>), WireError> {
+    let total = meta.to_backend + meta.to_client;
+    let mut all = Vec::with_capacity(total.min(16 << 20));
+    while all.len() < total {
+        match channel.recv()? {
+            Frame::Chunk(c) => all.extend_from_slice(&c),
+            other => return Err(WireError::Kind(kind_of(&other))),
+        }
+    }
+    if all.len() != total {
+        return Err(WireError::Truncated);
+    }
+    let to_client = all.split_off(meta.to_backend);
+    Ok((all, to_client))
+}
+
+/// Tells systemd (a `Type=notify` unit, `NOTIFY_SOCKET`) this process's state: `READY=1` once it
+/// serves, with `MAINPID` after an upgrade so that it follows the new process. No-op elsewhere.
+pub fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::linux::net::SocketAddrExt;
+        let path = path.to_string_lossy();
+        let addr = match path.strip_prefix('@') {
+            Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?,
+            None => std::os::unix::net::SocketAddr::from_pathname(&*path)?,
+        };
+        let s = std::os::unix::net::UnixDatagram::unbound()?;
+        s.send_to_addr(state.as_bytes(), &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// `sluicegate upgrade --pid PID`'s side: asks the process `pid` to upgrade and waits for the
+/// answer: the new process's pid, or why there is none.
+pub fn request(pid: u32, wait: Duration) -> Result<u32, String> {
+    use std::io::{BufRead, Write};
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(control_name(pid).as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut s = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(|e| {
+        format!("cannot reach sluicegate pid {pid} ({e}): is it running, as this user, in this network namespace?")
+    })?;
+    s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
+    s.write_all(b"upgrade\n").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer from pid {pid}: {e}"))?;
+    let line = line.trim_end();
+    if let Some(p) = line.strip_prefix("ok ") {
+        return p.parse().map_err(|_| format!("a bad answer: {line:?}"));
+    }
+    Err(line.strip_prefix("failed ").unwrap_or(line).to_string())
+}
+
+/// The abstract socket on which a running sluicegate takes upgrade requests.
+fn control_name(pid: u32) -> String {
+    format!("sluicegate-control-{pid}")
+}
+
+/// Takes `sluicegate upgrade` requests on this process's control socket (from the same user, or
+/// root) and passes them on; each is answered when the upgrade succeeded or failed.
+pub fn listen_for_requests(to: mpsc::Sender<Request>) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(
+        control_name(std::process::id()).as_bytes(),
+    )?;
+    let l = std::os::unix::net::UnixListener::bind_addr(&addr)?;
+    l.set_nonblocking(true)?;
+    let l = tokio::net::UnixListener::from_std(l)?;
+    let me = rustix::process::getuid();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            let to = to.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+                let allowed = s
+                    .peer_cred()
+                    .map(|c| c.uid() == me.as_raw() || c.uid() == 0)
+                    .unwrap_or(false);
+                if !allowed {
+                    let _ = s.write_all(b"failed not the same user\n").await;
+                    return;
+                }
+                let mut line = String::new();
+                let (r, mut w) = s.split();
+                let mut r = tokio::io::BufReader::new(r);
+                let read =
+                    tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await;
+                if !matches!(read, Ok(Ok(_))) || line.trim() != "upgrade" {
+                    let _ = w.write_all(b"failed unknown request\n").await;
+                    return;
+                }
+                let (tx, rx) = oneshot::channel();
+                let answer = match to.send(Request { reply: Some(tx) }).await {
+                    Ok(()) => rx.await.unwrap_or(Err("the server is stopping".into())),
+                    Err(_) => Err("the server is stopping".into()),
+                };
+                let line = match answer {
+                    Ok(pid) => format!("ok {pid}\n"),
+                    Err(why) => format!("failed {}\n", why.replace('\n', " ")),
+                };
+                let _ = w.write_all(line.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
