@@ -58,8 +58,8 @@ impl Origin {
 /// Why an upgrade did not happen; the old process goes on serving.
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
-    #[error("an upgrade is already under way")]
-    Busy,
+    #[error("this process is PID 1 (a container's main process): its exit would end the container and the new process with it; upgrade by a rolling update instead")]
+    Pid1,
     #[error("cannot open the hand-over socket: {0}")]
     Socket(std::io::Error),
     #[error("cannot start {exe}: {error}")]
@@ -107,6 +107,9 @@ pub(crate) async fn start(
     admin: Option<&std::net::TcpListener>,
     limit: Duration,
 ) -> Result<Handing, UpgradeError> {
+    if std::process::id() == 1 {
+        return Err(UpgradeError::Pid1);
+    }
     let mut sockets = control.handover_sockets().map_err(UpgradeError::Socket)?;
     if let Some(a) = admin {
         sockets.push((

@@ -390,9 +390,12 @@ fn timed_out(e: rustix::io::Errno) -> std::io::Error {
     }
 }
 
-/// Decodes arbitrary bytes as a message without descriptors: the fuzz target's entry.
-pub fn fuzz_decode(bytes: &[u8]) {
-    let _ = Frame::decode(bytes, Vec::new());
+/// Decodes bytes as a message that came without descriptors: its kind, or what is wrong with it
+/// (the fuzz target's entry, tests/it/fuzz.rs).
+pub fn decode_kind(bytes: &[u8]) -> Result<&'static str, String> {
+    Frame::decode(bytes, Vec::new())
+        .map(|f| f.kind().1)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -17,9 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
 
-fn tmp_file(name: &str, text: &str) -> PathBuf {
+pub(crate) fn tmp_file(name: &str, text: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
         "sluicegate-test-{}-{}",
@@ -33,19 +33,19 @@ fn tmp_file(name: &str, text: &str) -> PathBuf {
 }
 
 /// A sluicegate process with JSON logs on stdout, collected line by line.
-struct Sg {
+pub(crate) struct Sg {
     child: Child,
     /// The config file it runs with (a reload re-reads it).
-    cfg: PathBuf,
+    pub(crate) cfg: PathBuf,
     lines: mpsc::Receiver<Value>,
-    seen: Vec<Value>,
-    addr: SocketAddr,
+    pub(crate) seen: Vec<Value>,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Sg {
     /// Starts the binary (through `sh -c` with `prefix` before `exec`, e.g. a ulimit) and waits for its
     /// "listening" line.
-    fn start_with(yaml: &str, prefix: &str) -> Sg {
+    pub(crate) fn start_with(yaml: &str, prefix: &str) -> Sg {
         let cfg = tmp_file("sg.yaml", yaml);
         let mut child = without_callers_env(Command::new("sh"))
             .arg("-c")
@@ -70,7 +70,7 @@ impl Sg {
         sg
     }
 
-    fn start(yaml: &str) -> Sg {
+    pub(crate) fn start(yaml: &str) -> Sg {
         Sg::start_with(yaml, "")
     }
 
@@ -90,11 +90,11 @@ impl Sg {
         rx
     }
 
-    fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.id() as i32
     }
 
-    fn signal(&self, sig: i32) {
+    pub(crate) fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
         unsafe {
             libc::kill(self.pid(), sig);
@@ -102,7 +102,7 @@ impl Sg {
     }
 
     /// Waits for a log line matching `pred` (also searching lines already seen).
-    fn wait_line(&mut self, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait_line(&mut self, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         if let Some(v) = self.seen.iter().find(|v| pred(v)) {
             return v.clone();
         }
@@ -124,8 +124,23 @@ impl Sg {
         }
     }
 
+    /// Waits until `n` log lines match `pred` (counting lines already seen).
+    pub(crate) fn wait_count(&mut self, limit: Duration, n: usize, pred: impl Fn(&Value) -> bool) {
+        let end = Instant::now() + limit;
+        while self.seen.iter().filter(|v| pred(v)).count() < n {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => self.seen.push(v),
+                Err(_) => panic!(
+                    "{} of {n} matching log lines within {limit:?}",
+                    self.seen.iter().filter(|v| pred(v)).count()
+                ),
+            }
+        }
+    }
+
     /// Waits for the process to exit; returns its exit code.
-    fn wait_exit(&mut self, limit: Duration) -> i32 {
+    pub(crate) fn wait_exit(&mut self, limit: Duration) -> i32 {
         let end = Instant::now() + limit;
         loop {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
@@ -142,7 +157,7 @@ impl Sg {
         }
     }
 
-    fn routes(&self) -> Vec<&Value> {
+    pub(crate) fn routes(&self) -> Vec<&Value> {
         self.seen
             .iter()
             .filter(|v| v["target"] == "sluicegate::route")
@@ -186,13 +201,13 @@ impl Drop for Sg {
 }
 
 /// The binary, without the variables of the caller's environment that it reads.
-fn sluicegate() -> Command {
+pub(crate) fn sluicegate() -> Command {
     without_callers_env(Command::new(BIN))
 }
 
 /// `c` without the variables of the caller's environment that sluicegate reads (the config path, the
 /// admin token, the Docker CLI's): each test says what it runs with.
-fn without_callers_env(mut c: Command) -> Command {
+pub(crate) fn without_callers_env(mut c: Command) -> Command {
     for var in [
         "SLUICEGATE_CONFIG",
         "SLUICEGATE_ADMIN_TOKEN",
@@ -1620,8 +1635,9 @@ async fn discovery_and_health_through_the_binary() {
     assert_eq!(routes[1]["backend"], fleet[1].addr().to_string());
 }
 
-/// `conf/sluicegate.service` passes `systemd-analyze verify` (with the binary path pointed at this
-/// build) without a single complaint, checks the config before starting, reloads with SIGHUP, does
+/// `conf/sluicegate.service` and `conf/sluicegate.socket` pass `systemd-analyze verify` (with the
+/// binary path pointed at this build) without a single complaint; the unit checks the config before
+/// starting, reloads by upgrading in place (and so is `Type=notify`), does
 /// not restart on an invalid config, and gives the drain more time than its default deadline.
 #[test]
 fn the_systemd_unit_verifies() {
@@ -1636,7 +1652,16 @@ fn the_systemd_unit_verifies() {
         key("ExecStartPre"),
         ["/usr/local/bin/sluicegate --config /etc/sluicegate/sluicegate.yaml --check"]
     );
-    assert_eq!(key("ExecReload"), ["/bin/kill -HUP $MAINPID"]);
+    assert_eq!(
+        key("ExecReload"),
+        ["/usr/local/bin/sluicegate upgrade --pid $MAINPID"]
+    );
+    assert_eq!(key("Type"), ["notify"]);
+    assert_eq!(
+        key("NotifyAccess"),
+        ["all"],
+        "the new process says MAINPID="
+    );
     assert_eq!(key("RestartPreventExitStatus"), ["64"]);
     let stop: u64 = key("TimeoutStopSec")[0]
         .trim_end_matches('s')
@@ -1671,14 +1696,19 @@ fn the_systemd_unit_verifies() {
         with_token, unit,
         "the unit shows how to pass the admin token"
     );
+    let socket = std::fs::read_to_string(repo("conf/sluicegate.socket")).unwrap();
     for text in [&unit, &with_token] {
         let here = tmp_file(
             "sluicegate.service",
             &text.replace("/usr/local/bin/sluicegate", BIN),
         );
+        // The socket unit beside it, verified with it.
+        let sock = here.with_file_name("sluicegate.socket");
+        std::fs::write(&sock, &socket).unwrap();
         let out = std::process::Command::new("systemd-analyze")
             .arg("verify")
             .arg(&here)
+            .arg(&sock)
             .output()
             .unwrap();
         let said = format!(

@@ -810,3 +810,47 @@ fn the_http_probe_parser_never_panics_and_keeps_to_its_cap() {
         })
         .unwrap();
 }
+
+/// Hand-over messages (src/upgrade/wire.rs), well-formed and mangled: `SG`, a kind, a body.
+fn handover_messages() -> impl Strategy<Value = Vec<u8>> {
+    let body = prop::sample::select(vec![
+        r#"{"pid":1,"format":1,"version":"0.1.0"}"#,
+        r#"{"pid":-1,"format":1,"version":"0.1.0"}"#,
+        r#"{"carried":3,"stayed":0}"#,
+        r#""web#0""#,
+        r#"null"#,
+        r#"{"services":{},"backends":{}}"#,
+        r#"{"facts":{}}"#,
+        "",
+        "{",
+    ]);
+    prop_oneof![
+        (0u8..12, body, prop::collection::vec(any::<u8>(), 0..4)).prop_map(|(k, b, tail)| {
+            let mut m = b"SG".to_vec();
+            m.push(k);
+            m.extend_from_slice(b.as_bytes());
+            m.extend(tail);
+            m
+        }),
+        prop::collection::vec(any::<u8>(), 0..300),
+    ]
+}
+
+/// reliability.md `upgrade`: a message from the other process that does not parse is refused with
+/// its reason, never a panic; one that needs descriptors is refused without them.
+#[test]
+fn the_handover_decoder_never_panics_and_names_what_is_wrong() {
+    use sluicegate::upgrade::wire::decode_kind;
+    runner()
+        .run(&handover_messages(), |m| {
+            match decode_kind(&m) {
+                Ok(kind) => prop_assert!(
+                    !matches!(kind, "listener" | "session"),
+                    "{kind} without descriptors"
+                ),
+                Err(why) => prop_assert!(!why.is_empty()),
+            }
+            Ok(())
+        })
+        .unwrap();
+}

@@ -33,3 +33,4 @@ mod seed;
 mod soak;
 mod tiers;
 mod tls;
+mod upgrade;
