@@ -88,6 +88,12 @@ impl Config {
                 ),
             );
         }
+        if self.upgrade.timeout.is_zero() {
+            p.add(
+                "upgrade.timeout",
+                "must be greater than 0 (it bounds how long the old process waits for the new one)",
+            );
+        }
         if self.services.is_empty() {
             p.add("services", "at least one service is required");
         }

@@ -33,7 +33,9 @@ use wire::{Channel, Done, Frame, Peer, SessionMeta, WireError, FORMAT};
 pub const FROM_ENV: &str = "SLUICEGATE_UPGRADE_FROM";
 
 /// The binary and arguments this process started with: what an upgrade starts again. The path is
-/// noted at start, since `/proc/self/exe` names the old, replaced file afterwards.
+/// the one it was started by when that names a file (as nginx does: a symlink switched to a new
+/// release is followed), else the one `/proc/self/exe` gave at start (afterwards it names the old,
+/// replaced file).
 #[derive(Debug, Clone)]
 pub struct Origin {
     exe: PathBuf,
@@ -42,6 +44,15 @@ pub struct Origin {
 
 impl Origin {
     pub fn of_this_process() -> std::io::Result<Origin> {
+        let argv0 = std::env::args_os().next().map(PathBuf::from);
+        // A path with a slash is a file (relative ones to the directory this process keeps); a bare
+        // name was found on PATH, which may have changed: the resolved path then.
+        if let Some(p) = argv0.filter(|p| p.components().count() > 1 && p.is_file()) {
+            return Ok(Origin {
+                exe: std::path::absolute(&p)?,
+                args: std::env::args_os().skip(1).collect(),
+            });
+        }
         let exe = std::env::current_exe()?;
         // A binary replaced since start shows as "PATH (deleted)": the path is what is wanted.
         let exe = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {

@@ -234,6 +234,8 @@ fn config_text() -> impl Strategy<Value = String> {
             "log: {level: loud}",
             "log: {access: off, keep: 0}",
             "shutdown: {delay: 10s, drain_timeout: 1s}",
+            "upgrade: {timeout: 0s}",
+            "upgrade: {timeout: 5s, extra: 1}",
             "resolver: {nameservers: ['0.0.0.0:53']}",
         ]),
         0..3,
