@@ -126,8 +126,10 @@ impl Server {
             origin,
             incoming,
         } = up;
+        // While this process still takes connections from the one it replaced, it does not upgrade.
+        let taking = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some(incoming) = incoming {
-            incoming.take_over(c.clone());
+            incoming.take_over(c.clone(), taking.clone());
         }
         // After an upgrade, MAINPID moves systemd's eye to this process (NotifyAccess=all).
         crate::upgrade::notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
@@ -143,6 +145,14 @@ impl Server {
                 (&mut shutdown).await;
                 break;
             };
+            if taking.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(r) = request.reply.take() {
+                    let _ = r.send(Err(
+                        "still taking connections over from the previous process; try again".into(),
+                    ));
+                }
+                continue;
+            }
             let Some(origin) = &origin else {
                 if let Some(r) = request.reply.take() {
                     let _ = r.send(Err("this process cannot upgrade (no binary path)".into()));
@@ -150,19 +160,26 @@ impl Server {
                 continue;
             };
             tracing::info!("upgrade requested: starting the new process");
-            match crate::upgrade::start(origin, &c, admin_kept.as_ref(), limit).await {
+            let started = match crate::upgrade::start(origin, &c, admin_kept.as_ref(), limit).await
+            {
+                Ok(mut h) => crate::upgrade::confirm(&mut h, &c)
+                    .await
+                    .map(|before| (h, before)),
+                Err(e) => Err(e),
+            };
+            match started {
                 Err(e) => {
                     tracing::error!(error = %e, "upgrade failed: still serving");
                     if let Some(r) = request.reply.take() {
                         let _ = r.send(Err(e.to_string()));
                     }
                 }
-                Ok(handing) => {
+                Ok((handing, before)) => {
                     if let Some(r) = request.reply.take() {
                         let _ = r.send(Ok(handing.pid()));
                     }
                     admin_stop.cancel();
-                    let cut = crate::upgrade::finish(handing, &c, limit).await;
+                    let cut = crate::upgrade::finish(handing, before, &c, limit).await;
                     return Stopped { cut };
                 }
             }

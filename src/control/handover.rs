@@ -21,7 +21,36 @@ pub(crate) struct Totals {
     pub(crate) backends: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
 }
 
+/// Backends per [`Totals`] part: each part fits one hand-over message.
+const BACKENDS_PER_PART: usize = 200;
+
 impl Totals {
+    /// The same totals in parts that each fit one hand-over message: a service's own counters, then
+    /// its backends a few hundred at a time. Adding every part adds the whole.
+    pub(crate) fn parts(&self) -> Vec<Totals> {
+        let mut parts = Vec::new();
+        for (name, t) in &self.services {
+            parts.push(Totals {
+                services: [(name.clone(), t.clone())].into(),
+                backends: BTreeMap::new(),
+            });
+        }
+        for (name, bs) in &self.backends {
+            let all: Vec<_> = bs.iter().collect();
+            for chunk in all.chunks(BACKENDS_PER_PART) {
+                let part = chunk
+                    .iter()
+                    .map(|(a, t)| ((*a).clone(), (*t).clone()))
+                    .collect();
+                parts.push(Totals {
+                    services: BTreeMap::new(),
+                    backends: [(name.clone(), part)].into(),
+                });
+            }
+        }
+        parts
+    }
+
     /// What grew since `earlier` (each counter only grows).
     pub(crate) fn since(&self, earlier: &Totals) -> Totals {
         fn minus(
@@ -175,5 +204,47 @@ mod tests {
         let d = b.since(&a);
         assert_eq!(d.services["s"]["accepted"], 4);
         assert_eq!(d.services["new"]["accepted"], 2);
+    }
+
+    #[test]
+    fn totals_go_in_parts_that_each_fit_a_message() {
+        let mut t = Totals::default();
+        let counters: BTreeMap<String, u64> = (0..40)
+            .map(|i| (format!("end.some_outcome_{i}"), u64::MAX))
+            .collect();
+        for s in 0..100 {
+            let name = format!("service-with-a-long-name-{s}");
+            t.services.insert(name.clone(), counters.clone());
+            // A backend's four totals (BackendStats::totals), at their largest.
+            let backend: BTreeMap<String, u64> = ["total", "failed", "bytes_up", "bytes_down"]
+                .iter()
+                .map(|k| (k.to_string(), u64::MAX))
+                .collect();
+            let bs = (0..1000)
+                .map(|b| (format!("[2001:db8::{b:x}]:65535"), backend.clone()))
+                .collect();
+            t.backends.insert(name, bs);
+        }
+        let parts = t.parts();
+        let mut whole = Totals::default();
+        for p in &parts {
+            let json = serde_json::to_vec(p).unwrap();
+            assert!(
+                json.len() < crate::upgrade::wire::MAX_MESSAGE - 16,
+                "{}",
+                json.len()
+            );
+            for (s, c) in &p.services {
+                whole.services.insert(s.clone(), c.clone());
+            }
+            for (s, bs) in &p.backends {
+                whole
+                    .backends
+                    .entry(s.clone())
+                    .or_default()
+                    .extend(bs.clone());
+            }
+        }
+        assert_eq!(whole, t);
     }
 }

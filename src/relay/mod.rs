@@ -370,6 +370,10 @@ async fn supervise(
         (false, true) => Some(Outcome::BackendClosed),
         _ => None,
     };
+    if done == 2 {
+        // Carried in with both directions ended: nothing is left to relay.
+        return Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed));
+    }
     let (mut limit, mut timeout_end) = if done == 0 {
         (opts.idle_timeout, Outcome::IdleTimeout)
     } else {
@@ -391,6 +395,10 @@ async fn supervise(
             .last_active_ms
             .load(Relaxed)
             .max(down.last_active_ms.load(Relaxed));
+        if last == 0 {
+            // Nothing moved yet: silent since the floor (a carried connection's silence included).
+            return floor;
+        }
         (start + Duration::from_millis(last)).max(floor)
     };
     loop {
@@ -423,6 +431,10 @@ async fn supervise(
             }
             () = &mut carry => {
                 return match quiesce(directions.as_mut(), up, down).await {
+                    // Both directions ended while it stopped: the relay is over, here.
+                    Ok(()) if up.eof.load(Relaxed) && down.eof.load(Relaxed) => {
+                        Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed))
+                    }
                     Ok(()) => Supervised {
                         carried: Some(Instant::now().saturating_duration_since(quiet_since(quiet_floor))),
                         ..Supervised::ended(Outcome::ClientClosed)
@@ -586,8 +598,10 @@ async fn pump(
     let mut last_read = 0;
     loop {
         match write_pending(dst, flow, start).await {
-            Ok(Some(buf)) => own = Some(buf),
-            Ok(None) => {}
+            // Kept for reading only when it is a full-size buffer (a carried connection's held
+            // bytes come in one of their own length).
+            Ok(Some(buf)) if buf.len() == COPY_BUF => own = Some(buf),
+            Ok(_) => {}
             Err(e) => return DirEnd::DestError(e),
         }
         // A full buffer means bulk data: from here on splice, if a pipe is to be had. (`uring` lands

@@ -561,6 +561,8 @@ pub(crate) async fn resume(
     let span = tracing::info_span!("conn", client = %facts.client, service = %service.name, handed_over = true);
     let tokio_stream = |s: std::net::TcpStream| {
         s.set_nonblocking(true)?;
+        // Armed while in transit (`carry_away`): taken, it closes as any other.
+        socket2::SockRef::from(&s).set_linger(None)?;
         TcpStream::from_std(s)
     };
     let (client, backend) = match (tokio_stream(client), tokio_stream(backend)) {
@@ -605,6 +607,12 @@ fn carry_away(
     let (Ok(client), Ok(backend)) = (dup_stream(client), dup_stream(backend)) else {
         return Err(held);
     };
+    // Lost on the way (the new process gone, its config without the service), the connection
+    // must end with a reset, never a FIN that passes for the stream's end; whoever relays it on
+    // clears this (`resume`).
+    for s in [&client, &backend] {
+        let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+    }
     let facts = CarriedFacts {
         service: record.service.to_string(),
         client: record.client,
@@ -626,7 +634,14 @@ fn carry_away(
         held,
         facts,
     })
-    .map_err(|e| e.0.held)
+    .map_err(|e| {
+        // It goes on here after all: closed as any other when it ends.
+        let c = e.0;
+        for s in [&c.client, &c.backend] {
+            let _ = socket2::SockRef::from(s).set_linger(None);
+        }
+        c.held
+    })
 }
 
 /// A second descriptor of `s`'s socket, for another owner (the same socket: closing one of the two

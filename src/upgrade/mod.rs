@@ -84,8 +84,6 @@ pub enum UpgradeError {
     Timeout { pid: u32, limit: Duration },
     #[error("the new process (pid {pid}) failed: {reason}")]
     Failed { pid: u32, reason: String },
-    #[error("a process other than the one started (pid {got}, not {want}) connected")]
-    Stranger { got: u32, want: u32 },
     #[error("the hand-over with pid {pid} broke: {error}")]
     Wire { pid: u32, error: WireError },
 }
@@ -101,6 +99,7 @@ pub(crate) struct Handing {
     channel: Arc<Channel>,
     pid: u32,
     carry: bool,
+    child: std::process::Child,
 }
 
 impl Handing {
@@ -157,7 +156,7 @@ fn start_blocking(
         })?;
     let pid = child.id();
     tracing::info!(pid, exe = %origin.exe.display(), "upgrade: started the new process");
-    let result = (|| {
+    let result = (|| -> Result<(Arc<Channel>, bool), UpgradeError> {
         let channel = loop {
             if let Some(status) = child.try_wait().ok().flatten() {
                 return Err(UpgradeError::Exited { pid, status });
@@ -166,16 +165,24 @@ fn start_blocking(
                 return Err(UpgradeError::Timeout { pid, limit });
             }
             match wire::accept(&listener, Duration::from_millis(100)) {
-                Ok(c) => break c,
+                // Only the process started may take the sockets; another one that found the name
+                // (abstract names are listed in /proc/net/unix) is closed, and the wait goes on.
+                Ok(c) => match c.peer_pid() {
+                    Ok(got) if got == pid => break c,
+                    Ok(got) => {
+                        tracing::warn!(
+                            got,
+                            want = pid,
+                            "upgrade: a stranger connected to the hand-over socket; closed"
+                        );
+                    }
+                    Err(e) => return Err(UpgradeError::Socket(e)),
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
                 Err(e) => return Err(UpgradeError::Socket(e)),
             }
         };
         let wire = |error| UpgradeError::Wire { pid, error };
-        let got = channel.peer_pid().map_err(|e| wire(e.into()))?;
-        if got != pid {
-            return Err(UpgradeError::Stranger { got, want: pid });
-        }
         channel
             .set_timeout(Some(Duration::from_secs(5)))
             .map_err(|e| wire(e.into()))?;
@@ -199,17 +206,16 @@ fn start_blocking(
         loop {
             match channel.recv() {
                 Ok(Frame::Ready(r)) => {
-                    channel.set_timeout(None).map_err(|e| wire(e.into()))?;
+                    // A new process that stops reading must not hold this one forever.
+                    channel
+                        .set_timeout(Some(SEND_LIMIT))
+                        .map_err(|e| wire(e.into()))?;
                     let carry = r.format == FORMAT;
                     if !carry {
                         tracing::warn!(pid, theirs = r.format, ours = FORMAT,
                             "upgrade: the new process speaks another session format: connections stay and drain here");
                     }
-                    return Ok(Handing {
-                        channel: Arc::new(channel),
-                        pid,
-                        carry,
-                    });
+                    return Ok((Arc::new(channel), carry));
                 }
                 Ok(Frame::Failed { reason }) => return Err(UpgradeError::Failed { pid, reason }),
                 Ok(other) => {
@@ -239,15 +245,46 @@ fn start_blocking(
             }
         }
     })();
-    if result.is_err() {
-        // Not taking over: it must not go on holding the sockets (its own accepts would take
-        // clients from us), so it is stopped and reaped.
-        if child.try_wait().ok().flatten().is_none() {
-            let _ = child.kill();
+    match result {
+        Ok((channel, carry)) => Ok(Handing {
+            channel,
+            pid,
+            carry,
+            child,
+        }),
+        Err(e) => {
+            stop_child(&mut child);
+            Err(e)
         }
-        let _ = child.wait();
     }
-    result
+}
+
+/// A new process that is not taking over must not go on holding the sockets (its own accepts
+/// would take clients from us): stopped and reaped.
+fn stop_child(child: &mut std::process::Child) {
+    if child.try_wait().ok().flatten().is_none() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// How long one message to the new process may take once it is ready.
+const SEND_LIMIT: Duration = Duration::from_secs(5);
+
+/// After [`start`], before anything changes here: the first totals sent, which proves the new
+/// process still reads. On an error it is stopped and this process goes on as before.
+pub(crate) async fn confirm(h: &mut Handing, control: &Control) -> Result<Totals, UpgradeError> {
+    let before = control.totals();
+    for part in before.parts() {
+        if let Err(error) = send(&h.channel, Frame::Totals(to_json(&part))).await {
+            stop_child(&mut h.child);
+            return Err(UpgradeError::Wire {
+                pid: h.pid,
+                error: error.into(),
+            });
+        }
+    }
+    Ok(before)
 }
 
 /// A nonce for the socket's name, so another process cannot guess it in advance.
@@ -266,18 +303,21 @@ fn rand_nonce() -> u64 {
 /// The old side, after [`start`]: stops accepting (the new process accepts), carries every
 /// connection it can, lets the rest drain, and sends the totals and the end. Returns how many
 /// connections the drain cut.
-pub(crate) async fn finish(h: Handing, control: &Arc<Control>, limit: Duration) -> usize {
+pub(crate) async fn finish(
+    h: Handing,
+    before: Totals,
+    control: &Arc<Control>,
+    limit: Duration,
+) -> usize {
     control.stop_accepting().await;
     tracing::info!(
         pid = h.pid,
         open = control.open_connections(),
         "upgrade: the new process accepts; carrying connections over"
     );
-    let before = control.totals();
     let channel = h.channel.clone();
-    let sent = send(&channel, Frame::Totals(to_json(&before))).await;
     let mut carried = 0u64;
-    if h.carry && sent {
+    if h.carry {
         let (tx, rx) = mpsc::unbounded_channel();
         control.leaving.carry_to(tx);
         let forwarder = {
@@ -292,8 +332,13 @@ pub(crate) async fn finish(h: Handing, control: &Arc<Control>, limit: Duration) 
     let stayed = control.open_connections() as u64;
     let cut = control.drain_from(true).await;
     let after = control.totals().since(&before);
-    if send(&channel, Frame::Totals(to_json(&after))).await {
-        send(&channel, Frame::Done(Done { carried, stayed })).await;
+    let mut sent = Ok(());
+    for part in after.parts() {
+        sent = sent.and(send(&channel, Frame::Totals(to_json(&part))).await);
+    }
+    let sent = sent.and(send(&channel, Frame::Done(Done { carried, stayed })).await);
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "upgrade: the last totals did not reach the new process");
     }
     tracing::info!(
         pid = h.pid,
@@ -309,16 +354,11 @@ fn to_json(t: &Totals) -> serde_json::Value {
     serde_json::to_value(t).unwrap_or_default()
 }
 
-async fn send(channel: &Arc<Channel>, frame: Frame) -> bool {
+async fn send(channel: &Arc<Channel>, frame: Frame) -> std::io::Result<()> {
     let c = channel.clone();
-    match tokio::task::spawn_blocking(move || c.send(&frame)).await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "upgrade: cannot reach the new process");
-            false
-        }
-        Err(_) => false,
-    }
+    tokio::task::spawn_blocking(move || c.send(&frame))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// Sends each carried connection to the new process; one that cannot be sent (the new process gone)
@@ -429,7 +469,11 @@ impl Incoming {
 
     /// Tells the old process this one accepts (it stops accepting), then takes the connections it
     /// carries over and its totals, on a thread of its own, until it is done.
-    pub(crate) fn take_over(self, control: Arc<Control>) {
+    pub(crate) fn take_over(
+        self,
+        control: Arc<Control>,
+        taking: Arc<std::sync::atomic::AtomicBool>,
+    ) {
         let from = self.hello.pid;
         let ready = Frame::Ready(Peer::me());
         if let Err(e) = self.channel.send(&ready) {
@@ -437,10 +481,16 @@ impl Incoming {
             return;
         }
         let _ = self.channel.set_timeout(None);
+        taking.store(true, std::sync::atomic::Ordering::SeqCst);
+        let still = taking.clone();
         let spawned = std::thread::Builder::new()
             .name("sluicegate-upgrade".into())
-            .spawn(move || receive(&self.channel, &control, from));
+            .spawn(move || {
+                receive(&self.channel, &control, from);
+                still.store(false, std::sync::atomic::Ordering::SeqCst);
+            });
         if let Err(e) = spawned {
+            taking.store(false, std::sync::atomic::Ordering::SeqCst);
             tracing::error!(error = %e, "upgrade: cannot start the thread that takes connections over");
         }
     }
@@ -568,6 +618,15 @@ pub fn request(pid: u32, wait: Duration) -> Result<u32, String> {
     let mut s = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(|e| {
         format!("cannot reach sluicegate pid {pid} ({e}): is it running, as this user, in this network namespace?")
     })?;
+    // The name is predictable: whoever holds it must be the process asked for, and trusted.
+    let cred = rustix::net::sockopt::socket_peercred(&s).map_err(|e| e.to_string())?;
+    let (got, uid) = (cred.pid.as_raw_nonzero().get() as u32, cred.uid);
+    if got != pid || !(uid == rustix::process::getuid() || uid.is_root()) {
+        return Err(format!(
+            "the control socket of pid {pid} is held by pid {got} (uid {}): not asking it",
+            uid.as_raw()
+        ));
+    }
     s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
     s.write_all(b"upgrade\n").map_err(|e| e.to_string())?;
     let mut line = String::new();
@@ -600,6 +659,8 @@ pub fn listen_for_requests(to: mpsc::Sender<Request>) -> std::io::Result<()> {
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = l.accept().await else {
+                // Out of descriptors, most likely: try again a little later, not at once.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
             let to = to.clone();

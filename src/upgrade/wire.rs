@@ -332,6 +332,14 @@ impl Channel {
 
     pub(crate) fn send(&self, frame: &Frame) -> std::io::Result<()> {
         let (bytes, fds) = frame.encode();
+        if bytes.len() > MAX_MESSAGE {
+            // The other side reads at most this much: it would take the message as cut short.
+            return Err(std::io::Error::other(format!(
+                "a {} message of {} bytes, over the {MAX_MESSAGE} a message may have",
+                frame.kind().1,
+                bytes.len()
+            )));
+        }
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
