@@ -76,8 +76,10 @@ impl Control {
         if !upgraded {
             tokio::time::sleep(shutdown.delay.0).await;
         }
-        for b in lock(&self.listeners).iter() {
+        for b in lock(&self.listeners).iter_mut() {
             b.stop.cancel();
+            // Closed now (the accept loops close theirs as they stop), not when the server goes.
+            b.kept.take();
         }
         self.accepting.close();
         self.accepting.wait().await;

@@ -96,7 +96,8 @@ impl Control {
     ) -> std::io::Result<Vec<(Option<String>, std::net::TcpListener)>> {
         lock(&self.listeners)
             .iter()
-            .map(|b| Ok((b.key.handover_name(), b.kept.try_clone()?)))
+            .filter_map(|b| Some((b.key.handover_name(), b.kept.as_ref()?)))
+            .map(|(name, l)| Ok((name, l.try_clone()?)))
             .collect()
     }
 

@@ -90,8 +90,10 @@ pub(super) struct Bound {
     pub(super) local: SocketAddr,
     /// Bound, its accept loops not started yet.
     pub(super) pending: Option<TcpListener>,
-    /// A descriptor of the socket kept for handing it to an upgrade's new process.
-    pub(super) kept: TcpListener,
+    /// A descriptor of the socket kept for handing it to an upgrade's new process; dropped when
+    /// the accept loops stop for good (a drain), or the socket would go on completing handshakes
+    /// nobody accepts.
+    pub(super) kept: Option<TcpListener>,
     /// Stops its accept loops, which closes it.
     pub(super) stop: CancellationToken,
     pub(super) routes: Arc<ArcSwap<Routes>>,
@@ -121,7 +123,7 @@ pub(super) fn bind(key: &ListenKey, config: &Config) -> Result<Bound, BindError>
         key: key.clone(),
         local,
         pending: Some(l),
-        kept,
+        kept: Some(kept),
         stop: CancellationToken::new(),
         routes: Arc::new(ArcSwap::from_pointee(Routes {
             table: Table::new(Vec::new()),
