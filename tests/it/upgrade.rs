@@ -499,3 +499,39 @@ async fn a_socket_passed_by_systemd_is_served() {
     );
     drop(child);
 }
+
+/// `sluicegate upgrade --pid PID` asks only the process PID: a control socket of that name held by
+/// another process (here the test, answering "ok" as an impostor would) is refused, and nothing is
+/// sent to it.
+#[test]
+fn the_upgrade_command_asks_only_the_process_it_names() {
+    use std::io::{Read, Write};
+    use std::os::linux::net::SocketAddrExt;
+    // A pid no process has (above the kernel's pid_max), whose control socket name the test holds.
+    let pid = 4_194_305u32;
+    let name = format!("sluicegate-control-{pid}");
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let l = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let impostor = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(SECS(10))).unwrap();
+        let mut asked = Vec::new();
+        let _ = s.write_all(b"ok 12345\n");
+        let _ = s.read_to_end(&mut asked);
+        asked
+    });
+    let out = sluicegate()
+        .args(["upgrade", "--pid", &pid.to_string(), "--timeout", "5s"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("held by pid {}", std::process::id())),
+        "{err}"
+    );
+    assert!(
+        impostor.join().unwrap().is_empty(),
+        "nothing was asked of it"
+    );
+}
