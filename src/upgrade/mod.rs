@@ -476,12 +476,14 @@ impl Incoming {
     ) {
         let from = self.hello.pid;
         let ready = Frame::Ready(Peer::me());
+        // Taking over from the moment the old process may hear it.
+        taking.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = self.channel.send(&ready) {
+            taking.store(false, std::sync::atomic::Ordering::SeqCst);
             tracing::error!(from, error = %e, "upgrade: cannot tell the old process this one is ready");
             return;
         }
         let _ = self.channel.set_timeout(None);
-        taking.store(true, std::sync::atomic::Ordering::SeqCst);
         let still = taking.clone();
         let spawned = std::thread::Builder::new()
             .name("sluicegate-upgrade".into())

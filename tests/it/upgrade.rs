@@ -535,3 +535,60 @@ fn the_upgrade_command_asks_only_the_process_it_names() {
         "nothing was asked of it"
     );
 }
+
+/// A connection that cannot be carried (here one still waiting for its PROXY header) stays in the old
+/// process, which drains it; until the old process is done, the new one refuses to upgrade again
+/// (`sluicegate upgrade` says why), and afterwards it upgrades.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_still_taking_over_refuses_to_upgrade_until_done() {
+    let backend = Backend::echo([127, 0, 0, 1]).await;
+    let yaml = format!(
+        "log: {{level: info, format: json}}\nshutdown: {{drain_timeout: 4s}}\nupgrade: {{timeout: 1s}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    accept_proxy: {{from: [127.0.0.1/32], timeout: 30s}}\n    backends:\n      - {{address: \"{}\"}}\n",
+        backend.addr
+    );
+    let mut sg = Sg::start(&yaml);
+    // Silent: its session waits for a header and is never relayed, so never carried.
+    let _silent = TcpStream::connect(sg.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sg.signal(libc::SIGUSR2);
+    let (new, _) = tokio::task::block_in_place(|| {
+        let started = sg.wait_line(SECS(30), |l| l["msg"] == "upgrade: started the new process");
+        let carrying = sg.wait_line(SECS(30), |l| {
+            l["msg"] == "upgrade: the new process accepts; carrying connections over"
+        });
+        (
+            NewProcess(started["pid"].as_i64().unwrap() as i32),
+            carrying,
+        )
+    });
+    let ask = || {
+        tokio::task::block_in_place(|| {
+            sluicegate()
+                .args(["upgrade", "--pid", &new.0.to_string(), "--timeout", "30s"])
+                .output()
+                .unwrap()
+        })
+    };
+    let out = ask();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("still taking connections over"), "{err}");
+    // The old process drains the silent one (cut at its deadline) and exits 0.
+    let done = tokio::task::block_in_place(|| {
+        let done = sg.wait_line(SECS(30), |l| l["msg"] == "upgrade: handed over; exiting");
+        assert_eq!(sg.wait_exit(SECS(30)), 0);
+        sg.wait_line(SECS(10), |l| l["msg"] == "upgrade: the old process is done");
+        done
+    });
+    assert_eq!(done["stayed"], 1, "{done}");
+    let out = ask();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let newer: i32 = said.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    let _newer = NewProcess(newer);
+}
