@@ -74,16 +74,7 @@ fn main() -> ExitCode {
         return healthcheck(config, admin, timeout);
     }
     if let Some(Command::Upgrade { pid, timeout }) = cli.command {
-        return match sluicegate::upgrade::request(pid, timeout.0) {
-            Ok(new) => {
-                println!("upgraded: pid {pid} handed over to pid {new}");
-                ExitCode::SUCCESS
-            }
-            Err(why) => {
-                eprintln!("sluicegate upgrade: failed: {why}");
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        };
+        return upgrade(pid, timeout);
     }
     let Some(config_path) = cli.config else {
         Cli::command()
@@ -159,76 +150,91 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let code = runtime.block_on(async {
-        let signals = match Signals::install() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("sluicegate: cannot install signal handlers: {e}");
-                if let Some(i) = incoming {
-                    i.fail(&format!("cannot install signal handlers: {e}"));
-                }
-                return EXIT_RUNTIME;
-            }
-        };
-        match &incoming {
-            Some(i) => tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path, from = i.from_pid(), "starting: taking over from the old process"),
-            None => tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path, "starting"),
-        }
-        // Every proxied connection costs two descriptors (four with splice pipes): use all we may.
-        match rlimit::increase_nofile_limit(u64::MAX) {
-            Ok(n) => tracing::info!(nofile = n, "descriptor limit"),
-            Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
-        }
-        let server = match sluicegate::Server::bind_with(&config, admin) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "startup failed");
-                eprintln!("sluicegate: {e}");
-                if let Some(i) = incoming {
-                    i.fail(&e.to_string());
-                }
-                return EXIT_RUNTIME;
-            }
-        };
-        server.set_config_path(config_path.clone());
-        let control = server.control();
-        let Signals {
-            term,
-            int,
-            mut hup,
-            mut usr2,
-        } = signals;
-        // SIGUSR2 and `sluicegate upgrade --pid` upgrade in place.
-        let (upgrade_tx, requests) = tokio::sync::mpsc::channel(4);
-        if let Err(e) = sluicegate::upgrade::listen_for_requests(upgrade_tx.clone()) {
-            tracing::warn!(error = %e, "cannot take `sluicegate upgrade` requests (SIGUSR2 still upgrades)");
-        }
-        tokio::spawn(async move {
-            while usr2.recv().await.is_some() {
-                tracing::info!("SIGUSR2: upgrading");
-                let _ = upgrade_tx.send(sluicegate::upgrade::Request { reply: None }).await;
-            }
-        });
-        // SIGHUP reloads; a rejected file is logged and the running config kept.
-        tokio::spawn(async move {
-            while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the config");
-                let _ = control.reload_from_file();
-            }
-        });
-        let stops = Stops { term, int };
-        let upgrades = sluicegate::Upgrades {
-            requests,
-            origin,
-            incoming,
-        };
-        server.run_upgradable(stops.first_stop(), upgrades).await;
-        0
-    });
+    let code = runtime.block_on(serve(config, admin, config_path, incoming, origin));
     // Sessions still parked (none after a completed drain) are dropped with the runtime.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
     ExitCode::from(code)
+}
+
+/// Runs the server on the control runtime until it stops or hands over (an upgrade); returns the
+/// exit code. `incoming` is the process this one takes over from, when it was started by an upgrade.
+async fn serve(
+    config: Config,
+    admin: Option<sluicegate::config::AdminSettings>,
+    config_path: PathBuf,
+    incoming: Option<sluicegate::upgrade::Incoming>,
+    origin: Option<sluicegate::upgrade::Origin>,
+) -> u8 {
+    let path = config_path.display().to_string();
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sluicegate: cannot install signal handlers: {e}");
+            if let Some(i) = incoming {
+                i.fail(&format!("cannot install signal handlers: {e}"));
+            }
+            return EXIT_RUNTIME;
+        }
+    };
+    match &incoming {
+        Some(i) => {
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path, from = i.from_pid(), "starting: taking over from the old process")
+        }
+        None => tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path, "starting"),
+    }
+    // Every proxied connection costs two descriptors (four with splice pipes): use all we may.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(nofile = n, "descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
+    }
+    let server = match sluicegate::Server::bind_with(&config, admin) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "startup failed");
+            eprintln!("sluicegate: {e}");
+            if let Some(i) = incoming {
+                i.fail(&e.to_string());
+            }
+            return EXIT_RUNTIME;
+        }
+    };
+    server.set_config_path(config_path.clone());
+    let control = server.control();
+    let Signals {
+        term,
+        int,
+        mut hup,
+        mut usr2,
+    } = signals;
+    // SIGUSR2 and `sluicegate upgrade --pid` upgrade in place.
+    let (upgrade_tx, requests) = tokio::sync::mpsc::channel(4);
+    if let Err(e) = sluicegate::upgrade::listen_for_requests(upgrade_tx.clone()) {
+        tracing::warn!(error = %e, "cannot take `sluicegate upgrade` requests (SIGUSR2 still upgrades)");
+    }
+    tokio::spawn(async move {
+        while usr2.recv().await.is_some() {
+            tracing::info!("SIGUSR2: upgrading");
+            let _ = upgrade_tx
+                .send(sluicegate::upgrade::Request { reply: None })
+                .await;
+        }
+    });
+    // SIGHUP reloads; a rejected file is logged and the running config kept.
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            let _ = control.reload_from_file();
+        }
+    });
+    let stops = Stops { term, int };
+    let upgrades = sluicegate::Upgrades {
+        requests,
+        origin,
+        incoming,
+    };
+    server.run_upgradable(stops.first_stop(), upgrades).await;
+    0
 }
 
 /// The config at `path`, checked whole before anything starts: parsed and validated, the admin token
@@ -242,6 +248,20 @@ fn checked_config(
         .map_err(|e| e.to_string())?;
     sluicegate::tls::check_files(&config)?;
     Ok((config, admin))
+}
+
+/// `sluicegate upgrade --pid PID`: 0 once the new process serves, 1 when the upgrade failed.
+fn upgrade(pid: u32, timeout: Dur) -> ExitCode {
+    match sluicegate::upgrade::request(pid, timeout.0) {
+        Ok(new) => {
+            println!("upgraded: pid {pid} handed over to pid {new}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("sluicegate upgrade: failed: {why}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 /// `sluicegate healthcheck`: 0 when the admin API says ready, 1 when not, 64 for a bad config.

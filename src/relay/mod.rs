@@ -336,6 +336,17 @@ struct Supervised {
 }
 
 impl Supervised {
+    /// A side failed: the other one must see a reset (`reset_client`: the client, else the backend).
+    fn broken(end: Outcome, reset_client: bool, cause: io::Error) -> Supervised {
+        Supervised {
+            end,
+            reset_client,
+            reset_backend: !reset_client,
+            broken: Some(cause),
+            carried: None,
+        }
+    }
+
     fn ended(end: Outcome) -> Supervised {
         Supervised {
             end,
@@ -383,13 +394,6 @@ async fn supervise(
     let mut quiet_floor = start.checked_sub(ended.quiet_for).unwrap_or(start);
     let timer = tokio::time::sleep_until(quiet_floor + limit);
     tokio::pin!(timer, cut, directions, carry);
-    let broken = |end, reset_client, cause| Supervised {
-        end,
-        reset_client,
-        reset_backend: !reset_client,
-        broken: Some(cause),
-        carried: None,
-    };
     let quiet_since = |floor: Instant| {
         let last = up
             .last_active_ms
@@ -409,10 +413,10 @@ async fn supervise(
                     (Side::Up, DirEnd::Eof) => { first_fin.get_or_insert(Outcome::ClientClosed); }
                     (Side::Down, DirEnd::Eof) => { first_fin.get_or_insert(Outcome::BackendClosed); }
                     // The side that failed is gone; the other must see a reset.
-                    (Side::Up, DirEnd::SourceError(e)) => return broken(Outcome::ClientReset, false, e),
-                    (Side::Up, DirEnd::DestError(e)) => return broken(Outcome::BackendReset, true, e),
-                    (Side::Down, DirEnd::SourceError(e)) => return broken(Outcome::BackendReset, true, e),
-                    (Side::Down, DirEnd::DestError(e)) => return broken(Outcome::ClientReset, false, e),
+                    (Side::Up, DirEnd::SourceError(e)) => return Supervised::broken(Outcome::ClientReset, false, e),
+                    (Side::Up, DirEnd::DestError(e)) => return Supervised::broken(Outcome::BackendReset, true, e),
+                    (Side::Down, DirEnd::SourceError(e)) => return Supervised::broken(Outcome::BackendReset, true, e),
+                    (Side::Down, DirEnd::DestError(e)) => return Supervised::broken(Outcome::ClientReset, false, e),
                     // Only after `carry` fired, which is handled below.
                     (_, DirEnd::Carried) => {}
                 };
@@ -430,24 +434,8 @@ async fn supervise(
                 return Supervised { end, reset_client: true, reset_backend: true, broken: None, carried: None };
             }
             () = &mut carry => {
-                return match quiesce(directions.as_mut(), up, down).await {
-                    // Both directions ended while it stopped: the relay is over, here.
-                    Ok(()) if up.eof.load(Relaxed) && down.eof.load(Relaxed) => {
-                        Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed))
-                    }
-                    Ok(()) => Supervised {
-                        carried: Some(Instant::now().saturating_duration_since(quiet_since(quiet_floor))),
-                        ..Supervised::ended(Outcome::ClientClosed)
-                    },
-                    // A side broke while the relay was being stopped: it ends here, as it would have.
-                    Err((Side::Up, DirEnd::SourceError(e))) | Err((Side::Down, DirEnd::DestError(e))) => {
-                        broken(Outcome::ClientReset, false, e)
-                    }
-                    Err((_, DirEnd::SourceError(e) | DirEnd::DestError(e))) => {
-                        broken(Outcome::BackendReset, true, e)
-                    }
-                    Err((_, DirEnd::Eof | DirEnd::Carried)) => Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed)),
-                };
+                let quiet = quiet_since(quiet_floor);
+                return stop_for_carry(directions.as_mut(), up, down, first_fin, quiet).await;
             }
         }
         // A direction ended with EOF.
@@ -458,6 +446,35 @@ async fn supervise(
         timeout_end = Outcome::HalfCloseTimeout;
         quiet_floor = Instant::now();
         timer.as_mut().reset(quiet_floor + limit);
+    }
+}
+
+/// How a relay stopped for `carry` ends: carried (quiet since `quiet`), or, when both directions
+/// ended or a side broke while it stopped, here as it would have.
+async fn stop_for_carry(
+    directions: Pin<&mut impl std::future::Future<Output = (Side, DirEnd)>>,
+    up: &Flow<'_>,
+    down: &Flow<'_>,
+    first_fin: Option<Outcome>,
+    quiet: Instant,
+) -> Supervised {
+    match quiesce(directions, up, down).await {
+        Ok(()) if up.eof.load(Relaxed) && down.eof.load(Relaxed) => {
+            Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed))
+        }
+        Ok(()) => Supervised {
+            carried: Some(Instant::now().saturating_duration_since(quiet)),
+            ..Supervised::ended(Outcome::ClientClosed)
+        },
+        Err((Side::Up, DirEnd::SourceError(e))) | Err((Side::Down, DirEnd::DestError(e))) => {
+            Supervised::broken(Outcome::ClientReset, false, e)
+        }
+        Err((_, DirEnd::SourceError(e) | DirEnd::DestError(e))) => {
+            Supervised::broken(Outcome::BackendReset, true, e)
+        }
+        Err((_, DirEnd::Eof | DirEnd::Carried)) => {
+            Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed))
+        }
     }
 }
 

@@ -142,7 +142,7 @@ fn start_blocking(
     let nonce: u64 = rand_nonce();
     let name = format!("sluicegate-upgrade-{}-{nonce:016x}", std::process::id());
     let listener = wire::listen(&name).map_err(UpgradeError::Socket)?;
-    let mut child = std::process::Command::new(&origin.exe)
+    let child = std::process::Command::new(&origin.exe)
         .args(&origin.args)
         .env(FROM_ENV, &name)
         .env_remove("LISTEN_PID")
@@ -154,107 +154,147 @@ fn start_blocking(
             exe: origin.exe.display().to_string(),
             error,
         })?;
-    let pid = child.id();
-    tracing::info!(pid, exe = %origin.exe.display(), "upgrade: started the new process");
-    let result = (|| -> Result<(Arc<Channel>, bool), UpgradeError> {
-        let channel = loop {
-            if let Some(status) = child.try_wait().ok().flatten() {
-                return Err(UpgradeError::Exited { pid, status });
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(UpgradeError::Timeout { pid, limit });
-            }
-            match wire::accept(&listener, Duration::from_millis(100)) {
-                // Only the process started may take the sockets; another one that found the name
-                // (abstract names are listed in /proc/net/unix) is closed, and the wait goes on.
+    let mut new = Starting {
+        pid: child.id(),
+        child,
+        deadline,
+        limit,
+    };
+    tracing::info!(pid = new.pid, exe = %origin.exe.display(), "upgrade: started the new process");
+    let result = new
+        .connected(&listener)
+        .and_then(|channel| new.hand_listeners(&channel, sockets).map(|()| channel))
+        .and_then(|channel| new.ready(channel));
+    match result {
+        Ok((channel, carry)) => Ok(Handing {
+            channel: Arc::new(channel),
+            pid: new.pid,
+            carry,
+            child: new.child,
+        }),
+        Err(e) => {
+            stop_child(&mut new.child);
+            Err(e)
+        }
+    }
+}
+
+/// The new process until it is ready: waited for in short steps, so that one that dies without a
+/// word is seen at once, and never past the deadline.
+struct Starting {
+    child: std::process::Child,
+    pid: u32,
+    deadline: tokio::time::Instant,
+    limit: Duration,
+}
+
+impl Starting {
+    /// `Err` once it has exited or the deadline has passed.
+    fn still_there(&mut self) -> Result<(), UpgradeError> {
+        if let Some(status) = self.child.try_wait().ok().flatten() {
+            return Err(UpgradeError::Exited {
+                pid: self.pid,
+                status,
+            });
+        }
+        if tokio::time::Instant::now() >= self.deadline {
+            return Err(UpgradeError::Timeout {
+                pid: self.pid,
+                limit: self.limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn wire(&self, error: impl Into<WireError>) -> UpgradeError {
+        UpgradeError::Wire {
+            pid: self.pid,
+            error: error.into(),
+        }
+    }
+
+    /// Its connection to the hand-over socket. Only the process started may take the sockets;
+    /// another one that found the name (abstract names are listed in /proc/net/unix) is closed,
+    /// and the wait goes on.
+    fn connected(&mut self, listener: &OwnedFd) -> Result<Channel, UpgradeError> {
+        loop {
+            self.still_there()?;
+            match wire::accept(listener, Duration::from_millis(100)) {
                 Ok(c) => match c.peer_pid() {
-                    Ok(got) if got == pid => break c,
-                    Ok(got) => {
-                        tracing::warn!(
-                            got,
-                            want = pid,
-                            "upgrade: a stranger connected to the hand-over socket; closed"
-                        );
-                    }
+                    Ok(got) if got == self.pid => return Ok(c),
+                    Ok(got) => tracing::warn!(
+                        got,
+                        want = self.pid,
+                        "upgrade: a stranger connected to the hand-over socket; closed"
+                    ),
                     Err(e) => return Err(UpgradeError::Socket(e)),
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
                 Err(e) => return Err(UpgradeError::Socket(e)),
             }
-        };
-        let wire = |error| UpgradeError::Wire { pid, error };
+        }
+    }
+
+    /// The hello, then every listening socket.
+    fn hand_listeners(
+        &self,
+        channel: &Channel,
+        sockets: Vec<(Option<String>, std::net::TcpListener)>,
+    ) -> Result<(), UpgradeError> {
         channel
-            .set_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| wire(e.into()))?;
+            .set_timeout(Some(SEND_LIMIT))
+            .map_err(|e| self.wire(e))?;
         channel
             .send(&Frame::Hello(Peer::me()))
-            .map_err(|e| wire(e.into()))?;
+            .map_err(|e| self.wire(e))?;
         for (name, socket) in sockets {
             let socket = OwnedFd::from(socket);
             channel
                 .send(&Frame::Listener { name, socket })
-                .map_err(|e| wire(e.into()))?;
+                .map_err(|e| self.wire(e))?;
         }
-        channel
-            .send(&Frame::ListenersEnd)
-            .map_err(|e| wire(e.into()))?;
-        // Its config read, its listeners bound: ready, or why not. Waited for in short steps, so
-        // that a process that dies without a word is seen at once.
+        channel.send(&Frame::ListenersEnd).map_err(|e| self.wire(e))
+    }
+
+    /// Its config read, its listeners bound: ready (and whether it takes connections), or why not.
+    fn ready(&mut self, channel: Channel) -> Result<(Channel, bool), UpgradeError> {
         channel
             .set_timeout(Some(Duration::from_millis(100)))
-            .map_err(|e| wire(e.into()))?;
+            .map_err(|e| self.wire(e))?;
         loop {
             match channel.recv() {
                 Ok(Frame::Ready(r)) => {
                     // A new process that stops reading must not hold this one forever.
                     channel
                         .set_timeout(Some(SEND_LIMIT))
-                        .map_err(|e| wire(e.into()))?;
+                        .map_err(|e| self.wire(e))?;
                     let carry = r.format == FORMAT;
                     if !carry {
-                        tracing::warn!(pid, theirs = r.format, ours = FORMAT,
+                        tracing::warn!(pid = self.pid, theirs = r.format, ours = FORMAT,
                             "upgrade: the new process speaks another session format: connections stay and drain here");
                     }
-                    return Ok((Arc::new(channel), carry));
+                    return Ok((channel, carry));
                 }
-                Ok(Frame::Failed { reason }) => return Err(UpgradeError::Failed { pid, reason }),
-                Ok(other) => {
-                    return Err(wire(WireError::Kind(
-                        other.encode().0.get(2).copied().unwrap_or(0),
-                    )))
+                Ok(Frame::Failed { reason }) => {
+                    return Err(UpgradeError::Failed {
+                        pid: self.pid,
+                        reason,
+                    })
                 }
+                Ok(other) => return Err(self.wire(WireError::Kind(kind_of(&other)))),
                 Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    if let Some(status) = child.try_wait().ok().flatten() {
-                        return Err(UpgradeError::Exited { pid, status });
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(UpgradeError::Timeout { pid, limit });
-                    }
+                    self.still_there()?;
                 }
                 Err(WireError::Closed) => {
                     // It closed the socket: it is exiting; wait for its status, briefly.
                     for _ in 0..50 {
-                        if let Some(status) = child.try_wait().ok().flatten() {
-                            return Err(UpgradeError::Exited { pid, status });
-                        }
+                        self.still_there()?;
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                    return Err(wire(WireError::Closed));
+                    return Err(self.wire(WireError::Closed));
                 }
-                Err(error) => return Err(wire(error)),
+                Err(error) => return Err(self.wire(error)),
             }
-        }
-    })();
-    match result {
-        Ok((channel, carry)) => Ok(Handing {
-            channel,
-            pid,
-            carry,
-            child,
-        }),
-        Err(e) => {
-            stop_child(&mut child);
-            Err(e)
         }
     }
 }
