@@ -46,6 +46,18 @@ fn upgrade(sg: &mut Sg) -> NewProcess {
     new
 }
 
+/// `sluicegate upgrade` succeeded: the new process it names (stopped when the test ends).
+fn upgraded(out: &std::process::Output) -> NewProcess {
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    NewProcess(said.trim().rsplit(' ').next().unwrap().parse().unwrap())
+}
+
 fn ms_between(a: &Value, b: &Value) -> f64 {
     let t = |v: &Value| chrono_free_ts(v["ts"].as_str().unwrap_or_default());
     (t(b) - t(a)) * 1e3
@@ -391,15 +403,7 @@ async fn a_rejected_config_leaves_the_old_process_serving() {
             .output()
             .unwrap()
     });
-    let said = String::from_utf8_lossy(&out.stdout).to_string();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{said} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let new_pid: i32 = said.trim().rsplit(' ').next().unwrap().parse().unwrap();
-    let _new = NewProcess(new_pid);
+    let _new = upgraded(&out);
     assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(60))), 0);
     held.write_all(b"after\n").await.unwrap();
     let mut got = [0u8; 6];
@@ -582,13 +586,5 @@ async fn a_process_still_taking_over_refuses_to_upgrade_until_done() {
     });
     assert_eq!(done["stayed"], 1, "{done}");
     let out = ask();
-    let said = String::from_utf8_lossy(&out.stdout).to_string();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{said} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let newer: i32 = said.trim().rsplit(' ').next().unwrap().parse().unwrap();
-    let _newer = NewProcess(newer);
+    let _newer = upgraded(&out);
 }
