@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of sluicegate against HAProxy, nginx `stream` and no proxy at all.
 
-Usage (from the repository root; needs wrk, iperf3, haproxy, nginx with the stream module, taskset):
-    python3 benchmarks/bench.py [--rounds 2] [--duration 10] [--proxies a,b] [--workloads a,b]
+Usage (from the repository root; needs wrk, iperf3, haproxy, nginx with the stream module, taskset, perf):
+    python3 benchmarks/bench.py [--rounds 6] [--duration 10] [--proxies a,b] [--workloads a,b] [--no-syscalls]
 
-Proxies: direct, sg-copy, sg-splice, sg-auto, sg-uring (target/release/sluicegate, built), sg-auto-log
-(sg-auto writing the routing-decision line of every connection, JSON, to a file), haproxy, haproxy-splice
-(`option splice-auto`), haproxy-splice-all (`option splice-request` + `splice-response`), nginx
-(`stream`). Workloads, in this order:
+Proxies: direct, sg-copy, sg-splice, sg-auto, sg-uring (target/release/sluicegate, built; `sg-auto@PATH`
+runs another build, an earlier commit's, beside it), sg-auto-log (sg-auto writing the routing-decision
+line of every connection, JSON, to a file), haproxy, haproxy-splice (`option splice-auto`),
+haproxy-splice-all (`option splice-request` + `splice-response`), nginx (`stream`), and probe-LEVERS:
+the C probe of benchmarks/probes/ (built with make) with the levers its name lists, e.g. probe-ms+reg.
+Workloads, in this order:
     ka      wrk -t1 -c64 keep-alive GET /tiny (16 bytes)            req/s, p50/p99, CPU-s per 100k
     lat     64 keep-alive connections at 2000 req/s in all (sluicegate-load, open loop: wrk cannot pace)
             p50/p99 latency; the same client for every proxy, so the difference to direct is the hop
@@ -26,11 +28,15 @@ so machine noise shows as spread between rounds instead of a bias for one proxy.
 Measured per (round, proxy, workload): throughput, p50/p99 latency (wrk), proxy CPU seconds (utime +
 stime of every process in the proxy's session, from /proc), machine CPU seconds (every CPU's busy time
 from /proc/stat, which also counts kernel work a proxy causes outside its own process), proxy RSS (sum
-of VmRSS; for `idle`, the growth per held connection). The report compares proxies by **added machine
-CPU**: machine CPU per unit of work minus the `direct` run's. Writes bench-DATE.json, bench-DATE.md
-(means, both rounds, ratios against HAProxy and against direct) and bench-DATE-*.svg charts to --out.
-All traffic is on loopback; every workload is bounded in time. A tool that fails (its exit code), a
-backend or a proxy that dies, or an output that does not parse stops the run with what the tool said.
+of VmRSS; for `idle`, the growth per held connection), and counts, which do not drift with the machine's
+noise as times do: the proxy's system calls (`perf stat -e raw_syscalls:sys_enter` on its processes),
+the machine's context switches (/proc/stat ctxt), IPIs (/proc/interrupts RES, CAL, TLB) and interrupts,
+per request or per MB. The report gives medians with the lowest and highest round, and compares proxies
+by **added machine CPU**: machine CPU per unit of work minus the `direct` run's in the same round, and
+its ratio to the best peer's taken round by round. Writes bench-DATE.json, bench-DATE.md and
+bench-DATE-*.svg charts to --out. All traffic is on loopback; every workload is bounded in time. A tool
+that fails (its exit code), a backend or a proxy that dies, or an output that does not parse stops the
+run with what the tool said.
 """
 import argparse
 import contextlib
@@ -50,6 +56,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BIN = os.path.join(ROOT, "target", "release", "sluicegate")
 LOAD_BIN = os.path.join(ROOT, "target", "release", "sluicegate-load")
+PROBES = os.path.join(ROOT, "benchmarks", "probes")
+PROBE_BIN = os.path.join(PROBES, "ring-proxy")
 PROXIES = ["direct", "sg-copy", "sg-splice", "sg-auto", "sg-uring", "sg-auto-log", "haproxy", "haproxy-splice",
            "haproxy-splice-all", "nginx"]
 WORKLOADS = ["ka", "lat", "bulk", "stream", "idle", "churn"]
@@ -192,6 +200,82 @@ def session_pids(sid):
     return pids
 
 
+def ctxt_total(proc_stat):
+    """Context switches of the whole machine since boot: /proc/stat's `ctxt` line."""
+    for line in proc_stat.splitlines():
+        if line.startswith("ctxt "):
+            return int(line.split()[1])
+    raise ValueError("no ctxt line in /proc/stat")
+
+
+# The inter-processor interrupts a wake-up on another CPU costs: rescheduling, function call and TLB
+# shootdown IPIs (/proc/interrupts' RES, CAL and TLB rows).
+IPI_ROWS = ("RES", "CAL", "TLB")
+
+
+def interrupt_totals(proc_interrupts):
+    """(IPIs, all interrupts) of the whole machine since boot, from /proc/interrupts: every row's
+    per-CPU counts summed (rows such as ERR and MIS have one count, or none, and are skipped)."""
+    lines = proc_interrupts.splitlines()
+    ncpu = len(lines[0].split())
+    ipi = total = 0
+    for line in lines[1:]:
+        name, _, rest = line.partition(":")
+        cols = rest.split()[:ncpu]
+        if len(cols) < ncpu or not all(c.isdigit() for c in cols):
+            continue
+        n = sum(int(c) for c in cols)
+        total += n
+        if name.strip() in IPI_ROWS:
+            ipi += n
+    return ipi, total
+
+
+def machine_counters():
+    """Machine-wide context switches, IPIs and interrupts so far."""
+    ipi, irq = interrupt_totals(read("/proc/interrupts"))
+    return {"ctxt": ctxt_total(read("/proc/stat")), "ipi": ipi, "irq": irq}
+
+
+def parse_perf_count(out):
+    """The count of `perf stat -x,`'s one event; ValueError when perf could not count it
+    ("<not counted>", "<not supported>") or printed something else."""
+    for line in out.splitlines():
+        cols = line.split(",")
+        if len(cols) > 2 and cols[2].startswith("raw_syscalls:sys_enter"):
+            if not cols[0].strip().isdigit():
+                raise ValueError(f"perf did not count system calls: {line!r}")
+            return int(cols[0])
+    raise ValueError(f"not a perf stat -x, report: {tail(out, 600)!r}")
+
+
+class SyscallCount:
+    """System calls entered by every thread of the proxy's processes while it runs: `perf stat -e
+    raw_syscalls:sys_enter -p PIDS` (a tracepoint: it works where hardware counters do not), pinned
+    to the client CPU. Tracepoints count exactly, so this does not drift from round to round as
+    times do; it adds a few tens of nanoseconds to each system call, for every proxy alike."""
+
+    def __init__(self, pids, work):
+        self.out = os.path.join(work, "perf-stat.csv")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", CLIENT_CPU, "perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter", "-o", self.out,
+             "-p", ",".join(str(p) for p in pids)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # perf attaches asynchronously; a short pause makes sure the workload is inside the window.
+        time.sleep(0.3)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise ToolError("perf stat did not stop within 15 s of SIGINT") from None
+        try:
+            return parse_perf_count(read(self.out))
+        except (OSError, ValueError) as e:
+            raise ToolError(f"perf stat: {e}; it said: {tail(err, 600)}") from e
+
+
 def machine_busy_seconds():
     """Busy seconds of every CPU (all but idle and iowait), from /proc/stat."""
     return busy_ticks(read("/proc/stat")) / TICK
@@ -275,14 +359,17 @@ http {{ access_log off; keepalive_requests 1000000;
 
 def proxy_command(name, work, binary):
     """The command that runs `name` in the foreground, or None for direct."""
-    d = os.path.join(work, name)
+    d = os.path.join(work, name.replace("/", "_"))
     os.makedirs(d, exist_ok=True)
     if name.startswith("sg-"):
         cfg = os.path.join(d, "sg.yaml")
-        relay = name[3:].removesuffix("-log")
+        # "sg-auto@/path/to/sluicegate": another build (an earlier commit's) beside this one.
+        variant, _, other = name.partition("@")
+        binary = other or binary
+        relay = variant[3:].removesuffix("-log")
         # sg-auto-log: the routing-decision line of every connection written (JSON, to a file), to show
         # what it costs; the other variants log warnings only, like the peers' configs.
-        log = (f"log: {{level: info, format: json, file: {d}/route.log}}" if name.endswith("-log")
+        log = (f"log: {{level: info, format: json, file: {d}/route.log}}" if variant.endswith("-log")
                else "log: {level: warn}")
         lines = [log, "shutdown: {drain_timeout: 1s}", "services:"]
         for svc, port, backends in [("http", LISTEN, BACKENDS), ("iperf", IPERF_LISTEN, [IPERF_BACKEND])]:
@@ -319,6 +406,12 @@ backend iperf
   server i 127.0.0.1:{IPERF_BACKEND}
 """)
         return ["haproxy", "-db", "-f", cfg]
+    if name.startswith("probe-"):
+        # A C probe of benchmarks/probes/ with the levers its name lists ("probe-ms+reg"): one ring,
+        # both services.
+        backends = ",".join(f"127.0.0.1:{b}" for b in BACKENDS)
+        return [PROBE_BIN, "--levers", name[len("probe-"):], f"127.0.0.1:{LISTEN}={backends}",
+                f"127.0.0.1:{IPERF_LISTEN}=127.0.0.1:{IPERF_BACKEND}"]
     if name == "nginx":
         cfg = os.path.join(d, "nginx.conf")
         module = next((m for m in ["/usr/lib/nginx/modules/ngx_stream_module.so"] if os.path.exists(m)), None)
@@ -466,10 +559,14 @@ def latency_client(port, duration):
     return parsed(parse_load, out)
 
 
-def run_workload(name, proxy, port, iperf_port, duration, sid):
+def run_workload(name, proxy, port, iperf_port, duration, sid, work=None):
     pin = ["taskset", "-c", CLIENT_CPU]
     url = f"http://127.0.0.1:{port}"
+    # The idle workload moves no data: counting system calls there measures nothing.
+    syscalls = SyscallCount(session_pids(sid), work) if sid and work and COUNT_SYSCALLS and name != "idle" \
+        else None
     cpu0 = cpu_seconds(sid) if sid else None
+    counters0 = machine_counters()
     machine0 = machine_busy_seconds()
     row = {"workload": name}
     if name in ("ka", "churn", "bulk"):
@@ -498,6 +595,10 @@ def run_workload(name, proxy, port, iperf_port, duration, sid):
         for s in socks:
             s.close()
     row["machine_cpu_s"] = machine_busy_seconds() - machine0
+    counters1 = machine_counters()
+    row.update({k: counters1[k] - counters0[k] for k in counters0})
+    if syscalls:
+        row["syscalls"] = syscalls.stop()
     if sid:
         row["cpu_s"] = cpu_seconds(sid) - cpu0
         row["rss_kib"] = rss_kib(sid)
@@ -507,7 +608,8 @@ def run_workload(name, proxy, port, iperf_port, duration, sid):
 
 def per_unit(name, row):
     """CPU per unit of work: per 100k requests (ka, churn, lat) or per GB (bulk, stream), for the
-    machine and, when measured, the proxy; nothing for a run that did no work."""
+    machine and, when measured, the proxy; the counts (the proxy's system calls, the machine's context
+    switches, IPIs and interrupts) per request or per MB; nothing for a run that did no work."""
     out = {}
     for cpu, prefix in (("machine_cpu_s", "machine"), ("cpu_s", "cpu")):
         if row.get(cpu) is None:
@@ -516,12 +618,58 @@ def per_unit(name, row):
             out[f"{prefix}_per_100k"] = row[cpu] / row["requests"] * 1e5
         if name in ("bulk", "stream") and row.get("bytes"):
             out[f"{prefix}_per_gb"] = row[cpu] / row["bytes"] * 1e9
+    for count in COUNTS:
+        if row.get(count) is None:
+            continue
+        if name in ("ka", "churn", "lat") and row.get("requests"):
+            out[f"{count}_per_req"] = row[count] / row["requests"]
+        if name in ("bulk", "stream") and row.get("bytes"):
+            out[f"{count}_per_mb"] = row[count] / row["bytes"] * 1e6
     return out
 
 
-def mean(xs):
+# The counts measured beside the times (see `per_unit`).
+COUNTS = ("syscalls", "ctxt", "ipi", "irq")
+# Off with --no-syscalls (where perf or its tracepoints are unavailable).
+COUNT_SYSCALLS = True
+
+
+def median(xs):
+    """The median of the measured values (None for none): rounds on a shared machine range over a
+    factor of two now and then, and one bad round must not move the figure."""
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def spread(xs):
+    """(lowest, highest) of the measured values, or None."""
     xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
+    return (min(xs), max(xs)) if xs else None
+
+
+def added_by_round(rows, w, unit, added):
+    """Sets `added` on every row of workload `w`: its machine CPU per unit minus the `direct` run's in
+    the same round (interleaved rounds share their noise, so the difference is taken within one)."""
+    direct = {r["round"]: r.get(unit) for r in rows if r["workload"] == w and r["proxy"] == "direct"}
+    for r in rows:
+        base = direct.get(r["round"])
+        if r["workload"] == w and r["proxy"] != "direct" and base is not None and r.get(unit) is not None:
+            r[added] = r[unit] - base
+
+
+def ratio_by_round(rows, w, key, proxy, ref):
+    """`proxy`'s `key` over `ref`'s in each round both ran: the per-round ratios, whose median and
+    spread say how sure a comparison is."""
+    theirs = {r["round"]: r.get(key) for r in rows if r["workload"] == w and r["proxy"] == ref}
+    out = []
+    for r in rows:
+        t = theirs.get(r["round"])
+        if r["workload"] == w and r["proxy"] == proxy and r.get(key) is not None and t:
+            out.append(r[key] / t)
+    return out
 
 
 PEERS = ("haproxy", "haproxy-splice", "haproxy-splice-all", "nginx")
@@ -567,13 +715,30 @@ def svg_bars(title, unit, values):
     return "\n".join(out)
 
 
+# Stage 1's gate (issue 25): the best C probe's added machine CPU against the best peer's.
+GATE = [
+    ("ka", "added_per_100k", "peer", 0.72, "gate: best probe's added machine CPU on keep-alive ≤ 0.72 × best peer"),
+    ("churn", "added_per_100k", "peer", 0.87, "gate: best probe's added machine CPU on churn ≤ 0.87 × best peer"),
+]
+
+
 def targets_table(means):
     """The issue's targets against the best sluicegate variant of this run (sg-auto-log excluded: it
-    does extra work the peers are not asked to do)."""
-    out = ["## Targets", "", "| target | sluicegate (best variant) | reference | met |", "| --- | --- | --- | --- |"]
-    for w, key, kind, bound, text in TARGETS:
+    does extra work the peers are not asked to do), and, when C probes ran, stage 1's gate against the
+    best of them. Medians throughout."""
+    out = ["## Targets", "", "| target | candidate (best variant, median) | reference | met |",
+           "| --- | --- | --- | --- |"]
+    probes = any(p.startswith("probe-") for m in means.values() for p in m)
+    for prefix, targets in (("sg-", TARGETS), ("probe-", GATE if probes else [])):
+        out += target_rows(means, prefix, targets)
+    return "\n".join(out)
+
+
+def target_rows(means, prefix, targets):
+    out = []
+    for w, key, kind, bound, text in targets:
         m = means.get(w, {})
-        ours = {p: v[key] for p, v in m.items() if p.startswith("sg-") and not p.endswith("-log")
+        ours = {p: v[key] for p, v in m.items() if p.startswith(prefix) and not p.endswith("-log")
                 and v.get(key) is not None}
         if not ours:
             continue
@@ -602,83 +767,97 @@ def targets_table(means):
         else:
             ok, ref_text = val <= bound, f"≤ {bound}"
         out.append(f"| {text} | {best} {val:.3g} {key} | {ref_text} | {'yes' if ok else 'no'} |")
-    return "\n".join(out)
+    return out
+
+
+def summarize(rows, meta):
+    """Per workload and proxy, the median of every measured figure; sets each row's added machine CPU
+    (against `direct` in its round) on the way."""
+    meds = {}
+    for w in meta["workloads"]:
+        key, _ = HEADLINE[w]
+        if w in ADDED:
+            added_by_round(rows, w, "machine_per_gb" if w in ("bulk", "stream") else "machine_per_100k", ADDED[w])
+        per = "per_mb" if w in ("bulk", "stream") else "per_req"
+        keys = ["rps", "mb_s", "gbit_s", "p50_ms", "p99_ms", key, "rss_kib", "machine_per_100k", "machine_per_gb",
+                *(f"{c}_{per}" for c in COUNTS)] + ([ADDED[w]] if w in ADDED else [])
+        meds[w] = {}
+        for p in meta["proxies"]:
+            rs = [r for r in rows if r["proxy"] == p and r["workload"] == w]
+            if rs:
+                meds[w][p] = {k: median([r.get(k) for r in rs]) for k in keys}
+                meds[w][p]["rounds"] = len(rs)
+    return meds
+
+
+def best_peer(meds_w, key):
+    """The peer with the lowest median `key`, or None."""
+    peers = {p: m[key] for p, m in meds_w.items() if p in PEERS and m.get(key)}
+    return min(peers, key=peers.get) if peers else None
+
+
+def workload_section(w, rows, meds_w, rounds):
+    """The markdown of one workload: medians with the spread, the counters, every round."""
+    fmt = lambda v, f="{:.3g}": "–" if v is None else f.format(v)  # noqa: E731
+    rng = lambda sp, f="{:.3g}": "" if sp is None else f" ({f.format(sp[0])}–{f.format(sp[1])})"  # noqa: E731
+    key, thr = HEADLINE[w]
+    added = ADDED.get(w)
+    ref = best_peer(meds_w, added) if added else None
+    per = "MB" if w in ("bulk", "stream") else "request"
+    unit = "per_mb" if w in ("bulk", "stream") else "per_req"
+    md = [f"## {w}", "", f"Medians of {rounds} interleaved rounds, (lowest–highest) beside them. Added machine CPU: "
+          f"machine CPU per unit minus `direct`'s in the same round; × {ref or 'best peer'}: the ratio taken in "
+          f"each round. Counts per {per}: the proxy's system calls (perf, raw_syscalls:sys_enter), the machine's "
+          f"context switches, IPIs (RES+CAL+TLB) and interrupts.", "",
+          f"| proxy | {thr or 'value'} | p50 ms | p99 ms | {key} | added machine CPU | × {ref or 'best peer'} | "
+          f"syscalls | ctxt | IPIs | irqs | RSS KiB |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p, m in meds_w.items():
+        rs = [r for r in rows if r["proxy"] == p and r["workload"] == w]
+        sp = lambda k, rs=rs: spread([r.get(k) for r in rs])  # noqa: E731
+        ratios = ratio_by_round(rows, w, added, p, ref) if added and ref else []
+        ratio = f"{median(ratios):.2f}{rng(spread(ratios), '{:.2f}')}" if ratios else "–"
+        av = m.get(added) if added else None
+        md.append(f"| {p} | {fmt(m.get(thr) if thr else m.get(key))}{rng(sp(thr or key))} | {fmt(m['p50_ms'])} | "
+                  f"{fmt(m['p99_ms'])} | {fmt(m[key])}{rng(sp(key))} | "
+                  f"{fmt(av)}{rng(sp(added)) if av is not None else ''} | {ratio} | "
+                  + " | ".join(f"{fmt(m.get(f'{c}_{unit}'))}" for c in COUNTS)
+                  + f" | {fmt(m['rss_kib'], '{:.0f}')} |")
+    by_round = sorted({r["round"] for r in rows})
+    for k in [key] + ([added] if added else []) + [f"syscalls_{unit}"]:
+        md += ["", f"{k} by round:", "", "| proxy | " + " | ".join(f"round {n}" for n in by_round) + " |",
+               "| --- |" + " --- |" * len(by_round)]
+        for p in meds_w:
+            by = {r["round"]: r.get(k) for r in rows if r["proxy"] == p and r["workload"] == w}
+            md.append(f"| {p} | " + " | ".join(fmt(by.get(n)) for n in by_round) + " |")
+    md += ["", "Per round:", "", "```"]
+    for r in rows:
+        if r["workload"] == w:
+            md.append(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+    return [*md, "```", ""]
 
 
 def report(rows, meta, out_dir):
     stamp = meta["stamp"]
     os.makedirs(out_dir, exist_ok=True)
+    meds = summarize(rows, meta)
     with open(os.path.join(out_dir, f"bench-{stamp}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     md = [f"# sluicegate against HAProxy, nginx and direct ({meta['date']})", "",
           f"Command: `{meta['command']}`. Machine: {meta['cpus']} CPUs, {meta['kernel']}; proxy pinned to "
           f"CPU {PROXY_CPU}, load on CPU {CLIENT_CPU}, backends unpinned; {meta['rounds']} interleaved rounds of "
           f"{meta['duration']} s per workload. Peers: {meta['versions']}.", ""]
-    proxies = list(meta["proxies"])
-    fmt = lambda v, f="{:.3g}": "–" if v is None else f.format(v)  # noqa: E731
-    means = {}
+    md += targets_table(meds), ""
     for w in meta["workloads"]:
-        key, thr = HEADLINE[w]
-        means[w] = {}
-        for p in proxies:
-            rs = [r for r in rows if r["proxy"] == p and r["workload"] == w]
-            if rs:
-                means[w][p] = {k: mean([r.get(k) for r in rs])
-                               for k in ("rps", "mb_s", "gbit_s", "p50_ms", "p99_ms", key, "rss_kib",
-                                         "machine_per_100k", "machine_per_gb")}
-        # Added machine CPU: machine CPU per unit minus direct's in the same run.
-        unit = "machine_per_gb" if w in ("bulk", "stream") else "machine_per_100k"
-        base = means[w].get("direct", {}).get(unit)
-        for p, m in means[w].items():
-            if w in ADDED:
-                m[ADDED[w]] = (m[unit] - base) if base is not None and m.get(unit) is not None and p != "direct" \
-                    else None
-        for r in rows:
-            if r["workload"] == w and w in ADDED and base is not None and r.get(unit) is not None \
-                    and r["proxy"] != "direct":
-                r[ADDED[w]] = r[unit] - base
-    md += targets_table(means), ""
-    for w in meta["workloads"]:
-        key, thr = HEADLINE[w]
-        peer_vals = [m[key] for p, m in means[w].items() if p in PEERS and m.get(key)]
-        best_peer = min(peer_vals) if peer_vals else None
-        added = ADDED.get(w)
-        peer_added = [m[added] for p, m in means[w].items() if added and p in PEERS and m.get(added)]
-        best_added = min(peer_added) if peer_added else None
-        md += [f"## {w}", "", "| proxy | throughput | p50 ms | p99 ms | proxy CPU | added machine CPU | "
-               "added × best peer | RSS KiB | × HAProxy | × best peer | × direct |",
-               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for p, m in means[w].items():
-            tv = m.get(thr) if thr else None
-            hv = means[w].get("haproxy", {})
-            dv = means[w].get("direct", {})
-            ratio_h = (m[key] / hv[key]) if m.get(key) and hv.get(key) else None
-            ratio_b = (m[key] / best_peer) if m.get(key) and best_peer else None
-            ratio_d = (tv / dv[thr]) if thr and tv and dv.get(thr) else None
-            av = m.get(added) if added else None
-            ratio_a = (av / best_added) if av is not None and best_added else None
-            md.append(f"| {p} | {fmt(tv)} {thr or ''} | {fmt(m['p50_ms'])} | {fmt(m['p99_ms'])} | "
-                      f"{fmt(m[key])} {key} | {fmt(av)} | {fmt(ratio_a, '{:.2f}')} | "
-                      f"{fmt(m['rss_kib'], '{:.0f}')} | {fmt(ratio_h, '{:.2f}')} | "
-                      f"{fmt(ratio_b, '{:.2f}')} | {fmt(ratio_d, '{:.2f}')} |")
-        rounds = sorted({r["round"] for r in rows})
-        for k in [key] + ([added] if added else []):
-            md += ["", f"{k} by round:", "", "| proxy | " + " | ".join(f"round {n}" for n in rounds) + " |",
-                   "| --- |" + " --- |" * len(rounds)]
-            for p in means[w]:
-                by = {r["round"]: r.get(k) for r in rows if r["proxy"] == p and r["workload"] == w}
-                md.append(f"| {p} | " + " | ".join(fmt(by.get(n)) for n in rounds) + " |")
-        md += ["", "Per round:", "", "```"]
-        for r in rows:
-            if r["workload"] == w:
-                md.append(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
-        md += ["```", ""]
-        svg = svg_bars(f"{w}: {key.replace('_', ' ')}", "lower is better",
-                       {p: m.get(key) for p, m in means[w].items()})
+        key, _ = HEADLINE[w]
+        section = workload_section(w, rows, meds[w], meta["rounds"])
+        svg = svg_bars(f"{w}: {key.replace('_', ' ')} (median)", "lower is better",
+                       {p: m.get(key) for p, m in meds[w].items()})
         if svg:
             name = f"bench-{stamp}-{w}.svg"
             write(os.path.join(out_dir, name), svg)
-            md.insert(md.index(f"## {w}") + 2, f"![{w}]({name})\n")
+            section.insert(2, f"![{w}]({name})\n")
+        md += section
     path = os.path.join(out_dir, f"bench-{stamp}.md")
     write(path, "\n".join(md) + "\n")
     return path
@@ -686,13 +865,21 @@ def report(rows, meta, out_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--proxies", default=",".join(PROXIES))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--bin", default=DEFAULT_BIN)
+    ap.add_argument("--no-syscalls", action="store_true",
+                    help="do not count the proxy's system calls (where perf or its tracepoints are unavailable)")
     a = ap.parse_args()
+    global COUNT_SYSCALLS
+    COUNT_SYSCALLS = not a.no_syscalls
+    if COUNT_SYSCALLS:
+        need("perf")
+    if any(p.startswith("probe-") for p in a.proxies.split(",")):
+        subprocess.run(["make", "--quiet", "-C", PROBES], check=True)
     proxies = a.proxies.split(",")
     workloads = [w for w in WORKLOADS if w in a.workloads.split(",")]
     a.duration = max(2, min(a.duration, 120))
@@ -734,7 +921,7 @@ def measure(proxies, workloads, a):
             order = proxies[rnd - 1:] + proxies[:rnd - 1]
             for p in order:
                 cmd = proxy_command(p, work, a.bin)
-                proxy = Proxy(p, cmd, os.path.join(work, f"{p}-r{rnd}.log")) if cmd else None
+                proxy = Proxy(p, cmd, os.path.join(work, f"{p.replace('/', '_')}-r{rnd}.log")) if cmd else None
                 if proxy:
                     proxy.start()
                 port = LISTEN if cmd else BACKENDS[0]
@@ -742,7 +929,7 @@ def measure(proxies, workloads, a):
                 for w in workloads:
                     if w == "idle" and not cmd:
                         continue
-                    row = run_workload(w, p, port, iperf_port, a.duration, proxy.proc.pid if proxy else None)
+                    row = run_workload(w, p, port, iperf_port, a.duration, proxy.proc.pid if proxy else None, work)
                     # A backend or the proxy that died during the workload invalidates it.
                     fixture.check()
                     if proxy:

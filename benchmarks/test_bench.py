@@ -133,6 +133,81 @@ class PerUnit(unittest.TestCase):
         self.assertEqual(bench.per_unit("idle", {"held": 10, "machine_cpu_s": 1.0, "cpu_s": 0.1}), {})
 
 
+class Counters(unittest.TestCase):
+    def test_context_switches(self):
+        self.assertEqual(bench.ctxt_total("cpu  1 2 3 4 5 6 7 8 9 10\nintr 5 0\nctxt 123456789\nbtime 1\n"),
+                         123456789)
+        with self.assertRaises(ValueError):
+            bench.ctxt_total("cpu  1 2 3\n")
+
+    def test_ipis_from_real_proc_interrupts(self):
+        ipi, _ = bench.interrupt_totals(fixture("proc-interrupts.txt"))
+        # RES 210334 + 6810, CAL 307551 + 159096, TLB 5327 + 3334.
+        self.assertEqual(ipi, 210334 + 6810 + 307551 + 159096 + 5327 + 3334)
+
+    def test_every_per_cpu_row_counts_and_single_count_rows_do_not(self):
+        text = ("           CPU0       CPU1\n"
+                "  0:         10          1  IO-APIC   2-edge      timer\n"
+                "LOC:        100        200   Local timer interrupts\n"
+                "RES:          3          4   Rescheduling interrupts\n"
+                "ERR:          7\n"
+                "MIS:          0\n")
+        self.assertEqual(bench.interrupt_totals(text), (7, 10 + 1 + 100 + 200 + 3 + 4))
+
+    def test_system_calls_counted_by_perf(self):
+        self.assertEqual(bench.parse_perf_count(fixture("perf-stat.csv")), 402064)
+
+    def test_perf_that_counted_nothing_is_not_a_count(self):
+        with self.assertRaisesRegex(ValueError, "perf did not count system calls"):
+            bench.parse_perf_count(fixture("perf-stat-not-counted.csv"))
+        with self.assertRaisesRegex(ValueError, "not a perf stat"):
+            bench.parse_perf_count("Error: no permission\n")
+
+    def test_counts_per_request_and_per_megabyte(self):
+        self.assertEqual(bench.per_unit("ka", {"requests": 1000, "syscalls": 4000, "ctxt": 500, "ipi": 100,
+                                               "irq": 200}),
+                         {"syscalls_per_req": 4.0, "ctxt_per_req": 0.5, "ipi_per_req": 0.1, "irq_per_req": 0.2})
+        self.assertEqual(bench.per_unit("bulk", {"bytes": 2e6, "syscalls": 300}), {"syscalls_per_mb": 150.0})
+
+
+class Rounds(unittest.TestCase):
+    """Medians, spreads, and comparisons taken within a round."""
+
+    def test_median_and_spread(self):
+        self.assertEqual(bench.median([5, 1, 3, None]), 3)
+        self.assertEqual(bench.median([4, 1, 3, 2]), 2.5)
+        self.assertIsNone(bench.median([None]))
+        self.assertEqual(bench.spread([2, None, 9, 4]), (2, 9))
+        self.assertIsNone(bench.spread([]))
+
+    def rows(self):
+        return [{"round": 1, "proxy": "direct", "workload": "ka", "machine_per_100k": 1.0},
+                {"round": 1, "proxy": "nginx", "workload": "ka", "machine_per_100k": 3.0},
+                {"round": 1, "proxy": "sg-auto", "workload": "ka", "machine_per_100k": 2.0},
+                {"round": 2, "proxy": "direct", "workload": "ka", "machine_per_100k": 2.0},
+                {"round": 2, "proxy": "nginx", "workload": "ka", "machine_per_100k": 6.0},
+                {"round": 2, "proxy": "sg-auto", "workload": "ka", "machine_per_100k": 5.0},
+                # A round where direct did not run: no added figure.
+                {"round": 3, "proxy": "nginx", "workload": "ka", "machine_per_100k": 9.0}]
+
+    def test_added_is_taken_against_direct_in_the_same_round(self):
+        rows = self.rows()
+        bench.added_by_round(rows, "ka", "machine_per_100k", "added_per_100k")
+        self.assertEqual([r.get("added_per_100k") for r in rows], [None, 2.0, 1.0, None, 4.0, 3.0, None])
+
+    def test_ratios_are_taken_within_rounds(self):
+        rows = self.rows()
+        bench.added_by_round(rows, "ka", "machine_per_100k", "added_per_100k")
+        self.assertEqual(bench.ratio_by_round(rows, "ka", "added_per_100k", "sg-auto", "nginx"), [0.5, 0.75])
+
+    def test_gate_judges_the_best_probe_by_its_median(self):
+        means = {"ka": {"nginx": {"added_per_100k": 2.0}, "probe-base": {"added_per_100k": 1.6},
+                        "probe-ms": {"added_per_100k": 1.4}}}
+        table = bench.targets_table(means)
+        self.assertIn("| gate: best probe's added machine CPU on keep-alive ≤ 0.72 × best peer | probe-ms 1.4 "
+                      "added_per_100k | nginx 2 (target ≤ 1.44; ×0.70) | yes |", table)
+
+
 class Tools(unittest.TestCase):
     """run_tool and parsed on real processes."""
 
