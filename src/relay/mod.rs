@@ -26,6 +26,7 @@ mod splice;
 mod stream;
 #[cfg(target_os = "linux")]
 pub(crate) mod uring;
+mod woken;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -45,6 +46,7 @@ pub(crate) use stream::{relay_streams, Endpoint};
 
 use crate::config::RelayMode;
 use crate::outcome::Outcome;
+use woken::Woken;
 
 /// Live byte counters are updated at least this often (in bytes moved) and when the relay ends.
 const LIVE_FLUSH: u64 = 64 * 1024;
@@ -229,15 +231,17 @@ pub(crate) async fn relay(
     let mut down_fut = std::pin::pin!(pump(backend, client, &down, &up, opts.mode, start));
     let (ended_up, ended_down) = done;
     let (mut up_done, mut down_done) = done;
+    // Each direction is polled only when its own socket (or ring operation) woke the task.
+    let (up_woken, down_woken) = (Woken::new(), Woken::new());
     let directions = std::future::poll_fn(|cx| {
         if !up_done {
-            if let Poll::Ready(end) = up_fut.as_mut().poll(cx) {
+            if let Poll::Ready(end) = up_woken.poll(cx, |cx| up_fut.as_mut().poll(cx)) {
                 up_done = true;
                 return Poll::Ready((Side::Up, end));
             }
         }
         if !down_done {
-            if let Poll::Ready(end) = down_fut.as_mut().poll(cx) {
+            if let Poll::Ready(end) = down_woken.poll(cx, |cx| down_fut.as_mut().poll(cx)) {
                 down_done = true;
                 return Poll::Ready((Side::Down, end));
             }
@@ -394,6 +398,9 @@ async fn supervise(
     let mut quiet_floor = start.checked_sub(ended.quiet_for).unwrap_or(start);
     let timer = tokio::time::sleep_until(quiet_floor + limit);
     tokio::pin!(timer, cut, directions, carry);
+    // The timer, the cut and `carry` rarely fire: polled only when one of them woke the task, not on
+    // every message (see `woken`).
+    let rare = Woken::new();
     let quiet_since = |floor: Instant| {
         let last = up
             .last_active_ms
@@ -406,34 +413,68 @@ async fn supervise(
         (start + Duration::from_millis(last)).max(floor)
     };
     loop {
-        tokio::select! {
-            (side, r) = &mut directions => {
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready((side, r)) = directions.as_mut().poll(cx) {
+                return Poll::Ready(Event::Direction(side, r));
+            }
+            rare.poll(cx, |cx| {
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Timer);
+                }
+                if let Poll::Ready(end) = cut.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Cut(end));
+                }
+                carry.as_mut().poll(cx).map(|()| Event::Carry)
+            })
+        })
+        .await;
+        match event {
+            Event::Direction(side, r) => {
                 done += 1;
                 match (side, r) {
-                    (Side::Up, DirEnd::Eof) => { first_fin.get_or_insert(Outcome::ClientClosed); }
-                    (Side::Down, DirEnd::Eof) => { first_fin.get_or_insert(Outcome::BackendClosed); }
+                    (Side::Up, DirEnd::Eof) => {
+                        first_fin.get_or_insert(Outcome::ClientClosed);
+                    }
+                    (Side::Down, DirEnd::Eof) => {
+                        first_fin.get_or_insert(Outcome::BackendClosed);
+                    }
                     // The side that failed is gone; the other must see a reset.
-                    (Side::Up, DirEnd::SourceError(e)) => return Supervised::broken(Outcome::ClientReset, false, e),
-                    (Side::Up, DirEnd::DestError(e)) => return Supervised::broken(Outcome::BackendReset, true, e),
-                    (Side::Down, DirEnd::SourceError(e)) => return Supervised::broken(Outcome::BackendReset, true, e),
-                    (Side::Down, DirEnd::DestError(e)) => return Supervised::broken(Outcome::ClientReset, false, e),
+                    (Side::Up, DirEnd::SourceError(e)) => {
+                        return Supervised::broken(Outcome::ClientReset, false, e)
+                    }
+                    (Side::Up, DirEnd::DestError(e)) => {
+                        return Supervised::broken(Outcome::BackendReset, true, e)
+                    }
+                    (Side::Down, DirEnd::SourceError(e)) => {
+                        return Supervised::broken(Outcome::BackendReset, true, e)
+                    }
+                    (Side::Down, DirEnd::DestError(e)) => {
+                        return Supervised::broken(Outcome::ClientReset, false, e)
+                    }
                     // Only after `carry` fired, which is handled below.
                     (_, DirEnd::Carried) => {}
                 };
             }
-            () = &mut timer => {
+            Event::Timer => {
                 let quiet = quiet_since(quiet_floor);
                 if Instant::now() >= quiet + limit {
                     return Supervised::ended(timeout_end);
                 }
                 timer.as_mut().reset(quiet + limit);
+                rare.set();
                 continue;
             }
-            end = &mut cut => {
+            Event::Cut(end) => {
                 // A reset on both sides, so neither mistakes the cut for the end of the stream.
-                return Supervised { end, reset_client: true, reset_backend: true, broken: None, carried: None };
+                return Supervised {
+                    end,
+                    reset_client: true,
+                    reset_backend: true,
+                    broken: None,
+                    carried: None,
+                };
             }
-            () = &mut carry => {
+            Event::Carry => {
                 let quiet = quiet_since(quiet_floor);
                 return stop_for_carry(directions.as_mut(), up, down, first_fin, quiet).await;
             }
@@ -446,7 +487,16 @@ async fn supervise(
         timeout_end = Outcome::HalfCloseTimeout;
         quiet_floor = Instant::now();
         timer.as_mut().reset(quiet_floor + limit);
+        rare.set();
     }
+}
+
+/// What woke a supervised relay.
+enum Event {
+    Direction(Side, DirEnd),
+    Timer,
+    Cut(Outcome),
+    Carry,
 }
 
 /// How a relay stopped for `carry` ends: carried (quiet since `quiet`), or, when both directions

@@ -156,6 +156,9 @@ pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint>(
     let down = Flow::new(live.down);
     let (mut to_backend, mut to_client) = (Half::new(), Half::new());
     let (mut up_done, mut down_done) = (false, false);
+    // Both directions are polled on every wake-up here (no `Woken`): reading a TLS stream may write
+    // to its socket (an alert, a key update) and wait for the write readiness the other direction
+    // waits for, through the socket's single writer waker, which must then wake them both.
     let directions = poll_fn(|cx| {
         if !up_done {
             if let Poll::Ready(end) = to_backend.poll_copy(cx, client, backend, &up, start) {
