@@ -4,12 +4,24 @@
 //! pay a readiness wake-up plus a `recv` and a `send` per message; here the kernel does the waiting
 //! and the copies, and the thread enters it once per batch.
 //!
-//! How it lives beside tokio: every worker thread owns one ring (created on first use). The ring's
-//! descriptor is registered with the worker's tokio reactor (`AsyncFd`), so a completion wakes the
-//! thread like any socket would, and a driver task on the same thread reaps completions and wakes the
-//! futures waiting for them. A future that starts an operation stages its entry with the driver and
-//! wakes it; the driver runs after the tasks already woken in this tick, so their entries go into the
-//! kernel's submission queue together, right before the `io_uring_enter` that submits them.
+//! How it lives beside tokio: every worker thread owns one ring (created on first use), set up with
+//! DEFER_TASKRUN where the kernel has it (6.1+): the work that turns an arrival into a completion is
+//! queued for this thread and run only when it enters the ring, instead of interrupting it (an IPI
+//! from the CPU where the data arrived, a task-work run on its way back to user space) whenever it
+//! is busy. The kernel signals an eventfd registered with the ring when such work is queued; that
+//! eventfd is registered with the worker's tokio reactor (`AsyncFd`), so the thread, asleep in
+//! `epoll_wait`, wakes like it would for a socket, and a driver task on the same thread enters the
+//! ring (which runs the queued work), reaps the completions and wakes the futures waiting for them.
+//! Every entry runs queued work (IORING_ENTER_GETEVENTS), but only a bounded batch of it (20 items
+//! on 6.13+), and what it leaves is not signalled again; so before the driver goes idle after an
+//! entry it asks the ring's own descriptor (`poll(2)`, no wait) whether work is still queued, and
+//! enters again if so. Without DEFER_TASKRUN the ring's own descriptor is what the reactor watches.
+//! A future that starts an operation stages its entry with the driver and wakes it; the driver runs
+//! after the tasks already woken in this tick, so their entries go into the kernel's submission
+//! queue together, right before the `io_uring_enter` that submits them. A receive waits for data
+//! before it tries to read (IORING_RECVSEND_POLL_FIRST): it is started right after the previous
+//! message was passed on, when the next one has almost never arrived, so an attempt at once would
+//! fail and cost a second one.
 //!
 //! Ownership: the kernel writes into a receive buffer and reads a send buffer until the completion
 //! arrives, so an operation ([`Op`]) is built by a constructor that takes its buffer and borrows its
@@ -45,7 +57,7 @@ use std::future::Future;
 use std::io;
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::ptr::NonNull;
 use std::rc::Rc;
@@ -88,6 +100,11 @@ const BACKOFF_CAP: Duration = Duration::from_millis(100);
 const LOG_EVERY: Duration = Duration::from_secs(10);
 /// The `mmap` offset of a ring's submission entries (`IORING_OFF_SQES` in linux/io_uring.h).
 const IORING_OFF_SQES: libc::off_t = 0x1000_0000;
+/// `io_uring_enter`'s flag to reap completions and run the queued work of a DEFER_TASKRUN ring
+/// (`IORING_ENTER_GETEVENTS` in linux/io_uring.h; the `io-uring` crate keeps its constants private).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+/// A receive's `ioprio` flag to wait for data before trying to read (`IORING_RECVSEND_POLL_FIRST`).
+const IORING_RECVSEND_POLL_FIRST: u16 = 1;
 
 /// Whether io_uring can be used in this process, probed once: `Err` names why not.
 pub(crate) fn availability() -> &'static Result<(), String> {
@@ -245,8 +262,16 @@ enum Flushed {
 
 /// One worker thread's ring and the operations in flight on it.
 struct Driver {
-    /// Declared before `ring`, so it is deregistered before the ring's descriptor closes.
+    /// The descriptor the reactor watches: `wake` with DEFER_TASKRUN, else the ring's. Declared
+    /// before both, so it is deregistered before either closes.
     ready: AsyncFd<RawFd>,
+    /// With DEFER_TASKRUN: the eventfd the kernel signals when work for this thread is queued.
+    wake: Option<OwnedFd>,
+    /// With DEFER_TASKRUN: the next pass must enter the ring even with nothing to submit, to run
+    /// the work queued for this thread.
+    owed: Cell<bool>,
+    /// With DEFER_TASKRUN: the ring was entered since the driver last asked it for work left over.
+    entered: Cell<bool>,
     sqes: SqeMap,
     ring: RefCell<IoUring>,
     /// Indexed by the low 32 bits of `user_data`.
@@ -310,30 +335,55 @@ fn ring_sizes() -> (u32, u32) {
     (SQ_ENTRIES, CQ_ENTRIES)
 }
 
+/// This thread's ring, and with DEFER_TASKRUN the eventfd the kernel signals when it queues work
+/// for the thread. SINGLE_ISSUER: only this thread submits (DEFER_TASKRUN requires it). SUBMIT_ALL:
+/// an entry that fails at submission does not stop the rest of the batch. Without DEFER_TASKRUN
+/// (before 6.1, or when the eventfd cannot be had), a ring whose completions wake the thread on their
+/// own; on the oldest kernels, one without either flag. Never SQPOLL: `SqeMap::neutralise` relies
+/// on the kernel reading entries only when this thread enters it.
+fn build_ring() -> io::Result<(IoUring, Option<OwnedFd>)> {
+    let (sq, cq) = ring_sizes();
+    let deferred = IoUring::builder()
+        .setup_cqsize(cq)
+        .setup_single_issuer()
+        .setup_submit_all()
+        .setup_defer_taskrun()
+        .build(sq)
+        .and_then(|ring| {
+            let wake = rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
+            )?;
+            ring.submitter().register_eventfd(wake.as_raw_fd())?;
+            Ok((ring, Some(wake)))
+        });
+    if let Ok(r) = deferred {
+        return Ok(r);
+    }
+    let ring = IoUring::builder()
+        .setup_cqsize(cq)
+        .setup_single_issuer()
+        .setup_submit_all()
+        .build(sq)
+        .or_else(|_| IoUring::builder().setup_cqsize(cq).build(sq))?;
+    Ok((ring, None))
+}
+
 impl Driver {
     fn new() -> io::Result<Driver> {
         tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-        let (sq, cq) = ring_sizes();
-        // SINGLE_ISSUER: only this thread submits (older kernels lack it). SUBMIT_ALL: an entry that
-        // fails at submission does not stop the rest of the batch. Not COOP_TASKRUN nor
-        // DEFER_TASKRUN: both leave a completion's work for the thread's next entry into the kernel
-        // without waking it, and this thread sleeps in epoll_wait, not in io_uring_enter. Never
-        // SQPOLL: `SqeMap::neutralise` relies on the kernel reading entries only when this thread
-        // enters it.
-        let ring = IoUring::builder()
-            .setup_cqsize(cq)
-            .setup_single_issuer()
-            .setup_submit_all()
-            .build(sq)
-            .or_else(|_| IoUring::builder().setup_cqsize(cq).build(sq))?;
+        let (ring, wake) = build_ring()?;
         let sqes = SqeMap::new(&ring)?;
-        // SAFETY: the descriptor is the ring's, which the same `Driver` owns; `ready` is declared
-        // first, so it is deregistered before the ring closes the descriptor.
-        let ready = unsafe {
-            AsyncFd::register_with_interest(ring.as_raw_fd(), tokio::io::Interest::READABLE)?
-        };
+        let watched = wake.as_ref().map_or(ring.as_raw_fd(), |fd| fd.as_raw_fd());
+        // SAFETY: the descriptor is the eventfd or the ring's, both owned by the same `Driver`;
+        // `ready` is declared first, so it is deregistered before either closes.
+        let ready =
+            unsafe { AsyncFd::register_with_interest(watched, tokio::io::Interest::READABLE)? };
         let driver = Driver {
             ready,
+            wake,
+            owed: Cell::new(false),
+            entered: Cell::new(false),
             sqes,
             ring: RefCell::new(ring),
             slots: RefCell::new(Vec::new()),
@@ -434,7 +484,7 @@ impl Driver {
                 let sq = ring.submission();
                 (sq.len(), sq.cq_overflow())
             };
-            if queued == 0 && !overflow {
+            if queued == 0 && !overflow && !self.owed.get() {
                 return Flushed::Done;
             }
             let r = self.enter(queued);
@@ -466,7 +516,8 @@ impl Driver {
         Flushed::More
     }
 
-    /// One `io_uring_enter` for the `queued` entries (the crate adds GETEVENTS on an overflow).
+    /// One `io_uring_enter` for the `queued` entries: with DEFER_TASKRUN it also runs the queued work
+    /// (GETEVENTS, waiting for nothing); without, the crate adds GETEVENTS on an overflow.
     fn enter(&self, queued: usize) -> io::Result<usize> {
         let ring = self.ring.borrow();
         #[cfg(test)]
@@ -480,7 +531,17 @@ impl Driver {
             }
             _ => {}
         }
-        let _ = queued; // only the tests' fault injection needs it
+        if self.wake.is_some() {
+            self.owed.set(false);
+            self.entered.set(true);
+            let n = u32::try_from(queued).unwrap_or(u32::MAX);
+            // SAFETY: submits the `queued` entries pushed (and synced) into the submission queue,
+            // as `submit` does, and reaps without waiting: no argument, no pointer.
+            return unsafe {
+                ring.submitter()
+                    .enter::<libc::sigset_t>(n, 0, IORING_ENTER_GETEVENTS, None)
+            };
+        }
         ring.submit()
     }
 
@@ -488,6 +549,36 @@ impl Driver {
     fn unconsumed(&self, pos: u32) -> bool {
         let len = self.ring.borrow_mut().submission().len();
         still_queued(pos, self.pushed.get(), len)
+    }
+
+    /// With DEFER_TASKRUN, after an entry: whether work the entry did not get to is still queued for
+    /// this thread (see the module's header). One `poll(2)` of the ring's descriptor, without
+    /// waiting, per pass that entered and found nothing else to do. An error (none is expected for
+    /// a zero wait on a descriptor this driver owns) counts as nothing left: the next arrival
+    /// signals the eventfd and its entry runs what was left as well.
+    fn work_left(&self) -> bool {
+        if self.wake.is_none() || !self.entered.replace(false) {
+            return false;
+        }
+        let ring = self.ring.borrow();
+        // SAFETY: the ring's descriptor, open for as long as `ring` is borrowed, which outlives
+        // `fd` (this version of the crate has no `AsFd` for the ring).
+        let fd = unsafe { BorrowedFd::borrow_raw(ring.as_raw_fd()) };
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        let now = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut fds, Some(&now)) {
+            Ok(n) => n > 0,
+            Err(e) => {
+                tracing::debug!(error = %e, "io_uring ring cannot be asked for work left");
+                false
+            }
+        }
     }
 
     /// Takes every completion: stores its result and wakes its future, or frees an orphan's buffer.
@@ -752,6 +843,14 @@ impl Future for DriverTask {
                 reaped += d.reap();
             }
             match d.ready.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut guard)) if d.wake.is_some() => {
+                    // Work is queued: the next round enters the ring to run it. Cleared first, so
+                    // work queued after that entry signals the eventfd again (the kernel signals it
+                    // when work is queued for an idle ring; its count is never read, readiness is
+                    // edge-triggered).
+                    guard.clear_ready();
+                    d.owed.set(true);
+                }
                 Poll::Ready(Ok(mut guard)) => {
                     // Readiness is cleared only once the queue is seen empty; a completion posted
                     // after this check raises a new edge. Entries left unsubmitted do not keep it
@@ -765,7 +864,12 @@ impl Future for DriverTask {
                     return Poll::Ready(());
                 }
                 Poll::Pending => {
-                    if more {
+                    if !more && !d.owed.get() && d.work_left() {
+                        d.owed.set(true);
+                    }
+                    // Owed an entry: after the futures just woken have run and staged what they
+                    // start next, which that entry then submits.
+                    if more || d.owed.get() {
                         cx.waker().wake_by_ref();
                     }
                     return Poll::Pending;
@@ -792,7 +896,9 @@ impl<'fd> Op<'fd> {
     /// A receive from `fd` into the whole of `buf`.
     fn recv(fd: BorrowedFd<'fd>, mut buf: Box<[u8]>) -> io::Result<Op<'fd>> {
         let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-        let entry = opcode::Recv::new(types::Fd(fd.as_raw_fd()), buf.as_mut_ptr(), len).build();
+        let entry = opcode::Recv::new(types::Fd(fd.as_raw_fd()), buf.as_mut_ptr(), len)
+            .ioprio(IORING_RECVSEND_POLL_FIRST)
+            .build();
         // SAFETY: the entry points at the first `len` bytes of `buf`'s heap allocation, which
         // `start` takes (moving the box does not move the allocation), and targets `fd`, borrowed
         // for `'fd`.

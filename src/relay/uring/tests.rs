@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
+use futures_util::future::join_all;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -569,4 +570,68 @@ fn a_tiny_failing_ring_keeps_every_stream_exact_while_operations_are_dropped() {
         assert_eq!(s.backoffs, s.failed_submits, "{s:?}");
         eprintln!("tiny ring: {s:?}");
     });
+}
+
+/// With DEFER_TASKRUN one entry runs a bounded batch of the work queued for the thread (20 items),
+/// and what it leaves is not signalled again. Here every byte arrives while the thread is busy (out
+/// of the ring), and the first receives' data is then taken before the ring is entered: the first
+/// entries run only their wake-ups, which find nothing to read and complete nothing. Every other
+/// receive must still complete, with nothing else happening afterwards.
+#[test]
+fn receives_queued_behind_a_batch_that_completed_nothing_still_complete() {
+    run(|| async {
+        setup(None, |_| None);
+        const N: usize = 200;
+        // More than two entries' worth of wake-ups that complete nothing.
+        const TAKEN: usize = 50;
+        let l = listener().await;
+        let (mut clients, mut servers) = (Vec::new(), Vec::new());
+        for _ in 0..N {
+            let (c, s) = pair(&l).await;
+            clients.push(c.into_std().unwrap());
+            servers.push(s);
+        }
+        let (taken, rest) = servers.split_at(TAKEN);
+        let mut first = std::pin::pin!(join_all(taken.iter().map(recv).collect::<Vec<_>>()));
+        let mut others = std::pin::pin!(join_all(rest.iter().map(recv).collect::<Vec<_>>()));
+        // Polled once: every receive staged; then submitted (and waiting for data) by the driver.
+        assert!(futures_util::poll!(first.as_mut()).is_pending());
+        assert!(futures_util::poll!(others.as_mut()).is_pending());
+        eventually("every receive submitted", || queued() == 0).await;
+        assert!(
+            existing_driver(None).is_some_and(|d| d.wake.is_some()),
+            "this kernel (6.1+) runs the ring with DEFER_TASKRUN"
+        );
+        // This thread blocks (it does not enter the ring) while every byte arrives, in order.
+        let clients = std::thread::spawn(move || {
+            for c in &mut clients {
+                std::io::Write::write_all(c, b"x").unwrap();
+            }
+            clients
+        })
+        .join()
+        .unwrap();
+        for s in taken {
+            let mut b = [0u8; 8];
+            let n = rustix::net::recv(s, &mut b, rustix::net::RecvFlags::DONTWAIT).unwrap();
+            assert_eq!(n.0, 1);
+        }
+        let done = within("every receive whose data is there completes", others).await;
+        assert!(done.iter().all(|(r, _)| *r == 1), "{:?}", results(&done));
+        // The receives whose data was taken are still waiting, and complete on the next bytes.
+        assert!(futures_util::poll!(first.as_mut()).is_pending());
+        for c in &clients[..TAKEN] {
+            std::io::Write::write_all(&mut &*c, b"y").unwrap();
+        }
+        let done = within("the receives whose data was taken complete", first).await;
+        assert!(done.iter().all(|(r, _)| *r == 1), "{:?}", results(&done));
+    });
+}
+
+fn recv(s: &TcpStream) -> Op<'_> {
+    Op::recv(s.as_fd(), buf()).unwrap()
+}
+
+fn results(done: &[(i32, Box<[u8]>)]) -> Vec<i32> {
+    done.iter().map(|(r, _)| *r).collect()
 }
