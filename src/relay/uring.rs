@@ -553,7 +553,7 @@ impl Driver {
 
     /// With DEFER_TASKRUN, after an entry: whether work the entry did not get to is still queued for
     /// this thread (see the module's header). One `poll(2)` of the ring's descriptor, without
-    /// waiting, per pass that entered and found nothing else to do. An error (none is expected for
+    /// waiting, where a chain of entries ends with nothing else to do. An error (none is expected for
     /// a zero wait on a descriptor this driver owns) counts as nothing left: the next arrival
     /// signals the eventfd and its entry runs what was left as well.
     fn work_left(&self) -> bool {
@@ -864,12 +864,16 @@ impl Future for DriverTask {
                     return Poll::Ready(());
                 }
                 Poll::Pending => {
-                    if !more && !d.owed.get() && d.work_left() {
+                    // The ring is asked for work left over only at the end of a chain of entries:
+                    // a pass that completed something woke futures, which run next and usually
+                    // stage entries, so it polls again after them (`entered` still set) instead.
+                    let settling = reaped > 0 && d.entered.get();
+                    if !more && !d.owed.get() && !settling && d.work_left() {
                         d.owed.set(true);
                     }
                     // Owed an entry: after the futures just woken have run and staged what they
                     // start next, which that entry then submits.
-                    if more || d.owed.get() {
+                    if more || d.owed.get() || settling {
                         cx.waker().wake_by_ref();
                     }
                     return Poll::Pending;
