@@ -10,7 +10,7 @@
 // loop), TCP_NODELAY both ways, half-close passed on with shutdown(2) (IORING_OP_SHUTDOWN is always
 // punted to an io-wq worker), a reset passed on as a reset.
 //   base  one recv and one send in flight per direction, a 16 KiB buffer per direction, a blocking
-//         connect(2), close(2): the throw-away probe of ../shared/probes (the starting point).
+//         connect(2), close(2): the team's earlier throw-away probe (the starting point).
 //   ms    multishot receive into a ring of provided buffers shared by every connection; sends in
 //         order from a per-direction queue; the receive is cancelled when its queue holds CAP
 //         buffers and re-armed when it drains (ENOBUFS too re-arms once a buffer is back).
