@@ -13,7 +13,7 @@
 //! `epoll_wait`, wakes like it would for a socket, and a driver task on the same thread enters the
 //! ring (which runs the queued work), reaps the completions and wakes the futures waiting for them.
 //! Every entry runs queued work (IORING_ENTER_GETEVENTS), but only a bounded batch of it (20 items
-//! on 6.13+), and what it leaves is not signalled again; so before the driver goes idle after an
+//! on recent kernels), and what it leaves is not signalled again; so before the driver goes idle after an
 //! entry it asks the ring's own descriptor (`poll(2)`, no wait) whether work is still queued, and
 //! enters again if so. Without DEFER_TASKRUN the ring's own descriptor is what the reactor watches.
 //! A future that starts an operation stages its entry with the driver and wakes it; the driver runs
