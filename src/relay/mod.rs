@@ -413,47 +413,20 @@ async fn supervise(
         (start + Duration::from_millis(last)).max(floor)
     };
     loop {
-        let event = std::future::poll_fn(|cx| {
-            if let Poll::Ready((side, r)) = directions.as_mut().poll(cx) {
-                return Poll::Ready(Event::Direction(side, r));
-            }
-            rare.poll(cx, |cx| {
-                if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Timer);
-                }
-                if let Poll::Ready(end) = cut.as_mut().poll(cx) {
-                    return Poll::Ready(Event::Cut(end));
-                }
-                carry.as_mut().poll(cx).map(|()| Event::Carry)
-            })
-        })
+        let event = next_event(
+            directions.as_mut(),
+            timer.as_mut(),
+            cut.as_mut(),
+            carry.as_mut(),
+            &rare,
+        )
         .await;
         match event {
             Event::Direction(side, r) => {
                 done += 1;
-                match (side, r) {
-                    (Side::Up, DirEnd::Eof) => {
-                        first_fin.get_or_insert(Outcome::ClientClosed);
-                    }
-                    (Side::Down, DirEnd::Eof) => {
-                        first_fin.get_or_insert(Outcome::BackendClosed);
-                    }
-                    // The side that failed is gone; the other must see a reset.
-                    (Side::Up, DirEnd::SourceError(e)) => {
-                        return Supervised::broken(Outcome::ClientReset, false, e)
-                    }
-                    (Side::Up, DirEnd::DestError(e)) => {
-                        return Supervised::broken(Outcome::BackendReset, true, e)
-                    }
-                    (Side::Down, DirEnd::SourceError(e)) => {
-                        return Supervised::broken(Outcome::BackendReset, true, e)
-                    }
-                    (Side::Down, DirEnd::DestError(e)) => {
-                        return Supervised::broken(Outcome::ClientReset, false, e)
-                    }
-                    // Only after `carry` fired, which is handled below.
-                    (_, DirEnd::Carried) => {}
-                };
+                if let Some(broken) = direction_ended(side, r, &mut first_fin) {
+                    return broken;
+                }
             }
             Event::Timer => {
                 let quiet = quiet_since(quiet_floor);
@@ -497,6 +470,66 @@ enum Event {
     Timer,
     Cut(Outcome),
     Carry,
+}
+
+/// The next event of a supervised relay: a direction's end, looked at first (a direction is what
+/// wakes the task almost every time), else the timer, the cut or `carry`, which are polled only when
+/// one of them woke the task (see `woken`).
+fn next_event<'a, D, C, K>(
+    mut directions: Pin<&'a mut D>,
+    mut timer: Pin<&'a mut tokio::time::Sleep>,
+    mut cut: Pin<&'a mut C>,
+    mut carry: Pin<&'a mut K>,
+    rare: &'a Woken,
+) -> impl Future<Output = Event> + 'a
+where
+    D: Future<Output = (Side, DirEnd)>,
+    C: Future<Output = Outcome>,
+    K: Future<Output = ()>,
+{
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready((side, r)) = directions.as_mut().poll(cx) {
+            return Poll::Ready(Event::Direction(side, r));
+        }
+        rare.poll(cx, |cx| {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timer);
+            }
+            if let Poll::Ready(end) = cut.as_mut().poll(cx) {
+                return Poll::Ready(Event::Cut(end));
+            }
+            carry.as_mut().poll(cx).map(|()| Event::Carry)
+        })
+    })
+}
+
+/// What a direction's end means for the relay: `Some` when a side broke (the side that failed is
+/// gone; the other must see a reset), else nothing, after noting which side sent the first FIN.
+fn direction_ended(side: Side, end: DirEnd, first_fin: &mut Option<Outcome>) -> Option<Supervised> {
+    match (side, end) {
+        (Side::Up, DirEnd::Eof) => {
+            first_fin.get_or_insert(Outcome::ClientClosed);
+            None
+        }
+        (Side::Down, DirEnd::Eof) => {
+            first_fin.get_or_insert(Outcome::BackendClosed);
+            None
+        }
+        (Side::Up, DirEnd::SourceError(e)) => {
+            Some(Supervised::broken(Outcome::ClientReset, false, e))
+        }
+        (Side::Up, DirEnd::DestError(e)) => {
+            Some(Supervised::broken(Outcome::BackendReset, true, e))
+        }
+        (Side::Down, DirEnd::SourceError(e)) => {
+            Some(Supervised::broken(Outcome::BackendReset, true, e))
+        }
+        (Side::Down, DirEnd::DestError(e)) => {
+            Some(Supervised::broken(Outcome::ClientReset, false, e))
+        }
+        // Only after `carry` fired, which `supervise` handles.
+        (_, DirEnd::Carried) => None,
+    }
 }
 
 /// How a relay stopped for `carry` ends: carried (quiet since `quiet`), or, when both directions
