@@ -207,11 +207,16 @@ pub(crate) fn engine_for(mode: RelayMode, service: &str) -> RelayMode {
 /// quiet point and returns what it had read and not written ([`Relayed::carried`]), the sockets
 /// untouched. `resumed` starts a relay where another process left it. On return, resets have been armed
 /// (SO_LINGER 0) on the side that must see one; the caller closes both sockets by dropping them.
-pub(crate) async fn relay(
+///
+/// `cut` comes pinned by the caller, and every future here is pinned once and lent down: an async
+/// fn keeps room for each argument it takes by value beside the local it moves it into, so a future
+/// passed down two layers by value is stored three times in every connection's task (this was half
+/// of an idle connection's memory).
+pub(crate) async fn relay<C: Future<Output = Outcome>>(
     client: &TcpStream,
     backend: &TcpStream,
     opts: &RelayOptions,
-    cut: impl std::future::Future<Output = Outcome>,
+    cut: Pin<&mut C>,
     carry: Option<&CancellationToken>,
     live: LiveCounters<'_>,
     resumed: Option<Resumed>,
@@ -233,7 +238,7 @@ pub(crate) async fn relay(
     let (mut up_done, mut down_done) = done;
     // Each direction is polled only when its own socket (or ring operation) woke the task.
     let (up_woken, down_woken) = (Woken::new(), Woken::new());
-    let directions = std::future::poll_fn(|cx| {
+    let directions = std::pin::pin!(std::future::poll_fn(|cx| {
         if !up_done {
             if let Poll::Ready(end) = up_woken.poll(cx, |cx| up_fut.as_mut().poll(cx)) {
                 up_done = true;
@@ -247,18 +252,18 @@ pub(crate) async fn relay(
             }
         }
         Poll::Pending
-    });
+    }));
     let ended = Ended {
         up: ended_up,
         down: ended_down,
         quiet_for,
     };
-    let carry = async {
+    let carry = std::pin::pin!(async {
         match carry {
             Some(c) => c.cancelled().await,
             None => std::future::pending().await,
         }
-    };
+    });
     let supervised = supervise(directions, &up, &down, opts, start, cut, carry, ended).await;
     conclude(supervised, &up, &down, client, backend)
 }
@@ -367,18 +372,24 @@ impl Supervised {
 /// inactivity timer: `idle_timeout` while both directions flow, `half_close_timeout` once one has
 /// ended (HAProxy's `timeout client-fin`: a half-closed connection may still stream for hours as long
 /// as bytes keep moving); half-closing restarts the clock. `ended` is where a carried connection
-/// starts: directions already ended, and the silence it brings along.
+/// starts: directions already ended, and the silence it brings along. The futures come pinned, each
+/// stored once, by the engine's relay (see [`relay`]).
 #[allow(clippy::too_many_arguments)]
-async fn supervise(
-    directions: impl std::future::Future<Output = (Side, DirEnd)>,
+async fn supervise<D, C, K>(
+    mut directions: Pin<&mut D>,
     up: &Flow<'_>,
     down: &Flow<'_>,
     opts: &RelayOptions,
     start: Instant,
-    cut: impl std::future::Future<Output = Outcome>,
-    carry: impl std::future::Future<Output = ()>,
+    mut cut: Pin<&mut C>,
+    mut carry: Pin<&mut K>,
     ended: Ended,
-) -> Supervised {
+) -> Supervised
+where
+    D: Future<Output = (Side, DirEnd)>,
+    C: Future<Output = Outcome>,
+    K: Future<Output = ()>,
+{
     let mut done = u8::from(ended.up) + u8::from(ended.down);
     let mut first_fin: Option<Outcome> = match (ended.up, ended.down) {
         (true, _) => Some(Outcome::ClientClosed),
@@ -397,7 +408,7 @@ async fn supervise(
     // Silence carried in counts: the timers run on from where the other process left them.
     let mut quiet_floor = start.checked_sub(ended.quiet_for).unwrap_or(start);
     let timer = tokio::time::sleep_until(quiet_floor + limit);
-    tokio::pin!(timer, cut, directions, carry);
+    tokio::pin!(timer);
     // The timer, the cut and `carry` rarely fire: polled only when one of them woke the task, not on
     // every message (see `woken`).
     let rare = Woken::new();
@@ -449,7 +460,9 @@ async fn supervise(
             }
             Event::Carry => {
                 let quiet = quiet_since(quiet_floor);
-                return stop_for_carry(directions.as_mut(), up, down, first_fin, quiet).await;
+                // Boxed: only an upgrade stops a relay, and every task would keep room for it.
+                let stop = stop_for_carry(directions.as_mut(), up, down, first_fin, quiet);
+                return Box::pin(stop).await;
             }
         }
         // A direction ended with EOF.
@@ -667,6 +680,10 @@ impl<'a> Flow<'a> {
 /// One direction: read from `src`, write everything to `dst`, until EOF or an error. Whenever it waits
 /// holding bytes it has not written, they are parked in `flow` (so a relay stopped for `carry` finds
 /// them there), and bytes parked there before it starts (a carried connection's) go out first.
+///
+/// The ring and splice pumps are boxed: a task is as large as its largest state, and every idle
+/// connection's task would otherwise keep room for them (one allocation per direction that takes
+/// one of those paths).
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -678,19 +695,19 @@ async fn pump(
     #[cfg(target_os = "linux")]
     if mode == RelayMode::Uring && uring::usable() {
         flow.uring.store(true, Relaxed);
-        if let Some(end) = uring::pump(src, dst, flow, other, start).await {
+        if let Some(end) = Box::pin(uring::pump(src, dst, flow, other, start)).await {
             return end;
         }
         // Bulk: spliced, as `auto` does (the socket is still registered with the reactor, so the
         // epoll engines can take it over); with no pipe free, copied below.
         if let Some(pipe) = splice::PipeLease::acquire() {
-            return pump_splice(src, dst, flow, other, pipe, start).await;
+            return Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await;
         }
     }
     #[cfg(target_os = "linux")]
     if mode == RelayMode::Splice {
         if let Some(pipe) = splice::PipeLease::acquire() {
-            return pump_splice(src, dst, flow, other, pipe, start).await;
+            return Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await;
         }
     }
     // The direction's own buffer, once the destination has pushed back (see `copy_through_scratch`).
@@ -710,10 +727,10 @@ async fn pump(
         if matches!(mode, RelayMode::Auto | RelayMode::Uring) && last_read == COPY_BUF {
             if let Some(pipe) = splice::PipeLease::acquire() {
                 drop(own);
-                return pump_splice(src, dst, flow, other, pipe, start).await;
+                return Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await;
             }
         }
-        if let Err(e) = src.readable().await {
+        if let Err(e) = read_ready(src).await {
             return DirEnd::SourceError(e);
         }
         if let Some(mut b) = own.take() {
@@ -765,10 +782,23 @@ async fn write_pending(
             freed = Some(p.buf);
         } else {
             flow.pending.put(p);
-            dst.writable().await?;
+            write_ready(dst).await?;
         }
     }
     Ok(freed)
+}
+
+/// Waits until `s` may have bytes to read. A relay has one reader per socket, so the socket's single
+/// read waker (`poll_read_ready`) is enough, and the wait keeps nothing in the task, where
+/// `TcpStream::readable()`, which queues any number of waiters, keeps 152 bytes per direction for
+/// every idle connection.
+fn read_ready(s: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
+    std::future::poll_fn(move |cx| s.poll_read_ready(cx))
+}
+
+/// Waits until `s` may take bytes; one writer per socket, as [`read_ready`] has one reader.
+fn write_ready(s: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
+    std::future::poll_fn(move |cx| s.poll_write_ready(cx))
 }
 
 /// Writes what it can of `p` without waiting: `Ok(true)` when all of it is out.

@@ -5,7 +5,7 @@
 //! counted as they are written, the same timers and cut. Everything in user space: the bytes must be
 //! decrypted or encrypted here, so neither splice nor the ring can move them.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -143,12 +143,12 @@ impl Half {
 
 /// Relays between two streams until both directions end, one side fails, a timer fires or `cut`
 /// completes. On return, resets have been armed on the sockets that must see one; the caller closes
-/// both by dropping them.
-pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint>(
+/// both by dropping them. `cut` comes pinned, as [`super::relay`]'s does.
+pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint, K: Future<Output = Outcome>>(
     client: &mut C,
     backend: &mut B,
     opts: &RelayOptions,
-    cut: impl std::future::Future<Output = Outcome>,
+    cut: Pin<&mut K>,
     live: LiveCounters<'_>,
 ) -> Relayed {
     let start = Instant::now();
@@ -159,7 +159,7 @@ pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint>(
     // Both directions are polled on every wake-up here (no `Woken`): reading a TLS stream may write
     // to its socket (an alert, a key update) and wait for the write readiness the other direction
     // waits for, through the socket's single writer waker, which must then wake them both.
-    let directions = poll_fn(|cx| {
+    let directions = std::pin::pin!(poll_fn(|cx| {
         if !up_done {
             if let Poll::Ready(end) = to_backend.poll_copy(cx, client, backend, &up, start) {
                 up_done = true;
@@ -173,9 +173,9 @@ pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint>(
             }
         }
         Poll::Pending
-    });
+    }));
     // Never carried: the TLS state lives in this process (the connection drains here instead).
-    let carry = std::future::pending();
+    let carry = std::pin::pin!(std::future::pending());
     let supervised = supervise(
         directions,
         &up,

@@ -257,7 +257,8 @@ async fn attempt(
         None => BackendStream::Plain(stream),
         Some(tls) => {
             let name = tls.name_for(backend.dns_name().as_deref(), addr.ip());
-            match tls.connect(stream, name).await {
+            // Boxed: a plain connection's task need not keep room for a TLS handshake.
+            match Box::pin(tls.connect(stream, name)).await {
                 Ok(s) => BackendStream::Tls(Box::new(s)),
                 Err(e) => {
                     tracing::debug!(backend = %addr, error = %e, "TLS handshake with the backend failed");

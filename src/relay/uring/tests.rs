@@ -385,12 +385,12 @@ async fn tiny_ring_relay(
         idle_timeout: Duration::from_secs(1),
         half_close_timeout: Duration::from_secs(10),
     };
-    let cut = async move {
+    let cut = std::pin::pin!(async move {
         match cut_rx.await {
             Ok(()) => Outcome::DrainDeadline,
             Err(_) => std::future::pending().await,
         }
-    };
+    });
     let live = LiveCounters {
         up: &up,
         down: &down,
