@@ -289,6 +289,30 @@ enum ClientStream {
     Tls(Box<ServerStream>),
 }
 
+/// A client refused before its relay: why, and its socket, held so that it closes only once the
+/// refusal is counted and logged (a client that sees the close then finds its routing line, and its
+/// next connection, perhaps on another worker, cannot be logged before it). A TLS handshake that
+/// fails has closed its socket already.
+struct Refused {
+    end: Outcome,
+    _client: Option<ClientStream>,
+}
+
+impl Refused {
+    fn with(end: Outcome, client: ClientStream) -> Refused {
+        Refused {
+            end,
+            _client: Some(client),
+        }
+    }
+}
+
+impl From<Outcome> for Refused {
+    fn from(end: Outcome) -> Refused {
+        Refused { end, _client: None }
+    }
+}
+
 /// An admitted, connected client: both sides, and its place in the source table (held until it
 /// ends).
 struct Admitted {
@@ -331,9 +355,11 @@ fn serve_taken(
             .await;
             match admitted {
                 Ok(a) => a,
-                // Dropping the client closes it at once; nothing was relayed.
+                // Nothing was relayed; the client closes once its refusal is accounted.
                 Err(refused) => {
-                    return span.in_scope(|| account(&service, &record, refused_ending(refused)))
+                    span.in_scope(|| account(&service, &record, refused_ending(refused.end)));
+                    drop(refused);
+                    return;
                 }
             }
         };
@@ -351,14 +377,18 @@ async fn admit_and_connect(
     record: &mut Record,
     entry: Entry,
     deadline: &CancellationToken,
-) -> Result<Admitted, Outcome> {
+) -> Result<Admitted, Refused> {
     // The address the client reached, for a header sent on: the one a header in names, else ours.
     let reached = match entry.proxied {
         Some(reached) => reached,
         None => {
             let warnings = &service.occupancy.proxy_warnings;
             let accept = service.accept_proxy.as_ref();
-            entry::accept_header(&mut client, peer, accept, warnings, record, deadline).await?
+            match entry::accept_header(&mut client, peer, accept, warnings, record, deadline).await
+            {
+                Ok(reached) => reached,
+                Err(end) => return Err(Refused::with(end, ClientStream::Plain(client))),
+            }
         }
     };
     let dst = reached.or_else(|| client.local_addr().ok()).unwrap_or(peer);
@@ -369,10 +399,16 @@ async fn admit_and_connect(
         service.max_connections,
         Instant::now(),
     );
-    let source = admitted.map_err(|r| match r {
-        Refusal::Denied => Outcome::Denied,
-        Refusal::SourceLimit => Outcome::SourceLimit,
-    })?;
+    let source = match admitted {
+        Ok(source) => source,
+        Err(r) => {
+            let end = match r {
+                Refusal::Denied => Outcome::Denied,
+                Refusal::SourceLimit => Outcome::SourceLimit,
+            };
+            return Err(Refused::with(end, ClientStream::Plain(client)));
+        }
+    };
     let mut facts = proxy_protocol::Tls {
         authority: record.sni.clone(),
         alpn: entry.offered_alpn,
@@ -395,10 +431,14 @@ async fn admit_and_connect(
         forward: &forward,
         reached_port: Some(dst.port()),
     };
-    let backend = tokio::select! {
+    let connected = tokio::select! {
         c = connect(service, origin, record, &out) => c,
         () = deadline.cancelled() => Err(Outcome::DrainDeadline),
-    }?;
+    };
+    let backend = match connected {
+        Ok(backend) => backend,
+        Err(end) => return Err(Refused::with(end, client)),
+    };
     Ok(Admitted {
         client,
         backend,
