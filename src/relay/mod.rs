@@ -682,8 +682,9 @@ impl<'a> Flow<'a> {
 /// them there), and bytes parked there before it starts (a carried connection's) go out first.
 ///
 /// The ring and splice pumps are boxed: a task is as large as its largest state, and every idle
-/// connection's task would otherwise keep room for them (one allocation per direction that takes
-/// one of those paths).
+/// `auto` or `copy` connection's task would otherwise keep room for them. The box is one
+/// allocation per direction that takes one of those paths: under `relay: splice` or `uring` that is
+/// every direction from the start, and a `uring` direction that falls back to splice takes two.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,

@@ -338,7 +338,8 @@ fn serve_taken(
     span: tracing::Span,
 ) -> impl Future<Output = ()> {
     async move {
-        // Named, so that the block owns the slot until the session ends.
+        // This mention is what moves the slot into the block, so that it is held until the
+        // session ends: without it the slot would be dropped when `serve_taken` returns, at spawn.
         let _slot = &slot;
         // In a block of its own, so that its room is not kept through the relay.
         let a = {
