@@ -365,6 +365,18 @@ impl Supervised {
             carried: None,
         }
     }
+
+    /// Cut from outside (a drain deadline, the backend's sessions cut): a reset on both sides, so
+    /// neither mistakes the cut for the end of the stream.
+    fn cut(end: Outcome) -> Supervised {
+        Supervised {
+            end,
+            reset_client: true,
+            reset_backend: true,
+            broken: None,
+            carried: None,
+        }
+    }
 }
 
 /// The part of a relay every engine shares: waits on `directions` (which yields each direction's end
@@ -448,16 +460,7 @@ where
                 rare.set();
                 continue;
             }
-            Event::Cut(end) => {
-                // A reset on both sides, so neither mistakes the cut for the end of the stream.
-                return Supervised {
-                    end,
-                    reset_client: true,
-                    reset_backend: true,
-                    broken: None,
-                    carried: None,
-                };
-            }
+            Event::Cut(end) => return Supervised::cut(end),
             Event::Carry => {
                 let quiet = quiet_since(quiet_floor);
                 // Boxed: only an upgrade stops a relay, and every task would keep room for it.

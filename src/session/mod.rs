@@ -578,26 +578,7 @@ fn relay_and_account<'a>(
             }
         };
         relayed.bytes_up += forwarded;
-        let stats = &service.stats;
-        stats.bytes_up.fetch_add(relayed.bytes_up, Relaxed);
-        stats.bytes_down.fetch_add(relayed.bytes_down, Relaxed);
-        if relayed.spliced {
-            stats.spliced.fetch_add(1, Relaxed);
-        }
-        if relayed.uring {
-            stats.uring.fetch_add(1, Relaxed);
-        }
-        let ending = Ending {
-            bytes_up: relayed.bytes_up,
-            bytes_down: relayed.bytes_down,
-            end: relayed.end,
-        };
-        span.in_scope(|| {
-            if let Some(e) = &relayed.broken {
-                tracing::debug!(end = relayed.end.as_str(), error = %e, "relay broken");
-            }
-            account(service, record, ending);
-        });
+        span.in_scope(|| account_relayed(service, record, &relayed));
         // Close both now (the relay may have left a FIN, or an armed reset, to this close).
         let Admitted {
             client,
@@ -608,6 +589,29 @@ fn relay_and_account<'a>(
         drop(c);
         drop(client);
     }
+}
+
+/// The end of a relayed connection: its bytes and engine in the service's totals, how it broke
+/// (at debug), and its routing line.
+fn account_relayed(service: &Service, record: &Record, relayed: &Relayed) {
+    let stats = &service.stats;
+    stats.bytes_up.fetch_add(relayed.bytes_up, Relaxed);
+    stats.bytes_down.fetch_add(relayed.bytes_down, Relaxed);
+    if relayed.spliced {
+        stats.spliced.fetch_add(1, Relaxed);
+    }
+    if relayed.uring {
+        stats.uring.fetch_add(1, Relaxed);
+    }
+    if let Some(e) = &relayed.broken {
+        tracing::debug!(end = relayed.end.as_str(), error = %e, "relay broken");
+    }
+    let ending = Ending {
+        bytes_up: relayed.bytes_up,
+        bytes_down: relayed.bytes_down,
+        end: relayed.end,
+    };
+    account(service, record, ending);
 }
 
 /// Where a carried connection's relay starts: what it held, and the bytes it had moved.
