@@ -1,8 +1,19 @@
-//! The io_uring engine (`relay: uring`): each direction keeps one receive or one send in flight on
-//! the worker thread's ring, and every operation the worker's sessions start in one scheduler tick
-//! is submitted with one `io_uring_enter`, their completions reaped in one pass. The epoll engines
-//! pay a readiness wake-up plus a `recv` and a `send` per message; here the kernel does the waiting
-//! and the copies, and the thread enters it once per batch.
+//! The io_uring engine (`relay: uring`): each direction keeps a multishot receive armed (where the
+//! kernel has them, 6.0+) and one send in flight on the worker thread's ring, and every operation
+//! the worker's sessions start in one scheduler tick is submitted with one `io_uring_enter`, their
+//! completions reaped in one pass. The epoll engines pay a readiness wake-up plus a `recv` and a
+//! `send` per message; here the kernel does the waiting and the copies, and the thread enters it
+//! once per batch.
+//!
+//! A multishot receive is armed once and completes once per message, each into a buffer the
+//! kernel takes from the ring's pool of provided buffers (`bufs.rs`), instead of one receive (and
+//! one internal poll) armed per message. The direction copies each message out into its own
+//! buffer and gives the pool buffer back at once. Two limits keep the shared pool from running
+//! dry: a direction whose destination pushes back has its receive cancelled once it holds
+//! [`STREAM_CAP`] pool buffers, and armed again once what it holds is sent; and a receive the pool
+//! could not serve (ENOBUFS) is followed by one one-shot receive into the direction's own buffer,
+//! so a dry pool slows a direction and never stalls it. Where the kernel has no provided-buffer
+//! rings (before 5.19) or refuses a multishot receive (before 6.0), every receive is one-shot.
 //!
 //! How it lives beside tokio: every worker thread owns one ring (created on first use), set up with
 //! DEFER_TASKRUN where the kernel has it (6.1+): the work that turns an arrival into a completion is
@@ -18,10 +29,10 @@
 //! enters again if so. Without DEFER_TASKRUN the ring's own descriptor is what the reactor watches.
 //! A future that starts an operation stages its entry with the driver and wakes it; the driver runs
 //! after the tasks already woken in this tick, so their entries go into the kernel's submission
-//! queue together, right before the `io_uring_enter` that submits them. A receive waits for data
-//! before it tries to read (IORING_RECVSEND_POLL_FIRST): it is started right after the previous
-//! message was passed on, when the next one has almost never arrived, so an attempt at once would
-//! fail and cost a second one.
+//! queue together, right before the `io_uring_enter` that submits them. A one-shot receive waits
+//! for data before it tries to read (IORING_RECVSEND_POLL_FIRST): it is started right after the
+//! previous message was passed on, when the next one has almost never arrived, so an attempt at once
+//! would fail and cost a second one.
 //!
 //! Ownership: the kernel writes into a receive buffer and reads a send buffer until the completion
 //! arrives, so an operation ([`Op`]) is built by a constructor that takes its buffer and borrows its
@@ -47,8 +58,14 @@
 //! in its overflow list (IORING_FEAT_NODROP) until an `io_uring_enter` moves them back; the driver
 //! makes that call whenever the ring reports an overflow.
 //!
+//! Ownership of a multishot receive ([`MultiRecv`]) is the same, except that the memory the kernel
+//! writes into is the pool's, which lives as long as the ring; a dropped one's queued buffers go back
+//! to the pool at once, and its slot stays until the kernel's last completion for it, each of which
+//! gives its buffer back.
+//!
 //! Memory: a direction's buffer starts at 2 KiB (requests and responses fit) and grows to 16 KiB
-//! only after a receive fills it, so an idle connection holds 4 KiB, and at most 32 KiB in bulk.
+//! only after a receive fills it, so an idle connection holds 4 KiB, and at most 32 KiB in bulk;
+//! and each ring's pool, 1 MiB, touched as the kernel uses it.
 #![allow(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
@@ -73,8 +90,11 @@ use tokio::time::{Instant, Sleep};
 
 use super::{finish, DirEnd, Flow, COPY_BUF};
 
+mod bufs;
 #[cfg(test)]
 mod tests;
+
+use bufs::BufPool;
 
 /// Submission queue entries per ring: one `io_uring_enter` submits at most this many.
 const SQ_ENTRIES: u32 = 1024;
@@ -84,6 +104,11 @@ const SQ_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 16 * 1024;
 /// A direction's first buffer; it grows to [`COPY_BUF`] after a receive fills it.
 const SMALL_BUF: usize = 2 * 1024;
+/// Pool buffers a direction's multishot receive may hold (messages received, not yet taken because
+/// the destination has not taken the last ones) before it is cancelled, to be armed again once they
+/// are sent: 64 directions pushed back before a pool of 512 runs dry. (A few more may complete
+/// before the cancellation reaches the kernel.)
+const STREAM_CAP: usize = 8;
 /// `user_data` of entries whose completions are ignored: cancellations, and operations rewritten
 /// into no-ops. (An operation's `user_data` has its slot in the low 32 bits, never all ones.)
 const IGNORED: u64 = u64::MAX;
@@ -142,6 +167,26 @@ enum Slot {
     Done(i32),
     /// Its future is gone: the buffer stays here until the kernel has finished with it.
     Orphaned(#[allow(dead_code)] Box<[u8]>),
+    /// A multishot receive, armed until a completion without IORING_CQE_F_MORE.
+    Stream(Stream),
+}
+
+/// A multishot receive's completions not yet taken by its direction.
+#[derive(Default)]
+struct Stream {
+    waker: Option<Waker>,
+    /// As [`Slot::Waiting`]'s.
+    pos: Option<u32>,
+    /// Results in order: bytes in a pool buffer (`Some(bid)`), 0 (EOF) or a negative errno.
+    got: VecDeque<(i32, Option<u16>)>,
+    /// Of the first result's bytes, how many were taken already.
+    front_taken: usize,
+    /// The last completion (without MORE) arrived: the kernel is done with the socket.
+    ended: bool,
+    /// A cancellation was staged (back-pressure, or the relay's `carry`).
+    cancelling: bool,
+    /// Its direction is gone: completions give their buffers back, the last frees the slot.
+    orphaned: bool,
 }
 
 /// A slot and the `user_data` of the operation in it: the slot's index in the low 32 bits and a
@@ -177,6 +222,14 @@ struct Stats {
     neutralised: u64,
     /// Operations dropped in flight: cancelled.
     cancelled: u64,
+    /// Multishot receives armed.
+    streams: u64,
+    /// Messages they received (completions with bytes).
+    stream_messages: u64,
+    /// Multishot receives cancelled because their direction held [`STREAM_CAP`] buffers.
+    stream_backpressure: u64,
+    /// Multishot receives ended because the pool had no buffer free (ENOBUFS).
+    stream_no_buffers: u64,
 }
 
 /// A second mapping of the ring's submission entries (the `io-uring` crate keeps its own private),
@@ -274,6 +327,11 @@ struct Driver {
     entered: Cell<bool>,
     sqes: SqeMap,
     ring: RefCell<IoUring>,
+    /// The provided buffers of multishot receives; `None` where the kernel has none (before 5.19),
+    /// or once a multishot receive was refused (before 6.0): receives are then one-shot.
+    pool: Option<BufPool>,
+    /// A multishot receive was refused (EINVAL before anything came): the kernel has none.
+    no_streams: Cell<bool>,
     /// Indexed by the low 32 bits of `user_data`.
     slots: RefCell<Vec<SlotEntry>>,
     free: RefCell<Vec<usize>>,
@@ -335,6 +393,15 @@ fn ring_sizes() -> (u32, u32) {
     (SQ_ENTRIES, CQ_ENTRIES)
 }
 
+/// Buffers in a new ring's pool (tests shrink it for their thread).
+fn pool_size() -> u16 {
+    #[cfg(test)]
+    if let Some(n) = tests::pool_size() {
+        return n;
+    }
+    bufs::BUFS
+}
+
 /// This thread's ring, and with DEFER_TASKRUN the eventfd the kernel signals when it queues work
 /// for the thread. SINGLE_ISSUER: only this thread submits (DEFER_TASKRUN requires it). SUBMIT_ALL:
 /// an entry that fails at submission does not stop the rest of the batch. Without DEFER_TASKRUN
@@ -374,6 +441,13 @@ impl Driver {
         tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let (ring, wake) = build_ring()?;
         let sqes = SqeMap::new(&ring)?;
+        let pool = match BufPool::register(&ring, pool_size()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::debug!(error = %e, "io_uring: no provided buffers; receives are one-shot");
+                None
+            }
+        };
         let watched = wake.as_ref().map_or(ring.as_raw_fd(), |fd| fd.as_raw_fd());
         // SAFETY: the descriptor is the eventfd or the ring's, both owned by the same `Driver`;
         // `ready` is declared first, so it is deregistered before either closes.
@@ -386,6 +460,8 @@ impl Driver {
             entered: Cell::new(false),
             sqes,
             ring: RefCell::new(ring),
+            pool,
+            no_streams: Cell::new(false),
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             staged: RefCell::new(VecDeque::new()),
@@ -407,6 +483,17 @@ impl Driver {
 
     /// Takes a slot for an operation whose entry is `entry`, stages the entry, and returns the slot.
     fn start(&self, entry: squeue::Entry) -> usize {
+        self.start_in(
+            entry,
+            Slot::Waiting {
+                waker: None,
+                pos: None,
+            },
+        )
+    }
+
+    /// Takes a slot in state `slot` for an operation whose entry is `entry`, stages the entry.
+    fn start_in(&self, entry: squeue::Entry, slot: Slot) -> usize {
         let generation = self.generation.get();
         self.generation.set(generation.wrapping_add(1));
         let mut slots = self.slots.borrow_mut();
@@ -420,10 +507,7 @@ impl Driver {
         let user_data = (u64::from(generation) << 32) | idx as u64;
         slots[idx] = SlotEntry {
             user_data,
-            slot: Some(Slot::Waiting {
-                waker: None,
-                pos: None,
-            }),
+            slot: Some(slot),
         };
         drop(slots);
         self.stage(Some(idx), entry.user_data(user_data));
@@ -457,16 +541,20 @@ impl Driver {
             // `Op::start`'s contract: its memory is the operation's buffer, kept (by the operation
             // or, once dropped, by its orphaned slot) until the completion is reaped, and its
             // descriptor is borrowed by the operation, whose drop leaves nothing of it to reach the
-            // kernel. A cancellation points at no memory and no descriptor.
+            // kernel. A multishot receive (`MultiRecv::start`) points at no memory but the pool,
+            // which lives as long as the ring, and is kept from its socket the same way. A
+            // cancellation points at no memory and no descriptor.
             if unsafe { sq.push(&s.entry) }.is_err() {
                 staged.push_front(s);
                 break;
             }
             let pos = self.pushed.get();
             self.pushed.set(pos.wrapping_add(1));
-            if let Some(Slot::Waiting { pos: p, .. }) = s.slot.and_then(|i| slots[i].slot.as_mut())
-            {
-                *p = Some(pos);
+            match s.slot.and_then(|i| slots[i].slot.as_mut()) {
+                Some(Slot::Waiting { pos: p, .. }) | Some(Slot::Stream(Stream { pos: p, .. })) => {
+                    *p = Some(pos);
+                }
+                _ => {}
             }
         }
     }
@@ -606,10 +694,57 @@ impl Driver {
                     drop(buf);
                     self.free.borrow_mut().push(ud as u32 as usize);
                 }
+                Some(Slot::Stream(mut st)) => {
+                    if self.streamed(&mut st, ud, cqe.result(), cqe.flags()) {
+                        e.slot = Some(Slot::Stream(st));
+                    } else {
+                        self.free.borrow_mut().push(ud as u32 as usize);
+                    }
+                }
                 other => e.slot = other,
             }
         }
         n
+    }
+
+    /// A completion of the multishot receive `st` (whose `user_data` is `ud`): its bytes queued for
+    /// the direction, which is woken, or, for an orphan, its buffer given back. At [`STREAM_CAP`]
+    /// buffers queued the receive is cancelled (back-pressure: a destination that does not take what
+    /// it is sent must not drain the pool every connection shares). `false`: the slot is free.
+    /// (Counted in buffers, not bytes: what runs short is the pool's buffers, one per message.)
+    fn streamed(&self, st: &mut Stream, ud: u64, result: i32, flags: u32) -> bool {
+        let bid = io_uring::cqueue::buffer_select(flags);
+        let last = !io_uring::cqueue::more(flags);
+        if st.orphaned || result <= 0 {
+            if let (Some(b), Some(pool)) = (bid, &self.pool) {
+                pool.give_back(b);
+            }
+        }
+        if st.orphaned {
+            return !last;
+        }
+        if result == -libc::ENOBUFS {
+            self.count(|s| s.stream_no_buffers += 1);
+        }
+        if result > 0 {
+            self.count(|s| s.stream_messages += 1);
+            st.got.push_back((result, bid));
+        } else if result < 0 || last {
+            st.got.push_back((result, None));
+        }
+        st.ended = last;
+        if !last && !st.cancelling && st.got.len() >= STREAM_CAP {
+            st.cancelling = true;
+            self.count(|s| s.stream_backpressure += 1);
+            self.stage(
+                None,
+                opcode::AsyncCancel::new(ud).build().user_data(IGNORED),
+            );
+        }
+        if let Some(w) = &st.waker {
+            w.wake_by_ref();
+        }
+        true
     }
 
     /// Asks that the operation in `idx` stop early, its future still waiting for it: it completes
@@ -620,6 +755,10 @@ impl Driver {
             let slots = self.slots.borrow();
             match slots.get(idx).map(|e| (&e.slot, e.user_data)) {
                 Some((Some(Slot::Waiting { pos, .. }), ud)) => (*pos, ud),
+                Some((Some(Slot::Stream(_)), _)) => {
+                    drop(slots);
+                    return self.cancel_stream(idx);
+                }
                 _ => return,
             }
         };
@@ -642,6 +781,139 @@ impl Driver {
                 self.stage(None, cancel);
             }
         }
+    }
+
+    /// Asks the multishot receive in `idx` to stop: what it received before the cancellation
+    /// reached it is still taken, then its end (-ECANCELED).
+    fn cancel_stream(&self, idx: usize) {
+        let mut slots = self.slots.borrow_mut();
+        let user_data = slots[idx].user_data;
+        let Some(Slot::Stream(st)) = slots[idx].slot.as_mut() else {
+            return;
+        };
+        if st.ended || st.cancelling {
+            return;
+        }
+        st.cancelling = true;
+        match st.pos {
+            Some(pos) if !self.unconsumed(pos) => {
+                drop(slots);
+                let cancel = opcode::AsyncCancel::new(user_data)
+                    .build()
+                    .user_data(IGNORED);
+                self.stage(None, cancel);
+            }
+            pos => {
+                if let Some(pos) = pos {
+                    // SAFETY: the entry at `pos` is in the queue and unconsumed (just checked),
+                    // and no submission runs during this call: only this thread submits.
+                    unsafe { self.sqes.neutralise(pos) };
+                } else {
+                    self.staged.borrow_mut().retain(|s| s.slot != Some(idx));
+                }
+                // Never seen by the kernel: ended here.
+                st.ended = true;
+                st.got.push_back((-libc::ECANCELED, None));
+                if let Some(w) = &st.waker {
+                    w.wake_by_ref();
+                }
+            }
+        }
+    }
+
+    /// The direction of the multishot receive in `idx` is gone: its queued buffers go back to the
+    /// pool at once; if the kernel may still complete it, it is cancelled and its slot stays
+    /// (orphaned) until its last completion, so no completion can reach a reused slot or socket.
+    fn abandon_stream(&self, idx: usize) {
+        let Some(Slot::Stream(mut st)) = self.slots.borrow_mut()[idx].slot.take() else {
+            return;
+        };
+        for (_, bid) in st.got.drain(..) {
+            if let (Some(b), Some(pool)) = (bid, &self.pool) {
+                pool.give_back(b);
+            }
+        }
+        if st.ended {
+            return self.release(idx);
+        }
+        match st.pos {
+            None => {
+                self.staged.borrow_mut().retain(|s| s.slot != Some(idx));
+                self.count(|s| s.dropped_staged += 1);
+                self.release(idx);
+            }
+            Some(pos) if self.unconsumed(pos) => {
+                // SAFETY: as in `abandon`.
+                unsafe { self.sqes.neutralise(pos) };
+                self.count(|s| s.neutralised += 1);
+                self.release(idx);
+            }
+            Some(_) => {
+                let user_data = self.slots.borrow()[idx].user_data;
+                let cancelling = st.cancelling;
+                st.orphaned = true;
+                st.waker = None;
+                self.slots.borrow_mut()[idx].slot = Some(Slot::Stream(st));
+                if !cancelling {
+                    let cancel = opcode::AsyncCancel::new(user_data)
+                        .build()
+                        .user_data(IGNORED);
+                    self.stage(None, cancel);
+                }
+                self.count(|s| s.cancelled += 1);
+            }
+        }
+    }
+
+    /// What the multishot receive in `idx` has queued, up to `max` bytes across messages, copied
+    /// into a buffer of exactly that size, each pool buffer given back once it is all taken; or its
+    /// end, once nothing is queued before it; or registers `cx`'s waker.
+    fn poll_stream(&self, idx: usize, max: usize, cx: &mut Context<'_>) -> Poll<Taken> {
+        let mut slots = self.slots.borrow_mut();
+        let Some(Slot::Stream(st)) = slots[idx].slot.as_mut() else {
+            return Poll::Ready(Taken::End(-libc::EINVAL));
+        };
+        let queued: usize = st
+            .got
+            .iter()
+            .take_while(|(r, _)| *r > 0)
+            .map(|(r, _)| *r as usize)
+            .sum();
+        let want = queued.saturating_sub(st.front_taken).min(max);
+        if want > 0 {
+            let Some(pool) = &self.pool else {
+                return Poll::Ready(Taken::End(-libc::EIO));
+            };
+            let mut bytes = Vec::with_capacity(want);
+            while bytes.len() < want {
+                let Some(&(r, Some(b))) = st.got.front() else {
+                    // Bytes without a buffer: not something the kernel does.
+                    return Poll::Ready(Taken::End(-libc::EIO));
+                };
+                let len = r as usize;
+                // SAFETY: `b` was named by this completion and is given back only below.
+                let got = unsafe { pool.bytes(b, len) };
+                let k = (len - st.front_taken).min(want - bytes.len());
+                bytes.extend_from_slice(&got[st.front_taken..st.front_taken + k]);
+                st.front_taken += k;
+                if st.front_taken == len {
+                    st.front_taken = 0;
+                    st.got.pop_front();
+                    pool.give_back(b);
+                }
+            }
+            return Poll::Ready(Taken::Bytes(bytes.into_boxed_slice()));
+        }
+        if let Some((r, _)) = st.got.pop_front() {
+            return Poll::Ready(Taken::End(r));
+        }
+        if st.ended {
+            return Poll::Ready(Taken::End(-libc::ECANCELED));
+        }
+        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     /// Completes the operation in `idx` with `result` without the kernel, and wakes its future.
@@ -721,10 +993,17 @@ impl Drop for Driver {
     fn drop(&mut self) {
         // The thread is ending with operations in flight: closing the ring cancels them, but not
         // before this returns, so their buffers are leaked rather than freed under the kernel.
+        let mut streams = false;
         for e in self.slots.get_mut().drain(..) {
-            if let Some(Slot::Orphaned(buf)) = e.slot {
-                std::mem::forget(buf);
+            match e.slot {
+                Some(Slot::Orphaned(buf)) => std::mem::forget(buf),
+                Some(Slot::Stream(st)) => streams |= !st.ended,
+                _ => {}
             }
+        }
+        // Likewise the pool of a multishot receive still armed.
+        if let Some(pool) = self.pool.take().filter(|_| streams) {
+            pool.leak();
         }
     }
 }
@@ -973,6 +1252,70 @@ impl Drop for Op<'_> {
     }
 }
 
+/// What a multishot receive gave its direction.
+#[derive(Debug, PartialEq, Eq)]
+enum Taken {
+    /// Bytes, copied out of the pool into a buffer of their own.
+    Bytes(Box<[u8]>),
+    /// Its end, nothing queued before it: 0 (EOF) or a negative errno; -ECANCELED where it was
+    /// stopped (a cancellation, back-pressure, or the kernel's own reasons) and may be armed again,
+    /// -ENOBUFS where the pool had no buffer free.
+    End(i32),
+}
+
+/// A multishot receive on a socket borrowed for `'fd`: armed once, it completes once per message
+/// into the ring's pool until it ends. Dropping it leaves nothing that can reach the socket (as for
+/// [`Op`]).
+struct MultiRecv<'fd> {
+    driver: u64,
+    idx: usize,
+    _fd: PhantomData<BorrowedFd<'fd>>,
+}
+
+impl<'fd> MultiRecv<'fd> {
+    /// Arms one on `fd`; `None` where this thread's ring has no pool or its kernel refused one.
+    fn start(fd: BorrowedFd<'fd>) -> Option<MultiRecv<'fd>> {
+        let d = driver()?;
+        if d.pool.is_none() || d.no_streams.get() {
+            return None;
+        }
+        let entry = opcode::RecvMulti::new(types::Fd(fd.as_raw_fd()), bufs::GROUP).build();
+        let idx = d.start_in(entry, Slot::Stream(Stream::default()));
+        d.count(|s| s.streams += 1);
+        Some(MultiRecv {
+            driver: d.id,
+            idx,
+            _fd: PhantomData,
+        })
+    }
+
+    /// The next bytes (at most `max`) or the end.
+    fn take(&mut self, max: usize) -> impl Future<Output = Taken> + '_ {
+        let (driver, idx) = (self.driver, self.idx);
+        std::future::poll_fn(move |cx| match existing_driver(Some(driver)) {
+            Some(d) => d.poll_stream(idx, max, cx),
+            None => Poll::Ready(Taken::End(-libc::EXDEV)),
+        })
+    }
+
+    /// Asks it to stop: what came before still comes, then `End(-ECANCELED)`.
+    fn cancel(&self) {
+        if let Some(d) = existing_driver(Some(self.driver)) {
+            d.cancel_stream(self.idx);
+        }
+    }
+}
+
+impl Drop for MultiRecv<'_> {
+    fn drop(&mut self) {
+        if let Some(d) = existing_driver(Some(self.driver)) {
+            d.abandon_stream(self.idx);
+        }
+        // On another thread (never expected): the slot stays, and with it the pool (see `Driver`'s
+        // drop): a leak, not a write into freed memory.
+    }
+}
+
 /// The operation a direction waits for, if any (its driver and slot), so that a relay stopped for
 /// `carry` can cancel it and wait for what it did. Written only by the direction's pump.
 #[derive(Debug, Default)]
@@ -980,8 +1323,12 @@ pub(super) struct InFlight(AtomicU64);
 
 impl InFlight {
     fn set(&self, op: &Op<'_>) {
+        self.mark(op.driver, op.idx);
+    }
+
+    fn mark(&self, driver: u64, idx: usize) {
         self.0
-            .store((op.driver << 32) | (op.idx as u64 & 0xffff_ffff), Relaxed);
+            .store((driver << 32) | (idx as u64 & 0xffff_ffff), Relaxed);
     }
 
     fn clear(&self) {
@@ -1014,6 +1361,13 @@ pub(super) fn usable() -> bool {
 /// error (`Some`, same contract as `pump`: half-close through `finish`, counts as bytes are sent), or
 /// until a 16 KiB receive comes back full (`None`): bulk data, which splice moves for less, with
 /// everything received so far sent.
+///
+/// Receives are multishot where the ring has a pool of provided buffers: armed once, completed once
+/// per message, instead of one receive (and one internal poll) armed per message. Each message is
+/// copied out of the pool into the direction's own buffer (small messages: the copy costs less than
+/// the bookkeeping of sending from the pool) and its pool buffer given back at once. A receive the
+/// pool could not serve (ENOBUFS) is followed by one one-shot receive into the direction's buffer,
+/// so a drained pool slows a direction down and never stalls it.
 pub(super) async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -1024,57 +1378,125 @@ pub(super) async fn pump(
     // A carried connection's held bytes, if any, are sent first.
     let (mut buf, mut n, mut off) = match flow.pending.take() {
         Some(p) => (p.buf, p.end, p.off),
-        None => (vec![0u8; SMALL_BUF].into_boxed_slice(), 0, 0),
+        None => (Box::default(), 0, 0),
     };
+    // How much one receive takes: 2 KiB, 16 KiB once one came back full.
+    let mut size = SMALL_BUF;
+    let mut stream: Option<MultiRecv<'_>> = None;
+    // The next receive is one-shot (the pool was empty last time).
+    let mut one_shot = false;
+    // Bulk was seen: the multishot receive is stopping, and its end hands over to splice.
+    let mut leaving = false;
+    // The multishot receive has delivered bytes (an EINVAL after that is the socket's, not the
+    // kernel saying it has no multishot receives).
+    let mut delivered = false;
     loop {
         buf = match send_all(dst, flow, buf, off, n, start).await {
             Ok(b) => b,
-            Err(end) => return Some(end),
+            Err(Stopped::End(end)) => return Some(end),
+            Err(Stopped::Carry(b, off, end)) => {
+                return Some(carry_out(flow, stream, b, off, end).await)
+            }
         };
         if flow.carrying.load(Relaxed) {
-            return Some(DirEnd::Carried);
+            return Some(carry_out(flow, stream, buf, 0, 0).await);
         }
-        if buf.len() < SMALL_BUF {
-            buf = vec![0u8; SMALL_BUF].into_boxed_slice();
-        }
-        let op = match Op::recv(src.as_fd(), buf) {
-            Ok(op) => op,
-            Err(e) => return Some(DirEnd::SourceError(e)),
-        };
-        let (r, b) = flow.wait(op).await;
-        buf = b;
         off = 0;
-        n = match r {
-            0 => return Some(finish(dst, flow, other)),
-            r if r > 0 => r as usize,
-            e if -e == libc::EINTR || -e == libc::EAGAIN || -e == libc::ECANCELED => 0,
-            e => return Some(DirEnd::SourceError(io::Error::from_raw_os_error(-e))),
+        if stream.is_none() && !one_shot && !leaving {
+            stream = MultiRecv::start(src.as_fd());
+        }
+        n = if let Some(s) = stream.as_mut() {
+            // Armed, the direction holds no buffer of its own: bytes come in one of their size,
+            // so an idle connection keeps nothing but its sockets and the two receives.
+            buf = Box::default();
+            match flow.take(s, size).await {
+                Taken::Bytes(b) => {
+                    delivered = true;
+                    buf = b;
+                    buf.len()
+                }
+                Taken::End(0) => return Some(finish(dst, flow, other)),
+                Taken::End(e) => {
+                    stream = None;
+                    if leaving {
+                        // Everything it received was sent: splice takes over the socket.
+                        return None;
+                    }
+                    match -e {
+                        libc::ECANCELED | libc::EINTR | libc::EAGAIN => {}
+                        libc::ENOBUFS => one_shot = true,
+                        libc::EINVAL if !delivered => {
+                            if let Some(d) = existing_driver(None) {
+                                d.no_streams.set(true);
+                            }
+                            tracing::debug!(
+                                "io_uring: multishot receive refused; receives are one-shot"
+                            );
+                        }
+                        e => return Some(DirEnd::SourceError(io::Error::from_raw_os_error(e))),
+                    }
+                    0
+                }
+            }
+        } else {
+            one_shot = false;
+            if buf.len() != size {
+                buf = vec![0u8; size].into_boxed_slice();
+            }
+            let op = match Op::recv(src.as_fd(), buf) {
+                Ok(op) => op,
+                Err(e) => return Some(DirEnd::SourceError(e)),
+            };
+            let (r, b) = flow.wait(op).await;
+            buf = b;
+            match r {
+                0 => return Some(finish(dst, flow, other)),
+                r if r > 0 => r as usize,
+                e if -e == libc::EINTR || -e == libc::EAGAIN || -e == libc::ECANCELED => 0,
+                e => return Some(DirEnd::SourceError(io::Error::from_raw_os_error(-e))),
+            }
         };
         if flow.carrying.load(Relaxed) {
             // Received as the relay stopped: these bytes go along, unsent.
-            return Some(flow.park(buf, 0, n));
+            return Some(carry_out(flow, stream, buf, 0, n).await);
         }
         if n == 0 {
             continue;
         }
-        // A full buffer means more is coming: take the bigger one; a full big one means bulk.
-        if n == buf.len() {
+        // A full receive means more is coming: take more next time; a full big one means bulk.
+        if n == size {
             // Everything received is sent first (the send loop above runs before the next receive).
-            let bulk = buf.len() >= COPY_BUF;
-            if let Err(end) = send_all(dst, flow, buf, off, n, start).await {
-                return Some(end);
-            }
+            let bulk = size >= COPY_BUF;
+            buf = match send_all(dst, flow, buf, off, n, start).await {
+                Ok(b) => b,
+                Err(Stopped::End(end)) => return Some(end),
+                Err(Stopped::Carry(b, off, end)) => {
+                    return Some(carry_out(flow, stream, b, off, end).await)
+                }
+            };
             if bulk {
-                return None;
+                let Some(s) = &stream else { return None };
+                // What the multishot receive got before it stops is sent first, at the top.
+                s.cancel();
+                leaving = true;
+            } else {
+                size = COPY_BUF;
             }
             // All of it sent: nothing is left for the send at the top.
-            (buf, off, n) = (vec![0u8; COPY_BUF].into_boxed_slice(), 0, 0);
+            n = 0;
         }
     }
 }
 
-/// Sends `buf[off..n]` whole through the ring, counting as it goes; `Err` is how the direction
-/// ends: the destination failed, or the relay stopped for `carry` (what is unsent parked in `flow`).
+/// Why [`send_all`] stopped before sending everything.
+enum Stopped {
+    /// The direction ended (the destination failed).
+    End(DirEnd),
+    /// The relay stops for `carry`: `buf[off..end]` is unsent.
+    Carry(Box<[u8]>, usize, usize),
+}
+
+/// Sends `buf[off..n]` whole through the ring, counting as it goes.
 async fn send_all(
     dst: &TcpStream,
     flow: &Flow<'_>,
@@ -1082,9 +1504,10 @@ async fn send_all(
     mut off: usize,
     n: usize,
     start: Instant,
-) -> Result<Box<[u8]>, DirEnd> {
+) -> Result<Box<[u8]>, Stopped> {
     while off < n {
-        let op = Op::send(dst.as_fd(), buf, off..n).map_err(DirEnd::DestError)?;
+        let op =
+            Op::send(dst.as_fd(), buf, off..n).map_err(|e| Stopped::End(DirEnd::DestError(e)))?;
         let (r, b) = flow.wait(op).await;
         buf = b;
         match r {
@@ -1093,14 +1516,54 @@ async fn send_all(
                 flow.wrote(r as usize, start);
             }
             e if -e == libc::EINTR || -e == libc::EAGAIN || -e == libc::ECANCELED => {}
-            0 => return Err(DirEnd::DestError(io::ErrorKind::WriteZero.into())),
-            e => return Err(DirEnd::DestError(io::Error::from_raw_os_error(-e))),
+            0 => {
+                return Err(Stopped::End(DirEnd::DestError(
+                    io::ErrorKind::WriteZero.into(),
+                )))
+            }
+            e => {
+                return Err(Stopped::End(DirEnd::DestError(
+                    io::Error::from_raw_os_error(-e),
+                )))
+            }
         }
         if flow.carrying.load(Relaxed) {
-            return Err(flow.park(buf, off, n));
+            return Err(Stopped::Carry(buf, off, n));
         }
     }
     Ok(buf)
+}
+
+/// Stops the direction for `carry` holding `buf[off..end]` unsent, and, if a multishot receive is
+/// armed, everything it received before it stopped: parked for the relay to take along. An EOF it
+/// met is left to whoever carries on (a socket that read EOF reads it again); an error breaks the
+/// direction as it would have.
+async fn carry_out(
+    flow: &Flow<'_>,
+    stream: Option<MultiRecv<'_>>,
+    buf: Box<[u8]>,
+    off: usize,
+    end: usize,
+) -> DirEnd {
+    let Some(mut s) = stream else {
+        return flow.park(buf, off, end);
+    };
+    s.cancel();
+    let mut held = buf.get(off..end).unwrap_or_default().to_vec();
+    loop {
+        match flow.take(&mut s, COPY_BUF).await {
+            Taken::Bytes(b) => held.extend_from_slice(&b),
+            Taken::End(0) => break,
+            Taken::End(e)
+                if [libc::ECANCELED, libc::ENOBUFS, libc::EINTR, libc::EAGAIN].contains(&-e) =>
+            {
+                break
+            }
+            Taken::End(e) => return DirEnd::SourceError(io::Error::from_raw_os_error(-e)),
+        }
+    }
+    let end = held.len();
+    flow.park(held.into_boxed_slice(), 0, end)
 }
 
 impl Flow<'_> {
@@ -1108,6 +1571,14 @@ impl Flow<'_> {
     async fn wait(&self, op: Op<'_>) -> (i32, Box<[u8]>) {
         self.op.set(&op);
         let r = op.await;
+        self.op.clear();
+        r
+    }
+
+    /// Awaits the next of `s`, marked in flight meanwhile (as `wait`).
+    async fn take(&self, s: &mut MultiRecv<'_>, max: usize) -> Taken {
+        self.op.mark(s.driver, s.idx);
+        let r = s.take(max).await;
         self.op.clear();
         r
     }

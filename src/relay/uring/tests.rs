@@ -635,3 +635,178 @@ fn recv(s: &TcpStream) -> Op<'_> {
 fn results(done: &[(i32, Box<[u8]>)]) -> Vec<i32> {
     done.iter().map(|(r, _)| *r).collect()
 }
+
+thread_local! {
+    static POOL: Cell<Option<u16>> = const { Cell::new(None) };
+}
+
+pub(super) fn pool_size() -> Option<u16> {
+    POOL.with(Cell::get)
+}
+
+/// A relay through this thread's ring between a fresh client and a backend, both returned with
+/// the relay's task: (client, backend, relay).
+async fn ring_relay(
+    l: &TcpListener,
+    backend_sndbuf: Option<usize>,
+) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Relayed>) {
+    let (client, proxy_c) = pair(l).await;
+    let (proxy_b, backend) = pair(l).await;
+    if let Some(n) = backend_sndbuf {
+        socket2::SockRef::from(&proxy_b)
+            .set_send_buffer_size(n)
+            .unwrap();
+        socket2::SockRef::from(&backend)
+            .set_recv_buffer_size(n)
+            .unwrap();
+    }
+    let relay = tokio::task::spawn_local(async move {
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let opts = RelayOptions {
+            mode: RelayMode::Uring,
+            idle_timeout: Duration::from_secs(30),
+            half_close_timeout: Duration::from_secs(30),
+        };
+        let cut = std::pin::pin!(std::future::pending::<Outcome>());
+        let live = LiveCounters {
+            up: &up,
+            down: &down,
+        };
+        relay(&proxy_c, &proxy_b, &opts, cut, None, live, None).await
+    });
+    (client, backend, relay)
+}
+
+/// One round trip through a relay: `req` from the client to the backend, `resp` back, each exact.
+async fn exchange(client: &mut TcpStream, backend: &mut TcpStream, req: &[u8], resp: &[u8]) {
+    client.write_all(req).await.unwrap();
+    let mut got = vec![0u8; req.len()];
+    within("the request", backend.read_exact(&mut got))
+        .await
+        .unwrap();
+    assert!(got == req, "the request is not its own");
+    backend.write_all(resp).await.unwrap();
+    let mut back = vec![0u8; resp.len()];
+    within("the response", client.read_exact(&mut back))
+        .await
+        .unwrap();
+    assert!(back == resp, "the response is not its own");
+}
+
+/// Runs `test` as `run` does, inside a `LocalSet` (relays are spawned on this thread).
+fn run_local<F: Future<Output = ()> + 'static>(test: impl FnOnce() -> F + Send + 'static) {
+    run(|| async move { tokio::task::LocalSet::new().run_until(test()).await })
+}
+
+/// A keep-alive exchange arms one multishot receive per direction for the connection's life, not
+/// a receive per message: 200 request/response round trips, each one message per direction.
+#[test]
+fn a_keep_alive_exchange_arms_one_receive_per_direction() {
+    run_local(|| async {
+        setup(None, |_| None);
+        let l = listener().await;
+        let (mut client, mut backend, relay) = ring_relay(&l, None).await;
+        for k in 0..200usize {
+            exchange(&mut client, &mut backend, &chunk(1, k), &chunk(2, k)).await;
+        }
+        client.shutdown().await.unwrap();
+        backend.shutdown().await.unwrap();
+        let r = within("the relay's end", relay).await.unwrap();
+        assert_eq!(r.end, Outcome::ClientClosed);
+        let s = stats();
+        assert!(s.stream_messages >= 400, "{s:?}");
+        assert!(s.streams <= 4, "a receive armed per message: {s:?}");
+        eventually("every slot free", || occupied() == 0).await;
+    });
+}
+
+/// A destination that does not read: the direction's multishot receive stops at its cap of pool
+/// buffers instead of draining the pool (64 buffers here: without the cap, 200 messages run it
+/// dry), and every byte still arrives, in order, once the destination reads again.
+#[test]
+fn a_destination_that_does_not_read_stops_its_receive_before_the_pool_runs_dry() {
+    const MESSAGES: usize = 200;
+    run_local(|| async {
+        setup(None, |_| None);
+        POOL.with(|p| p.set(Some(64)));
+        let l = listener().await;
+        let (mut client, mut backend, relay) = ring_relay(&l, Some(4096)).await;
+        let sent: Vec<u8> = (0..MESSAGES)
+            .flat_map(|k| chunk(3, k % 7)[..512].to_vec())
+            .collect();
+        let writer = {
+            let sent = sent.clone();
+            tokio::task::spawn_local(async move {
+                for m in sent.chunks(512) {
+                    client.write_all(m).await.unwrap();
+                    // One message per receive: small and paced, never taken for bulk.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                client
+            })
+        };
+        eventually("the cap stops the receive", || {
+            stats().stream_backpressure > 0
+        })
+        .await;
+        let mut got = Vec::new();
+        let mut b = vec![0u8; 4096];
+        while got.len() < sent.len() {
+            let n = within("the bytes", backend.read(&mut b)).await.unwrap();
+            assert!(n > 0, "EOF after {} bytes", got.len());
+            got.extend_from_slice(&b[..n]);
+        }
+        assert!(got == sent, "bytes lost, duplicated or reordered");
+        let s = stats();
+        assert_eq!(s.stream_no_buffers, 0, "the pool ran dry: {s:?}");
+        let mut client = writer.await.unwrap();
+        client.shutdown().await.unwrap();
+        backend.shutdown().await.unwrap();
+        within("the relay's end", relay).await.unwrap();
+        eventually("every slot free", || occupied() == 0).await;
+    });
+}
+
+/// With the pool dry (two buffers, both held by a connection whose destination does not read), a
+/// second connection's receives get ENOBUFS and fall back to one-shot receives: its exchange goes on.
+#[test]
+fn a_dry_pool_slows_a_direction_and_never_stalls_it() {
+    run_local(|| async {
+        setup(None, |_| None);
+        POOL.with(|p| p.set(Some(2)));
+        let l = listener().await;
+        let (mut stuck, stuck_backend, stuck_relay) = ring_relay(&l, Some(4096)).await;
+        // Fill the stuck backend's socket buffers, then two more messages sit in the pool.
+        let filler = tokio::task::spawn_local(async move {
+            let m = [7u8; 512];
+            for _ in 0..400 {
+                if tokio::time::timeout(Duration::from_millis(200), stuck.write_all(&m))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            stuck
+        });
+        let (mut client, mut backend, relay) = ring_relay(&l, None).await;
+        eventually("the pool runs dry", || stats().stream_no_buffers > 0).await;
+        for k in 0..20usize {
+            exchange(&mut client, &mut backend, &chunk(4, k), &chunk(5, k)).await;
+        }
+        // Each message costs at most one failed arm and one one-shot receive per direction: a
+        // receive armed again at once on a dry pool would fail at once, over and over.
+        let s = stats();
+        assert!(
+            s.streams < 200,
+            "armed again and again on a dry pool: {s:?}"
+        );
+        drop((client, backend));
+        within("the relay's end", relay).await.unwrap();
+        let stuck = filler.await.unwrap();
+        drop((stuck, stuck_backend));
+        within("the stuck relay's end", stuck_relay).await.unwrap();
+        eventually("every slot free", || occupied() == 0).await;
+    });
+}

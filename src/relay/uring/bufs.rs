@@ -1,0 +1,163 @@
+//! The ring's provided buffers: one pool per ring, shared by every multishot receive on it. The
+//! kernel picks a buffer from the pool for each message a multishot receive gets and names it in the
+//! completion; the buffer is ours until [`BufPool::give_back`] hands it to the kernel again.
+//!
+//! Why a pool and not a buffer per receive: a multishot receive stays armed for a connection's life
+//! and the kernel, not the program, decides when it writes, so it cannot write into one buffer of the
+//! direction's own (the next message would overwrite the one not yet sent). What the pool costs is
+//! its size in address space, touched as the kernel uses it: 512 buffers of 2 KiB, 1 MiB per ring.
+
+use std::cell::Cell;
+use std::io;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering::Release};
+
+use io_uring::types::BufRingEntry;
+use io_uring::IoUring;
+
+/// The pool's buffer group, the one every multishot receive names.
+pub(super) const GROUP: u16 = 0;
+/// A buffer's size: most requests and responses fit in one.
+pub(super) const BUF_SIZE: usize = 2 * 1024;
+/// Buffers per pool (a power of two, as the kernel requires).
+pub(super) const BUFS: u16 = 512;
+
+/// One anonymous private mapping of `len` bytes.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize) -> io::Result<Mapping> {
+        // SAFETY: a new anonymous mapping that overlaps no Rust object; the result is checked
+        // before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Mapping { ptr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` created, once. A pool whose buffers the kernel
+        // may still write into is never dropped (`BufPool::leak`).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A ring of provided buffers registered with one io_uring ring as [`GROUP`].
+pub(super) struct BufPool {
+    /// The ring of entries (`struct io_uring_buf`) the kernel takes buffers from.
+    entries: Mapping,
+    /// The buffers, `BUF_SIZE` bytes each, buffer `i` at `i * BUF_SIZE`.
+    bufs: Mapping,
+    count: u16,
+    /// The ring's tail as this side last published it.
+    tail: Cell<u16>,
+}
+
+impl BufPool {
+    /// A pool of `count` buffers (a power of two), every one given to the kernel, registered with
+    /// `ring`. `Err` where the kernel has no provided-buffer rings (before 5.19).
+    pub(super) fn register(ring: &IoUring, count: u16) -> io::Result<BufPool> {
+        if !count.is_power_of_two() {
+            return Err(io::Error::other(
+                "provided buffers: count not a power of two",
+            ));
+        }
+        let entries = Mapping::new(usize::from(count) * size_of::<BufRingEntry>())?;
+        let bufs = Mapping::new(usize::from(count) * BUF_SIZE)?;
+        let pool = BufPool {
+            entries,
+            bufs,
+            count,
+            tail: Cell::new(0),
+        };
+        for bid in 0..count {
+            pool.put(bid);
+        }
+        // SAFETY: the entries are `count` `struct io_uring_buf`s in a page-aligned mapping the
+        // pool owns; the pool lives as long as the ring (it is the ring's driver's, and leaked
+        // where the kernel may still use it), so the kernel never reads a freed ring.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                pool.entries.ptr.as_ptr() as u64,
+                count,
+                GROUP,
+                0,
+            )?;
+        }
+        pool.publish();
+        Ok(pool)
+    }
+
+    /// Writes buffer `bid` into the next free entry of the ring (not yet visible to the kernel).
+    fn put(&self, bid: u16) {
+        let tail = self.tail.get();
+        let i = usize::from(tail & (self.count - 1));
+        let addr = self.bufs.ptr.as_ptr() as u64 + u64::from(bid) * BUF_SIZE as u64;
+        // SAFETY: `i < count`, so the entry lies within the mapping; the kernel reads only entries
+        // before the published tail, and this one is at or past it (`count` buffers at most are
+        // ever given, each once until it comes back).
+        let e = unsafe { &mut *self.entries.ptr.as_ptr().cast::<BufRingEntry>().add(i) };
+        e.set_addr(addr);
+        e.set_len(BUF_SIZE as u32);
+        e.set_bid(bid);
+        self.tail.set(tail.wrapping_add(1));
+    }
+
+    /// Makes the entries written so far visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: the ring's tail is the last `u16` of its first entry (the kernel's ABI; the
+        // crate's `tail` computes its address), aligned for an atomic store; the kernel reads it
+        // concurrently, hence the atomic with release order, after the entries it covers.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries.ptr.as_ptr().cast()) as *const AtomicU16;
+            (*tail).store(self.tail.get(), Release);
+        }
+    }
+
+    /// Gives buffer `bid` back to the kernel.
+    pub(super) fn give_back(&self, bid: u16) {
+        if bid < self.count {
+            self.put(bid);
+            self.publish();
+        }
+    }
+
+    /// The first `len` bytes of buffer `bid`, which a completion named as holding them.
+    ///
+    /// # Safety
+    ///
+    /// The buffer must be the caller's: named by a completion and not given back since.
+    pub(super) unsafe fn bytes(&self, bid: u16, len: usize) -> &[u8] {
+        let len = len.min(BUF_SIZE);
+        if bid >= self.count {
+            return &[];
+        }
+        // SAFETY: within the mapping (`bid < count`, `len <= BUF_SIZE`); the kernel wrote these
+        // bytes before posting the completion and, the buffer being out of its ring, writes no more.
+        unsafe {
+            std::slice::from_raw_parts(self.bufs.ptr.as_ptr().add(usize::from(bid) * BUF_SIZE), len)
+        }
+    }
+
+    /// Never unmaps the pool: for a ring that closes with multishot receives still armed, which the
+    /// kernel cancels only after the close returns.
+    pub(super) fn leak(self) {
+        std::mem::forget(self);
+    }
+}
