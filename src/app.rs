@@ -147,15 +147,17 @@ impl Server {
             };
             if taking.load(std::sync::atomic::Ordering::SeqCst) {
                 if let Some(r) = request.reply.take() {
-                    let _ = r.send(Err(
+                    r.send(Err(
                         "still taking connections over from the previous process; try again".into(),
-                    ));
+                    ))
+                    .await;
                 }
                 continue;
             }
             let Some(origin) = &origin else {
                 if let Some(r) = request.reply.take() {
-                    let _ = r.send(Err("this process cannot upgrade (no binary path)".into()));
+                    r.send(Err("this process cannot upgrade (no binary path)".into()))
+                        .await;
                 }
                 continue;
             };
@@ -171,12 +173,12 @@ impl Server {
                 Err(e) => {
                     tracing::error!(error = %e, "upgrade failed: still serving");
                     if let Some(r) = request.reply.take() {
-                        let _ = r.send(Err(e.to_string()));
+                        r.send(Err(e.to_string())).await;
                     }
                 }
                 Ok((handing, before)) => {
                     if let Some(r) = request.reply.take() {
-                        let _ = r.send(Ok(handing.pid()));
+                        r.send(Ok(handing.pid())).await;
                     }
                     admin_stop.cancel();
                     let cut = crate::upgrade::finish(handing, before, &c, limit).await;

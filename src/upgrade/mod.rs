@@ -91,7 +91,29 @@ pub enum UpgradeError {
 /// A request to upgrade (SIGUSR2, or `sluicegate upgrade`), answered with the new process's pid or
 /// why there is none.
 pub struct Request {
-    pub reply: Option<oneshot::Sender<Result<u32, String>>>,
+    pub reply: Option<Reply>,
+}
+
+/// Where a `sluicegate upgrade` request's answer goes.
+pub struct Reply {
+    answer: oneshot::Sender<Result<u32, String>>,
+    /// Fires once the answer is written to the asker (or cannot be).
+    written: oneshot::Receiver<()>,
+}
+
+/// How long an answer may take to reach its asker before the process goes on (and, after a
+/// successful upgrade, exits) without waiting further.
+const ANSWER_WAIT: Duration = Duration::from_secs(1);
+
+impl Reply {
+    /// Answers, and waits (at most [`ANSWER_WAIT`]) until the answer is written: after a successful
+    /// upgrade this process exits, which ends the task that writes it, and the asker would read
+    /// nothing and report a failure for an upgrade that went through.
+    pub async fn send(self, answer: Result<u32, String>) {
+        if self.answer.send(answer).is_ok() {
+            let _ = tokio::time::timeout(ANSWER_WAIT, self.written).await;
+        }
+    }
 }
 
 /// The old side once the new process accepts: the channel to it, and whether it takes connections.
@@ -726,7 +748,12 @@ pub fn listen_for_requests(to: mpsc::Sender<Request>) -> std::io::Result<()> {
                     return;
                 }
                 let (tx, rx) = oneshot::channel();
-                let answer = match to.send(Request { reply: Some(tx) }).await {
+                let (written, written_rx) = oneshot::channel();
+                let reply = Reply {
+                    answer: tx,
+                    written: written_rx,
+                };
+                let answer = match to.send(Request { reply: Some(reply) }).await {
                     Ok(()) => rx.await.unwrap_or(Err("the server is stopping".into())),
                     Err(_) => Err("the server is stopping".into()),
                 };
@@ -735,8 +762,44 @@ pub fn listen_for_requests(to: mpsc::Sender<Request>) -> std::io::Result<()> {
                     Err(why) => format!("failed {}\n", why.replace('\n', " ")),
                 };
                 let _ = w.write_all(line.as_bytes()).await;
+                let _ = written.send(());
             });
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sluicegate upgrade` against this process's control socket: the answer is written before
+    /// `Reply::send` returns, so a process that exits right after answering (as a successful
+    /// upgrade's old process does) has already told its asker. The runtime is dropped as soon as
+    /// `send` returns, ending every task on it: without the wait, the task that writes the answer
+    /// would not have run, and the asker would read nothing.
+    #[test]
+    fn an_answer_reaches_its_asker_before_the_process_may_exit() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        rt.block_on(async { listen_for_requests(tx) }).unwrap();
+        let pid = std::process::id();
+        let asker = std::thread::spawn(move || request(pid, Duration::from_secs(10)));
+        rt.block_on(async {
+            let request = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a request within 10 s")
+                .expect("the listener is running");
+            request
+                .reply
+                .expect("a request from the control socket has a reply")
+                .send(Ok(4242))
+                .await;
+        });
+        drop(rt);
+        assert_eq!(asker.join().unwrap(), Ok(4242));
+    }
 }
