@@ -90,7 +90,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::{finish, DirEnd, Flow, COPY_BUF};
 
-mod bufs;
+pub(super) mod bufs;
 #[cfg(test)]
 mod tests;
 
@@ -441,7 +441,7 @@ impl Driver {
         tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let (ring, wake) = build_ring()?;
         let sqes = SqeMap::new(&ring)?;
-        let pool = match BufPool::register(&ring, pool_size()) {
+        let pool = match BufPool::register(&ring, pool_size(), bufs::BUF_SIZE as u32) {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::debug!(error = %e, "io_uring: no provided buffers; receives are one-shot");

@@ -5,7 +5,9 @@
 //! Why a pool and not a buffer per receive: a multishot receive stays armed for a connection's life
 //! and the kernel, not the program, decides when it writes, so it cannot write into one buffer of the
 //! direction's own (the next message would overwrite the one not yet sent). What the pool costs is
-//! its size in address space, touched as the kernel uses it: 512 buffers of 2 KiB, 1 MiB per ring.
+//! its size in address space, touched as the kernel uses it: for the `uring` engine 512 buffers of
+//! 2 KiB, 1 MiB per ring; for the ring worker (`relay/ring.rs`), which sends from the pool's buffers
+//! themselves, 1,024 of 16 KiB.
 
 use std::cell::Cell;
 use std::io;
@@ -16,10 +18,10 @@ use io_uring::types::BufRingEntry;
 use io_uring::IoUring;
 
 /// The pool's buffer group, the one every multishot receive names.
-pub(super) const GROUP: u16 = 0;
-/// A buffer's size: most requests and responses fit in one.
+pub(in crate::relay) const GROUP: u16 = 0;
+/// The `uring` engine's buffer size: most requests and responses fit in one.
 pub(super) const BUF_SIZE: usize = 2 * 1024;
-/// Buffers per pool (a power of two, as the kernel requires).
+/// The `uring` engine's buffers per pool (a power of two, as the kernel requires).
 pub(super) const BUFS: u16 = 512;
 
 /// One anonymous private mapping of `len` bytes.
@@ -59,31 +61,34 @@ impl Drop for Mapping {
 }
 
 /// A ring of provided buffers registered with one io_uring ring as [`GROUP`].
-pub(super) struct BufPool {
+pub(in crate::relay) struct BufPool {
     /// The ring of entries (`struct io_uring_buf`) the kernel takes buffers from.
     entries: Mapping,
-    /// The buffers, `BUF_SIZE` bytes each, buffer `i` at `i * BUF_SIZE`.
+    /// The buffers, `size` bytes each, buffer `i` at `i * size`.
     bufs: Mapping,
     count: u16,
+    size: usize,
     /// The ring's tail as this side last published it.
     tail: Cell<u16>,
 }
 
 impl BufPool {
-    /// A pool of `count` buffers (a power of two), every one given to the kernel, registered with
-    /// `ring`. `Err` where the kernel has no provided-buffer rings (before 5.19).
-    pub(super) fn register(ring: &IoUring, count: u16) -> io::Result<BufPool> {
-        if !count.is_power_of_two() {
+    /// A pool of `count` buffers (a power of two) of `size` bytes, every one given to the kernel,
+    /// registered with `ring`. `Err` where the kernel has no provided-buffer rings (before 5.19).
+    pub(in crate::relay) fn register(ring: &IoUring, count: u16, size: u32) -> io::Result<BufPool> {
+        if !count.is_power_of_two() || size == 0 {
             return Err(io::Error::other(
-                "provided buffers: count not a power of two",
+                "provided buffers: count not a power of two, or size 0",
             ));
         }
+        let size = size as usize;
         let entries = Mapping::new(usize::from(count) * size_of::<BufRingEntry>())?;
-        let bufs = Mapping::new(usize::from(count) * BUF_SIZE)?;
+        let bufs = Mapping::new(usize::from(count) * size)?;
         let pool = BufPool {
             entries,
             bufs,
             count,
+            size,
             tail: Cell::new(0),
         };
         for bid in 0..count {
@@ -108,13 +113,13 @@ impl BufPool {
     fn put(&self, bid: u16) {
         let tail = self.tail.get();
         let i = usize::from(tail & (self.count - 1));
-        let addr = self.bufs.ptr.as_ptr() as u64 + u64::from(bid) * BUF_SIZE as u64;
+        let addr = self.bufs.ptr.as_ptr() as u64 + u64::from(bid) * self.size as u64;
         // SAFETY: `i < count`, so the entry lies within the mapping; the kernel reads only entries
         // before the published tail, and this one is at or past it (`count` buffers at most are
         // ever given, each once until it comes back).
         let e = unsafe { &mut *self.entries.ptr.as_ptr().cast::<BufRingEntry>().add(i) };
         e.set_addr(addr);
-        e.set_len(BUF_SIZE as u32);
+        e.set_len(self.size as u32);
         e.set_bid(bid);
         self.tail.set(tail.wrapping_add(1));
     }
@@ -131,7 +136,7 @@ impl BufPool {
     }
 
     /// Gives buffer `bid` back to the kernel.
-    pub(super) fn give_back(&self, bid: u16) {
+    pub(in crate::relay) fn give_back(&self, bid: u16) {
         if bid < self.count {
             self.put(bid);
             self.publish();
@@ -143,21 +148,24 @@ impl BufPool {
     /// # Safety
     ///
     /// The buffer must be the caller's: named by a completion and not given back since.
-    pub(super) unsafe fn bytes(&self, bid: u16, len: usize) -> &[u8] {
-        let len = len.min(BUF_SIZE);
+    pub(in crate::relay) unsafe fn bytes(&self, bid: u16, len: usize) -> &[u8] {
+        let len = len.min(self.size);
         if bid >= self.count {
             return &[];
         }
-        // SAFETY: within the mapping (`bid < count`, `len <= BUF_SIZE`); the kernel wrote these
+        // SAFETY: within the mapping (`bid < count`, `len <= size`); the kernel wrote these
         // bytes before posting the completion and, the buffer being out of its ring, writes no more.
         unsafe {
-            std::slice::from_raw_parts(self.bufs.ptr.as_ptr().add(usize::from(bid) * BUF_SIZE), len)
+            std::slice::from_raw_parts(
+                self.bufs.ptr.as_ptr().add(usize::from(bid) * self.size),
+                len,
+            )
         }
     }
 
     /// Never unmaps the pool: for a ring that closes with multishot receives still armed, which the
     /// kernel cancels only after the close returns.
-    pub(super) fn leak(self) {
+    pub(in crate::relay) fn leak(self) {
         std::mem::forget(self);
     }
 }
