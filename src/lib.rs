@@ -7,6 +7,9 @@
 //! - `workers`: the data-plane threads.
 //! - `listener`: binds the listening sockets and runs the accept loop, which never dies; one tracing
 //!   span per connection.
+//! - `ring_workers`: the data-plane threads of `relay: ring` services, one io_uring loop each (the
+//!   loop itself is `relay/ring.rs`), and what they ask of a service: admission, a backend, the
+//!   accounting of each connection's end (session's own); one tracing span per connection.
 //! - `session`: one client's life: on a shared address its route (the PROXY header, the TLS
 //!   ClientHello), the PROXY header in, admission, TLS termination, select, connect with retry on
 //!   another backend, the PROXY header out, TLS origination, relay, account.
@@ -59,7 +62,7 @@
 //! 1. `app`
 //! 2. `admin`, `upgrade`
 //! 3. `control`
-//! 4. `listener`
+//! 4. `listener`, `ring_workers`
 //! 5. `session`
 //! 6. `route`
 //! 7. `service`
@@ -95,6 +98,8 @@ pub mod pool;
 pub mod proxy_protocol;
 mod relay;
 mod replicas;
+#[cfg(target_os = "linux")]
+mod ring_workers;
 mod route;
 pub mod routelog;
 pub mod selfcheck;

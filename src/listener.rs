@@ -144,14 +144,7 @@ fn dispatch(
         // The address's one service: no route to read.
         let service = current.load_full();
         service.stats.accepted.fetch_add(1, Relaxed);
-        let span = tracing::info_span!(
-            "conn",
-            service = %service.name,
-            client = %peer,
-            listen = %local,
-            via = tracing::field::Empty,
-            backend = tracing::field::Empty,
-        );
+        let span = session::span(Some(&service.name), peer, local);
         match ClientSlot::take(&service, gate.enter()) {
             Ok(slot) => {
                 let serve =
@@ -162,14 +155,7 @@ fn dispatch(
         }
         return;
     }
-    let span = tracing::info_span!(
-        "conn",
-        service = tracing::field::Empty,
-        client = %peer,
-        listen = %local,
-        via = tracing::field::Empty,
-        backend = tracing::field::Empty,
-    );
+    let span = session::span(None, peer, local);
     match gate.enter() {
         Some(slot) => {
             let serve = session::serve_routed(client, peer, routes, slot, leaving.clone(), span);

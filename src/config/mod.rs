@@ -581,6 +581,7 @@ impl RelayMode {
             RelayMode::Splice => "splice",
             RelayMode::Copy => "copy",
             RelayMode::Uring => "uring",
+            RelayMode::Ring => "ring",
         }
     }
 }
@@ -607,6 +608,10 @@ pub enum RelayMode {
     Copy,
     /// io_uring (Linux): receives and sends batched through the worker's ring.
     Uring,
+    /// Ring workers (Linux 6.1+): accept, connect, relay and close on one io_uring loop per core,
+    /// outside tokio's reactor. Plain TCP on an address of its own for now: no TLS, PROXY
+    /// protocol, queue or `backend_port: same`.
+    Ring,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -222,6 +222,12 @@ impl Config {
             };
             p.add(at(key), why);
         }
+        if sa.relay == super::RelayMode::Ring || sb.relay == super::RelayMode::Ring {
+            p.add(
+                at("relay"),
+                format!("{both} share {addr}, and relay: ring serves an address of its own only (no routes yet)"),
+            );
+        }
         if sa.accept_proxy != sb.accept_proxy {
             p.add(
                 at("accept_proxy"),
@@ -257,6 +263,31 @@ fn validate_service(p: &mut Problems, i: usize, s: &ServiceConfig) {
     validate_connecting(p, i, s);
     validate_edge(p, i, s);
     validate_tls(p, i, s);
+    validate_ring(p, i, s);
+}
+
+/// `relay: ring` serves plain TCP only so far: what it does not do is refused by name, not ignored.
+fn validate_ring(p: &mut Problems, i: usize, s: &ServiceConfig) {
+    if s.relay != super::RelayMode::Ring {
+        return;
+    }
+    let at = |key: &str| format!("services[{i}].{key}");
+    let unsupported = [
+        ("tls", s.tls.is_some()),
+        ("backend_tls", s.backend_tls.is_some()),
+        ("proxy_protocol", s.proxy_protocol.is_some()),
+        ("accept_proxy", s.accept_proxy.is_some()),
+        ("queue", s.queue.is_some()),
+        ("backend_port", s.backend_port == super::BackendPort::Same),
+    ];
+    for (key, set) in unsupported {
+        if set {
+            p.add(
+                at(key),
+                format!("relay: ring does not support {key} yet: use relay: uring or auto for this service"),
+            );
+        }
+    }
 }
 
 /// services[i]'s TLS settings and its route keys (the files are read when the service starts).
@@ -859,6 +890,40 @@ mod tests {
         .to_string();
         assert!(
             err.contains("services[0].replicas: this sluicegate was built without Docker support"),
+            "{err}"
+        );
+    }
+
+    /// What the ring workers do not do yet is a config error naming the key, not a setting ignored.
+    #[test]
+    fn relay_ring_refuses_what_it_does_not_do() {
+        let yaml = |extra: &str| {
+            format!("services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: ring\n    backends: [{{address: 127.0.0.1:9001}}]\n{extra}")
+        };
+        crate::config::Config::from_yaml(&yaml("")).expect("plain TCP");
+        for (extra, key) in [
+            ("    proxy_protocol: v2\n", "proxy_protocol"),
+            ("    queue: {max: 10, timeout: 1s}\n", "queue"),
+            ("    backend_port: same\n", "backend_port"),
+            ("    backend_tls: {}\n", "backend_tls"),
+        ] {
+            let err = crate::config::Config::from_yaml(&yaml(extra))
+                .expect_err(key)
+                .to_string();
+            assert!(
+                err.contains(&format!(
+                    "services[0].{key}: relay: ring does not support {key}"
+                )),
+                "{err}"
+            );
+        }
+        let shared = "services:\n  - {name: a, listen: 127.0.0.1:7000, sni: [a.test], relay: ring, backends: [{address: 127.0.0.1:9001}]}\n  - {name: b, listen: 127.0.0.1:7000, sni: [b.test], backends: [{address: 127.0.0.1:9001}]}\n";
+        let err = crate::config::Config::from_yaml(shared)
+            .expect_err("a shared address")
+            .to_string();
+        assert!(
+            err.contains("services[1].relay")
+                && err.contains("relay: ring serves an address of its own"),
             "{err}"
         );
     }

@@ -96,6 +96,7 @@ impl Control {
                     cut = self.tracker.len();
                     tracing::warn!(remaining = cut, "drain deadline reached: cutting remaining connections");
                     self.leaving.deadline.cancel();
+                    self.cut_ring(crate::outcome::Outcome::DrainDeadline);
                     self.tracker.wait().await;
                     break;
                 }
@@ -108,7 +109,11 @@ impl Control {
         self.background.cancel();
         // Every session has ended: the worker threads have nothing left to run.
         let me = self.clone();
-        let _ = tokio::task::spawn_blocking(move || me.workers.stop()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            me.workers.stop();
+            me.stop_ring();
+        })
+        .await;
         cut
     }
 }

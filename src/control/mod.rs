@@ -32,13 +32,15 @@ pub use reload::{ReloadError, ReloadReport};
 pub(crate) use view::{ControlView, METRICS};
 
 use crate::admission::Gate;
-use crate::config::{AdminSettings, Config, ResolverConfig, ServiceConfig};
+use crate::config::{AdminSettings, Config, RelayMode, ResolverConfig, ServiceConfig};
 use crate::discovery::docker::{self as labels, LabelWatcher};
 use crate::discovery::{self, ResolverError, Watcher};
 use crate::events::{Event, EventBus};
 use crate::listener::{self, BindError};
 use crate::pool::Backend;
 use crate::replicas::ReplicaSet;
+#[cfg(target_os = "linux")]
+use crate::ring_workers::RingWorkers;
 use crate::service::Service;
 use crate::tls::{self, ServiceTls, TlsError};
 use crate::util::lock;
@@ -148,12 +150,24 @@ struct Resolving {
     resolver: TokioResolver,
 }
 
+/// Whether the ring workers run: started with the first `relay: ring` service, tried once.
+#[cfg(target_os = "linux")]
+enum RingState {
+    NotStarted,
+    Running(Arc<RingWorkers>),
+    Failed,
+}
+
 /// The running server's state, shared with the admin API and the signal handler.
 pub struct Control {
     /// The control runtime: listeners and tasks a reload creates belong here, whoever calls.
     rt: tokio::runtime::Handle,
     /// The data plane: accept loops and sessions run there.
     workers: Workers,
+    /// The ring workers of `relay: ring` services, started with the first one bound (Linux only:
+    /// elsewhere `ring` runs as `auto`, `relay::engine_for`).
+    #[cfg(target_os = "linux")]
+    ring: Mutex<RingState>,
     running: Mutex<Vec<Running>>,
     /// Every bound address; locked after `running` when both are.
     listeners: Mutex<Vec<Bound>>,
@@ -251,6 +265,8 @@ impl Control {
         Ok(Control {
             rt: tokio::runtime::Handle::current(),
             workers,
+            #[cfg(target_os = "linux")]
+            ring: Mutex::new(RingState::NotStarted),
             running: Mutex::new(running),
             listeners: Mutex::new(bound),
             config: Mutex::new(config.clone()),
@@ -512,6 +528,55 @@ impl Control {
         )
     }
 
+    /// The ring workers, started on first use; `None` (said once in the log) when they cannot
+    /// start, and `relay: ring` services are then served by the tokio workers as `auto`.
+    #[cfg(target_os = "linux")]
+    fn ring_workers(&self) -> Option<Arc<RingWorkers>> {
+        let mut ring = lock(&self.ring);
+        if let RingState::NotStarted = *ring {
+            let started = RingWorkers::start(
+                workers::default_count(),
+                self.gate.clone(),
+                self.tracker.clone(),
+            );
+            *ring = match started {
+                Ok(r) => RingState::Running(Arc::new(r)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the ring workers; relay: ring services run as auto");
+                    RingState::Failed
+                }
+            };
+        }
+        match &*ring {
+            RingState::Running(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// Cuts every ring worker's connections (the drain's deadline), if they have started.
+    pub(crate) fn cut_ring(&self, end: crate::outcome::Outcome) {
+        #[cfg(target_os = "linux")]
+        if let RingState::Running(r) = &*lock(&self.ring) {
+            r.cut(end);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = end;
+    }
+
+    /// Ends the ring workers, if they have started, and waits for their threads: blocks.
+    pub(crate) fn stop_ring(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            let running = match &*lock(&self.ring) {
+                RingState::Running(r) => Some(r.clone()),
+                _ => None,
+            };
+            if let Some(r) = running {
+                r.stop();
+            }
+        }
+    }
+
     /// Starts an accept loop per worker on `b`'s socket, if it has not started yet.
     fn spawn_accept(&self, b: &mut Bound) {
         let Some(l) = b.pending.take() else { return };
@@ -534,6 +599,19 @@ impl Control {
                 routes = names.len(),
                 "listening"
             ),
+        }
+        #[cfg(target_os = "linux")]
+        if routes.table.only().map(|s| s.load().relay.mode) == Some(RelayMode::Ring) {
+            if let Some(r) = self.ring_workers() {
+                r.listen(
+                    &self.rt,
+                    l,
+                    b.routes.clone(),
+                    b.stop.clone(),
+                    &self.accepting,
+                );
+                return;
+            }
         }
         // One accept loop per worker, each on its own descriptor of the one listening socket.
         let handles = self.workers.handles();

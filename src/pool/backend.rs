@@ -71,6 +71,17 @@ pub(crate) struct CutSignal {
 }
 
 impl CutSignal {
+    /// Whether the backend's sessions are cut, and why: for a loop that looks instead of waiting
+    /// (the ring workers, on their tick).
+    pub(crate) fn fired(&self) -> Option<Outcome> {
+        self.token.is_cancelled().then(|| {
+            self.reason
+                .get()
+                .copied()
+                .unwrap_or(Outcome::BackendRemoved)
+        })
+    }
+
     /// Completes when the backend's sessions are cut, with the reason for their routing lines.
     pub(crate) async fn cut(&self) -> Outcome {
         self.token.cancelled().await;

@@ -22,6 +22,8 @@
 #[cfg(all(test, target_os = "linux"))]
 mod carry_tests;
 #[cfg(target_os = "linux")]
+pub(crate) mod ring;
+#[cfg(target_os = "linux")]
 mod splice;
 mod stream;
 #[cfg(target_os = "linux")]
@@ -180,22 +182,30 @@ struct Pending {
 /// The engine a service configured with `mode` runs: `uring` where io_uring is unavailable falls
 /// back to `auto` (epoll), saying so once per process.
 pub(crate) fn engine_for(mode: RelayMode, service: &str) -> RelayMode {
-    if mode != RelayMode::Uring {
-        return mode;
-    }
     #[cfg(target_os = "linux")]
-    let why = match uring::availability() {
-        Ok(()) => return mode,
-        Err(why) => why.as_str(),
+    let why = match mode {
+        RelayMode::Uring => match uring::availability() {
+            Ok(()) => return mode,
+            Err(why) => why.clone(),
+        },
+        RelayMode::Ring => match ring::availability() {
+            Ok(()) => return mode,
+            Err(why) => why.clone(),
+        },
+        _ => return mode,
     };
     #[cfg(not(target_os = "linux"))]
-    let why = "io_uring is Linux only";
+    let why = match mode {
+        RelayMode::Uring | RelayMode::Ring => "io_uring is Linux only".to_string(),
+        _ => return mode,
+    };
     static SAID: AtomicBool = AtomicBool::new(false);
     if !SAID.swap(true, Relaxed) {
         tracing::warn!(
             service,
+            relay = mode.as_str(),
             reason = why,
-            "relay: uring is unavailable; falling back to the epoll engine (auto)"
+            "this relay is unavailable; falling back to the epoll engine (auto)"
         );
     }
     RelayMode::Auto
@@ -728,7 +738,10 @@ async fn pump(
         // A full buffer means bulk data: from here on splice, if a pipe is to be had. (`uring` lands
         // here only where io_uring is unavailable, or with no pipe free, and then behaves as `auto`.)
         #[cfg(target_os = "linux")]
-        if matches!(mode, RelayMode::Auto | RelayMode::Uring) && last_read == COPY_BUF {
+        // (`ring` lands here only for a connection carried in from an older process.)
+        if matches!(mode, RelayMode::Auto | RelayMode::Uring | RelayMode::Ring)
+            && last_read == COPY_BUF
+        {
             if let Some(pipe) = splice::PipeLease::acquire() {
                 drop(own);
                 return Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await;

@@ -150,27 +150,27 @@ pub(super) async fn connect(
 /// The backends a connection must not pick again: those whose connect failed, and those found at
 /// their cap (which may free a slot, so the queue looks at them again).
 #[derive(Debug, Default)]
-struct Tried {
+pub(crate) struct Tried {
     /// The failed ones first, then the `full` ones at the end.
     addrs: Vec<SocketAddr>,
     full: usize,
 }
 
 impl Tried {
-    fn avoid(&self) -> &[SocketAddr] {
+    pub(crate) fn avoid(&self) -> &[SocketAddr] {
         &self.addrs
     }
 
-    fn any_full(&self) -> bool {
+    pub(crate) fn any_full(&self) -> bool {
         self.full > 0
     }
 
-    fn full(&mut self, addr: SocketAddr) {
+    pub(crate) fn full(&mut self, addr: SocketAddr) {
         self.addrs.push(addr);
         self.full += 1;
     }
 
-    fn failed(&mut self, addr: SocketAddr) {
+    pub(crate) fn failed(&mut self, addr: SocketAddr) {
         let failed_upto = self.addrs.len() - self.full;
         self.addrs.insert(failed_upto, addr);
     }

@@ -30,6 +30,7 @@ use crate::route::Routes;
 use crate::routelog::{self, Ending, Record};
 use crate::service::{Service, TlsResult};
 use crate::tls::{HandshakeError, Prefixed, ServerStream};
+pub(crate) use connect::Tried;
 use connect::{connect, BackendStream, Connected, Outbound};
 
 /// How sessions leave this process before they end: the drain's deadline cuts them; an upgrade
@@ -394,21 +395,9 @@ async fn admit_and_connect(
     };
     let dst = reached.or_else(|| client.local_addr().ok()).unwrap_or(peer);
     let origin = record.client;
-    let admitted = service.occupancy.sources.admit(
-        origin.ip(),
-        &service.limits,
-        service.max_connections,
-        Instant::now(),
-    );
-    let source = match admitted {
+    let source = match admit_source(service, origin.ip()) {
         Ok(source) => source,
-        Err(r) => {
-            let end = match r {
-                Refusal::Denied => Outcome::Denied,
-                Refusal::SourceLimit => Outcome::SourceLimit,
-            };
-            return Err(Refused::with(end, ClientStream::Plain(client)));
-        }
+        Err(end) => return Err(Refused::with(end, ClientStream::Plain(client))),
     };
     let mut facts = proxy_protocol::Tls {
         authority: record.sni.clone(),
@@ -593,7 +582,7 @@ fn relay_and_account<'a>(
 
 /// The end of a relayed connection: its bytes and engine in the service's totals, how it broke
 /// (at debug), and its routing line.
-fn account_relayed(service: &Service, record: &Record, relayed: &Relayed) {
+pub(crate) fn account_relayed(service: &Service, record: &Record, relayed: &Relayed) {
     let stats = &service.stats;
     stats.bytes_up.fetch_add(relayed.bytes_up, Relaxed);
     stats.bytes_down.fetch_add(relayed.bytes_down, Relaxed);
@@ -732,7 +721,41 @@ fn backend_addr(s: &std::net::TcpStream) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-/// Refuses a client because a connection cap is reached (the caller closes it).
+/// The client's place in its service's source table (access lists, per-source limits), or how it
+/// is refused.
+pub(crate) fn admit_source(
+    service: &Service,
+    ip: std::net::IpAddr,
+) -> Result<Option<SourceSlot>, Outcome> {
+    let table = &service.occupancy.sources;
+    table
+        .admit(ip, &service.limits, service.max_connections, Instant::now())
+        .map_err(|r| match r {
+            Refusal::Denied => Outcome::Denied,
+            Refusal::SourceLimit => Outcome::SourceLimit,
+        })
+}
+
+/// The one tracing span of a client connection, accepted on `local`: every line about it names it.
+/// Its service (unless known here), backend and the client a PROXY header names are recorded as
+/// they become known.
+pub(crate) fn span(service: Option<&str>, peer: SocketAddr, local: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "conn",
+        service = tracing::field::Empty,
+        client = %peer,
+        listen = %local,
+        via = tracing::field::Empty,
+        backend = tracing::field::Empty,
+    );
+    if let Some(name) = service {
+        span.record("service", name);
+    }
+    span
+}
+
+/// Refuses a client before it has a backend (a cap reached, its source refused; the caller closes
+/// it).
 pub(crate) fn refuse_over_limit(service: &Service, peer: SocketAddr, end: Outcome) {
     let record = Record::new(service.name.clone(), service.policy.as_str(), peer);
     account(service, &record, refused_ending(end));
@@ -747,7 +770,7 @@ fn refused_ending(end: Outcome) -> Ending {
 }
 
 /// The end of every client connection: counts its outcome and writes its routing line.
-fn account(service: &Service, record: &Record, ending: Ending) {
+pub(crate) fn account(service: &Service, record: &Record, ending: Ending) {
     service.stats.count(ending.end);
     routelog::emit(record, ending);
 }

@@ -99,3 +99,45 @@ async fn uring_relays_through_the_ring() {
         );
     }
 }
+
+/// `ring` serves its service on the ring workers' threads, not the tokio workers': every connection
+/// counted as on a ring, none spliced, the routing counters and the backend's live byte counts
+/// exact, and the workers' threads there to be seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_serves_its_service_on_the_ring_workers() {
+    for answer in [100, 4 << 20] {
+        let backend = sender(answer).await;
+        let proxy = Proxy::start(&service_yaml(&[backend.addr], RelayMode::Ring, "")).await;
+        for _ in 0..3 {
+            let got = round_trip(proxy.addr, b"request").await.expect("served");
+            assert_eq!(sha(&got), sha(&payload(1, answer)), "content");
+        }
+        proxy.wait_ended(sluicegate::Outcome::ClientClosed, 3).await;
+        let stats = &proxy.service.stats;
+        assert_eq!(stats.accepted.load(Relaxed), 3);
+        assert_eq!(stats.uring.load(Relaxed), 3, "every connection on a ring");
+        assert_eq!(
+            stats.spliced.load(Relaxed),
+            0,
+            "the ring worker does not splice"
+        );
+        assert_eq!(stats.bytes_down.load(Relaxed), 3 * answer as u64);
+        let b = proxy.backend(backend.addr);
+        assert_eq!(
+            b.stats.bytes_up.load(Relaxed),
+            3 * 7,
+            "live counts, flushed at the end"
+        );
+        assert_eq!(b.stats.bytes_down.load(Relaxed), 3 * answer as u64);
+        assert_eq!(b.active(), 0);
+        let threads: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .collect();
+        assert!(
+            threads.iter().any(|n| n.starts_with("sluicegate-r")),
+            "ring worker threads: {threads:?}"
+        );
+    }
+}

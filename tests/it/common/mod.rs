@@ -25,7 +25,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinHandle};
 
-pub const ENGINES: [RelayMode; 3] = [RelayMode::Copy, RelayMode::Splice, RelayMode::Uring];
+/// The engines the scenarios below `relay.rs` run on in turn (`auto` is `copy`, then `splice`).
+pub const ENGINES: [RelayMode; 4] = [
+    RelayMode::Copy,
+    RelayMode::Splice,
+    RelayMode::Uring,
+    RelayMode::Ring,
+];
 
 /// Lifts the soft descriptor limit to the hard one: the large scenarios hold thousands of sockets.
 pub fn raise_fd_limit() {

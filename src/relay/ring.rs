@@ -1,0 +1,1324 @@
+//! The ring worker (`relay: ring`): a data-plane thread that runs its own loop on one io_uring and
+//! sleeps only in `io_uring_enter`, with accept, connect, receive, send and close all on the ring.
+//! The `uring` engine beside it keeps tokio's reactor on the thread and the ring behind an eventfd;
+//! this is issue 25's stage 2, built after the C probe (`benchmarks/probes/ring-proxy.c`) that set
+//! the ceiling.
+//!
+//! What a worker does with a connection: one of the accepts it keeps in flight on each listener
+//! hands it a client with its address (a multishot accept gives no address, and asking for it after
+//! costs a system call, and fails for a client that has already reset); the
+//! [`Host`] (the services, above this module) admits it and names a backend; a non-blocking socket
+//! with TCP_NODELAY connects through the ring with a linked timeout (the host names another backend
+//! when it fails); then each direction keeps one multishot receive armed into the ring's pool of
+//! provided buffers and sends from those buffers in order, one send in flight; both sockets close
+//! through the ring. The kernel does the waiting; the thread enters it once per loop, submitting
+//! everything the last batch of completions started and waiting for the next.
+//!
+//! The relay contract is the other engines' (`relay/mod.rs`): a FIN read is passed on (shutdown(2):
+//! IORING_OP_SHUTDOWN is punted to an io-wq thread) once what came before it is sent; a side that
+//! breaks makes the other see a reset; both FINs end the connection with whoever sent the first;
+//! `idle_timeout` while both directions flow, `half_close_timeout` once one has ended, measured from
+//! the last byte moved, checked on a tick every 250 ms; a cut (the drain's deadline, the backend's
+//! sessions cut) resets both sides. The same pure decisions (`direction_ended`, `Supervised`) say how
+//! it ended.
+//!
+//! Back-pressure: a direction holds the pool buffers it received and has not yet sent; when it holds
+//! [`CAP`] its receive is cancelled, and armed again once it holds fewer than half. A receive the
+//! pool could not serve (ENOBUFS, every buffer held) ends; the direction is armed again as soon as
+//! any buffer comes back, and on every tick, so a dry pool slows a direction and never stops it.
+//!
+//! Ownership: a connection's state is boxed (the kernel reads its backend address, and the connect's
+//! timeout, from there) and stays in its slot while anything of it is in the kernel (`refs` counts the
+//! operations submitted and not completed for the last time); its slot is reused only after that, so
+//! no completion can reach another connection. Sends point into pool buffers the direction holds until
+//! the send completes. The pool lives as long as the worker, and is leaked if the worker exits with
+//! operations still in the kernel.
+//!
+//! Commands from the control plane (listen, stop listening, cut, stop) come through a channel and an
+//! eventfd the ring polls (multishot): the only way in from other threads.
+#![allow(unsafe_code)]
+// The worker runs no tokio runtime: its clock is the kernel's, whose timeouts it arms.
+#![allow(clippy::disallowed_types)]
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use socket2::{SockAddr, SockRef};
+
+use super::uring::bufs::{BufPool, GROUP};
+use super::{direction_ended, DirEnd, Side, Supervised};
+use crate::outcome::Outcome;
+use crate::util::RateLimited;
+
+/// Submission queue entries: one `io_uring_enter` submits at most this many.
+const SQ_ENTRIES: u32 = 4096;
+/// Completion queue entries: past them the kernel keeps completions in its overflow list
+/// (IORING_FEAT_NODROP) until the next entry moves them back.
+const CQ_ENTRIES: u32 = 64 * 1024;
+/// Provided buffers per worker, and their size: 16 MiB of address space, touched as the kernel uses
+/// the buffers. 16 KiB so that bulk data moves in as few messages as the copy engine's reads.
+const POOL_BUFS: u16 = 1024;
+const POOL_BUF: u32 = 16 * 1024;
+/// Pool buffers a direction may hold before its receive is cancelled: 128 directions whose
+/// destination does not read before the pool runs dry.
+pub(crate) const CAP: usize = 8;
+/// How often timeouts, cuts and starved receives are looked at, while there is anything to look at.
+const TICK: Duration = Duration::from_millis(250);
+/// Accepts in flight per listener and worker: a burst of connections is taken several at a time.
+const ACCEPTS: usize = 4;
+/// How long a stopping worker waits for its connections' last completions.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
+// An operation's `user_data`: its kind in the low 4 bits, the direction in bit 4 (an accept's
+// place in its listener's in bits 4 to 7), the connection's slot (or the listener's id) in the high
+// 32.
+const K_CLOSE: u64 = 0;
+const K_ACCEPT: u64 = 1;
+const K_RECV: u64 = 2;
+const K_SEND: u64 = 3;
+const K_CONNECT: u64 = 4;
+const K_LINK: u64 = 5;
+const K_CANCEL: u64 = 6;
+const K_WAKE: u64 = 7;
+const K_TICK: u64 = 8;
+
+fn user_data(kind: u64, slot: u32, side: Side) -> u64 {
+    kind | (u64::from(side == Side::Down) << 4) | (u64::from(slot) << 32)
+}
+
+fn accept_data(id: u32, k: usize) -> u64 {
+    K_ACCEPT | ((k as u64 & 15) << 4) | (u64::from(id) << 32)
+}
+
+fn side_of(ud: u64) -> Side {
+    if ud & 16 == 0 {
+        Side::Up
+    } else {
+        Side::Down
+    }
+}
+
+/// Where to connect a client, and for how long to try.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target {
+    pub(crate) addr: SocketAddr,
+    pub(crate) timeout: Duration,
+}
+
+/// A connection's inactivity limits (`idle_timeout`, `half_close_timeout`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub(crate) idle: Duration,
+    pub(crate) half_close: Duration,
+}
+
+/// How a connection the host admitted ended.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    /// Bytes sent to the backend, and to the client.
+    pub(crate) bytes_up: u64,
+    pub(crate) bytes_down: u64,
+    /// A relay's outcome, or the host's own refusal (a connect that failed on every backend).
+    pub(crate) end: Outcome,
+    /// What broke it, when a side failed.
+    pub(crate) broken: Option<io::Error>,
+}
+
+/// What a worker asks of the services it serves. Called on the worker's thread, between two entries
+/// into the ring: what it does delays every connection of the worker, so nothing here may block.
+pub(crate) trait Host {
+    /// What the host keeps of a listener (the services behind it).
+    type Listen;
+    /// What the host keeps of a connection (its service, its slots, its routing record).
+    type Conn;
+    /// Listener `id` is served by this worker from now on.
+    fn listening(&mut self, id: u32, with: Self::Listen);
+    /// Listener `id` is no longer served (its last accept has completed).
+    fn unlistened(&mut self, id: u32);
+    /// A client accepted on listener `id`: its state, the backend to connect it to and its limits;
+    /// or `None`, refused, which the host has accounted (the worker closes the client after).
+    fn accepted(&mut self, id: u32, peer: SocketAddr) -> Option<(Self::Conn, Target, Timeouts)>;
+    /// The connect to the last target failed: another to try, or how the connection ends.
+    fn connect_failed(
+        &mut self,
+        conn: &mut Self::Conn,
+        error: io::Error,
+    ) -> Result<Target, Outcome>;
+    /// The connect to the last target succeeded; the relay starts.
+    fn connected(&mut self, conn: &mut Self::Conn);
+    /// Bytes sent to the backend (`up`) and to the client (`down`) since the last call.
+    fn sent(&mut self, conn: &Self::Conn, up: u64, down: u64);
+    /// Asked on every tick of a relayed connection: whether it is to be cut, and why.
+    fn cut(&mut self, conn: &Self::Conn) -> Option<Outcome>;
+    /// The connection ended; its sockets close right after.
+    fn ended(&mut self, conn: Self::Conn, finished: Finished);
+}
+
+/// What the control plane tells a worker.
+pub(crate) enum Command<L> {
+    /// Serve `socket` (the worker's own descriptor of a listening socket) as listener `id`.
+    Listen {
+        id: u32,
+        socket: std::net::TcpListener,
+        with: L,
+    },
+    /// Stop accepting on listener `id`; its connections go on.
+    Unlisten { id: u32 },
+    /// Cut every connection: reset both sides, with this outcome.
+    Cut(Outcome),
+    /// Stop listening, cut what is left, and end the thread.
+    Stop,
+}
+
+/// How the control plane reaches one worker.
+pub(crate) struct Handle<L> {
+    tx: mpsc::Sender<Command<L>>,
+    wake: Arc<OwnedFd>,
+    counts: Arc<Counts>,
+}
+
+impl<L> Clone for Handle<L> {
+    fn clone(&self) -> Self {
+        Handle {
+            tx: self.tx.clone(),
+            wake: self.wake.clone(),
+            counts: self.counts.clone(),
+        }
+    }
+}
+
+impl<L> Handle<L> {
+    /// What the worker has done so far.
+    #[cfg(test)]
+    pub(crate) fn counts(&self) -> &Counts {
+        &self.counts
+    }
+
+    /// Queues `command` and wakes the worker; `false` once the worker has ended.
+    pub(crate) fn send(&self, command: Command<L>) -> bool {
+        if self.tx.send(command).is_err() {
+            return false;
+        }
+        // An eventfd's counter only fails to take a write at u64::MAX - 1, which a worker that
+        // reads it on every wake-up never nears.
+        let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
+        true
+    }
+}
+
+/// Whether this kernel has what a ring worker needs (multishot accept and receive, provided
+/// buffer rings, DEFER_TASKRUN: Linux 6.1), and io_uring is allowed (not `io_uring_disabled`, not
+/// a seccomp profile that blocks it, not `SLUICEGATE_IO_URING=off`). `Err` says what is missing.
+pub(crate) fn availability() -> Result<(), String> {
+    super::uring::availability().clone()?;
+    let ring = build_ring(8, 8)
+        .map_err(|e| format!("no ring with SINGLE_ISSUER and DEFER_TASKRUN (Linux 6.1+): {e}"))?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("io_uring probe failed: {e}"))?;
+    for (code, name) in [
+        (opcode::Accept::CODE, "accept"),
+        (opcode::Connect::CODE, "connect"),
+        (opcode::LinkTimeout::CODE, "link timeout"),
+        (opcode::RecvMulti::CODE, "receive"),
+        (opcode::Send::CODE, "send"),
+        (opcode::Close::CODE, "close"),
+        (opcode::PollAdd::CODE, "poll"),
+        (opcode::AsyncCancel2::CODE, "cancel"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!("the kernel's io_uring has no {name} operation"));
+        }
+    }
+    BufPool::register(&ring, 8, 64)
+        .map(drop)
+        .map_err(|e| format!("no provided-buffer rings (Linux 5.19+): {e}"))
+}
+
+fn build_ring(sq: u32, cq: u32) -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_cqsize(cq)
+        .setup_single_issuer()
+        .setup_submit_all()
+        .setup_defer_taskrun()
+        .build(sq)
+}
+
+/// Starts a worker thread named `name` serving `make()`'s host; returns once its ring is set up.
+pub(crate) fn start<H, F>(
+    name: String,
+    make: F,
+) -> io::Result<(Handle<H::Listen>, std::thread::JoinHandle<()>)>
+where
+    H: Host,
+    H::Listen: Send + 'static,
+    F: FnOnce() -> H + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    let wake = rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
+    )?;
+    let wake = Arc::new(wake);
+    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+    let theirs = wake.clone();
+    let counts = Arc::new(Counts::default());
+    let kept = counts.clone();
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        // The ring is made here: SINGLE_ISSUER binds it to the thread that makes it.
+        match Worker::new(make(), rx, theirs, kept) {
+            Ok(w) => {
+                let _ = ready_tx.send(Ok(()));
+                w.run();
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        }
+    })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok((Handle { tx, wake, counts }, thread)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::other("the ring worker's thread ended at start")),
+    }
+}
+
+/// A buffer a direction received into and has not yet sent whole.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    bid: u16,
+    len: u32,
+    off: u32,
+}
+
+/// One direction's state: the pure part of the relay, which the worker acts on.
+#[derive(Debug, Default)]
+struct Dir {
+    held: VecDeque<Held>,
+    /// A multishot receive is in the kernel (until its last completion).
+    armed: bool,
+    /// Its cancellation is on its way (the cap was reached).
+    cancelling: bool,
+    /// A send is in the kernel.
+    sending: bool,
+    /// The source's FIN was read.
+    eof: bool,
+    /// The FIN was passed on: the destination's write side is shut down.
+    shut: bool,
+    /// The pool had no buffer for it: armed again once one comes back.
+    starved: bool,
+    /// Bytes sent in all, and since the host last heard.
+    sent: u64,
+    unflushed: u64,
+}
+
+impl Dir {
+    /// Whether to arm a receive now: none armed, the source still open, room below half the cap.
+    fn should_arm(&self, ending: bool) -> bool {
+        !self.armed && !self.eof && !self.starved && !ending && self.held.len() < CAP / 2
+    }
+
+    /// Whether to cancel the armed receive: the destination has not taken `CAP` messages.
+    fn should_cancel(&self) -> bool {
+        self.armed && !self.cancelling && self.held.len() >= CAP
+    }
+
+    /// Whether to pass the FIN on now: read, and everything before it sent.
+    fn should_shut(&self) -> bool {
+        self.eof && !self.shut && !self.sending && self.held.is_empty()
+    }
+}
+
+/// Which limit a connection's silence is measured against, and whether it has run out.
+fn expired(t: &Timeouts, half_closed: bool, quiet: Duration) -> Option<Outcome> {
+    let (limit, end) = if half_closed {
+        (t.half_close, Outcome::HalfCloseTimeout)
+    } else {
+        (t.idle, Outcome::IdleTimeout)
+    };
+    (quiet >= limit).then_some(end)
+}
+
+/// One connection. Boxed: the kernel reads `to` and `link` while its connect is in flight.
+struct Conn<C> {
+    host: Option<C>,
+    client: Option<OwnedFd>,
+    backend: Option<OwnedFd>,
+    to: SockAddr,
+    link: types::Timespec,
+    timeouts: Timeouts,
+    connected: bool,
+    dirs: [Dir; 2],
+    /// Operations of this connection in the kernel.
+    refs: u32,
+    first_fin: Option<Outcome>,
+    /// How it ends, once decided; it is freed when nothing of it is left in the kernel.
+    end: Option<Supervised>,
+    last: Instant,
+}
+
+impl<C> Conn<C> {
+    fn dir(&mut self, side: Side) -> &mut Dir {
+        &mut self.dirs[side as usize]
+    }
+
+    /// The socket a direction reads from, and the one it writes to.
+    fn ends(&self, side: Side) -> (RawFd, RawFd) {
+        let fd = |s: &Option<OwnedFd>| s.as_ref().map_or(-1, |f| f.as_raw_fd());
+        match side {
+            Side::Up => (fd(&self.client), fd(&self.backend)),
+            Side::Down => (fd(&self.backend), fd(&self.client)),
+        }
+    }
+
+    fn both_shut(&self) -> bool {
+        self.dirs[0].shut && self.dirs[1].shut
+    }
+}
+
+struct Listening {
+    fd: OwnedFd,
+    /// Where each accept in flight has the kernel write its client's address (boxed: the kernel
+    /// writes there until the accept completes, whatever happens to the map).
+    accepts: Box<[Accepting; ACCEPTS]>,
+    /// Stopping: its accepts are being cancelled.
+    closing: bool,
+    /// An accept failed for want of descriptors or memory: armed again on the next tick.
+    backoff: bool,
+}
+
+impl Listening {
+    fn armed(&self) -> bool {
+        self.accepts.iter().any(|a| a.armed)
+    }
+}
+
+struct Accepting {
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
+    armed: bool,
+}
+
+impl Accepting {
+    fn new() -> Accepting {
+        Accepting {
+            // SAFETY: a C struct of integers and byte arrays, for which all zeros is a value.
+            addr: unsafe { std::mem::zeroed() },
+            len: 0,
+            armed: false,
+        }
+    }
+
+    /// The address the kernel wrote, if it is one of the two families a TCP listener accepts.
+    fn peer(&self) -> Option<SocketAddr> {
+        let p = std::ptr::from_ref(&self.addr);
+        match i32::from(self.addr.ss_family) {
+            libc::AF_INET if self.len as usize >= size_of::<libc::sockaddr_in>() => {
+                // SAFETY: the family says the storage holds a `sockaddr_in`, and it is aligned for
+                // one (sockaddr_storage is aligned for every address type).
+                let a = unsafe { &*p.cast::<libc::sockaddr_in>() };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
+            }
+            libc::AF_INET6 if self.len as usize >= size_of::<libc::sockaddr_in6>() => {
+                // SAFETY: as above, for a `sockaddr_in6`.
+                let a = unsafe { &*p.cast::<libc::sockaddr_in6>() };
+                let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                    ip,
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What a worker has done, for its tests and a look from outside (`Handle::counts`).
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    /// Clients accepted.
+    pub(crate) accepted: AtomicU64,
+    /// Multishot receives armed (two per connection when nothing pushes back).
+    pub(crate) receives_armed: AtomicU64,
+    /// Receives cancelled because their direction held `CAP` buffers.
+    pub(crate) cancels_at_cap: AtomicU64,
+    /// Receives the pool had no buffer for (ENOBUFS).
+    pub(crate) starved: AtomicU64,
+    /// Connections open now.
+    pub(crate) open: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+struct Worker<H: Host> {
+    ring: IoUring,
+    pool: Option<BufPool>,
+    host: H,
+    conns: Vec<Option<Box<Conn<H::Conn>>>>,
+    free: Vec<u32>,
+    live: usize,
+    listeners: HashMap<u32, Listening>,
+    commands: mpsc::Receiver<Command<H::Listen>>,
+    wake: Arc<OwnedFd>,
+    tick: Box<types::Timespec>,
+    tick_armed: bool,
+    starved: Vec<(u32, Side)>,
+    /// Entries the submission queue had no room for, in groups that go in together (a connect and
+    /// its linked timeout).
+    backlog: VecDeque<Vec<squeue::Entry>>,
+    cqes: Vec<(u64, i32, u32)>,
+    now: Instant,
+    stopping: Option<Instant>,
+    errors: RateLimited,
+    counts: Arc<Counts>,
+}
+
+impl<H: Host> Worker<H> {
+    fn new(
+        host: H,
+        commands: mpsc::Receiver<Command<H::Listen>>,
+        wake: Arc<OwnedFd>,
+        counts: Arc<Counts>,
+    ) -> io::Result<Worker<H>> {
+        let ring = build_ring(SQ_ENTRIES, CQ_ENTRIES)?;
+        let pool = BufPool::register(&ring, POOL_BUFS, POOL_BUF)?;
+        let mut w = Worker {
+            ring,
+            pool: Some(pool),
+            host,
+            conns: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            listeners: HashMap::new(),
+            commands,
+            wake,
+            tick: Box::new(types::Timespec::from(TICK)),
+            tick_armed: false,
+            starved: Vec::new(),
+            backlog: VecDeque::new(),
+            cqes: Vec::with_capacity(1024),
+            now: Instant::now(),
+            stopping: None,
+            errors: RateLimited::default(),
+            counts,
+        };
+        w.arm_wake();
+        Ok(w)
+    }
+
+    /// Queues `entries` for the next entry into the kernel, together.
+    ///
+    /// # Safety
+    ///
+    /// What each entry points to (a buffer, an address, a timespec) must stay valid, and each
+    /// descriptor it names open, until the entry's last completion.
+    unsafe fn push(&mut self, entries: &[squeue::Entry]) {
+        if self.backlog.is_empty() {
+            // SAFETY: the caller's promise, passed on.
+            if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
+                return;
+            }
+            // Full: submit what is queued (without waiting) and try once more.
+            let _ = self.ring.submit();
+            // SAFETY: as above.
+            if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
+                return;
+            }
+        }
+        self.backlog.push_back(entries.to_vec());
+    }
+
+    /// Moves what the submission queue had no room for into it, in order, as far as it goes.
+    fn flush_backlog(&mut self) {
+        while let Some(group) = self.backlog.front() {
+            // SAFETY: each group was pushed with `push`'s promise, which still holds: what it
+            // points to stays until its completion, which has not come (it was never submitted).
+            if unsafe { self.ring.submission().push_multiple(group) }.is_err() {
+                return;
+            }
+            self.backlog.pop_front();
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            self.flush_backlog();
+            // With entries still waiting for room, submit and reap without sleeping: the wait
+            // could otherwise outlast what is not yet in the kernel (the tick among them).
+            let want = usize::from(self.backlog.is_empty());
+            if let Err(e) = self.ring.submit_and_wait(want) {
+                match e.raw_os_error() {
+                    // A signal, or completions to reap before more can be submitted.
+                    Some(libc::EINTR | libc::EBUSY) => {}
+                    _ => {
+                        if let Some(suppressed) = self.errors.allow() {
+                            tracing::error!(error = %e, suppressed, "ring worker: io_uring_enter failed; backing off");
+                        }
+                        // Our own thread: the back-off delays only what it serves.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+            self.now = Instant::now();
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(ud, res, flags) in &cqes {
+                self.complete(ud, res, flags);
+            }
+            cqes.clear();
+            self.cqes = cqes;
+            if let Some(since) = self.stopping {
+                let done = self.live == 0 && self.listeners.is_empty();
+                if done || self.now.duration_since(since) >= STOP_WAIT {
+                    break;
+                }
+            }
+        }
+        let c = &self.counts;
+        tracing::debug!(
+            accepted = c.accepted.load(Relaxed),
+            receives_armed = c.receives_armed.load(Relaxed),
+            cancels_at_cap = c.cancels_at_cap.load(Relaxed),
+            starved = c.starved.load(Relaxed),
+            left_open = self.live,
+            "ring worker stopped"
+        );
+        if self.live == 0 && self.listeners.is_empty() {
+            return;
+        }
+        // The kernel did not answer every cancellation within STOP_WAIT. What is left is accounted
+        // as cut, and everything the kernel may still write into (the pool, the connections' and the
+        // listeners' boxes) is leaked: the kernel cancels those operations only after the ring
+        // closes, on its own time.
+        for c in self.conns.iter_mut().flatten() {
+            if let Some(h) = c.host.take() {
+                let finished = Finished {
+                    bytes_up: c.dirs[0].sent,
+                    bytes_down: c.dirs[1].sent,
+                    end: Outcome::DrainDeadline,
+                    broken: None,
+                };
+                self.host.ended(h, finished);
+            }
+        }
+        if let Some(pool) = self.pool.take() {
+            pool.leak();
+        }
+        std::mem::forget(std::mem::take(&mut self.conns));
+        std::mem::forget(std::mem::take(&mut self.listeners));
+    }
+
+    fn complete(&mut self, ud: u64, res: i32, flags: u32) {
+        let slot = (ud >> 32) as u32;
+        match ud & 15 {
+            K_ACCEPT => self.on_accept(slot, ((ud >> 4) & 15) as usize, res),
+            K_RECV => self.on_recv(slot, side_of(ud), res, flags),
+            K_SEND => self.on_send(slot, side_of(ud), res),
+            K_CONNECT => self.on_connect(slot, res),
+            K_LINK | K_CANCEL => self.release(slot),
+            K_WAKE => {
+                if !cqueue::more(flags) {
+                    self.arm_wake();
+                }
+                self.take_commands();
+            }
+            K_TICK => {
+                self.tick_armed = false;
+                self.on_tick();
+            }
+            _ => {} // K_CLOSE
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let fd = self.wake.as_raw_fd();
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(K_WAKE);
+        // SAFETY: points to nothing; the eventfd is the worker's (`wake`) for its whole life.
+        unsafe { self.push(&[e]) };
+    }
+
+    fn arm_tick(&mut self) {
+        if self.tick_armed {
+            return;
+        }
+        self.tick_armed = true;
+        let e = opcode::Timeout::new(&*self.tick).build().user_data(K_TICK);
+        // SAFETY: the timespec is boxed in the worker, which outlives its ring's operations.
+        unsafe { self.push(&[e]) };
+    }
+
+    fn take_commands(&mut self) {
+        let mut count = [0u8; 8];
+        // Resets the eventfd's counter; commands sent after this wake the poll again.
+        let _ = rustix::io::read(&*self.wake, &mut count);
+        loop {
+            match self.commands.try_recv() {
+                Ok(c) => self.command(c),
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    self.command(Command::Stop);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, c: Command<H::Listen>) {
+        match c {
+            Command::Listen { id, socket, with } => {
+                self.host.listening(id, with);
+                let fd = OwnedFd::from(socket);
+                self.listeners.insert(
+                    id,
+                    Listening {
+                        fd,
+                        accepts: Box::new(std::array::from_fn(|_| Accepting::new())),
+                        closing: false,
+                        backoff: false,
+                    },
+                );
+                for k in 0..ACCEPTS {
+                    self.arm_accept(id, k);
+                }
+            }
+            Command::Unlisten { id } => self.unlisten(id),
+            Command::Cut(end) => self.cut_all(end),
+            Command::Stop => {
+                if self.stopping.is_none() {
+                    self.stopping = Some(self.now);
+                    let ids: Vec<u32> = self.listeners.keys().copied().collect();
+                    for id in ids {
+                        self.unlisten(id);
+                    }
+                    self.cut_all(Outcome::DrainDeadline);
+                    self.arm_tick();
+                }
+            }
+        }
+    }
+
+    fn arm_accept(&mut self, id: u32, k: usize) {
+        let Some(l) = self.listeners.get_mut(&id) else {
+            return;
+        };
+        let fd = l.fd.as_raw_fd();
+        let a = &mut l.accepts[k];
+        if a.armed {
+            return;
+        }
+        a.armed = true;
+        a.len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let e = opcode::Accept::new(
+            types::Fd(fd),
+            std::ptr::from_mut(&mut a.addr).cast(),
+            &mut a.len,
+        )
+        .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+        .build()
+        .user_data(accept_data(id, k));
+        // SAFETY: the address and its length are in the listener's box, and the descriptor in the
+        // listener, which stays in `listeners` until every accept of it has completed (`unlisten`
+        // cancels them, `on_accept` removes it after the last).
+        unsafe { self.push(&[e]) };
+    }
+
+    fn unlisten(&mut self, id: u32) {
+        let Some(l) = self.listeners.get_mut(&id) else {
+            return;
+        };
+        if l.closing {
+            return;
+        }
+        l.closing = true;
+        if !l.armed() {
+            self.listeners.remove(&id);
+            self.host.unlistened(id);
+            return;
+        }
+        let fd = types::Fd(l.fd.as_raw_fd());
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(fd).all())
+            .build()
+            .user_data(K_CLOSE);
+        // SAFETY: a cancellation points to nothing.
+        unsafe { self.push(&[e]) };
+    }
+
+    fn on_accept(&mut self, id: u32, k: usize, res: i32) {
+        let client = (res >= 0).then(|| {
+            // SAFETY: the kernel installed this descriptor for this completion; nothing else owns it.
+            unsafe { OwnedFd::from_raw_fd(res) }
+        });
+        let Some(l) = self.listeners.get_mut(&id) else {
+            return; // `client`, if any, closes here.
+        };
+        let Some(a) = l.accepts.get_mut(k) else {
+            return;
+        };
+        a.armed = false;
+        let peer = a.peer();
+        // Errors of the connection being accepted (it reset in the backlog) are retried at once;
+        // any other (out of descriptors or memory, a broken listener) waits for the next tick, so
+        // a listener that keeps failing never spins the thread.
+        if res < 0 && res != -libc::ECANCELED && !l.closing && !per_connection(-res) {
+            l.backoff = true;
+            if let Some(suppressed) = self.errors.allow() {
+                let e = io::Error::from_raw_os_error(-res);
+                tracing::error!(error = %e, suppressed, "ring worker: accept failed; backing off");
+            }
+        }
+        let (closing, backoff, armed) = (l.closing, l.backoff, l.armed());
+        if !closing && !backoff {
+            self.arm_accept(id, k);
+        }
+        if backoff {
+            self.arm_tick();
+        }
+        // Before the listener may go: the host still knows it while it admits this client.
+        if let Some(client) = client {
+            bump(&self.counts.accepted);
+            self.admit(id, client, peer);
+        }
+        if closing && !armed {
+            self.listeners.remove(&id);
+            self.host.unlistened(id);
+        }
+    }
+
+    fn admit(&mut self, id: u32, client: OwnedFd, peer: Option<SocketAddr>) {
+        let peer = peer.or_else(|| SockRef::from(&client).peer_addr().ok()?.as_socket());
+        let Some(peer) = peer else {
+            return; // No address, and gone before it was asked: it closes here.
+        };
+        let Some((conn, target, timeouts)) = self.host.accepted(id, peer) else {
+            self.close(client);
+            return;
+        };
+        let c = Box::new(Conn {
+            host: Some(conn),
+            client: Some(client),
+            backend: None,
+            to: SockAddr::from(target.addr),
+            link: types::Timespec::from(target.timeout),
+            timeouts,
+            connected: false,
+            dirs: Default::default(),
+            refs: 0,
+            first_fin: None,
+            end: None,
+            last: self.now,
+        });
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.conns[s as usize] = Some(c);
+                s
+            }
+            None => {
+                self.conns.push(Some(c));
+                (self.conns.len() - 1) as u32
+            }
+        };
+        self.live += 1;
+        self.counts.open.fetch_add(1, Relaxed);
+        self.arm_tick();
+        if self.stopping.is_some() {
+            // Accepted while the worker stops: cut like the rest.
+            return self.finish(slot, Supervised::cut(Outcome::DrainDeadline));
+        }
+        self.connect(slot, target);
+    }
+
+    fn conn(&mut self, slot: u32) -> Option<&mut Conn<H::Conn>> {
+        at(&mut self.conns, slot)
+    }
+
+    /// Starts a connect to `target`, with its timeout linked.
+    fn connect(&mut self, slot: u32, target: Target) {
+        let socket = match backend_socket(target.addr) {
+            Ok(s) => s,
+            Err(e) => return self.connect_failed(slot, e),
+        };
+        let Some(c) = self.conn(slot) else { return };
+        c.to = SockAddr::from(target.addr);
+        c.link = types::Timespec::from(target.timeout);
+        let fd = socket.as_raw_fd();
+        c.backend = Some(socket);
+        c.refs += 2;
+        let connect = opcode::Connect::new(types::Fd(fd), c.to.as_ptr().cast(), c.to.len())
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(user_data(K_CONNECT, slot, Side::Up));
+        let link = opcode::LinkTimeout::new(&c.link)
+            .build()
+            .user_data(user_data(K_LINK, slot, Side::Up));
+        // SAFETY: the address and the timespec are in the connection's box, which stays in its
+        // slot until both operations have completed (`refs`); the socket is the connection's.
+        unsafe { self.push(&[connect, link]) };
+    }
+
+    fn on_connect(&mut self, slot: u32, res: i32) {
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        c.refs -= 1;
+        if c.end.is_some() {
+            return self.maybe_free(slot);
+        }
+        if res < 0 {
+            let e = if res == -libc::ECANCELED {
+                io::Error::new(io::ErrorKind::TimedOut, "connect timed out")
+            } else {
+                io::Error::from_raw_os_error(-res)
+            };
+            return self.connect_failed(slot, e);
+        }
+        c.connected = true;
+        c.last = self.now;
+        if let Some(h) = c.host.as_mut() {
+            self.host.connected(h);
+        }
+        self.arm_recv(slot, Side::Up);
+        self.arm_recv(slot, Side::Down);
+    }
+
+    fn connect_failed(&mut self, slot: u32, e: io::Error) {
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let old = c.backend.take();
+        let next = match c.host.as_mut() {
+            Some(h) => self.host.connect_failed(h, e),
+            None => Err(Outcome::ConnectFailed),
+        };
+        if let Some(old) = old {
+            self.close(old);
+        }
+        match next {
+            Ok(target) => self.connect(slot, target),
+            Err(end) => self.finish(slot, Supervised::ended(end)),
+        }
+    }
+
+    fn arm_recv(&mut self, slot: u32, side: Side) {
+        let Some(c) = self.conn(slot) else { return };
+        let (from, _) = c.ends(side);
+        let d = c.dir(side);
+        d.armed = true;
+        d.cancelling = false;
+        c.refs += 1;
+        bump(&self.counts.receives_armed);
+        let e = opcode::RecvMulti::new(types::Fd(from), GROUP)
+            .build()
+            .user_data(user_data(K_RECV, slot, side));
+        // SAFETY: the kernel writes only into pool buffers, which live as long as the ring; the
+        // socket stays open in the connection until this receive's last completion (`refs`).
+        unsafe { self.push(&[e]) };
+    }
+
+    fn send_next(&mut self, slot: u32, side: Side) {
+        let Some(pool) = self.pool.as_ref() else {
+            return;
+        };
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let (_, to) = c.ends(side);
+        let d = c.dir(side);
+        let Some(h) = d.held.front().copied() else {
+            return;
+        };
+        // SAFETY: the direction holds buffer `bid` (a completion named it, it is not given back
+        // before this send's completion), and the kernel wrote `len` bytes into it.
+        let bytes = unsafe { pool.bytes(h.bid, h.len as usize) };
+        let rest = &bytes[h.off as usize..];
+        d.sending = true;
+        c.refs += 1;
+        let e = opcode::Send::new(types::Fd(to), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data(K_SEND, slot, side));
+        // SAFETY: the bytes are in the pool buffer the direction holds until this send completes;
+        // the socket stays open in the connection until then (`refs`).
+        unsafe { self.push(&[e]) };
+    }
+
+    fn on_recv(&mut self, slot: u32, side: Side, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let now = self.now;
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let ending = c.end.is_some();
+        if !more {
+            c.refs -= 1;
+            let d = c.dir(side);
+            d.armed = false;
+            d.cancelling = false;
+        }
+        let mut send = false;
+        let mut cancel = false;
+        let mut shut = false;
+        let mut broke = None;
+        let bid = cqueue::buffer_select(flags);
+        if res > 0 && bid.is_none() {
+            // A receive into the pool that names no buffer: the kernel broke its own contract.
+            broke = Some(io::Error::other(
+                "a multishot receive completed without a buffer",
+            ));
+        } else if let (true, Some(bid)) = (res > 0, bid) {
+            if ending {
+                if let Some(p) = &self.pool {
+                    p.give_back(bid);
+                }
+            } else {
+                c.last = now;
+                let d = c.dir(side);
+                d.held.push_back(Held {
+                    bid,
+                    len: res as u32,
+                    off: 0,
+                });
+                send = !d.sending;
+                cancel = d.should_cancel();
+                if cancel {
+                    d.cancelling = true;
+                    c.refs += 1;
+                }
+            }
+        } else if res == 0 {
+            let d = c.dir(side);
+            d.eof = true;
+            // Not once the connection is ending: a cut's reset must not follow a clean FIN.
+            shut = d.should_shut() && !ending;
+        } else if res == -libc::ENOBUFS {
+            let d = c.dir(side);
+            if !d.starved {
+                d.starved = true;
+                self.starved.push((slot, side));
+                bump(&self.counts.starved);
+            }
+        } else if res != -libc::ECANCELED {
+            broke = Some(io::Error::from_raw_os_error(-res));
+        }
+        let ending = c.end.is_some();
+        let rearm = !more && c.dir(side).should_arm(ending);
+        if send {
+            self.send_next(slot, side);
+        }
+        if cancel {
+            bump(&self.counts.cancels_at_cap);
+            let e = opcode::AsyncCancel::new(user_data(K_RECV, slot, side))
+                .build()
+                .user_data(user_data(K_CANCEL, slot, side));
+            // SAFETY: a cancellation points to nothing.
+            unsafe { self.push(&[e]) };
+        }
+        if let Some(e) = broke {
+            self.broke(slot, side, DirEnd::SourceError(e));
+        } else if shut {
+            self.shut(slot, side);
+        } else if rearm {
+            self.arm_recv(slot, side);
+        }
+        self.maybe_free(slot);
+    }
+
+    fn on_send(&mut self, slot: u32, side: Side, res: i32) {
+        let now = self.now;
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        c.refs -= 1;
+        let ending = c.end.is_some();
+        let d = c.dir(side);
+        d.sending = false;
+        if res < 0 {
+            if !ending {
+                let e = io::Error::from_raw_os_error(-res);
+                self.broke(slot, side, DirEnd::DestError(e));
+            }
+            return self.maybe_free(slot);
+        }
+        c.last = now;
+        let d = c.dir(side);
+        let n = res as u32;
+        d.sent += u64::from(n);
+        d.unflushed += u64::from(n);
+        let mut given = None;
+        if let Some(h) = d.held.front_mut() {
+            h.off += n;
+            if h.off >= h.len {
+                given = Some(h.bid);
+                d.held.pop_front();
+            }
+        }
+        let more_to_send = !d.held.is_empty();
+        let shut = d.should_shut();
+        let rearm = d.should_arm(ending);
+        if let (Some(bid), Some(p)) = (given, &self.pool) {
+            p.give_back(bid);
+        }
+        if !ending {
+            if more_to_send {
+                self.send_next(slot, side);
+            } else if shut {
+                self.shut(slot, side);
+            }
+            if rearm && !shut {
+                self.arm_recv(slot, side);
+            }
+        }
+        if given.is_some() && !self.starved.is_empty() {
+            self.wake_starved(2);
+        }
+        self.maybe_free(slot);
+    }
+
+    /// A buffer came back: the directions the pool could not serve may receive again, a few per
+    /// buffer (each that finds the pool dry again costs an operation), the rest on the tick.
+    fn wake_starved(&mut self, most: usize) {
+        let mut woken = 0;
+        while woken < most {
+            let Some((slot, side)) = self.starved.pop() else {
+                return;
+            };
+            let Some(c) = self.conn(slot) else { continue };
+            let ending = c.end.is_some();
+            let d = c.dir(side);
+            // A stale entry (the slot since reused) finds the flag down and does nothing.
+            if !d.starved {
+                continue;
+            }
+            d.starved = false;
+            if d.should_arm(ending) {
+                woken += 1;
+                self.arm_recv(slot, side);
+            }
+        }
+    }
+
+    /// Passes a FIN on: the destination's write side shut down.
+    fn shut(&mut self, slot: u32, side: Side) {
+        let now = self.now;
+        let Some(c) = self.conn(slot) else { return };
+        let (_, to) = c.ends(side);
+        // SAFETY: `to` is the connection's own open socket (it is closed only when it is freed).
+        let r = rustix::net::shutdown(
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(to) },
+            rustix::net::Shutdown::Write,
+        );
+        if let Err(e) = r {
+            return self.broke(slot, side, DirEnd::DestError(e.into()));
+        }
+        c.dir(side).shut = true;
+        // Half-closing restarts the clock (then against `half_close_timeout`).
+        c.last = now;
+        let _ = direction_ended(side, DirEnd::Eof, &mut c.first_fin);
+        if c.both_shut() {
+            let end = Supervised::ended(c.first_fin.unwrap_or(Outcome::ClientClosed));
+            self.finish(slot, end);
+        }
+    }
+
+    /// A side broke: the other sees a reset.
+    fn broke(&mut self, slot: u32, side: Side, end: DirEnd) {
+        let Some(c) = self.conn(slot) else { return };
+        if let Some(s) = direction_ended(side, end, &mut c.first_fin) {
+            self.finish(slot, s);
+        }
+    }
+
+    /// Decides how the connection ends (the first decision stands) and takes back what it has in
+    /// the kernel; it is freed when the last of that completes.
+    fn finish(&mut self, slot: u32, end: Supervised) {
+        let Some(c) = self.conn(slot) else { return };
+        if c.end.is_some() {
+            return;
+        }
+        c.end = Some(end);
+        if c.refs > 0 {
+            let fds: Vec<RawFd> = [&c.client, &c.backend]
+                .into_iter()
+                .flatten()
+                .map(|f| f.as_raw_fd())
+                .collect();
+            c.refs += fds.len() as u32;
+            for fd in fds {
+                let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                    .build()
+                    .user_data(user_data(K_CANCEL, slot, Side::Up));
+                // SAFETY: a cancellation points to nothing.
+                unsafe { self.push(&[e]) };
+            }
+        }
+        self.maybe_free(slot);
+    }
+
+    /// An operation that only held the connection (a linked timeout, a cancellation) completed.
+    fn release(&mut self, slot: u32) {
+        if let Some(c) = self.conn(slot) {
+            c.refs -= 1;
+            self.maybe_free(slot);
+        }
+    }
+
+    fn maybe_free(&mut self, slot: u32) {
+        let Some(c) = self.conn(slot) else { return };
+        if c.refs > 0 || c.end.is_none() {
+            return;
+        }
+        let Some(mut c) = self.conns.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(slot);
+        self.live -= 1;
+        self.counts.open.fetch_sub(1, Relaxed);
+        let Some(end) = c.end.take() else { return };
+        if let Some(p) = &self.pool {
+            for d in &mut c.dirs {
+                for h in d.held.drain(..) {
+                    p.give_back(h.bid);
+                }
+            }
+        }
+        if let Some(h) = c.host.take() {
+            let (up, down) = (c.dirs[0].unflushed, c.dirs[1].unflushed);
+            if up + down > 0 {
+                self.host.sent(&h, up, down);
+            }
+            let finished = Finished {
+                bytes_up: c.dirs[0].sent,
+                bytes_down: c.dirs[1].sent,
+                end: end.end,
+                broken: end.broken,
+            };
+            self.host.ended(h, finished);
+        }
+        // After the accounting: whoever sees the close finds the connection counted.
+        for (fd, reset) in [
+            (c.client.take(), end.reset_client),
+            (c.backend.take(), end.reset_backend),
+        ] {
+            let Some(fd) = fd else { continue };
+            if reset {
+                // Best effort: if the option cannot be set the socket still closes, with a FIN.
+                let _ = SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+            }
+            self.close(fd);
+        }
+    }
+
+    /// Closes `fd` through the ring.
+    fn close(&mut self, fd: OwnedFd) {
+        let e = opcode::Close::new(types::Fd(fd.into_raw_fd()))
+            .build()
+            .user_data(K_CLOSE);
+        // SAFETY: points to nothing; the descriptor was given up above, so nothing else closes it
+        // or uses it again.
+        unsafe { self.push(&[e]) };
+    }
+
+    fn cut_all(&mut self, end: Outcome) {
+        for slot in 0..self.conns.len() as u32 {
+            if self.conn(slot).is_some() {
+                self.finish(slot, Supervised::cut(end));
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = self.now;
+        let mut ending = Vec::new();
+        for (slot, c) in self.conns.iter_mut().enumerate() {
+            let Some(c) = c.as_deref_mut() else { continue };
+            let Some(h) = c.host.as_ref() else { continue };
+            if c.end.is_some() || !c.connected {
+                continue;
+            }
+            let (up, down) = (c.dirs[0].unflushed, c.dirs[1].unflushed);
+            if up + down > 0 {
+                self.host.sent(h, up, down);
+                c.dirs[0].unflushed = 0;
+                c.dirs[1].unflushed = 0;
+            }
+            let half_closed = c.dirs.iter().any(|d| d.shut);
+            if let Some(o) = self.host.cut(h) {
+                ending.push((slot as u32, Supervised::cut(o)));
+            } else if let Some(o) = expired(
+                &c.timeouts,
+                half_closed,
+                now.saturating_duration_since(c.last),
+            ) {
+                ending.push((slot as u32, Supervised::ended(o)));
+            }
+        }
+        for (slot, end) in ending {
+            self.finish(slot, end);
+        }
+        // A dry pool's directions try again even when no buffer came back meanwhile.
+        self.wake_starved(usize::MAX);
+        let waiting: Vec<u32> = self
+            .listeners
+            .iter_mut()
+            .filter(|(_, l)| l.backoff && !l.closing)
+            .map(|(id, l)| {
+                l.backoff = false;
+                *id
+            })
+            .collect();
+        for id in waiting {
+            for k in 0..ACCEPTS {
+                self.arm_accept(id, k);
+            }
+        }
+        if self.live > 0 || self.stopping.is_some() {
+            self.arm_tick();
+        }
+    }
+}
+
+/// Accept errors that concern only the connection being accepted (it died in the backlog).
+fn per_connection(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ECONNABORTED | libc::ECONNRESET | libc::EINTR | libc::EPROTO | libc::EPERM
+    )
+}
+
+/// The connection in `slot`, borrowing only the table (the host stays free to call).
+fn at<C>(conns: &mut [Option<Box<Conn<C>>>], slot: u32) -> Option<&mut Conn<C>> {
+    conns.get_mut(slot as usize)?.as_deref_mut()
+}
+
+/// A non-blocking TCP socket for `to`, with TCP_NODELAY (a proxy must not add Nagle delay).
+fn backend_socket(to: SocketAddr) -> io::Result<OwnedFd> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(
+        Domain::for_address(to),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s.into())
+}
+
+#[cfg(test)]
+mod tests;

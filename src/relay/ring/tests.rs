@@ -1,0 +1,394 @@
+//! The ring worker on its own: its pure decisions, and a worker on loopback with a host that
+//! connects every client to a list of targets in turn and reports each end. The relay contract
+//! through the whole server (half-close, resets, timeouts, drain, failover) is in `tests/it`, run
+//! for `relay: ring` with every other engine.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct TestHost {
+    targets: Vec<SocketAddr>,
+    timeout: Duration,
+    ended: Sender<(Finished, Vec<io::ErrorKind>)>,
+}
+
+/// The next target to try, and the connect errors seen.
+struct TestConn {
+    next: usize,
+    errors: Vec<io::ErrorKind>,
+}
+
+impl Host for TestHost {
+    type Listen = ();
+    type Conn = TestConn;
+    fn listening(&mut self, _: u32, (): ()) {}
+    fn unlistened(&mut self, _: u32) {}
+    fn accepted(&mut self, _: u32, _: SocketAddr) -> Option<(TestConn, Target, Timeouts)> {
+        let conn = TestConn {
+            next: 1,
+            errors: Vec::new(),
+        };
+        let target = Target {
+            addr: self.targets[0],
+            timeout: self.timeout,
+        };
+        let timeouts = Timeouts {
+            idle: Duration::from_secs(60),
+            half_close: Duration::from_secs(60),
+        };
+        Some((conn, target, timeouts))
+    }
+    fn connect_failed(&mut self, c: &mut TestConn, e: io::Error) -> Result<Target, Outcome> {
+        c.errors.push(e.kind());
+        let addr = *self.targets.get(c.next).ok_or(Outcome::ConnectFailed)?;
+        c.next += 1;
+        Ok(Target {
+            addr,
+            timeout: self.timeout,
+        })
+    }
+    fn connected(&mut self, _: &mut TestConn) {}
+    fn sent(&mut self, _: &TestConn, _: u64, _: u64) {}
+    fn cut(&mut self, _: &TestConn) -> Option<Outcome> {
+        None
+    }
+    fn ended(&mut self, c: TestConn, f: Finished) {
+        let _ = self.ended.send((f, c.errors));
+    }
+}
+
+struct Running {
+    handle: Handle<()>,
+    thread: JoinHandle<()>,
+    addr: SocketAddr,
+    ended: Receiver<(Finished, Vec<io::ErrorKind>)>,
+}
+
+/// A worker serving a listener of its own, connecting to `targets` in turn; `None` (said) where
+/// this kernel cannot run one.
+fn worker(targets: Vec<SocketAddr>, timeout: Duration) -> Option<Running> {
+    if let Err(why) = availability() {
+        eprintln!("skipped: no ring worker here: {why}");
+        return None;
+    }
+    let (tx, ended) = mpsc::channel();
+    let (handle, thread) = start("ring-test".into(), move || TestHost {
+        targets,
+        timeout,
+        ended: tx,
+    })
+    .expect("a ring worker starts");
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    assert!(handle.send(Command::Listen {
+        id: 0,
+        socket: l,
+        with: (),
+    }));
+    Some(Running {
+        handle,
+        thread,
+        addr,
+        ended,
+    })
+}
+
+/// Echoes every connection until its EOF, then closes it.
+fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(16) {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An address nothing listens on (a port just released).
+fn refusing() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn client(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// A client whose first byte has come back through the worker: relayed, both ways.
+fn relayed_client(r: &Running) -> TcpStream {
+    let mut c = client(r.addr);
+    c.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).unwrap();
+    c
+}
+
+fn byte(i: u64) -> u8 {
+    (i.wrapping_mul(31) ^ (i >> 12)) as u8
+}
+
+fn stop(r: Running) {
+    assert!(r.handle.send(Command::Stop));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(r.thread.join().is_ok());
+    });
+    assert_eq!(rx.recv_timeout(WAIT), Ok(true), "the worker's thread ends");
+}
+
+#[test]
+fn a_direction_arms_below_half_the_cap_cancels_at_it_and_shuts_once_drained() {
+    let mut d = Dir::default();
+    assert!(d.should_arm(false));
+    assert!(!d.should_arm(true), "an ending connection arms nothing");
+    d.armed = true;
+    assert!(!d.should_arm(false), "one receive at a time");
+    for bid in 0..CAP as u16 {
+        assert!(!d.should_cancel(), "below the cap at {bid}");
+        d.held.push_back(Held {
+            bid,
+            len: 1,
+            off: 0,
+        });
+    }
+    assert!(d.should_cancel(), "at the cap");
+    d.cancelling = true;
+    assert!(!d.should_cancel(), "cancelled once");
+    d.armed = false;
+    assert!(
+        !d.should_arm(false),
+        "not armed again while it holds the cap"
+    );
+    d.held.truncate(CAP / 2);
+    assert!(!d.should_arm(false), "nor at half of it");
+    d.held.truncate(CAP / 2 - 1);
+    assert!(d.should_arm(false), "below half: armed again");
+    d.starved = true;
+    assert!(!d.should_arm(false), "a starved one waits for a buffer");
+    d.starved = false;
+    d.eof = true;
+    assert!(!d.should_arm(false), "nothing more to read after the FIN");
+    assert!(!d.should_shut(), "the FIN waits for what came before it");
+    d.held.clear();
+    d.sending = true;
+    assert!(!d.should_shut(), "and for the send in flight");
+    d.sending = false;
+    assert!(d.should_shut());
+    d.shut = true;
+    assert!(!d.should_shut(), "passed on once");
+}
+
+#[test]
+fn silence_is_measured_against_the_limit_of_the_connections_state() {
+    let t = Timeouts {
+        idle: Duration::from_secs(10),
+        half_close: Duration::from_secs(2),
+    };
+    assert_eq!(expired(&t, false, Duration::from_secs(9)), None);
+    assert_eq!(
+        expired(&t, false, Duration::from_secs(10)),
+        Some(Outcome::IdleTimeout)
+    );
+    assert_eq!(expired(&t, true, Duration::from_secs(1)), None);
+    assert_eq!(
+        expired(&t, true, Duration::from_secs(2)),
+        Some(Outcome::HalfCloseTimeout)
+    );
+}
+
+#[test]
+fn user_data_names_the_kind_the_side_and_the_slot() {
+    for (kind, slot, side) in [
+        (K_RECV, 0, Side::Up),
+        (K_SEND, 7, Side::Down),
+        (K_TICK, u32::MAX, Side::Down),
+    ] {
+        let ud = user_data(kind, slot, side);
+        assert_eq!(ud & 15, kind);
+        assert_eq!((ud >> 32) as u32, slot);
+        assert_eq!(side_of(ud), side);
+    }
+}
+
+/// A backend that does not read: the direction towards it holds `CAP` pool buffers, its receive is
+/// cancelled, the pool never runs dry, and once the backend reads, every byte arrives in order.
+#[test]
+fn a_destination_that_does_not_read_stops_its_receive_at_the_cap_and_loses_nothing() {
+    const TOTAL: u64 = 64 << 20;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = l.local_addr().unwrap();
+    let Some(r) = worker(vec![backend], WAIT) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    let writer = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut i = 0u64;
+        while i < TOTAL {
+            for b in buf.iter_mut() {
+                *b = byte(i);
+                i += 1;
+            }
+            c.write_all(&buf).expect("the client writes it all");
+        }
+        c.shutdown(Shutdown::Write).unwrap();
+        c
+    });
+    let (mut b, _) = l.accept().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while r.handle.counts().cancels_at_cap.load(Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no receive was cancelled at the cap"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(r.handle.counts().starved.load(Relaxed), 0);
+    b.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut i = 0u64;
+    loop {
+        let n = b.read(&mut buf).expect("the backend reads");
+        if n == 0 {
+            break;
+        }
+        for &got in &buf[..n] {
+            assert_eq!(got, byte(i), "byte {i}");
+            i += 1;
+        }
+    }
+    assert_eq!(i, TOTAL, "every byte, once");
+    drop(b);
+    let mut c = writer.join().unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(
+        c.read_to_end(&mut rest).unwrap(),
+        0,
+        "the backend's FIN reaches the client"
+    );
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(f.bytes_up, TOTAL);
+    assert_eq!(f.end, Outcome::ClientClosed);
+    stop(r);
+}
+
+/// A refused connect goes to the host, which names the next target; the client never knows.
+#[test]
+fn a_refused_connect_tries_the_next_target() {
+    let Some(r) = worker(vec![refusing(), echo_backend()], WAIT) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    c.write_all(b"hello").unwrap();
+    let mut got = [0u8; 5];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(c.read(&mut got).unwrap(), 0);
+    let (f, errors) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(errors, [io::ErrorKind::ConnectionRefused]);
+    assert_eq!(
+        (f.bytes_up, f.bytes_down, f.end),
+        (5, 5, Outcome::ClientClosed)
+    );
+    stop(r);
+}
+
+/// When every target fails the host's outcome is the end, and the client is closed after it.
+#[test]
+fn a_client_no_target_takes_ends_as_the_host_says() {
+    let Some(r) = worker(vec![refusing(), refusing()], WAIT) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    let (f, errors) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(errors.len(), 2);
+    assert_eq!(f.end, Outcome::ConnectFailed);
+    let mut b = [0u8; 1];
+    assert!(matches!(c.read(&mut b), Ok(0) | Err(_)), "closed");
+    stop(r);
+}
+
+/// A backend that drops SYNs (its accept queue full): the connect ends at its linked timeout.
+#[test]
+fn a_connect_nobody_answers_ends_at_its_linked_timeout() {
+    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hole.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    hole.listen(0).unwrap();
+    let addr = hole.local_addr().unwrap().as_socket().unwrap();
+    let fill: Vec<_> = (0..4)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+        .collect();
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
+        "the hole drops SYNs"
+    );
+    let Some(r) = worker(vec![addr], Duration::from_millis(200)) else {
+        return;
+    };
+    let _c = client(r.addr);
+    let (f, errors) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(errors, [io::ErrorKind::TimedOut]);
+    assert_eq!(f.end, Outcome::ConnectFailed);
+    drop(fill);
+    stop(r);
+}
+
+/// A cut resets both sides: neither mistakes it for the end of the stream.
+#[test]
+fn a_cut_resets_the_client() {
+    let Some(r) = worker(vec![echo_backend()], WAIT) else {
+        return;
+    };
+    let mut c = relayed_client(&r);
+    let mut b = [0u8; 1];
+    assert!(r.handle.send(Command::Cut(Outcome::DrainDeadline)));
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(f.end, Outcome::DrainDeadline);
+    let e = c.read(&mut b).expect_err("a reset, not an EOF");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    stop(r);
+}
+
+/// Unlistening closes the worker's listener (its descriptor was the only one): new clients are
+/// refused; the worker then stops when told.
+#[test]
+fn an_unlistened_address_refuses_clients() {
+    let Some(r) = worker(vec![echo_backend()], WAIT) else {
+        return;
+    };
+    let mut c = relayed_client(&r);
+    let mut b = [0u8; 1];
+    assert!(r.handle.send(Command::Unlisten { id: 0 }));
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(r.addr).is_ok() {
+        assert!(Instant::now() < deadline, "still accepting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.write_all(b"y").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"y", "an accepted connection goes on");
+    stop(r);
+}

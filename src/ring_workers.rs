@@ -1,0 +1,385 @@
+//! The ring workers: the data-plane threads of the services set to `relay: ring`, each running one
+//! io_uring loop (`relay/ring.rs`) instead of a tokio runtime, and what such a loop asks of the
+//! services: admission (the caps, the access lists and per-source limits), a backend (the policy, the
+//! per-backend caps, another backend when a connect fails), the live byte counters, the backend's
+//! cut, and the accounting and routing line of each connection's end. It is the ring's counterpart
+//! of `listener` and `session`, with the same decisions: `Tried` picks as `session::connect` does,
+//! and the end is counted by `session`'s own accounting.
+//!
+//! The control plane steers them as it does the tokio workers: a listening socket is handed to every
+//! worker (a duplicated descriptor each; the kernel wakes one per connection), its routes read
+//! through the same `ArcSwap` on every accept, so a reload reaches the next connection; a bound
+//! address's `stop` unlistens it; the drain's deadline cuts what is left; every connection holds a
+//! token of the drain's `TaskTracker`, so a drain waits for ring connections as for sessions.
+//!
+//! Not yet on the ring (refused by the config's validation, or said where it matters): TLS, the PROXY
+//! protocol, the queue, `backend_port: same`, shared addresses; an upgrade carries no ring
+//! connection (they drain in the old process until its drain deadline).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
+
+use crate::admission::{Gate, SourceSlot};
+use crate::outcome::Outcome;
+use crate::pool::{ActiveGuard, Backend, CutSignal};
+use crate::relay::ring::{self, Command, Finished, Host, Target, Timeouts};
+use crate::relay::Relayed;
+use crate::route::Routes;
+use crate::routelog::{Ending, Record};
+use crate::service::Service;
+use crate::session::{self, ClientSlot, Tried};
+use crate::util::is_local_exhaustion;
+
+/// The ring worker threads, one per core; started when the first `relay: ring` service binds.
+pub(crate) struct RingWorkers {
+    handles: Vec<ring::Handle<Served>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    next_id: AtomicU32,
+}
+
+/// A listening socket as its workers serve it. Each worker's holds a token of the control plane's
+/// `accepting` tracker until the worker has stopped accepting on it.
+pub(crate) struct Served {
+    routes: Arc<ArcSwap<Routes>>,
+    local: Arc<str>,
+    _accepting: TaskTrackerToken,
+}
+
+impl RingWorkers {
+    /// Starts `n` (at least one) workers; connections are admitted through `gate` and tracked by
+    /// `tracker`.
+    pub(crate) fn start(
+        n: usize,
+        gate: Arc<Gate>,
+        tracker: TaskTracker,
+    ) -> io::Result<RingWorkers> {
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..n.max(1) {
+            let (gate, tracker) = (gate.clone(), tracker.clone());
+            let started = ring::start(format!("sluicegate-r{i}"), move || Services {
+                gate,
+                tracker,
+                listeners: HashMap::new(),
+            });
+            match started {
+                Ok((h, t)) => {
+                    handles.push(h);
+                    threads.push(t);
+                }
+                Err(e) => {
+                    for h in &handles {
+                        h.send(Command::Stop);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(RingWorkers {
+            handles,
+            threads: Mutex::new(threads),
+            next_id: AtomicU32::new(0),
+        })
+    }
+
+    /// Serves `socket` on every worker until `stop` is cancelled (then new connections are refused,
+    /// as with the accept loops; those accepted go on); a task on `rt` watches `stop`.
+    pub(crate) fn listen(
+        &self,
+        rt: &tokio::runtime::Handle,
+        socket: std::net::TcpListener,
+        routes: Arc<ArcSwap<Routes>>,
+        stop: CancellationToken,
+        accepting: &TaskTracker,
+    ) {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let local: Arc<str> = socket
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+            .into();
+        let mut socket = Some(socket);
+        for (i, h) in self.handles.iter().enumerate() {
+            let mine = if i + 1 == self.handles.len() {
+                socket.take()
+            } else {
+                match socket.as_ref().map(std::net::TcpListener::try_clone) {
+                    Some(Ok(dup)) => Some(dup),
+                    Some(Err(e)) => {
+                        // Out of descriptors: the workers that have one accept for all.
+                        tracing::warn!(listen = %local, error = %e, "cannot share the listener with every ring worker");
+                        continue;
+                    }
+                    None => None,
+                }
+            };
+            let Some(mine) = mine else { break };
+            let with = Served {
+                routes: routes.clone(),
+                local: local.clone(),
+                _accepting: accepting.token(),
+            };
+            h.send(Command::Listen {
+                id,
+                socket: mine,
+                with,
+            });
+        }
+        let handles = self.handles.clone();
+        rt.spawn(async move {
+            stop.cancelled().await;
+            for h in &handles {
+                h.send(Command::Unlisten { id });
+            }
+        });
+    }
+
+    /// Cuts every connection of every worker (the drain's deadline).
+    pub(crate) fn cut(&self, end: Outcome) {
+        for h in &self.handles {
+            h.send(Command::Cut(end));
+        }
+    }
+
+    /// Ends every worker (what is still open is cut) and waits for its thread. Must not be called
+    /// from an async context: it blocks.
+    pub(crate) fn stop(&self) {
+        for h in &self.handles {
+            h.send(Command::Stop);
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RingWorkers {
+    fn drop(&mut self) {
+        // Not joined here: a drop may happen on any thread, including inside a runtime. Each
+        // worker closes its listeners, cuts what is left and ends within a second.
+        for h in &self.handles {
+            h.send(Command::Stop);
+        }
+    }
+}
+
+/// One worker's view of the services: its listeners and what admits a connection.
+struct Services {
+    gate: Arc<Gate>,
+    tracker: TaskTracker,
+    listeners: HashMap<u32, Served>,
+}
+
+/// A connection's place in its service: its slots (released when it is dropped, after its end is
+/// accounted), its backend and the routing record.
+pub(crate) struct Taken {
+    service: Arc<Service>,
+    record: Record,
+    span: tracing::Span,
+    tried: Tried,
+    backend: Option<Picked>,
+    connect_start: Instant,
+    attempt_start: Instant,
+    _source: Option<SourceSlot>,
+    _slot: ClientSlot,
+    _tracked: TaskTrackerToken,
+}
+
+/// The backend a connection is connecting or connected to, counted as active on it.
+struct Picked {
+    backend: Arc<Backend>,
+    cut: Arc<CutSignal>,
+    _active: ActiveGuard,
+    connected: bool,
+}
+
+impl Taken {
+    /// The next backend to try: one not tried, below its cap; or how the connection is refused.
+    fn pick(&mut self) -> Result<Target, Outcome> {
+        let service = self.service.clone();
+        loop {
+            let picked = service
+                .pool
+                .snapshot()
+                .pick(self.record.client, self.tried.avoid())
+                .cloned();
+            if self.record.attempts == 0 && !self.tried.any_full() {
+                service.note_selection(picked.is_some());
+            }
+            let Some(backend) = picked else {
+                // No queue on the ring (the config's validation): a full house is refused at once.
+                return Err(if self.tried.any_full() {
+                    Outcome::BackendsFull
+                } else if self.record.attempts == 0 {
+                    Outcome::NoBackend
+                } else {
+                    Outcome::ConnectFailed
+                });
+            };
+            let Some(active) = ActiveGuard::within(backend.clone(), service.caps.cap_of(&backend))
+            else {
+                self.tried.full(backend.addr);
+                continue;
+            };
+            self.record.attempts += 1;
+            self.record.backend = Some(backend.addr);
+            self.attempt_start = Instant::now();
+            let addr = backend.addr;
+            self.backend = Some(Picked {
+                cut: backend.cut_signal(),
+                backend,
+                _active: active,
+                connected: false,
+            });
+            return Ok(Target {
+                addr,
+                timeout: service.connect_timeout,
+            });
+        }
+    }
+}
+
+impl Host for Services {
+    type Listen = Served;
+    type Conn = Taken;
+
+    fn listening(&mut self, id: u32, with: Served) {
+        self.listeners.insert(id, with);
+    }
+
+    fn unlistened(&mut self, id: u32) {
+        self.listeners.remove(&id);
+    }
+
+    fn accepted(&mut self, id: u32, peer: SocketAddr) -> Option<(Taken, Target, Timeouts)> {
+        let served = self.listeners.get(&id)?;
+        // The routes as they are now (a reload swaps them); the connection keeps its service.
+        let routes = served.routes.load();
+        let Some(current) = routes.table.only() else {
+            // The config's validation keeps ring services off shared addresses.
+            tracing::warn!(listen = %served.local, "a ring worker was given a shared address; closing the client");
+            return None;
+        };
+        let service = current.load_full();
+        service.stats.accepted.fetch_add(1, Relaxed);
+        let span = session::span(Some(&service.name), peer, &served.local);
+        let slot = match ClientSlot::take(&service, self.gate.enter()) {
+            Ok(slot) => slot,
+            Err(end) => {
+                span.in_scope(|| session::refuse_over_limit(&service, peer, end));
+                return None;
+            }
+        };
+        let source = match session::admit_source(&service, peer.ip()) {
+            Ok(source) => source,
+            Err(end) => {
+                span.in_scope(|| session::refuse_over_limit(&service, peer, end));
+                return None;
+            }
+        };
+        let now = Instant::now();
+        let mut taken = Taken {
+            record: Record::new(service.name.clone(), service.policy.as_str(), peer),
+            service,
+            span,
+            tried: Tried::default(),
+            backend: None,
+            connect_start: now,
+            attempt_start: now,
+            _source: source,
+            _slot: slot,
+            _tracked: self.tracker.token(),
+        };
+        let target = match taken.pick() {
+            Ok(t) => t,
+            Err(end) => {
+                let ending = refused(end);
+                taken
+                    .span
+                    .in_scope(|| session::account(&taken.service, &taken.record, ending));
+                return None;
+            }
+        };
+        let timeouts = Timeouts {
+            idle: taken.service.relay.idle_timeout,
+            half_close: taken.service.relay.half_close_timeout,
+        };
+        Some((taken, target, timeouts))
+    }
+
+    fn connect_failed(&mut self, t: &mut Taken, error: io::Error) -> Result<Target, Outcome> {
+        if let Some(p) = t.backend.take() {
+            let _enter = t.span.enter();
+            if is_local_exhaustion(&error) {
+                // Our own descriptors or ports ran out: not the backend's fault, so no ejection.
+                tracing::debug!(backend = %p.backend.addr, error = %error, "connect failed locally");
+            } else {
+                tracing::debug!(backend = %p.backend.addr, error = %error, "connect failed");
+                t.service.pool.connect_failed(&p.backend);
+            }
+            t.tried.failed(p.backend.addr);
+        }
+        if t.record.attempts >= t.service.connect_attempts {
+            return Err(Outcome::ConnectFailed);
+        }
+        t.pick()
+    }
+
+    fn connected(&mut self, t: &mut Taken) {
+        let Some(p) = t.backend.as_mut() else { return };
+        p.connected = true;
+        p.backend.stats.connect.observe(t.attempt_start.elapsed());
+        t.service.pool.connect_succeeded(&p.backend);
+        t.record.connect_ms = Some(t.connect_start.elapsed().as_secs_f64() * 1e3);
+        t.record.backend_name = p.backend.name();
+        t.span
+            .record("backend", tracing::field::display(p.backend.addr));
+    }
+
+    fn sent(&mut self, t: &Taken, up: u64, down: u64) {
+        if let Some(p) = &t.backend {
+            p.backend.stats.bytes_up.fetch_add(up, Relaxed);
+            p.backend.stats.bytes_down.fetch_add(down, Relaxed);
+        }
+    }
+
+    fn cut(&mut self, t: &Taken) -> Option<Outcome> {
+        t.backend.as_ref().and_then(|p| p.cut.fired())
+    }
+
+    fn ended(&mut self, t: Taken, f: Finished) {
+        let relayed = t.backend.as_ref().is_some_and(|p| p.connected);
+        let _enter = t.span.enter();
+        if relayed {
+            let r = Relayed {
+                bytes_up: f.bytes_up,
+                bytes_down: f.bytes_down,
+                end: f.end,
+                spliced: false,
+                uring: true,
+                broken: f.broken,
+                carried: None,
+            };
+            session::account_relayed(&t.service, &t.record, &r);
+        } else {
+            session::account(&t.service, &t.record, refused(f.end));
+        }
+    }
+}
+
+fn refused(end: Outcome) -> Ending {
+    Ending {
+        bytes_up: 0,
+        bytes_down: 0,
+        end,
+    }
+}
