@@ -199,13 +199,20 @@ pub(crate) fn engine_for(mode: RelayMode, service: &str) -> RelayMode {
         RelayMode::Uring | RelayMode::Ring => "io_uring is Linux only".to_string(),
         _ => return mode,
     };
-    static SAID: AtomicBool = AtomicBool::new(false);
-    if !SAID.swap(true, Relaxed) {
+    // Once per process and engine: every service of that engine falls back for the same reason.
+    static SAID_URING: AtomicBool = AtomicBool::new(false);
+    static SAID_RING: AtomicBool = AtomicBool::new(false);
+    let said = if mode == RelayMode::Ring {
+        &SAID_RING
+    } else {
+        &SAID_URING
+    };
+    if !said.swap(true, Relaxed) {
         tracing::warn!(
             service,
-            relay = mode.as_str(),
             reason = why,
-            "this relay is unavailable; falling back to the epoll engine (auto)"
+            "relay: {} is unavailable; falling back to the epoll engine (auto)",
+            mode.as_str()
         );
     }
     RelayMode::Auto

@@ -1722,31 +1722,39 @@ fn the_systemd_unit_verifies() {
 
 /// reliability.md `uring-fallback`: where io_uring is unavailable (here forced with
 /// `SLUICEGATE_IO_URING=off`, as a seccomp policy or `kernel.io_uring_disabled` would), `relay: uring`
-/// runs on the epoll engine, says so in one warning, and relays exactly; without it the service runs
-/// on the ring.
+/// and `relay: ring` run on the epoll engine, each says so in one warning, and it relays exactly;
+/// without it the services run on the ring and the ring workers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uring_falls_back_to_epoll_with_one_line() {
     let be = Backend::echo([127, 0, 0, 2]).await;
     let two = format!(
-        "{}  - name: u\n    listen: 127.0.0.1:0\n    relay: uring\n    backends: [{{address: \"{}\"}}]\n",
+        "{}  - name: u\n    listen: 127.0.0.1:0\n    relay: uring\n    backends: [{{address: \"{}\"}}]\n  - name: r\n    listen: 127.0.0.1:0\n    relay: ring\n    backends: [{{address: \"{}\"}}]\n",
         yaml(&[be.addr], "relay: uring", "{drain_timeout: 5s}"),
+        be.addr,
         be.addr
     );
     for (prefix, engine) in [("SLUICEGATE_IO_URING=off", "auto"), ("", "uring")] {
         let mut sg = Sg::start_with(&two, prefix);
-        let listening: Vec<Value> = sg
-            .seen
-            .iter()
-            .filter(|l| l["msg"] == "listening")
-            .cloned()
-            .collect();
-        assert_eq!(listening[0]["relay"], engine, "{listening:?}");
-        let msg = payload(7, 256 << 10);
-        let mut c = TcpStream::connect(sg.addr).await.unwrap();
-        c.write_all(&msg).await.unwrap();
-        c.shutdown().await.unwrap();
-        let got = within(SECS(10), "echo", read_all(&mut c)).await.unwrap();
-        assert_eq!(sha(&got), sha(&msg));
+        let listening =
+            |name: &'static str| move |l: &Value| l["msg"] == "listening" && l["service"] == name;
+        let u = sg.wait_line(SECS(20), listening("u"));
+        assert_eq!(u["relay"], engine, "{u}");
+        // The `ring` service falls back likewise, or runs on the ring workers.
+        let r = sg.wait_line(SECS(20), listening("r"));
+        assert_eq!(
+            r["relay"],
+            if engine == "auto" { "auto" } else { "ring" },
+            "{r}"
+        );
+        for l in [&u, &r] {
+            let addr: std::net::SocketAddr = l["listen"].as_str().unwrap().parse().unwrap();
+            let msg = payload(7, 256 << 10);
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(&msg).await.unwrap();
+            c.shutdown().await.unwrap();
+            let got = within(SECS(10), "echo", read_all(&mut c)).await.unwrap();
+            assert_eq!(sha(&got), sha(&msg));
+        }
         sg.signal(libc::SIGTERM);
         assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(10))), 0);
         let warnings = sg
@@ -1763,6 +1771,16 @@ async fn uring_falls_back_to_epoll_with_one_line() {
             usize::from(engine == "auto"),
             "one line, for both services"
         );
+        let ring_warnings = sg
+            .seen
+            .iter()
+            .filter(|l| {
+                l["msg"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("relay: ring is unavailable"))
+            })
+            .count();
+        assert_eq!(ring_warnings, usize::from(engine == "auto"), "one for ring");
     }
 }
 
