@@ -218,14 +218,24 @@ async fn a_hung_engine_holds_no_service_beside_a_docker_label_one() {
     )
     .await
     .expect("served");
-    let stats = get(p.admin.unwrap(), "/stats").await.json();
-    let watcher = stats["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "labelled")
-        .expect("the labelled service")["docker_labels"][0]
-        .clone();
+    // `/stats` is a frame the sampler computes every second: the first may predate the watcher.
+    // Wait for one that lists it (the Engine's list is bounded at 5 s; this takes about one).
+    let admin = p.admin.unwrap();
+    let mut watcher = Value::Null;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while watcher.is_null() && tokio::time::Instant::now() < deadline {
+        let stats = get(admin, "/stats").await.json();
+        watcher = stats["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "labelled")
+            .expect("the labelled service")["docker_labels"][0]
+            .clone();
+        if watcher.is_null() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     assert_eq!(
         (watcher["lists"].as_u64(), watcher["failed"].as_u64()),
         (Some(0), Some(0)),
