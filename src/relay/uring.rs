@@ -1391,12 +1391,9 @@ pub(super) async fn pump(
     // kernel saying it has no multishot receives).
     let mut delivered = false;
     loop {
-        buf = match send_all(dst, flow, buf, off, n, start).await {
+        buf = match send_or_stop(dst, flow, &mut stream, buf, off..n, start).await {
             Ok(b) => b,
-            Err(Stopped::End(end)) => return Some(end),
-            Err(Stopped::Carry(b, off, end)) => {
-                return Some(carry_out(flow, stream, b, off, end).await)
-            }
+            Err(end) => return Some(end),
         };
         if flow.carrying.load(Relaxed) {
             return Some(carry_out(flow, stream, buf, 0, 0).await);
@@ -1422,38 +1419,21 @@ pub(super) async fn pump(
                         // Everything it received was sent: splice takes over the socket.
                         return None;
                     }
-                    match -e {
-                        libc::ECANCELED | libc::EINTR | libc::EAGAIN => {}
-                        libc::ENOBUFS => one_shot = true,
-                        libc::EINVAL if !delivered => {
-                            if let Some(d) = existing_driver(None) {
-                                d.no_streams.set(true);
-                            }
-                            tracing::debug!(
-                                "io_uring: multishot receive refused; receives are one-shot"
-                            );
-                        }
-                        e => return Some(DirEnd::SourceError(io::Error::from_raw_os_error(e))),
+                    match after_stream(e, delivered) {
+                        Ok(once) => one_shot = once,
+                        Err(e) => return Some(DirEnd::SourceError(e)),
                     }
                     0
                 }
             }
         } else {
             one_shot = false;
-            if buf.len() != size {
-                buf = vec![0u8; size].into_boxed_slice();
-            }
-            let op = match Op::recv(src.as_fd(), buf) {
-                Ok(op) => op,
-                Err(e) => return Some(DirEnd::SourceError(e)),
-            };
-            let (r, b) = flow.wait(op).await;
+            let (b, got) = receive_once(src, flow, buf, size).await;
             buf = b;
-            match r {
-                0 => return Some(finish(dst, flow, other)),
-                r if r > 0 => r as usize,
-                e if -e == libc::EINTR || -e == libc::EAGAIN || -e == libc::ECANCELED => 0,
-                e => return Some(DirEnd::SourceError(io::Error::from_raw_os_error(-e))),
+            match got {
+                Ok(Some(n)) => n,
+                Ok(None) => return Some(finish(dst, flow, other)),
+                Err(e) => return Some(DirEnd::SourceError(e)),
             }
         };
         if flow.carrying.load(Relaxed) {
@@ -1467,12 +1447,9 @@ pub(super) async fn pump(
         if n == size {
             // Everything received is sent first (the send loop above runs before the next receive).
             let bulk = size >= COPY_BUF;
-            buf = match send_all(dst, flow, buf, off, n, start).await {
+            buf = match send_or_stop(dst, flow, &mut stream, buf, off..n, start).await {
                 Ok(b) => b,
-                Err(Stopped::End(end)) => return Some(end),
-                Err(Stopped::Carry(b, off, end)) => {
-                    return Some(carry_out(flow, stream, b, off, end).await)
-                }
+                Err(end) => return Some(end),
             };
             if bulk {
                 let Some(s) = &stream else { return None };
@@ -1485,6 +1462,68 @@ pub(super) async fn pump(
             // All of it sent: nothing is left for the send at the top.
             n = 0;
         }
+    }
+}
+
+/// One one-shot receive into the direction's own buffer (made `size` long): the buffer back, with
+/// the bytes received (0: none yet, to be tried again), `None` at EOF, or the source's error.
+async fn receive_once(
+    src: &TcpStream,
+    flow: &Flow<'_>,
+    mut buf: Box<[u8]>,
+    size: usize,
+) -> (Box<[u8]>, io::Result<Option<usize>>) {
+    if buf.len() != size {
+        buf = vec![0u8; size].into_boxed_slice();
+    }
+    let op = match Op::recv(src.as_fd(), buf) {
+        Ok(op) => op,
+        Err(e) => return (Box::default(), Err(e)),
+    };
+    let (r, buf) = flow.wait(op).await;
+    let got = match r {
+        0 => Ok(None),
+        r if r > 0 => Ok(Some(r as usize)),
+        e if -e == libc::EINTR || -e == libc::EAGAIN || -e == libc::ECANCELED => Ok(Some(0)),
+        e => Err(io::Error::from_raw_os_error(-e)),
+    };
+    (buf, got)
+}
+
+/// [`send_all`] of `buf[unsent]`, the buffer back once it is all sent; or how the direction ends
+/// (the destination failed, or the relay stops for `carry`: the unsent rest goes along, and the
+/// multishot receive is drained into it first).
+async fn send_or_stop(
+    dst: &TcpStream,
+    flow: &Flow<'_>,
+    stream: &mut Option<MultiRecv<'_>>,
+    buf: Box<[u8]>,
+    unsent: Range<usize>,
+    start: Instant,
+) -> Result<Box<[u8]>, DirEnd> {
+    match send_all(dst, flow, buf, unsent.start, unsent.end, start).await {
+        Ok(b) => Ok(b),
+        Err(Stopped::End(end)) => Err(end),
+        Err(Stopped::Carry(b, off, end)) => Err(carry_out(flow, stream.take(), b, off, end).await),
+    }
+}
+
+/// What a multishot receive's last completion with error `err` (negative) means for its
+/// direction: receive next one-shot (`Ok(true)`: the pool was empty), arm a multishot receive again
+/// (`Ok(false)`), or the source broke. EINVAL before any byte is the kernel refusing multishot
+/// receives, said once for the ring: its receives are one-shot from then on.
+fn after_stream(err: i32, delivered: bool) -> io::Result<bool> {
+    match -err {
+        libc::ECANCELED | libc::EINTR | libc::EAGAIN => Ok(false),
+        libc::ENOBUFS => Ok(true),
+        libc::EINVAL if !delivered => {
+            if let Some(d) = existing_driver(None) {
+                d.no_streams.set(true);
+            }
+            tracing::debug!("io_uring: multishot receive refused; receives are one-shot");
+            Ok(false)
+        }
+        e => Err(io::Error::from_raw_os_error(e)),
     }
 }
 
