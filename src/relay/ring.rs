@@ -454,8 +454,6 @@ pub(crate) struct Counts {
     pub(crate) cancels_at_cap: AtomicU64,
     /// Receives the pool had no buffer for (ENOBUFS).
     pub(crate) starved: AtomicU64,
-    /// Connections open now.
-    pub(crate) open: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -837,7 +835,6 @@ impl<H: Host> Worker<H> {
             }
         };
         self.live += 1;
-        self.counts.open.fetch_add(1, Relaxed);
         self.arm_tick();
         if self.stopping.is_some() {
             // Accepted while the worker stops: cut like the rest.
@@ -1190,7 +1187,6 @@ impl<H: Host> Worker<H> {
         };
         self.free.push(slot);
         self.live -= 1;
-        self.counts.open.fetch_sub(1, Relaxed);
         let Some(end) = c.end.take() else { return };
         if let Some(p) = &self.pool {
             for d in &mut c.dirs {
