@@ -1152,13 +1152,9 @@ impl<H: Host> Worker<H> {
         }
         c.end = Some(end);
         if c.refs > 0 {
-            let fds: Vec<RawFd> = [&c.client, &c.backend]
-                .into_iter()
-                .flatten()
-                .map(|f| f.as_raw_fd())
-                .collect();
-            c.refs += fds.len() as u32;
-            for fd in fds {
+            let fds = [&c.client, &c.backend].map(|f| f.as_ref().map(|f| f.as_raw_fd()));
+            c.refs += fds.iter().flatten().count() as u32;
+            for fd in fds.into_iter().flatten() {
                 let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
                     .build()
                     .user_data(user_data(K_CANCEL, slot, Side::Up));
