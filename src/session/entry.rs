@@ -19,9 +19,9 @@ use crate::tls::ClientHello;
 use crate::util::{lock, RateLimited};
 
 /// With `accept_proxy`: reads the PROXY header of a peer inside `from` and takes its client address
-/// (recorded in the routing record and the connection's span); returns the address the client
-/// reached, if the header names it. A peer outside `from`, a bad or late header: `Err(ProxyHeader)`,
-/// said at most once a second (`warnings`); the drain deadline meanwhile: `Err(DrainDeadline)`.
+/// (see [`take_header`]); returns the address the client reached, if the header names it. A peer
+/// outside `from`, a bad or late header: `Err(ProxyHeader)`; the drain deadline meanwhile:
+/// `Err(DrainDeadline)`.
 pub(super) async fn accept_header(
     client: &mut TcpStream,
     peer: SocketAddr,
@@ -33,14 +33,36 @@ pub(super) async fn accept_header(
     let Some(accept) = accept else {
         return Ok(None);
     };
-    let header = if accept.from.iter().any(|c| c.contains(peer.ip())) {
+    let header = if may_send_header(accept, peer) {
         tokio::select! {
             h = proxy_protocol::read(client, accept.timeout.0) => h.map_err(|e| e.to_string()),
             () = deadline.cancelled() => return Err(Outcome::DrainDeadline),
         }
     } else {
-        Err("a connection from outside accept_proxy.from".to_string())
+        Err(UNTRUSTED.to_string())
     };
+    take_header(header, peer, warnings, record)
+}
+
+/// Why a header is not even read: the peer is not a balancer `accept_proxy` trusts.
+pub(crate) const UNTRUSTED: &str = "a connection from outside accept_proxy.from";
+
+/// Whether `peer` is inside `accept_proxy.from`: only those may name another client.
+pub(crate) fn may_send_header(accept: &AcceptProxyConfig, peer: SocketAddr) -> bool {
+    accept.from.iter().any(|c| c.contains(peer.ip()))
+}
+
+/// What a PROXY header from `peer` (or why there is none) means for its connection: a header's
+/// client becomes the connection's (in the routing record and the current span, with `peer` as
+/// `via`), and the address it reached is returned; a LOCAL header keeps the real endpoints. A bad,
+/// late or untrusted one: `Err(ProxyHeader)`, said at most once a second (`warnings`). Shared by the
+/// tokio sessions and the ring workers, which read the header each their own way.
+pub(crate) fn take_header(
+    header: Result<Header, String>,
+    peer: SocketAddr,
+    warnings: &Mutex<RateLimited>,
+    record: &mut Record,
+) -> Result<Option<SocketAddr>, Outcome> {
     match header {
         Ok(Header::Proxy { client: c, dst }) => {
             record.via = Some(peer);

@@ -32,6 +32,7 @@ use crate::service::{Service, TlsResult};
 use crate::tls::{HandshakeError, Prefixed, ServerStream};
 pub(crate) use connect::Tried;
 use connect::{connect, BackendStream, Connected, Outbound};
+pub(crate) use entry::{may_send_header, take_header, UNTRUSTED};
 
 /// How sessions leave this process before they end: the drain's deadline cuts them; an upgrade
 /// carries them into the new process (`carry`, then each relayed one is sent to `carried`). One per
