@@ -26,6 +26,9 @@ const MIN_HEADER: usize = 15;
 /// what real senders put there (addresses, a few TLVs) is far below this, and the bound keeps a
 /// header from holding 64 KiB per connection.
 pub(crate) const V2_MAX_PAYLOAD: usize = 4096;
+/// The longest header [`parse`] accepts (version 2 with the most payload; a version 1 line is
+/// shorter): it decides on every input by this many bytes.
+pub(crate) const MAX_HEADER: usize = 16 + V2_MAX_PAYLOAD;
 
 /// What a header said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

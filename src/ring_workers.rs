@@ -12,25 +12,32 @@
 //! address's `stop` unlistens it; the drain's deadline cuts what is left; every connection holds a
 //! token of the drain's `TaskTracker`, so a drain waits for ring connections as for sessions.
 //!
-//! Not yet on the ring (refused by the config's validation, or said where it matters): TLS, the PROXY
-//! protocol, the queue, `backend_port: same`, shared addresses; an upgrade carries no ring
+//! The PROXY protocol works as in `session`: `accept_proxy` has the worker read the header (within
+//! its `timeout`) before anything else, from trusted peers only, and the header's client is the one
+//! admitted, limited, hashed and logged; `proxy_protocol` sends the backend a header first.
+//!
+//! Not yet on the ring (refused by the config's validation, or said where it matters): TLS, the
+//! queue, `backend_port: same`, shared addresses; an upgrade carries no ring
 //! connection (they drain in the old process until its drain deadline).
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
+use socket2::SockRef;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::admission::{Gate, SourceSlot};
 use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
-use crate::relay::ring::{self, Command, Finished, Host, Target, Timeouts};
+use crate::proxy_protocol::{self, Header, Parsed, ReadError};
+use crate::relay::ring::{self, Admit, Command, Finished, Got, Host, Step, Target, Timeouts};
 use crate::relay::Relayed;
 use crate::route::Routes;
 use crate::routelog::{Ending, Record};
@@ -203,6 +210,46 @@ struct Picked {
 }
 
 impl Taken {
+    /// A PROXY header read from `peer` (or why there is none), taken as the tokio sessions take it.
+    fn take_header(
+        &mut self,
+        header: Result<Header, String>,
+        peer: SocketAddr,
+    ) -> Result<Option<SocketAddr>, Outcome> {
+        let _enter = self.span.enter();
+        let warnings = &self.service.occupancy.proxy_warnings;
+        session::take_header(header, peer, warnings, &mut self.record)
+    }
+
+    /// Admits the client (by the address a header named, if any: access lists, per-source limits)
+    /// and picks its backend; the PROXY header to send it, if the service sends one (naming the
+    /// address the client reached: a header's, else ours).
+    fn admit(
+        &mut self,
+        reached: Option<SocketAddr>,
+        client: BorrowedFd<'_>,
+    ) -> Result<(Target, Vec<u8>), Outcome> {
+        let origin = self.record.client;
+        self._source = session::admit_source(&self.service, origin.ip())?;
+        let target = self.pick()?;
+        let preface = match self.service.proxy_protocol {
+            Some(v) => {
+                let local = || SockRef::from(&client).local_addr().ok()?.as_socket();
+                let dst = reached.or_else(local).unwrap_or(origin);
+                proxy_protocol::encode(v, origin, dst)
+            }
+            None => Vec::new(),
+        };
+        Ok((target, preface))
+    }
+
+    /// Accounts a connection refused before the ring had anything of it.
+    fn refuse(&self, end: Outcome) {
+        let ending = refused(end);
+        self.span
+            .in_scope(|| session::account(&self.service, &self.record, ending));
+    }
+
     /// The next backend to try: one not tried, below its cap; or how the connection is refused.
     fn pick(&mut self) -> Result<Target, Outcome> {
         let service = self.service.clone();
@@ -260,7 +307,12 @@ impl Host for Services {
         self.listeners.remove(&id);
     }
 
-    fn accepted(&mut self, id: u32, peer: SocketAddr) -> Option<(Taken, Target, Timeouts)> {
+    fn accepted(
+        &mut self,
+        id: u32,
+        peer: SocketAddr,
+        client: BorrowedFd<'_>,
+    ) -> Option<(Taken, Admit, Timeouts)> {
         let served = self.listeners.get(&id)?;
         // The routes as they are now (a reload swaps them); the connection keeps its service.
         let routes = served.routes.load();
@@ -279,13 +331,6 @@ impl Host for Services {
                 return None;
             }
         };
-        let source = match session::admit_source(&service, peer.ip()) {
-            Ok(source) => source,
-            Err(end) => {
-                span.in_scope(|| session::refuse_over_limit(&service, peer, end));
-                return None;
-            }
-        };
         let now = Instant::now();
         let mut taken = Taken {
             record: Record::new(service.name.clone(), service.policy.as_str(), peer),
@@ -295,25 +340,66 @@ impl Host for Services {
             backend: None,
             connect_start: now,
             attempt_start: now,
-            _source: source,
+            _source: None,
             _slot: slot,
             _tracked: self.tracker.token(),
-        };
-        let target = match taken.pick() {
-            Ok(t) => t,
-            Err(end) => {
-                let ending = refused(end);
-                taken
-                    .span
-                    .in_scope(|| session::account(&taken.service, &taken.record, ending));
-                return None;
-            }
         };
         let timeouts = Timeouts {
             idle: taken.service.relay.idle_timeout,
             half_close: taken.service.relay.half_close_timeout,
         };
-        Some((taken, target, timeouts))
+        let service = taken.service.clone();
+        let admitted = match &service.accept_proxy {
+            // A balancer in front names the client in a header: read it before anything else.
+            Some(accept) if session::may_send_header(accept, peer) => {
+                return Some((
+                    taken,
+                    Admit::Read {
+                        limit: accept.timeout.0,
+                        room: proxy_protocol::MAX_HEADER,
+                    },
+                    timeouts,
+                ));
+            }
+            Some(_) => taken.take_header(Err(session::UNTRUSTED.to_string()), peer),
+            None => Ok(None),
+        };
+        match admitted.and_then(|reached| taken.admit(reached, client)) {
+            Ok((target, preface)) => Some((taken, Admit::Connect { target, preface }, timeouts)),
+            Err(end) => {
+                taken.refuse(end);
+                None
+            }
+        }
+    }
+
+    fn preamble(&mut self, t: &mut Taken, client: BorrowedFd<'_>, got: Got<'_>) -> Step {
+        let header = match got {
+            Got::Bytes(b) => match proxy_protocol::parse(b) {
+                Parsed::Done(h, len) => Ok((h, len)),
+                Parsed::Incomplete { .. } => return Step::More,
+                Parsed::Malformed(m) => Err(ReadError::Malformed(m)),
+            },
+            Got::Closed(n) => Err(ReadError::Truncated(n)),
+            Got::TimedOut => Err(ReadError::TimedOut),
+            Got::Failed(e) => Err(ReadError::Io(e)),
+        };
+        let peer = t.record.client;
+        let (header, consumed) = match header {
+            Ok((h, len)) => (Ok(h), len),
+            Err(e) => (Err(e.to_string()), 0),
+        };
+        let admitted = t
+            .take_header(header, peer)
+            .and_then(|reached| t.admit(reached, client));
+        match admitted {
+            Ok((target, preface)) => Step::Connect {
+                target,
+                consumed,
+                preface,
+            },
+            Err(end) => Step::Refuse(end),
+        }
     }
 
     fn connect_failed(&mut self, t: &mut Taken, error: io::Error) -> Result<Target, Outcome> {

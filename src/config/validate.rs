@@ -266,7 +266,8 @@ fn validate_service(p: &mut Problems, i: usize, s: &ServiceConfig) {
     validate_ring(p, i, s);
 }
 
-/// `relay: ring` serves plain TCP only so far: what it does not do is refused by name, not ignored.
+/// `relay: ring` serves plain TCP (with PROXY headers in and out) only so far: what it does not do
+/// is refused by name, not ignored.
 fn validate_ring(p: &mut Problems, i: usize, s: &ServiceConfig) {
     if s.relay != super::RelayMode::Ring {
         return;
@@ -275,8 +276,6 @@ fn validate_ring(p: &mut Problems, i: usize, s: &ServiceConfig) {
     let unsupported = [
         ("tls", s.tls.is_some()),
         ("backend_tls", s.backend_tls.is_some()),
-        ("proxy_protocol", s.proxy_protocol.is_some()),
-        ("accept_proxy", s.accept_proxy.is_some()),
         ("queue", s.queue.is_some()),
         ("backend_port", s.backend_port == super::BackendPort::Same),
     ];
@@ -901,8 +900,12 @@ mod tests {
             format!("services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: ring\n    backends: [{{address: 127.0.0.1:9001}}]\n{extra}")
         };
         crate::config::Config::from_yaml(&yaml("")).expect("plain TCP");
+        crate::config::Config::from_yaml(&yaml(
+            "    proxy_protocol: v2\n    accept_proxy: {from: [127.0.0.1/32]}\n",
+        ))
+        .expect("PROXY headers in and out");
         for (extra, key) in [
-            ("    proxy_protocol: v2\n", "proxy_protocol"),
+            ("    tls: {cert: a.pem, key: a.key}\n", "tls"),
             ("    queue: {max: 10, timeout: 1s}\n", "queue"),
             ("    backend_port: same\n", "backend_port"),
             ("    backend_tls: {}\n", "backend_tls"),

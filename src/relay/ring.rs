@@ -7,10 +7,14 @@
 //! What a worker does with a connection: one of the accepts it keeps in flight on each listener
 //! hands it a client with its address (a multishot accept gives no address, and asking for it after
 //! costs a system call, and fails for a client that has already reset); the
-//! [`Host`] (the services, above this module) admits it and names a backend; a non-blocking socket
+//! [`Host`] (the services, above this module) admits it and names a backend, or first asks for the
+//! client's opening bytes (a PROXY header: one-shot receives into the connection's own buffer, within
+//! a deadline linked to each, until the host decides); a non-blocking socket
 //! with TCP_NODELAY connects through the ring with a linked timeout (the host names another backend
 //! when it fails); then each direction keeps one multishot receive armed into the ring's pool of
-//! provided buffers and sends from those buffers in order, one send in flight; both sockets close
+//! provided buffers and sends from those buffers in order, one send in flight (a preface the host
+//! gave, and client bytes read with the header, go first, from the connection's buffer, and the
+//! preface is not counted as the client's); both sockets close
 //! through the ring. The kernel does the waiting; the thread enters it once per loop, submitting
 //! everything the last batch of completions started and waiting for the next.
 //!
@@ -43,7 +47,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -87,6 +91,7 @@ const K_LINK: u64 = 5;
 const K_CANCEL: u64 = 6;
 const K_WAKE: u64 = 7;
 const K_TICK: u64 = 8;
+const K_PRE: u64 = 9;
 
 fn user_data(kind: u64, slot: u32, side: Side) -> u64 {
     kind | (u64::from(side == Side::Down) << 4) | (u64::from(slot) << 32)
@@ -109,6 +114,52 @@ fn side_of(ud: u64) -> Side {
 pub(crate) struct Target {
     pub(crate) addr: SocketAddr,
     pub(crate) timeout: Duration,
+}
+
+/// What a host wants done with a client it admitted.
+#[derive(Debug)]
+pub(crate) enum Admit {
+    /// Connect it to `target`; send `preface` (a PROXY header) to the backend before the client's
+    /// first byte. The preface is not counted as the client's bytes.
+    Connect { target: Target, preface: Vec<u8> },
+    /// Read its first bytes (a PROXY header), at most `room` of them and within `limit`, and ask the
+    /// host (`Host::preamble`) what they mean before connecting anywhere.
+    Read { limit: Duration, room: usize },
+}
+
+/// A client's first bytes so far, as `Host::preamble` sees them.
+#[derive(Debug)]
+pub(crate) enum Got<'a> {
+    /// Everything read so far (possibly more than the host wants: what follows is the client's).
+    Bytes(&'a [u8]),
+    /// The client closed after this many bytes.
+    Closed(usize),
+    /// `limit` passed first.
+    TimedOut,
+    Failed(io::Error),
+}
+
+/// The host's answer to a client's first bytes.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Not enough yet: read on.
+    More,
+    /// Connect to `target`: the first `consumed` bytes were the host's (a PROXY header), the rest
+    /// are the client's and go to the backend after `preface` (as in `Admit::Connect`).
+    Connect {
+        target: Target,
+        consumed: usize,
+        preface: Vec<u8>,
+    },
+    /// Refused, and why (the host accounts it when the connection ends).
+    Refuse(Outcome),
+}
+
+/// Why a client's first bytes stopped coming.
+enum PreEnd {
+    Closed,
+    TimedOut,
+    Failed(io::Error),
 }
 
 /// A connection's inactivity limits (`idle_timeout`, `half_close_timeout`).
@@ -141,9 +192,19 @@ pub(crate) trait Host {
     fn listening(&mut self, id: u32, with: Self::Listen);
     /// Listener `id` is no longer served (its last accept has completed).
     fn unlistened(&mut self, id: u32);
-    /// A client accepted on listener `id`: its state, the backend to connect it to and its limits;
-    /// or `None`, refused, which the host has accounted (the worker closes the client after).
-    fn accepted(&mut self, id: u32, peer: SocketAddr) -> Option<(Self::Conn, Target, Timeouts)>;
+    /// A client accepted on listener `id`: its state, what comes next (a backend to connect it to,
+    /// or its first bytes to read) and its limits; or `None`, refused, which the host has accounted
+    /// (the worker closes the client after).
+    fn accepted(
+        &mut self,
+        id: u32,
+        peer: SocketAddr,
+        client: BorrowedFd<'_>,
+    ) -> Option<(Self::Conn, Admit, Timeouts)>;
+    /// After `Admit::Read`: what has been read of the client's first bytes (all of them, each
+    /// time), or why no more will come. `Step::More` reads on; with `room` bytes read it is taken
+    /// as a refusal (`ProxyHeader`): the host must decide within the room it asked for.
+    fn preamble(&mut self, conn: &mut Self::Conn, client: BorrowedFd<'_>, got: Got<'_>) -> Step;
     /// The connect to the last target failed: another to try, or how the connection ends.
     fn connect_failed(
         &mut self,
@@ -228,6 +289,7 @@ pub(crate) fn availability() -> Result<(), String> {
         (opcode::Connect::CODE, "connect"),
         (opcode::LinkTimeout::CODE, "link timeout"),
         (opcode::RecvMulti::CODE, "receive"),
+        (opcode::Recv::CODE, "one-shot receive"),
         (opcode::Send::CODE, "send"),
         (opcode::Close::CODE, "close"),
         (opcode::PollAdd::CODE, "poll"),
@@ -293,10 +355,15 @@ where
 /// A buffer a direction received into and has not yet sent whole.
 #[derive(Debug, Clone, Copy)]
 struct Held {
+    /// A pool buffer, or [`OWNED`].
     bid: u16,
     len: u32,
     off: u32,
 }
+
+/// A `Held` that is the connection's own bytes (`Conn::pre`), not a pool buffer: the preface and
+/// the client bytes read with it. The pool has far fewer buffers than this.
+const OWNED: u16 = u16::MAX;
 
 /// One direction's state: the pure part of the relay, which the worker acts on.
 #[derive(Debug, Default)]
@@ -355,6 +422,14 @@ struct Conn<C> {
     link: types::Timespec,
     timeouts: Timeouts,
     connected: bool,
+    /// Bytes the connection owns: while `reading`, the client's first bytes as they arrive; then
+    /// what goes to the backend before anything received later (a preface and the client bytes
+    /// read with the header). Freed once sent.
+    pre: Vec<u8>,
+    /// How many bytes at the front of `pre` are the preface (sent, but not the client's bytes).
+    preface: u32,
+    /// Reading the client's first bytes (`Admit::Read`), until this deadline.
+    reading: Option<Instant>,
     dirs: [Dir; 2],
     /// Operations of this connection in the kernel.
     refs: u32,
@@ -629,6 +704,7 @@ impl<H: Host> Worker<H> {
             K_RECV => self.on_recv(slot, side_of(ud), res, flags),
             K_SEND => self.on_send(slot, side_of(ud), res),
             K_CONNECT => self.on_connect(slot, res),
+            K_PRE => self.on_pre(slot, res),
             K_LINK | K_CANCEL => self.release(slot),
             K_WAKE => {
                 if !cqueue::more(flags) {
@@ -806,18 +882,26 @@ impl<H: Host> Worker<H> {
         let Some(peer) = peer else {
             return; // No address, and gone before it was asked: it closes here.
         };
-        let Some((conn, target, timeouts)) = self.host.accepted(id, peer) else {
+        let Some((conn, admit, timeouts)) = self.host.accepted(id, peer, client.as_fd()) else {
             self.close(client);
             return;
+        };
+        let (pre, preface, reading) = match &admit {
+            Admit::Connect { preface, .. } => (preface.clone(), preface.len() as u32, None),
+            Admit::Read { limit, room } => (Vec::with_capacity(*room), 0, Some(self.now + *limit)),
         };
         let c = Box::new(Conn {
             host: Some(conn),
             client: Some(client),
             backend: None,
-            to: SockAddr::from(target.addr),
-            link: types::Timespec::from(target.timeout),
+            // Set by `connect` before the kernel reads them.
+            to: SockAddr::from(SocketAddr::from(([0, 0, 0, 0], 0))),
+            link: types::Timespec::new(),
             timeouts,
             connected: false,
+            pre,
+            preface,
+            reading,
             dirs: Default::default(),
             refs: 0,
             first_fin: None,
@@ -840,7 +924,97 @@ impl<H: Host> Worker<H> {
             // Accepted while the worker stops: cut like the rest.
             return self.finish(slot, Supervised::cut(Outcome::DrainDeadline));
         }
-        self.connect(slot, target);
+        match admit {
+            Admit::Connect { target, .. } => self.connect(slot, target),
+            Admit::Read { .. } => self.read_pre(slot),
+        }
+    }
+
+    /// Reads more of a client's first bytes into `pre`, with what is left of its deadline linked.
+    fn read_pre(&mut self, slot: u32) {
+        let now = self.now;
+        let Some(c) = self.conn(slot) else { return };
+        let Some(by) = c.reading else { return };
+        let left = by.saturating_duration_since(now);
+        if left.is_zero() {
+            return self.preamble(slot, Err(PreEnd::TimedOut));
+        }
+        let (from, _) = c.ends(Side::Up);
+        let spare = c.pre.spare_capacity_mut();
+        if spare.is_empty() {
+            return self.finish(slot, Supervised::ended(Outcome::ProxyHeader));
+        }
+        let (ptr, room) = (spare.as_mut_ptr().cast::<u8>(), spare.len() as u32);
+        c.link = types::Timespec::from(left);
+        c.refs += 2;
+        let recv = opcode::Recv::new(types::Fd(from), ptr, room)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(user_data(K_PRE, slot, Side::Up));
+        let link = opcode::LinkTimeout::new(&c.link)
+            .build()
+            .user_data(user_data(K_LINK, slot, Side::Up));
+        // SAFETY: the kernel writes into `pre`'s spare capacity, which is not touched (so not
+        // reallocated) until this receive completes, and reads the timespec; both are in the
+        // connection's box, which stays in its slot until both operations have completed (`refs`).
+        unsafe { self.push(&[recv, link]) };
+    }
+
+    fn on_pre(&mut self, slot: u32, res: i32) {
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        c.refs -= 1;
+        if c.end.is_some() {
+            return self.maybe_free(slot);
+        }
+        let got = match res {
+            n if n > 0 => {
+                let len = c.pre.len() + n as usize;
+                // SAFETY: the kernel wrote `n` bytes into the spare capacity it was given.
+                unsafe { c.pre.set_len(len.min(c.pre.capacity())) };
+                Ok(())
+            }
+            0 => Err(PreEnd::Closed),
+            e if e == -libc::ECANCELED => Err(PreEnd::TimedOut),
+            e => Err(PreEnd::Failed(io::Error::from_raw_os_error(-e))),
+        };
+        self.preamble(slot, got);
+    }
+
+    /// Asks the host what the client's first bytes (or their end) mean, and acts on it.
+    fn preamble(&mut self, slot: u32, got: Result<(), PreEnd>) {
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let Conn {
+            host, client, pre, ..
+        } = &mut *c;
+        let (Some(h), Some(fd)) = (host.as_mut(), client.as_ref()) else {
+            return;
+        };
+        let step = match got {
+            Ok(()) => self.host.preamble(h, fd.as_fd(), Got::Bytes(pre)),
+            Err(PreEnd::Closed) => self.host.preamble(h, fd.as_fd(), Got::Closed(pre.len())),
+            Err(PreEnd::TimedOut) => self.host.preamble(h, fd.as_fd(), Got::TimedOut),
+            Err(PreEnd::Failed(e)) => self.host.preamble(h, fd.as_fd(), Got::Failed(e)),
+        };
+        match step {
+            // With no room left `read_pre` refuses: never read forever.
+            Step::More => self.read_pre(slot),
+            Step::Refuse(end) => self.finish(slot, Supervised::ended(end)),
+            Step::Connect {
+                target,
+                consumed,
+                preface,
+            } => {
+                c.reading = None;
+                let rest = c.pre.get(consumed..).unwrap_or_default();
+                c.preface = preface.len() as u32;
+                c.pre = [preface.as_slice(), rest].concat();
+                self.connect(slot, target);
+            }
+        }
     }
 
     fn conn(&mut self, slot: u32) -> Option<&mut Conn<H::Conn>> {
@@ -892,6 +1066,16 @@ impl<H: Host> Worker<H> {
         if let Some(h) = c.host.as_mut() {
             self.host.connected(h);
         }
+        let owned = !c.pre.is_empty();
+        if owned {
+            let len = c.pre.len() as u32;
+            c.dirs[Side::Up as usize].held.push_back(Held {
+                bid: OWNED,
+                len,
+                off: 0,
+            });
+            self.send_next(slot, Side::Up);
+        }
         self.arm_recv(slot, Side::Up);
         self.arm_recv(slot, Side::Down);
     }
@@ -938,22 +1122,29 @@ impl<H: Host> Worker<H> {
             return;
         };
         let (_, to) = c.ends(side);
-        let d = c.dir(side);
-        let Some(h) = d.held.front().copied() else {
+        let Some(h) = c.dir(side).held.front().copied() else {
             return;
         };
-        // SAFETY: the direction holds buffer `bid` (a completion named it, it is not given back
-        // before this send's completion), and the kernel wrote `len` bytes into it.
-        let bytes = unsafe { pool.bytes(h.bid, h.len as usize) };
-        let rest = &bytes[h.off as usize..];
-        d.sending = true;
+        let bytes = if h.bid == OWNED {
+            &c.pre[..]
+        } else {
+            // SAFETY: the direction holds buffer `bid` (a completion named it, it is not given back
+            // before this send's completion), and the kernel wrote `len` bytes into it.
+            unsafe { pool.bytes(h.bid, h.len as usize) }
+        };
+        let rest = bytes
+            .get(h.off as usize..h.len as usize)
+            .unwrap_or_default();
+        let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
+        c.dir(side).sending = true;
         c.refs += 1;
-        let e = opcode::Send::new(types::Fd(to), rest.as_ptr(), rest.len() as u32)
+        let e = opcode::Send::new(types::Fd(to), ptr, len)
             .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(user_data(K_SEND, slot, side));
-        // SAFETY: the bytes are in the pool buffer the direction holds until this send completes;
-        // the socket stays open in the connection until then (`refs`).
+        // SAFETY: the bytes are in the pool buffer the direction holds until this send completes,
+        // or in `pre`, which is not changed until then; the socket stays open in the connection
+        // until then (`refs`).
         unsafe { self.push(&[e]) };
     }
 
@@ -1055,21 +1246,35 @@ impl<H: Host> Worker<H> {
             return self.maybe_free(slot);
         }
         c.last = now;
+        let preface = c.preface;
         let d = c.dir(side);
         let n = res as u32;
-        d.sent += u64::from(n);
-        d.unflushed += u64::from(n);
+        let mut counted = n;
         let mut given = None;
+        let mut owned_sent = false;
         if let Some(h) = d.held.front_mut() {
+            if h.bid == OWNED {
+                // The preface is not the client's: only what follows it counts as relayed.
+                counted = n - preface.saturating_sub(h.off).min(n);
+            }
             h.off += n;
             if h.off >= h.len {
-                given = Some(h.bid);
+                if h.bid == OWNED {
+                    owned_sent = true;
+                } else {
+                    given = Some(h.bid);
+                }
                 d.held.pop_front();
             }
         }
+        d.sent += u64::from(counted);
+        d.unflushed += u64::from(counted);
         let more_to_send = !d.held.is_empty();
         let shut = d.should_shut();
         let rearm = d.should_arm(ending);
+        if owned_sent {
+            c.pre = Vec::new();
+        }
         if let (Some(bid), Some(p)) = (given, &self.pool) {
             p.give_back(bid);
         }
@@ -1186,7 +1391,7 @@ impl<H: Host> Worker<H> {
         let Some(end) = c.end.take() else { return };
         if let Some(p) = &self.pool {
             for d in &mut c.dirs {
-                for h in d.held.drain(..) {
+                for h in d.held.drain(..).filter(|h| h.bid != OWNED) {
                     p.give_back(h.bid);
                 }
             }

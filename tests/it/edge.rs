@@ -68,7 +68,7 @@ fn sa(s: &str) -> SocketAddr {
 async fn proxy_protocol_out_v1_and_v2_carries_the_client_and_the_address_it_reached() {
     let be = Backend::echo([127, 0, 0, 1]).await;
     for (v, name) in [(ProxyVersion::V1, "v1"), (ProxyVersion::V2, "v2")] {
-        for relay in [RelayMode::Copy, RelayMode::Splice] {
+        for relay in [RelayMode::Copy, RelayMode::Splice, RelayMode::Ring] {
             let p = Proxy::start(&service_yaml(
                 &[be.addr],
                 relay,
@@ -85,7 +85,7 @@ async fn proxy_protocol_out_v1_and_v2_carries_the_client_and_the_address_it_reac
                     client: me,
                     dst: p.addr
                 },
-                "{v:?}"
+                "{v:?} {relay:?}"
             );
             assert_eq!(
                 rest, b"hello, backend",
@@ -140,237 +140,259 @@ async fn health_probes_send_no_proxy_header() {
     }
 }
 
-fn accept_yaml(be: &[SocketAddr], from: &str, extra: &str) -> String {
+/// The engines a PROXY header is read by: the tokio sessions (whatever their relay) and the ring
+/// workers, which read it through the ring.
+const READERS: [RelayMode; 2] = [RelayMode::Auto, RelayMode::Ring];
+
+fn accept_yaml(be: &[SocketAddr], relay: RelayMode, from: &str, extra: &str) -> String {
     service_yaml(
         be,
-        RelayMode::Auto,
+        relay,
         &format!("accept_proxy: {{from: [{from}], timeout: 500ms}}\n{extra}"),
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_proxy_takes_the_client_from_the_header_and_sends_it_on() {
-    let be = Backend::echo([127, 0, 0, 1]).await;
-    let p = Proxy::start(&accept_yaml(
-        &[be.addr],
-        "127.0.0.0/8",
-        "proxy_protocol: v2",
-    ))
-    .await;
-    // v1 in, v2 out; the header arrives in two writes.
-    let mut s = connect_from([127, 0, 0, 1], p.addr).await;
-    s.set_nodelay(true).unwrap();
-    s.write_all(b"PROXY TCP4 192.0.2.9 198.51.100.1 4000")
-        .await
-        .unwrap();
-    let back = exchange(s, b" 443\r\nafter the header").await;
-    let (h, rest) = parse_all(&back);
-    assert_eq!(
-        h,
-        Header::Proxy {
-            client: sa("192.0.2.9:4000"),
-            dst: sa("198.51.100.1:443")
-        }
-    );
-    assert_eq!(rest, b"after the header");
-    // v2 in (IPv6), v2 out.
-    let hdr = proxy_protocol::encode(
-        ProxyVersion::V2,
-        sa("[2001:db8::9]:5000"),
-        sa("[2001:db8::1]:443"),
-    );
-    let back = exchange(
-        connect_from([127, 0, 0, 1], p.addr).await,
-        &[hdr.as_slice(), b"x"].concat(),
-    )
-    .await;
-    let (h, rest) = parse_all(&back);
-    assert_eq!(
-        h,
-        Header::Proxy {
-            client: sa("[2001:db8::9]:5000"),
-            dst: sa("[2001:db8::1]:443")
-        }
-    );
-    assert_eq!(rest, b"x");
-    // A v2 LOCAL header (a health check of the balancer in front): served, with the real endpoints.
-    let mut local = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    local.extend_from_slice(&[0x20, 0x00, 0, 0]);
-    let s = connect_from([127, 0, 0, 7], p.addr).await;
-    let me = s.local_addr().unwrap();
-    let back = exchange(s, &[local.as_slice(), b"y"].concat()).await;
-    let (h, rest) = parse_all(&back);
-    assert_eq!(
-        h,
-        Header::Proxy {
-            client: me,
-            dst: p.addr
-        }
-    );
-    assert_eq!(rest, b"y");
-    assert_eq!(p.service.stats.ended(Outcome::ProxyHeader), 0);
+    for relay in READERS {
+        let be = Backend::echo([127, 0, 0, 1]).await;
+        let p = Proxy::start(&accept_yaml(
+            &[be.addr],
+            relay,
+            "127.0.0.0/8",
+            "proxy_protocol: v2",
+        ))
+        .await;
+        // v1 in, v2 out; the header arrives in two writes.
+        let mut s = connect_from([127, 0, 0, 1], p.addr).await;
+        s.set_nodelay(true).unwrap();
+        s.write_all(b"PROXY TCP4 192.0.2.9 198.51.100.1 4000")
+            .await
+            .unwrap();
+        let back = exchange(s, b" 443\r\nafter the header").await;
+        let (h, rest) = parse_all(&back);
+        assert_eq!(
+            h,
+            Header::Proxy {
+                client: sa("192.0.2.9:4000"),
+                dst: sa("198.51.100.1:443")
+            }
+        );
+        assert_eq!(rest, b"after the header");
+        // v2 in (IPv6), v2 out.
+        let hdr = proxy_protocol::encode(
+            ProxyVersion::V2,
+            sa("[2001:db8::9]:5000"),
+            sa("[2001:db8::1]:443"),
+        );
+        let back = exchange(
+            connect_from([127, 0, 0, 1], p.addr).await,
+            &[hdr.as_slice(), b"x"].concat(),
+        )
+        .await;
+        let (h, rest) = parse_all(&back);
+        assert_eq!(
+            h,
+            Header::Proxy {
+                client: sa("[2001:db8::9]:5000"),
+                dst: sa("[2001:db8::1]:443")
+            }
+        );
+        assert_eq!(rest, b"x");
+        // A v2 LOCAL header (a health check of the balancer in front): served, with the real endpoints.
+        let mut local = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+        let s = connect_from([127, 0, 0, 7], p.addr).await;
+        let me = s.local_addr().unwrap();
+        let back = exchange(s, &[local.as_slice(), b"y"].concat()).await;
+        let (h, rest) = parse_all(&back);
+        assert_eq!(
+            h,
+            Header::Proxy {
+                client: me,
+                dst: p.addr
+            }
+        );
+        assert_eq!(rest, b"y");
+        assert_eq!(p.service.stats.ended(Outcome::ProxyHeader), 0);
+        // Counted when each connection is accounted, which may follow the client's EOF.
+        let want = if relay == RelayMode::Ring { 3 } else { 0 };
+        let uring = &p.service.stats.uring;
+        wait_for(Duration::from_secs(5), "every connection counted", || {
+            uring.load(std::sync::atomic::Ordering::Relaxed) == want
+        })
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_hash_and_limits_use_the_client_from_the_header() {
-    let bes = [
-        Backend::echo([127, 0, 0, 2]).await,
-        Backend::echo([127, 0, 0, 3]).await,
-        Backend::echo([127, 0, 0, 4]).await,
-    ];
-    let addrs: Vec<SocketAddr> = bes.iter().map(|b| b.addr).collect();
-    let p = Proxy::start(&accept_yaml(
-        &addrs,
-        "127.0.0.1",
-        "balance: source_hash\nlimits: {per_source_connections: 1}",
-    ))
-    .await;
-    let snap = p.service.pool.snapshot();
-    for i in 1..=12u8 {
-        let client = SocketAddr::from(([192, 0, 2, i], 1000));
-        let want = snap.peek(client).expect("a route");
-        let before: Vec<u64> = bes.iter().map(|b| b.accepted()).collect();
-        let hdr = proxy_protocol::encode(ProxyVersion::V1, client, p.addr);
-        let back = exchange(
+    for relay in READERS {
+        let bes = [
+            Backend::echo([127, 0, 0, 2]).await,
+            Backend::echo([127, 0, 0, 3]).await,
+            Backend::echo([127, 0, 0, 4]).await,
+        ];
+        let addrs: Vec<SocketAddr> = bes.iter().map(|b| b.addr).collect();
+        let p = Proxy::start(&accept_yaml(
+            &addrs,
+            relay,
+            "127.0.0.1",
+            "balance: source_hash\nlimits: {per_source_connections: 1}",
+        ))
+        .await;
+        let snap = p.service.pool.snapshot();
+        for i in 1..=12u8 {
+            let client = SocketAddr::from(([192, 0, 2, i], 1000));
+            let want = snap.peek(client).expect("a route");
+            let before: Vec<u64> = bes.iter().map(|b| b.accepted()).collect();
+            let hdr = proxy_protocol::encode(ProxyVersion::V1, client, p.addr);
+            let back = exchange(
+                connect_from([127, 0, 0, 1], p.addr).await,
+                &[hdr.as_slice(), b"z"].concat(),
+            )
+            .await;
+            assert_eq!(back, b"z");
+            let went: Vec<SocketAddr> = bes
+                .iter()
+                .zip(&before)
+                .filter(|(b, n)| b.accepted() > **n)
+                .map(|(b, _)| b.addr)
+                .collect();
+            assert_eq!(went, vec![want], "client {client} went where /route says");
+        }
+        // One connection per client address: a second with the same header client is refused, another
+        // client through the same balancer is not.
+        let hdr = |ip: [u8; 4]| {
+            proxy_protocol::encode(ProxyVersion::V2, SocketAddr::from((ip, 1)), p.addr)
+        };
+        let mut first = connect_from([127, 0, 0, 1], p.addr).await;
+        first
+            .write_all(&[hdr([192, 0, 2, 50]).as_slice(), b"ping"].concat())
+            .await
+            .unwrap();
+        let mut b = [0u8; 4];
+        first.read_exact(&mut b).await.unwrap();
+        let mut second = connect_from([127, 0, 0, 1], p.addr).await;
+        second.write_all(&hdr([192, 0, 2, 50])).await.unwrap();
+        assert!(refused(second).await);
+        p.wait_ended(Outcome::SourceLimit, 1).await;
+        let other = exchange(
             connect_from([127, 0, 0, 1], p.addr).await,
-            &[hdr.as_slice(), b"z"].concat(),
+            &[hdr([192, 0, 2, 51]).as_slice(), b"ok"].concat(),
         )
         .await;
-        assert_eq!(back, b"z");
-        let went: Vec<SocketAddr> = bes
-            .iter()
-            .zip(&before)
-            .filter(|(b, n)| b.accepted() > **n)
-            .map(|(b, _)| b.addr)
-            .collect();
-        assert_eq!(went, vec![want], "client {client} went where /route says");
+        assert_eq!(other, b"ok");
     }
-    // One connection per client address: a second with the same header client is refused, another
-    // client through the same balancer is not.
-    let hdr =
-        |ip: [u8; 4]| proxy_protocol::encode(ProxyVersion::V2, SocketAddr::from((ip, 1)), p.addr);
-    let mut first = connect_from([127, 0, 0, 1], p.addr).await;
-    first
-        .write_all(&[hdr([192, 0, 2, 50]).as_slice(), b"ping"].concat())
-        .await
-        .unwrap();
-    let mut b = [0u8; 4];
-    first.read_exact(&mut b).await.unwrap();
-    let mut second = connect_from([127, 0, 0, 1], p.addr).await;
-    second.write_all(&hdr([192, 0, 2, 50])).await.unwrap();
-    assert!(refused(second).await);
-    p.wait_ended(Outcome::SourceLimit, 1).await;
-    let other = exchange(
-        connect_from([127, 0, 0, 1], p.addr).await,
-        &[hdr([192, 0, 2, 51]).as_slice(), b"ok"].concat(),
-    )
-    .await;
-    assert_eq!(other, b"ok");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_from_an_untrusted_source_is_refused_and_nothing_reaches_a_backend() {
-    let be = Backend::echo([127, 0, 0, 1]).await;
-    let p = Proxy::start(&accept_yaml(&[be.addr], "127.0.0.2/32", "")).await;
-    // A spoofed client address from a host that is not the balancer in front.
-    let spoof = proxy_protocol::encode(ProxyVersion::V1, sa("192.0.2.1:1"), p.addr);
-    let mut s = connect_from([127, 0, 0, 1], p.addr).await;
-    s.write_all(&[spoof.as_slice(), b"data"].concat())
-        .await
-        .unwrap();
-    assert!(refused(s).await);
-    p.wait_ended(Outcome::ProxyHeader, 1).await;
-    assert_eq!(be.accepted(), 0, "no backend was contacted");
-    // From the trusted one, the same header is taken.
-    let ok = exchange(
-        connect_from([127, 0, 0, 2], p.addr).await,
-        &[spoof.as_slice(), b"data"].concat(),
-    )
-    .await;
-    assert_eq!(ok, b"data");
+    for relay in READERS {
+        let be = Backend::echo([127, 0, 0, 1]).await;
+        let p = Proxy::start(&accept_yaml(&[be.addr], relay, "127.0.0.2/32", "")).await;
+        // A spoofed client address from a host that is not the balancer in front.
+        let spoof = proxy_protocol::encode(ProxyVersion::V1, sa("192.0.2.1:1"), p.addr);
+        let mut s = connect_from([127, 0, 0, 1], p.addr).await;
+        s.write_all(&[spoof.as_slice(), b"data"].concat())
+            .await
+            .unwrap();
+        assert!(refused(s).await);
+        p.wait_ended(Outcome::ProxyHeader, 1).await;
+        assert_eq!(be.accepted(), 0, "no backend was contacted");
+        // From the trusted one, the same header is taken.
+        let ok = exchange(
+            connect_from([127, 0, 0, 2], p.addr).await,
+            &[spoof.as_slice(), b"data"].concat(),
+        )
+        .await;
+        assert_eq!(ok, b"data");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_malformed_truncated_or_late_header_is_refused() {
-    let be = Backend::echo([127, 0, 0, 1]).await;
-    let p = Proxy::start(&accept_yaml(&[be.addr], "127.0.0.1", "")).await;
-    let sig = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
-    let v2 = |rest: &[u8]| [sig.as_slice(), rest].concat();
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        (
-            "no header at all",
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-        ),
-        (
-            "v1 without CRLF",
-            b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\n".to_vec(),
-        ),
-        (
-            "v1 port with a leading zero",
-            b"PROXY TCP4 192.0.2.1 192.0.2.2 01 2\r\n".to_vec(),
-        ),
-        (
-            "v1 port too large",
-            b"PROXY TCP4 192.0.2.1 192.0.2.2 65536 2\r\n".to_vec(),
-        ),
-        (
-            "v1 family mismatch",
-            b"PROXY TCP4 2001:db8::1 192.0.2.2 1 2\r\n".to_vec(),
-        ),
-        (
-            "v1 too long",
-            [b"PROXY TCP4 ".as_slice(), &[b'9'; 120]].concat(),
-        ),
-        (
-            "v1 unknown protocol",
-            b"PROXY UDP4 192.0.2.1 192.0.2.2 1 2\r\n".to_vec(),
-        ),
-        (
-            "v2 version 1",
-            v2(&[0x11, 0x11, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-        ),
-        (
-            "v2 command 2",
-            v2(&[0x22, 0x11, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-        ),
-        ("v2 short IPv4 block", v2(&[0x21, 0x11, 0, 4, 1, 2, 3, 4])),
-        (
-            "v2 short IPv6 block",
-            v2(&[0x21, 0x21, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-        ),
-        ("v2 family 5", v2(&[0x21, 0x51, 0, 0])),
-        ("v2 longer than 4096", v2(&[0x21, 0x11, 0x20, 0x00])),
-    ];
-    let mut n = 0;
-    for (what, bytes) in &cases {
+    for relay in READERS {
+        let be = Backend::echo([127, 0, 0, 1]).await;
+        let p = Proxy::start(&accept_yaml(&[be.addr], relay, "127.0.0.1", "")).await;
+        let sig = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        let v2 = |rest: &[u8]| [sig.as_slice(), rest].concat();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "no header at all",
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            ),
+            (
+                "v1 without CRLF",
+                b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\n".to_vec(),
+            ),
+            (
+                "v1 port with a leading zero",
+                b"PROXY TCP4 192.0.2.1 192.0.2.2 01 2\r\n".to_vec(),
+            ),
+            (
+                "v1 port too large",
+                b"PROXY TCP4 192.0.2.1 192.0.2.2 65536 2\r\n".to_vec(),
+            ),
+            (
+                "v1 family mismatch",
+                b"PROXY TCP4 2001:db8::1 192.0.2.2 1 2\r\n".to_vec(),
+            ),
+            (
+                "v1 too long",
+                [b"PROXY TCP4 ".as_slice(), &[b'9'; 120]].concat(),
+            ),
+            (
+                "v1 unknown protocol",
+                b"PROXY UDP4 192.0.2.1 192.0.2.2 1 2\r\n".to_vec(),
+            ),
+            (
+                "v2 version 1",
+                v2(&[0x11, 0x11, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            ),
+            (
+                "v2 command 2",
+                v2(&[0x22, 0x11, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            ),
+            ("v2 short IPv4 block", v2(&[0x21, 0x11, 0, 4, 1, 2, 3, 4])),
+            (
+                "v2 short IPv6 block",
+                v2(&[0x21, 0x21, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            ),
+            ("v2 family 5", v2(&[0x21, 0x51, 0, 0])),
+            ("v2 longer than 4096", v2(&[0x21, 0x11, 0x20, 0x00])),
+        ];
+        let mut n = 0;
+        for (what, bytes) in &cases {
+            let mut s = connect_from([127, 0, 0, 1], p.addr).await;
+            s.write_all(bytes).await.unwrap();
+            assert!(refused(s).await, "{what}");
+            n += 1;
+            p.wait_ended(Outcome::ProxyHeader, n).await;
+        }
+        // Truncated: half a header, then the client closes.
+        let whole = proxy_protocol::encode(ProxyVersion::V2, sa("192.0.2.1:1"), sa("192.0.2.2:2"));
         let mut s = connect_from([127, 0, 0, 1], p.addr).await;
-        s.write_all(bytes).await.unwrap();
-        assert!(refused(s).await, "{what}");
+        s.write_all(&whole[..20]).await.unwrap();
+        s.shutdown().await.unwrap();
+        assert!(refused(s).await, "truncated");
         n += 1;
         p.wait_ended(Outcome::ProxyHeader, n).await;
+        // Late: nothing within the timeout (500 ms), or half a header and then silence.
+        for part in [&b""[..], &b"PROXY TCP4 192.0.2.1"[..]] {
+            let mut s = connect_from([127, 0, 0, 1], p.addr).await;
+            s.write_all(part).await.unwrap();
+            let t = Instant::now();
+            assert!(refused(s).await, "late");
+            assert!(
+                t.elapsed() >= Duration::from_millis(400),
+                "closed at the timeout, not before"
+            );
+            n += 1;
+            p.wait_ended(Outcome::ProxyHeader, n).await;
+        }
+        assert_eq!(be.accepted(), 0, "nothing of any of them reached a backend");
     }
-    // Truncated: half a header, then the client closes.
-    let whole = proxy_protocol::encode(ProxyVersion::V2, sa("192.0.2.1:1"), sa("192.0.2.2:2"));
-    let mut s = connect_from([127, 0, 0, 1], p.addr).await;
-    s.write_all(&whole[..20]).await.unwrap();
-    s.shutdown().await.unwrap();
-    assert!(refused(s).await, "truncated");
-    n += 1;
-    p.wait_ended(Outcome::ProxyHeader, n).await;
-    // Late: nothing within the timeout (500 ms), or half a header and then silence.
-    for part in [&b""[..], &b"PROXY TCP4 192.0.2.1"[..]] {
-        let mut s = connect_from([127, 0, 0, 1], p.addr).await;
-        s.write_all(part).await.unwrap();
-        let t = Instant::now();
-        assert!(refused(s).await, "late");
-        assert!(
-            t.elapsed() >= Duration::from_millis(400),
-            "closed at the timeout, not before"
-        );
-        n += 1;
-        p.wait_ended(Outcome::ProxyHeader, n).await;
-    }
-    assert_eq!(be.accepted(), 0, "nothing of any of them reached a backend");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

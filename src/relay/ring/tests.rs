@@ -16,8 +16,15 @@ const WAIT: Duration = Duration::from_secs(10);
 struct TestHost {
     targets: Vec<SocketAddr>,
     timeout: Duration,
+    /// When set, every client must open with these bytes (read within `GREETING_LIMIT`), which are
+    /// replaced by `PREFACE` towards the backend: a stand-in for a PROXY header in and out.
+    greeting: Option<&'static [u8]>,
     ended: Sender<(Finished, Vec<io::ErrorKind>)>,
 }
+
+const PREFACE: &[u8] = b"PRE|";
+const GREETING_LIMIT: Duration = Duration::from_millis(300);
+const GREETING_ROOM: usize = 16;
 
 /// The next target to try, and the connect errors seen.
 struct TestConn {
@@ -30,20 +37,44 @@ impl Host for TestHost {
     type Conn = TestConn;
     fn listening(&mut self, _: u32, (): ()) {}
     fn unlistened(&mut self, _: u32) {}
-    fn accepted(&mut self, _: u32, _: SocketAddr) -> Option<(TestConn, Target, Timeouts)> {
+    fn accepted(
+        &mut self,
+        _: u32,
+        _: SocketAddr,
+        _: BorrowedFd<'_>,
+    ) -> Option<(TestConn, Admit, Timeouts)> {
         let conn = TestConn {
             next: 1,
             errors: Vec::new(),
         };
-        let target = Target {
-            addr: self.targets[0],
-            timeout: self.timeout,
+        let admit = match self.greeting {
+            Some(_) => Admit::Read {
+                limit: GREETING_LIMIT,
+                room: GREETING_ROOM,
+            },
+            None => Admit::Connect {
+                target: self.first(),
+                preface: Vec::new(),
+            },
         };
         let timeouts = Timeouts {
             idle: Duration::from_secs(60),
             half_close: Duration::from_secs(60),
         };
-        Some((conn, target, timeouts))
+        Some((conn, admit, timeouts))
+    }
+    fn preamble(&mut self, _: &mut TestConn, _: BorrowedFd<'_>, got: Got<'_>) -> Step {
+        let greeting = self.greeting.unwrap_or_default();
+        match got {
+            Got::Bytes(b) if b.starts_with(greeting) => Step::Connect {
+                target: self.first(),
+                consumed: greeting.len(),
+                preface: PREFACE.to_vec(),
+            },
+            Got::Bytes(b) if greeting.starts_with(b) => Step::More,
+            Got::TimedOut => Step::Refuse(Outcome::IdleTimeout),
+            _ => Step::Refuse(Outcome::ProxyHeader),
+        }
     }
     fn connect_failed(&mut self, c: &mut TestConn, e: io::Error) -> Result<Target, Outcome> {
         c.errors.push(e.kind());
@@ -64,6 +95,15 @@ impl Host for TestHost {
     }
 }
 
+impl TestHost {
+    fn first(&self) -> Target {
+        Target {
+            addr: self.targets[0],
+            timeout: self.timeout,
+        }
+    }
+}
+
 struct Running {
     handle: Handle<()>,
     thread: JoinHandle<()>,
@@ -74,6 +114,15 @@ struct Running {
 /// A worker serving a listener of its own, connecting to `targets` in turn; `None` (said) where
 /// this kernel cannot run one.
 fn worker(targets: Vec<SocketAddr>, timeout: Duration) -> Option<Running> {
+    greeted_worker(targets, timeout, None)
+}
+
+/// A worker whose clients must open with `greeting` (see `TestHost::greeting`).
+fn greeted_worker(
+    targets: Vec<SocketAddr>,
+    timeout: Duration,
+    greeting: Option<&'static [u8]>,
+) -> Option<Running> {
     if let Err(why) = availability() {
         eprintln!("skipped: no ring worker here: {why}");
         return None;
@@ -82,6 +131,7 @@ fn worker(targets: Vec<SocketAddr>, timeout: Duration) -> Option<Running> {
     let (handle, thread) = start("ring-test".into(), move || TestHost {
         targets,
         timeout,
+        greeting,
         ended: tx,
     })
     .expect("a ring worker starts");
@@ -390,5 +440,108 @@ fn an_unlistened_address_refuses_clients() {
     c.write_all(b"y").unwrap();
     c.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"y", "an accepted connection goes on");
+    stop(r);
+}
+
+/// A listener standing in for a backend, and a check that nothing connected to it.
+fn quiet_backend() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+fn nothing_connected(l: &TcpListener) {
+    assert_eq!(
+        l.accept().map(|_| ()).map_err(|e| e.kind()),
+        Err(io::ErrorKind::WouldBlock),
+        "nothing reached the backend"
+    );
+}
+
+/// A greeting read in two pieces is taken by the host; the backend gets the host's preface, then
+/// the client's bytes that came with the greeting and after it; only the client's bytes count.
+#[test]
+fn a_greeting_read_in_pieces_is_replaced_by_the_preface_and_not_counted() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = l.local_addr().unwrap();
+    let Some(r) = greeted_worker(vec![backend], WAIT, Some(b"HELLO\n")) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    c.write_all(b"HEL").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.write_all(b"LO\nabc").unwrap();
+    let (mut b, _) = l.accept().unwrap();
+    b.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = [0u8; 7];
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"PRE|abc");
+    c.write_all(b"de").unwrap();
+    let mut more = [0u8; 2];
+    b.read_exact(&mut more).unwrap();
+    assert_eq!(&more, b"de");
+    b.write_all(b"ok").unwrap();
+    c.read_exact(&mut more).unwrap();
+    assert_eq!(&more, b"ok");
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(b.read(&mut more).unwrap(), 0, "the client's FIN passes on");
+    drop(b);
+    assert_eq!(c.read(&mut more).unwrap(), 0);
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(
+        (f.bytes_up, f.bytes_down, f.end),
+        (5, 2, Outcome::ClientClosed)
+    );
+    stop(r);
+}
+
+/// A client that never finishes its greeting ends at the limit; one that sends something else, or
+/// closes before the end of it, is refused at once; none reaches the backend.
+#[test]
+fn a_late_wrong_or_unfinished_greeting_is_refused_before_any_connect() {
+    let (l, backend) = quiet_backend();
+    let Some(r) = greeted_worker(vec![backend], WAIT, Some(b"HELLO\n")) else {
+        return;
+    };
+    let mut silent = client(r.addr);
+    silent.write_all(b"HE").unwrap();
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the silent one ends");
+    assert_eq!((f.bytes_up, f.end), (0, Outcome::IdleTimeout));
+    let mut b = [0u8; 1];
+    assert!(matches!(silent.read(&mut b), Ok(0) | Err(_)), "closed");
+
+    let mut wrong = client(r.addr);
+    wrong.write_all(b"GET / HTTP/1.0\r\n").unwrap();
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the wrong one ends");
+    assert_eq!((f.bytes_up, f.end), (0, Outcome::ProxyHeader));
+    assert!(matches!(wrong.read(&mut b), Ok(0) | Err(_)), "closed");
+
+    let mut gone = client(r.addr);
+    gone.write_all(b"HELL").unwrap();
+    gone.shutdown(Shutdown::Write).unwrap();
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the unfinished one ends");
+    assert_eq!(f.end, Outcome::ProxyHeader);
+    nothing_connected(&l);
+    stop(r);
+}
+
+/// A host that asks for more than the room it set is refused when the room is full: a client
+/// cannot make the worker read forever.
+#[test]
+fn a_greeting_longer_than_its_room_is_refused_when_the_room_is_full() {
+    const LONG: &[u8] = b"0123456789abcdefghijklmnop";
+    assert!(LONG.len() > GREETING_ROOM);
+    let (l, backend) = quiet_backend();
+    let Some(r) = greeted_worker(vec![backend], WAIT, Some(LONG)) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    c.write_all(LONG).unwrap();
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(f.end, Outcome::ProxyHeader);
+    let mut b = [0u8; 1];
+    assert!(matches!(c.read(&mut b), Ok(0) | Err(_)), "closed");
+    nothing_connected(&l);
     stop(r);
 }
