@@ -38,6 +38,14 @@
 //! the send completes. The pool lives as long as the worker, and is leaked if the worker exits with
 //! operations still in the kernel.
 //!
+//! No operation is handed to an io-wq thread (`iou-wrk`, a kernel thread that blocks in it, and
+//! wakes the worker from another CPU): the kernel does that with an operation it polled for and
+//! that still cannot proceed when woken, so sends carry MSG_DONTWAIT and complete with EAGAIN when
+//! the socket is full, and accepts (Linux 6.10+) IORING_ACCEPT_DONTWAIT, when another worker took
+//! the client; the worker then polls for room, or for a client (exclusively: one waiter per client
+//! across the workers), itself. FIN is shutdown(2), not IORING_OP_SHUTDOWN, which always goes to
+//! io-wq. A test watches a loaded process's threads (`engines::the_ring_workers_never_hand_…`).
+//!
 //! Commands from the control plane (listen, stop listening, cut, stop) come through a channel and an
 //! eventfd the ring polls (multishot): the only way in from other threads.
 #![allow(unsafe_code)]
@@ -92,13 +100,42 @@ const K_CANCEL: u64 = 6;
 const K_WAKE: u64 = 7;
 const K_TICK: u64 = 8;
 const K_PRE: u64 = 9;
+const K_WRITABLE: u64 = 10;
+const K_READABLE: u64 = 11;
 
 fn user_data(kind: u64, slot: u32, side: Side) -> u64 {
     kind | (u64::from(side == Side::Down) << 4) | (u64::from(slot) << 32)
 }
 
-fn accept_data(id: u32, k: usize) -> u64 {
-    K_ACCEPT | ((k as u64 & 15) << 4) | (u64::from(id) << 32)
+fn accept_data(kind: u64, id: u32, k: usize) -> u64 {
+    kind | ((k as u64 & 15) << 4) | (u64::from(id) << 32)
+}
+
+/// `IORING_ACCEPT_DONTWAIT` (Linux 6.10+), in an accept's `ioprio`: with no client waiting the
+/// accept completes with EAGAIN instead of having the kernel poll for one.
+const ACCEPT_DONTWAIT: u16 = 2;
+
+/// Whether this kernel (its release, as `uname -r` prints it) takes [`ACCEPT_DONTWAIT`].
+fn takes_accept_dontwait(release: &str) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (6, 10),
+        _ => false,
+    }
+}
+
+/// `e` with `ioprio` set: the `io-uring` crate's accept has no setter for the flags the kernel
+/// reads there.
+fn with_ioprio(e: squeue::Entry, ioprio: u16) -> squeue::Entry {
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around the kernel's 64-byte `io_uring_sqe` (the sizes
+    // are checked by `transmute`), a plain C struct of integers for which every bit pattern is a
+    // value; `ioprio` is its u16 at byte 2 in the kernel's ABI.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute(e) };
+    raw[2..4].copy_from_slice(&ioprio.to_ne_bytes());
+    // SAFETY: as above: any 64 bytes are an `io_uring_sqe`.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
 }
 
 fn side_of(ud: u64) -> Side {
@@ -556,6 +593,9 @@ struct Worker<H: Host> {
     stopping: Option<Instant>,
     errors: RateLimited,
     counts: Arc<Counts>,
+    /// Accepts complete with EAGAIN when no client waits, and the worker polls the listener
+    /// itself (`on_accept`); else (before Linux 6.10) the kernel polls.
+    dontwait: bool,
 }
 
 impl<H: Host> Worker<H> {
@@ -586,6 +626,8 @@ impl<H: Host> Worker<H> {
             stopping: None,
             errors: RateLimited::default(),
             counts,
+            dontwait: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .is_ok_and(|r| takes_accept_dontwait(r.trim())),
         };
         w.arm_wake();
         Ok(w)
@@ -700,11 +742,13 @@ impl<H: Host> Worker<H> {
     fn complete(&mut self, ud: u64, res: i32, flags: u32) {
         let slot = (ud >> 32) as u32;
         match ud & 15 {
-            K_ACCEPT => self.on_accept(slot, ((ud >> 4) & 15) as usize, res),
+            K_ACCEPT => self.on_accept(slot, ((ud >> 4) & 15) as usize, res, flags),
+            K_READABLE => self.on_readable(slot, ((ud >> 4) & 15) as usize, res),
             K_RECV => self.on_recv(slot, side_of(ud), res, flags),
             K_SEND => self.on_send(slot, side_of(ud), res),
             K_CONNECT => self.on_connect(slot, res),
             K_PRE => self.on_pre(slot, res),
+            K_WRITABLE => self.on_writable(slot, side_of(ud)),
             K_LINK | K_CANCEL => self.release(slot),
             K_WAKE => {
                 if !cqueue::more(flags) {
@@ -790,16 +834,20 @@ impl<H: Host> Worker<H> {
         }
     }
 
+    /// Listener `id`'s descriptor and accept place `k`, now armed; `None` if gone or armed already.
+    fn accept_place(&mut self, id: u32, k: usize) -> Option<(RawFd, &mut Accepting)> {
+        let l = self.listeners.get_mut(&id)?;
+        let fd = l.fd.as_raw_fd();
+        let a = l.accepts.get_mut(k).filter(|a| !a.armed)?;
+        a.armed = true;
+        Some((fd, a))
+    }
+
     fn arm_accept(&mut self, id: u32, k: usize) {
-        let Some(l) = self.listeners.get_mut(&id) else {
+        let dontwait = self.dontwait;
+        let Some((fd, a)) = self.accept_place(id, k) else {
             return;
         };
-        let fd = l.fd.as_raw_fd();
-        let a = &mut l.accepts[k];
-        if a.armed {
-            return;
-        }
-        a.armed = true;
         a.len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         let e = opcode::Accept::new(
             types::Fd(fd),
@@ -808,11 +856,72 @@ impl<H: Host> Worker<H> {
         )
         .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
         .build()
-        .user_data(accept_data(id, k));
+        .user_data(accept_data(K_ACCEPT, id, k));
+        // The kernel's own poll for a client re-runs the accept when woken, and if another worker
+        // took that client first (they share the listener) the accept is handed to an io-wq
+        // thread, which blocks in it: with DONTWAIT the worker polls (`arm_readable`) instead.
+        let e = if dontwait {
+            with_ioprio(e, ACCEPT_DONTWAIT)
+        } else {
+            e
+        };
         // SAFETY: the address and its length are in the listener's box, and the descriptor in the
         // listener, which stays in `listeners` until every accept of it has completed (`unlisten`
         // cancels them, `on_accept` removes it after the last).
         unsafe { self.push(&[e]) };
+    }
+
+    /// Waits for a client on listener `id` in accept `k`'s place, then accepts (`on_readable`).
+    /// Exclusive: a client wakes one waiter of all the workers', not every one.
+    fn arm_readable(&mut self, id: u32, k: usize) {
+        let Some((fd, _)) = self.accept_place(id, k) else {
+            return;
+        };
+        let e = opcode::PollAdd::new(
+            types::Fd(fd),
+            libc::POLLIN as u32 | libc::EPOLLEXCLUSIVE as u32,
+        )
+        .build()
+        .user_data(accept_data(K_READABLE, id, k));
+        // SAFETY: points to nothing; the descriptor is the listener's, which stays in `listeners`
+        // until every operation of it has completed (as for accepts).
+        unsafe { self.push(&[e]) };
+    }
+
+    fn on_readable(&mut self, id: u32, k: usize, res: i32) {
+        let Some(l) = self.listeners.get_mut(&id) else {
+            return;
+        };
+        let Some(a) = l.accepts.get_mut(k) else {
+            return;
+        };
+        a.armed = false;
+        if !l.closing {
+            // A failed poll (not a cancelled one) is a broken listener: as a failed accept.
+            if res < 0 && res != -libc::ECANCELED {
+                l.backoff = true;
+                if let Some(suppressed) = self.errors.allow() {
+                    let e = io::Error::from_raw_os_error(-res);
+                    tracing::error!(error = %e, suppressed, "ring worker: accept failed; backing off");
+                }
+                self.arm_tick();
+            } else {
+                self.arm_accept(id, k);
+            }
+        }
+        self.maybe_unlistened(id);
+    }
+
+    /// A closing listener goes once nothing of it is in the kernel.
+    fn maybe_unlistened(&mut self, id: u32) {
+        if self
+            .listeners
+            .get(&id)
+            .is_some_and(|l| l.closing && !l.armed())
+        {
+            self.listeners.remove(&id);
+            self.host.unlistened(id);
+        }
     }
 
     fn unlisten(&mut self, id: u32) {
@@ -836,7 +945,7 @@ impl<H: Host> Worker<H> {
         unsafe { self.push(&[e]) };
     }
 
-    fn on_accept(&mut self, id: u32, k: usize, res: i32) {
+    fn on_accept(&mut self, id: u32, k: usize, res: i32, flags: u32) {
         let client = (res >= 0).then(|| {
             // SAFETY: the kernel installed this descriptor for this completion; nothing else owns it.
             unsafe { OwnedFd::from_raw_fd(res) }
@@ -852,16 +961,22 @@ impl<H: Host> Worker<H> {
         // Errors of the connection being accepted (it reset in the backlog) are retried at once;
         // any other (out of descriptors or memory, a broken listener) waits for the next tick, so
         // a listener that keeps failing never spins the thread.
-        if res < 0 && res != -libc::ECANCELED && !l.closing && !per_connection(-res) {
+        let empty = res == -libc::EAGAIN;
+        if res < 0 && res != -libc::ECANCELED && !empty && !l.closing && !per_connection(-res) {
             l.backoff = true;
             if let Some(suppressed) = self.errors.allow() {
                 let e = io::Error::from_raw_os_error(-res);
                 tracing::error!(error = %e, suppressed, "ring worker: accept failed; backing off");
             }
         }
-        let (closing, backoff, armed) = (l.closing, l.backoff, l.armed());
+        let (closing, backoff) = (l.closing, l.backoff);
         if !closing && !backoff {
-            self.arm_accept(id, k);
+            // No client left (EAGAIN, or the kernel said none followed this one): wait for one.
+            if empty || (self.dontwait && res >= 0 && !cqueue::sock_nonempty(flags)) {
+                self.arm_readable(id, k);
+            } else {
+                self.arm_accept(id, k);
+            }
         }
         if backoff {
             self.arm_tick();
@@ -871,10 +986,7 @@ impl<H: Host> Worker<H> {
             bump(&self.counts.accepted);
             self.admit(id, client, peer);
         }
-        if closing && !armed {
-            self.listeners.remove(&id);
-            self.host.unlistened(id);
-        }
+        self.maybe_unlistened(id);
     }
 
     fn admit(&mut self, id: u32, client: OwnedFd, peer: Option<SocketAddr>) {
@@ -1138,8 +1250,11 @@ impl<H: Host> Worker<H> {
         let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
         c.dir(side).sending = true;
         c.refs += 1;
+        // MSG_DONTWAIT: a send the socket has no room for completes with EAGAIN and the worker polls
+        // for room itself (`on_send`). Without it the kernel polls, and a send that finds no room
+        // again after that poll fired is handed to an io-wq thread (`iou-wrk`), which blocks in it.
         let e = opcode::Send::new(types::Fd(to), ptr, len)
-            .flags(libc::MSG_NOSIGNAL)
+            .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
             .build()
             .user_data(user_data(K_SEND, slot, side));
         // SAFETY: the bytes are in the pool buffer the direction holds until this send completes,
@@ -1236,6 +1351,17 @@ impl<H: Host> Worker<H> {
         };
         c.refs -= 1;
         let ending = c.end.is_some();
+        if res == -libc::EAGAIN && !ending {
+            // No room: still sending (nothing else goes out, no FIN), once the socket has some.
+            let (_, to) = c.ends(side);
+            c.refs += 1;
+            let e = opcode::PollAdd::new(types::Fd(to), libc::POLLOUT as u32)
+                .build()
+                .user_data(user_data(K_WRITABLE, slot, side));
+            // SAFETY: points to nothing; the socket stays open in the connection until the poll
+            // completes (`refs`), and a connection's end cancels it with the rest (by descriptor).
+            return unsafe { self.push(&[e]) };
+        }
         let d = c.dir(side);
         d.sending = false;
         if res < 0 {
@@ -1292,6 +1418,18 @@ impl<H: Host> Worker<H> {
             self.wake_starved(2);
         }
         self.maybe_free(slot);
+    }
+
+    /// The socket a send found full has room (or an error, which the send will meet): send again.
+    fn on_writable(&mut self, slot: u32, side: Side) {
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        c.refs -= 1;
+        if c.end.is_some() {
+            return self.maybe_free(slot);
+        }
+        self.send_next(slot, side);
     }
 
     /// A buffer came back: the directions the pool could not serve may receive again, a few per

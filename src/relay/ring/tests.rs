@@ -545,3 +545,57 @@ fn a_greeting_longer_than_its_room_is_refused_when_the_room_is_full() {
     nothing_connected(&l);
     stop(r);
 }
+
+#[test]
+fn accept_dontwait_is_taken_from_linux_6_10() {
+    for (release, takes) in [
+        ("6.18.44-fc-v657", true),
+        ("6.10.0", true),
+        ("7.0.1-arch1", true),
+        ("6.9.12-200.fc40.x86_64", false),
+        ("5.15.0-1051-azure", false),
+        ("6", false),
+        ("", false),
+        ("linux", false),
+    ] {
+        assert_eq!(takes_accept_dontwait(release), takes, "{release}");
+    }
+}
+
+/// The flag set through `with_ioprio` reaches the kernel: an accept on a listener nobody connects
+/// to completes at once with EAGAIN (without it, it would wait for a client).
+#[test]
+fn an_accept_with_dontwait_on_an_idle_listener_completes_with_eagain() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if availability().is_err() || !takes_accept_dontwait(release.trim()) {
+        eprintln!("skipped: this kernel has no IORING_ACCEPT_DONTWAIT");
+        return;
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut ring = IoUring::new(8).unwrap();
+    let e = opcode::Accept::new(
+        types::Fd(l.as_raw_fd()),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    )
+    .build()
+    .user_data(42);
+    let e = with_ioprio(e, ACCEPT_DONTWAIT);
+    assert_eq!(
+        (e.get_opcode(), e.get_user_data()),
+        (u32::from(opcode::Accept::CODE), 42),
+        "only ioprio changed"
+    );
+    // SAFETY: the entry points to nothing; the listener outlives the ring's use of it below.
+    unsafe { ring.submission().push(&e).unwrap() };
+    ring.submit().unwrap();
+    let deadline = Instant::now() + WAIT;
+    let res = loop {
+        if let Some(c) = ring.completion().next() {
+            break c.result();
+        }
+        assert!(Instant::now() < deadline, "the accept waited for a client");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(res, -libc::EAGAIN);
+}
