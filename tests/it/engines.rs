@@ -141,3 +141,113 @@ async fn ring_serves_its_service_on_the_ring_workers() {
         );
     }
 }
+
+/// Thread names of process `pid` now (the kernel's io-wq workers show up as `iou-wrk-N` threads of
+/// the process whose ring punted an operation to them).
+fn thread_names(pid: i32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new(); // Exited: nothing more to see.
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+/// The ring workers never have the kernel run an operation on an io-wq thread (`iou-wrk`): every
+/// operation they use completes inline or from a socket's wake-up, and the ones that would be
+/// punted (SHUTDOWN, SPLICE, and a send that finds no room after its poll fired) are not used or
+/// not left to the kernel (`MSG_DONTWAIT` and the worker's own poll). Watched in a process of its own (threads sampled every
+/// 2 ms) through keep-alive exchanges, connection churn, bulk both ways, and a drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ring_workers_never_hand_an_operation_to_an_io_wq_thread() {
+    use std::collections::BTreeSet;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let yaml = format!(
+        "log: {{level: info, format: json}}\nshutdown: {{delay: 0s, drain_timeout: 5s}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    relay: ring\n    backends: [{{address: \"{}\"}}]\n",
+        backend.addr
+    );
+    let mut sg = tokio::task::block_in_place(|| crate::cli::Sg::start(&yaml));
+    let listening = sg.wait_line(Duration::from_secs(5), |l| l["msg"] == "listening");
+    assert_eq!(listening["relay"], "ring", "served by the ring workers");
+    let (pid, addr) = (sg.pid(), sg.addr);
+
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (seen, done) = (seen.clone(), done.clone());
+        std::thread::spawn(move || {
+            // Bounded: 60,000 samples of 2 ms at most (2 minutes).
+            for _ in 0..60_000 {
+                if done.load(Relaxed) {
+                    break;
+                }
+                seen.lock().unwrap().extend(thread_names(pid));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+
+    // Keep-alive: 16 connections, 200 small exchanges each.
+    let keep_alive = (0..16).map(|i| {
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.set_nodelay(true).unwrap();
+            let msg = payload(i, 64);
+            let mut back = [0u8; 64];
+            for _ in 0..200 {
+                s.write_all(&msg).await.expect("write");
+                s.read_exact(&mut back).await.expect("echo");
+                assert_eq!(&back[..], &msg[..]);
+            }
+        })
+    });
+    // Churn: 1,600 connections, one exchange each, 32 at a time.
+    let churn = (0..32u64).map(|i| {
+        tokio::spawn(async move {
+            for j in 0..50 {
+                let got = round_trip(addr, b"hello").await.expect("served");
+                assert_eq!(got, b"hello", "churn {i}/{j}");
+            }
+        })
+    });
+    // Bulk: 4 connections of 16 MiB each way, sends that fill the sockets' buffers.
+    let bulk = (0..4u64).map(|i| {
+        tokio::spawn(async move {
+            let data = payload(100 + i, 16 << 20);
+            let got = round_trip(addr, &data).await.expect("served");
+            assert_eq!(sha(&got), sha(&data), "bulk {i}");
+        })
+    });
+    let all: Vec<_> = keep_alive.chain(churn).chain(bulk).collect();
+    within(Duration::from_secs(60), "the load", async {
+        for t in all {
+            t.await.expect("a client");
+        }
+    })
+    .await;
+    // A drain with connections open: half-closes and closes while the workers stop.
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        open.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    sg.signal(libc::SIGTERM);
+    for s in &mut open {
+        s.shutdown().await.expect("half-close");
+    }
+    let code = tokio::task::block_in_place(|| sg.wait_exit(Duration::from_secs(20)));
+    assert_eq!(code, 0, "drained");
+    done.store(true, Relaxed);
+    sampler.join().unwrap();
+
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.iter().any(|n| n.starts_with("sluicegate-r")),
+        "the ring workers were seen: {seen:?}"
+    );
+    let punted: Vec<_> = seen.iter().filter(|n| n.starts_with("iou-")).collect();
+    assert!(punted.is_empty(), "io_uring kernel threads: {punted:?}");
+}
