@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::admission::{Gate, SourceSlot};
+use crate::metrics::{Family, Kind, Subject, Table};
 use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
 use crate::proxy_protocol::{self, Header, Parsed, ReadError};
@@ -48,6 +49,8 @@ use crate::util::is_local_exhaustion;
 /// The ring worker threads, one per core; started when the first `relay: ring` service binds.
 pub(crate) struct RingWorkers {
     handles: Vec<ring::Handle<Served>>,
+    /// Each worker's name on `/metrics` (`r0`, …: its thread is `sluicegate-r0`).
+    names: Vec<Arc<str>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     next_id: AtomicU32,
 }
@@ -90,8 +93,10 @@ impl RingWorkers {
                 }
             }
         }
+        let names = (0..handles.len()).map(|i| format!("r{i}").into()).collect();
         Ok(RingWorkers {
             handles,
+            names,
             threads: Mutex::new(threads),
             next_id: AtomicU32::new(0),
         })
@@ -168,6 +173,89 @@ impl RingWorkers {
         }
     }
 }
+
+impl RingWorkers {
+    /// Each worker's counters now, for `/metrics` ([`METRICS`]).
+    pub(crate) fn views(&self) -> Vec<WorkerView> {
+        let load = |c: &AtomicU64| c.load(Relaxed);
+        self.names
+            .iter()
+            .zip(&self.handles)
+            .map(|(name, h)| {
+                let c = h.counts();
+                WorkerView {
+                    name: name.clone(),
+                    accepted: load(&c.accepted),
+                    open: load(&c.open),
+                    receives_armed: load(&c.receives_armed),
+                    cancels_at_cap: load(&c.cancels_at_cap),
+                    starved: load(&c.starved),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One ring worker's counters, as `/metrics` exports them.
+#[derive(Default)]
+pub(crate) struct WorkerView {
+    name: Arc<str>,
+    accepted: u64,
+    open: u64,
+    receives_armed: u64,
+    cancels_at_cap: u64,
+    starved: u64,
+}
+
+impl Subject for WorkerView {
+    fn label_values(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(&*self.name)
+    }
+}
+
+/// What `/metrics` exports about each ring worker (once the first `relay: ring` service started
+/// them): how evenly the kernel spreads clients over them, and how often back-pressure and the
+/// buffer pool limited a direction.
+pub(crate) const METRICS: Table<WorkerView> = Table {
+    subject: &["worker"],
+    families: &[
+        Family::new(
+            Kind::Counter,
+            "sluicegate_ring_accepted_total",
+            "Clients the ring worker accepted.",
+            &[],
+            |w, o| o.put(&[], w.accepted),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_ring_connections",
+            "Connections open on the ring worker.",
+            &[],
+            |w, o| o.put(&[], w.open),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_ring_receives_armed_total",
+            "Multishot receives the ring worker armed (two per connection unless a direction was stopped by back-pressure or a dry pool).",
+            &[],
+            |w, o| o.put(&[], w.receives_armed),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_ring_receive_cancels_at_cap_total",
+            "Receives stopped because their direction held 8 buffers its destination had not taken (back-pressure).",
+            &[],
+            |w, o| o.put(&[], w.cancels_at_cap),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_ring_receives_starved_total",
+            "Receives that found the ring worker's buffer pool empty (ENOBUFS); the direction receives again once a buffer comes back.",
+            &[],
+            |w, o| o.put(&[], w.starved),
+        ),
+    ],
+};
 
 impl Drop for RingWorkers {
     fn drop(&mut self) {

@@ -6,6 +6,8 @@ use crate::discovery::{docker::LabelView, WatchView};
 use crate::logging::Dropped;
 use crate::metrics::{Page, ProcessStats, PROCESS};
 use crate::replicas::ReplicaCounts;
+#[cfg(target_os = "linux")]
+use crate::ring_workers::{self, WorkerView};
 use crate::route::UnroutedView;
 use crate::service::{self, BackendSubject, ServiceView};
 use crate::{discovery, logging, replicas, route};
@@ -22,6 +24,8 @@ struct Views {
     dns: Vec<WatchView>,
     docker_labels: Vec<LabelView>,
     unrouted: Vec<UnroutedView>,
+    #[cfg(target_os = "linux")]
+    ring: Vec<WorkerView>,
 }
 
 impl Views {
@@ -55,6 +59,8 @@ impl Views {
                 .flat_map(|r| r.label_watchers.iter().map(|w| w.view(&r.service.name)))
                 .collect(),
             unrouted: c.unrouted(),
+            #[cfg(target_os = "linux")]
+            ring: c.ring_views(),
         }
     }
 
@@ -69,6 +75,8 @@ impl Views {
         page.write(&discovery::METRICS, &self.dns);
         page.write(&discovery::docker::METRICS, &self.docker_labels);
         page.write(&route::METRICS, &self.unrouted);
+        #[cfg(target_os = "linux")]
+        page.write(&ring_workers::METRICS, &self.ring);
     }
 }
 

@@ -553,6 +553,15 @@ impl Control {
         }
     }
 
+    /// Each ring worker's counters, if they have started (reading them does not start them).
+    #[cfg(target_os = "linux")]
+    pub(crate) fn ring_views(&self) -> Vec<crate::ring_workers::WorkerView> {
+        match &*lock(&self.ring) {
+            RingState::Running(r) => r.views(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Cuts every ring worker's connections (the drain's deadline), if they have started.
     pub(crate) fn cut_ring(&self, end: crate::outcome::Outcome) {
         #[cfg(target_os = "linux")]

@@ -293,7 +293,6 @@ impl<L> Clone for Handle<L> {
 
 impl<L> Handle<L> {
     /// What the worker has done so far.
-    #[cfg(test)]
     pub(crate) fn counts(&self) -> &Counts {
         &self.counts
     }
@@ -566,6 +565,8 @@ pub(crate) struct Counts {
     pub(crate) cancels_at_cap: AtomicU64,
     /// Receives the pool had no buffer for (ENOBUFS).
     pub(crate) starved: AtomicU64,
+    /// Connections open on the worker now.
+    pub(crate) open: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -1031,6 +1032,7 @@ impl<H: Host> Worker<H> {
             }
         };
         self.live += 1;
+        self.counts.open.store(self.live as u64, Relaxed);
         self.arm_tick();
         if self.stopping.is_some() {
             // Accepted while the worker stops: cut like the rest.
@@ -1526,6 +1528,7 @@ impl<H: Host> Worker<H> {
         };
         self.free.push(slot);
         self.live -= 1;
+        self.counts.open.store(self.live as u64, Relaxed);
         let Some(end) = c.end.take() else { return };
         if let Some(p) = &self.pool {
             for d in &mut c.dirs {

@@ -251,3 +251,68 @@ async fn the_ring_workers_never_hand_an_operation_to_an_io_wq_thread() {
     let punted: Vec<_> = seen.iter().filter(|n| n.starts_with("iou-")).collect();
     assert!(punted.is_empty(), "io_uring kernel threads: {punted:?}");
 }
+
+/// The value of each `name{worker="…"}` line of a `/metrics` page, by worker.
+fn per_worker(page: &str, name: &str) -> Vec<(String, u64)> {
+    page.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix("{worker=\"")?;
+            let (worker, value) = rest.split_once("\"} ")?;
+            Some((worker.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// `/metrics` has no ring worker until a `relay: ring` service starts them; then one series per
+/// worker, whose accepts add up to the clients served and whose open connections go back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ring_workers_counters_are_on_the_metrics_page() {
+    use crate::common::http::get;
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let with_admin = |relay| {
+        service_yaml(&[backend.addr], relay, "")
+            .replace("services:", "admin: {listen: \"127.0.0.1:0\"}\nservices:")
+    };
+    let plain = Proxy::start(&with_admin(RelayMode::Auto)).await;
+    let page = get(plain.admin.unwrap(), "/metrics").await.body;
+    assert!(
+        !page.contains("sluicegate_ring_accepted_total{"),
+        "no ring worker without a ring service"
+    );
+
+    let p = Proxy::start(&with_admin(RelayMode::Ring)).await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).await.unwrap();
+        held.push(s);
+    }
+    let page = get(p.admin.unwrap(), "/metrics").await.body;
+    let accepted = per_worker(&page, "sluicegate_ring_accepted_total");
+    assert!(!accepted.is_empty(), "{page}");
+    assert_eq!(
+        accepted.iter().map(|(_, n)| n).sum::<u64>(),
+        5,
+        "{accepted:?}"
+    );
+    let open = per_worker(&page, "sluicegate_ring_connections");
+    assert_eq!(open.iter().map(|(_, n)| n).sum::<u64>(), 5, "{open:?}");
+    let armed = per_worker(&page, "sluicegate_ring_receives_armed_total");
+    assert!(armed.iter().map(|(_, n)| n).sum::<u64>() >= 10, "{armed:?}");
+    drop(held);
+    p.wait_ended(sluicegate::Outcome::ClientClosed, 5).await;
+    let admin = p.admin.unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "no connection open",
+        || async move {
+            let page = get(admin, "/metrics").await.body;
+            per_worker(&page, "sluicegate_ring_connections")
+                .iter()
+                .all(|(_, n)| *n == 0)
+        },
+    )
+    .await;
+}
