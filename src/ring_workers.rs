@@ -16,8 +16,13 @@
 //! its `timeout`) before anything else, from trusted peers only, and the header's client is the one
 //! admitted, limited, hashed and logged; `proxy_protocol` sends the backend a header first.
 //!
-//! Not yet on the ring (refused by the config's validation, or said where it matters): TLS, the
-//! queue, `backend_port: same`, shared addresses; an upgrade carries no ring
+//! The queue: a connection that finds every backend full waits (in the worker, with no operation in
+//! the kernel) with its place in the service's queue; a slot freed on any worker wakes every worker
+//! (`Command::Freed`), whose waiting connections look again, oldest first; the tick ends a wait at
+//! its deadline (so up to 250 ms late).
+//!
+//! Not yet on the ring (refused by the config's validation, or said where it matters): TLS, shared
+//! addresses; an upgrade carries no ring
 //! connection (they drain in the old process until its drain deadline).
 
 use std::collections::HashMap;
@@ -25,7 +30,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -33,7 +38,8 @@ use socket2::SockRef;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
-use crate::admission::{Gate, SourceSlot};
+use crate::admission::{Gate, QueuePlace, SourceSlot};
+use crate::config::BackendPort;
 use crate::metrics::{Family, Kind, Subject, Table};
 use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
@@ -73,12 +79,14 @@ impl RingWorkers {
     ) -> io::Result<RingWorkers> {
         let mut handles = Vec::new();
         let mut threads = Vec::new();
+        let workers = Arc::new(Workers::default());
         for i in 0..n.max(1) {
-            let (gate, tracker) = (gate.clone(), tracker.clone());
+            let (gate, tracker, workers) = (gate.clone(), tracker.clone(), workers.clone());
             let started = ring::start(format!("sluicegate-r{i}"), move || Services {
                 gate,
                 tracker,
                 listeners: HashMap::new(),
+                workers,
             });
             match started {
                 Ok((h, t)) => {
@@ -93,6 +101,8 @@ impl RingWorkers {
                 }
             }
         }
+        // Set once: a slot freed before this only wakes nobody, and no one waits yet.
+        let _ = workers.0.set(handles.clone());
         let names = (0..handles.len()).map(|i| format!("r{i}").into()).collect();
         Ok(RingWorkers {
             handles,
@@ -272,6 +282,7 @@ struct Services {
     gate: Arc<Gate>,
     tracker: TaskTracker,
     listeners: HashMap<u32, Served>,
+    workers: Arc<Workers>,
 }
 
 /// A connection's place in its service: its slots (released when it is dropped, after its end is
@@ -284,6 +295,11 @@ pub(crate) struct Taken {
     backend: Option<Picked>,
     connect_start: Instant,
     attempt_start: Instant,
+    /// With `backend_port: same`: the port the client reached, which every backend is dialled on.
+    reached_port: Option<u16>,
+    /// Waiting for a backend with room: its place in the service's queue, and until when.
+    queued: Option<(QueuePlace, Instant)>,
+    workers: Arc<Workers>,
     _source: Option<SourceSlot>,
     _slot: ClientSlot,
     _tracked: TaskTrackerToken,
@@ -293,8 +309,33 @@ pub(crate) struct Taken {
 struct Picked {
     backend: Arc<Backend>,
     cut: Arc<CutSignal>,
-    _active: ActiveGuard,
+    active: Option<ActiveGuard>,
     connected: bool,
+    /// Told when the slot comes free: a capped backend of a service with a queue.
+    freed: Option<Arc<Workers>>,
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        // Released first: a waiter woken now must find the slot free.
+        self.active.take();
+        if let Some(w) = &self.freed {
+            w.freed();
+        }
+    }
+}
+
+/// Every ring worker's handle (set once they have all started), so a slot freed on one reaches
+/// the connections waiting for one on any.
+#[derive(Default)]
+struct Workers(OnceLock<Vec<ring::Handle<Served>>>);
+
+impl Workers {
+    fn freed(&self) {
+        for h in self.0.get().into_iter().flatten() {
+            h.send(Command::Freed);
+        }
+    }
 }
 
 impl Taken {
@@ -310,23 +351,27 @@ impl Taken {
     }
 
     /// Admits the client (by the address a header named, if any: access lists, per-source limits)
-    /// and picks its backend; the PROXY header to send it, if the service sends one (naming the
-    /// address the client reached: a header's, else ours).
+    /// and picks its backend; the PROXY header to send it, if the service sends one. Both name the
+    /// address the client reached (a header's, else ours): the header as its destination, and with
+    /// `backend_port: same` its port is the backend's.
     fn admit(
         &mut self,
         reached: Option<SocketAddr>,
         client: BorrowedFd<'_>,
-    ) -> Result<(Target, Vec<u8>), Outcome> {
+    ) -> Result<(Option<Target>, Vec<u8>), Outcome> {
         let origin = self.record.client;
         self._source = session::admit_source(&self.service, origin.ip())?;
+        let same_port = self.service.backend_port == BackendPort::Same;
+        // Asked of the kernel only when something needs it (a system call per connection).
+        let dst = (same_port || self.service.proxy_protocol.is_some()).then(|| {
+            let local = || SockRef::from(&client).local_addr().ok()?.as_socket();
+            reached.or_else(local).unwrap_or(origin)
+        });
+        self.reached_port = dst.filter(|_| same_port).map(|d| d.port());
         let target = self.pick()?;
-        let preface = match self.service.proxy_protocol {
-            Some(v) => {
-                let local = || SockRef::from(&client).local_addr().ok()?.as_socket();
-                let dst = reached.or_else(local).unwrap_or(origin);
-                proxy_protocol::encode(v, origin, dst)
-            }
-            None => Vec::new(),
+        let preface = match (self.service.proxy_protocol, dst) {
+            (Some(v), Some(dst)) => proxy_protocol::encode(v, origin, dst),
+            _ => Vec::new(),
         };
         Ok((target, preface))
     }
@@ -338,8 +383,9 @@ impl Taken {
             .in_scope(|| session::account(&self.service, &self.record, ending));
     }
 
-    /// The next backend to try: one not tried, below its cap; or how the connection is refused.
-    fn pick(&mut self) -> Result<Target, Outcome> {
+    /// The next backend to try: one not tried, below its cap; none when every one left is full
+    /// and the connection may wait in the service's queue; or how the connection is refused.
+    fn pick(&mut self) -> Result<Option<Target>, Outcome> {
         let service = self.service.clone();
         loop {
             let picked = service
@@ -351,34 +397,58 @@ impl Taken {
                 service.note_selection(picked.is_some());
             }
             let Some(backend) = picked else {
-                // No queue on the ring (the config's validation): a full house is refused at once.
-                return Err(if self.tried.any_full() {
-                    Outcome::BackendsFull
-                } else if self.record.attempts == 0 {
+                if self.tried.any_full() {
+                    return self.queue();
+                }
+                return Err(if self.record.attempts == 0 {
                     Outcome::NoBackend
                 } else {
                     Outcome::ConnectFailed
                 });
             };
-            let Some(active) = ActiveGuard::within(backend.clone(), service.caps.cap_of(&backend))
-            else {
+            let cap = service.caps.cap_of(&backend);
+            let Some(active) = ActiveGuard::within(backend.clone(), cap) else {
                 self.tried.full(backend.addr);
                 continue;
             };
             self.record.attempts += 1;
             self.record.backend = Some(backend.addr);
             self.attempt_start = Instant::now();
-            let addr = backend.addr;
+            let addr = match self.reached_port {
+                Some(port) => SocketAddr::new(backend.addr.ip(), port),
+                None => backend.addr,
+            };
             self.backend = Some(Picked {
                 cut: backend.cut_signal(),
                 backend,
-                _active: active,
+                active: Some(active),
                 connected: false,
+                freed: (cap.is_some() && service.queue.is_some()).then(|| self.workers.clone()),
             });
-            return Ok(Target {
+            // Out of the queue, if it was in it.
+            self.queued = None;
+            return Ok(Some(Target {
                 addr,
                 timeout: service.connect_timeout,
-            });
+            }));
+        }
+    }
+
+    /// Every backend left is full: a place in the queue (kept while the connection waits), or
+    /// `BackendsFull` without a queue, with `max` waiting already, or once the wait is over.
+    fn queue(&mut self) -> Result<Option<Target>, Outcome> {
+        let Some(q) = self.service.queue else {
+            return Err(Outcome::BackendsFull);
+        };
+        match &self.queued {
+            Some((_, until)) if Instant::now() >= *until => Err(Outcome::BackendsFull),
+            Some(_) => Ok(None),
+            None => {
+                let place = self.service.occupancy.queue.join(q.max);
+                let place = place.ok_or(Outcome::BackendsFull)?;
+                self.queued = Some((place, Instant::now() + q.timeout.0));
+                Ok(None)
+            }
         }
     }
 }
@@ -428,6 +498,9 @@ impl Host for Services {
             backend: None,
             connect_start: now,
             attempt_start: now,
+            reached_port: None,
+            queued: None,
+            workers: self.workers.clone(),
             _source: None,
             _slot: slot,
             _tracked: self.tracker.token(),
@@ -490,7 +563,11 @@ impl Host for Services {
         }
     }
 
-    fn connect_failed(&mut self, t: &mut Taken, error: io::Error) -> Result<Target, Outcome> {
+    fn connect_failed(
+        &mut self,
+        t: &mut Taken,
+        error: io::Error,
+    ) -> Result<Option<Target>, Outcome> {
         if let Some(p) = t.backend.take() {
             let _enter = t.span.enter();
             if is_local_exhaustion(&error) {
@@ -505,6 +582,12 @@ impl Host for Services {
         if t.record.attempts >= t.service.connect_attempts {
             return Err(Outcome::ConnectFailed);
         }
+        t.pick()
+    }
+
+    fn retry(&mut self, t: &mut Taken) -> Result<Option<Target>, Outcome> {
+        // The full ones are worth another look: one may have a slot now.
+        t.tried.retry_full();
         t.pick()
     }
 

@@ -266,7 +266,7 @@ fn validate_service(p: &mut Problems, i: usize, s: &ServiceConfig) {
     validate_ring(p, i, s);
 }
 
-/// `relay: ring` serves plain TCP (with PROXY headers in and out) only so far: what it does not do
+/// `relay: ring` serves plain TCP (with PROXY headers, `backend_port: same` and the queue) only so far: what it does not do
 /// is refused by name, not ignored.
 fn validate_ring(p: &mut Problems, i: usize, s: &ServiceConfig) {
     if s.relay != super::RelayMode::Ring {
@@ -276,8 +276,6 @@ fn validate_ring(p: &mut Problems, i: usize, s: &ServiceConfig) {
     let unsupported = [
         ("tls", s.tls.is_some()),
         ("backend_tls", s.backend_tls.is_some()),
-        ("queue", s.queue.is_some()),
-        ("backend_port", s.backend_port == super::BackendPort::Same),
     ];
     for (key, set) in unsupported {
         if set {
@@ -904,10 +902,13 @@ mod tests {
             "    proxy_protocol: v2\n    accept_proxy: {from: [127.0.0.1/32]}\n",
         ))
         .expect("PROXY headers in and out");
+        let queued = yaml("    queue: {max: 10, timeout: 1s}\n")
+            .replace("9001}", "9001, max_connections: 1}");
+        crate::config::Config::from_yaml(&queued).expect("the queue");
+        crate::config::Config::from_yaml(&yaml("    backend_port: same\n"))
+            .expect("the backend's port the client reached");
         for (extra, key) in [
             ("    tls: {cert: a.pem, key: a.key}\n", "tls"),
-            ("    queue: {max: 10, timeout: 1s}\n", "queue"),
-            ("    backend_port: same\n", "backend_port"),
             ("    backend_tls: {}\n", "backend_tls"),
         ] {
             let err = crate::config::Config::from_yaml(&yaml(extra))

@@ -157,8 +157,12 @@ pub(crate) struct Target {
 #[derive(Debug)]
 pub(crate) enum Admit {
     /// Connect it to `target`; send `preface` (a PROXY header) to the backend before the client's
-    /// first byte. The preface is not counted as the client's bytes.
-    Connect { target: Target, preface: Vec<u8> },
+    /// first byte. The preface is not counted as the client's bytes. No target: every backend is
+    /// full and the client waits in the service's queue (see `Host::retry`).
+    Connect {
+        target: Option<Target>,
+        preface: Vec<u8>,
+    },
     /// Read its first bytes (a PROXY header), at most `room` of them and within `limit`, and ask the
     /// host (`Host::preamble`) what they mean before connecting anywhere.
     Read { limit: Duration, room: usize },
@@ -182,9 +186,10 @@ pub(crate) enum Step {
     /// Not enough yet: read on.
     More,
     /// Connect to `target`: the first `consumed` bytes were the host's (a PROXY header), the rest
-    /// are the client's and go to the backend after `preface` (as in `Admit::Connect`).
+    /// are the client's and go to the backend after `preface` (as in `Admit::Connect`, where no
+    /// target means waiting).
     Connect {
-        target: Target,
+        target: Option<Target>,
         consumed: usize,
         preface: Vec<u8>,
     },
@@ -242,12 +247,17 @@ pub(crate) trait Host {
     /// time), or why no more will come. `Step::More` reads on; with `room` bytes read it is taken
     /// as a refusal (`ProxyHeader`): the host must decide within the room it asked for.
     fn preamble(&mut self, conn: &mut Self::Conn, client: BorrowedFd<'_>, got: Got<'_>) -> Step;
-    /// The connect to the last target failed: another to try, or how the connection ends.
+    /// The connect to the last target failed: another to try (none: wait, as for `retry`), or how
+    /// the connection ends.
     fn connect_failed(
         &mut self,
         conn: &mut Self::Conn,
         error: io::Error,
-    ) -> Result<Target, Outcome>;
+    ) -> Result<Option<Target>, Outcome>;
+    /// A connection waiting for a backend with room (it was given no target): a target now, still
+    /// nothing (it waits on), or how it ends (its wait is over). Asked after every
+    /// `Command::Freed` and on every tick, so a wait ends at most a tick after its deadline.
+    fn retry(&mut self, conn: &mut Self::Conn) -> Result<Option<Target>, Outcome>;
     /// The connect to the last target succeeded; the relay starts.
     fn connected(&mut self, conn: &mut Self::Conn);
     /// Bytes sent to the backend (`up`) and to the client (`down`) since the last call.
@@ -270,6 +280,8 @@ pub(crate) enum Command<L> {
     Unlisten { id: u32 },
     /// Cut every connection: reset both sides, with this outcome.
     Cut(Outcome),
+    /// A backend's connection slot came free: the connections waiting for one ask again.
+    Freed,
     /// Stop listening, cut what is left, and end the thread.
     Stop,
 }
@@ -466,6 +478,8 @@ struct Conn<C> {
     preface: u32,
     /// Reading the client's first bytes (`Admit::Read`), until this deadline.
     reading: Option<Instant>,
+    /// Waiting for a backend (in the worker's `waiting`).
+    waiting: bool,
     dirs: [Dir; 2],
     /// Operations of this connection in the kernel.
     refs: u32,
@@ -586,6 +600,8 @@ struct Worker<H: Host> {
     tick: Box<types::Timespec>,
     tick_armed: bool,
     starved: Vec<(u32, Side)>,
+    /// Connections waiting for a backend with room, oldest first.
+    waiting: Vec<u32>,
     /// Entries the submission queue had no room for, in groups that go in together (a connect and
     /// its linked timeout).
     backlog: VecDeque<Vec<squeue::Entry>>,
@@ -621,6 +637,7 @@ impl<H: Host> Worker<H> {
             tick: Box::new(types::Timespec::from(TICK)),
             tick_armed: false,
             starved: Vec::new(),
+            waiting: Vec::new(),
             backlog: VecDeque::new(),
             cqes: Vec::with_capacity(1024),
             now: Instant::now(),
@@ -821,6 +838,7 @@ impl<H: Host> Worker<H> {
             }
             Command::Unlisten { id } => self.unlisten(id),
             Command::Cut(end) => self.cut_all(end),
+            Command::Freed => self.retry_waiting(),
             Command::Stop => {
                 if self.stopping.is_none() {
                     self.stopping = Some(self.now);
@@ -1015,6 +1033,7 @@ impl<H: Host> Worker<H> {
             pre,
             preface,
             reading,
+            waiting: false,
             dirs: Default::default(),
             refs: 0,
             first_fin: None,
@@ -1039,7 +1058,7 @@ impl<H: Host> Worker<H> {
             return self.finish(slot, Supervised::cut(Outcome::DrainDeadline));
         }
         match admit {
-            Admit::Connect { target, .. } => self.connect(slot, target),
+            Admit::Connect { target, .. } => self.go(slot, target),
             Admit::Read { .. } => self.read_pre(slot),
         }
     }
@@ -1126,7 +1145,7 @@ impl<H: Host> Worker<H> {
                 let rest = c.pre.get(consumed..).unwrap_or_default();
                 c.preface = preface.len() as u32;
                 c.pre = [preface.as_slice(), rest].concat();
-                self.connect(slot, target);
+                self.go(slot, target);
             }
         }
     }
@@ -1207,8 +1226,40 @@ impl<H: Host> Worker<H> {
             self.close(old);
         }
         match next {
-            Ok(target) => self.connect(slot, target),
+            Ok(target) => self.go(slot, target),
             Err(end) => self.finish(slot, Supervised::ended(end)),
+        }
+    }
+
+    /// Connects to `target`; with none, waits for the host to name one (`retry_waiting`).
+    fn go(&mut self, slot: u32, target: Option<Target>) {
+        match target {
+            Some(t) => self.connect(slot, t),
+            None => {
+                let Some(c) = self.conn(slot) else { return };
+                c.waiting = true;
+                self.waiting.push(slot);
+            }
+        }
+    }
+
+    /// Asks the host again for each connection waiting for a backend, in the order they began to.
+    fn retry_waiting(&mut self) {
+        for slot in std::mem::take(&mut self.waiting) {
+            let Some(c) = at(&mut self.conns, slot) else {
+                continue;
+            };
+            let Some(h) = c.host.as_mut().filter(|_| c.waiting && c.end.is_none()) else {
+                continue;
+            };
+            match self.host.retry(h) {
+                Ok(Some(t)) => {
+                    c.waiting = false;
+                    self.connect(slot, t);
+                }
+                Ok(None) => self.waiting.push(slot),
+                Err(end) => self.finish(slot, Supervised::ended(end)),
+            }
         }
     }
 
@@ -1496,6 +1547,11 @@ impl<H: Host> Worker<H> {
             return;
         }
         c.end = Some(end);
+        if std::mem::take(&mut c.waiting) {
+            // Not asked again: the slot may hold another connection by then.
+            self.waiting.retain(|&s| s != slot);
+        }
+        let Some(c) = self.conn(slot) else { return };
         if c.refs > 0 {
             let fds = [&c.client, &c.backend].map(|f| f.as_ref().map(|f| f.as_raw_fd()));
             c.refs += fds.iter().flatten().count() as u32;
@@ -1613,6 +1669,8 @@ impl<H: Host> Worker<H> {
         }
         // A dry pool's directions try again even when no buffer came back meanwhile.
         self.wake_starved(usize::MAX);
+        // Waits end at their deadline even when no slot comes free.
+        self.retry_waiting();
         let waiting: Vec<u32> = self
             .listeners
             .iter_mut()

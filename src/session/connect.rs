@@ -176,7 +176,7 @@ impl Tried {
     }
 
     /// Forgets the full ones (one may have a free slot now); the failed ones stay excluded.
-    fn retry_full(&mut self) {
+    pub(crate) fn retry_full(&mut self) {
         self.addrs.truncate(self.addrs.len() - self.full);
         self.full = 0;
     }

@@ -140,9 +140,9 @@ async fn health_probes_send_no_proxy_header() {
     }
 }
 
-/// The engines a PROXY header is read by: the tokio sessions (whatever their relay) and the ring
-/// workers, which read it through the ring.
-const READERS: [RelayMode; 2] = [RelayMode::Auto, RelayMode::Ring];
+/// The two places a connection is admitted, its header read and its backend picked: the tokio
+/// sessions (whatever their relay) and the ring workers.
+const ENGINES: [RelayMode; 2] = [RelayMode::Auto, RelayMode::Ring];
 
 fn accept_yaml(be: &[SocketAddr], relay: RelayMode, from: &str, extra: &str) -> String {
     service_yaml(
@@ -154,7 +154,7 @@ fn accept_yaml(be: &[SocketAddr], relay: RelayMode, from: &str, extra: &str) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_proxy_takes_the_client_from_the_header_and_sends_it_on() {
-    for relay in READERS {
+    for relay in ENGINES {
         let be = Backend::echo([127, 0, 0, 1]).await;
         let p = Proxy::start(&accept_yaml(
             &[be.addr],
@@ -227,7 +227,7 @@ async fn accept_proxy_takes_the_client_from_the_header_and_sends_it_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_hash_and_limits_use_the_client_from_the_header() {
-    for relay in READERS {
+    for relay in ENGINES {
         let bes = [
             Backend::echo([127, 0, 0, 2]).await,
             Backend::echo([127, 0, 0, 3]).await,
@@ -288,7 +288,7 @@ async fn source_hash_and_limits_use_the_client_from_the_header() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_from_an_untrusted_source_is_refused_and_nothing_reaches_a_backend() {
-    for relay in READERS {
+    for relay in ENGINES {
         let be = Backend::echo([127, 0, 0, 1]).await;
         let p = Proxy::start(&accept_yaml(&[be.addr], relay, "127.0.0.2/32", "")).await;
         // A spoofed client address from a host that is not the balancer in front.
@@ -312,7 +312,7 @@ async fn a_header_from_an_untrusted_source_is_refused_and_nothing_reaches_a_back
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_malformed_truncated_or_late_header_is_refused() {
-    for relay in READERS {
+    for relay in ENGINES {
         let be = Backend::echo([127, 0, 0, 1]).await;
         let p = Proxy::start(&accept_yaml(&[be.addr], relay, "127.0.0.1", "")).await;
         let sig = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
@@ -397,68 +397,72 @@ async fn every_malformed_truncated_or_late_header_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_backend_is_skipped_and_when_all_are_full_the_refusal_is_fast() {
-    let a = Backend::echo([127, 0, 0, 2]).await;
-    let b = Backend::echo([127, 0, 0, 3]).await;
-    let y = format!(
-        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    balance: source_hash\n    backends:\n      - {{address: \"{}\", max_connections: 1}}\n      - {{address: \"{}\", max_connections: 1}}\n",
-        a.addr, b.addr
+    for relay in ENGINES {
+        let a = Backend::echo([127, 0, 0, 2]).await;
+        let b = Backend::echo([127, 0, 0, 3]).await;
+        let y = format!(
+        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    relay: {relay}\n    balance: source_hash\n    backends:\n      - {{address: \"{}\", max_connections: 1}}\n      - {{address: \"{}\", max_connections: 1}}\n",
+        a.addr, b.addr, relay = relay.as_str()
     );
-    let p = Proxy::start(&y).await;
-    // The same client twice: source_hash would send both to one backend; the second goes to the other.
-    let s1 = held([127, 0, 0, 1], p.addr).await;
-    let s2 = held([127, 0, 0, 1], p.addr).await;
-    assert_eq!((a.accepted(), b.accepted()), (1, 1), "one each");
-    assert!(refused(connect_from([127, 0, 0, 1], p.addr).await).await);
-    p.wait_ended(Outcome::BackendsFull, 1).await;
-    assert_eq!((a.accepted(), b.accepted()), (1, 1), "no connect attempt");
-    drop(s1);
-    wait_for(Duration::from_secs(5), "a slot frees", || {
-        p.active_to_backends() == 1
-    })
-    .await;
-    let s3 = held([127, 0, 0, 1], p.addr).await;
-    drop((s2, s3));
+        let p = Proxy::start(&y).await;
+        // The same client twice: source_hash would send both to one backend; the second goes to the other.
+        let s1 = held([127, 0, 0, 1], p.addr).await;
+        let s2 = held([127, 0, 0, 1], p.addr).await;
+        assert_eq!((a.accepted(), b.accepted()), (1, 1), "one each");
+        assert!(refused(connect_from([127, 0, 0, 1], p.addr).await).await);
+        p.wait_ended(Outcome::BackendsFull, 1).await;
+        assert_eq!((a.accepted(), b.accepted()), (1, 1), "no connect attempt");
+        drop(s1);
+        wait_for(Duration::from_secs(5), "a slot frees", || {
+            p.active_to_backends() == 1
+        })
+        .await;
+        let s3 = held([127, 0, 0, 1], p.addr).await;
+        drop((s2, s3));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_waits_for_a_free_backend_within_its_bounds() {
-    let a = Backend::echo([127, 0, 0, 2]).await;
-    let y = format!(
-        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    queue: {{max: 1, timeout: 800ms}}\n    backends:\n      - {{address: \"{}\", max_connections: 1}}\n",
-        a.addr
+    for relay in ENGINES {
+        let a = Backend::echo([127, 0, 0, 2]).await;
+        let y = format!(
+        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    relay: {relay}\n    queue: {{max: 1, timeout: 800ms}}\n    backends:\n      - {{address: \"{}\", max_connections: 1}}\n",
+        a.addr, relay = relay.as_str()
     );
-    let p = Proxy::start(&y).await;
-    let s1 = held([127, 0, 0, 1], p.addr).await;
-    // Queued: it waits; a second waiter is refused at once (the queue holds one).
-    let mut waiting = connect_from([127, 0, 0, 1], p.addr).await;
-    waiting.write_all(b"wait").await.unwrap();
-    wait_for(Duration::from_secs(5), "one waits", || {
-        p.service.view().queue_waiting == 1
-    })
-    .await;
-    assert!(refused(connect_from([127, 0, 0, 1], p.addr).await).await);
-    p.wait_ended(Outcome::BackendsFull, 1).await;
-    // The held one ends: the waiter gets the backend and its bytes through.
-    drop(s1);
-    let mut b = [0u8; 4];
-    within(
-        Duration::from_secs(5),
-        "served after waiting",
-        waiting.read_exact(&mut b),
-    )
-    .await
-    .unwrap();
-    assert_eq!(&b, b"wait");
-    // Nobody frees the backend: the waiter is refused at the queue's timeout.
-    let t = Instant::now();
-    assert!(refused(connect_from([127, 0, 0, 1], p.addr).await).await);
-    assert!(
-        t.elapsed() >= Duration::from_millis(700),
-        "waited {:?}",
-        t.elapsed()
-    );
-    p.wait_ended(Outcome::BackendsFull, 2).await;
-    drop(waiting);
+        let p = Proxy::start(&y).await;
+        let s1 = held([127, 0, 0, 1], p.addr).await;
+        // Queued: it waits; a second waiter is refused at once (the queue holds one).
+        let mut waiting = connect_from([127, 0, 0, 1], p.addr).await;
+        waiting.write_all(b"wait").await.unwrap();
+        wait_for(Duration::from_secs(5), "one waits", || {
+            p.service.view().queue_waiting == 1
+        })
+        .await;
+        assert!(refused(connect_from([127, 0, 0, 1], p.addr).await).await);
+        p.wait_ended(Outcome::BackendsFull, 1).await;
+        // The held one ends: the waiter gets the backend and its bytes through.
+        drop(s1);
+        let mut b = [0u8; 4];
+        within(
+            Duration::from_secs(5),
+            "served after waiting",
+            waiting.read_exact(&mut b),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&b, b"wait");
+        // Nobody frees the backend: the waiter is refused at the queue's timeout.
+        let t = Instant::now();
+        assert!(refused(connect_from([127, 0, 0, 1], p.addr).await).await);
+        assert!(
+            t.elapsed() >= Duration::from_millis(700),
+            "waited {:?}",
+            t.elapsed()
+        );
+        p.wait_ended(Outcome::BackendsFull, 2).await;
+        drop(waiting);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sluicegate::config::Config;
+use sluicegate::config::{Config, RelayMode};
 use sluicegate::tls::hello::build::{client_hello, records};
 use sluicegate::Outcome;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -827,58 +827,61 @@ async fn a_reload_reads_certificates_again_and_open_connections_go_on() {
 }
 
 /// docs/reliability.md `port-range`: `listen` over a range of ports with `backend_port: same`: each
-/// client reaches the backend's port equal to the one it reached.
+/// client reaches the backend's port equal to the one it reached, through the tokio workers and the
+/// ring workers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_range_keeps_the_port_the_client_reached() {
-    // Three consecutive ports free on both addresses (bound, then released).
-    let (range, backends) = loop {
-        let base = free_addr([127, 0, 0, 1]).port();
-        if base > 65000 {
-            continue;
-        }
-        let ports: Vec<u16> = (base..base + 3).collect();
-        let free = ports.iter().all(|&p| {
-            std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
-                && std::net::TcpListener::bind(("127.0.0.2", p)).is_ok()
-        });
-        if !free {
-            continue;
-        }
-        let mut backends = Vec::new();
-        for &port in &ports {
-            let l = listen(SocketAddr::from(([127, 0, 0, 2], port)));
-            backends.push(Backend::serve(l, move |mut s| async move {
-                let _ = s.write_all(format!("{port}\n").as_bytes()).await;
-            }));
-        }
-        break (ports, backends);
-    };
-    let yaml = format!(
-        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nadmin: {{listen: \"127.0.0.1:0\"}}\nservices:\n  - name: ftp\n    listen: \"127.0.0.1:{}-{}\"\n    backend_port: same\n    backends: [{{address: \"127.0.0.2:{}\"}}]\n",
-        range[0], range[2], range[0]
+    for relay in [RelayMode::Auto, RelayMode::Ring] {
+        // Three consecutive ports free on both addresses (bound, then released).
+        let (range, backends) = loop {
+            let base = free_addr([127, 0, 0, 1]).port();
+            if base > 65000 {
+                continue;
+            }
+            let ports: Vec<u16> = (base..base + 3).collect();
+            let free = ports.iter().all(|&p| {
+                std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                    && std::net::TcpListener::bind(("127.0.0.2", p)).is_ok()
+            });
+            if !free {
+                continue;
+            }
+            let mut backends = Vec::new();
+            for &port in &ports {
+                let l = listen(SocketAddr::from(([127, 0, 0, 2], port)));
+                backends.push(Backend::serve(l, move |mut s| async move {
+                    let _ = s.write_all(format!("{port}\n").as_bytes()).await;
+                }));
+            }
+            break (ports, backends);
+        };
+        let yaml = format!(
+        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nadmin: {{listen: \"127.0.0.1:0\"}}\nservices:\n  - name: ftp\n    listen: \"127.0.0.1:{}-{}\"\n    relay: {relay}\n    backend_port: same\n    backends: [{{address: \"127.0.0.2:{}\"}}]\n",
+        range[0], range[2], range[0], relay = relay.as_str()
     );
-    let p = Proxy::start(&yaml).await;
-    for &port in &range {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut got = String::new();
-        within(SECS(5), "the backend's port", s.read_to_string(&mut got))
-            .await
-            .unwrap();
-        assert_eq!(got.trim(), port.to_string());
+        let p = Proxy::start(&yaml).await;
+        for &port in &range {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let mut got = String::new();
+            within(SECS(5), "the backend's port", s.read_to_string(&mut got))
+                .await
+                .unwrap();
+            assert_eq!(got.trim(), port.to_string());
+        }
+        // /route says the same without a connection.
+        let asked = get(
+            p.admin.unwrap(),
+            &format!("/route?listen=127.0.0.1:{}", range[2]),
+        )
+        .await
+        .json();
+        assert_eq!(
+            asked["backend"],
+            format!("127.0.0.2:{}", range[2]),
+            "{asked}"
+        );
+        drop(backends);
     }
-    // /route says the same without a connection.
-    let asked = get(
-        p.admin.unwrap(),
-        &format!("/route?listen=127.0.0.1:{}", range[2]),
-    )
-    .await
-    .json();
-    assert_eq!(
-        asked["backend"],
-        format!("127.0.0.2:{}", range[2]),
-        "{asked}"
-    );
-    drop(backends);
 }
 
 /// docs/reliability.md `listen-both-families`: `listen: ["0.0.0.0:P", "[::]:P"]` binds both (the

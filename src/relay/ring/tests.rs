@@ -53,7 +53,7 @@ impl Host for TestHost {
                 room: GREETING_ROOM,
             },
             None => Admit::Connect {
-                target: self.first(),
+                target: Some(self.first()),
                 preface: Vec::new(),
             },
         };
@@ -67,7 +67,7 @@ impl Host for TestHost {
         let greeting = self.greeting.unwrap_or_default();
         match got {
             Got::Bytes(b) if b.starts_with(greeting) => Step::Connect {
-                target: self.first(),
+                target: Some(self.first()),
                 consumed: greeting.len(),
                 preface: PREFACE.to_vec(),
             },
@@ -76,14 +76,21 @@ impl Host for TestHost {
             _ => Step::Refuse(Outcome::ProxyHeader),
         }
     }
-    fn connect_failed(&mut self, c: &mut TestConn, e: io::Error) -> Result<Target, Outcome> {
+    fn connect_failed(
+        &mut self,
+        c: &mut TestConn,
+        e: io::Error,
+    ) -> Result<Option<Target>, Outcome> {
         c.errors.push(e.kind());
         let addr = *self.targets.get(c.next).ok_or(Outcome::ConnectFailed)?;
         c.next += 1;
-        Ok(Target {
+        Ok(Some(Target {
             addr,
             timeout: self.timeout,
-        })
+        }))
+    }
+    fn retry(&mut self, _: &mut TestConn) -> Result<Option<Target>, Outcome> {
+        Ok(Some(self.first()))
     }
     fn connected(&mut self, _: &mut TestConn) {}
     fn sent(&mut self, _: &TestConn, _: u64, _: u64) {}
