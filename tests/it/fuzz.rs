@@ -392,6 +392,71 @@ fn the_proxy_parser_never_panics_and_never_reads_past_a_header() {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// The ring workers' PROXY header reader, on the wire. A trusted peer sends any bytes (random, or a
+/// header mutated, cut or followed by data) in two writes and half-closes: where the parser takes a
+/// header from the whole input, the connection is relayed and the echo backend sends back exactly
+/// what followed it; anywhere else the connection is refused and nothing reaches the backend. So the
+/// worker, reading the header in pieces, decides as the parser does on the whole. At most 20,000
+/// cases (each is a connection).
+#[test]
+fn the_ring_workers_header_reader_decides_as_the_parser_does() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let backend = rt.block_on(crate::common::Backend::echo([127, 0, 0, 1]));
+    let yaml = crate::common::service_yaml(
+        &[backend.addr],
+        sluicegate::config::RelayMode::Ring,
+        "accept_proxy: {from: [127.0.0.1], timeout: 5s}",
+    );
+    let proxy = rt.block_on(crate::common::Proxy::start(&yaml));
+    let addr = proxy.addr;
+    let taken = std::cell::Cell::new(0u64);
+    let input = prop_oneof![prop::collection::vec(any::<u8>(), 0..300), mutated_header()];
+    let mut runner = TestRunner::new(RunnerConfig {
+        cases: cases().min(20_000),
+        max_shrink_iters: 2000,
+        ..RunnerConfig::default()
+    });
+    runner
+        .run(&(input, any::<prop::sample::Index>()), |(bytes, split)| {
+            let mut s = TcpStream::connect(addr).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let k = split.index(bytes.len() + 1);
+            // A write may meet a refusal already made: what the client sees after is what counts.
+            let _ = s
+                .write_all(&bytes[..k])
+                .and_then(|()| s.write_all(&bytes[k..]));
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut got = Vec::new();
+            let read = s.read_to_end(&mut got);
+            match proxy_protocol::parse(&bytes) {
+                Parsed::Done(_, n) => {
+                    taken.set(taken.get() + 1);
+                    prop_assert!(read.is_ok(), "relayed, then closed: {read:?}");
+                    prop_assert_eq!(&got[..], &bytes[n..], "what followed the header, echoed");
+                }
+                other => {
+                    prop_assert!(
+                        got.is_empty(),
+                        "refused ({other:?}), yet {} bytes came back",
+                        got.len()
+                    );
+                    if let Err(e) = &read {
+                        prop_assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+                    }
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("ring header reader: {} cases taken", taken.get());
+    assert_eq!(
+        backend.accepted(),
+        taken.get(),
+        "only taken headers reached the backend"
+    );
+    drop(proxy);
+}
+
 // ---- the TLS ClientHello parser ----------------------------------------------------------------
 
 /// What the hello parser must hold for any input: no panic; a whole hello is within the input and
