@@ -30,7 +30,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -38,7 +38,7 @@ use socket2::SockRef;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
-use crate::admission::{Gate, QueuePlace, SourceSlot};
+use crate::admission::{Gate, Queue, QueuePlace, SourceSlot};
 use crate::config::BackendPort;
 use crate::metrics::{Family, Kind, Subject, Table};
 use crate::outcome::Outcome;
@@ -50,11 +50,13 @@ use crate::route::Routes;
 use crate::routelog::{Ending, Record};
 use crate::service::Service;
 use crate::session::{self, ClientSlot, Tried};
-use crate::util::is_local_exhaustion;
+use crate::util::{is_local_exhaustion, lock};
 
 /// The ring worker threads, one per core; started when the first `relay: ring` service binds.
 pub(crate) struct RingWorkers {
     handles: Vec<ring::Handle<Served>>,
+    /// The same handles, as the workers hold them to tell each other of a freed slot.
+    workers: Arc<Workers>,
     /// Each worker's name on `/metrics` (`r0`, …: its thread is `sluicegate-r0`).
     names: Vec<Arc<str>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -101,11 +103,12 @@ impl RingWorkers {
                 }
             }
         }
-        // Set once: a slot freed before this only wakes nobody, and no one waits yet.
-        let _ = workers.0.set(handles.clone());
+        // A slot freed before this wakes nobody, and no one waits yet.
+        *lock(&workers.0) = handles.clone();
         let names = (0..handles.len()).map(|i| format!("r{i}").into()).collect();
         Ok(RingWorkers {
             handles,
+            workers,
             names,
             threads: Mutex::new(threads),
             next_id: AtomicU32::new(0),
@@ -174,6 +177,7 @@ impl RingWorkers {
     /// Ends every worker (what is still open is cut) and waits for its thread. Must not be called
     /// from an async context: it blocks.
     pub(crate) fn stop(&self) {
+        lock(&self.workers.0).clear();
         for h in &self.handles {
             h.send(Command::Stop);
         }
@@ -271,6 +275,7 @@ impl Drop for RingWorkers {
     fn drop(&mut self) {
         // Not joined here: a drop may happen on any thread, including inside a runtime. Each
         // worker closes its listeners, cuts what is left and ends within a second.
+        lock(&self.workers.0).clear();
         for h in &self.handles {
             h.send(Command::Stop);
         }
@@ -311,28 +316,32 @@ struct Picked {
     cut: Arc<CutSignal>,
     active: Option<ActiveGuard>,
     connected: bool,
-    /// Told when the slot comes free: a capped backend of a service with a queue.
-    freed: Option<Arc<Workers>>,
+    /// Told when the slot comes free (a capped backend of a service with a queue): the ring
+    /// workers, and the queue's tokio waiters (a reload may have moved the service to an address
+    /// the tokio workers serve, with the same queue).
+    freed: Option<(Arc<Workers>, Arc<Queue>)>,
 }
 
 impl Drop for Picked {
     fn drop(&mut self) {
         // Released first: a waiter woken now must find the slot free.
         self.active.take();
-        if let Some(w) = &self.freed {
-            w.freed();
+        if let Some((workers, queue)) = &self.freed {
+            workers.freed();
+            queue.freed.notify_waiters();
         }
     }
 }
 
 /// Every ring worker's handle (set once they have all started), so a slot freed on one reaches
-/// the connections waiting for one on any.
+/// the connections waiting for one on any. Emptied when the workers stop: each worker holds this,
+/// and a handle in it would keep the worker's own channel open.
 #[derive(Default)]
-struct Workers(OnceLock<Vec<ring::Handle<Served>>>);
+struct Workers(Mutex<Vec<ring::Handle<Served>>>);
 
 impl Workers {
     fn freed(&self) {
-        for h in self.0.get().into_iter().flatten() {
+        for h in lock(&self.0).iter() {
             h.send(Command::Freed);
         }
     }
@@ -368,6 +377,8 @@ impl Taken {
             reached.or_else(local).unwrap_or(origin)
         });
         self.reached_port = dst.filter(|_| same_port).map(|d| d.port());
+        // `connect_ms` counts from here, as in the tokio sessions: not the header's read.
+        self.connect_start = Instant::now();
         let target = self.pick()?;
         let preface = match (self.service.proxy_protocol, dst) {
             (Some(v), Some(dst)) => proxy_protocol::encode(v, origin, dst),
@@ -423,10 +434,9 @@ impl Taken {
                 backend,
                 active: Some(active),
                 connected: false,
-                freed: (cap.is_some() && service.queue.is_some()).then(|| self.workers.clone()),
+                freed: (cap.is_some() && service.queue.is_some())
+                    .then(|| (self.workers.clone(), service.occupancy.queue.clone())),
             });
-            // Out of the queue, if it was in it.
-            self.queued = None;
             return Ok(Some(Target {
                 addr,
                 timeout: service.connect_timeout,
@@ -594,6 +604,9 @@ impl Host for Services {
     fn connected(&mut self, t: &mut Taken) {
         let Some(p) = t.backend.as_mut() else { return };
         p.connected = true;
+        // Out of the queue: the place (and its deadline) held across failed connects, as in
+        // `session::connect`.
+        t.queued = None;
         p.backend.stats.connect.observe(t.attempt_start.elapsed());
         t.service.pool.connect_succeeded(&p.backend);
         t.record.connect_ms = Some(t.connect_start.elapsed().as_secs_f64() * 1e3);

@@ -981,7 +981,18 @@ impl<H: Host> Worker<H> {
         // any other (out of descriptors or memory, a broken listener) waits for the next tick, so
         // a listener that keeps failing never spins the thread.
         let empty = res == -libc::EAGAIN;
-        if res < 0 && res != -libc::ECANCELED && !empty && !l.closing && !per_connection(-res) {
+        // A kernel that reports 6.10+ but refuses the flag (a backport, a patched kernel): accept
+        // without it from now on, rather than fail every accept. A listener broken for another
+        // reason fails again without the flag, and backs off then.
+        let refused_flag = res == -libc::EINVAL && self.dontwait && !l.closing;
+        if refused_flag {
+            self.dontwait = false;
+            tracing::warn!(
+                "ring worker: the kernel refused IORING_ACCEPT_DONTWAIT; accepting without it"
+            );
+        }
+        let failed = res < 0 && res != -libc::ECANCELED && !empty && !refused_flag;
+        if failed && !l.closing && !per_connection(-res) {
             l.backoff = true;
             if let Some(suppressed) = self.errors.allow() {
                 let e = io::Error::from_raw_os_error(-res);
@@ -1126,6 +1137,7 @@ impl<H: Host> Worker<H> {
         let (Some(h), Some(fd)) = (host.as_mut(), client.as_ref()) else {
             return;
         };
+        let more_may_come = got.is_ok();
         let step = match got {
             Ok(()) => self.host.preamble(h, fd.as_fd(), Got::Bytes(pre)),
             Err(PreEnd::Closed) => self.host.preamble(h, fd.as_fd(), Got::Closed(pre.len())),
@@ -1134,7 +1146,10 @@ impl<H: Host> Worker<H> {
         };
         match step {
             // With no room left `read_pre` refuses: never read forever.
-            Step::More => self.read_pre(slot),
+            Step::More if more_may_come => self.read_pre(slot),
+            // Nothing more will come (closed, timed out, failed): a host that still wants more
+            // gets none.
+            Step::More => self.finish(slot, Supervised::ended(Outcome::ProxyHeader)),
             Step::Refuse(end) => self.finish(slot, Supervised::ended(end)),
             Step::Connect {
                 target,

@@ -449,6 +449,27 @@ fn the_ring_workers_header_reader_decides_as_the_parser_does() {
         })
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("ring header reader: {} cases taken", taken.get());
+    assert!(taken.get() > 0, "some headers were taken");
+    // Counted as each connection is accounted, which may follow the client's EOF: bounded wait.
+    let on_ring = || {
+        proxy
+            .service
+            .stats
+            .uring
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    for _ in 0..500 {
+        if on_ring() >= taken.get() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let on_ring = on_ring();
+    assert_eq!(
+        on_ring,
+        taken.get(),
+        "every relayed case ran on the ring workers"
+    );
     assert_eq!(
         backend.accepted(),
         taken.get(),

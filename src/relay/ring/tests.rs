@@ -16,10 +16,28 @@ const WAIT: Duration = Duration::from_secs(10);
 struct TestHost {
     targets: Vec<SocketAddr>,
     timeout: Duration,
+    mode: Mode,
+    seen: Arc<Seen>,
+    ended: Sender<(Finished, Vec<io::ErrorKind>)>,
+}
+
+/// What the test host asks of its clients beyond connecting them to its first target.
+#[derive(Default, Clone, Copy)]
+struct Mode {
     /// When set, every client must open with these bytes (read within `GREETING_LIMIT`), which are
     /// replaced by `PREFACE` towards the backend: a stand-in for a PROXY header in and out.
     greeting: Option<&'static [u8]>,
-    ended: Sender<(Finished, Vec<io::ErrorKind>)>,
+    /// The host never decides on a greeting: `Step::More`, whatever it is told.
+    undecided: bool,
+    /// Every client first waits for a target, until `retry` has been asked this many times.
+    wait_for_retries: Option<u64>,
+}
+
+/// What the host was asked, counted.
+#[derive(Default)]
+struct Seen {
+    preambles: AtomicU64,
+    retries: AtomicU64,
 }
 
 const PREFACE: &[u8] = b"PRE|";
@@ -47,13 +65,13 @@ impl Host for TestHost {
             next: 1,
             errors: Vec::new(),
         };
-        let admit = match self.greeting {
+        let admit = match self.mode.greeting {
             Some(_) => Admit::Read {
                 limit: GREETING_LIMIT,
                 room: GREETING_ROOM,
             },
             None => Admit::Connect {
-                target: Some(self.first()),
+                target: self.mode.wait_for_retries.is_none().then(|| self.first()),
                 preface: Vec::new(),
             },
         };
@@ -64,7 +82,11 @@ impl Host for TestHost {
         Some((conn, admit, timeouts))
     }
     fn preamble(&mut self, _: &mut TestConn, _: BorrowedFd<'_>, got: Got<'_>) -> Step {
-        let greeting = self.greeting.unwrap_or_default();
+        self.seen.preambles.fetch_add(1, Relaxed);
+        if self.mode.undecided {
+            return Step::More;
+        }
+        let greeting = self.mode.greeting.unwrap_or_default();
         match got {
             Got::Bytes(b) if b.starts_with(greeting) => Step::Connect {
                 target: Some(self.first()),
@@ -90,7 +112,9 @@ impl Host for TestHost {
         }))
     }
     fn retry(&mut self, _: &mut TestConn) -> Result<Option<Target>, Outcome> {
-        Ok(Some(self.first()))
+        let asked = self.seen.retries.fetch_add(1, Relaxed) + 1;
+        let enough = self.mode.wait_for_retries.is_none_or(|n| asked >= n);
+        Ok(enough.then(|| self.first()))
     }
     fn connected(&mut self, _: &mut TestConn) {}
     fn sent(&mut self, _: &TestConn, _: u64, _: u64) {}
@@ -116,29 +140,41 @@ struct Running {
     thread: JoinHandle<()>,
     addr: SocketAddr,
     ended: Receiver<(Finished, Vec<io::ErrorKind>)>,
+    seen: Arc<Seen>,
 }
 
 /// A worker serving a listener of its own, connecting to `targets` in turn; `None` (said) where
 /// this kernel cannot run one.
 fn worker(targets: Vec<SocketAddr>, timeout: Duration) -> Option<Running> {
-    greeted_worker(targets, timeout, None)
+    worker_with(targets, timeout, Mode::default())
 }
 
-/// A worker whose clients must open with `greeting` (see `TestHost::greeting`).
+/// A worker whose clients must open with `greeting` (see `Mode::greeting`).
 fn greeted_worker(
     targets: Vec<SocketAddr>,
     timeout: Duration,
     greeting: Option<&'static [u8]>,
 ) -> Option<Running> {
+    let mode = Mode {
+        greeting,
+        ..Mode::default()
+    };
+    worker_with(targets, timeout, mode)
+}
+
+fn worker_with(targets: Vec<SocketAddr>, timeout: Duration, mode: Mode) -> Option<Running> {
     if let Err(why) = availability() {
         eprintln!("skipped: no ring worker here: {why}");
         return None;
     }
     let (tx, ended) = mpsc::channel();
+    let seen = Arc::new(Seen::default());
+    let host_seen = seen.clone();
     let (handle, thread) = start("ring-test".into(), move || TestHost {
         targets,
         timeout,
-        greeting,
+        mode,
+        seen: host_seen,
         ended: tx,
     })
     .expect("a ring worker starts");
@@ -154,6 +190,7 @@ fn greeted_worker(
         thread,
         addr,
         ended,
+        seen,
     })
 }
 
@@ -477,7 +514,11 @@ fn a_greeting_read_in_pieces_is_replaced_by_the_preface_and_not_counted() {
     };
     let mut c = client(r.addr);
     c.write_all(b"HEL").unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    // The host has seen the first piece (and said `More`) before the rest is sent.
+    wait_until(
+        || r.seen.preambles.load(Relaxed) >= 1,
+        "the first piece read",
+    );
     c.write_all(b"LO\nabc").unwrap();
     let (mut b, _) = l.accept().unwrap();
     b.set_read_timeout(Some(WAIT)).unwrap();
@@ -500,6 +541,7 @@ fn a_greeting_read_in_pieces_is_replaced_by_the_preface_and_not_counted() {
         (f.bytes_up, f.bytes_down, f.end),
         (5, 2, Outcome::ClientClosed)
     );
+    assert_eq!(r.seen.preambles.load(Relaxed), 2, "read in two pieces");
     stop(r);
 }
 
@@ -605,4 +647,70 @@ fn an_accept_with_dontwait_on_an_idle_listener_completes_with_eagain() {
         std::thread::sleep(Duration::from_millis(5));
     };
     assert_eq!(res, -libc::EAGAIN);
+}
+
+/// Polls `cond` every millisecond until it holds; fails after `WAIT`.
+fn wait_until(cond: impl Fn() -> bool, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A host that keeps answering `More` is refused once the client closes or the limit passes:
+/// nothing more can come, so the worker does not read again.
+#[test]
+fn a_host_that_never_decides_is_refused_when_nothing_more_can_come() {
+    let (l, backend) = quiet_backend();
+    let mode = Mode {
+        greeting: Some(b"HELLO\n"),
+        undecided: true,
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![backend], WAIT, mode) else {
+        return;
+    };
+    let mut gone = client(r.addr);
+    gone.write_all(b"HE").unwrap();
+    gone.shutdown(Shutdown::Write).unwrap();
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the closed one ends");
+    assert_eq!(f.end, Outcome::ProxyHeader);
+    let _silent = client(r.addr);
+    let (f, _) = r
+        .ended
+        .recv_timeout(WAIT)
+        .expect("the silent one ends at the limit");
+    assert_eq!(f.end, Outcome::ProxyHeader);
+    nothing_connected(&l);
+    stop(r);
+}
+
+/// A connection given no target waits, with nothing in the kernel, and asks again on every
+/// `Command::Freed`: a thousand of them make a thousand retries well before the 250 ms tick could
+/// (it would take four minutes); then, given a target, it is relayed.
+#[test]
+fn a_waiting_connection_asks_again_on_every_freed_slot() {
+    const ASKS: u64 = 1000;
+    let mode = Mode {
+        wait_for_retries: Some(ASKS),
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![echo_backend()], WAIT, mode) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    c.write_all(b"queued").unwrap();
+    wait_until(
+        || r.handle.counts().accepted.load(Relaxed) == 1,
+        "the client accepted",
+    );
+    for _ in 0..ASKS {
+        assert!(r.handle.send(Command::Freed));
+    }
+    let mut got = [0u8; 6];
+    c.read_exact(&mut got).expect("relayed once a target came");
+    assert_eq!(&got, b"queued");
+    assert!(r.seen.retries.load(Relaxed) >= ASKS);
+    stop(r);
 }
