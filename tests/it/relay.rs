@@ -62,8 +62,8 @@ async fn concurrent_echoes_are_exact_and_leave_nothing_behind(mode: RelayMode) {
     ];
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
     let proxy = Proxy::start(&service_yaml(&addrs, mode, "balance: least_conn")).await;
-    let mut ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
-    ports.push(proxy.addr.port());
+    let mut ends = addrs.clone();
+    ends.push(proxy.addr);
     let clients = 1000;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..clients {
@@ -99,7 +99,7 @@ async fn concurrent_echoes_are_exact_and_leave_nothing_behind(mode: RelayMode) {
     wait_for(
         SECS(10),
         "no socket descriptor left but the listeners",
-        || socket_fds_on_ports(&ports) == ports.len(),
+        || socket_fds_on(&ends) == ends.len(),
     )
     .await;
     let up: u64 = proxy

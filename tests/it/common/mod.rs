@@ -76,6 +76,62 @@ pub fn tcp_sockets_on_ports(ports: &[u16]) -> Vec<(u8, String)> {
     out
 }
 
+/// An address as `/proc/net/tcp{,6}` writes it: the IP as 32-bit words in host order, in hex, then
+/// the port in hex. IPv4-mapped IPv6 addresses come back as IPv4.
+fn proc_net_addr(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).map(u32::from_be))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let ip = match words.as_slice() {
+        [a] => std::net::IpAddr::from(a.to_be_bytes()),
+        [a, b, c, d] => {
+            let mut bytes = [0u8; 16];
+            for (chunk, w) in bytes.chunks_mut(4).zip([a, b, c, d]) {
+                chunk.copy_from_slice(&w.to_be_bytes());
+            }
+            let v6 = std::net::Ipv6Addr::from(bytes);
+            v6.to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Open TCP sockets of this process with `addrs` (address and port) at either end: a listener
+/// bound to one of them, a connection to or from one. Exact addresses, not ports alone: another
+/// test's socket on the same port number of another 127.0.0.x is not counted.
+pub fn socket_fds_on(addrs: &[SocketAddr]) -> usize {
+    let mut inodes = std::collections::HashSet::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 || cols[9] == "0" {
+                continue;
+            }
+            let on = |c: &str| proc_net_addr(c).is_some_and(|a| addrs.contains(&a));
+            if on(cols[1]) || on(cols[2]) {
+                inodes.insert(format!("socket:[{}]", cols[9]));
+            }
+        }
+    }
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .filter(|l| inodes.contains(l))
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
 /// Open TCP sockets of this process with a local or remote port in `ports` (distinct sockets: every
 /// data-plane worker holds its own descriptor of a service's one listening socket). Unlike a count of
 /// all descriptors, this is not disturbed by other tests running in the same process.
