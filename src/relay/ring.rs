@@ -1028,9 +1028,16 @@ impl<H: Host> Worker<H> {
             self.close(client);
             return;
         };
-        let (pre, preface, reading) = match &admit {
-            Admit::Connect { preface, .. } => (preface.clone(), preface.len() as u32, None),
-            Admit::Read { limit, room } => (Vec::with_capacity(*room), 0, Some(self.now + *limit)),
+        // The preface moves into the connection (no copy); `target` is what comes next: a connect
+        // or a wait (`Some`), or reading the client's first bytes (`None`).
+        let (pre, preface, reading, target) = match admit {
+            Admit::Connect { target, preface } => {
+                let n = preface.len() as u32;
+                (preface, n, None, Some(target))
+            }
+            Admit::Read { limit, room } => {
+                (Vec::with_capacity(room), 0, Some(self.now + limit), None)
+            }
         };
         let c = Box::new(Conn {
             host: Some(conn),
@@ -1068,9 +1075,9 @@ impl<H: Host> Worker<H> {
             // Accepted while the worker stops: cut like the rest.
             return self.finish(slot, Supervised::cut(Outcome::DrainDeadline));
         }
-        match admit {
-            Admit::Connect { target, .. } => self.go(slot, target),
-            Admit::Read { .. } => self.read_pre(slot),
+        match target {
+            Some(target) => self.go(slot, target),
+            None => self.read_pre(slot),
         }
     }
 
