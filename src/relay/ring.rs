@@ -918,11 +918,7 @@ impl<H: Host> Worker<H> {
         if !l.closing {
             // A failed poll (not a cancelled one) is a broken listener: as a failed accept.
             if res < 0 && res != -libc::ECANCELED {
-                l.backoff = true;
-                if let Some(suppressed) = self.errors.allow() {
-                    let e = io::Error::from_raw_os_error(-res);
-                    tracing::error!(error = %e, suppressed, "ring worker: accept failed; backing off");
-                }
+                back_off(l, &mut self.errors, res);
                 self.arm_tick();
             } else {
                 self.arm_accept(id, k);
@@ -993,11 +989,7 @@ impl<H: Host> Worker<H> {
         }
         let failed = res < 0 && res != -libc::ECANCELED && !empty && !refused_flag;
         if failed && !l.closing && !per_connection(-res) {
-            l.backoff = true;
-            if let Some(suppressed) = self.errors.allow() {
-                let e = io::Error::from_raw_os_error(-res);
-                tracing::error!(error = %e, suppressed, "ring worker: accept failed; backing off");
-            }
+            back_off(l, &mut self.errors, res);
         }
         let (closing, backoff) = (l.closing, l.backoff);
         if !closing && !backoff {
@@ -1112,13 +1104,12 @@ impl<H: Host> Worker<H> {
     }
 
     fn on_pre(&mut self, slot: u32, res: i32) {
+        if !self.completed(slot) {
+            return;
+        }
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
-        c.refs -= 1;
-        if c.end.is_some() {
-            return self.maybe_free(slot);
-        }
         let got = match res {
             n if n > 0 => {
                 let len = c.pre.len() + n as usize;
@@ -1201,13 +1192,12 @@ impl<H: Host> Worker<H> {
     }
 
     fn on_connect(&mut self, slot: u32, res: i32) {
+        if !self.completed(slot) {
+            return;
+        }
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
-        c.refs -= 1;
-        if c.end.is_some() {
-            return self.maybe_free(slot);
-        }
         if res < 0 {
             let e = if res == -libc::ECANCELED {
                 io::Error::new(io::ErrorKind::TimedOut, "connect timed out")
@@ -1497,14 +1487,9 @@ impl<H: Host> Worker<H> {
 
     /// The socket a send found full has room (or an error, which the send will meet): send again.
     fn on_writable(&mut self, slot: u32, side: Side) {
-        let Some(c) = at(&mut self.conns, slot) else {
-            return;
-        };
-        c.refs -= 1;
-        if c.end.is_some() {
-            return self.maybe_free(slot);
+        if self.completed(slot) {
+            self.send_next(slot, side);
         }
-        self.send_next(slot, side);
     }
 
     /// A buffer came back: the directions the pool could not serve may receive again, a few per
@@ -1586,6 +1571,20 @@ impl<H: Host> Worker<H> {
             }
         }
         self.maybe_free(slot);
+    }
+
+    /// An operation of connection `slot` completed for the last time: whether the connection goes
+    /// on (it is there and not ending; an ending one is freed if that was its last operation).
+    fn completed(&mut self, slot: u32) -> bool {
+        let Some(c) = self.conn(slot) else {
+            return false;
+        };
+        c.refs -= 1;
+        if c.end.is_some() {
+            self.maybe_free(slot);
+            return false;
+        }
+        true
     }
 
     /// An operation that only held the connection (a linked timeout, a cancellation) completed.
@@ -1714,6 +1713,17 @@ impl<H: Host> Worker<H> {
 }
 
 /// Accept errors that concern only the connection being accepted (it died in the backlog).
+/// Listener `l` failed with `-res` (out of descriptors or memory, broken): it is armed again on the
+/// next tick, so a listener that keeps failing never spins the thread; said at most every ten
+/// seconds.
+fn back_off(l: &mut Listening, errors: &mut RateLimited, res: i32) {
+    l.backoff = true;
+    if let Some(suppressed) = errors.allow() {
+        let e = io::Error::from_raw_os_error(-res);
+        tracing::error!(error = %e, suppressed, "ring worker: accept failed; backing off");
+    }
+}
+
 fn per_connection(errno: i32) -> bool {
     matches!(
         errno,
