@@ -634,7 +634,7 @@ impl Host for Services {
                 bytes_up: f.bytes_up,
                 bytes_down: f.bytes_down,
                 end: f.end,
-                spliced: false,
+                spliced: f.spliced,
                 uring: true,
                 broken: f.broken,
                 carried: None,

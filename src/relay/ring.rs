@@ -31,6 +31,13 @@
 //! pool could not serve (ENOBUFS, every buffer held) ends; the direction is armed again as soon as
 //! any buffer comes back, and on every tick, so a dry pool slows a direction and never stops it.
 //!
+//! Bulk: a direction whose receive fills a whole pool buffer carries bulk data (as `relay: auto`
+//! judges it) and moves to splice(2) for good: its receive is cancelled, what it already received
+//! is sent, and then it moves bytes socket → pipe → socket with non-blocking splice calls on this
+//! thread, polling through the ring for whichever socket would block (IORING_OP_SPLICE is always
+//! handed to io-wq). The pipe (from the process's capped pool, 64 KiB) is its buffer, so the bytes
+//! a bulk direction holds are bounded by it. With no pipe to be had it stays on the pool's buffers.
+//!
 //! Ownership: a connection's state is boxed (the kernel reads its backend address, and the connect's
 //! timeout, from there) and stays in its slot while anything of it is in the kernel (`refs` counts the
 //! operations submitted and not completed for the last time); its slot is reused only after that, so
@@ -63,6 +70,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use socket2::{SockAddr, SockRef};
 
+use super::splice::{PipeLease, PipePool, PIPE_SIZE};
 use super::uring::bufs::{BufPool, GROUP};
 use super::{direction_ended, DirEnd, Side, Supervised};
 use crate::outcome::Outcome;
@@ -102,6 +110,7 @@ const K_TICK: u64 = 8;
 const K_PRE: u64 = 9;
 const K_WRITABLE: u64 = 10;
 const K_READABLE: u64 = 11;
+const K_SPLICE: u64 = 12;
 
 fn user_data(kind: u64, slot: u32, side: Side) -> u64 {
     kind | (u64::from(side == Side::Down) << 4) | (u64::from(slot) << 32)
@@ -221,6 +230,8 @@ pub(crate) struct Finished {
     pub(crate) end: Outcome,
     /// What broke it, when a side failed.
     pub(crate) broken: Option<io::Error>,
+    /// Whether either direction moved to splice(2) (it carried bulk data).
+    pub(crate) spliced: bool,
 }
 
 /// What a worker asks of the services it serves. Called on the worker's thread, between two entries
@@ -260,6 +271,11 @@ pub(crate) trait Host {
     fn retry(&mut self, conn: &mut Self::Conn) -> Result<Option<Target>, Outcome>;
     /// The connect to the last target succeeded; the relay starts.
     fn connected(&mut self, conn: &mut Self::Conn);
+    /// Whether a direction that carries bulk data (a receive fills a whole pool buffer) moves to
+    /// splice(2), as `relay: auto` does.
+    fn splices_bulk(&self) -> bool {
+        true
+    }
     /// Bytes sent to the backend (`up`) and to the client (`down`) since the last call.
     fn sent(&mut self, conn: &Self::Conn, up: u64, down: u64);
     /// Asked on every tick of a relayed connection: whether it is to be cut, and why.
@@ -371,6 +387,20 @@ where
     H::Listen: Send + 'static,
     F: FnOnce() -> H + Send + 'static,
 {
+    start_with(name, make, super::splice::pool())
+}
+
+/// [`start`], with the worker's pipes from `pipes`.
+fn start_with<H, F>(
+    name: String,
+    make: F,
+    pipes: &'static PipePool,
+) -> io::Result<(Handle<H::Listen>, std::thread::JoinHandle<()>)>
+where
+    H: Host,
+    H::Listen: Send + 'static,
+    F: FnOnce() -> H + Send + 'static,
+{
     let (tx, rx) = mpsc::channel();
     let wake = rustix::event::eventfd(
         0,
@@ -383,7 +413,7 @@ where
     let kept = counts.clone();
     let thread = std::thread::Builder::new().name(name).spawn(move || {
         // The ring is made here: SINGLE_ISSUER binds it to the thread that makes it.
-        match Worker::new(make(), rx, theirs, kept) {
+        match Worker::new(make(), rx, theirs, kept, pipes) {
             Ok(w) => {
                 let _ = ready_tx.send(Ok(()));
                 w.run();
@@ -432,12 +462,41 @@ struct Dir {
     /// Bytes sent in all, and since the host last heard.
     sent: u64,
     unflushed: u64,
+    /// It carries bulk data: its receive is ended, and once what it holds is sent it moves to
+    /// splice(2) (`pipe`) for good.
+    bulk: bool,
+    /// No pipe was to be had when it wanted one: it stays on the pool's buffers.
+    no_pipe: bool,
+    /// On splice: the pipe it moves bytes through, with what is in it.
+    pipe: Option<PipeLease>,
 }
 
 impl Dir {
-    /// Whether to arm a receive now: none armed, the source still open, room below half the cap.
+    /// Whether to arm a receive now: none armed, the source still open, room below half the cap,
+    /// not (moving to) splice.
     fn should_arm(&self, ending: bool) -> bool {
-        !self.armed && !self.eof && !self.starved && !ending && self.held.len() < CAP / 2
+        !self.armed
+            && !self.eof
+            && !self.starved
+            && !self.bulk
+            && !ending
+            && self.held.len() < CAP / 2
+    }
+
+    /// Whether a full pool buffer just received makes it a bulk direction.
+    fn turns_bulk(&self, received: u32) -> bool {
+        received >= POOL_BUF && !self.bulk && !self.no_pipe && !self.eof
+    }
+
+    /// Whether it can move to splice now: bulk, and nothing of it in the kernel or held (the
+    /// pipe's bytes must follow every byte received before them).
+    fn may_splice(&self) -> bool {
+        self.bulk
+            && self.pipe.is_none()
+            && !self.armed
+            && !self.sending
+            && self.held.is_empty()
+            && !self.eof
     }
 
     /// Whether to cancel the armed receive: the destination has not taken `CAP` messages.
@@ -447,7 +506,11 @@ impl Dir {
 
     /// Whether to pass the FIN on now: read, and everything before it sent.
     fn should_shut(&self) -> bool {
-        self.eof && !self.shut && !self.sending && self.held.is_empty()
+        self.eof
+            && !self.shut
+            && !self.sending
+            && self.held.is_empty()
+            && self.pipe.as_ref().is_none_or(|p| p.pending == 0)
     }
 }
 
@@ -487,6 +550,8 @@ struct Conn<C> {
     /// How it ends, once decided; it is freed when nothing of it is left in the kernel.
     end: Option<Supervised>,
     last: Instant,
+    /// A direction moved to splice.
+    spliced: bool,
 }
 
 impl<C> Conn<C> {
@@ -613,6 +678,9 @@ struct Worker<H: Host> {
     /// Accepts complete with EAGAIN when no client waits, and the worker polls the listener
     /// itself (`on_accept`); else (before Linux 6.10) the kernel polls.
     dontwait: bool,
+    /// Bulk directions move to splice (`Host::splices_bulk`), with pipes from here.
+    splice: bool,
+    pipes: &'static PipePool,
 }
 
 impl<H: Host> Worker<H> {
@@ -621,9 +689,11 @@ impl<H: Host> Worker<H> {
         commands: mpsc::Receiver<Command<H::Listen>>,
         wake: Arc<OwnedFd>,
         counts: Arc<Counts>,
+        pipes: &'static PipePool,
     ) -> io::Result<Worker<H>> {
         let ring = build_ring(SQ_ENTRIES, CQ_ENTRIES)?;
         let pool = BufPool::register(&ring, POOL_BUFS, POOL_BUF)?;
+        let splice = host.splices_bulk();
         let mut w = Worker {
             ring,
             pool: Some(pool),
@@ -646,6 +716,8 @@ impl<H: Host> Worker<H> {
             counts,
             dontwait: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .is_ok_and(|r| takes_accept_dontwait(r.trim())),
+            splice,
+            pipes,
         };
         w.arm_wake();
         Ok(w)
@@ -746,6 +818,7 @@ impl<H: Host> Worker<H> {
                     bytes_down: c.dirs[1].sent,
                     end: Outcome::DrainDeadline,
                     broken: None,
+                    spliced: c.spliced,
                 };
                 self.host.ended(h, finished);
             }
@@ -767,6 +840,7 @@ impl<H: Host> Worker<H> {
             K_CONNECT => self.on_connect(slot, res),
             K_PRE => self.on_pre(slot, res),
             K_WRITABLE => self.on_writable(slot, side_of(ud)),
+            K_SPLICE => self.on_splice_ready(slot, side_of(ud), res),
             K_LINK | K_CANCEL => self.release(slot),
             K_WAKE => {
                 if !cqueue::more(flags) {
@@ -1049,6 +1123,7 @@ impl<H: Host> Worker<H> {
             first_fin: None,
             end: None,
             last: self.now,
+            spliced: false,
         });
         let slot = match self.free.pop() {
             Some(s) => {
@@ -1343,6 +1418,7 @@ impl<H: Host> Worker<H> {
         }
         let mut send = false;
         let mut cancel = false;
+        let mut to_splice = false;
         let mut shut = false;
         let mut broke = None;
         let bid = cqueue::buffer_select(flags);
@@ -1366,6 +1442,14 @@ impl<H: Host> Worker<H> {
                 });
                 send = !d.sending;
                 cancel = d.should_cancel();
+                if self.splice && d.turns_bulk(res as u32) {
+                    // Its receive ends here (what it already took is sent first), then it splices.
+                    d.bulk = true;
+                    to_splice = true;
+                    if d.armed && !d.cancelling {
+                        cancel = true;
+                    }
+                }
                 if cancel {
                     d.cancelling = true;
                     c.refs += 1;
@@ -1392,7 +1476,9 @@ impl<H: Host> Worker<H> {
             self.send_next(slot, side);
         }
         if cancel {
-            bump(&self.counts.cancels_at_cap);
+            if !to_splice {
+                bump(&self.counts.cancels_at_cap);
+            }
             let e = opcode::AsyncCancel::new(user_data(K_RECV, slot, side))
                 .build()
                 .user_data(user_data(K_CANCEL, slot, side));
@@ -1405,6 +1491,8 @@ impl<H: Host> Worker<H> {
             self.shut(slot, side);
         } else if rearm {
             self.arm_recv(slot, side);
+        } else if !more {
+            self.maybe_splice(slot, side);
         }
         self.maybe_free(slot);
     }
@@ -1478,6 +1566,7 @@ impl<H: Host> Worker<H> {
             if rearm && !shut {
                 self.arm_recv(slot, side);
             }
+            self.maybe_splice(slot, side);
         }
         if given.is_some() && !self.starved.is_empty() {
             self.wake_starved(2);
@@ -1490,6 +1579,127 @@ impl<H: Host> Worker<H> {
         if self.completed(slot) {
             self.send_next(slot, side);
         }
+    }
+
+    /// A bulk direction whose receive has ended and whose held bytes are sent takes a pipe and
+    /// splices from now on; with no pipe to be had it goes back to receiving.
+    fn maybe_splice(&mut self, slot: u32, side: Side) {
+        let pipes = self.pipes;
+        let Some(c) = self.conn(slot) else { return };
+        let d = &mut c.dirs[side as usize];
+        if c.end.is_some() || !d.may_splice() {
+            return;
+        }
+        let Some(pipe) = pipes.lend() else {
+            d.bulk = false;
+            d.no_pipe = true;
+            if d.should_arm(false) {
+                self.arm_recv(slot, side);
+            }
+            return;
+        };
+        d.pipe = Some(pipe);
+        // Its last receive may have ended for want of a buffer: that no longer matters (a stale
+        // entry in `starved` finds the flag down).
+        d.starved = false;
+        c.spliced = true;
+        self.pump(slot, side);
+    }
+
+    /// Moves a splicing direction's bytes, socket → pipe → socket with non-blocking splice(2) on
+    /// this thread (the ring's splice is always handed to io-wq), until a socket would block, then
+    /// polls it through the ring. At most `SPLICE_ROUNDS` calls at a time: a direction that never
+    /// blocks polls a ready socket (which completes at once) and lets the others go first.
+    fn pump(&mut self, slot: u32, side: Side) {
+        const SPLICE_ROUNDS: usize = 32;
+        let now = self.now;
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let (Some(client), Some(backend)) = (c.client.as_ref(), c.backend.as_ref()) else {
+            return;
+        };
+        let (from, to) = match side {
+            Side::Up => (client.as_fd(), backend.as_fd()),
+            Side::Down => (backend.as_fd(), client.as_fd()),
+        };
+        let d = &mut c.dirs[side as usize];
+        let Some(pipe) = d.pipe.as_mut() else { return };
+        let mut moved = false;
+        let mut next = None;
+        for _ in 0..SPLICE_ROUNDS {
+            // Empty the pipe before filling it again.
+            let out = pipe.pending > 0;
+            let (r, fd, events, failed): (_, _, _, fn(io::Error) -> DirEnd) = if out {
+                (pipe.drain_to(to), to, libc::POLLOUT, DirEnd::DestError)
+            } else {
+                let r = pipe.fill_from(from, PIPE_SIZE);
+                (r, from, libc::POLLIN, DirEnd::SourceError)
+            };
+            match r {
+                Ok(0) if !out => {
+                    d.eof = true;
+                    next = Some(Pump::Eof);
+                    break;
+                }
+                Ok(n) => {
+                    moved = true;
+                    if out {
+                        d.sent += n as u64;
+                        d.unflushed += n as u64;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    next = Some(Pump::Wait(fd.as_raw_fd(), events));
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    next = Some(Pump::Broke(failed(e)));
+                    break;
+                }
+            }
+        }
+        // Out of rounds: wait for what it would do next, which is ready (a yield).
+        let next = next.unwrap_or(if pipe.pending > 0 {
+            Pump::Wait(to.as_raw_fd(), libc::POLLOUT)
+        } else {
+            Pump::Wait(from.as_raw_fd(), libc::POLLIN)
+        });
+        if moved {
+            c.last = now;
+        }
+        match next {
+            Pump::Wait(fd, events) => {
+                c.refs += 1;
+                let e = opcode::PollAdd::new(types::Fd(fd), events as u32)
+                    .build()
+                    .user_data(user_data(K_SPLICE, slot, side));
+                // SAFETY: points to nothing; the socket stays open in the connection until the
+                // poll completes (`refs`), and a connection's end cancels it with the rest.
+                unsafe { self.push(&[e]) };
+            }
+            Pump::Eof => {
+                if c.dir(side).should_shut() {
+                    self.shut(slot, side);
+                }
+            }
+            Pump::Broke(end) => self.broke(slot, side, end),
+        }
+    }
+
+    /// A splicing direction's socket is ready (or failed, which the next splice meets).
+    fn on_splice_ready(&mut self, slot: u32, side: Side, res: i32) {
+        if !self.completed(slot) {
+            return;
+        }
+        if res < 0 {
+            // Not a cancellation (that comes only to an ending connection): the poll itself
+            // failed, and polling again would only fail again.
+            let e = io::Error::from_raw_os_error(-res);
+            return self.broke(slot, side, DirEnd::SourceError(e));
+        }
+        self.pump(slot, side);
     }
 
     /// A buffer came back: the directions the pool could not serve may receive again, a few per
@@ -1624,6 +1834,7 @@ impl<H: Host> Worker<H> {
                 bytes_down: c.dirs[1].sent,
                 end: end.end,
                 broken: end.broken,
+                spliced: c.spliced,
             };
             self.host.ended(h, finished);
         }
@@ -1710,6 +1921,16 @@ impl<H: Host> Worker<H> {
             self.arm_tick();
         }
     }
+}
+
+/// What a splicing direction does after its last splice.
+enum Pump {
+    /// Poll this socket for these events, then splice again.
+    Wait(RawFd, i16),
+    /// The source's FIN: pass it on.
+    Eof,
+    /// A side failed.
+    Broke(DirEnd),
 }
 
 /// Accept errors that concern only the connection being accepted (it died in the backlog).

@@ -78,7 +78,8 @@ pub(super) struct PipePool {
     cap: usize,
 }
 
-fn pool() -> &'static PipePool {
+/// The process's pipes, shared by every engine that splices.
+pub(super) fn pool() -> &'static PipePool {
     static POOL: OnceLock<PipePool> = OnceLock::new();
     POOL.get_or_init(|| PipePool::new(default_cap()))
 }
@@ -144,6 +145,14 @@ pub(super) struct PipeLease {
     pipe: Option<Pipe>,
     /// Bytes spliced into the pipe and not yet out of it.
     pub pending: usize,
+}
+
+impl std::fmt::Debug for PipeLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipeLease")
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PipeLease {

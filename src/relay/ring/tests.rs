@@ -31,6 +31,10 @@ struct Mode {
     undecided: bool,
     /// Every client first waits for a target, until `retry` has been asked this many times.
     wait_for_retries: Option<u64>,
+    /// Bulk directions stay on the pool's buffers (`Host::splices_bulk`).
+    copy_only: bool,
+    /// The worker gets no pipe when it asks for one.
+    no_pipes: bool,
 }
 
 /// What the host was asked, counted.
@@ -117,6 +121,9 @@ impl Host for TestHost {
         Ok(enough.then(|| self.first()))
     }
     fn connected(&mut self, _: &mut TestConn) {}
+    fn splices_bulk(&self) -> bool {
+        !self.mode.copy_only
+    }
     fn sent(&mut self, _: &TestConn, _: u64, _: u64) {}
     fn cut(&mut self, _: &TestConn) -> Option<Outcome> {
         None
@@ -170,14 +177,21 @@ fn worker_with(targets: Vec<SocketAddr>, timeout: Duration, mode: Mode) -> Optio
     let (tx, ended) = mpsc::channel();
     let seen = Arc::new(Seen::default());
     let host_seen = seen.clone();
-    let (handle, thread) = start("ring-test".into(), move || TestHost {
+    let pipes = if mode.no_pipes {
+        // A pool that lends nothing.
+        Box::leak(Box::new(PipePool::new(0)))
+    } else {
+        super::super::splice::pool()
+    };
+    let make = move || TestHost {
         targets,
         timeout,
         mode,
         seen: host_seen,
         ended: tx,
-    })
-    .expect("a ring worker starts");
+    };
+    let (handle, thread) =
+        start_with("ring-test".into(), make, pipes).expect("a ring worker starts");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     assert!(handle.send(Command::Listen {
@@ -238,8 +252,49 @@ fn relayed_client(r: &Running) -> TcpStream {
     c
 }
 
+/// `read`, again when a signal interrupts it: a socket with a read timeout is never restarted
+/// after a signal handler, and other tests in this process signal it.
+fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
 fn byte(i: u64) -> u8 {
     (i.wrapping_mul(31) ^ (i >> 12)) as u8
+}
+
+/// Writes `total` bytes of the `byte` pattern to `s`, then its FIN.
+fn write_pattern(s: &mut TcpStream, total: u64) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut i = 0u64;
+    while i < total {
+        for b in buf.iter_mut() {
+            *b = byte(i);
+            i += 1;
+        }
+        s.write_all(&buf).expect("the whole pattern is written");
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+}
+
+/// Reads `s` to its EOF, checking each byte against the `byte` pattern; how many came.
+fn read_pattern(s: &mut TcpStream) -> u64 {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut i = 0u64;
+    loop {
+        let n = read_some(s, &mut buf).expect("the pattern is read");
+        if n == 0 {
+            return i;
+        }
+        for &got in &buf[..n] {
+            assert_eq!(got, byte(i), "byte {i}");
+            i += 1;
+        }
+    }
 }
 
 fn stop(r: Running) {
@@ -294,6 +349,40 @@ fn a_direction_arms_below_half_the_cap_cancels_at_it_and_shuts_once_drained() {
 }
 
 #[test]
+fn a_direction_turns_bulk_on_a_full_buffer_and_splices_once_nothing_of_it_is_in_flight() {
+    let mut d = Dir::default();
+    assert!(!d.turns_bulk(POOL_BUF - 1), "a short receive is not bulk");
+    assert!(d.turns_bulk(POOL_BUF));
+    d.bulk = true;
+    assert!(!d.turns_bulk(POOL_BUF), "once");
+    assert!(!d.should_arm(false), "a bulk direction receives no more");
+    d.armed = true;
+    assert!(!d.may_splice(), "its receive is still in the kernel");
+    d.armed = false;
+    d.held.push_back(Held {
+        bid: 0,
+        len: POOL_BUF,
+        off: 0,
+    });
+    assert!(!d.may_splice(), "what it received goes first");
+    d.held.clear();
+    d.sending = true;
+    assert!(!d.may_splice(), "and its send completes first");
+    d.sending = false;
+    assert!(d.may_splice());
+    d.eof = true;
+    assert!(!d.may_splice(), "after the FIN there is nothing to splice");
+    let mut d = Dir {
+        no_pipe: true,
+        ..Dir::default()
+    };
+    assert!(!d.turns_bulk(POOL_BUF), "no pipe was to be had: it stays");
+    d.no_pipe = false;
+    d.eof = true;
+    assert!(!d.turns_bulk(POOL_BUF));
+}
+
+#[test]
 fn silence_is_measured_against_the_limit_of_the_connections_state() {
     let t = Timeouts {
         idle: Duration::from_secs(10),
@@ -332,21 +421,16 @@ fn a_destination_that_does_not_read_stops_its_receive_at_the_cap_and_loses_nothi
     const TOTAL: u64 = 64 << 20;
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let backend = l.local_addr().unwrap();
-    let Some(r) = worker(vec![backend], WAIT) else {
+    let copy_only = Mode {
+        copy_only: true,
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![backend], WAIT, copy_only) else {
         return;
     };
     let mut c = client(r.addr);
     let writer = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        let mut i = 0u64;
-        while i < TOTAL {
-            for b in buf.iter_mut() {
-                *b = byte(i);
-                i += 1;
-            }
-            c.write_all(&buf).expect("the client writes it all");
-        }
-        c.shutdown(Shutdown::Write).unwrap();
+        write_pattern(&mut c, TOTAL);
         c
     });
     let (mut b, _) = l.accept().unwrap();
@@ -360,19 +444,7 @@ fn a_destination_that_does_not_read_stops_its_receive_at_the_cap_and_loses_nothi
     }
     assert_eq!(r.handle.counts().starved.load(Relaxed), 0);
     b.set_read_timeout(Some(WAIT)).unwrap();
-    let mut buf = vec![0u8; 64 << 10];
-    let mut i = 0u64;
-    loop {
-        let n = b.read(&mut buf).expect("the backend reads");
-        if n == 0 {
-            break;
-        }
-        for &got in &buf[..n] {
-            assert_eq!(got, byte(i), "byte {i}");
-            i += 1;
-        }
-    }
-    assert_eq!(i, TOTAL, "every byte, once");
+    assert_eq!(read_pattern(&mut b), TOTAL, "every byte, once");
     drop(b);
     let mut c = writer.join().unwrap();
     let mut rest = Vec::new();
@@ -384,6 +456,96 @@ fn a_destination_that_does_not_read_stops_its_receive_at_the_cap_and_loses_nothi
     let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
     assert_eq!(f.bytes_up, TOTAL);
     assert_eq!(f.end, Outcome::ClientClosed);
+    assert!(
+        !f.spliced,
+        "a host that does not splice keeps it on the pool"
+    );
+    stop(r);
+}
+
+/// Both directions carry 32 MiB through an echo: each moves to splice (or, with no pipe to be had,
+/// stays on the pool's buffers) and delivers every byte once, in order, then both FINs.
+fn bulk_both_ways(mode: Mode) -> Option<Finished> {
+    const TOTAL: u64 = 32 << 20;
+    let r = worker_with(vec![echo_backend()], WAIT, mode)?;
+    let mut c = client(r.addr);
+    let mut w = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || write_pattern(&mut w, TOTAL));
+    assert_eq!(
+        read_pattern(&mut c),
+        TOTAL,
+        "every byte back, once, then the backend's FIN"
+    );
+    writer.join().unwrap();
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!((f.bytes_up, f.bytes_down), (TOTAL, TOTAL));
+    assert_eq!(f.end, Outcome::ClientClosed);
+    stop(r);
+    Some(f)
+}
+
+#[test]
+fn bulk_moves_to_splice_both_ways_and_loses_nothing() {
+    if let Some(f) = bulk_both_ways(Mode::default()) {
+        assert!(f.spliced, "bulk moved to splice: {f:?}");
+    }
+}
+
+#[test]
+fn with_no_pipe_to_be_had_bulk_stays_on_the_pool_and_loses_nothing() {
+    let mode = Mode {
+        no_pipes: true,
+        ..Mode::default()
+    };
+    if let Some(f) = bulk_both_ways(mode) {
+        assert!(!f.spliced, "no pipe, no splice: {f:?}");
+    }
+}
+
+/// A backend that resets in the middle of a spliced stream: the client sees a reset, the
+/// connection ends as the backend's.
+#[test]
+fn a_backend_reset_while_splicing_resets_the_client() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = l.local_addr().unwrap();
+    let Some(r) = worker(vec![backend], WAIT) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    let (read_half, half_read) = mpsc::channel();
+    let server = std::thread::spawn(move || {
+        let (mut b, _) = l.accept().unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        for _ in 0..16 {
+            b.write_all(&chunk).unwrap();
+        }
+        half_read.recv_timeout(WAIT).expect("the client read half");
+        SockRef::from(&b).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(b);
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    let mut got = 0usize;
+    let mut told = false;
+    let e = loop {
+        match read_some(&mut c, &mut buf) {
+            Ok(0) => panic!("an EOF after {got} bytes, not a reset"),
+            Ok(n) => got += n,
+            Err(e) => break e,
+        }
+        if got >= 512 << 10 && !told {
+            told = true;
+            read_half.send(()).unwrap();
+        }
+    };
+    assert_eq!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset,
+        "after {got} bytes"
+    );
+    server.join().unwrap();
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert!(f.spliced, "{f:?}");
+    assert_eq!(f.end, Outcome::BackendReset);
     stop(r);
 }
 
