@@ -22,6 +22,7 @@ sluicegate's admin API:
   health-of ADDRESS          that backend's health, or "absent"
   backend-names              the names of the backends not removed, sorted, each followed by a space
   replica-count              the replicas sluicegate runs (0 when the API does not answer)
+  engines                    the relay engine each service runs, one line each (from /metrics)
   replacement CONTAINER      "NEW replaces it: REASON" for each running replica that replaced CONTAINER
   wrk-report BACKENDS REQ_BEFORE REQ_AFTER
                              requests and connections per backend during a run
@@ -50,6 +51,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -256,6 +258,28 @@ def replica_count(_a):
     except API_ERRORS:
         n = 0
     print(n)
+    return True
+
+
+def relay_engines(page):
+    """{service: relay engine} from a /metrics page's sluicegate_relay_info samples."""
+    found = {}
+    for line in page.splitlines():
+        if line.startswith("sluicegate_relay_info{"):
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', line.split("}", 1)[0]))
+            found[labels.get("service", "?")] = labels.get("relay", "?")
+    return found
+
+
+def engines(_a):
+    """The relay engine each service runs, one line each: what sluicegate_relay_info on /metrics
+    says, which is `auto` where a service asked for `ring` or `uring` and io_uring is unavailable."""
+    with urllib.request.urlopen(ADMIN + "/metrics", timeout=10) as r:
+        found = relay_engines(r.read().decode())
+    if not found:
+        raise Failed("/metrics has no sluicegate_relay_info sample")
+    for service, relay in sorted(found.items()):
+        print(f"{service}: {relay}")
     return True
 
 
@@ -573,6 +597,7 @@ def parser():
     cmd("health-of", health_of).add_argument("address")
     cmd("backend-names", backend_names)
     cmd("replica-count", replica_count)
+    cmd("engines", engines)
     cmd("replacement", replacement).add_argument("container")
     c = cmd("wrk-report", wrk_report)
     c.add_argument("backends_before", help="GET /backends before the run (JSON)")

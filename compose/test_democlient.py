@@ -222,7 +222,9 @@ class Fake(BaseHTTPRequestHandler):
         body = (seq.pop(0) if len(seq) > 1 else seq[0]) if seq else self.answers.get(self.path)
         self.send_response(200 if body is not None else 404)
         self.end_headers()
-        if body is not None:
+        if isinstance(body, bytes):
+            self.wfile.write(body)
+        elif body is not None:
             self.wfile.write(json.dumps(body).encode())
 
     def log_message(self, *_):
@@ -292,6 +294,20 @@ class Commands(unittest.TestCase):
         self.assertEqual(self.run_main("health-of", "z:1")[:2], (0, "absent\n"))
         self.assertEqual(self.run_main("backend-names")[:2], (0, "web-1 web-2 \n"))
         self.assertEqual(self.run_main("replica-count")[:2], (0, "4\n"))
+
+    def test_engines_are_read_from_the_relay_info_samples(self):
+        Fake.answers["/metrics"] = (
+            b'# HELP sluicegate_relay_info The relay engine a service runs.\n'
+            b'# TYPE sluicegate_relay_info gauge\n'
+            b'sluicegate_relay_info{service="web",relay="auto",policy="least_conn"} 1\n'
+            b'sluicegate_relay_info{service="db \\"x\\"",relay="ring",policy="round_robin"} 1\n'
+            b'sluicegate_relay_infos{service="no",relay="copy"} 1\n'
+        )
+        self.assertEqual(self.run_main("engines")[:2], (0, 'db \\"x\\": ring\nweb: auto\n'))
+        Fake.answers["/metrics"] = b"sluicegate_up 1\n"
+        code, out, err = self.run_main("engines")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("no sluicegate_relay_info", err)
 
     def test_status_fails_when_the_admin_api_does_not_answer(self):
         dc.ADMIN = "http://127.0.0.1:" + str(refusing_port())

@@ -626,7 +626,7 @@ pub(crate) const METRICS: Table<ServiceView> = Table {
         Family::new(
             Kind::Gauge,
             "sluicegate_relay_info",
-            "The relay engine a service is configured with (auto, splice, copy, uring).",
+            "The relay engine a service runs (auto, splice, copy, uring, ring; auto where io_uring is unavailable).",
             &["relay", "policy"],
             |s, o| o.put(&[s.relay, s.policy], 1u64),
         ),
