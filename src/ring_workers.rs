@@ -204,6 +204,7 @@ impl RingWorkers {
                     receives_armed: load(&c.receives_armed),
                     cancels_at_cap: load(&c.cancels_at_cap),
                     starved: load(&c.starved),
+                    splices_stuck: load(&c.splices_stuck),
                 }
             })
             .collect()
@@ -219,6 +220,7 @@ pub(crate) struct WorkerView {
     receives_armed: u64,
     cancels_at_cap: u64,
     starved: u64,
+    splices_stuck: u64,
 }
 
 impl Subject for WorkerView {
@@ -267,6 +269,13 @@ pub(crate) const METRICS: Table<WorkerView> = Table {
             "Receives that found the ring worker's buffer pool empty (ENOBUFS); the direction receives again once a buffer comes back.",
             &[],
             |w, o| o.put(&[], w.starved),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_ring_splices_stuck_total",
+            "Spliced directions that went back to receiving: their source polled readable and splice found nothing (TCP urgent data).",
+            &[],
+            |w, o| o.put(&[], w.splices_stuck),
         ),
     ],
 };

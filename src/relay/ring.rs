@@ -70,7 +70,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use socket2::{SockAddr, SockRef};
 
-use super::splice::{PipeLease, PipePool, PIPE_SIZE};
+use super::splice::{stuck_at_urgent, PipeLease, PipePool, PIPE_SIZE};
 use super::uring::bufs::{BufPool, GROUP};
 use super::{direction_ended, DirEnd, Side, Supervised};
 use crate::outcome::Outcome;
@@ -644,6 +644,9 @@ pub(crate) struct Counts {
     pub(crate) cancels_at_cap: AtomicU64,
     /// Receives the pool had no buffer for (ENOBUFS).
     pub(crate) starved: AtomicU64,
+    /// Spliced directions that went back to receiving: splice found nothing to read on a source
+    /// that polled readable (TCP urgent data).
+    pub(crate) splices_stuck: AtomicU64,
     /// Connections open on the worker now.
     pub(crate) open: AtomicU64,
 }
@@ -825,6 +828,12 @@ impl<H: Host> Worker<H> {
         }
         if let Some(pool) = self.pool.take() {
             pool.leak();
+        }
+        // The pipes go back (the kernel holds nothing of them: splice is called, not submitted).
+        for c in self.conns.iter_mut().flatten() {
+            for d in &mut c.dirs {
+                d.pipe = None;
+            }
         }
         std::mem::forget(std::mem::take(&mut self.conns));
         std::mem::forget(std::mem::take(&mut self.listeners));
@@ -1603,14 +1612,19 @@ impl<H: Host> Worker<H> {
         // entry in `starved` finds the flag down).
         d.starved = false;
         c.spliced = true;
-        self.pump(slot, side);
+        self.pump(slot, side, false);
     }
 
     /// Moves a splicing direction's bytes, socket → pipe → socket with non-blocking splice(2) on
     /// this thread (the ring's splice is always handed to io-wq), until a socket would block, then
     /// polls it through the ring. At most `SPLICE_ROUNDS` calls at a time: a direction that never
     /// blocks polls a ready socket (which completes at once) and lets the others go first.
-    fn pump(&mut self, slot: u32, side: Side) {
+    ///
+    /// `readable`: its source was just polled readable. If splice still finds nothing to read, the
+    /// socket is at TCP urgent data, where splice stops and poll keeps saying readable: polling
+    /// again would spin, so the direction goes back to receiving (which reads past it), for good.
+    /// The same when splice reads an end of stream with bytes still queued past the mark.
+    fn pump(&mut self, slot: u32, side: Side, readable: bool) {
         const SPLICE_ROUNDS: usize = 32;
         let now = self.now;
         let Some(c) = at(&mut self.conns, slot) else {
@@ -1627,7 +1641,7 @@ impl<H: Host> Worker<H> {
         let Some(pipe) = d.pipe.as_mut() else { return };
         let mut moved = false;
         let mut next = None;
-        for _ in 0..SPLICE_ROUNDS {
+        for round in 0..SPLICE_ROUNDS {
             // Empty the pipe before filling it again.
             let out = pipe.pending > 0;
             let (r, fd, events, failed): (_, _, _, fn(io::Error) -> DirEnd) = if out {
@@ -1637,6 +1651,10 @@ impl<H: Host> Worker<H> {
                 (r, from, libc::POLLIN, DirEnd::SourceError)
             };
             match r {
+                Ok(0) if !out && stuck_at_urgent(from) => {
+                    next = Some(Pump::Stuck);
+                    break;
+                }
                 Ok(0) if !out => {
                     d.eof = true;
                     next = Some(Pump::Eof);
@@ -1650,7 +1668,11 @@ impl<H: Host> Worker<H> {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    next = Some(Pump::Wait(fd.as_raw_fd(), events));
+                    next = Some(if readable && round == 0 && !out {
+                        Pump::Stuck
+                    } else {
+                        Pump::Wait(fd.as_raw_fd(), events)
+                    });
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1680,26 +1702,49 @@ impl<H: Host> Worker<H> {
                 unsafe { self.push(&[e]) };
             }
             Pump::Eof => {
-                if c.dir(side).should_shut() {
+                let d = c.dir(side);
+                // Empty (it is filled only once empty): back to the pool for others now, not
+                // when the connection ends.
+                d.pipe = None;
+                if d.should_shut() {
                     self.shut(slot, side);
+                }
+            }
+            Pump::Stuck => {
+                let d = c.dir(side);
+                d.pipe = None;
+                d.bulk = false;
+                d.no_pipe = true;
+                bump(&self.counts.splices_stuck);
+                if d.should_arm(false) {
+                    self.arm_recv(slot, side);
                 }
             }
             Pump::Broke(end) => self.broke(slot, side, end),
         }
     }
 
-    /// A splicing direction's socket is ready (or failed, which the next splice meets).
+    /// A splicing direction's socket is ready, or its poll failed.
     fn on_splice_ready(&mut self, slot: u32, side: Side, res: i32) {
         if !self.completed(slot) {
             return;
         }
+        // It polled its destination for room when the pipe held bytes, else its source.
+        let Some(c) = self.conn(slot) else { return };
+        let to_dest = c.dir(side).pipe.as_ref().is_some_and(|p| p.pending > 0);
         if res < 0 {
             // Not a cancellation (that comes only to an ending connection): the poll itself
             // failed, and polling again would only fail again.
             let e = io::Error::from_raw_os_error(-res);
-            return self.broke(slot, side, DirEnd::SourceError(e));
+            let end = if to_dest {
+                DirEnd::DestError(e)
+            } else {
+                DirEnd::SourceError(e)
+            };
+            return self.broke(slot, side, end);
         }
-        self.pump(slot, side);
+        let readable = !to_dest && res & i32::from(libc::POLLIN) != 0;
+        self.pump(slot, side, readable);
     }
 
     /// A buffer came back: the directions the pool could not serve may receive again, a few per
@@ -1929,6 +1974,8 @@ enum Pump {
     Wait(RawFd, i16),
     /// The source's FIN: pass it on.
     Eof,
+    /// Splice stopped at urgent data in the source (see `stuck_at_urgent`): receive instead.
+    Stuck,
     /// A side failed.
     Broke(DirEnd),
 }

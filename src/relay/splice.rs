@@ -71,6 +71,16 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
     }
 }
 
+/// Whether socket `from` has bytes to read that splice(2) will not move. Splice stops at TCP urgent
+/// data (the kernel's `tcp_read_sock` does not skip the urgent byte, as a receive does): it returns
+/// EAGAIN there, or 0 once the FIN has come too, with ordinary bytes still queued after the mark.
+/// A peek reads past the mark without taking anything.
+pub(super) fn stuck_at_urgent(from: BorrowedFd<'_>) -> bool {
+    let mut byte = [0u8; 1];
+    let peek = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    matches!(rustix::net::recv(from, &mut byte[..], peek), Ok((n, _)) if n > 0)
+}
+
 /// Pipes kept for reuse, and how many are lent out, against a cap.
 pub(super) struct PipePool {
     idle: Mutex<Vec<Pipe>>,

@@ -35,6 +35,8 @@ struct Mode {
     copy_only: bool,
     /// The worker gets no pipe when it asks for one.
     no_pipes: bool,
+    /// Every connection's idle timeout (60 s when not set).
+    idle: Option<Duration>,
 }
 
 /// What the host was asked, counted.
@@ -80,7 +82,7 @@ impl Host for TestHost {
             },
         };
         let timeouts = Timeouts {
-            idle: Duration::from_secs(60),
+            idle: self.mode.idle.unwrap_or(Duration::from_secs(60)),
             half_close: Duration::from_secs(60),
         };
         Some((conn, admit, timeouts))
@@ -148,6 +150,8 @@ struct Running {
     addr: SocketAddr,
     ended: Receiver<(Finished, Vec<io::ErrorKind>)>,
     seen: Arc<Seen>,
+    /// The worker's own pipes (none lent when `Mode::no_pipes`).
+    pipes: &'static PipePool,
 }
 
 /// A worker serving a listener of its own, connecting to `targets` in turn; `None` (said) where
@@ -177,12 +181,9 @@ fn worker_with(targets: Vec<SocketAddr>, timeout: Duration, mode: Mode) -> Optio
     let (tx, ended) = mpsc::channel();
     let seen = Arc::new(Seen::default());
     let host_seen = seen.clone();
-    let pipes = if mode.no_pipes {
-        // A pool that lends nothing.
-        Box::leak(Box::new(PipePool::new(0)))
-    } else {
-        super::super::splice::pool()
-    };
+    // A pool of the worker's own, so a test can count what it lends.
+    let pipes: &'static PipePool =
+        Box::leak(Box::new(PipePool::new(if mode.no_pipes { 0 } else { 16 })));
     let make = move || TestHost {
         targets,
         timeout,
@@ -205,6 +206,7 @@ fn worker_with(targets: Vec<SocketAddr>, timeout: Duration, mode: Mode) -> Optio
         addr,
         ended,
         seen,
+        pipes,
     })
 }
 
@@ -500,6 +502,133 @@ fn with_no_pipe_to_be_had_bulk_stays_on_the_pool_and_loses_nothing() {
     if let Some(f) = bulk_both_ways(mode) {
         assert!(!f.spliced, "no pipe, no splice: {f:?}");
     }
+}
+
+/// A worker in `mode` whose one target is a listener of the test's, a client of it, and that
+/// client's connection as the backend accepted it.
+fn one_connection(mode: Mode) -> Option<(Running, TcpStream, TcpStream)> {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let r = worker_with(vec![l.local_addr().unwrap()], WAIT, mode)?;
+    let c = client(r.addr);
+    let (b, _) = l.accept().unwrap();
+    b.set_read_timeout(Some(WAIT)).unwrap();
+    Some((r, c, b))
+}
+
+/// A direction that has ended gives its pipe back at once, while the other goes on.
+#[test]
+fn a_spliced_direction_gives_its_pipe_back_at_its_fin() {
+    let Some((r, mut c, mut b)) = one_connection(Mode::default()) else {
+        return;
+    };
+    let writer = std::thread::spawn(move || {
+        write_pattern(&mut c, 1 << 20);
+        c
+    });
+    assert_eq!(read_pattern(&mut b), 1 << 20, "the upload, then its FIN");
+    let mut c = writer.join().unwrap();
+    wait_until(|| r.pipes.lent() == 0, "the upload's pipe back in the pool");
+    b.write_all(b"the download goes on").unwrap();
+    let mut got = [0u8; 20];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"the download goes on");
+    drop(b);
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert!(f.spliced);
+    assert_eq!((f.bytes_up, f.bytes_down), (1 << 20, 20));
+    stop(r);
+}
+
+/// TCP urgent data stops splice: it returns EAGAIN at the mark, while poll keeps reporting the
+/// socket readable, or 0 once the FIN has come too, with bytes still queued past the mark. The
+/// direction goes back to receiving (which reads past it) instead of polling a socket that is
+/// always ready, or taking the bytes after the mark for an end of stream.
+fn urgent_data_while_splicing(fin_with_it: bool) {
+    let Some((r, mut c, mut b)) = one_connection(Mode::default()) else {
+        return;
+    };
+    let bulk = vec![1u8; 256 << 10];
+    c.write_all(&bulk).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut got = 0;
+    while got < bulk.len() {
+        got += read_some(&mut b, &mut buf).unwrap();
+    }
+    // SAFETY: `c` is an open socket and the buffer is one valid byte.
+    let n = unsafe { libc::send(c.as_raw_fd(), b"U".as_ptr().cast(), 1, libc::MSG_OOB) };
+    assert_eq!(n, 1, "the urgent byte is sent");
+    c.write_all(b"after the urgent byte").unwrap();
+    if fin_with_it {
+        c.shutdown(Shutdown::Write).unwrap();
+    } else {
+        let mut after = [0u8; 21];
+        b.read_exact(&mut after)
+            .expect("what follows the urgent byte arrives before any FIN");
+        assert_eq!(&after, b"after the urgent byte");
+        c.write_all(b" and more").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+    }
+    let mut rest = Vec::new();
+    b.read_to_end(&mut rest)
+        .expect("what follows the urgent byte arrives, then the FIN");
+    let want: &[u8] = if fin_with_it {
+        b"after the urgent byte"
+    } else {
+        b" and more"
+    };
+    assert_eq!(rest, want, "urgent data is not inline");
+    assert_eq!(r.handle.counts().splices_stuck.load(Relaxed), 1);
+    drop(b);
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert!(f.spliced);
+    stop(r);
+}
+
+#[test]
+fn urgent_data_sends_a_spliced_direction_back_to_receiving() {
+    urgent_data_while_splicing(false);
+}
+
+#[test]
+fn urgent_data_and_a_fin_are_not_taken_for_the_end_of_a_spliced_stream() {
+    urgent_data_while_splicing(true);
+}
+
+/// Bytes moved by splice count as activity: a connection that keeps moving bulk data outlives
+/// its idle timeout many times over, and one that stops ends at it.
+#[test]
+fn a_spliced_direction_that_moves_bytes_is_not_idle() {
+    const IDLE: Duration = Duration::from_millis(1500);
+    let mode = Mode {
+        idle: Some(IDLE),
+        ..Mode::default()
+    };
+    let Some((r, mut c, mut b)) = one_connection(mode) else {
+        return;
+    };
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut n = 0usize;
+        while let Ok(k @ 1..) = read_some(&mut b, &mut buf) {
+            n += k;
+        }
+        n
+    });
+    // 64 KiB every 50 ms for four idle timeouts: every write is a bulk receive or splice.
+    let chunk = vec![2u8; 64 << 10];
+    let until = Instant::now() + IDLE * 4;
+    let mut sent = 0usize;
+    while Instant::now() < until {
+        c.write_all(&chunk).expect("the connection is still open");
+        sent += chunk.len();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("it ends once silent");
+    assert_eq!(f.end, Outcome::IdleTimeout);
+    assert!(f.spliced);
+    assert_eq!(f.bytes_up, sent as u64, "every byte before it went idle");
+    assert_eq!(reader.join().unwrap(), sent);
+    stop(r);
 }
 
 /// A backend that resets in the middle of a spliced stream: the client sees a reset, the
