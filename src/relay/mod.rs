@@ -722,13 +722,21 @@ async fn pump(
         // Bulk: spliced, as `auto` does (the socket is still registered with the reactor, so the
         // epoll engines can take it over); with no pipe free, copied below.
         if let Some(pipe) = splice::PipeLease::acquire() {
-            return Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await;
+            if let Some(end) = Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
+                return end;
+            }
         }
     }
+    // Splice stopped at TCP urgent data (`pump_splice`): copied from here on.
+    #[cfg(target_os = "linux")]
+    let mut stuck = false;
     #[cfg(target_os = "linux")]
     if mode == RelayMode::Splice {
         if let Some(pipe) = splice::PipeLease::acquire() {
-            return Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await;
+            match Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
+                Some(end) => return end,
+                None => stuck = true,
+            }
         }
     }
     // The direction's own buffer, once the destination has pushed back (see `copy_through_scratch`).
@@ -748,10 +756,14 @@ async fn pump(
         // (`ring` lands here only for a connection carried in from an older process.)
         if matches!(mode, RelayMode::Auto | RelayMode::Uring | RelayMode::Ring)
             && last_read == COPY_BUF
+            && !stuck
         {
             if let Some(pipe) = splice::PipeLease::acquire() {
-                drop(own);
-                return Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await;
+                own = None;
+                match Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
+                    Some(end) => return end,
+                    None => stuck = true,
+                }
             }
         }
         if let Err(e) = read_ready(src).await {
@@ -909,6 +921,8 @@ fn copy_through_scratch(
     })
 }
 
+/// A direction on splice, until it ends, or (`None`, its pipe empty) until splice stops at TCP
+/// urgent data in the source, which the caller then copies past.
 #[cfg(target_os = "linux")]
 async fn pump_splice(
     src: &TcpStream,
@@ -917,27 +931,41 @@ async fn pump_splice(
     other: &Flow<'_>,
     mut pipe: splice::PipeLease,
     start: Instant,
-) -> DirEnd {
+) -> Option<DirEnd> {
     use std::os::fd::AsFd;
     flow.spliced.store(true, Relaxed);
     // What a carried connection brought along goes out before anything is read.
     if let Err(e) = write_pending(dst, flow, start).await {
-        return DirEnd::DestError(e);
+        return Some(DirEnd::DestError(e));
     }
     loop {
         // The pipe is empty here: fill it from the socket.
         if let Err(e) = src.readable().await {
-            return DirEnd::SourceError(e);
+            return Some(DirEnd::SourceError(e));
         }
         // Plain try_io, not read_once: a short splice does not mean the socket is drained (the pipe's 16
         // buffer slots can fill with small segments first), and clearing readiness then would stall.
-        match src.try_io(Interest::READABLE, || {
-            pipe.fill_from(src.as_fd(), splice::PIPE_SIZE)
-        }) {
-            Ok(0) => return finish(dst, flow, other),
-            Ok(_) => {}
+        // Splice stops at TCP urgent data: EAGAIN there, or 0 once the FIN has come too, with
+        // bytes still queued past the mark, which a peek sees (and, after EAGAIN, one more splice
+        // that also finds nothing rules out bytes that came since). Then the caller's receives
+        // read past it; the readiness stays set (`Stuck` is not an error), so they start at once.
+        let fd = src.as_fd();
+        let fill = || match pipe.fill_from(fd, splice::PIPE_SIZE) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && splice::stuck_at_urgent(fd) => {
+                match pipe.fill_from(fd, splice::PIPE_SIZE) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::Stuck),
+                    r => r.map(Filled::Bytes),
+                }
+            }
+            Ok(0) if splice::stuck_at_urgent(fd) => Ok(Filled::Stuck),
+            r => r.map(Filled::Bytes),
+        };
+        match src.try_io(Interest::READABLE, fill) {
+            Ok(Filled::Stuck) => return None,
+            Ok(Filled::Bytes(0)) => return Some(finish(dst, flow, other)),
+            Ok(Filled::Bytes(_)) => {}
             Err(e) if retry(&e) => continue,
-            Err(e) => return DirEnd::SourceError(e),
+            Err(e) => return Some(DirEnd::SourceError(e)),
         }
         // Drain it completely before reading again, so `pending` bytes are the only ones in flight.
         while pipe.pending > 0 {
@@ -947,20 +975,29 @@ async fn pump_splice(
                     continue;
                 }
                 Err(e) if retry(&e) => {}
-                Err(e) => return DirEnd::DestError(e),
+                Err(e) => return Some(DirEnd::DestError(e)),
             }
             // Waiting with bytes in the pipe: parked where a relay stopped for `carry` finds them.
             flow.pipe.put(pipe);
             let ready = dst.writable().await;
             let Some(back) = flow.pipe.take() else {
-                return DirEnd::Carried;
+                return Some(DirEnd::Carried);
             };
             pipe = back;
             if let Err(e) = ready {
-                return DirEnd::DestError(e);
+                return Some(DirEnd::DestError(e));
             }
         }
     }
+}
+
+/// What one fill of a splicing direction's pipe did.
+#[cfg(target_os = "linux")]
+enum Filled {
+    /// Bytes moved into the pipe; 0 is the end of the stream.
+    Bytes(usize),
+    /// Splice stopped at urgent data with bytes past it (see `pump_splice`).
+    Stuck,
 }
 
 /// Errors after which the same operation is simply tried again.

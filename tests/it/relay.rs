@@ -51,7 +51,60 @@ every_engine!(
     half_close_timeout_closes_both_sides,
     half_closed_stream_outlives_the_half_close_timeout,
     idle_timeout_closes_silence_but_not_a_trickle,
+    urgent_data_in_a_bulk_stream_is_skipped_and_the_rest_relayed,
 );
+
+/// reliability.md `urgent-data`: a client that sends TCP urgent data (MSG_OOB) after bulk data, when
+/// a direction may be on splice (which stops at the urgent mark where a receive reads past it):
+/// what follows it is relayed, without the FIN behind it (connection A) and with it (B). Urgent
+/// data is not inline, so the urgent byte itself goes nowhere, as through a plain receive.
+async fn urgent_data_in_a_bulk_stream_is_skipped_and_the_rest_relayed(mode: RelayMode) {
+    let backend = Backend::echo([127, 0, 0, 3]).await;
+    let proxy = Proxy::start(&service_yaml(&[backend.addr], mode, "")).await;
+    for fin_with_it in [false, true] {
+        let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+        let bulk = payload(7, 256 << 10);
+        let (mut r, mut w) = c.split();
+        let mut back = vec![0u8; bulk.len()];
+        let (wrote, read) = within(SECS(10), "the bulk echo", async {
+            tokio::join!(w.write_all(&bulk), r.read_exact(&mut back))
+        })
+        .await;
+        wrote.unwrap();
+        read.unwrap();
+        assert_eq!(sha(&back), sha(&bulk));
+        let sent = socket2::SockRef::from(&c)
+            .send_out_of_band(b"U")
+            .expect("the urgent byte is sent");
+        assert_eq!(sent, 1);
+        c.write_all(b"after").await.unwrap();
+        let rest = if fin_with_it {
+            c.shutdown().await.unwrap();
+            within(SECS(10), "the rest, then EOF", read_all(&mut c))
+                .await
+                .expect("clean EOF")
+        } else {
+            let mut after = [0u8; 5];
+            within(
+                SECS(10),
+                "what follows the urgent byte",
+                c.read_exact(&mut after),
+            )
+            .await
+            .expect("echoed before any FIN");
+            c.shutdown().await.unwrap();
+            let mut rest = after.to_vec();
+            rest.extend(
+                within(SECS(10), "EOF", read_all(&mut c))
+                    .await
+                    .expect("clean EOF"),
+            );
+            rest
+        };
+        assert_eq!(rest, b"after", "{mode:?}, FIN with it: {fin_with_it}");
+    }
+    proxy.wait_ended(Outcome::ClientClosed, 2).await;
+}
 
 /// reliability.md `concurrent-echoes`: 3 echo backends, 1000 concurrent clients each send 1 MiB then FIN.
 async fn concurrent_echoes_are_exact_and_leave_nothing_behind(mode: RelayMode) {
