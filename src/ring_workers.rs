@@ -21,9 +21,11 @@
 //! (`Command::Freed`), whose waiting connections look again, oldest first; the tick ends a wait at
 //! its deadline (so up to 250 ms late).
 //!
-//! Not yet on the ring (refused by the config's validation, or said where it matters): TLS, shared
-//! addresses; an upgrade carries no ring
-//! connection (they drain in the old process until its drain deadline).
+//! An upgrade carries ring connections as it carries sessions: `Command::Carry` has each worker stop
+//! its relayed connections at a quiet point and hand them here, where they go to `Leaving::carried`
+//! with the facts of their routing line; the new process relays them on (on the epoll engine).
+//!
+//! Not yet on the ring (refused by the config's validation): TLS, shared addresses.
 
 use std::collections::HashMap;
 use std::io;
@@ -44,12 +46,14 @@ use crate::metrics::{Family, Kind, Subject, Table};
 use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
 use crate::proxy_protocol::{self, Header, Parsed, ReadError};
-use crate::relay::ring::{self, Admit, Command, Finished, Got, Host, Step, Target, Timeouts};
+use crate::relay::ring::{
+    self, Admit, Command, Finished, Got, Host, Quiet, Step, Target, Timeouts,
+};
 use crate::relay::Relayed;
 use crate::route::Routes;
 use crate::routelog::{Ending, Record};
 use crate::service::Service;
-use crate::session::{self, ClientSlot, Tried};
+use crate::session::{self, Carried, CarriedFacts, ClientSlot, Leaving, Tried};
 use crate::util::{is_local_exhaustion, lock};
 
 /// The ring worker threads, one per core; started when the first `relay: ring` service binds.
@@ -78,17 +82,20 @@ impl RingWorkers {
         n: usize,
         gate: Arc<Gate>,
         tracker: TaskTracker,
+        leaving: Arc<Leaving>,
     ) -> io::Result<RingWorkers> {
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         let workers = Arc::new(Workers::default());
         for i in 0..n.max(1) {
             let (gate, tracker, workers) = (gate.clone(), tracker.clone(), workers.clone());
+            let leaving = leaving.clone();
             let started = ring::start(format!("sluicegate-r{i}"), move || Services {
                 gate,
                 tracker,
                 listeners: HashMap::new(),
                 workers,
+                leaving,
             });
             match started {
                 Ok((h, t)) => {
@@ -174,6 +181,14 @@ impl RingWorkers {
         }
     }
 
+    /// Has every worker carry its relayed connections to `Leaving::carried` (an upgrade), each at
+    /// a quiet point, until that takes no more.
+    pub(crate) fn carry(&self) {
+        for h in &self.handles {
+            h.send(Command::Carry);
+        }
+    }
+
     /// Ends every worker (what is still open is cut) and waits for its thread. Must not be called
     /// from an async context: it blocks.
     pub(crate) fn stop(&self) {
@@ -205,6 +220,7 @@ impl RingWorkers {
                     cancels_at_cap: load(&c.cancels_at_cap),
                     starved: load(&c.starved),
                     splices_stuck: load(&c.splices_stuck),
+                    carried: load(&c.carried),
                 }
             })
             .collect()
@@ -221,6 +237,7 @@ pub(crate) struct WorkerView {
     cancels_at_cap: u64,
     starved: u64,
     splices_stuck: u64,
+    carried: u64,
 }
 
 impl Subject for WorkerView {
@@ -277,6 +294,13 @@ pub(crate) const METRICS: Table<WorkerView> = Table {
             &[],
             |w, o| o.put(&[], w.splices_stuck),
         ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_ring_carried_total",
+            "Connections the ring worker stopped at a quiet point and handed to an upgrade's new process.",
+            &[],
+            |w, o| o.put(&[], w.carried),
+        ),
     ],
 };
 
@@ -297,6 +321,8 @@ struct Services {
     tracker: TaskTracker,
     listeners: HashMap<u32, Served>,
     workers: Arc<Workers>,
+    /// Where carried connections go (an upgrade's), as the tokio sessions find it.
+    leaving: Arc<Leaving>,
 }
 
 /// A connection's place in its service: its slots (released when it is dropped, after its end is
@@ -652,6 +678,40 @@ impl Host for Services {
         } else {
             session::account(&t.service, &t.record, refused(f.end));
         }
+    }
+
+    type Carrier = tokio::sync::mpsc::UnboundedSender<Carried>;
+
+    fn carrier(&mut self) -> Option<Self::Carrier> {
+        lock(&self.leaving.carried).clone()
+    }
+
+    fn carried(&mut self, t: Taken, to: Self::Carrier, q: Quiet) {
+        let client = std::net::TcpStream::from(q.client);
+        let backend = std::net::TcpStream::from(q.backend);
+        // Lost on the way (the new process gone, its config without the service), the connection
+        // must end with a reset, never a FIN that passes for the stream's end; whoever relays it
+        // on clears this (`session::resume`), as for a tokio session's (`session::carry_away`).
+        for s in [&client, &backend] {
+            let _ = SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+        }
+        let at = session::backend_addr(&backend);
+        let facts = CarriedFacts::of(&t.record, q.bytes_up, q.bytes_down, at);
+        let carried = Carried {
+            client,
+            backend,
+            held: q.held,
+            facts,
+        };
+        let _enter = t.span.enter();
+        if to.send(carried).is_ok() {
+            tracing::debug!("carried to the new process");
+        } else {
+            // The forwarder is gone (it outlives every sender, so only by a panic): the
+            // connection closes here with the reset armed above.
+            tracing::warn!("a carried connection found nothing to take it; reset");
+        }
+        // `t` goes: its slots are released and the drain no longer waits for it.
     }
 }
 

@@ -538,6 +538,7 @@ impl Control {
                 workers::default_count(),
                 self.gate.clone(),
                 self.tracker.clone(),
+                self.leaving.clone(),
             );
             *ring = match started {
                 Ok(r) => RingState::Running(Arc::new(r)),
@@ -559,6 +560,16 @@ impl Control {
         match &*lock(&self.ring) {
             RingState::Running(r) => r.views(),
             _ => Vec::new(),
+        }
+    }
+
+    /// From now on every relayed connection, the tokio sessions' and the ring workers', stops at a
+    /// quiet point and goes to `to` (an upgrade carries it into the new process).
+    pub(crate) fn carry_to(&self, to: tokio::sync::mpsc::UnboundedSender<crate::session::Carried>) {
+        self.leaving.carry_to(to);
+        #[cfg(target_os = "linux")]
+        if let RingState::Running(r) = &*lock(&self.ring) {
+            r.carry();
         }
     }
 

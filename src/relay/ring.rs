@@ -53,8 +53,15 @@
 //! across the workers), itself. FIN is shutdown(2), not IORING_OP_SHUTDOWN, which always goes to
 //! io-wq. A test watches a loaded process's threads (`engines::the_ring_workers_never_hand_…`).
 //!
-//! Commands from the control plane (listen, stop listening, cut, stop) come through a channel and an
-//! eventfd the ring polls (multishot): the only way in from other threads.
+//! Commands from the control plane (listen, stop listening, cut, carry, stop) come through a channel
+//! and an eventfd the ring polls (multishot): the only way in from other threads.
+//!
+//! Carry (an upgrade): each relayed connection, and each connected after, stops at a quiet point.
+//! Everything it has in the kernel is cancelled, nothing new is started, and what completes
+//! meanwhile is kept (a receive's buffer, a send's progress). With nothing left in the kernel it
+//! leaves the worker: its two sockets, the bytes each direction held (its buffers, then its pipe)
+//! and which FIN was passed on go to the host ([`Host::carried`]). Once the host takes no more,
+//! a connection stopped goes on here where it stopped.
 #![allow(unsafe_code)]
 // The worker runs no tokio runtime: its clock is the kernel's, whose timeouts it arms.
 #![allow(clippy::disallowed_types)]
@@ -72,7 +79,7 @@ use socket2::{SockAddr, SockRef};
 
 use super::splice::{stuck_at_urgent, PipeLease, PipePool, PIPE_SIZE};
 use super::uring::bufs::{BufPool, GROUP};
-use super::{direction_ended, DirEnd, Side, Supervised};
+use super::{direction_ended, DirEnd, Quiesced, Side, Supervised};
 use crate::outcome::Outcome;
 use crate::util::RateLimited;
 
@@ -282,6 +289,28 @@ pub(crate) trait Host {
     fn cut(&mut self, conn: &Self::Conn) -> Option<Outcome>;
     /// The connection ended; its sockets close right after.
     fn ended(&mut self, conn: Self::Conn, finished: Finished);
+    /// The way to whatever takes carried connections (an upgrade's new process).
+    type Carrier;
+    /// After `Command::Carry`, a connection has stopped at a quiet point: the way to what takes
+    /// carried connections now, if anything does. If so, the worker hands it over with `carried`
+    /// (or drops the carrier, should the connection break first); if not, the connection goes on
+    /// here, and the worker stops carrying.
+    fn carrier(&mut self) -> Option<Self::Carrier>;
+    /// A connection stopped at a quiet point leaves the worker, with both sockets and what it held,
+    /// to go on in another process; neither counted nor logged as ended here.
+    fn carried(&mut self, conn: Self::Conn, to: Self::Carrier, quiet: Quiet);
+}
+
+/// A connection stopped for `Command::Carry`: both sockets (untouched: no FIN, no reset), what each
+/// direction had read and not yet written, and what it had moved.
+#[derive(Debug)]
+pub(crate) struct Quiet {
+    pub(crate) client: OwnedFd,
+    pub(crate) backend: OwnedFd,
+    pub(crate) held: Quiesced,
+    /// Bytes sent to the backend (the client's only, not a preface), and to the client.
+    pub(crate) bytes_up: u64,
+    pub(crate) bytes_down: u64,
 }
 
 /// What the control plane tells a worker.
@@ -298,6 +327,9 @@ pub(crate) enum Command<L> {
     Cut(Outcome),
     /// A backend's connection slot came free: the connections waiting for one ask again.
     Freed,
+    /// Stop every relayed connection at a quiet point (and each connected from now on) and hand it
+    /// to the host (`Host::carrier`, `Host::carried`), until the host takes no more.
+    Carry,
     /// Stop listening, cut what is left, and end the thread.
     Stop,
 }
@@ -552,6 +584,9 @@ struct Conn<C> {
     last: Instant,
     /// A direction moved to splice.
     spliced: bool,
+    /// Stopping at a quiet point to be carried away (`Command::Carry`): nothing new goes into the
+    /// kernel, what is there is cancelled, and what completes is kept.
+    carry: bool,
 }
 
 impl<C> Conn<C> {
@@ -570,6 +605,11 @@ impl<C> Conn<C> {
 
     fn both_shut(&self) -> bool {
         self.dirs[0].shut && self.dirs[1].shut
+    }
+
+    /// Ending, or stopping to be carried: either way nothing new is started.
+    fn stopping(&self) -> bool {
+        self.end.is_some() || self.carry
     }
 }
 
@@ -647,6 +687,8 @@ pub(crate) struct Counts {
     /// Spliced directions that went back to receiving: splice found nothing to read on a source
     /// that polled readable (TCP urgent data).
     pub(crate) splices_stuck: AtomicU64,
+    /// Connections handed to the host to go on in another process (an upgrade).
+    pub(crate) carried: AtomicU64,
     /// Connections open on the worker now.
     pub(crate) open: AtomicU64,
 }
@@ -676,6 +718,8 @@ struct Worker<H: Host> {
     cqes: Vec<(u64, i32, u32)>,
     now: Instant,
     stopping: Option<Instant>,
+    /// `Command::Carry` came and the host still takes carried connections.
+    carrying: bool,
     errors: RateLimited,
     counts: Arc<Counts>,
     /// Accepts complete with EAGAIN when no client waits, and the worker polls the listener
@@ -715,6 +759,7 @@ impl<H: Host> Worker<H> {
             cqes: Vec::with_capacity(1024),
             now: Instant::now(),
             stopping: None,
+            carrying: false,
             errors: RateLimited::default(),
             counts,
             dontwait: std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -922,6 +967,7 @@ impl<H: Host> Worker<H> {
             Command::Unlisten { id } => self.unlisten(id),
             Command::Cut(end) => self.cut_all(end),
             Command::Freed => self.retry_waiting(),
+            Command::Carry => self.carry_all(),
             Command::Stop => {
                 if self.stopping.is_none() {
                     self.stopping = Some(self.now);
@@ -1133,6 +1179,7 @@ impl<H: Host> Worker<H> {
             end: None,
             last: self.now,
             spliced: false,
+            carry: false,
         });
         let slot = match self.free.pop() {
             Some(s) => {
@@ -1303,6 +1350,15 @@ impl<H: Host> Worker<H> {
                 len,
                 off: 0,
             });
+        }
+        if self.carrying && c.preface == 0 {
+            // Connected while connections are being carried away: it goes too, before it starts.
+            // One with a preface (a PROXY header to the backend) sends it first (`on_send`): the
+            // process it goes to would count a preface's bytes as the client's.
+            c.carry = true;
+            return self.maybe_free(slot);
+        }
+        if owned {
             self.send_next(slot, Side::Up);
         }
         self.arm_recv(slot, Side::Up);
@@ -1419,6 +1475,7 @@ impl<H: Host> Worker<H> {
             return;
         };
         let ending = c.end.is_some();
+        let carry = c.carry;
         if !more {
             c.refs -= 1;
             let d = c.dir(side);
@@ -1449,9 +1506,10 @@ impl<H: Host> Worker<H> {
                     len: res as u32,
                     off: 0,
                 });
-                send = !d.sending;
-                cancel = d.should_cancel();
-                if self.splice && d.turns_bulk(res as u32) {
+                // Stopping to be carried: kept, to go along (its receive is being cancelled).
+                send = !d.sending && !carry;
+                cancel = d.should_cancel() && !carry;
+                if self.splice && !carry && d.turns_bulk(res as u32) {
                     // Its receive ends here (what it already took is sent first), then it splices.
                     d.bulk = true;
                     to_splice = true;
@@ -1467,8 +1525,9 @@ impl<H: Host> Worker<H> {
         } else if res == 0 {
             let d = c.dir(side);
             d.eof = true;
-            // Not once the connection is ending: a cut's reset must not follow a clean FIN.
-            shut = d.should_shut() && !ending;
+            // Not once the connection is ending: a cut's reset must not follow a clean FIN. Nor
+            // while it stops to be carried: whether it can go is decided once it is quiet.
+            shut = d.should_shut() && !ending && !carry;
         } else if res == -libc::ENOBUFS {
             let d = c.dir(side);
             if !d.starved {
@@ -1479,7 +1538,7 @@ impl<H: Host> Worker<H> {
         } else if res != -libc::ECANCELED {
             broke = Some(io::Error::from_raw_os_error(-res));
         }
-        let ending = c.end.is_some();
+        let ending = c.stopping();
         let rearm = !more && c.dir(side).should_arm(ending);
         if send {
             self.send_next(slot, side);
@@ -1512,7 +1571,7 @@ impl<H: Host> Worker<H> {
             return;
         };
         c.refs -= 1;
-        let ending = c.end.is_some();
+        let ending = c.stopping();
         if res == -libc::EAGAIN && !ending {
             // No room: still sending (nothing else goes out, no FIN), once the socket has some.
             let (_, to) = c.ends(side);
@@ -1560,13 +1619,21 @@ impl<H: Host> Worker<H> {
         let more_to_send = !d.held.is_empty();
         let shut = d.should_shut();
         let rearm = d.should_arm(ending);
+        // Connected while connections are being carried away, with a preface to send first: it
+        // goes now that the preface is out (see `on_connect`).
+        let carry_now = owned_sent && self.carrying && !ending;
         if owned_sent {
             c.pre = Vec::new();
+        }
+        if carry_now {
+            c.carry = true;
         }
         if let (Some(bid), Some(p)) = (given, &self.pool) {
             p.give_back(bid);
         }
-        if !ending {
+        if carry_now {
+            self.cancel_all(slot);
+        } else if !ending {
             if more_to_send {
                 self.send_next(slot, side);
             } else if shut {
@@ -1596,7 +1663,7 @@ impl<H: Host> Worker<H> {
         let pipes = self.pipes;
         let Some(c) = self.conn(slot) else { return };
         let d = &mut c.dirs[side as usize];
-        if c.end.is_some() || !d.may_splice() {
+        if c.end.is_some() || c.carry || !d.may_splice() {
             return;
         }
         let Some(pipe) = pipes.lend() else {
@@ -1756,7 +1823,7 @@ impl<H: Host> Worker<H> {
                 return;
             };
             let Some(c) = self.conn(slot) else { continue };
-            let ending = c.end.is_some();
+            let ending = c.stopping();
             let d = c.dir(side);
             // A stale entry (the slot since reused) finds the flag down and does nothing.
             if !d.starved {
@@ -1813,29 +1880,36 @@ impl<H: Host> Worker<H> {
             // Not asked again: the slot may hold another connection by then.
             self.waiting.retain(|&s| s != slot);
         }
-        let Some(c) = self.conn(slot) else { return };
-        if c.refs > 0 {
-            let fds = [&c.client, &c.backend].map(|f| f.as_ref().map(|f| f.as_raw_fd()));
-            c.refs += fds.iter().flatten().count() as u32;
-            for fd in fds.into_iter().flatten() {
-                let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
-                    .build()
-                    .user_data(user_data(K_CANCEL, slot, Side::Up));
-                // SAFETY: a cancellation points to nothing.
-                unsafe { self.push(&[e]) };
-            }
-        }
+        self.cancel_all(slot);
         self.maybe_free(slot);
     }
 
+    /// Cancels every operation connection `slot` has in the kernel (by descriptor).
+    fn cancel_all(&mut self, slot: u32) {
+        let Some(c) = self.conn(slot) else { return };
+        if c.refs == 0 {
+            return;
+        }
+        let fds = [&c.client, &c.backend].map(|f| f.as_ref().map(|f| f.as_raw_fd()));
+        c.refs += fds.iter().flatten().count() as u32;
+        for fd in fds.into_iter().flatten() {
+            let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                .build()
+                .user_data(user_data(K_CANCEL, slot, Side::Up));
+            // SAFETY: a cancellation points to nothing.
+            unsafe { self.push(&[e]) };
+        }
+    }
+
     /// An operation of connection `slot` completed for the last time: whether the connection goes
-    /// on (it is there and not ending; an ending one is freed if that was its last operation).
+    /// on (it is there and not stopping; an ending one is freed, and one stopping to be carried
+    /// goes, if that was its last operation).
     fn completed(&mut self, slot: u32) -> bool {
         let Some(c) = self.conn(slot) else {
             return false;
         };
         c.refs -= 1;
-        if c.end.is_some() {
+        if c.stopping() {
             self.maybe_free(slot);
             return false;
         }
@@ -1852,7 +1926,13 @@ impl<H: Host> Worker<H> {
 
     fn maybe_free(&mut self, slot: u32) {
         let Some(c) = self.conn(slot) else { return };
-        if c.refs > 0 || c.end.is_none() {
+        if c.refs > 0 {
+            return;
+        }
+        if c.end.is_none() {
+            if c.carry {
+                self.quiet(slot);
+            }
             return;
         }
         let Some(mut c) = self.conns.get_mut(slot as usize).and_then(Option::take) else {
@@ -1911,6 +1991,157 @@ impl<H: Host> Worker<H> {
         for slot in 0..self.conns.len() as u32 {
             if self.conn(slot).is_some() {
                 self.finish(slot, Supervised::cut(end));
+            }
+        }
+    }
+
+    /// Starts carrying every relayed connection away (`Command::Carry`), and each that connects
+    /// from now on, until the host takes no more. One still reading a header or waiting for a
+    /// backend goes once it connects, if the host still takes connections then; else it stays (and
+    /// drains), as in `session`.
+    fn carry_all(&mut self) {
+        self.carrying = true;
+        for slot in 0..self.conns.len() as u32 {
+            let Some(c) = self.conn(slot) else { continue };
+            if c.stopping() || !c.connected || c.host.is_none() {
+                continue;
+            }
+            c.carry = true;
+            self.cancel_all(slot);
+            self.maybe_free(slot);
+        }
+    }
+
+    /// A connection stopping to be carried has nothing left in the kernel: it goes to the host,
+    /// with what each direction holds, or, when it cannot go, it goes on here.
+    fn quiet(&mut self, slot: u32) {
+        // A FIN read and not passed on, with nothing before it left to send: passed on now. With
+        // bytes before it still held, the direction goes as not ended: a socket that has read its
+        // FIN reads it again, so the process it goes to sends those bytes, then meets the FIN and
+        // passes it on.
+        for side in [Side::Up, Side::Down] {
+            let Some(c) = self.conn(slot) else { return };
+            if !c.dir(side).should_shut() {
+                continue;
+            }
+            self.shut(slot, side);
+            if self.conn(slot).is_none_or(|c| c.end.is_some()) {
+                return; // Both FINs passed on, or a side broke: it ended (and is freed) here.
+            }
+        }
+        let carrier = match self.carrying.then(|| self.host.carrier()).flatten() {
+            Some(to) => to,
+            None => {
+                self.carrying = false;
+                return self.go_on(slot);
+            }
+        };
+        let now = self.now;
+        let Some(pool) = self.pool.as_ref() else {
+            return;
+        };
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        // What each direction read and has not sent: its held buffers, then its pipe (a direction
+        // takes a pipe only with nothing held, so in this order they are the stream's order).
+        let mut bytes: [Vec<u8>; 2] = Default::default();
+        let mut unreadable = None;
+        for (d, out) in c.dirs.iter_mut().zip(bytes.iter_mut()) {
+            for h in &d.held {
+                let b = if h.bid == OWNED {
+                    // A preface not yet sent whole goes along as the client's bytes would.
+                    &c.pre[..]
+                } else {
+                    // SAFETY: the direction holds buffer `bid` (nothing of it is in the kernel any
+                    // more), and the kernel wrote `len` bytes into it.
+                    unsafe { pool.bytes(h.bid, h.len as usize) }
+                };
+                out.extend_from_slice(b.get(h.off as usize..h.len as usize).unwrap_or_default());
+            }
+            if let Some(p) = d.pipe.as_mut() {
+                match p.take_pending() {
+                    Ok(v) => out.extend_from_slice(&v),
+                    Err(e) => unreadable = Some(e),
+                }
+            }
+        }
+        if let Some(e) = unreadable {
+            // Bytes in a pipe that cannot be read cannot go along: neither side may take what it
+            // got for the whole stream, so both are reset (as `relay::conclude` does).
+            let end = Supervised {
+                reset_backend: true,
+                ..Supervised::broken(Outcome::BackendReset, true, e)
+            };
+            return self.finish(slot, end);
+        }
+        let Some(mut c) = self.conns.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(slot);
+        self.live -= 1;
+        self.counts.open.store(self.live as u64, Relaxed);
+        for d in &mut c.dirs {
+            for h in d.held.drain(..).filter(|h| h.bid != OWNED) {
+                pool.give_back(h.bid);
+            }
+        }
+        let [to_backend, to_client] = bytes;
+        let held = Quiesced {
+            to_backend,
+            to_client,
+            up_done: c.dirs[0].shut,
+            down_done: c.dirs[1].shut,
+            quiet_for: now.saturating_duration_since(c.last),
+        };
+        let (Some(h), Some(client), Some(backend)) =
+            (c.host.take(), c.client.take(), c.backend.take())
+        else {
+            return;
+        };
+        let (up, down) = (c.dirs[0].unflushed, c.dirs[1].unflushed);
+        if up + down > 0 {
+            self.host.sent(&h, up, down);
+        }
+        let quiet = Quiet {
+            client,
+            backend,
+            held,
+            bytes_up: c.dirs[0].sent,
+            bytes_down: c.dirs[1].sent,
+        };
+        bump(&self.counts.carried);
+        self.host.carried(h, carrier, quiet);
+        if !self.starved.is_empty() {
+            self.wake_starved(2);
+        }
+        // `c` (its pipes go back to the pool) drops here.
+    }
+
+    /// A connection stopped at a quiet point that is not carried after all goes on where it
+    /// stopped: what each direction holds is sent, its receives armed again, its splicing resumed.
+    fn go_on(&mut self, slot: u32) {
+        let Some(c) = self.conn(slot) else { return };
+        c.carry = false;
+        for side in [Side::Up, Side::Down] {
+            let Some(c) = self.conn(slot).filter(|c| c.end.is_none()) else {
+                return;
+            };
+            let d = c.dir(side);
+            if d.pipe.is_some() {
+                self.pump(slot, side, false);
+                continue;
+            }
+            let (held, shut, arm) = (!d.held.is_empty(), d.should_shut(), d.should_arm(false));
+            if held {
+                self.send_next(slot, side);
+            } else if shut {
+                self.shut(slot, side);
+            }
+            if arm {
+                self.arm_recv(slot, side);
+            } else if !held {
+                self.maybe_splice(slot, side);
             }
         }
     }

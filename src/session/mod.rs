@@ -91,6 +91,26 @@ pub(crate) struct CarriedFacts {
 }
 
 impl CarriedFacts {
+    /// What `record` says of a connection that has moved these bytes so far (the client's, to
+    /// `backend`), for the process it goes to.
+    pub(crate) fn of(record: &Record, bytes_up: u64, bytes_down: u64, backend: SocketAddr) -> Self {
+        CarriedFacts {
+            service: record.service.to_string(),
+            client: record.client,
+            via: record.via,
+            backend: record.backend.unwrap_or(backend),
+            backend_name: record.backend_name.as_deref().cloned(),
+            attempts: record.attempts,
+            connect_ms: record.connect_ms,
+            age_ms: record.started.elapsed().as_millis() as u64,
+            bytes_up,
+            bytes_down,
+            sni: record.sni.clone(),
+            alpn: record.alpn.clone(),
+            route: record.route.map(str::to_string),
+        }
+    }
+
     /// The routing record the connection goes on with, its start as long ago as it was accepted.
     fn record(&self, service: &Service) -> Record {
         let mut r = Record::new(service.name.clone(), service.policy.as_str(), self.client);
@@ -680,21 +700,12 @@ fn carry_away(
     for s in [&client, &backend] {
         let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
     }
-    let facts = CarriedFacts {
-        service: record.service.to_string(),
-        client: record.client,
-        via: record.via,
-        backend: record.backend.unwrap_or(backend_addr(&backend)),
-        backend_name: record.backend_name.as_deref().cloned(),
-        attempts: record.attempts,
-        connect_ms: record.connect_ms,
-        age_ms: record.started.elapsed().as_millis() as u64,
-        bytes_up: relayed.bytes_up + forwarded,
-        bytes_down: relayed.bytes_down,
-        sni: record.sni.clone(),
-        alpn: record.alpn.clone(),
-        route: record.route.map(str::to_string),
-    };
+    let facts = CarriedFacts::of(
+        record,
+        relayed.bytes_up + forwarded,
+        relayed.bytes_down,
+        backend_addr(&backend),
+    );
     to.send(Carried {
         client,
         backend,
@@ -717,7 +728,7 @@ fn dup_stream(s: &TcpStream) -> std::io::Result<std::net::TcpStream> {
     Ok(socket2::SockRef::from(s).try_clone()?.into())
 }
 
-fn backend_addr(s: &std::net::TcpStream) -> SocketAddr {
+pub(crate) fn backend_addr(s: &std::net::TcpStream) -> SocketAddr {
     s.peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }

@@ -381,7 +381,7 @@ pub(crate) async fn finish(
     let mut carried = 0u64;
     if h.carry {
         let (tx, rx) = mpsc::unbounded_channel();
-        control.leaving.carry_to(tx);
+        control.carry_to(tx);
         let forwarder = {
             let (channel, control) = (channel.clone(), control.clone());
             tokio::task::spawn_blocking(move || forward(rx, &channel, &control))

@@ -180,10 +180,11 @@ async fn an_upgrade_under_load_refuses_nothing_and_carries_the_open_session() {
 }
 
 /// 1 GiB each way through a connection that crosses the upgrade, on the copy and on the splice
-/// engine: exact both ways (a rolling hash of what each end reads against what the other sent).
+/// engine, and from a ring worker (spliced both ways, its pipes' bytes taken along): exact both
+/// ways (a rolling hash of what each end reads against what the other sent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gibibyte_each_way_crosses_the_upgrade_exactly() {
-    for relay in ["copy", "splice"] {
+    for relay in ["copy", "splice", "ring"] {
         gibibyte_across(relay).await;
     }
 }
@@ -299,13 +300,20 @@ async fn gibibyte_across(relay: &str) {
     println!("{relay}: 1 GiB each way across the upgrade (at {at:?} bytes), exact");
 }
 
-/// 1,000 idle connections carried over, each still answering after; the hand-over's time for them
-/// (the old process's log, from "carrying" to "handed over") is printed.
+/// 1,000 idle connections carried over, each still answering after, from the tokio workers and
+/// from the ring workers; the hand-over's time for them (the old process's log, from "carrying" to
+/// "handed over") is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_idle_connections_are_carried_and_answer() {
     crate::common::raise_fd_limit();
+    for relay in ["auto", "ring"] {
+        thousand_idle_across(relay).await;
+    }
+}
+
+async fn thousand_idle_across(relay: &str) {
     let backend = Backend::echo([127, 0, 0, 1]).await;
-    let mut sg = Sg::start(&config(backend.addr, "auto"));
+    let mut sg = Sg::start(&config(backend.addr, relay));
     let mut conns = Vec::new();
     for i in 0..1000 {
         let mut s = TcpStream::connect(sg.addr).await.unwrap();
@@ -327,10 +335,10 @@ async fn a_thousand_idle_connections_are_carried_and_answer() {
     });
     let to =
         sg.0.wait_line(SECS(1), |l| l["msg"] == "upgrade: handed over; exiting");
-    assert_eq!(to["carried"], 1000, "{to}");
-    assert_eq!(to["stayed"], 0, "{to}");
+    assert_eq!(to["carried"], 1000, "{relay}: {to}");
+    assert_eq!(to["stayed"], 0, "{relay}: {to}");
     println!(
-        "1000 idle connections handed over in {:.1} ms",
+        "{relay}: 1000 idle connections handed over in {:.1} ms",
         ms_between(&from, &to)
     );
     for (i, s) in conns.iter_mut().enumerate() {

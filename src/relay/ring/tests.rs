@@ -19,6 +19,7 @@ struct TestHost {
     mode: Mode,
     seen: Arc<Seen>,
     ended: Sender<(Finished, Vec<io::ErrorKind>)>,
+    carried: Sender<Quiet>,
 }
 
 /// What the test host asks of its clients beyond connecting them to its first target.
@@ -37,6 +38,8 @@ struct Mode {
     no_pipes: bool,
     /// Every connection's idle timeout (60 s when not set).
     idle: Option<Duration>,
+    /// The host takes carried connections (`Host::carrier`).
+    carries: bool,
 }
 
 /// What the host was asked, counted.
@@ -44,6 +47,11 @@ struct Mode {
 struct Seen {
     preambles: AtomicU64,
     retries: AtomicU64,
+    /// `Host::carrier` asked: a connection stopped for `Command::Carry` is quiet.
+    carriers: AtomicU64,
+    /// Listeners served (`Host::listening`): a command sent after another has been taken when
+    /// this moves.
+    listened: AtomicU64,
 }
 
 const PREFACE: &[u8] = b"PRE|";
@@ -59,7 +67,9 @@ struct TestConn {
 impl Host for TestHost {
     type Listen = ();
     type Conn = TestConn;
-    fn listening(&mut self, _: u32, (): ()) {}
+    fn listening(&mut self, _: u32, (): ()) {
+        self.seen.listened.fetch_add(1, Relaxed);
+    }
     fn unlistened(&mut self, _: u32) {}
     fn accepted(
         &mut self,
@@ -133,6 +143,14 @@ impl Host for TestHost {
     fn ended(&mut self, c: TestConn, f: Finished) {
         let _ = self.ended.send((f, c.errors));
     }
+    type Carrier = ();
+    fn carrier(&mut self) -> Option<()> {
+        self.seen.carriers.fetch_add(1, Relaxed);
+        self.mode.carries.then_some(())
+    }
+    fn carried(&mut self, _: TestConn, (): (), q: Quiet) {
+        let _ = self.carried.send(q);
+    }
 }
 
 impl TestHost {
@@ -149,6 +167,7 @@ struct Running {
     thread: JoinHandle<()>,
     addr: SocketAddr,
     ended: Receiver<(Finished, Vec<io::ErrorKind>)>,
+    carried: Receiver<Quiet>,
     seen: Arc<Seen>,
     /// The worker's own pipes (none lent when `Mode::no_pipes`).
     pipes: &'static PipePool,
@@ -179,6 +198,7 @@ fn worker_with(targets: Vec<SocketAddr>, timeout: Duration, mode: Mode) -> Optio
         return None;
     }
     let (tx, ended) = mpsc::channel();
+    let (carried_tx, carried) = mpsc::channel();
     let seen = Arc::new(Seen::default());
     let host_seen = seen.clone();
     // A pool of the worker's own, so a test can count what it lends.
@@ -190,6 +210,7 @@ fn worker_with(targets: Vec<SocketAddr>, timeout: Duration, mode: Mode) -> Optio
         mode,
         seen: host_seen,
         ended: tx,
+        carried: carried_tx,
     };
     let (handle, thread) =
         start_with("ring-test".into(), make, pipes).expect("a ring worker starts");
@@ -205,6 +226,7 @@ fn worker_with(targets: Vec<SocketAddr>, timeout: Duration, mode: Mode) -> Optio
         thread,
         addr,
         ended,
+        carried,
         seen,
         pipes,
     })
@@ -1003,5 +1025,228 @@ fn a_waiting_connection_asks_again_on_every_freed_slot() {
     c.read_exact(&mut got).expect("relayed once a target came");
     assert_eq!(&got, b"queued");
     assert!(r.seen.retries.load(Relaxed) >= ASKS);
+    stop(r);
+}
+
+/// Writes the `byte` pattern to `c` without blocking until the worker stops taking it: the client's
+/// socket has been full for 100 ms in a row, so the worker holds bytes it cannot send (its buffers
+/// at the cap, or its pipe full) and has stopped receiving. How many bytes went.
+fn upload_until_stalled(c: &mut TcpStream) -> u64 {
+    c.set_nonblocking(true).unwrap();
+    let mut i = 0u64;
+    let mut full_for = 0;
+    let deadline = Instant::now() + WAIT;
+    while full_for < 5 {
+        assert!(Instant::now() < deadline, "the upload never stalled");
+        let block: Vec<u8> = (i..i + (64 << 10)).map(byte).collect();
+        match c.write(&block) {
+            Ok(n) => {
+                i += n as u64;
+                full_for = 0;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                full_for += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("upload: {e}"),
+        }
+    }
+    c.set_nonblocking(false).unwrap();
+    i
+}
+
+/// Writes the `byte` pattern from byte `from` up to `total` to `s`, then its FIN.
+fn write_pattern_from(s: &mut TcpStream, from: u64, total: u64) {
+    let mut i = from;
+    while i < total {
+        let block: Vec<u8> = (i..total.min(i + (64 << 10))).map(byte).collect();
+        s.write_all(&block)
+            .expect("the rest of the pattern is written");
+        i += block.len() as u64;
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+}
+
+/// A worker in `mode` whose one connection uploads to a backend that does not read until the
+/// worker holds some of it (at the cap, or in its pipe) and has stopped receiving, then is sent
+/// `Command::Carry`; the upload goes on behind (as much again, then its FIN). The worker, the
+/// backend's end, the writer (which gives the client back) and the upload's total.
+fn carry_a_stalled_upload(mode: Mode) -> Option<(Running, TcpStream, JoinHandle<TcpStream>, u64)> {
+    let (r, mut c, b) = one_connection(mode)?;
+    let sent = upload_until_stalled(&mut c);
+    // As much again after the stall (however much the socket buffers took before it).
+    let total = sent + (4 << 20);
+    let writer = std::thread::spawn(move || {
+        write_pattern_from(&mut c, sent, total);
+        c
+    });
+    assert!(r.handle.send(Command::Carry));
+    Some((r, b, writer, total))
+}
+
+/// A stalled upload carried: the host gets both sockets and what was held. The test relays on as
+/// a new process would, what was held first and then the rest, and the backend must read the
+/// whole pattern once, in order.
+fn carried_mid_upload(mode: Mode) {
+    let mode = Mode {
+        carries: true,
+        ..mode
+    };
+    let Some((r, mut b, writer, total)) = carry_a_stalled_upload(mode) else {
+        return;
+    };
+    let counts = r.handle.counts();
+    let q = r
+        .carried
+        .recv_timeout(WAIT)
+        .expect("the connection is carried");
+    assert_eq!(counts.carried.load(Relaxed), 1);
+    assert_eq!(counts.open.load(Relaxed), 0, "it left the worker");
+    assert!(!q.held.up_done && !q.held.down_done, "{:?}", q.held);
+    assert!(q.held.to_client.is_empty());
+    // The stalled upload's last bytes were held (at the cap, or in the pipe): they go along.
+    assert!(!q.held.to_backend.is_empty());
+    wait_until(|| r.pipes.lent() == 0, "the pipe back in the pool");
+    assert_eq!(
+        q.bytes_down, 0,
+        "nothing went to the client: {}",
+        q.bytes_down
+    );
+    let reader = std::thread::spawn(move || read_pattern(&mut b));
+    let mut from = TcpStream::from(q.client);
+    let mut to = TcpStream::from(q.backend);
+    for s in [&from, &to] {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+    }
+    to.write_all(&q.held.to_backend).unwrap();
+    std::io::copy(&mut from, &mut to).expect("the rest of the upload");
+    to.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(reader.join().unwrap(), total, "every byte, once, in order");
+    drop(writer.join().unwrap());
+    assert!(
+        r.ended.try_recv().is_err(),
+        "a carried connection does not end here"
+    );
+    stop(r);
+}
+
+#[test]
+fn a_carried_connection_takes_along_the_buffers_it_held() {
+    carried_mid_upload(Mode {
+        copy_only: true,
+        ..Mode::default()
+    });
+}
+
+#[test]
+fn a_carried_connection_takes_along_what_its_pipe_held() {
+    carried_mid_upload(Mode::default());
+}
+
+/// `Command::Carry` with nothing to take carried connections: each stops at a quiet point and goes
+/// on where it stopped (held buffers sent, pipe drained, receives armed again), losing nothing.
+fn not_carried_after_all(mode: Mode) {
+    let Some((r, mut b, writer, total)) = carry_a_stalled_upload(mode) else {
+        return;
+    };
+    let counts = r.handle.counts();
+    wait_until(
+        || r.seen.carriers.load(Relaxed) > 0,
+        "the connection quiet, and nothing to take it",
+    );
+    assert_eq!(read_pattern(&mut b), total, "every byte, once, in order");
+    let mut c = writer.join().unwrap();
+    b.write_all(b"and back").unwrap();
+    drop(b);
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"and back");
+    let (f, _) = r
+        .ended
+        .recv_timeout(WAIT)
+        .expect("the connection ends here");
+    assert_eq!((f.bytes_up, f.bytes_down), (total, 8));
+    assert_eq!(f.end, Outcome::ClientClosed);
+    assert_eq!(counts.carried.load(Relaxed), 0);
+    stop(r);
+}
+
+#[test]
+fn a_connection_nothing_takes_goes_on_from_its_held_buffers() {
+    not_carried_after_all(Mode {
+        copy_only: true,
+        ..Mode::default()
+    });
+}
+
+#[test]
+fn a_connection_nothing_takes_goes_on_from_its_pipe() {
+    not_carried_after_all(Mode::default());
+}
+
+/// What carrying a direction that has read its FIN with bytes before it still held leans on: the
+/// process it goes to reads the FIN again once it has sent them.
+#[test]
+fn a_socket_that_has_read_its_fin_reads_it_again() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (mut s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(b"last words").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"last words");
+    let mut buf = [0u8; 8];
+    assert_eq!(read_some(&mut s, &mut buf).unwrap(), 0, "the FIN, again");
+}
+
+/// A connection that connects while the worker carries goes too; one with a preface to send (a
+/// PROXY header) sends it first, so the process it goes to gets only the client's bytes.
+#[test]
+fn a_connection_that_connects_while_carrying_goes_after_its_preface() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mode = Mode {
+        greeting: Some(b"HELLO\n"),
+        carries: true,
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, mode) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    assert!(r.handle.send(Command::Carry));
+    // Commands are taken in order: once this listener is served, the carry has been taken.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    assert!(r.handle.send(Command::Listen {
+        id: 1,
+        socket: other,
+        with: (),
+    }));
+    wait_until(|| r.seen.listened.load(Relaxed) == 2, "the carry taken");
+    c.write_all(b"HELLO\n").unwrap();
+    let (mut b, _) = l.accept().unwrap();
+    b.set_read_timeout(Some(WAIT)).unwrap();
+    let q = r
+        .carried
+        .recv_timeout(WAIT)
+        .expect("carried once connected");
+    let mut pre = [0u8; PREFACE.len()];
+    b.read_exact(&mut pre).unwrap();
+    assert_eq!(&pre, PREFACE, "the preface went before it left");
+    assert!(q.held.to_backend.is_empty(), "{:?}", q.held);
+    assert_eq!((q.bytes_up, q.bytes_down), (0, 0));
+    let mut from = TcpStream::from(q.client);
+    let mut to = TcpStream::from(q.backend);
+    from.set_nonblocking(false).unwrap();
+    to.set_nonblocking(false).unwrap();
+    c.write_all(b"after").unwrap();
+    let mut got = [0u8; 5];
+    from.read_exact(&mut got).unwrap();
+    to.write_all(&got).unwrap();
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"after", "the same connection, relayed on");
     stop(r);
 }
