@@ -531,6 +531,14 @@ impl Dir {
             && !self.eof
     }
 
+    /// It stays on the pool's buffers for good (no pipe to be had, or splice stuck at urgent
+    /// data): its pipe, if any, goes back, and it is armed again when `should_arm` says so.
+    fn back_to_receiving(&mut self) {
+        self.pipe = None;
+        self.bulk = false;
+        self.no_pipe = true;
+    }
+
     /// Whether to cancel the armed receive: the destination has not taken `CAP` messages.
     fn should_cancel(&self) -> bool {
         self.armed && !self.cancelling && self.held.len() >= CAP
@@ -684,8 +692,9 @@ pub(crate) struct Counts {
     pub(crate) cancels_at_cap: AtomicU64,
     /// Receives the pool had no buffer for (ENOBUFS).
     pub(crate) starved: AtomicU64,
-    /// Spliced directions that went back to receiving: splice found nothing to read on a source
-    /// that polled readable (TCP urgent data).
+    /// Spliced directions that went back to receiving because of TCP urgent data: splice found
+    /// nothing to read on a source that polled readable, or an end of stream with bytes still
+    /// queued past the mark.
     pub(crate) splices_stuck: AtomicU64,
     /// Connections handed to the host to go on in another process (an upgrade).
     pub(crate) carried: AtomicU64,
@@ -1667,8 +1676,7 @@ impl<H: Host> Worker<H> {
             return;
         }
         let Some(pipe) = pipes.lend() else {
-            d.bulk = false;
-            d.no_pipe = true;
+            d.back_to_receiving();
             if d.should_arm(false) {
                 self.arm_recv(slot, side);
             }
@@ -1779,9 +1787,7 @@ impl<H: Host> Worker<H> {
             }
             Pump::Stuck => {
                 let d = c.dir(side);
-                d.pipe = None;
-                d.bulk = false;
-                d.no_pipe = true;
+                d.back_to_receiving();
                 bump(&self.counts.splices_stuck);
                 if d.should_arm(false) {
                     self.arm_recv(slot, side);
