@@ -2049,38 +2049,18 @@ impl<H: Host> Worker<H> {
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
-        // What each direction read and has not sent: its held buffers, then its pipe (a direction
-        // takes a pipe only with nothing held, so in this order they are the stream's order).
-        let mut bytes: [Vec<u8>; 2] = Default::default();
-        let mut unreadable = None;
-        for (d, out) in c.dirs.iter_mut().zip(bytes.iter_mut()) {
-            for h in &d.held {
-                let b = if h.bid == OWNED {
-                    // A preface not yet sent whole goes along as the client's bytes would.
-                    &c.pre[..]
-                } else {
-                    // SAFETY: the direction holds buffer `bid` (nothing of it is in the kernel any
-                    // more), and the kernel wrote `len` bytes into it.
-                    unsafe { pool.bytes(h.bid, h.len as usize) }
+        let bytes = match unsent(c, pool) {
+            Ok(b) => b,
+            Err(e) => {
+                // Bytes in a pipe that cannot be read cannot go along: neither side may take what
+                // it got for the whole stream, so both are reset (as `relay::conclude` does).
+                let end = Supervised {
+                    reset_backend: true,
+                    ..Supervised::broken(Outcome::BackendReset, true, e)
                 };
-                out.extend_from_slice(b.get(h.off as usize..h.len as usize).unwrap_or_default());
+                return self.finish(slot, end);
             }
-            if let Some(p) = d.pipe.as_mut() {
-                match p.take_pending() {
-                    Ok(v) => out.extend_from_slice(&v),
-                    Err(e) => unreadable = Some(e),
-                }
-            }
-        }
-        if let Some(e) = unreadable {
-            // Bytes in a pipe that cannot be read cannot go along: neither side may take what it
-            // got for the whole stream, so both are reset (as `relay::conclude` does).
-            let end = Supervised {
-                reset_backend: true,
-                ..Supervised::broken(Outcome::BackendReset, true, e)
-            };
-            return self.finish(slot, end);
-        }
+        };
         let Some(mut c) = self.conns.get_mut(slot as usize).and_then(Option::take) else {
             return;
         };
@@ -2234,6 +2214,29 @@ fn per_connection(errno: i32) -> bool {
         errno,
         libc::ECONNABORTED | libc::ECONNRESET | libc::EINTR | libc::EPROTO | libc::EPERM
     )
+}
+
+/// What each direction of a quiet connection read and has not sent, up then down: its held
+/// buffers, then its pipe's bytes (a direction takes a pipe only with nothing held, so in this
+/// order they are the stream's order). The pipes are left empty; the buffers stay held.
+fn unsent<C>(c: &mut Conn<C>, pool: &BufPool) -> io::Result<[Vec<u8>; 2]> {
+    let mut bytes: [Vec<u8>; 2] = Default::default();
+    for (d, out) in c.dirs.iter_mut().zip(bytes.iter_mut()) {
+        for h in &d.held {
+            let b = if h.bid == OWNED {
+                &c.pre[..]
+            } else {
+                // SAFETY: the direction holds buffer `bid` (nothing of it is in the kernel any
+                // more), and the kernel wrote `len` bytes into it.
+                unsafe { pool.bytes(h.bid, h.len as usize) }
+            };
+            out.extend_from_slice(b.get(h.off as usize..h.len as usize).unwrap_or_default());
+        }
+        if let Some(p) = d.pipe.as_mut() {
+            out.extend_from_slice(&p.take_pending()?);
+        }
+    }
+    Ok(bytes)
 }
 
 /// The connection in `slot`, borrowing only the table (the host stays free to call).
