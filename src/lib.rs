@@ -9,7 +9,8 @@
 //!   span per connection.
 //! - `ring_workers`: the data-plane threads of `relay: ring` services, one io_uring loop each (the
 //!   loop itself is `relay/ring.rs`), and what they ask of a service: admission, a backend, the
-//!   accounting of each connection's end (session's own); one tracing span per connection.
+//!   accounting of each connection's end (session's own); one tracing span per connection. A client
+//!   accepted for an address no longer on the ring goes to `listener`'s tokio side.
 //! - `session`: one client's life: on a shared address its route (the PROXY header, the TLS
 //!   ClientHello), the PROXY header in, admission, TLS termination, select, connect with retry on
 //!   another backend, the PROXY header out, TLS origination, relay, account.
@@ -62,15 +63,16 @@
 //! 1. `app`
 //! 2. `admin`, `upgrade`
 //! 3. `control`
-//! 4. `listener`, `ring_workers`
-//! 5. `session`
-//! 6. `route`
-//! 7. `service`
-//! 8. `admission`, `replicas`
-//! 9. `logging`, `pool`, `tls`
-//! 10. `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `routelog`, `selfcheck`
-//! 11. `docker`
-//! 12. `config`, `metrics`, `outcome`, `sockets`, `util`, `workers`
+//! 4. `ring_workers`
+//! 5. `listener`
+//! 6. `session`
+//! 7. `route`
+//! 8. `service`
+//! 9. `admission`, `replicas`
+//! 10. `logging`, `pool`, `tls`
+//! 11. `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `routelog`, `selfcheck`
+//! 12. `docker`
+//! 13. `config`, `metrics`, `outcome`, `sockets`, `util`, `workers`
 //!
 //! `docs/architecture.md` walks one connection through these modules by file and function.
 //! `main.rs` only parses the command line, loads the config, sets up logging and signals, and runs an

@@ -128,6 +128,29 @@ pub(crate) async fn accept_loop(
     }
 }
 
+/// Serves a connection another engine accepted on an address that is now these workers' (a ring
+/// worker's accept completed after a reload moved the address off the ring): as if this worker's
+/// accept loop had taken it, with the routes the reload left. Runs on a tokio worker.
+pub(crate) async fn hand_in(
+    client: std::net::TcpStream,
+    peer: SocketAddr,
+    routes: Arc<Routes>,
+    local: Arc<str>,
+    gate: Arc<Gate>,
+    tracker: TaskTracker,
+    leaving: Arc<Leaving>,
+) {
+    let client = client
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(client));
+    match client {
+        Ok(client) => dispatch(client, peer, routes, &local, &gate, &tracker, &leaving),
+        Err(e) => {
+            tracing::warn!(listen = %local, client = %peer, error = %e, "cannot take a connection the ring accepted; closing it")
+        }
+    }
+}
+
 /// Hands an accepted connection to its session, in a span of its own: every line about it names
 /// it. Its backend (and, with accept_proxy, its real client; on a shared address, its service) are
 /// recorded in the span as they become known.

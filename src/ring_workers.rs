@@ -25,12 +25,17 @@
 //! its relayed connections at a quiet point and hand them here, where they go to `Leaving::carried`
 //! with the facts of their routing line; the new process relays them on (on the epoll engine).
 //!
+//! A reload may move an address off the ring (`control`'s `move_acceptors`): until a worker has
+//! unlistened, its accepts still complete, and `hand_off` gives those clients to the tokio workers,
+//! which serve them with the routes the reload left (TLS, a shared address's routes), as their own
+//! accept loops would.
+//!
 //! Not yet on the ring (refused by the config's validation): TLS, shared addresses.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
@@ -42,6 +47,7 @@ use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::admission::{Gate, Queue, QueuePlace, SourceSlot};
 use crate::config::BackendPort;
+use crate::listener;
 use crate::metrics::{Family, Kind, Subject, Table};
 use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
@@ -83,19 +89,22 @@ impl RingWorkers {
         gate: Arc<Gate>,
         tracker: TaskTracker,
         leaving: Arc<Leaving>,
+        tokio: Vec<tokio::runtime::Handle>,
     ) -> io::Result<RingWorkers> {
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         let workers = Arc::new(Workers::default());
         for i in 0..n.max(1) {
             let (gate, tracker, workers) = (gate.clone(), tracker.clone(), workers.clone());
-            let leaving = leaving.clone();
+            let (leaving, tokio) = (leaving.clone(), tokio.clone());
             let started = ring::start(format!("sluicegate-r{i}"), move || Services {
                 gate,
                 tracker,
                 listeners: HashMap::new(),
                 workers,
                 leaving,
+                tokio,
+                next_tokio: i,
             });
             match started {
                 Ok((h, t)) => {
@@ -323,6 +332,10 @@ struct Services {
     workers: Arc<Workers>,
     /// Where carried connections go (an upgrade's), as the tokio sessions find it.
     leaving: Arc<Leaving>,
+    /// The tokio workers, which serve what this worker accepts for an address no longer on the
+    /// ring (`hand_off`), in turn from `next_tokio`.
+    tokio: Vec<tokio::runtime::Handle>,
+    next_tokio: usize,
 }
 
 /// A connection's place in its service: its slots (released when it is dropped, after its end is
@@ -510,6 +523,28 @@ impl Host for Services {
         self.listeners.remove(&id);
     }
 
+    fn hand_off(&mut self, id: u32, client: OwnedFd, peer: SocketAddr) -> Option<OwnedFd> {
+        let Some(served) = self.listeners.get(&id) else {
+            return Some(client);
+        };
+        let routes = served.routes.load_full();
+        if routes.on_ring() || self.tokio.is_empty() {
+            return Some(client);
+        }
+        let h = &self.tokio[self.next_tokio % self.tokio.len()];
+        self.next_tokio = self.next_tokio.wrapping_add(1);
+        h.spawn(listener::hand_in(
+            client.into(),
+            peer,
+            routes,
+            served.local.clone(),
+            self.gate.clone(),
+            self.tracker.clone(),
+            self.leaving.clone(),
+        ));
+        None
+    }
+
     fn accepted(
         &mut self,
         id: u32,
@@ -520,7 +555,7 @@ impl Host for Services {
         // The routes as they are now (a reload swaps them); the connection keeps its service.
         let routes = served.routes.load();
         let Some(current) = routes.table.only() else {
-            // The config's validation keeps ring services off shared addresses.
+            // `hand_off` gave every client of a shared address to the tokio workers.
             tracing::warn!(listen = %served.local, "a ring worker was given a shared address; closing the client");
             return None;
         };
@@ -720,5 +755,95 @@ fn refused(end: Outcome) -> Ending {
         bytes_up: 0,
         bytes_down: 0,
         end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, RouteKeys};
+    use crate::events::EventBus;
+    use crate::route::{Table, Unrouted};
+    use crate::tls::ServiceTls;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A ring worker given an address whose service is not (or no longer) the ring's: a reload
+    /// moved the address off the ring, and the worker's accept completed before it unlistened.
+    /// The client is handed to the tokio workers, which relay it with the routes the reload left,
+    /// rather than relayed on the ring (which would ignore what the service now asks: TLS, a shared
+    /// address's routes) or closed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_of_an_address_off_the_ring_goes_to_the_tokio_workers() {
+        if let Err(why) = ring::availability() {
+            eprintln!("skipped: no ring worker here: {why}");
+            return;
+        }
+        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                s.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        let cfg = Config::from_yaml(&format!(
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: auto\n    backends: [{{address: \"{backend}\"}}]\n"
+        ))
+        .unwrap();
+        let service = Arc::new(ArcSwap::from_pointee(Service::new(
+            &cfg.services[0],
+            ServiceTls::default(),
+            &EventBus::default(),
+        )));
+        let stats = service.load_full();
+        let routes = Arc::new(ArcSwap::from_pointee(Routes {
+            table: Table::new(vec![(RouteKeys::default(), service)]),
+            accept_proxy: None,
+            hello_timeout: Duration::from_secs(5),
+            unrouted: Arc::new(Unrouted::default()),
+        }));
+        let (gate, tracker) = (Arc::new(Gate::new(None)), TaskTracker::new());
+        let tokio = vec![tokio::runtime::Handle::current()];
+        let leaving = Arc::new(Leaving::default());
+        let ring = RingWorkers::start(1, gate, tracker.clone(), leaving, tokio).unwrap();
+        let socket = listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let (stop, accepting) = (CancellationToken::new(), TaskTracker::new());
+        ring.listen(
+            &tokio::runtime::Handle::current(),
+            socket,
+            routes,
+            stop.clone(),
+            &accepting,
+        );
+
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"through").await.unwrap();
+        let mut got = [0u8; 7];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("relayed within 10 s")
+            .unwrap();
+        assert_eq!(&got, b"through");
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !tracker.is_empty() || stats.stats.ended(Outcome::ClientClosed) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the connection ends within 10 s");
+        let accepted: u64 = ring.views().iter().map(|v| v.accepted).sum();
+        assert_eq!(accepted, 1, "the ring worker accepted it");
+        assert_eq!(stats.stats.accepted.load(Relaxed), 1);
+        assert_eq!(
+            stats.stats.uring.load(Relaxed),
+            0,
+            "relayed by a tokio worker, not on the ring"
+        );
+        stop.cancel();
+        ring.stop();
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{AcceptProxyConfig, RouteKeys, SniName};
+use crate::config::{AcceptProxyConfig, RelayMode, RouteKeys, SniName};
 use crate::metrics::{Family, Kind, Subject, Table as MetricTable};
 use crate::outcome::Outcome;
 use crate::service::Service;
@@ -34,6 +34,17 @@ pub(crate) struct Routes {
     pub(crate) hello_timeout: Duration,
     /// The connections no service took, counted by how they ended; kept across reloads.
     pub(crate) unrouted: Arc<Unrouted>,
+}
+
+impl Routes {
+    /// Whether the ring workers serve this address: its one service runs `relay: ring` (as it
+    /// runs: where io_uring is unavailable a `ring` service runs `auto`). A shared address, or any
+    /// other engine, is the tokio workers'.
+    pub(crate) fn on_ring(&self) -> bool {
+        self.table
+            .only()
+            .is_some_and(|s| s.load().relay.mode == RelayMode::Ring)
+    }
 }
 
 /// The connections of an address that no service took: no route for them, a hello that was not one,
@@ -366,6 +377,48 @@ mod tests {
         assert_eq!(
             go(&t, Some("a.x"), &["h2", "http/1.1"]),
             Some(("h2", "exact+alpn"))
+        );
+    }
+
+    /// The ring workers accept on an address only when its one service runs `relay: ring`.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn only_an_address_of_one_ring_service_is_the_rings() {
+        if let Err(why) = crate::relay::ring::availability() {
+            eprintln!("skipped: `ring` runs as `auto` here: {why}");
+            return;
+        }
+        let cfg = crate::config::Config::from_yaml(
+            "services:
+  - {name: r, listen: 127.0.0.1:0, relay: ring, backends: [{address: 127.0.0.1:9}]}
+  - {name: a, listen: 127.0.0.1:0, backends: [{address: 127.0.0.1:9}]}
+  - {name: b, listen: 127.0.0.1:0, sni: [b.example], backends: [{address: 127.0.0.1:9}]}
+",
+        )
+        .unwrap();
+        let routes = |of: &[usize]| Routes {
+            table: Table::new(
+                of.iter()
+                    .map(|&i| {
+                        let s = &cfg.services[i];
+                        let service = Service::new(
+                            s,
+                            crate::tls::ServiceTls::default(),
+                            &crate::events::EventBus::default(),
+                        );
+                        (s.route_keys(), Arc::new(ArcSwap::from_pointee(service)))
+                    })
+                    .collect(),
+            ),
+            accept_proxy: None,
+            hello_timeout: Duration::from_secs(5),
+            unrouted: Arc::new(Unrouted::default()),
+        };
+        assert!(routes(&[0]).on_ring(), "one ring service");
+        assert!(!routes(&[1]).on_ring(), "one auto service");
+        assert!(
+            !routes(&[0, 2]).on_ring(),
+            "a shared address has routes to read"
         );
     }
 }

@@ -84,6 +84,23 @@ pub(super) fn keys(config: &Config) -> BTreeSet<ListenKey> {
     config.services.iter().flat_map(keys_of).collect()
 }
 
+/// Which workers accept on a bound address: the tokio workers' accept loops, or the ring workers
+/// (its one service is `relay: ring`, [`Routes::on_ring`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Acceptors {
+    Tokio,
+    Ring,
+}
+
+impl Acceptors {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Acceptors::Tokio => "tokio",
+            Acceptors::Ring => "ring",
+        }
+    }
+}
+
 /// One bound address.
 pub(super) struct Bound {
     pub(super) key: ListenKey,
@@ -96,6 +113,8 @@ pub(super) struct Bound {
     pub(super) kept: Option<TcpListener>,
     /// Stops its accept loops, which closes it.
     pub(super) stop: CancellationToken,
+    /// Which workers accept on it, once they have started.
+    pub(super) acceptors: Option<Acceptors>,
     pub(super) routes: Arc<ArcSwap<Routes>>,
     /// Its unrouted connections' counts, kept across the route tables a reload swaps in.
     unrouted: Arc<Unrouted>,
@@ -125,6 +144,7 @@ pub(super) fn bind(key: &ListenKey, config: &Config) -> Result<Bound, BindError>
         pending: Some(l),
         kept: Some(kept),
         stop: CancellationToken::new(),
+        acceptors: None,
         routes: Arc::new(ArcSwap::from_pointee(Routes {
             table: Table::new(Vec::new()),
             accept_proxy: None,

@@ -32,7 +32,7 @@ pub use reload::{ReloadError, ReloadReport};
 pub(crate) use view::{ControlView, METRICS};
 
 use crate::admission::Gate;
-use crate::config::{AdminSettings, Config, RelayMode, ResolverConfig, ServiceConfig};
+use crate::config::{AdminSettings, Config, ResolverConfig, ServiceConfig};
 use crate::discovery::docker::{self as labels, LabelWatcher};
 use crate::discovery::{self, ResolverError, Watcher};
 use crate::events::{Event, EventBus};
@@ -41,11 +41,12 @@ use crate::pool::Backend;
 use crate::replicas::ReplicaSet;
 #[cfg(target_os = "linux")]
 use crate::ring_workers::RingWorkers;
+use crate::route::Routes;
 use crate::service::Service;
 use crate::tls::{self, ServiceTls, TlsError};
 use crate::util::lock;
 use crate::workers::{self, Workers};
-use listeners::Bound;
+use listeners::{Acceptors, Bound};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -539,6 +540,7 @@ impl Control {
                 self.gate.clone(),
                 self.tracker.clone(),
                 self.leaving.clone(),
+                self.workers.handles().to_vec(),
             );
             *ring = match started {
                 Ok(r) => RingState::Running(Arc::new(r)),
@@ -597,6 +599,51 @@ impl Control {
         }
     }
 
+    /// The ring workers, if they are to accept on an address with `routes` (and can).
+    #[cfg(target_os = "linux")]
+    fn ring_for(&self, routes: &Routes) -> Option<Arc<RingWorkers>> {
+        routes.on_ring().then(|| self.ring_workers()).flatten()
+    }
+
+    /// Which workers are to accept on an address with `routes`.
+    fn acceptors_for(&self, routes: &Routes) -> Acceptors {
+        #[cfg(target_os = "linux")]
+        if self.ring_for(routes).is_some() {
+            return Acceptors::Ring;
+        }
+        let _ = routes;
+        Acceptors::Tokio
+    }
+
+    /// Moves the accepts of an address whose accept loops run to the workers its routes now ask
+    /// for (a reload switched its service to or from `relay: ring`). The new workers start on a
+    /// descriptor of the socket kept for upgrades before the old ones stop: the socket stays open
+    /// and what waits in its queue is accepted by one or the other. What the old ones accept
+    /// until they have stopped is served all the same (a ring worker hands it to the tokio
+    /// workers, `Host::hand_off`; a tokio worker serves a `ring` service as `auto`).
+    fn move_acceptors(&self, b: &mut Bound) {
+        let Some(before) = b.acceptors else { return };
+        let after = self.acceptors_for(&b.routes.load());
+        if after == before {
+            return;
+        }
+        let dup = match b.kept.as_ref().map(std::net::TcpListener::try_clone) {
+            Some(Ok(dup)) => dup,
+            Some(Err(e)) => {
+                tracing::warn!(listen = %b.local, error = %e, from = before.as_str(), to = after.as_str(),
+                    "cannot move the accepts to other workers; they stay, and serve its clients as those would");
+                return;
+            }
+            // Only after a drain began, when no reload applies.
+            None => return,
+        };
+        let old = std::mem::replace(&mut b.stop, CancellationToken::new());
+        b.pending = Some(dup);
+        self.spawn_accept(b);
+        old.cancel();
+        tracing::info!(listen = %b.local, from = before.as_str(), to = after.as_str(), "accepts moved to other workers");
+    }
+
     /// Starts an accept loop per worker on `b`'s socket, if it has not started yet.
     fn spawn_accept(&self, b: &mut Bound) {
         let Some(l) = b.pending.take() else { return };
@@ -621,18 +668,18 @@ impl Control {
             ),
         }
         #[cfg(target_os = "linux")]
-        if routes.table.only().map(|s| s.load().relay.mode) == Some(RelayMode::Ring) {
-            if let Some(r) = self.ring_workers() {
-                r.listen(
-                    &self.rt,
-                    l,
-                    b.routes.clone(),
-                    b.stop.clone(),
-                    &self.accepting,
-                );
-                return;
-            }
+        if let Some(r) = self.ring_for(&routes) {
+            r.listen(
+                &self.rt,
+                l,
+                b.routes.clone(),
+                b.stop.clone(),
+                &self.accepting,
+            );
+            b.acceptors = Some(Acceptors::Ring);
+            return;
         }
+        b.acceptors = Some(Acceptors::Tokio);
         // One accept loop per worker, each on its own descriptor of the one listening socket.
         let handles = self.workers.handles();
         let mut socket = Some(l);

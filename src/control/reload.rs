@@ -45,10 +45,6 @@ pub enum ReloadError {
     NoFile,
     #[error("draining: no reload during shutdown")]
     Draining,
-    /// An address kept across the reload would move between the ring workers and the tokio
-    /// workers, which serve what they were given at bind time.
-    #[error("{0}")]
-    RingSwitch(String),
 }
 
 impl From<ConfigError> for ReloadError {
@@ -273,9 +269,6 @@ impl Control {
         let mut bound = lock(&self.listeners);
         let mut config = lock(&self.config);
         let mut resolving = lock(&self.resolving);
-        if let Some(why) = ring_switch(&config, &new) {
-            return Err(ReloadError::RingSwitch(why));
-        }
         let mut plan = plan(&config, &new);
         plan.restart_needed.extend(self.admin_restart_needed(&new)?);
 
@@ -380,6 +373,7 @@ impl Control {
         for b in bound.iter_mut() {
             b.set_routes(running);
             if started {
+                self.move_acceptors(b);
                 self.spawn_accept(b);
             }
         }
@@ -479,49 +473,9 @@ impl Control {
     }
 }
 
-/// Whether a service listening where one listened before moves to or from `relay: ring`: the
-/// address stays bound, and its accepts stay on the workers they started on (ring or tokio), so the
-/// change could only be half applied; said, with what to do instead.
-fn ring_switch(old: &Config, new: &Config) -> Option<String> {
-    let ring = |s: &ServiceConfig| s.relay == crate::config::RelayMode::Ring;
-    new.services.iter().find_map(|n| {
-        let o = old.services.iter().find(|o| o.listen == n.listen)?;
-        (ring(o) != ring(n)).then(|| {
-            format!(
-                "service {:?} would move {} relay: ring on an address it keeps ({}): a reload cannot move a bound address between the ring workers and the tokio workers; restart or upgrade instead",
-                n.name,
-                if ring(n) { "to" } else { "off" },
-                n.listen
-            )
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Moving a kept address to or from the ring workers is refused; a new address may be either.
-    #[test]
-    fn a_reload_cannot_move_a_kept_address_on_or_off_the_ring() {
-        let ring = "  - {name: web, listen: 127.0.0.1:8080, relay: ring, backends: [{address: 127.0.0.1:9001}]}\n";
-        let elsewhere = "  - {name: web, listen: 127.0.0.1:8090, relay: ring, backends: [{address: 127.0.0.1:9001}]}\n";
-        let (plain, ring, elsewhere) = (config(WEB, ""), config(ring, ""), config(elsewhere, ""));
-        let why = ring_switch(&plain, &ring).expect("onto the ring");
-        assert!(
-            why.contains("\"web\" would move to relay: ring") && why.contains("restart or upgrade"),
-            "{why}"
-        );
-        assert!(ring_switch(&ring, &plain)
-            .expect("off the ring")
-            .contains("move off"));
-        assert_eq!(
-            ring_switch(&plain, &elsewhere),
-            None,
-            "a new address binds afresh"
-        );
-        assert_eq!(ring_switch(&ring, &ring), None);
-    }
 
     fn config(services: &str, extra: &str) -> Config {
         Config::from_yaml(&format!("{extra}services:\n{services}")).unwrap()

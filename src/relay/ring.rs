@@ -252,6 +252,13 @@ pub(crate) trait Host {
     fn listening(&mut self, id: u32, with: Self::Listen);
     /// Listener `id` is no longer served (its last accept has completed).
     fn unlistened(&mut self, id: u32);
+    /// A client accepted on listener `id` that is no longer this worker's to serve (a reload moved
+    /// its address to other workers, and this accept completed before the worker unlistened): the
+    /// host takes it and serves it elsewhere (`None`), or gives it back to be admitted here.
+    fn hand_off(&mut self, id: u32, client: OwnedFd, peer: SocketAddr) -> Option<OwnedFd> {
+        let _ = (id, peer);
+        Some(client)
+    }
     /// A client accepted on listener `id`: its state, what comes next (a backend to connect it to,
     /// or its first bytes to read) and its limits; or `None`, refused, which the host has accounted
     /// (the worker closes the client after).
@@ -1153,6 +1160,9 @@ impl<H: Host> Worker<H> {
         let peer = peer.or_else(|| SockRef::from(&client).peer_addr().ok()?.as_socket());
         let Some(peer) = peer else {
             return; // No address, and gone before it was asked: it closes here.
+        };
+        let Some(client) = self.host.hand_off(id, client, peer) else {
+            return;
         };
         let Some((conn, admit, timeouts)) = self.host.accepted(id, peer, client.as_fd()) else {
             self.close(client);

@@ -203,33 +203,72 @@ async fn what_the_api_added_survives_a_reload() {
     assert_eq!(members.len(), 2);
 }
 
+/// Four clients that open a session to `addr` and ping it, one after another, until stopped
+/// (100,000 each at most), counting what worked and what failed.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(addr: SocketAddr) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            clients.push(tokio::spawn(async move {
+                for _ in 0..100_000 {
+                    if stop.load(Relaxed) {
+                        break;
+                    }
+                    match Session::open(addr).await {
+                        Ok((mut s, _)) => match s.ping().await {
+                            Ok(()) => ok.fetch_add(1, Relaxed),
+                            Err(_) => failed.fetch_add(1, Relaxed),
+                        },
+                        Err(_) => failed.fetch_add(1, Relaxed),
+                    };
+                }
+            }));
+        }
+        Traffic {
+            stop,
+            ok,
+            failed,
+            clients,
+        }
+    }
+
+    /// Waits (5 s at most) for twenty more sessions to work.
+    async fn goes_on(&self) {
+        let before = self.ok.load(Relaxed);
+        wait_for(Duration::from_secs(5), "traffic between reloads", || {
+            self.ok.load(Relaxed) >= before + 20
+        })
+        .await;
+    }
+
+    /// Stops the clients: how many sessions worked, and how many failed.
+    async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Relaxed);
+        for c in self.clients {
+            c.await.unwrap();
+        }
+        (self.ok.load(Relaxed), self.failed.load(Relaxed))
+    }
+}
+
 /// Reloads under traffic: twenty reloads that change weights, policy and backends while clients
 /// connect continuously; no connection fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_traffic_loses_no_connection() {
     let (_port, fleet) = replicas(2, 3);
     let p = Proxy::start(&config(&[service("web", &[&fleet[0], &fleet[1]], "")])).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (stop, ok, failed, addr) = (stop.clone(), ok.clone(), failed.clone(), p.addr);
-        clients.push(tokio::spawn(async move {
-            for _ in 0..100_000 {
-                if stop.load(Relaxed) {
-                    break;
-                }
-                match Session::open(addr).await {
-                    Ok((mut s, _)) => match s.ping().await {
-                        Ok(()) => ok.fetch_add(1, Relaxed),
-                        Err(_) => failed.fetch_add(1, Relaxed),
-                    },
-                    Err(_) => failed.fetch_add(1, Relaxed),
-                };
-            }
-        }));
-    }
+    let traffic = Traffic::start(p.addr);
     let policies = ["round_robin", "least_conn", "p2c", "weighted_round_robin"];
     for i in 0..20 {
         let set: Vec<&Replica> = match i % 3 {
@@ -245,21 +284,100 @@ async fn reload_under_traffic_loses_no_connection() {
         p.control
             .reload(Config::from_yaml(&v).unwrap())
             .expect("applied");
-        let before = ok.load(Relaxed);
-        wait_for(Duration::from_secs(5), "traffic between reloads", || {
-            ok.load(Relaxed) >= before + 20
-        })
-        .await;
+        traffic.goes_on().await;
     }
-    stop.store(true, Relaxed);
-    for c in clients {
-        c.await.unwrap();
-    }
-    eprintln!(
-        "{} sessions through 20 reloads, {} failed",
-        ok.load(Relaxed),
-        failed.load(Relaxed)
-    );
-    assert_eq!(failed.load(Relaxed), 0);
+    let (ok, failed) = traffic.stop().await;
+    eprintln!("{ok} sessions through 20 reloads, {failed} failed");
+    assert_eq!(failed, 0);
     assert_eq!(p.control.reload_counts(), (20, 0));
+}
+
+/// How many of service `name`'s connections ran on a ring (counted as each ends).
+fn on_ring(p: &Proxy, name: &str) -> u64 {
+    p.control
+        .service(name)
+        .expect(name)
+        .stats
+        .uring
+        .load(Relaxed)
+}
+
+/// A proxy serving `web` (two replicas) on the epoll engine; its address; the configs of `web` on
+/// epoll and on the ring; and the replicas, which live as long as that is kept.
+async fn web_on_epoll() -> (Proxy, SocketAddr, [String; 2], Vec<Replica>) {
+    let (_port, fleet) = replicas(2, 2);
+    let epoll = config(&[service("web", &[&fleet[0], &fleet[1]], "")]);
+    let ring = config(&[service("web", &[&fleet[0], &fleet[1]], "relay: ring")]);
+    let p = Proxy::start(&epoll).await;
+    let web = listen_of(&p, "web");
+    (p, web, [epoll, ring], fleet)
+}
+
+/// A reload moves a kept address to `relay: ring` and back: the address stays bound, a connection
+/// open before each move goes on where it runs, and the connections accepted after each move run on
+/// the engine the reload asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_a_kept_address_on_and_off_the_ring() {
+    let (p, web, [epoll, ring], _fleet) = web_on_epoll().await;
+    let (mut before, _) = Session::open(web).await.expect("before the moves");
+
+    p.control
+        .reload(Config::from_yaml(&ring).unwrap())
+        .expect("onto the ring");
+    assert_eq!(listen_of(&p, "web"), web, "the same address");
+    let (mut during, _) = Session::open(web).await.expect("on the ring");
+    for _ in 0..3 {
+        who(web).await.expect("on the ring");
+    }
+    wait_for(
+        Duration::from_secs(10),
+        "three connections on the ring",
+        || on_ring(&p, "web") == 3,
+    )
+    .await;
+    before.ping().await.expect("the first connection goes on");
+
+    p.control
+        .reload(Config::from_yaml(&epoll).unwrap())
+        .expect("off the ring");
+    for _ in 0..3 {
+        who(web).await.expect("off the ring");
+    }
+    wait_for(Duration::from_secs(10), "six connections ended", || {
+        p.control
+            .service("web")
+            .unwrap()
+            .stats
+            .ended(sluicegate::Outcome::ClientClosed)
+            == 6
+    })
+    .await;
+    assert_eq!(on_ring(&p, "web"), 3, "the last three ran on epoll");
+    before.ping().await.expect("the first connection goes on");
+    during.ping().await.expect("the ring's connection goes on");
+    assert_eq!(p.control.reload_counts(), (2, 0));
+}
+
+/// Clients connect without pause while ten reloads move the address on and off the ring: not one
+/// connection fails, and both engines served some.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_an_address_on_and_off_the_ring_under_traffic_loses_no_connection() {
+    let (p, web, [epoll, ring], _fleet) = web_on_epoll().await;
+    let traffic = Traffic::start(web);
+    for i in 0..10 {
+        let v = if i % 2 == 0 { &ring } else { &epoll };
+        p.control
+            .reload(Config::from_yaml(v).unwrap())
+            .expect("applied");
+        traffic.goes_on().await;
+    }
+    let (ok, failed) = traffic.stop().await;
+    let ring_served = on_ring(&p, "web");
+    eprintln!("{ok} sessions through 10 moves, {failed} failed, {ring_served} on the ring");
+    assert_eq!(failed, 0);
+    assert!(
+        ring_served > 0 && ring_served < ok,
+        "both engines served: {ring_served} of {ok} on the ring"
+    );
+    assert_eq!(p.control.reload_counts(), (10, 0));
 }
