@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use crate::admission::Gate;
 use crate::outcome::Outcome;
@@ -130,14 +130,15 @@ pub(crate) async fn accept_loop(
 
 /// Serves a connection another engine accepted on an address that is now these workers' (a ring
 /// worker's accept completed after a reload moved the address off the ring): as if this worker's
-/// accept loop had taken it, with the routes the reload left. Runs on a tokio worker.
+/// accept loop had taken it, with the routes the reload left. Runs on a tokio worker; `_tracked`
+/// keeps a drain waiting for the client from its hand-off until its session is tracked itself.
 pub(crate) async fn hand_in(
     client: std::net::TcpStream,
     peer: SocketAddr,
     routes: Arc<Routes>,
     local: Arc<str>,
     gate: Arc<Gate>,
-    tracker: TaskTracker,
+    (tracker, _tracked): (TaskTracker, TaskTrackerToken),
     leaving: Arc<Leaving>,
 ) {
     let client = client

@@ -105,6 +105,7 @@ impl RingWorkers {
                 leaving,
                 tokio,
                 next_tokio: i,
+                routes_read: None,
             });
             match started {
                 Ok((h, t)) => {
@@ -336,6 +337,10 @@ struct Services {
     /// ring (`hand_off`), in turn from `next_tokio`.
     tokio: Vec<tokio::runtime::Handle>,
     next_tokio: usize,
+    /// The routes `hand_off` read for the client it gave back, for `accepted`, which the worker
+    /// calls next: read once, so a reload between the two cannot have the ring admit a client the
+    /// routes it then reads would give to the tokio workers.
+    routes_read: Option<Arc<Routes>>,
 }
 
 /// A connection's place in its service: its slots (released when it is dropped, after its end is
@@ -529,17 +534,20 @@ impl Host for Services {
         };
         let routes = served.routes.load_full();
         if routes.on_ring() || self.tokio.is_empty() {
+            self.routes_read = Some(routes);
             return Some(client);
         }
         let h = &self.tokio[self.next_tokio % self.tokio.len()];
         self.next_tokio = self.next_tokio.wrapping_add(1);
+        // Tracked from now: a drain that begins before the task runs still waits for the client.
+        let tracked = self.tracker.token();
         h.spawn(listener::hand_in(
             client.into(),
             peer,
             routes,
             served.local.clone(),
             self.gate.clone(),
-            self.tracker.clone(),
+            (self.tracker.clone(), tracked),
             self.leaving.clone(),
         ));
         None
@@ -551,9 +559,11 @@ impl Host for Services {
         peer: SocketAddr,
         client: BorrowedFd<'_>,
     ) -> Option<(Taken, Admit, Timeouts)> {
+        let read = self.routes_read.take();
         let served = self.listeners.get(&id)?;
-        // The routes as they are now (a reload swaps them); the connection keeps its service.
-        let routes = served.routes.load();
+        // The routes as `hand_off` read them (a reload swaps them); the connection keeps its
+        // service.
+        let routes = read.unwrap_or_else(|| served.routes.load_full());
         let Some(current) = routes.table.only() else {
             // `hand_off` gave every client of a shared address to the tokio workers.
             tracing::warn!(listen = %served.local, "a ring worker was given a shared address; closing the client");
@@ -761,89 +771,107 @@ fn refused(end: Outcome) -> Ending {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, RouteKeys};
+    use crate::config::Config;
     use crate::events::EventBus;
     use crate::route::{Table, Unrouted};
     use crate::tls::ServiceTls;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// An echo server for one connection.
+    async fn echo() -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 64];
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                s.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        addr
+    }
+
     /// A ring worker given an address whose service is not (or no longer) the ring's: a reload
     /// moved the address off the ring, and the worker's accept completed before it unlistened.
     /// The client is handed to the tokio workers, which relay it with the routes the reload left,
     /// rather than relayed on the ring (which would ignore what the service now asks: TLS, a shared
-    /// address's routes) or closed.
+    /// address's routes) or closed. Both for an address of one `auto` service, and for a shared
+    /// one, whose client (no TLS hello) goes to its default route.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_of_an_address_off_the_ring_goes_to_the_tokio_workers() {
         if let Err(why) = ring::availability() {
             eprintln!("skipped: no ring worker here: {why}");
             return;
         }
-        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let backend = echo.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = echo.accept().await.unwrap();
-            let mut buf = [0u8; 64];
-            while let Ok(n @ 1..) = s.read(&mut buf).await {
-                s.write_all(&buf[..n]).await.unwrap();
+        for shared in [false, true] {
+            let backend = echo().await;
+            let mut yaml = format!(
+                "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: auto\n    backends: [{{address: \"{backend}\"}}]\n"
+            );
+            if shared {
+                yaml += "  - name: named\n    listen: 127.0.0.1:0\n    sni: [a.example]\n    backends: [{address: \"127.0.0.1:9\"}]\n";
             }
-        });
-        let cfg = Config::from_yaml(&format!(
-            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: auto\n    backends: [{{address: \"{backend}\"}}]\n"
-        ))
-        .unwrap();
-        let service = Arc::new(ArcSwap::from_pointee(Service::new(
-            &cfg.services[0],
-            ServiceTls::default(),
-            &EventBus::default(),
-        )));
-        let stats = service.load_full();
-        let routes = Arc::new(ArcSwap::from_pointee(Routes {
-            table: Table::new(vec![(RouteKeys::default(), service)]),
-            accept_proxy: None,
-            hello_timeout: Duration::from_secs(5),
-            unrouted: Arc::new(Unrouted::default()),
-        }));
-        let (gate, tracker) = (Arc::new(Gate::new(None)), TaskTracker::new());
-        let tokio = vec![tokio::runtime::Handle::current()];
-        let leaving = Arc::new(Leaving::default());
-        let ring = RingWorkers::start(1, gate, tracker.clone(), leaving, tokio).unwrap();
-        let socket = listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = socket.local_addr().unwrap();
-        let (stop, accepting) = (CancellationToken::new(), TaskTracker::new());
-        ring.listen(
-            &tokio::runtime::Handle::current(),
-            socket,
-            routes,
-            stop.clone(),
-            &accepting,
-        );
+            let cfg = Config::from_yaml(&yaml).unwrap();
+            let services: Vec<_> = cfg
+                .services
+                .iter()
+                .map(|s| {
+                    let service = Service::new(s, ServiceTls::default(), &EventBus::default());
+                    (s.route_keys(), Arc::new(ArcSwap::from_pointee(service)))
+                })
+                .collect();
+            let web = services[0].1.load_full();
+            let routes = Arc::new(ArcSwap::from_pointee(Routes {
+                table: Table::new(services),
+                accept_proxy: None,
+                hello_timeout: Duration::from_secs(5),
+                unrouted: Arc::new(Unrouted::default()),
+            }));
+            assert_eq!(routes.load().table.only().is_none(), shared);
+            let (gate, tracker) = (Arc::new(Gate::new(None)), TaskTracker::new());
+            let tokio = vec![tokio::runtime::Handle::current()];
+            let leaving = Arc::new(Leaving::default());
+            let ring = RingWorkers::start(1, gate, tracker.clone(), leaving, tokio).unwrap();
+            let socket = listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = socket.local_addr().unwrap();
+            let (stop, accepting) = (CancellationToken::new(), TaskTracker::new());
+            ring.listen(
+                &tokio::runtime::Handle::current(),
+                socket,
+                routes,
+                stop.clone(),
+                &accepting,
+            );
 
-        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        client.write_all(b"through").await.unwrap();
-        let mut got = [0u8; 7];
-        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            client.write_all(b"through").await.unwrap();
+            let mut got = [0u8; 7];
+            tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+                .await
+                .expect("relayed within 10 s")
+                .unwrap();
+            assert_eq!(&got, b"through", "shared: {shared}");
+            drop(client);
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !tracker.is_empty() || web.stats.ended(Outcome::ClientClosed) == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
             .await
-            .expect("relayed within 10 s")
-            .unwrap();
-        assert_eq!(&got, b"through");
-        drop(client);
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while !tracker.is_empty() || stats.stats.ended(Outcome::ClientClosed) == 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("the connection ends within 10 s");
-        let accepted: u64 = ring.views().iter().map(|v| v.accepted).sum();
-        assert_eq!(accepted, 1, "the ring worker accepted it");
-        assert_eq!(stats.stats.accepted.load(Relaxed), 1);
-        assert_eq!(
-            stats.stats.uring.load(Relaxed),
-            0,
-            "relayed by a tokio worker, not on the ring"
-        );
-        stop.cancel();
-        ring.stop();
+            .expect("the connection ends within 10 s");
+            let accepted: u64 = ring.views().iter().map(|v| v.accepted).sum();
+            assert_eq!(accepted, 1, "the ring worker accepted it");
+            assert_eq!(web.stats.accepted.load(Relaxed), 1);
+            assert_eq!(
+                web.stats.uring.load(Relaxed),
+                0,
+                "relayed by a tokio worker, not on the ring (shared: {shared})"
+            );
+            stop.cancel();
+            tokio::task::spawn_blocking(move || ring.stop())
+                .await
+                .unwrap();
+        }
     }
 }

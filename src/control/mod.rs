@@ -616,12 +616,17 @@ impl Control {
     }
 
     /// Moves the accepts of an address whose accept loops run to the workers its routes now ask
-    /// for (a reload switched its service to or from `relay: ring`). The new workers start on a
-    /// descriptor of the socket kept for upgrades before the old ones stop: the socket stays open
-    /// and what waits in its queue is accepted by one or the other. What the old ones accept
+    /// for (a reload switched its service to or from `relay: ring`). The new workers are given a
+    /// descriptor of the socket kept for upgrades, and the old ones are told to stop: the socket
+    /// never closes, so what waits in its queue is accepted by one or the other. What the old ones accept
     /// until they have stopped is served all the same (a ring worker hands it to the tokio
     /// workers, `Host::hand_off`; a tokio worker serves a `ring` service as `auto`).
     fn move_acceptors(&self, b: &mut Bound) {
+        // Stopped for good (an upgrade's `stop_accepting` took the address meanwhile): a fresh
+        // token would start accept loops that nothing stops.
+        if b.stop.is_cancelled() {
+            return;
+        }
         let Some(before) = b.acceptors else { return };
         let after = self.acceptors_for(&b.routes.load());
         if after == before {
@@ -646,6 +651,9 @@ impl Control {
 
     /// Starts an accept loop per worker on `b`'s socket, if it has not started yet.
     fn spawn_accept(&self, b: &mut Bound) {
+        if b.stop.is_cancelled() {
+            return;
+        }
         let Some(l) = b.pending.take() else { return };
         let routes = b.routes.load();
         let names: Vec<String> = b.service_names().iter().map(|n| n.to_string()).collect();

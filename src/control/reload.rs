@@ -269,6 +269,10 @@ impl Control {
         let mut bound = lock(&self.listeners);
         let mut config = lock(&self.config);
         let mut resolving = lock(&self.resolving);
+        // Again under the locks: an upgrade's `stop_accepting` may have begun since the first look.
+        if self.readiness.is_draining() {
+            return Err(ReloadError::Draining);
+        }
         let mut plan = plan(&config, &new);
         plan.restart_needed.extend(self.admin_restart_needed(&new)?);
 

@@ -292,6 +292,15 @@ async fn reload_under_traffic_loses_no_connection() {
     assert_eq!(p.control.reload_counts(), (20, 0));
 }
 
+/// Whether `web` runs on the ring (where io_uring is unavailable, `ring` runs as `auto`: said).
+fn ring_runs(p: &Proxy) -> bool {
+    let relay = p.control.service("web").expect("web").view().relay;
+    if relay != "ring" {
+        eprintln!("skipped: no ring worker here (the service runs as {relay})");
+    }
+    relay == "ring"
+}
+
 /// How many of service `name`'s connections ran on a ring (counted as each ends).
 fn on_ring(p: &Proxy, name: &str) -> u64 {
     p.control
@@ -324,6 +333,9 @@ async fn a_reload_moves_a_kept_address_on_and_off_the_ring() {
     p.control
         .reload(Config::from_yaml(&ring).unwrap())
         .expect("onto the ring");
+    if !ring_runs(&p) {
+        return;
+    }
     assert_eq!(listen_of(&p, "web"), web, "the same address");
     let (mut during, _) = Session::open(web).await.expect("on the ring");
     for _ in 0..3 {
@@ -369,6 +381,10 @@ async fn moving_an_address_on_and_off_the_ring_under_traffic_loses_no_connection
         p.control
             .reload(Config::from_yaml(v).unwrap())
             .expect("applied");
+        if i == 0 && !ring_runs(&p) {
+            traffic.stop().await;
+            return;
+        }
         traffic.goes_on().await;
     }
     let (ok, failed) = traffic.stop().await;
