@@ -229,6 +229,7 @@ impl RingWorkers {
                     receives_armed: load(&c.receives_armed),
                     cancels_at_cap: load(&c.cancels_at_cap),
                     starved: load(&c.starved),
+                    pool_given: load(&c.pool_given),
                     splices_stuck: load(&c.splices_stuck),
                     carried: load(&c.carried),
                 }
@@ -246,6 +247,7 @@ pub(crate) struct WorkerView {
     receives_armed: u64,
     cancels_at_cap: u64,
     starved: u64,
+    pool_given: u64,
     splices_stuck: u64,
     carried: u64,
 }
@@ -293,9 +295,16 @@ pub(crate) const METRICS: Table<WorkerView> = Table {
         Family::new(
             Kind::Counter,
             "sluicegate_ring_receives_starved_total",
-            "Receives that found the ring worker's buffer pool empty (ENOBUFS); the direction receives again once a buffer comes back.",
+            "Receives that found the ring worker's buffer pool empty (ENOBUFS); the pool grows if it can, else the direction receives again once a buffer comes back.",
             &[],
             |w, o| o.put(&[], w.starved),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_ring_pool_buffers",
+            "Buffers of 16 KiB the ring worker's pool has given the kernel (64 at first, 64 more each time it runs dry, at most 1,024): what of the pool can be resident.",
+            &[],
+            |w, o| o.put(&[], w.pool_given),
         ),
         Family::new(
             Kind::Counter,

@@ -28,8 +28,10 @@
 //!
 //! Back-pressure: a direction holds the pool buffers it received and has not yet sent; when it holds
 //! [`CAP`] its receive is cancelled, and armed again once it holds fewer than half. A receive the
-//! pool could not serve (ENOBUFS, every buffer held) ends; the direction is armed again as soon as
-//! any buffer comes back, and on every tick, so a dry pool slows a direction and never stops it.
+//! pool could not serve (ENOBUFS, every buffer it has given held) ends. While the pool has buffers
+//! it never gave (it starts with 64 of its 1,024, so that a worker keeps resident what its load
+//! needs), it gives 64 more and the direction is armed again at once; after that, as soon as any
+//! buffer comes back, and on every tick, so a dry pool slows a direction and never stops it.
 //!
 //! Bulk: a direction whose receive fills a whole pool buffer carries bulk data (as `relay: auto`
 //! judges it) and moves to splice(2) for good: its receive is cancelled, what it already received
@@ -92,6 +94,11 @@ const CQ_ENTRIES: u32 = 64 * 1024;
 /// the buffers. 16 KiB so that bulk data moves in as few messages as the copy engine's reads.
 const POOL_BUFS: u16 = 1024;
 const POOL_BUF: u32 = 16 * 1024;
+/// Buffers the pool gives the kernel at first, and how many more each time a receive finds it dry:
+/// the kernel takes them in turn, so every buffer given is touched sooner or later, and a worker
+/// that gave all 1,024 at once kept 16 MiB resident however few it needed at a time.
+const POOL_FIRST: u16 = 64;
+const POOL_GROW: u16 = 64;
 /// Pool buffers a direction may hold before its receive is cancelled: 128 directions whose
 /// destination does not read before the pool runs dry.
 pub(crate) const CAP: usize = 8;
@@ -402,7 +409,7 @@ pub(crate) fn availability() -> Result<(), String> {
             return Err(format!("the kernel's io_uring has no {name} operation"));
         }
     }
-    BufPool::register(&ring, 8, 64)
+    BufPool::register(&ring, 8, 64, 8)
         .map(drop)
         .map_err(|e| format!("no provided-buffer rings (Linux 5.19+): {e}"))
 }
@@ -697,8 +704,10 @@ pub(crate) struct Counts {
     pub(crate) receives_armed: AtomicU64,
     /// Receives cancelled because their direction held `CAP` buffers.
     pub(crate) cancels_at_cap: AtomicU64,
-    /// Receives the pool had no buffer for (ENOBUFS).
+    /// Receives the pool had no buffer for (ENOBUFS): while it grows, and once it has given all.
     pub(crate) starved: AtomicU64,
+    /// Buffers the pool has given the kernel so far (`POOL_FIRST`, growing to `POOL_BUFS`).
+    pub(crate) pool_given: AtomicU64,
     /// Spliced directions that went back to receiving because of TCP urgent data: splice found
     /// nothing to read on a source that polled readable, or an end of stream with bytes still
     /// queued past the mark.
@@ -755,7 +764,8 @@ impl<H: Host> Worker<H> {
         pipes: &'static PipePool,
     ) -> io::Result<Worker<H>> {
         let ring = build_ring(SQ_ENTRIES, CQ_ENTRIES)?;
-        let pool = BufPool::register(&ring, POOL_BUFS, POOL_BUF)?;
+        let pool = BufPool::register(&ring, POOL_BUFS, POOL_BUF, POOL_FIRST)?;
+        counts.pool_given.store(u64::from(pool.given()), Relaxed);
         let splice = host.splices_bulk();
         let mut w = Worker {
             ring,
@@ -1505,6 +1515,7 @@ impl<H: Host> Worker<H> {
         let mut cancel = false;
         let mut to_splice = false;
         let mut shut = false;
+        let mut dry = false;
         let mut broke = None;
         let bid = cqueue::buffer_select(flags);
         if res > 0 && bid.is_none() {
@@ -1554,6 +1565,7 @@ impl<H: Host> Worker<H> {
                 self.starved.push((slot, side));
                 bump(&self.counts.starved);
             }
+            dry = true;
         } else if res != -libc::ECANCELED {
             broke = Some(io::Error::from_raw_os_error(-res));
         }
@@ -1581,7 +1593,22 @@ impl<H: Host> Worker<H> {
         } else if !more {
             self.maybe_splice(slot, side);
         }
+        if dry {
+            self.grow_pool();
+        }
         self.maybe_free(slot);
+    }
+
+    /// The pool ran dry: it gives the kernel buffers it has not had yet, while any are left, and
+    /// the directions it could not serve receive again at once.
+    fn grow_pool(&mut self) {
+        let Some(pool) = &self.pool else { return };
+        if pool.grow(POOL_GROW) > 0 {
+            self.counts
+                .pool_given
+                .store(u64::from(pool.given()), Relaxed);
+            self.wake_starved(usize::MAX);
+        }
     }
 
     fn on_send(&mut self, slot: u32, side: Side, res: i32) {

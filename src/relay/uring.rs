@@ -441,7 +441,7 @@ impl Driver {
         tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let (ring, wake) = build_ring()?;
         let sqes = SqeMap::new(&ring)?;
-        let pool = match BufPool::register(&ring, pool_size(), bufs::BUF_SIZE as u32) {
+        let pool = match BufPool::register(&ring, pool_size(), bufs::BUF_SIZE as u32, pool_size()) {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::debug!(error = %e, "io_uring: no provided buffers; receives are one-shot");

@@ -6,8 +6,11 @@
 //! and the kernel, not the program, decides when it writes, so it cannot write into one buffer of the
 //! direction's own (the next message would overwrite the one not yet sent). What the pool costs is
 //! its size in address space, touched as the kernel uses it: for the `uring` engine 512 buffers of
-//! 2 KiB, 1 MiB per ring; for the ring worker (`relay/ring.rs`), which sends from the pool's buffers
-//! themselves, 1,024 of 16 KiB.
+//! 2 KiB, 1 MiB per ring, all given to the kernel at once; for the ring worker (`relay/ring.rs`),
+//! which sends from the pool's buffers themselves, up to 1,024 of 16 KiB, given a few at a time as
+//! receives find the pool dry ([`BufPool::grow`]). The kernel takes buffers in the order they were
+//! given, so a buffer given once is used again in turn: every buffer ever given is eventually
+//! touched, and what the process keeps resident follows how many were given, not how many are in use.
 
 use std::cell::Cell;
 use std::io;
@@ -70,12 +73,21 @@ pub(in crate::relay) struct BufPool {
     size: usize,
     /// The ring's tail as this side last published it.
     tail: Cell<u16>,
+    /// Buffers `0..given` have been given to the kernel (and are its, or ours until given back);
+    /// the rest never have, and their pages are untouched.
+    given: Cell<u16>,
 }
 
 impl BufPool {
-    /// A pool of `count` buffers (a power of two) of `size` bytes, every one given to the kernel,
-    /// registered with `ring`. `Err` where the kernel has no provided-buffer rings (before 5.19).
-    pub(in crate::relay) fn register(ring: &IoUring, count: u16, size: u32) -> io::Result<BufPool> {
+    /// A pool of `count` buffers (a power of two) of `size` bytes, the first `first` of them given
+    /// to the kernel (the rest by [`BufPool::grow`]), registered with `ring`. `Err` where the
+    /// kernel has no provided-buffer rings (before 5.19).
+    pub(in crate::relay) fn register(
+        ring: &IoUring,
+        count: u16,
+        size: u32,
+        first: u16,
+    ) -> io::Result<BufPool> {
         if !count.is_power_of_two() || size == 0 {
             return Err(io::Error::other(
                 "provided buffers: count not a power of two, or size 0",
@@ -90,8 +102,9 @@ impl BufPool {
             count,
             size,
             tail: Cell::new(0),
+            given: Cell::new(first.min(count)),
         };
-        for bid in 0..count {
+        for bid in 0..pool.given.get() {
             pool.put(bid);
         }
         // SAFETY: the entries are `count` `struct io_uring_buf`s in a page-aligned mapping the
@@ -135,9 +148,29 @@ impl BufPool {
         }
     }
 
+    /// Gives the kernel up to `more` buffers it has never had; how many it got (none once every
+    /// buffer has been given).
+    pub(in crate::relay) fn grow(&self, more: u16) -> u16 {
+        let from = self.given.get();
+        let to = from.saturating_add(more).min(self.count);
+        for bid in from..to {
+            self.put(bid);
+        }
+        if to > from {
+            self.given.set(to);
+            self.publish();
+        }
+        to - from
+    }
+
+    /// How many buffers have been given to the kernel so far.
+    pub(in crate::relay) fn given(&self) -> u16 {
+        self.given.get()
+    }
+
     /// Gives buffer `bid` back to the kernel.
     pub(in crate::relay) fn give_back(&self, bid: u16) {
-        if bid < self.count {
+        if bid < self.given.get() {
             self.put(bid);
             self.publish();
         }
