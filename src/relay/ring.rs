@@ -1515,7 +1515,6 @@ impl<H: Host> Worker<H> {
         let mut cancel = false;
         let mut to_splice = false;
         let mut shut = false;
-        let mut dry = false;
         let mut broke = None;
         let bid = cqueue::buffer_select(flags);
         if res > 0 && bid.is_none() {
@@ -1565,7 +1564,6 @@ impl<H: Host> Worker<H> {
                 self.starved.push((slot, side));
                 bump(&self.counts.starved);
             }
-            dry = true;
         } else if res != -libc::ECANCELED {
             broke = Some(io::Error::from_raw_os_error(-res));
         }
@@ -1575,14 +1573,7 @@ impl<H: Host> Worker<H> {
             self.send_next(slot, side);
         }
         if cancel {
-            if !to_splice {
-                bump(&self.counts.cancels_at_cap);
-            }
-            let e = opcode::AsyncCancel::new(user_data(K_RECV, slot, side))
-                .build()
-                .user_data(user_data(K_CANCEL, slot, side));
-            // SAFETY: a cancellation points to nothing.
-            unsafe { self.push(&[e]) };
+            self.cancel_recv(slot, side, !to_splice);
         }
         if let Some(e) = broke {
             self.broke(slot, side, DirEnd::SourceError(e));
@@ -1593,10 +1584,23 @@ impl<H: Host> Worker<H> {
         } else if !more {
             self.maybe_splice(slot, side);
         }
-        if dry {
+        if res == -libc::ENOBUFS {
             self.grow_pool();
         }
         self.maybe_free(slot);
+    }
+
+    /// Cancels a direction's receive, which the caller has counted in the connection's `refs`;
+    /// `at_cap`: because the direction holds `CAP` buffers (else it turned bulk).
+    fn cancel_recv(&mut self, slot: u32, side: Side, at_cap: bool) {
+        if at_cap {
+            bump(&self.counts.cancels_at_cap);
+        }
+        let e = opcode::AsyncCancel::new(user_data(K_RECV, slot, side))
+            .build()
+            .user_data(user_data(K_CANCEL, slot, side));
+        // SAFETY: a cancellation points to nothing.
+        unsafe { self.push(&[e]) };
     }
 
     /// The pool ran dry: it gives the kernel buffers it has not had yet, while any are left, and
