@@ -805,7 +805,7 @@ mod tests {
     /// moved the address off the ring, and the worker's accept completed before it unlistened.
     /// The client is handed to the tokio workers, which relay it with the routes the reload left,
     /// rather than relayed on the ring (which would ignore what the service now asks: TLS, a shared
-    /// address's routes) or closed. Both for an address of one `auto` service, and for a shared
+    /// address's routes) or closed. Both for an address of one `epoll` service, and for a shared
     /// one, whose client (no TLS hello) goes to its default route.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_of_an_address_off_the_ring_goes_to_the_tokio_workers() {
@@ -816,7 +816,7 @@ mod tests {
         for shared in [false, true] {
             let backend = echo().await;
             let mut yaml = format!(
-                "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: auto\n    backends: [{{address: \"{backend}\"}}]\n"
+                "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: epoll\n    backends: [{{address: \"{backend}\"}}]\n"
             );
             if shared {
                 yaml += "  - name: named\n    listen: 127.0.0.1:0\n    sni: [a.example]\n    backends: [{address: \"127.0.0.1:9\"}]\n";
@@ -825,8 +825,10 @@ mod tests {
             let services: Vec<_> = cfg
                 .services
                 .iter()
-                .map(|s| {
-                    let service = Service::new(s, ServiceTls::default(), &EventBus::default());
+                .zip(cfg.alone())
+                .map(|(s, alone)| {
+                    let service =
+                        Service::new(s, alone, ServiceTls::default(), &EventBus::default());
                     (s.route_keys(), Arc::new(ArcSwap::from_pointee(service)))
                 })
                 .collect();

@@ -37,9 +37,9 @@ pub(crate) struct Routes {
 }
 
 impl Routes {
-    /// Whether the ring workers serve this address: its one service runs `relay: ring` (as it
-    /// runs: where io_uring is unavailable a `ring` service runs `auto`). A shared address, or any
-    /// other engine, is the tokio workers'.
+    /// Whether the ring workers serve this address: its one service runs on the ring (as it runs:
+    /// `ring`, or `auto` resolved to it; where io_uring is unavailable both run `epoll`). A shared
+    /// address, or any other engine, is the tokio workers'.
     pub(crate) fn on_ring(&self) -> bool {
         self.table
             .only()
@@ -380,19 +380,21 @@ mod tests {
         );
     }
 
-    /// The ring workers accept on an address only when its one service runs `relay: ring`.
+    /// The ring workers accept on an address only when its one service runs on the ring: asked
+    /// for (`relay: ring`) or chosen (`auto`, plain TCP alone on its address).
     #[cfg(target_os = "linux")]
     #[test]
     fn only_an_address_of_one_ring_service_is_the_rings() {
         if let Err(why) = crate::relay::ring::availability() {
-            eprintln!("skipped: `ring` runs as `auto` here: {why}");
+            eprintln!("skipped: `ring` runs as `epoll` here: {why}");
             return;
         }
         let cfg = crate::config::Config::from_yaml(
             "services:
   - {name: r, listen: 127.0.0.1:0, relay: ring, backends: [{address: 127.0.0.1:9}]}
-  - {name: a, listen: 127.0.0.1:0, backends: [{address: 127.0.0.1:9}]}
+  - {name: e, listen: 127.0.0.1:0, relay: epoll, backends: [{address: 127.0.0.1:9}]}
   - {name: b, listen: 127.0.0.1:0, sni: [b.example], backends: [{address: 127.0.0.1:9}]}
+  - {name: a, listen: 127.0.0.1:0, backends: [{address: 127.0.0.1:9}]}
 ",
         )
         .unwrap();
@@ -403,6 +405,7 @@ mod tests {
                         let s = &cfg.services[i];
                         let service = Service::new(
                             s,
+                            true,
                             crate::tls::ServiceTls::default(),
                             &crate::events::EventBus::default(),
                         );
@@ -415,7 +418,11 @@ mod tests {
             unrouted: Arc::new(Unrouted::default()),
         };
         assert!(routes(&[0]).on_ring(), "one ring service");
-        assert!(!routes(&[1]).on_ring(), "one auto service");
+        assert!(!routes(&[1]).on_ring(), "one epoll service");
+        assert!(
+            routes(&[3]).on_ring(),
+            "one auto service, plain TCP on its own"
+        );
         assert!(
             !routes(&[0, 2]).on_ring(),
             "a shared address has routes to read"

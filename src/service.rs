@@ -297,9 +297,15 @@ pub(crate) fn static_backends(cfg: &ServiceConfig) -> Vec<Claimed> {
 }
 
 impl Service {
-    /// A new service for `cfg` (its TLS files read into `tls`): a new pool holding the static
-    /// backends, and counters from zero.
-    pub(crate) fn new(cfg: &ServiceConfig, tls: ServiceTls, events: &EventBus) -> Service {
+    /// A new service for `cfg` (its TLS files read into `tls`; `alone`: whether it has its listen
+    /// addresses to itself, [`crate::config::Config::alone`], which `relay: auto` needs to know): a
+    /// new pool holding the static backends, and counters from zero.
+    pub(crate) fn new(
+        cfg: &ServiceConfig,
+        alone: bool,
+        tls: ServiceTls,
+        events: &EventBus,
+    ) -> Service {
         let pool = Arc::new(Pool::new(
             cfg.name.as_str().into(),
             pool_settings(cfg, &tls),
@@ -307,17 +313,18 @@ impl Service {
         ));
         pool.reconcile(Source::Static, static_backends(cfg));
         let shared = (Arc::default(), Arc::default());
-        Service::with(cfg, pool, shared, tls, events)
+        Service::with((cfg, alone), pool, shared, tls, events)
     }
 
     /// The next version of this service for `cfg` (a reload): the same pool and counters. The caller
     /// has already applied `cfg`'s pool settings and static backends to the pool.
-    pub(crate) fn next(&self, cfg: &ServiceConfig, tls: ServiceTls) -> Service {
+    pub(crate) fn next(&self, cfg: &ServiceConfig, alone: bool, tls: ServiceTls) -> Service {
         let shared = (self.stats.clone(), self.occupancy.clone());
-        Service::with(cfg, self.pool.clone(), shared, tls, &self.events)
+        Service::with((cfg, alone), self.pool.clone(), shared, tls, &self.events)
     }
 
-    /// This version with its TLS files read again (a reload that changed nothing else).
+    /// This version with its TLS files read again (a reload that changed nothing else, also not
+    /// whether it has its addresses to itself: its engine stays).
     pub(crate) fn with_tls(&self, tls: ServiceTls) -> Service {
         Service {
             name: self.name.clone(),
@@ -343,7 +350,7 @@ impl Service {
     }
 
     fn with(
-        cfg: &ServiceConfig,
+        (cfg, alone): (&ServiceConfig, bool),
         pool: Arc<Pool>,
         (stats, occupancy): (Arc<ServiceStats>, Arc<Occupancy>),
         tls: ServiceTls,
@@ -366,7 +373,7 @@ impl Service {
             connect_attempts: cfg.connect_attempts,
             max_connections: cfg.max_connections as u64,
             relay: RelayOptions {
-                mode: crate::relay::engine_for(cfg.relay, &cfg.name),
+                mode: crate::relay::engine_for(cfg.relay, &cfg.name, cfg.fits_ring(alone)),
                 idle_timeout: cfg.idle_timeout.0,
                 half_close_timeout: cfg.half_close_timeout.0,
             },

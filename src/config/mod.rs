@@ -578,6 +578,7 @@ impl RelayMode {
     pub fn as_str(&self) -> &'static str {
         match self {
             RelayMode::Auto => "auto",
+            RelayMode::Epoll => "epoll",
             RelayMode::Splice => "splice",
             RelayMode::Copy => "copy",
             RelayMode::Uring => "uring",
@@ -601,16 +602,21 @@ impl Policy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayMode {
-    /// Copy small exchanges, switch a direction to splice once it moves bulk data.
+    /// The ring where it can serve the service (io_uring available; plain TCP, no `sni` or `alpn`,
+    /// on addresses no other service shares), `epoll` elsewhere: resolved when the service starts
+    /// (`relay::engine_for`), so a running service reports the engine it runs.
     #[default]
     Auto,
+    /// Copy small exchanges, switch a direction to splice once it moves bulk data; on tokio's
+    /// epoll reactor, everywhere.
+    Epoll,
     Splice,
     Copy,
     /// io_uring (Linux): receives and sends batched through the worker's ring.
     Uring,
     /// Ring workers (Linux 6.1+): accept, connect, relay and close on one io_uring loop per core,
-    /// outside tokio's reactor. Plain TCP on an address of its own for now: no TLS, PROXY
-    /// protocol, queue or `backend_port: same`.
+    /// outside tokio's reactor. Plain TCP on an address of its own for now: no `tls` or
+    /// `backend_tls`.
     Ring,
 }
 
@@ -1031,6 +1037,13 @@ impl ServiceConfig {
             alpn: self.alpn.clone(),
         }
     }
+
+    /// Whether the ring workers can serve this service, `alone` saying whether it has its listen
+    /// addresses to itself ([`Config::alone`]): plain TCP with no route keys, since they read no
+    /// hello and neither terminate nor originate TLS. `relay: auto` runs such a service on the ring.
+    pub fn fits_ring(&self, alone: bool) -> bool {
+        alone && self.tls.is_none() && self.backend_tls.is_none() && self.route_keys().is_default()
+    }
 }
 
 fn default_client_hello_timeout() -> Dur {
@@ -1051,6 +1064,17 @@ fn default_max_connections() -> u32 {
 }
 
 impl Config {
+    /// For each service, in order, whether it has its listen addresses to itself: no other service
+    /// names one of them (`port: 0` is never shared: each binds its own).
+    pub fn alone(&self) -> Vec<bool> {
+        let shared = listen::shared_addresses(self.services.iter().map(|s| &s.listen).enumerate());
+        let mut alone = vec![true; self.services.len()];
+        for &i in shared.values().flatten() {
+            alone[i] = false;
+        }
+        alone
+    }
+
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         use std::io::Read;

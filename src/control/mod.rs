@@ -165,8 +165,9 @@ pub struct Control {
     rt: tokio::runtime::Handle,
     /// The data plane: accept loops and sessions run there.
     workers: Workers,
-    /// The ring workers of `relay: ring` services, started with the first one bound (Linux only:
-    /// elsewhere `ring` runs as `auto`, `relay::engine_for`).
+    /// The ring workers of the services that run on the ring (`relay: ring`, or `auto` where it
+    /// fits), started with the first one bound (Linux only: elsewhere both run `epoll`,
+    /// `relay::engine_for`).
     #[cfg(target_os = "linux")]
     ring: Mutex<RingState>,
     running: Mutex<Vec<Running>>,
@@ -256,8 +257,9 @@ impl Control {
         let running: Vec<Running> = config
             .services
             .iter()
+            .zip(config.alone())
             .zip(tls)
-            .map(|(s, tls)| Running::new(s, Service::new(s, tls, &events), &events))
+            .map(|((s, alone), tls)| Running::new(s, Service::new(s, alone, tls, &events), &events))
             .collect();
         for b in &bound {
             b.set_routes(&running);
@@ -530,7 +532,7 @@ impl Control {
     }
 
     /// The ring workers, started on first use; `None` (said once in the log) when they cannot
-    /// start, and `relay: ring` services are then served by the tokio workers as `auto`.
+    /// start, and ring services are then served by the tokio workers on the epoll engine.
     #[cfg(target_os = "linux")]
     fn ring_workers(&self) -> Option<Arc<RingWorkers>> {
         let mut ring = lock(&self.ring);
@@ -545,7 +547,7 @@ impl Control {
             *ring = match started {
                 Ok(r) => RingState::Running(Arc::new(r)),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot start the ring workers; relay: ring services run as auto");
+                    tracing::error!(error = %e, "cannot start the ring workers; their services run on the epoll engine");
                     RingState::Failed
                 }
             };
@@ -620,7 +622,7 @@ impl Control {
     /// descriptor of the socket kept for upgrades, and the old ones are told to stop: the socket
     /// never closes, so what waits in its queue is accepted by one or the other. What the old ones accept
     /// until they have stopped is served all the same (a ring worker hands it to the tokio
-    /// workers, `Host::hand_off`; a tokio worker serves a `ring` service as `auto`).
+    /// workers, `Host::hand_off`; a tokio worker serves a `ring` service on the epoll engine).
     fn move_acceptors(&self, b: &mut Bound) {
         // Stopped for good (an upgrade's `stop_accepting` took the address meanwhile): a fresh
         // token would start accept loops that nothing stops.

@@ -118,16 +118,25 @@ impl Plan {
 /// Decides how to go from the running config `old` to `new` (both valid).
 pub(crate) fn plan(old: &Config, new: &Config) -> Plan {
     let new_resolver = needs_dns(new) && (!needs_dns(old) || old.resolver != new.resolver);
-    let old_by_name: BTreeMap<&str, _> =
-        old.services.iter().map(|s| (s.name.as_str(), s)).collect();
+    // Whether a service has its addresses to itself decides what `relay: auto` runs: a change of
+    // it alone is a change of the service.
+    let old_by_name: BTreeMap<&str, _> = old
+        .services
+        .iter()
+        .zip(old.alone())
+        .map(|(s, alone)| (s.name.as_str(), (s, alone)))
+        .collect();
     let steps = new
         .services
         .iter()
-        .map(|s| {
+        .zip(new.alone())
+        .map(|(s, alone)| {
             let step = match old_by_name.get(s.name.as_str()) {
                 None => Step::Add,
-                Some(o) if *o == s && !new_resolver => Step::Keep,
-                Some(o) => {
+                Some(&(o, was_alone)) if o == s && was_alone == alone && !new_resolver => {
+                    Step::Keep
+                }
+                Some(&(o, _)) => {
                     let (old_names, new_names) = (discovery::names(o), discovery::names(s));
                     let finders = |n: &[discovery::NameSpec]| -> Vec<Finder> {
                         n.iter().map(discovery::NameSpec::finder).collect()
@@ -325,10 +334,11 @@ impl Control {
             Self::remove_service(r);
         }
         let mut running = Vec::with_capacity(new.services.len());
-        for (((name, step), s), tls) in plan.steps.iter().zip(&new.services).zip(tls) {
+        let services = new.services.iter().zip(new.alone());
+        for (((name, step), (s, alone)), tls) in plan.steps.iter().zip(services).zip(tls) {
             let taken = old.iter().position(|r| &r.config.name == name);
             let r = match (step, taken) {
-                (Step::Add, _) => self.add_service(s, tls, started, resolving),
+                (Step::Add, _) => self.add_service((s, alone), tls, started, resolving),
                 (Step::Keep, Some(i)) => {
                     let r = old.swap_remove(i);
                     if tls.terminate.is_some() || tls.originate.is_some() {
@@ -345,7 +355,7 @@ impl Control {
                 }
                 (Step::Change { .. }, Some(i)) => {
                     let mut r = old.swap_remove(i);
-                    self.change_service(&mut r, s, step, tls, started, resolving);
+                    self.change_service(&mut r, (s, alone), step, tls, started, resolving);
                     r
                 }
                 (_, None) => continue,
@@ -407,12 +417,12 @@ impl Control {
     /// A new service, bound already. Before `serve`, start-up starts every pool and watcher.
     fn add_service(
         &self,
-        s: &ServiceConfig,
+        (s, alone): (&ServiceConfig, bool),
         tls: ServiceTls,
         started: bool,
         resolving: Option<&Resolving>,
     ) -> Running {
-        let mut r = Running::new(s, Service::new(s, tls, &self.events), &self.events);
+        let mut r = Running::new(s, Service::new(s, alone, tls, &self.events), &self.events);
         if started {
             self.start_pool(&mut r);
             self.start_watchers(&mut r, resolving);
@@ -434,7 +444,7 @@ impl Control {
     fn change_service(
         &self,
         r: &mut Running,
-        s: &ServiceConfig,
+        (s, alone): (&ServiceConfig, bool),
         step: &Step,
         tls: ServiceTls,
         started: bool,
@@ -455,7 +465,7 @@ impl Control {
             prev.pool
                 .reconcile(Source::from(finder), Vec::<Claimed>::new());
         }
-        r.current.store(Arc::new(prev.next(s, tls)));
+        r.current.store(Arc::new(prev.next(s, alone, tls)));
         if r.config.replicas != s.replicas || r.config.autoscale != s.autoscale {
             // New replica settings: a new set, which adopts the running containers.
             Self::stop_replicas(r);

@@ -188,7 +188,7 @@ fn a_spliced_relay_is_carried_exactly() {
 #[test]
 fn an_auto_relay_is_carried_exactly() {
     for ms in [0, 3, 30] {
-        run(RelayMode::Auto, Duration::from_millis(ms));
+        run(RelayMode::Epoll, Duration::from_millis(ms));
     }
 }
 
@@ -220,7 +220,7 @@ fn a_half_closed_relay_carries_its_half_close() {
                     relay(
                         &proxy_c,
                         &proxy_b,
-                        &opts(RelayMode::Auto),
+                        &opts(RelayMode::Epoll),
                         std::pin::pin!(std::future::pending()),
                         Some(&carry),
                         live,
@@ -239,7 +239,7 @@ fn a_half_closed_relay_carries_its_half_close() {
                 let (first, ()) = tokio::join!(relayed, ends);
                 let held = first.carried.expect("carried");
                 assert!(held.up_done && !held.down_done, "{held:?}");
-                let o = opts(RelayMode::Auto);
+                let o = opts(RelayMode::Epoll);
                 let second = async {
                     let r = relay(
                         &proxy_c,

@@ -11,13 +11,13 @@
 //!   when the connection ends in an error or a timeout.
 //!
 //! Engines: `copy` moves bytes through a user-space buffer; `splice` (Linux) moves them socket → pipe →
-//! socket in the kernel; `auto` copies and switches a direction to splice once it carries bulk data (a
+//! socket in the kernel; `epoll` copies and switches a direction to splice once it carries bulk data (a
 //! read fills the whole buffer), which keeps small request/response traffic on the cheaper copy path.
-//! `auto` does not use io_uring: in side-by-side runs the ring did not reliably cost less machine CPU
-//! (benchmarks/results/2026-11-23-io-uring.md).
 //! A direction that cannot get a pipe copies. `uring` keeps one receive or send per direction in
-//! flight on the worker's io_uring ring (`uring.rs`) and, like `auto`, splices a direction once it
-//! carries bulk data; where io_uring is unavailable it runs as `auto`.
+//! flight on the worker's io_uring ring (`uring.rs`) and, like `epoll`, splices a direction once it
+//! carries bulk data; where io_uring is unavailable it runs as `epoll`. The ring workers
+//! (`ring.rs`, driven by `ring_workers.rs`) serve `ring` services off tokio; `auto` is the ring where
+//! it can serve the service and `epoll` elsewhere ([`choose_engine`]).
 
 #[cfg(all(test, target_os = "linux"))]
 mod carry_tests;
@@ -79,7 +79,7 @@ pub(crate) struct Relayed {
     pub(crate) bytes_down: u64,
     /// How it ended: one of the relay's outcomes, never a refusal.
     pub(crate) end: Outcome,
-    /// Whether either direction ran on splice, i.e. held a pipe (for `auto`: carried bulk data).
+    /// Whether either direction ran on splice, i.e. held a pipe (for `epoll`: carried bulk data).
     pub(crate) spliced: bool,
     /// Whether the connection ran on the io_uring engine.
     pub(crate) uring: bool,
@@ -179,43 +179,73 @@ struct Pending {
     end: usize,
 }
 
-/// The engine a service configured with `mode` runs: `uring` where io_uring is unavailable falls
-/// back to `auto` (epoll), saying so once per process.
-pub(crate) fn engine_for(mode: RelayMode, service: &str) -> RelayMode {
+/// The engine a service configured with `mode` runs (see [`choose_engine`]); `fits_ring`: plain TCP
+/// on addresses of its own ([`crate::config::ServiceConfig::fits_ring`]). An engine that falls
+/// back for want of io_uring says so once per process and engine: every service of that engine
+/// falls back for the same reason (a warning for `uring` and `ring`, asked for by name; a note for
+/// `auto`, which never promised the ring).
+pub(crate) fn engine_for(mode: RelayMode, service: &str, fits_ring: bool) -> RelayMode {
     #[cfg(target_os = "linux")]
-    let why = match mode {
-        RelayMode::Uring => match uring::availability() {
-            Ok(()) => return mode,
-            Err(why) => why.clone(),
-        },
-        RelayMode::Ring => match ring::availability() {
-            Ok(()) => return mode,
-            Err(why) => why.clone(),
-        },
-        _ => return mode,
-    };
+    let (ring, uring) = (
+        ring::availability().as_ref().map_err(String::as_str),
+        uring::availability().as_ref().map_err(String::as_str),
+    );
     #[cfg(not(target_os = "linux"))]
-    let why = match mode {
-        RelayMode::Uring | RelayMode::Ring => "io_uring is Linux only".to_string(),
-        _ => return mode,
+    let (ring, uring) = (
+        Err::<&(), _>("io_uring is Linux only"),
+        Err::<&(), _>("io_uring is Linux only"),
+    );
+    let (engine, unavailable) = choose_engine(mode, fits_ring, ring.copied(), uring.copied());
+    let Some(why) = unavailable else {
+        return engine;
     };
-    // Once per process and engine: every service of that engine falls back for the same reason.
-    static SAID_URING: AtomicBool = AtomicBool::new(false);
-    static SAID_RING: AtomicBool = AtomicBool::new(false);
-    let said = if mode == RelayMode::Ring {
-        &SAID_RING
+    static SAID: [AtomicBool; 3] = [const { AtomicBool::new(false) }; 3];
+    let said = match mode {
+        RelayMode::Ring => &SAID[0],
+        RelayMode::Uring => &SAID[1],
+        _ => &SAID[2],
+    };
+    if said.swap(true, Relaxed) {
+        return engine;
+    }
+    if mode == RelayMode::Auto {
+        tracing::info!(
+            service,
+            reason = why,
+            "relay: auto runs the epoll engine here: io_uring is unavailable"
+        );
     } else {
-        &SAID_URING
-    };
-    if !said.swap(true, Relaxed) {
         tracing::warn!(
             service,
             reason = why,
-            "relay: {} is unavailable; falling back to the epoll engine (auto)",
+            "relay: {} is unavailable; falling back to the epoll engine",
             mode.as_str()
         );
     }
-    RelayMode::Auto
+    engine
+}
+
+/// The engine for `mode`, given whether the ring workers could serve the service (`fits_ring`) and
+/// whether the kernel allows the ring workers (`ring`) and the `uring` engine (`uring`): `auto` is
+/// the ring where both hold and `epoll` elsewhere; `uring` and `ring` without io_uring are `epoll`.
+/// The second value is why io_uring was wanted and is not there.
+pub(crate) fn choose_engine<'a>(
+    mode: RelayMode,
+    fits_ring: bool,
+    ring: Result<(), &'a str>,
+    uring: Result<(), &'a str>,
+) -> (RelayMode, Option<&'a str>) {
+    let or_epoll = |engine, available: Result<(), &'a str>| match available {
+        Ok(()) => (engine, None),
+        Err(why) => (RelayMode::Epoll, Some(why)),
+    };
+    match mode {
+        RelayMode::Auto if fits_ring => or_epoll(RelayMode::Ring, ring),
+        RelayMode::Auto => (RelayMode::Epoll, None),
+        RelayMode::Ring => or_epoll(RelayMode::Ring, ring),
+        RelayMode::Uring => or_epoll(RelayMode::Uring, uring),
+        RelayMode::Epoll | RelayMode::Splice | RelayMode::Copy => (mode, None),
+    }
 }
 
 /// Relays until both directions end, one side fails, a timeout fires or `cut` completes (the drain
@@ -702,7 +732,7 @@ impl<'a> Flow<'a> {
 /// them there), and bytes parked there before it starts (a carried connection's) go out first.
 ///
 /// The ring and splice pumps are boxed: a task is as large as its largest state, and every idle
-/// `auto` or `copy` connection's task would otherwise keep room for them. The box is one
+/// `epoll` or `copy` connection's task would otherwise keep room for them. The box is one
 /// allocation per direction that takes one of those paths: under `relay: splice` or `uring` that is
 /// every direction from the start, and a `uring` direction that falls back to splice takes two.
 async fn pump(
@@ -719,7 +749,7 @@ async fn pump(
         if let Some(end) = Box::pin(uring::pump(src, dst, flow, other, start)).await {
             return end;
         }
-        // Bulk: spliced, as `auto` does (the socket is still registered with the reactor, so the
+        // Bulk: spliced, as `epoll` does (the socket is still registered with the reactor, so the
         // epoll engines can take it over); with no pipe free, copied below.
         if let Some(pipe) = splice::PipeLease::acquire() {
             if let Some(end) = Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
@@ -751,10 +781,10 @@ async fn pump(
             Err(e) => return DirEnd::DestError(e),
         }
         // A full buffer means bulk data: from here on splice, if a pipe is to be had. (`uring` lands
-        // here only where io_uring is unavailable, or with no pipe free, and then behaves as `auto`.)
+        // here only where io_uring is unavailable, or with no pipe free, and then behaves as `epoll`.)
         #[cfg(target_os = "linux")]
         // (`ring` lands here only for a connection carried in from an older process.)
-        if matches!(mode, RelayMode::Auto | RelayMode::Uring | RelayMode::Ring)
+        if matches!(mode, RelayMode::Epoll | RelayMode::Uring | RelayMode::Ring)
             && last_read == COPY_BUF
             && !stuck
         {
@@ -1044,5 +1074,47 @@ fn finish(dst: &TcpStream, flow: &Flow<'_>, other: &Flow<'_>) -> DirEnd {
         // ENOTCONN: the destination is already gone; the other direction will see it.
         Err(e) if e.kind() != io::ErrorKind::NotConnected => DirEnd::DestError(e),
         _ => DirEnd::Eof,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose_engine;
+    use crate::config::RelayMode::{self, *};
+
+    /// `auto` is the ring only for a service the ring can serve on a kernel that allows it; a
+    /// named io_uring engine without io_uring is `epoll`, and says why; the rest are what they say.
+    #[test]
+    fn auto_is_the_ring_where_it_fits_and_is_allowed() {
+        let (yes, no) = (Ok(()), Err("blocked"));
+        type Case<'a> = (
+            RelayMode,
+            bool,
+            Result<(), &'a str>,
+            Result<(), &'a str>,
+            RelayMode,
+            Option<&'a str>,
+        );
+        let cases: [Case; 12] = [
+            (Auto, true, yes, yes, Ring, None),
+            (Auto, false, yes, yes, Epoll, None),
+            (Auto, true, no, yes, Epoll, Some("blocked")),
+            (Auto, false, no, no, Epoll, None),
+            (Ring, true, yes, yes, Ring, None),
+            (Ring, false, yes, yes, Ring, None),
+            (Ring, true, no, yes, Epoll, Some("blocked")),
+            (Uring, true, no, yes, Uring, None),
+            (Uring, true, yes, no, Epoll, Some("blocked")),
+            (Epoll, true, yes, yes, Epoll, None),
+            (Splice, true, yes, yes, Splice, None),
+            (Copy, true, no, no, Copy, None),
+        ];
+        for (mode, fits, ring, uring, engine, why) in cases {
+            assert_eq!(
+                choose_engine(mode, fits, ring, uring),
+                (engine, why),
+                "{mode:?}, fits the ring: {fits}, ring {ring:?}, uring {uring:?}"
+            );
+        }
     }
 }

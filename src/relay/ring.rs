@@ -33,7 +33,7 @@
 //! needs), it gives 64 more and the direction is armed again at once; after that, as soon as any
 //! buffer comes back, and on every tick, so a dry pool slows a direction and never stops it.
 //!
-//! Bulk: a direction whose receive fills a whole pool buffer carries bulk data (as `relay: auto`
+//! Bulk: a direction whose receive fills a whole pool buffer carries bulk data (as `relay: epoll`
 //! judges it) and moves to splice(2) for good: its receive is cancelled, what it already received
 //! is sent, and then it moves bytes socket → pipe → socket with non-blocking splice calls on this
 //! thread, polling through the ring for whichever socket would block (IORING_OP_SPLICE is always
@@ -293,7 +293,7 @@ pub(crate) trait Host {
     /// The connect to the last target succeeded; the relay starts.
     fn connected(&mut self, conn: &mut Self::Conn);
     /// Whether a direction that carries bulk data (a receive fills a whole pool buffer) moves to
-    /// splice(2), as `relay: auto` does.
+    /// splice(2), as `relay: epoll` does.
     fn splices_bulk(&self) -> bool {
         true
     }
@@ -386,7 +386,13 @@ impl<L> Handle<L> {
 /// Whether this kernel has what a ring worker needs (multishot accept and receive, provided
 /// buffer rings, DEFER_TASKRUN: Linux 6.1), and io_uring is allowed (not `io_uring_disabled`, not
 /// a seccomp profile that blocks it, not `SLUICEGATE_IO_URING=off`). `Err` says what is missing.
-pub(crate) fn availability() -> Result<(), String> {
+/// Probed once per process: every service `auto` resolves asks.
+pub(crate) fn availability() -> &'static Result<(), String> {
+    static PROBED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    PROBED.get_or_init(probe)
+}
+
+fn probe() -> Result<(), String> {
     super::uring::availability().clone()?;
     let ring = build_ring(8, 8)
         .map_err(|e| format!("no ring with SINGLE_ISSUER and DEFER_TASKRUN (Linux 6.1+): {e}"))?;

@@ -804,11 +804,12 @@ mod tests {
     async fn a_plain_connections_task_stays_small() {
         const BUDGET: usize = 3_200;
         let cfg = Config::from_yaml(
-            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    backends: [{address: \"127.0.0.1:9\"}]\n",
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: epoll\n    backends: [{address: \"127.0.0.1:9\"}]\n",
         )
         .unwrap();
         let service = Arc::new(Service::new(
             &cfg.services[0],
+            true,
             ServiceTls::default(),
             &EventBus::default(),
         ));

@@ -234,7 +234,7 @@ async fn http_checks_expect_a_status_and_a_body() {
     let addrs = [primary.addr, replica.addr, moved.addr];
     let y = crate::common::service_yaml(
         &addrs,
-        sluicegate::config::RelayMode::Auto,
+        sluicegate::config::RelayMode::Epoll,
         "health: {kind: http, path: /role, expect_status: [\"200-299\"], expect_body_regex: \"^role=prim\", interval: 100ms, timeout: 1s, rise: 1, fall: 1}",
     );
     let proxy = Proxy::start(&y).await;
@@ -294,7 +294,7 @@ async fn exec_checks_run_the_command_with_the_backend_in_its_environment() {
     let addrs: Vec<SocketAddr> = fleet.iter().map(|r| r.addr()).collect();
     let y = crate::common::service_yaml(
         &addrs,
-        sluicegate::config::RelayMode::Auto,
+        sluicegate::config::RelayMode::Epoll,
         &format!(
             "health: {{kind: exec, command: [/bin/sh, \"{}\"], interval: 200ms, timeout: 2s, fall: 2}}",
             script.display()
@@ -337,7 +337,7 @@ async fn exec_checks_run_the_command_with_the_backend_in_its_environment() {
     // A command that hangs: each probe fails at its timeout, bounded.
     let y = crate::common::service_yaml(
         &addrs[..1],
-        sluicegate::config::RelayMode::Auto,
+        sluicegate::config::RelayMode::Epoll,
         "health: {kind: exec, command: [sleep, \"30\"], interval: 200ms, timeout: 300ms, fall: 2}",
     );
     let hanging = Proxy::start(&y).await;
@@ -405,7 +405,7 @@ async fn the_agent_adjusts_its_backend_and_garbage_changes_nothing() {
     let addrs: Vec<SocketAddr> = fleet.iter().map(|r| r.addr()).collect();
     let y = crate::common::service_yaml(
         &addrs,
-        sluicegate::config::RelayMode::Auto,
+        sluicegate::config::RelayMode::Epoll,
         &format!("balance: weighted_round_robin\nagent: {{port: {agent_port}, interval: 100ms, timeout: 500ms}}"),
     );
     let proxy = Proxy::start(&y).await;
@@ -491,7 +491,7 @@ async fn maintenance_pauses_probes_and_traffic() {
         "admin: {{listen: \"127.0.0.1:0\"}}\n{}",
         crate::common::service_yaml(
             &addrs,
-            sluicegate::config::RelayMode::Auto,
+            sluicegate::config::RelayMode::Epoll,
             "health: {kind: http, interval: 100ms}",
         )
     );

@@ -123,7 +123,7 @@ async fn health_probes_send_no_proxy_header() {
     let (be, seen) = recording_backend().await;
     let _p = Proxy::start(&service_yaml(
         &[be.addr],
-        RelayMode::Auto,
+        RelayMode::Epoll,
         "proxy_protocol: v2\nhealth: {kind: http, path: /health, interval: 100ms, timeout: 1s, rise: 1, fall: 1}",
     ))
     .await;
@@ -142,7 +142,7 @@ async fn health_probes_send_no_proxy_header() {
 
 /// The two places a connection is admitted, its header read and its backend picked: the tokio
 /// sessions (whatever their relay) and the ring workers.
-const ENGINES: [RelayMode; 2] = [RelayMode::Auto, RelayMode::Ring];
+const ENGINES: [RelayMode; 2] = [RelayMode::Epoll, RelayMode::Ring];
 
 fn accept_yaml(be: &[SocketAddr], relay: RelayMode, from: &str, extra: &str) -> String {
     service_yaml(
@@ -497,7 +497,7 @@ async fn per_source_connections_and_rate() {
     let be = Backend::echo([127, 0, 0, 1]).await;
     let p = Proxy::start(&service_yaml(
         &[be.addr],
-        RelayMode::Auto,
+        RelayMode::Epoll,
         "limits: {per_source_connections: 2}",
     ))
     .await;
@@ -516,7 +516,7 @@ async fn per_source_connections_and_rate() {
 
     let rated = Proxy::start(&service_yaml(
         &[be.addr],
-        RelayMode::Auto,
+        RelayMode::Epoll,
         "limits: {per_source_rate: 2}",
     ))
     .await;
@@ -547,7 +547,7 @@ async fn per_source_connections_and_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allow_and_deny_and_their_reload_keep_open_connections() {
     let be = Backend::echo([127, 0, 0, 1]).await;
-    let yaml = |limits: &str| service_yaml(&[be.addr], RelayMode::Auto, limits);
+    let yaml = |limits: &str| service_yaml(&[be.addr], RelayMode::Epoll, limits);
     let p = Proxy::start(&yaml("limits: {allow: [127.0.0.0/24], deny: [127.0.0.2]}")).await;
     let kept = held([127, 0, 0, 3], p.addr).await;
     assert!(
@@ -599,7 +599,7 @@ fn bad_edge_config_is_refused_naming_the_key() {
         ),
         ("proxy_protocol: v3", "proxy_protocol"),
     ] {
-        let y = service_yaml(&[sa("127.0.0.1:9")], RelayMode::Auto, yaml);
+        let y = service_yaml(&[sa("127.0.0.1:9")], RelayMode::Epoll, yaml);
         let err = Config::from_yaml(&y).expect_err(yaml).to_string();
         assert!(err.contains(want), "{yaml}: {err}");
     }

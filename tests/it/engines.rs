@@ -40,26 +40,26 @@ async fn splice_splices_even_small_exchanges() {
     assert_eq!(spliced_after(RelayMode::Splice, 100).await, 1);
 }
 
-/// `auto` copies small exchanges and switches to splice once a direction carries bulk data.
+/// `epoll` copies small exchanges and switches to splice once a direction carries bulk data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_splices_bulk_and_copies_small() {
+async fn epoll_splices_bulk_and_copies_small() {
     assert_eq!(
-        spliced_after(RelayMode::Auto, 100).await,
+        spliced_after(RelayMode::Epoll, 100).await,
         0,
         "small answer copied"
     );
     assert_eq!(
-        spliced_after(RelayMode::Auto, 4 << 20).await,
+        spliced_after(RelayMode::Epoll, 4 << 20).await,
         1,
         "bulk answer spliced"
     );
 }
 
-/// A trickle of small messages never leaves the copy path in `auto`.
+/// A trickle of small messages never leaves the copy path in `epoll`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_keeps_request_response_traffic_on_copy() {
+async fn epoll_keeps_request_response_traffic_on_copy() {
     let backend = Backend::echo([127, 0, 0, 3]).await;
-    let proxy = Proxy::start(&service_yaml(&[backend.addr], RelayMode::Auto, "")).await;
+    let proxy = Proxy::start(&service_yaml(&[backend.addr], RelayMode::Epoll, "")).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let mut buf = [0u8; 512];
     for i in 0..200u64 {
@@ -294,7 +294,7 @@ async fn the_ring_workers_counters_are_on_the_metrics_page() {
         service_yaml(&[backend.addr], relay, "")
             .replace("services:", "admin: {listen: \"127.0.0.1:0\"}\nservices:")
     };
-    let plain = Proxy::start(&with_admin(RelayMode::Auto)).await;
+    let plain = Proxy::start(&with_admin(RelayMode::Epoll)).await;
     let page = get(plain.admin.unwrap(), "/metrics").await.body;
     assert!(
         !page.contains("sluicegate_ring_accepted_total{"),

@@ -105,6 +105,8 @@ fn scalar() -> impl Strategy<Value = String> {
             "http",
             "splice",
             "auto",
+            "epoll",
+            "ring",
             "copy",
             "drain",
             "close",

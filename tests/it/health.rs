@@ -20,7 +20,7 @@ fn ip(last: u8) -> IpAddr {
 /// One service `t` over `fleet` with these extra service keys.
 fn yaml(fleet: &[Replica], extra: &str) -> String {
     let addrs: Vec<SocketAddr> = fleet.iter().map(|r| r.addr()).collect();
-    crate::common::service_yaml(&addrs, sluicegate::config::RelayMode::Auto, extra)
+    crate::common::service_yaml(&addrs, sluicegate::config::RelayMode::Epoll, extra)
 }
 
 fn health_of(proxy: &Proxy, r: &Replica) -> Health {

@@ -30,7 +30,7 @@ async fn counts_requests_and_shares_through_the_proxy() {
     let (b, served_b) = hello_server([127, 0, 0, 3]).await;
     let proxy = Proxy::start(&service_yaml(
         &[a.addr, b.addr],
-        RelayMode::Auto,
+        RelayMode::Epoll,
         "balance: round_robin",
     ))
     .await;

@@ -12,7 +12,7 @@ use sluicegate::config::RelayMode;
 /// Every series name a live `/metrics` page can have: each family, with a histogram's suffixes.
 async fn exposed_names() -> BTreeSet<String> {
     let backend = Backend::echo([127, 0, 0, 2]).await;
-    let yaml = service_yaml(&[backend.addr], RelayMode::Auto, "")
+    let yaml = service_yaml(&[backend.addr], RelayMode::Epoll, "")
         .replace("services:", "admin: {listen: \"127.0.0.1:0\"}\nservices:");
     let p = Proxy::start(&yaml).await;
     let page = get(p.admin.unwrap(), "/metrics").await.body;

@@ -1,5 +1,5 @@
 //! Data integrity and TCP semantics through the proxy (docs/reliability.md, "Data integrity and TCP semantics"), each run
-//! against every relay mode (copy, splice, auto, uring, ring).
+//! against every relay mode (copy, splice, epoll, uring, ring).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-/// Generates one test per relay engine (copy, splice, auto, uring, ring) for each scenario function
+/// Generates one test per relay engine (copy, splice, epoll, uring, ring) for each scenario function
 /// `name(RelayMode)`.
 macro_rules! every_engine {
     ($($name:ident),* $(,)?) => {
@@ -26,9 +26,9 @@ macro_rules! every_engine {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name(sluicegate::config::RelayMode::Splice).await })*
         }
-        mod auto {
+        mod epoll {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(sluicegate::config::RelayMode::Auto).await })*
+            async fn $name() { super::$name(sluicegate::config::RelayMode::Epoll).await })*
         }
         mod uring {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]

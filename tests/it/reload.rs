@@ -315,7 +315,7 @@ fn on_ring(p: &Proxy, name: &str) -> u64 {
 /// epoll and on the ring; and the replicas, which live as long as that is kept.
 async fn web_on_epoll() -> (Proxy, SocketAddr, [String; 2], Vec<Replica>) {
     let (_port, fleet) = replicas(2, 2);
-    let epoll = config(&[service("web", &[&fleet[0], &fleet[1]], "")]);
+    let epoll = config(&[service("web", &[&fleet[0], &fleet[1]], "relay: epoll")]);
     let ring = config(&[service("web", &[&fleet[0], &fleet[1]], "relay: ring")]);
     let p = Proxy::start(&epoll).await;
     let web = listen_of(&p, "web");
@@ -367,6 +367,60 @@ async fn a_reload_moves_a_kept_address_on_and_off_the_ring() {
     assert_eq!(on_ring(&p, "web"), 3, "the last three ran on epoll");
     before.ping().await.expect("the first connection goes on");
     during.ping().await.expect("the ring's connection goes on");
+    assert_eq!(p.control.reload_counts(), (2, 0));
+}
+
+/// `relay: auto` follows the address: `web`, plain TCP alone on its address, runs on the ring; a
+/// reload that brings a second service (routed by `sni`) onto that address, `web`'s own config
+/// unchanged, moves `web` to epoll (the address's hellos must be read now), and one that takes the
+/// second away moves it back. The address stays bound and the connection open across both goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_follows_whether_a_service_has_its_address_to_itself() {
+    let (_port, fleet) = replicas(2, 2);
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let at = |y: String| y.replace("127.0.0.1:0", &addr.to_string());
+    let alone = config(&[at(service("web", &[&fleet[0]], ""))]);
+    let shared = config(&[
+        at(service("web", &[&fleet[0]], "")),
+        at(service("named", &[&fleet[1]], "sni: [named.example]")),
+    ]);
+    let p = Proxy::start(&alone).await;
+    if !ring_runs(&p) {
+        return;
+    }
+    let (mut open, _) = Session::open(addr).await.expect("on the ring");
+    let engine = |p: &Proxy| p.control.service("web").expect("web").view().relay;
+    let ended = |p: &Proxy| {
+        p.control
+            .service("web")
+            .unwrap()
+            .stats
+            .ended(sluicegate::Outcome::ClientClosed)
+    };
+    for (cfg, runs, served) in [(&shared, "epoll", 0), (&alone, "ring", 3)] {
+        p.control
+            .reload(Config::from_yaml(cfg).unwrap())
+            .expect("applied");
+        assert_eq!(engine(&p), runs);
+        let before = (ended(&p), on_ring(&p, "web"));
+        for _ in 0..3 {
+            assert_eq!(
+                who(addr).await.expect("served"),
+                fleet[0].addr().ip(),
+                "the default route"
+            );
+        }
+        wait_for(Duration::from_secs(10), "three more ended", || {
+            ended(&p) == before.0 + 3
+        })
+        .await;
+        assert_eq!(on_ring(&p, "web") - before.1, served, "{runs}: on the ring");
+        open.ping().await.expect("the first connection goes on");
+    }
+    assert_eq!(listen_of(&p, "web"), addr, "the same address");
     assert_eq!(p.control.reload_counts(), (2, 0));
 }
 

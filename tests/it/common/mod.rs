@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinHandle};
 
-/// The engines the scenarios below `relay.rs` run on in turn (`auto` is `copy`, then `splice`).
+/// The engines the scenarios below `relay.rs` run on in turn (`epoll` is `copy`, then `splice`).
 pub const ENGINES: [RelayMode; 4] = [
     RelayMode::Copy,
     RelayMode::Splice,
