@@ -4,8 +4,9 @@
 Usage (from the repository root; needs wrk, iperf3, haproxy, nginx with the stream module, taskset, perf):
     python3 benchmarks/bench.py [--rounds 6] [--duration 10] [--proxies a,b] [--workloads a,b] [--no-syscalls]
 
-Proxies: direct, sg-copy, sg-splice, sg-auto, sg-uring (target/release/sluicegate, built; `sg-auto@PATH`
-runs another build, an earlier commit's, beside it), sg-auto-log (sg-auto writing the routing-decision
+Proxies: direct, sg-copy, sg-splice, sg-epoll, sg-ring, sg-auto (the ring where io_uring is allowed,
+else epoll), sg-uring (target/release/sluicegate, built; `sg-auto@PATH` runs another build, an earlier
+commit's, beside it), sg-auto-log (sg-auto writing the routing-decision
 line of every connection, JSON, to a file), haproxy, haproxy-splice (`option splice-auto`),
 haproxy-splice-all (`option splice-request` + `splice-response`), nginx (`stream`), and probe-LEVERS:
 the C probe of benchmarks/probes/ (built with make) with the levers its name lists, e.g. probe-ms+reg.
@@ -58,8 +59,8 @@ DEFAULT_BIN = os.path.join(ROOT, "target", "release", "sluicegate")
 LOAD_BIN = os.path.join(ROOT, "target", "release", "sluicegate-load")
 PROBES = os.path.join(ROOT, "benchmarks", "probes")
 PROBE_BIN = os.path.join(PROBES, "ring-proxy")
-PROXIES = ["direct", "sg-copy", "sg-splice", "sg-auto", "sg-uring", "sg-auto-log", "haproxy", "haproxy-splice",
-           "haproxy-splice-all", "nginx"]
+PROXIES = ["direct", "sg-copy", "sg-splice", "sg-epoll", "sg-ring", "sg-auto", "sg-uring", "sg-auto-log", "haproxy",
+           "haproxy-splice", "haproxy-splice-all", "nginx"]
 WORKLOADS = ["ka", "lat", "bulk", "stream", "idle", "churn"]
 # The `lat` workload: 64 keep-alive connections at a fixed total rate, far below saturation, so the
 # latency is the proxy's added hop rather than queueing behind a saturated CPU (what wrk's p99 shows).
