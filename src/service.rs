@@ -349,6 +349,13 @@ impl Service {
         }
     }
 
+    /// This version on the epoll engine: the ring workers it was to run on could not start.
+    pub(crate) fn on_epoll(&self) -> Service {
+        let mut s = self.with_tls(self.tls.clone());
+        s.relay.mode = crate::config::RelayMode::Epoll;
+        s
+    }
+
     fn with(
         (cfg, alone): (&ServiceConfig, bool),
         pool: Arc<Pool>,

@@ -266,8 +266,8 @@ fn validate_service(p: &mut Problems, i: usize, s: &ServiceConfig) {
     validate_ring(p, i, s);
 }
 
-/// `relay: ring` serves plain TCP (with PROXY headers, `backend_port: same` and the queue) only so far: what it does not do
-/// is refused by name, not ignored.
+/// `relay: ring` serves plain TCP (with PROXY headers, `backend_port: same` and the queue) only so
+/// far, with no route keys: what it does not do is refused by name, not ignored.
 fn validate_ring(p: &mut Problems, i: usize, s: &ServiceConfig) {
     if s.relay != super::RelayMode::Ring {
         return;
@@ -276,6 +276,9 @@ fn validate_ring(p: &mut Problems, i: usize, s: &ServiceConfig) {
     let unsupported = [
         ("tls", s.tls.is_some()),
         ("backend_tls", s.backend_tls.is_some()),
+        // Routing by name means reading the hello, which the ring workers do not.
+        ("sni", !s.sni.is_empty()),
+        ("alpn", !s.alpn.is_empty()),
     ];
     for (key, set) in unsupported {
         if set {
@@ -910,6 +913,8 @@ mod tests {
         for (extra, key) in [
             ("    tls: {cert: a.pem, key: a.key}\n", "tls"),
             ("    backend_tls: {}\n", "backend_tls"),
+            ("    sni: [a.test]\n", "sni"),
+            ("    alpn: [h2]\n", "alpn"),
         ] {
             let err = crate::config::Config::from_yaml(&yaml(extra))
                 .expect_err(key)

@@ -548,6 +548,7 @@ impl Control {
                 Ok(r) => RingState::Running(Arc::new(r)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the ring workers; their services run on the epoll engine");
+                    crate::relay::ring::workers_failed(e.to_string());
                     RingState::Failed
                 }
             };
@@ -658,6 +659,15 @@ impl Control {
         }
         let Some(l) = b.pending.take() else { return };
         let routes = b.routes.load();
+        #[cfg(target_os = "linux")]
+        let ring = self.ring_for(&routes);
+        #[cfg(target_os = "linux")]
+        if ring.is_none() && routes.on_ring() {
+            // The ring workers could not start (said once): the service runs, and says, epoll.
+            for s in routes.table.targets() {
+                s.store(Arc::new(s.load().on_epoll()));
+            }
+        }
         let names: Vec<String> = b.service_names().iter().map(|n| n.to_string()).collect();
         match routes.table.only().map(|s| s.load_full()) {
             Some(s) => tracing::info!(
@@ -678,7 +688,7 @@ impl Control {
             ),
         }
         #[cfg(target_os = "linux")]
-        if let Some(r) = self.ring_for(&routes) {
+        if let Some(r) = ring {
             r.listen(
                 &self.rt,
                 l,

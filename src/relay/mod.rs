@@ -186,16 +186,18 @@ struct Pending {
 /// `auto`, which never promised the ring).
 pub(crate) fn engine_for(mode: RelayMode, service: &str, fits_ring: bool) -> RelayMode {
     #[cfg(target_os = "linux")]
-    let (ring, uring) = (
-        ring::availability().as_ref().map_err(String::as_str),
-        uring::availability().as_ref().map_err(String::as_str),
-    );
+    let (ring, uring) = (ring::usable, || {
+        uring::availability()
+            .as_ref()
+            .map_err(String::as_str)
+            .copied()
+    });
     #[cfg(not(target_os = "linux"))]
     let (ring, uring) = (
-        Err::<&(), _>("io_uring is Linux only"),
-        Err::<&(), _>("io_uring is Linux only"),
+        || Err("io_uring is Linux only"),
+        || Err("io_uring is Linux only"),
     );
-    let (engine, unavailable) = choose_engine(mode, fits_ring, ring.copied(), uring.copied());
+    let (engine, unavailable) = choose_engine(mode, fits_ring, ring, uring);
     let Some(why) = unavailable else {
         return engine;
     };
@@ -226,24 +228,25 @@ pub(crate) fn engine_for(mode: RelayMode, service: &str, fits_ring: bool) -> Rel
 }
 
 /// The engine for `mode`, given whether the ring workers could serve the service (`fits_ring`) and
-/// whether the kernel allows the ring workers (`ring`) and the `uring` engine (`uring`): `auto` is
-/// the ring where both hold and `epoll` elsewhere; `uring` and `ring` without io_uring are `epoll`.
-/// The second value is why io_uring was wanted and is not there.
+/// whether the ring workers can run here (`ring`) and the `uring` engine (`uring`): `auto` is the
+/// ring where both hold and `epoll` elsewhere; `uring` and `ring` without io_uring are `epoll`.
+/// The second value is why io_uring was wanted and is not there. `ring` and `uring` are asked only
+/// when the mode needs them: a process with no io_uring engine to run makes no io_uring call.
 pub(crate) fn choose_engine<'a>(
     mode: RelayMode,
     fits_ring: bool,
-    ring: Result<(), &'a str>,
-    uring: Result<(), &'a str>,
+    ring: impl FnOnce() -> Result<(), &'a str>,
+    uring: impl FnOnce() -> Result<(), &'a str>,
 ) -> (RelayMode, Option<&'a str>) {
     let or_epoll = |engine, available: Result<(), &'a str>| match available {
         Ok(()) => (engine, None),
         Err(why) => (RelayMode::Epoll, Some(why)),
     };
     match mode {
-        RelayMode::Auto if fits_ring => or_epoll(RelayMode::Ring, ring),
+        RelayMode::Auto if fits_ring => or_epoll(RelayMode::Ring, ring()),
         RelayMode::Auto => (RelayMode::Epoll, None),
-        RelayMode::Ring => or_epoll(RelayMode::Ring, ring),
-        RelayMode::Uring => or_epoll(RelayMode::Uring, uring),
+        RelayMode::Ring => or_epoll(RelayMode::Ring, ring()),
+        RelayMode::Uring => or_epoll(RelayMode::Uring, uring()),
         RelayMode::Epoll | RelayMode::Splice | RelayMode::Copy => (mode, None),
     }
 }
@@ -1111,10 +1114,34 @@ mod tests {
         ];
         for (mode, fits, ring, uring, engine, why) in cases {
             assert_eq!(
-                choose_engine(mode, fits, ring, uring),
+                choose_engine(mode, fits, || ring, || uring),
                 (engine, why),
                 "{mode:?}, fits the ring: {fits}, ring {ring:?}, uring {uring:?}"
             );
         }
+    }
+
+    /// An engine that does not need io_uring never probes for it (a seccomp profile that kills
+    /// or audits io_uring calls must not see one from `relay: epoll`).
+    #[test]
+    fn only_an_io_uring_engine_probes_for_io_uring() {
+        let asked = std::cell::Cell::new(0);
+        let probe = || {
+            asked.set(asked.get() + 1);
+            Ok(())
+        };
+        for mode in [Epoll, Splice, Copy] {
+            choose_engine(mode, true, probe, probe);
+        }
+        choose_engine(Auto, false, probe, probe);
+        assert_eq!(
+            asked.get(),
+            0,
+            "epoll, splice, copy, and auto where the ring cannot serve"
+        );
+        choose_engine(Auto, true, probe, || panic!("auto does not run uring"));
+        choose_engine(Ring, true, probe, || panic!("ring does not run uring"));
+        choose_engine(Uring, true, || panic!("uring does not run the ring"), probe);
+        assert_eq!(asked.get(), 3);
     }
 }

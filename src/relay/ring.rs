@@ -392,6 +392,22 @@ pub(crate) fn availability() -> &'static Result<(), String> {
     PROBED.get_or_init(probe)
 }
 
+/// Why the ring workers could not start in this process, once they failed to (a thread or a ring
+/// refused for want of memory, with the probe passed): they are not tried again.
+static NO_WORKERS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Records that the ring workers could not start, so services resolved from now on run `epoll`.
+pub(crate) fn workers_failed(why: String) {
+    let _ = NO_WORKERS.set(why);
+}
+
+/// Whether a service can be put on the ring workers: io_uring has what they need and they have
+/// not failed to start.
+pub(crate) fn usable() -> Result<(), &'static str> {
+    availability().as_ref().map_err(String::as_str)?;
+    NO_WORKERS.get().map_or(Ok(()), |why| Err(why.as_str()))
+}
+
 fn probe() -> Result<(), String> {
     super::uring::availability().clone()?;
     let ring = build_ring(8, 8)

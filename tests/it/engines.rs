@@ -73,12 +73,42 @@ async fn epoll_keeps_request_response_traffic_on_copy() {
     drop(s);
     proxy.wait_ended(sluicegate::Outcome::ClientClosed, 1).await;
     assert_eq!(proxy.service.stats.spliced.load(Relaxed), 0);
-    // `auto` never uses the ring (only `relay: uring` does).
+    // `epoll` never uses a ring.
     assert_eq!(proxy.service.stats.uring.load(Relaxed), 0);
 }
 
+/// `auto` (no `relay:` key) puts a plain TCP service alone on its address on the ring workers, each
+/// connection counted on a ring, and one that routes by `sni` on epoll, since the ring workers read
+/// no hello. Each reports the engine it runs. Where io_uring is unavailable both run epoll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_puts_plain_tcp_on_the_ring_and_a_routed_service_on_epoll() {
+    let backend = sender(100).await;
+    let yaml = format!(
+        "shutdown: {{drain_timeout: 10s}}\nlog: {{level: warn}}\nservices:\n  - name: plain\n    listen: 127.0.0.1:0\n    backends: [{{address: \"{b}\"}}]\n  - name: named\n    listen: 127.0.0.1:0\n    sni: [named.example]\n    backends: [{{address: \"{b}\"}}]\n",
+        b = backend.addr
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let relay = |name: &str| proxy.control.service(name).expect(name).view().relay;
+    assert_eq!(relay("named"), "epoll", "routed by name: the hello is read");
+    let on_ring = relay("plain") == "ring";
+    if !on_ring {
+        assert_eq!(relay("plain"), "epoll");
+        eprintln!("io_uring is unavailable here: auto runs epoll for both");
+    }
+    for _ in 0..3 {
+        let got = round_trip(proxy.addr, b"request").await.expect("served");
+        assert_eq!(sha(&got), sha(&payload(1, 100)), "content");
+    }
+    proxy.wait_ended(sluicegate::Outcome::ClientClosed, 3).await;
+    assert_eq!(
+        proxy.service.stats.uring.load(Relaxed),
+        if on_ring { 3 } else { 0 },
+        "plain TCP alone: every connection on the ring workers"
+    );
+}
+
 /// `uring` really runs on the ring (it counts only connections whose directions ran there), and, like
-/// `auto`, moves a direction that carries bulk data to splice.
+/// `epoll`, moves a direction that carries bulk data to splice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uring_relays_through_the_ring() {
     for answer in [100, 4 << 20] {
