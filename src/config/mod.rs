@@ -615,8 +615,8 @@ pub enum RelayMode {
     /// io_uring (Linux): receives and sends batched through the worker's ring.
     Uring,
     /// Ring workers (Linux 6.1+): accept, connect, relay and close on one io_uring loop per core,
-    /// outside tokio's reactor. Plain TCP on an address of its own for now: no `tls` or
-    /// `backend_tls`.
+    /// outside tokio's reactor. Plain TCP on an address of its own for now: no `tls`,
+    /// `backend_tls`, `sni` or `alpn`.
     Ring,
 }
 
