@@ -23,7 +23,8 @@
 //!
 //! An upgrade carries ring connections as it carries sessions: `Command::Carry` has each worker stop
 //! its relayed connections at a quiet point and hand them here, where they go to `Leaving::carried`
-//! with the facts of their routing line; the new process relays them on (on the epoll engine).
+//! with the facts of their routing line; the new process relays them on, on its ring workers when
+//! their service runs on the ring there (`adopt`), else on the epoll engine.
 //!
 //! A reload may move an address off the ring (`control`'s `move_acceptors`): until a worker has
 //! unlistened, its accepts still complete, and `hand_off` gives those clients to the tokio workers,
@@ -36,7 +37,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use tokio::time::Instant;
 
@@ -53,7 +54,7 @@ use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
 use crate::proxy_protocol::{self, Header, Parsed, ReadError};
 use crate::relay::ring::{
-    self, Admit, Command, Finished, Got, Host, Quiet, Step, Target, Timeouts,
+    self, Admit, Adopt, Command, Finished, Got, Host, Quiet, Step, Target, Timeouts,
 };
 use crate::relay::Relayed;
 use crate::route::Routes;
@@ -64,13 +65,15 @@ use crate::util::{is_local_exhaustion, lock};
 
 /// The ring worker threads, one per core; started when the first `relay: ring` service binds.
 pub(crate) struct RingWorkers {
-    handles: Vec<ring::Handle<Served>>,
+    handles: Vec<ring::Handle<Served, Taken>>,
     /// The same handles, as the workers hold them to tell each other of a freed slot.
     workers: Arc<Workers>,
     /// Each worker's name on `/metrics` (`r0`, …: its thread is `sluicegate-r0`).
     names: Vec<Arc<str>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     next_id: AtomicU32,
+    /// The worker the next connection carried in goes to.
+    next_adopter: AtomicUsize,
 }
 
 /// A listening socket as its workers serve it. Each worker's holds a token of the control plane's
@@ -129,6 +132,7 @@ impl RingWorkers {
             names,
             threads: Mutex::new(threads),
             next_id: AtomicU32::new(0),
+            next_adopter: AtomicUsize::new(0),
         })
     }
 
@@ -184,6 +188,64 @@ impl RingWorkers {
         });
     }
 
+    /// Relays on, in turn on each worker, a connection carried in from the process this one
+    /// replaced (an upgrade), as `session::resume` does on the tokio workers: counted on its
+    /// service and backend (above their caps if need be: it is open already), tracked by the
+    /// drain, its routing line covering its whole life.
+    pub(crate) fn adopt(
+        &self,
+        carried: Carried,
+        service: Arc<Service>,
+        gate: &Arc<Gate>,
+        tracker: &TaskTracker,
+    ) {
+        let n = self.handles.len().max(1);
+        let h = &self.handles[self.next_adopter.fetch_add(1, Relaxed) % n];
+        let facts = carried.facts;
+        let at = session::carried_backend(&service, facts.backend);
+        let taken = Taken {
+            record: facts.record(&service),
+            span: session::carried_span(&facts, &service),
+            tried: Tried::default(),
+            backend: Some(Picked {
+                cut: at.cut_signal(),
+                active: ActiveGuard::within(at.clone(), None),
+                backend: at,
+                connected: true,
+                freed: service
+                    .queue
+                    .is_some()
+                    .then(|| (self.workers.clone(), service.occupancy.queue.clone())),
+            }),
+            connect_start: Instant::now(),
+            attempt_start: Instant::now(),
+            reached_port: None,
+            queued: None,
+            workers: self.workers.clone(),
+            _source: None,
+            _slot: ClientSlot::carried(&service, gate),
+            _tracked: tracker.token(),
+            service,
+        };
+        let timeouts = Timeouts {
+            idle: taken.service.relay.idle_timeout,
+            half_close: taken.service.relay.half_close_timeout,
+        };
+        // The reset armed while in transit stays armed until the worker has it (`ring::Adopt`).
+        let adopt = Adopt {
+            conn: taken,
+            client: carried.client.into(),
+            backend: carried.backend.into(),
+            held: carried.held,
+            so_far: (facts.bytes_up, facts.bytes_down),
+            timeouts,
+        };
+        if !h.send(Command::Adopt(Box::new(adopt))) {
+            // The worker has ended (the process is stopping): both sides are reset.
+            tracing::warn!(service = %facts.service, client = %facts.client, "no ring worker to take a carried connection: reset");
+        }
+    }
+
     /// Cuts every connection of every worker (the drain's deadline).
     pub(crate) fn cut(&self, end: Outcome) {
         for h in &self.handles {
@@ -232,6 +294,7 @@ impl RingWorkers {
                     pool_given: load(&c.pool_given),
                     splices_stuck: load(&c.splices_stuck),
                     carried: load(&c.carried),
+                    adopted: load(&c.adopted),
                 }
             })
             .collect()
@@ -250,6 +313,7 @@ pub(crate) struct WorkerView {
     pool_given: u64,
     splices_stuck: u64,
     carried: u64,
+    adopted: u64,
 }
 
 impl Subject for WorkerView {
@@ -319,6 +383,13 @@ pub(crate) const METRICS: Table<WorkerView> = Table {
             "Connections the ring worker stopped at a quiet point and handed to an upgrade's new process.",
             &[],
             |w, o| o.put(&[], w.carried),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_ring_adopted_total",
+            "Connections an upgrade carried in from the process this one replaced that the ring worker relays on.",
+            &[],
+            |w, o| o.put(&[], w.adopted),
         ),
     ],
 };
@@ -399,7 +470,7 @@ impl Drop for Picked {
 /// the connections waiting for one on any. Emptied when the workers stop: each worker holds this,
 /// and a handle in it would keep the worker's own channel open.
 #[derive(Default)]
-struct Workers(Mutex<Vec<ring::Handle<Served>>>);
+struct Workers(Mutex<Vec<ring::Handle<Served, Taken>>>);
 
 impl Workers {
     fn freed(&self) {
@@ -454,6 +525,29 @@ impl Taken {
         let ending = refused(end);
         self.span
             .in_scope(|| session::account(&self.service, &self.record, ending));
+    }
+
+    /// The attempt on the picked backend failed (`what`, logged): counted against the backend when
+    /// `blame`, and not tried again by this connection; the next backend to try, unless the
+    /// service's attempts are used up.
+    fn attempt_failed(
+        &mut self,
+        error: &io::Error,
+        what: &'static str,
+        blame: bool,
+    ) -> Result<Option<Target>, Outcome> {
+        if let Some(p) = self.backend.take() {
+            let _enter = self.span.enter();
+            tracing::debug!(backend = %p.backend.addr, error = %error, "{what}");
+            if blame {
+                self.service.pool.connect_failed(&p.backend);
+            }
+            self.tried.failed(p.backend.addr);
+        }
+        if self.record.attempts >= self.service.connect_attempts {
+            return Err(Outcome::ConnectFailed);
+        }
+        self.pick()
     }
 
     /// The next backend to try: one not tried, below its cap; none when every one left is full
@@ -667,21 +761,24 @@ impl Host for Services {
         t: &mut Taken,
         error: io::Error,
     ) -> Result<Option<Target>, Outcome> {
-        if let Some(p) = t.backend.take() {
-            let _enter = t.span.enter();
-            if is_local_exhaustion(&error) {
-                // Our own descriptors or ports ran out: not the backend's fault, so no ejection.
-                tracing::debug!(backend = %p.backend.addr, error = %error, "connect failed locally");
-            } else {
-                tracing::debug!(backend = %p.backend.addr, error = %error, "connect failed");
-                t.service.pool.connect_failed(&p.backend);
-            }
-            t.tried.failed(p.backend.addr);
-        }
-        if t.record.attempts >= t.service.connect_attempts {
-            return Err(Outcome::ConnectFailed);
-        }
-        t.pick()
+        // Our own descriptors or ports ran out: not the backend's fault, so no ejection.
+        let ours = is_local_exhaustion(&error);
+        let what = if ours {
+            "connect failed locally"
+        } else {
+            "connect failed"
+        };
+        t.attempt_failed(&error, what, !ours)
+    }
+
+    fn first_bytes_failed(
+        &mut self,
+        t: &mut Taken,
+        error: io::Error,
+    ) -> Result<Option<Target>, Outcome> {
+        // As in `session::connect`: a backend that accepts and closes is not dead, so no
+        // ejection; this connection tries another.
+        t.attempt_failed(&error, "sending the PROXY header failed", false)
     }
 
     fn retry(&mut self, t: &mut Taken) -> Result<Option<Target>, Outcome> {

@@ -117,8 +117,9 @@ impl Control {
     }
 
     /// Resumes a connection carried in from the process this one replaced, on a worker, tracked
-    /// like any other (a drain waits for it). A service this config does not have is relayed by
-    /// none: its connection closes, and says so.
+    /// like any other (a drain waits for it): a ring worker when its service runs on the ring
+    /// here, else a tokio worker. A service this config does not have is relayed by none: its
+    /// connection is reset, and says so.
     pub(crate) fn resume(&self, carried: Carried) {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let service = lock(&self.running)
@@ -130,6 +131,12 @@ impl Control {
                 "a carried connection's service is not in this config: closing it");
             return;
         };
+        #[cfg(target_os = "linux")]
+        if service.relay.mode == crate::config::RelayMode::Ring {
+            if let Some(ring) = self.ring_workers() {
+                return ring.adopt(carried, service, &self.gate, &self.tracker);
+            }
+        }
         let handles = self.workers.handles();
         let Some(handle) = handles.get(NEXT.fetch_add(1, Relaxed) % handles.len().max(1)) else {
             return;

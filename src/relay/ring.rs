@@ -292,6 +292,14 @@ pub(crate) trait Host {
     fn retry(&mut self, conn: &mut Self::Conn) -> Result<Option<Target>, Outcome>;
     /// The connect to the last target succeeded; the relay starts.
     fn connected(&mut self, conn: &mut Self::Conn);
+    /// The backend took the connection but what goes before the client's bytes (a preface, the
+    /// client bytes read with it) could not be sent: another target, as for `connect_failed`; a
+    /// backend that accepts and closes is not dead, so it is not blamed.
+    fn first_bytes_failed(
+        &mut self,
+        conn: &mut Self::Conn,
+        error: io::Error,
+    ) -> Result<Option<Target>, Outcome>;
     /// Whether a direction that carries bulk data (a receive fills a whole pool buffer) moves to
     /// splice(2), as `relay: epoll` does.
     fn splices_bulk(&self) -> bool {
@@ -327,8 +335,22 @@ pub(crate) struct Quiet {
     pub(crate) bytes_down: u64,
 }
 
+/// A connection carried in from an upgrade's old process (its `Quiet` there), with the host's
+/// state for it, to relay on from where it stopped. Its sockets come with a zero linger (a
+/// connection lost on the way is reset, never ended with a FIN that passes for the stream's end),
+/// which the worker clears when it takes them.
+pub(crate) struct Adopt<C> {
+    pub(crate) conn: C,
+    pub(crate) client: OwnedFd,
+    pub(crate) backend: OwnedFd,
+    pub(crate) held: Quiesced,
+    /// Bytes it had moved to the backend and to the client: its `Finished` counts its whole life.
+    pub(crate) so_far: (u64, u64),
+    pub(crate) timeouts: Timeouts,
+}
+
 /// What the control plane tells a worker.
-pub(crate) enum Command<L> {
+pub(crate) enum Command<L, C> {
     /// Serve `socket` (the worker's own descriptor of a listening socket) as listener `id`.
     Listen {
         id: u32,
@@ -344,18 +366,20 @@ pub(crate) enum Command<L> {
     /// Stop every relayed connection at a quiet point (and each connected from now on) and hand it
     /// to the host (`Host::carrier`, `Host::carried`), until the host takes no more.
     Carry,
+    /// Relay on a connection an upgrade carried in from the process this one replaced.
+    Adopt(Box<Adopt<C>>),
     /// Stop listening, cut what is left, and end the thread.
     Stop,
 }
 
 /// How the control plane reaches one worker.
-pub(crate) struct Handle<L> {
-    tx: mpsc::Sender<Command<L>>,
+pub(crate) struct Handle<L, C> {
+    tx: mpsc::Sender<Command<L, C>>,
     wake: Arc<OwnedFd>,
     counts: Arc<Counts>,
 }
 
-impl<L> Clone for Handle<L> {
+impl<L, C> Clone for Handle<L, C> {
     fn clone(&self) -> Self {
         Handle {
             tx: self.tx.clone(),
@@ -365,14 +389,14 @@ impl<L> Clone for Handle<L> {
     }
 }
 
-impl<L> Handle<L> {
+impl<L, C> Handle<L, C> {
     /// What the worker has done so far.
     pub(crate) fn counts(&self) -> &Counts {
         &self.counts
     }
 
     /// Queues `command` and wakes the worker; `false` once the worker has ended.
-    pub(crate) fn send(&self, command: Command<L>) -> bool {
+    pub(crate) fn send(&self, command: Command<L, C>) -> bool {
         if self.tx.send(command).is_err() {
             return false;
         }
@@ -445,28 +469,29 @@ fn build_ring(sq: u32, cq: u32) -> io::Result<IoUring> {
         .build(sq)
 }
 
+/// A worker just started: how to reach it, and its thread.
+pub(crate) type Started<H> = (
+    Handle<<H as Host>::Listen, <H as Host>::Conn>,
+    std::thread::JoinHandle<()>,
+);
+
 /// Starts a worker thread named `name` serving `make()`'s host; returns once its ring is set up.
-pub(crate) fn start<H, F>(
-    name: String,
-    make: F,
-) -> io::Result<(Handle<H::Listen>, std::thread::JoinHandle<()>)>
+pub(crate) fn start<H, F>(name: String, make: F) -> io::Result<Started<H>>
 where
     H: Host,
     H::Listen: Send + 'static,
+    H::Conn: Send + 'static,
     F: FnOnce() -> H + Send + 'static,
 {
     start_with(name, make, super::splice::pool())
 }
 
 /// [`start`], with the worker's pipes from `pipes`.
-fn start_with<H, F>(
-    name: String,
-    make: F,
-    pipes: &'static PipePool,
-) -> io::Result<(Handle<H::Listen>, std::thread::JoinHandle<()>)>
+fn start_with<H, F>(name: String, make: F, pipes: &'static PipePool) -> io::Result<Started<H>>
 where
     H: Host,
     H::Listen: Send + 'static,
+    H::Conn: Send + 'static,
     F: FnOnce() -> H + Send + 'static,
 {
     let (tx, rx) = mpsc::channel();
@@ -609,12 +634,19 @@ struct Conn<C> {
     link: types::Timespec,
     timeouts: Timeouts,
     connected: bool,
+    /// Its receives are armed: what goes first (`pre`) is out. Until then nothing of the backend's
+    /// has been read and nothing new of the client's, so a send of `pre` that fails tries another
+    /// backend (`first_bytes_failed`), as `session::connect` does when its PROXY header cannot go.
+    relaying: bool,
     /// Bytes the connection owns: while `reading`, the client's first bytes as they arrive; then
     /// what goes to the backend before anything received later (a preface and the client bytes
     /// read with the header). Freed once sent.
     pre: Vec<u8>,
     /// How many bytes at the front of `pre` are the preface (sent, but not the client's bytes).
     preface: u32,
+    /// `pre`'s counterpart towards the client: what a carried-in connection had read from the
+    /// backend and not sent. Freed once sent.
+    post: Vec<u8>,
     /// Reading the client's first bytes (`Admit::Read`), until this deadline.
     reading: Option<Instant>,
     /// Waiting for a backend (in the worker's `waiting`).
@@ -636,6 +668,14 @@ struct Conn<C> {
 impl<C> Conn<C> {
     fn dir(&mut self, side: Side) -> &mut Dir {
         &mut self.dirs[side as usize]
+    }
+
+    /// The bytes a direction's `OWNED` buffer stands for.
+    fn owned(&self, side: Side) -> &[u8] {
+        match side {
+            Side::Up => &self.pre,
+            Side::Down => &self.post,
+        }
     }
 
     /// The socket a direction reads from, and the one it writes to.
@@ -736,6 +776,8 @@ pub(crate) struct Counts {
     pub(crate) splices_stuck: AtomicU64,
     /// Connections handed to the host to go on in another process (an upgrade).
     pub(crate) carried: AtomicU64,
+    /// Connections carried in from another process (an upgrade) that the worker relays on.
+    pub(crate) adopted: AtomicU64,
     /// Connections open on the worker now.
     pub(crate) open: AtomicU64,
 }
@@ -752,7 +794,7 @@ struct Worker<H: Host> {
     free: Vec<u32>,
     live: usize,
     listeners: HashMap<u32, Listening>,
-    commands: mpsc::Receiver<Command<H::Listen>>,
+    commands: mpsc::Receiver<Command<H::Listen, H::Conn>>,
     wake: Arc<OwnedFd>,
     tick: Box<types::Timespec>,
     tick_armed: bool,
@@ -780,7 +822,7 @@ struct Worker<H: Host> {
 impl<H: Host> Worker<H> {
     fn new(
         host: H,
-        commands: mpsc::Receiver<Command<H::Listen>>,
+        commands: mpsc::Receiver<Command<H::Listen, H::Conn>>,
         wake: Arc<OwnedFd>,
         counts: Arc<Counts>,
         pipes: &'static PipePool,
@@ -994,7 +1036,7 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    fn command(&mut self, c: Command<H::Listen>) {
+    fn command(&mut self, c: Command<H::Listen, H::Conn>) {
         match c {
             Command::Listen { id, socket, with } => {
                 self.host.listening(id, with);
@@ -1016,6 +1058,7 @@ impl<H: Host> Worker<H> {
             Command::Cut(end) => self.cut_all(end),
             Command::Freed => self.retry_waiting(),
             Command::Carry => self.carry_all(),
+            Command::Adopt(a) => self.adopt(*a),
             Command::Stop => {
                 if self.stopping.is_none() {
                     self.stopping = Some(self.now);
@@ -1220,8 +1263,10 @@ impl<H: Host> Worker<H> {
             link: types::Timespec::new(),
             timeouts,
             connected: false,
+            relaying: false,
             pre,
             preface,
+            post: Vec::new(),
             reading,
             waiting: false,
             dirs: Default::default(),
@@ -1232,6 +1277,15 @@ impl<H: Host> Worker<H> {
             spliced: false,
             carry: false,
         });
+        let Some(slot) = self.place(c) else { return };
+        match target {
+            Some(target) => self.go(slot, target),
+            None => self.read_pre(slot),
+        }
+    }
+
+    /// Gives a new connection a slot; `None` when the worker is stopping (it is cut like the rest).
+    fn place(&mut self, c: Box<Conn<H::Conn>>) -> Option<u32> {
         let slot = match self.free.pop() {
             Some(s) => {
                 self.conns[s as usize] = Some(c);
@@ -1246,12 +1300,75 @@ impl<H: Host> Worker<H> {
         self.counts.open.store(self.live as u64, Relaxed);
         self.arm_tick();
         if self.stopping.is_some() {
-            // Accepted while the worker stops: cut like the rest.
-            return self.finish(slot, Supervised::cut(Outcome::DrainDeadline));
+            self.finish(slot, Supervised::cut(Outcome::DrainDeadline));
+            return None;
         }
-        match target {
-            Some(target) => self.go(slot, target),
-            None => self.read_pre(slot),
+        Some(slot)
+    }
+
+    /// Relays on a connection carried in from another process, as a connection stopped at a quiet
+    /// point goes on (`go_on`): what each direction held is sent first, a FIN passed on there stays
+    /// passed on, and its silence so far counts towards its timeouts.
+    fn adopt(&mut self, a: Adopt<H::Conn>) {
+        let Adopt {
+            conn,
+            client,
+            backend,
+            held,
+            so_far,
+            timeouts,
+        } = a;
+        for s in [&client, &backend] {
+            let _ = SockRef::from(s).set_linger(None);
+        }
+        let mut dirs: [Dir; 2] = Default::default();
+        let mut first_fin = None;
+        let ends = [(held.up_done, so_far.0), (held.down_done, so_far.1)];
+        for ((side, d), (done, sent)) in [Side::Up, Side::Down].into_iter().zip(&mut dirs).zip(ends)
+        {
+            d.sent = sent;
+            if done {
+                (d.eof, d.shut) = (true, true);
+                let _ = direction_ended(side, DirEnd::Eof, &mut first_fin);
+            }
+        }
+        let owned = |d: &mut Dir, bytes: &[u8]| {
+            if !bytes.is_empty() {
+                let len = bytes.len() as u32;
+                d.held.push_back(Held {
+                    bid: OWNED,
+                    len,
+                    off: 0,
+                });
+            }
+        };
+        owned(&mut dirs[Side::Up as usize], &held.to_backend);
+        owned(&mut dirs[Side::Down as usize], &held.to_client);
+        let c = Box::new(Conn {
+            host: Some(conn),
+            client: Some(client),
+            backend: Some(backend),
+            to: SockAddr::from(SocketAddr::from(([0, 0, 0, 0], 0))),
+            link: types::Timespec::new(),
+            timeouts,
+            connected: true,
+            relaying: true,
+            pre: held.to_backend,
+            preface: 0,
+            post: held.to_client,
+            reading: None,
+            waiting: false,
+            dirs,
+            refs: 0,
+            first_fin,
+            end: None,
+            last: self.now.checked_sub(held.quiet_for).unwrap_or(self.now),
+            spliced: false,
+            carry: false,
+        });
+        bump(&self.counts.adopted);
+        if let Some(slot) = self.place(c) {
+            self.go_on(slot);
         }
     }
 
@@ -1410,18 +1527,53 @@ impl<H: Host> Worker<H> {
             return self.maybe_free(slot);
         }
         if owned {
+            // The receives wait until it is out (`on_send`): if it cannot go, the connection can
+            // still try another backend.
             self.send_next(slot, Side::Up);
+        } else {
+            self.relay(slot);
         }
-        self.arm_recv(slot, Side::Up);
-        self.arm_recv(slot, Side::Down);
+    }
+
+    /// Arms both receives: the relay proper starts.
+    fn relay(&mut self, slot: u32) {
+        let Some(c) = self.conn(slot) else { return };
+        c.relaying = true;
+        for side in [Side::Up, Side::Down] {
+            if self
+                .conn(slot)
+                .is_some_and(|c| c.dir(side).should_arm(false))
+            {
+                self.arm_recv(slot, side);
+            }
+        }
+    }
+
+    /// The backend took the connection but `pre` could not be sent to it: the next target the host
+    /// names gets all of it, from its first byte.
+    fn first_bytes_failed(&mut self, slot: u32, e: io::Error) {
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        c.connected = false;
+        // `pre` is all it held (nothing was received yet): the next connect queues it again.
+        c.dir(Side::Up).held.clear();
+        self.try_another(slot, e, true);
     }
 
     fn connect_failed(&mut self, slot: u32, e: io::Error) {
+        self.try_another(slot, e, false);
+    }
+
+    /// The attempt on the connection's backend failed (its connect, or with `first_bytes` the send
+    /// of `pre`): its socket closes, and the host names what comes next.
+    fn try_another(&mut self, slot: u32, e: io::Error, first_bytes: bool) {
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
         let old = c.backend.take();
         let next = match c.host.as_mut() {
+            Some(h) if first_bytes => self.host.first_bytes_failed(h, e),
             Some(h) => self.host.connect_failed(h, e),
             None => Err(Outcome::ConnectFailed),
         };
@@ -1494,7 +1646,7 @@ impl<H: Host> Worker<H> {
             return;
         };
         let bytes = if h.bid == OWNED {
-            &c.pre[..]
+            c.owned(side)
         } else {
             // SAFETY: the direction holds buffer `bid` (a completion named it, it is not given back
             // before this send's completion), and the kernel wrote `len` bytes into it.
@@ -1660,12 +1812,18 @@ impl<H: Host> Worker<H> {
         if res < 0 {
             if !ending {
                 let e = io::Error::from_raw_os_error(-res);
+                // Nothing of the client's counted as sent (a partial `pre` past its preface is
+                // not taken back): another backend can have the whole of it.
+                if side == Side::Up && !c.relaying && c.dirs[Side::Up as usize].sent == 0 {
+                    return self.first_bytes_failed(slot, e);
+                }
                 self.broke(slot, side, DirEnd::DestError(e));
             }
             return self.maybe_free(slot);
         }
         c.last = now;
-        let preface = c.preface;
+        let preface = if side == Side::Up { c.preface } else { 0 };
+        let relaying = c.relaying;
         let d = c.dir(side);
         let n = res as u32;
         let mut counted = n;
@@ -1690,12 +1848,15 @@ impl<H: Host> Worker<H> {
         d.unflushed += u64::from(counted);
         let more_to_send = !d.held.is_empty();
         let shut = d.should_shut();
-        let rearm = d.should_arm(ending);
+        let rearm = relaying && d.should_arm(ending);
         // Connected while connections are being carried away, with a preface to send first: it
         // goes now that the preface is out (see `on_connect`).
-        let carry_now = owned_sent && self.carrying && !ending;
+        let carry_now = owned_sent && side == Side::Up && self.carrying && !ending;
         if owned_sent {
-            c.pre = Vec::new();
+            match side {
+                Side::Up => c.pre = Vec::new(),
+                Side::Down => c.post = Vec::new(),
+            }
         }
         if carry_now {
             c.carry = true;
@@ -1711,7 +1872,9 @@ impl<H: Host> Worker<H> {
             } else if shut {
                 self.shut(slot, side);
             }
-            if rearm && !shut {
+            if owned_sent && !relaying {
+                self.relay(slot);
+            } else if rearm && !shut {
                 self.arm_recv(slot, side);
             }
             self.maybe_splice(slot, side);
@@ -2181,7 +2344,11 @@ impl<H: Host> Worker<H> {
                 self.pump(slot, side, false);
                 continue;
             }
-            let (held, shut, arm) = (!d.held.is_empty(), d.should_shut(), d.should_arm(false));
+            let relaying = c.relaying;
+            let d = c.dir(side);
+            let (held, shut) = (!d.held.is_empty(), d.should_shut());
+            // Not relaying yet: the send of `pre` arms the receives once it completes.
+            let arm = relaying && d.should_arm(false);
             if held {
                 self.send_next(slot, side);
             } else if shut {
@@ -2284,10 +2451,11 @@ fn per_connection(errno: i32) -> bool {
 /// order they are the stream's order). The pipes are left empty; the buffers stay held.
 fn unsent<C>(c: &mut Conn<C>, pool: &BufPool) -> io::Result<[Vec<u8>; 2]> {
     let mut bytes: [Vec<u8>; 2] = Default::default();
-    for (d, out) in c.dirs.iter_mut().zip(bytes.iter_mut()) {
+    for (side, out) in [Side::Up, Side::Down].into_iter().zip(bytes.iter_mut()) {
+        let d = &c.dirs[side as usize];
         for h in &d.held {
             let b = if h.bid == OWNED {
-                &c.pre[..]
+                c.owned(side)
             } else {
                 // SAFETY: the direction holds buffer `bid` (nothing of it is in the kernel any
                 // more), and the kernel wrote `len` bytes into it.
@@ -2295,7 +2463,7 @@ fn unsent<C>(c: &mut Conn<C>, pool: &BufPool) -> io::Result<[Vec<u8>; 2]> {
             };
             out.extend_from_slice(b.get(h.off as usize..h.len as usize).unwrap_or_default());
         }
-        if let Some(p) = d.pipe.as_mut() {
+        if let Some(p) = c.dirs[side as usize].pipe.as_mut() {
             out.extend_from_slice(&p.take_pending()?);
         }
     }

@@ -293,12 +293,7 @@ impl Connected {
         addr: SocketAddr,
         stream: TcpStream,
     ) -> Connected {
-        let backend = service
-            .pool
-            .all_backends()
-            .into_iter()
-            .find(|b| b.addr == addr)
-            .unwrap_or_else(|| Arc::new(Backend::new(addr, crate::config::Weight::default())));
+        let backend = carried_backend(service, addr);
         let cut = backend.cut_signal();
         let active = ActiveGuard::within(backend.clone(), None);
         Connected {
@@ -311,6 +306,17 @@ impl Connected {
             cut,
         }
     }
+}
+
+/// The backend at `addr` a carried-in connection is counted on: the service's, or, when this
+/// config no longer has it, a detached record, so the connection is relayed all the same.
+pub(crate) fn carried_backend(service: &Service, addr: SocketAddr) -> Arc<Backend> {
+    service
+        .pool
+        .all_backends()
+        .into_iter()
+        .find(|b| b.addr == addr)
+        .unwrap_or_else(|| Arc::new(Backend::new(addr, crate::config::Weight::default())))
 }
 
 /// `fut` within `limit`, a timeout being an error like the others.

@@ -30,7 +30,7 @@ use crate::route::Routes;
 use crate::routelog::{self, Ending, Record};
 use crate::service::{Service, TlsResult};
 use crate::tls::{HandshakeError, Prefixed, ServerStream};
-pub(crate) use connect::Tried;
+pub(crate) use connect::{carried_backend, Tried};
 use connect::{connect, BackendStream, Connected, Outbound};
 pub(crate) use entry::{may_send_header, take_header, UNTRUSTED};
 
@@ -112,7 +112,8 @@ impl CarriedFacts {
     }
 
     /// The routing record the connection goes on with, its start as long ago as it was accepted.
-    fn record(&self, service: &Service) -> Record {
+    /// The routing record of the connection in this process, its start as old as the connection.
+    pub(crate) fn record(&self, service: &Service) -> Record {
         let mut r = Record::new(service.name.clone(), service.policy.as_str(), self.client);
         r.via = self.via;
         r.backend = Some(self.backend);
@@ -164,7 +165,7 @@ impl ClientSlot {
 
 impl ClientSlot {
     /// A slot for a connection carried in from another process: counted, never refused.
-    fn carried(service: &Arc<Service>, gate: &Arc<Gate>) -> ClientSlot {
+    pub(crate) fn carried(service: &Arc<Service>, gate: &Arc<Gate>) -> ClientSlot {
         service.stats.active.fetch_add(1, Relaxed);
         ClientSlot {
             service: service.clone(),
@@ -645,7 +646,7 @@ pub(crate) async fn resume(
         held,
         facts,
     } = carried;
-    let span = tracing::info_span!("conn", client = %facts.client, service = %service.name, handed_over = true);
+    let span = carried_span(&facts, &service);
     let tokio_stream = |s: std::net::TcpStream| {
         s.set_nonblocking(true)?;
         // Armed while in transit (`carry_away`): taken, it closes as any other.
@@ -673,6 +674,11 @@ pub(crate) async fn resume(
         so_far: (facts.bytes_up, facts.bytes_down),
     };
     relay_and_account(a, &service, &record, &leaving, &span, Some(resumed)).await;
+}
+
+/// The one tracing span of a connection carried in from the process this one replaced.
+pub(crate) fn carried_span(facts: &CarriedFacts, service: &Service) -> tracing::Span {
+    tracing::info_span!("conn", client = %facts.client, service = %service.name, handed_over = true)
 }
 
 /// Sends a connection stopped for `carry` to the upgrade's new process: both sockets (duplicated:

@@ -301,7 +301,7 @@ async fn gibibyte_across(relay: &str) {
 }
 
 /// 1,000 idle connections carried over, each still answering after, from the tokio workers and
-/// from the ring workers; the hand-over's time for them (the old process's log, from "carrying" to
+/// from the ring workers (and relayed on by the same engine in the new process); the hand-over's time for them (the old process's log, from "carrying" to
 /// "handed over") is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_idle_connections_are_carried_and_answer() {
@@ -314,6 +314,12 @@ async fn a_thousand_idle_connections_are_carried_and_answer() {
 async fn thousand_idle_across(relay: &str) {
     let backend = Backend::echo([127, 0, 0, 1]).await;
     let mut sg = Sg::start(&config(backend.addr, relay));
+    // The same socket serves the new process's admin API (it is handed over).
+    let admin: SocketAddr = sg.wait_line(SECS(5), |l| l["msg"] == "admin API listening")["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let mut conns = Vec::new();
     for i in 0..1000 {
         let mut s = TcpStream::connect(sg.addr).await.unwrap();
@@ -354,6 +360,15 @@ async fn thousand_idle_across(relay: &str) {
         .unwrap();
         assert_eq!(got, m.as_bytes());
     }
+    // The new process relays them on the engine their service runs there.
+    let page = crate::common::http::get(admin, "/metrics").await.body;
+    let adopted: u64 = page
+        .lines()
+        .filter(|l| l.starts_with("sluicegate_ring_adopted_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    let on_ring = if relay == "ring" { 1000 } else { 0 };
+    assert_eq!(adopted, on_ring, "{relay}: carried in on the ring workers");
     drop(conns);
     tokio::task::spawn_blocking(move || {
         let mut sg = sg;

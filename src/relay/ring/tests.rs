@@ -52,6 +52,9 @@ struct Seen {
     /// Listeners served (`Host::listening`): a command sent after another has been taken when
     /// this moves.
     listened: AtomicU64,
+    /// When set, `Host::connected` of a connection's first target waits (up to `WAIT`) for a word
+    /// on it: the worker sends nothing to that backend until then.
+    hold_first: std::sync::Mutex<Option<Receiver<()>>>,
 }
 
 const PREFACE: &[u8] = b"PRE|";
@@ -132,7 +135,20 @@ impl Host for TestHost {
         let enough = self.mode.wait_for_retries.is_none_or(|n| asked >= n);
         Ok(enough.then(|| self.first()))
     }
-    fn connected(&mut self, _: &mut TestConn) {}
+    fn connected(&mut self, c: &mut TestConn) {
+        if c.next == 1 {
+            if let Some(go) = self.seen.hold_first.lock().unwrap().as_ref() {
+                let _ = go.recv_timeout(WAIT);
+            }
+        }
+    }
+    fn first_bytes_failed(
+        &mut self,
+        c: &mut TestConn,
+        e: io::Error,
+    ) -> Result<Option<Target>, Outcome> {
+        self.connect_failed(c, e)
+    }
     fn splices_bulk(&self) -> bool {
         !self.mode.copy_only
     }
@@ -163,7 +179,7 @@ impl TestHost {
 }
 
 struct Running {
-    handle: Handle<()>,
+    handle: Handle<(), TestConn>,
     thread: JoinHandle<()>,
     addr: SocketAddr,
     ended: Receiver<(Finished, Vec<io::ErrorKind>)>,
@@ -921,6 +937,206 @@ fn a_greeting_read_in_pieces_is_replaced_by_the_preface_and_not_counted() {
         (5, 2, Outcome::ClientClosed)
     );
     assert_eq!(r.seen.preambles.load(Relaxed), 2, "read in two pieces");
+    stop(r);
+}
+
+/// The next connection to `l`, within `WAIT` (a test fails rather than waits for ever).
+fn accept_within(l: &TcpListener) -> TcpStream {
+    l.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("no connection reached the backend: {e}"),
+        }
+    }
+}
+
+/// Both ends of a loopback TCP connection: the one that connected, and the one accepted.
+fn socket_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ours = client(l.local_addr().unwrap());
+    let theirs = l.accept().unwrap().0;
+    (ours, theirs)
+}
+
+/// A connection carried in (`Command::Adopt`) as an upgrade's old process left it: each direction
+/// holding bytes it had read, the client's FIN passed on when `up_done`, the reset armed for the
+/// way. Returns the client's and the backend's ends, as the test drives them, and a second
+/// descriptor of the worker's client socket (to read its options; drop it before the end).
+fn adopted(r: &Running, up_done: bool) -> (TcpStream, TcpStream, TcpStream) {
+    let (client_end, worker_client) = socket_pair();
+    let (backend_end, worker_backend) = socket_pair();
+    for s in [&worker_client, &worker_backend] {
+        socket2::SockRef::from(s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+    let watch = worker_client.try_clone().unwrap();
+    if up_done {
+        client_end.shutdown(Shutdown::Write).unwrap();
+        worker_backend.shutdown(Shutdown::Write).unwrap();
+    }
+    let adopt = Adopt {
+        conn: TestConn {
+            next: 1,
+            errors: Vec::new(),
+        },
+        client: worker_client.into(),
+        backend: worker_backend.into(),
+        held: Quiesced {
+            to_backend: if up_done {
+                Vec::new()
+            } else {
+                b"up-held".to_vec()
+            },
+            to_client: b"down-held".to_vec(),
+            up_done,
+            down_done: false,
+            quiet_for: Duration::ZERO,
+        },
+        so_far: (100, 200),
+        timeouts: Timeouts {
+            idle: Duration::from_secs(60),
+            half_close: Duration::from_secs(60),
+        },
+    };
+    assert!(r.handle.send(Command::Adopt(Box::new(adopt))));
+    (client_end, backend_end, watch)
+}
+
+/// A connection carried in goes on from where it stopped: what each direction held goes first and
+/// whole, then what follows; the reset armed for the way is disarmed (a close would drop what the
+/// socket has not sent yet), and its counts cover its whole life.
+#[test]
+fn an_adopted_connection_sends_what_it_held_first_and_counts_its_whole_life() {
+    let Some(r) = worker(vec![refusing()], WAIT) else {
+        return;
+    };
+    let (mut c, mut b, watch) = adopted(&r, false);
+    let mut got = [0u8; 9];
+    b.read_exact(&mut got[..7]).unwrap();
+    assert_eq!(&got[..7], b"up-held");
+    let linger = socket2::SockRef::from(&watch).linger().unwrap();
+    assert_eq!(linger, None, "the worker disarmed the reset");
+    drop(watch);
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"down-held");
+    c.write_all(b"more").unwrap();
+    b.read_exact(&mut got[..4]).unwrap();
+    assert_eq!(&got[..4], b"more");
+    b.write_all(b"back").unwrap();
+    c.read_exact(&mut got[..4]).unwrap();
+    assert_eq!(&got[..4], b"back");
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(
+        read_some(&mut b, &mut got).unwrap(),
+        0,
+        "the client's FIN passes on"
+    );
+    drop(b);
+    assert_eq!(read_some(&mut c, &mut got).unwrap(), 0);
+    let (f, errors) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(
+        (f.bytes_up, f.bytes_down, f.end),
+        (100 + 7 + 4, 200 + 9 + 4, Outcome::ClientClosed)
+    );
+    assert_eq!(r.handle.counts().adopted.load(Relaxed), 1);
+    stop(r);
+}
+
+/// Carried in half-closed (the client's FIN read and passed on there): the worker reads nothing
+/// more from the client and relays the backend's side to its end, which ends the connection as
+/// the client's close.
+#[test]
+fn an_adopted_half_closed_connection_relays_the_other_way_to_its_end() {
+    let Some(r) = worker(vec![refusing()], WAIT) else {
+        return;
+    };
+    let (mut c, mut b, watch) = adopted(&r, true);
+    drop(watch);
+    let mut got = [0u8; 9];
+    assert_eq!(
+        read_some(&mut b, &mut got).unwrap(),
+        0,
+        "the FIN passed on there"
+    );
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"down-held");
+    b.write_all(b"tail").unwrap();
+    drop(b);
+    c.read_exact(&mut got[..4]).unwrap();
+    assert_eq!(&got[..4], b"tail");
+    assert_eq!(read_some(&mut c, &mut got).unwrap(), 0);
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(
+        (f.bytes_up, f.bytes_down, f.end),
+        (100, 200 + 9 + 4, Outcome::ClientClosed)
+    );
+    stop(r);
+}
+
+/// A backend that takes the connection and resets it before the preface goes: the preface and the
+/// client's bytes go to the next target instead, whole, and the client never knows.
+#[test]
+fn a_preface_that_cannot_be_sent_goes_to_the_next_target() {
+    let resets = TcpListener::bind("127.0.0.1:0").unwrap();
+    let first = resets.local_addr().unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let next = l.local_addr().unwrap();
+    let Some(r) = greeted_worker(vec![first, next], WAIT, Some(b"HELLO\n")) else {
+        return;
+    };
+    let (reset_tx, reset_rx) = mpsc::channel();
+    *r.seen.hold_first.lock().unwrap() = Some(reset_rx);
+    let resetter = std::thread::spawn(move || {
+        let (s, _) = resets.accept().unwrap();
+        // Linger 0: the close sends a reset, which the worker's socket has before it sends.
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+        reset_tx.send(()).unwrap();
+    });
+    let mut c = client(r.addr);
+    c.write_all(b"HELLO\nabc").unwrap();
+    let mut b = accept_within(&l);
+    let mut got = [0u8; 7];
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"PRE|abc", "the next target gets all of it");
+    b.write_all(b"ok").unwrap();
+    let mut more = [0u8; 2];
+    c.read_exact(&mut more).unwrap();
+    assert_eq!(&more, b"ok");
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(
+        read_some(&mut b, &mut more).unwrap(),
+        0,
+        "the client's FIN passes on"
+    );
+    drop(b);
+    assert_eq!(read_some(&mut c, &mut more).unwrap(), 0);
+    let (f, errors) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert!(
+        matches!(
+            errors[..],
+            [io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe]
+        ),
+        "{errors:?}"
+    );
+    assert_eq!(
+        (f.bytes_up, f.bytes_down, f.end),
+        (3, 2, Outcome::ClientClosed)
+    );
+    resetter.join().unwrap();
     stop(r);
 }
 
