@@ -203,6 +203,8 @@ impl RingWorkers {
         let h = &self.handles[self.next_adopter.fetch_add(1, Relaxed) % n];
         let facts = carried.facts;
         let at = session::carried_backend(&service, facts.backend);
+        // As `pick` has it: a slot freed matters to the queue only on a capped backend.
+        let capped = service.caps.cap_of(&at).is_some();
         let taken = Taken {
             record: facts.record(&service),
             span: session::carried_span(&facts, &service),
@@ -212,9 +214,7 @@ impl RingWorkers {
                 active: ActiveGuard::within(at.clone(), None),
                 backend: at,
                 connected: true,
-                freed: service
-                    .queue
-                    .is_some()
+                freed: (capped && service.queue.is_some())
                     .then(|| (self.workers.clone(), service.occupancy.queue.clone())),
             }),
             connect_start: Instant::now(),
@@ -778,7 +778,11 @@ impl Host for Services {
     ) -> Result<Option<Target>, Outcome> {
         // As in `session::connect`: a backend that accepts and closes is not dead, so no
         // ejection; this connection tries another.
-        t.attempt_failed(&error, "sending the PROXY header failed", false)
+        t.attempt_failed(
+            &error,
+            "sending the PROXY header or the first bytes failed",
+            false,
+        )
     }
 
     fn retry(&mut self, t: &mut Taken) -> Result<Option<Target>, Outcome> {

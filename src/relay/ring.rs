@@ -532,8 +532,9 @@ struct Held {
     off: u32,
 }
 
-/// A `Held` that is the connection's own bytes (`Conn::pre`), not a pool buffer: the preface and
-/// the client bytes read with it. The pool has far fewer buffers than this.
+/// A `Held` that is the connection's own bytes, not a pool buffer: towards the backend `Conn::pre`
+/// (the preface and the client bytes read with it, or what a carried-in connection held), towards
+/// the client `Conn::post`. The pool has far fewer buffers than this.
 const OWNED: u16 = u16::MAX;
 
 /// One direction's state: the pure part of the relay, which the worker acts on.
@@ -634,9 +635,11 @@ struct Conn<C> {
     link: types::Timespec,
     timeouts: Timeouts,
     connected: bool,
-    /// Its receives are armed: what goes first (`pre`) is out. Until then nothing of the backend's
+    /// It relays: its receives are armed (or wait only for back-pressure or a FIN). A new
+    /// connection starts once what goes first (`pre`) is out; until then nothing of the backend's
     /// has been read and nothing new of the client's, so a send of `pre` that fails tries another
     /// backend (`first_bytes_failed`), as `session::connect` does when its PROXY header cannot go.
+    /// A carried-in one relays from the start.
     relaying: bool,
     /// Bytes the connection owns: while `reading`, the client's first bytes as they arrive; then
     /// what goes to the backend before anything received later (a preface and the client bytes
@@ -1318,8 +1321,15 @@ impl<H: Host> Worker<H> {
             so_far,
             timeouts,
         } = a;
-        for s in [&client, &backend] {
-            let _ = SockRef::from(s).set_linger(None);
+        // Non-blocking, as the worker's own sockets are: `pump` splices on this thread. Failing
+        // that, the connection is cut (both reset, as the linger still armed makes them).
+        let nonblocking = [&client, &backend]
+            .iter()
+            .all(|s| SockRef::from(*s).set_nonblocking(true).is_ok());
+        if nonblocking {
+            for s in [&client, &backend] {
+                let _ = SockRef::from(s).set_linger(None);
+            }
         }
         let mut dirs: [Dir; 2] = Default::default();
         let mut first_fin = None;
@@ -1367,8 +1377,10 @@ impl<H: Host> Worker<H> {
             carry: false,
         });
         bump(&self.counts.adopted);
-        if let Some(slot) = self.place(c) {
-            self.go_on(slot);
+        match self.place(c) {
+            Some(slot) if nonblocking => self.go_on(slot),
+            Some(slot) => self.finish(slot, Supervised::cut(Outcome::ClientReset)),
+            None => {}
         }
     }
 
@@ -1666,7 +1678,7 @@ impl<H: Host> Worker<H> {
             .build()
             .user_data(user_data(K_SEND, slot, side));
         // SAFETY: the bytes are in the pool buffer the direction holds until this send completes,
-        // or in `pre`, which is not changed until then; the socket stays open in the connection
+        // or in `pre` or `post`, which are not changed until then; the socket stays open in the connection
         // until then (`refs`).
         unsafe { self.push(&[e]) };
     }
@@ -2235,7 +2247,10 @@ impl<H: Host> Worker<H> {
         self.carrying = true;
         for slot in 0..self.conns.len() as u32 {
             let Some(c) = self.conn(slot) else { continue };
-            if c.stopping() || !c.connected || c.host.is_none() {
+            // One still sending its first bytes goes once they are out (`on_send`): carried now,
+            // the rest of a preface would reach the new process as the client's bytes, and a
+            // failed send could no longer try another backend.
+            if c.stopping() || !c.relaying || c.host.is_none() {
                 continue;
             }
             c.carry = true;
@@ -2335,6 +2350,11 @@ impl<H: Host> Worker<H> {
     fn go_on(&mut self, slot: u32) {
         let Some(c) = self.conn(slot) else { return };
         c.carry = false;
+        // Stopped once its first bytes were out (or with none to send) but before it armed its
+        // receives: it relays from here. With `pre` still held, that send arms them (`on_send`).
+        if !c.relaying && c.dirs[Side::Up as usize].held.is_empty() {
+            c.relaying = true;
+        }
         for side in [Side::Up, Side::Down] {
             let Some(c) = self.conn(slot).filter(|c| c.end.is_none()) else {
                 return;

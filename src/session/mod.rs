@@ -112,7 +112,6 @@ impl CarriedFacts {
     }
 
     /// The routing record the connection goes on with, its start as long ago as it was accepted.
-    /// The routing record of the connection in this process, its start as old as the connection.
     pub(crate) fn record(&self, service: &Service) -> Record {
         let mut r = Record::new(service.name.clone(), service.policy.as_str(), self.client);
         r.via = self.via;

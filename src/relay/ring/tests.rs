@@ -1014,7 +1014,7 @@ fn adopted(r: &Running, up_done: bool) -> (TcpStream, TcpStream, TcpStream) {
 
 /// A connection carried in goes on from where it stopped: what each direction held goes first and
 /// whole, then what follows; the reset armed for the way is disarmed (a close would drop what the
-/// socket has not sent yet), and its counts cover its whole life.
+/// socket has not sent yet), the sockets are non-blocking, and its counts cover its whole life.
 #[test]
 fn an_adopted_connection_sends_what_it_held_first_and_counts_its_whole_life() {
     let Some(r) = worker(vec![refusing()], WAIT) else {
@@ -1026,6 +1026,9 @@ fn an_adopted_connection_sends_what_it_held_first_and_counts_its_whole_life() {
     assert_eq!(&got[..7], b"up-held");
     let linger = socket2::SockRef::from(&watch).linger().unwrap();
     assert_eq!(linger, None, "the worker disarmed the reset");
+    // A blocking socket would stall the whole worker in a splice.
+    let nonblocking = socket2::SockRef::from(&watch).nonblocking().unwrap();
+    assert!(nonblocking, "the worker made it non-blocking");
     drop(watch);
     c.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"down-held");
@@ -1485,6 +1488,52 @@ fn a_socket_that_has_read_its_fin_reads_it_again() {
     assert_eq!(read_some(&mut s, &mut buf).unwrap(), 0, "the FIN, again");
 }
 
+/// Sends `Command::Carry` and returns once the worker has taken it (with no other listener yet).
+fn carry_taken(r: &Running) {
+    assert!(r.handle.send(Command::Carry));
+    // Commands are taken in order: once this listener is served, the carry has been taken.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    assert!(r.handle.send(Command::Listen {
+        id: 1,
+        socket: other,
+        with: (),
+    }));
+    wait_until(|| r.seen.listened.load(Relaxed) == 2, "the carry taken");
+}
+
+/// A connection that connects while the worker carries, with a preface to send, and nothing to
+/// take it: stopped once the preface is out, it goes on here and relays both ways.
+#[test]
+fn a_connection_that_connects_while_carrying_with_nothing_to_take_it_relays() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mode = Mode {
+        greeting: Some(b"HELLO\n"),
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, mode) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    carry_taken(&r);
+    c.write_all(b"HELLO\n").unwrap();
+    let mut b = accept_within(&l);
+    let mut pre = [0u8; PREFACE.len()];
+    b.read_exact(&mut pre).unwrap();
+    assert_eq!(&pre, PREFACE);
+    wait_until(
+        || r.seen.carriers.load(Relaxed) >= 1,
+        "a carrier asked for once the preface was out",
+    );
+    c.write_all(b"after").unwrap();
+    let mut got = [0u8; 5];
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"after", "the client's side relays");
+    b.write_all(b"back!").unwrap();
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"back!", "the backend's side relays");
+    stop(r);
+}
+
 /// A connection that connects while the worker carries goes too; one with a preface to send (a
 /// PROXY header) sends it first, so the process it goes to gets only the client's bytes.
 #[test]
@@ -1499,15 +1548,7 @@ fn a_connection_that_connects_while_carrying_goes_after_its_preface() {
         return;
     };
     let mut c = client(r.addr);
-    assert!(r.handle.send(Command::Carry));
-    // Commands are taken in order: once this listener is served, the carry has been taken.
-    let other = TcpListener::bind("127.0.0.1:0").unwrap();
-    assert!(r.handle.send(Command::Listen {
-        id: 1,
-        socket: other,
-        with: (),
-    }));
-    wait_until(|| r.seen.listened.load(Relaxed) == 2, "the carry taken");
+    carry_taken(&r);
     c.write_all(b"HELLO\n").unwrap();
     let (mut b, _) = l.accept().unwrap();
     b.set_read_timeout(Some(WAIT)).unwrap();
