@@ -31,6 +31,16 @@ pub(crate) struct Record {
     pub(crate) attempts: u32,
     pub(crate) connect_ms: Option<f64>,
     pub(crate) started: Instant,
+    /// What its ClientHello said and how its route was chosen: boxed, as only connections on shared
+    /// addresses and to TLS services have any, and every connection's task keeps its record.
+    hello: Option<Box<Hello>>,
+    /// Carried in from the process this one replaced (an upgrade): the line covers its whole life.
+    pub(crate) handed_over: bool,
+}
+
+/// The part of a [`Record`] that only routed and TLS connections have.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Hello {
     /// The server name of its ClientHello (routed, or TLS terminated).
     pub(crate) sni: Option<String>,
     /// The protocols its ClientHello offered (routed), or the one agreed (TLS terminated).
@@ -39,8 +49,6 @@ pub(crate) struct Record {
     pub(crate) route: Option<&'static str>,
     /// The TLS version agreed with the client, when the service terminates TLS.
     pub(crate) tls: Option<&'static str>,
-    /// Carried in from the process this one replaced (an upgrade): the line covers its whole life.
-    pub(crate) handed_over: bool,
 }
 
 /// How the connection ended, for its line.
@@ -63,12 +71,25 @@ impl Record {
             attempts: 0,
             connect_ms: None,
             started: Instant::now(),
+            hello: None,
+            handed_over: false,
+        }
+    }
+
+    /// What its ClientHello said and how it was routed, when it was (else all `None`).
+    pub(crate) fn hello(&self) -> &Hello {
+        static NONE: Hello = Hello {
             sni: None,
             alpn: None,
             route: None,
             tls: None,
-            handed_over: false,
-        }
+        };
+        self.hello.as_deref().unwrap_or(&NONE)
+    }
+
+    /// The same, to fill in.
+    pub(crate) fn hello_mut(&mut self) -> &mut Hello {
+        self.hello.get_or_insert_with(Box::default)
     }
 }
 
@@ -99,10 +120,10 @@ pub(crate) fn emit(r: &Record, e: Ending) {
                 bytes_down = e.bytes_down,
                 duration_ms,
                 end = e.end.as_str(),
-                sni = r.sni.as_deref(),
-                alpn = r.alpn.as_deref(),
-                route = r.route,
-                tls = r.tls,
+                sni = r.hello().sni.as_deref(),
+                alpn = r.hello().alpn.as_deref(),
+                route = r.hello().route,
+                tls = r.hello().tls,
                 handed_over = r.handed_over,
                 "route"
             )

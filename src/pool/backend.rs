@@ -74,17 +74,25 @@ impl CutSignal {
     /// Whether the backend's sessions are cut, and why: for a loop that looks instead of waiting
     /// (the ring workers, on their tick).
     pub(crate) fn fired(&self) -> Option<Outcome> {
-        self.token.is_cancelled().then(|| {
-            self.reason
-                .get()
-                .copied()
-                .unwrap_or(Outcome::BackendRemoved)
-        })
+        self.token.is_cancelled().then(|| self.reason())
     }
 
     /// Completes when the backend's sessions are cut, with the reason for their routing lines.
+    #[cfg(test)]
     pub(crate) async fn cut(&self) -> Outcome {
-        self.token.cancelled().await;
+        self.cancelled().await;
+        self.reason()
+    }
+
+    /// Completes when the backend's sessions are cut; [`CutSignal::reason`] then says why. A
+    /// session polls this beside the drain's deadline, in every connection's task, where an async
+    /// fn waiting on it would keep room for it twice.
+    pub(crate) fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+
+    /// Why the backend's sessions were cut, once they were.
+    pub(crate) fn reason(&self) -> Outcome {
         self.reason
             .get()
             .copied()

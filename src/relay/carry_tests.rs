@@ -115,7 +115,7 @@ async fn carried_mid_stream(mode: RelayMode, stop_after: Duration) {
             std::pin::pin!(std::future::pending()),
             None,
             live,
-            Some(held.clone()),
+            Some(Box::new(held.clone())),
         )
         .await;
         // The relay may leave the last FIN to the close, as a session does.
@@ -248,7 +248,7 @@ fn a_half_closed_relay_carries_its_half_close() {
                         std::pin::pin!(std::future::pending()),
                         None,
                         live,
-                        Some(held),
+                        Some(Box::new(held)),
                     )
                     .await;
                     // The relay may leave the last FIN to the close, as a session does.

@@ -262,60 +262,67 @@ pub(crate) fn choose_engine<'a>(
 /// fn keeps room for each argument it takes by value beside the local it moves it into, so a future
 /// passed down two layers by value is stored three times in every connection's task (this was half
 /// of an idle connection's memory).
-pub(crate) async fn relay<C: Future<Output = Outcome>>(
-    client: &TcpStream,
-    backend: &TcpStream,
-    opts: &RelayOptions,
-    cut: Pin<&mut C>,
-    carry: Option<&CancellationToken>,
-    live: LiveCounters<'_>,
-    resumed: Option<Resumed>,
-) -> Relayed {
-    let start = Instant::now();
-    let up = Flow::new(live.up);
-    let down = Flow::new(live.down);
-    let mut done = (false, false);
-    let mut quiet_for = Duration::ZERO;
-    if let Some(r) = resumed {
-        up.resume(r.to_backend, r.up_done);
-        down.resume(r.to_client, r.down_done);
-        done = (r.up_done, r.down_done);
-        quiet_for = r.quiet_for;
+///
+/// Not an async fn, for the same reason: the returned block keeps each argument once. `resumed` is
+/// boxed, as only a carried connection has one, and the block keeps room for it all its life.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
+    opts: &'a RelayOptions,
+    cut: Pin<&'a mut C>,
+    carry: Option<&'a CancellationToken>,
+    live: LiveCounters<'a>,
+    resumed: Option<Box<Resumed>>,
+) -> impl Future<Output = Relayed> + 'a {
+    async move {
+        let start = Instant::now();
+        let up = Flow::new(live.up);
+        let down = Flow::new(live.down);
+        let mut done = (false, false);
+        let mut quiet_for = Duration::ZERO;
+        if let Some(r) = resumed {
+            let r = *r;
+            up.resume(r.to_backend, r.up_done);
+            down.resume(r.to_client, r.down_done);
+            done = (r.up_done, r.down_done);
+            quiet_for = r.quiet_for;
+        }
+        let mut up_fut = std::pin::pin!(pump(client, backend, &up, &down, opts.mode, start));
+        let mut down_fut = std::pin::pin!(pump(backend, client, &down, &up, opts.mode, start));
+        let (ended_up, ended_down) = done;
+        let (mut up_done, mut down_done) = done;
+        // Each direction is polled only when its own socket (or ring operation) woke the task.
+        let (up_woken, down_woken) = (Woken::new(), Woken::new());
+        let directions = std::pin::pin!(std::future::poll_fn(|cx| {
+            if !up_done {
+                if let Poll::Ready(end) = up_woken.poll(cx, |cx| up_fut.as_mut().poll(cx)) {
+                    up_done = true;
+                    return Poll::Ready((Side::Up, end));
+                }
+            }
+            if !down_done {
+                if let Poll::Ready(end) = down_woken.poll(cx, |cx| down_fut.as_mut().poll(cx)) {
+                    down_done = true;
+                    return Poll::Ready((Side::Down, end));
+                }
+            }
+            Poll::Pending
+        }));
+        let ended = Ended {
+            up: ended_up,
+            down: ended_down,
+            quiet_for,
+        };
+        let carry = std::pin::pin!(async {
+            match carry {
+                Some(c) => c.cancelled().await,
+                None => std::future::pending().await,
+            }
+        });
+        let supervised = supervise(directions, &up, &down, opts, start, cut, carry, ended).await;
+        conclude(supervised, &up, &down, client, backend)
     }
-    let mut up_fut = std::pin::pin!(pump(client, backend, &up, &down, opts.mode, start));
-    let mut down_fut = std::pin::pin!(pump(backend, client, &down, &up, opts.mode, start));
-    let (ended_up, ended_down) = done;
-    let (mut up_done, mut down_done) = done;
-    // Each direction is polled only when its own socket (or ring operation) woke the task.
-    let (up_woken, down_woken) = (Woken::new(), Woken::new());
-    let directions = std::pin::pin!(std::future::poll_fn(|cx| {
-        if !up_done {
-            if let Poll::Ready(end) = up_woken.poll(cx, |cx| up_fut.as_mut().poll(cx)) {
-                up_done = true;
-                return Poll::Ready((Side::Up, end));
-            }
-        }
-        if !down_done {
-            if let Poll::Ready(end) = down_woken.poll(cx, |cx| down_fut.as_mut().poll(cx)) {
-                down_done = true;
-                return Poll::Ready((Side::Down, end));
-            }
-        }
-        Poll::Pending
-    }));
-    let ended = Ended {
-        up: ended_up,
-        down: ended_down,
-        quiet_for,
-    };
-    let carry = std::pin::pin!(async {
-        match carry {
-            Some(c) => c.cancelled().await,
-            None => std::future::pending().await,
-        }
-    });
-    let supervised = supervise(directions, &up, &down, opts, start, cut, carry, ended).await;
-    conclude(supervised, &up, &down, client, backend)
 }
 
 /// Which directions a relay starts with ended (a carried connection), and how long it had been quiet.
@@ -437,96 +444,99 @@ impl Supervised {
 /// starts: directions already ended, and the silence it brings along. The futures come pinned, each
 /// stored once, by the engine's relay (see [`relay`]).
 #[allow(clippy::too_many_arguments)]
-async fn supervise<D, C, K>(
-    mut directions: Pin<&mut D>,
-    up: &Flow<'_>,
-    down: &Flow<'_>,
-    opts: &RelayOptions,
+#[allow(clippy::manual_async_fn)]
+fn supervise<'a, D, C, K>(
+    mut directions: Pin<&'a mut D>,
+    up: &'a Flow<'a>,
+    down: &'a Flow<'a>,
+    opts: &'a RelayOptions,
     start: Instant,
-    mut cut: Pin<&mut C>,
-    mut carry: Pin<&mut K>,
+    mut cut: Pin<&'a mut C>,
+    mut carry: Pin<&'a mut K>,
     ended: Ended,
-) -> Supervised
+) -> impl Future<Output = Supervised> + 'a
 where
     D: Future<Output = (Side, DirEnd)>,
     C: Future<Output = Outcome>,
     K: Future<Output = ()>,
 {
-    let mut done = u8::from(ended.up) + u8::from(ended.down);
-    let mut first_fin: Option<Outcome> = match (ended.up, ended.down) {
-        (true, _) => Some(Outcome::ClientClosed),
-        (false, true) => Some(Outcome::BackendClosed),
-        _ => None,
-    };
-    if done == 2 {
-        // Carried in with both directions ended: nothing is left to relay.
-        return Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed));
-    }
-    let (mut limit, mut timeout_end) = if done == 0 {
-        (opts.idle_timeout, Outcome::IdleTimeout)
-    } else {
-        (opts.half_close_timeout, Outcome::HalfCloseTimeout)
-    };
-    // Silence carried in counts: the timers run on from where the other process left them.
-    let mut quiet_floor = start.checked_sub(ended.quiet_for).unwrap_or(start);
-    let timer = tokio::time::sleep_until(quiet_floor + limit);
-    tokio::pin!(timer);
-    // The timer, the cut and `carry` rarely fire: polled only when one of them woke the task, not on
-    // every message (see `woken`).
-    let rare = Woken::new();
-    let quiet_since = |floor: Instant| {
-        let last = up
-            .last_active_ms
-            .load(Relaxed)
-            .max(down.last_active_ms.load(Relaxed));
-        if last == 0 {
-            // Nothing moved yet: silent since the floor (a carried connection's silence included).
-            return floor;
-        }
-        (start + Duration::from_millis(last)).max(floor)
-    };
-    loop {
-        let event = next_event(
-            directions.as_mut(),
-            timer.as_mut(),
-            cut.as_mut(),
-            carry.as_mut(),
-            &rare,
-        )
-        .await;
-        match event {
-            Event::Direction(side, r) => {
-                done += 1;
-                if let Some(broken) = direction_ended(side, r, &mut first_fin) {
-                    return broken;
-                }
-            }
-            Event::Timer => {
-                let quiet = quiet_since(quiet_floor);
-                if Instant::now() >= quiet + limit {
-                    return Supervised::ended(timeout_end);
-                }
-                timer.as_mut().reset(quiet + limit);
-                rare.set();
-                continue;
-            }
-            Event::Cut(end) => return Supervised::cut(end),
-            Event::Carry => {
-                let quiet = quiet_since(quiet_floor);
-                // Boxed: only an upgrade stops a relay, and every task would keep room for it.
-                let stop = stop_for_carry(directions.as_mut(), up, down, first_fin, quiet);
-                return Box::pin(stop).await;
-            }
-        }
-        // A direction ended with EOF.
+    async move {
+        let mut done = u8::from(ended.up) + u8::from(ended.down);
+        let mut first_fin: Option<Outcome> = match (ended.up, ended.down) {
+            (true, _) => Some(Outcome::ClientClosed),
+            (false, true) => Some(Outcome::BackendClosed),
+            _ => None,
+        };
         if done == 2 {
+            // Carried in with both directions ended: nothing is left to relay.
             return Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed));
         }
-        limit = opts.half_close_timeout;
-        timeout_end = Outcome::HalfCloseTimeout;
-        quiet_floor = Instant::now();
-        timer.as_mut().reset(quiet_floor + limit);
-        rare.set();
+        let (mut limit, mut timeout_end) = if done == 0 {
+            (opts.idle_timeout, Outcome::IdleTimeout)
+        } else {
+            (opts.half_close_timeout, Outcome::HalfCloseTimeout)
+        };
+        // Silence carried in counts: the timers run on from where the other process left them.
+        let mut quiet_floor = start.checked_sub(ended.quiet_for).unwrap_or(start);
+        let timer = tokio::time::sleep_until(quiet_floor + limit);
+        tokio::pin!(timer);
+        // The timer, the cut and `carry` rarely fire: polled only when one of them woke the task, not on
+        // every message (see `woken`).
+        let rare = Woken::new();
+        let quiet_since = |floor: Instant| {
+            let last = up
+                .last_active_ms
+                .load(Relaxed)
+                .max(down.last_active_ms.load(Relaxed));
+            if last == 0 {
+                // Nothing moved yet: silent since the floor (a carried connection's silence included).
+                return floor;
+            }
+            (start + Duration::from_millis(last)).max(floor)
+        };
+        loop {
+            let event = next_event(
+                directions.as_mut(),
+                timer.as_mut(),
+                cut.as_mut(),
+                carry.as_mut(),
+                &rare,
+            )
+            .await;
+            match event {
+                Event::Direction(side, r) => {
+                    done += 1;
+                    if let Some(broken) = direction_ended(side, r, &mut first_fin) {
+                        return broken;
+                    }
+                }
+                Event::Timer => {
+                    let quiet = quiet_since(quiet_floor);
+                    if Instant::now() >= quiet + limit {
+                        return Supervised::ended(timeout_end);
+                    }
+                    timer.as_mut().reset(quiet + limit);
+                    rare.set();
+                    continue;
+                }
+                Event::Cut(end) => return Supervised::cut(end),
+                Event::Carry => {
+                    let quiet = quiet_since(quiet_floor);
+                    // Boxed: only an upgrade stops a relay, and every task would keep room for it.
+                    let stop = stop_for_carry(directions.as_mut(), up, down, first_fin, quiet);
+                    return Box::pin(stop).await;
+                }
+            }
+            // A direction ended with EOF.
+            if done == 2 {
+                return Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed));
+            }
+            limit = opts.half_close_timeout;
+            timeout_end = Outcome::HalfCloseTimeout;
+            quiet_floor = Instant::now();
+            timer.as_mut().reset(quiet_floor + limit);
+            rare.set();
+        }
     }
 }
 
@@ -738,100 +748,103 @@ impl<'a> Flow<'a> {
 /// `epoll` or `copy` connection's task would otherwise keep room for them. The box is one
 /// allocation per direction that takes one of those paths: under `relay: splice` or `uring` that is
 /// every direction from the start, and a `uring` direction that falls back to splice takes two.
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    flow: &Flow<'_>,
-    other: &Flow<'_>,
+#[allow(clippy::manual_async_fn)]
+fn pump<'a>(
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    flow: &'a Flow<'a>,
+    other: &'a Flow<'a>,
     mode: RelayMode,
     start: Instant,
-) -> DirEnd {
-    #[cfg(target_os = "linux")]
-    if mode == RelayMode::Uring && uring::usable() {
-        flow.uring.store(true, Relaxed);
-        if let Some(end) = Box::pin(uring::pump(src, dst, flow, other, start)).await {
-            return end;
-        }
-        // Bulk: spliced, as `epoll` does (the socket is still registered with the reactor, so the
-        // epoll engines can take it over); with no pipe free, copied below.
-        if let Some(pipe) = splice::PipeLease::acquire() {
-            if let Some(end) = Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
+) -> impl Future<Output = DirEnd> + 'a {
+    async move {
+        #[cfg(target_os = "linux")]
+        if mode == RelayMode::Uring && uring::usable() {
+            flow.uring.store(true, Relaxed);
+            if let Some(end) = Box::pin(uring::pump(src, dst, flow, other, start)).await {
                 return end;
             }
-        }
-    }
-    // Splice stopped at TCP urgent data (`pump_splice`): copied from here on.
-    #[cfg(target_os = "linux")]
-    let mut stuck = false;
-    #[cfg(target_os = "linux")]
-    if mode == RelayMode::Splice {
-        if let Some(pipe) = splice::PipeLease::acquire() {
-            match Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
-                Some(end) => return end,
-                None => stuck = true,
+            // Bulk: spliced, as `epoll` does (the socket is still registered with the reactor, so the
+            // epoll engines can take it over); with no pipe free, copied below.
+            if let Some(pipe) = splice::PipeLease::acquire() {
+                if let Some(end) = Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
+                    return end;
+                }
             }
         }
-    }
-    // The direction's own buffer, once the destination has pushed back (see `copy_through_scratch`).
-    let mut own: Option<Box<[u8]>> = None;
-    let mut last_read = 0;
-    loop {
-        match write_pending(dst, flow, start).await {
-            // Kept for reading only when it is a full-size buffer (a carried connection's held
-            // bytes come in one of their own length).
-            Ok(Some(buf)) if buf.len() == COPY_BUF => own = Some(buf),
-            Ok(_) => {}
-            Err(e) => return DirEnd::DestError(e),
-        }
-        // A full buffer means bulk data: from here on splice, if a pipe is to be had. (`uring` lands
-        // here only where io_uring is unavailable, or with no pipe free, and then behaves as `epoll`.)
+        // Splice stopped at TCP urgent data (`pump_splice`): copied from here on.
         #[cfg(target_os = "linux")]
-        // (`ring` lands here only for a connection carried in from an older process.)
-        if matches!(mode, RelayMode::Epoll | RelayMode::Uring | RelayMode::Ring)
-            && last_read == COPY_BUF
-            && !stuck
-        {
+        let mut stuck = false;
+        #[cfg(target_os = "linux")]
+        if mode == RelayMode::Splice {
             if let Some(pipe) = splice::PipeLease::acquire() {
-                own = None;
                 match Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
                     Some(end) => return end,
                     None => stuck = true,
                 }
             }
         }
-        if let Err(e) = read_ready(src).await {
-            return DirEnd::SourceError(e);
-        }
-        if let Some(mut b) = own.take() {
-            // Under back-pressure once: this direction reads into a buffer of its own.
-            match read_once(src, &mut b) {
-                Ok(0) => return finish(dst, flow, other),
-                Ok(n) => {
-                    last_read = n;
+        // The direction's own buffer, once the destination has pushed back (see `copy_through_scratch`).
+        let mut own: Option<Box<[u8]>> = None;
+        let mut last_read = 0;
+        loop {
+            match write_out(dst, flow, start).await {
+                // Kept for reading only when it is a full-size buffer (a carried connection's held
+                // bytes come in one of their own length).
+                Ok(Some(buf)) if buf.len() == COPY_BUF => own = Some(buf),
+                Ok(_) => {}
+                Err(e) => return DirEnd::DestError(e),
+            }
+            // A full buffer means bulk data: from here on splice, if a pipe is to be had. (`uring` lands
+            // here only where io_uring is unavailable, or with no pipe free, and then behaves as `epoll`.)
+            #[cfg(target_os = "linux")]
+            // (`ring` lands here only for a connection carried in from an older process.)
+            if matches!(mode, RelayMode::Epoll | RelayMode::Uring | RelayMode::Ring)
+                && last_read == COPY_BUF
+                && !stuck
+            {
+                if let Some(pipe) = splice::PipeLease::acquire() {
+                    own = None;
+                    match Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
+                        Some(end) => return end,
+                        None => stuck = true,
+                    }
+                }
+            }
+            if let Err(e) = read_ready(src).await {
+                return DirEnd::SourceError(e);
+            }
+            if let Some(mut b) = own.take() {
+                // Under back-pressure once: this direction reads into a buffer of its own.
+                match read_once(src, &mut b) {
+                    Ok(0) => return finish(dst, flow, other),
+                    Ok(n) => {
+                        last_read = n;
+                        flow.pending.put(Pending {
+                            buf: b,
+                            off: 0,
+                            end: n,
+                        });
+                    }
+                    Err(e) if retry(&e) => own = Some(b),
+                    Err(e) => return DirEnd::SourceError(e),
+                }
+                continue;
+            }
+            match copy_through_scratch(src, dst, flow, start) {
+                Scratch::Eof => return finish(dst, flow, other),
+                Scratch::Again => {}
+                Scratch::SourceError(e) => return DirEnd::SourceError(e),
+                Scratch::DestError(e) => return DirEnd::DestError(e),
+                Scratch::Done(n) => last_read = n,
+                Scratch::Held { read, written, buf } => {
+                    last_read = read;
                     flow.pending.put(Pending {
-                        buf: b,
-                        off: 0,
-                        end: n,
+                        buf,
+                        off: written,
+                        end: read,
                     });
                 }
-                Err(e) if retry(&e) => own = Some(b),
-                Err(e) => return DirEnd::SourceError(e),
-            }
-            continue;
-        }
-        match copy_through_scratch(src, dst, flow, start) {
-            Scratch::Eof => return finish(dst, flow, other),
-            Scratch::Again => {}
-            Scratch::SourceError(e) => return DirEnd::SourceError(e),
-            Scratch::DestError(e) => return DirEnd::DestError(e),
-            Scratch::Done(n) => last_read = n,
-            Scratch::Held { read, written, buf } => {
-                last_read = read;
-                flow.pending.put(Pending {
-                    buf,
-                    off: written,
-                    end: read,
-                });
             }
         }
     }
@@ -839,22 +852,25 @@ async fn pump(
 
 /// Writes out what the direction holds (`flow.pending`: what a carried connection brought, or what
 /// the destination pushed back), waiting for the destination with it parked in `flow`, where a relay
-/// stopped for `carry` finds it. Returns the emptied buffer, for reuse.
-async fn write_pending(
-    dst: &TcpStream,
-    flow: &Flow<'_>,
+/// stopped for `carry` finds it. Returns the emptied buffer, for reuse. A `poll_fn` over references
+/// rather than an async fn: every direction's future keeps room for this wait, and an async fn
+/// would keep its arguments twice and the bytes it holds beside them.
+fn write_out<'a>(
+    dst: &'a TcpStream,
+    flow: &'a Flow<'a>,
     start: Instant,
-) -> io::Result<Option<Box<[u8]>>> {
-    let mut freed = None;
-    while let Some(mut p) = flow.pending.take() {
+) -> impl Future<Output = io::Result<Option<Box<[u8]>>>> + 'a {
+    std::future::poll_fn(move |cx| loop {
+        let Some(mut p) = flow.pending.take() else {
+            return Poll::Ready(Ok(None));
+        };
         if write_held(dst, &mut p, flow, start)? {
-            freed = Some(p.buf);
-        } else {
-            flow.pending.put(p);
-            write_ready(dst).await?;
+            return Poll::Ready(Ok(Some(p.buf)));
         }
-    }
-    Ok(freed)
+        flow.pending.put(p);
+        // Pending until the destination takes bytes again (the failed write cleared its readiness).
+        std::task::ready!(dst.poll_write_ready(cx))?;
+    })
 }
 
 /// Waits until `s` may have bytes to read. A relay has one reader per socket, so the socket's single
@@ -863,11 +879,6 @@ async fn write_pending(
 /// every idle connection.
 fn read_ready(s: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
     std::future::poll_fn(move |cx| s.poll_read_ready(cx))
-}
-
-/// Waits until `s` may take bytes; one writer per socket, as [`read_ready`] has one reader.
-fn write_ready(s: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
-    std::future::poll_fn(move |cx| s.poll_write_ready(cx))
 }
 
 /// Writes what it can of `p` without waiting: `Ok(true)` when all of it is out.
@@ -968,7 +979,7 @@ async fn pump_splice(
     use std::os::fd::AsFd;
     flow.spliced.store(true, Relaxed);
     // What a carried connection brought along goes out before anything is read.
-    if let Err(e) = write_pending(dst, flow, start).await {
+    if let Err(e) = write_out(dst, flow, start).await {
         return Some(DirEnd::DestError(e));
     }
     loop {
