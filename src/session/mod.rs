@@ -811,13 +811,14 @@ mod tests {
     /// session's future was 4,984 bytes before the functions that stay on its stack stopped being
     /// async fns, its futures were pinned once and lent down, and TLS, splice, the ring and the
     /// upgrade's stop were boxed; 2,736 after; 1,904 once the relay's own functions, the cut and
-    /// the rare parts of the routing record followed (the test build measured the same). tokio
-    /// allocates the task in steps of 128 bytes and keeps 112 of its own beside the future (header,
-    /// scheduler, id, stage, the drain's tracker token, trailer), so the budget is the most that
-    /// keeps the task at 2,048 bytes: a field more costs every idle connection 128.
+    /// the rare parts of the routing record followed. tokio allocates the task in steps of 128
+    /// bytes and keeps 112 of its own beside the future (header, scheduler, id, stage, the drain's
+    /// tracker token, trailer), so the release budget is the most that keeps the task at 2,048
+    /// bytes: a field more costs every idle connection 128. A debug build (`cargo test`) lays the
+    /// future out larger (1,952 bytes); its budget keeps the same room above what it measured.
     #[tokio::test]
     async fn a_plain_connections_task_stays_small() {
-        const BUDGET: usize = 1_936;
+        const BUDGET: usize = if cfg!(debug_assertions) { 1_984 } else { 1_936 };
         let cfg = Config::from_yaml(
             "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: epoll\n    backends: [{address: \"127.0.0.1:9\"}]\n",
         )
