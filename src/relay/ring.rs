@@ -1150,15 +1150,51 @@ impl<H: Host> Worker<H> {
         self.maybe_unlistened(id);
     }
 
-    /// A closing listener goes once nothing of it is in the kernel.
+    /// A closing listener goes once nothing of it is in the kernel: first taking, unless the
+    /// worker is stopping, the clients its waits may have been woken for (`take_stragglers`).
     fn maybe_unlistened(&mut self, id: u32) {
-        if self
+        if !self
             .listeners
             .get(&id)
             .is_some_and(|l| l.closing && !l.armed())
         {
-            self.listeners.remove(&id);
-            self.host.unlistened(id);
+            return;
+        }
+        let Some(l) = self.listeners.remove(&id) else {
+            return;
+        };
+        if self.stopping.is_none() {
+            self.take_stragglers(id, &l.fd);
+        }
+        drop(l);
+        self.host.unlistened(id);
+    }
+
+    /// Accepts the clients a closing listener's waits were woken for and did not take. A new client
+    /// wakes one exclusive waiter of all those on the socket (`arm_readable`; the kernel's own poll
+    /// for an accept is exclusive too), and a wait that completes, or is cancelled, once its
+    /// listener is closing takes that wake-up along. Where the socket lives on (the new process of
+    /// an upgrade, which waits on it too) the client would sit in its queue, answered by no one,
+    /// until another client woke a waiter there. Each of the listener's places consumed at most
+    /// one wake-up: at most that many, without waiting (the host still knows the listener, and
+    /// serves or carries them as any other). A listener this worker would block on is left alone:
+    /// every one sluicegate serves is non-blocking (`listener.rs`).
+    fn take_stragglers(&mut self, id: u32, fd: &OwnedFd) {
+        if !SockRef::from(fd).nonblocking().unwrap_or(false) {
+            return;
+        }
+        let flags = rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC;
+        for _ in 0..ACCEPTS {
+            match rustix::net::accept_with(fd, flags) {
+                Ok(client) => {
+                    bump(&self.counts.accepted);
+                    self.admit(id, client, None);
+                }
+                // A client that reset in the queue: the next one may still be there.
+                Err(rustix::io::Errno::CONNABORTED | rustix::io::Errno::INTR) => {}
+                // None left (EAGAIN), or none to be had: the listener goes either way.
+                Err(_) => return,
+            }
         }
     }
 

@@ -55,6 +55,9 @@ struct Seen {
     /// When set, `Host::connected` of a connection's first target waits (up to `WAIT`) for a word
     /// on it: the worker sends nothing to that backend until then.
     hold_first: std::sync::Mutex<Option<Receiver<()>>>,
+    /// Connections `hold_first` has held, counted as each starts waiting: the worker is inside
+    /// the host from then until the word comes.
+    held: AtomicU64,
 }
 
 const PREFACE: &[u8] = b"PRE|";
@@ -138,6 +141,7 @@ impl Host for TestHost {
     fn connected(&mut self, c: &mut TestConn) {
         if c.next == 1 {
             if let Some(go) = self.seen.hold_first.lock().unwrap().as_ref() {
+                self.seen.held.fetch_add(1, Relaxed);
                 let _ = go.recv_timeout(WAIT);
             }
         }
@@ -879,6 +883,54 @@ fn an_unlistened_address_refuses_clients() {
     c.write_all(b"y").unwrap();
     c.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"y", "an accepted connection goes on");
+    stop(r);
+}
+
+/// A listener that lives on elsewhere (here, the test's own descriptor; in an upgrade, the new
+/// process's) and closes in this worker just as a client arrives: the client's wake-up went to one
+/// of this worker's waits, which the close then completes without accepting. No other waiter is
+/// woken, so the worker accepts it before the listener goes, and serves it.
+#[test]
+fn a_client_whose_wake_up_a_closing_listener_took_is_served() {
+    let Some(r) = worker(vec![echo_backend()], WAIT) else {
+        return;
+    };
+    let (go, hold) = mpsc::channel();
+    *r.seen.hold_first.lock().unwrap() = Some(hold);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    assert!(r.handle.send(Command::Listen {
+        id: 1,
+        socket: l.try_clone().unwrap(),
+        with: (),
+    }));
+    // The first client holds the worker inside the host (its backend connected), with the
+    // listener's other places waiting for a client in the kernel.
+    let mut first = client(addr);
+    first.write_all(b"1").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while r.seen.held.load(Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first client reaches the host"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The close is asked first, then the client comes: its wake-up completes one of those waits,
+    // which the worker reads after the close.
+    assert!(r.handle.send(Command::Unlisten { id: 1 }));
+    let mut second = client(addr);
+    second.write_all(b"2").unwrap();
+    drop(go);
+    let mut b = [0u8; 1];
+    first.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"1");
+    second
+        .read_exact(&mut b)
+        .expect("the client arriving at the close is served");
+    assert_eq!(&b, b"2");
+    drop(l);
     stop(r);
 }
 
