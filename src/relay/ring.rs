@@ -1170,15 +1170,16 @@ impl<H: Host> Worker<H> {
         self.host.unlistened(id);
     }
 
-    /// Accepts the clients a closing listener's waits were woken for and did not take. A new client
-    /// wakes one exclusive waiter of all those on the socket (`arm_readable`; the kernel's own poll
-    /// for an accept is exclusive too), and a wait that completes, or is cancelled, once its
-    /// listener is closing takes that wake-up along. Where the socket lives on (the new process of
-    /// an upgrade, which waits on it too) the client would sit in its queue, answered by no one,
-    /// until another client woke a waiter there. Each of the listener's places consumed at most
-    /// one wake-up: at most that many, without waiting (the host still knows the listener, and
-    /// serves or carries them as any other). A listener this worker would block on is left alone:
-    /// every one sluicegate serves is non-blocking (`listener.rs`).
+    /// Accepts, without waiting, up to one queued client per accept place of a closing listener. A
+    /// new client wakes one exclusive waiter of all those on the socket (`arm_readable`; the
+    /// kernel's own poll for an accept is exclusive too), and a wait that completes, or is
+    /// cancelled, once its listener is closing takes that wake-up along. Where the socket lives on
+    /// (the new process of an upgrade waits on it too) the client would sit in its queue, answered
+    /// by no one, until another client woke a waiter there. Each place consumed at most one
+    /// wake-up; the host still knows the listener, and serves, hands off or carries these clients
+    /// as any other (where the socket closes with this worker, they are served instead of reset).
+    /// A listener this worker would block on is left alone: every one sluicegate serves is
+    /// non-blocking (`listener.rs`), and the flag is never cleared.
     fn take_stragglers(&mut self, id: u32, fd: &OwnedFd) {
         if !SockRef::from(fd).nonblocking().unwrap_or(false) {
             return;
@@ -1190,8 +1191,8 @@ impl<H: Host> Worker<H> {
                     bump(&self.counts.accepted);
                     self.admit(id, client, None);
                 }
-                // A client that reset in the queue: the next one may still be there.
-                Err(rustix::io::Errno::CONNABORTED | rustix::io::Errno::INTR) => {}
+                // An error of that client alone (it reset in the queue): the next may be there.
+                Err(e) if per_connection(e.raw_os_error()) => {}
                 // None left (EAGAIN), or none to be had: the listener goes either way.
                 Err(_) => return,
             }
@@ -1207,9 +1208,8 @@ impl<H: Host> Worker<H> {
         }
         l.closing = true;
         if !l.armed() {
-            self.listeners.remove(&id);
-            self.host.unlistened(id);
-            return;
+            // Backing off (a wait may have fired and its accept failed): it goes now.
+            return self.maybe_unlistened(id);
         }
         let fd = types::Fd(l.fd.as_raw_fd());
         let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(fd).all())
