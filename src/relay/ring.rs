@@ -290,8 +290,12 @@ pub(crate) trait Host {
     /// nothing (it waits on), or how it ends (its wait is over). Asked after every
     /// `Command::Freed` and on every tick, so a wait ends at most a tick after its deadline.
     fn retry(&mut self, conn: &mut Self::Conn) -> Result<Option<Target>, Outcome>;
-    /// The connect to the last target succeeded; the relay starts.
+    /// The connect to the last target succeeded; the relay starts (after the preface, if any).
     fn connected(&mut self, conn: &mut Self::Conn);
+    /// The backend took the preface (at once when there is none): the attempt counts as a success
+    /// for the backend's health from here, as the epoll engine counts it once the PROXY header is
+    /// out. A backend that accepts and closes before then is neither credited nor blamed.
+    fn established(&mut self, conn: &mut Self::Conn);
     /// The backend took the connection but what goes before the client's bytes (a preface, the
     /// client bytes read with it) could not be sent: another target, as for `connect_failed`; a
     /// backend that accepts and closes is not dead, so it is not blamed.
@@ -1557,6 +1561,9 @@ impl<H: Host> Worker<H> {
         c.last = self.now;
         if let Some(h) = c.host.as_mut() {
             self.host.connected(h);
+            if c.preface == 0 {
+                self.host.established(h);
+            }
         }
         let owned = !c.pre.is_empty();
         if owned {
@@ -1877,10 +1884,12 @@ impl<H: Host> Worker<H> {
         let mut counted = n;
         let mut given = None;
         let mut owned_sent = false;
+        let mut preface_out = false;
         if let Some(h) = d.held.front_mut() {
             if h.bid == OWNED {
                 // The preface is not the client's: only what follows it counts as relayed.
                 counted = n - preface.saturating_sub(h.off).min(n);
+                preface_out = h.off < preface && h.off + n >= preface;
             }
             h.off += n;
             if h.off >= h.len {
@@ -1908,6 +1917,9 @@ impl<H: Host> Worker<H> {
         }
         if carry_now {
             c.carry = true;
+        }
+        if let Some(h) = c.host.as_mut().filter(|_| preface_out) {
+            self.host.established(h);
         }
         if let (Some(bid), Some(p)) = (given, &self.pool) {
             p.give_back(bid);

@@ -58,6 +58,8 @@ struct Seen {
     /// Connections `hold_first` has held, counted as each starts waiting: the worker is inside
     /// the host from then until the word comes.
     held: AtomicU64,
+    /// The targets (their places in `targets`) whose attempts `Host::established` credited.
+    established: std::sync::Mutex<Vec<usize>>,
 }
 
 const PREFACE: &[u8] = b"PRE|";
@@ -145,6 +147,9 @@ impl Host for TestHost {
                 let _ = go.recv_timeout(WAIT);
             }
         }
+    }
+    fn established(&mut self, c: &mut TestConn) {
+        self.seen.established.lock().unwrap().push(c.next - 1);
     }
     fn first_bytes_failed(
         &mut self,
@@ -805,6 +810,11 @@ fn a_refused_connect_tries_the_next_target() {
         (f.bytes_up, f.bytes_down, f.end),
         (5, 5, Outcome::ClientClosed)
     );
+    assert_eq!(
+        *r.seen.established.lock().unwrap(),
+        [1],
+        "with no preface, credited at its connect: the second target only"
+    );
     stop(r);
 }
 
@@ -1140,7 +1150,8 @@ fn an_adopted_half_closed_connection_relays_the_other_way_to_its_end() {
 }
 
 /// A backend that takes the connection and resets it before the preface goes: the preface and the
-/// client's bytes go to the next target instead, whole, and the client never knows.
+/// client's bytes go to the next target instead, whole, and the client never knows. Only the
+/// second attempt is credited to its backend's health.
 #[test]
 fn a_preface_that_cannot_be_sent_goes_to_the_next_target() {
     let resets = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1190,6 +1201,11 @@ fn a_preface_that_cannot_be_sent_goes_to_the_next_target() {
     assert_eq!(
         (f.bytes_up, f.bytes_down, f.end),
         (3, 2, Outcome::ClientClosed)
+    );
+    assert_eq!(
+        *r.seen.established.lock().unwrap(),
+        [1],
+        "the first target took the connection, not the preface: only the second is credited"
     );
     resetter.join().unwrap();
     stop(r);
