@@ -794,10 +794,6 @@ impl Host for Services {
     fn connected(&mut self, t: &mut Taken) {
         let Some(p) = t.backend.as_mut() else { return };
         p.connected = true;
-        // Out of the queue: the place (and its deadline) held across failed connects, as in
-        // `session::connect`.
-        t.queued = None;
-        t.record.connect_ms = Some(t.connect_start.elapsed().as_secs_f64() * 1e3);
         t.record.backend_name = p.backend.name();
         t.span
             .record("backend", tracing::field::display(p.backend.addr));
@@ -807,6 +803,10 @@ impl Host for Services {
         let Some(p) = t.backend.as_ref() else { return };
         p.backend.stats.connect.observe(t.attempt_start.elapsed());
         t.service.pool.connect_succeeded(&p.backend);
+        // Out of the queue: the place (and its deadline) held across failed attempts, as in
+        // `session::connect`.
+        t.queued = None;
+        t.record.connect_ms = Some(t.connect_start.elapsed().as_secs_f64() * 1e3);
     }
 
     fn sent(&mut self, t: &Taken, up: u64, down: u64) {

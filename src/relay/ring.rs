@@ -298,7 +298,8 @@ pub(crate) trait Host {
     fn established(&mut self, conn: &mut Self::Conn);
     /// The backend took the connection but what goes before the client's bytes (a preface, the
     /// client bytes read with it) could not be sent: another target, as for `connect_failed`; a
-    /// backend that accepts and closes is not dead, so it is not blamed.
+    /// backend that accepts and closes is not dead, so it is not blamed. May follow `established`
+    /// (the preface out, the client's bytes after it not), as the epoll engine's forward may.
     fn first_bytes_failed(
         &mut self,
         conn: &mut Self::Conn,
@@ -1918,7 +1919,8 @@ impl<H: Host> Worker<H> {
         if carry_now {
             c.carry = true;
         }
-        if let Some(h) = c.host.as_mut().filter(|_| preface_out) {
+        // Not for a connection ending (cut, or the drain's deadline): the attempt is dropped.
+        if let Some(h) = c.host.as_mut().filter(|_| preface_out && !ending) {
             self.host.established(h);
         }
         if let (Some(bid), Some(p)) = (given, &self.pool) {

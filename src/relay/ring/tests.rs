@@ -999,6 +999,11 @@ fn a_greeting_read_in_pieces_is_replaced_by_the_preface_and_not_counted() {
         (5, 2, Outcome::ClientClosed)
     );
     assert_eq!(r.seen.preambles.load(Relaxed), 2, "read in two pieces");
+    assert_eq!(
+        *r.seen.established.lock().unwrap(),
+        [0],
+        "credited once, when the preface is out"
+    );
     stop(r);
 }
 
