@@ -1890,6 +1890,7 @@ impl<H: Host> Worker<H> {
             if h.bid == OWNED {
                 // The preface is not the client's: only what follows it counts as relayed.
                 counted = n - preface.saturating_sub(h.off).min(n);
+                // Credited once it is out (`established`), unless the connection is ending.
                 preface_out = h.off < preface && h.off + n >= preface;
             }
             h.off += n;
@@ -1916,10 +1917,7 @@ impl<H: Host> Worker<H> {
                 Side::Down => c.post = Vec::new(),
             }
         }
-        if carry_now {
-            c.carry = true;
-        }
-        // Not for a connection ending (cut, or the drain's deadline): the attempt is dropped.
+        c.carry |= carry_now;
         if let Some(h) = c.host.as_mut().filter(|_| preface_out && !ending) {
             self.host.established(h);
         }
