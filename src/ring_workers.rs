@@ -94,23 +94,37 @@ impl RingWorkers {
         leaving: Arc<Leaving>,
         tokio: Vec<tokio::runtime::Handle>,
     ) -> io::Result<RingWorkers> {
+        let start_one =
+            |i, services: Services| ring::start(format!("sluicegate-r{i}"), || services);
+        RingWorkers::start_each(n, gate, tracker, leaving, tokio, start_one)
+    }
+
+    /// [`start`](RingWorkers::start), each worker started by `start_one(i, its host)`. When one
+    /// cannot start, those already running are told to stop (their threads then end), and the
+    /// error is returned.
+    fn start_each(
+        n: usize,
+        gate: Arc<Gate>,
+        tracker: TaskTracker,
+        leaving: Arc<Leaving>,
+        tokio: Vec<tokio::runtime::Handle>,
+        mut start_one: impl FnMut(usize, Services) -> io::Result<ring::Started<Services>>,
+    ) -> io::Result<RingWorkers> {
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         let workers = Arc::new(Workers::default());
         for i in 0..n.max(1) {
-            let (gate, tracker, workers) = (gate.clone(), tracker.clone(), workers.clone());
-            let (leaving, tokio) = (leaving.clone(), tokio.clone());
-            let started = ring::start(format!("sluicegate-r{i}"), move || Services {
-                gate,
-                tracker,
+            let services = Services {
+                gate: gate.clone(),
+                tracker: tracker.clone(),
                 listeners: HashMap::new(),
-                workers,
-                leaving,
-                tokio,
+                workers: workers.clone(),
+                leaving: leaving.clone(),
+                tokio: tokio.clone(),
                 next_tokio: i,
                 routes_read: None,
-            });
-            match started {
+            };
+            match start_one(i, services) {
                 Ok((h, t)) => {
                     handles.push(h);
                     threads.push(t);
@@ -904,6 +918,51 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// One worker of two cannot start (its thread or ring refused, for want of memory): the one
+    /// already running is told to stop, and its thread ends (it would otherwise wait in its ring
+    /// for good, with its host's references to the control plane), and the caller gets the
+    /// error, on which the services run on the epoll engine (`Control::ring_workers`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_that_cannot_start_stops_those_started_before_it() {
+        if let Err(why) = ring::availability() {
+            eprintln!("skipped: no ring worker here: {why}");
+            return;
+        }
+        let gate = Arc::new(Gate::new(None));
+        let tokio = vec![tokio::runtime::Handle::current()];
+        let leaving = Arc::new(Leaving::default());
+        let mut started = 0;
+        let result = RingWorkers::start_each(
+            2,
+            gate.clone(),
+            TaskTracker::new(),
+            leaving,
+            tokio,
+            |i, services| {
+                if i == 0 {
+                    started += 1;
+                    ring::start("sg-test-start0".into(), || services)
+                } else {
+                    Err(io::Error::other("worker 1: no memory for its ring"))
+                }
+            },
+        );
+        let Err(e) = result else {
+            panic!("the workers started although one could not");
+        };
+        assert_eq!(e.to_string(), "worker 1: no memory for its ring");
+        assert_eq!(started, 1, "the first worker was started");
+        // Each worker's host holds the gate: it is the test's alone once the thread has ended.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&gate) > 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker that started still runs 10 s after its sibling failed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// A ring worker given an address whose service is not (or no longer) the ring's: a reload
