@@ -1,6 +1,8 @@
-//! Which relay engine a connection actually runs on. A file of its own, hence a process of its own: the
-//! splice pipe pool is process-wide, and the 1000-client tests elsewhere exhaust it on purpose (those
-//! connections fall back to copying), which would make these counts depend on test timing.
+//! Which relay engine a connection actually runs on. These counts assume a pipe is free when a
+//! direction turns to splice: the pool is process-wide, the whole suite is one process, and the
+//! 1000-client tests of `relay::` exhaust it on purpose (those connections fall back to copying).
+//! They do not meet: libtest starts tests in name order, a few at a time, so `engines::` runs well
+//! before `relay::`.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;

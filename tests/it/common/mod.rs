@@ -48,9 +48,18 @@ pub fn raise_fd_limit() {
     }
 }
 
-/// TCP sockets of this network namespace with a local or remote port in `ports`: (state, inode) pairs
-/// read from /proc/net/tcp and tcp6 (state in the kernel's hex code, e.g. [`TCP_TIME_WAIT`]).
-pub fn tcp_sockets_on_ports(ports: &[u16]) -> Vec<(u8, String)> {
+/// Every TCP socket of this network namespace, as /proc/net/tcp and tcp6 list it: its local and
+/// remote address (as the kernel writes them, see [`proc_net_addr`]), its state (the kernel's hex
+/// code, e.g. [`TCP_TIME_WAIT`]) and its inode ("0" once no descriptor holds it).
+struct ProcTcp {
+    local: String,
+    remote: String,
+    state: u8,
+    inode: String,
+}
+
+/// Reads them now.
+fn proc_tcp_sockets() -> Vec<ProcTcp> {
     let mut out = Vec::new();
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(file) else {
@@ -61,19 +70,44 @@ pub fn tcp_sockets_on_ports(ports: &[u16]) -> Vec<(u8, String)> {
             if cols.len() < 10 {
                 continue;
             }
-            let port_of = |c: &str| {
-                c.rsplit(':')
-                    .next()
-                    .and_then(|p| u16::from_str_radix(p, 16).ok())
-            };
-            let on = |c: &str| port_of(c).is_some_and(|p| ports.contains(&p));
-            if let (true, Ok(state)) = (on(cols[1]) || on(cols[2]), u8::from_str_radix(cols[3], 16))
-            {
-                out.push((state, cols[9].to_string()));
+            if let Ok(state) = u8::from_str_radix(cols[3], 16) {
+                out.push(ProcTcp {
+                    local: cols[1].to_string(),
+                    remote: cols[2].to_string(),
+                    state,
+                    inode: cols[9].to_string(),
+                });
             }
         }
     }
     out
+}
+
+/// TCP sockets of this network namespace with a local or remote port in `ports`: (state, inode)
+/// pairs.
+pub fn tcp_sockets_on_ports(ports: &[u16]) -> Vec<(u8, String)> {
+    let port_of = |c: &str| {
+        c.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    let on = |c: &str| port_of(c).is_some_and(|p| ports.contains(&p));
+    proc_tcp_sockets()
+        .into_iter()
+        .filter(|t| on(&t.local) || on(&t.remote))
+        .map(|t| (t.state, t.inode))
+        .collect()
+}
+
+/// The TCP sockets with one of `addrs` (address and port) at either end. Exact addresses: another
+/// test's socket on the same port number of another 127.0.0.x (backends of concurrent tests share
+/// port numbers across addresses) is not counted.
+fn tcp_sockets_on(addrs: &[SocketAddr]) -> Vec<ProcTcp> {
+    let on = |c: &str| proc_net_addr(c).is_some_and(|a| addrs.contains(&a));
+    proc_tcp_sockets()
+        .into_iter()
+        .filter(|t| on(&t.local) || on(&t.remote))
+        .collect()
 }
 
 /// An address as `/proc/net/tcp{,6}` writes it: the IP as 32-bit words in host order, in hex, then
@@ -105,22 +139,11 @@ fn proc_net_addr(text: &str) -> Option<SocketAddr> {
 /// bound to one of them, a connection to or from one. Exact addresses, not ports alone: another
 /// test's socket on the same port number of another 127.0.0.x is not counted.
 pub fn socket_fds_on(addrs: &[SocketAddr]) -> usize {
-    let mut inodes = std::collections::HashSet::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 || cols[9] == "0" {
-                continue;
-            }
-            let on = |c: &str| proc_net_addr(c).is_some_and(|a| addrs.contains(&a));
-            if on(cols[1]) || on(cols[2]) {
-                inodes.insert(format!("socket:[{}]", cols[9]));
-            }
-        }
-    }
+    let inodes: std::collections::HashSet<String> = tcp_sockets_on(addrs)
+        .into_iter()
+        .filter(|t| t.inode != "0")
+        .map(|t| format!("socket:[{}]", t.inode))
+        .collect();
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return 0;
     };
@@ -303,6 +326,18 @@ impl Proxy {
         .await;
     }
 
+    /// The connections ended so far, by outcome (`client_closed: 2, backend_reset: 1`), for a
+    /// failure's message: which side the proxy saw end, and how.
+    pub fn ended_so_far(&self) -> String {
+        let ended: Vec<String> = sluicegate::Outcome::ALL
+            .iter()
+            .map(|&o| (o, self.service.stats.ended(o)))
+            .filter(|&(_, n)| n > 0)
+            .map(|(o, n)| format!("{}: {n}", o.as_str()))
+            .collect();
+        ended.join(", ")
+    }
+
     /// Sum of every backend's active count.
     pub fn active_to_backends(&self) -> u64 {
         self.service.pool.members().iter().map(|b| b.active()).sum()
@@ -451,12 +486,10 @@ pub async fn read_all(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(v)
 }
 
-/// States of the TCP sockets with `port` as local or remote port.
-pub fn tcp_states_on_port(port: u16) -> Vec<u8> {
-    tcp_sockets_on_ports(&[port])
-        .into_iter()
-        .map(|(state, _)| state)
-        .collect()
+/// States of the TCP sockets with one of `addrs` (address and port) at either end (exact addresses,
+/// see [`tcp_sockets_on`]).
+pub fn tcp_states_on(addrs: &[SocketAddr]) -> Vec<u8> {
+    tcp_sockets_on(addrs).into_iter().map(|t| t.state).collect()
 }
 
 pub const TCP_FIN_WAIT2: u8 = 0x05;
