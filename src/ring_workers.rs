@@ -18,8 +18,8 @@
 //!
 //! The queue: a connection that finds every backend full waits (in the worker, with no operation in
 //! the kernel) with its place in the service's queue; a slot freed on any worker wakes every worker
-//! (`Command::Freed`), whose waiting connections look again, oldest first; the tick ends a wait at
-//! its deadline (so up to 250 ms late).
+//! (`Command::Freed`), whose waiting connections look again, oldest first; a timeout armed for the
+//! earliest deadline of those waiting ends a wait at its deadline.
 //!
 //! An upgrade carries ring connections as it carries sessions: `Command::Carry` has each worker stop
 //! its relayed connections at a quiet point and hand them here, where they go to `Leaving::carried`
@@ -803,6 +803,13 @@ impl Host for Services {
         // The full ones are worth another look: one may have a slot now.
         t.tried.retry_full();
         t.pick()
+    }
+
+    fn wait_left(&self, t: &Taken) -> Option<std::time::Duration> {
+        let now = Instant::now();
+        t.queued
+            .as_ref()
+            .map(|(_, until)| until.saturating_duration_since(now))
     }
 
     fn connected(&mut self, t: &mut Taken) {

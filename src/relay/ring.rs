@@ -125,6 +125,7 @@ const K_PRE: u64 = 9;
 const K_WRITABLE: u64 = 10;
 const K_READABLE: u64 = 11;
 const K_SPLICE: u64 = 12;
+const K_UNTIL: u64 = 13;
 
 fn user_data(kind: u64, slot: u32, side: Side) -> u64 {
     kind | (u64::from(side == Side::Down) << 4) | (u64::from(slot) << 32)
@@ -288,8 +289,12 @@ pub(crate) trait Host {
     ) -> Result<Option<Target>, Outcome>;
     /// A connection waiting for a backend with room (it was given no target): a target now, still
     /// nothing (it waits on), or how it ends (its wait is over). Asked after every
-    /// `Command::Freed` and on every tick, so a wait ends at most a tick after its deadline.
+    /// `Command::Freed`, on every tick, and when the first of those waiting reaches its deadline.
     fn retry(&mut self, conn: &mut Self::Conn) -> Result<Option<Target>, Outcome>;
+    /// How long from now the wait of a connection waiting for a backend lasts, if it has a
+    /// deadline: `retry` is asked again then, so a wait ends at its deadline rather than at the
+    /// next tick.
+    fn wait_left(&self, conn: &Self::Conn) -> Option<Duration>;
     /// The connect to the last target succeeded; the relay starts (after the preface, if any).
     fn connected(&mut self, conn: &mut Self::Conn);
     /// The backend took the preface (at once when there is none): the attempt counts as a success
@@ -488,11 +493,17 @@ where
     H::Conn: Send + 'static,
     F: FnOnce() -> H + Send + 'static,
 {
-    start_with(name, make, super::splice::pool())
+    start_with(name, make, super::splice::pool(), TICK)
 }
 
-/// [`start`], with the worker's pipes from `pipes`.
-fn start_with<H, F>(name: String, make: F, pipes: &'static PipePool) -> io::Result<Started<H>>
+/// [`start`], with the worker's pipes from `pipes`, and its tick every `tick` (tests stretch it,
+/// to tell what the tick does from what does not wait for it).
+fn start_with<H, F>(
+    name: String,
+    make: F,
+    pipes: &'static PipePool,
+    tick: Duration,
+) -> io::Result<Started<H>>
 where
     H: Host,
     H::Listen: Send + 'static,
@@ -511,7 +522,7 @@ where
     let kept = counts.clone();
     let thread = std::thread::Builder::new().name(name).spawn(move || {
         // The ring is made here: SINGLE_ISSUER binds it to the thread that makes it.
-        match Worker::new(make(), rx, theirs, kept, pipes) {
+        match Worker::new(make(), rx, theirs, kept, pipes, tick) {
             Ok(w) => {
                 let _ = ready_tx.send(Ok(()));
                 w.run();
@@ -806,6 +817,10 @@ struct Worker<H: Host> {
     wake: Arc<OwnedFd>,
     tick: Box<types::Timespec>,
     tick_armed: bool,
+    /// The timeout armed for the earliest deadline of a waiting connection (`arm_until`); written
+    /// only while none is armed, so never while the kernel may still read it.
+    until: Box<types::Timespec>,
+    until_armed: bool,
     starved: Vec<(u32, Side)>,
     /// Connections waiting for a backend with room, oldest first.
     waiting: Vec<u32>,
@@ -834,6 +849,7 @@ impl<H: Host> Worker<H> {
         wake: Arc<OwnedFd>,
         counts: Arc<Counts>,
         pipes: &'static PipePool,
+        tick: Duration,
     ) -> io::Result<Worker<H>> {
         let ring = build_ring(SQ_ENTRIES, CQ_ENTRIES)?;
         let pool = BufPool::register(&ring, POOL_BUFS, POOL_BUF, POOL_FIRST)?;
@@ -849,8 +865,10 @@ impl<H: Host> Worker<H> {
             listeners: HashMap::new(),
             commands,
             wake,
-            tick: Box::new(types::Timespec::from(TICK)),
+            tick: Box::new(types::Timespec::from(tick)),
             tick_armed: false,
+            until: Box::new(types::Timespec::new()),
+            until_armed: false,
             starved: Vec::new(),
             waiting: Vec::new(),
             backlog: VecDeque::new(),
@@ -1004,6 +1022,10 @@ impl<H: Host> Worker<H> {
                 self.tick_armed = false;
                 self.on_tick();
             }
+            K_UNTIL => {
+                self.until_armed = false;
+                self.retry_waiting();
+            }
             _ => {} // K_CLOSE
         }
     }
@@ -1015,6 +1037,32 @@ impl<H: Host> Worker<H> {
             .build()
             .user_data(K_WAKE);
         // SAFETY: points to nothing; the eventfd is the worker's (`wake`) for its whole life.
+        unsafe { self.push(&[e]) };
+    }
+
+    /// Arms a timeout for the earliest deadline among the waiting connections (`Host::wait_left`),
+    /// unless one is armed: when it fires they are asked again (`retry_waiting`), which arms the
+    /// next. A wait that began after it was armed with an earlier deadline (another service's
+    /// shorter queue timeout) ends at that timeout or at the tick, whichever comes first.
+    fn arm_until(&mut self) {
+        if self.until_armed {
+            return;
+        }
+        let host = &self.host;
+        let first = self
+            .waiting
+            .iter()
+            .filter_map(|&slot| self.conns.get(slot as usize)?.as_deref()?.host.as_ref())
+            .filter_map(|h| host.wait_left(h))
+            .min();
+        let Some(first) = first else { return };
+        *self.until = types::Timespec::from(first);
+        self.until_armed = true;
+        let e = opcode::Timeout::new(&*self.until)
+            .build()
+            .user_data(K_UNTIL);
+        // SAFETY: the timespec is boxed in the worker, which outlives its ring's operations, and
+        // is not written again until this timeout completes (`until_armed`).
         unsafe { self.push(&[e]) };
     }
 
@@ -1650,6 +1698,7 @@ impl<H: Host> Worker<H> {
                 let Some(c) = self.conn(slot) else { return };
                 c.waiting = true;
                 self.waiting.push(slot);
+                self.arm_until();
             }
         }
     }
@@ -1672,6 +1721,7 @@ impl<H: Host> Worker<H> {
                 Err(end) => self.finish(slot, Supervised::ended(end)),
             }
         }
+        self.arm_until();
     }
 
     fn arm_recv(&mut self, slot: u32, side: Side) {

@@ -40,6 +40,11 @@ struct Mode {
     idle: Option<Duration>,
     /// The host takes carried connections (`Host::carrier`).
     carries: bool,
+    /// A waiting client's wait ends this long after its accept (`Host::wait_left`), when its
+    /// `retry` ends it (`BackendsFull`) however many retries `wait_for_retries` asks.
+    wait_until: Option<Duration>,
+    /// The worker's tick, when not the product's 250 ms.
+    tick: Option<Duration>,
 }
 
 /// What the host was asked, counted.
@@ -66,10 +71,11 @@ const PREFACE: &[u8] = b"PRE|";
 const GREETING_LIMIT: Duration = Duration::from_millis(300);
 const GREETING_ROOM: usize = 16;
 
-/// The next target to try, and the connect errors seen.
+/// The next target to try, the connect errors seen, and when the worker accepted it.
 struct TestConn {
     next: usize,
     errors: Vec<io::ErrorKind>,
+    since: Instant,
 }
 
 impl Host for TestHost {
@@ -88,6 +94,7 @@ impl Host for TestHost {
         let conn = TestConn {
             next: 1,
             errors: Vec::new(),
+            since: Instant::now(),
         };
         let admit = match self.mode.greeting {
             Some(_) => Admit::Read {
@@ -135,10 +142,17 @@ impl Host for TestHost {
             timeout: self.timeout,
         }))
     }
-    fn retry(&mut self, _: &mut TestConn) -> Result<Option<Target>, Outcome> {
+    fn retry(&mut self, c: &mut TestConn) -> Result<Option<Target>, Outcome> {
         let asked = self.seen.retries.fetch_add(1, Relaxed) + 1;
+        if self.wait_left(c).is_some_and(|left| left.is_zero()) {
+            return Err(Outcome::BackendsFull);
+        }
         let enough = self.mode.wait_for_retries.is_none_or(|n| asked >= n);
         Ok(enough.then(|| self.first()))
+    }
+    fn wait_left(&self, c: &TestConn) -> Option<Duration> {
+        let until = c.since + self.mode.wait_until?;
+        Some(until.saturating_duration_since(Instant::now()))
     }
     fn connected(&mut self, c: &mut TestConn) {
         if c.next == 1 {
@@ -237,8 +251,9 @@ fn worker_with(targets: Vec<SocketAddr>, timeout: Duration, mode: Mode) -> Optio
         ended: tx,
         carried: carried_tx,
     };
+    let tick = mode.tick.unwrap_or(TICK);
     let (handle, thread) =
-        start_with("ring-test".into(), make, pipes).expect("a ring worker starts");
+        start_with("ring-test".into(), make, pipes, tick).expect("a ring worker starts");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     assert!(handle.send(Command::Listen {
@@ -1055,6 +1070,7 @@ fn adopted(r: &Running, up_done: bool) -> (TcpStream, TcpStream, TcpStream) {
         conn: TestConn {
             next: 1,
             errors: Vec::new(),
+            since: Instant::now(),
         },
         client: worker_client.into(),
         backend: worker_backend.into(),
@@ -1383,6 +1399,36 @@ fn a_waiting_connection_asks_again_on_every_freed_slot() {
     c.read_exact(&mut got).expect("relayed once a target came");
     assert_eq!(&got, b"queued");
     assert!(r.seen.retries.load(Relaxed) >= ASKS);
+    stop(r);
+}
+
+/// A waiting connection's wait ends at its deadline (`Host::wait_left`), not at the next tick:
+/// with the tick stretched to an hour and no slot ever freed, only the timeout armed for the
+/// deadline can end it, and it does, as the host says (`BackendsFull`), with nothing sent to a
+/// backend.
+#[test]
+fn a_wait_ends_at_its_deadline_without_the_tick() {
+    let mode = Mode {
+        wait_for_retries: Some(u64::MAX),
+        wait_until: Some(Duration::from_millis(50)),
+        tick: Some(Duration::from_secs(3600)),
+        ..Mode::default()
+    };
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, mode) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    c.write_all(b"queued").unwrap();
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the wait ended");
+    assert_eq!(f.end, Outcome::BackendsFull);
+    assert_eq!(f.bytes_up, 0);
+    assert!(
+        r.seen.retries.load(Relaxed) >= 1,
+        "the host was asked again"
+    );
+    nothing_connected(&l);
     stop(r);
 }
 
