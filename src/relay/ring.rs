@@ -1410,16 +1410,14 @@ impl<H: Host> Worker<H> {
             so_far,
             timeouts,
         } = a;
-        // Non-blocking, as the worker's own sockets are: `pump` splices on this thread. Failing
-        // that, the connection is cut (both reset, as the linger still armed makes them).
-        let nonblocking = [&client, &backend]
-            .iter()
-            .all(|s| SockRef::from(*s).set_nonblocking(true).is_ok());
-        if nonblocking {
-            for s in [&client, &backend] {
-                let _ = SockRef::from(s).set_linger(None);
-            }
-        }
+        // Non-blocking, as the worker's own sockets are (`pump` splices on this thread), and the
+        // zero linger armed for the transit cleared, so that the connection's end closes each side
+        // with a FIN after what it was sent, not a reset that drops it. Failing either, the
+        // connection is cut (both reset), as the epoll engine cuts one it cannot take.
+        let ready = [&client, &backend].iter().all(|s| {
+            let s = SockRef::from(*s);
+            s.set_nonblocking(true).is_ok() && s.set_linger(None).is_ok()
+        });
         let mut dirs: [Dir; 2] = Default::default();
         let mut first_fin = None;
         let ends = [(held.up_done, so_far.0), (held.down_done, so_far.1)];
@@ -1467,7 +1465,7 @@ impl<H: Host> Worker<H> {
         });
         bump(&self.counts.adopted);
         match self.place(c) {
-            Some(slot) if nonblocking => self.go_on(slot),
+            Some(slot) if ready => self.go_on(slot),
             Some(slot) => self.finish(slot, Supervised::cut(Outcome::ClientReset)),
             None => {}
         }
