@@ -817,10 +817,10 @@ struct Worker<H: Host> {
     wake: Arc<OwnedFd>,
     tick: Box<types::Timespec>,
     tick_armed: bool,
-    /// The timeout armed for the earliest deadline of a waiting connection (`arm_until`); written
-    /// only while none is armed, so never while the kernel may still read it.
-    until: Box<types::Timespec>,
-    until_armed: bool,
+    /// The timeouts armed for waiting connections' deadlines (`arm_until`), by the place in their
+    /// `user_data`: each one's timespec and when it fires, kept until it completes (the kernel
+    /// reads the timespec when it takes the entry, which may be later than it is pushed).
+    untils: Vec<Option<(Box<types::Timespec>, Instant)>>,
     starved: Vec<(u32, Side)>,
     /// Connections waiting for a backend with room, oldest first.
     waiting: Vec<u32>,
@@ -867,8 +867,7 @@ impl<H: Host> Worker<H> {
             wake,
             tick: Box::new(types::Timespec::from(tick)),
             tick_armed: false,
-            until: Box::new(types::Timespec::new()),
-            until_armed: false,
+            untils: Vec::new(),
             starved: Vec::new(),
             waiting: Vec::new(),
             backlog: VecDeque::new(),
@@ -1023,7 +1022,9 @@ impl<H: Host> Worker<H> {
                 self.on_tick();
             }
             K_UNTIL => {
-                self.until_armed = false;
+                if let Some(u) = self.untils.get_mut(slot as usize) {
+                    *u = None;
+                }
                 self.retry_waiting();
             }
             _ => {} // K_CLOSE
@@ -1041,13 +1042,10 @@ impl<H: Host> Worker<H> {
     }
 
     /// Arms a timeout for the earliest deadline among the waiting connections (`Host::wait_left`),
-    /// unless one is armed: when it fires they are asked again (`retry_waiting`), which arms the
-    /// next. A wait that began after it was armed with an earlier deadline (another service's
-    /// shorter queue timeout) ends at that timeout or at the tick, whichever comes first.
+    /// unless one armed fires by then: when it fires they are asked again (`retry_waiting`),
+    /// which arms one for the next. (A timeout that fires before any wait is over costs one
+    /// more look; one armed for a wait a freed slot ended fires for nothing.)
     fn arm_until(&mut self) {
-        if self.until_armed {
-            return;
-        }
         let host = &self.host;
         let first = self
             .waiting
@@ -1055,14 +1053,28 @@ impl<H: Host> Worker<H> {
             .filter_map(|&slot| self.conns.get(slot as usize)?.as_deref()?.host.as_ref())
             .filter_map(|h| host.wait_left(h))
             .min();
-        let Some(first) = first else { return };
-        *self.until = types::Timespec::from(first);
-        self.until_armed = true;
-        let e = opcode::Timeout::new(&*self.until)
-            .build()
-            .user_data(K_UNTIL);
-        // SAFETY: the timespec is boxed in the worker, which outlives its ring's operations, and
-        // is not written again until this timeout completes (`until_armed`).
+        let Some(left) = first else { return };
+        let now = Instant::now();
+        let at = now + left;
+        if self.untils.iter().flatten().any(|(_, fires)| *fires <= at) {
+            return;
+        }
+        let place = match self.untils.iter().position(Option::is_none) {
+            Some(p) => p,
+            None => {
+                self.untils.push(None);
+                self.untils.len() - 1
+            }
+        };
+        let ts = Box::new(types::Timespec::from(left));
+        let e = opcode::Timeout::new(&*ts).build().user_data(user_data(
+            K_UNTIL,
+            place as u32,
+            Side::Up,
+        ));
+        self.untils[place] = Some((ts, at));
+        // SAFETY: the timespec is boxed in `untils`, where it stays until this timeout
+        // completes (its place is freed only then) or the worker, and its ring, are gone.
         unsafe { self.push(&[e]) };
     }
 

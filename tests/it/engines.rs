@@ -1,8 +1,9 @@
 //! Which relay engine a connection actually runs on. These counts assume a pipe is free when a
 //! direction turns to splice: the pool is process-wide, the whole suite is one process, and the
 //! 1000-client tests of `relay::` exhaust it on purpose (those connections fall back to copying).
-//! They do not meet: libtest starts tests in name order, a few at a time, so `engines::` runs well
-//! before `relay::`.
+//! They do not meet because of libtest's order: it starts tests in name order, one per CPU at a
+//! time, and some fifty tests come between `engines::` and `relay::` (on a machine with that many
+//! CPUs they could).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;

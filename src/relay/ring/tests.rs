@@ -41,8 +41,9 @@ struct Mode {
     /// The host takes carried connections (`Host::carrier`).
     carries: bool,
     /// A waiting client's wait ends this long after its accept (`Host::wait_left`), when its
-    /// `retry` ends it (`BackendsFull`) however many retries `wait_for_retries` asks.
-    wait_until: Option<Duration>,
+    /// `retry` ends it (`BackendsFull`) however many retries `wait_for_retries` asks: the n-th
+    /// client's the n-th of these (the last for those after).
+    wait_until: Option<&'static [Duration]>,
     /// The worker's tick, when not the product's 250 ms.
     tick: Option<Duration>,
 }
@@ -50,6 +51,8 @@ struct Mode {
 /// What the host was asked, counted.
 #[derive(Default)]
 struct Seen {
+    /// Clients the host admitted (`Host::accepted`).
+    accepted: AtomicU64,
     preambles: AtomicU64,
     retries: AtomicU64,
     /// `Host::carrier` asked: a connection stopped for `Command::Carry` is quiet.
@@ -71,11 +74,11 @@ const PREFACE: &[u8] = b"PRE|";
 const GREETING_LIMIT: Duration = Duration::from_millis(300);
 const GREETING_ROOM: usize = 16;
 
-/// The next target to try, the connect errors seen, and when the worker accepted it.
+/// The next target to try, the connect errors seen, and when its wait ends (`Mode::wait_until`).
 struct TestConn {
     next: usize,
     errors: Vec<io::ErrorKind>,
-    since: Instant,
+    wait_until: Option<Instant>,
 }
 
 impl Host for TestHost {
@@ -91,10 +94,12 @@ impl Host for TestHost {
         _: SocketAddr,
         _: BorrowedFd<'_>,
     ) -> Option<(TestConn, Admit, Timeouts)> {
+        let n = self.seen.accepted.fetch_add(1, Relaxed) as usize;
+        let waits = self.mode.wait_until.unwrap_or_default();
         let conn = TestConn {
             next: 1,
             errors: Vec::new(),
-            since: Instant::now(),
+            wait_until: waits.get(n).or(waits.last()).map(|&d| Instant::now() + d),
         };
         let admit = match self.mode.greeting {
             Some(_) => Admit::Read {
@@ -151,8 +156,7 @@ impl Host for TestHost {
         Ok(enough.then(|| self.first()))
     }
     fn wait_left(&self, c: &TestConn) -> Option<Duration> {
-        let until = c.since + self.mode.wait_until?;
-        Some(until.saturating_duration_since(Instant::now()))
+        Some(c.wait_until?.saturating_duration_since(Instant::now()))
     }
     fn connected(&mut self, c: &mut TestConn) {
         if c.next == 1 {
@@ -1070,7 +1074,7 @@ fn adopted(r: &Running, up_done: bool) -> (TcpStream, TcpStream, TcpStream) {
         conn: TestConn {
             next: 1,
             errors: Vec::new(),
-            since: Instant::now(),
+            wait_until: None,
         },
         client: worker_client.into(),
         backend: worker_backend.into(),
@@ -1402,15 +1406,17 @@ fn a_waiting_connection_asks_again_on_every_freed_slot() {
     stop(r);
 }
 
-/// A waiting connection's wait ends at its deadline (`Host::wait_left`), not at the next tick:
-/// with the tick stretched to an hour and no slot ever freed, only the timeout armed for the
-/// deadline can end it, and it does, as the host says (`BackendsFull`), with nothing sent to a
-/// backend.
+/// A waiting connection's wait ends at its deadline (`Host::wait_left`), not at the next tick,
+/// even when it began after a longer wait had its timeout armed: with the tick stretched to an
+/// hour and no slot ever freed, only a timeout armed for the second client's 50 ms can end its
+/// wait, and it does, as the host says (`BackendsFull`), with nothing sent to a backend, while the
+/// first client (an hour) waits on.
 #[test]
 fn a_wait_ends_at_its_deadline_without_the_tick() {
+    const WAITS: &[Duration] = &[Duration::from_secs(3600), Duration::from_millis(50)];
     let mode = Mode {
         wait_for_retries: Some(u64::MAX),
-        wait_until: Some(Duration::from_millis(50)),
+        wait_until: Some(WAITS),
         tick: Some(Duration::from_secs(3600)),
         ..Mode::default()
     };
@@ -1419,15 +1425,19 @@ fn a_wait_ends_at_its_deadline_without_the_tick() {
     let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, mode) else {
         return;
     };
-    let mut c = client(r.addr);
-    c.write_all(b"queued").unwrap();
-    let (f, _) = r.ended.recv_timeout(WAIT).expect("the wait ended");
+    let mut first = client(r.addr);
+    first.write_all(b"waits").unwrap();
+    wait_until(
+        || r.seen.accepted.load(Relaxed) == 1,
+        "the first client admitted",
+    );
+    let mut second = client(r.addr);
+    second.write_all(b"queued").unwrap();
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("a wait ended");
     assert_eq!(f.end, Outcome::BackendsFull);
     assert_eq!(f.bytes_up, 0);
-    assert!(
-        r.seen.retries.load(Relaxed) >= 1,
-        "the host was asked again"
-    );
+    assert_eq!(r.seen.accepted.load(Relaxed), 2);
+    assert!(r.ended.try_recv().is_err(), "the first client still waits");
     nothing_connected(&l);
     stop(r);
 }
