@@ -22,7 +22,8 @@
 //! IORING_OP_SHUTDOWN is punted to an io-wq thread) once what came before it is sent; a side that
 //! breaks makes the other see a reset; both FINs end the connection with whoever sent the first;
 //! `idle_timeout` while both directions flow, `half_close_timeout` once one has ended, measured from
-//! the last byte moved, checked on a tick every 250 ms; a cut (the drain's deadline, the backend's
+//! the last byte moved, checked on a tick every 250 ms (or every quarter of a connection's shorter
+//! timeout, when that is less, down to 5 ms: `tick_for`); a cut (the drain's deadline, the backend's
 //! sessions cut) resets both sides. The same pure decisions (`direction_ended`, `Supervised`) say how
 //! it ended.
 //!
@@ -102,8 +103,19 @@ const POOL_GROW: u16 = 64;
 /// Pool buffers a direction may hold before its receive is cancelled: 128 directions whose
 /// destination does not read before the pool runs dry.
 pub(crate) const CAP: usize = 8;
-/// How often timeouts, cuts and starved receives are looked at, while there is anything to look at.
+/// How often timeouts, cuts and starved receives are looked at, while there is anything to look at
+/// (more often while a connection's timeouts are short: `tick_for`).
 const TICK: Duration = Duration::from_millis(250);
+/// The shortest tick, however short a connection's timeouts.
+const MIN_TICK: Duration = Duration::from_millis(5);
+
+/// How often a connection with `timeouts` needs looking at, for them to end it at most a quarter
+/// of the shorter one late: a quarter of it, from [`MIN_TICK`] to `base` (the worker's tick).
+fn tick_for(timeouts: &Timeouts, base: Duration) -> Duration {
+    (timeouts.idle.min(timeouts.half_close) / 4)
+        .max(MIN_TICK)
+        .min(base)
+}
 /// Accepts in flight per listener and worker: a burst of connections is taken several at a time.
 const ACCEPTS: usize = 4;
 /// How long a stopping worker waits for its connections' last completions.
@@ -815,12 +827,17 @@ struct Worker<H: Host> {
     listeners: HashMap<u32, Listening>,
     commands: mpsc::Receiver<Command<H::Listen, H::Conn>>,
     wake: Arc<OwnedFd>,
+    /// The tick's timespec, written only while it is not armed; the period it is armed with (the
+    /// fastest `tick_for` of the connections, `base_tick` at most), and when the armed one fires.
     tick: Box<types::Timespec>,
     tick_armed: bool,
-    /// The timeouts armed for waiting connections' deadlines (`arm_until`), by the place in their
-    /// `user_data`: each one's timespec and when it fires, kept until it completes (the kernel
-    /// reads the timespec when it takes the entry, which may be later than it is pushed).
-    untils: Vec<Option<(Box<types::Timespec>, Instant)>>,
+    tick_period: Duration,
+    base_tick: Duration,
+    tick_fires: Option<Instant>,
+    /// Timeouts armed besides the tick (`arm_at`), by the place in their `user_data`: each one's
+    /// timespec, when it fires and what for, kept until it completes (the kernel reads the
+    /// timespec when it takes the entry, which may be later than it is pushed).
+    untils: Vec<Option<(Box<types::Timespec>, Instant, Until)>>,
     starved: Vec<(u32, Side)>,
     /// Connections waiting for a backend with room, oldest first.
     waiting: Vec<u32>,
@@ -867,6 +884,9 @@ impl<H: Host> Worker<H> {
             wake,
             tick: Box::new(types::Timespec::from(tick)),
             tick_armed: false,
+            tick_period: tick,
+            base_tick: tick,
+            tick_fires: None,
             untils: Vec::new(),
             starved: Vec::new(),
             waiting: Vec::new(),
@@ -1019,14 +1039,13 @@ impl<H: Host> Worker<H> {
             }
             K_TICK => {
                 self.tick_armed = false;
+                self.tick_fires = None;
                 self.on_tick();
             }
-            K_UNTIL => {
-                if let Some(u) = self.untils.get_mut(slot as usize) {
-                    *u = None;
-                }
-                self.retry_waiting();
-            }
+            K_UNTIL => match self.untils.get_mut(slot as usize).and_then(Option::take) {
+                Some((_, _, Until::Tick)) => self.on_tick(),
+                _ => self.retry_waiting(),
+            },
             _ => {} // K_CLOSE
         }
     }
@@ -1053,10 +1072,34 @@ impl<H: Host> Worker<H> {
             .filter_map(|&slot| self.conns.get(slot as usize)?.as_deref()?.host.as_ref())
             .filter_map(|h| host.wait_left(h))
             .min();
-        let Some(left) = first else { return };
-        let now = Instant::now();
-        let at = now + left;
-        if self.untils.iter().flatten().any(|(_, fires)| *fires <= at) {
+        if let Some(left) = first {
+            self.arm_at(left, Until::Waits);
+        }
+    }
+
+    /// A connection with `timeouts` came: the tick runs at least as often as they need
+    /// (`tick_for`), from the next one on, and, when the one armed fires later than that, a tick
+    /// comes early.
+    fn note_timeouts(&mut self, timeouts: &Timeouts) {
+        let want = tick_for(timeouts, self.base_tick);
+        if want < self.tick_period {
+            self.tick_period = want;
+            if self.tick_armed {
+                self.arm_at(want, Until::Tick);
+            }
+        }
+    }
+
+    /// Arms a timeout `left` from now for `what`, unless one that does as much fires by then: the
+    /// tick, or one armed here (one for the waits does not stand in for a tick).
+    fn arm_at(&mut self, left: Duration, what: Until) {
+        let at = Instant::now() + left;
+        let covered =
+            self.tick_fires.is_some_and(|t| t <= at)
+                || self.untils.iter().flatten().any(|&(_, fires, w)| {
+                    fires <= at && (w == Until::Tick || what == Until::Waits)
+                });
+        if covered {
             return;
         }
         let place = match self.untils.iter().position(Option::is_none) {
@@ -1072,7 +1115,7 @@ impl<H: Host> Worker<H> {
             place as u32,
             Side::Up,
         ));
-        self.untils[place] = Some((ts, at));
+        self.untils[place] = Some((ts, at, what));
         // SAFETY: the timespec is boxed in `untils`, where it stays until this timeout
         // completes (its place is freed only then) or the worker, and its ring, are gone.
         unsafe { self.push(&[e]) };
@@ -1083,8 +1126,11 @@ impl<H: Host> Worker<H> {
             return;
         }
         self.tick_armed = true;
+        *self.tick = types::Timespec::from(self.tick_period);
+        self.tick_fires = Some(Instant::now() + self.tick_period);
         let e = opcode::Timeout::new(&*self.tick).build().user_data(K_TICK);
-        // SAFETY: the timespec is boxed in the worker, which outlives its ring's operations.
+        // SAFETY: the timespec is boxed in the worker, which outlives its ring's operations, and
+        // is written only while no tick is armed (above).
         unsafe { self.push(&[e]) };
     }
 
@@ -1390,6 +1436,7 @@ impl<H: Host> Worker<H> {
 
     /// Gives a new connection a slot; `None` when the worker is stopping (it is cut like the rest).
     fn place(&mut self, c: Box<Conn<H::Conn>>) -> Option<u32> {
+        let timeouts = c.timeouts;
         let slot = match self.free.pop() {
             Some(s) => {
                 self.conns[s as usize] = Some(c);
@@ -1402,6 +1449,7 @@ impl<H: Host> Worker<H> {
         };
         self.live += 1;
         self.counts.open.store(self.live as u64, Relaxed);
+        self.note_timeouts(&timeouts);
         self.arm_tick();
         if self.stopping.is_some() {
             self.finish(slot, Supervised::cut(Outcome::DrainDeadline));
@@ -2493,9 +2541,12 @@ impl<H: Host> Worker<H> {
     fn on_tick(&mut self) {
         let now = self.now;
         let mut ending = Vec::new();
+        let base = self.base_tick;
+        let mut period = base;
         for (slot, c) in self.conns.iter_mut().enumerate() {
             let Some(c) = c.as_deref_mut() else { continue };
             let Some(h) = c.host.as_ref() else { continue };
+            period = period.min(tick_for(&c.timeouts, base));
             if c.end.is_some() || !c.connected {
                 continue;
             }
@@ -2516,6 +2567,8 @@ impl<H: Host> Worker<H> {
                 ending.push((slot as u32, Supervised::ended(o)));
             }
         }
+        // From the next tick on, as often as the connections still open need.
+        self.tick_period = period;
         for (slot, end) in ending {
             self.finish(slot, end);
         }
@@ -2538,9 +2591,23 @@ impl<H: Host> Worker<H> {
             }
         }
         if self.live > 0 || self.stopping.is_some() {
+            // Armed with a longer period (this tick came early, `note_timeouts`): another comes
+            // early, unless that one fires soon enough.
+            if self.tick_armed {
+                self.arm_at(self.tick_period, Until::Tick);
+            }
             self.arm_tick();
         }
     }
+}
+
+/// What a timeout armed besides the tick is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// The earliest deadline of the waiting connections (`arm_until`).
+    Waits,
+    /// A tick sooner than the one armed (`note_timeouts`).
+    Tick,
 }
 
 /// What a splicing direction does after its last splice.

@@ -36,8 +36,9 @@ struct Mode {
     copy_only: bool,
     /// The worker gets no pipe when it asks for one.
     no_pipes: bool,
-    /// Every connection's idle timeout (60 s when not set).
-    idle: Option<Duration>,
+    /// Every connection's idle timeout (60 s when not set): the n-th client's the n-th of these
+    /// (the last for those after).
+    idle: Option<&'static [Duration]>,
     /// The host takes carried connections (`Host::carrier`).
     carries: bool,
     /// A waiting client's wait ends this long after its accept (`Host::wait_left`), when its
@@ -95,11 +96,15 @@ impl Host for TestHost {
         _: BorrowedFd<'_>,
     ) -> Option<(TestConn, Admit, Timeouts)> {
         let n = self.seen.accepted.fetch_add(1, Relaxed) as usize;
-        let waits = self.mode.wait_until.unwrap_or_default();
+        let nth = |of: &'static [Duration]| of.get(n).or(of.last()).copied();
         let conn = TestConn {
             next: 1,
             errors: Vec::new(),
-            wait_until: waits.get(n).or(waits.last()).map(|&d| Instant::now() + d),
+            wait_until: self
+                .mode
+                .wait_until
+                .and_then(nth)
+                .map(|d| Instant::now() + d),
         };
         let admit = match self.mode.greeting {
             Some(_) => Admit::Read {
@@ -112,7 +117,11 @@ impl Host for TestHost {
             },
         };
         let timeouts = Timeouts {
-            idle: self.mode.idle.unwrap_or(Duration::from_secs(60)),
+            idle: self
+                .mode
+                .idle
+                .and_then(nth)
+                .unwrap_or(Duration::from_secs(60)),
             half_close: Duration::from_secs(60),
         };
         Some((conn, admit, timeouts))
@@ -732,7 +741,7 @@ fn urgent_data_and_a_fin_are_not_taken_for_the_end_of_a_spliced_stream() {
 fn a_spliced_direction_that_moves_bytes_is_not_idle() {
     const IDLE: Duration = Duration::from_millis(1500);
     let mode = Mode {
-        idle: Some(IDLE),
+        idle: Some(&[IDLE]),
         ..Mode::default()
     };
     let Some((r, mut c, mut b)) = one_connection(mode) else {
@@ -1439,6 +1448,53 @@ fn a_wait_ends_at_its_deadline_without_the_tick() {
     assert_eq!(r.seen.accepted.load(Relaxed), 2);
     assert!(r.ended.try_recv().is_err(), "the first client still waits");
     nothing_connected(&l);
+    stop(r);
+}
+
+/// The tick a connection needs: a quarter of its shorter timeout, between 5 ms and the worker's.
+#[test]
+fn tick_for_is_a_quarter_of_the_shorter_timeout_within_bounds() {
+    let t = |idle, half_close| Timeouts {
+        idle: Duration::from_millis(idle),
+        half_close: Duration::from_millis(half_close),
+    };
+    let ms = Duration::from_millis;
+    assert_eq!(tick_for(&t(60_000, 60_000), TICK), TICK);
+    assert_eq!(tick_for(&t(1_000, 60_000), TICK), TICK);
+    assert_eq!(tick_for(&t(400, 60_000), TICK), ms(100));
+    assert_eq!(tick_for(&t(60_000, 200), TICK), ms(50));
+    assert_eq!(tick_for(&t(1, 60_000), TICK), MIN_TICK);
+    assert_eq!(tick_for(&t(400, 400), ms(20)), ms(20));
+}
+
+/// A connection's short idle timeout is looked at often enough to end it on time (`tick_for`),
+/// even when the tick was armed for longer before it came: with the tick stretched to an hour, a
+/// first client with the default 60 s keeps the hour-long tick armed, and a second one, idle for
+/// 40 ms, still ends (`IdleTimeout`), while the first goes on.
+#[test]
+fn a_short_idle_timeout_is_looked_at_sooner_than_the_tick() {
+    const IDLE: &[Duration] = &[Duration::from_secs(60), Duration::from_millis(40)];
+    let mode = Mode {
+        idle: Some(IDLE),
+        tick: Some(Duration::from_secs(3600)),
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![echo_backend()], WAIT, mode) else {
+        return;
+    };
+    // Each relayed once, so that the first is admitted (its tick armed) before the second.
+    let mut clients = Vec::new();
+    for said in [&b"first"[..], b"idle"] {
+        let mut c = client(r.addr);
+        c.write_all(said).unwrap();
+        let mut got = vec![0u8; said.len()];
+        c.read_exact(&mut got).expect("relayed");
+        clients.push(c);
+    }
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the idle one ended");
+    assert_eq!(f.end, Outcome::IdleTimeout);
+    assert_eq!(f.bytes_up, 4, "the second client's");
+    assert!(r.ended.try_recv().is_err(), "the first goes on");
     stop(r);
 }
 
