@@ -22,8 +22,8 @@
 //! IORING_OP_SHUTDOWN is punted to an io-wq thread) once what came before it is sent; a side that
 //! breaks makes the other see a reset; both FINs end the connection with whoever sent the first;
 //! `idle_timeout` while both directions flow, `half_close_timeout` once one has ended, measured from
-//! the last byte moved, checked on a tick every 250 ms (or every quarter of a connection's shorter
-//! timeout, when that is less, down to 5 ms: `tick_for`); a cut (the drain's deadline, the backend's
+//! the last byte moved, checked on a tick every 250 ms (or every quarter of the timeout that applies,
+//! when that is less, down to 5 ms: `tick_for`); a cut (the drain's deadline, the backend's
 //! sessions cut) resets both sides. The same pure decisions (`direction_ended`, `Supervised`) say how
 //! it ended.
 //!
@@ -109,12 +109,16 @@ const TICK: Duration = Duration::from_millis(250);
 /// The shortest tick, however short a connection's timeouts.
 const MIN_TICK: Duration = Duration::from_millis(5);
 
-/// How often a connection with `timeouts` needs looking at, for them to end it at most a quarter
-/// of the shorter one late: a quarter of it, from [`MIN_TICK`] to `base` (the worker's tick).
-fn tick_for(timeouts: &Timeouts, base: Duration) -> Duration {
-    (timeouts.idle.min(timeouts.half_close) / 4)
-        .max(MIN_TICK)
-        .min(base)
+/// How often a connection with `timeouts` needs looking at, for the one that applies (idle, or
+/// half-close once a side has shut) to end it at most a quarter of it late: a quarter of it, from
+/// [`MIN_TICK`] to `base` (the worker's tick).
+fn tick_for(timeouts: &Timeouts, half_closed: bool, base: Duration) -> Duration {
+    let limit = if half_closed {
+        timeouts.half_close
+    } else {
+        timeouts.idle
+    };
+    (limit / 4).max(MIN_TICK).min(base)
 }
 /// Accepts in flight per listener and worker: a burst of connections is taken several at a time.
 const ACCEPTS: usize = 4;
@@ -827,13 +831,17 @@ struct Worker<H: Host> {
     listeners: HashMap<u32, Listening>,
     commands: mpsc::Receiver<Command<H::Listen, H::Conn>>,
     wake: Arc<OwnedFd>,
-    /// The tick's timespec, written only while it is not armed; the period it is armed with (the
-    /// fastest `tick_for` of the connections, `base_tick` at most), and when the armed one fires.
+    /// The tick's timespec, written only while it is not armed; the period the next one is armed
+    /// with (the fastest `tick_for` of the connections, `base_tick` at most), and when the armed
+    /// one fires.
     tick: Box<types::Timespec>,
     tick_armed: bool,
     tick_period: Duration,
     base_tick: Duration,
     tick_fires: Option<Instant>,
+    /// When a tick last retried what failed (accepts backing off, directions the pool starved):
+    /// that goes at the pace of `base_tick`, however often the tick comes.
+    slow_at: Instant,
     /// Timeouts armed besides the tick (`arm_at`), by the place in their `user_data`: each one's
     /// timespec, when it fires and what for, kept until it completes (the kernel reads the
     /// timespec when it takes the entry, which may be later than it is pushed).
@@ -887,6 +895,7 @@ impl<H: Host> Worker<H> {
             tick_period: tick,
             base_tick: tick,
             tick_fires: None,
+            slow_at: Instant::now(),
             untils: Vec::new(),
             starved: Vec::new(),
             waiting: Vec::new(),
@@ -1077,16 +1086,16 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    /// A connection with `timeouts` came: the tick runs at least as often as they need
-    /// (`tick_for`), from the next one on, and, when the one armed fires later than that, a tick
-    /// comes early.
-    fn note_timeouts(&mut self, timeouts: &Timeouts) {
-        let want = tick_for(timeouts, self.base_tick);
-        if want < self.tick_period {
-            self.tick_period = want;
-            if self.tick_armed {
-                self.arm_at(want, Until::Tick);
-            }
+    /// A connection came, or half-closed, whose timeout needs looking at every `want`
+    /// (`tick_for`): the tick runs at least that often from the next one on, and, when the one
+    /// armed fires later than that, a tick comes early (unless one armed already fires by then).
+    fn note_tick(&mut self, want: Duration) {
+        if want >= self.base_tick {
+            return;
+        }
+        self.tick_period = self.tick_period.min(want);
+        if self.tick_armed {
+            self.arm_at(want, Until::Tick);
         }
     }
 
@@ -1436,7 +1445,8 @@ impl<H: Host> Worker<H> {
 
     /// Gives a new connection a slot; `None` when the worker is stopping (it is cut like the rest).
     fn place(&mut self, c: Box<Conn<H::Conn>>) -> Option<u32> {
-        let timeouts = c.timeouts;
+        // (An adopted connection may come half-closed.)
+        let want = tick_for(&c.timeouts, c.dirs.iter().any(|d| d.shut), self.base_tick);
         let slot = match self.free.pop() {
             Some(s) => {
                 self.conns[s as usize] = Some(c);
@@ -1449,7 +1459,7 @@ impl<H: Host> Worker<H> {
         };
         self.live += 1;
         self.counts.open.store(self.live as u64, Relaxed);
-        self.note_timeouts(&timeouts);
+        self.note_tick(want);
         self.arm_tick();
         if self.stopping.is_some() {
             self.finish(slot, Supervised::cut(Outcome::DrainDeadline));
@@ -2256,8 +2266,10 @@ impl<H: Host> Worker<H> {
         let _ = direction_ended(side, DirEnd::Eof, &mut c.first_fin);
         if c.both_shut() {
             let end = Supervised::ended(c.first_fin.unwrap_or(Outcome::ClientClosed));
-            self.finish(slot, end);
+            return self.finish(slot, end);
         }
+        let timeouts = c.timeouts;
+        self.note_tick(tick_for(&timeouts, true, self.base_tick));
     }
 
     /// A side broke: the other sees a reset.
@@ -2546,7 +2558,8 @@ impl<H: Host> Worker<H> {
         for (slot, c) in self.conns.iter_mut().enumerate() {
             let Some(c) = c.as_deref_mut() else { continue };
             let Some(h) = c.host.as_ref() else { continue };
-            period = period.min(tick_for(&c.timeouts, base));
+            let half_closed = c.dirs.iter().any(|d| d.shut);
+            period = period.min(tick_for(&c.timeouts, half_closed, base));
             if c.end.is_some() || !c.connected {
                 continue;
             }
@@ -2556,7 +2569,6 @@ impl<H: Host> Worker<H> {
                 c.dirs[0].unflushed = 0;
                 c.dirs[1].unflushed = 0;
             }
-            let half_closed = c.dirs.iter().any(|d| d.shut);
             if let Some(o) = self.host.cut(h) {
                 ending.push((slot as u32, Supervised::cut(o)));
             } else if let Some(o) = expired(
@@ -2572,9 +2584,17 @@ impl<H: Host> Worker<H> {
         for (slot, end) in ending {
             self.finish(slot, end);
         }
+        // What only stands in for an event that did not come goes on at the pace of the worker's
+        // tick, however short a connection's timeouts make it: a listener out of descriptors is
+        // not tried every 5 ms.
+        if now.saturating_duration_since(self.slow_at) < self.base_tick {
+            return self.keep_ticking();
+        }
+        self.slow_at = now;
         // A dry pool's directions try again even when no buffer came back meanwhile.
         self.wake_starved(usize::MAX);
-        // Waits end at their deadline even when no slot comes free.
+        // Waiting connections look again even when no slot came free (their deadlines have
+        // timeouts of their own: `arm_until`).
         self.retry_waiting();
         let waiting: Vec<u32> = self
             .listeners
@@ -2590,8 +2610,15 @@ impl<H: Host> Worker<H> {
                 self.arm_accept(id, k);
             }
         }
-        if self.live > 0 || self.stopping.is_some() {
-            // Armed with a longer period (this tick came early, `note_timeouts`): another comes
+        self.keep_ticking();
+    }
+
+    /// Arms the next tick while there is anything to look at: connections, a stop under way, or a
+    /// listener whose accepts back off until a tick.
+    fn keep_ticking(&mut self) {
+        let backing_off = || self.listeners.values().any(|l| l.backoff && !l.closing);
+        if self.live > 0 || self.stopping.is_some() || backing_off() {
+            // Armed with a longer period (this tick came early, `note_tick`): another comes
             // early, unless that one fires soon enough.
             if self.tick_armed {
                 self.arm_at(self.tick_period, Until::Tick);
@@ -2606,7 +2633,7 @@ impl<H: Host> Worker<H> {
 enum Until {
     /// The earliest deadline of the waiting connections (`arm_until`).
     Waits,
-    /// A tick sooner than the one armed (`note_timeouts`).
+    /// A tick sooner than the one armed (`note_tick`).
     Tick,
 }
 

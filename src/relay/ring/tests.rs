@@ -1417,15 +1417,18 @@ fn a_waiting_connection_asks_again_on_every_freed_slot() {
 
 /// A waiting connection's wait ends at its deadline (`Host::wait_left`), not at the next tick,
 /// even when it began after a longer wait had its timeout armed: with the tick stretched to an
-/// hour and no slot ever freed, only a timeout armed for the second client's 50 ms can end its
-/// wait, and it does, as the host says (`BackendsFull`), with nothing sent to a backend, while the
-/// first client (an hour) waits on.
+/// hour (and idle timeouts of 4 h, which ask for no sooner tick) and no slot ever freed, the first
+/// client's 30-minute wait has its timeout armed; only another, armed for the second client's 50
+/// ms, can end that one's wait, and it does, as the host says (`BackendsFull`), with nothing sent
+/// to a backend, while the first client waits on.
 #[test]
 fn a_wait_ends_at_its_deadline_without_the_tick() {
-    const WAITS: &[Duration] = &[Duration::from_secs(3600), Duration::from_millis(50)];
+    const WAITS: &[Duration] = &[Duration::from_secs(1800), Duration::from_millis(50)];
+    const LONG_IDLE: &[Duration] = &[Duration::from_secs(4 * 3600)];
     let mode = Mode {
         wait_for_retries: Some(u64::MAX),
         wait_until: Some(WAITS),
+        idle: Some(LONG_IDLE),
         tick: Some(Duration::from_secs(3600)),
         ..Mode::default()
     };
@@ -1451,29 +1454,32 @@ fn a_wait_ends_at_its_deadline_without_the_tick() {
     stop(r);
 }
 
-/// The tick a connection needs: a quarter of its shorter timeout, between 5 ms and the worker's.
+/// The tick a connection needs: a quarter of the timeout that applies (idle, or half-close once a
+/// side has shut), between 5 ms and the worker's.
 #[test]
-fn tick_for_is_a_quarter_of_the_shorter_timeout_within_bounds() {
-    let t = |idle, half_close| Timeouts {
-        idle: Duration::from_millis(idle),
-        half_close: Duration::from_millis(half_close),
-    };
+fn tick_for_is_a_quarter_of_the_timeout_that_applies_within_bounds() {
     let ms = Duration::from_millis;
-    assert_eq!(tick_for(&t(60_000, 60_000), TICK), TICK);
-    assert_eq!(tick_for(&t(1_000, 60_000), TICK), TICK);
-    assert_eq!(tick_for(&t(400, 60_000), TICK), ms(100));
-    assert_eq!(tick_for(&t(60_000, 200), TICK), ms(50));
-    assert_eq!(tick_for(&t(1, 60_000), TICK), MIN_TICK);
-    assert_eq!(tick_for(&t(400, 400), ms(20)), ms(20));
+    let t = |idle, half_close| Timeouts {
+        idle: ms(idle),
+        half_close: ms(half_close),
+    };
+    assert_eq!(tick_for(&t(60_000, 60_000), false, TICK), TICK);
+    assert_eq!(tick_for(&t(1_000, 60_000), false, TICK), TICK);
+    assert_eq!(tick_for(&t(400, 60_000), false, TICK), ms(100));
+    assert_eq!(tick_for(&t(400, 60_000), true, TICK), TICK);
+    assert_eq!(tick_for(&t(60_000, 200), false, TICK), TICK);
+    assert_eq!(tick_for(&t(60_000, 200), true, TICK), ms(50));
+    assert_eq!(tick_for(&t(1, 60_000), false, TICK), MIN_TICK);
+    assert_eq!(tick_for(&t(400, 400), false, ms(20)), ms(20));
 }
 
 /// A connection's short idle timeout is looked at often enough to end it on time (`tick_for`),
 /// even when the tick was armed for longer before it came: with the tick stretched to an hour, a
-/// first client with the default 60 s keeps the hour-long tick armed, and a second one, idle for
-/// 40 ms, still ends (`IdleTimeout`), while the first goes on.
+/// first client idle for 4 h keeps the hour-long tick armed, and a second one, idle for 200 ms,
+/// still ends (`IdleTimeout`), while the first goes on.
 #[test]
 fn a_short_idle_timeout_is_looked_at_sooner_than_the_tick() {
-    const IDLE: &[Duration] = &[Duration::from_secs(60), Duration::from_millis(40)];
+    const IDLE: &[Duration] = &[Duration::from_secs(4 * 3600), Duration::from_millis(200)];
     let mode = Mode {
         idle: Some(IDLE),
         tick: Some(Duration::from_secs(3600)),
