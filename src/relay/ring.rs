@@ -1099,15 +1099,17 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    /// Arms a timeout `left` from now for `what`, unless one that does as much fires by then: the
-    /// tick, or one armed here (one for the waits does not stand in for a tick).
+    /// Arms a timeout `left` from now for `what`, unless one armed for the same fires by then (for
+    /// a tick, the tick itself too). A tick does not stand in for a waits' timeout: a tick that
+    /// comes early retries no waits (`on_tick`'s slow part).
     fn arm_at(&mut self, left: Duration, what: Until) {
         let at = Instant::now() + left;
-        let covered =
-            self.tick_fires.is_some_and(|t| t <= at)
-                || self.untils.iter().flatten().any(|&(_, fires, w)| {
-                    fires <= at && (w == Until::Tick || what == Until::Waits)
-                });
+        let covered = (what == Until::Tick && self.tick_fires.is_some_and(|t| t <= at))
+            || self
+                .untils
+                .iter()
+                .flatten()
+                .any(|&(_, fires, w)| fires <= at && w == what);
         if covered {
             return;
         }
@@ -2587,7 +2589,9 @@ impl<H: Host> Worker<H> {
         // What only stands in for an event that did not come goes on at the pace of the worker's
         // tick, however short a connection's timeouts make it: a listener out of descriptors is
         // not tried every 5 ms.
-        if now.saturating_duration_since(self.slow_at) < self.base_tick {
+        // (Due a tick early: a slow part run by an early tick would otherwise put the next one off
+        // to the tick after the one it is due at.)
+        if now.saturating_duration_since(self.slow_at) < base.saturating_sub(self.tick_period) {
             return self.keep_ticking();
         }
         self.slow_at = now;
@@ -2649,10 +2653,9 @@ enum Pump {
     Broke(DirEnd),
 }
 
-/// Accept errors that concern only the connection being accepted (it died in the backlog).
-/// Listener `l` failed with `-res` (out of descriptors or memory, broken): it is armed again on the
-/// next tick, so a listener that keeps failing never spins the thread; said at most every ten
-/// seconds.
+/// Listener `l` failed with `-res` (out of descriptors or memory, broken): it is armed again by
+/// the tick's slow part (at most every 250 ms), so a listener that keeps failing never spins the
+/// thread; said at most once a second.
 fn back_off(l: &mut Listening, errors: &mut RateLimited, res: i32) {
     l.backoff = true;
     if let Some(suppressed) = errors.allow() {
@@ -2661,6 +2664,7 @@ fn back_off(l: &mut Listening, errors: &mut RateLimited, res: i32) {
     }
 }
 
+/// Accept errors that concern only the connection being accepted (it died in the backlog).
 fn per_connection(errno: i32) -> bool {
     matches!(
         errno,

@@ -1416,19 +1416,19 @@ fn a_waiting_connection_asks_again_on_every_freed_slot() {
 }
 
 /// A waiting connection's wait ends at its deadline (`Host::wait_left`), not at the next tick,
-/// even when it began after a longer wait had its timeout armed: with the tick stretched to an
-/// hour (and idle timeouts of 4 h, which ask for no sooner tick) and no slot ever freed, the first
-/// client's 30-minute wait has its timeout armed; only another, armed for the second client's 50
-/// ms, can end that one's wait, and it does, as the host says (`BackendsFull`), with nothing sent
-/// to a backend, while the first client waits on.
+/// even when it began after a longer wait had its timeout armed, and while short ticks come: with
+/// the tick stretched to an hour and no slot ever freed, the first client's 30-minute wait has its
+/// timeout armed, and its 200 ms idle timeout brings a tick every 50 ms (which retries no waits);
+/// only a timeout armed for the second client's 50 ms can end that one's wait, and it does, as the
+/// host says (`BackendsFull`), with nothing sent to a backend, while the first client waits on.
 #[test]
 fn a_wait_ends_at_its_deadline_without_the_tick() {
     const WAITS: &[Duration] = &[Duration::from_secs(1800), Duration::from_millis(50)];
-    const LONG_IDLE: &[Duration] = &[Duration::from_secs(4 * 3600)];
+    const IDLE: &[Duration] = &[Duration::from_millis(200), Duration::from_secs(4 * 3600)];
     let mode = Mode {
         wait_for_retries: Some(u64::MAX),
         wait_until: Some(WAITS),
-        idle: Some(LONG_IDLE),
+        idle: Some(IDLE),
         tick: Some(Duration::from_secs(3600)),
         ..Mode::default()
     };
