@@ -32,7 +32,8 @@
 //! pool could not serve (ENOBUFS, every buffer it has given held) ends. While the pool has buffers
 //! it never gave (it starts with 64 of its 1,024, so that a worker keeps resident what its load
 //! needs), it gives 64 more and the direction is armed again at once; after that, as soon as any
-//! buffer comes back, and on every tick, so a dry pool slows a direction and never stops it.
+//! buffer comes back, and every 250 ms (the tick's slow part), so a dry pool slows a direction and
+//! never stops it.
 //!
 //! Bulk: a direction whose receive fills a whole pool buffer carries bulk data (as `relay: epoll`
 //! judges it) and moves to splice(2) for good: its receive is cancelled, what it already received
@@ -305,7 +306,8 @@ pub(crate) trait Host {
     ) -> Result<Option<Target>, Outcome>;
     /// A connection waiting for a backend with room (it was given no target): a target now, still
     /// nothing (it waits on), or how it ends (its wait is over). Asked after every
-    /// `Command::Freed`, on every tick, and when the first of those waiting reaches its deadline.
+    /// `Command::Freed`, every 250 ms (the tick's slow part), and when the first of those waiting
+    /// reaches its deadline.
     fn retry(&mut self, conn: &mut Self::Conn) -> Result<Option<Target>, Outcome>;
     /// How long from now the wait of a connection waiting for a backend lasts, if it has a
     /// deadline: `retry` is asked again then, so a wait ends at its deadline rather than at the
@@ -1070,7 +1072,7 @@ impl<H: Host> Worker<H> {
     }
 
     /// Arms a timeout for the earliest deadline among the waiting connections (`Host::wait_left`),
-    /// unless one armed fires by then: when it fires they are asked again (`retry_waiting`),
+    /// unless one armed for the waits fires by then: when it fires they are asked again (`retry_waiting`),
     /// which arms one for the next. (A timeout that fires before any wait is over costs one
     /// more look; one armed for a wait a freed slot ended fires for nothing.)
     fn arm_until(&mut self) {
@@ -2589,9 +2591,9 @@ impl<H: Host> Worker<H> {
         // What only stands in for an event that did not come goes on at the pace of the worker's
         // tick, however short a connection's timeouts make it: a listener out of descriptors is
         // not tried every 5 ms.
-        // (Due a tick early: a slow part run by an early tick would otherwise put the next one off
-        // to the tick after the one it is due at.)
-        if now.saturating_duration_since(self.slow_at) < base.saturating_sub(self.tick_period) {
+        // (Due half a tick early: ticks do not land on its pace, and one that came a little early
+        // must not put it off by a whole period; nor may one that came late run it twice.)
+        if now.saturating_duration_since(self.slow_at) < base.saturating_sub(self.tick_period / 2) {
             return self.keep_ticking();
         }
         self.slow_at = now;
@@ -2654,7 +2656,7 @@ enum Pump {
 }
 
 /// Listener `l` failed with `-res` (out of descriptors or memory, broken): it is armed again by
-/// the tick's slow part (at most every 250 ms), so a listener that keeps failing never spins the
+/// the tick's slow part (about every 250 ms, the worker's base tick), so a listener that keeps failing never spins the
 /// thread; said at most once a second.
 fn back_off(l: &mut Listening, errors: &mut RateLimited, res: i32) {
     l.backoff = true;
