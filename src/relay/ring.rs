@@ -1072,8 +1072,8 @@ impl<H: Host> Worker<H> {
     }
 
     /// Arms a timeout for the earliest deadline among the waiting connections (`Host::wait_left`),
-    /// unless one armed for the waits fires by then: when it fires they are asked again (`retry_waiting`),
-    /// which arms one for the next. (A timeout that fires before any wait is over costs one
+    /// unless one armed for the waits fires by then: when it fires they are asked again
+    /// (`retry_waiting`), which arms one for the next. (A timeout that fires before any wait is over costs one
     /// more look; one armed for a wait a freed slot ended fires for nothing.)
     fn arm_until(&mut self) {
         let host = &self.host;
@@ -1767,10 +1767,17 @@ impl<H: Host> Worker<H> {
         match target {
             Some(t) => self.connect(slot, t),
             None => {
-                let Some(c) = self.conn(slot) else { return };
+                let Some(c) = at(&mut self.conns, slot) else {
+                    return;
+                };
                 c.waiting = true;
+                // Its own deadline only: those already waiting have timeouts for theirs (a scan
+                // of every wait per new one would cost a long queue quadratic time).
+                let left = c.host.as_ref().and_then(|h| self.host.wait_left(h));
                 self.waiting.push(slot);
-                self.arm_until();
+                if let Some(left) = left {
+                    self.arm_at(left, Until::Waits);
+                }
             }
         }
     }
