@@ -21,6 +21,10 @@
 //! (`Command::Freed`), whose waiting connections look again, oldest first; a timeout armed for the
 //! earliest deadline of those waiting ends a wait at its deadline.
 //!
+//! A backend's cut (health's `on_down: close`, discovery's `on_removed`) tells every worker
+//! (`Command::BackendCut`), which ends that backend's connections at once; the workers' tick looks
+//! too, for a cut that raced a connection's pick of its backend.
+//!
 //! An upgrade carries ring connections as it carries sessions: `Command::Carry` has each worker stop
 //! its relayed connections at a quiet point and hand them here, where they go to `Leaving::carried`
 //! with the facts of their routing line; the new process relays them on, on its ring workers when
@@ -94,8 +98,9 @@ impl RingWorkers {
         leaving: Arc<Leaving>,
         tokio: Vec<tokio::runtime::Handle>,
     ) -> io::Result<RingWorkers> {
-        let start_one =
-            |i, services: Services| ring::start(format!("sluicegate-r{i}"), || services);
+        let start_one = |i, services: Services| {
+            ring::start(format!("sluicegate-r{i}"), || services, ring::TICK)
+        };
         RingWorkers::start_each(n, gate, tracker, leaving, tokio, start_one)
     }
 
@@ -224,7 +229,7 @@ impl RingWorkers {
             span: session::carried_span(&facts, &service),
             tried: Tried::default(),
             backend: Some(Picked {
-                cut: at.cut_signal(),
+                cut: self.workers.cut_signal(&at),
                 active: ActiveGuard::within(at.clone(), None),
                 backend: at,
                 connected: true,
@@ -492,6 +497,24 @@ impl Workers {
             h.send(Command::Freed);
         }
     }
+
+    /// `backend`'s cut signal, set to tell every worker (`Command::BackendCut`) when it fires, so
+    /// its connections are cut at once rather than on a worker's next tick.
+    fn cut_signal(self: &Arc<Self>, backend: &Backend) -> Arc<CutSignal> {
+        let cut = backend.cut_signal();
+        cut.wake_with(|| {
+            // Weak: the signal lives with the backend, which may outlive the workers.
+            let workers = Arc::downgrade(self);
+            Arc::new(move || {
+                if let Some(w) = workers.upgrade() {
+                    for h in lock(&w.0).iter() {
+                        h.send(Command::BackendCut);
+                    }
+                }
+            })
+        });
+        cut
+    }
 }
 
 impl Taken {
@@ -600,7 +623,7 @@ impl Taken {
                 None => backend.addr,
             };
             self.backend = Some(Picked {
-                cut: backend.cut_signal(),
+                cut: self.workers.cut_signal(&backend),
                 backend,
                 active: Some(active),
                 connected: false,
@@ -927,6 +950,98 @@ mod tests {
         addr
     }
 
+    /// The routes of `yaml`'s services, and its first service.
+    fn routes_of(yaml: &str) -> (Arc<ArcSwap<Routes>>, Arc<Service>) {
+        let cfg = Config::from_yaml(yaml).unwrap();
+        let services: Vec<_> = cfg
+            .services
+            .iter()
+            .zip(cfg.alone())
+            .map(|(s, alone)| {
+                let service = Service::new(s, alone, ServiceTls::default(), &EventBus::default());
+                (s.route_keys(), Arc::new(ArcSwap::from_pointee(service)))
+            })
+            .collect();
+        let first = services[0].1.load_full();
+        let routes = Arc::new(ArcSwap::from_pointee(Routes {
+            table: Table::new(services),
+            accept_proxy: None,
+            hello_timeout: Duration::from_secs(5),
+            unrouted: Arc::new(Unrouted::default()),
+        }));
+        (routes, first)
+    }
+
+    /// Serves `routes` on a new loopback address of `ring`: a client that has had a message relayed
+    /// there and back, and the token that stops the listener.
+    async fn relayed_client(
+        ring: &RingWorkers,
+        routes: Arc<ArcSwap<Routes>>,
+    ) -> (tokio::net::TcpStream, CancellationToken) {
+        let socket = listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let (stop, accepting) = (CancellationToken::new(), TaskTracker::new());
+        let handle = tokio::runtime::Handle::current();
+        ring.listen(&handle, socket, routes, stop.clone(), &accepting);
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"through").await.unwrap();
+        let mut got = [0u8; 7];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("relayed within 10 s")
+            .unwrap();
+        assert_eq!(&got, b"through");
+        (client, stop)
+    }
+
+    /// A backend removed with its sessions closed (the admin API's `close`; health's
+    /// `on_down: close` and discovery's `on_removed` cut the same way): its connection on a ring
+    /// worker is reset at once, told by the cut itself, not on the worker's tick, here stretched
+    /// to an hour (and the service's idle timeout with it, which would shorten the tick).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backend_cut_resets_its_ring_connections_without_the_tick() {
+        if let Err(why) = ring::availability() {
+            eprintln!("skipped: no ring worker here: {why}");
+            return;
+        }
+        let backend = echo().await;
+        let (routes, web) = routes_of(&format!(
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: ring\n    idle_timeout: 4h\n    backends: [{{address: \"{backend}\"}}]\n"
+        ));
+        let (gate, tracker) = (Arc::new(Gate::new(None)), TaskTracker::new());
+        let tokio = vec![tokio::runtime::Handle::current()];
+        let hour = Duration::from_secs(3600);
+        let ring = RingWorkers::start_each(
+            1,
+            gate,
+            tracker.clone(),
+            Arc::new(Leaving::default()),
+            tokio,
+            |_, services| ring::start("sg-test-cut".into(), || services, hour),
+        )
+        .unwrap();
+        let (mut client, stop) = relayed_client(&ring, routes).await;
+        web.pool.remove_api(backend, true).unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read(&mut [0u8; 1]))
+            .await
+            .expect("cut within 10 s, not on the tick");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset)
+        );
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while web.stats.ended(Outcome::BackendRemoved) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("counted as the backend's removal within 10 s");
+        stop.cancel();
+        tokio::task::spawn_blocking(move || ring.stop())
+            .await
+            .unwrap();
+    }
+
     /// One worker of two cannot start (its thread or ring refused, for want of memory): the one
     /// already running is told to stop, and its thread ends (it would otherwise wait in its ring
     /// for good, with its host's references to the control plane), and the caller gets the
@@ -950,7 +1065,7 @@ mod tests {
             |i, services| {
                 if i == 0 {
                     started += 1;
-                    ring::start("sg-test-start0".into(), || services)
+                    ring::start("sg-test-start0".into(), || services, ring::TICK)
                 } else {
                     Err(io::Error::other("worker 1: no memory for its ring"))
                 }
@@ -992,48 +1107,13 @@ mod tests {
             if shared {
                 yaml += "  - name: named\n    listen: 127.0.0.1:0\n    sni: [a.example]\n    backends: [{address: \"127.0.0.1:9\"}]\n";
             }
-            let cfg = Config::from_yaml(&yaml).unwrap();
-            let services: Vec<_> = cfg
-                .services
-                .iter()
-                .zip(cfg.alone())
-                .map(|(s, alone)| {
-                    let service =
-                        Service::new(s, alone, ServiceTls::default(), &EventBus::default());
-                    (s.route_keys(), Arc::new(ArcSwap::from_pointee(service)))
-                })
-                .collect();
-            let web = services[0].1.load_full();
-            let routes = Arc::new(ArcSwap::from_pointee(Routes {
-                table: Table::new(services),
-                accept_proxy: None,
-                hello_timeout: Duration::from_secs(5),
-                unrouted: Arc::new(Unrouted::default()),
-            }));
+            let (routes, web) = routes_of(&yaml);
             assert_eq!(routes.load().table.only().is_none(), shared);
             let (gate, tracker) = (Arc::new(Gate::new(None)), TaskTracker::new());
             let tokio = vec![tokio::runtime::Handle::current()];
             let leaving = Arc::new(Leaving::default());
             let ring = RingWorkers::start(1, gate, tracker.clone(), leaving, tokio).unwrap();
-            let socket = listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-            let addr = socket.local_addr().unwrap();
-            let (stop, accepting) = (CancellationToken::new(), TaskTracker::new());
-            ring.listen(
-                &tokio::runtime::Handle::current(),
-                socket,
-                routes,
-                stop.clone(),
-                &accepting,
-            );
-
-            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-            client.write_all(b"through").await.unwrap();
-            let mut got = [0u8; 7];
-            tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
-                .await
-                .expect("relayed within 10 s")
-                .unwrap();
-            assert_eq!(&got, b"through", "shared: {shared}");
+            let (client, stop) = relayed_client(&ring, routes).await;
             drop(client);
             tokio::time::timeout(Duration::from_secs(10), async {
                 while !tracker.is_empty() || web.stats.ended(Outcome::ClientClosed) == 0 {

@@ -64,17 +64,36 @@ crate::util::byte_enum! {
 
 /// Lets a backend's live sessions be cut (health `on_down: close`, `on_removed`): sessions wait on the
 /// signal current when they picked the backend; cutting replaces it, so later sessions are unaffected.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct CutSignal {
     token: CancellationToken,
     reason: OnceLock<Outcome>,
+    /// Called once the cut is made, for loops that look ([`CutSignal::fired`]) rather than wait:
+    /// the ring workers, told to look at once instead of on their next tick.
+    wake: OnceLock<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for CutSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CutSignal")
+            .field("fired", &self.fired())
+            .field("wakes", &self.wake.get().is_some())
+            .finish()
+    }
 }
 
 impl CutSignal {
     /// Whether the backend's sessions are cut, and why: for a loop that looks instead of waiting
-    /// (the ring workers, on their tick).
+    /// (the ring workers, on [`CutSignal::wake_with`]'s call or their tick).
     pub(crate) fn fired(&self) -> Option<Outcome> {
         self.token.is_cancelled().then(|| self.reason())
+    }
+
+    /// Has the cut call what `wake` gives (made on the first call only: one process has one set
+    /// of ring workers, which all callers are), so the loops that look see the cut at once. A cut
+    /// racing the first call may miss it; such a loop still looks on its tick.
+    pub(crate) fn wake_with(&self, wake: impl FnOnce() -> Arc<dyn Fn() + Send + Sync>) {
+        self.wake.get_or_init(wake);
     }
 
     /// Completes when the backend's sessions are cut, with the reason for their routing lines.
@@ -512,6 +531,9 @@ impl Backend {
         let old = self.cut.swap(Arc::new(CutSignal::default()));
         let _ = old.reason.set(reason);
         old.token.cancel();
+        if let Some(wake) = old.wake.get() {
+            wake();
+        }
     }
 
     /// Everything known about the backend, for the admin API.
@@ -700,6 +722,25 @@ mod tests {
         drop(g1);
         drop(g2);
         assert_eq!(b.active(), 0);
+    }
+
+    /// A cut calls what its signal was given to wake (the ring workers), once, with the reason
+    /// already readable; the signal that replaces it starts with nothing to wake.
+    #[test]
+    fn a_cut_wakes_what_its_signal_was_given() {
+        let b = Backend::new(SocketAddr::from(([127, 0, 0, 1], 1)), Weight::ONE);
+        let signal = b.cut_signal();
+        let woken = Arc::new(Mutex::new(Vec::new()));
+        let (w, s) = (woken.clone(), Arc::downgrade(&signal));
+        signal.wake_with(move || {
+            Arc::new(move || lock(&w).push(s.upgrade().and_then(|s| s.fired())))
+        });
+        signal.wake_with(|| panic!("made again: the first call's stays"));
+        b.cut_sessions(Outcome::BackendDown);
+        assert_eq!(*lock(&woken), [Some(Outcome::BackendDown)]);
+        b.cut_sessions(Outcome::BackendRemoved);
+        assert_eq!(lock(&woken).len(), 1, "the next signal wakes nothing");
+        assert_eq!(b.cut_signal().fired(), None);
     }
 
     #[test]

@@ -106,7 +106,7 @@ const POOL_GROW: u16 = 64;
 pub(crate) const CAP: usize = 8;
 /// How often timeouts, cuts and starved receives are looked at, while there is anything to look at
 /// (more often while a connection's timeouts are short: `tick_for`).
-const TICK: Duration = Duration::from_millis(250);
+pub(crate) const TICK: Duration = Duration::from_millis(250);
 /// The shortest tick, however short a connection's timeouts.
 const MIN_TICK: Duration = Duration::from_millis(5);
 
@@ -335,7 +335,8 @@ pub(crate) trait Host {
     }
     /// Bytes sent to the backend (`up`) and to the client (`down`) since the last call.
     fn sent(&mut self, conn: &Self::Conn, up: u64, down: u64);
-    /// Asked on every tick of a relayed connection: whether it is to be cut, and why.
+    /// Whether a relayed connection is to be cut, and why: asked of each on `Command::BackendCut`
+    /// and on every tick.
     fn cut(&mut self, conn: &Self::Conn) -> Option<Outcome>;
     /// The connection ended; its sockets close right after.
     fn ended(&mut self, conn: Self::Conn, finished: Finished);
@@ -389,6 +390,9 @@ pub(crate) enum Command<L, C> {
     Unlisten { id: u32 },
     /// Cut every connection: reset both sides, with this outcome.
     Cut(Outcome),
+    /// A backend's connections were cut: every relayed connection asks `Host::cut` now, rather
+    /// than on the next tick.
+    BackendCut,
     /// A backend's connection slot came free: the connections waiting for one ask again.
     Freed,
     /// Stop every relayed connection at a quiet point (and each connected from now on) and hand it
@@ -503,19 +507,20 @@ pub(crate) type Started<H> = (
     std::thread::JoinHandle<()>,
 );
 
-/// Starts a worker thread named `name` serving `make()`'s host; returns once its ring is set up.
-pub(crate) fn start<H, F>(name: String, make: F) -> io::Result<Started<H>>
+/// Starts a worker thread named `name` serving `make()`'s host, its tick every `tick` (the
+/// product's is [`TICK`]; tests stretch it, to tell what the tick does from what does not wait for
+/// it); returns once its ring is set up.
+pub(crate) fn start<H, F>(name: String, make: F, tick: Duration) -> io::Result<Started<H>>
 where
     H: Host,
     H::Listen: Send + 'static,
     H::Conn: Send + 'static,
     F: FnOnce() -> H + Send + 'static,
 {
-    start_with(name, make, super::splice::pool(), TICK)
+    start_with(name, make, super::splice::pool(), tick)
 }
 
-/// [`start`], with the worker's pipes from `pipes`, and its tick every `tick` (tests stretch it,
-/// to tell what the tick does from what does not wait for it).
+/// [`start`], with the worker's pipes from `pipes`.
 fn start_with<H, F>(
     name: String,
     make: F,
@@ -1183,6 +1188,7 @@ impl<H: Host> Worker<H> {
             }
             Command::Unlisten { id } => self.unlisten(id),
             Command::Cut(end) => self.cut_all(end),
+            Command::BackendCut => self.cut_those_cut(),
             Command::Freed => self.retry_waiting(),
             Command::Carry => self.carry_all(),
             Command::Adopt(a) => self.adopt(*a),
@@ -2415,6 +2421,23 @@ impl<H: Host> Worker<H> {
             if self.conn(slot).is_some() {
                 self.finish(slot, Supervised::cut(end));
             }
+        }
+    }
+
+    /// Cuts the relayed connections the host says are cut (`Host::cut`).
+    fn cut_those_cut(&mut self) {
+        let mut ending = Vec::new();
+        for (slot, c) in self.conns.iter().enumerate() {
+            let Some(c) = c.as_deref() else { continue };
+            let Some(h) = c.host.as_ref() else { continue };
+            if c.end.is_none() && c.connected {
+                if let Some(o) = self.host.cut(h) {
+                    ending.push((slot as u32, Supervised::cut(o)));
+                }
+            }
+        }
+        for (slot, end) in ending {
+            self.finish(slot, end);
         }
     }
 

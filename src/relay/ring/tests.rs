@@ -69,6 +69,8 @@ struct Seen {
     held: AtomicU64,
     /// The targets (their places in `targets`) whose attempts `Host::established` credited.
     established: std::sync::Mutex<Vec<usize>>,
+    /// Every relayed connection's backend is cut (`Host::cut`).
+    cut: std::sync::atomic::AtomicBool,
 }
 
 const PREFACE: &[u8] = b"PRE|";
@@ -190,7 +192,7 @@ impl Host for TestHost {
     }
     fn sent(&mut self, _: &TestConn, _: u64, _: u64) {}
     fn cut(&mut self, _: &TestConn) -> Option<Outcome> {
-        None
+        self.seen.cut.load(Relaxed).then_some(Outcome::BackendDown)
     }
     fn ended(&mut self, c: TestConn, f: Finished) {
         let _ = self.ended.send((f, c.errors));
@@ -899,6 +901,30 @@ fn a_cut_resets_the_client() {
     let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
     assert_eq!(f.end, Outcome::DrainDeadline);
     let e = c.read(&mut b).expect_err("a reset, not an EOF");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    stop(r);
+}
+
+/// A backend's cut (`Command::BackendCut`) ends the connections the host says are cut at once, with
+/// its outcome and a reset: the tick, stretched to an hour (the idle timeout too, which would
+/// shorten it), never comes.
+#[test]
+fn a_backend_cut_ends_its_connections_without_the_tick() {
+    const HOUR: Duration = Duration::from_secs(3600);
+    let mode = Mode {
+        tick: Some(HOUR),
+        idle: Some(&[HOUR]),
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![echo_backend()], WAIT, mode) else {
+        return;
+    };
+    let mut c = relayed_client(&r);
+    r.seen.cut.store(true, Relaxed);
+    assert!(r.handle.send(Command::BackendCut));
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(f.end, Outcome::BackendDown);
+    let e = c.read(&mut [0u8; 1]).expect_err("a reset, not an EOF");
     assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     stop(r);
 }
