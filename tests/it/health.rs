@@ -104,7 +104,7 @@ async fn alternating_probe_results_do_not_flap() {
 /// are not; reads are bounded; one probe in flight; no descriptor growth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_2xx_is_healthy_whatever_the_endpoint_does() {
-    let (port, fleet) = replicas(2, 1);
+    let (_port, fleet) = replicas(2, 1);
     let proxy = Proxy::start(&yaml(
         &fleet,
         "health: {kind: http, interval: 5ms, timeout: 5ms, rise: 1, fall: 1}",
@@ -192,7 +192,7 @@ async fn only_2xx_is_healthy_whatever_the_endpoint_does() {
     .await;
     wait_for(Duration::from_secs(2), "probe sockets closed", || {
         // the listener, and at most one probe's two ends
-        crate::common::socket_fds_on_ports(&[port]) <= 3
+        crate::common::socket_fds_on(&[fleet[0].addr()]) <= 3
     })
     .await;
 }

@@ -83,22 +83,6 @@ fn proc_tcp_sockets() -> Vec<ProcTcp> {
     out
 }
 
-/// TCP sockets of this network namespace with a local or remote port in `ports`: (state, inode)
-/// pairs.
-pub fn tcp_sockets_on_ports(ports: &[u16]) -> Vec<(u8, String)> {
-    let port_of = |c: &str| {
-        c.rsplit(':')
-            .next()
-            .and_then(|p| u16::from_str_radix(p, 16).ok())
-    };
-    let on = |c: &str| port_of(c).is_some_and(|p| ports.contains(&p));
-    proc_tcp_sockets()
-        .into_iter()
-        .filter(|t| on(&t.local) || on(&t.remote))
-        .map(|t| (t.state, t.inode))
-        .collect()
-}
-
 /// The TCP sockets with one of `addrs` (address and port) at either end. Exact addresses: another
 /// test's socket on the same port number of another 127.0.0.x (backends of concurrent tests share
 /// port numbers across addresses) is not counted.
@@ -151,28 +135,6 @@ pub fn socket_fds_on(addrs: &[SocketAddr]) -> usize {
         .filter_map(|e| std::fs::read_link(e.path()).ok())
         .map(|l| l.to_string_lossy().into_owned())
         .filter(|l| inodes.contains(l))
-        .collect::<std::collections::HashSet<_>>()
-        .len()
-}
-
-/// Open TCP sockets of this process with a local or remote port in `ports` (distinct sockets: every
-/// data-plane worker holds its own descriptor of a service's one listening socket). Unlike a count of
-/// all descriptors, this is not disturbed by other tests running in the same process.
-pub fn socket_fds_on_ports(ports: &[u16]) -> usize {
-    let inodes: std::collections::HashSet<String> = tcp_sockets_on_ports(ports)
-        .into_iter()
-        .filter(|(_, inode)| inode != "0")
-        .map(|(_, inode)| format!("socket:[{inode}]"))
-        .collect();
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return 0;
-    };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter_map(|l| {
-            let l = l.to_string_lossy().into_owned();
-            inodes.contains(&l).then_some(l)
-        })
         .collect::<std::collections::HashSet<_>>()
         .len()
 }
