@@ -438,6 +438,14 @@ async fn sigterm_drains_then_exits_zero_with_complete_routing_log() {
         "one routing line per connection"
     );
     assert_eq!(routes.len(), 20);
+    for r in routes {
+        assert_drained_routing_line(r, backend.addr);
+    }
+}
+
+/// A routing line of `sigterm_drains_then_exits_zero_with_complete_routing_log`: exactly the
+/// documented fields, with what its transfer did.
+fn assert_drained_routing_line(r: &Value, backend: SocketAddr) {
     let fields = [
         "service",
         "client",
@@ -457,31 +465,29 @@ async fn sigterm_drains_then_exits_zero_with_complete_routing_log() {
         "tls",
         "handed_over",
     ];
-    for r in routes {
-        for f in fields {
-            assert!(r.get(f).is_some(), "field {f} missing in {r}");
-        }
-        let names: Vec<&str> = r.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-        let envelope = ["ts", "level", "target", "msg"];
-        assert_eq!(
-            names.len(),
-            fields.len() + envelope.len(),
-            "exactly the documented fields: {names:?}"
-        );
-        assert_eq!(
-            r["backend_name"],
-            Value::Null,
-            "a static backend has no DNS name"
-        );
-        assert_eq!(r["service"], "t");
-        assert_eq!(r["backend"], backend.addr.to_string());
-        assert_eq!(r["policy"], "round_robin");
-        assert_eq!(r["attempts"], 1);
-        assert_eq!(r["bytes_up"], 1);
-        assert_eq!(r["bytes_down"], 30 * 8192);
-        assert_eq!(r["end"], "backend_closed");
-        assert!(r["connect_ms"].as_f64().is_some() && r["duration_ms"].as_f64().unwrap() > 500.0);
+    for f in fields {
+        assert!(r.get(f).is_some(), "field {f} missing in {r}");
     }
+    let names: Vec<&str> = r.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    let envelope = ["ts", "level", "target", "msg"];
+    assert_eq!(
+        names.len(),
+        fields.len() + envelope.len(),
+        "exactly the documented fields: {names:?}"
+    );
+    assert_eq!(
+        r["backend_name"],
+        Value::Null,
+        "a static backend has no DNS name"
+    );
+    assert_eq!(r["service"], "t");
+    assert_eq!(r["backend"], backend.to_string());
+    assert_eq!(r["policy"], "round_robin");
+    assert_eq!(r["attempts"], 1);
+    assert_eq!(r["bytes_up"], 1);
+    assert_eq!(r["bytes_down"], 30 * 8192);
+    assert_eq!(r["end"], "backend_closed");
+    assert!(r["connect_ms"].as_f64().is_some() && r["duration_ms"].as_f64().unwrap() > 500.0);
 }
 
 /// A backend that sends a KiB every 20 ms until its client goes: a transfer that never ends.
@@ -1384,10 +1390,9 @@ async fn log_file_receives_every_line() {
 }
 
 /// `log.access`: the routing log in a file of its own, the application log in another, each rotated
-/// with `log.keep` files kept; `access: off` drops routing lines only; `log.filter` and `SLUICEGATE_LOG`
-/// choose what the application log says.
+/// with `log.keep` files kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn log_streams_are_separate_filtered_and_kept() {
+async fn log_streams_are_separate_and_kept() {
     let backend = Backend::echo([127, 0, 0, 2]).await;
     let dir = tmp_file("placeholder", "").parent().unwrap().to_path_buf();
     // Rotated files of earlier days: with keep 2 only one of them may remain beside today's.
@@ -1465,7 +1470,13 @@ async fn log_streams_are_separate_filtered_and_kept() {
         !dir.join("app.log.2026-01-01").exists(),
         "the oldest is deleted"
     );
+}
 
+/// `access: off` drops routing lines only; `log.filter` and `SLUICEGATE_LOG` choose what the
+/// application log says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_filters_choose_what_is_written() {
+    let backend = Backend::echo([127, 0, 0, 2]).await;
     // access: off, and a filter that keeps only the control's info lines and every warning.
     let y = yaml(&[backend.addr], "", "{drain_timeout: 5s}").replace(
         "log: {level: info, format: json}",
