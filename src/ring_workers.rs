@@ -22,8 +22,9 @@
 //! earliest deadline of those waiting ends a wait at its deadline.
 //!
 //! A backend's cut (health's `on_down: close`, discovery's `on_removed`) tells every worker
-//! (`Command::BackendCut`), which ends that backend's connections at once; the workers' tick looks
-//! too, for a cut that raced a connection's pick of its backend.
+//! (`Command::BackendCut`), which ends that backend's relayed connections at once; one still
+//! connecting, or carried in, is asked as it connects or arrives. The workers' tick looks too,
+//! for a cut that raced the signal's first pick (`CutSignal::wake_with`).
 //!
 //! An upgrade carries ring connections as it carries sessions: `Command::Carry` has each worker stop
 //! its relayed connections at a quiet point and hand them here, where they go to `Leaving::carried`

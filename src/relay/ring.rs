@@ -335,8 +335,8 @@ pub(crate) trait Host {
     }
     /// Bytes sent to the backend (`up`) and to the client (`down`) since the last call.
     fn sent(&mut self, conn: &Self::Conn, up: u64, down: u64);
-    /// Whether a relayed connection is to be cut, and why: asked of each on `Command::BackendCut`
-    /// and on every tick.
+    /// Whether a connection is to be cut, and why: asked of each relayed one on
+    /// `Command::BackendCut` and on every tick, and of each as it connects or is adopted.
     fn cut(&mut self, conn: &Self::Conn) -> Option<Outcome>;
     /// The connection ended; its sockets close right after.
     fn ended(&mut self, conn: Self::Conn, finished: Finished);
@@ -1156,15 +1156,21 @@ impl<H: Host> Worker<H> {
         let mut count = [0u8; 8];
         // Resets the eventfd's counter; commands sent after this wake the poll again.
         let _ = rustix::io::read(&*self.wake, &mut count);
+        let mut cut = false;
         loop {
             match self.commands.try_recv() {
+                // However many backends were cut (a reload removing several), one look.
+                Ok(Command::BackendCut) => cut = true,
                 Ok(c) => self.command(c),
-                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     self.command(Command::Stop);
-                    return;
+                    break;
                 }
             }
+        }
+        if cut {
+            self.cut_those_cut();
         }
     }
 
@@ -1545,7 +1551,11 @@ impl<H: Host> Worker<H> {
         });
         bump(&self.counts.adopted);
         match self.place(c) {
-            Some(slot) if ready => self.go_on(slot),
+            // Its backend cut on its way here: `Command::BackendCut` may have come first.
+            Some(slot) if ready => match self.cut_of(slot) {
+                Some(o) => self.finish(slot, Supervised::cut(o)),
+                None => self.go_on(slot),
+            },
             Some(slot) => self.finish(slot, Supervised::cut(Outcome::ClientReset)),
             None => {}
         }
@@ -1692,6 +1702,14 @@ impl<H: Host> Worker<H> {
                 self.host.established(h);
             }
         }
+        // Its backend cut while it connected (or as it picked it): `Command::BackendCut` passed
+        // it by, and it goes before it relays anything.
+        if let Some(o) = self.cut_of(slot) {
+            return self.finish(slot, Supervised::cut(o));
+        }
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
         let owned = !c.pre.is_empty();
         if owned {
             let len = c.pre.len() as u32;
@@ -2422,6 +2440,12 @@ impl<H: Host> Worker<H> {
                 self.finish(slot, Supervised::cut(end));
             }
         }
+    }
+
+    /// Whether the host says connection `slot` is cut, and why.
+    fn cut_of(&mut self, slot: u32) -> Option<Outcome> {
+        let h = at(&mut self.conns, slot)?.host.as_ref()?;
+        self.host.cut(h)
     }
 
     /// Cuts the relayed connections the host says are cut (`Host::cut`).

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use super::*;
 
 const WAIT: Duration = Duration::from_secs(10);
+/// A tick (or a timeout) that never comes within a test.
+const HOUR: Duration = Duration::from_secs(3600);
 
 struct TestHost {
     targets: Vec<SocketAddr>,
@@ -900,33 +902,56 @@ fn a_cut_resets_the_client() {
     assert!(r.handle.send(Command::Cut(Outcome::DrainDeadline)));
     let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
     assert_eq!(f.end, Outcome::DrainDeadline);
-    let e = c.read(&mut b).expect_err("a reset, not an EOF");
+    let e = read_some(&mut c, &mut b).expect_err("a reset, not an EOF");
     assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     stop(r);
 }
 
-/// A backend's cut (`Command::BackendCut`) ends the connections the host says are cut at once, with
-/// its outcome and a reset: the tick, stretched to an hour (the idle timeout too, which would
-/// shorten it), never comes.
-#[test]
-fn a_backend_cut_ends_its_connections_without_the_tick() {
-    const HOUR: Duration = Duration::from_secs(3600);
+/// A worker relaying to an echo backend whose tick never comes within a test: stretched to an hour,
+/// and the idle timeout too, which would shorten it.
+fn untimed_worker() -> Option<Running> {
     let mode = Mode {
         tick: Some(HOUR),
         idle: Some(&[HOUR]),
         ..Mode::default()
     };
-    let Some(r) = worker_with(vec![echo_backend()], WAIT, mode) else {
+    worker_with(vec![echo_backend()], WAIT, mode)
+}
+
+/// Waits for `r`'s connection to end as its backend's cut, and for client `c` to see a reset (not
+/// an EOF, nor an echo); then stops `r`.
+fn ends_as_cut(r: Running, c: &mut TcpStream) {
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(f.end, Outcome::BackendDown);
+    let e = read_some(c, &mut [0u8; 1]).expect_err("a reset");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    stop(r);
+}
+
+/// A backend's cut (`Command::BackendCut`) ends the connections the host says are cut at once, with
+/// its outcome and a reset, without the tick.
+#[test]
+fn a_backend_cut_ends_its_connections_without_the_tick() {
+    let Some(r) = untimed_worker() else {
         return;
     };
     let mut c = relayed_client(&r);
     r.seen.cut.store(true, Relaxed);
     assert!(r.handle.send(Command::BackendCut));
-    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
-    assert_eq!(f.end, Outcome::BackendDown);
-    let e = c.read(&mut [0u8; 1]).expect_err("a reset, not an EOF");
-    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
-    stop(r);
+    ends_as_cut(r, &mut c);
+}
+
+/// A connection whose backend was cut before it connected (`Command::BackendCut` passes by those
+/// still connecting) is cut as it connects, not relayed until the tick.
+#[test]
+fn a_connection_whose_backend_was_cut_as_it_connected_is_cut_then() {
+    let Some(r) = untimed_worker() else {
+        return;
+    };
+    r.seen.cut.store(true, Relaxed);
+    // It sends nothing: a write could take the reset's error, and the read after it an EOF.
+    let mut c = client(r.addr);
+    ends_as_cut(r, &mut c);
 }
 
 /// Unlistening closes the worker's listener (its descriptor was the only one): new clients are
@@ -1175,6 +1200,34 @@ fn an_adopted_connection_sends_what_it_held_first_and_counts_its_whole_life() {
         (100 + 7 + 4, 200 + 9 + 4, Outcome::ClientClosed)
     );
     assert_eq!(r.handle.counts().adopted.load(Relaxed), 1);
+    stop(r);
+}
+
+/// A connection carried in whose backend was cut on its way (`Command::BackendCut` may come
+/// before it) is cut as it is adopted, not relayed until the tick (an hour here): nothing it held
+/// is sent, and both sides see a reset.
+#[test]
+fn an_adopted_connection_whose_backend_was_cut_is_cut_then() {
+    let mode = Mode {
+        tick: Some(HOUR),
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![refusing()], WAIT, mode) else {
+        return;
+    };
+    r.seen.cut.store(true, Relaxed);
+    let (mut c, mut b, watch) = adopted(&r, false);
+    // The worker's close resets the socket only if it holds the last descriptor.
+    drop(watch);
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(
+        (f.end, f.bytes_up, f.bytes_down),
+        (Outcome::BackendDown, 100, 200)
+    );
+    for s in [&mut c, &mut b] {
+        let e = read_some(s, &mut [0u8; 16]).expect_err("a reset, not what it held");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
     stop(r);
 }
 
