@@ -417,27 +417,39 @@ impl SpanFields {
     }
 
     fn packed(fields: &[(&str, Val)]) -> SpanFields {
-        let len = fields
-            .iter()
-            .map(|(n, v)| 6 + n.len() + v.text().len())
+        SpanFields::of(fields.iter().map(|(n, v)| (v.kind(), *n, v.text())))
+    }
+
+    /// Packs `items` (kind, name, value text) into a buffer of their exact size. An item whose
+    /// name is over 255 bytes or whose value is 4 GiB or more is not kept.
+    fn of<'a>(items: impl Iterator<Item = (u8, &'a str, &'a str)> + Clone) -> SpanFields {
+        let fits = |name: &str, text: &str| {
+            Some((
+                u8::try_from(name.len()).ok()?,
+                u32::try_from(text.len()).ok()?,
+            ))
+        };
+        let len = items
+            .clone()
+            .filter(|(_, n, t)| fits(n, t).is_some())
+            .map(|(_, n, t)| 6 + n.len() + t.len())
             .sum();
         let mut out = Vec::with_capacity(len);
-        for (name, val) in fields {
-            let (Ok(n), Ok(t)) = (u8::try_from(name.len()), u32::try_from(val.text().len())) else {
-                // A field name of over 255 bytes or a value of 4 GiB or more: not kept.
+        for (kind, name, text) in items {
+            let Some((n, t)) = fits(name, text) else {
                 continue;
             };
-            out.push(val.kind());
+            out.push(kind);
             out.push(n);
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(&t.to_le_bytes());
-            out.extend_from_slice(val.text().as_bytes());
+            out.extend_from_slice(text.as_bytes());
         }
         SpanFields(out)
     }
 
-    /// The fields in the order they were first given.
-    fn iter(&self) -> impl Iterator<Item = (&str, Val)> + '_ {
+    /// Each field as packed: its kind, name and value text, in the order first given.
+    fn raw(&self) -> impl Iterator<Item = (u8, &str, &str)> + Clone + '_ {
         let mut rest = &self.0[..];
         std::iter::from_fn(move || {
             let (&kind, r) = rest.split_first()?;
@@ -447,23 +459,39 @@ impl SpanFields {
             let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
             let (text, r) = r.split_at_checked(len)?;
             rest = r;
-            // Written from `&str`s by `packed`, split only at their ends.
+            // Written from `&str`s by `of`, split only at their ends.
             let name = std::str::from_utf8(name).ok()?;
             let text = std::str::from_utf8(text).ok()?;
-            Some((name, Val::unpack(kind, text)))
+            Some((kind, name, text))
         })
     }
 
-    /// These fields with `new` recorded over them: a field already there keeps its place.
-    fn recorded(&self, new: Vec<(&'static str, Val)>) -> SpanFields {
-        let mut all: Vec<(&str, Val)> = self.iter().collect();
-        for (name, val) in new {
-            match all.iter_mut().find(|(n, _)| *n == name) {
-                Some(slot) => slot.1 = val,
-                None => all.push((name, val)),
-            }
-        }
-        SpanFields::packed(&all)
+    /// The fields in the order they were first given.
+    fn iter(&self) -> impl Iterator<Item = (&str, Val)> + '_ {
+        self.raw()
+            .map(|(kind, name, text)| (name, Val::unpack(kind, text)))
+    }
+
+    /// These fields with `new` recorded over them: a field already there keeps its place, a new
+    /// one follows, and a name given twice takes its last value. The fields kept are copied as
+    /// packed: a record (every connection's backend, at least) decodes no value.
+    fn recorded(&self, new: &[(&'static str, Val)]) -> SpanFields {
+        let last = |name: &str| {
+            new.iter()
+                .rev()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (v.kind(), v.text()))
+        };
+        let kept = self.raw().map(move |(kind, name, text)| {
+            let (kind, text) = last(name).unwrap_or((kind, text));
+            (kind, name, text)
+        });
+        let added = new.iter().enumerate().filter_map(move |(i, (name, _))| {
+            let first = !new[..i].iter().any(|(n, _)| n == name);
+            let (kind, text) = last(name)?;
+            (first && !self.raw().any(|(_, n, _)| n == *name)).then_some((kind, *name, text))
+        });
+        SpanFields::of(kept.chain(added))
     }
 }
 
@@ -496,7 +524,7 @@ where
         values.record(&mut v);
         if let Some(span) = ctx.span(id) {
             if let Some(fields) = span.extensions_mut().get_mut::<SpanFields>() {
-                *fields = fields.recorded(v.fields);
+                *fields = fields.recorded(&v.fields);
             }
         }
     }
@@ -717,16 +745,22 @@ mod tests {
     #[test]
     fn a_recorded_span_field_keeps_its_place_and_new_ones_follow() {
         let fields = SpanFields::packed(&[("service", Val::Null), ("client", s("c"))]);
-        let fields = fields.recorded(vec![("backend", s("b")), ("service", s("web"))]);
+        let fields = fields.recorded(&[
+            ("backend", s("b")),
+            ("service", s("web")),
+            ("backend", s("b2")),
+            ("client", Val::Num("7".into())),
+        ]);
         let back: Vec<(&str, Val)> = fields.iter().collect();
         assert_eq!(
             back,
             vec![
                 ("service", s("web")),
-                ("client", s("c")),
-                ("backend", s("b"))
+                ("client", Val::Num("7".into())),
+                ("backend", s("b2"))
             ]
         );
+        assert_eq!(fields.0.len(), fields.0.capacity(), "packed to its size");
     }
 
     #[test]
