@@ -1156,21 +1156,21 @@ impl<H: Host> Worker<H> {
         let mut count = [0u8; 8];
         // Resets the eventfd's counter; commands sent after this wake the poll again.
         let _ = rustix::io::read(&*self.wake, &mut count);
+        // However many backends were cut in a row (a reload removing several), one look; taken
+        // before any other command, so each still comes in the order it was sent (a cut before a
+        // stop or a carry ends its connections as cut).
         let mut cut = false;
         loop {
-            match self.commands.try_recv() {
-                // However many backends were cut (a reload removing several), one look.
+            let next = self.commands.try_recv();
+            if std::mem::take(&mut cut) && !matches!(next, Ok(Command::BackendCut)) {
+                self.cut_those_cut();
+            }
+            match next {
                 Ok(Command::BackendCut) => cut = true,
                 Ok(c) => self.command(c),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    self.command(Command::Stop);
-                    break;
-                }
+                Err(mpsc::TryRecvError::Empty) => return,
+                Err(mpsc::TryRecvError::Disconnected) => return self.command(Command::Stop),
             }
-        }
-        if cut {
-            self.cut_those_cut();
         }
     }
 
@@ -1703,7 +1703,8 @@ impl<H: Host> Worker<H> {
             }
         }
         // Its backend cut while it connected (or as it picked it): `Command::BackendCut` passed
-        // it by, and it goes before it relays anything.
+        // it by, and it goes before it relays anything. Without a preface it was credited just
+        // above, as the epoll engine credits a connect whose relay then sees the cut.
         if let Some(o) = self.cut_of(slot) {
             return self.finish(slot, Supervised::cut(o));
         }

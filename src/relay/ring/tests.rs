@@ -380,6 +380,11 @@ fn read_pattern(s: &mut TcpStream) -> u64 {
 
 fn stop(r: Running) {
     assert!(r.handle.send(Command::Stop));
+    thread_ends(r);
+}
+
+/// Waits for `r`'s thread to end (it was told to stop).
+fn thread_ends(r: Running) {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(r.thread.join().is_ok());
@@ -898,13 +903,8 @@ fn a_cut_resets_the_client() {
         return;
     };
     let mut c = relayed_client(&r);
-    let mut b = [0u8; 1];
     assert!(r.handle.send(Command::Cut(Outcome::DrainDeadline)));
-    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
-    assert_eq!(f.end, Outcome::DrainDeadline);
-    let e = read_some(&mut c, &mut b).expect_err("a reset, not an EOF");
-    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
-    stop(r);
+    ends_as_cut(r, &mut c, Outcome::DrainDeadline);
 }
 
 /// A worker relaying to an echo backend whose tick never comes within a test: stretched to an hour,
@@ -918,11 +918,11 @@ fn untimed_worker() -> Option<Running> {
     worker_with(vec![echo_backend()], WAIT, mode)
 }
 
-/// Waits for `r`'s connection to end as its backend's cut, and for client `c` to see a reset (not
-/// an EOF, nor an echo); then stops `r`.
-fn ends_as_cut(r: Running, c: &mut TcpStream) {
+/// Waits for `r`'s connection to end as cut, with `end`, and for client `c` to see a reset (not an
+/// EOF, nor an echo); then stops `r`.
+fn ends_as_cut(r: Running, c: &mut TcpStream, end: Outcome) {
     let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
-    assert_eq!(f.end, Outcome::BackendDown);
+    assert_eq!(f.end, end);
     let e = read_some(c, &mut [0u8; 1]).expect_err("a reset");
     assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     stop(r);
@@ -938,7 +938,23 @@ fn a_backend_cut_ends_its_connections_without_the_tick() {
     let mut c = relayed_client(&r);
     r.seen.cut.store(true, Relaxed);
     assert!(r.handle.send(Command::BackendCut));
-    ends_as_cut(r, &mut c);
+    ends_as_cut(r, &mut c, Outcome::BackendDown);
+}
+
+/// A backend's cut followed by a stop, as one batch of commands most likely: each is taken in
+/// the order sent, so the connection ends as cut, not at the stop's drain deadline.
+#[test]
+fn a_backend_cut_then_a_stop_ends_the_connection_as_cut() {
+    let Some(r) = untimed_worker() else {
+        return;
+    };
+    let _c = relayed_client(&r);
+    r.seen.cut.store(true, Relaxed);
+    assert!(r.handle.send(Command::BackendCut));
+    assert!(r.handle.send(Command::Stop));
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(f.end, Outcome::BackendDown);
+    thread_ends(r);
 }
 
 /// A connection whose backend was cut before it connected (`Command::BackendCut` passes by those
@@ -951,7 +967,7 @@ fn a_connection_whose_backend_was_cut_as_it_connected_is_cut_then() {
     r.seen.cut.store(true, Relaxed);
     // It sends nothing: a write could take the reset's error, and the read after it an EOF.
     let mut c = client(r.addr);
-    ends_as_cut(r, &mut c);
+    ends_as_cut(r, &mut c, Outcome::BackendDown);
 }
 
 /// Unlistening closes the worker's listener (its descriptor was the only one): new clients are
