@@ -23,8 +23,9 @@
 //!
 //! A backend's cut (health's `on_down: close`, discovery's `on_removed`) tells every worker
 //! (`Command::BackendCut`), which ends that backend's relayed connections at once; one still
-//! connecting, or carried in, is asked as it connects or arrives. The workers' tick looks too,
-//! for a cut that raced the signal's first pick (`CutSignal::wake_with`).
+//! connecting, or carried in, is asked as it connects or arrives, which also catches a cut that
+//! raced the signal's first pick (`CutSignal::wake_with`). The workers' tick looks too, as a
+//! backstop.
 //!
 //! An upgrade carries ring connections as it carries sessions: `Command::Carry` has each worker stop
 //! its relayed connections at a quiet point and hand them here, where they go to `Leaving::carried`

@@ -91,7 +91,9 @@ impl CutSignal {
 
     /// Has the cut call what `wake` gives (made on the first call only: one process has one set
     /// of ring workers, which all callers are), so the loops that look see the cut at once. A cut
-    /// racing the first call may miss it; such a loop still looks on its tick.
+    /// racing the first call may find nothing to call: the caller looks at the signal after this
+    /// returns (the ring, as the connection connects or arrives), and the token's lock orders that
+    /// look and the cut, so one of the two sees the other.
     pub(crate) fn wake_with(&self, wake: impl FnOnce() -> Arc<dyn Fn() + Send + Sync>) {
         self.wake.get_or_init(wake);
     }
