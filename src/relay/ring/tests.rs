@@ -1136,24 +1136,33 @@ fn socket_pair() -> (TcpStream, TcpStream) {
 fn adopted(r: &Running, up_done: bool) -> (TcpStream, TcpStream, TcpStream) {
     let (client_end, worker_client) = socket_pair();
     let (backend_end, worker_backend) = socket_pair();
-    for s in [&worker_client, &worker_backend] {
-        socket2::SockRef::from(s)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-    }
+    socket2::SockRef::from(&worker_client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     let watch = worker_client.try_clone().unwrap();
     if up_done {
         client_end.shutdown(Shutdown::Write).unwrap();
         worker_backend.shutdown(Shutdown::Write).unwrap();
     }
-    let adopt = Adopt {
+    let adopt = carried_in(worker_client.into(), worker_backend, up_done);
+    assert!(r.handle.send(Command::Adopt(adopt)));
+    (client_end, backend_end, watch)
+}
+
+/// What [`adopted`] sends, with `client` as it is given: 100 bytes up and 200 down sent before,
+/// "up-held" (unless `up_done`) and "down-held" held, the backend's reset armed.
+fn carried_in(client: OwnedFd, backend: TcpStream, up_done: bool) -> Box<Adopt<TestConn>> {
+    socket2::SockRef::from(&backend)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    Box::new(Adopt {
         conn: TestConn {
             next: 1,
             errors: Vec::new(),
             wait_until: None,
         },
-        client: worker_client.into(),
-        backend: worker_backend.into(),
+        client,
+        backend: backend.into(),
         held: Quiesced {
             to_backend: if up_done {
                 Vec::new()
@@ -1170,9 +1179,7 @@ fn adopted(r: &Running, up_done: bool) -> (TcpStream, TcpStream, TcpStream) {
             idle: Duration::from_secs(60),
             half_close: Duration::from_secs(60),
         },
-    };
-    assert!(r.handle.send(Command::Adopt(Box::new(adopt))));
-    (client_end, backend_end, watch)
+    })
 }
 
 /// A connection carried in goes on from where it stopped: what each direction held goes first and
@@ -1244,6 +1251,28 @@ fn an_adopted_connection_whose_backend_was_cut_is_cut_then() {
         let e = read_some(s, &mut [0u8; 16]).expect_err("a reset, not what it held");
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     }
+    stop(r);
+}
+
+/// A connection carried in whose reset armed for the way cannot be disarmed (its client here is
+/// a file, where no socket option can be set) is cut, its backend reset, and nothing it held is
+/// sent: relayed, its close would reset the client and drop whatever was sent to it last.
+#[test]
+fn an_adopted_connection_whose_linger_cannot_be_cleared_is_cut() {
+    let Some(r) = worker(vec![refusing()], WAIT) else {
+        return;
+    };
+    let (mut b, worker_backend) = socket_pair();
+    let not_a_socket = std::fs::File::open("/dev/null").unwrap();
+    let adopt = carried_in(not_a_socket.into(), worker_backend, false);
+    assert!(r.handle.send(Command::Adopt(adopt)));
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(
+        (f.end, f.bytes_up, f.bytes_down),
+        (Outcome::ClientReset, 100, 200)
+    );
+    let e = read_some(&mut b, &mut [0u8; 16]).expect_err("a reset, not what it held");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     stop(r);
 }
 
