@@ -976,6 +976,7 @@ async fn pump_splice(
     mut pipe: splice::PipeLease,
     start: Instant,
 ) -> Option<DirEnd> {
+    use splice::Filled;
     use std::os::fd::AsFd;
     flow.spliced.store(true, Relaxed);
     // What a carried connection brought along goes out before anything is read.
@@ -989,21 +990,10 @@ async fn pump_splice(
         }
         // Plain try_io, not read_once: a short splice does not mean the socket is drained (the pipe's 16
         // buffer slots can fill with small segments first), and clearing readiness then would stall.
-        // Splice stops at TCP urgent data: EAGAIN there, or 0 once the FIN has come too, with
-        // bytes still queued past the mark, which a peek sees (and, after EAGAIN, one more splice
-        // that also finds nothing rules out bytes that came since). Then the caller's receives
-        // read past it; the readiness stays set (`Stuck` is not an error), so they start at once.
+        // Stuck at TCP urgent data, the caller's receives read past it; the readiness stays set
+        // (`Stuck` is not an error), so they start at once.
         let fd = src.as_fd();
-        let fill = || match pipe.fill_from(fd, splice::PIPE_SIZE) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && splice::stuck_at_urgent(fd) => {
-                match pipe.fill_from(fd, splice::PIPE_SIZE) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::Stuck),
-                    r => r.map(Filled::Bytes),
-                }
-            }
-            Ok(0) if splice::stuck_at_urgent(fd) => Ok(Filled::Stuck),
-            r => r.map(Filled::Bytes),
-        };
+        let fill = || pipe.fill_or_stuck(fd);
         match src.try_io(Interest::READABLE, fill) {
             Ok(Filled::Stuck) => return None,
             Ok(Filled::Bytes(0)) => return Some(finish(dst, flow, other)),
@@ -1033,15 +1023,6 @@ async fn pump_splice(
             }
         }
     }
-}
-
-/// What one fill of a splicing direction's pipe did.
-#[cfg(target_os = "linux")]
-enum Filled {
-    /// Bytes moved into the pipe; 0 is the end of the stream.
-    Bytes(usize),
-    /// Splice stopped at urgent data with bytes past it (see `pump_splice`).
-    Stuck,
 }
 
 /// Errors after which the same operation is simply tried again.

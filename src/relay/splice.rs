@@ -180,6 +180,22 @@ impl PipeLease {
         Ok(n)
     }
 
+    /// Fills the pipe from socket `from` as [`PipeLease::fill_from`] does, telling a stop at TCP
+    /// urgent data ([`Filled::Stuck`]) from the end of the stream and from an empty socket.
+    ///
+    /// Splice stops at the urgent mark: EAGAIN there, or 0 once the FIN has come too, with bytes
+    /// still queued past the mark, which a peek sees. After EAGAIN, a peek that sees bytes may have
+    /// seen ones that came just after the splice, so one more splice decides ([`after_peek`]).
+    pub(super) fn fill_or_stuck(&mut self, from: BorrowedFd<'_>) -> io::Result<Filled> {
+        match self.fill_from(from, PIPE_SIZE) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && stuck_at_urgent(from) => {
+                after_peek(self.fill_from(from, PIPE_SIZE))
+            }
+            Ok(0) if stuck_at_urgent(from) => Ok(Filled::Stuck),
+            r => r.map(Filled::Bytes),
+        }
+    }
+
     /// Moves pending bytes from the pipe into socket `to`; `WouldBlock` means its send buffer is full.
     pub(super) fn drain_to(&mut self, to: BorrowedFd<'_>) -> io::Result<usize> {
         let pipe = self.pipe.as_ref().ok_or_else(gone)?;
@@ -229,6 +245,26 @@ impl Drop for PipeLease {
             }
         }
         self.pool.lent.fetch_sub(1, Relaxed);
+    }
+}
+
+/// What one fill of a splicing direction's pipe did.
+#[derive(Debug, PartialEq)]
+pub(super) enum Filled {
+    /// Bytes moved into the pipe; 0 is the end of the stream.
+    Bytes(usize),
+    /// Splice stopped at urgent data with bytes past it: only a receive reads on from here.
+    Stuck,
+}
+
+/// The splice that follows a failed one and a peek that saw bytes: bytes moved mean they had just
+/// come; nothing moved means they lie past the urgent mark, whether it says EAGAIN or 0 (the FIN
+/// came in between, and bytes the peek saw are still there: taking 0 for the end lost them).
+fn after_peek(splice: io::Result<usize>) -> io::Result<Filled> {
+    match splice {
+        Ok(0) => Ok(Filled::Stuck),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::Stuck),
+        r => r.map(Filled::Bytes),
     }
 }
 
@@ -288,6 +324,72 @@ mod tests {
         assert_eq!(&got, b"abc");
         drop(lease);
         assert_eq!(p.idle(), 1);
+    }
+
+    #[test]
+    fn after_a_peek_saw_bytes_a_splice_that_moves_none_is_stuck_at_urgent_data() {
+        let again = || Err(io::Error::from(io::ErrorKind::WouldBlock));
+        assert_eq!(after_peek(again()).unwrap(), Filled::Stuck);
+        assert_eq!(
+            after_peek(Ok(0)).unwrap(),
+            Filled::Stuck,
+            "the FIN came since"
+        );
+        assert_eq!(after_peek(Ok(5)).unwrap(), Filled::Bytes(5));
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert!(after_peek(Err(reset)).is_err());
+    }
+
+    /// `f` again while it says EAGAIN (bytes on their way over loopback), 1 ms apart, for 10 s at
+    /// the most.
+    fn once_ready<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+        for _ in 0..10_000 {
+            match f() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                r => return r,
+            }
+        }
+        f()
+    }
+
+    /// The kernel's side of `after_peek`: a socket whose splice stops at the urgent mark says
+    /// EAGAIN, then 0 once the FIN is in, with the bytes past the mark still there to receive.
+    #[test]
+    fn a_splice_stopped_at_urgent_data_says_again_then_0_once_the_fin_is_in() {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        // As the engines' sockets are: a blocking one's splice says 0, not EAGAIN, at the mark.
+        s.set_nonblocking(true).unwrap();
+        let p = small_pool(1);
+        let mut lease = p.lend().unwrap();
+        c.write_all(b"before").unwrap();
+        socket2::SockRef::from(&c).send_out_of_band(b"U").unwrap();
+        c.write_all(b"after").unwrap();
+        let mut filled = 0;
+        while filled < 6 {
+            filled += once_ready(|| lease.fill_from(s.as_fd(), 6 - filled)).unwrap();
+        }
+        assert_eq!(lease.take_pending().unwrap(), b"before");
+        let stuck = once_ready(|| lease.fill_or_stuck(s.as_fd())).unwrap();
+        assert_eq!(stuck, Filled::Stuck, "EAGAIN at the mark, bytes past it");
+        let e = lease
+            .fill_from(s.as_fd(), PIPE_SIZE)
+            .expect_err("nothing moves");
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        c.shutdown(Shutdown::Write).unwrap();
+        let fin_in = once_ready(|| lease.fill_from(s.as_fd(), PIPE_SIZE)).unwrap();
+        assert_eq!(fin_in, 0, "a splice at the mark once the FIN is in");
+        let stuck = lease.fill_or_stuck(s.as_fd()).unwrap();
+        assert_eq!(stuck, Filled::Stuck, "0 at the mark is not the end");
+        s.set_nonblocking(false).unwrap();
+        let mut got = [0u8; 6];
+        s.read_exact(&mut got[..5]).unwrap();
+        assert_eq!(&got[..5], b"after", "a receive reads past the mark");
+        assert_eq!(s.read(&mut got).unwrap(), 0);
     }
 
     #[test]
