@@ -759,6 +759,8 @@ fn pump<'a>(
 ) -> impl Future<Output = DirEnd> + 'a {
     async move {
         #[cfg(target_os = "linux")]
+        let mut stuck = false; // Splice stopped at urgent data (`pump_splice`): copy from then on.
+        #[cfg(target_os = "linux")]
         if mode == RelayMode::Uring && uring::usable() {
             flow.uring.store(true, Relaxed);
             if let Some(end) = Box::pin(uring::pump(src, dst, flow, other, start)).await {
@@ -767,14 +769,12 @@ fn pump<'a>(
             // Bulk: spliced, as `epoll` does (the socket is still registered with the reactor, so the
             // epoll engines can take it over); with no pipe free, copied below.
             if let Some(pipe) = splice::PipeLease::acquire() {
-                if let Some(end) = Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
-                    return end;
+                match Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
+                    Some(end) => return end,
+                    None => stuck = true,
                 }
             }
         }
-        // Splice stopped at TCP urgent data (`pump_splice`): copied from here on.
-        #[cfg(target_os = "linux")]
-        let mut stuck = false;
         #[cfg(target_os = "linux")]
         if mode == RelayMode::Splice {
             if let Some(pipe) = splice::PipeLease::acquire() {

@@ -2166,13 +2166,15 @@ impl<H: Host> Worker<H> {
                 (r, from, libc::POLLIN, DirEnd::SourceError)
             };
             match r {
-                Ok(0) if !out && stuck_at_urgent(from) => {
-                    next = Some(Pump::Stuck);
-                    break;
-                }
                 Ok(0) if !out => {
-                    d.eof = true;
-                    next = Some(Pump::Eof);
+                    next = Some(match stuck_at_urgent(from, true) {
+                        Ok(true) => Pump::Stuck,
+                        Ok(false) => {
+                            d.eof = true;
+                            Pump::Eof
+                        }
+                        Err(e) => Pump::Broke(failed(e)),
+                    });
                     break;
                 }
                 Ok(n) => {

@@ -75,10 +75,22 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
 /// data (the kernel's `tcp_read_sock` does not skip the urgent byte, as a receive does): it returns
 /// EAGAIN there, or 0 once the FIN has come too, with ordinary bytes still queued after the mark.
 /// A peek reads past the mark without taking anything.
-pub(super) fn stuck_at_urgent(from: BorrowedFd<'_>) -> bool {
+///
+/// An error the peek meets (a reset that came since the splice) is returned: a peek clears a
+/// socket's error as a receive does, so nothing after it would see the reset. With `fin_in` (the
+/// splice said 0) the peek is made twice at most: the queue can no longer change, so its EAGAIN
+/// can only be a signal pending at the mark, which the thread takes on the way back.
+pub(super) fn stuck_at_urgent(from: BorrowedFd<'_>, fin_in: bool) -> io::Result<bool> {
     let mut byte = [0u8; 1];
     let peek = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
-    matches!(rustix::net::recv(from, &mut byte[..], peek), Ok((n, _)) if n > 0)
+    for _ in 0..if fin_in { 2 } else { 1 } {
+        match rustix::net::recv(from, &mut byte[..], peek) {
+            Ok((n, _)) => return Ok(n > 0),
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(false)
 }
 
 /// Pipes kept for reuse, and how many are lent out, against a cap.
@@ -188,10 +200,13 @@ impl PipeLease {
     /// seen ones that came just after the splice, so one more splice decides ([`after_peek`]).
     pub(super) fn fill_or_stuck(&mut self, from: BorrowedFd<'_>) -> io::Result<Filled> {
         match self.fill_from(from, PIPE_SIZE) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && stuck_at_urgent(from) => {
-                after_peek(self.fill_from(from, PIPE_SIZE))
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match stuck_at_urgent(from, false)? {
+                    true => after_peek(self.fill_from(from, PIPE_SIZE)),
+                    false => Err(e),
+                }
             }
-            Ok(0) if stuck_at_urgent(from) => Ok(Filled::Stuck),
+            Ok(0) if stuck_at_urgent(from, true)? => Ok(Filled::Stuck),
             r => r.map(Filled::Bytes),
         }
     }
@@ -340,8 +355,8 @@ mod tests {
         assert!(after_peek(Err(reset)).is_err());
     }
 
-    /// `f` again while it says EAGAIN (bytes on their way over loopback), 1 ms apart, for 10 s at
-    /// the most.
+    /// `f` again while it says EAGAIN (bytes on their way over loopback), 1 ms or more apart,
+    /// 10,000 times at the most.
     fn once_ready<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
         for _ in 0..10_000 {
             match f() {
@@ -371,7 +386,9 @@ mod tests {
         c.write_all(b"after").unwrap();
         let mut filled = 0;
         while filled < 6 {
-            filled += once_ready(|| lease.fill_from(s.as_fd(), 6 - filled)).unwrap();
+            let n = once_ready(|| lease.fill_from(s.as_fd(), 6 - filled)).unwrap();
+            assert_ne!(n, 0, "no end of stream before the mark");
+            filled += n;
         }
         assert_eq!(lease.take_pending().unwrap(), b"before");
         let stuck = once_ready(|| lease.fill_or_stuck(s.as_fd())).unwrap();
@@ -383,6 +400,7 @@ mod tests {
         c.shutdown(Shutdown::Write).unwrap();
         let fin_in = once_ready(|| lease.fill_from(s.as_fd(), PIPE_SIZE)).unwrap();
         assert_eq!(fin_in, 0, "a splice at the mark once the FIN is in");
+        // Here the first splice says 0; the 0 of a second one (the race) is `after_peek`'s, above.
         let stuck = lease.fill_or_stuck(s.as_fd()).unwrap();
         assert_eq!(stuck, Filled::Stuck, "0 at the mark is not the end");
         s.set_nonblocking(false).unwrap();
@@ -390,6 +408,28 @@ mod tests {
         s.read_exact(&mut got[..5]).unwrap();
         assert_eq!(&got[..5], b"after", "a receive reads past the mark");
         assert_eq!(s.read(&mut got).unwrap(), 0);
+    }
+
+    /// A reset the peek meets is passed on, not cleared into what would read as a clean end.
+    #[test]
+    fn a_reset_the_peek_meets_is_an_error_not_a_clean_end() {
+        use std::net::{TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        socket2::SockRef::from(&c)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(c);
+        let peeked = once_ready(|| {
+            stuck_at_urgent(s.as_fd(), false).and_then(|stuck| match stuck {
+                // Not yet in: the reset is on its way over loopback.
+                false => Err(io::ErrorKind::WouldBlock.into()),
+                true => Ok(()),
+            })
+        });
+        let e = peeked.expect_err("the reset, not bytes");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[test]
