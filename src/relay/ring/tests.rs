@@ -1242,12 +1242,15 @@ fn an_adopted_connection_whose_backend_was_cut_is_cut_then() {
     let (mut c, mut b, watch) = adopted(&r, false);
     // The worker's close resets the socket only if it holds the last descriptor.
     drop(watch);
+    adopted_ends_as_cut(r, Outcome::BackendDown, [&mut c, &mut b]);
+}
+
+/// Waits for `r`'s adopted connection (see [`carried_in`]) to end as cut, with `end` and nothing
+/// of what it held sent, and for each of `sides` to see a reset; then stops `r`.
+fn adopted_ends_as_cut<const N: usize>(r: Running, end: Outcome, sides: [&mut TcpStream; N]) {
     let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
-    assert_eq!(
-        (f.end, f.bytes_up, f.bytes_down),
-        (Outcome::BackendDown, 100, 200)
-    );
-    for s in [&mut c, &mut b] {
+    assert_eq!((f.end, f.bytes_up, f.bytes_down), (end, 100, 200));
+    for s in sides {
         let e = read_some(s, &mut [0u8; 16]).expect_err("a reset, not what it held");
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     }
@@ -1266,14 +1269,7 @@ fn an_adopted_connection_whose_linger_cannot_be_cleared_is_cut() {
     let not_a_socket = std::fs::File::open("/dev/null").unwrap();
     let adopt = carried_in(not_a_socket.into(), worker_backend, false);
     assert!(r.handle.send(Command::Adopt(adopt)));
-    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
-    assert_eq!(
-        (f.end, f.bytes_up, f.bytes_down),
-        (Outcome::ClientReset, 100, 200)
-    );
-    let e = read_some(&mut b, &mut [0u8; 16]).expect_err("a reset, not what it held");
-    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
-    stop(r);
+    adopted_ends_as_cut(r, Outcome::ClientReset, [&mut b]);
 }
 
 /// Carried in half-closed (the client's FIN read and passed on there): the worker reads nothing
