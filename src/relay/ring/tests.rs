@@ -49,6 +49,9 @@ struct Mode {
     wait_until: Option<&'static [Duration]>,
     /// The worker's tick, when not the product's 250 ms.
     tick: Option<Duration>,
+    /// The worker's socket to each client sends through the smallest buffer the kernel allows: a
+    /// client that does not read stops the worker's sends after a few KiB.
+    tight_client: bool,
 }
 
 /// What the host was asked, counted.
@@ -73,6 +76,12 @@ struct Seen {
     established: std::sync::Mutex<Vec<usize>>,
     /// Every relayed connection's backend is cut (`Host::cut`).
     cut: std::sync::atomic::AtomicBool,
+    /// When set, the next `Host::cut` (asked of every connection on every tick) waits (up to
+    /// `WAIT`) for a word on it, and `paused` counts it as it starts waiting. The worker takes
+    /// nothing from the kernel meanwhile: what happens in the meantime reaches it in one batch of
+    /// completions, in the order it happened.
+    pause: std::sync::Mutex<Option<Receiver<()>>>,
+    paused: AtomicU64,
 }
 
 const PREFACE: &[u8] = b"PRE|";
@@ -97,9 +106,14 @@ impl Host for TestHost {
         &mut self,
         _: u32,
         _: SocketAddr,
-        _: BorrowedFd<'_>,
+        client: BorrowedFd<'_>,
     ) -> Option<(TestConn, Admit, Timeouts)> {
         let n = self.seen.accepted.fetch_add(1, Relaxed) as usize;
+        if self.mode.tight_client {
+            socket2::SockRef::from(&client)
+                .set_send_buffer_size(4096)
+                .unwrap();
+        }
         let nth = |of: &'static [Duration]| of.get(n).or(of.last()).copied();
         let conn = TestConn {
             next: 1,
@@ -194,6 +208,11 @@ impl Host for TestHost {
     }
     fn sent(&mut self, _: &TestConn, _: u64, _: u64) {}
     fn cut(&mut self, _: &TestConn) -> Option<Outcome> {
+        let pause = self.seen.pause.lock().unwrap().take();
+        if let Some(go) = pause {
+            self.seen.paused.fetch_add(1, Relaxed);
+            let _ = go.recv_timeout(WAIT);
+        }
         self.seen.cut.load(Relaxed).then_some(Outcome::BackendDown)
     }
     fn ended(&mut self, c: TestConn, f: Finished) {
@@ -1681,6 +1700,20 @@ fn carry_a_stalled_upload(mode: Mode) -> Option<(Running, TcpStream, JoinHandle<
     Some((r, b, writer, total))
 }
 
+/// Goes on with one direction of a carried connection as the process it went to would: what was
+/// held first, then everything `from` gives, to its FIN, passed on. How many bytes came from `from`.
+fn relay_on(from: OwnedFd, to: OwnedFd, held: &[u8]) -> u64 {
+    let (mut from, mut to) = (TcpStream::from(from), TcpStream::from(to));
+    for s in [&from, &to] {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+    }
+    to.write_all(held).unwrap();
+    let rest = std::io::copy(&mut from, &mut to).expect("the rest of the direction");
+    to.shutdown(Shutdown::Write).unwrap();
+    rest
+}
+
 /// A stalled upload carried: the host gets both sockets and what was held. The test relays on as
 /// a new process would, what was held first and then the rest, and the backend must read the
 /// whole pattern once, in order.
@@ -1710,15 +1743,7 @@ fn carried_mid_upload(mode: Mode) {
         q.bytes_down
     );
     let reader = std::thread::spawn(move || read_pattern(&mut b));
-    let mut from = TcpStream::from(q.client);
-    let mut to = TcpStream::from(q.backend);
-    for s in [&from, &to] {
-        s.set_nonblocking(false).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-    }
-    to.write_all(&q.held.to_backend).unwrap();
-    std::io::copy(&mut from, &mut to).expect("the rest of the upload");
-    to.shutdown(Shutdown::Write).unwrap();
+    relay_on(q.client, q.backend, &q.held.to_backend);
     assert_eq!(reader.join().unwrap(), total, "every byte, once, in order");
     drop(writer.join().unwrap());
     assert!(
@@ -1797,6 +1822,182 @@ fn a_socket_that_has_read_its_fin_reads_it_again() {
     assert_eq!(got, b"last words");
     let mut buf = [0u8; 8];
     assert_eq!(read_some(&mut s, &mut buf).unwrap(), 0, "the FIN, again");
+}
+
+/// Whether the kernel has seen `s`'s FIN acknowledged, so the peer's kernel holds every byte `s`
+/// sent, and its FIN: `s` is in FIN_WAIT2 (or TIME_WAIT) after closing first, CLOSE after closing
+/// second.
+fn fin_acked(s: &TcpStream) -> bool {
+    // SAFETY: zeroed bytes are a valid `tcp_info` (integers only).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `s` is an open socket; `info` is writable for `len` bytes, which the call updates.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
+    // FIN_WAIT2, TIME_WAIT, CLOSE in include/net/tcp_states.h (libc does not name the states).
+    matches!(info.tcpi_state, 5..=7)
+}
+
+/// A direction that has read its FIN with bytes before it still held, for a client that does not
+/// read, is carried as not ended: the FIN is not passed on ahead of those bytes, and the host gets
+/// them to send first. The process it goes to meets the FIN again (see the test above).
+#[test]
+fn a_fin_read_behind_held_bytes_is_carried_as_not_ended() {
+    const TOTAL: u64 = 64 << 10;
+    let mode = Mode {
+        copy_only: true,
+        carries: true,
+        tight_client: true,
+        ..Mode::default()
+    };
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, mode) else {
+        return;
+    };
+    // The client reads nothing until the end, through the smallest receive buffer: with the
+    // worker's own tight send buffer, a few KiB of the download fit in the kernel and the rest
+    // (four pool buffers, at most, below the cap: the receive stays armed) is held.
+    let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    c.set_recv_buffer_size(4096).unwrap();
+    c.connect(&r.addr.into()).unwrap();
+    let mut c = TcpStream::from(c);
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    let mut b = accept_within(&l);
+    write_pattern(&mut b, TOTAL);
+    // The worker's kernel has the whole download and its FIN. The FIN's completion is queued
+    // before the wake-up `Carry` sends, and the worker takes its completions in order: it has read
+    // the FIN when it takes the command.
+    wait_until(|| fin_acked(&b), "the backend's FIN acknowledged");
+    assert!(r.handle.send(Command::Carry));
+    let q = r
+        .carried
+        .recv_timeout(WAIT)
+        .expect("the connection is carried");
+    let held = q.held.to_client.len();
+    assert!(
+        !q.held.down_done,
+        "the FIN passed on ahead of {held} held bytes"
+    );
+    assert!(!q.held.up_done);
+    assert!(held > 0, "bytes before the FIN held");
+    assert_eq!(q.bytes_down + held as u64, TOTAL);
+    // The test goes on as the process it went to: what was held first, then the backend's socket,
+    // which gives nothing more but its FIN, passed on.
+    let reader = std::thread::spawn(move || read_pattern(&mut c));
+    assert_eq!(
+        relay_on(q.backend, q.client, &q.held.to_client),
+        0,
+        "the FIN again"
+    );
+    assert_eq!(reader.join().unwrap(), TOTAL, "every byte, once, in order");
+    assert!(r.ended.try_recv().is_err(), "it does not end here");
+    drop(b);
+    stop(r);
+}
+
+/// Whether the kernel lists a TCP socket from `local` to `peer` (IPv4) in /proc/net/tcp: one a
+/// reset has closed is no longer listed, though a descriptor still holds it.
+fn listed(local: SocketAddr, peer: SocketAddr) -> bool {
+    // As the kernel writes them: the address as a 32-bit word in host order, the port, in hex.
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v) => format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(v.ip().octets()),
+            v.port()
+        ),
+        SocketAddr::V6(_) => unreachable!("the tests' sockets are IPv4"),
+    };
+    let want = [hex(local), hex(peer)];
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().any(|l| {
+        l.split_whitespace()
+            .skip(1)
+            .take(2)
+            .eq(want.iter().map(String::as_str))
+    })
+}
+
+/// The client's FIN read while its connection stops to be carried, the download already ended: it
+/// is passed on once the connection is quiet, and with both ways ended the connection ends here
+/// instead of going. When the backend has reset meanwhile (nothing of the worker's was waiting on
+/// its socket to see it), passing it on fails: the connection ends here as broken. (The client,
+/// both of whose ways have ended, has nothing left that a reset could take back.)
+fn fin_while_stopping(backend_reset: bool) {
+    let mode = Mode {
+        carries: true,
+        ..Mode::default()
+    };
+    let Some((r, mut c, mut b)) = one_connection(mode) else {
+        return;
+    };
+    b.shutdown(Shutdown::Write).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        read_some(&mut c, &mut buf).unwrap(),
+        0,
+        "the download's FIN"
+    );
+    let (go, wait) = mpsc::channel();
+    *r.seen.pause.lock().unwrap() = Some(wait);
+    wait_until(
+        || r.seen.paused.load(Relaxed) > 0,
+        "the worker paused in its tick",
+    );
+    // In this order while it is paused: `Carry`'s wake-up, then the client's FIN (and the
+    // backend's reset). Going on, the worker starts the stop, then reads the FIN.
+    assert!(r.handle.send(Command::Carry));
+    c.shutdown(Shutdown::Write).unwrap();
+    wait_until(|| fin_acked(&c), "the client's FIN acknowledged");
+    if backend_reset {
+        let (ours, theirs) = (b.peer_addr().unwrap(), b.local_addr().unwrap());
+        socket2::SockRef::from(&b)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(b);
+        wait_until(
+            || !listed(ours, theirs),
+            "the worker's backend socket reset",
+        );
+        go.send(()).unwrap();
+        let (f, _) = r.ended.recv_timeout(WAIT).expect("it ends here");
+        assert_eq!(f.end, Outcome::BackendReset);
+        let why = f.broken.as_ref().map(io::Error::kind);
+        assert_eq!(
+            why,
+            Some(io::ErrorKind::NotConnected),
+            "the FIN could not go"
+        );
+    } else {
+        go.send(()).unwrap();
+        let (f, _) = r.ended.recv_timeout(WAIT).expect("it ends here");
+        assert_eq!(
+            f.end,
+            Outcome::BackendClosed,
+            "the backend's FIN came first"
+        );
+        assert_eq!(read_some(&mut b, &mut buf).unwrap(), 0, "the client's FIN");
+    }
+    assert!(r.carried.try_recv().is_err(), "nothing is carried");
+    assert_eq!(r.handle.counts().carried.load(Relaxed), 0);
+    stop(r);
+}
+
+#[test]
+fn a_fin_read_while_stopping_is_passed_on_and_the_connection_ends_here() {
+    fin_while_stopping(false);
+}
+
+#[test]
+fn a_backend_reset_while_stopping_ends_the_connection_here_as_broken() {
+    fin_while_stopping(true);
 }
 
 /// Sends `Command::Carry` and returns once the worker has taken it (with no other listener yet).
