@@ -98,6 +98,9 @@ pub(super) struct PipePool {
     idle: Mutex<Vec<Pipe>>,
     lent: AtomicUsize,
     cap: usize,
+    /// A test's own pool can make reading a pipe's bytes back fail ([`PipePool::break_reads`]).
+    #[cfg(test)]
+    broken_reads: std::sync::atomic::AtomicBool,
 }
 
 /// The process's pipes, shared by every engine that splices.
@@ -124,6 +127,8 @@ impl PipePool {
             idle: Mutex::new(Vec::new()),
             lent: AtomicUsize::new(0),
             cap,
+            #[cfg(test)]
+            broken_reads: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -157,6 +162,14 @@ impl PipePool {
     #[cfg(test)]
     pub(crate) fn idle(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// From now on, reading the bytes back out of a pipe lent from this pool
+    /// ([`PipeLease::take_pending`]) fails with EIO: nothing outside can make a read of a pipe the
+    /// process owns fail, and what a carried connection does then must be tested.
+    #[cfg(test)]
+    pub(crate) fn break_reads(&self) {
+        self.broken_reads.store(true, Relaxed);
     }
 }
 
@@ -223,6 +236,10 @@ impl PipeLease {
     /// process takes them along), leaving the pipe empty and fit for reuse.
     pub(super) fn take_pending(&mut self) -> io::Result<Vec<u8>> {
         let pipe = self.pipe.as_ref().ok_or_else(gone)?;
+        #[cfg(test)]
+        if self.pending > 0 && self.pool.broken_reads.load(Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         let mut out = vec![0u8; self.pending];
         let mut got = 0;
         while got < out.len() {

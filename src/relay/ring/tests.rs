@@ -1766,6 +1766,43 @@ fn a_carried_connection_takes_along_what_its_pipe_held() {
     carried_mid_upload(Mode::default());
 }
 
+/// A stalled upload whose pipe cannot be read back when it is carried: the bytes in it cannot go
+/// along, so nothing goes. The connection ends here as broken, and both sides see a reset, as
+/// neither may take what it got for the whole stream.
+#[test]
+fn a_carried_connection_whose_pipe_cannot_be_read_resets_both_sides() {
+    let mode = Mode {
+        carries: true,
+        ..Mode::default()
+    };
+    let Some((r, mut c, mut b)) = one_connection(mode) else {
+        return;
+    };
+    upload_until_stalled(&mut c);
+    r.pipes.break_reads();
+    assert!(r.handle.send(Command::Carry));
+    let (f, _) = r
+        .ended
+        .recv_timeout(WAIT)
+        .expect("the connection ends here");
+    assert_eq!(f.end, Outcome::BackendReset);
+    let why = f.broken.as_ref().and_then(io::Error::raw_os_error);
+    assert_eq!(why, Some(libc::EIO), "the pipe's read failed");
+    assert!(r.carried.try_recv().is_err(), "nothing is carried");
+    assert_eq!(r.handle.counts().carried.load(Relaxed), 0);
+    for s in [&mut b, &mut c] {
+        let mut buf = vec![0u8; 64 << 10];
+        let e = loop {
+            match read_some(s, &mut buf) {
+                Ok(n) => assert!(n > 0, "a reset, not a FIN"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+    stop(r);
+}
+
 /// `Command::Carry` with nothing to take carried connections: each stops at a quiet point and goes
 /// on where it stopped (held buffers sent, pipe drained, receives armed again), losing nothing.
 fn not_carried_after_all(mode: Mode) {
