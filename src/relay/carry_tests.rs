@@ -159,13 +159,18 @@ async fn carried_mid_stream(mode: RelayMode, stop_after: Duration) {
 }
 
 fn run(mode: RelayMode, stop_after: Duration) {
-    // A thread and runtime of its own: the ring engine's ring is per thread.
+    on_own_thread(move || carried_mid_stream(mode, stop_after));
+}
+
+/// Runs `test` on a thread and runtime of its own, passing its panic on: the ring engine's ring is
+/// per thread, and so are a test's broken pipe reads (`splice::break_reads_here`).
+fn on_own_thread<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F + Send + 'static) {
     std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
-            .block_on(carried_mid_stream(mode, stop_after));
+            .block_on(test());
     })
     .join()
     .unwrap_or_else(|p| std::panic::resume_unwind(p));
@@ -206,67 +211,128 @@ fn a_ring_relay_is_carried_exactly() {
 /// again, and the backend's answer still arrives, then the backend's FIN ends it.
 #[test]
 fn a_half_closed_relay_carries_its_half_close() {
-    std::thread::spawn(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async {
-                let (mut client, proxy_c, proxy_b, mut backend) = quartet().await;
-                let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
-                let live = LiveCounters { up: &a, down: &b };
-                let carry = CancellationToken::new();
-                let relayed = async {
-                    relay(
-                        &proxy_c,
-                        &proxy_b,
-                        &opts(RelayMode::Epoll),
-                        std::pin::pin!(std::future::pending()),
-                        Some(&carry),
-                        live,
-                        None,
-                    )
-                    .await
-                };
-                let ends = async {
-                    client.write_all(b"request").await.unwrap();
-                    client.shutdown().await.unwrap();
-                    let mut got = Vec::new();
-                    backend.read_to_end(&mut got).await.unwrap();
-                    assert_eq!(got, b"request", "the FIN came through before the stop");
-                    carry.cancel();
-                };
-                let (first, ()) = tokio::join!(relayed, ends);
-                let held = first.carried.expect("carried");
-                assert!(held.up_done && !held.down_done, "{held:?}");
-                let o = opts(RelayMode::Epoll);
-                let second = async {
-                    let r = relay(
-                        &proxy_c,
-                        &proxy_b,
-                        &o,
-                        std::pin::pin!(std::future::pending()),
-                        None,
-                        live,
-                        Some(Box::new(held)),
-                    )
-                    .await;
-                    // The relay may leave the last FIN to the close, as a session does.
-                    drop((proxy_c, proxy_b));
-                    r
-                };
-                let answer = async {
-                    backend.write_all(b"answer").await.unwrap();
-                    backend.shutdown().await.unwrap();
-                    let mut got = Vec::new();
-                    client.read_to_end(&mut got).await.unwrap();
-                    got
-                };
-                let (second, got) = tokio::join!(second, answer);
-                assert_eq!(got, b"answer");
-                assert_eq!(second.end, Outcome::ClientClosed);
+    on_own_thread(|| async {
+        let (mut client, proxy_c, proxy_b, mut backend) = quartet().await;
+        let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+        let live = LiveCounters { up: &a, down: &b };
+        let carry = CancellationToken::new();
+        let relayed = async {
+            relay(
+                &proxy_c,
+                &proxy_b,
+                &opts(RelayMode::Epoll),
+                std::pin::pin!(std::future::pending()),
+                Some(&carry),
+                live,
+                None,
+            )
+            .await
+        };
+        let ends = async {
+            client.write_all(b"request").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            backend.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"request", "the FIN came through before the stop");
+            carry.cancel();
+        };
+        let (first, ()) = tokio::join!(relayed, ends);
+        let held = first.carried.expect("carried");
+        assert!(held.up_done && !held.down_done, "{held:?}");
+        let o = opts(RelayMode::Epoll);
+        let second = async {
+            let r = relay(
+                &proxy_c,
+                &proxy_b,
+                &o,
+                std::pin::pin!(std::future::pending()),
+                None,
+                live,
+                Some(Box::new(held)),
+            )
+            .await;
+            // The relay may leave the last FIN to the close, as a session does.
+            drop((proxy_c, proxy_b));
+            r
+        };
+        let answer = async {
+            backend.write_all(b"answer").await.unwrap();
+            backend.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let (second, got) = tokio::join!(second, answer);
+        assert_eq!(got, b"answer");
+        assert_eq!(second.end, Outcome::ClientClosed);
+    });
+}
+
+/// One end of a connection whose relay is to break: sends `data` (which the reset may cut short)
+/// while reading slowly, until the stream ends; the error it ended with (`None`: a FIN).
+async fn until_broken(mut s: TcpStream, data: Vec<u8>) -> Option<io::ErrorKind> {
+    let (mut r, mut w) = s.split();
+    let send = async {
+        let _ = w.write_all(&data).await;
+    };
+    let recv = async {
+        let mut b = vec![0u8; 5000];
+        loop {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            match r.read(&mut b).await {
+                Ok(0) => break None,
+                Ok(_) => {}
+                Err(e) => break Some(e.kind()),
+            }
+        }
+    };
+    tokio::join!(send, recv).1
+}
+
+/// A spliced relay stopped for `carry` while a pipe holds bytes that cannot be read back: they
+/// cannot go along, so it is not carried. It ends as broken, and both sides see a reset, as
+/// neither may take what it got for the whole stream (`conclude`).
+#[test]
+fn a_relay_whose_pipe_cannot_be_read_back_is_not_carried_and_resets_both_sides() {
+    on_own_thread(|| async {
+        splice::break_reads_here();
+        let (client, proxy_c, proxy_b, backend) = quartet().await;
+        let bounded = |end| tokio::time::timeout(Duration::from_secs(10), end);
+        let client_side = bounded(until_broken(client, payload(1, 4 << 20)));
+        let backend_side = bounded(until_broken(backend, payload(2, 4 << 20)));
+        let proxy = async move {
+            let carry = CancellationToken::new();
+            let stop = carry.clone();
+            tokio::spawn(async move {
+                // Both readers are slow: by then the pipes hold bytes.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                stop.cancel();
             });
-    })
-    .join()
-    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
+            let relayed = relay(
+                &proxy_c,
+                &proxy_b,
+                &opts(RelayMode::Splice),
+                std::pin::pin!(std::future::pending()),
+                Some(&carry),
+                LiveCounters { up: &a, down: &b },
+                None,
+            )
+            .await;
+            drop((proxy_c, proxy_b));
+            relayed
+        };
+        let (c, b, r) = tokio::join!(client_side, backend_side, proxy);
+        assert!(
+            r.carried.is_none(),
+            "not carried: {:?}",
+            r.carried.map(|q| q.up_done)
+        );
+        assert_eq!(r.end, Outcome::BackendReset);
+        let why = r.broken.as_ref().and_then(io::Error::raw_os_error);
+        assert_eq!(why, Some(libc::EIO), "the pipe's read failed");
+        let reset = Some(io::ErrorKind::ConnectionReset);
+        assert_eq!(c.expect("the client's end ends in time"), reset);
+        assert_eq!(b.expect("the backend's end ends in time"), reset);
+    });
 }

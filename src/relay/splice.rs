@@ -93,14 +93,25 @@ pub(super) fn stuck_at_urgent(from: BorrowedFd<'_>, fin_in: bool) -> io::Result<
     Ok(false)
 }
 
+#[cfg(test)]
+thread_local! {
+    static BROKEN_READS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// From now on, on the calling thread, reading the bytes a pipe holds back out of it
+/// ([`PipeLease::take_pending`], as a connection stops to be carried) fails with EIO. Nothing
+/// outside the process can make a read of its own pipe fail, and what a carried connection does
+/// then must be tested; per thread, as every test relays on a thread of its own.
+#[cfg(test)]
+pub(crate) fn break_reads_here() {
+    BROKEN_READS.set(true);
+}
+
 /// Pipes kept for reuse, and how many are lent out, against a cap.
 pub(super) struct PipePool {
     idle: Mutex<Vec<Pipe>>,
     lent: AtomicUsize,
     cap: usize,
-    /// A test's own pool can make reading a pipe's bytes back fail ([`PipePool::break_reads`]).
-    #[cfg(test)]
-    broken_reads: std::sync::atomic::AtomicBool,
 }
 
 /// The process's pipes, shared by every engine that splices.
@@ -127,8 +138,6 @@ impl PipePool {
             idle: Mutex::new(Vec::new()),
             lent: AtomicUsize::new(0),
             cap,
-            #[cfg(test)]
-            broken_reads: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -162,14 +171,6 @@ impl PipePool {
     #[cfg(test)]
     pub(crate) fn idle(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// From now on, reading the bytes back out of a pipe lent from this pool
-    /// ([`PipeLease::take_pending`]) fails with EIO: nothing outside can make a read of a pipe the
-    /// process owns fail, and what a carried connection does then must be tested.
-    #[cfg(test)]
-    pub(crate) fn break_reads(&self) {
-        self.broken_reads.store(true, Relaxed);
     }
 }
 
@@ -237,7 +238,7 @@ impl PipeLease {
     pub(super) fn take_pending(&mut self) -> io::Result<Vec<u8>> {
         let pipe = self.pipe.as_ref().ok_or_else(gone)?;
         #[cfg(test)]
-        if self.pending > 0 && self.pool.broken_reads.load(Relaxed) {
+        if self.pending > 0 && BROKEN_READS.get() {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         let mut out = vec![0u8; self.pending];
