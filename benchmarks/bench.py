@@ -232,10 +232,20 @@ def interrupt_totals(proc_interrupts):
     return ipi, total
 
 
+def tcp_segments_out(proc_net_snmp):
+    """TCP segments the machine has sent since boot: /proc/net/snmp's `Tcp:` OutSegs (a header line
+    naming the fields, then a line of values). On loopback each is also one received."""
+    lines = [l.split() for l in proc_net_snmp.splitlines() if l.startswith("Tcp:")]
+    if len(lines) != 2 or "OutSegs" not in lines[0]:
+        raise ValueError("no Tcp OutSegs in /proc/net/snmp")
+    return int(lines[1][lines[0].index("OutSegs")])
+
+
 def machine_counters():
-    """Machine-wide context switches, IPIs and interrupts so far."""
+    """Machine-wide context switches, IPIs, interrupts and TCP segments sent so far."""
     ipi, irq = interrupt_totals(read("/proc/interrupts"))
-    return {"ctxt": ctxt_total(read("/proc/stat")), "ipi": ipi, "irq": irq}
+    return {"ctxt": ctxt_total(read("/proc/stat")), "ipi": ipi, "irq": irq,
+            "segs": tcp_segments_out(read("/proc/net/snmp"))}
 
 
 def parse_perf_count(out):
@@ -610,7 +620,8 @@ def run_workload(name, proxy, port, iperf_port, duration, sid, work=None):
 def per_unit(name, row):
     """CPU per unit of work: per 100k requests (ka, churn, lat) or per GB (bulk, stream), for the
     machine and, when measured, the proxy; the counts (the proxy's system calls, the machine's context
-    switches, IPIs and interrupts) per request or per MB; nothing for a run that did no work."""
+    switches, IPIs, interrupts and TCP segments) per request or per MB; nothing for a run that did no
+    work."""
     out = {}
     for cpu, prefix in (("machine_cpu_s", "machine"), ("cpu_s", "cpu")):
         if row.get(cpu) is None:
@@ -630,7 +641,7 @@ def per_unit(name, row):
 
 
 # The counts measured beside the times (see `per_unit`).
-COUNTS = ("syscalls", "ctxt", "ipi", "irq")
+COUNTS = ("syscalls", "ctxt", "ipi", "irq", "segs")
 # Off with --no-syscalls (where perf or its tracepoints are unavailable).
 COUNT_SYSCALLS = True
 
@@ -809,10 +820,10 @@ def workload_section(w, rows, meds_w, rounds):
     md = [f"## {w}", "", f"Medians of {rounds} interleaved rounds, (lowest–highest) beside them. Added machine CPU: "
           f"machine CPU per unit minus `direct`'s in the same round; × {ref or 'best peer'}: the ratio taken in "
           f"each round. Counts per {per}: the proxy's system calls (perf, raw_syscalls:sys_enter), the machine's "
-          f"context switches, IPIs (RES+CAL+TLB) and interrupts.", "",
+          f"context switches, IPIs (RES+CAL+TLB), interrupts and TCP segments sent (/proc/net/snmp OutSegs).", "",
           f"| proxy | {thr or 'value'} | p50 ms | p99 ms | {key} | added machine CPU | × {ref or 'best peer'} | "
-          f"syscalls | ctxt | IPIs | irqs | RSS KiB |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          f"syscalls | ctxt | IPIs | irqs | TCP segs | RSS KiB |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for p, m in meds_w.items():
         rs = [r for r in rows if r["proxy"] == p and r["workload"] == w]
         sp = lambda k, rs=rs: spread([r.get(k) for r in rs])  # noqa: E731

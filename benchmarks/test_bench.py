@@ -163,6 +163,14 @@ class Counters(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "not a perf stat"):
             bench.parse_perf_count("Error: no permission\n")
 
+    def test_tcp_segments_are_read_by_their_field_name(self):
+        snmp = ("Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+                "Tcp: RtoAlgorithm ActiveOpens InSegs OutSegs RetransSegs\nTcp: 1 10 500 480 3\n"
+                "Udp: InDatagrams\nUdp: 7\n")
+        self.assertEqual(bench.tcp_segments_out(snmp), 480)
+        with self.assertRaisesRegex(ValueError, "no Tcp OutSegs"):
+            bench.tcp_segments_out("Ip: Forwarding\nIp: 1\n")
+
     def test_counts_per_request_and_per_megabyte(self):
         self.assertEqual(bench.per_unit("ka", {"requests": 1000, "syscalls": 4000, "ctxt": 500, "ipi": 100,
                                                "irq": 200}),
