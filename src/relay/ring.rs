@@ -586,6 +586,9 @@ struct Dir {
     cancelling: bool,
     /// A send is in the kernel.
     sending: bool,
+    /// A receive of this batch of completions brought bytes to send: sent once the whole batch
+    /// is in (`Worker::send_due`).
+    send_due: bool,
     /// The source's FIN was read.
     eof: bool,
     /// The FIN was passed on: the destination's write side is shut down.
@@ -854,6 +857,8 @@ struct Worker<H: Host> {
     /// timespec when it takes the entry, which may be later than it is pushed).
     untils: Vec<Option<(Box<types::Timespec>, Instant, Until)>>,
     starved: Vec<(u32, Side)>,
+    /// Directions with a send due at the end of this batch of completions (`Dir::send_due`).
+    due: Vec<(u32, Side)>,
     /// Connections waiting for a backend with room, oldest first.
     waiting: Vec<u32>,
     /// Entries the submission queue had no room for, in groups that go in together (a connect and
@@ -905,6 +910,7 @@ impl<H: Host> Worker<H> {
             slow_at: Instant::now(),
             untils: Vec::new(),
             starved: Vec::new(),
+            due: Vec::new(),
             waiting: Vec::new(),
             backlog: VecDeque::new(),
             cqes: Vec::with_capacity(1024),
@@ -986,6 +992,7 @@ impl<H: Host> Worker<H> {
                 self.complete(ud, res, flags);
             }
             cqes.clear();
+            self.send_due();
             self.cqes = cqes;
             if let Some(since) = self.stopping {
                 let done = self.live == 0 && self.listeners.is_empty();
@@ -1852,8 +1859,17 @@ impl<H: Host> Worker<H> {
             return;
         };
         let (_, to) = c.ends(side);
-        let Some(h) = c.dir(side).held.front().copied() else {
+        let d = c.dir(side);
+        let Some(h) = d.held.front().copied() else {
             return;
+        };
+        // The last bytes before a FIN already read: the FIN is passed on (`shut`) as soon as this
+        // send completes, and MSG_MORE keeps them in the socket until then, so they leave in one
+        // segment with it, and the peer acknowledges both at once (HAProxy does the same).
+        let more = if d.eof && d.held.len() == 1 {
+            libc::MSG_MORE
+        } else {
+            0
         };
         let bytes = if h.bid == OWNED {
             c.owned(side)
@@ -1872,13 +1888,32 @@ impl<H: Host> Worker<H> {
         // for room itself (`on_send`). Without it the kernel polls, and a send that finds no room
         // again after that poll fired is handed to an io-wq thread (`iou-wrk`), which blocks in it.
         let e = opcode::Send::new(types::Fd(to), ptr, len)
-            .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+            .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | more)
             .build()
             .user_data(user_data(K_SEND, slot, side));
         // SAFETY: the bytes are in the pool buffer the direction holds until this send completes,
         // or in `pre` or `post`, which are not changed until then; the socket stays open in the connection
         // until then (`refs`).
         unsafe { self.push(&[e]) };
+    }
+
+    /// Sends what this batch's receives brought, once the whole batch is in: a FIN that came in
+    /// the same batch is known by then, and leaves with the last bytes (`send_next`). Nothing is
+    /// submitted before the batch ends either way, so waiting for its end costs no time.
+    fn send_due(&mut self) {
+        let mut due = std::mem::take(&mut self.due);
+        for (slot, side) in due.drain(..) {
+            let Some(c) = self.conn(slot) else { continue };
+            let stopping = c.stopping();
+            let d = c.dir(side);
+            // A direction that since started a send, or a connection that is ending or stopping
+            // to be carried, sends nothing more here; nor does another connection that took the
+            // slot meanwhile (its flag is not set).
+            if std::mem::take(&mut d.send_due) && !d.sending && !stopping {
+                self.send_next(slot, side);
+            }
+        }
+        self.due = due;
     }
 
     fn on_recv(&mut self, slot: u32, side: Side, res: i32, flags: u32) {
@@ -1920,7 +1955,7 @@ impl<H: Host> Worker<H> {
                     off: 0,
                 });
                 // Stopping to be carried: kept, to go along (its receive is being cancelled).
-                send = !d.sending && !carry;
+                send = !d.sending && !d.send_due && !carry;
                 cancel = d.should_cancel() && !carry;
                 if self.splice && !carry && d.turns_bulk(res as u32) {
                     // Its receive ends here (what it already took is sent first), then it splices.
@@ -1954,7 +1989,8 @@ impl<H: Host> Worker<H> {
         let ending = c.stopping();
         let rearm = !more && c.dir(side).should_arm(ending);
         if send {
-            self.send_next(slot, side);
+            c.dir(side).send_due = true;
+            self.due.push((slot, side));
         }
         if cancel {
             self.cancel_recv(slot, side, !to_splice);

@@ -1867,10 +1867,8 @@ fn a_socket_that_has_read_its_fin_reads_it_again() {
     assert_eq!(read_some(&mut s, &mut buf).unwrap(), 0, "the FIN, again");
 }
 
-/// Whether the kernel has seen `s`'s FIN acknowledged, so the peer's kernel holds every byte `s`
-/// sent, and its FIN: `s` is in FIN_WAIT2 after closing first, CLOSE after closing second (also
-/// after a reset, which these tests would see otherwise).
-fn fin_acked(s: &TcpStream) -> bool {
+/// `s`'s TCP_INFO.
+fn tcp_info(s: &TcpStream) -> libc::tcp_info {
     // SAFETY: zeroed bytes are a valid `tcp_info` (integers only).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -1885,6 +1883,14 @@ fn fin_acked(s: &TcpStream) -> bool {
         )
     };
     assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
+    info
+}
+
+/// Whether the kernel has seen `s`'s FIN acknowledged, so the peer's kernel holds every byte `s`
+/// sent, and its FIN: `s` is in FIN_WAIT2 after closing first, CLOSE after closing second (also
+/// after a reset, which these tests would see otherwise).
+fn fin_acked(s: &TcpStream) -> bool {
+    let info = tcp_info(s);
     // FIN_WAIT2 and CLOSE in include/net/tcp_states.h (libc does not name the states).
     matches!(info.tcpi_state, 5 | 7)
 }
@@ -2044,6 +2050,38 @@ fn a_fin_read_while_stopping_is_passed_on_and_the_connection_ends_here() {
 #[test]
 fn a_backend_reset_while_stopping_ends_the_connection_here_as_broken() {
     fin_while_stopping(true);
+}
+
+/// The last bytes before a FIN that came in the same batch of completions leave in one segment
+/// with it: the send goes with MSG_MORE, and the FIN, passed on as it completes, joins them. The
+/// client gets one segment where it got two (and acknowledges both at once).
+#[test]
+fn the_last_bytes_and_a_fin_read_together_leave_in_one_segment() {
+    let Some((r, mut c, mut b)) = one_connection(Mode::default()) else {
+        return;
+    };
+    let (go, wait) = mpsc::channel();
+    *r.seen.pause.lock().unwrap() = Some(wait);
+    wait_until(
+        || r.seen.paused.load(Relaxed) > 0,
+        "the worker paused in its tick",
+    );
+    // While it is paused, the answer and its FIN reach the worker's kernel: going on, it reads
+    // both in one batch.
+    b.write_all(b"the answer").unwrap();
+    b.shutdown(Shutdown::Write).unwrap();
+    wait_until(|| fin_acked(&b), "the backend's FIN acknowledged");
+    let before = tcp_info(&c).tcpi_segs_in;
+    go.send(()).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"the answer");
+    let segments = tcp_info(&c).tcpi_segs_in - before;
+    assert_eq!(segments, 1, "the bytes and the FIN in one segment");
+    drop(c);
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!((f.end, f.bytes_down), (Outcome::BackendClosed, 10));
+    stop(r);
 }
 
 /// Sends `Command::Carry` and returns once the worker has taken it (with no other listener yet).
