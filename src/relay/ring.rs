@@ -1866,7 +1866,7 @@ impl<H: Host> Worker<H> {
         // The last bytes before a FIN already read: the FIN is passed on (`shut`) as soon as this
         // send completes, and MSG_MORE keeps them in the socket until then, so they leave in one
         // segment with it, and the peer acknowledges both at once (HAProxy does the same).
-        let more = if d.eof && d.held.len() == 1 {
+        let more = if d.eof && !d.shut && d.held.len() == 1 {
             libc::MSG_MORE
         } else {
             0
@@ -1897,9 +1897,11 @@ impl<H: Host> Worker<H> {
         unsafe { self.push(&[e]) };
     }
 
-    /// Sends what this batch's receives brought, once the whole batch is in: a FIN that came in
-    /// the same batch is known by then, and leaves with the last bytes (`send_next`). Nothing is
-    /// submitted before the batch ends either way, so waiting for its end costs no time.
+    /// Starts the sends this batch's receives call for, once the whole batch is in: a FIN that
+    /// came in the same batch is known by then, and leaves with the last bytes (`send_next`).
+    /// Nothing is submitted before the batch ends anyway (unless the submission queue fills), so
+    /// waiting for its end costs no time. Sends started otherwise (the next after one completes,
+    /// after a poll for room, going on after a carry) are pushed at once.
     fn send_due(&mut self) {
         let mut due = std::mem::take(&mut self.due);
         for (slot, side) in due.drain(..) {

@@ -2062,10 +2062,9 @@ fn the_last_bytes_and_a_fin_read_together_leave_in_one_segment() {
     };
     let (go, wait) = mpsc::channel();
     *r.seen.pause.lock().unwrap() = Some(wait);
-    wait_until(
-        || r.seen.paused.load(Relaxed) > 0,
-        "the worker paused in its tick",
-    );
+    // In its tick, or as the connection connects (`cut` is asked then too): either way before it
+    // has read anything of the backend's.
+    wait_until(|| r.seen.paused.load(Relaxed) > 0, "the worker paused");
     // While it is paused, the answer and its FIN reach the worker's kernel: going on, it reads
     // both in one batch.
     b.write_all(b"the answer").unwrap();
