@@ -235,7 +235,7 @@ def interrupt_totals(proc_interrupts):
 def tcp_segments_out(proc_net_snmp):
     """TCP segments the machine has sent since boot: /proc/net/snmp's `Tcp:` OutSegs (a header line
     naming the fields, then a line of values). On loopback each is also one received."""
-    lines = [l.split() for l in proc_net_snmp.splitlines() if l.startswith("Tcp:")]
+    lines = [line.split() for line in proc_net_snmp.splitlines() if line.startswith("Tcp:")]
     if len(lines) != 2 or "OutSegs" not in lines[0]:
         raise ValueError("no Tcp OutSegs in /proc/net/snmp")
     return int(lines[1][lines[0].index("OutSegs")])
