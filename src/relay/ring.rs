@@ -11,7 +11,8 @@
 //! client's opening bytes (a PROXY header: one-shot receives into the connection's own buffer, within
 //! a deadline linked to each, until the host decides); a non-blocking socket
 //! with TCP_NODELAY connects through the ring with a linked timeout (the host names another backend
-//! when it fails); then each direction keeps one multishot receive armed into the ring's pool of
+//! when it fails), with quick ACKs off when bytes for the backend are already there (a peek through
+//! the ring looks for the client's), so the handshake's last ACK leaves with them; then each direction keeps one multishot receive armed into the ring's pool of
 //! provided buffers and sends from those buffers in order, one send in flight (a preface the host
 //! gave, and client bytes read with the header, go first, from the connection's buffer, and the
 //! preface is not counted as the client's); both sockets close
@@ -143,6 +144,7 @@ const K_WRITABLE: u64 = 10;
 const K_READABLE: u64 = 11;
 const K_SPLICE: u64 = 12;
 const K_UNTIL: u64 = 13;
+const K_PEEK: u64 = 14;
 
 fn user_data(kind: u64, slot: u32, side: Side) -> u64 {
     kind | (u64::from(side == Side::Down) << 4) | (u64::from(slot) << 32)
@@ -694,6 +696,14 @@ struct Conn<C> {
     post: Vec<u8>,
     /// Reading the client's first bytes (`Admit::Read`), until this deadline.
     reading: Option<Instant>,
+    /// Whether bytes for the backend were there as the first connect began: `pre`, or the
+    /// client's, seen by a peek (`Worker::peek`). Then the handshake's last ACK waits to leave
+    /// with them (`backend_socket`). `None` until the first connect.
+    ready: Option<bool>,
+    /// The target a connect goes to once the peek has answered.
+    after_peek: Option<Target>,
+    /// Where the peek copies the one byte it looks at.
+    peeked: u8,
     /// Waiting for a backend (in the worker's `waiting`).
     waiting: bool,
     dirs: [Dir; 2],
@@ -1051,6 +1061,7 @@ impl<H: Host> Worker<H> {
             K_SEND => self.on_send(slot, side_of(ud), res),
             K_CONNECT => self.on_connect(slot, res),
             K_PRE => self.on_pre(slot, res),
+            K_PEEK => self.on_peek(slot, res),
             K_WRITABLE => self.on_writable(slot, side_of(ud)),
             K_SPLICE => self.on_splice_ready(slot, side_of(ud), res),
             K_LINK | K_CANCEL => self.release(slot),
@@ -1450,6 +1461,9 @@ impl<H: Host> Worker<H> {
             preface,
             post: Vec::new(),
             reading,
+            ready: None,
+            after_peek: None,
+            peeked: 0,
             waiting: false,
             dirs: Default::default(),
             refs: 0,
@@ -1547,6 +1561,10 @@ impl<H: Host> Worker<H> {
             preface: 0,
             post: held.to_client,
             reading: None,
+            // Connected in the process it comes from: never connects here.
+            ready: Some(false),
+            after_peek: None,
+            peeked: 0,
             waiting: false,
             dirs,
             refs: 0,
@@ -1662,9 +1680,16 @@ impl<H: Host> Worker<H> {
         at(&mut self.conns, slot)
     }
 
-    /// Starts a connect to `target`, with its timeout linked.
+    /// Starts a connect to `target`, with its timeout linked. The first connect of a connection
+    /// that has nothing of its own to send first looks for the client's bytes (`peek`) before.
     fn connect(&mut self, slot: u32, target: Target) {
-        let socket = match backend_socket(target.addr) {
+        let Some(c) = self.conn(slot) else { return };
+        let ready = match c.ready {
+            Some(ready) => ready,
+            None if c.pre.is_empty() => return self.peek(slot, target),
+            None => *c.ready.insert(true),
+        };
+        let socket = match backend_socket(target.addr, ready) {
             Ok(s) => s,
             Err(e) => return self.connect_failed(slot, e),
         };
@@ -1684,6 +1709,45 @@ impl<H: Host> Worker<H> {
         // SAFETY: the address and the timespec are in the connection's box, which stays in its
         // slot until both operations have completed (`refs`); the socket is the connection's.
         unsafe { self.push(&[connect, link]) };
+    }
+
+    /// Looks, without taking them and without waiting, for the client's first bytes; `on_peek`
+    /// connects. The handshake's last ACK waits to leave with them only when they are already
+    /// here: a client that speaks second must reach its backend at once.
+    fn peek(&mut self, slot: u32, target: Target) {
+        let Some(c) = self.conn(slot) else { return };
+        let (from, _) = c.ends(Side::Up);
+        c.after_peek = Some(target);
+        c.refs += 1;
+        // MSG_DONTWAIT: the ring answers EAGAIN instead of waiting for bytes.
+        let e = opcode::Recv::new(types::Fd(from), &mut c.peeked, 1)
+            .flags(libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            .build()
+            .user_data(user_data(K_PEEK, slot, Side::Up));
+        // SAFETY: the kernel writes at most one byte, into `peeked`, in the connection's box, which
+        // stays in its slot until this receive completes (`refs`); the socket is the connection's.
+        unsafe { self.push(&[e]) };
+    }
+
+    fn on_peek(&mut self, slot: u32, res: i32) {
+        if !self.completed(slot) {
+            return;
+        }
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let Some(target) = c.after_peek.take() else {
+            return;
+        };
+        if res < 0 && res != -libc::EAGAIN {
+            // The client broke before a byte was relayed: it ends as a relay reading the error
+            // would end it (a later read would find only an EOF, the error taken by this one).
+            let e = io::Error::from_raw_os_error(-res);
+            return self.broke(slot, Side::Up, DirEnd::SourceError(e));
+        }
+        // A FIN (0) is no bytes: the relay passes it on as soon as it reads it.
+        c.ready = Some(res > 0);
+        self.connect(slot, target);
     }
 
     fn on_connect(&mut self, slot: u32, res: i32) {
@@ -1731,6 +1795,14 @@ impl<H: Host> Worker<H> {
             // Connected while connections are being carried away: it goes too, before it starts.
             // One with a preface (a PROXY header to the backend) sends it first (`on_send`): the
             // process it goes to would count a preface's bytes as the client's.
+            if c.ready == Some(true) {
+                // Its handshake's last ACK waits for bytes that this process will not send: out
+                // now, or the backend would see the connection only at the delayed-ACK timer.
+                if let Some(b) = c.backend.as_ref() {
+                    // Best effort: the timer sends it otherwise.
+                    let _ = SockRef::from(b).set_tcp_quickack(true);
+                }
+            }
             c.carry = true;
             return self.maybe_free(slot);
         }
@@ -2798,8 +2870,13 @@ fn at<C>(conns: &mut [Option<Box<Conn<C>>>], slot: u32) -> Option<&mut Conn<C>> 
     conns.get_mut(slot as usize)?.as_deref_mut()
 }
 
-/// A non-blocking TCP socket for `to`, with TCP_NODELAY (a proxy must not add Nagle delay).
-fn backend_socket(to: SocketAddr) -> io::Result<OwnedFd> {
+/// A non-blocking TCP socket for `to`, with TCP_NODELAY (a proxy must not add Nagle delay). With
+/// `ready` (bytes to send the moment it connects) quick ACKs are off, as HAProxy's
+/// `tcp-smart-connect` turns them off: the kernel then holds the handshake's last ACK (for up to
+/// 200 ms; then quick ACKs are on again) and it leaves in the segment with those bytes. The
+/// backend gets the connection and its first bytes in one segment, and wakes once to accept and
+/// read them instead of once for each (benchmarks/results/2026-11-27-ack-with-data.md).
+fn backend_socket(to: SocketAddr, ready: bool) -> io::Result<OwnedFd> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(
         Domain::for_address(to),
@@ -2807,6 +2884,10 @@ fn backend_socket(to: SocketAddr) -> io::Result<OwnedFd> {
         Some(Protocol::TCP),
     )?;
     s.set_tcp_nodelay(true)?;
+    if ready {
+        // Best effort: without it the handshake ends with an ACK of its own, as it would anyway.
+        let _ = s.set_tcp_quickack(false);
+    }
     Ok(s.into())
 }
 

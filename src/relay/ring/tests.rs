@@ -1869,21 +1869,27 @@ fn a_socket_that_has_read_its_fin_reads_it_again() {
 
 /// `s`'s TCP_INFO.
 fn tcp_info(s: &TcpStream) -> libc::tcp_info {
+    tcp_info_fd(s.as_raw_fd()).unwrap()
+}
+
+fn tcp_info_fd(fd: RawFd) -> io::Result<libc::tcp_info> {
     // SAFETY: zeroed bytes are a valid `tcp_info` (integers only).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `s` is an open socket; `info` is writable for `len` bytes, which the call updates.
+    // SAFETY: `info` is writable for `len` bytes, which the call updates.
     let rc = unsafe {
         libc::getsockopt(
-            s.as_raw_fd(),
+            fd,
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             (&raw mut info).cast(),
             &mut len,
         )
     };
-    assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
-    info
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info)
 }
 
 /// Whether the kernel has seen `s`'s FIN acknowledged, so the peer's kernel holds every byte `s`
@@ -1955,6 +1961,21 @@ fn a_fin_read_behind_held_bytes_is_carried_as_not_ended() {
 /// Whether the kernel lists a TCP socket from `local` to `peer` (IPv4) in /proc/net/tcp: one a
 /// reset has closed is no longer listed, though a descriptor still holds it.
 fn listed(local: SocketAddr, peer: SocketAddr) -> bool {
+    tcp_row(local, peer).is_some()
+}
+
+/// The bytes the kernel holds unread for the TCP socket from `local` to `peer` (IPv4).
+fn unread(local: SocketAddr, peer: SocketAddr) -> u64 {
+    // "tx_queue:rx_queue", in hex.
+    let row = tcp_row(local, peer).unwrap_or_default();
+    let queues = row.get(3).map_or("", String::as_str);
+    let rx = queues.split(':').nth(1).unwrap_or("0");
+    u64::from_str_radix(rx, 16).unwrap()
+}
+
+/// The /proc/net/tcp fields after the row's number of the TCP socket from `local` to `peer`
+/// (IPv4), if the kernel lists it.
+fn tcp_row(local: SocketAddr, peer: SocketAddr) -> Option<Vec<String>> {
     // As the kernel writes them: the address as a 32-bit word in host order, the port, in hex.
     let hex = |a: SocketAddr| match a {
         SocketAddr::V4(v) => format!(
@@ -1966,11 +1987,9 @@ fn listed(local: SocketAddr, peer: SocketAddr) -> bool {
     };
     let want = [hex(local), hex(peer)];
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    table.lines().any(|l| {
-        l.split_whitespace()
-            .skip(1)
-            .take(2)
-            .eq(want.iter().map(String::as_str))
+    table.lines().find_map(|l| {
+        let row: Vec<String> = l.split_whitespace().skip(1).map(String::from).collect();
+        (row.len() > 2 && row[..2] == want).then_some(row)
     })
 }
 
@@ -2166,5 +2185,169 @@ fn a_connection_that_connects_while_carrying_goes_after_its_preface() {
     to.write_all(&got).unwrap();
     b.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"after", "the same connection, relayed on");
+    stop(r);
+}
+
+/// A client that connects and sends its first bytes to a listener the worker serves only after
+/// they are in the kernel (so it finds them there as it accepts the client), listened as `id`.
+fn client_ahead(r: &Running, id: u32, first: &[u8]) -> TcpStream {
+    let waiting = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = waiting.local_addr().unwrap();
+    let mut c = client(addr);
+    c.write_all(first).unwrap();
+    let me = c.local_addr().unwrap();
+    wait_until(
+        || unread(addr, me) == first.len() as u64,
+        "the client's bytes in the kernel",
+    );
+    assert!(r.handle.send(Command::Listen {
+        id,
+        socket: waiting,
+        with: (),
+    }));
+    c
+}
+
+/// A client whose first bytes are there when the worker connects its backend: the handshake's
+/// last ACK leaves with them (quick ACKs off, as HAProxy's `tcp-smart-connect`), so the backend's
+/// kernel gets the SYN and then one segment, not an ACK and then the bytes.
+#[test]
+fn the_handshakes_last_ack_leaves_with_the_clients_first_bytes() {
+    let (l, backend) = quiet_backend();
+    let Some(r) = worker(vec![backend], WAIT) else {
+        return;
+    };
+    let mut c = client_ahead(&r, 1, b"first");
+    let mut b = accept_within(&l);
+    let mut got = [0u8; 5];
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"first");
+    assert_eq!(
+        tcp_info(&b).tcpi_segs_in,
+        2,
+        "the SYN, then the ACK with the bytes"
+    );
+    b.write_all(b"ok").unwrap();
+    let mut back = [0u8; 2];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ok", "relayed both ways");
+    stop(r);
+}
+
+/// The TCP_INFO of the worker's own socket (it runs in this process) connected to `peer`.
+fn tcp_info_of_ours(peer: SocketAddr) -> libc::tcp_info {
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap();
+    for fd in fds.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<RawFd>().ok()) {
+        // A descriptor of our own for what `fd` names now: another thread may close `fd` (the
+        // duplicate then fails) or reuse it (the duplicate then names that, and its peer tells).
+        // SAFETY: F_DUPFD_CLOEXEC reads no memory; any number is safe to pass.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            continue;
+        }
+        // SAFETY: `dup` is a new descriptor that nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(dup) };
+        if SockRef::from(&sock)
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            == Some(peer)
+        {
+            return tcp_info_fd(sock.as_raw_fd()).unwrap();
+        }
+    }
+    panic!("no socket of this process connected to {peer}");
+}
+
+/// A client that has sent nothing when the worker connects its backend (a protocol where the
+/// server speaks first): the handshake's last ACK leaves at once. Were it held back for bytes, the
+/// backend would see the connection only when the kernel's delayed-ACK timer fired.
+#[test]
+fn a_client_that_has_sent_nothing_gets_the_handshakes_last_ack_at_once() {
+    let (l, backend) = quiet_backend();
+    let Some(r) = worker(vec![backend], WAIT) else {
+        return;
+    };
+    let (go, hold) = mpsc::channel();
+    *r.seen.hold_first.lock().unwrap() = Some(hold);
+    let mut c = client(r.addr);
+    wait_until(|| r.seen.held.load(Relaxed) == 1, "the backend connected");
+    // Looked at as the connect completes (the worker is held in the host right after): held back,
+    // the handshake's ACK would leave only when the delayed-ACK timer fires, 200 ms later.
+    assert_eq!(
+        tcp_info_of_ours(backend).tcpi_segs_out,
+        2,
+        "the SYN and the handshake's last ACK sent"
+    );
+    let mut b = accept_within(&l);
+    drop(go);
+    b.write_all(b"220 hello").unwrap();
+    let mut got = [0u8; 9];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"220 hello", "the server spoke first");
+    c.write_all(b"x").unwrap();
+    let mut x = [0u8; 1];
+    b.read_exact(&mut x).unwrap();
+    stop(r);
+}
+
+/// A client reset before the worker connects it: the peek for its first bytes reads the reset
+/// (and takes it: a later read would find only an EOF), so it ends here as reset, and no backend
+/// is connected for it.
+#[test]
+fn a_client_reset_before_its_connect_ends_as_reset_without_a_backend() {
+    let (l, backend) = quiet_backend();
+    let Some(r) = worker(vec![backend], WAIT) else {
+        return;
+    };
+    let waiting = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = waiting.local_addr().unwrap();
+    let c = client(addr);
+    let me = c.local_addr().unwrap();
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    wait_until(|| !listed(addr, me), "the reset in the kernel");
+    assert!(r.handle.send(Command::Listen {
+        id: 1,
+        socket: waiting,
+        with: (),
+    }));
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(f.end, Outcome::ClientReset);
+    assert!(f.broken.is_some(), "ends broken: {f:?}");
+    nothing_connected(&l);
+    stop(r);
+}
+
+/// A client whose first bytes are there, connected while connections are carried away: it goes
+/// before sending them, so the handshake's last ACK, held back for them, is sent as it goes (the
+/// backend would see the connection only at the delayed-ACK timer otherwise).
+#[test]
+fn a_connection_carried_before_its_first_bytes_went_sends_the_handshakes_last_ack() {
+    let (l, backend) = quiet_backend();
+    let mode = Mode {
+        carries: true,
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![backend], WAIT, mode) else {
+        return;
+    };
+    // Taken before the listener that follows it (one channel, in order).
+    assert!(r.handle.send(Command::Carry));
+    let _c = client_ahead(&r, 1, b"first");
+    let q = r
+        .carried
+        .recv_timeout(WAIT)
+        .expect("the connection is carried");
+    assert_eq!(q.held.to_backend, b"", "nothing read of the client");
+    let backend_side = TcpStream::from(q.backend);
+    assert_eq!(
+        tcp_info(&backend_side).tcpi_segs_out,
+        2,
+        "the SYN and the handshake's last ACK sent"
+    );
+    let _b = accept_within(&l);
     stop(r);
 }
