@@ -8,7 +8,9 @@ Proxies: direct, sg-copy, sg-splice, sg-epoll, sg-ring, sg-auto (the ring where 
 else epoll), sg-uring (target/release/sluicegate, built; `sg-auto@PATH` runs another build, an earlier
 commit's, beside it), sg-auto-log (sg-auto writing the routing-decision
 line of every connection, JSON, to a file), haproxy, haproxy-splice (`option splice-auto`),
-haproxy-splice-all (`option splice-request` + `splice-response`), nginx (`stream`), and probe-LEVERS:
+haproxy-splice-all (`option splice-request` + `splice-response`), haproxy-smart (`option
+tcp-smart-connect`: the handshake's last ACK sent with the first bytes, as sluicegate's ring
+does), nginx (`stream`), and probe-LEVERS:
 the C probe of benchmarks/probes/ (built with make) with the levers its name lists, e.g. probe-ms+reg.
 Workloads, in this order:
     ka      wrk -t1 -c64 keep-alive GET /tiny (16 bytes)            req/s, p50/p99, CPU-s per 100k
@@ -60,7 +62,7 @@ LOAD_BIN = os.path.join(ROOT, "target", "release", "sluicegate-load")
 PROBES = os.path.join(ROOT, "benchmarks", "probes")
 PROBE_BIN = os.path.join(PROBES, "ring-proxy")
 PROXIES = ["direct", "sg-copy", "sg-splice", "sg-epoll", "sg-ring", "sg-auto", "sg-uring", "sg-auto-log", "haproxy",
-           "haproxy-splice", "haproxy-splice-all", "nginx"]
+           "haproxy-splice", "haproxy-splice-all", "haproxy-smart", "nginx"]
 WORKLOADS = ["ka", "lat", "bulk", "stream", "idle", "churn"]
 # The `lat` workload: 64 keep-alive connections at a fixed total rate, far below saturation, so the
 # latency is the proxy's added hop rather than queueing behind a saturated CPU (what wrk's p99 shows).
@@ -393,6 +395,7 @@ def proxy_command(name, work, binary):
         cfg = os.path.join(d, "haproxy.cfg")
         splice = {"haproxy-splice": "  option splice-auto\n",
                   "haproxy-splice-all": "  option splice-request\n  option splice-response\n"}.get(name, "")
+        smart = "  option tcp-smart-connect\n" if name == "haproxy-smart" else ""
         # Splicing HAProxy also reserves two descriptors per pipe: fewer connections fit the limit.
         maxconn = MAXCONN - 1100 if splice else MAXCONN
         pipes = "  maxpipes 1000\n" if splice else ""
@@ -405,7 +408,7 @@ def proxy_command(name, work, binary):
   timeout connect 5s
   timeout client 1m
   timeout server 1m
-{splice}frontend http
+{splice}{smart}frontend http
   bind 127.0.0.1:{LISTEN}
   default_backend http
 backend http
@@ -684,7 +687,7 @@ def ratio_by_round(rows, w, key, proxy, ref):
     return out
 
 
-PEERS = ("haproxy", "haproxy-splice", "haproxy-splice-all", "nginx")
+PEERS = ("haproxy", "haproxy-splice", "haproxy-splice-all", "haproxy-smart", "nginx")
 # The targets, checked against each run: (workload, metric, kind, bound, text). CPU is compared as
 # added machine CPU (machine CPU per unit minus direct's), which proxy CPU alone understates.
 TARGETS = [

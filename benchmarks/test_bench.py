@@ -250,5 +250,21 @@ class Tools(unittest.TestCase):
         self.assertIn(": not a wrk report: 'garbage'", str(e.exception))
 
 
+class PeerConfigs(unittest.TestCase):
+    """The peers' configurations as bench.py writes them."""
+
+    def haproxy_cfg(self, name):
+        import tempfile
+        with tempfile.TemporaryDirectory() as work:
+            cmd = bench.proxy_command(name, work, "")
+            with open(cmd[-1]) as f:
+                return f.read()
+
+    def test_only_haproxy_smart_sends_the_handshakes_ack_with_the_first_bytes(self):
+        self.assertIn("option tcp-smart-connect\n", self.haproxy_cfg("haproxy-smart"))
+        self.assertNotIn("tcp-smart-connect", self.haproxy_cfg("haproxy"))
+        self.assertIn("haproxy-smart", bench.PEERS)
+
+
 if __name__ == "__main__":
     unittest.main()
