@@ -6,18 +6,19 @@
 //!
 //! What a worker does with a connection: one of the accepts it keeps in flight on each listener
 //! hands it a client with its address (a multishot accept gives no address, and asking for it after
-//! costs a system call, and fails for a client that has already reset); the
-//! [`Host`] (the services, above this module) admits it and names a backend, or first asks for the
-//! client's opening bytes (a PROXY header: one-shot receives into the connection's own buffer, within
-//! a deadline linked to each, until the host decides); a non-blocking socket
-//! with TCP_NODELAY connects through the ring with a linked timeout (the host names another backend
-//! when it fails), with quick ACKs off when bytes for the backend are already there (a peek through
-//! the ring looks for the client's), so the handshake's last ACK leaves with them; then each direction keeps one multishot receive armed into the ring's pool of
-//! provided buffers and sends from those buffers in order, one send in flight (a preface the host
-//! gave, and client bytes read with the header, go first, from the connection's buffer, and the
-//! preface is not counted as the client's); both sockets close
-//! through the ring. The kernel does the waiting; the thread enters it once per loop, submitting
-//! everything the last batch of completions started and waiting for the next.
+//! costs a system call, and fails for a client that has already reset); the [`Host`] (the services,
+//! above this module) admits it and names a backend, or first asks for the client's opening bytes
+//! (a PROXY header: one-shot receives into the connection's own buffer, within a deadline linked to
+//! each, until the host decides); a non-blocking socket with TCP_NODELAY and quick ACKs off
+//! connects through the ring with a linked timeout (the host names another backend when it fails),
+//! and the handshake's last ACK leaves with the first bytes for the backend, or on its own a loop
+//! turn later when none have come (`release_acks`); then each direction keeps one multishot receive
+//! armed into the ring's pool of provided buffers and sends from those buffers in order, one send
+//! in flight (a preface the host gave, and client bytes read with the header, go first, from the
+//! connection's buffer, and the preface is not counted as the client's); both sockets close through
+//! the ring. The kernel does the waiting; the thread enters it once per loop, submitting everything
+//! the last batch of completions started and waiting for the next (without waiting, when a held ACK
+//! is to be looked at).
 //!
 //! The relay contract is the other engines' (`relay/mod.rs`): a FIN read is passed on (shutdown(2):
 //! IORING_OP_SHUTDOWN is punted to an io-wq thread) once what came before it is sent; a side that
@@ -144,7 +145,6 @@ const K_WRITABLE: u64 = 10;
 const K_READABLE: u64 = 11;
 const K_SPLICE: u64 = 12;
 const K_UNTIL: u64 = 13;
-const K_PEEK: u64 = 14;
 
 fn user_data(kind: u64, slot: u32, side: Side) -> u64 {
     kind | (u64::from(side == Side::Down) << 4) | (u64::from(slot) << 32)
@@ -696,14 +696,9 @@ struct Conn<C> {
     post: Vec<u8>,
     /// Reading the client's first bytes (`Admit::Read`), until this deadline.
     reading: Option<Instant>,
-    /// Whether bytes for the backend were there as the first connect began: `pre`, or the
-    /// client's, seen by a peek (`Worker::peek`). Then the handshake's last ACK waits to leave
-    /// with them (`backend_socket`). `None` until the first connect.
-    ready: Option<bool>,
-    /// The target a connect goes to once the peek has answered.
-    after_peek: Option<Target>,
-    /// Where the peek copies the one byte it looks at.
-    peeked: u8,
+    /// The loop turn (`Worker::turn`) it connected in, while the handshake's last ACK is held back
+    /// for the first bytes it sends (`backend_socket`, `Worker::release_acks`).
+    ack_held: Option<u64>,
     /// Waiting for a backend (in the worker's `waiting`).
     waiting: bool,
     dirs: [Dir; 2],
@@ -871,6 +866,10 @@ struct Worker<H: Host> {
     due: Vec<(u32, Side)>,
     /// Connections waiting for a backend with room, oldest first.
     waiting: Vec<u32>,
+    /// Loop turns taken: which turn a connection connected in (`Conn::ack_held`).
+    turn: u64,
+    /// Connections whose handshake's last ACK is held back, with the turn each connected in.
+    acks: Vec<(u32, u64)>,
     /// Entries the submission queue had no room for, in groups that go in together (a connect and
     /// its linked timeout).
     backlog: VecDeque<Vec<squeue::Entry>>,
@@ -922,6 +921,8 @@ impl<H: Host> Worker<H> {
             starved: Vec::new(),
             due: Vec::new(),
             waiting: Vec::new(),
+            turn: 0,
+            acks: Vec::new(),
             backlog: VecDeque::new(),
             cqes: Vec::with_capacity(1024),
             now: Instant::now(),
@@ -977,7 +978,10 @@ impl<H: Host> Worker<H> {
             self.flush_backlog();
             // With entries still waiting for room, submit and reap without sleeping: the wait
             // could otherwise outlast what is not yet in the kernel (the tick among them).
-            let want = usize::from(self.backlog.is_empty());
+            // Nor with ACKs held back for a turn (`release_acks`): this entry submits the client
+            // receives armed at those connects, which complete at once with any bytes already
+            // there (without GETEVENTS, nothing the kernel deferred to this thread is run).
+            let want = usize::from(self.backlog.is_empty() && self.acks.is_empty());
             if let Err(e) = self.ring.submit_and_wait(want) {
                 match e.raw_os_error() {
                     // A signal, or completions to reap before more can be submitted.
@@ -1003,6 +1007,7 @@ impl<H: Host> Worker<H> {
             }
             cqes.clear();
             self.send_due();
+            self.release_acks();
             self.cqes = cqes;
             if let Some(since) = self.stopping {
                 let done = self.live == 0 && self.listeners.is_empty();
@@ -1061,7 +1066,6 @@ impl<H: Host> Worker<H> {
             K_SEND => self.on_send(slot, side_of(ud), res),
             K_CONNECT => self.on_connect(slot, res),
             K_PRE => self.on_pre(slot, res),
-            K_PEEK => self.on_peek(slot, res),
             K_WRITABLE => self.on_writable(slot, side_of(ud)),
             K_SPLICE => self.on_splice_ready(slot, side_of(ud), res),
             K_LINK | K_CANCEL => self.release(slot),
@@ -1461,9 +1465,7 @@ impl<H: Host> Worker<H> {
             preface,
             post: Vec::new(),
             reading,
-            ready: None,
-            after_peek: None,
-            peeked: 0,
+            ack_held: None,
             waiting: false,
             dirs: Default::default(),
             refs: 0,
@@ -1562,9 +1564,7 @@ impl<H: Host> Worker<H> {
             post: held.to_client,
             reading: None,
             // Connected in the process it comes from: never connects here.
-            ready: Some(false),
-            after_peek: None,
-            peeked: 0,
+            ack_held: None,
             waiting: false,
             dirs,
             refs: 0,
@@ -1680,16 +1680,9 @@ impl<H: Host> Worker<H> {
         at(&mut self.conns, slot)
     }
 
-    /// Starts a connect to `target`, with its timeout linked. The first connect of a connection
-    /// that has nothing of its own to send first looks for the client's bytes (`peek`) before.
+    /// Starts a connect to `target`, with its timeout linked.
     fn connect(&mut self, slot: u32, target: Target) {
-        let Some(c) = self.conn(slot) else { return };
-        let ready = match c.ready {
-            Some(ready) => ready,
-            None if c.pre.is_empty() => return self.peek(slot, target),
-            None => *c.ready.insert(true),
-        };
-        let socket = match backend_socket(target.addr, ready) {
+        let socket = match backend_socket(target.addr) {
             Ok(s) => s,
             Err(e) => return self.connect_failed(slot, e),
         };
@@ -1709,45 +1702,6 @@ impl<H: Host> Worker<H> {
         // SAFETY: the address and the timespec are in the connection's box, which stays in its
         // slot until both operations have completed (`refs`); the socket is the connection's.
         unsafe { self.push(&[connect, link]) };
-    }
-
-    /// Looks, without taking them and without waiting, for the client's first bytes; `on_peek`
-    /// connects. The handshake's last ACK waits to leave with them only when they are already
-    /// here: a client that speaks second must reach its backend at once.
-    fn peek(&mut self, slot: u32, target: Target) {
-        let Some(c) = self.conn(slot) else { return };
-        let (from, _) = c.ends(Side::Up);
-        c.after_peek = Some(target);
-        c.refs += 1;
-        // MSG_DONTWAIT: the ring answers EAGAIN instead of waiting for bytes.
-        let e = opcode::Recv::new(types::Fd(from), &mut c.peeked, 1)
-            .flags(libc::MSG_PEEK | libc::MSG_DONTWAIT)
-            .build()
-            .user_data(user_data(K_PEEK, slot, Side::Up));
-        // SAFETY: the kernel writes at most one byte, into `peeked`, in the connection's box, which
-        // stays in its slot until this receive completes (`refs`); the socket is the connection's.
-        unsafe { self.push(&[e]) };
-    }
-
-    fn on_peek(&mut self, slot: u32, res: i32) {
-        if !self.completed(slot) {
-            return;
-        }
-        let Some(c) = at(&mut self.conns, slot) else {
-            return;
-        };
-        let Some(target) = c.after_peek.take() else {
-            return;
-        };
-        if res < 0 && res != -libc::EAGAIN {
-            // The client broke before a byte was relayed: it ends as a relay reading the error
-            // would end it (a later read would find only an EOF, the error taken by this one).
-            let e = io::Error::from_raw_os_error(-res);
-            return self.broke(slot, Side::Up, DirEnd::SourceError(e));
-        }
-        // A FIN (0) is no bytes: the relay passes it on as soon as it reads it.
-        c.ready = Some(res > 0);
-        self.connect(slot, target);
     }
 
     fn on_connect(&mut self, slot: u32, res: i32) {
@@ -1782,6 +1736,8 @@ impl<H: Host> Worker<H> {
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
+        // Held back by the kernel (`backend_socket`) for the first bytes sent.
+        c.ack_held = Some(self.turn);
         let owned = !c.pre.is_empty();
         if owned {
             let len = c.pre.len() as u32;
@@ -1794,23 +1750,20 @@ impl<H: Host> Worker<H> {
         if self.carrying && c.preface == 0 {
             // Connected while connections are being carried away: it goes too, before it starts.
             // One with a preface (a PROXY header to the backend) sends it first (`on_send`): the
-            // process it goes to would count a preface's bytes as the client's.
-            if c.ready == Some(true) {
-                // Its handshake's last ACK waits for bytes that this process will not send: out
-                // now, or the backend would see the connection only at the delayed-ACK timer.
-                if let Some(b) = c.backend.as_ref() {
-                    // Best effort: the timer sends it otherwise.
-                    let _ = SockRef::from(b).set_tcp_quickack(true);
-                }
-            }
+            // process it goes to would count a preface's bytes as the client's. Its handshake's
+            // last ACK goes as it does (`quiet`).
             c.carry = true;
             return self.maybe_free(slot);
         }
         if owned {
+            // Its first bytes carry the ACK.
+            c.ack_held = None;
             // The receives wait until it is out (`on_send`): if it cannot go, the connection can
             // still try another backend.
             self.send_next(slot, Side::Up);
         } else {
+            // The client's bytes carry it if they come within a turn (`release_acks`).
+            self.acks.push((slot, self.turn));
             self.relay(slot);
         }
     }
@@ -1988,6 +1941,36 @@ impl<H: Host> Worker<H> {
             }
         }
         self.due = due;
+    }
+
+    /// Ends the turn for the handshakes' last ACKs held back (`Conn::ack_held`). A connection
+    /// connected in the previous turn has had its client receive submitted since, normally with
+    /// this turn's entry into the kernel, which completes it at once with whatever the client had
+    /// sent by then: bytes (or a FIN) on their way carry the ACK; where none are (a client slow to
+    /// speak, a protocol where the server speaks first, bytes kept for a carry) the ACK is sent
+    /// now, so the backend sees the connection within a turn, not at the delayed-ACK timer.
+    fn release_acks(&mut self) {
+        let turn = self.turn;
+        self.turn += 1;
+        let conns = &mut self.conns;
+        self.acks.retain(|&(slot, since)| {
+            if since == turn {
+                return true;
+            }
+            let Some(c) = at(conns, slot).filter(|c| c.ack_held == Some(since)) else {
+                return false; // Sent, or the connection is gone.
+            };
+            let up = &c.dirs[Side::Up as usize];
+            // A connection stopping to be carried sends nothing more from here.
+            let carried = !c.carry && (up.sending || !up.held.is_empty() || up.eof || up.sent > 0);
+            if carried || c.end.is_some() {
+                // Leaves with what is sent, or with the FIN or reset the end sends.
+                c.ack_held = None;
+            } else {
+                send_held_ack(c);
+            }
+            false
+        });
     }
 
     fn on_recv(&mut self, slot: u32, side: Side, res: i32, flags: u32) {
@@ -2615,6 +2598,11 @@ impl<H: Host> Worker<H> {
                 return; // Both FINs passed on, or a side broke: it ended (and is freed) here.
             }
         }
+        if let Some(c) = self.conn(slot).filter(|c| c.ack_held.is_some()) {
+            // Its handshake's last ACK waits for bytes that this process may not send: out now,
+            // or the backend would see the connection only at the delayed-ACK timer.
+            send_held_ack(c);
+        }
         let carrier = match self.carrying.then(|| self.host.carrier()).flatten() {
             Some(to) => to,
             None => {
@@ -2870,13 +2858,14 @@ fn at<C>(conns: &mut [Option<Box<Conn<C>>>], slot: u32) -> Option<&mut Conn<C>> 
     conns.get_mut(slot as usize)?.as_deref_mut()
 }
 
-/// A non-blocking TCP socket for `to`, with TCP_NODELAY (a proxy must not add Nagle delay). With
-/// `ready` (bytes to send the moment it connects) quick ACKs are off, as HAProxy's
-/// `tcp-smart-connect` turns them off: the kernel then holds the handshake's last ACK (for up to
-/// 200 ms; then quick ACKs are on again) and it leaves in the segment with those bytes. The
-/// backend gets the connection and its first bytes in one segment, and wakes once to accept and
-/// read them instead of once for each (benchmarks/results/2026-11-27-ack-with-data.md).
-fn backend_socket(to: SocketAddr, ready: bool) -> io::Result<OwnedFd> {
+/// A non-blocking TCP socket for `to`, with TCP_NODELAY (a proxy must not add Nagle delay) and
+/// quick ACKs off, as HAProxy's `tcp-smart-connect` turns them off: the kernel then holds the
+/// handshake's last ACK (for up to 200 ms; then quick ACKs are on again) and it leaves in the
+/// segment with the first bytes sent. The backend gets the connection and its first bytes in one
+/// segment, and wakes once to accept and read them instead of once for each
+/// (benchmarks/results/2026-11-27-ack-on-every-connect.md). Where no bytes come within a loop turn,
+/// the worker sends the ACK itself (`send_held_ack`).
+fn backend_socket(to: SocketAddr) -> io::Result<OwnedFd> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(
         Domain::for_address(to),
@@ -2884,11 +2873,19 @@ fn backend_socket(to: SocketAddr, ready: bool) -> io::Result<OwnedFd> {
         Some(Protocol::TCP),
     )?;
     s.set_tcp_nodelay(true)?;
-    if ready {
-        // Best effort: without it the handshake ends with an ACK of its own, as it would anyway.
-        let _ = s.set_tcp_quickack(false);
-    }
+    // Best effort: without it the handshake ends with an ACK of its own, as it would anyway.
+    let _ = s.set_tcp_quickack(false);
     Ok(s.into())
+}
+
+/// Sends the handshake's last ACK, held back since the connect (`backend_socket`), if it still is:
+/// turning quick ACKs on sends an ACK the kernel holds.
+fn send_held_ack<C>(c: &mut Conn<C>) {
+    if let Some(b) = c.backend.as_ref() {
+        // Best effort: the delayed-ACK timer sends it otherwise.
+        let _ = SockRef::from(b).set_tcp_quickack(true);
+    }
+    c.ack_held = None;
 }
 
 #[cfg(test)]

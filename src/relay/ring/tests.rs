@@ -2208,6 +2208,21 @@ fn client_ahead(r: &Running, id: u32, first: &[u8]) -> TcpStream {
     c
 }
 
+/// The backend's side of the worker's connection, once it has read the client's "first" and its
+/// kernel has counted two segments in: the SYN, then the handshake's last ACK with those bytes.
+fn first_with_the_ack(l: &TcpListener) -> TcpStream {
+    let mut b = accept_within(l);
+    let mut got = [0u8; 5];
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"first");
+    assert_eq!(
+        tcp_info(&b).tcpi_segs_in,
+        2,
+        "the SYN, then the ACK with the bytes"
+    );
+    b
+}
+
 /// A client whose first bytes are there when the worker connects its backend: the handshake's
 /// last ACK leaves with them (quick ACKs off, as HAProxy's `tcp-smart-connect`), so the backend's
 /// kernel gets the SYN and then one segment, not an ACK and then the bytes.
@@ -2218,15 +2233,7 @@ fn the_handshakes_last_ack_leaves_with_the_clients_first_bytes() {
         return;
     };
     let mut c = client_ahead(&r, 1, b"first");
-    let mut b = accept_within(&l);
-    let mut got = [0u8; 5];
-    b.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"first");
-    assert_eq!(
-        tcp_info(&b).tcpi_segs_in,
-        2,
-        "the SYN, then the ACK with the bytes"
-    );
+    let mut b = first_with_the_ack(&l);
     b.write_all(b"ok").unwrap();
     let mut back = [0u8; 2];
     c.read_exact(&mut back).unwrap();
@@ -2234,8 +2241,10 @@ fn the_handshakes_last_ack_leaves_with_the_clients_first_bytes() {
     stop(r);
 }
 
-/// The TCP_INFO of the worker's own socket (it runs in this process) connected to `peer`.
-fn tcp_info_of_ours(peer: SocketAddr) -> libc::tcp_info {
+/// How many segments each of the worker's own sockets (it runs in this process) connected to
+/// `peer` has sent, fewest first.
+fn segs_out_of_ours(peer: SocketAddr) -> Vec<u32> {
+    let mut sent = Vec::new();
     let fds = std::fs::read_dir("/proc/self/fd").unwrap();
     for fd in fds.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<RawFd>().ok()) {
         // A descriptor of our own for what `fd` names now: another thread may close `fd` (the
@@ -2253,34 +2262,54 @@ fn tcp_info_of_ours(peer: SocketAddr) -> libc::tcp_info {
             .and_then(|a| a.as_socket())
             == Some(peer)
         {
-            return tcp_info_fd(sock.as_raw_fd()).unwrap();
+            sent.push(tcp_info_fd(sock.as_raw_fd()).unwrap().tcpi_segs_out);
         }
     }
-    panic!("no socket of this process connected to {peer}");
+    sent.sort_unstable();
+    sent
+}
+
+/// A client, its worker held in `Host::connected` once its backend has connected, with the word
+/// that lets each held connection go on.
+fn held_as_connected(r: &Running) -> (mpsc::Sender<()>, TcpStream) {
+    let (go, hold) = mpsc::channel();
+    *r.seen.hold_first.lock().unwrap() = Some(hold);
+    let c = client(r.addr);
+    wait_until(|| r.seen.held.load(Relaxed) == 1, "the backend connected");
+    (go, c)
 }
 
 /// A client that has sent nothing when the worker connects its backend (a protocol where the
-/// server speaks first): the handshake's last ACK leaves at once. Were it held back for bytes, the
-/// backend would see the connection only when the kernel's delayed-ACK timer fired.
+/// server speaks first): the handshake's last ACK, held back for the client's bytes, leaves on its
+/// own a loop turn later. Held on, the backend would see the connection only when the kernel's
+/// delayed-ACK timer fired, 200 ms later. Two such clients, each held in the host as its backend
+/// connects: the second's connect began after the worker accepted it, in a turn after the
+/// first's, so when it completes the turn after the first's has ended.
 #[test]
-fn a_client_that_has_sent_nothing_gets_the_handshakes_last_ack_at_once() {
+fn a_client_that_has_sent_nothing_gets_the_handshakes_last_ack_a_turn_later() {
     let (l, backend) = quiet_backend();
     let Some(r) = worker(vec![backend], WAIT) else {
         return;
     };
-    let (go, hold) = mpsc::channel();
-    *r.seen.hold_first.lock().unwrap() = Some(hold);
-    let mut c = client(r.addr);
-    wait_until(|| r.seen.held.load(Relaxed) == 1, "the backend connected");
-    // Looked at as the connect completes (the worker is held in the host right after): held back,
-    // the handshake's ACK would leave only when the delayed-ACK timer fires, 200 ms later.
+    let (go, mut c) = held_as_connected(&r);
     assert_eq!(
-        tcp_info_of_ours(backend).tcpi_segs_out,
-        2,
-        "the SYN and the handshake's last ACK sent"
+        segs_out_of_ours(backend),
+        [1],
+        "the SYN sent, the handshake's last ACK held back"
     );
-    let mut b = accept_within(&l);
+    let _second = client(r.addr);
+    go.send(()).unwrap();
+    wait_until(
+        || r.seen.held.load(Relaxed) == 2,
+        "the second backend connected",
+    );
+    assert_eq!(
+        segs_out_of_ours(backend),
+        [1, 2],
+        "the first's last ACK sent, the second's held back"
+    );
     drop(go);
+    let mut b = accept_within(&l);
     b.write_all(b"220 hello").unwrap();
     let mut got = [0u8; 9];
     c.read_exact(&mut got).unwrap();
@@ -2291,11 +2320,31 @@ fn a_client_that_has_sent_nothing_gets_the_handshakes_last_ack_at_once() {
     stop(r);
 }
 
-/// A client reset before the worker connects it: the peek for its first bytes reads the reset
-/// (and takes it: a later read would find only an EOF), so it ends here as reset, and no backend
-/// is connected for it.
+/// A client whose first bytes come while the worker connects its backend (after the accept,
+/// before the client's receive is armed): the handshake's last ACK, held back, leaves with them.
 #[test]
-fn a_client_reset_before_its_connect_ends_as_reset_without_a_backend() {
+fn first_bytes_that_come_as_the_backend_connects_carry_the_handshakes_last_ack() {
+    let (l, backend) = quiet_backend();
+    let Some(r) = worker(vec![backend], WAIT) else {
+        return;
+    };
+    let (go, mut c) = held_as_connected(&r);
+    c.write_all(b"first").unwrap();
+    let me = c.local_addr().unwrap();
+    wait_until(
+        || unread(r.addr, me) == 5,
+        "the client's bytes in the kernel",
+    );
+    drop(go);
+    let _b = first_with_the_ack(&l);
+    stop(r);
+}
+
+/// A client reset before the worker connects its backend: it ends as reset when its receive reads
+/// the reset, and its backend, reset with it, never accepts it (the handshake's last ACK was still
+/// held back for the client's bytes).
+#[test]
+fn a_client_reset_before_its_connect_ends_as_reset_and_its_backend_never_accepts_it() {
     let (l, backend) = quiet_backend();
     let Some(r) = worker(vec![backend], WAIT) else {
         return;
