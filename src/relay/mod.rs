@@ -148,6 +148,10 @@ struct Flow<'a> {
     pipe: Parked<splice::PipeLease>,
     /// `carry` fired: a ring pump stops at its next completion instead of starting another operation.
     carrying: AtomicBool,
+    /// Client → backend on a new connection of a copying engine: the backend's handshake ACK may
+    /// still be held back for the client's first bytes ([`connect_holding_ack`]), to be sent
+    /// before this direction first waits for a client that has sent nothing ([`ack_unless_bytes`]).
+    ack_held: AtomicBool,
     /// The ring operation this direction waits for, if any (`uring.rs`), so `carry` can cancel it.
     #[cfg(target_os = "linux")]
     op: uring::InFlight,
@@ -281,6 +285,9 @@ pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
         let down = Flow::new(live.down);
         let mut done = (false, false);
         let mut quiet_for = Duration::ZERO;
+        if resumed.is_none() && matches!(opts.mode, RelayMode::Epoll | RelayMode::Copy) {
+            up.ack_held.store(true, Relaxed);
+        }
         if let Some(r) = resumed {
             let r = *r;
             up.resume(r.to_backend, r.up_done);
@@ -684,6 +691,7 @@ impl<'a> Flow<'a> {
             #[cfg(target_os = "linux")]
             pipe: Parked::new(None),
             carrying: AtomicBool::new(false),
+            ack_held: AtomicBool::new(false),
             #[cfg(target_os = "linux")]
             op: uring::InFlight::default(),
         }
@@ -811,6 +819,7 @@ fn pump<'a>(
                     }
                 }
             }
+            ack_unless_bytes(src, dst, flow);
             if let Err(e) = read_ready(src).await {
                 return DirEnd::SourceError(e);
             }
@@ -879,6 +888,55 @@ fn write_out<'a>(
 /// every idle connection.
 fn read_ready(s: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
     std::future::poll_fn(move |cx| s.poll_read_ready(cx))
+}
+
+/// Connects to `addr` with TCP_NODELAY (a proxy must not add Nagle delay) and, with `hold_ack`,
+/// quick ACKs off, as HAProxy's `tcp-smart-connect` and the ring workers do: the kernel then holds
+/// the handshake's last ACK and it leaves with the first bytes sent, so the backend wakes once to
+/// accept and read them, not once for each. A copying relay sends it on its own when the client
+/// has sent nothing ([`ack_unless_bytes`]); `hold_ack` only for those. Both options are best
+/// effort: without them the connection works as it would anyway.
+pub(crate) async fn connect_holding_ack(
+    addr: std::net::SocketAddr,
+    hold_ack: bool,
+) -> io::Result<TcpStream> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    let _ = socket.set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    if hold_ack {
+        let _ = SockRef::from(&socket).set_tcp_quickack(false);
+    }
+    socket.connect(addr).await
+}
+
+/// Before the client → backend direction waits for its client, while [`Flow::ack_held`]: sends
+/// the backend's handshake ACK, if the kernel still holds it ([`connect_holding_ack`]), unless the
+/// client's bytes are there to carry it. A client that sends nothing (a protocol where the server
+/// speaks first) would otherwise leave its backend waiting for the kernel's delayed-ACK timer,
+/// 200 ms, before it even accepts. "There" is the readiness the reactor knows, without a system call: when it says
+/// readable, the read that follows either carries the ACK or finds nothing (a new socket can read
+/// as readable before anything came), and the check runs again before the next wait.
+fn ack_unless_bytes(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>) {
+    if !flow.ack_held.load(Relaxed) {
+        return;
+    }
+    if flow.bytes() > 0 {
+        // The bytes written carried it.
+        flow.ack_held.store(false, Relaxed);
+        return;
+    }
+    // A waker that does nothing: the wait that follows polls again with the task's own.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if src.poll_read_ready(&mut cx).is_pending() {
+        // Turning quick ACKs on sends an ACK the kernel holds. Best effort: the delayed-ACK timer
+        // sends it otherwise.
+        #[cfg(target_os = "linux")]
+        let _ = SockRef::from(dst).set_tcp_quickack(true);
+        flow.ack_held.store(false, Relaxed);
+    }
 }
 
 /// Writes what it can of `p` without waiting: `Ok(true)` when all of it is out.
@@ -1089,8 +1147,93 @@ fn finish(dst: &TcpStream, flow: &Flow<'_>, other: &Flow<'_>) -> DirEnd {
 
 #[cfg(test)]
 mod tests {
-    use super::choose_engine;
+    use std::future::Future;
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicU64;
+    use std::task::Poll;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::ring::tests::tcp_info_fd;
+    use super::{choose_engine, connect_holding_ack, relay, LiveCounters, RelayOptions};
     use crate::config::RelayMode::{self, *};
+
+    /// Segments in and out of `s`, from its TCP_INFO.
+    fn segs(s: &TcpStream) -> (u32, u32) {
+        let info = tcp_info_fd(s.as_raw_fd()).unwrap();
+        (info.tcpi_segs_in, info.tcpi_segs_out)
+    }
+
+    /// A proxy's side of a new client (the socket it accepted), and the client's.
+    async fn accepted_client() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (l.accept().await.unwrap().0, client)
+    }
+
+    const EPOLL: RelayOptions = RelayOptions {
+        mode: Epoll,
+        idle_timeout: Duration::from_secs(60),
+        half_close_timeout: Duration::from_secs(60),
+    };
+
+    /// A client whose first bytes are there when its backend has connected: the handshake's last
+    /// ACK, held back, leaves with them. The backend's kernel counts the SYN and one segment, not
+    /// an ACK and then the bytes.
+    #[tokio::test]
+    async fn the_clients_first_bytes_carry_the_backends_held_ack() {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (ours, mut client) = accepted_client().await;
+        client.write_all(b"first").await.unwrap();
+        ours.readable().await.unwrap();
+        let b = connect_holding_ack(backend.local_addr().unwrap(), true)
+            .await
+            .unwrap();
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let live = LiveCounters {
+            up: &up,
+            down: &down,
+        };
+        let cut = std::pin::pin!(std::future::pending());
+        let relayed = relay(&ours, &b, &EPOLL, cut, None, live, None);
+        let far_end = async {
+            let (mut far, _) = backend.accept().await.unwrap();
+            let mut got = [0u8; 5];
+            far.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"first");
+            assert_eq!(segs(&far).0, 2, "the SYN, then the ACK with the bytes");
+            client.shutdown().await.unwrap();
+            far.shutdown().await.unwrap();
+        };
+        let (r, ()) = tokio::join!(relayed, far_end);
+        assert_eq!(r.bytes_up, 5);
+    }
+
+    /// A client that has sent nothing when its backend has connected (a protocol where the server
+    /// speaks first): the relay sends the held ACK before it first waits for the client, not
+    /// 200 ms later when the kernel's delayed-ACK timer would; the backend accepts the connection
+    /// only once it has it.
+    #[tokio::test]
+    async fn a_silent_clients_relay_sends_the_backends_held_ack_before_it_waits() {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (ours, _client) = accepted_client().await;
+        let b = connect_holding_ack(backend.local_addr().unwrap(), true)
+            .await
+            .unwrap();
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let live = LiveCounters {
+            up: &up,
+            down: &down,
+        };
+        let cut = std::pin::pin!(std::future::pending());
+        let mut relayed = std::pin::pin!(relay(&ours, &b, &EPOLL, cut, None, live, None));
+        let waits = std::future::poll_fn(|cx| Poll::Ready(relayed.as_mut().poll(cx).is_pending()));
+        assert!(waits.await, "the relay waits for bytes");
+        assert_eq!(segs(&b).1, 2, "the SYN and the handshake's last ACK sent");
+        backend.accept().await.unwrap();
+    }
 
     /// `auto` is the ring only for a service the ring can serve on a kernel that allows it; a
     /// named io_uring engine without io_uring is `epoll`, and says why; the rest are what they say.

@@ -2889,4 +2889,4 @@ fn send_held_ack<C>(c: &mut Conn<C>) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -13,9 +13,10 @@ use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 use crate::admission::QueuePlace;
-use crate::config::BackendPort;
+use crate::config::{BackendPort, RelayMode};
 use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
+use crate::relay;
 use crate::routelog::Record;
 use crate::service::Service;
 use crate::tls::ClientStream;
@@ -228,25 +229,32 @@ async fn attempt(
         (BackendPort::Same, Some(port)) => SocketAddr::new(backend.addr.ip(), port),
         _ => backend.addr,
     };
-    let mut stream =
-        match tokio::time::timeout(service.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) if is_local_exhaustion(&e) => {
-                // Our own descriptors or ports ran out: not the backend's fault, so no ejection.
-                tracing::debug!(backend = %addr, error = %e, "connect failed locally");
-                return None;
-            }
-            result => {
-                let why = match result {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".to_string(),
-                };
-                tracing::debug!(backend = %addr, error = %why, "connect failed");
-                service.pool.connect_failed(&backend);
-                return None;
-            }
-        };
-    let _ = stream.set_nodelay(true);
+    // Held back only where the relay sends it if the client has sent nothing
+    // (`relay::connect_holding_ack`): a plain client, and an engine that starts by copying.
+    let hold_ack = service.tls.terminate.is_none()
+        && matches!(service.relay.mode, RelayMode::Epoll | RelayMode::Copy);
+    let mut stream = match tokio::time::timeout(
+        service.connect_timeout,
+        relay::connect_holding_ack(addr, hold_ack),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) if is_local_exhaustion(&e) => {
+            // Our own descriptors or ports ran out: not the backend's fault, so no ejection.
+            tracing::debug!(backend = %addr, error = %e, "connect failed locally");
+            return None;
+        }
+        result => {
+            let why = match result {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".to_string(),
+            };
+            tracing::debug!(backend = %addr, error = %why, "connect failed");
+            service.pool.connect_failed(&backend);
+            return None;
+        }
+    };
     if let Some(h) = out.header {
         if let Err(e) = within(service.connect_timeout, stream.write_all(h)).await {
             tracing::debug!(backend = %addr, error = %e, "sending the PROXY header failed");
