@@ -1166,11 +1166,22 @@ mod tests {
         (info.tcpi_segs_in, info.tcpi_segs_out)
     }
 
-    /// A proxy's side of a new client (the socket it accepted), and the client's.
-    async fn accepted_client() -> (TcpStream, TcpStream) {
+    /// A backend listening, a proxy's side of a new client (the socket it accepted), the client's,
+    /// which has sent `first` (once the proxy's side knows it readable), and the proxy's socket
+    /// connected to the backend with its handshake's last ACK held.
+    async fn connected_holding_ack(first: &[u8]) -> (TcpListener, TcpStream, TcpStream, TcpStream) {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        (l.accept().await.unwrap().0, client)
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let ours = l.accept().await.unwrap().0;
+        if !first.is_empty() {
+            client.write_all(first).await.unwrap();
+            ours.readable().await.unwrap();
+        }
+        let b = connect_holding_ack(backend.local_addr().unwrap(), true)
+            .await
+            .unwrap();
+        (backend, ours, client, b)
     }
 
     const EPOLL: RelayOptions = RelayOptions {
@@ -1184,13 +1195,7 @@ mod tests {
     /// an ACK and then the bytes.
     #[tokio::test]
     async fn the_clients_first_bytes_carry_the_backends_held_ack() {
-        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (ours, mut client) = accepted_client().await;
-        client.write_all(b"first").await.unwrap();
-        ours.readable().await.unwrap();
-        let b = connect_holding_ack(backend.local_addr().unwrap(), true)
-            .await
-            .unwrap();
+        let (backend, ours, mut client, b) = connected_holding_ack(b"first").await;
         let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
         let live = LiveCounters {
             up: &up,
@@ -1217,11 +1222,7 @@ mod tests {
     /// only once it has it.
     #[tokio::test]
     async fn a_silent_clients_relay_sends_the_backends_held_ack_before_it_waits() {
-        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (ours, _client) = accepted_client().await;
-        let b = connect_holding_ack(backend.local_addr().unwrap(), true)
-            .await
-            .unwrap();
+        let (backend, ours, _client, b) = connected_holding_ack(b"").await;
         let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
         let live = LiveCounters {
             up: &up,
