@@ -98,7 +98,7 @@ async fn carried_mid_stream(mode: RelayMode, stop_after: Duration) {
             std::pin::pin!(std::future::pending()),
             Some(&carry),
             live,
-            None,
+            Begin::New { ack_held: false },
         )
         .await;
         let Some(held) = first.carried else {
@@ -115,7 +115,7 @@ async fn carried_mid_stream(mode: RelayMode, stop_after: Duration) {
             std::pin::pin!(std::future::pending()),
             None,
             live,
-            Some(Box::new(held.clone())),
+            Begin::Resumed(Box::new(held.clone())),
         )
         .await;
         // The relay may leave the last FIN to the close, as a session does.
@@ -224,7 +224,7 @@ fn a_half_closed_relay_carries_its_half_close() {
                 std::pin::pin!(std::future::pending()),
                 Some(&carry),
                 live,
-                None,
+                Begin::New { ack_held: false },
             )
             .await
         };
@@ -248,7 +248,7 @@ fn a_half_closed_relay_carries_its_half_close() {
                 std::pin::pin!(std::future::pending()),
                 None,
                 live,
-                Some(Box::new(held)),
+                Begin::Resumed(Box::new(held)),
             )
             .await;
             // The relay may leave the last FIN to the close, as a session does.
@@ -316,7 +316,7 @@ fn a_relay_whose_pipe_cannot_be_read_back_is_not_carried_and_resets_both_sides()
                 std::pin::pin!(std::future::pending()),
                 Some(&carry),
                 LiveCounters { up: &a, down: &b },
-                None,
+                Begin::New { ack_held: false },
             )
             .await;
             drop((proxy_c, proxy_b));

@@ -148,8 +148,8 @@ struct Flow<'a> {
     pipe: Parked<splice::PipeLease>,
     /// `carry` fired: a ring pump stops at its next completion instead of starting another operation.
     carrying: AtomicBool,
-    /// Client → backend on a new connection of a copying engine: the backend's handshake ACK may
-    /// still be held back for the client's first bytes ([`connect_holding_ack`]), to be sent
+    /// Client → backend on a new connection of a copying engine, started with the backend's
+    /// handshake ACK still held back for the client's first bytes ([`Begin::New`]): to be sent
     /// before this direction first waits for a client that has sent nothing ([`ack_unless_bytes`]).
     ack_held: AtomicBool,
     /// The ring operation this direction waits for, if any (`uring.rs`), so `carry` can cancel it.
@@ -259,7 +259,7 @@ pub(crate) fn choose_engine<'a>(
 /// deadline, or the backend's sessions being closed), which ends the relay with the `Outcome` it yields;
 /// or until `carry` fires (an upgrade carries the connection into another process): then it stops at a
 /// quiet point and returns what it had read and not written ([`Relayed::carried`]), the sockets
-/// untouched. `resumed` starts a relay where another process left it. On return, resets have been armed
+/// untouched. `begin` says how it starts: new, or where another process left it. On return, resets have been armed
 /// (SO_LINGER 0) on the side that must see one; the caller closes both sockets by dropping them.
 ///
 /// `cut` comes pinned by the caller, and every future here is pinned once and lent down: an async
@@ -267,8 +267,9 @@ pub(crate) fn choose_engine<'a>(
 /// passed down two layers by value is stored three times in every connection's task (this was half
 /// of an idle connection's memory).
 ///
-/// Not an async fn, for the same reason: the returned block keeps each argument once. `resumed` is
-/// boxed, as only a carried connection has one, and the block keeps room for it all its life.
+/// Not an async fn, for the same reason: the returned block keeps each argument once. What a
+/// resumed relay starts with is boxed, as only a carried connection has it, and the block keeps
+/// room for `begin` all its life.
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
     client: &'a TcpStream,
@@ -277,7 +278,7 @@ pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
     cut: Pin<&'a mut C>,
     carry: Option<&'a CancellationToken>,
     live: LiveCounters<'a>,
-    resumed: Option<Box<Resumed>>,
+    begin: Begin,
 ) -> impl Future<Output = Relayed> + 'a {
     async move {
         let start = Instant::now();
@@ -285,15 +286,19 @@ pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
         let down = Flow::new(live.down);
         let mut done = (false, false);
         let mut quiet_for = Duration::ZERO;
-        if resumed.is_none() && matches!(opts.mode, RelayMode::Epoll | RelayMode::Copy) {
-            up.ack_held.store(true, Relaxed);
-        }
-        if let Some(r) = resumed {
-            let r = *r;
-            up.resume(r.to_backend, r.up_done);
-            down.resume(r.to_client, r.down_done);
-            done = (r.up_done, r.down_done);
-            quiet_for = r.quiet_for;
+        match begin {
+            // Only a copying pump sends it (`ack_unless_bytes`).
+            Begin::New { ack_held } => up.ack_held.store(
+                ack_held && matches!(opts.mode, RelayMode::Epoll | RelayMode::Copy),
+                Relaxed,
+            ),
+            Begin::Resumed(r) => {
+                let r = *r;
+                up.resume(r.to_backend, r.up_done);
+                down.resume(r.to_client, r.down_done);
+                done = (r.up_done, r.down_done);
+                quiet_for = r.quiet_for;
+            }
         }
         let mut up_fut = std::pin::pin!(pump(client, backend, &up, &down, opts.mode, start));
         let mut down_fut = std::pin::pin!(pump(backend, client, &down, &up, opts.mode, start));
@@ -330,6 +335,16 @@ pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
         let supervised = supervise(directions, &up, &down, opts, start, cut, carry, ended).await;
         conclude(supervised, &up, &down, client, backend)
     }
+}
+
+/// How a relay starts.
+pub(crate) enum Begin {
+    /// A new connection. `ack_held`: its backend's handshake ACK is still held back for the
+    /// client's first bytes, nothing having gone to the backend before the relay
+    /// ([`connect_holding_ack`]).
+    New { ack_held: bool },
+    /// Where another process left it (an upgrade).
+    Resumed(Box<Resumed>),
 }
 
 /// Which directions a relay starts with ended (a carried connection), and how long it had been quiet.
@@ -893,9 +908,9 @@ fn read_ready(s: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
 /// Connects to `addr` with TCP_NODELAY (a proxy must not add Nagle delay) and, with `hold_ack`,
 /// quick ACKs off, as HAProxy's `tcp-smart-connect` and the ring workers do: the kernel then holds
 /// the handshake's last ACK and it leaves with the first bytes sent, so the backend wakes once to
-/// accept and read them, not once for each. A copying relay sends it on its own when the client
-/// has sent nothing ([`ack_unless_bytes`]); `hold_ack` only for those. Both options are best
-/// effort: without them the connection works as it would anyway.
+/// accept and read them, not once for each. A copying relay started with it held sends it on its
+/// own when the client has sent nothing ([`ack_unless_bytes`]); `hold_ack` only for those. Both
+/// options are best effort: without them the connection works as it would anyway.
 pub(crate) async fn connect_holding_ack(
     addr: std::net::SocketAddr,
     hold_ack: bool,
@@ -909,6 +924,8 @@ pub(crate) async fn connect_holding_ack(
     if hold_ack {
         let _ = SockRef::from(&socket).set_tcp_quickack(false);
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = hold_ack;
     socket.connect(addr).await
 }
 
@@ -917,8 +934,9 @@ pub(crate) async fn connect_holding_ack(
 /// client's bytes are there to carry it. A client that sends nothing (a protocol where the server
 /// speaks first) would otherwise leave its backend waiting for the kernel's delayed-ACK timer,
 /// 200 ms, before it even accepts. "There" is the readiness the reactor knows, without a system call: when it says
-/// readable, the read that follows either carries the ACK or finds nothing (a new socket can read
-/// as readable before anything came), and the check runs again before the next wait.
+/// readable, the read that follows either carries the ACK or finds nothing (tokio can hold a socket
+/// readable with nothing to read: seen for a freshly accepted one in the test below), and the check
+/// runs again before the next wait.
 fn ack_unless_bytes(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>) {
     if !flow.ack_held.load(Relaxed) {
         return;
@@ -935,6 +953,8 @@ fn ack_unless_bytes(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>) {
         // sends it otherwise.
         #[cfg(target_os = "linux")]
         let _ = SockRef::from(dst).set_tcp_quickack(true);
+        #[cfg(not(target_os = "linux"))]
+        let _ = dst;
         flow.ack_held.store(false, Relaxed);
     }
 }
@@ -1093,17 +1113,22 @@ fn retry(e: &io::Error) -> bool {
 
 /// One non-blocking send: `TcpStream::try_write`, but through rustix's direct system call. The
 /// libc wrappers of `send(2)` and `recv(2)` are cancellation points, which in a process with more
-/// than one thread switch asynchronous cancellation on and off around every call: 0.5 % of the
-/// epoll engine's samples under keep-alive load (`perf record`), where nginx's single-threaded
-/// workers pay nothing. No SIGPIPE: a peer gone is an EPIPE like any other error.
+/// than one thread switch asynchronous cancellation on and off around every call (glibc 2.36,
+/// Debian 12's; newer versions reworked cancellation, and may not): 0.5 % of the epoll engine's
+/// samples under keep-alive load (`perf record`), where nginx's single-threaded workers pay
+/// nothing. No SIGPIPE: a peer gone is an EPIPE like any other error.
 fn send_now(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    dst.try_io(Interest::WRITABLE, || {
+    #[cfg(target_os = "linux")]
+    return dst.try_io(Interest::WRITABLE, || {
         Ok(rustix::net::send(
             dst,
             buf,
             rustix::net::SendFlags::NOSIGNAL,
         )?)
-    })
+    });
+    // Where rustix has no MSG_NOSIGNAL (Apple's systems), as before.
+    #[cfg(not(target_os = "linux"))]
+    dst.try_write(buf)
 }
 
 /// One non-blocking read (a direct system call, as [`send_now`]). On TCP a short read means the
@@ -1147,94 +1172,8 @@ fn finish(dst: &TcpStream, flow: &Flow<'_>, other: &Flow<'_>) -> DirEnd {
 
 #[cfg(test)]
 mod tests {
-    use std::future::Future;
-    use std::os::fd::AsRawFd;
-    use std::sync::atomic::AtomicU64;
-    use std::task::Poll;
-    use std::time::Duration;
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
-    use super::ring::tests::tcp_info_fd;
-    use super::{choose_engine, connect_holding_ack, relay, LiveCounters, RelayOptions};
+    use super::choose_engine;
     use crate::config::RelayMode::{self, *};
-
-    /// Segments in and out of `s`, from its TCP_INFO.
-    fn segs(s: &TcpStream) -> (u32, u32) {
-        let info = tcp_info_fd(s.as_raw_fd()).unwrap();
-        (info.tcpi_segs_in, info.tcpi_segs_out)
-    }
-
-    /// A backend listening, a proxy's side of a new client (the socket it accepted), the client's,
-    /// which has sent `first` (once the proxy's side knows it readable), and the proxy's socket
-    /// connected to the backend with its handshake's last ACK held.
-    async fn connected_holding_ack(first: &[u8]) -> (TcpListener, TcpStream, TcpStream, TcpStream) {
-        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let ours = l.accept().await.unwrap().0;
-        if !first.is_empty() {
-            client.write_all(first).await.unwrap();
-            ours.readable().await.unwrap();
-        }
-        let b = connect_holding_ack(backend.local_addr().unwrap(), true)
-            .await
-            .unwrap();
-        (backend, ours, client, b)
-    }
-
-    const EPOLL: RelayOptions = RelayOptions {
-        mode: Epoll,
-        idle_timeout: Duration::from_secs(60),
-        half_close_timeout: Duration::from_secs(60),
-    };
-
-    /// A client whose first bytes are there when its backend has connected: the handshake's last
-    /// ACK, held back, leaves with them. The backend's kernel counts the SYN and one segment, not
-    /// an ACK and then the bytes.
-    #[tokio::test]
-    async fn the_clients_first_bytes_carry_the_backends_held_ack() {
-        let (backend, ours, mut client, b) = connected_holding_ack(b"first").await;
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let live = LiveCounters {
-            up: &up,
-            down: &down,
-        };
-        let cut = std::pin::pin!(std::future::pending());
-        let relayed = relay(&ours, &b, &EPOLL, cut, None, live, None);
-        let far_end = async {
-            let (mut far, _) = backend.accept().await.unwrap();
-            let mut got = [0u8; 5];
-            far.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"first");
-            assert_eq!(segs(&far).0, 2, "the SYN, then the ACK with the bytes");
-            client.shutdown().await.unwrap();
-            far.shutdown().await.unwrap();
-        };
-        let (r, ()) = tokio::join!(relayed, far_end);
-        assert_eq!(r.bytes_up, 5);
-    }
-
-    /// A client that has sent nothing when its backend has connected (a protocol where the server
-    /// speaks first): the relay sends the held ACK before it first waits for the client, not
-    /// 200 ms later when the kernel's delayed-ACK timer would; the backend accepts the connection
-    /// only once it has it.
-    #[tokio::test]
-    async fn a_silent_clients_relay_sends_the_backends_held_ack_before_it_waits() {
-        let (backend, ours, _client, b) = connected_holding_ack(b"").await;
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let live = LiveCounters {
-            up: &up,
-            down: &down,
-        };
-        let cut = std::pin::pin!(std::future::pending());
-        let mut relayed = std::pin::pin!(relay(&ours, &b, &EPOLL, cut, None, live, None));
-        let waits = std::future::poll_fn(|cx| Poll::Ready(relayed.as_mut().poll(cx).is_pending()));
-        assert!(waits.await, "the relay waits for bytes");
-        assert_eq!(segs(&b).1, 2, "the SYN and the handshake's last ACK sent");
-        backend.accept().await.unwrap();
-    }
 
     /// `auto` is the ring only for a service the ring can serve on a kernel that allows it; a
     /// named io_uring engine without io_uring is `epoll`, and says why; the rest are what they say.
@@ -1294,5 +1233,106 @@ mod tests {
         choose_engine(Ring, true, probe, || panic!("ring does not run uring"));
         choose_engine(Uring, true, || panic!("uring does not run the ring"), probe);
         assert_eq!(asked.get(), 3);
+    }
+}
+
+/// The backend's handshake ACK held back for the client's first bytes, on the copying engines
+/// (quick ACKs and TCP_INFO: Linux).
+#[cfg(all(test, target_os = "linux"))]
+mod held_ack_tests {
+    use std::future::Future;
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicU64;
+    use std::task::Poll;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::ring::tests::tcp_info_fd;
+    use super::{connect_holding_ack, relay, Begin, LiveCounters, RelayOptions};
+    use crate::config::RelayMode::Epoll;
+
+    /// Segments in and out of `s`, from its TCP_INFO.
+    fn segs(s: &TcpStream) -> (u32, u32) {
+        let info = tcp_info_fd(s.as_raw_fd()).unwrap();
+        (info.tcpi_segs_in, info.tcpi_segs_out)
+    }
+
+    /// A backend listening, a proxy's side of a new client (the socket it accepted), the client's,
+    /// which has sent `first` (once the proxy's side knows it readable), and the proxy's socket
+    /// connected to the backend with its handshake's last ACK held.
+    async fn connected_holding_ack(first: &[u8]) -> (TcpListener, TcpStream, TcpStream, TcpStream) {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let ours = l.accept().await.unwrap().0;
+        if !first.is_empty() {
+            client.write_all(first).await.unwrap();
+            ours.readable().await.unwrap();
+        }
+        let b = connect_holding_ack(backend.local_addr().unwrap(), true)
+            .await
+            .unwrap();
+        (backend, ours, client, b)
+    }
+
+    const HELD: Begin = Begin::New { ack_held: true };
+
+    const EPOLL: RelayOptions = RelayOptions {
+        mode: Epoll,
+        idle_timeout: Duration::from_secs(60),
+        half_close_timeout: Duration::from_secs(60),
+    };
+
+    /// A client whose first bytes are there when its backend has connected: the handshake's last
+    /// ACK, held back, leaves with them. The backend's kernel counts the SYN and one segment, not
+    /// an ACK and then the bytes.
+    #[tokio::test]
+    async fn the_clients_first_bytes_carry_the_backends_held_ack() {
+        let (backend, ours, mut client, b) = connected_holding_ack(b"first").await;
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let live = LiveCounters {
+            up: &up,
+            down: &down,
+        };
+        let cut = std::pin::pin!(std::future::pending());
+        let relayed = relay(&ours, &b, &EPOLL, cut, None, live, HELD);
+        let far_end = async {
+            let (mut far, _) = backend.accept().await.unwrap();
+            let mut got = [0u8; 5];
+            far.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"first");
+            assert_eq!(segs(&far).0, 2, "the SYN, then the ACK with the bytes");
+            client.shutdown().await.unwrap();
+            far.shutdown().await.unwrap();
+        };
+        let (r, ()) = tokio::join!(relayed, far_end);
+        assert_eq!(r.bytes_up, 5);
+    }
+
+    /// A client that has sent nothing when its backend has connected (a protocol where the server
+    /// speaks first): the relay sends the held ACK before it first waits for the client, not
+    /// 200 ms later when the kernel's delayed-ACK timer would; the backend accepts the connection
+    /// only once it has it.
+    #[tokio::test]
+    async fn a_silent_clients_relay_sends_the_backends_held_ack_before_it_waits() {
+        let (backend, ours, _client, b) = connected_holding_ack(b"").await;
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let live = LiveCounters {
+            up: &up,
+            down: &down,
+        };
+        let cut = std::pin::pin!(std::future::pending());
+        assert_eq!(
+            segs(&b).1,
+            1,
+            "the SYN sent, the handshake's last ACK held back"
+        );
+        let mut relayed = std::pin::pin!(relay(&ours, &b, &EPOLL, cut, None, live, HELD));
+        let waits = std::future::poll_fn(|cx| Poll::Ready(relayed.as_mut().poll(cx).is_pending()));
+        assert!(waits.await, "the relay waits for bytes");
+        assert_eq!(segs(&b).1, 2, "the SYN and the handshake's last ACK sent");
+        backend.accept().await.unwrap();
     }
 }

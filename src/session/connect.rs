@@ -57,6 +57,9 @@ pub(super) struct Connected {
     pub(super) stream: BackendStream,
     _active: BackendSlot,
     pub(super) cut: Arc<CutSignal>,
+    /// The handshake's last ACK is still held back for the client's first bytes
+    /// ([`relay::connect_holding_ack`]): nothing went to the backend before the relay.
+    pub(super) ack_held: bool,
 }
 
 /// The backend's side of a connection: its socket, or TLS over it (`backend_tls`).
@@ -255,6 +258,11 @@ async fn attempt(
             return None;
         }
     };
+    // Whatever goes out before the relay carries it.
+    let ack_held = hold_ack
+        && out.header.is_none()
+        && service.tls.originate.is_none()
+        && out.forward.is_empty();
     if let Some(h) = out.header {
         if let Err(e) = within(service.connect_timeout, stream.write_all(h)).await {
             tracing::debug!(backend = %addr, error = %e, "sending the PROXY header failed");
@@ -289,6 +297,7 @@ async fn attempt(
         stream,
         _active: slot,
         cut,
+        ack_held,
     })
 }
 
@@ -312,6 +321,7 @@ impl Connected {
                 service: service.queue.is_some().then(|| service.clone()),
             },
             cut,
+            ack_held: false,
         }
     }
 }

@@ -560,8 +560,13 @@ fn relay_and_account<'a>(
                 let mut carry = Some(&leaving.carry);
                 loop {
                     let so_far = resumed.as_ref().map_or((0, 0), |r| r.so_far);
-                    let held = resumed.take().map(|r| r.held);
-                    let mut r = relay::relay(cl, b, opts, cut.as_mut(), carry, live, held).await;
+                    let begin = match resumed.take() {
+                        Some(r) => relay::Begin::Resumed(r.held),
+                        None => relay::Begin::New {
+                            ack_held: a.backend.ack_held,
+                        },
+                    };
+                    let mut r = relay::relay(cl, b, opts, cut.as_mut(), carry, live, begin).await;
                     r.bytes_up += so_far.0;
                     r.bytes_down += so_far.1;
                     let Some(held) = r.carried.take() else {

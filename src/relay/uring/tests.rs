@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::config::RelayMode;
 use crate::outcome::Outcome;
-use crate::relay::{relay, LiveCounters, RelayOptions, Relayed};
+use crate::relay::{relay, Begin, LiveCounters, RelayOptions, Relayed};
 
 /// A failure injected into one `io_uring_enter` (by `Driver::enter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,7 +395,16 @@ async fn tiny_ring_relay(
         up: &up,
         down: &down,
     };
-    let r = relay(&proxy_c, &proxy_b, &opts, cut, None, live, None).await;
+    let r = relay(
+        &proxy_c,
+        &proxy_b,
+        &opts,
+        cut,
+        None,
+        live,
+        Begin::New { ack_held: false },
+    )
+    .await;
     drop((proxy_c, proxy_b));
     ended.fetch_add(1, Relaxed);
     (i, r)
@@ -672,7 +681,16 @@ async fn ring_relay(
             up: &up,
             down: &down,
         };
-        relay(&proxy_c, &proxy_b, &opts, cut, None, live, None).await
+        relay(
+            &proxy_c,
+            &proxy_b,
+            &opts,
+            cut,
+            None,
+            live,
+            Begin::New { ack_held: false },
+        )
+        .await
     });
     (client, backend, relay)
 }
