@@ -20,6 +20,9 @@ use crate::config::RelayMode;
 use crate::outcome::Outcome;
 use crate::relay::{relay, Begin, LiveCounters, RelayOptions, Relayed};
 
+/// A new connection's relay, its backend's handshake ACK not held.
+const NEW: Begin = Begin::New { ack_held: false };
+
 /// A failure injected into one `io_uring_enter` (by `Driver::enter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Fault {
@@ -395,16 +398,7 @@ async fn tiny_ring_relay(
         up: &up,
         down: &down,
     };
-    let r = relay(
-        &proxy_c,
-        &proxy_b,
-        &opts,
-        cut,
-        None,
-        live,
-        Begin::New { ack_held: false },
-    )
-    .await;
+    let r = relay(&proxy_c, &proxy_b, &opts, cut, None, live, NEW).await;
     drop((proxy_c, proxy_b));
     ended.fetch_add(1, Relaxed);
     (i, r)
@@ -681,16 +675,7 @@ async fn ring_relay(
             up: &up,
             down: &down,
         };
-        relay(
-            &proxy_c,
-            &proxy_b,
-            &opts,
-            cut,
-            None,
-            live,
-            Begin::New { ack_held: false },
-        )
-        .await
+        relay(&proxy_c, &proxy_b, &opts, cut, None, live, NEW).await
     });
     (client, backend, relay)
 }
