@@ -933,10 +933,10 @@ pub(crate) async fn connect_holding_ack(
 /// the backend's handshake ACK, if the kernel still holds it ([`connect_holding_ack`]), unless the
 /// client's bytes are there to carry it. A client that sends nothing (a protocol where the server
 /// speaks first) would otherwise leave its backend waiting for the kernel's delayed-ACK timer,
-/// 200 ms, before it even accepts. "There" is the readiness the reactor knows, without a system call: when it says
-/// readable, the read that follows either carries the ACK or finds nothing (tokio can hold a socket
-/// readable with nothing to read: seen for a freshly accepted one in the test below), and the check
-/// runs again before the next wait.
+/// 200 ms, before it even accepts. "There" is the readiness the reactor knows, without a system
+/// call: when it says readable, the read that follows either carries the ACK or finds nothing
+/// (tokio can hold a socket readable with nothing to read: seen for a freshly accepted, silent one
+/// while writing the tests below), and the check runs again before the next wait.
 fn ack_unless_bytes(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>) {
     if !flow.ack_held.load(Relaxed) {
         return;
