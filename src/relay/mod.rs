@@ -718,12 +718,14 @@ impl<'a> Flow<'a> {
         self.eof.store(ended, Relaxed);
         if !held.is_empty() {
             let end = held.len();
-            self.pending.put(Pending {
-                buf: held.into_boxed_slice(),
-                off: 0,
-                end,
-            });
+            self.hold(held.into_boxed_slice(), 0, end);
         }
+    }
+
+    /// Keeps `buf[off..end]`, read and not yet written, where the pump and a relay stopped for
+    /// `carry` find it.
+    fn hold(&self, buf: Box<[u8]>, off: usize, end: usize) {
+        self.pending.put(Pending { buf, off, end });
     }
 
     /// What this direction read and has not written, once its pump is stopped: its held bytes, then
@@ -844,11 +846,7 @@ fn pump<'a>(
                     Ok(0) => return finish(dst, flow, other),
                     Ok(n) => {
                         last_read = n;
-                        flow.pending.put(Pending {
-                            buf: b,
-                            off: 0,
-                            end: n,
-                        });
+                        flow.hold(b, 0, n);
                     }
                     Err(e) if retry(&e) => own = Some(b),
                     Err(e) => return DirEnd::SourceError(e),
@@ -863,11 +861,7 @@ fn pump<'a>(
                 Scratch::Done(n) => last_read = n,
                 Scratch::Held { read, written, buf } => {
                     last_read = read;
-                    flow.pending.put(Pending {
-                        buf,
-                        off: written,
-                        end: read,
-                    });
+                    flow.hold(buf, written, read);
                 }
             }
         }

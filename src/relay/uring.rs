@@ -1625,7 +1625,7 @@ impl Flow<'_> {
     /// Stops for `carry` holding `buf[off..end]` unsent: parked for the relay to take along.
     fn park(&self, buf: Box<[u8]>, off: usize, end: usize) -> DirEnd {
         if off < end {
-            self.pending.put(super::Pending { buf, off, end });
+            self.hold(buf, off, end);
         }
         DirEnd::Carried
     }
