@@ -259,8 +259,9 @@ pub(crate) fn choose_engine<'a>(
 /// deadline, or the backend's sessions being closed), which ends the relay with the `Outcome` it yields;
 /// or until `carry` fires (an upgrade carries the connection into another process): then it stops at a
 /// quiet point and returns what it had read and not written ([`Relayed::carried`]), the sockets
-/// untouched. `begin` says how it starts: new, or where another process left it. On return, resets have been armed
-/// (SO_LINGER 0) on the side that must see one; the caller closes both sockets by dropping them.
+/// untouched. `begin` says how it starts: new, or where another process left it. On return, resets
+/// have been armed (SO_LINGER 0) on the side that must see one; the caller closes both sockets by
+/// dropping them.
 ///
 /// `cut` comes pinned by the caller, and every future here is pinned once and lent down: an async
 /// fn keeps room for each argument it takes by value beside the local it moves it into, so a future
@@ -287,11 +288,9 @@ pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
         let mut done = (false, false);
         let mut quiet_for = Duration::ZERO;
         match begin {
-            // Only a copying pump sends it (`ack_unless_bytes`).
-            Begin::New { ack_held } => up.ack_held.store(
-                ack_held && matches!(opts.mode, RelayMode::Epoll | RelayMode::Copy),
-                Relaxed,
-            ),
+            Begin::New { ack_held } => up
+                .ack_held
+                .store(ack_held && sends_held_ack(opts.mode), Relaxed),
             Begin::Resumed(r) => {
                 let r = *r;
                 up.resume(r.to_backend, r.up_done);
@@ -923,6 +922,13 @@ pub(crate) async fn connect_holding_ack(
     socket.connect(addr).await
 }
 
+/// Whether a relay of `mode` sends a held handshake ACK for a client that has sent nothing
+/// ([`ack_unless_bytes`]): the engines whose pump starts by copying. A backend connected for any
+/// other must not hold it (`hold_ack` of [`connect_holding_ack`]).
+pub(crate) fn sends_held_ack(mode: RelayMode) -> bool {
+    matches!(mode, RelayMode::Epoll | RelayMode::Copy)
+}
+
 /// Before the client → backend direction waits for its client, while [`Flow::ack_held`]: sends
 /// the backend's handshake ACK, if the kernel still holds it ([`connect_holding_ack`]), unless the
 /// client's bytes are there to carry it. A client that sends nothing (a protocol where the server
@@ -1127,9 +1133,10 @@ fn send_now(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
 
 /// One non-blocking read (a direct system call, as [`send_now`]). On TCP a short read means the
 /// receive queue was emptied, so the read readiness is cleared at once instead of paying a further
-/// `read` for EAGAIN: one syscall saved per message per direction. tokio clears it only if no new readiness event arrived meanwhile, so no wake-up
-/// is lost. (Not for writes: clearing write readiness after a short write was measured to lose wake-ups;
-/// not for splice, whose short counts prove nothing.)
+/// `read` for EAGAIN: one syscall saved per message per direction. tokio clears it only if no new
+/// readiness event arrived meanwhile, so no wake-up is lost. (Not for writes: clearing write
+/// readiness after a short write was measured to lose wake-ups; not for splice, whose short counts
+/// prove nothing.)
 fn read_once(sock: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let want = buf.len();
     let mut got = None;

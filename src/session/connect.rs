@@ -13,7 +13,7 @@ use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
 use crate::admission::QueuePlace;
-use crate::config::{BackendPort, RelayMode};
+use crate::config::BackendPort;
 use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
 use crate::relay;
@@ -234,8 +234,7 @@ async fn attempt(
     };
     // Held back only where the relay sends it if the client has sent nothing
     // (`relay::connect_holding_ack`): a plain client, and an engine that starts by copying.
-    let hold_ack = service.tls.terminate.is_none()
-        && matches!(service.relay.mode, RelayMode::Epoll | RelayMode::Copy);
+    let hold_ack = service.tls.terminate.is_none() && relay::sends_held_ack(service.relay.mode);
     let mut stream = match tokio::time::timeout(
         service.connect_timeout,
         relay::connect_holding_ack(addr, hold_ack),
