@@ -23,6 +23,9 @@
 mod carry_tests;
 #[cfg(target_os = "linux")]
 pub(crate) mod ring;
+/// For tests elsewhere that count what a socket's kernel sent.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) use ring::tests::tcp_info_fd;
 #[cfg(target_os = "linux")]
 mod splice;
 mod stream;

@@ -365,4 +365,68 @@ mod tests {
         assert!(!t.any_full());
         assert_eq!(t.avoid(), [a(2), a(4)], "the failed ones stay excluded");
     }
+
+    /// Which connects hold the backend's handshake ACK back for the relay, and tell it so: those
+    /// of an engine that starts by copying (`epoll`, `copy`), with nothing to send before the
+    /// relay. A PROXY header or bytes a route read go first and carry the ACK, so the relay must
+    /// not spend a system call on it; other engines never hold it (a `splice` relay would leave a
+    /// server-first backend waiting 200 ms for the kernel's delayed-ACK timer). The proxy's kernel
+    /// counts what it sent: the SYN alone while the ACK is held, the ACK (or the bytes carrying it)
+    /// besides otherwise.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_connect_holds_the_backends_ack_only_when_nothing_goes_before_the_relay() {
+        use std::os::fd::AsRawFd;
+
+        use crate::config::Config;
+        use crate::events::EventBus;
+        use crate::tls::ServiceTls;
+
+        let header: &[u8] = b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n";
+        // The engine, the PROXY header, the bytes the route read; whether the ACK is held.
+        type Case<'a> = (&'a str, Option<&'a [u8]>, &'a [u8], bool);
+        let cases: [Case; 5] = [
+            ("epoll", None, b"", true),
+            ("copy", None, b"", true),
+            ("splice", None, b"", false),
+            ("epoll", Some(header), b"", false),
+            ("epoll", None, b"routed", false),
+        ];
+        for (mode, header, forward, held) in cases {
+            let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let yaml = format!(
+                "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: {mode}\n    \
+                 backends: [{{address: \"{}\"}}]\n",
+                backend.local_addr().unwrap()
+            );
+            let cfg = Config::from_yaml(&yaml).unwrap();
+            let service = Arc::new(Service::new(
+                &cfg.services[0],
+                true,
+                ServiceTls::default(),
+                &EventBus::default(),
+            ));
+            let client = SocketAddr::from(([127, 0, 0, 1], 40000));
+            let mut record = Record::new("web".into(), "round_robin", client);
+            let out = Outbound {
+                header,
+                forward,
+                reached_port: None,
+            };
+            let Ok(c) = connect(&service, client, &mut record, &out).await else {
+                panic!("{mode}: the connect failed");
+            };
+            let BackendStream::Plain(s) = &c.stream else {
+                panic!("{mode}: a plain backend");
+            };
+            let sent = relay::tcp_info_fd(s.as_raw_fd()).unwrap().tcpi_segs_out;
+            let what = format!(
+                "relay: {mode}, header: {}, forward: {:?}",
+                header.is_some(),
+                String::from_utf8_lossy(forward)
+            );
+            assert_eq!(c.ack_held, held, "{what}: told the relay");
+            assert_eq!(sent, if held { 1 } else { 2 }, "{what}: segments sent");
+        }
+    }
 }

@@ -1873,7 +1873,7 @@ fn tcp_info(s: &TcpStream) -> libc::tcp_info {
 }
 
 /// The TCP_INFO of socket `fd`.
-pub(in crate::relay) fn tcp_info_fd(fd: RawFd) -> io::Result<libc::tcp_info> {
+pub(crate) fn tcp_info_fd(fd: RawFd) -> io::Result<libc::tcp_info> {
     // SAFETY: zeroed bytes are a valid `tcp_info` (integers only).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
