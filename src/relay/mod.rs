@@ -21,6 +21,7 @@
 
 #[cfg(all(test, target_os = "linux"))]
 mod carry_tests;
+mod clock;
 #[cfg(target_os = "linux")]
 pub(crate) mod ring;
 /// For tests elsewhere that count what a socket's kernel sent.
@@ -140,8 +141,8 @@ struct Flow<'a> {
     spliced: AtomicBool,
     /// This direction runs on the io_uring ring.
     uring: AtomicBool,
-    /// Milliseconds since the relay started at the last successful write, for the idle timer.
-    last_active_ms: AtomicU64,
+    /// The last successful write's [`clock::stamp`] (0 before the first), for the idle timer.
+    last_active: AtomicU64,
     /// Bytes read and not yet written, kept here (not in the pump's own variables) whenever the pump
     /// waits with some, so a relay stopped for `carry` finds them; and where a carried connection's
     /// bytes start. Touched only under back-pressure: a message written at once never comes here.
@@ -302,8 +303,8 @@ pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
                 quiet_for = r.quiet_for;
             }
         }
-        let mut up_fut = std::pin::pin!(pump(client, backend, &up, &down, opts.mode, start));
-        let mut down_fut = std::pin::pin!(pump(backend, client, &down, &up, opts.mode, start));
+        let mut up_fut = std::pin::pin!(pump(client, backend, &up, &down, opts.mode));
+        let mut down_fut = std::pin::pin!(pump(backend, client, &down, &up, opts.mode));
         let (ended_up, ended_down) = done;
         let (mut up_done, mut down_done) = done;
         // Each direction is polled only when its own socket (or ring operation) woke the task.
@@ -509,14 +510,14 @@ where
         let rare = Woken::new();
         let quiet_since = |floor: Instant| {
             let last = up
-                .last_active_ms
+                .last_active
                 .load(Relaxed)
-                .max(down.last_active_ms.load(Relaxed));
+                .max(down.last_active.load(Relaxed));
             if last == 0 {
                 // Nothing moved yet: silent since the floor (a carried connection's silence included).
                 return floor;
             }
-            (start + Duration::from_millis(last)).max(floor)
+            clock::instant_of(last).max(floor)
         };
         loop {
             let event = next_event(
@@ -700,7 +701,7 @@ impl<'a> Flow<'a> {
             bytes: AtomicU64::new(0),
             live,
             unflushed: AtomicU64::new(0),
-            last_active_ms: AtomicU64::new(0),
+            last_active: AtomicU64::new(0),
             eof: AtomicBool::new(false),
             spliced: AtomicBool::new(false),
             uring: AtomicBool::new(false),
@@ -756,14 +757,13 @@ impl<'a> Flow<'a> {
         }
     }
 
-    fn wrote(&self, n: usize, start: Instant) {
+    fn wrote(&self, n: usize) {
         self.bytes.fetch_add(n as u64, Relaxed);
         let pending = self.unflushed.fetch_add(n as u64, Relaxed) + n as u64;
         if pending >= LIVE_FLUSH {
             self.flush_live();
         }
-        self.last_active_ms
-            .store(start.elapsed().as_millis() as u64, Relaxed);
+        self.last_active.store(clock::stamp(), Relaxed);
     }
 }
 
@@ -782,7 +782,6 @@ fn pump<'a>(
     flow: &'a Flow<'a>,
     other: &'a Flow<'a>,
     mode: RelayMode,
-    start: Instant,
 ) -> impl Future<Output = DirEnd> + 'a {
     async move {
         #[cfg(target_os = "linux")]
@@ -790,13 +789,13 @@ fn pump<'a>(
         #[cfg(target_os = "linux")]
         if mode == RelayMode::Uring && uring::usable() {
             flow.uring.store(true, Relaxed);
-            if let Some(end) = Box::pin(uring::pump(src, dst, flow, other, start)).await {
+            if let Some(end) = Box::pin(uring::pump(src, dst, flow, other)).await {
                 return end;
             }
             // Bulk: spliced, as `epoll` does (the socket is still registered with the reactor, so the
             // epoll engines can take it over); with no pipe free, copied below.
             if let Some(pipe) = splice::PipeLease::acquire() {
-                match Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
+                match Box::pin(pump_splice(src, dst, flow, other, pipe)).await {
                     Some(end) => return end,
                     None => stuck = true,
                 }
@@ -805,7 +804,7 @@ fn pump<'a>(
         #[cfg(target_os = "linux")]
         if mode == RelayMode::Splice {
             if let Some(pipe) = splice::PipeLease::acquire() {
-                match Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
+                match Box::pin(pump_splice(src, dst, flow, other, pipe)).await {
                     Some(end) => return end,
                     None => stuck = true,
                 }
@@ -815,7 +814,7 @@ fn pump<'a>(
         let mut own: Option<Box<[u8]>> = None;
         let mut last_read = 0;
         loop {
-            match write_out(dst, flow, start).await {
+            match write_out(dst, flow).await {
                 // Kept for reading only when it is a full-size buffer (a carried connection's held
                 // bytes come in one of their own length).
                 Ok(Some(buf)) if buf.len() == COPY_BUF => own = Some(buf),
@@ -832,7 +831,7 @@ fn pump<'a>(
             {
                 if let Some(pipe) = splice::PipeLease::acquire() {
                     own = None;
-                    match Box::pin(pump_splice(src, dst, flow, other, pipe, start)).await {
+                    match Box::pin(pump_splice(src, dst, flow, other, pipe)).await {
                         Some(end) => return end,
                         None => stuck = true,
                     }
@@ -855,7 +854,7 @@ fn pump<'a>(
                 }
                 continue;
             }
-            match copy_through_scratch(src, dst, flow, start) {
+            match copy_through_scratch(src, dst, flow) {
                 Scratch::Eof => return finish(dst, flow, other),
                 Scratch::Again => {}
                 Scratch::SourceError(e) => return DirEnd::SourceError(e),
@@ -878,13 +877,12 @@ fn pump<'a>(
 fn write_out<'a>(
     dst: &'a TcpStream,
     flow: &'a Flow<'a>,
-    start: Instant,
 ) -> impl Future<Output = io::Result<Option<Box<[u8]>>>> + 'a {
     std::future::poll_fn(move |cx| loop {
         let Some(mut p) = flow.pending.take() else {
             return Poll::Ready(Ok(None));
         };
-        if write_held(dst, &mut p, flow, start)? {
+        if write_held(dst, &mut p, flow)? {
             return Poll::Ready(Ok(Some(p.buf)));
         }
         flow.pending.put(p);
@@ -963,17 +961,12 @@ fn ack_unless_bytes(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>) {
 }
 
 /// Writes what it can of `p` without waiting: `Ok(true)` when all of it is out.
-fn write_held(
-    dst: &TcpStream,
-    p: &mut Pending,
-    flow: &Flow<'_>,
-    start: Instant,
-) -> io::Result<bool> {
+fn write_held(dst: &TcpStream, p: &mut Pending, flow: &Flow<'_>) -> io::Result<bool> {
     while p.off < p.end {
         match send_now(dst, &p.buf[p.off..p.end]) {
             Ok(k) => {
                 p.off += k;
-                flow.wrote(k, start);
+                flow.wrote(k);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -1008,12 +1001,7 @@ enum Scratch {
 
 /// Reads once into the thread's scratch buffer and writes what it can without waiting. Whatever the
 /// destination does not take is moved into a buffer of the direction's own, which it then keeps.
-fn copy_through_scratch(
-    src: &TcpStream,
-    dst: &TcpStream,
-    flow: &Flow<'_>,
-    start: Instant,
-) -> Scratch {
+fn copy_through_scratch(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>) -> Scratch {
     SCRATCH.with_borrow_mut(|b| {
         let n = match read_once(src, b) {
             Ok(0) => return Scratch::Eof,
@@ -1026,7 +1014,7 @@ fn copy_through_scratch(
             match send_now(dst, &b[off..n]) {
                 Ok(k) => {
                     off += k;
-                    flow.wrote(k, start);
+                    flow.wrote(k);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -1055,13 +1043,12 @@ async fn pump_splice(
     flow: &Flow<'_>,
     other: &Flow<'_>,
     mut pipe: splice::PipeLease,
-    start: Instant,
 ) -> Option<DirEnd> {
     use splice::Filled;
     use std::os::fd::AsFd;
     flow.spliced.store(true, Relaxed);
     // What a carried connection brought along goes out before anything is read.
-    if let Err(e) = write_out(dst, flow, start).await {
+    if let Err(e) = write_out(dst, flow).await {
         return Some(DirEnd::DestError(e));
     }
     loop {
@@ -1086,7 +1073,7 @@ async fn pump_splice(
         while pipe.pending > 0 {
             match dst.try_io(Interest::WRITABLE, || pipe.drain_to(dst.as_fd())) {
                 Ok(k) => {
-                    flow.wrote(k, start);
+                    flow.wrote(k);
                     continue;
                 }
                 Err(e) if retry(&e) => {}

@@ -77,7 +77,6 @@ impl Half {
         src: &mut R,
         dst: &mut W,
         flow: &Flow<'_>,
-        start: Instant,
     ) -> Poll<DirEnd>
     where
         R: AsyncRead + Unpin,
@@ -99,7 +98,7 @@ impl Half {
                     Poll::Ready(Ok(n)) => {
                         self.pos += n;
                         self.unflushed = true;
-                        flow.wrote(n, start);
+                        flow.wrote(n);
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(DirEnd::DestError(e)),
                     Poll::Pending => return Poll::Pending,
@@ -161,13 +160,13 @@ pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint, K: Future<Output = O
     // waits for, through the socket's single writer waker, which must then wake them both.
     let directions = std::pin::pin!(poll_fn(|cx| {
         if !up_done {
-            if let Poll::Ready(end) = to_backend.poll_copy(cx, client, backend, &up, start) {
+            if let Poll::Ready(end) = to_backend.poll_copy(cx, client, backend, &up) {
                 up_done = true;
                 return Poll::Ready((Side::Up, end));
             }
         }
         if !down_done {
-            if let Poll::Ready(end) = to_client.poll_copy(cx, backend, client, &down, start) {
+            if let Poll::Ready(end) = to_client.poll_copy(cx, backend, client, &down) {
                 down_done = true;
                 return Poll::Ready((Side::Down, end));
             }

@@ -1373,7 +1373,6 @@ pub(super) async fn pump(
     dst: &TcpStream,
     flow: &Flow<'_>,
     other: &Flow<'_>,
-    start: Instant,
 ) -> Option<DirEnd> {
     // A carried connection's held bytes, if any, are sent first.
     let (mut buf, mut n, mut off) = match flow.pending.take() {
@@ -1391,7 +1390,7 @@ pub(super) async fn pump(
     // kernel saying it has no multishot receives).
     let mut delivered = false;
     loop {
-        buf = match send_or_stop(dst, flow, &mut stream, buf, off..n, start).await {
+        buf = match send_or_stop(dst, flow, &mut stream, buf, off..n).await {
             Ok(b) => b,
             Err(end) => return Some(end),
         };
@@ -1447,7 +1446,7 @@ pub(super) async fn pump(
         if n == size {
             // Everything received is sent first (the send loop above runs before the next receive).
             let bulk = size >= COPY_BUF;
-            buf = match send_or_stop(dst, flow, &mut stream, buf, off..n, start).await {
+            buf = match send_or_stop(dst, flow, &mut stream, buf, off..n).await {
                 Ok(b) => b,
                 Err(end) => return Some(end),
             };
@@ -1499,9 +1498,8 @@ async fn send_or_stop(
     stream: &mut Option<MultiRecv<'_>>,
     buf: Box<[u8]>,
     unsent: Range<usize>,
-    start: Instant,
 ) -> Result<Box<[u8]>, DirEnd> {
-    match send_all(dst, flow, buf, unsent.start, unsent.end, start).await {
+    match send_all(dst, flow, buf, unsent.start, unsent.end).await {
         Ok(b) => Ok(b),
         Err(Stopped::End(end)) => Err(end),
         Err(Stopped::Carry(b, off, end)) => Err(carry_out(flow, stream.take(), b, off, end).await),
@@ -1542,7 +1540,6 @@ async fn send_all(
     mut buf: Box<[u8]>,
     mut off: usize,
     n: usize,
-    start: Instant,
 ) -> Result<Box<[u8]>, Stopped> {
     while off < n {
         let op =
@@ -1552,7 +1549,7 @@ async fn send_all(
         match r {
             r if r > 0 => {
                 off += r as usize;
-                flow.wrote(r as usize, start);
+                flow.wrote(r as usize);
             }
             e if -e == libc::EINTR || -e == libc::EAGAIN || -e == libc::ECANCELED => {}
             0 => {
