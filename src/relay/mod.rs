@@ -26,7 +26,7 @@ mod clock;
 pub(crate) mod ring;
 /// For tests elsewhere that count what a socket's kernel sent.
 #[cfg(all(test, target_os = "linux"))]
-pub(crate) use ring::tests::tcp_info_fd;
+pub(crate) use ring::tests::{tcp_info_fd, AckTimerRuns};
 #[cfg(target_os = "linux")]
 mod splice;
 mod stream;
@@ -1240,7 +1240,7 @@ mod held_ack_tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::ring::tests::tcp_info_fd;
+    use super::ring::tests::{tcp_info_fd, AckTimerRuns};
     use super::{connect_holding_ack, relay, Begin, LiveCounters, RelayOptions};
     use crate::config::RelayMode::Epoll;
 
@@ -1281,25 +1281,36 @@ mod held_ack_tests {
     /// an ACK and then the bytes.
     #[tokio::test]
     async fn the_clients_first_bytes_carry_the_backends_held_ack() {
-        let (backend, ours, mut client, b) = connected_holding_ack(b"first").await;
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let live = LiveCounters {
-            up: &up,
-            down: &down,
-        };
-        let cut = std::pin::pin!(std::future::pending());
-        let relayed = relay(&ours, &b, &EPOLL, cut, None, live, HELD);
-        let far_end = async {
-            let (mut far, _) = backend.accept().await.unwrap();
-            let mut got = [0u8; 5];
-            far.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"first");
-            assert_eq!(segs(&far).0, 2, "the SYN, then the ACK with the bytes");
-            client.shutdown().await.unwrap();
-            far.shutdown().await.unwrap();
-        };
-        let (r, ()) = tokio::join!(relayed, far_end);
-        assert_eq!(r.bytes_up, 5);
+        let mut runs = AckTimerRuns::new();
+        loop {
+            runs.start();
+            let (backend, ours, mut client, b) = connected_holding_ack(b"first").await;
+            let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+            let live = LiveCounters {
+                up: &up,
+                down: &down,
+            };
+            let cut = std::pin::pin!(std::future::pending());
+            let relayed = relay(&ours, &b, &EPOLL, cut, None, live, HELD);
+            let far_end = async {
+                let (mut far, _) = backend.accept().await.unwrap();
+                let mut got = [0u8; 5];
+                far.read_exact(&mut got).await.unwrap();
+                assert_eq!(&got, b"first");
+                let segs_in = segs(&far).0;
+                let in_time = runs.in_time("the client's first bytes");
+                client.shutdown().await.unwrap();
+                far.shutdown().await.unwrap();
+                (segs_in, in_time)
+            };
+            let (r, (segs_in, in_time)) = tokio::join!(relayed, far_end);
+            if !in_time {
+                continue;
+            }
+            assert_eq!(segs_in, 2, "the SYN, then the ACK with the bytes");
+            assert_eq!(r.bytes_up, 5);
+            return;
+        }
     }
 
     /// A client that has sent nothing when its backend has connected (a protocol where the server
@@ -1308,22 +1319,32 @@ mod held_ack_tests {
     /// only once it has it.
     #[tokio::test]
     async fn a_silent_clients_relay_sends_the_backends_held_ack_before_it_waits() {
-        let (backend, ours, _client, b) = connected_holding_ack(b"").await;
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let live = LiveCounters {
-            up: &up,
-            down: &down,
-        };
-        let cut = std::pin::pin!(std::future::pending());
-        assert_eq!(
-            segs(&b).1,
-            1,
-            "the SYN sent, the handshake's last ACK held back"
-        );
-        let mut relayed = std::pin::pin!(relay(&ours, &b, &EPOLL, cut, None, live, HELD));
-        let waits = std::future::poll_fn(|cx| Poll::Ready(relayed.as_mut().poll(cx).is_pending()));
-        assert!(waits.await, "the relay waits for bytes");
-        assert_eq!(segs(&b).1, 2, "the SYN and the handshake's last ACK sent");
-        backend.accept().await.unwrap();
+        let mut runs = AckTimerRuns::new();
+        loop {
+            runs.start();
+            let (backend, ours, _client, b) = connected_holding_ack(b"").await;
+            let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+            let live = LiveCounters {
+                up: &up,
+                down: &down,
+            };
+            let cut = std::pin::pin!(std::future::pending());
+            let before = segs(&b).1;
+            let mut relayed = std::pin::pin!(relay(&ours, &b, &EPOLL, cut, None, live, HELD));
+            let waits =
+                std::future::poll_fn(|cx| Poll::Ready(relayed.as_mut().poll(cx).is_pending()));
+            assert!(waits.await, "the relay waits for bytes");
+            let after = segs(&b).1;
+            if !runs.in_time("a silent client's relay") {
+                continue;
+            }
+            assert_eq!(
+                before, 1,
+                "the SYN sent, the handshake's last ACK held back"
+            );
+            assert_eq!(after, 2, "the SYN and the handshake's last ACK sent");
+            backend.accept().await.unwrap();
+            return;
+        }
     }
 }

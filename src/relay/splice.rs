@@ -84,6 +84,11 @@ pub(super) fn stuck_at_urgent(from: BorrowedFd<'_>, fin_in: bool) -> io::Result<
     let mut byte = [0u8; 1];
     let peek = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
     for _ in 0..if fin_in { 2 } else { 1 } {
+        #[cfg(test)]
+        if PEEKS_INTERRUPTED.get() > 0 {
+            PEEKS_INTERRUPTED.set(PEEKS_INTERRUPTED.get() - 1);
+            continue;
+        }
         match rustix::net::recv(from, &mut byte[..], peek) {
             Ok((n, _)) => return Ok(n > 0),
             Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
@@ -96,6 +101,15 @@ pub(super) fn stuck_at_urgent(from: BorrowedFd<'_>, fin_in: bool) -> io::Result<
 #[cfg(test)]
 thread_local! {
     static BROKEN_READS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static PEEKS_INTERRUPTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// The next `n` peeks of [`stuck_at_urgent`] on the calling thread say EAGAIN without asking the
+/// kernel, as one does when a signal is pending at the urgent mark: nothing can time a signal
+/// into that window from outside the system call.
+#[cfg(test)]
+fn interrupt_peeks_here(n: u32) {
+    PEEKS_INTERRUPTED.set(n);
 }
 
 /// From now on, on the calling thread, reading the bytes a pipe holds back out of it
@@ -448,6 +462,39 @@ mod tests {
         });
         let e = peeked.expect_err("the reset, not bytes");
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// Once the FIN is in, a peek at the urgent mark that says EAGAIN was a signal pending, not
+    /// an empty queue: the second peek sees the bytes past the mark. Without the FIN, one peek
+    /// only (splice's EAGAIN is asked again at the next readiness).
+    #[test]
+    fn a_peek_interrupted_at_the_mark_is_made_again_once_the_fin_is_in() {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        let sock = socket2::SockRef::from(&c);
+        sock.send_out_of_band(b"U").unwrap();
+        (&c).write_all(b"after").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let past_the_mark = || {
+            stuck_at_urgent(s.as_fd(), false).and_then(|stuck| match stuck {
+                true => Ok(()),
+                false => Err(io::ErrorKind::WouldBlock.into()),
+            })
+        };
+        once_ready(past_the_mark).expect("bytes past the mark");
+        interrupt_peeks_here(1);
+        assert!(stuck_at_urgent(s.as_fd(), true).unwrap(), "peeked again");
+        interrupt_peeks_here(2);
+        assert!(!stuck_at_urgent(s.as_fd(), true).unwrap(), "twice at most");
+        interrupt_peeks_here(1);
+        assert!(
+            !stuck_at_urgent(s.as_fd(), false).unwrap(),
+            "once without the FIN"
+        );
+        assert!(stuck_at_urgent(s.as_fd(), false).unwrap(), "nothing taken");
     }
 
     #[test]

@@ -1893,6 +1893,44 @@ pub(crate) fn tcp_info_fd(fd: RawFd) -> io::Result<libc::tcp_info> {
     Ok(info)
 }
 
+/// Runs of a test that counts segments to tell whether a connect held its handshake's last ACK.
+/// The kernel sends a held ACK on its own 200 ms after the connect (the delayed-ACK timer,
+/// `TCP_DELACK_MAX`), so a run whose counts were read later than that proves nothing either way:
+/// a stall could fail it with the holding right, or pass it with the holding gone. A run that
+/// took 150 ms or more, from before its connect to its last count, is run again, three at most.
+pub(crate) struct AckTimerRuns {
+    started: Instant,
+    late: u32,
+}
+
+impl AckTimerRuns {
+    pub(crate) fn new() -> AckTimerRuns {
+        AckTimerRuns {
+            started: Instant::now(),
+            late: 0,
+        }
+    }
+
+    /// A run starts: called before its connect.
+    pub(crate) fn start(&mut self) {
+        self.started = Instant::now();
+    }
+
+    /// Whether this run read its counts in time, so its assertions hold; when not, the caller
+    /// runs it again (a third late run panics).
+    pub(crate) fn in_time(&mut self, what: &str) -> bool {
+        if self.started.elapsed() < Duration::from_millis(150) {
+            return true;
+        }
+        self.late += 1;
+        assert!(
+            self.late < 3,
+            "{what}: three runs took 150 ms or more, near the delayed-ACK timer"
+        );
+        false
+    }
+}
+
 /// Whether the kernel has seen `s`'s FIN acknowledged, so the peer's kernel holds every byte `s`
 /// sent, and its FIN: `s` is in FIN_WAIT2 after closing first, CLOSE after closing second (also
 /// after a reset, which these tests would see otherwise).
@@ -2211,17 +2249,40 @@ fn client_ahead(r: &Running, id: u32, first: &[u8]) -> TcpStream {
 
 /// The backend's side of the worker's connection, once it has read the client's "first" and its
 /// kernel has counted two segments in: the SYN, then the handshake's last ACK with those bytes.
-fn first_with_the_ack(l: &TcpListener) -> TcpStream {
+/// `None` when the run read the count too late to tell (`AckTimerRuns`).
+fn first_with_the_ack(l: &TcpListener, runs: &mut AckTimerRuns) -> Option<TcpStream> {
     let mut b = accept_within(l);
     let mut got = [0u8; 5];
     b.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"first");
-    assert_eq!(
-        tcp_info(&b).tcpi_segs_in,
-        2,
-        "the SYN, then the ACK with the bytes"
-    );
-    b
+    let segs_in = tcp_info(&b).tcpi_segs_in;
+    if !runs.in_time("the client's first bytes") {
+        return None;
+    }
+    assert_eq!(segs_in, 2, "the SYN, then the ACK with the bytes");
+    Some(b)
+}
+
+/// Runs `case` with a worker of `mode` whose one target is a quiet backend (the listener, and its
+/// address), again while a run reads its counts too late to tell ([`AckTimerRuns`], started as
+/// the worker is: a case may start it again later). `case` says whether its run was in time.
+fn until_in_time(
+    mode: Mode,
+    mut case: impl FnMut(&TcpListener, SocketAddr, &Running, &mut AckTimerRuns) -> bool,
+) {
+    let mut runs = AckTimerRuns::new();
+    loop {
+        let (l, backend) = quiet_backend();
+        let Some(r) = worker_with(vec![backend], WAIT, mode) else {
+            return;
+        };
+        runs.start();
+        let in_time = case(&l, backend, &r, &mut runs);
+        stop(r);
+        if in_time {
+            return;
+        }
+    }
 }
 
 /// A client whose first bytes are there when the worker connects its backend: the handshake's
@@ -2229,17 +2290,17 @@ fn first_with_the_ack(l: &TcpListener) -> TcpStream {
 /// kernel gets the SYN and then one segment, not an ACK and then the bytes.
 #[test]
 fn the_handshakes_last_ack_leaves_with_the_clients_first_bytes() {
-    let (l, backend) = quiet_backend();
-    let Some(r) = worker(vec![backend], WAIT) else {
-        return;
-    };
-    let mut c = client_ahead(&r, 1, b"first");
-    let mut b = first_with_the_ack(&l);
-    b.write_all(b"ok").unwrap();
-    let mut back = [0u8; 2];
-    c.read_exact(&mut back).unwrap();
-    assert_eq!(&back, b"ok", "relayed both ways");
-    stop(r);
+    until_in_time(Mode::default(), |l, _, r, runs| {
+        let mut c = client_ahead(r, 1, b"first");
+        let Some(mut b) = first_with_the_ack(l, runs) else {
+            return false;
+        };
+        b.write_all(b"ok").unwrap();
+        let mut back = [0u8; 2];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"ok", "relayed both ways");
+        true
+    });
 }
 
 /// How many segments each of the worker's own sockets (it runs in this process) connected to
@@ -2288,57 +2349,57 @@ fn held_as_connected(r: &Running) -> (mpsc::Sender<()>, TcpStream) {
 /// first's, so when it completes the turn after the first's has ended.
 #[test]
 fn a_client_that_has_sent_nothing_gets_the_handshakes_last_ack_a_turn_later() {
-    let (l, backend) = quiet_backend();
-    let Some(r) = worker(vec![backend], WAIT) else {
-        return;
-    };
-    let (go, mut c) = held_as_connected(&r);
-    assert_eq!(
-        segs_out_of_ours(backend),
-        [1],
-        "the SYN sent, the handshake's last ACK held back"
-    );
-    let _second = client(r.addr);
-    go.send(()).unwrap();
-    wait_until(
-        || r.seen.held.load(Relaxed) == 2,
-        "the second backend connected",
-    );
-    assert_eq!(
-        segs_out_of_ours(backend),
-        [1, 2],
-        "the first's last ACK sent, the second's held back"
-    );
-    drop(go);
-    let mut b = accept_within(&l);
-    b.write_all(b"220 hello").unwrap();
-    let mut got = [0u8; 9];
-    c.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"220 hello", "the server spoke first");
-    c.write_all(b"x").unwrap();
-    let mut x = [0u8; 1];
-    b.read_exact(&mut x).unwrap();
-    stop(r);
+    until_in_time(Mode::default(), |l, backend, r, runs| {
+        let (go, mut c) = held_as_connected(r);
+        let first = segs_out_of_ours(backend);
+        let _second = client(r.addr);
+        go.send(()).unwrap();
+        wait_until(
+            || r.seen.held.load(Relaxed) == 2,
+            "the second backend connected",
+        );
+        let both = segs_out_of_ours(backend);
+        drop(go);
+        if !runs.in_time("a client that has sent nothing") {
+            return false;
+        }
+        assert_eq!(
+            first,
+            [1],
+            "the SYN sent, the handshake's last ACK held back"
+        );
+        assert_eq!(
+            both,
+            [1, 2],
+            "the first's last ACK sent, the second's held back"
+        );
+        let mut b = accept_within(l);
+        b.write_all(b"220 hello").unwrap();
+        let mut got = [0u8; 9];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"220 hello", "the server spoke first");
+        c.write_all(b"x").unwrap();
+        let mut x = [0u8; 1];
+        b.read_exact(&mut x).unwrap();
+        true
+    });
 }
 
 /// A client whose first bytes come while the worker connects its backend (after the accept,
 /// before the client's receive is armed): the handshake's last ACK, held back, leaves with them.
 #[test]
 fn first_bytes_that_come_as_the_backend_connects_carry_the_handshakes_last_ack() {
-    let (l, backend) = quiet_backend();
-    let Some(r) = worker(vec![backend], WAIT) else {
-        return;
-    };
-    let (go, mut c) = held_as_connected(&r);
-    c.write_all(b"first").unwrap();
-    let me = c.local_addr().unwrap();
-    wait_until(
-        || unread(r.addr, me) == 5,
-        "the client's bytes in the kernel",
-    );
-    drop(go);
-    let _b = first_with_the_ack(&l);
-    stop(r);
+    until_in_time(Mode::default(), |l, _, r, runs| {
+        let (go, mut c) = held_as_connected(r);
+        c.write_all(b"first").unwrap();
+        let me = c.local_addr().unwrap();
+        wait_until(
+            || unread(r.addr, me) == 5,
+            "the client's bytes in the kernel",
+        );
+        drop(go);
+        first_with_the_ack(l, runs).is_some()
+    });
 }
 
 /// A client reset before the worker connects its backend: it ends as reset when its receive reads
@@ -2346,29 +2407,36 @@ fn first_bytes_that_come_as_the_backend_connects_carry_the_handshakes_last_ack()
 /// held back for the client's bytes).
 #[test]
 fn a_client_reset_before_its_connect_ends_as_reset_and_its_backend_never_accepts_it() {
-    let (l, backend) = quiet_backend();
-    let Some(r) = worker(vec![backend], WAIT) else {
-        return;
-    };
-    let waiting = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = waiting.local_addr().unwrap();
-    let c = client(addr);
-    let me = c.local_addr().unwrap();
-    socket2::SockRef::from(&c)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(c);
-    wait_until(|| !listed(addr, me), "the reset in the kernel");
-    assert!(r.handle.send(Command::Listen {
-        id: 1,
-        socket: waiting,
-        with: (),
-    }));
-    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
-    assert_eq!(f.end, Outcome::ClientReset);
-    assert!(f.broken.is_some(), "ends broken: {f:?}");
-    nothing_connected(&l);
-    stop(r);
+    until_in_time(Mode::default(), |l, _, r, runs| {
+        let waiting = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = waiting.local_addr().unwrap();
+        let c = client(addr);
+        let me = c.local_addr().unwrap();
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(c);
+        wait_until(|| !listed(addr, me), "the reset in the kernel");
+        runs.start();
+        assert!(r.handle.send(Command::Listen {
+            id: 1,
+            socket: waiting,
+            with: (),
+        }));
+        let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+        let reached = l.accept().map(|_| ()).map_err(|e| e.kind());
+        if !runs.in_time("a client reset before its connect") {
+            return false;
+        }
+        assert_eq!(f.end, Outcome::ClientReset);
+        assert!(f.broken.is_some(), "ends broken: {f:?}");
+        assert_eq!(
+            reached,
+            Err(io::ErrorKind::WouldBlock),
+            "nothing reached the backend"
+        );
+        true
+    });
 }
 
 /// A client whose first bytes are there, connected while connections are carried away: it goes
@@ -2376,28 +2444,26 @@ fn a_client_reset_before_its_connect_ends_as_reset_and_its_backend_never_accepts
 /// backend would see the connection only at the delayed-ACK timer otherwise).
 #[test]
 fn a_connection_carried_before_its_first_bytes_went_sends_the_handshakes_last_ack() {
-    let (l, backend) = quiet_backend();
     let mode = Mode {
         carries: true,
         ..Mode::default()
     };
-    let Some(r) = worker_with(vec![backend], WAIT, mode) else {
-        return;
-    };
-    // Taken before the listener that follows it (one channel, in order).
-    assert!(r.handle.send(Command::Carry));
-    let _c = client_ahead(&r, 1, b"first");
-    let q = r
-        .carried
-        .recv_timeout(WAIT)
-        .expect("the connection is carried");
-    assert_eq!(q.held.to_backend, b"", "nothing read of the client");
-    let backend_side = TcpStream::from(q.backend);
-    assert_eq!(
-        tcp_info(&backend_side).tcpi_segs_out,
-        2,
-        "the SYN and the handshake's last ACK sent"
-    );
-    let _b = accept_within(&l);
-    stop(r);
+    until_in_time(mode, |l, _, r, runs| {
+        // Taken before the listener that follows it (one channel, in order).
+        assert!(r.handle.send(Command::Carry));
+        let _c = client_ahead(r, 1, b"first");
+        let q = r
+            .carried
+            .recv_timeout(WAIT)
+            .expect("the connection is carried");
+        let backend_side = TcpStream::from(q.backend);
+        let segs_out = tcp_info(&backend_side).tcpi_segs_out;
+        if !runs.in_time("a connection carried before its first bytes went") {
+            return false;
+        }
+        assert_eq!(q.held.to_backend, b"", "nothing read of the client");
+        assert_eq!(segs_out, 2, "the SYN and the handshake's last ACK sent");
+        let _b = accept_within(l);
+        true
+    });
 }
