@@ -30,7 +30,8 @@ so machine noise shows as spread between rounds instead of a bias for one proxy.
 
 Measured per (round, proxy, workload): throughput, p50/p99 latency (wrk), proxy CPU seconds (utime +
 stime of every process in the proxy's session, from /proc), machine CPU seconds (every CPU's busy time
-from /proc/stat, which also counts kernel work a proxy causes outside its own process), proxy RSS (sum
+from /proc/stat, which also counts kernel work a proxy causes outside its own process; split by kind
+into user, system, interrupts (soft ones included: on loopback, TCP's receive work) and steal), proxy RSS (sum
 of VmRSS; for `idle`, the growth per held connection), and counts, which do not drift with the machine's
 noise as times do: the proxy's system calls (`perf stat -e raw_syscalls:sys_enter` on its processes),
 the machine's context switches (/proc/stat ctxt), IPIs (/proc/interrupts RES, CAL, TLB) and interrupts,
@@ -185,6 +186,21 @@ def busy_ticks(proc_stat):
     steal (idle and iowait are not busy; guest time is already counted in user)."""
     f = [int(x) for x in proc_stat.splitlines()[0].split()[1:]]
     return sum(f[:8]) - f[3] - f[4]
+
+
+# The kinds of busy time `busy_split` sums /proc/stat's columns into (user with nice, system, irq with
+# softirq, steal): where a proxy's added machine CPU goes. On loopback softirq is mostly the kernel's TCP
+# receive work, run in the sending task's context or in ksoftirqd. (With tick-based accounting, as on
+# this kernel, a tick that lands there counts as softirq here and as system time of the task it
+# interrupted, which may be the proxy.)
+SPLIT = ("user", "system", "irq", "steal")
+
+
+def busy_split(proc_stat):
+    """Busy ticks of every CPU from /proc/stat's first line, by kind (`SPLIT`); their sum is
+    `busy_ticks`'s."""
+    f = [int(x) for x in proc_stat.splitlines()[0].split()[1:]]
+    return {"user": f[0] + f[1], "system": f[2], "irq": f[5] + f[6], "steal": f[7]}
 
 
 def statm_rss_kib(statm, page=PAGE):
@@ -582,6 +598,7 @@ def run_workload(name, proxy, port, iperf_port, duration, sid, work=None):
     cpu0 = cpu_seconds(sid) if sid else None
     counters0 = machine_counters()
     machine0 = machine_busy_seconds()
+    split0 = busy_split(read("/proc/stat"))
     row = {"workload": name}
     if name in ("ka", "churn", "bulk"):
         args = {"ka": ["-c64", f"{url}/tiny"], "churn": ["-c64", "-H", "Connection: close", f"{url}/tiny"],
@@ -609,6 +626,8 @@ def run_workload(name, proxy, port, iperf_port, duration, sid, work=None):
         for s in socks:
             s.close()
     row["machine_cpu_s"] = machine_busy_seconds() - machine0
+    split1 = busy_split(read("/proc/stat"))
+    row.update({f"machine_{k}_s": (split1[k] - split0[k]) / TICK for k in SPLIT})
     counters1 = machine_counters()
     row.update({k: counters1[k] - counters0[k] for k in counters0})
     if syscalls:
@@ -622,11 +641,12 @@ def run_workload(name, proxy, port, iperf_port, duration, sid, work=None):
 
 def per_unit(name, row):
     """CPU per unit of work: per 100k requests (ka, churn, lat) or per GB (bulk, stream), for the
-    machine and, when measured, the proxy; the counts (the proxy's system calls, the machine's context
-    switches, IPIs, interrupts and TCP segments) per request or per MB; nothing for a run that did no
-    work."""
+    machine (in all, and by kind: `SPLIT`) and, when measured, the proxy; the counts (the proxy's
+    system calls, the machine's context switches, IPIs, interrupts and TCP segments) per request or
+    per MB; nothing for a run that did no work."""
     out = {}
-    for cpu, prefix in (("machine_cpu_s", "machine"), ("cpu_s", "cpu")):
+    kinds = [(f"machine_{k}_s", f"machine_{k}") for k in SPLIT]
+    for cpu, prefix in (("machine_cpu_s", "machine"), ("cpu_s", "cpu"), *kinds):
         if row.get(cpu) is None:
             continue
         if name in ("ka", "churn", "lat") and row.get("requests"):
@@ -794,8 +814,10 @@ def summarize(rows, meta):
         if w in ADDED:
             added_by_round(rows, w, "machine_per_gb" if w in ("bulk", "stream") else "machine_per_100k", ADDED[w])
         per = "per_mb" if w in ("bulk", "stream") else "per_req"
+        unit = "per_gb" if w in ("bulk", "stream") else "per_100k"
         keys = ["rps", "mb_s", "gbit_s", "p50_ms", "p99_ms", key, "rss_kib", "machine_per_100k", "machine_per_gb",
-                *(f"{c}_{per}" for c in COUNTS)] + ([ADDED[w]] if w in ADDED else [])
+                *(f"{c}_{per}" for c in COUNTS), *(f"machine_{k}_{unit}" for k in SPLIT)] \
+            + ([ADDED[w]] if w in ADDED else [])
         meds[w] = {}
         for p in meta["proxies"]:
             rs = [r for r in rows if r["proxy"] == p and r["workload"] == w]
@@ -809,6 +831,22 @@ def best_peer(meds_w, key):
     """The peer with the lowest median `key`, or None."""
     peers = {p: m[key] for p, m in meds_w.items() if p in PEERS and m.get(key)}
     return min(peers, key=peers.get) if peers else None
+
+
+def split_table(w, meds_w):
+    """The markdown of where the machine's CPU went, by kind (`SPLIT`), per unit, medians: nothing for
+    a workload that measures no CPU per unit (idle)."""
+    unit = "per_gb" if w in ("bulk", "stream") else "per_100k"
+    if not any(m.get(f"machine_user_{unit}") is not None for m in meds_w.values()):
+        return []
+    per = "GB" if unit == "per_gb" else "100k requests"
+    md = ["", f"Machine CPU-s per {per} by kind (medians; irq is hard and soft interrupts, on loopback "
+          "mostly the kernel's TCP receive work):", "",
+          "| proxy | " + " | ".join(SPLIT) + " | all |", "| --- |" + " --- |" * (len(SPLIT) + 1)]
+    for p, m in meds_w.items():
+        cells = [m.get(f"machine_{k}_{unit}") for k in SPLIT] + [m.get(f"machine_{unit}")]
+        md.append(f"| {p} | " + " | ".join("–" if v is None else f"{v:.3g}" for v in cells) + " |")
+    return md
 
 
 def workload_section(w, rows, meds_w, rounds):
@@ -838,6 +876,7 @@ def workload_section(w, rows, meds_w, rounds):
                   f"{fmt(av)}{rng(sp(added)) if av is not None else ''} | {ratio} | "
                   + " | ".join(f"{fmt(m.get(f'{c}_{unit}'))}" for c in COUNTS)
                   + f" | {fmt(m['rss_kib'], '{:.0f}')} |")
+    md += split_table(w, meds_w)
     by_round = sorted({r["round"] for r in rows})
     for k in [key] + ([added] if added else []) + [f"syscalls_{unit}"]:
         md += ["", f"{k} by round:", "", "| proxy | " + " | ".join(f"round {n}" for n in by_round) + " |",
