@@ -104,9 +104,9 @@ thread_local! {
     static PEEKS_INTERRUPTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
-/// The next `n` peeks of [`stuck_at_urgent`] on the calling thread say EAGAIN without asking the
-/// kernel, as one does when a signal is pending at the urgent mark: nothing can time a signal
-/// into that window from outside the system call.
+/// From now, the next `n` peeks of [`stuck_at_urgent`] on the calling thread say EAGAIN without
+/// asking the kernel, as one does when a signal is pending at the urgent mark: nothing can time a
+/// signal into that window from outside the system call.
 #[cfg(test)]
 fn interrupt_peeks_here(n: u32) {
     PEEKS_INTERRUPTED.set(n);
@@ -464,9 +464,9 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     }
 
-    /// Once the FIN is in, a peek at the urgent mark that says EAGAIN was a signal pending, not
-    /// an empty queue: the second peek sees the bytes past the mark. Without the FIN, one peek
-    /// only (splice's EAGAIN is asked again at the next readiness).
+    /// Once the FIN is in (`fin_in`: the splice said 0), a peek at the urgent mark that says
+    /// EAGAIN was a signal pending, not an empty queue: the second peek sees the bytes past the
+    /// mark. Without the FIN, one peek only (splice's EAGAIN is asked again at the next readiness).
     #[test]
     fn a_peek_interrupted_at_the_mark_is_made_again_once_the_fin_is_in() {
         use std::net::{Shutdown, TcpListener, TcpStream};

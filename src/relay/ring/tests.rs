@@ -1895,9 +1895,10 @@ pub(crate) fn tcp_info_fd(fd: RawFd) -> io::Result<libc::tcp_info> {
 
 /// Runs of a test that counts segments to tell whether a connect held its handshake's last ACK.
 /// The kernel sends a held ACK on its own 200 ms after the connect (the delayed-ACK timer,
-/// `TCP_DELACK_MAX`), so a run whose counts were read later than that proves nothing either way:
-/// a stall could fail it with the holding right, or pass it with the holding gone. A run that
-/// took 150 ms or more, from before its connect to its last count, is run again, three at most.
+/// `TCP_DELACK_MAX` by default), so a run whose counts were read later than that proves nothing
+/// either way: a stall could fail it with the holding right, or pass it with the ACK's release
+/// gone. A run that took 150 ms or more, from before its connect to its last count, is run again;
+/// a third late run panics.
 pub(crate) struct AckTimerRuns {
     started: Instant,
     late: u32,
