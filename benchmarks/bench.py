@@ -188,19 +188,19 @@ def busy_ticks(proc_stat):
     return sum(f[:8]) - f[3] - f[4]
 
 
-# The kinds of busy time `busy_split` sums /proc/stat's columns into (user with nice, system, irq with
-# softirq, steal): where a proxy's added machine CPU goes. On loopback softirq is mostly the kernel's TCP
+# The kinds of busy time `busy_split` sums /proc/stat's columns into (user with nice, system, interrupt:
+# irq with softirq, steal): where a proxy's added machine CPU goes. On loopback softirq is mostly the kernel's TCP
 # receive work, run in the sending task's context or in ksoftirqd. (With tick-based accounting, as on
 # this kernel, a tick that lands there counts as softirq here and as system time of the task it
 # interrupted, which may be the proxy.)
-SPLIT = ("user", "system", "irq", "steal")
+SPLIT = ("user", "system", "interrupt", "steal")
 
 
 def busy_split(proc_stat):
     """Busy ticks of every CPU from /proc/stat's first line, by kind (`SPLIT`); their sum is
     `busy_ticks`'s."""
     f = [int(x) for x in proc_stat.splitlines()[0].split()[1:]]
-    return {"user": f[0] + f[1], "system": f[2], "irq": f[5] + f[6], "steal": f[7]}
+    return {"user": f[0] + f[1], "system": f[2], "interrupt": f[5] + f[6], "steal": f[7]}
 
 
 def statm_rss_kib(statm, page=PAGE):
@@ -597,8 +597,9 @@ def run_workload(name, proxy, port, iperf_port, duration, sid, work=None):
         else None
     cpu0 = cpu_seconds(sid) if sid else None
     counters0 = machine_counters()
-    machine0 = machine_busy_seconds()
-    split0 = busy_split(read("/proc/stat"))
+    # One read for the busy total and its split, so they agree to the tick.
+    stat0 = read("/proc/stat")
+    machine0, split0 = busy_ticks(stat0) / TICK, busy_split(stat0)
     row = {"workload": name}
     if name in ("ka", "churn", "bulk"):
         args = {"ka": ["-c64", f"{url}/tiny"], "churn": ["-c64", "-H", "Connection: close", f"{url}/tiny"],
@@ -625,8 +626,9 @@ def run_workload(name, proxy, port, iperf_port, duration, sid, work=None):
             row["rss_kib_per_conn"] = (after - before) / max(row["proxied"], 1)
         for s in socks:
             s.close()
-    row["machine_cpu_s"] = machine_busy_seconds() - machine0
-    split1 = busy_split(read("/proc/stat"))
+    stat1 = read("/proc/stat")
+    row["machine_cpu_s"] = busy_ticks(stat1) / TICK - machine0
+    split1 = busy_split(stat1)
     row.update({f"machine_{k}_s": (split1[k] - split0[k]) / TICK for k in SPLIT})
     counters1 = machine_counters()
     row.update({k: counters1[k] - counters0[k] for k in counters0})
@@ -840,8 +842,8 @@ def split_table(w, meds_w):
     if not any(m.get(f"machine_user_{unit}") is not None for m in meds_w.values()):
         return []
     per = "GB" if unit == "per_gb" else "100k requests"
-    md = ["", f"Machine CPU-s per {per} by kind (medians; irq is hard and soft interrupts, on loopback "
-          "mostly the kernel's TCP receive work):", "",
+    md = ["", f"Machine CPU-s per {per} by kind (medians; interrupt is hard and soft interrupts, on "
+          "loopback mostly the kernel's TCP receive work):", "",
           "| proxy | " + " | ".join(SPLIT) + " | all |", "| --- |" + " --- |" * (len(SPLIT) + 1)]
     for p, m in meds_w.items():
         cells = [m.get(f"machine_{k}_{unit}") for k in SPLIT] + [m.get(f"machine_{unit}")]

@@ -120,9 +120,9 @@ class Proc(unittest.TestCase):
 
     def test_machine_busy_by_kind(self):
         # cpu  1155487 61173 190658 132532 4273 0 18605 1034 0 0: user with nice, system, irq with
-        # softirq, steal; together the busy ticks.
+        # softirq (interrupt), steal; together the busy ticks.
         split = bench.busy_split(fixture("proc-stat.txt"))
-        self.assertEqual(split, {"user": 1155487 + 61173, "system": 190658, "irq": 0 + 18605, "steal": 1034})
+        self.assertEqual(split, {"user": 1155487 + 61173, "system": 190658, "interrupt": 0 + 18605, "steal": 1034})
         self.assertEqual(sum(split.values()), bench.busy_ticks(fixture("proc-stat.txt")))
 
     def test_rss(self):
@@ -137,12 +137,13 @@ class PerUnit(unittest.TestCase):
 
     def test_machine_cpu_by_kind(self):
         row = {"requests": 200_000, "machine_cpu_s": 4.0, "machine_user_s": 1.0, "machine_system_s": 2.0,
-               "machine_irq_s": 0.5, "machine_steal_s": 0.5}
+               "machine_interrupt_s": 0.5, "machine_steal_s": 0.5}
         self.assertEqual(bench.per_unit("ka", row),
                          {"machine_per_100k": 2.0, "machine_user_per_100k": 0.5, "machine_system_per_100k": 1.0,
-                          "machine_irq_per_100k": 0.25, "machine_steal_per_100k": 0.25})
+                          "machine_interrupt_per_100k": 0.25, "machine_steal_per_100k": 0.25})
         meds = {"direct": {"machine_user_per_100k": 0.5, "machine_system_per_100k": 1.0,
-                           "machine_irq_per_100k": 0.25, "machine_steal_per_100k": 0.25, "machine_per_100k": 2.0}}
+                           "machine_interrupt_per_100k": 0.25, "machine_steal_per_100k": 0.25,
+                           "machine_per_100k": 2.0}}
         self.assertIn("| direct | 0.5 | 1 | 0.25 | 0.25 | 2 |", bench.split_table("ka", meds))
         self.assertEqual(bench.split_table("idle", {"direct": {}}), [])
 
