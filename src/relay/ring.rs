@@ -145,6 +145,10 @@ const K_WRITABLE: u64 = 10;
 const K_READABLE: u64 = 11;
 const K_SPLICE: u64 = 12;
 const K_UNTIL: u64 = 13;
+const K_SOCKET: u64 = 14;
+/// A backend socket's option set on the ring: `Side::Up` is TCP_NODELAY, `Side::Down` quick ACKs
+/// off.
+const K_SOCKOPT: u64 = 15;
 
 fn user_data(kind: u64, slot: u32, side: Side) -> u64 {
     kind | (u64::from(side == Side::Down) << 4) | (u64::from(slot) << 32)
@@ -519,15 +523,17 @@ where
     H::Conn: Send + 'static,
     F: FnOnce() -> H + Send + 'static,
 {
-    start_with(name, make, super::splice::pool(), tick)
+    start_with(name, make, super::splice::pool(), tick, sockets_on_ring())
 }
 
-/// [`start`], with the worker's pipes from `pipes`.
+/// [`start`], with the worker's pipes from `pipes`, making its backend sockets on the ring or not
+/// (`sockets`, which only [`sockets_on_ring`] may make true).
 fn start_with<H, F>(
     name: String,
     make: F,
     pipes: &'static PipePool,
     tick: Duration,
+    sockets: bool,
 ) -> io::Result<Started<H>>
 where
     H: Host,
@@ -547,7 +553,7 @@ where
     let kept = counts.clone();
     let thread = std::thread::Builder::new().name(name).spawn(move || {
         // The ring is made here: SINGLE_ISSUER binds it to the thread that makes it.
-        match Worker::new(make(), rx, theirs, kept, pipes, tick) {
+        match Worker::new(make(), rx, theirs, kept, pipes, tick, sockets) {
             Ok(w) => {
                 let _ = ready_tx.send(Ok(()));
                 w.run();
@@ -701,6 +707,9 @@ struct Conn<C> {
     ack_held: Option<u64>,
     /// Waiting for a backend (in the worker's `waiting`).
     waiting: bool,
+    /// The errno of the TCP_NODELAY set on the ring before the connect in flight, if it failed
+    /// (`connect_error`).
+    nodelay_failed: Option<i32>,
     dirs: [Dir; 2],
     /// Operations of this connection in the kernel.
     refs: u32,
@@ -885,6 +894,9 @@ struct Worker<H: Host> {
     dontwait: bool,
     /// Bulk directions move to splice (`Host::splices_bulk`), with pipes from here.
     splice: bool,
+    /// Backend sockets are made and their options set on the ring ([`sockets_on_ring`]), with no
+    /// system call of their own.
+    sockets: bool,
     pipes: &'static PipePool,
 }
 
@@ -896,6 +908,7 @@ impl<H: Host> Worker<H> {
         counts: Arc<Counts>,
         pipes: &'static PipePool,
         tick: Duration,
+        sockets: bool,
     ) -> io::Result<Worker<H>> {
         let ring = build_ring(SQ_ENTRIES, CQ_ENTRIES)?;
         let pool = BufPool::register(&ring, POOL_BUFS, POOL_BUF, POOL_FIRST)?;
@@ -933,6 +946,7 @@ impl<H: Host> Worker<H> {
             dontwait: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .is_ok_and(|r| takes_accept_dontwait(r.trim())),
             splice,
+            sockets,
             pipes,
         };
         w.arm_wake();
@@ -1064,6 +1078,8 @@ impl<H: Host> Worker<H> {
             K_READABLE => self.on_readable(slot, ((ud >> 4) & 15) as usize, res),
             K_RECV => self.on_recv(slot, side_of(ud), res, flags),
             K_SEND => self.on_send(slot, side_of(ud), res),
+            K_SOCKET => self.on_socket(slot, res),
+            K_SOCKOPT => self.on_sockopt(slot, side_of(ud), res),
             K_CONNECT => self.on_connect(slot, res),
             K_PRE => self.on_pre(slot, res),
             K_WRITABLE => self.on_writable(slot, side_of(ud)),
@@ -1467,6 +1483,7 @@ impl<H: Host> Worker<H> {
             reading,
             ack_held: None,
             waiting: false,
+            nodelay_failed: None,
             dirs: Default::default(),
             refs: 0,
             first_fin: None,
@@ -1566,6 +1583,7 @@ impl<H: Host> Worker<H> {
             // Connected in the process it comes from: never connects here.
             ack_held: None,
             waiting: false,
+            nodelay_failed: None,
             dirs,
             refs: 0,
             first_fin,
@@ -1680,18 +1698,56 @@ impl<H: Host> Worker<H> {
         at(&mut self.conns, slot)
     }
 
-    /// Starts a connect to `target`, with its timeout linked.
+    /// Starts a connect to `target`, with its timeout linked: on the ring from the socket's making
+    /// on where this kernel sets socket options there (`Worker::sockets`), else on a socket made
+    /// by system calls.
     fn connect(&mut self, slot: u32, target: Target) {
-        let socket = match backend_socket(target.addr) {
-            Ok(s) => s,
-            Err(e) => return self.connect_failed(slot, e),
-        };
+        let on_ring = self.sockets;
         let Some(c) = self.conn(slot) else { return };
         c.to = SockAddr::from(target.addr);
         c.link = types::Timespec::from(target.timeout);
+        if !on_ring {
+            return match backend_socket(target.addr) {
+                Ok(s) => self.connect_with(slot, s, false),
+                Err(e) => self.connect_failed(slot, e),
+            };
+        }
+        c.refs += 1;
+        let domain = if target.addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let kind = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        let e = opcode::Socket::new(domain, kind, libc::IPPROTO_TCP)
+            .build()
+            .user_data(user_data(K_SOCKET, slot, Side::Up));
+        // SAFETY: making a socket points to nothing.
+        unsafe { self.push(&[e]) };
+    }
+
+    fn on_socket(&mut self, slot: u32, res: i32) {
+        // SAFETY: a descriptor the kernel just made for this operation, owned by nothing else.
+        let socket = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
+        if !self.completed(slot) {
+            return; // Ending: the socket closes here.
+        }
+        match socket {
+            Some(s) => self.connect_with(slot, s, true),
+            None => self.connect_failed(slot, io::Error::from_raw_os_error(-res)),
+        }
+    }
+
+    /// Connects `socket` to the connection's `to`, the timeout `link` linked. With `options`, the
+    /// socket was made on the ring and its options (`backend_socket` says which and why) are set
+    /// first, in the same chain: a TCP_NODELAY that fails cancels the connect, as it fails
+    /// `backend_socket`; quick ACKs, best effort there, are hard-linked, so the connect goes on
+    /// whatever their setting returns.
+    fn connect_with(&mut self, slot: u32, socket: OwnedFd, options: bool) {
+        let Some(c) = self.conn(slot) else { return };
         let fd = socket.as_raw_fd();
         c.backend = Some(socket);
-        c.refs += 2;
+        c.nodelay_failed = None;
         let connect = opcode::Connect::new(types::Fd(fd), c.to.as_ptr().cast(), c.to.len())
             .build()
             .flags(squeue::Flags::IO_LINK)
@@ -1699,9 +1755,37 @@ impl<H: Host> Worker<H> {
         let link = opcode::LinkTimeout::new(&c.link)
             .build()
             .user_data(user_data(K_LINK, slot, Side::Up));
-        // SAFETY: the address and the timespec are in the connection's box, which stays in its
-        // slot until both operations have completed (`refs`); the socket is the connection's.
-        unsafe { self.push(&[connect, link]) };
+        if !options {
+            c.refs += 2;
+            // SAFETY: the address and the timespec are in the connection's box, which stays in
+            // its slot until both operations have completed (`refs`); the socket is the
+            // connection's.
+            return unsafe { self.push(&[connect, link]) };
+        }
+        c.refs += 2;
+        // The options complete without a completion unless they fail (SKIP_SUCCESS): two fewer
+        // to reap, and none that ends the kernel's wait before the connect's. A failed one's comes
+        // before the connect's (the kernel fails a chain's later links after the failing one
+        // completes), which holds the connection in its slot (`refs`) until it is reaped.
+        let quiet = squeue::Flags::SKIP_SUCCESS;
+        let nodelay = tcp_option(fd, libc::TCP_NODELAY, &ON)
+            .flags(squeue::Flags::IO_LINK | quiet)
+            .user_data(user_data(K_SOCKOPT, slot, Side::Up));
+        let quickack = tcp_option(fd, libc::TCP_QUICKACK, &OFF)
+            .flags(squeue::Flags::IO_HARDLINK | quiet)
+            .user_data(user_data(K_SOCKOPT, slot, Side::Down));
+        // SAFETY: as above; the options' values are statics.
+        unsafe { self.push(&[nodelay, quickack, connect, link]) };
+    }
+
+    /// A backend socket's option failed to be set (`connect_with`: only failures complete). Only
+    /// TCP_NODELAY matters: the connect it cancelled reports its error.
+    fn on_sockopt(&mut self, slot: u32, side: Side, res: i32) {
+        if side == Side::Up && res < 0 && res != -libc::ECANCELED {
+            if let Some(c) = self.conn(slot) {
+                c.nodelay_failed = Some(-res);
+            }
+        }
     }
 
     fn on_connect(&mut self, slot: u32, res: i32) {
@@ -1712,11 +1796,7 @@ impl<H: Host> Worker<H> {
             return;
         };
         if res < 0 {
-            let e = if res == -libc::ECANCELED {
-                io::Error::new(io::ErrorKind::TimedOut, "connect timed out")
-            } else {
-                io::Error::from_raw_os_error(-res)
-            };
+            let e = connect_error(res, c.nodelay_failed);
             return self.connect_failed(slot, e);
         }
         c.connected = true;
@@ -2856,6 +2936,74 @@ fn unsent<C>(c: &mut Conn<C>, pool: &BufPool) -> io::Result<[Vec<u8>; 2]> {
 /// The connection in `slot`, borrowing only the table (the host stays free to call).
 fn at<C>(conns: &mut [Option<Box<Conn<C>>>], slot: u32) -> Option<&mut Conn<C>> {
     conns.get_mut(slot as usize)?.as_deref_mut()
+}
+
+/// Why a connect failed, from its completion's `res` and the errno of a TCP_NODELAY that failed
+/// before it in its chain (`Worker::connect_with`). Cancelled (ECANCELED) is that failure's
+/// doing, if there was one, else its linked timeout's. (The failed option's completion is
+/// reaped before the connect it cancelled: the kernel fails a chain's later links after the
+/// failing one completes.)
+fn connect_error(res: i32, nodelay_failed: Option<i32>) -> io::Error {
+    match nodelay_failed {
+        _ if res != -libc::ECANCELED => io::Error::from_raw_os_error(-res),
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+    }
+}
+
+/// The values of the socket options set on the ring: the kernel reads them when it takes the
+/// entry, which for a linked one is after the one before it completes.
+static ON: libc::c_int = 1;
+static OFF: libc::c_int = 0;
+
+/// Sets the TCP option `name` of `fd` to `value`, on the ring (`SOCKET_URING_OP_SETSOCKOPT`).
+fn tcp_option(fd: RawFd, name: libc::c_int, value: &'static libc::c_int) -> squeue::Entry {
+    opcode::SetSockOpt::new(
+        types::Fd(fd),
+        libc::IPPROTO_TCP as u32,
+        name as u32,
+        std::ptr::from_ref(value).cast(),
+        size_of::<libc::c_int>() as u32,
+    )
+    .build()
+}
+
+/// Whether this kernel makes sockets and sets their options on the ring (`IORING_OP_SOCKET`,
+/// Linux 5.19+; `SOCKET_URING_OP_SETSOCKOPT`, Linux 6.7+), asked once, of a ring and a socket of
+/// its own: a kernel without the second refuses the command (EOPNOTSUPP), and the workers then
+/// make their backend sockets by system calls (`backend_socket`).
+pub(crate) fn sockets_on_ring() -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| match try_sockets_on_ring() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "ring workers make their backend sockets by system calls");
+            false
+        }
+    })
+}
+
+fn try_sockets_on_ring() -> io::Result<()> {
+    let mut ring = build_ring(4, 4)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    if !probe.is_supported(opcode::Socket::CODE) || !probe.is_supported(opcode::SetSockOpt::CODE) {
+        return Err(io::Error::other("no socket or command operation"));
+    }
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let e = tcp_option(s.as_raw_fd(), libc::TCP_NODELAY, &ON);
+    // SAFETY: the option's value is a static; the socket stays open until the completion is
+    // reaped below.
+    unsafe { ring.submission().push(&e) }.map_err(|_| io::Error::other("no room"))?;
+    ring.submit_and_wait(1)?;
+    let res = ring.completion().next().map_or(-libc::EIO, |c| c.result());
+    if res < 0 {
+        return Err(io::Error::from_raw_os_error(-res));
+    }
+    if !s.tcp_nodelay()? {
+        return Err(io::Error::other("the option set on the ring did not take"));
+    }
+    Ok(())
 }
 
 /// A non-blocking TCP socket for `to`, with TCP_NODELAY (a proxy must not add Nagle delay) and

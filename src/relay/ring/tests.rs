@@ -54,6 +54,9 @@ struct Mode {
     /// The worker's socket to each client sends through a buffer of a few KiB (SO_SNDBUF 4096): a
     /// client that does not read stops the worker's sends after a few KiB.
     tight_client: bool,
+    /// The worker makes its backend sockets by system calls, as on a kernel without socket
+    /// options on the ring (`sockets_on_ring`).
+    socket_calls: bool,
 }
 
 /// What the host was asked, counted.
@@ -294,8 +297,9 @@ fn worker_with(targets: Vec<SocketAddr>, timeout: Duration, mode: Mode) -> Optio
         carried: carried_tx,
     };
     let tick = mode.tick.unwrap_or(TICK);
+    let sockets = !mode.socket_calls && sockets_on_ring();
     let (handle, thread) =
-        start_with("ring-test".into(), make, pipes, tick).expect("a ring worker starts");
+        start_with("ring-test".into(), make, pipes, tick, sockets).expect("a ring worker starts");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     assert!(handle.send(Command::Listen {
@@ -853,10 +857,20 @@ fn a_backend_reset_while_splicing_resets_the_client() {
     stop(r);
 }
 
-/// A refused connect goes to the host, which names the next target; the client never knows.
+/// A refused connect goes to the host, which names the next target; the client never knows. With
+/// backend sockets made on the ring and by system calls.
 #[test]
 fn a_refused_connect_tries_the_next_target() {
-    let Some(r) = worker(vec![refusing(), echo_backend()], WAIT) else {
+    for socket_calls in [false, true] {
+        refused_then_next(Mode {
+            socket_calls,
+            ..Mode::default()
+        });
+    }
+}
+
+fn refused_then_next(mode: Mode) {
+    let Some(r) = worker_with(vec![refusing(), echo_backend()], WAIT, mode) else {
         return;
     };
     let mut c = client(r.addr);
@@ -895,9 +909,20 @@ fn a_client_no_target_takes_ends_as_the_host_says() {
     stop(r);
 }
 
-/// A backend that drops SYNs (its accept queue full): the connect ends at its linked timeout.
+/// A backend that drops SYNs (its accept queue full): the connect ends at its linked timeout,
+/// whether its socket was made on the ring (the timeout then the last link of a chain of four) or
+/// by system calls.
 #[test]
 fn a_connect_nobody_answers_ends_at_its_linked_timeout() {
+    for socket_calls in [false, true] {
+        unanswered(Mode {
+            socket_calls,
+            ..Mode::default()
+        });
+    }
+}
+
+fn unanswered(mode: Mode) {
     let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     hole.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
         .unwrap();
@@ -910,7 +935,7 @@ fn a_connect_nobody_answers_ends_at_its_linked_timeout() {
         TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
         "the hole drops SYNs"
     );
-    let Some(r) = worker(vec![addr], Duration::from_millis(200)) else {
+    let Some(r) = worker_with(vec![addr], Duration::from_millis(200), mode) else {
         return;
     };
     let _c = client(r.addr);
@@ -919,6 +944,69 @@ fn a_connect_nobody_answers_ends_at_its_linked_timeout() {
     assert_eq!(f.end, Outcome::ConnectFailed);
     drop(fill);
     stop(r);
+}
+
+/// The worker's socket to a backend has TCP_NODELAY, whether made on the ring (the option set
+/// there, in the connect's chain) or by system calls.
+#[test]
+fn a_backend_socket_has_nodelay_however_it_was_made() {
+    for socket_calls in [false, true] {
+        let backend = echo_backend();
+        let mode = Mode {
+            socket_calls,
+            ..Mode::default()
+        };
+        let Some(r) = worker_with(vec![backend], WAIT, mode) else {
+            return;
+        };
+        let _c = relayed_client(&r);
+        let ours = ours_connected_to(backend);
+        assert_eq!(
+            ours.len(),
+            1,
+            "socket calls: {socket_calls}: one backend socket"
+        );
+        assert!(
+            SockRef::from(&ours[0]).tcp_nodelay().unwrap(),
+            "socket calls: {socket_calls}: TCP_NODELAY"
+        );
+        stop(r);
+    }
+}
+
+/// This kernel (6.18) sets socket options on the ring: the tests above run the ring's way there.
+#[test]
+fn this_kernel_makes_backend_sockets_on_the_ring() {
+    if availability().is_err() {
+        return;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release.trim().split(|c: char| !c.is_ascii_digit());
+    let version = (
+        v.next().and_then(|p| p.parse::<u32>().ok()),
+        v.next().and_then(|p| p.parse::<u32>().ok()),
+    );
+    if let (Some(major), Some(minor)) = version {
+        assert_eq!(sockets_on_ring(), (major, minor) >= (6, 7), "{release}");
+    }
+}
+
+/// A connect cancelled is its linked timeout's doing, unless a TCP_NODELAY before it in its chain
+/// failed: then it failed for that.
+#[test]
+fn a_cancelled_connect_failed_for_its_nodelay_if_that_failed_else_timed_out() {
+    let e = connect_error(-libc::ECANCELED, None);
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    let e = connect_error(-libc::ECANCELED, Some(libc::ENOMEM));
+    assert_eq!(e.raw_os_error(), Some(libc::ENOMEM));
+    let e = connect_error(-libc::ECONNREFUSED, Some(libc::ENOMEM));
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED),
+        "the connect's own error"
+    );
+    let e = connect_error(-libc::ECONNREFUSED, None);
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
 }
 
 /// A cut resets both sides: neither mistakes it for the end of the stream.
@@ -2307,7 +2395,18 @@ fn the_handshakes_last_ack_leaves_with_the_clients_first_bytes() {
 /// How many segments each of the worker's own sockets (it runs in this process) connected to
 /// `peer` has sent, fewest first.
 fn segs_out_of_ours(peer: SocketAddr) -> Vec<u32> {
-    let mut sent = Vec::new();
+    let mut sent: Vec<u32> = ours_connected_to(peer)
+        .iter()
+        .map(|s| tcp_info_fd(s.as_raw_fd()).unwrap().tcpi_segs_out)
+        .collect();
+    sent.sort_unstable();
+    sent
+}
+
+/// A descriptor of our own for each of the worker's sockets (it runs in this process) connected to
+/// `peer`.
+fn ours_connected_to(peer: SocketAddr) -> Vec<OwnedFd> {
+    let mut ours = Vec::new();
     let fds = std::fs::read_dir("/proc/self/fd").unwrap();
     for fd in fds.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<RawFd>().ok()) {
         // A descriptor of our own for what `fd` names now: another thread may close `fd` (the
@@ -2325,11 +2424,10 @@ fn segs_out_of_ours(peer: SocketAddr) -> Vec<u32> {
             .and_then(|a| a.as_socket())
             == Some(peer)
         {
-            sent.push(tcp_info_fd(sock.as_raw_fd()).unwrap().tcpi_segs_out);
+            ours.push(sock);
         }
     }
-    sent.sort_unstable();
-    sent
+    ours
 }
 
 /// A client, its worker held in `Host::connected` once its backend has connected, with the word
