@@ -1,8 +1,10 @@
 //! `sluicegate-load`: a load generator for TCP and HTTP services, shipped with sluicegate.
 //!
 //! Closed loop (as fast as the service answers) or open loop (`--rate`: requests are due on a fixed
-//! schedule per connection, and latency is measured from when a request was *due*, not when it could
-//! be sent, so a stall is charged to every request it delayed: no coordinated omission). Latencies go
+//! schedule per connection; a request an earlier answer held up is measured from when it was *due*,
+//! not when it could be sent, so a stall is charged to every request it delayed: no coordinated
+//! omission; one whose connection was free is measured from when it was sent, so the tool's own
+//! timer lag is not charged to the service: `counted_from`). Latencies go
 //! into an HdrHistogram (1 µs to 60 s, three significant digits). The report gives successes, failures
 //! by kind, requests per second, mean and p50/p90/p99/p99.9, and the share of each backend when the
 //! answers say who served them (`X-Backend`, a JSON `hostname`, or `Hello from Server: NAME`); `--json`
@@ -139,6 +141,9 @@ fn io_failure(e: &std::io::Error) -> Failure {
 /// What one connection's loop measured.
 struct Tally {
     latency: Histogram<u64>,
+    /// Open loop: how late the tool sent the requests whose connection was free when they were due
+    /// (its timers fire on tokio's 1 ms wheel): its own precision, not the service's.
+    lag: Histogram<u64>,
     ok: u64,
     failures: BTreeMap<Failure, u64>,
     /// When each failed request was due (Unix seconds), the first [`FAILED_AT_MAX`]: lets a caller tell
@@ -155,6 +160,7 @@ impl Tally {
             // 1 µs .. 60 s at three significant digits: constant bounds the crate accepts (low ≥ 1,
             // high ≥ 2 × low, 0..=5 digits), so this cannot fail.
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant, valid bounds"),
+            lag: Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant, valid bounds"),
             ok: 0,
             failures: BTreeMap::new(),
             failed_at: Vec::new(),
@@ -164,6 +170,7 @@ impl Tally {
 
     fn merge(&mut self, o: Tally) {
         let _ = self.latency.add(&o.latency);
+        let _ = self.lag.add(&o.lag);
         self.ok += o.ok;
         for (k, v) in o.failures {
             *self.failures.entry(k).or_default() += v;
@@ -391,6 +398,8 @@ async fn run_connection(
         .filter(|r| *r > 0.0)
         .map(|r| Duration::from_secs_f64(args.connections as f64 / r));
     let mut due = period.map(|p| start + p.mul_f64(index as f64 / args.connections as f64));
+    // When the last exchange on this connection ended.
+    let mut free = start;
     loop {
         if until.is_some_and(|u| Instant::now() >= u)
             || STOP.load(std::sync::atomic::Ordering::Relaxed)
@@ -398,15 +407,23 @@ async fn run_connection(
         {
             return tally;
         }
-        let sent_at = match due {
+        let (sent_at, from) = match due {
             Some(d) => {
                 if until.is_some_and(|u| d >= u) {
                     return tally;
                 }
                 tokio::time::sleep_until(d).await;
-                d
+                let sent = Instant::now();
+                let from = counted_from(d, free, sent);
+                if from == sent && d >= start + args.warmup {
+                    tally.lag.saturating_record(micros(sent - d));
+                }
+                (d, from)
             }
-            None => Instant::now(),
+            None => {
+                let now = Instant::now();
+                (now, now)
+            }
         };
         if args.new_connection {
             conn.stream = None;
@@ -435,8 +452,8 @@ async fn run_connection(
             Ok(r) => r,
             Err(_) => Err(Failure::Timeout),
         };
-        // From when it was due: time waiting behind a slow earlier answer counts.
-        let micros = sent_at.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
+        free = Instant::now();
+        let took = micros(free - from);
         if result.is_err() {
             conn.stream = None;
         }
@@ -448,12 +465,30 @@ async fn run_connection(
                     .map_or(0.0, |d| d.as_secs_f64());
                 tally.failed_at.push(unix);
             }
-            record(&mut tally, result, micros);
+            record(&mut tally, result, took);
         }
         if let (Some(d), Some(p)) = (due.as_mut(), period) {
             *d += p;
         }
     }
+}
+
+/// When an open-loop request's latency counts from: when it was `due` if its connection was still busy
+/// then (`free`: the exchange before it ended later), since that wait is the service's doing and must
+/// be charged (no coordinated omission); else when it was `sent`, since the delay from `due` to then is
+/// the tool's own (tokio's timers fire on a 1 ms wheel, which would otherwise add up to a millisecond
+/// to every request and hide a hop of 100 µs).
+fn counted_from(due: Instant, free: Instant, sent: Instant) -> Instant {
+    if free > due {
+        due
+    } else {
+        sent
+    }
+}
+
+/// A duration in whole microseconds, at least 1 (the histograms' floor).
+fn micros(d: Duration) -> u64 {
+    d.as_micros().clamp(1, u128::from(u64::MAX)) as u64
 }
 
 /// Counts one request's result.
@@ -622,6 +657,14 @@ fn report(args: &Args, t: &Tally, elapsed: Duration) {
                 "max_ms": t.latency.max() as f64 / 1000.0,
             })
         };
+        let lag = if t.lag.is_empty() {
+            serde_json::Value::Null
+        } else {
+            json!({
+                "p50_ms": t.lag.value_at_quantile(0.5) as f64 / 1000.0,
+                "p99_ms": t.lag.value_at_quantile(0.99) as f64 / 1000.0,
+            })
+        };
         println!(
             "{}",
             json!({
@@ -638,6 +681,7 @@ fn report(args: &Args, t: &Tally, elapsed: Duration) {
                 "failed_at": t.failed_at,
                 "rps": t.ok as f64 / secs,
                 "latency": latency,
+                "lag": lag,
                 "backends": backends,
             })
         );
@@ -675,6 +719,13 @@ fn report(args: &Args, t: &Tally, elapsed: Duration) {
             t.latency.max() as f64 / 1000.0
         );
     }
+    if !t.lag.is_empty() {
+        println!(
+            "  (not counted: the tool's own lag sending requests due on a free connection: p50 {:.3} ms   p99 {:.3})",
+            t.lag.value_at_quantile(0.5) as f64 / 1000.0,
+            t.lag.value_at_quantile(0.99) as f64 / 1000.0
+        );
+    }
     if !t.backends.is_empty() {
         println!("  served by");
         for (k, v) in &t.backends {
@@ -689,6 +740,21 @@ fn report(args: &Args, t: &Tally, elapsed: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Open loop: a request whose connection was free when it was due counts from when it was sent
+    /// (the timer's lag is the tool's); one an earlier answer held up counts from when it was due
+    /// (the wait is the service's, and the requests queued behind a stall all pay for it).
+    #[test]
+    fn an_open_loop_request_counts_from_its_due_time_only_when_an_earlier_answer_held_it_up() {
+        let t0 = Instant::now();
+        let at = |us: u64| t0 + Duration::from_micros(us);
+        // Free since 0, due at 10 ms, sent at 10.8 ms (a late timer): from 10.8 ms.
+        assert_eq!(counted_from(at(10_000), at(0), at(10_800)), at(10_800));
+        // Free exactly when due: from its send.
+        assert_eq!(counted_from(at(10_000), at(10_000), at(10_050)), at(10_050));
+        // Its connection busy until 25 ms (a slow answer), due at 10 ms, sent at 25 ms: from 10 ms.
+        assert_eq!(counted_from(at(10_000), at(25_000), at(25_000)), at(10_000));
+    }
 
     #[test]
     fn durations_parse_as_in_the_config() {
