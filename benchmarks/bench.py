@@ -552,14 +552,15 @@ def parse_iperf3(out):
 
 def parse_load(out):
     """sluicegate-load --json's report: successes, latency percentiles (none when nothing succeeded),
-    requests/s, failures, and in open loop the tool's own lag in sending (not in the latency; none
+    requests/s, failures, and in open loop the tool's own lag in sending (not in the latency) and the
+    requests counted from when they were due, an earlier answer having held them up (none
     from a build before it was reported)."""
     r = json.loads(out)
     lat = r.get("latency") or {}
     lag = r.get("lag") or {}
     return {"requests": r["ok"], "p50_ms": lat.get("p50_ms"), "p99_ms": lat.get("p99_ms"),
             "p999_ms": lat.get("p999_ms"), "rps": r["rps"], "errors": r["failed"],
-            "lag_p99_ms": lag.get("p99_ms")}
+            "lag_p99_ms": lag.get("p99_ms"), "held_up": r.get("held_up")}
 
 
 def first_line(p):
@@ -586,7 +587,7 @@ def hold_idle(port, n):
 def latency_client(port, duration):
     """The paced latency workload through sluicegate-load (open loop: a request an earlier answer held up
     counts from when it was due, one sent on a free connection from when it was sent, so the tool's own
-    timer lag, about a millisecond, is left out and reported apart; HdrHistogram percentiles), pinned to
+    timer lag, 1–2 ms, is left out and reported apart; HdrHistogram percentiles), pinned to
     the client CPU; the first second warms up."""
     out = run_tool(["taskset", "-c", CLIENT_CPU, LOAD_BIN, f"127.0.0.1:{port}", "--path", "/tiny",
                     "-c", str(LAT_CONNECTIONS), "--rate", str(LAT_RATE), "--duration", f"{duration}s",

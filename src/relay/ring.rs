@@ -46,10 +46,11 @@
 //!
 //! Ownership: a connection's state is boxed (the kernel reads its backend address, and the connect's
 //! timeout, from there) and stays in its slot while anything of it is in the kernel (`refs` counts the
-//! operations submitted and not completed for the last time); its slot is reused only after that, so
-//! no completion can reach another connection. Sends point into pool buffers the direction holds until
-//! the send completes. The pool lives as long as the worker, and is leaked if the worker exits with
-//! operations still in the kernel.
+//! operations submitted and not completed for the last time; a backend socket's options go
+//! uncounted, since they complete before the counted connect chained after them is issued); its
+//! slot is reused only after that, so no completion can reach another connection. Sends point into
+//! pool buffers the direction holds until the send completes. The pool lives as long as the worker,
+//! and is leaked if the worker exits with operations still in the kernel.
 //!
 //! No operation is handed to an io-wq thread (`iou-wrk`, a kernel thread that blocks in it, and
 //! wakes the worker from another CPU): the kernel does that with an operation it polled for and
@@ -711,7 +712,8 @@ struct Conn<C> {
     /// (`connect_error`).
     nodelay_failed: Option<i32>,
     dirs: [Dir; 2],
-    /// Operations of this connection in the kernel.
+    /// Operations of this connection in the kernel, but for a backend socket's options
+    /// (`Worker::connect_with`): they complete before the connect chained after them is issued.
     refs: u32,
     first_fin: Option<Outcome>,
     /// How it ends, once decided; it is freed when nothing of it is left in the kernel.
@@ -839,6 +841,8 @@ pub(crate) struct Counts {
     pub(crate) adopted: AtomicU64,
     /// Connections open on the worker now.
     pub(crate) open: AtomicU64,
+    /// Backend sockets the ring made (`Worker::sockets`).
+    pub(crate) sockets_made: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -1733,16 +1737,21 @@ impl<H: Host> Worker<H> {
             return; // Ending: the socket closes here.
         }
         match socket {
-            Some(s) => self.connect_with(slot, s, true),
+            Some(s) => {
+                bump(&self.counts.sockets_made);
+                self.connect_with(slot, s, true)
+            }
             None => self.connect_failed(slot, io::Error::from_raw_os_error(-res)),
         }
     }
 
     /// Connects `socket` to the connection's `to`, the timeout `link` linked. With `options`, the
     /// socket was made on the ring and its options (`backend_socket` says which and why) are set
-    /// first, in the same chain: a TCP_NODELAY that fails cancels the connect, as it fails
-    /// `backend_socket`; quick ACKs, best effort there, are hard-linked, so the connect goes on
-    /// whatever their setting returns.
+    /// first, in the same chain. Both are hard-linked, so the connect is issued whatever they
+    /// return: a failed linked entry that posts no completion on success would have the kernel
+    /// post none for the entries it cancels, the connect's included, and nothing would end the
+    /// connection. A TCP_NODELAY that failed fails the connect when it completes
+    /// (`connect_result`), as it fails `backend_socket`; quick ACKs stay best effort.
     fn connect_with(&mut self, slot: u32, socket: OwnedFd, options: bool) {
         let Some(c) = self.conn(slot) else { return };
         let fd = socket.as_raw_fd();
@@ -1763,25 +1772,26 @@ impl<H: Host> Worker<H> {
             return unsafe { self.push(&[connect, link]) };
         }
         c.refs += 2;
-        // The options complete without a completion unless they fail (SKIP_SUCCESS): two fewer
-        // to reap, and none that ends the kernel's wait before the connect's. A failed one's comes
-        // before the connect's (the kernel fails a chain's later links after the failing one
-        // completes), which holds the connection in its slot (`refs`) until it is reaped.
-        let quiet = squeue::Flags::SKIP_SUCCESS;
-        let nodelay = tcp_option(fd, libc::TCP_NODELAY, &ON)
-            .flags(squeue::Flags::IO_LINK | quiet)
+        // The options post no completion unless they fail (SKIP_SUCCESS): two fewer to reap, and
+        // none that ends the kernel's wait before the connect's. A failed one's is posted as it
+        // completes, before the connect after it is issued: the connection, held in its slot by
+        // the connect (`refs`), is there to take it.
+        let quiet = squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS;
+        let nodelay = tcp_option(fd, libc::TCP_NODELAY, &ON, nodelay_len())
+            .flags(quiet)
             .user_data(user_data(K_SOCKOPT, slot, Side::Up));
-        let quickack = tcp_option(fd, libc::TCP_QUICKACK, &OFF)
-            .flags(squeue::Flags::IO_HARDLINK | quiet)
+        let quickack = tcp_option(fd, libc::TCP_QUICKACK, &OFF, INT_LEN)
+            .flags(quiet)
             .user_data(user_data(K_SOCKOPT, slot, Side::Down));
-        // SAFETY: as above; the options' values are statics.
+        // SAFETY: as above (the options go before the connect, which keeps the socket open and
+        // the box in its slot); the options' values are statics.
         unsafe { self.push(&[nodelay, quickack, connect, link]) };
     }
 
     /// A backend socket's option failed to be set (`connect_with`: only failures complete). Only
-    /// TCP_NODELAY matters: the connect it cancelled reports its error.
+    /// TCP_NODELAY matters: the connect after it fails with its error.
     fn on_sockopt(&mut self, slot: u32, side: Side, res: i32) {
-        if side == Side::Up && res < 0 && res != -libc::ECANCELED {
+        if side == Side::Up && res < 0 {
             if let Some(c) = self.conn(slot) {
                 c.nodelay_failed = Some(-res);
             }
@@ -1795,8 +1805,7 @@ impl<H: Host> Worker<H> {
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
-        if res < 0 {
-            let e = connect_error(res, c.nodelay_failed);
+        if let Err(e) = connect_result(res, c.nodelay_failed) {
             return self.connect_failed(slot, e);
         }
         c.connected = true;
@@ -2938,16 +2947,17 @@ fn at<C>(conns: &mut [Option<Box<Conn<C>>>], slot: u32) -> Option<&mut Conn<C>> 
     conns.get_mut(slot as usize)?.as_deref_mut()
 }
 
-/// Why a connect failed, from its completion's `res` and the errno of a TCP_NODELAY that failed
-/// before it in its chain (`Worker::connect_with`). Cancelled (ECANCELED) is that failure's
-/// doing, if there was one, else its linked timeout's. (The failed option's completion is
-/// reaped before the connect it cancelled: the kernel fails a chain's later links after the
-/// failing one completes.)
-fn connect_error(res: i32, nodelay_failed: Option<i32>) -> io::Error {
+/// Whether a connect succeeded, from its completion's `res` and the errno of a TCP_NODELAY set
+/// before it in its chain that failed (`Worker::connect_with`): that fails it whatever the connect
+/// did, as it fails `backend_socket`. Cancelled (ECANCELED) is its linked timeout's doing.
+fn connect_result(res: i32, nodelay_failed: Option<i32>) -> io::Result<()> {
     match nodelay_failed {
-        _ if res != -libc::ECANCELED => io::Error::from_raw_os_error(-res),
-        Some(errno) => io::Error::from_raw_os_error(errno),
-        None => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+        Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+        None if res == -libc::ECANCELED => {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+        }
+        None if res < 0 => Err(io::Error::from_raw_os_error(-res)),
+        None => Ok(()),
     }
 }
 
@@ -2955,17 +2965,47 @@ fn connect_error(res: i32, nodelay_failed: Option<i32>) -> io::Error {
 /// entry, which for a linked one is after the one before it completes.
 static ON: libc::c_int = 1;
 static OFF: libc::c_int = 0;
+const INT_LEN: u32 = size_of::<libc::c_int>() as u32;
 
-/// Sets the TCP option `name` of `fd` to `value`, on the ring (`SOCKET_URING_OP_SETSOCKOPT`).
-fn tcp_option(fd: RawFd, name: libc::c_int, value: &'static libc::c_int) -> squeue::Entry {
+/// Sets the TCP option `name` of `fd` to `value` (`len` bytes of it), on the ring
+/// (`SOCKET_URING_OP_SETSOCKOPT`).
+fn tcp_option(
+    fd: RawFd,
+    name: libc::c_int,
+    value: &'static libc::c_int,
+    len: u32,
+) -> squeue::Entry {
     opcode::SetSockOpt::new(
         types::Fd(fd),
         libc::IPPROTO_TCP as u32,
         name as u32,
         std::ptr::from_ref(value).cast(),
-        size_of::<libc::c_int>() as u32,
+        len,
     )
     .build()
+}
+
+/// The length TCP_NODELAY is set with on the ring: an int's, but 0 on a thread that called
+/// [`fail_nodelay_here`], which the kernel refuses (EINVAL).
+fn nodelay_len() -> u32 {
+    #[cfg(test)]
+    if NODELAY_FAILS.get() {
+        return 0;
+    }
+    INT_LEN
+}
+
+#[cfg(test)]
+thread_local! {
+    static NODELAY_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// From now on, on the calling thread, TCP_NODELAY set on the ring fails (EINVAL): nothing
+/// outside the kernel can make it fail on a new TCP socket, and what a connect does then must be
+/// tested.
+#[cfg(test)]
+pub(super) fn fail_nodelay_here() {
+    NODELAY_FAILS.set(true);
 }
 
 /// Whether this kernel makes sockets and sets their options on the ring (`IORING_OP_SOCKET`,
@@ -2991,9 +3031,9 @@ fn try_sockets_on_ring() -> io::Result<()> {
         return Err(io::Error::other("no socket or command operation"));
     }
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    let e = tcp_option(s.as_raw_fd(), libc::TCP_NODELAY, &ON);
-    // SAFETY: the option's value is a static; the socket stays open until the completion is
-    // reaped below.
+    let e = tcp_option(s.as_raw_fd(), libc::TCP_NODELAY, &ON, INT_LEN);
+    // SAFETY: the option's value is a static; the kernel takes the entry in the submission below,
+    // before `s` can be closed (an entry never submitted goes with the ring).
     unsafe { ring.submission().push(&e) }.map_err(|_| io::Error::other("no room"))?;
     ring.submit_and_wait(1)?;
     let res = ring.completion().next().map_or(-libc::EIO, |c| c.result());

@@ -396,7 +396,12 @@ mod tests {
             let mut runs = relay::AckTimerRuns::new();
             loop {
                 runs.start();
-                let (told, sent) = connect_and_count(mode, header, forward, tls).await;
+                let (told, sent, runs_as) = connect_and_count(mode, header, forward, tls).await;
+                if mode == "uring" && runs_as != crate::config::RelayMode::Uring {
+                    // No io_uring here: the service runs (and holds the ACK) as `epoll` does.
+                    eprintln!("skipped: relay: uring runs as {runs_as:?} here");
+                    break;
+                }
                 if !runs.in_time(mode) {
                     continue;
                 }
@@ -428,14 +433,14 @@ mod tests {
 
     /// Connects a service of engine `mode` (with the YAML keys `tls`) to a backend of its own
     /// (a TLS server when the service originates), sending `header` and `forward` first: whether
-    /// it tells the relay the ACK is held, and the segments it sent.
+    /// it tells the relay the ACK is held, the segments it sent, and the engine the service runs.
     #[cfg(target_os = "linux")]
     async fn connect_and_count(
         mode: &str,
         header: Option<&[u8]>,
         forward: &[u8],
         tls: &str,
-    ) -> (bool, u32) {
+    ) -> (bool, u32, crate::config::RelayMode) {
         use std::os::fd::AsRawFd;
 
         let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -460,7 +465,7 @@ mod tests {
             BackendStream::Tls(s) => s.get_ref().0.as_raw_fd(),
         };
         let sent = relay::tcp_info_fd(fd).unwrap().tcpi_segs_out;
-        (c.ack_held, sent)
+        (c.ack_held, sent, service.relay.mode)
     }
 
     /// A TLS server on `listener` for one client, with the fixtures' certificate for 127.0.0.1;

@@ -57,6 +57,8 @@ struct Mode {
     /// The worker makes its backend sockets by system calls, as on a kernel without socket
     /// options on the ring (`sockets_on_ring`).
     socket_calls: bool,
+    /// TCP_NODELAY set on the ring fails on the worker's thread (`fail_nodelay_here`).
+    failing_nodelay: bool,
 }
 
 /// What the host was asked, counted.
@@ -117,6 +119,9 @@ impl Host for TestHost {
         let n = self.seen.accepted.fetch_add(1, Relaxed) as usize;
         if self.mode.broken_pipe_reads {
             crate::relay::splice::break_reads_here(); // On the worker's thread, as hosts run.
+        }
+        if self.mode.failing_nodelay {
+            super::fail_nodelay_here();
         }
         if self.mode.tight_client {
             socket2::SockRef::from(&client)
@@ -947,7 +952,7 @@ fn unanswered(mode: Mode) {
 }
 
 /// The worker's socket to a backend has TCP_NODELAY, whether made on the ring (the option set
-/// there, in the connect's chain) or by system calls.
+/// there, in the connect's chain) or by system calls; and the worker made it the way it was told.
 #[test]
 fn a_backend_socket_has_nodelay_however_it_was_made() {
     for socket_calls in [false, true] {
@@ -970,8 +975,40 @@ fn a_backend_socket_has_nodelay_however_it_was_made() {
             SockRef::from(&ours[0]).tcp_nodelay().unwrap(),
             "socket calls: {socket_calls}: TCP_NODELAY"
         );
+        let on_ring = u64::from(!socket_calls && sockets_on_ring());
+        assert_eq!(
+            r.handle.counts().sockets_made.load(Relaxed),
+            on_ring,
+            "socket calls: {socket_calls}"
+        );
         stop(r);
     }
+}
+
+/// A TCP_NODELAY that fails on the ring fails its connect (as it fails the socket made by system
+/// calls), whatever the connect did: the host hears why and names the next target, and the
+/// connection ends when none is left. It must end: an option that fails in a chain of entries
+/// that post nothing on success would have the kernel post nothing for the connect either.
+#[test]
+fn a_nodelay_that_fails_on_the_ring_fails_its_connect_and_the_next_target_is_tried() {
+    if availability().is_err() || !sockets_on_ring() {
+        return;
+    }
+    let mode = Mode {
+        failing_nodelay: true,
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![echo_backend(), echo_backend()], WAIT, mode) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    let (f, errors) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!(errors, [io::ErrorKind::InvalidInput; 2], "EINVAL, twice");
+    assert_eq!(f.end, Outcome::ConnectFailed);
+    let mut b = [0u8; 1];
+    assert!(matches!(c.read(&mut b), Ok(0) | Err(_)), "closed");
+    assert_eq!(r.handle.counts().open.load(Relaxed), 0, "freed");
+    stop(r);
 }
 
 /// This kernel (6.18) sets socket options on the ring: the tests above run the ring's way there.
@@ -982,31 +1019,31 @@ fn this_kernel_makes_backend_sockets_on_the_ring() {
     }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let mut v = release.trim().split(|c: char| !c.is_ascii_digit());
-    let version = (
-        v.next().and_then(|p| p.parse::<u32>().ok()),
-        v.next().and_then(|p| p.parse::<u32>().ok()),
-    );
-    if let (Some(major), Some(minor)) = version {
+    let mut next = || v.next().and_then(|p| p.parse::<u32>().ok());
+    if let (Some(major), Some(minor)) = (next(), next()) {
         assert_eq!(sockets_on_ring(), (major, minor) >= (6, 7), "{release}");
     }
 }
 
-/// A connect cancelled is its linked timeout's doing, unless a TCP_NODELAY before it in its chain
-/// failed: then it failed for that.
+/// A connect fails for a TCP_NODELAY that failed before it, whatever it did; cancelled, for its
+/// linked timeout; else for its own error.
 #[test]
-fn a_cancelled_connect_failed_for_its_nodelay_if_that_failed_else_timed_out() {
-    let e = connect_error(-libc::ECANCELED, None);
-    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
-    let e = connect_error(-libc::ECANCELED, Some(libc::ENOMEM));
-    assert_eq!(e.raw_os_error(), Some(libc::ENOMEM));
-    let e = connect_error(-libc::ECONNREFUSED, Some(libc::ENOMEM));
+fn a_connect_fails_for_its_failed_nodelay_else_its_timeout_or_its_own_error() {
+    let kind = |res, nodelay| connect_result(res, nodelay).map_err(|e: io::Error| e.kind());
+    assert_eq!(kind(0, None), Ok(()));
     assert_eq!(
-        e.raw_os_error(),
-        Some(libc::ECONNREFUSED),
-        "the connect's own error"
+        kind(0, Some(libc::EINVAL)),
+        Err(io::ErrorKind::InvalidInput)
     );
-    let e = connect_error(-libc::ECONNREFUSED, None);
-    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    assert_eq!(
+        kind(-libc::ECANCELED, Some(libc::EINVAL)),
+        Err(io::ErrorKind::InvalidInput)
+    );
+    assert_eq!(kind(-libc::ECANCELED, None), Err(io::ErrorKind::TimedOut));
+    assert_eq!(
+        kind(-libc::ECONNREFUSED, None),
+        Err(io::ErrorKind::ConnectionRefused)
+    );
 }
 
 /// A cut resets both sides: neither mistakes it for the end of the stream.
