@@ -587,7 +587,7 @@ def hold_idle(port, n):
 def latency_client(port, duration):
     """The paced latency workload through sluicegate-load (open loop: a request an earlier answer held up
     counts from when it was due, one sent on a free connection from when it was sent, so the tool's own
-    timer lag, 1–2 ms, is left out and reported apart; HdrHistogram percentiles), pinned to
+    timer lag, about 2 ms at the p99, is left out and reported apart; HdrHistogram percentiles), pinned to
     the client CPU; the first second warms up."""
     out = run_tool(["taskset", "-c", CLIENT_CPU, LOAD_BIN, f"127.0.0.1:{port}", "--path", "/tiny",
                     "-c", str(LAT_CONNECTIONS), "--rate", str(LAT_RATE), "--duration", f"{duration}s",

@@ -485,7 +485,7 @@ async fn run_connection(
 /// then (`free`: the exchange before it ended later), since that wait is the service's doing and must
 /// be charged (no coordinated omission); else when it was `sent`, since the delay from `due` to then is
 /// the tool's own (tokio's timers fire on a 1 ms wheel and the runtime sleeps in whole milliseconds:
-/// 1–2 ms late at the p99 here, which would otherwise be in every latency and hide a hop of 100 µs).
+/// 1.7–2.6 ms late at the p99 here, which would otherwise be in every latency and hide a hop of 100 µs).
 /// A stall that begins between `due` and `sent` is charged from `sent`: short by the lag, at most.
 fn counted_from(due: Instant, free: Instant, sent: Instant) -> Instant {
     if free > due {
@@ -729,11 +729,16 @@ fn report(args: &Args, t: &Tally, elapsed: Duration) {
             t.latency.max() as f64 / 1000.0
         );
     }
-    if !t.lag.is_empty() || t.held_up > 0 {
+    if !t.lag.is_empty() {
         println!(
-            "  (not counted: the tool's own lag sending requests due on a free connection: p50 {:.3} ms   p99 {:.3};\n   counted from when they were due, held up by an earlier answer: {})",
+            "  (not counted: the tool's own lag sending requests due on a free connection: p50 {:.3} ms   p99 {:.3})",
             t.lag.value_at_quantile(0.5) as f64 / 1000.0,
             t.lag.value_at_quantile(0.99) as f64 / 1000.0,
+        );
+    }
+    if args.rate.is_some() {
+        println!(
+            "  counted from when they were due, an earlier answer having held them up: {}",
             t.held_up
         );
     }

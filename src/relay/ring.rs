@@ -709,7 +709,7 @@ struct Conn<C> {
     /// Waiting for a backend (in the worker's `waiting`).
     waiting: bool,
     /// The errno of the TCP_NODELAY set on the ring before the connect in flight, if it failed
-    /// (`connect_error`).
+    /// (`connect_result`).
     nodelay_failed: Option<i32>,
     dirs: [Dir; 2],
     /// Operations of this connection in the kernel, but for a backend socket's options
@@ -2516,7 +2516,10 @@ impl<H: Host> Worker<H> {
         self.maybe_free(slot);
     }
 
-    /// Cancels every operation connection `slot` has in the kernel (by descriptor).
+    /// Cancels every operation connection `slot` has in the kernel (by descriptor). A connect
+    /// chained after a socket's options (`connect_with`) that the kernel has not yet issued (it
+    /// is issued from the deferred work its options' completion queued) is not found: it runs to
+    /// its completion or its linked timeout, and the connection is freed then.
     fn cancel_all(&mut self, slot: u32) {
         let Some(c) = self.conn(slot) else { return };
         if c.refs == 0 {
