@@ -1717,11 +1717,7 @@ impl<H: Host> Worker<H> {
             };
         }
         c.refs += 1;
-        let domain = if target.addr.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
+        let domain = socket2::Domain::for_address(target.addr).into();
         let kind = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
         let e = opcode::Socket::new(domain, kind, libc::IPPROTO_TCP)
             .build()
@@ -1764,14 +1760,13 @@ impl<H: Host> Worker<H> {
         let link = opcode::LinkTimeout::new(&c.link)
             .build()
             .user_data(user_data(K_LINK, slot, Side::Up));
+        c.refs += 2;
         if !options {
-            c.refs += 2;
             // SAFETY: the address and the timespec are in the connection's box, which stays in
             // its slot until both operations have completed (`refs`); the socket is the
             // connection's.
             return unsafe { self.push(&[connect, link]) };
         }
-        c.refs += 2;
         // The options post no completion unless they fail (SKIP_SUCCESS): two fewer to reap, and
         // none that ends the kernel's wait before the connect's. A failed one's is posted as it
         // completes, before the connect after it is issued: the connection, held in its slot by
@@ -3015,7 +3010,7 @@ pub(super) fn fail_nodelay_here() {
 /// Linux 5.19+; `SOCKET_URING_OP_SETSOCKOPT`, Linux 6.7+), asked once, of a ring and a socket of
 /// its own: a kernel without the second refuses the command (EOPNOTSUPP), and the workers then
 /// make their backend sockets by system calls (`backend_socket`).
-pub(crate) fn sockets_on_ring() -> bool {
+fn sockets_on_ring() -> bool {
     static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ANSWER.get_or_init(|| match try_sockets_on_ring() {
         Ok(()) => true,
