@@ -126,6 +126,9 @@ fn tick_for(timeouts: &Timeouts, half_closed: bool, base: Duration) -> Duration 
 }
 /// Accepts in flight per listener and worker: a burst of connections is taken several at a time.
 const ACCEPTS: usize = 4;
+/// How many times an ending connection's backend cancellation is asked again while its connect
+/// has not been issued (`Worker::on_cancel`).
+const RECANCELS: u8 = 4;
 /// How long a stopping worker waits for its connections' last completions.
 const STOP_WAIT: Duration = Duration::from_secs(1);
 
@@ -711,6 +714,9 @@ struct Conn<C> {
     /// The errno of the TCP_NODELAY set on the ring before the connect in flight, if it failed
     /// (`connect_result`).
     nodelay_failed: Option<i32>,
+    /// While its connect is in the kernel (`connect_with` to `on_connect`): how many times a
+    /// cancellation of the backend's has since found nothing (`on_cancel`).
+    connect_out: Option<u8>,
     dirs: [Dir; 2],
     /// Operations of this connection in the kernel, but for a backend socket's options
     /// (`Worker::connect_with`): they complete before the connect chained after them is issued.
@@ -843,6 +849,9 @@ pub(crate) struct Counts {
     pub(crate) open: AtomicU64,
     /// Backend sockets the ring made (`Worker::sockets`).
     pub(crate) sockets_made: AtomicU64,
+    /// Cancellations of an ending connection's backend asked again: the first came before its
+    /// connect was issued (`Worker::on_cancel`).
+    pub(crate) recancels: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -1088,7 +1097,8 @@ impl<H: Host> Worker<H> {
             K_PRE => self.on_pre(slot, res),
             K_WRITABLE => self.on_writable(slot, side_of(ud)),
             K_SPLICE => self.on_splice_ready(slot, side_of(ud), res),
-            K_LINK | K_CANCEL => self.release(slot),
+            K_LINK => self.release(slot),
+            K_CANCEL => self.on_cancel(slot, side_of(ud), res),
             K_WAKE => {
                 if !cqueue::more(flags) {
                     self.arm_wake();
@@ -1488,6 +1498,7 @@ impl<H: Host> Worker<H> {
             ack_held: None,
             waiting: false,
             nodelay_failed: None,
+            connect_out: None,
             dirs: Default::default(),
             refs: 0,
             first_fin: None,
@@ -1588,6 +1599,7 @@ impl<H: Host> Worker<H> {
             ack_held: None,
             waiting: false,
             nodelay_failed: None,
+            connect_out: None,
             dirs,
             refs: 0,
             first_fin,
@@ -1753,6 +1765,7 @@ impl<H: Host> Worker<H> {
         let fd = socket.as_raw_fd();
         c.backend = Some(socket);
         c.nodelay_failed = None;
+        c.connect_out = Some(0);
         let connect = opcode::Connect::new(types::Fd(fd), c.to.as_ptr().cast(), c.to.len())
             .build()
             .flags(squeue::Flags::IO_LINK)
@@ -1794,6 +1807,9 @@ impl<H: Host> Worker<H> {
     }
 
     fn on_connect(&mut self, slot: u32, res: i32) {
+        if let Some(c) = self.conn(slot) {
+            c.connect_out = None;
+        }
         if !self.completed(slot) {
             return;
         }
@@ -2511,23 +2527,52 @@ impl<H: Host> Worker<H> {
         self.maybe_free(slot);
     }
 
-    /// Cancels every operation connection `slot` has in the kernel (by descriptor). A connect
-    /// chained after a socket's options (`connect_with`) that the kernel has not yet issued (it
-    /// is issued from the deferred work its options' completion queued) is not found: it runs to
-    /// its completion or its linked timeout, and the connection is freed then.
+    /// Cancels every operation connection `slot` has in the kernel, by descriptor: the client's
+    /// (`Side::Up` in the cancellation's `user_data`) and the backend's (`Side::Down`).
     fn cancel_all(&mut self, slot: u32) {
         let Some(c) = self.conn(slot) else { return };
         if c.refs == 0 {
             return;
         }
-        let fds = [&c.client, &c.backend].map(|f| f.as_ref().map(|f| f.as_raw_fd()));
+        let fds = [(&c.client, Side::Up), (&c.backend, Side::Down)]
+            .map(|(f, side)| f.as_ref().map(|f| (f.as_raw_fd(), side)));
         c.refs += fds.iter().flatten().count() as u32;
-        for fd in fds.into_iter().flatten() {
-            let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
-                .build()
-                .user_data(user_data(K_CANCEL, slot, Side::Up));
-            // SAFETY: a cancellation points to nothing.
-            unsafe { self.push(&[e]) };
+        for (fd, side) in fds.into_iter().flatten() {
+            self.cancel_fd(slot, fd, side);
+        }
+    }
+
+    fn cancel_fd(&mut self, slot: u32, fd: RawFd, side: Side) {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+            .build()
+            .user_data(user_data(K_CANCEL, slot, side));
+        // SAFETY: a cancellation points to nothing.
+        unsafe { self.push(&[e]) };
+    }
+
+    /// A cancellation completed. One of an ending connection's backend operations that found
+    /// nothing while its connect is out came before the kernel issued that connect: chained after
+    /// the socket's options (`connect_with`) and submitted with the cancellation, it is issued
+    /// only from the work the kernel defers to the worker's next wait. Asked again (its hold on
+    /// the connection passed on) it finds it, so the connection ends now and not at the connect's
+    /// timeout. A few times at most: each is a loop turn, and the timeout ends it anyway.
+    fn on_cancel(&mut self, slot: u32, side: Side, res: i32) {
+        let Some(c) = self.conn(slot) else { return };
+        // Cancelling all of a descriptor's operations counts those found: none is 0 (ENOENT
+        // is what a cancellation of one says).
+        let found_none = res == 0 || res == -libc::ENOENT;
+        let again = found_none
+            && side == Side::Down
+            && c.end.is_some()
+            && c.connect_out.is_some_and(|n| n < RECANCELS);
+        let fd = c.backend.as_ref().map(AsRawFd::as_raw_fd);
+        match fd.filter(|_| again) {
+            Some(fd) => {
+                c.connect_out = c.connect_out.map(|n| n + 1);
+                bump(&self.counts.recancels);
+                self.cancel_fd(slot, fd, side);
+            }
+            None => self.release(slot),
         }
     }
 

@@ -76,6 +76,10 @@ struct Seen {
     /// When set, `Host::connected` of a connection's first target waits (up to `WAIT`) for a word
     /// on it: the worker sends nothing to that backend until then.
     hold_first: std::sync::Mutex<Option<Receiver<()>>>,
+    /// When set, `Host::accepted` waits (up to `WAIT`) for a word on it, and `accepts_held`
+    /// counts it as it starts waiting: the worker takes nothing from the kernel meanwhile.
+    hold_accept: std::sync::Mutex<Option<Receiver<()>>>,
+    accepts_held: AtomicU64,
     /// Connections `hold_first` has held, counted as each starts waiting: the worker is inside
     /// the host from then until the word comes.
     held: AtomicU64,
@@ -117,6 +121,10 @@ impl Host for TestHost {
         client: BorrowedFd<'_>,
     ) -> Option<(TestConn, Admit, Timeouts)> {
         let n = self.seen.accepted.fetch_add(1, Relaxed) as usize;
+        if let Some(go) = self.seen.hold_accept.lock().unwrap().take() {
+            self.seen.accepts_held.fetch_add(1, Relaxed);
+            let _ = go.recv_timeout(WAIT);
+        }
         if self.mode.broken_pipe_reads {
             crate::relay::splice::break_reads_here(); // On the worker's thread, as hosts run.
         }
@@ -939,27 +947,96 @@ fn a_connect_nobody_answers_ends_at_its_linked_timeout() {
 }
 
 fn unanswered(mode: Mode) {
-    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    hole.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    hole.listen(0).unwrap();
-    let addr = hole.local_addr().unwrap().as_socket().unwrap();
-    let fill: Vec<_> = (0..4)
-        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
-        .collect();
-    assert!(
-        TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
-        "the hole drops SYNs"
-    );
-    let Some(r) = worker_with(vec![addr], Duration::from_millis(200), mode) else {
+    let hole = Hole::new();
+    let Some(r) = worker_with(vec![hole.addr], Duration::from_millis(200), mode) else {
         return;
     };
     let _c = client(r.addr);
     let (f, errors) = r.ended.recv_timeout(WAIT).expect("the connection ends");
     assert_eq!(errors, [io::ErrorKind::TimedOut]);
     assert_eq!(f.end, Outcome::ConnectFailed);
-    drop(fill);
     stop(r);
+}
+
+/// A listener whose accept queue is full: it drops SYNs, so a connect to it is never answered.
+struct Hole {
+    addr: SocketAddr,
+    _listener: socket2::Socket,
+    _queued: Vec<TcpStream>,
+}
+
+impl Hole {
+    fn new() -> Hole {
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        l.listen(0).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        let queued = (0..4)
+            .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+            .collect();
+        assert!(
+            TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
+            "the hole drops SYNs"
+        );
+        Hole {
+            addr,
+            _listener: l,
+            _queued: queued,
+        }
+    }
+}
+
+/// A connection cut in the loop turn its backend socket comes back from the ring in ends at once,
+/// not at its connect's timeout. Its socket's options, the connect and the cut's cancellations go
+/// into the kernel in one submission, which issues such a connect only afterwards (from work
+/// deferred to the worker's next wait): the first cancellation finds nothing of it. Here the
+/// client's accept holds the worker while the cut is sent, so the socket's completion and the
+/// cut's wake-up are reaped together.
+#[test]
+fn a_connection_cut_as_its_connect_goes_in_ends_before_the_connect_times_out() {
+    for socket_calls in [false, true] {
+        let hole = Hole::new();
+        let mode = Mode {
+            socket_calls,
+            ..Mode::default()
+        };
+        let Some(r) = worker_with(vec![hole.addr], HOUR, mode) else {
+            return;
+        };
+        let (go, hold) = mpsc::channel();
+        *r.seen.hold_accept.lock().unwrap() = Some(hold);
+        let mut c = client(r.addr);
+        let deadline = Instant::now() + WAIT;
+        while r.seen.accepts_held.load(Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the client reaches the host");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(r.handle.send(Command::Cut(Outcome::DrainDeadline)));
+        drop(go);
+        let (f, errors) = r
+            .ended
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("socket calls: {socket_calls}: the connection ends"));
+        assert_eq!(
+            (f.end, errors),
+            (Outcome::DrainDeadline, vec![]),
+            "socket calls: {socket_calls}"
+        );
+        assert!(closed(&mut c), "socket calls: {socket_calls}: closed");
+        let on_ring = u64::from(!socket_calls && sockets_on_ring());
+        assert_eq!(
+            r.handle.counts().sockets_made.load(Relaxed),
+            on_ring,
+            "socket calls: {socket_calls}: the cut came after the socket"
+        );
+        assert_eq!(
+            r.handle.counts().recancels.load(Relaxed) > 0,
+            on_ring > 0,
+            "socket calls: {socket_calls}: cancelled again only behind the ring's chain"
+        );
+        stop(r);
+    }
 }
 
 /// The worker's socket to a backend has TCP_NODELAY, whether made on the ring (the option set
