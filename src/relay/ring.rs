@@ -126,8 +126,8 @@ fn tick_for(timeouts: &Timeouts, half_closed: bool, base: Duration) -> Duration 
 }
 /// Accepts in flight per listener and worker: a burst of connections is taken several at a time.
 const ACCEPTS: usize = 4;
-/// How many times an ending connection's backend cancellation is asked again while its connect
-/// has not been issued (`Worker::on_cancel`).
+/// How many times, after a turn that waited, an ending connection's backend cancellation is asked
+/// again while its connect has not been issued (`Worker::on_cancel`).
 const RECANCELS: u8 = 4;
 /// How long a stopping worker waits for its connections' last completions.
 const STOP_WAIT: Duration = Duration::from_secs(1);
@@ -890,6 +890,9 @@ struct Worker<H: Host> {
     waiting: Vec<u32>,
     /// Loop turns taken: which turn a connection connected in (`Conn::ack_held`).
     turn: u64,
+    /// The last entry into the kernel waited (GETEVENTS), which runs the work the kernel defers
+    /// to this thread; one that did not wait (`run`) ran none.
+    waited: bool,
     /// Connections whose handshake's last ACK is held back, with the turn each connected in.
     acks: Vec<(u32, u64)>,
     /// Entries the submission queue had no room for, in groups that go in together (a connect and
@@ -948,6 +951,7 @@ impl<H: Host> Worker<H> {
             due: Vec::new(),
             waiting: Vec::new(),
             turn: 0,
+            waited: false,
             acks: Vec::new(),
             backlog: VecDeque::new(),
             cqes: Vec::with_capacity(1024),
@@ -1009,6 +1013,7 @@ impl<H: Host> Worker<H> {
             // receives armed at those connects, which complete at once with any bytes already
             // there (without GETEVENTS, nothing the kernel deferred to this thread is run).
             let want = usize::from(self.backlog.is_empty() && self.acks.is_empty());
+            self.waited = want > 0;
             if let Err(e) = self.ring.submit_and_wait(want) {
                 match e.raw_os_error() {
                     // A signal, or completions to reap before more can be submitted.
@@ -1049,6 +1054,7 @@ impl<H: Host> Worker<H> {
             receives_armed = c.receives_armed.load(Relaxed),
             cancels_at_cap = c.cancels_at_cap.load(Relaxed),
             starved = c.starved.load(Relaxed),
+            recancels = c.recancels.load(Relaxed),
             left_open = self.live,
             "ring worker stopped"
         );
@@ -2553,22 +2559,24 @@ impl<H: Host> Worker<H> {
     /// A cancellation completed. One of an ending connection's backend operations that found
     /// nothing while its connect is out came before the kernel issued that connect: chained after
     /// the socket's options (`connect_with`) and submitted with the cancellation, it is issued
-    /// only from the work the kernel defers to the worker's next wait. Asked again (its hold on
-    /// the connection passed on) it finds it, so the connection ends now and not at the connect's
-    /// timeout. A few times at most: each is a loop turn, and the timeout ends it anyway.
+    /// only from the work the kernel defers to the worker's next wait. Asked again after a turn
+    /// that waited (its hold on the connection passed on), it finds it, so the connection ends now
+    /// and not at the connect's timeout. Turns that did not wait (`Worker::waited`) ask again
+    /// without counting; those that did, `RECANCELS` times at most: the timeout ends it anyway.
     fn on_cancel(&mut self, slot: u32, side: Side, res: i32) {
+        let waited = self.waited;
         let Some(c) = self.conn(slot) else { return };
-        // Cancelling all of a descriptor's operations counts those found: none is 0 (ENOENT
-        // is what a cancellation of one says).
-        let found_none = res == 0 || res == -libc::ENOENT;
-        let again = found_none
+        // A cancellation of all of a descriptor's operations completes with how many it found.
+        // (`cancel_recv`'s, of one, completes with 0 when it found it, but never while a connect
+        // is out: receives are armed once connected.)
+        let again = res == 0
             && side == Side::Down
             && c.end.is_some()
             && c.connect_out.is_some_and(|n| n < RECANCELS);
         let fd = c.backend.as_ref().map(AsRawFd::as_raw_fd);
         match fd.filter(|_| again) {
             Some(fd) => {
-                c.connect_out = c.connect_out.map(|n| n + 1);
+                c.connect_out = c.connect_out.map(|n| n + u8::from(waited));
                 bump(&self.counts.recancels);
                 self.cancel_fd(slot, fd, side);
             }
