@@ -890,8 +890,8 @@ struct Worker<H: Host> {
     waiting: Vec<u32>,
     /// Loop turns taken: which turn a connection connected in (`Conn::ack_held`).
     turn: u64,
-    /// The last entry into the kernel waited (GETEVENTS), which runs the work the kernel defers
-    /// to this thread; one that did not wait (`run`) ran none.
+    /// `run`'s last entry into the kernel, whose completions are being handled, asked to wait
+    /// (GETEVENTS): only such an entry runs the work the kernel defers to this thread.
     waited: bool,
     /// Connections whose handshake's last ACK is held back, with the turn each connected in.
     acks: Vec<(u32, u64)>,
@@ -2559,10 +2559,11 @@ impl<H: Host> Worker<H> {
     /// A cancellation completed. One of an ending connection's backend operations that found
     /// nothing while its connect is out came before the kernel issued that connect: chained after
     /// the socket's options (`connect_with`) and submitted with the cancellation, it is issued
-    /// only from the work the kernel defers to the worker's next wait. Asked again after a turn
-    /// that waited (its hold on the connection passed on), it finds it, so the connection ends now
-    /// and not at the connect's timeout. Turns that did not wait (`Worker::waited`) ask again
-    /// without counting; those that did, `RECANCELS` times at most: the timeout ends it anyway.
+    /// only from the work the kernel defers to the worker's next wait. Asked again (its hold on the
+    /// connection passed on) once that work has run, it finds the connect, so the connection ends
+    /// now and not at the connect's timeout. After turns that did not wait (`Worker::waited`) it is
+    /// asked again without counting; after those that did, `RECANCELS` times at most (a wait may
+    /// run only part of the deferred work): the timeout ends it anyway.
     fn on_cancel(&mut self, slot: u32, side: Side, res: i32) {
         let waited = self.waited;
         let Some(c) = self.conn(slot) else { return };
