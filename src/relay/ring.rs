@@ -680,6 +680,22 @@ fn expired(t: &Timeouts, half_closed: bool, quiet: Duration) -> Option<Outcome> 
     (quiet >= limit).then_some(end)
 }
 
+/// Whether a cancellation that completed with `res` is asked again (`Worker::on_cancel`), and if so
+/// the retries counted after it: only a cancellation of an ending connection's backend that found
+/// nothing while its connect is out (`connect_out`, the retries counted so far) and fewer than
+/// `RECANCELS` are counted. A retry counts only after a turn that `waited`, since no other turn
+/// runs the work that issues the connect.
+fn recancel(
+    res: i32,
+    side: Side,
+    ending: bool,
+    connect_out: Option<u8>,
+    waited: bool,
+) -> Option<u8> {
+    let counted = connect_out.filter(|&n| n < RECANCELS)?;
+    (res == 0 && side == Side::Down && ending).then(|| counted + u8::from(waited))
+}
+
 /// One connection. Boxed: the kernel reads `to` and `link` while its connect is in flight.
 struct Conn<C> {
     host: Option<C>,
@@ -2570,14 +2586,11 @@ impl<H: Host> Worker<H> {
         // A cancellation of all of a descriptor's operations completes with how many it found.
         // (`cancel_recv`'s, of one, completes with 0 when it found it, but never while a connect
         // is out: receives are armed once connected.)
-        let again = res == 0
-            && side == Side::Down
-            && c.end.is_some()
-            && c.connect_out.is_some_and(|n| n < RECANCELS);
+        let retry = recancel(res, side, c.end.is_some(), c.connect_out, waited);
         let fd = c.backend.as_ref().map(AsRawFd::as_raw_fd);
-        match fd.filter(|_| again) {
-            Some(fd) => {
-                c.connect_out = c.connect_out.map(|n| n + u8::from(waited));
+        match fd.zip(retry) {
+            Some((fd, counted)) => {
+                c.connect_out = Some(counted);
                 bump(&self.counts.recancels);
                 self.cancel_fd(slot, fd, side);
             }

@@ -541,6 +541,52 @@ fn silence_is_measured_against_the_limit_of_the_connections_state() {
 }
 
 #[test]
+fn only_an_ending_backends_cancellation_that_found_nothing_while_connecting_is_asked_again() {
+    assert_eq!(recancel(0, Side::Down, true, Some(0), true), Some(1));
+    assert_eq!(recancel(0, Side::Down, true, Some(0), false), Some(0));
+    // It found something (the count of a cancel-all), or failed.
+    assert_eq!(recancel(1, Side::Down, true, Some(0), true), None);
+    assert_eq!(
+        recancel(-libc::ENOENT, Side::Down, true, Some(0), true),
+        None
+    );
+    // The client's side; a connection not ending; one whose connect is in, or was never out.
+    assert_eq!(recancel(0, Side::Up, true, Some(0), true), None);
+    assert_eq!(recancel(0, Side::Down, false, Some(0), true), None);
+    assert_eq!(recancel(0, Side::Down, true, None, true), None);
+    // The budget is spent.
+    assert_eq!(recancel(0, Side::Down, true, Some(RECANCELS), false), None);
+}
+
+/// How many times a cancellation that keeps finding nothing is asked again over loop turns that
+/// waited or not (`turns`), until it is not.
+fn recancels_over(turns: impl IntoIterator<Item = bool>) -> usize {
+    let mut out = Some(0);
+    let mut asked = 0;
+    for waited in turns {
+        match recancel(0, Side::Down, true, out, waited) {
+            Some(n) => out = Some(n),
+            None => break,
+        }
+        asked += 1;
+    }
+    asked
+}
+
+#[test]
+fn a_cancellations_retries_are_counted_only_after_turns_that_waited() {
+    let budget = usize::from(RECANCELS);
+    // Only a wait runs the work that issues the connect, so only a wait spends the budget.
+    assert_eq!(recancels_over(std::iter::repeat_n(true, 100)), budget);
+    assert_eq!(recancels_over(std::iter::repeat_n(false, 1000)), 1000);
+    // Turns without one (ACKs held, a full submission queue) before the waits leave it whole.
+    let turns = std::iter::repeat_n(false, 10).chain(std::iter::repeat_n(true, 100));
+    assert_eq!(recancels_over(turns), 10 + budget);
+    let alternating = (0..100).map(|i| i % 2 == 0);
+    assert_eq!(recancels_over(alternating), 2 * budget - 1);
+}
+
+#[test]
 fn user_data_names_the_kind_the_side_and_the_slot() {
     for (kind, slot, side) in [
         (K_RECV, 0, Side::Up),
