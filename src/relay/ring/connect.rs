@@ -1,0 +1,472 @@
+//! The ring worker's way from a client to a backend: the client's first bytes when the host asks
+//! for them (a PROXY header), the backend socket and its options (made on the ring where the
+//! kernel can), the connect with its linked timeout, and another backend when it fails.
+
+use super::*;
+
+impl<H: Host> Worker<H> {
+    /// Reads more of a client's first bytes into `pre`, with what is left of its deadline linked.
+    pub(super) fn read_pre(&mut self, slot: u32) {
+        let now = self.now;
+        let Some(c) = self.conn(slot) else { return };
+        let Some(by) = c.reading else { return };
+        let left = by.saturating_duration_since(now);
+        if left.is_zero() {
+            return self.preamble(slot, Err(PreEnd::TimedOut));
+        }
+        let (from, _) = c.ends(Side::Up);
+        let spare = c.pre.spare_capacity_mut();
+        if spare.is_empty() {
+            return self.finish(slot, Supervised::ended(Outcome::ProxyHeader));
+        }
+        let (ptr, room) = (spare.as_mut_ptr().cast::<u8>(), spare.len() as u32);
+        c.link = types::Timespec::from(left);
+        c.refs += 2;
+        let recv = opcode::Recv::new(types::Fd(from), ptr, room)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(user_data(K_PRE, slot, Side::Up));
+        let link = opcode::LinkTimeout::new(&c.link)
+            .build()
+            .user_data(user_data(K_LINK, slot, Side::Up));
+        // SAFETY: the kernel writes into `pre`'s spare capacity, which is not touched (so not
+        // reallocated) until this receive completes, and reads the timespec; both are in the
+        // connection's box, which stays in its slot until both operations have completed (`refs`).
+        unsafe { self.push(&[recv, link]) };
+    }
+
+    pub(super) fn on_pre(&mut self, slot: u32, res: i32) {
+        if !self.completed(slot) {
+            return;
+        }
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let got = match res {
+            n if n > 0 => {
+                let len = c.pre.len() + n as usize;
+                // SAFETY: the kernel wrote `n` bytes into the spare capacity it was given.
+                unsafe { c.pre.set_len(len.min(c.pre.capacity())) };
+                Ok(())
+            }
+            0 => Err(PreEnd::Closed),
+            e if e == -libc::ECANCELED => Err(PreEnd::TimedOut),
+            e => Err(PreEnd::Failed(io::Error::from_raw_os_error(-e))),
+        };
+        self.preamble(slot, got);
+    }
+
+    /// Asks the host what the client's first bytes (or their end) mean, and acts on it.
+    pub(super) fn preamble(&mut self, slot: u32, got: Result<(), PreEnd>) {
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let Conn {
+            host, client, pre, ..
+        } = &mut *c;
+        let (Some(h), Some(fd)) = (host.as_mut(), client.as_ref()) else {
+            return;
+        };
+        let more_may_come = got.is_ok();
+        let step = match got {
+            Ok(()) => self.host.preamble(h, fd.as_fd(), Got::Bytes(pre)),
+            Err(PreEnd::Closed) => self.host.preamble(h, fd.as_fd(), Got::Closed(pre.len())),
+            Err(PreEnd::TimedOut) => self.host.preamble(h, fd.as_fd(), Got::TimedOut),
+            Err(PreEnd::Failed(e)) => self.host.preamble(h, fd.as_fd(), Got::Failed(e)),
+        };
+        match step {
+            // With no room left `read_pre` refuses: never read forever.
+            Step::More if more_may_come => self.read_pre(slot),
+            // Nothing more will come (closed, timed out, failed): a host that still wants more
+            // gets none.
+            Step::More => self.finish(slot, Supervised::ended(Outcome::ProxyHeader)),
+            Step::Refuse(end) => self.finish(slot, Supervised::ended(end)),
+            Step::Connect {
+                target,
+                consumed,
+                preface,
+            } => {
+                c.reading = None;
+                let rest = c.pre.get(consumed..).unwrap_or_default();
+                c.preface = preface.len() as u32;
+                c.pre = [preface.as_slice(), rest].concat();
+                self.go(slot, target);
+            }
+        }
+    }
+
+    /// Starts a connect to `target`, with its timeout linked: on the ring from the socket's making
+    /// on where this kernel sets socket options there (`Worker::sockets`), else on a socket made
+    /// by system calls.
+    pub(super) fn connect(&mut self, slot: u32, target: Target) {
+        let on_ring = self.sockets;
+        let Some(c) = self.conn(slot) else { return };
+        c.to = SockAddr::from(target.addr);
+        c.link = types::Timespec::from(target.timeout);
+        if !on_ring {
+            return match backend_socket(target.addr) {
+                Ok(s) => self.connect_with(slot, s, false),
+                Err(e) => self.connect_failed(slot, e),
+            };
+        }
+        c.refs += 1;
+        let domain = socket2::Domain::for_address(target.addr).into();
+        let kind = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        let e = opcode::Socket::new(domain, kind, libc::IPPROTO_TCP)
+            .build()
+            .user_data(user_data(K_SOCKET, slot, Side::Up));
+        // SAFETY: making a socket points to nothing.
+        unsafe { self.push(&[e]) };
+    }
+
+    pub(super) fn on_socket(&mut self, slot: u32, res: i32) {
+        // SAFETY: a descriptor the kernel just made for this operation, owned by nothing else.
+        let socket = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
+        if !self.completed(slot) {
+            return; // Ending: the socket closes here.
+        }
+        match socket {
+            Some(s) => {
+                bump(&self.counts.sockets_made);
+                self.connect_with(slot, s, true)
+            }
+            None => self.connect_failed(slot, io::Error::from_raw_os_error(-res)),
+        }
+    }
+
+    /// Connects `socket` to the connection's `to`, the timeout `link` linked. With `options`, the
+    /// socket was made on the ring and its options (`backend_socket` says which and why) are set
+    /// first, in the same chain. Both are hard-linked, so the connect is issued whatever they
+    /// return: a failed linked entry that posts no completion on success would have the kernel
+    /// post none for the entries it cancels, the connect's included, and nothing would end the
+    /// connection. A TCP_NODELAY that failed fails the connect when it completes
+    /// (`connect_result`), as it fails `backend_socket`; quick ACKs stay best effort.
+    fn connect_with(&mut self, slot: u32, socket: OwnedFd, options: bool) {
+        let Some(c) = self.conn(slot) else { return };
+        let fd = socket.as_raw_fd();
+        c.backend = Some(socket);
+        c.nodelay_failed = None;
+        c.connect_out = Some(0);
+        let connect = opcode::Connect::new(types::Fd(fd), c.to.as_ptr().cast(), c.to.len())
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(user_data(K_CONNECT, slot, Side::Up));
+        let link = opcode::LinkTimeout::new(&c.link)
+            .build()
+            .user_data(user_data(K_LINK, slot, Side::Up));
+        c.refs += 2;
+        if !options {
+            // SAFETY: the address and the timespec are in the connection's box, which stays in
+            // its slot until both operations have completed (`refs`); the socket is the
+            // connection's.
+            return unsafe { self.push(&[connect, link]) };
+        }
+        // The options post no completion unless they fail (SKIP_SUCCESS): two fewer to reap, and
+        // none that ends the kernel's wait before the connect's. A failed one's is posted as it
+        // completes, before the connect after it is issued: the connection, held in its slot by
+        // the connect (`refs`), is there to take it.
+        let quiet = squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS;
+        let nodelay = tcp_option(fd, libc::TCP_NODELAY, &ON, nodelay_len())
+            .flags(quiet)
+            .user_data(user_data(K_SOCKOPT, slot, Side::Up));
+        let quickack = tcp_option(fd, libc::TCP_QUICKACK, &OFF, INT_LEN)
+            .flags(quiet)
+            .user_data(user_data(K_SOCKOPT, slot, Side::Down));
+        // SAFETY: as above (the options go before the connect, which keeps the socket open and
+        // the box in its slot); the options' values are statics.
+        unsafe { self.push(&[nodelay, quickack, connect, link]) };
+    }
+
+    /// A backend socket's option failed to be set (`connect_with`: only failures complete). Only
+    /// TCP_NODELAY matters: the connect after it fails with its error.
+    pub(super) fn on_sockopt(&mut self, slot: u32, side: Side, res: i32) {
+        if side == Side::Up && res < 0 {
+            if let Some(c) = self.conn(slot) {
+                c.nodelay_failed = Some(-res);
+            }
+        }
+    }
+
+    pub(super) fn on_connect(&mut self, slot: u32, res: i32) {
+        if let Some(c) = self.conn(slot) {
+            c.connect_out = None;
+        }
+        if !self.completed(slot) {
+            return;
+        }
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        if let Err(e) = connect_result(res, c.nodelay_failed) {
+            return self.connect_failed(slot, e);
+        }
+        c.connected = true;
+        c.last = self.now;
+        if let Some(h) = c.host.as_mut() {
+            self.host.connected(h);
+            if c.preface == 0 {
+                self.host.established(h);
+            }
+        }
+        // Its backend cut while it connected (or as it picked it): `Command::BackendCut` passed
+        // it by, and it goes before it relays anything. Without a preface it was credited just
+        // above, as the epoll engine credits a connect whose relay then sees the cut.
+        if let Some(o) = self.cut_of(slot) {
+            return self.finish(slot, Supervised::cut(o));
+        }
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        // Held back by the kernel (`backend_socket`) for the first bytes sent.
+        c.ack_held = Some(self.turn);
+        let owned = !c.pre.is_empty();
+        if owned {
+            let len = c.pre.len() as u32;
+            c.dirs[Side::Up as usize].held.push_back(Held {
+                bid: OWNED,
+                len,
+                off: 0,
+            });
+        }
+        if self.carrying && c.preface == 0 {
+            // Connected while connections are being carried away: it goes too, before it starts.
+            // One with a preface (a PROXY header to the backend) sends it first (`on_send`): the
+            // process it goes to would count a preface's bytes as the client's. Its handshake's
+            // last ACK goes as it does (`quiet`).
+            c.carry = true;
+            return self.maybe_free(slot);
+        }
+        if owned {
+            // Its first bytes carry the ACK.
+            c.ack_held = None;
+            // The receives wait until it is out (`on_send`): if it cannot go, the connection can
+            // still try another backend.
+            self.send_next(slot, Side::Up);
+        } else {
+            // The client's bytes carry it if they come within a turn (`release_acks`).
+            self.acks.push((slot, self.turn));
+            self.relay(slot);
+        }
+    }
+
+    /// Arms both receives: the relay proper starts.
+    pub(super) fn relay(&mut self, slot: u32) {
+        let Some(c) = self.conn(slot) else { return };
+        c.relaying = true;
+        for side in [Side::Up, Side::Down] {
+            if self
+                .conn(slot)
+                .is_some_and(|c| c.dir(side).should_arm(false))
+            {
+                self.arm_recv(slot, side);
+            }
+        }
+    }
+
+    /// The backend took the connection but `pre` could not be sent to it: the next target the host
+    /// names gets all of it, from its first byte.
+    pub(super) fn first_bytes_failed(&mut self, slot: u32, e: io::Error) {
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        c.connected = false;
+        // `pre` is all it held (nothing was received yet): the next connect queues it again.
+        c.dir(Side::Up).held.clear();
+        self.try_another(slot, e, true);
+    }
+
+    pub(super) fn connect_failed(&mut self, slot: u32, e: io::Error) {
+        self.try_another(slot, e, false);
+    }
+
+    /// The attempt on the connection's backend failed (its connect, or with `first_bytes` the send
+    /// of `pre`): its socket closes, and the host names what comes next.
+    fn try_another(&mut self, slot: u32, e: io::Error, first_bytes: bool) {
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let old = c.backend.take();
+        let next = match c.host.as_mut() {
+            Some(h) if first_bytes => self.host.first_bytes_failed(h, e),
+            Some(h) => self.host.connect_failed(h, e),
+            None => Err(Outcome::ConnectFailed),
+        };
+        if let Some(old) = old {
+            self.close(old);
+        }
+        match next {
+            Ok(target) => self.go(slot, target),
+            Err(end) => self.finish(slot, Supervised::ended(end)),
+        }
+    }
+
+    /// Connects to `target`; with none, waits for the host to name one (`retry_waiting`).
+    pub(super) fn go(&mut self, slot: u32, target: Option<Target>) {
+        match target {
+            Some(t) => self.connect(slot, t),
+            None => {
+                let Some(c) = at(&mut self.conns, slot) else {
+                    return;
+                };
+                c.waiting = true;
+                // Its own deadline only: those already waiting have timeouts for theirs (a scan
+                // of every wait per new one would cost a long queue quadratic time).
+                let left = c.host.as_ref().and_then(|h| self.host.wait_left(h));
+                self.waiting.push(slot);
+                if let Some(left) = left {
+                    self.arm_at(left, Until::Waits);
+                }
+            }
+        }
+    }
+
+    /// Asks the host again for each connection waiting for a backend, in the order they began to.
+    pub(super) fn retry_waiting(&mut self) {
+        for slot in std::mem::take(&mut self.waiting) {
+            let Some(c) = at(&mut self.conns, slot) else {
+                continue;
+            };
+            let Some(h) = c.host.as_mut().filter(|_| c.waiting && c.end.is_none()) else {
+                continue;
+            };
+            match self.host.retry(h) {
+                Ok(Some(t)) => {
+                    c.waiting = false;
+                    self.connect(slot, t);
+                }
+                Ok(None) => self.waiting.push(slot),
+                Err(end) => self.finish(slot, Supervised::ended(end)),
+            }
+        }
+        self.arm_until();
+    }
+}
+
+/// Whether a connect succeeded, from its completion's `res` and the errno of a TCP_NODELAY set
+/// before it in its chain that failed (`Worker::connect_with`): that fails it whatever the connect
+/// did, as it fails `backend_socket`. Cancelled (ECANCELED) is its linked timeout's doing.
+pub(super) fn connect_result(res: i32, nodelay_failed: Option<i32>) -> io::Result<()> {
+    match nodelay_failed {
+        Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+        None if res == -libc::ECANCELED => {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+        }
+        None if res < 0 => Err(io::Error::from_raw_os_error(-res)),
+        None => Ok(()),
+    }
+}
+
+/// The values of the socket options set on the ring: the kernel reads them when it takes the
+/// entry, which for a linked one is after the one before it completes.
+static ON: libc::c_int = 1;
+static OFF: libc::c_int = 0;
+const INT_LEN: u32 = size_of::<libc::c_int>() as u32;
+
+/// Sets the TCP option `name` of `fd` to `value` (`len` bytes of it), on the ring
+/// (`SOCKET_URING_OP_SETSOCKOPT`).
+fn tcp_option(
+    fd: RawFd,
+    name: libc::c_int,
+    value: &'static libc::c_int,
+    len: u32,
+) -> squeue::Entry {
+    opcode::SetSockOpt::new(
+        types::Fd(fd),
+        libc::IPPROTO_TCP as u32,
+        name as u32,
+        std::ptr::from_ref(value).cast(),
+        len,
+    )
+    .build()
+}
+
+/// The length TCP_NODELAY is set with on the ring: an int's, but 0 on a thread that called
+/// [`fail_nodelay_here`], which the kernel refuses (EINVAL).
+fn nodelay_len() -> u32 {
+    #[cfg(test)]
+    if NODELAY_FAILS.get() {
+        return 0;
+    }
+    INT_LEN
+}
+
+#[cfg(test)]
+thread_local! {
+    static NODELAY_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// From now on, on the calling thread, TCP_NODELAY set on the ring fails (EINVAL): nothing
+/// outside the kernel can make it fail on a new TCP socket, and what a connect does then must be
+/// tested.
+#[cfg(test)]
+pub(super) fn fail_nodelay_here() {
+    NODELAY_FAILS.set(true);
+}
+
+/// Whether this kernel makes sockets and sets their options on the ring (`IORING_OP_SOCKET`,
+/// Linux 5.19+; `SOCKET_URING_OP_SETSOCKOPT`, Linux 6.7+), asked once, of a ring and a socket of
+/// its own: a kernel without the second refuses the command (EOPNOTSUPP), and the workers then
+/// make their backend sockets by system calls (`backend_socket`).
+pub(super) fn sockets_on_ring() -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| match try_sockets_on_ring() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "ring workers make their backend sockets by system calls");
+            false
+        }
+    })
+}
+
+fn try_sockets_on_ring() -> io::Result<()> {
+    let mut ring = build_ring(4, 4)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    if !probe.is_supported(opcode::Socket::CODE) || !probe.is_supported(opcode::SetSockOpt::CODE) {
+        return Err(io::Error::other("no socket or command operation"));
+    }
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let e = tcp_option(s.as_raw_fd(), libc::TCP_NODELAY, &ON, INT_LEN);
+    // SAFETY: the option's value is a static; the kernel takes the entry in the submission below,
+    // before `s` can be closed (an entry never submitted goes with the ring).
+    unsafe { ring.submission().push(&e) }.map_err(|_| io::Error::other("no room"))?;
+    ring.submit_and_wait(1)?;
+    let res = ring.completion().next().map_or(-libc::EIO, |c| c.result());
+    if res < 0 {
+        return Err(io::Error::from_raw_os_error(-res));
+    }
+    if !s.tcp_nodelay()? {
+        return Err(io::Error::other("the option set on the ring did not take"));
+    }
+    Ok(())
+}
+
+/// A non-blocking TCP socket for `to`, with TCP_NODELAY (a proxy must not add Nagle delay) and
+/// quick ACKs off, as HAProxy's `tcp-smart-connect` turns them off: the kernel then holds the
+/// handshake's last ACK (for up to 200 ms; then quick ACKs are on again) and it leaves in the
+/// segment with the first bytes sent. The backend gets the connection and its first bytes in one
+/// segment, and wakes once to accept and read them instead of once for each
+/// (benchmarks/results/2026-11-27-ack-on-every-connect.md). Where no bytes come within a loop turn,
+/// the worker sends the ACK itself (`send_held_ack`).
+fn backend_socket(to: SocketAddr) -> io::Result<OwnedFd> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(
+        Domain::for_address(to),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    s.set_tcp_nodelay(true)?;
+    // Best effort: without it the handshake ends with an ACK of its own, as it would anyway.
+    let _ = s.set_tcp_quickack(false);
+    Ok(s.into())
+}
+
+/// Sends the handshake's last ACK, held back since the connect (`backend_socket`), if it still is:
+/// turning quick ACKs on sends an ACK the kernel holds.
+pub(super) fn send_held_ack<C>(c: &mut Conn<C>) {
+    if let Some(b) = c.backend.as_ref() {
+        // Best effort: the delayed-ACK timer sends it otherwise.
+        let _ = SockRef::from(b).set_tcp_quickack(true);
+    }
+    c.ack_held = None;
+}

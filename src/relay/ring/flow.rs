@@ -1,0 +1,571 @@
+//! The ring worker's relay: each direction's multishot receive into the pool, its sends in order,
+//! back-pressure at `CAP`, the held handshake ACK, a bulk direction's move to splice(2), and a
+//! FIN or a break passed on.
+
+use super::connect::send_held_ack;
+use super::*;
+
+impl<H: Host> Worker<H> {
+    pub(super) fn arm_recv(&mut self, slot: u32, side: Side) {
+        let Some(c) = self.conn(slot) else { return };
+        let (from, _) = c.ends(side);
+        let d = c.dir(side);
+        d.armed = true;
+        d.cancelling = false;
+        c.refs += 1;
+        bump(&self.counts.receives_armed);
+        let e = opcode::RecvMulti::new(types::Fd(from), GROUP)
+            .build()
+            .user_data(user_data(K_RECV, slot, side));
+        // SAFETY: the kernel writes only into pool buffers, which live as long as the ring; the
+        // socket stays open in the connection until this receive's last completion (`refs`).
+        unsafe { self.push(&[e]) };
+    }
+
+    pub(super) fn send_next(&mut self, slot: u32, side: Side) {
+        let Some(pool) = self.pool.as_ref() else {
+            return;
+        };
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let (_, to) = c.ends(side);
+        let d = c.dir(side);
+        let Some(h) = d.held.front().copied() else {
+            return;
+        };
+        // The last bytes before a FIN already read: the FIN is passed on (`shut`) as soon as this
+        // send completes, and MSG_MORE keeps them in the socket until then, so they leave in one
+        // segment with it, and the peer acknowledges both at once (HAProxy does the same).
+        let more = if d.eof && !d.shut && d.held.len() == 1 {
+            libc::MSG_MORE
+        } else {
+            0
+        };
+        let bytes = if h.bid == OWNED {
+            c.owned(side)
+        } else {
+            // SAFETY: the direction holds buffer `bid` (a completion named it, it is not given back
+            // before this send's completion), and the kernel wrote `len` bytes into it.
+            unsafe { pool.bytes(h.bid, h.len as usize) }
+        };
+        let rest = bytes
+            .get(h.off as usize..h.len as usize)
+            .unwrap_or_default();
+        let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
+        c.dir(side).sending = true;
+        c.refs += 1;
+        // MSG_DONTWAIT: a send the socket has no room for completes with EAGAIN and the worker polls
+        // for room itself (`on_send`). Without it the kernel polls, and a send that finds no room
+        // again after that poll fired is handed to an io-wq thread (`iou-wrk`), which blocks in it.
+        let e = opcode::Send::new(types::Fd(to), ptr, len)
+            .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | more)
+            .build()
+            .user_data(user_data(K_SEND, slot, side));
+        // SAFETY: the bytes are in the pool buffer the direction holds until this send completes,
+        // or in `pre` or `post`, which are not changed until then; the socket stays open in the connection
+        // until then (`refs`).
+        unsafe { self.push(&[e]) };
+    }
+
+    /// Starts the sends this batch's receives call for, once the whole batch is in: a FIN that
+    /// came in the same batch is known by then, and leaves with the last bytes (`send_next`).
+    /// Nothing is submitted before the batch ends anyway (unless the submission queue fills), so
+    /// waiting for its end costs no time. Sends started otherwise (the next after one completes,
+    /// after a poll for room, going on after a carry) are pushed at once.
+    pub(super) fn send_due(&mut self) {
+        let mut due = std::mem::take(&mut self.due);
+        for (slot, side) in due.drain(..) {
+            let Some(c) = self.conn(slot) else { continue };
+            let stopping = c.stopping();
+            let d = c.dir(side);
+            // A direction that since started a send, or a connection that is ending or stopping
+            // to be carried, sends nothing more here; nor does another connection that took the
+            // slot meanwhile (its flag is not set).
+            if std::mem::take(&mut d.send_due) && !d.sending && !stopping {
+                self.send_next(slot, side);
+            }
+        }
+        self.due = due;
+    }
+
+    /// Ends the turn for the handshakes' last ACKs held back (`Conn::ack_held`). A connection
+    /// connected in the previous turn has had its client receive submitted since, normally with
+    /// this turn's entry into the kernel, which completes it at once with whatever the client had
+    /// sent by then: bytes (or a FIN) on their way carry the ACK; where none are (a client slow to
+    /// speak, a protocol where the server speaks first, bytes kept for a carry) the ACK is sent
+    /// now, so the backend sees the connection within a turn, not at the delayed-ACK timer.
+    pub(super) fn release_acks(&mut self) {
+        let turn = self.turn;
+        self.turn += 1;
+        let conns = &mut self.conns;
+        self.acks.retain(|&(slot, since)| {
+            if since == turn {
+                return true;
+            }
+            let Some(c) = at(conns, slot).filter(|c| c.ack_held == Some(since)) else {
+                return false; // Sent, or the connection is gone.
+            };
+            let up = &c.dirs[Side::Up as usize];
+            // A connection stopping to be carried sends nothing more from here.
+            let carried = !c.carry && (up.sending || !up.held.is_empty() || up.eof || up.sent > 0);
+            if carried || c.end.is_some() {
+                // Leaves with what is sent, or with the FIN or reset the end sends.
+                c.ack_held = None;
+            } else {
+                send_held_ack(c);
+            }
+            false
+        });
+    }
+
+    pub(super) fn on_recv(&mut self, slot: u32, side: Side, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let now = self.now;
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let ending = c.end.is_some();
+        let carry = c.carry;
+        if !more {
+            c.refs -= 1;
+            let d = c.dir(side);
+            d.armed = false;
+            d.cancelling = false;
+        }
+        let mut send = false;
+        let mut cancel = false;
+        let mut to_splice = false;
+        let mut shut = false;
+        let mut broke = None;
+        let bid = cqueue::buffer_select(flags);
+        if res > 0 && bid.is_none() {
+            // A receive into the pool that names no buffer: the kernel broke its own contract.
+            broke = Some(io::Error::other(
+                "a multishot receive completed without a buffer",
+            ));
+        } else if let (true, Some(bid)) = (res > 0, bid) {
+            if ending {
+                if let Some(p) = &self.pool {
+                    p.give_back(bid);
+                }
+            } else {
+                c.last = now;
+                let d = c.dir(side);
+                d.held.push_back(Held {
+                    bid,
+                    len: res as u32,
+                    off: 0,
+                });
+                // Stopping to be carried: kept, to go along (its receive is being cancelled).
+                send = !d.sending && !d.send_due && !carry;
+                cancel = d.should_cancel() && !carry;
+                if self.splice && !carry && d.turns_bulk(res as u32) {
+                    // Its receive ends here (what it already took is sent first), then it splices.
+                    d.bulk = true;
+                    to_splice = true;
+                    if d.armed && !d.cancelling {
+                        cancel = true;
+                    }
+                }
+                if cancel {
+                    d.cancelling = true;
+                    c.refs += 1;
+                }
+            }
+        } else if res == 0 {
+            let d = c.dir(side);
+            d.eof = true;
+            // Not once the connection is ending: a cut's reset must not follow a clean FIN. Nor
+            // while it stops to be carried: whether it can go is decided once it is quiet.
+            shut = d.should_shut() && !ending && !carry;
+        } else if res == -libc::ENOBUFS {
+            let d = c.dir(side);
+            if !d.starved {
+                d.starved = true;
+                self.starved.push((slot, side));
+                bump(&self.counts.starved);
+            }
+        } else if res != -libc::ECANCELED {
+            broke = Some(io::Error::from_raw_os_error(-res));
+        }
+        let ending = c.stopping();
+        let rearm = !more && c.dir(side).should_arm(ending);
+        if send {
+            c.dir(side).send_due = true;
+            self.due.push((slot, side));
+        }
+        if cancel {
+            self.cancel_recv(slot, side, !to_splice);
+        }
+        if let Some(e) = broke {
+            self.broke(slot, side, DirEnd::SourceError(e));
+        } else if shut {
+            self.shut(slot, side);
+        } else if rearm {
+            self.arm_recv(slot, side);
+        } else if !more {
+            self.maybe_splice(slot, side);
+        }
+        if res == -libc::ENOBUFS {
+            self.grow_pool();
+        }
+        self.maybe_free(slot);
+    }
+
+    /// Cancels a direction's receive, which the caller has counted in the connection's `refs`;
+    /// `at_cap`: because the direction holds `CAP` buffers (else it turned bulk).
+    fn cancel_recv(&mut self, slot: u32, side: Side, at_cap: bool) {
+        if at_cap {
+            bump(&self.counts.cancels_at_cap);
+        }
+        let e = opcode::AsyncCancel::new(user_data(K_RECV, slot, side))
+            .build()
+            .user_data(user_data(K_CANCEL, slot, side));
+        // SAFETY: a cancellation points to nothing.
+        unsafe { self.push(&[e]) };
+    }
+
+    /// The pool ran dry: it gives the kernel buffers it has not had yet, while any are left, and
+    /// the directions it could not serve receive again at once.
+    fn grow_pool(&mut self) {
+        let Some(pool) = &self.pool else { return };
+        if pool.grow(POOL_GROW) > 0 {
+            self.counts
+                .pool_given
+                .store(u64::from(pool.given()), Relaxed);
+            self.wake_starved(usize::MAX);
+        }
+    }
+
+    pub(super) fn on_send(&mut self, slot: u32, side: Side, res: i32) {
+        let now = self.now;
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        c.refs -= 1;
+        let ending = c.stopping();
+        if res == -libc::EAGAIN && !ending {
+            // No room: still sending (nothing else goes out, no FIN), once the socket has some.
+            let (_, to) = c.ends(side);
+            c.refs += 1;
+            let e = opcode::PollAdd::new(types::Fd(to), libc::POLLOUT as u32)
+                .build()
+                .user_data(user_data(K_WRITABLE, slot, side));
+            // SAFETY: points to nothing; the socket stays open in the connection until the poll
+            // completes (`refs`), and a connection's end cancels it with the rest (by descriptor).
+            return unsafe { self.push(&[e]) };
+        }
+        let d = c.dir(side);
+        d.sending = false;
+        if res < 0 {
+            if !ending {
+                let e = io::Error::from_raw_os_error(-res);
+                // Nothing of the client's counted as sent (a partial `pre` past its preface is
+                // not taken back): another backend can have the whole of it.
+                if side == Side::Up && !c.relaying && c.dirs[Side::Up as usize].sent == 0 {
+                    return self.first_bytes_failed(slot, e);
+                }
+                self.broke(slot, side, DirEnd::DestError(e));
+            }
+            return self.maybe_free(slot);
+        }
+        c.last = now;
+        let preface = if side == Side::Up { c.preface } else { 0 };
+        let relaying = c.relaying;
+        let d = c.dir(side);
+        let n = res as u32;
+        let mut counted = n;
+        let mut given = None;
+        let mut owned_sent = false;
+        let mut preface_out = false;
+        if let Some(h) = d.held.front_mut() {
+            if h.bid == OWNED {
+                // The preface is not the client's: only what follows it counts as relayed.
+                counted = n - preface.saturating_sub(h.off).min(n);
+                // Credited once it is out (`established`), unless the connection is ending.
+                preface_out = h.off < preface && h.off + n >= preface;
+            }
+            h.off += n;
+            if h.off >= h.len {
+                if h.bid == OWNED {
+                    owned_sent = true;
+                } else {
+                    given = Some(h.bid);
+                }
+                d.held.pop_front();
+            }
+        }
+        d.sent += u64::from(counted);
+        d.unflushed += u64::from(counted);
+        let more_to_send = !d.held.is_empty();
+        let shut = d.should_shut();
+        let rearm = relaying && d.should_arm(ending);
+        // Connected while connections are being carried away, with a preface to send first: it
+        // goes now that the preface is out (see `on_connect`).
+        let carry_now = owned_sent && side == Side::Up && self.carrying && !ending;
+        if owned_sent {
+            match side {
+                Side::Up => c.pre = Vec::new(),
+                Side::Down => c.post = Vec::new(),
+            }
+        }
+        c.carry |= carry_now;
+        if let Some(h) = c.host.as_mut().filter(|_| preface_out && !ending) {
+            self.host.established(h);
+        }
+        if let (Some(bid), Some(p)) = (given, &self.pool) {
+            p.give_back(bid);
+        }
+        if carry_now {
+            self.cancel_all(slot);
+        } else if !ending {
+            if more_to_send {
+                self.send_next(slot, side);
+            } else if shut {
+                self.shut(slot, side);
+            }
+            if owned_sent && !relaying {
+                self.relay(slot);
+            } else if rearm && !shut {
+                self.arm_recv(slot, side);
+            }
+            self.maybe_splice(slot, side);
+        }
+        if given.is_some() && !self.starved.is_empty() {
+            self.wake_starved(2);
+        }
+        self.maybe_free(slot);
+    }
+
+    /// The socket a send found full has room (or an error, which the send will meet): send again.
+    pub(super) fn on_writable(&mut self, slot: u32, side: Side) {
+        if self.completed(slot) {
+            self.send_next(slot, side);
+        }
+    }
+
+    /// A bulk direction whose receive has ended and whose held bytes are sent takes a pipe and
+    /// splices from now on; with no pipe to be had it goes back to receiving.
+    pub(super) fn maybe_splice(&mut self, slot: u32, side: Side) {
+        let pipes = self.pipes;
+        let Some(c) = self.conn(slot) else { return };
+        let d = &mut c.dirs[side as usize];
+        if c.end.is_some() || c.carry || !d.may_splice() {
+            return;
+        }
+        let Some(pipe) = pipes.lend() else {
+            d.back_to_receiving();
+            if d.should_arm(false) {
+                self.arm_recv(slot, side);
+            }
+            return;
+        };
+        d.pipe = Some(pipe);
+        // Its last receive may have ended for want of a buffer: that no longer matters (a stale
+        // entry in `starved` finds the flag down).
+        d.starved = false;
+        c.spliced = true;
+        self.pump(slot, side, false);
+    }
+
+    /// Moves a splicing direction's bytes, socket → pipe → socket with non-blocking splice(2) on
+    /// this thread (the ring's splice is always handed to io-wq), until a socket would block, then
+    /// polls it through the ring. At most `SPLICE_ROUNDS` calls at a time: a direction that never
+    /// blocks polls a ready socket (which completes at once) and lets the others go first.
+    ///
+    /// `readable`: its source was just polled readable. If splice still finds nothing to read, the
+    /// socket is at TCP urgent data, where splice stops and poll keeps saying readable: polling
+    /// again would spin, so the direction goes back to receiving (which reads past it), for good.
+    /// The same when splice reads an end of stream with bytes still queued past the mark.
+    pub(super) fn pump(&mut self, slot: u32, side: Side, readable: bool) {
+        const SPLICE_ROUNDS: usize = 32;
+        let now = self.now;
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        let (Some(client), Some(backend)) = (c.client.as_ref(), c.backend.as_ref()) else {
+            return;
+        };
+        let (from, to) = match side {
+            Side::Up => (client.as_fd(), backend.as_fd()),
+            Side::Down => (backend.as_fd(), client.as_fd()),
+        };
+        let d = &mut c.dirs[side as usize];
+        let Some(pipe) = d.pipe.as_mut() else { return };
+        let mut moved = false;
+        let mut next = None;
+        for round in 0..SPLICE_ROUNDS {
+            // Empty the pipe before filling it again.
+            let out = pipe.pending > 0;
+            let (r, fd, events, failed): (_, _, _, fn(io::Error) -> DirEnd) = if out {
+                (pipe.drain_to(to), to, libc::POLLOUT, DirEnd::DestError)
+            } else {
+                let r = pipe.fill_from(from, PIPE_SIZE);
+                (r, from, libc::POLLIN, DirEnd::SourceError)
+            };
+            match r {
+                Ok(0) if !out => {
+                    next = Some(match stuck_at_urgent(from, true) {
+                        Ok(true) => Pump::Stuck,
+                        Ok(false) => {
+                            d.eof = true;
+                            Pump::Eof
+                        }
+                        Err(e) => Pump::Broke(failed(e)),
+                    });
+                    break;
+                }
+                Ok(n) => {
+                    moved = true;
+                    if out {
+                        d.sent += n as u64;
+                        d.unflushed += n as u64;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    next = Some(if readable && round == 0 && !out {
+                        Pump::Stuck
+                    } else {
+                        Pump::Wait(fd.as_raw_fd(), events)
+                    });
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    next = Some(Pump::Broke(failed(e)));
+                    break;
+                }
+            }
+        }
+        // Out of rounds: wait for what it would do next, which is ready (a yield).
+        let next = next.unwrap_or(if pipe.pending > 0 {
+            Pump::Wait(to.as_raw_fd(), libc::POLLOUT)
+        } else {
+            Pump::Wait(from.as_raw_fd(), libc::POLLIN)
+        });
+        if moved {
+            c.last = now;
+        }
+        match next {
+            Pump::Wait(fd, events) => {
+                c.refs += 1;
+                let e = opcode::PollAdd::new(types::Fd(fd), events as u32)
+                    .build()
+                    .user_data(user_data(K_SPLICE, slot, side));
+                // SAFETY: points to nothing; the socket stays open in the connection until the
+                // poll completes (`refs`), and a connection's end cancels it with the rest.
+                unsafe { self.push(&[e]) };
+            }
+            Pump::Eof => {
+                let d = c.dir(side);
+                // Empty (it is filled only once empty): back to the pool for others now, not
+                // when the connection ends.
+                d.pipe = None;
+                if d.should_shut() {
+                    self.shut(slot, side);
+                }
+            }
+            Pump::Stuck => {
+                let d = c.dir(side);
+                d.back_to_receiving();
+                bump(&self.counts.splices_stuck);
+                if d.should_arm(false) {
+                    self.arm_recv(slot, side);
+                }
+            }
+            Pump::Broke(end) => self.broke(slot, side, end),
+        }
+    }
+
+    /// A splicing direction's socket is ready, or its poll failed.
+    pub(super) fn on_splice_ready(&mut self, slot: u32, side: Side, res: i32) {
+        if !self.completed(slot) {
+            return;
+        }
+        // It polled its destination for room when the pipe held bytes, else its source.
+        let Some(c) = self.conn(slot) else { return };
+        let to_dest = c.dir(side).pipe.as_ref().is_some_and(|p| p.pending > 0);
+        if res < 0 {
+            // Not a cancellation (that comes only to an ending connection): the poll itself
+            // failed, and polling again would only fail again.
+            let e = io::Error::from_raw_os_error(-res);
+            let end = if to_dest {
+                DirEnd::DestError(e)
+            } else {
+                DirEnd::SourceError(e)
+            };
+            return self.broke(slot, side, end);
+        }
+        let readable = !to_dest && res & i32::from(libc::POLLIN) != 0;
+        self.pump(slot, side, readable);
+    }
+
+    /// A buffer came back: the directions the pool could not serve may receive again, a few per
+    /// buffer (each that finds the pool dry again costs an operation), the rest on the tick.
+    pub(super) fn wake_starved(&mut self, most: usize) {
+        let mut woken = 0;
+        while woken < most {
+            let Some((slot, side)) = self.starved.pop() else {
+                return;
+            };
+            let Some(c) = self.conn(slot) else { continue };
+            let ending = c.stopping();
+            let d = c.dir(side);
+            // A stale entry (the slot since reused) finds the flag down and does nothing.
+            if !d.starved {
+                continue;
+            }
+            d.starved = false;
+            if d.should_arm(ending) {
+                woken += 1;
+                self.arm_recv(slot, side);
+            }
+        }
+    }
+
+    /// Passes a FIN on: the destination's write side shut down.
+    pub(super) fn shut(&mut self, slot: u32, side: Side) {
+        let now = self.now;
+        let Some(c) = self.conn(slot) else { return };
+        let (_, to) = c.ends(side);
+        // SAFETY: `to` is the connection's own open socket (it is closed only when it is freed).
+        let r = rustix::net::shutdown(
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(to) },
+            rustix::net::Shutdown::Write,
+        );
+        if let Err(e) = r {
+            return self.broke(slot, side, DirEnd::DestError(e.into()));
+        }
+        c.dir(side).shut = true;
+        // Half-closing restarts the clock (then against `half_close_timeout`).
+        c.last = now;
+        let _ = direction_ended(side, DirEnd::Eof, &mut c.first_fin);
+        if c.both_shut() {
+            let end = Supervised::ended(c.first_fin.unwrap_or(Outcome::ClientClosed));
+            return self.finish(slot, end);
+        }
+        let timeouts = c.timeouts;
+        self.note_tick(tick_for(&timeouts, true, self.base_tick));
+    }
+
+    /// A side broke: the other sees a reset.
+    fn broke(&mut self, slot: u32, side: Side, end: DirEnd) {
+        let Some(c) = self.conn(slot) else { return };
+        if let Some(s) = direction_ended(side, end, &mut c.first_fin) {
+            self.finish(slot, s);
+        }
+    }
+}
+
+/// What a splicing direction does after its last splice.
+enum Pump {
+    /// Poll this socket for these events, then splice again.
+    Wait(RawFd, i16),
+    /// The source's FIN: pass it on.
+    Eof,
+    /// Splice stopped at urgent data in the source (see `stuck_at_urgent`): receive instead.
+    Stuck,
+    /// A side failed.
+    Broke(DirEnd),
+}
