@@ -70,9 +70,10 @@
 //! and which FIN was passed on go to the host ([`Host::carried`]). Once the host takes no more,
 //! a connection stopped goes on here where it stopped.
 //!
-//! This file holds the worker's loop, its commands and ticks, and the state every step shares;
-//! each step is a file of its own: `accept`, `connect` (the first bytes, the backend socket and
-//! its connect), `flow` (the relay) and `end` (cancel, free, cut, carry).
+//! This file holds the [`Host`] a worker serves, the worker's start, loop, commands and ticks, the
+//! state every step shares and the pure decisions on it (`Dir`, `expired`, `recancel`); each step
+//! is a file of its own: `accept`, `connect` (the first bytes, the backend socket and its
+//! connect), `flow` (the relay) and `end` (cancel, free, cut, carry).
 #![allow(unsafe_code)]
 // The worker runs no tokio runtime: its clock is the kernel's, whose timeouts it arms.
 #![allow(clippy::disallowed_types)]

@@ -199,7 +199,7 @@ impl<H: Host> Worker<H> {
         self.maybe_unlistened(id);
     }
 
-    pub(super) fn admit(&mut self, id: u32, client: OwnedFd, peer: Option<SocketAddr>) {
+    fn admit(&mut self, id: u32, client: OwnedFd, peer: Option<SocketAddr>) {
         let peer = peer.or_else(|| SockRef::from(&client).peer_addr().ok()?.as_socket());
         let Some(peer) = peer else {
             return; // No address, and gone before it was asked: it closes here.
@@ -256,7 +256,7 @@ impl<H: Host> Worker<H> {
     }
 
     /// Gives a new connection a slot; `None` when the worker is stopping (it is cut like the rest).
-    pub(super) fn place(&mut self, c: Box<Conn<H::Conn>>) -> Option<u32> {
+    fn place(&mut self, c: Box<Conn<H::Conn>>) -> Option<u32> {
         // (An adopted connection may come half-closed.)
         let want = tick_for(&c.timeouts, c.dirs.iter().any(|d| d.shut), self.base_tick);
         let slot = match self.free.pop() {

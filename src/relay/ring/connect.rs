@@ -1,6 +1,8 @@
 //! The ring worker's way from a client to a backend: the client's first bytes when the host asks
 //! for them (a PROXY header), the backend socket and its options (made on the ring where the
-//! kernel can), the connect with its linked timeout, and another backend when it fails.
+//! kernel can), the connect with its linked timeout, another backend when it fails or a wait for
+//! one when every backend is full (`go`, `retry_waiting`), and the relay's receives armed once
+//! connected (`relay`).
 
 use super::*;
 
@@ -57,7 +59,7 @@ impl<H: Host> Worker<H> {
     }
 
     /// Asks the host what the client's first bytes (or their end) mean, and acts on it.
-    pub(super) fn preamble(&mut self, slot: u32, got: Result<(), PreEnd>) {
+    fn preamble(&mut self, slot: u32, got: Result<(), PreEnd>) {
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
@@ -98,7 +100,7 @@ impl<H: Host> Worker<H> {
     /// Starts a connect to `target`, with its timeout linked: on the ring from the socket's making
     /// on where this kernel sets socket options there (`Worker::sockets`), else on a socket made
     /// by system calls.
-    pub(super) fn connect(&mut self, slot: u32, target: Target) {
+    fn connect(&mut self, slot: u32, target: Target) {
         let on_ring = self.sockets;
         let Some(c) = self.conn(slot) else { return };
         c.to = SockAddr::from(target.addr);
@@ -275,7 +277,7 @@ impl<H: Host> Worker<H> {
         self.try_another(slot, e, true);
     }
 
-    pub(super) fn connect_failed(&mut self, slot: u32, e: io::Error) {
+    fn connect_failed(&mut self, slot: u32, e: io::Error) {
         self.try_another(slot, e, false);
     }
 
@@ -459,14 +461,4 @@ fn backend_socket(to: SocketAddr) -> io::Result<OwnedFd> {
     // Best effort: without it the handshake ends with an ACK of its own, as it would anyway.
     let _ = s.set_tcp_quickack(false);
     Ok(s.into())
-}
-
-/// Sends the handshake's last ACK, held back since the connect (`backend_socket`), if it still is:
-/// turning quick ACKs on sends an ACK the kernel holds.
-pub(super) fn send_held_ack<C>(c: &mut Conn<C>) {
-    if let Some(b) = c.backend.as_ref() {
-        // Best effort: the delayed-ACK timer sends it otherwise.
-        let _ = SockRef::from(b).set_tcp_quickack(true);
-    }
-    c.ack_held = None;
 }

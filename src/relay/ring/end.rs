@@ -2,7 +2,7 @@
 //! is not yet issued), its slot freed once nothing of it is in the kernel, its sockets closed on
 //! the ring; and the cuts and carries the control plane asks for.
 
-use super::connect::send_held_ack;
+use super::flow::send_held_ack;
 use super::*;
 
 impl<H: Host> Worker<H> {
@@ -210,7 +210,7 @@ impl<H: Host> Worker<H> {
 
     /// A connection stopping to be carried has nothing left in the kernel: it goes to the host,
     /// with what each direction holds, or, when it cannot go, it goes on here.
-    pub(super) fn quiet(&mut self, slot: u32) {
+    fn quiet(&mut self, slot: u32) {
         // A FIN read and not passed on, with nothing before it left to send: passed on now. With
         // bytes before it still held, the direction goes as not ended: a socket that has read its
         // FIN reads it again, so the process it goes to sends those bytes, then meets the FIN and

@@ -2,7 +2,6 @@
 //! back-pressure at `CAP`, the held handshake ACK, a bulk direction's move to splice(2), and a
 //! FIN or a break passed on.
 
-use super::connect::send_held_ack;
 use super::*;
 
 impl<H: Host> Worker<H> {
@@ -568,4 +567,14 @@ enum Pump {
     Stuck,
     /// A side failed.
     Broke(DirEnd),
+}
+
+/// Sends the handshake's last ACK, held back since the connect (`backend_socket`), if it still is:
+/// turning quick ACKs on sends an ACK the kernel holds.
+pub(super) fn send_held_ack<C>(c: &mut Conn<C>) {
+    if let Some(b) = c.backend.as_ref() {
+        // Best effort: the delayed-ACK timer sends it otherwise.
+        let _ = SockRef::from(b).set_tcp_quickack(true);
+    }
+    c.ack_held = None;
 }
