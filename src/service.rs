@@ -640,7 +640,7 @@ pub(crate) const METRICS: Table<ServiceView> = Table {
         Family::new(
             Kind::Gauge,
             "sluicegate_relay_info",
-            "The relay engine a service runs (auto, splice, copy, uring, ring; auto where io_uring is unavailable).",
+            "The relay engine a service runs (ring, epoll, copy, splice or uring); a service that asked for ring, uring or auto runs epoll where io_uring is unavailable.",
             &["relay", "policy"],
             |s, o| o.put(&[s.relay, s.policy], 1u64),
         ),

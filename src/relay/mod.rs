@@ -5,8 +5,9 @@
 //!   direction keeps flowing until it ends too (or `half_close_timeout` passes).
 //! - **Resets.** An error on one side (RST, EPIPE) is passed on as a reset (SO_LINGER 0) on the other,
 //!   so a peer never mistakes a broken stream for a complete one.
-//! - **Bounded buffering.** At most one buffer (or one pipe) per direction; a slow reader stalls its
-//!   writer through TCP back-pressure instead of growing memory.
+//! - **Bounded buffering.** A stated cap per direction (one buffer or one pipe here; the io_uring
+//!   engines' pool buffers up to their cap); a slow reader stalls its writer through TCP
+//!   back-pressure instead of growing memory.
 //! - **Exact counts.** Bytes are counted when written to the destination, so the totals are exact even
 //!   when the connection ends in an error or a timeout.
 //!
