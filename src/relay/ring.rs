@@ -33,9 +33,9 @@
 //! [`CAP`] its receive is cancelled, and armed again once it holds fewer than half. A receive the
 //! pool could not serve (ENOBUFS, every buffer it has given held) ends. While the pool has buffers
 //! it never gave (it starts with 64 of its 1,024, so that a worker keeps resident what its load
-//! needs), it gives 64 more and the direction is armed again at once; after that, as soon as any
-//! buffer comes back, and every 250 ms (the tick's slow part), so a dry pool slows a direction and
-//! never stops it.
+//! needs), it gives 64 more and the direction is armed again at once; after that, as buffers come
+//! back (two waiting directions for each, from a send or from a connection's end), and all of them
+//! every 250 ms (the tick's slow part), so a dry pool slows a direction and never stops it.
 //!
 //! Bulk: a direction whose receive fills a whole pool buffer carries bulk data (as `relay: epoll`
 //! judges it) and moves to splice(2) for good: its receive is cancelled, what it already received

@@ -112,13 +112,16 @@ impl<H: Host> Worker<H> {
         self.live -= 1;
         self.counts.open.store(self.live as u64, Relaxed);
         let Some(end) = c.end.take() else { return };
+        let mut returned = 0;
         if let Some(p) = &self.pool {
             for d in &mut c.dirs {
                 for h in d.held.drain(..).filter(|h| h.bid != OWNED) {
                     p.give_back(h.bid);
+                    returned += 1;
                 }
             }
         }
+        self.buffers_back(returned);
         if let Some(h) = c.host.take() {
             let (up, down) = (c.dirs[0].unflushed, c.dirs[1].unflushed);
             if up + down > 0 {
@@ -262,9 +265,11 @@ impl<H: Host> Worker<H> {
         self.free.push(slot);
         self.live -= 1;
         self.counts.open.store(self.live as u64, Relaxed);
+        let mut returned = 0;
         for d in &mut c.dirs {
             for h in d.held.drain(..).filter(|h| h.bid != OWNED) {
                 pool.give_back(h.bid);
+                returned += 1;
             }
         }
         let [to_backend, to_client] = bytes;
@@ -293,9 +298,7 @@ impl<H: Host> Worker<H> {
         };
         bump(&self.counts.carried);
         self.host.carried(h, carrier, quiet);
-        if !self.starved.is_empty() {
-            self.wake_starved(2);
-        }
+        self.buffers_back(returned);
         // `c` (its pipes go back to the pool) drops here.
     }
 

@@ -137,6 +137,7 @@ impl<H: Host> Worker<H> {
         let mut to_splice = false;
         let mut shut = false;
         let mut broke = None;
+        let mut returned = 0;
         let bid = cqueue::buffer_select(flags);
         if res > 0 && bid.is_none() {
             // A receive into the pool that names no buffer: the kernel broke its own contract.
@@ -147,6 +148,7 @@ impl<H: Host> Worker<H> {
             if ending {
                 if let Some(p) = &self.pool {
                     p.give_back(bid);
+                    returned = 1;
                 }
             } else {
                 c.last = now;
@@ -209,6 +211,7 @@ impl<H: Host> Worker<H> {
         if res == -libc::ENOBUFS {
             self.grow_pool();
         }
+        self.buffers_back(returned);
         self.maybe_free(slot);
     }
 
@@ -331,9 +334,7 @@ impl<H: Host> Worker<H> {
             }
             self.maybe_splice(slot, side);
         }
-        if given.is_some() && !self.starved.is_empty() {
-            self.wake_starved(2);
-        }
+        self.buffers_back(usize::from(given.is_some()));
         self.maybe_free(slot);
     }
 
@@ -502,6 +503,14 @@ impl<H: Host> Worker<H> {
 
     /// A buffer came back: the directions the pool could not serve may receive again, a few per
     /// buffer (each that finds the pool dry again costs an operation), the rest on the tick.
+    /// `n` pool buffers came back: the directions a dry pool stopped receive again now (two per
+    /// buffer, as one may find the other's data ahead of it), not at the tick's slow part.
+    pub(super) fn buffers_back(&mut self, n: usize) {
+        if n > 0 && !self.starved.is_empty() {
+            self.wake_starved(2 * n);
+        }
+    }
+
     pub(super) fn wake_starved(&mut self, most: usize) {
         let mut woken = 0;
         while woken < most {

@@ -715,6 +715,78 @@ fn the_pool_grows_only_when_a_receive_finds_it_dry_and_loses_nothing() {
     stop(r);
 }
 
+/// Every buffer of the pool given out and held by uploads stalled at the cap (their backends do
+/// not read), until a new connection's first bytes find no buffer: its receive waits, holding
+/// none, so no send of its own can wake it. When one of the stalled connections ends (its backend
+/// resets it), the buffers it held serve the waiting receive at once. The worker's tick and the
+/// connections' idle timeout are an hour here, so the tick's slow part, which retries starved
+/// receives too, is not what re-arms it.
+#[test]
+fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
+    // The backends' sockets take a few KiB each, so that a hundred stalled uploads hold a few tens
+    // of MiB of the kernel's memory, not a GiB.
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.set_recv_buffer_size(4096).unwrap();
+    l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    l.listen(1024).unwrap();
+    let l: TcpListener = l.into();
+    let mode = Mode {
+        copy_only: true,
+        tick: Some(HOUR),
+        idle: Some(&[HOUR]),
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, mode) else {
+        return;
+    };
+    let counts = r.handle.counts();
+    let mut stalled = Vec::new();
+    // Until a probe finds the pool dry: a new connection's five bytes either pass (a buffer was
+    // free: it went back once they were sent, and one more upload stalls) or its receive finds
+    // none.
+    let (c, mut b) = loop {
+        assert!(
+            stalled.len() < 2 * usize::from(POOL_BUFS) / CAP,
+            "{} uploads never left the pool dry",
+            stalled.len()
+        );
+        // Read before the connection is made: its receive, armed as it connects, takes a buffer
+        // (or finds none) then, before any byte has come.
+        let full = counts.pool_given.load(Relaxed) == u64::from(POOL_BUFS);
+        let dry = counts.starved.load(Relaxed);
+        let mut c = client(r.addr);
+        let mut b = l.accept().unwrap().0;
+        if full {
+            b.set_nonblocking(true).unwrap();
+            c.write_all(b"hello").unwrap();
+            let passed = || b.peek(&mut [0u8; 8]).is_ok_and(|n| n == 5);
+            wait_until(
+                || passed() || counts.starved.load(Relaxed) > dry,
+                "the probe's bytes pass or find the pool dry",
+            );
+            if !passed() {
+                break (c, b);
+            }
+            drop((c, b));
+            c = client(r.addr);
+            b = l.accept().unwrap().0;
+        }
+        upload_until_stalled(&mut c);
+        stalled.push((c, b));
+    };
+    // One stalled connection ends: its backend closes with bytes unread, a reset.
+    drop(stalled.remove(0));
+    c.shutdown(Shutdown::Write).unwrap();
+    b.set_nonblocking(false).unwrap();
+    b.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = Vec::new();
+    b.read_to_end(&mut got)
+        .expect("the waiting bytes and the FIN arrive, long before the tick");
+    assert_eq!(got, b"hello");
+    stop(r);
+}
+
 /// Both directions carry 32 MiB through an echo: each moves to splice (or, with no pipe to be had,
 /// stays on the pool's buffers) and delivers every byte once, in order, then both FINs.
 fn bulk_both_ways(mode: Mode) -> Option<Finished> {
