@@ -1022,6 +1022,27 @@ impl<H: Host> Worker<H> {
         self.backlog.push_back(entries.to_vec());
     }
 
+    /// Submits everything queued, the backlog too, without waiting for completions; a bounded
+    /// number of tries, as a stopping worker's last act.
+    fn submit_what_is_left(&mut self) {
+        for _ in 0..64 {
+            self.flush_backlog();
+            if self.ring.submission().is_empty() && self.backlog.is_empty() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) {
+                    tracing::warn!(error = %e, "ring worker: its last submission failed");
+                    return;
+                }
+            }
+            // Room for the backlog. What completes now is a close (nothing else is in the kernel
+            // when every connection and listener is gone), or, after `STOP_WAIT`, an operation
+            // of what is leaked below: none has anything to act on.
+            self.ring.completion().for_each(drop);
+        }
+    }
+
     /// Moves what the submission queue had no room for into it, in order, as far as it goes.
     fn flush_backlog(&mut self) {
         while let Some(group) = self.backlog.front() {
@@ -1078,6 +1099,9 @@ impl<H: Host> Worker<H> {
                 }
             }
         }
+        // The last turn's closes (of the connections it freed, with their resets) are still in
+        // the submission queue: they must reach the kernel before the ring goes.
+        self.submit_what_is_left();
         let c = &self.counts;
         tracing::debug!(
             accepted = c.accepted.load(Relaxed),
@@ -1092,31 +1116,27 @@ impl<H: Host> Worker<H> {
             return;
         }
         // The kernel did not answer every cancellation within STOP_WAIT. What is left is accounted
-        // as cut, and everything the kernel may still write into (the pool, the connections' and the
-        // listeners' boxes) is leaked: the kernel cancels those operations only after the ring
-        // closes, on its own time.
-        for c in self.conns.iter_mut().flatten() {
-            if let Some(h) = c.host.take() {
-                let finished = Finished {
-                    bytes_up: c.dirs[0].sent,
-                    bytes_down: c.dirs[1].sent,
-                    end: Outcome::DrainDeadline,
-                    broken: None,
-                    spliced: c.spliced,
-                };
-                self.host.ended(h, finished);
-            }
+        // as it had ended (or, with no end decided, as cut), and everything the kernel may still
+        // write into (the pool, the connections' and the listeners' boxes) is leaked: the kernel
+        // cancels those operations only after the ring closes, on its own time.
+        let mut conns = std::mem::take(&mut self.conns);
+        for c in conns.iter_mut().flatten() {
+            let end = c
+                .end
+                .take()
+                .unwrap_or_else(|| Supervised::cut(Outcome::DrainDeadline));
+            self.account_end(c, end);
         }
         if let Some(pool) = self.pool.take() {
             pool.leak();
         }
         // The pipes go back (the kernel holds nothing of them: splice is called, not submitted).
-        for c in self.conns.iter_mut().flatten() {
+        for c in conns.iter_mut().flatten() {
             for d in &mut c.dirs {
                 d.pipe = None;
             }
         }
-        std::mem::forget(std::mem::take(&mut self.conns));
+        std::mem::forget(conns);
         std::mem::forget(std::mem::take(&mut self.listeners));
     }
 
@@ -1264,6 +1284,10 @@ impl<H: Host> Worker<H> {
 
     fn command(&mut self, c: Command<H::Listen, H::Conn>) {
         match c {
+            // A stopping worker takes no listener: it would never be unlistened, so the worker
+            // would not end until something else woke it (a client, the tick). The socket closes
+            // here.
+            Command::Listen { .. } if self.stopping.is_some() => {}
             Command::Listen { id, socket, with } => {
                 self.host.listening(id, with);
                 let fd = OwnedFd::from(socket);

@@ -122,24 +122,12 @@ impl<H: Host> Worker<H> {
             }
         }
         self.buffers_back(returned);
-        if let Some(h) = c.host.take() {
-            let (up, down) = (c.dirs[0].unflushed, c.dirs[1].unflushed);
-            if up + down > 0 {
-                self.host.sent(&h, up, down);
-            }
-            let finished = Finished {
-                bytes_up: c.dirs[0].sent,
-                bytes_down: c.dirs[1].sent,
-                end: end.end,
-                broken: end.broken,
-                spliced: c.spliced,
-            };
-            self.host.ended(h, finished);
-        }
+        let (reset_client, reset_backend) = (end.reset_client, end.reset_backend);
+        self.account_end(&mut c, end);
         // After the accounting: whoever sees the close finds the connection counted.
         for (fd, reset) in [
-            (c.client.take(), end.reset_client),
-            (c.backend.take(), end.reset_backend),
+            (c.client.take(), reset_client),
+            (c.backend.take(), reset_backend),
         ] {
             let Some(fd) = fd else { continue };
             if reset {
@@ -148,6 +136,24 @@ impl<H: Host> Worker<H> {
             }
             self.close(fd);
         }
+    }
+
+    /// Tells the host that connection `c` ended, as `end` says: the bytes it sent since the last
+    /// tick, then its totals (once: the host's part is taken).
+    pub(super) fn account_end(&mut self, c: &mut Conn<H::Conn>, end: Supervised) {
+        let Some(h) = c.host.take() else { return };
+        let (up, down) = (c.dirs[0].unflushed, c.dirs[1].unflushed);
+        if up + down > 0 {
+            self.host.sent(&h, up, down);
+        }
+        let finished = Finished {
+            bytes_up: c.dirs[0].sent,
+            bytes_down: c.dirs[1].sent,
+            end: end.end,
+            broken: end.broken,
+            spliced: c.spliced,
+        };
+        self.host.ended(h, finished);
     }
 
     /// Closes `fd` through the ring.

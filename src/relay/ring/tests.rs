@@ -1312,6 +1312,59 @@ fn a_backend_cut_then_a_stop_ends_the_connection_as_cut() {
     thread_ends(r);
 }
 
+/// A stop cuts what is open and closes it: the closes of the connections freed in the worker's
+/// last turn reach the kernel before the ring goes, so the client sees its reset and the backend
+/// its connection closed, as soon as the thread has ended (not when the process exits).
+#[test]
+fn a_stopped_workers_last_connections_are_closed_when_its_thread_ends() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, Mode::default()) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    let (mut b, _) = l.accept().unwrap();
+    b.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(b"x").unwrap();
+    let mut got = [0u8; 1];
+    b.read_exact(&mut got).unwrap();
+    stop(r);
+    assert!(closed(&mut c), "the client's connection is closed");
+    assert!(closed(&mut b), "the backend's connection is closed");
+}
+
+/// A listener sent to a worker already stopping is not taken: the socket is closed, and the
+/// worker's thread ends without waiting it out. A client's accept holds the worker while both
+/// commands are sent, so it takes them in one turn, the stop first.
+#[test]
+fn a_listener_sent_after_a_stop_is_closed_not_served() {
+    let Some(r) = untimed_worker() else {
+        return;
+    };
+    let late = TcpListener::bind("127.0.0.1:0").unwrap();
+    let late_addr = late.local_addr().unwrap();
+    let (go, hold) = mpsc::channel();
+    *r.seen.hold_accept.lock().unwrap() = Some(hold);
+    let _c = client(r.addr);
+    wait_until(
+        || r.seen.accepts_held.load(Relaxed) > 0,
+        "the client reaches the host",
+    );
+    assert!(r.handle.send(Command::Stop));
+    assert!(r.handle.send(Command::Listen {
+        id: 1,
+        socket: late,
+        with: (),
+    }));
+    drop(go);
+    thread_ends(r);
+    let refused = TcpStream::connect(late_addr).map_err(|e| e.kind());
+    assert_eq!(
+        refused.err(),
+        Some(io::ErrorKind::ConnectionRefused),
+        "nothing listens on {late_addr}"
+    );
+}
+
 /// A connection whose backend was cut before it connected (`Command::BackendCut` passes by those
 /// still connecting) is cut as it connects, not relayed until the tick.
 #[test]
