@@ -1036,9 +1036,9 @@ impl<H: Host> Worker<H> {
                     return;
                 }
             }
-            // Room for the backlog. What completes now is a close (nothing else is in the kernel
-            // when every connection and listener is gone), or, after `STOP_WAIT`, an operation
-            // of what is leaked below: none has anything to act on.
+            // Room for the backlog. With every connection and listener gone, what completes now
+            // is a close, a cancellation, a timeout or the wake-up poll; after `STOP_WAIT`, also
+            // an operation of what is leaked below. Nothing is left to act on any of them.
             self.ring.completion().for_each(drop);
         }
     }

@@ -501,16 +501,17 @@ impl<H: Host> Worker<H> {
         self.pump(slot, side, readable);
     }
 
-    /// A buffer came back: the directions the pool could not serve may receive again, a few per
-    /// buffer (each that finds the pool dry again costs an operation), the rest on the tick.
-    /// `n` pool buffers came back: the directions a dry pool stopped receive again now (two per
-    /// buffer, as one may find the other's data ahead of it), not at the tick's slow part.
+    /// `n` pool buffers came back (from a send, an ending receive, a freed or carried
+    /// connection): the directions a dry pool stopped receive again now, two per buffer (each
+    /// that finds the pool dry again costs an operation), the rest on the tick's slow part.
     pub(super) fn buffers_back(&mut self, n: usize) {
         if n > 0 && !self.starved.is_empty() {
             self.wake_starved(2 * n);
         }
     }
 
+    /// Arms the receives of up to `most` directions the pool could not serve, newest first; an
+    /// entry whose direction is no longer starved (woken already, or its slot reused) is skipped.
     pub(super) fn wake_starved(&mut self, most: usize) {
         let mut woken = 0;
         while woken < most {

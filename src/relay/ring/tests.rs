@@ -751,8 +751,8 @@ fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
             "{} uploads never left the pool dry",
             stalled.len()
         );
-        // Read before the connection is made: its receive, armed as it connects, takes a buffer
-        // (or finds none) then, before any byte has come.
+        // Read before the connection is made: its receive, armed as it connects, already finds
+        // the pool dry then (and ends), before any byte has come.
         let full = counts.pool_given.load(Relaxed) == u64::from(POOL_BUFS);
         let dry = counts.starved.load(Relaxed);
         let mut c = client(r.addr);
