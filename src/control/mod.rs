@@ -668,25 +668,6 @@ impl Control {
                 s.store(Arc::new(s.load().on_epoll()));
             }
         }
-        let names: Vec<String> = b.service_names().iter().map(|n| n.to_string()).collect();
-        match routes.table.only().map(|s| s.load_full()) {
-            Some(s) => tracing::info!(
-                service = %s.name,
-                listen = %b.local,
-                policy = s.policy.as_str(),
-                relay = s.relay.mode.as_str(),
-                tls = s.tls.terminate.is_some(),
-                backends = s.pool.members().len(),
-                dns_names = s.names.len(),
-                "listening"
-            ),
-            None => tracing::info!(
-                service = %names.join(","),
-                listen = %b.local,
-                routes = names.len(),
-                "listening"
-            ),
-        }
         #[cfg(target_os = "linux")]
         if let Some(r) = ring {
             r.listen(
@@ -697,7 +678,7 @@ impl Control {
                 &self.accepting,
             );
             b.acceptors = Some(Acceptors::Ring);
-            return;
+            return log_listening(b, &routes);
         }
         b.acceptors = Some(Acceptors::Tokio);
         // One accept loop per worker, each on its own descriptor of the one listening socket.
@@ -737,6 +718,7 @@ impl Control {
             };
             handle.spawn(self.accepting.track_future(accept));
         }
+        log_listening(b, &routes);
     }
 
     /// Starts the DNS and Docker label watchers of `r`'s service; returns receivers that fire on
@@ -856,5 +838,32 @@ impl Control {
             pool.warmed_up();
         }
         docker
+    }
+}
+
+/// Says that `b` listens, once every worker that accepts on it has its descriptor of the socket:
+/// whoever reads the line (a test counting the process's descriptors, an operator) finds it
+/// complete.
+fn log_listening(b: &Bound, routes: &Routes) {
+    match routes.table.only().map(|s| s.load_full()) {
+        Some(s) => tracing::info!(
+            service = %s.name,
+            listen = %b.local,
+            policy = s.policy.as_str(),
+            relay = s.relay.mode.as_str(),
+            tls = s.tls.terminate.is_some(),
+            backends = s.pool.members().len(),
+            dns_names = s.names.len(),
+            "listening"
+        ),
+        None => {
+            let names: Vec<String> = b.service_names().iter().map(|n| n.to_string()).collect();
+            tracing::info!(
+                service = %names.join(","),
+                listen = %b.local,
+                routes = names.len(),
+                "listening"
+            )
+        }
     }
 }

@@ -191,6 +191,38 @@ impl Sg {
             .map(|d| d.count())
             .unwrap_or(0)
     }
+
+    /// What each open descriptor is (`socket:[inode]`, `pipe:[inode]`, `anon_inode:[io_uring]`,
+    /// a path), a TCP socket with its state as the kernel names it in `/proc/net/tcp` (hex: 01
+    /// established, 08 close-wait, ...): for a failure to say what was left open.
+    fn fd_targets(&self) -> Vec<String> {
+        let pid = self.pid();
+        let mut states = std::collections::HashMap::new();
+        for table in ["tcp", "tcp6"] {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"));
+            for l in text.unwrap_or_default().lines().skip(1) {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if let (Some(st), Some(inode)) = (f.get(3), f.get(9)) {
+                    states.insert(format!("socket:[{inode}]"), st.to_string());
+                }
+            }
+        }
+        let mut out: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|t| {
+                let t = t.display().to_string();
+                match states.get(&t) {
+                    Some(st) => format!("{t} tcp state {st}"),
+                    None => t,
+                }
+            })
+            .collect();
+        out.sort();
+        out
+    }
 }
 
 impl Drop for Sg {
@@ -834,6 +866,7 @@ async fn descriptor_exhaustion(relay: &str, loops: usize) {
             .as_str()
             .is_some_and(|m| m.ends_with("accept failed; backing off"))
     };
+    let base = sg.fd_targets();
     let base_fds = sg.fds();
     let mut held = Vec::new();
     for _ in 0..600 {
@@ -865,10 +898,25 @@ async fn descriptor_exhaustion(relay: &str, loops: usize) {
         matches!(got, Ok(Ok(g)) if g == b"back")
     })
     .await;
-    wait_for(SECS(20), "descriptors back to baseline", || {
-        sg.fds() <= base_fds
+    let back = tokio::time::timeout(SECS(20), async {
+        while sg.fds() > base_fds {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     })
     .await;
+    if back.is_err() {
+        let mut left = sg.fd_targets();
+        for t in &base {
+            if let Some(i) = left.iter().position(|x| x == t) {
+                left.remove(i);
+            }
+        }
+        panic!(
+            "{relay}: {} descriptors open 20 s after the clients left, {base_fds} at the start; \
+             not open then: {left:?}",
+            sg.fds()
+        );
+    }
 }
 
 /// Every line about a connection names it: the failed connect a session logs (at debug) carries the
