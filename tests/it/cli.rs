@@ -867,7 +867,7 @@ async fn descriptor_exhaustion(relay: &str, loops: usize) {
             .is_some_and(|m| m.ends_with("accept failed; backing off"))
     };
     let base = sg.fd_targets();
-    let base_fds = sg.fds();
+    let base_fds = base.len();
     let mut held = Vec::new();
     for _ in 0..600 {
         if let Ok(Ok(c)) = tokio::time::timeout(SECS(2), TcpStream::connect(sg.addr)).await {
