@@ -59,6 +59,8 @@ struct Mode {
     socket_calls: bool,
     /// TCP_NODELAY set on the ring fails on the worker's thread (`fail_nodelay_here`).
     failing_nodelay: bool,
+    /// A stop does not wait for the kernel's answers (`hurry_stops_here`).
+    hurried_stop: bool,
 }
 
 /// What the host was asked, counted.
@@ -94,6 +96,8 @@ struct Seen {
     /// meantime reaches it, once it goes on, in the order it happened.
     pause: std::sync::Mutex<Option<Receiver<()>>>,
     paused: AtomicU64,
+    /// Bytes the host was told were sent (`Host::sent`), both ways.
+    sent: AtomicU64,
 }
 
 const PREFACE: &[u8] = b"PRE|";
@@ -130,6 +134,9 @@ impl Host for TestHost {
         }
         if self.mode.failing_nodelay {
             super::fail_nodelay_here();
+        }
+        if self.mode.hurried_stop {
+            super::hurry_stops_here();
         }
         if self.mode.tight_client {
             socket2::SockRef::from(&client)
@@ -228,7 +235,9 @@ impl Host for TestHost {
     fn splices_bulk(&self) -> bool {
         !self.mode.copy_only
     }
-    fn sent(&mut self, _: &TestConn, _: u64, _: u64) {}
+    fn sent(&mut self, _: &TestConn, up: u64, down: u64) {
+        self.seen.sent.fetch_add(up + down, Relaxed);
+    }
     fn cut(&mut self, _: &TestConn) -> Option<Outcome> {
         let pause = self.seen.pause.lock().unwrap().take();
         if let Some(go) = pause {
@@ -1330,6 +1339,50 @@ fn a_stopped_workers_last_connections_are_closed_when_its_thread_ends() {
     stop(r);
     assert!(closed(&mut c), "the client's connection is closed");
     assert!(closed(&mut b), "the backend's connection is closed");
+}
+
+/// A stop that leaves connections open (the kernel did not answer their cancellations within
+/// `STOP_WAIT`) accounts each as it ended: the bytes moved since the last tick reach the host's
+/// live counters, and its end is the one decided, the stop's cut. The worker here does not wait at
+/// all, and its tick is an hour, so nothing was counted before the stop.
+#[test]
+fn a_connection_a_stop_leaves_open_is_accounted_as_it_ended() {
+    let mode = Mode {
+        tick: Some(HOUR),
+        idle: Some(&[HOUR]),
+        hurried_stop: true,
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![echo_backend()], WAIT, mode) else {
+        return;
+    };
+    let mut c = client(r.addr);
+    c.write_all(b"hello").unwrap();
+    let mut got = [0u8; 5];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(
+        r.seen.sent.load(Relaxed),
+        0,
+        "nothing counted before the stop"
+    );
+    assert!(r.handle.send(Command::Stop));
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the connection ends");
+    assert_eq!((f.bytes_up, f.bytes_down), (5, 5));
+    assert_eq!(f.end, Outcome::DrainDeadline);
+    assert_eq!(
+        r.seen.sent.load(Relaxed),
+        10,
+        "its bytes reach the live counters"
+    );
+    let seen = r.seen.clone();
+    thread_ends(r);
+    assert_eq!(seen.sent.load(Relaxed), 10, "counted once");
+    // Left open, not closed: the worker did not wait for its cancellations (had it waited, the
+    // connection would have been freed and closed as usual, and this would prove nothing).
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let e = read_some(&mut c, &mut [0u8; 1]).expect_err("no byte, no EOF");
+    assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "left open: {e}");
 }
 
 /// A listener sent to a worker already stopping is not taken: the socket is closed, and the
