@@ -203,6 +203,28 @@ fn accept_data(kind: u64, id: u32, k: usize) -> u64 {
 /// accept completes with EAGAIN instead of having the kernel poll for one.
 const ACCEPT_DONTWAIT: u16 = 2;
 
+/// The flag an accept carries for [`ACCEPT_DONTWAIT`]; on a thread that called
+/// [`refuse_dontwait_here`], a bit no kernel takes, so that it is refused (EINVAL) as a kernel
+/// that reports 6.10+ without the flag refuses it.
+fn accept_flag() -> u16 {
+    #[cfg(test)]
+    if DONTWAIT_REFUSED.get() {
+        return 1 << 15;
+    }
+    ACCEPT_DONTWAIT
+}
+
+#[cfg(test)]
+thread_local! {
+    static DONTWAIT_REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// From now on, accepts armed on the calling thread with DONTWAIT are refused by the kernel.
+#[cfg(test)]
+fn refuse_dontwait_here() {
+    DONTWAIT_REFUSED.set(true);
+}
+
 /// Whether this kernel (its release, as `uname -r` prints it) takes [`ACCEPT_DONTWAIT`].
 fn takes_accept_dontwait(release: &str) -> bool {
     let mut parts = release
@@ -824,7 +846,7 @@ struct Listening {
     accepts: Box<[Accepting; ACCEPTS]>,
     /// Stopping: its accepts are being cancelled.
     closing: bool,
-    /// An accept failed for want of descriptors or memory: armed again on the next tick.
+    /// An accept failed for want of descriptors or memory: armed again by the tick's slow part.
     backoff: bool,
 }
 
@@ -838,6 +860,8 @@ struct Accepting {
     addr: libc::sockaddr_storage,
     len: libc::socklen_t,
     armed: bool,
+    /// Armed with IORING_ACCEPT_DONTWAIT: an EINVAL is the kernel refusing the flag.
+    flagged: bool,
 }
 
 impl Accepting {
@@ -847,6 +871,7 @@ impl Accepting {
             addr: unsafe { std::mem::zeroed() },
             len: 0,
             armed: false,
+            flagged: false,
         }
     }
 

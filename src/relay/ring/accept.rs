@@ -30,9 +30,11 @@ impl<H: Host> Worker<H> {
         .user_data(accept_data(K_ACCEPT, id, k));
         // The kernel's own poll for a client re-runs the accept when woken, and if another worker
         // took that client first (they share the listener) the accept is handed to an io-wq
-        // thread, which blocks in it: with DONTWAIT the worker polls (`arm_readable`) instead.
+        // thread (work, and a wake-up, from another CPU): with DONTWAIT the worker polls
+        // (`arm_readable`) instead.
+        a.flagged = dontwait;
         let e = if dontwait {
-            with_ioprio(e, ACCEPT_DONTWAIT)
+            with_ioprio(e, accept_flag())
         } else {
             e
         };
@@ -160,16 +162,18 @@ impl<H: Host> Worker<H> {
             return;
         };
         a.armed = false;
+        let flagged = a.flagged;
         let peer = a.peer();
         // Errors of the connection being accepted (it reset in the backlog) are retried at once;
         // any other (out of descriptors or memory, a broken listener) waits for the next tick, so
         // a listener that keeps failing never spins the thread.
         let empty = res == -libc::EAGAIN;
         // A kernel that reports 6.10+ but refuses the flag (a backport, a patched kernel): accept
-        // without it from now on, rather than fail every accept. A listener broken for another
-        // reason fails again without the flag, and backs off then.
-        let refused_flag = res == -libc::EINVAL && self.dontwait && !l.closing;
-        if refused_flag {
+        // without it from now on, rather than fail every accept. Each accept that carried it is
+        // refused so, not just the first to complete (they are armed together). A listener broken
+        // for another reason fails again without the flag, and backs off then.
+        let refused_flag = res == -libc::EINVAL && flagged && !l.closing;
+        if refused_flag && self.dontwait {
             self.dontwait = false;
             tracing::warn!(
                 "ring worker: the kernel refused IORING_ACCEPT_DONTWAIT; accepting without it"

@@ -61,6 +61,8 @@ struct Mode {
     failing_nodelay: bool,
     /// A stop does not wait for the kernel's answers (`hurry_stops_here`).
     hurried_stop: bool,
+    /// The kernel refuses the accepts' DONTWAIT flag (`refuse_dontwait_here`).
+    refused_dontwait: bool,
 }
 
 /// What the host was asked, counted.
@@ -116,6 +118,9 @@ impl Host for TestHost {
     type Conn = TestConn;
     fn listening(&mut self, _: u32, (): ()) {
         self.seen.listened.fetch_add(1, Relaxed);
+        if self.mode.refused_dontwait {
+            super::refuse_dontwait_here(); // On the worker's thread, before it arms the accepts.
+        }
     }
     fn unlistened(&mut self, _: u32) {}
     fn accepted(
@@ -1383,6 +1388,35 @@ fn a_connection_a_stop_leaves_open_is_accounted_as_it_ended() {
         .unwrap();
     let e = read_some(&mut c, &mut [0u8; 1]).expect_err("no byte, no EOF");
     assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "left open: {e}");
+}
+
+/// A kernel that reports 6.10+ but refuses IORING_ACCEPT_DONTWAIT refuses every accept a new
+/// listener arms with it (four at once): each is armed again without the flag, none is taken for a
+/// listener failing (which would leave it with no accept until the tick's slow part, an hour
+/// here), and clients keep being served, one after another.
+#[test]
+fn a_refused_dontwait_flag_rearms_every_accept_that_carried_it() {
+    if !takes_accept_dontwait(
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+    ) {
+        eprintln!("skipped: this kernel's workers accept without DONTWAIT already");
+        return;
+    }
+    let mode = Mode {
+        tick: Some(HOUR),
+        idle: Some(&[HOUR]),
+        refused_dontwait: true,
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![echo_backend()], WAIT, mode) else {
+        return;
+    };
+    for _ in 0..2 * ACCEPTS {
+        relayed_client(&r);
+    }
+    stop(r);
 }
 
 /// A listener sent to a worker already stopping is not taken: the socket is closed, and the
