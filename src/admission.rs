@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::time::Instant;
 
 use tokio::sync::Notify;
@@ -300,14 +300,43 @@ impl BackendCaps {
 }
 
 /// Connections waiting for a backend below its cap (`queue`), shared by a service's versions.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Queue {
     waiting: AtomicU64,
-    /// Woken whenever a capped backend's connection ends.
+    /// Woken whenever a capped backend's connection ends ([`Queue::slot_freed`]).
     pub(crate) freed: Notify,
+    /// Called then too, once set ([`Queue::wake_with`]): the ring workers, whose waiting
+    /// connections look again on a command, not on `freed`.
+    wake: OnceLock<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("waiting", &self.waiting())
+            .field("wakes", &self.wake.get().is_some())
+            .finish()
+    }
 }
 
 impl Queue {
+    /// A capped backend's connection ended, on either data plane: every connection waiting looks
+    /// again, whichever data plane it waits on (a reload can move a service between them with
+    /// connections left on the other).
+    pub(crate) fn slot_freed(&self) {
+        self.freed.notify_waiters();
+        if let Some(wake) = self.wake.get() {
+            wake();
+        }
+    }
+
+    /// Has [`Queue::slot_freed`] also call what `wake` gives (made on the first call only: one
+    /// process has one set of ring workers). Called before a ring connection joins the queue, so a
+    /// slot freed once it waits finds the call there.
+    pub(crate) fn wake_with(&self, wake: impl FnOnce() -> Arc<dyn Fn() + Send + Sync>) {
+        self.wake.get_or_init(wake);
+    }
+
     pub(crate) fn waiting(&self) -> u64 {
         self.waiting.load(Relaxed)
     }

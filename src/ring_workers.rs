@@ -17,8 +17,9 @@
 //! admitted, limited, hashed and logged; `proxy_protocol` sends the backend a header first.
 //!
 //! The queue: a connection that finds every backend full waits (in the worker, with no operation in
-//! the kernel) with its place in the service's queue; a slot freed on any worker wakes every worker
-//! (`Command::Freed`), whose waiting connections look again, oldest first; a timeout armed for the
+//! the kernel) with its place in the service's queue; a slot freed on any worker, or by a tokio
+//! session of the same service, wakes every worker (`Command::Freed`, through `Queue::wake_with`),
+//! whose waiting connections look again, oldest first; a timeout armed for the
 //! earliest deadline of those waiting ends a wait at its deadline.
 //!
 //! A backend's cut (health's `on_down: close`, discovery's `on_removed`) tells every worker
@@ -235,8 +236,7 @@ impl RingWorkers {
                 active: ActiveGuard::within(at.clone(), None),
                 backend: at,
                 connected: true,
-                freed: (capped && service.queue.is_some())
-                    .then(|| (self.workers.clone(), service.occupancy.queue.clone())),
+                freed: (capped && service.queue.is_some()).then(|| service.occupancy.queue.clone()),
             }),
             connect_start: Instant::now(),
             attempt_start: Instant::now(),
@@ -470,19 +470,18 @@ struct Picked {
     cut: Arc<CutSignal>,
     active: Option<ActiveGuard>,
     connected: bool,
-    /// Told when the slot comes free (a capped backend of a service with a queue): the ring
-    /// workers, and the queue's tokio waiters (a reload may have moved the service to an address
-    /// the tokio workers serve, with the same queue).
-    freed: Option<(Arc<Workers>, Arc<Queue>)>,
+    /// Told when the slot comes free (a capped backend of a service with a queue): its waiters on
+    /// both data planes (a reload may have moved the service to an address the tokio workers
+    /// serve, with the same queue).
+    freed: Option<Arc<Queue>>,
 }
 
 impl Drop for Picked {
     fn drop(&mut self) {
         // Released first: a waiter woken now must find the slot free.
         self.active.take();
-        if let Some((workers, queue)) = &self.freed {
-            workers.freed();
-            queue.freed.notify_waiters();
+        if let Some(queue) = &self.freed {
+            queue.slot_freed();
         }
     }
 }
@@ -494,10 +493,18 @@ impl Drop for Picked {
 struct Workers(Mutex<Vec<ring::Handle<Served, Taken>>>);
 
 impl Workers {
-    fn freed(&self) {
-        for h in lock(&self.0).iter() {
-            h.send(Command::Freed);
-        }
+    /// What a service's queue calls when a slot comes free, on either data plane
+    /// ([`Queue::wake_with`]): every worker's waiting connections look again.
+    fn freed_call(self: &Arc<Self>) -> Arc<dyn Fn() + Send + Sync> {
+        // Weak: the queue lives with the service, which may outlive the workers.
+        let workers = Arc::downgrade(self);
+        Arc::new(move || {
+            if let Some(w) = workers.upgrade() {
+                for h in lock(&w.0).iter() {
+                    h.send(Command::Freed);
+                }
+            }
+        })
     }
 
     /// `backend`'s cut signal, set to tell every worker (`Command::BackendCut`) when it fires, so
@@ -630,7 +637,7 @@ impl Taken {
                 active: Some(active),
                 connected: false,
                 freed: (cap.is_some() && service.queue.is_some())
-                    .then(|| (self.workers.clone(), service.occupancy.queue.clone())),
+                    .then(|| service.occupancy.queue.clone()),
             });
             return Ok(Some(Target {
                 addr,
@@ -649,7 +656,11 @@ impl Taken {
             Some((_, until)) if Instant::now() >= *until => Err(Outcome::BackendsFull),
             Some(_) => Ok(None),
             None => {
-                let place = self.service.occupancy.queue.join(q.max);
+                let queue = &self.service.occupancy.queue;
+                // Before it joins: a slot freed once it waits, on any worker or by a tokio
+                // session, makes every worker look.
+                queue.wake_with(|| self.workers.freed_call());
+                let place = queue.join(q.max);
                 let place = place.ok_or(Outcome::BackendsFull)?;
                 self.queued = Some((place, Instant::now() + q.timeout.0));
                 Ok(None)
@@ -974,17 +985,37 @@ mod tests {
         (routes, first)
     }
 
+    /// One ring worker whose tick is an hour: what it does at once is not the tick's doing.
+    fn untimed_ring(name: &str) -> RingWorkers {
+        RingWorkers::start_each(
+            1,
+            Arc::new(Gate::new(None)),
+            TaskTracker::new(),
+            Arc::new(Leaving::default()),
+            vec![tokio::runtime::Handle::current()],
+            |_, services| ring::start(name.into(), || services, Duration::from_secs(3600)),
+        )
+        .unwrap()
+    }
+
+    /// Serves `routes` on a new loopback address of `ring`: the address, and the token that stops
+    /// the listener.
+    fn serve(ring: &RingWorkers, routes: Arc<ArcSwap<Routes>>) -> (SocketAddr, CancellationToken) {
+        let socket = listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let (stop, accepting) = (CancellationToken::new(), TaskTracker::new());
+        let handle = tokio::runtime::Handle::current();
+        ring.listen(&handle, socket, routes, stop.clone(), &accepting);
+        (addr, stop)
+    }
+
     /// Serves `routes` on a new loopback address of `ring`: a client that has had a message relayed
     /// there and back, and the token that stops the listener.
     async fn relayed_client(
         ring: &RingWorkers,
         routes: Arc<ArcSwap<Routes>>,
     ) -> (tokio::net::TcpStream, CancellationToken) {
-        let socket = listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = socket.local_addr().unwrap();
-        let (stop, accepting) = (CancellationToken::new(), TaskTracker::new());
-        let handle = tokio::runtime::Handle::current();
-        ring.listen(&handle, socket, routes, stop.clone(), &accepting);
+        let (addr, stop) = serve(ring, routes);
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         client.write_all(b"through").await.unwrap();
         let mut got = [0u8; 7];
@@ -1010,18 +1041,7 @@ mod tests {
         let (routes, web) = routes_of(&format!(
             "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: ring\n    idle_timeout: 4h\n    backends: [{{address: \"{backend}\"}}]\n"
         ));
-        let (gate, tracker) = (Arc::new(Gate::new(None)), TaskTracker::new());
-        let tokio = vec![tokio::runtime::Handle::current()];
-        let hour = Duration::from_secs(3600);
-        let ring = RingWorkers::start_each(
-            1,
-            gate,
-            tracker.clone(),
-            Arc::new(Leaving::default()),
-            tokio,
-            |_, services| ring::start("sg-test-cut".into(), || services, hour),
-        )
-        .unwrap();
+        let ring = untimed_ring("sg-test-cut");
         let (mut client, stop) = relayed_client(&ring, routes).await;
         web.pool.remove_api(backend, true).unwrap();
         let read = tokio::time::timeout(Duration::from_secs(10), client.read(&mut [0u8; 1]))
@@ -1087,6 +1107,50 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A ring connection waiting in the queue looks again when a slot comes free outside the ring:
+    /// a tokio session's backend connection ends (a reload moved the service off the ring, or a
+    /// carried connection resumed on the tokio workers). The test holds the backend's one slot as
+    /// a session holds it, then frees it as a session's end does; the worker's tick is an hour and
+    /// the wait five minutes, so only the freed slot can have it look.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slot_freed_by_a_tokio_session_wakes_the_rings_waiting_connection() {
+        if let Err(why) = ring::availability() {
+            eprintln!("skipped: no ring worker here: {why}");
+            return;
+        }
+        let backend = echo().await;
+        let (routes, web) = routes_of(&format!(
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: ring\n    idle_timeout: 4h\n    queue: {{max: 8, timeout: 5m}}\n    backends: [{{address: \"{backend}\", max_connections: 1}}]\n"
+        ));
+        let ring = untimed_ring("sg-test-freed");
+        let member = web.pool.member(backend).expect("the backend");
+        let held = ActiveGuard::within(member, Some(1)).expect("its one slot is free");
+        let (addr, stop) = serve(&ring, routes);
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"waiting").await.unwrap();
+        let queue = web.occupancy.queue.clone();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while queue.waiting() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the client waits in the queue within 10 s");
+        // As a tokio session's `BackendSlot` ends.
+        drop(held);
+        queue.slot_freed();
+        let mut got = [0u8; 7];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("relayed once the slot came free, not at the tick or the wait's end")
+            .unwrap();
+        assert_eq!(&got, b"waiting");
+        stop.cancel();
+        tokio::task::spawn_blocking(move || ring.stop())
+            .await
+            .unwrap();
     }
 
     /// A ring worker given an address whose service is not (or no longer) the ring's: a reload

@@ -46,7 +46,7 @@ impl Drop for BackendSlot {
     fn drop(&mut self) {
         self.active.take();
         if let Some(s) = &self.service {
-            s.occupancy.queue.freed.notify_waiters();
+            s.occupancy.queue.slot_freed();
         }
     }
 }
