@@ -590,6 +590,10 @@ impl Taken {
             }
             self.tried.failed(p.backend.addr);
         }
+        // What the attempt recorded once it connected is not the connection's: as in the tokio
+        // sessions, the routing line names, and times, only the backend that took it.
+        self.record.backend_name = None;
+        self.record.connect_ms = None;
         if self.record.attempts >= self.service.connect_attempts {
             return Err(Outcome::ConnectFailed);
         }
@@ -946,6 +950,7 @@ mod tests {
     use crate::events::EventBus;
     use crate::route::{Table, Unrouted};
     use crate::tls::ServiceTls;
+    use std::os::fd::AsFd;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1151,6 +1156,64 @@ mod tests {
         tokio::task::spawn_blocking(move || ring.stop())
             .await
             .unwrap();
+    }
+
+    /// An attempt dropped after its backend took the connection (the PROXY header, or the client's
+    /// first bytes, could not be sent to it) leaves nothing of itself in the routing line: when
+    /// the next backend refuses too, the line has no backend name and no connect time, as the
+    /// tokio sessions log it.
+    #[tokio::test]
+    async fn a_dropped_attempt_leaves_no_name_or_connect_time_in_the_routing_line() {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.2:9".parse().unwrap(),
+        );
+        let (routes, web) = routes_of(&format!(
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: ring\n    connect_attempts: 2\n    backends: [{{address: \"{a}\"}}, {{address: \"{b}\"}}]\n"
+        ));
+        web.pool.name_backend(a, "alpha");
+        web.pool.name_backend(b, "beta");
+        let mut host = Services {
+            gate: Arc::new(Gate::new(None)),
+            tracker: TaskTracker::new(),
+            listeners: HashMap::new(),
+            workers: Arc::new(Workers::default()),
+            leaving: Arc::new(Leaving::default()),
+            tokio: Vec::new(),
+            next_tokio: 0,
+            routes_read: None,
+        };
+        let accepting = TaskTracker::new();
+        host.listening(
+            0,
+            Served {
+                routes,
+                local: "127.0.0.1:1".into(),
+                _accepting: accepting.token(),
+            },
+        );
+        let client = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = "127.0.0.1:5555".parse().unwrap();
+        let (mut t, admit, _) = host.accepted(0, peer, client.as_fd()).expect("admitted");
+        let Admit::Connect {
+            target: Some(first),
+            ..
+        } = admit
+        else {
+            panic!("a backend to connect to");
+        };
+        host.connected(&mut t);
+        host.established(&mut t);
+        assert!(t.record.backend_name.is_some() && t.record.connect_ms.is_some());
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        let next = host.first_bytes_failed(&mut t, reset).unwrap();
+        let next = next.expect("the other backend");
+        assert_ne!(next.addr, first.addr);
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        let end = host.connect_failed(&mut t, refused).err();
+        assert_eq!(end, Some(Outcome::ConnectFailed));
+        assert_eq!(t.record.backend_name, None, "no backend took it");
+        assert_eq!(t.record.connect_ms, None, "no connect succeeded");
     }
 
     /// A ring worker given an address whose service is not (or no longer) the ring's: a reload
