@@ -604,6 +604,15 @@ impl Taken {
     /// and the connection may wait in the service's queue; or how the connection is refused.
     fn pick(&mut self) -> Result<Option<Target>, Outcome> {
         let service = self.service.clone();
+        if service.queue.is_some() {
+            // Before it looks (as the tokio sessions arm their wake-up before they look): a slot
+            // freed between the look and its place in the queue, on any worker or by a tokio
+            // session, makes every worker look again.
+            service
+                .occupancy
+                .queue
+                .wake_with(|| self.workers.freed_call());
+        }
         loop {
             let picked = service
                 .pool
@@ -660,11 +669,7 @@ impl Taken {
             Some((_, until)) if Instant::now() >= *until => Err(Outcome::BackendsFull),
             Some(_) => Ok(None),
             None => {
-                let queue = &self.service.occupancy.queue;
-                // Before it joins: a slot freed once it waits, on any worker or by a tokio
-                // session, makes every worker look.
-                queue.wake_with(|| self.workers.freed_call());
-                let place = queue.join(q.max);
+                let place = self.service.occupancy.queue.join(q.max);
                 let place = place.ok_or(Outcome::BackendsFull)?;
                 self.queued = Some((place, Instant::now() + q.timeout.0));
                 Ok(None)
@@ -856,6 +861,8 @@ impl Host for Services {
         let Some(p) = t.backend.as_mut() else { return };
         p.connected = true;
         t.record.backend_name = p.backend.name();
+        // Unlike the routing line's fields (`attempt_failed`), a span's cannot be taken back: if
+        // this attempt is dropped, the span still names this backend until another connects.
         t.span
             .record("backend", tracing::field::display(p.backend.addr));
     }

@@ -349,6 +349,48 @@ async fn within<T>(
 mod tests {
     use super::*;
 
+    /// A capped backend's connection ending (its slot dropped) wakes the service's queue on both
+    /// data planes: the tokio sessions waiting (`freed`), and what the ring workers set
+    /// (`Queue::wake_with`), whose waiting connections would otherwise look again only on their
+    /// tick.
+    #[test]
+    fn a_capped_slots_end_wakes_the_queue_on_both_data_planes() {
+        use futures_util::FutureExt;
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+        let backend = SocketAddr::from(([127, 0, 0, 1], 9));
+        let yaml = format!(
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    queue: {{max: 8, timeout: 1s}}\n    backends: [{{address: \"{backend}\", max_connections: 1}}]\n"
+        );
+        let mut cfg = crate::config::Config::from_yaml(&yaml).unwrap();
+        let events = crate::events::EventBus::default();
+        let tls = crate::tls::ServiceTls::default();
+        let service = Arc::new(Service::new(&cfg.services.remove(0), true, tls, &events));
+        let queue = &service.occupancy.queue;
+        let rings = Arc::new(AtomicU64::new(0));
+        let told = rings.clone();
+        queue.wake_with(|| {
+            Arc::new(move || {
+                told.fetch_add(1, Relaxed);
+            })
+        });
+        let mut waiting = std::pin::pin!(queue.freed.notified());
+        waiting.as_mut().enable();
+        let member = service.pool.member(backend).expect("the backend");
+        let slot = BackendSlot::take(&service, &member).expect("its one slot is free");
+        assert!(
+            BackendSlot::take(&service, &member).is_none(),
+            "capped at one"
+        );
+        assert_eq!(rings.load(Relaxed), 0);
+        drop(slot);
+        assert_eq!(rings.load(Relaxed), 1, "the ring workers are told");
+        assert!(
+            waiting.now_or_never().is_some(),
+            "the tokio waiter is woken"
+        );
+    }
+
     #[test]
     fn tried_keeps_failed_backends_out_and_full_ones_until_the_queue_retries() {
         let a = |i: u8| SocketAddr::from(([127, 0, 0, i], 80));

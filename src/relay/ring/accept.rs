@@ -165,8 +165,8 @@ impl<H: Host> Worker<H> {
         let flagged = a.flagged;
         let peer = a.peer();
         // Errors of the connection being accepted (it reset in the backlog) are retried at once;
-        // any other (out of descriptors or memory, a broken listener) waits for the next tick, so
-        // a listener that keeps failing never spins the thread.
+        // any other (out of descriptors or memory, a broken listener) waits for the tick's slow
+        // part, so a listener that keeps failing never spins the thread.
         let empty = res == -libc::EAGAIN;
         // A kernel that reports 6.10+ but refuses the flag (a backport, a patched kernel): accept
         // without it from now on, rather than fail every accept. Each accept that carried it is
