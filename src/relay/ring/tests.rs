@@ -633,7 +633,7 @@ fn a_destination_that_does_not_read_stops_its_receive_at_the_cap_and_loses_nothi
         write_pattern(&mut c, TOTAL);
         c
     });
-    let (mut b, _) = l.accept().unwrap();
+    let mut b = accept_within(&l);
     let deadline = Instant::now() + WAIT;
     while r.handle.counts().cancels_at_cap.load(Relaxed) == 0 {
         assert!(
@@ -710,7 +710,7 @@ fn the_pool_grows_only_when_a_receive_finds_it_dry_and_loses_nothing() {
     let mut ends = Vec::new();
     for _ in 0..UPLOADS {
         let mut c = client(r.addr);
-        let (b, _) = l.accept().unwrap();
+        let b = accept_within(&l);
         b.set_read_timeout(Some(WAIT)).unwrap();
         let sent = upload_until_stalled(&mut c);
         c.shutdown(Shutdown::Write).unwrap();
@@ -770,7 +770,7 @@ fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
         let full = counts.pool_given.load(Relaxed) == u64::from(POOL_BUFS);
         let dry = counts.starved.load(Relaxed);
         let mut c = client(r.addr);
-        let mut b = l.accept().unwrap().0;
+        let mut b = accept_within(&l);
         if full {
             b.set_nonblocking(true).unwrap();
             c.write_all(b"hello").unwrap();
@@ -784,7 +784,7 @@ fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
             }
             drop((c, b));
             c = client(r.addr);
-            b = l.accept().unwrap().0;
+            b = accept_within(&l);
         }
         upload_until_stalled(&mut c);
         stalled.push((c, b));
@@ -846,7 +846,7 @@ fn one_connection(mode: Mode) -> Option<(Running, TcpStream, TcpStream)> {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let r = worker_with(vec![l.local_addr().unwrap()], WAIT, mode)?;
     let c = client(r.addr);
-    let (b, _) = l.accept().unwrap();
+    let b = accept_within(&l);
     b.set_read_timeout(Some(WAIT)).unwrap();
     Some((r, c, b))
 }
@@ -979,7 +979,7 @@ fn a_backend_reset_while_splicing_resets_the_client() {
     let mut c = client(r.addr);
     let (read_half, half_read) = mpsc::channel();
     let server = std::thread::spawn(move || {
-        let (mut b, _) = l.accept().unwrap();
+        let mut b = accept_within(&l);
         let chunk = vec![7u8; 64 << 10];
         for _ in 0..16 {
             b.write_all(&chunk).unwrap();
@@ -1336,7 +1336,7 @@ fn a_stopped_workers_last_connections_are_closed_when_its_thread_ends() {
         return;
     };
     let mut c = client(r.addr);
-    let (mut b, _) = l.accept().unwrap();
+    let mut b = accept_within(&l);
     b.set_read_timeout(Some(WAIT)).unwrap();
     c.write_all(b"x").unwrap();
     let mut got = [0u8; 1];
@@ -1567,7 +1567,7 @@ fn a_greeting_read_in_pieces_is_replaced_by_the_preface_and_not_counted() {
         "the first piece read",
     );
     c.write_all(b"LO\nabc").unwrap();
-    let (mut b, _) = l.accept().unwrap();
+    let mut b = accept_within(&l);
     b.set_read_timeout(Some(WAIT)).unwrap();
     let mut got = [0u8; 7];
     b.read_exact(&mut got).unwrap();
@@ -1620,7 +1620,7 @@ fn accept_within(l: &TcpListener) -> TcpStream {
 fn socket_pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let ours = client(l.local_addr().unwrap());
-    let theirs = l.accept().unwrap().0;
+    let theirs = accept_within(&l);
     (ours, theirs)
 }
 
@@ -1813,7 +1813,7 @@ fn a_preface_that_cannot_be_sent_goes_to_the_next_target() {
     let (reset_tx, reset_rx) = mpsc::channel();
     *r.seen.hold_first.lock().unwrap() = Some(reset_rx);
     let resetter = std::thread::spawn(move || {
-        let (s, _) = resets.accept().unwrap();
+        let s = accept_within(&resets);
         // Linger 0: the close sends a reset, which the worker's socket has before it sends.
         socket2::SockRef::from(&s)
             .set_linger(Some(Duration::ZERO))
@@ -2324,7 +2324,7 @@ fn a_connection_nothing_takes_goes_on_from_its_pipe() {
 fn a_socket_that_has_read_its_fin_reads_it_again() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (mut s, _) = l.accept().unwrap();
+    let mut s = accept_within(&l);
     s.set_read_timeout(Some(WAIT)).unwrap();
     c.write_all(b"last words").unwrap();
     c.shutdown(Shutdown::Write).unwrap();
@@ -2672,7 +2672,7 @@ fn a_connection_that_connects_while_carrying_goes_after_its_preface() {
     let mut c = client(r.addr);
     carry_taken(&r);
     c.write_all(b"HELLO\n").unwrap();
-    let (mut b, _) = l.accept().unwrap();
+    let mut b = accept_within(&l);
     b.set_read_timeout(Some(WAIT)).unwrap();
     let q = r
         .carried
