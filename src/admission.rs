@@ -331,8 +331,8 @@ impl Queue {
     }
 
     /// Has [`Queue::slot_freed`] also call what `wake` gives (made on the first call only: one
-    /// process has one set of ring workers). Called before a ring connection joins the queue, so a
-    /// slot freed once it waits finds the call there.
+    /// process has one set of ring workers). Called before a ring connection looks at the
+    /// backends, so a slot freed after that look finds the call there.
     pub(crate) fn wake_with(&self, wake: impl FnOnce() -> Arc<dyn Fn() + Send + Sync>) {
         self.wake.get_or_init(wake);
     }
