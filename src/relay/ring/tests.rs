@@ -365,12 +365,19 @@ fn echo_backend() -> SocketAddr {
     addr
 }
 
-/// An address nothing listens on (a port just released).
+/// An address nothing listens on: a port held by a socket that is bound, not listening, and kept
+/// for the life of the test process, so a SYN to it is answered by a reset. A port merely released
+/// could be handed to another test's listener running beside this one, which would then accept
+/// the connection meant to be refused (and the other test would find one it did not expect).
+/// Without SO_REUSEADDR on the held socket, no other bind can share its port.
 fn refusing() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static HELD: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    HELD.lock().unwrap().push(s);
+    addr
 }
 
 fn client(addr: SocketAddr) -> TcpStream {

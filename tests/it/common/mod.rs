@@ -401,10 +401,21 @@ pub fn listen(addr: SocketAddr) -> TcpListener {
     TcpListener::from_std(s.into()).expect("tokio listener")
 }
 
-/// An address on which nothing listens (bound, then released).
+/// An address on which nothing listens: its port is held, for the life of the test process, by a
+/// socket bound without SO_REUSEADDR and never listening, so a SYN to it is answered by a reset and
+/// no other test's listener can be given the same port (as one just released could be).
 pub async fn refusing_addr(ip: [u8; 4]) -> SocketAddr {
-    let l = std::net::TcpListener::bind(SocketAddr::from((ip, 0))).expect("bind");
-    l.local_addr().expect("addr")
+    use socket2::{Domain, Socket, Type};
+    static HELD: std::sync::Mutex<Vec<Socket>> = std::sync::Mutex::new(Vec::new());
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.bind(&SocketAddr::from((ip, 0)).into()).expect("bind");
+    let addr = s
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("an inet address");
+    HELD.lock().expect("held").push(s);
+    addr
 }
 
 /// `n` deterministic pseudo-random bytes for `seed`.
