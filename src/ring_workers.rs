@@ -871,10 +871,13 @@ impl Host for Services {
         let Some(p) = t.backend.as_ref() else { return };
         p.backend.stats.connect.observe(t.attempt_start.elapsed());
         t.service.pool.connect_succeeded(&p.backend);
-        // Out of the queue: the place (and its deadline) held across failed attempts, as in
-        // `session::connect`.
-        t.queued = None;
         t.record.connect_ms = Some(t.connect_start.elapsed().as_secs_f64() * 1e3);
+    }
+
+    fn relaying(&mut self, t: &mut Taken) {
+        // Out of the queue: the place (and its deadline) held across failed attempts, the failed
+        // sending of its first bytes among them, as in `session::connect`.
+        t.queued = None;
     }
 
     fn sent(&mut self, t: &Taken, up: u64, down: u64) {
@@ -1180,28 +1183,7 @@ mod tests {
         ));
         web.pool.name_backend(a, "alpha");
         web.pool.name_backend(b, "beta");
-        let mut host = Services {
-            gate: Arc::new(Gate::new(None)),
-            tracker: TaskTracker::new(),
-            listeners: HashMap::new(),
-            workers: Arc::new(Workers::default()),
-            leaving: Arc::new(Leaving::default()),
-            tokio: Vec::new(),
-            next_tokio: 0,
-            routes_read: None,
-        };
-        let accepting = TaskTracker::new();
-        host.listening(
-            0,
-            Served {
-                routes,
-                local: "127.0.0.1:1".into(),
-                _accepting: accepting.token(),
-            },
-        );
-        let client = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = "127.0.0.1:5555".parse().unwrap();
-        let (mut t, admit, _) = host.accepted(0, peer, client.as_fd()).expect("admitted");
+        let (mut host, mut t, admit) = accepted_by_hand(routes);
         let Admit::Connect {
             target: Some(first),
             ..
@@ -1221,6 +1203,90 @@ mod tests {
         assert_eq!(end, Some(Outcome::ConnectFailed));
         assert_eq!(t.record.backend_name, None, "no backend took it");
         assert_eq!(t.record.connect_ms, None, "no connect succeeded");
+    }
+
+    /// A host serving `routes` as listener 0, with no ring (its callbacks called by hand), and
+    /// the connection it admitted, with what it said comes next.
+    fn accepted_by_hand(routes: Arc<ArcSwap<Routes>>) -> (Services, Taken, Admit) {
+        let mut host = Services {
+            gate: Arc::new(Gate::new(None)),
+            tracker: TaskTracker::new(),
+            listeners: HashMap::new(),
+            workers: Arc::new(Workers::default()),
+            leaving: Arc::new(Leaving::default()),
+            tokio: Vec::new(),
+            next_tokio: 0,
+            routes_read: None,
+        };
+        host.listening(
+            0,
+            Served {
+                routes,
+                local: "127.0.0.1:1".into(),
+                _accepting: TaskTracker::new().token(),
+            },
+        );
+        let client = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = "127.0.0.1:5555".parse().unwrap();
+        let (t, admit, _) = host.accepted(0, peer, client.as_fd()).expect("admitted");
+        (host, t, admit)
+    }
+
+    /// A connection that waited in the queue keeps its place there, and the place's deadline,
+    /// across an attempt whose first bytes could not be sent, even one its backend was credited
+    /// for (`established`: a preface out, the client's bytes after it not), as the tokio sessions
+    /// keep theirs until their forward is out. It leaves the queue once it relays.
+    #[tokio::test]
+    async fn a_queued_connection_keeps_its_place_until_it_relays() {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.2:9".parse().unwrap(),
+        );
+        let (routes, web) = routes_of(&format!(
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: ring\n    connect_attempts: 3\n    queue: {{max: 8, timeout: 5m}}\n    backends: [{{address: \"{a}\", max_connections: 1}}, {{address: \"{b}\", max_connections: 1}}]\n"
+        ));
+        let hold = |addr| ActiveGuard::within(web.pool.member(addr).expect("a backend"), Some(1));
+        let (held_a, held_b) = (hold(a).expect("a's slot"), hold(b).expect("b's slot"));
+        let (mut host, mut t, admit) = accepted_by_hand(routes);
+        assert!(
+            matches!(admit, Admit::Connect { target: None, .. }),
+            "both full: it waits"
+        );
+        let queue = &web.occupancy.queue;
+        let deadline = |t: &Taken| t.queued.as_ref().map(|(_, until)| *until);
+        let until = deadline(&t).expect("a place in the queue");
+        drop(held_a);
+        let first = host.retry(&mut t).unwrap().expect("a's slot, free now");
+        assert_eq!(first.addr, a);
+        host.connected(&mut t);
+        host.established(&mut t);
+        // Time passes, so a place taken again would have a later deadline.
+        std::thread::sleep(Duration::from_millis(2));
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        let next = host.first_bytes_failed(&mut t, reset).unwrap();
+        assert!(next.is_none(), "b is full: it waits on");
+        assert_eq!(
+            deadline(&t),
+            Some(until),
+            "the same place, with its deadline"
+        );
+        assert_eq!(queue.waiting(), 1);
+        drop(held_b);
+        let second = host.retry(&mut t).unwrap().expect("b's slot, free now");
+        assert_eq!(second.addr, b);
+        host.connected(&mut t);
+        host.established(&mut t);
+        assert_eq!(
+            queue.waiting(),
+            1,
+            "in the queue until its first bytes are out"
+        );
+        host.relaying(&mut t);
+        assert_eq!(
+            (deadline(&t), queue.waiting()),
+            (None, 0),
+            "out of the queue"
+        );
     }
 
     /// A ring worker given an address whose service is not (or no longer) the ring's: a reload

@@ -397,6 +397,11 @@ pub(crate) trait Host {
         conn: &mut Self::Conn,
         error: io::Error,
     ) -> Result<Option<Target>, Outcome>;
+    /// Everything that goes before the client's bytes is out (or there was nothing): the attempt
+    /// is the connection's, and no other follows. What a connection held across its attempts (its
+    /// place in the queue) goes now; until then a failed first send leaves it where it was, as
+    /// the epoll engine keeps it until its forward is out.
+    fn relaying(&mut self, _conn: &mut Self::Conn) {}
     /// Whether a direction that carries bulk data (a receive fills a whole pool buffer) moves to
     /// splice(2), as `relay: epoll` does.
     fn splices_bulk(&self) -> bool {

@@ -253,8 +253,13 @@ impl<H: Host> Worker<H> {
 
     /// Arms both receives: the relay proper starts.
     pub(super) fn relay(&mut self, slot: u32) {
-        let Some(c) = self.conn(slot) else { return };
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
         c.relaying = true;
+        if let Some(h) = c.host.as_mut() {
+            self.host.relaying(h);
+        }
         for side in [Side::Up, Side::Down] {
             if self
                 .conn(slot)

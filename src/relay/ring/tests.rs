@@ -89,6 +89,8 @@ struct Seen {
     held: AtomicU64,
     /// The targets (their places in `targets`) whose attempts `Host::established` credited.
     established: std::sync::Mutex<Vec<usize>>,
+    /// The targets whose attempts reached `Host::relaying`: the one each connection kept.
+    relaying: std::sync::Mutex<Vec<usize>>,
     /// Every relayed connection's backend is cut (`Host::cut`).
     cut: std::sync::atomic::AtomicBool,
     /// When set, the next `Host::cut` (asked of every connection on every tick, and on a
@@ -236,6 +238,9 @@ impl Host for TestHost {
         e: io::Error,
     ) -> Result<Option<Target>, Outcome> {
         self.connect_failed(c, e)
+    }
+    fn relaying(&mut self, c: &mut TestConn) {
+        self.seen.relaying.lock().unwrap().push(c.next - 1);
     }
     fn splices_bulk(&self) -> bool {
         !self.mode.copy_only
@@ -1862,6 +1867,11 @@ fn a_preface_that_cannot_be_sent_goes_to_the_next_target() {
         *r.seen.established.lock().unwrap(),
         [1],
         "the first target took the connection, not the preface: only the second is credited"
+    );
+    assert_eq!(
+        *r.seen.relaying.lock().unwrap(),
+        [1],
+        "the connection is the second target's alone"
     );
     resetter.join().unwrap();
     stop(r);
