@@ -6,6 +6,12 @@ use super::*;
 
 impl<H: Host> Worker<H> {
     pub(super) fn arm_recv(&mut self, slot: u32, side: Side) {
+        self.arm_receive(slot, side, false);
+    }
+
+    /// Arms a direction's receive: multishot, or with `once` a single receive into one buffer,
+    /// whose completion arms the multishot one again (`on_recv`, as after any last completion).
+    fn arm_receive(&mut self, slot: u32, side: Side, once: bool) {
         let Some(c) = self.conn(slot) else { return };
         let (from, _) = c.ends(side);
         let d = c.dir(side);
@@ -13,9 +19,15 @@ impl<H: Host> Worker<H> {
         d.cancelling = false;
         c.refs += 1;
         bump(&self.counts.receives_armed);
-        let e = opcode::RecvMulti::new(types::Fd(from), GROUP)
-            .build()
-            .user_data(user_data(K_RECV, slot, side));
+        let e = if once {
+            opcode::Recv::new(types::Fd(from), std::ptr::null_mut(), POOL_BUF)
+                .buf_group(GROUP)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+        } else {
+            opcode::RecvMulti::new(types::Fd(from), GROUP).build()
+        };
+        let e = e.user_data(user_data(K_RECV, slot, side));
         // SAFETY: the kernel writes only into pool buffers, which live as long as the ring; the
         // socket stays open in the connection until this receive's last completion (`refs`).
         unsafe { self.push(&[e]) };
@@ -142,7 +154,7 @@ impl<H: Host> Worker<H> {
         if res > 0 && bid.is_none() {
             // A receive into the pool that names no buffer: the kernel broke its own contract.
             broke = Some(io::Error::other(
-                "a multishot receive completed without a buffer",
+                "a receive into the pool completed without a buffer",
             ));
         } else if let (true, Some(bid)) = (res > 0, bid) {
             if ending {
@@ -512,6 +524,11 @@ impl<H: Host> Worker<H> {
 
     /// Arms the receives of up to `most` directions the pool could not serve, newest first; an
     /// entry whose direction is no longer starved (woken already, or its slot reused) is skipped.
+    /// Each receives once, into one buffer: a multishot receive with bytes waiting behind it would
+    /// take every buffer that came back (the kernel goes on past the cap before the worker can
+    /// cancel it), and leave those woken after it, one that holds none among them (no send of its
+    /// own will wake it), dry until the tick's slow part. In the order they are pushed, each woken
+    /// here gets one buffer before any gets a second.
     pub(super) fn wake_starved(&mut self, most: usize) {
         let mut woken = 0;
         while woken < most {
@@ -528,7 +545,7 @@ impl<H: Host> Worker<H> {
             d.starved = false;
             if d.should_arm(ending) {
                 woken += 1;
-                self.arm_recv(slot, side);
+                self.arm_receive(slot, side, true);
             }
         }
     }
