@@ -311,12 +311,18 @@ impl<H: Host> Worker<H> {
     /// A connection stopped at a quiet point that is not carried after all goes on where it
     /// stopped: what each direction holds is sent, its receives armed again, its splicing resumed.
     pub(super) fn go_on(&mut self, slot: u32) {
-        let Some(c) = self.conn(slot) else { return };
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
         c.carry = false;
         // Stopped once its first bytes were out (or with none to send) but before it armed its
-        // receives: it relays from here. With `pre` still held, that send arms them (`on_send`).
+        // receives: it relays from here, as `relay` would have begun. With `pre` still held, that
+        // send arms them (`on_send`).
         if !c.relaying && c.dirs[Side::Up as usize].held.is_empty() {
             c.relaying = true;
+            if let Some(h) = c.host.as_mut() {
+                self.host.relaying(h);
+            }
         }
         for side in [Side::Up, Side::Down] {
             let Some(c) = self.conn(slot).filter(|c| c.end.is_none()) else {

@@ -2670,6 +2670,11 @@ fn a_connection_that_connects_while_carrying_with_nothing_to_take_it_relays() {
     b.write_all(b"back!").unwrap();
     c.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"back!", "the backend's side relays");
+    assert_eq!(
+        *r.seen.relaying.lock().unwrap(),
+        [0],
+        "the host is told it relays (its queue place goes), though it went on from a stop"
+    );
     stop(r);
 }
 
