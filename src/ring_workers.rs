@@ -366,7 +366,7 @@ pub(crate) const METRICS: Table<WorkerView> = Table {
         Family::new(
             Kind::Counter,
             "sluicegate_ring_receives_armed_total",
-            "Multishot receives the ring worker armed (two per connection unless a direction was stopped by back-pressure or a dry pool).",
+            "Receives the ring worker armed (two per connection unless a direction was stopped by back-pressure or a dry pool; one-shot for a direction a dry pool stopped, multishot otherwise).",
             &[],
             |w, o| o.put(&[], w.receives_armed),
         ),

@@ -656,7 +656,8 @@ const OWNED: u16 = u16::MAX;
 #[derive(Debug, Default)]
 struct Dir {
     held: VecDeque<Held>,
-    /// A multishot receive is in the kernel (until its last completion).
+    /// A receive is in the kernel (until its last completion): multishot, or one-shot when a dry
+    /// pool woke it (`Worker::wake_starved`).
     armed: bool,
     /// Its cancellation is on its way (the cap was reached).
     cancelling: bool,
@@ -912,7 +913,8 @@ impl Accepting {
 pub(crate) struct Counts {
     /// Clients accepted.
     pub(crate) accepted: AtomicU64,
-    /// Multishot receives armed (two per connection when nothing pushes back).
+    /// Receives armed (two per connection when nothing pushes back): multishot, and one-shot for
+    /// a direction a dry pool had stopped.
     pub(crate) receives_armed: AtomicU64,
     /// Receives cancelled because their direction held `CAP` buffers.
     pub(crate) cancels_at_cap: AtomicU64,

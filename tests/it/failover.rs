@@ -271,7 +271,7 @@ async fn killed_backend_during_transfers_with(mode: RelayMode) {
 /// once per transition; traffic resumes when a backend recovers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_backends_down_closes_clients_at_once_and_recovers() {
-    let a = refusing_addr([127, 0, 0, 7]).await;
+    let (a, a_held) = refusing_held([127, 0, 0, 7]);
     let b = refusing_addr([127, 0, 0, 8]).await;
     let extra = "connect_attempts: 2\npassive: {max_fails: 1, cooldown: 700ms}";
     let proxy = Proxy::start(&service_yaml(&[a, b], RelayMode::Copy, extra)).await;
@@ -296,6 +296,7 @@ async fn all_backends_down_closes_clients_at_once_and_recovers() {
     );
     assert!(stats.ended(sluicegate::Outcome::NoBackend) >= 45);
     // Recovery: a backend comes up at a's address; after the cool-down traffic resumes.
+    drop(a_held);
     let back = Backend::serve(listen(a), echo);
     let addr = proxy.addr;
     wait_until(SECS(10), "traffic resumes", || async move {

@@ -405,8 +405,16 @@ pub fn listen(addr: SocketAddr) -> TcpListener {
 /// socket bound without SO_REUSEADDR and never listening, so a SYN to it is answered by a reset and
 /// no other test's listener can be given the same port (as one just released could be).
 pub async fn refusing_addr(ip: [u8; 4]) -> SocketAddr {
+    static HELD: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
+    let (addr, held) = refusing_held(ip);
+    HELD.lock().expect("held").push(held);
+    addr
+}
+
+/// As `refusing_addr`, its port held by the socket returned instead: a test that brings a backend
+/// up at the address later drops it first (no listener can bind the port while it is held).
+pub fn refusing_held(ip: [u8; 4]) -> (SocketAddr, socket2::Socket) {
     use socket2::{Domain, Socket, Type};
-    static HELD: std::sync::Mutex<Vec<Socket>> = std::sync::Mutex::new(Vec::new());
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
     s.bind(&SocketAddr::from((ip, 0)).into()).expect("bind");
     let addr = s
@@ -414,8 +422,7 @@ pub async fn refusing_addr(ip: [u8; 4]) -> SocketAddr {
         .expect("addr")
         .as_socket()
         .expect("an inet address");
-    HELD.lock().expect("held").push(s);
-    addr
+    (addr, s)
 }
 
 /// `n` deterministic pseudo-random bytes for `seed`.
