@@ -13,12 +13,12 @@
 //! connects through the ring with a linked timeout (the host names another backend when it fails),
 //! and the handshake's last ACK leaves with the first bytes for the backend, or on its own a loop
 //! turn later when none have come (`release_acks`); then each direction keeps one multishot receive
-//! armed into the ring's pool of provided buffers and sends from those buffers in order, one send
-//! in flight (a preface the host gave, and client bytes read with the header, go first, from the
-//! connection's buffer, and the preface is not counted as the client's); both sockets close through
-//! the ring. The kernel does the waiting; the thread enters it once per loop, submitting everything
-//! the last batch of completions started and waiting for the next (without waiting, when a held ACK
-//! is to be looked at).
+//! (one-shot when a dry pool wakes it) armed into the ring's pool of provided buffers and sends
+//! from those buffers in order, one send in flight (a preface the host gave, and client bytes read
+//! with the header, go first, from the connection's buffer, and the preface is not counted as the
+//! client's); both sockets close through the ring. The kernel does the waiting; the thread enters
+//! it once per loop, submitting everything the last batch of completions started and waiting for
+//! the next (without waiting, when a held ACK is to be looked at).
 //!
 //! The relay contract is the other engines' (`relay/mod.rs`): a FIN read is passed on (shutdown(2):
 //! IORING_OP_SHUTDOWN is punted to an io-wq thread) once what came before it is sent; a side that

@@ -1,6 +1,6 @@
 //! The ring worker's relay: each direction's multishot receive into the pool (one-shot when a dry
-//! pool wakes it), its sends in order, back-pressure at `CAP`, the held handshake ACK, a bulk direction's move to splice(2), and a
-//! FIN or a break passed on.
+//! pool wakes it), its sends in order, back-pressure at `CAP`, the held handshake ACK, a bulk
+//! direction's move to splice(2), and a FIN or a break passed on.
 
 use super::*;
 
@@ -527,8 +527,8 @@ impl<H: Host> Worker<H> {
     /// Each receives once, into one buffer: a multishot receive with bytes waiting behind it would
     /// take every buffer that came back (the kernel goes on past the cap before the worker can
     /// cancel it), and leave those woken after it, one that holds none among them (no send of its
-    /// own will wake it), dry until the tick's slow part. Of those woken here with bytes waiting, each
-    /// gets one buffer, in the order they are pushed, before any gets a second.
+    /// own will wake it), dry until the tick's slow part. Of those woken here with bytes waiting,
+    /// each gets one buffer, in the order they are pushed, before any gets a second.
     pub(super) fn wake_starved(&mut self, most: usize) {
         let mut woken = 0;
         while woken < most {
