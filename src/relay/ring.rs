@@ -103,6 +103,7 @@ mod flow;
 use connect::sockets_on_ring;
 #[cfg(test)]
 use connect::{connect_result, fail_nodelay_here};
+use flow::Starved;
 
 /// Submission queue entries: one `io_uring_enter` submits at most this many.
 const SQ_ENTRIES: u32 = 4096;
@@ -968,7 +969,7 @@ struct Worker<H: Host> {
     /// timespec, when it fires and what for, kept until it completes (the kernel reads the
     /// timespec when it takes the entry, which may be later than it is pushed).
     untils: Vec<Option<(Box<types::Timespec>, Instant, Until)>>,
-    starved: Vec<(u32, Side)>,
+    starved: Starved,
     /// Directions with a send due at the end of this batch of completions (`Dir::send_due`).
     due: Vec<(u32, Side)>,
     /// Connections waiting for a backend with room, oldest first.
@@ -1032,7 +1033,7 @@ impl<H: Host> Worker<H> {
             tick_fires: None,
             slow_at: Instant::now(),
             untils: Vec::new(),
-            starved: Vec::new(),
+            starved: Starved::default(),
             due: Vec::new(),
             waiting: Vec::new(),
             turn: 0,

@@ -196,7 +196,7 @@ impl<H: Host> Worker<H> {
             let d = c.dir(side);
             if !d.starved {
                 d.starved = true;
-                self.starved.push((slot, side));
+                self.starved.push(slot, side);
                 bump(&self.counts.starved);
             }
         } else if res != -libc::ECANCELED {
@@ -522,8 +522,9 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    /// Arms the receives of up to `most` directions the pool could not serve, newest first; an
-    /// entry whose direction is no longer starved (woken already, or its slot reused) is skipped.
+    /// Arms the receives of up to `most` directions the pool could not serve, those that have
+    /// waited longest first (`Starved`); an entry whose direction is no longer starved (woken
+    /// already, or its slot reused) is skipped.
     /// Each receives once, into one buffer: a multishot receive with bytes waiting behind it would
     /// take every buffer that came back (the kernel goes on past the cap before the worker can
     /// cancel it), and leave those woken after it, one that holds none among them (no send of its
@@ -532,7 +533,7 @@ impl<H: Host> Worker<H> {
     pub(super) fn wake_starved(&mut self, most: usize) {
         let mut woken = 0;
         while woken < most {
-            let Some((slot, side)) = self.starved.pop() else {
+            let Some((slot, side)) = self.starved.next() else {
                 return;
             };
             let Some(c) = self.conn(slot) else { continue };
@@ -604,4 +605,30 @@ pub(super) fn send_held_ack<C>(c: &mut Conn<C>) {
         let _ = SockRef::from(b).set_tcp_quickack(true);
     }
     c.ack_held = None;
+}
+
+/// The directions a dry pool stopped (their receive ended with ENOBUFS), in the order they ran
+/// dry. The buffers that come back wake those that have waited longest: newest first, one that ran
+/// dry early waited behind every direction that ran dry after it, for as long as new ones kept
+/// coming, until the tick's slow part (250 ms in service) woke them all. Oldest first, each waits
+/// only for those already waiting, and one that runs dry again when it is woken goes to the back.
+/// A direction goes in once each time it runs dry (`Dir::starved` is up until it is woken): an
+/// entry for a direction woken already finds the flag down as the worker takes it out, and is
+/// passed over.
+#[derive(Debug, Default)]
+pub(super) struct Starved(VecDeque<(u32, Side)>);
+
+impl Starved {
+    pub(super) fn push(&mut self, slot: u32, side: Side) {
+        self.0.push_back((slot, side));
+    }
+
+    /// The direction that has waited longest, taken out.
+    pub(super) fn next(&mut self) -> Option<(u32, Side)> {
+        self.0.pop_front()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }

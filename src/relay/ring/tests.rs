@@ -514,6 +514,28 @@ fn a_direction_arms_below_half_the_cap_cancels_at_it_and_shuts_once_drained() {
     assert!(!d.should_shut(), "passed on once");
 }
 
+/// Buffers that come back wake the directions a dry pool stopped in the order they ran dry: one
+/// that ran dry first is not put off by those that ran dry after it, and one that runs dry again
+/// waits behind those already waiting.
+#[test]
+fn a_dry_pools_directions_are_woken_oldest_first() {
+    let mut q = Starved::default();
+    q.push(3, Side::Up);
+    q.push(7, Side::Down);
+    q.push(3, Side::Down);
+    assert_eq!(q.next(), Some((3, Side::Up)), "the first to run dry");
+    q.push(3, Side::Up);
+    assert_eq!(q.next(), Some((7, Side::Down)));
+    assert_eq!(q.next(), Some((3, Side::Down)));
+    assert_eq!(
+        q.next(),
+        Some((3, Side::Up)),
+        "dry again: after those already waiting"
+    );
+    assert!(q.is_empty());
+    assert_eq!(q.next(), None);
+}
+
 #[test]
 fn a_direction_turns_bulk_on_a_full_buffer_and_splices_once_nothing_of_it_is_in_flight() {
     let mut d = Dir::default();
