@@ -819,6 +819,15 @@ impl<C> Conn<C> {
         &mut self.dirs[side as usize]
     }
 
+    /// The relay proper starts (`relaying`), and the host is told (`Host::relaying`), whichever
+    /// way the connection got there.
+    fn starts_relaying<H: Host<Conn = C>>(&mut self, host: &mut H) {
+        self.relaying = true;
+        if let Some(h) = self.host.as_mut() {
+            host.relaying(h);
+        }
+    }
+
     /// The bytes a direction's `OWNED` buffer stands for.
     fn owned(&self, side: Side) -> &[u8] {
         match side {

@@ -256,10 +256,7 @@ impl<H: Host> Worker<H> {
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
-        c.relaying = true;
-        if let Some(h) = c.host.as_mut() {
-            self.host.relaying(h);
-        }
+        c.starts_relaying(&mut self.host);
         for side in [Side::Up, Side::Down] {
             if self
                 .conn(slot)

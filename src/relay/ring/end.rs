@@ -319,10 +319,7 @@ impl<H: Host> Worker<H> {
         // receives: it relays from here, as `relay` would have begun. With `pre` still held, that
         // send arms them (`on_send`).
         if !c.relaying && c.dirs[Side::Up as usize].held.is_empty() {
-            c.relaying = true;
-            if let Some(h) = c.host.as_mut() {
-                self.host.relaying(h);
-            }
+            c.starts_relaying(&mut self.host);
         }
         for side in [Side::Up, Side::Down] {
             let Some(c) = self.conn(slot).filter(|c| c.end.is_none()) else {
