@@ -188,8 +188,7 @@ const K_READABLE: u64 = 11;
 const K_SPLICE: u64 = 12;
 const K_UNTIL: u64 = 13;
 const K_SOCKET: u64 = 14;
-/// A backend socket's option set on the ring: `Side::Up` is TCP_NODELAY, `Side::Down` quick ACKs
-/// off.
+/// A backend socket's option set on the ring (TCP_NODELAY, quick ACKs off).
 const K_SOCKOPT: u64 = 15;
 
 fn user_data(kind: u64, slot: u32, side: Side) -> u64 {
@@ -793,9 +792,6 @@ struct Conn<C> {
     ack_held: Option<u64>,
     /// Waiting for a backend (in the worker's `waiting`).
     waiting: bool,
-    /// The errno of the TCP_NODELAY set on the ring before the connect in flight, if it failed
-    /// (`connect_result`).
-    nodelay_failed: Option<i32>,
     /// While its connect is in the kernel (`connect_with` to `on_connect`): how many times a
     /// cancellation of the backend's has since found nothing (`on_cancel`).
     connect_out: Option<u8>,
@@ -1213,7 +1209,9 @@ impl<H: Host> Worker<H> {
             K_RECV => self.on_recv(slot, side_of(ud), res, flags),
             K_SEND => self.on_send(slot, side_of(ud), res),
             K_SOCKET => self.on_socket(slot, res),
-            K_SOCKOPT => self.on_sockopt(slot, side_of(ud), res),
+            // A backend socket's option that failed (only failures complete): the options are
+            // best effort (`Worker::connect_with`), and the connect after it goes on.
+            K_SOCKOPT => {}
             K_CONNECT => self.on_connect(slot, res),
             K_PRE => self.on_pre(slot, res),
             K_WRITABLE => self.on_writable(slot, side_of(ud)),

@@ -242,7 +242,6 @@ impl<H: Host> Worker<H> {
             reading,
             ack_held: None,
             waiting: false,
-            nodelay_failed: None,
             connect_out: None,
             dirs: Default::default(),
             refs: 0,
@@ -343,7 +342,6 @@ impl<H: Host> Worker<H> {
             // Connected in the process it comes from: never connects here.
             ack_held: None,
             waiting: false,
-            nodelay_failed: None,
             connect_out: None,
             dirs,
             refs: 0,

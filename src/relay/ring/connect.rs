@@ -141,13 +141,13 @@ impl<H: Host> Worker<H> {
     /// first, in the same chain. Both are hard-linked, so the connect is issued whatever they
     /// return: a failed linked entry that posts no completion on success would have the kernel
     /// post none for the entries it cancels, the connect's included, and nothing would end the
-    /// connection. A TCP_NODELAY that failed fails the connect when it completes
-    /// (`connect_result`), as it fails `backend_socket`; quick ACKs stay best effort.
+    /// connection. Both are best effort, as they are for `backend_socket` and the epoll engine
+    /// (`relay::connect_holding_ack`): without them the connection works, if slower, and a
+    /// failure to set an option on a socket of our own is not the backend's to answer for.
     fn connect_with(&mut self, slot: u32, socket: OwnedFd, options: bool) {
         let Some(c) = self.conn(slot) else { return };
         let fd = socket.as_raw_fd();
         c.backend = Some(socket);
-        c.nodelay_failed = None;
         c.connect_out = Some(0);
         let connect = opcode::Connect::new(types::Fd(fd), c.to.as_ptr().cast(), c.to.len())
             .build()
@@ -164,9 +164,8 @@ impl<H: Host> Worker<H> {
             return unsafe { self.push(&[connect, link]) };
         }
         // The options post no completion unless they fail (SKIP_SUCCESS): two fewer to reap, and
-        // none that ends the kernel's wait before the connect's. A failed one's is posted as it
-        // completes, before the connect after it is issued: the connection, held in its slot by
-        // the connect (`refs`), is there to take it.
+        // none that ends the kernel's wait before the connect's. A failed one's is reaped and
+        // passed over.
         let quiet = squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS;
         let nodelay = tcp_option(fd, libc::TCP_NODELAY, &ON, nodelay_len())
             .flags(quiet)
@@ -179,16 +178,6 @@ impl<H: Host> Worker<H> {
         unsafe { self.push(&[nodelay, quickack, connect, link]) };
     }
 
-    /// A backend socket's option failed to be set (`connect_with`: only failures complete). Only
-    /// TCP_NODELAY matters: the connect after it fails with its error.
-    pub(super) fn on_sockopt(&mut self, slot: u32, side: Side, res: i32) {
-        if side == Side::Up && res < 0 {
-            if let Some(c) = self.conn(slot) {
-                c.nodelay_failed = Some(-res);
-            }
-        }
-    }
-
     pub(super) fn on_connect(&mut self, slot: u32, res: i32) {
         if let Some(c) = self.conn(slot) {
             c.connect_out = None;
@@ -199,7 +188,7 @@ impl<H: Host> Worker<H> {
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
-        if let Err(e) = connect_result(res, c.nodelay_failed) {
+        if let Err(e) = connect_result(res) {
             return self.connect_failed(slot, e);
         }
         c.connected = true;
@@ -346,17 +335,15 @@ impl<H: Host> Worker<H> {
     }
 }
 
-/// Whether a connect succeeded, from its completion's `res` and the errno of a TCP_NODELAY set
-/// before it in its chain that failed (`Worker::connect_with`): that fails it whatever the connect
-/// did, as it fails `backend_socket`. Cancelled (ECANCELED) is its linked timeout's doing.
-pub(super) fn connect_result(res: i32, nodelay_failed: Option<i32>) -> io::Result<()> {
-    match nodelay_failed {
-        Some(errno) => Err(io::Error::from_raw_os_error(errno)),
-        None if res == -libc::ECANCELED => {
+/// Whether a connect succeeded, from its completion's `res`. Cancelled (ECANCELED) is its linked
+/// timeout's doing.
+pub(super) fn connect_result(res: i32) -> io::Result<()> {
+    match res {
+        r if r == -libc::ECANCELED => {
             Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
         }
-        None if res < 0 => Err(io::Error::from_raw_os_error(-res)),
-        None => Ok(()),
+        r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+        _ => Ok(()),
     }
 }
 
@@ -459,8 +446,10 @@ fn backend_socket(to: SocketAddr) -> io::Result<OwnedFd> {
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
     )?;
-    s.set_tcp_nodelay(true)?;
-    // Best effort: without it the handshake ends with an ACK of its own, as it would anyway.
+    // Best effort, as on the ring (`Worker::connect_with`): without TCP_NODELAY the connection
+    // works, if slower; without quick ACKs off the handshake ends with an ACK of its own, as it
+    // would anyway.
+    let _ = s.set_tcp_nodelay(true);
     let _ = s.set_tcp_quickack(false);
     Ok(s.into())
 }

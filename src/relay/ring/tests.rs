@@ -1239,12 +1239,13 @@ fn a_backend_socket_has_nodelay_however_it_was_made() {
     }
 }
 
-/// A TCP_NODELAY that fails on the ring fails its connect (as it fails the socket made by system
-/// calls), whatever the connect did: the host hears why and names the next target, and the
-/// connection ends when none is left. It must end: an option that fails in a chain of entries
-/// that post nothing on success would have the kernel post nothing for the connect either.
+/// A TCP_NODELAY that fails on the ring is best effort, as it is for a socket made by system calls
+/// and on the epoll engine: the connect after it goes on and the connection relays through the
+/// first backend, without it. It used to fail the attempt, which the host counted against a
+/// backend that had done nothing wrong. The option's failed completion, in a chain whose entries
+/// post nothing on success, must not stop the connect's either.
 #[test]
-fn a_nodelay_that_fails_on_the_ring_fails_its_connect_and_the_next_target_is_tried() {
+fn a_nodelay_that_fails_on_the_ring_leaves_the_connection_to_relay_without_it() {
     if availability().is_err() || !sockets_on_ring() {
         return;
     }
@@ -1252,15 +1253,23 @@ fn a_nodelay_that_fails_on_the_ring_fails_its_connect_and_the_next_target_is_tri
         failing_nodelay: true,
         ..Mode::default()
     };
-    let Some(r) = worker_with(vec![echo_backend(), echo_backend()], WAIT, mode) else {
+    let backend = echo_backend();
+    let Some(r) = worker_with(vec![backend, echo_backend()], WAIT, mode) else {
         return;
     };
-    let mut c = client(r.addr);
+    let mut c = relayed_client(&r);
+    let ours = ours_connected_to(backend);
+    assert_eq!(ours.len(), 1, "connected to the first backend");
+    assert!(
+        !SockRef::from(&ours[0]).tcp_nodelay().unwrap(),
+        "the option did fail"
+    );
+    c.shutdown(Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(c.read_to_end(&mut Vec::new()).unwrap(), 0, "the echo's FIN");
     let (f, errors) = r.ended.recv_timeout(WAIT).expect("the connection ends");
-    assert_eq!(errors, [io::ErrorKind::InvalidInput; 2], "EINVAL, twice");
-    assert_eq!(f.end, Outcome::ConnectFailed);
-    assert!(closed(&mut c), "closed");
-    assert_eq!(r.handle.counts().open.load(Relaxed), 0, "freed");
+    assert!(errors.is_empty(), "no attempt failed: {errors:?}");
+    assert_eq!(f.end, Outcome::ClientClosed);
     stop(r);
 }
 
@@ -1278,23 +1287,14 @@ fn this_kernel_makes_backend_sockets_on_the_ring() {
     }
 }
 
-/// A connect fails for a TCP_NODELAY that failed before it, whatever it did; cancelled, for its
-/// linked timeout; else for its own error.
+/// A connect cancelled failed for its linked timeout; else for its own error.
 #[test]
-fn a_connect_fails_for_its_failed_nodelay_else_its_timeout_or_its_own_error() {
-    let kind = |res, nodelay| connect_result(res, nodelay).map_err(|e: io::Error| e.kind());
-    assert_eq!(kind(0, None), Ok(()));
+fn a_connect_fails_for_its_timeout_or_its_own_error() {
+    let kind = |res| connect_result(res).map_err(|e: io::Error| e.kind());
+    assert_eq!(kind(0), Ok(()));
+    assert_eq!(kind(-libc::ECANCELED), Err(io::ErrorKind::TimedOut));
     assert_eq!(
-        kind(0, Some(libc::EINVAL)),
-        Err(io::ErrorKind::InvalidInput)
-    );
-    assert_eq!(
-        kind(-libc::ECANCELED, Some(libc::EINVAL)),
-        Err(io::ErrorKind::InvalidInput)
-    );
-    assert_eq!(kind(-libc::ECANCELED, None), Err(io::ErrorKind::TimedOut));
-    assert_eq!(
-        kind(-libc::ECONNREFUSED, None),
+        kind(-libc::ECONNREFUSED),
         Err(io::ErrorKind::ConnectionRefused)
     );
 }
