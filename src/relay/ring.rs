@@ -670,8 +670,9 @@ struct Dir {
     eof: bool,
     /// The FIN was passed on: the destination's write side is shut down.
     shut: bool,
-    /// The pool had no buffer for it: armed again once one comes back.
-    starved: bool,
+    /// The pool had no buffer for it: armed again once one comes back. Its place in the worker's
+    /// `Starved`, by the ticket the queue gave it.
+    starved: Option<u32>,
     /// Bytes sent in all, and since the host last heard.
     sent: u64,
     unflushed: u64,
@@ -690,10 +691,21 @@ impl Dir {
     fn should_arm(&self, ending: bool) -> bool {
         !self.armed
             && !self.eof
-            && !self.starved
+            && self.starved.is_none()
             && !self.bulk
             && !ending
             && self.held.len() < CAP / 2
+    }
+
+    /// Whether the entry `ticket`, taken out of `Starved`, is the direction's place there; if so it
+    /// leaves the queue. An entry left behind is not: one whose direction moved to splice, or whose
+    /// slot was reused, and ran dry again since, has a newer place, which stands.
+    fn leaves_starved(&mut self, ticket: u32) -> bool {
+        if self.starved != Some(ticket) {
+            return false;
+        }
+        self.starved = None;
+        true
     }
 
     /// Whether a full pool buffer just received makes it a bulk direction.

@@ -194,9 +194,8 @@ impl<H: Host> Worker<H> {
             shut = d.should_shut() && !ending && !carry;
         } else if res == -libc::ENOBUFS {
             let d = c.dir(side);
-            if !d.starved {
-                d.starved = true;
-                self.starved.push(slot, side);
+            if d.starved.is_none() {
+                d.starved = Some(self.starved.push(slot, side));
                 bump(&self.counts.starved);
             }
         } else if res != -libc::ECANCELED {
@@ -374,9 +373,9 @@ impl<H: Host> Worker<H> {
             return;
         };
         d.pipe = Some(pipe);
-        // Its last receive may have ended for want of a buffer: that no longer matters (a stale
-        // entry in `starved` finds the flag down).
-        d.starved = false;
+        // Its last receive may have ended for want of a buffer: that no longer matters (its entry
+        // in `starved` is passed over: `Dir::leaves_starved`).
+        d.starved = None;
         c.spliced = true;
         self.pump(slot, side, false);
     }
@@ -523,8 +522,8 @@ impl<H: Host> Worker<H> {
     }
 
     /// Arms the receives of up to `most` directions the pool could not serve, those that have
-    /// waited longest first (`Starved`); an entry whose direction is no longer starved (woken
-    /// already, or its slot reused) is skipped.
+    /// waited longest first (`Starved`); an entry that is no longer its direction's place is
+    /// skipped (`Dir::leaves_starved`).
     /// Each receives once, into one buffer: a multishot receive with bytes waiting behind it would
     /// take every buffer that came back (the kernel goes on past the cap before the worker can
     /// cancel it), and leave those woken after it, one that holds none among them (no send of its
@@ -533,17 +532,15 @@ impl<H: Host> Worker<H> {
     pub(super) fn wake_starved(&mut self, most: usize) {
         let mut woken = 0;
         while woken < most {
-            let Some((slot, side)) = self.starved.next() else {
+            let Some((slot, side, ticket)) = self.starved.next() else {
                 return;
             };
             let Some(c) = self.conn(slot) else { continue };
             let ending = c.stopping();
             let d = c.dir(side);
-            // A stale entry (the slot since reused) finds the flag down and does nothing.
-            if !d.starved {
+            if !d.leaves_starved(ticket) {
                 continue;
             }
-            d.starved = false;
             if d.should_arm(ending) {
                 woken += 1;
                 self.arm_receive(slot, side, true);
@@ -608,27 +605,32 @@ pub(super) fn send_held_ack<C>(c: &mut Conn<C>) {
 }
 
 /// The directions a dry pool stopped (their receive ended with ENOBUFS), in the order they ran
-/// dry. The buffers that come back wake those that have waited longest: newest first, one that ran
-/// dry early waited behind every direction that ran dry after it, for as long as new ones kept
-/// coming, until the tick's slow part (250 ms in service) woke them all. Oldest first, each waits
-/// only for those already waiting, and one that runs dry again when it is woken goes to the back.
-/// A direction goes in once each time it runs dry (`Dir::starved` is up until it is woken): an
-/// entry for a direction woken already finds the flag down as the worker takes it out, and is
-/// passed over.
+/// dry, so that the buffers that come back wake those that have waited longest, and one that runs
+/// dry again goes to the back. Each entry has a ticket, kept in its direction (`Dir::starved`), so
+/// that an entry left behind cannot stand for the direction's newer place.
 #[derive(Debug, Default)]
-pub(super) struct Starved(VecDeque<(u32, Side)>);
+pub(super) struct Starved {
+    queue: VecDeque<(u32, Side, u32)>,
+    tickets: u32,
+}
 
 impl Starved {
-    pub(super) fn push(&mut self, slot: u32, side: Side) {
-        self.0.push_back((slot, side));
+    /// Puts a direction at the back; returns its ticket.
+    pub(super) fn push(&mut self, slot: u32, side: Side) -> u32 {
+        let ticket = self.tickets;
+        // Wraps after 2^32 pushes: every entry is gone by then (the tick's slow part takes them all
+        // out every 250 ms).
+        self.tickets = self.tickets.wrapping_add(1);
+        self.queue.push_back((slot, side, ticket));
+        ticket
     }
 
-    /// The direction that has waited longest, taken out.
-    pub(super) fn next(&mut self) -> Option<(u32, Side)> {
-        self.0.pop_front()
+    /// The entry that has waited longest, taken out.
+    pub(super) fn next(&mut self) -> Option<(u32, Side, u32)> {
+        self.queue.pop_front()
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.queue.is_empty()
     }
 }

@@ -499,9 +499,9 @@ fn a_direction_arms_below_half_the_cap_cancels_at_it_and_shuts_once_drained() {
     assert!(!d.should_arm(false), "nor at half of it");
     d.held.truncate(CAP / 2 - 1);
     assert!(d.should_arm(false), "below half: armed again");
-    d.starved = true;
+    d.starved = Some(0);
     assert!(!d.should_arm(false), "a starved one waits for a buffer");
-    d.starved = false;
+    d.starved = None;
     d.eof = true;
     assert!(!d.should_arm(false), "nothing more to read after the FIN");
     assert!(!d.should_shut(), "the FIN waits for what came before it");
@@ -520,20 +520,54 @@ fn a_direction_arms_below_half_the_cap_cancels_at_it_and_shuts_once_drained() {
 #[test]
 fn a_dry_pools_directions_are_woken_oldest_first() {
     let mut q = Starved::default();
-    q.push(3, Side::Up);
-    q.push(7, Side::Down);
-    q.push(3, Side::Down);
-    assert_eq!(q.next(), Some((3, Side::Up)), "the first to run dry");
-    q.push(3, Side::Up);
-    assert_eq!(q.next(), Some((7, Side::Down)));
-    assert_eq!(q.next(), Some((3, Side::Down)));
+    let mut dirs: [Dir; 3] = Default::default();
+    for (i, d) in dirs.iter_mut().enumerate() {
+        d.starved = Some(q.push(i as u32, Side::Up));
+    }
+    let take = |q: &mut Starved, dirs: &mut [Dir; 3], woken: &mut Vec<u32>| {
+        let (slot, _, ticket) = q.next().unwrap();
+        if dirs[slot as usize].leaves_starved(ticket) {
+            woken.push(slot);
+        }
+    };
+    let mut woken = Vec::new();
+    take(&mut q, &mut dirs, &mut woken);
+    dirs[0].starved = Some(q.push(0, Side::Up));
+    for _ in 0..3 {
+        take(&mut q, &mut dirs, &mut woken);
+    }
     assert_eq!(
-        q.next(),
-        Some((3, Side::Up)),
-        "dry again: after those already waiting"
+        woken,
+        [0, 1, 2, 0],
+        "oldest first; dry again, after those waiting"
     );
-    assert!(q.is_empty());
-    assert_eq!(q.next(), None);
+    assert!(q.is_empty() && dirs.iter().all(|d| d.starved.is_none()));
+}
+
+/// An entry left in the queue when its direction stopped waiting without it (it moved to splice, or
+/// its slot was reused) does not wake the direction once it runs dry again: its newer place, behind
+/// those already waiting, stands.
+#[test]
+fn an_entry_left_behind_does_not_wake_its_direction_out_of_turn() {
+    let mut q = Starved::default();
+    let mut d = Dir {
+        starved: Some(q.push(0, Side::Up)),
+        ..Dir::default()
+    };
+    q.push(1, Side::Up);
+    d.starved = None; // To splice, or its slot freed.
+    d.starved = Some(q.push(0, Side::Up));
+    let (_, _, left) = q.next().unwrap();
+    assert!(!d.leaves_starved(left), "the entry left behind");
+    assert!(d.starved.is_some(), "still waiting");
+    assert_eq!(
+        q.next().map(|(slot, ..)| slot),
+        Some(1),
+        "the one before it"
+    );
+    let (_, _, place) = q.next().unwrap();
+    assert!(d.leaves_starved(place), "its own place");
+    assert!(!d.leaves_starved(place), "once");
 }
 
 #[test]
