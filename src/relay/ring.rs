@@ -1223,7 +1223,10 @@ impl<H: Host> Worker<H> {
             K_SOCKET => self.on_socket(slot, res),
             // A backend socket's option that failed (only failures complete): the options are
             // best effort (`Worker::connect_with`), and the connect after it goes on.
-            K_SOCKOPT => {}
+            K_SOCKOPT => {
+                let error = io::Error::from_raw_os_error(-res);
+                tracing::debug!(%error, "a backend socket's option could not be set on the ring");
+            }
             K_CONNECT => self.on_connect(slot, res),
             K_PRE => self.on_pre(slot, res),
             K_WRITABLE => self.on_writable(slot, side_of(ud)),

@@ -1275,9 +1275,8 @@ fn a_backend_socket_has_nodelay_however_it_was_made() {
 
 /// A TCP_NODELAY that fails on the ring is best effort, as it is for a socket made by system calls
 /// and on the epoll engine: the connect after it goes on and the connection relays through the
-/// first backend, without it. It used to fail the attempt, which the host counted against a
-/// backend that had done nothing wrong. The option's failed completion, in a chain whose entries
-/// post nothing on success, must not stop the connect's either.
+/// first backend, without it, and no attempt is counted against a backend. The option's failed
+/// completion, in a chain whose entries post nothing on success, does not stop the connect's.
 #[test]
 fn a_nodelay_that_fails_on_the_ring_leaves_the_connection_to_relay_without_it() {
     if availability().is_err() || !sockets_on_ring() {
