@@ -188,7 +188,8 @@ const K_READABLE: u64 = 11;
 const K_SPLICE: u64 = 12;
 const K_UNTIL: u64 = 13;
 const K_SOCKET: u64 = 14;
-/// A backend socket's option set on the ring (TCP_NODELAY, quick ACKs off).
+/// A backend socket's option set on the ring: `Side::Up` is TCP_NODELAY, `Side::Down` quick ACKs
+/// off.
 const K_SOCKOPT: u64 = 15;
 
 fn user_data(kind: u64, slot: u32, side: Side) -> u64 {
@@ -1225,7 +1226,11 @@ impl<H: Host> Worker<H> {
             // best effort (`Worker::connect_with`), and the connect after it goes on.
             K_SOCKOPT => {
                 let error = io::Error::from_raw_os_error(-res);
-                tracing::debug!(%error, "a backend socket's option could not be set on the ring");
+                let option = match side_of(ud) {
+                    Side::Up => "TCP_NODELAY",
+                    Side::Down => "TCP_QUICKACK",
+                };
+                tracing::debug!(option, %error, "a backend socket option failed on the ring");
             }
             K_CONNECT => self.on_connect(slot, res),
             K_PRE => self.on_pre(slot, res),

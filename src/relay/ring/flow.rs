@@ -618,8 +618,8 @@ impl Starved {
     /// Puts a direction at the back; returns its ticket.
     pub(super) fn push(&mut self, slot: u32, side: Side) -> u32 {
         let ticket = self.tickets;
-        // Wraps after 2^32 pushes: every entry is gone by then (the tick's slow part takes them all
-        // out every 250 ms).
+        // Wraps after 2^32 pushes: every entry is gone long before (the first slow part of the tick
+        // after it, 250 ms in service, takes them all out).
         self.tickets = self.tickets.wrapping_add(1);
         self.queue.push_back((slot, side, ticket));
         ticket
