@@ -555,7 +555,8 @@ fn an_entry_left_behind_does_not_wake_its_direction_out_of_turn() {
         ..Dir::default()
     };
     q.push(1, Side::Up);
-    d.starved = None; // To splice, or its slot freed.
+    // Its flag cleared without its entry (it moved to splice, or its slot was reused), then dry
+    // again: a second entry, behind the first and the one between.
     d.starved = Some(q.push(0, Side::Up));
     let (_, _, left) = q.next().unwrap();
     assert!(!d.leaves_starved(left), "the entry left behind");
