@@ -386,9 +386,9 @@ thread_local! {
     static NODELAY_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// From now on, on the calling thread, TCP_NODELAY set on the ring fails (EINVAL): nothing
-/// outside the kernel can make it fail on a new TCP socket, and what a connect does then must be
-/// tested.
+/// From now on, on the calling thread, TCP_NODELAY set on a backend socket fails (EINVAL), on the
+/// ring and by a system call (`backend_socket`): nothing outside the kernel can make it fail on a
+/// new TCP socket, and what a connect does then must be tested.
 #[cfg(test)]
 pub(super) fn fail_nodelay_here() {
     NODELAY_FAILS.set(true);
@@ -449,7 +449,23 @@ fn backend_socket(to: SocketAddr) -> io::Result<OwnedFd> {
     // Best effort, as on the ring (`Worker::connect_with`): without TCP_NODELAY the connection
     // works, if slower; without quick ACKs off the handshake ends with an ACK of its own, as it
     // would anyway.
-    let _ = s.set_tcp_nodelay(true);
-    let _ = s.set_tcp_quickack(false);
+    for (option, set) in [
+        ("TCP_NODELAY", set_nodelay(&s)),
+        ("TCP_QUICKACK", s.set_tcp_quickack(false)),
+    ] {
+        if let Err(error) = set {
+            tracing::debug!(option, %error, "a backend socket option failed");
+        }
+    }
     Ok(s.into())
+}
+
+/// TCP_NODELAY on, by a system call; refused (EINVAL) on a thread that called
+/// [`fail_nodelay_here`], as the ring's is.
+fn set_nodelay(s: &socket2::Socket) -> io::Result<()> {
+    #[cfg(test)]
+    if NODELAY_FAILS.get() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    s.set_tcp_nodelay(true)
 }
