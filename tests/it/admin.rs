@@ -160,12 +160,15 @@ async fn backends_at_runtime_add_drain_weight_remove() {
     assert_eq!(seen.len(), 3, "the added backend serves: {seen:?}");
 
     // drain: no new connections, sessions kept
-    let (mut held, ip) = loop {
+    let mut first = None;
+    for _ in 0..50 {
         let (s, ip) = Session::open(p.addr).await.expect("session");
         if ip == fleet[0].ip() {
-            break (s, ip);
+            first = Some((s, ip));
+            break;
         }
-    };
+    }
+    let (mut held, ip) = first.expect("a session on the first backend in 50 tries");
     let drain = send(
         a,
         "POST",

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::databases::{self, Postgres, Redis};
 use crate::common::fleet::{replicas, spread, Replica};
 use crate::common::http::{get, send};
-use crate::common::{listen, wait_for, wait_until, within, Backend, Proxy};
+use crate::common::{listen_on_one_port, wait_for, wait_until, within, Backend, Proxy};
 use sluicegate::pool::State;
 use sluicegate::{AgentSays, Health};
 
@@ -357,15 +357,14 @@ async fn exec_checks_run_the_command_with_the_backend_in_its_environment() {
 }
 
 /// An agent the test plays: it answers every connection with the line it is given (or nothing,
-/// once closed), on one address.
+/// once closed), on one listener.
 struct Agent {
     line: Arc<Mutex<Vec<u8>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Agent {
-    fn start(addr: SocketAddr, first: &str) -> Agent {
-        let listener = listen(addr);
+    fn start(listener: TcpListener, first: &str) -> Agent {
         let line = Arc::new(Mutex::new(first.as_bytes().to_vec()));
         let l = line.clone();
         let task = tokio::spawn(async move {
@@ -396,12 +395,12 @@ impl Drop for Agent {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_adjusts_its_backend_and_garbage_changes_nothing() {
     let (_port, fleet) = replicas(2, 2);
-    let agent_port = listen(SocketAddr::from(([127, 0, 0, 2], 0)))
-        .local_addr()
-        .unwrap()
-        .port();
-    let a2 = Agent::start(SocketAddr::from(([127, 0, 0, 2], agent_port)), "up 100%\n");
-    let _a3 = Agent::start(SocketAddr::from(([127, 0, 0, 3], agent_port)), "ready\n");
+    let [l2, l3]: [TcpListener; 2] = listen_on_one_port(&[[127, 0, 0, 2], [127, 0, 0, 3]])
+        .try_into()
+        .unwrap();
+    let agent_port = l2.local_addr().unwrap().port();
+    let a2 = Agent::start(l2, "up 100%\n");
+    let _a3 = Agent::start(l3, "ready\n");
     let addrs: Vec<SocketAddr> = fleet.iter().map(|r| r.addr()).collect();
     let y = crate::common::service_yaml(
         &addrs,

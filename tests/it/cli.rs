@@ -108,15 +108,21 @@ impl Sg {
         }
         let end = Instant::now() + limit;
         loop {
+            // Checked on every line too: a flood of lines that never match must not outlast it.
             let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) => {
+            match self
+                .lines
+                .recv_timeout(left)
+                .ok()
+                .filter(|_| !left.is_zero())
+            {
+                Some(v) => {
                     self.seen.push(v.clone());
                     if pred(&v) {
                         return v;
                     }
                 }
-                Err(_) => panic!(
+                None => panic!(
                     "no matching log line within {limit:?}; seen: {:#?}",
                     self.seen
                 ),
@@ -129,9 +135,14 @@ impl Sg {
         let end = Instant::now() + limit;
         while self.seen.iter().filter(|v| pred(v)).count() < n {
             let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) => self.seen.push(v),
-                Err(_) => panic!(
+            match self
+                .lines
+                .recv_timeout(left)
+                .ok()
+                .filter(|_| !left.is_zero())
+            {
+                Some(v) => self.seen.push(v),
+                None => panic!(
                     "{} of {n} matching log lines within {limit:?}",
                     self.seen.iter().filter(|v| pred(v)).count()
                 ),
@@ -1583,8 +1594,15 @@ async fn text_format_writes_key_value_lines() {
     let mut child = spawn("text.yaml", &y);
     let lines = Sg::collect(child.stdout.take().unwrap());
     let raw = |v: Value| v["raw"].as_str().unwrap_or_default().to_string();
+    // The next line, before `end` (also when lines keep coming that do not match).
+    let next_line = |end: Instant, what: &str| {
+        let left = end.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).ok().filter(|_| !left.is_zero());
+        raw(line.unwrap_or_else(|| panic!("no {what} within 10 s")))
+    };
+    let end = Instant::now() + SECS(10);
     let listening = loop {
-        let l = raw(lines.recv_timeout(SECS(10)).expect("a log line"));
+        let l = next_line(end, "listening line");
         if l.contains(": listening ") {
             break l;
         }
@@ -1600,8 +1618,9 @@ async fn text_format_writes_key_value_lines() {
         let _ = round_trip(addr, b"hi").await;
     }
     let mut routes = Vec::new();
+    let end = Instant::now() + SECS(10);
     while routes.len() < 2 {
-        let l = raw(lines.recv_timeout(SECS(10)).expect("route lines"));
+        let l = next_line(end, "two route lines");
         if l.contains("sluicegate::route") {
             routes.push(l);
         }

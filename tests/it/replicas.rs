@@ -285,7 +285,7 @@ fn add_and_remove_under_traffic_lose_nothing() {
                 "its container is gone once /rm answers"
             );
             let mut on_s5 = 0;
-            while let Some(r) = downloads.join_next().await {
+            while let Some(r) = within(SECS(60), "the downloads", downloads.join_next()).await {
                 let (backend, right) = r.unwrap();
                 assert!(right, "a download from {backend} lost bytes");
                 on_s5 += usize::from(backend == "s5");

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::common::dns::FakeDns;
-use crate::common::{echo, listen, payload, sha, wait_for, Backend};
+use crate::common::{echo, listen_on_one_port, payload, sha, try_listen, wait_for, Backend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -87,16 +87,6 @@ fn metric(admin: SocketAddr, name: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
-fn try_listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.bind(&addr.into())?;
-    s.listen(4096)?;
-    s.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(s.into())
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -130,6 +120,8 @@ impl Drop for ChildGuard {
 async fn exchange(to: SocketAddr, data: &[u8], tally: &Tally) {
     let Ok(mut s) = TcpStream::connect(to).await else {
         tally.cut.fetch_add(1, Relaxed);
+        // The callers loop: not a spin while the proxy is not there.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         return;
     };
     let (mut r, mut w) = s.split();
@@ -231,14 +223,15 @@ async fn soak_stays_flat_and_loses_nothing() {
     let warm = Duration::from_secs((secs / 5).clamp(10, 120));
 
     // Five backends on 127.0.0.2-6, one port, found through the fake DNS.
-    let first = listen(SocketAddr::from(([127, 0, 0, 2], 0)));
-    let bport = first.local_addr().unwrap().port();
-    let backends: Arc<Mutex<Vec<Option<Backend>>>> =
-        Arc::new(Mutex::new(vec![Some(Backend::serve(first, echo))]));
-    for ip in 3..=6u8 {
-        let b = Backend::serve(listen(SocketAddr::from(([127, 0, 0, ip], bport))), echo);
-        backends.lock().unwrap().push(Some(b));
-    }
+    let ips: Vec<[u8; 4]> = (2..=6u8).map(|ip| [127, 0, 0, ip]).collect();
+    let listeners = listen_on_one_port(&ips);
+    let bport = listeners[0].local_addr().unwrap().port();
+    let backends: Arc<Mutex<Vec<Option<Backend>>>> = Arc::new(Mutex::new(
+        listeners
+            .into_iter()
+            .map(|l| Some(Backend::serve(l, echo)))
+            .collect(),
+    ));
     let dns = FakeDns::start().await;
     dns.set_ips(
         "backend",
@@ -350,6 +343,7 @@ async fn soak_stays_flat_and_loses_nothing() {
                 let data = payload(100 + k, 1 << 20);
                 let Ok(mut s) = TcpStream::connect(to).await else {
                     tally.cut.fetch_add(1, Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
                 let (mut r, mut w) = s.split();

@@ -12,6 +12,7 @@ use sluicegate::tls::hello::build::{client_hello, records};
 use sluicegate::Outcome;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::common::http::get;
 use crate::common::pki::{
@@ -832,29 +833,34 @@ async fn a_reload_reads_certificates_again_and_open_connections_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_range_keeps_the_port_the_client_reached() {
     for relay in [RelayMode::Epoll, RelayMode::Ring] {
-        // Three consecutive ports free on both addresses (bound, then released).
-        let (range, backends) = loop {
+        // Three consecutive ports free on both addresses (bound, then released). The kernel's
+        // connects take even ports, and after a run of many connections (a benchmark's) their
+        // TIME_WAIT sockets can hold every even port for a minute: the search waits that out.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let base = loop {
             let base = free_addr([127, 0, 0, 1]).port();
-            if base > 65000 {
-                continue;
+            let free = base <= 65000
+                && (base..base + 3).all(|p| {
+                    std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+                        && std::net::TcpListener::bind(("127.0.0.2", p)).is_ok()
+                });
+            if free {
+                break base;
             }
-            let ports: Vec<u16> = (base..base + 3).collect();
-            let free = ports.iter().all(|&p| {
-                std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
-                    && std::net::TcpListener::bind(("127.0.0.2", p)).is_ok()
-            });
-            if !free {
-                continue;
-            }
-            let mut backends = Vec::new();
-            for &port in &ports {
-                let l = listen(SocketAddr::from(([127, 0, 0, 2], port)));
-                backends.push(Backend::serve(l, move |mut s| async move {
-                    let _ = s.write_all(format!("{port}\n").as_bytes()).await;
-                }));
-            }
-            break (ports, backends);
+            assert!(
+                Instant::now() < deadline,
+                "no three consecutive ports free on both addresses within 90 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        let range: Vec<u16> = (base..base + 3).collect();
+        let mut backends = Vec::new();
+        for &port in &range {
+            let l = listen(SocketAddr::from(([127, 0, 0, 2], port)));
+            backends.push(Backend::serve(l, move |mut s| async move {
+                let _ = s.write_all(format!("{port}\n").as_bytes()).await;
+            }));
+        }
         let yaml = format!(
         "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nadmin: {{listen: \"127.0.0.1:0\"}}\nservices:\n  - name: ftp\n    listen: \"127.0.0.1:{}-{}\"\n    relay: {relay}\n    backend_port: same\n    backends: [{{address: \"127.0.0.2:{}\"}}]\n",
         range[0], range[2], range[0], relay = relay.as_str()
@@ -893,19 +899,18 @@ async fn a_listen_list_takes_both_families_on_one_port() {
         let _ = s.write_all(b"served\n").await;
     })
     .await;
-    let port = loop {
-        let p = free_addr([127, 0, 0, 1]).port();
-        let v4 = std::net::TcpListener::bind(("0.0.0.0", p));
-        let v6 = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).and_then(
-            |s| {
-                s.set_only_v6(true)?;
-                s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, p)).into())
-            },
-        );
-        if v4.is_ok() && v6.is_ok() {
-            break p;
-        }
-    };
+    let port = (0..50)
+        .map(|_| free_addr([127, 0, 0, 1]).port())
+        .find(|&p| {
+            let v4 = std::net::TcpListener::bind(("0.0.0.0", p));
+            let v6 = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+                .and_then(|s| {
+                    s.set_only_v6(true)?;
+                    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, p)).into())
+                });
+            v4.is_ok() && v6.is_ok()
+        })
+        .expect("a port free on 0.0.0.0 and [::] in 50 tries");
     let yaml = format!(
         "log: {{level: warn}}\nservices:\n  - name: both\n    listen: [\"0.0.0.0:{port}\", \"[::]:{port}\"]\n    backends: [{{address: \"{}\"}}]\n",
         backend.addr

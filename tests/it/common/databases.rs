@@ -109,7 +109,8 @@ impl Redis {
             .expect("write");
         let mut text = String::new();
         let mut r = BufReader::new(s);
-        while r.read_line(&mut text).await.unwrap_or(0) > 0 {}
+        let all = async { while r.read_line(&mut text).await.unwrap_or(0) > 0 {} };
+        super::within(Duration::from_secs(10), "redis's INFO replication", all).await;
         text.lines()
             .find_map(|l| l.strip_prefix("role:"))
             .unwrap_or("")

@@ -206,7 +206,9 @@ impl Session {
         w.write_all(HELLO).await?;
         let mut r = BufReader::new(r);
         let mut line = String::new();
-        r.read_line(&mut line).await?;
+        tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello back"))??;
         let ip = line.trim().parse().map_err(|_| {
             std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,

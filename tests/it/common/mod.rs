@@ -344,6 +344,8 @@ impl Backend {
         let listen_task = tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else {
+                    // Out of descriptors, say: wait for some to close rather than spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 acc.fetch_add(1, Relaxed);
@@ -392,13 +394,39 @@ pub async fn echo(mut s: TcpStream) {
 /// A listener with a deep accept queue. `TcpListener::bind` uses a backlog of 128, which a burst of a
 /// thousand connects overflows: the kernel then drops handshakes and clients stall for seconds.
 pub fn listen(addr: SocketAddr) -> TcpListener {
+    try_listen(addr).unwrap_or_else(|e| panic!("listen on {addr}: {e}"))
+}
+
+/// Listeners on one port, one on each of `ips` (as `listen` makes them). The port is the one the
+/// kernel gives the first; another test may hold it on the other addresses (a refusing address
+/// holds its port for the whole run), so a port not free on all of them is given up for another,
+/// a bounded number of times.
+pub fn listen_on_one_port(ips: &[[u8; 4]]) -> Vec<TcpListener> {
+    const TRIES: usize = 50;
+    let (first, rest) = ips.split_first().expect("at least one address");
+    for _ in 0..TRIES {
+        let l = listen(SocketAddr::from((*first, 0)));
+        let port = l.local_addr().expect("addr").port();
+        let others: Option<Vec<TcpListener>> = rest
+            .iter()
+            .map(|ip| try_listen(SocketAddr::from((*ip, port))).ok())
+            .collect();
+        if let Some(others) = others {
+            return std::iter::once(l).chain(others).collect();
+        }
+    }
+    panic!("no port free on all of {ips:?} in {TRIES} tries");
+}
+
+/// `listen`, with its error returned.
+pub fn try_listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
-    s.set_reuse_address(true).expect("reuseaddr");
-    s.bind(&addr.into()).expect("bind backend");
-    s.listen(4096).expect("listen");
-    s.set_nonblocking(true).expect("nonblocking");
-    TcpListener::from_std(s.into()).expect("tokio listener")
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    s.set_nonblocking(true)?;
+    TcpListener::from_std(s.into())
 }
 
 /// An address on which nothing listens: its port is held, for the life of the test process, by a
@@ -443,21 +471,31 @@ pub fn sha(b: &[u8]) -> [u8; 32] {
     Sha256::digest(b).into()
 }
 
-/// Sends `data` and FIN, reads everything back until EOF, concurrently. Returns what was read.
+/// Sends `data` and FIN, reads everything back until EOF, concurrently, within `ROUND_TRIP_LIMIT`.
+/// Returns what was read.
 pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut s = TcpStream::connect(addr).await?;
-    let (mut r, mut w) = s.split();
-    let send = async {
-        w.write_all(data).await?;
-        w.shutdown().await
+    let all = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let (mut r, mut w) = s.split();
+        let send = async {
+            w.write_all(data).await?;
+            w.shutdown().await
+        };
+        let mut got = Vec::with_capacity(data.len());
+        let recv = r.read_to_end(&mut got);
+        let (a, b) = tokio::join!(send, recv);
+        a?;
+        b?;
+        Ok(got)
     };
-    let mut got = Vec::with_capacity(data.len());
-    let recv = r.read_to_end(&mut got);
-    let (a, b) = tokio::join!(send, recv);
-    a?;
-    b?;
-    Ok(got)
+    tokio::time::timeout(ROUND_TRIP_LIMIT, all)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "round trip"))?
 }
+
+/// How long a round trip may take before it fails (`TimedOut`): a proxy that accepts and then
+/// neither answers nor closes must fail a test, not hang it.
+const ROUND_TRIP_LIMIT: Duration = Duration::from_secs(60);
 
 /// Reads until EOF, failing on an error (a reset shows up as `Err`).
 pub async fn read_all(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
