@@ -10,8 +10,8 @@ commit's, beside it), sg-auto-log (sg-auto writing the routing-decision
 line of every connection, JSON, to a file), haproxy, haproxy-splice (`option splice-auto`),
 haproxy-splice-all (`option splice-request` + `splice-response`), haproxy-smart (`option
 tcp-smart-connect`: the handshake's last ACK sent with the first bytes, as sluicegate's ring
-does), nginx (`stream`), and probe-LEVERS:
-the C probe of benchmarks/probes/ (built with make) with the levers its name lists, e.g. probe-ms+reg.
+does), nginx (`stream`), probe-LEVERS: the C ring probe of benchmarks/probes/ (built with make) with
+the levers its name lists, e.g. probe-ms+reg, and eprobe-LEVERS: its C epoll probe, e.g. eprobe-base.
 Workloads, in this order:
     ka      wrk -t1 -c64 keep-alive GET /tiny (16 bytes)            req/s, p50/p99, CPU-s per 100k
     lat     64 keep-alive connections at 2000 req/s in all (sluicegate-load, open loop: wrk cannot pace)
@@ -62,6 +62,7 @@ DEFAULT_BIN = os.path.join(ROOT, "target", "release", "sluicegate")
 LOAD_BIN = os.path.join(ROOT, "target", "release", "sluicegate-load")
 PROBES = os.path.join(ROOT, "benchmarks", "probes")
 PROBE_BIN = os.path.join(PROBES, "ring-proxy")
+EPOLL_PROBE_BIN = os.path.join(PROBES, "epoll-proxy")
 PROXIES = ["direct", "sg-copy", "sg-splice", "sg-epoll", "sg-ring", "sg-auto", "sg-uring", "sg-auto-log", "haproxy",
            "haproxy-splice", "haproxy-splice-all", "haproxy-smart", "nginx"]
 WORKLOADS = ["ka", "lat", "bulk", "stream", "idle", "churn"]
@@ -436,12 +437,13 @@ backend iperf
   server i 127.0.0.1:{IPERF_BACKEND}
 """)
         return ["haproxy", "-db", "-f", cfg]
-    if name.startswith("probe-"):
-        # A C probe of benchmarks/probes/ with the levers its name lists ("probe-ms+reg"): one ring,
-        # both services.
+    if name.startswith(("probe-", "eprobe-")):
+        # A C probe of benchmarks/probes/ with the levers its name lists ("probe-ms+reg": one ring;
+        # "eprobe-base": one thread's epoll), both services.
+        binary, levers = name.split("-", 1)
         backends = ",".join(f"127.0.0.1:{b}" for b in BACKENDS)
-        return [PROBE_BIN, "--levers", name[len("probe-"):], f"127.0.0.1:{LISTEN}={backends}",
-                f"127.0.0.1:{IPERF_LISTEN}=127.0.0.1:{IPERF_BACKEND}"]
+        return [PROBE_BIN if binary == "probe" else EPOLL_PROBE_BIN, "--levers", levers,
+                f"127.0.0.1:{LISTEN}={backends}", f"127.0.0.1:{IPERF_LISTEN}=127.0.0.1:{IPERF_BACKEND}"]
     if name == "nginx":
         cfg = os.path.join(d, "nginx.conf")
         module = next((m for m in ["/usr/lib/nginx/modules/ngx_stream_module.so"] if os.path.exists(m)), None)
@@ -940,7 +942,7 @@ def main():
     COUNT_SYSCALLS = not a.no_syscalls
     if COUNT_SYSCALLS:
         need("perf")
-    if any(p.startswith("probe-") for p in a.proxies.split(",")):
+    if any(p.startswith(("probe-", "eprobe-")) for p in a.proxies.split(",")):
         subprocess.run(["make", "--quiet", "-C", PROBES], check=True)
     proxies = a.proxies.split(",")
     workloads = [w for w in WORKLOADS if w in a.workloads.split(",")]

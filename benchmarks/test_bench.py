@@ -8,6 +8,7 @@ HAProxy 2.6, nginx 1.22, this repository's sluicegate-load, and /proc of Linux 6
 
 import os
 import sys
+import tempfile
 import unittest
 
 import bench
@@ -240,6 +241,21 @@ class Rounds(unittest.TestCase):
         table = bench.targets_table(means)
         self.assertIn("| gate: best probe's added machine CPU on keep-alive ≤ 0.72 × best peer | probe-ms 1.4 "
                       "added_per_100k | nginx 2 (target ≤ 1.44; ×0.70) | yes |", table)
+
+    def test_the_gate_is_for_the_ring_probes_only(self):
+        means = {"ka": {"nginx": {"added_per_100k": 2.0}, "probe-ms": {"added_per_100k": 1.6},
+                        "eprobe-base": {"added_per_100k": 1.0}}}
+        self.assertIn("| probe-ms 1.6 added_per_100k |", bench.targets_table(means))
+
+
+class ProxyCommand(unittest.TestCase):
+    def test_each_probe_runs_its_own_binary_with_its_levers(self):
+        with tempfile.TemporaryDirectory() as work:
+            ring = bench.proxy_command("probe-ms+reg", work, None)
+            epoll = bench.proxy_command("eprobe-base+thread", work, None)
+        self.assertEqual(ring[:3], [bench.PROBE_BIN, "--levers", "ms+reg"])
+        self.assertEqual(epoll[:3], [bench.EPOLL_PROBE_BIN, "--levers", "base+thread"])
+        self.assertEqual(ring[3:], epoll[3:])
 
 
 class Tools(unittest.TestCase):

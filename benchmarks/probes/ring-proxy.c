@@ -34,6 +34,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "args.h"
+
 #define BUF 16384
 #define NBUF 4096 /* provided buffers (ms): 64 MiB of address space, touched as used */
 #define BGID 1
@@ -52,7 +54,7 @@ static char *bufs;
 
 struct svc {
   int lfd;
-  struct sockaddr_in be[16];
+  struct sockaddr_in be[MAX_BACKENDS];
   int nb;
   unsigned rr;
 } __attribute__((aligned(16)));
@@ -273,24 +275,12 @@ static void enter(void) {
   syscall(__NR_io_uring_enter, fd, n, BATCH, flags, &arg, sizeof arg);
 }
 
-static int parse(const char *s, size_t n, struct sockaddr_in *a) {
-  char h[64]; const char *c = memrchr(s, ':', n);
-  if (!c || c - s >= (long)sizeof h) return -1;
-  memcpy(h, s, c - s); h[c - s] = 0; a->sin_family = AF_INET; a->sin_port = htons(atoi(c + 1));
-  return inet_pton(AF_INET, h, &a->sin_addr) == 1 ? 0 : -1;
-}
 static int usage(void) { fprintf(stderr, "usage: ring-proxy --levers base|ms[+reg][+ring][+wait] LISTEN=BACKEND[,BACKEND...]...\n"); return 2; }
 
 int main(int argc, char **argv) {
   if (argc < 4 || strcmp(argv[1], "--levers")) return usage();
-  for (char *l = strtok(argv[2], "+"); l; l = strtok(NULL, "+")) {
-    if (!strcmp(l, "base")) continue;
-    else if (!strcmp(l, "ms")) L_MS = 1;
-    else if (!strcmp(l, "reg")) L_REG = 1;
-    else if (!strcmp(l, "ring")) L_RING = 1;
-    else if (!strcmp(l, "wait")) L_WAIT = 1;
-    else { fprintf(stderr, "ring-proxy: unknown lever %s\n", l); return usage(); }
-  }
+  const struct lever levers[] = {{"ms", &L_MS}, {"reg", &L_REG}, {"ring", &L_RING}, {"wait", &L_WAIT}, {0}};
+  if (parse_levers("ring-proxy", argv[2], levers)) return usage();
   signal(SIGPIPE, SIG_IGN);
   struct io_uring_params p = {0};
   p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL;
@@ -309,18 +299,12 @@ int main(int argc, char **argv) {
     for (int i = 0; i < NBUF; i++) io_uring_buf_ring_add(br, bufs + (size_t)i * BUF, BUF, i, io_uring_buf_ring_mask(NBUF), i);
     io_uring_buf_ring_advance(br, NBUF);
   }
-  int nsvc = argc - 3, one = 1;
+  int nsvc = argc - 3;
   struct svc *svcs = aligned_alloc(16, sizeof *svcs * nsvc);
   memset(svcs, 0, sizeof *svcs * nsvc);
   for (int i = 0; i < nsvc; i++) {
-    char *arg = argv[3 + i], *eq = strchr(arg, '=');
-    struct sockaddr_in la;
-    if (!eq || parse(arg, eq - arg, &la)) return usage();
-    for (char *b = strtok(eq + 1, ","); b && svcs[i].nb < 16; b = strtok(NULL, ","))
-      if (parse(b, strlen(b), &svcs[i].be[svcs[i].nb++])) return usage();
-    int ls = socket(AF_INET, SOCK_STREAM, 0);
-    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (bind(ls, (void *)&la, sizeof la) || listen(ls, 4096)) { perror("ring-proxy: listen"); return 1; }
+    int ls = parse_service("ring-proxy", argv[3 + i], 0, svcs[i].be, &svcs[i].nb);
+    if (ls < 0) return usage();
     svcs[i].lfd = ls;
     struct io_uring_sqe *s = sqe(); io_uring_prep_multishot_accept(s, ls, NULL, NULL, 0); tag(s, &svcs[i], OP_ACCEPT);
   }
