@@ -387,6 +387,13 @@ http {{ access_log off; keepalive_requests 1000000;
             p.wait(timeout=10)
 
 
+def probe_targets(proxies):
+    """The probe binaries these proxies need built: the epoll probe needs only a C compiler, the
+    ring probe also liburing."""
+    return [t for t, prefix in (("ring-proxy", "probe-"), ("epoll-proxy", "eprobe-"))
+            if any(p.startswith(prefix) for p in proxies)]
+
+
 def proxy_command(name, work, binary):
     """The command that runs `name` in the foreground, or None for direct."""
     d = os.path.join(work, name.replace("/", "_"))
@@ -942,8 +949,9 @@ def main():
     COUNT_SYSCALLS = not a.no_syscalls
     if COUNT_SYSCALLS:
         need("perf")
-    if any(p.startswith(("probe-", "eprobe-")) for p in a.proxies.split(",")):
-        subprocess.run(["make", "--quiet", "-C", PROBES], check=True)
+    probes = probe_targets(a.proxies.split(","))
+    if probes:
+        subprocess.run(["make", "--quiet", "-C", PROBES, *probes], check=True)
     proxies = a.proxies.split(",")
     workloads = [w for w in WORKLOADS if w in a.workloads.split(",")]
     a.duration = max(2, min(a.duration, 120))

@@ -257,6 +257,11 @@ class ProxyCommand(unittest.TestCase):
         self.assertEqual(epoll[:3], [bench.EPOLL_PROBE_BIN, "--levers", "base+thread"])
         self.assertEqual(ring[3:], epoll[3:])
 
+    def test_only_the_probes_a_run_names_are_built(self):
+        self.assertEqual(bench.probe_targets(["nginx", "eprobe-base"]), ["epoll-proxy"])
+        self.assertEqual(bench.probe_targets(["probe-ms", "eprobe-thread"]), ["ring-proxy", "epoll-proxy"])
+        self.assertEqual(bench.probe_targets(["sg-auto", "haproxy"]), [])
+
 
 class Tools(unittest.TestCase):
     """run_tool and parsed on real processes."""

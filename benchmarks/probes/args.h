@@ -37,7 +37,8 @@ static int parse_addr(const char *s, size_t n, struct sockaddr_in *a) {
 }
 
 // "LISTEN=BACKEND[,BACKEND...]": a socket listening on LISTEN (SO_REUSEADDR, a backlog of 4096,
-// `type_flags` added to its type) and up to MAX_BACKENDS backends. The listener, or -1.
+// `type_flags` added to its type) and one to MAX_BACKENDS backends. The listener; -1 for an
+// argument it cannot read, -2 (reported on stderr) when the listen fails.
 static int parse_service(const char *probe, char *arg, int type_flags, struct sockaddr_in *be, int *nb) {
   char *eq = strchr(arg, '=');
   struct sockaddr_in la;
@@ -45,12 +46,13 @@ static int parse_service(const char *probe, char *arg, int type_flags, struct so
   if (!eq || parse_addr(arg, eq - arg, &la)) return -1;
   for (char *b = strtok(eq + 1, ","); b && *nb < MAX_BACKENDS; b = strtok(NULL, ","))
     if (parse_addr(b, strlen(b), &be[(*nb)++])) return -1;
+  if (*nb == 0) return -1;
   int ls = socket(AF_INET, SOCK_STREAM | type_flags, 0);
   if (ls >= 0) setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   if (ls < 0 || bind(ls, (void *)&la, sizeof la) || listen(ls, 4096)) {
-    fprintf(stderr, "%s: listen on %s: ", probe, arg);
+    fprintf(stderr, "%s: listen on %.*s: ", probe, (int)(eq - arg), arg);
     perror(NULL);
-    return -1;
+    return -2;
   }
   return ls;
 }

@@ -10,9 +10,9 @@
 // edge-triggered, for reading, writing and the peer's half-close; new connections to the backends
 // in turn, with a non-blocking connect(2) whose result is read with SO_ERROR when the socket first
 // turns writable (as nginx does); a 16 KiB buffer per direction; a read shorter than the buffer
-// taken to have emptied the socket (the next arrival is a new edge), so a small request costs one
-// recv(2) and one send(2); TCP_NODELAY both ways; a half-close passed on with shutdown(2), an error
-// passed on as a reset.
+// taken to have emptied the socket (the next arrival is a new edge) unless the peer's FIN has been
+// signalled, so a small request costs one recv(2) and one send(2); TCP_NODELAY both ways; a
+// half-close passed on with shutdown(2), an error passed on as a reset.
 //   base    as above: nginx's stream proxy's system calls, without its bookkeeping.
 //   thread  one more thread, idle for the process's life. A process whose descriptor table has more
 //           than one user pays for a reference on the descriptor in every system call on a socket
@@ -58,6 +58,7 @@ struct dir {
   char buf[BUF];
   int len, off;  // bytes received and not yet sent: buf[off..len]
   int readable;  // an edge said there may be bytes (or a FIN) to read
+  int rdhup;     // an edge said the peer's FIN is in: a short read no longer means empty
   int blocked;   // a send would block: retried on the writable edge, not before
   int eof, shut; // the FIN read; passed on
 };
@@ -103,7 +104,9 @@ static int pump(struct dir *d) {
     ssize_t n = recv(d->from, d->buf, BUF, 0);
     if (n > 0) {
       d->len = n;
-      if (n < BUF) d->readable = 0; // a short read emptied the socket
+      // A short read emptied the socket, unless the FIN is behind the bytes: the kernel returns
+      // them first, and its edge came with theirs (nginx's pending_eof).
+      if (n < BUF && !d->rdhup) d->readable = 0;
     } else if (n == 0) {
       d->eof = 1;
       d->readable = 0;
@@ -127,7 +130,9 @@ static void on_event(struct end *e, uint32_t ev) {
     c->connected = 1;
     ev |= EPOLLOUT;
   }
-  if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) (e->backend ? &c->down : &c->up)->readable = 1;
+  struct dir *in = e->backend ? &c->down : &c->up;
+  if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) in->readable = 1;
+  if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) in->rdhup = 1;
   if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) (e->backend ? &c->up : &c->down)->blocked = 0;
   if (!c->connected) return; // the client's bytes wait in its socket until the backend answers
   if (pump(&c->up) || pump(&c->down)) { kill_conn(c, 1); return; }
@@ -182,6 +187,7 @@ int main(int argc, char **argv) {
   if (!svcs) return 1;
   for (int i = 0; i < nsvc; i++) {
     int ls = parse_service("epoll-proxy", argv[3 + i], SOCK_NONBLOCK | SOCK_CLOEXEC, svcs[i].be, &svcs[i].nb);
+    if (ls == -2) return 1;
     if (ls < 0) return usage();
     svcs[i].lfd = ls;
     // The listener's epoll data is its svc; a connection's is an `end`. They are told apart by

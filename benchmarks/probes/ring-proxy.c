@@ -304,6 +304,7 @@ int main(int argc, char **argv) {
   memset(svcs, 0, sizeof *svcs * nsvc);
   for (int i = 0; i < nsvc; i++) {
     int ls = parse_service("ring-proxy", argv[3 + i], 0, svcs[i].be, &svcs[i].nb);
+    if (ls == -2) return 1;
     if (ls < 0) return usage();
     svcs[i].lfd = ls;
     struct io_uring_sqe *s = sqe(); io_uring_prep_multishot_accept(s, ls, NULL, NULL, 0); tag(s, &svcs[i], OP_ACCEPT);
