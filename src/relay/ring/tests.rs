@@ -57,7 +57,8 @@ struct Mode {
     /// The worker makes its backend sockets by system calls, as on a kernel without socket
     /// options on the ring (`sockets_on_ring`).
     socket_calls: bool,
-    /// TCP_NODELAY set on the ring fails on the worker's thread (`fail_nodelay_here`).
+    /// TCP_NODELAY set on a backend socket fails on the worker's thread, on the ring and by a system
+    /// call (`fail_nodelay_here`).
     failing_nodelay: bool,
     /// A stop does not wait for the kernel's answers (`hurry_stops_here`).
     hurried_stop: bool,
@@ -1310,7 +1311,8 @@ fn a_nodelay_that_fails_leaves_the_connection_to_relay_without_it() {
         );
         c.shutdown(Shutdown::Write).unwrap();
         c.set_read_timeout(Some(WAIT)).unwrap();
-        assert_eq!(c.read_to_end(&mut Vec::new()).unwrap(), 0, "the echo's FIN");
+        let echoed = c.read_to_end(&mut Vec::new()).unwrap();
+        assert_eq!(echoed, 0, "socket calls: {socket_calls}: the echo's FIN");
         let (f, errors) = r.ended.recv_timeout(WAIT).expect("the connection ends");
         assert!(
             errors.is_empty(),

@@ -201,12 +201,16 @@ pub struct Session {
 
 impl Session {
     pub async fn open(addr: SocketAddr) -> std::io::Result<(Session, IpAddr)> {
-        let s = TcpStream::connect(addr).await?;
-        let (r, mut w) = s.into_split();
-        w.write_all(HELLO).await?;
-        let mut r = BufReader::new(r);
         let mut line = String::new();
-        tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line))
+        let hello = async {
+            let s = TcpStream::connect(addr).await?;
+            let (r, mut w) = s.into_split();
+            w.write_all(HELLO).await?;
+            let mut r = BufReader::new(r);
+            r.read_line(&mut line).await?;
+            Ok::<_, std::io::Error>((r, w))
+        };
+        let (r, w) = tokio::time::timeout(Duration::from_secs(10), hello)
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello back"))??;
         let ip = line.trim().parse().map_err(|_| {
