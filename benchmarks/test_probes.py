@@ -5,7 +5,9 @@ built with make (a C compiler, which the Rust toolchain already needs).
     python3 -m unittest discover -s benchmarks -p 'test_*.py'
 """
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -65,6 +67,20 @@ class Probe:
                     raise AssertionError("the probe did not listen") from e
                 time.sleep(0.05)
 
+    @contextlib.contextmanager
+    def stopped(self):
+        """The probe stopped (SIGSTOP, seen in /proc) until the block ends."""
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            end = time.monotonic() + DEADLINE
+            while proc_state(self.proc.pid) != "T":
+                if time.monotonic() > end:
+                    raise AssertionError("the probe did not stop")
+                time.sleep(0.01)
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
+
     def connect(self):
         s = socket.create_connection(("127.0.0.1", self.port), timeout=DEADLINE)
         s.settimeout(DEADLINE)
@@ -73,6 +89,11 @@ class Probe:
     def close(self):
         self.proc.kill()
         self.proc.wait(timeout=DEADLINE)
+
+
+def proc_state(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def read_to_end(s):
@@ -91,7 +112,7 @@ def echo(c):
 class EpollProbe(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        subprocess.run(["make", "--quiet", "-C", PROBES, "epoll-proxy"], check=True)
+        subprocess.run(["make", "--quiet", "-C", PROBES, "epoll-proxy"], check=True, timeout=120)
 
     def probe(self, handle, levers="base"):
         backend = Backend(handle)
@@ -103,12 +124,25 @@ class EpollProbe(unittest.TestCase):
     def test_a_fin_that_comes_with_the_last_bytes_is_passed_on(self):
         # The backend's bytes and its FIN arrive together: the read that returns the bytes is
         # short, and edge-triggered epoll says nothing more. The probe must read on to the FIN.
+        # It is stopped while both arrive, so that it sees them in one event, every time.
+        accepted, go = threading.Semaphore(0), threading.Semaphore(0)
+        served = []
+
         def answer_and_close(c):
-            c.sendall(b"hello and goodbye\n")
+            served.append(c)
+            if len(served) == 1:
+                return  # the connection Probe made to see it listen
+            accepted.release()
+            if go.acquire(timeout=DEADLINE):
+                c.sendall(b"hello and goodbye\n")
 
         p = self.probe(answer_and_close)
-        for i in range(20):
+        for i in range(5):
             with p.connect() as s:
+                self.assertTrue(accepted.acquire(timeout=DEADLINE), "the probe connected")
+                with p.stopped():
+                    go.release()
+                    time.sleep(0.1)  # the bytes and the FIN reach the probe's socket
                 self.assertEqual(read_to_end(s), b"hello and goodbye\n", f"connection {i}")
 
     def test_a_mebibyte_each_way_then_a_half_close(self):
