@@ -1230,7 +1230,7 @@ impl<H: Host> Worker<H> {
                     Side::Up => "TCP_NODELAY",
                     Side::Down => "TCP_QUICKACK",
                 };
-                tracing::debug!(option, %error, "a backend socket option failed on the ring");
+                connect::option_failed(option, true, &error);
             }
             K_CONNECT => self.on_connect(slot, res),
             K_PRE => self.on_pre(slot, res),

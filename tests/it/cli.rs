@@ -42,6 +42,13 @@ pub(crate) struct Sg {
     pub(crate) addr: SocketAddr,
 }
 
+/// The next log line, if one comes before `end`. The deadline is checked on every line too: a
+/// flood of lines that never match must not outlast it.
+fn line_before(lines: &mpsc::Receiver<Value>, end: Instant) -> Option<Value> {
+    let left = end.saturating_duration_since(Instant::now());
+    lines.recv_timeout(left).ok().filter(|_| !left.is_zero())
+}
+
 impl Sg {
     /// Starts the binary (through `sh -c` with `prefix` before `exec`, e.g. a ulimit) and waits for its
     /// "listening" line.
@@ -108,14 +115,7 @@ impl Sg {
         }
         let end = Instant::now() + limit;
         loop {
-            // Checked on every line too: a flood of lines that never match must not outlast it.
-            let left = end.saturating_duration_since(Instant::now());
-            match self
-                .lines
-                .recv_timeout(left)
-                .ok()
-                .filter(|_| !left.is_zero())
-            {
+            match line_before(&self.lines, end) {
                 Some(v) => {
                     self.seen.push(v.clone());
                     if pred(&v) {
@@ -134,13 +134,7 @@ impl Sg {
     pub(crate) fn wait_count(&mut self, limit: Duration, n: usize, pred: impl Fn(&Value) -> bool) {
         let end = Instant::now() + limit;
         while self.seen.iter().filter(|v| pred(v)).count() < n {
-            let left = end.saturating_duration_since(Instant::now());
-            match self
-                .lines
-                .recv_timeout(left)
-                .ok()
-                .filter(|_| !left.is_zero())
-            {
+            match line_before(&self.lines, end) {
                 Some(v) => self.seen.push(v),
                 None => panic!(
                     "{} of {n} matching log lines within {limit:?}",
@@ -1594,11 +1588,8 @@ async fn text_format_writes_key_value_lines() {
     let mut child = spawn("text.yaml", &y);
     let lines = Sg::collect(child.stdout.take().unwrap());
     let raw = |v: Value| v["raw"].as_str().unwrap_or_default().to_string();
-    // The next line, before `end` (also when lines keep coming that do not match).
     let next_line = |end: Instant, what: &str| {
-        let left = end.saturating_duration_since(Instant::now());
-        let line = lines.recv_timeout(left).ok().filter(|_| !left.is_zero());
-        raw(line.unwrap_or_else(|| panic!("no {what} within 10 s")))
+        raw(line_before(&lines, end).unwrap_or_else(|| panic!("no {what} within 10 s")))
     };
     let end = Instant::now() + SECS(10);
     let listening = loop {

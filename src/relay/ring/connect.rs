@@ -454,10 +454,16 @@ fn backend_socket(to: SocketAddr) -> io::Result<OwnedFd> {
         ("TCP_QUICKACK", s.set_tcp_quickack(false)),
     ] {
         if let Err(error) = set {
-            tracing::debug!(option, %error, "a backend socket option failed");
+            option_failed(option, false, &error);
         }
     }
     Ok(s.into())
+}
+
+/// A backend socket's option could not be set (`on_ring`: by the ring, else by a system call).
+/// Best effort both ways: the connect goes on.
+pub(super) fn option_failed(option: &'static str, on_ring: bool, error: &io::Error) {
+    tracing::debug!(option, on_ring, %error, "a backend socket option failed");
 }
 
 /// TCP_NODELAY on, by a system call; refused (EINVAL) on a thread that called
