@@ -799,16 +799,11 @@ fn the_pool_grows_only_when_a_receive_finds_it_dry_and_loses_nothing() {
     stop(r);
 }
 
-/// Every buffer of the pool given out and held by uploads stalled at the cap (their backends do
-/// not read), until a new connection's first bytes find no buffer: its receive waits, holding
-/// none, so no send of its own can wake it. When one of the stalled connections ends (its backend
-/// resets it), the buffers it held serve the waiting receive at once. The worker's tick and the
-/// connections' idle timeout are an hour here, so the tick's slow part, which retries starved
-/// receives too, is not what re-arms it.
-#[test]
-fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
-    // The backends' sockets take a few KiB each, so that a hundred stalled uploads hold a few tens
-    // of MiB of the kernel's memory, not a GiB.
+/// A worker whose tick and connections' idle timeout are an hour, so that the tick's slow part,
+/// which retries starved receives too, never runs within a test; and the listener of its backends,
+/// whose sockets take a few KiB each, so that a hundred stalled uploads hold a few tens of MiB of
+/// the kernel's memory, not a GiB.
+fn untimed_copy_worker(tight_client: bool) -> Option<(Running, TcpListener)> {
     let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     l.set_recv_buffer_size(4096).unwrap();
     l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
@@ -819,17 +814,23 @@ fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
         copy_only: true,
         tick: Some(HOUR),
         idle: Some(&[HOUR]),
+        tight_client,
         ..Mode::default()
     };
-    let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, mode) else {
-        return;
-    };
+    let r = worker_with(vec![l.local_addr().unwrap()], WAIT, mode)?;
+    Some((r, l))
+}
+
+/// Uploads through `r` to backends accepted from `l` that do not read, each stalled at the cap,
+/// until every buffer of the pool is given out and held, and a new connection's first bytes
+/// (`hello`) find no buffer. The stalled connections, then that one's client and backend.
+fn dry_pool(r: &Running, l: &TcpListener) -> (Vec<(TcpStream, TcpStream)>, TcpStream, TcpStream) {
     let counts = r.handle.counts();
     let mut stalled = Vec::new();
     // Until a probe finds the pool dry: a new connection's five bytes either pass (a buffer was
     // free: it went back once they were sent, and one more upload stalls) or its receive finds
     // none.
-    let (c, mut b) = loop {
+    loop {
         assert!(
             stalled.len() < 2 * usize::from(POOL_BUFS) / CAP,
             "{} uploads never left the pool dry",
@@ -840,7 +841,7 @@ fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
         let full = counts.pool_given.load(Relaxed) == u64::from(POOL_BUFS);
         let dry = counts.starved.load(Relaxed);
         let mut c = client(r.addr);
-        let mut b = accept_within(&l);
+        let mut b = accept_within(l);
         if full {
             b.set_nonblocking(true).unwrap();
             c.write_all(b"hello").unwrap();
@@ -849,26 +850,119 @@ fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
                 || passed() || counts.starved.load(Relaxed) > dry,
                 "the probe's bytes pass or find the pool dry",
             );
+            b.set_nonblocking(false).unwrap();
             if !passed() {
-                break (c, b);
+                return (stalled, c, b);
             }
             drop((c, b));
             c = client(r.addr);
-            b = accept_within(&l);
+            b = accept_within(l);
         }
         upload_until_stalled(&mut c);
         stalled.push((c, b));
+    }
+}
+
+/// Every buffer of the pool given out and held by uploads stalled at the cap (their backends do
+/// not read), until a new connection's first bytes find no buffer: its receive waits, holding
+/// none, so no send of its own can wake it. When one of the stalled connections ends (its backend
+/// resets it), the buffers it held serve the waiting receive at once, long before the tick.
+#[test]
+fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
+    let Some((r, l)) = untimed_copy_worker(false) else {
+        return;
     };
+    let (mut stalled, c, mut b) = dry_pool(&r, &l);
     // One stalled connection ends: its backend closes with bytes unread, a reset.
     drop(stalled.remove(0));
     c.shutdown(Shutdown::Write).unwrap();
-    b.set_nonblocking(false).unwrap();
     b.set_read_timeout(Some(WAIT)).unwrap();
     let mut got = Vec::new();
     b.read_to_end(&mut got)
         .expect("the waiting bytes and the FIN arrive, long before the tick");
     assert_eq!(got, b"hello");
     stop(r);
+}
+
+/// Under a steady overload the buffers that come back serve the receives that have waited longest.
+/// A download holds a few of the pool's buffers (its client does not read, and both sockets
+/// between take a few KiB), and uploads stalled at the cap the rest. Then forty connections are
+/// made one after another, each once both its receives have found the pool dry, and each one's
+/// backend resets it, unseen, as nothing of the worker's waits on it. When the download's client
+/// reads, the buffers it held come back, each waking two receives: a woken receive of a reset
+/// socket sees the reset without keeping a buffer, so the connections that end then are those
+/// woken. They must be the oldest, and the newest must still wait (for the tick, an hour here).
+/// The stack the queue replaced woke the newest first.
+#[test]
+fn a_dry_pools_buffers_serve_the_receives_that_waited_longest_first() {
+    const WAITING: usize = 40;
+    // Three buffers' worth at least: of those, at most the few KiB both sockets take are not in
+    // buffers, and the rest cannot take more than a few receives.
+    const HELD: usize = 48 << 10;
+    let Some((r, l)) = untimed_copy_worker(true) else {
+        return;
+    };
+    let (mut download, mut its_backend) = tight_client(&r, &l);
+    its_backend.write_all(&[7u8; HELD]).unwrap();
+    download.set_nonblocking(true).unwrap();
+    wait_until(
+        || download.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0),
+        "the download's first bytes reach its client: its receive has taken what came",
+    );
+    download.set_nonblocking(false).unwrap();
+    let (_stalled, _first, _its_backend) = dry_pool(&r, &l);
+    // The probes `dry_pool` found a buffer for, ended by their backends.
+    while r.ended.try_recv().is_ok() {}
+    let counts = r.handle.counts();
+    let mut waiting = Vec::new();
+    for _ in 0..WAITING {
+        let dry = counts.starved.load(Relaxed);
+        let c = client(r.addr);
+        let b = accept_within(&l);
+        wait_until(
+            || counts.starved.load(Relaxed) >= dry + 2,
+            "both of a new connection's receives find the pool dry",
+        );
+        socket2::SockRef::from(&b)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(b);
+        waiting.push(c);
+    }
+    assert!(r.ended.try_recv().is_err(), "none of them has ended yet");
+    download.read_exact(&mut vec![0u8; HELD]).unwrap();
+    r.ended
+        .recv_timeout(WAIT)
+        .expect("a waiting connection ends, long before the tick");
+    // The rest of those woken end in the same turn of the worker.
+    while r.ended.recv_timeout(Duration::from_millis(500)).is_ok() {}
+    // Looked at newest first: one found reset was reset after every older one that was.
+    let mut reset: Vec<bool> = waiting.iter_mut().rev().map(reset_now).collect();
+    reset.reverse();
+    let served = reset.iter().take_while(|r| **r).count();
+    assert!(
+        served > 0 && served < WAITING && !reset[served..].contains(&true),
+        "the oldest waiting connections end, in order, and only they: {reset:?}"
+    );
+    stop(r);
+}
+
+/// A client of `r` whose socket takes a few KiB, and its backend, accepted from `l`.
+fn tight_client(r: &Running, l: &TcpListener) -> (TcpStream, TcpStream) {
+    let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    c.set_recv_buffer_size(4096).unwrap();
+    c.connect(&r.addr.into()).unwrap();
+    let c: TcpStream = c.into();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    (c, accept_within(l))
+}
+
+/// Whether `s` has been reset, without waiting.
+fn reset_now(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let r = read_some(s, &mut [0u8; 1]);
+    s.set_nonblocking(false).unwrap();
+    matches!(r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset)
 }
 
 /// Both directions carry 32 MiB through an echo: each moves to splice (or, with no pipe to be had,
