@@ -6,6 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::PoisonError;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -799,10 +800,15 @@ fn the_pool_grows_only_when_a_receive_finds_it_dry_and_loses_nothing() {
     stop(r);
 }
 
+/// Taken by each test that runs a pool dry (`untimed_copy_worker`).
+static DRY_POOLS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A worker whose tick and connections' idle timeout are an hour, so that the tick's slow part,
 /// which retries starved receives too, never runs within a test; and the listener of its backends,
 /// whose sockets take a few KiB each, so that a hundred stalled uploads hold a few tens of MiB of
 /// the kernel's memory, not a GiB.
+/// Each such test holds several hundred descriptors: they run one at a time (`DRY_POOLS`), so that
+/// together they stay under a soft limit of 1,024.
 fn untimed_copy_worker(tight_client: bool) -> Option<(Running, TcpListener)> {
     let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     l.set_recv_buffer_size(4096).unwrap();
@@ -850,8 +856,9 @@ fn dry_pool(r: &Running, l: &TcpListener) -> (Vec<(TcpStream, TcpStream)>, TcpSt
                 || passed() || counts.starved.load(Relaxed) > dry,
                 "the probe's bytes pass or find the pool dry",
             );
+            let found_dry = !passed();
             b.set_nonblocking(false).unwrap();
-            if !passed() {
+            if found_dry {
                 return (stalled, c, b);
             }
             drop((c, b));
@@ -869,6 +876,7 @@ fn dry_pool(r: &Running, l: &TcpListener) -> (Vec<(TcpStream, TcpStream)>, TcpSt
 /// resets it), the buffers it held serve the waiting receive at once, long before the tick.
 #[test]
 fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
+    let _one_at_a_time = DRY_POOLS.lock().unwrap_or_else(PoisonError::into_inner);
     let Some((r, l)) = untimed_copy_worker(false) else {
         return;
     };
@@ -891,14 +899,19 @@ fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
 /// backend resets it, unseen, as nothing of the worker's waits on it. When the download's client
 /// reads, the buffers it held come back, each waking two receives: a woken receive of a reset
 /// socket sees the reset without keeping a buffer, so the connections that end then are those
-/// woken. They must be the oldest, and the newest must still wait (for the tick, an hour here).
+/// whose backend's receive was woken while a buffer was free. They must be the oldest, and the
+/// newest must still wait (for the tick, an hour here).
 /// The stack the queue replaced woke the newest first.
 #[test]
 fn a_dry_pools_buffers_serve_the_receives_that_waited_longest_first() {
     const WAITING: usize = 40;
-    // Three buffers' worth at least: of those, at most the few KiB both sockets take are not in
-    // buffers, and the rest cannot take more than a few receives.
-    const HELD: usize = 48 << 10;
+    // Four buffers: the few KiB both sockets take leave at least three held, which is what it
+    // takes to end a waiting connection when the last stalled upload ran dry with bytes waiting
+    // and is woken first (it keeps the first buffer, the second finds nothing on `dry_pool`'s
+    // probe's backend and the first waiting client); and fewer than `CAP`, so the download's
+    // receive is never cancelled with bytes left behind, to take the buffers back as they come.
+    const HELD: usize = 64 << 10;
+    let _one_at_a_time = DRY_POOLS.lock().unwrap_or_else(PoisonError::into_inner);
     let Some((r, l)) = untimed_copy_worker(true) else {
         return;
     };
@@ -911,8 +924,6 @@ fn a_dry_pools_buffers_serve_the_receives_that_waited_longest_first() {
     );
     download.set_nonblocking(false).unwrap();
     let (_stalled, _first, _its_backend) = dry_pool(&r, &l);
-    // The probes `dry_pool` found a buffer for, ended by their backends.
-    while r.ended.try_recv().is_ok() {}
     let counts = r.handle.counts();
     let mut waiting = Vec::new();
     for _ in 0..WAITING {
@@ -929,15 +940,19 @@ fn a_dry_pools_buffers_serve_the_receives_that_waited_longest_first() {
         drop(b);
         waiting.push(c);
     }
-    assert!(r.ended.try_recv().is_err(), "none of them has ended yet");
+    assert!(
+        !waiting.iter().any(reset_now),
+        "no waiting connection has ended yet"
+    );
     download.read_exact(&mut vec![0u8; HELD]).unwrap();
-    r.ended
-        .recv_timeout(WAIT)
-        .expect("a waiting connection ends, long before the tick");
-    // The rest of those woken end in the same turn of the worker.
-    while r.ended.recv_timeout(Duration::from_millis(500)).is_ok() {}
-    // Looked at newest first: one found reset was reset after every older one that was.
-    let mut reset: Vec<bool> = waiting.iter_mut().rev().map(reset_now).collect();
+    // The oldest first, then the rest newest first: one found reset was reset after every older
+    // one, so none is missed as the buffers go on coming back.
+    wait_until(
+        || reset_now(&waiting[0]),
+        "the oldest waiting connection ends, long before the tick",
+    );
+    let mut reset: Vec<bool> = waiting[1..].iter().rev().map(reset_now).collect();
+    reset.push(true);
     reset.reverse();
     let served = reset.iter().take_while(|r| **r).count();
     assert!(
@@ -957,10 +972,10 @@ fn tight_client(r: &Running, l: &TcpListener) -> (TcpStream, TcpStream) {
     (c, accept_within(l))
 }
 
-/// Whether `s` has been reset, without waiting.
-fn reset_now(s: &mut TcpStream) -> bool {
+/// Whether `s` has been reset, without waiting. It reports a reset once: it reads 0 after.
+fn reset_now(s: &TcpStream) -> bool {
     s.set_nonblocking(true).unwrap();
-    let r = read_some(s, &mut [0u8; 1]);
+    let r = s.peek(&mut [0u8; 1]);
     s.set_nonblocking(false).unwrap();
     matches!(r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset)
 }
