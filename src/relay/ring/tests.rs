@@ -905,11 +905,12 @@ fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
 #[test]
 fn a_dry_pools_buffers_serve_the_receives_that_waited_longest_first() {
     const WAITING: usize = 40;
-    // Four buffers: the few KiB both sockets take leave at least three held, which is what it
-    // takes to end a waiting connection when the last stalled upload ran dry with bytes waiting
-    // and is woken first (it keeps the first buffer, the second finds nothing on `dry_pool`'s
-    // probe's backend and the first waiting client); and fewer than `CAP`, so the download's
-    // receive is never cancelled with bytes left behind, to take the buffers back as they come.
+    // Four buffers when each receive fills one: the few KiB both sockets take leave at least
+    // three held, which is what it takes to end a waiting connection when the last stalled upload
+    // ran dry with bytes waiting and is woken first (it keeps the first buffer; the second finds
+    // nothing on `dry_pool`'s probe's backend or the first waiting client). Fewer than `CAP`; with
+    // short receives the cap could stop the download's receive, but it is armed again only once
+    // it holds fewer than half the cap, after enough have come back to end a waiting connection.
     const HELD: usize = 64 << 10;
     let _one_at_a_time = DRY_POOLS.lock().unwrap_or_else(PoisonError::into_inner);
     let Some((r, l)) = untimed_copy_worker(true) else {
