@@ -2638,12 +2638,7 @@ fn a_fin_read_behind_held_bytes_is_carried_as_not_ended() {
     // The client reads nothing until the end, through the smallest receive buffer: with the
     // worker's own tight send buffer, a few KiB of the download fit in the kernel and the rest
     // (a few pool buffers, fewer than the cap: the receive stays armed) is held.
-    let c = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    c.set_recv_buffer_size(4096).unwrap();
-    c.connect(&r.addr.into()).unwrap();
-    let mut c = TcpStream::from(c);
-    c.set_read_timeout(Some(WAIT)).unwrap();
-    let mut b = accept_within(&l);
+    let (mut c, mut b) = tight_client(&r, &l);
     write_pattern(&mut b, TOTAL);
     // The worker's kernel has the whole download and its FIN. The FIN's completion is queued
     // before the wake-up `Carry` sends (the ring runs both as the worker asks: DEFER_TASKRUN), and
