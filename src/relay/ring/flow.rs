@@ -272,16 +272,7 @@ impl<H: Host> Worker<H> {
         let d = c.dir(side);
         d.sending = false;
         if res < 0 {
-            if !ending {
-                let e = io::Error::from_raw_os_error(-res);
-                // Nothing of the client's counted as sent (a partial `pre` past its preface is
-                // not taken back): another backend can have the whole of it.
-                if side == Side::Up && !c.relaying && c.dirs[Side::Up as usize].sent == 0 {
-                    return self.first_bytes_failed(slot, e);
-                }
-                self.broke(slot, side, DirEnd::DestError(e));
-            }
-            return self.maybe_free(slot);
+            return self.send_failed(slot, side, res, ending);
         }
         c.last = now;
         let preface = if side == Side::Up { c.preface } else { 0 };
@@ -346,6 +337,27 @@ impl<H: Host> Worker<H> {
             self.maybe_splice(slot, side);
         }
         self.buffers_back(usize::from(given.is_some()));
+        self.maybe_free(slot);
+    }
+
+    /// A send of connection `slot`'s `side` failed with `-res` (`ending`: it was stopping then).
+    fn send_failed(&mut self, slot: u32, side: Side, res: i32, ending: bool) {
+        let Some(c) = self.conn(slot) else { return };
+        // Stopping to be carried, a send that found no room (or was cancelled) leaves its bytes
+        // held for the process the connection goes to; one that failed ends it here, as a failed
+        // receive does. It took the socket's error with it: the new process would meet a FIN
+        // where the peer had reset.
+        let failed =
+            !ending || (c.end.is_none() && res != -libc::EAGAIN && res != -libc::ECANCELED);
+        if failed {
+            let e = io::Error::from_raw_os_error(-res);
+            // Nothing of the client's counted as sent (a partial `pre` past its preface is not
+            // taken back): another backend can have the whole of it.
+            if side == Side::Up && !c.relaying && c.dirs[Side::Up as usize].sent == 0 {
+                return self.first_bytes_failed(slot, e);
+            }
+            self.broke(slot, side, DirEnd::DestError(e));
+        }
         self.maybe_free(slot);
     }
 

@@ -2784,6 +2784,68 @@ fn a_backend_reset_while_stopping_ends_the_connection_here_as_broken() {
     fin_while_stopping(true);
 }
 
+/// The worker paused in its next tick: what goes on sent on the returned channel (or dropped).
+fn pause_in_tick(r: &Running) -> mpsc::Sender<()> {
+    let (go, wait) = mpsc::channel();
+    let before = r.seen.paused.load(Relaxed);
+    *r.seen.pause.lock().unwrap() = Some(wait);
+    wait_until(
+        || r.seen.paused.load(Relaxed) > before,
+        "the worker paused in its tick",
+    );
+    go
+}
+
+/// A send that fails while its connection stops to be carried ends the connection here, as a
+/// failed receive does: the send took the socket's error, so the process it went to would read a
+/// clean EOF where the client had reset, and pass on a FIN. The client has half-closed (nothing
+/// of the worker's receives from it) and does not read the download: the worker's send to it
+/// waits for room, and only that wait sees its reset. The reset's completion comes before
+/// `Carry`'s wake-up, so the send goes out behind the stop's cancellations and fails.
+#[test]
+fn a_send_that_fails_while_stopping_ends_the_connection_here_as_broken() {
+    const TOTAL: u64 = 64 << 10;
+    let mode = Mode {
+        copy_only: true,
+        carries: true,
+        tight_client: true,
+        ..Mode::default()
+    };
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, mode) else {
+        return;
+    };
+    let (c, mut b) = tight_client(&r, &l);
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(read_some(&mut b, &mut buf).unwrap(), 0, "the client's FIN");
+    let download: Vec<u8> = (0..TOTAL).map(byte).collect();
+    b.write_all(&download).unwrap();
+    let (ours, theirs) = (b.peer_addr().unwrap(), b.local_addr().unwrap());
+    wait_until(
+        || listed(ours, theirs) && unread(ours, theirs) == 0,
+        "the download in the worker",
+    );
+    // A tick goes by: the worker has taken what it read, and its send to the client waits for
+    // room, before it pauses in the next one.
+    drop(pause_in_tick(&r));
+    let go = pause_in_tick(&r);
+    let (ours, theirs) = (c.peer_addr().unwrap(), c.local_addr().unwrap());
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    wait_until(|| !listed(ours, theirs), "the worker's client socket reset");
+    assert!(r.handle.send(Command::Carry));
+    go.send(()).unwrap();
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("it ends here");
+    assert_eq!(f.end, Outcome::ClientReset);
+    assert!(f.broken.is_some(), "the failed send, said: {f:?}");
+    assert!(r.carried.try_recv().is_err(), "nothing is carried");
+    assert_eq!(r.handle.counts().carried.load(Relaxed), 0);
+    stop(r);
+}
+
 /// The last bytes before a FIN that came in the same batch of completions leave in one segment
 /// with it: the send goes with MSG_MORE, and the FIN, passed on as it completes, joins them. The
 /// client gets one segment where it got two (and acknowledges both at once).
