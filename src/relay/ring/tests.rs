@@ -2619,12 +2619,11 @@ fn fin_acked(s: &TcpStream) -> bool {
     matches!(info.tcpi_state, 5 | 7)
 }
 
-/// A direction that has read its FIN with bytes before it still held, for a client that does not
-/// read, is carried as not ended: the FIN is not passed on ahead of those bytes, and the host gets
-/// them to send first. The process it goes to meets the FIN again (see the test above).
-#[test]
-fn a_fin_read_behind_held_bytes_is_carried_as_not_ended() {
-    const TOTAL: u64 = 64 << 10;
+/// A copy-only worker that carries, whose socket to each client sends through a few KiB
+/// (`Mode::tight_client`), and one connection through it: its client, which receives through a
+/// few KiB too (`tight_client`), and its backend, a socket of the test's. `None` where the ring is
+/// unavailable.
+fn tight_carrying_connection() -> Option<(Running, TcpStream, TcpStream)> {
     let mode = Mode {
         copy_only: true,
         carries: true,
@@ -2632,13 +2631,23 @@ fn a_fin_read_behind_held_bytes_is_carried_as_not_ended() {
         ..Mode::default()
     };
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, mode) else {
-        return;
-    };
+    let r = worker_with(vec![l.local_addr().unwrap()], WAIT, mode)?;
+    let (c, b) = tight_client(&r, &l);
+    Some((r, c, b))
+}
+
+/// A direction that has read its FIN with bytes before it still held, for a client that does not
+/// read, is carried as not ended: the FIN is not passed on ahead of those bytes, and the host gets
+/// them to send first. The process it goes to meets the FIN again (see the test above).
+#[test]
+fn a_fin_read_behind_held_bytes_is_carried_as_not_ended() {
+    const TOTAL: u64 = 64 << 10;
     // The client reads nothing until the end, through the smallest receive buffer: with the
     // worker's own tight send buffer, a few KiB of the download fit in the kernel and the rest
     // (a few pool buffers, fewer than the cap: the receive stays armed) is held.
-    let (mut c, mut b) = tight_client(&r, &l);
+    let Some((r, mut c, mut b)) = tight_carrying_connection() else {
+        return;
+    };
     write_pattern(&mut b, TOTAL);
     // The worker's kernel has the whole download and its FIN. The FIN's completion is queued
     // before the wake-up `Carry` sends (the ring runs both as the worker asks: DEFER_TASKRUN), and
@@ -2805,17 +2814,9 @@ fn pause_in_tick(r: &Running) -> mpsc::Sender<()> {
 #[test]
 fn a_send_that_fails_while_stopping_ends_the_connection_here_as_broken() {
     const TOTAL: u64 = 64 << 10;
-    let mode = Mode {
-        copy_only: true,
-        carries: true,
-        tight_client: true,
-        ..Mode::default()
-    };
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, mode) else {
+    let Some((r, c, mut b)) = tight_carrying_connection() else {
         return;
     };
-    let (c, mut b) = tight_client(&r, &l);
     c.shutdown(Shutdown::Write).unwrap();
     let mut buf = [0u8; 8];
     assert_eq!(read_some(&mut b, &mut buf).unwrap(), 0, "the client's FIN");
