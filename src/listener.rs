@@ -22,7 +22,7 @@ use crate::outcome::Outcome;
 use crate::route::Routes;
 use crate::routelog::{self, Ending, Record};
 use crate::session::{self, ClientSlot, Leaving};
-use crate::util::RateLimited;
+use crate::util::{accept_failed_one_client, RateLimited};
 
 /// Accept queue depth; the kernel caps it at net.core.somaxconn. A burst beyond the queue makes the
 /// kernel drop handshakes, which clients see as multi-second stalls.
@@ -107,7 +107,7 @@ pub(crate) async fn accept_loop(
                 let routes = current.load_full();
                 dispatch(client, peer, routes, &local, &gate, &tracker, &leaving);
             }
-            Err(e) if is_per_connection(&e) => continue,
+            Err(e) if e.raw_os_error().is_some_and(accept_failed_one_client) => continue,
             Err(e) => {
                 if let Some(suppressed) = errors.allow() {
                     tracing::error!(
@@ -197,14 +197,6 @@ fn dispatch(
             span.in_scope(|| routelog::emit(&record, ending));
         }
     }
-}
-
-/// Errors that concern only the connection being accepted (it died in the backlog).
-fn is_per_connection(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ECONNABORTED | libc::ECONNRESET | libc::EINTR | libc::EPROTO | libc::EPERM)
-    )
 }
 
 #[cfg(test)]

@@ -104,6 +104,20 @@ pub(crate) fn is_local_exhaustion(e: &std::io::Error) -> bool {
     )
 }
 
+/// Whether an accept that failed with `errno` failed for the one client it was taking (the client
+/// died in the backlog), so the next accept may succeed at once. Any other failure is the
+/// listener's or the process's (out of descriptors or memory, a broken socket) and calls for
+/// backing off, or the accept loop would spin on it. EPERM is one of those: accept(2) lists it as
+/// "firewall rules forbid connection", but on Linux it comes only from a security module's
+/// `socket_accept` check, which runs before any client is taken off the queue, and so fails the
+/// same way again at once, for as long as the policy holds.
+pub(crate) fn accept_failed_one_client(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ECONNABORTED | libc::ECONNRESET | libc::EINTR | libc::EPROTO
+    )
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
@@ -210,6 +224,30 @@ pub(crate) fn doc_table(file: &str, header: &str) -> Vec<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Accept errors of one client are retried at once; a security module's refusal (EPERM) and
+    /// running out are backed off from, as they would come back at once (both accept loops,
+    /// `listener.rs` and the ring's, ask this).
+    #[test]
+    fn only_a_client_dead_in_the_backlog_is_retried_at_once() {
+        for e in [
+            libc::ECONNABORTED,
+            libc::ECONNRESET,
+            libc::EINTR,
+            libc::EPROTO,
+        ] {
+            assert!(accept_failed_one_client(e), "errno {e}");
+        }
+        for e in [
+            libc::EPERM,
+            libc::EACCES,
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+        ] {
+            assert!(!accept_failed_one_client(e), "errno {e}");
+        }
+    }
 
     /// `e` and its sources as an error reporter prints them (`a: b: c`).
     fn report(e: &dyn std::error::Error) -> String {

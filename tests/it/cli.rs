@@ -53,8 +53,19 @@ impl Sg {
     /// Starts the binary (through `sh -c` with `prefix` before `exec`, e.g. a ulimit) and waits for its
     /// "listening" line.
     pub(crate) fn start_with(yaml: &str, prefix: &str) -> Sg {
+        Sg::start_configured(yaml, prefix, |_| {})
+    }
+
+    /// As [`Sg::start_with`], the command first given to `configure` (e.g. for a `pre_exec`).
+    pub(crate) fn start_configured(
+        yaml: &str,
+        prefix: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> Sg {
         let cfg = tmp_file("sg.yaml", yaml);
-        let mut child = without_callers_env(Command::new("sh"))
+        let mut command = without_callers_env(Command::new("sh"));
+        configure(&mut command);
+        let mut child = command
             .arg("-c")
             .arg(format!(
                 "{prefix} exec \"{BIN}\" --config \"{}\"",
@@ -854,6 +865,89 @@ async fn descriptor_exhaustion_backs_off_and_recovers() {
     for (relay, loops) in [("copy", 1), ("ring", cores)] {
         descriptor_exhaustion(relay, loops).await;
     }
+}
+
+/// reliability.md `accept-refused`: a security module that refuses every accept on the listener
+/// (EPERM, said before any client leaves the queue, so the same client is refused again at once)
+/// makes the accept loop back off and say why, as running out of descriptors does, instead of
+/// spinning. A seccomp filter stands in for the module. The tokio accept loop's (`relay: copy`)
+/// only: the ring's accepts go through io_uring, which seccomp does not see (the decision both
+/// loops share has its own unit test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_refused_by_policy_backs_off() {
+    use std::os::unix::process::CommandExt;
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let config = yaml(&[backend.addr], "relay: copy", "{drain_timeout: 1s}");
+    let mut sg = Sg::start_configured(&config, "", |c| {
+        // SAFETY: `refuse_accepts` makes two prctl(2) calls on stack data, async-signal-safe
+        // between fork and exec.
+        unsafe {
+            c.pre_exec(refuse_accepts);
+        }
+    });
+    // The handshake completes in the kernel; the accept of it is what the filter refuses.
+    let _queued = TcpStream::connect(sg.addr).await.unwrap();
+    let refused = tokio::task::block_in_place(|| {
+        sg.wait_line(SECS(10), |l| l["msg"] == "accept failed; backing off")
+    });
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Operation not permitted")),
+        "the refusal, said: {refused}"
+    );
+    let cpu0 = sg.cpu_seconds();
+    tokio::time::sleep(SECS(2)).await; // the measurement window itself
+    let cpu = sg.cpu_seconds() - cpu0;
+    assert!(cpu < 0.5, "accept loop spun: {cpu:.2} CPU-s in 2 s");
+}
+
+/// In the child before exec: a seccomp filter under which accept(2) and accept4(2) fail with EPERM,
+/// as they do when a security module refuses; every other call is allowed. It is inherited across
+/// exec (the shell's, then sluicegate's).
+fn refuse_accepts() -> std::io::Result<()> {
+    let op = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let if_nr = |nr: libc::c_long, skip: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt: skip,
+        jf: 0,
+        k: nr as u32,
+    };
+    // The system call's number is the first word of `seccomp_data`. No check of the architecture:
+    // this stands in for a policy in a test of native binaries, it is not a sandbox.
+    let filter = [
+        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        if_nr(libc::SYS_accept4, 2),
+        if_nr(libc::SYS_accept, 1),
+        op(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+        op(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+    ];
+    let program = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl(2) with integers, then with a pointer to `program`, which points to `filter`;
+    // both live through the call, and the kernel copies the program.
+    let failed = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &program as *const libc::sock_fprog,
+            ) != 0
+    };
+    if failed {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 async fn descriptor_exhaustion(relay: &str, loops: usize) {

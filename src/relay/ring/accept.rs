@@ -3,6 +3,7 @@
 //! or adopted connection's admission and its slot.
 
 use super::*;
+use crate::util::accept_failed_one_client;
 
 impl<H: Host> Worker<H> {
     /// Listener `id`'s descriptor and accept place `k`, now armed; `None` if gone or armed already.
@@ -123,7 +124,7 @@ impl<H: Host> Worker<H> {
                     self.admit(id, client, None);
                 }
                 // An error of that client alone (it reset in the queue): the next may be there.
-                Err(e) if per_connection(e.raw_os_error()) => {}
+                Err(e) if accept_failed_one_client(e.raw_os_error()) => {}
                 // None left (EAGAIN), or none to be had: the listener goes either way.
                 Err(_) => return,
             }
@@ -180,7 +181,7 @@ impl<H: Host> Worker<H> {
             );
         }
         let failed = res < 0 && res != -libc::ECANCELED && !empty && !refused_flag;
-        if failed && !l.closing && !per_connection(-res) {
+        if failed && !l.closing && !accept_failed_one_client(-res) {
             back_off(l, &mut self.errors, res);
         }
         let (closing, backoff) = (l.closing, l.backoff);
@@ -364,7 +365,7 @@ impl<H: Host> Worker<H> {
     }
 }
 
-/// Listener `l` failed with `-res` (out of descriptors or memory, broken): it is armed again by
+/// Listener `l` failed with `-res` (out of descriptors or memory, refused, broken): it is armed again by
 /// the tick's slow part (about every 250 ms, the worker's base tick), so a listener that keeps failing never spins the
 /// thread; said at most once a second.
 fn back_off(l: &mut Listening, errors: &mut RateLimited, res: i32) {
@@ -373,12 +374,4 @@ fn back_off(l: &mut Listening, errors: &mut RateLimited, res: i32) {
         let e = io::Error::from_raw_os_error(-res);
         tracing::error!(error = %e, suppressed, "ring worker: accept failed; backing off");
     }
-}
-
-/// Accept errors that concern only the connection being accepted (it died in the backlog).
-fn per_connection(errno: i32) -> bool {
-    matches!(
-        errno,
-        libc::ECONNABORTED | libc::ECONNRESET | libc::EINTR | libc::EPROTO | libc::EPERM
-    )
 }
