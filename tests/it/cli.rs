@@ -1,6 +1,7 @@
-//! The binary as users and outside suites drive it (docs/configuration.md, docs/admin-api.md): command line, exit codes, config
-//! errors, signals, the JSON routing log; and the scenarios that need a process of their own to measure
-//! (docs/reliability.md: `slow-readers`, `out-of-descriptors`, `config-errors`).
+//! The binary as users and outside suites drive it (docs/configuration.md, docs/admin-api.md):
+//! command line, exit codes, config errors, signals, the JSON routing log; and the scenarios that
+//! need a process of their own to measure (docs/reliability.md: `slow-readers`,
+//! `out-of-descriptors`, `accept-refused`, `config-errors`).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
