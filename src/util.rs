@@ -108,9 +108,10 @@ pub(crate) fn is_local_exhaustion(e: &std::io::Error) -> bool {
 /// died in the backlog), so the next accept may succeed at once. Any other failure is the
 /// listener's or the process's (out of descriptors or memory, a broken socket) and calls for
 /// backing off, or the accept loop would spin on it. EPERM is one of those: accept(2) lists it as
-/// "firewall rules forbid connection", but on Linux it comes only from a security module's
-/// `socket_accept` check, which runs before any client is taken off the queue, and so fails the
-/// same way again at once, for as long as the policy holds.
+/// "firewall rules forbid connection", but on Linux it comes from a policy, not a client: a
+/// security module's `socket_accept` check, which runs before any client is taken off the queue,
+/// or a seccomp filter that fails the call itself. Either fails the same way again at once, for as
+/// long as the policy holds.
 pub(crate) fn accept_failed_one_client(errno: i32) -> bool {
     matches!(
         errno,

@@ -365,9 +365,9 @@ impl<H: Host> Worker<H> {
     }
 }
 
-/// Listener `l` failed with `-res` (out of descriptors or memory, refused, broken): it is armed again by
-/// the tick's slow part (about every 250 ms, the worker's base tick), so a listener that keeps failing never spins the
-/// thread; said at most once a second.
+/// Listener `l` failed with `-res` (out of descriptors or memory, refused, broken): it is armed
+/// again by the tick's slow part (about every 250 ms, the worker's base tick), so a listener that
+/// keeps failing never spins the thread; said at most once a second.
 fn back_off(l: &mut Listening, errors: &mut RateLimited, res: i32) {
     l.backoff = true;
     if let Some(suppressed) = errors.allow() {
