@@ -291,6 +291,10 @@ async fn gibibyte_across(relay: &str) {
         backend_progress.load(Relaxed),
     );
     upgraded_tx.send_replace(true);
+    assert!(
+        at.0 <= GIB * 3 / 4 && at.1 <= GIB * 3 / 4,
+        "the senders did not wait for the upgrade: {at:?}"
+    );
     crate::common::within(SECS(300), "the client's side", client)
         .await
         .unwrap()
