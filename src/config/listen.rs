@@ -83,8 +83,11 @@ impl<'de> Deserialize<'de> for Listen {
             One(String),
             Many(Vec<String>),
         }
-        let entries = match Raw::deserialize(d).map_err(|_| {
-            de::Error::custom("expected an address (ip:port or ip:low-high) or a list of them")
+        let entries = match Raw::deserialize(d).map_err(|e| {
+            super::choice_error(
+                e,
+                "expected an address (ip:port or ip:low-high) or a list of them",
+            )
         })? {
             Raw::One(s) => vec![s],
             Raw::Many(v) => v,

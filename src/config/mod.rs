@@ -722,7 +722,7 @@ impl<'de> Deserialize<'de> for Failback {
             After { after: Dur },
         }
         match Raw::deserialize(d)
-            .map_err(|_| de::Error::custom("expected immediate, never, or {after: DURATION}"))?
+            .map_err(|e| choice_error(e, "expected immediate, never, or {after: DURATION}"))?
         {
             Raw::Word(w) if w == "immediate" => Ok(Failback::Immediate),
             Raw::Word(w) if w == "never" => Ok(Failback::Never),
@@ -731,6 +731,18 @@ impl<'de> Deserialize<'de> for Failback {
             ))),
             Raw::After { after } => Ok(Failback::After(after)),
         }
+    }
+}
+
+/// The error of a value that is none of an untagged choice's forms: `expected`, saying what the
+/// field takes, in place of serde's "did not match any variant". An error raised while reading the
+/// value is kept instead, since it names the real fault: the YAML parser's repetition limit on an
+/// alias bomb, which serde buffers whole before trying the forms.
+fn choice_error<E: de::Error>(e: E, expected: &str) -> E {
+    if e.to_string().contains("did not match any variant") {
+        E::custom(expected)
+    } else {
+        e
     }
 }
 
