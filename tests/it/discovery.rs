@@ -39,10 +39,12 @@ fn ip(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
 }
 
-async fn wait_members(proxy: &Proxy, want: &[u8], limit: Duration) {
+/// Waits for the members to be `want`. The deadline only bounds a hang, far beyond a few refreshes:
+/// how soon a change is followed is counted in queries where that is the point (`dns-move`).
+async fn wait_members(proxy: &Proxy, want: &[u8]) {
     let want: Vec<IpAddr> = want.iter().map(|&l| ip(l)).collect();
     let what = format!("members {want:?}");
-    wait_for(limit, &what, || ips(proxy) == want).await;
+    wait_for(Duration::from_secs(15), &what, || ips(proxy) == want).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +63,7 @@ async fn scale_1_to_3_to_1_spreads_then_concentrates() {
     assert_eq!(spread(proxy.addr, 20).await, HashMap::from([(ip(2), 20)]));
 
     dns.set_ips("backend", &[[127, 0, 0, 2], [127, 0, 0, 3], [127, 0, 0, 4]]);
-    wait_members(&proxy, &[2, 3, 4], Duration::from_millis(200 + 2000)).await;
+    wait_members(&proxy, &[2, 3, 4]).await;
     let counts = spread(proxy.addr, 300).await;
     for l in [2, 3, 4] {
         let n = counts.get(&ip(l)).copied().unwrap_or(0);
@@ -71,12 +73,12 @@ async fn scale_1_to_3_to_1_spreads_then_concentrates() {
     let total_before = kept.stats.total.load(std::sync::atomic::Ordering::Relaxed);
 
     dns.set_ips("backend", &[[127, 0, 0, 3]]);
-    wait_members(&proxy, &[3], Duration::from_millis(200 + 2000)).await;
+    wait_members(&proxy, &[3]).await;
     assert_eq!(spread(proxy.addr, 30).await, HashMap::from([(ip(3), 30)]));
 
     // A backend that leaves and comes back keeps its counters.
     dns.set_ips("backend", &[[127, 0, 0, 2], [127, 0, 0, 3]]);
-    wait_members(&proxy, &[2, 3], Duration::from_millis(200 + 2000)).await;
+    wait_members(&proxy, &[2, 3]).await;
     let back = proxy.backend(SocketAddr::new(ip(2), port));
     assert!(std::sync::Arc::ptr_eq(&kept, &back), "same backend object");
     assert!(back.stats.total.load(std::sync::atomic::Ordering::Relaxed) >= total_before);
@@ -100,19 +102,19 @@ async fn scale_3_to_5_to_1_follows() {
             [127, 0, 0, 6],
         ],
     );
-    wait_members(&proxy, &[2, 3, 4, 5, 6], Duration::from_secs(3)).await;
+    wait_members(&proxy, &[2, 3, 4, 5, 6]).await;
     let counts = spread(proxy.addr, 250).await;
     assert_eq!(counts.len(), 5, "all five used: {counts:?}");
     for n in counts.values() {
         assert!((35..=65).contains(n), "spread over 5: {counts:?}");
     }
     dns.set_ips("backend", &[[127, 0, 0, 6]]);
-    wait_members(&proxy, &[6], Duration::from_secs(3)).await;
+    wait_members(&proxy, &[6]).await;
     assert_eq!(spread(proxy.addr, 20).await, HashMap::from([(ip(6), 20)]));
 }
 
-/// reliability.md `dns-move`: the name moves; new connections follow within refresh + 2 s and none reaches the
-/// old address afterwards.
+/// reliability.md `dns-move`: the name moves; new connections follow within a few refreshes (counted in queries)
+/// and none reaches the old address afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_name_is_followed_and_the_old_address_gets_nothing() {
     let (port, fleet) = replicas(2, 2);
@@ -121,14 +123,17 @@ async fn a_moved_name_is_followed_and_the_old_address_gets_nothing() {
     let proxy = Proxy::start(&yaml(dns.addr, port, "discovery: {refresh: 500ms}")).await;
     assert_eq!(who(proxy.addr).await.expect("first"), ip(2));
 
+    let q0 = dns.queries("backend");
     dns.set_ips("backend", &[[127, 0, 0, 3]]);
     let moved = Instant::now();
-    within(
-        Duration::from_millis(500 + 2000),
-        "traffic follows the move",
-        async { while who(proxy.addr).await.expect("served") != ip(3) {} },
-    )
+    within(Duration::from_secs(15), "traffic follows the move", async {
+        while who(proxy.addr).await.expect("served") != ip(3) {}
+    })
     .await;
+    // How soon, in refreshes (an A and an AAAA query each): the next answer is taken, not cached
+    // away. Six allow for a test thread that stalls while the refreshes go on.
+    let asked = dns.queries("backend") - q0;
+    assert!(asked <= 2 * 6, "followed only after {asked} queries");
     let old = fleet[0].data_connections();
     assert_eq!(spread(proxy.addr, 50).await, HashMap::from([(ip(3), 50)]));
     assert_eq!(
@@ -136,17 +141,21 @@ async fn a_moved_name_is_followed_and_the_old_address_gets_nothing() {
         old,
         "no connection to the old address"
     );
-    eprintln!("followed after {:?}", moved.elapsed());
+    eprintln!("followed after {:?} and {asked} queries", moved.elapsed());
 }
 
 /// `on_removed` decides what happens to live sessions of a backend that leaves DNS.
-async fn sessions_after_removal(policy: &str) -> (Vec<Session>, Proxy, FakeDns) {
+async fn sessions_after_removal(
+    policy: &str,
+    drain_timeout: &str,
+) -> (Vec<Session>, Proxy, FakeDns) {
     let (port, fleet) = replicas(2, 2);
     std::mem::forget(fleet); // the replicas outlive the proxy's verdict
     let dns = FakeDns::start().await;
     dns.set_ips("backend", &[[127, 0, 0, 2]]);
-    let extra =
-        format!("discovery: {{refresh: 200ms, on_removed: {policy}, drain_timeout: 1500ms}}");
+    let extra = format!(
+        "discovery: {{refresh: 200ms, on_removed: {policy}, drain_timeout: {drain_timeout}}}"
+    );
     let proxy = Proxy::start(&yaml(dns.addr, port, &extra)).await;
     let mut sessions = Vec::new();
     for _ in 0..5 {
@@ -155,13 +164,13 @@ async fn sessions_after_removal(policy: &str) -> (Vec<Session>, Proxy, FakeDns) 
         sessions.push(s);
     }
     dns.set_ips("backend", &[[127, 0, 0, 3]]);
-    wait_members(&proxy, &[3], Duration::from_secs(3)).await;
+    wait_members(&proxy, &[3]).await;
     (sessions, proxy, dns)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_removed_keep_leaves_sessions_running() {
-    let (mut sessions, proxy, _dns) = sessions_after_removal("keep").await;
+    let (mut sessions, proxy, _dns) = sessions_after_removal("keep", "1500ms").await;
     // Longer than the drain timeout: still running.
     tokio::time::sleep(Duration::from_millis(2000)).await;
     for s in &mut sessions {
@@ -179,7 +188,7 @@ async fn on_removed_keep_leaves_sessions_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_removed_drain_runs_sessions_until_the_deadline() {
-    let (mut sessions, proxy, _dns) = sessions_after_removal("drain").await;
+    let (mut sessions, proxy, _dns) = sessions_after_removal("drain", "1500ms").await;
     let removed = Instant::now();
     for s in &mut sessions {
         s.ping().await.expect("draining session still works");
@@ -200,9 +209,13 @@ async fn on_removed_drain_runs_sessions_until_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_removed_close_cuts_sessions_at_once() {
-    let (mut sessions, proxy, _dns) = sessions_after_removal("close").await;
+    // A drain deadline far beyond the wait: a cut seen within it was not the drain's.
+    let (mut sessions, proxy, _dns) = sessions_after_removal("close", "60s").await;
     for s in &mut sessions {
-        assert!(s.closed_within(Duration::from_secs(1)).await, "cut at once");
+        assert!(
+            s.closed_within(Duration::from_secs(15)).await,
+            "cut at once"
+        );
     }
     proxy.wait_ended(Outcome::BackendRemoved, 5).await;
 }
@@ -242,16 +255,20 @@ async fn slow_dns_adds_no_latency() {
         .replace("timeout: 300ms", "timeout: 2s");
     let proxy = Proxy::start(&y).await;
     dns.set_delay(Duration::from_secs(3));
-    let mut worst = Duration::ZERO;
+    let q0 = dns.queries("backend");
+    let (mut worst, mut slow) = (Duration::ZERO, 0);
     for _ in 0..200 {
         let t = Instant::now();
         who(proxy.addr).await.expect("served");
         worst = worst.max(t.elapsed());
+        slow += usize::from(t.elapsed() >= Duration::from_secs(1));
     }
-    assert!(
-        worst < Duration::from_millis(1000),
-        "worst connection {worst:?}"
-    );
+    let asked = dns.queries("backend") - q0;
+    eprintln!("worst connection {worst:?}, {slow} of 200 over 1 s, {asked} queries meanwhile");
+    // Counted, not timed: a lookup on the connection path would ask once per connection and make
+    // every connection slow; a stall of the machine slows a few.
+    assert!(asked < 50, "{asked} queries for 200 connections");
+    assert!(slow <= 5, "{slow} of 200 connections took over 1 s");
     assert_eq!(ips(&proxy), vec![ip(2), ip(3)]);
 }
 
@@ -276,10 +293,10 @@ async fn nxdomain_empties_only_after_repeated_answers() {
     .await;
     assert_eq!(ips(&proxy), vec![ip(2)]);
     who(proxy.addr).await.expect("still served");
-    wait_members(&proxy, &[], Duration::from_secs(4)).await;
+    wait_members(&proxy, &[]).await;
     assert!(who(proxy.addr).await.is_err(), "no backend: refused");
     dns.set_ips("backend", &[[127, 0, 0, 2]]);
-    wait_members(&proxy, &[2], Duration::from_secs(3)).await;
+    wait_members(&proxy, &[2]).await;
     who(proxy.addr).await.expect("served again");
 }
 
@@ -390,7 +407,7 @@ async fn names_with_underscores_resolve() {
     let y = yaml(dns.addr, port, "discovery: {refresh: 200ms}")
         .replace("\"backend:", "\"tasks.demo_backend:");
     let proxy = Proxy::start(&y).await;
-    wait_members(&proxy, &[2, 3], Duration::from_secs(3)).await;
+    wait_members(&proxy, &[2, 3]).await;
     assert_eq!(spread(proxy.addr, 20).await.len(), 2, "both replicas serve");
 }
 
@@ -434,7 +451,7 @@ async fn an_oversized_answer_is_cut_to_its_lowest_addresses() {
     .await;
     assert_eq!(ips(&proxy), (10..15).map(ip).collect::<Vec<_>>());
     dns.set_ips("backend", &[[127, 0, 0, 40], [127, 0, 0, 41]]);
-    wait_members(&proxy, &[40, 41], Duration::from_secs(3)).await;
+    wait_members(&proxy, &[40, 41]).await;
 }
 
 /// reliability.md `srv-tiers`: the SRV records give each backend its port and weight, and their priority
@@ -461,7 +478,7 @@ async fn srv_records_give_ports_weights_and_tiers() {
         dns.addr
     );
     let proxy = Proxy::start(&y).await;
-    wait_members(&proxy, &[2, 3, 4], Duration::from_secs(3)).await;
+    wait_members(&proxy, &[2, 3, 4]).await;
     let at = |l: u8| SocketAddr::new(ip(l), port);
     let (a, b, c) = (
         proxy.backend(at(2)),
@@ -485,7 +502,7 @@ async fn srv_records_give_ports_weights_and_tiers() {
     assert_eq!(proxy.service.pool.snapshot().serving_tier, Some(10));
     // The best priority's records go: the next tier serves.
     dns.set_srv("_db._tcp.service.consul", &[(20, 5, port, "c.node.consul")]);
-    wait_members(&proxy, &[4], Duration::from_secs(3)).await;
+    wait_members(&proxy, &[4]).await;
     assert_eq!(spread(proxy.addr, 10).await.get(&ip(4)), Some(&10));
     assert_eq!(proxy.service.pool.snapshot().serving_tier, Some(20));
     // An SRV outage keeps the last good set, as for A records.
