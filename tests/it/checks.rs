@@ -97,13 +97,13 @@ async fn redis_traffic_follows_the_primary() {
 
     // The failover: the replica promoted, the old primary made its replica.
     assert_eq!(replica.command("REPLICAOF NO ONE").await, "+OK");
-    wait_for(Duration::from_secs(3), "the promoted node healthy", || {
+    wait_for(Duration::from_secs(10), "the promoted node healthy", || {
         health(replica.addr) == Health::Healthy
     })
     .await;
     let demote = format!("REPLICAOF 127.0.0.1 {}", replica.addr.port());
     assert_eq!(primary.command(&demote).await, "+OK");
-    wait_for(Duration::from_secs(3), "the demoted node down", || {
+    wait_for(Duration::from_secs(10), "the demoted node down", || {
         health(primary.addr) == Health::Unhealthy
     })
     .await;
@@ -410,14 +410,14 @@ async fn the_agent_adjusts_its_backend_and_garbage_changes_nothing() {
     let proxy = Proxy::start(&y).await;
     let b2 = proxy.backend(addrs[0]);
     let says = || b2.agent().0;
-    wait_for(Duration::from_secs(3), "the agent heard", || {
+    wait_for(Duration::from_secs(10), "the agent heard", || {
         says() == AgentSays::Up
     })
     .await;
     assert_eq!(spread(proxy.addr, 20).await.len(), 2);
 
     a2.say(b"drain # deploying\n");
-    wait_for(Duration::from_secs(3), "drained by its agent", || {
+    wait_for(Duration::from_secs(10), "drained by its agent", || {
         says() == AgentSays::Drain
     })
     .await;
@@ -435,13 +435,13 @@ async fn the_agent_adjusts_its_backend_and_garbage_changes_nothing() {
         (b"MAINT\n", AgentSays::Maint),
     ] {
         a2.say(word);
-        wait_for(Duration::from_secs(3), want.as_str(), || says() == want).await;
+        wait_for(Duration::from_secs(10), want.as_str(), || says() == want).await;
         let got = spread(proxy.addr, 10).await;
         assert_eq!(got.get(&addrs[0].ip()), None, "{}: {got:?}", want.as_str());
     }
 
     a2.say(b"up 50%\n");
-    wait_for(Duration::from_secs(3), "half weight", || {
+    wait_for(Duration::from_secs(10), "half weight", || {
         says() == AgentSays::Up && (b2.view().effective_weight - 0.5).abs() < 1e-9
     })
     .await;
@@ -460,7 +460,7 @@ async fn the_agent_adjusts_its_backend_and_garbage_changes_nothing() {
         (&huge[..], "no line end in the first 512 bytes"),
     ] {
         a2.say(bad);
-        wait_until(Duration::from_secs(3), error, || async {
+        wait_until(Duration::from_secs(10), error, || async {
             let h = b2.view().agent.unwrap().history;
             h.last()
                 .and_then(|r| r.error.clone())
@@ -535,12 +535,12 @@ async fn maintenance_pauses_probes_and_traffic() {
     let ip: IpAddr = addrs[0].ip();
     let got = spread(proxy.addr, 10).await;
     assert!(!got.contains_key(&ip), "not before a probe passes: {got:?}");
-    wait_until(Duration::from_secs(3), "probes resumed", || async {
+    wait_until(Duration::from_secs(10), "probes resumed", || async {
         fleet[0].health_requests() > probes + 2
     })
     .await;
     fleet[0].set_status(200);
-    wait_for(Duration::from_secs(3), "healthy again", || {
+    wait_for(Duration::from_secs(10), "healthy again", || {
         proxy.backend(addrs[0]).health() == Health::Healthy
     })
     .await;

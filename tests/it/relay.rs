@@ -245,7 +245,7 @@ async fn backend_speaks_first_and_half_closes(mode: RelayMode) {
     );
     drop(c);
     wait_for(
-        SECS(3),
+        SECS(10),
         "no CLOSE_WAIT/FIN_WAIT2 on proxy or backend addresses",
         || {
             tcp_states_on(&[proxy.addr, backend.addr])

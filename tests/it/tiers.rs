@@ -41,7 +41,7 @@ async fn only(proxy: &Proxy, want: &[u8], what: &str) {
 
 async fn down(proxy: &Proxy, r: &Replica) {
     r.set_status(503);
-    wait_for(Duration::from_secs(3), "marked down", || {
+    wait_for(Duration::from_secs(10), "marked down", || {
         proxy.backend(r.addr()).health() == Health::Unhealthy
     })
     .await;
@@ -49,7 +49,7 @@ async fn down(proxy: &Proxy, r: &Replica) {
 
 async fn up(proxy: &Proxy, r: &Replica) {
     r.set_status(200);
-    wait_for(Duration::from_secs(3), "marked up", || {
+    wait_for(Duration::from_secs(10), "marked up", || {
         proxy.backend(r.addr()).health() == Health::Healthy
     })
     .await;
@@ -133,7 +133,7 @@ async fn failback_never_waits_for_the_operator() {
     only(&proxy, &[3], "still the backup: no automatic failback").await;
     assert!(proxy.service.pool.failback_held());
     // /stats is sampled once a second.
-    crate::common::wait_until(Duration::from_secs(3), "/stats shows the hold", || async {
+    crate::common::wait_until(Duration::from_secs(10), "/stats shows the hold", || async {
         let stats = get(admin, "/stats").await.json();
         let svc = &stats["services"][0];
         (svc["serving_tier"].as_u64(), svc["failback_held"].as_bool()) == (Some(1), Some(true))
@@ -153,7 +153,7 @@ async fn failback_never_waits_for_the_operator() {
     only(&proxy, &[2], "back on the primary").await;
     assert!(!proxy.service.pool.failback_held());
     // Each step streamed: the failover, the hold, and the operator's failback.
-    crate::common::wait_for(Duration::from_secs(3), "the tier events", || {
+    crate::common::wait_for(Duration::from_secs(10), "the tier events", || {
         events
             .lock()
             .unwrap()
@@ -216,7 +216,7 @@ async fn a_service_added_by_reload_starts_on_its_best_tier() {
         .find(|v| &*v.service.name == "t")
         .expect("t added")
         .service;
-    wait_for(Duration::from_secs(3), "both probed", || {
+    wait_for(Duration::from_secs(10), "both probed", || {
         t.pool
             .members()
             .iter()
@@ -271,7 +271,7 @@ async fn source_hash_agrees_across_tiers() {
     assert_eq!(picks(&a), picks(&b));
     assert!(picks(&a).iter().all(|p| *p == Some(fleet[0].addr())));
     fleet[0].set_status(503);
-    wait_for(Duration::from_secs(3), "both fail over", || {
+    wait_for(Duration::from_secs(10), "both fail over", || {
         serving(&a) == Some(1) && serving(&b) == Some(1)
     })
     .await;

@@ -351,11 +351,11 @@ async fn thousand_idle_across(relay: &str) {
     })
     .await
     .unwrap();
-    let from = sg.0.wait_line(SECS(1), |l| {
+    let from = sg.0.wait_line(SECS(10), |l| {
         l["msg"] == "upgrade: the new process accepts; carrying connections over"
     });
     let to =
-        sg.0.wait_line(SECS(1), |l| l["msg"] == "upgrade: handed over; exiting");
+        sg.0.wait_line(SECS(10), |l| l["msg"] == "upgrade: handed over; exiting");
     assert_eq!(to["carried"], 1000, "{relay}: {to}");
     assert_eq!(to["stayed"], 0, "{relay}: {to}");
     println!(
