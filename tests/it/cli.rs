@@ -161,7 +161,14 @@ impl Sg {
         let end = Instant::now() + limit;
         loop {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
-                while let Ok(v) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                // Every line the process wrote, up to the pipe's end: a pause of the reader
+                // thread must not drop its last lines. Bounded, as an upgraded process
+                // (a grandchild) holds the pipe open.
+                let drained = Instant::now() + Duration::from_secs(5);
+                while let Ok(v) = self
+                    .lines
+                    .recv_timeout(drained.saturating_duration_since(Instant::now()))
+                {
                     self.seen.push(v);
                 }
                 return st.code().unwrap_or(-1);
