@@ -226,9 +226,9 @@ pub(crate) fn doc_table(file: &str, header: &str) -> Vec<Vec<String>> {
 mod tests {
     use super::*;
 
-    /// Accept errors of one client are retried at once; a security module's refusal (EPERM) and
-    /// running out are backed off from, as they would come back at once (both accept loops,
-    /// `listener.rs` and the ring's, ask this).
+    /// Accept errors of one client are retried at once; a refusal (EPERM, from a security module
+    /// or a seccomp filter) and running out are backed off from, as they would come back at once
+    /// (both accept loops, `listener.rs` and the ring's, ask this).
     #[test]
     fn only_a_client_dead_in_the_backlog_is_retried_at_once() {
         for e in [
