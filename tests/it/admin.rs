@@ -585,6 +585,29 @@ async fn wrong_methods_get_405_and_change_nothing() {
     assert_eq!(p.control.reload_counts(), (0, 0), "no reload happened");
 }
 
+/// `n` connections through the proxy one after another, their times sorted.
+async fn data_latency(addr: SocketAddr, n: usize) -> Vec<Duration> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        who(addr).await.expect("served");
+        v.push(t.elapsed());
+    }
+    v.sort();
+    v
+}
+
+/// How many of these connections the server has not closed (a closed one reads its end).
+fn still_open(conns: &[TcpStream]) -> usize {
+    conns
+        .iter()
+        .filter(|s| {
+            let mut b = [0u8; 1];
+            matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
+        .count()
+}
+
 /// reliability.md `admin-garbage`: garbage is answered 4xx or closed, within caps, and the data plane keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_garbage_is_refused_within_the_caps_and_the_data_plane_keeps_serving() {
@@ -643,16 +666,6 @@ async fn admin_garbage_is_refused_within_the_caps_and_the_data_plane_keeps_servi
     // 1000 idle admin connections: the cap keeps at most 64 of them open (the oldest silent ones
     // are evicted), and the data plane serves all the while. Latency is printed, not asserted: on
     // a shared machine a stall says nothing about the admin API; the count does.
-    async fn data_latency(addr: SocketAddr, n: usize) -> Vec<Duration> {
-        let mut v = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
-            who(addr).await.expect("served");
-            v.push(t.elapsed());
-        }
-        v.sort();
-        v
-    }
     let before = data_latency(p.addr, 200).await;
     let mut idle = Vec::new();
     for _ in 0..1000 {
@@ -663,21 +676,9 @@ async fn admin_garbage_is_refused_within_the_caps_and_the_data_plane_keeps_servi
     // admin::MAX_CONNECTIONS. The deadline is under the admin's 5 s header timeout, which would
     // close every silent connection cap or no cap.
     const CAP: usize = 64;
-    assert!(
-        idle.len() > CAP,
-        "only {} idle connections made",
-        idle.len()
-    );
-    let open = |idle: &[TcpStream]| {
-        idle.iter()
-            .filter(|s| {
-                let mut b = [0u8; 1];
-                matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            })
-            .count()
-    };
+    assert!(idle.len() > CAP, "only {} connections made", idle.len());
     wait_for(Duration::from_secs(4), "the cap closed the excess", || {
-        open(&idle) <= CAP
+        still_open(&idle) <= CAP
     })
     .await;
     let during = data_latency(p.addr, 200).await;
