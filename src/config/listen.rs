@@ -77,18 +77,18 @@ pub fn parse_listen_entry(s: &str) -> Result<Vec<SocketAddr>, String> {
 
 impl<'de> Deserialize<'de> for Listen {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // `expecting` words the error of a value of neither form; an error raised while reading
+        // the value (the parser's repetition limit on an alias bomb) comes through as it is.
         #[derive(Deserialize)]
-        #[serde(untagged)]
+        #[serde(
+            untagged,
+            expecting = "expected an address (ip:port or ip:low-high) or a list of them"
+        )]
         enum Raw {
             One(String),
             Many(Vec<String>),
         }
-        let entries = match Raw::deserialize(d).map_err(|e| {
-            super::choice_error(
-                e,
-                "expected an address (ip:port or ip:low-high) or a list of them",
-            )
-        })? {
+        let entries = match Raw::deserialize(d)? {
             Raw::One(s) => vec![s],
             Raw::Many(v) => v,
         };

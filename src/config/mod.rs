@@ -715,15 +715,18 @@ impl Failback {
 
 impl<'de> Deserialize<'de> for Failback {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // `expecting` words the error of a value of neither form; an error raised while reading
+        // the value (the parser's repetition limit on an alias bomb) comes through as it is.
         #[derive(Deserialize)]
-        #[serde(untagged)]
+        #[serde(
+            untagged,
+            expecting = "expected immediate, never, or {after: DURATION}"
+        )]
         enum Raw {
             Word(String),
             After { after: Dur },
         }
-        match Raw::deserialize(d)
-            .map_err(|e| choice_error(e, "expected immediate, never, or {after: DURATION}"))?
-        {
+        match Raw::deserialize(d)? {
             Raw::Word(w) if w == "immediate" => Ok(Failback::Immediate),
             Raw::Word(w) if w == "never" => Ok(Failback::Never),
             Raw::Word(w) => Err(de::Error::custom(format!(
@@ -731,18 +734,6 @@ impl<'de> Deserialize<'de> for Failback {
             ))),
             Raw::After { after } => Ok(Failback::After(after)),
         }
-    }
-}
-
-/// The error of a value that is none of an untagged choice's forms: `expected`, saying what the
-/// field takes, in place of serde's "did not match any variant". An error raised while reading the
-/// value is kept instead, since it names the real fault: the YAML parser's repetition limit on an
-/// alias bomb, which serde buffers whole before trying the forms.
-fn choice_error<E: de::Error>(e: E, expected: &str) -> E {
-    if e.to_string().contains("did not match any variant") {
-        E::custom(expected)
-    } else {
-        e
     }
 }
 
@@ -1266,6 +1257,44 @@ mod tests {
             &s.backends[0].address,
             BackendAddress::Name { host, port: 5000 } if host == "backend"
         ));
+    }
+
+    /// A value of neither form is told what the field takes; an alias bomb in one, which serde
+    /// buffers whole before trying the forms, is refused by the parser's repetition limit, and the
+    /// error says so instead of "expected …".
+    #[test]
+    fn untagged_choices_say_what_they_take_and_keep_the_parsers_errors() {
+        let refused = |listen: &str, extra: &str| {
+            let y = format!(
+                "services:\n  - name: web\n    listen: {listen}\n    backends:\n      - address: 127.0.0.1:9001\n{extra}"
+            );
+            Config::from_yaml(&y).unwrap_err().to_string()
+        };
+        let mut bomb = String::from("[&a0 [x, x, x, x, x, x, x, x, x, x]");
+        for i in 1..12 {
+            let p = i - 1;
+            bomb += &format!(", &a{i} [{}]", vec![format!("*a{p}"); 10].join(", "));
+        }
+        bomb += "]";
+        let e = refused("{a: 1}", "");
+        assert!(
+            e.contains(
+                "services[0].listen: expected an address (ip:port or ip:low-high) or a list of them"
+            ),
+            "{e}"
+        );
+        let e = refused("127.0.0.1:0", "    failback: 5\n");
+        assert!(
+            e.contains("services[0].failback: expected immediate, never, or {after: DURATION}"),
+            "{e}"
+        );
+        for (listen, extra) in [
+            (bomb.clone(), String::new()),
+            ("127.0.0.1:0".to_string(), format!("    failback: {bomb}\n")),
+        ] {
+            let e = refused(&listen, &extra);
+            assert!(e.contains("repetition limit exceeded"), "{e}");
+        }
     }
 
     #[test]
