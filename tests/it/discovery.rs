@@ -131,9 +131,9 @@ async fn a_moved_name_is_followed_and_the_old_address_gets_nothing() {
     })
     .await;
     // How soon, in refreshes (an A and an AAAA query each): the next answer is taken, not cached
-    // away. Six allow for a test thread that stalls while the refreshes go on.
+    // away. Ten allow for a test thread that stalls while the refreshes go on.
     let asked = dns.queries("backend") - q0;
-    assert!(asked <= 2 * 6, "followed only after {asked} queries");
+    assert!(asked <= 2 * 10, "followed only after {asked} queries");
     let old = fleet[0].data_connections();
     assert_eq!(spread(proxy.addr, 50).await, HashMap::from([(ip(3), 50)]));
     assert_eq!(
@@ -188,7 +188,9 @@ async fn on_removed_keep_leaves_sessions_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_removed_drain_runs_sessions_until_the_deadline() {
-    let (mut sessions, proxy, _dns) = sessions_after_removal("drain", "1500ms").await;
+    // A 5 s deadline, checked as "not before 2 s": the test sees the removal late if it stalls,
+    // and the pings must go before the deadline.
+    let (mut sessions, proxy, _dns) = sessions_after_removal("drain", "5s").await;
     let removed = Instant::now();
     for s in &mut sessions {
         s.ping().await.expect("draining session still works");
@@ -201,7 +203,7 @@ async fn on_removed_drain_runs_sessions_until_the_deadline() {
     }
     let after = removed.elapsed();
     assert!(
-        after >= Duration::from_millis(1000),
+        after >= Duration::from_secs(2),
         "not before the deadline: {after:?}"
     );
     proxy.wait_ended(Outcome::BackendRemoved, 5).await;

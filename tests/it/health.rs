@@ -48,7 +48,8 @@ async fn a_failing_health_endpoint_stops_and_resumes_traffic() {
     assert_eq!(spread(proxy.addr, 30).await.len(), 3);
 
     // How soon is counted in probes, not timed: a stalled machine slows the probes too. Allowed:
-    // `fall` failures, one probe in flight at the switch, and a few more before the test looks.
+    // `fall` failures, one in flight at the switch, and ten more (3 s) while the test's own thread
+    // may lag behind the proxy's.
     fleet[1].set_status(503);
     let (t, asked) = (Instant::now(), fleet[1].health_requests());
     wait_for(Duration::from_secs(15), "marked down", || {
@@ -58,7 +59,7 @@ async fn a_failing_health_endpoint_stops_and_resumes_traffic() {
     let probes = fleet[1].health_requests() - asked;
     eprintln!("down after {:?} and {probes} probes", t.elapsed());
     assert!(
-        probes <= 3 + 6,
+        probes <= 3 + 10,
         "down only after {probes} probes; fall is 3"
     );
     let before = fleet[1].data_connections();
@@ -78,7 +79,7 @@ async fn a_failing_health_endpoint_stops_and_resumes_traffic() {
     .await;
     let probes = fleet[1].health_requests() - asked;
     eprintln!("up after {:?} and {probes} probes", t.elapsed());
-    assert!(probes <= 2 + 6, "up only after {probes} probes; rise is 2");
+    assert!(probes <= 2 + 10, "up only after {probes} probes; rise is 2");
     assert_eq!(spread(proxy.addr, 30).await.len(), 3);
 }
 

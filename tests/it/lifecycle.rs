@@ -70,6 +70,7 @@ async fn drain_with(mode: RelayMode) {
         "shutdown: {drain_timeout: 10s}",
         "shutdown: {drain_timeout: 60s}",
     );
+    assert!(y.contains("drain_timeout: 60s"), "the deadline was not set");
     let mut proxy = Proxy::start(&y).await;
     let mut tasks = tokio::task::JoinSet::new();
     let started = std::sync::Arc::new(tokio::sync::Barrier::new(201));
