@@ -139,6 +139,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     }
+    // What exec health checks leave running outside their process group becomes ours to kill.
+    if let Err(e) = sluicegate::health::adopt_orphans() {
+        tracing::warn!(error = %e, "not a child subreaper: what an exec check leaves outside its process group is left running");
+    }
     // The control plane (signals, probes, DNS, reload, drain); connections run on `workers`' threads.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -153,6 +157,8 @@ fn main() -> ExitCode {
     let code = runtime.block_on(serve(config, admin, config_path, incoming, origin));
     // Sessions still parked (none after a completed drain) are dropped with the runtime.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // Exec checks in flight were killed with their probes; what they left is killed now.
+    sluicegate::health::reap_orphans();
     drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
     ExitCode::from(code)
 }
@@ -357,6 +363,7 @@ impl Stops {
                     continue;
                 }
                 tracing::warn!(signal = name, "second stop signal: forcing exit");
+                sluicegate::health::reap_orphans();
                 drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
                 let code = if name == "SIGINT" { 130 } else { 143 };
                 std::process::exit(code);

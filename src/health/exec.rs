@@ -5,28 +5,33 @@
 //! group of its own, and an environment of only `PATH`, `LANG` and the backend's
 //! `SLUICEGATE_BACKEND_ADDRESS`, `SLUICEGATE_BACKEND_HOST`, `SLUICEGATE_BACKEND_PORT` and
 //! `SLUICEGATE_SERVICE` (nothing of sluicegate's own environment, such as its admin token, leaks to
-//! it). At the timeout its whole process group is killed, so a command that forks cannot leave work
-//! running; so is a group whose leader exited while a child it left holds its output open (the
-//! leader's exit status decides). Its output is kept, a timed-out command's too. At most [`MAX_RUNNING`] commands run at once in the process: a probe that finds no slot
-//! within its timeout fails without a verdict (`ProbeError::Local`), like a probe out of sockets.
+//! it). Its output is kept, a timed-out command's too; the exit status of the command itself
+//! decides, even when a child it left holds its output open.
+//!
+//! Nothing a check starts outlives it: when it ends, by its exit, its timeout, or its probe dropped
+//! (a reload, a stop), its whole process group is killed (`SIGKILL`), and what left the group
+//! (`setsid`, a double fork) is killed and reaped by the sweep of `reaper.rs` once the binary made
+//! sluicegate a child subreaper. Commands take one of their service's slots (`slots.rs`): a probe
+//! that finds none within its timeout fails without a verdict (`ProbeError::Local`), like a probe
+//! out of sockets.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Command;
-use tokio::sync::Semaphore;
+use tokio::process::{Child, Command};
 
-use super::{ProbeError, Probed, OUTPUT_KEPT};
-
-/// Commands running at once, across every service: each is a process.
-pub(crate) const MAX_RUNNING: usize = 16;
-
-static SLOTS: Semaphore = Semaphore::const_new(MAX_RUNNING);
+use super::slots::Member;
+use super::{reaper, ProbeError, Probed, OUTPUT_KEPT};
 
 /// How long the pipes may stay open after the command exited (held by a child it left running).
 const PIPE_GRACE: Duration = Duration::from_millis(100);
+
+/// How long a killed command is waited for before it is left to tokio to reap (a process in an
+/// uninterruptible sleep dies only when it wakes).
+const REAP_GRACE: Duration = Duration::from_secs(1);
 
 /// `PATH` when sluicegate's own has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -55,18 +60,24 @@ impl Env<'_> {
     }
 }
 
-/// Runs `command` for the backend `env` describes, bounded by `timeout` (waiting for a slot
-/// included); its output (standard output, then standard error) is captured, the first
-/// [`OUTPUT_KEPT`] bytes of it kept.
-pub(super) async fn run(command: &[String], env: &Env<'_>, timeout: Duration) -> Probed {
+/// Runs `command` for the backend `env` describes, bounded by `timeout` (waiting for one of
+/// `member`'s slots included); its output (standard output, then standard error) is captured, the
+/// first [`OUTPUT_KEPT`] bytes of it kept. Whatever its ending, nothing it started is left running.
+pub(super) async fn run(
+    command: &[String],
+    env: &Env<'_>,
+    timeout: Duration,
+    member: &Member,
+) -> Probed {
     let deadline = tokio::time::Instant::now() + timeout;
-    let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, SLOTS.acquire()).await else {
-        return Probed {
-            result: Err(ProbeError::Local(std::io::Error::other(format!(
-                "{MAX_RUNNING} health commands running already"
-            )))),
-            output: None,
-        };
+    let _slot = match member.slot(deadline).await {
+        Ok(slot) => slot,
+        Err(busy) => {
+            return failed(ProbeError::Local(std::io::Error::other(format!(
+                "no health command slot: the service runs {} of its {}, {} run in all",
+                busy.held, busy.share, busy.running
+            ))))
+        }
     };
     let Some((program, args)) = command.split_first() else {
         return failed(ProbeError::Spawn("no command".into()));
@@ -85,36 +96,34 @@ pub(super) async fn run(command: &[String], env: &Env<'_>, timeout: Duration) ->
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let mut running = match Running::spawn(&mut cmd) {
+        Ok(r) => r,
         Err(e) => return failed(spawn_failure(program, e)),
     };
-    let group = child.id();
+    let child = &mut running.child;
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let (status, pipes_open) = {
+    let status = {
         let pipes = async { tokio::join!(capture(stdout, &mut out), capture(stderr, &mut err)) };
         let work = async {
             tokio::pin!(pipes);
             tokio::select! {
-                () = async { (&mut pipes).await; } => (child.wait().await, false),
+                () = async { (&mut pipes).await; } => child.wait().await,
                 status = child.wait() => {
                     // A child of the command may hold the pipes after the command exited: its
                     // status decides, and what it wrote so far is kept.
-                    let open = tokio::time::timeout(PIPE_GRACE, pipes).await.is_err();
-                    (status, open)
+                    let _ = tokio::time::timeout(PIPE_GRACE, pipes).await;
+                    status
                 }
             }
         };
-        match tokio::time::timeout_at(deadline, work).await {
-            Ok(done) => done,
-            Err(_) => (Err(std::io::ErrorKind::TimedOut.into()), true),
-        }
+        tokio::time::timeout_at(deadline, work)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
     };
-    if pipes_open {
-        // Something in the group still runs: the probe is over, so is it.
-        kill_group(group);
-    }
+    running.finish().await;
+    drop(running);
+    sweep_after_check().await;
     out.extend_from_slice(&err);
     out.truncate(OUTPUT_KEPT);
     let result = match status {
@@ -127,6 +136,62 @@ pub(super) async fn run(command: &[String], env: &Env<'_>, timeout: Duration) ->
         result,
         output: Some(out),
     }
+}
+
+/// A command started, listed among the checks in flight (so no sweep takes it for a stray) until
+/// it is dropped; then its process group is killed, whatever ended the check: its exit, its
+/// timeout, the probe dropped at a reload or at stop.
+struct Running {
+    child: Child,
+    pid: Option<u32>,
+}
+
+impl Running {
+    fn spawn(cmd: &mut Command) -> std::io::Result<Running> {
+        // Listed under the lock a sweep holds: started and listed are one step for it.
+        let mut in_flight = reaper::in_flight();
+        let child = cmd.spawn()?;
+        let pid = child.id();
+        in_flight.extend(pid);
+        Ok(Running { child, pid })
+    }
+
+    /// Kills what is left of the group (a command that timed out, children it left), then reaps
+    /// the command, which makes what it left outside its group a child of sluicegate (a
+    /// subreaper), for the sweep.
+    async fn finish(&mut self) {
+        kill_group(self.pid);
+        let _ = tokio::time::timeout(REAP_GRACE, self.child.wait()).await;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        kill_group(self.pid);
+        if let Some(pid) = self.pid {
+            reaper::in_flight().remove(&pid);
+        }
+        // The child itself is killed again by `kill_on_drop`, and reaped by tokio if it was not.
+    }
+}
+
+/// Kills and reaps what checks left outside their groups, once the check is over. Checks ending
+/// together share one sweep: a check waits for the sweep running to end and skips its own when
+/// another started after it ended (that one saw what it left).
+async fn sweep_after_check() {
+    static STARTED: AtomicU64 = AtomicU64::new(0);
+    static SWEEPING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    if !reaper::adopting() {
+        return;
+    }
+    let seen = STARTED.load(Ordering::SeqCst);
+    let _turn = SWEEPING.lock().await;
+    if STARTED.load(Ordering::SeqCst) > seen {
+        return;
+    }
+    STARTED.fetch_add(1, Ordering::SeqCst);
+    // Off the control runtime: a scan reads every process's stat file.
+    let _ = tokio::task::spawn_blocking(|| reaper::sweep(reaper::ROUNDS_AFTER_CHECK)).await;
 }
 
 /// What a failure to start the command says: out of descriptors, processes (`EAGAIN` from fork) or
@@ -147,8 +212,9 @@ fn failed(e: ProbeError) -> Probed {
     }
 }
 
-/// Kills the process group the command leads (its own children included); the child itself is
-/// killed again, and reaped, when it is dropped (`kill_on_drop`).
+/// Kills the process group the command leads (its own children included). After the command was
+/// reaped, its group lives on while a member does, and its id with it; with none left, the kill
+/// finds nothing (its id is reused only after the pid space wraps around).
 fn kill_group(leader: Option<u32>) {
     let pid = leader
         .and_then(|id| i32::try_from(id).ok())
@@ -179,6 +245,11 @@ async fn capture(pipe: Option<impl AsyncRead + Unpin>, kept: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The command run for the service `cache`.
+    async fn run(command: &[String], env: &Env<'_>, timeout: Duration) -> Probed {
+        super::run(command, env, timeout, &Member::join("cache".into())).await
+    }
 
     fn env() -> Env<'static> {
         Env {
@@ -314,6 +385,64 @@ mod tests {
             .parse()
             .unwrap();
         assert!(gone_within_5s(child), "the forked sleep outlived the check");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The pid a script wrote to `file`, waited for (a real process: a real clock).
+    #[allow(clippy::disallowed_types)]
+    fn pid_in(file: &std::path::Path) -> i32 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            if let Ok(pid) = text.trim().parse() {
+                return pid;
+            }
+            assert!(std::time::Instant::now() < deadline, "no pid in {file:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A child detached from the output, of a command that exits 0 at once: killed with the group
+    /// when the check ends, though nothing held the pipes open.
+    #[tokio::test]
+    async fn a_detached_child_of_a_passing_command_is_killed_with_its_group() {
+        let dir = std::env::temp_dir().join(format!("sg-exec-detached-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("bg.pid");
+        let script = format!(
+            "sleep 300 >/dev/null 2>&1 </dev/null & echo $! > {}; exit 0",
+            pidfile.display()
+        );
+        let p = run(&sh(&script), &env(), Duration::from_secs(30)).await;
+        assert!(p.result.is_ok(), "{:?}", p.result);
+        let child = pid_in(&pidfile);
+        assert!(
+            gone_within_5s(child),
+            "the detached sleep outlived the check"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A probe dropped while its command runs (a reload, a stop) kills the command's whole group,
+    /// not only the command. (Two threads: the test's waits block one.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_probe_kills_the_commands_group() {
+        let dir = std::env::temp_dir().join(format!("sg-exec-dropped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pidfile = dir.join("bg.pid");
+        let script = format!(
+            "trap '' TERM; sleep 300 & echo $! > {}; wait",
+            pidfile.display()
+        );
+        let probe =
+            tokio::spawn(async move { run(&sh(&script), &env(), Duration::from_secs(300)).await });
+        let child = pid_in(&pidfile);
+        probe.abort();
+        assert!(probe.await.unwrap_err().is_cancelled());
+        assert!(
+            gone_within_5s(child),
+            "the command's child outlived its probe"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

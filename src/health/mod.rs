@@ -10,13 +10,15 @@
 //! transition.
 //!
 //! Probe rules: bounded by `timeout` in all; at most `read_cap` bytes read for an expectation or a
-//! body (`exchange.rs`); the probe connection is always closed; a command runs without a shell, at
-//! most [`exec::MAX_RUNNING`] at once in the process, its process group killed at the timeout
-//! (`exec.rs`).
+//! body (`exchange.rs`); the probe connection is always closed; a command runs without a shell,
+//! within its service's share of [`slots::CAP`] commands at once (`slots.rs`), and leaves nothing
+//! running when its check ends (`exec.rs`, `reaper.rs`).
 
 mod agent;
 mod exchange;
 mod exec;
+mod reaper;
+mod slots;
 
 use std::future::Future;
 use std::io;
@@ -33,6 +35,7 @@ use crate::config::{HealthConfig, HealthKind};
 use crate::util::is_local_exhaustion;
 pub use agent::AgentSays;
 pub(crate) use agent::{ask as ask_agent, AgentReply};
+pub use reaper::{adopt_orphans, reap_orphans};
 
 /// The parsers of what backends answer to checks, pure, public for the fuzz targets
 /// (tests/it/fuzz.rs).
@@ -277,6 +280,8 @@ pub(crate) struct ProbeSpec {
     pub(crate) tls: Option<Arc<dyn ProbeTls>>,
     /// For `kind: exec`: the service's name, in the command's environment.
     pub(crate) service: Arc<str>,
+    /// For `kind: exec`: the service's place among those sharing the command slots.
+    exec_slots: Option<Arc<slots::Member>>,
     pub(crate) interval: Duration,
     pub(crate) timeout: Duration,
     pub(crate) rise: u32,
@@ -292,10 +297,13 @@ impl ProbeSpec {
         h: &HealthConfig,
         tls: Option<Arc<dyn ProbeTls>>,
     ) -> Option<ProbeSpec> {
+        let service: Arc<str> = service.into();
         (h.kind != HealthKind::None).then(|| ProbeSpec {
             health: h.clone(),
             tls,
-            service: service.into(),
+            exec_slots: (h.kind == HealthKind::Exec)
+                .then(|| Arc::new(slots::Member::join(service.clone()))),
+            service,
             interval: h.interval.0,
             timeout: h.timeout.0,
             rise: h.rise,
@@ -320,13 +328,13 @@ impl ProbeSpec {
             Some(p) => SocketAddr::new(target.addr.ip(), p),
             None => target.addr,
         };
-        if self.health.kind == HealthKind::Exec {
+        if let Some(slots) = &self.exec_slots {
             let env = exec::Env {
                 address: addr,
                 host: target.dns_name,
                 service: &self.service,
             };
-            return exec::run(&self.health.command, &env, self.timeout).await;
+            return exec::run(&self.health.command, &env, self.timeout, slots).await;
         }
         let result = tokio::time::timeout(self.timeout, self.connected(addr, target))
             .await
