@@ -547,3 +547,229 @@ async fn maintenance_pauses_probes_and_traffic() {
     assert_eq!(spread(proxy.addr, 10).await.len(), 2);
     assert!(spread(proxy.addr, 10).await.contains_key(&ip));
 }
+
+/// The processes whose environment holds `SG_LEAK=<token>`: what a test's exec checks started
+/// (children inherit the variable, so their own children are found too). A zombie's environment
+/// reads empty: what is dead and waits for its parent is not counted.
+fn marked(token: &str) -> Vec<i32> {
+    let want = format!("SG_LEAK={token}");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .unwrap_or_default()
+                .split(|&b| b == 0)
+                .any(|v| v == want.as_bytes())
+        })
+        .collect()
+}
+
+/// Kills, by pid, whatever a failed test left with its token.
+struct KillMarked(String);
+
+impl Drop for KillMarked {
+    fn drop(&mut self) {
+        for pid in marked(&self.0) {
+            // SAFETY: kill(2) has no memory-safety preconditions; the pid carries this test's token.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// How many times the script `name` ran (each run appends a line to its file).
+fn runs(dir: &std::path::Path, name: &str) -> usize {
+    std::fs::read_to_string(dir.join(format!("runs-{name}")))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+/// A service `name` on one backend whose exec check is `script`, written to `dir`; the script
+/// first appends a line to `dir/runs-NAME`.
+fn exec_service(
+    dir: &std::path::Path,
+    name: &str,
+    backend: u16,
+    health: &str,
+    script: &str,
+) -> String {
+    let path = dir.join(format!("{name}.sh"));
+    std::fs::write(
+        &path,
+        format!("echo run >> \"{}/runs-{name}\"\n{script}", dir.display()),
+    )
+    .unwrap();
+    format!(
+        "  - name: {name}\n    listen: 127.0.0.1:0\n    backends: [{{address: \"127.0.0.1:{backend}\"}}]\n    health: {{kind: exec, command: [/bin/sh, \"{}\"], {health}}}\n",
+        path.display()
+    )
+}
+
+/// reliability.md `exec-leftovers`: exec checks that leave processes behind, run by the binary (a
+/// child subreaper) 20 times each: a child detached with `&` from a command that exits 0, a child in
+/// a session of its own (`setsid`), a child that ignores SIGTERM of a command that times out; and
+/// a check in flight at stop with both kinds. None outlives its check: at most the one of the check
+/// running is seen, and none is left after stop.
+#[test]
+fn exec_checks_leave_no_process_behind() {
+    let dir = crate::cli::tmp_file("x", "")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let token = format!("sg-leak-{}", dir.file_name().unwrap().to_string_lossy());
+    let _cleanup = KillMarked(token.clone());
+    let child = |variant: &str| format!("SG_LEAK={token}-{variant}");
+    let fast = "interval: 100ms, timeout: 2s, fall: 1";
+    let services = [
+        exec_service(
+            &dir,
+            "detached",
+            10001,
+            fast,
+            &format!(
+                "{} sh -c 'sleep 300; :' >/dev/null 2>&1 </dev/null &\nexit 0\n",
+                child("detached")
+            ),
+        ),
+        exec_service(
+            &dir,
+            "setsid",
+            10002,
+            fast,
+            &format!(
+                "{} setsid sh -c 'sleep 300; :' >/dev/null 2>&1 </dev/null &\nexit 0\n",
+                child("setsid")
+            ),
+        ),
+        exec_service(
+            &dir,
+            "stubborn",
+            10003,
+            "interval: 100ms, timeout: 200ms, fall: 1",
+            &format!(
+                "{} sh -c 'trap \"\" TERM HUP INT; sleep 300; :' &\nexec sleep 300\n",
+                child("stubborn")
+            ),
+        ),
+        exec_service(
+            &dir,
+            "atstop",
+            10004,
+            "interval: 100ms, timeout: 60s, fall: 1",
+            &format!(
+                "{c} sh -c 'trap \"\" TERM HUP; sleep 300; :' &\n{c} setsid sh -c 'trap \"\" TERM HUP; sleep 300; :' >/dev/null 2>&1 </dev/null &\nexec sleep 300\n",
+                c = child("atstop")
+            ),
+        ),
+    ];
+    let yaml = format!(
+        "log: {{level: info, format: json}}\nservices:\n{}",
+        services.concat()
+    );
+    let mut sg = crate::cli::Sg::start(&yaml);
+    let end = tokio::time::Instant::now() + Duration::from_secs(90);
+    for variant in ["detached", "setsid", "stubborn"] {
+        while runs(&dir, variant) < 20 {
+            assert!(
+                tokio::time::Instant::now() < end,
+                "{variant}: {} runs in 90 s",
+                runs(&dir, variant)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // One check in flight: its child (a shell and its sleep), until the check ends.
+        let left = marked(&format!("{token}-{variant}"));
+        assert!(
+            left.len() <= 2,
+            "{variant}: {} processes left after {} checks: {left:?}",
+            left.len(),
+            runs(&dir, variant)
+        );
+    }
+    assert_eq!(runs(&dir, "atstop"), 1, "the check in flight at stop");
+    assert_eq!(
+        marked(&format!("{token}-atstop")).len(),
+        4,
+        "what it started"
+    );
+    sg.signal(libc::SIGTERM);
+    assert_eq!(sg.wait_exit(Duration::from_secs(30)), 0);
+    // Killed before sluicegate exited; the kernel may take a moment to tear them down.
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !marked(&token).is_empty() && tokio::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = marked(&token);
+    assert!(left.is_empty(), "left after stop: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// reliability.md `exec-slots`: one service's hanging checks (20 backends whose command sleeps
+/// past the test) hold only their share of the exec slots: another service's check still runs and
+/// gives its verdict, and the hanging service's probes that wait for a slot are logged.
+#[test]
+fn one_services_hanging_checks_leave_slots_for_another() {
+    let dir = crate::cli::tmp_file("x", "")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let token = format!("sg-slots-{}", dir.file_name().unwrap().to_string_lossy());
+    let _cleanup = KillMarked(token.clone());
+    let hanging = "interval: 100ms, timeout: 30s, fall: 1";
+    let mut hog = exec_service(
+        &dir,
+        "hog",
+        10001,
+        hanging,
+        &format!("export SG_LEAK={token}\nexec sleep 300\n"),
+    );
+    hog = hog.replace(
+        "backends: [{address: \"127.0.0.1:10001\"}]",
+        &format!(
+            "backends: [{}]",
+            (10001..=10020)
+                .map(|p| format!("{{address: \"127.0.0.1:{p}\"}}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    let up = dir.join("quick-up");
+    let quick = exec_service(
+        &dir,
+        "quick",
+        10100,
+        "interval: 100ms, timeout: 2s, fall: 1, rise: 1",
+        &format!("test -e \"{}\"\n", up.display()),
+    );
+    let yaml = format!("log: {{level: info, format: json}}\nservices:\n{hog}{quick}");
+    let mut sg = crate::cli::Sg::start(&yaml);
+    // The hanging checks hold what they may (every slot, before the fix) before the other
+    // service's check can pass.
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while runs(&dir, "hog") < 8 || runs(&dir, "quick") < 1 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "hog ran {}, quick {}",
+            runs(&dir, "hog"),
+            runs(&dir, "quick")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&up, "").unwrap();
+    // Bounds a hang only: the hanging checks time out after 30 s.
+    sg.wait_line(Duration::from_secs(15), |l| {
+        l["msg"] == "backend healthy" && l["service"] == "quick"
+    });
+    let waits = sg.wait_line(Duration::from_secs(5), |l| {
+        l["msg"] == "health: an exec check waits for a slot" && l["service"] == "hog"
+    });
+    assert_eq!(waits["share"], 8, "{waits}");
+    assert!(runs(&dir, "hog") <= 8, "hog ran {}", runs(&dir, "hog"));
+    sg.signal(libc::SIGTERM);
+    assert_eq!(sg.wait_exit(Duration::from_secs(30)), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
