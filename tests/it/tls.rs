@@ -790,7 +790,7 @@ async fn a_revoked_client_certificate_is_refused() {
     let alice = pki.client("crl-alice", "alice");
     let bob = pki.client("crl-bob", "bob");
     let live = pki.dir.join("live-crl.pem");
-    std::fs::copy(pki.crl("crl-bob", &[&bob]), &live).unwrap();
+    std::fs::copy(pki.crl("revoking-bob", &[&bob]), &live).unwrap();
     let backend = Backend::echo([127, 0, 0, 2]).await;
     let yaml = format!(
         "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: crl\n    listen: 127.0.0.1:0\n    tls: {{cert: \"{}\", key: \"{}\", client_ca: \"{}\", client_crl: [\"{}\"]}}\n    backends: [{{address: \"{}\"}}]\n",
@@ -808,7 +808,7 @@ async fn a_revoked_client_certificate_is_refused() {
     let mut s = tls_connect(&c, p.addr, "svc.example").await.unwrap();
     assert_eq!(tls_round_trip(&mut s, b"alice").await, b"alice");
 
-    std::fs::copy(pki.crl("crl-both", &[&alice, &bob]), &live).unwrap();
+    std::fs::copy(pki.crl("revoking-both", &[&alice, &bob]), &live).unwrap();
     p.control
         .reload(Config::from_yaml(&yaml).unwrap())
         .expect("reloaded");
