@@ -180,23 +180,28 @@ fn dispatch(
         return;
     }
     let span = session::span(None, peer, local);
-    match gate.enter() {
-        Some(slot) => {
-            let serve = session::serve_routed(client, peer, routes, slot, leaving.clone(), span);
+    // Until its route is known a connection counts against no service's cap: `max_pending` bounds
+    // how many may wait for it on this address, so a flood of silent clients cannot pile up here.
+    let waiting = routes.unrouted.wait(routes.max_pending);
+    let entered = waiting.map(|w| (w, gate.enter()));
+    let end = match entered {
+        Some((waiting, Some(slot))) => {
+            let serve =
+                session::serve_routed(client, peer, routes, slot, waiting, leaving.clone(), span);
             tracker.spawn(serve);
+            return;
         }
-        None => {
-            let end = Outcome::GlobalMaxConnections;
-            routes.unrouted.count(end);
-            let record = Record::new(Arc::from(""), "", peer);
-            let ending = Ending {
-                bytes_up: 0,
-                bytes_down: 0,
-                end,
-            };
-            span.in_scope(|| routelog::emit(&record, ending));
-        }
-    }
+        Some((_, None)) => Outcome::GlobalMaxConnections,
+        None => Outcome::PendingFull,
+    };
+    routes.unrouted.count(end);
+    let record = Record::new(Arc::from(""), "", peer);
+    let ending = Ending {
+        bytes_up: 0,
+        bytes_down: 0,
+        end,
+    };
+    span.in_scope(|| routelog::emit(&record, ending));
 }
 
 #[cfg(test)]

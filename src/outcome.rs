@@ -51,13 +51,17 @@ pub enum Outcome {
     /// Closed: the TLS handshake with the client failed (protocol error, no shared version or cipher,
     /// timeout).
     TlsHandshake,
-    /// Closed: `tls.client_ca` requires a client certificate and none, or one it did not sign, came.
+    /// Closed: `tls.client_ca` requires a client certificate and none, or one it did not sign (or one
+    /// `tls.client_crl` revokes), came.
     TlsClientCert,
+    /// Closed at once: on a shared address, `max_pending` connections were already waiting for
+    /// their route.
+    PendingFull,
 }
 
 impl Outcome {
     /// Every outcome, in the order of [`Outcome::index`].
-    pub const ALL: [Outcome; 21] = [
+    pub const ALL: [Outcome; 22] = [
         Outcome::ClientClosed,
         Outcome::BackendClosed,
         Outcome::ClientReset,
@@ -79,6 +83,7 @@ impl Outcome {
         Outcome::TlsHello,
         Outcome::TlsHandshake,
         Outcome::TlsClientCert,
+        Outcome::PendingFull,
     ];
 
     /// Position in [`Outcome::ALL`], for per-outcome counters.
@@ -110,6 +115,7 @@ impl Outcome {
             Outcome::TlsHello => "tls_hello",
             Outcome::TlsHandshake => "tls_handshake",
             Outcome::TlsClientCert => "tls_client_cert",
+            Outcome::PendingFull => "pending_full",
         }
     }
 
@@ -129,6 +135,7 @@ impl Outcome {
                 | Outcome::TlsHello
                 | Outcome::TlsHandshake
                 | Outcome::TlsClientCert
+                | Outcome::PendingFull
         )
     }
 }

@@ -995,6 +995,7 @@ mod tests {
             table: Table::new(services),
             accept_proxy: None,
             hello_timeout: Duration::from_secs(5),
+            max_pending: crate::config::DEFAULT_MAX_PENDING,
             unrouted: Arc::new(Unrouted::default()),
         }));
         (routes, first)

@@ -13,7 +13,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +32,8 @@ pub(crate) struct Routes {
     pub(crate) accept_proxy: Option<AcceptProxyConfig>,
     /// How long the whole ClientHello may take to arrive.
     pub(crate) hello_timeout: Duration,
+    /// How many connections may wait for their route at once (`max_pending`).
+    pub(crate) max_pending: u32,
     /// The connections no service took, counted by how they ended; kept across reloads.
     pub(crate) unrouted: Arc<Unrouted>,
 }
@@ -49,9 +51,15 @@ impl Routes {
 
 /// The connections of an address that no service took: no route for them, a hello that was not one,
 /// a PROXY header refused before the route was known.
+///
+/// It also owns the count of the connections waiting for their route now ([`Unrouted::wait`]),
+/// bounded by `max_pending`: each of them holds a descriptor and a task, and on a shared address
+/// nothing else bounds them but the optional top-level `max_connections`.
 #[derive(Debug, Default)]
 pub(crate) struct Unrouted {
     ends: [AtomicU64; Outcome::ALL.len()],
+    /// Connections reading their PROXY header or ClientHello now.
+    pending: AtomicU32,
     /// Refused PROXY headers and hellos are logged at most once a second per address.
     pub(crate) warnings: std::sync::Mutex<crate::util::RateLimited>,
 }
@@ -64,14 +72,39 @@ impl Unrouted {
     pub(crate) fn ended(&self, end: Outcome) -> u64 {
         self.ends[end.index()].load(Relaxed)
     }
+
+    /// A place among the connections waiting for their route, held until the [`Waiting`] drops;
+    /// `None` when `max` already wait (the caller closes the connection, counted `pending_full`).
+    pub(crate) fn wait(self: &Arc<Self>, max: u32) -> Option<Waiting> {
+        self.pending
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        Some(Waiting(self.clone()))
+    }
+
+    /// How many connections wait for their route now.
+    pub(crate) fn pending(&self) -> u32 {
+        self.pending.load(Relaxed)
+    }
+}
+
+/// One connection's place among those waiting for their route; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Waiting(Arc<Unrouted>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Relaxed);
+    }
 }
 
 /// How a connection can end before any service takes it.
-pub(crate) const UNROUTED_ENDS: [Outcome; 4] = [
+pub(crate) const UNROUTED_ENDS: [Outcome; 5] = [
     Outcome::NoRoute,
     Outcome::TlsHello,
     Outcome::ProxyHeader,
     Outcome::DrainDeadline,
+    Outcome::PendingFull,
 ];
 
 /// An address's unrouted connections at one moment (`/metrics`, `/stats`).
@@ -80,6 +113,8 @@ pub(crate) struct UnroutedView {
     pub(crate) listen: String,
     /// By how they ended.
     pub(crate) ends: std::collections::BTreeMap<&'static str, u64>,
+    /// Waiting for their route now.
+    pub(crate) pending: u32,
 }
 
 impl UnroutedView {
@@ -90,6 +125,7 @@ impl UnroutedView {
                 .iter()
                 .map(|e| (e.as_str(), u.ended(*e)))
                 .collect(),
+            pending: u.pending(),
         }
     }
 }
@@ -103,17 +139,26 @@ impl Subject for UnroutedView {
 /// What `/metrics` exports about the connections of each routed address that no service took.
 pub(crate) const METRICS: MetricTable<UnroutedView> = MetricTable {
     subject: &["listen"],
-    families: &[Family::new(
-        Kind::Counter,
-        "sluicegate_unrouted_connections_total",
-        "Connections to a shared (routed) address that no service took, by how they ended (no_route, tls_hello, proxy_header, ...).",
-        &["end"],
-        |u, o| {
-            for (end, n) in &u.ends {
-                o.put(&[end], *n);
-            }
-        },
-    )],
+    families: &[
+        Family::new(
+            Kind::Counter,
+            "sluicegate_unrouted_connections_total",
+            "Connections to a shared (routed) address that no service took, by how they ended (no_route, tls_hello, proxy_header, pending_full, ...).",
+            &["end"],
+            |u, o| {
+                for (end, n) in &u.ends {
+                    o.put(&[end], *n);
+                }
+            },
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_unrouted_pending",
+            "Connections to a shared (routed) address waiting for their route now (PROXY header, ClientHello), at most max_pending.",
+            &[],
+            |u, o| o.put(&[], u64::from(u.pending)),
+        ),
+    ],
 };
 
 /// Why a connection went where it went: what matched.
@@ -382,6 +427,17 @@ mod tests {
 
     /// The ring workers accept on an address only when its one service runs on the ring: asked
     /// for (`relay: ring`) or chosen (`auto`, plain TCP alone on its address).
+    #[test]
+    fn places_to_wait_for_a_route_are_bounded_and_given_back() {
+        let u = Arc::new(Unrouted::default());
+        let held: Vec<Waiting> = (0..3).map(|_| u.wait(3).expect("room")).collect();
+        assert_eq!(u.pending(), 3);
+        assert!(u.wait(3).is_none(), "full at max_pending");
+        drop(held);
+        assert_eq!(u.pending(), 0, "every place given back");
+        assert!(u.wait(1).is_some());
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn only_an_address_of_one_ring_service_is_the_rings() {
@@ -415,6 +471,7 @@ mod tests {
             ),
             accept_proxy: None,
             hello_timeout: Duration::from_secs(5),
+            max_pending: crate::config::DEFAULT_MAX_PENDING,
             unrouted: Arc::new(Unrouted::default()),
         };
         assert!(routes(&[0]).on_ring(), "one ring service");

@@ -163,8 +163,13 @@ impl Env for ProcessEnv {
 
 impl AdminConfig {
     /// Reads the token from wherever it is (see the module docs) and checks everything that cannot
-    /// be checked without it. Every problem names the key or variable it concerns.
-    pub fn resolve(&self, env: &dyn Env) -> Result<AdminSettings, Vec<Problem>> {
+    /// be checked without it. Every problem names the key or variable it concerns. A token file
+    /// other users may read is refused unless `allow_readable` (`allow_readable_keys`).
+    pub fn resolve(
+        &self,
+        env: &dyn Env,
+        allow_readable: bool,
+    ) -> Result<AdminSettings, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut fail = |path: &str, reason: String| {
             problems.push(Problem {
@@ -175,7 +180,7 @@ impl AdminConfig {
         let token = if let Some(t) = env.var(TOKEN_ENV) {
             Some((Secret(t.trim().to_string()), TokenSource::Env))
         } else if let Some(path) = env.var(TOKEN_FILE_ENV) {
-            match read_token_file(Path::new(&path)) {
+            match read_token_file(Path::new(&path), allow_readable) {
                 Ok(t) => Some((t, TokenSource::EnvFile)),
                 Err(e) => {
                     fail(TOKEN_FILE_ENV, format!("{path}: {e}"));
@@ -183,7 +188,7 @@ impl AdminConfig {
                 }
             }
         } else if let Some(path) = &self.token_file {
-            match read_token_file(path) {
+            match read_token_file(path, allow_readable) {
                 Ok(t) => Some((t, TokenSource::File)),
                 Err(e) => {
                     fail("admin.token_file", format!("{}: {e}", path.display()));
@@ -238,8 +243,9 @@ pub(super) fn token_problem(t: &Secret) -> Result<(), String> {
 }
 
 /// The token in `path`: its content without the trailing line break.
-fn read_token_file(path: &Path) -> Result<Secret, String> {
+fn read_token_file(path: &Path, allow_readable: bool) -> Result<Secret, String> {
     let f = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
+    super::secret_file::check(&f, path, "admin token", allow_readable)?;
     let mut text = String::new();
     f.take(MAX_TOKEN_FILE + 1)
         .read_to_string(&mut text)
@@ -287,6 +293,36 @@ mod tests {
     }
     const GOOD: &str = "0123456789abcdef";
 
+    /// Writes a token file only its owner may read.
+    fn write_private(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn a_token_file_others_may_read_is_refused_unless_allowed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sg-token-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t");
+        std::fs::write(&file, GOOD).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let a = admin("0.0.0.0:1", None, Some(&file));
+        let p = a.resolve(&env(&[]), false).unwrap_err();
+        assert_eq!(p[0].path, "admin.token_file");
+        assert!(p[0].reason.contains("0644"), "{p:?}");
+        let e = env(&[(TOKEN_FILE_ENV, file.to_str().unwrap())]);
+        let p = admin("127.0.0.1:1", None, None)
+            .resolve(&e, false)
+            .unwrap_err();
+        assert_eq!(p[0].path, TOKEN_FILE_ENV);
+        let (t, from) = a.resolve(&env(&[]), true).unwrap().token.unwrap();
+        assert!(t.matches(GOOD.as_bytes()));
+        assert_eq!(from, TokenSource::File);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn comparison_needs_the_exact_token() {
         let s = Secret::new(GOOD);
@@ -308,7 +344,7 @@ mod tests {
     fn the_token_never_shows_in_debug() {
         let a = admin("127.0.0.1:1", Some(GOOD), None);
         assert!(!format!("{a:?}").contains(GOOD));
-        let s = a.resolve(&env(&[])).unwrap();
+        let s = a.resolve(&env(&[]), false).unwrap();
         assert!(!format!("{s:?}").contains(GOOD));
     }
 
@@ -317,23 +353,23 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sg-token-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("t");
-        std::fs::write(&file, "fromfile-fromfile\n").unwrap();
+        write_private(&file, "fromfile-fromfile\n");
         let a = admin("0.0.0.0:1", Some(GOOD), Some(&file));
-        let got = |e: &FakeEnv| a.resolve(e).unwrap().token.unwrap();
+        let got = |e: &FakeEnv| a.resolve(e, false).unwrap().token.unwrap();
         assert_eq!(got(&env(&[])).1, TokenSource::File);
         assert!(
             got(&env(&[])).0.matches(b"fromfile-fromfile"),
             "newline removed"
         );
         let other = dir.join("u");
-        std::fs::write(&other, "envfile-envfile-1").unwrap();
+        write_private(&other, "envfile-envfile-1");
         let e = env(&[(TOKEN_FILE_ENV, other.to_str().unwrap())]);
         assert_eq!(got(&e).1, TokenSource::EnvFile);
         let e = env(&[(TOKEN_ENV, "fromenv-fromenv-1"), (TOKEN_FILE_ENV, "/nope")]);
         assert_eq!(got(&e).1, TokenSource::Env);
         let inline = admin("0.0.0.0:1", Some(GOOD), None);
         assert_eq!(
-            inline.resolve(&env(&[])).unwrap().token.unwrap().1,
+            inline.resolve(&env(&[]), false).unwrap().token.unwrap().1,
             TokenSource::Config
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -341,15 +377,17 @@ mod tests {
 
     #[test]
     fn bad_tokens_are_refused_naming_their_source() {
-        let short = admin("127.0.0.1:1", Some("s3cret"), None).resolve(&env(&[]));
+        let short = admin("127.0.0.1:1", Some("s3cret"), None).resolve(&env(&[]), false);
         let p = short.unwrap_err();
         assert_eq!(p[0].path, "admin.token");
         assert!(p[0].reason.contains("at least 16"), "{p:?}");
         let e = env(&[(TOKEN_ENV, "has space in the middle")]);
-        let p = admin("127.0.0.1:1", None, None).resolve(&e).unwrap_err();
+        let p = admin("127.0.0.1:1", None, None)
+            .resolve(&e, false)
+            .unwrap_err();
         assert_eq!(p[0].path, TOKEN_ENV);
         let p = admin("127.0.0.1:1", None, Some(Path::new("/nonexistent/t")))
-            .resolve(&env(&[]))
+            .resolve(&env(&[]), false)
             .unwrap_err();
         assert_eq!(p[0].path, "admin.token_file");
         assert!(p[0].reason.contains("cannot read"), "{p:?}");
@@ -358,18 +396,22 @@ mod tests {
     #[test]
     fn an_open_bind_needs_a_token_from_somewhere() {
         let p = admin("0.0.0.0:9901", None, None)
-            .resolve(&env(&[]))
+            .resolve(&env(&[]), false)
             .unwrap_err();
         assert_eq!(p[0].path, "admin.token");
         assert!(p[0].reason.contains("required"), "{p:?}");
         let e = env(&[(TOKEN_ENV, GOOD)]);
-        assert!(admin("0.0.0.0:9901", None, None).resolve(&e).is_ok());
-        assert!(admin("[::1]:9901", None, None).resolve(&env(&[])).is_ok());
+        assert!(admin("0.0.0.0:9901", None, None).resolve(&e, false).is_ok());
+        assert!(admin("[::1]:9901", None, None)
+            .resolve(&env(&[]), false)
+            .is_ok());
     }
 
     #[test]
     fn hosts_ip_literals_localhost_and_configured_names() {
-        let s = admin("127.0.0.1:1", None, None).resolve(&env(&[])).unwrap();
+        let s = admin("127.0.0.1:1", None, None)
+            .resolve(&env(&[]), false)
+            .unwrap();
         for ok in [
             "127.0.0.1:9901",
             "10.1.2.3",

@@ -9,6 +9,7 @@ mod admin;
 mod health;
 mod listen;
 mod replicas;
+pub mod secret_file;
 mod tls;
 mod validate;
 
@@ -400,6 +401,10 @@ pub struct Config {
     /// Client connections open at once over every service; absent = only the per-service caps.
     #[serde(default)]
     pub max_connections: Option<u32>,
+    /// Private key and token files other users may read or write are used (with a warning)
+    /// instead of refused.
+    #[serde(default)]
+    pub allow_readable_keys: bool,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -959,6 +964,10 @@ pub struct ServiceConfig {
     /// How long a client on a routed address may take to send its whole ClientHello.
     #[serde(default = "default_client_hello_timeout")]
     pub client_hello_timeout: Dur,
+    /// On a routed address, how many connections may wait for their route at once (their PROXY
+    /// header, their ClientHello); beyond, a new one is closed at once.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: u32,
     /// `same`: connect to each backend at the port the client reached (port ranges).
     #[serde(default)]
     pub backend_port: BackendPort,
@@ -1053,6 +1062,14 @@ fn default_client_hello_timeout() -> Dur {
     Dur::secs(5)
 }
 
+/// The default of `max_pending`: room for a burst of new clients, and a bound a flood of idle
+/// connections reaches long before the descriptor limit.
+pub const DEFAULT_MAX_PENDING: u32 = 1024;
+
+fn default_max_pending() -> u32 {
+    DEFAULT_MAX_PENDING
+}
+
 fn default_connect_timeout() -> Dur {
     Dur::secs(2)
 }
@@ -1143,7 +1160,7 @@ impl Config {
     pub fn admin_settings(&self, env: &dyn Env) -> Result<Option<AdminSettings>, ConfigError> {
         self.admin
             .as_ref()
-            .map(|a| a.resolve(env))
+            .map(|a| a.resolve(env, self.allow_readable_keys))
             .transpose()
             .map_err(ConfigError::Invalid)
     }

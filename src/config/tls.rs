@@ -50,9 +50,27 @@ pub struct TlsConfig {
     /// PEM: the CAs a client certificate must chain to; given, a client must present one.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// PEM: revocation lists (one file or a list) a client certificate is checked against; only
+    /// with `client_ca`.
+    #[serde(default, deserialize_with = "paths")]
+    pub client_crl: Vec<PathBuf>,
     /// How long a client may take for its whole handshake, from its first byte.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout: Dur,
+}
+
+/// One path or a list of them.
+fn paths<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "expected a file path or a list of them")]
+    enum Raw {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::One(p) => vec![p],
+        Raw::Many(v) => v,
+    })
 }
 
 fn yes() -> bool {

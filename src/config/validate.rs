@@ -240,6 +240,12 @@ impl Config {
                 format!("{both} share {addr} but not client_hello_timeout: the hello is read before the route is known, so it must be the same"),
             );
         }
+        if sa.max_pending != sb.max_pending {
+            p.add(
+                at("max_pending"),
+                format!("{both} share {addr} but not max_pending: it bounds the connections waiting for their route, so it must be the same"),
+            );
+        }
     }
 }
 
@@ -296,9 +302,18 @@ fn validate_tls(p: &mut Problems, i: usize, s: &ServiceConfig) {
     if s.client_hello_timeout.is_zero() {
         p.add(at("client_hello_timeout"), "must be greater than 0");
     }
+    if s.max_pending == 0 {
+        p.add(at("max_pending"), "must be at least 1");
+    }
     if let Some(t) = &s.tls {
         if t.handshake_timeout.is_zero() {
             p.add(at("tls.handshake_timeout"), "must be greater than 0");
+        }
+        if !t.client_crl.is_empty() && t.client_ca.is_none() {
+            p.add(
+                at("tls.client_crl"),
+                "revocation lists check client certificates: give client_ca too",
+            );
         }
     }
     if matches!(s.health.kind, HealthKind::Tls | HealthKind::Https) && s.backend_tls.is_none() {

@@ -149,6 +149,7 @@ pub(super) fn bind(key: &ListenKey, config: &Config) -> Result<Bound, BindError>
             table: Table::new(Vec::new()),
             accept_proxy: None,
             hello_timeout: Duration::from_secs(5),
+            max_pending: crate::config::DEFAULT_MAX_PENDING,
             unrouted: unrouted.clone(),
         })),
         unrouted,
@@ -182,6 +183,7 @@ impl Bound {
             table: Table::new(routes),
             accept_proxy: first.and_then(|s| s.accept_proxy.clone()),
             hello_timeout: first.map_or(Duration::from_secs(5), |s| s.client_hello_timeout.0),
+            max_pending: first.map_or(crate::config::DEFAULT_MAX_PENDING, |s| s.max_pending),
             unrouted: self.unrouted.clone(),
         }));
     }

@@ -207,7 +207,7 @@ fn load_tls(config: &Config) -> Result<Vec<ServiceTls>, (String, TlsError)> {
         .services
         .iter()
         .enumerate()
-        .map(|(i, s)| tls::load(i, s))
+        .map(|(i, s)| tls::load(i, s, config.allow_readable_keys))
         .collect()
 }
 

@@ -551,7 +551,7 @@ mod tests {
         );
         let mut cfg = crate::config::Config::from_yaml(&yaml).unwrap();
         let service = cfg.services.remove(0);
-        let tls = crate::tls::load(0, &service).unwrap();
+        let tls = crate::tls::load(0, &service, false).unwrap();
         (service, tls)
     }
 }

@@ -26,7 +26,7 @@ use crate::admission::{Gate, GateSlot, Refusal, SourceSlot};
 use crate::outcome::Outcome;
 use crate::proxy_protocol;
 use crate::relay::{self, LiveCounters, Relayed};
-use crate::route::Routes;
+use crate::route::{Routes, Waiting};
 use crate::routelog::{self, Ending, Record};
 use crate::service::{Service, TlsResult};
 use crate::tls::{HandshakeError, Prefixed, ServerStream};
@@ -222,13 +222,15 @@ pub(crate) fn serve(
 }
 
 /// Serves one accepted client of a shared address: reads what chooses its route (the PROXY header,
-/// then the ClientHello), then serves it as its service's. A client no service takes is counted in
-/// the address's unrouted connections and logged without a service.
+/// then the ClientHello), then serves it as its service's; `waiting` is its place among the
+/// address's connections waiting for their route. A client no service takes is counted in the
+/// address's unrouted connections and logged without a service.
 pub(crate) async fn serve_routed(
     mut client: TcpStream,
     peer: SocketAddr,
     routes: Arc<Routes>,
     gate: GateSlot,
+    waiting: Waiting,
     leaving: Arc<Leaving>,
     span: tracing::Span,
 ) {
@@ -236,6 +238,8 @@ pub(crate) async fn serve_routed(
     let routed = route(&mut client, peer, &routes, &mut record, &leaving.deadline)
         .instrument(span.clone())
         .await;
+    // Routed or refused, it no longer waits for its route.
+    drop(waiting);
     let (service, entry) = match routed {
         Ok(r) => r,
         Err(end) => {

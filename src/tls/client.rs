@@ -40,7 +40,10 @@ impl std::fmt::Debug for Originator {
 
 impl Originator {
     /// Reads the files of `cfg`; every failure names its file.
-    pub(crate) fn load(cfg: &BackendTlsConfig) -> Result<Originator, TlsError> {
+    pub(crate) fn load(
+        cfg: &BackendTlsConfig,
+        allow_readable_keys: bool,
+    ) -> Result<Originator, TlsError> {
         let provider = provider();
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(super::versions(TlsVersion::V1_2))
@@ -58,7 +61,7 @@ impl Originator {
         };
         let mut config = match (&cfg.cert, &cfg.key) {
             (Some(cert), Some(key)) => builder
-                .with_client_auth_cert(files::certs(cert)?, files::key(key)?)
+                .with_client_auth_cert(files::certs(cert)?, files::key(key, allow_readable_keys)?)
                 .map_err(|e| TlsError::Bad {
                     path: key.clone(),
                     why: format!("does not go with {}: {e}", cert.display()),

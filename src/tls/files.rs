@@ -4,26 +4,36 @@
 use std::path::Path;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::RootCertStore;
 
 use super::TlsError;
+use crate::config::secret_file;
 
 /// The largest PEM file read: a chain or bundle of that size is no certificate file.
 const MAX_PEM: u64 = 1024 * 1024;
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    read_checked(path, |_| Ok(()))
+}
+
+/// [`read`], with `check` asked about the file once open (before a byte is read).
+fn read_checked(
+    path: &Path,
+    check: impl FnOnce(&std::fs::File) -> Result<(), String>,
+) -> Result<Vec<u8>, TlsError> {
     use std::io::Read;
     let file = |error| TlsError::Read {
         path: path.to_path_buf(),
         error,
     };
     let mut text = Vec::new();
-    std::fs::File::open(path)
-        .map_err(file)?
-        .take(MAX_PEM + 1)
-        .read_to_end(&mut text)
-        .map_err(file)?;
+    let f = std::fs::File::open(path).map_err(file)?;
+    check(&f).map_err(|why| TlsError::Bad {
+        path: path.to_path_buf(),
+        why,
+    })?;
+    f.take(MAX_PEM + 1).read_to_end(&mut text).map_err(file)?;
     if text.len() as u64 > MAX_PEM {
         return Err(TlsError::Bad {
             path: path.to_path_buf(),
@@ -57,9 +67,12 @@ pub(crate) fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErro
     Ok(certs)
 }
 
-/// The first private key of a PEM file (PKCS#8, PKCS#1 RSA or SEC1 EC).
-pub(crate) fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let text = read(path)?;
+/// The first private key of a PEM file (PKCS#8, PKCS#1 RSA or SEC1 EC). A file other users may
+/// read or write is refused unless `allow_readable` (`allow_readable_keys`).
+pub(crate) fn key(path: &Path, allow_readable: bool) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let text = read_checked(path, |f| {
+        secret_file::check(f, path, "private key", allow_readable)
+    })?;
     PrivateKeyDer::from_pem_slice(&text).map_err(|e| TlsError::Bad {
         path: path.to_path_buf(),
         why: format!("no private key in it (PEM: PKCS#8, RSA or EC): {e}"),
@@ -76,6 +89,26 @@ pub(crate) fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
         })?;
     }
     Ok(store)
+}
+
+/// Every revocation list of the PEM file `path` (`BEGIN X509 CRL`): at least one.
+pub(crate) fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let text = read(path)?;
+    let bad = |why: String| TlsError::Bad {
+        path: path.to_path_buf(),
+        why,
+    };
+    let crls = CertificateRevocationListDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not valid PEM: {e}")))?;
+    if crls.is_empty() {
+        return Err(bad("no revocation list in it (PEM, BEGIN X509 CRL)".into()));
+    }
+    for c in &crls {
+        x509_parser::parse_x509_crl(c)
+            .map_err(|e| bad(format!("not an X.509 revocation list: {e}")))?;
+    }
+    Ok(crls)
 }
 
 /// What a certificate says about itself.

@@ -55,19 +55,23 @@ pub(crate) struct ServiceTls {
     pub(crate) originate: Option<Arc<Originator>>,
 }
 
-/// Loads what `cfg` (`services[index]`)'s `tls` and `backend_tls` name. The error says which key and
-/// file.
-pub(crate) fn load(index: usize, cfg: &ServiceConfig) -> Result<ServiceTls, (String, TlsError)> {
+/// Loads what `cfg` (`services[index]`)'s `tls` and `backend_tls` name; a private key other users
+/// may read is refused unless `allow_readable_keys`. The error says which key and file.
+pub(crate) fn load(
+    index: usize,
+    cfg: &ServiceConfig,
+    allow_readable_keys: bool,
+) -> Result<ServiceTls, (String, TlsError)> {
     let terminate = cfg
         .tls
         .as_ref()
-        .map(|t| Terminator::load(t).map(Arc::new))
+        .map(|t| Terminator::load(t, allow_readable_keys).map(Arc::new))
         .transpose()
         .map_err(|e| (format!("services[{index}].tls"), e))?;
     let originate = cfg
         .backend_tls
         .as_ref()
-        .map(|t| Originator::load(t).map(Arc::new))
+        .map(|t| Originator::load(t, allow_readable_keys).map(Arc::new))
         .transpose()
         .map_err(|e| (format!("services[{index}].backend_tls"), e))?;
     Ok(ServiceTls {
@@ -80,7 +84,7 @@ pub(crate) fn load(index: usize, cfg: &ServiceConfig) -> Result<ServiceTls, (Str
 /// unusable: `--check` and start-up run it before anything is bound.
 pub fn check_files(config: &crate::config::Config) -> Result<(), String> {
     for (i, s) in config.services.iter().enumerate() {
-        load(i, s).map_err(|(key, e)| format!("{key}: {e}"))?;
+        load(i, s, config.allow_readable_keys).map_err(|(key, e)| format!("{key}: {e}"))?;
     }
     Ok(())
 }

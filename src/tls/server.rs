@@ -61,9 +61,9 @@ pub(crate) enum HandshakeError {
 
 impl Terminator {
     /// Reads the files of `cfg` and builds what handshakes need; every failure names its file.
-    pub(crate) fn load(cfg: &TlsConfig) -> Result<Terminator, TlsError> {
+    pub(crate) fn load(cfg: &TlsConfig, allow_readable_keys: bool) -> Result<Terminator, TlsError> {
         let chain = files::certs(&cfg.cert)?;
-        let key = files::key(&cfg.key)?;
+        let key = files::key(&cfg.key, allow_readable_keys)?;
         let certificate = files::info(&chain[0]).map_err(|why| TlsError::Bad {
             path: cfg.cert.clone(),
             why,
@@ -76,10 +76,17 @@ impl Terminator {
             None => builder.with_no_client_auth(),
             Some(ca) => {
                 let roots = Arc::new(files::roots(ca)?);
+                let mut crls = Vec::new();
+                for path in &cfg.client_crl {
+                    crls.extend(files::crls(path)?);
+                }
+                // With lists, a certificate whose issuer has none among them is refused (as
+                // nginx's ssl_crl does): a revocation that cannot be checked is not assumed absent.
                 let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
+                    .with_crls(crls)
                     .build()
                     .map_err(|e| TlsError::Bad {
-                        path: ca.clone(),
+                        path: cfg.client_crl.first().unwrap_or(ca).clone(),
                         why: format!("cannot verify client certificates with it: {e}"),
                     })?;
                 builder.with_client_cert_verifier(verifier)

@@ -5,6 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -700,6 +701,8 @@ async fn the_admin_token_is_read_once_and_a_bad_one_refuses_the_reload() {
     };
     let first = "first-token-0123456789";
     let token_file = tmp_file("admin-token", &format!("{first}\n"));
+    // Only the owner's: a token file others may read is refused (`allow_readable_keys`).
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let config = format!(
         "admin: {{listen: \"127.0.0.1:0\", token_file: \"{}\"}}\n{base}",
         token_file.display()
@@ -2050,6 +2053,48 @@ async fn tls_says_once_where_its_records_are_relayed() {
         })
         .count();
     assert_eq!(said, 1, "once for two TLS services");
+}
+
+/// reliability.md `secret-file-mode`: a TLS private key other users may read is refused by the check
+/// the start runs (exit 64, naming the file and its mode); the same key made the owner's alone
+/// starts; readable again with `allow_readable_keys: true` it starts with a warning naming the file.
+#[test]
+fn a_key_others_may_read_is_refused_unless_allowed() {
+    let pki = crate::common::pki::Pki::new("key mode");
+    let pair = pki.server("web", &["web.test"]);
+    let chmod =
+        |mode| std::fs::set_permissions(&pair.key, std::fs::Permissions::from_mode(mode)).unwrap();
+    let yaml = |extra: &str| {
+        format!(
+            "{extra}log: {{level: info, format: json}}\nservices:\n  - name: web\n    listen: 127.0.0.1:0\n    tls: {{cert: \"{}\", key: \"{}\"}}\n    backends: [{{address: 127.0.0.1:9}}]\n",
+            pair.cert.display(),
+            pair.key.display(),
+        )
+    };
+    let key = pair.key.display().to_string();
+    chmod(0o644);
+    let cfg = tmp_file("readable-key.yaml", &yaml(""));
+    // `--check` reads the files as the start does (the same function), and exits either way.
+    let (code, _, err) = run(&["--check", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("services[0].tls") && err.contains(&key) && err.contains("mode 0644"),
+        "{err}"
+    );
+    let warned = |l: &Value| l["level"] == "warn" && l["file"] == key.as_str();
+
+    chmod(0o600);
+    let mut sg = Sg::start(&yaml(""));
+    sg.signal(libc::SIGTERM);
+    sg.wait_exit(SECS(10));
+    assert!(!sg.seen.iter().any(warned), "no warning for a private key");
+
+    chmod(0o644);
+    let mut sg = Sg::start(&yaml("allow_readable_keys: true\n"));
+    let line = sg.wait_line(SECS(5), warned);
+    assert_eq!(line["mode"], "0644", "{line}");
+    sg.signal(libc::SIGTERM);
+    sg.wait_exit(SECS(10));
 }
 
 /// reliability.md `sni-explained`: on a shared address the routing line says why a connection went

@@ -213,18 +213,75 @@ async fn no_route_and_bad_hellos_reach_no_backend() {
     let admin = p.admin.unwrap();
     wait_until(SECS(5), "counted", || async move {
         let m = get(admin, "/metrics").await.body;
-        let line = |end: &str| {
-            format!("sluicegate_unrouted_connections_total{{listen=\"{addr}\",end=\"{end}\"}} ")
-        };
-        let count = |end: &str| {
-            m.lines()
-                .find_map(|l| l.strip_prefix(&line(end)))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        count("no_route") == Some(no_route) && count("tls_hello") == Some(bad_hellos)
+        unrouted(&m, addr, "no_route") == Some(no_route)
+            && unrouted(&m, addr, "tls_hello") == Some(bad_hellos)
     })
     .await;
     // And the good one goes through.
+    assert_eq!(who_echoes(addr, &good, good.len()).await.unwrap(), "a");
+}
+
+/// The value of `sluicegate_unrouted_connections_total` for `addr` and `end` in the `/metrics` page `m`.
+fn unrouted(m: &str, addr: SocketAddr, end: &str) -> Option<u64> {
+    series(
+        m,
+        &format!("sluicegate_unrouted_connections_total{{listen=\"{addr}\",end=\"{end}\"}}"),
+    )
+}
+
+/// The value of the series named exactly `name` (labels included) in the `/metrics` page `m`.
+fn series(m: &str, name: &str) -> Option<u64> {
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// docs/reliability.md `sni-pending-cap`: a shared address with `max_pending: 4` and a long
+/// `client_hello_timeout`: four clients connect and send nothing; three more are closed at once,
+/// without a byte and long before the hello timeout (`pending_full`), the gauge holding at 4. Once the
+/// silent ones leave, a real hello routes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_waiting_for_their_route_are_capped() {
+    let addr = free_addr([127, 0, 0, 1]);
+    let a = tagged([127, 0, 0, 2], "a").await;
+    let yaml = config(&service(
+        "a",
+        addr,
+        "sni: [a.example], client_hello_timeout: 60s, max_pending: 4,",
+        a.addr,
+    ));
+    let p = Proxy::start(&yaml).await;
+    let admin = p.admin.unwrap();
+    let pending = format!("sluicegate_unrouted_pending{{listen=\"{addr}\"}}");
+    let pending = pending.as_str();
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    wait_until(SECS(10), "four waiting for their route", || async move {
+        series(&get(admin, "/metrics").await.body, pending) == Some(4)
+    })
+    .await;
+    for i in 0..3 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut got = Vec::new();
+        // Without the cap it would wait the whole 60 s hello timeout.
+        let r = within(SECS(15), "closed at once", s.read_to_end(&mut got)).await;
+        assert!(
+            r.is_err() || got.is_empty(),
+            "{i}: nothing comes back: {got:?}"
+        );
+    }
+    let m = get(admin, "/metrics").await.body;
+    assert_eq!(unrouted(&m, addr, "pending_full"), Some(3), "{m}");
+    assert_eq!(series(&m, pending), Some(4), "{m}");
+    assert_eq!(a.accepted(), 0);
+    drop(silent);
+    wait_until(SECS(10), "none waiting", || async move {
+        series(&get(admin, "/metrics").await.body, pending) == Some(0)
+    })
+    .await;
+    let good = client_hello(Some("a.example"), &[]);
     assert_eq!(who_echoes(addr, &good, good.len()).await.unwrap(), "a");
 }
 
@@ -639,6 +696,21 @@ async fn passthrough_tells_its_backend_the_name_and_protocol_offered() {
     assert!(tlvs.iter().all(|(t, _)| *t != 0x20), "no SSL TLV: {tlvs:?}");
 }
 
+/// Whether a client presenting `client` (trusting `pki`) to `addr` is refused: its handshake fails,
+/// or (TLS 1.3, where the client's handshake may finish before the server refuses its certificate)
+/// its first read brings no echo.
+async fn refused(pki: &Pki, client: Option<&Pair>, addr: SocketAddr) -> bool {
+    let c = connector(pki, &[], client);
+    match tls_connect(&c, addr, "svc.example").await {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = s.write_all(b"x").await;
+            let mut b = [0u8; 1];
+            !matches!(within(SECS(5), "refusal", s.read(&mut b)).await, Ok(1))
+        }
+    }
+}
+
 /// docs/reliability.md `tls-client-cert`: `tls.client_ca` requires a client certificate: a client
 /// without one and a client with another CA's are closed (`tls_client_cert`) and the backend never
 /// sees them; a good one is relayed, and with `proxy_protocol: v2` the backend reads the client's
@@ -669,18 +741,7 @@ async fn client_certificates_none_another_cas_and_good() {
     );
     let p = Proxy::start(&yaml).await;
     for (who, client) in [("none", None), ("another CA's", Some(&foreign))] {
-        let c = connector(&pki, &[], client);
-        // TLS 1.3: the client's handshake may finish before the server refuses its certificate; the
-        // refusal shows on the first read.
-        let refused = match tls_connect(&c, p.addr, "svc.example").await {
-            Err(_) => true,
-            Ok(mut s) => {
-                let _ = s.write_all(b"x").await;
-                let mut b = [0u8; 1];
-                !matches!(within(SECS(5), "refusal", s.read(&mut b)).await, Ok(1))
-            }
-        };
-        assert!(refused, "{who}: refused");
+        assert!(refused(&pki, client, p.addr).await, "{who}: refused");
     }
     p.wait_ended(Outcome::TlsClientCert, 2).await;
     assert_eq!(backend.accepted(), 0, "the backend never sees them");
@@ -716,6 +777,66 @@ async fn client_certificates_none_another_cas_and_good() {
     );
     assert_eq!(find(0x22).as_deref(), Some("alice"), "PP2_SUBTYPE_SSL_CN");
     assert_eq!(handshakes(p.admin.unwrap(), "cc", "client_cert").await, 2);
+}
+
+/// docs/reliability.md `tls-client-crl`: `tls.client_crl` with `client_ca`: of two clients the CA
+/// signed, the one the list revokes is closed (`tls_client_cert`) and its backend never sees it, the
+/// other is relayed. A reload reads the lists again: one revoking both refuses the second too; a list
+/// that is not one is refused naming its file, and the lists in force stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_certificate_is_refused() {
+    let pki = Pki::new("crl CA");
+    let server = pki.server("crl-server", &["svc.example"]);
+    let alice = pki.client("crl-alice", "alice");
+    let bob = pki.client("crl-bob", "bob");
+    let live = pki.dir.join("live-crl.pem");
+    std::fs::copy(pki.crl("revoking-bob", &[&bob]), &live).unwrap();
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let yaml = format!(
+        "shutdown: {{drain_timeout: 5s}}\nlog: {{level: warn}}\nservices:\n  - name: crl\n    listen: 127.0.0.1:0\n    tls: {{cert: \"{}\", key: \"{}\", client_ca: \"{}\", client_crl: [\"{}\"]}}\n    backends: [{{address: \"{}\"}}]\n",
+        server.cert.display(),
+        server.key.display(),
+        pki.ca.display(),
+        live.display(),
+        backend.addr
+    );
+    let p = Proxy::start(&yaml).await;
+    assert!(refused(&pki, Some(&bob), p.addr).await, "bob is revoked");
+    p.wait_ended(Outcome::TlsClientCert, 1).await;
+    assert_eq!(backend.accepted(), 0, "the backend never sees him");
+    let c = connector(&pki, &[], Some(&alice));
+    let mut s = tls_connect(&c, p.addr, "svc.example").await.unwrap();
+    assert_eq!(tls_round_trip(&mut s, b"alice").await, b"alice");
+
+    std::fs::copy(pki.crl("revoking-both", &[&alice, &bob]), &live).unwrap();
+    p.control
+        .reload(Config::from_yaml(&yaml).unwrap())
+        .expect("reloaded");
+    assert!(
+        refused(&pki, Some(&alice), p.addr).await,
+        "alice revoked now"
+    );
+    p.wait_ended(Outcome::TlsClientCert, 2).await;
+    assert_eq!(
+        tls_round_trip(&mut s, b"still").await,
+        b"still",
+        "her open connection goes on"
+    );
+
+    std::fs::copy(&pki.ca, &live).unwrap();
+    let err = p
+        .control
+        .reload(Config::from_yaml(&yaml).unwrap())
+        .expect_err("a certificate is no revocation list");
+    let err = err.to_string();
+    assert!(
+        err.contains("services[0].tls") && err.contains("live-crl.pem"),
+        "{err}"
+    );
+    assert!(
+        refused(&pki, Some(&alice), p.addr).await,
+        "the lists in force stay"
+    );
 }
 
 /// docs/reliability.md `tls-origination`: `backend_tls` with the test CA: a backend whose certificate

@@ -173,6 +173,30 @@ impl Pki {
         self.sign(file, cn, ext, 90)
     }
 
+    /// A revocation list (PEM) of this CA revoking `revoked`, written to `file`, made by `openssl ca`
+    /// (its database started afresh each time, so each list revokes exactly `revoked`).
+    pub fn crl(&self, file: &str, revoked: &[&Pair]) -> PathBuf {
+        let db = format!("{file}.index");
+        std::fs::write(self.dir.join(&db), "").unwrap();
+        std::fs::write(self.dir.join(format!("{file}.crlnumber")), "01\n").unwrap();
+        let cnf = format!("{file}.cnf");
+        std::fs::write(
+            self.dir.join(&cnf),
+            format!(
+                "[ca]\ndefault_ca = test\n[test]\ndatabase = {db}\ncrlnumber = {file}.crlnumber\n\
+                 certificate = ca.pem\nprivate_key = ca.key\ndefault_md = sha256\ndefault_crl_days = 30\n"
+            ),
+        )
+        .unwrap();
+        for pair in revoked {
+            let cert = pair.cert.to_str().unwrap();
+            openssl(&self.dir, &["ca", "-config", &cnf, "-revoke", cert]);
+        }
+        let out = format!("{file}.pem");
+        openssl(&self.dir, &["ca", "-config", &cnf, "-gencrl", "-out", &out]);
+        self.dir.join(out)
+    }
+
     /// This CA as a rustls trust store.
     pub fn roots(&self) -> rustls::RootCertStore {
         let mut roots = rustls::RootCertStore::empty();
