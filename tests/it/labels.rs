@@ -220,7 +220,7 @@ impl EndlessEngine {
             let _ = EndlessEngine::endless(&mut s).await;
             return;
         } else {
-            format!("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
         };
         let _ = s.write_all(answer.as_bytes()).await;
     }
