@@ -88,7 +88,10 @@ pub(crate) struct RingWorkers {
 pub(crate) struct Served {
     routes: Arc<ArcSwap<Routes>>,
     local: Arc<str>,
-    _accepting: TaskTrackerToken,
+    /// The address's stop, for an accept loop that takes over from a worker that cannot enter its
+    /// ring (`Host::enter_refused`).
+    stop: CancellationToken,
+    accepting: TaskTrackerToken,
 }
 
 impl RingWorkers {
@@ -193,7 +196,8 @@ impl RingWorkers {
             let with = Served {
                 routes: routes.clone(),
                 local: local.clone(),
-                _accepting: accepting.token(),
+                stop: stop.clone(),
+                accepting: accepting.token(),
             };
             h.send(Command::Listen {
                 id,
@@ -715,6 +719,43 @@ impl Host for Services {
         None
     }
 
+    fn enter_refused(&mut self, id: u32, socket: OwnedFd) {
+        let Some(served) = self.listeners.get(&id) else {
+            return;
+        };
+        let Some(h) = self.tokio.get(self.next_tokio % self.tokio.len().max(1)) else {
+            tracing::error!(listen = %served.local, "ring worker: io_uring_enter keeps failing, and no tokio worker can take its listener");
+            return;
+        };
+        self.next_tokio = self.next_tokio.wrapping_add(1);
+        tracing::error!(listen = %served.local, "ring worker: io_uring_enter keeps failing; its listener is served on the epoll engine");
+        let (routes, local, stop) = (
+            served.routes.clone(),
+            served.local.clone(),
+            served.stop.clone(),
+        );
+        let (gate, tracker, leaving) = (
+            self.gate.clone(),
+            self.tracker.clone(),
+            self.leaving.clone(),
+        );
+        // Accepting on the address until its stop, as the worker's accepts did.
+        let accepting = served.accepting.clone();
+        h.spawn(async move {
+            let _accepting = accepting;
+            let socket = std::net::TcpListener::from(socket);
+            match socket
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(socket))
+            {
+                Ok(l) => listener::accept_loop(l, routes, gate, tracker, stop, leaving).await,
+                Err(e) => {
+                    tracing::error!(listen = %local, error = %e, "cannot serve a listener the ring worker gave up")
+                }
+            }
+        });
+    }
+
     fn accepted(
         &mut self,
         id: u32,
@@ -1224,7 +1265,8 @@ mod tests {
             Served {
                 routes,
                 local: "127.0.0.1:1".into(),
-                _accepting: TaskTracker::new().token(),
+                stop: CancellationToken::new(),
+                accepting: TaskTracker::new().token(),
             },
         );
         let client = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1338,5 +1380,53 @@ mod tests {
                 .await
                 .unwrap();
         }
+    }
+
+    /// reliability.md `uring-enter-refused`: a ring worker whose `io_uring_enter` is refused (a
+    /// seccomp filter on its thread alone, installed before its ring is made: setup and register
+    /// pass, every enter fails with EPERM) takes its commands all the same, gives its listener to
+    /// the tokio workers after `ENTER_GIVE_UP` failures, with an error in the log, and stops when
+    /// told. The client is relayed, by a tokio worker. Before, such a worker never heard of the
+    /// listener (commands come through the ring), no client was accepted, and its stop hung.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_that_cannot_enter_its_ring_gives_its_listeners_to_epoll() {
+        if let Err(why) = ring::availability() {
+            eprintln!("skipped: no ring worker here: {why}");
+            return;
+        }
+        let backend = echo().await;
+        let (routes, web) = routes_of(&format!(
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    relay: ring\n    backends: [{{address: \"{backend}\"}}]\n"
+        ));
+        let ring = RingWorkers::start_each(
+            1,
+            Arc::new(Gate::new(None)),
+            TaskTracker::new(),
+            Arc::new(Leaving::default()),
+            vec![tokio::runtime::Handle::current()],
+            |_, services| {
+                let make = move || {
+                    crate::relay::uring::refuse_enter_on_this_thread().expect("a seccomp filter");
+                    services
+                };
+                ring::start("sg-test-noenter".into(), make, ring::TICK)
+            },
+        )
+        .unwrap();
+        let (client, stop) = relayed_client(&ring, routes).await;
+        assert_eq!(ring.views()[0].accepted, 0, "nothing accepted on the ring");
+        assert_eq!(web.stats.accepted.load(Relaxed), 1);
+        assert_eq!(
+            web.stats.uring.load(Relaxed),
+            0,
+            "relayed by a tokio worker"
+        );
+        drop(client);
+        stop.cancel();
+        let stopped = tokio::task::spawn_blocking(move || ring.stop());
+        tokio::time::timeout(Duration::from_secs(10), stopped)
+            .await
+            .expect("the worker stopped within 10 s")
+            .unwrap();
     }
 }

@@ -429,7 +429,9 @@ impl LabelWatch {
         // Events were missed while disconnected: the next list is believed whole.
         self.stopped = Stopped::default();
         let since = (unix_ms() / 1000) as i64 - EVENTS_OVERLAP_SECS;
-        let mut events = engine.events(&self.spec.spec.selector.labels, since);
+        let mut events = engine
+            .events(&self.spec.spec.selector.labels, since)
+            .await?;
         self.list(&engine).await?;
         if let Some(tx) = first.take() {
             let _ = tx.send(());

@@ -10,11 +10,10 @@ use bollard::models::{
     ContainerCreateBody, ContainerSummary, EndpointSettings, EventMessage, HostConfig,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::{Docker, API_DEFAULT_VERSION};
-use futures_util::StreamExt;
 
 use super::{ContainerEvent, ContainerHealth, DockerError, Events, Labelled, Seen, Spec};
 use crate::config::DockerTransport;
@@ -55,6 +54,8 @@ impl Spec {
 #[derive(Clone)]
 pub(crate) struct Engine {
     docker: Docker,
+    /// How the Engine was reached: the event stream opens its own connection (`events.rs`).
+    transport: DockerTransport,
     endpoint: String,
     timeout: Duration,
 }
@@ -105,6 +106,7 @@ impl Engine {
             .map_err(|e| classify(endpoint, timeout, e))?;
         Ok(Engine {
             docker,
+            transport: transport.clone(),
             endpoint: endpoint.to_string(),
             timeout,
         })
@@ -162,24 +164,22 @@ impl Engine {
     /// The Engine's events about containers with all of `labels`, from `since` (Unix seconds: a
     /// little before the list they follow, so nothing between the two is missed) on. The request is
     /// bounded like any call (the Engine answers it at once); the stream then runs until the Engine
-    /// ends it or the connection breaks, which it reports as its last item.
-    pub(crate) fn events(&self, labels: &BTreeMap<String, String>, since: i64) -> Events {
+    /// ends it or the connection breaks, which it reports as its last item. Read by `events.rs`, in
+    /// lines of at most `events::MAX_LINE` bytes, not by bollard.
+    pub(crate) async fn events(
+        &self,
+        labels: &BTreeMap<String, String>,
+        since: i64,
+    ) -> Result<Events, DockerError> {
         let mut filters = label_filters(labels);
         filters.insert("type".to_string(), vec!["container".to_string()]);
         filters.insert(
             "event".to_string(),
             FOLLOWED_EVENTS.iter().map(|e| e.to_string()).collect(),
         );
-        let opts = EventsOptionsBuilder::default()
-            .since(&since.to_string())
-            .filters(&filters)
-            .build();
-        let (endpoint, timeout) = (self.endpoint.clone(), self.timeout);
-        let stream = self.docker.events(Some(opts)).map(move |item| {
-            item.map(container_event)
-                .map_err(|e| classify(&endpoint, timeout, e))
-        });
-        Box::pin(stream)
+        let query = super::events::query(since, &filters);
+        let version = self.docker.client_version().to_string();
+        super::events::open(&self.transport, &version, &query, self.timeout).await
     }
 
     /// Creates and starts a container; returns its id and address on `spec.network`. A container
@@ -353,7 +353,7 @@ fn first_name(names: Option<Vec<String>>) -> String {
         .to_string()
 }
 
-fn container_event(m: EventMessage) -> ContainerEvent {
+pub(super) fn container_event(m: EventMessage) -> ContainerEvent {
     let (id, name) = match m.actor {
         Some(a) => (
             a.id.unwrap_or_default(),

@@ -20,6 +20,8 @@ use futures_util::Stream;
 #[cfg(feature = "docker")]
 mod client;
 #[cfg(feature = "docker")]
+mod events;
+#[cfg(feature = "docker")]
 pub(crate) use client::Engine;
 
 /// Why a Docker call failed.
@@ -185,7 +187,11 @@ mod absent {
         ) -> Result<Vec<Labelled>, DockerError> {
             match *self {}
         }
-        pub(crate) fn events(&self, _: &BTreeMap<String, String>, _: i64) -> Events {
+        pub(crate) async fn events(
+            &self,
+            _: &BTreeMap<String, String>,
+            _: i64,
+        ) -> Result<Events, DockerError> {
             match *self {}
         }
         pub(crate) async fn rename(&self, _: &str, _: &str) -> Result<(), DockerError> {

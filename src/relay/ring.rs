@@ -105,6 +105,10 @@ use connect::sockets_on_ring;
 use connect::{connect_result, fail_nodelay_here};
 use flow::Starved;
 
+/// `io_uring_enter` failures in a row (each followed by a 1 ms wait) after which a worker gives its
+/// listeners to the host ([`Host::enter_refused`]): no client it accepts could be served.
+pub(crate) const ENTER_GIVE_UP: u32 = 100;
+
 /// Submission queue entries: one `io_uring_enter` submits at most this many.
 const SQ_ENTRIES: u32 = 4096;
 /// Completion queue entries: past them the kernel keeps completions in its overflow list
@@ -353,6 +357,12 @@ pub(crate) trait Host {
     fn hand_off(&mut self, id: u32, client: OwnedFd, peer: SocketAddr) -> Option<OwnedFd> {
         let _ = (id, peer);
         Some(client)
+    }
+    /// This worker cannot enter its ring (`io_uring_enter` failed [`ENTER_GIVE_UP`] times in a row:
+    /// a policy that refuses it, say): listener `id`'s socket (a duplicate) is the host's to serve
+    /// elsewhere (on the epoll engine); the worker unlistens right after.
+    fn enter_refused(&mut self, id: u32, socket: OwnedFd) {
+        let _ = (id, socket);
     }
     /// A client accepted on listener `id`: its state, what comes next (a backend to connect it to,
     /// or its first bytes to read) and its limits; or `None`, refused, which the host has accounted
@@ -1008,6 +1018,8 @@ struct Worker<H: Host> {
     /// `Command::Carry` came and the host still takes carried connections.
     carrying: bool,
     errors: RateLimited,
+    /// `io_uring_enter` failures in a row (EINTR and EBUSY aside).
+    enter_failures: u32,
     counts: Arc<Counts>,
     /// Accepts complete with EAGAIN when no client waits, and the worker polls the listener
     /// itself (`on_accept`); else (before Linux 6.10) the kernel polls.
@@ -1063,6 +1075,7 @@ impl<H: Host> Worker<H> {
             stopping: None,
             carrying: false,
             errors: RateLimited::default(),
+            enter_failures: 0,
             counts,
             dontwait: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .is_ok_and(|r| takes_accept_dontwait(r.trim())),
@@ -1139,13 +1152,25 @@ impl<H: Host> Worker<H> {
             // there (without GETEVENTS, nothing the kernel deferred to this thread is run).
             let want = usize::from(self.backlog.is_empty() && self.acks.is_empty());
             self.waited = want > 0;
-            if let Err(e) = self.ring.submit_and_wait(want) {
+            let entered = self.ring.submit_and_wait(want);
+            if entered.is_ok() {
+                self.enter_failures = 0;
+            }
+            if let Err(e) = entered {
                 match e.raw_os_error() {
                     // A signal, or completions to reap before more can be submitted.
                     Some(libc::EINTR | libc::EBUSY) => {}
                     _ => {
                         if let Some(suppressed) = self.errors.allow() {
                             tracing::error!(error = %e, suppressed, "ring worker: io_uring_enter failed; backing off");
+                        }
+                        // Commands come through the ring (a poll of the wake-up eventfd): taken
+                        // here too, or a worker that cannot enter would never hear of a listener,
+                        // nor of its stop.
+                        self.take_commands();
+                        self.enter_failures = self.enter_failures.saturating_add(1);
+                        if self.enter_failures >= ENTER_GIVE_UP {
+                            self.give_up_listeners();
                         }
                         // Our own thread: the back-off delays only what it serves.
                         std::thread::sleep(Duration::from_millis(1));

@@ -138,7 +138,10 @@ pub(crate) fn availability() -> &'static Result<(), String> {
         if std::env::var("SLUICEGATE_IO_URING").is_ok_and(|v| v.trim() == "off") {
             return Err("disabled by SLUICEGATE_IO_URING=off".into());
         }
-        let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
+        let mut ring = IoUring::new(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
+        // A policy (seccomp) can allow io_uring_setup and refuse io_uring_enter, the call every
+        // engine on io_uring lives in: a ring is usable only once an entry went through it.
+        nop_through(&mut ring)?;
         let mut probe = io_uring::Probe::new();
         ring.submitter()
             .register_probe(&mut probe)
@@ -154,6 +157,86 @@ pub(crate) fn availability() -> &'static Result<(), String> {
         }
         Ok(())
     })
+}
+
+/// A seccomp filter on the calling thread alone (no TSYNC; it ends with the thread) under
+/// which io_uring_enter fails with EPERM, as under a policy that allows setting a ring up but
+/// not entering it; every other call is allowed.
+#[cfg(test)]
+pub(crate) fn refuse_enter_on_this_thread() -> io::Result<()> {
+    let filter = [
+        // The system call's number, the first word of `seccomp_data`. No check of the
+        // architecture: a test of this build's own calls, not a sandbox.
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 1,
+            jf: 0,
+            k: libc::SYS_io_uring_enter as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+    ];
+    let program = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl(2) with integers, then with a pointer to `program`, which points to
+    // `filter`; both live through the call, and the kernel copies the program. Both settings
+    // are the calling thread's alone (no SECCOMP_FILTER_FLAG_TSYNC).
+    let failed = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &program as *const libc::sock_fprog,
+            ) != 0
+    };
+    if failed {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Submits a NOP through `io_uring_enter` on `ring` and waits for its completion: `Err` says how
+/// it failed (EPERM from a seccomp profile that refuses the call, say).
+fn nop_through(ring: &mut IoUring) -> Result<(), String> {
+    const PROBE: u64 = 0x5e7e;
+    let nop = opcode::Nop::new().build().user_data(PROBE);
+    // SAFETY: a NOP points to nothing.
+    unsafe { ring.submission().push(&nop) }
+        .map_err(|_| "io_uring probe: no room for one entry in a new ring".to_string())?;
+    // A signal may interrupt the wait: a few tries, then its error stands.
+    let mut tries = 0;
+    while let Err(e) = ring.submit_and_wait(1) {
+        tries += 1;
+        if e.raw_os_error() != Some(libc::EINTR) || tries == 8 {
+            return Err(format!("io_uring_enter refused: {e}"));
+        }
+    }
+    match ring.completion().next() {
+        Some(c) if c.user_data() == PROBE && c.result() >= 0 => Ok(()),
+        Some(c) => Err(format!(
+            "io_uring_enter: the probe's NOP failed: {}",
+            io::Error::from_raw_os_error(-c.result())
+        )),
+        None => Err("io_uring_enter: the probe's NOP did not complete".into()),
+    }
 }
 
 enum Slot {

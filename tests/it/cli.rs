@@ -916,35 +916,46 @@ async fn an_accept_refused_by_policy_backs_off() {
 }
 
 /// In the child before exec: a seccomp filter under which accept(2) and accept4(2) fail with EPERM,
-/// as they do when a security module refuses; every other call is allowed. It is inherited across
-/// exec (the shell's, then sluicegate's).
+/// as they do when a security module refuses; every other call is allowed.
 fn refuse_accepts() -> std::io::Result<()> {
+    refuse_calls(&[libc::SYS_accept4, libc::SYS_accept])
+}
+
+/// In the child before exec: a seccomp filter under which each system call numbered in `calls` (at
+/// most 8) fails with EPERM; every other call is allowed. It is inherited across exec (the
+/// shell's, then sluicegate's). Allocates nothing: it runs between fork and exec.
+fn refuse_calls(calls: &[libc::c_long]) -> std::io::Result<()> {
+    const MAX: usize = 8;
+    if calls.len() > MAX {
+        return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
+    }
     let op = |code: u32, k: u32| libc::sock_filter {
         code: code as u16,
         jt: 0,
         jf: 0,
         k,
     };
-    let if_nr = |nr: libc::c_long, skip: u8| libc::sock_filter {
-        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-        jt: skip,
-        jf: 0,
-        k: nr as u32,
-    };
     // The system call's number is the first word of `seccomp_data`. No check of the architecture:
     // this stands in for a policy in a test of native binaries, it is not a sandbox.
-    let filter = [
-        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
-        if_nr(libc::SYS_accept4, 2),
-        if_nr(libc::SYS_accept, 1),
-        op(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
-        op(
-            libc::BPF_RET | libc::BPF_K,
-            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
-        ),
-    ];
+    let mut filter = [op(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW); MAX + 3];
+    filter[0] = op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0);
+    let n = calls.len();
+    for (i, &nr) in calls.iter().enumerate() {
+        // On a match, jump over the comparisons left and the ALLOW, to the ERRNO.
+        filter[1 + i] = libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: (n - i) as u8,
+            jf: 0,
+            k: nr as u32,
+        };
+    }
+    filter[1 + n] = op(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW);
+    filter[2 + n] = op(
+        libc::BPF_RET | libc::BPF_K,
+        libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+    );
     let program = libc::sock_fprog {
-        len: filter.len() as u16,
+        len: (n + 3) as u16,
         filter: filter.as_ptr().cast_mut(),
     };
     // SAFETY: prctl(2) with integers, then with a pointer to `program`, which points to `filter`;
@@ -961,6 +972,58 @@ fn refuse_accepts() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// reliability.md `uring-refused`: a seccomp profile refuses io_uring_setup: `relay: auto` runs
+/// the epoll engine, serves, and its note names the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_serves_on_epoll_when_io_uring_setup_is_refused() {
+    io_uring_refused(libc::SYS_io_uring_setup, "io_uring_setup failed").await;
+}
+
+/// reliability.md `uring-refused`: a seccomp profile allows io_uring_setup (and register) but
+/// refuses io_uring_enter, the call every io_uring engine lives in: the probe submits a NOP
+/// through it, so `relay: auto` runs the epoll engine, serves, and its note names the refusal
+/// (before the NOP, the probe passed, the service went on the ring workers, and no client was
+/// ever accepted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_serves_on_epoll_when_io_uring_enter_is_refused() {
+    io_uring_refused(libc::SYS_io_uring_enter, "io_uring_enter refused").await;
+}
+
+/// Runs sluicegate (`relay: auto`) under a seccomp filter refusing system call `nr` with EPERM,
+/// and checks that it serves on epoll and says why in the note of `relay: auto`, `said` included.
+async fn io_uring_refused(nr: libc::c_long, said: &str) {
+    use std::os::unix::process::CommandExt;
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let config = yaml(&[backend.addr], "relay: auto", "{drain_timeout: 1s}");
+    let mut sg = Sg::start_configured(&config, "", |c| {
+        // SAFETY: `refuse_calls` makes two prctl(2) calls on stack data, async-signal-safe
+        // between fork and exec.
+        unsafe {
+            c.pre_exec(move || refuse_calls(&[nr]));
+        }
+    });
+    let listening = sg.wait_line(SECS(10), |l| l["msg"] == "listening");
+    assert_eq!(listening["relay"], "epoll", "{listening}");
+    let msg = payload(3, 64 << 10);
+    let mut c = TcpStream::connect(sg.addr).await.unwrap();
+    c.write_all(&msg).await.unwrap();
+    c.shutdown().await.unwrap();
+    let got = within(SECS(10), "echo", read_all(&mut c)).await.unwrap();
+    assert_eq!(sha(&got), sha(&msg), "served exactly");
+    let note = sg.wait_line(SECS(10), |l| {
+        l["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("relay: auto runs the epoll engine here"))
+    });
+    let reason = note["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(said) && reason.contains("Operation not permitted"),
+        "the note names the refusal: {note}"
+    );
+    sg.signal(libc::SIGTERM);
+    assert_eq!(tokio::task::block_in_place(|| sg.wait_exit(SECS(10))), 0);
 }
 
 async fn descriptor_exhaustion(relay: &str, loops: usize) {

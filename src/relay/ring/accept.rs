@@ -131,6 +131,28 @@ impl<H: Host> Worker<H> {
         }
     }
 
+    /// `io_uring_enter` keeps failing: no accept of this worker's goes in. Each listener not yet
+    /// given up goes to the host (a duplicate of its socket, [`Host::enter_refused`]) and is
+    /// unlistened here (its cancellations go in if the ring ever takes entries again).
+    pub(super) fn give_up_listeners(&mut self) {
+        let open: Vec<u32> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| !l.closing)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in open {
+            match self.listeners.get(&id).map(|l| l.fd.try_clone()) {
+                Some(Ok(socket)) => self.host.enter_refused(id, socket),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "ring worker: cannot hand over a listener it cannot serve")
+                }
+                None => {}
+            }
+            self.unlisten(id);
+        }
+    }
+
     pub(super) fn unlisten(&mut self, id: u32) {
         let Some(l) = self.listeners.get_mut(&id) else {
             return;

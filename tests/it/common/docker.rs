@@ -172,6 +172,30 @@ impl Drop for Scope {
     }
 }
 
+/// Serves each connection to `listener` with `serve`, until the task returned is aborted.
+pub fn serve_each<F, Fut>(
+    listener: tokio::net::UnixListener,
+    serve: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(tokio::net::UnixStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        // Dropping the set (when the task is aborted) ends every connection.
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((s, _)) = accepted else { continue };
+                    conns.spawn(serve(s));
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+    })
+}
+
 /// The real Engine's socket: `DOCKER_HOST` when it is a Unix socket, else the default.
 pub fn engine_socket() -> std::path::PathBuf {
     std::env::var("DOCKER_HOST")
@@ -213,19 +237,7 @@ impl FaultyEngine {
         let fail_removals = Arc::new(AtomicBool::new(false));
         let refused = Arc::new(AtomicU64::new(0));
         let (h, f, r) = (hang.clone(), fail_removals.clone(), refused.clone());
-        let task = tokio::spawn(async move {
-            // Dropping the set (when the task is aborted) ends every connection.
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => {
-                        let Ok((s, _)) = accepted else { continue };
-                        conns.spawn(serve(s, h.clone(), f.clone(), r.clone()));
-                    }
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
+        let task = serve_each(listener, move |s| serve(s, h.clone(), f.clone(), r.clone()));
         FaultyEngine {
             endpoint: format!("unix://{}", path.display()),
             hang,
