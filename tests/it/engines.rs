@@ -461,8 +461,9 @@ async fn stalled_trickle_downloads_leave_every_ring_worker_serving_new_clients()
         line["listen"].as_str().unwrap().parse().unwrap()
     };
     let (trickle_addr, echo_addr) = (addr_of(&mut sg, "trickle"), addr_of(&mut sg, "echo"));
-    let admin: std::net::SocketAddr = sg
-        .wait_line(Duration::from_secs(10), |l| l["msg"] == "admin API listening")["listen"]
+    let admin: std::net::SocketAddr = sg.wait_line(Duration::from_secs(10), |l| {
+        l["msg"] == "admin API listening"
+    })["listen"]
         .as_str()
         .unwrap()
         .parse()
@@ -484,7 +485,9 @@ async fn stalled_trickle_downloads_leave_every_ring_worker_serving_new_clients()
             stalled.len(),
             pool_gauges(&page)
         );
-        stalled.extend(tokio::task::block_in_place(|| stalled_clients(trickle_addr, 50)));
+        stalled.extend(tokio::task::block_in_place(|| {
+            stalled_clients(trickle_addr, 50)
+        }));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while blocked.load(Relaxed) < stalled.len() {

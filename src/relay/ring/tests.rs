@@ -481,7 +481,10 @@ fn thread_ends(r: Running) {
 fn a_direction_arms_below_half_the_cap_cancels_at_it_and_shuts_once_drained() {
     let mut d = Dir::default();
     assert!(d.should_arm(false, CAP));
-    assert!(!d.should_arm(true, CAP), "an ending connection arms nothing");
+    assert!(
+        !d.should_arm(true, CAP),
+        "an ending connection arms nothing"
+    );
     d.armed = true;
     assert!(!d.should_arm(false, CAP), "one receive at a time");
     for bid in 0..CAP as u16 {
@@ -505,10 +508,16 @@ fn a_direction_arms_below_half_the_cap_cancels_at_it_and_shuts_once_drained() {
     d.held.truncate(CAP / 2 - 1);
     assert!(d.should_arm(false, CAP), "below half: armed again");
     d.starved = Some(0);
-    assert!(!d.should_arm(false, CAP), "a starved one waits for a buffer");
+    assert!(
+        !d.should_arm(false, CAP),
+        "a starved one waits for a buffer"
+    );
     d.starved = None;
     d.eof = true;
-    assert!(!d.should_arm(false, CAP), "nothing more to read after the FIN");
+    assert!(
+        !d.should_arm(false, CAP),
+        "nothing more to read after the FIN"
+    );
     assert!(!d.should_shut(), "the FIN waits for what came before it");
     d.held.clear();
     d.sending = true;
@@ -583,7 +592,10 @@ fn a_direction_turns_bulk_on_a_full_buffer_and_splices_once_nothing_of_it_is_in_
     assert!(d.turns_bulk(POOL_BUF));
     d.bulk = true;
     assert!(!d.turns_bulk(POOL_BUF), "once");
-    assert!(!d.should_arm(false, CAP), "a bulk direction receives no more");
+    assert!(
+        !d.should_arm(false, CAP),
+        "a bulk direction receives no more"
+    );
     d.armed = true;
     assert!(!d.may_splice(), "its receive is still in the kernel");
     d.armed = false;
@@ -923,7 +935,8 @@ fn a_direction_that_holds_nothing_moves_however_dry_the_pool() {
     assert_eq!(counts.pool_given.load(Relaxed), u64::from(POOL_BUFS));
     c.shutdown(Shutdown::Write).unwrap();
     let mut rest = Vec::new();
-    b.read_to_end(&mut rest).expect("the client's FIN passes on");
+    b.read_to_end(&mut rest)
+        .expect("the client's FIN passes on");
     assert!(rest.is_empty());
     drop(stalled);
     stop(r);
@@ -937,14 +950,6 @@ fn tight_client(r: &Running, l: &TcpListener) -> (TcpStream, TcpStream) {
     let c: TcpStream = c.into();
     c.set_read_timeout(Some(WAIT)).unwrap();
     (c, accept_within(l))
-}
-
-/// Whether `s` has been reset, without waiting. It reports a reset once: it reads 0 after.
-fn reset_now(s: &TcpStream) -> bool {
-    s.set_nonblocking(true).unwrap();
-    let r = s.peek(&mut [0u8; 1]);
-    s.set_nonblocking(false).unwrap();
-    matches!(r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset)
 }
 
 /// Both directions carry 32 MiB through an echo: each moves to splice (or, with no pipe to be had,
@@ -2276,7 +2281,10 @@ fn the_cap_is_full_while_half_the_pool_is_free_and_shrinks_to_one_as_it_empties(
     assert_eq!(cap_for(0, total), 1);
     assert_eq!(cap_for(0, 0), 1, "no pool: one at a time");
     for free in 1..=total {
-        assert!(cap_for(free - 1, total) <= cap_for(free, total), "at {free}");
+        assert!(
+            cap_for(free - 1, total) <= cap_for(free, total),
+            "at {free}"
+        );
     }
     let (mut free, mut directions) = (total, 0);
     while free > 0 {
@@ -2313,7 +2321,10 @@ fn a_stall_is_measured_from_when_the_destination_last_took_a_byte_with_bytes_wai
         "from the first byte that waited"
     );
     d.bytes_taken(t0 + ms(90), true);
-    assert!(!stalled(&d, limit, t0 + ms(189)), "a byte taken restarts it");
+    assert!(
+        !stalled(&d, limit, t0 + ms(189)),
+        "a byte taken restarts it"
+    );
     assert!(stalled(&d, limit, t0 + ms(190)));
     d.bytes_taken(t0 + ms(200), false);
     assert!(!stalled(&d, limit, t0 + HOUR), "all taken: nothing waits");
