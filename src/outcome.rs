@@ -19,6 +19,8 @@ pub enum Outcome {
     IdleTimeout,
     /// Half-closed and silent for `half_close_timeout`.
     HalfCloseTimeout,
+    /// A destination took no byte for `stall_timeout` while bytes waited for it; both sides reset.
+    StallTimeout,
     /// Still open (or still connecting) at `shutdown.drain_timeout`.
     DrainDeadline,
     /// Cut because health checks marked the backend down (`on_down: close`).
@@ -68,6 +70,7 @@ impl Outcome {
         Outcome::BackendReset,
         Outcome::IdleTimeout,
         Outcome::HalfCloseTimeout,
+        Outcome::StallTimeout,
         Outcome::DrainDeadline,
         Outcome::BackendDown,
         Outcome::BackendRemoved,
@@ -100,6 +103,7 @@ impl Outcome {
             Outcome::BackendReset => "backend_reset",
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::HalfCloseTimeout => "half_close_timeout",
+            Outcome::StallTimeout => "stall_timeout",
             Outcome::DrainDeadline => "drain_deadline",
             Outcome::BackendDown => "backend_down",
             Outcome::BackendRemoved => "backend_removed",

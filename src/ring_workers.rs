@@ -252,10 +252,7 @@ impl RingWorkers {
             _tracked: tracker.token(),
             service,
         };
-        let timeouts = Timeouts {
-            idle: taken.service.relay.idle_timeout,
-            half_close: taken.service.relay.half_close_timeout,
-        };
+        let timeouts = Timeouts::of(&taken.service.relay);
         // The reset armed while in transit stays armed until the worker has it (`ring::Adopt`).
         let adopt = Adopt {
             conn: taken,
@@ -317,6 +314,8 @@ impl RingWorkers {
                     cancels_at_cap: load(&c.cancels_at_cap),
                     starved: load(&c.starved),
                     pool_given: load(&c.pool_given),
+                    pool_held: load(&c.pool_held),
+                    own_receives: load(&c.own_receives),
                     splices_stuck: load(&c.splices_stuck),
                     carried: load(&c.carried),
                     adopted: load(&c.adopted),
@@ -336,6 +335,8 @@ pub(crate) struct WorkerView {
     cancels_at_cap: u64,
     starved: u64,
     pool_given: u64,
+    pool_held: u64,
+    own_receives: u64,
     splices_stuck: u64,
     carried: u64,
     adopted: u64,
@@ -377,7 +378,7 @@ pub(crate) const METRICS: Table<WorkerView> = Table {
         Family::new(
             Kind::Counter,
             "sluicegate_ring_receive_cancels_at_cap_total",
-            "Receives stopped because their direction held 8 buffers its destination had not taken (back-pressure).",
+            "Receives stopped because their direction held as many buffers as the cap allows (8, fewer once half the pool is held) that its destination had not taken (back-pressure).",
             &[],
             |w, o| o.put(&[], w.cancels_at_cap),
         ),
@@ -394,6 +395,20 @@ pub(crate) const METRICS: Table<WorkerView> = Table {
             "Buffers of 16 KiB the ring worker's pool has given the kernel (64 at first, 64 more each time it runs dry, at most 1,024): what of the pool can be resident.",
             &[],
             |w, o| o.put(&[], w.pool_given),
+        ),
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_ring_pool_held",
+            "Buffers of the ring worker's pool that directions hold (read, not yet taken by their destination), as of its last tick: the per-direction cap shrinks from 8 towards 1 as this passes half the pool.",
+            &[],
+            |w, o| o.put(&[], w.pool_held),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_ring_receives_own_buffer_total",
+            "Receives of a direction that held no buffer into the connection's own 16 KiB buffer, because the pool had given every buffer and none was free.",
+            &[],
+            |w, o| o.put(&[], w.own_receives),
         ),
         Family::new(
             Kind::Counter,
@@ -798,10 +813,7 @@ impl Host for Services {
             _slot: slot,
             _tracked: self.tracker.token(),
         };
-        let timeouts = Timeouts {
-            idle: taken.service.relay.idle_timeout,
-            half_close: taken.service.relay.half_close_timeout,
-        };
+        let timeouts = Timeouts::of(&taken.service.relay);
         let service = taken.service.clone();
         let admitted = match &service.accept_proxy {
             // A balancer in front names the client in a header: read it before anything else.

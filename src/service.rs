@@ -383,6 +383,7 @@ impl Service {
                 mode: crate::relay::engine_for(cfg.relay, &cfg.name, cfg.fits_ring(alone)),
                 idle_timeout: cfg.idle_timeout.0,
                 half_close_timeout: cfg.half_close_timeout.0,
+                stall_timeout: cfg.stall_timeout.0,
             },
             proxy_protocol: cfg.proxy_protocol,
             accept_proxy: cfg.accept_proxy.clone(),

@@ -1004,6 +1004,9 @@ pub struct ServiceConfig {
     pub idle_timeout: Dur,
     #[serde(default = "default_idle_timeout")]
     pub half_close_timeout: Dur,
+    /// How long a destination may take no byte while bytes wait for it (`relay: ring`).
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: Dur,
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
     #[serde(default)]
@@ -1078,6 +1081,9 @@ fn default_connect_attempts() -> u32 {
 }
 fn default_idle_timeout() -> Dur {
     Dur::secs(3600)
+}
+fn default_stall_timeout() -> Dur {
+    Dur::secs(300)
 }
 fn default_max_connections() -> u32 {
     10_000
@@ -1198,6 +1204,7 @@ mod tests {
         assert_eq!(s.passive.max_fails, 3);
         assert_eq!(s.passive.cooldown, Dur::secs(10));
         assert_eq!(s.idle_timeout, Dur::secs(3600));
+        assert_eq!(s.stall_timeout, Dur::secs(300));
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.relay, RelayMode::Auto);
         assert_eq!(s.backends[0].weight, 1);

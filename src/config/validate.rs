@@ -551,6 +551,9 @@ fn validate_connecting(p: &mut Problems, i: usize, s: &ServiceConfig) {
     if s.half_close_timeout.is_zero() {
         p.add(at("half_close_timeout"), "must be greater than 0");
     }
+    if s.stall_timeout.is_zero() {
+        p.add(at("stall_timeout"), "must be greater than 0");
+    }
     if s.max_connections == 0 {
         p.add(at("max_connections"), "must be at least 1");
     }

@@ -44,6 +44,7 @@ fn opts(mode: RelayMode) -> RelayOptions {
         mode,
         idle_timeout: Duration::from_secs(30),
         half_close_timeout: Duration::from_secs(30),
+        stall_timeout: Duration::from_secs(300),
     }
 }
 

@@ -67,6 +67,9 @@ pub(crate) struct RelayOptions {
     pub(crate) mode: RelayMode,
     pub(crate) idle_timeout: Duration,
     pub(crate) half_close_timeout: Duration,
+    /// `stall_timeout`: how long a destination may take nothing while bytes wait for it (the
+    /// ring workers end such a connection; the other engines bound what waits by their buffer).
+    pub(crate) stall_timeout: Duration,
 }
 
 /// Counters that see every byte as it is written: client → backend (`up`) and back (`down`).
@@ -1275,6 +1278,7 @@ mod held_ack_tests {
         mode: Epoll,
         idle_timeout: Duration::from_secs(60),
         half_close_timeout: Duration::from_secs(60),
+        stall_timeout: Duration::from_secs(300),
     };
 
     /// A client whose first bytes are there when its backend has connected: the handshake's last

@@ -24,18 +24,33 @@
 //! IORING_OP_SHUTDOWN is punted to an io-wq thread) once what came before it is sent; a side that
 //! breaks makes the other see a reset; both FINs end the connection with whoever sent the first;
 //! `idle_timeout` while both directions flow, `half_close_timeout` once one has ended, measured from
-//! the last byte moved, checked on a tick every 250 ms (or every quarter of the timeout that applies,
-//! when that is less, down to 5 ms: `tick_for`); a cut (the drain's deadline, the backend's
+//! the last byte moved (and `stall_timeout`, below), checked on a tick every 250 ms (or every
+//! quarter of the timeout that applies, when that is less, down to 5 ms: `tick_for`); a cut (the drain's deadline, the backend's
 //! sessions cut) resets both sides. The same pure decisions (`direction_ended`, `Supervised`) say how
 //! it ended.
 //!
 //! Back-pressure: a direction holds the pool buffers it received and has not yet sent; when it holds
-//! [`CAP`] its receive is cancelled, and armed again once it holds fewer than half. A receive the
-//! pool could not serve (ENOBUFS, every buffer it has given held) ends. While the pool has buffers
-//! it never gave (it starts with 64 of its 1,024, so that a worker keeps resident what its load
-//! needs), it gives 64 more and the direction is armed again at once; after that, as buffers come
-//! back (two waiting directions for each, from a send or from a connection's end), and all of them
-//! every 250 ms (the tick's slow part), so a dry pool slows a direction and never stops it.
+//! as many as the cap allows its receive is cancelled, and armed again once it holds fewer than
+//! half of that (or none). The cap is [`CAP`] while at least half the pool is free and shrinks in
+//! proportion to what is free, down to 1 (`cap_for`, a few integer operations per receive): the
+//! directions whose destinations do not read take about half the pool at the full cap and share the
+//! rest at smaller ones, instead of 128 of them holding it all. A receive the pool could not serve
+//! (ENOBUFS, every buffer it has given held) ends. While the pool has buffers it never gave (it
+//! starts with 64 of its 1,024, so that a worker keeps resident what its load needs), it gives 64
+//! more and the direction is armed again at once. Once it has given all, a direction that holds
+//! nothing receives into the connection's own buffer (16 KiB, `Conn::pre` or `post`, as the epoll
+//! engine's direction has one), one receive at a time, while the pool stays dry; one that holds
+//! some waits for buffers to come back (two waiting directions for each, from a send or from a
+//! connection's end, and all of them every 250 ms, the tick's slow part), and receives at once
+//! when its own sends leave it holding none. So a dry pool slows a direction and never stops it:
+//! however many directions hold the pool's buffers, one that holds nothing moves. Why its own
+//! buffer rather than a reserve of pool buffers kept for directions that hold none: a reserve is
+//! shared too, so enough new directions whose destinations do not read would drain it as well,
+//! while a buffer of the connection's own is there for every connection; it costs an allocation
+//! only while the pool is dry, and nothing on the common path. What no buffer can bound is a
+//! destination that never reads: `stall_timeout` cuts a connection (both sides reset,
+//! `Outcome::StallTimeout`) whose destination has taken no byte for that long while bytes waited
+//! for it, giving back what it held.
 //!
 //! Bulk: a direction whose receive fills a whole pool buffer carries bulk data (as `relay: epoll`
 //! judges it) and moves to splice(2) for good: its receive is cancelled, what it already received
@@ -123,9 +138,23 @@ const POOL_BUF: u32 = 16 * 1024;
 /// that gave all 1,024 at once kept 16 MiB resident however few it needed at a time.
 const POOL_FIRST: u16 = 64;
 const POOL_GROW: u16 = 64;
-/// Pool buffers a direction may hold before its receive is cancelled: 128 directions whose
-/// destination does not read before the pool runs dry.
+/// Pool buffers a direction may hold before its receive is cancelled while at least half the pool
+/// is free; fewer as it empties (`cap_for`).
 pub(crate) const CAP: usize = 8;
+/// The connection's own buffer a direction that holds nothing receives into when the pool has
+/// given every buffer and none is free (`Worker::arm_own`): as large as a pool buffer, as the
+/// epoll engine's own buffer is.
+const OWN_BUF: usize = POOL_BUF as usize;
+
+/// How many pool buffers a direction may hold when `free` of the pool's `total` are not held by
+/// any direction: [`CAP`] while at least half is free, then in proportion, down to 1 (a direction
+/// always takes what one receive brings; one that holds nothing has its own buffer besides). So
+/// the directions whose destination does not read take at most about half the pool at the full
+/// cap, and share what is left at shrinking caps, instead of 128 of them taking it all.
+/// A few integer operations: it is asked on every receive.
+pub(crate) fn cap_for(free: usize, total: usize) -> usize {
+    (CAP * 2 * free / total.max(1)).clamp(1, CAP)
+}
 /// How often timeouts, cuts and starved receives are looked at, while there is anything to look at
 /// (more often while a connection's timeouts are short: `tick_for`).
 pub(crate) const TICK: Duration = Duration::from_millis(250);
@@ -141,7 +170,7 @@ fn tick_for(timeouts: &Timeouts, half_closed: bool, base: Duration) -> Duration 
     } else {
         timeouts.idle
     };
-    (limit / 4).max(MIN_TICK).min(base)
+    (limit.min(timeouts.stall) / 4).max(MIN_TICK).min(base)
 }
 /// Accepts in flight per listener and worker: a burst of connections is taken several at a time.
 const ACCEPTS: usize = 4;
@@ -324,6 +353,20 @@ enum PreEnd {
 pub(crate) struct Timeouts {
     pub(crate) idle: Duration,
     pub(crate) half_close: Duration,
+    /// `stall_timeout`: how long a direction's destination may take no byte while bytes wait for
+    /// it (`stalled`).
+    pub(crate) stall: Duration,
+}
+
+impl Timeouts {
+    /// A service's limits, as its relay options give them.
+    pub(crate) fn of(relay: &super::RelayOptions) -> Timeouts {
+        Timeouts {
+            idle: relay.idle_timeout,
+            half_close: relay.half_close_timeout,
+            stall: relay.stall_timeout,
+        }
+    }
 }
 
 /// How a connection the host admitted ended.
@@ -670,6 +713,12 @@ struct Dir {
     /// A receive is in the kernel (until its last completion): multishot, or one-shot when a dry
     /// pool woke it (`Worker::wake_starved`).
     armed: bool,
+    /// That receive is a one-shot into the connection's own buffer (`Conn::pre` or `post`): the
+    /// pool had no buffer and the direction held none (`Worker::arm_own`).
+    own: bool,
+    /// Since when bytes it holds (buffers, or its pipe's) have waited for its destination with
+    /// none taken: `stall_timeout` is measured from here (`stalled`).
+    waiting_since: Option<Instant>,
     /// Its cancellation is on its way (the cap was reached).
     cancelling: bool,
     /// A send is in the kernel.
@@ -697,15 +746,25 @@ struct Dir {
 }
 
 impl Dir {
-    /// Whether to arm a receive now: none armed, the source still open, room below half the cap,
-    /// not (moving to) splice.
-    fn should_arm(&self, ending: bool) -> bool {
+    /// Whether to arm a receive now: none armed, the source still open, room below half the cap
+    /// (`cap`, from `cap_for`; an empty direction always has room), not (moving to) splice.
+    fn should_arm(&self, ending: bool, cap: usize) -> bool {
         !self.armed
             && !self.eof
             && self.starved.is_none()
             && !self.bulk
             && !ending
-            && self.held.len() < CAP / 2
+            && self.held.len() < (cap / 2).max(1)
+    }
+
+    /// Bytes came for its destination: they wait from now, unless older ones already did.
+    fn bytes_wait(&mut self, now: Instant) {
+        self.waiting_since.get_or_insert(now);
+    }
+
+    /// Its destination took bytes: what is left (if anything) waits from now.
+    fn bytes_taken(&mut self, now: Instant, left: bool) {
+        self.waiting_since = left.then_some(now);
     }
 
     /// Whether the entry `ticket`, taken out of `Starved`, is the direction's place there; if so it
@@ -743,9 +802,10 @@ impl Dir {
         self.no_pipe = true;
     }
 
-    /// Whether to cancel the armed receive: the destination has not taken `CAP` messages.
-    fn should_cancel(&self) -> bool {
-        self.armed && !self.cancelling && self.held.len() >= CAP
+    /// Whether to cancel the armed receive: the destination has not taken `cap` messages
+    /// (`cap_for`).
+    fn should_cancel(&self, cap: usize) -> bool {
+        self.armed && !self.cancelling && self.held.len() >= cap
     }
 
     /// Whether to pass the FIN on now: read, and everything before it sent.
@@ -766,6 +826,13 @@ fn expired(t: &Timeouts, half_closed: bool, quiet: Duration) -> Option<Outcome> 
         (t.idle, Outcome::IdleTimeout)
     };
     (quiet >= limit).then_some(end)
+}
+
+/// Whether a direction's destination has taken no byte for `limit` while bytes waited for it
+/// (`stall_timeout`): the connection is then cut, both sides reset (`Outcome::StallTimeout`).
+fn stalled(d: &Dir, limit: Duration, now: Instant) -> bool {
+    d.waiting_since
+        .is_some_and(|t| now.saturating_duration_since(t) >= limit)
 }
 
 /// Whether a cancellation that completed with `res` is asked again (`Worker::on_cancel`), and if so
@@ -951,6 +1018,11 @@ pub(crate) struct Counts {
     pub(crate) starved: AtomicU64,
     /// Buffers the pool has given the kernel so far (`POOL_FIRST`, growing to `POOL_BUFS`).
     pub(crate) pool_given: AtomicU64,
+    /// Buffers of the pool directions hold (read from the kernel, not yet sent), as of the last
+    /// tick or connection's end.
+    pub(crate) pool_held: AtomicU64,
+    /// Receives into a connection's own buffer: the pool had none and the direction held none.
+    pub(crate) own_receives: AtomicU64,
     /// Spliced directions that went back to receiving because of TCP urgent data: splice found
     /// nothing to read on a source that polled readable, or an end of stream with bytes still
     /// queued past the mark.
@@ -968,13 +1040,64 @@ pub(crate) struct Counts {
     pub(crate) recancels: AtomicU64,
 }
 
+/// The worker's pool of provided buffers, and how many of them directions hold (a completion
+/// named them and they have not been given back): what the fair cap is taken from (`cap_for`).
+/// Every buffer a direction takes and gives back goes through here, so the count stays true.
+struct Pool {
+    bufs: BufPool,
+    held: std::cell::Cell<u16>,
+}
+
+impl Pool {
+    fn new(bufs: BufPool) -> Pool {
+        Pool {
+            bufs,
+            held: std::cell::Cell::new(0),
+        }
+    }
+
+    /// A completion named a buffer, which a direction now holds.
+    fn took(&self) {
+        self.held.set(self.held.get().saturating_add(1));
+    }
+
+    /// A buffer a direction held goes back to the kernel.
+    fn give_back(&self, bid: u16) {
+        self.bufs.give_back(bid);
+        self.held.set(self.held.get().saturating_sub(1));
+    }
+
+    /// Buffers directions hold now.
+    fn held(&self) -> u16 {
+        self.held.get()
+    }
+
+    /// The most buffers a direction may hold now (`cap_for`).
+    fn cap(&self) -> usize {
+        let held = usize::from(self.held.get());
+        let total = usize::from(POOL_BUFS);
+        cap_for(total.saturating_sub(held), total)
+    }
+
+    /// Every buffer has been given to the kernel: a receive that finds none will not be helped by
+    /// growing.
+    fn spent(&self) -> bool {
+        self.bufs.given() >= POOL_BUFS
+    }
+}
+
+/// The worker's cap now, or [`CAP`] once its pool is gone (it is stopping).
+fn cap_of(pool: Option<&Pool>) -> usize {
+    pool.map_or(CAP, Pool::cap)
+}
+
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
 }
 
 struct Worker<H: Host> {
     ring: IoUring,
-    pool: Option<BufPool>,
+    pool: Option<Pool>,
     host: H,
     conns: Vec<Option<Box<Conn<H::Conn>>>>,
     free: Vec<u32>,
@@ -1048,7 +1171,7 @@ impl<H: Host> Worker<H> {
         let splice = host.splices_bulk();
         let mut w = Worker {
             ring,
-            pool: Some(pool),
+            pool: Some(Pool::new(pool)),
             host,
             conns: Vec::new(),
             free: Vec::new(),
@@ -1227,7 +1350,7 @@ impl<H: Host> Worker<H> {
             self.account_end(c, end);
         }
         if let Some(pool) = self.pool.take() {
-            pool.leak();
+            pool.bufs.leak();
         }
         // The pipes go back (the kernel holds nothing of them: splice is called, not submitted).
         for c in conns.iter_mut().flatten() {
@@ -1457,6 +1580,10 @@ impl<H: Host> Worker<H> {
             }
             if let Some(o) = self.host.cut(h) {
                 ending.push((slot as u32, Supervised::cut(o)));
+            } else if c.dirs.iter().any(|d| stalled(d, c.timeouts.stall, now)) {
+                // Its destination takes nothing while bytes wait: whatever it holds (pool
+                // buffers among them) goes, and both sides see a reset, not an end of stream.
+                ending.push((slot as u32, Supervised::cut(Outcome::StallTimeout)));
             } else if let Some(o) = expired(
                 &c.timeouts,
                 half_closed,
@@ -1467,6 +1594,7 @@ impl<H: Host> Worker<H> {
         }
         // From the next tick on, as often as the connections still open need.
         self.tick_period = period;
+        self.note_pool_held();
         for (slot, end) in ending {
             self.finish(slot, end);
         }
@@ -1499,6 +1627,14 @@ impl<H: Host> Worker<H> {
             }
         }
         self.keep_ticking();
+    }
+
+    /// Publishes how many pool buffers directions hold (`Counts::pool_held`): on the tick and
+    /// as connections end, not on every receive.
+    pub(super) fn note_pool_held(&self) {
+        if let Some(p) = &self.pool {
+            self.counts.pool_held.store(u64::from(p.held()), Relaxed);
+        }
     }
 
     /// Arms the next tick while there is anything to look at: connections, a stop under way, or a

@@ -370,3 +370,169 @@ async fn the_ring_workers_counters_are_on_the_metrics_page() {
     )
     .await;
 }
+
+/// The pool lines of every ring worker from `/metrics`, for a failure message.
+fn pool_gauges(page: &str) -> String {
+    page.lines()
+        .filter(|l| {
+            l.starts_with("sluicegate_ring_pool")
+                || l.starts_with("sluicegate_ring_receives")
+                || l.starts_with("sluicegate_ring_receive_cancels")
+                || l.starts_with("sluicegate_ring_accepted")
+                || l.starts_with("sluicegate_ring_connections")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Clients that connect to `addr` with a socket that takes a few KiB and never read, `n` of them.
+fn stalled_clients(addr: std::net::SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            s.connect(&addr.into()).expect("connect");
+            s.into()
+        })
+        .collect()
+}
+
+/// reliability.md `ring-pool-dry`: two ring workers, each with 200 downloads whose clients never
+/// read while their backend trickles 1,000 bytes every 20 ms (SSE, chat, pub/sub), held until
+/// every one of those backends' writes blocks (everything between is full). New echo clients are
+/// then answered on every worker, each within 1 s (a bound on a hang: before, the stalled
+/// downloads held the whole pool and a new client got nothing until they ended, an hour later at
+/// `idle_timeout`). The workers' pool gauges are in every failure message. Run in a process of its
+/// own (the ring workers are per process), with two workers (`SLUICEGATE_WORKERS`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_trickle_downloads_leave_every_ring_worker_serving_new_clients() {
+    use crate::common::http::get;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    const WORKERS: usize = 2;
+    const STALLED_PER_WORKER: u64 = 200;
+    const ANSWER_WITHIN: Duration = Duration::from_secs(1);
+    raise_fd_limit();
+    let blocked = Arc::new(AtomicUsize::new(0));
+    let counted = blocked.clone();
+    let trickle = Backend::start([127, 0, 0, 2], move |mut s| {
+        let blocked = counted.clone();
+        async move {
+            // A send buffer of a few KiB, fixed (no autotuning), so that the writes block soon
+            // after the ring stops reading, not after megabytes.
+            let _ = socket2::SockRef::from(&s).set_send_buffer_size(4096);
+            let mut seen_blocked = false;
+            // Bounded: 15,000 rounds of 20 ms (5 minutes); the test's end resets the connection.
+            for _ in 0..15_000 {
+                match tokio::time::timeout(Duration::from_millis(500), s.write_all(&[7u8; 1000]))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    // Everything between this backend and its client is full.
+                    Err(_) if !seen_blocked => {
+                        seen_blocked = true;
+                        blocked.fetch_add(1, Relaxed);
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    })
+    .await;
+    let echo = Backend::echo([127, 0, 0, 3]).await;
+    let yaml = format!(
+        "log: {{level: info, format: json}}\nadmin: {{listen: \"127.0.0.1:0\"}}\nservices:\n  - name: trickle\n    listen: 127.0.0.1:0\n    relay: ring\n    backends: [{{address: \"{}\"}}]\n  - name: echo\n    listen: 127.0.0.1:0\n    relay: ring\n    backends: [{{address: \"{}\"}}]\n",
+        trickle.addr, echo.addr
+    );
+    let mut sg = tokio::task::block_in_place(|| {
+        crate::cli::Sg::start_configured(&yaml, "", |c| {
+            c.env("SLUICEGATE_WORKERS", WORKERS.to_string());
+        })
+    });
+    let addr_of = |sg: &mut crate::cli::Sg, service: &str| -> std::net::SocketAddr {
+        let line = sg.wait_line(Duration::from_secs(10), |l| {
+            l["msg"] == "listening" && l["service"] == service
+        });
+        assert_eq!(line["relay"], "ring", "{service} runs on the ring: {line}");
+        line["listen"].as_str().unwrap().parse().unwrap()
+    };
+    let (trickle_addr, echo_addr) = (addr_of(&mut sg, "trickle"), addr_of(&mut sg, "echo"));
+    let admin: std::net::SocketAddr = sg.wait_line(Duration::from_secs(10), |l| {
+        l["msg"] == "admin API listening"
+    })["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let metrics = || async move { get(admin, "/metrics").await.body };
+
+    // Stalled downloads, 50 at a time, until each worker has accepted its 200 (the kernel spreads
+    // clients over the workers' accepts, not evenly).
+    let mut stalled = Vec::new();
+    loop {
+        let page = metrics().await;
+        let accepted = per_worker(&page, "sluicegate_ring_accepted_total");
+        if accepted.len() == WORKERS && accepted.iter().all(|(_, n)| *n >= STALLED_PER_WORKER) {
+            break;
+        }
+        assert!(
+            stalled.len() < 6 * WORKERS * STALLED_PER_WORKER as usize,
+            "{} clients left a worker short of {STALLED_PER_WORKER} (or the ring never ran):\n{}",
+            stalled.len(),
+            pool_gauges(&page)
+        );
+        stalled.extend(tokio::task::block_in_place(|| {
+            stalled_clients(trickle_addr, 50)
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while blocked.load(Relaxed) < stalled.len() {
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "{} of {} trickling backends blocked:\n{}",
+                blocked.load(Relaxed),
+                stalled.len(),
+                pool_gauges(&metrics().await)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // New echo clients, until each worker has taken at least two of them.
+    let before = per_worker(&metrics().await, "sluicegate_ring_accepted_total");
+    for i in 0..64u64 {
+        let answered = tokio::time::timeout(ANSWER_WITHIN, async {
+            let mut s = TcpStream::connect(echo_addr).await?;
+            let msg = payload(i, 64);
+            s.write_all(&msg).await?;
+            let mut back = [0u8; 64];
+            s.read_exact(&mut back).await?;
+            Ok::<bool, std::io::Error>(back[..] == msg[..])
+        })
+        .await;
+        if !matches!(answered, Ok(Ok(true))) {
+            panic!(
+                "echo client {i}, beside {} stalled downloads: {answered:?}\n{}",
+                stalled.len(),
+                pool_gauges(&metrics().await)
+            );
+        }
+        let now = per_worker(&metrics().await, "sluicegate_ring_accepted_total");
+        let every_worker = now
+            .iter()
+            .zip(&before)
+            .all(|((_, n), (_, was))| *n >= *was + 2);
+        if every_worker {
+            drop(stalled);
+            return;
+        }
+    }
+    panic!(
+        "64 echo clients did not reach every worker twice:\n{}",
+        pool_gauges(&metrics().await)
+    );
+}

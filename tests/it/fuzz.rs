@@ -141,6 +141,7 @@ fn service_line() -> impl Strategy<Value = String> {
         "connect_attempts",
         "idle_timeout",
         "half_close_timeout",
+        "stall_timeout",
         "max_connections",
         "slow_start",
         "relay",

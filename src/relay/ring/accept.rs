@@ -337,8 +337,10 @@ impl<H: Host> Worker<H> {
                 let _ = direction_ended(side, DirEnd::Eof, &mut first_fin);
             }
         }
+        let now = self.now;
         let owned = |d: &mut Dir, bytes: &[u8]| {
             if !bytes.is_empty() {
+                d.bytes_wait(now);
                 let len = bytes.len() as u32;
                 d.held.push_back(Held {
                     bid: OWNED,

@@ -205,6 +205,7 @@ impl<H: Host> Worker<H> {
         if let Some(o) = self.cut_of(slot) {
             return self.finish(slot, Supervised::cut(o));
         }
+        let now = self.now;
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
@@ -213,6 +214,7 @@ impl<H: Host> Worker<H> {
         let owned = !c.pre.is_empty();
         if owned {
             let len = c.pre.len() as u32;
+            c.dirs[Side::Up as usize].bytes_wait(now);
             c.dirs[Side::Up as usize].held.push_back(Held {
                 bid: OWNED,
                 len,
@@ -246,10 +248,11 @@ impl<H: Host> Worker<H> {
             return;
         };
         c.starts_relaying(&mut self.host);
+        let cap = cap_of(self.pool.as_ref());
         for side in [Side::Up, Side::Down] {
             if self
                 .conn(slot)
-                .is_some_and(|c| c.dir(side).should_arm(false))
+                .is_some_and(|c| c.dir(side).should_arm(false, cap))
             {
                 self.arm_recv(slot, side);
             }

@@ -122,6 +122,7 @@ impl<H: Host> Worker<H> {
             }
         }
         self.buffers_back(returned);
+        self.note_pool_held();
         let (reset_client, reset_backend) = (end.reset_client, end.reset_backend);
         self.account_end(&mut c, end);
         // After the accounting: whoever sees the close finds the connection counted.
@@ -253,7 +254,7 @@ impl<H: Host> Worker<H> {
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
-        let bytes = match unsent(c, pool) {
+        let bytes = match unsent(c, &pool.bufs) {
             Ok(b) => b,
             Err(e) => {
                 // Bytes in a pipe that cannot be read cannot go along: neither side may take what
@@ -331,10 +332,12 @@ impl<H: Host> Worker<H> {
                 continue;
             }
             let relaying = c.relaying;
+            let cap = cap_of(self.pool.as_ref());
+            let Some(c) = self.conn(slot) else { return };
             let d = c.dir(side);
             let (held, shut) = (!d.held.is_empty(), d.should_shut());
             // Not relaying yet: the send of `pre` arms the receives once it completes.
-            let arm = relaying && d.should_arm(false);
+            let arm = relaying && d.should_arm(false, cap);
             if held {
                 self.send_next(slot, side);
             } else if shut {

@@ -16,6 +16,7 @@ impl<H: Host> Worker<H> {
         let (from, _) = c.ends(side);
         let d = c.dir(side);
         d.armed = true;
+        d.own = false;
         d.cancelling = false;
         c.refs += 1;
         bump(&self.counts.receives_armed);
@@ -30,6 +31,39 @@ impl<H: Host> Worker<H> {
         let e = e.user_data(user_data(K_RECV, slot, side));
         // SAFETY: the kernel writes only into pool buffers, which live as long as the ring; the
         // socket stays open in the connection until this receive's last completion (`refs`).
+        unsafe { self.push(&[e]) };
+    }
+
+    /// Arms a one-shot receive of a direction that holds nothing into the connection's own buffer
+    /// (`Conn::pre` towards the backend, `post` towards the client, empty while it holds nothing),
+    /// [`OWN_BUF`] bytes: the pool has given every buffer and has none free. So a direction that
+    /// holds nothing always moves, however many others hold the pool's buffers; its bytes are sent
+    /// from there as a carried-in connection's are (`OWNED`), and the buffer is freed once they are
+    /// sent. Only a dry pool costs this allocation.
+    fn arm_own(&mut self, slot: u32, side: Side) {
+        let Some(c) = self.conn(slot) else { return };
+        let (from, _) = c.ends(side);
+        let buf = match side {
+            Side::Up => &mut c.pre,
+            Side::Down => &mut c.post,
+        };
+        buf.clear();
+        buf.reserve_exact(OWN_BUF);
+        let (ptr, len) = (buf.as_mut_ptr(), buf.capacity().min(OWN_BUF) as u32);
+        let d = c.dir(side);
+        d.armed = true;
+        d.own = true;
+        d.cancelling = false;
+        c.refs += 1;
+        bump(&self.counts.receives_armed);
+        bump(&self.counts.own_receives);
+        let e = opcode::Recv::new(types::Fd(from), ptr, len)
+            .build()
+            .user_data(user_data(K_RECV, slot, side));
+        // SAFETY: the kernel writes at most `len` bytes at `ptr`, within the buffer's capacity;
+        // the buffer is neither read, written nor moved until this receive's completion (the
+        // direction holds nothing, so nothing sends from it; a carry or an end waits for `refs`),
+        // and the socket stays open in the connection until then (`refs`).
         unsafe { self.push(&[e]) };
     }
 
@@ -58,7 +92,7 @@ impl<H: Host> Worker<H> {
         } else {
             // SAFETY: the direction holds buffer `bid` (a completion named it, it is not given back
             // before this send's completion), and the kernel wrote `len` bytes into it.
-            unsafe { pool.bytes(h.bid, h.len as usize) }
+            unsafe { pool.bufs.bytes(h.bid, h.len as usize) }
         };
         let rest = bytes
             .get(h.off as usize..h.len as usize)
@@ -133,15 +167,21 @@ impl<H: Host> Worker<H> {
     pub(super) fn on_recv(&mut self, slot: u32, side: Side, res: i32, flags: u32) {
         let more = cqueue::more(flags);
         let now = self.now;
+        let pool = self.pool.as_ref();
+        let cap = cap_of(pool);
+        let spent = pool.is_some_and(Pool::spent);
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
         let ending = c.end.is_some();
         let carry = c.carry;
+        // Into the connection's own buffer (`arm_own`): one-shot, and names no pool buffer.
+        let own = c.dir(side).own;
         if !more {
             c.refs -= 1;
             let d = c.dir(side);
             d.armed = false;
+            d.own = false;
             d.cancelling = false;
         }
         let mut send = false;
@@ -150,7 +190,12 @@ impl<H: Host> Worker<H> {
         let mut shut = false;
         let mut broke = None;
         let mut returned = 0;
-        let bid = cqueue::buffer_select(flags);
+        let mut own_next = false;
+        let bid = if own {
+            Some(OWNED)
+        } else {
+            cqueue::buffer_select(flags)
+        };
         if res > 0 && bid.is_none() {
             // A receive into the pool that names no buffer: the kernel broke its own contract.
             broke = Some(io::Error::other(
@@ -158,13 +203,26 @@ impl<H: Host> Worker<H> {
             ));
         } else if let (true, Some(bid)) = (res > 0, bid) {
             if ending {
-                if let Some(p) = &self.pool {
+                if let Some(p) = pool.filter(|_| bid != OWNED) {
                     p.give_back(bid);
                     returned = 1;
                 }
             } else {
+                if bid == OWNED {
+                    let buf = match side {
+                        Side::Up => &mut c.pre,
+                        Side::Down => &mut c.post,
+                    };
+                    let len = (res as usize).min(buf.capacity());
+                    // SAFETY: the kernel wrote `res` bytes at the start of the buffer (empty when
+                    // the receive was armed, with room for them: `arm_own`), initialising them.
+                    unsafe { buf.set_len(len) };
+                } else if let Some(p) = pool {
+                    p.took();
+                }
                 c.last = now;
                 let d = c.dir(side);
+                d.bytes_wait(now);
                 d.held.push_back(Held {
                     bid,
                     len: res as u32,
@@ -172,7 +230,7 @@ impl<H: Host> Worker<H> {
                 });
                 // Stopping to be carried: kept, to go along (its receive is being cancelled).
                 send = !d.sending && !d.send_due && !carry;
-                cancel = d.should_cancel() && !carry;
+                cancel = d.should_cancel(cap) && !carry;
                 if self.splice && !carry && d.turns_bulk(res as u32) {
                     // Its receive ends here (what it already took is sent first), then it splices.
                     d.bulk = true;
@@ -193,16 +251,23 @@ impl<H: Host> Worker<H> {
             // while it stops to be carried: whether it can go is decided once it is quiet.
             shut = d.should_shut() && !ending && !carry;
         } else if res == -libc::ENOBUFS {
+            bump(&self.counts.starved);
+            // Holding nothing, no send of its own would wake it, and with every buffer given the
+            // others may hold them for as long as their destinations do not read: it receives
+            // into its own buffer at once. Holding some, it waits for buffers to come back (its
+            // own sends give them).
+            let holds_none = c.dir(side).held.is_empty() && c.owned(side).is_empty();
             let d = c.dir(side);
-            if d.starved.is_none() {
+            if spent && holds_none {
+                own_next = true;
+            } else if d.starved.is_none() {
                 d.starved = Some(self.starved.push(slot, side));
-                bump(&self.counts.starved);
             }
         } else if res != -libc::ECANCELED {
             broke = Some(io::Error::from_raw_os_error(-res));
         }
         let ending = c.stopping();
-        let rearm = !more && c.dir(side).should_arm(ending);
+        let rearm = !more && c.dir(side).should_arm(ending, cap);
         if send {
             c.dir(side).send_due = true;
             self.due.push((slot, side));
@@ -214,6 +279,8 @@ impl<H: Host> Worker<H> {
             self.broke(slot, side, DirEnd::SourceError(e));
         } else if shut {
             self.shut(slot, side);
+        } else if rearm && own_next {
+            self.arm_own(slot, side);
         } else if rearm {
             self.arm_recv(slot, side);
         } else if !more {
@@ -243,16 +310,17 @@ impl<H: Host> Worker<H> {
     /// the directions it could not serve receive again at once.
     fn grow_pool(&mut self) {
         let Some(pool) = &self.pool else { return };
-        if pool.grow(POOL_GROW) > 0 {
+        if pool.bufs.grow(POOL_GROW) > 0 {
             self.counts
                 .pool_given
-                .store(u64::from(pool.given()), Relaxed);
+                .store(u64::from(pool.bufs.given()), Relaxed);
             self.wake_starved(usize::MAX);
         }
     }
 
     pub(super) fn on_send(&mut self, slot: u32, side: Side, res: i32) {
         let now = self.now;
+        let cap = cap_of(self.pool.as_ref());
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
@@ -303,14 +371,26 @@ impl<H: Host> Worker<H> {
         d.sent += u64::from(counted);
         d.unflushed += u64::from(counted);
         let more_to_send = !d.held.is_empty();
+        d.bytes_taken(now, more_to_send || d.sending);
+        if !more_to_send && relaying && !ending {
+            // It waited for the pool with buffers of its own; holding none now, it receives at
+            // once (into its own buffer if the pool is still dry: `on_recv`), not when buffers
+            // come back. Its entry in `starved` is passed over (`Dir::leaves_starved`).
+            d.starved = None;
+        }
         let shut = d.should_shut();
-        let rearm = relaying && d.should_arm(ending);
+        let rearm = relaying && d.should_arm(ending, cap);
         // Connected while connections are being carried away, with a preface to send first: it
         // goes now that the preface is out (see `on_connect`).
-        let carry_now = owned_sent && side == Side::Up && self.carrying && !ending;
+        let carry_now = owned_sent && side == Side::Up && !relaying && self.carrying && !ending;
         if owned_sent {
             match side {
-                Side::Up => c.pre = Vec::new(),
+                Side::Up => {
+                    c.pre = Vec::new();
+                    // What the connection's own buffer carries from now on (`arm_own`) is the
+                    // client's.
+                    c.preface = 0;
+                }
                 Side::Down => c.post = Vec::new(),
             }
         }
@@ -372,6 +452,7 @@ impl<H: Host> Worker<H> {
     /// splices from now on; with no pipe to be had it goes back to receiving.
     pub(super) fn maybe_splice(&mut self, slot: u32, side: Side) {
         let pipes = self.pipes;
+        let cap = cap_of(self.pool.as_ref());
         let Some(c) = self.conn(slot) else { return };
         let d = &mut c.dirs[side as usize];
         if c.end.is_some() || c.carry || !d.may_splice() {
@@ -379,7 +460,7 @@ impl<H: Host> Worker<H> {
         }
         let Some(pipe) = pipes.lend() else {
             d.back_to_receiving();
-            if d.should_arm(false) {
+            if d.should_arm(false, cap) {
                 self.arm_recv(slot, side);
             }
             return;
@@ -417,6 +498,7 @@ impl<H: Host> Worker<H> {
         let d = &mut c.dirs[side as usize];
         let Some(pipe) = d.pipe.as_mut() else { return };
         let mut moved = false;
+        let mut taken = false;
         let mut next = None;
         for round in 0..SPLICE_ROUNDS {
             // Empty the pipe before filling it again.
@@ -442,6 +524,7 @@ impl<H: Host> Worker<H> {
                 Ok(n) => {
                     moved = true;
                     if out {
+                        taken |= n > 0;
                         d.sent += n as u64;
                         d.unflushed += n as u64;
                     }
@@ -462,11 +545,17 @@ impl<H: Host> Worker<H> {
             }
         }
         // Out of rounds: wait for what it would do next, which is ready (a yield).
-        let next = next.unwrap_or(if pipe.pending > 0 {
+        let pending = pipe.pending > 0;
+        let next = next.unwrap_or(if pending {
             Pump::Wait(to.as_raw_fd(), libc::POLLOUT)
         } else {
             Pump::Wait(from.as_raw_fd(), libc::POLLIN)
         });
+        if taken || !pending {
+            d.bytes_taken(now, pending);
+        } else {
+            d.bytes_wait(now);
+        }
         if moved {
             c.last = now;
         }
@@ -490,10 +579,11 @@ impl<H: Host> Worker<H> {
                 }
             }
             Pump::Stuck => {
+                let cap = cap_of(self.pool.as_ref());
                 let d = c.dir(side);
                 d.back_to_receiving();
                 bump(&self.counts.splices_stuck);
-                if d.should_arm(false) {
+                if d.should_arm(false, cap) {
                     self.arm_recv(slot, side);
                 }
             }
@@ -542,6 +632,7 @@ impl<H: Host> Worker<H> {
     /// own will wake it), dry until the tick's slow part. Of those woken here with bytes waiting,
     /// each gets one buffer, in the order they are pushed, before any gets a second.
     pub(super) fn wake_starved(&mut self, most: usize) {
+        let cap = cap_of(self.pool.as_ref());
         let mut woken = 0;
         while woken < most {
             let Some((slot, side, ticket)) = self.starved.next() else {
@@ -553,7 +644,7 @@ impl<H: Host> Worker<H> {
             if !d.leaves_starved(ticket) {
                 continue;
             }
-            if d.should_arm(ending) {
+            if d.should_arm(ending, cap) {
                 woken += 1;
                 self.arm_receive(slot, side, true);
             }

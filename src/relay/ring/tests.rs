@@ -65,6 +65,8 @@ struct Mode {
     hurried_stop: bool,
     /// The kernel refuses the accepts' DONTWAIT flag (`refuse_dontwait_here`).
     refused_dontwait: bool,
+    /// Every connection's stall timeout (an hour when not set).
+    stall: Option<Duration>,
 }
 
 /// What the host was asked, counted.
@@ -179,6 +181,7 @@ impl Host for TestHost {
                 .and_then(nth)
                 .unwrap_or(Duration::from_secs(60)),
             half_close: Duration::from_secs(60),
+            stall: self.mode.stall.unwrap_or(HOUR),
         };
         Some((conn, admit, timeouts))
     }
@@ -477,35 +480,44 @@ fn thread_ends(r: Running) {
 #[test]
 fn a_direction_arms_below_half_the_cap_cancels_at_it_and_shuts_once_drained() {
     let mut d = Dir::default();
-    assert!(d.should_arm(false));
-    assert!(!d.should_arm(true), "an ending connection arms nothing");
+    assert!(d.should_arm(false, CAP));
+    assert!(
+        !d.should_arm(true, CAP),
+        "an ending connection arms nothing"
+    );
     d.armed = true;
-    assert!(!d.should_arm(false), "one receive at a time");
+    assert!(!d.should_arm(false, CAP), "one receive at a time");
     for bid in 0..CAP as u16 {
-        assert!(!d.should_cancel(), "below the cap at {bid}");
+        assert!(!d.should_cancel(CAP), "below the cap at {bid}");
         d.held.push_back(Held {
             bid,
             len: 1,
             off: 0,
         });
     }
-    assert!(d.should_cancel(), "at the cap");
+    assert!(d.should_cancel(CAP), "at the cap");
     d.cancelling = true;
-    assert!(!d.should_cancel(), "cancelled once");
+    assert!(!d.should_cancel(CAP), "cancelled once");
     d.armed = false;
     assert!(
-        !d.should_arm(false),
+        !d.should_arm(false, CAP),
         "not armed again while it holds the cap"
     );
     d.held.truncate(CAP / 2);
-    assert!(!d.should_arm(false), "nor at half of it");
+    assert!(!d.should_arm(false, CAP), "nor at half of it");
     d.held.truncate(CAP / 2 - 1);
-    assert!(d.should_arm(false), "below half: armed again");
+    assert!(d.should_arm(false, CAP), "below half: armed again");
     d.starved = Some(0);
-    assert!(!d.should_arm(false), "a starved one waits for a buffer");
+    assert!(
+        !d.should_arm(false, CAP),
+        "a starved one waits for a buffer"
+    );
     d.starved = None;
     d.eof = true;
-    assert!(!d.should_arm(false), "nothing more to read after the FIN");
+    assert!(
+        !d.should_arm(false, CAP),
+        "nothing more to read after the FIN"
+    );
     assert!(!d.should_shut(), "the FIN waits for what came before it");
     d.held.clear();
     d.sending = true;
@@ -580,7 +592,10 @@ fn a_direction_turns_bulk_on_a_full_buffer_and_splices_once_nothing_of_it_is_in_
     assert!(d.turns_bulk(POOL_BUF));
     d.bulk = true;
     assert!(!d.turns_bulk(POOL_BUF), "once");
-    assert!(!d.should_arm(false), "a bulk direction receives no more");
+    assert!(
+        !d.should_arm(false, CAP),
+        "a bulk direction receives no more"
+    );
     d.armed = true;
     assert!(!d.may_splice(), "its receive is still in the kernel");
     d.armed = false;
@@ -612,6 +627,7 @@ fn silence_is_measured_against_the_limit_of_the_connections_state() {
     let t = Timeouts {
         idle: Duration::from_secs(10),
         half_close: Duration::from_secs(2),
+        stall: HOUR,
     };
     assert_eq!(expired(&t, false, Duration::from_secs(9)), None);
     assert_eq!(
@@ -827,38 +843,54 @@ fn untimed_copy_worker(tight_client: bool) -> Option<(Running, TcpListener)> {
     Some((r, l))
 }
 
+/// Lifts this process's soft limit on descriptors to its hard one (never the hard one itself): a
+/// pool run dry by uploads held at the shrinking cap (`cap_for`) takes some three hundred of them,
+/// four descriptors each (two here, two in the worker).
+fn raise_soft_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max.min(1 << 16);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Uploads through `r` to backends accepted from `l` that do not read, each stalled at the cap,
 /// until every buffer of the pool is given out and held, and a new connection's first bytes
-/// (`hello`) find no buffer. The stalled connections, then that one's client and backend.
+/// (`hello`) find no buffer: they come through all the same, received into the connection's own
+/// buffer (`own_receives`). The stalled connections, then that one's client and backend.
 fn dry_pool(r: &Running, l: &TcpListener) -> (Vec<(TcpStream, TcpStream)>, TcpStream, TcpStream) {
+    raise_soft_nofile();
     let counts = r.handle.counts();
     let mut stalled = Vec::new();
-    // Until a probe finds the pool dry: a new connection's five bytes either pass (a buffer was
-    // free: it went back once they were sent, and one more upload stalls) or its receive finds
-    // none.
+    // Until a probe finds the pool dry: a new connection's five bytes pass either way, in a pool
+    // buffer that was free (it went back once they were sent, and one more upload stalls) or in
+    // the connection's own.
     loop {
         assert!(
-            stalled.len() < 2 * usize::from(POOL_BUFS) / CAP,
+            stalled.len() < usize::from(POOL_BUFS),
             "{} uploads never left the pool dry",
             stalled.len()
         );
         // Read before the connection is made: its receive, armed as it connects, already finds
-        // the pool dry then (and ends), before any byte has come.
+        // the pool dry then, before any byte has come.
         let full = counts.pool_given.load(Relaxed) == u64::from(POOL_BUFS);
-        let dry = counts.starved.load(Relaxed);
+        let own = counts.own_receives.load(Relaxed);
         let mut c = client(r.addr);
         let mut b = accept_within(l);
         if full {
-            b.set_nonblocking(true).unwrap();
             c.write_all(b"hello").unwrap();
-            let passed = || b.peek(&mut [0u8; 8]).is_ok_and(|n| n == 5);
-            wait_until(
-                || passed() || counts.starved.load(Relaxed) > dry,
-                "the probe's bytes pass or find the pool dry",
-            );
-            let found_dry = !passed();
-            b.set_nonblocking(false).unwrap();
-            if found_dry {
+            b.set_read_timeout(Some(WAIT)).unwrap();
+            let mut got = [0u8; 5];
+            b.read_exact(&mut got)
+                .expect("a new connection's first bytes pass, however dry the pool");
+            assert_eq!(&got, b"hello");
+            if counts.own_receives.load(Relaxed) > own {
                 return (stalled, c, b);
             }
             drop((c, b));
@@ -870,107 +902,45 @@ fn dry_pool(r: &Running, l: &TcpListener) -> (Vec<(TcpStream, TcpStream)>, TcpSt
     }
 }
 
-/// Every buffer of the pool given out and held by uploads stalled at the cap (their backends do
-/// not read), until a new connection's first bytes find no buffer: its receive waits, holding
-/// none, so no send of its own can wake it. When one of the stalled connections ends (its backend
-/// resets it), the buffers it held serve the waiting receive at once, long before the tick.
+/// reliability.md `ring-pool-dry`: every buffer of the pool given out and held by uploads stalled
+/// at the cap (their backends do not read), a new connection, whose directions hold nothing, still
+/// relays both ways at once, through its own buffers, with the tick (which retries what the pool
+/// starved) an hour away; and it goes on doing so while the pool stays dry. Before, its receives
+/// waited for a buffer that none of the stalled connections would ever give back.
 #[test]
-fn buffers_freed_by_a_connections_end_serve_a_receive_the_dry_pool_stopped() {
+fn a_direction_that_holds_nothing_moves_however_dry_the_pool() {
     let _one_at_a_time = DRY_POOLS.lock().unwrap_or_else(PoisonError::into_inner);
     let Some((r, l)) = untimed_copy_worker(false) else {
         return;
     };
-    let (mut stalled, c, mut b) = dry_pool(&r, &l);
-    // One stalled connection ends: its backend closes with bytes unread, a reset.
-    drop(stalled.remove(0));
-    c.shutdown(Shutdown::Write).unwrap();
-    b.set_read_timeout(Some(WAIT)).unwrap();
-    let mut got = Vec::new();
-    b.read_to_end(&mut got)
-        .expect("the waiting bytes and the FIN arrive, long before the tick");
-    assert_eq!(got, b"hello");
-    stop(r);
-}
-
-/// Under a steady overload the buffers that come back serve the receives that have waited longest.
-/// A download holds a few of the pool's buffers (its client does not read, and both sockets
-/// between take a few KiB), and uploads stalled at the cap the rest. Then forty connections are
-/// made one after another, each once both its receives have found the pool dry, and each one's
-/// backend resets it, unseen, as nothing of the worker's waits on it. When the download's client
-/// reads, the buffers it held come back, each waking two receives: a woken receive of a reset
-/// socket sees the reset without keeping a buffer, so the connections that end then are those
-/// whose backend's receive was woken while a buffer was free. They must be the oldest, and the
-/// newest must still wait (for the tick, an hour here).
-/// The stack the queue replaced woke the newest first.
-#[test]
-fn a_dry_pools_buffers_serve_the_receives_that_waited_longest_first() {
-    const WAITING: usize = 40;
-    // Four buffers when each receive fills one: the few KiB both sockets take leave at least
-    // three held, which is what it takes to end a waiting connection when the last stalled upload
-    // ran dry with bytes waiting and is woken first (it keeps the first buffer; the second finds
-    // nothing on `dry_pool`'s probe's backend or the first waiting client). Fewer than `CAP`; with
-    // short receives the cap could stop the download's receive, but it is armed again only once
-    // it holds fewer than half the cap, after enough have come back to end a waiting connection.
-    const HELD: usize = 64 << 10;
-    let _one_at_a_time = DRY_POOLS.lock().unwrap_or_else(PoisonError::into_inner);
-    let Some((r, l)) = untimed_copy_worker(true) else {
-        return;
-    };
-    let (mut download, mut its_backend) = tight_client(&r, &l);
-    its_backend.write_all(&[7u8; HELD]).unwrap();
-    download.set_nonblocking(true).unwrap();
-    wait_until(
-        || download.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0),
-        "the download's first bytes reach its client: its receive has taken what came",
-    );
-    download.set_nonblocking(false).unwrap();
-    let (_stalled, _first, _its_backend) = dry_pool(&r, &l);
+    let (stalled, mut c, mut b) = dry_pool(&r, &l);
     let counts = r.handle.counts();
-    let mut waiting = Vec::new();
-    for _ in 0..WAITING {
-        let dry = counts.starved.load(Relaxed);
-        let c = client(r.addr);
-        let b = accept_within(&l);
-        wait_until(
-            || counts.starved.load(Relaxed) >= dry + 2,
-            "both of a new connection's receives find the pool dry",
-        );
-        socket2::SockRef::from(&b)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(b);
-        waiting.push(c);
+    let own = counts.own_receives.load(Relaxed);
+    for i in 0..20u8 {
+        b.write_all(&[b'a' + i; 4]).unwrap();
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got)
+            .expect("the backend's bytes reach the client, long before the tick");
+        assert_eq!(got, [b'a' + i; 4]);
+        c.write_all(&[i; 3]).unwrap();
+        let mut got = [0u8; 3];
+        b.read_exact(&mut got)
+            .expect("the client's bytes reach the backend, long before the tick");
+        assert_eq!(got, [i; 3]);
     }
+    // Each receive takes a pool buffer when one happens to be free (a stalled upload woken by one
+    // that came back can give it back again), and its own buffer when none is.
     assert!(
-        !waiting.iter().any(reset_now),
-        "no waiting connection has ended yet"
+        counts.own_receives.load(Relaxed) > own,
+        "the exchanges went through the connection's own buffers"
     );
-    download.read_exact(&mut vec![0u8; HELD]).unwrap();
-    wait_until(
-        || reset_now(&waiting[0]),
-        "the oldest waiting connection ends, long before the tick",
-    );
-    // Then the rest, newest first. Those that end in one turn of the worker can reach their
-    // clients newest first (the kernel finishes the worker's closes on its own time), and the
-    // buffers can still be coming back: every one older than one found reset must be reset too,
-    // so each that is not yet is waited for. With the order wrong, one never is (until the tick).
-    let mut reset: Vec<bool> = waiting[1..].iter().rev().map(reset_now).collect();
-    reset.push(true);
-    reset.reverse();
-    let served = 1 + reset.iter().rposition(|r| *r).unwrap_or(0);
-    for (i, r) in reset.iter_mut().enumerate().take(served) {
-        if !*r {
-            wait_until(
-                || reset_now(&waiting[i]),
-                "every connection older than one that ended ends too",
-            );
-            *r = true;
-        }
-    }
-    assert!(
-        served < WAITING,
-        "the newest waiting connections still wait for the tick: {reset:?}"
-    );
+    assert_eq!(counts.pool_given.load(Relaxed), u64::from(POOL_BUFS));
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    b.read_to_end(&mut rest)
+        .expect("the client's FIN passes on");
+    assert!(rest.is_empty());
+    drop(stalled);
     stop(r);
 }
 
@@ -982,14 +952,6 @@ fn tight_client(r: &Running, l: &TcpListener) -> (TcpStream, TcpStream) {
     let c: TcpStream = c.into();
     c.set_read_timeout(Some(WAIT)).unwrap();
     (c, accept_within(l))
-}
-
-/// Whether `s` has been reset, without waiting. It reports a reset once: it reads 0 after.
-fn reset_now(s: &TcpStream) -> bool {
-    s.set_nonblocking(true).unwrap();
-    let r = s.peek(&mut [0u8; 1]);
-    s.set_nonblocking(false).unwrap();
-    matches!(r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset)
 }
 
 /// Both directions carry 32 MiB through an echo: each moves to splice (or, with no pipe to be had,
@@ -1878,6 +1840,7 @@ fn carried_in(client: OwnedFd, backend: TcpStream, up_done: bool) -> Box<Adopt<T
         timeouts: Timeouts {
             idle: Duration::from_secs(60),
             half_close: Duration::from_secs(60),
+            stall: HOUR,
         },
     })
 }
@@ -2285,6 +2248,7 @@ fn tick_for_is_a_quarter_of_the_timeout_that_applies_within_bounds() {
     let t = |idle, half_close| Timeouts {
         idle: ms(idle),
         half_close: ms(half_close),
+        stall: HOUR,
     };
     assert_eq!(tick_for(&t(60_000, 60_000), false, TICK), TICK);
     assert_eq!(tick_for(&t(1_000, 60_000), false, TICK), TICK);
@@ -2294,6 +2258,143 @@ fn tick_for_is_a_quarter_of_the_timeout_that_applies_within_bounds() {
     assert_eq!(tick_for(&t(60_000, 200), true, TICK), ms(50));
     assert_eq!(tick_for(&t(1, 60_000), false, TICK), MIN_TICK);
     assert_eq!(tick_for(&t(400, 400), false, ms(20)), ms(20));
+    let stalls = Timeouts {
+        stall: ms(400),
+        ..t(60_000, 60_000)
+    };
+    assert_eq!(
+        tick_for(&stalls, false, TICK),
+        ms(100),
+        "a short stall timeout is looked at as often"
+    );
+    assert_eq!(tick_for(&stalls, true, TICK), ms(100));
+}
+
+/// The cap is `CAP` while at least half the pool is free, never grows as the pool empties, and is
+/// never below 1. Directions whose destinations never read, each filled to the cap of its time,
+/// cannot dry the pool before more than twice as many as at a fixed cap (128) hold some of it.
+#[test]
+fn the_cap_is_full_while_half_the_pool_is_free_and_shrinks_to_one_as_it_empties() {
+    let total = usize::from(POOL_BUFS);
+    assert_eq!(cap_for(total, total), CAP);
+    assert_eq!(cap_for(total / 2, total), CAP);
+    assert_eq!(cap_for(total / 4, total), CAP / 2);
+    assert_eq!(cap_for(total / 16, total), 1);
+    assert_eq!(cap_for(0, total), 1);
+    assert_eq!(cap_for(0, 0), 1, "no pool: one at a time");
+    for free in 1..=total {
+        assert!(
+            cap_for(free - 1, total) <= cap_for(free, total),
+            "at {free}"
+        );
+    }
+    let (mut free, mut directions) = (total, 0);
+    while free > 0 {
+        directions += 1;
+        let mut held = 0;
+        while free > 0 {
+            free -= 1;
+            held += 1;
+            if held >= cap_for(free, total) {
+                break;
+            }
+        }
+    }
+    assert!(
+        directions > 2 * total / CAP,
+        "{directions} directions that never send dry the pool"
+    );
+}
+
+/// `stall_timeout` runs from the first byte that waits for a destination that took none since,
+/// again from each byte it takes while more wait, and not at all while nothing waits.
+#[test]
+fn a_stall_is_measured_from_when_the_destination_last_took_a_byte_with_bytes_waiting() {
+    let ms = Duration::from_millis;
+    let limit = ms(100);
+    let t0 = Instant::now();
+    let mut d = Dir::default();
+    assert!(!stalled(&d, limit, t0 + HOUR), "nothing waits");
+    d.bytes_wait(t0);
+    d.bytes_wait(t0 + ms(50));
+    assert!(!stalled(&d, limit, t0 + ms(99)));
+    assert!(
+        stalled(&d, limit, t0 + ms(100)),
+        "from the first byte that waited"
+    );
+    d.bytes_taken(t0 + ms(90), true);
+    assert!(
+        !stalled(&d, limit, t0 + ms(189)),
+        "a byte taken restarts it"
+    );
+    assert!(stalled(&d, limit, t0 + ms(190)));
+    d.bytes_taken(t0 + ms(200), false);
+    assert!(!stalled(&d, limit, t0 + HOUR), "all taken: nothing waits");
+}
+
+/// reliability.md `ring-stall`: a download whose client reads nothing (its socket takes a few KiB)
+/// while its backend trickles 1,000 bytes every 20 ms is cut at `stall_timeout` (300 ms here):
+/// `StallTimeout`, the client reset, the backend's writes failing. Another download through the
+/// same worker, whose client reads every byte as it comes, goes on.
+#[test]
+fn a_destination_that_takes_nothing_for_the_stall_timeout_is_cut_and_one_that_reads_is_not() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mode = Mode {
+        stall: Some(Duration::from_millis(300)),
+        tight_client: true,
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![l.local_addr().unwrap()], WAIT, mode) else {
+        return;
+    };
+    let (mut stalled_c, mut stalled_b) = tight_client(&r, &l);
+    let mut reading = client(r.addr);
+    let mut reading_b = accept_within(&l);
+    let trickle = std::thread::spawn(move || {
+        // Bounded: 1,000 rounds of 20 ms (20 s), far past the timeout.
+        for _ in 0..1_000 {
+            if let Err(e) = stalled_b.write_all(&[7u8; 1000]) {
+                return Some(e.kind());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    });
+    let mut rounds = 0;
+    let ended = loop {
+        assert!(rounds < 1_000, "the stalled download was never cut");
+        reading_b.write_all(&[9u8; 1000]).unwrap();
+        let mut got = [0u8; 1000];
+        reading
+            .read_exact(&mut got)
+            .expect("the download whose client reads goes on");
+        rounds += 1;
+        if let Ok((f, _)) = r.ended.try_recv() {
+            break f;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(ended.end, Outcome::StallTimeout);
+    let mut sink = Vec::new();
+    let e = stalled_c
+        .read_to_end(&mut sink)
+        .expect_err("the stalled client is reset, not sent a FIN");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    let failed = trickle.join().unwrap();
+    assert!(
+        matches!(
+            failed,
+            Some(io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
+        ),
+        "the backend is reset: {failed:?}"
+    );
+    // The one that reads is still relayed, and still open.
+    reading_b.write_all(b"more").unwrap();
+    let mut got = [0u8; 4];
+    reading.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"more");
+    assert!(r.ended.try_recv().is_err(), "only the stalled one ended");
+    stop(r);
 }
 
 /// A connection's short idle timeout is looked at often enough to end it on time (`tick_for`),

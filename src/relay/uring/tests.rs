@@ -387,6 +387,7 @@ async fn tiny_ring_relay(
         // machine.
         idle_timeout: Duration::from_secs(1),
         half_close_timeout: Duration::from_secs(10),
+        stall_timeout: Duration::from_secs(300),
     };
     let cut = std::pin::pin!(async move {
         match cut_rx.await {
@@ -669,6 +670,7 @@ async fn ring_relay(
             mode: RelayMode::Uring,
             idle_timeout: Duration::from_secs(30),
             half_close_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(300),
         };
         let cut = std::pin::pin!(std::future::pending::<Outcome>());
         let live = LiveCounters {
