@@ -32,6 +32,19 @@ use wire::{Channel, Done, Frame, Peer, SessionMeta, WireError, FORMAT};
 /// The environment variable that tells a new process which hand-over socket to connect to.
 pub const FROM_ENV: &str = "SLUICEGATE_UPGRADE_FROM";
 
+/// For tests only (docs/operations.md says so): the step of the hand-over at which a process an
+/// upgrade started kills itself (SIGKILL), as one that crashes there would die, so that the tests
+/// can show what the old process does then: `before-ready` (its listeners taken), `after-ready`
+/// (at the first message past the totals) or `carrying` (at the first carried connection).
+const TEST_DIE_AT: &str = "SLUICEGATE_TEST_DIE_AT";
+
+fn die_here_for_tests(step: &str) {
+    if std::env::var_os(TEST_DIE_AT).is_some_and(|v| v == step) {
+        use rustix::process::{getpid, kill_process, Signal};
+        let _ = kill_process(getpid(), Signal::KILL);
+    }
+}
+
 /// The binary and arguments this process started with: what an upgrade starts again. The path is
 /// the one it was started by when that names a file (as nginx does: a symlink switched to a new
 /// release is followed), else the one `/proc/self/exe` gave at start (afterwards it names the old,
@@ -537,6 +550,7 @@ impl Incoming {
         taking: Arc<std::sync::atomic::AtomicBool>,
     ) {
         let from = self.hello.pid;
+        die_here_for_tests("before-ready");
         let ready = Frame::Ready(Peer::me());
         // Taking over from the moment the old process may hear it.
         taking.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -568,7 +582,16 @@ fn kind_of(f: &Frame) -> u8 {
 fn receive(channel: &Channel, control: &Control, from: u32) {
     let mut resumed = 0u64;
     loop {
-        match channel.recv() {
+        let frame = channel.recv();
+        if let Ok(f) = &frame {
+            if matches!(f, Frame::Session { .. }) {
+                die_here_for_tests("carrying");
+            }
+            if !matches!(f, Frame::Totals(_)) {
+                die_here_for_tests("after-ready");
+            }
+        }
+        match frame {
             Ok(Frame::Session {
                 meta,
                 client,
