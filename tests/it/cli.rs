@@ -215,7 +215,7 @@ impl Sg {
             .unwrap_or(0)
     }
 
-    fn fds(&self) -> usize {
+    pub(crate) fn fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
             .unwrap_or(0)

@@ -689,7 +689,11 @@ async fn new_process_dies_at(step: &'static str, held: usize) -> (usize, Value) 
         .await
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "{step}: upgrade answered: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{step}: upgrade answered: {err}"
+    );
     assert!(err.contains("failed"), "{step}: {err}");
     // A new connection is served (it waits in the kept socket's queue, never refused).
     let served = async {
@@ -706,7 +710,7 @@ async fn new_process_dies_at(step: &'static str, held: usize) -> (usize, Value) 
     }
     let (sg, error) = tokio::task::spawn_blocking(move || {
         let error = sg.wait_line(SECS(10), |l| {
-            l["level"] == "ERROR" && l["msg"] == "upgrade failed: still serving"
+            l["level"] == "error" && l["msg"] == "upgrade failed: still serving"
         });
         (sg, error)
     })
@@ -757,5 +761,61 @@ async fn an_upgrade_whose_new_process_dies_while_carrying_leaves_the_old_one_ser
     let (answered, error) = new_process_dies_at("carrying", held).await;
     let carried = error["carried"].as_u64().expect("carried") as usize;
     assert!(carried >= 1, "the first one went: {error}");
-    assert_eq!(answered, held - carried, "every one not sent goes on here: {error}");
+    assert_eq!(
+        answered,
+        held - carried,
+        "every one not sent goes on here: {error}"
+    );
+}
+
+/// A stop signal during the hand-over is heard at once. A connection that cannot be carried (it
+/// waits for its PROXY header) would hold the old process for `upgrade.timeout` and then for the
+/// drain (60 s each here): the first SIGTERM ends the hand-over's wait and the drain begins; a
+/// second one, more than a second later, forces exit (143). Before, neither was heard until the
+/// upgrade had ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_signals_are_heard_during_the_hand_over() {
+    let backend = Backend::echo([127, 0, 0, 1]).await;
+    let yaml = format!(
+        "log: {{level: info, format: json}}\nshutdown: {{drain_timeout: 60s}}\nupgrade: {{timeout: 60s}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    accept_proxy: {{from: [127.0.0.1/32], timeout: 60s}}\n    backends:\n      - {{address: \"{}\"}}\n",
+        backend.addr
+    );
+    let mut sg = tokio::task::spawn_blocking(move || Sg::start(&yaml))
+        .await
+        .unwrap();
+    let fds = sg.fds();
+    let _silent = TcpStream::connect(sg.addr).await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        // Accepted (a descriptor more), so that it stays in the old process.
+        let end = Instant::now() + SECS(10);
+        while sg.fds() <= fds {
+            assert!(
+                Instant::now() < end,
+                "the silent connection accepted within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sg.signal(libc::SIGUSR2);
+        let started = sg.wait_line(SECS(30), |l| l["msg"] == "upgrade: started the new process");
+        let _new = NewProcess(started["pid"].as_i64().unwrap() as i32);
+        sg.wait_line(SECS(30), |l| {
+            l["msg"] == "upgrade: the new process accepts; carrying connections over"
+        });
+        sg.signal(libc::SIGTERM);
+        sg.wait_line(SECS(10), |l| {
+            l["msg"]
+                == "stop requested; another SIGTERM or SIGINT (a second or more later) forces exit"
+        });
+        sg.wait_line(SECS(10), |l| l["msg"] == "stop signal: draining");
+        // Past the window in which a second signal is taken for the same request.
+        std::thread::sleep(Duration::from_millis(1200));
+        sg.signal(libc::SIGTERM);
+        assert_eq!(
+            sg.wait_exit(SECS(10)),
+            143,
+            "forced exit on the second SIGTERM"
+        );
+    })
+    .await
+    .unwrap();
 }
