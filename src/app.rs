@@ -162,27 +162,92 @@ impl Server {
                 continue;
             };
             tracing::info!("upgrade requested: starting the new process");
-            let started = match crate::upgrade::start(origin, &c, admin_kept.as_ref(), limit).await
-            {
-                Ok(mut h) => crate::upgrade::confirm(&mut h, &c)
-                    .await
-                    .map(|before| (h, before)),
-                Err(e) => Err(e),
+            // A stop signal during the upgrade is heard at once (and from then on a second one
+            // forces exit, `main`'s `Stops`): it ends the upgrade's waits, and this process drains.
+            let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let starting = async {
+                let mut h =
+                    crate::upgrade::start(origin, &c, admin_kept.as_ref(), limit, abandon.clone())
+                        .await?;
+                match crate::upgrade::confirm(&mut h, &c).await {
+                    Ok(before) => Ok((h, before)),
+                    Err(e) => Err(e),
+                }
             };
-            match started {
+            tokio::pin!(starting);
+            let mut stopping = false;
+            let started = tokio::select! {
+                r = &mut starting => r,
+                () = &mut shutdown => {
+                    stopping = true;
+                    abandon.store(true, std::sync::atomic::Ordering::SeqCst);
+                    starting.await
+                }
+            };
+            let (handing, before) = match started {
+                Ok(h) if stopping => {
+                    crate::upgrade::abandon(h.0).await;
+                    if let Some(r) = request.reply.take() {
+                        r.send(Err("the server is stopping".into())).await;
+                    }
+                    break;
+                }
+                Ok(h) => h,
                 Err(e) => {
                     tracing::error!(error = %e, "upgrade failed: still serving");
                     if let Some(r) = request.reply.take() {
                         r.send(Err(e.to_string())).await;
                     }
+                    if stopping {
+                        break;
+                    }
+                    continue;
                 }
-                Ok((handing, before)) => {
+            };
+            // The asker hears `ok` only once the new process serves what was carried to it.
+            let stop_upgrade = CancellationToken::new();
+            let handing = crate::upgrade::hand_over(handing, &c, limit, &stop_upgrade);
+            tokio::pin!(handing);
+            let handed = tokio::select! {
+                r = &mut handing => r,
+                () = &mut shutdown => {
+                    stopping = true;
+                    stop_upgrade.cancel();
+                    handing.await
+                }
+            };
+            match handed {
+                Ok(served) => {
                     if let Some(r) = request.reply.take() {
-                        r.send(Ok(handing.pid())).await;
+                        r.send(match served.confirmed {
+                            true => Ok(served.pid()),
+                            false => Err(format!("a stop signal came during the hand-over: this process drains and exits; the new process (pid {}) goes on alone", served.pid())),
+                        })
+                        .await;
                     }
                     admin_stop.cancel();
-                    let cut = crate::upgrade::finish(handing, before, &c, limit).await;
+                    let finishing = crate::upgrade::finish(served, before, &c);
+                    tokio::pin!(finishing);
+                    let cut = if stopping {
+                        finishing.await
+                    } else {
+                        // Already draining: a stop signal is heard only to arm the forced exit.
+                        tokio::select! {
+                            cut = &mut finishing => cut,
+                            () = &mut shutdown => finishing.await,
+                        }
+                    };
                     return Stopped { cut };
+                }
+                Err(f) => {
+                    tracing::error!(error = %f.error, carried = f.carried,
+                        "upgrade failed: still serving");
+                    if let Some(r) = request.reply.take() {
+                        r.send(Err(f.error.to_string())).await;
+                    }
+                    if stopping {
+                        break;
+                    }
                 }
             }
         }

@@ -101,9 +101,10 @@ impl Control {
             .collect()
     }
 
-    /// Stops every accept loop and closes this process's descriptors of the listening sockets (the
-    /// new process holds its own: the sockets, and what waits in their queues, stay).
-    pub(crate) async fn stop_accepting(&self) {
+    /// Stops every accept loop, keeping this process's descriptors of the listening sockets: the
+    /// new process accepts on the same sockets, and until it says it serves, this one may have to
+    /// accept again ([`Control::accept_again`]).
+    pub(crate) async fn pause_accepting(&self) {
         self.readiness.set(false, true);
         for b in lock(&self.listeners).iter_mut() {
             b.stop.cancel();
@@ -111,7 +112,35 @@ impl Control {
         }
         self.accepting.close();
         self.accepting.wait().await;
-        // The kept descriptors too: nothing in this process accepts any more.
+    }
+
+    /// The new process died (or stopped answering) before it said it serves: this one accepts
+    /// again on the sockets it kept, and is ready again. Their queues never closed: a client that
+    /// connected meanwhile waits there and is served now.
+    pub(crate) fn accept_again(&self) {
+        self.accepting.reopen();
+        let mut listeners = lock(&self.listeners);
+        for b in listeners.iter_mut() {
+            let Some(kept) = b.kept.as_ref() else {
+                continue;
+            };
+            match kept.try_clone() {
+                Ok(dup) => {
+                    b.stop = tokio_util::sync::CancellationToken::new();
+                    b.pending = Some(dup);
+                    self.spawn_accept(b);
+                }
+                Err(e) => tracing::error!(listen = %b.local, error = %e,
+                    "cannot accept again on a listening socket after a failed upgrade; its clients wait in its queue until a restart"),
+            }
+        }
+        drop(listeners);
+        self.readiness.set(true, false);
+    }
+
+    /// The new process serves: this process's descriptors of the listening sockets are closed
+    /// (the new process holds its own: the sockets, and what waits in their queues, stay).
+    pub(crate) fn close_listeners(&self) {
         let closed = std::mem::take(&mut *lock(&self.listeners));
         drop(closed);
     }

@@ -625,7 +625,7 @@ impl Control {
     /// until they have stopped is served all the same (a ring worker hands it to the tokio
     /// workers, `Host::hand_off`; a tokio worker serves a `ring` service on the epoll engine).
     fn move_acceptors(&self, b: &mut Bound) {
-        // Stopped for good (an upgrade's `stop_accepting` took the address meanwhile): a fresh
+        // Stopped for good (an upgrade's `pause_accepting` took the address meanwhile): a fresh
         // token would start accept loops that nothing stops.
         if b.stop.is_cancelled() {
             return;

@@ -278,7 +278,7 @@ impl Control {
         let mut bound = lock(&self.listeners);
         let mut config = lock(&self.config);
         let mut resolving = lock(&self.resolving);
-        // Again under the locks: an upgrade's `stop_accepting` may have begun since the first look.
+        // Again under the locks: an upgrade's `pause_accepting` may have begun since the first look.
         if self.readiness.is_draining() {
             return Err(ReloadError::Draining);
         }

@@ -41,8 +41,9 @@ pub(crate) use entry::{may_send_header, take_header, UNTRUSTED};
 pub(crate) struct Leaving {
     /// Cut every session still open (the drain deadline).
     pub(crate) deadline: CancellationToken,
-    /// Stop every relay at a quiet point and send the connection to `carried`.
-    pub(crate) carry: CancellationToken,
+    /// Stop every relay at a quiet point and send the connection to `carried`; a fresh one after
+    /// an upgrade that failed, so that relays started then are not stopped for nothing.
+    carry: std::sync::Mutex<CancellationToken>,
     /// Where carried connections go: set before `carry` fires, taken away once the upgrade no
     /// longer takes any (a relay that stops then goes on where it stopped).
     pub(crate) carried: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Carried>>>,
@@ -52,12 +53,24 @@ impl Leaving {
     /// From now on every relay stops at a quiet point and its connection goes to `to`.
     pub(crate) fn carry_to(&self, to: tokio::sync::mpsc::UnboundedSender<Carried>) {
         *crate::util::lock(&self.carried) = Some(to);
-        self.carry.cancel();
+        crate::util::lock(&self.carry).cancel();
+    }
+
+    /// What stops relays for an upgrade (a relay takes it as it starts).
+    pub(crate) fn carry_signal(&self) -> CancellationToken {
+        crate::util::lock(&self.carry).clone()
     }
 
     /// No more connections are carried (the receiver learns it when its channel closes).
     pub(crate) fn stop_carrying(&self) {
         crate::util::lock(&self.carried).take();
+    }
+
+    /// The upgrade failed: nothing is carried, and relays started from now on are not stopped
+    /// (those stopped meanwhile go on where they stopped, as after any upgrade).
+    pub(crate) fn carrying_failed(&self) {
+        self.stop_carrying();
+        *crate::util::lock(&self.carry) = CancellationToken::new();
     }
 }
 
@@ -561,7 +574,8 @@ fn relay_and_account<'a>(
         }));
         let mut relayed: Relayed = match (&mut a.client, &mut a.backend.stream) {
             (ClientStream::Plain(cl), BackendStream::Plain(b)) => {
-                let mut carry = Some(&leaving.carry);
+                let carry_signal = leaving.carry_signal();
+                let mut carry = Some(&carry_signal);
                 loop {
                     let so_far = resumed.as_ref().map_or((0, 0), |r| r.so_far);
                     let begin = match resumed.take() {

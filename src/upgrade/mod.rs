@@ -19,10 +19,12 @@ pub mod wire;
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::control::{Control, Totals};
 use crate::relay::Quiesced;
@@ -31,6 +33,19 @@ use wire::{Channel, Done, Frame, Peer, SessionMeta, WireError, FORMAT};
 
 /// The environment variable that tells a new process which hand-over socket to connect to.
 pub const FROM_ENV: &str = "SLUICEGATE_UPGRADE_FROM";
+
+/// For tests only (docs/operations.md says so): the step of the hand-over at which a process an
+/// upgrade started kills itself (SIGKILL), as one that crashes there would die, so that the tests
+/// can show what the old process does then: `before-ready` (its listeners taken), `after-ready`
+/// (at the first message past the totals) or `carrying` (at the first carried connection).
+const TEST_DIE_AT: &str = "SLUICEGATE_TEST_DIE_AT";
+
+fn die_here_for_tests(step: &str) {
+    if std::env::var_os(TEST_DIE_AT).is_some_and(|v| v == step) {
+        use rustix::process::{getpid, kill_process, Signal};
+        let _ = kill_process(getpid(), Signal::KILL);
+    }
+}
 
 /// The binary and arguments this process started with: what an upgrade starts again. The path is
 /// the one it was started by when that names a file (as nginx does: a symlink switched to a new
@@ -86,6 +101,15 @@ pub enum UpgradeError {
     Failed { pid: u32, reason: String },
     #[error("the hand-over with pid {pid} broke: {error}")]
     Wire { pid: u32, error: WireError },
+    #[error("the new process (pid {pid}) exited with {status} during the hand-over, before it said it serves")]
+    Died {
+        pid: u32,
+        status: std::process::ExitStatus,
+    },
+    #[error("a stop signal came before the new process (pid {pid}) was ready; it was stopped")]
+    Abandoned { pid: u32 },
+    #[error("the new process (pid {pid}) did not say it serves within {limit:?} of the last connection carried to it; it was stopped")]
+    Unconfirmed { pid: u32, limit: Duration },
 }
 
 /// A request to upgrade (SIGUSR2, or `sluicegate upgrade`), answered with the new process's pid or
@@ -121,23 +145,20 @@ pub(crate) struct Handing {
     channel: Arc<Channel>,
     pid: u32,
     carry: bool,
+    /// It says `Serving` once it has taken what is carried (a build before that does not).
+    confirms: bool,
     child: std::process::Child,
-}
-
-impl Handing {
-    pub(crate) fn pid(&self) -> u32 {
-        self.pid
-    }
 }
 
 /// Starts the new process and hands it every listening socket (the services', and `admin`'s);
 /// returns once it accepts on them. On an error the new process is gone (stopped if need be) and
-/// nothing changed here.
+/// nothing changed here. Setting `abandon` (a stop signal) stops it within 100 ms.
 pub(crate) async fn start(
     origin: &Origin,
     control: &Arc<Control>,
     admin: Option<&std::net::TcpListener>,
     limit: Duration,
+    abandon: Arc<AtomicBool>,
 ) -> Result<Handing, UpgradeError> {
     if std::process::id() == 1 {
         return Err(UpgradeError::Pid1);
@@ -150,7 +171,7 @@ pub(crate) async fn start(
         ));
     }
     let origin = origin.clone();
-    tokio::task::spawn_blocking(move || start_blocking(&origin, sockets, limit))
+    tokio::task::spawn_blocking(move || start_blocking(&origin, sockets, limit, abandon))
         .await
         .map_err(|e| UpgradeError::Socket(std::io::Error::other(e)))?
 }
@@ -159,6 +180,7 @@ fn start_blocking(
     origin: &Origin,
     sockets: Vec<(Option<String>, std::net::TcpListener)>,
     limit: Duration,
+    abandon: Arc<AtomicBool>,
 ) -> Result<Handing, UpgradeError> {
     let deadline = tokio::time::Instant::now() + limit;
     let nonce: u64 = rand_nonce();
@@ -181,6 +203,7 @@ fn start_blocking(
         child,
         deadline,
         limit,
+        abandon,
     };
     tracing::info!(pid = new.pid, exe = %origin.exe.display(), "upgrade: started the new process");
     let result = new
@@ -188,10 +211,11 @@ fn start_blocking(
         .and_then(|channel| new.hand_listeners(&channel, sockets).map(|()| channel))
         .and_then(|channel| new.ready(channel));
     match result {
-        Ok((channel, carry)) => Ok(Handing {
+        Ok((channel, peer)) => Ok(Handing {
             channel: Arc::new(channel),
             pid: new.pid,
-            carry,
+            carry: peer.format == FORMAT,
+            confirms: peer.confirms,
             child: new.child,
         }),
         Err(e) => {
@@ -208,11 +232,15 @@ struct Starting {
     pid: u32,
     deadline: tokio::time::Instant,
     limit: Duration,
+    abandon: Arc<AtomicBool>,
 }
 
 impl Starting {
     /// `Err` once it has exited or the deadline has passed.
     fn still_there(&mut self) -> Result<(), UpgradeError> {
+        if self.abandon.load(SeqCst) {
+            return Err(UpgradeError::Abandoned { pid: self.pid });
+        }
         if let Some(status) = self.child.try_wait().ok().flatten() {
             return Err(UpgradeError::Exited {
                 pid: self.pid,
@@ -278,8 +306,8 @@ impl Starting {
         channel.send(&Frame::ListenersEnd).map_err(|e| self.wire(e))
     }
 
-    /// Its config read, its listeners bound: ready (and whether it takes connections), or why not.
-    fn ready(&mut self, channel: Channel) -> Result<(Channel, bool), UpgradeError> {
+    /// Its config read, its listeners bound: ready (and what it said of itself), or why not.
+    fn ready(&mut self, channel: Channel) -> Result<(Channel, Peer), UpgradeError> {
         channel
             .set_timeout(Some(Duration::from_millis(100)))
             .map_err(|e| self.wire(e))?;
@@ -290,12 +318,11 @@ impl Starting {
                     channel
                         .set_timeout(Some(SEND_LIMIT))
                         .map_err(|e| self.wire(e))?;
-                    let carry = r.format == FORMAT;
-                    if !carry {
+                    if r.format != FORMAT {
                         tracing::warn!(pid = self.pid, theirs = r.format, ours = FORMAT,
                             "upgrade: the new process speaks another session format: connections stay and drain here");
                     }
-                    return Ok((channel, carry));
+                    return Ok((channel, r));
                 }
                 Ok(Frame::Failed { reason }) => {
                     return Err(UpgradeError::Failed {
@@ -308,17 +335,36 @@ impl Starting {
                     self.still_there()?;
                 }
                 Err(WireError::Closed) => {
-                    // It closed the socket: it is exiting; wait for its status, briefly.
-                    for _ in 0..50 {
-                        self.still_there()?;
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    return Err(self.wire(WireError::Closed));
+                    // It closed the socket: it is exiting.
+                    return Err(match exit_status_soon(&mut self.child) {
+                        Some(status) => UpgradeError::Exited {
+                            pid: self.pid,
+                            status,
+                        },
+                        None => self.wire(WireError::Closed),
+                    });
                 }
                 Err(error) => return Err(self.wire(error)),
             }
         }
     }
+}
+
+/// The status of a process that closed its end of the hand-over, and so is exiting: waited for
+/// briefly (a second), `None` if it has not exited by then.
+fn exit_status_soon(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    for _ in 0..50 {
+        if let Some(status) = child.try_wait().ok().flatten() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// A new process that is ready but will not take over (a stop signal came meanwhile): stopped.
+pub(crate) async fn abandon(mut h: Handing) {
+    let _ = tokio::task::spawn_blocking(move || stop_child(&mut h.child)).await;
 }
 
 /// A new process that is not taking over must not go on holding the sockets (its own accepts
@@ -362,35 +408,199 @@ fn rand_nonce() -> u64 {
     h.finish()
 }
 
-/// The old side, after [`start`]: stops accepting (the new process accepts), carries every
-/// connection it can, lets the rest drain, and sends the totals and the end. Returns how many
-/// connections the drain cut.
-pub(crate) async fn finish(
+/// The new process serves (it said so, having taken every connection carried to it): what
+/// [`finish`] needs.
+pub(crate) struct Served {
+    channel: Arc<Channel>,
+    pid: u32,
+    carried: u64,
+    /// It said it serves; `false` when a stop signal ended the hand-over first (this process
+    /// drains and exits all the same; the new one goes on alone).
+    pub(crate) confirmed: bool,
+}
+
+impl Served {
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// Why a hand-over that had begun did not end with the new process serving; this process accepts
+/// again and serves on.
+#[derive(Debug)]
+pub(crate) struct HandOverFailed {
+    pub(crate) error: UpgradeError,
+    /// Connections sent to the new process before it was lost: lost with it.
+    pub(crate) carried: u64,
+}
+
+/// What the watcher heard from the new process during the hand-over.
+enum Heard {
+    /// It has taken every connection carried and serves.
+    Serving,
+    /// It died, closed the hand-over or said something out of turn.
+    Gone(UpgradeError),
+    /// Told to stop listening (the hand-over gave up on its own account).
+    Stopped,
+}
+
+/// The old side, after [`confirm`]: stops accepting, keeping its listening sockets; carries every
+/// connection it can (bounded by `limit`; what stays drains in [`finish`]); then waits (bounded by
+/// `limit` again) for the new process to say it serves. It watches the new process all along: if
+/// it dies, closes the hand-over or does not answer in time, it is stopped, every connection not
+/// yet sent to it goes on here, and this process accepts again on the sockets it kept.
+///
+/// `stop` (a stop signal) ends the waits at once: what is not yet sent stays here, and the new
+/// process, which accepts, is not waited for ([`Served::confirmed`] is `false`).
+pub(crate) async fn hand_over(
     h: Handing,
-    before: Totals,
     control: &Arc<Control>,
     limit: Duration,
-) -> usize {
-    control.stop_accepting().await;
+    stop: &CancellationToken,
+) -> Result<Served, HandOverFailed> {
+    control.pause_accepting().await;
     tracing::info!(
         pid = h.pid,
         open = control.open_connections(),
         "upgrade: the new process accepts; carrying connections over"
     );
-    let channel = h.channel.clone();
+    let Handing {
+        channel,
+        pid,
+        carry,
+        confirms,
+        child,
+    } = h;
+    let child = Arc::new(std::sync::Mutex::new(child));
+    // Set when the hand-over gives up: the watcher stops listening, the forwarder stops sending.
+    let giving_up = Arc::new(AtomicBool::new(false));
+    let mut watcher = {
+        let (channel, child, stop) = (channel.clone(), child.clone(), giving_up.clone());
+        tokio::task::spawn_blocking(move || watch(&channel, &child, pid, &stop))
+    };
+    let mut heard = None;
+    let mut stopped = false;
     let mut carried = 0u64;
-    if h.carry {
+    if carry {
         let (tx, rx) = mpsc::unbounded_channel();
         control.carry_to(tx);
         let forwarder = {
-            let (channel, control) = (channel.clone(), control.clone());
-            tokio::task::spawn_blocking(move || forward(rx, &channel, &control))
+            let (channel, control, stop) = (channel.clone(), control.clone(), giving_up.clone());
+            tokio::task::spawn_blocking(move || forward(rx, &channel, &control, &stop))
         };
-        // Every connection ends here, or goes: bounded by `limit`, after which what stays drains.
-        let _ = tokio::time::timeout(limit, control.all_gone()).await;
+        // Every connection ends here, or goes: bounded by `limit`, after which what stays drains;
+        // unless the new process is lost meanwhile.
+        tokio::select! {
+            _ = tokio::time::timeout(limit, control.all_gone()) => {}
+            w = &mut watcher => {
+                heard = Some(w.unwrap_or_else(|e| Heard::Gone(UpgradeError::Socket(std::io::Error::other(e)))));
+                giving_up.store(true, SeqCst);
+            }
+            () = stop.cancelled() => {
+                stopped = true;
+                giving_up.store(true, SeqCst);
+            }
+        }
         control.leaving.stop_carrying();
         carried = forwarder.await.unwrap_or(0);
     }
+    let heard = match heard {
+        Some(h) => h,
+        None if stopped || !confirms => {
+            // Stopped: not waited for. Or a build that does not say it serves: taken at its word.
+            giving_up.store(true, SeqCst);
+            let _ = watcher.await;
+            Heard::Serving
+        }
+        None => {
+            // A failure to send shows as the watcher's verdict (it hears the socket close).
+            let _ = send(&channel, Frame::SessionsEnd { carried }).await;
+            let waited = tokio::select! {
+                w = tokio::time::timeout(limit, &mut watcher) => Some(w),
+                () = stop.cancelled() => None,
+            };
+            match waited {
+                Some(Ok(w)) => w.unwrap_or_else(|e| {
+                    Heard::Gone(UpgradeError::Socket(std::io::Error::other(e)))
+                }),
+                Some(Err(_)) => {
+                    giving_up.store(true, SeqCst);
+                    let _ = watcher.await;
+                    Heard::Gone(UpgradeError::Unconfirmed { pid, limit })
+                }
+                None => {
+                    stopped = true;
+                    giving_up.store(true, SeqCst);
+                    let _ = watcher.await;
+                    Heard::Serving
+                }
+            }
+        }
+    };
+    let error = match heard {
+        Heard::Serving => {
+            return Ok(Served {
+                channel,
+                pid,
+                carried,
+                confirmed: !stopped,
+            })
+        }
+        Heard::Gone(e) => e,
+        Heard::Stopped => UpgradeError::Unconfirmed { pid, limit },
+    };
+    control.leaving.carrying_failed();
+    let _ = tokio::task::spawn_blocking(move || stop_child(&mut crate::util::lock(&child))).await;
+    control.accept_again();
+    Err(HandOverFailed { error, carried })
+}
+
+/// Listens to the new process during the hand-over until it says it serves, or is lost (it exited,
+/// closed the hand-over, or sent something out of turn), or `stop` is set: checked every 100 ms.
+fn watch(
+    channel: &Channel,
+    child: &std::sync::Mutex<std::process::Child>,
+    pid: u32,
+    stop: &AtomicBool,
+) -> Heard {
+    let wire = |error| Heard::Gone(UpgradeError::Wire { pid, error });
+    if let Err(e) = channel.set_recv_timeout(Some(Duration::from_millis(100))) {
+        return wire(e.into());
+    }
+    let exited = |status| Heard::Gone(UpgradeError::Died { pid, status });
+    loop {
+        if stop.load(SeqCst) {
+            return Heard::Stopped;
+        }
+        match channel.recv() {
+            Ok(Frame::Serving) => return Heard::Serving,
+            Ok(other) => return wire(WireError::Kind(kind_of(&other))),
+            Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                if let Some(status) = crate::util::lock(child).try_wait().ok().flatten() {
+                    return exited(status);
+                }
+            }
+            Err(WireError::Closed) => {
+                return match exit_status_soon(&mut crate::util::lock(child)) {
+                    Some(status) => exited(status),
+                    None => wire(WireError::Closed),
+                }
+            }
+            Err(error) => return wire(error),
+        }
+    }
+}
+
+/// The old side, once the new process serves: closes its listening sockets, lets what stayed
+/// drain, and sends the totals and the end. Returns how many connections the drain cut.
+pub(crate) async fn finish(s: Served, before: Totals, control: &Arc<Control>) -> usize {
+    control.close_listeners();
+    let Served {
+        channel,
+        pid,
+        carried,
+        ..
+    } = s;
     let stayed = control.open_connections() as u64;
     let cut = control.drain_from(true).await;
     let after = control.totals().since(&before);
@@ -402,13 +612,7 @@ pub(crate) async fn finish(
     if let Err(e) = sent {
         tracing::warn!(error = %e, "upgrade: the last totals did not reach the new process");
     }
-    tracing::info!(
-        pid = h.pid,
-        carried,
-        stayed,
-        cut,
-        "upgrade: handed over; exiting"
-    );
+    tracing::info!(pid, carried, stayed, cut, "upgrade: handed over; exiting");
     cut
 }
 
@@ -424,12 +628,18 @@ async fn send(channel: &Arc<Channel>, frame: Frame) -> std::io::Result<()> {
 }
 
 /// Sends each carried connection to the new process; one that cannot be sent (the new process gone)
-/// goes on here. Returns how many went. Runs until the channel closes (`stop_carrying`).
-fn forward(mut rx: mpsc::UnboundedReceiver<Carried>, channel: &Channel, control: &Control) -> u64 {
+/// goes on here, and so does every one after it, or after the hand-over gives up (`giving_up`).
+/// Returns how many went. Runs until the channel closes (`stop_carrying`).
+fn forward(
+    mut rx: mpsc::UnboundedReceiver<Carried>,
+    channel: &Channel,
+    control: &Control,
+    giving_up: &AtomicBool,
+) -> u64 {
     let mut sent = 0;
     let mut broken = false;
     while let Some(c) = rx.blocking_recv() {
-        if broken {
+        if broken || giving_up.load(SeqCst) {
             control.resume(c);
             continue;
         }
@@ -537,6 +747,7 @@ impl Incoming {
         taking: Arc<std::sync::atomic::AtomicBool>,
     ) {
         let from = self.hello.pid;
+        die_here_for_tests("before-ready");
         let ready = Frame::Ready(Peer::me());
         // Taking over from the moment the old process may hear it.
         taking.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -568,7 +779,16 @@ fn kind_of(f: &Frame) -> u8 {
 fn receive(channel: &Channel, control: &Control, from: u32) {
     let mut resumed = 0u64;
     loop {
-        match channel.recv() {
+        let frame = channel.recv();
+        if let Ok(f) = &frame {
+            if matches!(f, Frame::Session { .. }) {
+                die_here_for_tests("carrying");
+            }
+            if !matches!(f, Frame::Totals(_)) {
+                die_here_for_tests("after-ready");
+            }
+        }
+        match frame {
             Ok(Frame::Session {
                 meta,
                 client,
@@ -600,6 +820,20 @@ fn receive(channel: &Channel, control: &Control, from: u32) {
                     tracing::warn!(from, error = %e, "upgrade: the old process's totals do not parse")
                 }
             },
+            Ok(Frame::SessionsEnd { carried }) => {
+                // Every carried connection is taken (each resumed as it came): the old process
+                // keeps its listening sockets until it hears this.
+                if let Err(e) = channel.send(&Frame::Serving) {
+                    tracing::warn!(from, error = %e, "upgrade: cannot tell the old process this one serves");
+                    return;
+                }
+                tracing::info!(
+                    from,
+                    carried,
+                    resumed,
+                    "upgrade: every carried connection taken; serving"
+                );
+            }
             Ok(Frame::Done(d)) => {
                 tracing::info!(
                     from,

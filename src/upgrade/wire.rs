@@ -59,6 +59,11 @@ pub(crate) enum Frame {
     Totals(serde_json::Value),
     /// Old → new: nothing more will come; the old process exits.
     Done(Done),
+    /// Old → new: every connection that goes has gone (this many); say when they are taken.
+    SessionsEnd { carried: u64 },
+    /// New → old: every carried connection taken, and serving: the old process may close its
+    /// listening sockets (until then it keeps them, to accept again should this process die).
+    Serving,
 }
 
 /// Who speaks: in the hello, the old process; in the ready message, the new one.
@@ -68,6 +73,10 @@ pub(crate) struct Peer {
     /// The session format it speaks ([`FORMAT`]).
     pub(crate) format: u32,
     pub(crate) version: String,
+    /// In the ready message: this process says `Serving` after `SessionsEnd` (a build before it
+    /// does not, and the old process then closes its sockets without waiting).
+    #[serde(default)]
+    pub(crate) confirms: bool,
 }
 
 impl Peer {
@@ -76,6 +85,7 @@ impl Peer {
             pid: std::process::id(),
             format: FORMAT,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            confirms: true,
         }
     }
 }
@@ -138,6 +148,8 @@ impl Frame {
             Frame::Chunk(_) => (7, "chunk"),
             Frame::Totals(_) => (8, "totals"),
             Frame::Done(_) => (9, "done"),
+            Frame::SessionsEnd { .. } => (10, "sessions-end"),
+            Frame::Serving => (11, "serving"),
         }
     }
 
@@ -168,6 +180,8 @@ impl Frame {
             Frame::Chunk(b) => out.extend_from_slice(b),
             Frame::Totals(v) => json(&mut out, v),
             Frame::Done(d) => json(&mut out, d),
+            Frame::SessionsEnd { carried } => json(&mut out, carried),
+            Frame::Serving => {}
         }
         (out, fds)
     }
@@ -223,6 +237,10 @@ impl Frame {
             7 => Frame::Chunk(body.to_vec()),
             8 => Frame::Totals(parse("totals", body)?),
             9 => Frame::Done(parse("done", body)?),
+            10 => Frame::SessionsEnd {
+                carried: parse("sessions-end", body)?,
+            },
+            11 => Frame::Serving,
             k => return Err(WireError::Kind(k)),
         };
         if !fds.is_empty() && !matches!(buf[2], 2 | 6) {
@@ -325,9 +343,15 @@ impl Channel {
     /// Bounds each later send and receive (`TimedOut` past it); `None` waits as long as it takes.
     pub(crate) fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         use rustix::net::sockopt::{set_socket_timeout, Timeout};
-        set_socket_timeout(&self.fd, Timeout::Recv, t)?;
+        self.set_recv_timeout(t)?;
         set_socket_timeout(&self.fd, Timeout::Send, t)?;
         Ok(())
+    }
+
+    /// Bounds each later receive only: for a thread that listens while another sends.
+    pub(crate) fn set_recv_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        use rustix::net::sockopt::{set_socket_timeout, Timeout};
+        Ok(set_socket_timeout(&self.fd, Timeout::Recv, t)?)
     }
 
     pub(crate) fn send(&self, frame: &Frame) -> std::io::Result<()> {
@@ -419,6 +443,7 @@ mod tests {
             pid: 7,
             format: FORMAT,
             version: "x".into(),
+            confirms: true,
         }))
         .unwrap();
         a.send(&Frame::Listener {
@@ -432,6 +457,8 @@ mod tests {
             stayed: 4,
         }))
         .unwrap();
+        a.send(&Frame::SessionsEnd { carried: 5 }).unwrap();
+        b.send(&Frame::Serving).unwrap();
         assert!(matches!(b.recv().unwrap(), Frame::Hello(h) if h.pid == 7 && h.format == FORMAT));
         match b.recv().unwrap() {
             Frame::Listener { name, socket } => {
@@ -443,6 +470,11 @@ mod tests {
         }
         assert!(matches!(b.recv().unwrap(), Frame::Chunk(c) if c.len() == CHUNK));
         assert!(matches!(b.recv().unwrap(), Frame::Done(d) if d.carried == 3));
+        assert!(matches!(
+            b.recv().unwrap(),
+            Frame::SessionsEnd { carried: 5 }
+        ));
+        assert!(matches!(a.recv().unwrap(), Frame::Serving));
         drop(a);
         assert!(matches!(b.recv(), Err(WireError::Closed)));
     }
@@ -482,6 +514,11 @@ mod tests {
             vec![],
         );
         assert!(matches!(f, Ok(Frame::Ready(_))));
+        // A ready message of a build that does not say `Serving`: it is not waited for.
+        match Frame::decode(b"SG\x04{\"pid\":1,\"format\":1,\"version\":\"v\"}", vec![]) {
+            Ok(Frame::Ready(p)) => assert!(!p.confirms),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

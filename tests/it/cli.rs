@@ -157,6 +157,11 @@ impl Sg {
         }
     }
 
+    /// Whether the process still runs (it has not exited).
+    pub(crate) fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
     /// Waits for the process to exit; returns its exit code.
     pub(crate) fn wait_exit(&mut self, limit: Duration) -> i32 {
         let end = Instant::now() + limit;
@@ -211,7 +216,7 @@ impl Sg {
             .unwrap_or(0)
     }
 
-    fn fds(&self) -> usize {
+    pub(crate) fn fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
             .unwrap_or(0)

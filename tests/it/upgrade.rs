@@ -628,3 +628,194 @@ async fn a_process_still_taking_over_refuses_to_upgrade_until_done() {
     let out = ask();
     let _newer = upgraded(&out);
 }
+
+/// The old process of an upgrade whose new process was made to kill itself (SIGKILL) at `step` of
+/// the hand-over (`SLUICEGATE_TEST_DIE_AT`, read only by a process an upgrade started, for tests):
+/// `sluicegate upgrade` answers `failed`, the old process stays, and a new connection is served
+/// (the issue asks within 2 s; bounded here generously, 10 s, as the old code refuses for ever).
+/// `held` idle connections are open when the upgrade starts; returns how many still answer after,
+/// and the old process's error line.
+async fn new_process_dies_at(step: &'static str, held: usize) -> (usize, Value) {
+    let backend = Backend::echo([127, 0, 0, 1]).await;
+    let yaml = config(backend.addr, "auto");
+    let mut sg = tokio::task::spawn_blocking(move || {
+        Sg::start_configured(&yaml, "", |c| {
+            c.env("SLUICEGATE_TEST_DIE_AT", step);
+        })
+    })
+    .await
+    .unwrap();
+    let addr = sg.addr;
+    let mut conns = Vec::new();
+    for i in 0..held {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let m = format!("before {i:04}\n");
+        s.write_all(m.as_bytes()).await.unwrap();
+        let mut got = vec![0u8; m.len()];
+        s.read_exact(&mut got).await.unwrap();
+        conns.push(s);
+    }
+    let pid = sg.pid().to_string();
+    let asked = tokio::task::spawn_blocking(move || {
+        sluicegate()
+            .args(["upgrade", "--pid", &pid, "--timeout", "60s"])
+            .output()
+            .unwrap()
+    });
+    let (mut sg, died) = tokio::task::spawn_blocking(move || {
+        let started = sg.wait_line(SECS(30), |l| l["msg"] == "upgrade: started the new process");
+        let died = NewProcess(started["pid"].as_i64().expect("pid") as i32);
+        (sg, died)
+    })
+    .await
+    .unwrap();
+    // Gone (a zombie until the old process reaps it, which the new code does).
+    crate::common::within(SECS(30), "the new process killing itself", async {
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", died.0));
+            let state = stat
+                .as_deref()
+                .ok()
+                .and_then(|s| s.rsplit_once(") "))
+                .and_then(|(_, rest)| rest.chars().next());
+            if matches!(state, None | Some('Z') | Some('X')) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let out = crate::common::within(SECS(60), "the answer to `sluicegate upgrade`", asked)
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{step}: upgrade answered: {err}"
+    );
+    assert!(err.contains("failed"), "{step}: {err}");
+    // A new connection is served (it waits in the kept socket's queue, never refused).
+    let served = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(b"after\n").await?;
+        let mut got = [0u8; 6];
+        s.read_exact(&mut got).await?;
+        Ok::<_, std::io::Error>(got)
+    };
+    match tokio::time::timeout(SECS(10), served).await {
+        Ok(Ok(got)) => assert_eq!(&got, b"after\n", "{step}"),
+        Ok(Err(e)) => panic!("{step}: a new connection after the new process died: {e}"),
+        Err(_) => panic!("{step}: a new connection after the new process died: no answer in 10 s"),
+    }
+    let (sg, error) = tokio::task::spawn_blocking(move || {
+        let error = sg.wait_line(SECS(10), |l| {
+            l["level"] == "error" && l["msg"] == "upgrade failed: still serving"
+        });
+        (sg, error)
+    })
+    .await
+    .unwrap();
+    // The held connections that were not carried away still answer, here.
+    let mut answered = 0;
+    for (i, s) in conns.iter_mut().enumerate() {
+        let m = format!("after {i:04}\n");
+        let r = async {
+            s.write_all(m.as_bytes()).await?;
+            let mut got = vec![0u8; m.len()];
+            s.read_exact(&mut got).await?;
+            Ok::<_, std::io::Error>(got)
+        };
+        if let Ok(Ok(got)) = tokio::time::timeout(SECS(10), r).await {
+            assert_eq!(got, m.as_bytes(), "{step}: exact");
+            answered += 1;
+        }
+    }
+    let mut sg = sg;
+    assert!(sg.running(), "{step}: the old process stays; it exited");
+    drop(died);
+    (answered, error)
+}
+
+/// Killed before it says ready (its listeners taken): the old process never stopped accepting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_whose_new_process_dies_before_ready_leaves_the_old_one_serving() {
+    let (answered, _) = new_process_dies_at("before-ready", 5).await;
+    assert_eq!(answered, 5, "nothing was carried");
+}
+
+/// Killed after it said ready and took the totals, before it says it serves (nothing to carry):
+/// the old process accepts again on the sockets it kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_whose_new_process_dies_after_ready_leaves_the_old_one_serving() {
+    let (answered, error) = new_process_dies_at("after-ready", 0).await;
+    assert_eq!(answered, 0);
+    assert_eq!(error["carried"], 0, "{error}");
+}
+
+/// Killed as the first carried connection reaches it: what was sent is lost with it, every other
+/// held connection goes on in the old process, which accepts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_whose_new_process_dies_while_carrying_leaves_the_old_one_serving() {
+    let held = 20;
+    let (answered, error) = new_process_dies_at("carrying", held).await;
+    let carried = error["carried"].as_u64().expect("carried") as usize;
+    assert!(carried >= 1, "the first one went: {error}");
+    assert_eq!(
+        answered,
+        held - carried,
+        "every one not sent goes on here: {error}"
+    );
+}
+
+/// A stop signal during the hand-over is heard at once. A connection that cannot be carried (it
+/// waits for its PROXY header) would hold the old process for `upgrade.timeout` and then for the
+/// drain (60 s each here): the first SIGTERM ends the hand-over's wait and the drain begins; a
+/// second one, more than a second later, forces exit (143). Before, neither was heard until the
+/// upgrade had ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_signals_are_heard_during_the_hand_over() {
+    let backend = Backend::echo([127, 0, 0, 1]).await;
+    let yaml = format!(
+        "log: {{level: info, format: json}}\nshutdown: {{drain_timeout: 60s}}\nupgrade: {{timeout: 60s}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    accept_proxy: {{from: [127.0.0.1/32], timeout: 60s}}\n    backends:\n      - {{address: \"{}\"}}\n",
+        backend.addr
+    );
+    let mut sg = tokio::task::spawn_blocking(move || Sg::start(&yaml))
+        .await
+        .unwrap();
+    let fds = sg.fds();
+    let _silent = TcpStream::connect(sg.addr).await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        // Accepted (a descriptor more), so that it stays in the old process.
+        let end = Instant::now() + SECS(10);
+        while sg.fds() <= fds {
+            assert!(
+                Instant::now() < end,
+                "the silent connection accepted within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sg.signal(libc::SIGUSR2);
+        let started = sg.wait_line(SECS(30), |l| l["msg"] == "upgrade: started the new process");
+        let _new = NewProcess(started["pid"].as_i64().unwrap() as i32);
+        sg.wait_line(SECS(30), |l| {
+            l["msg"] == "upgrade: the new process accepts; carrying connections over"
+        });
+        sg.signal(libc::SIGTERM);
+        sg.wait_line(SECS(10), |l| {
+            l["msg"]
+                == "stop requested; another SIGTERM or SIGINT (a second or more later) forces exit"
+        });
+        sg.wait_line(SECS(10), |l| l["msg"] == "stop signal: draining");
+        // Past the window in which a second signal is taken for the same request.
+        std::thread::sleep(Duration::from_millis(1200));
+        sg.signal(libc::SIGTERM);
+        assert_eq!(
+            sg.wait_exit(SECS(10)),
+            143,
+            "forced exit on the second SIGTERM"
+        );
+    })
+    .await
+    .unwrap();
+}
