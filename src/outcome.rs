@@ -63,7 +63,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in the order of [`Outcome::index`].
-    pub const ALL: [Outcome; 22] = [
+    pub const ALL: [Outcome; 23] = [
         Outcome::ClientClosed,
         Outcome::BackendClosed,
         Outcome::ClientReset,
