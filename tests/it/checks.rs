@@ -661,8 +661,9 @@ fn exec_checks_leave_no_process_behind() {
             10004,
             "interval: 100ms, timeout: 60s, fall: 1",
             &format!(
-                "{c} sh -c 'trap \"\" TERM HUP; sleep 300; :' &\n{c} setsid sh -c 'trap \"\" TERM HUP; sleep 300; :' >/dev/null 2>&1 </dev/null &\nexec sleep 300\n",
-                c = child("atstop")
+                "[ \"$(wc -l < \"{d}/runs-atstop\")\" -gt 1 ] || exit 0\n{c} sh -c 'trap \"\" TERM HUP; sleep 300; :' &\n{c} setsid sh -c 'trap \"\" TERM HUP; sleep 300; :' >/dev/null 2>&1 </dev/null &\nexec sleep 300\n",
+                c = child("atstop"),
+                d = dir.display()
             ),
         ),
     ];
@@ -690,7 +691,8 @@ fn exec_checks_leave_no_process_behind() {
             runs(&dir, variant)
         );
     }
-    assert_eq!(runs(&dir, "atstop"), 1, "the check in flight at stop");
+    // Its first check passes at once (start-up waits for a first verdict); the second hangs.
+    assert_eq!(runs(&dir, "atstop"), 2, "the check in flight at stop");
     assert_eq!(
         marked(&format!("{token}-atstop")).len(),
         4,
@@ -725,7 +727,10 @@ fn one_services_hanging_checks_leave_slots_for_another() {
         "hog",
         10001,
         hanging,
-        &format!("export SG_LEAK={token}\nexec sleep 300\n"),
+        &format!(
+            "[ -e \"{d}/hang\" ] || exit 0\necho run >> \"{d}/runs-hangs\"\nexport SG_LEAK={token}\nexec sleep 300\n",
+            d = dir.display()
+        ),
     );
     hog = hog.replace(
         "backends: [{address: \"127.0.0.1:10001\"}]",
@@ -746,15 +751,17 @@ fn one_services_hanging_checks_leave_slots_for_another() {
         &format!("test -e \"{}\"\n", up.display()),
     );
     let yaml = format!("log: {{level: info, format: json}}\nservices:\n{hog}{quick}");
+    // Start-up waits for a first verdict: the checks hang only from now on.
     let mut sg = crate::cli::Sg::start(&yaml);
+    std::fs::write(dir.join("hang"), "").unwrap();
     // The hanging checks hold what they may (every slot, before the fix) before the other
     // service's check can pass.
     let end = tokio::time::Instant::now() + Duration::from_secs(20);
-    while runs(&dir, "hog") < 8 || runs(&dir, "quick") < 1 {
+    while runs(&dir, "hangs") < 8 || runs(&dir, "quick") < 1 {
         assert!(
             tokio::time::Instant::now() < end,
-            "hog ran {}, quick {}",
-            runs(&dir, "hog"),
+            "hog hangs {}, quick {}",
+            runs(&dir, "hangs"),
             runs(&dir, "quick")
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -768,7 +775,11 @@ fn one_services_hanging_checks_leave_slots_for_another() {
         l["msg"] == "health: an exec check waits for a slot" && l["service"] == "hog"
     });
     assert_eq!(waits["share"], 8, "{waits}");
-    assert!(runs(&dir, "hog") <= 8, "hog ran {}", runs(&dir, "hog"));
+    assert!(
+        runs(&dir, "hangs") <= 8,
+        "hog hangs {}",
+        runs(&dir, "hangs")
+    );
     sg.signal(libc::SIGTERM);
     assert_eq!(sg.wait_exit(Duration::from_secs(30)), 0);
     let _ = std::fs::remove_dir_all(&dir);
