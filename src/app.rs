@@ -42,11 +42,20 @@ impl Server {
     /// to exit with the config's exit code when the token is missing or bad).
     pub fn bind_with(config: &Config, admin: Option<AdminSettings>) -> Result<Server, StartError> {
         let listener = match &admin {
-            Some(a) => Some(crate::admin::bind(a.listen).map_err(|error| BindError {
-                service: "admin".into(),
-                addr: a.listen,
-                error,
-            })?),
+            Some(a) => {
+                let err = |error| BindError {
+                    service: "admin".into(),
+                    addr: a.listen,
+                    error,
+                };
+                let l = crate::admin::bind(a.listen).map_err(err)?;
+                // The token rule on where the socket really is, not only where the config says.
+                let local = l.local_addr().map_err(err)?;
+                if !a.may_serve_on(local) {
+                    return Err(StartError::AdminWithoutToken { local });
+                }
+                Some(l)
+            }
             None => None,
         };
         let control = Arc::new(Control::bind(config, admin, EventBus::default())?);

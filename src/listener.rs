@@ -63,14 +63,17 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// The listening socket for `addr`: one given to this process (by the process it replaced, or by
-/// systemd) bound there or named any of `names`, else a new one ([`bind`]). A given socket gets
-/// what `bind` would have set on the accepted connections' behalf.
+/// systemd) bound exactly there, or for a port-0 address named any of `names`
+/// (`sockets::choose`), else a new one ([`bind`]). A given socket gets what `bind` would have set
+/// on the accepted connections' behalf. An upgrade's socket at another address on this port is an
+/// error (`sockets::ListenChanged`, "listen changed: restart needed").
 pub(crate) fn open(addr: SocketAddr, names: &[&str]) -> io::Result<std::net::TcpListener> {
-    match crate::sockets::take(addr, names) {
+    match crate::sockets::take(addr, names).map_err(io::Error::other)? {
         Some(l) => {
             socket2::SockRef::from(&l).set_tcp_nodelay(true)?;
             l.set_nonblocking(true)?;
-            tracing::info!(listen = %addr, "taking over a listening socket given to this process");
+            let local = l.local_addr()?;
+            tracing::info!(listen = %local, configured = %addr, "taking over a listening socket given to this process");
             Ok(l)
         }
         None => bind(addr),

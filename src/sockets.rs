@@ -3,17 +3,32 @@
 //! the admin API's address takes a matching one from here first, so the socket (and every connection
 //! waiting in its accept queue) outlives the process that bound it.
 //!
-//! A socket matches by the address it is bound to, or by its name: the name systemd gives it
-//! (`FileDescriptorName=`, in `LISTEN_FDNAMES`) may be a service's name or `admin`; an upgrade names
-//! a port-0 address `SERVICE#INDEX`, which is the only way to find it again.
+//! A socket is used only at the address it is bound to, exactly: the config says which addresses
+//! accept, and every rule about an address (the admin token's, "a non-loopback address needs a
+//! token") was checked against the config. A name finds a socket only for a port-0 address (on the
+//! same IP): the name systemd gives it (`FileDescriptorName=`, in `LISTEN_FDNAMES`) may be a
+//! service's name or `admin`; an upgrade names a port-0 address `SERVICE#INDEX`, which is the only
+//! way to find it again. A socket on the configured port but at another address ([`choose`]) is
+//! never used: systemd's, named for the address, is closed and the address bound; an upgrade's
+//! makes the new process refuse ([`ListenChanged`]), as only a restart can move it.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::sync::Mutex;
 
+/// Who gave a socket: what a socket at another address than the config's means depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Giver {
+    /// The process this one replaces: its sockets are open there too, serving until it hands over.
+    Upgrade,
+    /// systemd (`LISTEN_FDS`): the socket is this process's to use or close.
+    Systemd,
+}
+
 /// One socket given to this process and not taken yet.
 #[derive(Debug)]
 pub struct Given {
+    pub giver: Giver,
     pub name: Option<String>,
     pub local: SocketAddr,
     pub socket: TcpListener,
@@ -36,13 +51,23 @@ pub enum GivenError {
     },
 }
 
+/// Offers `socket`, handed over by the process this one replaces, for a later [`take`].
+pub fn offer(name: Option<String>, socket: TcpListener) -> std::io::Result<SocketAddr> {
+    offer_from(Giver::Upgrade, name, socket)
+}
+
 /// Offers `socket` for a later [`take`]. It is made close-on-exec (an upgrade passes it on
 /// explicitly, never by inheritance) and non-blocking.
-pub fn offer(name: Option<String>, socket: TcpListener) -> std::io::Result<SocketAddr> {
+fn offer_from(
+    giver: Giver,
+    name: Option<String>,
+    socket: TcpListener,
+) -> std::io::Result<SocketAddr> {
     let local = socket.local_addr()?;
     rustix::io::fcntl_setfd(socket.as_fd(), rustix::io::FdFlags::CLOEXEC)?;
     socket.set_nonblocking(true)?;
     given().push(Given {
+        giver,
         name,
         local,
         socket,
@@ -76,7 +101,7 @@ pub fn adopt_systemd() -> Result<usize, GivenError> {
             .get(index)
             .filter(|n| !n.is_empty() && !n.ends_with(".socket"))
             .cloned();
-        offer(name, socket).map_err(|error| GivenError::NotTcp {
+        offer_from(Giver::Systemd, name, socket).map_err(|error| GivenError::NotTcp {
             from: "systemd (LISTEN_FDS)",
             index,
             error,
@@ -88,18 +113,105 @@ pub fn adopt_systemd() -> Result<usize, GivenError> {
     Ok(n)
 }
 
-/// Takes the given socket for `addr`: one bound to exactly `addr`, else one named any of `names`
-/// (whose bound address must then be `addr`, or `addr` must have port 0: a name never moves a
-/// service to another port than its config says).
-pub(crate) fn take(addr: SocketAddr, names: &[&str]) -> Option<TcpListener> {
+/// An upgrade's new process cannot serve its config: the old process has a socket on a configured
+/// port at another address (a narrower or wider one), which stays open until the hand-over, so the
+/// configured address can be neither taken (it is not the config's) nor bound (it is in use).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "listen changed: restart needed: the old process listens on {given}, another address on this \
+     port; an upgrade keeps listening sockets as they are (restart to move it, or keep {given})"
+)]
+pub struct ListenChanged {
+    pub given: SocketAddr,
+}
+
+/// What [`choose`] sees of a given socket.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Offered<'a> {
+    pub giver: Giver,
+    pub name: Option<&'a str>,
+    pub local: SocketAddr,
+}
+
+/// What to do for one configured address, with the sockets given so far.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Choice {
+    /// Use the given socket at this index.
+    Take(usize),
+    /// Bind the address, after closing these given sockets (systemd's, named for the address but
+    /// bound to another on its port: not used, and in the bind's way).
+    Bind { close: Vec<usize> },
+    /// Refuse to start (an upgrade's socket at another address on this port: [`ListenChanged`]).
+    Refuse { given: SocketAddr },
+}
+
+/// The one decision of [`take`]: a socket bound to exactly `addr`; for a port-0 `addr`, one named
+/// any of `names` on the same IP (its port is the one chosen when it was bound). A socket on the
+/// port at another address whose listening would overlap `addr`'s is never used ([`overlaps`]).
+pub(crate) fn choose(addr: SocketAddr, names: &[&str], given: &[Offered<'_>]) -> Choice {
+    let exact = |g: &Offered<'_>| g.local.ip() == addr.ip() && g.local.port() == addr.port();
+    let named = |g: &Offered<'_>| g.name.is_some_and(|n| names.contains(&n));
+    if addr.port() != 0 {
+        if let Some(i) = given.iter().position(exact) {
+            return Choice::Take(i);
+        }
+    } else if let Some(i) = given
+        .iter()
+        .position(|g| named(g) && g.local.ip() == addr.ip())
+    {
+        return Choice::Take(i);
+    }
+    if let Some(g) = given
+        .iter()
+        .find(|g| g.giver == Giver::Upgrade && overlaps(g.local, addr))
+    {
+        return Choice::Refuse { given: g.local };
+    }
+    let close = given
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.giver == Giver::Systemd && named(g) && overlaps(g.local, addr))
+        .map(|(i, _)| i)
+        .collect();
+    Choice::Bind { close }
+}
+
+/// Whether sockets at `a` and `b` are two different addresses that cannot both listen: one port
+/// (not 0), one IP the unspecified address of its family (an IPv6 `[::]` may take IPv4 too).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    let wide = |x: SocketAddr, y: SocketAddr| {
+        x.ip().is_unspecified() && (x.is_ipv4() == y.is_ipv4() || x.is_ipv6())
+    };
+    a.port() != 0 && a.port() == b.port() && a.ip() != b.ip() && (wide(a, b) || wide(b, a))
+}
+
+/// Takes the given socket for `addr` ([`choose`]): `None` when the address is to be bound, after
+/// closing (with a warning naming both addresses) the systemd sockets named for it that are bound
+/// elsewhere on its port.
+pub(crate) fn take(addr: SocketAddr, names: &[&str]) -> Result<Option<TcpListener>, ListenChanged> {
     let mut given = given();
-    let at = given.iter().position(|g| g.local == addr).or_else(|| {
-        given.iter().position(|g| {
-            g.name.as_deref().is_some_and(|n| names.contains(&n))
-                && (addr.port() == 0 || g.local.port() == addr.port())
+    let offered: Vec<Offered<'_>> = given
+        .iter()
+        .map(|g| Offered {
+            giver: g.giver,
+            name: g.name.as_deref(),
+            local: g.local,
         })
-    })?;
-    Some(given.swap_remove(at).socket)
+        .collect();
+    match choose(addr, names, &offered) {
+        Choice::Take(i) => Ok(Some(given.swap_remove(i).socket)),
+        Choice::Refuse { given } => Err(ListenChanged { given }),
+        Choice::Bind { mut close } => {
+            // From the highest index down, so that each removal leaves the others' indices.
+            close.sort_unstable();
+            for i in close.into_iter().rev() {
+                let g = given.remove(i);
+                tracing::warn!(listen = %addr, given = %g.local, name = g.name.as_deref(),
+                    "a socket systemd passed for this address is bound to another: not used, closed; binding the configured address");
+            }
+            Ok(None)
+        }
+    }
 }
 
 /// The sockets no service or admin API took, closed: called once every address is bound.
@@ -113,6 +225,79 @@ pub fn leftover() -> Vec<(Option<String>, SocketAddr)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Giver::{Systemd, Upgrade};
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Every rule of [`choose`], one row each: the configured address and the names it answers
+    /// to, the sockets given, and what is done.
+    #[test]
+    fn a_given_socket_is_used_only_at_its_exact_address() {
+        let web = &["web", "web#0"][..];
+        type Row<'a> = (
+            &'a str,
+            &'a [&'a str],
+            &'a [(Giver, Option<&'a str>, &'a str)],
+            Choice,
+        );
+        #[rustfmt::skip]
+        let rows: &[Row] = &[
+            // Exactly the address, named or not, from either giver.
+            ("127.0.0.1:80", web, &[(Systemd, None, "127.0.0.1:80")], Choice::Take(0)),
+            ("127.0.0.1:80", web, &[(Upgrade, None, "127.0.0.1:80")], Choice::Take(0)),
+            ("127.0.0.1:80", web, &[(Systemd, Some("other"), "127.0.0.1:80")], Choice::Take(0)),
+            ("[::1]:80", web, &[(Upgrade, None, "127.0.0.1:80"), (Upgrade, None, "[::1]:80")], Choice::Take(1)),
+            // The exact one wins over one of the same name bound wider.
+            ("127.0.0.1:80", web, &[(Systemd, Some("web"), "0.0.0.0:81"), (Systemd, None, "127.0.0.1:80")], Choice::Take(1)),
+            // The issue: systemd's socket named for the address, on its port, wider: closed, bound.
+            ("127.0.0.1:80", web, &[(Systemd, Some("web"), "0.0.0.0:80")], Choice::Bind { close: vec![0] }),
+            ("127.0.0.1:80", &["admin"], &[(Systemd, Some("admin"), "0.0.0.0:80")], Choice::Bind { close: vec![0] }),
+            ("127.0.0.1:80", web, &[(Systemd, Some("web"), "[::]:80")], Choice::Bind { close: vec![0] }),
+            // Narrower than the config: not used either (the config is what accepts).
+            ("0.0.0.0:80", web, &[(Systemd, Some("web"), "127.0.0.1:80")], Choice::Bind { close: vec![0] }),
+            // Another specific address on the port, or another port: not in the way, left alone
+            // (another address of the config may be its own; else it is closed as left over).
+            ("127.0.0.1:80", web, &[(Systemd, Some("web"), "127.0.0.2:80")], Choice::Bind { close: vec![] }),
+            ("127.0.0.1:80", web, &[(Systemd, Some("web"), "127.0.0.1:81")], Choice::Bind { close: vec![] }),
+            ("127.0.0.1:80", web, &[(Systemd, Some("web"), "[::1]:80")], Choice::Bind { close: vec![] }),
+            ("[::1]:80", web, &[(Systemd, Some("web"), "0.0.0.0:80")], Choice::Bind { close: vec![] }),
+            // Not named for it: not systemd's socket for this address (the bind says if it is in the way).
+            ("127.0.0.1:80", web, &[(Systemd, None, "0.0.0.0:80")], Choice::Bind { close: vec![] }),
+            ("127.0.0.1:80", web, &[(Systemd, Some("api"), "0.0.0.0:80")], Choice::Bind { close: vec![] }),
+            // An upgrade's socket in the way, named or not: refused, the old process serves on.
+            ("127.0.0.1:80", &["admin"], &[(Upgrade, Some("admin"), "0.0.0.0:80")], Choice::Refuse { given: a("0.0.0.0:80") }),
+            ("127.0.0.1:80", web, &[(Upgrade, None, "0.0.0.0:80")], Choice::Refuse { given: a("0.0.0.0:80") }),
+            ("0.0.0.0:80", web, &[(Upgrade, None, "127.0.0.1:80")], Choice::Refuse { given: a("127.0.0.1:80") }),
+            ("127.0.0.1:80", web, &[(Upgrade, None, "[::]:80")], Choice::Refuse { given: a("[::]:80") }),
+            // An upgrade's socket elsewhere: the new address is bound beside it.
+            ("127.0.0.2:80", web, &[(Upgrade, None, "127.0.0.1:80")], Choice::Bind { close: vec![] }),
+            ("127.0.0.1:8080", &["admin"], &[(Upgrade, Some("admin"), "0.0.0.0:80")], Choice::Bind { close: vec![] }),
+            // Port 0: the name finds it, on the same IP only, whatever its port.
+            ("127.0.0.1:0", web, &[(Upgrade, Some("web#0"), "127.0.0.1:41000")], Choice::Take(0)),
+            ("127.0.0.1:0", web, &[(Systemd, Some("web"), "127.0.0.1:41000")], Choice::Take(0)),
+            ("127.0.0.1:0", web, &[(Upgrade, Some("web#0"), "0.0.0.0:41000")], Choice::Bind { close: vec![] }),
+            ("127.0.0.1:0", web, &[(Systemd, Some("web"), "0.0.0.0:41000")], Choice::Bind { close: vec![] }),
+            ("127.0.0.1:0", web, &[(Upgrade, Some("api#0"), "127.0.0.1:41000")], Choice::Bind { close: vec![] }),
+            ("127.0.0.1:0", web, &[], Choice::Bind { close: vec![] }),
+        ];
+        for (addr, names, given, want) in rows {
+            let offered: Vec<Offered<'_>> = given
+                .iter()
+                .map(|&(giver, name, local)| Offered {
+                    giver,
+                    name,
+                    local: a(local),
+                })
+                .collect();
+            assert_eq!(
+                &choose(a(addr), names, &offered),
+                want,
+                "{addr} {names:?} given {given:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_socket_is_taken_by_address_or_by_name_and_only_once() {
@@ -122,17 +307,18 @@ mod tests {
         offer(None, a).unwrap();
         offer(Some("sockets-test#0".into()), b).unwrap();
         // By address.
-        let got = take(la, &[]).unwrap();
+        let got = take(la, &[]).unwrap().unwrap();
         assert_eq!(got.local_addr().unwrap(), la);
-        assert!(take(la, &[]).is_none(), "taken once");
+        assert!(take(la, &[]).unwrap().is_none(), "taken once");
         // A name on another configured port is not this socket.
         let elsewhere = SocketAddr::from(([127, 0, 0, 1], lb.port().wrapping_add(1).max(1)));
-        assert!(take(elsewhere, &["sockets-test#0"]).is_none());
+        assert!(take(elsewhere, &["sockets-test#0"]).unwrap().is_none());
         // By name, for a port-0 address.
         let got = take(
             "127.0.0.1:0".parse().unwrap(),
             &["sockets-test", "sockets-test#0"],
         )
+        .unwrap()
         .unwrap();
         assert_eq!(got.local_addr().unwrap(), lb);
         assert!(leftover().is_empty());

@@ -131,6 +131,17 @@ impl AdminSettings {
             || name.eq_ignore_ascii_case("localhost")
             || self.hosts.iter().any(|h| h.eq_ignore_ascii_case(name))
     }
+
+    /// Whether the admin API may serve on `local`, the address its socket is really bound to (the
+    /// check of the config was of `listen`): a non-loopback address needs a token.
+    pub fn may_serve_on(&self, local: SocketAddr) -> bool {
+        self.token.is_some() || !needs_token(local.ip())
+    }
+}
+
+/// Whether an admin API on `ip` needs a token: whoever reaches anything but loopback could use it.
+fn needs_token(ip: IpAddr) -> bool {
+    !ip.is_loopback()
 }
 
 /// The host part of a `Host` value (`name:port`, `[v6]:port`, `name`), without a trailing dot.
@@ -203,7 +214,7 @@ impl AdminConfig {
                 fail(from.as_str(), why);
             }
         }
-        let unread = token.is_none() && !self.listen.ip().is_loopback();
+        let unread = token.is_none() && needs_token(self.listen.ip());
         if unread && self.token_file.is_none() && env.var(TOKEN_FILE_ENV).is_none() {
             fail(
                 "admin.token",
@@ -321,6 +332,35 @@ mod tests {
         assert!(t.matches(GOOD.as_bytes()));
         assert_eq!(from, TokenSource::File);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The token rule on the socket's real address: a config that passed for a loopback `listen`
+    /// does not serve a socket bound wider without a token.
+    #[test]
+    fn a_token_is_needed_wherever_the_socket_really_is() {
+        let open = admin("127.0.0.1:9901", None, None)
+            .resolve(&env(&[]), false)
+            .unwrap();
+        let guarded = admin("0.0.0.0:9901", Some(GOOD), None)
+            .resolve(&env(&[]), false)
+            .unwrap();
+        for (local, tokenless) in [
+            ("127.0.0.1:9901", true),
+            ("127.0.0.2:9901", true),
+            ("[::1]:9901", true),
+            ("0.0.0.0:9901", false),
+            ("[::]:9901", false),
+            ("192.0.2.1:9901", false),
+            ("[::ffff:127.0.0.1]:9901", false),
+        ] {
+            let local: SocketAddr = local.parse().unwrap();
+            assert_eq!(
+                open.may_serve_on(local),
+                tokenless,
+                "{local} without a token"
+            );
+            assert!(guarded.may_serve_on(local), "{local} with a token");
+        }
     }
 
     #[test]

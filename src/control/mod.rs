@@ -60,6 +60,10 @@ pub enum StartError {
     /// The admin section cannot be used (its token is missing, unreadable or too short).
     #[error("invalid admin settings:\n{0}")]
     Admin(crate::config::ConfigError),
+    /// The admin API's socket is bound to a non-loopback address and it has no token (a config
+    /// check passed only for the address the config names).
+    #[error("the admin API's socket is bound to {local}, not a loopback address, and admin has no token: set admin.token_file, admin.token or SLUICEGATE_ADMIN_TOKEN")]
+    AdminWithoutToken { local: std::net::SocketAddr },
     /// A service's certificate, key or CA file cannot be used.
     #[error("{0}: {1}")]
     Tls(String, TlsError),

@@ -819,3 +819,213 @@ async fn stop_signals_are_heard_during_the_hand_over() {
     .await
     .unwrap();
 }
+
+/// A port free on every address (bound on `0.0.0.0` and closed), for an address that must be
+/// named before it is bound: by a config edited before an upgrade, or by `systemd-socket-activate`.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The status of `POST /backends` (adding a backend to service `t`) at `admin`, with `token` or
+/// none; `None` when nothing accepts there.
+async fn add_backend(admin: SocketAddr, token: Option<&str>) -> Option<u16> {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+    let extra: Vec<&str> = auth.iter().map(String::as_str).collect();
+    let body = br#"{"service": "t", "address": "127.0.0.1:9"}"#;
+    match crate::common::http::request(admin, "POST", "/backends", &extra, body).await {
+        Ok(r) => Some(r.status),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => None,
+        Err(e) => panic!("POST /backends at {admin}: {e}"),
+    }
+}
+
+/// `127.0.0.2:port`: accepted by a socket on `0.0.0.0:port`, refused by one on `127.0.0.1:port`.
+/// The tests tell a socket wider than loopback's `127.0.0.1` by it.
+fn beside(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 2], port))
+}
+
+/// The issue's high one: started with the admin API on `0.0.0.0:P` behind a token, then upgraded
+/// with a config that says `127.0.0.1:P` and no token (which passes `--check`). The old process's
+/// socket is on the port at a wider address: the new process refuses ("listen changed: restart
+/// needed") and the old one serves on, its token still asked for on every address. Before, the
+/// new process took the `0.0.0.0:P` socket by its port and served it with no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_that_narrows_the_admin_address_is_refused_and_the_token_kept() {
+    let backend = Backend::echo([127, 0, 0, 1]).await;
+    let port = free_port();
+    let token = "a-token-long-enough-for-admin";
+    let service = format!(
+        "services:\n  - name: t\n    listen: 127.0.0.1:0\n    backends:\n      - {{address: \"{}\"}}\n",
+        backend.addr
+    );
+    let log = "log: {level: info, format: json}\n";
+    let mut sg = Sg::start(&format!(
+        "{log}admin: {{listen: \"0.0.0.0:{port}\", token: \"{token}\"}}\n{service}"
+    ));
+    assert_eq!(add_backend(beside(port), None).await, Some(401));
+    std::fs::write(
+        &sg.cfg,
+        format!("{log}admin: {{listen: \"127.0.0.1:{port}\"}}\n{service}"),
+    )
+    .unwrap();
+    sg.signal(libc::SIGUSR2);
+    let (ended, _new) = tokio::task::block_in_place(|| {
+        let ended = sg.wait_line(SECS(60), |l| {
+            l["msg"] == "upgrade failed: still serving"
+                || l["msg"] == "upgrade: handed over; exiting"
+        });
+        // A new process that did take over is stopped when the test ends.
+        let new = (ended["msg"] == "upgrade: handed over; exiting").then(|| {
+            let started = sg.wait_line(SECS(1), |l| l["msg"] == "upgrade: started the new process");
+            NewProcess(started["pid"].as_i64().unwrap() as i32)
+        });
+        (ended, new)
+    });
+    let after = add_backend(beside(port), None).await;
+    assert_ne!(
+        after,
+        Some(201),
+        "unauthenticated on {}: {ended}",
+        beside(port)
+    );
+    assert_eq!(ended["msg"], "upgrade failed: still serving", "{ended}");
+    let why = ended["error"].as_str().unwrap_or_default();
+    assert!(why.contains("listen changed: restart needed"), "{why}");
+    assert!(why.contains(&format!("0.0.0.0:{port}")), "{why}");
+    // The old process serves on, as it was: the token is asked for, and works.
+    assert_eq!(after, Some(401));
+    assert_eq!(add_backend(beside(port), Some(token)).await, Some(201));
+    echoed(sg.addr, b"still\n").await;
+}
+
+/// Whether `systemd-socket-activate` is here (else the test says so and is skipped, or fails
+/// where tools are required).
+fn socket_activate_found() -> bool {
+    let tool = "systemd-socket-activate";
+    let found = std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok();
+    crate::common::require_tool(tool, (!found).then(|| format!("{tool} not found")))
+}
+
+/// Starts sluicegate on `yaml` under `systemd-socket-activate`, which binds `given` and passes it
+/// named `fdname`. The tool starts its program on the first connection: a thread knocks (the
+/// knock is in the socket's queue when sluicegate gets it) while [`Sg`] waits for "listening".
+fn start_activated(yaml: &str, given: SocketAddr, fdname: &str) -> Sg {
+    let knock = SocketAddr::from(([127, 0, 0, 1], given.port()));
+    let knocker = std::thread::spawn(move || {
+        // At most 1,000 knocks 20 ms apart: about 20 s, bounded by count on a plain thread.
+        for _ in 0..1_000 {
+            if std::net::TcpStream::connect(knock).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    // `Sg` runs `sh -c "PREFIX exec BIN ..."`: the tool runs a shell that drops that `exec` word
+    // and execs the binary, in the same process (LISTEN_PID stays true).
+    let sg = Sg::start_with(
+        yaml,
+        &format!(
+            "exec systemd-socket-activate -l {given} --fdname={fdname} sh -c 'shift; exec \"$@\"' sh"
+        ),
+    );
+    knocker.join().unwrap();
+    sg
+}
+
+/// The warning that the socket systemd passed at `given` was closed, not used.
+fn closed_unused(sg: &mut Sg, given: SocketAddr) -> Value {
+    let closed = tokio::task::block_in_place(|| {
+        sg.wait_line(SECS(10), |l| {
+            l["msg"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("a socket systemd passed for this address"))
+        })
+    });
+    assert_eq!(closed["given"], given.to_string(), "{closed}");
+    closed
+}
+
+/// `line` echoed through `addr`.
+async fn echoed(addr: SocketAddr, line: &[u8]) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(line).await.unwrap();
+    let mut got = vec![0u8; line.len()];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, line);
+}
+
+/// systemd passes a socket named `admin` on `0.0.0.0:P` and the config says `admin.listen:
+/// 127.0.0.1:P` with no token: the socket is not used (closed, with a warning naming both
+/// addresses) and the admin API binds `127.0.0.1:P` itself. Before, it served `0.0.0.0:P` with no
+/// token, and the log named `127.0.0.1:P`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_systemd_socket_for_the_admin_api_at_another_address_is_not_used() {
+    if !socket_activate_found() {
+        return;
+    }
+    let backend = Backend::echo([127, 0, 0, 1]).await;
+    let port = free_port();
+    let yaml = format!(
+        "log: {{level: info, format: json}}\nadmin: {{listen: \"127.0.0.1:{port}\"}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    backends:\n      - {{address: \"{}\"}}\n",
+        backend.addr
+    );
+    let wide = SocketAddr::from(([0, 0, 0, 0], port));
+    let mut sg = tokio::task::block_in_place(|| start_activated(&yaml, wide, "admin"));
+    let listening = tokio::task::block_in_place(|| {
+        sg.wait_line(SECS(20), |l| l["msg"] == "admin API listening")
+    });
+    let status = add_backend(beside(port), None).await;
+    assert_eq!(
+        status,
+        None,
+        "unauthenticated on {}: {listening}",
+        beside(port)
+    );
+    assert_eq!(
+        listening["listen"],
+        format!("127.0.0.1:{port}"),
+        "{listening}"
+    );
+    let closed = closed_unused(&mut sg, wide);
+    assert_eq!(closed["listen"], format!("127.0.0.1:{port}"), "{closed}");
+    // Served where the config says (loopback, so with no token).
+    let here = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(add_backend(here, None).await, Some(201));
+}
+
+/// The same for a service: systemd passes a socket named after service `t` on `0.0.0.0:P`, the
+/// config has `t` on `127.0.0.1:P`. It is not used; `t` binds `127.0.0.1:P`, and `127.0.0.2:P`
+/// is refused. Before, `t` served on every address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_systemd_socket_for_a_service_at_another_address_is_not_used() {
+    if !socket_activate_found() {
+        return;
+    }
+    let backend = Backend::echo([127, 0, 0, 1]).await;
+    let port = free_port();
+    let yaml = format!(
+        "log: {{level: info, format: json}}\nservices:\n  - name: t\n    listen: 127.0.0.1:{port}\n    backends:\n      - {{address: \"{}\"}}\n",
+        backend.addr
+    );
+    let wide = SocketAddr::from(([0, 0, 0, 0], port));
+    let mut sg = tokio::task::block_in_place(|| start_activated(&yaml, wide, "t"));
+    let beside_refused = TcpStream::connect(beside(port)).await.is_err();
+    assert!(
+        beside_refused,
+        "{} accepted; listening on {}",
+        beside(port),
+        sg.addr
+    );
+    assert_eq!(sg.addr, SocketAddr::from(([127, 0, 0, 1], port)));
+    let closed = closed_unused(&mut sg, wide);
+    assert_eq!(closed["listen"], sg.addr.to_string(), "{closed}");
+    echoed(sg.addr, b"served\n").await;
+}
