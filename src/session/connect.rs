@@ -551,7 +551,8 @@ mod tests {
         );
         let mut cfg = crate::config::Config::from_yaml(&yaml).unwrap();
         let service = cfg.services.remove(0);
-        let tls = crate::tls::load(0, &service, false).unwrap();
+        // The fixtures' key is checked in: a checkout gives it the umask's mode (0644 as a rule).
+        let tls = crate::tls::load(0, &service, true).unwrap();
         (service, tls)
     }
 }
