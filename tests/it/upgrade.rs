@@ -1095,8 +1095,6 @@ async fn the_upgrade_command_from_another_user_is_refused_and_says_why() {
 /// so the stranger is first whatever the machine's speed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_on_the_hand_over_socket_is_refused_and_the_upgrade_goes_on() {
-    use std::io::Read;
-    use std::os::linux::net::SocketAddrExt;
     let dir = tmp_file("gate-dir", "").parent().unwrap().to_path_buf();
     let gate = dir.join("open");
     // What an upgrade starts again is the program as it was started: this wrapper (its name kept as
@@ -1138,13 +1136,27 @@ async fn a_stranger_on_the_hand_over_socket_is_refused_and_the_upgrade_goes_on()
                 found
             })
             .expect("the hand-over socket in /proc/net/unix within 10 s");
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-        let mut stranger = std::os::unix::net::UnixStream::connect_addr(&addr).unwrap();
-        stranger.set_read_timeout(Some(SECS(10))).unwrap();
-        let mut got = [0u8; 64];
-        let read = stranger.read(&mut got);
+        // A seqpacket socket, as the hand-over's is (another type is refused before any check).
+        use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
+        let stranger = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let addr = SocketAddrUnix::new_abstract_name(name.as_bytes()).unwrap();
+        rustix::net::connect(&stranger, &addr).unwrap();
+        rustix::net::sockopt::set_socket_timeout(
+            &stranger,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(SECS(10)),
+        )
+        .unwrap();
+        let mut got = [0u8; 512];
+        let read = rustix::net::recv(&stranger, &mut got[..], RecvFlags::empty());
         assert!(
-            matches!(read, Ok(0)),
+            matches!(read, Ok((0, _))),
             "the stranger should be closed on with nothing sent; it read {read:?}"
         );
         sg.wait_line(SECS(10), |l| {
