@@ -926,17 +926,27 @@ pub fn request(pid: u32, wait: Duration) -> Result<u32, String> {
         ));
     }
     s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
-    s.write_all(b"upgrade\n").map_err(|e| e.to_string())?;
+    // A refusal (another user's request) may come, and the socket close, before the request is
+    // written: the write then fails (EPIPE), and the answer, already here, says why.
+    let wrote = s.write_all(b"upgrade\n");
     let mut line = String::new();
-    std::io::BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| format!("no answer from pid {pid}: {e}"))?;
+    let read = std::io::BufReader::new(s).read_line(&mut line);
+    if line.is_empty() {
+        return Err(match (wrote, read) {
+            (Err(e), _) | (Ok(()), Err(e)) => format!("no answer from pid {pid}: {e}"),
+            (Ok(()), Ok(_)) => format!("no answer from pid {pid}: it closed the control socket"),
+        });
+    }
     let line = line.trim_end();
     if let Some(p) = line.strip_prefix("ok ") {
         return p.parse().map_err(|_| format!("a bad answer: {line:?}"));
     }
     Err(line.strip_prefix("failed ").unwrap_or(line).to_string())
 }
+
+/// The longest request line read from the control socket (`upgrade\n` is all there is): what a
+/// stranger sends beyond it is not buffered.
+const REQUEST_MAX: u64 = 64;
 
 /// The abstract socket on which a running sluicegate takes upgrade requests.
 fn control_name(pid: u32) -> String {
@@ -963,20 +973,27 @@ pub fn listen_for_requests(to: mpsc::Sender<Request>) -> std::io::Result<()> {
             };
             let to = to.clone();
             tokio::spawn(async move {
-                use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+                use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
                 let allowed = s
                     .peer_cred()
                     .map(|c| c.uid() == me.as_raw() || c.uid() == 0)
                     .unwrap_or(false);
-                if !allowed {
-                    let _ = s.write_all(b"failed not the same user\n").await;
-                    return;
-                }
+                // The request is read before any answer, a refusal too: closing with it unread
+                // would reset the asker's socket, and it would see "Broken pipe", not why.
                 let mut line = String::new();
                 let (r, mut w) = s.split();
-                let mut r = tokio::io::BufReader::new(r);
+                let mut r = tokio::io::BufReader::new(r.take(REQUEST_MAX));
                 let read =
                     tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await;
+                if !allowed {
+                    let why = format!(
+                        "failed refused: the running sluicegate (pid {}) belongs to uid {}; run upgrade as that user or root\n",
+                        std::process::id(),
+                        me.as_raw()
+                    );
+                    let _ = w.write_all(why.as_bytes()).await;
+                    return;
+                }
                 if !matches!(read, Ok(Ok(_))) || line.trim() != "upgrade" {
                     let _ = w.write_all(b"failed unknown request\n").await;
                     return;

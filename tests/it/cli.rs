@@ -64,15 +64,23 @@ impl Sg {
         prefix: &str,
         configure: impl FnOnce(&mut Command),
     ) -> Sg {
+        Sg::start_program(yaml, &format!("{prefix} exec \"{BIN}\""), configure)
+    }
+
+    /// As [`Sg::start_with`], started as `exe` (a wrapper that runs the binary) instead: what an
+    /// upgrade starts again.
+    pub(crate) fn start_as(yaml: &str, exe: &std::path::Path) -> Sg {
+        Sg::start_program(yaml, &format!("exec \"{}\"", exe.display()), |_| {})
+    }
+
+    /// `sh -c "{program} --config CFG"`, its "listening" line waited for.
+    fn start_program(yaml: &str, program: &str, configure: impl FnOnce(&mut Command)) -> Sg {
         let cfg = tmp_file("sg.yaml", yaml);
         let mut command = without_callers_env(Command::new("sh"));
         configure(&mut command);
         let mut child = command
             .arg("-c")
-            .arg(format!(
-                "{prefix} exec \"{BIN}\" --config \"{}\"",
-                cfg.display()
-            ))
+            .arg(format!("{program} --config \"{}\"", cfg.display()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

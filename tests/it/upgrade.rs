@@ -1029,3 +1029,153 @@ async fn a_systemd_socket_for_a_service_at_another_address_is_not_used() {
     assert_eq!(closed["listen"], sg.addr.to_string(), "{closed}");
     echoed(sg.addr, b"served\n").await;
 }
+
+/// `sluicegate upgrade` from another user (uid 65534 through `setpriv`; the test runs as root): the
+/// running process refuses it (its own uid check: without it, the upgrade would go on) and the
+/// command prints why, not "Broken pipe". The old process serves on, not upgraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_command_from_another_user_is_refused_and_says_why() {
+    let found = std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok();
+    // SAFETY: getuid(2) has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    let why = (!found)
+        .then(|| "setpriv (util-linux) not found".to_string())
+        .or((!root).then(|| "the test is not root: it cannot run as another user".to_string()));
+    if !crate::common::require_tool("SETPRIV", why) {
+        return;
+    }
+    let backend = Backend::echo([127, 0, 0, 1]).await;
+    let mut sg = Sg::start(&config(backend.addr, "auto"));
+    let pid = sg.pid().to_string();
+    let out = tokio::task::block_in_place(|| {
+        without_callers_env(std::process::Command::new("setpriv"))
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
+            .args(["upgrade", "--pid", &pid, "--timeout", "10s"])
+            .output()
+            .unwrap()
+    });
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "refused: the running sluicegate (pid {pid}) belongs to uid 0; run upgrade as that user or root"
+        )),
+        "{err}"
+    );
+    // Not upgraded: it serves, and started no new process (a reload's line marks how far the log
+    // has been read: a refused request logs nothing, an accepted one "started the new process").
+    let mut s = TcpStream::connect(sg.addr).await.unwrap();
+    s.write_all(b"still\n").await.unwrap();
+    let mut got = [0u8; 6];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"still\n");
+    tokio::task::block_in_place(|| {
+        sg.signal(libc::SIGHUP);
+        sg.wait_line(SECS(10), |l| l["msg"] == "SIGHUP: reloading the config");
+        assert!(
+            !sg.seen
+                .iter()
+                .any(|l| l["msg"] == "upgrade: started the new process"),
+            "{:#?}",
+            sg.seen
+        );
+        assert!(sg.running());
+    });
+}
+
+/// Another local process connects to the hand-over socket (its abstract name is listed in
+/// /proc/net/unix) before the new process does: the old one checks the peer's pid, closes the
+/// stranger's connection without sending it anything (without the check it would get the hello and
+/// the listening sockets, and the upgrade would wait on it for a ready that never comes), and the
+/// upgrade goes on with the process it started, the stranger still holding its connection open.
+/// The new process is held back (a wrapper waits for a gate file) until the stranger was answered,
+/// so the stranger is first whatever the machine's speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_on_the_hand_over_socket_is_refused_and_the_upgrade_goes_on() {
+    let dir = tmp_file("gate-dir", "").parent().unwrap().to_path_buf();
+    let gate = dir.join("open");
+    // What an upgrade starts again is the program as it was started: this wrapper (its name kept as
+    // argv[0] by `exec -a`), which, started by an upgrade, waits for the gate (20 s at most).
+    let wrapper = dir.join("sluicegate-gated");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/bash\nif [ -n \"${}\" ]; then\n  for _ in $(seq 400); do [ -e \"{}\" ] && break; sleep 0.05; done\nfi\nexec -a \"$0\" \"{BIN}\" \"$@\"\n",
+            sluicegate::upgrade::FROM_ENV,
+            gate.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let backend = Backend::echo([127, 0, 0, 1]).await;
+    let mut sg = Sg::start_as(&config(backend.addr, "auto"), &wrapper);
+    let (stranger, _new) = tokio::task::block_in_place(|| {
+        sg.signal(libc::SIGUSR2);
+        let started = sg.wait_line(SECS(30), |l| l["msg"] == "upgrade: started the new process");
+        let new = NewProcess(started["pid"].as_i64().expect("pid") as i32);
+        // The hand-over socket is bound before the new process starts.
+        let prefix = format!("@sluicegate-upgrade-{}-", sg.pid());
+        let name = (0..200)
+            .find_map(|_| {
+                let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+                let found = table
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().nth(7))
+                    .find(|n| n.starts_with(&prefix))
+                    .map(|n| n[1..].to_string());
+                if found.is_none() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                found
+            })
+            .expect("the hand-over socket in /proc/net/unix within 10 s");
+        // A seqpacket socket, as the hand-over's is (another type is refused before any check).
+        use rustix::net::{AddressFamily, RecvFlags, SocketAddrUnix, SocketFlags, SocketType};
+        let stranger = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let addr = SocketAddrUnix::new_abstract_name(name.as_bytes()).unwrap();
+        rustix::net::connect(&stranger, &addr).unwrap();
+        rustix::net::sockopt::set_socket_timeout(
+            &stranger,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(SECS(10)),
+        )
+        .unwrap();
+        let mut got = [0u8; 512];
+        let read = rustix::net::recv(&stranger, &mut got[..], RecvFlags::empty());
+        assert!(
+            matches!(read, Ok((0, _))),
+            "the stranger should be closed on with nothing sent; it read {read:?}"
+        );
+        sg.wait_line(SECS(10), |l| {
+            l["msg"] == "upgrade: a stranger connected to the hand-over socket; closed"
+        });
+        std::fs::write(&gate, "").unwrap();
+        sg.wait_line(SECS(60), |l| l["msg"] == "upgrade: handed over; exiting");
+        assert_eq!(sg.wait_exit(SECS(60)), 0, "the old process exits 0");
+        (stranger, new)
+    });
+    // The new process serves.
+    let mut s = TcpStream::connect(sg.addr).await.unwrap();
+    s.write_all(b"after\n").await.unwrap();
+    let mut got = [0u8; 6];
+    tokio::time::timeout(SECS(10), s.read_exact(&mut got))
+        .await
+        .expect("an echo within 10 s")
+        .unwrap();
+    assert_eq!(&got, b"after\n");
+    // Held open until now: a stranger that does not go away holds nothing up.
+    drop(stranger);
+}
