@@ -1,8 +1,9 @@
 //! Replacing the binary without losing a connection.
 //!
 //! The old process (on SIGUSR2, or asked by `sluicegate upgrade --pid`) starts the binary at its own
-//! path with its own arguments and environment, plus [`FROM_ENV`] naming a hand-over socket. The new
-//! process connects, receives every listening socket (`wire`), reads the config, binds what is new,
+//! path with its own arguments and environment, its standard input one end of a socket pair with no
+//! name (the hand-over socket; [`FROM_ENV`] says so), which no other process can reach. The new
+//! process receives every listening socket on it (`wire`), reads the config, binds what is new,
 //! accepts, and says it is ready; only then does the old one stop accepting, so no connection attempt
 //! is refused: the sockets, and their queues, are the same. A new process that fails says why (or just
 //! exits) and the old one goes on serving.
@@ -31,8 +32,12 @@ use crate::relay::Quiesced;
 use crate::session::Carried;
 use wire::{Channel, Done, Frame, Peer, SessionMeta, WireError, FORMAT};
 
-/// The environment variable that tells a new process which hand-over socket to connect to.
+/// The environment variable that tells a process an upgrade started it: [`FROM_STDIN`], or (set by
+/// a process of an earlier release) the abstract name of a hand-over socket to connect to.
 pub const FROM_ENV: &str = "SLUICEGATE_UPGRADE_FROM";
+
+/// [`FROM_ENV`]'s value when the hand-over socket is the new process's standard input.
+const FROM_STDIN: &str = "stdin";
 
 /// For tests only (docs/operations.md says so): the step of the hand-over at which a process an
 /// upgrade started kills itself (SIGKILL), as one that crashes there would die, so that the tests
@@ -183,16 +188,16 @@ fn start_blocking(
     abandon: Arc<AtomicBool>,
 ) -> Result<Handing, UpgradeError> {
     let deadline = tokio::time::Instant::now() + limit;
-    let nonce: u64 = rand_nonce();
-    let name = format!("sluicegate-upgrade-{}-{nonce:016x}", std::process::id());
-    let listener = wire::listen(&name).map_err(UpgradeError::Socket)?;
+    // The hand-over has no name: the new process gets its end as standard input, so no other
+    // process can connect and ask for the listening sockets.
+    let (channel, theirs) = Channel::pair().map_err(UpgradeError::Socket)?;
     let child = std::process::Command::new(&origin.exe)
         .args(&origin.args)
-        .env(FROM_ENV, &name)
+        .env(FROM_ENV, FROM_STDIN)
         .env_remove("LISTEN_PID")
         .env_remove("LISTEN_FDS")
         .env_remove("LISTEN_FDNAMES")
-        .stdin(std::process::Stdio::null())
+        .stdin(std::process::Stdio::from(theirs))
         .spawn()
         .map_err(|error| UpgradeError::Spawn {
             exe: origin.exe.display().to_string(),
@@ -207,9 +212,8 @@ fn start_blocking(
     };
     tracing::info!(pid = new.pid, exe = %origin.exe.display(), "upgrade: started the new process");
     let result = new
-        .connected(&listener)
-        .and_then(|channel| new.hand_listeners(&channel, sockets).map(|()| channel))
-        .and_then(|channel| new.ready(channel));
+        .hand_listeners(&channel, sockets)
+        .and_then(|()| new.ready(channel));
     match result {
         Ok((channel, peer)) => Ok(Handing {
             channel: Arc::new(channel),
@@ -260,28 +264,6 @@ impl Starting {
         UpgradeError::Wire {
             pid: self.pid,
             error: error.into(),
-        }
-    }
-
-    /// Its connection to the hand-over socket. Only the process started may take the sockets;
-    /// another one that found the name (abstract names are listed in /proc/net/unix) is closed,
-    /// and the wait goes on.
-    fn connected(&mut self, listener: &OwnedFd) -> Result<Channel, UpgradeError> {
-        loop {
-            self.still_there()?;
-            match wire::accept(listener, Duration::from_millis(100)) {
-                Ok(c) => match c.peer_pid() {
-                    Ok(got) if got == self.pid => return Ok(c),
-                    Ok(got) => tracing::warn!(
-                        got,
-                        want = self.pid,
-                        "upgrade: a stranger connected to the hand-over socket; closed"
-                    ),
-                    Err(e) => return Err(UpgradeError::Socket(e)),
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
-                Err(e) => return Err(UpgradeError::Socket(e)),
-            }
         }
     }
 
@@ -393,19 +375,6 @@ pub(crate) async fn confirm(h: &mut Handing, control: &Control) -> Result<Totals
         }
     }
     Ok(before)
-}
-
-/// A nonce for the socket's name, so another process cannot guess it in advance.
-fn rand_nonce() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
 }
 
 /// The new process serves (it said so, having taken every connection carried to it): what
@@ -703,8 +672,12 @@ impl Incoming {
             return Ok(None);
         };
         std::env::remove_var(FROM_ENV);
-        let name = name.to_string_lossy().into_owned();
-        let channel = wire::connect(&name).map_err(UpgradeError::Socket)?;
+        let channel = if name == FROM_STDIN {
+            Channel::from_stdin()
+        } else {
+            wire::connect(&name.to_string_lossy())
+        }
+        .map_err(UpgradeError::Socket)?;
         let pid = channel.peer_pid().unwrap_or(0);
         let wire = |error| UpgradeError::Wire { pid, error };
         channel

@@ -294,44 +294,48 @@ fn seqpacket() -> std::io::Result<OwnedFd> {
     )?)
 }
 
-/// A listening hand-over socket at the abstract name `name`.
-pub(crate) fn listen(name: &str) -> std::io::Result<OwnedFd> {
-    let fd = seqpacket()?;
-    rustix::net::bind(&fd, &abstract_addr(name)?)?;
-    rustix::net::listen(&fd, 1)?;
-    Ok(fd)
-}
-
-/// Accepts one connection on `listener`, waiting at most `wait` (then `TimedOut`).
-pub(crate) fn accept(listener: &OwnedFd, wait: Duration) -> std::io::Result<Channel> {
-    rustix::net::sockopt::set_socket_timeout(
-        listener,
-        rustix::net::sockopt::Timeout::Recv,
-        Some(wait),
-    )?;
-    let fd = rustix::net::accept_with(listener, SocketFlags::CLOEXEC).map_err(timed_out)?;
-    Ok(Channel { fd })
-}
-
-/// Connects to the hand-over socket at the abstract name `name`.
+/// Connects to the hand-over socket at the abstract name `name`: how a process of an earlier
+/// release (one that bound a name) hands over to this one.
 pub(crate) fn connect(name: &str) -> std::io::Result<Channel> {
     let fd = seqpacket()?;
     rustix::net::connect(&fd, &abstract_addr(name)?)?;
     Ok(Channel { fd })
 }
 
+/// Why standard input is not the hand-over socket an upgrade said it is.
+fn not_handover(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("standard input is not the hand-over socket ({what})"),
+    )
+}
+
 impl Channel {
-    /// A connected pair, for tests.
-    #[cfg(test)]
-    pub(crate) fn pair() -> (Channel, Channel) {
+    /// A connected pair with no name: the old process keeps one end and gives the other to the
+    /// process it starts as its standard input, so nothing else can reach the hand-over.
+    pub(crate) fn pair() -> std::io::Result<(Channel, OwnedFd)> {
         let (a, b) = rustix::net::socketpair(
             AddressFamily::UNIX,
             SocketType::SEQPACKET,
             SocketFlags::CLOEXEC,
             None,
-        )
-        .expect("socketpair");
-        (Channel { fd: a }, Channel { fd: b })
+        )?;
+        Ok((Channel { fd: a }, b))
+    }
+
+    /// The end of [`Channel::pair`] this process was started with on its standard input: taken
+    /// (close-on-exec, so no later child inherits it), and `/dev/null` put in its place, so that
+    /// closing the channel closes the socket.
+    pub(crate) fn from_stdin() -> std::io::Result<Channel> {
+        let stdin = std::io::stdin();
+        match rustix::net::sockopt::socket_type(stdin.as_fd()) {
+            Ok(SocketType::SEQPACKET) => {}
+            Ok(other) => return Err(not_handover(&format!("a socket of type {other:?}"))),
+            Err(e) => return Err(not_handover(&e.to_string())),
+        }
+        let fd = rustix::io::fcntl_dupfd_cloexec(stdin.as_fd(), 3)?;
+        rustix::stdio::dup2_stdin(std::fs::File::open("/dev/null")?)?;
+        Ok(Channel { fd })
     }
 
     /// The process at the other end.
@@ -436,7 +440,8 @@ mod tests {
 
     #[test]
     fn every_kind_round_trips_with_its_descriptors() {
-        let (a, b) = Channel::pair();
+        let (a, b) = Channel::pair().unwrap();
+        let b = Channel { fd: b };
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let local = l.local_addr().unwrap();
         a.send(&Frame::Hello(Peer {
