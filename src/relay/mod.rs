@@ -7,7 +7,8 @@
 //!   so a peer never mistakes a broken stream for a complete one.
 //! - **Bounded buffering.** A stated cap per direction (one buffer or one pipe here; the io_uring
 //!   engines' pool buffers up to their cap); a slow reader stalls its writer through TCP
-//!   back-pressure instead of growing memory.
+//!   back-pressure instead of growing memory, and a destination that takes no byte for
+//!   `stall_timeout` while bytes wait for it has its connection cut, both sides reset.
 //! - **Exact counts.** Bytes are counted when written to the destination, so the totals are exact even
 //!   when the connection ends in an error or a timeout.
 //!
@@ -32,12 +33,15 @@ pub(crate) use ring::tests::{tcp_info_fd, AckTimerRuns};
 mod splice;
 mod stream;
 #[cfg(target_os = "linux")]
+pub(crate) mod tcp_info;
+#[cfg(target_os = "linux")]
 pub(crate) mod uring;
 mod woken;
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::Poll;
@@ -67,8 +71,8 @@ pub(crate) struct RelayOptions {
     pub(crate) mode: RelayMode,
     pub(crate) idle_timeout: Duration,
     pub(crate) half_close_timeout: Duration,
-    /// `stall_timeout`: how long a destination may take nothing while bytes wait for it (the
-    /// ring workers end such a connection; the other engines bound what waits by their buffer).
+    /// `stall_timeout`: how long a destination may take nothing while bytes wait for it before
+    /// the connection is cut (every engine but `uring`).
     pub(crate) stall_timeout: Duration,
 }
 
@@ -147,6 +151,12 @@ struct Flow<'a> {
     uring: AtomicBool,
     /// The last successful write's [`clock::stamp`] (0 before the first), for the idle timer.
     last_active: AtomicU64,
+    /// The socket this direction writes to (open as long as the relay runs): what its peer
+    /// acknowledged tells a stalled destination from a slow one (`stall_timeout`).
+    dst: std::os::fd::RawFd,
+    /// A relay through TLS streams (`stream.rs`) waits to write bytes it read: its buffer is its
+    /// own, not `pending`.
+    blocked: AtomicBool,
     /// Bytes read and not yet written, kept here (not in the pump's own variables) whenever the pump
     /// waits with some, so a relay stopped for `carry` finds them; and where a carried connection's
     /// bytes start. Touched only under back-pressure: a message written at once never comes here.
@@ -182,6 +192,18 @@ impl<T> Parked<T> {
     fn take(&self) -> Option<T> {
         crate::util::lock(&self.0).take()
     }
+
+    fn is_some(&self) -> bool {
+        crate::util::lock(&self.0).is_some()
+    }
+}
+
+/// What the last look for `stall_timeout` saw of a waiting direction's destination: the bytes its
+/// peer had acknowledged, and since when that count has stood still.
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    bytes: u64,
+    since: Instant,
 }
 
 /// Bytes a direction read and has not yet written: `buf[off..end]`.
@@ -291,8 +313,8 @@ pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
 ) -> impl Future<Output = Relayed> + 'a {
     async move {
         let start = Instant::now();
-        let up = Flow::new(live.up);
-        let down = Flow::new(live.down);
+        let up = Flow::new(live.up, backend.as_raw_fd());
+        let down = Flow::new(live.down, client.as_raw_fd());
         let mut done = (false, false);
         let mut quiet_for = Duration::ZERO;
         match begin {
@@ -452,8 +474,9 @@ impl Supervised {
         }
     }
 
-    /// Cut from outside (a drain deadline, the backend's sessions cut): a reset on both sides, so
-    /// neither mistakes the cut for the end of the stream.
+    /// Cut from outside (a drain deadline, the backend's sessions cut) or for a destination that
+    /// stopped reading (`stall_timeout`): a reset on both sides, so neither mistakes the cut for
+    /// the end of the stream.
     fn cut(end: Outcome) -> Supervised {
         Supervised {
             end,
@@ -507,7 +530,9 @@ where
         };
         // Silence carried in counts: the timers run on from where the other process left them.
         let mut quiet_floor = start.checked_sub(ended.quiet_for).unwrap_or(start);
-        let timer = tokio::time::sleep_until(quiet_floor + limit);
+        let stall = opts.stall_timeout;
+        let (mut up_acked, mut down_acked) = (None, None);
+        let timer = tokio::time::sleep_until((quiet_floor + limit).min(start + stall));
         tokio::pin!(timer);
         // The timer, the cut and `carry` rarely fire: polled only when one of them woke the task, not on
         // every message (see `woken`).
@@ -540,11 +565,19 @@ where
                     }
                 }
                 Event::Timer => {
+                    let now = Instant::now();
+                    let (up_stalled, up_at) = up.stall_look(&mut up_acked, stall, now);
+                    let (down_stalled, down_at) = down.stall_look(&mut down_acked, stall, now);
+                    if up_stalled || down_stalled {
+                        return Supervised::cut(Outcome::StallTimeout);
+                    }
                     let quiet = quiet_since(quiet_floor);
-                    if Instant::now() >= quiet + limit {
+                    if now >= quiet + limit {
                         return Supervised::ended(timeout_end);
                     }
-                    timer.as_mut().reset(quiet + limit);
+                    timer
+                        .as_mut()
+                        .reset(next_check(quiet + limit, now + stall, up_at, down_at));
                     rare.set();
                     continue;
                 }
@@ -563,10 +596,30 @@ where
             limit = opts.half_close_timeout;
             timeout_end = Outcome::HalfCloseTimeout;
             quiet_floor = Instant::now();
-            timer.as_mut().reset(quiet_floor + limit);
+            timer
+                .as_mut()
+                .reset((quiet_floor + limit).min(quiet_floor + stall));
             rare.set();
         }
     }
+}
+
+/// When a supervised relay's timer looks next: at the inactivity deadline `idle`, at the instant
+/// a waiting direction could have stalled, and otherwise one `stall_timeout` on (`no_wait`), so
+/// that a direction whose destination stops taking bytes is cut between one and two
+/// `stall_timeout`s after its peer last acknowledged one. (The pumps do not wake the supervisor
+/// when they start waiting: that is the path of every back-pressured write.)
+fn next_check(
+    idle: Instant,
+    no_wait: Instant,
+    up: Option<Instant>,
+    down: Option<Instant>,
+) -> Instant {
+    let stall = match (up, down) {
+        (None, None) => no_wait,
+        (a, b) => a.into_iter().chain(b).min().unwrap_or(no_wait),
+    };
+    idle.min(stall)
 }
 
 /// What woke a supervised relay.
@@ -700,12 +753,14 @@ fn arm_reset(side: &TcpStream) {
 }
 
 impl<'a> Flow<'a> {
-    fn new(live: &'a AtomicU64) -> Flow<'a> {
+    fn new(live: &'a AtomicU64, dst: std::os::fd::RawFd) -> Flow<'a> {
         Flow {
             bytes: AtomicU64::new(0),
             live,
             unflushed: AtomicU64::new(0),
             last_active: AtomicU64::new(0),
+            dst,
+            blocked: AtomicBool::new(false),
             eof: AtomicBool::new(false),
             spliced: AtomicBool::new(false),
             uring: AtomicBool::new(false),
@@ -733,6 +788,43 @@ impl<'a> Flow<'a> {
     /// `carry` find it.
     fn hold(&self, buf: Box<[u8]>, off: usize, end: usize) {
         self.pending.put(Pending { buf, off, end });
+    }
+
+    /// Looks at this direction for `stall_timeout` (`limit`) at `now`, with what the last look saw
+    /// (`seen`): stalled when it waits for its destination with bytes it read (in its buffer or
+    /// its pipe) and the destination's peer has acknowledged no byte over a whole `limit` between
+    /// two looks: the reader stopped reading. A slow reader's peer acknowledges what it makes
+    /// room for, so it is not cut, however long its socket's send buffer takes to drain. When it
+    /// waits, also the instant of the next look that could find it stalled.
+    fn stall_look(
+        &self,
+        seen: &mut Option<Acked>,
+        limit: Duration,
+        now: Instant,
+    ) -> (bool, Option<Instant>) {
+        #[cfg(target_os = "linux")]
+        let waiting = self.pending.is_some() || self.pipe.is_some();
+        #[cfg(not(target_os = "linux"))]
+        let waiting = self.pending.is_some();
+        if !waiting && !self.blocked.load(Relaxed) {
+            *seen = None;
+            return (false, None);
+        }
+        // Where the kernel does not say, the bytes written stand for it.
+        #[cfg(target_os = "linux")]
+        let bytes = tcp_info::of_raw(self.dst)
+            .ok()
+            .and_then(|(info, len)| tcp_info::bytes_acked_in(&info, len))
+            .unwrap_or_else(|| self.bytes());
+        #[cfg(not(target_os = "linux"))]
+        let bytes = self.bytes();
+        match *seen {
+            Some(a) if a.bytes == bytes => (now >= a.since + limit, Some(a.since + limit)),
+            _ => {
+                *seen = Some(Acked { bytes, since: now });
+                (false, Some(now + limit))
+            }
+        }
     }
 
     /// What this direction read and has not written, once its pump is stopped: its held bytes, then

@@ -719,6 +719,9 @@ struct Dir {
     /// Since when bytes it holds (buffers, or its pipe's) have waited for its destination with
     /// none taken: `stall_timeout` is measured from here (`stalled`).
     waiting_since: Option<Instant>,
+    /// The bytes the destination's peer had acknowledged when a stall was last suspected
+    /// (`stall_verdict`): a slow reader's peer acknowledges more, a stopped one's does not.
+    acked: Option<u64>,
     /// Its cancellation is on its way (the cap was reached).
     cancelling: bool,
     /// A send is in the kernel.
@@ -829,10 +832,28 @@ fn expired(t: &Timeouts, half_closed: bool, quiet: Duration) -> Option<Outcome> 
 }
 
 /// Whether a direction's destination has taken no byte for `limit` while bytes waited for it
-/// (`stall_timeout`): the connection is then cut, both sides reset (`Outcome::StallTimeout`).
+/// (`stall_timeout`): a stall suspected, to be confirmed by `stall_verdict`.
 fn stalled(d: &Dir, limit: Duration, now: Instant) -> bool {
     d.waiting_since
         .is_some_and(|t| now.saturating_duration_since(t) >= limit)
+}
+
+/// For a direction `stalled` suspects, with the bytes its destination's peer has acknowledged
+/// (`acked`, `None` where the kernel does not say): cut (`true`, both sides reset,
+/// `Outcome::StallTimeout`) when the peer acknowledged nothing since the last suspicion, a
+/// `stall_timeout` ago. Else the count is kept and the wait measured again from `now`: a send
+/// completes only when the socket's buffer has room, and a buffer of megabytes drained by a slow
+/// reader can take longer than the timeout to make room, all the while its peer takes bytes.
+fn stall_verdict(d: &mut Dir, acked: Option<u64>, now: Instant) -> bool {
+    let Some(acked) = acked else {
+        return true;
+    };
+    if d.acked == Some(acked) {
+        return true;
+    }
+    d.acked = Some(acked);
+    d.waiting_since = Some(now);
+    false
 }
 
 /// Whether a cancellation that completed with `res` is asked again (`Worker::on_cancel`), and if so
@@ -903,6 +924,25 @@ struct Conn<C> {
 impl<C> Conn<C> {
     fn dir(&mut self, side: Side) -> &mut Dir {
         &mut self.dirs[side as usize]
+    }
+
+    /// Whether a direction's destination has stopped taking bytes (`stalled`, then
+    /// `stall_verdict` with what its peer acknowledged): the connection is to be cut.
+    fn stall_confirmed(&mut self, now: Instant) -> bool {
+        let limit = self.timeouts.stall;
+        let mut cut = false;
+        for (i, d) in self.dirs.iter_mut().enumerate() {
+            if !stalled(d, limit, now) {
+                continue;
+            }
+            // Up (0) writes to the backend, down (1) to the client.
+            let dst = if i == 0 { &self.backend } else { &self.client };
+            let acked = dst
+                .as_ref()
+                .and_then(|fd| super::tcp_info::bytes_acked(fd.as_fd()));
+            cut |= stall_verdict(d, acked, now);
+        }
+        cut
     }
 
     /// The relay proper starts (`relaying`), and the host is told (`Host::relaying`), whichever
@@ -1580,7 +1620,7 @@ impl<H: Host> Worker<H> {
             }
             if let Some(o) = self.host.cut(h) {
                 ending.push((slot as u32, Supervised::cut(o)));
-            } else if c.dirs.iter().any(|d| stalled(d, c.timeouts.stall, now)) {
+            } else if c.stall_confirmed(now) {
                 // Its destination takes nothing while bytes wait: whatever it holds (pool
                 // buffers among them) goes, and both sides see a reset, not an end of stream.
                 ending.push((slot as u32, Supervised::cut(Outcome::StallTimeout)));

@@ -7,7 +7,9 @@
 
 use std::future::{poll_fn, Future};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -101,9 +103,13 @@ impl Half {
                         flow.wrote(n);
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(DirEnd::DestError(e)),
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        flow.blocked.store(true, Relaxed);
+                        return Poll::Pending;
+                    }
                 }
             }
+            flow.blocked.store(false, Relaxed);
             if self.eof {
                 self.shutting_down = true;
                 continue;
@@ -151,8 +157,8 @@ pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint, K: Future<Output = O
     live: LiveCounters<'_>,
 ) -> Relayed {
     let start = Instant::now();
-    let up = Flow::new(live.up);
-    let down = Flow::new(live.down);
+    let up = Flow::new(live.up, backend.socket().as_raw_fd());
+    let down = Flow::new(live.down, client.socket().as_raw_fd());
     let (mut to_backend, mut to_client) = (Half::new(), Half::new());
     let (mut up_done, mut down_done) = (false, false);
     // Both directions are polled on every wake-up here (no `Woken`): reading a TLS stream may write

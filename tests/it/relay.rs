@@ -422,6 +422,106 @@ async fn half_closed_stream_outlives_the_half_close_timeout(mode: RelayMode) {
     );
 }
 
+/// reliability.md `stall-timeout`, on every engine but `uring`: a client that asked for a stream
+/// and stopped reading is cut at `stall_timeout` (the backend's writes fail, the client reads a
+/// reset, `end: stall_timeout`), long before `idle_timeout`; a client that reads slowly beside it
+/// is not, though its destination pushes back all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_is_cut_at_stall_timeout_and_a_slow_one_is_not() {
+    for mode in [
+        RelayMode::Copy,
+        RelayMode::Splice,
+        RelayMode::Epoll,
+        RelayMode::Ring,
+    ] {
+        reader_that_stops_is_cut_at_stall_timeout(mode).await;
+    }
+}
+
+async fn reader_that_stops_is_cut_at_stall_timeout(mode: RelayMode) {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    let broken = Arc::new(AtomicUsize::new(0));
+    let seen = broken.clone();
+    // Streams 32 KiB chunks (at most 20 s, 1 GiB) until a write fails.
+    let backend = Backend::start([127, 0, 0, 2], move |mut s| {
+        let broken = seen.clone();
+        async move {
+            let mut go = [0u8; 2];
+            if s.read_exact(&mut go).await.is_err() {
+                return;
+            }
+            let chunk = payload(3, 32 << 10);
+            let end = Instant::now() + SECS(20);
+            for _ in 0..(1 << 15) {
+                if Instant::now() >= end {
+                    return;
+                }
+                if s.write_all(&chunk).await.is_err() {
+                    broken.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&service_yaml(
+        &[backend.addr],
+        mode,
+        "idle_timeout: 1h\nstall_timeout: 1s",
+    ))
+    .await;
+    let mut stopped = TcpStream::connect(proxy.addr).await.unwrap();
+    stopped.write_all(b"go").await.unwrap();
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"go").await.unwrap();
+    // The slow reader takes 32 KiB every 50 ms for 3 s: three stall timeouts.
+    let mut buf = vec![0u8; 32 << 10];
+    let mut got = 0usize;
+    for _ in 0..60 {
+        let n = within(SECS(5), "the slow reader's next bytes", slow.read(&mut buf))
+            .await
+            .unwrap_or_else(|e| panic!("{mode:?}: the slow reader was cut: {e}"));
+        assert!(n > 0, "{mode:?}: the slow reader got EOF");
+        got += n;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.wait_ended(Outcome::StallTimeout, 1).await;
+    wait_for(SECS(5), "the backend's write to fail", || {
+        broken.load(Relaxed) == 1
+    })
+    .await;
+    // What the stopped reader was sent sits in its socket; behind it, the reset.
+    let mut sink = vec![0u8; 1 << 20];
+    let ended = within(SECS(5), "the stopped reader's reset", async {
+        loop {
+            match stopped.read(&mut sink).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        ended.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "{mode:?}: the stopped reader sees a reset, not the end of the stream"
+    );
+    // Only the one that stopped was cut.
+    assert_eq!(
+        proxy.service.stats.ended(Outcome::StallTimeout),
+        1,
+        "{mode:?}: {}",
+        proxy.ended_so_far()
+    );
+    assert!(got >= 60, "{mode:?}: the slow reader read {got} bytes");
+    let n = within(SECS(5), "the slow reader's last bytes", slow.read(&mut buf))
+        .await
+        .unwrap_or_else(|e| panic!("{mode:?}: the slow reader was cut after: {e}"));
+    assert!(n > 0, "{mode:?}: the slow reader got EOF after");
+}
+
 /// reliability.md `idle-timeout`: a silent connection is closed at `idle_timeout`; a trickle keeps one alive.
 async fn idle_timeout_closes_silence_but_not_a_trickle(mode: RelayMode) {
     let backend = Backend::echo([127, 0, 0, 2]).await;

@@ -2332,8 +2332,43 @@ fn a_stall_is_measured_from_when_the_destination_last_took_a_byte_with_bytes_wai
     assert!(!stalled(&d, limit, t0 + HOUR), "all taken: nothing waits");
 }
 
+/// A suspected stall (`stalled`) is cut only when the destination's peer acknowledged no byte
+/// since the last suspicion: a slow reader's peer acknowledges more each time, and its wait is
+/// measured again; where the kernel does not say, the suspicion stands.
+#[test]
+fn a_suspected_stall_is_cut_only_when_the_peer_acknowledged_nothing_since() {
+    let ms = Duration::from_millis;
+    let limit = ms(100);
+    let t0 = Instant::now();
+    let mut d = Dir::default();
+    d.bytes_wait(t0);
+    assert!(stalled(&d, limit, t0 + limit));
+    assert!(
+        !stall_verdict(&mut d, Some(5_000), t0 + limit),
+        "the first suspicion only notes the count"
+    );
+    assert!(
+        !stalled(&d, limit, t0 + ms(199)),
+        "measured again from then"
+    );
+    assert!(stalled(&d, limit, t0 + ms(200)));
+    assert!(
+        !stall_verdict(&mut d, Some(9_000), t0 + ms(200)),
+        "more acknowledged: a slow reader"
+    );
+    assert!(stalled(&d, limit, t0 + ms(300)));
+    assert!(
+        stall_verdict(&mut d, Some(9_000), t0 + ms(300)),
+        "nothing acknowledged for a whole timeout"
+    );
+    let mut unknown = Dir::default();
+    unknown.bytes_wait(t0);
+    assert!(stall_verdict(&mut unknown, None, t0 + limit));
+}
+
 /// reliability.md `ring-stall`: a download whose client reads nothing (its socket takes a few KiB)
-/// while its backend trickles 1,000 bytes every 20 ms is cut at `stall_timeout` (300 ms here):
+/// while its backend trickles 1,000 bytes every 20 ms is cut at twice `stall_timeout` (300 ms
+/// here: suspected, then confirmed by its peer acknowledging nothing more):
 /// `StallTimeout`, the client reset, the backend's writes failing. Another download through the
 /// same worker, whose client reads every byte as it comes, goes on.
 #[test]
@@ -2653,23 +2688,7 @@ fn tcp_info(s: &TcpStream) -> libc::tcp_info {
 
 /// The TCP_INFO of socket `fd`.
 pub(crate) fn tcp_info_fd(fd: RawFd) -> io::Result<libc::tcp_info> {
-    // SAFETY: zeroed bytes are a valid `tcp_info` (integers only).
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` is writable for `len` bytes, which the call updates.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info)
+    crate::relay::tcp_info::of_raw(fd).map(|(info, _)| info)
 }
 
 /// Runs of a test that counts segments to tell whether a connect held its handshake's last ACK.

@@ -1,0 +1,73 @@
+//! What the kernel knows of a TCP connection (`TCP_INFO`): how many bytes its peer has
+//! acknowledged, the measure of a destination that still takes bytes (`stall_timeout`). A write
+//! that returns says only that the socket's send buffer had room, and a buffer of megabytes
+//! drained by a slow reader may have none for longer than the timeout.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+/// The `TCP_INFO` of socket `fd`. Safe whatever `fd` is: the kernel writes only into the struct
+/// given (a descriptor that is no socket is an error).
+pub(crate) fn of_raw(fd: RawFd) -> io::Result<(libc::tcp_info, usize)> {
+    // SAFETY: zeroed bytes are a valid `tcp_info` (integers only).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes, which the call updates; it reads nothing of ours.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info, len as usize))
+}
+
+/// The bytes the peer of `fd` has acknowledged so far (`tcpi_bytes_acked`), `None` where the
+/// kernel does not say (before Linux 4.1, or not a TCP socket).
+pub(crate) fn bytes_acked(fd: BorrowedFd<'_>) -> Option<u64> {
+    let (info, len) = of_raw(fd.as_raw_fd()).ok()?;
+    bytes_acked_in(&info, len)
+}
+
+/// `tcpi_bytes_acked` of a `TCP_INFO` the kernel filled `len` bytes of, if it reaches that far.
+pub(crate) fn bytes_acked_in(info: &libc::tcp_info, len: usize) -> Option<u64> {
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + std::mem::size_of::<u64>();
+    (len >= end).then_some(info.tcpi_bytes_acked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn the_bytes_a_peer_took_are_counted() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        let before = bytes_acked(a.as_fd()).expect("TCP_INFO says");
+        a.write_all(&[7u8; 1000]).unwrap();
+        let mut got = [0u8; 1000];
+        b.read_exact(&mut got).unwrap();
+        // The ACK may trail the read by a moment: bounded by count, not by time.
+        let mut after = before;
+        for _ in 0..200 {
+            after = bytes_acked(a.as_fd()).unwrap();
+            if after >= before + 1000 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(after - before, 1000);
+        assert_eq!(bytes_acked(std::io::stdin().as_fd()), None, "not a socket");
+    }
+}
