@@ -74,10 +74,59 @@ pub(crate) fn load(
         .map(|t| Originator::load(t, allow_readable_keys).map(Arc::new))
         .transpose()
         .map_err(|e| (format!("services[{index}].backend_tls"), e))?;
+    check_docker_keys(index, cfg, allow_readable_keys)?;
     Ok(ServiceTls {
         terminate,
         originate,
     })
+}
+
+/// The private keys `cfg`'s connections to a Docker Engine over TLS present (a `docker:` backend's,
+/// its `replicas:`'), held to the rule of its own keys: one other users may read is refused unless
+/// `allow_readable_keys`. A key that is not there (yet) is left to the connection, which says so.
+fn check_docker_keys(
+    index: usize,
+    cfg: &ServiceConfig,
+    allow_readable_keys: bool,
+) -> Result<(), (String, TlsError)> {
+    use crate::config::{BackendAddress, DockerEnv, DockerTransport};
+    let env = DockerEnv::current();
+    let selectors = cfg
+        .backends
+        .iter()
+        .enumerate()
+        .filter_map(|(j, b)| match &b.address {
+            BackendAddress::Docker(sel) => Some((
+                format!("services[{index}].backends[{j}].docker"),
+                sel.docker_transport(&env),
+            )),
+            _ => None,
+        });
+    let replicas = cfg.replicas.iter().map(|r| {
+        (
+            format!("services[{index}].replicas"),
+            r.docker_transport(&env),
+        )
+    });
+    for (at, transport) in selectors.chain(replicas) {
+        let Ok(DockerTransport::Tls { key, .. }) = transport else {
+            continue;
+        };
+        let Ok(file) = std::fs::File::open(&key) else {
+            continue;
+        };
+        crate::config::secret_file::check(&file, &key, "private key", allow_readable_keys)
+            .map_err(|why| {
+                (
+                    at,
+                    TlsError::Bad {
+                        path: key.clone(),
+                        why,
+                    },
+                )
+            })?;
+    }
+    Ok(())
 }
 
 /// Reads every TLS file `config` names (certificates, keys, CAs) and says which key and file is

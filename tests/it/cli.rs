@@ -2173,6 +2173,54 @@ fn a_key_others_may_read_is_refused_unless_allowed() {
     sg.wait_exit(SECS(10));
 }
 
+/// reliability.md `secret-file-mode`: the private key sluicegate presents to a Docker Engine over
+/// TLS (`docker_cert_path`, of a `docker:` backend and of `replicas:`) is held to the same rule as
+/// its own keys: readable by others, `--check` refuses it naming the key and its mode; the owner's
+/// alone, it passes. (No Engine is reached: the check reads the files as the start does.)
+#[test]
+fn a_docker_client_key_others_may_read_is_refused() {
+    let dir = tmp_file("ca.pem", "")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let pki = crate::common::pki::Pki::new("docker key mode");
+    let pair = pki.server("docker-client", &["docker.test"]);
+    std::fs::copy(&pair.cert, dir.join("cert.pem")).unwrap();
+    std::fs::copy(&pair.cert, dir.join("ca.pem")).unwrap();
+    let key = dir.join("key.pem");
+    std::fs::copy(&pair.key, &key).unwrap();
+    let chmod =
+        |mode| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+    let engine = format!(
+        "docker: \"tcp://127.0.0.1:2376\", docker_cert_path: \"{}\"",
+        dir.display()
+    );
+    for (section, yaml) in [
+        (
+            "services[0].backends[0].docker",
+            format!("services:\n  - name: web\n    listen: 127.0.0.1:0\n    backends: [{{docker: {{labels: {{app: web}}, port: 80, {engine}}}}}]\n"),
+        ),
+        (
+            "services[0].replicas",
+            format!("services:\n  - name: web\n    listen: 127.0.0.1:0\n    health: {{kind: tcp}}\n    replicas: {{image: \"web:1\", network: net, port: 80, min: 1, max: 2, start: 1, balancer: b, {engine}}}\n"),
+        ),
+    ] {
+        let cfg = tmp_file("docker-key.yaml", &yaml);
+        chmod(0o644);
+        let (code, _, err) = run(&["--check", "--config", cfg.to_str().unwrap()], &[]);
+        assert_eq!(code, 64, "{section}: {err}");
+        assert!(
+            err.contains(section)
+                && err.contains(&key.display().to_string())
+                && err.contains("mode 0644"),
+            "{section}: {err}"
+        );
+        chmod(0o600);
+        let (code, _, err) = run(&["--check", "--config", cfg.to_str().unwrap()], &[]);
+        assert_eq!(code, 0, "{section}: {err}");
+    }
+}
+
 /// reliability.md `sni-explained`: on a shared address the routing line says why a connection went
 /// where it did (`sni`, `alpn`, `route`), and a connection no service took is logged with
 /// `service: null` and its end.
