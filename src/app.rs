@@ -155,115 +155,202 @@ impl Server {
                 break;
             };
             if taking.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Some(r) = request.reply.take() {
-                    r.send(Err(
-                        "still taking connections over from the previous process; try again".into(),
-                    ))
-                    .await;
-                }
+                let busy = "still taking connections over from the previous process; try again";
+                answer(&mut request, Err(busy.into())).await;
                 continue;
             }
             let Some(origin) = &origin else {
-                if let Some(r) = request.reply.take() {
-                    r.send(Err("this process cannot upgrade (no binary path)".into()))
-                        .await;
-                }
+                let cannot = "this process cannot upgrade (no binary path)";
+                answer(&mut request, Err(cannot.into())).await;
                 continue;
             };
-            tracing::info!("upgrade requested: starting the new process");
-            // A stop signal during the upgrade is heard at once (and from then on a second one
-            // forces exit, `main`'s `Stops`): it ends the upgrade's waits, and this process drains.
-            let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let starting = async {
-                let mut h =
-                    crate::upgrade::start(origin, &c, admin_kept.as_ref(), limit, abandon.clone())
-                        .await?;
-                match crate::upgrade::confirm(&mut h, &c).await {
-                    Ok(before) => Ok((h, before)),
-                    Err(e) => Err(e),
-                }
+            let upgrader = Upgrader {
+                control: &c,
+                origin,
+                admin: admin_kept.as_ref(),
+                admin_stop: &admin_stop,
+                limit,
             };
-            tokio::pin!(starting);
-            let mut stopping = false;
-            let started = tokio::select! {
-                r = &mut starting => r,
-                () = &mut shutdown => {
-                    stopping = true;
-                    abandon.store(true, std::sync::atomic::Ordering::SeqCst);
-                    starting.await
-                }
-            };
-            let (handing, before) = match started {
-                Ok(h) if stopping => {
-                    crate::upgrade::abandon(h.0).await;
-                    if let Some(r) = request.reply.take() {
-                        r.send(Err("the server is stopping".into())).await;
-                    }
-                    break;
-                }
-                Ok(h) => h,
-                Err(e) => {
-                    tracing::error!(error = %e, "upgrade failed: still serving");
-                    if let Some(r) = request.reply.take() {
-                        r.send(Err(e.to_string())).await;
-                    }
-                    if stopping {
-                        break;
-                    }
-                    continue;
-                }
-            };
-            // The asker hears `ok` only once the new process serves what was carried to it.
-            let stop_upgrade = CancellationToken::new();
-            let handing = crate::upgrade::hand_over(handing, &c, limit, &stop_upgrade);
-            tokio::pin!(handing);
-            let handed = tokio::select! {
-                r = &mut handing => r,
-                () = &mut shutdown => {
-                    stopping = true;
-                    stop_upgrade.cancel();
-                    handing.await
-                }
-            };
-            match handed {
-                Ok(served) => {
-                    if let Some(r) = request.reply.take() {
-                        r.send(match served.confirmed {
-                            true => Ok(served.pid()),
-                            false => Err(format!("a stop signal came during the hand-over: this process drains and exits; the new process (pid {}) goes on alone", served.pid())),
-                        })
-                        .await;
-                    }
-                    admin_stop.cancel();
-                    let finishing = crate::upgrade::finish(served, before, &c);
-                    tokio::pin!(finishing);
-                    let cut = if stopping {
-                        finishing.await
-                    } else {
-                        // Already draining: a stop signal is heard only to arm the forced exit.
-                        tokio::select! {
-                            cut = &mut finishing => cut,
-                            () = &mut shutdown => finishing.await,
-                        }
-                    };
-                    return Stopped { cut };
-                }
-                Err(f) => {
-                    tracing::error!(error = %f.error, carried = f.carried,
-                        "upgrade failed: still serving");
-                    if let Some(r) = request.reply.take() {
-                        r.send(Err(f.error.to_string())).await;
-                    }
-                    if stopping {
-                        break;
-                    }
-                }
+            match upgrader.upgrade(&mut request, &mut shutdown).await {
+                AfterUpgrade::Exit(cut) => return Stopped { cut },
+                AfterUpgrade::ServeOn => {}
+                AfterUpgrade::Drain => break,
             }
         }
         let cut = c.drain().await;
         admin_stop.cancel();
         tracing::info!(cut, "drained: exiting");
         Stopped { cut }
+    }
+}
+
+/// Answers an upgrade request's asker, if it waits for an answer (`sluicegate upgrade`; a SIGUSR2
+/// has no one to answer).
+async fn answer(request: &mut crate::upgrade::Request, said: Result<u32, String>) {
+    if let Some(r) = request.reply.take() {
+        r.send(said).await;
+    }
+}
+
+/// Awaits `work` to its end, hearing a stop signal (`shutdown`) meanwhile: that calls `give_up`,
+/// which ends `work`'s waits. Returns what `work` returned, and whether the stop signal came.
+async fn heeding_stop<T, S>(
+    work: impl Future<Output = T>,
+    shutdown: &mut S,
+    give_up: impl FnOnce(),
+) -> (T, bool)
+where
+    S: Future<Output = ()> + Unpin,
+{
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => (r, false),
+        () = &mut *shutdown => {
+            give_up();
+            (work.await, true)
+        }
+    }
+}
+
+/// What an upgrade takes from [`Server::run_upgradable`], for one request that can be acted on.
+struct Upgrader<'a> {
+    control: &'a Arc<Control>,
+    /// The binary to start.
+    origin: &'a crate::upgrade::Origin,
+    /// A descriptor of the admin API's socket, to pass on.
+    admin: Option<&'a std::net::TcpListener>,
+    /// Stops this process's admin API once the new process serves.
+    admin_stop: &'a CancellationToken,
+    /// The upgrade's timeout, which bounds each of its waits.
+    limit: std::time::Duration,
+}
+
+/// How an upgrade ended, for the serving loop of [`Server::run_upgradable`].
+enum AfterUpgrade {
+    /// Handed over, and what stayed here drained with this many connections cut: this process is
+    /// done.
+    Exit(usize),
+    /// It failed: this process goes on serving.
+    ServeOn,
+    /// It failed or was given up, and a stop signal came meanwhile: this process drains.
+    Drain,
+}
+
+impl Upgrader<'_> {
+    /// Upgrades: starts the new process, hands everything over to it, and answers `request`. A
+    /// stop signal (`shutdown`) during it is heard at once.
+    async fn upgrade<S>(
+        &self,
+        request: &mut crate::upgrade::Request,
+        shutdown: &mut S,
+    ) -> AfterUpgrade
+    where
+        S: Future<Output = ()> + Unpin,
+    {
+        tracing::info!("upgrade requested: starting the new process");
+        let (started, stopping) = self.start(shutdown).await;
+        let (handing, before) = match started {
+            Ok(h) if stopping => {
+                crate::upgrade::abandon(h.0).await;
+                answer(request, Err("the server is stopping".into())).await;
+                return AfterUpgrade::Drain;
+            }
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "upgrade failed: still serving");
+                answer(request, Err(e.to_string())).await;
+                return match stopping {
+                    true => AfterUpgrade::Drain,
+                    false => AfterUpgrade::ServeOn,
+                };
+            }
+        };
+        self.hand_over(handing, before, request, shutdown).await
+    }
+
+    /// Starts the new process and confirms that it reads (`upgrade::start`, `upgrade::confirm`).
+    /// Returns that, and whether a stop signal came meanwhile.
+    async fn start<S>(
+        &self,
+        shutdown: &mut S,
+    ) -> (
+        Result<(crate::upgrade::Handing, crate::control::Totals), crate::upgrade::UpgradeError>,
+        bool,
+    )
+    where
+        S: Future<Output = ()> + Unpin,
+    {
+        // A stop signal during the upgrade is heard at once (and from then on a second one
+        // forces exit, `main`'s `Stops`): it ends the upgrade's waits, and this process drains.
+        let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let starting = async {
+            let mut h = crate::upgrade::start(
+                self.origin,
+                self.control,
+                self.admin,
+                self.limit,
+                abandon.clone(),
+            )
+            .await?;
+            match crate::upgrade::confirm(&mut h, self.control).await {
+                Ok(before) => Ok((h, before)),
+                Err(e) => Err(e),
+            }
+        };
+        heeding_stop(starting, shutdown, || {
+            abandon.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+        .await
+    }
+
+    /// Hands everything over to the new process, once it is started and confirmed
+    /// (`upgrade::hand_over`), answers `request`, and once it serves, lets what stayed here drain
+    /// (`upgrade::finish`). A stop signal during the hand-over ends its waits.
+    async fn hand_over<S>(
+        &self,
+        handing: crate::upgrade::Handing,
+        before: crate::control::Totals,
+        request: &mut crate::upgrade::Request,
+        shutdown: &mut S,
+    ) -> AfterUpgrade
+    where
+        S: Future<Output = ()> + Unpin,
+    {
+        // The asker hears `ok` only once the new process serves what was carried to it.
+        let stop_upgrade = CancellationToken::new();
+        let handing = crate::upgrade::hand_over(handing, self.control, self.limit, &stop_upgrade);
+        let (handed, stopping) = heeding_stop(handing, shutdown, || stop_upgrade.cancel()).await;
+        match handed {
+            Ok(served) => {
+                let said = match served.confirmed {
+                    true => Ok(served.pid()),
+                    false => Err(format!("a stop signal came during the hand-over: this process drains and exits; the new process (pid {}) goes on alone", served.pid())),
+                };
+                answer(request, said).await;
+                self.admin_stop.cancel();
+                let finishing = crate::upgrade::finish(served, before, self.control);
+                tokio::pin!(finishing);
+                let cut = if stopping {
+                    finishing.await
+                } else {
+                    // Already draining: a stop signal is heard only to arm the forced exit.
+                    tokio::select! {
+                        cut = &mut finishing => cut,
+                        () = &mut *shutdown => finishing.await,
+                    }
+                };
+                AfterUpgrade::Exit(cut)
+            }
+            Err(f) => {
+                tracing::error!(error = %f.error, carried = f.carried,
+                    "upgrade failed: still serving");
+                answer(request, Err(f.error.to_string())).await;
+                match stopping {
+                    true => AfterUpgrade::Drain,
+                    false => AfterUpgrade::ServeOn,
+                }
+            }
+        }
     }
 }
 

@@ -447,32 +447,11 @@ pub(crate) async fn hand_over(
         let (channel, child, stop) = (channel.clone(), child.clone(), giving_up.clone());
         tokio::task::spawn_blocking(move || watch(&channel, &child, pid, &stop))
     };
-    let mut heard = None;
-    let mut stopped = false;
-    let mut carried = 0u64;
-    if carry {
-        let (tx, rx) = mpsc::unbounded_channel();
-        control.carry_to(tx);
-        let forwarder = {
-            let (channel, control, stop) = (channel.clone(), control.clone(), giving_up.clone());
-            tokio::task::spawn_blocking(move || forward(rx, &channel, &control, &stop))
-        };
-        // Every connection ends here, or goes: bounded by `limit`, after which what stays drains;
-        // unless the new process is lost meanwhile.
-        tokio::select! {
-            _ = tokio::time::timeout(limit, control.all_gone()) => {}
-            w = &mut watcher => {
-                heard = Some(w.unwrap_or_else(|e| Heard::Gone(UpgradeError::Socket(std::io::Error::other(e)))));
-                giving_up.store(true, SeqCst);
-            }
-            () = stop.cancelled() => {
-                stopped = true;
-                giving_up.store(true, SeqCst);
-            }
-        }
-        control.leaving.stop_carrying();
-        carried = forwarder.await.unwrap_or(0);
-    }
+    let (heard, mut stopped, carried) = if carry {
+        carry_over(control, &channel, &mut watcher, &giving_up, limit, stop).await
+    } else {
+        (None, false, 0)
+    };
     let heard = match heard {
         Some(h) => h,
         None if stopped || !confirms => {
@@ -484,26 +463,9 @@ pub(crate) async fn hand_over(
         None => {
             // A failure to send shows as the watcher's verdict (it hears the socket close).
             let _ = send(&channel, Frame::SessionsEnd { carried }).await;
-            let waited = tokio::select! {
-                w = tokio::time::timeout(limit, &mut watcher) => Some(w),
-                () = stop.cancelled() => None,
-            };
-            match waited {
-                Some(Ok(w)) => w.unwrap_or_else(|e| {
-                    Heard::Gone(UpgradeError::Socket(std::io::Error::other(e)))
-                }),
-                Some(Err(_)) => {
-                    giving_up.store(true, SeqCst);
-                    let _ = watcher.await;
-                    Heard::Gone(UpgradeError::Unconfirmed { pid, limit })
-                }
-                None => {
-                    stopped = true;
-                    giving_up.store(true, SeqCst);
-                    let _ = watcher.await;
-                    Heard::Serving
-                }
-            }
+            let (serving, stop_came) = wait_serving(watcher, &giving_up, pid, limit, stop).await;
+            stopped = stop_came;
+            serving
         }
     };
     let error = match heard {
@@ -522,6 +484,79 @@ pub(crate) async fn hand_over(
     let _ = tokio::task::spawn_blocking(move || stop_child(&mut crate::util::lock(&child))).await;
     control.accept_again();
     Err(HandOverFailed { error, carried })
+}
+
+/// The carrying part of [`hand_over`]: connections are sent to the new process (`forward`) until
+/// every one has ended here or gone, bounded by `limit` (after which what stays drains), unless
+/// the new process is lost meanwhile (the `watcher`'s verdict, returned) or `stop` comes (returned
+/// as `true`); either of those sets `giving_up`. Also returns how many connections were sent.
+async fn carry_over(
+    control: &Arc<Control>,
+    channel: &Arc<Channel>,
+    watcher: &mut tokio::task::JoinHandle<Heard>,
+    giving_up: &Arc<AtomicBool>,
+    limit: Duration,
+    stop: &CancellationToken,
+) -> (Option<Heard>, bool, u64) {
+    let mut heard = None;
+    let mut stopped = false;
+    let (tx, rx) = mpsc::unbounded_channel();
+    control.carry_to(tx);
+    let forwarder = {
+        let (channel, control, stop) = (channel.clone(), control.clone(), giving_up.clone());
+        tokio::task::spawn_blocking(move || forward(rx, &channel, &control, &stop))
+    };
+    // Every connection ends here, or goes: bounded by `limit`, after which what stays drains;
+    // unless the new process is lost meanwhile.
+    tokio::select! {
+        _ = tokio::time::timeout(limit, control.all_gone()) => {}
+        w = &mut *watcher => {
+            heard = Some(heard_of(w));
+            giving_up.store(true, SeqCst);
+        }
+        () = stop.cancelled() => {
+            stopped = true;
+            giving_up.store(true, SeqCst);
+        }
+    }
+    control.leaving.stop_carrying();
+    let carried = forwarder.await.unwrap_or(0);
+    (heard, stopped, carried)
+}
+
+/// After the carrying, with the new process told how many connections went: waits for the
+/// `watcher`'s verdict, bounded by `limit` (past it the new process is taken as lost) and ended
+/// by `stop`, which counts as serving, not waited for (returned as `true`). When it stops waiting
+/// before the verdict, it sets `giving_up` and waits for the watcher to stop listening.
+async fn wait_serving(
+    mut watcher: tokio::task::JoinHandle<Heard>,
+    giving_up: &AtomicBool,
+    pid: u32,
+    limit: Duration,
+    stop: &CancellationToken,
+) -> (Heard, bool) {
+    let waited = tokio::select! {
+        w = tokio::time::timeout(limit, &mut watcher) => Some(w),
+        () = stop.cancelled() => None,
+    };
+    match waited {
+        Some(Ok(w)) => (heard_of(w), false),
+        Some(Err(_)) => {
+            giving_up.store(true, SeqCst);
+            let _ = watcher.await;
+            (Heard::Gone(UpgradeError::Unconfirmed { pid, limit }), false)
+        }
+        None => {
+            giving_up.store(true, SeqCst);
+            let _ = watcher.await;
+            (Heard::Serving, true)
+        }
+    }
+}
+
+/// The watcher's verdict, or, if its task failed, the new process as lost.
+fn heard_of(w: Result<Heard, tokio::task::JoinError>) -> Heard {
+    w.unwrap_or_else(|e| Heard::Gone(UpgradeError::Socket(std::io::Error::other(e))))
 }
 
 /// Listens to the new process during the hand-over until it says it serves, or is lost (it exited,

@@ -178,19 +178,9 @@ impl<H: Host> Worker<H> {
         // Into the connection's own buffer (`arm_own`): one-shot, and names no pool buffer.
         let own = c.dir(side).own;
         if !more {
-            c.refs -= 1;
-            let d = c.dir(side);
-            d.armed = false;
-            d.own = false;
-            d.cancelling = false;
+            c.receive_ended(side);
         }
-        let mut send = false;
-        let mut cancel = false;
-        let mut to_splice = false;
-        let mut shut = false;
-        let mut broke = None;
-        let mut returned = 0;
-        let mut own_next = false;
+        let mut r = Received::default();
         let bid = if own {
             Some(OWNED)
         } else {
@@ -198,50 +188,20 @@ impl<H: Host> Worker<H> {
         };
         if res > 0 && bid.is_none() {
             // A receive into the pool that names no buffer: the kernel broke its own contract.
-            broke = Some(io::Error::other(
+            r.broke = Some(io::Error::other(
                 "a receive into the pool completed without a buffer",
             ));
         } else if let (true, Some(bid)) = (res > 0, bid) {
             if ending {
                 if let Some(p) = pool.filter(|_| bid != OWNED) {
                     p.give_back(bid);
-                    returned = 1;
+                    r.returned = 1;
                 }
             } else {
-                if bid == OWNED {
-                    let buf = match side {
-                        Side::Up => &mut c.pre,
-                        Side::Down => &mut c.post,
-                    };
-                    let len = (res as usize).min(buf.capacity());
-                    // SAFETY: the kernel wrote `res` bytes at the start of the buffer (empty when
-                    // the receive was armed, with room for them: `arm_own`), initialising them.
-                    unsafe { buf.set_len(len) };
-                } else if let Some(p) = pool {
-                    p.took();
-                }
-                c.last = now;
-                let d = c.dir(side);
-                d.bytes_wait(now);
-                d.held.push_back(Held {
-                    bid,
-                    len: res as u32,
-                    off: 0,
-                });
+                c.keep_received(side, bid, res as u32, pool, now);
                 // Stopping to be carried: kept, to go along (its receive is being cancelled).
-                send = !d.sending && !d.send_due && !carry;
-                cancel = d.should_cancel(cap) && !carry;
-                if self.splice && !carry && d.turns_bulk(res as u32) {
-                    // Its receive ends here (what it already took is sent first), then it splices.
-                    d.bulk = true;
-                    to_splice = true;
-                    if d.armed && !d.cancelling {
-                        cancel = true;
-                    }
-                }
-                if cancel {
-                    d.cancelling = true;
-                    c.refs += 1;
+                if !carry {
+                    r = c.received_calls_for(side, res as u32, cap, self.splice);
                 }
             }
         } else if res == 0 {
@@ -249,39 +209,38 @@ impl<H: Host> Worker<H> {
             d.eof = true;
             // Not once the connection is ending: a cut's reset must not follow a clean FIN. Nor
             // while it stops to be carried: whether it can go is decided once it is quiet.
-            shut = d.should_shut() && !ending && !carry;
+            r.shut = d.should_shut() && !ending && !carry;
         } else if res == -libc::ENOBUFS {
             bump(&self.counts.starved);
-            // Holding nothing, no send of its own would wake it, and with every buffer given the
-            // others may hold them for as long as their destinations do not read: it receives
-            // into its own buffer at once. Holding some, it waits for buffers to come back (its
-            // own sends give them).
-            let holds_none = c.dir(side).held.is_empty() && c.owned(side).is_empty();
-            let d = c.dir(side);
-            if spent && holds_none {
-                own_next = true;
-            } else if d.starved.is_none() {
-                d.starved = Some(self.starved.push(slot, side));
-            }
+            r.own_next = c.ran_dry(slot, side, spent, &mut self.starved);
         } else if res != -libc::ECANCELED {
-            broke = Some(io::Error::from_raw_os_error(-res));
+            r.broke = Some(io::Error::from_raw_os_error(-res));
         }
         let ending = c.stopping();
-        let rearm = !more && c.dir(side).should_arm(ending, cap);
-        if send {
+        r.rearm = !more && c.dir(side).should_arm(ending, cap);
+        if r.send {
             c.dir(side).send_due = true;
             self.due.push((slot, side));
         }
-        if cancel {
-            self.cancel_recv(slot, side, !to_splice);
+        self.after_recv(slot, side, res, more, r);
+    }
+
+    /// Acts on what a receive's completion called for ([`Received`], decided by `on_recv` while it
+    /// held the connection), in this order: the cancel of its receive, then one of: the break, the
+    /// FIN passed on, the receive armed again (into its own buffer when the pool is spent), or a
+    /// move to splice after a last completion; then the pool grown if it ran dry, and the buffers
+    /// given back counted.
+    fn after_recv(&mut self, slot: u32, side: Side, res: i32, more: bool, r: Received) {
+        if r.cancel {
+            self.cancel_recv(slot, side, !r.to_splice);
         }
-        if let Some(e) = broke {
+        if let Some(e) = r.broke {
             self.broke(slot, side, DirEnd::SourceError(e));
-        } else if shut {
+        } else if r.shut {
             self.shut(slot, side);
-        } else if rearm && own_next {
+        } else if r.rearm && r.own_next {
             self.arm_own(slot, side);
-        } else if rearm {
+        } else if r.rearm {
             self.arm_recv(slot, side);
         } else if !more {
             self.maybe_splice(slot, side);
@@ -289,7 +248,7 @@ impl<H: Host> Worker<H> {
         if res == -libc::ENOBUFS {
             self.grow_pool();
         }
-        self.buffers_back(returned);
+        self.buffers_back(r.returned);
         self.maybe_free(slot);
     }
 
@@ -330,12 +289,7 @@ impl<H: Host> Worker<H> {
             // No room: still sending (nothing else goes out, no FIN), once the socket has some.
             let (_, to) = c.ends(side);
             c.refs += 1;
-            let e = opcode::PollAdd::new(types::Fd(to), libc::POLLOUT as u32)
-                .build()
-                .user_data(user_data(K_WRITABLE, slot, side));
-            // SAFETY: points to nothing; the socket stays open in the connection until the poll
-            // completes (`refs`), and a connection's end cancels it with the rest (by descriptor).
-            return unsafe { self.push(&[e]) };
+            return self.poll_for_room(slot, side, to);
         }
         let d = c.dir(side);
         d.sending = false;
@@ -346,30 +300,7 @@ impl<H: Host> Worker<H> {
         let preface = if side == Side::Up { c.preface } else { 0 };
         let relaying = c.relaying;
         let d = c.dir(side);
-        let n = res as u32;
-        let mut counted = n;
-        let mut given = None;
-        let mut owned_sent = false;
-        let mut preface_out = false;
-        if let Some(h) = d.held.front_mut() {
-            if h.bid == OWNED {
-                // The preface is not the client's: only what follows it counts as relayed.
-                counted = n - preface.saturating_sub(h.off).min(n);
-                // Credited once it is out (`established`), unless the connection is ending.
-                preface_out = h.off < preface && h.off + n >= preface;
-            }
-            h.off += n;
-            if h.off >= h.len {
-                if h.bid == OWNED {
-                    owned_sent = true;
-                } else {
-                    given = Some(h.bid);
-                }
-                d.held.pop_front();
-            }
-        }
-        d.sent += u64::from(counted);
-        d.unflushed += u64::from(counted);
+        let front = d.sent_from_front(res as u32, preface);
         let more_to_send = !d.held.is_empty();
         d.bytes_taken(now, more_to_send || d.sending);
         if !more_to_send && relaying && !ending {
@@ -382,23 +313,16 @@ impl<H: Host> Worker<H> {
         let rearm = relaying && d.should_arm(ending, cap);
         // Connected while connections are being carried away, with a preface to send first: it
         // goes now that the preface is out (see `on_connect`).
-        let carry_now = owned_sent && side == Side::Up && !relaying && self.carrying && !ending;
-        if owned_sent {
-            match side {
-                Side::Up => {
-                    c.pre = Vec::new();
-                    // What the connection's own buffer carries from now on (`arm_own`) is the
-                    // client's.
-                    c.preface = 0;
-                }
-                Side::Down => c.post = Vec::new(),
-            }
+        let carry_now =
+            front.owned_sent && side == Side::Up && !relaying && self.carrying && !ending;
+        if front.owned_sent {
+            c.free_owned(side);
         }
         c.carry |= carry_now;
-        if let Some(h) = c.host.as_mut().filter(|_| preface_out && !ending) {
+        if let Some(h) = c.host.as_mut().filter(|_| front.preface_out && !ending) {
             self.host.established(h);
         }
-        if let (Some(bid), Some(p)) = (given, &self.pool) {
+        if let (Some(bid), Some(p)) = (front.given, &self.pool) {
             p.give_back(bid);
         }
         if carry_now {
@@ -409,15 +333,26 @@ impl<H: Host> Worker<H> {
             } else if shut {
                 self.shut(slot, side);
             }
-            if owned_sent && !relaying {
+            if front.owned_sent && !relaying {
                 self.relay(slot);
             } else if rearm && !shut {
                 self.arm_recv(slot, side);
             }
             self.maybe_splice(slot, side);
         }
-        self.buffers_back(usize::from(given.is_some()));
+        self.buffers_back(usize::from(front.given.is_some()));
         self.maybe_free(slot);
+    }
+
+    /// A send of connection `slot`'s `side` found no room in socket `to`: polls it for room
+    /// (`on_writable`). The caller has counted the poll in the connection's `refs`.
+    fn poll_for_room(&mut self, slot: u32, side: Side, to: RawFd) {
+        let e = opcode::PollAdd::new(types::Fd(to), libc::POLLOUT as u32)
+            .build()
+            .user_data(user_data(K_WRITABLE, slot, side));
+        // SAFETY: points to nothing; the socket stays open in the connection until the poll
+        // completes (`refs`), and a connection's end cancels it with the rest (by descriptor).
+        unsafe { self.push(&[e]) };
     }
 
     /// A send of connection `slot`'s `side` failed with `-res` (`ending`: it was stopping then).
@@ -483,7 +418,6 @@ impl<H: Host> Worker<H> {
     /// again would spin, so the direction goes back to receiving (which reads past it), for good.
     /// The same when splice reads an end of stream with bytes still queued past the mark.
     pub(super) fn pump(&mut self, slot: u32, side: Side, readable: bool) {
-        const SPLICE_ROUNDS: usize = 32;
         let now = self.now;
         let Some(c) = at(&mut self.conns, slot) else {
             return;
@@ -496,70 +430,19 @@ impl<H: Host> Worker<H> {
             Side::Down => (backend.as_fd(), client.as_fd()),
         };
         let d = &mut c.dirs[side as usize];
-        let Some(pipe) = d.pipe.as_mut() else { return };
-        let mut moved = false;
-        let mut taken = false;
-        let mut next = None;
-        for round in 0..SPLICE_ROUNDS {
-            // Empty the pipe before filling it again.
-            let out = pipe.pending > 0;
-            let (r, fd, events, failed): (_, _, _, fn(io::Error) -> DirEnd) = if out {
-                (pipe.drain_to(to), to, libc::POLLOUT, DirEnd::DestError)
-            } else {
-                let r = pipe.fill_from(from, PIPE_SIZE);
-                (r, from, libc::POLLIN, DirEnd::SourceError)
-            };
-            match r {
-                Ok(0) if !out => {
-                    next = Some(match stuck_at_urgent(from, true) {
-                        Ok(true) => Pump::Stuck,
-                        Ok(false) => {
-                            d.eof = true;
-                            Pump::Eof
-                        }
-                        Err(e) => Pump::Broke(failed(e)),
-                    });
-                    break;
-                }
-                Ok(n) => {
-                    moved = true;
-                    if out {
-                        taken |= n > 0;
-                        d.sent += n as u64;
-                        d.unflushed += n as u64;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    next = Some(if readable && round == 0 && !out {
-                        Pump::Stuck
-                    } else {
-                        Pump::Wait(fd.as_raw_fd(), events)
-                    });
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    next = Some(Pump::Broke(failed(e)));
-                    break;
-                }
-            }
-        }
-        // Out of rounds: wait for what it would do next, which is ready (a yield).
-        let pending = pipe.pending > 0;
-        let next = next.unwrap_or(if pending {
-            Pump::Wait(to.as_raw_fd(), libc::POLLOUT)
-        } else {
-            Pump::Wait(from.as_raw_fd(), libc::POLLIN)
-        });
-        if taken || !pending {
+        let Some(pumped) = splice_rounds(d, from, to, readable) else {
+            return;
+        };
+        let pending = pumped.pending;
+        if pumped.taken || !pending {
             d.bytes_taken(now, pending);
         } else {
             d.bytes_wait(now);
         }
-        if moved {
+        if pumped.moved {
             c.last = now;
         }
-        match next {
+        match pumped.next {
             Pump::Wait(fd, events) => {
                 c.refs += 1;
                 let e = opcode::PollAdd::new(types::Fd(fd), events as u32)
@@ -697,6 +580,217 @@ enum Pump {
     Broke(DirEnd),
 }
 
+/// What one `Worker::pump` of a splicing direction did (`splice_rounds`).
+struct Pumped {
+    /// A splice succeeded, other than one that read the end of the stream: the connection was
+    /// not idle (`Conn::last`).
+    moved: bool,
+    /// Its destination took bytes.
+    taken: bool,
+    /// Bytes are left in the pipe.
+    pending: bool,
+    next: Pump,
+}
+
+/// The splicing part of `Worker::pump`: moves direction `d`'s bytes, socket `from` → its pipe →
+/// socket `to`, with non-blocking splice(2), at most `SPLICE_ROUNDS` calls, emptying the pipe
+/// before filling it again, and counts what its destination took as sent. Returns what it did and
+/// what the direction does next, or `None` when it has no pipe. `readable`: as for `pump`.
+#[inline]
+fn splice_rounds(
+    d: &mut Dir,
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    readable: bool,
+) -> Option<Pumped> {
+    const SPLICE_ROUNDS: usize = 32;
+    let pipe = d.pipe.as_mut()?;
+    let mut moved = false;
+    let mut taken = false;
+    let mut next = None;
+    for round in 0..SPLICE_ROUNDS {
+        // Empty the pipe before filling it again.
+        let out = pipe.pending > 0;
+        let (r, fd, events, failed): (_, _, _, fn(io::Error) -> DirEnd) = if out {
+            (pipe.drain_to(to), to, libc::POLLOUT, DirEnd::DestError)
+        } else {
+            let r = pipe.fill_from(from, PIPE_SIZE);
+            (r, from, libc::POLLIN, DirEnd::SourceError)
+        };
+        match r {
+            Ok(0) if !out => {
+                next = Some(match stuck_at_urgent(from, true) {
+                    Ok(true) => Pump::Stuck,
+                    Ok(false) => {
+                        d.eof = true;
+                        Pump::Eof
+                    }
+                    Err(e) => Pump::Broke(failed(e)),
+                });
+                break;
+            }
+            Ok(n) => {
+                moved = true;
+                if out {
+                    taken |= n > 0;
+                    d.sent += n as u64;
+                    d.unflushed += n as u64;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                next = Some(if readable && round == 0 && !out {
+                    Pump::Stuck
+                } else {
+                    Pump::Wait(fd.as_raw_fd(), events)
+                });
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                next = Some(Pump::Broke(failed(e)));
+                break;
+            }
+        }
+    }
+    // Out of rounds: wait for what it would do next, which is ready (a yield).
+    let pending = pipe.pending > 0;
+    let next = next.unwrap_or(if pending {
+        Pump::Wait(to.as_raw_fd(), libc::POLLOUT)
+    } else {
+        Pump::Wait(from.as_raw_fd(), libc::POLLIN)
+    });
+    Some(Pumped {
+        moved,
+        taken,
+        pending,
+        next,
+    })
+}
+
+/// What a receive's completion calls for: decided by `Worker::on_recv` while it holds the
+/// connection, acted on after (`Worker::after_recv`).
+#[derive(Default)]
+struct Received {
+    /// Its bytes are to be sent once the whole batch is in (`Worker::send_due`).
+    send: bool,
+    /// Its receive is to be cancelled (already counted in the connection's `refs`).
+    cancel: bool,
+    /// The cancel is for the move to splice (else the direction is at the cap).
+    to_splice: bool,
+    /// Its FIN is to be passed on.
+    shut: bool,
+    /// Its source failed.
+    broke: Option<io::Error>,
+    /// Pool buffers given back (an ending connection's receive).
+    returned: usize,
+    /// The pool is spent and it holds nothing: it receives next into its own buffer (`arm_own`).
+    own_next: bool,
+    /// Its receive is to be armed again.
+    rearm: bool,
+}
+
+impl<C> Conn<C> {
+    /// The connection's own buffer towards `side`'s destination (`OWNED`) is sent: freed.
+    #[inline]
+    fn free_owned(&mut self, side: Side) {
+        match side {
+            Side::Up => {
+                self.pre = Vec::new();
+                // What the connection's own buffer carries from now on (`arm_own`) is the
+                // client's.
+                self.preface = 0;
+            }
+            Side::Down => self.post = Vec::new(),
+        }
+    }
+
+    /// A receive of `side` had its last completion: it is no longer in the kernel.
+    #[inline]
+    fn receive_ended(&mut self, side: Side) {
+        self.refs -= 1;
+        let d = self.dir(side);
+        d.armed = false;
+        d.own = false;
+        d.cancelling = false;
+    }
+
+    /// Holds the `n` bytes a receive of `side` just brought in buffer `bid`: a pool buffer, counted
+    /// as taken, or the connection's own (`OWNED`, `Worker::arm_own`), whose length is set to
+    /// them. They wait for their destination from `now`.
+    #[inline]
+    fn keep_received(&mut self, side: Side, bid: u16, n: u32, pool: Option<&Pool>, now: Instant) {
+        if bid == OWNED {
+            let buf = match side {
+                Side::Up => &mut self.pre,
+                Side::Down => &mut self.post,
+            };
+            let len = (n as usize).min(buf.capacity());
+            // SAFETY: the kernel wrote `n` bytes at the start of the buffer (empty when the
+            // receive was armed, with room for them: `arm_own`), initialising them.
+            unsafe { buf.set_len(len) };
+        } else if let Some(p) = pool {
+            p.took();
+        }
+        self.last = now;
+        let d = self.dir(side);
+        d.bytes_wait(now);
+        d.held.push_back(Held {
+            bid,
+            len: n,
+            off: 0,
+        });
+    }
+
+    /// What the `n` bytes just held (`keep_received`) call for, when the connection is not
+    /// stopping to be carried: a send, unless one is in the kernel or due; a cancel of the receive
+    /// once the direction holds `cap` buffers; and, where the worker splices (`splice`), the move
+    /// to splice of a direction they make bulk. A cancel is counted in `refs` here.
+    #[inline]
+    fn received_calls_for(&mut self, side: Side, n: u32, cap: usize, splice: bool) -> Received {
+        let d = self.dir(side);
+        let send = !d.sending && !d.send_due;
+        let mut cancel = d.should_cancel(cap);
+        let mut to_splice = false;
+        if splice && d.turns_bulk(n) {
+            // Its receive ends here (what it already took is sent first), then it splices.
+            d.bulk = true;
+            to_splice = true;
+            if d.armed && !d.cancelling {
+                cancel = true;
+            }
+        }
+        if cancel {
+            d.cancelling = true;
+            self.refs += 1;
+        }
+        Received {
+            send,
+            cancel,
+            to_splice,
+            ..Received::default()
+        }
+    }
+
+    /// A receive of `side` found the pool dry (ENOBUFS): returns whether it receives into its own
+    /// buffer at once; if not, it waits for buffers in `starved` (unless it already does).
+    #[inline]
+    fn ran_dry(&mut self, slot: u32, side: Side, spent: bool, starved: &mut Starved) -> bool {
+        // Holding nothing, no send of its own would wake it, and with every buffer given (`spent`)
+        // the others may hold them for as long as their destinations do not read: it receives
+        // into its own buffer at once. Holding some, it waits for buffers to come back (its
+        // own sends give them).
+        let holds_none = self.dir(side).held.is_empty() && self.owned(side).is_empty();
+        let d = self.dir(side);
+        if spent && holds_none {
+            return true;
+        }
+        if d.starved.is_none() {
+            d.starved = Some(starved.push(slot, side));
+        }
+        false
+    }
+}
+
 /// Sends the handshake's last ACK, held back since the connect (`backend_socket`), if it still is:
 /// turning quick ACKs on sends an ACK the kernel holds.
 pub(super) fn send_held_ack<C>(c: &mut Conn<C>) {
@@ -735,5 +829,47 @@ impl Starved {
 
     pub(super) fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+}
+
+/// What a send's completion let go of at the front of its direction (`Dir::sent_from_front`).
+#[derive(Default)]
+struct SentFront {
+    /// The pool buffer it emptied, to give back.
+    given: Option<u16>,
+    /// It emptied the connection's own buffer (`OWNED`), which is freed (`Conn::free_owned`).
+    owned_sent: bool,
+    /// The last of the preface went with it.
+    preface_out: bool,
+}
+
+impl Dir {
+    /// A send of the front of what it holds took `n` bytes: they count as sent (but for what of
+    /// them is the `preface` at the front of the connection's own buffer), and the front goes once
+    /// all of it is out.
+    #[inline]
+    fn sent_from_front(&mut self, n: u32, preface: u32) -> SentFront {
+        let mut counted = n;
+        let mut front = SentFront::default();
+        if let Some(h) = self.held.front_mut() {
+            if h.bid == OWNED {
+                // The preface is not the client's: only what follows it counts as relayed.
+                counted = n - preface.saturating_sub(h.off).min(n);
+                // Credited once it is out (`established`), unless the connection is ending.
+                front.preface_out = h.off < preface && h.off + n >= preface;
+            }
+            h.off += n;
+            if h.off >= h.len {
+                if h.bid == OWNED {
+                    front.owned_sent = true;
+                } else {
+                    front.given = Some(h.bid);
+                }
+                self.held.pop_front();
+            }
+        }
+        self.sent += u64::from(counted);
+        self.unflushed += u64::from(counted);
+        front
     }
 }
