@@ -384,6 +384,18 @@ struct Ended {
     quiet_for: Duration,
 }
 
+impl Ended {
+    /// The end a connection carried in with a direction ended would have if the other ended too:
+    /// by the side whose FIN came first.
+    fn first_fin(&self) -> Option<Outcome> {
+        match (self.up, self.down) {
+            (true, _) => Some(Outcome::ClientClosed),
+            (false, true) => Some(Outcome::BackendClosed),
+            _ => None,
+        }
+    }
+}
+
 /// How a relay of any engine ends: resets armed on the sockets that must see one, the live counters
 /// flushed, and what moved; for a relay stopped for `carry`, what each direction holds.
 fn conclude(
@@ -514,11 +526,7 @@ where
 {
     async move {
         let mut done = u8::from(ended.up) + u8::from(ended.down);
-        let mut first_fin: Option<Outcome> = match (ended.up, ended.down) {
-            (true, _) => Some(Outcome::ClientClosed),
-            (false, true) => Some(Outcome::BackendClosed),
-            _ => None,
-        };
+        let mut first_fin = ended.first_fin();
         if done == 2 {
             // Carried in with both directions ended: nothing is left to relay.
             return Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed));
@@ -531,7 +539,7 @@ where
         // Silence carried in counts: the timers run on from where the other process left them.
         let mut quiet_floor = start.checked_sub(ended.quiet_for).unwrap_or(start);
         let stall = opts.stall_timeout;
-        let (mut up_acked, mut down_acked) = (None, None);
+        let mut stalls = StallWatch::default();
         let timer = tokio::time::sleep_until((quiet_floor + limit).min(start + stall));
         tokio::pin!(timer);
         // The timer, the cut and `carry` rarely fire: polled only when one of them woke the task, not on
@@ -566,18 +574,14 @@ where
                 }
                 Event::Timer => {
                     let now = Instant::now();
-                    let (up_stalled, up_at) = up.stall_look(&mut up_acked, stall, now);
-                    let (down_stalled, down_at) = down.stall_look(&mut down_acked, stall, now);
-                    if up_stalled || down_stalled {
+                    let Some(next_look) = stalls.look(up, down, stall, now) else {
                         return Supervised::cut(Outcome::StallTimeout);
-                    }
+                    };
                     let quiet = quiet_since(quiet_floor);
                     if now >= quiet + limit {
                         return Supervised::ended(timeout_end);
                     }
-                    timer
-                        .as_mut()
-                        .reset(next_check(quiet + limit, now + stall, up_at, down_at));
+                    timer.as_mut().reset((quiet + limit).min(next_look));
                     rare.set();
                     continue;
                 }
@@ -596,30 +600,45 @@ where
             limit = opts.half_close_timeout;
             timeout_end = Outcome::HalfCloseTimeout;
             quiet_floor = Instant::now();
-            timer
-                .as_mut()
-                .reset((quiet_floor + limit).min(quiet_floor + stall));
+            timer.as_mut().reset(quiet_floor + limit.min(stall));
             rare.set();
         }
     }
 }
 
-/// When a supervised relay's timer looks next: at the inactivity deadline `idle`, at the instant
-/// a waiting direction could have stalled, and otherwise one `stall_timeout` on (`no_wait`), so
-/// that a direction whose destination stops taking bytes is cut between one and two
-/// `stall_timeout`s after its peer last acknowledged one. (The pumps do not wake the supervisor
-/// when they start waiting: that is the path of every back-pressured write.)
-fn next_check(
-    idle: Instant,
-    no_wait: Instant,
-    up: Option<Instant>,
-    down: Option<Instant>,
-) -> Instant {
-    let stall = match (up, down) {
-        (None, None) => no_wait,
-        (a, b) => a.into_iter().chain(b).min().unwrap_or(no_wait),
-    };
-    idle.min(stall)
+/// What a supervised relay's looks for `stall_timeout` saw of each direction (`Flow::stall_look`).
+#[derive(Default)]
+struct StallWatch {
+    up: Option<Acked>,
+    down: Option<Acked>,
+}
+
+impl StallWatch {
+    /// Looks at both directions at `now`: `None` when one has stalled (the connection is to be
+    /// cut), else when to look next: when a waiting direction could have stalled, or one `limit`
+    /// on, so that a direction whose destination stops taking bytes is cut between one and two
+    /// `limit`s after its peer last acknowledged one. (The pumps do not wake the supervisor when
+    /// they start waiting: that is the path of every back-pressured write.)
+    fn look(
+        &mut self,
+        up: &Flow<'_>,
+        down: &Flow<'_>,
+        limit: Duration,
+        now: Instant,
+    ) -> Option<Instant> {
+        let (up_stalled, up_at) = up.stall_look(&mut self.up, limit, now);
+        let (down_stalled, down_at) = down.stall_look(&mut self.down, limit, now);
+        if up_stalled || down_stalled {
+            return None;
+        }
+        Some(
+            up_at
+                .into_iter()
+                .chain(down_at)
+                .min()
+                .unwrap_or(now + limit),
+        )
+    }
 }
 
 /// What woke a supervised relay.

@@ -2179,10 +2179,7 @@ fn a_key_others_may_read_is_refused_unless_allowed() {
 /// alone, it passes. (No Engine is reached: the check reads the files as the start does.)
 #[test]
 fn a_docker_client_key_others_may_read_is_refused() {
-    let dir = tmp_file("ca.pem", "")
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let dir = tmp_file("ca.pem", "").parent().unwrap().to_path_buf();
     let pki = crate::common::pki::Pki::new("docker key mode");
     let pair = pki.server("docker-client", &["docker.test"]);
     std::fs::copy(&pair.cert, dir.join("cert.pem")).unwrap();
