@@ -619,10 +619,12 @@ fn replicas_reach_an_engine_over_tls() {
                 docker::tls_dir(dir).display()
             )
         };
+        // The fixtures' keys are checked in, so 0644 on checkout: allowed, as they are not secret.
+        let readable = "allow_readable_keys: true\n";
         let p = Proxy::start(&config(
             &scope,
             &format!("min: 1, max: 2, {}", over_tls("engine")),
-            "",
+            readable,
         ))
         .await;
         let a = p.admin.unwrap();
@@ -636,7 +638,7 @@ fn replicas_reach_an_engine_over_tls() {
         let q = Proxy::start(&config(
             &scope,
             &format!("min: 0, max: 2, {}", over_tls("untrusted")),
-            "",
+            readable,
         ))
         .await;
         let (status, body) = scale(q.admin.unwrap(), "POST", "/add", r#"{"n": 1}"#).await;
