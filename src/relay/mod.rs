@@ -831,10 +831,7 @@ impl<'a> Flow<'a> {
         }
         // Where the kernel does not say, the bytes written stand for it.
         #[cfg(target_os = "linux")]
-        let bytes = tcp_info::of_raw(self.dst)
-            .ok()
-            .and_then(|(info, len)| tcp_info::bytes_acked_in(&info, len))
-            .unwrap_or_else(|| self.bytes());
+        let bytes = tcp_info::bytes_acked(self.dst).unwrap_or_else(|| self.bytes());
         #[cfg(not(target_os = "linux"))]
         let bytes = self.bytes();
         match *seen {

@@ -939,7 +939,7 @@ impl<C> Conn<C> {
             let dst = if i == 0 { &self.backend } else { &self.client };
             let acked = dst
                 .as_ref()
-                .and_then(|fd| super::tcp_info::bytes_acked(fd.as_fd()));
+                .and_then(|fd| super::tcp_info::bytes_acked(fd.as_raw_fd()));
             cut |= stall_verdict(d, acked, now);
         }
         cut

@@ -6,7 +6,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::RawFd;
 
 /// The `TCP_INFO` of socket `fd`. Safe whatever `fd` is: the kernel writes only into the struct
 /// given (a descriptor that is no socket is an error).
@@ -32,13 +32,8 @@ pub(crate) fn of_raw(fd: RawFd) -> io::Result<(libc::tcp_info, usize)> {
 
 /// The bytes the peer of `fd` has acknowledged so far (`tcpi_bytes_acked`), `None` where the
 /// kernel does not say (before Linux 4.1, or not a TCP socket).
-pub(crate) fn bytes_acked(fd: BorrowedFd<'_>) -> Option<u64> {
-    let (info, len) = of_raw(fd.as_raw_fd()).ok()?;
-    bytes_acked_in(&info, len)
-}
-
-/// `tcpi_bytes_acked` of a `TCP_INFO` the kernel filled `len` bytes of, if it reaches that far.
-pub(crate) fn bytes_acked_in(info: &libc::tcp_info, len: usize) -> Option<u64> {
+pub(crate) fn bytes_acked(fd: RawFd) -> Option<u64> {
+    let (info, len) = of_raw(fd).ok()?;
     let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + std::mem::size_of::<u64>();
     (len >= end).then_some(info.tcpi_bytes_acked)
 }
@@ -47,27 +42,31 @@ pub(crate) fn bytes_acked_in(info: &libc::tcp_info, len: usize) -> Option<u64> {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::os::fd::AsFd;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn the_bytes_a_peer_took_are_counted() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut b, _) = l.accept().unwrap();
-        let before = bytes_acked(a.as_fd()).expect("TCP_INFO says");
+        let before = bytes_acked(a.as_raw_fd()).expect("TCP_INFO says");
         a.write_all(&[7u8; 1000]).unwrap();
         let mut got = [0u8; 1000];
         b.read_exact(&mut got).unwrap();
         // The ACK may trail the read by a moment: bounded by count, not by time.
         let mut after = before;
         for _ in 0..200 {
-            after = bytes_acked(a.as_fd()).unwrap();
+            after = bytes_acked(a.as_raw_fd()).unwrap();
             if after >= before + 1000 {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(after - before, 1000);
-        assert_eq!(bytes_acked(std::io::stdin().as_fd()), None, "not a socket");
+        assert_eq!(
+            bytes_acked(std::io::stdin().as_raw_fd()),
+            None,
+            "not a socket"
+        );
     }
 }
