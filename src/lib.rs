@@ -7,10 +7,11 @@
 //! - `workers`: the data-plane threads.
 //! - `listener`: binds the listening sockets and runs the accept loop, which never dies; one tracing
 //!   span per connection.
-//! - `ring_workers`: the data-plane threads of `relay: ring` services, one io_uring loop each (the
-//!   loop itself is `relay/ring.rs`), and what they ask of a service: admission, a backend, the
-//!   accounting of each connection's end (session's own); one tracing span per connection. A client
-//!   accepted for an address no longer on the ring goes to `listener`'s tokio side.
+//! - `ring`: the default data plane, the ring workers: one thread per core running its own
+//!   io_uring loop (accept, connect, relay and close; `ring/mod.rs` and its steps), its host that
+//!   admits, picks and accounts through `session` (`host.rs`), and the threads (`workers.rs`); one
+//!   tracing span per connection. What it cannot serve (TLS, a shared address) runs on `listener`'s
+//!   tokio side.
 //! - `session`: one client's life: on a shared address its route (the PROXY header, the TLS
 //!   ClientHello), the PROXY header in, admission, TLS termination, select, connect with retry on
 //!   another backend, the PROXY header out, TLS origination, relay, account.
@@ -24,7 +25,8 @@
 //! - [`pool`]: a service's backends and their state machines, membership by difference, eligibility
 //!   (health, passive ejection, drain, slow start), and the snapshot the hot path reads.
 //! - `balance`: the selection policies, pure, over any backend-like `Candidate`.
-//! - `relay`: moving bytes both ways with half-close and reset propagation: copy, splice, io_uring.
+//! - `relay`: the contract every engine keeps (half-close, resets, timeouts, the quiet point an
+//!   upgrade stops at) and the tokio engines: copy, splice, epoll.
 //! - [`routelog`]: the one routing-decision line per connection.
 //! - [`outcome`]: how a connection ended, one type for the log, the counters and the metrics.
 //!
@@ -51,7 +53,8 @@
 //! - [`selfcheck`]: the `healthcheck` subcommand's client (asks a running sluicegate's `/ready`).
 //!
 //! **Shared**: [`config`] (the YAML schema and its validation), [`sockets`] (listening sockets given
-//! to the process by the one it replaced or by systemd, taken before binding), `metrics` (how a subsystem declares
+//! to the process by the one it replaced or by systemd, taken before binding), `uring` (io_uring to
+//! this process: whether it is usable, a ring's setup, the provided buffers), `metrics` (how a subsystem declares
 //! the metrics it exports, a `Table` next to its typed view, and the Prometheus text format; the admin
 //! API asks each subsystem for its samples) and `util` (small pieces every layer uses).
 //!
@@ -63,7 +66,7 @@
 //! 1. `app`
 //! 2. `admin`, `upgrade`
 //! 3. `control`
-//! 4. `ring_workers`
+//! 4. `ring`
 //! 5. `listener`
 //! 6. `session`
 //! 7. `route`
@@ -72,7 +75,18 @@
 //! 10. `logging`, `pool`, `tls`
 //! 11. `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `routelog`, `selfcheck`
 //! 12. `docker`
-//! 13. `config`, `metrics`, `outcome`, `sockets`, `util`, `workers`
+//! 13. `config`, `metrics`, `outcome`, `sockets`, `uring`, `util`, `workers`
+//!
+//! ## Where `unsafe` may be
+//!
+//! The crate denies `unsafe_code`. Only the data plane's kernel-facing code opts in, each block with
+//! its safety argument, behind types that own what the kernel may touch (`python3 .ci/unsafe.py`
+//! fails on an `unsafe` anywhere else):
+//! - `uring/`: the provided-buffer pool's memory, shared with the kernel, and the probe's one entry.
+//! - `ring/`: the ring workers' submissions, which point the kernel at sockets and buffers the loop
+//!   keeps alive until their last completion.
+//! - `relay/splice.rs`: `pipe2`, `fcntl` and `splice(2)` on borrowed descriptors.
+//! - `relay/tcp_info.rs`: `getsockopt(TCP_INFO)` into a struct of its own.
 //!
 //! `docs/architecture.md` walks one connection through these modules by file and function.
 //! `main.rs` only parses the command line, loads the config, sets up logging and signals, and runs an
@@ -101,7 +115,7 @@ pub mod proxy_protocol;
 mod relay;
 mod replicas;
 #[cfg(target_os = "linux")]
-mod ring_workers;
+pub(crate) mod ring;
 mod route;
 pub mod routelog;
 pub mod selfcheck;
@@ -110,6 +124,8 @@ mod session;
 pub mod sockets;
 pub mod tls;
 pub mod upgrade;
+#[cfg(target_os = "linux")]
+mod uring;
 mod util;
 mod workers;
 
@@ -121,3 +137,48 @@ pub use health::{AgentSays, Health};
 pub use listener::BindError;
 pub use outcome::Outcome;
 pub use service::{Service, ServiceStats};
+
+#[cfg(test)]
+mod module_map {
+    use std::collections::BTreeMap;
+
+    /// The import order above: each module with its line's number.
+    fn import_order() -> BTreeMap<String, u32> {
+        let lib = include_str!("lib.rs");
+        let (_, list) = lib
+            .split_once("//! ## Import order")
+            .expect("the import order");
+        let mut order = BTreeMap::new();
+        for line in list.lines().map(|l| l.trim_start_matches("//!").trim()) {
+            let Some((n, mods)) = line.split_once(". ") else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u32>() else { continue };
+            for m in mods.split(", ") {
+                order.insert(m.trim_matches('`').to_string(), n);
+            }
+        }
+        order
+    }
+
+    /// docs/architecture.md's module map is this file's import order: every module on the line
+    /// of the same number, each once (`.ci/modgraph.py` checks the code against the list here).
+    #[test]
+    fn the_architecture_module_map_is_the_import_order() {
+        let mut documented = BTreeMap::new();
+        for row in crate::util::doc_table("architecture.md", "| order | module | owns |") {
+            let n: u32 = row[0].parse().expect("an order number");
+            for m in row[1].split(", ") {
+                let m = m
+                    .trim_matches('`')
+                    .trim_end_matches('/')
+                    .trim_end_matches(".rs");
+                let again = documented.insert(m.to_string(), n);
+                assert_eq!(again, None, "{m} is in the module map twice");
+            }
+        }
+        let order = import_order();
+        assert!(order.len() > 20, "the import order was not read: {order:?}");
+        assert_eq!(documented, order);
+    }
+}

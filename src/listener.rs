@@ -7,7 +7,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -170,7 +169,7 @@ fn dispatch(
     if let Some(current) = routes.table.only() {
         // The address's one service: no route to read.
         let service = current.load_full();
-        service.stats.accepted.fetch_add(1, Relaxed);
+        service.stats.accepted();
         let span = session::span(Some(&service.name), peer, local);
         match ClientSlot::take(&service, gate.enter()) {
             Ok(slot) => {

@@ -441,8 +441,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn only_an_address_of_one_ring_service_is_the_rings() {
-        if let Err(why) = crate::relay::ring::availability() {
-            eprintln!("skipped: `ring` runs as `epoll` here: {why}");
+        if crate::uring::missing_in_test() {
             return;
         }
         let cfg = crate::config::Config::from_yaml(

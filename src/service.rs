@@ -62,29 +62,32 @@ pub struct Service {
     events: EventBus,
 }
 
+/// A service's counters, shared by every version of it across reloads. Written only through its
+/// methods, each named for the event it counts (`accepted`, `relayed`, ...), so what a counter
+/// means is decided here; everyone else reads.
 #[derive(Debug, Default)]
 pub struct ServiceStats {
     /// Connections accepted.
-    pub accepted: AtomicU64,
+    accepted: AtomicU64,
     /// Client connections open now.
-    pub active: AtomicU64,
+    active: AtomicU64,
     /// Whether the last selection found no backend; logged only when it flips.
     no_backend_now: AtomicBool,
     /// Times the service went into or out of "no backend available".
-    pub no_backend_transitions: AtomicU64,
+    no_backend_transitions: AtomicU64,
     /// Client connections by how they ended (relayed or refused), indexed like [`Outcome::ALL`].
     ends: [AtomicU64; Outcome::ALL.len()],
     /// Relayed connections in which at least one direction ran on splice.
-    pub spliced: AtomicU64,
-    /// Relayed connections that ran on the io_uring engine.
-    pub uring: AtomicU64,
+    spliced: AtomicU64,
+    /// Relayed connections the ring workers carried (`ring/`).
+    ring: AtomicU64,
     /// Bytes of finished connections, client → backend and back.
-    pub bytes_up: AtomicU64,
-    pub bytes_down: AtomicU64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
     /// TLS handshakes with clients, by result, indexed like [`TlsResult::ALL`].
     tls_handshakes: [AtomicU64; TlsResult::ALL.len()],
     /// How long the successful ones took.
-    pub(crate) tls_handshake_time: Histogram,
+    tls_handshake_time: Histogram,
 }
 
 /// How a TLS handshake with a client ended.
@@ -173,7 +176,7 @@ impl ServiceStats {
             ("accepted", &self.accepted),
             ("no_backend_transitions", &self.no_backend_transitions),
             ("spliced", &self.spliced),
-            ("uring", &self.uring),
+            ("ring", &self.ring),
             ("bytes_up", &self.bytes_up),
             ("bytes_down", &self.bytes_down),
         ] {
@@ -198,7 +201,8 @@ impl ServiceStats {
                 "accepted" => &self.accepted,
                 "no_backend_transitions" => &self.no_backend_transitions,
                 "spliced" => &self.spliced,
-                "uring" => &self.uring,
+                // Before 0.x the ring's count went by the retired io_uring engine's name.
+                "ring" | "uring" => &self.ring,
                 "bytes_up" => &self.bytes_up,
                 "bytes_down" => &self.bytes_down,
                 _ => {
@@ -220,8 +224,88 @@ impl ServiceStats {
         }
     }
 
+    /// A client ended so (relayed or refused).
     pub(crate) fn count(&self, outcome: Outcome) {
         self.ends[outcome.index()].fetch_add(1, Relaxed);
+    }
+
+    /// A client was accepted (on any data plane).
+    pub(crate) fn accepted(&self) {
+        self.accepted.fetch_add(1, Relaxed);
+    }
+
+    /// A client takes one of the service's `cap` places: `false`, counting nothing, when all are
+    /// taken. Counted first and taken back when over, so two racing for the last place cannot
+    /// both win.
+    pub(crate) fn enter(&self, cap: u64) -> bool {
+        if self.active.fetch_add(1, Relaxed) >= cap {
+            self.active.fetch_sub(1, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// A client carried in from another process takes a place, whatever the cap.
+    pub(crate) fn enter_anyway(&self) {
+        self.active.fetch_add(1, Relaxed);
+    }
+
+    /// A client that [`entered`](ServiceStats::enter) has gone.
+    pub(crate) fn left(&self) {
+        self.active.fetch_sub(1, Relaxed);
+    }
+
+    /// A relayed connection ended: its bytes, and which engine paths it took.
+    pub(crate) fn relayed(&self, relayed: &crate::relay::Relayed) {
+        self.bytes_up.fetch_add(relayed.bytes_up, Relaxed);
+        self.bytes_down.fetch_add(relayed.bytes_down, Relaxed);
+        if relayed.spliced {
+            self.spliced.fetch_add(1, Relaxed);
+        }
+        if relayed.ring {
+            self.ring.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Selection found a backend (`found`) or none: counts a flip of "no backend available", and
+    /// says whether this was one.
+    fn no_backend(&self, found: bool) -> bool {
+        let flipped = self.no_backend_now.load(Relaxed) == found
+            && self.no_backend_now.swap(!found, Relaxed) == found;
+        if flipped {
+            self.no_backend_transitions.fetch_add(1, Relaxed);
+        }
+        flipped
+    }
+
+    /// Clients accepted so far.
+    pub fn accepted_total(&self) -> u64 {
+        self.accepted.load(Relaxed)
+    }
+
+    /// Client connections open now.
+    pub fn active_now(&self) -> u64 {
+        self.active.load(Relaxed)
+    }
+
+    /// Relayed connections in which a direction ran on splice.
+    pub fn spliced_total(&self) -> u64 {
+        self.spliced.load(Relaxed)
+    }
+
+    /// Relayed connections the ring workers carried.
+    pub fn ring_total(&self) -> u64 {
+        self.ring.load(Relaxed)
+    }
+
+    /// Bytes of finished connections: client → backend, and back.
+    pub fn bytes_total(&self) -> (u64, u64) {
+        (self.bytes_up.load(Relaxed), self.bytes_down.load(Relaxed))
+    }
+
+    /// Times the service went into or out of "no backend available".
+    pub fn no_backend_transitions_total(&self) -> u64 {
+        self.no_backend_transitions.load(Relaxed)
     }
 
     /// A TLS handshake with a client ended so, after `took`.
@@ -400,10 +484,7 @@ impl Service {
     /// Notes whether a selection found a backend, logging only the transitions into and out of
     /// "no backend available". The common case is one relaxed load.
     pub(crate) fn note_selection(&self, found: bool) {
-        if self.stats.no_backend_now.load(Relaxed) == found
-            && self.stats.no_backend_now.swap(!found, Relaxed) == found
-        {
-            self.stats.no_backend_transitions.fetch_add(1, Relaxed);
+        if self.stats.no_backend(found) {
             if found {
                 tracing::info!(service = %self.name, "backends available again");
             } else {
@@ -430,7 +511,8 @@ impl Service {
             connect_failed: ends[Outcome::ConnectFailed.index()],
             over_limit: ends[Outcome::MaxConnections.index()],
             spliced: st.spliced.load(Relaxed),
-            uring: st.uring.load(Relaxed),
+            ring: st.ring.load(Relaxed),
+            uring: st.ring.load(Relaxed),
             ends,
             bytes_up: st.bytes_up.load(Relaxed),
             bytes_down: st.bytes_down.load(Relaxed),
@@ -480,6 +562,10 @@ pub struct ServiceView {
     pub connect_failed: u64,
     pub over_limit: u64,
     pub spliced: u64,
+    /// Relayed connections the ring workers carried.
+    pub ring: u64,
+    /// `ring` under its name in 0.1, when an io_uring engine on tokio counted there too: kept
+    /// until 0.2 so dashboards and scripts reading it go on working (docs/admin-api.md).
     pub uring: u64,
     /// Client connections by how they ended, indexed like [`Outcome::ALL`] (by name in JSON).
     #[serde(serialize_with = "ends_by_name")]
@@ -612,8 +698,15 @@ pub(crate) const METRICS: Table<ServiceView> = Table {
         ),
         Family::new(
             Kind::Counter,
+            "sluicegate_connections_ring_total",
+            "Relayed connections the ring workers carried.",
+            &[],
+            |s, o| o.put(&[], s.ring),
+        ),
+        Family::new(
+            Kind::Counter,
             "sluicegate_connections_uring_total",
-            "Relayed connections that ran on the io_uring engine.",
+            "Deprecated (removed in 0.2): sluicegate_connections_ring_total under its 0.1 name.",
             &[],
             |s, o| o.put(&[], s.uring),
         ),
@@ -831,7 +924,7 @@ pub(crate) const BACKEND_METRICS: Table<BackendSubject> = Table {
             "Time of successful connects to the backend.",
             &[],
             |b, o| {
-                let (counts, sum, count) = b.backend.stats.connect.cumulative();
+                let (counts, sum, count) = b.backend.stats.connect_times();
                 o.histogram(&[], connect_les(), &counts, sum, count);
             },
         ),

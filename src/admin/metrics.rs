@@ -7,7 +7,7 @@ use crate::logging::Dropped;
 use crate::metrics::{Page, ProcessStats, PROCESS};
 use crate::replicas::ReplicaCounts;
 #[cfg(target_os = "linux")]
-use crate::ring_workers::{self, WorkerView};
+use crate::ring::{self, WorkerView};
 use crate::route::UnroutedView;
 use crate::service::{self, BackendSubject, ServiceView};
 use crate::{discovery, logging, replicas, route};
@@ -76,7 +76,7 @@ impl Views {
         page.write(&discovery::docker::METRICS, &self.docker_labels);
         page.write(&route::METRICS, &self.unrouted);
         #[cfg(target_os = "linux")]
-        page.write(&ring_workers::METRICS, &self.ring);
+        page.write(&ring::METRICS, &self.ring);
     }
 }
 

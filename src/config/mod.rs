@@ -586,9 +586,41 @@ impl RelayMode {
             RelayMode::Epoll => "epoll",
             RelayMode::Splice => "splice",
             RelayMode::Copy => "copy",
-            RelayMode::Uring => "uring",
             RelayMode::Ring => "ring",
         }
+    }
+}
+
+impl RelayMode {
+    const ALL: [RelayMode; 5] = [
+        RelayMode::Auto,
+        RelayMode::Epoll,
+        RelayMode::Splice,
+        RelayMode::Copy,
+        RelayMode::Ring,
+    ];
+}
+
+/// `relay: uring` was an io_uring engine on tokio's workers beside the ring workers; it was
+/// retired, and the value is refused with an error that names what replaces it rather than mapped:
+/// a config that keeps loading while it means something else hides the change, and an upgrade
+/// whose new process refuses the config leaves the old one serving.
+impl<'de> Deserialize<'de> for RelayMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RelayMode, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Some(mode) = RelayMode::ALL.into_iter().find(|m| m.as_str() == s) {
+            return Ok(mode);
+        }
+        if s == "uring" {
+            return Err(serde::de::Error::custom(
+                "`uring` was retired: io_uring now runs as the ring workers: write `ring` \
+                 (plain TCP on an address of its own) or `auto` (the ring where it can serve the \
+                 service, epoll elsewhere)",
+            ));
+        }
+        Err(serde::de::Error::custom(format!(
+            "unknown relay engine `{s}`: expected one of auto, epoll, splice, copy, ring"
+        )))
     }
 }
 
@@ -604,8 +636,7 @@ impl Policy {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RelayMode {
     /// The ring where it can serve the service (io_uring available; plain TCP, no `sni` or `alpn`,
     /// on addresses no other service shares), `epoll` elsewhere: resolved when the service starts
@@ -617,8 +648,6 @@ pub enum RelayMode {
     Epoll,
     Splice,
     Copy,
-    /// io_uring (Linux): receives and sends batched through the worker's ring.
-    Uring,
     /// Ring workers (Linux 6.1+): accept, connect, relay and close on one io_uring loop per core,
     /// outside tokio's reactor. Plain TCP on an address of its own for now: no `tls`,
     /// `backend_tls`, `sni` or `alpn`.
@@ -1319,6 +1348,32 @@ mod tests {
             let e = refused(&listen, &extra);
             assert!(e.contains("repetition limit exceeded"), "{e}");
         }
+    }
+
+    /// The retired `uring` engine is refused by name with what replaces it, every engine's name
+    /// reads back as itself, and an unknown one lists them.
+    #[test]
+    fn relay_engines_parse_by_name_and_uring_says_it_was_retired() {
+        for mode in RelayMode::ALL {
+            let c = Config::from_yaml(&one_service(&format!("    relay: {}\n", mode.as_str())));
+            assert_eq!(c.unwrap().services[0].relay, mode);
+        }
+        let e = Config::from_yaml(&one_service("    relay: uring\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("services[0].relay: `uring` was retired") && e.contains("write `ring`"),
+            "{e}"
+        );
+        let e = Config::from_yaml(&one_service("    relay: fast\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "services[0].relay: unknown relay engine `fast`: expected one of auto, epoll"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -290,7 +290,7 @@ fn validate_ring(p: &mut Problems, i: usize, s: &ServiceConfig) {
         if set {
             p.add(
                 at(key),
-                format!("relay: ring does not support {key} yet: use relay: uring or auto for this service"),
+                format!("relay: ring does not support {key} yet: use relay: auto (or epoll) for this service"),
             );
         }
     }

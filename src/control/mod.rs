@@ -40,7 +40,7 @@ use crate::listener::{self, BindError};
 use crate::pool::Backend;
 use crate::replicas::ReplicaSet;
 #[cfg(target_os = "linux")]
-use crate::ring_workers::RingWorkers;
+use crate::ring::RingWorkers;
 use crate::route::Routes;
 use crate::service::Service;
 use crate::tls::{self, ServiceTls, TlsError};
@@ -552,7 +552,7 @@ impl Control {
                 Ok(r) => RingState::Running(Arc::new(r)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the ring workers; their services run on the epoll engine");
-                    crate::relay::ring::workers_failed(e.to_string());
+                    crate::uring::workers_failed(e.to_string());
                     RingState::Failed
                 }
             };
@@ -565,7 +565,7 @@ impl Control {
 
     /// Each ring worker's counters, if they have started (reading them does not start them).
     #[cfg(target_os = "linux")]
-    pub(crate) fn ring_views(&self) -> Vec<crate::ring_workers::WorkerView> {
+    pub(crate) fn ring_views(&self) -> Vec<crate::ring::WorkerView> {
         match &*lock(&self.ring) {
             RingState::Running(r) => r.views(),
             _ => Vec::new(),

@@ -172,24 +172,67 @@ impl Histogram {
     }
 }
 
+/// A backend's counters. Written only through its methods and [`Backend`]'s transitions, each
+/// named for the event it counts; the byte counters are lent to a relay while it moves bytes
+/// ([`BackendStats::live`]), since they count as bytes move, not when a connection ends.
 #[derive(Debug, Default)]
 pub struct BackendStats {
     /// Connections counted from the start of their connect (least-connections relies on that).
     /// Written only by [`ActiveGuard`]; read with [`Backend::active`].
     active: AtomicU64,
     /// Connections established to this backend.
-    pub total: AtomicU64,
+    total: AtomicU64,
     /// Connect attempts that failed (timeout, refused, reset).
-    pub failed: AtomicU64,
+    failed: AtomicU64,
     /// Bytes forwarded client → backend, counted as they move.
-    pub bytes_up: AtomicU64,
+    bytes_up: AtomicU64,
     /// Bytes forwarded backend → client, counted as they move.
-    pub bytes_down: AtomicU64,
+    bytes_down: AtomicU64,
     /// Time of successful connects.
-    pub connect: Histogram,
+    connect: Histogram,
 }
 
 impl BackendStats {
+    /// A connect to the backend succeeded after `took`.
+    pub(crate) fn connected(&self, took: std::time::Duration) {
+        self.connect.observe(took);
+    }
+
+    /// Bytes moved to the backend (`up`) and from it (`down`), by an engine that counts them
+    /// itself (the ring workers).
+    pub(crate) fn moved(&self, up: u64, down: u64) {
+        self.bytes_up.fetch_add(up, Relaxed);
+        self.bytes_down.fetch_add(down, Relaxed);
+    }
+
+    /// The byte counters, lent to a tokio relay that counts each write as it happens.
+    pub(crate) fn live(&self) -> crate::relay::LiveCounters<'_> {
+        crate::relay::LiveCounters {
+            up: &self.bytes_up,
+            down: &self.bytes_down,
+        }
+    }
+
+    /// Connections established so far.
+    pub fn total(&self) -> u64 {
+        self.total.load(Relaxed)
+    }
+
+    /// Connect attempts that failed so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Relaxed)
+    }
+
+    /// Bytes moved so far: client → backend, and back.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.bytes_up.load(Relaxed), self.bytes_down.load(Relaxed))
+    }
+
+    /// Successful connects' times: bucket counts, their sum in seconds, and how many.
+    pub(crate) fn connect_times(&self) -> (Vec<u64>, f64, u64) {
+        self.connect.cumulative()
+    }
+
     /// Every total by name, for an upgrade to carry into the new process ([`BackendStats::add`]).
     pub(crate) fn totals(&self) -> std::collections::BTreeMap<String, u64> {
         self.counters()

@@ -759,7 +759,6 @@ impl Claims for Pool {
 mod tests {
     use super::*;
     use crate::config::Weight;
-    use std::sync::atomic::Ordering::Relaxed;
 
     fn pool(max_fails: u32) -> Arc<Pool> {
         let settings = PoolSettings {
@@ -813,7 +812,7 @@ mod tests {
             Some(2),
             "on probation: one failure ejects"
         );
-        assert_eq!(b.stats.failed.load(Relaxed), 3);
+        assert_eq!(b.stats.failed(), 3);
     }
 
     /// Under tokio's paused clock: a backend that joins a warm pool ramps over `slow_start` (10 s)
@@ -1010,7 +1009,10 @@ mod tests {
         let p = pool(3);
         let a = |i| SocketAddr::from(([127, 0, 0, i], 80));
         let w = |n| Weight::new(n).unwrap();
-        p.member(a(2)).unwrap().stats.total.store(7, Relaxed);
+        p.member(a(2))
+            .unwrap()
+            .stats
+            .add(&[("total".to_string(), 7)].into());
         let ts = p.reconcile(Source::Static, vec![(a(2), w(4)), (a(4), w(1))]);
         assert_eq!(ts.len(), 4, "{ts:?}");
         assert!(ts.contains(&Transition::Reweighted {
@@ -1027,15 +1029,18 @@ mod tests {
                 .count(),
             2
         );
-        assert_eq!(p.member(a(2)).unwrap().stats.total.load(Relaxed), 7);
+        assert_eq!(p.member(a(2)).unwrap().stats.total(), 7);
         // The same claim again changes nothing.
         assert!(p
             .reconcile(Source::Static, vec![(a(2), w(4)), (a(4), w(1))])
             .is_empty());
         // A backend that comes back within the memory window gets its counters back.
-        p.member(a(4)).unwrap().stats.total.store(5, Relaxed);
+        p.member(a(4))
+            .unwrap()
+            .stats
+            .add(&[("total".to_string(), 5)].into());
         p.reconcile(Source::Static, vec![(a(2), w(4))]);
         p.reconcile(Source::Static, vec![(a(2), w(4)), (a(4), w(1))]);
-        assert_eq!(p.member(a(4)).unwrap().stats.total.load(Relaxed), 5);
+        assert_eq!(p.member(a(4)).unwrap().stats.total(), 5);
     }
 }

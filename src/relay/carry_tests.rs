@@ -192,19 +192,9 @@ fn a_spliced_relay_is_carried_exactly() {
 }
 
 #[test]
-fn an_auto_relay_is_carried_exactly() {
+fn an_epoll_relay_is_carried_exactly() {
     for ms in [0, 3, 30] {
         run(RelayMode::Epoll, Duration::from_millis(ms));
-    }
-}
-
-#[test]
-fn a_ring_relay_is_carried_exactly() {
-    if uring::availability().is_err() {
-        return;
-    }
-    for ms in [0, 3, 30] {
-        run(RelayMode::Uring, Duration::from_millis(ms));
     }
 }
 

@@ -5,8 +5,8 @@
 //!   direction keeps flowing until it ends too (or `half_close_timeout` passes).
 //! - **Resets.** An error on one side (RST, EPIPE) is passed on as a reset (SO_LINGER 0) on the other,
 //!   so a peer never mistakes a broken stream for a complete one.
-//! - **Bounded buffering.** A stated cap per direction (one buffer or one pipe here; the io_uring
-//!   engines' pool buffers up to their cap); a slow reader stalls its writer through TCP
+//! - **Bounded buffering.** A stated cap per direction (one buffer or one pipe here; the ring
+//!   workers' pool buffers up to their cap); a slow reader stalls its writer through TCP
 //!   back-pressure instead of growing memory, and a destination that takes no byte for
 //!   `stall_timeout` while bytes wait for it has its connection cut, both sides reset.
 //! - **Exact counts.** Bytes are counted when written to the destination, so the totals are exact even
@@ -15,27 +15,23 @@
 //! Engines: `copy` moves bytes through a user-space buffer; `splice` (Linux) moves them socket → pipe →
 //! socket in the kernel; `epoll` copies and switches a direction to splice once it carries bulk data (a
 //! read fills the whole buffer), which keeps small request/response traffic on the cheaper copy path.
-//! A direction that cannot get a pipe copies. `uring` keeps one receive or send per direction in
-//! flight on the worker's io_uring ring (`uring.rs`) and, like `epoll`, splices a direction once it
-//! carries bulk data; where io_uring is unavailable it runs as `epoll`. The ring workers
-//! (`ring.rs`, driven by `ring_workers.rs`) serve `ring` services off tokio; `auto` is the ring where
-//! it can serve the service and `epoll` elsewhere ([`choose_engine`]).
+//! A direction that cannot get a pipe copies. These run on tokio, in a connection's task
+//! (`session`). The ring workers (`crate::ring`) are the other data plane: `ring` services are
+//! accepted, connected and relayed there, off tokio, under this same contract (this module's
+//! [`direction_ended`] and [`Supervised`] are theirs too); `auto` is the ring where it can serve the
+//! service and `epoll` elsewhere ([`choose_engine`]).
 
 #[cfg(all(test, target_os = "linux"))]
 mod carry_tests;
 mod clock;
-#[cfg(target_os = "linux")]
-pub(crate) mod ring;
 /// For tests elsewhere that count what a socket's kernel sent.
 #[cfg(all(test, target_os = "linux"))]
-pub(crate) use ring::tests::{tcp_info_fd, AckTimerRuns};
+pub(crate) use tcp_info::{tcp_info_fd, AckTimerRuns};
 #[cfg(target_os = "linux")]
-mod splice;
+pub(crate) mod splice;
 mod stream;
 #[cfg(target_os = "linux")]
 pub(crate) mod tcp_info;
-#[cfg(target_os = "linux")]
-pub(crate) mod uring;
 mod woken;
 
 use std::cell::RefCell;
@@ -72,7 +68,7 @@ pub(crate) struct RelayOptions {
     pub(crate) idle_timeout: Duration,
     pub(crate) half_close_timeout: Duration,
     /// `stall_timeout`: how long a destination may take nothing while bytes wait for it before
-    /// the connection is cut (every engine but `uring`).
+    /// the connection is cut.
     pub(crate) stall_timeout: Duration,
 }
 
@@ -93,8 +89,8 @@ pub(crate) struct Relayed {
     pub(crate) end: Outcome,
     /// Whether either direction ran on splice, i.e. held a pipe (for `epoll`: carried bulk data).
     pub(crate) spliced: bool,
-    /// Whether the connection ran on the io_uring engine.
-    pub(crate) uring: bool,
+    /// Whether the connection ran on the ring workers (`ring/`).
+    pub(crate) ring: bool,
     /// What broke it, when a side failed (the relay logs nothing: the session does, in its span).
     pub(crate) broken: Option<io::Error>,
     /// The relay stopped at a quiet point because `carry` fired: the connection is to go on in another
@@ -124,7 +120,7 @@ pub(crate) type Resumed = Quiesced;
 
 /// How one direction ended.
 #[derive(Debug)]
-enum DirEnd {
+pub(crate) enum DirEnd {
     /// The source sent FIN; the destination's write side has been shut down.
     Eof,
     /// Reading the source failed: the source side broke.
@@ -147,8 +143,6 @@ struct Flow<'a> {
     eof: AtomicBool,
     /// This direction runs on splice (holds a pipe).
     spliced: AtomicBool,
-    /// This direction runs on the io_uring ring.
-    uring: AtomicBool,
     /// The last successful write's [`clock::stamp`] (0 before the first), for the idle timer.
     last_active: AtomicU64,
     /// The socket this direction writes to (open as long as the relay runs): what its peer
@@ -164,15 +158,10 @@ struct Flow<'a> {
     /// The direction's pipe while it holds bytes and waits for the destination, for the same reason.
     #[cfg(target_os = "linux")]
     pipe: Parked<splice::PipeLease>,
-    /// `carry` fired: a ring pump stops at its next completion instead of starting another operation.
-    carrying: AtomicBool,
     /// Client → backend on a new connection of a copying engine, started with the backend's
     /// handshake ACK still held back for the client's first bytes ([`Begin::New`]): to be sent
     /// before this direction first waits for a client that has sent nothing ([`ack_unless_bytes`]).
     ack_held: AtomicBool,
-    /// The ring operation this direction waits for, if any (`uring.rs`), so `carry` can cancel it.
-    #[cfg(target_os = "linux")]
-    op: uring::InFlight,
 }
 
 /// A value a pump leaves where its relay can take it while the pump waits. The pump and its relay
@@ -214,32 +203,23 @@ struct Pending {
 }
 
 /// The engine a service configured with `mode` runs (see [`choose_engine`]); `fits_ring`: plain TCP
-/// on addresses of its own ([`crate::config::ServiceConfig::fits_ring`]). An engine that falls
-/// back for want of io_uring says so once per process and engine: every service of that engine
-/// falls back for the same reason (a warning for `uring` and `ring`, asked for by name; a note for
-/// `auto`, which never promised the ring).
+/// on addresses of its own ([`crate::config::ServiceConfig::fits_ring`]). A service that falls back
+/// for want of io_uring says so once per process and mode: every service of that mode falls back for
+/// the same reason (a warning for `ring`, asked for by name; a note for `auto`, which never promised
+/// the ring).
 pub(crate) fn engine_for(mode: RelayMode, service: &str, fits_ring: bool) -> RelayMode {
     #[cfg(target_os = "linux")]
-    let (ring, uring) = (ring::usable, || {
-        uring::availability()
-            .as_ref()
-            .map_err(String::as_str)
-            .copied()
-    });
+    let ring = crate::uring::usable;
     #[cfg(not(target_os = "linux"))]
-    let (ring, uring) = (
-        || Err("io_uring is Linux only"),
-        || Err("io_uring is Linux only"),
-    );
-    let (engine, unavailable) = choose_engine(mode, fits_ring, ring, uring);
+    let ring = || Err("io_uring is Linux only");
+    let (engine, unavailable) = choose_engine(mode, fits_ring, ring);
     let Some(why) = unavailable else {
         return engine;
     };
-    static SAID: [AtomicBool; 3] = [const { AtomicBool::new(false) }; 3];
+    static SAID: [AtomicBool; 2] = [const { AtomicBool::new(false) }; 2];
     let said = match mode {
         RelayMode::Ring => &SAID[0],
-        RelayMode::Uring => &SAID[1],
-        _ => &SAID[2],
+        _ => &SAID[1],
     };
     if said.swap(true, Relaxed) {
         return engine;
@@ -262,25 +242,23 @@ pub(crate) fn engine_for(mode: RelayMode, service: &str, fits_ring: bool) -> Rel
 }
 
 /// The engine for `mode`, given whether the ring workers could serve the service (`fits_ring`) and
-/// whether the ring workers can run here (`ring`) and the `uring` engine (`uring`): `auto` is the
-/// ring where both hold and `epoll` elsewhere; `uring` and `ring` without io_uring are `epoll`.
-/// The second value is why io_uring was wanted and is not there. `ring` and `uring` are asked only
-/// when the mode needs them: a process with no io_uring engine to run makes no io_uring call.
+/// whether they can run here (`ring`): `auto` is the ring where both hold and `epoll` elsewhere;
+/// `ring` without io_uring is `epoll`. The second value is why io_uring was wanted and is not there.
+/// `ring` is asked only when the mode needs it: a process with no service on the ring makes no
+/// io_uring call.
 pub(crate) fn choose_engine<'a>(
     mode: RelayMode,
     fits_ring: bool,
     ring: impl FnOnce() -> Result<(), &'a str>,
-    uring: impl FnOnce() -> Result<(), &'a str>,
 ) -> (RelayMode, Option<&'a str>) {
-    let or_epoll = |engine, available: Result<(), &'a str>| match available {
-        Ok(()) => (engine, None),
+    let or_epoll = |available: Result<(), &'a str>| match available {
+        Ok(()) => (RelayMode::Ring, None),
         Err(why) => (RelayMode::Epoll, Some(why)),
     };
     match mode {
-        RelayMode::Auto if fits_ring => or_epoll(RelayMode::Ring, ring()),
+        RelayMode::Auto if fits_ring => or_epoll(ring()),
         RelayMode::Auto => (RelayMode::Epoll, None),
-        RelayMode::Ring => or_epoll(RelayMode::Ring, ring()),
-        RelayMode::Uring => or_epoll(RelayMode::Uring, uring()),
+        RelayMode::Ring => or_epoll(ring()),
         RelayMode::Epoll | RelayMode::Splice | RelayMode::Copy => (mode, None),
     }
 }
@@ -440,7 +418,7 @@ fn conclude(
         bytes_down: down.bytes(),
         end: supervised.end,
         spliced: up.spliced.load(Relaxed) || down.spliced.load(Relaxed),
-        uring: up.uring.load(Relaxed) || down.uring.load(Relaxed),
+        ring: false,
         broken: supervised.broken,
         carried,
     }
@@ -448,25 +426,25 @@ fn conclude(
 
 /// A direction of a connection: client → backend, or back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
+pub(crate) enum Side {
     Up,
     Down,
 }
 
 /// How a supervised relay ended, and which sockets must be reset when closed.
-struct Supervised {
-    end: Outcome,
-    reset_client: bool,
-    reset_backend: bool,
+pub(crate) struct Supervised {
+    pub(crate) end: Outcome,
+    pub(crate) reset_client: bool,
+    pub(crate) reset_backend: bool,
     /// What broke it, when a side failed.
-    broken: Option<io::Error>,
+    pub(crate) broken: Option<io::Error>,
     /// Stopped for `carry`, quiet for this long: to go on in another process.
-    carried: Option<Duration>,
+    pub(crate) carried: Option<Duration>,
 }
 
 impl Supervised {
     /// A side failed: the other one must see a reset (`reset_client`: the client, else the backend).
-    fn broken(end: Outcome, reset_client: bool, cause: io::Error) -> Supervised {
+    pub(crate) fn broken(end: Outcome, reset_client: bool, cause: io::Error) -> Supervised {
         Supervised {
             end,
             reset_client,
@@ -476,7 +454,7 @@ impl Supervised {
         }
     }
 
-    fn ended(end: Outcome) -> Supervised {
+    pub(crate) fn ended(end: Outcome) -> Supervised {
         Supervised {
             end,
             reset_client: false,
@@ -489,7 +467,7 @@ impl Supervised {
     /// Cut from outside (a drain deadline, the backend's sessions cut) or for a destination that
     /// stopped reading (`stall_timeout`): a reset on both sides, so neither mistakes the cut for
     /// the end of the stream.
-    fn cut(end: Outcome) -> Supervised {
+    pub(crate) fn cut(end: Outcome) -> Supervised {
         Supervised {
             end,
             reset_client: true,
@@ -587,10 +565,7 @@ where
                 }
                 Event::Cut(end) => return Supervised::cut(end),
                 Event::Carry => {
-                    let quiet = quiet_since(quiet_floor);
-                    // Boxed: only an upgrade stops a relay, and every task would keep room for it.
-                    let stop = stop_for_carry(directions.as_mut(), up, down, first_fin, quiet);
-                    return Box::pin(stop).await;
+                    return stop_for_carry(up, down, first_fin, quiet_since(quiet_floor));
                 }
             }
             // A direction ended with EOF.
@@ -682,7 +657,11 @@ where
 
 /// What a direction's end means for the relay: `Some` when a side broke (the side that failed is
 /// gone; the other must see a reset), else nothing, after noting which side sent the first FIN.
-fn direction_ended(side: Side, end: DirEnd, first_fin: &mut Option<Outcome>) -> Option<Supervised> {
+pub(crate) fn direction_ended(
+    side: Side,
+    end: DirEnd,
+    first_fin: &mut Option<Outcome>,
+) -> Option<Supervised> {
     match (side, end) {
         (Side::Up, DirEnd::Eof) => {
             first_fin.get_or_insert(Outcome::ClientClosed);
@@ -710,59 +689,21 @@ fn direction_ended(side: Side, end: DirEnd, first_fin: &mut Option<Outcome>) -> 
 }
 
 /// How a relay stopped for `carry` ends: carried (quiet since `quiet`), or, when both directions
-/// ended or a side broke while it stopped, here as it would have.
-async fn stop_for_carry(
-    directions: Pin<&mut impl std::future::Future<Output = (Side, DirEnd)>>,
+/// had ended, as it would have. A pump of these engines is at a quiet point whenever it waits (what
+/// it holds is in its `Flow`), so stopping takes no wait.
+fn stop_for_carry(
     up: &Flow<'_>,
     down: &Flow<'_>,
     first_fin: Option<Outcome>,
     quiet: Instant,
 ) -> Supervised {
-    match quiesce(directions, up, down).await {
-        Ok(()) if up.eof.load(Relaxed) && down.eof.load(Relaxed) => {
-            Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed))
-        }
-        Ok(()) => Supervised {
-            carried: Some(Instant::now().saturating_duration_since(quiet)),
-            ..Supervised::ended(Outcome::ClientClosed)
-        },
-        Err((Side::Up, DirEnd::SourceError(e))) | Err((Side::Down, DirEnd::DestError(e))) => {
-            Supervised::broken(Outcome::ClientReset, false, e)
-        }
-        Err((_, DirEnd::SourceError(e) | DirEnd::DestError(e))) => {
-            Supervised::broken(Outcome::BackendReset, true, e)
-        }
-        Err((_, DirEnd::Eof | DirEnd::Carried)) => {
-            Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed))
-        }
+    if up.eof.load(Relaxed) && down.eof.load(Relaxed) {
+        return Supervised::ended(first_fin.unwrap_or(Outcome::ClientClosed));
     }
-}
-
-/// Brings both directions to a quiet point for `carry`: an epoll pump is at one whenever it waits (what
-/// it holds is in its `Flow`); a ring pump has an operation in the kernel, which is cancelled and
-/// awaited (its completion may still carry bytes, which then go along). `Err` is a direction that
-/// broke (or ended otherwise) meanwhile.
-async fn quiesce(
-    mut directions: Pin<&mut impl std::future::Future<Output = (Side, DirEnd)>>,
-    up: &Flow<'_>,
-    down: &Flow<'_>,
-) -> Result<(), (Side, DirEnd)> {
-    for f in [up, down] {
-        f.carrying.store(true, Relaxed);
-        #[cfg(target_os = "linux")]
-        f.op.cancel();
+    Supervised {
+        carried: Some(Instant::now().saturating_duration_since(quiet)),
+        ..Supervised::ended(Outcome::ClientClosed)
     }
-    #[cfg(target_os = "linux")]
-    while up.op.busy() || down.op.busy() {
-        match directions.as_mut().await {
-            // An EOF passed on meanwhile is part of the state carried (the direction's `eof`).
-            (_, DirEnd::Carried | DirEnd::Eof) => {}
-            other => return Err(other),
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = directions;
-    Ok(())
 }
 
 /// Arms a reset on `side`: when the socket is dropped the kernel sends RST instead of FIN.
@@ -782,14 +723,10 @@ impl<'a> Flow<'a> {
             blocked: AtomicBool::new(false),
             eof: AtomicBool::new(false),
             spliced: AtomicBool::new(false),
-            uring: AtomicBool::new(false),
             pending: Parked::new(None),
             #[cfg(target_os = "linux")]
             pipe: Parked::new(None),
-            carrying: AtomicBool::new(false),
             ack_held: AtomicBool::new(false),
-            #[cfg(target_os = "linux")]
-            op: uring::InFlight::default(),
         }
     }
 
@@ -883,10 +820,10 @@ impl<'a> Flow<'a> {
 /// holding bytes it has not written, they are parked in `flow` (so a relay stopped for `carry` finds
 /// them there), and bytes parked there before it starts (a carried connection's) go out first.
 ///
-/// The ring and splice pumps are boxed: a task is as large as its largest state, and every idle
+/// The splice pump is boxed: a task is as large as its largest state, and every idle
 /// `epoll` or `copy` connection's task would otherwise keep room for them. The box is one
-/// allocation per direction that takes one of those paths: under `relay: splice` or `uring` that is
-/// every direction from the start, and a `uring` direction that falls back to splice takes two.
+/// allocation per direction that takes one of those paths: under `relay: splice` that is every
+/// direction from the start.
 #[allow(clippy::manual_async_fn)]
 fn pump<'a>(
     src: &'a TcpStream,
@@ -898,21 +835,6 @@ fn pump<'a>(
     async move {
         #[cfg(target_os = "linux")]
         let mut stuck = false; // Splice stopped at urgent data (`pump_splice`): copy from then on.
-        #[cfg(target_os = "linux")]
-        if mode == RelayMode::Uring && uring::usable() {
-            flow.uring.store(true, Relaxed);
-            if let Some(end) = Box::pin(uring::pump(src, dst, flow, other)).await {
-                return end;
-            }
-            // Bulk: spliced, as `epoll` does (the socket is still registered with the reactor, so the
-            // epoll engines can take it over); with no pipe free, copied below.
-            if let Some(pipe) = splice::PipeLease::acquire() {
-                match Box::pin(pump_splice(src, dst, flow, other, pipe)).await {
-                    Some(end) => return end,
-                    None => stuck = true,
-                }
-            }
-        }
         #[cfg(target_os = "linux")]
         if mode == RelayMode::Splice {
             if let Some(pipe) = splice::PipeLease::acquire() {
@@ -933,13 +855,10 @@ fn pump<'a>(
                 Ok(_) => {}
                 Err(e) => return DirEnd::DestError(e),
             }
-            // A full buffer means bulk data: from here on splice, if a pipe is to be had. (`uring` lands
-            // here only where io_uring is unavailable, or with no pipe free, and then behaves as `epoll`.)
+            // A full buffer means bulk data: from here on splice, if a pipe is to be had. (`ring`
+            // lands here only for a connection carried in from an older process.)
             #[cfg(target_os = "linux")]
-            // (`ring` lands here only for a connection carried in from an older process.)
-            if matches!(mode, RelayMode::Epoll | RelayMode::Uring | RelayMode::Ring)
-                && last_read == COPY_BUF
-                && !stuck
+            if matches!(mode, RelayMode::Epoll | RelayMode::Ring) && last_read == COPY_BUF && !stuck
             {
                 if let Some(pipe) = splice::PipeLease::acquire() {
                     own = None;
@@ -1278,8 +1197,8 @@ mod tests {
     use super::choose_engine;
     use crate::config::RelayMode::{self, *};
 
-    /// `auto` is the ring only for a service the ring can serve on a kernel that allows it; a
-    /// named io_uring engine without io_uring is `epoll`, and says why; the rest are what they say.
+    /// `auto` is the ring only for a service the ring can serve on a kernel that allows it;
+    /// `ring` without io_uring is `epoll`, and says why; the rest are what they say.
     #[test]
     fn auto_is_the_ring_where_it_fits_and_is_allowed() {
         let (yes, no) = (Ok(()), Err("blocked"));
@@ -1287,29 +1206,25 @@ mod tests {
             RelayMode,
             bool,
             Result<(), &'a str>,
-            Result<(), &'a str>,
             RelayMode,
             Option<&'a str>,
         );
-        let cases: [Case; 12] = [
-            (Auto, true, yes, yes, Ring, None),
-            (Auto, false, yes, yes, Epoll, None),
-            (Auto, true, no, yes, Epoll, Some("blocked")),
-            (Auto, false, no, no, Epoll, None),
-            (Ring, true, yes, yes, Ring, None),
-            (Ring, false, yes, yes, Ring, None),
-            (Ring, true, no, yes, Epoll, Some("blocked")),
-            (Uring, true, no, yes, Uring, None),
-            (Uring, true, yes, no, Epoll, Some("blocked")),
-            (Epoll, true, yes, yes, Epoll, None),
-            (Splice, true, yes, yes, Splice, None),
-            (Copy, true, no, no, Copy, None),
+        let cases: [Case; 9] = [
+            (Auto, true, yes, Ring, None),
+            (Auto, false, yes, Epoll, None),
+            (Auto, true, no, Epoll, Some("blocked")),
+            (Auto, false, no, Epoll, None),
+            (Ring, true, yes, Ring, None),
+            (Ring, false, yes, Ring, None),
+            (Ring, true, no, Epoll, Some("blocked")),
+            (Epoll, true, yes, Epoll, None),
+            (Copy, true, no, Copy, None),
         ];
-        for (mode, fits, ring, uring, engine, why) in cases {
+        for (mode, fits, ring, engine, why) in cases {
             assert_eq!(
-                choose_engine(mode, fits, || ring, || uring),
+                choose_engine(mode, fits, || ring),
                 (engine, why),
-                "{mode:?}, fits the ring: {fits}, ring {ring:?}, uring {uring:?}"
+                "{mode:?}, fits the ring: {fits}, ring {ring:?}"
             );
         }
     }
@@ -1317,30 +1232,27 @@ mod tests {
     /// An engine that does not need io_uring never probes for it (a seccomp profile that kills
     /// or audits io_uring calls must not see one from `relay: epoll`).
     #[test]
-    fn only_an_io_uring_engine_probes_for_io_uring() {
+    fn only_the_ring_probes_for_io_uring() {
         let asked = std::cell::Cell::new(0);
         let probe = || {
             asked.set(asked.get() + 1);
             Ok(())
         };
         for mode in [Epoll, Splice, Copy] {
-            choose_engine(mode, true, probe, probe);
+            choose_engine(mode, true, probe);
         }
-        choose_engine(Auto, false, probe, probe);
+        choose_engine(Auto, false, probe);
         assert_eq!(
             asked.get(),
             0,
             "epoll, splice, copy, and auto where the ring cannot serve"
         );
-        choose_engine(Auto, true, probe, || panic!("auto does not run uring"));
-        choose_engine(Ring, true, probe, || panic!("ring does not run uring"));
-        choose_engine(Uring, true, || panic!("uring does not run the ring"), probe);
-        assert_eq!(asked.get(), 3);
+        choose_engine(Auto, true, probe);
+        choose_engine(Ring, true, probe);
+        assert_eq!(asked.get(), 2);
     }
 }
 
-/// The backend's handshake ACK held back for the client's first bytes, on the copying engines
-/// (quick ACKs and TCP_INFO: Linux).
 #[cfg(all(test, target_os = "linux"))]
 mod held_ack_tests {
     use std::future::Future;
@@ -1352,7 +1264,7 @@ mod held_ack_tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use super::ring::tests::{tcp_info_fd, AckTimerRuns};
+    use super::tcp_info::{tcp_info_fd, AckTimerRuns};
     use super::{connect_holding_ack, relay, Begin, LiveCounters, RelayOptions};
     use crate::config::RelayMode::Epoll;
 

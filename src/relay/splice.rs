@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
 
 /// Default pipe capacity on Linux (16 pages); what a splice moves at most per call.
-pub(super) const PIPE_SIZE: usize = 64 * 1024;
+pub(crate) const PIPE_SIZE: usize = 64 * 1024;
 /// Idle pipes kept for reuse.
 const MAX_IDLE: usize = 256;
 
 #[derive(Debug)]
-pub(super) struct Pipe {
+pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
@@ -80,7 +80,7 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
 /// socket's error as a receive does, so nothing after it would see the reset. With `fin_in` (the
 /// splice said 0) the peek is made twice at most: the queue can no longer change, so its EAGAIN
 /// can only be a signal pending at the mark, which the thread takes on the way back.
-pub(super) fn stuck_at_urgent(from: BorrowedFd<'_>, fin_in: bool) -> io::Result<bool> {
+pub(crate) fn stuck_at_urgent(from: BorrowedFd<'_>, fin_in: bool) -> io::Result<bool> {
     let mut byte = [0u8; 1];
     let peek = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
     for _ in 0..if fin_in { 2 } else { 1 } {
@@ -122,14 +122,14 @@ pub(crate) fn break_reads_here() {
 }
 
 /// Pipes kept for reuse, and how many are lent out, against a cap.
-pub(super) struct PipePool {
+pub(crate) struct PipePool {
     idle: Mutex<Vec<Pipe>>,
     lent: AtomicUsize,
     cap: usize,
 }
 
 /// The process's pipes, shared by every engine that splices.
-pub(super) fn pool() -> &'static PipePool {
+pub(crate) fn pool() -> &'static PipePool {
     static POOL: OnceLock<PipePool> = OnceLock::new();
     POOL.get_or_init(|| PipePool::new(default_cap()))
 }
@@ -147,7 +147,7 @@ fn default_cap() -> usize {
 }
 
 impl PipePool {
-    pub(super) fn new(cap: usize) -> PipePool {
+    pub(crate) fn new(cap: usize) -> PipePool {
         PipePool {
             idle: Mutex::new(Vec::new()),
             lent: AtomicUsize::new(0),
@@ -156,7 +156,7 @@ impl PipePool {
     }
 
     /// A pipe, or `None` when the cap is reached or the system cannot give a full-size one.
-    pub(super) fn lend(&'static self) -> Option<PipeLease> {
+    pub(crate) fn lend(&'static self) -> Option<PipeLease> {
         if self.lent.fetch_add(1, Relaxed) >= self.cap {
             self.lent.fetch_sub(1, Relaxed);
             return None;
@@ -190,7 +190,7 @@ impl PipePool {
 
 /// A pipe lent from a pool for one direction of one connection. Dropping it returns the pipe for reuse
 /// when it is known to be empty, and closes it otherwise.
-pub(super) struct PipeLease {
+pub(crate) struct PipeLease {
     pool: &'static PipePool,
     pipe: Option<Pipe>,
     /// Bytes spliced into the pipe and not yet out of it.
@@ -207,13 +207,13 @@ impl std::fmt::Debug for PipeLease {
 
 impl PipeLease {
     /// A pipe from the process-wide pool (see [`PipePool::lend`]).
-    pub(super) fn acquire() -> Option<PipeLease> {
+    pub(crate) fn acquire() -> Option<PipeLease> {
         pool().lend()
     }
 
     /// Moves up to `len` bytes from socket `from` into the pipe and counts them as pending. `Ok(0)` is end
     /// of stream; `WouldBlock` means the socket has nothing to read now.
-    pub(super) fn fill_from(&mut self, from: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    pub(crate) fn fill_from(&mut self, from: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
         let pipe = self.pipe.as_ref().ok_or_else(gone)?;
         let n = splice(from, pipe.write.as_fd(), len)?;
         self.pending += n;
@@ -226,7 +226,7 @@ impl PipeLease {
     /// Splice stops at the urgent mark: EAGAIN there, or 0 once the FIN has come too, with bytes
     /// still queued past the mark, which a peek sees. After EAGAIN, a peek that sees bytes may have
     /// seen ones that came just after the splice, so one more splice decides ([`after_peek`]).
-    pub(super) fn fill_or_stuck(&mut self, from: BorrowedFd<'_>) -> io::Result<Filled> {
+    pub(crate) fn fill_or_stuck(&mut self, from: BorrowedFd<'_>) -> io::Result<Filled> {
         match self.fill_from(from, PIPE_SIZE) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 match stuck_at_urgent(from, false)? {
@@ -240,7 +240,7 @@ impl PipeLease {
     }
 
     /// Moves pending bytes from the pipe into socket `to`; `WouldBlock` means its send buffer is full.
-    pub(super) fn drain_to(&mut self, to: BorrowedFd<'_>) -> io::Result<usize> {
+    pub(crate) fn drain_to(&mut self, to: BorrowedFd<'_>) -> io::Result<usize> {
         let pipe = self.pipe.as_ref().ok_or_else(gone)?;
         let n = splice(pipe.read.as_fd(), to, self.pending)?;
         self.pending -= n;
@@ -249,7 +249,7 @@ impl PipeLease {
 
     /// Reads every pending byte out of the pipe into user memory (a connection carried into another
     /// process takes them along), leaving the pipe empty and fit for reuse.
-    pub(super) fn take_pending(&mut self) -> io::Result<Vec<u8>> {
+    pub(crate) fn take_pending(&mut self) -> io::Result<Vec<u8>> {
         let pipe = self.pipe.as_ref().ok_or_else(gone)?;
         #[cfg(test)]
         if self.pending > 0 && BROKEN_READS.get() {
@@ -297,7 +297,7 @@ impl Drop for PipeLease {
 
 /// What one fill of a splicing direction's pipe did.
 #[derive(Debug, PartialEq)]
-pub(super) enum Filled {
+pub(crate) enum Filled {
     /// Bytes moved into the pipe; 0 is the end of the stream.
     Bytes(usize),
     /// Splice stopped at urgent data with bytes past it: only a receive reads on from here.

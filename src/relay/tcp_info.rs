@@ -38,6 +38,53 @@ pub(crate) fn bytes_acked(fd: RawFd) -> Option<u64> {
     (len >= end).then_some(info.tcpi_bytes_acked)
 }
 
+/// The TCP_INFO of socket `fd`.
+#[cfg(test)]
+pub(crate) fn tcp_info_fd(fd: RawFd) -> io::Result<libc::tcp_info> {
+    of_raw(fd).map(|(info, _)| info)
+}
+
+/// Runs of a test that counts segments to tell whether a connect held its handshake's last ACK.
+/// The kernel sends a held ACK on its own 200 ms after the connect (the delayed-ACK timer,
+/// `TCP_DELACK_MAX` by default), so a run whose counts were read later than that proves nothing
+/// either way: a stall could fail it with the holding right, or pass it with the ACK's release
+/// gone. A run that took 150 ms or more, from before its connect to its last count, is run again;
+/// a third late run panics.
+#[cfg(test)]
+pub(crate) struct AckTimerRuns {
+    started: tokio::time::Instant,
+    late: u32,
+}
+
+#[cfg(test)]
+impl AckTimerRuns {
+    pub(crate) fn new() -> AckTimerRuns {
+        AckTimerRuns {
+            started: tokio::time::Instant::now(),
+            late: 0,
+        }
+    }
+
+    /// A run starts: called before its connect.
+    pub(crate) fn start(&mut self) {
+        self.started = tokio::time::Instant::now();
+    }
+
+    /// Whether this run read its counts in time, so its assertions hold; when not, the caller
+    /// runs it again (a third late run panics).
+    pub(crate) fn in_time(&mut self, what: &str) -> bool {
+        if self.started.elapsed() < std::time::Duration::from_millis(150) {
+            return true;
+        }
+        self.late += 1;
+        assert!(
+            self.late < 3,
+            "{what}: three runs took 150 ms or more, near the delayed-ACK timer"
+        );
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1210,7 +1210,7 @@ impl ReplicaSet {
                     .pool
                     .all_backends()
                     .iter()
-                    .map(|b| b.stats.total.load(Relaxed))
+                    .map(|b| b.stats.total())
                     .sum();
                 let rate = match st.ops.last_total {
                     Some((t, before)) if now > t => {

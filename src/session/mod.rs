@@ -25,7 +25,7 @@ use tracing::Instrument;
 use crate::admission::{Gate, GateSlot, Refusal, SourceSlot};
 use crate::outcome::Outcome;
 use crate::proxy_protocol;
-use crate::relay::{self, LiveCounters, Relayed};
+use crate::relay::{self, Relayed};
 use crate::route::{Routes, Waiting};
 use crate::routelog::{self, Ending, Record};
 use crate::service::{Service, TlsResult};
@@ -164,9 +164,7 @@ impl ClientSlot {
         let Some(gate) = gate else {
             return Err(Outcome::GlobalMaxConnections);
         };
-        let prev = service.stats.active.fetch_add(1, Relaxed);
-        if prev >= service.max_connections {
-            service.stats.active.fetch_sub(1, Relaxed);
+        if !service.stats.enter(service.max_connections) {
             return Err(Outcome::MaxConnections);
         }
         let id = service.occupancy.sessions.enter();
@@ -181,7 +179,7 @@ impl ClientSlot {
 impl ClientSlot {
     /// A slot for a connection carried in from another process: counted, never refused.
     pub(crate) fn carried(service: &Arc<Service>, gate: &Arc<Gate>) -> ClientSlot {
-        service.stats.active.fetch_add(1, Relaxed);
+        service.stats.enter_anyway();
         ClientSlot {
             service: service.clone(),
             id: service.occupancy.sessions.enter(),
@@ -192,7 +190,7 @@ impl ClientSlot {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        self.service.stats.active.fetch_sub(1, Relaxed);
+        self.service.stats.left();
         self.service.occupancy.sessions.leave(self.id);
     }
 }
@@ -263,7 +261,7 @@ pub(crate) async fn serve_routed(
     span.record("service", tracing::field::display(&service.name));
     record.service = service.name.clone();
     record.policy = service.policy.as_str();
-    service.stats.accepted.fetch_add(1, Relaxed);
+    service.stats.accepted();
     let slot = match ClientSlot::take(&service, Some(gate)) {
         Ok(slot) => slot,
         Err(end) => return span.in_scope(|| account(&service, &record, refused_ending(end))),
@@ -554,11 +552,7 @@ fn relay_and_account<'a>(
     async move {
         let forwarded = a.forwarded;
         let backend = a.backend.backend.clone();
-        let stats = &backend.stats;
-        let live = LiveCounters {
-            up: &stats.bytes_up,
-            down: &stats.bytes_down,
-        };
+        let live = backend.stats.live();
         live.up.fetch_add(forwarded, Relaxed);
         let opts = &service.relay;
         let cut_signal = a.backend.cut.clone();
@@ -633,15 +627,7 @@ fn relay_and_account<'a>(
 /// The end of a relayed connection: its bytes and engine in the service's totals, how it broke
 /// (at debug), and its routing line.
 pub(crate) fn account_relayed(service: &Service, record: &Record, relayed: &Relayed) {
-    let stats = &service.stats;
-    stats.bytes_up.fetch_add(relayed.bytes_up, Relaxed);
-    stats.bytes_down.fetch_add(relayed.bytes_down, Relaxed);
-    if relayed.spliced {
-        stats.spliced.fetch_add(1, Relaxed);
-    }
-    if relayed.uring {
-        stats.uring.fetch_add(1, Relaxed);
-    }
+    service.stats.relayed(relayed);
     if let Some(e) = &relayed.broken {
         tracing::debug!(end = relayed.end.as_str(), error = %e, "relay broken");
     }

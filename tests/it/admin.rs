@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -708,7 +707,7 @@ async fn metrics_match_generated_traffic() {
         who(p.addr).await.expect("served");
     }
     wait_for(Duration::from_secs(5), "connections ended", || {
-        p.service.stats.active.load(Relaxed) == 0
+        p.service.stats.active_now() == 0
     })
     .await;
     let text = get(a, "/metrics").await.body;

@@ -70,7 +70,7 @@ async fn scale_1_to_3_to_1_spreads_then_concentrates() {
         assert!((90..=110).contains(&n), "even spread over 3: {counts:?}");
     }
     let kept = proxy.backend(SocketAddr::new(ip(2), port));
-    let total_before = kept.stats.total.load(std::sync::atomic::Ordering::Relaxed);
+    let total_before = kept.stats.total();
 
     dns.set_ips("backend", &[[127, 0, 0, 3]]);
     wait_members(&proxy, &[3]).await;
@@ -81,7 +81,7 @@ async fn scale_1_to_3_to_1_spreads_then_concentrates() {
     wait_members(&proxy, &[2, 3]).await;
     let back = proxy.backend(SocketAddr::new(ip(2), port));
     assert!(std::sync::Arc::ptr_eq(&kept, &back), "same backend object");
-    assert!(back.stats.total.load(std::sync::atomic::Ordering::Relaxed) >= total_before);
+    assert!(back.stats.total() >= total_before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,13 +357,7 @@ async fn aaaa_records_become_backends_too() {
     }
     assert_eq!(v4, 5, "round robin over both");
     let v6_backend = proxy.backend(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
-    assert_eq!(
-        v6_backend
-            .stats
-            .total
-            .load(std::sync::atomic::Ordering::Relaxed),
-        5
-    );
+    assert_eq!(v6_backend.stats.total(), 5);
 }
 
 /// Where the DNS server answers reverse lookups (Docker's does, with the container's name), every

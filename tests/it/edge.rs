@@ -217,9 +217,9 @@ async fn accept_proxy_takes_the_client_from_the_header_and_sends_it_on() {
         assert_eq!(p.service.stats.ended(Outcome::ProxyHeader), 0);
         // Counted when each connection is accounted, which may follow the client's EOF.
         let want = if relay == RelayMode::Ring { 3 } else { 0 };
-        let uring = &p.service.stats.uring;
+        let stats = &p.service.stats;
         wait_for(Duration::from_secs(5), "every connection counted", || {
-            uring.load(std::sync::atomic::Ordering::Relaxed) == want
+            stats.ring_total() == want
         })
         .await;
     }
@@ -480,12 +480,7 @@ async fn the_top_level_cap_counts_every_service() {
     p.wait_ended(Outcome::GlobalMaxConnections, 1).await;
     drop(h2);
     wait_for(Duration::from_secs(5), "b's connection ends", || {
-        p.control.services()[1]
-            .service
-            .stats
-            .active
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 0
+        p.control.services()[1].service.stats.active_now() == 0
     })
     .await;
     let h3 = held([127, 0, 0, 1], a).await;

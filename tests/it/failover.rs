@@ -59,7 +59,7 @@ async fn syn_dropping_backend_is_retried_then_ejected() {
     }
     let hole_stats = &proxy.backend(hole).stats;
     assert_eq!(
-        hole_stats.failed.load(Relaxed),
+        hole_stats.failed(),
         2,
         "ejected after 2 failures, never tried again"
     );
@@ -108,12 +108,12 @@ async fn refusing_backend_costs_no_client() {
     );
     let up: u64 = [a.addr, b.addr]
         .iter()
-        .map(|x| proxy.backend(*x).stats.bytes_up.load(Relaxed))
+        .map(|x| proxy.backend(*x).stats.bytes().0)
         .sum();
     assert_eq!(up, n * 8192, "every payload delivered exactly once");
     // Round-robin sends about a third of first tries to the refusing backend (the exact count depends on
     // how concurrent retries interleave); what matters is that the retry path was taken many times.
-    let failed = proxy.backend(refused).stats.failed.load(Relaxed);
+    let failed = proxy.backend(refused).stats.failed();
     assert!(
         failed >= n / 10,
         "the refusing backend was tried only {failed} times"
@@ -263,7 +263,7 @@ async fn killed_backend_during_transfers_with(mode: RelayMode) {
             r.unwrap();
         }
     }
-    let failed = proxy.backend(backends[1].addr).stats.failed.load(Relaxed);
+    let failed = proxy.backend(backends[1].addr).stats.failed();
     assert!(
         failed <= 3 + 10,
         "after detection the dead backend is not tried: {failed} failed attempts"
@@ -298,7 +298,7 @@ async fn all_backends_down_closes_clients_at_once_and_recovers() {
     // figure, not asserted, on a shared machine.
     println!("all backends down: the slowest of 50 clients was closed in {worst:?}");
     assert_eq!(
-        stats.no_backend_transitions.load(Relaxed),
+        stats.no_backend_transitions_total(),
         1,
         "one transition into no-backend"
     );
@@ -312,7 +312,7 @@ async fn all_backends_down_closes_clients_at_once_and_recovers() {
     })
     .await;
     assert_eq!(
-        stats.no_backend_transitions.load(Relaxed),
+        stats.no_backend_transitions_total(),
         2,
         "and one transition out"
     );
@@ -470,12 +470,12 @@ async fn every_ending_with(mode: RelayMode, n: usize) {
         r.unwrap();
     }
     wait_for(SECS(10), "every counter back to 0", || {
-        proxy.active_to_backends() == 0 && proxy.service.stats.active.load(Relaxed) == 0
+        proxy.active_to_backends() == 0 && proxy.service.stats.active_now() == 0
     })
     .await;
     // A client that resets right after connecting can kill its connection before the proxy accepts it,
     // so a handful may never be accepted; nearly all must be.
-    let accepted = proxy.service.stats.accepted.load(Relaxed);
+    let accepted = proxy.service.stats.accepted_total();
     assert!(
         accepted <= n as u64 && accepted >= n as u64 * 99 / 100,
         "accepted {accepted} of {n}"
@@ -540,7 +540,7 @@ async fn max_connections_closes_the_excess_at_once() {
     assert_eq!(backend.accepted(), 2, "the excess never reached a backend");
     drop(held.pop());
     wait_for(SECS(5), "slot freed", || {
-        proxy.service.stats.active.load(Relaxed) == 1
+        proxy.service.stats.active_now() == 1
     })
     .await;
     assert_eq!(

@@ -434,13 +434,7 @@ fn the_ring_workers_header_reader_decides_as_the_parser_does() {
     eprintln!("ring header reader: {} cases taken", taken.get());
     assert!(taken.get() > 0, "some headers were taken");
     // Counted as each connection is accounted, which may follow the client's EOF: bounded wait.
-    let on_ring = || {
-        proxy
-            .service
-            .stats
-            .uring
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let on_ring = || proxy.service.stats.ring_total();
     for _ in 0..500 {
         if on_ring() >= taken.get() {
             break;

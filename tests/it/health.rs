@@ -252,7 +252,7 @@ async fn every_backend_down_closes_clients_at_once() {
             .iter()
             .map(|r| {
                 let b = proxy.backend(r.addr());
-                b.stats.total.load(Relaxed) + b.stats.failed.load(Relaxed)
+                b.stats.total() + b.stats.failed()
             })
             .sum::<u64>()
     };

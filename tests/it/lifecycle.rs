@@ -1,7 +1,6 @@
 //! Drain and restart (docs/reliability.md, "Lifecycle"), in process; the signal handling of the
 //! binary itself is covered in `cli.rs`.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -182,7 +181,7 @@ async fn drain_deadline_cuts_what_remains() {
             );
         }
         assert_eq!(proxy.active_to_backends(), 0);
-        assert_eq!(proxy.service.stats.active.load(Relaxed), 0);
+        assert_eq!(proxy.service.stats.active_now(), 0);
     }
 }
 

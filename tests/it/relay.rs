@@ -30,10 +30,6 @@ macro_rules! every_engine {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name(sluicegate::config::RelayMode::Epoll).await })*
         }
-        mod uring {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(sluicegate::config::RelayMode::Uring).await })*
-        }
         mod ring {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name(sluicegate::config::RelayMode::Ring).await })*
@@ -88,7 +84,7 @@ async fn urgent_data_in_a_bulk_stream_is_skipped_and_the_rest_relayed(mode: Rela
                 panic!(
                     "{mode:?}: no clean EOF: {e} after {:?}; spliced directions so far: {}; ended so far: {}",
                     String::from_utf8_lossy(&rest),
-                    proxy.service.stats.spliced.load(Relaxed),
+                    proxy.service.stats.spliced_total(),
                     proxy.ended_so_far()
                 );
             }
@@ -155,7 +151,7 @@ async fn concurrent_echoes_are_exact_and_leave_nothing_behind(mode: RelayMode) {
         );
     }
     wait_for(SECS(10), "active counters back to 0", || {
-        proxy.active_to_backends() == 0 && proxy.service.stats.active.load(Relaxed) == 0
+        proxy.active_to_backends() == 0 && proxy.service.stats.active_now() == 0
     })
     .await;
     // Only the listeners remain: one for the proxy, one per backend.
@@ -170,14 +166,14 @@ async fn concurrent_echoes_are_exact_and_leave_nothing_behind(mode: RelayMode) {
         .pool
         .members()
         .iter()
-        .map(|b| b.stats.bytes_up.load(Relaxed))
+        .map(|b| b.stats.bytes().0)
         .sum();
     let down: u64 = proxy
         .service
         .pool
         .members()
         .iter()
-        .map(|b| b.stats.bytes_down.load(Relaxed))
+        .map(|b| b.stats.bytes().1)
         .sum();
     assert_eq!(up, clients << 20, "bytes up counted exactly");
     assert_eq!(down, clients << 20, "bytes down counted exactly");

@@ -56,7 +56,7 @@ async fn reload_adds_changes_and_removes_services_keeping_counters_and_sessions(
     let (mut on_web, ip) = Session::open(web).await.expect("session on web");
     assert!(ip == fleet[0].ip() || ip == fleet[1].ip());
     let kept = p.service.pool.member(fleet[0].addr()).unwrap();
-    let kept_total = kept.stats.total.load(Relaxed);
+    let kept_total = kept.stats.total();
 
     // web: fleet[1] → fleet[2], weights change; old: removed; new: added.
     let v2 = config(&[
@@ -81,13 +81,10 @@ async fn reload_adds_changes_and_removes_services_keeping_counters_and_sessions(
     assert!(Arc::ptr_eq(&web_now.pool, &p.service.pool), "same pool");
     assert_eq!(web_now.connect_attempts, 3);
     assert!(
-        web_now.stats.accepted.load(Relaxed) >= 11,
+        web_now.stats.accepted_total() >= 11,
         "service counters kept"
     );
-    assert!(
-        kept.stats.total.load(Relaxed) >= kept_total,
-        "backend counters kept"
-    );
+    assert!(kept.stats.total() >= kept_total, "backend counters kept");
     let mut seen = HashMap::new();
     for _ in 0..20 {
         *seen.entry(who(web).await.expect("web")).or_insert(0) += 1;
@@ -303,12 +300,7 @@ fn ring_runs(p: &Proxy) -> bool {
 
 /// How many of service `name`'s connections ran on a ring (counted as each ends).
 fn on_ring(p: &Proxy, name: &str) -> u64 {
-    p.control
-        .service(name)
-        .expect(name)
-        .stats
-        .uring
-        .load(Relaxed)
+    p.control.service(name).expect(name).stats.ring_total()
 }
 
 /// A proxy serving `web` (two replicas) on the epoll engine; its address; the configs of `web` on

@@ -264,11 +264,7 @@ fn add_and_remove_under_traffic_lose_nothing() {
             }
             // The point is removal mid-stream: wait until all eight are connected.
             wait_for(SECS(10), "eight downloads connected", || {
-                p.service
-                    .stats
-                    .active
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    == 8
+                p.service.stats.active_now() == 8
             })
             .await;
             let (status, body) =

@@ -151,13 +151,7 @@ async fn sni_routes_exact_wildcard_alpn_and_default() {
     }
     // Asking changed nothing: the services' counts are the connections made above.
     let db_svc = p.control.service("db").unwrap();
-    assert_eq!(
-        db_svc
-            .stats
-            .accepted
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(db_svc.stats.accepted_total(), 1);
 }
 
 /// docs/reliability.md `sni-no-route`: an address without a default closes a client no route takes
@@ -445,14 +439,7 @@ async fn passthrough_leaves_each_backend_its_own_certificate() {
         "no route"
     );
     let a_svc = p.control.service("a").unwrap();
-    assert_eq!(
-        a_svc
-            .stats
-            .spliced
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1,
-        "spliced after the hello"
-    );
+    assert_eq!(a_svc.stats.spliced_total(), 1, "spliced after the hello");
 }
 
 /// A TLS service's numbers from `/metrics`: the handshakes by result.
@@ -869,15 +856,9 @@ async fn origination_trusts_its_ca_and_fails_over_from_others() {
         assert_eq!(back, msg.as_bytes());
     }
     let bad = p.backend(untrusted.addr);
-    assert!(bad.stats.failed.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    assert!(bad.stats.failed() >= 2);
     assert!(bad.is_ejected(), "its certificate fails every connect");
-    assert_eq!(
-        p.backend(trusted.addr)
-            .stats
-            .total
-            .load(std::sync::atomic::Ordering::Relaxed),
-        6
-    );
+    assert_eq!(p.backend(trusted.addr).stats.total(), 6);
 }
 
 /// docs/reliability.md `tls-cert-reload`: a reload reads the certificate again: new connections get

@@ -26,12 +26,30 @@ use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinHandle};
 
 /// The engines the scenarios below `relay.rs` run on in turn (`epoll` is `copy`, then `splice`).
-pub const ENGINES: [RelayMode; 4] = [
-    RelayMode::Copy,
-    RelayMode::Splice,
-    RelayMode::Uring,
-    RelayMode::Ring,
-];
+pub const ENGINES: [RelayMode; 3] = [RelayMode::Copy, RelayMode::Splice, RelayMode::Ring];
+
+/// Whether io_uring may be missing here on purpose (`SLUICEGATE_TEST_NO_IO_URING=1`, for a kernel
+/// or a sandbox without it): only then may a test of the ring workers, or of `auto`, see its
+/// service run `epoll` and go on. `.ci/run` sets it only after a probe found no io_uring.
+pub fn io_uring_may_be_missing() -> bool {
+    std::env::var("SLUICEGATE_TEST_NO_IO_URING").is_ok_and(|v| v == "1")
+}
+
+/// Fails the test when the ring workers did not run a service that asked for them (`relay: ring`,
+/// or `auto` where it fits) unless io_uring may be missing: a test of an engine must not pass on
+/// another one.
+pub fn assert_on_ring(service: &Service, asked: &str) {
+    let runs = service.view().relay;
+    if runs != "ring" {
+        assert!(
+            io_uring_may_be_missing(),
+            "service {} asked for {asked} and runs {runs}: the ring workers did not run (io_uring \
+             unavailable? set SLUICEGATE_TEST_NO_IO_URING=1 where that is expected)",
+            service.name
+        );
+        eprintln!("SLUICEGATE_TEST_NO_IO_URING=1: {asked} runs {runs} here");
+    }
+}
 
 /// Lifts the soft descriptor limit to the hard one: the large scenarios hold thousands of sockets.
 pub fn raise_fd_limit() {
@@ -242,6 +260,9 @@ impl Proxy {
             readiness.wait_ready(),
         )
         .await;
+        for s in server_services_asking_for_the_ring(&config, &control) {
+            assert_on_ring(&s, "relay: ring");
+        }
         Proxy {
             addr,
             addrs,
@@ -521,4 +542,17 @@ pub fn rst_on_drop(s: &TcpStream) {
     socket2::SockRef::from(s)
         .set_linger(Some(Duration::ZERO))
         .expect("SO_LINGER 0");
+}
+
+/// The running services whose config says `relay: ring`.
+fn server_services_asking_for_the_ring(
+    config: &Config,
+    control: &sluicegate::Control,
+) -> Vec<Arc<Service>> {
+    config
+        .services
+        .iter()
+        .filter(|s| s.relay == RelayMode::Ring)
+        .filter_map(|s| control.service(&s.name))
+        .collect()
 }

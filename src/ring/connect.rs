@@ -413,7 +413,7 @@ pub(super) fn sockets_on_ring() -> bool {
 }
 
 fn try_sockets_on_ring() -> io::Result<()> {
-    let mut ring = build_ring(4, 4)?;
+    let mut ring = crate::uring::build(4, 4)?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;
     if !probe.is_supported(opcode::Socket::CODE) || !probe.is_supported(opcode::SetSockOpt::CODE) {

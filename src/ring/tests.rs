@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::relay::{tcp_info_fd, AckTimerRuns};
 
 const WAIT: Duration = Duration::from_secs(10);
 /// A tick (or a timeout) that never comes within a test.
@@ -314,8 +315,7 @@ fn greeted_worker(
 }
 
 fn worker_with(targets: Vec<SocketAddr>, timeout: Duration, mode: Mode) -> Option<Running> {
-    if let Err(why) = availability() {
-        eprintln!("skipped: no ring worker here: {why}");
+    if crate::uring::missing_in_test() {
         return None;
     }
     let (tx, ended) = mpsc::channel();
@@ -1365,7 +1365,7 @@ fn a_backend_socket_has_nodelay_however_it_was_made() {
 /// connect's.
 #[test]
 fn a_nodelay_that_fails_leaves_the_connection_to_relay_without_it() {
-    if availability().is_err() {
+    if crate::uring::missing_in_test() {
         return;
     }
     for socket_calls in [false, true] {
@@ -1409,7 +1409,7 @@ fn a_nodelay_that_fails_leaves_the_connection_to_relay_without_it() {
 /// This kernel (6.18) sets socket options on the ring: the tests above run the ring's way there.
 #[test]
 fn this_kernel_makes_backend_sockets_on_the_ring() {
-    if availability().is_err() {
+    if crate::uring::missing_in_test() {
         return;
     }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
@@ -2102,7 +2102,7 @@ fn accept_dontwait_is_taken_from_linux_6_10() {
 #[test]
 fn an_accept_with_dontwait_on_an_idle_listener_completes_with_eagain() {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    if availability().is_err() || !takes_accept_dontwait(release.trim()) {
+    if crate::uring::missing_in_test() || !takes_accept_dontwait(release.trim()) {
         eprintln!("skipped: this kernel has no IORING_ACCEPT_DONTWAIT");
         return;
     }
@@ -2684,50 +2684,6 @@ fn a_socket_that_has_read_its_fin_reads_it_again() {
 /// `s`'s TCP_INFO.
 fn tcp_info(s: &TcpStream) -> libc::tcp_info {
     tcp_info_fd(s.as_raw_fd()).unwrap()
-}
-
-/// The TCP_INFO of socket `fd`.
-pub(crate) fn tcp_info_fd(fd: RawFd) -> io::Result<libc::tcp_info> {
-    crate::relay::tcp_info::of_raw(fd).map(|(info, _)| info)
-}
-
-/// Runs of a test that counts segments to tell whether a connect held its handshake's last ACK.
-/// The kernel sends a held ACK on its own 200 ms after the connect (the delayed-ACK timer,
-/// `TCP_DELACK_MAX` by default), so a run whose counts were read later than that proves nothing
-/// either way: a stall could fail it with the holding right, or pass it with the ACK's release
-/// gone. A run that took 150 ms or more, from before its connect to its last count, is run again;
-/// a third late run panics.
-pub(crate) struct AckTimerRuns {
-    started: Instant,
-    late: u32,
-}
-
-impl AckTimerRuns {
-    pub(crate) fn new() -> AckTimerRuns {
-        AckTimerRuns {
-            started: Instant::now(),
-            late: 0,
-        }
-    }
-
-    /// A run starts: called before its connect.
-    pub(crate) fn start(&mut self) {
-        self.started = Instant::now();
-    }
-
-    /// Whether this run read its counts in time, so its assertions hold; when not, the caller
-    /// runs it again (a third late run panics).
-    pub(crate) fn in_time(&mut self, what: &str) -> bool {
-        if self.started.elapsed() < Duration::from_millis(150) {
-            return true;
-        }
-        self.late += 1;
-        assert!(
-            self.late < 3,
-            "{what}: three runs took 150 ms or more, near the delayed-ACK timer"
-        );
-        false
-    }
 }
 
 /// Whether the kernel has seen `s`'s FIN acknowledged, so the peer's kernel holds every byte `s`

@@ -1,8 +1,10 @@
-//! The ring worker (`relay: ring`): a data-plane thread that runs its own loop on one io_uring and
-//! sleeps only in `io_uring_enter`, with accept, connect, receive, send and close all on the ring.
-//! The `uring` engine beside it keeps tokio's reactor on the thread and the ring behind an eventfd;
-//! this is issue 25's stage 2, built after the C probe (`benchmarks/probes/ring-proxy.c`) that set
-//! the ceiling.
+//! The ring workers, the default data plane (`relay: auto` where it fits, or `relay: ring`): each a
+//! thread that runs its own loop on one io_uring and sleeps only in `io_uring_enter`, with accept,
+//! connect, receive, send and close all on the ring, built after the C probe
+//! (`benchmarks/probes/ring-proxy.c`) that set the ceiling. The loop is generic over the [`Host`]
+//! that decides (admission, a backend, the accounting): the services' host is `host.rs`, the threads
+//! that run it `workers.rs`; what io_uring is to the process (the probe, a ring's setup, the pool
+//! of provided buffers) is `crate::uring`, below.
 //!
 //! What a worker does with a connection: one of the accepts it keeps in flight on each listener
 //! hands it a client with its address (a multishot accept gives no address, and asking for it after
@@ -88,7 +90,8 @@
 //! This file holds the [`Host`] a worker serves, the worker's start, loop, commands and ticks, the
 //! state every step shares and the pure decisions on it (`Dir`, `expired`, `recancel`); each step
 //! is a file of its own: `accept`, `connect` (the first bytes, the backend socket and its
-//! connect), `flow` (the relay) and `end` (cancel, free, cut, carry).
+//! connect), `flow` (the relay) and `end` (cancel, free, cut, carry); the services' side is
+//! `host.rs` and the threads `workers.rs`.
 #![allow(unsafe_code)]
 // The worker runs no tokio runtime: its clock is the kernel's, whose timeouts it arms.
 #![allow(clippy::disallowed_types)]
@@ -104,16 +107,20 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use socket2::{SockAddr, SockRef};
 
-use super::splice::{stuck_at_urgent, PipeLease, PipePool, PIPE_SIZE};
-use super::uring::bufs::{BufPool, GROUP};
-use super::{direction_ended, DirEnd, Quiesced, Side, Supervised};
 use crate::outcome::Outcome;
+use crate::relay::splice::{stuck_at_urgent, PipeLease, PipePool, PIPE_SIZE};
+use crate::relay::{direction_ended, DirEnd, Quiesced, Side, Supervised};
+use crate::uring::bufs::{BufPool, GROUP};
 use crate::util::RateLimited;
 
 mod accept;
 mod connect;
 mod end;
 mod flow;
+mod host;
+mod workers;
+
+pub(crate) use workers::{RingWorkers, WorkerView, METRICS};
 
 use connect::sockets_on_ring;
 #[cfg(test)]
@@ -360,7 +367,7 @@ pub(crate) struct Timeouts {
 
 impl Timeouts {
     /// A service's limits, as its relay options give them.
-    pub(crate) fn of(relay: &super::RelayOptions) -> Timeouts {
+    pub(crate) fn of(relay: &crate::relay::RelayOptions) -> Timeouts {
         Timeouts {
             idle: relay.idle_timeout,
             half_close: relay.half_close_timeout,
@@ -567,68 +574,6 @@ impl<L, C> Handle<L, C> {
     }
 }
 
-/// Whether this kernel has what a ring worker needs (multishot accept and receive, provided
-/// buffer rings, DEFER_TASKRUN: Linux 6.1), and io_uring is allowed (not `io_uring_disabled`, not
-/// a seccomp profile that blocks it, not `SLUICEGATE_IO_URING=off`). `Err` says what is missing.
-/// Probed once per process: every service `auto` resolves asks.
-pub(crate) fn availability() -> &'static Result<(), String> {
-    static PROBED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    PROBED.get_or_init(probe)
-}
-
-/// Why the ring workers could not start in this process, once they failed to (a thread or a ring
-/// refused for want of memory, with the probe passed): they are not tried again.
-static NO_WORKERS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// Records that the ring workers could not start, so services resolved from now on run `epoll`.
-pub(crate) fn workers_failed(why: String) {
-    let _ = NO_WORKERS.set(why);
-}
-
-/// Whether a service can be put on the ring workers: io_uring has what they need and they have
-/// not failed to start.
-pub(crate) fn usable() -> Result<(), &'static str> {
-    availability().as_ref().map_err(String::as_str)?;
-    NO_WORKERS.get().map_or(Ok(()), |why| Err(why.as_str()))
-}
-
-fn probe() -> Result<(), String> {
-    super::uring::availability().clone()?;
-    let ring = build_ring(8, 8)
-        .map_err(|e| format!("no ring with SINGLE_ISSUER and DEFER_TASKRUN (Linux 6.1+): {e}"))?;
-    let mut probe = io_uring::Probe::new();
-    ring.submitter()
-        .register_probe(&mut probe)
-        .map_err(|e| format!("io_uring probe failed: {e}"))?;
-    for (code, name) in [
-        (opcode::Accept::CODE, "accept"),
-        (opcode::Connect::CODE, "connect"),
-        (opcode::LinkTimeout::CODE, "link timeout"),
-        (opcode::RecvMulti::CODE, "receive"),
-        (opcode::Recv::CODE, "one-shot receive"),
-        (opcode::Send::CODE, "send"),
-        (opcode::Close::CODE, "close"),
-        (opcode::PollAdd::CODE, "poll"),
-        (opcode::AsyncCancel2::CODE, "cancel"),
-    ] {
-        if !probe.is_supported(code) {
-            return Err(format!("the kernel's io_uring has no {name} operation"));
-        }
-    }
-    BufPool::register(&ring, 8, 64, 8)
-        .map(drop)
-        .map_err(|e| format!("no provided-buffer rings (Linux 5.19+): {e}"))
-}
-
-fn build_ring(sq: u32, cq: u32) -> io::Result<IoUring> {
-    IoUring::builder()
-        .setup_cqsize(cq)
-        .setup_single_issuer()
-        .setup_submit_all()
-        .setup_defer_taskrun()
-        .build(sq)
-}
-
 /// A worker just started: how to reach it, and its thread.
 pub(crate) type Started<H> = (
     Handle<<H as Host>::Listen, <H as Host>::Conn>,
@@ -645,7 +590,13 @@ where
     H::Conn: Send + 'static,
     F: FnOnce() -> H + Send + 'static,
 {
-    start_with(name, make, super::splice::pool(), tick, sockets_on_ring())
+    start_with(
+        name,
+        make,
+        crate::relay::splice::pool(),
+        tick,
+        sockets_on_ring(),
+    )
 }
 
 /// [`start`], with the worker's pipes from `pipes`, making its backend sockets on the ring or not
@@ -939,7 +890,7 @@ impl<C> Conn<C> {
             let dst = if i == 0 { &self.backend } else { &self.client };
             let acked = dst
                 .as_ref()
-                .and_then(|fd| super::tcp_info::bytes_acked(fd.as_raw_fd()));
+                .and_then(|fd| crate::relay::tcp_info::bytes_acked(fd.as_raw_fd()));
             cut |= stall_verdict(d, acked, now);
         }
         cut
@@ -1205,7 +1156,7 @@ impl<H: Host> Worker<H> {
         tick: Duration,
         sockets: bool,
     ) -> io::Result<Worker<H>> {
-        let ring = build_ring(SQ_ENTRIES, CQ_ENTRIES)?;
+        let ring = crate::uring::build(SQ_ENTRIES, CQ_ENTRIES)?;
         let pool = BufPool::register(&ring, POOL_BUFS, POOL_BUF, POOL_FIRST)?;
         counts.pool_given.store(u64::from(pool.given()), Relaxed);
         let splice = host.splices_bulk();

@@ -5,10 +5,9 @@
 //! Why a pool and not a buffer per receive: a multishot receive stays armed for a connection's life
 //! and the kernel, not the program, decides when it writes, so it cannot write into one buffer of the
 //! direction's own (the next message would overwrite the one not yet sent). What the pool costs is
-//! its size in address space, touched as the kernel uses it: for the `uring` engine 512 buffers of
-//! 2 KiB, 1 MiB per ring, all given to the kernel at once; for the ring worker (`relay/ring.rs`),
-//! which sends from the pool's buffers themselves, up to 1,024 of 16 KiB, given a few at a time as
-//! receives find the pool dry ([`BufPool::grow`]). The kernel takes buffers in the order they were
+//! its size in address space, touched as the kernel uses it: for a ring worker (`ring/`), which sends
+//! from the pool's buffers themselves, up to 1,024 of 16 KiB, given a few at a time as receives find
+//! the pool dry ([`BufPool::grow`]). The kernel takes buffers in the order they were
 //! given, so a buffer given once is used again in turn: every buffer ever given is eventually
 //! touched, and what the process keeps resident follows how many were given, not how many are in use.
 
@@ -21,11 +20,7 @@ use io_uring::types::BufRingEntry;
 use io_uring::IoUring;
 
 /// The pool's buffer group, the one every multishot receive names.
-pub(in crate::relay) const GROUP: u16 = 0;
-/// The `uring` engine's buffer size: most requests and responses fit in one.
-pub(super) const BUF_SIZE: usize = 2 * 1024;
-/// The `uring` engine's buffers per pool (a power of two, as the kernel requires).
-pub(super) const BUFS: u16 = 512;
+pub(crate) const GROUP: u16 = 0;
 
 /// One anonymous private mapping of `len` bytes.
 struct Mapping {
@@ -64,7 +59,7 @@ impl Drop for Mapping {
 }
 
 /// A ring of provided buffers registered with one io_uring ring as [`GROUP`].
-pub(in crate::relay) struct BufPool {
+pub(crate) struct BufPool {
     /// The ring of entries (`struct io_uring_buf`) the kernel takes buffers from.
     entries: Mapping,
     /// The buffers, `size` bytes each, buffer `i` at `i * size`.
@@ -82,7 +77,7 @@ impl BufPool {
     /// A pool of `count` buffers (a power of two) of `size` bytes, the first `first` of them given
     /// to the kernel (the rest by [`BufPool::grow`]), registered with `ring`. `Err` where the
     /// kernel has no provided-buffer rings (before 5.19).
-    pub(in crate::relay) fn register(
+    pub(crate) fn register(
         ring: &IoUring,
         count: u16,
         size: u32,
@@ -150,7 +145,7 @@ impl BufPool {
 
     /// Gives the kernel up to `more` buffers it has never had; how many it got (none once every
     /// buffer has been given).
-    pub(in crate::relay) fn grow(&self, more: u16) -> u16 {
+    pub(crate) fn grow(&self, more: u16) -> u16 {
         let from = self.given.get();
         let to = from.saturating_add(more).min(self.count);
         for bid in from..to {
@@ -164,12 +159,12 @@ impl BufPool {
     }
 
     /// How many buffers have been given to the kernel so far.
-    pub(in crate::relay) fn given(&self) -> u16 {
+    pub(crate) fn given(&self) -> u16 {
         self.given.get()
     }
 
     /// Gives buffer `bid` back to the kernel.
-    pub(in crate::relay) fn give_back(&self, bid: u16) {
+    pub(crate) fn give_back(&self, bid: u16) {
         if bid < self.given.get() {
             self.put(bid);
             self.publish();
@@ -181,7 +176,7 @@ impl BufPool {
     /// # Safety
     ///
     /// The buffer must be the caller's: named by a completion and not given back since.
-    pub(in crate::relay) unsafe fn bytes(&self, bid: u16, len: usize) -> &[u8] {
+    pub(crate) unsafe fn bytes(&self, bid: u16, len: usize) -> &[u8] {
         let len = len.min(self.size);
         if bid >= self.count {
             return &[];
@@ -198,7 +193,7 @@ impl BufPool {
 
     /// Never unmaps the pool: for a ring that closes with multishot receives still armed, which the
     /// kernel cancels only after the close returns.
-    pub(in crate::relay) fn leak(self) {
+    pub(crate) fn leak(self) {
         std::mem::forget(self);
     }
 }
