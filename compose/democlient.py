@@ -273,7 +273,7 @@ def relay_engines(page):
 
 def engines(_a):
     """The relay engine each service runs, one line each: what sluicegate_relay_info on /metrics
-    says, which is `epoll` where a service asked for `ring`, `uring` or `auto` and io_uring is
+    says, which is `epoll` where a service asked for `ring` or `auto` and io_uring is
     unavailable."""
     with urllib.request.urlopen(ADMIN + "/metrics", timeout=10) as r:
         found = relay_engines(r.read().decode())
