@@ -5,8 +5,8 @@ Usage (from the repository root; needs wrk, iperf3, haproxy, nginx with the stre
     python3 benchmarks/bench.py [--rounds 6] [--duration 10] [--proxies a,b] [--workloads a,b] [--no-syscalls]
 
 Proxies: direct, sg-copy, sg-splice, sg-epoll, sg-ring, sg-auto (the ring where io_uring is allowed,
-else epoll), sg-uring (target/release/sluicegate, built; `sg-auto@PATH` runs another build, an earlier
-commit's, beside it), sg-auto-log (sg-auto writing the routing-decision
+else epoll; target/release/sluicegate, built; `sg-auto@PATH` runs another build, an earlier
+commit's, beside it, and `sg-uring@PATH` the io_uring engine retired in issue 66 from a build before it), sg-auto-log (sg-auto writing the routing-decision
 line of every connection, JSON, to a file), haproxy, haproxy-splice (`option splice-auto`),
 haproxy-splice-all (`option splice-request` + `splice-response`), haproxy-smart (`option
 tcp-smart-connect`: the handshake's last ACK sent with the first bytes, as sluicegate's ring
@@ -63,7 +63,7 @@ LOAD_BIN = os.path.join(ROOT, "target", "release", "sluicegate-load")
 PROBES = os.path.join(ROOT, "benchmarks", "probes")
 PROBE_BIN = os.path.join(PROBES, "ring-proxy")
 EPOLL_PROBE_BIN = os.path.join(PROBES, "epoll-proxy")
-PROXIES = ["direct", "sg-copy", "sg-splice", "sg-epoll", "sg-ring", "sg-auto", "sg-uring", "sg-auto-log", "haproxy",
+PROXIES = ["direct", "sg-copy", "sg-splice", "sg-epoll", "sg-ring", "sg-auto", "sg-auto-log", "haproxy",
            "haproxy-splice", "haproxy-splice-all", "haproxy-smart", "nginx"]
 WORKLOADS = ["ka", "lat", "bulk", "stream", "idle", "churn"]
 # The `lat` workload: 64 keep-alive connections at a fixed total rate, far below saturation, so the
