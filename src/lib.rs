@@ -25,7 +25,7 @@
 //!   (health, passive ejection, drain, slow start), and the snapshot the hot path reads.
 //! - `balance`: the selection policies, pure, over any backend-like `Candidate`.
 //! - `relay`: moving bytes both ways with half-close and reset propagation: copy, splice, io_uring.
-//! - [`routelog`]: the one routing-decision line per connection.
+//! - [`accesslog`]: the access log (`log.access`): one line per connection, at its end.
 //! - [`outcome`]: how a connection ended, one type for the log, the counters and the metrics.
 //!
 //! **Control plane** (the control runtime, on the main thread):
@@ -70,7 +70,7 @@
 //! 8. `service`
 //! 9. `admission`, `replicas`
 //! 10. `logging`, `pool`, `tls`
-//! 11. `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `routelog`, `selfcheck`
+//! 11. `accesslog`, `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `selfcheck`
 //! 12. `docker`
 //! 13. `config`, `metrics`, `outcome`, `sockets`, `util`, `workers`
 //!
@@ -82,6 +82,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(unreachable_pub)]
 
+pub mod accesslog;
 mod admin;
 mod admission;
 pub mod app;
@@ -103,7 +104,6 @@ mod replicas;
 #[cfg(target_os = "linux")]
 mod ring_workers;
 mod route;
-pub mod routelog;
 pub mod selfcheck;
 pub mod service;
 mod session;

@@ -53,6 +53,7 @@ use socket2::SockRef;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
+use crate::accesslog::{Ending, Record};
 use crate::admission::{Gate, Queue, QueuePlace, SourceSlot};
 use crate::config::BackendPort;
 use crate::listener;
@@ -65,7 +66,6 @@ use crate::relay::ring::{
 };
 use crate::relay::Relayed;
 use crate::route::Routes;
-use crate::routelog::{Ending, Record};
 use crate::service::Service;
 use crate::session::{self, Carried, CarriedFacts, ClientSlot, Leaving, Tried};
 use crate::util::{is_local_exhaustion, lock};

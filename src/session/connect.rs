@@ -12,12 +12,12 @@ use tokio::net::TcpStream;
 use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
+use crate::accesslog::Record;
 use crate::admission::QueuePlace;
 use crate::config::BackendPort;
 use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
 use crate::relay;
-use crate::routelog::Record;
 use crate::service::Service;
 use crate::tls::ClientStream;
 use crate::util::is_local_exhaustion;
