@@ -27,7 +27,7 @@
 //! - `balance`: the selection policies, pure, over any backend-like `Candidate`.
 //! - `relay`: the contract every engine keeps (half-close, resets, timeouts, the quiet point an
 //!   upgrade stops at) and the tokio engines: copy, splice, epoll.
-//! - [`routelog`]: the one routing-decision line per connection.
+//! - [`accesslog`]: the access log (`log.access`): one line per connection, at its end.
 //! - [`outcome`]: how a connection ended, one type for the log, the counters and the metrics.
 //!
 //! **Control plane** (the control runtime, on the main thread):
@@ -73,7 +73,7 @@
 //! 8. `service`
 //! 9. `admission`, `replicas`
 //! 10. `logging`, `pool`, `tls`
-//! 11. `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `routelog`, `selfcheck`
+//! 11. `accesslog`, `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `selfcheck`
 //! 12. `docker`
 //! 13. `config`, `metrics`, `outcome`, `sockets`, `uring`, `util`, `workers`
 //!
@@ -96,6 +96,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(unreachable_pub)]
 
+pub mod accesslog;
 mod admin;
 mod admission;
 pub mod app;
@@ -117,7 +118,6 @@ mod replicas;
 #[cfg(target_os = "linux")]
 pub(crate) mod ring;
 mod route;
-pub mod routelog;
 pub mod selfcheck;
 pub mod service;
 mod session;

@@ -16,10 +16,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
+use crate::accesslog::{self, Ending, Record};
 use crate::admission::Gate;
 use crate::outcome::Outcome;
 use crate::route::Routes;
-use crate::routelog::{self, Ending, Record};
 use crate::session::{self, ClientSlot, Leaving};
 use crate::util::{accept_failed_one_client, RateLimited};
 
@@ -203,7 +203,7 @@ fn dispatch(
         bytes_down: 0,
         end,
     };
-    span.in_scope(|| routelog::emit(&record, ending));
+    span.in_scope(|| accesslog::emit(&record, ending));
 }
 
 #[cfg(test)]

@@ -28,9 +28,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
+use crate::accesslog;
 use crate::config::{AccessLog, LogConfig, LogFormat, LogLevel};
 use crate::metrics::{Family, Kind, Subject, Table};
-use crate::routelog;
 use crate::util::lock;
 
 /// The environment variable whose `RUST_LOG`-style filter overrides `log.level` and `log.filter`.
@@ -197,7 +197,7 @@ fn writer(
         .buffered_lines_limit(lines.max(1))
         .thread_name(match stream {
             Stream::Application => "sluicegate-log",
-            Stream::Routing => "sluicegate-routelog",
+            Stream::Routing => "sluicegate-accesslog",
         });
     let errors = Arc::new(AtomicU64::new(0));
     let last_error = Arc::new(Mutex::new(None));
@@ -322,7 +322,7 @@ pub fn init(cfg: &LogConfig) -> Result<Guards, LogError> {
     let mut app = app_filter(cfg)?;
     if cfg.access != AccessLog::WithApplication {
         // The routing log has a stream of its own (or none): keep it out of the application log.
-        let off = format!("{}=off", routelog::TARGET);
+        let off = format!("{}=off", accesslog::TARGET);
         app = app.add_directive(off.parse().map_err(
             |e: tracing_subscriber::filter::ParseError| LogError::Filter {
                 from: "log.access",
@@ -349,7 +349,7 @@ pub fn init(cfg: &LogConfig) -> Result<Guards, LogError> {
                 tracing_subscriber::fmt::layer()
                     .with_writer(w)
                     .event_format(LineFormat { json })
-                    .with_filter(Targets::new().with_target(routelog::TARGET, Level::INFO)),
+                    .with_filter(Targets::new().with_target(accesslog::TARGET, Level::INFO)),
             )
         }
         None => None,
@@ -633,7 +633,7 @@ where
         event.record(&mut v);
         // The fields of the spans it happened in (the connection's), unless the event names them
         // itself. The routing line is complete on its own and keeps its documented fields.
-        if event.metadata().target() != routelog::TARGET {
+        if event.metadata().target() != accesslog::TARGET {
             if let Some(scope) = ctx.event_scope() {
                 for span in scope.from_root() {
                     let declared = span.metadata().fields();

@@ -11,7 +11,6 @@ use tokio::time::Instant;
 
 use super::Control;
 use crate::events::Event;
-use crate::util::lock;
 
 /// How often drain progress is logged while connections remain.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -39,7 +38,7 @@ fn ser_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S
 
 impl Control {
     pub fn drain_progress(&self) -> DrainProgress {
-        let drain = *lock(&self.drain);
+        let drain = *self.drain.lock();
         let now = Instant::now();
         DrainProgress {
             draining: drain.is_some(),
@@ -59,10 +58,10 @@ impl Control {
     /// to keep accepting for, so `shutdown.delay` is skipped.
     pub(crate) async fn drain_from(self: &Arc<Self>, upgraded: bool) -> usize {
         self.readiness.set(false, true);
-        let shutdown = lock(&self.config).shutdown.clone();
+        let shutdown = self.config.lock().shutdown.clone();
         let signalled = Instant::now();
         let cut_at = signalled + shutdown.drain_timeout.0;
-        *lock(&self.drain) = Some((signalled, cut_at));
+        *self.drain.lock() = Some((signalled, cut_at));
         tracing::info!(
             delay_ms = shutdown.delay.0.as_millis() as u64,
             drain_timeout_ms = shutdown.drain_timeout.0.as_millis() as u64,
@@ -76,7 +75,7 @@ impl Control {
         if !upgraded {
             tokio::time::sleep(shutdown.delay.0).await;
         }
-        for b in lock(&self.listeners).iter_mut() {
+        for b in self.listeners.lock().iter_mut() {
             b.stop.cancel();
             // Closed now (the accept loops close theirs as they stop), not when the server goes.
             b.kept.take();

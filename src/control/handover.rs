@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 
 use super::Control;
 use crate::session::{self, Carried};
-use crate::util::lock;
 
 /// The totals of every service and backend, by name: what an upgrade carries so that counters go
 /// on from where the old process left them.
@@ -94,7 +93,8 @@ impl Control {
     pub(crate) fn handover_sockets(
         &self,
     ) -> std::io::Result<Vec<(Option<String>, std::net::TcpListener)>> {
-        lock(&self.listeners)
+        self.listeners
+            .lock()
             .iter()
             .filter_map(|b| Some((b.key.handover_name(), b.kept.as_ref()?)))
             .map(|(name, l)| Ok((name, l.try_clone()?)))
@@ -106,7 +106,7 @@ impl Control {
     /// accept again ([`Control::accept_again`]).
     pub(crate) async fn pause_accepting(&self) {
         self.readiness.set(false, true);
-        for b in lock(&self.listeners).iter_mut() {
+        for b in self.listeners.lock().iter_mut() {
             b.stop.cancel();
             b.pending.take();
         }
@@ -119,7 +119,7 @@ impl Control {
     /// connected meanwhile waits there and is served now.
     pub(crate) fn accept_again(&self) {
         self.accepting.reopen();
-        let mut listeners = lock(&self.listeners);
+        let mut listeners = self.listeners.lock();
         for b in listeners.iter_mut() {
             let Some(kept) = b.kept.as_ref() else {
                 continue;
@@ -141,7 +141,7 @@ impl Control {
     /// The new process serves: this process's descriptors of the listening sockets are closed
     /// (the new process holds its own: the sockets, and what waits in their queues, stay).
     pub(crate) fn close_listeners(&self) {
-        let closed = std::mem::take(&mut *lock(&self.listeners));
+        let closed = std::mem::take(&mut *self.listeners.lock());
         drop(closed);
     }
 
@@ -151,7 +151,9 @@ impl Control {
     /// connection is reset, and says so.
     pub(crate) fn resume(&self, carried: Carried) {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let service = lock(&self.running)
+        let service = self
+            .running
+            .lock()
             .iter()
             .map(|r| r.current.load_full())
             .find(|s| *s.name == *carried.facts.service);
@@ -177,7 +179,7 @@ impl Control {
     /// Every service's and backend's totals now.
     pub(crate) fn totals(&self) -> Totals {
         let mut t = Totals::default();
-        for r in lock(&self.running).iter() {
+        for r in self.running.lock().iter() {
             let s = r.current.load_full();
             t.services.insert(s.name.to_string(), s.stats.totals());
             let backends = s
@@ -194,7 +196,7 @@ impl Control {
     /// Adds totals the process this one replaced counted, to the services and backends of the same
     /// names (and addresses) here.
     pub(crate) fn add_totals(&self, t: &Totals) {
-        for r in lock(&self.running).iter() {
+        for r in self.running.lock().iter() {
             let s = r.current.load_full();
             if let Some(st) = t.services.get(&*s.name) {
                 s.stats.add(st);

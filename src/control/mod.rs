@@ -9,6 +9,7 @@
 mod drain;
 mod handover;
 mod listeners;
+mod ordered;
 mod reload;
 mod view;
 
@@ -16,7 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -44,9 +45,9 @@ use crate::ring::RingWorkers;
 use crate::route::Routes;
 use crate::service::Service;
 use crate::tls::{self, ServiceTls, TlsError};
-use crate::util::lock;
 use crate::workers::{self, Workers};
 use listeners::{Acceptors, Bound};
+use ordered::Ordered;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +165,15 @@ enum RingState {
 }
 
 /// The running server's state, shared with the admin API and the signal handler.
+///
+/// **Lock order.** Its locks are taken in this order and never against it: `config_path`,
+/// `running`, `listeners`, `config`, `resolving`, `ring`, `drain`. Each one's type carries its
+/// place in this list (its rank, from 0), and debug builds assert the order at run time
+/// (`ordered.rs`). Held together: a reload holds `running`, `listeners`, `config` and
+/// `resolving`, and takes `ring` under them when a service moves to the ring workers; start-up
+/// holds `running` with `resolving`, or `running` with `listeners` and then `ring`; accepting
+/// again after a failed upgrade holds `listeners`, then `ring`. `config_path` and `drain` are only
+/// ever held alone.
 pub struct Control {
     /// The control runtime: listeners and tasks a reload creates belong here, whoever calls.
     rt: tokio::runtime::Handle,
@@ -173,15 +183,15 @@ pub struct Control {
     /// fits), started with the first one bound (Linux only: elsewhere both run `epoll`,
     /// `relay::engine_for`).
     #[cfg(target_os = "linux")]
-    ring: Mutex<RingState>,
-    running: Mutex<Vec<Running>>,
-    /// Every bound address; locked after `running` when both are.
-    listeners: Mutex<Vec<Bound>>,
-    config: Mutex<Config>,
-    config_path: Mutex<Option<PathBuf>>,
+    ring: Ordered<RingState, 5>,
+    running: Ordered<Vec<Running>, 1>,
+    /// Every bound address.
+    listeners: Ordered<Vec<Bound>, 2>,
+    config: Ordered<Config, 3>,
+    config_path: Ordered<Option<PathBuf>, 0>,
     readiness: Arc<Readiness>,
     events: EventBus,
-    resolving: Mutex<Option<Resolving>>,
+    resolving: Ordered<Option<Resolving>, 4>,
     /// Every client connection, for the drain.
     tracker: TaskTracker,
     /// Every accept loop, for closing the listeners.
@@ -191,7 +201,7 @@ pub struct Control {
     /// Probes, DNS watchers, pool timers.
     background: CancellationToken,
     /// Set when the stop signal arrives: (signal time, deadline).
-    drain: Mutex<Option<(Instant, Instant)>>,
+    drain: Ordered<Option<(Instant, Instant)>, 6>,
     reloads_applied: AtomicU64,
     /// The top-level `max_connections` over every service.
     pub(crate) gate: Arc<Gate>,
@@ -273,19 +283,19 @@ impl Control {
             rt: tokio::runtime::Handle::current(),
             workers,
             #[cfg(target_os = "linux")]
-            ring: Mutex::new(RingState::NotStarted),
-            running: Mutex::new(running),
-            listeners: Mutex::new(bound),
-            config: Mutex::new(config.clone()),
-            config_path: Mutex::new(None),
+            ring: Ordered::new(RingState::NotStarted),
+            running: Ordered::new(running),
+            listeners: Ordered::new(bound),
+            config: Ordered::new(config.clone()),
+            config_path: Ordered::new(None),
             readiness: Arc::new(Readiness::default()),
             events,
-            resolving: Mutex::new(resolving),
+            resolving: Ordered::new(resolving),
             tracker: TaskTracker::new(),
             accepting: TaskTracker::new(),
             leaving: Arc::default(),
             background: CancellationToken::new(),
-            drain: Mutex::new(None),
+            drain: Ordered::new(None),
             reloads_applied: AtomicU64::new(0),
             gate: Arc::new(Gate::new(config.max_connections)),
             reloads_rejected: AtomicU64::new(0),
@@ -309,8 +319,8 @@ impl Control {
         let mut docker_firsts = self.start_background().await;
         let mut held = Vec::new();
         {
-            let running = lock(&self.running);
-            let mut listeners = lock(&self.listeners);
+            let running = self.running.lock();
+            let mut listeners = self.listeners.lock();
             for b in listeners.iter_mut() {
                 let names = b.service_names();
                 let mut waits: Vec<DockerWait> = Vec::new();
@@ -388,7 +398,7 @@ impl Control {
     /// Starts the accept loops of the address `key`, unless a reload closed it meanwhile or the drain
     /// has begun.
     fn start_listener(&self, key: &listeners::ListenKey) {
-        let mut listeners = lock(&self.listeners);
+        let mut listeners = self.listeners.lock();
         if let Some(b) = listeners
             .iter_mut()
             .find(|b| &b.key == key && !b.stop.is_cancelled())
@@ -399,7 +409,7 @@ impl Control {
 
     /// The file a reload (SIGHUP, `POST /reload`) reads.
     pub fn set_config_path(&self, path: PathBuf) {
-        *lock(&self.config_path) = Some(path);
+        *self.config_path.lock() = Some(path);
     }
 
     pub fn readiness(&self) -> &Readiness {
@@ -416,8 +426,8 @@ impl Control {
 
     /// The running services, in config order.
     pub fn services(&self) -> Vec<RunningService> {
-        let running = lock(&self.running);
-        let locals = listeners::locals(&lock(&self.listeners));
+        let running = self.running.lock();
+        let locals = listeners::locals(&self.listeners.lock());
         running
             .iter()
             .map(|r| {
@@ -454,7 +464,8 @@ impl Control {
 
     /// The replicas sluicegate runs for service `name`, if it has a `replicas:` section.
     pub(crate) fn replicas(&self, name: &str) -> Option<Arc<ReplicaSet>> {
-        lock(&self.running)
+        self.running
+            .lock()
             .iter()
             .find(|r| r.config.name == name)
             .and_then(|r| r.replicas.as_ref().map(|(set, _)| set.clone()))
@@ -470,7 +481,8 @@ impl Control {
     }
 
     pub fn service(&self, name: &str) -> Option<Arc<Service>> {
-        lock(&self.running)
+        self.running
+            .lock()
             .iter()
             .map(|r| r.current.load_full())
             .find(|s| &*s.name == name)
@@ -485,7 +497,7 @@ impl Control {
         sni: Option<&str>,
         alpn: &[Vec<u8>],
     ) -> Option<Option<(Arc<Service>, &'static str)>> {
-        let listeners = lock(&self.listeners);
+        let listeners = self.listeners.lock();
         let b = listeners
             .iter()
             .find(|b| b.local == listen)
@@ -504,7 +516,8 @@ impl Control {
 
     /// The connections of each shared address that no service took.
     pub(crate) fn unrouted(&self) -> Vec<crate::route::UnroutedView> {
-        lock(&self.listeners)
+        self.listeners
+            .lock()
             .iter()
             .filter_map(|b| {
                 let routes = b.routes.load();
@@ -520,7 +533,7 @@ impl Control {
     /// The admin API's settings as bound at start.
     /// The `upgrade` settings now.
     pub(crate) fn upgrade_settings(&self) -> crate::config::UpgradeConfig {
-        lock(&self.config).upgrade.clone()
+        self.config.lock().upgrade.clone()
     }
 
     pub(crate) fn admin_settings(&self) -> Option<Arc<AdminSettings>> {
@@ -539,7 +552,7 @@ impl Control {
     /// start, and ring services are then served by the tokio workers on the epoll engine.
     #[cfg(target_os = "linux")]
     fn ring_workers(&self) -> Option<Arc<RingWorkers>> {
-        let mut ring = lock(&self.ring);
+        let mut ring = self.ring.lock();
         if let RingState::NotStarted = *ring {
             let started = RingWorkers::start(
                 workers::default_count(),
@@ -566,7 +579,7 @@ impl Control {
     /// Each ring worker's counters, if they have started (reading them does not start them).
     #[cfg(target_os = "linux")]
     pub(crate) fn ring_views(&self) -> Vec<crate::ring::WorkerView> {
-        match &*lock(&self.ring) {
+        match &*self.ring.lock() {
             RingState::Running(r) => r.views(),
             _ => Vec::new(),
         }
@@ -577,7 +590,7 @@ impl Control {
     pub(crate) fn carry_to(&self, to: tokio::sync::mpsc::UnboundedSender<crate::session::Carried>) {
         self.leaving.carry_to(to);
         #[cfg(target_os = "linux")]
-        if let RingState::Running(r) = &*lock(&self.ring) {
+        if let RingState::Running(r) = &*self.ring.lock() {
             r.carry();
         }
     }
@@ -585,7 +598,7 @@ impl Control {
     /// Cuts every ring worker's connections (the drain's deadline), if they have started.
     pub(crate) fn cut_ring(&self, end: crate::outcome::Outcome) {
         #[cfg(target_os = "linux")]
-        if let RingState::Running(r) = &*lock(&self.ring) {
+        if let RingState::Running(r) = &*self.ring.lock() {
             r.cut(end);
         }
         #[cfg(not(target_os = "linux"))]
@@ -596,7 +609,7 @@ impl Control {
     pub(crate) fn stop_ring(&self) {
         #[cfg(target_os = "linux")]
         {
-            let running = match &*lock(&self.ring) {
+            let running = match &*self.ring.lock() {
                 RingState::Running(r) => Some(r.clone()),
                 _ => None,
             };
@@ -815,8 +828,8 @@ impl Control {
         let mut firsts = Vec::new();
         let mut docker = HashMap::new();
         let pools: Vec<_> = {
-            let mut running = lock(&self.running);
-            let resolving = lock(&self.resolving);
+            let mut running = self.running.lock();
+            let resolving = self.resolving.lock();
             for r in running.iter_mut() {
                 self.start_pool(r);
                 let (dns, lists) = self.start_watchers(r, resolving.as_ref());

@@ -27,7 +27,6 @@ use crate::pool::Source;
 use crate::replicas::ReplicaSet;
 use crate::service::{self, Service};
 use crate::tls::{ServiceTls, TlsError};
-use crate::util::lock;
 
 /// Why a reload was rejected; the running config stays.
 #[derive(Debug, thiserror::Error)]
@@ -222,7 +221,7 @@ impl Control {
 
     /// Reads the config file again and applies it (SIGHUP, `POST /reload`).
     pub fn reload_from_file(&self) -> Result<ReloadReport, ReloadError> {
-        let path = lock(&self.config_path).clone();
+        let path = self.config_path.lock().clone();
         let result = match path {
             None => Err(ReloadError::NoFile),
             Some(p) => Config::load(&p)
@@ -274,10 +273,10 @@ impl Control {
             return Err(ReloadError::Draining);
         }
         let _rt = self.rt.enter();
-        let mut running = lock(&self.running);
-        let mut bound = lock(&self.listeners);
-        let mut config = lock(&self.config);
-        let mut resolving = lock(&self.resolving);
+        let mut running = self.running.lock();
+        let mut bound = self.listeners.lock();
+        let mut config = self.config.lock();
+        let mut resolving = self.resolving.lock();
         // Again under the locks: an upgrade's `pause_accepting` may have begun since the first look.
         if self.readiness.is_draining() {
             return Err(ReloadError::Draining);

@@ -706,4 +706,105 @@ mod tests {
         assert_eq!(s.apply(&nx), Verdict::Set(BTreeSet::new()));
         assert_eq!(s.apply(&nx), Verdict::Keep);
     }
+
+    /// Claims that go nowhere: only the watcher's timing is under test.
+    struct Nowhere;
+
+    impl Claims for Nowhere {
+        fn claim(&self, _: &Finder, _: Vec<Claimed>) {}
+        fn seen(&self, _: &[SocketAddr]) {}
+        fn named(&self, _: SocketAddr, _: Arc<str>) {}
+    }
+
+    /// A watcher of `refresh` that never queries (its name server is never asked: only its timing,
+    /// `wait_turn`, runs), with its last query at `last_query`.
+    fn watch_every(refresh: Duration, last_query: Option<Instant>) -> Watch {
+        let resolver = resolver(&ResolverConfig {
+            nameservers: vec![SocketAddr::from(([127, 0, 0, 1], 9))],
+            ..ResolverConfig::default()
+        })
+        .unwrap();
+        let settings = DiscoveryConfig {
+            refresh: crate::config::Dur(refresh),
+            ..DiscoveryConfig::default()
+        };
+        Watch {
+            state: NameState::new(settings.empty_after),
+            spec: WatchSpec {
+                service: "web".into(),
+                claims: Arc::new(Nowhere),
+                resolver,
+                name: NameSpec {
+                    lookup: Lookup::Address {
+                        host: "backend".into(),
+                        port: 80,
+                    },
+                    weight: 1,
+                    tier: 0,
+                    label: "backend:80".into(),
+                },
+                settings,
+                query_limit: Duration::from_secs(1),
+                nudge: Arc::new(Notify::new()),
+            },
+            stats: Arc::default(),
+            rng: Rng::seeded(1),
+            truncation_warnings: RateLimited::new(Duration::from_secs(60)),
+            named: BTreeSet::new(),
+            last_query,
+        }
+    }
+
+    /// How long `wait_turn` took (paused clock: exact), nudged first if `nudge` (as the pool does:
+    /// `notify_one`, whose permit waits for the watcher).
+    async fn turn_after(w: &Watch, next: Instant, nudge: bool) -> Duration {
+        if nudge {
+            w.spec.nudge.notify_one();
+        }
+        let t0 = Instant::now();
+        assert!(
+            w.wait_turn(&CancellationToken::new(), next).await,
+            "not stopped"
+        );
+        t0.elapsed()
+    }
+
+    /// Under tokio's paused clock: without a nudge the watcher waits for its refresh time; a nudge
+    /// right after a query waits out `max(refresh / 4, 250 ms)` from that query, and one long after
+    /// it goes at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_nudge_goes_early_but_never_within_the_minimum_gap() {
+        let ms = Duration::from_millis;
+        let now = Instant::now();
+        let w = watch_every(ms(2000), Some(now));
+        assert_eq!(turn_after(&w, now + ms(2000), false).await, ms(2000));
+
+        // Nudged at once: a quarter of the refresh after the last query.
+        let now = Instant::now();
+        let w = watch_every(ms(2000), Some(now));
+        assert_eq!(turn_after(&w, now + ms(2000), true).await, ms(500));
+
+        // A short refresh: the floor is 250 ms.
+        let now = Instant::now();
+        let w = watch_every(ms(400), Some(now - ms(100)));
+        assert_eq!(turn_after(&w, now + ms(300), true).await, ms(150));
+
+        // The last query long ago (or none yet): the nudge goes at once.
+        let now = Instant::now();
+        let w = watch_every(ms(2000), Some(now - ms(5000)));
+        assert_eq!(turn_after(&w, now + ms(2000), true).await, ms(0));
+        let w = watch_every(ms(2000), None);
+        assert_eq!(turn_after(&w, Instant::now() + ms(2000), true).await, ms(0));
+    }
+
+    /// Under tokio's paused clock: a stopped watcher's wait ends at once, and says so.
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_watcher_stops_waiting() {
+        let w = watch_every(Duration::from_secs(60), None);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let t0 = Instant::now();
+        assert!(!w.wait_turn(&stop, t0 + Duration::from_secs(60)).await);
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+    }
 }

@@ -50,6 +50,7 @@ use socket2::SockRef;
 use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 
 use super::workers::{Served, Workers};
+use crate::accesslog::{Ending, Record};
 use crate::admission::{Gate, Queue, QueuePlace, SourceSlot};
 use crate::config::BackendPort;
 use crate::listener;
@@ -59,7 +60,6 @@ use crate::proxy_protocol::{self, Header, Parsed, ReadError};
 use crate::relay::Relayed;
 use crate::ring::{Admit, Finished, Got, Host, Quiet, Step, Target, Timeouts};
 use crate::route::Routes;
-use crate::routelog::{Ending, Record};
 use crate::service::Service;
 use crate::session::{self, Carried, CarriedFacts, ClientSlot, Leaving, Tried};
 use crate::util::{is_local_exhaustion, lock};

@@ -12,12 +12,12 @@ use tokio::net::TcpStream;
 use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 
+use crate::accesslog::Record;
 use crate::admission::QueuePlace;
 use crate::config::BackendPort;
 use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
 use crate::relay;
-use crate::routelog::Record;
 use crate::service::Service;
 use crate::tls::ClientStream;
 use crate::util::is_local_exhaustion;
@@ -349,6 +349,17 @@ async fn within<T>(
 mod tests {
     use super::*;
 
+    /// A service with one backend at `backend`, capped at one connection, and `queue`.
+    fn capped_service(backend: SocketAddr, queue: &str) -> Arc<Service> {
+        let yaml = format!(
+            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    queue: {queue}\n    backends: [{{address: \"{backend}\", max_connections: 1}}]\n"
+        );
+        let mut cfg = crate::config::Config::from_yaml(&yaml).unwrap();
+        let events = crate::events::EventBus::default();
+        let tls = crate::tls::ServiceTls::default();
+        Arc::new(Service::new(&cfg.services.remove(0), true, tls, &events))
+    }
+
     /// A capped backend's connection ending (its slot dropped) wakes the service's queue on both
     /// data planes: the tokio sessions waiting (`freed`), and what the ring workers set
     /// (`Queue::wake_with`), whose waiting connections would otherwise look again only on their
@@ -359,13 +370,7 @@ mod tests {
         use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
         let backend = SocketAddr::from(([127, 0, 0, 1], 9));
-        let yaml = format!(
-            "services:\n  - name: web\n    listen: 127.0.0.1:0\n    queue: {{max: 8, timeout: 1s}}\n    backends: [{{address: \"{backend}\", max_connections: 1}}]\n"
-        );
-        let mut cfg = crate::config::Config::from_yaml(&yaml).unwrap();
-        let events = crate::events::EventBus::default();
-        let tls = crate::tls::ServiceTls::default();
-        let service = Arc::new(Service::new(&cfg.services.remove(0), true, tls, &events));
+        let service = capped_service(backend, "{max: 8, timeout: 1s}");
         let queue = &service.occupancy.queue;
         let rings = Arc::new(AtomicU64::new(0));
         let told = rings.clone();
@@ -389,6 +394,40 @@ mod tests {
             waiting.now_or_never().is_some(),
             "the tokio waiter is woken"
         );
+    }
+
+    /// Under tokio's paused clock: a connection that finds every backend at its cap waits in the
+    /// queue and is refused (`backends_full`) at the queue's timeout, not a moment before, without
+    /// a connect tried; its place in the queue is given back.
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_connection_is_refused_at_the_queue_timeout() {
+        let ms = std::time::Duration::from_millis;
+        let backend = SocketAddr::from(([127, 0, 0, 1], 9));
+        let service = capped_service(backend, "{max: 1, timeout: 800ms}");
+        let member = service.pool.member(backend).expect("the backend");
+        // Its one slot, held throughout: nothing frees it.
+        let _held = BackendSlot::take(&service, &member).expect("its one slot is free");
+        let client = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let mut record = Record::new("web".into(), "round_robin", client);
+        let out = Outbound {
+            header: None,
+            forward: b"",
+            reached_port: None,
+        };
+        let t0 = Instant::now();
+        let refused = {
+            let mut wait = std::pin::pin!(connect(&service, client, &mut record, &out));
+            let early = tokio::time::timeout(ms(799), &mut wait).await;
+            assert!(early.is_err(), "still waiting just before the timeout");
+            assert_eq!(service.occupancy.queue.waiting(), 1, "in the queue");
+            tokio::time::timeout(ms(2), wait)
+                .await
+                .expect("refused at the timeout")
+        };
+        assert!(matches!(refused, Err(Outcome::BackendsFull)));
+        assert_eq!(t0.elapsed(), ms(800));
+        assert_eq!(record.attempts, 0, "no connect tried");
+        assert_eq!(service.occupancy.queue.waiting(), 0, "its place given back");
     }
 
     #[test]

@@ -10,10 +10,10 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::accesslog::Record;
 use crate::config::AcceptProxyConfig;
 use crate::outcome::Outcome;
 use crate::proxy_protocol::{self, Header};
-use crate::routelog::Record;
 use crate::tls::hello::{self, Parsed, MAX_HELLO};
 use crate::tls::ClientHello;
 use crate::util::{lock, RateLimited};

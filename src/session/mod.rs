@@ -22,12 +22,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::accesslog::{self, Ending, Record};
 use crate::admission::{Gate, GateSlot, Refusal, SourceSlot};
 use crate::outcome::Outcome;
 use crate::proxy_protocol;
 use crate::relay::{self, Relayed};
 use crate::route::{Routes, Waiting};
-use crate::routelog::{self, Ending, Record};
 use crate::service::{Service, TlsResult};
 use crate::tls::{HandshakeError, Prefixed, ServerStream};
 pub(crate) use connect::{carried_backend, Tried};
@@ -255,7 +255,7 @@ pub(crate) async fn serve_routed(
         Ok(r) => r,
         Err(end) => {
             routes.unrouted.count(end);
-            return span.in_scope(|| routelog::emit(&record, refused_ending(end)));
+            return span.in_scope(|| accesslog::emit(&record, refused_ending(end)));
         }
     };
     span.record("service", tracing::field::display(&service.name));
@@ -805,7 +805,7 @@ fn refused_ending(end: Outcome) -> Ending {
 /// The end of every client connection: counts its outcome and writes its routing line.
 pub(crate) fn account(service: &Service, record: &Record, ending: Ending) {
     service.stats.count(ending.end);
-    routelog::emit(record, ending);
+    accesslog::emit(record, ending);
 }
 
 #[cfg(test)]

@@ -473,9 +473,22 @@ async fn the_agent_adjusts_its_backend_and_garbage_changes_nothing() {
     let last = b2.view().agent.unwrap().history.last().cloned().unwrap();
     assert_eq!(last.output.unwrap().len(), 512, "the first 512 bytes kept");
 
-    // An agent that stops answering changes nothing either.
+    // An agent that stops answering changes nothing either: once two of its checks have failed
+    // (recorded), its word stands.
+    let before = last.at_ms;
     drop(a2);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for(
+        Duration::from_secs(10),
+        "two failed checks recorded",
+        || {
+            let h = b2.view().agent.unwrap().history;
+            h.iter()
+                .filter(|r| r.at_ms > before && r.error.is_some())
+                .count()
+                >= 2
+        },
+    )
+    .await;
     assert_eq!(b2.agent(), (AgentSays::Up, 50));
     assert_eq!(proxy.backend(addrs[1]).agent(), (AgentSays::Up, 100));
 }
@@ -501,8 +514,14 @@ async fn maintenance_pauses_probes_and_traffic() {
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(r.json()["state"], "maint");
     assert_eq!(proxy.backend(addrs[0]).state(), State::Maint);
-    let probes = fleet[0].health_requests();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The other backend's probes are the clock: five of its intervals, however slow the machine.
+    let (probes, others) = (fleet[0].health_requests(), fleet[1].health_requests());
+    wait_for(
+        Duration::from_secs(10),
+        "five probes of the other backend",
+        || fleet[1].health_requests() >= others + 5,
+    )
+    .await;
     assert!(
         fleet[0].health_requests() <= probes + 1,
         "probes paused (one may be in flight)"

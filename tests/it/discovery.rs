@@ -501,8 +501,14 @@ async fn srv_records_give_ports_weights_and_tiers() {
     wait_members(&proxy, &[4]).await;
     assert_eq!(spread(proxy.addr, 10).await.get(&ip(4)), Some(&10));
     assert_eq!(proxy.service.pool.snapshot().serving_tier, Some(20));
-    // An SRV outage keeps the last good set, as for A records.
+    // An SRV outage keeps the last good set, as for A records. Three queries from now: one may
+    // have been asked before the change, and a watcher asks again only once it has its answer, so
+    // at least one SERVFAIL has been applied.
+    let q0 = dns.queries("_db._tcp.service.consul");
     dns.set("_db._tcp.service.consul", Reply::ServFail);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    wait_for(Duration::from_secs(10), "SERVFAIL answered", || {
+        dns.queries("_db._tcp.service.consul") >= q0 + 3
+    })
+    .await;
     assert_eq!(ips(&proxy), vec![ip(4)]);
 }

@@ -1,4 +1,5 @@
-//! The routing-decision log: one line per client connection, written when it ends.
+//! The access log (`log.access`): one line per client connection, written when it ends, saying where
+//! it was routed and how it went.
 //!
 //! Fields: `service, client, via, backend, backend_name, policy, attempts, connect_ms, bytes_up,
 //! bytes_down, duration_ms, end`, and on shared addresses and TLS services `sni, alpn, route, tls`
@@ -13,7 +14,9 @@ use tokio::time::Instant;
 
 use crate::outcome::Outcome;
 
-/// The `tracing` target of routing lines, which tells them apart from the application log.
+/// The `tracing` target of access-log lines, which tells them apart from the application log. Not
+/// `sluicegate::access`: it is documented output (`docs/configuration.md`, the `target` of every
+/// JSON line), and filters (`log.filter`, `SLUICEGATE_LOG`) and log pipelines select the lines by it.
 pub const TARGET: &str = "sluicegate::route";
 
 /// What is known about one connection's routing, filled in as it progresses.
