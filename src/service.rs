@@ -201,7 +201,7 @@ impl ServiceStats {
                 "accepted" => &self.accepted,
                 "no_backend_transitions" => &self.no_backend_transitions,
                 "spliced" => &self.spliced,
-                // Before 0.x the ring's count went by the retired io_uring engine's name.
+                // In 0.1 the ring's count went by the retired io_uring engine's name.
                 "ring" | "uring" => &self.ring,
                 "bytes_up" => &self.bytes_up,
                 "bytes_down" => &self.bytes_down,

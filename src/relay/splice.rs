@@ -1,5 +1,5 @@
-//! Linux `splice(2)`: socket → pipe → socket without copying through user space. One of the two
-//! modules allowed `unsafe` (with `uring.rs`): the `pipe2`, `fcntl` and `splice` calls, each behind a
+//! Linux `splice(2)`: socket → pipe → socket without copying through user space. One of the
+//! modules allowed `unsafe` (src/lib.rs lists them): the `pipe2`, `fcntl` and `splice` calls, each behind a
 //! safe function whose descriptors are owned or borrowed (`OwnedFd`, `BorrowedFd`), so none can name
 //! a closed one.
 //!
