@@ -6,7 +6,8 @@ Usage (from the repository root; needs wrk, iperf3, haproxy, nginx with the stre
 
 Proxies: direct, sg-copy, sg-splice, sg-epoll, sg-ring, sg-auto (the ring where io_uring is allowed,
 else epoll; target/release/sluicegate, built; `sg-auto@PATH` runs another build, an earlier
-commit's, beside it, and `sg-uring@PATH` the io_uring engine retired in issue 66 from a build before it), sg-auto-log (sg-auto writing the routing-decision
+commit's, beside it, and `sg-uring@PATH` the io_uring engine retired in issue 66 from a build
+before it), sg-auto-log (sg-auto writing the routing-decision
 line of every connection, JSON, to a file), haproxy, haproxy-splice (`option splice-auto`),
 haproxy-splice-all (`option splice-request` + `splice-response`), haproxy-smart (`option
 tcp-smart-connect`: the handshake's last ACK sent with the first bytes, as sluicegate's ring
