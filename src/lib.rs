@@ -82,9 +82,13 @@
 //! The crate denies `unsafe_code`. Only the data plane's kernel-facing code opts in, each block with
 //! its safety argument, behind types that own what the kernel may touch (`python3 .ci/unsafe.py`
 //! fails on an `unsafe` anywhere else):
-//! - `uring/`: the provided-buffer pool's memory, shared with the kernel, and the probe's one entry.
-//! - `ring/`: the ring workers' submissions, which point the kernel at sockets and buffers the loop
-//!   keeps alive until their last completion.
+//! - `uring/`: the provided-buffer pool's memory, shared with the kernel (a buffer read only through
+//!   the token a completion makes), and the probe's one entry.
+//! - `ring/submit.rs`: the ring workers' one submit type, which builds every entry (pointing the
+//!   kernel at sockets and buffers the loop keeps alive until their last completion), counts it in
+//!   its connection and pushes it, and takes from each completion what the kernel made for it.
+//! - `ring/tests.rs`: what the ring's tests do to the kernel directly (a ring of their own, the
+//!   descriptor limit, a duplicated descriptor, urgent data).
 //! - `relay/splice.rs`: `pipe2`, `fcntl` and `splice(2)` on borrowed descriptors.
 //! - `relay/tcp_info.rs`: `getsockopt(TCP_INFO)` into a struct of its own.
 //!

@@ -6,70 +6,37 @@ use super::*;
 use crate::util::accept_failed_one_client;
 
 impl<H: Host> Worker<H> {
-    /// Listener `id`'s descriptor and accept place `k`, now armed; `None` if gone or armed already.
-    fn accept_place(&mut self, id: u32, k: usize) -> Option<(RawFd, &mut Accepting)> {
-        let l = self.listeners.get_mut(&id)?;
-        let fd = l.fd.as_raw_fd();
-        let a = l.accepts.get_mut(k).filter(|a| !a.armed)?;
-        a.armed = true;
-        Some((fd, a))
-    }
-
+    /// Arms accept `k` of listener `id`, unless it is gone or the place is armed already. The
+    /// listener stays in `listeners` until every accept of it has completed (`unlisten` cancels
+    /// them, `on_accept` removes it after the last).
     pub(super) fn arm_accept(&mut self, id: u32, k: usize) {
-        let dontwait = self.dontwait;
-        let Some((fd, a)) = self.accept_place(id, k) else {
+        let Some(l) = self.listeners.get_mut(&id) else {
             return;
         };
-        a.len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let e = opcode::Accept::new(
-            types::Fd(fd),
-            std::ptr::from_mut(&mut a.addr).cast(),
-            &mut a.len,
-        )
-        .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-        .build()
-        .user_data(accept_data(K_ACCEPT, id, k));
         // The kernel's own poll for a client re-runs the accept when woken, and if another worker
         // took that client first (they share the listener) the accept is handed to an io-wq
         // thread (work, and a wake-up, from another CPU): with DONTWAIT the worker polls
         // (`arm_readable`) instead.
-        a.flagged = dontwait;
-        let e = if dontwait {
-            with_ioprio(e, accept_flag())
-        } else {
-            e
-        };
-        // SAFETY: the address and its length are in the listener's box, and the descriptor in the
-        // listener, which stays in `listeners` until every accept of it has completed (`unlisten`
-        // cancels them, `on_accept` removes it after the last).
-        unsafe { self.push(&[e]) };
+        let ioprio = self.dontwait.then(accept_flag);
+        self.sq.accept(l, id, k, ioprio);
     }
 
     /// Waits for a client on listener `id` in accept `k`'s place, then accepts (`on_readable`).
     /// Exclusive: a client wakes one waiter of all the workers', not every one.
     fn arm_readable(&mut self, id: u32, k: usize) {
-        let Some((fd, _)) = self.accept_place(id, k) else {
-            return;
-        };
-        let e = opcode::PollAdd::new(
-            types::Fd(fd),
-            libc::POLLIN as u32 | libc::EPOLLEXCLUSIVE as u32,
-        )
-        .build()
-        .user_data(accept_data(K_READABLE, id, k));
-        // SAFETY: points to nothing; the descriptor is the listener's, which stays in `listeners`
-        // until every operation of it has completed (as for accepts).
-        unsafe { self.push(&[e]) };
+        if let Some(l) = self.listeners.get_mut(&id) {
+            self.sq.poll_accept(l, id, k);
+        }
     }
 
-    pub(super) fn on_readable(&mut self, id: u32, k: usize, res: i32) {
+    pub(super) fn on_readable(&mut self, id: u32, k: usize, done: &Done) {
+        let res = done.result();
         let Some(l) = self.listeners.get_mut(&id) else {
             return;
         };
-        let Some(a) = l.accepts.get_mut(k) else {
+        if l.accepts.done(k, done).is_none() {
             return;
-        };
-        a.armed = false;
+        }
         if !l.closing {
             // A failed poll (not a cancelled one) is a broken listener: as a failed accept.
             if res < 0 && res != -libc::ECANCELED {
@@ -165,27 +132,19 @@ impl<H: Host> Worker<H> {
             // Backing off (a wait may have fired and its accept failed): it goes now.
             return self.maybe_unlistened(id);
         }
-        let fd = types::Fd(l.fd.as_raw_fd());
-        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(fd).all())
-            .build()
-            .user_data(K_CLOSE);
-        // SAFETY: a cancellation points to nothing.
-        unsafe { self.push(&[e]) };
+        self.sq.cancel_accepts(l);
     }
 
-    pub(super) fn on_accept(&mut self, id: u32, k: usize, res: i32, flags: u32) {
-        let client = (res >= 0).then(|| {
-            // SAFETY: the kernel installed this descriptor for this completion; nothing else owns it.
-            unsafe { OwnedFd::from_raw_fd(res) }
-        });
+    pub(super) fn on_accept(&mut self, id: u32, k: usize, mut done: Done) {
+        let (res, flags) = (done.result(), done.flags());
+        let client = done.take_fd();
         let Some(l) = self.listeners.get_mut(&id) else {
             return; // `client`, if any, closes here.
         };
-        let Some(a) = l.accepts.get_mut(k) else {
+        let Some(a) = l.accepts.done(k, &done) else {
             return;
         };
-        a.armed = false;
-        let flagged = a.flagged;
+        let flagged = a.flagged();
         let peer = a.peer();
         // Errors of the connection being accepted (it reset in the backlog) are retried at once;
         // any other (out of descriptors or memory, a broken listener) waits for the tick's slow
@@ -259,15 +218,15 @@ impl<H: Host> Worker<H> {
             timeouts,
             connected: false,
             relaying: false,
-            pre,
+            pre: Own::from(pre),
             preface,
-            post: Vec::new(),
+            post: Own::default(),
             reading,
             ack_held: None,
             waiting: false,
             connect_out: None,
             dirs: Default::default(),
-            refs: 0,
+            refs: Refs::default(),
             first_fin: None,
             end: None,
             last: self.now,
@@ -343,7 +302,7 @@ impl<H: Host> Worker<H> {
                 d.bytes_wait(now);
                 let len = bytes.len() as u32;
                 d.held.push_back(Held {
-                    bid: OWNED,
+                    buf: Buf::Own,
                     len,
                     off: 0,
                 });
@@ -360,16 +319,16 @@ impl<H: Host> Worker<H> {
             timeouts,
             connected: true,
             relaying: true,
-            pre: held.to_backend,
+            pre: Own::from(held.to_backend),
             preface: 0,
-            post: held.to_client,
+            post: Own::from(held.to_client),
             reading: None,
             // Connected in the process it comes from: never connects here.
             ack_held: None,
             waiting: false,
             connect_out: None,
             dirs,
-            refs: 0,
+            refs: Refs::default(),
             first_fin,
             end: None,
             last: self.now.checked_sub(held.quiet_for).unwrap_or(self.now),

@@ -10,47 +10,30 @@ impl<H: Host> Worker<H> {
     /// Reads more of a client's first bytes into `pre`, with what is left of its deadline linked.
     pub(super) fn read_pre(&mut self, slot: u32) {
         let now = self.now;
-        let Some(c) = self.conn(slot) else { return };
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
         let Some(by) = c.reading else { return };
         let left = by.saturating_duration_since(now);
         if left.is_zero() {
             return self.preamble(slot, Err(PreEnd::TimedOut));
         }
-        let (from, _) = c.ends(Side::Up);
-        let spare = c.pre.spare_capacity_mut();
-        if spare.is_empty() {
+        if c.pre.spare() == 0 {
             return self.finish(slot, Supervised::ended(Outcome::ProxyHeader));
         }
-        let (ptr, room) = (spare.as_mut_ptr().cast::<u8>(), spare.len() as u32);
-        c.link = types::Timespec::from(left);
-        c.refs += 2;
-        let recv = opcode::Recv::new(types::Fd(from), ptr, room)
-            .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(user_data(K_PRE, slot, Side::Up));
-        let link = opcode::LinkTimeout::new(&c.link)
-            .build()
-            .user_data(user_data(K_LINK, slot, Side::Up));
-        // SAFETY: the kernel writes into `pre`'s spare capacity, which is not touched (so not
-        // reallocated) until this receive completes, and reads the timespec; both are in the
-        // connection's box, which stays in its slot until both operations have completed (`refs`).
-        unsafe { self.push(&[recv, link]) };
+        self.sq.recv_pre(c, slot, left);
     }
 
-    pub(super) fn on_pre(&mut self, slot: u32, res: i32) {
+    pub(super) fn on_pre(&mut self, slot: u32, done: &Done) {
+        // The bytes it read count in `pre` first (`Own::returned`), whatever comes next.
+        if let Some(c) = self.conn(slot) {
+            c.pre.returned(done);
+        }
         if !self.completed(slot) {
             return;
         }
-        let Some(c) = at(&mut self.conns, slot) else {
-            return;
-        };
-        let got = match res {
-            n if n > 0 => {
-                let len = c.pre.len() + n as usize;
-                // SAFETY: the kernel wrote `n` bytes into the spare capacity it was given.
-                unsafe { c.pre.set_len(len.min(c.pre.capacity())) };
-                Ok(())
-            }
+        let got = match done.result() {
+            n if n > 0 => Ok(()),
             0 => Err(PreEnd::Closed),
             e if e == -libc::ECANCELED => Err(PreEnd::TimedOut),
             e => Err(PreEnd::Failed(io::Error::from_raw_os_error(-e))),
@@ -91,7 +74,7 @@ impl<H: Host> Worker<H> {
                 c.reading = None;
                 let rest = c.pre.get(consumed..).unwrap_or_default();
                 c.preface = preface.len() as u32;
-                c.pre = [preface.as_slice(), rest].concat();
+                c.pre = Own::from([preface.as_slice(), rest].concat());
                 self.go(slot, target);
             }
         }
@@ -102,7 +85,9 @@ impl<H: Host> Worker<H> {
     /// by system calls.
     fn connect(&mut self, slot: u32, target: Target) {
         let on_ring = self.sockets;
-        let Some(c) = self.conn(slot) else { return };
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
         c.to = SockAddr::from(target.addr);
         c.link = types::Timespec::from(target.timeout);
         if !on_ring {
@@ -111,19 +96,12 @@ impl<H: Host> Worker<H> {
                 Err(e) => self.connect_failed(slot, e),
             };
         }
-        c.refs += 1;
-        let domain = socket2::Domain::for_address(target.addr).into();
-        let kind = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-        let e = opcode::Socket::new(domain, kind, libc::IPPROTO_TCP)
-            .build()
-            .user_data(user_data(K_SOCKET, slot, Side::Up));
-        // SAFETY: making a socket points to nothing.
-        unsafe { self.push(&[e]) };
+        self.sq.socket(c, slot, target.addr);
     }
 
-    pub(super) fn on_socket(&mut self, slot: u32, res: i32) {
-        // SAFETY: a descriptor the kernel just made for this operation, owned by nothing else.
-        let socket = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
+    pub(super) fn on_socket(&mut self, slot: u32, mut done: Done) {
+        let res = done.result();
+        let socket = done.take_fd();
         if !self.completed(slot) {
             return; // Ending: the socket closes here.
         }
@@ -145,37 +123,11 @@ impl<H: Host> Worker<H> {
     /// (`relay::connect_holding_ack`): without them the connection works, if slower, and a
     /// failure to set an option on a socket of our own is not the backend's to answer for.
     fn connect_with(&mut self, slot: u32, socket: OwnedFd, options: bool) {
-        let Some(c) = self.conn(slot) else { return };
-        let fd = socket.as_raw_fd();
-        c.backend = Some(socket);
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
         c.connect_out = Some(0);
-        let connect = opcode::Connect::new(types::Fd(fd), c.to.as_ptr().cast(), c.to.len())
-            .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(user_data(K_CONNECT, slot, Side::Up));
-        let link = opcode::LinkTimeout::new(&c.link)
-            .build()
-            .user_data(user_data(K_LINK, slot, Side::Up));
-        c.refs += 2;
-        if !options {
-            // SAFETY: the address and the timespec are in the connection's box, which stays in
-            // its slot until both operations have completed (`refs`); the socket is the
-            // connection's.
-            return unsafe { self.push(&[connect, link]) };
-        }
-        // The options post no completion unless they fail (SKIP_SUCCESS): two fewer to reap, and
-        // none that ends the kernel's wait before the connect's. A failed one's is reaped and
-        // passed over.
-        let quiet = squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS;
-        let nodelay = tcp_option(fd, libc::TCP_NODELAY, &ON, nodelay_len())
-            .flags(quiet)
-            .user_data(user_data(K_SOCKOPT, slot, Side::Up));
-        let quickack = tcp_option(fd, libc::TCP_QUICKACK, &OFF, INT_LEN)
-            .flags(quiet)
-            .user_data(user_data(K_SOCKOPT, slot, Side::Down));
-        // SAFETY: as above (the options go before the connect, which keeps the socket open and
-        // the box in its slot); the options' values are statics.
-        unsafe { self.push(&[nodelay, quickack, connect, link]) };
+        self.sq.connect(c, slot, socket, options);
     }
 
     pub(super) fn on_connect(&mut self, slot: u32, res: i32) {
@@ -216,7 +168,7 @@ impl<H: Host> Worker<H> {
             let len = c.pre.len() as u32;
             c.dirs[Side::Up as usize].bytes_wait(now);
             c.dirs[Side::Up as usize].held.push_back(Held {
-                bid: OWNED,
+                buf: Buf::Own,
                 len,
                 off: 0,
             });
@@ -350,38 +302,14 @@ pub(super) fn connect_result(res: i32) -> io::Result<()> {
     }
 }
 
-/// The values of the socket options set on the ring: the kernel reads them when it takes the
-/// entry, which for a linked one is after the one before it completes.
-static ON: libc::c_int = 1;
-static OFF: libc::c_int = 0;
-const INT_LEN: u32 = size_of::<libc::c_int>() as u32;
-
-/// Sets the TCP option `name` of `fd` to `value` (`len` bytes of it), on the ring
-/// (`SOCKET_URING_OP_SETSOCKOPT`).
-fn tcp_option(
-    fd: RawFd,
-    name: libc::c_int,
-    value: &'static libc::c_int,
-    len: u32,
-) -> squeue::Entry {
-    opcode::SetSockOpt::new(
-        types::Fd(fd),
-        libc::IPPROTO_TCP as u32,
-        name as u32,
-        std::ptr::from_ref(value).cast(),
-        len,
-    )
-    .build()
-}
-
 /// The length TCP_NODELAY is set with on the ring: an int's, but 0 on a thread that called
 /// [`fail_nodelay_here`], which the kernel refuses (EINVAL).
-fn nodelay_len() -> u32 {
+pub(super) fn nodelay_len() -> u32 {
     #[cfg(test)]
     if NODELAY_FAILS.get() {
         return 0;
     }
-    INT_LEN
+    size_of::<libc::c_int>() as u32
 }
 
 #[cfg(test)]
@@ -399,40 +327,18 @@ pub(super) fn fail_nodelay_here() {
 
 /// Whether this kernel makes sockets and sets their options on the ring (`IORING_OP_SOCKET`,
 /// Linux 5.19+; `SOCKET_URING_OP_SETSOCKOPT`, Linux 6.7+), asked once, of a ring and a socket of
-/// its own: a kernel without the second refuses the command (EOPNOTSUPP), and the workers then
-/// make their backend sockets by system calls (`backend_socket`).
+/// its own (`submit::try_sockets_on_ring`): a kernel without the second refuses the command
+/// (EOPNOTSUPP), and the workers then make their backend sockets by system calls
+/// (`backend_socket`).
 pub(super) fn sockets_on_ring() -> bool {
     static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ANSWER.get_or_init(|| match try_sockets_on_ring() {
+    *ANSWER.get_or_init(|| match submit::try_sockets_on_ring() {
         Ok(()) => true,
         Err(e) => {
             tracing::debug!(error = %e, "ring workers make their backend sockets by system calls");
             false
         }
     })
-}
-
-fn try_sockets_on_ring() -> io::Result<()> {
-    let mut ring = crate::uring::build(4, 4)?;
-    let mut probe = io_uring::Probe::new();
-    ring.submitter().register_probe(&mut probe)?;
-    if !probe.is_supported(opcode::Socket::CODE) || !probe.is_supported(opcode::SetSockOpt::CODE) {
-        return Err(io::Error::other("no socket or command operation"));
-    }
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    let e = tcp_option(s.as_raw_fd(), libc::TCP_NODELAY, &ON, INT_LEN);
-    // SAFETY: the option's value is a static; the kernel takes the entry in the submission below,
-    // before `s` can be closed (an entry never submitted goes with the ring).
-    unsafe { ring.submission().push(&e) }.map_err(|_| io::Error::other("no room"))?;
-    ring.submit_and_wait(1)?;
-    let res = ring.completion().next().map_or(-libc::EIO, |c| c.result());
-    if res < 0 {
-        return Err(io::Error::from_raw_os_error(-res));
-    }
-    if !s.tcp_nodelay()? {
-        return Err(io::Error::other("the option set on the ring did not take"));
-    }
-    Ok(())
 }
 
 /// A non-blocking TCP socket for `to`, with TCP_NODELAY (a proxy must not add Nagle delay) and

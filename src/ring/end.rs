@@ -25,24 +25,15 @@ impl<H: Host> Worker<H> {
     /// Cancels every operation connection `slot` has in the kernel, by descriptor: the client's
     /// (`Side::Up` in the cancellation's `user_data`) and the backend's (`Side::Down`).
     pub(super) fn cancel_all(&mut self, slot: u32) {
-        let Some(c) = self.conn(slot) else { return };
-        if c.refs == 0 {
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
+        if c.refs.none() {
             return;
         }
-        let fds = [(&c.client, Side::Up), (&c.backend, Side::Down)]
-            .map(|(f, side)| f.as_ref().map(|f| (f.as_raw_fd(), side)));
-        c.refs += fds.iter().flatten().count() as u32;
-        for (fd, side) in fds.into_iter().flatten() {
-            self.cancel_fd(slot, fd, side);
+        for side in [Side::Up, Side::Down] {
+            self.sq.cancel_socket(c, slot, side);
         }
-    }
-
-    fn cancel_fd(&mut self, slot: u32, fd: RawFd, side: Side) {
-        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
-            .build()
-            .user_data(user_data(K_CANCEL, slot, side));
-        // SAFETY: a cancellation points to nothing.
-        unsafe { self.push(&[e]) };
     }
 
     /// A cancellation completed. One of an ending connection's backend operations that found
@@ -55,17 +46,20 @@ impl<H: Host> Worker<H> {
     /// run only part of the deferred work): the timeout ends it anyway.
     pub(super) fn on_cancel(&mut self, slot: u32, side: Side, res: i32) {
         let waited = self.waited;
-        let Some(c) = self.conn(slot) else { return };
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
         // A cancellation of all of a descriptor's operations completes with how many it found.
         // (`cancel_recv`'s, of one, completes with 0 when it found it, but never while a connect
         // is out: receives are armed once connected.)
         let retry = recancel(res, side, c.end.is_some(), c.connect_out, waited);
-        let fd = c.backend.as_ref().map(AsRawFd::as_raw_fd);
-        match fd.zip(retry) {
-            Some((fd, counted)) => {
+        match retry.filter(|_| c.backend.is_some()) {
+            Some(counted) => {
                 c.connect_out = Some(counted);
                 bump(&self.counts.recancels);
-                self.cancel_fd(slot, fd, side);
+                // Its hold on the connection passes to the one asked again.
+                c.refs.done();
+                self.sq.cancel_socket(c, slot, side);
             }
             None => self.release(slot),
         }
@@ -78,7 +72,7 @@ impl<H: Host> Worker<H> {
         let Some(c) = self.conn(slot) else {
             return false;
         };
-        c.refs -= 1;
+        c.refs.done();
         if c.stopping() {
             self.maybe_free(slot);
             return false;
@@ -89,14 +83,14 @@ impl<H: Host> Worker<H> {
     /// An operation that only held the connection (a linked timeout, a cancellation) completed.
     pub(super) fn release(&mut self, slot: u32) {
         if let Some(c) = self.conn(slot) {
-            c.refs -= 1;
+            c.refs.done();
             self.maybe_free(slot);
         }
     }
 
     pub(super) fn maybe_free(&mut self, slot: u32) {
         let Some(c) = self.conn(slot) else { return };
-        if c.refs > 0 {
+        if !c.refs.none() {
             return;
         }
         if c.end.is_none() {
@@ -115,9 +109,11 @@ impl<H: Host> Worker<H> {
         let mut returned = 0;
         if let Some(p) = &self.pool {
             for d in &mut c.dirs {
-                for h in d.held.drain(..).filter(|h| h.bid != OWNED) {
-                    p.give_back(h.bid);
-                    returned += 1;
+                for h in d.held.drain(..) {
+                    if let Buf::Pool(f) = h.buf {
+                        p.give_back(f);
+                        returned += 1;
+                    }
                 }
             }
         }
@@ -159,12 +155,7 @@ impl<H: Host> Worker<H> {
 
     /// Closes `fd` through the ring.
     pub(super) fn close(&mut self, fd: OwnedFd) {
-        let e = opcode::Close::new(types::Fd(fd.into_raw_fd()))
-            .build()
-            .user_data(K_CLOSE);
-        // SAFETY: points to nothing; the descriptor was given up above, so nothing else closes it
-        // or uses it again.
-        unsafe { self.push(&[e]) };
+        self.sq.close(fd);
     }
 
     pub(super) fn cut_all(&mut self, end: Outcome) {
@@ -274,9 +265,11 @@ impl<H: Host> Worker<H> {
         self.counts.open.store(self.live as u64, Relaxed);
         let mut returned = 0;
         for d in &mut c.dirs {
-            for h in d.held.drain(..).filter(|h| h.bid != OWNED) {
-                pool.give_back(h.bid);
-                returned += 1;
+            for h in d.held.drain(..) {
+                if let Buf::Pool(f) = h.buf {
+                    pool.give_back(f);
+                    returned += 1;
+                }
             }
         }
         let [to_backend, to_client] = bytes;
@@ -360,12 +353,9 @@ fn unsent<C>(c: &mut Conn<C>, pool: &BufPool) -> io::Result<[Vec<u8>; 2]> {
     for (side, out) in [Side::Up, Side::Down].into_iter().zip(bytes.iter_mut()) {
         let d = &c.dirs[side as usize];
         for h in &d.held {
-            let b = if h.bid == OWNED {
-                c.owned(side)
-            } else {
-                // SAFETY: the direction holds buffer `bid` (nothing of it is in the kernel any
-                // more), and the kernel wrote `len` bytes into it.
-                unsafe { pool.bytes(h.bid, h.len as usize) }
+            let b = match &h.buf {
+                Buf::Own => c.owned(side),
+                Buf::Pool(f) => pool.bytes(f),
             };
             out.extend_from_slice(b.get(h.off as usize..h.len as usize).unwrap_or_default());
         }

@@ -12,59 +12,34 @@ impl<H: Host> Worker<H> {
     /// Arms a direction's receive: multishot, or with `once` a single receive into one buffer,
     /// whose completion arms the multishot one again (`on_recv`, as after any last completion).
     fn arm_receive(&mut self, slot: u32, side: Side, once: bool) {
-        let Some(c) = self.conn(slot) else { return };
-        let (from, _) = c.ends(side);
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
         let d = c.dir(side);
         d.armed = true;
         d.own = false;
         d.cancelling = false;
-        c.refs += 1;
         bump(&self.counts.receives_armed);
-        let e = if once {
-            opcode::Recv::new(types::Fd(from), std::ptr::null_mut(), POOL_BUF)
-                .buf_group(GROUP)
-                .build()
-                .flags(squeue::Flags::BUFFER_SELECT)
-        } else {
-            opcode::RecvMulti::new(types::Fd(from), GROUP).build()
-        };
-        let e = e.user_data(user_data(K_RECV, slot, side));
-        // SAFETY: the kernel writes only into pool buffers, which live as long as the ring; the
-        // socket stays open in the connection until this receive's last completion (`refs`).
-        unsafe { self.push(&[e]) };
+        self.sq.recv_pool(c, slot, side, once);
     }
 
     /// Arms a one-shot receive of a direction that holds nothing into the connection's own buffer
     /// (`Conn::pre` towards the backend, `post` towards the client, empty while it holds nothing),
     /// [`OWN_BUF`] bytes: the pool has given every buffer and has none free. So a direction that
     /// holds nothing always moves, however many others hold the pool's buffers; its bytes are sent
-    /// from there as a carried-in connection's are (`OWNED`), and the buffer is freed once they are
-    /// sent. Only a dry pool costs this allocation.
+    /// from there as a carried-in connection's are (`Buf::Own`), and the buffer is freed once they
+    /// are sent. Only a dry pool costs this allocation.
     fn arm_own(&mut self, slot: u32, side: Side) {
-        let Some(c) = self.conn(slot) else { return };
-        let (from, _) = c.ends(side);
-        let buf = match side {
-            Side::Up => &mut c.pre,
-            Side::Down => &mut c.post,
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
         };
-        buf.clear();
-        buf.reserve_exact(OWN_BUF);
-        let (ptr, len) = (buf.as_mut_ptr(), buf.capacity().min(OWN_BUF) as u32);
         let d = c.dir(side);
         d.armed = true;
         d.own = true;
         d.cancelling = false;
-        c.refs += 1;
         bump(&self.counts.receives_armed);
         bump(&self.counts.own_receives);
-        let e = opcode::Recv::new(types::Fd(from), ptr, len)
-            .build()
-            .user_data(user_data(K_RECV, slot, side));
-        // SAFETY: the kernel writes at most `len` bytes at `ptr`, within the buffer's capacity;
-        // the buffer is neither read, written nor moved until this receive's completion (the
-        // direction holds nothing, so nothing sends from it; a carry or an end waits for `refs`),
-        // and the socket stays open in the connection until then (`refs`).
-        unsafe { self.push(&[e]) };
+        self.sq.recv_own(c, slot, side);
     }
 
     pub(super) fn send_next(&mut self, slot: u32, side: Side) {
@@ -74,11 +49,7 @@ impl<H: Host> Worker<H> {
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
-        let (_, to) = c.ends(side);
         let d = c.dir(side);
-        let Some(h) = d.held.front().copied() else {
-            return;
-        };
         // The last bytes before a FIN already read: the FIN is passed on (`shut`) as soon as this
         // send completes, and MSG_MORE keeps them in the socket until then, so they leave in one
         // segment with it, and the peer acknowledges both at once (HAProxy does the same).
@@ -87,30 +58,9 @@ impl<H: Host> Worker<H> {
         } else {
             0
         };
-        let bytes = if h.bid == OWNED {
-            c.owned(side)
-        } else {
-            // SAFETY: the direction holds buffer `bid` (a completion named it, it is not given back
-            // before this send's completion), and the kernel wrote `len` bytes into it.
-            unsafe { pool.bufs.bytes(h.bid, h.len as usize) }
-        };
-        let rest = bytes
-            .get(h.off as usize..h.len as usize)
-            .unwrap_or_default();
-        let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
-        c.dir(side).sending = true;
-        c.refs += 1;
-        // MSG_DONTWAIT: a send the socket has no room for completes with EAGAIN and the worker polls
-        // for room itself (`on_send`). Without it the kernel polls, and a send that finds no room
-        // again after that poll fired is handed to an io-wq thread (`iou-wrk`), which blocks in it.
-        let e = opcode::Send::new(types::Fd(to), ptr, len)
-            .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | more)
-            .build()
-            .user_data(user_data(K_SEND, slot, side));
-        // SAFETY: the bytes are in the pool buffer the direction holds until this send completes,
-        // or in `pre` or `post`, which are not changed until then; the socket stays open in the connection
-        // until then (`refs`).
-        unsafe { self.push(&[e]) };
+        if self.sq.send(c, slot, side, &pool.bufs, more) {
+            c.dir(side).sending = true;
+        }
     }
 
     /// Starts the sends this batch's receives call for, once the whole batch is in: a FIN that
@@ -164,7 +114,8 @@ impl<H: Host> Worker<H> {
         });
     }
 
-    pub(super) fn on_recv(&mut self, slot: u32, side: Side, res: i32, flags: u32) {
+    pub(super) fn on_recv(&mut self, slot: u32, side: Side, mut done: Done) {
+        let (res, flags) = (done.result(), done.flags());
         let more = cqueue::more(flags);
         let now = self.now;
         let pool = self.pool.as_ref();
@@ -175,30 +126,32 @@ impl<H: Host> Worker<H> {
         };
         let ending = c.end.is_some();
         let carry = c.carry;
-        // Into the connection's own buffer (`arm_own`): one-shot, and names no pool buffer.
+        // Into the connection's own buffer (`arm_own`): one-shot, and names no pool buffer. The
+        // bytes it read count in that buffer first (`Own::returned`).
         let own = c.dir(side).own;
+        let buf = if own {
+            c.own(side).returned(&done);
+            Some(Buf::Own)
+        } else {
+            done.take_buffer().map(Buf::Pool)
+        };
         if !more {
             c.receive_ended(side);
         }
         let mut r = Received::default();
-        let bid = if own {
-            Some(OWNED)
-        } else {
-            cqueue::buffer_select(flags)
-        };
-        if res > 0 && bid.is_none() {
+        if res > 0 && buf.is_none() {
             // A receive into the pool that names no buffer: the kernel broke its own contract.
             r.broke = Some(io::Error::other(
                 "a receive into the pool completed without a buffer",
             ));
-        } else if let (true, Some(bid)) = (res > 0, bid) {
+        } else if let (true, Some(buf)) = (res > 0, buf) {
             if ending {
-                if let Some(p) = pool.filter(|_| bid != OWNED) {
-                    p.give_back(bid);
+                if let (Some(p), Buf::Pool(f)) = (pool, buf) {
+                    p.give_back(f);
                     r.returned = 1;
                 }
             } else {
-                c.keep_received(side, bid, res as u32, pool, now);
+                c.keep_received(side, buf, res as u32, pool, now);
                 // Stopping to be carried: kept, to go along (its receive is being cancelled).
                 if !carry {
                     r = c.received_calls_for(side, res as u32, cap, self.splice);
@@ -252,17 +205,15 @@ impl<H: Host> Worker<H> {
         self.maybe_free(slot);
     }
 
-    /// Cancels a direction's receive, which the caller has counted in the connection's `refs`;
-    /// `at_cap`: because the direction holds `CAP` buffers (else it turned bulk).
+    /// Cancels a direction's receive; `at_cap`: because the direction holds `CAP` buffers (else it
+    /// turned bulk).
     fn cancel_recv(&mut self, slot: u32, side: Side, at_cap: bool) {
         if at_cap {
             bump(&self.counts.cancels_at_cap);
         }
-        let e = opcode::AsyncCancel::new(user_data(K_RECV, slot, side))
-            .build()
-            .user_data(user_data(K_CANCEL, slot, side));
-        // SAFETY: a cancellation points to nothing.
-        unsafe { self.push(&[e]) };
+        if let Some(c) = at(&mut self.conns, slot) {
+            self.sq.cancel_recv(c, slot, side);
+        }
     }
 
     /// The pool ran dry: it gives the kernel buffers it has not had yet, while any are left, and
@@ -277,19 +228,21 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    pub(super) fn on_send(&mut self, slot: u32, side: Side, res: i32) {
+    pub(super) fn on_send(&mut self, slot: u32, side: Side, done: &Done) {
+        let res = done.result();
         let now = self.now;
         let cap = cap_of(self.pool.as_ref());
         let Some(c) = at(&mut self.conns, slot) else {
             return;
         };
-        c.refs -= 1;
+        // Sent from its own buffer, that buffer is the worker's again.
+        c.own(side).returned(done);
+        c.refs.done();
         let ending = c.stopping();
         if res == -libc::EAGAIN && !ending {
-            // No room: still sending (nothing else goes out, no FIN), once the socket has some.
-            let (_, to) = c.ends(side);
-            c.refs += 1;
-            return self.poll_for_room(slot, side, to);
+            // No room: still sending (nothing else goes out, no FIN), once the socket has some
+            // (`on_writable`).
+            return self.sq.poll_room(c, slot, side);
         }
         let d = c.dir(side);
         d.sending = false;
@@ -322,8 +275,9 @@ impl<H: Host> Worker<H> {
         if let Some(h) = c.host.as_mut().filter(|_| front.preface_out && !ending) {
             self.host.established(h);
         }
-        if let (Some(bid), Some(p)) = (front.given, &self.pool) {
-            p.give_back(bid);
+        let given = front.given.is_some();
+        if let (Some(f), Some(p)) = (front.given, &self.pool) {
+            p.give_back(f);
         }
         if carry_now {
             self.cancel_all(slot);
@@ -340,19 +294,8 @@ impl<H: Host> Worker<H> {
             }
             self.maybe_splice(slot, side);
         }
-        self.buffers_back(usize::from(front.given.is_some()));
+        self.buffers_back(usize::from(given));
         self.maybe_free(slot);
-    }
-
-    /// A send of connection `slot`'s `side` found no room in socket `to`: polls it for room
-    /// (`on_writable`). The caller has counted the poll in the connection's `refs`.
-    fn poll_for_room(&mut self, slot: u32, side: Side, to: RawFd) {
-        let e = opcode::PollAdd::new(types::Fd(to), libc::POLLOUT as u32)
-            .build()
-            .user_data(user_data(K_WRITABLE, slot, side));
-        // SAFETY: points to nothing; the socket stays open in the connection until the poll
-        // completes (`refs`), and a connection's end cancels it with the rest (by descriptor).
-        unsafe { self.push(&[e]) };
     }
 
     /// A send of connection `slot`'s `side` failed with `-res` (`ending`: it was stopping then).
@@ -443,15 +386,7 @@ impl<H: Host> Worker<H> {
             c.last = now;
         }
         match pumped.next {
-            Pump::Wait(fd, events) => {
-                c.refs += 1;
-                let e = opcode::PollAdd::new(types::Fd(fd), events as u32)
-                    .build()
-                    .user_data(user_data(K_SPLICE, slot, side));
-                // SAFETY: points to nothing; the socket stays open in the connection until the
-                // poll completes (`refs`), and a connection's end cancels it with the rest.
-                unsafe { self.push(&[e]) };
-            }
+            Pump::Wait { dest } => self.sq.poll_splice(c, slot, side, dest),
             Pump::Eof => {
                 let d = c.dir(side);
                 // Empty (it is filled only once empty): back to the pool for others now, not
@@ -538,12 +473,11 @@ impl<H: Host> Worker<H> {
     pub(super) fn shut(&mut self, slot: u32, side: Side) {
         let now = self.now;
         let Some(c) = self.conn(slot) else { return };
-        let (_, to) = c.ends(side);
-        // SAFETY: `to` is the connection's own open socket (it is closed only when it is freed).
-        let r = rustix::net::shutdown(
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(to) },
-            rustix::net::Shutdown::Write,
-        );
+        let r = match c.dest(side) {
+            Some(to) => rustix::net::shutdown(to, rustix::net::Shutdown::Write),
+            // Gone (as a closed descriptor would say).
+            None => Err(rustix::io::Errno::BADF),
+        };
         if let Err(e) = r {
             return self.broke(slot, side, DirEnd::DestError(e.into()));
         }
@@ -570,8 +504,9 @@ impl<H: Host> Worker<H> {
 
 /// What a splicing direction does after its last splice.
 enum Pump {
-    /// Poll this socket for these events, then splice again.
-    Wait(RawFd, i16),
+    /// Poll a socket, then splice again: the destination for room (`dest`), or the source for
+    /// bytes.
+    Wait { dest: bool },
     /// The source's FIN: pass it on.
     Eof,
     /// Splice stopped at urgent data in the source (see `stuck_at_urgent`): receive instead.
@@ -611,11 +546,10 @@ fn splice_rounds(
     for round in 0..SPLICE_ROUNDS {
         // Empty the pipe before filling it again.
         let out = pipe.pending > 0;
-        let (r, fd, events, failed): (_, _, _, fn(io::Error) -> DirEnd) = if out {
-            (pipe.drain_to(to), to, libc::POLLOUT, DirEnd::DestError)
+        let (r, failed): (_, fn(io::Error) -> DirEnd) = if out {
+            (pipe.drain_to(to), DirEnd::DestError)
         } else {
-            let r = pipe.fill_from(from, PIPE_SIZE);
-            (r, from, libc::POLLIN, DirEnd::SourceError)
+            (pipe.fill_from(from, PIPE_SIZE), DirEnd::SourceError)
         };
         match r {
             Ok(0) if !out => {
@@ -641,7 +575,7 @@ fn splice_rounds(
                 next = Some(if readable && round == 0 && !out {
                     Pump::Stuck
                 } else {
-                    Pump::Wait(fd.as_raw_fd(), events)
+                    Pump::Wait { dest: out }
                 });
                 break;
             }
@@ -654,11 +588,7 @@ fn splice_rounds(
     }
     // Out of rounds: wait for what it would do next, which is ready (a yield).
     let pending = pipe.pending > 0;
-    let next = next.unwrap_or(if pending {
-        Pump::Wait(to.as_raw_fd(), libc::POLLOUT)
-    } else {
-        Pump::Wait(from.as_raw_fd(), libc::POLLIN)
-    });
+    let next = next.unwrap_or(Pump::Wait { dest: pending });
     Some(Pumped {
         moved,
         taken,
@@ -673,7 +603,7 @@ fn splice_rounds(
 struct Received {
     /// Its bytes are to be sent once the whole batch is in (`Worker::send_due`).
     send: bool,
-    /// Its receive is to be cancelled (already counted in the connection's `refs`).
+    /// Its receive is to be cancelled.
     cancel: bool,
     /// The cancel is for the move to splice (else the direction is at the cap).
     to_splice: bool,
@@ -690,52 +620,43 @@ struct Received {
 }
 
 impl<C> Conn<C> {
-    /// The connection's own buffer towards `side`'s destination (`OWNED`) is sent: freed.
+    /// The connection's own buffer towards `side`'s destination (`Buf::Own`) is sent: freed.
     #[inline]
     fn free_owned(&mut self, side: Side) {
         match side {
             Side::Up => {
-                self.pre = Vec::new();
+                self.pre = Own::default();
                 // What the connection's own buffer carries from now on (`arm_own`) is the
                 // client's.
                 self.preface = 0;
             }
-            Side::Down => self.post = Vec::new(),
+            Side::Down => self.post = Own::default(),
         }
     }
 
     /// A receive of `side` had its last completion: it is no longer in the kernel.
     #[inline]
     fn receive_ended(&mut self, side: Side) {
-        self.refs -= 1;
+        self.refs.done();
         let d = self.dir(side);
         d.armed = false;
         d.own = false;
         d.cancelling = false;
     }
 
-    /// Holds the `n` bytes a receive of `side` just brought in buffer `bid`: a pool buffer, counted
-    /// as taken, or the connection's own (`OWNED`, `Worker::arm_own`), whose length is set to
-    /// them. They wait for their destination from `now`.
+    /// Holds the `n` bytes a receive of `side` just brought in `buf`: a pool buffer, counted as
+    /// taken, or the connection's own (`Worker::arm_own`), whose length its completion set
+    /// (`Own::returned`). They wait for their destination from `now`.
     #[inline]
-    fn keep_received(&mut self, side: Side, bid: u16, n: u32, pool: Option<&Pool>, now: Instant) {
-        if bid == OWNED {
-            let buf = match side {
-                Side::Up => &mut self.pre,
-                Side::Down => &mut self.post,
-            };
-            let len = (n as usize).min(buf.capacity());
-            // SAFETY: the kernel wrote `n` bytes at the start of the buffer (empty when the
-            // receive was armed, with room for them: `arm_own`), initialising them.
-            unsafe { buf.set_len(len) };
-        } else if let Some(p) = pool {
+    fn keep_received(&mut self, side: Side, buf: Buf, n: u32, pool: Option<&Pool>, now: Instant) {
+        if let (Buf::Pool(_), Some(p)) = (&buf, pool) {
             p.took();
         }
         self.last = now;
         let d = self.dir(side);
         d.bytes_wait(now);
         d.held.push_back(Held {
-            bid,
+            buf,
             len: n,
             off: 0,
         });
@@ -744,7 +665,7 @@ impl<C> Conn<C> {
     /// What the `n` bytes just held (`keep_received`) call for, when the connection is not
     /// stopping to be carried: a send, unless one is in the kernel or due; a cancel of the receive
     /// once the direction holds `cap` buffers; and, where the worker splices (`splice`), the move
-    /// to splice of a direction they make bulk. A cancel is counted in `refs` here.
+    /// to splice of a direction they make bulk.
     #[inline]
     fn received_calls_for(&mut self, side: Side, n: u32, cap: usize, splice: bool) -> Received {
         let d = self.dir(side);
@@ -761,7 +682,6 @@ impl<C> Conn<C> {
         }
         if cancel {
             d.cancelling = true;
-            self.refs += 1;
         }
         Received {
             send,
@@ -836,8 +756,8 @@ impl Starved {
 #[derive(Default)]
 struct SentFront {
     /// The pool buffer it emptied, to give back.
-    given: Option<u16>,
-    /// It emptied the connection's own buffer (`OWNED`), which is freed (`Conn::free_owned`).
+    given: Option<Filled>,
+    /// It emptied the connection's own buffer (`Buf::Own`), which is freed (`Conn::free_owned`).
     owned_sent: bool,
     /// The last of the preface went with it.
     preface_out: bool,
@@ -851,21 +771,22 @@ impl Dir {
     fn sent_from_front(&mut self, n: u32, preface: u32) -> SentFront {
         let mut counted = n;
         let mut front = SentFront::default();
+        let mut emptied = false;
         if let Some(h) = self.held.front_mut() {
-            if h.bid == OWNED {
+            if matches!(h.buf, Buf::Own) {
                 // The preface is not the client's: only what follows it counts as relayed.
                 counted = n - preface.saturating_sub(h.off).min(n);
                 // Credited once it is out (`established`), unless the connection is ending.
                 front.preface_out = h.off < preface && h.off + n >= preface;
             }
             h.off += n;
-            if h.off >= h.len {
-                if h.bid == OWNED {
-                    front.owned_sent = true;
-                } else {
-                    front.given = Some(h.bid);
-                }
-                self.held.pop_front();
+            emptied = h.off >= h.len;
+        }
+        if emptied {
+            match self.held.pop_front().map(|h| h.buf) {
+                Some(Buf::Own) => front.owned_sent = true,
+                Some(Buf::Pool(f)) => front.given = Some(f),
+                None => {}
             }
         }
         self.sent += u64::from(counted);

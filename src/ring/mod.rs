@@ -61,13 +61,20 @@
 //! handed to io-wq). The pipe (from the process's capped pool, 64 KiB) is its buffer, so the bytes
 //! a bulk direction holds are bounded by it. With no pipe to be had it stays on the pool's buffers.
 //!
-//! Ownership: a connection's state is boxed (the kernel reads its backend address, and the connect's
-//! timeout, from there) and stays in its slot while anything of it is in the kernel (`refs` counts the
-//! operations submitted and not completed for the last time; a backend socket's options go
-//! uncounted, since they complete before the counted connect chained after them is issued); its
-//! slot is reused only after that, so no completion can reach another connection. Sends point into
-//! pool buffers the direction holds until the send completes. The pool lives as long as the worker,
-//! and is leaked if the worker exits with operations still in the kernel.
+//! Ownership: every submission goes through one type, `submit.rs`'s `Sq`, which builds each entry
+//! from the connection (or listener) it is for, never from a descriptor or pointer a step passes
+//! in, and pushes it; it alone counts a connection's `refs` (the operations submitted and not
+//! completed for the last time; a backend socket's options go uncounted, since they complete before
+//! the counted connect chained after them is issued): each method that submits for a connection
+//! takes it and counts what it pushes (`Sq::push_for`), so no step can forget to. A connection's
+//! state is boxed (the kernel reads its backend address, and the connect's timeout, from there) and
+//! stays in its slot while anything of it is in the kernel (until `refs` is back at zero); its slot
+//! is reused only after that, so no completion can reach another connection. Sends point into pool
+//! buffers the direction holds until the send completes (a `Filled`, which only a completion makes,
+//! given up to give the buffer back), or into the connection's own buffer (`Own`), lent to one
+//! receive or send at a time, whose completion alone says how much of it is filled. The pool lives
+//! as long as the worker, and is leaked if the worker exits with operations still in the kernel.
+//! The steps hold no `unsafe`: `submit.rs` says, for each entry, why the kernel may have it.
 //!
 //! No operation is handed to an io-wq thread (`iou-wrk`, a kernel thread that blocks in it, and
 //! wakes the worker from another CPU): the kernel does that with an operation it polled for and
@@ -90,9 +97,9 @@
 //! This file holds the [`Host`] a worker serves, the worker's start, loop, commands and ticks, the
 //! state every step shares and the pure decisions on it (`Dir`, `expired`, `recancel`); each step
 //! is a file of its own: `accept`, `connect` (the first bytes, the backend socket and its
-//! connect), `flow` (the relay) and `end` (cancel, free, cut, carry); the services' side is
+//! connect), `flow` (the relay) and `end` (cancel, free, cut, carry), and what they submit goes
+//! through `submit` (every entry, and each completion's way out); the services' side is
 //! `host.rs` and the threads `workers.rs`.
-#![allow(unsafe_code)]
 // The worker runs no tokio runtime: its clock is the kernel's, whose timeouts it arms.
 #![allow(clippy::disallowed_types)]
 
@@ -110,7 +117,7 @@ use socket2::{SockAddr, SockRef};
 use crate::outcome::Outcome;
 use crate::relay::splice::{stuck_at_urgent, PipeLease, PipePool, PIPE_SIZE};
 use crate::relay::{direction_ended, DirEnd, Quiesced, Side, Supervised};
-use crate::uring::bufs::{BufPool, GROUP};
+use crate::uring::bufs::{BufPool, Filled, GROUP};
 use crate::util::RateLimited;
 
 mod accept;
@@ -118,6 +125,7 @@ mod connect;
 mod end;
 mod flow;
 mod host;
+mod submit;
 mod workers;
 
 pub(crate) use workers::{RingWorkers, WorkerView, METRICS};
@@ -126,6 +134,9 @@ use connect::sockets_on_ring;
 #[cfg(test)]
 use connect::{connect_result, fail_nodelay_here};
 use flow::Starved;
+#[cfg(test)]
+use submit::with_ioprio;
+use submit::{Done, Own, Places, Refs, Sq};
 
 /// `io_uring_enter` failures in a row (each followed by a 1 ms wait) after which a worker gives its
 /// listeners to the host ([`Host::enter_refused`]): no client it accepts could be served.
@@ -275,18 +286,6 @@ fn takes_accept_dontwait(release: &str) -> bool {
         (Some(major), Some(minor)) => (major, minor) >= (6, 10),
         _ => false,
     }
-}
-
-/// `e` with `ioprio` set: the `io-uring` crate's accept has no setter for the flags the kernel
-/// reads there.
-fn with_ioprio(e: squeue::Entry, ioprio: u16) -> squeue::Entry {
-    // SAFETY: `squeue::Entry` is `#[repr(C)]` around the kernel's 64-byte `io_uring_sqe` (the sizes
-    // are checked by `transmute`), a plain C struct of integers for which every bit pattern is a
-    // value; `ioprio` is its u16 at byte 2 in the kernel's ABI.
-    let mut raw: [u8; 64] = unsafe { std::mem::transmute(e) };
-    raw[2..4].copy_from_slice(&ioprio.to_ne_bytes());
-    // SAFETY: as above: any 64 bytes are an `io_uring_sqe`.
-    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
 }
 
 fn side_of(ud: u64) -> Side {
@@ -644,18 +643,23 @@ where
 }
 
 /// A buffer a direction received into and has not yet sent whole.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Held {
-    /// A pool buffer, or [`OWNED`].
-    bid: u16,
+    buf: Buf,
     len: u32,
     off: u32,
 }
 
-/// A `Held` that is the connection's own bytes, not a pool buffer: towards the backend `Conn::pre`
-/// (the preface and the client bytes read with it, or what a carried-in connection held), towards
-/// the client `Conn::post`. The pool has far fewer buffers than this.
-const OWNED: u16 = u16::MAX;
+/// Where a [`Held`]'s bytes are.
+#[derive(Debug)]
+enum Buf {
+    /// A pool buffer, the direction's until it gives it back.
+    Pool(Filled),
+    /// The connection's own bytes, not a pool buffer: towards the backend `Conn::pre` (the preface
+    /// and the client bytes read with it, what a carried-in connection held, or a receive into
+    /// it: `Worker::arm_own`), towards the client `Conn::post`.
+    Own,
+}
 
 /// One direction's state: the pure part of the relay, which the worker acts on.
 #[derive(Debug, Default)]
@@ -841,12 +845,12 @@ struct Conn<C> {
     /// Bytes the connection owns: while `reading`, the client's first bytes as they arrive; then
     /// what goes to the backend before anything received later (a preface and the client bytes
     /// read with the header). Freed once sent.
-    pre: Vec<u8>,
+    pre: Own,
     /// How many bytes at the front of `pre` are the preface (sent, but not the client's bytes).
     preface: u32,
     /// `pre`'s counterpart towards the client: what a carried-in connection had read from the
     /// backend and not sent. Freed once sent.
-    post: Vec<u8>,
+    post: Own,
     /// Reading the client's first bytes (`Admit::Read`), until this deadline.
     reading: Option<Instant>,
     /// The loop turn (`Worker::turn`) it connected in, while the handshake's last ACK is held back
@@ -860,7 +864,8 @@ struct Conn<C> {
     dirs: [Dir; 2],
     /// Operations of this connection in the kernel, but for a backend socket's options
     /// (`Worker::connect_with`): they complete before the connect chained after them is issued.
-    refs: u32,
+    /// Counted up only where they are pushed (`Sq`).
+    refs: Refs,
     first_fin: Option<Outcome>,
     /// How it ends, once decided; it is freed when nothing of it is left in the kernel.
     end: Option<Supervised>,
@@ -905,12 +910,21 @@ impl<C> Conn<C> {
         }
     }
 
-    /// The bytes a direction's `OWNED` buffer stands for.
+    /// The bytes a direction's `Buf::Own` stands for.
     fn owned(&self, side: Side) -> &[u8] {
         match side {
             Side::Up => &self.pre,
             Side::Down => &self.post,
         }
+    }
+
+    /// The socket a direction writes to, while the connection has it.
+    fn dest(&self, side: Side) -> Option<BorrowedFd<'_>> {
+        let to = match side {
+            Side::Up => &self.backend,
+            Side::Down => &self.client,
+        };
+        to.as_ref().map(AsFd::as_fd)
     }
 
     /// The socket a direction reads from, and the one it writes to.
@@ -936,7 +950,7 @@ struct Listening {
     fd: OwnedFd,
     /// Where each accept in flight has the kernel write its client's address (boxed: the kernel
     /// writes there until the accept completes, whatever happens to the map).
-    accepts: Box<[Accepting; ACCEPTS]>,
+    accepts: Places,
     /// Stopping: its accepts are being cancelled.
     closing: bool,
     /// An accept failed for want of descriptors or memory: armed again by the tick's slow part.
@@ -945,53 +959,7 @@ struct Listening {
 
 impl Listening {
     fn armed(&self) -> bool {
-        self.accepts.iter().any(|a| a.armed)
-    }
-}
-
-struct Accepting {
-    addr: libc::sockaddr_storage,
-    len: libc::socklen_t,
-    armed: bool,
-    /// Armed with IORING_ACCEPT_DONTWAIT: an EINVAL is the kernel refusing the flag.
-    flagged: bool,
-}
-
-impl Accepting {
-    fn new() -> Accepting {
-        Accepting {
-            // SAFETY: a C struct of integers and byte arrays, for which all zeros is a value.
-            addr: unsafe { std::mem::zeroed() },
-            len: 0,
-            armed: false,
-            flagged: false,
-        }
-    }
-
-    /// The address the kernel wrote, if it is one of the two families a TCP listener accepts.
-    fn peer(&self) -> Option<SocketAddr> {
-        let p = std::ptr::from_ref(&self.addr);
-        match i32::from(self.addr.ss_family) {
-            libc::AF_INET if self.len as usize >= size_of::<libc::sockaddr_in>() => {
-                // SAFETY: the family says the storage holds a `sockaddr_in`, and it is aligned for
-                // one (sockaddr_storage is aligned for every address type).
-                let a = unsafe { &*p.cast::<libc::sockaddr_in>() };
-                let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-                Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
-            }
-            libc::AF_INET6 if self.len as usize >= size_of::<libc::sockaddr_in6>() => {
-                // SAFETY: as above, for a `sockaddr_in6`.
-                let a = unsafe { &*p.cast::<libc::sockaddr_in6>() };
-                let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-                Some(SocketAddr::V6(std::net::SocketAddrV6::new(
-                    ip,
-                    u16::from_be(a.sin6_port),
-                    a.sin6_flowinfo,
-                    a.sin6_scope_id,
-                )))
-            }
-            _ => None,
-        }
+        self.accepts.armed()
     }
 }
 
@@ -1053,8 +1021,8 @@ impl Pool {
     }
 
     /// A buffer a direction held goes back to the kernel.
-    fn give_back(&self, bid: u16) {
-        self.bufs.give_back(bid);
+    fn give_back(&self, buf: Filled) {
+        self.bufs.give_back(buf);
         self.held.set(self.held.get().saturating_sub(1));
     }
 
@@ -1087,7 +1055,9 @@ fn bump(c: &AtomicU64) {
 }
 
 struct Worker<H: Host> {
-    ring: IoUring,
+    /// Every submission, and the completions' way out (first, so that the ring closes before
+    /// anything it points to goes).
+    sq: Sq,
     pool: Option<Pool>,
     host: H,
     conns: Vec<Option<Box<Conn<H::Conn>>>>,
@@ -1096,10 +1066,8 @@ struct Worker<H: Host> {
     listeners: HashMap<u32, Listening>,
     commands: mpsc::Receiver<Command<H::Listen, H::Conn>>,
     wake: Arc<OwnedFd>,
-    /// The tick's timespec, written only while it is not armed; the period the next one is armed
-    /// with (the fastest `tick_for` of the connections, `base_tick` at most), and when the armed
-    /// one fires.
-    tick: Box<types::Timespec>,
+    /// Whether the tick is armed; the period the next one is armed with (the fastest `tick_for` of
+    /// the connections, `base_tick` at most), and when the armed one fires.
     tick_armed: bool,
     tick_period: Duration,
     base_tick: Duration,
@@ -1107,10 +1075,9 @@ struct Worker<H: Host> {
     /// When a tick last retried what failed (accepts backing off, directions the pool starved):
     /// that goes at the pace of `base_tick`, however often the tick comes.
     slow_at: Instant,
-    /// Timeouts armed besides the tick (`arm_at`), by the place in their `user_data`: each one's
-    /// timespec, when it fires and what for, kept until it completes (the kernel reads the
-    /// timespec when it takes the entry, which may be later than it is pushed).
-    untils: Vec<Option<(Box<types::Timespec>, Instant, Until)>>,
+    /// Timeouts armed besides the tick (`arm_at`), by the place in their `user_data`: when each
+    /// fires and what for, kept until it completes (its timespec is `Sq`'s until then).
+    untils: Vec<Option<(Instant, Until)>>,
     starved: Starved,
     /// Directions with a send due at the end of this batch of completions (`Dir::send_due`).
     due: Vec<(u32, Side)>,
@@ -1123,10 +1090,7 @@ struct Worker<H: Host> {
     waited: bool,
     /// Connections whose handshake's last ACK is held back, with the turn each connected in.
     acks: Vec<(u32, u64)>,
-    /// Entries the submission queue had no room for, in groups that go in together (a connect and
-    /// its linked timeout).
-    backlog: VecDeque<Vec<squeue::Entry>>,
-    cqes: Vec<(u64, i32, u32)>,
+    cqes: Vec<Done>,
     now: Instant,
     stopping: Option<Instant>,
     /// `Command::Carry` came and the host still takes carried connections.
@@ -1161,7 +1125,7 @@ impl<H: Host> Worker<H> {
         counts.pool_given.store(u64::from(pool.given()), Relaxed);
         let splice = host.splices_bulk();
         let mut w = Worker {
-            ring,
+            sq: Sq::new(ring),
             pool: Some(Pool::new(pool)),
             host,
             conns: Vec::new(),
@@ -1170,7 +1134,6 @@ impl<H: Host> Worker<H> {
             listeners: HashMap::new(),
             commands,
             wake,
-            tick: Box::new(types::Timespec::from(tick)),
             tick_armed: false,
             tick_period: tick,
             base_tick: tick,
@@ -1183,7 +1146,6 @@ impl<H: Host> Worker<H> {
             turn: 0,
             waited: false,
             acks: Vec::new(),
-            backlog: VecDeque::new(),
             cqes: Vec::with_capacity(1024),
             now: Instant::now(),
             stopping: None,
@@ -1201,72 +1163,17 @@ impl<H: Host> Worker<H> {
         Ok(w)
     }
 
-    /// Queues `entries` for the next entry into the kernel, together.
-    ///
-    /// # Safety
-    ///
-    /// What each entry points to (a buffer, an address, a timespec) must stay valid, and each
-    /// descriptor it names open, until the entry's last completion.
-    unsafe fn push(&mut self, entries: &[squeue::Entry]) {
-        if self.backlog.is_empty() {
-            // SAFETY: the caller's promise, passed on.
-            if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
-                return;
-            }
-            // Full: submit what is queued (without waiting) and try once more.
-            let _ = self.ring.submit();
-            // SAFETY: as above.
-            if unsafe { self.ring.submission().push_multiple(entries) }.is_ok() {
-                return;
-            }
-        }
-        self.backlog.push_back(entries.to_vec());
-    }
-
-    /// Submits everything queued, the backlog too, without waiting for completions; a bounded
-    /// number of tries, as a stopping worker's last act.
-    fn submit_what_is_left(&mut self) {
-        for _ in 0..64 {
-            self.flush_backlog();
-            if self.ring.submission().is_empty() && self.backlog.is_empty() {
-                return;
-            }
-            if let Err(e) = self.ring.submit() {
-                if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) {
-                    tracing::warn!(error = %e, "ring worker: its last submission failed");
-                    return;
-                }
-            }
-            // Room for the backlog. With every connection and listener gone, what completes now
-            // is a close, a cancellation, a timeout or the wake-up poll; after `STOP_WAIT`, also
-            // an operation of what is leaked below. Nothing is left to act on any of them.
-            self.ring.completion().for_each(drop);
-        }
-    }
-
-    /// Moves what the submission queue had no room for into it, in order, as far as it goes.
-    fn flush_backlog(&mut self) {
-        while let Some(group) = self.backlog.front() {
-            // SAFETY: each group was pushed with `push`'s promise, which still holds: what it
-            // points to stays until its completion, which has not come (it was never submitted).
-            if unsafe { self.ring.submission().push_multiple(group) }.is_err() {
-                return;
-            }
-            self.backlog.pop_front();
-        }
-    }
-
     fn run(mut self) {
         loop {
-            self.flush_backlog();
+            self.sq.flush_backlog();
             // With entries still waiting for room, submit and reap without sleeping: the wait
             // could otherwise outlast what is not yet in the kernel (the tick among them).
             // Nor with ACKs held back for a turn (`release_acks`): this entry submits the client
             // receives armed at those connects, which complete at once with any bytes already
             // there (without GETEVENTS, nothing the kernel deferred to this thread is run).
-            let want = usize::from(self.backlog.is_empty() && self.acks.is_empty());
+            let want = usize::from(!self.sq.backlogged() && self.acks.is_empty());
             self.waited = want > 0;
-            let entered = self.ring.submit_and_wait(want);
+            let entered = self.sq.enter(want);
             if entered.is_ok() {
                 self.enter_failures = 0;
             }
@@ -1293,15 +1200,10 @@ impl<H: Host> Worker<H> {
             }
             self.now = Instant::now();
             let mut cqes = std::mem::take(&mut self.cqes);
-            cqes.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result(), c.flags())),
-            );
-            for &(ud, res, flags) in &cqes {
-                self.complete(ud, res, flags);
+            self.sq.reap(&mut cqes);
+            for done in cqes.drain(..) {
+                self.complete(done);
             }
-            cqes.clear();
             self.send_due();
             self.release_acks();
             self.cqes = cqes;
@@ -1314,7 +1216,7 @@ impl<H: Host> Worker<H> {
         }
         // The last turn's closes (of the connections it freed, with their resets) are still in
         // the submission queue: they must reach the kernel before the ring goes.
-        self.submit_what_is_left();
+        self.sq.submit_what_is_left();
         let c = &self.counts;
         tracing::debug!(
             accepted = c.accepted.load(Relaxed),
@@ -1353,14 +1255,15 @@ impl<H: Host> Worker<H> {
         std::mem::forget(std::mem::take(&mut self.listeners));
     }
 
-    fn complete(&mut self, ud: u64, res: i32, flags: u32) {
+    fn complete(&mut self, done: Done) {
+        let (ud, res, flags) = (done.user_data(), done.result(), done.flags());
         let slot = (ud >> 32) as u32;
         match ud & 15 {
-            K_ACCEPT => self.on_accept(slot, ((ud >> 4) & 15) as usize, res, flags),
-            K_READABLE => self.on_readable(slot, ((ud >> 4) & 15) as usize, res),
-            K_RECV => self.on_recv(slot, side_of(ud), res, flags),
-            K_SEND => self.on_send(slot, side_of(ud), res),
-            K_SOCKET => self.on_socket(slot, res),
+            K_ACCEPT => self.on_accept(slot, ((ud >> 4) & 15) as usize, done),
+            K_READABLE => self.on_readable(slot, ((ud >> 4) & 15) as usize, &done),
+            K_RECV => self.on_recv(slot, side_of(ud), done),
+            K_SEND => self.on_send(slot, side_of(ud), &done),
+            K_SOCKET => self.on_socket(slot, done),
             // A backend socket's option that failed (only failures complete): the options are
             // best effort (`Worker::connect_with`), and the connect after it goes on.
             K_SOCKOPT => {
@@ -1372,7 +1275,7 @@ impl<H: Host> Worker<H> {
                 connect::option_failed(option, true, &error);
             }
             K_CONNECT => self.on_connect(slot, res),
-            K_PRE => self.on_pre(slot, res),
+            K_PRE => self.on_pre(slot, &done),
             K_WRITABLE => self.on_writable(slot, side_of(ud)),
             K_SPLICE => self.on_splice_ready(slot, side_of(ud), res),
             K_LINK => self.release(slot),
@@ -1389,7 +1292,7 @@ impl<H: Host> Worker<H> {
                 self.on_tick();
             }
             K_UNTIL => match self.untils.get_mut(slot as usize).and_then(Option::take) {
-                Some((_, _, Until::Tick)) => self.on_tick(),
+                Some((_, Until::Tick)) => self.on_tick(),
                 _ => self.retry_waiting(),
             },
             _ => {} // K_CLOSE
@@ -1397,13 +1300,7 @@ impl<H: Host> Worker<H> {
     }
 
     fn arm_wake(&mut self) {
-        let fd = self.wake.as_raw_fd();
-        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-            .multi(true)
-            .build()
-            .user_data(K_WAKE);
-        // SAFETY: points to nothing; the eventfd is the worker's (`wake`) for its whole life.
-        unsafe { self.push(&[e]) };
+        self.sq.poll_wake(&self.wake);
     }
 
     /// Arms a timeout for the earliest deadline among the waiting connections (`Host::wait_left`),
@@ -1446,7 +1343,7 @@ impl<H: Host> Worker<H> {
                 .untils
                 .iter()
                 .flatten()
-                .any(|&(_, fires, w)| fires <= at && w == what);
+                .any(|&(fires, w)| fires <= at && w == what);
         if covered {
             return;
         }
@@ -1457,16 +1354,8 @@ impl<H: Host> Worker<H> {
                 self.untils.len() - 1
             }
         };
-        let ts = Box::new(types::Timespec::from(left));
-        let e = opcode::Timeout::new(&*ts).build().user_data(user_data(
-            K_UNTIL,
-            place as u32,
-            Side::Up,
-        ));
-        self.untils[place] = Some((ts, at, what));
-        // SAFETY: the timespec is boxed in `untils`, where it stays until this timeout
-        // completes (its place is freed only then) or the worker, and its ring, are gone.
-        unsafe { self.push(&[e]) };
+        self.untils[place] = Some((at, what));
+        self.sq.until(place, left);
     }
 
     fn arm_tick(&mut self) {
@@ -1474,12 +1363,8 @@ impl<H: Host> Worker<H> {
             return;
         }
         self.tick_armed = true;
-        *self.tick = types::Timespec::from(self.tick_period);
         self.tick_fires = Some(Instant::now() + self.tick_period);
-        let e = opcode::Timeout::new(&*self.tick).build().user_data(K_TICK);
-        // SAFETY: the timespec is boxed in the worker, which outlives its ring's operations, and
-        // is written only while no tick is armed (above).
-        unsafe { self.push(&[e]) };
+        self.sq.tick(self.tick_period);
     }
 
     fn take_commands(&mut self) {
@@ -1517,7 +1402,7 @@ impl<H: Host> Worker<H> {
                     id,
                     Listening {
                         fd,
-                        accepts: Box::new(std::array::from_fn(|_| Accepting::new())),
+                        accepts: Places::new(),
                         closing: false,
                         backoff: false,
                     },

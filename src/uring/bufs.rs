@@ -1,6 +1,7 @@
 //! The ring's provided buffers: one pool per ring, shared by every multishot receive on it. The
 //! kernel picks a buffer from the pool for each message a multishot receive gets and names it in the
-//! completion; the buffer is ours until [`BufPool::give_back`] hands it to the kernel again.
+//! completion; the buffer is ours, as a [`Filled`], until [`BufPool::give_back`] takes that and
+//! hands the buffer to the kernel again.
 //!
 //! Why a pool and not a buffer per receive: a multishot receive stays armed for a connection's life
 //! and the kernel, not the program, decides when it writes, so it cannot write into one buffer of the
@@ -13,6 +14,7 @@
 
 use std::cell::Cell;
 use std::io;
+use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering::Release};
 
@@ -55,6 +57,32 @@ impl Drop for Mapping {
         // SAFETY: unmaps exactly the mapping `new` created, once. A pool whose buffers the kernel
         // may still write into is never dropped (`BufPool::leak`).
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A pool buffer a completion named: the kernel wrote a message into it and took it out of its
+/// ring, so it is the program's, to read ([`BufPool::bytes`]) until it is given back
+/// ([`BufPool::give_back`], which takes the token). Neither `Clone` nor `Send`: one token per time
+/// the kernel hands a buffer over, on the thread of the ring (and so of the one pool) it came from.
+#[derive(Debug)]
+pub(crate) struct Filled {
+    bid: u16,
+    _thread: PhantomData<*const ()>,
+}
+
+impl Filled {
+    /// The token for buffer `bid`.
+    ///
+    /// # Safety
+    ///
+    /// A completion of a receive from this thread's pool named `bid` (its `IORING_CQE_F_BUFFER`),
+    /// and this is the one token made for that completion: the buffer is out of the kernel's ring
+    /// until the token is given back.
+    pub(crate) unsafe fn named(bid: u16) -> Filled {
+        Filled {
+            bid,
+            _thread: PhantomData,
+        }
     }
 }
 
@@ -163,30 +191,28 @@ impl BufPool {
         self.given.get()
     }
 
-    /// Gives buffer `bid` back to the kernel.
-    pub(crate) fn give_back(&self, bid: u16) {
-        if bid < self.given.get() {
-            self.put(bid);
+    /// Gives a buffer back to the kernel, with its token: nothing reads the buffer after.
+    pub(crate) fn give_back(&self, buf: Filled) {
+        if buf.bid < self.given.get() {
+            self.put(buf.bid);
             self.publish();
         }
     }
 
-    /// The first `len` bytes of buffer `bid`, which a completion named as holding them.
-    ///
-    /// # Safety
-    ///
-    /// The buffer must be the caller's: named by a completion and not given back since.
-    pub(crate) unsafe fn bytes(&self, bid: u16, len: usize) -> &[u8] {
-        let len = len.min(self.size);
-        if bid >= self.count {
+    /// The whole of buffer `buf` (the message is its first bytes, as many as the completion said),
+    /// borrowed with the token: it cannot be given back while they are read.
+    pub(crate) fn bytes<'a>(&'a self, buf: &'a Filled) -> &'a [u8] {
+        if buf.bid >= self.count {
             return &[];
         }
-        // SAFETY: within the mapping (`bid < count`, `len <= size`); the kernel wrote these
-        // bytes before posting the completion and, the buffer being out of its ring, writes no more.
+        // SAFETY: within the mapping (`bid < count`, `size` bytes from its start), which was
+        // initialised (zeros, from `mmap`) before the kernel first wrote into it. The kernel writes
+        // only into buffers in its ring, and this one is out of it until `give_back` takes the
+        // token (`Filled`), which these bytes borrow: nothing writes them while they are read.
         unsafe {
             std::slice::from_raw_parts(
-                self.bufs.ptr.as_ptr().add(usize::from(bid) * self.size),
-                len,
+                self.bufs.ptr.as_ptr().add(usize::from(buf.bid) * self.size),
+                self.size,
             )
         }
     }
