@@ -26,7 +26,9 @@
 //!   (health, passive ejection, drain, slow start), and the snapshot the hot path reads.
 //! - `balance`: the selection policies, pure, over any backend-like `Candidate`.
 //! - `relay`: the contract every engine keeps (half-close, resets, timeouts, the quiet point an
-//!   upgrade stops at) and the tokio engines: copy, splice, epoll.
+//!   upgrade stops at), the tokio engines (copy, splice, epoll), and what io_uring is to the process
+//!   (`relay/uring/`: whether it is usable, a ring's setup, the provided buffers), which the ring
+//!   workers build on.
 //! - [`accesslog`]: the access log (`log.access`): one line per connection, at its end.
 //! - [`outcome`]: how a connection ended, one type for the log, the counters and the metrics.
 //!
@@ -53,8 +55,7 @@
 //! - [`selfcheck`]: the `healthcheck` subcommand's client (asks a running sluicegate's `/ready`).
 //!
 //! **Shared**: [`config`] (the YAML schema and its validation), [`sockets`] (listening sockets given
-//! to the process by the one it replaced or by systemd, taken before binding), `uring` (io_uring to
-//! this process: whether it is usable, a ring's setup, the provided buffers), `metrics` (how a subsystem declares
+//! to the process by the one it replaced or by systemd, taken before binding), `metrics` (how a subsystem declares
 //! the metrics it exports, a `Table` next to its typed view, and the Prometheus text format; the admin
 //! API asks each subsystem for its samples) and `util` (small pieces every layer uses).
 //!
@@ -75,14 +76,14 @@
 //! 10. `logging`, `pool`, `tls`
 //! 11. `accesslog`, `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `selfcheck`
 //! 12. `docker`
-//! 13. `config`, `metrics`, `outcome`, `sockets`, `uring`, `util`, `workers`
+//! 13. `config`, `metrics`, `outcome`, `sockets`, `util`, `workers`
 //!
 //! ## Where `unsafe` may be
 //!
 //! The crate denies `unsafe_code`. Only the data plane's kernel-facing code opts in, each block with
 //! its safety argument, behind types that own what the kernel may touch (`python3 .ci/unsafe.py`
 //! fails on an `unsafe` anywhere else):
-//! - `uring/`: the provided-buffer pool's memory, shared with the kernel (a buffer read only through
+//! - `relay/uring/`: the provided-buffer pool's memory, shared with the kernel (a buffer read only through
 //!   the token a completion makes), and the probe's one entry.
 //! - `ring/submit.rs`: the ring workers' one submit type, which builds every entry (pointing the
 //!   kernel at sockets and buffers the loop keeps alive until their last completion), counts it in
@@ -128,8 +129,6 @@ mod session;
 pub mod sockets;
 pub mod tls;
 pub mod upgrade;
-#[cfg(target_os = "linux")]
-mod uring;
 mod util;
 mod workers;
 

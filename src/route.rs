@@ -441,7 +441,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn only_an_address_of_one_ring_service_is_the_rings() {
-        if crate::uring::missing_in_test() {
+        if crate::relay::uring::missing_in_test() {
             return;
         }
         let cfg = crate::config::Config::from_yaml(

@@ -930,3 +930,25 @@ pub(crate) const BACKEND_METRICS: Table<BackendSubject> = Table {
         ),
     ],
 };
+
+#[cfg(test)]
+mod tests {
+    use super::ServiceStats;
+
+    /// An upgrade's totals carry the ring's count under its name, and a process of 0.1 sends it
+    /// as `uring`: both land in `ring`; names this build does not know are skipped.
+    #[test]
+    fn the_rings_count_is_carried_under_its_name_and_its_old_one() {
+        let stats = ServiceStats::default();
+        let totals = [("ring", 3), ("uring", 2), ("accepted", 7), ("bogus", 9)]
+            .map(|(k, v)| (k.to_string(), v))
+            .into();
+        stats.add(&totals);
+        assert_eq!((stats.ring_total(), stats.accepted_total()), (5, 7));
+        assert_eq!(stats.totals()["ring"], 5);
+        assert!(
+            !stats.totals().contains_key("uring"),
+            "sent under its name only"
+        );
+    }
+}

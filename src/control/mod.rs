@@ -565,7 +565,7 @@ impl Control {
                 Ok(r) => RingState::Running(Arc::new(r)),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the ring workers; their services run on the epoll engine");
-                    crate::uring::workers_failed(e.to_string());
+                    crate::relay::uring::workers_failed(e.to_string());
                     RingState::Failed
                 }
             };

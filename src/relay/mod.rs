@@ -16,7 +16,7 @@
 //! socket in the kernel; `epoll` copies and switches a direction to splice once it carries bulk data (a
 //! read fills the whole buffer), which keeps small request/response traffic on the cheaper copy path.
 //! A direction that cannot get a pipe copies. These run on tokio, in a connection's task
-//! (`session`). The ring workers (`crate::ring`) are the other data plane: `ring` services are
+//! (`session`). The ring workers (`src/ring/`) are the other data plane: `ring` services are
 //! accepted, connected and relayed there, off tokio, under this same contract (this module's
 //! [`direction_ended`] and [`Supervised`] are theirs too); `auto` is the ring where it can serve the
 //! service and `epoll` elsewhere ([`choose_engine`]).
@@ -32,6 +32,8 @@ pub(crate) mod splice;
 mod stream;
 #[cfg(target_os = "linux")]
 pub(crate) mod tcp_info;
+#[cfg(target_os = "linux")]
+pub(crate) mod uring;
 mod woken;
 
 use std::cell::RefCell;
@@ -209,7 +211,7 @@ struct Pending {
 /// the ring).
 pub(crate) fn engine_for(mode: RelayMode, service: &str, fits_ring: bool) -> RelayMode {
     #[cfg(target_os = "linux")]
-    let ring = crate::uring::usable;
+    let ring = crate::relay::uring::usable;
     #[cfg(not(target_os = "linux"))]
     let ring = || Err("io_uring is Linux only");
     let (engine, unavailable) = choose_engine(mode, fits_ring, ring);

@@ -4,7 +4,7 @@
 //! (`benchmarks/probes/ring-proxy.c`) that set the ceiling. The loop is generic over the [`Host`]
 //! that decides (admission, a backend, the accounting): the services' host is `host.rs`, the threads
 //! that run it `workers.rs`; what io_uring is to the process (the probe, a ring's setup, the pool
-//! of provided buffers) is `crate::uring`, below.
+//! of provided buffers) is `relay/uring/`, below.
 //!
 //! What a worker does with a connection: one of the accepts it keeps in flight on each listener
 //! hands it a client with its address (a multishot accept gives no address, and asking for it after
@@ -116,8 +116,8 @@ use socket2::{SockAddr, SockRef};
 
 use crate::outcome::Outcome;
 use crate::relay::splice::{stuck_at_urgent, PipeLease, PipePool, PIPE_SIZE};
+use crate::relay::uring::bufs::{BufPool, Filled, GROUP};
 use crate::relay::{direction_ended, DirEnd, Quiesced, Side, Supervised};
-use crate::uring::bufs::{BufPool, Filled, GROUP};
 use crate::util::RateLimited;
 
 mod accept;
@@ -1120,7 +1120,7 @@ impl<H: Host> Worker<H> {
         tick: Duration,
         sockets: bool,
     ) -> io::Result<Worker<H>> {
-        let ring = crate::uring::build(SQ_ENTRIES, CQ_ENTRIES)?;
+        let ring = crate::relay::uring::build(SQ_ENTRIES, CQ_ENTRIES)?;
         let pool = BufPool::register(&ring, POOL_BUFS, POOL_BUF, POOL_FIRST)?;
         counts.pool_given.store(u64::from(pool.given()), Relaxed);
         let splice = host.splices_bulk();

@@ -33,7 +33,7 @@ use std::ops::Deref;
 
 use super::connect::nodelay_len;
 use super::*;
-use crate::uring::bufs::Filled;
+use crate::relay::uring::bufs::Filled;
 
 /// The submission side of a worker's ring (and its completions' way out): the ring, the entries
 /// its queue had no room for, and the timespecs of the worker's own timeouts.
@@ -811,7 +811,7 @@ fn tcp_option(
 /// Whether this kernel makes sockets and sets their options on the ring, tried on a ring and a
 /// socket of its own (`connect::sockets_on_ring` asks once).
 pub(super) fn try_sockets_on_ring() -> io::Result<()> {
-    let mut ring = crate::uring::build(4, 4)?;
+    let mut ring = crate::relay::uring::build(4, 4)?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;
     if !probe.is_supported(opcode::Socket::CODE) || !probe.is_supported(opcode::SetSockOpt::CODE) {

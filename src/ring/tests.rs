@@ -319,7 +319,7 @@ fn greeted_worker(
 }
 
 fn worker_with(targets: Vec<SocketAddr>, timeout: Duration, mode: Mode) -> Option<Running> {
-    if crate::uring::missing_in_test() {
+    if crate::relay::uring::missing_in_test() {
         return None;
     }
     let (tx, ended) = mpsc::channel();
@@ -1369,7 +1369,7 @@ fn a_backend_socket_has_nodelay_however_it_was_made() {
 /// connect's.
 #[test]
 fn a_nodelay_that_fails_leaves_the_connection_to_relay_without_it() {
-    if crate::uring::missing_in_test() {
+    if crate::relay::uring::missing_in_test() {
         return;
     }
     for socket_calls in [false, true] {
@@ -1413,7 +1413,7 @@ fn a_nodelay_that_fails_leaves_the_connection_to_relay_without_it() {
 /// This kernel (6.18) sets socket options on the ring: the tests above run the ring's way there.
 #[test]
 fn this_kernel_makes_backend_sockets_on_the_ring() {
-    if crate::uring::missing_in_test() {
+    if crate::relay::uring::missing_in_test() {
         return;
     }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
@@ -2106,7 +2106,7 @@ fn accept_dontwait_is_taken_from_linux_6_10() {
 #[test]
 fn an_accept_with_dontwait_on_an_idle_listener_completes_with_eagain() {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    if crate::uring::missing_in_test() || !takes_accept_dontwait(release.trim()) {
+    if crate::relay::uring::missing_in_test() || !takes_accept_dontwait(release.trim()) {
         eprintln!("skipped: this kernel has no IORING_ACCEPT_DONTWAIT");
         return;
     }

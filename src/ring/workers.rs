@@ -516,7 +516,7 @@ mod tests {
     /// to an hour (and the service's idle timeout with it, which would shorten the tick).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_backend_cut_resets_its_ring_connections_without_the_tick() {
-        if crate::uring::missing_in_test() {
+        if crate::relay::uring::missing_in_test() {
             return;
         }
         let backend = echo().await;
@@ -552,7 +552,7 @@ mod tests {
     /// error, on which the services run on the epoll engine (`Control::ring_workers`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_worker_that_cannot_start_stops_those_started_before_it() {
-        if crate::uring::missing_in_test() {
+        if crate::relay::uring::missing_in_test() {
             return;
         }
         let gate = Arc::new(Gate::new(None));
@@ -597,7 +597,7 @@ mod tests {
     /// the wait five minutes, so only the freed slot can have it look.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slot_freed_by_a_tokio_session_wakes_the_rings_waiting_connection() {
-        if crate::uring::missing_in_test() {
+        if crate::relay::uring::missing_in_test() {
             return;
         }
         let backend = echo().await;
@@ -763,7 +763,7 @@ mod tests {
     /// one, whose client (no TLS hello) goes to its default route.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_of_an_address_off_the_ring_goes_to_the_tokio_workers() {
-        if crate::uring::missing_in_test() {
+        if crate::relay::uring::missing_in_test() {
             return;
         }
         for shared in [false, true] {
@@ -812,7 +812,7 @@ mod tests {
     /// listener (commands come through the ring), no client was accepted, and its stop hung.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_worker_that_cannot_enter_its_ring_gives_its_listeners_to_epoll() {
-        if crate::uring::missing_in_test() {
+        if crate::relay::uring::missing_in_test() {
             return;
         }
         let backend = echo().await;
@@ -827,7 +827,7 @@ mod tests {
             vec![tokio::runtime::Handle::current()],
             |_, services| {
                 let make = move || {
-                    crate::uring::refuse_enter_on_this_thread().expect("a seccomp filter");
+                    crate::relay::uring::refuse_enter_on_this_thread().expect("a seccomp filter");
                     services
                 };
                 ring::start("sg-test-noenter".into(), make, ring::TICK)

@@ -343,6 +343,28 @@ async fn the_ring_workers_counters_are_on_the_metrics_page() {
         },
     )
     .await;
+    // The ring's per-service count, and its 0.1 names kept until 0.2 (metric and /stats field),
+    // read the same.
+    let page = get(admin, "/metrics").await.body;
+    for name in [
+        "sluicegate_connections_ring_total{",
+        "sluicegate_connections_uring_total{",
+    ] {
+        let line = page.lines().find(|l| l.starts_with(name));
+        let line = line.unwrap_or_else(|| panic!("{name} on the page:\n{page}"));
+        assert!(line.ends_with(" 5"), "{line}");
+    }
+    // /stats shows the last per-second frame: the next one has every end counted.
+    wait_until(
+        Duration::from_secs(5),
+        "/stats: ring and uring 5",
+        || async move {
+            let stats = get(admin, "/stats").await.json();
+            let service = &stats["services"][0];
+            (&service["ring"], &service["uring"]) == (&5.into(), &5.into())
+        },
+    )
+    .await;
 }
 
 /// The pool lines of every ring worker from `/metrics`, for a failure message.

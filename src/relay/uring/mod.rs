@@ -1,11 +1,12 @@
-//! What io_uring is to this process, below every module that uses it: whether it can be used here
+//! What io_uring is to this process, in the data plane's lowest layer (`relay`, which the ring
+//! workers build on): whether it can be used here
 //! (probed once: the kernel's version and operations, a seccomp profile, `io_uring_disabled`,
 //! `SLUICEGATE_IO_URING=off`), how a ring is set up, and the pool of provided buffers a ring's
 //! multishot receives fill (`bufs.rs`). The ring workers (`ring/`) are the one io_uring data plane;
 //! `relay::engine_for` asks here whether `auto` may put a service on them, and the routes
 //! (`route.rs`) why a shared address cannot be.
 //!
-//! A module of the data plane's kernel-facing side, allowed `unsafe` (as `ring/` and
+//! A module of the data plane's kernel-facing side, allowed `unsafe` (as `ring/submit.rs` and
 //! `relay/splice.rs` are): the buffer pool's memory is shared with the kernel, and a probe pushes
 //! one submission entry.
 #![allow(unsafe_code)]
