@@ -79,18 +79,18 @@ mod tests {
         assert_eq!(age_at_most(61_000, 1_000, 0), 59_999);
     }
 
-    /// 50 ms after a stamp, it turns back into an instant no earlier than the stamp was taken and
-    /// no later than the margin allows.
+    /// 50 ms after a stamp, it turns back into an instant no earlier than the stamp was taken: a
+    /// timer counted from it never fires early. How late it may be is `age_at_most`'s bound,
+    /// checked above on fixed readings; on the real clock a thread descheduled between the two
+    /// readings makes it later by the pause, so no upper bound is asserted here (a shared, noisy
+    /// machine failed one).
     #[test]
-    fn a_stamp_turns_back_into_about_the_instant_it_was_taken() {
+    fn a_stamp_turns_back_into_an_instant_no_earlier_than_it_was_taken() {
         let before = Instant::now();
         let s = stamp();
-        let after = Instant::now();
         assert!(s > 0);
         std::thread::sleep(Duration::from_millis(50));
         let at = instant_of(s);
         assert!(at >= before, "{:?} before the stamp", before - at);
-        let late = Duration::from_millis(3 * resolution_ms() + 2);
-        assert!(at <= after + late, "{:?} after the stamp", at - after);
     }
 }
