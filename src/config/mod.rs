@@ -982,6 +982,12 @@ fn default_cooldown() -> Dur {
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
+    /// `tcp` (streams) or `udp` (datagrams, in sessions: the `udp` block).
+    #[serde(default)]
+    pub protocol: Transport,
+    /// How a `protocol: udp` service keeps its sessions.
+    #[serde(default)]
+    pub udp: Option<UdpConfig>,
     /// One address, or several and port ranges; services may share one with `sni`/`alpn`.
     pub listen: Listen,
     /// The server names (TLS SNI) this service answers for on a shared address; none: any.
@@ -1061,6 +1067,68 @@ pub struct ServiceConfig {
     pub queue: Option<QueueConfig>,
 }
 
+/// What a service carries: byte streams or datagrams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+/// `udp:` on a `protocol: udp` service: how long its sessions live and how many it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdpConfig {
+    /// A session with no datagram either way for this long ends.
+    #[serde(default = "default_udp_idle_timeout")]
+    pub idle_timeout: Dur,
+    /// Datagrams expected from the backend per client datagram (nginx's `proxy_responses`): the
+    /// session ends once every client datagram has had them. None: no limit.
+    #[serde(default)]
+    pub responses: Option<u32>,
+    /// Client datagrams a session takes (nginx's `proxy_requests`); the next starts a new one.
+    #[serde(default)]
+    pub requests: Option<u32>,
+    /// Sessions open at once on one listen address; when full, the one idle longest is ended.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: u32,
+    /// No sessions: every datagram balanced on its own, no reply expected.
+    #[serde(default)]
+    pub per_packet: bool,
+    /// Larger datagrams, either way, are dropped and counted.
+    #[serde(default = "default_max_datagram")]
+    pub max_datagram: u32,
+}
+
+/// The largest UDP payload over IPv4 (65,535 less the IP and UDP headers).
+pub const MAX_UDP_PAYLOAD: u32 = 65_507;
+
+fn default_udp_idle_timeout() -> Dur {
+    Dur::secs(30)
+}
+
+fn default_max_sessions() -> u32 {
+    65_536
+}
+
+fn default_max_datagram() -> u32 {
+    MAX_UDP_PAYLOAD
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig {
+            idle_timeout: default_udp_idle_timeout(),
+            responses: None,
+            requests: None,
+            max_sessions: default_max_sessions(),
+            per_packet: false,
+            max_datagram: default_max_datagram(),
+        }
+    }
+}
+
 /// Which port a connection goes to on its backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -1074,6 +1142,11 @@ pub enum BackendPort {
 }
 
 impl ServiceConfig {
+    /// Its `udp` settings (the defaults without the block); meaningful on a `protocol: udp` service.
+    pub fn udp_settings(&self) -> UdpConfig {
+        self.udp.unwrap_or_default()
+    }
+
     /// What this service answers for on a shared address.
     pub fn route_keys(&self) -> RouteKeys {
         RouteKeys {
@@ -1086,7 +1159,11 @@ impl ServiceConfig {
     /// addresses to itself ([`Config::alone`]): plain TCP with no route keys, since they read no
     /// hello and neither terminate nor originate TLS. `relay: auto` runs such a service on the ring.
     pub fn fits_ring(&self, alone: bool) -> bool {
-        alone && self.tls.is_none() && self.backend_tls.is_none() && self.route_keys().is_default()
+        alone
+            && self.protocol == Transport::Tcp
+            && self.tls.is_none()
+            && self.backend_tls.is_none()
+            && self.route_keys().is_default()
     }
 }
 
@@ -1122,12 +1199,22 @@ impl Config {
     /// For each service, in order, whether it has its listen addresses to itself: no other service
     /// names one of them (`port: 0` is never shared: each binds its own).
     pub fn alone(&self) -> Vec<bool> {
-        let shared = listen::shared_addresses(self.services.iter().map(|s| &s.listen).enumerate());
+        let shared = listen::shared_addresses(self.tcp_listens());
         let mut alone = vec![true; self.services.len()];
         for &i in shared.values().flatten() {
             alone[i] = false;
         }
         alone
+    }
+
+    /// The listen addresses of the TCP services, by service index: a UDP socket on the same
+    /// address is another socket, shared with no TCP service.
+    pub(crate) fn tcp_listens(&self) -> impl Iterator<Item = (usize, &Listen)> {
+        self.services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.protocol == Transport::Tcp)
+            .map(|(i, s)| (i, &s.listen))
     }
 
     /// Reads, parses and validates a config file.
@@ -1181,7 +1268,8 @@ impl Config {
                 ConfigError::Parse(format!("{path}: {reason}"))
             }
         })?;
-        let problems = config.validate();
+        let mut problems = config.validate();
+        problems.extend(validate::tcp_keys_on_udp(text, &config));
         if problems.is_empty() {
             Ok(config)
         } else {

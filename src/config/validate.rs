@@ -7,8 +7,8 @@ use super::admin::{is_host_name, token_problem};
 use super::replicas::{capability, forbidden_network, DockerEnv, MIN_MEMORY};
 use super::{
     is_container_name, AccessLog, AdminConfig, AutoscaleConfig, BackendAddress, Config,
-    DockerSelector, Dur, Failback, HealthKind, Problem, ReplicasConfig, ServiceConfig, Weight,
-    LABEL_PREFIX, MAX_DNS_RECORDS, MAX_READ_CAP,
+    DockerSelector, Dur, Failback, HealthKind, Problem, ReplicasConfig, ServiceConfig, Transport,
+    Weight, LABEL_PREFIX, MAX_DNS_RECORDS, MAX_READ_CAP,
 };
 
 impl Config {
@@ -150,10 +150,12 @@ impl Config {
     /// cannot both be bound.
     fn validate_listen_overlaps(&self, p: &mut Problems) {
         // By port: a config may have port ranges, and only addresses of one port can overlap.
-        let mut by_port: HashMap<u16, Vec<(usize, std::net::SocketAddr)>> = HashMap::new();
+        let mut by_port: HashMap<(bool, u16), Vec<(usize, std::net::SocketAddr)>> = HashMap::new();
         for (i, s) in self.services.iter().enumerate() {
             for a in s.listen.addrs() {
-                by_port.entry(a.port()).or_default().push((i, *a));
+                // A UDP address never clashes with a TCP one: each transport has its ports.
+                let port = (s.protocol == Transport::Udp, a.port());
+                by_port.entry(port).or_default().push((i, *a));
             }
         }
         let mut said = std::collections::HashSet::new();
@@ -164,10 +166,13 @@ impl Config {
                 for &(j, b) in &addrs[..x] {
                     // The same address in two services is sharing (validate_shared); twice in one
                     // list, or overlapping within it, cannot be bound.
+                    // Two UDP services on one address are not sharing: no route tells their
+                    // datagrams apart yet (QUIC by SNI is to come).
+                    let udp = self.services[i].protocol == Transport::Udp;
                     let clash = if i == j {
                         overlaps(a, b)
                     } else {
-                        a != b && overlaps(a, b)
+                        (a != b || udp) && overlaps(a, b)
                     };
                     if clash && said.insert((j, i)) {
                         let other = if i == j {
@@ -192,8 +197,7 @@ impl Config {
     /// read before the route is known: the PROXY header and the ClientHello). Each pair is named
     /// once, whatever number of addresses it shares.
     fn validate_shared(&self, p: &mut Problems) {
-        let shared =
-            super::listen::shared_addresses(self.services.iter().map(|s| &s.listen).enumerate());
+        let shared = super::listen::shared_addresses(self.tcp_listens());
         let mut said = std::collections::HashSet::new();
         for (addr, services) in shared {
             for (x, &i) in services.iter().enumerate() {
@@ -270,6 +274,117 @@ fn validate_service(p: &mut Problems, i: usize, s: &ServiceConfig) {
     validate_edge(p, i, s);
     validate_tls(p, i, s);
     validate_ring(p, i, s);
+    validate_udp(p, i, s);
+}
+
+/// The `udp` block and what a `protocol: udp` service cannot have (the keys that are set with
+/// their defaults are found in the text, [`tcp_keys_on_udp`]).
+fn validate_udp(p: &mut Problems, i: usize, s: &ServiceConfig) {
+    let at = |key: &str| format!("services[{i}].{key}");
+    if s.protocol == Transport::Tcp {
+        if s.udp.is_some() {
+            p.add(at("udp"), "is for protocol: udp services only");
+        }
+        return;
+    }
+    let u = s.udp_settings();
+    if u.idle_timeout.is_zero() || u.idle_timeout > Dur::secs(7 * 24 * 3600) {
+        p.add(at("udp.idle_timeout"), "must be from 1ms to 7d");
+    }
+    if u.max_sessions == 0 || u.max_sessions > 1_000_000 {
+        p.add(at("udp.max_sessions"), "must be from 1 to 1000000");
+    }
+    if u.max_datagram == 0 || u.max_datagram > super::MAX_UDP_PAYLOAD {
+        p.add(
+            at("udp.max_datagram"),
+            format!("must be from 1 to {}", super::MAX_UDP_PAYLOAD),
+        );
+    }
+    if u.requests == Some(0) {
+        p.add(
+            at("udp.requests"),
+            "must be at least 1 (client datagrams per session); leave it out for no limit",
+        );
+    }
+    if u.per_packet && (u.responses.is_some() || u.requests.is_some()) {
+        p.add(
+            at("udp.per_packet"),
+            "has no sessions, so no responses or requests to count: leave those out",
+        );
+    }
+    let unsupported = [
+        ("sni", !s.sni.is_empty()),
+        ("alpn", !s.alpn.is_empty()),
+        ("queue", s.queue.is_some()),
+        ("agent", s.agent.is_some()),
+        (
+            "proxy_protocol",
+            s.proxy_protocol == Some(super::ProxyVersion::V1),
+        ),
+        (
+            "backend_port",
+            s.backend_port != super::BackendPort::Configured,
+        ),
+    ];
+    for (key, set) in unsupported {
+        if set {
+            p.add(
+                at(key),
+                "is not supported on a protocol: udp service (yet: see the UDP section of docs/configuration.md)",
+            );
+        }
+    }
+    let probe_ok = matches!(s.health.kind, HealthKind::None | HealthKind::Exec);
+    if !probe_ok {
+        p.add(
+            at("health.kind"),
+            "a protocol: udp service's backends are probed by exec (or not at all) so far: a TCP, TLS or HTTP probe would test another socket",
+        );
+    }
+}
+
+/// Keys of a stream that a `protocol: udp` service must not have, found in the YAML `text` itself
+/// since most have defaults: set, they would be silently ignored.
+pub(super) fn tcp_keys_on_udp(text: &str, config: &Config) -> Vec<Problem> {
+    const TCP_ONLY: [&str; 11] = [
+        "connect_timeout",
+        "connect_attempts",
+        "half_close_timeout",
+        "stall_timeout",
+        "relay",
+        "idle_timeout",
+        "tls",
+        "backend_tls",
+        "accept_proxy",
+        "client_hello_timeout",
+        "max_pending",
+    ];
+    let mut p = Problems::default();
+    let Ok(doc) = serde_yaml::from_str::<serde_yaml::Value>(text) else {
+        return p.0;
+    };
+    let Some(services) = doc.get("services").and_then(|s| s.as_sequence()) else {
+        return p.0;
+    };
+    for (i, (raw, s)) in services.iter().zip(&config.services).enumerate() {
+        if s.protocol != Transport::Udp {
+            continue;
+        }
+        for key in TCP_ONLY {
+            if raw.get(key).is_some() {
+                let hint = if key == "idle_timeout" {
+                    ": a UDP session's is udp.idle_timeout"
+                } else {
+                    ""
+                };
+                p.add(
+                    format!("services[{i}].{key}"),
+                    format!("is for protocol: tcp services only{hint}"),
+                );
+            }
+        }
+    }
+    p.0
 }
 
 /// `relay: ring` serves plain TCP (with PROXY headers, `backend_port: same` and the queue) only so
@@ -971,5 +1086,83 @@ mod tests {
         assert!(!o("127.0.0.1:80", "127.0.0.2:80"));
         assert!(!o("0.0.0.0:80", "0.0.0.0:81"));
         assert!(!o("127.0.0.1:0", "127.0.0.1:0"), "port 0: any free port");
+    }
+
+    fn udp_yaml(extra: &str) -> String {
+        format!("services:\n  - name: dns\n    protocol: udp\n    listen: 127.0.0.1:5300\n    backends: [{{address: 127.0.0.1:53}}]\n{extra}")
+    }
+
+    fn problem(yaml: &str) -> String {
+        match crate::config::Config::from_yaml(yaml) {
+            Ok(_) => panic!("accepted:\n{yaml}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_udp_service_takes_its_block_and_refuses_the_tcp_keys_by_name() {
+        let c = crate::config::Config::from_yaml(&udp_yaml(
+            "    udp: {idle_timeout: 5s, responses: 1, requests: 4, max_sessions: 10, max_datagram: 1500}\n",
+        ))
+        .expect("a UDP service");
+        let u = c.services[0].udp_settings();
+        assert_eq!(
+            (u.responses, u.requests, u.max_sessions),
+            (Some(1), Some(4), 10)
+        );
+        assert!(
+            !c.services[0].fits_ring(true),
+            "the ring carries streams only"
+        );
+        for (extra, key) in [
+            ("    connect_timeout: 1s\n", "connect_timeout"),
+            ("    idle_timeout: 1m\n", "idle_timeout"),
+            ("    relay: epoll\n", "relay"),
+            ("    half_close_timeout: 1m\n", "half_close_timeout"),
+            ("    accept_proxy: {from: [10.0.0.0/8]}\n", "accept_proxy"),
+            ("    backend_tls: {}\n", "backend_tls"),
+            ("    sni: [a.test]\n", "sni"),
+            ("    proxy_protocol: v1\n", "proxy_protocol"),
+            ("    health: {kind: tcp}\n", "health.kind"),
+        ] {
+            let err = problem(&udp_yaml(extra));
+            assert!(err.contains(&format!("services[0].{key}")), "{key}: {err}");
+        }
+        assert!(problem(&udp_yaml("    idle_timeout: 1m\n")).contains("udp.idle_timeout"));
+    }
+
+    #[test]
+    fn the_udp_block_is_range_checked_and_only_for_udp() {
+        for (extra, key) in [
+            ("    udp: {max_sessions: 0}\n", "udp.max_sessions"),
+            ("    udp: {max_datagram: 70000}\n", "udp.max_datagram"),
+            ("    udp: {requests: 0}\n", "udp.requests"),
+            ("    udp: {idle_timeout: 0s}\n", "udp.idle_timeout"),
+            (
+                "    udp: {per_packet: true, responses: 1}\n",
+                "udp.per_packet",
+            ),
+            ("    udp: {bogus: 1}\n", "udp"),
+        ] {
+            let err = problem(&udp_yaml(extra));
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let tcp = udp_yaml("    udp: {}\n").replace("protocol: udp", "protocol: tcp");
+        assert!(problem(&tcp).contains("services[0].udp: is for protocol: udp services only"));
+    }
+
+    #[test]
+    fn udp_and_tcp_share_a_port_but_two_udp_services_do_not() {
+        let both = format!(
+            "{}  - name: dns-tcp\n    listen: 127.0.0.1:5300\n    backends: [{{address: 127.0.0.1:53}}]\n",
+            udp_yaml("")
+        );
+        let c = crate::config::Config::from_yaml(&both).expect("TCP and UDP on one port");
+        assert_eq!(c.alone(), vec![true, true]);
+        let two = format!(
+            "{}  - name: dns2\n    protocol: udp\n    listen: 127.0.0.1:5300\n    backends: [{{address: 127.0.0.1:53}}]\n",
+            udp_yaml("")
+        );
+        assert!(problem(&two).contains("services[1].listen"));
     }
 }
