@@ -96,6 +96,46 @@ impl Record {
     }
 }
 
+/// One UDP session's line, written when it ends.
+#[derive(Debug)]
+pub(crate) struct UdpLine<'a> {
+    pub(crate) service: &'a str,
+    pub(crate) client: SocketAddr,
+    /// The address the client sent to.
+    pub(crate) listen: SocketAddr,
+    pub(crate) backend: SocketAddr,
+    pub(crate) backend_name: Option<&'a str>,
+    pub(crate) policy: &'static str,
+    pub(crate) datagrams_up: u64,
+    pub(crate) datagrams_down: u64,
+    pub(crate) bytes_up: u64,
+    pub(crate) bytes_down: u64,
+    pub(crate) duration: std::time::Duration,
+    pub(crate) end: &'static str,
+}
+
+/// Writes a UDP session's line (`protocol: "udp"`; a no-op when INFO is filtered out).
+pub(crate) fn emit_udp(l: &UdpLine<'_>) {
+    let duration_ms = (l.duration.as_secs_f64() * 1e6).round() / 1e3;
+    tracing::info!(
+        target: TARGET,
+        protocol = "udp",
+        service = l.service,
+        client = %l.client,
+        listen = %l.listen,
+        backend = %l.backend,
+        backend_name = l.backend_name,
+        policy = l.policy,
+        datagrams_up = l.datagrams_up,
+        datagrams_down = l.datagrams_down,
+        bytes_up = l.bytes_up,
+        bytes_down = l.bytes_down,
+        duration_ms,
+        end = l.end,
+        "route"
+    );
+}
+
 /// Writes the line (a no-op when INFO is filtered out).
 pub(crate) fn emit(r: &Record, e: Ending) {
     let duration_ms = (r.started.elapsed().as_secs_f64() * 1e6).round() / 1e3;

@@ -1,4 +1,4 @@
-//! sluicegate: a layer-4 TCP load balancer.
+//! sluicegate: a layer-4 load balancer for TCP and UDP.
 //!
 //! A connection goes accept → (admit) → select → connect → relay → account, on the data-plane
 //! threads; the control plane keeps what it selects from current; the surfaces show and steer both.
@@ -12,6 +12,9 @@
 //!   admits, picks and accounts through `session` (`host.rs`), and the threads (`workers.rs`); one
 //!   tracing span per connection. What it cannot serve (TLS, a shared address) runs on `listener`'s
 //!   tokio side.
+//! - `udp`: UDP services (`protocol: udp`): each listen address's loop (datagrams read in
+//!   batches, admitted, balanced in sessions), the sessions' tasks, the bounded session table; one
+//!   tracing span per session.
 //! - `session`: one client's life: on a shared address its route (the PROXY header, the TLS
 //!   ClientHello), the PROXY header in, admission, TLS termination, select, connect with retry on
 //!   another backend, the PROXY header out, TLS origination, relay, account.
@@ -68,7 +71,7 @@
 //! 2. `admin`, `upgrade`
 //! 3. `control`
 //! 4. `ring`
-//! 5. `listener`
+//! 5. `listener`, `udp`
 //! 6. `session`
 //! 7. `route`
 //! 8. `service`
@@ -128,6 +131,7 @@ pub mod service;
 mod session;
 pub mod sockets;
 pub mod tls;
+mod udp;
 pub mod upgrade;
 mod util;
 mod workers;

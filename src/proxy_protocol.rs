@@ -358,35 +358,47 @@ pub fn encode_with(
             )
             .into_bytes()
         }
-        ProxyVersion::V2 => {
-            let tlvs = tls_tlvs(tls);
-            let mut out = Vec::with_capacity(16 + 36 + tlvs.len());
-            out.extend_from_slice(&V2_SIGNATURE);
-            out.push(0x21); // version 2, PROXY
-            match (c.ip(), d.ip()) {
-                (IpAddr::V4(ci), IpAddr::V4(di)) => {
-                    out.push(0x11); // AF_INET, STREAM
-                    out.extend_from_slice(&((12 + tlvs.len()) as u16).to_be_bytes());
-                    out.extend_from_slice(&ci.octets());
-                    out.extend_from_slice(&di.octets());
-                }
-                (ci, di) => {
-                    let v6 = |ip: IpAddr| match ip {
-                        IpAddr::V6(v6) => v6.octets(),
-                        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-                    };
-                    out.push(0x21); // AF_INET6, STREAM
-                    out.extend_from_slice(&((36 + tlvs.len()) as u16).to_be_bytes());
-                    out.extend_from_slice(&v6(ci));
-                    out.extend_from_slice(&v6(di));
-                }
-            }
-            out.extend_from_slice(&c.port().to_be_bytes());
-            out.extend_from_slice(&d.port().to_be_bytes());
-            out.extend_from_slice(&tlvs);
-            out
+        ProxyVersion::V2 => encode_v2(c, d, &tls_tlvs(tls), STREAM),
+    }
+}
+
+/// The transport nibble of a version 2 header's family byte.
+const STREAM: u8 = 0x1;
+const DGRAM: u8 = 0x2;
+
+/// A version 2 header for one datagram of a UDP session: `client` sent it to `dst` (`DGRAM` over
+/// INET or INET6, no TLVs).
+pub fn encode_dgram(client: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let (c, d) = same_family(client, dst);
+    encode_v2(c, d, &[], DGRAM)
+}
+
+fn encode_v2(c: SocketAddr, d: SocketAddr, tlvs: &[u8], transport: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 36 + tlvs.len());
+    out.extend_from_slice(&V2_SIGNATURE);
+    out.push(0x21); // version 2, PROXY
+    match (c.ip(), d.ip()) {
+        (IpAddr::V4(ci), IpAddr::V4(di)) => {
+            out.push(0x10 | transport); // AF_INET
+            out.extend_from_slice(&((12 + tlvs.len()) as u16).to_be_bytes());
+            out.extend_from_slice(&ci.octets());
+            out.extend_from_slice(&di.octets());
+        }
+        (ci, di) => {
+            let v6 = |ip: IpAddr| match ip {
+                IpAddr::V6(v6) => v6.octets(),
+                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            };
+            out.push(0x20 | transport); // AF_INET6
+            out.extend_from_slice(&((36 + tlvs.len()) as u16).to_be_bytes());
+            out.extend_from_slice(&v6(ci));
+            out.extend_from_slice(&v6(di));
         }
     }
+    out.extend_from_slice(&c.port().to_be_bytes());
+    out.extend_from_slice(&d.port().to_be_bytes());
+    out.extend_from_slice(tlvs);
+    out
 }
 
 /// Why no header could be read.

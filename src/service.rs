@@ -18,7 +18,7 @@ use crate::admission::{BackendCaps, Limits, Queue, SourceTable};
 use crate::config::Weight;
 use crate::config::{
     AcceptProxyConfig, BackendAddress, BackendPort, DiscoveryConfig, Policy, ProxyVersion,
-    QueueConfig, ServiceConfig,
+    QueueConfig, ServiceConfig, Transport, UdpConfig,
 };
 use crate::discovery::{self, Claimed, NameSpec};
 use crate::events::{Event, EventBus};
@@ -49,6 +49,10 @@ pub struct Service {
     pub(crate) queue: Option<QueueConfig>,
     /// Which port a connection goes to on its backend.
     pub(crate) backend_port: BackendPort,
+    /// Streams or datagrams.
+    pub(crate) protocol: Transport,
+    /// How a UDP service keeps its sessions (the defaults on a TCP one, unused).
+    pub(crate) udp: UdpConfig,
     /// Its TLS, both ways, as read when this version was made (a reload reads the files again).
     pub(crate) tls: ServiceTls,
     /// Counters, shared by every version of the service across reloads.
@@ -424,6 +428,8 @@ impl Service {
             caps: self.caps.clone(),
             queue: self.queue,
             backend_port: self.backend_port,
+            protocol: self.protocol,
+            udp: self.udp,
             tls,
             stats: self.stats.clone(),
             occupancy: self.occupancy.clone(),
@@ -475,6 +481,8 @@ impl Service {
             caps: BackendCaps::from_config(cfg),
             queue: cfg.queue,
             backend_port: cfg.backend_port,
+            protocol: cfg.protocol,
+            udp: cfg.udp_settings(),
             tls,
             stats,
             occupancy,
