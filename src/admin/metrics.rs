@@ -10,6 +10,7 @@ use crate::replicas::ReplicaCounts;
 use crate::ring::{self, WorkerView};
 use crate::route::UnroutedView;
 use crate::service::{self, BackendSubject, ServiceView};
+use crate::udp::{self, UdpView};
 use crate::{discovery, logging, replicas, route};
 
 /// Every subject of the page, by table: what each subsystem's views say now.
@@ -26,6 +27,7 @@ struct Views {
     unrouted: Vec<UnroutedView>,
     #[cfg(target_os = "linux")]
     ring: Vec<WorkerView>,
+    udp: Vec<UdpView>,
 }
 
 impl Views {
@@ -61,6 +63,7 @@ impl Views {
             unrouted: c.unrouted(),
             #[cfg(target_os = "linux")]
             ring: c.ring_views(),
+            udp: c.udp.views(),
         }
     }
 
@@ -77,6 +80,7 @@ impl Views {
         page.write(&route::METRICS, &self.unrouted);
         #[cfg(target_os = "linux")]
         page.write(&ring::METRICS, &self.ring);
+        page.write(&udp::METRICS, &self.udp);
     }
 }
 

@@ -80,6 +80,8 @@ impl Control {
             // Closed now (the accept loops close theirs as they stop), not when the server goes.
             b.kept.take();
         }
+        // UDP loops keep reading for their open sessions; new clients are refused.
+        self.udp.drain();
         self.accepting.close();
         self.accepting.wait().await;
         self.tracker.close();
@@ -105,6 +107,7 @@ impl Control {
                 }
             }
         }
+        self.udp.stop();
         self.background.cancel();
         // Every session has ended: the worker threads have nothing left to run.
         let me = self.clone();

@@ -59,8 +59,11 @@ impl ListenKey {
     }
 }
 
-/// The listen keys of a service, in its order.
+/// The TCP listen keys of a service, in its order (a UDP service's addresses are `udp`'s).
 pub(super) fn keys_of(s: &ServiceConfig) -> Vec<ListenKey> {
+    if s.protocol == crate::config::Transport::Udp {
+        return Vec::new();
+    }
     s.listen
         .addrs()
         .iter()

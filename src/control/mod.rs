@@ -33,7 +33,7 @@ pub use reload::{ReloadError, ReloadReport};
 pub(crate) use view::{ControlView, METRICS};
 
 use crate::admission::Gate;
-use crate::config::{AdminSettings, Config, ResolverConfig, ServiceConfig};
+use crate::config::{AdminSettings, Config, ResolverConfig, ServiceConfig, Transport};
 use crate::discovery::docker::{self as labels, LabelWatcher};
 use crate::discovery::{self, ResolverError, Watcher};
 use crate::events::{Event, EventBus};
@@ -187,6 +187,9 @@ pub struct Control {
     running: Ordered<Vec<Running>, 1>,
     /// Every bound address.
     listeners: Ordered<Vec<Bound>, 2>,
+    /// The UDP services' addresses, loops and counters. Its lock is a leaf, outside the order
+    /// below: taken under any of them, and nothing is locked while it is held.
+    pub(crate) udp: crate::udp::Udp,
     config: Ordered<Config, 3>,
     config_path: Ordered<Option<PathBuf>, 0>,
     readiness: Arc<Readiness>,
@@ -242,6 +245,36 @@ fn resolving_for(config: &Config) -> Result<Option<Resolving>, ResolverError> {
     }))
 }
 
+/// Every UDP service's listen addresses, as configured.
+fn udp_addresses(config: &Config) -> Vec<(Arc<str>, Vec<SocketAddr>)> {
+    config
+        .services
+        .iter()
+        .filter(|s| s.protocol == Transport::Udp)
+        .map(|s| (Arc::from(s.name.as_str()), s.listen.addrs().to_vec()))
+        .collect()
+}
+
+/// The UDP services running, each with its version holder and its addresses.
+fn udp_wanted(running: &[Running]) -> Vec<crate::udp::Wanted> {
+    running
+        .iter()
+        .filter(|r| r.config.protocol == Transport::Udp)
+        .map(|r| {
+            let name: Arc<str> = Arc::from(r.config.name.as_str());
+            (name, r.current.clone(), r.config.listen.addrs().to_vec())
+        })
+        .collect()
+}
+
+fn bind_error(e: crate::udp::BindFailed) -> BindError {
+    BindError {
+        service: e.service,
+        addr: e.addr,
+        error: e.error,
+    }
+}
+
 impl Running {
     fn new(config: &ServiceConfig, service: Service, events: &EventBus) -> Running {
         let replicas = ReplicaSet::new(config, service.pool.clone(), events.clone())
@@ -278,6 +311,11 @@ impl Control {
         for b in &bound {
             b.set_routes(&running);
         }
+        let udp = crate::udp::Udp::default();
+        let fresh = udp
+            .bind_missing(&udp_addresses(config))
+            .map_err(bind_error)?;
+        udp.commit(fresh, &udp_wanted(&running));
         let workers = Workers::start(workers::default_count()).map_err(StartError::Workers)?;
         Ok(Control {
             rt: tokio::runtime::Handle::current(),
@@ -286,6 +324,7 @@ impl Control {
             ring: Ordered::new(RingState::NotStarted),
             running: Ordered::new(running),
             listeners: Ordered::new(bound),
+            udp,
             config: Ordered::new(config.clone()),
             config_path: Ordered::new(None),
             readiness: Arc::new(Readiness::default()),
@@ -346,6 +385,7 @@ impl Control {
             }
             self.serving.store(true, Relaxed);
         }
+        self.start_udp();
         self.readiness.set(true, false);
         self.events.publish(Event::Ready);
         for (key, waits) in held {
@@ -407,6 +447,17 @@ impl Control {
         }
     }
 
+    /// Starts the loops of the UDP addresses bound and not started yet.
+    pub(super) fn start_udp(&self) {
+        let handles = self.workers.handles();
+        self.udp.start(&crate::udp::Plane {
+            workers: &handles,
+            gate: &self.gate,
+            tracker: &self.tracker,
+            deadline: &self.leaving.deadline,
+        });
+    }
+
     /// The file a reload (SIGHUP, `POST /reload`) reads.
     pub fn set_config_path(&self, path: PathBuf) {
         *self.config_path.lock() = Some(path);
@@ -431,10 +482,13 @@ impl Control {
         running
             .iter()
             .map(|r| {
-                let listens: Vec<SocketAddr> = listeners::keys_of(&r.config)
-                    .iter()
-                    .filter_map(|k| locals.get(k).copied())
-                    .collect();
+                let listens: Vec<SocketAddr> = match r.config.protocol {
+                    Transport::Tcp => listeners::keys_of(&r.config)
+                        .iter()
+                        .filter_map(|k| locals.get(k).copied())
+                        .collect(),
+                    Transport::Udp => self.udp.locals(&r.config.name),
+                };
                 RunningService {
                     service: r.current.load_full(),
                     listen: listens.first().copied().unwrap_or(r.config.listen.first()),

@@ -293,6 +293,10 @@ impl Control {
         let tls = load_tls(&new).map_err(|(key, e)| ReloadError::Tls(key, e))?;
         let keys = listeners::keys(&new);
         let fresh = listeners::bind_missing(&keys, &bound, &new)?;
+        let fresh_udp = self
+            .udp
+            .bind_missing(&super::udp_addresses(&new))
+            .map_err(super::bind_error)?;
 
         // From here on nothing fails.
         self.gate.set_max(new.max_connections);
@@ -304,6 +308,10 @@ impl Control {
         let old = std::mem::take(&mut *running);
         *running = self.apply_steps(&plan, &new, old, tls, resolving.as_ref());
         self.apply_listeners(&mut bound, fresh, &keys, &running);
+        self.udp.commit(fresh_udp, &super::udp_wanted(&running));
+        if self.serving.load(Relaxed) {
+            self.start_udp();
+        }
         let report = plan.report();
         // What only a restart changes stays as it runs, so the next reload is compared with what is
         // in force.
