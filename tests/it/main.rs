@@ -33,4 +33,5 @@ mod seed;
 mod soak;
 mod tiers;
 mod tls;
+mod udp;
 mod upgrade;

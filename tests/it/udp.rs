@@ -1,0 +1,398 @@
+//! UDP services (`protocol: udp`) over real sockets on loopback: sessions and their affinity,
+//! `responses`, `idle_timeout`, the bounded table under a flood of sources, `per_packet`, a
+//! backend whose port is closed, datagram sizes, PROXY v2 over UDP, two balancers agreeing, the
+//! drain, and a real DNS server (hickory's, in process) behind the balancer.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+
+use crate::common::dns::FakeDns;
+use crate::common::*;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// A UDP backend that answers each datagram with its tag and the datagram, and records who sent
+/// what.
+struct Echo {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Echo {
+    async fn start(ip: [u8; 4], tag: &'static str, answer: bool) -> Echo {
+        let socket = UdpSocket::bind(SocketAddr::from((ip, 0))).await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>> = Arc::default();
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                log.lock().unwrap().push((from, buf[..n].to_vec()));
+                if answer {
+                    let mut reply = tag.as_bytes().to_vec();
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = socket.send_to(&reply, from).await;
+                }
+            }
+        });
+        Echo { addr, seen, task }
+    }
+
+    fn received(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    fn sources(&self) -> HashSet<SocketAddr> {
+        self.seen.lock().unwrap().iter().map(|(a, _)| *a).collect()
+    }
+}
+
+fn yaml(backends: &[SocketAddr], udp: &str, extra: &str) -> String {
+    let list: String = backends
+        .iter()
+        .map(|b| format!("      - address: \"{b}\"\n"))
+        .collect();
+    format!(
+        "services:\n  - name: dgram\n    protocol: udp\n    listen: \"127.0.0.1:0\"\n    balance: round_robin\n    udp: {{{udp}}}\n{extra}    backends:\n{list}"
+    )
+}
+
+async fn client() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0").await.unwrap()
+}
+
+/// Sends `msg` and waits for one answer.
+async fn ask(c: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Vec<u8> {
+    c.send_to(msg, to).await.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let (n, from) = within(SECS(5), "an answer", c.recv_from(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        from, to,
+        "the answer must come from the address the client sent to"
+    );
+    buf.truncate(n);
+    buf
+}
+
+fn active(p: &Proxy, b: SocketAddr) -> u64 {
+    p.backend(b).active()
+}
+
+/// One client's 50 datagrams go to one backend, in order, from one source; another client's
+/// session takes the next backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_datagrams_stay_on_one_backend_in_order() {
+    let (a, b) = (
+        Echo::start([127, 0, 0, 1], "a", true).await,
+        Echo::start([127, 0, 0, 1], "b", true).await,
+    );
+    let p = Proxy::start(&yaml(&[a.addr, b.addr], "", "")).await;
+    let c = client().await;
+    let mut tags = HashSet::new();
+    for i in 0..50u32 {
+        let msg = format!("#{i}");
+        let got = ask(&c, p.addr, msg.as_bytes()).await;
+        tags.insert(got[0]);
+        assert_eq!(&got[1..], msg.as_bytes(), "answers in order");
+    }
+    assert_eq!(tags.len(), 1, "one backend for the session");
+    let first = if tags.contains(&b'a') { &a } else { &b };
+    assert_eq!(first.received(), 50);
+    assert_eq!(
+        first.sources().len(),
+        1,
+        "one source per client as the backend sees it"
+    );
+    let other = client().await;
+    let got = ask(&other, p.addr, b"hello").await;
+    assert_ne!(
+        got[0],
+        *tags.iter().next().unwrap(),
+        "a new session takes the next backend"
+    );
+}
+
+/// `responses: 1`: each answer ends its session, so each query is balanced anew; the backends'
+/// counts say so and nothing stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_response_per_query_ends_each_session() {
+    let (a, b) = (
+        Echo::start([127, 0, 0, 1], "a", true).await,
+        Echo::start([127, 0, 0, 1], "b", true).await,
+    );
+    let p = Proxy::start(&yaml(&[a.addr, b.addr], "responses: 1", "")).await;
+    let c = client().await;
+    let mut tags = Vec::new();
+    for i in 0..6u32 {
+        let got = ask(&c, p.addr, format!("q{i}").as_bytes()).await;
+        tags.push(got[0]);
+        let (pa, pb) = (a.addr, b.addr);
+        wait_until(SECS(5), "the session ended", || async {
+            active(&p, pa) + active(&p, pb) == 0
+        })
+        .await;
+    }
+    // Round robin from wherever it starts: each query to the other backend.
+    assert!(tags.windows(2).all(|w| w[0] != w[1]), "{tags:?}");
+    assert_eq!(p.backend(a.addr).view().total, 3);
+    assert_eq!(p.backend(b.addr).view().total, 3);
+}
+
+/// `idle_timeout`: a silent session ends, and the client's next datagram is a new pick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_session_ends_and_the_next_datagram_picks_again() {
+    let (a, b) = (
+        Echo::start([127, 0, 0, 1], "a", true).await,
+        Echo::start([127, 0, 0, 1], "b", true).await,
+    );
+    let p = Proxy::start(&yaml(&[a.addr, b.addr], "idle_timeout: 300ms", "")).await;
+    let c = client().await;
+    let first = ask(&c, p.addr, b"1").await[0];
+    assert_eq!(ask(&c, p.addr, b"2").await[0], first, "still the session");
+    let (pa, pb) = (a.addr, b.addr);
+    wait_until(SECS(10), "the idle session ended", || async {
+        active(&p, pa) + active(&p, pb) == 0
+    })
+    .await;
+    assert_ne!(ask(&c, p.addr, b"3").await[0], first);
+}
+
+/// A flood of 10,000 sources against `max_sessions: 100`: the table never holds more, the
+/// sessions idle longest make room, and every source is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_sources_is_served_within_the_table_bound() {
+    let a = Echo::start([127, 0, 0, 1], "a", true).await;
+    let p = Proxy::start(&yaml(&[a.addr], "max_sessions: 100", "")).await;
+    let keep = client().await;
+    ask(&keep, p.addr, b"first").await;
+    let mut most = 0;
+    for i in 0..10_000u32 {
+        let c = client().await;
+        ask(&c, p.addr, &i.to_be_bytes()).await;
+        most = most.max(active(&p, a.addr));
+        assert!(p.service.stats.active_now() <= 100);
+    }
+    assert!(most <= 100, "at most 100 sessions, saw {most}");
+    // A closed client's port may come back to a later one, whose datagram then finds the session
+    // still open: nearly every source is a session of its own, not exactly every one.
+    let total = p.backend(a.addr).view().total;
+    assert!(total > 9_000, "{total} sessions for 10,001 sources");
+    // The first client's session was evicted long ago: it gets a new one.
+    assert_eq!(ask(&keep, p.addr, b"again").await[0], b'a');
+    assert_eq!(p.backend(a.addr).view().total, total + 1);
+}
+
+/// `per_packet`: no sessions, each datagram balanced on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_packet_spreads_every_datagram() {
+    let (a, b) = (
+        Echo::start([127, 0, 0, 1], "a", false).await,
+        Echo::start([127, 0, 0, 1], "b", false).await,
+    );
+    let p = Proxy::start(&yaml(&[a.addr, b.addr], "per_packet: true", "")).await;
+    let c = client().await;
+    for i in 0..20u32 {
+        c.send_to(format!("log line {i}").as_bytes(), p.addr)
+            .await
+            .unwrap();
+    }
+    wait_until(SECS(5), "every datagram delivered", || async {
+        a.received() + b.received() == 20
+    })
+    .await;
+    assert_eq!((a.received(), b.received()), (10, 10));
+    assert_eq!(p.service.stats.active_now(), 0, "no sessions");
+}
+
+/// A backend whose port is closed answers with ICMP port-unreachable: its session ends, and the
+/// client's next datagram is served by another backend: at most one datagram is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_backend_port_costs_a_client_at_most_one_datagram() {
+    let dead = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let live = Echo::start([127, 0, 0, 1], "l", true).await;
+    let p = Proxy::start(&yaml(&[dead, live.addr], "", "")).await;
+    // Round robin: one of the two clients' sessions starts on the closed port.
+    for _ in 0..2 {
+        let c = client().await;
+        let mut buf = [0u8; 64];
+        let mut lost = 0;
+        for i in 0..3u32 {
+            c.send_to(format!("d{i}").as_bytes(), p.addr).await.unwrap();
+            match tokio::time::timeout(Duration::from_millis(500), c.recv_from(&mut buf)).await {
+                Ok(Ok((n, _))) => {
+                    assert_eq!(&buf[..1], b"l");
+                    assert_eq!(&buf[1..n], format!("d{i}").as_bytes());
+                }
+                _ => lost += 1,
+            }
+        }
+        assert!(lost <= 1, "{lost} datagrams lost");
+    }
+    assert!(
+        p.backend(dead).view().failed >= 1,
+        "the closed port counts against its backend"
+    );
+}
+
+/// Datagrams of 0, 1 and 65,507 bytes (the IPv4 maximum) arrive exact, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_of_every_size_arrive_exact() {
+    // The largest reply is the tag and the datagram: the echo drops its tag for this one.
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let echo = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    let p = Proxy::start(&yaml(&[addr], "", "")).await;
+    let c = client().await;
+    for size in [0usize, 1, 1_200, 65_507] {
+        let msg = payload(size as u64, size);
+        assert_eq!(ask(&c, p.addr, &msg).await, msg, "{size} bytes");
+    }
+    echo.abort();
+}
+
+/// `proxy_protocol: v2` puts a PROXY v2 header (DGRAM) before every datagram to the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_v2_names_the_client_on_every_datagram() {
+    let a = Echo::start([127, 0, 0, 1], "a", false).await;
+    let p = Proxy::start(&yaml(&[a.addr], "", "    proxy_protocol: v2\n")).await;
+    let c = client().await;
+    for i in 0..2u8 {
+        c.send_to(&[i; 3], p.addr).await.unwrap();
+    }
+    wait_until(SECS(5), "both datagrams", || async { a.received() == 2 }).await;
+    let client = c.local_addr().unwrap();
+    for (i, (_, bytes)) in a.seen.lock().unwrap().iter().enumerate() {
+        // The signature, version 2 PROXY, AF_INET over DGRAM, 12 bytes of addresses.
+        assert_eq!(&bytes[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(bytes[12], 0x21);
+        assert_eq!(bytes[13], 0x12, "AF_INET, DGRAM");
+        assert_eq!(u16::from_be_bytes([bytes[14], bytes[15]]), 12);
+        let ip =
+            |o: usize| std::net::Ipv4Addr::new(bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]);
+        let port = |o: usize| u16::from_be_bytes([bytes[o], bytes[o + 1]]);
+        assert_eq!(SocketAddr::from((ip(16), port(24))), client);
+        assert_eq!(SocketAddr::from((ip(20), port(26))), p.addr);
+        assert_eq!(&bytes[28..], &[i as u8; 3], "the payload after the header");
+    }
+}
+
+/// Two balancers with `balance: source_hash` send each of 200 clients to the same backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_balancers_agree_on_every_clients_backend() {
+    let echoes = [
+        Echo::start([127, 0, 0, 1], "a", true).await,
+        Echo::start([127, 0, 0, 1], "b", true).await,
+        Echo::start([127, 0, 0, 1], "c", true).await,
+    ];
+    let addrs: Vec<SocketAddr> = echoes.iter().map(|e| e.addr).collect();
+    let config = yaml(&addrs, "", "").replace("round_robin", "source_hash");
+    let (one, two) = (Proxy::start(&config).await, Proxy::start(&config).await);
+    let mut spread = HashMap::new();
+    for i in 0..200u8 {
+        // source_hash hashes the client's address: 200 addresses of 127.0.0.0/8.
+        let c = UdpSocket::bind((std::net::Ipv4Addr::new(127, 1, 0, i), 0))
+            .await
+            .unwrap();
+        let x = ask(&c, one.addr, b"?").await[0];
+        let y = ask(&c, two.addr, b"?").await[0];
+        assert_eq!(
+            x,
+            y,
+            "both balancers pick one backend for {}",
+            c.local_addr().unwrap()
+        );
+        *spread.entry(x).or_insert(0) += 1;
+    }
+    assert_eq!(
+        spread.len(),
+        3,
+        "every backend takes some clients: {spread:?}"
+    );
+}
+
+/// The drain: new clients are refused, an open session goes on until it ends, then the server
+/// stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_refuses_new_sessions_and_lets_open_ones_finish() {
+    let a = Echo::start([127, 0, 0, 1], "a", true).await;
+    let mut p = Proxy::start(&yaml(&[a.addr], "idle_timeout: 1s", "")).await;
+    let open = client().await;
+    ask(&open, p.addr, b"before").await;
+    p.signal_stop();
+    wait_until(SECS(5), "draining", || async {
+        p.control.readiness().is_draining()
+    })
+    .await;
+    // The open session is still served.
+    assert_eq!(ask(&open, p.addr, b"during").await, b"aduring");
+    // New clients are refused once the UDP loops have heard of the drain.
+    wait_until(SECS(5), "a new client refused", || async {
+        let late = client().await;
+        late.send_to(b"late", p.addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        tokio::time::timeout(Duration::from_millis(200), late.recv_from(&mut buf))
+            .await
+            .is_err()
+    })
+    .await;
+    assert_eq!(ask(&open, p.addr, b"still").await, b"astill");
+    // The open one ends at its idle timeout, and the server with it.
+    within(SECS(10), "the drain ends", p.stopped()).await;
+}
+
+/// A real DNS server (hickory's, in process) behind the balancer with `responses: 1`: queries
+/// from one client alternate between the two servers, each answered whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_queries_are_answered_through_the_balancer() {
+    let (one, two) = (FakeDns::start().await, FakeDns::start().await);
+    one.set_ips("svc.test", &[[10, 0, 0, 1]]);
+    two.set_ips("svc.test", &[[10, 0, 0, 2]]);
+    let p = Proxy::start(&yaml(&[one.addr, two.addr], "responses: 1", "")).await;
+    let c = client().await;
+    let mut seen = Vec::new();
+    for id in 1..=4u16 {
+        let answer = ask(&c, p.addr, &dns_query(id, "svc.test")).await;
+        assert_eq!(&answer[..2], &id.to_be_bytes(), "the answer to this query");
+        assert_eq!(answer[3] & 0x0f, 0, "NOERROR");
+        assert_eq!(u16::from_be_bytes([answer[6], answer[7]]), 1, "one answer");
+        seen.push(answer[answer.len() - 1]);
+    }
+    assert!(seen.windows(2).all(|w| w[0] != w[1]), "{seen:?}");
+    assert!(seen.iter().all(|&x| x == 1 || x == 2), "{seen:?}");
+}
+
+/// A query for `name`'s A record, recursion desired.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
