@@ -603,8 +603,8 @@ async fn wait_health(b: &sluicegate::pool::Backend, want: Health, says: &str) {
     .await;
 }
 
-/// `kind: udp`: a PING datagram answered PONG is healthy; another answer or none is not, and the
-/// probe's record says which.
+/// reliability.md `udp-check`: `kind: udp`: a PING datagram answered PONG is healthy; another
+/// answer or none is not, and the probe's record says which.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_probes_follow_the_replies() {
     let udp = UdpResponder::start().await;
@@ -629,9 +629,9 @@ async fn udp_probes_follow_the_replies() {
     assert!(b.probes().iter().all(|p| p.counted));
 }
 
-/// `kind: udp` and `kind: dns` on a closed port: the host's ICMP port-unreachable fails the probe at
-/// once. The timeout is a minute, and start-up waits for the first probe, so only that can mark
-/// the backend down within the waits.
+/// reliability.md `udp-check`: `kind: udp` and `kind: dns` on a closed port: the host's ICMP
+/// port-unreachable fails the probe at once. The timeout is a minute, and start-up waits for the
+/// first probe, so only that can mark the backend down within the waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_udp_port_fails_the_probe_at_once() {
     for (kind, health) in [
@@ -653,9 +653,9 @@ async fn a_closed_udp_port_fails_the_probe_at_once() {
     }
 }
 
-/// `kind: dns` against a real DNS server (hickory-server, as the discovery tests use): the name's
-/// records pass; NXDOMAIN, an empty answer where one is expected, or silence do not, and the
-/// record says why.
+/// reliability.md `dns-check`: `kind: dns` against a real DNS server (hickory-server, as the
+/// discovery tests use): the name's records pass; NXDOMAIN, an empty answer where one is
+/// expected, SERVFAIL or silence do not, and the record says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_probes_ask_a_real_server() {
     use crate::common::dns::Reply;
@@ -694,8 +694,9 @@ async fn dns_probes_ask_a_real_server() {
     wait_health(&b, Health::Unhealthy, "dns: no reply within 500ms").await;
 }
 
-/// `kind: dns` with `expect_rcode: NXDOMAIN` passes on a name that must not exist, against the real
-/// server; and a reply is known by its id: a datagram with another id before it is passed over.
+/// reliability.md `dns-check`: `kind: dns` with `expect_rcode: NXDOMAIN` passes on a name that must
+/// not exist, against the real server; and a reply is known by its id: a datagram with another id
+/// before it is passed over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_probes_take_the_reply_with_their_id() {
     use hickory_server::proto::op::{Message, ResponseCode};
