@@ -1,8 +1,9 @@
 //! Active health checks: one probe (a TCP connect and its `send`/`expect` steps, the same steps as
 //! UDP datagrams, a DNS query, a TLS handshake, HTTP `GET` in the clear or over TLS with the
-//! statuses and body the service expects, or a command run), the rise/fall state machine that turns probe results into *transitions*, and the agent a
-//! backend may run to report its own state and weight (`agent.rs`). Pure of any pool: the pool's
-//! probe and agent loops (`pool/probing.rs`, `pool/agent.rs`) schedule them and act on what they say.
+//! statuses and body the service expects, or a command run), the rise/fall state machine that
+//! turns probe results into *transitions*, and the agent a backend may run to report its own state
+//! and weight (`agent.rs`). Pure of any pool: the pool's probe and agent loops (`pool/probing.rs`,
+//! `pool/agent.rs`) schedule them and act on what they say.
 //!
 //! Passive health (consecutive connect failures, in the pool) and active health are two inputs of one
 //! eligibility rule: a backend takes new connections when it is active (not draining or gone from its
@@ -10,8 +11,9 @@
 //! transition.
 //!
 //! Probe rules: bounded by `timeout` in all; at most `read_cap` bytes read for an expectation or a
-//! body (`exchange.rs`) or a reply datagram (`datagram.rs`); an ICMP port-unreachable fails a UDP
-//! or DNS probe at once (`dns.rs` for the query and its reply); the probe connection is always closed; a command runs without a shell,
+//! body (`exchange.rs`) or of a reply datagram (`datagram.rs`); an ICMP port-unreachable fails a
+//! UDP or DNS probe at once (`datagram.rs`; `dns.rs` builds the query and checks its reply); the
+//! probe connection or socket is always closed; a command runs without a shell,
 //! within its service's share of [`slots::CAP`] commands at once (`slots.rs`), and leaves nothing
 //! running when its check ends (`exec.rs`, `reaper.rs`).
 
