@@ -1,9 +1,10 @@
 //! Active health settings of a service (`health`) and its backends' agent (`agent`): what a probe
-//! does (a TCP connect, a send/expect exchange, HTTP with expected statuses and body, a TLS handshake,
-//! a command run), how often, and what it takes to rise and fall.
+//! does (a TCP connect, a send/expect exchange over TCP or UDP, a DNS query, HTTP with expected
+//! statuses and body, a TLS handshake, a command run), how often, and what it takes to rise and fall.
 
 use std::fmt;
 
+use hickory_resolver::proto::rr::Name;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
@@ -26,6 +27,10 @@ pub enum HealthKind {
     Https,
     /// A command run by sluicegate (`command`): exit status 0 is up.
     Exec,
+    /// The `steps` as datagrams: each send one datagram, each expect the next reply datagram.
+    Udp,
+    /// A DNS query over UDP (`name`, `type`) whose reply must carry `expect_rcode`.
+    Dns,
 }
 
 impl HealthKind {
@@ -37,7 +42,99 @@ impl HealthKind {
             HealthKind::Tls => "tls",
             HealthKind::Https => "https",
             HealthKind::Exec => "exec",
+            HealthKind::Udp => "udp",
+            HealthKind::Dns => "dns",
         }
+    }
+}
+
+/// Defines a config enum read from its upper-case name (any case accepted: `aaaa` is `AAAA`), whose
+/// error lists the names it takes, so a typo is a config error naming the key and the choices.
+macro_rules! named_enum {
+    ($(#[$m:meta])* $name:ident, $what:literal, { $($(#[$vm:meta])* $v:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($(#[$vm])* $v),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v),+];
+
+            pub fn as_str(&self) -> &'static str {
+                match self { $($name::$v => $s),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                $name::ALL
+                    .iter()
+                    .find(|v| v.as_str().eq_ignore_ascii_case(&s))
+                    .copied()
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = $name::ALL.iter().map(|v| v.as_str()).collect();
+                        de::Error::custom(format!(
+                            concat!("{:?} is not a ", $what, ": one of {}"),
+                            s,
+                            names.join(", ")
+                        ))
+                    })
+            }
+        }
+    };
+}
+
+/// A name a `kind: dns` probe asks for, checked when the config is read (labels of at most 63
+/// bytes, 255 in all; international names in their ASCII form) and made absolute: a probe asks
+/// exactly this name, never one completed by a search list.
+#[derive(Debug, Clone)]
+pub struct DnsName {
+    /// As written, for messages.
+    pub text: String,
+    pub name: Name,
+}
+
+impl PartialEq for DnsName {
+    fn eq(&self, o: &DnsName) -> bool {
+        self.text == o.text
+    }
+}
+
+impl<'de> Deserialize<'de> for DnsName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let bad = |why: String| de::Error::custom(format!("{text:?} is not a DNS name: {why}"));
+        if text.is_empty() || text == "." {
+            return Err(bad("empty".into()));
+        }
+        if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("spaces or control characters".into()));
+        }
+        let mut name = Name::from_utf8(&text).map_err(|e| bad(e.to_string()))?;
+        name.set_fqdn(true);
+        Ok(DnsName { text, name })
+    }
+}
+
+named_enum! {
+    /// The record type a `kind: dns` probe asks for.
+    DnsType, "record type", {
+        A = "A", Aaaa = "AAAA", Cname = "CNAME", Mx = "MX", Ns = "NS", Ptr = "PTR", Soa = "SOA",
+        Srv = "SRV", Txt = "TXT",
+    }
+}
+
+named_enum! {
+    /// The response code a `kind: dns` probe's reply must carry (RFC 1035's names).
+    Rcode, "DNS response code", {
+        NoError = "NOERROR", FormErr = "FORMERR", ServFail = "SERVFAIL", NxDomain = "NXDOMAIN",
+        NotImp = "NOTIMP", Refused = "REFUSED",
     }
 }
 
@@ -203,9 +300,24 @@ pub struct HealthConfig {
     pub fall: u32,
     #[serde(default)]
     pub on_down: OnDown,
-    /// `kind: tcp`: the exchange after the connect, in order.
+    /// `kind: tcp`: the exchange after the connect, in order; `kind: udp`: the datagrams sent and
+    /// the replies expected, in order.
     #[serde(default)]
     pub steps: Vec<ProbeStep>,
+    /// `kind: dns`: the name asked for.
+    #[serde(default)]
+    pub name: Option<DnsName>,
+    /// `kind: dns`: the record type asked for; `A` when unset ([`HealthConfig::dns_type`]). An
+    /// `Option` so that the key set on another kind is an error.
+    #[serde(default, rename = "type")]
+    pub dns_type: Option<DnsType>,
+    /// `kind: dns`: the response code that passes; `NOERROR` when unset.
+    #[serde(default)]
+    pub expect_rcode: Option<Rcode>,
+    /// `kind: dns`: whether the answer section must hold a record; `false` when unset (a name
+    /// that exists with no record of the type passes).
+    #[serde(default)]
+    pub expect_answer: Option<bool>,
     /// `kind: http`/`https`: the statuses that pass; none: any 2xx.
     #[serde(default)]
     pub expect_status: Vec<StatusRange>,
@@ -235,12 +347,33 @@ impl Default for HealthConfig {
             fall: default_fall(),
             on_down: OnDown::Keep,
             steps: Vec::new(),
+            name: None,
+            dns_type: None,
+            expect_rcode: None,
+            expect_answer: None,
             expect_status: Vec::new(),
             expect_body: None,
             expect_body_regex: None,
             command: Vec::new(),
             read_cap: default_read_cap(),
         }
+    }
+}
+
+impl HealthConfig {
+    /// `kind: dns`: the record type asked for.
+    pub fn dns_type(&self) -> DnsType {
+        self.dns_type.unwrap_or(DnsType::A)
+    }
+
+    /// `kind: dns`: the response code that passes.
+    pub fn expect_rcode(&self) -> Rcode {
+        self.expect_rcode.unwrap_or(Rcode::NoError)
+    }
+
+    /// `kind: dns`: whether the answer section must hold a record.
+    pub fn expect_answer(&self) -> bool {
+        self.expect_answer.unwrap_or(false)
     }
 }
 

@@ -19,8 +19,8 @@ pub use admin::{
 };
 
 pub use health::{
-    AgentConfig, HealthConfig, HealthKind, Hex, OnDown, Pattern, ProbeStep, StatusRange,
-    MAX_READ_CAP,
+    AgentConfig, DnsName, DnsType, HealthConfig, HealthKind, Hex, OnDown, Pattern, ProbeStep,
+    Rcode, StatusRange, MAX_READ_CAP,
 };
 pub use listen::{
     overlap as route_overlap, parse_listen_entry, Listen, Protocol, RouteKeys, SniName,
@@ -1398,6 +1398,84 @@ mod tests {
             &s.backends[0].address,
             BackendAddress::Name { host, port: 5000 } if host == "backend"
         ));
+    }
+
+    /// kind udp and dns: their keys are checked as they are read (type and rcode names, the
+    /// name's form) and each error names its key; their keys on another kind, a dns check without
+    /// a name and a udp check that does not start with a send are errors naming the key.
+    #[test]
+    fn udp_and_dns_probes_name_their_keys() {
+        let health = |h: &str| {
+            Config::from_yaml(&format!(
+                "services:\n  - name: web\n    protocol: udp\n    listen: 127.0.0.1:0\n    health: {h}\n    backends: [{{address: 127.0.0.1:53}}]\n"
+            ))
+        };
+        let ok = health("{kind: dns, name: example.org, type: aaaa, expect_rcode: NXDOMAIN, expect_answer: true}")
+            .unwrap();
+        let h = &ok.services[0].health;
+        assert_eq!(
+            (h.dns_type(), h.expect_rcode(), h.expect_answer()),
+            (DnsType::Aaaa, Rcode::NxDomain, true)
+        );
+        assert_eq!(h.name.as_ref().unwrap().name.to_string(), "example.org.");
+        let d = health("{kind: dns, name: example.org}").unwrap();
+        let h = &d.services[0].health;
+        assert_eq!(
+            (h.dns_type(), h.expect_rcode(), h.expect_answer()),
+            (DnsType::A, Rcode::NoError, false)
+        );
+        assert!(health("{kind: udp, steps: [{send: ping}, {expect: pong}]}").is_ok());
+        let refused = |h: &str, key: &str, says: &str| {
+            let err = health(h).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("services[0].health.{key}")) && err.contains(says),
+                "{h}: {err}"
+            );
+        };
+        refused(
+            "{kind: dns, name: x.org, type: AXFR}",
+            "type",
+            "one of A, AAAA, CNAME",
+        );
+        refused(
+            "{kind: dns, name: x.org, expect_rcode: OK}",
+            "expect_rcode",
+            "one of NOERROR",
+        );
+        refused("{kind: dns, name: \"a b.org\"}", "name", "not a DNS name");
+        refused(
+            &format!("{{kind: dns, name: {}.org}}", "a".repeat(64)),
+            "name",
+            "not a DNS name",
+        );
+        refused("{kind: dns}", "name", "needs a name");
+        refused("{kind: tcp, name: x.org}", "name", "goes with kind: dns");
+        refused(
+            "{kind: udp, steps: [{send: x}], type: A}",
+            "type",
+            "goes with kind: dns",
+        );
+        refused(
+            "{kind: http, expect_rcode: NOERROR}",
+            "expect_rcode",
+            "goes with kind: dns",
+        );
+        refused(
+            "{kind: tcp, expect_answer: false}",
+            "expect_answer",
+            "goes with kind: dns",
+        );
+        refused("{kind: udp}", "steps", "kind: udp needs steps");
+        refused(
+            "{kind: udp, steps: [{expect: pong}]}",
+            "steps",
+            "the first a send",
+        );
+        refused(
+            "{kind: dns, name: x.org, steps: [{send: x}]}",
+            "steps",
+            "go with kind: tcp or udp",
+        );
     }
 
     /// A value of neither form is told what the field takes; an alias bomb in one, which serde

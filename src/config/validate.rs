@@ -7,8 +7,8 @@ use super::admin::{is_host_name, token_problem};
 use super::replicas::{capability, forbidden_network, DockerEnv, MIN_MEMORY};
 use super::{
     is_container_name, AccessLog, AdminConfig, AutoscaleConfig, BackendAddress, Config,
-    DockerSelector, Dur, Failback, HealthKind, Problem, ReplicasConfig, ServiceConfig, Transport,
-    Weight, LABEL_PREFIX, MAX_DNS_RECORDS, MAX_READ_CAP,
+    DockerSelector, Dur, Failback, HealthConfig, HealthKind, Problem, ReplicasConfig,
+    ServiceConfig, Transport, Weight, LABEL_PREFIX, MAX_DNS_RECORDS, MAX_READ_CAP,
 };
 
 impl Config {
@@ -285,6 +285,12 @@ fn validate_udp(p: &mut Problems, i: usize, s: &ServiceConfig) {
         if s.udp.is_some() {
             p.add(at("udp"), "is for protocol: udp services only");
         }
+        if matches!(s.health.kind, HealthKind::Udp | HealthKind::Dns) {
+            p.add(
+                at("health.kind"),
+                "udp and dns probes are for protocol: udp services: a TCP service's backends answer on TCP",
+            );
+        }
         return;
     }
     let u = s.udp_settings();
@@ -334,11 +340,14 @@ fn validate_udp(p: &mut Problems, i: usize, s: &ServiceConfig) {
             );
         }
     }
-    let probe_ok = matches!(s.health.kind, HealthKind::None | HealthKind::Exec);
+    let probe_ok = matches!(
+        s.health.kind,
+        HealthKind::None | HealthKind::Exec | HealthKind::Udp | HealthKind::Dns
+    );
     if !probe_ok {
         p.add(
             at("health.kind"),
-            "a protocol: udp service's backends are probed by exec (or not at all) so far: a TCP, TLS or HTTP probe would test another socket",
+            "a protocol: udp service's backends are probed by udp, dns or exec: a TCP, TLS or HTTP probe would test another socket",
         );
     }
 }
@@ -598,15 +607,29 @@ fn validate_discovery_and_health(p: &mut Problems, i: usize, s: &ServiceConfig) 
 /// The most `send`/`expect` steps a probe takes.
 const MAX_STEPS: usize = 64;
 
-/// services[i].health's keys that belong to its kind only: steps to tcp, the HTTP expectations to
-/// http and https, the command to exec.
+/// services[i].health's keys that belong to its kind only: steps to tcp and udp, the HTTP
+/// expectations to http and https, the command to exec, the query and its expectations to dns.
 fn validate_probe_kind(p: &mut Problems, i: usize, s: &ServiceConfig) {
     let at = |key: &str| format!("services[{i}].health.{key}");
     let h = &s.health;
     let http = matches!(h.kind, HealthKind::Http | HealthKind::Https);
-    if !h.steps.is_empty() && h.kind != HealthKind::Tcp {
-        p.add(at("steps"), "send/expect steps go with kind: tcp");
+    if !h.steps.is_empty() && !matches!(h.kind, HealthKind::Tcp | HealthKind::Udp) {
+        p.add(at("steps"), "send/expect steps go with kind: tcp or udp");
     }
+    // A UDP "connect" sends nothing, so it proves nothing, and a backend answers only what it is
+    // sent: a udp probe starts with a send.
+    if h.kind == HealthKind::Udp
+        && !h
+            .steps
+            .first()
+            .is_some_and(|s| s.send.is_some() || s.send_hex.is_some())
+    {
+        p.add(
+            at("steps"),
+            "kind: udp needs steps, the first a send or send_hex (a UDP backend answers only what it is sent)",
+        );
+    }
+    validate_dns_probe(p, &at, h);
     if h.steps.len() > MAX_STEPS {
         p.add(at("steps"), format!("at most {MAX_STEPS} steps"));
     }
@@ -642,6 +665,26 @@ fn validate_probe_kind(p: &mut Problems, i: usize, s: &ServiceConfig) {
             at("read_cap"),
             format!("must be from 16 to {MAX_READ_CAP} bytes"),
         );
+    }
+}
+
+/// services[i].health's DNS query: `name` required with kind: dns (its form is checked as it is
+/// read, [`super::DnsName`]); `name`, `type`, `expect_rcode` and `expect_answer` with kind: dns only.
+fn validate_dns_probe(p: &mut Problems, at: &dyn Fn(&str) -> String, h: &HealthConfig) {
+    if h.kind != HealthKind::Dns {
+        let set = [
+            ("name", h.name.is_some()),
+            ("type", h.dns_type.is_some()),
+            ("expect_rcode", h.expect_rcode.is_some()),
+            ("expect_answer", h.expect_answer.is_some()),
+        ];
+        for (key, _) in set.iter().filter(|(_, set)| *set) {
+            p.add(at(key), format!("{key} goes with kind: dns"));
+        }
+        return;
+    }
+    if h.name.is_none() {
+        p.add(at("name"), "kind: dns needs a name to ask for");
     }
 }
 
@@ -1149,6 +1192,9 @@ mod tests {
         }
         let tcp = udp_yaml("    udp: {}\n").replace("protocol: udp", "protocol: tcp");
         assert!(problem(&tcp).contains("services[0].udp: is for protocol: udp services only"));
+        let dns_on_tcp = udp_yaml("    health: {kind: dns, name: a.test}\n")
+            .replace("protocol: udp", "protocol: tcp");
+        assert!(problem(&dns_on_tcp).contains("services[0].health.kind: udp and dns probes"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
-//! What a probe says and expects once connected: the `send`/`expect` steps of `kind: tcp`, and an
-//! HTTP `GET` whose status and body must be what the service expects. Every read is bounded by the
-//! probe's `read_cap`; the caller bounds the whole by the probe's timeout. The matching is pure and
-//! tested here.
+//! What a probe says and expects once connected: the `send`/`expect` steps of `kind: tcp` (their
+//! matching shared with `kind: udp`'s datagrams, `datagram.rs`), and an HTTP `GET` whose status and
+//! body must be what the service expects. Every read is bounded by the probe's `read_cap`; the
+//! caller bounds the whole by the probe's timeout. The matching is pure and tested here.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -22,7 +22,7 @@ pub(super) fn quote(bytes: &[u8]) -> String {
 }
 
 /// Whether `got` (what was read since the last send) satisfies an expect step. `None` for a send.
-fn satisfied(step: &ProbeStep, got: &[u8]) -> Option<bool> {
+pub(super) fn satisfied(step: &ProbeStep, got: &[u8]) -> Option<bool> {
     let contains =
         |needle: &[u8]| needle.is_empty() || got.windows(needle.len()).any(|w| w == needle);
     if let Some(t) = &step.expect {
@@ -35,13 +35,21 @@ fn satisfied(step: &ProbeStep, got: &[u8]) -> Option<bool> {
 }
 
 /// What a step expects, for an error.
-fn expected(step: &ProbeStep) -> String {
+pub(super) fn expected(step: &ProbeStep) -> String {
     match (&step.expect, &step.expect_hex, &step.expect_regex) {
         (Some(t), _, _) => format!("{:?}", t),
         (_, Some(h), _) => format!("hex {}", quote(&h.0)),
         (_, _, Some(r)) => format!("/{}/", r.0.as_str()),
         _ => String::new(),
     }
+}
+
+/// What a send step sends; `None` for an expect.
+pub(super) fn to_send(step: &ProbeStep) -> Option<&[u8]> {
+    step.send
+        .as_ref()
+        .map(|t| t.as_bytes())
+        .or(step.send_hex.as_ref().map(|h| h.0.as_slice()))
 }
 
 /// Runs the steps on `s`: a send is written whole; an expect reads (after what was read since the
@@ -53,12 +61,7 @@ pub(super) async fn steps<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), ProbeError> {
     let mut got: Vec<u8> = Vec::new();
     for (k, step) in steps.iter().enumerate() {
-        let send = step
-            .send
-            .as_ref()
-            .map(|t| t.as_bytes())
-            .or(step.send_hex.as_ref().map(|h| h.0.as_slice()));
-        if let Some(bytes) = send {
+        if let Some(bytes) = to_send(step) {
             s.write_all(bytes).await.map_err(ProbeError::Write)?;
             s.flush().await.map_err(ProbeError::Write)?;
             got.clear();

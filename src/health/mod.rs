@@ -1,8 +1,9 @@
-//! Active health checks: one probe (a TCP connect and its `send`/`expect` steps, a TLS handshake,
-//! HTTP `GET` in the clear or over TLS with the statuses and body the service expects, or a command
-//! run), the rise/fall state machine that turns probe results into *transitions*, and the agent a
-//! backend may run to report its own state and weight (`agent.rs`). Pure of any pool: the pool's
-//! probe and agent loops (`pool/probing.rs`, `pool/agent.rs`) schedule them and act on what they say.
+//! Active health checks: one probe (a TCP connect and its `send`/`expect` steps, the same steps as
+//! UDP datagrams, a DNS query, a TLS handshake, HTTP `GET` in the clear or over TLS with the
+//! statuses and body the service expects, or a command run), the rise/fall state machine that
+//! turns probe results into *transitions*, and the agent a backend may run to report its own state
+//! and weight (`agent.rs`). Pure of any pool: the pool's probe and agent loops (`pool/probing.rs`,
+//! `pool/agent.rs`) schedule them and act on what they say.
 //!
 //! Passive health (consecutive connect failures, in the pool) and active health are two inputs of one
 //! eligibility rule: a backend takes new connections when it is active (not draining or gone from its
@@ -10,11 +11,15 @@
 //! transition.
 //!
 //! Probe rules: bounded by `timeout` in all; at most `read_cap` bytes read for an expectation or a
-//! body (`exchange.rs`); the probe connection is always closed; a command runs without a shell,
+//! body (`exchange.rs`) or of a reply datagram (`datagram.rs`); an ICMP port-unreachable fails a
+//! UDP or DNS probe at once (`datagram.rs`; `dns.rs` builds the query and checks its reply); the
+//! probe connection or socket is always closed; a command runs without a shell,
 //! within its service's share of [`slots::CAP`] commands at once (`slots.rs`), and leaves nothing
 //! running when its check ends (`exec.rs`, `reaper.rs`).
 
 mod agent;
+mod datagram;
+mod dns;
 mod exchange;
 mod exec;
 mod reaper;
@@ -31,7 +36,7 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::config::{HealthConfig, HealthKind};
+use crate::config::{HealthConfig, HealthKind, Rcode};
 use crate::util::is_local_exhaustion;
 pub use agent::AgentSays;
 pub(crate) use agent::{ask as ask_agent, AgentReply};
@@ -55,6 +60,23 @@ pub mod wire {
         cap: usize,
     ) -> Option<Result<(u16, Vec<u8>), String>> {
         super::exchange::parse(raw, body, cap)
+    }
+
+    /// What a datagram says to a DNS probe that sent query `id` and expects `rcode` (and an answer
+    /// record, with `answer`): `None` when it is not the reply, else the verdict.
+    pub fn dns_reply(
+        datagram: &[u8],
+        id: u16,
+        rcode: super::Rcode,
+        answer: bool,
+    ) -> Option<Result<(), String>> {
+        let q = super::dns::Question {
+            name: hickory_resolver::proto::rr::Name::root(),
+            record_type: crate::config::DnsType::A,
+            rcode,
+            answer,
+        };
+        super::dns::check(datagram, id, &q)
     }
 }
 
@@ -147,6 +169,13 @@ pub(crate) enum ProbeError {
     Connect(io::Error),
     #[error("timed out")]
     Timeout,
+    /// A UDP or DNS probe (named) got no reply datagram within the probe's timeout.
+    #[error("{0}: no reply within {1:?}")]
+    NoReply(&'static str, Duration),
+    /// The backend's host answered a UDP or DNS probe (named) with ICMP port-unreachable: nothing
+    /// listens on the port.
+    #[error("{0}: port unreachable (ICMP)")]
+    Unreachable(&'static str),
     #[error("write: {0}")]
     Write(io::Error),
     #[error("read: {0}")]
@@ -336,13 +365,35 @@ impl ProbeSpec {
             };
             return exec::run(&self.health.command, &env, self.timeout, slots).await;
         }
-        let result = tokio::time::timeout(self.timeout, self.connected(addr, target))
-            .await
-            .unwrap_or(Err(ProbeError::Timeout));
+        let h = &self.health;
+        let result = match h.kind {
+            HealthKind::Udp => {
+                self.bounded(datagram::steps(addr, &h.steps, h.read_cap))
+                    .await
+            }
+            HealthKind::Dns => self.bounded(dns::ask(addr, h)).await,
+            _ => self.bounded(self.connected(addr, target)).await,
+        };
         Probed {
             result,
             output: None,
         }
+    }
+
+    /// `check` within the probe's timeout. A datagram probe that runs out of it is waiting for a
+    /// reply (its sends do not block), so its record says so.
+    async fn bounded(
+        &self,
+        check: impl Future<Output = Result<(), ProbeError>>,
+    ) -> Result<(), ProbeError> {
+        let out_of_time = match self.health.kind {
+            HealthKind::Udp => ProbeError::NoReply("udp", self.timeout),
+            HealthKind::Dns => ProbeError::NoReply("dns", self.timeout),
+            _ => ProbeError::Timeout,
+        };
+        tokio::time::timeout(self.timeout, check)
+            .await
+            .unwrap_or(Err(out_of_time))
     }
 
     /// Connects to `addr` and runs the check's exchange over the connection.
@@ -366,6 +417,10 @@ impl ProbeSpec {
             HealthKind::Tcp if !h.steps.is_empty() => {
                 exchange::steps(&mut s, &h.steps, h.read_cap).await
             }
+            // `probe` sends these over UDP: a connection is never theirs.
+            HealthKind::Udp | HealthKind::Dns => Err(ProbeError::Connect(io::Error::other(
+                "a datagram probe over a TCP connection",
+            ))),
             HealthKind::Tcp | HealthKind::None | HealthKind::Exec => {
                 // A reset instead of a FIN: the prober keeps no TIME_WAIT entry per probe.
                 let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));

@@ -158,6 +158,10 @@ fn service_line() -> impl Strategy<Value = String> {
         "queue.max",
         "queue.timeout",
         "health.kind",
+        "health.name",
+        "health.type",
+        "health.expect_rcode",
+        "health.expect_answer",
         "health.interval",
         "health.rise",
         "health.path",
@@ -873,6 +877,85 @@ fn the_http_probe_parser_never_panics_and_keeps_to_its_cap() {
             }
             Ok(())
         })
+        .unwrap();
+}
+
+/// DNS replies, well-formed (built with hickory, the wire format a real server writes) and mangled:
+/// cut short, a byte changed, or random bytes.
+fn dns_replies() -> impl Strategy<Value = Vec<u8>> {
+    use hickory_server::proto::op::{Message, OpCode, Query, ResponseCode};
+    use hickory_server::proto::rr::rdata::{A, TXT};
+    use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+    let reply = (
+        any::<u16>(),
+        0u16..24,
+        0usize..4,
+        any::<bool>(),
+        prop::sample::select(vec!["example.org.", "a.b.c.d.e.", ".", "x.test."]),
+    )
+        .prop_map(|(id, rcode, answers, qr, name)| {
+            let name = Name::from_ascii(name).unwrap();
+            let mut m = Message::response(id, OpCode::Query);
+            m.metadata.message_type = if qr {
+                hickory_server::proto::op::MessageType::Response
+            } else {
+                hickory_server::proto::op::MessageType::Query
+            };
+            m.metadata.response_code = ResponseCode::from_low(rcode as u8);
+            m.add_query(Query::query(name.clone(), RecordType::A));
+            for k in 0..answers {
+                let rdata = if k % 2 == 0 {
+                    RData::A(A::new(10, 0, 0, k as u8))
+                } else {
+                    RData::TXT(TXT::new(vec!["v=1".into()]))
+                };
+                m.add_answer(Record::from_rdata(name.clone(), 60, rdata));
+            }
+            m.to_vec().unwrap()
+        });
+    prop_oneof![
+        reply.clone(),
+        (reply.clone(), any::<prop::sample::Index>())
+            .prop_map(|(r, i)| r[..i.index(r.len() + 1)].to_vec()),
+        (reply, any::<prop::sample::Index>(), any::<u8>()).prop_map(|(mut r, i, b)| {
+            let at = i.index(r.len());
+            r[at] = b;
+            r
+        }),
+        prop::collection::vec(any::<u8>(), 0..300),
+    ]
+}
+
+/// reliability.md `dns-reply`: a DNS probe's reply check never panics; it passes over a datagram
+/// unless it has the query's id and says it is a response (the same reply to another query is
+/// passed over), its answer is the same every time, and a failure names what is wrong.
+#[test]
+fn the_dns_reply_check_never_panics_and_takes_only_its_reply() {
+    use sluicegate::config::Rcode;
+    use sluicegate::health::wire::dns_reply;
+    let rcode = prop::sample::select(Rcode::ALL.to_vec());
+    runner()
+        .run(
+            &(dns_replies(), any::<u16>(), rcode, any::<bool>()),
+            |(raw, id, rcode, answer)| {
+                let ours = raw.len() >= 12 && raw[2] & 0x80 != 0;
+                let theirs = if ours {
+                    u16::from_be_bytes([raw[0], raw[1]])
+                } else {
+                    id
+                };
+                let verdict = dns_reply(&raw, theirs, rcode, answer);
+                prop_assert_eq!(verdict.is_some(), ours, "{:?}", verdict);
+                if let Some(Err(why)) = &verdict {
+                    prop_assert!(why.starts_with("dns: "), "{}", why);
+                }
+                if ours {
+                    prop_assert_eq!(dns_reply(&raw, theirs.wrapping_add(1), rcode, answer), None);
+                }
+                prop_assert_eq!(dns_reply(&raw, theirs, rcode, answer), verdict);
+                Ok(())
+            },
+        )
         .unwrap();
 }
 

@@ -511,3 +511,231 @@ async fn slow_start_ramps(policy: &str) {
         "{policy}: {counts:?}"
     );
 }
+
+/// How a [`UdpResponder`] treats a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UdpMode {
+    /// `PONG` to a `PING`.
+    Answer = 0,
+    /// Something else.
+    Wrong = 1,
+    /// Nothing.
+    Silent = 2,
+}
+
+/// A UDP backend on an ephemeral port of 127.0.0.1, in this process, whose answer a test steers;
+/// dropped, its port is closed (the host answers ICMP port-unreachable).
+struct UdpResponder {
+    addr: SocketAddr,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    /// Datagrams received.
+    seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UdpResponder {
+    async fn start() -> UdpResponder {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(UdpMode::Answer as u8));
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (m, s) = (mode.clone(), seen.clone());
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                s.fetch_add(1, Relaxed);
+                let answer: &[u8] = match m.load(Relaxed) {
+                    0 if &buf[..n] == b"PING" => b"PONG",
+                    0 | 1 => b"NOPE",
+                    _ => continue,
+                };
+                let _ = sock.send_to(answer, from).await;
+            }
+        });
+        UdpResponder {
+            addr,
+            mode,
+            seen,
+            task,
+        }
+    }
+
+    fn set(&self, mode: UdpMode) {
+        self.mode.store(mode as u8, Relaxed);
+    }
+
+    fn seen(&self) -> u64 {
+        self.seen.load(Relaxed)
+    }
+
+    /// Closes the port (the socket goes with the task) and waits until it is closed.
+    async fn close(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// sluicegate with one service whose one backend is `addr`, probed as `health` says.
+async fn probing(addr: SocketAddr, health: &str) -> Proxy {
+    // A UDP service: its backends answer datagrams, which is what these probes ask.
+    Proxy::start(&format!(
+        "shutdown: {{drain_timeout: 10s}}\nlog: {{level: warn}}\nservices:\n  - name: t\n    protocol: udp\n    listen: 127.0.0.1:0\n    health: {health}\n    backends:\n      - {{address: \"{addr}\"}}\n"
+    ))
+    .await
+}
+
+/// Waits until `b` is `want` and its last probe failed saying `says` (or passed, when empty).
+async fn wait_health(b: &sluicegate::pool::Backend, want: Health, says: &str) {
+    wait_for(
+        Duration::from_secs(10),
+        &format!("{want:?}: {says}"),
+        || {
+            let last = b.probes().pop();
+            b.health() == want
+                && last.is_some_and(|p| match &p.error {
+                    None => says.is_empty(),
+                    Some(e) => !says.is_empty() && e.contains(says),
+                })
+        },
+    )
+    .await;
+}
+
+/// reliability.md `udp-check`: `kind: udp`: a PING datagram answered PONG is healthy; another
+/// answer or none is not, and the probe's record says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_probes_follow_the_replies() {
+    let udp = UdpResponder::start().await;
+    let proxy = probing(udp.addr, "{kind: udp, interval: 20ms, timeout: 300ms, rise: 1, fall: 1, steps: [{send: PING}, {expect: PONG}]}").await;
+    let b = proxy.backend(udp.addr);
+    wait_health(&b, Health::Healthy, "").await;
+    assert!(udp.seen() >= 1);
+
+    udp.set(UdpMode::Wrong);
+    wait_health(
+        &b,
+        Health::Unhealthy,
+        "udp: step 1: reply did not match \"PONG\": NOPE",
+    )
+    .await;
+    udp.set(UdpMode::Answer);
+    wait_health(&b, Health::Healthy, "").await;
+    udp.set(UdpMode::Silent);
+    let n = udp.seen();
+    wait_health(&b, Health::Unhealthy, "udp: no reply within 300ms").await;
+    assert!(udp.seen() > n, "the silent backend was asked");
+    assert!(b.probes().iter().all(|p| p.counted));
+}
+
+/// reliability.md `udp-check`: `kind: udp` and `kind: dns` on a closed port: the host's ICMP
+/// port-unreachable fails the probe at once. The timeout is a minute, and start-up waits for the
+/// first probe, so only that can mark the backend down within the waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_udp_port_fails_the_probe_at_once() {
+    for (kind, health) in [
+        ("udp", "{kind: udp, steps: [{send: PING}, {expect: PONG}]"),
+        ("dns", "{kind: dns, name: example.org"),
+    ] {
+        let udp = UdpResponder::start().await;
+        let addr = udp.addr;
+        udp.close().await;
+        let proxy = probing(
+            addr,
+            &format!("{health}, interval: 20ms, timeout: 60s, rise: 1, fall: 1}}"),
+        )
+        .await;
+        let b = proxy.backend(addr);
+        wait_health(&b, Health::Unhealthy, &format!("{kind}: port unreachable")).await;
+        let last = b.probes().pop().expect("probed");
+        assert!(last.counted, "a closed port is the backend's verdict");
+    }
+}
+
+/// reliability.md `dns-check`: `kind: dns` against a real DNS server (hickory-server, as the
+/// discovery tests use): the name's records pass; NXDOMAIN, an empty answer where one is
+/// expected, SERVFAIL or silence do not, and the record says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_probes_ask_a_real_server() {
+    use crate::common::dns::Reply;
+    let dns = FakeDns::start().await;
+    dns.set_ips("db.test", &[[10, 0, 0, 1]]);
+    let proxy = probing(dns.addr, "{kind: dns, name: db.test, expect_answer: true, interval: 20ms, timeout: 500ms, rise: 1, fall: 1}").await;
+    let b = proxy.backend(dns.addr);
+    wait_health(&b, Health::Healthy, "").await;
+    assert!(dns.queries("db.test") >= 1);
+
+    dns.set("db.test", Reply::NxDomain);
+    wait_health(
+        &b,
+        Health::Unhealthy,
+        "dns: rcode NXDOMAIN, expected NOERROR",
+    )
+    .await;
+    dns.set_ips("db.test", &[[10, 0, 0, 2]]);
+    wait_health(&b, Health::Healthy, "").await;
+    // NOERROR without an A record (the name holds only an AAAA one).
+    dns.set("db.test", Reply::Records(vec!["::1".parse().unwrap()]));
+    wait_health(
+        &b,
+        Health::Unhealthy,
+        "dns: no A record in the answer for db.test.",
+    )
+    .await;
+    dns.set("db.test", Reply::ServFail);
+    wait_health(
+        &b,
+        Health::Unhealthy,
+        "dns: rcode SERVFAIL, expected NOERROR",
+    )
+    .await;
+    dns.set("db.test", Reply::Silent);
+    wait_health(&b, Health::Unhealthy, "dns: no reply within 500ms").await;
+}
+
+/// reliability.md `dns-check`: `kind: dns` with `expect_rcode: NXDOMAIN` passes on a name that must
+/// not exist, against the real server; and a reply is known by its id: a datagram with another id
+/// before it is passed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_probes_take_the_reply_with_their_id() {
+    use hickory_server::proto::op::{Message, ResponseCode};
+    let dns = FakeDns::start().await;
+    let proxy = probing(dns.addr, "{kind: dns, name: gone.test, type: TXT, expect_rcode: NXDOMAIN, interval: 20ms, timeout: 500ms, rise: 1, fall: 1}").await;
+    wait_health(&proxy.backend(dns.addr), Health::Healthy, "").await;
+
+    // A hand-made server that first answers with another id (refusing), then with the query's.
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let id = q.metadata.id;
+            let mut stray = Message::error_msg(
+                id.wrapping_add(1),
+                q.metadata.op_code,
+                ResponseCode::Refused,
+            );
+            stray.add_queries(q.queries.clone());
+            let mut reply = Message::error_msg(id, q.metadata.op_code, ResponseCode::NoError);
+            reply.add_queries(q.queries.clone());
+            for m in [stray, reply] {
+                let _ = sock.send_to(&m.to_vec().unwrap(), from).await;
+            }
+        }
+    });
+    let proxy = probing(
+        addr,
+        "{kind: dns, name: db.test, interval: 20ms, timeout: 500ms, rise: 1, fall: 1}",
+    )
+    .await;
+    let b = proxy.backend(addr);
+    wait_for(Duration::from_secs(10), "five passing probes", || {
+        let p = b.probes();
+        p.len() >= 5 && p.iter().all(|p| p.ok)
+    })
+    .await;
+    assert_eq!(b.health(), Health::Healthy);
+    server.abort();
+}
