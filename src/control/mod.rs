@@ -451,7 +451,7 @@ impl Control {
     pub(super) fn start_udp(&self) {
         let handles = self.workers.handles();
         self.udp.start(&crate::udp::Plane {
-            workers: &handles,
+            workers: handles,
             gate: &self.gate,
             tracker: &self.tracker,
             deadline: &self.leaving.deadline,

@@ -166,7 +166,9 @@ mod tests {
         let (_b, _) = t.insert(key(2), Cell::new(20), 20, activity);
         let (_c, _) = t.insert(key(3), Cell::new(30), 30, activity);
         // The oldest session was active after the others.
-        t.entries.get(&a).map(|e| e.value.set(40));
+        if let Some(e) = t.entries.get(&a) {
+            e.value.set(40);
+        }
         let (_d, evicted) = t.insert(key(4), Cell::new(50), 50, activity);
         assert_eq!(evicted.map(|v| v.get()), Some(20));
         assert_eq!(t.len(), 3);

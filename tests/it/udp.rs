@@ -15,11 +15,14 @@ use crate::common::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
+/// What a backend received: from whom, and the bytes.
+type Seen = Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>;
+
 /// A UDP backend that answers each datagram with its tag and the datagram, and records who sent
 /// what.
 struct Echo {
     addr: SocketAddr,
-    seen: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    seen: Seen,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -33,7 +36,7 @@ impl Echo {
     async fn start(ip: [u8; 4], tag: &'static str, answer: bool) -> Echo {
         let socket = UdpSocket::bind(SocketAddr::from((ip, 0))).await.unwrap();
         let addr = socket.local_addr().unwrap();
-        let seen: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>> = Arc::default();
+        let seen: Seen = Arc::default();
         let log = seen.clone();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
