@@ -12,8 +12,8 @@
 //! never used: systemd's, named for the address, is closed and the address bound; an upgrade's
 //! makes the new process refuse ([`ListenChanged`]), as only a restart can move it.
 
-use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsFd;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Mutex;
 
 /// Who gave a socket: what a socket at another address than the config's means depends on it.
@@ -25,13 +25,49 @@ pub enum Giver {
     Systemd,
 }
 
+/// A listening TCP socket, or a UDP one (a `protocol: udp` service's).
+#[derive(Debug)]
+pub enum Listening {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+impl Listening {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Listening::Tcp(l) => l.local_addr(),
+            Listening::Udp(u) => u.local_addr(),
+        }
+    }
+
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listening::Tcp(l) => l.as_fd(),
+            Listening::Udp(u) => u.as_fd(),
+        }
+    }
+
+    fn is_udp(&self) -> bool {
+        matches!(self, Listening::Udp(_))
+    }
+
+    /// The socket a descriptor handed over is: a datagram socket is a UDP service's, any other
+    /// a listening TCP one.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Listening {
+        match socket2::SockRef::from(&fd).r#type() {
+            Ok(t) if t == socket2::Type::DGRAM => Listening::Udp(UdpSocket::from(fd)),
+            _ => Listening::Tcp(TcpListener::from(fd)),
+        }
+    }
+}
+
 /// One socket given to this process and not taken yet.
 #[derive(Debug)]
 pub struct Given {
     pub giver: Giver,
     pub name: Option<String>,
     pub local: SocketAddr,
-    pub socket: TcpListener,
+    pub socket: Listening,
 }
 
 static GIVEN: Mutex<Vec<Given>> = Mutex::new(Vec::new());
@@ -51,8 +87,9 @@ pub enum GivenError {
     },
 }
 
-/// Offers `socket`, handed over by the process this one replaces, for a later [`take`].
-pub fn offer(name: Option<String>, socket: TcpListener) -> std::io::Result<SocketAddr> {
+/// Offers `socket`, handed over by the process this one replaces, for a later [`take`] (or
+/// [`take_udp`]).
+pub fn offer(name: Option<String>, socket: Listening) -> std::io::Result<SocketAddr> {
     offer_from(Giver::Upgrade, name, socket)
 }
 
@@ -61,11 +98,14 @@ pub fn offer(name: Option<String>, socket: TcpListener) -> std::io::Result<Socke
 fn offer_from(
     giver: Giver,
     name: Option<String>,
-    socket: TcpListener,
+    socket: Listening,
 ) -> std::io::Result<SocketAddr> {
     let local = socket.local_addr()?;
     rustix::io::fcntl_setfd(socket.as_fd(), rustix::io::FdFlags::CLOEXEC)?;
-    socket.set_nonblocking(true)?;
+    match &socket {
+        Listening::Tcp(l) => l.set_nonblocking(true)?,
+        Listening::Udp(u) => u.set_nonblocking(true)?,
+    }
     given().push(Given {
         giver,
         name,
@@ -101,10 +141,12 @@ pub fn adopt_systemd() -> Result<usize, GivenError> {
             .get(index)
             .filter(|n| !n.is_empty() && !n.ends_with(".socket"))
             .cloned();
-        offer_from(Giver::Systemd, name, socket).map_err(|error| GivenError::NotTcp {
-            from: "systemd (LISTEN_FDS)",
-            index,
-            error,
+        offer_from(Giver::Systemd, name, Listening::Tcp(socket)).map_err(|error| {
+            GivenError::NotTcp {
+                from: "systemd (LISTEN_FDS)",
+                index,
+                error,
+            }
         })?;
     }
     for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
@@ -185,23 +227,51 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && a.ip() != b.ip() && (wide(a, b) || wide(b, a))
 }
 
-/// Takes the given socket for `addr` ([`choose`]): `None` when the address is to be bound, after
-/// closing (with a warning naming both addresses) the systemd sockets named for it that are bound
-/// elsewhere on its port.
+/// Takes the given TCP socket for `addr` ([`choose`]): `None` when the address is to be bound,
+/// after closing (with a warning naming both addresses) the systemd sockets named for it that are
+/// bound elsewhere on its port.
 pub(crate) fn take(addr: SocketAddr, names: &[&str]) -> Result<Option<TcpListener>, ListenChanged> {
+    match take_of(false, addr, names)? {
+        Some(Listening::Tcp(l)) => Ok(Some(l)),
+        _ => Ok(None),
+    }
+}
+
+/// The same for a UDP service's address: only datagram sockets are looked at, so a TCP and a UDP
+/// service may listen on one port.
+pub(crate) fn take_udp(
+    addr: SocketAddr,
+    names: &[&str],
+) -> Result<Option<UdpSocket>, ListenChanged> {
+    match take_of(true, addr, names)? {
+        Some(Listening::Udp(u)) => Ok(Some(u)),
+        _ => Ok(None),
+    }
+}
+
+fn take_of(
+    udp: bool,
+    addr: SocketAddr,
+    names: &[&str],
+) -> Result<Option<Listening>, ListenChanged> {
     let mut given = given();
-    let offered: Vec<Offered<'_>> = given
+    // Indices into `given` of the sockets of this kind, in order.
+    let of_kind: Vec<usize> = (0..given.len())
+        .filter(|&i| given[i].socket.is_udp() == udp)
+        .collect();
+    let offered: Vec<Offered<'_>> = of_kind
         .iter()
-        .map(|g| Offered {
-            giver: g.giver,
-            name: g.name.as_deref(),
-            local: g.local,
+        .map(|&i| Offered {
+            giver: given[i].giver,
+            name: given[i].name.as_deref(),
+            local: given[i].local,
         })
         .collect();
     match choose(addr, names, &offered) {
-        Choice::Take(i) => Ok(Some(given.swap_remove(i).socket)),
+        Choice::Take(i) => Ok(Some(given.swap_remove(of_kind[i]).socket)),
         Choice::Refuse { given } => Err(ListenChanged { given }),
-        Choice::Bind { mut close } => {
+        Choice::Bind { close } => {
+            let mut close: Vec<usize> = close.into_iter().map(|i| of_kind[i]).collect();
             // From the highest index down, so that each removal leaves the others' indices.
             close.sort_unstable();
             for i in close.into_iter().rev() {
@@ -304,8 +374,8 @@ mod tests {
         let a = TcpListener::bind("127.0.0.1:0").unwrap();
         let b = TcpListener::bind("127.0.0.1:0").unwrap();
         let (la, lb) = (a.local_addr().unwrap(), b.local_addr().unwrap());
-        offer(None, a).unwrap();
-        offer(Some("sockets-test#0".into()), b).unwrap();
+        offer(None, Listening::Tcp(a)).unwrap();
+        offer(Some("sockets-test#0".into()), Listening::Tcp(b)).unwrap();
         // By address.
         let got = take(la, &[]).unwrap().unwrap();
         assert_eq!(got.local_addr().unwrap(), la);
@@ -321,6 +391,25 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(got.local_addr().unwrap(), lb);
+        // A UDP socket on the port of a TCP one: each kind is taken only for its own. (In this
+        // test, as the given sockets are the process's: tests run at once.)
+        let t = TcpListener::bind("127.0.0.1:0").unwrap();
+        let lt = t.local_addr().unwrap();
+        let u = UdpSocket::bind(lt).unwrap();
+        let tcp = Listening::from_fd(std::os::fd::OwnedFd::from(t));
+        let udp = Listening::from_fd(std::os::fd::OwnedFd::from(u));
+        assert!(!tcp.is_udp() && udp.is_udp(), "told apart by SO_TYPE");
+        offer(None, udp).unwrap();
+        assert!(
+            take(lt, &[]).unwrap().is_none(),
+            "no TCP socket given there"
+        );
+        offer(None, tcp).unwrap();
+        assert_eq!(take(lt, &[]).unwrap().unwrap().local_addr().unwrap(), lt);
+        assert_eq!(
+            take_udp(lt, &[]).unwrap().unwrap().local_addr().unwrap(),
+            lt
+        );
         assert!(leftover().is_empty());
     }
 }

@@ -88,17 +88,21 @@ impl Totals {
 }
 
 impl Control {
-    /// A descriptor of every listening socket, named as the new process finds it again
-    /// (`sockets::take`): by address, or a port-0 one by `SERVICE#INDEX`.
+    /// A descriptor of every listening socket, TCP and UDP, named as the new process finds it
+    /// again (`sockets::take`): by address, or a port-0 one by `SERVICE#INDEX` (a UDP one by
+    /// `SERVICE#INDEX/udp`).
     pub(crate) fn handover_sockets(
         &self,
-    ) -> std::io::Result<Vec<(Option<String>, std::net::TcpListener)>> {
-        self.listeners
+    ) -> std::io::Result<Vec<(Option<String>, std::os::fd::OwnedFd)>> {
+        let mut sockets: Vec<(Option<String>, std::os::fd::OwnedFd)> = self
+            .listeners
             .lock()
             .iter()
             .filter_map(|b| Some((b.key.handover_name(), b.kept.as_ref()?)))
-            .map(|(name, l)| Ok((name, l.try_clone()?)))
-            .collect()
+            .map(|(name, l)| Ok((name, l.try_clone()?.into())))
+            .collect::<std::io::Result<_>>()?;
+        sockets.extend(self.udp.handover_sockets()?);
+        Ok(sockets)
     }
 
     /// Stops every accept loop, keeping this process's descriptors of the listening sockets: the
@@ -112,6 +116,9 @@ impl Control {
         }
         self.accepting.close();
         self.accepting.wait().await;
+        // The UDP loops stop reading (the new process reads the same sockets); their open
+        // sessions go on answering from them until they end.
+        self.udp.pause();
     }
 
     /// The new process died (or stopped answering) before it said it serves: this one accepts
@@ -135,6 +142,8 @@ impl Control {
             }
         }
         drop(listeners);
+        self.udp.resume();
+        self.start_udp();
         self.readiness.set(true, false);
     }
 
@@ -143,6 +152,7 @@ impl Control {
     pub(crate) fn close_listeners(&self) {
         let closed = std::mem::take(&mut *self.listeners.lock());
         drop(closed);
+        self.udp.close_kept();
     }
 
     /// Resumes a connection carried in from the process this one replaced, on a worker, tracked

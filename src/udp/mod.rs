@@ -40,11 +40,30 @@ struct Bound {
     service: Arc<str>,
     /// As configured (a port 0 is its own ephemeral port).
     addr: SocketAddr,
+    /// Its place in the service's `listen`, which names a port-0 address at an upgrade.
+    index: usize,
     local: SocketAddr,
     /// Bound, its loop not started yet.
     pending: Option<std::net::UdpSocket>,
+    /// A descriptor kept for an upgrade's new process, and for reading again if that process
+    /// fails; closed once the new process serves.
+    kept: Option<std::net::UdpSocket>,
     current: Arc<ArcSwap<Service>>,
+    /// Ends the loop and its sessions.
     stop: CancellationToken,
+    /// Ends the loop only (an upgrade's new process reads the socket): its sessions go on.
+    pause: CancellationToken,
+}
+
+impl Bound {
+    /// The name an upgrade gives a port-0 address's socket, the only way to find it again.
+    fn handover_name(&self) -> Option<String> {
+        (self.addr.port() == 0).then(|| handover_name(&self.service, self.index))
+    }
+}
+
+fn handover_name(service: &str, index: usize) -> String {
+    format!("{service}#{index}/udp")
 }
 
 /// Every UDP listen address, their loops and their counters. Its lock is a leaf: nothing else is
@@ -75,7 +94,7 @@ pub(crate) struct Plane<'a> {
 }
 
 /// Addresses bound for a reload or the start, not yet in use: dropped, they close.
-pub(crate) struct Fresh(Vec<(Arc<str>, SocketAddr, std::net::UdpSocket)>);
+pub(crate) struct Fresh(Vec<(Arc<str>, usize, SocketAddr, std::net::UdpSocket)>);
 
 /// A UDP service as the server runs it: its name, its current version, its listen addresses.
 pub(crate) type Wanted = (Arc<str>, Arc<ArcSwap<Service>>, Vec<SocketAddr>);
@@ -90,16 +109,27 @@ impl Udp {
         let bound = lock(&self.bound);
         let mut fresh = Vec::new();
         for (name, addrs) in wanted {
-            for &addr in addrs {
+            for (index, &addr) in addrs.iter().enumerate() {
                 if bound.iter().any(|b| b.service == *name && b.addr == addr) {
                     continue;
                 }
-                let socket = socket::bind(addr).map_err(|error| BindFailed {
+                let fail = |error| BindFailed {
                     service: name.to_string(),
                     addr,
                     error,
-                })?;
-                fresh.push((name.clone(), addr, socket));
+                };
+                // Given by the process this one replaces (or systemd) first, as TCP listeners are.
+                let names = [name.to_string(), handover_name(name, index)];
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let socket = match crate::sockets::take_udp(addr, &names) {
+                    Ok(Some(s)) => {
+                        tracing::info!(listen = ?s.local_addr().ok(), configured = %addr, "taking over a UDP socket given to this process");
+                        s
+                    }
+                    Ok(None) => socket::bind(addr).map_err(fail)?,
+                    Err(e) => return Err(fail(std::io::Error::other(e))),
+                };
+                fresh.push((name.clone(), index, addr, socket));
             }
         }
         Ok(Fresh(fresh))
@@ -120,20 +150,23 @@ impl Udp {
             }
             keep
         });
-        for (name, addr, socket) in fresh.0 {
+        for (name, index, addr, socket) in fresh.0 {
             let Some((_, current, _)) = wanted.iter().find(|(n, _, _)| *n == name) else {
                 continue;
             };
-            let Ok(local) = socket.local_addr() else {
+            let (Ok(local), Ok(kept)) = (socket.local_addr(), socket.try_clone()) else {
                 continue;
             };
             bound.push(Bound {
                 service: name,
                 addr,
+                index,
                 local,
                 pending: Some(socket),
+                kept: Some(kept),
                 current: current.clone(),
                 stop: CancellationToken::new(),
+                pause: CancellationToken::new(),
             });
         }
         let names: Vec<Arc<str>> = wanted.iter().map(|(n, _, _)| n.clone()).collect();
@@ -152,6 +185,7 @@ impl Udp {
             };
             let stats = self.stats.of(&b.service);
             let (current, stop, local) = (b.current.clone(), b.stop.clone(), b.local);
+            let pause = b.pause.clone();
             let (gate, tracker) = (plane.gate.clone(), plane.tracker.clone());
             let (draining, deadline) = (self.draining.clone(), plane.deadline.clone());
             tracing::info!(service = %b.service, listen = %local, protocol = "udp", "listening");
@@ -173,6 +207,7 @@ impl Udp {
                     draining,
                     deadline,
                     stop,
+                    pause,
                 })
                 .await;
             });
@@ -188,6 +223,53 @@ impl Udp {
     pub(crate) fn stop(&self) {
         for b in lock(&self.bound).iter() {
             b.stop.cancel();
+        }
+    }
+
+    /// A descriptor of every UDP socket for an upgrade's new process, with the name it finds a
+    /// port-0 one by.
+    pub(crate) fn handover_sockets(
+        &self,
+    ) -> std::io::Result<Vec<(Option<String>, std::os::fd::OwnedFd)>> {
+        lock(&self.bound)
+            .iter()
+            .filter_map(|b| Some((b.handover_name(), b.kept.as_ref()?)))
+            .map(|(name, s)| Ok((name, s.try_clone()?.into())))
+            .collect()
+    }
+
+    /// An upgrade's new process reads the sockets now: the loops stop reading, their open
+    /// sessions go on (answering from the same sockets) until they end.
+    pub(crate) fn pause(&self) {
+        for b in lock(&self.bound).iter_mut() {
+            b.pause.cancel();
+            b.pending.take();
+        }
+    }
+
+    /// The new process failed before it served: the loops read again, from the kept descriptors.
+    pub(crate) fn resume(&self) {
+        for b in lock(&self.bound).iter_mut() {
+            if !b.pause.is_cancelled() {
+                continue;
+            }
+            match b.kept.as_ref().map(std::net::UdpSocket::try_clone) {
+                Some(Ok(dup)) => {
+                    b.pause = CancellationToken::new();
+                    b.pending = Some(dup);
+                }
+                Some(Err(e)) => tracing::error!(listen = %b.local, error = %e,
+                    "cannot read a UDP socket again after a failed upgrade; its clients go unanswered until a restart"),
+                None => {}
+            }
+        }
+    }
+
+    /// The new process serves: the kept descriptors close (the sockets stay, held by it and by
+    /// the sessions still answering here).
+    pub(crate) fn close_kept(&self) {
+        for b in lock(&self.bound).iter_mut() {
+            b.kept.take();
         }
     }
 

@@ -40,6 +40,9 @@ pub(crate) struct Loop {
     /// Ends the loop (its service or address is gone, or the process is done); its open sessions
     /// end with it.
     pub(crate) stop: CancellationToken,
+    /// Ends the loop only: an upgrade's new process reads the socket now, and the open sessions
+    /// go on answering from it until they end.
+    pub(crate) pause: CancellationToken,
 }
 
 /// The loop's state between batches.
@@ -74,6 +77,7 @@ pub(crate) async fn serve(l: Loop) {
         tokio::select! {
             biased;
             () = l.stop.cancelled() => break,
+            () = l.pause.cancelled() => return,
             Some(id) = gone_rx.recv() => {
                 st.table.remove(id);
             }

@@ -172,7 +172,7 @@ pub(crate) async fn start(
     if let Some(a) = admin {
         sockets.push((
             Some("admin".to_string()),
-            a.try_clone().map_err(UpgradeError::Socket)?,
+            OwnedFd::from(a.try_clone().map_err(UpgradeError::Socket)?),
         ));
     }
     let origin = origin.clone();
@@ -183,7 +183,7 @@ pub(crate) async fn start(
 
 fn start_blocking(
     origin: &Origin,
-    sockets: Vec<(Option<String>, std::net::TcpListener)>,
+    sockets: Vec<(Option<String>, OwnedFd)>,
     limit: Duration,
     abandon: Arc<AtomicBool>,
 ) -> Result<Handing, UpgradeError> {
@@ -271,7 +271,7 @@ impl Starting {
     fn hand_listeners(
         &self,
         channel: &Channel,
-        sockets: Vec<(Option<String>, std::net::TcpListener)>,
+        sockets: Vec<(Option<String>, OwnedFd)>,
     ) -> Result<(), UpgradeError> {
         channel
             .set_timeout(Some(SEND_LIMIT))
@@ -280,7 +280,6 @@ impl Starting {
             .send(&Frame::Hello(Peer::me()))
             .map_err(|e| self.wire(e))?;
         for (name, socket) in sockets {
-            let socket = OwnedFd::from(socket);
             channel
                 .send(&Frame::Listener { name, socket })
                 .map_err(|e| self.wire(e))?;
@@ -725,7 +724,8 @@ impl Incoming {
         loop {
             match channel.recv().map_err(wire)? {
                 Frame::Listener { name, socket } => {
-                    let socket = std::net::TcpListener::from(socket);
+                    // A TCP listener or a UDP service's socket: the descriptor says which.
+                    let socket = crate::sockets::Listening::from_fd(socket);
                     crate::sockets::offer(name, socket).map_err(UpgradeError::Socket)?;
                 }
                 Frame::ListenersEnd => break,

@@ -1175,3 +1175,40 @@ async fn the_hand_over_socket_has_no_name_a_stranger_could_connect_to() {
     assert_eq!(&got, b"after\n");
     drop(new);
 }
+
+/// A UDP service's socket crosses an upgrade (its port-0 address found again by name): one client
+/// is answered before and after, a new client after, from the same address; the old process's
+/// open session ends at its idle timeout and the old process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_socket_is_handed_over_and_keeps_answering() {
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let backend = echo.local_addr().unwrap();
+    let answering = tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    let yaml = format!(
+        "log: {{level: info, format: json}}\nservices:\n  - name: u\n    protocol: udp\n    listen: 127.0.0.1:0\n    udp: {{idle_timeout: 1s}}\n    backends:\n      - {{address: \"{backend}\"}}\n"
+    );
+    let mut sg = Sg::start(&yaml);
+    let addr = sg.addr;
+    let ask = |c: std::sync::Arc<tokio::net::UdpSocket>, msg: &'static [u8]| async move {
+        c.send_to(msg, addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = tokio::time::timeout(SECS(10), c.recv_from(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert_eq!(from, addr);
+        assert_eq!(&buf[..n], msg);
+    };
+    let one = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    ask(one.clone(), b"before").await;
+    let _new = tokio::task::block_in_place(|| upgrade(&mut sg));
+    ask(one.clone(), b"after").await;
+    let two = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    ask(two, b"new client").await;
+    answering.abort();
+}
