@@ -149,7 +149,8 @@ pub(crate) enum QuicError {
     Truncated(&'static str),
     /// The connection's first packet is not an Initial.
     NotInitial(PacketType),
-    /// The Destination Connection ID of a client's first Initial is shorter than 8 bytes.
+    /// The Destination Connection ID of a client's first Initial (with no token) is shorter than 8
+    /// bytes.
     InitialCidTooShort(usize),
     /// A datagram whose first packet has another version or Destination Connection ID than the
     /// connection being read.
@@ -638,14 +639,16 @@ impl fmt::Debug for InitialReader {
 
 impl InitialReader {
     /// Starts reading the connection a client's first datagram opens: its first packet must be an
-    /// Initial of version 1 or 2 whose DCID is 8 to 20 bytes. Only the header is read here: pass
-    /// the same datagram to [`push`](Self::push).
+    /// Initial of version 1 or 2 whose DCID is 8 to 20 bytes. A DCID under 8 bytes is taken when
+    /// the Initial carries a token: after a Retry the client uses the connection ID the server
+    /// chose, which may be shorter (RFC 9000 7.2). Only the header is read here: pass the same
+    /// datagram to [`push`](Self::push).
     pub(crate) fn new(first: &[u8]) -> Result<Self, QuicError> {
         let header = parse_long_header(first)?;
         if header.packet_type != PacketType::Initial {
             return Err(QuicError::NotInitial(header.packet_type));
         }
-        if header.dcid.len() < MIN_INITIAL_DCID_LEN {
+        if header.dcid.len() < MIN_INITIAL_DCID_LEN && header.token.is_empty() {
             return Err(QuicError::InitialCidTooShort(header.dcid.len()));
         }
         Ok(InitialReader {

@@ -430,6 +430,12 @@ fn headers_that_cannot_be_read_say_why() {
         InitialReader::new(&short_dcid).unwrap_err(),
         QuicError::InitialCidTooShort(4)
     );
+    // After a Retry the DCID is the server's choice, and the Initial carries the Retry's token.
+    let mut after_retry = vec![0xc0, 0, 0, 0, 1, 4, 1, 2, 3, 4, 0, 3, 9, 9, 9];
+    after_retry.extend(varint(40));
+    after_retry.resize(after_retry.len() + 40, 0);
+    let reader = InitialReader::new(&after_retry).unwrap();
+    assert_eq!(reader.dcid(), &[1, 2, 3, 4]);
     let mut draft29 = good.clone();
     draft29[1..5].copy_from_slice(&0xff00_001du32.to_be_bytes());
     assert_eq!(
