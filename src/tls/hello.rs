@@ -122,17 +122,10 @@ fn handshake_message(input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, HelloErro
         let start = at + RECORD_HEADER;
         let available = input.len().saturating_sub(start).min(len);
         message.extend_from_slice(&input[start..start + available]);
-        if body_len.is_none() && message.len() >= 4 {
-            if message[0] != HANDSHAKE_CLIENT_HELLO {
-                return Err(HelloError::Malformed(
-                    "first handshake message is not a ClientHello",
-                ));
+        if body_len.is_none() {
+            if let Some(header) = message.first_chunk::<4>() {
+                body_len = Some(hello_body_len(*header)?);
             }
-            let n = u32::from_be_bytes([0, message[1], message[2], message[3]]) as usize;
-            if 4 + n > MAX_HELLO {
-                return Err(HelloError::TooLarge);
-            }
-            body_len = Some(n);
         }
         // Bytes past the message in a record of it would be a second handshake message (a client
         // sends nothing after its hello before the server answers).
@@ -150,6 +143,37 @@ fn handshake_message(input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, HelloErro
         if body_len.is_some_and(|n| message.len() == 4 + n) {
             return Ok(Some((message.split_off(4), at)));
         }
+    }
+}
+
+/// The body length a handshake message's 4-byte header announces (type, then a 24-bit length),
+/// for a ClientHello that fits in [`MAX_HELLO`].
+fn hello_body_len(header: [u8; 4]) -> Result<usize, HelloError> {
+    if header[0] != HANDSHAKE_CLIENT_HELLO {
+        return Err(HelloError::Malformed(
+            "first handshake message is not a ClientHello",
+        ));
+    }
+    let n = u32::from_be_bytes([0, header[1], header[2], header[3]]) as usize;
+    if 4 + n > MAX_HELLO {
+        return Err(HelloError::TooLarge);
+    }
+    Ok(n)
+}
+
+/// Parses a ClientHello handshake message with no TLS records around it, as QUIC carries it in
+/// its CRYPTO frames (RFC 9001 4.1.3): the 4-byte handshake header, then the body. `Ok(None)`
+/// while `message` is shorter than its header says; bytes past the message are not looked at
+/// (QUIC's caller hands over the contiguous start of the CRYPTO stream, which a client ends with
+/// its hello). Pure, and a longer prefix never turns an answer or an error into another.
+pub fn parse_message(message: &[u8]) -> Result<Option<ClientHello>, HelloError> {
+    let Some(header) = message.first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let n = hello_body_len(*header)?;
+    match message.get(4..4 + n) {
+        Some(body) => client_hello(body).map(Some),
+        None => Ok(None),
     }
 }
 
@@ -357,7 +381,7 @@ pub mod build {
 #[cfg(test)]
 mod tests {
     use super::build::{client_hello, records};
-    use super::{parse, ClientHello, HelloError, Parsed, MAX_HELLO};
+    use super::{parse, parse_message, ClientHello, HelloError, Parsed, MAX_HELLO};
 
     fn hello(sni: Option<&str>, alpn: &[&str]) -> ClientHello {
         ClientHello {
@@ -473,5 +497,36 @@ mod tests {
         padded[1..4].copy_from_slice(&len.to_be_bytes()[1..]);
         let bytes = records(&padded, 4);
         assert_eq!(parse(&bytes), Err(HelloError::TooLarge));
+    }
+
+    #[test]
+    fn a_bare_handshake_message_reads_as_its_records_do() {
+        let bytes = client_hello(Some("q.example"), &["h3"]);
+        let message = &bytes[5..];
+        for cut in 0..message.len() {
+            assert_eq!(parse_message(&message[..cut]), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(
+            parse_message(message),
+            Ok(Some(hello(Some("q.example"), &["h3"])))
+        );
+        // What follows the message is not read.
+        let mut more = message.to_vec();
+        more.extend_from_slice(&[0xff; 8]);
+        assert_eq!(
+            parse_message(&more),
+            Ok(Some(hello(Some("q.example"), &["h3"])))
+        );
+        let mut server_hello = message.to_vec();
+        server_hello[0] = 2;
+        assert!(matches!(
+            parse_message(&server_hello),
+            Err(HelloError::Malformed(_))
+        ));
+        assert_eq!(
+            parse_message(&[1, 0, 0x40, 0]),
+            Err(HelloError::TooLarge),
+            "16 KiB of body and its header are more than MAX_HELLO"
+        );
     }
 }
