@@ -512,7 +512,14 @@ impl Service {
         ServiceView {
             name: self.name.clone(),
             policy: self.policy.as_str(),
-            relay: self.relay.mode.as_str(),
+            protocol: match self.protocol {
+                Transport::Tcp => "tcp",
+                Transport::Udp => "udp",
+            },
+            relay: match self.protocol {
+                Transport::Tcp => self.relay.mode.as_str(),
+                Transport::Udp => "udp",
+            },
             accepted: st.accepted.load(Relaxed),
             active: st.active.load(Relaxed),
             no_backend: ends[Outcome::NoBackend.index()],
@@ -562,6 +569,9 @@ impl Service {
 pub struct ServiceView {
     pub name: Arc<str>,
     pub policy: &'static str,
+    /// `tcp` or `udp`: a UDP service's connection counts are its sessions.
+    pub protocol: &'static str,
+    /// The relay engine (`udp` for a UDP service: no stream engine carries it).
     pub relay: &'static str,
     pub accepted: u64,
     /// Client connections open now.

@@ -262,6 +262,7 @@ impl State {
                 _source: source,
                 service: service.clone(),
                 _gate: gate,
+                since: service.occupancy.sessions.enter(),
             },
             listening: l.listening.clone(),
             stats: l.stats.clone(),

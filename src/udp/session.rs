@@ -109,11 +109,14 @@ pub(crate) struct Slots {
     pub(crate) cut: Arc<CutSignal>,
     /// Its place under the top-level `max_connections`.
     pub(crate) _gate: GateSlot,
+    /// Its start among the service's open sessions (the oldest one's age).
+    pub(crate) since: u64,
 }
 
 impl Drop for Slots {
     fn drop(&mut self) {
         self.service.stats.left();
+        self.service.occupancy.sessions.leave(self.since);
     }
 }
 
