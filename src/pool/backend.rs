@@ -519,6 +519,18 @@ impl Backend {
         }
     }
 
+    /// A UDP session opened: counted, the streak left as it is.
+    pub(super) fn session_opened(&self) {
+        self.stats.total.fetch_add(1, Relaxed);
+    }
+
+    /// A UDP backend answered: a failure streak cleared (the common path stays a read).
+    pub(super) fn answered(&self) {
+        if self.consecutive_fails.load(Relaxed) != 0 {
+            self.consecutive_fails.store(0, Relaxed);
+        }
+    }
+
     /// A connect failed: counted; when the streak reaches `max_fails` (0: never) this ejects it.
     /// Returns the streak when this very call ejected it (a concurrent failure that also reached it
     /// returns `None`).
@@ -742,6 +754,13 @@ impl ActiveGuard {
             return None;
         }
         Some(ActiveGuard(backend))
+    }
+}
+
+impl ActiveGuard {
+    /// The backend it counts on.
+    pub(crate) fn backend(&self) -> &Arc<Backend> {
+        &self.0
     }
 }
 

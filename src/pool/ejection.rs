@@ -17,6 +17,17 @@ impl Pool {
         backend.connect_succeeded();
     }
 
+    /// A UDP session opened on `backend`: counted in its total, but proof of nothing (a datagram
+    /// socket connects to any address), so a failure streak stands until the backend answers.
+    pub(crate) fn session_opened(&self, backend: &Backend) {
+        backend.session_opened();
+    }
+
+    /// The backend answered a UDP session: a failure streak is cleared, as a connect clears it.
+    pub(crate) fn answered(&self, backend: &Backend) {
+        backend.answered();
+    }
+
     /// Records a failed connect attempt to `backend`; ejects it when the streak reaches `max_fails`.
     /// Returns the streak when this call ejected it.
     ///

@@ -123,7 +123,8 @@ impl Udp {
                     addr,
                     error,
                 };
-                // Given by the process this one replaces (or systemd) first, as TCP listeners are.
+                // Given by the process this one replaces first, as TCP listeners are (systemd's
+                // sockets are taken for TCP only so far).
                 let names = [name.to_string(), handover_name(name, index)];
                 let names: Vec<&str> = names.iter().map(String::as_str).collect();
                 let socket = match crate::sockets::take_udp(addr, &names) {

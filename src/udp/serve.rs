@@ -20,6 +20,7 @@ use super::socket::{self, Bufs, Listening, Received};
 use super::stats::{Direction, Dropped, End, UdpStats};
 use super::table::Table;
 use crate::admission::Gate;
+use crate::config::MAX_UDP_PAYLOAD;
 use crate::pool::{ActiveGuard, Backend};
 use crate::service::Service;
 use crate::util::{is_local_exhaustion, lock, RateLimited};
@@ -146,6 +147,12 @@ impl State {
                 self.scratch
                     .extend_from_slice(&crate::proxy_protocol::encode_dgram(d.from, d.to));
                 self.scratch.extend_from_slice(d.bytes);
+                // The header may take a datagram past what UDP carries: dropped as too large,
+                // not a failure of the backend's.
+                if self.scratch.len() > MAX_UDP_PAYLOAD as usize {
+                    l.stats.dropped(Dropped::TooLarge);
+                    return true;
+                }
                 socket::try_send(&live.socket, &self.scratch)
             }
             None => socket::try_send(&live.socket, d.bytes),
@@ -156,12 +163,23 @@ impl State {
                 l.stats.dropped(Dropped::QueueFull);
                 return true;
             }
-            Err(e) => {
-                // ECONNREFUSED: an ICMP port-unreachable came back for an earlier datagram.
-                tracing::debug!(error = %e, backend = %live.backend.addr, "sending to the backend failed");
+            Err(e) if session::unreachable(&e) => {
+                // An ICMP unreachable came back for an earlier datagram.
+                tracing::debug!(error = %e, backend = %live.backend.addr, "the backend is unreachable");
                 live.end(End::BackendUnreachable);
                 self.table.detach(id);
                 return false;
+            }
+            Err(e) => {
+                // Ours (no buffer, a local firewall, too large for the path): not the backend's.
+                tracing::debug!(error = %e, "sending to the backend failed");
+                let why = if e.raw_os_error() == Some(libc::EMSGSIZE) {
+                    Dropped::TooLarge
+                } else {
+                    Dropped::SendFailed
+                };
+                l.stats.dropped(why);
+                return true;
             }
         }
         live.touch();
@@ -195,16 +213,40 @@ impl State {
         if l.draining.is_cancelled() {
             return refuse(Dropped::Refused);
         }
-        let Some(gate) = l.gate.enter() else {
-            return refuse(Dropped::Refused);
+        // At a cap (the top-level or the service's `max_connections`), the session idle longest
+        // on this address makes room, as when the table is full: a flood of sources cannot lock
+        // new clients out for an idle timeout.
+        let mut room = || -> bool {
+            match self.table.evict(|v: &Arc<Live>| v.last_active()) {
+                Some(old) => {
+                    l.stats
+                        .dropped_by_eviction(lock(&old.exchange).unanswered());
+                    old.end(End::Evicted);
+                    true
+                }
+                None => false,
+            }
         };
-        let Ok(source) = crate::session::admit_source(service, d.from.ip()) else {
-            return refuse(Dropped::Refused);
+        let gate = match l.gate.enter() {
+            Some(g) => g,
+            None if room() => match l.gate.enter() {
+                Some(g) => g,
+                None => return refuse(Dropped::Refused),
+            },
+            None => return refuse(Dropped::Refused),
         };
-        if !service.stats.enter(service.max_connections) {
+        let cap = service.max_connections;
+        let entered = service.stats.enter(cap) || (room() && service.stats.enter(cap));
+        if !entered {
             return refuse(Dropped::Refused);
         }
-        // Taken now, so that every way out below gives the service's place back.
+        let source = match crate::session::admit_source(service, d.from.ip()) {
+            Ok(s) => s,
+            Err(_) => {
+                service.stats.left();
+                return refuse(Dropped::Refused);
+            }
+        };
         let picked = pick(service, d.from, avoid);
         let Some((backend, active)) = picked else {
             service.stats.left();
@@ -226,14 +268,20 @@ impl State {
             }
         };
         service.stats.accepted();
-        service.pool.connect_succeeded(&backend);
+        service.pool.session_opened(&backend);
         let settings = service.udp;
+        let slots = Slots {
+            active,
+            _source: source,
+            service: service.clone(),
+            _gate: gate,
+            since: service.occupancy.sessions.enter(),
+        };
         let live = Arc::new(Live::new(
             socket,
-            backend.clone(),
-            d.from,
-            d.to,
+            (d.from, d.to),
             Exchange::new(settings.responses, settings.requests),
+            slots,
             self.epoch,
         ));
         let now = self.epoch.elapsed().as_millis() as u64;
@@ -256,14 +304,8 @@ impl State {
         );
         let task = Task {
             live: live.clone(),
-            slots: Slots {
-                cut: backend.cut_signal(),
-                _active: active,
-                _source: source,
-                service: service.clone(),
-                _gate: gate,
-                since: service.occupancy.sessions.enter(),
-            },
+            service: service.clone(),
+            cut: backend.cut_signal(),
             listening: l.listening.clone(),
             stats: l.stats.clone(),
             idle: settings.idle_timeout.0,
@@ -313,6 +355,9 @@ impl State {
                 self.scratch
                     .extend_from_slice(&crate::proxy_protocol::encode_dgram(d.from, d.to));
                 self.scratch.extend_from_slice(d.bytes);
+                if self.scratch.len() > MAX_UDP_PAYLOAD as usize {
+                    return l.stats.dropped(Dropped::TooLarge);
+                }
                 &self.scratch
             }
             None => d.bytes,
@@ -325,6 +370,7 @@ impl State {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => l.stats.dropped(Dropped::QueueFull),
             Err(e) => {
                 tracing::debug!(error = %e, backend = %backend.addr, "per-packet send failed");
+                l.stats.dropped(Dropped::SendFailed);
             }
         }
     }

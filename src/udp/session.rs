@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,6 @@ use crate::service::Service;
 use crate::util::lock;
 
 /// What the loop and the session's task share of a session.
-#[derive(Debug)]
 pub(crate) struct Live {
     /// Connected to the backend.
     pub(crate) socket: UdpSocket,
@@ -38,6 +38,12 @@ pub(crate) struct Live {
     bytes: [AtomicU64; 2],
     why: OnceLock<End>,
     stop: CancellationToken,
+    /// Its places (service, top-level cap, source, backend), given back the moment it ends, by
+    /// whoever ends it: an eviction makes room at once, and a client's next session is admitted
+    /// under the limits its ended one held.
+    slots: Mutex<Option<Slots>>,
+    /// The backend has answered (its failure streak cleared once).
+    answered: std::sync::atomic::AtomicBool,
     /// The loop's clock: activity is stamped against it.
     epoch: Instant,
 }
@@ -45,15 +51,14 @@ pub(crate) struct Live {
 impl Live {
     pub(crate) fn new(
         socket: UdpSocket,
-        backend: Arc<Backend>,
-        client: SocketAddr,
-        to: SocketAddr,
+        (client, to): (SocketAddr, SocketAddr),
         exchange: Exchange,
+        slots: Slots,
         epoch: Instant,
     ) -> Live {
         let live = Live {
             socket,
-            backend,
+            backend: slots.active.backend().clone(),
             client,
             to,
             last: AtomicU64::new(0),
@@ -61,6 +66,8 @@ impl Live {
             bytes: Default::default(),
             why: OnceLock::new(),
             stop: CancellationToken::new(),
+            slots: Mutex::new(Some(slots)),
+            answered: std::sync::atomic::AtomicBool::new(false),
             epoch,
         };
         live.touch();
@@ -84,10 +91,11 @@ impl Live {
         self.bytes[dir as usize].fetch_add(len as u64, Relaxed);
     }
 
-    /// Ends the session (the first reason given stands).
+    /// Ends the session (the first reason given stands) and gives its places back.
     pub(crate) fn end(&self, why: End) {
         let _ = self.why.set(why);
         self.stop.cancel();
+        drop(lock(&self.slots).take());
     }
 
     pub(crate) fn ended(&self) -> bool {
@@ -99,14 +107,13 @@ impl Live {
     }
 }
 
-/// What a session holds until it ends: its places in the service, the backend and the source
-/// limits, given back when dropped (the guards count by being held).
+/// What a session holds until it ends: its places in the service, under the top-level cap, in
+/// the source limits and on the backend, given back when dropped (the guards count by being
+/// held).
 pub(crate) struct Slots {
-    pub(crate) _active: ActiveGuard,
+    pub(crate) active: ActiveGuard,
     pub(crate) _source: Option<SourceSlot>,
     pub(crate) service: Arc<Service>,
-    /// The backend's cut signal as it was when the session picked it.
-    pub(crate) cut: Arc<CutSignal>,
     /// Its place under the top-level `max_connections`.
     pub(crate) _gate: GateSlot,
     /// Its start among the service's open sessions (the oldest one's age).
@@ -123,7 +130,9 @@ impl Drop for Slots {
 /// Everything the session's task needs besides [`Live`].
 pub(crate) struct Task {
     pub(crate) live: Arc<Live>,
-    pub(crate) slots: Slots,
+    pub(crate) service: Arc<Service>,
+    /// The backend's cut signal as it was when the session picked it.
+    pub(crate) cut: Arc<CutSignal>,
     pub(crate) listening: Arc<Listening>,
     pub(crate) stats: Arc<UdpStats>,
     pub(crate) idle: Duration,
@@ -149,7 +158,7 @@ pub(crate) async fn run(t: Task) {
     t.live.end(end);
     let end = t.live.why.get().copied().unwrap_or(end);
     if end == End::BackendUnreachable {
-        t.slots.service.pool.connect_failed(&t.live.backend);
+        t.service.pool.connect_failed(&t.live.backend);
     }
     account(&t, end);
     let _ = t.gone.send(t.id);
@@ -164,8 +173,8 @@ async fn carry(t: &Task) -> End {
             biased;
             () = live.stop.cancelled() => return live.why.get().copied().unwrap_or(End::Shutdown),
             () = t.shutdown.cancelled() => return End::Shutdown,
-            () = t.slots.cut.cancelled() => {
-                return match t.slots.cut.reason() {
+            () = t.cut.cancelled() => {
+                return match t.cut.reason() {
                     Outcome::BackendDown => End::BackendDown,
                     _ => End::BackendRemoved,
                 };
@@ -176,36 +185,96 @@ async fn carry(t: &Task) -> End {
                     return End::IdleTimeout;
                 }
             }
-            r = live.socket.readable() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "backend socket failed");
-                    return End::BackendUnreachable;
+            // An ICMP error on a connected UDP socket raises EPOLLERR alone: waited for too.
+            r = live.socket.ready(Interest::READABLE | Interest::ERROR) => {
+                let ready = match r {
+                    Ok(ready) => ready,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "backend socket failed");
+                        return End::BackendUnreachable;
+                    }
+                };
+                if ready.is_error() {
+                    if let Some(e) = pending_error(&live.socket) {
+                        if unreachable(&e) {
+                            tracing::debug!(error = %e, backend = %live.backend.addr, "backend unreachable");
+                            return End::BackendUnreachable;
+                        }
+                        tracing::debug!(error = %e, "an error on the backend socket, not the backend's");
+                    }
                 }
-                if let Some(end) = down(t) {
-                    return end;
+                if ready.is_readable() {
+                    match down(t) {
+                        Down::Ended(end) => return end,
+                        // The budget is spent and more is waiting: let the worker's other tasks
+                        // (the listen loop, other sessions) run first.
+                        Down::More => tokio::task::yield_now().await,
+                        Down::Idle => {}
+                    }
                 }
             }
         }
     }
 }
 
-/// Reads what the backend sent, as much as is there without waiting, and sends it on.
-fn down(t: &Task) -> Option<End> {
+/// Whether an error on a session's socket says the backend cannot be reached (ICMP port, host or
+/// network unreachable), rather than something of ours (no buffer, a local firewall).
+pub(crate) fn unreachable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
+    )
+}
+
+/// The error pending on `socket` (`SO_ERROR`), if any; none clears tokio's error readiness, so
+/// a spurious one does not wake the task again.
+fn pending_error(socket: &UdpSocket) -> Option<io::Error> {
+    socket
+        .try_io(Interest::ERROR, || match socket.take_error() {
+            Ok(Some(e)) => Ok(e),
+            Ok(None) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(e) => Ok(e),
+        })
+        .ok()
+}
+
+/// Datagrams carried down per wake-up at most: a backend sending faster than that must not hold
+/// the worker from the listen loop and the other sessions.
+const DOWN_BUDGET: usize = 64;
+
+/// What a round of [`down`] came to.
+enum Down {
+    Ended(End),
+    /// The budget ran out with more waiting.
+    More,
+    /// Nothing more to read now.
+    Idle,
+}
+
+/// Reads what the backend sent, as much as is there without waiting (up to [`DOWN_BUDGET`]), and
+/// sends it on.
+fn down(t: &Task) -> Down {
     let live = &t.live;
     DOWN.with(|buf| {
         let mut buf = buf.borrow_mut();
-        loop {
+        for _ in 0..DOWN_BUDGET {
             let n = match live.socket.try_recv(&mut buf) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Down::Idle,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // ECONNREFUSED: the backend's port is closed (ICMP port-unreachable).
+                Err(e) if unreachable(&e) => {
                     tracing::debug!(error = %e, backend = %live.backend.addr, "backend unreachable");
-                    return Some(End::BackendUnreachable);
+                    return Down::Ended(End::BackendUnreachable);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "receiving from the backend failed");
+                    return Down::Idle;
                 }
             };
             live.touch();
+            if !live.answered.swap(true, Relaxed) {
+                t.service.pool.answered(&live.backend);
+            }
             if n > t.max_datagram {
                 t.stats.dropped(Dropped::TooLarge);
                 continue;
@@ -220,24 +289,27 @@ fn down(t: &Task) -> Option<End> {
                     continue;
                 }
                 Err(e) => {
+                    // The client's side (gone, unreachable): nothing the backend did.
                     tracing::debug!(error = %e, "sending to the client failed");
+                    t.stats.dropped(Dropped::SendFailed);
                     continue;
                 }
             }
             if let Some(c) = lock(&live.exchange).down() {
-                return Some(match c {
+                return Down::Ended(match c {
                     Counted::Responses => End::Responses,
                     Counted::Requests => End::Requests,
                 });
             }
         }
+        Down::More
     })
 }
 
 /// Its routing-log line and its counters.
 fn account(t: &Task, end: End) {
     let live = &t.live;
-    let service = &t.slots.service;
+    let service = &t.service;
     let (up, down) = {
         let e = lock(&live.exchange);
         (e.up, e.down)

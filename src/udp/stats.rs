@@ -74,15 +74,19 @@ pub(crate) enum Dropped {
     QueueFull,
     /// Answers a session was still waiting for (`udp.responses`) when it was evicted.
     Evicted,
+    /// A send failed with an error neither the backend's nor a full buffer's (the client gone, a
+    /// local firewall).
+    SendFailed,
 }
 
 impl Dropped {
-    pub(crate) const ALL: [Dropped; 5] = [
+    pub(crate) const ALL: [Dropped; 6] = [
         Dropped::NoBackend,
         Dropped::TooLarge,
         Dropped::Refused,
         Dropped::QueueFull,
         Dropped::Evicted,
+        Dropped::SendFailed,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -92,6 +96,7 @@ impl Dropped {
             Dropped::Refused => "refused",
             Dropped::QueueFull => "queue_full",
             Dropped::Evicted => "evicted",
+            Dropped::SendFailed => "send_failed",
         }
     }
 }

@@ -111,7 +111,7 @@ impl<V> Table<V> {
     }
 
     /// Takes out the session idle longest.
-    fn evict(&mut self, last_active: impl Fn(&V) -> u64) -> Option<V> {
+    pub(crate) fn evict(&mut self, last_active: impl Fn(&V) -> u64) -> Option<V> {
         loop {
             let (placed, id) = self.order.pop_first()?;
             let Some(e) = self.entries.get_mut(&id) else {

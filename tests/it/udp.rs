@@ -256,6 +256,43 @@ async fn a_closed_backend_port_costs_a_client_at_most_one_datagram() {
     );
 }
 
+/// A client that asks once from each source port (a DNS resolver) never resends on a session:
+/// the ICMP error that comes back for its datagram still ends the session at once, and counts
+/// against the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_port_is_found_without_the_client_sending_again() {
+    let dead = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let live = Echo::start([127, 0, 0, 1], "l", true).await;
+    let p = Proxy::start(&yaml(&[dead, live.addr], "idle_timeout: 1h", "")).await;
+    // Round robin: of two fresh clients, one goes to the closed port.
+    for _ in 0..2 {
+        client().await.send_to(b"q", p.addr).await.unwrap();
+    }
+    let d = dead;
+    wait_until(SECS(10), "the closed port's session ended", || async {
+        p.backend(d).view().failed >= 1 && p.backend(d).active() == 0
+    })
+    .await;
+}
+
+/// At the service's `max_connections` the session idle longest makes room, as at a full table:
+/// 50 sources against a cap of 10 are all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_service_cap_the_idle_longest_session_makes_room() {
+    let a = Echo::start([127, 0, 0, 1], "a", true).await;
+    let p = Proxy::start(&yaml(&[a.addr], "", "    max_connections: 10\n")).await;
+    let mut clients = Vec::new();
+    for i in 0..50u32 {
+        let c = client().await;
+        ask(&c, p.addr, &i.to_be_bytes()).await;
+        assert!(p.service.stats.active_now() <= 10);
+        clients.push(c);
+    }
+}
+
 /// Datagrams of 0, 1 and 65,507 bytes (the IPv4 maximum) arrive exact, both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datagrams_of_every_size_arrive_exact() {
