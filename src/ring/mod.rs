@@ -1120,8 +1120,11 @@ impl<H: Host> Worker<H> {
         tick: Duration,
         sockets: bool,
     ) -> io::Result<Worker<H>> {
-        let ring = crate::relay::uring::build(SQ_ENTRIES, CQ_ENTRIES)?;
-        let pool = BufPool::register(&ring, POOL_BUFS, POOL_BUF, POOL_FIRST)?;
+        let (ring, pool) = crate::relay::uring::after_closed_rings(|| {
+            let ring = crate::relay::uring::build(SQ_ENTRIES, CQ_ENTRIES)?;
+            let pool = BufPool::register(&ring, POOL_BUFS, POOL_BUF, POOL_FIRST)?;
+            Ok((ring, pool))
+        })?;
         counts.pool_given.store(u64::from(pool.given()), Relaxed);
         let splice = host.splices_bulk();
         let mut w = Worker {

@@ -93,6 +93,24 @@ pub(crate) fn build(sq: u32, cq: u32) -> io::Result<IoUring> {
         .build(sq)
 }
 
+/// Runs `f` (a ring's setup, the pages it pins) again on ENOMEM, a few times over at most 200 ms:
+/// the kernel gives back what a closed ring held (pinned pages, counted against `RLIMIT_MEMLOCK`)
+/// from a worker of its own, a little after the close, so a ring made just after others closed
+/// (the old process's at an upgrade, the tests' one after another) may find the limit still
+/// taken. Without it such a worker fails to start and its services run on epoll.
+pub(crate) fn after_closed_rings<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    const TRIES: u32 = 20;
+    for _ in 1..TRIES {
+        match f() {
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            done => return done,
+        }
+    }
+    f()
+}
+
 /// Submits a NOP through `io_uring_enter` on `ring` and waits for its completion: `Err` says how
 /// it failed (EPERM from a seccomp profile that refuses the call, say).
 fn nop_through(ring: &mut IoUring) -> Result<(), String> {
