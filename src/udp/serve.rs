@@ -295,11 +295,19 @@ impl State {
             old.end(End::Evicted);
         }
         l.stats.opened();
+        self.spawn(l, service, &live, id);
+        Some((id, live))
+    }
+
+    /// Starts a new session's task, in its own span.
+    fn spawn(&self, l: &Loop, service: &Arc<Service>, live: &Arc<Live>, id: u64) {
+        let settings = service.udp;
+        let backend = &live.backend;
         let span = tracing::info_span!(
             "udp",
             service = %service.name,
-            client = %d.from,
-            listen = %d.to,
+            client = %live.client,
+            listen = %live.to,
             backend = %backend.addr,
         );
         let task = Task {
@@ -316,7 +324,6 @@ impl State {
             started: Instant::now(),
         };
         l.tracker.spawn(session::run(task).instrument(span));
-        Some((id, live))
     }
 
     /// A `per_packet` datagram: balanced on its own, sent from an unconnected socket, no answer
