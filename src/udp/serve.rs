@@ -141,22 +141,11 @@ impl State {
         d: Received<'_>,
         service: &Service,
     ) -> bool {
-        let sent = match service.proxy_protocol {
-            Some(_) => {
-                self.scratch.clear();
-                self.scratch
-                    .extend_from_slice(&crate::proxy_protocol::encode_dgram(d.from, d.to));
-                self.scratch.extend_from_slice(d.bytes);
-                // The header may take a datagram past what UDP carries: dropped as too large,
-                // not a failure of the backend's.
-                if self.scratch.len() > MAX_UDP_PAYLOAD as usize {
-                    l.stats.dropped(Dropped::TooLarge);
-                    return true;
-                }
-                socket::try_send(&live.socket, &self.scratch)
-            }
-            None => socket::try_send(&live.socket, d.bytes),
+        let Some(bytes) = framed(&mut self.scratch, service, d) else {
+            l.stats.dropped(Dropped::TooLarge);
+            return true;
         };
+        let sent = socket::try_send(&live.socket, bytes);
         match sent {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -356,18 +345,8 @@ impl State {
         let Some(out) = &self.unconnected[family] else {
             return;
         };
-        let bytes: &[u8] = match service.proxy_protocol {
-            Some(_) => {
-                self.scratch.clear();
-                self.scratch
-                    .extend_from_slice(&crate::proxy_protocol::encode_dgram(d.from, d.to));
-                self.scratch.extend_from_slice(d.bytes);
-                if self.scratch.len() > MAX_UDP_PAYLOAD as usize {
-                    return l.stats.dropped(Dropped::TooLarge);
-                }
-                &self.scratch
-            }
-            None => d.bytes,
+        let Some(bytes) = framed(&mut self.scratch, service, d) else {
+            return l.stats.dropped(Dropped::TooLarge);
         };
         match out.send_to(bytes, backend.addr) {
             Ok(_) => {
@@ -381,6 +360,19 @@ impl State {
             }
         }
     }
+}
+
+/// What goes to the backend for datagram `d`: with `proxy_protocol`, a PROXY v2 header then the
+/// payload, put together in `scratch`; `None` when the header takes it past what UDP carries (too
+/// large, not a failure of the backend's).
+fn framed<'a>(scratch: &'a mut Vec<u8>, service: &Service, d: Received<'a>) -> Option<&'a [u8]> {
+    if service.proxy_protocol.is_none() {
+        return Some(d.bytes);
+    }
+    scratch.clear();
+    scratch.extend_from_slice(&crate::proxy_protocol::encode_dgram(d.from, d.to));
+    scratch.extend_from_slice(d.bytes);
+    (scratch.len() <= MAX_UDP_PAYLOAD as usize).then_some(&scratch[..])
 }
 
 /// A backend for a new session, below its cap, not `avoid` (whose port was just found closed)
