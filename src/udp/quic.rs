@@ -3,8 +3,8 @@
 //! socket, no clock; the balancer never holds a key of the backend (the Initial keys are derived
 //! from what is on the wire, RFC 9001 5.2, and anyone on the path can derive them).
 //!
-//! Not called by the listen loop yet: routing QUIC by SNI on a shared UDP port (issue 67, "QUIC on
-//! a shared UDP port") wires [`InitialReader`] into `serve.rs` in a later step.
+//! The listen loop reads a new client's Initials through [`super::pending`] to route it, and
+//! connection IDs through [`super::follow`] to follow it.
 //!
 //! - [`parse_long_header`] reads one long-header packet (RFC 9000 17.2; the v2 packet types of
 //!   RFC 9369 3.2), [`long_packets`] every packet coalesced in a datagram (RFC 9000 12.2), and
@@ -85,6 +85,15 @@ impl Version {
         }
     }
 
+    /// As the routing log names it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Version::V1 => "1",
+            Version::V2 => "2",
+        }
+    }
+
+    #[cfg(test)]
     pub(crate) fn wire(self) -> u32 {
         match self {
             Version::V1 => VERSION_1,
@@ -667,8 +676,14 @@ impl InitialReader {
     }
 
     /// The Destination Connection ID of the client's first Initial.
+    #[cfg(test)]
     pub(crate) fn dcid(&self) -> &[u8] {
         &self.dcid
+    }
+
+    /// Whether a packet's content failed the reader for good (every later `push` fails).
+    pub(crate) fn failed(&self) -> bool {
+        matches!(self.state, State::Failed(_))
     }
 
     /// Reads the Initial packets of one datagram from the client. Its first packet must be this
@@ -732,4 +747,4 @@ impl InitialReader {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -60,6 +60,11 @@ impl<V> Table<V> {
         self.entries.get(&id).map(|e| (id, &e.value))
     }
 
+    /// A session by its id, whether or not it takes its client's next datagram.
+    pub(crate) fn by_id(&self, id: u64) -> Option<&V> {
+        self.entries.get(&id).map(|e| &e.value)
+    }
+
     /// Adds a session for `key`, active at `now`; when the table is full it first takes out the
     /// session idle longest (`last_active` tells a session's real last activity) and returns it.
     pub(crate) fn insert(

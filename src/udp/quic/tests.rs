@@ -112,7 +112,7 @@ fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-fn hello(sni: &str, alpn: &[&str]) -> ClientHello {
+pub(crate) fn hello(sni: &str, alpn: &[&str]) -> ClientHello {
     ClientHello {
         sni: Some(sni.to_string()),
         alpn: alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
@@ -129,7 +129,7 @@ fn varint(v: u64) -> Vec<u8> {
     }
 }
 
-fn crypto_frame(offset: usize, data: &[u8]) -> Vec<u8> {
+pub(crate) fn crypto_frame(offset: usize, data: &[u8]) -> Vec<u8> {
     let mut f = vec![0x06];
     f.extend(varint(offset as u64));
     f.extend(varint(data.len() as u64));
@@ -145,7 +145,13 @@ fn client_keys(version: Version, dcid: &[u8]) -> DirectionalKeys {
 
 /// Builds a client's Initial: these frames in a packet of this number, protected as a client
 /// protects it (the Length always in 2 bytes, as the sample packets have it).
-fn initial(version: Version, dcid: &[u8], pn: u64, pn_len: usize, frames: &[u8]) -> Vec<u8> {
+pub(crate) fn initial(
+    version: Version,
+    dcid: &[u8],
+    pn: u64,
+    pn_len: usize,
+    frames: &[u8],
+) -> Vec<u8> {
     let keys = client_keys(version, dcid);
     let mut payload = frames.to_vec();
     // Enough bytes for the header protection sample past a 4-byte packet number.
@@ -185,13 +191,13 @@ fn initial(version: Version, dcid: &[u8], pn: u64, pn_len: usize, frames: &[u8])
 }
 
 /// A ClientHello handshake message (no record) with this name and these protocols.
-fn hello_message(sni: &str, alpn: &[String]) -> Vec<u8> {
+pub(crate) fn hello_message(sni: &str, alpn: &[String]) -> Vec<u8> {
     let alpn: Vec<&str> = alpn.iter().map(String::as_str).collect();
     hello::build::client_hello(Some(sni), &alpn)[5..].to_vec()
 }
 
 /// Protocols enough to make a hello of several kilobytes, as post-quantum key shares make real ones.
-fn big_alpn() -> Vec<String> {
+pub(crate) fn big_alpn() -> Vec<String> {
     let mut alpn = vec!["h3".to_string()];
     for i in 0..24 {
         alpn.push(format!("{i:02}{}", "p".repeat(198)));
