@@ -1099,6 +1099,10 @@ pub struct UdpConfig {
     /// Larger datagrams, either way, are dropped and counted.
     #[serde(default = "default_max_datagram")]
     pub max_datagram: u32,
+    /// The datagrams are QUIC: a session follows its connection's IDs, so a client whose address
+    /// changes (NAT rebinding) stays on its backend. Implied by `sni` or `alpn`.
+    #[serde(default)]
+    pub quic: bool,
 }
 
 /// The largest UDP payload over IPv4 (65,535 less the IP and UDP headers).
@@ -1125,6 +1129,7 @@ impl Default for UdpConfig {
             max_sessions: default_max_sessions(),
             per_packet: false,
             max_datagram: default_max_datagram(),
+            quic: false,
         }
     }
 }
@@ -1144,7 +1149,10 @@ pub enum BackendPort {
 impl ServiceConfig {
     /// Its `udp` settings (the defaults without the block); meaningful on a `protocol: udp` service.
     pub fn udp_settings(&self) -> UdpConfig {
-        self.udp.unwrap_or_default()
+        let mut u = self.udp.unwrap_or_default();
+        // Routes by server name or protocol are read from QUIC Initials.
+        u.quic |= !self.sni.is_empty() || !self.alpn.is_empty();
+        u
     }
 
     /// What this service answers for on a shared address.
@@ -1210,10 +1218,15 @@ impl Config {
     /// The listen addresses of the TCP services, by service index: a UDP socket on the same
     /// address is another socket, shared with no TCP service.
     pub(crate) fn tcp_listens(&self) -> impl Iterator<Item = (usize, &Listen)> {
+        self.listens(Transport::Tcp)
+    }
+
+    /// The listen lists of the services of one transport, with their index.
+    pub(crate) fn listens(&self, t: Transport) -> impl Iterator<Item = (usize, &Listen)> {
         self.services
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.protocol == Transport::Tcp)
+            .filter(move |(_, s)| s.protocol == t)
             .map(|(i, s)| (i, &s.listen))
     }
 

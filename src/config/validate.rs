@@ -166,13 +166,10 @@ impl Config {
                 for &(j, b) in &addrs[..x] {
                     // The same address in two services is sharing (validate_shared); twice in one
                     // list, or overlapping within it, cannot be bound.
-                    // Two UDP services on one address are not sharing: no route tells their
-                    // datagrams apart yet (QUIC by SNI is to come).
-                    let udp = self.services[i].protocol == Transport::Udp;
                     let clash = if i == j {
                         overlaps(a, b)
                     } else {
-                        (a != b || udp) && overlaps(a, b)
+                        a != b && overlaps(a, b)
                     };
                     if clash && said.insert((j, i)) {
                         let other = if i == j {
@@ -197,15 +194,47 @@ impl Config {
     /// read before the route is known: the PROXY header and the ClientHello). Each pair is named
     /// once, whatever number of addresses it shares.
     fn validate_shared(&self, p: &mut Problems) {
-        let shared = super::listen::shared_addresses(self.tcp_listens());
-        let mut said = std::collections::HashSet::new();
-        for (addr, services) in shared {
-            for (x, &i) in services.iter().enumerate() {
-                for &j in &services[..x] {
-                    if said.insert((j, i)) {
-                        self.validate_pair(p, addr, j, i);
+        for transport in [Transport::Tcp, Transport::Udp] {
+            let shared = super::listen::shared_addresses(self.listens(transport));
+            let mut said = std::collections::HashSet::new();
+            for (addr, services) in shared {
+                for (x, &i) in services.iter().enumerate() {
+                    for &j in &services[..x] {
+                        if !said.insert((j, i)) {
+                            continue;
+                        }
+                        match transport {
+                            Transport::Tcp => self.validate_pair(p, addr, j, i),
+                            Transport::Udp => self.validate_udp_pair(p, addr, j, i),
+                        }
                     }
                 }
+            }
+        }
+    }
+
+    /// UDP services `a` (earlier) and `b` both on `addr`: told apart by the server name or
+    /// protocols of QUIC Initials, so neither balances datagrams one by one.
+    fn validate_udp_pair(&self, p: &mut Problems, addr: std::net::SocketAddr, a: usize, b: usize) {
+        let (sa, sb) = (&self.services[a], &self.services[b]);
+        let both = format!(
+            "services[{a}] ({:?}) and services[{b}] ({:?})",
+            sa.name, sb.name
+        );
+        if let Some(what) = super::route_overlap(&sa.route_keys(), &sb.route_keys()) {
+            let (key, why) = if sa.route_keys().is_default() && sb.route_keys().is_default() {
+                ("listen", format!("{both} are both the default of UDP {addr} (neither has sni nor alpn): at most one may be; UDP services share an address only to route QUIC by server name"))
+            } else {
+                ("sni", format!("{both} both answer {what} on UDP {addr}: give them distinct sni names or alpn protocols"))
+            };
+            p.add(format!("services[{b}].{key}"), why);
+        }
+        for (i, s) in [(a, sa), (b, sb)] {
+            if s.udp_settings().per_packet {
+                p.add(
+                    format!("services[{i}].udp.per_packet"),
+                    format!("{both} share UDP {addr}, routed by QUIC's server name: a per_packet service has no sessions to route"),
+                );
             }
         }
     }
@@ -318,9 +347,13 @@ fn validate_udp(p: &mut Problems, i: usize, s: &ServiceConfig) {
             "has no sessions, so no responses or requests to count: leave those out",
         );
     }
+    if u.per_packet && u.quic {
+        p.add(
+            at("udp.per_packet"),
+            "has no sessions, so no QUIC connection to follow or route by sni/alpn: leave quic, sni and alpn out",
+        );
+    }
     let unsupported = [
-        ("sni", !s.sni.is_empty()),
-        ("alpn", !s.alpn.is_empty()),
         ("queue", s.queue.is_some()),
         ("agent", s.agent.is_some()),
         (
@@ -1089,7 +1122,6 @@ mod tests {
         for (extra, key) in [
             ("    tls: {cert: a.pem, key: a.key}\n", "tls"),
             ("    backend_tls: {}\n", "backend_tls"),
-            ("    sni: [a.test]\n", "sni"),
             ("    alpn: [h2]\n", "alpn"),
         ] {
             let err = crate::config::Config::from_yaml(&yaml(extra))
@@ -1164,7 +1196,6 @@ mod tests {
             ("    half_close_timeout: 1m\n", "half_close_timeout"),
             ("    accept_proxy: {from: [10.0.0.0/8]}\n", "accept_proxy"),
             ("    backend_tls: {}\n", "backend_tls"),
-            ("    sni: [a.test]\n", "sni"),
             ("    proxy_protocol: v1\n", "proxy_protocol"),
             ("    health: {kind: tcp}\n", "health.kind"),
         ] {
@@ -1210,5 +1241,44 @@ mod tests {
             udp_yaml("")
         );
         assert!(problem(&two).contains("services[1].listen"));
+        assert!(problem(&two).contains("both the default of UDP"));
+    }
+
+    #[test]
+    fn udp_services_share_an_address_by_quic_server_name() {
+        let svc = |name: &str, keys: &str, udp: &str| {
+            format!("  - {{name: {name}, protocol: udp, listen: 127.0.0.1:4433, {keys} udp: {{{udp}}}, backends: [{{address: 127.0.0.1:9001}}]}}\n")
+        };
+        let three = format!(
+            "services:\n{}{}{}",
+            svc("a", "sni: [a.test],", ""),
+            svc("b", "sni: ['*.b.test'], alpn: [h3],", ""),
+            svc("other", "", "quic: true"),
+        );
+        let c = crate::config::Config::from_yaml(&three).expect("routed by SNI");
+        assert!(
+            c.services.iter().all(|s| s.udp_settings().quic),
+            "sni implies quic"
+        );
+        let same = format!(
+            "services:\n{}{}",
+            svc("a", "sni: [a.test],", ""),
+            svc("b", "sni: [a.test],", "")
+        );
+        assert!(
+            problem(&same).contains("services[1].sni"),
+            "{}",
+            problem(&same)
+        );
+        let per_packet = format!(
+            "services:\n{}{}",
+            svc("a", "sni: [a.test],", ""),
+            svc("b", "", "per_packet: true")
+        );
+        assert!(
+            problem(&per_packet).contains("services[1].udp.per_packet"),
+            "{}",
+            problem(&per_packet)
+        );
     }
 }
