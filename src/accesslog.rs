@@ -112,6 +112,11 @@ pub(crate) struct UdpLine<'a> {
     pub(crate) bytes_down: u64,
     pub(crate) duration: std::time::Duration,
     pub(crate) end: &'static str,
+    /// A QUIC session's: what its Initials named and how its route took it.
+    pub(crate) sni: Option<&'a str>,
+    pub(crate) alpn: Option<&'a str>,
+    pub(crate) route: Option<&'static str>,
+    pub(crate) quic_version: Option<&'static str>,
 }
 
 /// Writes a UDP session's line (`protocol: "udp"`; a no-op when INFO is filtered out).
@@ -132,6 +137,10 @@ pub(crate) fn emit_udp(l: &UdpLine<'_>) {
         bytes_down = l.bytes_down,
         duration_ms,
         end = l.end,
+        sni = l.sni,
+        alpn = l.alpn,
+        route = l.route,
+        quic_version = l.quic_version,
         "route"
     );
 }

@@ -260,9 +260,12 @@ fn udp_wanted(running: &[Running]) -> Vec<crate::udp::Wanted> {
     running
         .iter()
         .filter(|r| r.config.protocol == Transport::Udp)
-        .map(|r| {
-            let name: Arc<str> = Arc::from(r.config.name.as_str());
-            (name, r.current.clone(), r.config.listen.addrs().to_vec())
+        .map(|r| crate::udp::Wanted {
+            name: Arc::from(r.config.name.as_str()),
+            current: r.current.clone(),
+            addrs: r.config.listen.addrs().to_vec(),
+            keys: r.config.route_keys(),
+            quic: r.config.udp_settings().quic,
         })
         .collect()
 }

@@ -12,14 +12,20 @@
 //!   `udp.requests` counted (pure).
 //! - `stats.rs`: the counters and what `/metrics` exports of them.
 //! - `quic.rs`: a QUIC client's Initial packets read for its ClientHello's SNI and ALPN, and
-//!   connection IDs read from headers (pure; not called by the listen loop yet).
+//!   connection IDs read from headers (pure); `pending.rs`: new QUIC clients of a shared address
+//!   held until their hello is whole (pure); `follow.rs`: connection IDs to their sessions, so a
+//!   client whose address changes stays on its backend (pure).
+//!
+//! Several UDP services may share an address, told apart by the server name (and protocols) of
+//! QUIC Initials, with [`crate::route::Table`]'s rules: one socket and one loop serve the address,
+//! and each session belongs to the service its first datagrams were routed to.
 //!
 //! What runs where: each listen address's loop and its sessions' tasks on one data-plane worker,
 //! so a session's datagrams are handled on one thread and stay in order.
 
 mod exchange;
-// Used by its tests only until the listen loop routes QUIC by SNI (issue 67).
-#[cfg_attr(not(test), allow(dead_code))]
+mod follow;
+mod pending;
 pub(crate) mod quic;
 mod serve;
 mod session;
@@ -35,17 +41,57 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Gate;
+use crate::config::RouteKeys;
+use crate::route;
 use crate::service::Service;
 use crate::util::lock;
 
 pub(crate) use stats::{UdpView, METRICS};
 
-/// One bound UDP listen address of one service.
+/// A service an address's datagrams may be routed to.
+pub(crate) struct Target {
+    pub(crate) service: Arc<ArcSwap<Service>>,
+    pub(crate) stats: Arc<stats::UdpStats>,
+}
+
+/// What one listen address's loop reads, swapped as a whole by a reload.
+pub(crate) struct Routes {
+    pub(crate) table: route::Table<Target>,
+    /// Its datagrams are QUIC: connections are followed by their IDs.
+    pub(crate) quic: bool,
+}
+
+impl Routes {
+    /// The service of an address that needs no ClientHello read to route.
+    pub(crate) fn only(&self) -> Option<&Target> {
+        self.table.only()
+    }
+
+    /// Where datagrams no service takes are counted: the default route's, else the first's.
+    pub(crate) fn fallback(&self) -> Option<&Target> {
+        self.table
+            .choose(None, &[])
+            .map(|c| c.target)
+            .or_else(|| self.table.targets().next())
+    }
+
+    /// The largest `max_datagram` of its services: the bound before a route is known.
+    pub(crate) fn max_datagram(&self) -> usize {
+        self.table
+            .targets()
+            .map(|t| t.service.load().udp.max_datagram as usize)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// One bound UDP listen address, of one service or shared by several.
 struct Bound {
+    /// The first service listing it, and its place in that service's `listen`: the name an
+    /// upgrade finds a port-0 address's socket by.
     service: Arc<str>,
     /// As configured (a port 0 is its own ephemeral port).
     addr: SocketAddr,
-    /// Its place in the service's `listen`, which names a port-0 address at an upgrade.
     index: usize,
     local: SocketAddr,
     /// Bound, its loop not started yet.
@@ -53,7 +99,7 @@ struct Bound {
     /// A descriptor kept for an upgrade's new process, and for reading again if that process
     /// fails; closed once the new process serves.
     kept: Option<std::net::UdpSocket>,
-    current: Arc<ArcSwap<Service>>,
+    routes: Arc<ArcSwap<Routes>>,
     /// Ends the loop and its sessions.
     stop: CancellationToken,
     /// Ends the loop only (an upgrade's new process reads the socket): its sessions go on.
@@ -101,8 +147,16 @@ pub(crate) struct Plane<'a> {
 /// Addresses bound for a reload or the start, not yet in use: dropped, they close.
 pub(crate) struct Fresh(Vec<(Arc<str>, usize, SocketAddr, std::net::UdpSocket)>);
 
-/// A UDP service as the server runs it: its name, its current version, its listen addresses.
-pub(crate) type Wanted = (Arc<str>, Arc<ArcSwap<Service>>, Vec<SocketAddr>);
+/// A UDP service as the server runs it.
+pub(crate) struct Wanted {
+    pub(crate) name: Arc<str>,
+    /// Its current version, which a reload swaps.
+    pub(crate) current: Arc<ArcSwap<Service>>,
+    pub(crate) addrs: Vec<SocketAddr>,
+    /// What it answers for on a shared address.
+    pub(crate) keys: RouteKeys,
+    pub(crate) quic: bool,
+}
 
 impl Udp {
     /// Binds the addresses of `wanted` not bound yet; nothing changes until [`Udp::commit`], and
@@ -115,7 +169,16 @@ impl Udp {
         let mut fresh = Vec::new();
         for (name, addrs) in wanted {
             for (index, &addr) in addrs.iter().enumerate() {
-                if bound.iter().any(|b| b.service == *name && b.addr == addr) {
+                // One socket per address, whatever number of services share it.
+                let port_zero = addr.port() == 0;
+                let same = |b_service: &str, b_addr: SocketAddr| {
+                    b_addr == addr && (!port_zero || b_service == &**name)
+                };
+                if bound.iter().any(|b| same(&b.service, b.addr))
+                    || fresh
+                        .iter()
+                        .any(|(n, _, a, _): &(Arc<str>, _, _, _)| same(n, *a))
+                {
                     continue;
                 }
                 let fail = |error| BindFailed {
@@ -147,17 +210,20 @@ impl Udp {
     pub(crate) fn commit(&self, fresh: Fresh, wanted: &[Wanted]) {
         let mut bound = lock(&self.bound);
         bound.retain(|b| {
-            let keep = wanted
-                .iter()
-                .any(|(n, _, addrs)| *n == b.service && addrs.contains(&b.addr));
+            let keep = self.routes_of(b.addr, &b.service, wanted).is_some();
             if !keep {
                 b.stop.cancel();
                 tracing::info!(service = %b.service, listen = %b.local, "UDP listener closed");
             }
             keep
         });
+        for b in bound.iter() {
+            if let Some(routes) = self.routes_of(b.addr, &b.service, wanted) {
+                b.routes.store(Arc::new(routes));
+            }
+        }
         for (name, index, addr, socket) in fresh.0 {
-            let Some((_, current, _)) = wanted.iter().find(|(n, _, _)| *n == name) else {
+            let Some(routes) = self.routes_of(addr, &name, wanted) else {
                 continue;
             };
             let (Ok(local), Ok(kept)) = (socket.local_addr(), socket.try_clone()) else {
@@ -170,13 +236,39 @@ impl Udp {
                 local,
                 pending: Some(socket),
                 kept: Some(kept),
-                current: current.clone(),
+                routes: Arc::new(ArcSwap::from_pointee(routes)),
                 stop: CancellationToken::new(),
                 pause: CancellationToken::new(),
             });
         }
-        let names: Vec<Arc<str>> = wanted.iter().map(|(n, _, _)| n.clone()).collect();
+        let names: Vec<Arc<str>> = wanted.iter().map(|w| w.name.clone()).collect();
         self.stats.retain(&names);
+    }
+
+    /// The routes of `addr` (bound for service `first`) as `wanted` has them; `None`: no service
+    /// listens there now. A port-0 address is one service's own.
+    fn routes_of(&self, addr: SocketAddr, first: &str, wanted: &[Wanted]) -> Option<Routes> {
+        let on_it = wanted
+            .iter()
+            .filter(|w| w.addrs.contains(&addr) && (addr.port() != 0 || &*w.name == first));
+        let routes: Vec<(RouteKeys, Target)> = on_it
+            .clone()
+            .map(|w| {
+                let target = Target {
+                    service: w.current.clone(),
+                    stats: self.stats.of(&w.name),
+                };
+                (w.keys.clone(), target)
+            })
+            .collect();
+        if routes.is_empty() {
+            return None;
+        }
+        let quic = on_it.clone().any(|w| w.quic) || routes.len() > 1;
+        Some(Routes {
+            table: route::Table::new(routes),
+            quic,
+        })
     }
 
     /// Starts the loop of every address bound and not started yet, spread over the workers.
@@ -189,8 +281,7 @@ impl Udp {
             let Some(handle) = plane.workers.get(i % plane.workers.len().max(1)) else {
                 continue;
             };
-            let stats = self.stats.of(&b.service);
-            let (current, stop, local) = (b.current.clone(), b.stop.clone(), b.local);
+            let (routes, stop, local) = (b.routes.clone(), b.stop.clone(), b.local);
             let pause = b.pause.clone();
             let (gate, tracker) = (plane.gate.clone(), plane.tracker.clone());
             let (draining, deadline) = (self.draining.clone(), plane.deadline.clone());
@@ -206,8 +297,7 @@ impl Udp {
                 };
                 serve::serve(serve::Loop {
                     listening,
-                    service: current,
-                    stats,
+                    routes,
                     gate,
                     tracker,
                     draining,
@@ -283,9 +373,42 @@ impl Udp {
     pub(crate) fn locals(&self, name: &str) -> Vec<SocketAddr> {
         lock(&self.bound)
             .iter()
-            .filter(|b| &*b.service == name)
+            .filter(|b| {
+                b.routes
+                    .load()
+                    .table
+                    .targets()
+                    .any(|t| &*t.service.load().name == name)
+            })
             .map(|b| b.local)
             .collect()
+    }
+
+    /// Where a QUIC client reaching `listen` (as bound, or as configured) with server name `sni`
+    /// and protocols `alpn` would go now, and why: `None` when no UDP service listens there,
+    /// `Some(None)` when no route takes it. A datagram that is not a QUIC Initial is routed as one
+    /// without a name.
+    pub(crate) fn explain(
+        &self,
+        listen: SocketAddr,
+        sni: Option<&str>,
+        alpn: &[Vec<u8>],
+    ) -> Option<Option<(Arc<Service>, &'static str)>> {
+        let bound = lock(&self.bound);
+        let b = bound
+            .iter()
+            .find(|b| b.local == listen)
+            .or_else(|| bound.iter().find(|b| b.addr == listen))?;
+        let routes = b.routes.load();
+        if let Some(only) = routes.only() {
+            return Some(Some((only.service.load_full(), "only")));
+        }
+        Some(
+            routes
+                .table
+                .choose(sni, alpn)
+                .map(|c| (c.target.service.load_full(), c.why.as_str())),
+        )
     }
 
     /// Every UDP service's counters now.

@@ -14,23 +14,30 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use std::sync::Mutex;
+
 use super::exchange::{Exchange, Up};
-use super::session::{self, Live, Slots, Task};
+use super::follow::{self, Cids};
+use super::pending::{self, Pending};
+use super::quic::{self, PacketType};
+use super::session::{self, Live, Parts, QuicInfo, Slots, Task};
 use super::socket::{self, Bufs, Listening, Received};
 use super::stats::{Direction, Dropped, End, UdpStats};
 use super::table::Table;
-use crate::admission::Gate;
+use super::{Routes, Target};
+use crate::admission::{Gate, GateSlot, SourceSlot};
 use crate::config::MAX_UDP_PAYLOAD;
 use crate::pool::{ActiveGuard, Backend};
 use crate::service::Service;
+use crate::tls::ClientHello;
 use crate::util::{is_local_exhaustion, lock, RateLimited};
 
 /// What one listen address's loop runs with.
 pub(crate) struct Loop {
     pub(crate) listening: Arc<Listening>,
-    /// The service's current version (a reload swaps it; open sessions keep theirs).
-    pub(crate) service: Arc<ArcSwap<Service>>,
-    pub(crate) stats: Arc<UdpStats>,
+    /// The address's services (a reload swaps them; open sessions keep the version they began
+    /// with).
+    pub(crate) routes: Arc<ArcSwap<Routes>>,
     pub(crate) gate: Arc<Gate>,
     /// Every session's task, for the drain.
     pub(crate) tracker: TaskTracker,
@@ -57,12 +64,19 @@ struct State {
     unconnected: [Option<std::net::UdpSocket>; 2],
     /// The PROXY header and the payload, put together for one send.
     scratch: Vec<u8>,
+    /// QUIC clients of a shared address waiting for their hello to be whole.
+    pending: Pending,
+    /// QUIC connection IDs to their sessions (the sessions record the backend's).
+    cids: Arc<Mutex<Cids>>,
     errors: RateLimited,
 }
 
+/// Connection IDs recorded per session of the table's bound, at most.
+const CIDS_PER_SESSION_BOUND: usize = 2;
+
 /// Runs until `stop`.
 pub(crate) async fn serve(l: Loop) {
-    let max_sessions = l.service.load().udp.max_sessions as usize;
+    let max_sessions = max_sessions(&l.routes.load());
     let (gone_tx, mut gone_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut st = State {
         table: Table::new(max_sessions),
@@ -71,6 +85,8 @@ pub(crate) async fn serve(l: Loop) {
         shutdown: l.deadline.child_token(),
         unconnected: [None, None],
         scratch: Vec::new(),
+        pending: Pending::default(),
+        cids: Arc::new(Mutex::new(Cids::new(max_sessions * CIDS_PER_SESSION_BOUND))),
         errors: RateLimited::new(std::time::Duration::from_secs(1)),
     };
     let mut bufs = Bufs::new();
@@ -97,23 +113,47 @@ pub(crate) async fn serve(l: Loop) {
     st.shutdown.cancel();
 }
 
+/// The bound of an address's session table: the largest `max_sessions` of its services.
+fn max_sessions(routes: &Routes) -> usize {
+    routes
+        .table
+        .targets()
+        .map(|t| t.service.load().udp.max_sessions as usize)
+        .max()
+        .unwrap_or(1)
+}
+
+/// Where a client datagram with no session goes.
+enum Routed<'r> {
+    /// A new session of `target`'s service, which these datagrams (held while its hello was read,
+    /// this one last) start.
+    New {
+        target: &'r Target,
+        quic: Option<QuicInfo>,
+        /// The client's first Initial's DCID, to record.
+        cid: Option<Box<[u8]>>,
+        held: Option<Vec<Box<[u8]>>>,
+    },
+    /// A connection known by its ID, from a new client address: a new session on its backend.
+    Follow(Arc<Live>),
+    /// Held until the client's hello is whole.
+    Held,
+    /// Dropped, `n` datagrams (this one and any held before it), counted.
+    Dropped(Dropped, usize),
+}
+
 impl State {
     /// One client datagram.
     fn datagram(&mut self, l: &Loop, d: Received<'_>) {
-        let service = l.service.load();
-        let settings = service.udp;
-        if d.bytes.len() > settings.max_datagram as usize {
-            l.stats.dropped(Dropped::TooLarge);
-            return;
-        }
-        if settings.per_packet {
-            return self.per_packet(l, &service, d);
-        }
+        let routes = l.routes.load();
         let key = (d.from, d.to);
         let mut avoid = None;
         if let Some((id, live)) = self.table.get(&key) {
             let live = live.clone();
-            if !live.ended() && self.up(l, id, &live, d, &service) {
+            if d.bytes.len() > live.service.udp.max_datagram as usize {
+                return live.stats.dropped(Dropped::TooLarge);
+            }
+            if !live.ended() && self.up(id, &live, d) {
                 return;
             }
             // Ended (its task not heard from yet), or its backend's port was just found closed:
@@ -123,33 +163,149 @@ impl State {
             }
             self.table.remove(id);
         }
-        let Some((id, live)) = self.start(l, &service, d, avoid) else {
-            return;
+        if d.bytes.len() > routes.max_datagram() {
+            return count(&routes, Dropped::TooLarge, 1);
+        }
+        if let Some(only) = routes.only() {
+            let service = only.service.load();
+            if service.udp.per_packet {
+                return self.per_packet(l, only, &service, d);
+            }
+        }
+        match self.route(&routes, d) {
+            Routed::New {
+                target,
+                quic,
+                cid,
+                held,
+            } => {
+                let service = target.service.load_full();
+                let Some((id, live)) = self.start(l, target, &service, d, avoid, quic) else {
+                    return;
+                };
+                if let Some(cid) = cid {
+                    self.record(id, &live, &cid);
+                }
+                match held {
+                    Some(held) => {
+                        for datagram in held {
+                            let _ = self.up(
+                                id,
+                                &live,
+                                Received {
+                                    bytes: &datagram,
+                                    ..d
+                                },
+                            );
+                        }
+                    }
+                    // A new session's first send fails only on our side; the datagram is lost then.
+                    None => {
+                        let _ = self.up(id, &live, d);
+                    }
+                }
+            }
+            Routed::Follow(old) => self.follow(l, &old, d),
+            Routed::Held => {}
+            Routed::Dropped(why, n) => count(&routes, why, n),
+        }
+    }
+
+    /// Where a datagram that has no session goes: the address's one service, or on a QUIC
+    /// address the session whose connection ID it carries, else the route its ClientHello's
+    /// server name and protocols choose (held until the hello is whole), else the default.
+    fn route<'r>(&mut self, routes: &'r Routes, d: Received<'_>) -> Routed<'r> {
+        if routes.quic {
+            let cids = lock(&self.cids);
+            if let Some((id, _)) = cids.find(d.bytes) {
+                if let Some(live) = self.table.by_id(id).filter(|s| !s.ended()) {
+                    return Routed::Follow(live.clone());
+                }
+            }
+        }
+        let initial = routes
+            .quic
+            .then(|| quic::parse_long_header(d.bytes).ok())
+            .flatten()
+            .filter(|h| h.packet_type == PacketType::Initial);
+        let cid = initial.as_ref().map(|h| Box::from(h.dcid));
+        if let Some(only) = routes.only() {
+            let quic = routes.quic.then(|| QuicInfo {
+                version: initial.map(|h| h.version),
+                ..QuicInfo::default()
+            });
+            return Routed::New {
+                target: only,
+                quic,
+                cid,
+                held: None,
+            };
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let (expired, read) = self.pending.push((d.from, d.to), d.bytes, now);
+        if expired > 0 {
+            count(routes, Dropped::QuicUnread, expired);
+        }
+        let (hello, version, held) = match read {
+            pending::Read::Held => return Routed::Held,
+            pending::Read::Unread { error, dropped } => {
+                tracing::debug!(client = %d.from, error = ?error, "a QUIC Initial that cannot be read");
+                return Routed::Dropped(Dropped::QuicUnread, dropped + 1);
+            }
+            pending::Read::NotInitial => (ClientHello::default(), None, None),
+            pending::Read::Hello {
+                hello,
+                version,
+                held,
+            } => (hello, Some(version), Some(held)),
         };
-        // A new session's first send fails only on our side; the datagram is lost then.
-        let _ = self.up(l, id, &live, d, &service);
+        let n = held.as_ref().map_or(1, Vec::len);
+        let Some(chosen) = routes.table.choose(hello.sni.as_deref(), &hello.alpn) else {
+            return Routed::Dropped(Dropped::NoRoute, n);
+        };
+        let alpn = chosen.protocol.or(hello.alpn.first().map(Vec::as_slice));
+        let alpn = alpn.map(|p| String::from_utf8_lossy(p).into_owned());
+        let why = chosen.why.as_str();
+        // The choice borrows the hello's protocols too; the target is the table's own.
+        let chosen = chosen.target as *const Target;
+        let Some(target) = routes.table.targets().find(|t| std::ptr::eq(*t, chosen)) else {
+            return Routed::Dropped(Dropped::NoRoute, n);
+        };
+        let quic = QuicInfo {
+            version,
+            alpn,
+            sni: hello.sni,
+            route: Some(why),
+        };
+        Routed::New {
+            target,
+            quic: Some(quic),
+            cid,
+            held,
+        }
+    }
+
+    /// Records connection ID `cid` as session `id`'s.
+    fn record(&self, id: u64, live: &Live, cid: &[u8]) {
+        let mut held = lock(&live.cids);
+        if lock(&self.cids).record(cid, id, held.len()) == follow::Recorded::Yes {
+            held.push(cid.into());
+        }
     }
 
     /// Sends a client datagram on its session's socket: `false` when the backend's port was
     /// found closed (an ICMP port-unreachable came back for an earlier one), which ends the
     /// session without taking the datagram.
-    fn up(
-        &mut self,
-        l: &Loop,
-        id: u64,
-        live: &Arc<Live>,
-        d: Received<'_>,
-        service: &Service,
-    ) -> bool {
-        let Some(bytes) = framed(&mut self.scratch, service, d) else {
-            l.stats.dropped(Dropped::TooLarge);
+    fn up(&mut self, id: u64, live: &Arc<Live>, d: Received<'_>) -> bool {
+        let Some(bytes) = framed(&mut self.scratch, &live.service, d) else {
+            live.stats.dropped(Dropped::TooLarge);
             return true;
         };
         let sent = socket::try_send(&live.socket, bytes);
         match sent {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                l.stats.dropped(Dropped::QueueFull);
+                live.stats.dropped(Dropped::QueueFull);
                 return true;
             }
             Err(e) if session::unreachable(&e) => {
@@ -167,12 +323,12 @@ impl State {
                 } else {
                     Dropped::SendFailed
                 };
-                l.stats.dropped(why);
+                live.stats.dropped(why);
                 return true;
             }
         }
         live.touch();
-        l.stats.carried(Direction::Up, d.bytes.len());
+        live.stats.carried(Direction::Up, d.bytes.len());
         live.carried(Direction::Up, d.bytes.len());
         let verdict = lock(&live.exchange).up();
         match verdict {
@@ -186,29 +342,141 @@ impl State {
         true
     }
 
-    /// Starts a session for a client datagram, or says (and counts) why not.
+    /// A known connection from a new client address (NAT rebinding): a new session on the same
+    /// backend, of the same service version, which takes over the connection's IDs.
+    fn follow(&mut self, l: &Loop, old: &Arc<Live>, d: Received<'_>) {
+        let service = old.service.clone();
+        let quic = old.quic.clone();
+        let (target, stats) = (old.backend.clone(), old.stats.clone());
+        let Some((id, live)) = self.open(l, &service, stats, d, Pick::Backend(target), quic) else {
+            return;
+        };
+        tracing::debug!(client = %d.from, was = %old.client, backend = %live.backend.addr, "a QUIC connection moved to a new client address");
+        let cids: Vec<Box<[u8]>> = lock(&old.cids).clone();
+        for cid in cids {
+            self.record(id, &live, &cid);
+        }
+        let _ = self.up(id, &live, d);
+    }
+
+    /// Starts a session for a client datagram routed to `target`, or says (and counts) why not.
     fn start(
         &mut self,
         l: &Loop,
+        target: &Target,
         service: &Arc<Service>,
         d: Received<'_>,
         avoid: Option<SocketAddr>,
+        quic: Option<QuicInfo>,
+    ) -> Option<(u64, Arc<Live>)> {
+        self.open(
+            l,
+            service,
+            target.stats.clone(),
+            d,
+            Pick::Avoiding(avoid),
+            quic,
+        )
+    }
+
+    /// Opens a session: admission, the backend, its socket, its place in the table, its task.
+    fn open(
+        &mut self,
+        l: &Loop,
+        service: &Arc<Service>,
+        stats: Arc<UdpStats>,
+        d: Received<'_>,
+        how: Pick,
+        quic: Option<QuicInfo>,
     ) -> Option<(u64, Arc<Live>)> {
         let refuse = |why: Dropped| {
             tracing::debug!(client = %d.from, reason = why.as_str(), "datagram dropped: no session for it");
-            l.stats.dropped(why);
+            stats.dropped(why);
             None
         };
         if l.draining.is_cancelled() {
             return refuse(Dropped::Refused);
         }
-        // At a cap (the top-level or the service's `max_connections`), the session idle longest
-        // on this address makes room, as when the table is full: a flood of sources cannot lock
-        // new clients out for an idle timeout.
+        let Some(admitted) = self.admit(l, service, d) else {
+            return refuse(Dropped::Refused);
+        };
+        let picked = match how {
+            Pick::Avoiding(avoid) => pick(service, d.from, avoid),
+            Pick::Backend(b) => {
+                let cap = service.caps.cap_of(&b);
+                ActiveGuard::within(b.clone(), cap).map(|active| (b, active))
+            }
+        };
+        let Some((backend, active)) = picked else {
+            service.stats.left();
+            service.note_selection(false);
+            return refuse(Dropped::NoBackend);
+        };
+        service.note_selection(true);
+        // Opening a UDP socket sends nothing: its failures are ours (no descriptor, no ephemeral
+        // port left: EADDRINUSE), never the backend's, which must not be ejected for them.
+        let socket = match socket::connect(backend.addr) {
+            Ok(s) => s,
+            Err(e) => {
+                service.stats.left();
+                if self.errors.allow().is_some() {
+                    tracing::warn!(backend = %backend.addr, error = %e, "cannot open a session's socket to the backend");
+                }
+                return refuse(Dropped::NoSocket);
+            }
+        };
+        service.stats.accepted();
+        service.pool.session_opened(&backend);
+        let settings = service.udp;
+        let (gate, source) = admitted;
+        let slots = Slots {
+            active,
+            _source: source,
+            service: service.clone(),
+            _gate: gate,
+            since: service.occupancy.sessions.enter(),
+        };
+        let parts = Parts {
+            socket,
+            key: (d.from, d.to),
+            exchange: Exchange::new(settings.responses, settings.requests),
+            slots,
+            stats: stats.clone(),
+            quic,
+        };
+        let live = Arc::new(Live::new(parts, self.epoch));
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let max = max_sessions(&l.routes.load());
+        self.table.set_max(max);
+        lock(&self.cids).set_max(max * CIDS_PER_SESSION_BOUND);
+        let (id, evicted) = self
+            .table
+            .insert((d.from, d.to), live.clone(), now, |v| v.last_active());
+        if let Some(old) = evicted {
+            old.stats
+                .dropped_by_eviction(lock(&old.exchange).unanswered());
+            old.end(End::Evicted);
+        }
+        stats.opened();
+        self.spawn(l, &live, id);
+        Some((id, live))
+    }
+
+    /// A new session's places: under the top-level cap, in its service, under its source's
+    /// limits; `None` (counted by the caller) when refused. At a cap (the top-level or the
+    /// service's `max_connections`), the session idle longest on this address makes room, as when
+    /// the table is full: a flood of sources cannot lock new clients out for an idle timeout.
+    fn admit(
+        &mut self,
+        l: &Loop,
+        service: &Service,
+        d: Received<'_>,
+    ) -> Option<(GateSlot, Option<SourceSlot>)> {
+        let table = &mut self.table;
         let mut room = || -> bool {
-            match self.table.evict(|v: &Arc<Live>| v.last_active()) {
+            match table.evict(|v: &Arc<Live>| v.last_active()) {
                 Some(old) => {
-                    l.stats
+                    old.stats
                         .dropped_by_eviction(lock(&old.exchange).unanswered());
                     old.end(End::Evicted);
                     true
@@ -218,78 +486,25 @@ impl State {
         };
         let gate = match l.gate.enter() {
             Some(g) => g,
-            None if room() => match l.gate.enter() {
-                Some(g) => g,
-                None => return refuse(Dropped::Refused),
-            },
-            None => return refuse(Dropped::Refused),
+            None if room() => l.gate.enter()?,
+            None => return None,
         };
         let cap = service.max_connections;
-        let entered = service.stats.enter(cap) || (room() && service.stats.enter(cap));
-        if !entered {
-            return refuse(Dropped::Refused);
+        if !(service.stats.enter(cap) || (room() && service.stats.enter(cap))) {
+            return None;
         }
-        let source = match crate::session::admit_source(service, d.from.ip()) {
-            Ok(s) => s,
+        match crate::session::admit_source(service, d.from.ip()) {
+            Ok(source) => Some((gate, source)),
             Err(_) => {
                 service.stats.left();
-                return refuse(Dropped::Refused);
+                None
             }
-        };
-        let picked = pick(service, d.from, avoid);
-        let Some((backend, active)) = picked else {
-            service.stats.left();
-            service.note_selection(false);
-            return refuse(Dropped::NoBackend);
-        };
-        service.note_selection(true);
-        let socket = match socket::connect(backend.addr) {
-            Ok(s) => s,
-            Err(e) => {
-                service.stats.left();
-                if !is_local_exhaustion(&e) {
-                    service.pool.connect_failed(&backend);
-                }
-                if self.errors.allow().is_some() {
-                    tracing::warn!(backend = %backend.addr, error = %e, "cannot open a socket to the backend");
-                }
-                return refuse(Dropped::NoBackend);
-            }
-        };
-        service.stats.accepted();
-        service.pool.session_opened(&backend);
-        let settings = service.udp;
-        let slots = Slots {
-            active,
-            _source: source,
-            service: service.clone(),
-            _gate: gate,
-            since: service.occupancy.sessions.enter(),
-        };
-        let live = Arc::new(Live::new(
-            socket,
-            (d.from, d.to),
-            Exchange::new(settings.responses, settings.requests),
-            slots,
-            self.epoch,
-        ));
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.table.set_max(settings.max_sessions as usize);
-        let (id, evicted) = self
-            .table
-            .insert((d.from, d.to), live.clone(), now, |v| v.last_active());
-        if let Some(old) = evicted {
-            l.stats
-                .dropped_by_eviction(lock(&old.exchange).unanswered());
-            old.end(End::Evicted);
         }
-        l.stats.opened();
-        self.spawn(l, service, &live, id);
-        Some((id, live))
     }
 
     /// Starts a new session's task, in its own span.
-    fn spawn(&self, l: &Loop, service: &Arc<Service>, live: &Arc<Live>, id: u64) {
+    fn spawn(&self, l: &Loop, live: &Arc<Live>, id: u64) {
+        let service = &live.service;
         let settings = service.udp;
         let backend = &live.backend;
         let span = tracing::info_span!(
@@ -301,10 +516,9 @@ impl State {
         );
         let task = Task {
             live: live.clone(),
-            service: service.clone(),
             cut: backend.cut_signal(),
             listening: l.listening.clone(),
-            stats: l.stats.clone(),
+            cids: self.cids.clone(),
             idle: settings.idle_timeout.0,
             max_datagram: settings.max_datagram as usize,
             shutdown: self.shutdown.clone(),
@@ -317,17 +531,18 @@ impl State {
 
     /// A `per_packet` datagram: balanced on its own, sent from an unconnected socket, no answer
     /// expected.
-    fn per_packet(&mut self, l: &Loop, service: &Arc<Service>, d: Received<'_>) {
+    fn per_packet(&mut self, l: &Loop, target: &Target, service: &Arc<Service>, d: Received<'_>) {
+        let stats = &target.stats;
         if l.draining.is_cancelled() {
-            return l.stats.dropped(Dropped::Refused);
+            return stats.dropped(Dropped::Refused);
         }
         if !service.limits.permits(d.from.ip()) {
-            return l.stats.dropped(Dropped::Refused);
+            return stats.dropped(Dropped::Refused);
         }
         let snapshot = service.pool.snapshot();
         let Some(backend) = snapshot.pick(d.from, &[]) else {
             service.note_selection(false);
-            return l.stats.dropped(Dropped::NoBackend);
+            return stats.dropped(Dropped::NoBackend);
         };
         service.note_selection(true);
         let family = usize::from(backend.addr.is_ipv6());
@@ -338,7 +553,7 @@ impl State {
                     if self.errors.allow().is_some() {
                         tracing::warn!(error = %e, "cannot open a socket to the backends");
                     }
-                    return l.stats.dropped(Dropped::NoBackend);
+                    return stats.dropped(Dropped::NoBackend);
                 }
             }
         }
@@ -346,17 +561,17 @@ impl State {
             return;
         };
         let Some(bytes) = framed(&mut self.scratch, service, d) else {
-            return l.stats.dropped(Dropped::TooLarge);
+            return stats.dropped(Dropped::TooLarge);
         };
         match out.send_to(bytes, backend.addr) {
             Ok(_) => {
-                l.stats.carried(Direction::Up, d.bytes.len());
+                stats.carried(Direction::Up, d.bytes.len());
                 backend.stats.moved(d.bytes.len() as u64, 0);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => l.stats.dropped(Dropped::QueueFull),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stats.dropped(Dropped::QueueFull),
             Err(e) => {
                 tracing::debug!(error = %e, backend = %backend.addr, "per-packet send failed");
-                l.stats.dropped(Dropped::SendFailed);
+                stats.dropped(Dropped::SendFailed);
             }
         }
     }
@@ -400,4 +615,22 @@ fn pick(
         }
     }
     None
+}
+
+/// How a new session finds its backend.
+enum Pick {
+    /// By the service's policy, not this one (whose port was just found closed) unless it is the
+    /// only one.
+    Avoiding(Option<SocketAddr>),
+    /// This one: a moved connection's.
+    Backend(Arc<Backend>),
+}
+
+/// Counts `n` datagrams dropped before a service took them, on the address's fallback service.
+fn count(routes: &Routes, why: Dropped, n: usize) {
+    if let Some(t) = routes.fallback() {
+        for _ in 0..n {
+            t.stats.dropped(why);
+        }
+    }
 }

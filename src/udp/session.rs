@@ -16,6 +16,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::exchange::{Counted, Exchange};
+use super::follow::{Cids, Recorded};
+use super::quic::{self, Version};
 use super::socket::Listening;
 use super::stats::{Direction, Dropped, End, UdpStats};
 use crate::admission::{GateSlot, SourceSlot};
@@ -29,6 +31,13 @@ pub(crate) struct Live {
     /// Connected to the backend.
     pub(crate) socket: UdpSocket,
     pub(crate) backend: Arc<Backend>,
+    /// The version of its service it started with (a reload's next one serves new sessions).
+    pub(crate) service: Arc<Service>,
+    pub(crate) stats: Arc<UdpStats>,
+    /// What its QUIC Initials said, for a session of a QUIC address.
+    pub(crate) quic: Option<QuicInfo>,
+    /// The connection IDs recorded for it (at most [`super::follow::PER_SESSION`]).
+    pub(crate) cids: Mutex<Vec<Box<[u8]>>>,
     pub(crate) client: SocketAddr,
     /// Where the client sent to: the address its answers leave from.
     pub(crate) to: SocketAddr,
@@ -48,17 +57,44 @@ pub(crate) struct Live {
     epoch: Instant,
 }
 
+/// A QUIC session's routing facts, for its line.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct QuicInfo {
+    pub(crate) version: Option<Version>,
+    pub(crate) sni: Option<String>,
+    /// The protocol its route was narrowed by, else the client's first.
+    pub(crate) alpn: Option<String>,
+    /// Why its route took it (`None`: the address has one service, no hello was read).
+    pub(crate) route: Option<&'static str>,
+}
+
+/// A new session's parts.
+pub(crate) struct Parts {
+    pub(crate) socket: UdpSocket,
+    pub(crate) key: (SocketAddr, SocketAddr),
+    pub(crate) exchange: Exchange,
+    pub(crate) slots: Slots,
+    pub(crate) stats: Arc<UdpStats>,
+    pub(crate) quic: Option<QuicInfo>,
+}
+
 impl Live {
-    pub(crate) fn new(
-        socket: UdpSocket,
-        (client, to): (SocketAddr, SocketAddr),
-        exchange: Exchange,
-        slots: Slots,
-        epoch: Instant,
-    ) -> Live {
+    pub(crate) fn new(parts: Parts, epoch: Instant) -> Live {
+        let Parts {
+            socket,
+            key: (client, to),
+            exchange,
+            slots,
+            stats,
+            quic,
+        } = parts;
         let live = Live {
             socket,
             backend: slots.active.backend().clone(),
+            service: slots.service.clone(),
+            stats,
+            quic,
+            cids: Mutex::new(Vec::new()),
             client,
             to,
             last: AtomicU64::new(0),
@@ -130,11 +166,12 @@ impl Drop for Slots {
 /// Everything the session's task needs besides [`Live`].
 pub(crate) struct Task {
     pub(crate) live: Arc<Live>,
-    pub(crate) service: Arc<Service>,
     /// The backend's cut signal as it was when the session picked it.
     pub(crate) cut: Arc<CutSignal>,
     pub(crate) listening: Arc<Listening>,
-    pub(crate) stats: Arc<UdpStats>,
+    /// The address's connection IDs: the backend's are recorded as they come, and the session's
+    /// forgotten when it ends.
+    pub(crate) cids: Arc<Mutex<Cids>>,
     pub(crate) idle: Duration,
     pub(crate) max_datagram: usize,
     /// The drain deadline, or the service's removal: ends it as `shutdown`.
@@ -158,7 +195,11 @@ pub(crate) async fn run(t: Task) {
     t.live.end(end);
     let end = t.live.why.get().copied().unwrap_or(end);
     if end == End::BackendUnreachable {
-        t.service.pool.connect_failed(&t.live.backend);
+        t.live.service.pool.connect_failed(&t.live.backend);
+    }
+    {
+        let held = lock(&t.live.cids);
+        lock(&t.cids).forget(t.id, held.iter().map(|c| &c[..]));
     }
     account(&t, end);
     let _ = t.gone.send(t.id);
@@ -273,25 +314,28 @@ fn down(t: &Task) -> Down {
             };
             live.touch();
             if !live.answered.swap(true, Relaxed) {
-                t.service.pool.answered(&live.backend);
+                live.service.pool.answered(&live.backend);
             }
             if n > t.max_datagram {
-                t.stats.dropped(Dropped::TooLarge);
+                live.stats.dropped(Dropped::TooLarge);
                 continue;
+            }
+            if live.quic.is_some() {
+                record_server_cid(t, &buf[..n]);
             }
             match t.listening.try_send_to(live.client, live.to.ip(), &buf[..n]) {
                 Ok(()) => {
-                    t.stats.carried(Direction::Down, n);
+                    live.stats.carried(Direction::Down, n);
                     live.carried(Direction::Down, n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    t.stats.dropped(Dropped::QueueFull);
+                    live.stats.dropped(Dropped::QueueFull);
                     continue;
                 }
                 Err(e) => {
                     // The client's side (gone, unreachable): nothing the backend did.
                     tracing::debug!(error = %e, "sending to the client failed");
-                    t.stats.dropped(Dropped::SendFailed);
+                    live.stats.dropped(Dropped::SendFailed);
                     continue;
                 }
             }
@@ -306,10 +350,29 @@ fn down(t: &Task) -> Down {
     })
 }
 
+/// Records the Source Connection ID the backend chose, from its long-header packets (its
+/// Initial and Handshake packets): the client's short-header packets carry it.
+fn record_server_cid(t: &Task, datagram: &[u8]) {
+    if !quic::is_long_header(datagram) {
+        return;
+    }
+    let Ok(header) = quic::parse_long_header(datagram) else {
+        return;
+    };
+    let mut held = lock(&t.live.cids);
+    if held.iter().any(|c| &c[..] == header.scid) {
+        return;
+    }
+    if lock(&t.cids).record(header.scid, t.id, held.len()) == Recorded::Yes {
+        held.push(header.scid.into());
+    }
+}
+
 /// Its routing-log line and its counters.
 fn account(t: &Task, end: End) {
     let live = &t.live;
-    let service = &t.service;
+    let service = &live.service;
+    let stats = &live.stats;
     let (up, down) = {
         let e = lock(&live.exchange);
         (e.up, e.down)
@@ -317,7 +380,8 @@ fn account(t: &Task, end: End) {
     let bytes_up = live.bytes[Direction::Up as usize].load(Relaxed);
     let bytes_down = live.bytes[Direction::Down as usize].load(Relaxed);
     live.backend.stats.moved(bytes_up, bytes_down);
-    t.stats.ended(end);
+    stats.ended(end);
+    let quic = live.quic.as_ref();
     crate::accesslog::emit_udp(&crate::accesslog::UdpLine {
         service: &service.name,
         client: live.client,
@@ -331,5 +395,9 @@ fn account(t: &Task, end: End) {
         bytes_down,
         duration: t.started.elapsed(),
         end: end.as_str(),
+        sni: quic.and_then(|q| q.sni.as_deref()),
+        alpn: quic.and_then(|q| q.alpn.as_deref()),
+        route: quic.and_then(|q| q.route),
+        quic_version: quic.and_then(|q| q.version).map(|v| v.name()),
     });
 }

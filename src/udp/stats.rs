@@ -77,16 +77,29 @@ pub(crate) enum Dropped {
     /// A send failed with an error neither the backend's nor a full buffer's (the client gone, a
     /// local firewall).
     SendFailed,
+    /// A new session's socket could not be opened (no descriptor, or no ephemeral port left):
+    /// ours, not the backend's.
+    NoSocket,
+    /// On a shared address, no service's route takes it (its QUIC server name, or no default for
+    /// a datagram that is not a QUIC Initial). Counted on the address's default service, else its
+    /// first.
+    NoRoute,
+    /// On a shared address, a QUIC Initial whose ClientHello could not be read: malformed,
+    /// undecryptable, or not whole within the wait's bounds. Counted as `no_route` is.
+    QuicUnread,
 }
 
 impl Dropped {
-    pub(crate) const ALL: [Dropped; 6] = [
+    pub(crate) const ALL: [Dropped; 9] = [
         Dropped::NoBackend,
         Dropped::TooLarge,
         Dropped::Refused,
         Dropped::QueueFull,
         Dropped::Evicted,
         Dropped::SendFailed,
+        Dropped::NoSocket,
+        Dropped::NoRoute,
+        Dropped::QuicUnread,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -97,6 +110,9 @@ impl Dropped {
             Dropped::QueueFull => "queue_full",
             Dropped::Evicted => "evicted",
             Dropped::SendFailed => "send_failed",
+            Dropped::NoSocket => "no_socket",
+            Dropped::NoRoute => "no_route",
+            Dropped::QuicUnread => "quic_unread",
         }
     }
 }
