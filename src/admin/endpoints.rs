@@ -401,7 +401,22 @@ impl Admin {
             })
             .transpose()?;
         if let Some(listen) = param("listen") {
-            return self.route_on(&listen, param("sni"), param("alpn"), client);
+            let udp = match param("protocol").as_deref() {
+                None | Some("tcp") => false,
+                Some("udp") => true,
+                Some(other) => {
+                    return Err(ApiError::bad_request(format!(
+                        "protocol: {other:?} is not tcp or udp"
+                    )))
+                }
+            };
+            let asked = Asked {
+                sni: param("sni"),
+                alpn: param("alpn"),
+                client,
+                udp,
+            };
+            return self.route_on(&listen, asked);
         }
         let ip = client.ok_or_else(|| {
             ApiError::bad_request(
@@ -426,15 +441,16 @@ impl Admin {
         ))
     }
 
-    /// `GET /route?listen=ADDR&sni=NAME&alpn=P[,Q][&client=IP]`: the service a client reaching
-    /// ADDR with that server name and those protocols would get, why, and its backend now.
-    fn route_on(
-        &self,
-        listen: &str,
-        sni: Option<String>,
-        alpn: Option<String>,
-        client: Option<std::net::IpAddr>,
-    ) -> Answer {
+    /// `GET /route?listen=ADDR&sni=NAME&alpn=P[,Q][&client=IP][&protocol=udp]`: the service a
+    /// client reaching ADDR with that server name and those protocols would get, why, and its
+    /// backend now (with `protocol=udp`, a QUIC client of a UDP address).
+    fn route_on(&self, listen: &str, asked: Asked) -> Answer {
+        let Asked {
+            sni,
+            alpn,
+            client,
+            udp,
+        } = asked;
         let addr: SocketAddr = listen
             .parse()
             .map_err(|_| ApiError::bad_request(format!("listen: {listen:?} is not ip:port")))?;
@@ -444,10 +460,13 @@ impl Admin {
             .filter(|p| !p.is_empty())
             .map(|p| p.as_bytes().to_vec())
             .collect();
-        let chosen = self
-            .control
-            .explain_route(addr, sni.as_deref(), &protocols)
-            .ok_or_else(|| ApiError::not_found(format!("nothing listens on {addr}")))?;
+        let protocol = if udp { "udp" } else { "tcp" };
+        let chosen = if udp {
+            self.control.udp.explain(addr, sni.as_deref(), &protocols)
+        } else {
+            self.control.explain_route(addr, sni.as_deref(), &protocols)
+        }
+        .ok_or_else(|| ApiError::not_found(format!("nothing listens on {protocol} {addr}")))?;
         let ip = client.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         let answer = match chosen {
             Some((svc, why)) => {
@@ -456,13 +475,15 @@ impl Admin {
                     // Connected at the port the client reached, as the session would.
                     backend = backend.map(|b| SocketAddr::new(b.ip(), addr.port()));
                 }
-                json!({"listen": addr, "sni": sni, "alpn": alpn, "service": &*svc.name,
+                json!({"listen": addr, "protocol": protocol, "sni": sni, "alpn": alpn, "service": &*svc.name,
                        "route": why, "policy": svc.policy.as_str(), "backend": backend,
                        "name": name, "instance": self.control.instance()})
             }
-            None => json!({"listen": addr, "sni": sni, "alpn": alpn, "service": null,
+            None => {
+                json!({"listen": addr, "protocol": protocol, "sni": sni, "alpn": alpn, "service": null,
                            "route": "no_route", "backend": null,
-                           "instance": self.control.instance()}),
+                           "instance": self.control.instance()})
+            }
         };
         Ok(json_response(StatusCode::OK, &answer))
     }
@@ -642,6 +663,15 @@ fn drain_json(c: &Control) -> Value {
             .unwrap_or(Value::Null);
     }
     v
+}
+
+/// What `GET /route?listen=ADDR` asks about, besides the address.
+struct Asked {
+    sni: Option<String>,
+    alpn: Option<String>,
+    client: Option<std::net::IpAddr>,
+    /// A QUIC client of a UDP address (`protocol=udp`), not a TCP one.
+    udp: bool,
 }
 
 #[cfg(test)]
