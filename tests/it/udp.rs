@@ -1,7 +1,8 @@
 //! UDP services (`protocol: udp`) over real sockets on loopback: sessions and their affinity,
 //! `responses`, `idle_timeout`, the bounded table under a flood of sources, `per_packet`, a
 //! backend whose port is closed, datagram sizes, PROXY v2 over UDP, two balancers agreeing, the
-//! drain, and a real DNS server (hickory's, in process) behind the balancer.
+//! drain, a real DNS server (hickory's, in process) behind the balancer, and QUIC (aioquic) routed
+//! by server name on a shared port and followed when its client moves.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 
 use crate::common::dns::FakeDns;
+use crate::common::http::get;
 use crate::common::*;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -435,4 +437,186 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
     }
     q.extend_from_slice(&[0, 0, 1, 0, 1]);
     q
+}
+
+/// A real QUIC server (aioquic, tests/quic/peer.py) answering with its name; ended with the test.
+struct QuicServer {
+    addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl Drop for QuicServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python that has aioquic: `SLUICEGATE_QUIC_PYTHON` (CI's virtualenv), else `python3`.
+fn quic_python() -> Option<String> {
+    let python = std::env::var("SLUICEGATE_QUIC_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import aioquic"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let missing = (!ok).then(|| format!("{python} has no aioquic (pip install aioquic)"));
+    require_tool("AIOQUIC", missing).then_some(python)
+}
+
+fn peer_script() -> String {
+    format!("{}/tests/quic/peer.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+impl QuicServer {
+    fn start(python: &str, pair: &pki::Pair, name: &str) -> QuicServer {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(python)
+            .arg(peer_script())
+            .args(["server", "--listen", "127.0.0.1:0", "--name", name])
+            .arg("--cert")
+            .arg(&pair.cert)
+            .arg("--key")
+            .arg(&pair.key)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the aioquic server");
+        let out = child.stdout.take().expect("its stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("its ready line");
+        let port: u16 = line
+            .strip_prefix("ready ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("the aioquic server said {line:?}"));
+        QuicServer {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child,
+        }
+    }
+}
+
+/// Runs the aioquic client against `to` for server name `sni`: the answers it got, in order.
+async fn quic_client(
+    python: &str,
+    ca: &std::path::Path,
+    to: SocketAddr,
+    sni: &str,
+    moves: bool,
+) -> Vec<String> {
+    let mut cmd = tokio::process::Command::new(python);
+    cmd.arg(peer_script())
+        .args(["client", "--connect", &to.to_string(), "--sni", sni, "--ca"])
+        .arg(ca);
+    if moves {
+        cmd.arg("--move");
+    }
+    let out = within(SECS(30), "the aioquic client", cmd.output())
+        .await
+        .expect("run the aioquic client");
+    assert!(
+        out.status.success(),
+        "the QUIC client for {sni} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("its JSON line");
+    let sources = v["sources"].as_array().map_or(0, Vec::len);
+    assert_eq!(sources, if moves { 2 } else { 1 }, "{v}");
+    v["answers"]
+        .as_array()
+        .expect("answers")
+        .iter()
+        .map(|a| a.as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// QUIC on one shared UDP port: two services routed by the server name in the client's Initials,
+/// each backend (aioquic) with its own certificate that the client verifies (passthrough); and a
+/// client that moves to a new source port mid-connection stays on its backend, its connection
+/// alive, though its service has two backends and the new address alone would be balanced anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_is_routed_by_server_name_and_followed_when_the_client_moves() {
+    let Some(python) = quic_python() else {
+        return;
+    };
+    let pki = pki::Pki::new("quic");
+    let a_pair = pki.server("a", &["a.test"]);
+    let b_pair = pki.server("b", &["b.test"]);
+    let a1 = QuicServer::start(&python, &a_pair, "a1");
+    let a2 = QuicServer::start(&python, &a_pair, "a2");
+    let b = QuicServer::start(&python, &b_pair, "b");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let service = |name: &str, sni: &str, backends: &[&QuicServer]| {
+        let list: String = backends
+            .iter()
+            .map(|s| format!("      - address: \"{}\"\n", s.addr))
+            .collect();
+        format!("  - name: {name}\n    protocol: udp\n    listen: \"{listen}\"\n    sni: [\"{sni}\"]\n    balance: round_robin\n    backends:\n{list}")
+    };
+    let yaml = format!(
+        "admin:\n  listen: \"127.0.0.1:0\"\nservices:\n{}{}",
+        service("quic-a", "a.test", &[&a1, &a2]),
+        service("quic-b", "b.test", &[&b])
+    );
+    let p = Proxy::start(&yaml).await;
+    let admin = p.admin.expect("the admin API");
+    for (sni, service, route) in [
+        ("a.test", "quic-a", "exact"),
+        ("b.test", "quic-b", "exact"),
+        ("c.test", "null", "no_route"),
+    ] {
+        let r = get(
+            admin,
+            &format!("/route?listen={listen}&sni={sni}&protocol=udp"),
+        )
+        .await;
+        let v = r.json();
+        assert_eq!(v["protocol"], "udp", "{v}");
+        assert_eq!(v["service"].to_string().trim_matches('"'), service, "{v}");
+        assert_eq!(v["route"], route, "{v}");
+    }
+    let tcp = get(admin, &format!("/route?listen={listen}&sni=a.test")).await;
+    assert_eq!(tcp.status, 404, "no TCP service there");
+    let ca = pki.ca.clone();
+    let answers = quic_client(&python, &ca, listen, "b.test", false).await;
+    assert_eq!(answers, vec!["b:hello"]);
+    for _ in 0..2 {
+        let answers = quic_client(&python, &ca, listen, "a.test", true).await;
+        assert_eq!(answers.len(), 2, "{answers:?}");
+        let server = answers[0].split(':').next().unwrap_or_default().to_string();
+        assert!(server == "a1" || server == "a2", "{answers:?}");
+        assert_eq!(
+            answers[1],
+            format!("{server}:again"),
+            "the moved client stayed on its backend"
+        );
+    }
+    // A name no route takes, with no default: no answer, and nothing else disturbed.
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.arg(peer_script())
+        .args([
+            "client",
+            "--connect",
+            &listen.to_string(),
+            "--sni",
+            "c.test",
+            "--seconds",
+            "2",
+            "--ca",
+        ])
+        .arg(&ca);
+    let out = within(SECS(20), "the unrouted client", cmd.output())
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "c.test has no route");
+    assert_eq!(
+        quic_client(&python, &ca, listen, "b.test", false).await,
+        vec!["b:hello"]
+    );
 }
