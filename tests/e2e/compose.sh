@@ -22,7 +22,10 @@
 #      saying which name routed each connection and why;
 #  11. Redis: sluicegate's `role:master` check sends clients to the primary only; after the replica is
 #      promoted by hand, writes follow it, and come back when the roles are put back (compose/demo
-#      redis).
+#      redis);
+#  12. DNS over UDP: dig inside the network through sluicegate's port 53 is answered by both Knot
+#      servers over several queries (compose/demo dns); a paused server is marked down by the
+#      `kind: dns` probe and every query goes to the other, and it is marked up again when unpaused.
 # Skips (exit 0, saying so loudly) only when no Docker engine answers. Tears the stack down at the end.
 set -euo pipefail
 # shellcheck source=tests/e2e/lib.sh
@@ -185,5 +188,24 @@ echo "routing lines name the SNI and the route ($routed for web.demo.test)"
 
 step "11. Redis: traffic follows the primary"
 "$demo" redis || fail "Redis traffic did not follow the primary"
+
+step "12. DNS over UDP: both servers answer dig through sluicegate; a paused one is marked down"
+"$demo" dns 8 || fail "dig through sluicegate did not reach both DNS servers"
+# Paused, not stopped: a stopped container leaves Docker's DNS, and discovery would remove it first.
+dns_b=$(compose ps -q dns-b)
+addr="$(ip_of "$dns_b"):53"
+dig_who() { docker exec "$(compose ps -q dns-a)" dig @sluicegate who.demo.test TXT +short +tries=1 +time=2 | tr -d '"'; }
+docker pause "$dns_b" >/dev/null
+t=$(SG_SERVICE=dns within 5 health_is "$addr" unhealthy) \
+  || { docker unpause "$dns_b"; fail "paused dns-b ($addr) not marked down"; }
+echo "paused dns-b marked unhealthy in $t"
+for _ in 1 2 3 4; do
+  got=$(dig_who) || true
+  [ "$got" = dns-a ] || { docker unpause "$dns_b"; fail "with dns-b paused a query got '$got', not dns-a"; }
+done
+echo "with dns-b paused every query is answered by dns-a"
+docker unpause "$dns_b" >/dev/null
+t=$(SG_SERVICE=dns within 5 health_is "$addr" healthy) || fail "unpaused dns-b ($addr) not marked up"
+echo "unpaused dns-b healthy again in $t"
 
 step "all compose end-to-end checks passed in $((SECONDS - started)) s"

@@ -1,8 +1,9 @@
 //! UDP services (`protocol: udp`) over real sockets on loopback: sessions and their affinity,
 //! `responses`, `idle_timeout`, the bounded table under a flood of sources, `per_packet`, a
 //! backend whose port is closed, datagram sizes, PROXY v2 over UDP, two balancers agreeing, the
-//! drain, a real DNS server (hickory's, in process) behind the balancer, and QUIC (aioquic) routed
-//! by server name on a shared port and followed when its client moves.
+//! drain, real DNS servers behind the balancer (hickory's in process, and two `knotd` answering
+//! `dig` with a `kind: dns` probe watching them), and QUIC (aioquic) routed by server name on a
+//! shared port and followed when its client moves.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use tokio::net::UdpSocket;
 
-use crate::common::dns::FakeDns;
+use crate::common::dns::{a_query, FakeDns};
 use crate::common::http::get;
 use crate::common::*;
 
@@ -417,7 +418,7 @@ async fn dns_queries_are_answered_through_the_balancer() {
     let c = client().await;
     let mut seen = Vec::new();
     for id in 1..=4u16 {
-        let answer = ask(&c, p.addr, &dns_query(id, "svc.test")).await;
+        let answer = ask(&c, p.addr, &a_query(id, "svc.test")).await;
         assert_eq!(&answer[..2], &id.to_be_bytes(), "the answer to this query");
         assert_eq!(answer[3] & 0x0f, 0, "NOERROR");
         assert_eq!(u16::from_be_bytes([answer[6], answer[7]]), 1, "one answer");
@@ -427,16 +428,63 @@ async fn dns_queries_are_answered_through_the_balancer() {
     assert!(seen.iter().all(|&x| x == 1 || x == 2), "{seen:?}");
 }
 
-/// A query for `name`'s A record, recursion desired.
-fn dns_query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
+/// Two real authoritative servers (`knotd`) behind the balancer with `responses: 1` and a
+/// `kind: dns` probe, asked by a real client (`dig`): both answer across the queries; one stopped
+/// is marked down by the probe and the rest of the queries go to the other; started again, it is
+/// marked up and answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knot_servers_answer_dig_through_the_balancer() {
+    use crate::common::knot::{dig, Knot, NAME};
+    use sluicegate::Health;
+    if !Knot::available("udp::knot_servers_answer_dig_through_the_balancer") {
+        return;
     }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
+    let one = Knot::start([10, 0, 0, 1].into()).await;
+    let mut two = Knot::start([10, 0, 0, 2].into()).await;
+    let health = format!(
+        "    health: {{kind: dns, name: {NAME}, expect_answer: true, interval: 100ms, timeout: 500ms, rise: 1, fall: 1}}\n"
+    );
+    let p = Proxy::start(&yaml(&[one.addr, two.addr], "responses: 1", &health)).await;
+    let both = [one.answer.to_string(), two.answer.to_string()];
+    let healthy = |b: SocketAddr| p.backend(b).health() == Health::Healthy;
+    wait_for(SECS(10), "both servers probed healthy", || {
+        healthy(one.addr) && healthy(two.addr)
+    })
+    .await;
+    let mut answered = HashSet::new();
+    for _ in 0..6 {
+        let got = dig(p.addr).await;
+        assert!(
+            got.len() == 1 && both.contains(&got[0]),
+            "dig printed {got:?}"
+        );
+        answered.insert(got[0].clone());
+    }
+    assert_eq!(answered.len(), 2, "both servers answer: {answered:?}");
+
+    two.stop();
+    let b = p.backend(two.addr);
+    wait_for(SECS(10), "the stopped server probed down", || {
+        b.health() == Health::Unhealthy
+    })
+    .await;
+    for _ in 0..4 {
+        assert_eq!(
+            dig(p.addr).await,
+            [both[0].clone()],
+            "only the running server"
+        );
+    }
+    two.restart().await;
+    wait_for(SECS(10), "the restarted server probed up", || {
+        healthy(two.addr)
+    })
+    .await;
+    let mut answered = HashSet::new();
+    for _ in 0..6 {
+        answered.extend(dig(p.addr).await);
+    }
+    assert_eq!(answered, HashSet::from(both), "both answer again");
 }
 
 /// A real QUIC server (aioquic, tests/quic/peer.py) answering with its name; ended with the test.

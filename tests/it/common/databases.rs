@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// A port of 127.0.0.1 free a moment ago (the server binds it next; a clash fails the start, loudly).
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -33,11 +33,34 @@ fn wait_listening(addr: SocketAddr, what: &str, child: &mut Child) {
     }
 }
 
-fn scratch(name: &str) -> PathBuf {
+/// A directory of its own for one server, under the temporary directory, empty.
+pub(super) fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sg-{name}-{}-{}", std::process::id(), free_port()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
+}
+
+/// Whether `program arg` runs and succeeds (how a test finds out that a tool is installed).
+pub(super) fn runs(program: impl AsRef<std::ffi::OsStr>, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Sends `signal` to a server this test started (by its own process id), waits up to 20 s for it
+/// to exit, then kills it.
+pub(super) fn stop_child(mut child: Child, signal: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process(pid, signal);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A `redis-server` of this test.
@@ -50,10 +73,7 @@ pub struct Redis {
 impl Redis {
     /// Whether `redis-server` is installed (else the caller skips, or fails in CI).
     pub fn available(test: &str) -> bool {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
+        let found = runs("redis-server", "--version");
         super::require_tool(
             "REDIS",
             (!found).then(|| {
@@ -236,18 +256,9 @@ impl Postgres {
 
     /// Stops the server (a fast shutdown, as `pg_ctl stop -m fast`) and waits for it to exit.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        if let Some(child) = self.child.take() {
+            stop_child(child, rustix::process::Signal::INT);
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 

@@ -217,3 +217,15 @@ impl RequestHandler for Handler {
         sent.unwrap_or(failed)
     }
 }
+
+/// A query for `name`'s A record with this `id`, recursion desired, as a datagram.
+pub fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}

@@ -7,6 +7,7 @@ pub mod dns;
 pub mod docker;
 pub mod fleet;
 pub mod http;
+pub mod knot;
 pub mod load_tool;
 pub mod pki;
 
