@@ -14,6 +14,7 @@ Every loop is bounded in time. Traffic goes only to the address given (loopback 
 """
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 import sys
@@ -58,10 +59,8 @@ async def run_server(args):
     loop = asyncio.get_running_loop()
     # The test ends the server by closing its stdin (or killing it); --seconds bounds it anyway.
     threading.Thread(target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(done.set)), daemon=True).start()
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), timeout=args.seconds)
-    except asyncio.TimeoutError:
-        pass
     server.close()
 
 
@@ -101,7 +100,7 @@ class Client:
         try:
             data, addr = self.sock.recvfrom(65536)
             self.quic.receive_datagram(data, addr, now=time.time())
-        except socket.timeout:
+        except TimeoutError:
             pass
         timer = self.quic.get_timer()
         if timer is not None and time.time() >= timer:
