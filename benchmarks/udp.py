@@ -6,6 +6,7 @@ Usage (from the repository root; needs dnsperf, knotd, nginx with the stream mod
 perf; Debian: apt install dnsperf knot nginx-light libnginx-mod-stream):
     python3 benchmarks/udp.py [--rounds 6] [--duration 5] [--proxies direct,sluicegate,nginx]
                               [--workloads dns,dns-paced,stream,hold-100,hold] [--sessions 100000]
+    python3 benchmarks/udp.py --report benchmarks/results/udp-DATE.json   # the report again, nothing run
 
 Proxies: direct (the load goes to the backends themselves), sluicegate (target/release/sluicegate,
 built), nginx (`stream` with UDP listeners, one worker). Workloads, in this order each round:
@@ -549,8 +550,11 @@ COLUMNS = {
 }
 
 
-def fmt(v, f="{:.3g}"):
-    return "–" if v is None else f.format(v)
+def fmt(v):
+    """Three significant digits; whole numbers from 1,000 up, with separators (no 1.47e+05)."""
+    if v is None:
+        return "–"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
 
 def cell(rows, key):
@@ -585,7 +589,7 @@ def goals(rows, proxy="sluicegate", peer="nginx"):
             ok = rm >= bound if kind == "peer-min" else rm <= bound
             if kind == "peer" and theirs is not None and theirs <= 0:
                 ok = m <= 0
-            out.append((text, f"{fig}; {peer} {fmt(theirs)}; ratio by round {rm:.2f} ({rsp[0]:.2f}–{rsp[1]:.2f})",
+            out.append((text, f"{fig}; {peer} {fmt(theirs)}; ratio by round {rm:.3f} ({rsp[0]:.2f}–{rsp[1]:.2f})",
                         ok))
         else:
             out.append((text, fig, m <= bound))
@@ -630,7 +634,14 @@ def report(rows, meta, out_dir):
 def main():
     ap = bench.arguments(__doc__, PROXIES, WORKLOADS, duration=5)
     ap.add_argument("--sessions", type=int, default=100_000)
+    ap.add_argument("--report", metavar="JSON", help="write the report again from a run's JSON, measuring nothing")
     a = ap.parse_args()
+    if a.report:
+        with open(a.report) as f:
+            run = json.load(f)
+        derive(run["rows"])
+        print(report(run["rows"], run["meta"], os.path.dirname(os.path.abspath(a.report))))
+        return
     bench.COUNT_SYSCALLS = not a.no_syscalls
     proxies = [p for p in a.proxies.split(",") if p]
     workloads = [w for w in WORKLOADS if w in a.workloads.split(",")]
