@@ -365,12 +365,16 @@ http {{ access_log off; keepalive_requests 1000000;
         self.start(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(IPERF_BACKEND)], IPERF_BACKEND,
                    os.path.join(work, "iperf3.log"))
 
+    # How `start` waits for a backend to serve `port`: TCP listening (udp.py's backends wait for a bound
+    # UDP socket).
+    wait = staticmethod(wait_port)
+
     def start(self, cmd, port, log):
         with open(log, "a") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
         self.procs.append((proc, log))
         try:
-            wait_port(port, proc)
+            self.wait(port, proc)
         except (ToolError, RuntimeError) as e:
             raise ToolError(f"{e}: {read_log(log)}") from e
 
@@ -935,17 +939,23 @@ def report(rows, meta, out_dir):
     return path
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(doc, proxies, workloads, duration):
+    """The command line every benchmark here shares: rounds, duration, proxies, workloads, where the
+    report goes, the sluicegate binary, and whether system calls are counted."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--duration", type=int, default=10)
-    ap.add_argument("--proxies", default=",".join(PROXIES))
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--duration", type=int, default=duration)
+    ap.add_argument("--proxies", default=",".join(proxies))
+    ap.add_argument("--workloads", default=",".join(workloads))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--bin", default=DEFAULT_BIN)
     ap.add_argument("--no-syscalls", action="store_true",
                     help="do not count the proxy's system calls (where perf or its tracepoints are unavailable)")
-    a = ap.parse_args()
+    return ap
+
+
+def main():
+    a = arguments(__doc__, PROXIES, WORKLOADS, duration=10).parse_args()
     global COUNT_SYSCALLS
     COUNT_SYSCALLS = not a.no_syscalls
     if COUNT_SYSCALLS:
@@ -987,23 +997,46 @@ def measure(proxies, workloads, a):
     ended, when a tool, a backend or a proxy fails."""
     work = tempfile.mkdtemp(prefix="sg-bench-")
     os.chmod(work, 0o755)  # nginx workers run as an unprivileged user and must read the files
-    rows, fixture, proxy = [], None, None
+    rows, fixture = [], None
+
+    def start(p, rnd):
+        cmd = proxy_command(p, work, a.bin)
+        return Proxy(p, cmd, os.path.join(work, f"{p.replace('/', '_')}-r{rnd}.log")) if cmd else None
+
+    def run(p, proxy):
+        port = LISTEN if proxy else BACKENDS[0]
+        iperf_port = IPERF_LISTEN if proxy else IPERF_BACKEND
+        for w in workloads:
+            if w == "idle" and not proxy:
+                continue
+            yield run_workload(w, p, port, iperf_port, a.duration, proxy.proc.pid if proxy else None, work)
+
     try:
         fixture = Fixture(work)
-        for rnd in range(1, a.rounds + 1):
-            order = proxies[rnd - 1:] + proxies[:rnd - 1]
-            for p in order:
-                cmd = proxy_command(p, work, a.bin)
-                proxy = Proxy(p, cmd, os.path.join(work, f"{p.replace('/', '_')}-r{rnd}.log")) if cmd else None
+        interleaved(proxies, a.rounds, fixture, start, run, rows)
+    finally:
+        if fixture:
+            fixture.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def interleaved(proxies, rounds, fixture, start, run, rows, settle=1.0):
+    """Runs every proxy once per round, the order rotated by one each round, so that machine noise shows
+    as spread between rounds instead of a bias for one proxy. For each (round, proxy): `start(proxy,
+    round)` gives its `Proxy` (None for direct), started here and stopped after its workloads;
+    `run(proxy, its Proxy)` yields one row per workload, kept in `rows` with its round and proxy once the
+    fixture and the proxy are seen alive (one that died during a workload invalidates it). On any error
+    the running proxy is killed and the error goes on."""
+    proxy = None
+    try:
+        for rnd in range(1, rounds + 1):
+            k = (rnd - 1) % len(proxies)
+            for p in proxies[k:] + proxies[:k]:
+                proxy = start(p, rnd)
                 if proxy:
                     proxy.start()
-                port = LISTEN if cmd else BACKENDS[0]
-                iperf_port = IPERF_LISTEN if cmd else IPERF_BACKEND
-                for w in workloads:
-                    if w == "idle" and not cmd:
-                        continue
-                    row = run_workload(w, p, port, iperf_port, a.duration, proxy.proc.pid if proxy else None, work)
-                    # A backend or the proxy that died during the workload invalidates it.
+                for row in run(p, proxy):
                     fixture.check()
                     if proxy:
                         proxy.check()
@@ -1012,14 +1045,10 @@ def measure(proxies, workloads, a):
                 if proxy:
                     proxy.stop()
                     proxy = None
-                time.sleep(1)
+                time.sleep(settle)
     finally:
         if proxy:
             proxy.kill()
-        if fixture:
-            fixture.close()
-        shutil.rmtree(work, ignore_errors=True)
-    return rows
 
 
 def keep_row(rows, row):
