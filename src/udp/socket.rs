@@ -200,9 +200,16 @@ pub(crate) fn try_send(socket: &UdpSocket, bytes: &[u8]) -> io::Result<usize> {
 /// and connected to it, so the backend sees one source per client and an ICMP port-unreachable
 /// comes back as an error on this socket.
 pub(crate) fn connect(backend: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = std::net::UdpSocket::bind(unspecified(backend))?;
-    socket.connect(backend)?;
-    socket.set_nonblocking(true)?;
+    // Made non-blocking when made, and bound by the connect itself: a DNS query is a session of
+    // its own, so every call saved here is saved per query.
+    let ty = socket2::Type::DGRAM.nonblocking();
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(backend),
+        ty,
+        Some(socket2::Protocol::UDP),
+    )?;
+    let socket: std::net::UdpSocket = socket.into();
     allow_fragments(&socket)?;
+    socket.connect(backend)?;
     UdpSocket::from_std(socket)
 }
