@@ -23,6 +23,9 @@ pub(crate) const MAX_HELD: usize = 32 * 1024;
 /// How long a client's hello may take to be whole, in milliseconds: a lost Initial is sent again
 /// within about a second.
 pub(crate) const WAIT_MS: u64 = 5_000;
+/// The smallest datagram a client's Initial may come in (RFC 9000 14.1): smaller ones are refused
+/// before any key is derived, so forging Initials costs the sender as much as it costs us.
+pub(crate) const MIN_INITIAL_DATAGRAM: usize = 1200;
 
 /// A client, by its address and the address it sent to.
 pub(crate) type Key = (SocketAddr, SocketAddr);
@@ -59,6 +62,8 @@ pub(crate) enum Unread {
     Quic(QuicError),
     /// The client's datagrams passed [`MAX_HELD`] before its hello was whole.
     TooMuch,
+    /// An Initial in a datagram under [`MIN_INITIAL_DATAGRAM`] bytes.
+    TooSmall,
 }
 
 /// The clients waiting.
@@ -110,10 +115,17 @@ impl Pending {
     }
 
     fn first(&mut self, key: Key, datagram: &[u8], now: u64, expired: usize) -> (usize, Read) {
+        let unread = |error| (expired, Read::Unread { error, dropped: 0 });
         let mut reader = match InitialReader::new(datagram) {
             Ok(r) => r,
             Err(_) => return (expired, Read::NotInitial),
         };
+        if datagram.len() < MIN_INITIAL_DATAGRAM {
+            return unread(Unread::TooSmall);
+        }
+        if datagram.len() > MAX_HELD {
+            return unread(Unread::TooMuch);
+        }
         let held = vec![Box::from(datagram)];
         match reader.push(datagram) {
             Ok(Progress::Hello(hello)) => {
@@ -142,6 +154,13 @@ impl Pending {
                     },
                 );
                 self.order.push_back((key, now));
+                // Waits that ended early leave their place in the order behind: kept within
+                // twice the bound.
+                if self.order.len() > 2 * MAX_WAITING {
+                    let waiting = &self.waiting;
+                    self.order
+                        .retain(|(k, since)| waiting.get(k).is_some_and(|w| w.since == *since));
+                }
                 (expired + evicted, Read::Held)
             }
             Err(e) => (
@@ -172,6 +191,12 @@ impl Pending {
             // connection's changes nothing.
             Err(e) => Step::Drop(Unread::Quic(e)),
         }
+    }
+
+    /// Ends every wait (the address no longer routes by name): how many datagrams they held.
+    pub(crate) fn clear(&mut self) -> usize {
+        self.order.clear();
+        self.waiting.drain().map(|(_, w)| w.held.len()).sum()
     }
 
     /// Ends the waits older than [`WAIT_MS`]: how many datagrams they held.
@@ -220,6 +245,13 @@ mod tests {
         )
     }
 
+    /// Frames padded (PADDING frames) to fill a 1,200-byte datagram, as clients must.
+    fn padded(frames: &[u8]) -> Vec<u8> {
+        let mut f = frames.to_vec();
+        f.resize(f.len().max(MIN_INITIAL_DATAGRAM), 0);
+        f
+    }
+
     /// A hello too big for one datagram, in two Initials of connection `dcid`.
     fn two_halves(dcid: &[u8]) -> (Vec<u8>, Vec<u8>) {
         let message = hello_message("big.example", &big_alpn());
@@ -240,7 +272,13 @@ mod tests {
     fn a_hello_in_one_datagram_waits_for_nothing() {
         let mut p = Pending::default();
         let message = hello_message("a.example", &["h3".to_string()]);
-        let one = initial(Version::V2, &[3; 8], 0, 1, &crypto_frame(0, &message));
+        let one = initial(
+            Version::V2,
+            &[3; 8],
+            0,
+            1,
+            &padded(&crypto_frame(0, &message)),
+        );
         match p.push(key(1), &one, 0) {
             (
                 0,
@@ -281,6 +319,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert_eq!(p.len(), 0);
+    }
+
+    #[test]
+    fn clearing_ends_every_wait_and_the_order_stays_bounded() {
+        let mut p = Pending::default();
+        let (one, two) = two_halves(&[5; 8]);
+        for round in 0..3 * MAX_WAITING as u64 {
+            assert!(matches!(p.push(key(1), &one, round), (0, Read::Held)));
+            assert!(matches!(
+                p.push(key(1), &two, round),
+                (0, Read::Hello { .. })
+            ));
+        }
+        assert!(p.order.len() <= 2 * MAX_WAITING + 1, "{}", p.order.len());
+        assert!(matches!(p.push(key(2), &one, 0), (_, Read::Held)));
+        assert_eq!(p.clear(), 1);
         assert_eq!(p.len(), 0);
     }
 
@@ -326,8 +381,22 @@ mod tests {
         assert!(dropped * one.len() <= MAX_HELD && dropped > 1, "{dropped}");
         assert_eq!(p.len(), 0);
         // CRYPTO data that is not a hello: the reader fails, and so does the wait.
-        let junk = initial(Version::V1, &[8; 8], 0, 1, &crypto_frame(0, &[0xff; 64]));
+        let junk = initial(
+            Version::V1,
+            &[8; 8],
+            0,
+            1,
+            &padded(&crypto_frame(0, &[0xff; 64])),
+        );
         assert!(matches!(p.push(key(2), &junk, 0), (0, Read::Unread { .. })));
         assert_eq!(p.len(), 0);
+        // Under 1,200 bytes: refused before any key is derived.
+        let message = hello_message("a.example", &["h3".to_string()]);
+        let small = initial(Version::V1, &[3; 8], 0, 1, &crypto_frame(0, &message));
+        assert!(small.len() < MIN_INITIAL_DATAGRAM);
+        match p.push(key(3), &small, 0) {
+            (0, Read::Unread { error, dropped: 0 }) => assert_eq!(error, Unread::TooSmall),
+            other => panic!("{other:?}"),
+        }
     }
 }
