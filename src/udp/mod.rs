@@ -50,8 +50,11 @@ pub(crate) use stats::{UdpView, METRICS};
 
 /// A service an address's datagrams may be routed to.
 pub(crate) struct Target {
+    pub(crate) name: Arc<str>,
     pub(crate) service: Arc<ArcSwap<Service>>,
     pub(crate) stats: Arc<stats::UdpStats>,
+    /// Cancelled when the service leaves the address (a reload): its sessions there end.
+    pub(crate) leave: CancellationToken,
 }
 
 /// What one listen address's loop reads, swapped as a whole by a reload.
@@ -65,6 +68,11 @@ impl Routes {
     /// The service of an address that needs no ClientHello read to route.
     pub(crate) fn only(&self) -> Option<&Target> {
         self.table.only()
+    }
+
+    /// The route of service `name`, if it is still on the address.
+    pub(crate) fn target_of(&self, name: &str) -> Option<&Target> {
+        self.table.targets().find(|t| &*t.name == name)
     }
 
     /// Where datagrams no service takes are counted: the default route's, else the first's.
@@ -210,7 +218,7 @@ impl Udp {
     pub(crate) fn commit(&self, fresh: Fresh, wanted: &[Wanted]) {
         let mut bound = lock(&self.bound);
         bound.retain(|b| {
-            let keep = self.routes_of(b.addr, &b.service, wanted).is_some();
+            let keep = self.routes_of(b.addr, &b.service, wanted, None).is_some();
             if !keep {
                 b.stop.cancel();
                 tracing::info!(service = %b.service, listen = %b.local, "UDP listener closed");
@@ -218,12 +226,19 @@ impl Udp {
             keep
         });
         for b in bound.iter() {
-            if let Some(routes) = self.routes_of(b.addr, &b.service, wanted) {
+            let old = b.routes.load();
+            if let Some(routes) = self.routes_of(b.addr, &b.service, wanted, Some(&old)) {
+                // A service staying keeps its sessions; one leaving ends its sessions here.
+                for t in old.table.targets() {
+                    if routes.target_of(&t.name).is_none() {
+                        t.leave.cancel();
+                    }
+                }
                 b.routes.store(Arc::new(routes));
             }
         }
         for (name, index, addr, socket) in fresh.0 {
-            let Some(routes) = self.routes_of(addr, &name, wanted) else {
+            let Some(routes) = self.routes_of(addr, &name, wanted, None) else {
                 continue;
             };
             let (Ok(local), Ok(kept)) = (socket.local_addr(), socket.try_clone()) else {
@@ -245,9 +260,16 @@ impl Udp {
         self.stats.retain(&names);
     }
 
-    /// The routes of `addr` (bound for service `first`) as `wanted` has them; `None`: no service
-    /// listens there now. A port-0 address is one service's own.
-    fn routes_of(&self, addr: SocketAddr, first: &str, wanted: &[Wanted]) -> Option<Routes> {
+    /// The routes of `addr` (bound for service `first`) as `wanted` has them, a service already
+    /// on it (in `old`) keeping its sessions' token; `None`: no service listens there now. A
+    /// port-0 address is one service's own.
+    fn routes_of(
+        &self,
+        addr: SocketAddr,
+        first: &str,
+        wanted: &[Wanted],
+        old: Option<&Routes>,
+    ) -> Option<Routes> {
         let on_it = wanted
             .iter()
             .filter(|w| w.addrs.contains(&addr) && (addr.port() != 0 || &*w.name == first));
@@ -255,8 +277,12 @@ impl Udp {
             .clone()
             .map(|w| {
                 let target = Target {
+                    name: w.name.clone(),
                     service: w.current.clone(),
                     stats: self.stats.of(&w.name),
+                    leave: old
+                        .and_then(|o| o.target_of(&w.name))
+                        .map_or_else(CancellationToken::new, |t| t.leave.clone()),
                 };
                 (w.keys.clone(), target)
             })

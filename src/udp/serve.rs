@@ -22,7 +22,7 @@ use super::pending::{self, Pending};
 use super::quic::{self, PacketType};
 use super::session::{self, Live, Parts, QuicInfo, Slots, Task};
 use super::socket::{self, Bufs, Listening, Received};
-use super::stats::{Direction, Dropped, End, UdpStats};
+use super::stats::{Direction, Dropped, End};
 use super::table::Table;
 use super::{Routes, Target};
 use crate::admission::{Gate, GateSlot, SourceSlot};
@@ -130,12 +130,11 @@ enum Routed<'r> {
     New {
         target: &'r Target,
         quic: Option<QuicInfo>,
-        /// The client's first Initial's DCID, to record.
-        cid: Option<Box<[u8]>>,
         held: Option<Vec<Box<[u8]>>>,
     },
-    /// A connection known by its ID, from a new client address: a new session on its backend.
-    Follow(Arc<Live>),
+    /// A connection known by its ID, from a new client address: a new session on its backend,
+    /// of its service (still on this address).
+    Follow(Arc<Live>, &'r Target),
     /// Held until the client's hello is whole.
     Held,
     /// Dropped, `n` datagrams (this one and any held before it), counted.
@@ -173,19 +172,24 @@ impl State {
             }
         }
         match self.route(&routes, d) {
-            Routed::New {
-                target,
-                quic,
-                cid,
-                held,
-            } => {
+            Routed::New { target, quic, held } => {
                 let service = target.service.load_full();
-                let Some((id, live)) = self.start(l, target, &service, d, avoid, quic) else {
-                    return;
+                let n = held.as_ref().map_or(1, Vec::len);
+                let max = service.udp.max_datagram as usize;
+                let too_large = match &held {
+                    Some(held) => held.iter().any(|h| h.len() > max),
+                    None => d.bytes.len() > max,
                 };
-                if let Some(cid) = cid {
-                    self.record(id, &live, &cid);
+                if too_large {
+                    return target.stats.dropped_n(Dropped::TooLarge, n);
                 }
+                let shared = routes.only().is_none();
+                let how = Pick::Avoiding(avoid);
+                let opened = self.open(l, &service, target, d, how, quic, shared);
+                let (id, live) = match opened {
+                    Ok(opened) => opened,
+                    Err(why) => return target.stats.dropped_n(why, n),
+                };
                 match held {
                     Some(held) => {
                         for datagram in held {
@@ -205,7 +209,7 @@ impl State {
                     }
                 }
             }
-            Routed::Follow(old) => self.follow(l, &old, d),
+            Routed::Follow(old, target) => self.follow(l, &old, target, d),
             Routed::Held => {}
             Routed::Dropped(why, n) => count(&routes, why, n),
         }
@@ -218,28 +222,38 @@ impl State {
         if routes.quic {
             let cids = lock(&self.cids);
             if let Some((id, _)) = cids.find(d.bytes) {
-                if let Some(live) = self.table.by_id(id).filter(|s| !s.ended()) {
-                    return Routed::Follow(live.clone());
+                let live = self.table.by_id(id).filter(|s| !s.ended());
+                // Followed only while its service is still on this address.
+                let target = live.and_then(|s| routes.target_of(&s.service.name));
+                if let (Some(live), Some(target)) = (live, target) {
+                    return Routed::Follow(live.clone(), target);
                 }
             }
         }
-        let initial = routes
+        let header = routes
             .quic
             .then(|| quic::parse_long_header(d.bytes).ok())
-            .flatten()
-            .filter(|h| h.packet_type == PacketType::Initial);
-        let cid = initial.as_ref().map(|h| Box::from(h.dcid));
+            .flatten();
         if let Some(only) = routes.only() {
+            // Clients left waiting by a reload that made the address one service's.
+            let expired = self.pending.clear();
+            if expired > 0 {
+                count(routes, Dropped::QuicUnread, expired);
+            }
             let quic = routes.quic.then(|| QuicInfo {
-                version: initial.map(|h| h.version),
+                version: header.map(|h| h.version),
                 ..QuicInfo::default()
             });
             return Routed::New {
                 target: only,
                 quic,
-                cid,
                 held: None,
             };
+        }
+        // A 0-RTT or Handshake packet of a connection not seen: its Initial was lost or comes
+        // later, and routed without its name it would pin the connection to the default route.
+        if header.is_some_and(|h| h.packet_type != PacketType::Initial) {
+            return Routed::Dropped(Dropped::QuicUnread, 1);
         }
         let now = self.epoch.elapsed().as_millis() as u64;
         let (expired, read) = self.pending.push((d.from, d.to), d.bytes, now);
@@ -280,7 +294,6 @@ impl State {
         Routed::New {
             target,
             quic: Some(quic),
-            cid,
             held,
         }
     }
@@ -344,12 +357,13 @@ impl State {
 
     /// A known connection from a new client address (NAT rebinding): a new session on the same
     /// backend, of the same service version, which takes over the connection's IDs.
-    fn follow(&mut self, l: &Loop, old: &Arc<Live>, d: Received<'_>) {
+    fn follow(&mut self, l: &Loop, old: &Arc<Live>, target: &Target, d: Received<'_>) {
         let service = old.service.clone();
         let quic = old.quic.clone();
-        let (target, stats) = (old.backend.clone(), old.stats.clone());
-        let Some((id, live)) = self.open(l, &service, stats, d, Pick::Backend(target), quic) else {
-            return;
+        let how = Pick::Backend(old.backend.clone());
+        let (id, live) = match self.open(l, &service, target, d, how, quic, true) {
+            Ok(opened) => opened,
+            Err(why) => return target.stats.dropped(why),
         };
         tracing::debug!(client = %d.from, was = %old.client, backend = %live.backend.addr, "a QUIC connection moved to a new client address");
         let cids: Vec<Box<[u8]>> = lock(&old.cids).clone();
@@ -359,45 +373,28 @@ impl State {
         let _ = self.up(id, &live, d);
     }
 
-    /// Starts a session for a client datagram routed to `target`, or says (and counts) why not.
-    fn start(
-        &mut self,
-        l: &Loop,
-        target: &Target,
-        service: &Arc<Service>,
-        d: Received<'_>,
-        avoid: Option<SocketAddr>,
-        quic: Option<QuicInfo>,
-    ) -> Option<(u64, Arc<Live>)> {
-        self.open(
-            l,
-            service,
-            target.stats.clone(),
-            d,
-            Pick::Avoiding(avoid),
-            quic,
-        )
-    }
-
-    /// Opens a session: admission, the backend, its socket, its place in the table, its task.
+    /// Opens a session of `target`'s service (the version `service`): admission, the backend,
+    /// its socket, its place in the table, its task; or why not (the caller counts it). On a
+    /// `shared` address the service's cap makes no room by ending another service's session.
+    #[allow(clippy::too_many_arguments)]
     fn open(
         &mut self,
         l: &Loop,
         service: &Arc<Service>,
-        stats: Arc<UdpStats>,
+        target: &Target,
         d: Received<'_>,
         how: Pick,
         quic: Option<QuicInfo>,
-    ) -> Option<(u64, Arc<Live>)> {
+        shared: bool,
+    ) -> Result<(u64, Arc<Live>), Dropped> {
         let refuse = |why: Dropped| {
             tracing::debug!(client = %d.from, reason = why.as_str(), "datagram dropped: no session for it");
-            stats.dropped(why);
-            None
+            Err(why)
         };
         if l.draining.is_cancelled() {
             return refuse(Dropped::Refused);
         }
-        let Some(admitted) = self.admit(l, service, d) else {
+        let Some(admitted) = self.admit(l, service, d, shared) else {
             return refuse(Dropped::Refused);
         };
         let picked = match how {
@@ -441,8 +438,9 @@ impl State {
             key: (d.from, d.to),
             exchange: Exchange::new(settings.responses, settings.requests),
             slots,
-            stats: stats.clone(),
+            stats: target.stats.clone(),
             quic,
+            leave: target.leave.clone(),
         };
         let live = Arc::new(Live::new(parts, self.epoch));
         let now = self.epoch.elapsed().as_millis() as u64;
@@ -457,9 +455,9 @@ impl State {
                 .dropped_by_eviction(lock(&old.exchange).unanswered());
             old.end(End::Evicted);
         }
-        stats.opened();
+        target.stats.opened();
         self.spawn(l, &live, id);
-        Some((id, live))
+        Ok((id, live))
     }
 
     /// A new session's places: under the top-level cap, in its service, under its source's
@@ -471,6 +469,7 @@ impl State {
         l: &Loop,
         service: &Service,
         d: Received<'_>,
+        shared: bool,
     ) -> Option<(GateSlot, Option<SourceSlot>)> {
         let table = &mut self.table;
         let mut room = || -> bool {
@@ -490,7 +489,9 @@ impl State {
             None => return None,
         };
         let cap = service.max_connections;
-        if !(service.stats.enter(cap) || (room() && service.stats.enter(cap))) {
+        // The session idle longest may be another service's on a shared address: ending it would
+        // make no room under this one's cap.
+        if !(service.stats.enter(cap) || (!shared && room() && service.stats.enter(cap))) {
             return None;
         }
         match crate::session::admit_source(service, d.from.ip()) {
@@ -629,8 +630,6 @@ enum Pick {
 /// Counts `n` datagrams dropped before a service took them, on the address's fallback service.
 fn count(routes: &Routes, why: Dropped, n: usize) {
     if let Some(t) = routes.fallback() {
-        for _ in 0..n {
-            t.stats.dropped(why);
-        }
+        t.stats.dropped_n(why, n);
     }
 }

@@ -38,6 +38,8 @@ pub(crate) struct Live {
     pub(crate) quic: Option<QuicInfo>,
     /// The connection IDs recorded for it (at most [`super::follow::PER_SESSION`]).
     pub(crate) cids: Mutex<Vec<Box<[u8]>>>,
+    /// Its service left the address.
+    leave: CancellationToken,
     pub(crate) client: SocketAddr,
     /// Where the client sent to: the address its answers leave from.
     pub(crate) to: SocketAddr,
@@ -76,6 +78,8 @@ pub(crate) struct Parts {
     pub(crate) slots: Slots,
     pub(crate) stats: Arc<UdpStats>,
     pub(crate) quic: Option<QuicInfo>,
+    /// Cancelled when its service leaves the address (a reload), which ends it as `shutdown`.
+    pub(crate) leave: CancellationToken,
 }
 
 impl Live {
@@ -87,6 +91,7 @@ impl Live {
             slots,
             stats,
             quic,
+            leave,
         } = parts;
         let live = Live {
             socket,
@@ -95,6 +100,7 @@ impl Live {
             stats,
             quic,
             cids: Mutex::new(Vec::new()),
+            leave,
             client,
             to,
             last: AtomicU64::new(0),
@@ -134,8 +140,9 @@ impl Live {
         drop(lock(&self.slots).take());
     }
 
+    /// Ended, or about to: its service left the address, so it takes no more datagrams.
     pub(crate) fn ended(&self) -> bool {
-        self.stop.is_cancelled()
+        self.stop.is_cancelled() || self.leave.is_cancelled()
     }
 
     pub(crate) fn end_reason(&self) -> Option<End> {
@@ -214,6 +221,7 @@ async fn carry(t: &Task) -> End {
             biased;
             () = live.stop.cancelled() => return live.why.get().copied().unwrap_or(End::Shutdown),
             () = t.shutdown.cancelled() => return End::Shutdown,
+            () = live.leave.cancelled() => return End::Shutdown,
             () = t.cut.cancelled() => {
                 return match t.cut.reason() {
                     Outcome::BackendDown => End::BackendDown,

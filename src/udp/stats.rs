@@ -151,7 +151,11 @@ impl UdpStats {
     }
 
     pub(crate) fn dropped(&self, why: Dropped) {
-        self.dropped[why as usize].fetch_add(1, Relaxed);
+        self.dropped_n(why, 1);
+    }
+
+    pub(crate) fn dropped_n(&self, why: Dropped, n: usize) {
+        self.dropped[why as usize].fetch_add(n as u64, Relaxed);
     }
 
     /// A session evicted with `unanswered` answers still to come: they will find no session.

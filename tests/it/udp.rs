@@ -668,3 +668,40 @@ async fn quic_is_routed_by_server_name_and_followed_when_the_client_moves() {
         vec!["b:hello"]
     );
 }
+
+/// Two UDP services on one address, one the default (plain datagrams), one named for QUIC: a
+/// reload that takes the default off the address ends its sessions there, so its client's next
+/// datagram finds no route and no answer, rather than a session of a service no longer there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_leaving_a_shared_address_ends_its_sessions_there() {
+    let echo = Echo::start([127, 0, 0, 1], "plain:", true).await;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let svc = |name: &str, keys: &str| {
+        format!(
+            "  - name: {name}\n    protocol: udp\n    listen: \"{listen}\"\n{keys}    backends:\n      - address: \"{}\"\n",
+            echo.addr
+        )
+    };
+    let named = svc("named", "    sni: [\"x.test\"]\n");
+    let p = Proxy::start(&format!("services:\n{}{named}", svc("plain", ""))).await;
+    let c = client().await;
+    assert_eq!(ask(&c, listen, b"one").await, b"plain:one");
+    let v2 = sluicegate::config::Config::from_yaml(&format!("services:\n{named}")).unwrap();
+    p.control.reload(v2).expect("applied");
+    c.send_to(b"two", listen).await.unwrap();
+    let mut buf = [0u8; 64];
+    let answer = tokio::time::timeout(Duration::from_millis(500), c.recv_from(&mut buf)).await;
+    assert!(
+        answer.is_err(),
+        "a session of a service gone from the address answered"
+    );
+    assert_eq!(
+        echo.received(),
+        1,
+        "only the first datagram reached the backend"
+    );
+}
