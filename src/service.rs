@@ -340,7 +340,7 @@ impl ServiceStats {
 }
 
 /// The pool settings `cfg` asks for; `tls` is its TLS as read (probes of `kind: tls` and `https`
-/// speak its `backend_tls`).
+/// speak their own `health.tls` if set, else its `backend_tls`).
 pub(crate) fn pool_settings(cfg: &ServiceConfig, tls: &ServiceTls) -> PoolSettings {
     let discovery = cfg.discovery.clone().unwrap_or_default();
     PoolSettings {
@@ -352,8 +352,9 @@ pub(crate) fn pool_settings(cfg: &ServiceConfig, tls: &ServiceTls) -> PoolSettin
         probes: ProbeSpec::from_config(
             &cfg.name,
             &cfg.health,
-            tls.originate
+            tls.probe
                 .clone()
+                .or_else(|| tls.originate.clone())
                 .map(|o| o as Arc<dyn crate::health::ProbeTls>),
         )
         .map(Arc::new),
@@ -455,6 +456,9 @@ impl Service {
     ) -> Service {
         if tls.originate.as_ref().is_some_and(|o| o.insecure) {
             tracing::warn!(service = %cfg.name, "backend_tls.verify is false: any certificate a backend presents is accepted");
+        }
+        if tls.probe.as_ref().is_some_and(|o| o.insecure) {
+            tracing::warn!(service = %cfg.name, "health.tls.verify is false: the probes accept any certificate a backend presents (the clients' traffic is not touched)");
         }
         if tls.terminate.is_some() || tls.originate.is_some() {
             crate::tls::say_where_records_are_relayed();

@@ -333,6 +333,10 @@ pub struct HealthConfig {
     /// The most bytes read for an expectation or a body (a longer answer fails).
     #[serde(default = "default_read_cap")]
     pub read_cap: usize,
+    /// `kind: tls`/`https`: the probe's own TLS to the backends, so that a service that passes TLS
+    /// through (no `backend_tls`) can be probed over it; absent, the probes speak `backend_tls`.
+    #[serde(default)]
+    pub tls: Option<super::BackendTlsConfig>,
 }
 
 impl Default for HealthConfig {
@@ -356,6 +360,7 @@ impl Default for HealthConfig {
             expect_body_regex: None,
             command: Vec::new(),
             read_cap: default_read_cap(),
+            tls: None,
         }
     }
 }

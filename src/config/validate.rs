@@ -473,22 +473,34 @@ fn validate_tls(p: &mut Problems, i: usize, s: &ServiceConfig) {
             );
         }
     }
-    if matches!(s.health.kind, HealthKind::Tls | HealthKind::Https) && s.backend_tls.is_none() {
+    let over_tls = matches!(s.health.kind, HealthKind::Tls | HealthKind::Https);
+    if over_tls && s.backend_tls.is_none() && s.health.tls.is_none() {
         p.add(
             at("health.kind"),
-            "tls and https probes speak the service's backend_tls: add a backend_tls section",
+            "tls and https probes need TLS settings: a health.tls section (the probes' own, for a service that passes TLS through) or the service's backend_tls",
         );
     }
-    if let Some(b) = &s.backend_tls {
+    if s.health.tls.is_some() && !over_tls {
+        p.add(
+            at("health.tls"),
+            "is for kind: tls and kind: https probes only",
+        );
+    }
+    let tls_blocks = [
+        ("backend_tls", &s.backend_tls),
+        ("health.tls", &s.health.tls),
+    ];
+    for (key, b) in tls_blocks {
+        let Some(b) = b else { continue };
         if b.cert.is_some() != b.key.is_some() {
             p.add(
-                at("backend_tls"),
+                at(key),
                 "cert and key go together: give both (a client certificate) or neither",
             );
         }
         if b.handshake_timeout.is_zero() {
             p.add(
-                at("backend_tls.handshake_timeout"),
+                at(&format!("{key}.handshake_timeout")),
                 "must be greater than 0",
             );
         }
@@ -1242,6 +1254,29 @@ mod tests {
         );
         assert!(problem(&two).contains("services[1].listen"));
         assert!(problem(&two).contains("both the default of UDP"));
+    }
+
+    #[test]
+    fn tls_probes_take_their_own_tls_or_the_services() {
+        let svc = |extra: &str| {
+            format!("services:\n  - name: api\n    listen: 127.0.0.1:6443\n    backends: [{{address: 127.0.0.1:9001}}]\n{extra}")
+        };
+        let own = svc("    health: {kind: https, path: /readyz, tls: {verify: false}}\n");
+        let c =
+            crate::config::Config::from_yaml(&own).expect("passthrough probed over its own TLS");
+        assert!(c.services[0].backend_tls.is_none());
+        let neither = problem(&svc("    health: {kind: tls}\n"));
+        assert!(
+            neither.contains("services[0].health.kind") && neither.contains("health.tls"),
+            "{neither}"
+        );
+        let wrong_kind = problem(&svc("    health: {kind: tcp, tls: {}}\n"));
+        assert!(
+            wrong_kind.contains("services[0].health.tls"),
+            "{wrong_kind}"
+        );
+        let half = problem(&svc("    health: {kind: tls, tls: {cert: a.pem}}\n"));
+        assert!(half.contains("services[0].health.tls"), "{half}");
     }
 
     #[test]

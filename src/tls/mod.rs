@@ -53,6 +53,8 @@ pub enum TlsError {
 pub(crate) struct ServiceTls {
     pub(crate) terminate: Option<Arc<Terminator>>,
     pub(crate) originate: Option<Arc<Originator>>,
+    /// The probes' own TLS (`health.tls`), if they do not speak `backend_tls`.
+    pub(crate) probe: Option<Arc<Originator>>,
 }
 
 /// Loads what `cfg` (`services[index]`)'s `tls` and `backend_tls` name; a private key other users
@@ -74,10 +76,18 @@ pub(crate) fn load(
         .map(|t| Originator::load(t, allow_readable_keys).map(Arc::new))
         .transpose()
         .map_err(|e| (format!("services[{index}].backend_tls"), e))?;
+    let probe = cfg
+        .health
+        .tls
+        .as_ref()
+        .map(|t| Originator::load(t, allow_readable_keys).map(Arc::new))
+        .transpose()
+        .map_err(|e| (format!("services[{index}].health.tls"), e))?;
     check_docker_keys(index, cfg, allow_readable_keys)?;
     Ok(ServiceTls {
         terminate,
         originate,
+        probe,
     })
 }
 

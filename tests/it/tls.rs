@@ -1090,6 +1090,80 @@ async fn tls_and_https_probes_use_the_backend_tls() {
     }
 }
 
+/// docs/reliability.md `https-probe-passthrough`: a service that passes TLS through (no
+/// `backend_tls`) probes its backend's HTTPS `/readyz` with the probe's own `health.tls` (the CA,
+/// the name the certificate carries): a 503 marks the backend down and a 200 up again, while the
+/// clients' TLS still reaches the backend untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_probe_watches_a_passthrough_backend_without_backend_tls() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Arc;
+    let pki = Pki::new("readyz CA");
+    let pair = pki.server("apiserver", &["api.test"]);
+    let ready = Arc::new(AtomicBool::new(true));
+    let acceptor = tokio_rustls::TlsAcceptor::from(crate::common::pki::server_config(&pair, &[]));
+    let is_ready = ready.clone();
+    let backend = Backend::serve(listen(SocketAddr::from(([127, 0, 0, 2], 0))), move |s| {
+        let (acceptor, is_ready) = (acceptor.clone(), is_ready.clone());
+        async move {
+            let Ok(mut tls) = acceptor.accept(s).await else {
+                return;
+            };
+            let mut buf = [0u8; 1024];
+            let Ok(n) = tls.read(&mut buf).await else {
+                return;
+            };
+            let asked = String::from_utf8_lossy(&buf[..n]).to_string();
+            let reply: &[u8] = if !asked.starts_with("GET /readyz ") {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nclient"
+            } else if is_ready.load(Relaxed) {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            } else {
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            };
+            let _ = tls.write_all(reply).await;
+            let _ = tls.shutdown().await;
+        }
+    });
+    let yaml = format!(
+        "log: {{level: warn}}\nservices:\n  - name: api\n    listen: 127.0.0.1:0\n    health: {{kind: https, path: /readyz, interval: 100ms, timeout: 1s, rise: 1, fall: 1, tls: {{ca: \"{}\", server_name: api.test}}}}\n    backends: [{{address: \"{}\"}}]\n",
+        pki.ca.display(),
+        backend.addr
+    );
+    let p = Proxy::start(&yaml).await;
+    let b = p.backend(backend.addr);
+    wait_for(SECS(5), "probed healthy", || {
+        b.health() == sluicegate::Health::Healthy
+    })
+    .await;
+    ready.store(false, Relaxed);
+    wait_for(SECS(5), "probed down on a 503", || {
+        b.health() == sluicegate::Health::Unhealthy
+    })
+    .await;
+    let last = b.probes().last().cloned().expect("a probe");
+    assert!(
+        last.error.as_deref().is_some_and(|e| e.contains("503")),
+        "{last:?}"
+    );
+    ready.store(true, Relaxed);
+    wait_for(SECS(5), "probed up again", || {
+        b.health() == sluicegate::Health::Healthy
+    })
+    .await;
+    // The clients' TLS is the backend's own: the relay neither ends nor starts TLS.
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
+    let mut tls = connector(&pki, &[], None)
+        .connect(name, tcp)
+        .await
+        .expect("the backend's certificate");
+    tls.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut got = String::new();
+    let _ = tls.read_to_string(&mut got).await;
+    assert!(got.ends_with("client"), "{got:?}");
+}
+
 /// docs/reliability.md `tls-reset`: through a terminating service, a backend's reset reaches the
 /// client as a reset (an error, not the close_notify of a complete stream), and the routing line's
 /// end says whose; a client's reset reaches the backend as one.
