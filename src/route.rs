@@ -249,6 +249,19 @@ impl<T> Table<T> {
         self.routes.iter().map(|(_, t)| t)
     }
 
+    /// What `GET /route` says of a client: the address's one service (`only`: no hello is read),
+    /// else the route [`choose`](Table::choose) takes, with why.
+    pub(crate) fn explain<'a>(
+        &'a self,
+        sni: Option<&str>,
+        alpn: &'a [Vec<u8>],
+    ) -> Option<(&'a T, &'static str)> {
+        if let Some(only) = self.only() {
+            return Some((only, "only"));
+        }
+        self.choose(sni, alpn).map(|c| (c.target, c.why.as_str()))
+    }
+
     /// Where a client that sent server name `sni` (or none, or no hello at all) and offered the
     /// protocols `alpn` (in its order of preference) goes; `None`: nowhere (no default).
     pub(crate) fn choose<'a>(

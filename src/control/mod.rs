@@ -560,15 +560,8 @@ impl Control {
             .find(|b| b.local == listen)
             .or_else(|| listeners.iter().find(|b| b.key.addr() == listen))?;
         let routes = b.routes.load();
-        if let Some(only) = routes.table.only() {
-            return Some(Some((only.load_full(), "only")));
-        }
-        Some(
-            routes
-                .table
-                .choose(sni, alpn)
-                .map(|c| (c.target.load_full(), c.why.as_str())),
-        )
+        let chosen = routes.table.explain(sni, alpn);
+        Some(chosen.map(|(t, why)| (t.load_full(), why)))
     }
 
     /// The connections of each shared address that no service took.

@@ -426,15 +426,8 @@ impl Udp {
             .find(|b| b.local == listen)
             .or_else(|| bound.iter().find(|b| b.addr == listen))?;
         let routes = b.routes.load();
-        if let Some(only) = routes.only() {
-            return Some(Some((only.service.load_full(), "only")));
-        }
-        Some(
-            routes
-                .table
-                .choose(sni, alpn)
-                .map(|c| (c.target.service.load_full(), c.why.as_str())),
-        )
+        let chosen = routes.table.explain(sni, alpn);
+        Some(chosen.map(|(t, why)| (t.service.load_full(), why)))
     }
 
     /// Every UDP service's counters now.

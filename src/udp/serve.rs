@@ -17,7 +17,7 @@ use tracing::Instrument;
 use std::sync::Mutex;
 
 use super::exchange::{Exchange, Up};
-use super::follow::{self, Cids};
+use super::follow::Cids;
 use super::pending::{self, Pending};
 use super::quic::{self, PacketType};
 use super::session::{self, Live, Parts, QuicInfo, Slots, Task};
@@ -298,14 +298,6 @@ impl State {
         }
     }
 
-    /// Records connection ID `cid` as session `id`'s.
-    fn record(&self, id: u64, live: &Live, cid: &[u8]) {
-        let mut held = lock(&live.cids);
-        if lock(&self.cids).record(cid, id, held.len()) == follow::Recorded::Yes {
-            held.push(cid.into());
-        }
-    }
-
     /// Sends a client datagram on its session's socket: `false` when the backend's port was
     /// found closed (an ICMP port-unreachable came back for an earlier one), which ends the
     /// session without taking the datagram.
@@ -368,7 +360,7 @@ impl State {
         tracing::debug!(client = %d.from, was = %old.client, backend = %live.backend.addr, "a QUIC connection moved to a new client address");
         let cids: Vec<Box<[u8]>> = lock(&old.cids).clone();
         for cid in cids {
-            self.record(id, &live, &cid);
+            live.record_cid(&self.cids, id, &cid);
         }
         let _ = self.up(id, &live, d);
     }

@@ -140,6 +140,18 @@ impl Live {
         drop(lock(&self.slots).take());
     }
 
+    /// Records connection ID `cid` as this session's (`id` in the loop's table): one it holds
+    /// already is not taken back from a later session the client moved to.
+    pub(crate) fn record_cid(&self, cids: &Mutex<Cids>, id: u64, cid: &[u8]) {
+        let mut held = lock(&self.cids);
+        if held.iter().any(|c| &c[..] == cid) {
+            return;
+        }
+        if lock(cids).record(cid, id, held.len()) == Recorded::Yes {
+            held.push(cid.into());
+        }
+    }
+
     /// Ended, or about to: its service left the address, so it takes no more datagrams.
     pub(crate) fn ended(&self) -> bool {
         self.stop.is_cancelled() || self.leave.is_cancelled()
@@ -364,15 +376,8 @@ fn record_server_cid(t: &Task, datagram: &[u8]) {
     if !quic::is_long_header(datagram) {
         return;
     }
-    let Ok(header) = quic::parse_long_header(datagram) else {
-        return;
-    };
-    let mut held = lock(&t.live.cids);
-    if held.iter().any(|c| &c[..] == header.scid) {
-        return;
-    }
-    if lock(&t.cids).record(header.scid, t.id, held.len()) == Recorded::Yes {
-        held.push(header.scid.into());
+    if let Ok(header) = quic::parse_long_header(datagram) {
+        t.live.record_cid(&t.cids, t.id, header.scid);
     }
 }
 
