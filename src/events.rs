@@ -154,6 +154,16 @@ pub(crate) enum Event<'a> {
         action: &'a str,
         error: String,
     },
+    /// An operator ended connection `id` (`DELETE /connections`), `how` (`reset`, `fin`); `by`
+    /// names who asked.
+    ConnectionKilled {
+        id: u64,
+        service: &'a str,
+        client: SocketAddr,
+        backend: Option<SocketAddr>,
+        how: &'static str,
+        by: &'a str,
+    },
 }
 
 /// An event as sent: the event and the time.
@@ -341,6 +351,14 @@ mod tests {
                 action: "start",
                 error: "no".into(),
             },
+            Event::ConnectionKilled {
+                id: 7,
+                service,
+                client: BACKEND,
+                backend: Some(BACKEND),
+                how: "reset",
+                by: "admin",
+            },
         ]
     }
 
@@ -369,6 +387,7 @@ mod tests {
             Event::ReplicaHealPaused { .. } => 18,
             Event::Autoscale { .. } => 19,
             Event::DockerError { .. } => 20,
+            Event::ConnectionKilled { .. } => 21,
         }
     }
 

@@ -57,7 +57,9 @@
 //! - [`logging`]: log output (the application and routing streams, never blocking a worker).
 //! - [`selfcheck`]: the `healthcheck` subcommand's client (asks a running sluicegate's `/ready`).
 //!
-//! **Shared**: [`config`] (the YAML schema and its validation), [`sockets`] (listening sockets given
+//! **Shared**: [`config`] (the YAML schema and its validation), `connections` (the live
+//! connections and UDP sessions of the process, each one's view written by its engine, listed and
+//! killed through the admin API), [`sockets`] (listening sockets given
 //! to the process by the one it replaced or by systemd, taken before binding), `metrics` (how a subsystem declares
 //! the metrics it exports, a `Table` next to its typed view, and the Prometheus text format; the admin
 //! API asks each subsystem for its samples) and `util` (small pieces every layer uses).
@@ -79,7 +81,7 @@
 //! 10. `logging`, `pool`, `tls`
 //! 11. `accesslog`, `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `selfcheck`
 //! 12. `docker`
-//! 13. `config`, `metrics`, `outcome`, `sockets`, `util`, `workers`
+//! 13. `config`, `connections`, `metrics`, `outcome`, `sockets`, `util`, `workers`
 //!
 //! ## Where `unsafe` may be
 //!
@@ -110,6 +112,7 @@ mod admission;
 pub mod app;
 mod balance;
 pub mod config;
+mod connections;
 mod control;
 mod discovery;
 mod docker;

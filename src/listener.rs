@@ -92,10 +92,11 @@ pub(crate) async fn accept_loop(
 ) {
     let mut backoff = BACKOFF_START;
     let mut errors = RateLimited::new(Duration::from_secs(1));
-    let local = listener
+    let local: Arc<str> = listener
         .local_addr()
         .map(|a| a.to_string())
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -161,7 +162,7 @@ fn dispatch(
     client: tokio::net::TcpStream,
     peer: SocketAddr,
     routes: Arc<Routes>,
-    local: &str,
+    local: &Arc<str>,
     gate: &Arc<Gate>,
     tracker: &TaskTracker,
     leaving: &Arc<Leaving>,
@@ -171,7 +172,12 @@ fn dispatch(
         let service = current.load_full();
         service.stats.accepted();
         let span = session::span(Some(&service.name), peer, local);
-        match ClientSlot::take(&service, gate.enter()) {
+        let at = session::Reached {
+            client: peer,
+            listen: local,
+            engine: service.relay.mode.as_str(),
+        };
+        match ClientSlot::take(&service, gate.enter(), at) {
             Ok(slot) => {
                 let serve =
                     session::serve(client, peer, service.clone(), slot, leaving.clone(), span);
@@ -188,8 +194,16 @@ fn dispatch(
     let entered = waiting.map(|w| (w, gate.enter()));
     let end = match entered {
         Some((waiting, Some(slot))) => {
-            let serve =
-                session::serve_routed(client, peer, routes, slot, waiting, leaving.clone(), span);
+            let serve = session::serve_routed(
+                client,
+                peer,
+                local.clone(),
+                routes,
+                slot,
+                waiting,
+                leaving.clone(),
+                span,
+            );
             tracker.spawn(serve);
             return;
         }

@@ -59,11 +59,13 @@ pub enum Outcome {
     /// Closed at once: on a shared address, `max_pending` connections were already waiting for
     /// their route.
     PendingFull,
+    /// Ended by an operator (`DELETE /connections`): both sides reset, or sent a FIN if asked.
+    Killed,
 }
 
 impl Outcome {
     /// Every outcome, in the order of [`Outcome::index`].
-    pub const ALL: [Outcome; 23] = [
+    pub const ALL: [Outcome; 24] = [
         Outcome::ClientClosed,
         Outcome::BackendClosed,
         Outcome::ClientReset,
@@ -87,6 +89,7 @@ impl Outcome {
         Outcome::TlsHandshake,
         Outcome::TlsClientCert,
         Outcome::PendingFull,
+        Outcome::Killed,
     ];
 
     /// Position in [`Outcome::ALL`], for per-outcome counters.
@@ -120,6 +123,7 @@ impl Outcome {
             Outcome::TlsHandshake => "tls_handshake",
             Outcome::TlsClientCert => "tls_client_cert",
             Outcome::PendingFull => "pending_full",
+            Outcome::Killed => "killed",
         }
     }
 

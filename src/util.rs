@@ -127,6 +127,38 @@ pub(crate) fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// `t` as RFC 3339 in UTC to the millisecond (`2026-11-30T06:41:07.123Z`); before the epoch, the
+/// epoch.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    let ms = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0) as u64;
+    let (days, in_day) = (ms / 86_400_000, ms % 86_400_000);
+    let (y, m, d) = civil_from_days(days as i64);
+    let (h, min, s, milli) = (
+        in_day / 3_600_000,
+        in_day / 60_000 % 60,
+        in_day / 1000 % 60,
+        in_day % 1000,
+    );
+    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
+}
+
+/// The proleptic Gregorian date of day `z` since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
 /// A shared, lock-free random source (SplitMix64 over an atomic counter): one `fetch_add` per draw, so
 /// threads never wait on each other and a fixed seed gives a fixed sequence in a single-threaded test.
 #[derive(Debug)]
@@ -225,6 +257,16 @@ pub(crate) fn doc_table(file: &str, header: &str) -> Vec<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_are_written_as_rfc3339() {
+        use std::time::Duration;
+        let at = |ms: u64| rfc3339(UNIX_EPOCH + Duration::from_millis(ms));
+        assert_eq!(at(0), "1970-01-01T00:00:00.000Z");
+        // 2000-02-29 (a leap day of a century leap year), 12:34:56.789.
+        assert_eq!(at(951_827_696_789), "2000-02-29T12:34:56.789Z");
+        assert_eq!(at(1_796_018_400_000), "2026-11-30T06:00:00.000Z");
+    }
 
     /// Accept errors of one client are retried at once; a refusal (EPERM, from a security module
     /// or a seccomp filter) and running out are backed off from, as they would come back at once

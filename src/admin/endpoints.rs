@@ -11,7 +11,10 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{full, json_response, stats, Admin, ApiError, BoxBody, DASHBOARD};
+use super::{connections, full, json_response, stats, Admin, ApiError, BoxBody, DASHBOARD};
+
+/// Who the routing log and the events say asked for a kill: the API's token is not named.
+const KILLED_BY: &str = "admin";
 use crate::config::Weight;
 use crate::control::Control;
 use crate::pool::{AdminError, Source, State};
@@ -70,6 +73,10 @@ pub(super) enum Endpoint {
     Heartbeat,
     /// Which backend a client would get: `/route?client=IP[&service=NAME]`.
     Route,
+    /// `GET /connections` (the live ones, filtered), `DELETE /connections?filters` (every match).
+    Connections,
+    /// `GET` or `DELETE /connections/{id}`.
+    Connection(u64),
 }
 
 impl Endpoint {
@@ -97,6 +104,8 @@ impl Endpoint {
             ["rm"] => Endpoint::Rm(None),
             ["heartbeat"] => Endpoint::Heartbeat,
             ["route"] => Endpoint::Route,
+            ["connections"] => Endpoint::Connections,
+            ["connections", id] => Endpoint::Connection(id.parse().ok()?),
             ["services", s, "rep"] => Endpoint::Rep(Some(percent_decode(s)?)),
             ["services", s, "add"] => Endpoint::Add(Some(percent_decode(s)?)),
             ["services", s, "rm"] => Endpoint::Rm(Some(percent_decode(s)?)),
@@ -114,6 +123,7 @@ impl Endpoint {
             | Endpoint::Reload
             | Endpoint::Add(_) => &[Method::POST],
             Endpoint::Rm(_) => &[Method::DELETE],
+            Endpoint::Connections | Endpoint::Connection(_) => &[Method::GET, Method::DELETE],
             _ => &[Method::GET],
         }
     }
@@ -276,7 +286,45 @@ impl Admin {
             )),
             (Endpoint::Events, _) => self.events_stream(),
             (Endpoint::Reload, _) => Ok(self.reload()),
+            (Endpoint::Connections, Method::GET) => {
+                let f = self.connection_filter(query)?;
+                let draining = c.readiness().is_draining();
+                Ok(json_response(
+                    StatusCode::OK,
+                    &connections::list(&f, draining),
+                ))
+            }
+            (Endpoint::Connections, _) => {
+                let f = self.connection_filter(query)?;
+                if !f.selects() {
+                    return Err(ApiError::bad_request(
+                        "give at least one filter (service, listen, backend, client, older_than, idle_longer_than, state, protocol): DELETE /connections does not end every connection",
+                    ));
+                }
+                let killed = connections::kill_matching(&f, KILLED_BY, c.events());
+                Ok(json_response(StatusCode::OK, &json!({"killed": killed})))
+            }
+            (Endpoint::Connection(id), method) => {
+                let f = self.connection_filter(query)?;
+                let gone = || ApiError::not_found(format!("no open connection has id {id}"));
+                if method == Method::GET {
+                    let one =
+                        connections::list_one(id, c.readiness().is_draining()).ok_or_else(gone)?;
+                    return Ok(json_response(StatusCode::OK, &one));
+                }
+                let one =
+                    connections::kill_one(id, f.how, KILLED_BY, c.events()).ok_or_else(gone)?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"killed": 1, "connection": one}),
+                ))
+            }
         }
+    }
+
+    /// The filters of a `/connections` request, or a 400 naming the bad one.
+    fn connection_filter(&self, query: &str) -> Result<connections::Filter, ApiError> {
+        connections::Filter::parse(query, percent_decode).map_err(ApiError::bad_request)
     }
 
     /// `GET /ready`: 200 when ready, 503 before and while draining, with the drain's progress.

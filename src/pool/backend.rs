@@ -210,6 +210,7 @@ impl BackendStats {
         crate::relay::LiveCounters {
             up: &self.bytes_up,
             down: &self.bytes_down,
+            conn: None,
         }
     }
 

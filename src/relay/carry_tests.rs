@@ -81,6 +81,7 @@ async fn carried_mid_stream(mode: RelayMode, stop_after: Duration) {
     let live = LiveCounters {
         up: &up_live,
         down: &down_live,
+        conn: None,
     };
     let (cw, dw) = (up_data.clone(), down_data.clone());
     let client_side = end(client, cw, 7000);
@@ -205,7 +206,11 @@ fn a_half_closed_relay_carries_its_half_close() {
     on_own_thread(|| async {
         let (mut client, proxy_c, proxy_b, mut backend) = quartet().await;
         let (a, b) = (AtomicU64::new(0), AtomicU64::new(0));
-        let live = LiveCounters { up: &a, down: &b };
+        let live = LiveCounters {
+            up: &a,
+            down: &b,
+            conn: None,
+        };
         let carry = CancellationToken::new();
         let relayed = async {
             relay(
@@ -306,7 +311,11 @@ fn a_relay_whose_pipe_cannot_be_read_back_is_not_carried_and_resets_both_sides()
                 &opts(RelayMode::Splice),
                 std::pin::pin!(std::future::pending()),
                 Some(&carry),
-                LiveCounters { up: &a, down: &b },
+                LiveCounters {
+                    up: &a,
+                    down: &b,
+                    conn: None,
+                },
                 Begin::New { ack_held: false },
             )
             .await;

@@ -12,8 +12,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Now, in milliseconds on the coarse clock; never 0, which stands for "nothing written yet".
-pub(super) fn stamp() -> u64 {
+pub(crate) fn stamp() -> u64 {
     now_ms().max(1)
+}
+
+/// How long ago `stamp` was taken, to the coarse clock's resolution (an operator's `idle_s`).
+pub(crate) fn since(stamp: u64) -> Duration {
+    Duration::from_millis(now_ms().saturating_sub(stamp))
 }
 
 /// The instant of the write that took `stamp`, or a little later: a timer that counts from it

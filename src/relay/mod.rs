@@ -24,6 +24,7 @@
 #[cfg(all(test, target_os = "linux"))]
 mod carry_tests;
 mod clock;
+pub(crate) use clock::{since, stamp};
 /// For tests elsewhere that count what a socket's kernel sent.
 #[cfg(all(test, target_os = "linux"))]
 pub(crate) use tcp_info::{tcp_info_fd, AckTimerRuns};
@@ -54,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 pub(crate) use stream::{relay_streams, Endpoint};
 
 use crate::config::RelayMode;
+use crate::connections::{self, Conn};
 use crate::outcome::Outcome;
 use woken::Woken;
 
@@ -79,6 +81,9 @@ pub(crate) struct RelayOptions {
 pub(crate) struct LiveCounters<'a> {
     pub(crate) up: &'a AtomicU64,
     pub(crate) down: &'a AtomicU64,
+    /// The connection's listing (`connections`), whose bytes, activity and state the relay keeps
+    /// current at every write and end of stream.
+    pub(crate) conn: Option<&'a Conn>,
 }
 
 #[derive(Debug)]
@@ -157,6 +162,11 @@ struct Flow<'a> {
     /// waits with some, so a relay stopped for `carry` finds them; and where a carried connection's
     /// bytes start. Touched only under back-pressure: a message written at once never comes here.
     pending: Parked<Pending>,
+    /// The connection's listing.
+    conn: Option<&'a Conn>,
+    /// This is the client-to-backend direction (a byte beside the flags, where a pair with the
+    /// listing would cost every connection's task 16 bytes).
+    up: bool,
     /// The direction's pipe while it holds bytes and waits for the destination, for the same reason.
     #[cfg(target_os = "linux")]
     pipe: Parked<splice::PipeLease>,
@@ -293,8 +303,8 @@ pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
 ) -> impl Future<Output = Relayed> + 'a {
     async move {
         let start = Instant::now();
-        let up = Flow::new(live.up, backend.as_raw_fd());
-        let down = Flow::new(live.down, client.as_raw_fd());
+        let up = Flow::new(live.up, backend.as_raw_fd(), live.conn, true);
+        let down = Flow::new(live.down, client.as_raw_fd(), live.conn, false);
         let mut done = (false, false);
         let mut quiet_for = Duration::ZERO;
         match begin {
@@ -715,10 +725,17 @@ fn arm_reset(side: &TcpStream) {
 }
 
 impl<'a> Flow<'a> {
-    fn new(live: &'a AtomicU64, dst: std::os::fd::RawFd) -> Flow<'a> {
+    fn new(
+        live: &'a AtomicU64,
+        dst: std::os::fd::RawFd,
+        conn: Option<&'a Conn>,
+        up: bool,
+    ) -> Flow<'a> {
         Flow {
             bytes: AtomicU64::new(0),
             live,
+            conn,
+            up,
             unflushed: AtomicU64::new(0),
             last_active: AtomicU64::new(0),
             dst,
@@ -814,7 +831,21 @@ impl<'a> Flow<'a> {
         if pending >= LIVE_FLUSH {
             self.flush_live();
         }
-        self.last_active.store(clock::stamp(), Relaxed);
+        let now = clock::stamp();
+        self.last_active.store(now, Relaxed);
+        if let Some(c) = self.conn {
+            // The connection's own cache line, which only this connection's task writes.
+            c.counter(self.up).fetch_add(n as u64, Relaxed);
+            c.active().store(now, Relaxed);
+        }
+    }
+
+    /// Its source sent its end of stream.
+    fn read_eof(&self) {
+        self.eof.store(true, Relaxed);
+        if let Some(c) = self.conn {
+            c.set_state(connections::State::HalfClosed);
+        }
     }
 }
 
@@ -1183,7 +1214,7 @@ fn read_once(sock: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 /// (nothing unread can remain: its own EOF was read), so the shutdown call is skipped. Measured with perf on a
 /// connection-per-request load: the FIN's work moves into close(), so only the syscall is saved (~1 %).
 fn finish(dst: &TcpStream, flow: &Flow<'_>, other: &Flow<'_>) -> DirEnd {
-    flow.eof.store(true, Relaxed);
+    flow.read_eof();
     if other.eof.load(Relaxed) {
         return DirEnd::Eof;
     }
@@ -1316,6 +1347,7 @@ mod held_ack_tests {
             let live = LiveCounters {
                 up: &up,
                 down: &down,
+                conn: None,
             };
             let cut = std::pin::pin!(std::future::pending());
             let relayed = relay(&ours, &b, &EPOLL, cut, None, live, HELD);
@@ -1354,6 +1386,7 @@ mod held_ack_tests {
             let live = LiveCounters {
                 up: &up,
                 down: &down,
+                conn: None,
             };
             let cut = std::pin::pin!(std::future::pending());
             let before = segs(&b).1;

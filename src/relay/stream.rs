@@ -157,8 +157,8 @@ pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint, K: Future<Output = O
     live: LiveCounters<'_>,
 ) -> Relayed {
     let start = Instant::now();
-    let up = Flow::new(live.up, backend.socket().as_raw_fd());
-    let down = Flow::new(live.down, client.socket().as_raw_fd());
+    let up = Flow::new(live.up, backend.socket().as_raw_fd(), live.conn, true);
+    let down = Flow::new(live.down, client.socket().as_raw_fd(), live.conn, false);
     let (mut to_backend, mut to_client) = (Half::new(), Half::new());
     let (mut up_done, mut down_done) = (false, false);
     // Both directions are polled on every wake-up here (no `Woken`): reading a TLS stream may write

@@ -339,7 +339,7 @@ impl<H: Host> Worker<H> {
         match self.place(c) {
             // Its backend cut on its way here: `Command::BackendCut` may have come first.
             Some(slot) if ready => match self.cut_of(slot) {
-                Some(o) => self.finish(slot, Supervised::cut(o)),
+                Some(end) => self.finish(slot, end),
                 None => self.go_on(slot),
             },
             Some(slot) => self.finish(slot, Supervised::cut(Outcome::ClientReset)),

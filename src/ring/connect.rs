@@ -154,8 +154,8 @@ impl<H: Host> Worker<H> {
         // Its backend cut while it connected (or as it picked it): `Command::BackendCut` passed
         // it by, and it goes before it relays anything. Without a preface it was credited just
         // above, as the epoll engine credits a connect whose relay then sees the cut.
-        if let Some(o) = self.cut_of(slot) {
-            return self.finish(slot, Supervised::cut(o));
+        if let Some(end) = self.cut_of(slot) {
+            return self.finish(slot, end);
         }
         let now = self.now;
         let Some(c) = at(&mut self.conns, slot) else {

@@ -167,7 +167,7 @@ impl<H: Host> Worker<H> {
     }
 
     /// Whether the host says connection `slot` is cut, and why.
-    pub(super) fn cut_of(&mut self, slot: u32) -> Option<Outcome> {
+    pub(super) fn cut_of(&mut self, slot: u32) -> Option<Supervised> {
         let h = at(&mut self.conns, slot)?.host.as_ref()?;
         self.host.cut(h)
     }
@@ -179,8 +179,8 @@ impl<H: Host> Worker<H> {
             let Some(c) = c.as_deref() else { continue };
             let Some(h) = c.host.as_ref() else { continue };
             if c.end.is_none() && c.connected {
-                if let Some(o) = self.host.cut(h) {
-                    ending.push((slot as u32, Supervised::cut(o)));
+                if let Some(end) = self.host.cut(h) {
+                    ending.push((slot as u32, end));
                 }
             }
         }

@@ -472,7 +472,9 @@ impl<H: Host> Worker<H> {
     /// Passes a FIN on: the destination's write side shut down.
     pub(super) fn shut(&mut self, slot: u32, side: Side) {
         let now = self.now;
-        let Some(c) = self.conn(slot) else { return };
+        let Some(c) = at(&mut self.conns, slot) else {
+            return;
+        };
         let r = match c.dest(side) {
             Some(to) => rustix::net::shutdown(to, rustix::net::Shutdown::Write),
             // Gone (as a closed descriptor would say).
@@ -482,6 +484,9 @@ impl<H: Host> Worker<H> {
             return self.broke(slot, side, DirEnd::DestError(e.into()));
         }
         c.dir(side).shut = true;
+        if let Some(h) = c.host.as_ref() {
+            self.host.half_closed(h);
+        }
         // Half-closing restarts the clock (then against `half_close_timeout`).
         c.last = now;
         let _ = direction_ended(side, DirEnd::Eof, &mut c.first_fin);

@@ -53,15 +53,17 @@ use super::workers::{Served, Workers};
 use crate::accesslog::{Ending, Record};
 use crate::admission::{Gate, Queue, QueuePlace, SourceSlot};
 use crate::config::BackendPort;
+use crate::connections::{self, How};
 use crate::listener;
 use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
 use crate::proxy_protocol::{self, Header, Parsed, ReadError};
 use crate::relay::Relayed;
+use crate::relay::Supervised;
 use crate::ring::{Admit, Finished, Got, Host, Quiet, Step, Target, Timeouts};
 use crate::route::Routes;
 use crate::service::Service;
-use crate::session::{self, Carried, CarriedFacts, ClientSlot, Leaving, Tried};
+use crate::session::{self, Carried, CarriedFacts, ClientSlot, Leaving, Reached, Tried};
 use crate::util::{is_local_exhaustion, lock};
 
 /// One worker's view of the services: its listeners and what admits a connection.
@@ -98,7 +100,8 @@ pub(crate) struct Taken {
     pub(super) queued: Option<(QueuePlace, Instant)>,
     workers: Arc<Workers>,
     _source: Option<SourceSlot>,
-    _slot: ClientSlot,
+    /// Its place in the service's count and in the operator's list (`connections`).
+    slot: ClientSlot,
     _tracked: TaskTrackerToken,
 }
 
@@ -134,8 +137,17 @@ impl Taken {
         workers: &Arc<Workers>,
         gate: &Arc<Gate>,
         tracker: &TaskTracker,
+        listen: &Arc<str>,
     ) -> Taken {
         let at = session::carried_backend(&service, facts.backend);
+        let reached = Reached {
+            client: facts.client,
+            listen,
+            engine: "ring",
+        };
+        let age = std::time::Duration::from_millis(facts.age_ms);
+        let slot = ClientSlot::carried(&service, gate, reached, age);
+        slot.conn().wake_with(|| workers.look_waker());
         // As `pick` has it: a slot freed matters to the queue only on a capped backend.
         let capped = service.caps.cap_of(&at).is_some();
         Taken {
@@ -155,7 +167,7 @@ impl Taken {
             queued: None,
             workers: workers.clone(),
             _source: None,
-            _slot: ClientSlot::carried(&service, gate),
+            slot,
             _tracked: tracker.token(),
             service,
         }
@@ -410,7 +422,12 @@ impl Host for Services {
         let service = current.load_full();
         service.stats.accepted();
         let span = session::span(Some(&service.name), peer, &served.local);
-        let slot = match ClientSlot::take(&service, self.gate.enter()) {
+        let at = Reached {
+            client: peer,
+            listen: &served.local,
+            engine: "ring",
+        };
+        let slot = match ClientSlot::take(&service, self.gate.enter(), at) {
             Ok(slot) => slot,
             Err(end) => {
                 span.in_scope(|| session::refuse_over_limit(&service, peer, end));
@@ -430,9 +447,10 @@ impl Host for Services {
             queued: None,
             workers: self.workers.clone(),
             _source: None,
-            _slot: slot,
+            slot,
             _tracked: self.tracker.token(),
         };
+        taken.slot.conn().wake_with(|| self.workers.look_waker());
         let timeouts = Timeouts::of(&taken.service.relay);
         let service = taken.service.clone();
         let admitted = match &service.accept_proxy {
@@ -551,16 +569,32 @@ impl Host for Services {
         // Out of the queue: the place (and its deadline) held across failed attempts, the failed
         // sending of its first bytes among them, as in `session::connect`.
         t.queued = None;
+        let backend = t.backend.as_ref().map(|p| &*p.backend);
+        session::list_facts(t.slot.conn(), &t.record, backend, Some("ring"), false);
+        t.slot.conn().set_state(connections::State::Relaying);
     }
 
     fn sent(&mut self, t: &Taken, up: u64, down: u64) {
         if let Some(p) = &t.backend {
             p.backend.stats.moved(up, down);
         }
+        t.slot.conn().moved(up, down, crate::relay::stamp());
     }
 
-    fn cut(&mut self, t: &Taken) -> Option<Outcome> {
-        t.backend.as_ref().and_then(|p| p.cut.fired())
+    fn cut(&mut self, t: &Taken) -> Option<Supervised> {
+        match t.slot.conn().kill_asked() {
+            Some(How::Fin) => return Some(Supervised::ended(Outcome::Killed)),
+            Some(How::Reset) => return Some(Supervised::cut(Outcome::Killed)),
+            None => {}
+        }
+        t.backend
+            .as_ref()
+            .and_then(|p| p.cut.fired())
+            .map(Supervised::cut)
+    }
+
+    fn half_closed(&mut self, t: &Taken) {
+        t.slot.conn().set_state(connections::State::HalfClosed);
     }
 
     fn ended(&mut self, t: Taken, f: Finished) {

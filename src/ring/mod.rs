@@ -469,9 +469,12 @@ pub(crate) trait Host {
     }
     /// Bytes sent to the backend (`up`) and to the client (`down`) since the last call.
     fn sent(&mut self, conn: &Self::Conn, up: u64, down: u64);
-    /// Whether a connection is to be cut, and why: asked of each relayed one on
-    /// `Command::BackendCut` and on every tick, and of each as it connects or is adopted.
-    fn cut(&mut self, conn: &Self::Conn) -> Option<Outcome>;
+    /// Whether a connection is to be cut, why and how (a backend's cut resets both sides; an
+    /// operator's kill may ask for a FIN): asked of each relayed one on `Command::BackendCut`
+    /// and on every tick, and of each as it connects or is adopted.
+    fn cut(&mut self, conn: &Self::Conn) -> Option<Supervised>;
+    /// One side of a relayed connection has sent its end of stream, passed on to the other.
+    fn half_closed(&mut self, _conn: &Self::Conn) {}
     /// The connection ended; its sockets close right after.
     fn ended(&mut self, conn: Self::Conn, finished: Finished);
     /// The way to whatever takes carried connections (an upgrade's new process).
@@ -524,8 +527,8 @@ pub(crate) enum Command<L, C> {
     Unlisten { id: u32 },
     /// Cut every connection: reset both sides, with this outcome.
     Cut(Outcome),
-    /// A backend's connections were cut: every relayed connection asks `Host::cut` now, rather
-    /// than on the next tick.
+    /// A backend's connections were cut, or an operator killed one: every relayed connection
+    /// asks `Host::cut` now, rather than on the next tick.
     BackendCut,
     /// A backend's connection slot came free: the connections waiting for one ask again.
     Freed,
@@ -1457,8 +1460,8 @@ impl<H: Host> Worker<H> {
                 c.dirs[0].unflushed = 0;
                 c.dirs[1].unflushed = 0;
             }
-            if let Some(o) = self.host.cut(h) {
-                ending.push((slot as u32, Supervised::cut(o)));
+            if let Some(end) = self.host.cut(h) {
+                ending.push((slot as u32, end));
             } else if c.stall_confirmed(now) {
                 // Its destination takes nothing while bytes wait: whatever it holds (pool
                 // buffers among them) goes, and both sides see a reset, not an end of stream.

@@ -258,13 +258,16 @@ impl Host for TestHost {
     fn sent(&mut self, _: &TestConn, up: u64, down: u64) {
         self.seen.sent.fetch_add(up + down, Relaxed);
     }
-    fn cut(&mut self, _: &TestConn) -> Option<Outcome> {
+    fn cut(&mut self, _: &TestConn) -> Option<Supervised> {
         let pause = self.seen.pause.lock().unwrap().take();
         if let Some(go) = pause {
             self.seen.paused.fetch_add(1, Relaxed);
             let _ = go.recv_timeout(WAIT);
         }
-        self.seen.cut.load(Relaxed).then_some(Outcome::BackendDown)
+        self.seen
+            .cut
+            .load(Relaxed)
+            .then(|| Supervised::cut(Outcome::BackendDown))
     }
     fn ended(&mut self, c: TestConn, f: Finished) {
         let _ = self.ended.send((f, c.errors));

@@ -182,7 +182,13 @@ impl RingWorkers {
         let n = self.handles.len().max(1);
         let h = &self.handles[self.next_adopter.fetch_add(1, Relaxed) % n];
         let facts = carried.facts;
-        let taken = Taken::carried_in(&facts, service, &self.workers, gate, tracker);
+        let listen: Arc<str> = carried
+            .client
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+            .into();
+        let taken = Taken::carried_in(&facts, service, &self.workers, gate, tracker, &listen);
         let timeouts = Timeouts::of(taken.relay_options());
         // The reset armed while in transit stays armed until the worker has it (`ring::Adopt`).
         let adopt = Adopt {
@@ -397,21 +403,25 @@ impl Workers {
         })
     }
 
+    /// What has every worker look at its connections' cuts now (`Command::BackendCut`): for an
+    /// operator's kill of one of their connections (`connections::Conn::wake_with`).
+    pub(super) fn look_waker(self: &Arc<Self>) -> Arc<dyn Fn() + Send + Sync> {
+        // Weak: a backend's signal and a connection's listing may outlive the workers.
+        let workers = Arc::downgrade(self);
+        Arc::new(move || {
+            if let Some(w) = workers.upgrade() {
+                for h in lock(&w.0).iter() {
+                    h.send(Command::BackendCut);
+                }
+            }
+        })
+    }
+
     /// `backend`'s cut signal, set to tell every worker (`Command::BackendCut`) when it fires, so
     /// its connections are cut at once rather than on a worker's next tick.
     pub(super) fn cut_signal(self: &Arc<Self>, backend: &Backend) -> Arc<CutSignal> {
         let cut = backend.cut_signal();
-        cut.wake_with(|| {
-            // Weak: the signal lives with the backend, which may outlive the workers.
-            let workers = Arc::downgrade(self);
-            Arc::new(move || {
-                if let Some(w) = workers.upgrade() {
-                    for h in lock(&w.0).iter() {
-                        h.send(Command::BackendCut);
-                    }
-                }
-            })
-        });
+        cut.wake_with(|| self.look_waker());
         cut
     }
 }

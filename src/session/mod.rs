@@ -24,8 +24,11 @@ use tracing::Instrument;
 
 use crate::accesslog::{self, Ending, Record};
 use crate::admission::{Gate, GateSlot, Refusal, SourceSlot};
+use crate::connections::{self, Conn, Facts, How, Opened, Protocol, Registered};
 use crate::outcome::Outcome;
+use crate::pool::Backend;
 use crate::proxy_protocol;
+use crate::relay::Endpoint as _;
 use crate::relay::{self, Relayed};
 use crate::route::{Routes, Waiting};
 use crate::service::{Service, TlsResult};
@@ -33,6 +36,7 @@ use crate::tls::{HandshakeError, Prefixed, ServerStream};
 pub(crate) use connect::{carried_backend, Tried};
 use connect::{connect, BackendStream, Connected, Outbound};
 pub(crate) use entry::{may_send_header, take_header, UNTRUSTED};
+use socket2::SockRef;
 
 /// How sessions leave this process before they end: the drain's deadline cuts them; an upgrade
 /// carries them into the new process (`carry`, then each relayed one is sent to `carried`). One per
@@ -147,12 +151,22 @@ impl CarriedFacts {
     }
 }
 
-/// Counts the service's open client connections for `max_connections` (and the top-level cap) and
-/// keeps their start time; released on drop.
+/// Counts the service's open client connections for `max_connections` (and the top-level cap),
+/// keeps their start time, and lists the connection for the operator (`connections`); released on
+/// drop.
 pub(crate) struct ClientSlot {
     service: Arc<Service>,
     id: u64,
+    listed: Registered,
     _gate: GateSlot,
+}
+
+/// Where a connection came in, for its listing.
+pub(crate) struct Reached<'a> {
+    pub(crate) client: SocketAddr,
+    pub(crate) listen: &'a Arc<str>,
+    /// The engine that took it: `ring`, or the tokio side's relay.
+    pub(crate) engine: &'static str,
 }
 
 impl ClientSlot {
@@ -160,6 +174,7 @@ impl ClientSlot {
     pub(crate) fn take(
         service: &Arc<Service>,
         gate: Option<GateSlot>,
+        at: Reached<'_>,
     ) -> Result<ClientSlot, Outcome> {
         let Some(gate) = gate else {
             return Err(Outcome::GlobalMaxConnections);
@@ -167,24 +182,46 @@ impl ClientSlot {
         if !service.stats.enter(service.max_connections) {
             return Err(Outcome::MaxConnections);
         }
-        let id = service.occupancy.sessions.enter();
-        Ok(ClientSlot {
-            service: service.clone(),
-            id,
-            _gate: gate,
-        })
+        Ok(ClientSlot::entered(service, gate, at, None))
     }
-}
 
-impl ClientSlot {
-    /// A slot for a connection carried in from another process: counted, never refused.
-    pub(crate) fn carried(service: &Arc<Service>, gate: &Arc<Gate>) -> ClientSlot {
-        service.stats.enter_anyway();
+    fn entered(
+        service: &Arc<Service>,
+        gate: GateSlot,
+        at: Reached<'_>,
+        handed_over: Option<Duration>,
+    ) -> ClientSlot {
+        let listed = connections::registry().enter(Opened {
+            protocol: Protocol::Tcp,
+            service: service.name.clone(),
+            client: at.client,
+            listen: at.listen.clone(),
+            engine: at.engine,
+            handed_over,
+        });
+        listed.conn().active().store(relay::stamp(), Relaxed);
         ClientSlot {
             service: service.clone(),
             id: service.occupancy.sessions.enter(),
-            _gate: gate.enter_anyway(),
+            listed,
+            _gate: gate,
         }
+    }
+
+    /// A slot for a connection carried in from another process: counted, never refused.
+    pub(crate) fn carried(
+        service: &Arc<Service>,
+        gate: &Arc<Gate>,
+        at: Reached<'_>,
+        age: Duration,
+    ) -> ClientSlot {
+        service.stats.enter_anyway();
+        ClientSlot::entered(service, gate.enter_anyway(), at, Some(age))
+    }
+
+    /// The connection's listing.
+    pub(crate) fn conn(&self) -> &Arc<Conn> {
+        self.listed.conn()
     }
 }
 
@@ -193,6 +230,29 @@ impl Drop for ClientSlot {
         self.service.stats.left();
         self.service.occupancy.sessions.leave(self.id);
     }
+}
+
+/// Writes what `record` knows of a connection's routing into its listing.
+pub(crate) fn list_facts(
+    conn: &Conn,
+    record: &Record,
+    backend: Option<&Backend>,
+    engine: Option<&'static str>,
+    originated: bool,
+) {
+    let hello = record.hello();
+    conn.set_facts(Facts {
+        client: Some(record.client),
+        via: record.via,
+        route: hello.route,
+        sni: hello.sni.clone(),
+        backend: record.backend,
+        backend_name: record.backend_name.clone(),
+        tier: backend.map(|b| b.tier()),
+        tls_terminated: hello.tls,
+        tls_originated: originated,
+        engine,
+    });
 }
 
 /// What a connection brings to its service from before the service took it (on a shared address:
@@ -236,9 +296,11 @@ pub(crate) fn serve(
 /// then the ClientHello), then serves it as its service's; `waiting` is its place among the
 /// address's connections waiting for their route. A client no service takes is counted in the
 /// address's unrouted connections and logged without a service.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_routed(
     mut client: TcpStream,
     peer: SocketAddr,
+    listen: Arc<str>,
     routes: Arc<Routes>,
     gate: GateSlot,
     waiting: Waiting,
@@ -262,7 +324,12 @@ pub(crate) async fn serve_routed(
     record.service = service.name.clone();
     record.policy = service.policy.as_str();
     service.stats.accepted();
-    let slot = match ClientSlot::take(&service, Some(gate)) {
+    let at = Reached {
+        client: peer,
+        listen: &listen,
+        engine: service.relay.mode.as_str(),
+    };
+    let slot = match ClientSlot::take(&service, Some(gate), at) {
         Ok(slot) => slot,
         Err(end) => return span.in_scope(|| account(&service, &record, refused_ending(end))),
     };
@@ -409,7 +476,7 @@ fn serve_taken(
                 }
             }
         };
-        relay_and_account(a, &service, &record, &leaving, &span, None).await
+        relay_and_account(a, &service, &record, slot.conn(), &leaving, &span, None).await
     }
 }
 
@@ -543,6 +610,7 @@ fn relay_and_account<'a>(
     mut a: Admitted,
     service: &'a Service,
     record: &'a Record,
+    conn: &'a Conn,
     leaving: &'a Leaving,
     span: &'a tracing::Span,
     mut resumed: Option<Resumed>,
@@ -552,17 +620,21 @@ fn relay_and_account<'a>(
     async move {
         let forwarded = a.forwarded;
         let backend = a.backend.backend.clone();
-        let live = backend.stats.live();
-        live.up.fetch_add(forwarded, Relaxed);
+        live(&backend, conn).up.fetch_add(forwarded, Relaxed);
+        list_relaying(conn, &a, record, resumed.as_ref(), service);
         let opts = &service.relay;
         let cut_signal = a.backend.cut.clone();
-        // A drain's deadline or the backend's sessions cut: one `poll_fn` over the two, pinned here
-        // (a `select!` kept room for its own state beside theirs, in every connection's task).
+        // A drain's deadline, the backend's sessions cut or an operator's kill: one `poll_fn` over
+        // the three, pinned here (a `select!` kept room for its own state beside theirs, in every
+        // connection's task).
         let mut drained = std::pin::pin!(leaving.deadline.cancelled());
         let mut removed = std::pin::pin!(cut_signal.cancelled());
         let mut cut = std::pin::pin!(std::future::poll_fn(|cx| {
             if drained.as_mut().poll(cx).is_ready() {
                 return std::task::Poll::Ready(Outcome::DrainDeadline);
+            }
+            if conn.poll_killed(cx).is_ready() {
+                return std::task::Poll::Ready(Outcome::Killed);
             }
             removed.as_mut().poll(cx).map(|()| cut_signal.reason())
         }));
@@ -578,7 +650,16 @@ fn relay_and_account<'a>(
                             ack_held: a.backend.ack_held,
                         },
                     };
-                    let mut r = relay::relay(cl, b, opts, cut.as_mut(), carry, live, begin).await;
+                    let mut r = relay::relay(
+                        cl,
+                        b,
+                        opts,
+                        cut.as_mut(),
+                        carry,
+                        live(&backend, conn),
+                        begin,
+                    )
+                    .await;
                     r.bytes_up += so_far.0;
                     r.bytes_down += so_far.1;
                     let Some(held) = r.carried.take() else {
@@ -601,16 +682,41 @@ fn relay_and_account<'a>(
             // TLS relays are boxed, as their handshakes are: the task of every plain connection
             // would otherwise keep room for them.
             (ClientStream::Plain(cl), BackendStream::Tls(b)) => {
-                Box::pin(relay::relay_streams(cl, &mut **b, opts, cut, live)).await
+                Box::pin(relay::relay_streams(
+                    cl,
+                    &mut **b,
+                    opts,
+                    cut,
+                    live(&backend, conn),
+                ))
+                .await
             }
             (ClientStream::Tls(cl), BackendStream::Plain(b)) => {
-                Box::pin(relay::relay_streams(&mut **cl, b, opts, cut, live)).await
+                Box::pin(relay::relay_streams(
+                    &mut **cl,
+                    b,
+                    opts,
+                    cut,
+                    live(&backend, conn),
+                ))
+                .await
             }
             (ClientStream::Tls(cl), BackendStream::Tls(b)) => {
-                Box::pin(relay::relay_streams(&mut **cl, &mut **b, opts, cut, live)).await
+                Box::pin(relay::relay_streams(
+                    &mut **cl,
+                    &mut **b,
+                    opts,
+                    cut,
+                    live(&backend, conn),
+                ))
+                .await
             }
         };
         relayed.bytes_up += forwarded;
+        if relayed.end == Outcome::Killed && conn.kill_asked() == Some(How::Fin) {
+            // The relay armed a reset on both sides, as for any cut; this operator asked for a FIN.
+            a.close_with_fin();
+        }
         span.in_scope(|| account_relayed(service, record, &relayed));
         // Close both now (the relay may have left a FIN, or an armed reset, to this close).
         let Admitted {
@@ -621,6 +727,62 @@ fn relay_and_account<'a>(
         } = a;
         drop(c);
         drop(client);
+    }
+}
+
+/// What counts a relay's bytes as they move: the backend's totals and the connection's listing.
+/// Made at each relay's start rather than kept in the session: every connection's task would keep
+/// room for it beside the relay's own copy.
+fn live<'a>(backend: &'a Backend, conn: &'a Conn) -> relay::LiveCounters<'a> {
+    relay::LiveCounters {
+        conn: Some(conn),
+        ..backend.stats.live()
+    }
+}
+
+/// Lists a connection that starts relaying: its routing so far, its engine, the bytes a
+/// connection carried in had moved in the process it left.
+fn list_relaying(
+    conn: &Conn,
+    a: &Admitted,
+    record: &Record,
+    resumed: Option<&Resumed>,
+    service: &Service,
+) {
+    let (engine, originated) = match (&a.client, &a.backend.stream) {
+        (ClientStream::Plain(_), BackendStream::Plain(_)) => (service.relay.mode.as_str(), false),
+        (_, BackendStream::Tls(_)) => ("tls", true),
+        (ClientStream::Tls(_), BackendStream::Plain(_)) => ("tls", false),
+    };
+    list_facts(
+        conn,
+        record,
+        Some(&a.backend.backend),
+        Some(engine),
+        originated,
+    );
+    conn.moved(a.forwarded, 0, relay::stamp());
+    if let Some(r) = resumed {
+        conn.moved(r.so_far.0, r.so_far.1, relay::stamp());
+    }
+    conn.set_state(connections::State::Relaying);
+}
+
+impl Admitted {
+    /// Closes both sides with a FIN rather than the reset the relay armed (a kill with
+    /// `how=fin`): best effort; a side whose option cannot be cleared is reset.
+    fn close_with_fin(&self) {
+        let client = match &self.client {
+            ClientStream::Plain(s) => SockRef::from(s),
+            ClientStream::Tls(s) => SockRef::from(s.socket()),
+        };
+        let backend = match &self.backend.stream {
+            BackendStream::Plain(s) => SockRef::from(s),
+            BackendStream::Tls(s) => SockRef::from(s.socket()),
+        };
+        for side in [client, backend] {
+            let _ = side.set_linger(None);
+        }
     }
 }
 
@@ -676,7 +838,18 @@ pub(crate) async fn resume(
             return;
         }
     };
-    let _slot = ClientSlot::carried(&service, &gate);
+    let listen: Arc<str> = client
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+        .into();
+    let at = Reached {
+        client: facts.client,
+        listen: &listen,
+        engine: service.relay.mode.as_str(),
+    };
+    let age = Duration::from_millis(facts.age_ms);
+    let slot = ClientSlot::carried(&service, &gate, at, age);
     let record = facts.record(&service);
     let a = Admitted {
         client: ClientStream::Plain(client),
@@ -688,7 +861,16 @@ pub(crate) async fn resume(
         held: Box::new(held),
         so_far: (facts.bytes_up, facts.bytes_down),
     };
-    relay_and_account(a, &service, &record, &leaving, &span, Some(resumed)).await;
+    relay_and_account(
+        a,
+        &service,
+        &record,
+        slot.conn(),
+        &leaving,
+        &span,
+        Some(resumed),
+    )
+    .await;
 }
 
 /// The one tracing span of a connection carried in from the process this one replaced.
@@ -842,7 +1024,13 @@ mod tests {
         let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let peer = client.local_addr().unwrap();
         let gate = Arc::new(Gate::new(None));
-        let slot = ClientSlot::take(&service, gate.enter()).unwrap();
+        let listen: Arc<str> = Arc::from("127.0.0.1:1");
+        let at = Reached {
+            client: peer,
+            listen: &listen,
+            engine: "epoll",
+        };
+        let slot = ClientSlot::take(&service, gate.enter(), at).unwrap();
         let leaving = Arc::new(Leaving::default());
         let session = serve(client, peer, service, slot, leaving, tracing::Span::none());
         let size = std::mem::size_of_val(&session);

@@ -27,6 +27,7 @@ use super::table::Table;
 use super::{Routes, Target};
 use crate::admission::{Gate, GateSlot, SourceSlot};
 use crate::config::MAX_UDP_PAYLOAD;
+use crate::connections::{self, Opened, Protocol};
 use crate::pool::{ActiveGuard, Backend};
 use crate::service::Service;
 use crate::tls::ClientHello;
@@ -69,6 +70,9 @@ struct State {
     /// QUIC connection IDs to their sessions (the sessions record the backend's).
     cids: Arc<Mutex<Cids>>,
     errors: RateLimited,
+    /// The last address a client sent to, written once for the listings of the sessions that
+    /// reach it (a wildcard bind has several).
+    listen: Option<(SocketAddr, Arc<str>)>,
 }
 
 /// Connection IDs recorded per session of the table's bound, at most.
@@ -88,6 +92,7 @@ pub(crate) async fn serve(l: Loop) {
         pending: Pending::default(),
         cids: Arc::new(Mutex::new(Cids::new(max_sessions * CIDS_PER_SESSION_BOUND))),
         errors: RateLimited::new(std::time::Duration::from_secs(1)),
+        listen: None,
     };
     let mut bufs = Bufs::new();
     loop {
@@ -368,6 +373,18 @@ impl State {
     /// Opens a session of `target`'s service (the version `service`): admission, the backend,
     /// its socket, its place in the table, its task; or why not (the caller counts it). On a
     /// `shared` address the service's cap makes no room by ending another service's session.
+    /// `to` written for a session's listing: made once per address the clients send to.
+    fn listen_name(&mut self, to: SocketAddr) -> Arc<str> {
+        match &self.listen {
+            Some((at, name)) if *at == to => name.clone(),
+            _ => {
+                let name: Arc<str> = to.to_string().into();
+                self.listen = Some((to, name.clone()));
+                name
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn open(
         &mut self,
@@ -418,12 +435,21 @@ impl State {
         service.pool.session_opened(&backend);
         let settings = service.udp;
         let (gate, source) = admitted;
+        let listed = connections::registry().enter(Opened {
+            protocol: Protocol::Udp,
+            service: service.name.clone(),
+            client: d.from,
+            listen: self.listen_name(d.to),
+            engine: "udp",
+            handed_over: None,
+        });
         let slots = Slots {
             active,
             _source: source,
             service: service.clone(),
             _gate: gate,
             since: service.occupancy.sessions.enter(),
+            listed,
         };
         let parts = Parts {
             socket,
@@ -435,6 +461,7 @@ impl State {
             leave: target.leave.clone(),
         };
         let live = Arc::new(Live::new(parts, self.epoch));
+        live.list();
         let now = self.epoch.elapsed().as_millis() as u64;
         let max = max_sessions(&l.routes.load());
         self.table.set_max(max);

@@ -21,6 +21,7 @@ use super::quic::{self, Version};
 use super::socket::Listening;
 use super::stats::{Direction, Dropped, End, UdpStats};
 use crate::admission::{GateSlot, SourceSlot};
+use crate::connections::{self, Conn, Facts, Registered};
 use crate::outcome::Outcome;
 use crate::pool::{ActiveGuard, Backend, CutSignal};
 use crate::service::Service;
@@ -57,6 +58,8 @@ pub(crate) struct Live {
     answered: std::sync::atomic::AtomicBool,
     /// The loop's clock: activity is stamped against it.
     epoch: Instant,
+    /// Its listing for the operator (`connections`), also held by its slots until it ends.
+    pub(crate) conn: Arc<Conn>,
 }
 
 /// A QUIC session's routing facts, for its line.
@@ -93,7 +96,9 @@ impl Live {
             quic,
             leave,
         } = parts;
+        let conn = slots.listed.conn().clone();
         let live = Live {
+            conn,
             socket,
             backend: slots.active.backend().clone(),
             service: slots.service.clone(),
@@ -131,6 +136,35 @@ impl Live {
 
     pub(crate) fn carried(&self, dir: Direction, len: usize) {
         self.bytes[dir as usize].fetch_add(len as u64, Relaxed);
+        let (up, down) = match dir {
+            Direction::Up => (len as u64, 0),
+            Direction::Down => (0, len as u64),
+        };
+        self.conn.moved(up, down, crate::relay::stamp());
+    }
+
+    /// Lists the session for the operator: its routing, and an operator's kill ending it.
+    pub(crate) fn list(self: &Arc<Self>) {
+        let quic = self.quic.as_ref();
+        self.conn.set_facts(Facts {
+            client: Some(self.client),
+            backend: Some(self.backend.addr),
+            backend_name: self.backend.name(),
+            tier: Some(self.backend.tier()),
+            route: quic.and_then(|q| q.route),
+            sni: quic.and_then(|q| q.sni.clone()),
+            engine: Some("udp"),
+            ..Facts::default()
+        });
+        self.conn.set_state(connections::State::Relaying);
+        let weak = Arc::downgrade(self);
+        self.conn.wake_with(|| {
+            Arc::new(move || {
+                if let Some(live) = weak.upgrade() {
+                    live.end(End::Killed);
+                }
+            })
+        });
     }
 
     /// Ends the session (the first reason given stands) and gives its places back.
@@ -173,6 +207,8 @@ pub(crate) struct Slots {
     pub(crate) _gate: GateSlot,
     /// Its start among the service's open sessions (the oldest one's age).
     pub(crate) since: u64,
+    /// Its place in the operator's list (`connections`).
+    pub(crate) listed: Registered,
 }
 
 impl Drop for Slots {

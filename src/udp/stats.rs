@@ -29,10 +29,12 @@ pub(crate) enum End {
     BackendRemoved,
     /// Still open at the drain deadline, or its service was removed.
     Shutdown,
+    /// Ended by an operator (`DELETE /connections`).
+    Killed,
 }
 
 impl End {
-    pub(crate) const ALL: [End; 8] = [
+    pub(crate) const ALL: [End; 9] = [
         End::IdleTimeout,
         End::Responses,
         End::Requests,
@@ -41,6 +43,7 @@ impl End {
         End::BackendDown,
         End::BackendRemoved,
         End::Shutdown,
+        End::Killed,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -53,6 +56,7 @@ impl End {
             End::BackendDown => "backend_down",
             End::BackendRemoved => "backend_removed",
             End::Shutdown => "shutdown",
+            End::Killed => "killed",
         }
     }
 

@@ -14,6 +14,7 @@ mod admin;
 mod agreement;
 mod checks;
 mod cli;
+mod console;
 mod dashboard;
 mod discovery;
 mod edge;
