@@ -47,6 +47,42 @@ enum Command {
         #[arg(long, default_value = "2s", value_name = "DURATION")]
         timeout: Dur,
     },
+    /// List a running sluicegate's live connections (GET /connections on its admin API) as a
+    /// table or JSON, or end them with --kill. The token comes from the config's admin section
+    /// (token_file, ...) or SLUICEGATE_ADMIN_TOKEN.
+    Connections {
+        /// The config of the running sluicegate: its admin.listen and token are used.
+        #[arg(long, short = 'c', env = "SLUICEGATE_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The admin API's address, instead of reading it from the config.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
+        /// A backend's address (ip:port) or name.
+        #[arg(long, value_name = "BACKEND")]
+        backend: Option<String>,
+        /// A client address (IP or IP:port) or CIDR block.
+        #[arg(long, value_name = "CLIENT")]
+        client: Option<String>,
+        /// Only connections open longer than this (30s, 5m, 1h).
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<String>,
+        /// List at most this many (the total is always given).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// End every match instead of listing (at least one filter is required).
+        #[arg(long)]
+        kill: bool,
+        /// How --kill ends them: reset or fin.
+        #[arg(long, default_value = "reset", value_name = "HOW")]
+        how: String,
+        /// Print the API's JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "10s", value_name = "DURATION")]
+        timeout: Dur,
+    },
     /// Ask a running sluicegate to replace itself with the binary now at its path (as SIGUSR2 does)
     /// and wait for the outcome: exit 0 once the new process serves (it prints its pid), 1 when the
     /// upgrade failed (the old process goes on serving; the reason is printed).
@@ -75,6 +111,30 @@ fn main() -> ExitCode {
     }
     if let Some(Command::Upgrade { pid, timeout }) = cli.command {
         return upgrade(pid, timeout);
+    }
+    if let Some(Command::Connections {
+        config,
+        admin,
+        service,
+        backend,
+        client,
+        older_than,
+        limit,
+        kill,
+        how,
+        json,
+        timeout,
+    }) = cli.command
+    {
+        let asked = sluicegate::selfcheck::Connections {
+            service,
+            backend,
+            client,
+            older_than,
+            limit,
+            kill: kill.then_some(how),
+        };
+        return connections(config, admin, &asked, json, timeout);
     }
     let Some(config_path) = cli.config else {
         Cli::command()
@@ -312,6 +372,69 @@ fn healthcheck(
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// `sluicegate connections`: 0 with the listing (or the count killed), 1 when the admin API
+/// refused or did not answer, 64 for a bad config.
+fn connections(
+    config: Option<PathBuf>,
+    admin: Option<std::net::SocketAddr>,
+    asked: &sluicegate::selfcheck::Connections,
+    json: bool,
+    timeout: Dur,
+) -> ExitCode {
+    use sluicegate::selfcheck;
+    let mut token = std::env::var(sluicegate::config::TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let mut addr = admin;
+    if let Some(path) = config {
+        let settings = Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                let a = selfcheck::admin_address(&c).map_err(|e| e.to_string())?;
+                let s = c
+                    .admin_settings(&sluicegate::config::ProcessEnv)
+                    .map_err(|e| e.to_string())?;
+                Ok((a, s))
+            });
+        match settings {
+            Ok((a, s)) => {
+                addr = addr.or(Some(a));
+                if let Some((t, _)) = s.and_then(|s| s.token) {
+                    token = Some(t.reveal().to_string());
+                }
+            }
+            Err(e) => {
+                eprintln!("sluicegate connections: config {}:\n{e}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    let Some(addr) = addr else {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "connections needs --config FILE (or SLUICEGATE_CONFIG) or --admin ADDR",
+            )
+            .exit()
+    };
+    let body = match asked.ask(addr, token.as_deref(), timeout.0) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("sluicegate connections: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    if json {
+        println!("{body}");
+    } else if asked.kill.is_some() {
+        println!("killed {}", answer["killed"]);
+    } else {
+        print!("{}", selfcheck::connections_table(&answer));
+    }
+    ExitCode::SUCCESS
 }
 
 struct Signals {

@@ -1,6 +1,8 @@
-//! `sluicegate healthcheck`: asks a running sluicegate's admin API whether it is ready (`GET /ready`),
-//! for container health checks and supervisors. A plain blocking HTTP/1.0 exchange: the check runs in
-//! images with nothing else in them (the compose image is `FROM scratch`), and must not need a runtime.
+//! The admin API from the command line: `sluicegate healthcheck` asks a running sluicegate whether
+//! it is ready (`GET /ready`), for container health checks and supervisors; `sluicegate connections`
+//! lists its live connections (`GET /connections`) as a table or JSON, or ends them (`DELETE`).
+//! Plain blocking HTTP/1.0 exchanges: the check runs in images with nothing else in them (the
+//! compose image is `FROM scratch`), and must not need a runtime.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -41,20 +43,41 @@ pub fn admin_address(config: &Config) -> Result<SocketAddr, NotReady> {
 
 /// Asks `addr` for `/ready` within `timeout`; `Ok` with the answer's body when it is 200.
 pub fn check(addr: SocketAddr, timeout: Duration) -> Result<String, NotReady> {
+    ask(addr, "GET", "/ready", None, timeout, 64 * 1024)
+}
+
+/// The most of a `/connections` answer read: 100,000 listed connections at about 500 bytes each.
+const MAX_LISTING: u64 = 64 * 1024 * 1024;
+
+/// One request to the admin API at `addr` (with the bearer `token`, if any) within `timeout`;
+/// `Ok` with the body when the answer is 200, which is read up to `max` bytes.
+pub fn ask(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    timeout: Duration,
+    max: u64,
+) -> Result<String, NotReady> {
     let unreachable = |error| NotReady::Unreachable { addr, error };
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
     s.set_read_timeout(Some(timeout)).map_err(unreachable)?;
     s.set_write_timeout(Some(timeout)).map_err(unreachable)?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    // A mutation must say its (empty) body is JSON: the admin API's cross-site defence.
+    let json = if method == "GET" {
+        ""
+    } else {
+        "Content-Type: application/json\r\nContent-Length: 0\r\n"
+    };
     // One write: the whole request in one segment, never a head cut in pieces.
     let request = format!(
-        "GET /ready HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: sluicegate-healthcheck\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: sluicegate-cli\r\n{auth}{json}\r\n"
     );
     s.write_all(request.as_bytes()).map_err(unreachable)?;
-    // The answer is small; a longer one is cut, which cannot make a non-200 look like a 200.
+    // A longer answer is cut, which cannot make a non-200 look like a 200.
     let mut answer = Vec::new();
-    s.take(64 * 1024)
-        .read_to_end(&mut answer)
-        .map_err(unreachable)?;
+    s.take(max).read_to_end(&mut answer).map_err(unreachable)?;
     let text = String::from_utf8_lossy(&answer);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.lines().next().unwrap_or("").to_string();
@@ -73,9 +96,201 @@ pub fn check(addr: SocketAddr, timeout: Duration) -> Result<String, NotReady> {
     }
 }
 
+/// What `sluicegate connections` asks for.
+#[derive(Debug, Default)]
+pub struct Connections {
+    pub service: Option<String>,
+    pub backend: Option<String>,
+    pub client: Option<String>,
+    pub older_than: Option<String>,
+    pub limit: Option<usize>,
+    /// End the matches instead of listing them, `reset` or `fin`.
+    pub kill: Option<String>,
+}
+
+impl Connections {
+    /// The request: its method and path with the filters, percent-encoded.
+    pub fn request(&self) -> (&'static str, String) {
+        let mut q = Vec::new();
+        for (k, v) in [
+            ("service", &self.service),
+            ("backend", &self.backend),
+            ("client", &self.client),
+            ("older_than", &self.older_than),
+        ] {
+            if let Some(v) = v {
+                q.push(format!("{k}={}", percent_encode(v)));
+            }
+        }
+        let method = match &self.kill {
+            Some(how) => {
+                q.push(format!("how={}", percent_encode(how)));
+                "DELETE"
+            }
+            None => {
+                if let Some(n) = self.limit {
+                    q.push(format!("limit={n}"));
+                }
+                "GET"
+            }
+        };
+        let query = if q.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", q.join("&"))
+        };
+        (method, format!("/connections{query}"))
+    }
+
+    /// Asks the admin API at `addr`: its answer's body.
+    pub fn ask(
+        &self,
+        addr: SocketAddr,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> Result<String, NotReady> {
+        let (method, path) = self.request();
+        ask(addr, method, &path, token, timeout, MAX_LISTING)
+    }
+}
+
+/// `s` with every byte outside the URL's unreserved set percent-encoded.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A `GET /connections` answer as a table, one line per connection, oldest last, and the count.
+pub fn connections_table(answer: &serde_json::Value) -> String {
+    let cols = [
+        "ID", "SERVICE", "CLIENT", "BACKEND", "ENGINE", "STATE", "AGE", "IDLE", "UP", "DOWN",
+    ];
+    let mut rows = vec![cols.iter().map(|c| c.to_string()).collect::<Vec<_>>()];
+    let empty = Vec::new();
+    let listed = answer["connections"].as_array().unwrap_or(&empty);
+    for c in listed {
+        let text = |k: &str| match &c[k] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "-".into(),
+            v => v.to_string(),
+        };
+        let secs = |k: &str| human_secs(c[k].as_f64().unwrap_or(0.0));
+        rows.push(vec![
+            text("id"),
+            text("service"),
+            text("client"),
+            text("backend"),
+            text("engine"),
+            text("state"),
+            secs("age_s"),
+            secs("idle_s"),
+            human_bytes(c["bytes_up"].as_u64().unwrap_or(0)),
+            human_bytes(c["bytes_down"].as_u64().unwrap_or(0)),
+        ]);
+    }
+    let widths: Vec<usize> = (0..cols.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out += cells.join("  ").trim_end();
+        out.push('\n');
+    }
+    let total = answer["total"].as_u64().unwrap_or(listed.len() as u64);
+    out += &format!("{} of {total} connections\n", listed.len());
+    out
+}
+
+fn human_secs(s: f64) -> String {
+    match s {
+        s if s < 60.0 => format!("{s:.1}s"),
+        s if s < 3600.0 => format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64),
+        s => format!("{}h{:02}m", (s / 3600.0) as u64, (s % 3600.0 / 60.0) as u64),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n < 10 * 1024 => format!("{n}B"),
+        n if n < 10 * 1024 * 1024 => format!("{}KiB", n / 1024),
+        n if n < 10 * 1024 * 1024 * 1024 => format!("{}MiB", n >> 20),
+        n => format!("{}GiB", n >> 30),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_connections_request_carries_its_filters_encoded() {
+        let c = Connections {
+            service: Some("web".into()),
+            client: Some("10.0.0.0/8".into()),
+            limit: Some(5),
+            ..Connections::default()
+        };
+        assert_eq!(
+            c.request(),
+            (
+                "GET",
+                "/connections?service=web&client=10.0.0.0%2F8&limit=5".into()
+            )
+        );
+        let kill = Connections {
+            backend: Some("[::1]:80".into()),
+            kill: Some("fin".into()),
+            ..Connections::default()
+        };
+        assert_eq!(
+            kill.request(),
+            (
+                "DELETE",
+                "/connections?backend=%5B%3A%3A1%5D%3A80&how=fin".into()
+            )
+        );
+        assert_eq!(Connections::default().request().1, "/connections");
+    }
+
+    #[test]
+    fn a_listing_is_a_table_with_its_count() {
+        let answer = serde_json::json!({"total": 3, "connections": [
+            {"id": 9, "service": "pg", "client": "10.1.4.7:51234", "backend": "10.0.0.12:5432",
+             "engine": "ring", "state": "relaying", "age_s": 4000.0, "idle_s": 2.25,
+             "bytes_up": 80211, "bytes_down": 20_000_000},
+            {"id": 8, "service": "pg", "client": "10.1.4.8:1", "backend": null,
+             "engine": "epoll", "state": "connecting", "age_s": 61.0, "idle_s": 61.0,
+             "bytes_up": 0, "bytes_down": 0}
+        ]});
+        let t = connections_table(&answer);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("ID  SERVICE  CLIENT"), "{t}");
+        assert!(
+            lines[1].contains("10.0.0.12:5432") && lines[1].contains("1h06m"),
+            "{t}"
+        );
+        assert!(
+            lines[1].contains("78KiB") && lines[1].contains("19MiB"),
+            "{t}"
+        );
+        assert!(
+            lines[2].contains(" - ") && lines[2].contains("1m01s"),
+            "{t}"
+        );
+        assert_eq!(lines[3], "2 of 3 connections");
+    }
 
     #[test]
     fn an_unspecified_admin_address_is_asked_on_loopback() {

@@ -52,6 +52,11 @@ impl Secret {
     fn len(&self) -> usize {
         self.0.len()
     }
+
+    /// The secret itself, to send (`sluicegate connections` as the admin API's client).
+    pub fn reveal(&self) -> &str {
+        &self.0
+    }
 }
 
 impl fmt::Debug for Secret {

@@ -2266,3 +2266,74 @@ async fn the_routing_line_explains_a_shared_address() {
         assert_eq!(none["route"], Value::Null);
     });
 }
+
+/// `sluicegate connections` against a running process: a table of its live connections, `--json`,
+/// filters, and `--kill` ending the matches with the token read from the config's `token_file`
+/// (without it the kill is refused and exits 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connections_command_lists_and_kills() {
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let base = yaml(&[backend.addr], "", "{drain_timeout: 5s}");
+    let token_file = tmp_file("admin-token", "cli-token-0123456789\n");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = format!(
+        "admin: {{listen: \"127.0.0.1:0\", token_file: \"{}\"}}\n{base}",
+        token_file.display()
+    );
+    let mut sg = Sg::start(&config);
+    let admin = sg.wait_line(SECS(5), |l| l["msg"] == "admin API listening")["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(sg.addr).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).await.unwrap();
+        held.push(s);
+    }
+    let cfg = sg.cfg.to_str().unwrap().to_string();
+    let cli = |extra: &[&str]| {
+        let mut args = vec!["connections", "--admin", &admin];
+        args.extend_from_slice(extra);
+        tokio::task::block_in_place(|| run(&args, &[]))
+    };
+    let (code, out, err) = cli(&["--service", "t"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("ID  SERVICE"), "{out}");
+    assert_eq!(
+        lines.len(),
+        5,
+        "a header, three connections, the count: {out}"
+    );
+    assert!(lines[1].contains(&backend.addr.to_string()), "{out}");
+    assert_eq!(lines[4], "3 of 3 connections");
+    let (code, out, _) = cli(&["--json", "--limit", "1"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (
+            v["total"].as_u64(),
+            v["connections"].as_array().unwrap().len()
+        ),
+        (Some(3), 1)
+    );
+    let (code, out, _) = cli(&["--client", "192.0.2.0/24"]);
+    assert_eq!((code, out.lines().last()), (0, Some("0 of 0 connections")));
+
+    let (code, _, err) = cli(&["--kill", "--service", "t"]);
+    assert_eq!(code, 1, "no token, no kill");
+    assert!(err.contains("401"), "{err}");
+    let (code, out, err) = cli(&["-c", &cfg, "--kill", "--service", "t"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "killed 3");
+    for mut s in held {
+        let mut buf = [0u8; 8];
+        let r = within(SECS(5), "the killed client's end", s.read(&mut buf)).await;
+        assert!(r.is_err(), "a kill resets: {r:?}");
+    }
+    let killed = sg.wait_line(SECS(5), |l| l["end"] == "killed");
+    assert_eq!(killed["service"], "t");
+}
