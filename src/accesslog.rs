@@ -9,8 +9,13 @@
 //! (`session::account`), whatever way the connection ended.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::connections;
 
 use crate::outcome::Outcome;
 
@@ -137,6 +142,7 @@ pub(crate) fn emit_udp(l: &UdpLine<'_>) {
         bytes_down = l.bytes_down,
         duration_ms,
         end = l.end,
+        event = "end",
         sni = l.sni,
         alpn = l.alpn,
         route = l.route,
@@ -172,6 +178,7 @@ pub(crate) fn emit(r: &Record, e: Ending) {
                 bytes_down = e.bytes_down,
                 duration_ms,
                 end = e.end.as_str(),
+                event = "end",
                 sni = r.hello().sni.as_deref(),
                 alpn = r.hello().alpn.as_deref(),
                 route = r.hello().route,
@@ -186,5 +193,78 @@ pub(crate) fn emit(r: &Record, e: Ending) {
         (Some(b), Some(c)) => line!(tracing::field::display(b), c),
         (Some(b), None) => line!(tracing::field::display(b), tracing::field::Empty),
         (None, _) => line!(tracing::field::Empty, tracing::field::Empty),
+    }
+}
+
+/// Whether a line is written as each connection's backend connection is made
+/// (`log.access.on_connect`): one switch for the process, as its routing log is.
+static ON_CONNECT: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn set_on_connect(on: bool) {
+    ON_CONNECT.store(on, Relaxed);
+}
+
+/// Writes a connection's `connect` line, when `log.access.on_connect` asks for one: where it was
+/// routed, once its backend connection is made (`id` as `GET /connections` lists it).
+pub(crate) fn emit_connect(r: &Record, id: u64) {
+    if !ON_CONNECT.load(Relaxed) {
+        return;
+    }
+    let via = r.via.map(|v| v.to_string());
+    let connect_ms = r.connect_ms.map(|c| (c * 1e3).round() / 1e3);
+    tracing::info!(
+        target: TARGET,
+        event = "connect",
+        id,
+        service = &*r.service,
+        client = %r.client,
+        via = via.as_deref(),
+        backend = r.backend.map(tracing::field::display),
+        backend_name = r.backend_name.as_deref().map(String::as_str),
+        policy = r.policy,
+        attempts = r.attempts,
+        connect_ms,
+        sni = r.hello().sni.as_deref(),
+        alpn = r.hello().alpn.as_deref(),
+        route = r.hello().route,
+        tls = r.hello().tls,
+        handed_over = r.handed_over,
+        "route"
+    );
+}
+
+/// Writes a `progress` line for every open connection and UDP session each `every`
+/// (`log.access.every`), with its bytes so far, until `stop`.
+pub(crate) async fn progress(every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for c in connections::registry().all().iter().rev() {
+            if c.state() == connections::State::Connecting {
+                continue;
+            }
+            let facts = c.facts();
+            let (up, down) = c.bytes();
+            let duration_ms = (c.born.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+            tracing::info!(
+                target: TARGET,
+                event = "progress",
+                id = c.id,
+                protocol = c.protocol.as_str(),
+                service = &*c.service,
+                client = %facts.client.unwrap_or(c.client),
+                backend = facts.backend.map(tracing::field::display),
+                backend_name = facts.backend_name.as_deref().map(String::as_str),
+                bytes_up = up,
+                bytes_down = down,
+                duration_ms,
+                handed_over = c.handed_over,
+                "route"
+            );
+        }
     }
 }

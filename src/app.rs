@@ -17,6 +17,8 @@ use crate::service::Service;
 /// Every service bound and ready to serve.
 pub struct Server {
     control: Arc<Control>,
+    /// The routing log's lines besides each connection's end (`log.access`), set as it serves.
+    access: crate::config::AccessLogConfig,
     admin: Option<std::net::TcpListener>,
 }
 
@@ -61,6 +63,7 @@ impl Server {
         let control = Arc::new(Control::bind(config, admin, EventBus::default())?);
         Ok(Server {
             control,
+            access: config.log.access.clone(),
             admin: listener,
         })
     }
@@ -126,6 +129,10 @@ impl Server {
             crate::admin::start(l, c.clone(), settings, admin_stop.clone());
         }
         c.serve().await;
+        crate::accesslog::set_on_connect(self.access.on_connect);
+        if let Some(every) = self.access.every {
+            tokio::spawn(crate::accesslog::progress(every.0, admin_stop.clone()));
+        }
         for (name, local) in crate::sockets::leftover() {
             tracing::warn!(name = name.as_deref(), listen = %local,
                 "a listening socket given to this process is for no address in its config: closed");

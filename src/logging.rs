@@ -320,7 +320,7 @@ pub fn init(cfg: &LogConfig) -> Result<Guards, LogError> {
     guards.push(g);
     counters.push(c);
     let mut app = app_filter(cfg)?;
-    if cfg.access != AccessLog::WithApplication {
+    if cfg.access.to != AccessLog::WithApplication {
         // The routing log has a stream of its own (or none): keep it out of the application log.
         let off = format!("{}=off", accesslog::TARGET);
         app = app.add_directive(off.parse().map_err(
@@ -335,7 +335,7 @@ pub fn init(cfg: &LogConfig) -> Result<Guards, LogError> {
         .with_writer(app_writer)
         .event_format(LineFormat { json })
         .with_filter(app);
-    let access_path = match &cfg.access {
+    let access_path = match &cfg.access.to {
         AccessLog::Stdout => Some(None),
         AccessLog::File(p) => Some(Some(p.as_path())),
         AccessLog::WithApplication | AccessLog::Off => None,

@@ -444,9 +444,10 @@ pub struct LogConfig {
     /// Rotated files kept per log file (the oldest are deleted).
     #[serde(default = "default_keep")]
     pub keep: u32,
-    /// Where the routing log goes: with the application log (absent), `stdout`, `off`, or a file.
+    /// The routing log: where it goes (with the application log when absent, `stdout`, `off`, or a
+    /// file), and which lines besides the end's.
     #[serde(default)]
-    pub access: AccessLog,
+    pub access: AccessLogConfig,
     /// Lines each stream may queue for its writer; beyond, lines are dropped (and counted) rather
     /// than making a connection wait.
     #[serde(default = "default_buffer_lines")]
@@ -461,7 +462,7 @@ impl Default for LogConfig {
             format: LogFormat::default(),
             file: None,
             keep: default_keep(),
-            access: AccessLog::default(),
+            access: AccessLogConfig::default(),
             buffer_lines: default_buffer_lines(),
         }
     }
@@ -487,15 +488,71 @@ pub enum AccessLog {
     File(PathBuf),
 }
 
-impl<'de> Deserialize<'de> for AccessLog {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(match Option::<String>::deserialize(d)?.as_deref() {
+impl AccessLog {
+    fn parse<E: de::Error>(to: Option<&str>) -> Result<AccessLog, E> {
+        Ok(match to {
             None => AccessLog::WithApplication,
             Some("stdout") => AccessLog::Stdout,
             Some("off") => AccessLog::Off,
-            Some("") => return Err(de::Error::custom("expected stdout, off or a file path")),
+            Some("") => return Err(E::custom("expected stdout, off or a file path")),
             Some(path) => AccessLog::File(PathBuf::from(path)),
         })
+    }
+}
+
+/// `log.access`: a destination (`stdout`, `off`, a path: the string form), or a mapping with the
+/// destination as `to` and the lines written besides each connection's end.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AccessLogConfig {
+    pub to: AccessLog,
+    /// A line when a connection's backend connection is made (`event: "connect"`).
+    pub on_connect: bool,
+    /// A line per open connection at this period (`event: "progress"`, bytes so far).
+    pub every: Option<Dur>,
+}
+
+/// `log.access` written as a mapping.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessLogMapping {
+    #[serde(default)]
+    to: Option<String>,
+    #[serde(default)]
+    on_connect: bool,
+    #[serde(default)]
+    every: Option<Dur>,
+}
+
+impl<'de> Deserialize<'de> for AccessLogConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> de::Visitor<'de> for Visit {
+            type Value = AccessLogConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("stdout, off, a file path, or a mapping {to, on_connect, every}")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<AccessLogConfig, E> {
+                Ok(AccessLogConfig {
+                    to: AccessLog::parse(Some(s))?,
+                    ..AccessLogConfig::default()
+                })
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<AccessLogConfig, E> {
+                Ok(AccessLogConfig::default())
+            }
+            fn visit_none<E: de::Error>(self) -> Result<AccessLogConfig, E> {
+                Ok(AccessLogConfig::default())
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<AccessLogConfig, A::Error> {
+                let m = AccessLogMapping::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(AccessLogConfig {
+                    to: AccessLog::parse(m.to.as_deref())?,
+                    on_connect: m.on_connect,
+                    every: m.every,
+                })
+            }
+        }
+        d.deserialize_any(Visit)
     }
 }
 
@@ -1310,6 +1367,30 @@ mod tests {
         format!(
             "services:\n  - name: web\n    listen: 127.0.0.1:0\n    backends:\n      - address: 127.0.0.1:9001\n{extra}"
         )
+    }
+
+    #[test]
+    fn log_access_is_a_destination_or_a_mapping() {
+        let access = |v: &str| {
+            Config::from_yaml(&format!("log: {{access: {v}}}\n{}", one_service("")))
+                .map(|c| c.log.access)
+        };
+        assert_eq!(access("stdout").unwrap().to, AccessLog::Stdout);
+        assert_eq!(access("off").unwrap().to, AccessLog::Off);
+        let m = access("{on_connect: true, every: 5m}").unwrap();
+        assert_eq!(
+            m.to,
+            AccessLog::WithApplication,
+            "no `to`: where it goes today"
+        );
+        assert!(m.on_connect);
+        assert_eq!(m.every, Some(Dur::secs(300)));
+        let m = access("{to: /var/log/route.log}").unwrap();
+        assert_eq!(m.to, AccessLog::File(PathBuf::from("/var/log/route.log")));
+        let e = access("{to: stdout, colour: red}").unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+        let e = access("{every: 100ms}").unwrap_err().to_string();
+        assert!(e.contains("log.access.every"), "{e}");
     }
 
     #[test]

@@ -36,7 +36,15 @@ impl Config {
                 p.add("log.file", "must be a file path");
             }
         }
-        if let AccessLog::File(access) = &self.log.access {
+        if let Some(every) = self.log.access.every {
+            if every.0 < std::time::Duration::from_secs(1) {
+                p.add(
+                    "log.access.every",
+                    "must be at least 1s (a line per open connection each period)",
+                );
+            }
+        }
+        if let AccessLog::File(access) = &self.log.access.to {
             if access.file_name().is_none() {
                 p.add("log.access", "must be stdout, off or a file path");
             } else if self.log.file.as_ref() == Some(access) {

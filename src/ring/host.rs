@@ -572,6 +572,8 @@ impl Host for Services {
         let backend = t.backend.as_ref().map(|p| &*p.backend);
         session::list_facts(t.slot.conn(), &t.record, backend, Some("ring"), false);
         t.slot.conn().set_state(connections::State::Relaying);
+        let _span = t.span.enter();
+        crate::accesslog::emit_connect(&t.record, t.slot.conn().id);
     }
 
     fn sent(&mut self, t: &Taken, up: u64, down: u64) {

@@ -622,6 +622,9 @@ fn relay_and_account<'a>(
         let backend = a.backend.backend.clone();
         live(&backend, conn).up.fetch_add(forwarded, Relaxed);
         list_relaying(conn, &a, record, resumed.as_ref(), service);
+        if resumed.is_none() {
+            span.in_scope(|| accesslog::emit_connect(record, conn.id));
+        }
         let opts = &service.relay;
         let cut_signal = a.backend.cut.clone();
         // A drain's deadline, the backend's sessions cut or an operator's kill: one `poll_fn` over

@@ -2337,3 +2337,49 @@ async fn the_connections_command_lists_and_kills() {
     let killed = sg.wait_line(SECS(5), |l| l["end"] == "killed");
     assert_eq!(killed["service"], "t");
 }
+
+/// `log.access: {on_connect: true, every: 1s}`: a `connect` line once the backend connection is
+/// made, `progress` lines with the bytes so far while it stays open, then the `end` line; on the
+/// ring and on epoll. The string form of `log.access` keeps working (the other tests use it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_progress_lines_come_while_a_connection_is_open() {
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    for relay in ["ring", "epoll"] {
+        let base = yaml(
+            &[backend.addr],
+            &format!("relay: {relay}"),
+            "{drain_timeout: 5s}",
+        );
+        let config = base.replace(
+            "log: {level: info, format: json}",
+            "log: {level: info, format: json, access: {to: stdout, on_connect: true, every: 1s}}",
+        );
+        assert_ne!(config, base, "the log line was replaced");
+        let mut sg = Sg::start(&config);
+        let mut s = TcpStream::connect(sg.addr).await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        within(SECS(5), "echo", s.read_exact(&mut back))
+            .await
+            .unwrap();
+        let connect = sg.wait_line(SECS(5), |l| l["event"] == "connect");
+        assert_eq!(
+            connect["backend"],
+            backend.addr.to_string(),
+            "{relay}: {connect}"
+        );
+        assert_eq!(connect["service"], "t");
+        let id = connect["id"].as_u64().expect("the connection's id");
+        let progress = sg.wait_line(SECS(5), |l| {
+            l["event"] == "progress" && l["bytes_up"].as_u64() == Some(5)
+        });
+        assert_eq!(progress["id"], id, "{relay}: {progress}");
+        assert_eq!(progress["bytes_down"], 5, "{relay}: {progress}");
+        drop(s);
+        let end = sg.wait_line(SECS(5), |l| l["event"] == "end");
+        assert_eq!(end["end"], "client_closed", "{relay}: {end}");
+        sg.signal(libc::SIGTERM);
+        let code = tokio::task::block_in_place(|| sg.wait_exit(SECS(10)));
+        assert_eq!(code, 0, "{relay}");
+    }
+}
