@@ -410,6 +410,11 @@ impl Host for Services {
         let service = current.load_full();
         service.stats.accepted();
         let span = session::span(Some(&service.name), peer, &served.local);
+        // A system call per option the service sets, none otherwise.
+        service
+            .relay
+            .client_watch
+            .apply_or_log(SockRef::from(&client), "client");
         let slot = match ClientSlot::take(&service, self.gate.enter()) {
             Ok(slot) => slot,
             Err(end) => {
@@ -528,6 +533,13 @@ impl Host for Services {
         t.queued
             .as_ref()
             .map(|(_, until)| until.saturating_duration_since(now))
+    }
+
+    fn backend_socket(&mut self, t: &Taken, socket: BorrowedFd<'_>) {
+        t.service
+            .relay
+            .backend_watch
+            .apply_or_log(SockRef::from(&socket), "backend");
     }
 
     fn connected(&mut self, t: &mut Taken) {

@@ -388,7 +388,12 @@ fn serve_taken(
         let _slot = &slot;
         // In a block of its own, so that its room is not kept through the relay.
         let a = {
-            // TCP_NODELAY is inherited from the listening socket (listener::bind).
+            // TCP_NODELAY is inherited from the listening socket (listener::bind); keepalive and
+            // user_timeout are the service's (no system call unless it has them).
+            service
+                .relay
+                .client_watch
+                .apply_or_log(socket2::SockRef::from(&client), "client");
             let admitted = admit_and_connect(
                 client,
                 peer,
@@ -555,6 +560,13 @@ fn relay_and_account<'a>(
         let live = backend.stats.live();
         live.up.fetch_add(forwarded, Relaxed);
         let opts = &service.relay;
+        // A client that has spoken (its hello read for the route, or a TLS handshake) has sent
+        // its first byte; a carried one is not new.
+        let first_byte_by = opts
+            .first_byte_timeout
+            .filter(|_| forwarded == 0 && resumed.is_none())
+            .filter(|_| matches!(a.client, ClientStream::Plain(_)))
+            .map(|t| record.started + t);
         let cut_signal = a.backend.cut.clone();
         // A drain's deadline or the backend's sessions cut: one `poll_fn` over the two, pinned here
         // (a `select!` kept room for its own state beside theirs, in every connection's task).
@@ -576,6 +588,7 @@ fn relay_and_account<'a>(
                         Some(r) => relay::Begin::Resumed(r.held),
                         None => relay::Begin::New {
                             ack_held: a.backend.ack_held,
+                            first_byte_by,
                         },
                     };
                     let mut r = relay::relay(cl, b, opts, cut.as_mut(), carry, live, begin).await;
@@ -601,13 +614,24 @@ fn relay_and_account<'a>(
             // TLS relays are boxed, as their handshakes are: the task of every plain connection
             // would otherwise keep room for them.
             (ClientStream::Plain(cl), BackendStream::Tls(b)) => {
-                Box::pin(relay::relay_streams(cl, &mut **b, opts, cut, live)).await
+                Box::pin(relay::relay_streams(
+                    cl,
+                    &mut **b,
+                    opts,
+                    cut,
+                    live,
+                    first_byte_by,
+                ))
+                .await
             }
             (ClientStream::Tls(cl), BackendStream::Plain(b)) => {
-                Box::pin(relay::relay_streams(&mut **cl, b, opts, cut, live)).await
+                Box::pin(relay::relay_streams(&mut **cl, b, opts, cut, live, None)).await
             }
             (ClientStream::Tls(cl), BackendStream::Tls(b)) => {
-                Box::pin(relay::relay_streams(&mut **cl, &mut **b, opts, cut, live)).await
+                Box::pin(relay::relay_streams(
+                    &mut **cl, &mut **b, opts, cut, live, None,
+                ))
+                .await
             }
         };
         relayed.bytes_up += forwarded;
