@@ -589,7 +589,7 @@ where
                 }
                 Event::Timer => {
                     let now = Instant::now();
-                    first_byte_by = first_byte_by.filter(|_| !up.heard_from_source());
+                    first_byte_by = first_byte_by.filter(|_| !client_spoke(up, down));
                     if first_byte_by.is_some_and(|by| now >= by) {
                         // Both sides closed: the backend's connection is freed with the client's.
                         return Supervised::ended(Outcome::FirstByteTimeout);
@@ -619,13 +619,24 @@ where
             limit = opts.half_close_timeout;
             timeout_end = Outcome::HalfCloseTimeout;
             quiet_floor = Instant::now();
-            first_byte_by = first_byte_by.filter(|_| !up.heard_from_source());
+            first_byte_by = first_byte_by.filter(|_| !client_spoke(up, down));
             timer
                 .as_mut()
                 .reset(sooner(quiet_floor + limit.min(stall), first_byte_by));
             rare.set();
         }
     }
+}
+
+/// Whether the client has sent anything (`first_byte_timeout`): its direction heard from it, or
+/// bytes of it wait unread in its socket (`down` writes to the client). The system call only
+/// when the first is not so, at a timer.
+fn client_spoke(up: &Flow<'_>, down: &Flow<'_>) -> bool {
+    #[cfg(target_os = "linux")]
+    let unread = || tcp_info::unread(down.dst).is_some_and(|n| n > 0);
+    #[cfg(not(target_os = "linux"))]
+    let unread = || false;
+    up.heard_from_source() || unread()
 }
 
 /// The sooner of `at` and `first_byte_by`, when there is one.

@@ -410,11 +410,6 @@ impl Host for Services {
         let service = current.load_full();
         service.stats.accepted();
         let span = session::span(Some(&service.name), peer, &served.local);
-        // A system call per option the service sets, none otherwise.
-        service
-            .relay
-            .client_watch
-            .apply_or_log(SockRef::from(&client), "client");
         let slot = match ClientSlot::take(&service, self.gate.enter()) {
             Ok(slot) => slot,
             Err(end) => {
@@ -422,6 +417,11 @@ impl Host for Services {
                 return None;
             }
         };
+        // A system call per option the service sets, none otherwise; none for a client refused.
+        service
+            .relay
+            .client_watch
+            .apply_or_log(SockRef::from(&client), "client");
         let now = Instant::now();
         let mut taken = Taken {
             record: Record::new(service.name.clone(), service.policy.as_str(), peer),

@@ -965,6 +965,10 @@ impl<C> Conn<C> {
             || up.pipe.is_some()
             || up.held.iter().any(|h| !matches!(h.buf, Buf::Own))
             || self.pre.len() > self.preface as usize
+            // Bytes waiting for a receive that has not completed yet.
+            || self.client.as_ref().is_some_and(|fd| {
+                crate::relay::tcp_info::unread(fd.as_raw_fd()).is_some_and(|n| n > 0)
+            })
     }
 
     fn both_shut(&self) -> bool {

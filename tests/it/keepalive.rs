@@ -482,3 +482,49 @@ async fn keepalive_survives_an_upgrade() {
         keepalive_across_an_upgrade(relay).await;
     }
 }
+
+/// A client that sent at once but waited in the queue past its `first_byte_timeout` (every backend
+/// full) has spoken: when a slot frees and its relay starts, after its deadline, its bytes still
+/// unread in its socket, it is relayed, not cut. (Asked of the relay's flows alone, the ring's
+/// tick could come before the client's first receive completed and cut it.)
+async fn a_client_that_spoke_while_queued_is_not_cut(mode: RelayMode) {
+    let backend = Backend::echo([127, 0, 0, 2]).await;
+    let yaml = service_yaml(
+        &[backend.addr],
+        mode,
+        "first_byte_timeout: 200ms\nqueue: {max: 4, timeout: 10s}",
+    )
+    .replace("\"}", "\", max_connections: 1}");
+    let proxy = Proxy::start(&yaml).await;
+    let mut holder = TcpStream::connect(proxy.addr).await.unwrap();
+    echoed(&mut holder, b"hold").await;
+    let mut queued = TcpStream::connect(proxy.addr).await.unwrap();
+    queued.write_all(b"queued").await.unwrap();
+    // Its deadline passes while it waits (the scenario, not a wait for readiness).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop(holder);
+    let mut got = [0u8; 6];
+    let read = within(
+        SECS(5),
+        "the queued client's echo",
+        queued.read_exact(&mut got),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "{mode:?}: relayed, not cut: {read:?} ({})",
+        proxy.ended_so_far()
+    );
+    assert_eq!(&got, b"queued");
+    assert_eq!(proxy.service.stats.ended(Outcome::FirstByteTimeout), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_spoke_while_queued_is_not_cut_on_the_ring() {
+    a_client_that_spoke_while_queued_is_not_cut(RelayMode::Ring).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_spoke_while_queued_is_not_cut_on_epoll() {
+    a_client_that_spoke_while_queued_is_not_cut(RelayMode::Epoll).await;
+}
