@@ -304,17 +304,41 @@ fn namespace_with_backend(tag: &str, net: u8) -> Option<(Netns, NsEcho)> {
 /// within idle + interval × count (a little more for the scheduler), and the client is reset.
 /// Without `backend_keepalive` the same connection would sit until `idle_timeout` (an hour).
 async fn a_vanished_backend_is_found_by_keepalive(mode: RelayMode, tag: &str, net: u8) {
+    // 1 s idle + 2 × 1 s probes.
+    let extra = "backend_keepalive: {idle: 1s, interval: 1s, count: 2}";
+    a_vanished_backend_is_found(mode, (tag, net), extra, SECS(3), false).await;
+}
+
+/// The backend behind the dropped path found dead by `user_timeout` alone (no keepalive): the
+/// client's bytes sent after the drop go unacknowledged, and the kernel gives the backend up
+/// `user_timeout` after: `keepalive_timeout` too.
+async fn a_vanished_backend_is_found_by_user_timeout(mode: RelayMode, tag: &str, net: u8) {
+    a_vanished_backend_is_found(mode, (tag, net), "user_timeout: 2s", SECS(2), true).await;
+}
+
+/// The backend in a namespace ([`Netns`]), the service with `extra`; after an echo every packet
+/// into the namespace is dropped (and with `send`, the client sends more): the connection must
+/// end as `keepalive_timeout` within `found` (a little more allowed for a loaded machine, not
+/// for the mechanism), the client reset and the backend's slot freed.
+async fn a_vanished_backend_is_found(
+    mode: RelayMode,
+    (tag, net): (&str, u8),
+    extra: &str,
+    found: Duration,
+    send: bool,
+) {
     let Some((ns, echo)) = namespace_with_backend(tag, net) else {
         return;
     };
     let backend: SocketAddr = format!("{}:{}", ns.theirs, echo.port).parse().unwrap();
-    let extra = "backend_keepalive: {idle: 1s, interval: 1s, count: 2}";
     let proxy = Proxy::start(&service_yaml(&[backend], mode, extra)).await;
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
     echoed(&mut c, b"hello").await;
     ns.drop_everything().expect("a drop rule in the namespace");
-    // 1 s idle + 2 × 1 s probes; the slack is for a loaded machine, not for the mechanism.
-    let limit = SECS(3) + SECS(4);
+    if send {
+        c.write_all(b"into the void").await.unwrap();
+    }
+    let limit = found + SECS(4);
     let mut buf = [0u8; 16];
     let read = within(limit, "the client's end", c.read(&mut buf)).await;
     assert!(
@@ -331,14 +355,20 @@ async fn a_vanished_backend_is_found_by_keepalive(mode: RelayMode, tag: &str, ne
     drop(ns);
 }
 
+/// On the ring workers, then on epoll, each with a namespace of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_behind_a_dropped_path_ends_as_keepalive_timeout_on_the_ring() {
-    a_vanished_backend_is_found_by_keepalive(RelayMode::Ring, "r", 1).await;
+async fn a_backend_behind_a_dropped_path_ends_as_keepalive_timeout() {
+    for (mode, tag, net) in [(RelayMode::Ring, "r", 1), (RelayMode::Epoll, "e", 2)] {
+        a_vanished_backend_is_found_by_keepalive(mode, tag, net).await;
+    }
 }
 
+/// On the ring workers, then on epoll, each with a namespace of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_behind_a_dropped_path_ends_as_keepalive_timeout_on_epoll() {
-    a_vanished_backend_is_found_by_keepalive(RelayMode::Epoll, "e", 2).await;
+async fn a_backend_behind_a_dropped_path_is_given_up_at_user_timeout() {
+    for (mode, tag, net) in [(RelayMode::Ring, "ur", 3), (RelayMode::Epoll, "ue", 4)] {
+        a_vanished_backend_is_found_by_user_timeout(mode, tag, net).await;
+    }
 }
 
 /// A backend that tells when each connection it took ends (EOF or reset), and echoes until then.
