@@ -27,6 +27,12 @@ pub enum Outcome {
     BackendDown,
     /// Cut because the backend left its source (`on_removed: close`, or its drain deadline passed).
     BackendRemoved,
+    /// The kernel found a peer dead (its keepalive probes unanswered, or `user_timeout` passed with
+    /// bytes unacknowledged: ETIMEDOUT on a side with `keepalive`, `backend_keepalive` or
+    /// `user_timeout`); the other side is reset.
+    KeepaliveTimeout,
+    /// The client sent nothing for `first_byte_timeout` after it was accepted; both sides closed.
+    FirstByteTimeout,
     /// Refused: no backend was available.
     NoBackend,
     /// Refused: every connect attempt failed.
@@ -65,7 +71,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in the order of [`Outcome::index`].
-    pub const ALL: [Outcome; 24] = [
+    pub const ALL: [Outcome; 26] = [
         Outcome::ClientClosed,
         Outcome::BackendClosed,
         Outcome::ClientReset,
@@ -76,6 +82,8 @@ impl Outcome {
         Outcome::DrainDeadline,
         Outcome::BackendDown,
         Outcome::BackendRemoved,
+        Outcome::KeepaliveTimeout,
+        Outcome::FirstByteTimeout,
         Outcome::NoBackend,
         Outcome::ConnectFailed,
         Outcome::MaxConnections,
@@ -110,6 +118,8 @@ impl Outcome {
             Outcome::DrainDeadline => "drain_deadline",
             Outcome::BackendDown => "backend_down",
             Outcome::BackendRemoved => "backend_removed",
+            Outcome::KeepaliveTimeout => "keepalive_timeout",
+            Outcome::FirstByteTimeout => "first_byte_timeout",
             Outcome::NoBackend => "no_backend",
             Outcome::ConnectFailed => "connect_failed",
             Outcome::MaxConnections => "max_connections",
@@ -167,5 +177,24 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), Outcome::ALL.len());
+    }
+
+    /// docs/configuration.md's table of `end` values names every outcome, and nothing else.
+    #[test]
+    fn the_docs_table_of_end_values_is_every_outcome() {
+        let mut documented: Vec<String> =
+            crate::util::doc_table("configuration.md", "| `end` | meaning |")
+                .iter()
+                .flat_map(|row| {
+                    row[0]
+                        .split(", ")
+                        .map(|n| n.trim_matches('`').to_string())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+        documented.sort();
+        let mut names: Vec<String> = Outcome::ALL.iter().map(|o| o.as_str().into()).collect();
+        names.sort();
+        assert_eq!(documented, names);
     }
 }

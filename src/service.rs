@@ -28,7 +28,7 @@ use crate::outcome::Outcome;
 use crate::pool::{
     Backend, BackendView, Histogram, Passive, Pool, PoolSettings, Source, State, CONNECT_BUCKETS,
 };
-use crate::relay::RelayOptions;
+use crate::relay::{PeerWatch, RelayOptions};
 use crate::tls::ServiceTls;
 
 /// One service as configured now: a listening address's settings, its backends and its counters.
@@ -478,6 +478,9 @@ impl Service {
                 idle_timeout: cfg.idle_timeout.0,
                 half_close_timeout: cfg.half_close_timeout.0,
                 stall_timeout: cfg.stall_timeout.0,
+                first_byte_timeout: cfg.first_byte_timeout.map(|d| d.0),
+                client_watch: PeerWatch::new(cfg.keepalive, cfg.user_timeout),
+                backend_watch: PeerWatch::new(cfg.backend_keepalive, cfg.user_timeout),
             },
             proxy_protocol: cfg.proxy_protocol,
             accept_proxy: cfg.accept_proxy.clone(),

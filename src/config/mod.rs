@@ -1122,6 +1122,48 @@ pub struct ServiceConfig {
     /// Wait for a backend below its `max_connections` instead of refusing at once.
     #[serde(default)]
     pub queue: Option<QueueConfig>,
+    /// TCP keepalive on the client's socket: a client gone behind a NAT or a cut link is found
+    /// dead instead of holding its backend until `idle_timeout`.
+    #[serde(default)]
+    pub keepalive: Option<KeepaliveConfig>,
+    /// TCP keepalive on the backend's socket.
+    #[serde(default)]
+    pub backend_keepalive: Option<KeepaliveConfig>,
+    /// TCP_USER_TIMEOUT on both sockets: how long sent bytes (or keepalive probes) may go
+    /// unacknowledged before the kernel gives the peer up.
+    #[serde(default)]
+    pub user_timeout: Option<Dur>,
+    /// Close a client that has sent nothing this long after it was accepted (never for protocols
+    /// where the server speaks first).
+    #[serde(default)]
+    pub first_byte_timeout: Option<Dur>,
+}
+
+/// `keepalive:` and `backend_keepalive:`: when the kernel probes a silent peer, and how many
+/// unanswered probes find it dead (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveConfig {
+    /// Silence before the first probe.
+    #[serde(default = "default_keepalive_idle")]
+    pub idle: Dur,
+    /// Between probes.
+    #[serde(default = "default_keepalive_interval")]
+    pub interval: Dur,
+    /// Probes unanswered before the peer is dead.
+    #[serde(default = "default_keepalive_count")]
+    pub count: u32,
+}
+
+/// Below the 300 to 350 s after which NAT gateways and cloud balancers forget an idle flow.
+fn default_keepalive_idle() -> Dur {
+    Dur::secs(60)
+}
+fn default_keepalive_interval() -> Dur {
+    Dur::secs(10)
+}
+fn default_keepalive_count() -> u32 {
+    6
 }
 
 /// What a service carries: byte streams or datagrams.

@@ -308,6 +308,7 @@ fn validate_service(p: &mut Problems, i: usize, s: &ServiceConfig) {
     validate_backends(p, i, s);
     validate_discovery_and_health(p, i, s);
     validate_connecting(p, i, s);
+    validate_liveness(p, i, s);
     validate_edge(p, i, s);
     validate_tls(p, i, s);
     validate_ring(p, i, s);
@@ -396,7 +397,11 @@ fn validate_udp(p: &mut Problems, i: usize, s: &ServiceConfig) {
 /// Keys of a stream that a `protocol: udp` service must not have, found in the YAML `text` itself
 /// since most have defaults: set, they would be silently ignored.
 pub(super) fn tcp_keys_on_udp(text: &str, config: &Config) -> Vec<Problem> {
-    const TCP_ONLY: [&str; 11] = [
+    const TCP_ONLY: [&str; 15] = [
+        "keepalive",
+        "backend_keepalive",
+        "user_timeout",
+        "first_byte_timeout",
         "connect_timeout",
         "connect_attempts",
         "half_close_timeout",
@@ -770,6 +775,51 @@ fn validate_connecting(p: &mut Problems, i: usize, s: &ServiceConfig) {
     }
 }
 
+/// The kernel's bounds on TCP_KEEPIDLE and TCP_KEEPINTVL (seconds) and TCP_KEEPCNT.
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+const MAX_KEEPALIVE_COUNT: u32 = 127;
+
+/// services[i]'s keepalive blocks, `user_timeout` and `first_byte_timeout`: within what the
+/// kernel takes (it refuses the rest, and would do so on every connection).
+fn validate_liveness(p: &mut Problems, i: usize, s: &ServiceConfig) {
+    let at = |key: &str| format!("services[{i}].{key}");
+    for (block, k) in [
+        ("keepalive", &s.keepalive),
+        ("backend_keepalive", &s.backend_keepalive),
+    ] {
+        let Some(k) = k else { continue };
+        for (field, d) in [("idle", k.idle), ("interval", k.interval)] {
+            if let Err(why) = keepalive_secs(d) {
+                p.add(at(&format!("{block}.{field}")), why);
+            }
+        }
+        if !(1..=MAX_KEEPALIVE_COUNT).contains(&k.count) {
+            p.add(
+                at(&format!("{block}.count")),
+                format!("must be from 1 to {MAX_KEEPALIVE_COUNT}"),
+            );
+        }
+    }
+    if let Some(t) = s.user_timeout {
+        // TCP_USER_TIMEOUT is an int of milliseconds.
+        if t.0.as_millis() == 0 || t.0.as_millis() > i32::MAX as u128 {
+            p.add(at("user_timeout"), "must be from 1ms to 24d");
+        }
+    }
+    if s.first_byte_timeout.is_some_and(|t| t.is_zero()) {
+        p.add(at("first_byte_timeout"), "must be greater than 0");
+    }
+}
+
+/// A keepalive time as the kernel takes it: whole seconds, 1 to 32,767.
+pub(crate) fn keepalive_secs(d: Dur) -> Result<u32, String> {
+    let bad = || format!("must be whole seconds from 1s to {MAX_KEEPALIVE_SECS}s");
+    if d.0.subsec_nanos() != 0 || !(1..=MAX_KEEPALIVE_SECS).contains(&d.0.as_secs()) {
+        return Err(bad());
+    }
+    u32::try_from(d.0.as_secs()).map_err(|_| bad())
+}
+
 /// services[i].replicas: how the Engine is reached, what the replicas run as, how many there are,
 /// and how sluicegate watches them (a replica takes traffic only after its probe passes).
 fn validate_replicas(p: &mut Problems, i: usize, s: &ServiceConfig, r: &ReplicasConfig) {
@@ -1085,6 +1135,7 @@ pub(super) fn overlaps(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool
 #[cfg(test)]
 mod tests {
     use super::overlaps;
+    use crate::config::Dur;
 
     /// `accept_proxy.from` with a /0 is refused unless `trust_any: true` says it is meant, and then
     /// accepted.
@@ -1121,6 +1172,94 @@ mod tests {
             err.contains("services[0].replicas: this sluicegate was built without Docker support"),
             "{err}"
         );
+    }
+
+    /// Keepalive, `user_timeout` and `first_byte_timeout`: accepted with their defaults and
+    /// within the kernel's bounds, refused outside them naming the key, and refused on a UDP
+    /// service.
+    #[test]
+    fn keepalive_and_first_byte_keys_are_range_checked() {
+        let yaml = |extra: &str| {
+            format!("services:\n  - name: web\n    listen: 127.0.0.1:0\n    backends: [{{address: 127.0.0.1:9001}}]\n{extra}")
+        };
+        let ok = |extra: &str| {
+            crate::config::Config::from_yaml(&yaml(extra))
+                .unwrap_or_else(|e| panic!("{extra}: {e}"))
+        };
+        let c = ok("    keepalive: {}\n    backend_keepalive: {idle: 1s, interval: 1s, count: 2}\n    user_timeout: 30s\n    first_byte_timeout: 10s\n");
+        let s = &c.services[0];
+        let k = s.keepalive.expect("keepalive");
+        assert_eq!(
+            (k.idle, k.interval, k.count),
+            (Dur::secs(60), Dur::secs(10), 6)
+        );
+        let b = s.backend_keepalive.expect("backend_keepalive");
+        assert_eq!(
+            (b.idle, b.interval, b.count),
+            (Dur::secs(1), Dur::secs(1), 2)
+        );
+        assert_eq!(s.user_timeout, Some(Dur::secs(30)));
+        assert_eq!(s.first_byte_timeout, Some(Dur::secs(10)));
+        ok("    keepalive: {idle: 32767s, interval: 9h, count: 127}\n");
+        let c = ok("");
+        assert_eq!(c.services[0].keepalive, None, "off by default");
+        assert_eq!(c.services[0].first_byte_timeout, None, "off by default");
+        for (extra, key) in [
+            ("    keepalive: {idle: 0s}\n", "services[0].keepalive.idle"),
+            (
+                "    keepalive: {idle: 32768s}\n",
+                "services[0].keepalive.idle",
+            ),
+            (
+                "    keepalive: {interval: 1500ms}\n",
+                "services[0].keepalive.interval",
+            ),
+            (
+                "    backend_keepalive: {count: 0}\n",
+                "services[0].backend_keepalive.count",
+            ),
+            (
+                "    backend_keepalive: {count: 128}\n",
+                "services[0].backend_keepalive.count",
+            ),
+            (
+                "    backend_keepalive: {interval: 0s}\n",
+                "services[0].backend_keepalive.interval",
+            ),
+            ("    user_timeout: 0s\n", "services[0].user_timeout"),
+            ("    user_timeout: 600h\n", "services[0].user_timeout"),
+            (
+                "    first_byte_timeout: 0s\n",
+                "services[0].first_byte_timeout",
+            ),
+        ] {
+            let err = crate::config::Config::from_yaml(&yaml(extra))
+                .expect_err(extra)
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let err = crate::config::Config::from_yaml(&yaml("    keepalive: {idle: 1s, probes: 3}\n"))
+            .expect_err("an unknown field")
+            .to_string();
+        assert!(err.contains("probes"), "{err}");
+        for key in [
+            "keepalive: {}",
+            "backend_keepalive: {}",
+            "user_timeout: 1s",
+            "first_byte_timeout: 1s",
+        ] {
+            let udp = format!("services:\n  - name: dns\n    protocol: udp\n    listen: 127.0.0.1:0\n    backends: [{{address: 127.0.0.1:53}}]\n    {key}\n");
+            let err = crate::config::Config::from_yaml(&udp)
+                .expect_err(key)
+                .to_string();
+            let name = key.split(':').next().unwrap_or_default();
+            assert!(
+                err.contains(&format!(
+                    "services[0].{name}: is for protocol: tcp services only"
+                )),
+                "{key}: {err}"
+            );
+        }
     }
 
     /// What the ring workers do not do yet is a config error naming the key, not a setting ignored.

@@ -45,6 +45,9 @@ fn opts(mode: RelayMode) -> RelayOptions {
         idle_timeout: Duration::from_secs(30),
         half_close_timeout: Duration::from_secs(30),
         stall_timeout: Duration::from_secs(300),
+        first_byte_timeout: None,
+        client_watch: Default::default(),
+        backend_watch: Default::default(),
     }
 }
 
@@ -100,7 +103,10 @@ async fn carried_mid_stream(mode: RelayMode, stop_after: Duration) {
             std::pin::pin!(std::future::pending()),
             Some(&carry),
             live,
-            Begin::New { ack_held: false },
+            Begin::New {
+                ack_held: false,
+                first_byte_by: FirstByteIn::NONE,
+            },
         )
         .await;
         let Some(held) = first.carried else {
@@ -220,7 +226,10 @@ fn a_half_closed_relay_carries_its_half_close() {
                 std::pin::pin!(std::future::pending()),
                 Some(&carry),
                 live,
-                Begin::New { ack_held: false },
+                Begin::New {
+                    ack_held: false,
+                    first_byte_by: FirstByteIn::NONE,
+                },
             )
             .await
         };
@@ -316,7 +325,10 @@ fn a_relay_whose_pipe_cannot_be_read_back_is_not_carried_and_resets_both_sides()
                     down: &b,
                     conn: None,
                 },
-                Begin::New { ack_held: false },
+                Begin::New {
+                    ack_held: false,
+                    first_byte_by: FirstByteIn::NONE,
+                },
             )
             .await;
             drop((proxy_c, proxy_b));

@@ -25,6 +25,7 @@
 mod carry_tests;
 mod clock;
 pub(crate) use clock::{since, stamp};
+mod liveness;
 /// For tests elsewhere that count what a socket's kernel sent.
 #[cfg(all(test, target_os = "linux"))]
 pub(crate) use tcp_info::{tcp_info_fd, AckTimerRuns};
@@ -52,6 +53,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use liveness::{PeerWatch, Watched};
 pub(crate) use stream::{relay_streams, Endpoint};
 
 use crate::config::RelayMode;
@@ -74,6 +76,22 @@ pub(crate) struct RelayOptions {
     /// `stall_timeout`: how long a destination may take nothing while bytes wait for it before
     /// the connection is cut.
     pub(crate) stall_timeout: Duration,
+    /// `first_byte_timeout`: how long after accept a client may send nothing before it is closed.
+    pub(crate) first_byte_timeout: Option<Duration>,
+    /// `keepalive` and `user_timeout`, for the client's socket.
+    pub(crate) client_watch: PeerWatch,
+    /// `backend_keepalive` and `user_timeout`, for the backend's socket.
+    pub(crate) backend_watch: PeerWatch,
+}
+
+impl RelayOptions {
+    /// Which sides a dead peer is looked for on (an ETIMEDOUT there is `keepalive_timeout`).
+    pub(crate) fn watched(&self) -> Watched {
+        Watched {
+            client: self.client_watch.is_set(),
+            backend: self.backend_watch.is_set(),
+        }
+    }
 }
 
 /// Counters that see every byte as it is written: client → backend (`up`) and back (`down`).
@@ -305,24 +323,38 @@ pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
         let start = Instant::now();
         let up = Flow::new(live.up, backend.as_raw_fd(), live.conn, true);
         let down = Flow::new(live.down, client.as_raw_fd(), live.conn, false);
-        let mut done = (false, false);
-        let mut quiet_for = Duration::ZERO;
-        match begin {
-            Begin::New { ack_held } => up
-                .ack_held
-                .store(ack_held && sends_held_ack(opts.mode), Relaxed),
-            Begin::Resumed(r) => {
-                let r = *r;
-                up.resume(r.to_backend, r.up_done);
-                down.resume(r.to_client, r.down_done);
-                done = (r.up_done, r.down_done);
-                quiet_for = r.quiet_for;
+        // In a block, so that its locals are not kept for the relay's life in every task.
+        let ended = {
+            let mut done = (false, false);
+            let mut quiet_for = Duration::ZERO;
+            let mut first_byte_by = FirstByteIn::NONE;
+            match begin {
+                Begin::New {
+                    ack_held,
+                    first_byte_by: by,
+                } => {
+                    up.ack_held
+                        .store(ack_held && sends_held_ack(opts.mode), Relaxed);
+                    first_byte_by = by;
+                }
+                Begin::Resumed(r) => {
+                    let r = *r;
+                    up.resume(r.to_backend, r.up_done);
+                    down.resume(r.to_client, r.down_done);
+                    done = (r.up_done, r.down_done);
+                    quiet_for = r.quiet_for;
+                }
             }
-        }
+            Ended {
+                up: done.0,
+                down: done.1,
+                quiet_for,
+                first_byte_by,
+            }
+        };
         let mut up_fut = std::pin::pin!(pump(client, backend, &up, &down, opts.mode));
         let mut down_fut = std::pin::pin!(pump(backend, client, &down, &up, opts.mode));
-        let (ended_up, ended_down) = done;
-        let (mut up_done, mut down_done) = done;
+        let (mut up_done, mut down_done) = (ended.up, ended.down);
         // Each direction is polled only when its own socket (or ring operation) woke the task.
         let (up_woken, down_woken) = (Woken::new(), Woken::new());
         let directions = std::pin::pin!(std::future::poll_fn(|cx| {
@@ -340,11 +372,6 @@ pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
             }
             Poll::Pending
         }));
-        let ended = Ended {
-            up: ended_up,
-            down: ended_down,
-            quiet_for,
-        };
         let carry = std::pin::pin!(async {
             match carry {
                 Some(c) => c.cancelled().await,
@@ -360,18 +387,25 @@ pub(crate) fn relay<'a, C: Future<Output = Outcome> + 'a>(
 pub(crate) enum Begin {
     /// A new connection. `ack_held`: its backend's handshake ACK is still held back for the
     /// client's first bytes, nothing having gone to the backend before the relay
-    /// ([`connect_holding_ack`]).
-    New { ack_held: bool },
+    /// ([`connect_holding_ack`]). `first_byte_by`: when a client that has sent nothing is closed
+    /// (`first_byte_timeout`, from its accept), if it is.
+    New {
+        ack_held: bool,
+        first_byte_by: FirstByteIn,
+    },
     /// Where another process left it (an upgrade).
     Resumed(Box<Resumed>),
 }
 
 /// Which directions a relay starts with ended (a carried connection), and how long it had been quiet.
-#[derive(Debug, Clone, Copy, Default)]
+/// Not `Copy`: moved into the supervisor, it is not also kept in the relay's own state.
+#[derive(Debug, Clone, Default)]
 struct Ended {
     up: bool,
     down: bool,
     quiet_for: Duration,
+    /// When a client that has sent nothing by then is closed (`first_byte_timeout`).
+    first_byte_by: FirstByteIn,
 }
 
 impl Ended {
@@ -507,7 +541,7 @@ fn supervise<'a, D, C, K>(
     start: Instant,
     mut cut: Pin<&'a mut C>,
     mut carry: Pin<&'a mut K>,
-    ended: Ended,
+    mut ended: Ended,
 ) -> impl Future<Output = Supervised> + 'a
 where
     D: Future<Output = (Side, DirEnd)>,
@@ -530,7 +564,12 @@ where
         let mut quiet_floor = start.checked_sub(ended.quiet_for).unwrap_or(start);
         let stall = opts.stall_timeout;
         let mut stalls = StallWatch::default();
-        let timer = tokio::time::sleep_until((quiet_floor + limit).min(start + stall));
+        // `ended.first_byte_by` is the deadline, kept there rather than in a copy: every
+        // connection's task would keep room for both.
+        let timer = tokio::time::sleep_until(sooner(
+            (quiet_floor + limit).min(start + stall),
+            ended.first_byte_by.at(start),
+        ));
         tokio::pin!(timer);
         // The timer, the cut and `carry` rarely fire: polled only when one of them woke the task, not on
         // every message (see `woken`).
@@ -558,12 +597,17 @@ where
             match event {
                 Event::Direction(side, r) => {
                     done += 1;
-                    if let Some(broken) = direction_ended(side, r, &mut first_fin) {
+                    if let Some(broken) = direction_ended(side, r, &mut first_fin, opts.watched()) {
                         return broken;
                     }
                 }
                 Event::Timer => {
                     let now = Instant::now();
+                    ended.first_byte_by.unless(client_spoke(up, down));
+                    if ended.first_byte_by.at(start).is_some_and(|by| now >= by) {
+                        // Both sides closed: the backend's connection is freed with the client's.
+                        return Supervised::ended(Outcome::FirstByteTimeout);
+                    }
                     let Some(next_look) = stalls.look(up, down, stall, now) else {
                         return Supervised::cut(Outcome::StallTimeout);
                     };
@@ -571,7 +615,10 @@ where
                     if now >= quiet + limit {
                         return Supervised::ended(timeout_end);
                     }
-                    timer.as_mut().reset((quiet + limit).min(next_look));
+                    timer.as_mut().reset(sooner(
+                        (quiet + limit).min(next_look),
+                        ended.first_byte_by.at(start),
+                    ));
                     rare.set();
                     continue;
                 }
@@ -587,10 +634,63 @@ where
             limit = opts.half_close_timeout;
             timeout_end = Outcome::HalfCloseTimeout;
             quiet_floor = Instant::now();
-            timer.as_mut().reset(quiet_floor + limit.min(stall));
+            ended.first_byte_by.unless(client_spoke(up, down));
+            let first_byte_by = ended.first_byte_by.at(start);
+            timer
+                .as_mut()
+                .reset(sooner(quiet_floor + limit.min(stall), first_byte_by));
             rare.set();
         }
     }
+}
+
+/// Whether the client has sent anything (`first_byte_timeout`): its direction heard from it, or
+/// bytes of it wait unread in its socket (`down` writes to the client). The system call only
+/// when the first is not so, at a timer.
+fn client_spoke(up: &Flow<'_>, down: &Flow<'_>) -> bool {
+    #[cfg(target_os = "linux")]
+    let unread = || tcp_info::unread(down.dst).is_some_and(|n| n > 0);
+    #[cfg(not(target_os = "linux"))]
+    let unread = || false;
+    up.heard_from_source() || unread()
+}
+
+/// `first_byte_timeout`'s deadline as milliseconds after the relay's start: 4 bytes where an
+/// instant takes 16, in every connection's task (the relay's start and its supervisor's state).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct FirstByteIn(Option<std::num::NonZeroU32>);
+
+impl FirstByteIn {
+    /// No deadline.
+    pub(crate) const NONE: FirstByteIn = FirstByteIn(None);
+
+    /// The deadline `by` (none: no deadline), from now, where a relay starts.
+    pub(crate) fn until(by: Option<Instant>) -> FirstByteIn {
+        FirstByteIn(by.map(|by| {
+            let ms = by.saturating_duration_since(Instant::now()).as_millis();
+            // Already due: due at once (1 ms), never "no deadline".
+            std::num::NonZeroU32::new(ms.clamp(1, u128::from(u32::MAX)) as u32)
+                .unwrap_or(std::num::NonZeroU32::MIN)
+        }))
+    }
+
+    /// The deadline, for a relay that started at `start`.
+    fn at(self, start: Instant) -> Option<Instant> {
+        self.0
+            .map(|ms| start + Duration::from_millis(u64::from(ms.get())))
+    }
+
+    /// No deadline once the client has spoken.
+    fn unless(&mut self, spoke: bool) {
+        if spoke {
+            self.0 = None;
+        }
+    }
+}
+
+/// The sooner of `at` and `first_byte_by`, when there is one.
+fn sooner(at: Instant, first_byte_by: Option<Instant>) -> Instant {
+    first_byte_by.map_or(at, |by| by.min(at))
 }
 
 /// What a supervised relay's looks for `stall_timeout` saw of each direction (`Flow::stall_look`).
@@ -669,35 +769,40 @@ where
 
 /// What a direction's end means for the relay: `Some` when a side broke (the side that failed is
 /// gone; the other must see a reset), else nothing, after noting which side sent the first FIN.
+/// A side the kernel found dead (ETIMEDOUT where `watched` says keepalive or user_timeout is set)
+/// ends as `keepalive_timeout`, the other side reset as for any broken side.
 pub(crate) fn direction_ended(
     side: Side,
     end: DirEnd,
     first_fin: &mut Option<Outcome>,
+    watched: Watched,
 ) -> Option<Supervised> {
-    match (side, end) {
+    // Which side broke (`true`: the backend, so the client is the one reset), and how.
+    let (backend_broke, e) = match (side, end) {
         (Side::Up, DirEnd::Eof) => {
             first_fin.get_or_insert(Outcome::ClientClosed);
-            None
+            return None;
         }
         (Side::Down, DirEnd::Eof) => {
             first_fin.get_or_insert(Outcome::BackendClosed);
-            None
+            return None;
         }
-        (Side::Up, DirEnd::SourceError(e)) => {
-            Some(Supervised::broken(Outcome::ClientReset, false, e))
-        }
-        (Side::Up, DirEnd::DestError(e)) => {
-            Some(Supervised::broken(Outcome::BackendReset, true, e))
-        }
-        (Side::Down, DirEnd::SourceError(e)) => {
-            Some(Supervised::broken(Outcome::BackendReset, true, e))
-        }
-        (Side::Down, DirEnd::DestError(e)) => {
-            Some(Supervised::broken(Outcome::ClientReset, false, e))
-        }
+        (Side::Up, DirEnd::SourceError(e)) | (Side::Down, DirEnd::DestError(e)) => (false, e),
+        (Side::Up, DirEnd::DestError(e)) | (Side::Down, DirEnd::SourceError(e)) => (true, e),
         // Only after `carry` fired, which `supervise` handles.
-        (_, DirEnd::Carried) => None,
-    }
+        (_, DirEnd::Carried) => return None,
+    };
+    let watched = if backend_broke {
+        watched.backend
+    } else {
+        watched.client
+    };
+    let end = match (liveness::found_dead(&e, watched), backend_broke) {
+        (true, _) => Outcome::KeepaliveTimeout,
+        (false, true) => Outcome::BackendReset,
+        (false, false) => Outcome::ClientReset,
+    };
+    Some(Supervised::broken(end, backend_broke, e))
 }
 
 /// How a relay stopped for `carry` ends: carried (quiet since `quiet`), or, when both directions
@@ -812,6 +917,20 @@ impl<'a> Flow<'a> {
             out.extend_from_slice(&pipe.take_pending()?);
         }
         Ok(out)
+    }
+
+    /// Whether anything came from this direction's source: bytes (written, or held waiting for
+    /// the destination) or its EOF. What `first_byte_timeout` asks of the client → backend one.
+    fn heard_from_source(&self) -> bool {
+        #[cfg(target_os = "linux")]
+        let piped = self.pipe.is_some();
+        #[cfg(not(target_os = "linux"))]
+        let piped = false;
+        self.bytes() > 0
+            || self.eof.load(Relaxed)
+            || self.blocked.load(Relaxed)
+            || self.pending.is_some()
+            || piped
     }
 
     fn bytes(&self) -> u64 {
@@ -972,12 +1091,14 @@ fn read_ready(s: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
 pub(crate) async fn connect_holding_ack(
     addr: std::net::SocketAddr,
     hold_ack: bool,
+    watch: &PeerWatch,
 ) -> io::Result<TcpStream> {
     let socket = match addr {
         std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     let _ = socket.set_nodelay(true);
+    watch.apply_or_log(SockRef::from(&socket), "backend");
     #[cfg(target_os = "linux")]
     if hold_ack {
         let _ = SockRef::from(&socket).set_tcp_quickack(false);
@@ -1284,6 +1405,51 @@ mod tests {
         choose_engine(Ring, true, probe);
         assert_eq!(asked.get(), 2);
     }
+
+    /// ETIMEDOUT on a side with keepalive or user_timeout (`watched`) is the peer found dead: the
+    /// connection ends as `keepalive_timeout` and the other side is reset. On a side without
+    /// them (the retransmissions given up), and for any other error, it is that side's reset.
+    #[test]
+    fn a_watched_side_that_timed_out_is_keepalive_timeout() {
+        use super::{direction_ended, DirEnd, Side, Watched};
+        use crate::outcome::Outcome::*;
+        let timed_out = || std::io::Error::from_raw_os_error(libc::ETIMEDOUT);
+        let reset = || std::io::Error::from_raw_os_error(libc::ECONNRESET);
+        let both = Watched {
+            client: true,
+            backend: true,
+        };
+        let client_only = Watched {
+            client: true,
+            backend: false,
+        };
+        // (direction, how it ended, watched) → end, and whether the client is the side reset.
+        use DirEnd::{DestError as Dst, SourceError as Src};
+        let (up, down, t, r) = (Side::Up, Side::Down, timed_out, reset);
+        let cases = [
+            (up, Src(t()), both, KeepaliveTimeout, false),
+            (down, Dst(t()), client_only, KeepaliveTimeout, false),
+            (down, Src(t()), both, KeepaliveTimeout, true),
+            (up, Dst(t()), both, KeepaliveTimeout, true),
+            (down, Src(t()), client_only, BackendReset, true),
+            (up, Src(t()), Watched::default(), ClientReset, false),
+            (up, Src(r()), both, ClientReset, false),
+            (down, Src(r()), both, BackendReset, true),
+        ];
+        for (side, end, watched, want, reset_client) in cases {
+            let what = format!("{side:?} {end:?} {watched:?}");
+            let s = direction_ended(side, end, &mut None, watched).expect(&what);
+            assert_eq!(s.end, want, "{what}");
+            assert_eq!(
+                (s.reset_client, s.reset_backend),
+                (reset_client, !reset_client),
+                "{what}"
+            );
+        }
+        let mut first_fin = None;
+        assert!(direction_ended(Side::Up, DirEnd::Eof, &mut first_fin, both).is_none());
+        assert_eq!(first_fin, Some(ClientClosed));
+    }
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -1298,7 +1464,7 @@ mod held_ack_tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::tcp_info::{tcp_info_fd, AckTimerRuns};
-    use super::{connect_holding_ack, relay, Begin, LiveCounters, RelayOptions};
+    use super::{connect_holding_ack, relay, Begin, LiveCounters, PeerWatch, RelayOptions};
     use crate::config::RelayMode::Epoll;
 
     /// Segments in and out of `s`, from its TCP_INFO.
@@ -1319,19 +1485,25 @@ mod held_ack_tests {
             client.write_all(first).await.unwrap();
             ours.readable().await.unwrap();
         }
-        let b = connect_holding_ack(backend.local_addr().unwrap(), true)
+        let b = connect_holding_ack(backend.local_addr().unwrap(), true, &PeerWatch::NONE)
             .await
             .unwrap();
         (backend, ours, client, b)
     }
 
-    const HELD: Begin = Begin::New { ack_held: true };
+    const HELD: Begin = Begin::New {
+        ack_held: true,
+        first_byte_by: super::FirstByteIn::NONE,
+    };
 
     const EPOLL: RelayOptions = RelayOptions {
         mode: Epoll,
         idle_timeout: Duration::from_secs(60),
         half_close_timeout: Duration::from_secs(60),
         stall_timeout: Duration::from_secs(300),
+        first_byte_timeout: None,
+        client_watch: PeerWatch::NONE,
+        backend_watch: PeerWatch::NONE,
     };
 
     /// A client whose first bytes are there when its backend has connected: the handshake's last

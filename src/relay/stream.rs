@@ -155,6 +155,7 @@ pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint, K: Future<Output = O
     opts: &RelayOptions,
     cut: Pin<&mut K>,
     live: LiveCounters<'_>,
+    first_byte_by: Option<Instant>,
 ) -> Relayed {
     let start = Instant::now();
     let up = Flow::new(live.up, backend.socket().as_raw_fd(), live.conn, true);
@@ -189,7 +190,10 @@ pub(crate) async fn relay_streams<C: Endpoint, B: Endpoint, K: Future<Output = O
         start,
         cut,
         carry,
-        Ended::default(),
+        Ended {
+            first_byte_by: super::FirstByteIn::until(first_byte_by),
+            ..Ended::default()
+        },
     )
     .await;
     super::conclude(supervised, &up, &down, client.socket(), backend.socket())

@@ -1,7 +1,8 @@
 //! What the kernel knows of a TCP connection (`TCP_INFO`): how many bytes its peer has
 //! acknowledged, the measure of a destination that still takes bytes (`stall_timeout`). A write
 //! that returns says only that the socket's send buffer had room, and a buffer of megabytes
-//! drained by a slow reader may have none for longer than the timeout.
+//! drained by a slow reader may have none for longer than the timeout. And what a socket holds
+//! unread (`unread`).
 
 #![allow(unsafe_code)]
 
@@ -36,6 +37,17 @@ pub(crate) fn bytes_acked(fd: RawFd) -> Option<u64> {
     let (info, len) = of_raw(fd).ok()?;
     let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + std::mem::size_of::<u64>();
     (len >= end).then_some(info.tcpi_bytes_acked)
+}
+
+/// Bytes socket `fd` has received and nobody has read yet (FIONREAD), `None` where the kernel
+/// does not say. What `first_byte_timeout` asks last: a client whose bytes wait unread (its relay
+/// started after its deadline, before its first receive completed) has spoken. Safe whatever `fd`
+/// is: the kernel writes one int, into ours.
+pub(crate) fn unread(fd: RawFd) -> Option<u32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: `n` is an int the call may write; it reads nothing of ours.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &raw mut n) };
+    (rc == 0).then_some(n.max(0) as u32)
 }
 
 /// The TCP_INFO of socket `fd`.
@@ -90,6 +102,30 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
+
+    /// What a socket holds unread: nothing, then what its peer sent (once it arrived), then
+    /// nothing once read.
+    #[test]
+    fn the_bytes_a_socket_holds_unread_are_counted() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        assert_eq!(unread(b.as_raw_fd()), Some(0));
+        a.write_all(b"hello").unwrap();
+        // Loopback delivers at once; bounded by count all the same.
+        let mut n = Some(0);
+        for _ in 0..200 {
+            n = unread(b.as_raw_fd());
+            if n == Some(5) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(n, Some(5));
+        let mut got = [0u8; 5];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(unread(b.as_raw_fd()), Some(0));
+    }
 
     #[test]
     fn the_bytes_a_peer_took_are_counted() {

@@ -230,6 +230,7 @@ impl<H: Host> Worker<H> {
             first_fin: None,
             end: None,
             last: self.now,
+            accepted: self.now,
             spliced: false,
             carry: false,
         });
@@ -293,7 +294,7 @@ impl<H: Host> Worker<H> {
             d.sent = sent;
             if done {
                 (d.eof, d.shut) = (true, true);
-                let _ = direction_ended(side, DirEnd::Eof, &mut first_fin);
+                let _ = direction_ended(side, DirEnd::Eof, &mut first_fin, Watched::default());
             }
         }
         let now = self.now;
@@ -316,7 +317,11 @@ impl<H: Host> Worker<H> {
             backend: Some(backend),
             to: SockAddr::from(SocketAddr::from(([0, 0, 0, 0], 0))),
             link: types::Timespec::new(),
-            timeouts,
+            // Not new: a client silent so far was not, in the process it comes from.
+            timeouts: Timeouts {
+                first_byte: None,
+                ..timeouts
+            },
             connected: true,
             relaying: true,
             pre: Own::from(held.to_backend),
@@ -332,6 +337,7 @@ impl<H: Host> Worker<H> {
             first_fin,
             end: None,
             last: self.now.checked_sub(held.quiet_for).unwrap_or(self.now),
+            accepted: self.now,
             spliced: false,
             carry: false,
         });

@@ -127,6 +127,9 @@ impl<H: Host> Worker<H> {
             return;
         };
         c.connect_out = Some(0);
+        if let Some(h) = c.host.as_ref() {
+            self.host.backend_socket(h, socket.as_fd());
+        }
         self.sq.connect(c, slot, socket, options);
     }
 

@@ -489,7 +489,7 @@ impl<H: Host> Worker<H> {
         }
         // Half-closing restarts the clock (then against `half_close_timeout`).
         c.last = now;
-        let _ = direction_ended(side, DirEnd::Eof, &mut c.first_fin);
+        let _ = direction_ended(side, DirEnd::Eof, &mut c.first_fin, Watched::default());
         if c.both_shut() {
             let end = Supervised::ended(c.first_fin.unwrap_or(Outcome::ClientClosed));
             return self.finish(slot, end);
@@ -501,7 +501,7 @@ impl<H: Host> Worker<H> {
     /// A side broke: the other sees a reset.
     fn broke(&mut self, slot: u32, side: Side, end: DirEnd) {
         let Some(c) = self.conn(slot) else { return };
-        if let Some(s) = direction_ended(side, end, &mut c.first_fin) {
+        if let Some(s) = direction_ended(side, end, &mut c.first_fin, c.timeouts.watched) {
             self.finish(slot, s);
         }
     }

@@ -434,6 +434,11 @@ impl Host for Services {
                 return None;
             }
         };
+        // A system call per option the service sets, none otherwise; none for a client refused.
+        service
+            .relay
+            .client_watch
+            .apply_or_log(SockRef::from(&client), "client");
         let now = Instant::now();
         let mut taken = Taken {
             record: Record::new(service.name.clone(), service.policy.as_str(), peer),
@@ -546,6 +551,13 @@ impl Host for Services {
         t.queued
             .as_ref()
             .map(|(_, until)| until.saturating_duration_since(now))
+    }
+
+    fn backend_socket(&mut self, t: &Taken, socket: BorrowedFd<'_>) {
+        t.service
+            .relay
+            .backend_watch
+            .apply_or_log(SockRef::from(&socket), "backend");
     }
 
     fn connected(&mut self, t: &mut Taken) {

@@ -117,7 +117,7 @@ use socket2::{SockAddr, SockRef};
 use crate::outcome::Outcome;
 use crate::relay::splice::{stuck_at_urgent, PipeLease, PipePool, PIPE_SIZE};
 use crate::relay::uring::bufs::{BufPool, Filled, GROUP};
-use crate::relay::{direction_ended, DirEnd, Quiesced, Side, Supervised};
+use crate::relay::{direction_ended, DirEnd, Quiesced, Side, Supervised, Watched};
 use crate::util::RateLimited;
 
 mod accept;
@@ -188,6 +188,7 @@ fn tick_for(timeouts: &Timeouts, half_closed: bool, base: Duration) -> Duration 
     } else {
         timeouts.idle
     };
+    let limit = timeouts.first_byte.map_or(limit, |f| limit.min(f));
     (limit.min(timeouts.stall) / 4).max(MIN_TICK).min(base)
 }
 /// Accepts in flight per listener and worker: a burst of connections is taken several at a time.
@@ -362,6 +363,10 @@ pub(crate) struct Timeouts {
     /// `stall_timeout`: how long a direction's destination may take no byte while bytes wait for
     /// it (`stalled`).
     pub(crate) stall: Duration,
+    /// `first_byte_timeout`: how long after accept a relayed client may have sent nothing.
+    pub(crate) first_byte: Option<Duration>,
+    /// Which sides have keepalive or user_timeout set: an ETIMEDOUT there is `keepalive_timeout`.
+    pub(crate) watched: Watched,
 }
 
 impl Timeouts {
@@ -371,6 +376,8 @@ impl Timeouts {
             idle: relay.idle_timeout,
             half_close: relay.half_close_timeout,
             stall: relay.stall_timeout,
+            first_byte: relay.first_byte_timeout,
+            watched: relay.watched(),
         }
     }
 }
@@ -442,6 +449,11 @@ pub(crate) trait Host {
     /// deadline: `retry` is asked again then, so a wait ends at its deadline rather than at the
     /// next tick.
     fn wait_left(&self, conn: &Self::Conn) -> Option<Duration>;
+    /// A backend socket made for `conn`, before its connect: the host sets what it wants on it
+    /// (keepalive, user_timeout), best effort.
+    fn backend_socket(&mut self, conn: &Self::Conn, socket: BorrowedFd<'_>) {
+        let _ = (conn, socket);
+    }
     /// The connect to the last target succeeded; the relay starts (after the preface, if any).
     fn connected(&mut self, conn: &mut Self::Conn);
     /// The backend took the preface (at once when there is none): the attempt counts as a success
@@ -789,6 +801,12 @@ fn expired(t: &Timeouts, half_closed: bool, quiet: Duration) -> Option<Outcome> 
     (quiet >= limit).then_some(end)
 }
 
+/// Whether `first_byte_timeout` has passed for a connection accepted `age` ago (the caller asks
+/// whether its client has spoken).
+fn first_byte_due(t: &Timeouts, age: Duration) -> bool {
+    t.first_byte.is_some_and(|limit| age >= limit)
+}
+
 /// Whether a direction's destination has taken no byte for `limit` while bytes waited for it
 /// (`stall_timeout`): a stall suspected, to be confirmed by `stall_verdict`.
 fn stalled(d: &Dir, limit: Duration, now: Instant) -> bool {
@@ -873,6 +891,8 @@ struct Conn<C> {
     /// How it ends, once decided; it is freed when nothing of it is left in the kernel.
     end: Option<Supervised>,
     last: Instant,
+    /// When it was accepted (`first_byte_timeout` counts from here).
+    accepted: Instant,
     /// A direction moved to splice.
     spliced: bool,
     /// Stopping at a quiet point to be carried away (`Command::Carry`): nothing new goes into the
@@ -937,6 +957,21 @@ impl<C> Conn<C> {
             Side::Up => (fd(&self.client), fd(&self.backend)),
             Side::Down => (fd(&self.backend), fd(&self.client)),
         }
+    }
+
+    /// Whether the client has sent anything: a byte relayed or held (past a preface that is not
+    /// its own), or its FIN. What `first_byte_timeout` asks.
+    fn client_spoke(&self) -> bool {
+        let up = &self.dirs[Side::Up as usize];
+        up.sent > 0
+            || up.eof
+            || up.pipe.is_some()
+            || up.held.iter().any(|h| !matches!(h.buf, Buf::Own))
+            || self.pre.len() > self.preface as usize
+            // Bytes waiting for a receive that has not completed yet.
+            || self.client.as_ref().is_some_and(|fd| {
+                crate::relay::tcp_info::unread(fd.as_raw_fd()).is_some_and(|n| n > 0)
+            })
     }
 
     fn both_shut(&self) -> bool {
@@ -1462,6 +1497,11 @@ impl<H: Host> Worker<H> {
             }
             if let Some(end) = self.host.cut(h) {
                 ending.push((slot as u32, end));
+            } else if first_byte_due(&c.timeouts, now.saturating_duration_since(c.accepted))
+                && !c.client_spoke()
+            {
+                // Closed both ways: the backend's connection goes with the client's.
+                ending.push((slot as u32, Supervised::ended(Outcome::FirstByteTimeout)));
             } else if c.stall_confirmed(now) {
                 // Its destination takes nothing while bytes wait: whatever it holds (pool
                 // buffers among them) goes, and both sides see a reset, not an end of stream.

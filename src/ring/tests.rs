@@ -72,6 +72,8 @@ struct Mode {
     refused_dontwait: bool,
     /// Every connection's stall timeout (an hour when not set).
     stall: Option<Duration>,
+    /// Every connection's `first_byte_timeout` (none when not set).
+    first_byte: Option<Duration>,
 }
 
 /// What the host was asked, counted.
@@ -187,6 +189,8 @@ impl Host for TestHost {
                 .unwrap_or(Duration::from_secs(60)),
             half_close: Duration::from_secs(60),
             stall: self.mode.stall.unwrap_or(HOUR),
+            first_byte: self.mode.first_byte,
+            watched: Watched::default(),
         };
         Some((conn, admit, timeouts))
     }
@@ -635,6 +639,8 @@ fn silence_is_measured_against_the_limit_of_the_connections_state() {
         idle: Duration::from_secs(10),
         half_close: Duration::from_secs(2),
         stall: HOUR,
+        first_byte: None,
+        watched: Watched::default(),
     };
     assert_eq!(expired(&t, false, Duration::from_secs(9)), None);
     assert_eq!(
@@ -1848,6 +1854,8 @@ fn carried_in(client: OwnedFd, backend: TcpStream, up_done: bool) -> Box<Adopt<T
             idle: Duration::from_secs(60),
             half_close: Duration::from_secs(60),
             stall: HOUR,
+            first_byte: None,
+            watched: Watched::default(),
         },
     })
 }
@@ -2256,6 +2264,8 @@ fn tick_for_is_a_quarter_of_the_timeout_that_applies_within_bounds() {
         idle: ms(idle),
         half_close: ms(half_close),
         stall: HOUR,
+        first_byte: None,
+        watched: Watched::default(),
     };
     assert_eq!(tick_for(&t(60_000, 60_000), false, TICK), TICK);
     assert_eq!(tick_for(&t(1_000, 60_000), false, TICK), TICK);
@@ -2265,6 +2275,12 @@ fn tick_for_is_a_quarter_of_the_timeout_that_applies_within_bounds() {
     assert_eq!(tick_for(&t(60_000, 200), true, TICK), ms(50));
     assert_eq!(tick_for(&t(1, 60_000), false, TICK), MIN_TICK);
     assert_eq!(tick_for(&t(400, 400), false, ms(20)), ms(20));
+    // A short `first_byte_timeout` is looked at as often as a short idle timeout.
+    let first_byte = Timeouts {
+        first_byte: Some(ms(400)),
+        ..t(60_000, 60_000)
+    };
+    assert_eq!(tick_for(&first_byte, false, TICK), ms(100));
     let stalls = Timeouts {
         stall: ms(400),
         ..t(60_000, 60_000)
@@ -3301,4 +3317,63 @@ fn a_connection_carried_before_its_first_bytes_went_sends_the_handshakes_last_ac
         let _b = accept_within(l);
         true
     });
+}
+
+/// `first_byte_timeout` on the ring workers: a client that sends nothing is closed at it (both
+/// sides: the connection ends `first_byte_timeout`, nothing moved), while one accepted before it
+/// that sent a byte goes on past its own deadline. A client whose opening (a PROXY header's
+/// stand-in) was read and replaced by the host's preface has still sent nothing of its own: the
+/// preface the backend got does not count as the client's first byte.
+#[test]
+fn a_silent_client_is_closed_at_its_first_byte_timeout_and_one_that_speaks_is_not() {
+    const FIRST_BYTE: Duration = Duration::from_millis(300);
+    let backend = echo_backend();
+    let mode = Mode {
+        first_byte: Some(FIRST_BYTE),
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![backend], WAIT, mode) else {
+        return;
+    };
+    let mut talker = relayed_client(&r);
+    let mut silent = client(r.addr);
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the silent one ends");
+    assert_eq!(
+        (f.bytes_up, f.bytes_down, f.end),
+        (0, 0, Outcome::FirstByteTimeout)
+    );
+    assert!(closed(&mut silent), "the silent client is closed");
+    // The talker's deadline came before the silent one's.
+    talker.write_all(b"y").unwrap();
+    let mut b = [0u8; 1];
+    talker.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"y");
+    drop(talker);
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the talker ends");
+    assert_eq!((f.bytes_up, f.end), (2, Outcome::ClientClosed));
+    stop(r);
+
+    let mode = Mode {
+        first_byte: Some(FIRST_BYTE),
+        greeting: Some(b"HELLO\n"),
+        ..Mode::default()
+    };
+    let Some(r) = worker_with(vec![echo_backend()], WAIT, mode) else {
+        return;
+    };
+    let mut greeted = client(r.addr);
+    greeted.write_all(b"HELLO\n").unwrap();
+    let (f, _) = r.ended.recv_timeout(WAIT).expect("the greeted one ends");
+    assert_eq!((f.bytes_up, f.end), (0, Outcome::FirstByteTimeout));
+    // The echo backend sent the preface back before the close.
+    let mut got = Vec::new();
+    let end = greeted.read_to_end(&mut got);
+    assert!(
+        end.is_ok()
+            || end
+                .as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionReset),
+        "the greeted client is closed: {end:?}"
+    );
+    stop(r);
 }

@@ -237,7 +237,7 @@ async fn attempt(
     let hold_ack = service.tls.terminate.is_none() && relay::sends_held_ack(service.relay.mode);
     let mut stream = match tokio::time::timeout(
         service.connect_timeout,
-        relay::connect_holding_ack(addr, hold_ack),
+        relay::connect_holding_ack(addr, hold_ack, &service.relay.backend_watch),
     )
     .await
     {

@@ -455,7 +455,12 @@ fn serve_taken(
         let _slot = &slot;
         // In a block of its own, so that its room is not kept through the relay.
         let a = {
-            // TCP_NODELAY is inherited from the listening socket (listener::bind).
+            // TCP_NODELAY is inherited from the listening socket (listener::bind); keepalive and
+            // user_timeout are the service's (no system call unless it has them).
+            service
+                .relay
+                .client_watch
+                .apply_or_log(socket2::SockRef::from(&client), "client");
             let admitted = admit_and_connect(
                 client,
                 peer,
@@ -651,6 +656,9 @@ fn relay_and_account<'a>(
                         Some(r) => relay::Begin::Resumed(r.held),
                         None => relay::Begin::New {
                             ack_held: a.backend.ack_held,
+                            first_byte_by: relay::FirstByteIn::until(first_byte_by(
+                                opts, forwarded, record,
+                            )),
                         },
                     };
                     let mut r = relay::relay(
@@ -691,6 +699,7 @@ fn relay_and_account<'a>(
                     opts,
                     cut,
                     live(&backend, conn),
+                    first_byte_by(opts, forwarded, record),
                 ))
                 .await
             }
@@ -701,6 +710,7 @@ fn relay_and_account<'a>(
                     opts,
                     cut,
                     live(&backend, conn),
+                    None,
                 ))
                 .await
             }
@@ -711,6 +721,7 @@ fn relay_and_account<'a>(
                     opts,
                     cut,
                     live(&backend, conn),
+                    None,
                 ))
                 .await
             }
@@ -731,6 +742,16 @@ fn relay_and_account<'a>(
         drop(c);
         drop(client);
     }
+}
+
+/// When a plain client that has sent nothing is closed (`first_byte_timeout`), if it is: one that
+/// has spoken (its hello read for the route) has sent its first byte. Worked out where each new
+/// relay starts (a carried one is not new), not kept in the session: every connection's task
+/// would keep room for it.
+fn first_byte_by(opts: &relay::RelayOptions, forwarded: u64, record: &Record) -> Option<Instant> {
+    opts.first_byte_timeout
+        .filter(|_| forwarded == 0)
+        .map(|t| record.started + t)
 }
 
 /// What counts a relay's bytes as they move: the backend's totals and the connection's listing.

@@ -23,6 +23,7 @@ mod failover;
 mod full_size;
 mod fuzz;
 mod health;
+mod keepalive;
 mod labels;
 mod lifecycle;
 mod load;

@@ -24,7 +24,7 @@ fn config(backend: SocketAddr, relay: &str) -> String {
 }
 
 /// The new process an upgrade started (the test's grandchild): killed when the test ends, by its pid.
-struct NewProcess(i32);
+pub(crate) struct NewProcess(i32);
 
 impl Drop for NewProcess {
     fn drop(&mut self) {
@@ -37,7 +37,7 @@ impl Drop for NewProcess {
 
 /// Sends SIGUSR2 and waits for the hand-over to finish: the old process exits 0. Returns the new
 /// process and the hand-over's log lines (ready → done).
-fn upgrade(sg: &mut Sg) -> NewProcess {
+pub(crate) fn upgrade(sg: &mut Sg) -> NewProcess {
     sg.signal(libc::SIGUSR2);
     let started = sg.wait_line(SECS(30), |l| l["msg"] == "upgrade: started the new process");
     let new = NewProcess(started["pid"].as_i64().expect("pid") as i32);
