@@ -166,11 +166,18 @@ fn dispatch(
     tracker: &TaskTracker,
     leaving: &Arc<Leaving>,
 ) {
+    // The deny list before any byte is read (behind a PROXY header the session asks again, for
+    // the client the header names).
+    let denied = gate.deny.refuses(peer.ip(), tokio::time::Instant::now());
     if let Some(current) = routes.table.only() {
         // The address's one service: no route to read.
         let service = current.load_full();
         service.stats.accepted();
         let span = session::span(Some(&service.name), peer, local);
+        if denied {
+            span.in_scope(|| session::refuse_over_limit(&service, peer, Outcome::Denied));
+            return;
+        }
         match ClientSlot::take(&service, gate.enter()) {
             Ok(slot) => {
                 let serve =
@@ -187,6 +194,7 @@ fn dispatch(
     let waiting = routes.unrouted.wait(routes.max_pending);
     let entered = waiting.map(|w| (w, gate.enter()));
     let end = match entered {
+        _ if denied => Outcome::Denied,
         Some((waiting, Some(slot))) => {
             let serve =
                 session::serve_routed(client, peer, routes, slot, waiting, leaving.clone(), span);

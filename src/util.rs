@@ -127,6 +127,28 @@ pub(crate) fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// `ms` since the Unix epoch as RFC 3339 in UTC, to the second (`2026-11-30T05:38:00Z`).
+pub(crate) fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days to a civil date (H. Hinnant's algorithm, the proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
+}
+
 /// A shared, lock-free random source (SplitMix64 over an atomic counter): one `fetch_add` per draw, so
 /// threads never wait on each other and a fixed seed gives a fixed sequence in a single-threaded test.
 #[derive(Debug)]
@@ -225,6 +247,13 @@ pub(crate) fn doc_table(file: &str, header: &str) -> Vec<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_in_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_999), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_796_017_080_000), "2026-11-30T05:38:00Z");
+    }
 
     /// Accept errors of one client are retried at once; a refusal (EPERM, from a security module
     /// or a seccomp filter) and running out are backed off from, as they would come back at once

@@ -25,6 +25,7 @@
 //! (an idle flood cannot keep `/ready` from answering), and is closed only when every connection
 //! has spoken.
 
+mod deny;
 mod endpoints;
 mod metrics;
 mod stats;

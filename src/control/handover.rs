@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use serde::{Deserialize, Serialize};
 
 use super::Control;
+use crate::admission::Denied;
 use crate::session::{self, Carried};
 
 /// The totals of every service and backend, by name: what an upgrade carries so that counters go
@@ -18,10 +19,17 @@ pub(crate) struct Totals {
     pub(crate) services: BTreeMap<String, BTreeMap<String, u64>>,
     /// Service name → backend address → totals.
     pub(crate) backends: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
+    /// The runtime deny list's API and ban entries: state, not counters, so each part that has
+    /// some puts them on the new process's list as they are. Absent from an older process's parts
+    /// (and skipped by an older new process, whose JSON ignores what it does not know).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) deny: Vec<Denied>,
 }
 
 /// Backends per [`Totals`] part: each part fits one hand-over message.
 const BACKENDS_PER_PART: usize = 200;
+/// Deny list entries per part: an entry is at most ~400 bytes of JSON (a reason is at most 256).
+const DENIED_PER_PART: usize = 100;
 
 impl Totals {
     /// The same totals in parts that each fit one hand-over message: a service's own counters, then
@@ -31,7 +39,7 @@ impl Totals {
         for (name, t) in &self.services {
             parts.push(Totals {
                 services: [(name.clone(), t.clone())].into(),
-                backends: BTreeMap::new(),
+                ..Totals::default()
             });
         }
         for (name, bs) in &self.backends {
@@ -42,10 +50,16 @@ impl Totals {
                     .map(|(a, t)| ((*a).clone(), (*t).clone()))
                     .collect();
                 parts.push(Totals {
-                    services: BTreeMap::new(),
                     backends: [(name.clone(), part)].into(),
+                    ..Totals::default()
                 });
             }
+        }
+        for chunk in self.deny.chunks(DENIED_PER_PART) {
+            parts.push(Totals {
+                deny: chunk.to_vec(),
+                ..Totals::default()
+            });
         }
         parts
     }
@@ -83,6 +97,8 @@ impl Totals {
                     (s.clone(), bs)
                 })
                 .collect(),
+            // As it is now: entries put on since are carried, expired ones are not.
+            deny: self.deny.clone(),
         }
     }
 }
@@ -200,12 +216,24 @@ impl Control {
                 .collect();
             t.backends.insert(s.name.to_string(), backends);
         }
+        t.deny = self.gate.deny.carried(tokio::time::Instant::now());
         t
     }
 
     /// Adds totals the process this one replaced counted, to the services and backends of the same
     /// names (and addresses) here.
     pub(crate) fn add_totals(&self, t: &Totals) {
+        if !t.deny.is_empty() {
+            let taken = self
+                .gate
+                .deny
+                .carry_in(&t.deny, tokio::time::Instant::now());
+            tracing::info!(
+                carried = t.deny.len(),
+                taken,
+                "upgrade: deny list entries taken over"
+            );
+        }
         for r in self.running.lock().iter() {
             let s = r.current.load_full();
             if let Some(st) = t.services.get(&*s.name) {
