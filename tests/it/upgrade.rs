@@ -24,7 +24,7 @@ fn config(backend: SocketAddr, relay: &str) -> String {
 }
 
 /// The new process an upgrade started (the test's grandchild): killed when the test ends, by its pid.
-struct NewProcess(i32);
+pub(crate) struct NewProcess(i32);
 
 impl Drop for NewProcess {
     fn drop(&mut self) {
@@ -37,7 +37,7 @@ impl Drop for NewProcess {
 
 /// Sends SIGUSR2 and waits for the hand-over to finish: the old process exits 0. Returns the new
 /// process and the hand-over's log lines (ready → done).
-fn upgrade(sg: &mut Sg) -> NewProcess {
+pub(crate) fn upgrade(sg: &mut Sg) -> NewProcess {
     sg.signal(libc::SIGUSR2);
     let started = sg.wait_line(SECS(30), |l| l["msg"] == "upgrade: started the new process");
     let new = NewProcess(started["pid"].as_i64().expect("pid") as i32);
@@ -822,7 +822,7 @@ async fn stop_signals_are_heard_during_the_hand_over() {
 
 /// A port free on every address (bound on `0.0.0.0` and closed), for an address that must be
 /// named before it is bound: by a config edited before an upgrade, or by `systemd-socket-activate`.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("0.0.0.0:0")
         .unwrap()
         .local_addr()
