@@ -11,6 +11,8 @@
 
 mod deny;
 
+#[cfg(test)]
+pub(crate) use deny::DenySource;
 pub(crate) use deny::{Breach, Breaches, Denied, DenyError, DenyList, DenyView, METRICS};
 
 use std::collections::HashMap;

@@ -13,7 +13,8 @@ use crate::admission::{Denied, DenyError};
 use crate::config::{Cidr, Dur};
 use crate::events::Event;
 
-/// A reason is at most this long (it is shown, logged and carried by an upgrade).
+/// A reason is at most this many bytes, with no control characters (it is shown, logged and
+/// carried by an upgrade, whose messages have room for so many entries of this size).
 const MAX_REASON: usize = 256;
 
 /// `POST /deny`.
@@ -46,9 +47,9 @@ fn read_add(body: &[u8]) -> Result<(Cidr, Option<Duration>, String), ApiError> {
         }
     };
     let reason = req.reason.unwrap_or_default();
-    if reason.chars().count() > MAX_REASON {
+    if reason.len() > MAX_REASON || reason.chars().any(char::is_control) {
         return Err(ApiError::bad_request(format!(
-            "reason: at most {MAX_REASON} characters"
+            "reason: at most {MAX_REASON} bytes of text, no control characters"
         )));
     }
     Ok((cidr, ttl, reason))
@@ -131,6 +132,7 @@ mod tests {
         assert!(refusal(r#"{"cidr": "192.0.2.1", "ttl": "0s"}"#).starts_with("ttl: "));
         assert!(refusal(r#"{"cidr": "192.0.2.1", "until": "x"}"#).contains("unknown field"));
         assert!(refusal(r#"{"ttl": "1h"}"#).contains("cidr"));
+        assert!(refusal(r#"{"cidr": "192.0.2.1", "reason": "a\u0000b"}"#).starts_with("reason: "));
         let long = "x".repeat(MAX_REASON + 1);
         assert!(
             refusal(&format!(r#"{{"cidr": "192.0.2.1", "reason": "{long}"}}"#))

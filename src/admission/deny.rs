@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -57,7 +57,8 @@ impl Denied {
 #[derive(Debug, Clone)]
 struct Entry {
     source: DenySource,
-    reason: String,
+    /// Shared: a listing copies entries under the lock, and that copy must be cheap.
+    reason: Arc<str>,
     /// When it stops refusing: the monotonic time checked at accept, and the wall-clock time shown
     /// and carried (an upgrade's new process has a clock of its own).
     expires: Option<(Instant, SystemTime)>,
@@ -87,6 +88,9 @@ struct Entries {
     by_len: BTreeMap<(bool, u8), HashMap<IpAddr, Entry>>,
     len: usize,
     bans: usize,
+    /// The soonest expiry of any entry (perhaps one gone since): until then a prune has nothing
+    /// to drop, so `/metrics` and a full list do not walk every entry under the lock each time.
+    next_expiry: Option<Instant>,
 }
 
 impl Entries {
@@ -96,6 +100,9 @@ impl Entries {
 
     fn insert(&mut self, net: IpNet, e: Entry) {
         let bans = e.source == DenySource::Ban;
+        if let Some((at, _)) = e.expires {
+            self.next_expiry = Some(self.next_expiry.map_or(at, |n| n.min(at)));
+        }
         let old = self
             .by_len
             .entry(key_of(&net))
@@ -141,14 +148,26 @@ impl Entries {
     }
 
     fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) {
-        let (mut len, mut bans) = (0, 0);
+        let (mut len, mut bans, mut next) = (0, 0, None::<Instant>);
         for map in self.by_len.values_mut() {
             map.retain(|_, e| keep(e));
             len += map.len();
-            bans += map.values().filter(|e| e.source == DenySource::Ban).count();
+            for e in map.values() {
+                bans += usize::from(e.source == DenySource::Ban);
+                if let Some((at, _)) = e.expires {
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+            }
         }
         self.by_len.retain(|_, m| !m.is_empty());
-        (self.len, self.bans) = (len, bans);
+        (self.len, self.bans, self.next_expiry) = (len, bans, next);
+    }
+
+    /// Drops the expired entries, walking them only once one has expired.
+    fn prune(&mut self, now: Instant) {
+        if self.next_expiry.is_some_and(|at| at <= now) {
+            self.retain(|e| !e.expired(now));
+        }
     }
 }
 
@@ -218,7 +237,7 @@ impl DenyList {
         for c in deny {
             let e = Entry {
                 source: DenySource::Config,
-                reason: "limits.deny".into(),
+                reason: Arc::from("limits.deny"),
                 expires: None,
             };
             entries.insert(plain(c.0), e);
@@ -255,7 +274,7 @@ impl DenyList {
             None => {
                 let max = self.max.load(Relaxed);
                 if entries.len >= max {
-                    entries.retain(|e| !e.expired(now));
+                    entries.prune(now);
                 }
                 if entries.len >= max {
                     self.len.store(entries.len, Relaxed);
@@ -266,7 +285,7 @@ impl DenyList {
         let expires = ttl.map(|t| (now + t, SystemTime::now() + t));
         let e = Entry {
             source,
-            reason,
+            reason: reason.into(),
             expires,
         };
         let shown = denied(&net, &e);
@@ -314,17 +333,20 @@ impl DenyList {
 
     /// Every entry in force, by prefix (expired ones are dropped here).
     pub(crate) fn list(&self, now: Instant) -> Vec<Denied> {
-        let mut entries = lock(&self.entries);
-        entries.retain(|e| !e.expired(now));
-        self.len.store(entries.len, Relaxed);
-        let mut all: Vec<Denied> = entries
-            .by_len
+        // Copied out under the lock (accepts wait for it), formatted and sorted after.
+        let copied: Vec<(IpAddr, u8, Entry)> = {
+            let mut entries = lock(&self.entries);
+            entries.prune(now);
+            self.len.store(entries.len, Relaxed);
+            entries
+                .by_len
+                .iter()
+                .flat_map(|(&(_, len), m)| m.iter().map(move |(a, e)| (*a, len, e.clone())))
+                .collect()
+        };
+        let mut all: Vec<Denied> = copied
             .iter()
-            .flat_map(|((_, len), m)| {
-                m.iter().filter_map(move |(addr, e)| {
-                    IpNet::new(*addr, *len).ok().map(|n| denied(&n, e))
-                })
-            })
+            .filter_map(|(addr, len, e)| IpNet::new(*addr, *len).ok().map(|n| denied(&n, e)))
             .collect();
         all.sort_by(|a, b| a.cidr.cmp(&b.cidr));
         all
@@ -368,7 +390,7 @@ impl DenyList {
             }
             let e = Entry {
                 source: d.source,
-                reason: d.reason.clone(),
+                reason: d.reason.as_str().into(),
                 expires,
             };
             entries.insert(net, e);
@@ -381,7 +403,7 @@ impl DenyList {
     /// The numbers `/metrics` shows (expired entries dropped first).
     pub(crate) fn view(&self, now: Instant) -> DenyView {
         let mut entries = lock(&self.entries);
-        entries.retain(|e| !e.expired(now));
+        entries.prune(now);
         self.len.store(entries.len, Relaxed);
         DenyView {
             entries: entries.len as u64,
@@ -400,7 +422,7 @@ fn denied(net: &IpNet, e: &Entry) -> Denied {
                 .map_or(0, |d| d.as_millis() as u64)
         }),
         source: e.source,
-        reason: e.reason.clone(),
+        reason: e.reason.to_string(),
     }
 }
 

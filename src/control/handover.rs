@@ -28,8 +28,9 @@ pub(crate) struct Totals {
 
 /// Backends per [`Totals`] part: each part fits one hand-over message.
 const BACKENDS_PER_PART: usize = 200;
-/// Deny list entries per part: an entry is at most ~400 bytes of JSON (a reason is at most 256).
-const DENIED_PER_PART: usize = 100;
+/// Deny list entries per part: an entry is at most ~700 bytes of JSON (a reason is at most 256
+/// bytes, each escaped in at most two).
+const DENIED_PER_PART: usize = 50;
 
 impl Totals {
     /// The same totals in parts that each fit one hand-over message: a service's own counters, then
@@ -302,6 +303,15 @@ mod tests {
                 .collect();
             t.backends.insert(name, bs);
         }
+        // The longest entries the API makes: an IPv6 net, a reason of 256 bytes each escaped.
+        t.deny = (0..1000u32)
+            .map(|i| Denied {
+                cidr: format!("2001:db8:ffff:ffff:ffff:ffff:ffff:{i:x}/128"),
+                expires_ms: Some(u64::MAX),
+                source: crate::admission::DenySource::Api,
+                reason: "\"".repeat(256),
+            })
+            .collect();
         let parts = t.parts();
         let mut whole = Totals::default();
         for p in &parts {
@@ -321,6 +331,7 @@ mod tests {
                     .or_default()
                     .extend(bs.clone());
             }
+            whole.deny.extend(p.deny.iter().cloned());
         }
         assert_eq!(whole, t);
     }
