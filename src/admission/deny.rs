@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -17,7 +17,6 @@ use tokio::time::Instant;
 
 use crate::config::{ip_v4_mapped, BanConfig, Cidr, DEFAULT_MAX_DENIED};
 use crate::metrics::{Family, Kind, Samples, Subject, Table};
-use crate::util::lock;
 
 /// What put an entry on the list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,23 +127,18 @@ impl Entries {
         Some(e)
     }
 
-    /// The entry refusing `ip`, if any (expired ones included: the caller checks).
-    fn matching(&self, ip: IpAddr) -> Option<(IpNet, &Entry)> {
+    /// The entries whose nets hold `ip`, shortest prefix first (expired ones too: the caller
+    /// checks).
+    fn matching(&self, ip: IpAddr) -> impl Iterator<Item = (IpNet, &Entry)> {
         let v6 = ip.is_ipv6();
-        for (&(family, len), map) in &self.by_len {
-            if family != v6 {
-                continue;
-            }
-            // Valid by construction: `len` came from an IpNet of this family.
-            let Ok(net) = IpNet::new(ip, len) else {
-                continue;
-            };
-            let net = net.trunc();
-            if let Some(e) = map.get(&net.addr()) {
-                return Some((net, e));
-            }
-        }
-        None
+        self.by_len
+            .iter()
+            .filter(move |((family, _), _)| *family == v6)
+            .filter_map(move |(&(_, len), map)| {
+                // Valid by construction: `len` came from an IpNet of this family.
+                let net = IpNet::new(ip, len).ok()?.trunc();
+                map.get(&net.addr()).map(|e| (net, e))
+            })
     }
 
     fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) {
@@ -178,7 +172,7 @@ fn key_of(net: &IpNet) -> (bool, u8) {
 /// The process's deny list: bounded (`limits.max_denied`), looked up at every accept.
 #[derive(Debug)]
 pub(crate) struct DenyList {
-    entries: Mutex<Entries>,
+    entries: RwLock<Entries>,
     /// Entries now (expired ones until a look finds them): with none, an accept takes no lock.
     len: AtomicUsize,
     max: AtomicUsize,
@@ -189,7 +183,7 @@ pub(crate) struct DenyList {
 impl Default for DenyList {
     fn default() -> DenyList {
         DenyList {
-            entries: Mutex::default(),
+            entries: RwLock::default(),
             len: AtomicUsize::new(0),
             max: AtomicUsize::new(DEFAULT_MAX_DENIED as usize),
             bans: AtomicU64::new(0),
@@ -209,30 +203,38 @@ fn plain(net: IpNet) -> IpNet {
 }
 
 impl DenyList {
-    /// Whether `ip` is refused now. An expired entry found here is removed.
+    /// Whether `ip` is refused now: a read lock, so accepts on every thread look at once. The
+    /// expired entries a look finds are removed then, under the write lock.
     pub(crate) fn refuses(&self, ip: IpAddr, now: Instant) -> bool {
         if self.len.load(Relaxed) == 0 {
             return false;
         }
         let ip = ip_v4_mapped(ip).unwrap_or(ip);
-        let mut entries = lock(&self.entries);
-        let Some((net, e)) = entries.matching(ip) else {
-            return false;
-        };
-        if !e.expired(now) {
-            return true;
+        let mut expired = Vec::new();
+        for (net, e) in read(&self.entries).matching(ip) {
+            if !e.expired(now) {
+                return true;
+            }
+            expired.push(net);
         }
-        entries.remove(&net);
-        self.len.store(entries.len, Relaxed);
-        // A shorter prefix may still hold it.
-        entries.matching(ip).is_some_and(|(_, e)| !e.expired(now))
+        if !expired.is_empty() {
+            let mut entries = write(&self.entries);
+            for net in &expired {
+                // Put again since the read, perhaps: removed only if still expired.
+                if entries.get(net).is_some_and(|e| e.expired(now)) {
+                    entries.remove(net);
+                }
+            }
+            self.len.store(entries.len, Relaxed);
+        }
+        false
     }
 
     /// A reload's (or the start's) `limits.max_denied` and top-level `limits.deny`: the `config`
     /// entries are replaced; the others stay, even above a lowered bound.
     pub(crate) fn configure(&self, max: usize, deny: &[Cidr]) {
         self.max.store(max, Relaxed);
-        let mut entries = lock(&self.entries);
+        let mut entries = write(&self.entries);
         entries.retain(|e| e.source != DenySource::Config);
         for c in deny {
             let e = Entry {
@@ -265,7 +267,7 @@ impl DenyList {
         now: Instant,
     ) -> Result<Denied, DenyError> {
         let net = plain(net);
-        let mut entries = lock(&self.entries);
+        let mut entries = write(&self.entries);
         match entries.get(&net) {
             Some(e) if e.source == DenySource::Config => {
                 return Err(DenyError::FromConfig(net.to_string()))
@@ -314,7 +316,7 @@ impl DenyList {
     /// `DELETE /deny/{cidr}`: an API or ban entry; a config entry stays (the config says it).
     pub(crate) fn remove(&self, net: IpNet, now: Instant) -> Result<(), DenyError> {
         let net = plain(net);
-        let mut entries = lock(&self.entries);
+        let mut entries = write(&self.entries);
         let found = match entries.get(&net) {
             None => false,
             Some(e) if e.source == DenySource::Config => {
@@ -335,7 +337,7 @@ impl DenyList {
     pub(crate) fn list(&self, now: Instant) -> Vec<Denied> {
         // Copied out under the lock (accepts wait for it), formatted and sorted after.
         let copied: Vec<(IpAddr, u8, Entry)> = {
-            let mut entries = lock(&self.entries);
+            let mut entries = write(&self.entries);
             entries.prune(now);
             self.len.store(entries.len, Relaxed);
             entries
@@ -364,7 +366,7 @@ impl DenyList {
     /// the bound if need be (the old process held them). Returns how many were taken.
     pub(crate) fn carry_in(&self, carried: &[Denied], now: Instant) -> usize {
         let wall = SystemTime::now();
-        let mut entries = lock(&self.entries);
+        let mut entries = write(&self.entries);
         let mut taken = 0;
         for d in carried {
             let Ok(c) = d.cidr.parse::<Cidr>() else {
@@ -402,7 +404,7 @@ impl DenyList {
 
     /// The numbers `/metrics` shows (expired entries dropped first).
     pub(crate) fn view(&self, now: Instant) -> DenyView {
-        let mut entries = lock(&self.entries);
+        let mut entries = write(&self.entries);
         entries.prune(now);
         self.len.store(entries.len, Relaxed);
         DenyView {
@@ -412,6 +414,16 @@ impl DenyList {
             bans_unrecorded: self.bans_unrecorded.load(Relaxed),
         }
     }
+}
+
+/// The lock's guards; a panic elsewhere while one was held leaves whole entries (each change is one
+/// map operation), so a poisoned lock is taken as it is.
+fn read(l: &RwLock<Entries>) -> RwLockReadGuard<'_, Entries> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write(l: &RwLock<Entries>) -> RwLockWriteGuard<'_, Entries> {
+    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn denied(net: &IpNet, e: &Entry) -> Denied {
@@ -613,6 +625,22 @@ mod tests {
         let later = Instant::now();
         assert!(!d.refuses(ip("203.0.113.9"), later), "expired");
         assert_eq!(d.list(later).len(), 1);
+        // An expired /16 above a live /24: the /24 still refuses, and the /16 is gone.
+        d.add(
+            net("198.51.0.0/16"),
+            Some(Duration::from_secs(1)),
+            String::new(),
+            later,
+        )
+        .unwrap();
+        d.add(net("198.51.100.0/24"), None, String::new(), later)
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let later = Instant::now();
+        assert!(d.refuses(ip("198.51.100.1"), later));
+        assert!(!d.refuses(ip("198.51.7.1"), later));
+        assert_eq!(d.view(later).entries, 2, "2001:db8::/32 and the /24");
+        d.remove(net("198.51.100.0/24"), later).unwrap();
         d.remove(net("2001:db8::/32"), later).unwrap();
         assert!(!d.refuses(ip("2001:db8:1::1"), later));
         assert_eq!(
