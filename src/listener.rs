@@ -191,10 +191,13 @@ fn dispatch(
     let span = session::span(None, peer, local);
     // Until its route is known a connection counts against no service's cap: `max_pending` bounds
     // how many may wait for it on this address, so a flood of silent clients cannot pile up here.
-    let waiting = routes.unrouted.wait(routes.max_pending);
+    // A denied peer takes neither a place nor a slot.
+    let waiting = (!denied)
+        .then(|| routes.unrouted.wait(routes.max_pending))
+        .flatten();
     let entered = waiting.map(|w| (w, gate.enter()));
     let end = match entered {
-        _ if denied => Outcome::Denied,
+        None if denied => Outcome::Denied,
         Some((waiting, Some(slot))) => {
             let serve =
                 session::serve_routed(client, peer, routes, slot, waiting, leaving.clone(), span);
