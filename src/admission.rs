@@ -2,9 +2,18 @@
 //! top-level connection cap ([`Gate`]), allow and deny lists and per-source limits ([`Limits`],
 //! [`SourceTable`]), and per-backend caps with their queue ([`BackendCaps`], [`Queue`]).
 //!
+//! The process's runtime deny list and the ban decision are in `deny` ([`DenyList`], held by the
+//! [`Gate`]; [`Breaches`]).
+//!
 //! Each decision is a counter or a table lookup under one short lock; a refusal costs no connect.
 //! The tables outlive reloads (a reload swaps only the limits they are checked against), so open
 //! connections stay counted.
+
+mod deny;
+
+#[cfg(test)]
+pub(crate) use deny::DenySource;
+pub(crate) use deny::{Breach, Breaches, Denied, DenyError, DenyList, DenyView, METRICS};
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -14,15 +23,18 @@ use tokio::time::Instant;
 
 use tokio::sync::Notify;
 
-use crate::config::{ip_v4_mapped, BackendAddress, Cidr, LimitsConfig, ServiceConfig};
+use crate::config::{ip_v4_mapped, BackendAddress, BanConfig, Cidr, LimitsConfig, ServiceConfig};
 use crate::pool::{Backend, Source};
 use crate::util::lock;
 
-/// The top-level `max_connections`: client connections open over every service.
+/// The top-level `max_connections`: client connections open over every service; and the
+/// process's deny list, checked at accept (the gate is what every accept loop holds, and it lives
+/// as long as the process, across reloads).
 #[derive(Debug)]
 pub(crate) struct Gate {
     open: AtomicU64,
     max: AtomicU64,
+    pub(crate) deny: DenyList,
 }
 
 impl Gate {
@@ -30,6 +42,7 @@ impl Gate {
         let g = Gate {
             open: AtomicU64::new(0),
             max: AtomicU64::new(u64::MAX),
+            deny: DenyList::default(),
         };
         g.set_max(max);
         g
@@ -65,6 +78,12 @@ impl Gate {
 #[derive(Debug)]
 pub(crate) struct GateSlot(Arc<Gate>);
 
+impl GateSlot {
+    pub(crate) fn deny(&self) -> &DenyList {
+        &self.0.deny
+    }
+}
+
 impl Drop for GateSlot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Relaxed);
@@ -78,6 +97,8 @@ pub(crate) struct Limits {
     deny: Vec<Cidr>,
     per_source_connections: Option<u32>,
     per_source_rate: Option<u32>,
+    /// Refusals by the two above that ban a source.
+    pub(crate) ban: Option<BanConfig>,
 }
 
 /// Why a client was refused.
@@ -94,6 +115,7 @@ impl Limits {
             deny: c.deny.clone(),
             per_source_connections: c.per_source_connections,
             per_source_rate: c.per_source_rate,
+            ban: c.ban,
         }
     }
 

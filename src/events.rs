@@ -109,6 +109,22 @@ pub(crate) enum Event<'a> {
         reason: &'static str,
         held: bool,
     },
+    /// A client source broke the service's per-source limits `breaches` times within
+    /// `limits.ban.within`: refused at accept for `for_s` seconds (`source`: the deny list's entry,
+    /// its address, an IPv6 one by /64); `recorded` false: the deny list was full, so it was not.
+    SourceBanned {
+        service: &'a str,
+        source: String,
+        breaches: u32,
+        for_s: f64,
+        recorded: bool,
+    },
+    /// The runtime deny list changed through the API (`action`: `added`, `removed`).
+    DenyChanged {
+        cidr: String,
+        action: &'static str,
+        expires: Option<String>,
+    },
     /// sluicegate started a replica's container; `replaces` names the container it replaced.
     ReplicaStarted {
         service: &'a str,
@@ -359,6 +375,18 @@ mod tests {
                 how: "reset",
                 by: "admin",
             },
+            Event::SourceBanned {
+                service,
+                source: "192.0.2.1/32".into(),
+                breaches: 5,
+                for_s: 600.0,
+                recorded: true,
+            },
+            Event::DenyChanged {
+                cidr: "203.0.113.0/24".into(),
+                action: "added",
+                expires: Some("2026-11-30T06:00:00Z".into()),
+            },
         ]
     }
 
@@ -388,6 +416,8 @@ mod tests {
             Event::Autoscale { .. } => 19,
             Event::DockerError { .. } => 20,
             Event::ConnectionKilled { .. } => 21,
+            Event::SourceBanned { .. } => 22,
+            Event::DenyChanged { .. } => 23,
         }
     }
 

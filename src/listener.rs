@@ -167,11 +167,18 @@ fn dispatch(
     tracker: &TaskTracker,
     leaving: &Arc<Leaving>,
 ) {
+    // The deny list before any byte is read (behind a PROXY header the session asks again, for
+    // the client the header names).
+    let denied = gate.deny.refuses(peer.ip(), tokio::time::Instant::now());
     if let Some(current) = routes.table.only() {
         // The address's one service: no route to read.
         let service = current.load_full();
         service.stats.accepted();
         let span = session::span(Some(&service.name), peer, local);
+        if denied {
+            span.in_scope(|| session::refuse_over_limit(&service, peer, Outcome::Denied));
+            return;
+        }
         let at = session::Reached {
             client: peer,
             listen: local,
@@ -190,9 +197,13 @@ fn dispatch(
     let span = session::span(None, peer, local);
     // Until its route is known a connection counts against no service's cap: `max_pending` bounds
     // how many may wait for it on this address, so a flood of silent clients cannot pile up here.
-    let waiting = routes.unrouted.wait(routes.max_pending);
+    // A denied peer takes neither a place nor a slot.
+    let waiting = (!denied)
+        .then(|| routes.unrouted.wait(routes.max_pending))
+        .flatten();
     let entered = waiting.map(|w| (w, gate.enter()));
     let end = match entered {
+        None if denied => Outcome::Denied,
         Some((waiting, Some(slot))) => {
             let serve = session::serve_routed(
                 client,

@@ -99,12 +99,13 @@ impl Drop for Waiting {
 }
 
 /// How a connection can end before any service takes it.
-pub(crate) const UNROUTED_ENDS: [Outcome; 5] = [
+pub(crate) const UNROUTED_ENDS: [Outcome; 6] = [
     Outcome::NoRoute,
     Outcome::TlsHello,
     Outcome::ProxyHeader,
     Outcome::DrainDeadline,
     Outcome::PendingFull,
+    Outcome::Denied,
 ];
 
 /// An address's unrouted connections at one moment (`/metrics`, `/stats`).
@@ -143,7 +144,7 @@ pub(crate) const METRICS: MetricTable<UnroutedView> = MetricTable {
         Family::new(
             Kind::Counter,
             "sluicegate_unrouted_connections_total",
-            "Connections to a shared (routed) address that no service took, by how they ended (no_route, tls_hello, proxy_header, pending_full, ...).",
+            "Connections to a shared (routed) address that no service took, by how they ended (no_route, tls_hello, proxy_header, pending_full, denied, ...).",
             &["end"],
             |u, o| {
                 for (end, n) in &u.ends {

@@ -14,7 +14,9 @@ use tokio::time::Instant;
 
 use serde::{Serialize, Serializer};
 
-use crate::admission::{BackendCaps, Limits, Queue, SourceTable};
+use crate::admission::{
+    source_key, BackendCaps, Breach, Breaches, DenyList, Limits, Queue, SourceTable,
+};
 use crate::config::Weight;
 use crate::config::{
     AcceptProxyConfig, BackendAddress, BackendPort, DiscoveryConfig, Policy, ProxyVersion,
@@ -135,6 +137,8 @@ pub(crate) struct Occupancy {
     pub(crate) queue: Arc<Queue>,
     /// Refused PROXY headers are logged at most once a second.
     pub(crate) proxy_warnings: Mutex<crate::util::RateLimited>,
+    /// Per-source refusals counted toward a ban (`limits.ban`).
+    breaches: Mutex<Breaches>,
 }
 
 /// Start times of the open client connections. Ids grow with time, so the smallest open id of a shard
@@ -494,6 +498,48 @@ impl Service {
             stats,
             occupancy,
         }
+    }
+
+    /// A client from `ip` was refused by a per-source limit: with `limits.ban`, counted toward a
+    /// ban, and at the `after`-th within the window its source goes on the deny list (an event and
+    /// a log line either way it turns out).
+    pub(crate) fn breached(
+        &self,
+        ip: std::net::IpAddr,
+        deny: &DenyList,
+        now: tokio::time::Instant,
+    ) {
+        let Some(rule) = self.limits.ban else {
+            return;
+        };
+        let key = source_key(ip);
+        if crate::util::lock(&self.occupancy.breaches).breach(key, &rule, now) != Breach::Ban {
+            return;
+        }
+        let net = ipnet::IpNet::from(key);
+        // The source key of an IPv6 client is its /64.
+        let net = match net {
+            ipnet::IpNet::V6(_) => ipnet::IpNet::new(key, 64).unwrap_or(net),
+            v4 => v4,
+        };
+        let reason = format!(
+            "{} per-source refusals within {} on service {}",
+            rule.after, rule.within, self.name
+        );
+        let recorded = deny.ban(net, rule.for_.0, reason, now).is_ok();
+        let for_s = rule.for_.0.as_secs_f64();
+        if recorded {
+            tracing::warn!(service = %self.name, source = %net, breaches = rule.after, for_s, "banned: refused at accept until the ban ends");
+        } else {
+            tracing::warn!(service = %self.name, source = %net, breaches = rule.after, for_s, "not banned: the deny list is full (limits.max_denied)");
+        }
+        self.events.publish(Event::SourceBanned {
+            service: &self.name,
+            source: net.to_string(),
+            breaches: rule.after,
+            for_s,
+            recorded,
+        });
     }
 
     /// Notes whether a selection found a backend, logging only the transitions into and out of

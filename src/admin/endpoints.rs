@@ -77,6 +77,10 @@ pub(super) enum Endpoint {
     Connections,
     /// `GET` or `DELETE /connections/{id}`.
     Connection(u64),
+    /// The runtime deny list: `GET` and `POST /deny`.
+    Deny,
+    /// `DELETE /deny/{cidr}` (the `/` as `%2F`; a bare `/deny/ADDR/LEN` is taken too).
+    DenyEntry(String),
 }
 
 impl Endpoint {
@@ -106,6 +110,11 @@ impl Endpoint {
             ["route"] => Endpoint::Route,
             ["connections"] => Endpoint::Connections,
             ["connections", id] => Endpoint::Connection(id.parse().ok()?),
+            ["deny"] => Endpoint::Deny,
+            ["deny", c] => Endpoint::DenyEntry(percent_decode(c)?),
+            ["deny", a, len] => {
+                Endpoint::DenyEntry(format!("{}/{}", percent_decode(a)?, percent_decode(len)?))
+            }
             ["services", s, "rep"] => Endpoint::Rep(Some(percent_decode(s)?)),
             ["services", s, "add"] => Endpoint::Add(Some(percent_decode(s)?)),
             ["services", s, "rm"] => Endpoint::Rm(Some(percent_decode(s)?)),
@@ -115,7 +124,8 @@ impl Endpoint {
 
     pub(super) fn methods(&self) -> &'static [Method] {
         match self {
-            Endpoint::Backends => &[Method::GET, Method::POST],
+            Endpoint::Backends | Endpoint::Deny => &[Method::GET, Method::POST],
+            Endpoint::DenyEntry(_) => &[Method::DELETE],
             Endpoint::Backend(..) => &[Method::GET, Method::PUT, Method::DELETE],
             Endpoint::BackendDrain(..)
             | Endpoint::BackendMaint(..)
@@ -197,7 +207,7 @@ impl From<ScaleBody> for ScaleRequest {
 
 /// A request body as `T`, or what is wrong with it: bad JSON, not an object, or the field that does
 /// not fit and why (`weight: must be from 1 to 1000, got 0`).
-fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))?;
     if !v.is_object() {
@@ -243,7 +253,7 @@ impl From<ScaleError> for ApiError {
     }
 }
 
-type Answer = Result<Response<BoxBody>, ApiError>;
+pub(super) type Answer = Result<Response<BoxBody>, ApiError>;
 
 impl Admin {
     /// Answers a request the server has checked (method, token, body size): one handler per
@@ -319,6 +329,9 @@ impl Admin {
                     &json!({"killed": 1, "connection": one}),
                 ))
             }
+            (Endpoint::Deny, Method::POST) => self.deny_add(body),
+            (Endpoint::Deny, _) => self.deny_list(),
+            (Endpoint::DenyEntry(c), _) => self.deny_remove(&c),
         }
     }
 
@@ -739,6 +752,21 @@ mod tests {
             Some(Endpoint::BackendDrain("web".into(), "[::1]:80".into()))
         );
         assert_eq!(Endpoint::parse("/nope"), None);
+        for path in [
+            "/deny/203.0.113.0%2F24",
+            "/deny/203.0.113.0%2f24",
+            "/deny/203.0.113.0/24",
+        ] {
+            assert_eq!(
+                Endpoint::parse(path),
+                Some(Endpoint::DenyEntry("203.0.113.0/24".into())),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            Endpoint::DenyEntry(String::new()).methods(),
+            &[Method::DELETE]
+        );
         assert!(!Endpoint::Reload.methods().contains(&Method::GET));
         assert!(Endpoint::Backends.methods().contains(&Method::POST));
     }

@@ -1,6 +1,7 @@
 //! `GET /metrics`: each subsystem's table (declared where its numbers live) written over its views,
 //! read now.
 
+use crate::admission::{self, DenyView};
 use crate::control::{self, Control, ControlView};
 use crate::discovery::{docker::LabelView, WatchView};
 use crate::logging::Dropped;
@@ -28,6 +29,7 @@ struct Views {
     #[cfg(target_os = "linux")]
     ring: Vec<WorkerView>,
     udp: Vec<UdpView>,
+    deny: Vec<DenyView>,
 }
 
 impl Views {
@@ -64,6 +66,7 @@ impl Views {
             #[cfg(target_os = "linux")]
             ring: c.ring_views(),
             udp: c.udp.views(),
+            deny: vec![c.gate.deny.view(tokio::time::Instant::now())],
         }
     }
 
@@ -81,6 +84,7 @@ impl Views {
         #[cfg(target_os = "linux")]
         page.write(&ring::METRICS, &self.ring);
         page.write(&udp::METRICS, &self.udp);
+        page.write(&admission::METRICS, &self.deny);
     }
 }
 

@@ -26,6 +26,7 @@
 //! has spoken.
 
 mod connections;
+mod deny;
 mod endpoints;
 mod metrics;
 mod stats;

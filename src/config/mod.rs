@@ -405,6 +405,10 @@ pub struct Config {
     /// instead of refused.
     #[serde(default)]
     pub allow_readable_keys: bool,
+    /// Limits for every service without a `limits` of its own; its `deny` and `max_denied` are
+    /// the process's runtime deny list.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -921,10 +925,30 @@ pub struct LimitsConfig {
     /// Only these client addresses may connect (absent or empty: any).
     #[serde(default)]
     pub allow: Vec<Cidr>,
-    /// These may not, whatever `allow` says.
+    /// These may not, whatever `allow` says. At the top level, the runtime deny list's `config`
+    /// entries: refused by every service.
     #[serde(default)]
     pub deny: Vec<Cidr>,
+    /// A source refused by a per-source limit this often is refused at accept for a while.
+    #[serde(default)]
+    pub ban: Option<BanConfig>,
+    /// Entries the runtime deny list holds at most (top level only: the list is the process's).
+    #[serde(default)]
+    pub max_denied: Option<u32>,
 }
+
+/// `limits.ban`: `after` per-source refusals `within` a window ban the source `for` a while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BanConfig {
+    pub after: u32,
+    pub within: Dur,
+    #[serde(rename = "for")]
+    pub for_: Dur,
+}
+
+/// `limits.max_denied` when absent.
+pub const DEFAULT_MAX_DENIED: u32 = 100_000;
 
 impl LimitsConfig {
     pub fn is_empty(&self) -> bool {
@@ -1329,6 +1353,23 @@ impl Config {
             .map(|(i, s)| (i, &s.listen))
     }
 
+    /// Gives every service without a `limits` of its own the top-level one (validated first, so a
+    /// problem is named where it was written). `max_denied` is the process's, not a service's.
+    fn inherit_limits(&mut self) {
+        let mut top = self.limits.clone();
+        top.max_denied = None;
+        for s in &mut self.services {
+            if s.limits.is_empty() {
+                s.limits = top.clone();
+            }
+        }
+    }
+
+    /// `limits.max_denied`, or its default.
+    pub(crate) fn max_denied(&self) -> usize {
+        self.limits.max_denied.unwrap_or(DEFAULT_MAX_DENIED) as usize
+    }
+
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         use std::io::Read;
@@ -1382,6 +1423,8 @@ impl Config {
         })?;
         let mut problems = config.validate();
         problems.extend(validate::tcp_keys_on_udp(text, &config));
+        let mut config = config;
+        config.inherit_limits();
         if problems.is_empty() {
             Ok(config)
         } else {

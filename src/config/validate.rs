@@ -20,6 +20,7 @@ impl Config {
         }
         self.validate_log(&mut p);
         self.validate_globals(&mut p);
+        validate_limits(&mut p, "limits", &self.limits);
         for (i, s) in self.services.iter().enumerate() {
             self.validate_identity(&mut p, i, s);
             validate_service(&mut p, i, s);
@@ -1037,6 +1038,43 @@ impl Problems {
     }
 }
 
+/// A `limits` section, the top-level one or a service's (`at` is its path).
+fn validate_limits(p: &mut Problems, at: &str, l: &super::LimitsConfig) {
+    let key = |k: &str| format!("{at}.{k}");
+    if l.per_source_connections == Some(0) {
+        p.add(key("per_source_connections"), "must be at least 1");
+    }
+    if l.per_source_rate == Some(0) {
+        p.add(
+            key("per_source_rate"),
+            "must be at least 1 (new connections per second)",
+        );
+    }
+    if let Some(b) = &l.ban {
+        if !(1..=1000).contains(&b.after) {
+            p.add(
+                key("ban.after"),
+                format!("must be from 1 to 1000, got {}", b.after),
+            );
+        }
+        if b.within.is_zero() || b.within > Dur::secs(86_400) {
+            p.add(key("ban.within"), "must be from 1ms to 24h");
+        }
+        if b.for_ < Dur::secs(1) || b.for_ > Dur::secs(30 * 86_400) {
+            p.add(key("ban.for"), "must be from 1s to 720h");
+        }
+        if l.per_source_connections.is_none() && l.per_source_rate.is_none() {
+            p.add(
+                key("ban"),
+                "counts refusals by per_source_connections or per_source_rate: set one of them",
+            );
+        }
+    }
+    if l.max_denied == Some(0) || l.max_denied.is_some_and(|m| m > 10_000_000) {
+        p.add(key("max_denied"), "must be from 1 to 10000000");
+    }
+}
+
 /// `accept_proxy`, `limits` and `queue` of services[i].
 fn validate_edge(p: &mut Problems, i: usize, s: &ServiceConfig) {
     let at = |key: &str| format!("services[{i}].{key}");
@@ -1059,14 +1097,11 @@ fn validate_edge(p: &mut Problems, i: usize, s: &ServiceConfig) {
             p.add(at("accept_proxy.timeout"), "must be from 1ms to 60s");
         }
     }
-    let l = &s.limits;
-    if l.per_source_connections == Some(0) {
-        p.add(at("limits.per_source_connections"), "must be at least 1");
-    }
-    if l.per_source_rate == Some(0) {
+    validate_limits(p, &at("limits"), &s.limits);
+    if s.limits.max_denied.is_some() {
         p.add(
-            at("limits.per_source_rate"),
-            "must be at least 1 (new connections per second)",
+            at("limits.max_denied"),
+            "is the process's (one deny list for every service): set it in the top-level limits",
         );
     }
     if let Some(q) = &s.queue {
@@ -1156,6 +1191,66 @@ mod tests {
                 .expect("trust_any allows it");
         }
         crate::config::Config::from_yaml(&yaml("10.0.0.0/8", "")).expect("a narrower block");
+    }
+
+    /// `limits.ban` and `max_denied` are checked where they are written, and a service without
+    /// `limits` of its own takes the top level's (but not `max_denied`, the process's).
+    #[test]
+    fn bans_are_checked_and_top_level_limits_inherited() {
+        use crate::config::Config;
+        let yaml = |top: &str, own: &str| {
+            format!(
+                "{top}
+services:
+  - name: a
+    listen: 127.0.0.1:0
+    backends: [{{address: 127.0.0.1:9001}}]
+{own}  - name: b
+    listen: 127.0.0.1:0
+    backends: [{{address: 127.0.0.1:9001}}]
+"
+            )
+        };
+        let refused =
+            |top: &str, own: &str| Config::from_yaml(&yaml(top, own)).unwrap_err().to_string();
+        let e = refused(
+            "limits: {per_source_rate: 5, ban: {after: 0, within: 0s, for: 500ms}, max_denied: 0}",
+            "",
+        );
+        for key in [
+            "limits.ban.after",
+            "limits.ban.within",
+            "limits.ban.for",
+            "limits.max_denied",
+        ] {
+            assert!(e.contains(&format!("{key}: must")), "{key}: {e}");
+        }
+        let e = refused(
+            "",
+            "    limits: {ban: {after: 3, within: 1m, for: 10m}}
+",
+        );
+        assert!(e.contains("services[0].limits.ban: counts refusals"), "{e}");
+        let e = refused(
+            "",
+            "    limits: {per_source_rate: 1, max_denied: 5}
+",
+        );
+        assert!(e.contains("services[0].limits.max_denied"), "{e}");
+        let c = Config::from_yaml(&yaml(
+            "limits: {per_source_rate: 5, ban: {after: 3, within: 1m, for: 10m}, max_denied: 7}",
+            "    limits: {per_source_connections: 2}
+",
+        ))
+        .unwrap();
+        assert_eq!(c.max_denied(), 7);
+        assert_eq!(
+            c.services[0].limits.ban, None,
+            "its own limits replace the top level's"
+        );
+        assert_eq!(c.services[1].limits.per_source_rate, Some(5));
+        assert_eq!(c.services[1].limits.ban.map(|b| b.after), Some(3));
+        assert_eq!(c.services[1].limits.max_denied, None);
     }
 
     /// Built without the `docker` feature (`.ci/run` runs this test so), a `replicas:` section is a

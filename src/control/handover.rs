@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use serde::{Deserialize, Serialize};
 
 use super::Control;
+use crate::admission::Denied;
 use crate::session::{self, Carried};
 
 /// The totals of every service and backend, by name: what an upgrade carries so that counters go
@@ -18,10 +19,18 @@ pub(crate) struct Totals {
     pub(crate) services: BTreeMap<String, BTreeMap<String, u64>>,
     /// Service name → backend address → totals.
     pub(crate) backends: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
+    /// The runtime deny list's API and ban entries: state, not counters, so each part that has
+    /// some puts them on the new process's list as they are. Absent from an older process's parts
+    /// (and skipped by an older new process, whose JSON ignores what it does not know).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) deny: Vec<Denied>,
 }
 
 /// Backends per [`Totals`] part: each part fits one hand-over message.
 const BACKENDS_PER_PART: usize = 200;
+/// Deny list entries per part: an entry is at most ~700 bytes of JSON (a reason is at most 256
+/// bytes, each escaped in at most two).
+const DENIED_PER_PART: usize = 50;
 
 impl Totals {
     /// The same totals in parts that each fit one hand-over message: a service's own counters, then
@@ -31,7 +40,7 @@ impl Totals {
         for (name, t) in &self.services {
             parts.push(Totals {
                 services: [(name.clone(), t.clone())].into(),
-                backends: BTreeMap::new(),
+                ..Totals::default()
             });
         }
         for (name, bs) in &self.backends {
@@ -42,10 +51,16 @@ impl Totals {
                     .map(|(a, t)| ((*a).clone(), (*t).clone()))
                     .collect();
                 parts.push(Totals {
-                    services: BTreeMap::new(),
                     backends: [(name.clone(), part)].into(),
+                    ..Totals::default()
                 });
             }
+        }
+        for chunk in self.deny.chunks(DENIED_PER_PART) {
+            parts.push(Totals {
+                deny: chunk.to_vec(),
+                ..Totals::default()
+            });
         }
         parts
     }
@@ -83,6 +98,8 @@ impl Totals {
                     (s.clone(), bs)
                 })
                 .collect(),
+            // As it is now: entries put on since are carried, expired ones are not.
+            deny: self.deny.clone(),
         }
     }
 }
@@ -200,12 +217,24 @@ impl Control {
                 .collect();
             t.backends.insert(s.name.to_string(), backends);
         }
+        t.deny = self.gate.deny.carried(tokio::time::Instant::now());
         t
     }
 
     /// Adds totals the process this one replaced counted, to the services and backends of the same
     /// names (and addresses) here.
     pub(crate) fn add_totals(&self, t: &Totals) {
+        if !t.deny.is_empty() {
+            let taken = self
+                .gate
+                .deny
+                .carry_in(&t.deny, tokio::time::Instant::now());
+            tracing::info!(
+                carried = t.deny.len(),
+                taken,
+                "upgrade: deny list entries taken over"
+            );
+        }
         for r in self.running.lock().iter() {
             let s = r.current.load_full();
             if let Some(st) = t.services.get(&*s.name) {
@@ -274,6 +303,15 @@ mod tests {
                 .collect();
             t.backends.insert(name, bs);
         }
+        // The longest entries the API makes: an IPv6 net, a reason of 256 bytes each escaped.
+        t.deny = (0..1000u32)
+            .map(|i| Denied {
+                cidr: format!("2001:db8:ffff:ffff:ffff:ffff:ffff:{i:x}/128"),
+                expires_ms: Some(u64::MAX),
+                source: crate::admission::DenySource::Api,
+                reason: "\"".repeat(256),
+            })
+            .collect();
         let parts = t.parts();
         let mut whole = Totals::default();
         for p in &parts {
@@ -293,6 +331,7 @@ mod tests {
                     .or_default()
                     .extend(bs.clone());
             }
+            whole.deny.extend(p.deny.iter().cloned());
         }
         assert_eq!(whole, t);
     }

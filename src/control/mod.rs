@@ -339,7 +339,12 @@ impl Control {
             background: CancellationToken::new(),
             drain: Ordered::new(None),
             reloads_applied: AtomicU64::new(0),
-            gate: Arc::new(Gate::new(config.max_connections)),
+            gate: {
+                let gate = Gate::new(config.max_connections);
+                gate.deny
+                    .configure(config.max_denied(), &config.limits.deny);
+                Arc::new(gate)
+            },
             reloads_rejected: AtomicU64::new(0),
             serving: AtomicBool::new(false),
             instance: crate::util::hostname(),

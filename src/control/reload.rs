@@ -300,6 +300,8 @@ impl Control {
 
         // From here on nothing fails.
         self.gate.set_max(new.max_connections);
+        // The API's entries and the bans stay: the list is the process's, not the config's.
+        self.gate.deny.configure(new.max_denied(), &new.limits.deny);
         match fresh_resolver {
             Some(r) => *resolving = r,
             None if !needs_dns(&new) => *resolving = None,

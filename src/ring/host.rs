@@ -199,7 +199,7 @@ impl Taken {
         client: BorrowedFd<'_>,
     ) -> Result<(Option<Target>, Vec<u8>), Outcome> {
         let origin = self.record.client;
-        self._source = session::admit_source(&self.service, origin.ip())?;
+        self._source = session::admit_source(&self.service, self.slot.deny(), origin.ip())?;
         let same_port = self.service.backend_port == BackendPort::Same;
         // Asked of the kernel only when something needs it (a system call per connection).
         let dst = (same_port || self.service.proxy_protocol.is_some()).then(|| {
@@ -422,6 +422,11 @@ impl Host for Services {
         let service = current.load_full();
         service.stats.accepted();
         let span = session::span(Some(&service.name), peer, &served.local);
+        // The deny list before anything else, and before a byte is read (no receive is armed yet).
+        if self.gate.deny.refuses(peer.ip(), Instant::now()) {
+            span.in_scope(|| session::refuse_over_limit(&service, peer, Outcome::Denied));
+            return None;
+        }
         let at = Reached {
             client: peer,
             listen: &served.local,

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::accesslog::{self, Ending, Record};
-use crate::admission::{Gate, GateSlot, Refusal, SourceSlot};
+use crate::admission::{DenyList, Gate, GateSlot, Refusal, SourceSlot};
 use crate::connections::{self, Conn, Facts, How, Opened, Protocol, Registered};
 use crate::outcome::Outcome;
 use crate::pool::Backend;
@@ -222,6 +222,13 @@ impl ClientSlot {
     /// The connection's listing.
     pub(crate) fn conn(&self) -> &Arc<Conn> {
         self.listed.conn()
+    }
+}
+
+impl ClientSlot {
+    /// The process's deny list, which the slot's gate holds.
+    pub(crate) fn deny(&self) -> &DenyList {
+        self._gate.deny()
     }
 }
 
@@ -464,7 +471,7 @@ fn serve_taken(
             let admitted = admit_and_connect(
                 client,
                 peer,
-                &service,
+                (&service, slot.deny()),
                 &mut record,
                 entry.map(|e| *e).unwrap_or_default(),
                 &leaving.deadline,
@@ -491,7 +498,7 @@ fn serve_taken(
 async fn admit_and_connect(
     mut client: TcpStream,
     peer: SocketAddr,
-    service: &Arc<Service>,
+    (service, deny): (&Arc<Service>, &DenyList),
     record: &mut Record,
     entry: Entry,
     deadline: &CancellationToken,
@@ -511,7 +518,7 @@ async fn admit_and_connect(
     };
     let dst = reached.or_else(|| client.local_addr().ok()).unwrap_or(peer);
     let origin = record.client;
-    let source = match admit_source(service, origin.ip()) {
+    let source = match admit_source(service, deny, origin.ip()) {
         Ok(source) => source,
         Err(end) => return Err(Refused::with(end, ClientStream::Plain(client))),
     };
@@ -962,16 +969,28 @@ pub(crate) fn backend_addr(s: &std::net::TcpStream) -> SocketAddr {
 
 /// The client's place in its service's source table (access lists, per-source limits), or how it
 /// is refused.
+///
+/// The deny list is asked again here: behind a PROXY header, `ip` is the client the header names,
+/// which the accept loop's look (at the peer) could not see. A refusal by a per-source limit counts
+/// toward the service's ban.
 pub(crate) fn admit_source(
     service: &Service,
+    deny: &DenyList,
     ip: std::net::IpAddr,
 ) -> Result<Option<SourceSlot>, Outcome> {
+    let now = Instant::now();
+    if deny.refuses(ip, now) {
+        return Err(Outcome::Denied);
+    }
     let table = &service.occupancy.sources;
     table
-        .admit(ip, &service.limits, service.max_connections, Instant::now())
+        .admit(ip, &service.limits, service.max_connections, now)
         .map_err(|r| match r {
             Refusal::Denied => Outcome::Denied,
-            Refusal::SourceLimit => Outcome::SourceLimit,
+            Refusal::SourceLimit => {
+                service.breached(ip, deny, now);
+                Outcome::SourceLimit
+            }
         })
 }
 

@@ -513,7 +513,7 @@ impl State {
         if !(service.stats.enter(cap) || (!shared && room() && service.stats.enter(cap))) {
             return None;
         }
-        match crate::session::admit_source(service, d.from.ip()) {
+        match crate::session::admit_source(service, &l.gate.deny, d.from.ip()) {
             Ok(source) => Some((gate, source)),
             Err(_) => {
                 service.stats.left();
@@ -556,7 +556,8 @@ impl State {
         if l.draining.is_cancelled() {
             return stats.dropped(Dropped::Refused);
         }
-        if !service.limits.permits(d.from.ip()) {
+        let from = d.from.ip();
+        if !service.limits.permits(from) || l.gate.deny.refuses(from, Instant::now()) {
             return stats.dropped(Dropped::Refused);
         }
         let snapshot = service.pool.snapshot();

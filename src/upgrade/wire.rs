@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::session::CarriedFacts;
 
 /// The session format: how a carried connection, the counters and the end are described. Raise it
-/// on any change to [`SessionMeta`], [`CarriedFacts`] or the totals.
+/// on any change to [`SessionMeta`], [`CarriedFacts`] or the totals that the other side could not
+/// read (a field added with a default, like the totals' `deny`, it reads: older ones ignore it).
 pub(crate) const FORMAT: u32 = 1;
 
 /// A message is at most this long (the socket's default send buffer takes it whole); held bytes

@@ -12,14 +12,7 @@ use sluicegate::config::{Config, ProxyVersion, RelayMode};
 use sluicegate::proxy_protocol::{self, Header, Parsed};
 use sluicegate::Outcome;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-
-/// A connection to `to` from the local address `from` (any of 127/8).
-async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
-    let s = TcpSocket::new_v4().expect("socket");
-    s.bind(SocketAddr::from((from, 0))).expect("bind");
-    s.connect(to).await.expect("connect")
-}
+use tokio::net::TcpStream;
 
 /// Sends `data`, half-closes, and returns everything that comes back (an echo backend's answer).
 async fn exchange(mut s: TcpStream, data: &[u8]) -> Vec<u8> {
@@ -37,17 +30,6 @@ async fn refused(mut s: TcpStream) -> bool {
         within(Duration::from_secs(5), "the close", s.read(&mut b)).await,
         Ok(0) | Err(_)
     )
-}
-
-/// A session held open through the proxy: it echoed once, so its backend connection is up.
-async fn held(from: [u8; 4], to: SocketAddr) -> TcpStream {
-    let mut s = connect_from(from, to).await;
-    s.write_all(b"ping").await.expect("write");
-    let mut b = [0u8; 4];
-    within(Duration::from_secs(5), "the echo", s.read_exact(&mut b))
-        .await
-        .expect("echoed");
-    s
 }
 
 fn parse_all(bytes: &[u8]) -> (Header, &[u8]) {

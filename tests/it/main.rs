@@ -12,6 +12,7 @@ mod common;
 
 mod admin;
 mod agreement;
+mod bans;
 mod checks;
 mod cli;
 mod console;

@@ -11,7 +11,7 @@ use sluicegate::config::{Config, RelayMode};
 use sluicegate::tls::hello::build::{client_hello, records};
 use sluicegate::Outcome;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 use crate::common::http::get;
@@ -1213,4 +1213,31 @@ async fn a_reset_crosses_the_tls_relay_as_a_reset() {
         .unwrap();
     assert!(seen.is_err(), "the backend sees a reset: {seen:?}");
     p.wait_ended(Outcome::ClientReset, 1).await;
+}
+
+/// A peer on the deny list (the top-level `limits.deny`) is closed at accept on a shared address,
+/// before its ClientHello is read (the route would wait 60 s for it), counted `denied`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_peer_is_closed_before_its_hello_is_read() {
+    let addr = free_addr([127, 0, 0, 1]);
+    let a = tagged([127, 0, 0, 2], "a").await;
+    let yaml = config(&service(
+        "a",
+        addr,
+        "sni: [a.example], client_hello_timeout: 60s,",
+        a.addr,
+    ));
+    let p = Proxy::start(&format!("limits: {{deny: [127.0.0.22]}}\n{yaml}")).await;
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::from(([127, 0, 0, 22], 0))).unwrap();
+    let mut silent = s.connect(addr).await.unwrap();
+    let mut got = Vec::new();
+    let r = within(SECS(15), "closed at once", silent.read_to_end(&mut got)).await;
+    assert!(r.is_err() || got.is_empty(), "nothing comes back: {got:?}");
+    let admin = p.admin.unwrap();
+    let m = get(admin, "/metrics").await.body;
+    assert_eq!(unrouted(&m, addr, "denied"), Some(1), "{m}");
+    assert_eq!(a.accepted(), 0);
+    let good = client_hello(Some("a.example"), &[]);
+    assert_eq!(who_echoes(addr, &good, good.len()).await.unwrap(), "a");
 }

@@ -705,3 +705,32 @@ async fn a_service_leaving_a_shared_address_ends_its_sessions_there() {
         "only the first datagram reached the backend"
     );
 }
+
+/// The runtime deny list refuses a UDP client's new sessions (counted `refused`, nothing reaches
+/// the backend) until the entry is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deny_list_refuses_new_udp_sessions_until_removed() {
+    let be = Echo::start([127, 0, 0, 1], "a", true).await;
+    let config = format!(
+        "admin: {{listen: \"127.0.0.1:0\"}}\n{}",
+        yaml(&[be.addr], "", "")
+    );
+    let p = Proxy::start(&config).await;
+    let admin = p.admin.expect("admin");
+    let r = crate::common::http::send(admin, "POST", "/deny", r#"{"cidr": "127.0.0.21"}"#).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let c = UdpSocket::bind("127.0.0.21:0").await.unwrap();
+    c.send_to(b"x", p.addr).await.unwrap();
+    let refused = "sluicegate_udp_dropped_total{service=\"dgram\",reason=\"refused\"} ";
+    wait_until(SECS(5), "the datagram refused", || async {
+        let page = get(admin, "/metrics").await.body;
+        page.lines()
+            .find_map(|l| l.strip_prefix(refused))
+            .is_some_and(|n| n != "0")
+    })
+    .await;
+    assert_eq!(be.received(), 0);
+    let r = crate::common::http::send(admin, "DELETE", "/deny/127.0.0.21%2F32", "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(ask(&c, p.addr, b"y").await, b"ay");
+}

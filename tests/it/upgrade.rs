@@ -822,7 +822,7 @@ async fn stop_signals_are_heard_during_the_hand_over() {
 
 /// A port free on every address (bound on `0.0.0.0` and closed), for an address that must be
 /// named before it is bound: by a config edited before an upgrade, or by `systemd-socket-activate`.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("0.0.0.0:0")
         .unwrap()
         .local_addr()

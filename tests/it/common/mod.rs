@@ -22,7 +22,7 @@ use sluicegate::config::{Config, RelayMode};
 use sluicegate::service::Service;
 use sluicegate::{Server, Stopped};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, JoinHandle};
 
@@ -199,6 +199,24 @@ pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>
         Ok(v) => v,
         Err(_) => panic!("timed out after {limit:?}: {what}"),
     }
+}
+
+/// A connection to `to` from the local address `from` (any of 127/8).
+pub async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().expect("socket");
+    s.bind(SocketAddr::from((from, 0))).expect("bind");
+    s.connect(to).await.expect("connect")
+}
+
+/// A session held open through the proxy: it echoed once, so its backend connection is up.
+pub async fn held(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let mut s = connect_from(from, to).await;
+    s.write_all(b"ping").await.expect("write");
+    let mut b = [0u8; 4];
+    within(Duration::from_secs(5), "the echo", s.read_exact(&mut b))
+        .await
+        .expect("echoed");
+    s
 }
 
 /// A service config for one service named `t` on 127.0.0.1:0 with these backends, relay engine and
