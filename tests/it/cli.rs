@@ -529,6 +529,7 @@ fn assert_drained_routing_line(r: &Value, backend: SocketAddr) {
         "bytes_down",
         "duration_ms",
         "end",
+        "event",
         "sni",
         "alpn",
         "route",
@@ -557,6 +558,7 @@ fn assert_drained_routing_line(r: &Value, backend: SocketAddr) {
     assert_eq!(r["bytes_up"], 1);
     assert_eq!(r["bytes_down"], 30 * 8192);
     assert_eq!(r["end"], "backend_closed");
+    assert_eq!(r["event"], "end");
     assert!(r["connect_ms"].as_f64().is_some() && r["duration_ms"].as_f64().unwrap() > 500.0);
 }
 
