@@ -128,8 +128,9 @@ impl Server {
         if let (Some(l), Some(settings)) = (self.admin, c.admin_settings()) {
             crate::admin::start(l, c.clone(), settings, admin_stop.clone());
         }
-        c.serve().await;
+        // Before the first accept, so that no connection misses its line.
         crate::accesslog::set_on_connect(self.access.on_connect);
+        c.serve().await;
         if let Some(every) = self.access.every {
             tokio::spawn(crate::accesslog::progress(every.0, admin_stop.clone()));
         }

@@ -108,7 +108,8 @@ pub(crate) struct Opened {
     pub(crate) protocol: Protocol,
     pub(crate) service: Arc<str>,
     pub(crate) client: SocketAddr,
-    /// The listen address it reached, as configured (a wildcard stays one).
+    /// The listen address it reached: the listener's bound address for a new TCP connection (a
+    /// wildcard stays one), the exact local address for a carried one and a UDP session.
     pub(crate) listen: Arc<str>,
     pub(crate) engine: &'static str,
     /// Carried in from the process this one replaced; how long it had been open there.

@@ -201,7 +201,8 @@ impl Seen {
     fn of(conn: Arc<Conn>, draining: bool) -> Seen {
         let facts = conn.facts();
         let age = conn.born.elapsed();
-        let idle = relay::since(conn.active().load(std::sync::atomic::Ordering::Relaxed));
+        // Never longer than its life (a listing made before its first stamp).
+        let idle = relay::since(conn.active().load(std::sync::atomic::Ordering::Relaxed)).min(age);
         let state = match conn.state() {
             State::Relaying | State::HalfClosed if draining => Shown::Draining,
             s => Shown::Engine(s),
@@ -246,7 +247,7 @@ impl Seen {
             "state": self.state.as_str(),
             "started": crate::util::rfc3339(c.started),
             "age_s": round_ms(self.age),
-            "idle_s": round_ms(self.idle.min(self.age)),
+            "idle_s": round_ms(self.idle),
             "bytes_up": up,
             "bytes_down": down,
             "handed_over": c.handed_over,
@@ -280,25 +281,30 @@ pub(super) fn list_one(id: u64, draining: bool) -> Option<Value> {
     Some(Seen::of(conn, draining).json())
 }
 
-/// Ends the connection `id` as `how` asks: what the answer and the event say of it, or `None`
-/// when no such connection is open.
+/// Ends the connection `id` as `how` asks: whether this ask ended it (not one before it), and
+/// what it was; `None` when no such connection is open.
 pub(super) fn kill_one(
     id: u64,
     how: How,
     by: &str,
     events: &crate::events::EventBus,
-) -> Option<Value> {
+) -> Option<(bool, Value)> {
     let conn = connections::registry().get(id)?;
     let seen = Seen::of(conn, false);
-    kill(&seen, how, by, events);
-    Some(seen.json())
+    let first = kill(&seen, how, by, events);
+    Some((first, seen.json()))
 }
 
 /// Ends every connection `filter` matches: how many were asked to end.
-pub(super) fn kill_matching(filter: &Filter, by: &str, events: &crate::events::EventBus) -> usize {
+pub(super) fn kill_matching(
+    filter: &Filter,
+    draining: bool,
+    by: &str,
+    events: &crate::events::EventBus,
+) -> usize {
     let mut n = 0;
     for conn in connections::registry().all() {
-        let seen = Seen::of(conn, false);
+        let seen = Seen::of(conn, draining);
         if filter.matches(&seen) && kill(&seen, filter.how, by, events) {
             n += 1;
         }

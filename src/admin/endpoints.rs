@@ -311,7 +311,8 @@ impl Admin {
                         "give at least one filter (service, listen, backend, client, older_than, idle_longer_than, state, protocol): DELETE /connections does not end every connection",
                     ));
                 }
-                let killed = connections::kill_matching(&f, KILLED_BY, c.events());
+                let draining = c.readiness().is_draining();
+                let killed = connections::kill_matching(&f, draining, KILLED_BY, c.events());
                 Ok(json_response(StatusCode::OK, &json!({"killed": killed})))
             }
             (Endpoint::Connection(id), method) => {
@@ -322,11 +323,13 @@ impl Admin {
                         connections::list_one(id, c.readiness().is_draining()).ok_or_else(gone)?;
                     return Ok(json_response(StatusCode::OK, &one));
                 }
-                let one =
+                let (first, one) =
                     connections::kill_one(id, f.how, KILLED_BY, c.events()).ok_or_else(gone)?;
+                // 0 when an earlier ask is ending it already.
+                let killed = u32::from(first);
                 Ok(json_response(
                     StatusCode::OK,
-                    &json!({"killed": 1, "connection": one}),
+                    &json!({"killed": killed, "connection": one}),
                 ))
             }
             (Endpoint::Deny, Method::POST) => self.deny_add(body),

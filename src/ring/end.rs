@@ -172,15 +172,20 @@ impl<H: Host> Worker<H> {
         self.host.cut(h)
     }
 
-    /// Cuts the relayed connections the host says are cut (`Host::cut`).
+    /// Cuts the relayed connections the host says are cut (`Host::cut`), and those an operator
+    /// killed before they connected (reading a header, waiting for a backend, connecting): a
+    /// backend's cut reaches those as they connect, a kill at once.
     pub(super) fn cut_those_cut(&mut self) {
         let mut ending = Vec::new();
         for (slot, c) in self.conns.iter().enumerate() {
             let Some(c) = c.as_deref() else { continue };
             let Some(h) = c.host.as_ref() else { continue };
-            if c.end.is_none() && c.connected {
-                if let Some(end) = self.host.cut(h) {
-                    ending.push((slot as u32, end));
+            if c.end.is_none() {
+                match self.host.cut(h) {
+                    Some(end) if c.connected || end.end == Outcome::Killed => {
+                        ending.push((slot as u32, end));
+                    }
+                    _ => {}
                 }
             }
         }

@@ -148,10 +148,17 @@ impl Taken {
         let age = std::time::Duration::from_millis(facts.age_ms);
         let slot = ClientSlot::carried(&service, gate, reached, age);
         slot.conn().wake_with(|| workers.look_waker());
+        let record = facts.record(&service);
+        // Listed as relaying from the start, with the bytes it moved in the process it left: it
+        // never passes `relaying`, which lists a new connection.
+        session::list_facts(slot.conn(), &record, Some(&at), Some("ring"), false);
+        let stamp = crate::relay::stamp();
+        slot.conn().moved(facts.bytes_up, facts.bytes_down, stamp);
+        slot.conn().set_state(connections::State::Relaying);
         // As `pick` has it: a slot freed matters to the queue only on a capped backend.
         let capped = service.caps.cap_of(&at).is_some();
         Taken {
-            record: facts.record(&service),
+            record,
             span: session::carried_span(facts, &service),
             tried: Tried::default(),
             backend: Some(Picked {

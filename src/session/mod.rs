@@ -468,6 +468,8 @@ fn serve_taken(
                 .relay
                 .client_watch
                 .apply_or_log(socket2::SockRef::from(&client), "client");
+            // An operator's kill before the relay is seen as the relay starts: a race here would
+            // cost every connection's task room for it (`a_plain_connections_task_stays_small`).
             let admitted = admit_and_connect(
                 client,
                 peer,

@@ -443,6 +443,10 @@ impl State {
             engine: "udp",
             handed_over: None,
         });
+        listed
+            .conn()
+            .active()
+            .store(crate::relay::stamp(), std::sync::atomic::Ordering::Relaxed);
         let slots = Slots {
             active,
             _source: source,

@@ -165,6 +165,10 @@ impl Live {
                 }
             })
         });
+        // A kill between the listing and the hook above found nothing to call.
+        if self.conn.kill_asked().is_some() {
+            self.end(End::Killed);
+        }
     }
 
     /// Ends the session (the first reason given stands) and gives its places back.

@@ -249,3 +249,38 @@ async fn connections_are_listed_filtered_and_killed_on_the_ring() {
 async fn connections_are_listed_filtered_and_killed_on_epoll() {
     listed_filtered_and_killed(RelayMode::Epoll).await;
 }
+
+/// A connection still waiting in a full backend's queue is killed at once on the ring (a worker is
+/// woken for it), listed as `connecting` until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_connection_is_killed_at_once_on_the_ring() {
+    let (tx, _ended) = mpsc::unbounded_channel();
+    let a = reporting_echo([127, 0, 0, 33], tx).await;
+    let yaml = format!(
+        "admin: {{listen: \"127.0.0.1:0\"}}\nlog: {{level: warn}}\nservices:\n  - name: t\n    listen: 127.0.0.1:0\n    relay: ring\n    queue: {{max: 10, timeout: 30s}}\n    backends:\n      - {{address: \"{}\", max_connections: 1}}\n",
+        a.addr
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let _first = held_client(proxy.addr, Ipv4Addr::new(127, 0, 3, 1), 10).await;
+    let mut waiting = TcpStream::connect(proxy.addr).await.unwrap();
+    wait_until(
+        Duration::from_secs(5),
+        "the second connection queued",
+        || async { listed(&proxy, "state=connecting").await["total"] == 1 },
+    )
+    .await;
+    let queued = listed(&proxy, "state=connecting").await;
+    let id = queued["connections"][0]["id"].as_u64().expect("its id");
+    let r = admin(&proxy, "DELETE", &format!("/connections/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut buf = [0u8; 8];
+    let end = within(
+        Duration::from_secs(5),
+        "the queued client's end",
+        waiting.read(&mut buf),
+    )
+    .await;
+    assert!(matches!(end, Ok(0) | Err(_)), "closed: {end:?}");
+    proxy.wait_ended(Outcome::Killed, 1).await;
+    assert_eq!(listed(&proxy, "").await["total"], 1, "the first goes on");
+}

@@ -734,3 +734,52 @@ async fn the_deny_list_refuses_new_udp_sessions_until_removed() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(ask(&c, p.addr, b"y").await, b"ay");
 }
+
+/// A UDP session is listed by `GET /connections` (`protocol: udp`, its bytes as they move) and
+/// ended by `DELETE /connections/{id}` (`end: killed`); the client's next datagram opens another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_listed_and_killed_through_the_connections_api() {
+    let be = Echo::start([127, 0, 0, 1], "a", true).await;
+    let config = format!(
+        "admin: {{listen: \"127.0.0.1:0\"}}\n{}",
+        yaml(&[be.addr], "", "")
+    );
+    let p = Proxy::start(&config).await;
+    let admin = p.admin.expect("admin");
+    let c = client().await;
+    assert_eq!(ask(&c, p.addr, b"hi").await, b"ahi");
+    let path = format!("/connections?listen={}&protocol=udp", p.addr);
+    let listed = get(admin, &path).await.json();
+    assert_eq!(listed["total"], 1, "{listed}");
+    let s = &listed["connections"][0];
+    assert_eq!(s["protocol"], "udp", "{s}");
+    assert_eq!(s["engine"], "udp");
+    assert_eq!(s["service"], "dgram");
+    assert_eq!(s["state"], "relaying");
+    assert_eq!(s["client"], c.local_addr().unwrap().to_string());
+    assert_eq!(s["backend"], be.addr.to_string());
+    assert_eq!(
+        (s["bytes_up"].as_u64(), s["bytes_down"].as_u64()),
+        (Some(2), Some(3))
+    );
+    let id = s["id"].as_u64().unwrap();
+    let r = crate::common::http::send(admin, "DELETE", &format!("/connections/{id}"), "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let killed = "sluicegate_udp_sessions_total{service=\"dgram\",end=\"killed\"} 1";
+    wait_until(SECS(5), "the session ended as killed", || async {
+        get(admin, "/metrics")
+            .await
+            .body
+            .lines()
+            .any(|l| l == killed)
+    })
+    .await;
+    assert_eq!(get(admin, &path).await.json()["total"], 0);
+    assert_eq!(ask(&c, p.addr, b"again").await, b"aagain");
+    let again = get(admin, &path).await.json();
+    assert_eq!(again["total"], 1);
+    assert!(
+        again["connections"][0]["id"].as_u64() > Some(id),
+        "a new session"
+    );
+}
