@@ -101,40 +101,8 @@ static LOG_GUARD: Mutex<Option<sluicegate::logging::Guards>> = Mutex::new(None);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Healthcheck {
-        config,
-        admin,
-        timeout,
-    }) = cli.command
-    {
-        return healthcheck(config, admin, timeout);
-    }
-    if let Some(Command::Upgrade { pid, timeout }) = cli.command {
-        return upgrade(pid, timeout);
-    }
-    if let Some(Command::Connections {
-        config,
-        admin,
-        service,
-        backend,
-        client,
-        older_than,
-        limit,
-        kill,
-        how,
-        json,
-        timeout,
-    }) = cli.command
-    {
-        let asked = sluicegate::selfcheck::Connections {
-            service,
-            backend,
-            client,
-            older_than,
-            limit,
-            kill: kill.then_some(how),
-        };
-        return connections(config, admin, &asked, json, timeout);
+    if let Some(command) = cli.command {
+        return subcommand(command);
     }
     let Some(config_path) = cli.config else {
         Cli::command()
@@ -370,6 +338,41 @@ fn healthcheck(
         Err(e) => {
             eprintln!("sluicegate healthcheck: not ready: {e}");
             ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// A subcommand: a client of a running sluicegate (healthcheck, connections, upgrade).
+fn subcommand(command: Command) -> ExitCode {
+    match command {
+        Command::Healthcheck {
+            config,
+            admin,
+            timeout,
+        } => healthcheck(config, admin, timeout),
+        Command::Upgrade { pid, timeout } => upgrade(pid, timeout),
+        Command::Connections {
+            config,
+            admin,
+            service,
+            backend,
+            client,
+            older_than,
+            limit,
+            kill,
+            how,
+            json,
+            timeout,
+        } => {
+            let asked = sluicegate::selfcheck::Connections {
+                service,
+                backend,
+                client,
+                older_than,
+                limit,
+                kill: kill.then_some(how),
+            };
+            connections(config, admin, &asked, json, timeout)
         }
     }
 }

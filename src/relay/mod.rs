@@ -574,17 +574,6 @@ where
         // The timer, the cut and `carry` rarely fire: polled only when one of them woke the task, not on
         // every message (see `woken`).
         let rare = Woken::new();
-        let quiet_since = |floor: Instant| {
-            let last = up
-                .last_active
-                .load(Relaxed)
-                .max(down.last_active.load(Relaxed));
-            if last == 0 {
-                // Nothing moved yet: silent since the floor (a carried connection's silence included).
-                return floor;
-            }
-            clock::instant_of(last).max(floor)
-        };
         loop {
             let event = next_event(
                 directions.as_mut(),
@@ -602,29 +591,23 @@ where
                     }
                 }
                 Event::Timer => {
-                    let now = Instant::now();
-                    ended.first_byte_by.unless(client_spoke(up, down));
-                    if ended.first_byte_by.at(start).is_some_and(|by| now >= by) {
-                        // Both sides closed: the backend's connection is freed with the client's.
-                        return Supervised::ended(Outcome::FirstByteTimeout);
-                    }
-                    let Some(next_look) = stalls.look(up, down, stall, now) else {
-                        return Supervised::cut(Outcome::StallTimeout);
+                    let silence = Silence {
+                        start,
+                        floor: quiet_floor,
+                        limit,
+                        end: timeout_end,
                     };
-                    let quiet = quiet_since(quiet_floor);
-                    if now >= quiet + limit {
-                        return Supervised::ended(timeout_end);
+                    match at_timer(up, down, opts, &mut ended, &mut stalls, silence) {
+                        Ok(next) => timer.as_mut().reset(next),
+                        Err(end) => return end,
                     }
-                    timer.as_mut().reset(sooner(
-                        (quiet + limit).min(next_look),
-                        ended.first_byte_by.at(start),
-                    ));
                     rare.set();
                     continue;
                 }
                 Event::Cut(end) => return Supervised::cut(end),
                 Event::Carry => {
-                    return stop_for_carry(up, down, first_fin, quiet_since(quiet_floor));
+                    let quiet = quiet_since(up, down, quiet_floor);
+                    return stop_for_carry(up, down, first_fin, quiet);
                 }
             }
             // A direction ended with EOF.
@@ -642,6 +625,57 @@ where
             rare.set();
         }
     }
+}
+
+/// When a relay last moved a byte either way, or `floor` if later: silent since the floor when
+/// nothing moved yet (a carried connection's silence included).
+fn quiet_since(up: &Flow<'_>, down: &Flow<'_>, floor: Instant) -> Instant {
+    let last = up
+        .last_active
+        .load(Relaxed)
+        .max(down.last_active.load(Relaxed));
+    if last == 0 {
+        return floor;
+    }
+    clock::instant_of(last).max(floor)
+}
+
+/// The inactivity timer a relay runs under now: since when it counts silence, how long it
+/// allows, and the end at its expiry (idle or half-closed).
+struct Silence {
+    start: Instant,
+    floor: Instant,
+    limit: Duration,
+    end: Outcome,
+}
+
+/// The supervisor's timer fired: how the connection ends now (a silent client's first-byte
+/// deadline, a stalled destination, silence past its limit), or when to look again.
+fn at_timer(
+    up: &Flow<'_>,
+    down: &Flow<'_>,
+    opts: &RelayOptions,
+    ended: &mut Ended,
+    stalls: &mut StallWatch,
+    s: Silence,
+) -> Result<Instant, Supervised> {
+    let now = Instant::now();
+    ended.first_byte_by.unless(client_spoke(up, down));
+    if ended.first_byte_by.at(s.start).is_some_and(|by| now >= by) {
+        // Both sides closed: the backend's connection is freed with the client's.
+        return Err(Supervised::ended(Outcome::FirstByteTimeout));
+    }
+    let Some(next_look) = stalls.look(up, down, opts.stall_timeout, now) else {
+        return Err(Supervised::cut(Outcome::StallTimeout));
+    };
+    let quiet = quiet_since(up, down, s.floor);
+    if now >= quiet + s.limit {
+        return Err(Supervised::ended(s.end));
+    }
+    Ok(sooner(
+        (quiet + s.limit).min(next_look),
+        ended.first_byte_by.at(s.start),
+    ))
 }
 
 /// Whether the client has sent anything (`first_byte_timeout`): its direction heard from it, or

@@ -634,11 +634,7 @@ fn relay_and_account<'a>(
     async move {
         let forwarded = a.forwarded;
         let backend = a.backend.backend.clone();
-        live(&backend, conn).up.fetch_add(forwarded, Relaxed);
-        list_relaying(conn, &a, record, resumed.as_ref(), service);
-        if resumed.is_none() {
-            span.in_scope(|| accesslog::emit_connect(record, conn.id));
-        }
+        begin_relaying(&a, service, record, conn, span, resumed.as_ref());
         let opts = &service.relay;
         let cut_signal = a.backend.cut.clone();
         // A drain's deadline, the backend's sessions cut or an operator's kill: one `poll_fn` over
@@ -661,15 +657,8 @@ fn relay_and_account<'a>(
                 let mut carry = Some(&carry_signal);
                 loop {
                     let so_far = resumed.as_ref().map_or((0, 0), |r| r.so_far);
-                    let begin = match resumed.take() {
-                        Some(r) => relay::Begin::Resumed(r.held),
-                        None => relay::Begin::New {
-                            ack_held: a.backend.ack_held,
-                            first_byte_by: relay::FirstByteIn::until(first_byte_by(
-                                opts, forwarded, record,
-                            )),
-                        },
-                    };
+                    let begin =
+                        relay_begin(resumed.take(), a.backend.ack_held, opts, forwarded, record);
                     let mut r = relay::relay(
                         cl,
                         b,
@@ -702,55 +691,104 @@ fn relay_and_account<'a>(
             // TLS relays are boxed, as their handshakes are: the task of every plain connection
             // would otherwise keep room for them.
             (ClientStream::Plain(cl), BackendStream::Tls(b)) => {
-                Box::pin(relay::relay_streams(
-                    cl,
-                    &mut **b,
-                    opts,
-                    cut,
-                    live(&backend, conn),
-                    first_byte_by(opts, forwarded, record),
-                ))
-                .await
+                let first = first_byte_by(opts, forwarded, record);
+                boxed_streams(cl, &mut **b, opts, cut, live(&backend, conn), first).await
             }
             (ClientStream::Tls(cl), BackendStream::Plain(b)) => {
-                Box::pin(relay::relay_streams(
-                    &mut **cl,
-                    b,
-                    opts,
-                    cut,
-                    live(&backend, conn),
-                    None,
-                ))
-                .await
+                boxed_streams(&mut **cl, b, opts, cut, live(&backend, conn), None).await
             }
             (ClientStream::Tls(cl), BackendStream::Tls(b)) => {
-                Box::pin(relay::relay_streams(
-                    &mut **cl,
-                    &mut **b,
-                    opts,
-                    cut,
-                    live(&backend, conn),
-                    None,
-                ))
-                .await
+                boxed_streams(&mut **cl, &mut **b, opts, cut, live(&backend, conn), None).await
             }
         };
         relayed.bytes_up += forwarded;
-        if relayed.end == Outcome::Killed && conn.kill_asked() == Some(How::Fin) {
-            // The relay armed a reset on both sides, as for any cut; this operator asked for a FIN.
-            a.close_with_fin();
-        }
-        span.in_scope(|| account_relayed(service, record, &relayed));
-        // Close both now (the relay may have left a FIN, or an armed reset, to this close).
-        let Admitted {
-            client,
-            backend: c,
-            _source,
-            ..
-        } = a;
-        drop(c);
-        drop(client);
+        end_relayed(a, &relayed, service, record, conn, span);
     }
+}
+
+/// A relay through TLS streams, boxed: only TLS connections pay for its room.
+fn boxed_streams<'x, C, B, K>(
+    client: &'x mut C,
+    backend: &'x mut B,
+    opts: &'x relay::RelayOptions,
+    cut: std::pin::Pin<&'x mut K>,
+    live: relay::LiveCounters<'x>,
+    first_byte_by: Option<Instant>,
+) -> std::pin::Pin<Box<impl Future<Output = Relayed> + 'x>>
+where
+    C: relay::Endpoint,
+    B: relay::Endpoint,
+    K: Future<Output = Outcome>,
+{
+    Box::pin(relay::relay_streams(
+        client,
+        backend,
+        opts,
+        cut,
+        live,
+        first_byte_by,
+    ))
+}
+
+/// A connection starts relaying: the bytes sent before it (the route's hello) counted, its
+/// listing filled in, its `connect` line written (not again for one carried in).
+fn begin_relaying(
+    a: &Admitted,
+    service: &Service,
+    record: &Record,
+    conn: &Conn,
+    span: &tracing::Span,
+    resumed: Option<&Resumed>,
+) {
+    live(&a.backend.backend, conn)
+        .up
+        .fetch_add(a.forwarded, Relaxed);
+    list_relaying(conn, a, record, resumed, service);
+    if resumed.is_none() {
+        span.in_scope(|| accesslog::emit_connect(record, conn.id));
+    }
+}
+
+/// Where a plain relay starts: where a carried connection stopped, or new.
+fn relay_begin(
+    resumed: Option<Resumed>,
+    ack_held: bool,
+    opts: &relay::RelayOptions,
+    forwarded: u64,
+    record: &Record,
+) -> relay::Begin {
+    match resumed {
+        Some(r) => relay::Begin::Resumed(r.held),
+        None => relay::Begin::New {
+            ack_held,
+            first_byte_by: relay::FirstByteIn::until(first_byte_by(opts, forwarded, record)),
+        },
+    }
+}
+
+/// A relay ended: a kill that asked for a FIN gets one, the end is counted and logged, then both
+/// sockets close (the relay may have left a FIN, or an armed reset, to this close).
+fn end_relayed(
+    a: Admitted,
+    relayed: &Relayed,
+    service: &Service,
+    record: &Record,
+    conn: &Conn,
+    span: &tracing::Span,
+) {
+    if relayed.end == Outcome::Killed && conn.kill_asked() == Some(How::Fin) {
+        // The relay armed a reset on both sides, as for any cut; this operator asked for a FIN.
+        a.close_with_fin();
+    }
+    span.in_scope(|| account_relayed(service, record, relayed));
+    let Admitted {
+        client,
+        backend: c,
+        _source,
+        ..
+    } = a;
+    drop(c);
+    drop(client);
 }
 
 /// When a plain client that has sent nothing is closed (`first_byte_timeout`), if it is: one that

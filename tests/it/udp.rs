@@ -96,6 +96,17 @@ async fn ask(c: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Vec<u8> {
     buf
 }
 
+/// sluicegate in front of `be` with its admin API, and the API's address.
+async fn with_admin(be: &Echo) -> (Proxy, SocketAddr) {
+    let config = format!(
+        "admin: {{listen: \"127.0.0.1:0\"}}\n{}",
+        yaml(&[be.addr], "", "")
+    );
+    let p = Proxy::start(&config).await;
+    let admin = p.admin.expect("admin");
+    (p, admin)
+}
+
 fn active(p: &Proxy, b: SocketAddr) -> u64 {
     p.backend(b).active()
 }
@@ -711,12 +722,7 @@ async fn a_service_leaving_a_shared_address_ends_its_sessions_there() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deny_list_refuses_new_udp_sessions_until_removed() {
     let be = Echo::start([127, 0, 0, 1], "a", true).await;
-    let config = format!(
-        "admin: {{listen: \"127.0.0.1:0\"}}\n{}",
-        yaml(&[be.addr], "", "")
-    );
-    let p = Proxy::start(&config).await;
-    let admin = p.admin.expect("admin");
+    let (p, admin) = with_admin(&be).await;
     let r = crate::common::http::send(admin, "POST", "/deny", r#"{"cidr": "127.0.0.21"}"#).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let c = UdpSocket::bind("127.0.0.21:0").await.unwrap();
@@ -740,12 +746,7 @@ async fn the_deny_list_refuses_new_udp_sessions_until_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_is_listed_and_killed_through_the_connections_api() {
     let be = Echo::start([127, 0, 0, 1], "a", true).await;
-    let config = format!(
-        "admin: {{listen: \"127.0.0.1:0\"}}\n{}",
-        yaml(&[be.addr], "", "")
-    );
-    let p = Proxy::start(&config).await;
-    let admin = p.admin.expect("admin");
+    let (p, admin) = with_admin(&be).await;
     let c = client().await;
     assert_eq!(ask(&c, p.addr, b"hi").await, b"ahi");
     let path = format!("/connections?listen={}&protocol=udp", p.addr);
