@@ -406,4 +406,108 @@ mod tests {
         assert_eq!(shown["connections"][0]["backend_name"], "db-1");
         assert_eq!(shown["connections"][0]["listen"], "127.0.0.1:80");
     }
+
+    fn opened_at(i: usize) -> connections::Opened {
+        connections::Opened {
+            protocol: Protocol::Tcp,
+            service: Arc::from("listing"),
+            client: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 40000)),
+            listen: Arc::from("127.0.0.1:80"),
+            engine: "epoll",
+            handed_over: None,
+        }
+    }
+
+    /// This thread's voluntary context switches so far (each a wait, on a lock among others).
+    fn waits() -> u64 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// One phase: a data-plane stand-in opens, updates and closes connections for `phase` (each
+    /// step what a connection's life does to the registry), while `list` runs back to back on
+    /// another thread if asked. Answers the stand-in's slowest step, its 99.9th percentile, its
+    /// waits per 1,000 steps, and the listings' durations.
+    fn phase(held: &[connections::Registered], listing: bool) -> (f64, f64, f64, Vec<f64>) {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        use std::time::Instant;
+        let phase = Duration::from_millis(1500);
+        let stop = AtomicBool::new(false);
+        let n = held.len() as u64;
+        std::thread::scope(|scope| {
+            let lister = listing.then(|| {
+                scope.spawn(|| {
+                    let (all, mut took) = (parse("").unwrap(), Vec::new());
+                    while !stop.load(Relaxed) && took.len() < 10_000 {
+                        let t = Instant::now();
+                        let v = list(&all, false);
+                        took.push(t.elapsed().as_secs_f64() * 1e3);
+                        assert!(v["total"].as_u64().unwrap() >= n);
+                    }
+                    took
+                })
+            });
+            let (start, mut steps, before) = (Instant::now(), Vec::new(), waits());
+            while start.elapsed() < phase && steps.len() < 5_000_000 {
+                let i = steps.len();
+                let t = Instant::now();
+                let r = connections::registry().enter(opened_at(i));
+                r.conn().set_state(State::Relaying);
+                let other = held[i * 7919 % held.len()].conn();
+                other.moved(100, 100, 0);
+                let _ = other.facts();
+                drop(r);
+                steps.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            let waited = (waits() - before) as f64 * 1000.0 / steps.len() as f64;
+            stop.store(true, Relaxed);
+            let took = lister.map(|l| l.join().unwrap()).unwrap_or_default();
+            steps.sort_by(f64::total_cmp);
+            let p999 = steps[steps.len() * 999 / 1000];
+            (steps[steps.len() - 1], p999, waited, took)
+        })
+    }
+
+    /// The cost of listing 100,000 connections, for benchmarks/console_listing.py: a measurement,
+    /// not a check (the machine is shared, so nothing is held to a time). Each round runs a phase
+    /// without a listing and one with listings back to back, and prints both.
+    #[test]
+    #[ignore = "a measurement, run in release by benchmarks/console_listing.py"]
+    fn listing_figures_at_100k_connections() {
+        let n = std::env::var("SLUICEGATE_LISTING_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000usize);
+        let held: Vec<_> = (0..n)
+            .map(|i| {
+                let r = connections::registry().enter(opened_at(i));
+                r.conn().set_facts(Facts {
+                    backend: Some(SocketAddr::from(([127, 0, 0, 1], 9000 + (i % 8) as u16))),
+                    ..Facts::default()
+                });
+                r.conn().set_state(State::Relaying);
+                r
+            })
+            .collect();
+        let rounds = std::env::var("SLUICEGATE_LISTING_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(6usize);
+        for round in 0..rounds {
+            let (q_max, q_p999, q_waits, _) = phase(&held, false);
+            let (b_max, b_p999, b_waits, mut took) = phase(&held, true);
+            took.sort_by(f64::total_cmp);
+            let median = took.get(took.len() / 2).copied().unwrap_or(f64::NAN);
+            println!(
+                "{}",
+                json!({"n": n, "round": round, "quiet_max_us": q_max, "quiet_p999_us": q_p999,
+                    "quiet_waits_per_1k": q_waits, "listing_max_us": b_max, "listing_p999_us": b_p999,
+                    "listing_waits_per_1k": b_waits, "listings": took.len(), "list_ms_median": median})
+            );
+        }
+    }
 }
