@@ -445,7 +445,10 @@ mod tests {
         let listed: std::collections::HashSet<u64> = r.all().iter().map(|c| c.id).collect();
         assert!(held.iter().all(|h| listed.contains(&h.conn().id)));
         let all = r.all();
-        assert!(all.windows(2).all(|w| w[0].id > w[1].id), "newest first, no repeats");
+        assert!(
+            all.windows(2).all(|w| w[0].id > w[1].id),
+            "newest first, no repeats"
+        );
     }
 
     #[test]

@@ -83,6 +83,34 @@ enum Command {
         #[arg(long, default_value = "10s", value_name = "DURATION")]
         timeout: Dur,
     },
+    /// A refreshing view of a running sluicegate (its admin API's /stats and /connections): every
+    /// service with its backends, then the busiest (or oldest, idlest, newest) connections.
+    /// Ctrl-C ends it.
+    Top {
+        /// The config of the running sluicegate: its admin.listen is asked.
+        #[arg(long, short = 'c', env = "SLUICEGATE_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The admin API's address, instead of reading it from the config.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
+        /// Only this service and its connections.
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
+        /// Which connections first: busiest (most bytes), oldest, idlest or newest.
+        #[arg(long, default_value = "busiest", value_parser = ["busiest", "oldest", "idlest", "newest"])]
+        sort: String,
+        /// How many connections to show.
+        #[arg(long, default_value_t = 20, value_name = "N")]
+        limit: usize,
+        /// Time between frames.
+        #[arg(long, default_value = "2s", value_name = "DURATION")]
+        interval: Dur,
+        /// Stop after this many frames (without it, until interrupted).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        #[arg(long, default_value = "5s", value_name = "DURATION")]
+        timeout: Dur,
+    },
     /// Ask a running sluicegate to replace itself with the binary now at its path (as SIGUSR2 does)
     /// and wait for the outcome: exit 0 once the new process serves (it prints its pid), 1 when the
     /// upgrade failed (the old process goes on serving; the reason is printed).
@@ -342,7 +370,7 @@ fn healthcheck(
     }
 }
 
-/// A subcommand: a client of a running sluicegate (healthcheck, connections, upgrade).
+/// A subcommand: a client of a running sluicegate (healthcheck, connections, top, upgrade).
 fn subcommand(command: Command) -> ExitCode {
     match command {
         Command::Healthcheck {
@@ -374,18 +402,76 @@ fn subcommand(command: Command) -> ExitCode {
             };
             connections(config, admin, &asked, json, timeout)
         }
+        Command::Top {
+            config,
+            admin,
+            service,
+            sort,
+            limit,
+            interval,
+            count,
+            timeout,
+        } => {
+            let shown = sluicegate::selfcheck::Top {
+                sort,
+                limit,
+                service,
+            };
+            top(config, admin, &shown, interval, count, timeout)
+        }
     }
 }
 
-/// `sluicegate connections`: 0 with the listing (or the count killed), 1 when the admin API
-/// refused or did not answer, 64 for a bad config.
-fn connections(
+/// `sluicegate top`: frames until interrupted or `count` are shown; 1 when the admin API does not
+/// answer the first, 64 for a bad config. A later failure is shown in place of a frame.
+fn top(
     config: Option<PathBuf>,
     admin: Option<std::net::SocketAddr>,
-    asked: &sluicegate::selfcheck::Connections,
-    json: bool,
+    shown: &sluicegate::selfcheck::Top,
+    interval: Dur,
+    count: Option<u64>,
     timeout: Dur,
 ) -> ExitCode {
+    use std::io::{IsTerminal, Write};
+    let (addr, _) = match admin_target("top", config, admin) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    // On a terminal each frame replaces the last; piped, frames follow one another.
+    let tty = std::io::stdout().is_terminal();
+    for n in 1u64.. {
+        let frame = match shown.frame(addr, timeout.0) {
+            Ok(f) => f,
+            Err(e) if n == 1 => {
+                eprintln!("sluicegate top: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+            Err(e) => format!("sluicegate top: {e}\n"),
+        };
+        let mut out = std::io::stdout().lock();
+        let clear = if tty { "\x1b[H\x1b[2J" } else { "" };
+        if write!(out, "{clear}{frame}\n")
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            return ExitCode::SUCCESS; // the reader went away (a pipe closed)
+        }
+        if count.is_some_and(|c| n >= c) {
+            break;
+        }
+        std::thread::sleep(interval.0);
+    }
+    ExitCode::SUCCESS
+}
+
+/// The admin API a client subcommand asks: `--admin`, else the config's `admin.listen`; and the
+/// token, from the config's admin section or `SLUICEGATE_ADMIN_TOKEN`. Err: the exit code, the
+/// reason printed.
+fn admin_target(
+    command: &str,
+    config: Option<PathBuf>,
+    admin: Option<std::net::SocketAddr>,
+) -> Result<(std::net::SocketAddr, Option<String>), ExitCode> {
     use sluicegate::selfcheck;
     let mut token = std::env::var(sluicegate::config::TOKEN_ENV)
         .ok()
@@ -409,8 +495,8 @@ fn connections(
                 }
             }
             Err(e) => {
-                eprintln!("sluicegate connections: config {}:\n{e}", path.display());
-                return ExitCode::from(EXIT_CONFIG);
+                eprintln!("sluicegate {command}: config {}:\n{e}", path.display());
+                return Err(ExitCode::from(EXIT_CONFIG));
             }
         }
     }
@@ -418,9 +504,25 @@ fn connections(
         Cli::command()
             .error(
                 clap::error::ErrorKind::MissingRequiredArgument,
-                "connections needs --config FILE (or SLUICEGATE_CONFIG) or --admin ADDR",
+                format!("{command} needs --config FILE (or SLUICEGATE_CONFIG) or --admin ADDR"),
             )
             .exit()
+    };
+    Ok((addr, token))
+}
+
+/// `sluicegate connections`: 0 with the listing (or the count killed), 1 when the admin API
+/// refused or did not answer, 64 for a bad config.
+fn connections(
+    config: Option<PathBuf>,
+    admin: Option<std::net::SocketAddr>,
+    asked: &sluicegate::selfcheck::Connections,
+    json: bool,
+    timeout: Dur,
+) -> ExitCode {
+    let (addr, token) = match admin_target("connections", config, admin) {
+        Ok(t) => t,
+        Err(code) => return code,
     };
     let body = match asked.ask(addr, token.as_deref(), timeout.0) {
         Ok(b) => b,
@@ -435,7 +537,7 @@ fn connections(
     } else if asked.kill.is_some() {
         println!("killed {}", answer["killed"]);
     } else {
-        print!("{}", selfcheck::connections_table(&answer));
+        print!("{}", sluicegate::selfcheck::connections_table(&answer));
     }
     ExitCode::SUCCESS
 }

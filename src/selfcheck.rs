@@ -176,11 +176,7 @@ pub fn connections_table(answer: &serde_json::Value) -> String {
     let empty = Vec::new();
     let listed = answer["connections"].as_array().unwrap_or(&empty);
     for c in listed {
-        let text = |k: &str| match &c[k] {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Null => "-".into(),
-            v => v.to_string(),
-        };
+        let text = |k: &str| cell(&c[k]);
         let secs = |k: &str| human_secs(c[k].as_f64().unwrap_or(0.0));
         rows.push(vec![
             text("id"),
@@ -195,11 +191,131 @@ pub fn connections_table(answer: &serde_json::Value) -> String {
             human_bytes(c["bytes_down"].as_u64().unwrap_or(0)),
         ]);
     }
-    let widths: Vec<usize> = (0..cols.len())
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+    let mut out = aligned(&rows);
+    let total = answer["total"].as_u64().unwrap_or(listed.len() as u64);
+    out += &format!("{} of {total} connections\n", listed.len());
+    out
+}
+
+/// What `sluicegate top` shows below the services: which connections, and how many.
+#[derive(Debug, Clone)]
+pub struct Top {
+    /// `oldest`, `busiest`, `idlest` or `newest` (the admin API's `sort`).
+    pub sort: String,
+    pub limit: usize,
+    pub service: Option<String>,
+}
+
+impl Top {
+    /// The connections' request: `GET /connections` in this order, this many.
+    pub fn connections_path(&self) -> String {
+        let mut path = format!(
+            "/connections?sort={}&limit={}",
+            percent_encode(&self.sort),
+            self.limit
+        );
+        if let Some(s) = &self.service {
+            path += &format!("&service={}", percent_encode(s));
+        }
+        path
+    }
+
+    /// One frame: asks `/stats` and `/connections`, and renders them.
+    pub fn frame(&self, addr: SocketAddr, timeout: Duration) -> Result<String, NotReady> {
+        let stats = ask(addr, "GET", "/stats", None, timeout, MAX_LISTING)?;
+        let conns = ask(
+            addr,
+            "GET",
+            &self.connections_path(),
+            None,
+            timeout,
+            MAX_LISTING,
+        )?;
+        let parse = |body: &str| serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+        Ok(self.render(&parse(&stats), &parse(&conns)))
+    }
+
+    /// A frame of `sluicegate top` (pure): the services with their backends, then the
+    /// connections first in the order asked.
+    pub fn render(&self, stats: &serde_json::Value, conns: &serde_json::Value) -> String {
+        let empty = Vec::new();
+        let state = match (stats["ready"].as_bool(), stats["draining"].as_bool()) {
+            (_, Some(true)) => "draining",
+            (Some(true), _) => "ready",
+            _ => "not ready",
+        };
+        let services = stats["services"].as_array().unwrap_or(&empty);
+        let mut out = format!("sluicegate: {state}, {} services\n\n", services.len());
+        let mut rows = vec![[
+            "SERVICE", "PROTO", "BACKEND", "STATE", "HEALTH", "WEIGHT", "ACTIVE", "TOTAL",
+            "CONN/S", "BYTES/S",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for svc in services {
+            if self.service.as_deref().is_some_and(|s| svc["name"] != s) {
+                continue;
+            }
+            rows.push(vec![
+                cell(&svc["name"]),
+                cell(&svc["protocol"]),
+                format!("tier {}", cell(&svc["serving_tier"])),
+                String::new(),
+                String::new(),
+                String::new(),
+                cell(&svc["active"]),
+                cell(&svc["accepted"]),
+                rate(&svc["conn_rate"]),
+                human_bytes(svc["bytes_rate"].as_f64().unwrap_or(0.0) as u64) + "/s",
+            ]);
+            for b in svc["backends"].as_array().unwrap_or(&empty) {
+                rows.push(vec![
+                    String::new(),
+                    String::new(),
+                    cell(&b["address"]),
+                    cell(&b["state"]),
+                    cell(&b["health"]),
+                    cell(&b["effective_weight"]),
+                    cell(&b["active"]),
+                    cell(&b["total"]),
+                    rate(&b["conn_rate"]),
+                    human_bytes(b["bytes_rate"].as_f64().unwrap_or(0.0) as u64) + "/s",
+                ]);
+            }
+        }
+        out += &aligned(&rows);
+        out += &format!("\nconnections, {} first:\n", self.sort);
+        out += &connections_table(conns);
+        out
+    }
+}
+
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        v => v.to_string(),
+    }
+}
+
+fn rate(v: &serde_json::Value) -> String {
+    v.as_f64().map_or("-".into(), |r| format!("{r:.1}"))
+}
+
+/// Rows as columns padded to their widest cell, two spaces apart.
+fn aligned(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
-    for r in &rows {
+    for r in rows {
         let cells: Vec<String> = r
             .iter()
             .zip(&widths)
@@ -208,8 +324,6 @@ pub fn connections_table(answer: &serde_json::Value) -> String {
         out += cells.join("  ").trim_end();
         out.push('\n');
     }
-    let total = answer["total"].as_u64().unwrap_or(listed.len() as u64);
-    out += &format!("{} of {total} connections\n", listed.len());
     out
 }
 
@@ -290,6 +404,58 @@ mod tests {
             "{t}"
         );
         assert_eq!(lines[3], "2 of 3 connections");
+    }
+
+    #[test]
+    fn a_top_frame_shows_services_backends_and_connections() {
+        let stats = serde_json::json!({"ready": true, "draining": false, "services": [
+            {"name": "web", "protocol": "tcp", "serving_tier": 0, "active": 3, "accepted": 40,
+             "conn_rate": 2.5, "bytes_rate": 20480.0, "backends": [
+                {"address": "127.0.0.1:8080", "state": "draining", "health": "healthy",
+                 "effective_weight": 2, "active": 1, "total": 30, "conn_rate": 0.5, "bytes_rate": 0.0}]},
+            {"name": "dns", "protocol": "udp", "serving_tier": 0, "active": 0, "accepted": 0,
+             "conn_rate": 0.0, "bytes_rate": 0.0, "backends": []}
+        ]});
+        let conns = serde_json::json!({"total": 1, "connections": [
+            {"id": 4, "service": "web", "client": "127.0.0.1:5000", "backend": "127.0.0.1:8080",
+             "engine": "ring", "state": "relaying", "age_s": 5.0, "idle_s": 1.0,
+             "bytes_up": 10, "bytes_down": 20}]});
+        let top = Top {
+            sort: "busiest".into(),
+            limit: 10,
+            service: None,
+        };
+        let f = top.render(&stats, &conns);
+        assert!(f.starts_with("sluicegate: ready, 2 services"), "{f}");
+        let web = f.lines().find(|l| l.starts_with("web")).unwrap();
+        assert!(
+            web.contains("tcp") && web.contains("2.5") && web.contains("20KiB/s"),
+            "{f}"
+        );
+        let backend = f
+            .lines()
+            .find(|l| l.contains("127.0.0.1:8080") && l.contains("draining"));
+        assert!(
+            backend.is_some_and(|l| l.contains("healthy") && l.contains("30")),
+            "{f}"
+        );
+        assert!(
+            f.contains("connections, busiest first:") && f.contains("1 of 1 connections"),
+            "{f}"
+        );
+        let only_dns = Top {
+            service: Some("dns".into()),
+            ..top.clone()
+        };
+        let f = only_dns.render(&stats, &conns);
+        assert!(
+            f.lines().any(|l| l.starts_with("dns")) && !f.lines().any(|l| l.starts_with("web")),
+            "{f}"
+        );
+        assert_eq!(
+            only_dns.connections_path(),
+            "/connections?sort=busiest&limit=10&service=dns"
+        );
     }
 
     #[test]

@@ -35,8 +35,47 @@ pub(super) struct Filter {
     state: Option<Shown>,
     protocol: Option<Protocol>,
     pub(super) limit: usize,
+    /// The order of a listing (`GET` only).
+    order: Order,
     /// `DELETE /connections/{id}?how=`, or for every match.
     pub(super) how: How,
+}
+
+/// `sort=`: which matches a listing shows first, and so which ones `limit` keeps.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum Order {
+    #[default]
+    Newest,
+    Oldest,
+    /// The most bytes moved, both ways together.
+    Busiest,
+    /// The longest without a byte.
+    Idlest,
+}
+
+impl Order {
+    fn parse(v: &str) -> Option<Order> {
+        Some(match v {
+            "newest" => Order::Newest,
+            "oldest" => Order::Oldest,
+            "busiest" => Order::Busiest,
+            "idlest" => Order::Idlest,
+            _ => return None,
+        })
+    }
+
+    /// Puts `seen` (newest first, as the registry lists) in this order.
+    fn sort(self, seen: &mut [Seen]) {
+        match self {
+            Order::Newest => {}
+            Order::Oldest => seen.reverse(),
+            Order::Busiest => seen.sort_by_key(|s| {
+                let (up, down) = s.conn.bytes();
+                std::cmp::Reverse(up.saturating_add(down))
+            }),
+            Order::Idlest => seen.sort_by_key(|s| std::cmp::Reverse(s.idle)),
+        }
+    }
 }
 
 /// A client filter: one address (any port), one `ip:port`, or a block.
@@ -124,11 +163,16 @@ impl Filter {
                     .filter(|n| *n > 0)
                     .ok_or_else(|| format!("limit: {v:?} is not a positive integer"))?
             }
+            "sort" => {
+                self.order = Order::parse(v).ok_or_else(|| {
+                    format!("sort: {v:?} is not newest, oldest, busiest or idlest")
+                })?
+            }
             "how" => {
                 self.how = How::parse(v).ok_or_else(|| format!("how: {v:?} is not reset or fin"))?
             }
             _ => return Err(format!(
-                "unknown parameter {k:?}: filters are service, listen, backend, client, older_than, idle_longer_than, state, protocol; also limit (GET) and how (DELETE)"
+                "unknown parameter {k:?}: filters are service, listen, backend, client, older_than, idle_longer_than, state, protocol; also limit and sort (GET) and how (DELETE)"
             )),
         }
         Ok(())
@@ -259,20 +303,18 @@ fn round_ms(d: Duration) -> f64 {
     (d.as_millis() as f64) / 1000.0
 }
 
-/// `GET /connections`: the matches, newest first, at most `limit`, and how many matched.
+/// `GET /connections`: the matches in the order asked (newest first by default), at most
+/// `limit`, and how many matched.
 pub(super) fn list(filter: &Filter, draining: bool) -> Value {
-    let mut total = 0usize;
-    let mut shown = Vec::new();
-    for conn in connections::registry().all() {
-        let seen = Seen::of(conn, draining);
-        if filter.matches(&seen) {
-            total += 1;
-            if shown.len() < filter.limit {
-                shown.push(seen.json());
-            }
-        }
-    }
-    json!({"total": total, "connections": shown})
+    let mut matched: Vec<Seen> = connections::registry()
+        .all()
+        .into_iter()
+        .map(|conn| Seen::of(conn, draining))
+        .filter(|seen| filter.matches(seen))
+        .collect();
+    filter.order.sort(&mut matched);
+    let shown: Vec<Value> = matched.iter().take(filter.limit).map(Seen::json).collect();
+    json!({"total": matched.len(), "connections": shown})
 }
 
 /// `GET /connections/{id}`: the connection, while it is open.
@@ -405,6 +447,40 @@ mod tests {
         assert_eq!(shown["connections"][0]["state"], "draining");
         assert_eq!(shown["connections"][0]["backend_name"], "db-1");
         assert_eq!(shown["connections"][0]["listen"], "127.0.0.1:80");
+    }
+
+    #[test]
+    fn a_listing_comes_in_the_order_asked() {
+        let held: Vec<_> = [5u64, 50, 20]
+            .iter()
+            .map(|&bytes| {
+                let r = connections::registry().enter(connections::Opened {
+                    service: Arc::from("sort-test"),
+                    ..opened_at(bytes as usize)
+                });
+                r.conn().moved(bytes, 1, 0);
+                r
+            })
+            .collect();
+        let ids = |q: &str| -> Vec<u64> {
+            list(&parse(&format!("service=sort-test&{q}")).unwrap(), false)["connections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["id"].as_u64().unwrap())
+                .collect()
+        };
+        let [a, b, c] = [0, 1, 2].map(|i| held[i].conn().id);
+        assert_eq!(ids(""), vec![c, b, a], "newest first by default");
+        assert_eq!(ids("sort=oldest"), vec![a, b, c]);
+        assert_eq!(ids("sort=busiest"), vec![b, c, a]);
+        assert_eq!(
+            ids("sort=busiest&limit=1"),
+            vec![b],
+            "limit keeps the first in that order"
+        );
+        let e = parse("sort=loudest").unwrap_err();
+        assert!(e.contains("sort") && e.contains("busiest"), "{e}");
     }
 
     fn opened_at(i: usize) -> connections::Opened {

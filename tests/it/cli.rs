@@ -2325,6 +2325,31 @@ async fn the_connections_command_lists_and_kills() {
     let (code, out, _) = cli(&["--client", "192.0.2.0/24"]);
     assert_eq!((code, out.lines().last()), (0, Some("0 of 0 connections")));
 
+    // `top`, piped: frame after frame, each the service, its backend and the connections.
+    let top = |extra: &[&str]| {
+        let mut args = vec!["top", "--count", "2", "--interval", "100ms"];
+        args.extend_from_slice(extra);
+        tokio::task::block_in_place(|| run(&args, &[]))
+    };
+    let (code, out, err) = top(&["--admin", &admin, "--limit", "2", "--sort", "oldest"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.matches("sluicegate: ready").count(),
+        2,
+        "two frames: {out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("t ") && l.contains("tcp")),
+        "{out}"
+    );
+    let backend_row = |l: &str| l.contains(&backend.addr.to_string()) && l.contains("active");
+    assert!(out.lines().any(backend_row), "{out}");
+    assert!(out.contains("connections, oldest first:"), "{out}");
+    assert_eq!(out.matches("2 of 3 connections").count(), 2, "{out}");
+    let (code, _, err) = top(&["--admin", "127.0.0.1:1"]);
+    assert_eq!(code, 1, "nobody answers: {err}");
+
     let (code, _, err) = cli(&["--kill", "--service", "t"]);
     assert_eq!(code, 1, "no token, no kill");
     assert!(err.contains("401"), "{err}");
