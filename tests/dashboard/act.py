@@ -150,7 +150,8 @@ def kill_step(p, service):
     after = p.api(listing)[1]["total"]
     if after != before - 1:
         fail(f"{before} connections before the kill, {after} after: one kill ends exactly one")
-    wait(LIMIT, "the log shows connection_killed", lambda: p.log_has("connection_killed", f"id={first['id']}"))
+    wait(LIMIT, "the log shows connection_killed",
+         lambda: p.log_has("connection_killed", f"id={first['id']} ", f"client={first['client']}"))
     wait(LIMIT, f"the page lists {after} connections", lambda: p.js(f"{rows}.length") == after or None)
     return first, before
 
