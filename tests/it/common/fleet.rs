@@ -222,6 +222,11 @@ impl Session {
         Ok((Session { r, w }, ip))
     }
 
+    /// The client's own address, as the proxy lists it (`GET /connections`).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.w.local_addr()
+    }
+
     /// Sends a line and reads its echo; an error or EOF means the session was cut.
     pub async fn ping(&mut self) -> std::io::Result<()> {
         self.w.write_all(b"ping\n").await?;
