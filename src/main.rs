@@ -32,17 +32,24 @@ struct Cli {
     check: bool,
 }
 
+/// Which running sluicegate a client subcommand asks.
+#[derive(clap::Args, Debug)]
+struct Target {
+    /// The config of the running sluicegate: its admin.listen (and admin token) are used.
+    #[arg(long, short = 'c', env = "SLUICEGATE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The admin API's address, instead of reading it from the config.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<std::net::SocketAddr>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Ask a running sluicegate whether it is ready (GET /ready on its admin API): exit 0 when it
     /// is, 1 when it is not or does not answer. For container health checks.
     Healthcheck {
-        /// The config of the running sluicegate: its admin.listen is asked.
-        #[arg(long, short = 'c', env = "SLUICEGATE_CONFIG", value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// The admin API's address, instead of reading it from the config.
-        #[arg(long, value_name = "ADDR")]
-        admin: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        target: Target,
         /// How long to wait for the answer.
         #[arg(long, default_value = "2s", value_name = "DURATION")]
         timeout: Dur,
@@ -51,12 +58,8 @@ enum Command {
     /// table or JSON, or end them with --kill. The token comes from the config's admin section
     /// (token_file, ...) or SLUICEGATE_ADMIN_TOKEN.
     Connections {
-        /// The config of the running sluicegate: its admin.listen and token are used.
-        #[arg(long, short = 'c', env = "SLUICEGATE_CONFIG", value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// The admin API's address, instead of reading it from the config.
-        #[arg(long, value_name = "ADDR")]
-        admin: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        target: Target,
         #[arg(long, value_name = "NAME")]
         service: Option<String>,
         /// A backend's address (ip:port) or name.
@@ -87,12 +90,8 @@ enum Command {
     /// service with its backends, then the busiest (or oldest, idlest, newest) connections.
     /// Ctrl-C ends it.
     Top {
-        /// The config of the running sluicegate: its admin.listen is asked.
-        #[arg(long, short = 'c', env = "SLUICEGATE_CONFIG", value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// The admin API's address, instead of reading it from the config.
-        #[arg(long, value_name = "ADDR")]
-        admin: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        target: Target,
         /// Only this service and its connections.
         #[arg(long, value_name = "NAME")]
         service: Option<String>,
@@ -373,15 +372,12 @@ fn healthcheck(
 /// A subcommand: a client of a running sluicegate (healthcheck, connections, top, upgrade).
 fn subcommand(command: Command) -> ExitCode {
     match command {
-        Command::Healthcheck {
-            config,
-            admin,
-            timeout,
-        } => healthcheck(config, admin, timeout),
+        Command::Healthcheck { target, timeout } => {
+            healthcheck(target.config, target.admin, timeout)
+        }
         Command::Upgrade { pid, timeout } => upgrade(pid, timeout),
         Command::Connections {
-            config,
-            admin,
+            target,
             service,
             backend,
             client,
@@ -400,11 +396,10 @@ fn subcommand(command: Command) -> ExitCode {
                 limit,
                 kill: kill.then_some(how),
             };
-            connections(config, admin, &asked, json, timeout)
+            connections(target, &asked, json, timeout)
         }
         Command::Top {
-            config,
-            admin,
+            target,
             service,
             sort,
             limit,
@@ -417,7 +412,7 @@ fn subcommand(command: Command) -> ExitCode {
                 limit,
                 service,
             };
-            top(config, admin, &shown, interval, count, timeout)
+            top(target, &shown, interval, count, timeout)
         }
     }
 }
@@ -425,15 +420,14 @@ fn subcommand(command: Command) -> ExitCode {
 /// `sluicegate top`: frames until interrupted or `count` are shown; 1 when the admin API does not
 /// answer the first, 64 for a bad config. A later failure is shown in place of a frame.
 fn top(
-    config: Option<PathBuf>,
-    admin: Option<std::net::SocketAddr>,
+    target: Target,
     shown: &sluicegate::selfcheck::Top,
     interval: Dur,
     count: Option<u64>,
     timeout: Dur,
 ) -> ExitCode {
     use std::io::{IsTerminal, Write};
-    let (addr, _) = match admin_target("top", config, admin) {
+    let (addr, _) = match admin_target("top", target) {
         Ok(t) => t,
         Err(code) => return code,
     };
@@ -469,8 +463,7 @@ fn top(
 /// reason printed.
 fn admin_target(
     command: &str,
-    config: Option<PathBuf>,
-    admin: Option<std::net::SocketAddr>,
+    Target { config, admin }: Target,
 ) -> Result<(std::net::SocketAddr, Option<String>), ExitCode> {
     use sluicegate::selfcheck;
     let mut token = std::env::var(sluicegate::config::TOKEN_ENV)
@@ -514,13 +507,12 @@ fn admin_target(
 /// `sluicegate connections`: 0 with the listing (or the count killed), 1 when the admin API
 /// refused or did not answer, 64 for a bad config.
 fn connections(
-    config: Option<PathBuf>,
-    admin: Option<std::net::SocketAddr>,
+    target: Target,
     asked: &sluicegate::selfcheck::Connections,
     json: bool,
     timeout: Dur,
 ) -> ExitCode {
-    let (addr, token) = match admin_target("connections", config, admin) {
+    let (addr, token) = match admin_target("connections", target) {
         Ok(t) => t,
         Err(code) => return code,
     };
