@@ -55,6 +55,8 @@
 //! - `admin`: the admin HTTP API, `/metrics`, the event stream and the dashboard, on a thread of its
 //!   own.
 //! - [`logging`]: log output (the application and routing streams, never blocking a worker).
+//! - [`syslog`]: the routing log's copy for a syslog collector (RFC 5424 over UDP, TCP or a unix
+//!   socket), a destination of `logging`'s writer threads.
 //! - [`selfcheck`]: the `healthcheck` subcommand's client (asks a running sluicegate's `/ready`).
 //!
 //! **Shared**: [`config`] (the YAML schema and its validation), `connections` (the live
@@ -79,7 +81,7 @@
 //! 8. `service`
 //! 9. `admission`, `replicas`
 //! 10. `logging`, `pool`, `tls`
-//! 11. `accesslog`, `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `selfcheck`
+//! 11. `accesslog`, `balance`, `discovery`, `events`, `health`, `proxy_protocol`, `relay`, `selfcheck`, `syslog`
 //! 12. `docker`
 //! 13. `config`, `connections`, `metrics`, `outcome`, `sockets`, `util`, `workers`
 //!
@@ -133,6 +135,7 @@ pub mod selfcheck;
 pub mod service;
 mod session;
 pub mod sockets;
+pub mod syslog;
 pub mod tls;
 mod udp;
 pub mod upgrade;

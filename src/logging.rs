@@ -1,7 +1,9 @@
 //! Log output: the application log and the routing log, each to stdout, a daily-rotated file, or (the
-//! routing log) nowhere; text or JSON lines; a level or a `RUST_LOG`-style filter.
+//! routing log) nowhere, and the routing log besides to a syslog collector (`log.access.syslog`,
+//! [`crate::syslog`]); text or JSON lines; a level or a `RUST_LOG`-style filter.
 //!
-//! No thread that relays connections ever waits on a log write: each stream has a bounded queue
+//! No thread that relays connections ever waits on a log write: each stream (the syslog copy is one)
+//! has a bounded queue
 //! (`log.buffer_lines`) drained by a writer thread of its own. When the destination cannot keep up
 //! (a full pipe, a paused log driver) the queue fills and further lines are dropped; when it cannot
 //! be written at all (a full disk) the line is dropped too. Both are counted per stream and reason
@@ -31,6 +33,7 @@ use tracing_subscriber::Layer;
 use crate::accesslog;
 use crate::config::{AccessLog, LogConfig, LogFormat, LogLevel};
 use crate::metrics::{Family, Kind, Subject, Table};
+use crate::syslog::{Sender, SyslogError};
 use crate::util::lock;
 
 /// The environment variable whose `RUST_LOG`-style filter overrides `log.level` and `log.filter`.
@@ -50,6 +53,8 @@ pub enum LogError {
         filter: String,
         reason: String,
     },
+    #[error(transparent)]
+    Syslog(#[from] SyslogError),
     #[error("a global logger is already installed")]
     AlreadySet,
 }
@@ -63,6 +68,8 @@ pub struct Guards(#[allow(dead_code)] Vec<WorkerGuard>);
 pub enum Stream {
     Application,
     Routing,
+    /// The routing log's copy for the syslog collector (`log.access.syslog`).
+    Syslog,
 }
 
 impl Stream {
@@ -70,6 +77,16 @@ impl Stream {
         match self {
             Stream::Application => "application",
             Stream::Routing => "routing",
+            Stream::Syslog => "syslog",
+        }
+    }
+
+    /// Its name in the warnings about its drops.
+    fn prose(&self) -> &'static str {
+        match self {
+            Stream::Application => "application log",
+            Stream::Routing => "routing log",
+            Stream::Syslog => "routing log to syslog",
         }
     }
 }
@@ -183,54 +200,59 @@ impl<W: io::Write> io::Write for Counted<W> {
     }
 }
 
-/// A writer on its own background thread with a queue of `lines`: stdout, or the daily-rotated file
-/// `path`.
-fn writer(
+/// Where a stream's writer thread writes: stdout, or the daily-rotated file `path` (`key` names it
+/// in an error).
+fn destination(
     key: &'static str,
-    stream: Stream,
     path: Option<&Path>,
     keep: u32,
+) -> Result<Box<dyn io::Write + Send>, LogError> {
+    let Some(path) = path else {
+        return Ok(Box::new(io::stdout()));
+    };
+    let err = |reason: String| LogError::File {
+        key,
+        path: path.display().to_string(),
+        reason,
+    };
+    let (dir, name) = split_path(path).map_err(err)?;
+    let appender = tracing_appender::rolling::Builder::new()
+        .rotation(tracing_appender::rolling::Rotation::DAILY)
+        .filename_prefix(name)
+        .max_log_files(keep.max(1) as usize)
+        .build(dir)
+        .map_err(|e| err(e.to_string()))?;
+    Ok(Box::new(appender))
+}
+
+/// A writer to `inner` on its own background thread with a queue of `lines`.
+fn writer(
+    stream: Stream,
+    inner: Box<dyn io::Write + Send>,
     lines: usize,
-) -> Result<(NonBlocking, WorkerGuard, Counters), LogError> {
+) -> (NonBlocking, WorkerGuard, Counters) {
     let builder = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(lines.max(1))
         .thread_name(match stream {
             Stream::Application => "sluicegate-log",
             Stream::Routing => "sluicegate-accesslog",
+            Stream::Syslog => "sluicegate-syslog",
         });
     let errors = Arc::new(AtomicU64::new(0));
     let last_error = Arc::new(Mutex::new(None));
-    let counted = |inner| Counted {
+    let (nb, guard) = builder.finish(Counted {
         inner,
         errors: errors.clone(),
         last_error: last_error.clone(),
-    };
-    let (nb, guard) = match path {
-        None => builder.finish(counted(Box::new(io::stdout()) as Box<dyn io::Write + Send>)),
-        Some(path) => {
-            let err = |reason: String| LogError::File {
-                key,
-                path: path.display().to_string(),
-                reason,
-            };
-            let (dir, name) = split_path(path).map_err(err)?;
-            let appender = tracing_appender::rolling::Builder::new()
-                .rotation(tracing_appender::rolling::Rotation::DAILY)
-                .filename_prefix(name)
-                .max_log_files(keep.max(1) as usize)
-                .build(dir)
-                .map_err(|e| err(e.to_string()))?;
-            builder.finish(counted(Box::new(appender)))
-        }
-    };
+    });
     let counters = Counters {
         stream,
         queue: nb.error_counter(),
         write_errors: errors,
         last_error,
     };
-    Ok((nb, guard, counters))
+    (nb, guard, counters)
 }
 
 /// How often the drop counters are looked at for the warning.
@@ -256,7 +278,7 @@ fn watch_drops() {
                         *quiet += 1;
                         if *streak && *quiet >= STREAK_ENDS {
                             *streak = false;
-                            let msg = format!("{} log: lines are written again ({queue} dropped for a full queue, {errors} for write errors so far)", c.stream.as_str());
+                            let msg = format!("{}: lines are written again ({queue} dropped for a full queue, {errors} for write errors so far)", c.stream.prose());
                             tracing::info!(stream = c.stream.as_str(), "{msg}");
                             eprintln!("sluicegate: {msg}");
                         }
@@ -273,7 +295,7 @@ fn watch_drops() {
                         } else {
                             "cannot keep up (its queue is full)".to_string()
                         };
-                        let msg = format!("{} log {why}: lines are being dropped and counted in sluicegate_log_lines_dropped_total", c.stream.as_str());
+                        let msg = format!("{} {why}: lines are being dropped and counted in sluicegate_log_lines_dropped_total", c.stream.prose());
                         tracing::warn!(stream = c.stream.as_str(), "{msg}");
                         eprintln!("sluicegate: {msg}");
                     }
@@ -311,12 +333,10 @@ pub fn init(cfg: &LogConfig) -> Result<Guards, LogError> {
     let mut counters = Vec::new();
     let lines = cfg.buffer_lines as usize;
     let (app_writer, g, c) = writer(
-        "log.file",
         Stream::Application,
-        cfg.file.as_deref(),
-        cfg.keep,
+        destination("log.file", cfg.file.as_deref(), cfg.keep)?,
         lines,
-    )?;
+    );
     guards.push(g);
     counters.push(c);
     let mut app = app_filter(cfg)?;
@@ -342,27 +362,48 @@ pub fn init(cfg: &LogConfig) -> Result<Guards, LogError> {
     };
     let access_layer = match access_path {
         Some(path) => {
-            let (w, g, c) = writer("log.access", Stream::Routing, path, cfg.keep, lines)?;
+            let to = destination("log.access", path, cfg.keep)?;
+            let (w, g, c) = writer(Stream::Routing, to, lines);
             guards.push(g);
             counters.push(c);
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(w)
-                    .event_format(LineFormat { json })
-                    .with_filter(Targets::new().with_target(accesslog::TARGET, Level::INFO)),
-            )
+            Some(routing_layer(w, json))
+        }
+        None => None,
+    };
+    // Beside `to`, whatever it is: a queue and a writer thread of its own, so a collector that
+    // does not keep up drops only its own copy.
+    let syslog_layer = match &cfg.access.syslog {
+        Some(to) => {
+            let sender = Sender::new(to, cfg.access.syslog_facility.unwrap_or_default())?;
+            let (w, g, c) = writer(Stream::Syslog, Box::new(sender), lines);
+            guards.push(g);
+            counters.push(c);
+            Some(routing_layer(w, json))
         }
         None => None,
     };
     let subscriber = tracing_subscriber::registry()
         .with(SpanFields::layer())
         .with(app_layer)
-        .with(access_layer);
+        .with(access_layer)
+        .with(syslog_layer);
     tracing::subscriber::set_global_default(subscriber).map_err(|_| LogError::AlreadySet)?;
     if STREAMS.set(counters).is_ok() {
         watch_drops();
     }
     Ok(Guards(guards))
+}
+
+/// The routing lines (and only they, at INFO whatever the application log's level), formatted as
+/// `json` or text, to `w`.
+fn routing_layer<S>(w: NonBlocking, json: bool) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    tracing_subscriber::fmt::layer()
+        .with_writer(w)
+        .event_format(LineFormat { json })
+        .with_filter(Targets::new().with_target(accesslog::TARGET, Level::INFO))
 }
 
 fn split_path(path: &Path) -> Result<(&Path, &str), String> {

@@ -10,6 +10,7 @@ mod health;
 mod listen;
 mod replicas;
 pub mod secret_file;
+mod syslog;
 mod tls;
 mod validate;
 
@@ -26,6 +27,7 @@ pub use listen::{
     overlap as route_overlap, parse_listen_entry, Listen, Protocol, RouteKeys, SniName,
     MAX_LISTEN_ADDRESSES,
 };
+pub use syslog::{Facility, SyslogAddr};
 pub use tls::{BackendTlsConfig, TlsConfig, TlsVersion};
 
 pub use replicas::{
@@ -505,7 +507,8 @@ impl AccessLog {
 }
 
 /// `log.access`: a destination (`stdout`, `off`, a path: the string form), or a mapping with the
-/// destination as `to` and the lines written besides each connection's end.
+/// destination as `to`, the lines written besides each connection's end, and a syslog collector
+/// that gets every line too.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AccessLogConfig {
     pub to: AccessLog,
@@ -513,6 +516,10 @@ pub struct AccessLogConfig {
     pub on_connect: bool,
     /// A line per open connection at this period (`event: "progress"`, bytes so far).
     pub every: Option<Dur>,
+    /// A syslog collector each routing line is also sent to, beside `to`.
+    pub syslog: Option<SyslogAddr>,
+    /// The facility of those messages (`local0` when absent).
+    pub syslog_facility: Option<Facility>,
 }
 
 /// `log.access` written as a mapping.
@@ -525,6 +532,10 @@ struct AccessLogMapping {
     on_connect: bool,
     #[serde(default)]
     every: Option<Dur>,
+    #[serde(default)]
+    syslog: Option<SyslogAddr>,
+    #[serde(default)]
+    syslog_facility: Option<Facility>,
 }
 
 impl<'de> Deserialize<'de> for AccessLogConfig {
@@ -533,7 +544,9 @@ impl<'de> Deserialize<'de> for AccessLogConfig {
         impl<'de> de::Visitor<'de> for Visit {
             type Value = AccessLogConfig;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("stdout, off, a file path, or a mapping {to, on_connect, every}")
+                f.write_str(
+                    "stdout, off, a file path, or a mapping {to, on_connect, every, syslog, syslog_facility}",
+                )
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<AccessLogConfig, E> {
                 Ok(AccessLogConfig {
@@ -553,6 +566,8 @@ impl<'de> Deserialize<'de> for AccessLogConfig {
                     to: AccessLog::parse(m.to.as_deref())?,
                     on_connect: m.on_connect,
                     every: m.every,
+                    syslog: m.syslog,
+                    syslog_facility: m.syslog_facility,
                 })
             }
         }
@@ -1476,6 +1491,57 @@ mod tests {
         assert!(e.contains("colour"), "{e}");
         let e = access("{every: 100ms}").unwrap_err().to_string();
         assert!(e.contains("log.access.every"), "{e}");
+    }
+
+    #[test]
+    fn log_access_syslog_is_a_collector_and_a_bad_one_is_named() {
+        let access = |v: &str| {
+            Config::from_yaml(&format!("log: {{access: {v}}}\n{}", one_service("")))
+                .map(|c| c.log.access)
+        };
+        let m =
+            access("{to: off, syslog: \"udp://127.0.0.1:514\", syslog_facility: daemon}").unwrap();
+        assert_eq!(m.to, AccessLog::Off);
+        assert_eq!(
+            m.syslog,
+            Some(SyslogAddr::Udp {
+                host: "127.0.0.1".into(),
+                port: 514
+            })
+        );
+        assert_eq!(m.syslog_facility, Some(Facility::Daemon));
+        let m = access("{syslog: \"unix:/dev/log\"}").unwrap();
+        assert_eq!(m.to, AccessLog::WithApplication, "beside `to`, as absent");
+        for (bad, key, says) in [
+            (
+                "{syslog: \"udp://logs\"}",
+                "log.access.syslog:",
+                "not host:port",
+            ),
+            (
+                "{syslog: \"syslog:514\"}",
+                "log.access.syslog:",
+                "expected udp://HOST:PORT",
+            ),
+            (
+                "{syslog: \"tcp://l:514\", syslog_facility: local9}",
+                "log.access.syslog_facility:",
+                "local9",
+            ),
+            (
+                "{syslog_facility: local1}",
+                "log.access.syslog_facility:",
+                "without log.access.syslog",
+            ),
+            (
+                "\"udp://127.0.0.1:514\"",
+                "log.access:",
+                "give it as log.access.syslog",
+            ),
+        ] {
+            let e = access(bad).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

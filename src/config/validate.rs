@@ -46,7 +46,16 @@ impl Config {
             }
         }
         if let AccessLog::File(access) = &self.log.access.to {
-            if access.file_name().is_none() {
+            let text = access.to_string_lossy();
+            if ["udp://", "tcp://", "unix:"]
+                .iter()
+                .any(|s| text.starts_with(s))
+            {
+                p.add(
+                    "log.access",
+                    format!("{text:?} is a syslog collector: give it as log.access.syslog"),
+                );
+            } else if access.file_name().is_none() {
                 p.add("log.access", "must be stdout, off or a file path");
             } else if self.log.file.as_ref() == Some(access) {
                 p.add(
@@ -54,6 +63,12 @@ impl Config {
                     "must not be log.file: give the routing log a file of its own",
                 );
             }
+        }
+        if self.log.access.syslog_facility.is_some() && self.log.access.syslog.is_none() {
+            p.add(
+                "log.access.syslog_facility",
+                "has no effect without log.access.syslog",
+            );
         }
         if !(16..=1_000_000).contains(&self.log.buffer_lines) {
             p.add(

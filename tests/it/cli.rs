@@ -1315,7 +1315,7 @@ async fn spawn_logging_to(
 }
 
 /// `sluicegate_log_lines_dropped_total` for `stream` and `reason`, from `/metrics`.
-async fn dropped_lines(admin: SocketAddr, stream: &str, reason: &str) -> u64 {
+pub(crate) async fn dropped_lines(admin: SocketAddr, stream: &str, reason: &str) -> u64 {
     let page = crate::common::http::get(admin, "/metrics").await.body;
     let series =
         format!("sluicegate_log_lines_dropped_total{{stream=\"{stream}\",reason=\"{reason}\"}} ");
@@ -1326,7 +1326,7 @@ async fn dropped_lines(admin: SocketAddr, stream: &str, reason: &str) -> u64 {
 }
 
 /// Sends `n` round trips through `addr`, `concurrency` at a time; every one must come back whole.
-async fn round_trips(addr: SocketAddr, n: usize, concurrency: usize) {
+pub(crate) async fn round_trips(addr: SocketAddr, n: usize, concurrency: usize) {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {

@@ -34,6 +34,7 @@ mod reload;
 mod replicas;
 mod seed;
 mod soak;
+mod syslog;
 mod tiers;
 mod tls;
 mod udp;
