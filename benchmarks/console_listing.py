@@ -3,13 +3,16 @@
 must not stall a data-plane thread").
 
 Usage (from the repository root):
-    python3 benchmarks/console_listing.py [--rounds 6] [--connections 100000] [--out benchmarks/results]
+    python3 benchmarks/console_listing.py [--rounds 6] [--connections 100000] [--release]
+                                          [--out benchmarks/results]
     python3 benchmarks/console_listing.py --report FILE.json    # the report again, nothing run
 
 100,000 real connections need 400,000 descriptors (client, the proxy's two sides, backend), beyond
 this machine's hard limit of 20,000, so the measurement is of the registry itself, the only thing a
-listing shares with the data plane: the release build of the library test
-`admin::connections::tests::listing_figures_at_100k_connections` registers that many connections,
+listing shares with the data plane: the library test
+`admin::connections::tests::listing_figures_at_100k_connections` (built as `cargo test` builds it: sluicegate at opt-level 1, its dependencies at 2; `--release`
+for the release profile, whose fat LTO build takes long on a small machine) registers that many
+connections,
 then in each round runs a data-plane stand-in (each step opens a connection, marks it relaying,
 adds bytes to and reads the facts of an open one, and closes it: what a connection's life does to
 the registry) for 1.5 s with no listing, and 1.5 s with `GET /connections`' listing (every
@@ -67,7 +70,8 @@ def report(data):
         f"# Listing {data['connections']:,} live connections: what it costs the data plane",
         "",
         f"Run {data['when']}, `python3 benchmarks/console_listing.py` ({len(data['rounds'])} rounds, "
-        "release build; method in the script's docstring). Medians with the lowest and highest round.",
+        f"{data.get('profile', 'release')} profile; method in the script's docstring). Medians with the "
+        "lowest and highest round.",
         "",
         "| figure | median | lowest | highest |",
         "|---|---:|---:|---:|",
@@ -86,12 +90,13 @@ def report(data):
 def run(args):
     env = dict(os.environ, SLUICEGATE_LISTING_N=str(args.connections),
                SLUICEGATE_LISTING_ROUNDS=str(args.rounds))
-    cmd = ["cargo", "test", "--release", "--lib", "--", "--ignored", "--exact", TEST, "--nocapture",
-           "--test-threads", "1"]
+    cmd = ["cargo", "test"] + (["--release"] if args.release else []) + [
+        "--lib", "--", "--ignored", "--exact", TEST, "--nocapture", "--test-threads", "1"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if p.returncode != 0:
         sys.exit(f"the measurement failed ({' '.join(cmd)}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return {"connections": args.connections, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    return {"connections": args.connections, "profile": "release" if args.release else "test (opt-level 1)",
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "rounds": parse_rounds(p.stdout)}
 
 
@@ -99,6 +104,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--connections", type=int, default=100_000)
+    ap.add_argument("--release", action="store_true", help="the release profile (fat LTO: a long build)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--report")
     args = ap.parse_args()

@@ -552,7 +552,7 @@ mod tests {
     /// not a check (the machine is shared, so nothing is held to a time). Each round runs a phase
     /// without a listing and one with listings back to back, and prints both.
     #[test]
-    #[ignore = "a measurement, run in release by benchmarks/console_listing.py"]
+    #[ignore = "a measurement, run by benchmarks/console_listing.py"]
     fn listing_figures_at_100k_connections() {
         let n = std::env::var("SLUICEGATE_LISTING_N")
             .ok()
