@@ -444,7 +444,7 @@ fn top(
         };
         let mut out = std::io::stdout().lock();
         let clear = if tty { "\x1b[H\x1b[2J" } else { "" };
-        if write!(out, "{clear}{frame}\n")
+        if writeln!(out, "{clear}{frame}")
             .and_then(|()| out.flush())
             .is_err()
         {

@@ -510,7 +510,7 @@ mod tests {
     /// waits per 1,000 steps, and the listings' durations.
     fn phase(held: &[connections::Registered], listing: bool) -> (f64, f64, f64, Vec<f64>) {
         use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-        use std::time::Instant;
+        use tokio::time::Instant;
         let phase = Duration::from_millis(1500);
         let stop = AtomicBool::new(false);
         let n = held.len() as u64;
