@@ -197,12 +197,15 @@ mod tests {
         assert_eq!(run(std::iter::empty(), 64, V4), 0);
     }
 
-    /// What [`send`] did: the sends (length, segment) and each datagram's outcome.
+    /// The sends [`send`] made (length, segment) and each datagram's outcome.
+    type Driven = (Vec<(usize, Option<usize>)>, Vec<Result<(), io::ErrorKind>>);
+
+    /// What [`send`] did.
     fn drive(
         sizes: &[usize],
         max_segments: usize,
         mut answer: impl FnMut(usize, Option<usize>) -> io::Result<()>,
-    ) -> (Vec<(usize, Option<usize>)>, Vec<Result<(), io::ErrorKind>>) {
+    ) -> Driven {
         let bytes: Vec<u8> = (0..sizes.iter().sum::<usize>()).map(|i| i as u8).collect();
         let mut sends = Vec::new();
         let mut heard = Vec::new();
