@@ -68,6 +68,26 @@ impl Exchange {
         self.answered()
     }
 
+    /// Whether every client datagram leaves the session open ([`Up::Open`]) whatever was carried
+    /// before: no `requests`, and `responses` not 0 (a live session has had fewer answers than
+    /// it waits for, so one more datagram cannot complete it). The loop may then send a batch's
+    /// datagrams later in one go and count them then: no datagram's verdict changes where the
+    /// next one goes.
+    pub(crate) fn always_open(&self) -> bool {
+        self.requests.is_none() && self.responses != Some(0)
+    }
+
+    /// Backend datagrams the session sends back before its count ends it: the one that ends it is
+    /// the first sent with every client datagram answered, so at least one more goes (an answer
+    /// before any request ends it too); unlimited without `responses`.
+    pub(crate) fn downs_left(&self) -> usize {
+        self.responses.map_or(usize::MAX, |per| {
+            let expected = self.up.saturating_mul(u64::from(per));
+            let left = expected.saturating_sub(self.down).max(1);
+            usize::try_from(left).unwrap_or(usize::MAX)
+        })
+    }
+
     /// Answers still expected (0 with no `responses` set: none is known to be).
     pub(crate) fn unanswered(&self) -> u64 {
         self.responses.map_or(0, |per| {
@@ -140,6 +160,35 @@ mod tests {
         assert_eq!(e.up(), Up::Last);
         assert_eq!(e.down(), None);
         assert!(!e.takes_more());
+    }
+
+    #[test]
+    fn only_sessions_without_requests_or_zero_responses_are_always_open() {
+        assert!(Exchange::new(None, None).always_open());
+        assert!(Exchange::new(Some(1), None).always_open());
+        assert!(!Exchange::new(Some(0), None).always_open());
+        assert!(!Exchange::new(Some(1), Some(4)).always_open());
+        // What it promises: for a session not yet ended, every datagram up is Open.
+        let mut e = Exchange::new(Some(2), None);
+        for _ in 0..10 {
+            assert_eq!(e.up(), Up::Open);
+            assert_eq!(e.down(), None);
+        }
+    }
+
+    #[test]
+    fn the_answers_left_are_those_that_end_the_session() {
+        let mut e = Exchange::new(Some(2), None);
+        assert_eq!(e.downs_left(), 1, "an answer before any request ends it");
+        e.up();
+        e.up();
+        assert_eq!(e.downs_left(), 4);
+        for left in (1..=4).rev() {
+            assert_eq!(e.downs_left(), left);
+            let ended = e.down().is_some();
+            assert_eq!(ended, left == 1);
+        }
+        assert_eq!(Exchange::new(None, Some(1)).downs_left(), usize::MAX);
     }
 
     #[test]

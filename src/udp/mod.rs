@@ -5,8 +5,11 @@
 //! address the client sent to.
 //!
 //! - `socket.rs`: the listen socket read in batches with each datagram's destination; the
-//!   sessions' backend sockets.
+//!   sessions' backend sockets, read in batches too; sends of several datagrams at once (GSO).
 //! - `serve.rs`: the loop of one listen address: admission, the pick, the table, the sends up.
+//! - `outbox.rs`: a receive batch's datagrams gathered per session for the sends up.
+//! - `gso.rs`: which datagrams to one destination go as one send, and a refused send's fallback
+//!   (pure).
 //! - `session.rs`: a session's task: the answers down, its end, its line and counters.
 //! - `table.rs`: the bounded session table (pure); `exchange.rs`: `udp.responses` and
 //!   `udp.requests` counted (pure).
@@ -25,6 +28,8 @@
 
 mod exchange;
 mod follow;
+mod gso;
+mod outbox;
 mod pending;
 pub(crate) mod quic;
 mod serve;

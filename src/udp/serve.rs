@@ -1,8 +1,10 @@
 //! The loop of one UDP listen address: reads the clients' datagrams in batches, finds or starts
 //! each one's session (admission, the pick, the backend socket, the table's bound), and sends the
-//! datagram on from the session's socket. `per_packet` services have no sessions: each datagram is
-//! balanced on its own. Everything here is synchronous between two batches; the sessions' own
-//! tasks carry the answers back ([`super::session`]).
+//! datagram on from the session's socket: an open session's datagrams of one batch are gathered
+//! ([`super::outbox`]) and sent when the batch has been read, together where GSO allows.
+//! `per_packet` services have no sessions: each datagram is balanced on its own. Everything here is
+//! synchronous between two batches; the sessions' own tasks carry the answers back
+//! ([`super::session`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -18,6 +20,8 @@ use std::sync::Mutex;
 
 use super::exchange::{Exchange, Up};
 use super::follow::Cids;
+use super::gso;
+use super::outbox::{Outbox, Run};
 use super::pending::{self, Pending};
 use super::quic::{self, PacketType};
 use super::session::{self, Live, Parts, QuicInfo, Slots, Task};
@@ -65,6 +69,8 @@ struct State {
     unconnected: [Option<std::net::UdpSocket>; 2],
     /// The PROXY header and the payload, put together for one send.
     scratch: Vec<u8>,
+    /// The batch's datagrams for open sessions, sent when it has been read.
+    outbox: Outbox<Arc<Live>>,
     /// QUIC clients of a shared address waiting for their hello to be whole.
     pending: Pending,
     /// QUIC connection IDs to their sessions (the sessions record the backend's).
@@ -89,6 +95,7 @@ pub(crate) async fn serve(l: Loop) {
         shutdown: l.deadline.child_token(),
         unconnected: [None, None],
         scratch: Vec::new(),
+        outbox: Outbox::default(),
         pending: Pending::default(),
         cids: Arc::new(Mutex::new(Cids::new(max_sessions * CIDS_PER_SESSION_BOUND))),
         errors: RateLimited::new(std::time::Duration::from_secs(1)),
@@ -103,7 +110,8 @@ pub(crate) async fn serve(l: Loop) {
             Some(id) = gone_rx.recv() => {
                 st.table.remove(id);
             }
-            r = l.listening.recv_batch(&mut bufs, |d| st.datagram(&l, d)) => {
+            r = l.listening.recv_batch(&mut bufs, |d| st.datagram(&l, d, true)) => {
+                st.flush(&l);
                 if let Err(e) = r {
                     if st.errors.allow().is_some() {
                         tracing::warn!(listen = %l.listening.local, error = %e, "receiving datagrams failed");
@@ -147,26 +155,46 @@ enum Routed<'r> {
 }
 
 impl State {
-    /// One client datagram.
-    fn datagram(&mut self, l: &Loop, d: Received<'_>) {
-        let routes = l.routes.load();
+    /// One client datagram. `batch`: an open session's may wait for the end of the batch
+    /// ([`State::flush`]), when no datagram's count changes where the next one goes.
+    fn datagram(&mut self, l: &Loop, d: Received<'_>, batch: bool) {
         let key = (d.from, d.to);
-        let mut avoid = None;
         if let Some((id, live)) = self.table.get(&key) {
             let live = live.clone();
             if d.bytes.len() > live.service.udp.max_datagram as usize {
                 return live.stats.dropped(Dropped::TooLarge);
             }
-            if !live.ended() && self.up(id, &live, d) {
-                return;
+            if live.ended() && !self.outbox.is_empty() {
+                // Its datagrams gathered before this one go first (to a new session), and this
+                // one after them, to wherever they went.
+                self.flush(l);
+                return self.datagram(l, d, batch);
             }
-            // Ended (its task not heard from yet), or its backend's port was just found closed:
-            // this datagram starts a new session, elsewhere if the port was closed.
-            if live.end_reason() == Some(End::BackendUnreachable) {
-                avoid = Some(live.backend.addr);
+            if !live.ended() {
+                if batch && lock(&live.exchange).always_open() {
+                    return self.gather(id, &live, d);
+                }
+                if self.up(id, &live, d) {
+                    return;
+                }
             }
-            self.table.remove(id);
+            return self.replace(l, id, &live, d);
         }
+        self.unheld(l, d, None);
+    }
+
+    /// A datagram whose session has ended (its task not heard from yet), or whose backend's
+    /// port was just found closed: it starts a new session, elsewhere if the port was closed.
+    fn replace(&mut self, l: &Loop, id: u64, live: &Live, d: Received<'_>) {
+        let avoid =
+            (live.end_reason() == Some(End::BackendUnreachable)).then_some(live.backend.addr);
+        self.table.remove(id);
+        self.unheld(l, d, avoid);
+    }
+
+    /// A datagram no session holds: a new session's, unless it is dropped.
+    fn unheld(&mut self, l: &Loop, d: Received<'_>, avoid: Option<SocketAddr>) {
+        let routes = l.routes.load();
         if d.bytes.len() > routes.max_datagram() {
             return count(&routes, Dropped::TooLarge, 1);
         }
@@ -311,35 +339,104 @@ impl State {
             live.stats.dropped(Dropped::TooLarge);
             return true;
         };
-        let sent = socket::try_send(&live.socket, bytes);
-        match sent {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                live.stats.dropped(Dropped::QueueFull);
-                return true;
-            }
-            Err(e) if session::unreachable(&e) => {
-                // An ICMP unreachable came back for an earlier datagram.
-                tracing::debug!(error = %e, backend = %live.backend.addr, "the backend is unreachable");
-                live.end(End::BackendUnreachable);
-                self.table.detach(id);
-                return false;
-            }
+        match socket::try_send(&live.socket, bytes) {
+            Ok(_) => self.sent_up(id, live, d.bytes.len()),
             Err(e) => {
-                // Ours (no buffer, a local firewall, too large for the path): not the backend's.
-                tracing::debug!(error = %e, "sending to the backend failed");
-                let why = if e.raw_os_error() == Some(libc::EMSGSIZE) {
-                    Dropped::TooLarge
-                } else {
-                    Dropped::SendFailed
-                };
-                live.stats.dropped(why);
-                return true;
+                if !send_failed(live, &e) {
+                    self.table.detach(id);
+                    return false;
+                }
             }
         }
+        true
+    }
+
+    /// Gathers a client datagram for its session's send at the end of the batch.
+    fn gather(&mut self, id: u64, live: &Arc<Live>, d: Received<'_>) {
+        let header = live
+            .service
+            .proxy_protocol
+            .is_some()
+            .then(|| crate::proxy_protocol::encode_dgram(d.from, d.to));
+        let header = header.as_deref().unwrap_or_default();
+        if header.len() + d.bytes.len() > MAX_UDP_PAYLOAD as usize {
+            return live.stats.dropped(Dropped::TooLarge);
+        }
+        self.outbox.run(id, live).push(header, d.bytes);
+    }
+
+    /// Sends the batch's gathered datagrams, each session's in as few sends as GSO allows.
+    fn flush(&mut self, l: &Loop) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        // Taken out while sent: a datagram sent again on a new session goes at once, not here.
+        let mut outbox = std::mem::take(&mut self.outbox);
+        for run in outbox.runs() {
+            self.send_run(l, run);
+        }
+        outbox.clear();
+        self.outbox = outbox;
+    }
+
+    /// One session's datagrams of the batch. Those its session can no longer take (it ended
+    /// meanwhile, or its backend's port was found closed) go as any datagram does then, to a new
+    /// session.
+    fn send_run(&mut self, l: &Loop, run: &Run<Arc<Live>>) {
+        let Some(live) = &run.session else {
+            return;
+        };
+        let mut rest = live.ended().then_some(0);
+        if rest.is_none() {
+            let limits = (
+                l.listening.max_segments(Direction::Up),
+                gso::max_segment(live.backend.addr.is_ipv6()),
+            );
+            gso::send(
+                &run.bytes,
+                &run.sizes,
+                limits,
+                |bytes, segment| {
+                    l.listening
+                        .try_send_up(&live.socket, live.backend.addr, bytes, segment)
+                },
+                |k, sent| {
+                    match sent {
+                        Ok(()) => self.sent_up(run.id, live, run.payloads[k]),
+                        Err(e) => {
+                            if !send_failed(live, e) {
+                                rest = Some(k);
+                                return false;
+                            }
+                        }
+                    }
+                    true
+                },
+            );
+        }
+        let Some(first) = rest else {
+            return;
+        };
+        for k in first..run.sizes.len() {
+            let d = Received {
+                from: live.client,
+                to: live.to,
+                bytes: run.payload(k),
+            };
+            if k == first {
+                self.replace(l, run.id, live, d);
+            } else {
+                self.datagram(l, d, false);
+            }
+        }
+    }
+
+    /// A client datagram of `len` bytes went to the backend: counted, and what its session's
+    /// count says of the next.
+    fn sent_up(&mut self, id: u64, live: &Live, len: usize) {
         live.touch();
-        live.stats.carried(Direction::Up, d.bytes.len());
-        live.carried(Direction::Up, d.bytes.len());
+        live.stats.carried(Direction::Up, len);
+        live.carried(Direction::Up, len);
         let verdict = lock(&live.exchange).up();
         match verdict {
             Up::Open => {}
@@ -349,7 +446,6 @@ impl State {
                 self.table.detach(id);
             }
         }
-        true
     }
 
     /// A known connection from a new client address (NAT rebinding): a new session on the same
@@ -396,6 +492,8 @@ impl State {
         quic: Option<QuicInfo>,
         shared: bool,
     ) -> Result<(u64, Arc<Live>), Dropped> {
+        // The batch's gathered datagrams go first: making room may end their sessions.
+        self.flush(l);
         let refuse = |why: Dropped| {
             tracing::debug!(client = %d.from, reason = why.as_str(), "datagram dropped: no session for it");
             Err(why)
@@ -600,6 +698,30 @@ impl State {
             }
         }
     }
+}
+
+/// Counts a failed send up: `false` when the backend's port was found closed (an ICMP
+/// port-unreachable came back for an earlier datagram), which ends the session without taking
+/// the datagram.
+fn send_failed(live: &Live, e: &io::Error) -> bool {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        live.stats.dropped(Dropped::QueueFull);
+        return true;
+    }
+    if session::unreachable(e) {
+        tracing::debug!(error = %e, backend = %live.backend.addr, "the backend is unreachable");
+        live.end(End::BackendUnreachable);
+        return false;
+    }
+    // Ours (no buffer, a local firewall, too large for the path): not the backend's.
+    tracing::debug!(error = %e, "sending to the backend failed");
+    let why = if e.raw_os_error() == Some(libc::EMSGSIZE) {
+        Dropped::TooLarge
+    } else {
+        Dropped::SendFailed
+    };
+    live.stats.dropped(why);
+    true
 }
 
 /// What goes to the backend for datagram `d`: with `proxy_protocol`, a PROXY v2 header then the

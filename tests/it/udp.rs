@@ -354,6 +354,117 @@ async fn proxy_v2_names_the_client_on_every_datagram() {
     }
 }
 
+/// Sends `msgs` back to back (they queue, and the balancer reads, sends on and answers them in
+/// batches), then reads an answer for each: the answers, each from the address the client sent to.
+async fn burst(c: &UdpSocket, to: SocketAddr, msgs: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    for m in msgs {
+        c.send_to(m, to).await.unwrap();
+    }
+    let mut buf = vec![0u8; 65_536];
+    let mut answers = Vec::new();
+    for i in 0..msgs.len() {
+        let (n, from) = within(SECS(5), "the burst's answers", c.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|e| panic!("answer {i}: {e}"));
+        assert_eq!(from, to, "answer {i} from the address the client sent to");
+        answers.push(buf[..n].to_vec());
+    }
+    answers
+}
+
+/// Checks that the backend `be` received `sent` and the client `answers` (tagged `a`), each
+/// whole and in order.
+fn check_burst(be: &Echo, sent: &[Vec<u8>], answers: &[Vec<u8>]) {
+    for (i, (m, got)) in sent.iter().zip(answers).enumerate() {
+        assert!(
+            got.first() == Some(&b'a') && got[1..] == m[..],
+            "answer {i} ({} bytes) whole and in order, got {} bytes",
+            m.len(),
+            got.len()
+        );
+    }
+    let seen = be.seen.lock().unwrap();
+    assert_eq!(seen.len(), sent.len(), "every datagram at the backend");
+    for (i, ((_, got), m)) in seen.iter().zip(sent).enumerate() {
+        assert!(
+            got == m,
+            "datagram {i} ({} bytes) whole and in order at the backend",
+            m.len()
+        );
+    }
+}
+
+/// A burst of same-size datagrams from one client, sent back to back so that they queue (read,
+/// sent on and answered in batches, several to a send with GSO where the kernel has it), all
+/// arrive at the backend whole and in order, and every answer comes back in order from the
+/// address the client sent to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_same_size_datagrams_goes_both_ways_whole_and_in_order() {
+    let a = Echo::start([127, 0, 0, 1], "a", true).await;
+    let p = Proxy::start(&yaml(&[a.addr], "", "")).await;
+    let c = client().await;
+    let (mut sent, mut answers) = (Vec::new(), Vec::new());
+    for round in 0..4u64 {
+        let msgs: Vec<Vec<u8>> = (0..32).map(|i| payload(round * 100 + i, 1_200)).collect();
+        answers.extend(burst(&c, p.addr, &msgs).await);
+        sent.extend(msgs);
+    }
+    check_burst(&a, &sent, &answers);
+    assert_eq!(a.sources().len(), 1, "one session");
+}
+
+/// A burst of mixed sizes (runs of one size, a shorter one ending a run, empty datagrams, some
+/// past one Ethernet frame, which go alone) arrives whole and in order both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_mixed_sizes_goes_both_ways_whole_and_in_order() {
+    const SIZES: [usize; 18] = [
+        1_200, 1_200, 1_200, 700, 1_200, 0, 1, 1, 1, 1_472, 1_472, 1_473, 3_000, 3_000, 9_000,
+        1_200, 1_200, 0,
+    ];
+    let a = Echo::start([127, 0, 0, 1], "a", true).await;
+    let p = Proxy::start(&yaml(&[a.addr], "", "")).await;
+    let c = client().await;
+    let (mut sent, mut answers) = (Vec::new(), Vec::new());
+    for round in 0..3u64 {
+        let msgs: Vec<Vec<u8>> = SIZES
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| payload(round * 100 + i as u64, n))
+            .collect();
+        answers.extend(burst(&c, p.addr, &msgs).await);
+        sent.extend(msgs);
+    }
+    check_burst(&a, &sent, &answers);
+}
+
+/// With `proxy_protocol: v2` a burst's datagrams each reach the backend behind their own header,
+/// whole and in order (a header and a payload of one size make datagrams of one size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_behind_proxy_v2_headers_arrives_whole_and_in_order() {
+    let a = Echo::start([127, 0, 0, 1], "a", false).await;
+    let p = Proxy::start(&yaml(&[a.addr], "", "    proxy_protocol: v2\n")).await;
+    let c = client().await;
+    let msgs: Vec<Vec<u8>> = (0..48).map(|i| payload(i, 1_200)).collect();
+    for m in &msgs {
+        c.send_to(m, p.addr).await.unwrap();
+    }
+    wait_until(SECS(5), "the burst at the backend", || async {
+        a.received() == msgs.len()
+    })
+    .await;
+    let header = sluicegate::proxy_protocol::encode_dgram(c.local_addr().unwrap(), p.addr);
+    for (i, ((_, got), m)) in a.seen.lock().unwrap().iter().zip(&msgs).enumerate() {
+        assert!(
+            got.len() == header.len() + m.len() && got[..header.len()] == header[..],
+            "datagram {i} behind its header"
+        );
+        assert!(
+            got[header.len()..] == m[..],
+            "datagram {i} whole and in order"
+        );
+    }
+}
+
 /// Two balancers with `balance: source_hash` send each of 200 clients to the same backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_balancers_agree_on_every_clients_backend() {
