@@ -47,9 +47,10 @@ def parse_rounds(out):
     """The JSON lines the test printed, in order; anything else it printed is skipped."""
     rounds = []
     for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("{") and '"round"' in line:
-            rounds.append(json.loads(line))
+        # The first may follow the test's name on its line ("test ... {json}").
+        at = line.find("{")
+        if at >= 0 and '"round"' in line:
+            rounds.append(json.loads(line[at:]))
     if not rounds:
         raise ValueError("the test printed no round: did it run? (is it still #[ignore]d under this name?)")
     return rounds
@@ -81,8 +82,9 @@ def report(data):
         lines.append(f"| {label} | {m:.1f} | {lo:.1f} | {hi:.1f} |")
     lines += [
         "",
-        "A listing holds one shard's lock (of 16) at a time, and only while it copies that shard's "
-        "handles; the JSON is built after, with no lock held, on the admin API's own thread.",
+        "A listing holds one shard's lock (of 16) only while it copies at most 256 handles, then reads "
+        "those connections with no lock held before it takes the lock again; the JSON is built on the "
+        "admin API's own thread.",
     ]
     return "\n".join(lines) + "\n"
 

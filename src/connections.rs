@@ -61,24 +61,34 @@ impl Registry {
         }
     }
 
-    /// Every live connection, newest first. A shard's lock is held only while at most [`CHUNK`]
-    /// handles are copied, so a listing of any size delays a connection opening or closing by no
-    /// more than that (benchmarks/console_listing.py measures it).
-    pub(crate) fn all(&self) -> Vec<Arc<Conn>> {
-        let mut out: Vec<Arc<Conn>> = Vec::new();
+    /// Calls `f` on every live connection, in no set order, a chunk at a time: a shard's lock is
+    /// held only while at most [`CHUNK`] handles are copied, and `f` runs on them with no lock
+    /// held, so a data-plane thread waiting to open or close a connection takes the lock between
+    /// two chunks, whatever the count (benchmarks/console_listing.py measures it).
+    pub(crate) fn each(&self, mut f: impl FnMut(Arc<Conn>)) {
+        let mut chunk: Vec<Arc<Conn>> = Vec::with_capacity(CHUNK);
         for shard in &self.shards {
             let mut from = 0;
             loop {
                 let s = shard.lock().unwrap_or_else(|e| e.into_inner());
-                let before = out.len();
-                out.extend(s.range(from..).take(CHUNK).map(|(_, c)| c.clone()));
+                chunk.extend(s.range(from..).take(CHUNK).map(|(_, c)| c.clone()));
                 drop(s);
-                match out.last() {
-                    Some(last) if out.len() - before == CHUNK => from = last.id + 1,
-                    _ => break,
+                let full = chunk.len() == CHUNK;
+                if let Some(last) = chunk.last() {
+                    from = last.id + 1;
+                }
+                chunk.drain(..).for_each(&mut f);
+                if !full {
+                    break;
                 }
             }
         }
+    }
+
+    /// Every live connection, newest first.
+    pub(crate) fn all(&self) -> Vec<Arc<Conn>> {
+        let mut out = Vec::new();
+        self.each(|c| out.push(c));
         out.sort_unstable_by_key(|c| std::cmp::Reverse(c.id));
         out
     }

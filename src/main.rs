@@ -99,13 +99,13 @@ enum Command {
         #[arg(long, default_value = "busiest", value_parser = ["busiest", "oldest", "idlest", "newest"])]
         sort: String,
         /// How many connections to show.
-        #[arg(long, default_value_t = 20, value_name = "N")]
-        limit: usize,
+        #[arg(long, default_value_t = 20, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
         /// Time between frames.
         #[arg(long, default_value = "2s", value_name = "DURATION")]
         interval: Dur,
         /// Stop after this many frames (without it, until interrupted).
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
         #[arg(long, default_value = "5s", value_name = "DURATION")]
         timeout: Dur,
@@ -409,7 +409,7 @@ fn subcommand(command: Command) -> ExitCode {
         } => {
             let shown = sluicegate::selfcheck::Top {
                 sort,
-                limit,
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
                 service,
             };
             top(target, &shown, interval, count, timeout)

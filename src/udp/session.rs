@@ -442,51 +442,66 @@ fn stream(live: &Live, reading: &mut Reading, datagrams: usize) {
 }
 
 /// Sends one read's datagrams (`out`, sized `sizes`) to the client in as few sends as GSO allows,
-/// and counts each: `Some` when that was the last answer the session waits for. Datagrams past
-/// that one are not sent (read in the same batch, they would have stayed unread before).
+/// and counts each: `Some` when that was the last answer the session waits for. They go in slices
+/// no longer than the answers the session still takes, so that one GSO send never carries a
+/// datagram past the one that ends it; a slice whose sends failed counted none of its datagrams, so
+/// the next slice carries on with the rest rather than losing them uncounted.
 fn answer(t: &Task, out: &[u8], sizes: &[usize]) -> Option<End> {
     let live = &t.live;
-    let left = lock(&live.exchange).downs_left();
-    let sizes = &sizes[..sizes.len().min(left)];
     let limits = (
         t.listening.max_segments(Direction::Down),
         gso::max_segment(live.client.is_ipv6()),
     );
     let mut end = None;
-    gso::send(
-        out,
-        sizes,
-        limits,
-        |bytes, segment| {
-            t.listening
-                .try_send_to(live.client, live.to.ip(), bytes, segment)
-        },
-        |k, sent| {
-            match sent {
-                Ok(()) => {
-                    live.stats.carried(Direction::Down, sizes[k]);
-                    live.carried(Direction::Down, sizes[k]);
-                    if let Some(c) = lock(&live.exchange).down() {
-                        end = Some(match c {
-                            Counted::Responses => End::Responses,
-                            Counted::Requests => End::Requests,
-                        });
-                        return false;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    live.stats.dropped(Dropped::QueueFull);
-                }
-                Err(e) => {
-                    // The client's side (gone, unreachable): nothing the backend did.
-                    tracing::debug!(error = %e, "sending to the client failed");
-                    live.stats.dropped(Dropped::SendFailed);
-                }
-            }
-            true
-        },
-    );
+    let (mut from, mut at) = (0, 0);
+    while from < sizes.len() && end.is_none() {
+        // At least one: each slice moves on.
+        let left = lock(&live.exchange).downs_left();
+        let slice = &sizes[from..sizes.len().min(from.saturating_add(left))];
+        let len: usize = slice.iter().sum();
+        let Some(bytes) = out.get(at..at + len) else {
+            break;
+        };
+        gso::send(
+            bytes,
+            slice,
+            limits,
+            |bytes, segment| {
+                t.listening
+                    .try_send_to(live.client, live.to.ip(), bytes, segment)
+            },
+            |k, sent| answered(live, slice[k], sent, &mut end),
+        );
+        from += slice.len();
+        at += len;
+    }
     end
+}
+
+/// Counts one answer's send: false once it was the last answer the session waits for (`end` set).
+fn answered(live: &Live, size: usize, sent: Result<(), &io::Error>, end: &mut Option<End>) -> bool {
+    match sent {
+        Ok(()) => {
+            live.stats.carried(Direction::Down, size);
+            live.carried(Direction::Down, size);
+            if let Some(c) = lock(&live.exchange).down() {
+                *end = Some(match c {
+                    Counted::Responses => End::Responses,
+                    Counted::Requests => End::Requests,
+                });
+                return false;
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            live.stats.dropped(Dropped::QueueFull);
+        }
+        Err(e) => {
+            // The client's side (gone, unreachable): nothing the backend did.
+            tracing::debug!(error = %e, "sending to the client failed");
+            live.stats.dropped(Dropped::SendFailed);
+        }
+    }
+    true
 }
 
 /// Records the Source Connection ID the backend chose, from its long-header packets (its

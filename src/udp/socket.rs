@@ -315,12 +315,18 @@ pub(crate) fn connect(backend: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket)
 }
 
-/// Turns on UDP GRO on a session's socket, so that a backend's stream is read several datagrams
-/// to a buffer: quinn-udp sets it with the rest of its options (about ten system calls, worth it
-/// for a stream, not for every session), and fragments are allowed again after it.
+/// Turns on UDP GRO on a session's IPv4 socket, so that a backend's stream is read several
+/// datagrams to a buffer: quinn-udp sets it with the rest of its options (about ten system calls,
+/// worth it for a stream, not for every session), and fragments are allowed again after it, even
+/// when it failed half way. Not on IPv6: quinn-udp also sets `IPV6_DONTFRAG` there, which nothing
+/// in this crate's safe socket options can clear, and a datagram over the path MTU would then be
+/// refused instead of fragmented.
 pub(crate) fn enable_gro(socket: &UdpSocket) -> io::Result<()> {
-    UdpSocketState::new(UdpSockRef::from(socket))?;
-    allow_fragments(socket)
+    if socket.local_addr()?.is_ipv6() {
+        return Ok(());
+    }
+    let set = UdpSocketState::new(UdpSockRef::from(socket)).map(drop);
+    allow_fragments(socket).and(set)
 }
 
 #[cfg(test)]
