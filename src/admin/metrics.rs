@@ -11,7 +11,7 @@ use crate::replicas::ReplicaCounts;
 use crate::ring::{self, WorkerView};
 use crate::route::UnroutedView;
 use crate::service::{self, BackendSubject, ServiceView};
-use crate::udp::{self, UdpView};
+use crate::udp::{self, UdpBackendView, UdpView};
 use crate::{discovery, logging, replicas, route};
 
 /// Every subject of the page, by table: what each subsystem's views say now.
@@ -29,6 +29,7 @@ struct Views {
     #[cfg(target_os = "linux")]
     ring: Vec<WorkerView>,
     udp: Vec<UdpView>,
+    udp_backends: Vec<UdpBackendView>,
     deny: Vec<DenyView>,
 }
 
@@ -66,6 +67,7 @@ impl Views {
             #[cfg(target_os = "linux")]
             ring: c.ring_views(),
             udp: c.udp.views(),
+            udp_backends: c.udp.backend_views(),
             deny: vec![c.gate.deny.view(tokio::time::Instant::now())],
         }
     }
@@ -84,6 +86,7 @@ impl Views {
         #[cfg(target_os = "linux")]
         page.write(&ring::METRICS, &self.ring);
         page.write(&udp::METRICS, &self.udp);
+        page.write(&udp::BACKEND_METRICS, &self.udp_backends);
         page.write(&admission::METRICS, &self.deny);
     }
 }

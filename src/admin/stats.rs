@@ -18,6 +18,7 @@ use crate::discovery::WatchView;
 use crate::health::ProbeRecord;
 use crate::pool::{Backend, BackendView, Source, State};
 use crate::service::ServiceView;
+use crate::udp::CountsView;
 use crate::util::{lock, unix_ms};
 
 /// Frames kept for the dashboard's charts: five minutes.
@@ -383,6 +384,9 @@ struct ServiceFrame<'a> {
     /// Its `docker:` backend sources' counters.
     docker_labels: Vec<LabelView>,
     backends: Vec<FrameBackend<'a>>,
+    /// A UDP service's sessions, datagrams, bytes and drops (docs/admin-api.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    udp: Option<Value>,
 }
 
 /// A backend in a frame: the backend object plus its rates.
@@ -392,6 +396,35 @@ struct FrameBackend<'a> {
     entry: BackendEntry<'a>,
     conn_rate: f64,
     bytes_rate: f64,
+    /// A UDP service's counters for this backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    udp: Option<Value>,
+}
+
+/// The UDP counters a frame shows, read once: per service and per service's backend.
+#[derive(Default)]
+struct UdpCounts {
+    services: HashMap<Arc<str>, CountsView>,
+    backends: HashMap<(Arc<str>, SocketAddr), CountsView>,
+}
+
+impl UdpCounts {
+    fn read(c: &Control) -> UdpCounts {
+        UdpCounts {
+            services: c
+                .udp
+                .views()
+                .into_iter()
+                .map(|v| (v.service, v.counts))
+                .collect(),
+            backends: c
+                .udp
+                .backend_views()
+                .into_iter()
+                .map(|v| ((v.service, v.backend), v.counts))
+                .collect(),
+        }
+    }
 }
 
 /// A frame as sent: its time and its JSON text.
@@ -410,11 +443,12 @@ fn frame(c: &Control, prev: &mut Previous) -> (FrameText, Rates) {
         .unwrap_or(0.0);
     prev.at = Some(now);
     let running = c.services();
+    let udp = UdpCounts::read(c);
     let mut rates = Vec::with_capacity(running.len());
     let services = running
         .iter()
         .map(|r| {
-            let (f, point) = service_frame(c, r, prev, secs);
+            let (f, point) = service_frame(c, r, &udp, prev, secs);
             rates.push(point);
             f
         })
@@ -441,6 +475,7 @@ fn frame(c: &Control, prev: &mut Previous) -> (FrameText, Rates) {
 fn service_frame<'a>(
     c: &Control,
     r: &'a RunningService,
+    udp: &UdpCounts,
     prev: &mut Previous,
     secs: f64,
 ) -> (ServiceFrame<'a>, ServiceRates) {
@@ -453,9 +488,14 @@ fn service_frame<'a>(
     for b in &all {
         let entry = BackendEntry::new(&s.name, b);
         let v = &entry.view;
-        let bytes = v.bytes_up + v.bytes_down;
-        bytes_total += bytes;
         let key = (s.name.clone(), v.address);
+        let udp_counts = udp.backends.get(&key);
+        // A UDP session's bytes reach its backend's own counters when it ends; these move.
+        let bytes = match udp_counts {
+            Some(u) => u.bytes.iter().sum(),
+            None => v.bytes_up + v.bytes_down,
+        };
+        bytes_total += bytes;
         let (conn_rate, bytes_rate) = prev.backends.rates(key, (v.total, bytes), secs);
         if v.state != State::Removed {
             fairness_input.push((v.total, v.weight));
@@ -472,6 +512,7 @@ fn service_frame<'a>(
             entry,
             conn_rate,
             bytes_rate,
+            udp: udp_counts.map(CountsView::json),
         });
     }
     let view = s.view();
@@ -495,6 +536,7 @@ fn service_frame<'a>(
         dns: r.watchers.iter().map(|w| w.view(&s.name)).collect(),
         docker_labels: r.label_watchers.iter().map(|w| w.view(&s.name)).collect(),
         backends,
+        udp: udp.services.get(&s.name).map(CountsView::json),
         view,
     };
     (frame, (s.name.clone(), point, charted))

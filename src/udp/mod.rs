@@ -51,7 +51,7 @@ use crate::route;
 use crate::service::Service;
 use crate::util::lock;
 
-pub(crate) use stats::{UdpView, METRICS};
+pub(crate) use stats::{CountsView, UdpBackendView, UdpView, BACKEND_METRICS, METRICS};
 
 /// A service an address's datagrams may be routed to.
 pub(crate) struct Target {
@@ -438,5 +438,10 @@ impl Udp {
     /// Every UDP service's counters now.
     pub(crate) fn views(&self) -> Vec<UdpView> {
         self.stats.views()
+    }
+
+    /// Every UDP service's backends' counters now.
+    pub(crate) fn backend_views(&self) -> Vec<UdpBackendView> {
+        self.stats.backend_views()
     }
 }

@@ -435,7 +435,6 @@ impl State {
     /// count says of the next.
     fn sent_up(&mut self, id: u64, live: &Live, len: usize) {
         live.touch();
-        live.stats.carried(Direction::Up, len);
         live.carried(Direction::Up, len);
         let verdict = lock(&live.exchange).up();
         match verdict {
@@ -576,7 +575,7 @@ impl State {
                 .dropped_by_eviction(lock(&old.exchange).unanswered());
             old.end(End::Evicted);
         }
-        target.stats.opened();
+        live.stats.opened();
         self.spawn(l, &live, id);
         Ok((id, live))
     }
@@ -686,15 +685,16 @@ impl State {
         let Some(bytes) = framed(&mut self.scratch, service, d) else {
             return stats.dropped(Dropped::TooLarge);
         };
+        let tally = stats.tally(backend);
         match out.send_to(bytes, backend.addr) {
             Ok(_) => {
-                stats.carried(Direction::Up, d.bytes.len());
+                tally.carried(Direction::Up, d.bytes.len());
                 backend.stats.moved(d.bytes.len() as u64, 0);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stats.dropped(Dropped::QueueFull),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => tally.dropped(Dropped::QueueFull),
             Err(e) => {
                 tracing::debug!(error = %e, backend = %backend.addr, "per-packet send failed");
-                stats.dropped(Dropped::SendFailed);
+                tally.dropped(Dropped::SendFailed);
             }
         }
     }

@@ -20,7 +20,7 @@ use super::follow::{Cids, Recorded};
 use super::gso;
 use super::quic::{self, Version};
 use super::socket::{Bufs, Listening};
-use super::stats::{Direction, Dropped, End, UdpStats};
+use super::stats::{Direction, Dropped, End, Tally, UdpStats};
 use crate::admission::{GateSlot, SourceSlot};
 use crate::connections::{self, Conn, Facts, Registered};
 use crate::outcome::Outcome;
@@ -35,7 +35,8 @@ pub(crate) struct Live {
     pub(crate) backend: Arc<Backend>,
     /// The version of its service it started with (a reload's next one serves new sessions).
     pub(crate) service: Arc<Service>,
-    pub(crate) stats: Arc<UdpStats>,
+    /// Its service's counters and its backend's.
+    pub(crate) stats: Tally,
     /// What its QUIC Initials said, for a session of a QUIC address.
     pub(crate) quic: Option<QuicInfo>,
     /// The connection IDs recorded for it (at most [`super::follow::PER_SESSION`]).
@@ -98,12 +99,13 @@ impl Live {
             leave,
         } = parts;
         let conn = slots.listed.conn().clone();
+        let backend = slots.active.backend().clone();
         let live = Live {
             conn,
             socket,
-            backend: slots.active.backend().clone(),
+            stats: stats.tally(&backend),
+            backend,
             service: slots.service.clone(),
-            stats,
             quic,
             cids: Mutex::new(Vec::new()),
             leave,
@@ -135,7 +137,10 @@ impl Live {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// A datagram of `len` payload bytes went `dir`: counted for the session, its service and
+    /// its backend.
     pub(crate) fn carried(&self, dir: Direction, len: usize) {
+        self.stats.carried(dir, len);
         self.bytes[dir as usize].fetch_add(len as u64, Relaxed);
         let (up, down) = match dir {
             Direction::Up => (len as u64, 0),
@@ -482,7 +487,6 @@ fn answer(t: &Task, out: &[u8], sizes: &[usize]) -> Option<End> {
 fn answered(live: &Live, size: usize, sent: Result<(), &io::Error>, end: &mut Option<End>) -> bool {
     match sent {
         Ok(()) => {
-            live.stats.carried(Direction::Down, size);
             live.carried(Direction::Down, size);
             if let Some(c) = lock(&live.exchange).down() {
                 *end = Some(match c {

@@ -1,12 +1,14 @@
-//! A UDP service's counters, written by the sessions and loops through these methods, and what
-//! `/metrics` exports of them ([`METRICS`]). Kept per service name across reloads, like the
-//! service's own counters.
+//! A UDP service's counters and its backends', written by the sessions and loops through these
+//! methods, and what `/metrics` exports of them ([`METRICS`], [`BACKEND_METRICS`]). Kept per service
+//! name across reloads, like the service's own counters; a backend's as long as it is alive.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
-use crate::metrics::{Family, Kind, Subject, Table};
+use crate::metrics::{Family, Kind, Samples, Subject, Table};
+use crate::pool::Backend;
 use crate::util::lock;
 
 /// How a UDP session ended: the routing log's `end` and the `end` label of
@@ -128,9 +130,10 @@ pub(crate) enum Direction {
     Down,
 }
 
-/// One UDP service's counters.
+/// The counters of a UDP service, or of one of its backends: its sessions, its datagrams and
+/// bytes each way, and the datagrams dropped.
 #[derive(Debug, Default)]
-pub(crate) struct UdpStats {
+pub(crate) struct Counts {
     open: AtomicU64,
     ended: [AtomicU64; End::ALL.len()],
     datagrams: [AtomicU64; 2],
@@ -138,49 +141,170 @@ pub(crate) struct UdpStats {
     dropped: [AtomicU64; Dropped::ALL.len()],
 }
 
-impl UdpStats {
-    pub(crate) fn opened(&self) {
+impl Counts {
+    fn opened(&self) {
         self.open.fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn ended(&self, end: End) {
+    fn ended(&self, end: End) {
         self.open.fetch_sub(1, Relaxed);
         self.ended[end.index()].fetch_add(1, Relaxed);
     }
 
-    /// A datagram of `len` payload bytes went `dir` (a PROXY header is not payload).
-    pub(crate) fn carried(&self, dir: Direction, len: usize) {
+    fn carried(&self, dir: Direction, len: usize) {
         self.datagrams[dir as usize].fetch_add(1, Relaxed);
         self.bytes[dir as usize].fetch_add(len as u64, Relaxed);
     }
 
-    pub(crate) fn dropped(&self, why: Dropped) {
-        self.dropped_n(why, 1);
+    fn dropped_n(&self, why: Dropped, n: u64) {
+        self.dropped[why as usize].fetch_add(n, Relaxed);
     }
 
-    pub(crate) fn dropped_n(&self, why: Dropped, n: usize) {
-        self.dropped[why as usize].fetch_add(n as u64, Relaxed);
-    }
-
-    /// A session evicted with `unanswered` answers still to come: they will find no session.
-    pub(crate) fn dropped_by_eviction(&self, unanswered: u64) {
-        self.dropped[Dropped::Evicted as usize].fetch_add(unanswered, Relaxed);
-    }
-
-    pub(crate) fn open_now(&self) -> u64 {
+    fn open_now(&self) -> u64 {
         self.open.load(Relaxed)
     }
 
-    pub(crate) fn view(&self, service: Arc<str>) -> UdpView {
+    fn read(&self) -> CountsView {
         let read = |a: &[AtomicU64]| a.iter().map(|c| c.load(Relaxed)).collect::<Vec<_>>();
-        UdpView {
-            service,
+        CountsView {
             open: self.open_now(),
             ended: read(&self.ended),
             datagrams: read(&self.datagrams),
             bytes: read(&self.bytes),
             dropped: read(&self.dropped),
         }
+    }
+}
+
+/// One UDP service's counters, and those of each backend its sessions went to.
+#[derive(Debug, Default)]
+pub(crate) struct UdpStats {
+    counts: Counts,
+    backends: Mutex<Backends>,
+}
+
+/// A service's per-backend counters, by address. Bounded by the backends alive: an entry whose
+/// backend is gone (out of its pool, and no session holds it) is forgotten when the table has
+/// doubled since it was last swept, and at every read of the views. A backend back at the same
+/// address later starts from zero, as its other counters do.
+#[derive(Debug, Default)]
+struct Backends {
+    by_addr: HashMap<SocketAddr, PerBackend>,
+    /// The size at which an insert sweeps the gone ones first.
+    sweep_at: usize,
+}
+
+#[derive(Debug)]
+struct PerBackend {
+    /// The backend the counters are of: the latest one at this address.
+    backend: Weak<Backend>,
+    counts: Arc<Counts>,
+}
+
+impl Backends {
+    fn sweep(&mut self) {
+        self.by_addr
+            .retain(|_, b| b.backend.strong_count() > 0 || b.counts.open_now() > 0);
+        self.sweep_at = 2 * self.by_addr.len() + 16;
+    }
+}
+
+impl UdpStats {
+    pub(crate) fn dropped(&self, why: Dropped) {
+        self.dropped_n(why, 1);
+    }
+
+    pub(crate) fn dropped_n(&self, why: Dropped, n: usize) {
+        self.counts.dropped_n(why, n as u64);
+    }
+
+    pub(crate) fn open_now(&self) -> u64 {
+        self.counts.open_now()
+    }
+
+    /// Where what goes to and from `backend` is counted: this service's counters and that
+    /// backend's.
+    pub(crate) fn tally(self: &Arc<Self>, backend: &Arc<Backend>) -> Tally {
+        let mut all = lock(&self.backends);
+        if all.by_addr.len() >= all.sweep_at {
+            all.sweep();
+        }
+        let entry = all
+            .by_addr
+            .entry(backend.addr)
+            .or_insert_with(|| PerBackend {
+                backend: Arc::downgrade(backend),
+                counts: Arc::default(),
+            });
+        if !std::ptr::eq(entry.backend.as_ptr(), Arc::as_ptr(backend)) {
+            // A new backend at the same address (a reload, discovery): the same series goes on.
+            entry.backend = Arc::downgrade(backend);
+        }
+        Tally {
+            service: self.clone(),
+            backend: entry.counts.clone(),
+        }
+    }
+
+    pub(crate) fn view(&self, service: Arc<str>) -> UdpView {
+        UdpView {
+            service,
+            counts: self.counts.read(),
+        }
+    }
+
+    /// Each backend's counters now, by address, the gone ones forgotten.
+    pub(crate) fn backend_views(&self, service: &Arc<str>) -> Vec<UdpBackendView> {
+        let mut all = lock(&self.backends);
+        all.sweep();
+        let mut v: Vec<UdpBackendView> = all
+            .by_addr
+            .iter()
+            .map(|(addr, b)| UdpBackendView {
+                service: service.clone(),
+                backend: *addr,
+                address: addr.to_string(),
+                counts: b.counts.read(),
+            })
+            .collect();
+        v.sort_by_key(|b| b.backend);
+        v
+    }
+}
+
+/// Where a session's numbers go: its service's counters and its backend's, written together.
+#[derive(Debug, Clone)]
+pub(crate) struct Tally {
+    service: Arc<UdpStats>,
+    backend: Arc<Counts>,
+}
+
+impl Tally {
+    pub(crate) fn opened(&self) {
+        self.service.counts.opened();
+        self.backend.opened();
+    }
+
+    pub(crate) fn ended(&self, end: End) {
+        self.service.counts.ended(end);
+        self.backend.ended(end);
+    }
+
+    /// A datagram of `len` payload bytes went `dir` (a PROXY header is not payload).
+    pub(crate) fn carried(&self, dir: Direction, len: usize) {
+        self.service.counts.carried(dir, len);
+        self.backend.carried(dir, len);
+    }
+
+    pub(crate) fn dropped(&self, why: Dropped) {
+        self.service.counts.dropped_n(why, 1);
+        self.backend.dropped_n(why, 1);
+    }
+
+    /// A session evicted with `unanswered` answers still to come: they will find no session.
+    pub(crate) fn dropped_by_eviction(&self, unanswered: u64) {
+        self.service.counts.dropped_n(Dropped::Evicted, unanswered);
+        self.backend.dropped_n(Dropped::Evicted, unanswered);
     }
 }
 
@@ -198,25 +322,72 @@ impl Registry {
         lock(&self.0).retain(|name, s| keep.contains(name) || s.open_now() > 0);
     }
 
-    pub(crate) fn views(&self) -> Vec<UdpView> {
-        let mut v: Vec<UdpView> = lock(&self.0)
+    fn all(&self) -> Vec<(Arc<str>, Arc<UdpStats>)> {
+        let mut v: Vec<_> = lock(&self.0)
             .iter()
-            .map(|(name, s)| s.view(name.clone()))
+            .map(|(name, s)| (name.clone(), s.clone()))
             .collect();
-        v.sort_by(|a, b| a.service.cmp(&b.service));
+        v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+
+    pub(crate) fn views(&self) -> Vec<UdpView> {
+        self.all()
+            .into_iter()
+            .map(|(name, s)| s.view(name))
+            .collect()
+    }
+
+    /// Every UDP service's backends' counters, by service then address.
+    pub(crate) fn backend_views(&self) -> Vec<UdpBackendView> {
+        self.all()
+            .into_iter()
+            .flat_map(|(name, s)| s.backend_views(&name))
+            .collect()
     }
 }
 
-/// A UDP service's counters at one moment.
-#[derive(Debug, Clone, serde::Serialize)]
-pub(crate) struct UdpView {
-    pub(crate) service: Arc<str>,
+/// Counters at one moment, indexed as [`End::ALL`], [`Direction`] and [`Dropped::ALL`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CountsView {
     pub(crate) open: u64,
     pub(crate) ended: Vec<u64>,
     pub(crate) datagrams: Vec<u64>,
     pub(crate) bytes: Vec<u64>,
     pub(crate) dropped: Vec<u64>,
+}
+
+impl CountsView {
+    fn at(v: &[u64], i: usize) -> u64 {
+        v.get(i).copied().unwrap_or(0)
+    }
+
+    /// The shape `/stats` shows: sessions open, by end; datagrams and bytes up and down; drops
+    /// by reason (docs/admin-api.md).
+    pub(crate) fn json(&self) -> serde_json::Value {
+        let by = |names: &mut dyn Iterator<Item = &'static str>, v: &[u64]| {
+            names
+                .enumerate()
+                .map(|(i, n)| (n.to_string(), serde_json::Value::from(Self::at(v, i))))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        serde_json::json!({
+            "sessions_open": self.open,
+            "sessions_ended": by(&mut End::ALL.iter().map(|e| e.as_str()), &self.ended),
+            "datagrams_up": Self::at(&self.datagrams, 0),
+            "datagrams_down": Self::at(&self.datagrams, 1),
+            "bytes_up": Self::at(&self.bytes, 0),
+            "bytes_down": Self::at(&self.bytes, 1),
+            "dropped": by(&mut Dropped::ALL.iter().map(|d| d.as_str()), &self.dropped),
+        })
+    }
+}
+
+/// A UDP service's counters at one moment.
+#[derive(Debug, Clone)]
+pub(crate) struct UdpView {
+    pub(crate) service: Arc<str>,
+    pub(crate) counts: CountsView,
 }
 
 impl Subject for UdpView {
@@ -225,7 +396,56 @@ impl Subject for UdpView {
     }
 }
 
+/// A backend's counters, as a UDP service counted them, at one moment.
+#[derive(Debug, Clone)]
+pub(crate) struct UdpBackendView {
+    pub(crate) service: Arc<str>,
+    pub(crate) backend: SocketAddr,
+    /// `backend` written out once, for its label.
+    address: String,
+    pub(crate) counts: CountsView,
+}
+
+impl Subject for UdpBackendView {
+    fn label_values(&self) -> impl Iterator<Item = &str> {
+        [&*self.service, self.address.as_str()].into_iter()
+    }
+}
+
 const DIRECTIONS: [&str; 2] = ["up", "down"];
+
+/// The reasons a datagram of a session with a backend can be dropped for: the others (no
+/// backend, refused, no socket, no route, an unread QUIC Initial) come before any backend.
+const BACKEND_DROPS: [Dropped; 4] = [
+    Dropped::TooLarge,
+    Dropped::QueueFull,
+    Dropped::Evicted,
+    Dropped::SendFailed,
+];
+
+fn put_ended(c: &CountsView, o: &mut Samples<'_>) {
+    for e in End::ALL {
+        o.put(&[e.as_str()], CountsView::at(&c.ended, e.index()));
+    }
+}
+
+fn put_datagrams(c: &CountsView, o: &mut Samples<'_>) {
+    for (i, d) in DIRECTIONS.iter().enumerate() {
+        o.put(&[d], CountsView::at(&c.datagrams, i));
+    }
+}
+
+fn put_bytes(c: &CountsView, o: &mut Samples<'_>) {
+    for (i, d) in DIRECTIONS.iter().enumerate() {
+        o.put(&[d], CountsView::at(&c.bytes, i));
+    }
+}
+
+fn put_dropped(c: &CountsView, reasons: &[Dropped], o: &mut Samples<'_>) {
+    for r in reasons {
+        o.put(&[r.as_str()], CountsView::at(&c.dropped, *r as usize));
+    }
+}
 
 /// What `/metrics` exports about each UDP service.
 pub(crate) const METRICS: Table<UdpView> = Table {
@@ -236,51 +456,164 @@ pub(crate) const METRICS: Table<UdpView> = Table {
             "sluicegate_udp_sessions",
             "UDP sessions open now.",
             &[],
-            |s, o| o.put(&[], s.open),
+            |s, o| o.put(&[], s.counts.open),
         ),
         Family::new(
             Kind::Counter,
             "sluicegate_udp_sessions_total",
             "UDP sessions by how they ended (the routing log's end values).",
             &["end"],
-            |s, o| {
-                for e in End::ALL {
-                    o.put(&[e.as_str()], s.ended.get(e.index()).copied().unwrap_or(0));
-                }
-            },
+            |s, o| put_ended(&s.counts, o),
         ),
         Family::new(
             Kind::Counter,
             "sluicegate_udp_datagrams_total",
             "Datagrams carried, by direction (up = client to backend).",
             &["direction"],
-            |s, o| {
-                for (i, d) in DIRECTIONS.iter().enumerate() {
-                    o.put(&[d], s.datagrams.get(i).copied().unwrap_or(0));
-                }
-            },
+            |s, o| put_datagrams(&s.counts, o),
         ),
         Family::new(
             Kind::Counter,
             "sluicegate_udp_bytes_total",
             "Payload bytes carried, by direction (a PROXY header is not counted).",
             &["direction"],
-            |s, o| {
-                for (i, d) in DIRECTIONS.iter().enumerate() {
-                    o.put(&[d], s.bytes.get(i).copied().unwrap_or(0));
-                }
-            },
+            |s, o| put_bytes(&s.counts, o),
         ),
         Family::new(
             Kind::Counter,
             "sluicegate_udp_dropped_total",
             "Datagrams dropped, by reason.",
             &["reason"],
-            |s, o| {
-                for (i, r) in Dropped::ALL.iter().enumerate() {
-                    o.put(&[r.as_str()], s.dropped.get(i).copied().unwrap_or(0));
-                }
-            },
+            |s, o| put_dropped(&s.counts, &Dropped::ALL, o),
         ),
     ],
 };
+
+/// What `/metrics` exports about each backend of a UDP service: the service's counters, per
+/// backend, where they apply.
+pub(crate) const BACKEND_METRICS: Table<UdpBackendView> = Table {
+    subject: &["service", "backend"],
+    families: &[
+        Family::new(
+            Kind::Gauge,
+            "sluicegate_udp_backend_sessions",
+            "UDP sessions open now on the backend.",
+            &[],
+            |s, o| o.put(&[], s.counts.open),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_udp_backend_sessions_total",
+            "UDP sessions of the backend by how they ended.",
+            &["end"],
+            |s, o| put_ended(&s.counts, o),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_udp_backend_datagrams_total",
+            "Datagrams carried to (up) and from (down) the backend.",
+            &["direction"],
+            |s, o| put_datagrams(&s.counts, o),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_udp_backend_bytes_total",
+            "Payload bytes carried to (up) and from (down) the backend.",
+            &["direction"],
+            |s, o| put_bytes(&s.counts, o),
+        ),
+        Family::new(
+            Kind::Counter,
+            "sluicegate_udp_backend_dropped_total",
+            "Datagrams of the backend's sessions dropped, by reason.",
+            &["reason"],
+            |s, o| put_dropped(&s.counts, &BACKEND_DROPS, o),
+        ),
+    ],
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Weight;
+
+    fn backend(port: u16) -> Arc<Backend> {
+        Arc::new(Backend::new(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Weight::ONE,
+        ))
+    }
+
+    /// A session's numbers count for its service and its backend alike; each backend's apart.
+    #[test]
+    fn a_tally_counts_for_the_service_and_its_backend() {
+        let stats = Arc::new(UdpStats::default());
+        let (a, b) = (backend(1), backend(2));
+        let (ta, tb) = (stats.tally(&a), stats.tally(&b));
+        ta.opened();
+        ta.carried(Direction::Up, 10);
+        ta.carried(Direction::Down, 11);
+        tb.opened();
+        tb.carried(Direction::Up, 5);
+        tb.dropped(Dropped::QueueFull);
+        tb.ended(End::BackendUnreachable);
+        stats.dropped(Dropped::NoBackend);
+        let service = stats.view("s".into()).counts;
+        assert_eq!(service.open, 1);
+        assert_eq!(service.datagrams, [2, 1]);
+        assert_eq!(service.bytes, [15, 11]);
+        assert_eq!(service.dropped[Dropped::QueueFull as usize], 1);
+        assert_eq!(service.dropped[Dropped::NoBackend as usize], 1);
+        let views = stats.backend_views(&"s".into());
+        let of = |port: u16| {
+            let v = views
+                .iter()
+                .find(|v| v.backend.port() == port)
+                .expect("listed");
+            v.counts.clone()
+        };
+        assert_eq!(
+            (of(1).open, of(1).datagrams, of(1).bytes),
+            (1, vec![1, 1], vec![10, 11])
+        );
+        assert_eq!(of(2).open, 0);
+        assert_eq!(of(2).ended[End::BackendUnreachable.index()], 1);
+        assert_eq!(of(2).dropped[Dropped::QueueFull as usize], 1);
+        assert_eq!(
+            of(2).dropped[Dropped::NoBackend as usize],
+            0,
+            "not a backend's"
+        );
+    }
+
+    /// The per-backend table holds the backends alive: one gone (out of its pool, no session
+    /// holding it) is forgotten, and churning through many never grows it past twice the live
+    /// ones; a backend back at its address carries on the same series while the entry lives.
+    #[test]
+    fn the_per_backend_table_forgets_the_backends_gone() {
+        let stats = Arc::new(UdpStats::default());
+        let kept = backend(1);
+        stats.tally(&kept).carried(Direction::Up, 1);
+        for port in 2..10_000 {
+            let gone = backend(port);
+            stats.tally(&gone).carried(Direction::Up, 1);
+            assert!(lock(&stats.backends).by_addr.len() <= 2 * 2 + 16);
+        }
+        let views = stats.backend_views(&"s".into());
+        assert_eq!(views.len(), 1, "only the live one is left");
+        assert_eq!(views[0].counts.datagrams, [1, 0]);
+        // A new backend object at the same address (a reload): the series goes on.
+        let again = backend(1);
+        drop(kept);
+        stats.tally(&again).carried(Direction::Up, 1);
+        let views = stats.backend_views(&"s".into());
+        assert_eq!(views[0].counts.datagrams, [2, 0]);
+        // A session still open on a backend gone from its pool keeps its entry.
+        let held = stats.tally(&again);
+        held.opened();
+        drop(again);
+        assert_eq!(stats.backend_views(&"s".into()).len(), 1);
+        held.ended(End::IdleTimeout);
+        assert!(stats.backend_views(&"s".into()).is_empty());
+    }
+}

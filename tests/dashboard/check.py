@@ -9,8 +9,8 @@ Debian's `chromium`). The check passes when, within the time limits:
   2. the page receives the live event stream (the header says "(live)"),
   3. the connection counters shown move while the caller generates traffic,
   4. the charts have data (history of at least 8 frames) and the fairness index is shown.
-It also prints the days to expiry shown for each TLS-terminating service (`tls_days`), for the
-caller to check.
+It also prints the days to expiry shown for each TLS-terminating service (`tls_days`), and each UDP
+service's datagrams up and down and its backends' (`udp`), for the caller to check.
 A screenshot is written to SCREENSHOT (keep it out of git). Exit status 0 on success, 1 with a
 message on failure, 77 when no Chromium is installed.
 """
@@ -29,6 +29,13 @@ STATE_JS = """JSON.stringify({
   tls_days: [...document.querySelectorAll('.tls-days')].map(e => e.textContent),
   serving_tier: [...document.querySelectorAll('.serving-tier')].map(e => e.textContent),
   tiers: [...document.querySelectorAll('.tier')].map(e => e.textContent),
+  udp: [...document.querySelectorAll('section.service[data-protocol=udp]')].map(sec => ({
+    service: sec.dataset.service,
+    up: (sec.querySelector('.udp-up') || {}).textContent || '',
+    down: (sec.querySelector('.udp-down') || {}).textContent || '',
+    backends: [...sec.querySelectorAll('tr[data-backend]')].map(r => ({
+      backend: r.dataset.backend,
+      datagrams: ((r.querySelector('.udp-dgrams') || {}).firstChild || {}).textContent || '' })) })),
 })"""
 
 
@@ -68,7 +75,7 @@ def main():
         print(json.dumps({"ok": True, "first": first["rows"], "last": last["rows"],
                           "frames": last["history"], "fairness": last["jain"],
                           "tls_days": last["tls_days"], "serving_tier": last["serving_tier"],
-                          "tiers": last["tiers"], "screenshot": shot}))
+                          "tiers": last["tiers"], "udp": last["udp"], "screenshot": shot}))
 
 
 if __name__ == "__main__":

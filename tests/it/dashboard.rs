@@ -79,9 +79,29 @@ async fn the_dashboard_shows_every_backend_and_live_counters() {
         "  - name: tiered\n    listen: 127.0.0.1:0\n    health: {{kind: tcp, interval: 1s}}\n    backends: [{{address: \"{gone}\"}}, {{address: \"{}\", backup: true}}]\n",
         backup.addr
     );
+    // A UDP service: its datagrams each way, and its backend's, shown.
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let echo_task = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
+    y += &format!(
+        "  - name: dgram\n    protocol: udp\n    listen: 127.0.0.1:0\n    backends: [{{address: \"{echo_addr}\"}}]\n"
+    );
     let p = Proxy::start(&y).await;
     let url = format!("http://{}/", p.admin.unwrap());
     let backends: Vec<String> = fleet.iter().map(|r| r.addr().to_string()).collect();
+    let dgram = p.addrs[3]; // the services in config order: web, secure, tiered, dgram
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..4u8 {
+        client.send_to(&[i; 5], dgram).await.unwrap();
+        let mut buf = [0u8; 16];
+        let answer = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf)).await;
+        assert!(matches!(answer, Ok(Ok((5, _)))), "the UDP echo answers");
+    }
 
     // Traffic for as long as the browser looks (bounded: 60 s at most).
     let stop = Arc::new(AtomicBool::new(false));
@@ -121,6 +141,10 @@ async fn the_dashboard_shows_every_backend_and_live_counters() {
         "the backup tier serves: {shown}"
     );
     assert_eq!(shown["tiers"], serde_json::json!(["tier 1"]), "{shown}");
+    let udp = serde_json::json!([{"service": "dgram", "up": "4", "down": "4",
+        "backends": [{"backend": echo_addr.to_string(), "datagrams": "4 / 4"}]}]);
+    assert_eq!(shown["udp"], udp, "the UDP service's datagrams: {shown}");
+    echo_task.abort();
 }
 
 /// The admin token of the acting test (the page is given it by act.py, typed into its field).

@@ -895,3 +895,92 @@ async fn a_session_is_listed_and_killed_through_the_connections_api() {
         "a new session"
     );
 }
+
+/// The value of the sample `name{labels}` on a metrics page, if it is there.
+fn sample(page: &str, name_and_labels: &str) -> Option<u64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Each backend's sessions, datagrams and bytes are counted as its own, beside the service's, in
+/// `/metrics` and in `/stats` (the dashboard's numbers); a backend whose port is closed has its
+/// session's end counted against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_backend_counts_its_own_datagrams_and_sessions() {
+    let (a, b) = (
+        Echo::start([127, 0, 0, 1], "a", true).await,
+        Echo::start([127, 0, 0, 1], "b", true).await,
+    );
+    let dead = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let config = format!(
+        "admin: {{listen: \"127.0.0.1:0\"}}\n{}",
+        yaml(&[a.addr, b.addr, dead], "idle_timeout: 1h", "")
+    );
+    let p = Proxy::start(&config).await;
+    let admin = p.admin.expect("admin");
+    // Round robin: of three clients' first datagrams, one goes to each backend; the closed
+    // port's comes back as ICMP port-unreachable and is never answered.
+    let mut on = HashMap::new();
+    for _ in 0..3 {
+        let c = client().await;
+        c.send_to(&[0; 10], p.addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let answer = tokio::time::timeout(SECS(1), c.recv_from(&mut buf)).await;
+        if let Ok(Ok((11, _))) = answer {
+            on.insert(buf[0], c);
+        }
+    }
+    let (x, y) = (&on[&b'a'], &on[&b'b']);
+    for i in 1..3u8 {
+        assert_eq!(ask(x, p.addr, &[i; 10]).await.len(), 11);
+    }
+    for i in 1..5u8 {
+        assert_eq!(ask(y, p.addr, &[i; 10]).await.len(), 11);
+    }
+    assert_eq!((a.received(), b.received()), (3, 5));
+    let of = |be: SocketAddr, family: &str, label: &str| {
+        format!("sluicegate_udp_backend_{family}{{service=\"dgram\",backend=\"{be}\"{label}}}")
+    };
+    let unreachable = of(dead, "sessions_total", ",end=\"backend_unreachable\"");
+    wait_until(SECS(10), "the closed port's session ended", || async {
+        let page = get(admin, "/metrics").await.body;
+        sample(&page, &unreachable) == Some(1)
+    })
+    .await;
+    let page = get(admin, "/metrics").await.body;
+    for (be, n, size) in [(a.addr, 3, 10), (b.addr, 5, 10)] {
+        let up = |f: &str, dir: &str| sample(&page, &of(be, f, &format!(",direction=\"{dir}\"")));
+        assert_eq!(up("datagrams_total", "up"), Some(n), "{be}: {page}");
+        assert_eq!(up("datagrams_total", "down"), Some(n));
+        assert_eq!(up("bytes_total", "up"), Some(n * size));
+        assert_eq!(up("bytes_total", "down"), Some(n * (size + 1)));
+        assert_eq!(sample(&page, &of(be, "sessions", "")), Some(1));
+    }
+    let dropped = of(dead, "dropped_total", ",reason=\"queue_full\"");
+    assert_eq!(sample(&page, &dropped), Some(0), "{page}");
+    let up = "sluicegate_udp_datagrams_total{service=\"dgram\",direction=\"up\"}";
+    assert_eq!(sample(&page, up), Some(3 + 5 + 1), "the service counts all");
+
+    // /stats: the service's and each backend's `udp` (once a frame has been computed since).
+    wait_until(SECS(5), "/stats shows the datagrams", || async {
+        let stats = get(admin, "/stats").await.json();
+        let svc = &stats["services"][0];
+        let by_backend = |be: SocketAddr| {
+            svc["backends"]
+                .as_array()
+                .and_then(|all| all.iter().find(|b| b["address"] == be.to_string()))
+                .map(|b| b["udp"].clone())
+                .unwrap_or_default()
+        };
+        svc["udp"]["datagrams_up"] == 9
+            && svc["udp"]["datagrams_down"] == 8
+            && by_backend(a.addr)["datagrams_down"] == 3
+            && by_backend(b.addr)["bytes_up"] == 50
+            && by_backend(dead)["sessions_ended"]["backend_unreachable"] == 1
+    })
+    .await;
+}
