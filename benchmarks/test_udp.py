@@ -126,6 +126,20 @@ class Goals(unittest.TestCase):
         # Nothing measured: no verdict.
         self.assertIsNone(v["1,200-byte streams: proxy system calls per datagram ≤ 0.25"])
 
+    def test_an_added_figure_below_zero_in_a_round_gives_no_verdict(self):
+        rows = self.rows()
+        # Round 2's direct run was slower than the proxy's: its added p99 is negative.
+        for r in rows:
+            if r["round"] == 2 and r["workload"] == "dns-paced" and r["proxy"] == "direct":
+                r["p99_us"] = 400.0
+        udp.derive(rows)
+        figures = {text: (fig, ok) for text, fig, ok in udp.goals(rows)}
+        fig, ok = figures["DNS: added p99 ≤ 100 µs at 20k queries/s"]
+        self.assertIsNone(ok)
+        self.assertIn("no verdict", fig)
+        # The other goals keep theirs.
+        self.assertTrue(figures["DNS: queries/s at saturation ≥ 1.3 × nginx's"][1])
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -552,3 +552,27 @@ fn account(t: &Task, end: End) {
         quic_version: quic.and_then(|q| q.version).map(|v| v.name()),
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns: an async fn's future, without making one.
+    fn returned<A, R>(_: fn(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// What every open session costs besides its socket, held to its budget: its task's future
+    /// (the biggest part), what the loop and the task share, and its listing. 100,000 idle sessions
+    /// are 100,000 of each (benchmarks/udp.py `hold` measures the whole: about 3.2 KiB a session
+    /// with the allocator's rounding, the span and the tables).
+    #[test]
+    fn a_sessions_parts_stay_within_their_budget() {
+        let task = returned(run);
+        let live = std::mem::size_of::<Live>();
+        let conn = std::mem::size_of::<crate::connections::Conn>();
+        assert!(task <= 816, "a session's task future grew to {task} bytes");
+        assert!(live <= 464, "a session's Live grew to {live} bytes");
+        assert!(conn <= 400, "a connection's listing grew to {conn} bytes");
+    }
+}
