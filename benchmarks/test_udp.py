@@ -140,6 +140,21 @@ class Goals(unittest.TestCase):
         # The other goals keep theirs.
         self.assertTrue(figures["DNS: queries/s at saturation ≥ 1.3 × nginx's"][1])
 
+    def test_a_peer_below_zero_in_a_round_gives_no_ratio_verdict(self):
+        rows = self.rows()
+        # Round 1's direct DNS run cost more than nginx's: nginx's added CPU is negative, and a ratio
+        # to it would be negative too (and pass "≤ 0.6").
+        for r in rows:
+            if r["round"] == 1 and r["workload"] == "dns" and r["proxy"] == "nginx":
+                r["machine_per_100k"] = 1.5
+        udp.derive(rows)
+        ours = [r["added_per_100k"] for r in rows if r["workload"] == "dns" and r["proxy"] == "sluicegate"]
+        self.assertGreaterEqual(min(ours), 0)
+        figures = {text: (fig, ok) for text, fig, ok in udp.goals(rows)}
+        fig, ok = figures["DNS: added machine CPU per 100k queries ≤ 0.6 × nginx's"]
+        self.assertIsNone(ok)
+        self.assertIn("no verdict", fig)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -480,6 +480,7 @@ fn service_frame<'a>(
     secs: f64,
 ) -> (ServiceFrame<'a>, ServiceRates) {
     let s = &r.service;
+    let is_udp = s.protocol == crate::config::Transport::Udp;
     let all = s.pool.all_backends();
     let mut backends = Vec::with_capacity(all.len());
     let mut charted = Vec::new();
@@ -489,9 +490,11 @@ fn service_frame<'a>(
         let entry = BackendEntry::new(&s.name, b);
         let v = &entry.view;
         let key = (s.name.clone(), v.address);
-        let udp_counts = udp.backends.get(&key);
+        // A UDP service's backends all carry `udp` (zeros before their first session); a name
+        // that was UDP before a reload keeps its counters a while, but a TCP service shows none.
+        let udp_counts = is_udp.then(|| udp.backends.get(&key).cloned().unwrap_or_default());
         // A UDP session's bytes reach its backend's own counters when it ends; these move.
-        let bytes = match udp_counts {
+        let bytes = match &udp_counts {
             Some(u) => u.bytes.iter().sum(),
             None => v.bytes_up + v.bytes_down,
         };
@@ -512,7 +515,7 @@ fn service_frame<'a>(
             entry,
             conn_rate,
             bytes_rate,
-            udp: udp_counts.map(CountsView::json),
+            udp: udp_counts.as_ref().map(CountsView::json),
         });
     }
     let view = s.view();
@@ -536,7 +539,10 @@ fn service_frame<'a>(
         dns: r.watchers.iter().map(|w| w.view(&s.name)).collect(),
         docker_labels: r.label_watchers.iter().map(|w| w.view(&s.name)).collect(),
         backends,
-        udp: udp.services.get(&s.name).map(CountsView::json),
+        udp: is_udp.then(|| {
+            let counts = udp.services.get(&s.name).cloned().unwrap_or_default();
+            counts.json()
+        }),
         view,
     };
     (frame, (s.name.clone(), point, charted))

@@ -183,10 +183,11 @@ pub(crate) struct UdpStats {
     backends: Mutex<Backends>,
 }
 
-/// A service's per-backend counters, by address. Bounded by the backends alive: an entry whose
-/// backend is gone (out of its pool, and no session holds it) is forgotten when the table has
-/// doubled since it was last swept, and at every read of the views. A backend back at the same
-/// address later starts from zero, as its other counters do.
+/// A service's per-backend counters, by address. Bounded by the backends alive: an entry none of
+/// whose backend objects is alive any more (out of its pool, and no session holds one) is forgotten
+/// when the table has doubled since it was last swept, and at every read of the views. While its
+/// entry lives, a new backend object at the same address (a reload, discovery) carries on its
+/// series; once forgotten, a backend back at that address starts from zero, as its other counters do.
 #[derive(Debug, Default)]
 struct Backends {
     by_addr: HashMap<SocketAddr, PerBackend>,
@@ -194,17 +195,43 @@ struct Backends {
     sweep_at: usize,
 }
 
+/// Backend objects one address's entry keeps track of at most: the pool's current one and those
+/// older sessions still hold (a session that followed a QUIC connection keeps its old backend).
+const OBJECTS_PER_ADDRESS: usize = 4;
+
 #[derive(Debug)]
 struct PerBackend {
-    /// The backend the counters are of: the latest one at this address.
-    backend: Weak<Backend>,
+    /// The backend objects at this address its counters were of, the newest last.
+    backends: Vec<Weak<Backend>>,
     counts: Arc<Counts>,
+}
+
+impl PerBackend {
+    fn alive(&self) -> bool {
+        self.backends.iter().any(|b| b.strong_count() > 0) || self.counts.open_now() > 0
+    }
+
+    /// Notes `backend` as one of this address's objects, forgetting the dead ones (and past
+    /// [`OBJECTS_PER_ADDRESS`], the oldest).
+    fn note(&mut self, backend: &Arc<Backend>) {
+        if self
+            .backends
+            .iter()
+            .any(|b| std::ptr::eq(b.as_ptr(), Arc::as_ptr(backend)))
+        {
+            return;
+        }
+        self.backends.retain(|b| b.strong_count() > 0);
+        if self.backends.len() >= OBJECTS_PER_ADDRESS {
+            self.backends.remove(0);
+        }
+        self.backends.push(Arc::downgrade(backend));
+    }
 }
 
 impl Backends {
     fn sweep(&mut self) {
-        self.by_addr
-            .retain(|_, b| b.backend.strong_count() > 0 || b.counts.open_now() > 0);
+        self.by_addr.retain(|_, b| b.alive());
         self.sweep_at = 2 * self.by_addr.len() + 16;
     }
 }
@@ -233,13 +260,10 @@ impl UdpStats {
             .by_addr
             .entry(backend.addr)
             .or_insert_with(|| PerBackend {
-                backend: Arc::downgrade(backend),
+                backends: Vec::new(),
                 counts: Arc::default(),
             });
-        if !std::ptr::eq(entry.backend.as_ptr(), Arc::as_ptr(backend)) {
-            // A new backend at the same address (a reload, discovery): the same series goes on.
-            entry.backend = Arc::downgrade(backend);
-        }
+        entry.note(backend);
         Tally {
             service: self.clone(),
             backend: entry.counts.clone(),
@@ -255,16 +279,23 @@ impl UdpStats {
 
     /// Each backend's counters now, by address, the gone ones forgotten.
     pub(crate) fn backend_views(&self, service: &Arc<str>) -> Vec<UdpBackendView> {
-        let mut all = lock(&self.backends);
-        all.sweep();
-        let mut v: Vec<UdpBackendView> = all
-            .by_addr
-            .iter()
-            .map(|(addr, b)| UdpBackendView {
+        // Copied under the lock, read and written out after it: a session opening waits for no
+        // formatting.
+        let held: Vec<(SocketAddr, Arc<Counts>)> = {
+            let mut all = lock(&self.backends);
+            all.sweep();
+            all.by_addr
+                .iter()
+                .map(|(addr, b)| (*addr, b.counts.clone()))
+                .collect()
+        };
+        let mut v: Vec<UdpBackendView> = held
+            .into_iter()
+            .map(|(addr, counts)| UdpBackendView {
                 service: service.clone(),
-                backend: *addr,
+                backend: addr,
                 address: addr.to_string(),
-                counts: b.counts.read(),
+                counts: counts.read(),
             })
             .collect();
         v.sort_by_key(|b| b.backend);
@@ -614,6 +645,23 @@ mod tests {
         drop(again);
         assert_eq!(stats.backend_views(&"s".into()).len(), 1);
         held.ended(End::IdleTimeout);
+        assert!(stats.backend_views(&"s".into()).is_empty());
+    }
+
+    /// Two backend objects at one address (the pool's new one, and an old one a followed QUIC
+    /// session still uses): the entry lives while either does, whichever was counted last.
+    #[test]
+    fn an_entry_lives_while_any_of_its_backend_objects_does() {
+        let stats = Arc::new(UdpStats::default());
+        let (old, new) = (backend(1), backend(1));
+        stats.tally(&old).carried(Direction::Up, 1);
+        stats.tally(&new).carried(Direction::Up, 1);
+        stats.tally(&old).carried(Direction::Up, 1);
+        drop(old);
+        let views = stats.backend_views(&"s".into());
+        assert_eq!(views.len(), 1, "the pool's backend is alive");
+        assert_eq!(views[0].counts.datagrams, [3, 0]);
+        drop(new);
         assert!(stats.backend_views(&"s".into()).is_empty());
     }
 }

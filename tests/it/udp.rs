@@ -923,14 +923,23 @@ async fn each_backend_counts_its_own_datagrams_and_sessions() {
     let p = Proxy::start(&config).await;
     let admin = p.admin.expect("admin");
     // Round robin: of three clients' first datagrams, one goes to each backend; the closed
-    // port's comes back as ICMP port-unreachable and is never answered.
+    // port's comes back as ICMP port-unreachable and is never answered. Each client waits until
+    // its datagram reached an echo (then for the answer) or the closed port's session ended.
     let mut on = HashMap::new();
     for _ in 0..3 {
         let c = client().await;
+        let (echoed, refused) = (a.received() + b.received(), p.backend(dead).view().failed);
         c.send_to(&[0; 10], p.addr).await.unwrap();
-        let mut buf = [0u8; 64];
-        let answer = tokio::time::timeout(SECS(1), c.recv_from(&mut buf)).await;
-        if let Ok(Ok((11, _))) = answer {
+        wait_until(SECS(10), "an echo or the closed port took it", || async {
+            a.received() + b.received() > echoed || p.backend(dead).view().failed > refused
+        })
+        .await;
+        if a.received() + b.received() > echoed {
+            let mut buf = [0u8; 64];
+            let (n, _) = within(SECS(5), "the echo's answer", c.recv_from(&mut buf))
+                .await
+                .unwrap();
+            assert_eq!(n, 11);
             on.insert(buf[0], c);
         }
     }
@@ -949,6 +958,14 @@ async fn each_backend_counts_its_own_datagrams_and_sessions() {
     wait_until(SECS(10), "the closed port's session ended", || async {
         let page = get(admin, "/metrics").await.body;
         sample(&page, &unreachable) == Some(1)
+    })
+    .await;
+    // A datagram's down count lands just after its send: wait for the last ones.
+    let down = |be: SocketAddr| of(be, "datagrams_total", ",direction=\"down\"");
+    let (last_a, last_b) = (down(a.addr), down(b.addr));
+    wait_until(SECS(5), "every answer counted", || async {
+        let page = get(admin, "/metrics").await.body;
+        sample(&page, &last_a) == Some(3) && sample(&page, &last_b) == Some(5)
     })
     .await;
     let page = get(admin, "/metrics").await.body;
