@@ -565,7 +565,8 @@ mod tests {
     /// What every open session costs besides its socket, held to its budget: its task's future
     /// (the biggest part), what the loop and the task share, and its listing. 100,000 idle sessions
     /// are 100,000 of each (benchmarks/udp.py `hold` measures the whole: about 3.2 KiB a session
-    /// with the allocator's rounding, the span and the tables).
+    /// with tokio's task header, the socket's registration, the tables and the allocator's
+    /// rounding; its `log.level: warn` leaves the session's span out).
     #[test]
     fn a_sessions_parts_stay_within_their_budget() {
         let task = returned(run);
