@@ -492,7 +492,7 @@ fn service_frame<'a>(
         let key = (s.name.clone(), v.address);
         // A UDP service's backends all carry `udp` (zeros before their first session); a name
         // that was UDP before a reload keeps its counters a while, but a TCP service shows none.
-        let udp_counts = is_udp.then(|| udp.backends.get(&key).cloned().unwrap_or_default());
+        let udp_counts = is_udp.then(|| udp.backends.get(&key).copied().unwrap_or_default());
         // A UDP session's bytes reach its backend's own counters when it ends; these move.
         let bytes = match &udp_counts {
             Some(u) => u.bytes.iter().sum(),
@@ -540,7 +540,7 @@ fn service_frame<'a>(
         docker_labels: r.label_watchers.iter().map(|w| w.view(&s.name)).collect(),
         backends,
         udp: is_udp.then(|| {
-            let counts = udp.services.get(&s.name).cloned().unwrap_or_default();
+            let counts = udp.services.get(&s.name).copied().unwrap_or_default();
             counts.json()
         }),
         view,

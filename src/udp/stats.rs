@@ -165,7 +165,9 @@ impl Counts {
     }
 
     fn read(&self) -> CountsView {
-        let read = |a: &[AtomicU64]| a.iter().map(|c| c.load(Relaxed)).collect::<Vec<_>>();
+        fn read<const N: usize>(a: &[AtomicU64; N]) -> [u64; N] {
+            std::array::from_fn(|i| a[i].load(Relaxed))
+        }
         CountsView {
             open: self.open_now(),
             ended: read(&self.ended),
@@ -379,36 +381,32 @@ impl Registry {
 }
 
 /// Counters at one moment, indexed as [`End::ALL`], [`Direction`] and [`Dropped::ALL`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct CountsView {
     pub(crate) open: u64,
-    pub(crate) ended: Vec<u64>,
-    pub(crate) datagrams: Vec<u64>,
-    pub(crate) bytes: Vec<u64>,
-    pub(crate) dropped: Vec<u64>,
+    pub(crate) ended: [u64; End::ALL.len()],
+    pub(crate) datagrams: [u64; 2],
+    pub(crate) bytes: [u64; 2],
+    pub(crate) dropped: [u64; Dropped::ALL.len()],
 }
 
 impl CountsView {
-    fn at(v: &[u64], i: usize) -> u64 {
-        v.get(i).copied().unwrap_or(0)
-    }
-
     /// The shape `/stats` shows: sessions open, by end; datagrams and bytes up and down; drops
     /// by reason (docs/admin-api.md).
     pub(crate) fn json(&self) -> serde_json::Value {
         let by = |names: &mut dyn Iterator<Item = &'static str>, v: &[u64]| {
             names
-                .enumerate()
-                .map(|(i, n)| (n.to_string(), serde_json::Value::from(Self::at(v, i))))
+                .zip(v)
+                .map(|(n, c)| (n.to_string(), serde_json::Value::from(*c)))
                 .collect::<serde_json::Map<_, _>>()
         };
         serde_json::json!({
             "sessions_open": self.open,
             "sessions_ended": by(&mut End::ALL.iter().map(|e| e.as_str()), &self.ended),
-            "datagrams_up": Self::at(&self.datagrams, 0),
-            "datagrams_down": Self::at(&self.datagrams, 1),
-            "bytes_up": Self::at(&self.bytes, 0),
-            "bytes_down": Self::at(&self.bytes, 1),
+            "datagrams_up": self.datagrams[Direction::Up as usize],
+            "datagrams_down": self.datagrams[Direction::Down as usize],
+            "bytes_up": self.bytes[Direction::Up as usize],
+            "bytes_down": self.bytes[Direction::Down as usize],
             "dropped": by(&mut Dropped::ALL.iter().map(|d| d.as_str()), &self.dropped),
         })
     }
@@ -456,25 +454,25 @@ const BACKEND_DROPS: [Dropped; 4] = [
 
 fn put_ended(c: &CountsView, o: &mut Samples<'_>) {
     for e in End::ALL {
-        o.put(&[e.as_str()], CountsView::at(&c.ended, e.index()));
+        o.put(&[e.as_str()], c.ended[e.index()]);
     }
 }
 
 fn put_datagrams(c: &CountsView, o: &mut Samples<'_>) {
-    for (i, d) in DIRECTIONS.iter().enumerate() {
-        o.put(&[d], CountsView::at(&c.datagrams, i));
+    for (d, n) in DIRECTIONS.iter().zip(c.datagrams) {
+        o.put(&[d], n);
     }
 }
 
 fn put_bytes(c: &CountsView, o: &mut Samples<'_>) {
-    for (i, d) in DIRECTIONS.iter().enumerate() {
-        o.put(&[d], CountsView::at(&c.bytes, i));
+    for (d, n) in DIRECTIONS.iter().zip(c.bytes) {
+        o.put(&[d], n);
     }
 }
 
 fn put_dropped(c: &CountsView, reasons: &[Dropped], o: &mut Samples<'_>) {
     for r in reasons {
-        o.put(&[r.as_str()], CountsView::at(&c.dropped, *r as usize));
+        o.put(&[r.as_str()], c.dropped[*r as usize]);
     }
 }
 
@@ -601,11 +599,11 @@ mod tests {
                 .iter()
                 .find(|v| v.backend.port() == port)
                 .expect("listed");
-            v.counts.clone()
+            v.counts
         };
         assert_eq!(
             (of(1).open, of(1).datagrams, of(1).bytes),
-            (1, vec![1, 1], vec![10, 11])
+            (1, [1, 1], [10, 11])
         );
         assert_eq!(of(2).open, 0);
         assert_eq!(of(2).ended[End::BackendUnreachable.index()], 1);
